@@ -1,0 +1,243 @@
+//! The datapath manager: loads weft's BPF objects once, pins their maps and
+//! links under bpffs (so a restarted agent picks up where it left off and
+//! connections survive), attaches programs to devices as pods come and go, and
+//! offers a typed API over the maps.
+
+mod attach;
+pub mod config;
+mod error;
+mod gc;
+mod maps;
+mod proxy;
+mod routing;
+mod sys;
+pub mod types;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapInfo, RingBuf},
+    programs::{CgroupSockAddr, Program, SchedClassifier, SkLookup},
+};
+pub use config::{DatapathConfig, EmitLevel, MapSizes};
+pub use error::{DatapathError, Result};
+pub use gc::GcStats;
+use maps::Maps;
+pub use types::*;
+
+use crate::netns;
+
+/// The loaded datapath of one node.
+pub struct Datapath {
+    cfg: DatapathConfig,
+    objects: Vec<(&'static str, Ebpf)>,
+    maps: Maps,
+    netns_cookie: u64,
+    state: maps::Shadow,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+impl Datapath {
+    /// Loads the datapath into the current thread's network namespace: reuses
+    /// pinned maps, loads the programs, writes the run-time config, attaches
+    /// the proxy hand-off (sk_lookup) and, if configured, the cgroup socket
+    /// hooks, and installs the proxy routing rule. Devices are attached
+    /// separately ([`Datapath::attach_pod_device`], [`Datapath::attach_node_device`]).
+    pub fn open(cfg: DatapathConfig) -> Result<Self> {
+        cfg.map_sizes.validate().map_err(DatapathError::Invalid)?;
+        let maps_dir = cfg.bpffs_dir.join("maps");
+        for dir in [&maps_dir, &cfg.bpffs_dir.join("links")] {
+            fs::create_dir_all(dir)
+                .map_err(|e| DatapathError::io(format!("creating {}", dir.display()), e))?;
+        }
+        check_bpffs(&cfg.bpffs_dir)?;
+        check_pinned_maps(&cfg, &maps_dir)?;
+
+        let mut objects = Vec::new();
+        for (name, bytes) in weft_ebpf::OBJECTS {
+            let name: &'static str = name;
+            let mut loader = EbpfLoader::new();
+            loader.default_map_pin_directory(&maps_dir);
+            for (map, _, _, _, n) in cfg.map_sizes.shapes() {
+                loader.map_max_entries(map, n);
+            }
+            let mut ebpf = loader.load(bytes).map_err(|e| DatapathError::Load {
+                object: name,
+                source: Box::new(e),
+            })?;
+            load_programs(&mut ebpf)?;
+            objects.push((name, ebpf));
+        }
+        // Every object shares the pinned maps; take the typed handles from the first.
+        let maps = Maps::take(&mut objects[0].1)?;
+        let netns_cookie = netns::current_cookie()
+            .map_err(|e| DatapathError::io("reading the network namespace cookie", e))?;
+        let state = maps::Shadow::recover(&maps)?;
+        let mut dp = Datapath {
+            cfg,
+            objects,
+            maps,
+            netns_cookie,
+            state,
+        };
+        dp.write_config()?;
+        dp.attach_sk_lookup()?;
+        dp.attach_cgroup()?;
+        routing::install(&dp.cfg)?;
+        tracing::info!(
+            bpffs = %dp.cfg.bpffs_dir.display(),
+            services = dp.state.frontend_count(),
+            endpoints = dp.state.endpoint_count(),
+            "datapath loaded"
+        );
+        Ok(dp)
+    }
+
+    /// The configuration the datapath was opened with.
+    pub fn config(&self) -> &DatapathConfig {
+        &self.cfg
+    }
+
+    /// Changes the ring-buffer emission level at run time.
+    pub fn set_emit_level(&mut self, level: EmitLevel) -> Result<()> {
+        self.cfg.emit_level = level;
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<()> {
+        let raw = self.cfg.raw(self.netns_cookie);
+        self.maps
+            .config
+            .set(0, raw, 0)
+            .map_err(|e| DatapathError::Map {
+                map: "weft_config",
+                source: Box::new(e),
+            })
+    }
+
+    /// The verdict ring buffer. It can be taken once; the flow pipeline owns it.
+    pub fn take_events(&mut self) -> Option<RingBuf<aya::maps::MapData>> {
+        self.maps.events.take()
+    }
+
+    /// Records written to and lost from the ring buffer, summed over CPUs.
+    pub fn event_stats(&self) -> Result<EventStats> {
+        self.maps.event_stats()
+    }
+
+    fn object(&mut self, name: &str) -> &mut Ebpf {
+        &mut self
+            .objects
+            .iter_mut()
+            .find(|(n, _)| *n == name)
+            .expect("known object")
+            .1
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.cfg.bpffs_dir.join("links")
+    }
+
+    /// Removes every pin of this node (maps and links): the datapath stops
+    /// once the last user closes it. For tests and `weft-agent datapath reset`.
+    pub fn remove_pins(bpffs_dir: &Path) -> Result<()> {
+        match fs::remove_dir_all(bpffs_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DatapathError::io(
+                format!("removing {}", bpffs_dir.display()),
+                e,
+            )),
+        }
+    }
+}
+
+fn check_bpffs(dir: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(DatapathError::io(
+            format!("statfs {}", dir.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if st.f_type != BPF_FS_MAGIC {
+        return Err(DatapathError::NotBpffs {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A pinned map is reused as it is, so its shape must match what this run
+/// expects; otherwise say which map differs and how.
+fn check_pinned_maps(cfg: &DatapathConfig, maps_dir: &Path) -> Result<()> {
+    for (map, key, key_size, value_size, max_entries) in cfg.map_sizes.shapes() {
+        let path = maps_dir.join(map);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| DatapathError::Map {
+            map,
+            source: Box::new(e),
+        })?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let wanted = (key_size, value_size, max_entries);
+        if found == wanted {
+            continue;
+        }
+        let describe = |(k, v, n): (u32, u32, u32)| format!("key {k} B, value {v} B, {n} entries");
+        if cfg.recreate_mismatched_maps {
+            tracing::warn!(
+                map,
+                found = describe(found),
+                wanted = describe(wanted),
+                "recreating pinned map"
+            );
+            fs::remove_file(&path)
+                .map_err(|e| DatapathError::io(format!("removing {}", path.display()), e))?;
+        } else {
+            return Err(DatapathError::MapMismatch {
+                map,
+                key,
+                path,
+                found: describe(found),
+                wanted: describe(wanted),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, program) in ebpf.programs_mut() {
+        let res = match program {
+            Program::SchedClassifier(p) => SchedClassifier::load(p),
+            Program::SkLookup(p) => SkLookup::load(p),
+            Program::CgroupSockAddr(p) => CgroupSockAddr::load(p),
+            other => {
+                return Err(DatapathError::Invalid(format!(
+                    "program {name} has unexpected type {:?}",
+                    other.prog_type()
+                )));
+            }
+        };
+        res.map_err(|e| DatapathError::program(name, e))?;
+    }
+    Ok(())
+}
+
+/// Sums of the per-CPU ring-buffer counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventStats {
+    /// Records written into the ring buffer.
+    pub emitted: u64,
+    /// Records lost because the ring buffer was full.
+    pub lost: u64,
+}

@@ -1,0 +1,178 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The node's own processes (cgroup socket hooks) and the proxy hand-off
+ * (sk_lookup). Node processes reaching a plain Service connect straight to a
+ * backend chosen at connect()/sendmsg() time, and see the frontend again in
+ * getpeername()/recvmsg(); for an L7 Service their socket is marked so its
+ * packets reach the proxy like a pod's would.
+ */
+#ifndef WEFT_SOCK_H
+#define WEFT_SOCK_H
+
+#include "lb.h"
+#include "trace.h"
+
+/* Only sockets of the node's own network namespace: pods have their own, and
+ * their traffic is handled per packet on their devices. */
+static __always_inline const struct weft_config *sock_config(struct bpf_sock_addr *ctx)
+{
+	const struct weft_config *cfg = config_get();
+
+	if (!cfg || !cfg->netns_cookie || bpf_get_netns_cookie(ctx) != cfg->netns_cookie)
+		return 0;
+	return cfg;
+}
+
+static __always_inline void sock_pkt(struct pkt4 *p, struct bpf_sock_addr *ctx)
+{
+	__builtin_memset(p, 0, sizeof(*p));
+	p->daddr = ctx->user_ip4;
+	p->dport = (__u16)ctx->user_port;
+	p->proto = (__u8)ctx->protocol;
+}
+
+/* connect() and sendmsg(): returns 1 to let the call proceed, 0 to refuse it. */
+static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
+{
+	const struct weft_config *cfg = sock_config(ctx);
+	struct weft_svc_val *svc;
+	struct weft_backend *be;
+	struct weft_sock_rev rev;
+	struct pkt4 p;
+	__u32 id = 0;
+	__u64 cookie;
+
+	if (!cfg)
+		return 1;
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+		return 1;
+	sock_pkt(&p, ctx);
+	svc = svc_lookup(p.daddr, p.dport, p.proto);
+	if (!svc)
+		return 1;
+
+	if (svc->flags & WEFT_SVC_L7) {
+		struct trace_extra x = { .proxy_port = svc->proxy_port };
+		__u32 mark = WEFT_MARK_TO_PROXY;
+
+		if (p.proto != IPPROTO_TCP)
+			return 1;
+		if (bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0) {
+			emit_drop(cfg, &p, 0, WEFT_DROP_PROXY_SET_FAILED, __LINE__);
+			return 0;
+		}
+		if (cfg->emit_level != WEFT_EMIT_OFF) {
+			struct weft_event *ev = event_init(WEFT_EV_SOCK, WEFT_OBS_TO_PROXY, &p, 0);
+
+			if (ev) {
+				ev->reason = WEFT_REASON_NEW;
+				ev->proxy_port = x.proxy_port;
+				ev->src_identity = WEFT_ID_HOST;
+				event_submit(cfg, ev);
+			}
+		}
+		return 1;
+	}
+
+	be = svc_pick_backend(p.daddr, p.dport, p.proto, svc, &id);
+	if (!be) {
+		emit_drop(cfg, &p, 0, WEFT_DROP_NO_SERVICE, __LINE__);
+		return 0;
+	}
+	cookie = bpf_get_socket_cookie(ctx);
+	rev.frontend_addr = p.daddr;
+	rev.frontend_port = p.dport;
+	rev._pad = 0;
+	rev.backend_addr = be->addr;
+	rev.backend_port = be->port;
+	rev._pad2 = 0;
+	bpf_map_update_elem(&weft_sock_rev, &cookie, &rev, BPF_ANY);
+	ctx->user_ip4 = be->addr;
+	ctx->user_port = be->port;
+
+	if (cfg->emit_level != WEFT_EMIT_OFF) {
+		struct weft_event *ev = event_init(WEFT_EV_SOCK, WEFT_OBS_FROM_HOST, &p, 0);
+
+		if (ev) {
+			ev->reason = WEFT_REASON_NEW;
+			ev->flags = WEFT_EVF_XLATED_DST;
+			ev->orig_addr = p.daddr;
+			ev->orig_port = p.dport;
+			ev->daddr = be->addr;
+			ev->dport = be->port;
+			ev->src_identity = WEFT_ID_HOST;
+			event_submit(cfg, ev);
+		}
+	}
+	return 1;
+}
+
+/* getpeername() and recvmsg(): the backend's address reads as the frontend's. */
+static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
+{
+	const struct weft_config *cfg = sock_config(ctx);
+	struct weft_sock_rev *rev;
+	__u64 cookie;
+
+	if (!cfg)
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	rev = bpf_map_lookup_elem(&weft_sock_rev, &cookie);
+	if (rev && rev->backend_addr == ctx->user_ip4 && rev->backend_port == (__u16)ctx->user_port) {
+		ctx->user_ip4 = rev->frontend_addr;
+		ctx->user_port = rev->frontend_port;
+	}
+	return 1;
+}
+
+/* sk_lookup: a connection for an L7 frontend (delivered locally because its
+ * packets carry the proxy mark, or addressed to a node address for NodePort)
+ * is given to the proxy's listener. Running at socket lookup, after the
+ * established table and for TIME_WAIT reuse too, keeps a client that reuses a
+ * source port from losing its SYN. */
+static __always_inline int proxy_assign(struct bpf_sk_lookup *ctx)
+{
+	struct weft_svc_val *svc;
+	struct bpf_sock *sk;
+	__u32 port_key;
+	long err;
+
+	if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	svc = svc_lookup(ctx->local_ip4, bpf_htons((__u16)ctx->local_port), IPPROTO_TCP);
+	if (!svc || !(svc->flags & WEFT_SVC_L7))
+		return SK_PASS;
+
+	port_key = svc->proxy_port;
+	sk = bpf_map_lookup_elem(&weft_proxy_socks, &port_key);
+	if (!sk) {
+		struct pkt4 p;
+
+		__builtin_memset(&p, 0, sizeof(p));
+		p.saddr = ctx->remote_ip4;
+		p.sport = ctx->remote_port;
+		p.daddr = ctx->local_ip4;
+		p.dport = bpf_htons((__u16)ctx->local_port);
+		p.proto = IPPROTO_TCP;
+		emit_drop(config_get(), &p, ctx->ingress_ifindex, WEFT_DROP_PROXY_LOOKUP_FAILED,
+			  __LINE__);
+		return SK_PASS; /* no listener: the client is refused by the stack */
+	}
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		struct pkt4 p;
+
+		__builtin_memset(&p, 0, sizeof(p));
+		p.saddr = ctx->remote_ip4;
+		p.sport = ctx->remote_port;
+		p.daddr = ctx->local_ip4;
+		p.dport = bpf_htons((__u16)ctx->local_port);
+		p.proto = IPPROTO_TCP;
+		emit_drop(config_get(), &p, ctx->ingress_ifindex, WEFT_DROP_PROXY_SET_FAILED,
+			  __LINE__);
+	}
+	return SK_PASS;
+}
+
+#endif /* WEFT_SOCK_H */

@@ -1,0 +1,364 @@
+//! A small HTTP/1.1 server and client for lab traffic. The server answers
+//! with who it is and what addresses it saw, so a test can tell which backend
+//! served a request and whether translation was transparent.
+//!
+//! Server paths: `/status/<code>` answers with that status; anything else 200.
+
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use socket2::{Domain, Socket, Type};
+use weft_agent::netns::{self, NetnsGuard};
+
+/// How a server behaves.
+#[derive(Clone, Debug, Default)]
+pub struct ServerOpts {
+    /// Reported in the `x-served-by` header and the body.
+    pub name: String,
+    /// Close after each response (the server closes first, so its side of
+    /// each connection goes through TIME_WAIT).
+    pub close_after_response: bool,
+    /// IP_TRANSPARENT on the listener, like Envoy's `transparent: true`.
+    pub transparent: bool,
+}
+
+/// A running server; stops when dropped.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    pub served: Arc<AtomicU64>,
+    listener: Arc<TcpListener>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Starts a server bound to `bind` inside the named network namespace.
+    pub fn start(ns: &str, bind: SocketAddr, opts: ServerOpts) -> io::Result<Self> {
+        let listener = {
+            let _g = NetnsGuard::enter(&netns::named(ns))?;
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            if opts.transparent {
+                set_transparent(&s)?;
+            }
+            s.bind(&bind.into())?;
+            s.listen(1024)?;
+            TcpListener::from(s)
+        };
+        let addr = listener.local_addr()?;
+        let listener = Arc::new(listener);
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (listener, stop, served) = (listener.clone(), stop.clone(), served.clone());
+            std::thread::spawn(move || accept_loop(&listener, &stop, &served, &opts))
+        };
+        Ok(Self {
+            addr,
+            served,
+            listener,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The listener (for handing its fd to the datapath's proxy map).
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the blocked accept().
+        // SAFETY: shutdown on a valid socket fd.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn set_transparent(s: &Socket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_TRANSPARENT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    served: &Arc<AtomicU64>,
+    opts: &ServerOpts,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let Ok((stream, peer)) = listener.accept() else {
+            continue;
+        };
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let (opts, served) = (opts.clone(), served.clone());
+        std::thread::spawn(move || {
+            let _ = serve(stream, peer, &opts, &served);
+        });
+    }
+}
+
+fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    opts: &ServerOpts,
+    served: &AtomicU64,
+) -> io::Result<()> {
+    let local = stream.local_addr()?;
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let Some(req) = read_request(&mut reader)? else {
+            return Ok(());
+        };
+        let status = req
+            .path
+            .strip_prefix("/status/")
+            .and_then(|c| c.parse::<u16>().ok())
+            .unwrap_or(200);
+        let body = format!(
+            "name={} local={local} peer={peer} path={}\n",
+            opts.name, req.path
+        );
+        let close = opts.close_after_response || req.close;
+        let head = format!(
+            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-served-by: {}\r\n{}\r\n",
+            reason(status),
+            body.len(),
+            opts.name,
+            if close { "connection: close\r\n" } else { "" },
+        );
+        writer.write_all(head.as_bytes())?;
+        writer.write_all(body.as_bytes())?;
+        served.fetch_add(1, Ordering::Relaxed);
+        if close {
+            writer.shutdown(Shutdown::Both)?;
+            return Ok(());
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+struct Request {
+    path: String,
+    close: bool,
+}
+
+fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let mut close = line.contains("HTTP/1.0");
+    let mut length = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h)? == 0 {
+            return Ok(None);
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "connection" {
+                close = v.eq_ignore_ascii_case("close");
+            } else if k == "content-length" {
+                length = v.parse().unwrap_or(0);
+            }
+        }
+    }
+    if length > 0 {
+        let mut body = vec![0; length];
+        r.read_exact(&mut body)?;
+    }
+    Ok(Some(Request { path, close }))
+}
+
+/// A response as the client saw it.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    /// A header by (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A `key=value` field of the lab server's body.
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.body
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    }
+}
+
+/// An HTTP client connection.
+pub struct Client {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    /// Connects from inside a namespace, optionally from a fixed source address.
+    pub fn connect(
+        ns: &str,
+        to: SocketAddr,
+        from: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> io::Result<Self> {
+        let stream = {
+            let _g = NetnsGuard::enter(&netns::named(ns))?;
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            if let Some(from) = from {
+                s.set_reuse_address(true)?;
+                s.bind(&from.into())?;
+            }
+            s.connect_timeout(&to.into(), timeout)?;
+            TcpStream::from(s)
+        };
+        Self::from_stream(stream, timeout)
+    }
+
+    /// Wraps an already connected stream.
+    pub fn from_stream(stream: TcpStream, timeout: Duration) -> io::Result<Self> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    /// The peer address the kernel reports for this connection.
+    pub fn peer(&self) -> io::Result<SocketAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// The local address of this connection.
+    pub fn local(&self) -> io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+
+    /// Sends a GET and reads the response.
+    pub fn get(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<Response> {
+        let mut req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.stream.write_all(req.as_bytes())?;
+        read_response(&mut self.reader)
+    }
+}
+
+fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed before a response",
+        ));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line {line:?}"),
+            )
+        })?;
+    let mut headers = Vec::new();
+    let mut length = None;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_owned());
+            if k == "content-length" {
+                length = v.parse().ok();
+            }
+            headers.push((k, v));
+        }
+    }
+    let mut body = vec![0; length.unwrap_or(0)];
+    r.read_exact(&mut body)?;
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// One request on a new connection from a namespace: the response and the
+/// client's view of the connection (local, peer).
+pub fn get_once(
+    ns: &str,
+    to: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<(Response, SocketAddr, SocketAddr)> {
+    let mut c = Client::connect(ns, to, None, timeout)?;
+    let (local, peer) = (c.local()?, c.peer()?);
+    let r = c.get(&to.to_string(), path, &[("connection", "close")])?;
+    Ok((r, local, peer))
+}

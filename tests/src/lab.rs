@@ -1,0 +1,508 @@
+//! A two-node lab in network namespaces: each node has two pods behind veths,
+//! the nodes and an external client share an L2 segment (a bridge in its own
+//! namespace), pod CIDRs are routed natively between nodes. Everything the lab
+//! creates (namespaces, a private bpffs mount, cgroups, processes) is removed
+//! when it drops, also on panic; labs left by a killed test are removed by the
+//! next lab that starts.
+//!
+//! Nothing is created in, attached to or routed through the machine's own
+//! network namespace.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use weft_agent::netns::{self, NetnsGuard};
+
+const RUN_DIR: &str = "/run/weft-lab";
+
+/// A pod of the lab.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Kubernetes-style name, unique in the lab (e.g. `n1-p1`).
+    pub name: String,
+    /// Kubernetes namespace the pod pretends to be in.
+    pub namespace: String,
+    /// Labels (app=..., etc.).
+    pub labels: Vec<(String, String)>,
+    /// Network namespace name.
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// Host-side device name in the node's namespace.
+    pub host_if: String,
+    /// Index (0 or 1) of the node hosting the pod.
+    pub node: usize,
+}
+
+/// A node of the lab.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Kubernetes-style node name (`node1`).
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// External device name.
+    pub dev: String,
+    pub pod_cidr: (Ipv4Addr, u8),
+    /// This node's bpffs directory inside the lab's private bpffs.
+    pub bpffs_dir: PathBuf,
+    /// cgroup v2 directory for the node's processes (socket hooks attach here).
+    pub cgroup: PathBuf,
+}
+
+/// The lab. Drop it to tear everything down.
+pub struct Lab {
+    pub id: String,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    /// The external client's namespace.
+    pub ext_netns: String,
+    pub ext_ip: Ipv4Addr,
+    /// The namespace holding the bridge between nodes and client.
+    pub switch_netns: String,
+    pub run_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub cgroup_root: PathBuf,
+    children: Mutex<Vec<Child>>,
+}
+
+/// Pod network: 10.1.<node>.0/24; node network 192.168.50.0/24.
+pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
+/// The address pods use as their gateway (answered by a static neighbour entry).
+const POD_GATEWAY: &str = "169.254.1.1";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, failing with its stderr.
+pub fn sh(cmd: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{}: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip_n(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+/// Writes a sysctl inside a namespace.
+pub fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    let _g = NetnsGuard::enter(&netns::named(ns))?;
+    fs::write(Path::new("/proc/sys").join(key), value)
+        .map_err(|e| anyhow::anyhow!("sysctl {key} in {ns}: {e}"))
+}
+
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no cgroup2 mount found in /proc/mounts"))
+}
+
+/// Whether the process can build labs (root, with the tools present).
+pub fn skip_reason() -> Option<String> {
+    // SAFETY: trivial syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (network namespaces, BPF)".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("needs iproute2 (`ip`)".into());
+    }
+    None
+}
+
+/// Skips a test (returning from it) with a printed reason when labs can't be built.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if let Some(reason) = $crate::lab::skip_reason() {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
+impl Lab {
+    /// Builds the standard lab: node1 (pods n1-p1, n1-p2) and node2 (n2-p1,
+    /// n2-p2), an external client, all with addresses and routes.
+    pub fn new() -> anyhow::Result<Self> {
+        reap_stale_labs();
+        let id = format!(
+            "{:x}{:x}",
+            std::process::id() & 0xfffff,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let run_dir = Path::new(RUN_DIR).join(&id);
+        fs::create_dir_all(&run_dir)?;
+        fs::write(run_dir.join("pid"), std::process::id().to_string())?;
+        let cgroup_root = cgroup2_mount()?.join(format!("weft-lab-{id}"));
+        let mut lab = Lab {
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            ext_netns: format!("weft-{id}-ext"),
+            ext_ip: Ipv4Addr::new(192, 168, 50, 100),
+            switch_netns: format!("weft-{id}-sw"),
+            bpffs: run_dir.join("bpffs"),
+            cgroup_root,
+            run_dir,
+            id,
+            children: Mutex::new(Vec::new()),
+        };
+        lab.build()?; // on error, Drop cleans up what was built
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        let id = self.id.clone();
+        fs::create_dir_all(&self.bpffs)?;
+        sh(&["mount", "-t", "bpf", "bpf", self.bpffs.to_str().unwrap()])?;
+        fs::create_dir_all(&self.cgroup_root)?;
+
+        sh(&["ip", "netns", "add", &self.switch_netns])?;
+        ip_n(
+            &self.switch_netns,
+            &["link", "add", "br0", "type", "bridge"],
+        )?;
+        ip_n(&self.switch_netns, &["link", "set", "br0", "up"])?;
+
+        // The external client.
+        self.plug(&self.ext_netns.clone(), "vext", "eth0", self.ext_ip)?;
+        ip_n(
+            &self.ext_netns,
+            &["route", "add", "10.0.0.0/8", "via", "192.168.50.1"],
+        )?;
+        ip_n(
+            &self.ext_netns,
+            &["route", "add", "172.20.0.0/16", "via", "192.168.50.1"],
+        )?;
+
+        for n in 0..2u8 {
+            let node = Node {
+                name: format!("node{}", n + 1),
+                netns: format!("weft-{id}-n{}", n + 1),
+                ip: Ipv4Addr::new(192, 168, 50, n + 1),
+                dev: "eth0".into(),
+                pod_cidr: (Ipv4Addr::new(10, 1, n + 1, 0), 24),
+                bpffs_dir: self.bpffs.join(format!("node{}", n + 1)),
+                cgroup: self.cgroup_root.join(format!("node{}", n + 1)),
+            };
+            self.plug(&node.netns, &format!("vn{}", n + 1), "eth0", node.ip)?;
+            fs::create_dir_all(&node.cgroup)?;
+            let peer = format!("10.1.{}.0/24", 2 - n);
+            let peer_gw = format!("192.168.50.{}", 2 - n);
+            ip_n(&node.netns, &["route", "add", &peer, "via", &peer_gw])?;
+            for key in ["net/ipv4/ip_forward"] {
+                sysctl_in(&node.netns, key, "1")?;
+            }
+            for p in 0..2u8 {
+                let pod = Pod {
+                    name: format!("n{}-p{}", n + 1, p + 1),
+                    namespace: "default".into(),
+                    labels: vec![("app".into(), format!("app{}", p + 1))],
+                    netns: format!("weft-{id}-n{}-p{}", n + 1, p + 1),
+                    ip: Ipv4Addr::new(10, 1, n + 1, 11 + p),
+                    host_if: format!("lxc-n{}p{}", n + 1, p + 1),
+                    node: n as usize,
+                };
+                self.add_pod(&node, &pod)?;
+                self.pods.push(pod);
+            }
+            self.nodes.push(node);
+        }
+        Ok(())
+    }
+
+    /// Creates a namespace attached to the switch with `addr/24` on `inner`.
+    fn plug(&self, ns: &str, outer: &str, inner: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
+        sh(&["ip", "netns", "add", ns])?;
+        disable_ipv6(ns)?;
+        ip_n(
+            &self.switch_netns,
+            &[
+                "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns,
+            ],
+        )?;
+        ip_n(
+            &self.switch_netns,
+            &["link", "set", outer, "master", "br0", "up"],
+        )?;
+        ip_n(ns, &["addr", "add", &format!("{addr}/24"), "dev", inner])?;
+        ip_n(ns, &["link", "set", inner, "up"])?;
+        ip_n(ns, &["link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn add_pod(&self, node: &Node, pod: &Pod) -> anyhow::Result<()> {
+        sh(&["ip", "netns", "add", &pod.netns])?;
+        disable_ipv6(&pod.netns)?;
+        let mac = format!(
+            "02:fe:00:00:{:02x}:{:02x}",
+            pod.ip.octets()[2],
+            pod.ip.octets()[3]
+        );
+        ip_n(
+            &node.netns,
+            &[
+                "link",
+                "add",
+                &pod.host_if,
+                "address",
+                &mac,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &pod.netns,
+            ],
+        )?;
+        ip_n(&node.netns, &["link", "set", &pod.host_if, "up"])?;
+        ip_n(
+            &node.netns,
+            &[
+                "route",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                &pod.host_if,
+                "scope",
+                "link",
+            ],
+        )?;
+        ip_n(
+            &pod.netns,
+            &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
+        )?;
+        ip_n(&pod.netns, &["link", "set", "eth0", "up"])?;
+        ip_n(&pod.netns, &["link", "set", "lo", "up"])?;
+        ip_n(
+            &pod.netns,
+            &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"],
+        )?;
+        ip_n(
+            &pod.netns,
+            &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"],
+        )?;
+        ip_n(
+            &pod.netns,
+            &[
+                "neigh",
+                "add",
+                POD_GATEWAY,
+                "lladdr",
+                &mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The node with this index.
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// A pod by name (`n1-p1`).
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Pods of a node.
+    pub fn pods_of(&self, node: usize) -> impl Iterator<Item = &Pod> {
+        self.pods.iter().filter(move |p| p.node == node)
+    }
+
+    /// Runs `f` with the current thread in a namespace of the lab.
+    pub fn in_ns<T>(&self, ns: &str, f: impl FnOnce() -> T) -> T {
+        let _g = NetnsGuard::enter(&netns::named(ns)).expect("lab namespace exists");
+        f()
+    }
+
+    /// Starts a process in a namespace (and cgroup, if given); killed when the lab drops.
+    pub fn spawn(&self, ns: &str, cgroup: Option<&Path>, cmd: &mut Command) -> anyhow::Result<u32> {
+        let ns_file = fs::File::open(netns::named(ns))?;
+        let procs = match cgroup {
+            Some(c) => Some(
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(c.join("cgroup.procs"))?,
+            ),
+            None => None,
+        };
+        use std::os::fd::AsRawFd;
+        let (ns_fd, procs_fd) = (ns_file.as_raw_fd(), procs.as_ref().map(|f| f.as_raw_fd()));
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // "0" moves the writing process itself into the cgroup.
+                if let Some(fd) = procs_fd {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        Ok(pid)
+    }
+
+    /// Kills a process the lab started (SIGKILL) and reaps it.
+    pub fn kill(&self, pid: u32) {
+        let mut children = self.children.lock().unwrap();
+        if let Some(pos) = children.iter().position(|c| c.id() == pid) {
+            let mut c = children.remove(pos);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether a process the lab started is still running.
+    pub fn running(&self, pid: u32) -> bool {
+        let mut children = self.children.lock().unwrap();
+        children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Every namespace of the lab.
+    fn namespaces(&self) -> Vec<String> {
+        let mut v = vec![self.switch_netns.clone(), self.ext_netns.clone()];
+        v.extend(self.nodes.iter().map(|n| n.netns.clone()));
+        v.extend(self.pods.iter().map(|p| p.netns.clone()));
+        v
+    }
+}
+
+fn disable_ipv6(ns: &str) -> anyhow::Result<()> {
+    // Keeps router solicitations and the like off the pod devices, where the
+    // IPv4-only datapath would count them as drops.
+    sysctl_in(ns, "net/ipv6/conf/all/disable_ipv6", "1")?;
+    sysctl_in(ns, "net/ipv6/conf/default/disable_ipv6", "1")
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for mut c in self.children.lock().unwrap().drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        teardown(
+            &self.id,
+            &self.run_dir,
+            &self.bpffs,
+            &self.cgroup_root,
+            &self.namespaces(),
+        );
+    }
+}
+
+/// Removes everything a lab created; tolerant of parts that never existed.
+fn teardown(id: &str, run_dir: &Path, bpffs: &Path, cgroup_root: &Path, namespaces: &[String]) {
+    // Namespaces named after the lab, including ones a failed build left behind.
+    let prefix = format!("weft-{id}-");
+    let mut all: Vec<String> = namespaces.to_vec();
+    if let Ok(entries) = fs::read_dir(netns::NETNS_RUN_DIR) {
+        all.extend(
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix)),
+        );
+    }
+    all.sort();
+    all.dedup();
+    kill_cgroup(cgroup_root);
+    for ns in &all {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = Command::new("umount")
+        .arg(bpffs)
+        .stderr(Stdio::null())
+        .status();
+    remove_cgroup_tree(cgroup_root);
+    let _ = fs::remove_dir_all(run_dir);
+}
+
+fn kill_cgroup(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.path().is_dir() {
+            let _ = fs::write(e.path().join("cgroup.kill"), "1");
+        }
+    }
+    let _ = fs::write(root.join("cgroup.kill"), "1");
+}
+
+fn remove_cgroup_tree(root: &Path) {
+    if let Ok(entries) = fs::read_dir(root) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                for _ in 0..50 {
+                    if fs::remove_dir(e.path()).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    let _ = fs::remove_dir(root);
+}
+
+/// Labs whose owning process is gone (a test killed mid-run) are torn down.
+fn reap_stale_labs() {
+    let Ok(entries) = fs::read_dir(RUN_DIR) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        let Ok(pid) = fs::read_to_string(e.path().join("pid")) else {
+            continue;
+        };
+        let alive = Path::new(&format!("/proc/{}", pid.trim())).exists();
+        if !alive {
+            let cg = cgroup2_mount()
+                .map(|m| m.join(format!("weft-lab-{id}")))
+                .unwrap_or_default();
+            teardown(&id, &e.path(), &e.path().join("bpffs"), &cg, &[]);
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! weft's lab: network namespaces standing in for nodes and pods, traffic
+//! helpers, and the glue the integration tests and the demo share.
+
+pub mod http;
+pub mod lab;
+pub mod node;

@@ -1,0 +1,129 @@
+//! Driving a lab node's datapath from the test process: open it inside the
+//! node's namespace, register the lab's pods, identities and devices.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use aya::maps::{MapData, RingBuf};
+use weft_agent::{
+    datapath::{Datapath, DatapathConfig, EndpointEntry, IpcacheEntry},
+    identity::{self, LabelSet},
+    netns::{self, NetnsGuard},
+};
+use weft_ebpf::abi::{self, Event};
+
+use crate::lab::{Lab, Pod};
+
+/// A node's datapath, opened by the test process.
+pub struct LabNode {
+    pub idx: usize,
+    pub netns: String,
+    pub dp: Datapath,
+    pub events: RingBuf<MapData>,
+}
+
+impl LabNode {
+    /// Loads the datapath into node `idx` with the lab's defaults, adjusted by `tweak`.
+    pub fn open(
+        lab: &Lab,
+        idx: usize,
+        tweak: impl FnOnce(&mut DatapathConfig),
+    ) -> anyhow::Result<Self> {
+        let node = lab.node(idx);
+        let mut cfg = DatapathConfig::new(node.ip);
+        cfg.bpffs_dir = node.bpffs_dir.clone();
+        cfg.cgroup = Some(node.cgroup.clone());
+        cfg.native_cidr = Some((Ipv4Addr::new(10, 0, 0, 0), 8));
+        cfg.masquerade = true;
+        tweak(&mut cfg);
+        let mut dp = {
+            let _g = NetnsGuard::enter(&netns::named(&node.netns))?;
+            Datapath::open(cfg)?
+        };
+        let events = dp
+            .take_events()
+            .expect("fresh datapath has its ring buffer");
+        Ok(Self {
+            idx,
+            netns: node.netns.clone(),
+            dp,
+            events,
+        })
+    }
+
+    /// Runs `f` on the datapath with the thread inside the node's namespace
+    /// (needed for anything that names devices or touches routing).
+    pub fn with<T>(&mut self, f: impl FnOnce(&mut Datapath) -> T) -> T {
+        let _g = NetnsGuard::enter(&netns::named(&self.netns)).expect("node namespace exists");
+        f(&mut self.dp)
+    }
+
+    /// Registers the lab's view: this node's pods as endpoints on their
+    /// devices, every pod and node address in the ipcache, the node device.
+    pub fn install_lab(&mut self, lab: &Lab) -> anyhow::Result<()> {
+        let ids = pod_identities(lab);
+        for pod in &lab.pods {
+            let node_ip = lab.node(pod.node).ip;
+            self.dp.upsert_ipcache(&IpcacheEntry {
+                addr: pod.ip,
+                prefix_len: 32,
+                identity: ids(pod),
+                node_addr: Some(node_ip),
+                local: pod.node == self.idx,
+                node: false,
+            })?;
+            if pod.node == self.idx {
+                let ifindex = self.with(|dp| dp.attach_pod_device(&pod.host_if))?;
+                let ep_id = self.dp.endpoint_id_for(pod.ip);
+                self.dp.upsert_endpoint(&EndpointEntry {
+                    addr: pod.ip,
+                    ifindex,
+                    identity: ids(pod),
+                    ep_id,
+                    policy_ingress: false,
+                })?;
+            }
+        }
+        for (i, node) in lab.nodes.iter().enumerate() {
+            self.dp.upsert_ipcache(&IpcacheEntry {
+                addr: node.ip,
+                prefix_len: 32,
+                identity: if i == self.idx {
+                    abi::ID_HOST
+                } else {
+                    abi::ID_REMOTE_NODE
+                },
+                node_addr: Some(node.ip),
+                local: false,
+                node: true,
+            })?;
+        }
+        let dev = lab.node(self.idx).dev.clone();
+        self.with(|dp| dp.attach_node_device(&dev))?;
+        Ok(())
+    }
+
+    /// Every record currently in the ring buffer.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(ev) = Event::from_bytes(&item) {
+                out.push(ev);
+            }
+        }
+        out
+    }
+}
+
+/// The identity of each lab pod, computed as the agent does.
+pub fn pod_identities(lab: &Lab) -> impl Fn(&Pod) -> u32 + '_ {
+    let sets: BTreeSet<LabelSet> = lab.pods.iter().map(label_set).collect();
+    let ids = identity::assign(&sets);
+    move |pod| ids[&label_set(pod)]
+}
+
+fn label_set(pod: &Pod) -> LabelSet {
+    LabelSet::new(
+        &pod.namespace,
+        pod.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+}
