@@ -6,13 +6,13 @@
 SEC("cgroup/connect4")
 int sock_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock4_forward(ctx);
+	return sock4_forward(ctx, 1);
 }
 
 SEC("cgroup/sendmsg4")
 int sock_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock4_forward(ctx);
+	return sock4_forward(ctx, 0);
 }
 
 SEC("cgroup/recvmsg4")

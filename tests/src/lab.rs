@@ -378,6 +378,40 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Runs a process in a namespace (and cgroup) to completion, killing it
+    /// after `timeout`; returns its output.
+    pub fn run(
+        &self,
+        ns: &str,
+        cgroup: Option<&Path>,
+        cmd: &mut Command,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<std::process::Output> {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let pid = self.spawn(ns, cgroup, cmd)?;
+        let mut child = {
+            let mut children = self.children.lock().unwrap();
+            let pos = children
+                .iter()
+                .position(|c| c.id() == pid)
+                .expect("just spawned");
+            children.remove(pos)
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        while child.try_wait()?.is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                anyhow::bail!(
+                    "{cmd:?} timed out after {timeout:?}; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(child.wait_with_output()?)
+    }
+
     /// Kills a process the lab started (SIGKILL) and reaps it.
     pub fn kill(&self, pid: u32) {
         let mut children = self.children.lock().unwrap();

@@ -31,8 +31,10 @@ static __always_inline void sock_pkt(struct pkt4 *p, struct bpf_sock_addr *ctx)
 	p->proto = (__u8)ctx->protocol;
 }
 
-/* connect() and sendmsg(): returns 1 to let the call proceed, 0 to refuse it. */
-static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
+/* connect() and sendmsg(): returns 1 to let the call proceed, 0 to refuse it.
+ * is_connect must be a constant: only connect hooks may redirect to the proxy
+ * (which needs bpf_bind). */
+static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, const int is_connect)
 {
 	const struct weft_config *cfg = sock_config(ctx);
 	struct weft_svc_val *svc;
@@ -55,11 +57,23 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 		struct trace_extra x = { .proxy_port = svc->proxy_port };
 		__u32 mark = WEFT_MARK_TO_PROXY;
 
-		if (p.proto != IPPROTO_TCP)
+		if (!is_connect || p.proto != IPPROTO_TCP)
 			return 1;
 		if (bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0) {
 			emit_drop(cfg, &p, 0, WEFT_DROP_PROXY_SET_FAILED, __LINE__);
 			return 0;
+		}
+		/* The marked route is `local`, which would pick the Service
+		 * address itself as the source, and the kernel refuses a source
+		 * no device owns. Bind to the node's address first (a socket the
+		 * process bound already keeps its address: that call fails). */
+		if (cfg->node_ip) {
+			struct sockaddr_in src = {
+				.sin_family = AF_INET,
+				.sin_addr.s_addr = cfg->node_ip,
+			};
+
+			bpf_bind(ctx, (struct sockaddr *)&src, sizeof(src));
 		}
 		if (cfg->emit_level != WEFT_EMIT_OFF) {
 			struct weft_event *ev = event_init(WEFT_EV_SOCK, WEFT_OBS_TO_PROXY, &p, 0);

@@ -1,0 +1,56 @@
+//! Helper processes for the lab: clients that must run as separate processes
+//! (in a node's cgroup, so the node's socket hooks apply to them).
+//!
+//! `weft-lab get ADDR [PATH] [COUNT]`: COUNT requests, each on a new
+//! connection; one line per request: `status=.. local=.. peer=.. <server body>`.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use weft_tests::http::Client;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("get") => get(&args[1..]),
+        _ => {
+            eprintln!("usage: weft-lab get ADDR [PATH] [COUNT]");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn get(args: &[String]) -> ExitCode {
+    let Some(Ok(to)) = args.first().map(|a| a.parse::<SocketAddr>()) else {
+        eprintln!("weft-lab get: ADDR must be ip:port");
+        return ExitCode::from(2);
+    };
+    let path = args.get(1).map(String::as_str).unwrap_or("/");
+    let count: u32 = args.get(2).and_then(|c| c.parse().ok()).unwrap_or(1);
+    let timeout = Duration::from_secs(3);
+    let mut failed = false;
+    for _ in 0..count {
+        let res = std::net::TcpStream::connect_timeout(&to, timeout)
+            .and_then(|s| Client::from_stream(s, timeout))
+            .and_then(|mut c| {
+                let (local, peer) = (c.local()?, c.peer()?);
+                let r = c.get(&to.to_string(), path, &[("connection", "close")])?;
+                Ok((r, local, peer))
+            });
+        match res {
+            Ok((r, local, peer)) => println!(
+                "status={} local={local} peer={peer} {}",
+                r.status,
+                r.body.trim()
+            ),
+            Err(e) => {
+                println!("error={e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,349 @@
+//! The datapath on real packets in the lab (issue: datapath). Each test builds
+//! its own lab; the lab tears itself down, also when a test fails.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use weft_agent::datapath::{BackendAddr, Frontend, FrontendKind, Proto, ServiceEntry};
+use weft_tests::{
+    http::{Client, HttpServer, ServerOpts, get_once},
+    lab::Lab,
+    node::LabNode,
+    require_root,
+};
+
+const T: Duration = Duration::from_secs(3);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+/// Both nodes loaded, the lab registered on each.
+fn nodes(lab: &Lab) -> Vec<LabNode> {
+    (0..2)
+        .map(|i| {
+            let mut n = LabNode::open(lab, i, |_| {}).expect("datapath loads");
+            n.install_lab(lab).expect("lab registers");
+            n
+        })
+        .collect()
+}
+
+/// HTTP servers on port 8080 of the named pods.
+fn servers(lab: &Lab, pods: &[&str]) -> Vec<HttpServer> {
+    pods.iter()
+        .map(|p| {
+            let pod = lab.pod(p);
+            HttpServer::start(
+                &pod.netns,
+                sa(pod.ip, 8080),
+                ServerOpts {
+                    name: p.to_string(),
+                    ..Default::default()
+                },
+            )
+            .expect("server starts")
+        })
+        .collect()
+}
+
+fn service(frontend: Frontend, backends: &[Ipv4Addr], port: u16) -> ServiceEntry {
+    ServiceEntry {
+        frontend,
+        backends: backends
+            .iter()
+            .map(|a| BackendAddr { addr: *a, port })
+            .collect(),
+        proxy_port: None,
+    }
+}
+
+fn cluster_ip(port: u16) -> Frontend {
+    Frontend {
+        addr: VIP,
+        port,
+        proto: Proto::Tcp,
+        kind: FrontendKind::ClusterIp,
+    }
+}
+
+#[test]
+fn pod_to_cluster_ip_reaches_local_and_remote_backends() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut nodes = nodes(&lab);
+    let backends = ["n1-p2", "n2-p1", "n2-p2"];
+    let _servers = servers(&lab, &backends);
+    let svc = service(cluster_ip(80), &backends.map(|p| lab.pod(p).ip), 8080);
+    for n in &mut nodes {
+        n.dp.upsert_service(&svc).unwrap();
+    }
+    let client = lab.pod("n1-p1");
+
+    // New connections spread over the backends; the client only ever sees the VIP.
+    let mut served = BTreeMap::<String, u32>::new();
+    for _ in 0..30 {
+        let (resp, local, peer) =
+            get_once(&client.netns, sa(VIP, 80), "/", T).expect("request through the ClusterIP");
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            peer,
+            sa(VIP, 80),
+            "the client's peer is the Service address"
+        );
+        let seen_peer: SocketAddr = resp.field("peer").unwrap().parse().unwrap();
+        assert_eq!(
+            seen_peer, local,
+            "the backend sees the client's own address"
+        );
+        *served
+            .entry(resp.field("name").unwrap().to_owned())
+            .or_default() += 1;
+    }
+    let names: BTreeSet<&str> = served.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        backends.into_iter().collect(),
+        "every backend served some of 30 connections: {served:?}"
+    );
+
+    // One connection stays on its backend.
+    let mut c = Client::connect(&client.netns, sa(VIP, 80), None, T).unwrap();
+    let first = c
+        .get("svc", "/", &[])
+        .unwrap()
+        .field("name")
+        .unwrap()
+        .to_owned();
+    for _ in 0..20 {
+        assert_eq!(
+            c.get("svc", "/", &[]).unwrap().field("name").unwrap(),
+            first
+        );
+    }
+}
+
+/// A stand-in for Envoy: a transparent listener on 127.0.0.1:port in the node.
+fn proxy_listener(lab: &Lab, node: &mut LabNode, port: u16) -> HttpServer {
+    let ns = lab.node(node.idx).netns.clone();
+    let opts = ServerOpts {
+        name: format!("proxy-{}", node.idx + 1),
+        close_after_response: true,
+        transparent: true,
+    };
+    let server =
+        HttpServer::start(&ns, sa(Ipv4Addr::LOCALHOST, port), opts).expect("proxy listener starts");
+    node.dp
+        .register_proxy_socket(port, server.listener())
+        .expect("listener registered");
+    server
+}
+
+#[test]
+fn pod_to_l7_cluster_ip_lands_on_the_proxy_with_the_vip_as_local_address() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut nodes = nodes(&lab);
+    let proxy = proxy_listener(&lab, &mut nodes[0], 15001);
+    let mut svc = service(cluster_ip(80), &[lab.pod("n2-p1").ip], 8080);
+    svc.proxy_port = Some(15001);
+    nodes[0].dp.upsert_service(&svc).unwrap();
+    let client = lab.pod("n1-p1");
+
+    let (resp, local, peer) = get_once(&client.netns, sa(VIP, 80), "/", T).unwrap();
+    assert_eq!(resp.field("name"), Some("proxy-1"));
+    assert_eq!(peer, sa(VIP, 80));
+    assert_eq!(
+        resp.field("local").unwrap(),
+        "10.96.0.10:80",
+        "the proxy's local address is the Service address"
+    );
+    assert_eq!(
+        resp.field("peer").unwrap().parse::<SocketAddr>().unwrap(),
+        local
+    );
+
+    // The proxy closes first, so each of its sockets lingers in TIME_WAIT; a
+    // client reusing its source ports must still get through every time.
+    let ports: Vec<u16> = (41000..41020).collect();
+    let mut failures = Vec::new();
+    for i in 0..2000 {
+        let from = sa(client.ip, ports[i % ports.len()]);
+        let res = Client::connect(&client.netns, sa(VIP, 80), Some(from), T)
+            .and_then(|mut c| c.get("svc", "/", &[]));
+        match res {
+            Ok(r) if r.status == 200 => {}
+            other => failures.push((i, format!("{other:?}"))),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 2000 connections failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let in_time_wait = lab.in_ns(&lab.node(0).netns, || {
+        std::fs::read_to_string("/proc/thread-self/net/tcp")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("0A00600A:0050") && l.split_whitespace().nth(3) == Some("06"))
+            .count()
+    });
+    assert!(
+        in_time_wait >= ports.len(),
+        "the proxy's side went through TIME_WAIT ({in_time_wait} sockets)"
+    );
+    assert!(proxy.served.load(std::sync::atomic::Ordering::Relaxed) >= 2001);
+}
+
+#[test]
+fn external_client_reaches_node_port_and_load_balancer_frontends() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut nodes = nodes(&lab);
+    let _servers = servers(&lab, &["n1-p2", "n2-p1"]);
+    let node1 = lab.node(0).ip;
+    let frontend = |addr, port, kind| Frontend {
+        addr,
+        port,
+        proto: Proto::Tcp,
+        kind,
+    };
+    let remote_np = service(
+        frontend(node1, 30080, FrontendKind::NodePort),
+        &[lab.pod("n2-p1").ip],
+        8080,
+    );
+    let local_np = service(
+        frontend(node1, 30090, FrontendKind::NodePort),
+        &[lab.pod("n1-p2").ip],
+        8080,
+    );
+    let lb = service(
+        frontend(Ipv4Addr::new(172, 20, 0, 10), 80, FrontendKind::External),
+        &[lab.pod("n2-p1").ip],
+        8080,
+    );
+    let mut l7_np = service(
+        frontend(node1, 30081, FrontendKind::NodePort),
+        &[lab.pod("n2-p1").ip],
+        8080,
+    );
+    l7_np.proxy_port = Some(15001);
+    let _proxy = proxy_listener(&lab, &mut nodes[0], 15001);
+    for svc in [&remote_np, &local_np, &lb, &l7_np] {
+        nodes[0].dp.upsert_service(svc).unwrap();
+    }
+
+    // Remote backend: DNAT + SNAT on node1, the reply comes back through it.
+    for _ in 0..5 {
+        let (resp, _, peer) = get_once(&lab.ext_netns, sa(node1, 30080), "/", T)
+            .expect("NodePort via a remote backend");
+        assert_eq!(resp.field("name"), Some("n2-p1"));
+        assert_eq!(peer, sa(node1, 30080));
+        let backend_saw: SocketAddr = resp.field("peer").unwrap().parse().unwrap();
+        assert_eq!(
+            backend_saw.ip(),
+            std::net::IpAddr::V4(node1),
+            "SNAT to the node for a remote backend"
+        );
+    }
+    // Local backend: DNAT only; the backend sees the real client.
+    let (resp, local, _) =
+        get_once(&lab.ext_netns, sa(node1, 30090), "/", T).expect("NodePort via a local backend");
+    assert_eq!(resp.field("name"), Some("n1-p2"));
+    assert_eq!(
+        resp.field("peer").unwrap().parse::<SocketAddr>().unwrap(),
+        local
+    );
+    // LoadBalancer address routed to node1.
+    let (resp, _, peer) = get_once(
+        &lab.ext_netns,
+        sa(Ipv4Addr::new(172, 20, 0, 10), 80),
+        "/",
+        T,
+    )
+    .expect("LoadBalancer IP");
+    assert_eq!(resp.field("name"), Some("n2-p1"));
+    assert_eq!(peer, sa(Ipv4Addr::new(172, 20, 0, 10), 80));
+    // L7 NodePort: the proxy answers, seeing the node address and NodePort as its local address.
+    let (resp, _, _) = get_once(&lab.ext_netns, sa(node1, 30081), "/", T).expect("L7 NodePort");
+    assert_eq!(resp.field("name"), Some("proxy-1"));
+    assert_eq!(resp.field("local").unwrap(), "192.168.50.1:30081");
+}
+
+/// Runs `weft-lab get` as a process of node `idx` (its namespace and cgroup).
+fn node_process_get(lab: &Lab, idx: usize, to: SocketAddr, count: u32) -> Vec<String> {
+    let node = lab.node(idx);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_weft-lab"));
+    cmd.args(["get", &to.to_string(), "/", &count.to_string()]);
+    let out = lab
+        .run(
+            &node.netns,
+            Some(&node.cgroup),
+            &mut cmd,
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "node process failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().map(str::to_owned).collect()
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or("")
+}
+
+#[test]
+fn node_process_reaches_plain_and_l7_cluster_ips() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut nodes = nodes(&lab);
+    let backends = ["n1-p2", "n2-p1"];
+    let _servers = servers(&lab, &backends);
+    nodes[0]
+        .dp
+        .upsert_service(&service(
+            cluster_ip(80),
+            &backends.map(|p| lab.pod(p).ip),
+            8080,
+        ))
+        .unwrap();
+    let _proxy = proxy_listener(&lab, &mut nodes[0], 15002);
+    let mut l7 = service(cluster_ip(81), &[lab.pod("n2-p1").ip], 8080);
+    l7.proxy_port = Some(15002);
+    nodes[0].dp.upsert_service(&l7).unwrap();
+
+    let lines = node_process_get(&lab, 0, sa(VIP, 80), 20);
+    let names: BTreeSet<&str> = lines.iter().map(|l| field(l, "name")).collect();
+    assert_eq!(names, backends.into_iter().collect(), "{lines:?}");
+    for l in &lines {
+        assert_eq!(field(l, "status"), "200");
+        assert_eq!(
+            field(l, "peer"),
+            "10.96.0.10:80",
+            "getpeername shows the Service address: {l}"
+        );
+    }
+
+    let lines = node_process_get(&lab, 0, sa(VIP, 81), 5);
+    for l in &lines {
+        assert_eq!(field(l, "name"), "proxy-1", "{l}");
+        assert_eq!(field(l, "peer"), "10.96.0.10:81", "{l}");
+        // The body's own local= is the proxy's view: the Service address.
+        assert!(
+            l.contains("local=10.96.0.10:81 peer=192.168.50.1:"),
+            "proxy sees VIP locally, the node as peer: {l}"
+        );
+    }
+}
