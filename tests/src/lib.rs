@@ -4,3 +4,4 @@
 pub mod http;
 pub mod lab;
 pub mod node;
+pub mod scenario;

@@ -3,73 +3,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    time::Duration,
+    net::{Ipv4Addr, SocketAddr},
 };
 
-use weft_agent::datapath::{BackendAddr, Frontend, FrontendKind, Proto, ServiceEntry};
+use weft_agent::datapath::{Frontend, FrontendKind, Proto};
 use weft_tests::{
-    http::{Client, HttpServer, ServerOpts, get_once},
+    http::{Client, get_once},
     lab::Lab,
-    node::LabNode,
     require_root,
+    scenario::*,
 };
-
-const T: Duration = Duration::from_secs(3);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-
-fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(ip, port))
-}
-
-/// Both nodes loaded, the lab registered on each.
-fn nodes(lab: &Lab) -> Vec<LabNode> {
-    (0..2)
-        .map(|i| {
-            let mut n = LabNode::open(lab, i, |_| {}).expect("datapath loads");
-            n.install_lab(lab).expect("lab registers");
-            n
-        })
-        .collect()
-}
-
-/// HTTP servers on port 8080 of the named pods.
-fn servers(lab: &Lab, pods: &[&str]) -> Vec<HttpServer> {
-    pods.iter()
-        .map(|p| {
-            let pod = lab.pod(p);
-            HttpServer::start(
-                &pod.netns,
-                sa(pod.ip, 8080),
-                ServerOpts {
-                    name: p.to_string(),
-                    ..Default::default()
-                },
-            )
-            .expect("server starts")
-        })
-        .collect()
-}
-
-fn service(frontend: Frontend, backends: &[Ipv4Addr], port: u16) -> ServiceEntry {
-    ServiceEntry {
-        frontend,
-        backends: backends
-            .iter()
-            .map(|a| BackendAddr { addr: *a, port })
-            .collect(),
-        proxy_port: None,
-    }
-}
-
-fn cluster_ip(port: u16) -> Frontend {
-    Frontend {
-        addr: VIP,
-        port,
-        proto: Proto::Tcp,
-        kind: FrontendKind::ClusterIp,
-    }
-}
 
 #[test]
 fn pod_to_cluster_ip_reaches_local_and_remote_backends() {
@@ -125,22 +68,6 @@ fn pod_to_cluster_ip_reaches_local_and_remote_backends() {
             first
         );
     }
-}
-
-/// A stand-in for Envoy: a transparent listener on 127.0.0.1:port in the node.
-fn proxy_listener(lab: &Lab, node: &mut LabNode, port: u16) -> HttpServer {
-    let ns = lab.node(node.idx).netns.clone();
-    let opts = ServerOpts {
-        name: format!("proxy-{}", node.idx + 1),
-        close_after_response: true,
-        transparent: true,
-    };
-    let server =
-        HttpServer::start(&ns, sa(Ipv4Addr::LOCALHOST, port), opts).expect("proxy listener starts");
-    node.dp
-        .register_proxy_socket(port, server.listener())
-        .expect("listener registered");
-    server
 }
 
 #[test]
@@ -274,34 +201,6 @@ fn external_client_reaches_node_port_and_load_balancer_frontends() {
     let (resp, _, _) = get_once(&lab.ext_netns, sa(node1, 30081), "/", T).expect("L7 NodePort");
     assert_eq!(resp.field("name"), Some("proxy-1"));
     assert_eq!(resp.field("local").unwrap(), "192.168.50.1:30081");
-}
-
-/// Runs `weft-lab get` as a process of node `idx` (its namespace and cgroup).
-fn node_process_get(lab: &Lab, idx: usize, to: SocketAddr, count: u32) -> Vec<String> {
-    let node = lab.node(idx);
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_weft-lab"));
-    cmd.args(["get", &to.to_string(), "/", &count.to_string()]);
-    let out = lab
-        .run(
-            &node.netns,
-            Some(&node.cgroup),
-            &mut cmd,
-            Duration::from_secs(20),
-        )
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "node process failed: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text.lines().map(str::to_owned).collect()
-}
-
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or("")
 }
 
 #[test]
