@@ -1,6 +1,11 @@
 //! The weft node agent: desired state, the eBPF datapath manager, the xDS
 //! control plane and Envoy supervision.
 
+pub mod config;
 pub mod datapath;
 pub mod identity;
+pub mod k8s;
 pub mod netns;
+pub mod reconcile;
+pub mod run;
+pub mod state;

@@ -1,1 +1,90 @@
-fn main() {}
+//! `weft-agent`: parse the command line, set up logging, run.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use weft_agent::{config::AgentConfig, datapath::Datapath};
+
+#[derive(Parser)]
+#[command(
+    name = "weft-agent",
+    version,
+    about = "weft node agent: eBPF datapath, xDS control plane, flows"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent on this node.
+    Run {
+        /// Agent configuration file (YAML); defaults apply to what it leaves out.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Overrides objects-dir.
+        #[arg(long)]
+        objects_dir: Option<PathBuf>,
+        /// Overrides node-name.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Overrides netns.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+    },
+    /// Remove every pin of the datapath (maps and links) and the proxy route:
+    /// weft's programs stop on this node.
+    DatapathReset {
+        #[arg(long, default_value = "/sys/fs/bpf/weft")]
+        bpffs_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run {
+            config,
+            objects_dir,
+            node_name,
+            netns,
+        } => {
+            let mut cfg = match config {
+                Some(p) => AgentConfig::load(&p)?,
+                None => AgentConfig::default(),
+            };
+            if let Some(d) = objects_dir {
+                cfg.objects_dir = d;
+            }
+            if let Some(n) = node_name {
+                cfg.node_name = n;
+            }
+            if let Some(n) = netns {
+                cfg.netns = Some(n);
+            }
+            cfg.validate()?;
+            weft_agent::run::run(cfg)
+        }
+        Command::DatapathReset { bpffs_dir } => {
+            Datapath::remove_pins(&bpffs_dir)?;
+            Ok(())
+        }
+    }
+}

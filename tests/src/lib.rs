@@ -4,4 +4,5 @@
 pub mod http;
 pub mod lab;
 pub mod node;
+pub mod objects;
 pub mod scenario;

@@ -300,3 +300,41 @@ fn emission_level_is_changed_at_run_time() {
     assert!(per_connection > 0);
     assert_eq!(off, 0);
 }
+
+#[test]
+fn a_full_ring_buffer_counts_lost_records_and_blocks_nothing() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut node = LabNode::open(&lab, 0, |c| {
+        c.map_sizes.events_bytes = 4096;
+        c.emit_level = weft_agent::datapath::EmitLevel::Packet;
+    })
+    .unwrap();
+    node.install_lab(&lab).unwrap();
+    let _servers = servers(&lab, &["n1-p2"]);
+    let client = lab.pod("n1-p1");
+    let before = node.dp.event_stats().unwrap();
+
+    // Far more records than 4 KiB hold, and nobody reading.
+    let mut c = Client::connect(&client.netns, sa(lab.pod("n1-p2").ip, 8080), None, T).unwrap();
+    for _ in 0..300 {
+        assert_eq!(
+            c.get("s", "/", &[]).unwrap().status,
+            200,
+            "traffic keeps flowing"
+        );
+    }
+    let stats = node.dp.event_stats().unwrap();
+    let read = node.drain_events().len() as u64;
+    let emitted = stats.emitted - before.emitted;
+    let lost = stats.lost - before.lost;
+    assert!(lost > 0, "records beyond the buffer are counted as lost");
+    assert_eq!(read, emitted, "every record written is read back");
+    assert!(
+        read < 4096 / 72,
+        "the buffer held what it could ({read} records)"
+    );
+    // Once drained, the buffer takes records again.
+    let _ = c.get("s", "/", &[]).unwrap();
+    assert!(!node.drain_events().is_empty());
+}

@@ -1,0 +1,228 @@
+//! The agent's configuration: one typed struct, read from a YAML file, every
+//! default documented beside its field, invalid values rejected with the key
+//! and the value.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{DatapathConfig, EmitLevel, MapSizes};
+
+/// Configuration of `weft-agent run`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentConfig {
+    /// This node's name, as in its Node object. Default: the host name.
+    pub node_name: String,
+    /// This node's address on its external device. Default: the InternalIP
+    /// of this node's Node object.
+    pub node_ip: Option<Ipv4Addr>,
+    /// External devices of the node (NodePort, LoadBalancer, masquerade). Default: [eth0].
+    pub devices: Vec<String>,
+    /// Network namespace (a path like /var/run/netns/NAME) the datapath runs
+    /// in. Default: the agent's own (the node's, in a DaemonSet).
+    pub netns: Option<PathBuf>,
+    /// bpffs directory for pins. Default: /sys/fs/bpf/weft.
+    pub bpffs_dir: PathBuf,
+    /// cgroup v2 directory whose processes get socket-level Service handling.
+    /// Default: /sys/fs/cgroup (every process of the node).
+    pub cgroup: Option<PathBuf>,
+    /// Where the agent keeps state across restarts and its sockets. Default: /var/run/weft.
+    pub state_dir: PathBuf,
+    /// Kubernetes objects to serve when there is no API server: a directory
+    /// of YAML, watched for changes. Default: /etc/weft/objects.
+    pub objects_dir: PathBuf,
+    /// Pod traffic to destinations outside this CIDR is masqueraded. Default: 10.0.0.0/8.
+    pub native_routing_cidr: Option<String>,
+    /// Masquerade pod traffic leaving the native-routing CIDR. Default: true.
+    pub masquerade: bool,
+    /// SNAT source port range. Default: [61000, 65535].
+    pub nat_ports: [u16; 2],
+    /// Ring-buffer emission: off, connection, packet. Default: connection.
+    pub emit_level: EmitLevel,
+    /// Map sizes.
+    pub map_sizes: MapSizes,
+    /// Rebuild pinned maps whose size differs from map-sizes (losing their
+    /// contents) instead of refusing to start. Default: false.
+    pub recreate_mismatched_maps: bool,
+    /// Print every datapath record to stdout (demo and debugging). Default: false.
+    pub print_events: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node_name: hostname(),
+            node_ip: None,
+            devices: vec!["eth0".into()],
+            netns: None,
+            bpffs_dir: PathBuf::from("/sys/fs/bpf/weft"),
+            cgroup: Some(PathBuf::from("/sys/fs/cgroup")),
+            state_dir: PathBuf::from("/var/run/weft"),
+            objects_dir: PathBuf::from("/etc/weft/objects"),
+            native_routing_cidr: Some("10.0.0.0/8".into()),
+            masquerade: true,
+            nat_ports: [61000, 65535],
+            emit_level: EmitLevel::Connection,
+            map_sizes: MapSizes::default(),
+            recreate_mismatched_maps: false,
+            print_events: false,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A configuration problem: which key, which value, why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key} = {value}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Parses `a.b.c.d/n`.
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let len: u8 = l.parse().ok()?;
+    (len <= 32).then_some(())?;
+    Some((a.parse().ok()?, len))
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: AgentConfig = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, value: &dyn std::fmt::Debug, reason: &str| ConfigError::Invalid {
+            key,
+            value: format!("{value:?}"),
+            reason: reason.into(),
+        };
+        if self.node_name.is_empty() {
+            return Err(invalid(
+                "node-name",
+                &self.node_name,
+                "set it to this node's name",
+            ));
+        }
+        if let Some(c) = &self.native_routing_cidr {
+            if parse_cidr(c).is_none() {
+                return Err(invalid(
+                    "native-routing-cidr",
+                    c,
+                    "expected an IPv4 CIDR like 10.0.0.0/8",
+                ));
+            }
+        }
+        if self.nat_ports[0] == 0 || self.nat_ports[0] > self.nat_ports[1] {
+            return Err(invalid(
+                "nat-ports",
+                &self.nat_ports,
+                "expected [low, high] with 0 < low <= high",
+            ));
+        }
+        if self.devices.is_empty() {
+            return Err(invalid(
+                "devices",
+                &self.devices,
+                "name at least the node's external device",
+            ));
+        }
+        self.map_sizes
+            .validate()
+            .map_err(|reason| ConfigError::Invalid {
+                key: "map-sizes",
+                value: format!("{:?}", self.map_sizes),
+                reason,
+            })
+    }
+
+    /// The datapath settings for a node at `node_ip`.
+    pub fn datapath(&self, node_ip: Ipv4Addr) -> DatapathConfig {
+        let mut dp = DatapathConfig::new(node_ip);
+        dp.bpffs_dir = self.bpffs_dir.clone();
+        dp.map_sizes = self.map_sizes.clone();
+        dp.recreate_mismatched_maps = self.recreate_mismatched_maps;
+        dp.cgroup = self.cgroup.clone();
+        dp.native_cidr = self.native_routing_cidr.as_deref().and_then(parse_cidr);
+        dp.masquerade = self.masquerade;
+        dp.nat_ports = (self.nat_ports[0], self.nat_ports[1]);
+        dp.emit_level = self.emit_level;
+        dp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = serde_saphyr::from_str::<AgentConfig>("node-name: a\nbogus: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let cfg = AgentConfig {
+            native_routing_cidr: Some("10.0.0.0/40".into()),
+            ..Default::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("native-routing-cidr = \"10.0.0.0/40\""),
+            "{err}"
+        );
+        let cfg = AgentConfig {
+            nat_ports: [100, 50],
+            ..Default::default()
+        };
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("nat-ports")
+        );
+    }
+
+    #[test]
+    fn kebab_case_file_parses() {
+        let cfg: AgentConfig = serde_saphyr::from_str(
+            "node-name: node1\nnode-ip: 192.168.50.1\ndevices: [eth0]\nemit-level: packet\nmap-sizes:\n  conntrack: 1024\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.node_ip, Some(Ipv4Addr::new(192, 168, 50, 1)));
+        assert_eq!(cfg.emit_level, EmitLevel::Packet);
+        assert_eq!(cfg.map_sizes.conntrack, 1024);
+        assert_eq!(cfg.map_sizes.services, MapSizes::default().services);
+    }
+}

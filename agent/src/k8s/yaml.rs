@@ -1,0 +1,297 @@
+//! Kubernetes YAML (files with one or many documents) into typed objects.
+//! A document that fails to parse is reported with its file and index and
+//! skipped; the others are kept.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{Object, Objects, Origin};
+
+/// A document that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseProblem {
+    pub origin: Origin,
+    /// `Kind namespace/name` when the document got that far.
+    pub object: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ParseProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.object {
+            Some(o) => write!(f, "{}: {o}: {}", self.origin, self.message),
+            None => write!(f, "{}: {}", self.origin, self.message),
+        }
+    }
+}
+
+/// What a directory or file held.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub objects: Objects,
+    pub problems: Vec<ParseProblem>,
+    /// Documents of kinds the agent does not use (Deployments, ...): (origin, kind).
+    pub ignored: Vec<(Origin, String)>,
+    /// Documents that are not typed objects but raw JSON for other parsers
+    /// (EnvoyConfig and friends): (origin, document).
+    pub raw: Vec<(Origin, Value)>,
+}
+
+/// Kinds another module parses from the raw document (see [`Loaded::raw`]).
+pub const RAW_KINDS: &[&str] = &[
+    "EnvoyConfig",
+    "ClusterwideEnvoyConfig",
+    "CiliumEnvoyConfig",
+    "CiliumClusterwideEnvoyConfig",
+];
+
+fn typed<T: DeserializeOwned>(v: Value) -> Result<T, String> {
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
+/// Parses one document (already JSON) into an object of a kind the agent uses.
+pub fn object_from_value(v: Value) -> Result<Option<Object>, String> {
+    let kind = v
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let api = v
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    Ok(Some(match (api.as_str(), kind.as_str()) {
+        ("v1", "Service") => Object::Service(typed(v)?),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(typed(v)?),
+        ("v1", "Endpoints") => Object::Endpoints(typed(v)?),
+        ("v1", "Pod") => Object::Pod(typed(v)?),
+        ("v1", "Node") => Object::Node(typed(v)?),
+        ("v1", "Secret") => Object::Secret(typed(v)?),
+        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(v)?),
+        ("networking.k8s.io/v1", "Ingress") => Object::Ingress(typed(v)?),
+        _ => return Ok(None),
+    }))
+}
+
+fn describe(v: &Value) -> Option<String> {
+    let kind = v.get("kind")?.as_str()?;
+    let meta = v.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<no name>");
+    Some(
+        match meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+        {
+            Some(ns) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} {name}"),
+        },
+    )
+}
+
+/// Parses the documents of one file into `into`.
+pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+        Ok(d) => d,
+        Err(e) => {
+            into.problems.push(ParseProblem {
+                origin: Origin::File {
+                    path: path.to_owned(),
+                    doc: 0,
+                },
+                object: None,
+                message: format!("not valid YAML: {e}"),
+            });
+            return;
+        }
+    };
+    for (doc, v) in docs.into_iter().enumerate() {
+        let origin = Origin::File {
+            path: path.to_owned(),
+            doc,
+        };
+        if v.is_null() {
+            continue;
+        }
+        let kind = v.get("kind").and_then(Value::as_str).map(str::to_owned);
+        let Some(kind) = kind else {
+            into.problems.push(ParseProblem {
+                origin,
+                object: None,
+                message: "document has no kind".into(),
+            });
+            continue;
+        };
+        if kind == "List" {
+            // `kubectl get -o yaml` output: items are documents of their own.
+            if let Some(items) = v.get("items").and_then(Value::as_array) {
+                for item in items {
+                    load_value(origin.clone(), item.clone(), into);
+                }
+            }
+            continue;
+        }
+        load_value(origin, v, into);
+    }
+}
+
+fn load_value(origin: Origin, v: Value, into: &mut Loaded) {
+    let kind = v
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    if RAW_KINDS.contains(&kind.as_str()) {
+        into.raw.push((origin, v));
+        return;
+    }
+    let what = describe(&v);
+    match object_from_value(v) {
+        Ok(Some(o)) if o.key().name.is_empty() => into.problems.push(ParseProblem {
+            origin,
+            object: what,
+            message: "metadata.name is missing".into(),
+        }),
+        Ok(Some(o)) => into.objects.insert(origin, o),
+        Ok(None) => into.ignored.push((origin, kind)),
+        Err(message) => into.problems.push(ParseProblem {
+            origin,
+            object: what,
+            message,
+        }),
+    }
+}
+
+/// The YAML/JSON files of a directory tree (or the path itself, if a file), sorted.
+pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if path.is_file() {
+        out.push(path.to_owned());
+        return Ok(out);
+    }
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let p = entry?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with('.') {
+                continue; // editors' swap files, ..data symlinks of ConfigMap mounts
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Loads every file under `path`.
+pub fn load_path(path: &Path) -> std::io::Result<Loaded> {
+    let mut loaded = Loaded::default();
+    for file in files(path)? {
+        match fs::read_to_string(&file) {
+            Ok(text) => load_text(&file, &text, &mut loaded),
+            Err(e) => loaded.problems.push(ParseProblem {
+                origin: Origin::File { path: file, doc: 0 },
+                object: None,
+                message: format!("unreadable: {e}"),
+            }),
+        }
+    }
+    Ok(loaded)
+}
+
+/// Names, sizes and modification times of the files under `path`: changes
+/// when any file is added, removed or edited.
+pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
+    files(path)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| {
+            let m = fs::metadata(&p).ok()?;
+            Some((p, m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_documents_survive_a_bad_one() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken}
+spec:
+  ports: "not a list"
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+"#;
+        let mut l = Loaded::default();
+        load_text(Path::new("objs/web.yaml"), text, &mut l);
+        assert_eq!(l.objects.services.len(), 1);
+        let svc = &l.objects.services[&crate::k8s::ObjKey::new("shop", "web")];
+        assert_eq!(
+            svc.origin,
+            Origin::File {
+                path: "objs/web.yaml".into(),
+                doc: 0
+            }
+        );
+        assert_eq!(l.problems.len(), 1);
+        let p = l.problems[0].to_string();
+        assert!(
+            p.starts_with("objs/web.yaml (document 2): Service broken:"),
+            "{p}"
+        );
+        assert_eq!(
+            l.ignored,
+            vec![(
+                Origin::File {
+                    path: "objs/web.yaml".into(),
+                    doc: 2
+                },
+                "Deployment".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn invalid_yaml_names_the_file() {
+        let mut l = Loaded::default();
+        load_text(Path::new("x.yaml"), "a: [\n", &mut l);
+        assert!(
+            l.problems[0]
+                .to_string()
+                .starts_with("x.yaml: not valid YAML"),
+            "{}",
+            l.problems[0]
+        );
+    }
+}

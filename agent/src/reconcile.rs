@@ -1,0 +1,245 @@
+//! Makes the datapath match a snapshot: node devices attached, every known
+//! address in the ipcache, local pods as endpoints on their devices, every
+//! Service frontend written; what the snapshot no longer has is removed.
+//! Applying the same snapshot twice changes nothing.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+
+use weft_ebpf::abi;
+
+use crate::{
+    datapath::{
+        Datapath, DatapathError, EndpointEntry, Frontend, IpcacheEntry, PolicyEntry, Result,
+        ServiceEntry,
+    },
+    state::Snapshot,
+};
+
+/// What one pass did, for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub services_written: usize,
+    pub services_removed: usize,
+    pub endpoints_written: usize,
+    pub endpoints_removed: usize,
+    /// Problems that did not stop the pass (a pod whose device is not there yet, ...).
+    pub problems: Vec<String>,
+}
+
+/// Keeps what was last written, to write only differences.
+#[derive(Default)]
+pub struct Reconciler {
+    devices: Vec<String>,
+    devices_attached: bool,
+    services: BTreeMap<Frontend, ServiceEntry>,
+    ipcache: BTreeMap<(Ipv4Addr, u8), IpcacheEntry>,
+    endpoints: BTreeMap<Ipv4Addr, EndpointEntry>,
+    policies: BTreeMap<u16, Vec<PolicyEntry>>,
+}
+
+/// The host-side device the node routes a pod address to.
+pub fn route_device(ip: Ipv4Addr) -> Result<Option<String>> {
+    let out = Command::new("ip")
+        .args(["-j", "-4", "route", "get", &ip.to_string()])
+        .output()
+        .map_err(|e| DatapathError::io("running `ip route get`", e))?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    Ok(v.get(0)
+        .and_then(|r| r.get("dev"))
+        .and_then(|d| d.as_str())
+        .map(str::to_owned))
+}
+
+impl Reconciler {
+    /// A reconciler for a node whose external devices are `devices`.
+    pub fn new(devices: Vec<String>) -> Self {
+        Self {
+            devices,
+            ..Default::default()
+        }
+    }
+
+    /// Applies `snap`; `policies` holds each local pod's ingress entries by
+    /// address (pods absent from it have no policy). Runs in the node's
+    /// network namespace.
+    pub fn apply(
+        &mut self,
+        dp: &mut Datapath,
+        snap: &Snapshot,
+        policies: &BTreeMap<Ipv4Addr, Vec<PolicyEntry>>,
+    ) -> Result<Applied> {
+        let mut out = Applied::default();
+        if !self.devices_attached {
+            dp.sweep_devices()?;
+            for d in &self.devices {
+                dp.attach_node_device(d)?;
+            }
+            self.devices_attached = true;
+        }
+        self.apply_ipcache(dp, snap)?;
+        self.apply_endpoints(dp, snap, policies, &mut out)?;
+        self.apply_services(dp, snap, &mut out)?;
+        Ok(out)
+    }
+
+    fn apply_ipcache(&mut self, dp: &mut Datapath, snap: &Snapshot) -> Result<()> {
+        let mut want = BTreeMap::new();
+        let node_of: BTreeMap<&str, Ipv4Addr> =
+            snap.nodes.iter().map(|n| (n.name.as_str(), n.ip)).collect();
+        for p in &snap.pods {
+            want.insert(
+                (p.ip, 32),
+                IpcacheEntry {
+                    addr: p.ip,
+                    prefix_len: 32,
+                    identity: p.identity,
+                    node_addr: node_of.get(p.node.as_str()).copied(),
+                    local: p.local,
+                    node: false,
+                },
+            );
+        }
+        for n in &snap.nodes {
+            let own = n.name == snap.node_name;
+            want.insert(
+                (n.ip, 32),
+                IpcacheEntry {
+                    addr: n.ip,
+                    prefix_len: 32,
+                    identity: if own {
+                        abi::ID_HOST
+                    } else {
+                        abi::ID_REMOTE_NODE
+                    },
+                    node_addr: Some(n.ip),
+                    local: false,
+                    node: true,
+                },
+            );
+        }
+        if let Some(ip) = snap.node_ip {
+            want.entry((ip, 32)).or_insert(IpcacheEntry {
+                addr: ip,
+                prefix_len: 32,
+                identity: abi::ID_HOST,
+                node_addr: Some(ip),
+                local: false,
+                node: true,
+            });
+        }
+        if self.ipcache.is_empty() {
+            // First pass (maybe after a restart): also drop what an earlier run left.
+            for (addr, len, _) in dp.ipcache_entries()? {
+                if !want.contains_key(&(addr, len)) {
+                    dp.delete_ipcache(addr, len)?;
+                }
+            }
+        }
+        for (k, e) in &want {
+            if self.ipcache.get(k) != Some(e) {
+                dp.upsert_ipcache(e)?;
+            }
+        }
+        for k in self.ipcache.keys() {
+            if !want.contains_key(k) {
+                dp.delete_ipcache(k.0, k.1)?;
+            }
+        }
+        self.ipcache = want;
+        Ok(())
+    }
+
+    fn apply_endpoints(
+        &mut self,
+        dp: &mut Datapath,
+        snap: &Snapshot,
+        policies: &BTreeMap<Ipv4Addr, Vec<PolicyEntry>>,
+        out: &mut Applied,
+    ) -> Result<()> {
+        let mut want = BTreeMap::new();
+        for p in snap.pods.iter().filter(|p| p.local) {
+            let dev = match route_device(p.ip)? {
+                Some(d) if !self.devices.contains(&d) && d != "lo" => d,
+                _ => {
+                    out.problems
+                        .push(format!("pod {}: no device routes to {} yet", p.key, p.ip));
+                    continue;
+                }
+            };
+            let ifindex = match dp.attach_pod_device(&dev) {
+                Ok(i) => i,
+                Err(e) => {
+                    out.problems
+                        .push(format!("pod {}: attaching {dev}: {e}", p.key));
+                    continue;
+                }
+            };
+            let entries = policies.get(&p.ip);
+            let ep = EndpointEntry {
+                addr: p.ip,
+                ifindex,
+                identity: p.identity,
+                ep_id: dp.endpoint_id_for(p.ip),
+                policy_ingress: entries.is_some(),
+            };
+            // Policy entries go in before the endpoint starts enforcing them.
+            let entries = entries.cloned().unwrap_or_default();
+            if self.policies.get(&ep.ep_id) != Some(&entries) {
+                dp.set_policy(ep.ep_id, &entries)?;
+                self.policies.insert(ep.ep_id, entries);
+            }
+            if self.endpoints.get(&p.ip) != Some(&ep) {
+                dp.upsert_endpoint(&ep)?;
+                out.endpoints_written += 1;
+            }
+            want.insert(p.ip, ep);
+        }
+        for old in dp.endpoints() {
+            if !want.contains_key(&old.addr) {
+                self.policies.remove(&old.ep_id);
+                dp.delete_endpoint(old.addr)?;
+                out.endpoints_removed += 1;
+            }
+        }
+        dp.sweep_devices()?;
+        self.endpoints = want;
+        Ok(())
+    }
+
+    fn apply_services(
+        &mut self,
+        dp: &mut Datapath,
+        snap: &Snapshot,
+        out: &mut Applied,
+    ) -> Result<()> {
+        let want: BTreeMap<Frontend, ServiceEntry> = snap
+            .services
+            .iter()
+            .flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone())))
+            .collect();
+        for (f, e) in &want {
+            if self.services.get(f) != Some(e) {
+                match dp.upsert_service(e) {
+                    Ok(()) => out.services_written += 1,
+                    Err(err @ DatapathError::MapFull { .. }) => return Err(err),
+                    Err(err) => out.problems.push(format!("frontend {f}: {err}")),
+                }
+            }
+        }
+        // Everything written but not wanted: also what an earlier run left.
+        for f in dp.frontends()? {
+            if !want
+                .keys()
+                .any(|w| w.addr == f.addr && w.port == f.port && w.proto == f.proto)
+            {
+                dp.delete_service(&f)?;
+                out.services_removed += 1;
+            }
+        }
+        self.services = want;
+        Ok(())
+    }
+}

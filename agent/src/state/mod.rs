@@ -1,0 +1,487 @@
+//! Desired state: one immutable snapshot derived from everything the sources
+//! hold. The datapath, the xDS server and flow enrichment all read snapshots;
+//! only the state task builds them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+
+use crate::{
+    datapath::{BackendAddr, Frontend, FrontendKind, Proto, ServiceEntry},
+    identity::{self, LabelSet},
+    k8s::{ObjKey, Objects},
+};
+
+/// Annotation that sends a Service's connections to a proxy listener on this
+/// node port instead of a backend, without an EnvoyConfig (Cilium has a
+/// similar per-Service opt-in).
+pub const L7_PORT_ANNOTATION: &str = "weft.io/l7-proxy-port";
+
+/// A Service as the datapath sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceState {
+    pub key: ObjKey,
+    pub entries: Vec<ServiceEntry>,
+}
+
+/// A pod with an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodState {
+    pub key: ObjKey,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub identity: u32,
+    /// Runs on this node.
+    pub local: bool,
+    /// The owning workload (kind, name), e.g. (ReplicaSet, web-7d9f).
+    pub owner: Option<(String, String)>,
+}
+
+/// A node and its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeState {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where a Service port's connections go instead of a backend: a proxy port
+/// on this node. Keyed by Service and port (None: every port).
+pub type Redirects = BTreeMap<(ObjKey, Option<u16>), u16>;
+
+/// Everything derived from the sources at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Increases with every snapshot the state task publishes.
+    pub version: u64,
+    pub node_name: String,
+    /// This node's address (configured, or from its Node object).
+    pub node_ip: Option<Ipv4Addr>,
+    pub services: Vec<ServiceState>,
+    pub pods: Vec<PodState>,
+    pub nodes: Vec<NodeState>,
+    /// Identity -> its label set.
+    pub identities: BTreeMap<u32, LabelSet>,
+    /// Things in the objects that could not be represented, one line each.
+    pub problems: Vec<String>,
+}
+
+fn proto_of(p: Option<&str>) -> Option<Proto> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(Proto::Tcp),
+        "UDP" => Some(Proto::Udp),
+        _ => None,
+    }
+}
+
+fn ipv4(s: &str) -> Option<Ipv4Addr> {
+    s.parse().ok()
+}
+
+/// The IPv4 address of a pod that has its own (not host-network).
+fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.pod_ip.as_deref())
+        .find_map(ipv4)
+}
+
+impl Snapshot {
+    /// Derives the snapshot for node `node_name` from the objects.
+    /// `node_ip` overrides the address of the node's Node object.
+    pub fn derive(
+        objects: &Objects,
+        node_name: &str,
+        node_ip: Option<Ipv4Addr>,
+        redirects: &Redirects,
+    ) -> Snapshot {
+        let mut problems = Vec::new();
+        let nodes: Vec<NodeState> = objects
+            .nodes
+            .values()
+            .filter_map(|n| {
+                let n = &n.object;
+                let addrs = n.status.as_ref()?.addresses.as_ref()?;
+                let ip = addrs
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .find_map(|a| ipv4(&a.address))?;
+                Some(NodeState {
+                    name: n.metadata.name.clone()?,
+                    ip,
+                    labels: n.metadata.labels.clone().unwrap_or_default(),
+                })
+            })
+            .collect();
+        let node_ip = node_ip.or_else(|| nodes.iter().find(|n| n.name == node_name).map(|n| n.ip));
+
+        // Identities from every pod's labels, the same on every node.
+        let label_set = |ns: &str, pod: &Pod| {
+            LabelSet::new(
+                ns,
+                pod.metadata
+                    .labels
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+        };
+        let with_ip: Vec<(&ObjKey, &Pod, Ipv4Addr)> = objects
+            .pods
+            .iter()
+            .filter_map(|(k, p)| Some((k, &p.object, pod_ip(&p.object)?)))
+            .collect();
+        let sets: BTreeSet<LabelSet> = with_ip
+            .iter()
+            .map(|(k, p, _)| label_set(&k.namespace, p))
+            .collect();
+        let ids = identity::assign(&sets);
+        let pods: Vec<PodState> = with_ip
+            .iter()
+            .map(|(k, p, ip)| {
+                let node = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default();
+                PodState {
+                    key: (*k).clone(),
+                    ip: *ip,
+                    local: node == node_name,
+                    node,
+                    labels: p.metadata.labels.clone().unwrap_or_default(),
+                    identity: ids[&label_set(&k.namespace, p)],
+                    owner: p
+                        .metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .find(|o| o.controller == Some(true))
+                        .map(|o| (o.kind.clone(), o.name.clone())),
+                }
+            })
+            .collect();
+
+        let services = objects
+            .services
+            .iter()
+            .filter_map(|(key, s)| {
+                service_state(key, &s.object, objects, node_ip, redirects, &mut problems)
+            })
+            .collect();
+
+        Snapshot {
+            version: 0,
+            node_name: node_name.to_owned(),
+            node_ip,
+            services,
+            pods,
+            nodes,
+            identities: ids.into_iter().map(|(set, id)| (id, set)).collect(),
+            problems,
+        }
+    }
+
+    /// The pod with this address, if known.
+    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&PodState> {
+        self.pods.iter().find(|p| p.ip == ip)
+    }
+}
+
+/// The backends of one Service port: from its EndpointSlices, else from its
+/// Endpoints object. Only ready IPv4 addresses count.
+fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects) -> Vec<BackendAddr> {
+    let mut out = BTreeSet::new();
+    let mut slices = objects.endpoint_slices.values().filter(|s| {
+        let s = &s.object;
+        s.metadata.namespace.as_deref().unwrap_or("default") == key.namespace
+            && s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                == Some(&key.name)
+            && s.address_type == "IPv4"
+    });
+    let mut any_slice = false;
+    for slice in slices.by_ref() {
+        any_slice = true;
+        let slice = &slice.object;
+        let Some(port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &ep.addresses {
+                if let Some(addr) = ipv4(a) {
+                    out.insert(BackendAddr {
+                        addr,
+                        port: port as u16,
+                    });
+                }
+            }
+        }
+    }
+    if !any_slice {
+        if let Some(eps) = objects.endpoints.get(key) {
+            for subset in eps.object.subsets.iter().flatten() {
+                let Some(port) = subset
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+                else {
+                    continue;
+                };
+                for a in subset.addresses.iter().flatten() {
+                    if let Some(addr) = ipv4(&a.ip) {
+                        out.insert(BackendAddr {
+                            addr,
+                            port: port.port as u16,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn service_state(
+    key: &ObjKey,
+    svc: &Service,
+    objects: &Objects,
+    node_ip: Option<Ipv4Addr>,
+    redirects: &Redirects,
+    problems: &mut Vec<String>,
+) -> Option<ServiceState> {
+    let spec = svc.spec.as_ref()?;
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if kind == "ExternalName" {
+        return None;
+    }
+    let annotation_port: Option<u16> = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(L7_PORT_ANNOTATION))
+        .and_then(|v| match v.parse() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                problems.push(format!(
+                    "Service {key}: annotation {L7_PORT_ANNOTATION}={v:?} is not a port number"
+                ));
+                None
+            }
+        });
+    let cluster_ips: Vec<Ipv4Addr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.as_ref())
+        .filter_map(|s| ipv4(s))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut external: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|s| ipv4(s))
+        .collect();
+    if kind == "LoadBalancer" {
+        let lb = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+        external.extend(
+            lb.and_then(|l| l.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref().and_then(ipv4)),
+        );
+    }
+
+    let mut entries = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let Some(proto) = proto_of(port.protocol.as_deref()) else {
+            problems.push(format!(
+                "Service {key} port {}: protocol {} is not supported (TCP and UDP are)",
+                port.port,
+                port.protocol.as_deref().unwrap_or("")
+            ));
+            continue;
+        };
+        let backends = backends(key, port.name.as_deref(), objects);
+        let proxy_port = redirects
+            .get(&(key.clone(), Some(port.port as u16)))
+            .or_else(|| redirects.get(&(key.clone(), None)))
+            .copied()
+            .or(annotation_port)
+            .filter(|_| proto == Proto::Tcp);
+        let mut add = |addr, port: u16, kind| {
+            entries.push(ServiceEntry {
+                frontend: Frontend {
+                    addr,
+                    port,
+                    proto,
+                    kind,
+                },
+                backends: backends.clone(),
+                proxy_port,
+            })
+        };
+        for ip in &cluster_ips {
+            add(*ip, port.port as u16, FrontendKind::ClusterIp);
+        }
+        if matches!(kind, "NodePort" | "LoadBalancer") {
+            if let (Some(np), Some(ip)) = (port.node_port, node_ip) {
+                add(ip, np as u16, FrontendKind::NodePort);
+            }
+        }
+        for ip in &external {
+            add(*ip, port.port as u16, FrontendKind::External);
+        }
+    }
+    Some(ServiceState {
+        key: key.clone(),
+        entries,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::yaml::{Loaded, load_text};
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node1, labels: {role: infra}}
+status: {addresses: [{type: InternalIP, address: 192.168.50.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node1, containers: []}
+status: {podIP: 10.1.1.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec: {nodeName: node2, containers: []}
+status: {podIP: 10.1.2.11}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}, {name: dns, port: 53, protocol: SCTP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.1.1.11]
+- addresses: [10.1.2.11]
+- addresses: [10.1.2.99]
+  conditions: {ready: false}
+"#;
+
+    fn loaded() -> Loaded {
+        let mut l = Loaded::default();
+        load_text(std::path::Path::new("t.yaml"), OBJECTS, &mut l);
+        assert!(l.problems.is_empty(), "{:?}", l.problems);
+        l
+    }
+
+    #[test]
+    fn services_get_frontends_and_ready_backends() {
+        let l = loaded();
+        let snap = Snapshot::derive(&l.objects, "node1", None, &Redirects::new());
+        assert_eq!(snap.node_ip, Some(Ipv4Addr::new(192, 168, 50, 1)));
+        let svc = &snap.services[0];
+        let frontends: Vec<String> = svc.entries.iter().map(|e| e.frontend.to_string()).collect();
+        assert_eq!(frontends, ["10.96.0.20:80/TCP", "192.168.50.1:30080/TCP"]);
+        let backends: Vec<String> = svc.entries[0]
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect();
+        assert_eq!(
+            backends,
+            ["10.1.1.11:8080", "10.1.2.11:8080"],
+            "not-ready endpoints are left out"
+        );
+        assert_eq!(
+            snap.problems.len(),
+            1,
+            "SCTP is reported: {:?}",
+            snap.problems
+        );
+        assert!(snap.problems[0].contains("Service shop/web port 53: protocol SCTP"));
+    }
+
+    #[test]
+    fn pods_share_an_identity_and_know_where_they_run() {
+        let l = loaded();
+        let snap = Snapshot::derive(&l.objects, "node1", None, &Redirects::new());
+        assert_eq!(snap.pods.len(), 2);
+        assert_eq!(
+            snap.pods[0].identity, snap.pods[1].identity,
+            "same namespace and labels"
+        );
+        assert!(
+            snap.pods
+                .iter()
+                .find(|p| p.key.name == "web-1")
+                .unwrap()
+                .local
+        );
+        assert!(
+            !snap
+                .pods
+                .iter()
+                .find(|p| p.key.name == "web-2")
+                .unwrap()
+                .local
+        );
+    }
+
+    #[test]
+    fn redirects_mark_service_ports_for_the_proxy() {
+        let l = loaded();
+        let mut r = Redirects::new();
+        r.insert((ObjKey::new("shop", "web"), Some(80)), 15001);
+        let snap = Snapshot::derive(&l.objects, "node1", None, &r);
+        assert!(
+            snap.services[0]
+                .entries
+                .iter()
+                .all(|e| e.proxy_port == Some(15001))
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! The lab as Kubernetes objects (Nodes, Pods, Services, EndpointSlices), for
+//! agents that read an objects directory, and agent processes to run on it.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::lab::Lab;
+
+/// A Service to publish: name, ClusterIP, port, backend pods and their port.
+#[derive(Clone, Debug)]
+pub struct LabService {
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub backends: Vec<String>,
+    /// `NodePort` with this port, if set.
+    pub node_port: Option<u16>,
+    /// Extra `metadata.annotations` lines (`key: "value"`).
+    pub annotations: Vec<(String, String)>,
+}
+
+impl LabService {
+    /// A ClusterIP Service with backends on port 8080.
+    pub fn new(name: &str, cluster_ip: Ipv4Addr, port: u16, backends: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            cluster_ip,
+            port,
+            target_port: 8080,
+            backends: backends.iter().map(|s| s.to_string()).collect(),
+            node_port: None,
+            annotations: Vec::new(),
+        }
+    }
+}
+
+/// The lab's nodes and pods, and the given Services with their EndpointSlices, as YAML.
+pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
+    let mut y = String::new();
+    for n in &lab.nodes {
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{kubernetes.io/hostname: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}]\n---\n",
+            n.name, n.name, n.ip
+        );
+    }
+    for p in &lab.pods {
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: app, image: lab}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+            p.name,
+            p.namespace,
+            labels.join(", "),
+            lab.node(p.node).name,
+            p.ip
+        );
+    }
+    for s in services {
+        let annotations: Vec<String> = s
+            .annotations
+            .iter()
+            .map(|(k, v)| format!("{k}: \"{v}\""))
+            .collect();
+        let (kind, node_port) = match s.node_port {
+            Some(np) => ("NodePort", format!(", nodePort: {np}")),
+            None => ("ClusterIP", String::new()),
+        };
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  annotations: {{{ann}}}\nspec:\n  type: {kind}\n  clusterIP: {ip}\n  ports: [{{name: http, port: {port}, targetPort: {tp}{node_port}}}]\n---\n",
+            name = s.name,
+            ann = annotations.join(", "),
+            ip = s.cluster_ip,
+            port = s.port,
+            tp = s.target_port,
+        );
+        let endpoints: Vec<String> = s
+            .backends
+            .iter()
+            .map(|b| {
+                let pod = lab.pod(b);
+                format!(
+                    "- addresses: [{}]\n  conditions: {{ready: true}}\n  nodeName: {}\n  targetRef: {{kind: Pod, name: {}, namespace: default}}\n",
+                    pod.ip,
+                    lab.node(pod.node).name,
+                    pod.name
+                )
+            })
+            .collect();
+        let _ = write!(
+            y,
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: {tp}, protocol: TCP}}]\nendpoints:\n{eps}---\n",
+            name = s.name,
+            tp = s.target_port,
+            eps = if endpoints.is_empty() {
+                "[]\n".to_string()
+            } else {
+                endpoints.concat()
+            },
+        );
+    }
+    y
+}
+
+/// Writes a file atomically (rename), so a watching agent never reads half of it.
+pub fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, path)
+}
+
+/// Where a lab node's agent keeps its files.
+pub struct AgentFiles {
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub objects_dir: PathBuf,
+}
+
+/// Writes the config of node `idx`'s agent: the lab's bpffs, cgroup and objects directory.
+pub fn agent_files(lab: &Lab, idx: usize, extra: &str) -> std::io::Result<AgentFiles> {
+    let node = lab.node(idx);
+    let dir = lab.run_dir.join(&node.name);
+    let objects_dir = lab.run_dir.join("objects");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&objects_dir)?;
+    let state_dir = dir.join("state");
+    let config = dir.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "node-name: {}\ndevices: [{}]\nbpffs-dir: {}\ncgroup: {}\nstate-dir: {}\nobjects-dir: {}\n{extra}",
+            node.name,
+            node.dev,
+            node.bpffs_dir.display(),
+            node.cgroup.display(),
+            state_dir.display(),
+            objects_dir.display(),
+        ),
+    )?;
+    Ok(AgentFiles {
+        config,
+        state_dir,
+        objects_dir,
+    })
+}
+
+/// The agent binary built alongside the tests.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let up = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    let bin = up.join("weft-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build --workspace --bins)",
+        bin.display()
+    );
+    bin
+}
+
+/// Starts node `idx`'s agent inside the node's namespace; returns its pid.
+pub fn start_agent(lab: &Lab, idx: usize, files: &AgentFiles, log: &Path) -> anyhow::Result<u32> {
+    let _ = std::fs::remove_file(files.state_dir.join("ready"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut cmd = Command::new(agent_binary());
+    cmd.args(["run", "--config"])
+        .arg(&files.config)
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    lab.spawn(&lab.node(idx).netns, None, &mut cmd)
+}
+
+/// Waits until the agent has applied its first snapshot.
+pub fn wait_ready(files: &AgentFiles, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !files.state_dir.join("ready").exists() {
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "agent not ready after {timeout:?} ({})",
+                files.state_dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

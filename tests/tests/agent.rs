@@ -1,0 +1,90 @@
+//! The agent as a process on the lab (issue: datapath): it loads the objects
+//! directory, programs the datapath, and can be killed and restarted without
+//! breaking connections.
+
+use std::time::Duration;
+
+use weft_tests::{
+    http::{Client, HttpServer, ServerOpts, get_once},
+    lab::Lab,
+    objects::{LabService, agent_files, lab_objects, start_agent, wait_ready, write_atomic},
+    require_root,
+    scenario::{T, VIP, sa},
+};
+
+#[test]
+fn connections_survive_an_agent_restart() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let backend = lab.pod("n2-p1");
+    let _server = HttpServer::start(
+        &backend.netns,
+        sa(backend.ip, 8080),
+        ServerOpts {
+            name: "n2-p1".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, "").unwrap()).collect();
+    write_atomic(
+        &files[0].objects_dir.join("lab.yaml"),
+        &lab_objects(&lab, &[LabService::new("web", VIP, 80, &["n2-p1"])]),
+    )
+    .unwrap();
+    let logs: Vec<_> = (0..2)
+        .map(|i| lab.run_dir.join(format!("agent{i}.log")))
+        .collect();
+    let mut pids: Vec<u32> = (0..2)
+        .map(|i| start_agent(&lab, i, &files[i], &logs[i]).unwrap())
+        .collect();
+    for f in &files {
+        wait_ready(f, Duration::from_secs(20)).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}",
+                std::fs::read_to_string(&logs[0]).unwrap_or_default()
+            )
+        });
+    }
+
+    let client = lab.pod("n1-p1");
+    let mut long_lived = Client::connect(&client.netns, sa(VIP, 80), None, T).unwrap();
+    assert_eq!(
+        long_lived.get("web", "/", &[]).unwrap().field("name"),
+        Some("n2-p1")
+    );
+
+    for pid in &pids {
+        lab.kill(*pid);
+    }
+    // No agent: the pinned programs and maps keep working.
+    for _ in 0..5 {
+        assert_eq!(
+            long_lived.get("web", "/", &[]).unwrap().status,
+            200,
+            "open connection while the agent is down"
+        );
+    }
+    let (resp, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T)
+        .expect("new connection while the agent is down");
+    assert_eq!(resp.status, 200);
+
+    pids = (0..2)
+        .map(|i| start_agent(&lab, i, &files[i], &logs[i]).unwrap())
+        .collect();
+    for f in &files {
+        wait_ready(f, Duration::from_secs(20)).unwrap();
+    }
+    for _ in 0..5 {
+        assert_eq!(
+            long_lived.get("web", "/", &[]).unwrap().status,
+            200,
+            "open connection after the restart"
+        );
+    }
+    let (resp, _, peer) =
+        get_once(&client.netns, sa(VIP, 80), "/", T).expect("new connection after the restart");
+    assert_eq!(resp.field("name"), Some("n2-p1"));
+    assert_eq!(peer, sa(VIP, 80));
+    assert!(pids.iter().all(|p| lab.running(*p)), "agents still running");
+}
