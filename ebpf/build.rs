@@ -25,6 +25,7 @@ fn main() {
             &bpf.join(format!("{name}.c")),
             &out.join(format!("{name}.o")),
             &bpf,
+            &[],
         );
     }
     // C unit tests: every tests/*.c becomes an object of test programs.
@@ -33,7 +34,12 @@ fn main() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "c") {
             let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
-            compile(&path, &out.join(format!("{stem}.o")), &bpf);
+            compile(
+                &path,
+                &out.join(format!("{stem}.o")),
+                &bpf,
+                &["-DWEFT_UNIT_TEST", "-I", tests.to_str().unwrap()],
+            );
             test_objects.push(stem);
         }
     }
@@ -60,7 +66,7 @@ fn main() {
     .unwrap();
 }
 
-fn compile(src: &Path, obj: &Path, include_root: &Path) {
+fn compile(src: &Path, obj: &Path, include_root: &Path, extra: &[&str]) {
     let clang = env::var("WEFT_CLANG").unwrap_or_else(|_| "clang".into());
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap();
     let multiarch = match arch.as_str() {
@@ -81,6 +87,7 @@ fn compile(src: &Path, obj: &Path, include_root: &Path) {
         .arg(format!("-I{}", include_root.join("include").display()))
         .arg(format!("-I{}", include_root.display()))
         .arg(format!("-I/usr/include/{multiarch}"))
+        .args(extra)
         .arg("-c")
         .arg(src)
         .arg("-o")

@@ -73,6 +73,35 @@ static __always_inline struct weft_event *event_init(__u8 type, __u8 subtype,
 	return ev;
 }
 
+#ifdef WEFT_UNIT_TEST
+/* A check program cannot read the ring buffer, so unit-test builds also keep
+ * the last records in an array the checks read (ebpf/tests/unit.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 16);
+	__type(key, __u32);
+	__type(value, struct weft_event);
+} unit_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} unit_event_count SEC(".maps");
+
+static __always_inline void unit_record_event(const struct weft_event *ev)
+{
+	__u32 zero = 0, *n = bpf_map_lookup_elem(&unit_event_count, &zero), slot;
+
+	if (!n)
+		return;
+	slot = *n & 15;
+	bpf_map_update_elem(&unit_events, &slot, ev, BPF_ANY);
+	*n += 1;
+}
+#endif
+
 static __always_inline void event_submit(const struct weft_config *cfg, struct weft_event *ev)
 {
 	if (cfg && cfg->emit_level == WEFT_EMIT_OFF)
@@ -85,6 +114,9 @@ static __always_inline void event_submit(const struct weft_config *cfg, struct w
 		ev->src_ep = endpoint_id(ev->saddr);
 	if (!ev->dst_ep)
 		ev->dst_ep = endpoint_id(ev->daddr);
+#ifdef WEFT_UNIT_TEST
+	unit_record_event(ev);
+#endif
 	if (bpf_ringbuf_output(&weft_events, ev, sizeof(*ev), 0) == 0)
 		stat_inc(WEFT_STAT_EMITTED);
 	else

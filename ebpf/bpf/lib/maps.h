@@ -14,12 +14,19 @@
 #define LIBBPF_PIN_BY_NAME 1
 #endif
 
+/* Unit-test objects keep their maps private: nothing is pinned. */
+#ifdef WEFT_UNIT_TEST
+#define WEFT_PINNING __uint(pinning, 0)
+#else
+#define WEFT_PINNING __uint(pinning, LIBBPF_PIN_BY_NAME)
+#endif
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct weft_config);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_config SEC(".maps");
 
 struct {
@@ -27,7 +34,7 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, struct weft_svc_key);
 	__type(value, struct weft_svc_val);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_services SEC(".maps");
 
 struct {
@@ -35,7 +42,7 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, __u32);
 	__type(value, struct weft_backend);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_backends SEC(".maps");
 
 struct {
@@ -43,7 +50,7 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, __u32);
 	__type(value, struct weft_endpoint);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_endpoints SEC(".maps");
 
 struct {
@@ -52,7 +59,7 @@ struct {
 	__type(key, struct weft_ipcache_key);
 	__type(value, struct weft_ipcache_val);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_ipcache SEC(".maps");
 
 struct {
@@ -60,7 +67,7 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, struct weft_policy_key);
 	__type(value, struct weft_policy_val);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_policy SEC(".maps");
 
 struct {
@@ -68,7 +75,7 @@ struct {
 	__uint(max_entries, 262144);
 	__type(key, struct weft_ct_key);
 	__type(value, struct weft_ct_entry);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_ct SEC(".maps");
 
 struct {
@@ -76,7 +83,7 @@ struct {
 	__uint(max_entries, 131072);
 	__type(key, struct weft_ct_key);
 	__type(value, struct weft_lb_entry);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_lb SEC(".maps");
 
 /* Socket cookie -> frontend, so getpeername/recvmsg show the Service address. */
@@ -85,7 +92,7 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, __u64);
 	__type(value, struct weft_sock_rev);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_sock_rev SEC(".maps");
 
 /* Proxy port (host byte order) -> the proxy's listening socket. */
@@ -94,13 +101,13 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, __u32);
 	__type(value, __u32); /* a socket fd when written from userspace */
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_proxy_socks SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 << 20);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_events SEC(".maps");
 
 struct {
@@ -108,7 +115,7 @@ struct {
 	__uint(max_entries, WEFT_STAT_MAX);
 	__type(key, __u32);
 	__type(value, __u64);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	WEFT_PINNING;
 } weft_event_stats SEC(".maps");
 
 /* Where a record is assembled before it is copied into the ring buffer: keeps

@@ -257,4 +257,40 @@ static __always_inline int netdev_to_network(struct __sk_buff *skb, const struct
 	return TC_ACT_OK;
 }
 
+/* Non-IPv4 traffic on the node's device is not ours to judge: it passes.
+ * Returns a TC action, or -1 to go on with the parsed packet. */
+static __always_inline int netdev_parse(struct __sk_buff *skb, const struct weft_config *cfg,
+					struct pkt4 *p)
+{
+	int rc;
+
+	__builtin_memset(p, 0, sizeof(*p));
+	rc = parse_ipv4(skb, p);
+	if (rc == PARSE_NOT_IPV4)
+		return TC_ACT_OK;
+	if (rc < 0)
+		return DROP(cfg, p, skb->ifindex, -rc);
+	return -1;
+}
+
+/* tc ingress of the node's device. */
+static __always_inline int handle_from_netdev(struct __sk_buff *skb)
+{
+	const struct weft_config *cfg = config_get();
+	struct pkt4 p;
+	int rc = netdev_parse(skb, cfg, &p);
+
+	return rc >= 0 ? rc : netdev_from_network(skb, cfg, &p);
+}
+
+/* tc egress of the node's device. */
+static __always_inline int handle_to_netdev(struct __sk_buff *skb)
+{
+	const struct weft_config *cfg = config_get();
+	struct pkt4 p;
+	int rc = netdev_parse(skb, cfg, &p);
+
+	return rc >= 0 ? rc : netdev_to_network(skb, cfg, &p);
+}
+
 #endif /* WEFT_NETDEV_H */
