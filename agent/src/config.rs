@@ -75,27 +75,18 @@ impl Default for AgentConfig {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 /// A configuration problem: which key, which value, why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{key} = {value}: {reason}")]
-    Invalid {
-        key: &'static str,
-        value: String,
-        reason: String,
-    },
+    Invalid { key: &'static str, value: String, reason: String },
 }
 
 /// Parses `a.b.c.d/n`.
@@ -109,14 +100,10 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let cfg: AgentConfig = serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let cfg: AgentConfig = serde_saphyr::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -129,42 +116,24 @@ impl AgentConfig {
             reason: reason.into(),
         };
         if self.node_name.is_empty() {
-            return Err(invalid(
-                "node-name",
-                &self.node_name,
-                "set it to this node's name",
-            ));
+            return Err(invalid("node-name", &self.node_name, "set it to this node's name"));
         }
         if let Some(c) = &self.native_routing_cidr {
             if parse_cidr(c).is_none() {
-                return Err(invalid(
-                    "native-routing-cidr",
-                    c,
-                    "expected an IPv4 CIDR like 10.0.0.0/8",
-                ));
+                return Err(invalid("native-routing-cidr", c, "expected an IPv4 CIDR like 10.0.0.0/8"));
             }
         }
         if self.nat_ports[0] == 0 || self.nat_ports[0] > self.nat_ports[1] {
-            return Err(invalid(
-                "nat-ports",
-                &self.nat_ports,
-                "expected [low, high] with 0 < low <= high",
-            ));
+            return Err(invalid("nat-ports", &self.nat_ports, "expected [low, high] with 0 < low <= high"));
         }
         if self.devices.is_empty() {
-            return Err(invalid(
-                "devices",
-                &self.devices,
-                "name at least the node's external device",
-            ));
+            return Err(invalid("devices", &self.devices, "name at least the node's external device"));
         }
-        self.map_sizes
-            .validate()
-            .map_err(|reason| ConfigError::Invalid {
-                key: "map-sizes",
-                value: format!("{:?}", self.map_sizes),
-                reason,
-            })
+        self.map_sizes.validate().map_err(|reason| ConfigError::Invalid {
+            key: "map-sizes",
+            value: format!("{:?}", self.map_sizes),
+            reason,
+        })
     }
 
     /// The datapath settings for a node at `node_ip`.
@@ -188,29 +157,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let err = serde_saphyr::from_str::<AgentConfig>("node-name: a\nbogus: 1\n")
-            .unwrap_err()
-            .to_string();
+        let err = serde_saphyr::from_str::<AgentConfig>("node-name: a\nbogus: 1\n").unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
-        let cfg = AgentConfig {
-            native_routing_cidr: Some("10.0.0.0/40".into()),
-            ..Default::default()
-        };
+        let cfg = AgentConfig { native_routing_cidr: Some("10.0.0.0/40".into()), ..Default::default() };
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(
-            err.starts_with("native-routing-cidr = \"10.0.0.0/40\""),
-            "{err}"
-        );
-        let cfg = AgentConfig {
-            nat_ports: [100, 50],
-            ..Default::default()
-        };
-        assert!(
-            cfg.validate()
-                .unwrap_err()
-                .to_string()
-                .starts_with("nat-ports")
-        );
+        assert!(err.starts_with("native-routing-cidr = \"10.0.0.0/40\""), "{err}");
+        let cfg = AgentConfig { nat_ports: [100, 50], ..Default::default() };
+        assert!(cfg.validate().unwrap_err().to_string().starts_with("nat-ports"));
     }
 
     #[test]

@@ -15,11 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use weft_ebpf::abi;
 
 /// Labels that change with every rollout and would split one workload into many identities.
-const IGNORED_LABELS: &[&str] = &[
-    "pod-template-hash",
-    "controller-revision-hash",
-    "pod-template-generation",
-];
+const IGNORED_LABELS: &[&str] = &["pod-template-hash", "controller-revision-hash", "pod-template-generation"];
 
 /// The identity-relevant labels of a pod, in canonical form.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -63,20 +59,13 @@ pub fn assign(sets: &BTreeSet<LabelSet>) -> BTreeMap<LabelSet, u32> {
     assign_with(sets, LabelSet::hashed)
 }
 
-fn assign_with(
-    sets: &BTreeSet<LabelSet>,
-    hash: impl Fn(&LabelSet) -> u32,
-) -> BTreeMap<LabelSet, u32> {
+fn assign_with(sets: &BTreeSet<LabelSet>, hash: impl Fn(&LabelSet) -> u32) -> BTreeMap<LabelSet, u32> {
     let mut taken = BTreeSet::new();
     let mut out = BTreeMap::new();
     for set in sets {
         let mut id = hash(set);
         while !taken.insert(id) {
-            id = if id == u32::MAX {
-                abi::IDENTITY_MIN_POD
-            } else {
-                id + 1
-            };
+            id = if id == u32::MAX { abi::IDENTITY_MIN_POD } else { id + 1 };
         }
         out.insert(set.clone(), id);
     }
@@ -100,28 +89,16 @@ mod tests {
     #[test]
     fn same_labels_same_identity_in_any_order() {
         let a = LabelSet::new("default", [("app", "web"), ("tier", "front")]);
-        let b = LabelSet::new(
-            "default",
-            [
-                ("tier", "front"),
-                ("app", "web"),
-                ("pod-template-hash", "x1"),
-            ],
-        );
+        let b = LabelSet::new("default", [("tier", "front"), ("app", "web"), ("pod-template-hash", "x1")]);
         assert_eq!(a, b);
         assert_eq!(a.hashed(), b.hashed());
         assert!(a.hashed() >= abi::IDENTITY_MIN_POD);
-        assert_ne!(
-            a,
-            LabelSet::new("other", [("app", "web"), ("tier", "front")])
-        );
+        assert_ne!(a, LabelSet::new("other", [("app", "web"), ("tier", "front")]));
     }
 
     #[test]
     fn collisions_resolve_the_same_way_everywhere() {
-        let sets: BTreeSet<LabelSet> = (0..2000)
-            .map(|i| LabelSet::new("ns", [("app", &*format!("a{i}"))]))
-            .collect();
+        let sets: BTreeSet<LabelSet> = (0..2000).map(|i| LabelSet::new("ns", [("app", &*format!("a{i}"))])).collect();
         let one = assign(&sets);
         // Another node sees the same sets (in another insertion order): same result.
         let mut reversed: Vec<_> = sets.iter().cloned().collect();
@@ -134,10 +111,7 @@ mod tests {
 
     #[test]
     fn colliding_sets_take_the_next_numbers_in_label_order() {
-        let sets: BTreeSet<LabelSet> = ["b", "a", "c"]
-            .iter()
-            .map(|app| LabelSet::new("ns", [("app", *app)]))
-            .collect();
+        let sets: BTreeSet<LabelSet> = ["b", "a", "c"].iter().map(|app| LabelSet::new("ns", [("app", *app)])).collect();
         let ids = assign_with(&sets, |_| u32::MAX - 1);
         let by_app = |app: &str| ids[&LabelSet::new("ns", [("app", app)])];
         assert_eq!(by_app("a"), u32::MAX - 1);

@@ -6,11 +6,7 @@ use clap::{Parser, Subcommand};
 use weft_agent::{config::AgentConfig, datapath::Datapath};
 
 #[derive(Parser)]
-#[command(
-    name = "weft-agent",
-    version,
-    about = "weft node agent: eBPF datapath, xDS control plane, flows"
-)]
+#[command(name = "weft-agent", version, about = "weft node agent: eBPF datapath, xDS control plane, flows")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,12 +56,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run {
-            config,
-            objects_dir,
-            node_name,
-            netns,
-        } => {
+        Command::Run { config, objects_dir, node_name, netns } => {
             let mut cfg = match config {
                 Some(p) => AgentConfig::load(&p)?,
                 None => AgentConfig::default(),

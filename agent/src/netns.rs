@@ -31,12 +31,8 @@ impl NetnsGuard {
     /// Moves the current thread into the namespace at `path`.
     pub fn enter(path: &Path) -> io::Result<Self> {
         let previous = File::open("/proc/thread-self/ns/net")?;
-        let target = File::open(path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("opening network namespace {}: {e}", path.display()),
-            )
-        })?;
+        let target = File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("opening network namespace {}: {e}", path.display())))?;
         setns(&target)?;
         Ok(Self { previous })
     }
@@ -85,13 +81,7 @@ pub fn current_cookie() -> io::Result<u64> {
         }
         let mut cookie: u64 = 0;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        );
+        let rc = libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len);
         let err = io::Error::last_os_error();
         libc::close(fd);
         if rc != 0 {

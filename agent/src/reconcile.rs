@@ -8,10 +8,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 use weft_ebpf::abi;
 
 use crate::{
-    datapath::{
-        Datapath, DatapathError, EndpointEntry, Frontend, IpcacheEntry, PolicyEntry, Result,
-        ServiceEntry,
-    },
+    datapath::{Datapath, DatapathError, EndpointEntry, Frontend, IpcacheEntry, PolicyEntry, Result, ServiceEntry},
     state::Snapshot,
 };
 
@@ -47,19 +44,13 @@ pub fn route_device(ip: Ipv4Addr) -> Result<Option<String>> {
         return Ok(None);
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    Ok(v.get(0)
-        .and_then(|r| r.get("dev"))
-        .and_then(|d| d.as_str())
-        .map(str::to_owned))
+    Ok(v.get(0).and_then(|r| r.get("dev")).and_then(|d| d.as_str()).map(str::to_owned))
 }
 
 impl Reconciler {
     /// A reconciler for a node whose external devices are `devices`.
     pub fn new(devices: Vec<String>) -> Self {
-        Self {
-            devices,
-            ..Default::default()
-        }
+        Self { devices, ..Default::default() }
     }
 
     /// Applies `snap`; `policies` holds each local pod's ingress entries by
@@ -87,8 +78,7 @@ impl Reconciler {
 
     fn apply_ipcache(&mut self, dp: &mut Datapath, snap: &Snapshot) -> Result<()> {
         let mut want = BTreeMap::new();
-        let node_of: BTreeMap<&str, Ipv4Addr> =
-            snap.nodes.iter().map(|n| (n.name.as_str(), n.ip)).collect();
+        let node_of: BTreeMap<&str, Ipv4Addr> = snap.nodes.iter().map(|n| (n.name.as_str(), n.ip)).collect();
         for p in &snap.pods {
             want.insert(
                 (p.ip, 32),
@@ -109,11 +99,7 @@ impl Reconciler {
                 IpcacheEntry {
                     addr: n.ip,
                     prefix_len: 32,
-                    identity: if own {
-                        abi::ID_HOST
-                    } else {
-                        abi::ID_REMOTE_NODE
-                    },
+                    identity: if own { abi::ID_HOST } else { abi::ID_REMOTE_NODE },
                     node_addr: Some(n.ip),
                     local: false,
                     node: true,
@@ -164,16 +150,14 @@ impl Reconciler {
             let dev = match route_device(p.ip)? {
                 Some(d) if !self.devices.contains(&d) && d != "lo" => d,
                 _ => {
-                    out.problems
-                        .push(format!("pod {}: no device routes to {} yet", p.key, p.ip));
+                    out.problems.push(format!("pod {}: no device routes to {} yet", p.key, p.ip));
                     continue;
                 }
             };
             let ifindex = match dp.attach_pod_device(&dev) {
                 Ok(i) => i,
                 Err(e) => {
-                    out.problems
-                        .push(format!("pod {}: attaching {dev}: {e}", p.key));
+                    out.problems.push(format!("pod {}: attaching {dev}: {e}", p.key));
                     continue;
                 }
             };
@@ -209,17 +193,9 @@ impl Reconciler {
         Ok(())
     }
 
-    fn apply_services(
-        &mut self,
-        dp: &mut Datapath,
-        snap: &Snapshot,
-        out: &mut Applied,
-    ) -> Result<()> {
-        let want: BTreeMap<Frontend, ServiceEntry> = snap
-            .services
-            .iter()
-            .flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone())))
-            .collect();
+    fn apply_services(&mut self, dp: &mut Datapath, snap: &Snapshot, out: &mut Applied) -> Result<()> {
+        let want: BTreeMap<Frontend, ServiceEntry> =
+            snap.services.iter().flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone()))).collect();
         for (f, e) in &want {
             if self.services.get(f) != Some(e) {
                 match dp.upsert_service(e) {
@@ -231,10 +207,7 @@ impl Reconciler {
         }
         // Everything written but not wanted: also what an earlier run left.
         for f in dp.frontends()? {
-            if !want
-                .keys()
-                .any(|w| w.addr == f.addr && w.port == f.port && w.proto == f.proto)
-            {
+            if !want.keys().any(|w| w.addr == f.addr && w.port == f.port && w.proto == f.proto) {
                 dp.delete_service(&f)?;
                 out.services_removed += 1;
             }

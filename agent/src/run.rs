@@ -54,108 +54,94 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The source: reload the directory when any file changes.
     {
         let cfg = cfg.clone();
-        std::thread::Builder::new()
-            .name("source".into())
-            .spawn(move || {
-                let mut seen = yaml::fingerprint(&cfg.objects_dir);
-                let mut version = 1;
-                loop {
-                    std::thread::sleep(SOURCE_POLL);
-                    let now = yaml::fingerprint(&cfg.objects_dir);
-                    if now == seen {
-                        continue;
-                    }
-                    seen = now;
-                    version += 1;
-                    if snap_tx.send(load_snapshot(&cfg, version)).is_err() {
-                        return;
-                    }
+        std::thread::Builder::new().name("source".into()).spawn(move || {
+            let mut seen = yaml::fingerprint(&cfg.objects_dir);
+            let mut version = 1;
+            loop {
+                std::thread::sleep(SOURCE_POLL);
+                let now = yaml::fingerprint(&cfg.objects_dir);
+                if now == seen {
+                    continue;
                 }
-            })?;
+                seen = now;
+                version += 1;
+                if snap_tx.send(load_snapshot(&cfg, version)).is_err() {
+                    return;
+                }
+            }
+        })?;
     }
 
     let netns = cfg.netns.clone();
-    let dp_thread = std::thread::Builder::new().name("datapath".into()).spawn(
-        move || -> anyhow::Result<()> {
-            let _guard = netns
-                .as_deref()
-                .map(NetnsGuard::enter)
-                .transpose()
-                .context("entering netns")?;
-            let mut dp = Datapath::open(cfg.datapath(node_ip)).context("loading the datapath")?;
-            if let Some(ring) = dp.take_events() {
-                let node = cfg.node_name.clone();
-                let print = cfg.print_events;
-                std::thread::Builder::new()
-                    .name("events".into())
-                    .spawn(move || events(EventReader::new(ring), &node, print))?;
+    let dp_thread = std::thread::Builder::new().name("datapath".into()).spawn(move || -> anyhow::Result<()> {
+        let _guard = netns.as_deref().map(NetnsGuard::enter).transpose().context("entering netns")?;
+        let mut dp = Datapath::open(cfg.datapath(node_ip)).context("loading the datapath")?;
+        if let Some(ring) = dp.take_events() {
+            let node = cfg.node_name.clone();
+            let print = cfg.print_events;
+            std::thread::Builder::new()
+                .name("events".into())
+                .spawn(move || events(EventReader::new(ring), &node, print))?;
+        }
+        let mut rec = Reconciler::new(cfg.devices.clone());
+        let mut current: Option<Snapshot> = None;
+        let mut last_gc = Instant::now();
+        let mut last_proxy = Instant::now() - PROXY_SYNC_EVERY;
+        loop {
+            // Take the newest snapshot; older ones queued behind it are moot.
+            let mut next = None;
+            match snap_rx.recv_timeout(Duration::from_millis(250)) {
+                Ok(s) => next = Some(s),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
-            let mut rec = Reconciler::new(cfg.devices.clone());
-            let mut current: Option<Snapshot> = None;
-            let mut last_gc = Instant::now();
-            let mut last_proxy = Instant::now() - PROXY_SYNC_EVERY;
-            loop {
-                // Take the newest snapshot; older ones queued behind it are moot.
-                let mut next = None;
-                match snap_rx.recv_timeout(Duration::from_millis(250)) {
-                    Ok(s) => next = Some(s),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            while let Ok(s) = snap_rx.try_recv() {
+                next = Some(s);
+            }
+            if let Some(snap) = next {
+                let applied = rec.apply(&mut dp, &snap, &BTreeMap::new()).context("applying desired state")?;
+                for p in snap.problems.iter().chain(&applied.problems) {
+                    tracing::warn!(version = snap.version, "{p}");
                 }
-                while let Ok(s) = snap_rx.try_recv() {
-                    next = Some(s);
+                tracing::info!(
+                    version = snap.version,
+                    services_written = applied.services_written,
+                    services_removed = applied.services_removed,
+                    endpoints_written = applied.endpoints_written,
+                    endpoints_removed = applied.endpoints_removed,
+                    "desired state applied"
+                );
+                if current.is_none() {
+                    std::fs::write(&ready, snap.version.to_string()).context("writing the ready file")?;
                 }
-                if let Some(snap) = next {
-                    let applied = rec
-                        .apply(&mut dp, &snap, &BTreeMap::new())
-                        .context("applying desired state")?;
-                    for p in snap.problems.iter().chain(&applied.problems) {
-                        tracing::warn!(version = snap.version, "{p}");
-                    }
-                    tracing::info!(
-                        version = snap.version,
-                        services_written = applied.services_written,
-                        services_removed = applied.services_removed,
-                        endpoints_written = applied.endpoints_written,
-                        endpoints_removed = applied.endpoints_removed,
-                        "desired state applied"
-                    );
-                    if current.is_none() {
-                        std::fs::write(&ready, snap.version.to_string())
-                            .context("writing the ready file")?;
-                    }
-                    current = Some(snap);
-                    last_proxy = Instant::now() - PROXY_SYNC_EVERY;
-                }
-                if last_proxy.elapsed() >= PROXY_SYNC_EVERY {
-                    last_proxy = Instant::now();
-                    if let Some(snap) = &current {
-                        let mut ports: Vec<u16> = snap
-                            .services
-                            .iter()
-                            .flat_map(|s| s.entries.iter().filter_map(|e| e.proxy_port))
-                            .collect();
-                        ports.sort();
-                        ports.dedup();
-                        match dp.sync_proxy_listeners(&ports, None) {
-                            Ok(missing) if !missing.is_empty() => {
-                                tracing::debug!(?missing, "proxy ports without a listener")
-                            }
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!("registering proxy listeners: {e}"),
+                current = Some(snap);
+                last_proxy = Instant::now() - PROXY_SYNC_EVERY;
+            }
+            if last_proxy.elapsed() >= PROXY_SYNC_EVERY {
+                last_proxy = Instant::now();
+                if let Some(snap) = &current {
+                    let mut ports: Vec<u16> =
+                        snap.services.iter().flat_map(|s| s.entries.iter().filter_map(|e| e.proxy_port)).collect();
+                    ports.sort();
+                    ports.dedup();
+                    match dp.sync_proxy_listeners(&ports, None) {
+                        Ok(missing) if !missing.is_empty() => {
+                            tracing::debug!(?missing, "proxy ports without a listener")
                         }
-                    }
-                }
-                if last_gc.elapsed() >= GC_EVERY {
-                    last_gc = Instant::now();
-                    match dp.gc() {
-                        Ok(s) => tracing::debug!(?s, "conntrack gc"),
-                        Err(e) => tracing::warn!("conntrack gc: {e}"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("registering proxy listeners: {e}"),
                     }
                 }
             }
-        },
-    )?;
+            if last_gc.elapsed() >= GC_EVERY {
+                last_gc = Instant::now();
+                match dp.gc() {
+                    Ok(s) => tracing::debug!(?s, "conntrack gc"),
+                    Err(e) => tracing::warn!("conntrack gc: {e}"),
+                }
+            }
+        }
+    })?;
     match dp_thread.join() {
         Ok(r) => r,
         Err(_) => anyhow::bail!("the datapath thread panicked"),
@@ -165,12 +151,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 /// Reads the objects directory and derives a snapshot; parse problems are logged.
 fn load_snapshot(cfg: &AgentConfig, version: u64) -> Snapshot {
     let loaded = load_objects(&cfg.objects_dir);
-    let mut snap = Snapshot::derive(
-        &loaded.objects,
-        &cfg.node_name,
-        cfg.node_ip,
-        &Redirects::new(),
-    );
+    let mut snap = Snapshot::derive(&loaded.objects, &cfg.node_name, cfg.node_ip, &Redirects::new());
     snap.version = version;
     snap
 }

@@ -231,26 +231,10 @@ pub fn shared_layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)
         ("weft_svc_val", size_of::<SvcVal>(), SvcVal::layout()),
         ("weft_backend", size_of::<Backend>(), Backend::layout()),
         ("weft_endpoint", size_of::<Endpoint>(), Endpoint::layout()),
-        (
-            "weft_ipcache_key",
-            size_of::<IpcacheKey>(),
-            IpcacheKey::layout(),
-        ),
-        (
-            "weft_ipcache_val",
-            size_of::<IpcacheVal>(),
-            IpcacheVal::layout(),
-        ),
-        (
-            "weft_policy_key",
-            size_of::<PolicyKey>(),
-            PolicyKey::layout(),
-        ),
-        (
-            "weft_policy_val",
-            size_of::<PolicyVal>(),
-            PolicyVal::layout(),
-        ),
+        ("weft_ipcache_key", size_of::<IpcacheKey>(), IpcacheKey::layout()),
+        ("weft_ipcache_val", size_of::<IpcacheVal>(), IpcacheVal::layout()),
+        ("weft_policy_key", size_of::<PolicyKey>(), PolicyKey::layout()),
+        ("weft_policy_val", size_of::<PolicyVal>(), PolicyVal::layout()),
         ("weft_ct_key", size_of::<CtKey>(), CtKey::layout()),
         ("weft_ct_entry", size_of::<CtEntry>(), CtEntry::layout()),
         ("weft_lb_entry", size_of::<LbEntry>(), LbEntry::layout()),
@@ -280,17 +264,11 @@ impl Event {
 
     /// The address before translation (see the EVF_* flags).
     pub fn orig(&self) -> std::net::SocketAddrV4 {
-        std::net::SocketAddrV4::new(
-            self.orig_addr.to_ne_bytes().into(),
-            u16::from_be(self.orig_port),
-        )
+        std::net::SocketAddrV4::new(self.orig_addr.to_ne_bytes().into(), u16::from_be(self.orig_port))
     }
 
     /// The SNAT source address (see EVF_XLATED_SRC).
     pub fn nat(&self) -> std::net::SocketAddrV4 {
-        std::net::SocketAddrV4::new(
-            self.nat_addr.to_ne_bytes().into(),
-            u16::from_be(self.nat_port),
-        )
+        std::net::SocketAddrV4::new(self.nat_addr.to_ne_bytes().into(), u16::from_be(self.nat_port))
     }
 }

@@ -20,10 +20,7 @@ const ETH_IPV4: [u8; 14] = [0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00
 const SKB_CTX: usize = 192;
 
 fn sh(args: &[&str]) {
-    let st = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .expect("run ip");
+    let st = Command::new(args[0]).args(&args[1..]).status().expect("run ip");
     assert!(st.success(), "{args:?} failed");
 }
 
@@ -31,17 +28,10 @@ fn sh(args: &[&str]) {
 /// the north-south tests forward through.
 fn private_netns() {
     // SAFETY: plain syscall; affects only this thread.
-    assert_eq!(
-        unsafe { libc::unshare(libc::CLONE_NEWNET) },
-        0,
-        "unshare(CLONE_NEWNET)"
-    );
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
     sh(&["ip", "link", "set", "lo", "up"]);
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .expect("enable forwarding in the test namespace");
-    sh(&[
-        "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
-    ]);
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding in the test namespace");
+    sh(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
     sh(&["ip", "addr", "add", "192.168.50.1/24", "dev", "d0"]);
     sh(&["ip", "link", "set", "d0", "up"]);
     sh(&["ip", "link", "set", "d1", "up"]);
@@ -60,28 +50,19 @@ fn run(prog: &SchedClassifier, data: &[u8], ctx_in: Option<&[u8]>) -> (u32, Vec<
             ..Default::default()
         })
         .unwrap_or_else(|e| {
-            panic!(
-                "BPF_PROG_TEST_RUN (data {} B, ctx_in {:?}): {e:?}",
-                data.len(),
-                ctx_in.map(|c| c.len())
-            )
+            panic!("BPF_PROG_TEST_RUN (data {} B, ctx_in {:?}): {e:?}", data.len(), ctx_in.map(|c| c.len()))
         });
     out.truncate(res.data_size_out as usize);
     (res.return_value, out, ctx_out)
 }
 
 fn prog<'a>(ebpf: &'a aya::Ebpf, test: &str, part: &str) -> &'a SchedClassifier {
-    ebpf.program(&format!("{test}__{part}"))
-        .unwrap()
-        .try_into()
-        .unwrap()
+    ebpf.program(&format!("{test}__{part}")).unwrap().try_into().unwrap()
 }
 
 /// Runs one test of an object; Err(message) on failure.
 fn run_test(object: &'static [u8], file: &str, test: &str) -> Result<(), String> {
-    let mut ebpf = EbpfLoader::new()
-        .load(object)
-        .map_err(|e| format!("{file}: loading: {e}"))?;
+    let mut ebpf = EbpfLoader::new().load(object).map_err(|e| format!("{file}: loading: {e}"))?;
     for part in ["pktgen", "setup", "check"] {
         let name = format!("{test}__{part}");
         let p: &mut SchedClassifier = ebpf
@@ -89,8 +70,7 @@ fn run_test(object: &'static [u8], file: &str, test: &str) -> Result<(), String>
             .ok_or_else(|| format!("{file}: {name} is missing"))?
             .try_into()
             .map_err(|e| format!("{name}: {e}"))?;
-        p.load()
-            .map_err(|e| format!("{file}: {name} rejected by the verifier: {e}"))?;
+        p.load().map_err(|e| format!("{file}: {name} rejected by the verifier: {e}"))?;
     }
     let mut seed = ETH_IPV4.to_vec();
     seed.resize(64, 0);
@@ -100,14 +80,11 @@ fn run_test(object: &'static [u8], file: &str, test: &str) -> Result<(), String>
     }
     let (verdict, packet, ctx) = run(prog(&ebpf, test, "setup"), &packet, None);
     let mut v: Array<_, u32> =
-        Array::try_from(ebpf.map_mut("unit_verdict").expect("unit_verdict map"))
-            .map_err(|e| e.to_string())?;
+        Array::try_from(ebpf.map_mut("unit_verdict").expect("unit_verdict map")).map_err(|e| e.to_string())?;
     v.set(0, verdict, 0).map_err(|e| e.to_string())?;
     let (line, _, _) = run(prog(&ebpf, test, "check"), &packet, Some(&ctx));
     if line != 0 {
-        return Err(format!(
-            "{file}: {test}: failed at {file}.c:{line} (setup returned {verdict})"
-        ));
+        return Err(format!("{file}: {test}: failed at {file}.c:{line} (setup returned {verdict})"));
     }
     Ok(())
 }
@@ -149,9 +126,5 @@ fn c_unit_tests() {
     })
     .join()
     .expect("runner thread");
-    assert!(
-        failures.is_empty(),
-        "C unit tests failed:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "C unit tests failed:\n{}", failures.join("\n"));
 }

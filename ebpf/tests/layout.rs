@@ -12,8 +12,7 @@ fn elf_section<'a>(elf: &'a [u8], wanted: &str) -> Option<&'a [u8]> {
     let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
     let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
     assert_eq!(&elf[..4], b"\x7fELF");
-    let (shoff, shentsize, shnum, shstrndx) =
-        (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+    let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
     let header = |i: usize| shoff + i * shentsize;
     let names = u64_at(header(shstrndx) + 24);
     (0..shnum).find_map(|i| {
@@ -82,20 +81,13 @@ fn rust_mirrors_match_the_c_layout() {
         c_structs.extend(btf_structs(btf));
     }
     for (c_name, rust_size, rust_fields) in shared_layouts() {
-        let (c_size, c_fields) = c_structs
-            .get(c_name)
-            .unwrap_or_else(|| panic!("struct {c_name} is not in any object's BTF"));
+        let (c_size, c_fields) =
+            c_structs.get(c_name).unwrap_or_else(|| panic!("struct {c_name} is not in any object's BTF"));
         assert_eq!(rust_size, *c_size, "size of struct {c_name}");
-        let rust: Vec<(String, usize)> = rust_fields
-            .iter()
-            .map(|(n, o)| (n.trim_start_matches("r#").to_string(), *o))
-            .collect();
+        let rust: Vec<(String, usize)> =
+            rust_fields.iter().map(|(n, o)| (n.trim_start_matches("r#").to_string(), *o)).collect();
         let named = |fields: &[(String, usize)]| -> Vec<(String, usize)> {
-            fields
-                .iter()
-                .filter(|(n, _)| !n.starts_with('_'))
-                .cloned()
-                .collect()
+            fields.iter().filter(|(n, _)| !n.starts_with('_')).cloned().collect()
         };
         assert_eq!(named(&rust), named(c_fields), "fields of struct {c_name}");
     }

@@ -64,12 +64,7 @@ pub fn tcp_flags(f: u8) -> String {
         (0x40, "ECE"),
         (0x80, "CWR"),
     ];
-    NAMES
-        .iter()
-        .filter(|(b, _)| f & b != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
+    NAMES.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
 }
 
 /// One line per record, for `print-events` and debugging.
@@ -80,11 +75,7 @@ pub fn event_line(ev: &abi::Event) -> String {
         1 => "ICMP",
         _ => "L4?",
     };
-    let flags = if ev.proto == 6 {
-        format!(" Flags: {}", tcp_flags(ev.tcp_flags))
-    } else {
-        String::new()
-    };
+    let flags = if ev.proto == 6 { format!(" Flags: {}", tcp_flags(ev.tcp_flags)) } else { String::new() };
     let ids = format!("(ID:{}) -> (ID:{})", ev.src_identity, ev.dst_identity);
     let xlate = if ev.flags as u32 & abi::EVF_XLATED_DST != 0 {
         format!(" [orig dst {}]", ev.orig())
@@ -97,31 +88,11 @@ pub fn event_line(ev: &abi::Event) -> String {
         abi::EV_DROP => format!("DROPPED ({})", drop_reason(ev.subtype as u32)),
         abi::EV_POLICY => format!(
             "policy-verdict:{} {}",
-            if ev.subtype as u32 == abi::POLICY_ALLOW {
-                "ALLOWED"
-            } else {
-                "DENIED"
-            },
-            if ev.direction as u32 == abi::DIR_INGRESS {
-                "INGRESS"
-            } else {
-                "EGRESS"
-            }
+            if ev.subtype as u32 == abi::POLICY_ALLOW { "ALLOWED" } else { "DENIED" },
+            if ev.direction as u32 == abi::DIR_INGRESS { "INGRESS" } else { "EGRESS" }
         ),
-        abi::EV_SOCK => format!(
-            "sock {} ({})",
-            observation_point(ev.subtype as u32),
-            trace_reason(ev.reason as u32)
-        ),
-        _ => format!(
-            "{} FORWARDED ({})",
-            observation_point(ev.subtype as u32),
-            trace_reason(ev.reason as u32)
-        ),
+        abi::EV_SOCK => format!("sock {} ({})", observation_point(ev.subtype as u32), trace_reason(ev.reason as u32)),
+        _ => format!("{} FORWARDED ({})", observation_point(ev.subtype as u32), trace_reason(ev.reason as u32)),
     };
-    format!(
-        "{} -> {} {ids} {what} {proto}{flags}{xlate}",
-        ev.src(),
-        ev.dst()
-    )
+    format!("{} -> {} {ids} {what} {proto}{flags}{xlate}", ev.src(), ev.dst())
 }

@@ -62,13 +62,7 @@ impl HttpServer {
             let (listener, stop, served) = (listener.clone(), stop.clone(), served.clone());
             std::thread::spawn(move || accept_loop(&listener, &stop, &served, &opts))
         };
-        Ok(Self {
-            addr,
-            served,
-            listener,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Self { addr, served, listener, stop, thread: Some(thread) })
     }
 
     /// The listener (for handing its fd to the datapath's proxy map).
@@ -101,19 +95,10 @@ fn set_transparent(s: &Socket) -> io::Result<()> {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-fn accept_loop(
-    listener: &TcpListener,
-    stop: &AtomicBool,
-    served: &Arc<AtomicU64>,
-    opts: &ServerOpts,
-) {
+fn accept_loop(listener: &TcpListener, stop: &AtomicBool, served: &Arc<AtomicU64>, opts: &ServerOpts) {
     while !stop.load(Ordering::SeqCst) {
         let Ok((stream, peer)) = listener.accept() else {
             continue;
@@ -128,12 +113,7 @@ fn accept_loop(
     }
 }
 
-fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    opts: &ServerOpts,
-    served: &AtomicU64,
-) -> io::Result<()> {
+fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, served: &AtomicU64) -> io::Result<()> {
     let local = stream.local_addr()?;
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -142,15 +122,8 @@ fn serve(
         let Some(req) = read_request(&mut reader)? else {
             return Ok(());
         };
-        let status = req
-            .path
-            .strip_prefix("/status/")
-            .and_then(|c| c.parse::<u16>().ok())
-            .unwrap_or(200);
-        let body = format!(
-            "name={} local={local} peer={peer} path={}\n",
-            opts.name, req.path
-        );
+        let status = req.path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()).unwrap_or(200);
+        let body = format!("name={} local={local} peer={peer} path={}\n", opts.name, req.path);
         let close = opts.close_after_response || req.close;
         let head = format!(
             "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-served-by: {}\r\n{}\r\n",
@@ -228,17 +201,12 @@ pub struct Response {
 impl Response {
     /// A header by (lower-case) name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// A `key=value` field of the lab server's body.
     pub fn field(&self, key: &str) -> Option<&str> {
-        self.body
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        self.body.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
     }
 }
 
@@ -250,12 +218,7 @@ pub struct Client {
 
 impl Client {
     /// Connects from inside a namespace, optionally from a fixed source address.
-    pub fn connect(
-        ns: &str,
-        to: SocketAddr,
-        from: Option<SocketAddr>,
-        timeout: Duration,
-    ) -> io::Result<Self> {
+    pub fn connect(ns: &str, to: SocketAddr, from: Option<SocketAddr>, timeout: Duration) -> io::Result<Self> {
         let stream = {
             let _g = NetnsGuard::enter(&netns::named(ns))?;
             let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
@@ -289,12 +252,7 @@ impl Client {
     }
 
     /// Sends a GET and reads the response.
-    pub fn get(
-        &mut self,
-        host: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-    ) -> io::Result<Response> {
+    pub fn get(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> io::Result<Response> {
         let mut req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
@@ -308,21 +266,13 @@ impl Client {
 fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed before a response",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
     }
     let status = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad status line {line:?}"),
-            )
-        })?;
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {line:?}")))?;
     let mut headers = Vec::new();
     let mut length = None;
     loop {
@@ -342,11 +292,7 @@ fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
     }
     let mut body = vec![0; length.unwrap_or(0)];
     r.read_exact(&mut body)?;
-    Ok(Response {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    Ok(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// One request on a new connection from a namespace: the response and the

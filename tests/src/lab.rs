@@ -85,11 +85,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub fn sh(cmd: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(cmd[0]).args(&cmd[1..]).output()?;
     if !out.status.success() {
-        anyhow::bail!(
-            "{}: {}",
-            cmd.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        anyhow::bail!("{}: {}", cmd.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -103,8 +99,7 @@ fn ip_n(ns: &str, args: &[&str]) -> anyhow::Result<String> {
 /// Writes a sysctl inside a namespace.
 pub fn sysctl_in(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     let _g = NetnsGuard::enter(&netns::named(ns))?;
-    fs::write(Path::new("/proc/sys").join(key), value)
-        .map_err(|e| anyhow::anyhow!("sysctl {key} in {ns}: {e}"))
+    fs::write(Path::new("/proc/sys").join(key), value).map_err(|e| anyhow::anyhow!("sysctl {key} in {ns}: {e}"))
 }
 
 fn cgroup2_mount() -> anyhow::Result<PathBuf> {
@@ -146,11 +141,7 @@ impl Lab {
     /// n2-p2), an external client, all with addresses and routes.
     pub fn new() -> anyhow::Result<Self> {
         reap_stale_labs();
-        let id = format!(
-            "{:x}{:x}",
-            std::process::id() & 0xfffff,
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = format!("{:x}{:x}", std::process::id() & 0xfffff, COUNTER.fetch_add(1, Ordering::SeqCst));
         let run_dir = Path::new(RUN_DIR).join(&id);
         fs::create_dir_all(&run_dir)?;
         fs::write(run_dir.join("pid"), std::process::id().to_string())?;
@@ -178,22 +169,13 @@ impl Lab {
         fs::create_dir_all(&self.cgroup_root)?;
 
         sh(&["ip", "netns", "add", &self.switch_netns])?;
-        ip_n(
-            &self.switch_netns,
-            &["link", "add", "br0", "type", "bridge"],
-        )?;
+        ip_n(&self.switch_netns, &["link", "add", "br0", "type", "bridge"])?;
         ip_n(&self.switch_netns, &["link", "set", "br0", "up"])?;
 
         // The external client.
         self.plug(&self.ext_netns.clone(), "vext", "eth0", self.ext_ip)?;
-        ip_n(
-            &self.ext_netns,
-            &["route", "add", "10.0.0.0/8", "via", "192.168.50.1"],
-        )?;
-        ip_n(
-            &self.ext_netns,
-            &["route", "add", "172.20.0.0/16", "via", "192.168.50.1"],
-        )?;
+        ip_n(&self.ext_netns, &["route", "add", "10.0.0.0/8", "via", "192.168.50.1"])?;
+        ip_n(&self.ext_netns, &["route", "add", "172.20.0.0/16", "via", "192.168.50.1"])?;
 
         for n in 0..2u8 {
             let node = Node {
@@ -235,16 +217,8 @@ impl Lab {
     fn plug(&self, ns: &str, outer: &str, inner: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
         sh(&["ip", "netns", "add", ns])?;
         disable_ipv6(ns)?;
-        ip_n(
-            &self.switch_netns,
-            &[
-                "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns,
-            ],
-        )?;
-        ip_n(
-            &self.switch_netns,
-            &["link", "set", outer, "master", "br0", "up"],
-        )?;
+        ip_n(&self.switch_netns, &["link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns])?;
+        ip_n(&self.switch_netns, &["link", "set", outer, "master", "br0", "up"])?;
         ip_n(ns, &["addr", "add", &format!("{addr}/24"), "dev", inner])?;
         ip_n(ns, &["link", "set", inner, "up"])?;
         ip_n(ns, &["link", "set", "lo", "up"])?;
@@ -254,11 +228,7 @@ impl Lab {
     fn add_pod(&self, node: &Node, pod: &Pod) -> anyhow::Result<()> {
         sh(&["ip", "netns", "add", &pod.netns])?;
         disable_ipv6(&pod.netns)?;
-        let mac = format!(
-            "02:fe:00:00:{:02x}:{:02x}",
-            pod.ip.octets()[2],
-            pod.ip.octets()[3]
-        );
+        let mac = format!("02:fe:00:00:{:02x}:{:02x}", pod.ip.octets()[2], pod.ip.octets()[3]);
         ip_n(
             &node.netns,
             &[
@@ -277,46 +247,13 @@ impl Lab {
             ],
         )?;
         ip_n(&node.netns, &["link", "set", &pod.host_if, "up"])?;
-        ip_n(
-            &node.netns,
-            &[
-                "route",
-                "add",
-                &format!("{}/32", pod.ip),
-                "dev",
-                &pod.host_if,
-                "scope",
-                "link",
-            ],
-        )?;
-        ip_n(
-            &pod.netns,
-            &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
-        )?;
+        ip_n(&node.netns, &["route", "add", &format!("{}/32", pod.ip), "dev", &pod.host_if, "scope", "link"])?;
+        ip_n(&pod.netns, &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
         ip_n(&pod.netns, &["link", "set", "eth0", "up"])?;
         ip_n(&pod.netns, &["link", "set", "lo", "up"])?;
-        ip_n(
-            &pod.netns,
-            &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"],
-        )?;
-        ip_n(
-            &pod.netns,
-            &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"],
-        )?;
-        ip_n(
-            &pod.netns,
-            &[
-                "neigh",
-                "add",
-                POD_GATEWAY,
-                "lladdr",
-                &mac,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ],
-        )?;
+        ip_n(&pod.netns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ip_n(&pod.netns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
+        ip_n(&pod.netns, &["neigh", "add", POD_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
         Ok(())
     }
 
@@ -327,10 +264,7 @@ impl Lab {
 
     /// A pod by name (`n1-p1`).
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     /// Pods of a node.
@@ -348,11 +282,7 @@ impl Lab {
     pub fn spawn(&self, ns: &str, cgroup: Option<&Path>, cmd: &mut Command) -> anyhow::Result<u32> {
         let ns_file = fs::File::open(netns::named(ns))?;
         let procs = match cgroup {
-            Some(c) => Some(
-                fs::OpenOptions::new()
-                    .write(true)
-                    .open(c.join("cgroup.procs"))?,
-            ),
+            Some(c) => Some(fs::OpenOptions::new().write(true).open(c.join("cgroup.procs"))?),
             None => None,
         };
         use std::os::fd::AsRawFd;
@@ -391,10 +321,7 @@ impl Lab {
         let pid = self.spawn(ns, cgroup, cmd)?;
         let mut child = {
             let mut children = self.children.lock().unwrap();
-            let pos = children
-                .iter()
-                .position(|c| c.id() == pid)
-                .expect("just spawned");
+            let pos = children.iter().position(|c| c.id() == pid).expect("just spawned");
             children.remove(pos)
         };
         let deadline = std::time::Instant::now() + timeout;
@@ -402,14 +329,16 @@ impl Lab {
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
                 let out = child.wait_with_output()?;
-                anyhow::bail!(
-                    "{cmd:?} timed out after {timeout:?}; stderr: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                anyhow::bail!("{cmd:?} timed out after {timeout:?}; stderr: {}", String::from_utf8_lossy(&out.stderr));
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         Ok(child.wait_with_output()?)
+    }
+
+    /// Takes the piped stdout of a process the lab started.
+    pub fn take_stdout(&self, pid: u32) -> Option<std::process::ChildStdout> {
+        self.children.lock().unwrap().iter_mut().find(|c| c.id() == pid)?.stdout.take()
     }
 
     /// Kills a process the lab started (SIGKILL) and reaps it.
@@ -425,10 +354,7 @@ impl Lab {
     /// Whether a process the lab started is still running.
     pub fn running(&self, pid: u32) -> bool {
         let mut children = self.children.lock().unwrap();
-        children
-            .iter_mut()
-            .find(|c| c.id() == pid)
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        children.iter_mut().find(|c| c.id() == pid).is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Every namespace of the lab.
@@ -453,13 +379,7 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        teardown(
-            &self.id,
-            &self.run_dir,
-            &self.bpffs,
-            &self.cgroup_root,
-            &self.namespaces(),
-        );
+        teardown(&self.id, &self.run_dir, &self.bpffs, &self.cgroup_root, &self.namespaces());
     }
 }
 
@@ -470,25 +390,16 @@ fn teardown(id: &str, run_dir: &Path, bpffs: &Path, cgroup_root: &Path, namespac
     let mut all: Vec<String> = namespaces.to_vec();
     if let Ok(entries) = fs::read_dir(netns::NETNS_RUN_DIR) {
         all.extend(
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix)),
+            entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)),
         );
     }
     all.sort();
     all.dedup();
     kill_cgroup(cgroup_root);
     for ns in &all {
-        let _ = Command::new("ip")
-            .args(["netns", "del", ns])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
     }
-    let _ = Command::new("umount")
-        .arg(bpffs)
-        .stderr(Stdio::null())
-        .status();
+    let _ = Command::new("umount").arg(bpffs).stderr(Stdio::null()).status();
     remove_cgroup_tree(cgroup_root);
     let _ = fs::remove_dir_all(run_dir);
 }
@@ -533,9 +444,7 @@ fn reap_stale_labs() {
         };
         let alive = Path::new(&format!("/proc/{}", pid.trim())).exists();
         if !alive {
-            let cg = cgroup2_mount()
-                .map(|m| m.join(format!("weft-lab-{id}")))
-                .unwrap_or_default();
+            let cg = cgroup2_mount().map(|m| m.join(format!("weft-lab-{id}"))).unwrap_or_default();
             teardown(&id, &e.path(), &e.path().join("bpffs"), &cg, &[]);
         }
     }

@@ -1,8 +1,11 @@
 //! weft's lab: network namespaces standing in for nodes and pods, traffic
 //! helpers, and the glue the integration tests and the demo share.
 
+pub mod demo;
 pub mod http;
 pub mod lab;
 pub mod node;
 pub mod objects;
+pub mod packet;
+pub mod proxy;
 pub mod scenario;

@@ -23,11 +23,7 @@ pub struct LabNode {
 
 impl LabNode {
     /// Loads the datapath into node `idx` with the lab's defaults, adjusted by `tweak`.
-    pub fn open(
-        lab: &Lab,
-        idx: usize,
-        tweak: impl FnOnce(&mut DatapathConfig),
-    ) -> anyhow::Result<Self> {
+    pub fn open(lab: &Lab, idx: usize, tweak: impl FnOnce(&mut DatapathConfig)) -> anyhow::Result<Self> {
         let node = lab.node(idx);
         let mut cfg = DatapathConfig::new(node.ip);
         cfg.bpffs_dir = node.bpffs_dir.clone();
@@ -39,15 +35,8 @@ impl LabNode {
             let _g = NetnsGuard::enter(&netns::named(&node.netns))?;
             Datapath::open(cfg)?
         };
-        let events = dp
-            .take_events()
-            .expect("fresh datapath has its ring buffer");
-        Ok(Self {
-            idx,
-            netns: node.netns.clone(),
-            dp,
-            events,
-        })
+        let events = dp.take_events().expect("fresh datapath has its ring buffer");
+        Ok(Self { idx, netns: node.netns.clone(), dp, events })
     }
 
     /// Runs `f` on the datapath with the thread inside the node's namespace
@@ -87,11 +76,7 @@ impl LabNode {
             self.dp.upsert_ipcache(&IpcacheEntry {
                 addr: node.ip,
                 prefix_len: 32,
-                identity: if i == self.idx {
-                    abi::ID_HOST
-                } else {
-                    abi::ID_REMOTE_NODE
-                },
+                identity: if i == self.idx { abi::ID_HOST } else { abi::ID_REMOTE_NODE },
                 node_addr: Some(node.ip),
                 local: false,
                 node: true,
@@ -122,8 +107,5 @@ pub fn pod_identities(lab: &Lab) -> impl Fn(&Pod) -> u32 + '_ {
 }
 
 fn label_set(pod: &Pod) -> LabelSet {
-    LabelSet::new(
-        &pod.namespace,
-        pod.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
+    LabelSet::new(&pod.namespace, pod.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }

@@ -63,11 +63,7 @@ pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
         );
     }
     for s in services {
-        let annotations: Vec<String> = s
-            .annotations
-            .iter()
-            .map(|(k, v)| format!("{k}: \"{v}\""))
-            .collect();
+        let annotations: Vec<String> = s.annotations.iter().map(|(k, v)| format!("{k}: \"{v}\"")).collect();
         let (kind, node_port) = match s.node_port {
             Some(np) => ("NodePort", format!(", nodePort: {np}")),
             None => ("ClusterIP", String::new()),
@@ -96,14 +92,10 @@ pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
             .collect();
         let _ = write!(
             y,
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: {tp}, protocol: TCP}}]\nendpoints:\n{eps}---\n",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: {tp}, protocol: TCP}}]\nendpoints:{eps}---\n",
             name = s.name,
             tp = s.target_port,
-            eps = if endpoints.is_empty() {
-                "[]\n".to_string()
-            } else {
-                endpoints.concat()
-            },
+            eps = if endpoints.is_empty() { " []\n".to_string() } else { format!("\n{}", endpoints.concat()) },
         );
     }
     y
@@ -144,55 +136,37 @@ pub fn agent_files(lab: &Lab, idx: usize, extra: &str) -> std::io::Result<AgentF
             objects_dir.display(),
         ),
     )?;
-    Ok(AgentFiles {
-        config,
-        state_dir,
-        objects_dir,
-    })
+    Ok(AgentFiles { config, state_dir, objects_dir })
 }
 
 /// The agent binary built alongside the tests.
 pub fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
-    let up = if dir.ends_with("deps") {
-        dir.parent().unwrap()
-    } else {
-        dir
-    };
+    let up = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
     let bin = up.join("weft-agent");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build --workspace --bins)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: build it first (cargo build --workspace --bins)", bin.display());
     bin
 }
 
 /// Starts node `idx`'s agent inside the node's namespace; returns its pid.
 pub fn start_agent(lab: &Lab, idx: usize, files: &AgentFiles, log: &Path) -> anyhow::Result<u32> {
     let _ = std::fs::remove_file(files.state_dir.join("ready"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = Command::new(agent_binary());
-    cmd.args(["run", "--config"])
-        .arg(&files.config)
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.args(["run", "--config"]).arg(&files.config).stdout(log.try_clone()?).stderr(log);
     lab.spawn(&lab.node(idx).netns, None, &mut cmd)
 }
 
-/// Waits until the agent has applied its first snapshot.
-pub fn wait_ready(files: &AgentFiles, timeout: Duration) -> anyhow::Result<()> {
+/// Waits until the agent has applied its first snapshot, or `alive` says it died.
+pub fn wait_ready(files: &AgentFiles, timeout: Duration, alive: impl Fn() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !files.state_dir.join("ready").exists() {
         if Instant::now() > deadline {
-            anyhow::bail!(
-                "agent not ready after {timeout:?} ({})",
-                files.state_dir.display()
-            );
+            anyhow::bail!("agent not ready after {timeout:?} ({})", files.state_dir.display());
+        }
+        if !alive() {
+            anyhow::bail!("agent exited before it was ready ({})", files.state_dir.display());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

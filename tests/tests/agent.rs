@@ -20,10 +20,7 @@ fn connections_survive_an_agent_restart() {
     let _server = HttpServer::start(
         &backend.netns,
         sa(backend.ip, 8080),
-        ServerOpts {
-            name: "n2-p1".into(),
-            ..Default::default()
-        },
+        ServerOpts { name: "n2-p1".into(), ..Default::default() },
     )
     .unwrap();
     let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, "").unwrap()).collect();
@@ -32,58 +29,35 @@ fn connections_survive_an_agent_restart() {
         &lab_objects(&lab, &[LabService::new("web", VIP, 80, &["n2-p1"])]),
     )
     .unwrap();
-    let logs: Vec<_> = (0..2)
-        .map(|i| lab.run_dir.join(format!("agent{i}.log")))
-        .collect();
-    let mut pids: Vec<u32> = (0..2)
-        .map(|i| start_agent(&lab, i, &files[i], &logs[i]).unwrap())
-        .collect();
-    for f in &files {
-        wait_ready(f, Duration::from_secs(20)).unwrap_or_else(|e| {
-            panic!(
-                "{e}: {}",
-                std::fs::read_to_string(&logs[0]).unwrap_or_default()
-            )
-        });
+    let logs: Vec<_> = (0..2).map(|i| lab.run_dir.join(format!("agent{i}.log"))).collect();
+    let mut pids: Vec<u32> = (0..2).map(|i| start_agent(&lab, i, &files[i], &logs[i]).unwrap()).collect();
+    for (i, f) in files.iter().enumerate() {
+        wait_ready(f, Duration::from_secs(20), || lab.running(pids[i]))
+            .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&logs[i]).unwrap_or_default()));
     }
 
     let client = lab.pod("n1-p1");
     let mut long_lived = Client::connect(&client.netns, sa(VIP, 80), None, T).unwrap();
-    assert_eq!(
-        long_lived.get("web", "/", &[]).unwrap().field("name"),
-        Some("n2-p1")
-    );
+    assert_eq!(long_lived.get("web", "/", &[]).unwrap().field("name"), Some("n2-p1"));
 
     for pid in &pids {
         lab.kill(*pid);
     }
     // No agent: the pinned programs and maps keep working.
     for _ in 0..5 {
-        assert_eq!(
-            long_lived.get("web", "/", &[]).unwrap().status,
-            200,
-            "open connection while the agent is down"
-        );
+        assert_eq!(long_lived.get("web", "/", &[]).unwrap().status, 200, "open connection while the agent is down");
     }
-    let (resp, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T)
-        .expect("new connection while the agent is down");
+    let (resp, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T).expect("new connection while the agent is down");
     assert_eq!(resp.status, 200);
 
-    pids = (0..2)
-        .map(|i| start_agent(&lab, i, &files[i], &logs[i]).unwrap())
-        .collect();
-    for f in &files {
-        wait_ready(f, Duration::from_secs(20)).unwrap();
+    pids = (0..2).map(|i| start_agent(&lab, i, &files[i], &logs[i]).unwrap()).collect();
+    for (i, f) in files.iter().enumerate() {
+        wait_ready(f, Duration::from_secs(20), || lab.running(pids[i])).unwrap();
     }
     for _ in 0..5 {
-        assert_eq!(
-            long_lived.get("web", "/", &[]).unwrap().status,
-            200,
-            "open connection after the restart"
-        );
+        assert_eq!(long_lived.get("web", "/", &[]).unwrap().status, 200, "open connection after the restart");
     }
-    let (resp, _, peer) =
-        get_once(&client.netns, sa(VIP, 80), "/", T).expect("new connection after the restart");
+    let (resp, _, peer) = get_once(&client.netns, sa(VIP, 80), "/", T).expect("new connection after the restart");
     assert_eq!(resp.field("name"), Some("n2-p1"));
     assert_eq!(peer, sa(VIP, 80));
     assert!(pids.iter().all(|p| lab.running(*p)), "agents still running");

@@ -30,43 +30,21 @@ fn pod_to_cluster_ip_reaches_local_and_remote_backends() {
     // New connections spread over the backends; the client only ever sees the VIP.
     let mut served = BTreeMap::<String, u32>::new();
     for _ in 0..30 {
-        let (resp, local, peer) =
-            get_once(&client.netns, sa(VIP, 80), "/", T).expect("request through the ClusterIP");
+        let (resp, local, peer) = get_once(&client.netns, sa(VIP, 80), "/", T).expect("request through the ClusterIP");
         assert_eq!(resp.status, 200);
-        assert_eq!(
-            peer,
-            sa(VIP, 80),
-            "the client's peer is the Service address"
-        );
+        assert_eq!(peer, sa(VIP, 80), "the client's peer is the Service address");
         let seen_peer: SocketAddr = resp.field("peer").unwrap().parse().unwrap();
-        assert_eq!(
-            seen_peer, local,
-            "the backend sees the client's own address"
-        );
-        *served
-            .entry(resp.field("name").unwrap().to_owned())
-            .or_default() += 1;
+        assert_eq!(seen_peer, local, "the backend sees the client's own address");
+        *served.entry(resp.field("name").unwrap().to_owned()).or_default() += 1;
     }
     let names: BTreeSet<&str> = served.keys().map(String::as_str).collect();
-    assert_eq!(
-        names,
-        backends.into_iter().collect(),
-        "every backend served some of 30 connections: {served:?}"
-    );
+    assert_eq!(names, backends.into_iter().collect(), "every backend served some of 30 connections: {served:?}");
 
     // One connection stays on its backend.
     let mut c = Client::connect(&client.netns, sa(VIP, 80), None, T).unwrap();
-    let first = c
-        .get("svc", "/", &[])
-        .unwrap()
-        .field("name")
-        .unwrap()
-        .to_owned();
+    let first = c.get("svc", "/", &[]).unwrap().field("name").unwrap().to_owned();
     for _ in 0..20 {
-        assert_eq!(
-            c.get("svc", "/", &[]).unwrap().field("name").unwrap(),
-            first
-        );
+        assert_eq!(c.get("svc", "/", &[]).unwrap().field("name").unwrap(), first);
     }
 }
 
@@ -84,15 +62,8 @@ fn pod_to_l7_cluster_ip_lands_on_the_proxy_with_the_vip_as_local_address() {
     let (resp, local, peer) = get_once(&client.netns, sa(VIP, 80), "/", T).unwrap();
     assert_eq!(resp.field("name"), Some("proxy-1"));
     assert_eq!(peer, sa(VIP, 80));
-    assert_eq!(
-        resp.field("local").unwrap(),
-        "10.96.0.10:80",
-        "the proxy's local address is the Service address"
-    );
-    assert_eq!(
-        resp.field("peer").unwrap().parse::<SocketAddr>().unwrap(),
-        local
-    );
+    assert_eq!(resp.field("local").unwrap(), "10.96.0.10:80", "the proxy's local address is the Service address");
+    assert_eq!(resp.field("peer").unwrap().parse::<SocketAddr>().unwrap(), local);
 
     // The proxy closes first, so each of its sockets lingers in TIME_WAIT; a
     // client reusing its source ports must still get through every time.
@@ -100,19 +71,13 @@ fn pod_to_l7_cluster_ip_lands_on_the_proxy_with_the_vip_as_local_address() {
     let mut failures = Vec::new();
     for i in 0..2000 {
         let from = sa(client.ip, ports[i % ports.len()]);
-        let res = Client::connect(&client.netns, sa(VIP, 80), Some(from), T)
-            .and_then(|mut c| c.get("svc", "/", &[]));
+        let res = Client::connect(&client.netns, sa(VIP, 80), Some(from), T).and_then(|mut c| c.get("svc", "/", &[]));
         match res {
             Ok(r) if r.status == 200 => {}
             other => failures.push((i, format!("{other:?}"))),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of 2000 connections failed, first: {:?}",
-        failures.len(),
-        failures.first()
-    );
+    assert!(failures.is_empty(), "{} of 2000 connections failed, first: {:?}", failures.len(), failures.first());
     let in_time_wait = lab.in_ns(&lab.node(0).netns, || {
         std::fs::read_to_string("/proc/thread-self/net/tcp")
             .unwrap()
@@ -120,10 +85,7 @@ fn pod_to_l7_cluster_ip_lands_on_the_proxy_with_the_vip_as_local_address() {
             .filter(|l| l.contains("0A00600A:0050") && l.split_whitespace().nth(3) == Some("06"))
             .count()
     });
-    assert!(
-        in_time_wait >= ports.len(),
-        "the proxy's side went through TIME_WAIT ({in_time_wait} sockets)"
-    );
+    assert!(in_time_wait >= ports.len(), "the proxy's side went through TIME_WAIT ({in_time_wait} sockets)");
     assert!(proxy.served.load(std::sync::atomic::Ordering::Relaxed) >= 2001);
 }
 
@@ -134,32 +96,11 @@ fn external_client_reaches_node_port_and_load_balancer_frontends() {
     let mut nodes = nodes(&lab);
     let _servers = servers(&lab, &["n1-p2", "n2-p1"]);
     let node1 = lab.node(0).ip;
-    let frontend = |addr, port, kind| Frontend {
-        addr,
-        port,
-        proto: Proto::Tcp,
-        kind,
-    };
-    let remote_np = service(
-        frontend(node1, 30080, FrontendKind::NodePort),
-        &[lab.pod("n2-p1").ip],
-        8080,
-    );
-    let local_np = service(
-        frontend(node1, 30090, FrontendKind::NodePort),
-        &[lab.pod("n1-p2").ip],
-        8080,
-    );
-    let lb = service(
-        frontend(Ipv4Addr::new(172, 20, 0, 10), 80, FrontendKind::External),
-        &[lab.pod("n2-p1").ip],
-        8080,
-    );
-    let mut l7_np = service(
-        frontend(node1, 30081, FrontendKind::NodePort),
-        &[lab.pod("n2-p1").ip],
-        8080,
-    );
+    let frontend = |addr, port, kind| Frontend { addr, port, proto: Proto::Tcp, kind };
+    let remote_np = service(frontend(node1, 30080, FrontendKind::NodePort), &[lab.pod("n2-p1").ip], 8080);
+    let local_np = service(frontend(node1, 30090, FrontendKind::NodePort), &[lab.pod("n1-p2").ip], 8080);
+    let lb = service(frontend(Ipv4Addr::new(172, 20, 0, 10), 80, FrontendKind::External), &[lab.pod("n2-p1").ip], 8080);
+    let mut l7_np = service(frontend(node1, 30081, FrontendKind::NodePort), &[lab.pod("n2-p1").ip], 8080);
     l7_np.proxy_port = Some(15001);
     let _proxy = proxy_listener(&lab, &mut nodes[0], 15001);
     for svc in [&remote_np, &local_np, &lb, &l7_np] {
@@ -168,33 +109,20 @@ fn external_client_reaches_node_port_and_load_balancer_frontends() {
 
     // Remote backend: DNAT + SNAT on node1, the reply comes back through it.
     for _ in 0..5 {
-        let (resp, _, peer) = get_once(&lab.ext_netns, sa(node1, 30080), "/", T)
-            .expect("NodePort via a remote backend");
+        let (resp, _, peer) =
+            get_once(&lab.ext_netns, sa(node1, 30080), "/", T).expect("NodePort via a remote backend");
         assert_eq!(resp.field("name"), Some("n2-p1"));
         assert_eq!(peer, sa(node1, 30080));
         let backend_saw: SocketAddr = resp.field("peer").unwrap().parse().unwrap();
-        assert_eq!(
-            backend_saw.ip(),
-            std::net::IpAddr::V4(node1),
-            "SNAT to the node for a remote backend"
-        );
+        assert_eq!(backend_saw.ip(), std::net::IpAddr::V4(node1), "SNAT to the node for a remote backend");
     }
     // Local backend: DNAT only; the backend sees the real client.
-    let (resp, local, _) =
-        get_once(&lab.ext_netns, sa(node1, 30090), "/", T).expect("NodePort via a local backend");
+    let (resp, local, _) = get_once(&lab.ext_netns, sa(node1, 30090), "/", T).expect("NodePort via a local backend");
     assert_eq!(resp.field("name"), Some("n1-p2"));
-    assert_eq!(
-        resp.field("peer").unwrap().parse::<SocketAddr>().unwrap(),
-        local
-    );
+    assert_eq!(resp.field("peer").unwrap().parse::<SocketAddr>().unwrap(), local);
     // LoadBalancer address routed to node1.
-    let (resp, _, peer) = get_once(
-        &lab.ext_netns,
-        sa(Ipv4Addr::new(172, 20, 0, 10), 80),
-        "/",
-        T,
-    )
-    .expect("LoadBalancer IP");
+    let (resp, _, peer) =
+        get_once(&lab.ext_netns, sa(Ipv4Addr::new(172, 20, 0, 10), 80), "/", T).expect("LoadBalancer IP");
     assert_eq!(resp.field("name"), Some("n2-p1"));
     assert_eq!(peer, sa(Ipv4Addr::new(172, 20, 0, 10), 80));
     // L7 NodePort: the proxy answers, seeing the node address and NodePort as its local address.
@@ -210,14 +138,7 @@ fn node_process_reaches_plain_and_l7_cluster_ips() {
     let mut nodes = nodes(&lab);
     let backends = ["n1-p2", "n2-p1"];
     let _servers = servers(&lab, &backends);
-    nodes[0]
-        .dp
-        .upsert_service(&service(
-            cluster_ip(80),
-            &backends.map(|p| lab.pod(p).ip),
-            8080,
-        ))
-        .unwrap();
+    nodes[0].dp.upsert_service(&service(cluster_ip(80), &backends.map(|p| lab.pod(p).ip), 8080)).unwrap();
     let _proxy = proxy_listener(&lab, &mut nodes[0], 15002);
     let mut l7 = service(cluster_ip(81), &[lab.pod("n2-p1").ip], 8080);
     l7.proxy_port = Some(15002);
@@ -228,11 +149,7 @@ fn node_process_reaches_plain_and_l7_cluster_ips() {
     assert_eq!(names, backends.into_iter().collect(), "{lines:?}");
     for l in &lines {
         assert_eq!(field(l, "status"), "200");
-        assert_eq!(
-            field(l, "peer"),
-            "10.96.0.10:80",
-            "getpeername shows the Service address: {l}"
-        );
+        assert_eq!(field(l, "peer"), "10.96.0.10:80", "getpeername shows the Service address: {l}");
     }
 
     let lines = node_process_get(&lab, 0, sa(VIP, 81), 5);
@@ -240,9 +157,6 @@ fn node_process_reaches_plain_and_l7_cluster_ips() {
         assert_eq!(field(l, "name"), "proxy-1", "{l}");
         assert_eq!(field(l, "peer"), "10.96.0.10:81", "{l}");
         // The body's own local= is the proxy's view: the Service address.
-        assert!(
-            l.contains("local=10.96.0.10:81 peer=192.168.50.1:"),
-            "proxy sees VIP locally, the node as peer: {l}"
-        );
+        assert!(l.contains("local=10.96.0.10:81 peer=192.168.50.1:"), "proxy sees VIP locally, the node as peer: {l}");
     }
 }

@@ -4,9 +4,7 @@
 
 use std::net::SocketAddrV4;
 
-use weft_agent::datapath::{
-    EndpointEntry, Frontend, FrontendKind, PolicyAction, PolicyEntry, Proto,
-};
+use weft_agent::datapath::{EndpointEntry, Frontend, FrontendKind, PolicyAction, PolicyEntry, Proto};
 use weft_ebpf::abi::{self, Event};
 use weft_tests::{
     http::{Client, get_once},
@@ -18,19 +16,12 @@ use weft_tests::{
 
 /// (type, subtype) of each record, the shape tests compare.
 fn kinds(events: &[Event]) -> Vec<(u32, u32)> {
-    events
-        .iter()
-        .map(|e| (e.r#type as u32, e.subtype as u32))
-        .collect()
+    events.iter().map(|e| (e.r#type as u32, e.subtype as u32)).collect()
 }
 
 /// Records of a connection's opening SYN (not the SYN-ACK), matched by a predicate.
 fn syn_of(events: &[Event], f: impl Fn(&Event) -> bool) -> Vec<Event> {
-    events
-        .iter()
-        .filter(|e| e.proto == 6 && e.tcp_flags & 0x12 == 0x02 && f(e))
-        .copied()
-        .collect()
+    events.iter().filter(|e| e.proto == 6 && e.tcp_flags & 0x12 == 0x02 && f(e)).copied().collect()
 }
 
 const TRACE: u32 = abi::EV_TRACE;
@@ -47,19 +38,8 @@ fn policy_denies_with_a_drop_record_and_allows_the_selected_peer() {
 
     // n2-p1 is selected by a policy allowing only n1-p1's identity on 8080/TCP.
     let ep_id = nodes[1].dp.endpoint_id_for(server.ip);
-    let ep = nodes[1]
-        .dp
-        .endpoints()
-        .into_iter()
-        .find(|e| e.ep_id == ep_id)
-        .unwrap();
-    nodes[1]
-        .dp
-        .upsert_endpoint(&EndpointEntry {
-            policy_ingress: true,
-            ..ep
-        })
-        .unwrap();
+    let ep = nodes[1].dp.endpoints().into_iter().find(|e| e.ep_id == ep_id).unwrap();
+    nodes[1].dp.upsert_endpoint(&EndpointEntry { policy_ingress: true, ..ep }).unwrap();
     nodes[1]
         .dp
         .set_policy(
@@ -75,16 +55,11 @@ fn policy_denies_with_a_drop_record_and_allows_the_selected_peer() {
         .unwrap();
     let _ = nodes[1].drain_events();
 
-    let (resp, _, _) =
-        get_once(&allowed.netns, sa(server.ip, 8080), "/", T).expect("the allowed peer connects");
+    let (resp, _, _) = get_once(&allowed.netns, sa(server.ip, 8080), "/", T).expect("the allowed peer connects");
     assert_eq!(resp.status, 200);
     let from = sa(denied.ip, 42001);
-    let refused = Client::connect(
-        &denied.netns,
-        sa(server.ip, 8080),
-        Some(from),
-        std::time::Duration::from_millis(700),
-    );
+    let refused =
+        Client::connect(&denied.netns, sa(server.ip, 8080), Some(from), std::time::Duration::from_millis(700));
     assert!(refused.is_err(), "the denied peer must not connect");
 
     let events = nodes[1].drain_events();
@@ -100,17 +75,13 @@ fn policy_denies_with_a_drop_record_and_allows_the_selected_peer() {
     assert_eq!(drop.dst_ep, ep_id);
     let verdict = events
         .iter()
-        .find(|e| {
-            e.r#type as u32 == abi::EV_POLICY && e.src() == SocketAddrV4::new(denied.ip, 42001)
-        })
+        .find(|e| e.r#type as u32 == abi::EV_POLICY && e.src() == SocketAddrV4::new(denied.ip, 42001))
         .expect("a policy-verdict record");
     assert_eq!(verdict.subtype as u32, abi::POLICY_DENY);
     assert_eq!(verdict.direction as u32, abi::DIR_INGRESS);
     let allowed_verdict = events
         .iter()
-        .find(|e| {
-            e.r#type as u32 == abi::EV_POLICY && e.saddr == u32::from_ne_bytes(allowed.ip.octets())
-        })
+        .find(|e| e.r#type as u32 == abi::EV_POLICY && e.saddr == u32::from_ne_bytes(allowed.ip.octets()))
         .expect("a policy-verdict record for the allowed peer");
     assert_eq!(allowed_verdict.subtype as u32, abi::POLICY_ALLOW);
     assert_eq!(allowed_verdict.policy_match as u32, abi::MATCH_L3_L4);
@@ -121,23 +92,12 @@ fn a_service_without_backends_drops_with_no_service() {
     require_root!();
     let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
-    nodes[0]
-        .dp
-        .upsert_service(&service(cluster_ip(80), &[], 8080))
-        .unwrap();
+    nodes[0].dp.upsert_service(&service(cluster_ip(80), &[], 8080)).unwrap();
     let client = lab.pod("n1-p1");
-    let res = Client::connect(
-        &client.netns,
-        sa(VIP, 80),
-        None,
-        std::time::Duration::from_millis(500),
-    );
+    let res = Client::connect(&client.netns, sa(VIP, 80), None, std::time::Duration::from_millis(500));
     assert!(res.is_err());
     let events = nodes[0].drain_events();
-    let drop = events
-        .iter()
-        .find(|e| e.r#type as u32 == abi::EV_DROP)
-        .expect("a drop record");
+    let drop = events.iter().find(|e| e.r#type as u32 == abi::EV_DROP).expect("a drop record");
     assert_eq!(drop.subtype as u32, abi::DROP_NO_SERVICE);
     assert_eq!(drop.dst(), SocketAddrV4::new(VIP, 80));
     assert_eq!(*drop.src().ip(), client.ip);
@@ -153,12 +113,7 @@ fn each_path_reports_its_observation_points_in_order() {
     let local = lab.pod("n1-p2").ip;
     let remote = lab.pod("n2-p1").ip;
     let node1 = lab.node(0).ip;
-    let fe = |addr, port, kind| Frontend {
-        addr,
-        port,
-        proto: Proto::Tcp,
-        kind,
-    };
+    let fe = |addr, port, kind| Frontend { addr, port, proto: Proto::Tcp, kind };
     let mut l7 = service(cluster_ip(82), &[remote], 8080);
     l7.proxy_port = Some(15003);
     let _proxy = proxy_listener(&lab, &mut nodes[0], 15003);
@@ -185,88 +140,49 @@ fn each_path_reports_its_observation_points_in_order() {
     }
 
     // pod -> ClusterIP, local backend: DNAT at from-endpoint, then delivery.
-    Client::connect(&client.netns, sa(VIP, 80), from(43001), T)
-        .unwrap()
-        .get("s", "/", &[])
-        .unwrap();
+    Client::connect(&client.netns, sa(VIP, 80), from(43001), T).unwrap().get("s", "/", &[]).unwrap();
     let n1 = nodes[0].drain_events();
     let syn = syn_of(&n1, from_client(43001));
     assert_eq!(kinds(&syn), vec![fe_, te], "{syn:?}");
-    assert_eq!(
-        syn[0].orig(),
-        SocketAddrV4::new(VIP, 80),
-        "translated packet carries the original address"
-    );
+    assert_eq!(syn[0].orig(), SocketAddrV4::new(VIP, 80), "translated packet carries the original address");
     assert_eq!(*syn[0].dst().ip(), local);
-    assert_eq!(syn[0].reason as u32, abi::REASON_NEW);
+    assert!(syn.iter().all(|e| e.reason as u32 == abi::REASON_NEW), "a SYN opens its connection at each hook");
     // The reply is reverse-translated on delivery to the client.
-    let synack: Vec<Event> = n1
-        .iter()
-        .filter(|e| e.tcp_flags & 0x12 == 0x12 && e.dport == 43001u16.to_be())
-        .copied()
-        .collect();
+    let synack: Vec<Event> =
+        n1.iter().filter(|e| e.tcp_flags & 0x12 == 0x12 && e.dport == 43001u16.to_be()).copied().collect();
     assert_eq!(kinds(&synack), vec![fe_, te], "{synack:?}");
     assert!(synack.iter().all(|e| e.reason as u32 == abi::REASON_REPLY));
     assert_eq!(synack[1].src(), SocketAddrV4::new(VIP, 80));
+    let ids = pod_identities(&lab);
+    assert_eq!(synack[1].src_identity, ids(lab.pod("n1-p2")), "the reply's identity is the backend's");
 
     // pod -> ClusterIP, remote backend: out through the node device, in on node2.
-    Client::connect(&client.netns, sa(VIP, 81), from(43002), T)
-        .unwrap()
-        .get("s", "/", &[])
-        .unwrap();
-    assert_eq!(
-        kinds(&syn_of(&nodes[0].drain_events(), from_client(43002))),
-        vec![fe_, tnw]
-    );
-    assert_eq!(
-        kinds(&syn_of(&nodes[1].drain_events(), from_client(43002))),
-        vec![fnw, te]
-    );
+    Client::connect(&client.netns, sa(VIP, 81), from(43002), T).unwrap().get("s", "/", &[]).unwrap();
+    assert_eq!(kinds(&syn_of(&nodes[0].drain_events(), from_client(43002))), vec![fe_, tnw]);
+    assert_eq!(kinds(&syn_of(&nodes[1].drain_events(), from_client(43002))), vec![fnw, te]);
 
     // pod -> L7 ClusterIP: to the proxy.
-    Client::connect(&client.netns, sa(VIP, 82), from(43003), T)
-        .unwrap()
-        .get("s", "/", &[])
-        .unwrap();
+    Client::connect(&client.netns, sa(VIP, 82), from(43003), T).unwrap().get("s", "/", &[]).unwrap();
     let n1 = syn_of(&nodes[0].drain_events(), from_client(43003));
     assert_eq!(kinds(&n1), vec![fe_, tp]);
     assert_eq!(n1[1].proxy_port, 15003);
 
     // external client -> NodePort -> remote backend.
     get_once(&lab.ext_netns, sa(node1, 30080), "/", T).unwrap();
-    let n1 = syn_of(&nodes[0].drain_events(), |e| {
-        *e.src().ip() == lab.ext_ip || *e.dst().ip() == remote
-    });
+    let n1 = syn_of(&nodes[0].drain_events(), |e| *e.src().ip() == lab.ext_ip || *e.dst().ip() == remote);
     assert_eq!(kinds(&n1), vec![fnw, tnw], "{n1:?}");
-    assert_ne!(
-        n1[0].flags as u32 & abi::EVF_XLATED_SRC,
-        0,
-        "SNAT is reported"
-    );
+    assert_ne!(n1[0].flags as u32 & abi::EVF_XLATED_SRC, 0, "SNAT is reported");
     assert_eq!(n1[0].orig(), SocketAddrV4::new(node1, 30080));
-    assert_eq!(
-        kinds(&syn_of(&nodes[1].drain_events(), to_remote)),
-        vec![fnw, te]
-    );
+    assert_eq!(kinds(&syn_of(&nodes[1].drain_events(), to_remote)), vec![fnw, te]);
 
     // node process -> ClusterIP: translated at connect(), then out to node2.
     node_process_get(&lab, 0, sa(VIP, 81), 1);
     let n1 = nodes[0].drain_events();
-    let sock: Vec<Event> = n1
-        .iter()
-        .filter(|e| e.r#type as u32 == abi::EV_SOCK)
-        .copied()
-        .collect();
+    let sock: Vec<Event> = n1.iter().filter(|e| e.r#type as u32 == abi::EV_SOCK).copied().collect();
     assert_eq!(kinds(&sock), vec![(abi::EV_SOCK, abi::OBS_FROM_HOST)]);
     assert_eq!(sock[0].orig(), SocketAddrV4::new(VIP, 81));
-    assert_eq!(
-        kinds(&syn_of(&n1, |e| e.r#type as u32 == TRACE && *e.src().ip() == node1)),
-        vec![tnw]
-    );
-    assert_eq!(
-        kinds(&syn_of(&nodes[1].drain_events(), |e| *e.src().ip() == node1)),
-        vec![fnw, te]
-    );
+    assert_eq!(kinds(&syn_of(&n1, |e| e.r#type as u32 == TRACE && *e.src().ip() == node1)), vec![tnw]);
+    assert_eq!(kinds(&syn_of(&nodes[1].drain_events(), |e| *e.src().ip() == node1)), vec![fnw, te]);
 }
 
 #[test]
@@ -293,10 +209,7 @@ fn emission_level_is_changed_at_run_time() {
     let per_packet = requests(&mut nodes[0]);
     nodes[0].dp.set_emit_level(EmitLevel::Off).unwrap();
     let off = requests(&mut nodes[0]);
-    assert!(
-        per_packet > per_connection * 2,
-        "every packet ({per_packet}) vs connection level ({per_connection})"
-    );
+    assert!(per_packet > per_connection * 2, "every packet ({per_packet}) vs connection level ({per_connection})");
     assert!(per_connection > 0);
     assert_eq!(off, 0);
 }
@@ -318,11 +231,7 @@ fn a_full_ring_buffer_counts_lost_records_and_blocks_nothing() {
     // Far more records than 4 KiB hold, and nobody reading.
     let mut c = Client::connect(&client.netns, sa(lab.pod("n1-p2").ip, 8080), None, T).unwrap();
     for _ in 0..300 {
-        assert_eq!(
-            c.get("s", "/", &[]).unwrap().status,
-            200,
-            "traffic keeps flowing"
-        );
+        assert_eq!(c.get("s", "/", &[]).unwrap().status, 200, "traffic keeps flowing");
     }
     let stats = node.dp.event_stats().unwrap();
     let read = node.drain_events().len() as u64;
@@ -330,10 +239,7 @@ fn a_full_ring_buffer_counts_lost_records_and_blocks_nothing() {
     let lost = stats.lost - before.lost;
     assert!(lost > 0, "records beyond the buffer are counted as lost");
     assert_eq!(read, emitted, "every record written is read back");
-    assert!(
-        read < 4096 / 72,
-        "the buffer held what it could ({read} records)"
-    );
+    assert!(read < 4096 / 72, "the buffer held what it could ({read} records)");
     // Once drained, the buffer takes records again.
     let _ = c.get("s", "/", &[]).unwrap();
     assert!(!node.drain_events().is_empty());

@@ -9,8 +9,8 @@ use std::{
 };
 
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, TcAttachType,
-    links::FdLink, tc::TcAttachOptions,
+    CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, SkLookup, TcAttachType, links::FdLink,
+    tc::TcAttachOptions,
 };
 
 use super::{Datapath, DatapathError, Result, sys};
@@ -26,12 +26,7 @@ pub enum DeviceRole {
 }
 
 impl DeviceRole {
-    fn programs(
-        self,
-    ) -> (
-        &'static str,
-        [(&'static str, TcAttachType, &'static str); 2],
-    ) {
+    fn programs(self) -> (&'static str, [(&'static str, TcAttachType, &'static str); 2]) {
         match self {
             DeviceRole::Pod => (
                 "bpf_lxc",
@@ -42,21 +37,13 @@ impl DeviceRole {
             ),
             DeviceRole::Node => (
                 "bpf_netdev",
-                [
-                    ("from_netdev", TcAttachType::Ingress, "ingress"),
-                    ("to_netdev", TcAttachType::Egress, "egress"),
-                ],
+                [("from_netdev", TcAttachType::Ingress, "ingress"), ("to_netdev", TcAttachType::Egress, "egress")],
             ),
         }
     }
 }
 
-const CGROUP_PROGRAMS: &[&str] = &[
-    "sock_connect4",
-    "sock_sendmsg4",
-    "sock_recvmsg4",
-    "sock_getpeername4",
-];
+const CGROUP_PROGRAMS: &[&str] = &["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4"];
 
 /// The index of a device in the current network namespace.
 pub fn ifindex(ifname: &str) -> Result<u32> {
@@ -65,10 +52,7 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     // SAFETY: valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
-        return Err(DatapathError::Interface {
-            ifname: ifname.to_owned(),
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(DatapathError::Interface { ifname: ifname.to_owned(), source: std::io::Error::last_os_error() });
     }
     Ok(idx)
 }
@@ -82,26 +66,19 @@ fn update_pinned(pin: &Path, program: impl AsFd) -> Result<bool> {
             Ok(true)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(DatapathError::io(
-            format!("opening link {}", pin.display()),
-            e,
-        )),
+        Err(e) => Err(DatapathError::io(format!("opening link {}", pin.display()), e)),
     }
 }
 
 fn pin(link: FdLink, path: &Path) -> Result<()> {
-    link.pin(path).map(drop).map_err(|e| {
-        DatapathError::io(
-            format!("pinning link {}", path.display()),
-            std::io::Error::other(e),
-        )
-    })
+    link.pin(path)
+        .map(drop)
+        .map_err(|e| DatapathError::io(format!("pinning link {}", path.display()), std::io::Error::other(e)))
 }
 
 impl Datapath {
     fn device_pin(&self, ifname: &str, ifindex: u32, dir: &str) -> PathBuf {
-        self.links_dir()
-            .join(format!("dev:{ifname}@{ifindex}:{dir}"))
+        self.links_dir().join(format!("dev:{ifname}@{ifindex}:{dir}"))
     }
 
     /// Attaches the pod-side programs to a pod's host-side device. Idempotent;
@@ -132,20 +109,12 @@ impl Datapath {
                 continue;
             }
             let id = prog
-                .attach_with_options(
-                    ifname,
-                    attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
+                .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .map_err(|e| DatapathError::program(program, e))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|e| DatapathError::program(program, e))?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| {
-                    DatapathError::io(format!("link of {program}"), std::io::Error::other(e))
-                })?;
+            let link = prog.take_link(id).map_err(|e| DatapathError::program(program, e))?;
+            let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+                DatapathError::io(format!("link of {program}"), std::io::Error::other(e))
+            })?;
             pin(link, &pin_path)?;
         }
         sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "0")?;
@@ -170,9 +139,8 @@ impl Datapath {
             if keep.is_some() && idx == keep {
                 continue;
             }
-            fs::remove_file(entry.path()).map_err(|e| {
-                DatapathError::io(format!("removing {}", entry.path().display()), e)
-            })?;
+            fs::remove_file(entry.path())
+                .map_err(|e| DatapathError::io(format!("removing {}", entry.path().display()), e))?;
         }
         Ok(())
     }
@@ -213,21 +181,13 @@ impl Datapath {
             .expect("program in object")
             .try_into()
             .map_err(|e| DatapathError::program("proxy_sk_lookup", e))?;
-        let fd = prog
-            .fd()
-            .map_err(|e| DatapathError::program("proxy_sk_lookup", e))?;
+        let fd = prog.fd().map_err(|e| DatapathError::program("proxy_sk_lookup", e))?;
         if update_pinned(&pin_path, fd)? {
             return Ok(());
         }
-        let ns =
-            netns::current().map_err(|e| DatapathError::io("opening the network namespace", e))?;
-        let id = prog
-            .attach(ns)
-            .map_err(|e| DatapathError::program("proxy_sk_lookup", e))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(|e| DatapathError::program("proxy_sk_lookup", e))?
-            .into();
+        let ns = netns::current().map_err(|e| DatapathError::io("opening the network namespace", e))?;
+        let id = prog.attach(ns).map_err(|e| DatapathError::program("proxy_sk_lookup", e))?;
+        let link: FdLink = prog.take_link(id).map_err(|e| DatapathError::program("proxy_sk_lookup", e))?.into();
         pin(link, &pin_path)
     }
 
@@ -236,8 +196,7 @@ impl Datapath {
             for name in CGROUP_PROGRAMS {
                 let p = self.links_dir().join(name);
                 if p.exists() {
-                    fs::remove_file(&p)
-                        .map_err(|e| DatapathError::io(format!("removing {}", p.display()), e))?;
+                    fs::remove_file(&p).map_err(|e| DatapathError::io(format!("removing {}", p.display()), e))?;
                 }
             }
             return Ok(());
@@ -254,20 +213,15 @@ impl Datapath {
             if update_pinned(&pin_path, fd)? {
                 continue;
             }
-            let dir = fs::File::open(&cgroup).map_err(|e| {
-                DatapathError::io(format!("opening cgroup {}", cgroup.display()), e)
-            })?;
+            let dir = fs::File::open(&cgroup)
+                .map_err(|e| DatapathError::io(format!("opening cgroup {}", cgroup.display()), e))?;
             let id = prog
                 .attach(dir, CgroupAttachMode::Single) // bpf_link attachments always coexist
                 .map_err(|e| DatapathError::program(name, e))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|e| DatapathError::program(name, e))?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| {
-                    DatapathError::io(format!("link of {name}"), std::io::Error::other(e))
-                })?;
+            let link = prog.take_link(id).map_err(|e| DatapathError::program(name, e))?;
+            let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+                DatapathError::io(format!("link of {name}"), std::io::Error::other(e))
+            })?;
             pin(link, &pin_path)?;
         }
         Ok(())

@@ -82,9 +82,7 @@ impl MapSizes {
     pub fn validate(&self) -> Result<(), String> {
         for (_, key, _, _, n) in self.shapes() {
             if n == 0 {
-                return Err(format!(
-                    "map-sizes.{key} = 0: every map needs at least one entry"
-                ));
+                return Err(format!("map-sizes.{key} = 0: every map needs at least one entry"));
             }
         }
         let rb = self.events_bytes;
@@ -102,69 +100,15 @@ impl MapSizes {
         let s = |t: usize| t as u32;
         vec![
             ("weft_config", "config", 4, s(size_of::<abi::Config>()), 1),
-            (
-                "weft_services",
-                "services",
-                s(size_of::<abi::SvcKey>()),
-                s(size_of::<abi::SvcVal>()),
-                self.services,
-            ),
-            (
-                "weft_backends",
-                "backends",
-                4,
-                s(size_of::<abi::Backend>()),
-                self.backends,
-            ),
-            (
-                "weft_endpoints",
-                "endpoints",
-                4,
-                s(size_of::<abi::Endpoint>()),
-                self.endpoints,
-            ),
-            (
-                "weft_ipcache",
-                "ipcache",
-                s(size_of::<abi::IpcacheKey>()),
-                s(size_of::<abi::IpcacheVal>()),
-                self.ipcache,
-            ),
-            (
-                "weft_policy",
-                "policy",
-                s(size_of::<abi::PolicyKey>()),
-                s(size_of::<abi::PolicyVal>()),
-                self.policy,
-            ),
-            (
-                "weft_ct",
-                "conntrack",
-                s(size_of::<abi::CtKey>()),
-                s(size_of::<abi::CtEntry>()),
-                self.conntrack,
-            ),
-            (
-                "weft_lb",
-                "lb",
-                s(size_of::<abi::CtKey>()),
-                s(size_of::<abi::LbEntry>()),
-                self.lb,
-            ),
-            (
-                "weft_sock_rev",
-                "sock-rev",
-                8,
-                s(size_of::<abi::SockRev>()),
-                self.sock_rev,
-            ),
-            (
-                "weft_proxy_socks",
-                "proxy-sockets",
-                4,
-                4,
-                self.proxy_sockets,
-            ),
+            ("weft_services", "services", s(size_of::<abi::SvcKey>()), s(size_of::<abi::SvcVal>()), self.services),
+            ("weft_backends", "backends", 4, s(size_of::<abi::Backend>()), self.backends),
+            ("weft_endpoints", "endpoints", 4, s(size_of::<abi::Endpoint>()), self.endpoints),
+            ("weft_ipcache", "ipcache", s(size_of::<abi::IpcacheKey>()), s(size_of::<abi::IpcacheVal>()), self.ipcache),
+            ("weft_policy", "policy", s(size_of::<abi::PolicyKey>()), s(size_of::<abi::PolicyVal>()), self.policy),
+            ("weft_ct", "conntrack", s(size_of::<abi::CtKey>()), s(size_of::<abi::CtEntry>()), self.conntrack),
+            ("weft_lb", "lb", s(size_of::<abi::CtKey>()), s(size_of::<abi::LbEntry>()), self.lb),
+            ("weft_sock_rev", "sock-rev", 8, s(size_of::<abi::SockRev>()), self.sock_rev),
+            ("weft_proxy_socks", "proxy-sockets", 4, 4, self.proxy_sockets),
             ("weft_events", "events-bytes", 0, 0, self.events_bytes),
             ("weft_event_stats", "event-stats", 4, 8, abi::STAT_MAX),
         ]
@@ -222,10 +166,8 @@ impl DatapathConfig {
     }
 
     pub(crate) fn raw(&self, netns_cookie: u64) -> abi::Config {
-        let (native_cidr, native_cidr_len) = self
-            .native_cidr
-            .map(|(a, l)| (u32::from_ne_bytes(a.octets()), l))
-            .unwrap_or((0, 0));
+        let (native_cidr, native_cidr_len) =
+            self.native_cidr.map(|(a, l)| (u32::from_ne_bytes(a.octets()), l)).unwrap_or((0, 0));
         let mut flags = 0;
         if self.allow_host_ingress {
             flags |= abi::CFG_ALLOW_HOST_INGRESS;

@@ -6,9 +6,7 @@ use std::{io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     /// Pins need a bpffs mount.
-    #[error(
-        "{path} is not on a bpffs mount: mount one (`mount -t bpf bpf /sys/fs/bpf`) or set bpffs-dir"
-    )]
+    #[error("{path} is not on a bpffs mount: mount one (`mount -t bpf bpf /sys/fs/bpf`) or set bpffs-dir")]
     NotBpffs { path: PathBuf },
 
     /// A pinned map from an earlier run does not fit the configuration.
@@ -16,42 +14,23 @@ pub enum DatapathError {
         "pinned map {map} ({path}) has {found}, the configuration wants {wanted}: restart with \
          --recreate-mismatched-maps to rebuild it (what it holds is lost), or restore map-sizes.{key}"
     )]
-    MapMismatch {
-        map: &'static str,
-        key: &'static str,
-        path: PathBuf,
-        found: String,
-        wanted: String,
-    },
+    MapMismatch { map: &'static str, key: &'static str, path: PathBuf, found: String, wanted: String },
 
     /// A map has no room for another entry.
     #[error("map {map} is full ({max_entries} entries): raise map-sizes.{key}")]
-    MapFull {
-        map: &'static str,
-        key: &'static str,
-        max_entries: u32,
-    },
+    MapFull { map: &'static str, key: &'static str, max_entries: u32 },
 
     /// The kernel refused an object (the verifier's log is in the source).
     #[error("loading BPF object {object}: {source}")]
-    Load {
-        object: &'static str,
-        source: Box<aya::EbpfError>,
-    },
+    Load { object: &'static str, source: Box<aya::EbpfError> },
 
     /// A program could not be loaded, attached or pinned.
     #[error("program {program}: {source}")]
-    Program {
-        program: String,
-        source: Box<aya::programs::ProgramError>,
-    },
+    Program { program: String, source: Box<aya::programs::ProgramError> },
 
     /// A map operation failed for another reason than being full.
     #[error("map {map}: {source}")]
-    Map {
-        map: &'static str,
-        source: Box<aya::maps::MapError>,
-    },
+    Map { map: &'static str, source: Box<aya::maps::MapError> },
 
     /// An interface is missing or unusable.
     #[error("interface {ifname}: {source}")]
@@ -72,17 +51,11 @@ pub enum DatapathError {
 
 impl DatapathError {
     pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Self {
-        DatapathError::Io {
-            what: what.into(),
-            source,
-        }
+        DatapathError::Io { what: what.into(), source }
     }
 
     pub(crate) fn program(program: &str, source: aya::programs::ProgramError) -> Self {
-        DatapathError::Program {
-            program: program.to_owned(),
-            source: Box::new(source),
-        }
+        DatapathError::Program { program: program.to_owned(), source: Box::new(source) }
     }
 }
 

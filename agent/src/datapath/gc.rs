@@ -26,10 +26,7 @@ pub struct GcStats {
 
 /// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns().
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * SEC + ts.tv_nsec as u64
@@ -53,10 +50,7 @@ fn ignore_missing(map: &'static str, r: Result<(), MapError>) -> Result<()> {
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(DatapathError::Map {
-            map,
-            source: Box::new(e),
-        }),
+        Err(e) => Err(DatapathError::Map { map, source: Box::new(e) }),
     }
 }
 
@@ -86,17 +80,9 @@ impl Datapath {
                 continue;
             }
             let conn = abi::CtKey {
-                saddr: if lb.nat_addr != 0 {
-                    lb.nat_addr
-                } else {
-                    k.saddr
-                },
+                saddr: if lb.nat_addr != 0 { lb.nat_addr } else { k.saddr },
                 daddr: lb.backend_addr,
-                sport: if lb.nat_addr != 0 {
-                    lb.nat_port
-                } else {
-                    k.sport
-                },
+                sport: if lb.nat_addr != 0 { lb.nat_port } else { k.sport },
                 dport: lb.backend_port,
                 proto: k.proto,
                 scope: abi::CT_SCOPE_CONN as u8,

@@ -9,9 +9,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{
-        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, SockHash, lpm_trie::Key,
-    },
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, SockHash, lpm_trie::Key},
 };
 use weft_ebpf::abi;
 
@@ -31,17 +29,9 @@ pub(crate) struct Maps {
     pub events: Option<RingBuf<MapData>>,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| DatapathError::Invalid(format!("BPF object has no map {name}")))?;
-    T::try_from(map).map_err(|e| DatapathError::Map {
-        map: name,
-        source: Box::new(e),
-    })
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T> {
+    let map = ebpf.take_map(name).ok_or_else(|| DatapathError::Invalid(format!("BPF object has no map {name}")))?;
+    T::try_from(map).map_err(|e| DatapathError::Map { map: name, source: Box::new(e) })
 }
 
 impl Maps {
@@ -63,16 +53,13 @@ impl Maps {
 
     pub fn event_stats(&self) -> Result<EventStats> {
         let read = |idx: u32| -> Result<u64> {
-            let values = self.stats.get(&idx, 0).map_err(|e| DatapathError::Map {
-                map: "weft_event_stats",
-                source: Box::new(e),
-            })?;
+            let values = self
+                .stats
+                .get(&idx, 0)
+                .map_err(|e| DatapathError::Map { map: "weft_event_stats", source: Box::new(e) })?;
             Ok(values.iter().sum())
         };
-        Ok(EventStats {
-            emitted: read(abi::STAT_EMITTED)?,
-            lost: read(abi::STAT_LOST)?,
-        })
+        Ok(EventStats { emitted: read(abi::STAT_EMITTED)?, lost: read(abi::STAT_LOST)? })
     }
 }
 
@@ -91,38 +78,20 @@ pub(crate) fn host_port(raw: u16) -> u16 {
 }
 
 /// Maps an insert failure to MapFull when the kernel says the map has no room.
-fn insert_err(
-    map: &'static str,
-    key: &'static str,
-    max_entries: u32,
-    e: MapError,
-) -> DatapathError {
+fn insert_err(map: &'static str, key: &'static str, max_entries: u32, e: MapError) -> DatapathError {
     if let MapError::SyscallError(sys) = &e {
-        if matches!(
-            sys.io_error.raw_os_error(),
-            Some(libc::E2BIG) | Some(libc::ENOSPC)
-        ) {
-            return DatapathError::MapFull {
-                map,
-                key,
-                max_entries,
-            };
+        if matches!(sys.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) {
+            return DatapathError::MapFull { map, key, max_entries };
         }
     }
-    DatapathError::Map {
-        map,
-        source: Box::new(e),
-    }
+    DatapathError::Map { map, source: Box::new(e) }
 }
 
 fn remove_err(map: &'static str, e: MapError) -> Result<()> {
     match e {
         MapError::KeyNotFound => Ok(()),
         MapError::SyscallError(ref s) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        e => Err(DatapathError::Map {
-            map,
-            source: Box::new(e),
-        }),
+        e => Err(DatapathError::Map { map, source: Box::new(e) }),
     }
 }
 
@@ -133,13 +102,7 @@ fn fe_key(k: &abi::SvcKey) -> FeKey {
 }
 
 fn master_key(fe: &FeKey) -> abi::SvcKey {
-    abi::SvcKey {
-        addr: fe.0,
-        port: fe.1,
-        slot: 0,
-        proto: fe.2,
-        _pad: [0; 3],
-    }
+    abi::SvcKey { addr: fe.0, port: fe.1, slot: 0, proto: fe.2, _pad: [0; 3] }
 }
 
 /// A service frontend as written: its id and the backend id in each slot.
@@ -165,72 +128,43 @@ pub(crate) struct Shadow {
 impl Shadow {
     /// Rebuilds the shadow from the pinned maps of an earlier run.
     pub fn recover(maps: &Maps) -> Result<Self> {
-        let mut s = Shadow {
-            next_service_id: 1,
-            next_backend_id: 1,
-            ..Default::default()
-        };
+        let mut s = Shadow { next_service_id: 1, next_backend_id: 1, ..Default::default() };
         let mut backend_by_id = StdHashMap::new();
         for item in maps.backends.iter() {
-            let (id, b) = item.map_err(|e| DatapathError::Map {
-                map: "weft_backends",
-                source: Box::new(e),
-            })?;
+            let (id, b) = item.map_err(|e| DatapathError::Map { map: "weft_backends", source: Box::new(e) })?;
             backend_by_id.insert(id, (b.addr, b.port, b.proto));
             s.next_backend_id = s.next_backend_id.max(id + 1);
         }
         let mut slots: BTreeMap<FeKey, BTreeMap<u16, u32>> = BTreeMap::new();
         let mut masters = BTreeMap::new();
         for item in maps.services.iter() {
-            let (k, v) = item.map_err(|e| DatapathError::Map {
-                map: "weft_services",
-                source: Box::new(e),
-            })?;
+            let (k, v) = item.map_err(|e| DatapathError::Map { map: "weft_services", source: Box::new(e) })?;
             let master = fe_key(&k);
             if k.slot == 0 {
                 masters.insert(master, v);
                 s.next_service_id = s.next_service_id.max(v.backend_id + 1);
             } else {
-                slots
-                    .entry(master)
-                    .or_default()
-                    .insert(k.slot, v.backend_id);
+                slots.entry(master).or_default().insert(k.slot, v.backend_id);
             }
         }
         for (key, master) in masters {
             let ids: Vec<u32> = slots
                 .get(&key)
-                .map(|m| {
-                    (1..=master.count)
-                        .filter_map(|i| m.get(&i).copied())
-                        .collect()
-                })
+                .map(|m| (1..=master.count).filter_map(|i| m.get(&i).copied()).collect())
                 .unwrap_or_default();
             for id in &ids {
                 if let Some(b) = backend_by_id.get(id) {
                     s.backends.entry(*b).or_insert((*id, 0)).1 += 1;
                 }
             }
-            s.services.insert(
-                key,
-                WrittenService {
-                    id: master.backend_id,
-                    slots: ids,
-                },
-            );
+            s.services.insert(key, WrittenService { id: master.backend_id, slots: ids });
         }
         for item in maps.endpoints.iter() {
-            let (addr, ep) = item.map_err(|e| DatapathError::Map {
-                map: "weft_endpoints",
-                source: Box::new(e),
-            })?;
+            let (addr, ep) = item.map_err(|e| DatapathError::Map { map: "weft_endpoints", source: Box::new(e) })?;
             s.endpoints.insert(addr, ep);
         }
         for item in maps.policy.keys() {
-            let k = item.map_err(|e| DatapathError::Map {
-                map: "weft_policy",
-                source: Box::new(e),
-            })?;
+            let k = item.map_err(|e| DatapathError::Map { map: "weft_policy", source: Box::new(e) })?;
             s.policy.entry(k.ep_id).or_default().push(k);
         }
         Ok(s)
@@ -246,13 +180,7 @@ impl Shadow {
 }
 
 fn svc_key(f: &Frontend, slot: u16) -> abi::SvcKey {
-    abi::SvcKey {
-        addr: be_addr(f.addr),
-        port: be_port(f.port),
-        slot,
-        proto: f.proto.number(),
-        _pad: [0; 3],
-    }
+    abi::SvcKey { addr: be_addr(f.addr), port: be_port(f.port), slot, proto: f.proto.number(), _pad: [0; 3] }
 }
 
 fn frontend_of(k: &abi::SvcKey, flags: u8) -> Frontend {
@@ -273,13 +201,7 @@ fn frontend_of(k: &abi::SvcKey, flags: u8) -> Frontend {
 
 impl Datapath {
     fn size(&self, key: &'static str) -> u32 {
-        self.cfg
-            .map_sizes
-            .shapes()
-            .iter()
-            .find(|s| s.1 == key)
-            .map(|s| s.4)
-            .unwrap_or(0)
+        self.cfg.map_sizes.shapes().iter().find(|s| s.1 == key).map(|s| s.4).unwrap_or(0)
     }
 
     /// Writes a frontend with its backends (or its proxy port). Backends are
@@ -288,14 +210,10 @@ impl Datapath {
     pub fn upsert_service(&mut self, entry: &ServiceEntry) -> Result<()> {
         let f = &entry.frontend;
         if f.proto == Proto::Icmp {
-            return Err(DatapathError::Invalid(format!(
-                "service frontend {f}: ICMP has no ports"
-            )));
+            return Err(DatapathError::Invalid(format!("service frontend {f}: ICMP has no ports")));
         }
         if entry.backends.len() > u16::MAX as usize - 1 {
-            return Err(DatapathError::Invalid(format!(
-                "service frontend {f}: too many backends"
-            )));
+            return Err(DatapathError::Invalid(format!("service frontend {f}: too many backends")));
         }
         let key0 = svc_key(f, 0);
         let fe = fe_key(&key0);
@@ -315,15 +233,9 @@ impl Datapath {
         }
         for (i, bid) in ids.iter().enumerate() {
             let k = svc_key(f, i as u16 + 1);
-            let v = abi::SvcVal {
-                backend_id: *bid,
-                ..Default::default()
-            };
+            let v = abi::SvcVal { backend_id: *bid, ..Default::default() };
             let max = self.size("services");
-            self.maps
-                .services
-                .insert(k, v, 0)
-                .map_err(|e| insert_err("weft_services", "services", max, e))?;
+            self.maps.services.insert(k, v, 0).map_err(|e| insert_err("weft_services", "services", max, e))?;
         }
         let mut flags = match f.kind {
             FrontendKind::ClusterIp => 0,
@@ -341,10 +253,7 @@ impl Datapath {
             _pad: [0; 3],
         };
         let max = self.size("services");
-        self.maps
-            .services
-            .insert(key0, master, 0)
-            .map_err(|e| insert_err("weft_services", "services", max, e))?;
+        self.maps.services.insert(key0, master, 0).map_err(|e| insert_err("weft_services", "services", max, e))?;
 
         if let Some(old) = old {
             for slot in ids.len() + 1..=old.slots.len() {
@@ -356,9 +265,7 @@ impl Datapath {
                 self.release_backend(bid)?;
             }
         }
-        self.state
-            .services
-            .insert(fe, WrittenService { id, slots: ids });
+        self.state.services.insert(fe, WrittenService { id, slots: ids });
         Ok(())
     }
 
@@ -393,10 +300,7 @@ impl Datapath {
                     .maps
                     .services
                     .get(&k, 0)
-                    .map_err(|e| DatapathError::Map {
-                        map: "weft_services",
-                        source: Box::new(e),
-                    })?;
+                    .map_err(|e| DatapathError::Map { map: "weft_services", source: Box::new(e) })?;
                 Ok(frontend_of(&k, v.flags))
             })
             .collect()
@@ -409,30 +313,16 @@ impl Datapath {
             return Ok(*id);
         }
         let id = self.state.next_backend_id;
-        let v = abi::Backend {
-            addr: key.0,
-            port: key.1,
-            proto: key.2,
-            flags: 0,
-        };
+        let v = abi::Backend { addr: key.0, port: key.1, proto: key.2, flags: 0 };
         let max = self.size("backends");
-        self.maps
-            .backends
-            .insert(id, v, 0)
-            .map_err(|e| insert_err("weft_backends", "backends", max, e))?;
+        self.maps.backends.insert(id, v, 0).map_err(|e| insert_err("weft_backends", "backends", max, e))?;
         self.state.next_backend_id += 1;
         self.state.backends.insert(key, (id, 1));
         Ok(id)
     }
 
     fn release_backend(&mut self, id: u32) -> Result<()> {
-        let Some(key) = self
-            .state
-            .backends
-            .iter()
-            .find(|(_, (bid, _))| *bid == id)
-            .map(|(k, _)| *k)
-        else {
+        let Some(key) = self.state.backends.iter().find(|(_, (bid, _))| *bid == id).map(|(k, _)| *k) else {
             return Ok(());
         };
         let entry = self.state.backends.get_mut(&key).expect("found above");
@@ -451,11 +341,8 @@ impl Datapath {
         if let Some(ep) = self.state.endpoints.get(&be_addr(addr)) {
             return ep.ep_id;
         }
-        let used: std::collections::BTreeSet<u16> =
-            self.state.endpoints.values().map(|e| e.ep_id).collect();
-        (1..=u16::MAX)
-            .find(|i| !used.contains(i))
-            .unwrap_or(u16::MAX)
+        let used: std::collections::BTreeSet<u16> = self.state.endpoints.values().map(|e| e.ep_id).collect();
+        (1..=u16::MAX).find(|i| !used.contains(i)).unwrap_or(u16::MAX)
     }
 
     /// Writes a local pod.
@@ -464,19 +351,12 @@ impl Datapath {
             ifindex: ep.ifindex,
             identity: ep.identity,
             ep_id: ep.ep_id,
-            flags: if ep.policy_ingress {
-                abi::EP_POLICY_INGRESS as u8
-            } else {
-                0
-            },
+            flags: if ep.policy_ingress { abi::EP_POLICY_INGRESS as u8 } else { 0 },
             _pad: 0,
         };
         let key = be_addr(ep.addr);
         let max = self.size("endpoints");
-        self.maps
-            .endpoints
-            .insert(key, v, 0)
-            .map_err(|e| insert_err("weft_endpoints", "endpoints", max, e))?;
+        self.maps.endpoints.insert(key, v, 0).map_err(|e| insert_err("weft_endpoints", "endpoints", max, e))?;
         self.state.endpoints.insert(key, v);
         Ok(())
     }
@@ -532,11 +412,7 @@ impl Datapath {
 
     /// Forgets an address or prefix.
     pub fn delete_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
-        match self
-            .maps
-            .ipcache
-            .remove(&Key::new(prefix_len as u32, be_addr(addr)))
-        {
+        match self.maps.ipcache.remove(&Key::new(prefix_len as u32, be_addr(addr))) {
             Ok(()) => Ok(()),
             Err(e) => remove_err("weft_ipcache", e),
         }
@@ -548,10 +424,7 @@ impl Datapath {
             .ipcache
             .iter()
             .map(|item| {
-                let (k, v) = item.map_err(|e| DatapathError::Map {
-                    map: "weft_ipcache",
-                    source: Box::new(e),
-                })?;
+                let (k, v) = item.map_err(|e| DatapathError::Map { map: "weft_ipcache", source: Box::new(e) })?;
                 Ok((host_addr(k.data()), k.prefix_len() as u8, v.identity))
             })
             .collect()
@@ -586,10 +459,7 @@ impl Datapath {
             .collect();
         let max = self.size("policy");
         for (k, v) in &keys {
-            self.maps
-                .policy
-                .insert(*k, *v, 0)
-                .map_err(|e| insert_err("weft_policy", "policy", max, e))?;
+            self.maps.policy.insert(*k, *v, 0).map_err(|e| insert_err("weft_policy", "policy", max, e))?;
         }
         let old = self.state.policy.remove(&ep_id).unwrap_or_default();
         for k in old {
@@ -600,9 +470,7 @@ impl Datapath {
             }
         }
         if !keys.is_empty() {
-            self.state
-                .policy
-                .insert(ep_id, keys.into_iter().map(|(k, _)| k).collect());
+            self.state.policy.insert(ep_id, keys.into_iter().map(|(k, _)| k).collect());
         }
         Ok(())
     }
@@ -626,48 +494,19 @@ impl Datapath {
 
     /// Proxy ports whose listener is registered.
     pub fn proxy_ports_registered(&self) -> Vec<u16> {
-        self.maps
-            .proxy_socks
-            .keys()
-            .filter_map(|k| k.ok())
-            .map(|k| k as u16)
-            .collect()
+        self.maps.proxy_socks.keys().filter_map(|k| k.ok()).map(|k| k as u16).collect()
     }
 
     /// Number of live entries of a map, for occupancy metrics.
     pub fn map_occupancy(&self) -> Vec<(&'static str, usize, u32)> {
         let count = |n: usize| n;
         vec![
-            (
-                "weft_services",
-                count(self.maps.services.keys().count()),
-                self.size("services"),
-            ),
-            (
-                "weft_backends",
-                count(self.maps.backends.keys().count()),
-                self.size("backends"),
-            ),
-            (
-                "weft_endpoints",
-                count(self.maps.endpoints.keys().count()),
-                self.size("endpoints"),
-            ),
-            (
-                "weft_policy",
-                count(self.maps.policy.keys().count()),
-                self.size("policy"),
-            ),
-            (
-                "weft_ct",
-                count(self.maps.ct.keys().count()),
-                self.size("conntrack"),
-            ),
-            (
-                "weft_lb",
-                count(self.maps.lb.keys().count()),
-                self.size("lb"),
-            ),
+            ("weft_services", count(self.maps.services.keys().count()), self.size("services")),
+            ("weft_backends", count(self.maps.backends.keys().count()), self.size("backends")),
+            ("weft_endpoints", count(self.maps.endpoints.keys().count()), self.size("endpoints")),
+            ("weft_policy", count(self.maps.policy.keys().count()), self.size("policy")),
+            ("weft_ct", count(self.maps.ct.keys().count()), self.size("conntrack")),
+            ("weft_lb", count(self.maps.lb.keys().count()), self.size("lb")),
         ]
     }
 }

@@ -52,8 +52,7 @@ impl Datapath {
         cfg.map_sizes.validate().map_err(DatapathError::Invalid)?;
         let maps_dir = cfg.bpffs_dir.join("maps");
         for dir in [&maps_dir, &cfg.bpffs_dir.join("links")] {
-            fs::create_dir_all(dir)
-                .map_err(|e| DatapathError::io(format!("creating {}", dir.display()), e))?;
+            fs::create_dir_all(dir).map_err(|e| DatapathError::io(format!("creating {}", dir.display()), e))?;
         }
         check_bpffs(&cfg.bpffs_dir)?;
         check_pinned_maps(&cfg, &maps_dir)?;
@@ -66,25 +65,16 @@ impl Datapath {
             for (map, _, _, _, n) in cfg.map_sizes.shapes() {
                 loader.map_max_entries(map, n);
             }
-            let mut ebpf = loader.load(bytes).map_err(|e| DatapathError::Load {
-                object: name,
-                source: Box::new(e),
-            })?;
+            let mut ebpf = loader.load(bytes).map_err(|e| DatapathError::Load { object: name, source: Box::new(e) })?;
             load_programs(&mut ebpf)?;
             objects.push((name, ebpf));
         }
         // Every object shares the pinned maps; take the typed handles from the first.
         let maps = Maps::take(&mut objects[0].1)?;
-        let netns_cookie = netns::current_cookie()
-            .map_err(|e| DatapathError::io("reading the network namespace cookie", e))?;
+        let netns_cookie =
+            netns::current_cookie().map_err(|e| DatapathError::io("reading the network namespace cookie", e))?;
         let state = maps::Shadow::recover(&maps)?;
-        let mut dp = Datapath {
-            cfg,
-            objects,
-            maps,
-            netns_cookie,
-            state,
-        };
+        let mut dp = Datapath { cfg, objects, maps, netns_cookie, state };
         dp.write_config()?;
         dp.attach_sk_lookup()?;
         dp.attach_cgroup()?;
@@ -111,13 +101,7 @@ impl Datapath {
 
     fn write_config(&mut self) -> Result<()> {
         let raw = self.cfg.raw(self.netns_cookie);
-        self.maps
-            .config
-            .set(0, raw, 0)
-            .map_err(|e| DatapathError::Map {
-                map: "weft_config",
-                source: Box::new(e),
-            })
+        self.maps.config.set(0, raw, 0).map_err(|e| DatapathError::Map { map: "weft_config", source: Box::new(e) })
     }
 
     /// The verdict ring buffer. It can be taken once; the flow pipeline owns it.
@@ -131,12 +115,7 @@ impl Datapath {
     }
 
     fn object(&mut self, name: &str) -> &mut Ebpf {
-        &mut self
-            .objects
-            .iter_mut()
-            .find(|(n, _)| *n == name)
-            .expect("known object")
-            .1
+        &mut self.objects.iter_mut().find(|(n, _)| *n == name).expect("known object").1
     }
 
     fn links_dir(&self) -> PathBuf {
@@ -149,10 +128,7 @@ impl Datapath {
         match fs::remove_dir_all(bpffs_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DatapathError::io(
-                format!("removing {}", bpffs_dir.display()),
-                e,
-            )),
+            Err(e) => Err(DatapathError::io(format!("removing {}", bpffs_dir.display()), e)),
         }
     }
 }
@@ -162,15 +138,10 @@ fn check_bpffs(dir: &Path) -> Result<()> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(DatapathError::io(
-            format!("statfs {}", dir.display()),
-            std::io::Error::last_os_error(),
-        ));
+        return Err(DatapathError::io(format!("statfs {}", dir.display()), std::io::Error::last_os_error()));
     }
     if st.f_type != BPF_FS_MAGIC {
-        return Err(DatapathError::NotBpffs {
-            path: dir.to_owned(),
-        });
+        return Err(DatapathError::NotBpffs { path: dir.to_owned() });
     }
     Ok(())
 }
@@ -183,10 +154,7 @@ fn check_pinned_maps(cfg: &DatapathConfig, maps_dir: &Path) -> Result<()> {
         if !path.exists() {
             continue;
         }
-        let info = MapInfo::from_pin(&path).map_err(|e| DatapathError::Map {
-            map,
-            source: Box::new(e),
-        })?;
+        let info = MapInfo::from_pin(&path).map_err(|e| DatapathError::Map { map, source: Box::new(e) })?;
         let found = (info.key_size(), info.value_size(), info.max_entries());
         let wanted = (key_size, value_size, max_entries);
         if found == wanted {
@@ -194,14 +162,8 @@ fn check_pinned_maps(cfg: &DatapathConfig, maps_dir: &Path) -> Result<()> {
         }
         let describe = |(k, v, n): (u32, u32, u32)| format!("key {k} B, value {v} B, {n} entries");
         if cfg.recreate_mismatched_maps {
-            tracing::warn!(
-                map,
-                found = describe(found),
-                wanted = describe(wanted),
-                "recreating pinned map"
-            );
-            fs::remove_file(&path)
-                .map_err(|e| DatapathError::io(format!("removing {}", path.display()), e))?;
+            tracing::warn!(map, found = describe(found), wanted = describe(wanted), "recreating pinned map");
+            fs::remove_file(&path).map_err(|e| DatapathError::io(format!("removing {}", path.display()), e))?;
         } else {
             return Err(DatapathError::MapMismatch {
                 map,
@@ -240,4 +202,37 @@ pub struct EventStats {
     pub emitted: u64,
     /// Records lost because the ring buffer was full.
     pub lost: u64,
+}
+
+/// What one BPF_PROG_TEST_RUN of a datapath program returned.
+#[derive(Clone, Debug)]
+pub struct TestRunOutput {
+    /// The program's return value (a TC action).
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Time the kernel measured for one run.
+    pub duration: std::time::Duration,
+}
+
+impl Datapath {
+    /// Runs a tc program of the loaded datapath on a packet (BPF_PROG_TEST_RUN)
+    /// against the live maps: for benchmarks and diagnostics. The packet is an
+    /// Ethernet frame.
+    pub fn test_run(&self, program: &str, packet: &[u8]) -> Result<TestRunOutput> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let prog: &SchedClassifier = self
+            .objects
+            .iter()
+            .find_map(|(_, o)| o.program(program))
+            .ok_or_else(|| DatapathError::Invalid(format!("no program {program}")))?
+            .try_into()
+            .map_err(|e| DatapathError::program(program, e))?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..Default::default() })
+            .map_err(|e| DatapathError::program(program, e))?;
+        out.truncate(res.data_size_out as usize);
+        Ok(TestRunOutput { verdict: res.return_value, packet: out, duration: res.duration })
+    }
 }

@@ -70,11 +70,7 @@ impl Datapath {
     /// Registers the listener of every proxy port in `ports` that has none yet
     /// (a proxy restart closes its sockets, which leaves the map). Returns the
     /// ports still without a listener.
-    pub fn sync_proxy_listeners(
-        &mut self,
-        ports: &[u16],
-        pids: Option<&[i32]>,
-    ) -> Result<Vec<u16>> {
+    pub fn sync_proxy_listeners(&mut self, ports: &[u16], pids: Option<&[i32]>) -> Result<Vec<u16>> {
         let registered = self.proxy_ports_registered();
         let mut missing = Vec::new();
         for &port in ports {

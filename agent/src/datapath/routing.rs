@@ -9,10 +9,8 @@ use super::{DatapathConfig, DatapathError, Result, attach::sysctl};
 
 /// Runs `ip` with arguments; stdout on success, the command and its stderr on failure.
 pub(crate) fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| DatapathError::io("running `ip` (install iproute2)", e))?;
+    let out =
+        Command::new("ip").args(args).output().map_err(|e| DatapathError::io("running `ip` (install iproute2)", e))?;
     if !out.status.success() {
         return Err(DatapathError::Command {
             cmd: format!("ip {}", args.join(" ")),
@@ -37,21 +35,9 @@ pub(crate) fn install(cfg: &DatapathConfig) -> Result<()> {
     let rules = ip(&["-4", "rule", "show", "pref", &pref])?;
     let wanted = format!("fwmark {mark} lookup {table}");
     if !rules.contains(&wanted) {
-        ip(&[
-            "-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", &pref,
-        ])?;
+        ip(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", &pref])?;
     }
-    ip(&[
-        "-4",
-        "route",
-        "replace",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        &table,
-    ])?;
+    ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
     Ok(())
 }
 
@@ -61,9 +47,7 @@ pub fn uninstall(cfg: &DatapathConfig) -> Result<()> {
     let mark = format!("{:#x}/{:#x}", abi::MARK_TO_PROXY, abi::MARK_MASK);
     let table = cfg.proxy_route_table.to_string();
     let pref = cfg.proxy_rule_priority.to_string();
-    let _ = ip(&[
-        "-4", "rule", "del", "fwmark", &mark, "lookup", &table, "pref", &pref,
-    ]);
+    let _ = ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table, "pref", &pref]);
     let _ = ip(&["-4", "route", "flush", "table", &table]);
     Ok(())
 }

@@ -16,19 +16,8 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> io::Result<libc::c_long> {
     // SAFETY: attr is a zero-padded bpf_attr of 64 bytes, larger than either command needs.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
 
 /// Opens an object pinned in bpffs.

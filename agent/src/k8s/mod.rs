@@ -21,20 +21,13 @@ pub struct ObjKey {
 
 impl ObjKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 }
 
 impl fmt::Display for ObjKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.namespace.is_empty() {
-            f.write_str(&self.name)
-        } else {
-            write!(f, "{}/{}", self.namespace, self.name)
-        }
+        if self.namespace.is_empty() { f.write_str(&self.name) } else { write!(f, "{}/{}", self.namespace, self.name) }
     }
 }
 
@@ -93,16 +86,8 @@ pub enum Object {
     Ingress(Ingress),
 }
 
-fn key_of(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    default_ns: &str,
-) -> ObjKey {
-    ObjKey::new(
-        meta.namespace
-            .clone()
-            .unwrap_or_else(|| default_ns.to_owned()),
-        meta.name.clone().unwrap_or_default(),
-    )
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, default_ns: &str) -> ObjKey {
+    ObjKey::new(meta.namespace.clone().unwrap_or_else(|| default_ns.to_owned()), meta.name.clone().unwrap_or_default())
 }
 
 impl Object {
@@ -141,10 +126,7 @@ impl Objects {
         let key = object.key();
         macro_rules! put {
             ($coll:ident, $o:expr) => {
-                drop(
-                    self.$coll
-                        .insert(key, Arc::new(Sourced { origin, object: $o })),
-                )
+                drop(self.$coll.insert(key, Arc::new(Sourced { origin, object: $o })))
             };
         }
         match object {

@@ -44,12 +44,8 @@ pub struct Loaded {
 }
 
 /// Kinds another module parses from the raw document (see [`Loaded::raw`]).
-pub const RAW_KINDS: &[&str] = &[
-    "EnvoyConfig",
-    "ClusterwideEnvoyConfig",
-    "CiliumEnvoyConfig",
-    "CiliumClusterwideEnvoyConfig",
-];
+pub const RAW_KINDS: &[&str] =
+    &["EnvoyConfig", "ClusterwideEnvoyConfig", "CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig"];
 
 fn typed<T: DeserializeOwned>(v: Value) -> Result<T, String> {
     serde_json::from_value(v).map_err(|e| e.to_string())
@@ -57,16 +53,8 @@ fn typed<T: DeserializeOwned>(v: Value) -> Result<T, String> {
 
 /// Parses one document (already JSON) into an object of a kind the agent uses.
 pub fn object_from_value(v: Value) -> Result<Option<Object>, String> {
-    let kind = v
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let api = v
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
     Ok(Some(match (api.as_str(), kind.as_str()) {
         ("v1", "Service") => Object::Service(typed(v)?),
         ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(typed(v)?),
@@ -83,19 +71,11 @@ pub fn object_from_value(v: Value) -> Result<Option<Object>, String> {
 fn describe(v: &Value) -> Option<String> {
     let kind = v.get("kind")?.as_str()?;
     let meta = v.get("metadata");
-    let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("<no name>");
-    Some(
-        match meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(Value::as_str)
-        {
-            Some(ns) => format!("{kind} {ns}/{name}"),
-            None => format!("{kind} {name}"),
-        },
-    )
+    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<no name>");
+    Some(match meta.and_then(|m| m.get("namespace")).and_then(Value::as_str) {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    })
 }
 
 /// Parses the documents of one file into `into`.
@@ -104,10 +84,7 @@ pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
         Ok(d) => d,
         Err(e) => {
             into.problems.push(ParseProblem {
-                origin: Origin::File {
-                    path: path.to_owned(),
-                    doc: 0,
-                },
+                origin: Origin::File { path: path.to_owned(), doc: 0 },
                 object: None,
                 message: format!("not valid YAML: {e}"),
             });
@@ -115,20 +92,13 @@ pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
         }
     };
     for (doc, v) in docs.into_iter().enumerate() {
-        let origin = Origin::File {
-            path: path.to_owned(),
-            doc,
-        };
+        let origin = Origin::File { path: path.to_owned(), doc };
         if v.is_null() {
             continue;
         }
         let kind = v.get("kind").and_then(Value::as_str).map(str::to_owned);
         let Some(kind) = kind else {
-            into.problems.push(ParseProblem {
-                origin,
-                object: None,
-                message: "document has no kind".into(),
-            });
+            into.problems.push(ParseProblem { origin, object: None, message: "document has no kind".into() });
             continue;
         };
         if kind == "List" {
@@ -145,29 +115,19 @@ pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
 }
 
 fn load_value(origin: Origin, v: Value, into: &mut Loaded) {
-    let kind = v
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
     if RAW_KINDS.contains(&kind.as_str()) {
         into.raw.push((origin, v));
         return;
     }
     let what = describe(&v);
     match object_from_value(v) {
-        Ok(Some(o)) if o.key().name.is_empty() => into.problems.push(ParseProblem {
-            origin,
-            object: what,
-            message: "metadata.name is missing".into(),
-        }),
+        Ok(Some(o)) if o.key().name.is_empty() => {
+            into.problems.push(ParseProblem { origin, object: what, message: "metadata.name is missing".into() })
+        }
         Ok(Some(o)) => into.objects.insert(origin, o),
         Ok(None) => into.ignored.push((origin, kind)),
-        Err(message) => into.problems.push(ParseProblem {
-            origin,
-            object: what,
-            message,
-        }),
+        Err(message) => into.problems.push(ParseProblem { origin, object: what, message }),
     }
 }
 
@@ -188,10 +148,7 @@ pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
             }
             if p.is_dir() {
                 stack.push(p);
-            } else if matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
+            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
                 out.push(p);
             }
         }
@@ -257,41 +214,17 @@ metadata: {name: web}
         load_text(Path::new("objs/web.yaml"), text, &mut l);
         assert_eq!(l.objects.services.len(), 1);
         let svc = &l.objects.services[&crate::k8s::ObjKey::new("shop", "web")];
-        assert_eq!(
-            svc.origin,
-            Origin::File {
-                path: "objs/web.yaml".into(),
-                doc: 0
-            }
-        );
+        assert_eq!(svc.origin, Origin::File { path: "objs/web.yaml".into(), doc: 0 });
         assert_eq!(l.problems.len(), 1);
         let p = l.problems[0].to_string();
-        assert!(
-            p.starts_with("objs/web.yaml (document 2): Service broken:"),
-            "{p}"
-        );
-        assert_eq!(
-            l.ignored,
-            vec![(
-                Origin::File {
-                    path: "objs/web.yaml".into(),
-                    doc: 2
-                },
-                "Deployment".into()
-            )]
-        );
+        assert!(p.starts_with("objs/web.yaml (document 2): Service broken:"), "{p}");
+        assert_eq!(l.ignored, vec![(Origin::File { path: "objs/web.yaml".into(), doc: 2 }, "Deployment".into())]);
     }
 
     #[test]
     fn invalid_yaml_names_the_file() {
         let mut l = Loaded::default();
         load_text(Path::new("x.yaml"), "a: [\n", &mut l);
-        assert!(
-            l.problems[0]
-                .to_string()
-                .starts_with("x.yaml: not valid YAML"),
-            "{}",
-            l.problems[0]
-        );
+        assert!(l.problems[0].to_string().starts_with("x.yaml: not valid YAML"), "{}", l.problems[0]);
     }
 }

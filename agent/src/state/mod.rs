@@ -92,24 +92,13 @@ fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
-    status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|p| p.ip.as_str())
-        .chain(status.pod_ip.as_deref())
-        .find_map(ipv4)
+    status.pod_ips.iter().flatten().map(|p| p.ip.as_str()).chain(status.pod_ip.as_deref()).find_map(ipv4)
 }
 
 impl Snapshot {
     /// Derives the snapshot for node `node_name` from the objects.
     /// `node_ip` overrides the address of the node's Node object.
-    pub fn derive(
-        objects: &Objects,
-        node_name: &str,
-        node_ip: Option<Ipv4Addr>,
-        redirects: &Redirects,
-    ) -> Snapshot {
+    pub fn derive(objects: &Objects, node_name: &str, node_ip: Option<Ipv4Addr>, redirects: &Redirects) -> Snapshot {
         let mut problems = Vec::new();
         let nodes: Vec<NodeState> = objects
             .nodes
@@ -117,10 +106,7 @@ impl Snapshot {
             .filter_map(|n| {
                 let n = &n.object;
                 let addrs = n.status.as_ref()?.addresses.as_ref()?;
-                let ip = addrs
-                    .iter()
-                    .filter(|a| a.type_ == "InternalIP")
-                    .find_map(|a| ipv4(&a.address))?;
+                let ip = addrs.iter().filter(|a| a.type_ == "InternalIP").find_map(|a| ipv4(&a.address))?;
                 Some(NodeState {
                     name: n.metadata.name.clone()?,
                     ip,
@@ -132,33 +118,16 @@ impl Snapshot {
 
         // Identities from every pod's labels, the same on every node.
         let label_set = |ns: &str, pod: &Pod| {
-            LabelSet::new(
-                ns,
-                pod.metadata
-                    .labels
-                    .iter()
-                    .flatten()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            )
+            LabelSet::new(ns, pod.metadata.labels.iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())))
         };
-        let with_ip: Vec<(&ObjKey, &Pod, Ipv4Addr)> = objects
-            .pods
-            .iter()
-            .filter_map(|(k, p)| Some((k, &p.object, pod_ip(&p.object)?)))
-            .collect();
-        let sets: BTreeSet<LabelSet> = with_ip
-            .iter()
-            .map(|(k, p, _)| label_set(&k.namespace, p))
-            .collect();
+        let with_ip: Vec<(&ObjKey, &Pod, Ipv4Addr)> =
+            objects.pods.iter().filter_map(|(k, p)| Some((k, &p.object, pod_ip(&p.object)?))).collect();
+        let sets: BTreeSet<LabelSet> = with_ip.iter().map(|(k, p, _)| label_set(&k.namespace, p)).collect();
         let ids = identity::assign(&sets);
         let pods: Vec<PodState> = with_ip
             .iter()
             .map(|(k, p, ip)| {
-                let node = p
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.clone())
-                    .unwrap_or_default();
+                let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
                 PodState {
                     key: (*k).clone(),
                     ip: *ip,
@@ -180,9 +149,7 @@ impl Snapshot {
         let services = objects
             .services
             .iter()
-            .filter_map(|(key, s)| {
-                service_state(key, &s.object, objects, node_ip, redirects, &mut problems)
-            })
+            .filter_map(|(key, s)| service_state(key, &s.object, objects, node_ip, redirects, &mut problems))
             .collect();
 
         Snapshot {
@@ -210,11 +177,7 @@ fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects) -> Vec<Bac
     let mut slices = objects.endpoint_slices.values().filter(|s| {
         let s = &s.object;
         s.metadata.namespace.as_deref().unwrap_or("default") == key.namespace
-            && s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-                == Some(&key.name)
+            && s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) == Some(&key.name)
             && s.address_type == "IPv4"
     });
     let mut any_slice = false;
@@ -236,10 +199,7 @@ fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects) -> Vec<Bac
             }
             for a in &ep.addresses {
                 if let Some(addr) = ipv4(a) {
-                    out.insert(BackendAddr {
-                        addr,
-                        port: port as u16,
-                    });
+                    out.insert(BackendAddr { addr, port: port as u16 });
                 }
             }
         }
@@ -247,20 +207,14 @@ fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects) -> Vec<Bac
     if !any_slice {
         if let Some(eps) = objects.endpoints.get(key) {
             for subset in eps.object.subsets.iter().flatten() {
-                let Some(port) = subset
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+                let Some(port) =
+                    subset.ports.iter().flatten().find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
                 else {
                     continue;
                 };
                 for a in subset.addresses.iter().flatten() {
                     if let Some(addr) = ipv4(&a.ip) {
-                        out.insert(BackendAddr {
-                            addr,
-                            port: port.port as u16,
-                        });
+                        out.insert(BackendAddr { addr, port: port.port as u16 });
                     }
                 }
             }
@@ -282,17 +236,11 @@ fn service_state(
     if kind == "ExternalName" {
         return None;
     }
-    let annotation_port: Option<u16> = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(L7_PORT_ANNOTATION))
-        .and_then(|v| match v.parse() {
+    let annotation_port: Option<u16> =
+        svc.metadata.annotations.as_ref().and_then(|a| a.get(L7_PORT_ANNOTATION)).and_then(|v| match v.parse() {
             Ok(p) => Some(p),
             Err(_) => {
-                problems.push(format!(
-                    "Service {key}: annotation {L7_PORT_ANNOTATION}={v:?} is not a port number"
-                ));
+                problems.push(format!("Service {key}: annotation {L7_PORT_ANNOTATION}={v:?} is not a port number"));
                 None
             }
         });
@@ -305,19 +253,11 @@ fn service_state(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut external: Vec<Ipv4Addr> = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .filter_map(|s| ipv4(s))
-        .collect();
+    let mut external: Vec<Ipv4Addr> = spec.external_ips.iter().flatten().filter_map(|s| ipv4(s)).collect();
     if kind == "LoadBalancer" {
         let lb = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
         external.extend(
-            lb.and_then(|l| l.ingress.as_ref())
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.ip.as_deref().and_then(ipv4)),
+            lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten().filter_map(|i| i.ip.as_deref().and_then(ipv4)),
         );
     }
 
@@ -340,12 +280,7 @@ fn service_state(
             .filter(|_| proto == Proto::Tcp);
         let mut add = |addr, port: u16, kind| {
             entries.push(ServiceEntry {
-                frontend: Frontend {
-                    addr,
-                    port,
-                    proto,
-                    kind,
-                },
+                frontend: Frontend { addr, port, proto, kind },
                 backends: backends.clone(),
                 proxy_port,
             })
@@ -362,10 +297,7 @@ fn service_state(
             add(*ip, port.port as u16, FrontendKind::External);
         }
     }
-    Some(ServiceState {
-        key: key.clone(),
-        entries,
-    })
+    Some(ServiceState { key: key.clone(), entries })
 }
 
 #[cfg(test)]
@@ -426,22 +358,9 @@ endpoints:
         let svc = &snap.services[0];
         let frontends: Vec<String> = svc.entries.iter().map(|e| e.frontend.to_string()).collect();
         assert_eq!(frontends, ["10.96.0.20:80/TCP", "192.168.50.1:30080/TCP"]);
-        let backends: Vec<String> = svc.entries[0]
-            .backends
-            .iter()
-            .map(|b| format!("{}:{}", b.addr, b.port))
-            .collect();
-        assert_eq!(
-            backends,
-            ["10.1.1.11:8080", "10.1.2.11:8080"],
-            "not-ready endpoints are left out"
-        );
-        assert_eq!(
-            snap.problems.len(),
-            1,
-            "SCTP is reported: {:?}",
-            snap.problems
-        );
+        let backends: Vec<String> = svc.entries[0].backends.iter().map(|b| format!("{}:{}", b.addr, b.port)).collect();
+        assert_eq!(backends, ["10.1.1.11:8080", "10.1.2.11:8080"], "not-ready endpoints are left out");
+        assert_eq!(snap.problems.len(), 1, "SCTP is reported: {:?}", snap.problems);
         assert!(snap.problems[0].contains("Service shop/web port 53: protocol SCTP"));
     }
 
@@ -450,25 +369,9 @@ endpoints:
         let l = loaded();
         let snap = Snapshot::derive(&l.objects, "node1", None, &Redirects::new());
         assert_eq!(snap.pods.len(), 2);
-        assert_eq!(
-            snap.pods[0].identity, snap.pods[1].identity,
-            "same namespace and labels"
-        );
-        assert!(
-            snap.pods
-                .iter()
-                .find(|p| p.key.name == "web-1")
-                .unwrap()
-                .local
-        );
-        assert!(
-            !snap
-                .pods
-                .iter()
-                .find(|p| p.key.name == "web-2")
-                .unwrap()
-                .local
-        );
+        assert_eq!(snap.pods[0].identity, snap.pods[1].identity, "same namespace and labels");
+        assert!(snap.pods.iter().find(|p| p.key.name == "web-1").unwrap().local);
+        assert!(!snap.pods.iter().find(|p| p.key.name == "web-2").unwrap().local);
     }
 
     #[test]
@@ -477,11 +380,6 @@ endpoints:
         let mut r = Redirects::new();
         r.insert((ObjKey::new("shop", "web"), Some(80)), 15001);
         let snap = Snapshot::derive(&l.objects, "node1", None, &r);
-        assert!(
-            snap.services[0]
-                .entries
-                .iter()
-                .all(|e| e.proxy_port == Some(15001))
-        );
+        assert!(snap.services[0].entries.iter().all(|e| e.proxy_port == Some(15001)));
     }
 }

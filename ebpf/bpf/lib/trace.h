@@ -34,12 +34,21 @@ static __always_inline void emit_trace(const struct weft_config *cfg, const stru
 		ev->proxy_port = x->proxy_port;
 		ev->nat_addr = x->nat_addr;
 		ev->nat_port = x->nat_port;
+		/* A reverse-translated reply comes from the backend, not from the
+		 * Service address it now carries. */
+		if (x->flags & WEFT_EVF_REVNAT)
+			ev->src_identity = ipcache_identity(x->orig_addr);
 	}
 	event_submit(cfg, ev);
 }
 
-static __always_inline __u8 reason_of(int dir)
+/* Why a packet is where it is. A TCP SYN without ACK opens its connection at
+ * every hook it passes, even where the connection was tracked a hop earlier. */
+static __always_inline __u8 reason_of(int dir, const struct pkt4 *p)
 {
+	if (dir == CT_ESTABLISHED && p->proto == IPPROTO_TCP &&
+	    (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+		return WEFT_REASON_NEW;
 	switch (dir) {
 	case CT_ESTABLISHED:
 		return WEFT_REASON_ESTABLISHED;
@@ -56,7 +65,7 @@ static __always_inline void trace_if(const struct weft_config *cfg, const struct
 				     const struct trace_extra *x)
 {
 	if (emit_wanted(cfg, dir == CT_NEW, p, seen))
-		emit_trace(cfg, p, ifindex, obs, reason_of(dir), x);
+		emit_trace(cfg, p, ifindex, obs, reason_of(dir, p), x);
 }
 
 static __always_inline void mark_set(struct __sk_buff *skb, __u32 magic)

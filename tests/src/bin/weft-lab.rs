@@ -1,6 +1,7 @@
 //! Helper processes for the lab: clients that must run as separate processes
 //! (in a node's cgroup, so the node's socket hooks apply to them).
 //!
+//! `weft-lab demo [SECONDS]`: the demo (see tests/src/demo.rs).
 //! `weft-lab get ADDR [PATH] [COUNT]`: COUNT requests, each on a new
 //! connection; one line per request: `status=.. local=.. peer=.. <server body>`.
 
@@ -12,8 +13,18 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("get") => get(&args[1..]),
+        Some("demo") => {
+            let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
+            match weft_tests::demo::run(Duration::from_secs(secs)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weft-lab demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         _ => {
-            eprintln!("usage: weft-lab get ADDR [PATH] [COUNT]");
+            eprintln!("usage: weft-lab demo [SECONDS] | weft-lab get ADDR [PATH] [COUNT]");
             ExitCode::from(2)
         }
     }
@@ -37,20 +48,12 @@ fn get(args: &[String]) -> ExitCode {
                 Ok((r, local, peer))
             });
         match res {
-            Ok((r, local, peer)) => println!(
-                "status={} local={local} peer={peer} {}",
-                r.status,
-                r.body.trim()
-            ),
+            Ok((r, local, peer)) => println!("status={} local={local} peer={peer} {}", r.status, r.body.trim()),
             Err(e) => {
                 println!("error={e}");
                 failed = true;
             }
         }
     }
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

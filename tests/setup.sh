@@ -1,0 +1,22 @@
+#!/bin/sh
+# Installs what weft's demo and tests need on a fresh Debian machine (as root):
+# Debian packages, a Rust toolchain if there is none, and the build cache.
+# Safe to run again: it only installs what is missing.
+set -eu
+
+PKGS="clang llvm libbpf-dev linux-libc-dev iproute2 gcc libc6-dev pkg-config curl ca-certificates python3 python3-venv"
+
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "weft setup: installing Debian packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+fi
+
+if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
+    echo "weft setup: installing Rust 1.95 with rustup"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
+fi
