@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub masquerade: bool,
     /// SNAT source port range. Default: [61000, 65535].
     pub nat_ports: [u16; 2],
+    /// Translate Services at connect() for pods' sockets too (no per-packet
+    /// NAT for them). Default: true.
+    pub socket_lb_pods: bool,
     /// Ring-buffer emission: off, connection, packet. Default: connection.
     pub emit_level: EmitLevel,
     /// Map sizes.
@@ -66,6 +69,7 @@ impl Default for AgentConfig {
             native_routing_cidr: Some("10.0.0.0/8".into()),
             masquerade: true,
             nat_ports: [61000, 65535],
+            socket_lb_pods: true,
             emit_level: EmitLevel::Connection,
             map_sizes: MapSizes::default(),
             recreate_mismatched_maps: false,
@@ -147,6 +151,7 @@ impl AgentConfig {
         dp.masquerade = self.masquerade;
         dp.nat_ports = (self.nat_ports[0], self.nat_ports[1]);
         dp.emit_level = self.emit_level;
+        dp.socket_lb_pods = self.socket_lb_pods;
         dp
     }
 }

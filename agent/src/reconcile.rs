@@ -181,10 +181,17 @@ impl Reconciler {
             }
             want.insert(p.ip, ep);
         }
+        let attached = dp.attached_devices()?;
         for old in dp.endpoints() {
             if !want.contains_key(&old.addr) {
                 self.policies.remove(&old.ep_id);
                 dp.delete_endpoint(old.addr)?;
+                // The pod is gone; its device, if still there, loses our programs too.
+                if !want.values().any(|e| e.ifindex == old.ifindex) {
+                    if let Some((dev, _)) = attached.iter().find(|(_, idx)| *idx == old.ifindex) {
+                        dp.detach_device(dev)?;
+                    }
+                }
                 out.endpoints_removed += 1;
             }
         }

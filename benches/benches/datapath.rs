@@ -10,7 +10,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::{
@@ -20,12 +20,12 @@ use aya::{
 use weft_agent::datapath::{EndpointEntry, PolicyAction, PolicyEntry, Proto};
 use weft_benches::{Samples, machine, ratio, us};
 use weft_tests::{
-    http::{Client, HttpServer, ServerOpts},
+    http::{HttpServer, ServerOpts},
     lab::{Lab, skip_reason},
     node::{LabNode, pod_identities},
     packet::{ACK, PSH, SYN, tcp_frame},
     proxy::Forwarder,
-    scenario::{T, VIP, cluster_ip, sa, service},
+    scenario::{VIP, cluster_ip, sa, service},
 };
 
 const RUNS: usize = 20_000;
@@ -58,7 +58,18 @@ fn program_bench(lab: &Lab) {
     // n1-p2 enforces a policy that admits n1-p1.
     let ids = pod_identities(lab);
     let ep = node.dp.endpoints().into_iter().find(|e| e.addr == local).unwrap();
-    node.dp.set_policy(ep.ep_id, &[PolicyEntry { identity: ids(lab.pod("n1-p1")), port: 8080, proto: Some(Proto::Tcp), action: PolicyAction::Allow, rule_id: 1 }]).unwrap();
+    node.dp
+        .set_policy(
+            ep.ep_id,
+            &[PolicyEntry {
+                identity: ids(lab.pod("n1-p1")),
+                port: 8080,
+                proto: Some(Proto::Tcp),
+                action: PolicyAction::Allow,
+                rule_id: 1,
+            }],
+        )
+        .unwrap();
     node.dp.upsert_endpoint(&EndpointEntry { policy_ingress: true, ..ep }).unwrap();
 
     let c = |port| SocketAddrV4::new(client, port);
@@ -79,46 +90,33 @@ fn program_bench(lab: &Lab) {
         let _ = node.dp.test_run(prog, &tcp_frame(src, dst, SYN));
         let frame = tcp_frame(src, dst, ACK | PSH);
         let s = Samples::new((0..RUNS).map(|_| node.dp.test_run(prog, &frame).unwrap().duration).collect());
-        println!("| {name} | {} | {} | {} |", s.pct(50.0).as_nanos(), s.pct(99.0).as_nanos(), ratio(s.pct(50.0), baseline.pct(50.0)));
+        println!(
+            "| {name} | {} | {} | {} |",
+            s.pct(50.0).as_nanos(),
+            s.pct(99.0).as_nanos(),
+            ratio(s.pct(50.0), baseline.pct(50.0))
+        );
     }
 }
 
-/// `n` requests on one connection (after a warm-up), each timed.
-fn keepalive(ns: &str, to: std::net::SocketAddr, n: usize) -> Vec<Duration> {
-    let mut c = Client::connect(ns, to, None, T).unwrap();
-    for _ in 0..200 {
-        c.get("b", "/", &[]).unwrap();
-    }
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            let r = c.get("b", "/", &[]).unwrap();
-            let d = t.elapsed();
-            assert_eq!(r.status, 200);
-            d
-        })
-        .collect()
-}
-
-/// `n` requests, each on a new connection (connect, request, close), each timed.
-fn new_connections(ns: &str, to: std::net::SocketAddr, n: usize) -> Vec<Duration> {
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            let mut c = Client::connect(ns, to, None, T).unwrap();
-            let r = c.get("b", "/", &[("connection", "close")]).unwrap();
-            let d = t.elapsed();
-            assert_eq!(r.status, 200);
-            d
-        })
-        .collect()
+/// Runs `weft-lab latency` as a process of pod n1-p1 inside node1's cgroup;
+/// returns its samples.
+fn pod_process(lab: &Lab, to: std::net::SocketAddr, n: usize, mode: &str) -> Vec<Duration> {
+    let pod = lab.pod("n1-p1");
+    let mut cmd = std::process::Command::new(weft_tests::scenario::lab_helper());
+    cmd.args(["latency", &to.to_string(), &n.to_string(), mode]);
+    let out = lab.run(&pod.netns, Some(&lab.node(0).cgroup), &mut cmd, Duration::from_secs(600)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| Duration::from_nanos(l.parse().unwrap())).collect()
 }
 
 fn latency_bench(lab: &Lab, n: usize) {
     let mut node = LabNode::open(lab, 0, |c| c.emit_level = weft_agent::datapath::EmitLevel::Connection).unwrap();
     node.install_lab(lab).unwrap();
     let backend = lab.pod("n1-p2");
-    let _server = HttpServer::start(&backend.netns, sa(backend.ip, 8080), ServerOpts { name: "b".into(), ..Default::default() }).unwrap();
+    let _server =
+        HttpServer::start(&backend.netns, sa(backend.ip, 8080), ServerOpts { name: "b".into(), ..Default::default() })
+            .unwrap();
     node.dp.upsert_service(&service(cluster_ip(80), &[backend.ip], 8080)).unwrap();
     let proxy = Forwarder::start(&lab.node(0).netns, sa(Ipv4Addr::LOCALHOST, 15001), sa(backend.ip, 8080)).unwrap();
     node.dp.register_proxy_socket(15001, proxy.listener()).unwrap();
@@ -127,24 +125,33 @@ fn latency_bench(lab: &Lab, n: usize) {
     node.dp.upsert_service(&l7).unwrap();
     let ns = lab.pod("n1-p1").netns.clone();
 
-    let paths = [("direct pod -> pod", sa(backend.ip, 8080)), ("pod -> ClusterIP (eBPF DNAT)", sa(VIP, 80)), ("pod -> L7 Service via stand-in proxy", sa(VIP, 81))];
-    type Run = fn(&str, std::net::SocketAddr, usize) -> Vec<Duration>;
-    for (mode, f) in [("keep-alive", keepalive as Run), ("new connection", new_connections)] {
-        let count = if mode == "keep-alive" { n } else { n / 5 };
-        println!("\n## Request latency, {mode} ({count} requests each, interleaved rounds)\n");
+    // (name, target, socket LB for pods on): the client is always a process of
+    // pod n1-p1 under node1's cgroup, as pods sit under a node's root cgroup.
+    let paths = [
+        ("direct pod -> pod", sa(backend.ip, 8080), true),
+        ("pod -> ClusterIP, per-packet eBPF DNAT", sa(VIP, 80), false),
+        ("pod -> ClusterIP, socket LB (connect-time)", sa(VIP, 80), true),
+        ("pod -> L7 Service via stand-in proxy", sa(VIP, 81), true),
+    ];
+    for mode in ["keepalive", "new"] {
+        let count = if mode == "keepalive" { n } else { n / 5 };
+        println!(
+            "\n## Request latency, {mode} ({count} requests per path, client process in pod n1-p1, backend n1-p2)\n"
+        );
         println!("| path | p50 µs | p99 µs | p50 / direct | p99 / direct |");
         println!("|---|---:|---:|---:|---:|");
         // Rounds alternate the paths so drift in the machine affects all alike.
-        let rounds = 5;
+        let rounds = 10;
         let mut all: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
         for _ in 0..rounds {
-            for (i, (_, to)) in paths.iter().enumerate() {
-                all[i].extend(f(&ns, *to, count / rounds));
+            for (i, (_, to, socket_lb)) in paths.iter().enumerate() {
+                node.dp.reconfigure(|c| c.socket_lb_pods = *socket_lb).unwrap();
+                all[i].extend(pod_process(lab, *to, count / rounds, mode));
                 let _ = node.drain_events();
             }
         }
         let samples: Vec<Samples> = all.into_iter().map(Samples::new).collect();
-        for (i, (name, _)) in paths.iter().enumerate() {
+        for (i, (name, _, _)) in paths.iter().enumerate() {
             let s = &samples[i];
             println!(
                 "| {name} | {} | {} | {} | {} |",

@@ -85,8 +85,12 @@ pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')).unwrap_or("")
 }
 
-/// The `weft-lab` helper binary, next to the test binary's directory.
+/// The `weft-lab` helper binary: $WEFT_LAB_BIN, or next to the running
+/// test or bench binary.
 pub fn lab_helper() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_LAB_BIN") {
+        return p.into();
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
     // Integration tests run from target/<profile>/deps; binaries sit one level up.

@@ -62,3 +62,38 @@ fn connections_survive_an_agent_restart() {
     assert_eq!(peer, sa(VIP, 80));
     assert!(pids.iter().all(|p| lab.running(*p)), "agents still running");
 }
+
+#[test]
+fn edits_to_the_objects_directory_take_effect() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let backend = lab.pod("n1-p2");
+    let _server = HttpServer::start(
+        &backend.netns,
+        sa(backend.ip, 8080),
+        ServerOpts { name: "n1-p2".into(), ..Default::default() },
+    )
+    .unwrap();
+    let files = agent_files(&lab, 0, "").unwrap();
+    let objects = files.objects_dir.join("lab.yaml");
+    let web = LabService::new("web", VIP, 80, &["n1-p2"]);
+    write_atomic(&objects, &lab_objects(&lab, std::slice::from_ref(&web))).unwrap();
+    let log = lab.run_dir.join("agent.log");
+    let pid = start_agent(&lab, 0, &files, &log).unwrap();
+    wait_ready(&files, Duration::from_secs(20), || lab.running(pid))
+        .unwrap_or_else(|e| panic!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    let client = lab.pod("n1-p1");
+    let reachable = || get_once(&client.netns, sa(VIP, 80), "/", Duration::from_millis(300)).is_ok();
+    let eventually = |want: bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while reachable() != want {
+            assert!(std::time::Instant::now() < deadline, "Service reachable should become {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    eventually(true);
+    write_atomic(&objects, &lab_objects(&lab, &[])).unwrap();
+    eventually(false);
+    write_atomic(&objects, &lab_objects(&lab, &[web])).unwrap();
+    eventually(true);
+}

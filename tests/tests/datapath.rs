@@ -160,3 +160,47 @@ fn node_process_reaches_plain_and_l7_cluster_ips() {
         assert!(l.contains("local=10.96.0.10:81 peer=192.168.50.1:"), "proxy sees VIP locally, the node as peer: {l}");
     }
 }
+
+#[test]
+fn pod_process_uses_socket_load_balancing_without_packet_nat() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut nodes = nodes(&lab);
+    let _servers = servers(&lab, &["n2-p1"]);
+    nodes[0].dp.upsert_service(&service(cluster_ip(80), &[lab.pod("n2-p1").ip], 8080)).unwrap();
+    let _ = nodes[0].drain_events();
+    // A process of pod n1-p1, under node1's cgroup like a pod under the root cgroup.
+    let pod = lab.pod("n1-p1");
+    let mut cmd = std::process::Command::new(lab_helper());
+    cmd.args(["get", "10.96.0.10:80", "/", "3"]);
+    let out = lab.run(&pod.netns, Some(&lab.node(0).cgroup), &mut cmd, std::time::Duration::from_secs(20)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for l in text.lines() {
+        assert_eq!(field(l, "status"), "200");
+        assert_eq!(field(l, "peer"), "10.96.0.10:80", "getpeername shows the Service: {l}");
+    }
+    let events = nodes[0].drain_events();
+    let sock: Vec<_> = events.iter().filter(|e| e.r#type as u32 == weft_ebpf::abi::EV_SOCK).collect();
+    assert_eq!(sock.len(), 3, "one translation per connect");
+    assert_eq!(sock[0].subtype as u32, weft_ebpf::abi::OBS_FROM_ENDPOINT);
+    let translated_packets = events
+        .iter()
+        .filter(|e| e.r#type as u32 == weft_ebpf::abi::EV_TRACE && e.flags as u32 & weft_ebpf::abi::EVF_XLATED_DST != 0)
+        .count();
+    assert_eq!(translated_packets, 0, "packets go straight to the backend: nothing to translate");
+}
+
+#[test]
+fn a_full_map_is_an_error_that_names_it() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut node = weft_tests::node::LabNode::open(&lab, 0, |c| c.map_sizes.services = 4).unwrap();
+    let b = [lab.pod("n1-p2").ip];
+    node.dp.upsert_service(&service(cluster_ip(80), &b, 8080)).unwrap();
+    node.dp.upsert_service(&service(cluster_ip(81), &b, 8080)).unwrap();
+    let err = node.dp.upsert_service(&service(cluster_ip(82), &b, 8080)).unwrap_err().to_string();
+    assert_eq!(err, "map weft_services is full (4 entries): raise map-sizes.services");
+    // What was written before still works.
+    assert_eq!(node.dp.frontends().unwrap().len(), 2);
+}

@@ -140,6 +140,10 @@ pub struct DatapathConfig {
     pub emit_level: EmitLevel,
     /// Let the node itself reach local pods whatever their policy (Cilium's default).
     pub allow_host_ingress: bool,
+    /// Translate Service addresses at connect() for pods' sockets too (the
+    /// cgroup hooks see every process under `cgroup`), so their packets need no
+    /// per-packet NAT; per-packet DNAT still handles what the hooks do not see.
+    pub socket_lb_pods: bool,
     /// Routing table holding `local 0.0.0.0/0 dev lo` for proxy-bound packets.
     pub proxy_route_table: u32,
     /// Priority of the `fwmark` rule that selects that table.
@@ -160,6 +164,7 @@ impl DatapathConfig {
             nat_ports: (61000, 65535),
             emit_level: EmitLevel::default(),
             allow_host_ingress: true,
+            socket_lb_pods: true,
             proxy_route_table: 2004,
             proxy_rule_priority: 9,
         }
@@ -174,6 +179,9 @@ impl DatapathConfig {
         }
         if self.masquerade {
             flags |= abi::CFG_MASQUERADE;
+        }
+        if self.socket_lb_pods {
+            flags |= abi::CFG_SOCK_LB_PODS;
         }
         abi::Config {
             emit_level: self.emit_level.raw(),

@@ -95,7 +95,14 @@ impl Datapath {
 
     /// Changes the ring-buffer emission level at run time.
     pub fn set_emit_level(&mut self, level: EmitLevel) -> Result<()> {
-        self.cfg.emit_level = level;
+        self.reconfigure(|c| c.emit_level = level)
+    }
+
+    /// Changes what the programs read at run time (emission level,
+    /// masquerade, socket LB for pods, host ingress, SNAT ports). Maps, pins
+    /// and routing are not touched: change those with a restart.
+    pub fn reconfigure(&mut self, f: impl FnOnce(&mut DatapathConfig)) -> Result<()> {
+        f(&mut self.cfg);
         self.write_config()
     }
 

@@ -12,15 +12,23 @@
 #include "lb.h"
 #include "trace.h"
 
-/* Only sockets of the node's own network namespace: pods have their own, and
- * their traffic is handled per packet on their devices. */
-static __always_inline const struct weft_config *sock_config(struct bpf_sock_addr *ctx)
-{
-	const struct weft_config *cfg = config_get();
+/* Whose socket this is: the node's own (its network namespace), a pod's
+ * (another namespace under the attached cgroup: translated only when
+ * WEFT_CFG_SOCK_LB_PODS is set, else its packets are translated on its
+ * device), or none of ours. */
+enum sock_owner {
+	SOCK_NONE = 0,
+	SOCK_NODE,
+	SOCK_POD,
+};
 
-	if (!cfg || !cfg->netns_cookie || bpf_get_netns_cookie(ctx) != cfg->netns_cookie)
-		return 0;
-	return cfg;
+static __always_inline int sock_owner(struct bpf_sock_addr *ctx, const struct weft_config *cfg)
+{
+	if (!cfg || !cfg->netns_cookie)
+		return SOCK_NONE;
+	if (bpf_get_netns_cookie(ctx) == cfg->netns_cookie)
+		return SOCK_NODE;
+	return (cfg->flags & WEFT_CFG_SOCK_LB_PODS) ? SOCK_POD : SOCK_NONE;
 }
 
 static __always_inline void sock_pkt(struct pkt4 *p, struct bpf_sock_addr *ctx)
@@ -36,7 +44,8 @@ static __always_inline void sock_pkt(struct pkt4 *p, struct bpf_sock_addr *ctx)
  * (which needs bpf_bind). */
 static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, const int is_connect)
 {
-	const struct weft_config *cfg = sock_config(ctx);
+	const struct weft_config *cfg = config_get();
+	int owner = sock_owner(ctx, cfg);
 	struct weft_svc_val *svc;
 	struct weft_backend *be;
 	struct weft_sock_rev rev;
@@ -44,7 +53,7 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, const int is
 	__u32 id = 0;
 	__u64 cookie;
 
-	if (!cfg)
+	if (owner == SOCK_NONE || !cfg)
 		return 1;
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return 1;
@@ -57,7 +66,8 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, const int is
 		struct trace_extra x = { .proxy_port = svc->proxy_port };
 		__u32 mark = WEFT_MARK_TO_PROXY;
 
-		if (!is_connect || p.proto != IPPROTO_TCP)
+		/* A pod's L7 connection is redirected per packet on its device. */
+		if (!is_connect || p.proto != IPPROTO_TCP || owner != SOCK_NODE)
 			return 1;
 		if (bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0) {
 			emit_drop(cfg, &p, 0, WEFT_DROP_PROXY_SET_FAILED, __LINE__);
@@ -105,7 +115,9 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, const int is
 	ctx->user_port = be->port;
 
 	if (cfg->emit_level != WEFT_EMIT_OFF) {
-		struct weft_event *ev = event_init(WEFT_EV_SOCK, WEFT_OBS_FROM_HOST, &p, 0);
+		struct weft_event *ev = event_init(WEFT_EV_SOCK,
+						   owner == SOCK_NODE ? WEFT_OBS_FROM_HOST : WEFT_OBS_FROM_ENDPOINT,
+						   &p, 0);
 
 		if (ev) {
 			ev->reason = WEFT_REASON_NEW;
@@ -114,7 +126,8 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, const int is
 			ev->orig_port = p.dport;
 			ev->daddr = be->addr;
 			ev->dport = be->port;
-			ev->src_identity = WEFT_ID_HOST;
+			if (owner == SOCK_NODE)
+				ev->src_identity = WEFT_ID_HOST;
 			event_submit(cfg, ev);
 		}
 	}
@@ -124,11 +137,11 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx, const int is
 /* getpeername() and recvmsg(): the backend's address reads as the frontend's. */
 static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 {
-	const struct weft_config *cfg = sock_config(ctx);
+	const struct weft_config *cfg = config_get();
 	struct weft_sock_rev *rev;
 	__u64 cookie;
 
-	if (!cfg)
+	if (sock_owner(ctx, cfg) == SOCK_NONE)
 		return 1;
 	cookie = bpf_get_socket_cookie(ctx);
 	rev = bpf_map_lookup_elem(&weft_sock_rev, &cookie);

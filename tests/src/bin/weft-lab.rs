@@ -4,6 +4,8 @@
 //! `weft-lab demo [SECONDS]`: the demo (see tests/src/demo.rs).
 //! `weft-lab get ADDR [PATH] [COUNT]`: COUNT requests, each on a new
 //! connection; one line per request: `status=.. local=.. peer=.. <server body>`.
+//! `weft-lab latency ADDR COUNT keepalive|new`: COUNT timed requests; one
+//! line per request with its latency in nanoseconds.
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -13,6 +15,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("get") => get(&args[1..]),
+        Some("latency") => latency(&args[1..]),
         Some("demo") => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
             match weft_tests::demo::run(Duration::from_secs(secs)) {
@@ -56,4 +59,45 @@ fn get(args: &[String]) -> ExitCode {
         }
     }
     if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn latency(args: &[String]) -> ExitCode {
+    let (Some(Ok(to)), Some(Ok(count)), Some(mode)) =
+        (args.first().map(|a| a.parse::<SocketAddr>()), args.get(1).map(|c| c.parse::<usize>()), args.get(2))
+    else {
+        eprintln!("usage: weft-lab latency ADDR COUNT keepalive|new");
+        return ExitCode::from(2);
+    };
+    let timeout = Duration::from_secs(3);
+    let connect = || std::net::TcpStream::connect_timeout(&to, timeout).and_then(|s| Client::from_stream(s, timeout));
+    let mut out = String::with_capacity(count * 8);
+    let res: std::io::Result<()> = (|| {
+        if mode == "keepalive" {
+            let mut c = connect()?;
+            for _ in 0..200 {
+                c.get("b", "/", &[])?;
+            }
+            for _ in 0..count {
+                let t = std::time::Instant::now();
+                c.get("b", "/", &[])?;
+                out.push_str(&format!("{}\n", t.elapsed().as_nanos()));
+            }
+        } else {
+            for _ in 0..count {
+                let t = std::time::Instant::now();
+                let mut c = connect()?;
+                c.get("b", "/", &[("connection", "close")])?;
+                out.push_str(&format!("{}\n", t.elapsed().as_nanos()));
+            }
+        }
+        Ok(())
+    })();
+    print!("{out}");
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-lab latency: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -137,6 +137,7 @@ struct weft_event {
 /* ---- weft_config: one entry, written by the agent, read by every program. */
 #define WEFT_CFG_ALLOW_HOST_INGRESS (1 << 0) /* the node itself may always reach local pods */
 #define WEFT_CFG_MASQUERADE (1 << 1)         /* SNAT pod traffic leaving the native-routing CIDR */
+#define WEFT_CFG_SOCK_LB_PODS (1 << 2)       /* socket hooks also translate pods' connects (no per-packet NAT) */
 
 struct weft_config {
 	__u32 emit_level;   /* WEFT_EMIT_* */
