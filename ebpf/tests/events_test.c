@@ -8,15 +8,11 @@
 
 static __always_inline void established(__u8 seen)
 {
-	struct weft_ct_key k = {
-		.saddr = A, .daddr = B, .sport = bpf_htons(40000), .dport = bpf_htons(8080),
-		.proto = IPPROTO_TCP, .scope = WEFT_CT_SCOPE_CONN,
-	};
 	struct weft_ct_entry e = { .seen_orig = seen };
 
 	unit_endpoint(A, 1, 70001, 0);
 	unit_endpoint(B, 2, 70002, 0);
-	bpf_map_update_elem(&weft_ct, &k, &e, BPF_ANY);
+	unit_ct_put(A, B, 40000, 8080, &e);
 }
 
 /* Connection level: a data packet with flags already seen is not reported. */

@@ -50,10 +50,7 @@ CHECK(dnat_new)
 PKTGEN(dnat_sticky) { return unit_tcp(skb, CLIENT, VIP, 40000, 80, TCPF_ACK); }
 SETUP(dnat_sticky)
 {
-	struct weft_ct_key k = {
-		.saddr = CLIENT, .daddr = VIP, .sport = bpf_htons(40000), .dport = bpf_htons(80),
-		.proto = IPPROTO_TCP, .scope = WEFT_CT_SCOPE_SVC,
-	};
+	struct weft_ct_key k = unit_ct_key(CLIENT, VIP, 40000, 80, WEFT_CT_SCOPE_SVC);
 	struct weft_lb_entry lb = { .backend_id = 1, .backend_addr = B1, .backend_port = bpf_htons(8080) };
 
 	unit_config(WEFT_EMIT_CONN, 0, 0);
@@ -112,17 +109,13 @@ CHECK(backend_spread)
 PKTGEN(revnat_reply) { return unit_tcp(skb, B2, CLIENT, 8080, 40000, TCPF_SYN | TCPF_ACK); }
 SETUP(revnat_reply)
 {
-	struct weft_ct_key k = {
-		.saddr = CLIENT, .daddr = B2, .sport = bpf_htons(40000), .dport = bpf_htons(8080),
-		.proto = IPPROTO_TCP, .scope = WEFT_CT_SCOPE_CONN,
-	};
 	struct weft_ct_entry e = {
 		.flags = WEFT_CT_DNAT, .rev_addr = VIP, .rev_port = bpf_htons(80), .seen_orig = TCPF_SYN,
 	};
 
 	unit_config(WEFT_EMIT_CONN, 0, 0);
 	unit_endpoint(CLIENT, 1, ID_CLIENT, WEFT_EP_POLICY_INGRESS); /* replies skip policy */
-	bpf_map_update_elem(&weft_ct, &k, &e, BPF_ANY);
+	unit_ct_put(CLIENT, B2, 40000, 8080, &e);
 	return handle_to_container(skb);
 }
 CHECK(revnat_reply)

@@ -49,10 +49,6 @@ CHECK(nodeport_snat)
 PKTGEN(nodeport_reply) { return unit_tcp(skb, BACKEND, NODE, 8080, 61003, TCPF_SYN | TCPF_ACK); }
 SETUP(nodeport_reply)
 {
-	struct weft_ct_key k = {
-		.saddr = NODE, .daddr = BACKEND, .sport = bpf_htons(61003), .dport = bpf_htons(8080),
-		.proto = IPPROTO_TCP, .scope = WEFT_CT_SCOPE_CONN,
-	};
 	struct weft_ct_entry e = {
 		.flags = WEFT_CT_DNAT | WEFT_CT_SNAT | WEFT_CT_NODEPORT,
 		.rev_addr = NODE, .rev_port = bpf_htons(30080),
@@ -60,7 +56,7 @@ SETUP(nodeport_reply)
 	};
 
 	unit_config(WEFT_EMIT_CONN, 0, NODE);
-	bpf_map_update_elem(&weft_ct, &k, &e, BPF_ANY);
+	unit_ct_put(NODE, BACKEND, 61003, 8080, &e);
 	return handle_from_netdev(skb);
 }
 CHECK(nodeport_reply)

@@ -157,14 +157,10 @@ CHECK(policy_host_allowed)
 PKTGEN(policy_established) { return unit_tcp(skb, PEER_B, SERVER, 40000, 8080, TCPF_ACK); }
 SETUP(policy_established)
 {
-	struct weft_ct_key k = {
-		.saddr = PEER_B, .daddr = SERVER, .sport = bpf_htons(40000), .dport = bpf_htons(8080),
-		.proto = IPPROTO_TCP, .scope = WEFT_CT_SCOPE_CONN,
-	};
 	struct weft_ct_entry e = { .flags = WEFT_CT_INGRESS_OK, .seen_orig = TCPF_SYN | TCPF_ACK };
 
 	fixture(WEFT_EP_POLICY_INGRESS);
-	bpf_map_update_elem(&weft_ct, &k, &e, BPF_ANY);
+	unit_ct_put(PEER_B, SERVER, 40000, 8080, &e);
 	return handle_to_container(skb);
 }
 CHECK(policy_established)

@@ -257,22 +257,36 @@ static __always_inline void unit_service(__u32 addr, __u16 port, __u8 flags, __u
 	bpf_map_update_elem(&weft_services, &k, &v, BPF_ANY);
 }
 
-static __always_inline struct weft_ct_entry *unit_ct(__u32 s, __u32 d, __u16 sp, __u16 dp)
+static __always_inline struct weft_ct_key unit_ct_key(__u32 s, __u32 d, __u16 sp, __u16 dp, __u8 scope)
 {
 	struct weft_ct_key k = {
 		.saddr = s, .daddr = d, .sport = bpf_htons(sp), .dport = bpf_htons(dp),
-		.proto = IPPROTO_TCP, .scope = WEFT_CT_SCOPE_CONN,
+		.proto = IPPROTO_TCP, .scope = scope,
 	};
+
+	return k;
+}
+
+/* The connection entry of a TCP tuple (ports in host order), or NULL. */
+static __always_inline struct weft_ct_entry *unit_ct(__u32 s, __u32 d, __u16 sp, __u16 dp)
+{
+	struct weft_ct_key k = unit_ct_key(s, d, sp, dp, WEFT_CT_SCOPE_CONN);
 
 	return bpf_map_lookup_elem(&weft_ct, &k);
 }
 
+/* Writes the connection entry of a TCP tuple. */
+static __always_inline void unit_ct_put(__u32 s, __u32 d, __u16 sp, __u16 dp, const struct weft_ct_entry *e)
+{
+	struct weft_ct_key k = unit_ct_key(s, d, sp, dp, WEFT_CT_SCOPE_CONN);
+
+	bpf_map_update_elem(&weft_ct, &k, e, BPF_ANY);
+}
+
+/* The service translation of a pre-DNAT TCP tuple, or NULL. */
 static __always_inline struct weft_lb_entry *unit_lb(__u32 s, __u32 d, __u16 sp, __u16 dp)
 {
-	struct weft_ct_key k = {
-		.saddr = s, .daddr = d, .sport = bpf_htons(sp), .dport = bpf_htons(dp),
-		.proto = IPPROTO_TCP, .scope = WEFT_CT_SCOPE_SVC,
-	};
+	struct weft_ct_key k = unit_ct_key(s, d, sp, dp, WEFT_CT_SCOPE_SVC);
 
 	return bpf_map_lookup_elem(&weft_lb, &k);
 }

@@ -43,17 +43,7 @@ pub struct HttpServer {
 impl HttpServer {
     /// Starts a server bound to `bind` inside the named network namespace.
     pub fn start(ns: &str, bind: SocketAddr, opts: ServerOpts) -> io::Result<Self> {
-        let listener = {
-            let _g = NetnsGuard::enter(&netns::named(ns))?;
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            s.set_reuse_address(true)?;
-            if opts.transparent {
-                set_transparent(&s)?;
-            }
-            s.bind(&bind.into())?;
-            s.listen(1024)?;
-            TcpListener::from(s)
-        };
+        let listener = listen_in(ns, bind, opts.transparent)?;
         let addr = listener.local_addr()?;
         let listener = Arc::new(listener);
         let stop = Arc::new(AtomicBool::new(false));
@@ -81,6 +71,20 @@ impl Drop for HttpServer {
             let _ = t.join();
         }
     }
+}
+
+/// A TCP listener bound to `bind` inside namespace `ns`, with IP_TRANSPARENT
+/// if asked (as Envoy's `transparent: true` listeners have).
+pub fn listen_in(ns: &str, bind: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    let _g = NetnsGuard::enter(&netns::named(ns))?;
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if transparent {
+        set_transparent(&s)?;
+    }
+    s.bind(&bind.into())?;
+    s.listen(1024)?;
+    Ok(TcpListener::from(s))
 }
 
 fn set_transparent(s: &Socket) -> io::Result<()> {

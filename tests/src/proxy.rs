@@ -10,8 +10,9 @@ use std::{
     thread::JoinHandle,
 };
 
-use socket2::{Domain, Socket, Type};
 use weft_agent::netns::{self, NetnsGuard};
+
+use crate::http::listen_in;
 
 /// A forwarding proxy; stops when dropped.
 pub struct Forwarder {
@@ -23,25 +24,7 @@ impl Forwarder {
     /// Listens on `bind` (IP_TRANSPARENT) in namespace `ns`; connections to it
     /// are forwarded to `upstream` (connected from the same namespace).
     pub fn start(ns: &str, bind: SocketAddr, upstream: SocketAddr) -> io::Result<Self> {
-        let listener = {
-            let _g = NetnsGuard::enter(&netns::named(ns))?;
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            s.set_reuse_address(true)?;
-            let one: libc::c_int = 1;
-            // SAFETY: setsockopt with a valid int.
-            unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_IP,
-                    libc::IP_TRANSPARENT,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
-            s.bind(&bind.into())?;
-            s.listen(1024)?;
-            Arc::new(TcpListener::from(s))
-        };
+        let listener = Arc::new(listen_in(ns, bind, true)?);
         let ns = ns.to_owned();
         let l = listener.clone();
         let thread = std::thread::spawn(move || {

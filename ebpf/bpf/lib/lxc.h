@@ -253,23 +253,8 @@ static __always_inline int lxc_to_container(struct __sk_buff *skb, const struct 
 	return TC_ACT_OK;
 }
 
-/* Parses, and keeps ARP flowing; anything else that is not IPv4 is dropped
- * (this datapath does not enforce policy on IPv6, so it does not pass it).
- * Returns a TC action, or -1 to go on with the parsed packet. */
-static __always_inline int lxc_parse(struct __sk_buff *skb, const struct weft_config *cfg,
-				     struct pkt4 *p)
-{
-	int rc;
-
-	__builtin_memset(p, 0, sizeof(*p));
-	rc = parse_ipv4(skb, p);
-	if (rc == PARSE_NOT_IPV4)
-		return skb->protocol == bpf_htons(ETH_P_ARP) ? TC_ACT_OK
-							     : DROP(cfg, p, skb->ifindex, WEFT_DROP_UNKNOWN_L3);
-	if (rc < 0)
-		return DROP(cfg, p, skb->ifindex, -rc);
-	return -1;
-}
+/* Pods: IPv6 is dropped, since this datapath cannot enforce policy on it. */
+#define LXC_NON_IPV4 TC_ACT_SHOT
 
 /* tc ingress of a pod's device: what the pod sends. */
 static __always_inline int handle_from_container(struct __sk_buff *skb)
@@ -277,7 +262,7 @@ static __always_inline int handle_from_container(struct __sk_buff *skb)
 	const struct weft_config *cfg = config_get();
 	struct weft_endpoint *ep;
 	struct pkt4 p;
-	int rc = lxc_parse(skb, cfg, &p);
+	int rc = hook_parse(skb, cfg, &p, LXC_NON_IPV4);
 
 	if (rc >= 0)
 		return rc;
@@ -293,7 +278,7 @@ static __always_inline int handle_to_container(struct __sk_buff *skb)
 	const struct weft_config *cfg = config_get();
 	struct weft_endpoint *ep;
 	struct pkt4 p;
-	int rc = lxc_parse(skb, cfg, &p);
+	int rc = hook_parse(skb, cfg, &p, LXC_NON_IPV4);
 
 	if (rc >= 0)
 		return rc;

@@ -22,6 +22,16 @@ static __always_inline int in_native_cidr(const struct weft_config *cfg, __u32 a
 	return (addr & mask) == (cfg->native_cidr & mask);
 }
 
+/* Rewrites the source to the connection's SNAT address, noting it for the trace. */
+static __always_inline int snat_to(struct __sk_buff *skb, struct pkt4 *p, const struct weft_lb_entry *lb,
+				   struct trace_extra *x)
+{
+	x->flags |= WEFT_EVF_XLATED_SRC;
+	x->nat_addr = lb->nat_addr;
+	x->nat_port = lb->nat_port;
+	return nat_rewrite(skb, p, 1, lb->nat_addr, lb->nat_port);
+}
+
 /* A client outside reaches a NodePort, LoadBalancer or external IP. A local
  * backend gets the packet DNATed through the stack; a remote one gets it DNATed
  * and SNATed to this node, so its reply comes back here to be reversed. */
@@ -77,10 +87,7 @@ static __always_inline int netdev_to_service(struct __sk_buff *skb, const struct
 	if (rc < 0)
 		return DROP(cfg, p, skb->ifindex, -rc);
 	if (lb->nat_addr) {
-		x.flags |= WEFT_EVF_XLATED_SRC;
-		x.nat_addr = lb->nat_addr;
-		x.nat_port = lb->nat_port;
-		rc = nat_rewrite(skb, p, 1, lb->nat_addr, lb->nat_port);
+		rc = snat_to(skb, p, lb, &x);
 		if (rc < 0)
 			return DROP(cfg, p, skb->ifindex, -rc);
 	}
@@ -230,10 +237,7 @@ static __always_inline int netdev_to_network(struct __sk_buff *skb, const struct
 			if (!lb)
 				return DROP(cfg, p, skb->ifindex, WEFT_DROP_CT_CREATE_FAILED);
 		}
-		x.flags = WEFT_EVF_XLATED_SRC;
-		x.nat_addr = lb->nat_addr;
-		x.nat_port = lb->nat_port;
-		rc = nat_rewrite(skb, p, 1, lb->nat_addr, lb->nat_port);
+		rc = snat_to(skb, p, lb, &x);
 		if (rc < 0)
 			return DROP(cfg, p, skb->ifindex, -rc);
 	}
@@ -257,28 +261,15 @@ static __always_inline int netdev_to_network(struct __sk_buff *skb, const struct
 	return TC_ACT_OK;
 }
 
-/* Non-IPv4 traffic on the node's device is not ours to judge: it passes.
- * Returns a TC action, or -1 to go on with the parsed packet. */
-static __always_inline int netdev_parse(struct __sk_buff *skb, const struct weft_config *cfg,
-					struct pkt4 *p)
-{
-	int rc;
-
-	__builtin_memset(p, 0, sizeof(*p));
-	rc = parse_ipv4(skb, p);
-	if (rc == PARSE_NOT_IPV4)
-		return TC_ACT_OK;
-	if (rc < 0)
-		return DROP(cfg, p, skb->ifindex, -rc);
-	return -1;
-}
+/* Non-IPv4 traffic on the node's device is not ours to judge: it passes. */
+#define NETDEV_NON_IPV4 TC_ACT_OK
 
 /* tc ingress of the node's device. */
 static __always_inline int handle_from_netdev(struct __sk_buff *skb)
 {
 	const struct weft_config *cfg = config_get();
 	struct pkt4 p;
-	int rc = netdev_parse(skb, cfg, &p);
+	int rc = hook_parse(skb, cfg, &p, NETDEV_NON_IPV4);
 
 	return rc >= 0 ? rc : netdev_from_network(skb, cfg, &p);
 }
@@ -288,7 +279,7 @@ static __always_inline int handle_to_netdev(struct __sk_buff *skb)
 {
 	const struct weft_config *cfg = config_get();
 	struct pkt4 p;
-	int rc = netdev_parse(skb, cfg, &p);
+	int rc = hook_parse(skb, cfg, &p, NETDEV_NON_IPV4);
 
 	return rc >= 0 ? rc : netdev_to_network(skb, cfg, &p);
 }

@@ -152,6 +152,20 @@ static __always_inline int sock4_reverse(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* A drop record for a connection sk_lookup could not hand to the proxy. */
+static __always_inline void sk_lookup_drop(struct bpf_sk_lookup *ctx, __u8 reason, __u32 line)
+{
+	struct pkt4 p;
+
+	__builtin_memset(&p, 0, sizeof(p));
+	p.saddr = ctx->remote_ip4;
+	p.sport = ctx->remote_port;
+	p.daddr = ctx->local_ip4;
+	p.dport = bpf_htons((__u16)ctx->local_port);
+	p.proto = IPPROTO_TCP;
+	emit_drop(config_get(), &p, ctx->ingress_ifindex, reason, line);
+}
+
 /* sk_lookup: a connection for an L7 frontend (delivered locally because its
  * packets carry the proxy mark, or addressed to a node address for NodePort)
  * is given to the proxy's listener. Running at socket lookup, after the
@@ -173,32 +187,14 @@ static __always_inline int proxy_assign(struct bpf_sk_lookup *ctx)
 	port_key = svc->proxy_port;
 	sk = bpf_map_lookup_elem(&weft_proxy_socks, &port_key);
 	if (!sk) {
-		struct pkt4 p;
-
-		__builtin_memset(&p, 0, sizeof(p));
-		p.saddr = ctx->remote_ip4;
-		p.sport = ctx->remote_port;
-		p.daddr = ctx->local_ip4;
-		p.dport = bpf_htons((__u16)ctx->local_port);
-		p.proto = IPPROTO_TCP;
-		emit_drop(config_get(), &p, ctx->ingress_ifindex, WEFT_DROP_PROXY_LOOKUP_FAILED,
-			  __LINE__);
-		return SK_PASS; /* no listener: the client is refused by the stack */
+		/* No listener: say so, and let the stack refuse the client. */
+		sk_lookup_drop(ctx, WEFT_DROP_PROXY_LOOKUP_FAILED, __LINE__);
+		return SK_PASS;
 	}
 	err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
-	if (err) {
-		struct pkt4 p;
-
-		__builtin_memset(&p, 0, sizeof(p));
-		p.saddr = ctx->remote_ip4;
-		p.sport = ctx->remote_port;
-		p.daddr = ctx->local_ip4;
-		p.dport = bpf_htons((__u16)ctx->local_port);
-		p.proto = IPPROTO_TCP;
-		emit_drop(config_get(), &p, ctx->ingress_ifindex, WEFT_DROP_PROXY_SET_FAILED,
-			  __LINE__);
-	}
+	if (err)
+		sk_lookup_drop(ctx, WEFT_DROP_PROXY_SET_FAILED, __LINE__);
 	return SK_PASS;
 }
 

@@ -68,6 +68,26 @@ static __always_inline void trace_if(const struct weft_config *cfg, const struct
 		emit_trace(cfg, p, ifindex, obs, reason_of(dir, p), x);
 }
 
+/* Parses the packet at a hook. Returns -1 to go on with *p, or the TC action
+ * for packets that end here: `non_ipv4` for what is not IPv4 (ARP always
+ * passes), TC_ACT_SHOT with a drop record for malformed IPv4. */
+static __always_inline int hook_parse(struct __sk_buff *skb, const struct weft_config *cfg, struct pkt4 *p,
+				      int non_ipv4)
+{
+	int rc;
+
+	__builtin_memset(p, 0, sizeof(*p));
+	rc = parse_ipv4(skb, p);
+	if (rc == PARSE_NOT_IPV4) {
+		if (non_ipv4 == TC_ACT_OK || skb->protocol == bpf_htons(ETH_P_ARP))
+			return TC_ACT_OK;
+		return DROP(cfg, p, skb->ifindex, WEFT_DROP_UNKNOWN_L3);
+	}
+	if (rc < 0)
+		return DROP(cfg, p, skb->ifindex, -rc);
+	return -1;
+}
+
 static __always_inline void mark_set(struct __sk_buff *skb, __u32 magic)
 {
 	skb->mark = (skb->mark & ~WEFT_MARK_MASK) | magic;
