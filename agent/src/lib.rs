@@ -9,3 +9,5 @@ pub mod netns;
 pub mod reconcile;
 pub mod run;
 pub mod state;
+pub mod validate;
+pub mod xds;

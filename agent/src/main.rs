@@ -29,6 +29,13 @@ enum Command {
         #[arg(long)]
         netns: Option<PathBuf>,
     },
+    /// Check EnvoyConfigs (and the Services and Secrets they use) in files or
+    /// directories, offline, as the agent would before pushing them to Envoy.
+    /// Exit status 0: all valid; 1: problems (one line each).
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Remove every pin of the datapath (maps and links) and the proxy route:
     /// weft's programs stop on this node.
     DatapathReset {
@@ -72,6 +79,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.validate()?;
             weft_agent::run::run(cfg)
+        }
+        Command::Validate { paths } => {
+            let report = weft_agent::validate::validate(&paths);
+            for p in &report.problems {
+                println!("{p}");
+            }
+            eprintln!(
+                "{} EnvoyConfig(s), {} valid, {} problem(s)",
+                report.configs,
+                report.valid,
+                report.problems.len()
+            );
+            if !report.problems.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::DatapathReset { bpffs_dir } => {
             Datapath::remove_pins(&bpffs_dir)?;

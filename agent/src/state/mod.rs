@@ -172,7 +172,7 @@ impl Snapshot {
 
 /// The backends of one Service port: from its EndpointSlices, else from its
 /// Endpoints object. Only ready IPv4 addresses count.
-fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects) -> Vec<BackendAddr> {
+pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects) -> Vec<BackendAddr> {
     let mut out = BTreeSet::new();
     let mut slices = objects.endpoint_slices.values().filter(|s| {
         let s = &s.object;

@@ -1,0 +1,279 @@
+//! EnvoyConfig objects: the spec shape of Cilium's CiliumEnvoyConfig, as our
+//! kinds `EnvoyConfig` (namespaced) and `ClusterwideEnvoyConfig` in
+//! `weft.io/v1alpha1`, with Cilium's `cilium.io/v2` kinds accepted unchanged.
+
+use std::{collections::BTreeMap, fmt};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::k8s::{ObjKey, Origin};
+
+/// Our API group and version.
+pub const API_VERSION: &str = "weft.io/v1alpha1";
+
+/// The spec of an EnvoyConfig (and of Cilium's CiliumEnvoyConfig).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyConfigSpec {
+    /// Services whose traffic is redirected to a listener of this config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceListener>,
+    /// Services whose endpoints are sent to Envoy (EDS), without redirecting them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_services: Vec<BackendService>,
+    /// Envoy resources (Listener, RouteConfiguration, Cluster,
+    /// ClusterLoadAssignment, Secret) in JSON form with `@type`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<Value>,
+    /// Nodes this config applies to; absent: all nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+}
+
+/// A Service redirected to a listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceListener {
+    pub name: String,
+    /// Ignored for namespaced configs (their own namespace applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Listener (its name in `resources`); absent: the first listener of the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
+    /// Service ports to redirect; empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+/// A Service whose endpoints Envoy gets.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendService {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Service ports (numbers or names) to send; empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "ports_as_strings")]
+    pub number: Vec<String>,
+}
+
+fn ports_as_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v: Vec<Value> = Deserialize::deserialize(d)?;
+    v.into_iter()
+        .map(|x| match x {
+            Value::String(s) => Ok(s),
+            Value::Number(n) => Ok(n.to_string()),
+            other => Err(serde::de::Error::custom(format!("expected a port number or name, got {other}"))),
+        })
+        .collect()
+}
+
+/// Identifies a config: clusterwide ones have no namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConfigKey {
+    pub clusterwide: bool,
+    pub key: ObjKey,
+}
+
+impl ConfigKey {
+    /// The namespace used to qualify resource names ("" when clusterwide).
+    pub fn namespace(&self) -> &str {
+        &self.key.namespace
+    }
+
+    pub fn name(&self) -> &str {
+        &self.key.name
+    }
+}
+
+impl fmt::Display for ConfigKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.clusterwide {
+            write!(f, "ClusterwideEnvoyConfig {}", self.key.name)
+        } else {
+            write!(f, "EnvoyConfig {}", self.key)
+        }
+    }
+}
+
+/// One EnvoyConfig as read from a source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnvoyConfig {
+    pub key: ConfigKey,
+    pub origin: Origin,
+    /// metadata.generation (0 when the source has none, e.g. a file).
+    pub generation: i64,
+    /// metadata.labels and annotations, for reports.
+    pub annotations: BTreeMap<String, String>,
+    pub spec: EnvoyConfigSpec,
+}
+
+/// Whether a kind/apiVersion pair is an EnvoyConfig: Some(clusterwide).
+pub fn kind_of(api_version: &str, kind: &str) -> Option<bool> {
+    match (api_version, kind) {
+        (API_VERSION, "EnvoyConfig") | ("cilium.io/v2", "CiliumEnvoyConfig") => Some(false),
+        (API_VERSION, "ClusterwideEnvoyConfig") | ("cilium.io/v2", "CiliumClusterwideEnvoyConfig") => Some(true),
+        _ => None,
+    }
+}
+
+/// A DNS-1123 subdomain, as Kubernetes requires of object names.
+pub fn valid_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Why a document is not a usable EnvoyConfig.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config, when the document got far enough to name it.
+    pub key: Option<ConfigKey>,
+    /// "EnvoyConfig ns/name" when known.
+    pub object: String,
+    /// Field path (`spec.services[0].listnr`) when known.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.object, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.object, self.path, self.message)
+        }
+    }
+}
+
+/// Parses a document whose kind is an EnvoyConfig kind.
+pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
+    let api = doc.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let Some(clusterwide) = kind_of(api, kind) else {
+        return Err(ConfigError {
+            key: None,
+            object: kind.into(),
+            path: "apiVersion".into(),
+            message: format!("{api}/{kind} is not an EnvoyConfig kind"),
+        });
+    };
+    let meta = doc.get("metadata").cloned().unwrap_or(Value::Null);
+    let name = meta.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let namespace = if clusterwide {
+        String::new()
+    } else {
+        meta.get("namespace").and_then(Value::as_str).unwrap_or("default").to_owned()
+    };
+    let key = ConfigKey { clusterwide, key: ObjKey::new(namespace, name.clone()) };
+    let object = key.to_string();
+    if !valid_object_name(&name) {
+        return Err(ConfigError {
+            key: None,
+            object,
+            path: "metadata.name".into(),
+            message: format!(
+                "{name:?} is not a valid object name (lower-case letters, digits, '-' and '.'){}",
+                if name.contains("{{") { "; it looks like an unrendered template" } else { "" }
+            ),
+        });
+    }
+    for field in doc.as_object().into_iter().flat_map(|o| o.keys()) {
+        if !matches!(field.as_str(), "apiVersion" | "kind" | "metadata" | "spec" | "status") {
+            return Err(ConfigError { key: Some(key), object, path: field.clone(), message: "unknown field".into() });
+        }
+    }
+    let spec_value = doc.get("spec").cloned().unwrap_or(Value::Object(Default::default()));
+    let spec: EnvoyConfigSpec = serde_path_to_error::deserialize(spec_value).map_err(|e| ConfigError {
+        key: Some(key.clone()),
+        object: object.clone(),
+        path: format!("spec.{}", e.path()).trim_end_matches('.').to_owned(),
+        message: e.inner().to_string(),
+    })?;
+    let annotations = meta
+        .get("annotations")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
+        .unwrap_or_default();
+    Ok(EnvoyConfig {
+        key,
+        origin,
+        generation: meta.get("generation").and_then(Value::as_i64).unwrap_or(0),
+        annotations,
+        spec,
+    })
+}
+
+/// Whether a label selector matches a set of labels (matchLabels and matchExpressions).
+pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(s: &str) -> Value {
+        serde_saphyr::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn cilium_kinds_parse_unchanged() {
+        let c = parse(
+            Origin::Api,
+            &doc("apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: lb}\nspec:\n  services: [{name: web, namespace: default}]\n  backendServices: [{name: b, number: [\"80\", 8080]}]\n"),
+        )
+        .unwrap();
+        assert!(!c.key.clusterwide);
+        assert_eq!(c.key.key, ObjKey::new("default", "lb"));
+        assert_eq!(c.spec.backend_services[0].number, vec!["80", "8080"]);
+        let cw = parse(
+            Origin::Api,
+            &doc("apiVersion: weft.io/v1alpha1\nkind: ClusterwideEnvoyConfig\nmetadata: {name: x}\nspec: {}\n"),
+        )
+        .unwrap();
+        assert!(cw.key.clusterwide && cw.key.namespace().is_empty());
+    }
+
+    #[test]
+    fn spec_errors_name_the_path() {
+        let e = parse(Origin::Api, &doc("apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {name: x, namespace: ns}\nspec:\n  services: [{name: a, listnr: l}]\n")).unwrap_err();
+        assert_eq!(e.object, "EnvoyConfig ns/x");
+        assert_eq!(e.path, "spec.services[0].listnr");
+        assert!(e.message.contains("unknown field `listnr`"), "{e}");
+        let e = parse(
+            Origin::Api,
+            &doc("apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {name: \"p-{{.X}}\"}\nspec: {}\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unrendered template"), "{e}");
+    }
+
+    #[test]
+    fn selectors() {
+        let sel: LabelSelector = serde_json::from_value(serde_json::json!({"matchLabels": {"role": "infra"}})).unwrap();
+        let mut labels = BTreeMap::new();
+        assert!(!selector_matches(&sel, &labels));
+        labels.insert("role".to_string(), "infra".to_string());
+        assert!(selector_matches(&sel, &labels));
+    }
+}

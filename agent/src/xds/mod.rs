@@ -1,0 +1,8 @@
+//! The xDS control plane: EnvoyConfig objects translated into validated Envoy
+//! resources, served to the node's Envoy over ADS.
+
+pub mod envoyconfig;
+pub mod model;
+pub mod ports;
+pub mod protojson;
+pub mod translate;

@@ -1,0 +1,829 @@
+//! All EnvoyConfigs of the node together: each translated on its own, then
+//! checked against the others (name clashes, port clashes, Services redirected
+//! twice) and for references that lead nowhere (listener -> route
+//! configuration, route -> cluster, EDS cluster -> endpoints, SDS -> secret).
+//!
+//! An object that fails is rejected alone: if an earlier version of it was
+//! accepted, that version stays in effect; no other object is affected. The
+//! result is one xDS snapshot, the datapath's redirects, and a status for every
+//! object.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            core::v3::{Address, DataSource, SocketAddress, address, data_source, socket_address},
+            endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
+        },
+        extensions::transport_sockets::tls::v3::{Secret, TlsCertificate, secret},
+    },
+    google::protobuf::Any,
+};
+use prost::{Message, Name};
+use serde::Serialize;
+
+use super::{
+    envoyconfig::{ConfigError, ConfigKey, EnvoyConfig, EnvoyConfigSpec, selector_matches},
+    ports::ProxyPorts,
+    translate::{self, BOOTSTRAP_CLUSTERS, Translated},
+};
+use crate::{
+    k8s::{ObjKey, Objects},
+    state::{Redirects, backends},
+};
+
+/// Ports other parts of the node use; a listener may not take them.
+pub const RESERVED_PORTS: &[(u16, &str)] =
+    &[(9901, "Envoy's admin interface"), (9962, "weft's metrics"), (4244, "weft's flow API")];
+
+/// One resource of the snapshot, with the object it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub name: String,
+    pub any: Any,
+    /// None for resources the agent generated (endpoints, secrets from Kubernetes).
+    pub owner: Option<ConfigKey>,
+    /// A hash of the encoded resource: its version for delta xDS.
+    pub version: String,
+}
+
+impl Resource {
+    fn new<T: Message + Name>(name: String, m: &T, owner: Option<ConfigKey>) -> Self {
+        let value = m.encode_to_vec();
+        let version = format!("{:016x}", fnv(&value));
+        Self { name, any: Any { type_url: T::type_url(), value }, owner, version }
+    }
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ *x as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Resources by type URL, then by name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct XdsSnapshot {
+    pub types: BTreeMap<String, BTreeMap<String, Arc<Resource>>>,
+}
+
+impl XdsSnapshot {
+    fn put(&mut self, r: Resource) {
+        self.types.entry(r.any.type_url.clone()).or_default().insert(r.name.clone(), Arc::new(r));
+    }
+
+    /// The version of one type's resource set: changes when any resource of it does.
+    pub fn type_version(&self, type_url: &str) -> String {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for (name, r) in self.types.get(type_url).into_iter().flatten() {
+            h = (h ^ fnv(name.as_bytes())).wrapping_mul(0x100_0000_01b3);
+            h = (h ^ fnv(r.version.as_bytes())).wrapping_mul(0x100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
+    /// The resources of a type (empty if none).
+    pub fn of(&self, type_url: &str) -> impl Iterator<Item = &Arc<Resource>> {
+        self.types.get(type_url).into_iter().flat_map(|m| m.values())
+    }
+}
+
+/// Which version of an object is in effect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum Serving {
+    /// The object as it is now.
+    Current,
+    /// An earlier accepted version (its generation), since the current one is rejected.
+    LastGood { generation: i64 },
+    /// Nothing of it.
+    Nothing,
+}
+
+/// The state of one EnvoyConfig on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ConfigStatus {
+    /// "EnvoyConfig ns/name" or "ClusterwideEnvoyConfig name".
+    pub object: String,
+    pub origin: String,
+    pub generation: i64,
+    /// False when its nodeSelector leaves this node out (valid, not applied here).
+    pub for_this_node: bool,
+    /// Why it (the current version) is rejected; empty if valid.
+    pub problems: Vec<String>,
+    pub serving: Serving,
+    /// Listeners and the proxy port each got.
+    pub listeners: Vec<(String, u16)>,
+}
+
+/// The node the model is built for.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Every nodeSelector matches (offline validation).
+    pub any: bool,
+}
+
+/// What a build produced.
+#[derive(Clone, Debug, Default)]
+pub struct Built {
+    pub xds: XdsSnapshot,
+    pub redirects: Redirects,
+    pub statuses: BTreeMap<ConfigKey, ConfigStatus>,
+    /// Proxy ports the datapath hands connections to.
+    pub proxy_ports: Vec<u16>,
+}
+
+#[derive(Clone)]
+struct Good {
+    spec: EnvoyConfigSpec,
+    generation: i64,
+    translated: Translated,
+}
+
+/// Carries accepted versions and port allocations from one build to the next.
+pub struct Model {
+    ports: ProxyPorts,
+    good: BTreeMap<ConfigKey, Good>,
+    /// Versions Envoy refused: (spec, Envoy's message).
+    nacked: BTreeMap<ConfigKey, (EnvoyConfigSpec, String)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Priority {
+    /// The current version, already accepted before.
+    Serving = 0,
+    /// An earlier version standing in for a rejected current one.
+    Fallback = 1,
+    /// A new or changed version.
+    New = 2,
+}
+
+struct Candidate {
+    key: ConfigKey,
+    priority: Priority,
+    generation: i64,
+    translated: Translated,
+}
+
+impl Model {
+    pub fn new(ports: ProxyPorts) -> Self {
+        Self { ports, good: BTreeMap::new(), nacked: BTreeMap::new() }
+    }
+
+    /// Records that Envoy refused the current version of `key`: the next
+    /// build rejects that version (with Envoy's message) until it changes.
+    pub fn nack(&mut self, key: &ConfigKey, spec: &EnvoyConfigSpec, message: String) {
+        if self.good.get(key).is_some_and(|g| g.spec == *spec) {
+            self.good.remove(key);
+        }
+        self.nacked.insert(key.clone(), (spec.clone(), message));
+    }
+
+    /// Builds the snapshot for `node` from every config (and every config
+    /// that failed to parse), against the Kubernetes objects.
+    pub fn build(
+        &mut self,
+        configs: &[EnvoyConfig],
+        parse_errors: &[ConfigError],
+        objects: &Objects,
+        node: &NodeInfo,
+    ) -> Built {
+        let mut built = Built::default();
+        let mut candidates = Vec::new();
+        let mut specs: BTreeMap<ConfigKey, &EnvoyConfig> = BTreeMap::new();
+
+        for cfg in configs {
+            specs.insert(cfg.key.clone(), cfg);
+            let for_node =
+                node.any || cfg.spec.node_selector.as_ref().is_none_or(|s| selector_matches(s, &node.labels));
+            let mut status = ConfigStatus {
+                object: cfg.key.to_string(),
+                origin: cfg.origin.to_string(),
+                generation: cfg.generation,
+                for_this_node: for_node,
+                problems: Vec::new(),
+                serving: Serving::Nothing,
+                listeners: Vec::new(),
+            };
+            let nacked = self.nacked.get(&cfg.key).filter(|(s, _)| *s == cfg.spec).map(|(_, m)| m.clone());
+            if self.nacked.get(&cfg.key).is_some_and(|(s, _)| *s != cfg.spec) {
+                self.nacked.remove(&cfg.key);
+            }
+            let result = match nacked {
+                Some(m) => Err(vec![format!("Envoy refused it: {m}")]),
+                None => translate::translate(cfg).map_err(|ps| ps.iter().map(|p| p.to_string()).collect()),
+            };
+            match result {
+                Ok(t) if for_node => {
+                    let priority = if self.good.get(&cfg.key).is_some_and(|g| g.spec == cfg.spec) {
+                        Priority::Serving
+                    } else {
+                        Priority::New
+                    };
+                    candidates.push(Candidate {
+                        key: cfg.key.clone(),
+                        priority,
+                        generation: cfg.generation,
+                        translated: t,
+                    });
+                }
+                Ok(_) => {}
+                Err(problems) => {
+                    status.problems = problems;
+                    if let Some(g) = self.good.get(&cfg.key).filter(|_| for_node) {
+                        candidates.push(Candidate {
+                            key: cfg.key.clone(),
+                            priority: Priority::Fallback,
+                            generation: g.generation,
+                            translated: g.translated.clone(),
+                        });
+                    }
+                }
+            }
+            built.statuses.insert(cfg.key.clone(), status);
+        }
+        for e in parse_errors {
+            let Some(key) = &e.key else { continue };
+            let status = ConfigStatus {
+                object: key.to_string(),
+                origin: String::new(),
+                generation: 0,
+                for_this_node: true,
+                problems: vec![e.to_string()],
+                serving: Serving::Nothing,
+                listeners: Vec::new(),
+            };
+            if let Some(g) = self.good.get(key) {
+                candidates.push(Candidate {
+                    key: key.clone(),
+                    priority: Priority::Fallback,
+                    generation: g.generation,
+                    translated: g.translated.clone(),
+                });
+            }
+            built.statuses.insert(key.clone(), status);
+        }
+        candidates.sort_by(|a, b| (a.priority, &a.key).cmp(&(b.priority, &b.key)));
+
+        // Accept in priority order; a candidate that clashes with what is
+        // already accepted is rejected (falling back to its last good version).
+        let mut accepted: Vec<Candidate> = Vec::new();
+        for c in candidates {
+            match clash(&c, &accepted) {
+                None => accepted.push(c),
+                Some(why) => self.reject(&mut built, c, vec![why], &mut accepted, objects),
+            }
+        }
+        // Drop (to their last good version) candidates whose references lead
+        // nowhere, until none does.
+        loop {
+            let known = Known::of(&accepted, objects);
+            let Some(i) = accepted.iter().position(|c| !dangling(c, &known).is_empty()) else { break };
+            let c = accepted.remove(i);
+            let problems = dangling(&c, &known);
+            self.reject(&mut built, c, problems, &mut accepted, objects);
+        }
+
+        self.emit(&mut built, accepted, objects, &specs);
+        built
+    }
+
+    /// Rejects a candidate; its last good version takes its place if that is
+    /// a different version and fits.
+    fn reject(
+        &self,
+        built: &mut Built,
+        c: Candidate,
+        problems: Vec<String>,
+        accepted: &mut Vec<Candidate>,
+        objects: &Objects,
+    ) {
+        if let Some(s) = built.statuses.get_mut(&c.key) {
+            if c.priority != Priority::Fallback {
+                s.problems.extend(problems);
+            }
+        }
+        if c.priority != Priority::New {
+            return;
+        }
+        let Some(g) = self.good.get(&c.key) else { return };
+        let fallback = Candidate {
+            key: c.key.clone(),
+            priority: Priority::Fallback,
+            generation: g.generation,
+            translated: g.translated.clone(),
+        };
+        if clash(&fallback, accepted).is_some() {
+            return;
+        }
+        accepted.push(fallback);
+        // Its references may point at itself: check with it in place.
+        if !dangling(accepted.last().expect("just pushed"), &Known::of(accepted, objects)).is_empty() {
+            accepted.pop();
+        }
+    }
+
+    fn emit(
+        &mut self,
+        built: &mut Built,
+        accepted: Vec<Candidate>,
+        objects: &Objects,
+        specs: &BTreeMap<ConfigKey, &EnvoyConfig>,
+    ) {
+        let mut listeners_in_use = BTreeSet::new();
+        let mut eds: BTreeMap<String, ClusterLoadAssignment> = BTreeMap::new();
+        let pinned: BTreeSet<u16> = accepted
+            .iter()
+            .flat_map(|c| &c.translated.listeners)
+            .filter_map(|l| translate::pinned_port(&l.resource))
+            .map(|p| p.1)
+            .collect();
+
+        for c in &accepted {
+            let owner = Some(c.key.clone());
+            let t = &c.translated;
+            let mut ports_of = BTreeMap::new();
+            for l in &t.listeners {
+                let mut listener = l.resource.clone();
+                let port = match translate::pinned_port(&listener) {
+                    Some((_, p)) => {
+                        if t.redirects.iter().any(|r| r.listener == l.name) {
+                            listener.transparent = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+                        }
+                        Some(p)
+                    }
+                    None => {
+                        listeners_in_use.insert(l.name.clone());
+                        let port = self.ports.allocate(&l.name, &pinned);
+                        if let Some(p) = port {
+                            translate::bind_proxy_port(&mut listener, p);
+                        }
+                        port
+                    }
+                };
+                if let Some(p) = port {
+                    ports_of.insert(l.name.clone(), p);
+                    if let Some(s) = built.statuses.get_mut(&c.key) {
+                        s.listeners.push((l.name.clone(), p));
+                    }
+                }
+                built.xds.put(Resource::new(l.name.clone(), &listener, owner.clone()));
+            }
+            for r in &t.routes {
+                built.xds.put(Resource::new(r.name.clone(), &r.resource, owner.clone()));
+            }
+            for r in &t.clusters {
+                built.xds.put(Resource::new(r.name.clone(), &r.resource, owner.clone()));
+            }
+            for r in &t.endpoints {
+                built.xds.put(Resource::new(r.name.clone(), &r.resource, owner.clone()));
+            }
+            for r in &t.secrets {
+                built.xds.put(Resource::new(r.name.clone(), &r.resource, owner.clone()));
+            }
+            for r in &t.redirects {
+                let Some(port) = ports_of.get(&r.listener) else { continue };
+                if r.ports.is_empty() {
+                    built.redirects.insert((r.service.clone(), None), *port);
+                } else {
+                    for p in &r.ports {
+                        built.redirects.insert((r.service.clone(), Some(*p)), *port);
+                    }
+                }
+                if !built.proxy_ports.contains(port) {
+                    built.proxy_ports.push(*port);
+                }
+            }
+            for e in &t.eds_services {
+                for cla in endpoints_of(&e.service, &e.ports, objects) {
+                    eds.entry(cla.cluster_name.clone()).or_insert(cla);
+                }
+            }
+            // Secrets the config references that Kubernetes holds.
+            for (_, name) in &t.references.secrets {
+                if built.xds.of(translate::SECRET).any(|s| s.name == *name) {
+                    continue;
+                }
+                if let Some(s) = k8s_secret(name, objects) {
+                    built.xds.put(Resource::new(name.clone(), &s, None));
+                }
+            }
+            let serving = if c.priority == Priority::Fallback {
+                Serving::LastGood { generation: c.generation }
+            } else {
+                Serving::Current
+            };
+            if let Some(s) = built.statuses.get_mut(&c.key) {
+                s.serving = serving;
+            }
+            if c.priority != Priority::Fallback {
+                if let Some(cfg) = specs.get(&c.key) {
+                    self.good.insert(
+                        c.key.clone(),
+                        Good { spec: cfg.spec.clone(), generation: cfg.generation, translated: c.translated.clone() },
+                    );
+                }
+            }
+        }
+        for cla in eds.into_values() {
+            // A config's own ClusterLoadAssignment wins over a generated one.
+            if !built.xds.of(translate::ENDPOINT).any(|r| r.name == cla.cluster_name) {
+                built.xds.put(Resource::new(cla.cluster_name.clone(), &cla, None));
+            }
+        }
+        // Forget configs that are gone.
+        let present: BTreeSet<&ConfigKey> = built.statuses.keys().collect();
+        self.good.retain(|k, _| present.contains(k));
+        self.nacked.retain(|k, _| present.contains(k));
+        self.ports.release_others(&listeners_in_use);
+        built.proxy_ports.sort();
+    }
+
+    /// The spec version currently accepted for an object (for NACK attribution).
+    pub fn accepted_spec(&self, key: &ConfigKey) -> Option<&EnvoyConfigSpec> {
+        self.good.get(key).map(|g| &g.spec)
+    }
+}
+
+/// Why a candidate cannot go in beside the accepted ones, if it cannot.
+fn clash(c: &Candidate, accepted: &[Candidate]) -> Option<String> {
+    let t = &c.translated;
+    for other in accepted.iter().filter(|o| o.key != c.key) {
+        let o = &other.translated;
+        let same = |a: &[String], b: &[String]| a.iter().find(|x| b.contains(x)).cloned();
+        let names = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>();
+        for (kind, mine, theirs) in [
+            (
+                "Listener",
+                names(t.listeners.iter().map(|x| &x.name).collect()),
+                names(o.listeners.iter().map(|x| &x.name).collect()),
+            ),
+            (
+                "RouteConfiguration",
+                names(t.routes.iter().map(|x| &x.name).collect()),
+                names(o.routes.iter().map(|x| &x.name).collect()),
+            ),
+            (
+                "Cluster",
+                names(t.clusters.iter().map(|x| &x.name).collect()),
+                names(o.clusters.iter().map(|x| &x.name).collect()),
+            ),
+            (
+                "ClusterLoadAssignment",
+                names(t.endpoints.iter().map(|x| &x.name).collect()),
+                names(o.endpoints.iter().map(|x| &x.name).collect()),
+            ),
+            (
+                "Secret",
+                names(t.secrets.iter().map(|x| &x.name).collect()),
+                names(o.secrets.iter().map(|x| &x.name).collect()),
+            ),
+        ] {
+            if let Some(n) = same(&mine, &theirs) {
+                return Some(format!("{kind} {n:?} is already defined by {}", other.key));
+            }
+        }
+        for r in &t.redirects {
+            for q in &o.redirects {
+                let overlap = r.service == q.service
+                    && (r.ports.is_empty() || q.ports.is_empty() || r.ports.iter().any(|p| q.ports.contains(p)));
+                if overlap {
+                    return Some(format!("Service {} is already redirected by {}", r.service, other.key));
+                }
+            }
+        }
+        for l in &t.listeners {
+            let Some((addr, port)) = translate::pinned_port(&l.resource) else { continue };
+            for ol in &o.listeners {
+                if let Some((oaddr, oport)) = translate::pinned_port(&ol.resource) {
+                    if port == oport && overlapping(&addr, &oaddr) {
+                        return Some(format!(
+                            "listener {:?} binds {}, as does {} (listener {:?})",
+                            l.name,
+                            show_addr(&addr, port),
+                            other.key,
+                            ol.name
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for l in &t.listeners {
+        let Some((addr, port)) = translate::pinned_port(&l.resource) else { continue };
+        if let Some((_, what)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
+            return Some(format!(
+                "listener {:?} binds {}, which is {what}'s port on every node",
+                l.name,
+                show_addr(&addr, port)
+            ));
+        }
+    }
+    None
+}
+
+fn show_addr(addr: &str, port: u16) -> String {
+    if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
+}
+
+fn overlapping(a: &str, b: &str) -> bool {
+    let any = |x: &str| x.is_empty() || x == "0.0.0.0" || x == "::";
+    a == b || any(a) || any(b)
+}
+
+/// Names the accepted candidates (and Kubernetes) provide.
+struct Known {
+    routes: BTreeSet<String>,
+    clusters: BTreeSet<String>,
+    endpoints: BTreeSet<String>,
+    secrets: BTreeSet<String>,
+}
+
+impl Known {
+    fn of(accepted: &[Candidate], objects: &Objects) -> Self {
+        let mut k = Known {
+            routes: BTreeSet::new(),
+            clusters: BOOTSTRAP_CLUSTERS.iter().map(|s| s.to_string()).collect(),
+            endpoints: BTreeSet::new(),
+            secrets: objects.secrets.keys().map(|k| k.to_string()).collect(),
+        };
+        for c in accepted {
+            let t = &c.translated;
+            k.routes.extend(t.routes.iter().map(|r| r.name.clone()));
+            k.clusters.extend(t.clusters.iter().map(|r| r.name.clone()));
+            k.endpoints.extend(t.endpoints.iter().map(|r| r.name.clone()));
+            k.secrets.extend(t.secrets.iter().map(|r| r.name.clone()));
+            for e in &t.eds_services {
+                k.endpoints.insert(e.service.to_string());
+                // Port-specific names exist for any port the Service may have.
+                k.endpoints.insert(format!("{}:*", e.service));
+            }
+        }
+        k
+    }
+
+    fn has_endpoints(&self, name: &str) -> bool {
+        self.endpoints.contains(name)
+            || name.rsplit_once(':').is_some_and(|(svc, _)| self.endpoints.contains(&format!("{svc}:*")))
+    }
+}
+
+/// References of a candidate that nothing provides.
+fn dangling(c: &Candidate, known: &Known) -> Vec<String> {
+    let r = &c.translated.references;
+    let mut out = Vec::new();
+    for (at, name) in &r.routes {
+        if !known.routes.contains(name) {
+            out.push(format!("{at}: route configuration {name:?} is not defined by any EnvoyConfig"));
+        }
+    }
+    for (at, name) in &r.clusters {
+        if !known.clusters.contains(name) {
+            out.push(format!("{at}: cluster {name:?} is not defined by any EnvoyConfig"));
+        }
+    }
+    for (at, name) in &r.endpoints {
+        if !known.has_endpoints(name) {
+            out.push(format!(
+                "{at}: EDS cluster takes endpoints from {name:?}, but no ClusterLoadAssignment has that name and no config lists it in services or backendServices"
+            ));
+        }
+    }
+    for (at, name) in &r.secrets {
+        if !known.secrets.contains(name) {
+            out.push(format!("{at}: secret {name:?} is neither a Secret resource nor a Kubernetes Secret"));
+        }
+    }
+    out
+}
+
+/// ClusterLoadAssignments for a Service: `<ns>/<svc>` (the selected ports
+/// together) and `<ns>/<svc>:<port>` for each selected port, from its ready
+/// endpoints. A Service that does not exist (yet) gets an empty `<ns>/<svc>`.
+pub fn endpoints_of(service: &ObjKey, filter: &[String], objects: &Objects) -> Vec<ClusterLoadAssignment> {
+    let base = service.to_string();
+    let Some(svc) = objects.services.get(service) else {
+        return vec![cla(&base, &[])];
+    };
+    let ports: Vec<_> = svc
+        .object
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter(|p| {
+            filter.is_empty()
+                || filter.iter().any(|f| *f == p.port.to_string() || Some(f.as_str()) == p.name.as_deref())
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut out = Vec::new();
+    for p in ports {
+        let addrs: Vec<(Ipv4Addr, u16)> =
+            backends(service, p.name.as_deref(), objects).iter().map(|b| (b.addr, b.port)).collect();
+        out.push(cla(&format!("{base}:{}", p.port), &addrs));
+        all.extend(addrs);
+    }
+    all.sort();
+    all.dedup();
+    out.insert(0, cla(&base, &all));
+    out
+}
+
+fn cla(name: &str, addrs: &[(Ipv4Addr, u16)]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: addrs
+                .iter()
+                .map(|(a, p)| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(Address {
+                            address: Some(address::Address::SocketAddress(SocketAddress {
+                                address: a.to_string(),
+                                port_specifier: Some(socket_address::PortSpecifier::PortValue(*p as u32)),
+                                ..Default::default()
+                            })),
+                        }),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// An Envoy TLS certificate from a Kubernetes Secret named `<ns>/<name>`.
+fn k8s_secret(name: &str, objects: &Objects) -> Option<Secret> {
+    let (ns, n) = name.split_once('/')?;
+    let s = &objects.secrets.get(&ObjKey::new(ns, n))?.object;
+    let data = s.data.as_ref()?;
+    let bytes = |k: &str| {
+        data.get(k).map(|b| DataSource {
+            specifier: Some(data_source::Specifier::InlineBytes(b.0.clone())),
+            ..Default::default()
+        })
+    };
+    Some(Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: bytes("tls.crt"),
+            private_key: bytes("tls.key"),
+            ..Default::default()
+        })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        k8s::{Origin, yaml},
+        xds::envoyconfig,
+    };
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.1.12]}, {addresses: [10.1.2.11]}]
+"#;
+
+    fn config(name: &str, route_to: &str) -> EnvoyConfig {
+        config_with(name, route_to, "name: default/web\n    type: EDS")
+    }
+
+    fn config_with(name: &str, route_to: &str, cluster: &str) -> EnvoyConfig {
+        let yaml = format!(
+            r#"
+apiVersion: weft.io/v1alpha1
+kind: EnvoyConfig
+metadata: {{name: {name}, namespace: default, generation: 1}}
+spec:
+  services: [{{name: web}}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: l
+          rds: {{route_config_name: r}}
+          http_filters: [{{name: envoy.filters.http.router}}]
+  - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+    name: r
+    virtual_hosts: [{{name: vh, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: {route_to}}}}}]}}]
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    {cluster}
+"#
+        );
+        envoyconfig::parse(Origin::Api, &serde_saphyr::from_str(&yaml).unwrap()).unwrap()
+    }
+
+    fn objects() -> Objects {
+        let mut l = yaml::Loaded::default();
+        yaml::load_text(std::path::Path::new("o.yaml"), OBJECTS, &mut l);
+        l.objects
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo { name: "node1".into(), labels: BTreeMap::new(), any: false }
+    }
+
+    #[test]
+    fn a_valid_config_becomes_resources_redirects_and_endpoints() {
+        let mut m = Model::new(ProxyPorts::ephemeral());
+        let b = m.build(&[config("a", "default/web")], &[], &objects(), &node());
+        let st = &b.statuses[&config("a", "x").key];
+        assert!(st.problems.is_empty(), "{st:?}");
+        assert_eq!(st.serving, Serving::Current);
+        let port = st.listeners[0].1;
+        assert!(super::super::ports::RANGE.contains(&port));
+        assert_eq!(b.redirects.get(&(ObjKey::new("default", "web"), None)), Some(&port));
+        let cla = b.xds.of(translate::ENDPOINT).find(|r| r.name == "default/web").expect("EDS for the Service");
+        let cla = ClusterLoadAssignment::decode(cla.any.value.as_slice()).unwrap();
+        assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
+        assert!(b.xds.of(translate::ENDPOINT).any(|r| r.name == "default/web:80"));
+        assert_eq!(b.proxy_ports, vec![port]);
+    }
+
+    #[test]
+    fn a_bad_version_keeps_the_last_good_one_and_others_are_untouched() {
+        let mut m = Model::new(ProxyPorts::ephemeral());
+        let a = config("a", "default/web");
+        // Another config with its own names, redirecting nothing.
+        let mut other = config_with("b", "local", "name: local\n    type: STATIC");
+        other.spec.services.clear();
+        let b1 = m.build(&[a.clone(), other.clone()], &[], &objects(), &node());
+        let port = b1.statuses[&a.key].listeners[0].1;
+
+        // a's new version points its route at a cluster nobody defines.
+        let mut a2 = config("a", "default/nowhere");
+        a2.generation = 2;
+        let b2 = m.build(&[a2.clone(), other.clone()], &[], &objects(), &node());
+        let st = &b2.statuses[&a.key];
+        assert_eq!(st.serving, Serving::LastGood { generation: 1 });
+        assert_eq!(st.problems.len(), 1, "{:?}", st.problems);
+        assert!(
+            st.problems[0].contains("cluster \"default/nowhere\" is not defined by any EnvoyConfig"),
+            "{}",
+            st.problems[0]
+        );
+        assert_eq!(st.listeners[0].1, port, "the last good version keeps its port");
+        assert_eq!(b2.statuses[&other.key].serving, Serving::Current);
+        assert!(b2.statuses[&other.key].problems.is_empty());
+        assert_eq!(b2.xds.of(translate::LISTENER).count(), 2);
+
+        // A brand-new broken object has nothing to fall back to.
+        let mut c = config_with("c", "nowhere", "name: local\n    type: STATIC");
+        c.spec.services.clear();
+        let b3 = m.build(&[a2, other, c.clone()], &[], &objects(), &node());
+        assert_eq!(b3.statuses[&c.key].serving, Serving::Nothing);
+    }
+
+    #[test]
+    fn clashes_reject_the_newcomer() {
+        let mut m = Model::new(ProxyPorts::ephemeral());
+        let a = config("a", "default/web");
+        m.build(&[a.clone()], &[], &objects(), &node());
+        let b = config("b", "default/web"); // also defines Cluster default/web and redirects web
+        let built = m.build(&[a.clone(), b.clone()], &[], &objects(), &node());
+        assert_eq!(built.statuses[&a.key].serving, Serving::Current);
+        let st = &built.statuses[&b.key];
+        assert_eq!(st.serving, Serving::Nothing);
+        assert_eq!(st.problems, vec!["Cluster \"default/web\" is already defined by EnvoyConfig default/a"]);
+    }
+
+    #[test]
+    fn a_nacked_version_is_set_aside_until_it_changes() {
+        let mut m = Model::new(ProxyPorts::ephemeral());
+        let a = config("a", "default/web");
+        m.build(&[a.clone()], &[], &objects(), &node());
+        let mut a2 = config("a", "default/web");
+        a2.generation = 2;
+        a2.spec.services[0].ports = vec![80];
+        m.build(&[a2.clone()], &[], &objects(), &node());
+        m.nack(&a2.key, &a2.spec, "listener default/a/l: bad".into());
+        let b = m.build(&[a2.clone()], &[], &objects(), &node());
+        let st = &b.statuses[&a2.key];
+        assert_eq!(st.problems, vec!["Envoy refused it: listener default/a/l: bad"]);
+        assert_eq!(st.serving, Serving::Nothing, "the refused version was the accepted one; nothing older is kept");
+    }
+}

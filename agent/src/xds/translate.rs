@@ -1,0 +1,664 @@
+//! One EnvoyConfig into Envoy resources, with Cilium's semantics:
+//!
+//! - accepted types: Listener, RouteConfiguration, Cluster,
+//!   ClusterLoadAssignment, Secret; each needs a name, unique in the config;
+//! - names without `/` are qualified as `<namespace>/<config>/<name>`
+//!   (clusterwide configs have an empty namespace); listener, route
+//!   configuration and virtual host names, and RDS references, are qualified
+//!   even when they contain `/` unless they already start with the config's
+//!   namespace; cluster and secret names and references to them are qualified
+//!   only when they have no `/`;
+//! - references to the bootstrap's own clusters (`envoy-admin`) stay as they are
+//!   (a weft extension: Cilium would qualify them and lose the reference);
+//! - missing config sources (RDS, EDS, SDS) point at the agent's ADS;
+//! - an HTTP router filter without `typed_config` gets the Router type;
+//! - `services[]` map to a listener of the config: the named one, or when none
+//!   is named the first listener (as Cilium documents; Cilium's code takes the
+//!   last one, so name the listener when a config has several).
+//!
+//! Problems name the resource (index and name) and the field path.
+
+use std::collections::BTreeSet;
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::{Cluster, cluster},
+            core::v3::{
+                AggregatedConfigSource, ApiVersion, ConfigSource, TransportSocket, config_source, transport_socket,
+            },
+            endpoint::v3::ClusterLoadAssignment,
+            listener::v3::{Listener, filter},
+            route::v3::{RouteConfiguration, route, route_action},
+        },
+        extensions::{
+            filters::{
+                http::router::v3::Router,
+                network::{
+                    http_connection_manager::v3::{HttpConnectionManager, http_connection_manager, http_filter},
+                    tcp_proxy::v3::{TcpProxy, tcp_proxy},
+                },
+            },
+            transport_sockets::tls::v3::{
+                CommonTlsContext, DownstreamTlsContext, Secret, UpstreamTlsContext, common_tls_context,
+            },
+        },
+    },
+    google::protobuf::{Any, BoolValue},
+};
+use prost::{Message, Name};
+
+use super::{
+    envoyconfig::EnvoyConfig,
+    protojson::{self, DecodeError},
+};
+use crate::k8s::ObjKey;
+
+/// Clusters the agent's bootstrap defines, which configs may reference by name.
+pub const BOOTSTRAP_CLUSTERS: &[&str] = &["envoy-admin"];
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// What is wrong, and where: a resource (its index in `spec.resources` and its
+/// name) and a field path, or a spec field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `spec.resources[2] (Listener "l")`, or a spec path like `spec.services[0].listener`.
+    pub place: String,
+    /// Field path inside the resource, if any.
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.place.is_empty(), self.path.is_empty()) {
+            (true, _) => f.write_str(&self.message),
+            (false, true) => write!(f, "{}: {}", self.place, self.message),
+            (false, false) => write!(f, "{}: {}: {}", self.place, self.path, self.message),
+        }
+    }
+}
+
+/// A resource of the config after translation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item<T> {
+    /// Qualified name.
+    pub name: String,
+    /// Index in `spec.resources`.
+    pub index: usize,
+    pub resource: T,
+}
+
+/// A Service port range redirected to a listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    pub service: ObjKey,
+    /// Service ports; empty: all.
+    pub ports: Vec<u16>,
+    /// Qualified listener name.
+    pub listener: String,
+}
+
+/// A Service whose endpoints go to Envoy: port filter (numbers or names; empty: all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdsService {
+    pub service: ObjKey,
+    pub ports: Vec<String>,
+}
+
+/// What a config refers to outside itself, checked when all configs are known.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct References {
+    /// (place, route configuration name) from listeners' RDS.
+    pub routes: Vec<(String, String)>,
+    /// (place, cluster name) from routes and TCP proxies.
+    pub clusters: Vec<(String, String)>,
+    /// (place, EDS resource name) from EDS clusters.
+    pub endpoints: Vec<(String, String)>,
+    /// (place, secret name) from SDS.
+    pub secrets: Vec<(String, String)>,
+}
+
+/// A config translated into Envoy resources.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Translated {
+    pub listeners: Vec<Item<Listener>>,
+    pub routes: Vec<Item<RouteConfiguration>>,
+    pub clusters: Vec<Item<Cluster>>,
+    pub endpoints: Vec<Item<ClusterLoadAssignment>>,
+    pub secrets: Vec<Item<Secret>>,
+    pub redirects: Vec<Redirect>,
+    pub eds_services: Vec<EdsService>,
+    pub references: References,
+}
+
+/// Qualifies a name the way Cilium does (see the module doc).
+pub fn qualify(namespace: &str, config: &str, name: &str, force: bool) -> String {
+    let idx = name.find('/');
+    let keep = match idx {
+        None => false,
+        Some(i) => !force || (i == namespace.len() && name.starts_with(namespace)),
+    };
+    if name.is_empty() || keep { name.to_owned() } else { format!("{namespace}/{config}/{name}") }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+fn pack<T: Message + Name>(m: &T) -> Any {
+    Any { type_url: T::type_url(), value: m.encode_to_vec() }
+}
+
+fn unpack<T: Message + Default>(any: &Any) -> Option<T> {
+    T::decode(any.value.as_slice()).ok()
+}
+
+struct Ctx<'a> {
+    ns: &'a str,
+    cfg: &'a str,
+    refs: References,
+}
+
+impl Ctx<'_> {
+    fn q(&self, name: &str) -> String {
+        qualify(self.ns, self.cfg, name, false)
+    }
+    fn qf(&self, name: &str) -> String {
+        qualify(self.ns, self.cfg, name, true)
+    }
+    /// A cluster reference: the bootstrap's clusters keep their names.
+    fn cluster_ref(&mut self, place: &str, name: &mut String) {
+        if !BOOTSTRAP_CLUSTERS.contains(&name.as_str()) {
+            *name = self.q(name);
+        }
+        self.refs.clusters.push((place.to_owned(), name.clone()));
+    }
+}
+
+fn place(index: usize, kind: &str, name: &str) -> String {
+    format!("spec.resources[{index}] ({kind} {name:?})")
+}
+
+/// Translates a config. Every problem found is returned, not only the first.
+pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut out = Translated::default();
+    // Listeners that are there but broken: a Service naming one is already explained.
+    let mut broken_listeners = BTreeSet::new();
+    let mut ctx = Ctx { ns: cfg.key.namespace(), cfg: cfg.key.name(), refs: References::default() };
+
+    for (index, raw) in cfg.spec.resources.iter().enumerate() {
+        let base = format!("spec.resources[{index}]");
+        let (url, bytes) = match protojson::decode_any_json(raw, "") {
+            Ok(x) => x,
+            Err(DecodeError { path, message }) => {
+                let name = raw.get("name").and_then(|n| n.as_str()).unwrap_or("");
+                let type_name =
+                    raw.get("@type").and_then(|t| t.as_str()).unwrap_or("").rsplit('.').next().unwrap_or("");
+                let place = if name.is_empty() { base.clone() } else { format!("{base} ({type_name} {name:?})") };
+                if raw.get("@type").and_then(|t| t.as_str()) == Some(LISTENER) && !name.is_empty() {
+                    broken_listeners.insert(ctx.qf(name));
+                }
+                problems.push(Problem { place, path, message });
+                continue;
+            }
+        };
+        let r = match url.as_str() {
+            LISTENER => listener(&mut ctx, index, Listener::decode(bytes.as_slice()).expect("decoded above"), &mut out),
+            ROUTE => route_configuration(
+                &mut ctx,
+                index,
+                RouteConfiguration::decode(bytes.as_slice()).expect("decoded"),
+                &mut out,
+            ),
+            CLUSTER => cluster(&mut ctx, index, Cluster::decode(bytes.as_slice()).expect("decoded"), &mut out),
+            ENDPOINT => {
+                let mut cla = ClusterLoadAssignment::decode(bytes.as_slice()).expect("decoded");
+                if cla.cluster_name.is_empty() {
+                    Err(Problem {
+                        place: base.clone(),
+                        path: "cluster_name".into(),
+                        message: "a ClusterLoadAssignment needs a cluster_name".into(),
+                    })
+                } else {
+                    cla.cluster_name = ctx.q(&cla.cluster_name);
+                    out.endpoints.push(Item { name: cla.cluster_name.clone(), index, resource: cla });
+                    Ok(())
+                }
+            }
+            SECRET => {
+                let mut s = Secret::decode(bytes.as_slice()).expect("decoded");
+                if s.name.is_empty() {
+                    Err(Problem { place: base.clone(), path: "name".into(), message: "a Secret needs a name".into() })
+                } else {
+                    s.name = ctx.q(&s.name);
+                    out.secrets.push(Item { name: s.name.clone(), index, resource: s });
+                    Ok(())
+                }
+            }
+            other => Err(Problem {
+                place: base.clone(),
+                path: "@type".into(),
+                message: format!(
+                    "{other} is not accepted here: resources are Listener, RouteConfiguration, Cluster, ClusterLoadAssignment or Secret"
+                ),
+            }),
+        };
+        if let Err(p) = r {
+            if url == LISTENER {
+                broken_listeners.extend(raw.get("name").and_then(|n| n.as_str()).map(|n| ctx.qf(n)));
+            }
+            problems.push(p);
+        }
+    }
+    duplicates(&out, &mut problems);
+
+    // services[]: redirected to a listener of this config.
+    for (i, s) in cfg.spec.services.iter().enumerate() {
+        let place = format!("spec.services[{i}]");
+        let namespace = if cfg.key.clusterwide {
+            s.namespace.clone().unwrap_or_else(|| "default".into())
+        } else {
+            cfg.key.namespace().to_owned() // a namespaced config redirects only its own Services
+        };
+        let listener = match &s.listener {
+            Some(l) => {
+                let q = ctx.qf(l);
+                if broken_listeners.contains(&q) {
+                    continue; // its own problem says why
+                }
+                if !out.listeners.iter().any(|x| x.name == q) {
+                    problems.push(Problem {
+                        place: format!("{place}.listener"),
+                        path: String::new(),
+                        message: format!("no listener named {l:?} in this config"),
+                    });
+                    continue;
+                }
+                q
+            }
+            None => match out.listeners.first() {
+                Some(l) => l.name.clone(),
+                None if !broken_listeners.is_empty() => continue,
+                None => {
+                    problems.push(Problem {
+                        place,
+                        path: String::new(),
+                        message: "the config has no listener to redirect this Service to".into(),
+                    });
+                    continue;
+                }
+            },
+        };
+        let service = ObjKey::new(namespace, s.name.clone());
+        out.redirects.push(Redirect { service: service.clone(), ports: s.ports.clone(), listener });
+        // Services' endpoints go to Envoy too, for the clusters that route to them.
+        out.eds_services.push(EdsService { service, ports: s.ports.iter().map(u16::to_string).collect() });
+    }
+    for s in &cfg.spec.backend_services {
+        let namespace = if cfg.key.clusterwide {
+            s.namespace.clone().unwrap_or_else(|| "default".into())
+        } else {
+            cfg.key.namespace().to_owned()
+        };
+        out.eds_services.push(EdsService { service: ObjKey::new(namespace, s.name.clone()), ports: s.number.clone() });
+    }
+    out.references = ctx.refs;
+    if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+fn duplicates(out: &Translated, problems: &mut Vec<Problem>) {
+    fn check<T>(kind: &str, items: &[Item<T>], problems: &mut Vec<Problem>) {
+        let mut seen = BTreeSet::new();
+        for it in items {
+            if !seen.insert(it.name.as_str()) {
+                problems.push(Problem {
+                    place: place(it.index, kind, &it.name),
+                    path: "name".into(),
+                    message: format!("another {kind} of this config has the name {:?}", it.name),
+                });
+            }
+        }
+    }
+    check("Listener", &out.listeners, problems);
+    check("RouteConfiguration", &out.routes, problems);
+    check("Cluster", &out.clusters, problems);
+    check("ClusterLoadAssignment", &out.endpoints, problems);
+    check("Secret", &out.secrets, problems);
+}
+
+fn listener(ctx: &mut Ctx<'_>, index: usize, mut l: Listener, out: &mut Translated) -> Result<(), Problem> {
+    if l.name.is_empty() {
+        return Err(Problem {
+            place: format!("spec.resources[{index}]"),
+            path: "name".into(),
+            message: "a Listener needs a name".into(),
+        });
+    }
+    let original = l.name.clone();
+    l.name = ctx.qf(&l.name);
+    let at = place(index, "Listener", &original);
+    if l.filter_chains.is_empty() && l.default_filter_chain.is_none() && l.listener_filters.is_empty() {
+        return Err(Problem {
+            place: at,
+            path: "filter_chains".into(),
+            message: "a listener needs at least one filter chain (Envoy refuses one without)".into(),
+        });
+    }
+    for (ci, fc) in l.filter_chains.iter_mut().chain(l.default_filter_chain.as_mut()).enumerate() {
+        if let Some(ts) = fc.transport_socket.as_mut() {
+            transport_socket(ctx, &at, ts);
+        }
+        for (fi, f) in fc.filters.iter_mut().enumerate() {
+            let fpath = format!("filter_chains[{ci}].filters[{fi}].typed_config");
+            let Some(filter::ConfigType::TypedConfig(any)) = f.config_type.as_mut() else { continue };
+            if any.type_url.ends_with(".HttpConnectionManager") {
+                let Some(mut hcm) = unpack::<HttpConnectionManager>(any) else { continue };
+                match hcm.route_specifier.as_mut() {
+                    Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
+                        if !rds.route_config_name.is_empty() {
+                            rds.route_config_name = ctx.qf(&rds.route_config_name);
+                            ctx.refs.routes.push((format!("{at}: {fpath}.rds"), rds.route_config_name.clone()));
+                        }
+                        if rds.config_source.is_none() {
+                            rds.config_source = Some(ads());
+                        }
+                    }
+                    Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+                        qualify_route_names(ctx, &format!("{at}: {fpath}.route_config"), rc);
+                    }
+                    _ => {}
+                }
+                for hf in hcm.http_filters.iter_mut() {
+                    if hf.config_type.is_none() && hf.name == "envoy.filters.http.router" {
+                        hf.config_type = Some(http_filter::ConfigType::TypedConfig(pack(&Router::default())));
+                    }
+                }
+                *any = pack(&hcm);
+            } else if any.type_url.ends_with(".TcpProxy") {
+                let Some(mut tp) = unpack::<TcpProxy>(any) else { continue };
+                let p = format!("{at}: {fpath}");
+                match tp.cluster_specifier.as_mut() {
+                    Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => ctx.cluster_ref(&p, c),
+                    Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                        for c in w.clusters.iter_mut() {
+                            ctx.cluster_ref(&p, &mut c.name);
+                        }
+                    }
+                    None => {}
+                }
+                *any = pack(&tp);
+            }
+        }
+    }
+    out.listeners.push(Item { name: l.name.clone(), index, resource: l });
+    Ok(())
+}
+
+fn qualify_route_names(ctx: &mut Ctx<'_>, at: &str, rc: &mut RouteConfiguration) {
+    rc.name = ctx.qf(&rc.name);
+    for (vi, vh) in rc.virtual_hosts.iter_mut().enumerate() {
+        vh.name = ctx.qf(&vh.name);
+        for (ri, r) in vh.routes.iter_mut().enumerate() {
+            let Some(route::Action::Route(action)) = r.action.as_mut() else { continue };
+            let p = format!("{at}: virtual_hosts[{vi}].routes[{ri}].route");
+            match action.cluster_specifier.as_mut() {
+                Some(route_action::ClusterSpecifier::Cluster(c)) => ctx.cluster_ref(&p, c),
+                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                    for c in w.clusters.iter_mut() {
+                        ctx.cluster_ref(&p, &mut c.name);
+                    }
+                }
+                _ => {}
+            }
+            for m in action.request_mirror_policies.iter_mut() {
+                if !m.cluster.is_empty() {
+                    ctx.cluster_ref(&p, &mut m.cluster);
+                }
+            }
+        }
+    }
+}
+
+fn route_configuration(
+    ctx: &mut Ctx<'_>,
+    index: usize,
+    mut rc: RouteConfiguration,
+    out: &mut Translated,
+) -> Result<(), Problem> {
+    if rc.name.is_empty() {
+        return Err(Problem {
+            place: format!("spec.resources[{index}]"),
+            path: "name".into(),
+            message: "a RouteConfiguration needs a name".into(),
+        });
+    }
+    let at = place(index, "RouteConfiguration", &rc.name);
+    qualify_route_names(ctx, &at, &mut rc);
+    out.routes.push(Item { name: rc.name.clone(), index, resource: rc });
+    Ok(())
+}
+
+fn cluster(ctx: &mut Ctx<'_>, index: usize, mut c: Cluster, out: &mut Translated) -> Result<(), Problem> {
+    if c.name.is_empty() {
+        return Err(Problem {
+            place: format!("spec.resources[{index}]"),
+            path: "name".into(),
+            message: "a Cluster needs a name".into(),
+        });
+    }
+    let at = place(index, "Cluster", &c.name);
+    c.name = ctx.q(&c.name);
+    if let Some(ts) = c.transport_socket.as_mut() {
+        transport_socket(ctx, &at, ts);
+    }
+    if matches!(c.cluster_discovery_type, Some(cluster::ClusterDiscoveryType::Type(t)) if t == cluster::DiscoveryType::Eds as i32)
+    {
+        let eds = c.eds_cluster_config.get_or_insert_with(Default::default);
+        if eds.eds_config.is_none() {
+            eds.eds_config = Some(ads());
+        }
+        let resource = if eds.service_name.is_empty() { c.name.clone() } else { eds.service_name.clone() };
+        ctx.refs.endpoints.push((at.clone(), resource));
+    }
+    if let Some(la) = c.load_assignment.as_mut() {
+        la.cluster_name = ctx.q(&la.cluster_name);
+    }
+    out.clusters.push(Item { name: c.name.clone(), index, resource: c });
+    Ok(())
+}
+
+fn tls_sds(ctx: &mut Ctx<'_>, at: &str, common: &mut CommonTlsContext) {
+    for s in common.tls_certificate_sds_secret_configs.iter_mut() {
+        s.name = ctx.q(&s.name);
+        if s.sds_config.is_none() {
+            s.sds_config = Some(ads());
+        }
+        ctx.refs.secrets.push((at.to_owned(), s.name.clone()));
+    }
+    if let Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(s)) =
+        common.validation_context_type.as_mut()
+    {
+        s.name = ctx.q(&s.name);
+        if s.sds_config.is_none() {
+            s.sds_config = Some(ads());
+        }
+        ctx.refs.secrets.push((at.to_owned(), s.name.clone()));
+    }
+}
+
+fn transport_socket(ctx: &mut Ctx<'_>, at: &str, ts: &mut TransportSocket) {
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = ts.config_type.as_mut() else { return };
+    if any.type_url.ends_with(".DownstreamTlsContext") {
+        if let Some(mut d) = unpack::<DownstreamTlsContext>(any) {
+            if let Some(c) = d.common_tls_context.as_mut() {
+                tls_sds(ctx, at, c);
+            }
+            *any = pack(&d);
+        }
+    } else if any.type_url.ends_with(".UpstreamTlsContext") {
+        if let Some(mut u) = unpack::<UpstreamTlsContext>(any) {
+            if let Some(c) = u.common_tls_context.as_mut() {
+                tls_sds(ctx, at, c);
+            }
+            *any = pack(&u);
+        }
+    }
+}
+
+/// Sets a listener's address to 127.0.0.1:port and makes it transparent, for
+/// connections the datapath hands to it.
+pub fn bind_proxy_port(l: &mut Listener, port: u16) {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+    l.address = Some(Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: "127.0.0.1".into(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port as u32)),
+            ..Default::default()
+        })),
+    });
+    l.transparent = Some(BoolValue { value: true });
+}
+
+/// The port a listener with an explicit address binds (a pinned port).
+pub fn pinned_port(l: &Listener) -> Option<(String, u16)> {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+    let Some(address::Address::SocketAddress(sa)) = l.address.as_ref()?.address.as_ref() else { return None };
+    match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => Some((sa.address.clone(), p as u16)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{k8s::Origin, xds::envoyconfig};
+
+    fn cfg(yaml: &str) -> EnvoyConfig {
+        envoyconfig::parse(Origin::Api, &serde_saphyr::from_str(yaml).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn qualification_follows_cilium() {
+        assert_eq!(qualify("ns", "c", "r", false), "ns/c/r");
+        assert_eq!(qualify("ns", "c", "ns/x", false), "ns/x");
+        assert_eq!(qualify("ns", "c", "other/x", true), "ns/c/other/x");
+        assert_eq!(qualify("ns", "c", "ns/x", true), "ns/x");
+        assert_eq!(qualify("", "c", "r", true), "/c/r");
+        assert_eq!(qualify("ns", "c", "", true), "");
+    }
+
+    const HELLO: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumEnvoyConfig
+metadata: {name: lb}
+spec:
+  services: [{name: hello, namespace: elsewhere}]
+  backendServices: [{name: hello-v1}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: l
+          rds: {route_config_name: r}
+          http_filters: [{name: envoy.filters.http.router}]
+  - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+    name: r
+    virtual_hosts:
+    - name: vh
+      domains: ["*"]
+      routes:
+      - match: {prefix: /}
+        route: {weighted_clusters: {clusters: [{name: default/hello-v1, weight: 90}, {name: local, weight: 10}]}}
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: default/hello-v1
+    type: EDS
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: local
+    type: EDS
+"#;
+
+    #[test]
+    fn names_references_and_sources_are_filled_in() {
+        let t = translate(&cfg(HELLO)).unwrap();
+        assert_eq!(t.listeners[0].name, "default/lb/l");
+        assert_eq!(t.routes[0].name, "default/lb/r");
+        assert_eq!(t.routes[0].resource.virtual_hosts[0].name, "default/lb/vh");
+        let clusters: Vec<&str> = t.clusters.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(clusters, ["default/hello-v1", "default/lb/local"]);
+        let refs: Vec<&str> = t.references.clusters.iter().map(|(_, c)| c.as_str()).collect();
+        assert_eq!(refs, ["default/hello-v1", "default/lb/local"]);
+        assert_eq!(t.references.routes[0].1, "default/lb/r");
+        assert!(t.clusters.iter().all(|c| c.resource.eds_cluster_config.as_ref().unwrap().eds_config.is_some()));
+        // The router filter got its typed config; RDS points at ADS.
+        let Some(filter::ConfigType::TypedConfig(any)) =
+            &t.listeners[0].resource.filter_chains[0].filters[0].config_type
+        else {
+            panic!()
+        };
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        assert!(hcm.http_filters[0].config_type.is_some());
+        let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = hcm.route_specifier else { panic!() };
+        assert_eq!(rds.route_config_name, "default/lb/r");
+        assert!(rds.config_source.is_some());
+        // A namespaced config redirects its own namespace's Service, to its first listener.
+        assert_eq!(
+            t.redirects,
+            vec![Redirect { service: ObjKey::new("default", "hello"), ports: vec![], listener: "default/lb/l".into() }]
+        );
+        assert_eq!(t.eds_services.len(), 2);
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let bad = HELLO
+            .replace("stat_prefix: l", "stat_prefx: l")
+            .replace("name: local\n    type: EDS", "name: local\n    type: EDS\n  - \"@type\": type.googleapis.com/envoy.config.core.v3.Address\n    pipe: {path: /x}");
+        let mut c = cfg(&bad);
+        c.spec.services[0].listener = Some("nope".into());
+        let problems: Vec<String> = translate(&c).unwrap_err().iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(
+            problems[0],
+            "spec.resources[0] (Listener \"l\"): filter_chains[0].filters[0].typed_config.stat_prefx: unknown field (not in envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager)"
+        );
+        assert!(
+            problems[1].starts_with(
+                "spec.resources[4]: @type: type.googleapis.com/envoy.config.core.v3.Address is not accepted here"
+            ),
+            "{}",
+            problems[1]
+        );
+        assert_eq!(problems[2], "spec.services[0].listener: no listener named \"nope\" in this config");
+    }
+
+    #[test]
+    fn duplicate_and_unnamed_resources() {
+        let dup = HELLO.replace("name: local\n", "name: default/hello-v1\n");
+        let p = translate(&cfg(&dup)).unwrap_err();
+        assert_eq!(
+            p[0].to_string(),
+            "spec.resources[3] (Cluster \"default/hello-v1\"): name: another Cluster of this config has the name \"default/hello-v1\""
+        );
+        let empty = cfg(
+            "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {name: x}\nspec:\n  resources:\n  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: only-a-name\n",
+        );
+        let p = translate(&empty).unwrap_err();
+        assert!(p[0].message.contains("at least one filter chain"), "{}", p[0]);
+    }
+}
