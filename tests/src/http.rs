@@ -5,7 +5,7 @@
 //! Server paths: `/status/<code>` answers with that status; anything else 200.
 
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
@@ -279,6 +279,7 @@ fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {line:?}")))?;
     let mut headers = Vec::new();
     let mut length = None;
+    let mut chunked = false;
     loop {
         let mut h = String::new();
         r.read_line(&mut h)?;
@@ -291,11 +292,32 @@ fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
             if k == "content-length" {
                 length = v.parse().ok();
             }
+            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            }
             headers.push((k, v));
         }
     }
-    let mut body = vec![0; length.unwrap_or(0)];
-    r.read_exact(&mut body)?;
+    let body = if chunked {
+        let mut body = Vec::new();
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {size:?}")))?;
+            let mut chunk = vec![0; n + 2]; // data and its CRLF
+            r.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body
+    } else {
+        let mut body = vec![0; length.unwrap_or(0)];
+        r.read_exact(&mut body)?;
+        body
+    };
     Ok(Response { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 

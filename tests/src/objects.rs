@@ -172,3 +172,94 @@ pub fn wait_ready(files: &AgentFiles, timeout: Duration, alive: impl Fn() -> boo
     }
     Ok(())
 }
+
+/// An EnvoyConfig (weft.io/v1alpha1) redirecting `service` to an HTTP
+/// listener whose route sends everything to the EDS cluster of that Service.
+/// `route` replaces the default route action (`{cluster: default/<service>}`).
+pub fn http_envoy_config(name: &str, service: &str, route: Option<&str>) -> String {
+    let route = route.map(str::to_owned).unwrap_or_else(|| format!("{{cluster: default/{service}}}"));
+    format!(
+        r#"apiVersion: weft.io/v1alpha1
+kind: EnvoyConfig
+metadata: {{name: {name}, namespace: default}}
+spec:
+  services: [{{name: {service}}}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: {name}-listener
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          rds: {{route_config_name: {name}-route}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+    name: {name}-route
+    virtual_hosts:
+    - name: all
+      domains: ["*"]
+      routes:
+      - match: {{prefix: /}}
+        route: {route}
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: default/{service}
+    connect_timeout: 2s
+    type: EDS
+"#
+    )
+}
+
+/// The agent's `/status`, fetched from inside node `idx`.
+pub fn agent_status(lab: &Lab, idx: usize) -> anyhow::Result<serde_json::Value> {
+    let mut c =
+        crate::http::Client::connect(&lab.node(idx).netns, "127.0.0.1:9962".parse()?, None, Duration::from_secs(2))?;
+    let r = c.get("agent", "/status", &[("connection", "close")])?;
+    Ok(serde_json::from_str(&r.body)?)
+}
+
+/// Waits until `pred` holds for node `idx`'s agent status.
+pub fn wait_status(
+    lab: &Lab,
+    idx: usize,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    let mut last = serde_json::Value::Null;
+    loop {
+        if let Ok(s) = agent_status(lab, idx) {
+            if pred(&s) {
+                return Ok(s);
+            }
+            last = s;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("waited {timeout:?} for {what}; last status: {last:#}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The state Envoy reports for an object in a status (`acknowledged`, `pending`, ...).
+pub fn envoy_state<'a>(status: &'a serde_json::Value, object: &str) -> Option<&'a str> {
+    status["control"]["objects"].as_array()?.iter().find(|o| o["object"] == object)?["envoy"]["state"].as_str()
+}
+
+/// A counter from Envoy's admin /stats in node `idx` (0 if absent).
+pub fn envoy_stat(lab: &Lab, idx: usize, name: &str) -> u64 {
+    let Ok(mut c) = crate::http::Client::connect(
+        &lab.node(idx).netns,
+        "127.0.0.1:9901".parse().unwrap(),
+        None,
+        Duration::from_secs(2),
+    ) else {
+        return 0;
+    };
+    let Ok(r) = c.get("admin", "/stats", &[("connection", "close")]) else { return 0 };
+    r.body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}

@@ -5,4 +5,5 @@ pub mod envoyconfig;
 pub mod model;
 pub mod ports;
 pub mod protojson;
+pub mod server;
 pub mod translate;

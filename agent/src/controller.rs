@@ -1,0 +1,244 @@
+//! The one writer of desired state. It takes what the sources hold, builds the
+//! xDS snapshot and the datapath snapshot from it, and follows what Envoy says
+//! about each push: ACKs mark objects acknowledged, a NACK is traced back to
+//! the objects whose resources Envoy refused, which are then set aside (their
+//! last good version stays) so everything else keeps working.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+use crate::{
+    k8s::yaml::{Loaded, ParseProblem},
+    state::Snapshot,
+    xds::{
+        envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
+        model::{Built, ConfigStatus, Model, NodeInfo},
+        ports::ProxyPorts,
+        server::{AdsEvent, Published},
+    },
+};
+
+/// What Envoy made of an object's resources.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum EnvoyAck {
+    /// Not (all) answered yet.
+    Pending,
+    /// Every resource of the object, as now, was ACKed.
+    Acknowledged { version: u64 },
+    /// Envoy refused it.
+    Nacked { message: String },
+    /// Nothing of it goes to Envoy (rejected, or not for this node).
+    NotApplied,
+}
+
+/// An object's full state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ObjectState {
+    #[serde(flatten)]
+    pub config: ConfigStatus,
+    pub envoy: EnvoyAck,
+}
+
+/// The controller's view, for `weft status` and the API.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ControlStatus {
+    pub version: u64,
+    pub envoy_connected: bool,
+    pub objects: Vec<ObjectState>,
+    /// Documents of the objects directory that could not be read.
+    pub source_problems: Vec<String>,
+    /// Things the datapath snapshot could not represent.
+    pub state_problems: Vec<String>,
+}
+
+/// See the module doc.
+pub struct Controller {
+    node_name: String,
+    node_ip: Option<Ipv4Addr>,
+    model: Model,
+    loaded: Loaded,
+    configs: Vec<EnvoyConfig>,
+    parse_errors: Vec<ConfigError>,
+    version: u64,
+    built: Built,
+    /// (type URL, name) -> version Envoy ACKed.
+    acked: BTreeMap<(String, String), String>,
+    /// Objects Envoy refused, with its message (for the current spec).
+    nacked: BTreeMap<ConfigKey, String>,
+    envoy_connected: bool,
+    /// ACKed snapshot version per object, when all its resources are in.
+    acked_version: BTreeMap<ConfigKey, u64>,
+}
+
+impl Controller {
+    pub fn new(node_name: String, node_ip: Option<Ipv4Addr>, ports: ProxyPorts) -> Self {
+        Self {
+            node_name,
+            node_ip,
+            model: Model::new(ports),
+            loaded: Loaded::default(),
+            configs: Vec::new(),
+            parse_errors: Vec::new(),
+            version: 0,
+            built: Built::default(),
+            acked: BTreeMap::new(),
+            nacked: BTreeMap::new(),
+            envoy_connected: false,
+            acked_version: BTreeMap::new(),
+        }
+    }
+
+    /// Takes what a source now holds.
+    pub fn load(&mut self, loaded: Loaded) {
+        self.configs.clear();
+        self.parse_errors.clear();
+        for (origin, doc) in &loaded.raw {
+            match envoyconfig::parse(origin.clone(), doc) {
+                Ok(c) => self.configs.push(c),
+                Err(e) => self.parse_errors.push(e),
+            }
+        }
+        self.loaded = loaded;
+    }
+
+    fn node_info(&self) -> NodeInfo {
+        let labels = self
+            .loaded
+            .objects
+            .nodes
+            .values()
+            .find(|n| n.object.metadata.name.as_deref() == Some(&self.node_name))
+            .and_then(|n| n.object.metadata.labels.clone())
+            .unwrap_or_default();
+        NodeInfo { name: self.node_name.clone(), labels, any: false }
+    }
+
+    /// Builds both snapshots from the current sources.
+    pub fn build(&mut self) -> (Snapshot, Arc<Published>) {
+        let node = self.node_info();
+        self.built = self.model.build(&self.configs, &self.parse_errors, &self.loaded.objects, &node);
+        self.version += 1;
+        let mut snap = Snapshot::derive(&self.loaded.objects, &self.node_name, self.node_ip, &self.built.redirects);
+        snap.version = self.version;
+        let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
+        self.refresh_acks();
+        (snap, published)
+    }
+
+    /// Follows an ADS event; true if the snapshot must be rebuilt (a NACK).
+    pub fn on_event(&mut self, ev: AdsEvent) -> bool {
+        match ev {
+            AdsEvent::Connected { .. } => {
+                self.envoy_connected = true;
+                false
+            }
+            AdsEvent::Disconnected => {
+                self.envoy_connected = false;
+                // A new Envoy starts empty: it has to ACK everything again.
+                self.acked.clear();
+                self.refresh_acks();
+                false
+            }
+            AdsEvent::Ack { type_url, resources, .. } => {
+                for (name, version) in resources {
+                    self.acked.insert((type_url.clone(), name), version);
+                }
+                self.refresh_acks();
+                false
+            }
+            AdsEvent::Nack { type_url, message, resources } => {
+                let owners = self.blame(&type_url, &message, &resources);
+                tracing::warn!(%type_url, ?owners, "Envoy refused an update: {message}");
+                for key in &owners {
+                    if let Some(cfg) = self.configs.iter().find(|c| c.key == *key) {
+                        self.model.nack(key, &cfg.spec, message.clone());
+                        self.nacked.insert(key.clone(), message.clone());
+                    }
+                }
+                !owners.is_empty()
+            }
+        }
+    }
+
+    /// The objects behind resources Envoy refused: those whose resource
+    /// names the message mentions; else those whose resources in the refused
+    /// response changed since Envoy last ACKed them.
+    fn blame(&self, type_url: &str, message: &str, names: &[String]) -> BTreeSet<ConfigKey> {
+        let res = self.built.xds.types.get(type_url);
+        let owner = |n: &String| res.and_then(|m| m.get(n)).and_then(|r| r.owner.clone());
+        let named: BTreeSet<ConfigKey> =
+            names.iter().filter(|n| message.contains(n.as_str())).filter_map(owner).collect();
+        if !named.is_empty() {
+            return named;
+        }
+        names
+            .iter()
+            .filter(|n| {
+                let now = res.and_then(|m| m.get(*n)).map(|r| r.version.clone());
+                self.acked.get(&(type_url.to_owned(), (*n).clone())) != now.as_ref()
+            })
+            .filter_map(owner)
+            .collect()
+    }
+
+    fn refresh_acks(&mut self) {
+        let mut per_owner: BTreeMap<ConfigKey, bool> = BTreeMap::new();
+        for (t, m) in &self.built.xds.types {
+            for r in m.values() {
+                let Some(o) = &r.owner else { continue };
+                let ok = self.acked.get(&(t.clone(), r.name.clone())) == Some(&r.version);
+                *per_owner.entry(o.clone()).or_insert(true) &= ok;
+            }
+        }
+        for (k, all) in per_owner {
+            if all {
+                self.acked_version.entry(k).or_insert(self.version);
+            } else {
+                self.acked_version.remove(&k);
+            }
+        }
+    }
+
+    /// The status of every object.
+    pub fn status(&self, state_problems: &[String]) -> ControlStatus {
+        let objects = self
+            .built
+            .statuses
+            .iter()
+            .map(|(k, st)| {
+                let in_snapshot =
+                    self.built.xds.types.values().flat_map(|m| m.values()).any(|r| r.owner.as_ref() == Some(k));
+                let envoy = if let (Some(m), true) = (self.nacked.get(k), !st.problems.is_empty()) {
+                    EnvoyAck::Nacked { message: m.clone() }
+                } else if !in_snapshot {
+                    EnvoyAck::NotApplied
+                } else if let Some(v) = self.acked_version.get(k) {
+                    EnvoyAck::Acknowledged { version: *v }
+                } else {
+                    EnvoyAck::Pending
+                };
+                ObjectState { config: st.clone(), envoy }
+            })
+            .collect();
+        ControlStatus {
+            version: self.version,
+            envoy_connected: self.envoy_connected,
+            objects,
+            source_problems: self.loaded.problems.iter().map(ParseProblem::to_string).collect(),
+            state_problems: state_problems.to_vec(),
+        }
+    }
+
+    /// The model's latest build.
+    pub fn built(&self) -> &Built {
+        &self.built
+    }
+}

@@ -1,0 +1,203 @@
+//! The node's Envoy: its bootstrap (ADS and the access-log service over the
+//! agent's unix sockets, admin on 127.0.0.1 inside the node), and a
+//! supervisor that starts it, restarts it with backoff when it dies, and
+//! reports whether it is ready. A restarted Envoy reconnects to ADS and is
+//! sent the current state again.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::{io::AsyncReadExt, io::AsyncWriteExt, sync::watch};
+
+/// How the agent runs Envoy.
+#[derive(Clone, Debug)]
+pub struct EnvoySettings {
+    /// The Envoy binary.
+    pub binary: PathBuf,
+    /// Where the bootstrap and the log go.
+    pub state_dir: PathBuf,
+    /// ADS socket (the agent serves it).
+    pub xds_socket: PathBuf,
+    /// Access-log service socket (the agent serves it).
+    pub als_socket: PathBuf,
+    /// Envoy's admin port on 127.0.0.1.
+    pub admin_port: u16,
+    /// Envoy's node id (this node's name).
+    pub node_id: String,
+    /// Delta xDS instead of state of the world.
+    pub delta: bool,
+    /// Worker threads (Envoy's --concurrency).
+    pub concurrency: u32,
+}
+
+/// Envoy's state, for status and the datapath (which needs its pid to find
+/// the proxy listeners).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EnvoyState {
+    pub pid: Option<u32>,
+    pub ready: bool,
+    pub restarts: u64,
+    pub last_exit: Option<String>,
+}
+
+fn pipe_cluster(name: &str, path: &Path) -> serde_json::Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}]
+        }
+    })
+}
+
+/// The bootstrap: ADS for listeners and clusters (everything else follows
+/// them), the agent's sockets as clusters, and `envoy-admin` for configs that
+/// expose the admin interface.
+pub fn bootstrap(s: &EnvoySettings) -> serde_json::Value {
+    json!({
+        "node": {"id": s.node_id, "cluster": "weft"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": if s.delta { "DELTA_GRPC" } else { "GRPC" },
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "weft-xds"}}]
+            },
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"}
+        },
+        "static_resources": {
+            "clusters": [
+                pipe_cluster("weft-xds", &s.xds_socket),
+                pipe_cluster("weft-als", &s.als_socket),
+                {
+                    "name": "envoy-admin",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "envoy-admin",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.admin_port}}}}]}]
+                    }
+                }
+            ]
+        },
+        "layered_runtime": {
+            "layers": [{"name": "static", "static_layer": {"overload": {"global_downstream_max_connections": 50000}}}]
+        }
+    })
+}
+
+/// GET a path of Envoy's admin interface; the status code and body.
+pub async fn admin_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes()).await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(2), fetch)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "Envoy admin did not answer"))??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Runs Envoy for as long as the returned future runs: restarts it with
+/// exponential backoff (1 s doubling to 30 s, reset after a minute of uptime).
+pub async fn supervise(s: EnvoySettings, state: watch::Sender<EnvoyState>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&s.state_dir)?;
+    let bootstrap_path = s.state_dir.join("envoy-bootstrap.json");
+    std::fs::write(&bootstrap_path, serde_json::to_vec_pretty(&bootstrap(&s))?)?;
+    let log_path = s.state_dir.join("envoy.log");
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let mut child = tokio::process::Command::new(&s.binary)
+            .arg("--config-path")
+            .arg(&bootstrap_path)
+            .args(["--disable-hot-restart", "--log-level", "warn", "--concurrency"])
+            .arg(s.concurrency.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting Envoy ({}): {e}", s.binary.display()))?;
+        let pid = child.id();
+        let started = Instant::now();
+        state.send_modify(|st| {
+            st.pid = pid;
+            st.ready = false;
+        });
+        tracing::info!(?pid, binary = %s.binary.display(), "Envoy started");
+        let readiness = {
+            let state = state.clone();
+            let port = s.admin_port;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let ready = matches!(admin_get(port, "/ready").await, Ok((200, _)));
+                    state.send_if_modified(|st| {
+                        let changed = st.ready != ready;
+                        st.ready = ready;
+                        changed
+                    });
+                }
+            })
+        };
+        let status = child.wait().await;
+        readiness.abort();
+        let why = match status {
+            Ok(st) => st.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(%why, "Envoy exited; restarting in {backoff:?}");
+        state.send_modify(|st| {
+            st.pid = None;
+            st.ready = false;
+            st.restarts += 1;
+            st.last_exit = Some(why);
+        });
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Shared Envoy state handle.
+pub type EnvoyStateRx = watch::Receiver<EnvoyState>;
+
+/// Finds the Envoy binary: the configured one, else the project's venv, else PATH.
+pub fn find_binary(configured: Option<&Path>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_owned();
+    }
+    if let Some(p) = std::env::var_os("WEFT_ENVOY") {
+        return p.into();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("envoy")
+}

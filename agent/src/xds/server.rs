@@ -1,0 +1,330 @@
+//! The ADS server the node's Envoy connects to (a unix socket): state of the
+//! world and delta xDS over one stream each, per-type versions and nonces,
+//! ACKs and NACKs reported back to the controller, and updates sent in an
+//! order that lets Envoy warm clusters before the listeners that use them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource as DeltaResource,
+    aggregated_discovery_service_server::{AggregatedDiscoveryService, AggregatedDiscoveryServiceServer},
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    model::XdsSnapshot,
+    translate::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET},
+};
+
+/// Order in which updates go out: secrets and clusters (with their
+/// endpoints) before the listeners and routes that use them.
+pub const PUSH_ORDER: [&str; 5] = [SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE];
+
+/// Types whose subscription without names means "all" (wildcard).
+fn wildcard_type(t: &str) -> bool {
+    t == LISTENER || t == CLUSTER
+}
+
+/// A snapshot as published to Envoy.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    pub version: u64,
+    pub xds: XdsSnapshot,
+}
+
+/// What happened on a stream, for the controller and the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdsEvent {
+    Connected {
+        delta: bool,
+    },
+    Disconnected,
+    /// Envoy took these resources (name -> version) of a type.
+    Ack {
+        type_url: String,
+        version: String,
+        resources: BTreeMap<String, String>,
+    },
+    /// Envoy refused a response; `resources` were in it.
+    Nack {
+        type_url: String,
+        message: String,
+        resources: Vec<String>,
+    },
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Ads {
+    snapshots: watch::Receiver<Arc<Published>>,
+    events: mpsc::UnboundedSender<AdsEvent>,
+}
+
+impl Ads {
+    pub fn new(snapshots: watch::Receiver<Arc<Published>>, events: mpsc::UnboundedSender<AdsEvent>) -> Self {
+        Self { snapshots, events }
+    }
+
+    /// Serves on a unix socket until the task is dropped.
+    pub async fn serve_unix(self, path: &Path) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = tokio::net::UnixListener::bind(path)?;
+        tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(64 << 20))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await?;
+        Ok(())
+    }
+}
+
+type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+fn version_for(xds: &XdsSnapshot, type_url: &str, names: &BTreeSet<String>) -> String {
+    if names.is_empty() && wildcard_type(type_url) {
+        return xds.type_version(type_url);
+    }
+    let mut sub = XdsSnapshot::default();
+    for n in names {
+        if let Some(r) = xds.types.get(type_url).and_then(|m| m.get(n)) {
+            sub.types.entry(type_url.to_owned()).or_default().insert(n.clone(), r.clone());
+        }
+    }
+    sub.type_version(type_url)
+}
+
+/// Per-type state of a state-of-the-world stream.
+#[derive(Default)]
+struct SotwSub {
+    names: BTreeSet<String>,
+    sent_version: Option<String>,
+    nonce: String,
+    /// Name -> version of what the last response held.
+    sent: BTreeMap<String, String>,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let mut snapshots = self.snapshots.clone();
+        let events = self.events.clone();
+        let _ = events.send(AdsEvent::Connected { delta: false });
+        tokio::spawn(async move {
+            let mut subs: BTreeMap<String, SotwSub> = BTreeMap::new();
+            let mut nonce = 0u64;
+            loop {
+                tokio::select! {
+                    req = inbound.next() => {
+                        let Some(Ok(req)) = req else { break };
+                        let snap = snapshots.borrow().clone();
+                        let sub = subs.entry(req.type_url.clone()).or_default();
+                        if !req.response_nonce.is_empty() {
+                            if req.response_nonce != sub.nonce {
+                                continue; // stale: superseded by a later response
+                            }
+                            match &req.error_detail {
+                                Some(e) => {
+                                    let _ = events.send(AdsEvent::Nack {
+                                        type_url: req.type_url.clone(),
+                                        message: e.message.clone(),
+                                        resources: sub.sent.keys().cloned().collect(),
+                                    });
+                                }
+                                None => {
+                                    let _ = events.send(AdsEvent::Ack {
+                                        type_url: req.type_url.clone(),
+                                        version: req.version_info.clone(),
+                                        resources: sub.sent.clone(),
+                                    });
+                                }
+                            }
+                        }
+                        let names: BTreeSet<String> = req.resource_names.iter().filter(|n| *n != "*").cloned().collect();
+                        let changed_names = names != sub.names;
+                        sub.names = names;
+                        let version = version_for(&snap.xds, &req.type_url, &sub.names);
+                        // Answer a new subscription, a changed one, or a request
+                        // that is behind (a NACK asks again for what we have).
+                        if sub.sent_version.is_none() || changed_names || sub.sent_version.as_deref() != Some(&version)
+                        {
+                            nonce += 1;
+                            if tx.send(Ok(sotw_response(&snap, &req.type_url, sub, nonce))).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    changed = snapshots.changed() => {
+                        if changed.is_err() { break; }
+                        let snap = snapshots.borrow_and_update().clone();
+                        for t in PUSH_ORDER {
+                            let Some(sub) = subs.get_mut(t) else { continue };
+                            let version = version_for(&snap.xds, t, &sub.names);
+                            if sub.sent_version.as_deref() != Some(&version) {
+                                nonce += 1;
+                                if tx.send(Ok(sotw_response(&snap, t, sub, nonce))).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = events.send(AdsEvent::Disconnected);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let mut snapshots = self.snapshots.clone();
+        let events = self.events.clone();
+        let _ = events.send(AdsEvent::Connected { delta: true });
+        tokio::spawn(async move {
+            let mut subs: BTreeMap<String, DeltaSub> = BTreeMap::new();
+            let mut nonce = 0u64;
+            loop {
+                tokio::select! {
+                    req = inbound.next() => {
+                        let Some(Ok(req)) = req else { break };
+                        let snap = snapshots.borrow().clone();
+                        let first = !subs.contains_key(&req.type_url);
+                        let sub = subs.entry(req.type_url.clone()).or_default();
+                        if first {
+                            sub.wildcard = wildcard_type(&req.type_url) && req.resource_names_subscribe.is_empty();
+                            // After a reconnect Envoy says what it already has.
+                            sub.sent = req.initial_resource_versions.clone().into_iter().collect();
+                        }
+                        if !req.response_nonce.is_empty() {
+                            if let Some(in_flight) = sub.in_flight.remove(&req.response_nonce) {
+                                match &req.error_detail {
+                                    Some(e) => {
+                                        let _ = events.send(AdsEvent::Nack {
+                                            type_url: req.type_url.clone(),
+                                            message: e.message.clone(),
+                                            resources: in_flight.keys().cloned().collect(),
+                                        });
+                                    }
+                                    None => {
+                                        let _ = events.send(AdsEvent::Ack {
+                                            type_url: req.type_url.clone(),
+                                            version: snap.version.to_string(),
+                                            resources: in_flight,
+                                        });
+                                    }
+                                }
+                            }
+                        }
+                        for n in &req.resource_names_subscribe {
+                            if n == "*" { sub.wildcard = true } else { sub.names.insert(n.clone()); }
+                        }
+                        for n in &req.resource_names_unsubscribe {
+                            if n == "*" { sub.wildcard = false } else { sub.names.remove(n); sub.sent.remove(n); }
+                        }
+                        nonce += 1;
+                        if let Some(resp) = delta_response(&snap, &req.type_url, sub, nonce) {
+                            if tx.send(Ok(resp)).await.is_err() { break; }
+                        }
+                    }
+                    changed = snapshots.changed() => {
+                        if changed.is_err() { break; }
+                        let snap = snapshots.borrow_and_update().clone();
+                        for t in PUSH_ORDER {
+                            let Some(sub) = subs.get_mut(t) else { continue };
+                            nonce += 1;
+                            if let Some(resp) = delta_response(&snap, t, sub, nonce) {
+                                if tx.send(Ok(resp)).await.is_err() { return; }
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = events.send(AdsEvent::Disconnected);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn sotw_response(snap: &Published, type_url: &str, sub: &mut SotwSub, nonce: u64) -> DiscoveryResponse {
+    let all = wildcard_type(type_url) && sub.names.is_empty();
+    let resources: Vec<_> = snap.xds.of(type_url).filter(|r| all || sub.names.contains(&r.name)).cloned().collect();
+    let version = version_for(&snap.xds, type_url, &sub.names);
+    sub.sent_version = Some(version.clone());
+    sub.nonce = nonce.to_string();
+    sub.sent = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+    DiscoveryResponse {
+        version_info: version,
+        resources: resources.iter().map(|r| r.any.clone()).collect(),
+        type_url: type_url.to_owned(),
+        nonce: sub.nonce.clone(),
+        ..Default::default()
+    }
+}
+
+/// Per-type state of a delta stream: what Envoy has, and responses awaiting an answer.
+#[derive(Default)]
+struct DeltaSub {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Name -> version Envoy has (or was sent).
+    sent: BTreeMap<String, String>,
+    /// Nonce -> the resources (name -> version) that response carried.
+    in_flight: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// Only what changed since the last response: new or changed resources, and
+/// the names that went away. None when nothing did.
+fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u64) -> Option<DeltaDiscoveryResponse> {
+    let wanted: BTreeMap<&String, _> =
+        snap.xds.of(type_url).filter(|r| sub.wildcard || sub.names.contains(&r.name)).map(|r| (&r.name, r)).collect();
+    let changed: Vec<DeltaResource> = wanted
+        .values()
+        .filter(|r| sub.sent.get(&r.name) != Some(&r.version))
+        .map(|r| DeltaResource {
+            name: r.name.clone(),
+            version: r.version.clone(),
+            resource: Some(r.any.clone()),
+            ..Default::default()
+        })
+        .collect();
+    let removed: Vec<String> = sub.sent.keys().filter(|n| !wanted.contains_key(n)).cloned().collect();
+    if changed.is_empty() && removed.is_empty() {
+        return None;
+    }
+    for n in &removed {
+        sub.sent.remove(n);
+    }
+    let carried: BTreeMap<String, String> = changed.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+    sub.sent.extend(carried.clone());
+    let nonce = nonce.to_string();
+    sub.in_flight.insert(nonce.clone(), carried);
+    Some(DeltaDiscoveryResponse {
+        system_version_info: snap.version.to_string(),
+        resources: changed,
+        type_url: type_url.to_owned(),
+        removed_resources: removed,
+        nonce,
+        ..Default::default()
+    })
+}
