@@ -5,7 +5,7 @@
 //! Server paths: `/status/<code>` answers with that status; anything else 200.
 
 use std::{
-    io::{self, BufRead, BufReader, Read, Write},
+    io::{self, BufRead, BufReader, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
@@ -35,6 +35,9 @@ pub struct ServerOpts {
 pub struct HttpServer {
     pub addr: SocketAddr,
     pub served: Arc<AtomicU64>,
+    /// While above zero, each request is answered 503 and counts it down
+    /// (to exercise retries).
+    pub fail_next: Arc<AtomicU64>,
     listener: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -48,11 +51,13 @@ impl HttpServer {
         let listener = Arc::new(listener);
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU64::new(0));
+        let fail_next = Arc::new(AtomicU64::new(0));
         let thread = {
-            let (listener, stop, served) = (listener.clone(), stop.clone(), served.clone());
-            std::thread::spawn(move || accept_loop(&listener, &stop, &served, &opts))
+            let counters = Counters { served: served.clone(), fail_next: fail_next.clone() };
+            let (listener, stop) = (listener.clone(), stop.clone());
+            std::thread::spawn(move || accept_loop(&listener, &stop, &counters, &opts))
         };
-        Ok(Self { addr, served, listener, stop, thread: Some(thread) })
+        Ok(Self { addr, served, fail_next, listener, stop, thread: Some(thread) })
     }
 
     /// The listener (for handing its fd to the datapath's proxy map).
@@ -102,7 +107,14 @@ fn set_transparent(s: &Socket) -> io::Result<()> {
     if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-fn accept_loop(listener: &TcpListener, stop: &AtomicBool, served: &Arc<AtomicU64>, opts: &ServerOpts) {
+/// What a server counts, shared with its owner.
+#[derive(Clone)]
+struct Counters {
+    served: Arc<AtomicU64>,
+    fail_next: Arc<AtomicU64>,
+}
+
+fn accept_loop(listener: &TcpListener, stop: &AtomicBool, counters: &Counters, opts: &ServerOpts) {
     while !stop.load(Ordering::SeqCst) {
         let Ok((stream, peer)) = listener.accept() else {
             continue;
@@ -110,14 +122,14 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, served: &Arc<AtomicU64
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let (opts, served) = (opts.clone(), served.clone());
+        let (opts, counters) = (opts.clone(), counters.clone());
         std::thread::spawn(move || {
-            let _ = serve(stream, peer, &opts, &served);
+            let _ = serve(stream, peer, &opts, &counters);
         });
     }
 }
 
-fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, served: &AtomicU64) -> io::Result<()> {
+fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, counters: &Counters) -> io::Result<()> {
     let local = stream.local_addr()?;
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -126,8 +138,14 @@ fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, served: &Atomic
         let Some(req) = read_request(&mut reader)? else {
             return Ok(());
         };
-        let status = req.path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()).unwrap_or(200);
-        let body = format!("name={} local={local} peer={peer} path={}\n", opts.name, req.path);
+        let failing = counters.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        let status = if failing {
+            503
+        } else {
+            req.path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()).unwrap_or(200)
+        };
+        let body =
+            format!("name={} local={local} peer={peer} path={} version={}\n", opts.name, req.path, req.header_version);
         let close = opts.close_after_response || req.close;
         let head = format!(
             "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-served-by: {}\r\n{}\r\n",
@@ -138,7 +156,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, served: &Atomic
         );
         writer.write_all(head.as_bytes())?;
         writer.write_all(body.as_bytes())?;
-        served.fetch_add(1, Ordering::Relaxed);
+        counters.served.fetch_add(1, Ordering::Relaxed);
         if close {
             writer.shutdown(Shutdown::Both)?;
             return Ok(());
@@ -159,6 +177,8 @@ fn reason(status: u16) -> &'static str {
 struct Request {
     path: String,
     close: bool,
+    /// The `x-version` header, echoed back (header-route tests).
+    header_version: String,
 }
 
 fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
@@ -169,6 +189,7 @@ fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let mut close = line.contains("HTTP/1.0");
     let mut length = 0usize;
+    let mut header_version = String::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 {
@@ -184,6 +205,8 @@ fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
                 close = v.eq_ignore_ascii_case("close");
             } else if k == "content-length" {
                 length = v.parse().unwrap_or(0);
+            } else if k == "x-version" {
+                header_version = v.to_owned();
             }
         }
     }
@@ -191,7 +214,7 @@ fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
         let mut body = vec![0; length];
         r.read_exact(&mut body)?;
     }
-    Ok(Some(Request { path, close }))
+    Ok(Some(Request { path, close, header_version }))
 }
 
 /// A response as the client saw it.

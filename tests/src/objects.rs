@@ -21,6 +21,8 @@ pub struct LabService {
     pub backends: Vec<String>,
     /// `NodePort` with this port, if set.
     pub node_port: Option<u16>,
+    /// Kubernetes namespace (default: "default").
+    pub namespace: String,
     /// Extra `metadata.annotations` lines (`key: "value"`).
     pub annotations: Vec<(String, String)>,
 }
@@ -35,6 +37,7 @@ impl LabService {
             target_port: 8080,
             backends: backends.iter().map(|s| s.to_string()).collect(),
             node_port: None,
+            namespace: "default".into(),
             annotations: Vec::new(),
         }
     }
@@ -70,8 +73,9 @@ pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
         };
         let _ = write!(
             y,
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  annotations: {{{ann}}}\nspec:\n  type: {kind}\n  clusterIP: {ip}\n  ports: [{{name: http, port: {port}, targetPort: {tp}{node_port}}}]\n---\n",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{{ann}}}\nspec:\n  type: {kind}\n  clusterIP: {ip}\n  ports: [{{name: http, port: {port}, targetPort: {tp}{node_port}}}]\n---\n",
             name = s.name,
+            ns = s.namespace,
             ann = annotations.join(", "),
             ip = s.cluster_ip,
             port = s.port,
@@ -92,8 +96,9 @@ pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
             .collect();
         let _ = write!(
             y,
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: {tp}, protocol: TCP}}]\nendpoints:{eps}---\n",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: {tp}, protocol: TCP}}]\nendpoints:{eps}---\n",
             name = s.name,
+            ns = s.namespace,
             tp = s.target_port,
             eps = if endpoints.is_empty() { " []\n".to_string() } else { format!("\n{}", endpoints.concat()) },
         );
@@ -262,4 +267,19 @@ pub fn envoy_stat(lab: &Lab, idx: usize, name: &str) -> u64 {
     };
     let Ok(r) = c.get("admin", "/stats", &[("connection", "close")]) else { return 0 };
     r.body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Cilium's public examples (shared/conformance/cilium-examples): from
+/// $WEFT_CONFORMANCE, or the `shared` directory beside the repository.
+pub fn conformance_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_CONFORMANCE") {
+        return p.into();
+    }
+    let candidates = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cilium-examples"),
+        PathBuf::from("/work/shared/conformance/cilium-examples"),
+    ];
+    candidates.into_iter().find(|p| p.is_dir()).expect(
+        "Cilium's examples (shared/conformance/cilium-examples) not found: set WEFT_CONFORMANCE to their directory",
+    )
 }

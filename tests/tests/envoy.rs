@@ -4,12 +4,14 @@
 
 use std::time::Duration;
 
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
 use weft_tests::{
-    http::{HttpServer, ServerOpts, get_once},
+    http::{Client, HttpServer, ServerOpts, get_once},
     lab::Lab,
     objects::{
-        AgentFiles, LabService, agent_files, envoy_stat, envoy_state, http_envoy_config, lab_objects, start_agent,
-        wait_ready, wait_status, write_atomic,
+        AgentFiles, LabService, agent_files, conformance_dir, envoy_stat, envoy_state, http_envoy_config, lab_objects,
+        start_agent, wait_ready, wait_status, write_atomic,
     },
     require_root,
     scenario::{T, VIP, sa},
@@ -20,7 +22,7 @@ struct EnvoyLab {
     lab: Lab,
     files: Vec<AgentFiles>,
     pids: Vec<u32>,
-    _servers: Vec<HttpServer>,
+    servers: Vec<HttpServer>,
 }
 
 impl EnvoyLab {
@@ -46,7 +48,7 @@ impl EnvoyLab {
             let log = lab.run_dir.join(format!("agent{i}.log"));
             pids.push(start_agent(&lab, i, f, &log).unwrap());
         }
-        let me = Self { lab, files, pids, _servers: servers };
+        let me = Self { lab, files, pids, servers };
         for i in 0..2 {
             wait_ready(&me.files[i], Duration::from_secs(30), || me.lab.running(me.pids[i]))
                 .unwrap_or_else(|e| me.fail(e));
@@ -77,6 +79,173 @@ impl EnvoyLab {
     fn objects_file(&self) -> std::path::PathBuf {
         self.files[0].objects_dir.join("lab.yaml")
     }
+
+    /// The server of a pod (n1-p2, n2-p1, n2-p2).
+    fn server(&self, pod: &str) -> &HttpServer {
+        let i = ["n1-p2", "n2-p1", "n2-p2"].iter().position(|p| *p == pod).expect("a server pod");
+        &self.servers[i]
+    }
+
+    /// `n` requests on one connection from n1-p1; how many each backend answered.
+    fn spread(
+        &self,
+        to: std::net::SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        n: usize,
+    ) -> BTreeMap<String, usize> {
+        let client = self.lab.pod("n1-p1");
+        let mut c = Client::connect(&client.netns, to, None, T).unwrap_or_else(|e| self.fail(e));
+        let mut out = BTreeMap::new();
+        for _ in 0..n {
+            let r = c.get("svc", path, headers).unwrap_or_else(|e| self.fail(e));
+            assert_eq!(r.status, 200, "{r:?}");
+            *out.entry(r.field("name").unwrap_or("?").to_owned()).or_default() += 1;
+        }
+        out
+    }
+}
+
+/// A conformance example, unchanged.
+fn example(name: &str) -> String {
+    std::fs::read_to_string(conformance_dir().join(name)).unwrap()
+}
+
+fn svc(name: &str, ip: [u8; 4], port: u16, backends: &[&str]) -> LabService {
+    LabService::new(name, Ipv4Addr::from(ip), port, backends)
+}
+
+fn assert_share(counts: &BTreeMap<String, usize>, backend: &str, expected: f64, tolerance: f64) {
+    let total: usize = counts.values().sum();
+    let share = *counts.get(backend).unwrap_or(&0) as f64 / total as f64;
+    assert!(
+        (share - expected).abs() <= tolerance,
+        "{backend} answered {share:.3} of {total} requests, expected {expected} +- {tolerance}: {counts:?}"
+    );
+}
+
+#[test]
+fn cilium_90_10_example_splits_traffic_by_weight() {
+    require_root!();
+    let env = EnvoyLab::new(|lab| {
+        let services = [
+            svc("helloworld", [10, 96, 0, 20], 5000, &["n2-p1", "n2-p2"]),
+            svc("helloworld-v1", [10, 96, 0, 21], 5000, &["n2-p1"]),
+            svc("helloworld-v2", [10, 96, 0, 22], 5000, &["n2-p2"]),
+        ];
+        format!("{}{}", lab_objects(lab, &services), example("envoy/envoy-helloworld-v1-90-v2-10.yaml"))
+    });
+    env.acked("EnvoyConfig default/envoy-lb-listener");
+    let counts = env.spread(sa(Ipv4Addr::new(10, 96, 0, 20), 5000), "/", &[], 1000);
+    assert_share(&counts, "n2-p1", 0.9, 0.04);
+    assert_share(&counts, "n2-p2", 0.1, 0.04);
+}
+
+#[test]
+fn cilium_traffic_management_example_weights_rewrites_and_retries() {
+    require_root!();
+    let env = EnvoyLab::new(|lab| {
+        let services = [
+            svc("echo-service-1", [10, 96, 0, 30], 8080, &["n2-p1"]),
+            svc("echo-service-2", [10, 96, 0, 31], 8080, &["n2-p2"]),
+        ];
+        format!("{}{}", lab_objects(lab, &services), example("envoy/envoy-traffic-management-test.yaml"))
+    });
+    env.acked("ClusterwideEnvoyConfig envoy-lb-listener");
+    let to = sa(Ipv4Addr::new(10, 96, 0, 30), 8080);
+    let counts = env.spread(to, "/foo/bar", &[], 1000);
+    assert_share(&counts, "n2-p1", 0.5, 0.05);
+    assert_share(&counts, "n2-p2", 0.5, 0.05);
+
+    // regex_rewrite ^/foo.*$ -> /
+    let client = env.lab.pod("n1-p1");
+    let (r, _, _) = get_once(&client.netns, to, "/foo/anything", T).unwrap();
+    assert_eq!(r.field("path"), Some("/"), "{r:?}");
+    let (r, _, _) = get_once(&client.netns, to, "/other", T).unwrap();
+    assert_eq!(r.field("path"), Some("/other"));
+
+    // retry_on 5xx, 3 retries: two failures in a row are hidden from the client.
+    let retries_before = envoy_stat(&env.lab, 0, "cluster.default/echo-service-1.upstream_rq_retry")
+        + envoy_stat(&env.lab, 0, "cluster.default/echo-service-2.upstream_rq_retry");
+    for pod in ["n2-p1", "n2-p2"] {
+        env.server(pod).fail_next.store(2, std::sync::atomic::Ordering::SeqCst);
+    }
+    let (r, _, _) = get_once(&client.netns, to, "/", T).unwrap();
+    assert_eq!(r.status, 200, "retried past two 503s: {r:?}");
+    let retries = envoy_stat(&env.lab, 0, "cluster.default/echo-service-1.upstream_rq_retry")
+        + envoy_stat(&env.lab, 0, "cluster.default/echo-service-2.upstream_rq_retry");
+    assert!(retries >= retries_before + 2, "Envoy counted the retries ({retries_before} -> {retries})");
+}
+
+/// helloworld redirected to a listener whose route sends `x-version: v2` to
+/// helloworld-v2 and everything else to `default_cluster`.
+fn header_routed(default_cluster: &str) -> String {
+    format!(
+        r#"apiVersion: weft.io/v1alpha1
+kind: EnvoyConfig
+metadata: {{name: hello, namespace: default}}
+spec:
+  services: [{{name: helloworld}}]
+  backendServices: [{{name: helloworld-v1}}, {{name: helloworld-v2}}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: hello
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hello
+          rds: {{route_config_name: hello}}
+          http_filters: [{{name: envoy.filters.http.router}}]
+  - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+    name: hello
+    virtual_hosts:
+    - name: all
+      domains: ["*"]
+      routes:
+      - match: {{prefix: /, headers: [{{name: x-version, string_match: {{exact: v2}}}}]}}
+        route: {{cluster: default/helloworld-v2}}
+      - match: {{prefix: /}}
+        route: {{cluster: {default_cluster}}}
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: default/helloworld-v1
+    type: EDS
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: default/helloworld-v2
+    type: EDS
+"#
+    )
+}
+
+#[test]
+fn header_routes_and_route_edits_take_effect_within_a_second() {
+    require_root!();
+    let services = [
+        svc("helloworld", [10, 96, 0, 20], 5000, &["n2-p1", "n2-p2"]),
+        svc("helloworld-v1", [10, 96, 0, 21], 5000, &["n2-p1"]),
+        svc("helloworld-v2", [10, 96, 0, 22], 5000, &["n2-p2"]),
+    ];
+    let env = EnvoyLab::new(|lab| format!("{}{}", lab_objects(lab, &services), header_routed("default/helloworld-v1")));
+    env.acked("EnvoyConfig default/hello");
+    let to = sa(Ipv4Addr::new(10, 96, 0, 20), 5000);
+    assert_eq!(env.spread(to, "/", &[("x-version", "v2")], 20).keys().collect::<Vec<_>>(), ["n2-p2"]);
+    assert_eq!(env.spread(to, "/", &[], 20).keys().collect::<Vec<_>>(), ["n2-p1"]);
+
+    // Edit the default route in the objects directory: in effect within a second.
+    let edited = format!("{}{}", lab_objects(&env.lab, &services), header_routed("default/helloworld-v2"));
+    let t0 = std::time::Instant::now();
+    write_atomic(&env.objects_file(), &edited).unwrap();
+    let client = env.lab.pod("n1-p1");
+    loop {
+        let (r, _, _) = get_once(&client.netns, to, "/", T).unwrap();
+        if r.field("name") == Some("n2-p2") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1), "the edited route was not in effect after a second");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("route edit in effect after {:?}", t0.elapsed());
 }
 
 fn web() -> LabService {
