@@ -4,11 +4,7 @@
 //! the objects whose resources Envoy refused, which are then set aside (their
 //! last good version stays) so everything else keeps working.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use serde::Serialize;
 
@@ -157,11 +153,13 @@ impl Controller {
             AdsEvent::Nack { type_url, message, resources } => {
                 let owners = self.blame(&type_url, &message, &resources);
                 tracing::warn!(%type_url, ?owners, "Envoy refused an update: {message}");
-                for key in &owners {
-                    if let Some(cfg) = self.configs.iter().find(|c| c.key == *key) {
-                        self.model.nack(key, &cfg.spec, message.clone());
-                        self.nacked.insert(key.clone(), message.clone());
-                    }
+                let kind = type_url.rsplit('.').next().unwrap_or(&type_url);
+                for (key, names) in &owners {
+                    let Some(cfg) = self.configs.iter().find(|c| c.key == *key) else { continue };
+                    let what = names.iter().map(|n| format!("{kind} {n:?}")).collect::<Vec<_>>().join(", ");
+                    let why = format!("{what}: {message}");
+                    self.model.nack(key, &cfg.spec, why.clone());
+                    self.nacked.insert(key.clone(), why);
                 }
                 !owners.is_empty()
             }
@@ -171,22 +169,30 @@ impl Controller {
     /// The objects behind resources Envoy refused: those whose resource
     /// names the message mentions; else those whose resources in the refused
     /// response changed since Envoy last ACKed them.
-    fn blame(&self, type_url: &str, message: &str, names: &[String]) -> BTreeSet<ConfigKey> {
+    fn blame(&self, type_url: &str, message: &str, names: &[String]) -> BTreeMap<ConfigKey, Vec<String>> {
         let res = self.built.xds.types.get(type_url);
-        let owner = |n: &String| res.and_then(|m| m.get(n)).and_then(|r| r.owner.clone());
-        let named: BTreeSet<ConfigKey> =
-            names.iter().filter(|n| message.contains(n.as_str())).filter_map(owner).collect();
+        let owned = |n: &String| Some((res.and_then(|m| m.get(n)).and_then(|r| r.owner.clone())?, n.clone()));
+        let group = |pairs: Vec<(ConfigKey, String)>| {
+            let mut out: BTreeMap<ConfigKey, Vec<String>> = BTreeMap::new();
+            for (k, n) in pairs {
+                out.entry(k).or_default().push(n);
+            }
+            out
+        };
+        let named = group(names.iter().filter(|n| message.contains(n.as_str())).filter_map(owned).collect());
         if !named.is_empty() {
             return named;
         }
-        names
-            .iter()
-            .filter(|n| {
-                let now = res.and_then(|m| m.get(*n)).map(|r| r.version.clone());
-                self.acked.get(&(type_url.to_owned(), (*n).clone())) != now.as_ref()
-            })
-            .filter_map(owner)
-            .collect()
+        group(
+            names
+                .iter()
+                .filter(|n| {
+                    let now = res.and_then(|m| m.get(*n)).map(|r| r.version.clone());
+                    self.acked.get(&(type_url.to_owned(), (*n).clone())) != now.as_ref()
+                })
+                .filter_map(owned)
+                .collect(),
+        )
     }
 
     fn refresh_acks(&mut self) {
@@ -200,6 +206,7 @@ impl Controller {
         }
         for (k, all) in per_owner {
             if all {
+                self.model.confirm(&k);
                 self.acked_version.entry(k).or_insert(self.version);
             } else {
                 self.acked_version.remove(&k);

@@ -284,3 +284,169 @@ fn an_l7_service_is_answered_through_envoy_and_falls_back_when_deleted() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Status of one object in node1's agent.
+fn object<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["control"]["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["object"] == name)
+        .unwrap_or_else(|| panic!("{name} in {status:#}"))
+}
+
+#[test]
+fn invalid_configs_are_rejected_alone_with_precise_reasons() {
+    require_root!();
+    let services = [svc("web", [10, 96, 0, 10], 80, &["n1-p2"]), svc("api", [10, 96, 0, 11], 80, &["n2-p1"])];
+    // One change: a valid config for web, and four broken ones.
+    let good = http_envoy_config("good", "web", None);
+    let unknown_field = http_envoy_config("typo", "api", None).replace("stat_prefix: typo", "stat_prefx: typo");
+    let dangling = http_envoy_config("dangling", "api", Some("{cluster: default/nowhere}"));
+    let unknown_type = http_envoy_config("weird", "api", None).replace(
+        "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "type.googleapis.com/envoy.config.cluster.v3.Clustr",
+    );
+    let duplicate = http_envoy_config("dup", "api", None)
+        .replace("  - \"@type\": type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: dup-listener\n    filter_chains: [{filters: [{name: envoy.filters.network.tcp_proxy, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: d, cluster: default/api}}]}]\n  - \"@type\": type.googleapis.com/envoy.config.route.v3.RouteConfiguration");
+    let env = EnvoyLab::new(|lab| {
+        [
+            lab_objects(lab, &services),
+            good.clone(),
+            unknown_field.clone(),
+            dangling.clone(),
+            unknown_type.clone(),
+            duplicate.clone(),
+        ]
+        .join("---\n")
+    });
+    let status = env.acked("EnvoyConfig default/good");
+    let problems = |name: &str| -> Vec<String> {
+        object(&status, name)["problems"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(
+        problems("EnvoyConfig default/typo"),
+        [
+            "spec.resources[0] (Listener \"typo-listener\"): filter_chains[0].filters[0].typed_config.stat_prefx: unknown field (not in envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager)"
+        ]
+    );
+    assert_eq!(
+        problems("EnvoyConfig default/dangling"),
+        [
+            "spec.resources[1] (RouteConfiguration \"dangling-route\"): virtual_hosts[0].routes[0].route: cluster \"default/nowhere\" is not defined by any EnvoyConfig"
+        ]
+    );
+    assert_eq!(
+        problems("EnvoyConfig default/weird"),
+        [
+            "spec.resources[2] (Clustr \"default/api\"): @type: unknown type \"type.googleapis.com/envoy.config.cluster.v3.Clustr\""
+        ]
+    );
+    assert_eq!(
+        problems("EnvoyConfig default/dup"),
+        [
+            "spec.resources[1] (Listener \"dup-listener\"): name: another Listener of this config has the name \"default/dup/dup-listener\""
+        ]
+    );
+    for bad in ["typo", "dangling", "weird", "dup"] {
+        assert_eq!(object(&status, &format!("EnvoyConfig default/{bad}"))["serving"]["state"], "nothing");
+    }
+    // The valid one works; api (whose configs are all broken) stays on eBPF load-balancing.
+    let client = env.lab.pod("n1-p1");
+    let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 10), 80), "/", T).unwrap();
+    assert!(r.header("x-envoy-upstream-service-time").is_some(), "web goes through Envoy");
+    let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 11), 80), "/", T).unwrap();
+    assert!(r.header("x-envoy-upstream-service-time").is_none(), "api is not redirected");
+    assert_eq!(r.field("name"), Some("n2-p1"));
+}
+
+#[test]
+fn a_nack_is_traced_to_its_object_and_the_last_good_version_stays() {
+    require_root!();
+    let services = [svc("web", [10, 96, 0, 10], 80, &["n1-p2"])];
+    let v1 = http_envoy_config("web-l7", "web", None);
+    let env = EnvoyLab::new(|lab| format!("{}{}", lab_objects(lab, &services), v1));
+    env.acked("EnvoyConfig default/web-l7");
+    // A regex only Envoy judges: weft passes it on, Envoy refuses it.
+    let v2 =
+        http_envoy_config("web-l7", "web", None).replace("match: {prefix: /}", "match: {safe_regex: {regex: \"(\"}}");
+    write_atomic(&env.objects_file(), &format!("{}{}", lab_objects(&env.lab, &services), v2)).unwrap();
+    let status = wait_status(&env.lab, 0, Duration::from_secs(10), "the NACK", |s| {
+        envoy_state(s, "EnvoyConfig default/web-l7") == Some("nacked")
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    let o = object(&status, "EnvoyConfig default/web-l7");
+    let problem = o["problems"][0].as_str().unwrap();
+    assert_eq!(problem, "Envoy refused it: RouteConfiguration \"default/web-l7/web-l7-route\": missing ): (");
+    assert_eq!(o["serving"]["state"], "last-good", "{o:#}");
+    // The last good version is served again.
+    let client = env.lab.pod("n1-p1");
+    let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 10), 80), "/", T).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-envoy-upstream-service-time").is_some(), "still through Envoy");
+}
+
+#[test]
+fn envoy_is_restarted_and_resynced_while_plain_services_keep_working() {
+    require_root!();
+    let services = [svc("web", [10, 96, 0, 10], 80, &["n1-p2"]), svc("plain", [10, 96, 0, 11], 80, &["n2-p1"])];
+    let env =
+        EnvoyLab::new(|lab| format!("{}{}", lab_objects(lab, &services), http_envoy_config("web-l7", "web", None)));
+    let status = env.acked("EnvoyConfig default/web-l7");
+    let pid = status["envoy"]["pid"].as_u64().unwrap() as i32;
+    let client = env.lab.pod("n1-p1");
+    // SAFETY: killing the Envoy process the agent started in the lab.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // Plain Services never stop working, also while Envoy is down.
+    for _ in 0..5 {
+        let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 11), 80), "/", T).unwrap();
+        assert_eq!(r.field("name"), Some("n2-p1"));
+    }
+    let status = wait_status(&env.lab, 0, Duration::from_secs(20), "a restarted, resynced Envoy", |s| {
+        s["envoy"]["restarts"].as_u64() >= Some(1)
+            && s["envoy"]["ready"] == true
+            && envoy_state(s, "EnvoyConfig default/web-l7") == Some("acknowledged")
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    assert_ne!(status["envoy"]["pid"].as_u64().unwrap() as i32, pid);
+    // L7 traffic recovers (the new listener's socket is registered again).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 10), 80), "/", T) {
+            Ok((r, _, _)) if r.header("x-envoy-upstream-service-time").is_some() => break,
+            other => assert!(std::time::Instant::now() < deadline, "L7 did not recover: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn proxy_ports_survive_an_agent_restart_and_pinned_ports_are_honoured() {
+    require_root!();
+    let services = [svc("web", [10, 96, 0, 10], 80, &["n1-p2"]), svc("api", [10, 96, 0, 11], 80, &["n2-p1"])];
+    let pinned = http_envoy_config("api-l7", "api", None).replace(
+        "    name: api-l7-listener\n",
+        "    name: api-l7-listener\n    address: {socket_address: {address: 127.0.0.1, port_value: 15999}}\n",
+    );
+    let env = EnvoyLab::new(|lab| {
+        format!("{}{}---\n{}", lab_objects(lab, &services), http_envoy_config("web-l7", "web", None), pinned)
+    });
+    env.acked("EnvoyConfig default/web-l7");
+    let status = env.acked("EnvoyConfig default/api-l7");
+    let port_of = |s: &serde_json::Value, o: &str| object(s, o)["listeners"][0][1].as_u64().unwrap();
+    let web_port = port_of(&status, "EnvoyConfig default/web-l7");
+    assert_eq!(port_of(&status, "EnvoyConfig default/api-l7"), 15999, "the pinned port");
+    let client = env.lab.pod("n1-p1");
+    let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 11), 80), "/", T).unwrap();
+    assert!(r.header("x-envoy-upstream-service-time").is_some(), "the pinned listener gets the Service");
+
+    // Restart node1's agent: same ports.
+    env.lab.kill(env.pids[0]);
+    let log = env.lab.run_dir.join("agent0.log");
+    let pid = start_agent(&env.lab, 0, &env.files[0], &log).unwrap();
+    wait_ready(&env.files[0], Duration::from_secs(30), || env.lab.running(pid)).unwrap_or_else(|e| env.fail(e));
+    let status = env.acked("EnvoyConfig default/web-l7");
+    assert_eq!(port_of(&status, "EnvoyConfig default/web-l7"), web_port, "same port after the restart");
+    let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 10), 80), "/", T).unwrap();
+    assert!(r.header("x-envoy-upstream-service-time").is_some());
+}

@@ -149,7 +149,10 @@ struct Good {
 /// Carries accepted versions and port allocations from one build to the next.
 pub struct Model {
     ports: ProxyPorts,
+    /// The last version of each object that passed validation.
     good: BTreeMap<ConfigKey, Good>,
+    /// The last version of each object Envoy acknowledged.
+    confirmed: BTreeMap<ConfigKey, Good>,
     /// Versions Envoy refused: (spec, Envoy's message).
     nacked: BTreeMap<ConfigKey, (EnvoyConfigSpec, String)>,
 }
@@ -173,14 +176,29 @@ struct Candidate {
 
 impl Model {
     pub fn new(ports: ProxyPorts) -> Self {
-        Self { ports, good: BTreeMap::new(), nacked: BTreeMap::new() }
+        Self { ports, good: BTreeMap::new(), confirmed: BTreeMap::new(), nacked: BTreeMap::new() }
+    }
+
+    /// Records that Envoy acknowledged the accepted version of `key`.
+    pub fn confirm(&mut self, key: &ConfigKey) {
+        if let Some(g) = self.good.get(key) {
+            self.confirmed.insert(key.clone(), g.clone());
+        }
     }
 
     /// Records that Envoy refused the current version of `key`: the next
-    /// build rejects that version (with Envoy's message) until it changes.
+    /// build rejects that version (with Envoy's message) until it changes, and
+    /// the version Envoy last acknowledged, if any, stands in for it.
     pub fn nack(&mut self, key: &ConfigKey, spec: &EnvoyConfigSpec, message: String) {
         if self.good.get(key).is_some_and(|g| g.spec == *spec) {
-            self.good.remove(key);
+            match self.confirmed.get(key).filter(|c| c.spec != *spec) {
+                Some(c) => {
+                    self.good.insert(key.clone(), c.clone());
+                }
+                None => {
+                    self.good.remove(key);
+                }
+            }
         }
         self.nacked.insert(key.clone(), (spec.clone(), message));
     }
@@ -440,6 +458,7 @@ impl Model {
         // Forget configs that are gone.
         let present: BTreeSet<&ConfigKey> = built.statuses.keys().collect();
         self.good.retain(|k, _| present.contains(k));
+        self.confirmed.retain(|k, _| present.contains(k));
         self.nacked.retain(|k, _| present.contains(k));
         self.ports.release_others(&listeners_in_use);
         built.proxy_ports.sort();
@@ -824,6 +843,15 @@ spec:
         let b = m.build(&[a2.clone()], &[], &objects(), &node());
         let st = &b.statuses[&a2.key];
         assert_eq!(st.problems, vec!["Envoy refused it: listener default/a/l: bad"]);
-        assert_eq!(st.serving, Serving::Nothing, "the refused version was the accepted one; nothing older is kept");
+        assert_eq!(st.serving, Serving::Nothing, "Envoy acknowledged no earlier version: nothing stands in");
+
+        // Once Envoy acknowledged a version, a refused later one falls back to it.
+        let mut m = Model::new(ProxyPorts::ephemeral());
+        m.build(&[a.clone()], &[], &objects(), &node());
+        m.confirm(&a.key);
+        m.build(&[a2.clone()], &[], &objects(), &node());
+        m.nack(&a2.key, &a2.spec, "bad".into());
+        let b = m.build(&[a2.clone()], &[], &objects(), &node());
+        assert_eq!(b.statuses[&a2.key].serving, Serving::LastGood { generation: 1 });
     }
 }

@@ -89,6 +89,8 @@ impl std::fmt::Display for Problem {
 pub struct Item<T> {
     /// Qualified name.
     pub name: String,
+    /// The name as the config writes it.
+    pub written: String,
     /// Index in `spec.resources`.
     pub index: usize,
     pub resource: T,
@@ -231,8 +233,9 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
                         message: "a ClusterLoadAssignment needs a cluster_name".into(),
                     })
                 } else {
+                    let written = cla.cluster_name.clone();
                     cla.cluster_name = ctx.q(&cla.cluster_name);
-                    out.endpoints.push(Item { name: cla.cluster_name.clone(), index, resource: cla });
+                    out.endpoints.push(Item { name: cla.cluster_name.clone(), written, index, resource: cla });
                     Ok(())
                 }
             }
@@ -241,8 +244,9 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
                 if s.name.is_empty() {
                     Err(Problem { place: base.clone(), path: "name".into(), message: "a Secret needs a name".into() })
                 } else {
+                    let written = s.name.clone();
                     s.name = ctx.q(&s.name);
-                    out.secrets.push(Item { name: s.name.clone(), index, resource: s });
+                    out.secrets.push(Item { name: s.name.clone(), written, index, resource: s });
                     Ok(())
                 }
             }
@@ -323,7 +327,7 @@ fn duplicates(out: &Translated, problems: &mut Vec<Problem>) {
         for it in items {
             if !seen.insert(it.name.as_str()) {
                 problems.push(Problem {
-                    place: place(it.index, kind, &it.name),
+                    place: place(it.index, kind, &it.written),
                     path: "name".into(),
                     message: format!("another {kind} of this config has the name {:?}", it.name),
                 });
@@ -401,7 +405,7 @@ fn listener(ctx: &mut Ctx<'_>, index: usize, mut l: Listener, out: &mut Translat
             }
         }
     }
-    out.listeners.push(Item { name: l.name.clone(), index, resource: l });
+    out.listeners.push(Item { name: l.name.clone(), written: original, index, resource: l });
     Ok(())
 }
 
@@ -444,8 +448,9 @@ fn route_configuration(
         });
     }
     let at = place(index, "RouteConfiguration", &rc.name);
+    let written = rc.name.clone();
     qualify_route_names(ctx, &at, &mut rc);
-    out.routes.push(Item { name: rc.name.clone(), index, resource: rc });
+    out.routes.push(Item { name: rc.name.clone(), written, index, resource: rc });
     Ok(())
 }
 
@@ -458,6 +463,7 @@ fn cluster(ctx: &mut Ctx<'_>, index: usize, mut c: Cluster, out: &mut Translated
         });
     }
     let at = place(index, "Cluster", &c.name);
+    let written = c.name.clone();
     c.name = ctx.q(&c.name);
     if let Some(ts) = c.transport_socket.as_mut() {
         transport_socket(ctx, &at, ts);
@@ -474,7 +480,7 @@ fn cluster(ctx: &mut Ctx<'_>, index: usize, mut c: Cluster, out: &mut Translated
     if let Some(la) = c.load_assignment.as_mut() {
         la.cluster_name = ctx.q(&la.cluster_name);
     }
-    out.clusters.push(Item { name: c.name.clone(), index, resource: c });
+    out.clusters.push(Item { name: c.name.clone(), written, index, resource: c });
     Ok(())
 }
 

@@ -1,0 +1,116 @@
+//! Cilium's public examples (shared/conformance/cilium-examples), validated
+//! as `weft-agent validate` does: which EnvoyConfigs weft accepts unchanged,
+//! and the precise reason for each it refuses.
+
+use std::path::PathBuf;
+
+use weft_agent::validate::validate;
+
+fn examples() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_CONFORMANCE") {
+        return p.into();
+    }
+    [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cilium-examples"),
+        PathBuf::from("/work/shared/conformance/cilium-examples"),
+    ]
+    .into_iter()
+    .find(|p| p.is_dir())
+    .expect("Cilium's examples (shared/conformance/cilium-examples) not found: set WEFT_CONFORMANCE")
+}
+
+/// Every example file with an EnvoyConfig, and what weft makes of it: None =
+/// valid; Some(text) = refused, with a problem containing the text.
+const EXPECTED: &[(&str, Option<&str>)] = &[
+    ("envoy/envoy-circuit-breaker.yaml", None),
+    ("envoy/envoy-helloworld-v1-90-v2-10.yaml", None),
+    ("envoy/envoy-prometheus-metrics-listener.yaml", None),
+    ("envoy/envoy-traffic-management-test.yaml", None),
+    ("other/examples__policies__l4__envoy_forward_proxy_cec.yaml", None),
+    ("other/examples__policies__l4__envoy_listener_redirect_cec.yaml", None),
+    // Binds [::]:9901, where every node's Envoy has its admin interface.
+    ("envoy/envoy-admin-listener.yaml", Some("binds [::]:9901, which is Envoy's admin interface's port on every node")),
+    (
+        "envoy/envoy-admin-listener-nodeselector.yaml",
+        Some("binds [::]:9901, which is Envoy's admin interface's port on every node"),
+    ),
+    // Cilium's parser test data: listeners with only a name, which Envoy refuses.
+    (
+        "other/pkg__ciliumenvoyconfig__testdata__experimental__ciliumenvoyconfig.yaml",
+        Some("filter_chains: a listener needs at least one filter chain"),
+    ),
+    (
+        "other/pkg__ciliumenvoyconfig__testdata__experimental__ciliumclusterwideenvoyconfig.yaml",
+        Some("filter_chains: a listener needs at least one filter chain"),
+    ),
+    // An unrendered Go template.
+    (
+        "other/cilium-cli__connectivity__builder__manifests__client-egress-to-fqdns-and-ccec-listener.yaml",
+        Some("not valid YAML"),
+    ),
+];
+
+#[test]
+fn cilium_envoy_configs_validate_or_are_refused_precisely() {
+    let dir = examples();
+    let mut failures = Vec::new();
+    for (file, expected) in EXPECTED {
+        let report = validate(&[dir.join(file)]);
+        match expected {
+            None if report.problems.is_empty() && report.valid == 1 => {}
+            None => failures.push(format!("{file}: expected valid, got {:?}", report.problems)),
+            Some(text) if report.problems.iter().any(|p| p.contains(text)) => {}
+            Some(text) => {
+                failures.push(format!("{file}: expected a problem containing {text:?}, got {:?}", report.problems))
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_example_file_is_accounted_for() {
+    // Files without EnvoyConfigs (Deployments, Services, policies, Ingresses)
+    // are read without complaint; every file with one is in EXPECTED.
+    let dir = examples();
+    let mut unlisted = Vec::new();
+    for sub in ["", "envoy", "other", "policy"] {
+        for entry in std::fs::read_dir(dir.join(sub)).unwrap().flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let rel = path.strip_prefix(&dir).unwrap().to_string_lossy().into_owned();
+            let report = validate(std::slice::from_ref(&path));
+            let listed = EXPECTED.iter().any(|(f, _)| *f == rel);
+            if !listed && (report.configs > 0 || !report.problems.is_empty()) {
+                unlisted.push(format!("{rel}: {} config(s), problems {:?}", report.configs, report.problems));
+            }
+        }
+    }
+    assert!(
+        unlisted.is_empty(),
+        "example files with EnvoyConfigs or problems not in EXPECTED:\n{}",
+        unlisted.join("\n")
+    );
+}
+
+#[test]
+fn validate_exits_non_zero_with_one_line_per_problem() {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_weft-agent"));
+    let ok = std::process::Command::new(&bin)
+        .arg("validate")
+        .arg(examples().join("envoy/envoy-helloworld-v1-90-v2-10.yaml"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let bad = std::process::Command::new(&bin)
+        .arg("validate")
+        .arg(examples().join("envoy/envoy-admin-listener.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("ClusterwideEnvoyConfig envoy-admin-listener: listener"), "{out}");
+}
