@@ -1,17 +1,19 @@
-//! The demo: a two-node lab with weft agents, Services written as Kubernetes
-//! YAML, traffic through them, and what the datapath reported, live.
+//! The demo: a two-node lab with weft agents (each running the node's Envoy),
+//! Services and an EnvoyConfig written as Kubernetes YAML, traffic through
+//! them, and what the datapath reported, live.
 
 use std::{
     io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddr},
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use crate::{
-    http::{HttpServer, ServerOpts, get_once},
+    http::{HttpServer, Response, ServerOpts, get_once},
     lab::Lab,
-    objects::{LabService, agent_binary, agent_files, lab_objects, wait_ready, write_atomic},
+    objects::{LabService, agent_binary, agent_files, envoy_state, lab_objects, wait_ready, wait_status, write_atomic},
     scenario::{T, VIP, sa},
 };
 
@@ -23,6 +25,59 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn say(s: &str) {
     println!("\x1b[1m==> {s}\x1b[0m");
+}
+
+const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+
+/// The EnvoyConfig of the demo: `hello` is handled by each node's Envoy,
+/// which sends 90 % of requests to hello-v1 and 10 % to hello-v2, retrying 5xx.
+const ENVOY_CONFIG: &str = r#"apiVersion: weft.io/v1alpha1
+kind: EnvoyConfig
+metadata: {name: hello-split, namespace: default}
+spec:
+  services: [{name: hello}]
+  backendServices: [{name: hello-v1}, {name: hello-v2}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: hello
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hello
+          rds: {route_config_name: hello}
+          http_filters: [{name: envoy.filters.http.router}]
+  - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+    name: hello
+    virtual_hosts:
+    - name: hello
+      domains: ["*"]
+      routes:
+      - match: {prefix: /}
+        route:
+          weighted_clusters: {clusters: [{name: default/hello-v1, weight: 90}, {name: default/hello-v2, weight: 10}]}
+          retry_policy: {retry_on: 5xx, num_retries: 3}
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: default/hello-v1
+    type: EDS
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: default/hello-v2
+    type: EDS
+"#;
+
+fn show(what: &str, r: std::io::Result<(Response, SocketAddr, SocketAddr)>) {
+    match r {
+        Ok((resp, _, peer)) => {
+            let via = if resp.header("x-envoy-upstream-service-time").is_some() { " through Envoy" } else { "" };
+            println!(
+                "    {what}: {} from {}{via} (client's peer {peer})",
+                resp.status,
+                resp.field("name").unwrap_or("?")
+            )
+        }
+        Err(e) => println!("    {what}: failed: {e}"),
+    }
 }
 
 /// Runs the demo for `duration` (or until Ctrl-C), then tears the lab down.
@@ -37,7 +92,6 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
     for p in &lab.pods {
         println!("    pod {:<6} {:<12} on {}", p.name, p.ip, lab.node(p.node).name);
     }
-
     let mut servers = Vec::new();
     for name in ["n1-p2", "n2-p1", "n2-p2"] {
         let pod = lab.pod(name);
@@ -47,31 +101,26 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
             ServerOpts { name: name.into(), ..Default::default() },
         )?);
     }
-    let node1 = lab.node(0);
-    // Until the control plane runs Envoy, a transparent listener stands in for it.
-    servers.push(HttpServer::start(
-        &node1.netns,
-        sa(std::net::Ipv4Addr::LOCALHOST, 15001),
-        ServerOpts { name: "proxy-on-node1".into(), transparent: true, ..Default::default() },
-    )?);
 
     let mut web = LabService::new("web", VIP, 80, &["n1-p2", "n2-p1", "n2-p2"]);
     web.node_port = Some(30080);
-    let mut l7 = LabService::new("echo-l7", std::net::Ipv4Addr::new(10, 96, 0, 11), 80, &["n2-p2"]);
-    l7.annotations.push(("weft.io/l7-proxy-port".into(), "15001".into()));
-    let empty = LabService::new("nobody-home", std::net::Ipv4Addr::new(10, 96, 0, 12), 80, &[]);
+    let services = [
+        web,
+        LabService::new("hello", HELLO, 80, &["n2-p1", "n2-p2"]),
+        LabService::new("hello-v1", Ipv4Addr::new(10, 96, 0, 21), 80, &["n2-p1"]),
+        LabService::new("hello-v2", Ipv4Addr::new(10, 96, 0, 22), 80, &["n2-p2"]),
+        LabService::new("nobody-home", Ipv4Addr::new(10, 96, 0, 12), 80, &[]),
+    ];
     let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, "print-events: true\n")).collect::<Result<_, _>>()?;
-    let objects = lab_objects(&lab, &[web, l7, empty]);
-    write_atomic(&files[0].objects_dir.join("lab.yaml"), &objects)?;
-    say(&format!("Kubernetes objects for the agents: {}", files[0].objects_dir.join("lab.yaml").display()));
-    for line in objects
-        .lines()
-        .filter(|l| l.starts_with("kind: Service") || l.contains("clusterIP") || l.contains("annotations: {weft"))
-    {
-        println!("    {}", line.trim());
-    }
+    let objects_path = files[0].objects_dir.join("lab.yaml");
+    write_atomic(&objects_path, &format!("{}{ENVOY_CONFIG}", lab_objects(&lab, &services)))?;
+    say(&format!("Kubernetes objects for the agents: {}", objects_path.display()));
+    println!(
+        "    Services: web 10.96.0.10 (NodePort 30080), hello 10.96.0.20, hello-v1, hello-v2, nobody-home 10.96.0.12"
+    );
+    println!("    EnvoyConfig default/hello-split: hello -> Envoy -> 90 % hello-v1 (n2-p1), 10 % hello-v2 (n2-p2)");
 
-    say("starting weft-agent on node1 and node2 (datapath loaded, maps pinned, events printed)");
+    say("starting weft-agent on node1 and node2 (datapath loaded, maps pinned, Envoy started, events printed)");
     let mut pids = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let mut cmd = Command::new(agent_binary());
@@ -92,38 +141,43 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
             anyhow::bail!("{e}\nagent log:\n{log}");
         }
     }
+    let status = wait_status(&lab, 0, Duration::from_secs(30), "Envoy to acknowledge hello-split", |s| {
+        s["envoy"]["ready"] == true && envoy_state(s, "EnvoyConfig default/hello-split") == Some("acknowledged")
+    })?;
+    let obj = status["control"]["objects"].as_array().and_then(|o| o.first()).cloned().unwrap_or_default();
+    println!(
+        "    node1's agent: {} is {}, listener {} on proxy port {}",
+        obj["object"].as_str().unwrap_or("?"),
+        obj["envoy"]["state"].as_str().unwrap_or("?"),
+        obj["listeners"][0][0].as_str().unwrap_or("?"),
+        obj["listeners"][0][1]
+    );
 
     let client = lab.pod("n1-p1");
-    let show =
-        |what: &str, r: std::io::Result<(crate::http::Response, std::net::SocketAddr, std::net::SocketAddr)>| match r {
-            Ok((resp, _, peer)) => println!(
-                "    {what}: {} from {} (client's peer {peer})",
-                resp.status,
-                resp.field("name").unwrap_or("?")
-            ),
-            Err(e) => println!("    {what}: failed: {e}"),
-        };
     say("n1-p1 -> web (ClusterIP 10.96.0.10:80, eBPF DNAT to backends on both nodes)");
     for _ in 0..3 {
         show("GET http://10.96.0.10/", get_once(&client.netns, sa(VIP, 80), "/", T));
         std::thread::sleep(Duration::from_millis(300));
     }
-    say("n1-p1 -> echo-l7 (L7: handed to the node's proxy listener, no DNAT)");
-    show("GET http://10.96.0.11/", get_once(&client.netns, sa(std::net::Ipv4Addr::new(10, 96, 0, 11), 80), "/", T));
-    std::thread::sleep(Duration::from_millis(300));
+    say("n1-p1 -> hello (L7: handed to node1's Envoy by sk_lookup, split 90/10 by the EnvoyConfig)");
+    for _ in 0..5 {
+        show("GET http://10.96.0.20/", get_once(&client.netns, sa(HELLO, 80), "/", T));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     say("external client -> NodePort 192.168.50.1:30080");
-    show("GET http://192.168.50.1:30080/", get_once(&lab.ext_netns, sa(node1.ip, 30080), "/", T));
+    show("GET http://192.168.50.1:30080/", get_once(&lab.ext_netns, sa(lab.node(0).ip, 30080), "/", T));
     std::thread::sleep(Duration::from_millis(300));
     say("n1-p1 -> nobody-home (a Service without backends: dropped, NO_SERVICE)");
     show(
         "GET http://10.96.0.12/",
-        get_once(&client.netns, sa(std::net::Ipv4Addr::new(10, 96, 0, 12), 80), "/", Duration::from_millis(500)),
+        get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 12), 80), "/", Duration::from_millis(500)),
     );
 
-    say(&format!("live: n1-p1 calls web every second; Ctrl-C or {}s to stop", duration.as_secs()));
+    say(&format!("live: n1-p1 calls web and hello every second; Ctrl-C or {}s to stop", duration.as_secs()));
     let start = Instant::now();
     while !STOP.load(Ordering::SeqCst) && start.elapsed() < duration {
         let _ = get_once(&client.netns, sa(VIP, 80), "/", T);
+        let _ = get_once(&client.netns, sa(HELLO, 80), "/", T);
         for _ in 0..10 {
             if STOP.load(Ordering::SeqCst) {
                 break;
@@ -131,7 +185,7 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    say("stopping: agents, servers, namespaces, pins and cgroups are removed");
+    say("stopping: agents, Envoys, servers, namespaces, pins and cgroups are removed");
     drop(servers);
     drop(lab);
     Ok(())
