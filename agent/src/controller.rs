@@ -48,6 +48,8 @@ pub struct ObjectState {
 pub struct ControlStatus {
     pub version: u64,
     pub envoy_connected: bool,
+    /// "delta" or "state-of-the-world", as Envoy's stream is.
+    pub xds_mode: Option<&'static str>,
     pub objects: Vec<ObjectState>,
     /// Documents of the objects directory that could not be read.
     pub source_problems: Vec<String>,
@@ -70,6 +72,7 @@ pub struct Controller {
     /// Objects Envoy refused, with its message (for the current spec).
     nacked: BTreeMap<ConfigKey, String>,
     envoy_connected: bool,
+    xds_mode: Option<&'static str>,
     /// ACKed snapshot version per object, when all its resources are in.
     acked_version: BTreeMap<ConfigKey, u64>,
 }
@@ -88,6 +91,7 @@ impl Controller {
             acked: BTreeMap::new(),
             nacked: BTreeMap::new(),
             envoy_connected: false,
+            xds_mode: None,
             acked_version: BTreeMap::new(),
         }
     }
@@ -132,8 +136,9 @@ impl Controller {
     /// Follows an ADS event; true if the snapshot must be rebuilt (a NACK).
     pub fn on_event(&mut self, ev: AdsEvent) -> bool {
         match ev {
-            AdsEvent::Connected { .. } => {
+            AdsEvent::Connected { delta } => {
                 self.envoy_connected = true;
+                self.xds_mode = Some(if delta { "delta" } else { "state-of-the-world" });
                 false
             }
             AdsEvent::Disconnected => {
@@ -238,6 +243,7 @@ impl Controller {
         ControlStatus {
             version: self.version,
             envoy_connected: self.envoy_connected,
+            xds_mode: self.xds_mode,
             objects,
             source_problems: self.loaded.problems.iter().map(ParseProblem::to_string).collect(),
             state_problems: state_problems.to_vec(),

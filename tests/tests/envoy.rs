@@ -27,6 +27,11 @@ struct EnvoyLab {
 
 impl EnvoyLab {
     fn new(objects: impl Fn(&Lab) -> String) -> Self {
+        Self::with_config(objects, "")
+    }
+
+    /// Like `new`, with extra agent configuration (YAML lines).
+    fn with_config(objects: impl Fn(&Lab) -> String, agent_config: &str) -> Self {
         let lab = Lab::new().unwrap();
         let objects = objects(&lab);
         let servers = ["n1-p2", "n2-p1", "n2-p2"]
@@ -41,7 +46,7 @@ impl EnvoyLab {
                 .unwrap()
             })
             .collect();
-        let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, "").unwrap()).collect();
+        let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, agent_config).unwrap()).collect();
         write_atomic(&files[0].objects_dir.join("lab.yaml"), &objects).unwrap();
         let mut pids = Vec::new();
         for (i, f) in files.iter().enumerate() {
@@ -221,13 +226,28 @@ spec:
 #[test]
 fn header_routes_and_route_edits_take_effect_within_a_second() {
     require_root!();
+    header_routes_and_edits("");
+}
+
+#[test]
+fn delta_xds_serves_and_updates_too() {
+    require_root!();
+    header_routes_and_edits("envoy: {delta: true}\n");
+}
+
+fn header_routes_and_edits(agent_config: &str) {
     let services = [
         svc("helloworld", [10, 96, 0, 20], 5000, &["n2-p1", "n2-p2"]),
         svc("helloworld-v1", [10, 96, 0, 21], 5000, &["n2-p1"]),
         svc("helloworld-v2", [10, 96, 0, 22], 5000, &["n2-p2"]),
     ];
-    let env = EnvoyLab::new(|lab| format!("{}{}", lab_objects(lab, &services), header_routed("default/helloworld-v1")));
-    env.acked("EnvoyConfig default/hello");
+    let env = EnvoyLab::with_config(
+        |lab| format!("{}{}", lab_objects(lab, &services), header_routed("default/helloworld-v1")),
+        agent_config,
+    );
+    let status = env.acked("EnvoyConfig default/hello");
+    let mode = if agent_config.contains("delta: true") { "delta" } else { "state-of-the-world" };
+    assert_eq!(status["control"]["xds-mode"], mode);
     let to = sa(Ipv4Addr::new(10, 96, 0, 20), 5000);
     assert_eq!(env.spread(to, "/", &[("x-version", "v2")], 20).keys().collect::<Vec<_>>(), ["n2-p2"]);
     assert_eq!(env.spread(to, "/", &[], 20).keys().collect::<Vec<_>>(), ["n2-p1"]);

@@ -854,4 +854,47 @@ spec:
         let b = m.build(&[a2.clone()], &[], &objects(), &node());
         assert_eq!(b.statuses[&a2.key].serving, Serving::LastGood { generation: 1 });
     }
+
+    #[test]
+    fn secrets_must_exist_and_kubernetes_tls_secrets_are_sent() {
+        let tls = |secret: &str| {
+            let mut c = config("tls", "default/web");
+            let listener = &mut c.spec.resources[0];
+            listener["filter_chains"][0]["transport_socket"] = serde_json::json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": secret}]}
+                }
+            });
+            c
+        };
+        let mut m = Model::new(ProxyPorts::ephemeral());
+        let b = m.build(&[tls("default/demo-cert")], &[], &objects(), &node());
+        let st = &b.statuses[&tls("x").key];
+        assert_eq!(st.problems.len(), 1, "{:?}", st.problems);
+        assert!(
+            st.problems[0]
+                .contains("secret \"default/demo-cert\" is neither a Secret resource nor a Kubernetes Secret")
+        );
+
+        let mut with_secret = objects();
+        let mut l = yaml::Loaded::default();
+        yaml::load_text(
+            std::path::Path::new("s.yaml"),
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: demo-cert, namespace: default}\ntype: kubernetes.io/tls\ndata: {tls.crt: Y2VydA==, tls.key: a2V5}\n",
+            &mut l,
+        );
+        with_secret.secrets = l.objects.secrets;
+        let b = m.build(&[tls("default/demo-cert")], &[], &with_secret, &node());
+        assert!(b.statuses[&tls("x").key].problems.is_empty());
+        let s =
+            b.xds.of(translate::SECRET).find(|r| r.name == "default/demo-cert").expect("the Kubernetes Secret is sent");
+        let s = Secret::decode(s.any.value.as_slice()).unwrap();
+        let Some(secret::Type::TlsCertificate(cert)) = s.r#type else { panic!() };
+        assert_eq!(
+            cert.certificate_chain.unwrap().specifier,
+            Some(data_source::Specifier::InlineBytes(b"cert".to_vec()))
+        );
+    }
 }
