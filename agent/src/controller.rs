@@ -75,6 +75,8 @@ pub struct Controller {
     xds_mode: Option<&'static str>,
     /// ACKed snapshot version per object, when all its resources are in.
     acked_version: BTreeMap<ConfigKey, u64>,
+    /// Objects with resources in the current snapshot.
+    owners: std::collections::BTreeSet<ConfigKey>,
 }
 
 impl Controller {
@@ -93,6 +95,7 @@ impl Controller {
             envoy_connected: false,
             xds_mode: None,
             acked_version: BTreeMap::new(),
+            owners: Default::default(),
         }
     }
 
@@ -126,6 +129,7 @@ impl Controller {
         let node = self.node_info();
         self.built = self.model.build(&self.configs, &self.parse_errors, &self.loaded.objects, &node);
         self.version += 1;
+        self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
         let mut snap = Snapshot::derive(&self.loaded.objects, &self.node_name, self.node_ip, &self.built.redirects);
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });

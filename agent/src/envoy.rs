@@ -120,12 +120,49 @@ pub async fn admin_get(port: u16, path: &str) -> std::io::Result<(u16, String)> 
     Ok((code, body))
 }
 
+/// An Envoy a previous agent started with the same bootstrap, still running:
+/// the agent adopts it instead of starting another, so L7 connections
+/// survive an agent restart. One with another bootstrap is stopped.
+fn adoptable(pid_file: &Path, bootstrap_path: &Path, bootstrap: &[u8]) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*bootstrap_path.to_string_lossy());
+    if !ours {
+        return None;
+    }
+    if std::fs::read(bootstrap_path).ok().as_deref() == Some(bootstrap) {
+        return Some(pid);
+    }
+    tracing::info!(pid, "stopping the Envoy of an earlier agent: its bootstrap differs");
+    // SAFETY: signalling a process we identified by its command line.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    None
+}
+
 /// Runs Envoy for as long as the returned future runs: restarts it with
 /// exponential backoff (1 s doubling to 30 s, reset after a minute of uptime).
 pub async fn supervise(s: EnvoySettings, state: watch::Sender<EnvoyState>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.state_dir)?;
     let bootstrap_path = s.state_dir.join("envoy-bootstrap.json");
-    std::fs::write(&bootstrap_path, serde_json::to_vec_pretty(&bootstrap(&s))?)?;
+    let pid_file = s.state_dir.join("envoy.pid");
+    let bootstrap_bytes = serde_json::to_vec_pretty(&bootstrap(&s))?;
+    if let Some(pid) = adoptable(&pid_file, &bootstrap_path, &bootstrap_bytes) {
+        tracing::info!(pid, "adopting the running Envoy");
+        state.send_modify(|st| st.pid = Some(pid));
+        let readiness = readiness(state.clone(), s.admin_port);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        readiness.abort();
+        tracing::warn!(pid, "the adopted Envoy exited");
+        state.send_modify(|st| {
+            st.pid = None;
+            st.ready = false;
+            st.restarts += 1;
+            st.last_exit = Some("adopted Envoy exited".into());
+        });
+    }
+    std::fs::write(&bootstrap_path, &bootstrap_bytes)?;
     let log_path = s.state_dir.join("envoy.log");
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -138,31 +175,19 @@ pub async fn supervise(s: EnvoySettings, state: watch::Sender<EnvoyState>) -> an
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting Envoy ({}): {e}", s.binary.display()))?;
         let pid = child.id();
+        if let Some(p) = pid {
+            std::fs::write(&pid_file, p.to_string())?;
+        }
         let started = Instant::now();
         state.send_modify(|st| {
             st.pid = pid;
             st.ready = false;
         });
         tracing::info!(?pid, binary = %s.binary.display(), "Envoy started");
-        let readiness = {
-            let state = state.clone();
-            let port = s.admin_port;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    let ready = matches!(admin_get(port, "/ready").await, Ok((200, _)));
-                    state.send_if_modified(|st| {
-                        let changed = st.ready != ready;
-                        st.ready = ready;
-                        changed
-                    });
-                }
-            })
-        };
+        let readiness = readiness(state.clone(), s.admin_port);
         let status = child.wait().await;
         readiness.abort();
         let why = match status {
@@ -182,6 +207,21 @@ pub async fn supervise(s: EnvoySettings, state: watch::Sender<EnvoyState>) -> an
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
+}
+
+/// Polls Envoy's /ready and keeps `state.ready` up to date.
+fn readiness(state: watch::Sender<EnvoyState>, port: u16) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let ready = matches!(admin_get(port, "/ready").await, Ok((200, _)));
+            state.send_if_modified(|st| {
+                let changed = st.ready != ready;
+                st.ready = ready;
+                changed
+            });
+        }
+    })
 }
 
 /// Shared Envoy state handle.

@@ -64,6 +64,7 @@ pub struct AgentStatus {
 
 /// Runs the agent until the process is stopped.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    raise_fd_limit();
     // In a namespace of its own (the lab), the whole agent runs there: every
     // thread, and Envoy, starts from this one.
     let _netns = cfg.netns.as_deref().map(NetnsGuard::enter).transpose().context("entering netns")?;
@@ -143,6 +144,7 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut seen = yaml::fingerprint(&cfg.objects_dir);
     let mut tick = tokio::time::interval(SOURCE_POLL);
     let mut ready_written = false;
+    let mut touched = true;
     loop {
         let rebuild = tokio::select! {
             _ = tick.tick() => {
@@ -155,7 +157,10 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
                     false
                 }
             }
-            Some(ev) = ev_rx.recv() => controller.on_event(ev),
+            Some(ev) = ev_rx.recv() => {
+                touched = true;
+                controller.on_event(ev)
+            }
         };
         if rebuild {
             let (snap, published) = controller.build();
@@ -164,9 +169,13 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
                 break;
             }
         }
+        touched |= rebuild;
         {
             let mut st = status.lock().unwrap();
-            st.control = controller.status(&st.datapath.problems);
+            if touched {
+                st.control = controller.status(&st.datapath.problems);
+                touched = false;
+            }
             st.envoy = envoy_rx.borrow().clone();
             st.ready = st.datapath.applied_version > 0 && (!cfg.envoy.enabled || st.envoy.ready);
             if !ready_written && st.datapath.applied_version > 0 {
@@ -314,6 +323,19 @@ async fn serve_api(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// Envoy holds a socket per listener and worker, the agent a few per
+/// connection: take the hard limit on open files (Envoy inherits it).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer; setrlimit with values the kernel gave us.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn load_objects(dir: &Path) -> yaml::Loaded {

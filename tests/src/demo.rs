@@ -126,7 +126,7 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
         let mut cmd = Command::new(agent_binary());
         let log = std::fs::File::create(lab.run_dir.join(format!("agent{i}.log")))?;
         cmd.args(["run", "--config"]).arg(&f.config).stdout(Stdio::piped()).stderr(log);
-        let pid = lab.spawn(&lab.node(i).netns, None, &mut cmd)?;
+        let pid = lab.spawn(&lab.node(i).netns, Some(&lab.node(i).cgroup), &mut cmd)?;
         pids.push(pid);
         let stdout = lab.take_stdout(pid).expect("piped stdout");
         std::thread::spawn(move || {

@@ -154,13 +154,15 @@ pub fn agent_binary() -> PathBuf {
     bin
 }
 
-/// Starts node `idx`'s agent inside the node's namespace; returns its pid.
+/// Starts node `idx`'s agent inside the node's namespace and cgroup (as a
+/// node process; the lab's teardown then also stops the Envoy it starts);
+/// returns its pid.
 pub fn start_agent(lab: &Lab, idx: usize, files: &AgentFiles, log: &Path) -> anyhow::Result<u32> {
     let _ = std::fs::remove_file(files.state_dir.join("ready"));
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = Command::new(agent_binary());
     cmd.args(["run", "--config"]).arg(&files.config).stdout(log.try_clone()?).stderr(log);
-    lab.spawn(&lab.node(idx).netns, None, &mut cmd)
+    lab.spawn(&lab.node(idx).netns, Some(&lab.node(idx).cgroup), &mut cmd)
 }
 
 /// Waits until the agent has applied its first snapshot, or `alive` says it died.

@@ -460,13 +460,19 @@ fn proxy_ports_survive_an_agent_restart_and_pinned_ports_are_honoured() {
     let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 11), 80), "/", T).unwrap();
     assert!(r.header("x-envoy-upstream-service-time").is_some(), "the pinned listener gets the Service");
 
-    // Restart node1's agent: same ports.
+    // Restart node1's agent: same ports, and the running Envoy is adopted, so
+    // an open L7 connection survives.
+    let envoy_pid = status["envoy"]["pid"].as_u64().unwrap();
+    let mut open = Client::connect(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 10), 80), None, T).unwrap();
+    assert!(open.get("web", "/", &[]).unwrap().header("x-envoy-upstream-service-time").is_some());
     env.lab.kill(env.pids[0]);
     let log = env.lab.run_dir.join("agent0.log");
     let pid = start_agent(&env.lab, 0, &env.files[0], &log).unwrap();
     wait_ready(&env.files[0], Duration::from_secs(30), || env.lab.running(pid)).unwrap_or_else(|e| env.fail(e));
     let status = env.acked("EnvoyConfig default/web-l7");
     assert_eq!(port_of(&status, "EnvoyConfig default/web-l7"), web_port, "same port after the restart");
+    assert_eq!(status["envoy"]["pid"].as_u64().unwrap(), envoy_pid, "the running Envoy was adopted");
+    assert_eq!(open.get("web", "/", &[]).unwrap().status, 200, "the open L7 connection survived");
     let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 10), 80), "/", T).unwrap();
     assert!(r.header("x-envoy-upstream-service-time").is_some());
 }

@@ -78,9 +78,23 @@ fn describe(v: &Value) -> Option<String> {
     })
 }
 
+/// YAML parser limits for object files: generous (a `kubectl get -o yaml`
+/// dump or thousands of EnvoyConfigs in one file are normal), but bounded.
+fn options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1_000_000;
+    budget.max_nodes = 100_000_000;
+    budget.max_events = 200_000_000;
+    budget.max_total_scalar_bytes = 1 << 30;
+    budget.max_depth = 128;
+    let mut o = serde_saphyr::Options::default();
+    o.budget = Some(budget);
+    o
+}
+
 /// Parses the documents of one file into `into`.
 pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
-    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, options()) {
         Ok(d) => d,
         Err(e) => {
             into.problems.push(ParseProblem {

@@ -9,7 +9,7 @@
 //! object.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -291,9 +291,9 @@ impl Model {
 
         // Accept in priority order; a candidate that clashes with what is
         // already accepted is rejected (falling back to its last good version).
-        let mut accepted: Vec<Candidate> = Vec::new();
+        let mut accepted = Accepted::default();
         for c in candidates {
-            match clash(&c, &accepted) {
+            match accepted.clash(&c) {
                 None => accepted.push(c),
                 Some(why) => self.reject(&mut built, c, vec![why], &mut accepted, objects),
             }
@@ -301,14 +301,20 @@ impl Model {
         // Drop (to their last good version) candidates whose references lead
         // nowhere, until none does.
         loop {
-            let known = Known::of(&accepted, objects);
-            let Some(i) = accepted.iter().position(|c| !dangling(c, &known).is_empty()) else { break };
-            let c = accepted.remove(i);
-            let problems = dangling(&c, &known);
-            self.reject(&mut built, c, problems, &mut accepted, objects);
+            let known = Known::of(&accepted.list, objects);
+            let bad: Vec<usize> =
+                (0..accepted.list.len()).filter(|i| !dangling(&accepted.list[*i], &known).is_empty()).collect();
+            if bad.is_empty() {
+                break;
+            }
+            for i in bad.into_iter().rev() {
+                let c = accepted.take(i);
+                let problems = dangling(&c, &known);
+                self.reject(&mut built, c, problems, &mut accepted, objects);
+            }
         }
 
-        self.emit(&mut built, accepted, objects, &specs);
+        self.emit(&mut built, accepted.list, objects, &specs);
         built
     }
 
@@ -319,7 +325,7 @@ impl Model {
         built: &mut Built,
         c: Candidate,
         problems: Vec<String>,
-        accepted: &mut Vec<Candidate>,
+        accepted: &mut Accepted,
         objects: &Objects,
     ) {
         if let Some(s) = built.statuses.get_mut(&c.key) {
@@ -337,13 +343,14 @@ impl Model {
             generation: g.generation,
             translated: g.translated.clone(),
         };
-        if clash(&fallback, accepted).is_some() {
+        if accepted.clash(&fallback).is_some() {
             return;
         }
         accepted.push(fallback);
         // Its references may point at itself: check with it in place.
-        if !dangling(accepted.last().expect("just pushed"), &Known::of(accepted, objects)).is_empty() {
-            accepted.pop();
+        let last = accepted.list.len() - 1;
+        if !dangling(&accepted.list[last], &Known::of(&accepted.list, objects)).is_empty() {
+            accepted.take(last);
         }
     }
 
@@ -470,81 +477,96 @@ impl Model {
     }
 }
 
-/// Why a candidate cannot go in beside the accepted ones, if it cannot.
-fn clash(c: &Candidate, accepted: &[Candidate]) -> Option<String> {
-    let t = &c.translated;
-    for other in accepted.iter().filter(|o| o.key != c.key) {
-        let o = &other.translated;
-        let same = |a: &[String], b: &[String]| a.iter().find(|x| b.contains(x)).cloned();
-        let names = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>();
-        for (kind, mine, theirs) in [
-            (
-                "Listener",
-                names(t.listeners.iter().map(|x| &x.name).collect()),
-                names(o.listeners.iter().map(|x| &x.name).collect()),
-            ),
-            (
-                "RouteConfiguration",
-                names(t.routes.iter().map(|x| &x.name).collect()),
-                names(o.routes.iter().map(|x| &x.name).collect()),
-            ),
-            (
-                "Cluster",
-                names(t.clusters.iter().map(|x| &x.name).collect()),
-                names(o.clusters.iter().map(|x| &x.name).collect()),
-            ),
-            (
-                "ClusterLoadAssignment",
-                names(t.endpoints.iter().map(|x| &x.name).collect()),
-                names(o.endpoints.iter().map(|x| &x.name).collect()),
-            ),
-            (
-                "Secret",
-                names(t.secrets.iter().map(|x| &x.name).collect()),
-                names(o.secrets.iter().map(|x| &x.name).collect()),
-            ),
-        ] {
-            if let Some(n) = same(&mine, &theirs) {
-                return Some(format!("{kind} {n:?} is already defined by {}", other.key));
+/// The accepted candidates, indexed by what may clash between objects.
+#[derive(Default)]
+struct Accepted {
+    list: Vec<Candidate>,
+    /// (resource kind, name) -> owner.
+    names: HashMap<(&'static str, String), ConfigKey>,
+    /// Service -> (redirected ports, owner); empty ports: all.
+    redirects: HashMap<ObjKey, Vec<(Vec<u16>, ConfigKey)>>,
+    /// Pinned listener addresses: (address, port, listener, owner).
+    pinned: Vec<(String, u16, String, ConfigKey)>,
+}
+
+fn named(t: &Translated) -> Vec<(&'static str, &String)> {
+    let mut v: Vec<(&'static str, &String)> = Vec::new();
+    v.extend(t.listeners.iter().map(|x| ("Listener", &x.name)));
+    v.extend(t.routes.iter().map(|x| ("RouteConfiguration", &x.name)));
+    v.extend(t.clusters.iter().map(|x| ("Cluster", &x.name)));
+    v.extend(t.endpoints.iter().map(|x| ("ClusterLoadAssignment", &x.name)));
+    v.extend(t.secrets.iter().map(|x| ("Secret", &x.name)));
+    v
+}
+
+impl Accepted {
+    /// Why a candidate cannot go in beside the accepted ones, if it cannot.
+    fn clash(&self, c: &Candidate) -> Option<String> {
+        let t = &c.translated;
+        for (kind, name) in named(t) {
+            if let Some(owner) = self.names.get(&(kind, name.clone())).filter(|o| **o != c.key) {
+                return Some(format!("{kind} {name:?} is already defined by {owner}"));
             }
         }
         for r in &t.redirects {
-            for q in &o.redirects {
-                let overlap = r.service == q.service
-                    && (r.ports.is_empty() || q.ports.is_empty() || r.ports.iter().any(|p| q.ports.contains(p)));
-                if overlap {
-                    return Some(format!("Service {} is already redirected by {}", r.service, other.key));
+            for (ports, owner) in self.redirects.get(&r.service).into_iter().flatten() {
+                let overlap = r.ports.is_empty() || ports.is_empty() || r.ports.iter().any(|p| ports.contains(p));
+                if overlap && *owner != c.key {
+                    return Some(format!("Service {} is already redirected by {owner}", r.service));
                 }
             }
         }
         for l in &t.listeners {
             let Some((addr, port)) = translate::pinned_port(&l.resource) else { continue };
-            for ol in &o.listeners {
-                if let Some((oaddr, oport)) = translate::pinned_port(&ol.resource) {
-                    if port == oport && overlapping(&addr, &oaddr) {
-                        return Some(format!(
-                            "listener {:?} binds {}, as does {} (listener {:?})",
-                            l.name,
-                            show_addr(&addr, port),
-                            other.key,
-                            ol.name
-                        ));
-                    }
+            if let Some((_, what)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
+                return Some(format!(
+                    "listener {:?} binds {}, which is {what}'s port on every node",
+                    l.name,
+                    show_addr(&addr, port)
+                ));
+            }
+            for (oaddr, oport, oname, owner) in &self.pinned {
+                if port == *oport && overlapping(&addr, oaddr) && *owner != c.key {
+                    return Some(format!(
+                        "listener {:?} binds {}, as does {owner} (listener {oname:?})",
+                        l.name,
+                        show_addr(&addr, port)
+                    ));
                 }
             }
         }
+        None
     }
-    for l in &t.listeners {
-        let Some((addr, port)) = translate::pinned_port(&l.resource) else { continue };
-        if let Some((_, what)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
-            return Some(format!(
-                "listener {:?} binds {}, which is {what}'s port on every node",
-                l.name,
-                show_addr(&addr, port)
-            ));
+
+    fn push(&mut self, c: Candidate) {
+        let t = &c.translated;
+        for (kind, name) in named(t) {
+            self.names.insert((kind, name.clone()), c.key.clone());
         }
+        for r in &t.redirects {
+            self.redirects.entry(r.service.clone()).or_default().push((r.ports.clone(), c.key.clone()));
+        }
+        for l in &t.listeners {
+            if let Some((addr, port)) = translate::pinned_port(&l.resource) {
+                self.pinned.push((addr, port, l.name.clone(), c.key.clone()));
+            }
+        }
+        self.list.push(c);
     }
-    None
+
+    fn take(&mut self, i: usize) -> Candidate {
+        let c = self.list.remove(i);
+        for (kind, name) in named(&c.translated) {
+            self.names.remove(&(kind, name.clone()));
+        }
+        for r in &c.translated.redirects {
+            if let Some(v) = self.redirects.get_mut(&r.service) {
+                v.retain(|(_, o)| *o != c.key);
+            }
+        }
+        self.pinned.retain(|(_, _, _, o)| *o != c.key);
+        c
+    }
 }
 
 fn show_addr(addr: &str, port: u16) -> String {

@@ -534,6 +534,9 @@ pub fn bind_proxy_port(l: &mut Listener, port: u16) {
         })),
     });
     l.transparent = Some(BoolValue { value: true });
+    // One socket per listener (not one per worker): the datapath hands
+    // connections to it, and 10,000 listeners stay within the fd limit.
+    l.enable_reuse_port = Some(BoolValue { value: false });
 }
 
 /// The port a listener with an explicit address binds (a pinned port).

@@ -1,0 +1,183 @@
+//! Control-plane benchmarks (root; builds its own lab, agent and Envoy):
+//!
+//! 1. N EnvoyConfigs (each a listener, a route configuration and an EDS
+//!    cluster for its own Service with an endpoint), written at once into
+//!    the objects directory of a running agent: time until Envoy acknowledged
+//!    every one, and the agent's peak memory. N = 1 is the baseline.
+//! 2. One endpoint change with 1000 configs loaded, until Envoy has it: state
+//!    of the world against delta xDS.
+//!
+//! `cargo bench -p weft-benches --bench control_plane` (WEFT_BENCH_CONFIGS:
+//! comma-separated config counts, default 1,1000,10000).
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use weft_benches::{Samples, machine};
+use weft_tests::{
+    http::{Client, HttpServer, ServerOpts},
+    lab::{Lab, skip_reason},
+    objects::{agent_files, agent_status, lab_objects, start_agent, wait_ready, wait_status, write_atomic},
+    scenario::sa,
+};
+
+/// Service `s<i>` at 10.97.<i/250>.<i%250+1>, with one backend.
+fn services(n: usize, backend: Ipv4Addr, extra_backend: Option<(usize, Ipv4Addr)>) -> String {
+    let mut y = String::new();
+    for i in 0..n {
+        let ip = Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8);
+        let mut eps = format!("- addresses: [{backend}]\n");
+        if let Some((j, extra)) = extra_backend {
+            if j == i {
+                let _ = writeln!(eps, "- addresses: [{extra}]");
+            }
+        }
+        let _ = write!(
+            y,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}---\n"
+        );
+    }
+    y
+}
+
+fn configs(n: usize) -> String {
+    let mut y = String::new();
+    for i in 0..n {
+        y.push_str(&weft_tests::objects::http_envoy_config(&format!("c{i}"), &format!("s{i}"), None));
+        y.push_str("---\n");
+    }
+    y
+}
+
+fn acked_count(s: &serde_json::Value) -> usize {
+    s["control"]["objects"]
+        .as_array()
+        .map(|o| o.iter().filter(|x| x["envoy"]["state"] == "acknowledged").count())
+        .unwrap_or(0)
+}
+
+fn kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+struct Run {
+    lab: Lab,
+    objects: std::path::PathBuf,
+    agent: u32,
+    _server: HttpServer,
+}
+
+fn start(agent_config: &str) -> Run {
+    let lab = Lab::new().expect("lab");
+    let backend = lab.pod("n1-p2");
+    let server =
+        HttpServer::start(&backend.netns, sa(backend.ip, 8080), ServerOpts { name: "b".into(), ..Default::default() })
+            .unwrap();
+    let files = agent_files(&lab, 0, agent_config).unwrap();
+    let objects = files.objects_dir.join("lab.yaml");
+    write_atomic(&objects, &lab_objects(&lab, &[])).unwrap();
+    let agent = start_agent(&lab, 0, &files, &lab.run_dir.join("agent.log")).unwrap();
+    wait_ready(&files, Duration::from_secs(60), || lab.running(agent)).unwrap();
+    wait_status(&lab, 0, Duration::from_secs(60), "Envoy ready", |s| s["envoy"]["ready"] == true).unwrap();
+    Run { lab, objects, agent, _server: server }
+}
+
+fn scale(n: usize) -> (Duration, u64, u64) {
+    let run = start("");
+    let backend = run.lab.pod("n1-p2").ip;
+    let body = format!("{}{}{}", lab_objects(&run.lab, &[]), services(n, backend, None), configs(n));
+    let t0 = Instant::now();
+    write_atomic(&run.objects, &body).unwrap();
+    wait_status(&run.lab, 0, Duration::from_secs(1800), &format!("{n} configs acknowledged"), |s| acked_count(s) == n)
+        .unwrap_or_else(|e| panic!("{e:.2000}"));
+    let took = t0.elapsed();
+    let envoy_pid = agent_status(&run.lab, 0).ok().and_then(|s| s["envoy"]["pid"].as_u64()).unwrap_or(0) as u32;
+    (took, kib(run.agent, "VmHWM:"), kib(envoy_pid, "VmRSS:"))
+}
+
+/// Milliseconds until Envoy's /clusters shows `hosts` endpoints for cluster default/s0.
+fn endpoint_change(delta: bool) -> Samples {
+    let run = start(if delta { "envoy: {delta: true}\n" } else { "" });
+    let n = 1000;
+    let (b1, b2) = (run.lab.pod("n1-p2").ip, run.lab.pod("n2-p1").ip);
+    let base = lab_objects(&run.lab, &[]);
+    write_atomic(&run.objects, &format!("{base}{}{}", services(n, b1, None), configs(n))).unwrap();
+    wait_status(&run.lab, 0, Duration::from_secs(600), "configs acknowledged", |s| acked_count(s) == n).unwrap();
+    let hosts = |lab: &Lab| -> usize {
+        let Ok(mut c) =
+            Client::connect(&lab.node(0).netns, "127.0.0.1:9901".parse().unwrap(), None, Duration::from_secs(2))
+        else {
+            return 0;
+        };
+        let Ok(r) = c.get("admin", "/clusters", &[("connection", "close")]) else { return 0 };
+        // Lines are `<cluster>::<host>::<stat>::<value>`: count the distinct hosts.
+        r.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("default/s0::")?.split("::").next())
+            .filter(|h| h.contains(':'))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    let mut out = Vec::new();
+    for round in 0..10 {
+        let add = round % 2 == 0;
+        let want = if add { 2 } else { 1 };
+        let t0 = Instant::now();
+        write_atomic(&run.objects, &format!("{base}{}{}", services(n, b1, add.then_some((0, b2))), configs(n)))
+            .unwrap();
+        while hosts(&run.lab) != want {
+            assert!(t0.elapsed() < Duration::from_secs(60), "endpoint change not applied");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out.push(t0.elapsed());
+    }
+    Samples::new(out)
+}
+
+fn main() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let counts: Vec<usize> = std::env::var("WEFT_BENCH_CONFIGS")
+        .unwrap_or_else(|_| "1,1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    println!("# Control plane\n\nMachine: {}\n", machine());
+    println!("## EnvoyConfigs written at once, until Envoy acknowledged all\n");
+    println!("| configs | time to ACK | per config | / 1 config | agent peak RSS | Envoy RSS |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut base = None;
+    for n in counts {
+        let (took, agent_kib, envoy_kib) = scale(n);
+        let base_t = *base.get_or_insert(took);
+        println!(
+            "| {n} | {:.2} s | {:.2} ms | {:.1} | {} MiB | {} MiB |",
+            took.as_secs_f64(),
+            took.as_secs_f64() * 1e3 / n as f64,
+            took.as_secs_f64() / base_t.as_secs_f64(),
+            agent_kib / 1024,
+            envoy_kib / 1024
+        );
+    }
+    println!("\n## One endpoint change with 1000 configs loaded, until Envoy's /clusters shows it (10 changes)\n");
+    println!("| xDS | p50 ms | max ms | p50 / state of the world |");
+    println!("|---|---:|---:|---:|");
+    let sotw = endpoint_change(false);
+    let delta = endpoint_change(true);
+    for (name, s) in [("state of the world", &sotw), ("delta", &delta)] {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2} |",
+            s.pct(50.0).as_secs_f64() * 1e3,
+            s.pct(100.0).as_secs_f64() * 1e3,
+            s.pct(50.0).as_secs_f64() / sotw.pct(50.0).as_secs_f64()
+        );
+    }
+}
