@@ -9,7 +9,6 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::Path,
     sync::{Arc, Mutex, mpsc as std_mpsc},
     time::{Duration, Instant},
 };
@@ -84,7 +83,8 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.node_ip,
         ProxyPorts::load(Some(cfg.state_dir.join("proxy-ports.json"))),
     );
-    controller.load(load_objects(&cfg.objects_dir));
+    let mut source = yaml::DirSource::new(cfg.objects_dir.clone());
+    controller.load(log_problems(source.poll().unwrap_or_default()));
     let (first, published) = controller.build();
     let node_ip = first.node_ip.with_context(|| {
         format!(
@@ -141,22 +141,18 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
         });
     }
 
-    let mut seen = yaml::fingerprint(&cfg.objects_dir);
     let mut tick = tokio::time::interval(SOURCE_POLL);
     let mut ready_written = false;
     let mut touched = true;
     loop {
         let rebuild = tokio::select! {
-            _ = tick.tick() => {
-                let now = yaml::fingerprint(&cfg.objects_dir);
-                if now != seen {
-                    seen = now;
-                    controller.load(load_objects(&cfg.objects_dir));
+            _ = tick.tick() => match source.poll() {
+                Some(loaded) => {
+                    controller.load(log_problems(loaded));
                     true
-                } else {
-                    false
                 }
-            }
+                None => false,
+            },
             Some(ev) = ev_rx.recv() => {
                 touched = true;
                 controller.on_event(ev)
@@ -338,19 +334,11 @@ fn raise_fd_limit() {
     }
 }
 
-fn load_objects(dir: &Path) -> yaml::Loaded {
-    match yaml::load_path(dir) {
-        Ok(l) => {
-            for p in &l.problems {
-                tracing::warn!("{p}");
-            }
-            l
-        }
-        Err(e) => {
-            tracing::warn!("reading objects from {}: {e}", dir.display());
-            yaml::Loaded::default()
-        }
+fn log_problems(l: yaml::Loaded) -> yaml::Loaded {
+    for p in &l.problems {
+        tracing::warn!("{p}");
     }
+    l
 }
 
 fn events(mut reader: EventReader, node: &str, print: bool) {

@@ -121,6 +121,46 @@ impl Object {
 }
 
 impl Objects {
+    /// Adds every object of `other` (replacing same keys).
+    pub fn merge(&mut self, other: &Objects) {
+        macro_rules! each {
+            ($($c:ident),*) => { $( for (k, v) in &other.$c { self.$c.insert(k.clone(), v.clone()); } )* };
+        }
+        each!(services, endpoint_slices, endpoints, pods, nodes, secrets, network_policies, ingresses);
+    }
+
+    /// Copies the object `Kind namespace/name` (as [`Object::describe`] writes
+    /// it) from `other`, if it has one; true if it did.
+    pub fn carry_over(&mut self, other: &Objects, described: &str) -> bool {
+        let Some((kind, rest)) = described.split_once(' ') else { return false };
+        let key = match rest.split_once('/') {
+            Some((ns, name)) => ObjKey::new(ns, name),
+            None => ObjKey::new("", rest),
+        };
+        macro_rules! copy {
+            ($c:ident) => {
+                match other.$c.get(&key) {
+                    Some(v) => {
+                        self.$c.insert(key.clone(), v.clone());
+                        true
+                    }
+                    None => false,
+                }
+            };
+        }
+        match kind {
+            "Service" => copy!(services),
+            "EndpointSlice" => copy!(endpoint_slices),
+            "Endpoints" => copy!(endpoints),
+            "Pod" => copy!(pods),
+            "Node" => copy!(nodes),
+            "Secret" => copy!(secrets),
+            "NetworkPolicy" => copy!(network_policies),
+            "Ingress" => copy!(ingresses),
+            _ => false,
+        }
+    }
+
     /// Adds or replaces an object.
     pub fn insert(&mut self, origin: Origin, object: Object) {
         let key = object.key();

@@ -187,6 +187,98 @@ pub fn load_path(path: &Path) -> std::io::Result<Loaded> {
     Ok(loaded)
 }
 
+impl Loaded {
+    /// Adds everything `other` holds.
+    pub fn merge(&mut self, other: &Loaded) {
+        self.objects.merge(&other.objects);
+        self.problems.extend(other.problems.iter().cloned());
+        self.ignored.extend(other.ignored.iter().cloned());
+        self.raw.extend(other.raw.iter().cloned());
+    }
+}
+
+/// What a file held when it was last read.
+struct CachedFile {
+    stamp: (u64, SystemTime),
+    loaded: Loaded,
+}
+
+/// A directory of object files, watched by polling. Only files that changed
+/// are read again. A file that no longer parses as YAML keeps its previous
+/// contents, and a document that no longer parses keeps its object's previous
+/// version: bad input is reported and loses nothing that was good.
+pub struct DirSource {
+    root: PathBuf,
+    files: std::collections::BTreeMap<PathBuf, CachedFile>,
+}
+
+impl DirSource {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root, files: Default::default() }
+    }
+
+    /// Reads what changed since the last call; Some(everything) if anything did.
+    pub fn poll(&mut self) -> Option<Loaded> {
+        let now = fingerprint(&self.root);
+        let mut changed = now.len() != self.files.len();
+        let mut next = std::collections::BTreeMap::new();
+        for (path, len, mtime) in now {
+            let stamp = (len, mtime);
+            if self.files.get(&path).is_some_and(|c| c.stamp == stamp) {
+                let c = self.files.remove(&path).expect("present");
+                next.insert(path, c);
+                continue;
+            }
+            changed = true;
+            let previous = self.files.get(&path).map(|c| &c.loaded);
+            let mut fresh = Loaded::default();
+            match fs::read_to_string(&path) {
+                Ok(text) => load_text(&path, &text, &mut fresh),
+                Err(e) => fresh.problems.push(ParseProblem {
+                    origin: Origin::File { path: path.clone(), doc: 0 },
+                    object: None,
+                    message: format!("unreadable: {e}"),
+                }),
+            }
+            let mut kept = fresh;
+            if let Some(prev) = previous {
+                let whole_file_broken = kept.problems.iter().any(|p| {
+                    p.object.is_none()
+                        && (p.message.starts_with("not valid YAML") || p.message.starts_with("unreadable"))
+                });
+                if whole_file_broken {
+                    let mut restored = Loaded { problems: kept.problems.clone(), ..Default::default() };
+                    restored.objects = prev.objects.clone();
+                    restored.raw = prev.raw.clone();
+                    restored.ignored = prev.ignored.clone();
+                    for p in restored.problems.iter_mut() {
+                        p.message.push_str(" (its previous contents stay in effect)");
+                    }
+                    kept = restored;
+                } else {
+                    for p in kept.problems.iter_mut() {
+                        if let Some(what) = &p.object {
+                            if kept.objects.carry_over(&prev.objects, what) {
+                                p.message.push_str(" (its previous version stays in effect)");
+                            }
+                        }
+                    }
+                }
+            }
+            next.insert(path, CachedFile { stamp, loaded: kept });
+        }
+        self.files = next;
+        if !changed {
+            return None;
+        }
+        let mut all = Loaded::default();
+        for c in self.files.values() {
+            all.merge(&c.loaded);
+        }
+        Some(all)
+    }
+}
+
 /// Names, sizes and modification times of the files under `path`: changes
 /// when any file is added, removed or edited.
 pub fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
@@ -233,6 +325,42 @@ metadata: {name: web}
         let p = l.problems[0].to_string();
         assert!(p.starts_with("objs/web.yaml (document 2): Service broken:"), "{p}");
         assert_eq!(l.ignored, vec![(Origin::File { path: "objs/web.yaml".into(), doc: 2 }, "Deployment".into())]);
+    }
+
+    #[test]
+    fn a_broken_file_or_document_keeps_what_was_good() {
+        let dir = std::env::temp_dir().join(format!("weft-dirsource-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("a.yaml");
+        let svc = |ports: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{ports: {ports}}}\n"
+            )
+        };
+        fs::write(&f, svc("[{port: 80}]")).unwrap();
+        let mut src = DirSource::new(dir.clone());
+        assert_eq!(src.poll().unwrap().objects.services.len(), 1);
+        assert!(src.poll().is_none(), "nothing changed");
+
+        // A document that stops parsing keeps its object's previous version.
+        fs::write(&f, svc("\"not a list\"") + "\n").unwrap();
+        let l = src.poll().unwrap();
+        assert_eq!(l.objects.services.len(), 1);
+        assert!(l.problems[0].message.ends_with("(its previous version stays in effect)"), "{}", l.problems[0]);
+
+        // A file that stops being YAML keeps its previous contents.
+        fs::write(&f, svc("[{port: 80}]")).unwrap();
+        src.poll().unwrap();
+        fs::write(&f, "kind: [\n").unwrap();
+        let l = src.poll().unwrap();
+        assert_eq!(l.objects.services.len(), 1);
+        assert!(l.problems[0].message.ends_with("(its previous contents stay in effect)"), "{}", l.problems[0]);
+
+        // Removing the file removes its objects.
+        fs::remove_file(&f).unwrap();
+        assert_eq!(src.poll().unwrap().objects.services.len(), 0);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
