@@ -2,4 +2,5 @@
 //! read, and the clients that read them.
 
 pub mod names;
+pub mod proto;
 pub mod ringbuf;
