@@ -213,7 +213,9 @@ def main():
     rx = Receiver(args.out, args.delay_ms, args.fail_first)
     ipv6 = ":" in args.bind
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    # grpcio sets SO_REUSEPORT by default, which would let two receivers share a port.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         options=[("grpc.so_reuseport", 0)])
     logs_grpc.add_LogsServiceServicer_to_server(GrpcLogs(rx), server)
     trace_grpc.add_TraceServiceServicer_to_server(GrpcTraces(rx), server)
     host = f"[{args.bind}]" if ipv6 else args.bind
@@ -223,16 +225,19 @@ def main():
         grpc_port = 0
     if grpc_port == 0:
         sys.exit(f"otlp_receiver: cannot listen on {host}:{args.grpc_port}")
-    server.start()
 
     http_server, http_port = None, 0
     if args.http_port is not None:
         server_class = type("Server", (ThreadingHTTPServer,),
                             {"address_family": socket.AF_INET6 if ipv6 else socket.AF_INET,
                              "daemon_threads": True})
-        http_server = server_class((args.bind, args.http_port), make_http_handler(rx))
+        try:
+            http_server = server_class((args.bind, args.http_port), make_http_handler(rx))
+        except OSError as e:
+            sys.exit(f"otlp_receiver: cannot listen on {host}:{args.http_port}: {e}")
         http_port = http_server.server_address[1]
         threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    server.start()
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -57,6 +57,119 @@ pub struct AgentConfig {
     pub envoy: EnvoyOptions,
     /// Address of the agent's HTTP API (/status, /healthz, /readyz, /metrics). Default: 0.0.0.0:9962.
     pub api_address: String,
+    /// Flows: the store, the flow API, metrics and export.
+    pub flows: FlowOptions,
+}
+
+/// The flow pipeline and its outputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FlowOptions {
+    /// Flows kept for readers of the flow API. Default: 4095 (Hubble's).
+    pub store_size: usize,
+    /// Datapath records queued between the ring-buffer reader and the pipeline. Default: 16384.
+    pub queue_size: usize,
+    /// TCP address of the flow API (Hubble's observer.Observer); empty: none. Default: 0.0.0.0:4244.
+    pub address: String,
+    /// Unix socket of the flow API. Default: <state-dir>/observer.sock.
+    pub socket: Option<PathBuf>,
+    /// Context labels of the flow metrics (source_namespace, source_workload,
+    /// destination_namespace, destination_workload, traffic_direction, or none).
+    /// Default: the namespaces and workloads of both ends.
+    pub metrics_context: Vec<String>,
+    /// Export flows to an OpenTelemetry collector. Default: none.
+    pub otlp: Option<OtlpOptions>,
+}
+
+impl Default for FlowOptions {
+    fn default() -> Self {
+        Self {
+            store_size: 4095,
+            queue_size: 16384,
+            address: "0.0.0.0:4244".into(),
+            socket: None,
+            metrics_context: vec![
+                "source_namespace".into(),
+                "source_workload".into(),
+                "destination_namespace".into(),
+                "destination_workload".into(),
+            ],
+            otlp: None,
+        }
+    }
+}
+
+/// OTLP export of flows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OtlpOptions {
+    /// The collector: http://host:4317 (grpc) or http://host:4318 (http/protobuf).
+    pub endpoint: String,
+    /// grpc or http/protobuf. Default: grpc.
+    pub protocol: String,
+    /// Flows waiting to be sent; more are dropped and counted. Default: 8192.
+    pub queue_size: usize,
+    /// Flows per request. Default: 512.
+    pub batch_size: usize,
+    /// Longest wait before a partial batch goes out, ms. Default: 1000.
+    pub interval_ms: u64,
+    /// Per request, ms. Default: 5000.
+    pub timeout_ms: u64,
+    /// How long a batch is retried before it is dropped (and counted), ms. Default: 30000.
+    pub retry_ms: u64,
+    /// Export only flows matching one of these Hubble FlowFilters (JSON or
+    /// YAML maps with Hubble's field names, e.g. {verdict: [DROPPED]}). Default: every flow.
+    pub allow: Vec<serde_json::Value>,
+    /// Never export flows matching one of these.
+    pub deny: Vec<serde_json::Value>,
+}
+
+impl Default for OtlpOptions {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://127.0.0.1:4317".into(),
+            protocol: "grpc".into(),
+            queue_size: 8192,
+            batch_size: 512,
+            interval_ms: 1000,
+            timeout_ms: 5000,
+            retry_ms: 30_000,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+impl OtlpOptions {
+    /// The exporter's settings; errors name the key.
+    pub fn exporter(&self) -> Result<weft_observe::otlp::OtlpConfig, ConfigError> {
+        let invalid = |key: &'static str, value: String, reason: String| ConfigError::Invalid { key, value, reason };
+        let protocol = weft_observe::otlp::Protocol::parse(&self.protocol)
+            .map_err(|r| invalid("flows.otlp.protocol", self.protocol.clone(), r))?;
+        let filters = |key: &'static str, l: &[serde_json::Value]| {
+            l.iter()
+                .map(|v| weft_observe::filter::from_json(v).map_err(|r| invalid(key, v.to_string(), r)))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        if self.queue_size == 0 || self.batch_size == 0 {
+            return Err(invalid(
+                "flows.otlp.queue-size/batch-size",
+                format!("{}/{}", self.queue_size, self.batch_size),
+                "must be above 0".into(),
+            ));
+        }
+        Ok(weft_observe::otlp::OtlpConfig {
+            endpoint: self.endpoint.clone(),
+            protocol,
+            queue: self.queue_size,
+            batch: self.batch_size,
+            interval: std::time::Duration::from_millis(self.interval_ms),
+            timeout: std::time::Duration::from_millis(self.timeout_ms.max(1)),
+            retry_for: std::time::Duration::from_millis(self.retry_ms),
+            allow: filters("flows.otlp.allow", &self.allow)?,
+            deny: filters("flows.otlp.deny", &self.deny)?,
+        })
+    }
 }
 
 /// How the agent runs Envoy.
@@ -102,6 +215,7 @@ impl Default for AgentConfig {
             print_events: false,
             envoy: EnvoyOptions::default(),
             api_address: "0.0.0.0:9962".into(),
+            flows: FlowOptions::default(),
         }
     }
 }
@@ -164,6 +278,24 @@ impl AgentConfig {
         if self.devices.is_empty() {
             return Err(invalid("devices", &self.devices, "name at least the node's external device"));
         }
+        if !self.flows.address.is_empty() && self.flows.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("flows.address", &self.flows.address, "expected ip:port, like 0.0.0.0:4244, or empty"));
+        }
+        if self.flows.store_size == 0 || self.flows.queue_size == 0 {
+            return Err(invalid(
+                "flows.store-size/queue-size",
+                &(self.flows.store_size, self.flows.queue_size),
+                "must be above 0",
+            ));
+        }
+        weft_observe::metrics::Context::parse(&self.flows.metrics_context).map_err(|r| ConfigError::Invalid {
+            key: "flows.metrics-context",
+            value: format!("{:?}", self.flows.metrics_context),
+            reason: r,
+        })?;
+        if let Some(o) = &self.flows.otlp {
+            o.exporter()?;
+        }
         self.map_sizes.validate().map_err(|reason| ConfigError::Invalid {
             key: "map-sizes",
             value: format!("{:?}", self.map_sizes),
@@ -200,6 +332,25 @@ mod tests {
         assert!(err.starts_with("native-routing-cidr = \"10.0.0.0/40\""), "{err}");
         let cfg = AgentConfig { nat_ports: [100, 50], ..Default::default() };
         assert!(cfg.validate().unwrap_err().to_string().starts_with("nat-ports"));
+    }
+
+    #[test]
+    fn flow_options_are_checked() {
+        let cfg: AgentConfig = serde_saphyr::from_str(
+            "node-name: n\nflows:\n  otlp:\n    endpoint: http://127.0.0.1:4318\n    protocol: http/protobuf\n    allow: [{verdict: [DROPPED]}, {event_type: [{type: 129}]}]\n",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let e = cfg.flows.otlp.as_ref().unwrap().exporter().unwrap();
+        assert_eq!(e.allow.len(), 2);
+        assert_eq!(e.allow[0].verdict, [2]);
+        let bad: AgentConfig =
+            serde_saphyr::from_str("node-name: n\nflows:\n  otlp:\n    allow: [{verdikt: [DROPPED]}]\n").unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.starts_with("flows.otlp.allow = "), "{err}");
+        assert!(err.contains("verdikt"), "{err}");
+        let bad: AgentConfig = serde_saphyr::from_str("node-name: n\nflows: {metrics-context: [pod]}\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().starts_with("flows.metrics-context"));
     }
 
     #[test]

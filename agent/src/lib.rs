@@ -5,6 +5,7 @@ pub mod config;
 pub mod controller;
 pub mod datapath;
 pub mod envoy;
+pub mod flows;
 pub mod identity;
 pub mod k8s;
 pub mod netns;

@@ -106,6 +106,16 @@ impl Reconciler {
                 },
             );
         }
+        for c in &snap.policy.cidrs {
+            want.entry((c.addr, c.prefix_len)).or_insert(IpcacheEntry {
+                addr: c.addr,
+                prefix_len: c.prefix_len,
+                identity: c.identity,
+                node_addr: None,
+                local: false,
+                node: false,
+            });
+        }
         if let Some(ip) = snap.node_ip {
             want.entry((ip, 32)).or_insert(IpcacheEntry {
                 addr: ip,

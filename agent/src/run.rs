@@ -16,13 +16,17 @@ use std::{
 use anyhow::Context;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use weft_observe::ringbuf::EventReader;
+use weft_observe::{
+    pipeline::{EventFeed, Pipeline, PipelineConfig},
+    ringbuf::EventReader,
+};
 
 use crate::{
     config::AgentConfig,
     controller::{ControlStatus, Controller},
     datapath::{Datapath, EventStats},
     envoy::{self, EnvoySettings, EnvoyState},
+    flows::{self, MapUsage, XdsCounts},
     k8s::yaml,
     netns::NetnsGuard,
     reconcile::Reconciler,
@@ -34,8 +38,11 @@ use crate::{
 const SOURCE_POLL: Duration = Duration::from_millis(200);
 /// How often expired connections are collected.
 const GC_EVERY: Duration = Duration::from_secs(30);
-/// How often missing proxy listeners are looked for.
+/// How often missing proxy listeners are looked for (and the datapath's
+/// event counters read).
 const PROXY_SYNC_EVERY: Duration = Duration::from_millis(500);
+/// How often map occupancy is counted.
+const MAP_USAGE_EVERY: Duration = Duration::from_secs(10);
 
 /// The datapath thread's report, for status.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -48,6 +55,39 @@ pub struct DatapathStatus {
     pub proxy_ports_without_listener: Vec<u16>,
     pub events_emitted: u64,
     pub events_lost: u64,
+    pub maps: Vec<MapUsage>,
+}
+
+/// The flow pipeline, for status.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FlowStatus {
+    pub flows_stored: u64,
+    pub flows_seen: u64,
+    pub store_capacity: u64,
+    /// Flows per second over the last minute.
+    pub rate: f64,
+    pub events_read: u64,
+    pub access_log_entries: u64,
+    /// Lost events by where they were lost.
+    pub lost: BTreeMap<&'static str, u64>,
+}
+
+impl FlowStatus {
+    fn of(p: &Pipeline) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = p.store.stats(weft_observe::pipeline::now_ns() / 1_000_000_000);
+        let c = &p.counters;
+        FlowStatus {
+            flows_stored: st.num_flows,
+            flows_seen: st.seen_flows,
+            store_capacity: st.max_flows,
+            rate: st.rate,
+            events_read: c.events_read.load(Relaxed),
+            access_log_entries: c.l7_received.load(Relaxed),
+            lost: weft_observe::record::LostSource::ALL.iter().map(|s| (s.label(), c.lost(*s))).collect(),
+        }
+    }
 }
 
 /// Everything `/status` reports.
@@ -59,6 +99,8 @@ pub struct AgentStatus {
     pub datapath: DatapathStatus,
     pub envoy: EnvoyState,
     pub control: ControlStatus,
+    pub xds: XdsCounts,
+    pub flows: FlowStatus,
 }
 
 /// Runs the agent until the process is stopped.
@@ -95,10 +137,48 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
     })?;
 
     let status = Arc::new(Mutex::new(AgentStatus { node: cfg.node_name.clone(), ..Default::default() }));
+    let (pipeline, feed) = Pipeline::start(
+        PipelineConfig {
+            store_capacity: cfg.flows.store_size,
+            queue_capacity: cfg.flows.queue_size,
+            ..Default::default()
+        },
+        flows::names(&first),
+    );
+    let metrics_context = weft_observe::metrics::Context::parse(&cfg.flows.metrics_context).expect("validated");
+    let (registry, flow_metrics) = flows::registry(&pipeline, status.clone(), metrics_context);
+    pipeline.add_sink(Box::new(flow_metrics));
+    if cfg.print_events {
+        pipeline.add_sink(Box::new(flows::PrintSink { node: cfg.node_name.clone() }));
+    }
+    if let Some(o) = &cfg.flows.otlp {
+        weft_observe::otlp::start(o.exporter()?, pipeline.clone()).map_err(anyhow::Error::msg)?;
+    }
+    {
+        let p = pipeline.clone();
+        let path = cfg.state_dir.join("als.sock");
+        tokio::spawn(async move {
+            if let Err(e) = weft_observe::als::serve_unix(p, &path).await {
+                tracing::error!("access-log server stopped: {e:#}");
+            }
+        });
+    }
+    {
+        let listen = weft_observe::server::Listen {
+            tcp: (!cfg.flows.address.is_empty()).then(|| cfg.flows.address.parse().expect("validated")),
+            unix: Some(cfg.flows.socket.clone().unwrap_or_else(|| cfg.state_dir.join("observer.sock"))),
+        };
+        let p = pipeline.clone();
+        tokio::spawn(async move {
+            if let Err(e) = weft_observe::server::serve(p, listen).await {
+                tracing::error!("flow API stopped: {e:#}");
+            }
+        });
+    }
     let (envoy_tx, envoy_rx) = watch::channel(EnvoyState::default());
     let (dp_tx, dp_rx) = std_mpsc::channel::<Snapshot>();
     dp_tx.send(first).expect("receiver alive");
-    let dp_thread = spawn_datapath(&cfg, node_ip, dp_rx, envoy_rx.clone(), status.clone())?;
+    let dp_thread = spawn_datapath(&cfg, node_ip, dp_rx, envoy_rx.clone(), status.clone(), feed, pipeline.clone())?;
 
     let (xds_tx, xds_rx) = watch::channel(published);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
@@ -134,8 +214,10 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
         let status = status.clone();
         let envoy_rx = envoy_rx.clone();
         let envoy_needed = cfg.envoy.enabled;
+        let api =
+            Api { status, envoy: envoy_rx, envoy_needed, registry: Arc::new(registry), pipeline: pipeline.clone() };
         tokio::spawn(async move {
-            if let Err(e) = serve_api(addr, status, envoy_rx, envoy_needed).await {
+            if let Err(e) = serve_api(addr, api).await {
                 tracing::error!("API server on {addr} stopped: {e:#}");
             }
         });
@@ -155,12 +237,24 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
             },
             Some(ev) = ev_rx.recv() => {
                 touched = true;
+                {
+                    let mut st = status.lock().unwrap();
+                    match &ev {
+                        crate::xds::server::AdsEvent::Ack { .. } => st.xds.acks += 1,
+                        crate::xds::server::AdsEvent::Nack { .. } => st.xds.nacks += 1,
+                        _ => {}
+                    }
+                }
                 controller.on_event(ev)
             }
         };
         if rebuild {
             let (snap, published) = controller.build();
+            if !Arc::ptr_eq(&published, &xds_tx.borrow()) {
+                status.lock().unwrap().xds.pushes += 1;
+            }
             let _ = xds_tx.send(published);
+            pipeline.set_names(flows::names(&snap));
             if dp_tx.send(snap).is_err() {
                 break;
             }
@@ -198,19 +292,18 @@ fn spawn_datapath(
     snapshots: std_mpsc::Receiver<Snapshot>,
     envoy: watch::Receiver<EnvoyState>,
     status: Arc<Mutex<AgentStatus>>,
+    feed: EventFeed,
+    pipeline: Arc<Pipeline>,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
     let cfg = cfg.clone();
     Ok(std::thread::Builder::new().name("datapath".into()).spawn(move || -> anyhow::Result<()> {
         let mut dp = Datapath::open(cfg.datapath(node_ip)).context("loading the datapath")?;
         if let Some(ring) = dp.take_events() {
-            let node = cfg.node_name.clone();
-            let print = cfg.print_events;
-            std::thread::Builder::new()
-                .name("events".into())
-                .spawn(move || events(EventReader::new(ring), &node, print))?;
+            weft_observe::pipeline::spawn_reader(EventReader::new(ring), feed);
         }
         let mut rec = Reconciler::new(cfg.devices.clone());
         let mut current: Option<Snapshot> = None;
+        let mut last_maps = Instant::now() - MAP_USAGE_EVERY;
         let mut last_gc = Instant::now();
         let mut last_proxy = Instant::now() - PROXY_SYNC_EVERY;
         let mut last_pid = None;
@@ -226,7 +319,7 @@ fn spawn_datapath(
                 next = Some(s);
             }
             if let Some(snap) = next {
-                let applied = rec.apply(&mut dp, &snap, &BTreeMap::new()).context("applying desired state")?;
+                let applied = rec.apply(&mut dp, &snap, &snap.policy.ingress).context("applying desired state")?;
                 for p in snap.problems.iter().chain(&applied.problems) {
                     tracing::warn!(version = snap.version, "{p}");
                 }
@@ -265,11 +358,18 @@ fn spawn_datapath(
                         Err(e) => tracing::warn!("registering proxy listeners: {e}"),
                     }
                 }
-                if let Ok(EventStats { emitted, lost }) = dp.event_stats() {
+                if let Ok(EventStats { emitted, lost, lost_per_cpu }) = dp.event_stats() {
+                    pipeline.kernel_counters(emitted, &lost_per_cpu);
                     let mut st = status.lock().unwrap();
                     st.datapath.events_emitted = emitted;
                     st.datapath.events_lost = lost;
                 }
+            }
+            if last_maps.elapsed() >= MAP_USAGE_EVERY {
+                last_maps = Instant::now();
+                let usage =
+                    dp.map_usage().into_iter().map(|(map, entries, capacity)| MapUsage { map, entries, capacity });
+                status.lock().unwrap().datapath.maps = usage.collect();
             }
             if last_gc.elapsed() >= GC_EVERY {
                 last_gc = Instant::now();
@@ -282,38 +382,54 @@ fn spawn_datapath(
     })?)
 }
 
-/// The agent's HTTP API.
-async fn serve_api(
-    addr: SocketAddr,
+/// What the agent's HTTP API serves from.
+struct Api {
     status: Arc<Mutex<AgentStatus>>,
     envoy: watch::Receiver<EnvoyState>,
     envoy_needed: bool,
-) -> anyhow::Result<()> {
-    use axum::{Json, Router, http::StatusCode, routing::get};
-    let st = status.clone();
-    let ready_st = status.clone();
+    registry: Arc<prometheus_client::registry::Registry>,
+    pipeline: Arc<Pipeline>,
+}
+
+impl Api {
+    fn status(&self) -> AgentStatus {
+        let mut s = self.status.lock().unwrap().clone();
+        s.envoy = self.envoy.borrow().clone();
+        s.ready = s.datapath.applied_version > 0 && (!self.envoy_needed || s.envoy.ready);
+        s.flows = FlowStatus::of(&self.pipeline);
+        s
+    }
+}
+
+/// The agent's HTTP API: /status, /healthz, /readyz, /metrics.
+async fn serve_api(addr: SocketAddr, api: Api) -> anyhow::Result<()> {
+    use axum::{
+        Json, Router,
+        http::{StatusCode, header},
+        routing::get,
+    };
+    let api = Arc::new(api);
+    let (a1, a2, a3) = (api.clone(), api.clone(), api.clone());
     let app = Router::new()
-        .route(
-            "/status",
-            get(move || {
-                let st = st.clone();
-                let envoy = envoy.clone();
-                async move {
-                    let mut s = st.lock().unwrap().clone();
-                    s.envoy = envoy.borrow().clone();
-                    s.ready = s.datapath.applied_version > 0 && (!envoy_needed || s.envoy.ready);
-                    Json(s)
-                }
-            }),
-        )
+        .route("/status", get(move || std::future::ready(Json(a1.status()))))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
-                let ready = ready_st.lock().unwrap().ready;
+                let ready = a2.status.lock().unwrap().ready;
                 async move {
                     if ready { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
                 }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = flows::encode(&a3.registry);
+                std::future::ready((
+                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    body,
+                ))
             }),
         );
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -339,21 +455,4 @@ fn log_problems(l: yaml::Loaded) -> yaml::Loaded {
         tracing::warn!("{p}");
     }
     l
-}
-
-fn events(mut reader: EventReader, node: &str, print: bool) {
-    use std::io::Write;
-    let stdout = std::io::stdout();
-    loop {
-        if !reader.wait(Duration::from_millis(500)) {
-            continue;
-        }
-        let mut out = stdout.lock();
-        reader.drain(|ev| {
-            if print {
-                let _ = writeln!(out, "{node}: {}", weft_observe::names::event_line(ev));
-            }
-        });
-        let _ = out.flush();
-    }
 }

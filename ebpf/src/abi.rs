@@ -54,7 +54,7 @@ shared_struct! {
         pub nat_port: u16,
         pub drop_line: u16,
         pub pkt_len: u32,
-        pub _pad: u32,
+        pub rule_id: u32,
     }
 }
 

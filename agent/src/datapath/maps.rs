@@ -59,7 +59,14 @@ impl Maps {
                 .map_err(|e| DatapathError::Map { map: "weft_event_stats", source: Box::new(e) })?;
             Ok(values.iter().sum())
         };
-        Ok(EventStats { emitted: read(abi::STAT_EMITTED)?, lost: read(abi::STAT_LOST)? })
+        let lost_per_cpu: Vec<u64> = self
+            .stats
+            .get(&abi::STAT_LOST, 0)
+            .map_err(|e| DatapathError::Map { map: "weft_event_stats", source: Box::new(e) })?
+            .iter()
+            .copied()
+            .collect();
+        Ok(EventStats { emitted: read(abi::STAT_EMITTED)?, lost: lost_per_cpu.iter().sum(), lost_per_cpu })
     }
 }
 
@@ -200,6 +207,21 @@ fn frontend_of(k: &abi::SvcKey, flags: u8) -> Frontend {
 }
 
 impl Datapath {
+    /// Entries and capacity of the maps that fill up: (config key, entries, capacity).
+    pub fn map_usage(&self) -> Vec<(&'static str, u64, u64)> {
+        let m = &self.maps;
+        let counts = [
+            ("services", m.services.keys().count()),
+            ("backends", m.backends.keys().count()),
+            ("endpoints", m.endpoints.keys().count()),
+            ("ipcache", m.ipcache.keys().count()),
+            ("policy", m.policy.keys().count()),
+            ("conntrack", m.ct.keys().count()),
+            ("lb", m.lb.keys().count()),
+        ];
+        counts.into_iter().map(|(k, n)| (k, n as u64, self.size(k) as u64)).collect()
+    }
+
     fn size(&self, key: &'static str) -> u32 {
         self.cfg.map_sizes.shapes().iter().find(|s| s.1 == key).map(|s| s.4).unwrap_or(0)
     }

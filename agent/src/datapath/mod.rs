@@ -203,12 +203,14 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
 }
 
 /// Sums of the per-CPU ring-buffer counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EventStats {
     /// Records written into the ring buffer.
     pub emitted: u64,
     /// Records lost because the ring buffer was full.
     pub lost: u64,
+    /// The same, per CPU.
+    pub lost_per_cpu: Vec<u64>,
 }
 
 /// What one BPF_PROG_TEST_RUN of a datapath program returned.

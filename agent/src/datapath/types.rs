@@ -115,7 +115,7 @@ pub struct IpcacheEntry {
 }
 
 /// Allow or deny.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyAction {
     Allow,
@@ -124,7 +124,7 @@ pub enum PolicyAction {
 
 /// One ingress policy entry of a local endpoint. `identity` 0 means any peer;
 /// `port` 0 with `proto` None means any port and protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PolicyEntry {
     pub identity: u32,
     pub port: u16,

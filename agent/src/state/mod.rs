@@ -2,6 +2,8 @@
 //! hold. The datapath, the xDS server and flow enrichment all read snapshots;
 //! only the state task builds them.
 
+pub mod policy;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -66,6 +68,8 @@ pub struct Snapshot {
     pub nodes: Vec<NodeState>,
     /// Identity -> its label set.
     pub identities: BTreeMap<u32, LabelSet>,
+    /// What the NetworkPolicies mean for this node.
+    pub policy: policy::PolicyState,
     /// Things in the objects that could not be represented, one line each.
     pub problems: Vec<String>,
 }
@@ -146,6 +150,26 @@ impl Snapshot {
             })
             .collect();
 
+        let named_ports = with_ip
+            .iter()
+            .filter_map(|(_, p, ip)| {
+                let ports: BTreeMap<String, (u16, Proto)> = p
+                    .spec
+                    .as_ref()?
+                    .containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .filter_map(|cp| {
+                        let proto = proto_of(cp.protocol.as_deref())?;
+                        Some((cp.name.clone()?, (u16::try_from(cp.container_port).ok()?, proto)))
+                    })
+                    .collect();
+                (!ports.is_empty()).then_some((*ip, ports))
+            })
+            .collect();
+        let policies = objects.network_policies.iter().map(|(k, v)| (k.clone(), &v.object)).collect();
+        let policy = policy::derive(&policies, &pods, &named_ports, &mut problems);
+
         let services = objects
             .services
             .iter()
@@ -160,6 +184,7 @@ impl Snapshot {
             pods,
             nodes,
             identities: ids.into_iter().map(|(set, id)| (id, set)).collect(),
+            policy,
             problems,
         }
     }

@@ -23,15 +23,18 @@ use std::collections::BTreeSet;
 use envoy_types::pb::{
     envoy::{
         config::{
+            accesslog::v3::{AccessLog, access_log},
             cluster::v3::{Cluster, cluster},
             core::v3::{
-                AggregatedConfigSource, ApiVersion, ConfigSource, TransportSocket, config_source, transport_socket,
+                AggregatedConfigSource, ApiVersion, ConfigSource, GrpcService, TransportSocket, config_source,
+                grpc_service, transport_socket,
             },
             endpoint::v3::ClusterLoadAssignment,
             listener::v3::{Listener, filter},
             route::v3::{RouteConfiguration, route, route_action},
         },
         extensions::{
+            access_loggers::grpc::v3::{CommonGrpcAccessLogConfig, HttpGrpcAccessLogConfig},
             filters::{
                 http::router::v3::Router,
                 network::{
@@ -44,7 +47,7 @@ use envoy_types::pb::{
             },
         },
     },
-    google::protobuf::{Any, BoolValue},
+    google::protobuf::{Any, BoolValue, Duration as PbDuration},
 };
 use prost::{Message, Name};
 
@@ -56,6 +59,48 @@ use crate::k8s::ObjKey;
 
 /// Clusters the agent's bootstrap defines, which configs may reference by name.
 pub const BOOTSTRAP_CLUSTERS: &[&str] = &["envoy-admin"];
+
+/// The access log the agent adds to every HTTP connection manager: Envoy
+/// streams each request to the agent (cluster `weft-als` of the bootstrap),
+/// which turns it into L7 flows.
+pub const ACCESS_LOG_NAME: &str = "weft-flows";
+
+fn weft_access_log() -> AccessLog {
+    let cfg = HttpGrpcAccessLogConfig {
+        common_config: Some(CommonGrpcAccessLogConfig {
+            log_name: ACCESS_LOG_NAME.into(),
+            grpc_service: Some(GrpcService {
+                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
+                    cluster_name: "weft-als".into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }),
+            transport_api_version: ApiVersion::V3 as i32,
+            // Flows should show up promptly; the default is a second.
+            buffer_flush_interval: Some(PbDuration { seconds: 0, nanos: 200_000_000 }),
+            ..Default::default()
+        }),
+        additional_request_headers_to_log: weft_observe::als::LOGGED_REQUEST_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
+        ..Default::default()
+    };
+    AccessLog {
+        name: "envoy.access_loggers.http_grpc".into(),
+        config_type: Some(access_log::ConfigType::TypedConfig(pack(&cfg))),
+        ..Default::default()
+    }
+}
+
+fn has_weft_access_log(hcm: &HttpConnectionManager) -> bool {
+    hcm.access_log.iter().any(|a| match &a.config_type {
+        Some(access_log::ConfigType::TypedConfig(any)) => unpack::<HttpGrpcAccessLogConfig>(any)
+            .is_some_and(|c| c.common_config.is_some_and(|c| c.log_name == ACCESS_LOG_NAME)),
+        _ => false,
+    })
+}
 
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -388,6 +433,9 @@ fn listener(ctx: &mut Ctx<'_>, index: usize, mut l: Listener, out: &mut Translat
                         hf.config_type = Some(http_filter::ConfigType::TypedConfig(pack(&Router::default())));
                     }
                 }
+                if !has_weft_access_log(&hcm) {
+                    hcm.access_log.push(weft_access_log());
+                }
                 *any = pack(&hcm);
             } else if any.type_url.ends_with(".TcpProxy") {
                 let Some(mut tp) = unpack::<TcpProxy>(any) else { continue };
@@ -622,9 +670,12 @@ spec:
         };
         let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
         assert!(hcm.http_filters[0].config_type.is_some());
-        let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = hcm.route_specifier else { panic!() };
+        let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = &hcm.route_specifier else { panic!() };
         assert_eq!(rds.route_config_name, "default/lb/r");
         assert!(rds.config_source.is_some());
+        // Envoy logs each request to the agent, once, even when translated again.
+        assert!(has_weft_access_log(&hcm));
+        assert_eq!(hcm.access_log.len(), 1);
         // A namespaced config redirects its own namespace's Service, to its first listener.
         assert_eq!(
             t.redirects,

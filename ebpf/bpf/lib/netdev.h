@@ -197,7 +197,8 @@ static __always_inline int needs_masquerade(const struct weft_config *cfg, const
 	if (in_native_cidr(cfg, p->daddr))
 		return 0;
 	dst = bpf_map_lookup_elem(&weft_ipcache, &key);
-	return !dst || dst->identity == WEFT_ID_WORLD;
+	return !dst || dst->identity == WEFT_ID_WORLD ||
+	       (dst->identity >= WEFT_IDENTITY_MIN_CIDR && dst->identity < WEFT_IDENTITY_MIN_POD);
 }
 
 /* to-netdev: everything leaving through the node's device. */

@@ -98,6 +98,7 @@ static __always_inline void emit_policy_verdict(const struct weft_config *cfg, c
 	ev->dst_ep = ep->ep_id;
 	ev->policy_match = r->match;
 	ev->direction = dir;
+	ev->rule_id = r->rule_id;
 	event_submit(cfg, ev);
 }
 

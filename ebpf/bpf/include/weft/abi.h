@@ -77,6 +77,8 @@
 #define WEFT_ID_WORLD 2
 #define WEFT_ID_REMOTE_NODE 6
 #define WEFT_IDENTITY_MIN_POD 65536
+/* Prefixes named by policies (ipBlock), outside the cluster: [MIN_CIDR, MIN_POD). */
+#define WEFT_IDENTITY_MIN_CIDR 16384
 
 /* ---- Event emission levels (weft_config.emit_level), changeable at run time. */
 #define WEFT_EMIT_OFF 0
@@ -118,7 +120,7 @@ struct weft_event {
 	__u16 nat_port;
 	__u16 drop_line;   /* source line of a drop, for debugging */
 	__u32 pkt_len;     /* original packet length */
-	__u32 _pad;
+	__u32 rule_id;     /* policy verdicts: the rule that decided (0: none matched) */
 };
 
 /* Per-CPU counters in weft_event_stats (index = WEFT_STAT_*). */

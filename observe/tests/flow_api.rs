@@ -1,0 +1,523 @@
+//! The flow API end to end in one process: a pipeline fed with datapath
+//! records and access-log entries, the gRPC server on a unix socket, and a
+//! client built from the project's .proto files. Also checks the compiled
+//! descriptors against the wire-contract sheet (tests/data), number by number.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use prost_reflect::{Cardinality, DescriptorPool, Kind};
+use weft_ebpf::abi::{self, Event};
+use weft_observe::{
+    als::L7Entry,
+    client::{self, Address},
+    enrich::{EndpointInfo, Names, ServiceInfo},
+    pipeline::{EventFeed, Pipeline, PipelineConfig},
+    proto::{
+        self,
+        flow::{self, FlowFilter, LostEventSource, Verdict},
+        observer::{GetFlowsRequest, GetFlowsResponse, ServerStatusRequest, get_flows_response::ResponseTypes},
+        weft::FlowLink,
+    },
+    record::Http,
+    server::{self, Listen},
+};
+
+// ---------------------------------------------------------------- descriptors
+
+fn kind_name(k: &Kind) -> String {
+    match k {
+        Kind::Message(m) => format!("message {}", m.full_name()),
+        Kind::Enum(e) => format!("enum {}", e.full_name()),
+        Kind::Double => "double".into(),
+        Kind::Float => "float".into(),
+        Kind::Int32 => "int32".into(),
+        Kind::Int64 => "int64".into(),
+        Kind::Uint32 => "uint32".into(),
+        Kind::Uint64 => "uint64".into(),
+        Kind::Sint32 => "sint32".into(),
+        Kind::Sint64 => "sint64".into(),
+        Kind::Fixed32 => "fixed32".into(),
+        Kind::Fixed64 => "fixed64".into(),
+        Kind::Sfixed32 => "sfixed32".into(),
+        Kind::Sfixed64 => "sfixed64".into(),
+        Kind::Bool => "bool".into(),
+        Kind::String => "string".into(),
+        Kind::Bytes => "bytes".into(),
+    }
+}
+
+#[test]
+fn compiled_descriptors_match_the_wire_contract() {
+    let pool = DescriptorPool::decode(proto::DESCRIPTOR_SET).unwrap();
+    let sheet = include_str!("data/hubble-wire-contract.tsv");
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    for line in sheet.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let c: Vec<&str> = line.split('\t').collect();
+        let (kind, owner, name, number) = (c[0], c[1], c[2], c[3].parse::<u32>().unwrap());
+        if kind == "enum" {
+            match pool.get_enum_by_name(owner).and_then(|e| e.get_value_by_name(name)) {
+                Some(v) if v.number() as u32 == number => checked += 1,
+                Some(v) => problems.push(format!("{owner}.{name} = {} (sheet: {number})", v.number())),
+                None => problems.push(format!("{owner}.{name} is missing")),
+            }
+            continue;
+        }
+        let Some(m) = pool.get_message_by_name(owner) else {
+            problems.push(format!("message {owner} is missing"));
+            continue;
+        };
+        let Some(f) = m.get_field_by_name(name) else {
+            problems.push(format!("{owner}.{name} is missing"));
+            continue;
+        };
+        if f.number() != number {
+            problems.push(format!("{owner}.{name} is #{} (sheet: #{number})", f.number()));
+        }
+        if kind_name(&f.kind()) != c[4] {
+            problems.push(format!("{owner}.{name} is {} (sheet: {})", kind_name(&f.kind()), c[4]));
+        }
+        let card = match (f.cardinality(), f.containing_oneof()) {
+            (Cardinality::Repeated, _) => "repeated".to_string(),
+            (_, Some(o)) => format!("oneof `{}`", o.name()),
+            _ => "single".into(),
+        };
+        if card != c[5] {
+            problems.push(format!("{owner}.{name} is {card} (sheet: {})", c[5]));
+        }
+        checked += 1;
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(checked > 500, "only {checked} rows checked");
+
+    // The RPCs: paths, types, streaming.
+    let svc = pool.get_service_by_name("observer.Observer").unwrap();
+    let methods: BTreeMap<String, (String, String, bool)> = svc
+        .methods()
+        .map(|m| {
+            (
+                format!("/{}/{}", svc.full_name(), m.name()),
+                (m.input().full_name().to_owned(), m.output().full_name().to_owned(), m.is_server_streaming()),
+            )
+        })
+        .collect();
+    for (path, input, output, streaming) in [
+        ("/observer.Observer/GetFlows", "observer.GetFlowsRequest", "observer.GetFlowsResponse", true),
+        (
+            "/observer.Observer/GetAgentEvents",
+            "observer.GetAgentEventsRequest",
+            "observer.GetAgentEventsResponse",
+            true,
+        ),
+        (
+            "/observer.Observer/GetDebugEvents",
+            "observer.GetDebugEventsRequest",
+            "observer.GetDebugEventsResponse",
+            true,
+        ),
+        ("/observer.Observer/GetNodes", "observer.GetNodesRequest", "observer.GetNodesResponse", false),
+        ("/observer.Observer/GetNamespaces", "observer.GetNamespacesRequest", "observer.GetNamespacesResponse", false),
+        ("/observer.Observer/ServerStatus", "observer.ServerStatusRequest", "observer.ServerStatusResponse", false),
+    ] {
+        assert_eq!(methods.get(path), Some(&(input.into(), output.into(), streaming)), "{path}");
+    }
+    assert!(svc.methods().all(|m| !m.is_client_streaming()));
+}
+
+// ------------------------------------------------------------------ the lab
+
+const CLIENT: [u8; 4] = [10, 1, 1, 10];
+const SERVER: [u8; 4] = [10, 1, 2, 20];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+
+fn raw(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+fn names() -> Names {
+    let mut n = Names::new("node-a");
+    n.add_endpoint(
+        CLIENT.into(),
+        EndpointInfo {
+            namespace: "shop".into(),
+            pod: "frontend-1".into(),
+            labels: vec!["k8s:app=frontend".into()],
+            workloads: vec![("Deployment".into(), "frontend".into())],
+            identity: 70001,
+            node: "node-a".into(),
+            local: true,
+        },
+    );
+    n.add_endpoint(
+        SERVER.into(),
+        EndpointInfo {
+            namespace: "shop".into(),
+            pod: "cart-1".into(),
+            labels: vec!["k8s:app=cart".into()],
+            identity: 70002,
+            node: "node-a".into(),
+            local: true,
+            ..Default::default()
+        },
+    );
+    n.add_service(VIP.into(), 80, 6, Arc::new(ServiceInfo { namespace: "shop".into(), name: "cart".into() }));
+    n
+}
+
+fn trace(obs: u32, sport: u16, flags: u8) -> Event {
+    Event {
+        ts_ns: 1,
+        r#type: abi::EV_TRACE as u8,
+        subtype: obs as u8,
+        reason: abi::REASON_NEW as u8,
+        saddr: raw(CLIENT),
+        daddr: raw(SERVER),
+        sport: sport.to_be(),
+        dport: 8080u16.to_be(),
+        proto: 6,
+        tcp_flags: flags,
+        src_identity: 70001,
+        dst_identity: 70002,
+        ..Default::default()
+    }
+}
+
+fn drop_ev(sport: u16) -> Event {
+    Event {
+        r#type: abi::EV_DROP as u8,
+        subtype: abi::DROP_POLICY_DENIED as u8,
+        ..trace(abi::OBS_TO_ENDPOINT, sport, 0x02)
+    }
+}
+
+fn redirect(sport: u16) -> Event {
+    Event { daddr: raw(VIP), dport: 80u16.to_be(), proxy_port: 15001, ..trace(abi::OBS_TO_PROXY, sport, 0x02) }
+}
+
+struct Api {
+    pipeline: Arc<Pipeline>,
+    feed: EventFeed,
+    addr: Address,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn start(cfg: PipelineConfig) -> Api {
+    let dir = std::env::temp_dir().join(format!("weft-flow-api-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("observer.sock");
+    let (pipeline, feed) = Pipeline::start(cfg, names());
+    let listen = Listen { tcp: None, unix: Some(sock.clone()) };
+    tokio::spawn(server::serve(pipeline.clone(), listen));
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Api { pipeline, feed, addr: Address::Unix(sock), _dir: TempDir(dir) }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.pipeline.stop();
+    }
+}
+
+/// Waits until the store has seen `n` flows.
+async fn stored(p: &Pipeline, n: u64) {
+    for _ in 0..200 {
+        if p.store.stats(0).seen_flows >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the store saw {} flows, expected {n}", p.store.stats(0).seen_flows);
+}
+
+async fn get(addr: &Address, req: GetFlowsRequest) -> Vec<GetFlowsResponse> {
+    let mut c = client::observer(addr).await.unwrap();
+    let mut s = c.get_flows(req).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(r) =
+        tokio::time::timeout(Duration::from_secs(5), s.message()).await.expect("stream stalled").unwrap()
+    {
+        out.push(r);
+    }
+    out
+}
+
+fn flows(rs: &[GetFlowsResponse]) -> Vec<&flow::Flow> {
+    rs.iter()
+        .filter_map(|r| match &r.response_types {
+            Some(ResponseTypes::Flow(f)) => Some(f),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sport(f: &flow::Flow) -> u32 {
+    match f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
+        Some(flow::layer4::Protocol::Tcp(t)) => t.source_port,
+        _ => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_flows_number_first_filters_and_status() {
+    let mut api = start(PipelineConfig::default()).await;
+    for i in 0..10u16 {
+        api.feed.push(&trace(abi::OBS_TO_ENDPOINT, 40000 + i, 0x02));
+    }
+    api.feed.push(&drop_ev(41000));
+    api.feed.flush();
+    stored(&api.pipeline, 11).await;
+
+    // --last 3: the newest three, oldest first.
+    let r = get(&api.addr, GetFlowsRequest { number: 3, ..Default::default() }).await;
+    let ports: Vec<u32> = flows(&r).iter().map(|f| sport(f)).collect();
+    assert_eq!(ports, [40008, 40009, 41000]);
+    // --first 2.
+    let r = get(&api.addr, GetFlowsRequest { number: 2, first: true, ..Default::default() }).await;
+    assert_eq!(flows(&r).iter().map(|f| sport(f)).collect::<Vec<_>>(), [40000, 40001]);
+    // --last 2 of the forwarded ones, and the drop alone.
+    let fwd = FlowFilter { verdict: vec![Verdict::Forwarded as i32], ..Default::default() };
+    let r = get(&api.addr, GetFlowsRequest { number: 2, whitelist: vec![fwd.clone()], ..Default::default() }).await;
+    assert_eq!(flows(&r).iter().map(|f| sport(f)).collect::<Vec<_>>(), [40008, 40009]);
+    let r = get(&api.addr, GetFlowsRequest { number: 20, blacklist: vec![fwd], ..Default::default() }).await;
+    let f = flows(&r);
+    assert_eq!(f.len(), 1);
+    let d = f[0];
+    assert_eq!(d.verdict, Verdict::Dropped as i32);
+    assert_eq!(d.drop_reason_desc, flow::DropReason::PolicyDenied as i32);
+    assert_eq!(d.event_type, Some(flow::CiliumEventType { r#type: 1, sub_type: 133 }));
+    assert_eq!(d.source.as_ref().unwrap().pod_name, "frontend-1");
+    assert_eq!(d.source.as_ref().unwrap().workloads[0].name, "frontend");
+    assert_eq!(d.destination.as_ref().unwrap().pod_name, "cart-1");
+    assert_eq!(d.node_name, "node-a");
+    assert_eq!(r[0].node_name, "node-a");
+    // A trace to an endpoint: sub_type 0, observation point TO_ENDPOINT (101).
+    let r = get(&api.addr, GetFlowsRequest { number: 1, first: true, ..Default::default() }).await;
+    let t = flows(&r)[0];
+    assert_eq!(t.event_type, Some(flow::CiliumEventType { r#type: 4, sub_type: 0 }));
+    assert_eq!(t.trace_observation_point, flow::TraceObservationPoint::ToEndpoint as i32);
+    assert_eq!(t.is_reply, Some(false));
+    #[allow(deprecated)]
+    let summary = &t.summary;
+    assert_eq!(summary, "TCP Flags: SYN");
+    assert_eq!(t.uuid.len(), 36);
+    // Bad requests are refused with the field named.
+    let mut c = client::observer(&api.addr).await.unwrap();
+    let bad = FlowFilter { source_ip: vec!["10.0.0.0/99".into()], ..Default::default() };
+    let e = c.get_flows(GetFlowsRequest { whitelist: vec![bad], ..Default::default() }).await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("source_ip"), "{}", e.message());
+    let e = c.get_flows(GetFlowsRequest { first: true, follow: true, ..Default::default() }).await.err().unwrap();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // ServerStatus.
+    let st = c.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((st.num_flows, st.max_flows, st.seen_flows), (11, 4095, 11));
+    assert!(st.version.starts_with("weft "));
+    // Health for `hubble status`.
+    let ch = client::channel(&api.addr).await.unwrap();
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    let resp = h.check(tonic_health::pb::HealthCheckRequest { service: server::HEALTH_SERVICE.into() }).await.unwrap();
+    assert_eq!(resp.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_flows_carry_their_connections_verdict() {
+    let mut api = start(PipelineConfig::default()).await;
+    // The client's connection to the Service was redirected to the proxy;
+    // the proxy's connection to the backend was delivered.
+    api.feed.push(&Event { subtype: abi::OBS_FROM_ENDPOINT as u8, proxy_port: 0, ..redirect(45000) });
+    api.feed.push(&redirect(45000));
+    api.feed.push(&Event {
+        saddr: raw([192, 168, 50, 1]),
+        sport: 50000u16.to_be(),
+        src_identity: 1,
+        ..trace(abi::OBS_TO_ENDPOINT, 0, 0x02)
+    });
+    api.feed.flush();
+    stored(&api.pipeline, 3).await;
+    api.pipeline.submit_l7(L7Entry {
+        http: Http {
+            method: "GET".into(),
+            authority: "cart.shop".into(),
+            path: "/items?page=2".into(),
+            protocol: "HTTP/1.1",
+            code: 503,
+            start_ns: 1_700_000_000_000_000_000,
+            duration_ns: 12_000_000,
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            upstream: Some(SocketAddrV4::new(SERVER.into(), 8080)),
+            upstream_local: Some(SocketAddrV4::new(Ipv4Addr::new(192, 168, 50, 1), 50000)),
+            ..Default::default()
+        },
+        client: Some(SocketAddrV4::new(CLIENT.into(), 45000)),
+        server: Some(SocketAddrV4::new(VIP.into(), 80)),
+    });
+    stored(&api.pipeline, 5).await;
+    let ext = prost_types::Any { type_url: "type.googleapis.com/weft.WeftClient".into(), value: vec![] };
+    let l7 = FlowFilter { protocol: vec!["http".into()], ..Default::default() };
+    let r = get(
+        &api.addr,
+        GetFlowsRequest { number: 10, whitelist: vec![l7.clone()], extensions: Some(ext), ..Default::default() },
+    )
+    .await;
+    let f = flows(&r);
+    assert_eq!(f.len(), 2, "a request and a response");
+    let (req, resp) = (f[0], f[1]);
+    assert_eq!(req.l7.as_ref().unwrap().r#type, flow::L7FlowType::Request as i32);
+    assert_eq!(resp.l7.as_ref().unwrap().r#type, flow::L7FlowType::Response as i32);
+    assert_eq!(resp.l7.as_ref().unwrap().latency_ns, 12_000_000);
+    let Some(flow::layer7::Record::Http(h)) = &resp.l7.as_ref().unwrap().record else { panic!() };
+    assert_eq!((h.code, h.method.as_str(), h.url.as_str()), (503, "GET", "http://cart.shop/items?page=2"));
+    assert_eq!(req.source.as_ref().unwrap().pod_name, "frontend-1");
+    assert_eq!(req.destination.as_ref().unwrap().pod_name, "cart-1", "the backend that served it");
+    assert_eq!(req.destination_service.as_ref().unwrap().name, "cart");
+    assert_eq!(resp.is_reply, Some(true));
+    assert_eq!(
+        resp.trace_context.as_ref().unwrap().parent.as_ref().unwrap().trace_id,
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    let link: FlowLink = prost::Message::decode(resp.extensions.as_ref().unwrap().value.as_slice()).unwrap();
+    let down = link.downstream.unwrap();
+    assert_eq!(down.verdict, Verdict::Redirected as i32);
+    assert_eq!(
+        down.path,
+        [flow::TraceObservationPoint::FromEndpoint as i32, flow::TraceObservationPoint::ToProxy as i32]
+    );
+    assert_eq!(down.proxy_port, 15001);
+    assert_eq!(down.frontend, "10.96.0.10:80");
+    let up = link.upstream.unwrap();
+    assert_eq!(up.verdict, Verdict::Forwarded as i32);
+    assert_eq!(up.path, [flow::TraceObservationPoint::ToEndpoint as i32]);
+    #[allow(deprecated)]
+    let summary = &resp.summary;
+    assert!(summary.contains("conn from-endpoint > to-proxy:15001 REDIRECTED"), "{summary}");
+    // Hubble's own clients do not ask for the link and do not get it.
+    let r = get(&api.addr, GetFlowsRequest { number: 10, whitelist: vec![l7], ..Default::default() }).await;
+    assert!(flows(&r).iter().all(|f| f.extensions.is_none()));
+    // HTTP filters.
+    let five =
+        FlowFilter { http_status_code: vec!["5+".into()], http_path: vec!["^/items$".into()], ..Default::default() };
+    let r = get(&api.addr, GetFlowsRequest { number: 10, whitelist: vec![five], ..Default::default() }).await;
+    assert_eq!(flows(&r).len(), 1, "only the response has a status");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_streams_new_matching_flows_and_reports_every_loss() {
+    let cfg = PipelineConfig { store_capacity: 64, queue_capacity: 8, ..Default::default() };
+    let mut api = start(cfg).await;
+    let mut c = client::observer(&api.addr).await.unwrap();
+    let drops = FlowFilter { verdict: vec![Verdict::Dropped as i32], ..Default::default() };
+    let mut s = c
+        .get_flows(GetFlowsRequest { follow: true, whitelist: vec![drops], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    // Kernel losses: the first reading is the baseline.
+    api.pipeline.kernel_counters(100, &[5, 0]);
+    api.pipeline.kernel_counters(200, &[5, 7]);
+    // 200 records into a queue of 8 without draining: most are lost there.
+    for i in 0..200u16 {
+        api.feed.push(&if i % 2 == 0 { drop_ev(30000 + i) } else { trace(abi::OBS_TO_ENDPOINT, 30000 + i, 0x02) });
+    }
+    api.feed.flush();
+    let counters = &api.pipeline.counters;
+    let (mut dropped, mut kernel_lost, mut queue_lost) = (0u64, 0u64, 0u64);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let flows = counters.flows.load(std::sync::atomic::Ordering::Relaxed);
+        let lost = counters.lost(weft_observe::record::LostSource::AgentQueue);
+        if kernel_lost == 7 && queue_lost == lost && flows + lost == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kernel {kernel_lost}, queue {queue_lost}/{lost}, flows {flows}"
+        );
+        let Ok(r) = tokio::time::timeout(Duration::from_millis(200), s.message()).await else { continue };
+        match r.unwrap().unwrap().response_types.unwrap() {
+            ResponseTypes::Flow(f) => {
+                assert_eq!(f.verdict, Verdict::Dropped as i32, "only matching flows");
+                dropped += 1;
+            }
+            ResponseTypes::LostEvents(l) if l.source == LostEventSource::PerfEventRingBuffer as i32 => {
+                assert_eq!(l.cpu, Some(1), "the CPU that lost them");
+                kernel_lost += l.num_events_lost;
+            }
+            ResponseTypes::LostEvents(l) => {
+                assert_eq!(l.source, LostEventSource::ObserverEventsQueue as i32);
+                queue_lost += l.num_events_lost;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(queue_lost > 0, "a queue of 8 cannot take 200 records at once");
+    // Every drop that was received was streamed.
+    let drops = FlowFilter { verdict: vec![Verdict::Dropped as i32], ..Default::default() };
+    let all = get(&api.addr, GetFlowsRequest { number: 0, whitelist: vec![drops], ..Default::default() }).await;
+    let stored_drops = flows(&all).len() as u64;
+    assert!(stored_drops > 0);
+    while dropped < stored_drops {
+        let r =
+            tokio::time::timeout(Duration::from_secs(5), s.message()).await.expect("stream stalled").unwrap().unwrap();
+        match r.response_types.unwrap() {
+            ResponseTypes::Flow(f) if f.verdict == Verdict::Dropped as i32 => dropped += 1,
+            other => panic!("only drops match: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_told_what_the_store_overwrote() {
+    let cfg = PipelineConfig { store_capacity: 16, ..Default::default() };
+    let mut api = start(cfg).await;
+    let mut c = client::observer(&api.addr).await.unwrap();
+    let mut s = c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+    // Far more than the store and the per-client buffer hold, while the
+    // client reads nothing.
+    let total = 3000u64;
+    for round in 0..30u16 {
+        for i in 0..100u16 {
+            api.feed.push(&trace(abi::OBS_TO_ENDPOINT, 1000 + round * 100 + i, 0x10));
+        }
+        api.feed.flush();
+        stored(&api.pipeline, (round as u64 + 1) * 100).await;
+    }
+    let (mut got, mut lost) = (0u64, 0u64);
+    while got + lost < total {
+        let r =
+            tokio::time::timeout(Duration::from_secs(5), s.message()).await.expect("stream stalled").unwrap().unwrap();
+        match r.response_types.unwrap() {
+            ResponseTypes::Flow(_) => got += 1,
+            ResponseTypes::LostEvents(l) => {
+                assert_eq!(l.source, LostEventSource::HubbleRingBuffer as i32);
+                lost += l.num_events_lost;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got + lost, total);
+    assert!(lost > 0, "the store holds 16 flows");
+    assert_eq!(api.pipeline.counters.lost(weft_observe::record::LostSource::FlowStore), lost);
+}
