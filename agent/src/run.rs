@@ -181,6 +181,7 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
     let dp_thread = spawn_datapath(&cfg, node_ip, dp_rx, envoy_rx.clone(), status.clone(), feed, pipeline.clone())?;
 
     let (xds_tx, xds_rx) = watch::channel(published);
+    status.lock().unwrap().xds.pushes = 1;
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let xds_socket = cfg.state_dir.join("xds.sock");
     {

@@ -86,7 +86,7 @@ pub async fn http_get(url: &str) -> Result<(u16, String), String> {
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let req = hyper::Request::get(uri.clone())
+        let req = hyper::Request::get(crate::otlp::origin_form(&uri))
             .header("host", format!("{host}:{port}"))
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;

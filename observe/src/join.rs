@@ -40,13 +40,21 @@ fn rank(v: Verdict) -> u8 {
 /// See the module doc.
 pub struct ConnTable {
     conns: HashMap<Key, ConnLink, BuildHasherDefault<IntHasher>>,
+    /// Connections handed to the proxy, by (client, proxy port): the proxy
+    /// listens on loopback, so its access log names that as the local address.
+    proxied: HashMap<(u32, u16, u16), Key, BuildHasherDefault<IntHasher>>,
     order: VecDeque<Key>,
     capacity: usize,
 }
 
 impl ConnTable {
     pub fn new(capacity: usize) -> Self {
-        ConnTable { conns: HashMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
+        ConnTable {
+            conns: HashMap::default(),
+            proxied: HashMap::default(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -69,7 +77,10 @@ impl ConnTable {
         if !self.conns.contains_key(&k) {
             if self.conns.len() >= self.capacity {
                 while let Some(old) = self.order.pop_front() {
-                    if self.conns.remove(&old).is_some() {
+                    if let Some(l) = self.conns.remove(&old) {
+                        if l.proxy_port != 0 {
+                            self.proxied.remove(&(old.0, old.1, l.proxy_port));
+                        }
                         break;
                     }
                 }
@@ -101,8 +112,9 @@ impl ConnTable {
         if ev.dst_identity != 0 {
             link.dst_identity = ev.dst_identity;
         }
-        if ev.proxy_port != 0 {
+        if ev.proxy_port != 0 && link.proxy_port == 0 {
             link.proxy_port = ev.proxy_port;
+            self.proxied.insert((k.0, k.1, ev.proxy_port), k);
         }
         if f.dst_svc.is_some() {
             link.frontend = Some(server);
@@ -112,6 +124,13 @@ impl ConnTable {
     /// The datapath's view of the connection from `client` to `server`.
     pub fn link(&self, client: SocketAddrV4, server: SocketAddrV4) -> Option<&ConnLink> {
         self.conns.get(&key(client, server))
+    }
+
+    /// The connection from `client` the datapath handed to the proxy
+    /// listening on `proxy_port`.
+    pub fn proxied(&self, client: SocketAddrV4, proxy_port: u16) -> Option<&ConnLink> {
+        let k = self.proxied.get(&(u32::from(*client.ip()), client.port(), proxy_port))?;
+        self.conns.get(k)
     }
 }
 
@@ -157,6 +176,10 @@ mod tests {
         assert_eq!(l.proxy_port, 15001);
         assert_eq!(l.frontend, Some("10.96.0.10:80".parse().unwrap()));
         assert_eq!(l.src_identity, 70001);
+        // Envoy names its loopback listener as the local address.
+        let p = t.proxied("10.1.1.5:40000".parse().unwrap(), 15001).unwrap();
+        assert_eq!(p.server, Some("10.96.0.10:80".parse().unwrap()));
+        assert!(t.proxied("10.1.1.5:40000".parse().unwrap(), 15002).is_none());
     }
 
     #[test]

@@ -338,8 +338,13 @@ fn raw(a: SocketAddrV4) -> (u32, u16) {
 pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entry>) {
     let mut http = e.http;
     if let (Some(c), Some(s)) = (e.client, e.server) {
-        http.downstream_link = conns.link(c, s).cloned();
+        // A loopback local address is the proxy's own listener: find the
+        // connection by the port the datapath handed it to.
+        let link = if s.ip().is_loopback() { conns.proxied(c, s.port()) } else { conns.link(c, s) };
+        http.downstream_link = link.cloned();
     }
+    // The address the client asked for (the Service), as the datapath saw it.
+    let server = http.downstream_link.as_ref().and_then(|l| l.server).or(e.server);
     if let (Some(c), Some(s)) = (http.upstream_local, http.upstream) {
         http.upstream_link = conns.link(c, s).cloned();
     }
@@ -347,8 +352,8 @@ pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entr
     let client = e.client.unwrap_or(unknown);
     // The destination is the backend that served the request when Envoy
     // reached one, else the address the client asked for.
-    let backend = http.upstream.or(e.server).unwrap_or(unknown);
-    let service = e.server.and_then(|s| names.service(*s.ip(), s.port(), 6)).cloned();
+    let backend = http.upstream.or(server).unwrap_or(unknown);
+    let service = server.and_then(|s| names.service(*s.ip(), s.port(), 6)).cloned();
     let client_ep = names.endpoint(*client.ip()).cloned();
     let backend_ep = names.endpoint(*backend.ip()).cloned();
     let link = http.downstream_link.as_ref();

@@ -372,7 +372,8 @@ async fn http_flows_carry_their_connections_verdict() {
             ..Default::default()
         },
         client: Some(SocketAddrV4::new(CLIENT.into(), 45000)),
-        server: Some(SocketAddrV4::new(VIP.into(), 80)),
+        // As Envoy reports it: its loopback listener on the proxy port.
+        server: Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001)),
     });
     stored(&api.pipeline, 5).await;
     let ext = prost_types::Any { type_url: "type.googleapis.com/weft.WeftClient".into(), value: vec![] };

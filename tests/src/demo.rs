@@ -1,19 +1,23 @@
 //! The demo: a two-node lab with weft agents (each running the node's Envoy),
-//! Services and an EnvoyConfig written as Kubernetes YAML, traffic through
-//! them, and what the datapath reported, live.
+//! Services, an EnvoyConfig and a NetworkPolicy written as Kubernetes YAML,
+//! traffic through them, and a live `weft observe` stream of what happened:
+//! plain Service traffic, HTTP through Envoy, and policy drops.
 
 use std::{
-    io::{BufRead, BufReader},
     net::{Ipv4Addr, SocketAddr},
-    process::{Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use crate::{
+    flows::{DENY_APP2, flow_socket},
     http::{HttpServer, Response, ServerOpts, get_once},
     lab::Lab,
-    objects::{LabService, agent_binary, agent_files, envoy_state, lab_objects, wait_ready, wait_status, write_atomic},
+    objects::{
+        LabService, agent_binary, agent_files, envoy_state, lab_objects, wait_ready, wait_status, workspace_binary,
+        write_atomic,
+    },
     scenario::{T, VIP, sa},
 };
 
@@ -102,38 +106,31 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
         )?);
     }
 
-    let mut web = LabService::new("web", VIP, 80, &["n1-p2", "n2-p1", "n2-p2"]);
+    let mut web = LabService::new("web", VIP, 80, &["n2-p1"]);
     web.node_port = Some(30080);
     let services = [
         web,
         LabService::new("hello", HELLO, 80, &["n2-p1", "n2-p2"]),
         LabService::new("hello-v1", Ipv4Addr::new(10, 96, 0, 21), 80, &["n2-p1"]),
         LabService::new("hello-v2", Ipv4Addr::new(10, 96, 0, 22), 80, &["n2-p2"]),
-        LabService::new("nobody-home", Ipv4Addr::new(10, 96, 0, 12), 80, &[]),
     ];
-    let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, "print-events: true\n")).collect::<Result<_, _>>()?;
+    let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, "")).collect::<Result<_, _>>()?;
     let objects_path = files[0].objects_dir.join("lab.yaml");
-    write_atomic(&objects_path, &format!("{}{ENVOY_CONFIG}", lab_objects(&lab, &services)))?;
+    write_atomic(&objects_path, &format!("{}{ENVOY_CONFIG}---\n{DENY_APP2}", lab_objects(&lab, &services)))?;
     say(&format!("Kubernetes objects for the agents: {}", objects_path.display()));
-    println!(
-        "    Services: web 10.96.0.10 (NodePort 30080), hello 10.96.0.20, hello-v1, hello-v2, nobody-home 10.96.0.12"
-    );
+    println!("    Services: web 10.96.0.10 (NodePort 30080), hello 10.96.0.20, hello-v1, hello-v2");
     println!("    EnvoyConfig default/hello-split: hello -> Envoy -> 90 % hello-v1 (n2-p1), 10 % hello-v2 (n2-p2)");
+    println!(
+        "    NetworkPolicy default/app2-from-nodes-only: the app2 pods (n1-p2, n2-p2) accept only the node network"
+    );
 
-    say("starting weft-agent on node1 and node2 (datapath loaded, maps pinned, Envoy started, events printed)");
+    say("starting weft-agent on node1 and node2 (datapath loaded, maps pinned, Envoy started, flow API up)");
     let mut pids = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let mut cmd = Command::new(agent_binary());
         let log = std::fs::File::create(lab.run_dir.join(format!("agent{i}.log")))?;
-        cmd.args(["run", "--config"]).arg(&f.config).stdout(Stdio::piped()).stderr(log);
-        let pid = lab.spawn(&lab.node(i).netns, Some(&lab.node(i).cgroup), &mut cmd)?;
-        pids.push(pid);
-        let stdout = lab.take_stdout(pid).expect("piped stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                println!("    {line}");
-            }
-        });
+        cmd.args(["run", "--config"]).arg(&f.config).stdout(log.try_clone()?).stderr(log);
+        pids.push(lab.spawn(&lab.node(i).netns, Some(&lab.node(i).cgroup), &mut cmd)?);
     }
     for (i, f) in files.iter().enumerate() {
         if let Err(e) = wait_ready(f, Duration::from_secs(30), || lab.running(pids[i])) {
@@ -154,7 +151,7 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
     );
 
     let client = lab.pod("n1-p1");
-    say("n1-p1 -> web (ClusterIP 10.96.0.10:80, eBPF DNAT to backends on both nodes)");
+    say("n1-p1 -> web (ClusterIP 10.96.0.10:80, eBPF DNAT to n2-p1 on node2)");
     for _ in 0..3 {
         show("GET http://10.96.0.10/", get_once(&client.netns, sa(VIP, 80), "/", T));
         std::thread::sleep(Duration::from_millis(300));
@@ -167,23 +164,38 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
     say("external client -> NodePort 192.168.50.1:30080");
     show("GET http://192.168.50.1:30080/", get_once(&lab.ext_netns, sa(lab.node(0).ip, 30080), "/", T));
     std::thread::sleep(Duration::from_millis(300));
-    say("n1-p1 -> nobody-home (a Service without backends: dropped, NO_SERVICE)");
+    say("n1-p1 -> n1-p2:8080 directly (denied by the NetworkPolicy: dropped, POLICY_DENIED)");
     show(
-        "GET http://10.96.0.12/",
-        get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 12), 80), "/", Duration::from_millis(500)),
+        "GET http://10.1.1.12:8080/",
+        get_once(&client.netns, sa(lab.pod("n1-p2").ip, 8080), "/", Duration::from_millis(300)),
     );
 
-    say(&format!("live: n1-p1 calls web and hello every second; Ctrl-C or {}s to stop", duration.as_secs()));
+    let server = flow_socket(&files[0]);
+    say(&format!(
+        "live: `weft observe --follow --server {server}` while n1-p1 calls web, hello and n1-p2 every second; Ctrl-C or {}s to stop",
+        duration.as_secs()
+    ));
+    // The stream goes straight to the terminal (in colour, when it is one).
+    let mut observe =
+        Command::new(workspace_binary("weft")).args(["observe", "--follow", "--server", &server]).spawn()?;
     let start = Instant::now();
     while !STOP.load(Ordering::SeqCst) && start.elapsed() < duration {
         let _ = get_once(&client.netns, sa(VIP, 80), "/", T);
         let _ = get_once(&client.netns, sa(HELLO, 80), "/", T);
+        let _ = get_once(&client.netns, sa(lab.pod("n1-p2").ip, 8080), "/", Duration::from_millis(200));
         for _ in 0..10 {
             if STOP.load(Ordering::SeqCst) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+    // SIGINT, as Ctrl-C would: the stream ends cleanly.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(observe.id() as i32, libc::SIGINT) };
+    let status = observe.wait()?;
+    if !status.success() {
+        println!("    weft observe ended with {status}");
     }
     say("stopping: agents, Envoys, servers, namespaces, pins and cgroups are removed");
     drop(servers);

@@ -2,6 +2,8 @@
 //! helpers, and the glue the integration tests and the demo share.
 
 pub mod demo;
+pub mod envoylab;
+pub mod flows;
 pub mod http;
 pub mod lab;
 pub mod node;

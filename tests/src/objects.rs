@@ -144,14 +144,19 @@ pub fn agent_files(lab: &Lab, idx: usize, extra: &str) -> std::io::Result<AgentF
     Ok(AgentFiles { config, state_dir, objects_dir })
 }
 
-/// The agent binary built alongside the tests.
-pub fn agent_binary() -> PathBuf {
+/// A binary of the workspace built alongside the tests (or the program running).
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
     let up = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
-    let bin = up.join("weft-agent");
+    let bin = up.join(name);
     assert!(bin.exists(), "{} is missing: build it first (cargo build --workspace --bins)", bin.display());
     bin
+}
+
+/// The agent binary built alongside the tests.
+pub fn agent_binary() -> PathBuf {
+    workspace_binary("weft-agent")
 }
 
 /// Starts node `idx`'s agent inside the node's namespace and cgroup (as a

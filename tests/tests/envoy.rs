@@ -7,109 +7,15 @@ use std::time::Duration;
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use weft_tests::{
-    http::{Client, HttpServer, ServerOpts, get_once},
-    lab::Lab,
+    envoylab::EnvoyLab,
+    http::{Client, get_once},
     objects::{
-        AgentFiles, LabService, agent_files, conformance_dir, envoy_stat, envoy_state, http_envoy_config, lab_objects,
-        start_agent, wait_ready, wait_status, write_atomic,
+        LabService, conformance_dir, envoy_stat, envoy_state, http_envoy_config, lab_objects, start_agent, wait_ready,
+        wait_status, write_atomic,
     },
     require_root,
     scenario::{T, VIP, sa},
 };
-
-/// A lab with HTTP servers in three pods and agents (with Envoy) on both nodes.
-struct EnvoyLab {
-    lab: Lab,
-    files: Vec<AgentFiles>,
-    pids: Vec<u32>,
-    servers: Vec<HttpServer>,
-}
-
-impl EnvoyLab {
-    fn new(objects: impl Fn(&Lab) -> String) -> Self {
-        Self::with_config(objects, "")
-    }
-
-    /// Like `new`, with extra agent configuration (YAML lines).
-    fn with_config(objects: impl Fn(&Lab) -> String, agent_config: &str) -> Self {
-        let lab = Lab::new().unwrap();
-        let objects = objects(&lab);
-        let servers = ["n1-p2", "n2-p1", "n2-p2"]
-            .iter()
-            .map(|p| {
-                let pod = lab.pod(p);
-                HttpServer::start(
-                    &pod.netns,
-                    sa(pod.ip, 8080),
-                    ServerOpts { name: p.to_string(), ..Default::default() },
-                )
-                .unwrap()
-            })
-            .collect();
-        let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, agent_config).unwrap()).collect();
-        write_atomic(&files[0].objects_dir.join("lab.yaml"), &objects).unwrap();
-        let mut pids = Vec::new();
-        for (i, f) in files.iter().enumerate() {
-            let log = lab.run_dir.join(format!("agent{i}.log"));
-            pids.push(start_agent(&lab, i, f, &log).unwrap());
-        }
-        let me = Self { lab, files, pids, servers };
-        for i in 0..2 {
-            wait_ready(&me.files[i], Duration::from_secs(30), || me.lab.running(me.pids[i]))
-                .unwrap_or_else(|e| me.fail(e));
-        }
-        me
-    }
-
-    fn fail(&self, e: impl std::fmt::Display) -> ! {
-        let log = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-        let ready =
-            weft_tests::http::Client::connect(&self.lab.node(0).netns, "127.0.0.1:9901".parse().unwrap(), None, T)
-                .and_then(|mut c| c.get("admin", "/ready", &[("connection", "close")]));
-        panic!(
-            "{e}\n--- envoy /ready: {ready:?}\n--- agent log\n{}\n--- envoy log\n{}",
-            log(self.lab.run_dir.join("agent0.log")),
-            log(self.files[0].state_dir.join("envoy.log"))
-        );
-    }
-
-    /// Waits until node1's agent says Envoy acknowledged `object`.
-    fn acked(&self, object: &str) -> serde_json::Value {
-        wait_status(&self.lab, 0, Duration::from_secs(30), &format!("{object} acknowledged"), |s| {
-            s["envoy"]["ready"] == true && envoy_state(s, object) == Some("acknowledged")
-        })
-        .unwrap_or_else(|e| self.fail(e))
-    }
-
-    fn objects_file(&self) -> std::path::PathBuf {
-        self.files[0].objects_dir.join("lab.yaml")
-    }
-
-    /// The server of a pod (n1-p2, n2-p1, n2-p2).
-    fn server(&self, pod: &str) -> &HttpServer {
-        let i = ["n1-p2", "n2-p1", "n2-p2"].iter().position(|p| *p == pod).expect("a server pod");
-        &self.servers[i]
-    }
-
-    /// `n` requests on one connection from n1-p1; how many each backend answered.
-    fn spread(
-        &self,
-        to: std::net::SocketAddr,
-        path: &str,
-        headers: &[(&str, &str)],
-        n: usize,
-    ) -> BTreeMap<String, usize> {
-        let client = self.lab.pod("n1-p1");
-        let mut c = Client::connect(&client.netns, to, None, T).unwrap_or_else(|e| self.fail(e));
-        let mut out = BTreeMap::new();
-        for _ in 0..n {
-            let r = c.get("svc", path, headers).unwrap_or_else(|e| self.fail(e));
-            assert_eq!(r.status, 200, "{r:?}");
-            *out.entry(r.field("name").unwrap_or("?").to_owned()).or_default() += 1;
-        }
-        out
-    }
-}
 
 /// A conformance example, unchanged.
 fn example(name: &str) -> String {

@@ -10,6 +10,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use weft_ebpf::abi;
 
 use crate::{
     datapath::{BackendAddr, Frontend, FrontendKind, Proto, ServiceEntry},
@@ -168,7 +169,12 @@ impl Snapshot {
             })
             .collect();
         let policies = objects.network_policies.iter().map(|(k, v)| (k.clone(), &v.object)).collect();
-        let policy = policy::derive(&policies, &pods, &named_ports, &mut problems);
+        let node_ids: Vec<(Ipv4Addr, u32)> = nodes
+            .iter()
+            .map(|n| (n.ip, if n.name == node_name { abi::ID_HOST } else { abi::ID_REMOTE_NODE }))
+            .chain(node_ip.map(|ip| (ip, abi::ID_HOST)))
+            .collect();
+        let policy = policy::derive(&policies, &pods, &node_ids, &named_ports, &mut problems);
 
         let services = objects
             .services

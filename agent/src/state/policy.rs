@@ -4,6 +4,10 @@
 //! labels) or CIDR identities (ipBlocks); a pod no policy selects keeps
 //! accepting everything, as in Kubernetes.
 //!
+//! An ipBlock also selects the cluster's nodes whose address it covers (as
+//! Cilium does with `policy-cidr-match-mode: nodes`): the node's identity is
+//! allowed, so a policy can admit the per-node proxy by the node network.
+//!
 //! Egress rules are not enforced by the datapath yet: a policy with them is
 //! reported as a problem, and its ingress part still applies.
 
@@ -75,7 +79,9 @@ pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result
             "Exists" => have.is_some(),
             "DoesNotExist" => have.is_none(),
             other => {
-                return Err(format!("matchExpressions operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"));
+                return Err(format!(
+                    "matchExpressions operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"
+                ));
             }
         };
         if !ok {
@@ -98,6 +104,7 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 pub fn derive(
     policies: &BTreeMap<ObjKey, &NetworkPolicy>,
     pods: &[PodState],
+    nodes: &[(Ipv4Addr, u32)],
     named_ports: &BTreeMap<Ipv4Addr, BTreeMap<String, (u16, Proto)>>,
     problems: &mut Vec<String>,
 ) -> PolicyState {
@@ -154,7 +161,7 @@ pub fn derive(
                 Some(from) => {
                     let mut ids = BTreeSet::new();
                     for (fi, peer) in from.iter().enumerate() {
-                        match peer_identities(peer, &key.namespace, pods, &mut cidr_ids) {
+                        match peer_identities(peer, &key.namespace, pods, nodes, &mut cidr_ids) {
                             Ok(found) => ids.extend(found),
                             Err(e) => problem(&format!("{at}.from[{fi}]"), e),
                         }
@@ -218,10 +225,16 @@ fn dedup_rules(set: BTreeSet<PolicyEntry>) -> Vec<PolicyEntry> {
     set.into_iter().filter(|e| seen.insert((e.identity, e.port, e.proto.map(Proto::number)))).collect()
 }
 
+fn contains(net: (Ipv4Addr, u8), a: Ipv4Addr) -> bool {
+    let mask = if net.1 == 0 { 0 } else { u32::MAX << (32 - net.1) };
+    u32::from(a) & mask == u32::from(net.0)
+}
+
 fn peer_identities(
     peer: &NetworkPolicyPeer,
     policy_ns: &str,
     pods: &[PodState],
+    nodes: &[(Ipv4Addr, u32)],
     cidr_ids: &mut BTreeMap<(Ipv4Addr, u8), u32>,
 ) -> Result<BTreeSet<u32>, String> {
     let mut ids = BTreeSet::new();
@@ -229,10 +242,17 @@ fn peer_identities(
         let (addr, len) =
             parse_cidr(&block.cidr).ok_or_else(|| format!("ipBlock.cidr {:?} is not an IPv4 CIDR", block.cidr))?;
         ids.insert(cidr_identity(cidr_ids, addr, len)?);
+        let mut except = Vec::new();
         for ex in block.except.iter().flatten() {
             // An excepted prefix gets an identity of its own that no rule allows.
             let (ea, el) = parse_cidr(ex).ok_or_else(|| format!("ipBlock.except {ex:?} is not an IPv4 CIDR"))?;
             cidr_identity(cidr_ids, ea, el)?;
+            except.push((ea, el));
+        }
+        for (ip, id) in nodes {
+            if contains((addr, len), *ip) && !except.iter().any(|e| contains(*e, *ip)) {
+                ids.insert(*id);
+            }
         }
         return Ok(ids);
     }
@@ -323,6 +343,16 @@ mod tests {
 
     const OBJECTS: &str = r#"
 apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 192.168.50.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+status: {addresses: [{type: InternalIP, address: 192.168.50.2}]}
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: db, namespace: shop, labels: {app: db}}
 spec: {nodeName: n1, containers: [{name: c, ports: [{name: sql, containerPort: 5432}]}]}
@@ -385,12 +415,13 @@ spec:
         let entries = &s.policy.ingress[&db];
         let allowed: BTreeSet<(u32, u16)> = entries.iter().map(|e| (e.identity, e.port)).collect();
         let cidr = s.policy.cidrs.iter().find(|c| c.prefix_len == 24).unwrap().identity;
-        for id in [id_of(&s, "web"), id_of(&s, "probe"), cidr] {
+        // The block also covers both nodes: this one (host) and the other (remote-node).
+        for id in [id_of(&s, "web"), id_of(&s, "probe"), cidr, abi::ID_HOST, abi::ID_REMOTE_NODE] {
             for port in [5432, 9000, 9001, 9002] {
                 assert!(allowed.contains(&(id, port)), "identity {id} port {port}: {allowed:?}");
             }
         }
-        assert_eq!(allowed.len(), 12, "nothing else: {allowed:?}");
+        assert_eq!(allowed.len(), 20, "nothing else: {allowed:?}");
         assert!(!allowed.iter().any(|(id, _)| *id == id_of(&s, "other")));
         assert!(entries.iter().all(|e| e.rule_id == rule_id(&ObjKey::new("shop", "db-from-web"))));
         // The excepted address has an identity of its own that no entry allows.

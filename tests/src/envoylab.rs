@@ -1,0 +1,104 @@
+//! A lab with HTTP servers in three pods (n1-p2, n2-p1, n2-p2, port 8080)
+//! and agents, each running its node's Envoy, on both nodes.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::{
+    http::{Client, HttpServer, ServerOpts},
+    lab::Lab,
+    objects::{AgentFiles, agent_files, envoy_state, start_agent, wait_ready, wait_status, write_atomic},
+    scenario::{T, sa},
+};
+
+/// A lab with HTTP servers in three pods and agents (with Envoy) on both nodes.
+pub struct EnvoyLab {
+    pub lab: Lab,
+    pub files: Vec<AgentFiles>,
+    pub pids: Vec<u32>,
+    pub servers: Vec<HttpServer>,
+}
+
+impl EnvoyLab {
+    pub fn new(objects: impl Fn(&Lab) -> String) -> Self {
+        Self::with_config(objects, "")
+    }
+
+    /// Like `new`, with extra agent configuration (YAML lines).
+    pub fn with_config(objects: impl Fn(&Lab) -> String, agent_config: &str) -> Self {
+        let lab = Lab::new().unwrap();
+        let objects = objects(&lab);
+        let servers = ["n1-p2", "n2-p1", "n2-p2"]
+            .iter()
+            .map(|p| {
+                let pod = lab.pod(p);
+                HttpServer::start(
+                    &pod.netns,
+                    sa(pod.ip, 8080),
+                    ServerOpts { name: p.to_string(), ..Default::default() },
+                )
+                .unwrap()
+            })
+            .collect();
+        let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, agent_config).unwrap()).collect();
+        write_atomic(&files[0].objects_dir.join("lab.yaml"), &objects).unwrap();
+        let mut pids = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            let log = lab.run_dir.join(format!("agent{i}.log"));
+            pids.push(start_agent(&lab, i, f, &log).unwrap());
+        }
+        let me = Self { lab, files, pids, servers };
+        for i in 0..2 {
+            wait_ready(&me.files[i], Duration::from_secs(30), || me.lab.running(me.pids[i]))
+                .unwrap_or_else(|e| me.fail(e));
+        }
+        me
+    }
+
+    pub fn fail(&self, e: impl std::fmt::Display) -> ! {
+        let log = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let ready = Client::connect(&self.lab.node(0).netns, "127.0.0.1:9901".parse().unwrap(), None, T)
+            .and_then(|mut c| c.get("admin", "/ready", &[("connection", "close")]));
+        panic!(
+            "{e}\n--- envoy /ready: {ready:?}\n--- agent log\n{}\n--- envoy log\n{}",
+            log(self.lab.run_dir.join("agent0.log")),
+            log(self.files[0].state_dir.join("envoy.log"))
+        );
+    }
+
+    /// Waits until node1's agent says Envoy acknowledged `object`.
+    pub fn acked(&self, object: &str) -> serde_json::Value {
+        wait_status(&self.lab, 0, Duration::from_secs(30), &format!("{object} acknowledged"), |s| {
+            s["envoy"]["ready"] == true && envoy_state(s, object) == Some("acknowledged")
+        })
+        .unwrap_or_else(|e| self.fail(e))
+    }
+
+    pub fn objects_file(&self) -> std::path::PathBuf {
+        self.files[0].objects_dir.join("lab.yaml")
+    }
+
+    /// The server of a pod (n1-p2, n2-p1, n2-p2).
+    pub fn server(&self, pod: &str) -> &HttpServer {
+        let i = ["n1-p2", "n2-p1", "n2-p2"].iter().position(|p| *p == pod).expect("a server pod");
+        &self.servers[i]
+    }
+
+    /// `n` requests on one connection from n1-p1; how many each backend answered.
+    pub fn spread(
+        &self,
+        to: std::net::SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        n: usize,
+    ) -> BTreeMap<String, usize> {
+        let client = self.lab.pod("n1-p1");
+        let mut c = Client::connect(&client.netns, to, None, T).unwrap_or_else(|e| self.fail(e));
+        let mut out = BTreeMap::new();
+        for _ in 0..n {
+            let r = c.get("svc", path, headers).unwrap_or_else(|e| self.fail(e));
+            assert_eq!(r.status, 200, "{r:?}");
+            *out.entry(r.field("name").unwrap_or("?").to_owned()).or_default() += 1;
+        }
+        out
+    }
+}
