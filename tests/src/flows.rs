@@ -15,6 +15,19 @@ use crate::{
     objects::{AgentFiles, workspace_binary},
 };
 
+/// Starts a command with its stdout piped; its lines arrive on the channel.
+pub fn spawn_lines(cmd: &mut Command) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawning");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (child, rx)
+}
+
 /// The flow API socket of a lab agent.
 pub fn flow_socket(files: &AgentFiles) -> String {
     format!("unix://{}", files.state_dir.join("observer.sock").display())

@@ -4,13 +4,12 @@
 //! on Ctrl-C, leaving no namespaces behind.
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use weft_tests::{objects::workspace_binary, require_root};
+use weft_tests::{flows::spawn_lines, objects::workspace_binary, require_root};
 
 /// The two demos run one after the other: each checks the namespaces it leaves.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -22,20 +21,7 @@ fn lab_namespaces() -> Vec<String> {
 
 /// Starts the demo; its output lines arrive on the returned channel.
 fn start(seconds: u32) -> (std::process::Child, mpsc::Receiver<String>) {
-    let mut child = Command::new(workspace_binary("weft-lab"))
-        .args(["demo", &seconds.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    (child, rx)
+    spawn_lines(Command::new(workspace_binary("weft-lab")).args(["demo", &seconds.to_string()]))
 }
 
 fn wait(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {

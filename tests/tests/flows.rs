@@ -5,10 +5,8 @@
 //! overloaded ring buffer reports its losses, which add up.
 
 use std::{
-    io::{BufRead, BufReader},
     net::{Ipv4Addr, SocketAddr},
-    process::{Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -16,7 +14,8 @@ use serde_json::Value;
 use weft_tests::{
     envoylab::EnvoyLab,
     flows::{
-        DENY_APP2, OtlpReceiver, Prometheus, agent_get, flow_socket, flows_of, metric_sum, observe_json, wait_for,
+        DENY_APP2, OtlpReceiver, Prometheus, agent_get, flow_socket, flows_of, metric_sum, observe_json, spawn_lines,
+        wait_for,
     },
     http::{Client, get_once},
     lab::Lab,
@@ -175,18 +174,16 @@ fn observe_shows_plain_l7_and_denied_traffic_joined() {
     assert!(flows_of(&n).iter().all(|f| f["verdict"] != "FORWARDED" && f["verdict"] != "REDIRECTED"));
 
     // --follow with a filter streams only new matching flows.
-    let mut child = Command::new(workspace_binary("weft"))
-        .args(["observe", "--server", &flow_socket(&env.files[0]), "-o", "json", "-f", "--verdict", "DROPPED"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = spawn_lines(Command::new(workspace_binary("weft")).args([
+        "observe",
+        "--server",
+        &flow_socket(&env.files[0]),
+        "-o",
+        "json",
+        "-f",
+        "--verdict",
+        "DROPPED",
+    ]));
     std::thread::sleep(Duration::from_millis(500));
     traffic(&env, 1);
     let mut streamed = Vec::new();
@@ -412,18 +409,16 @@ fn an_overloaded_ring_buffer_reports_its_losses_and_the_numbers_add_up() {
     // A one-page ring buffer and a record for every packet.
     let env = flow_lab("emit-level: packet\nmap-sizes: {events-bytes: 4096}\n");
     let socket = flow_socket(&env.files[0]);
-    let mut follower = Command::new(workspace_binary("weft"))
-        .args(["observe", "--server", &socket, "-o", "json", "-f", "--from-pod", "default/nobody"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = mpsc::channel();
-    let out = follower.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
+    let (mut follower, lines) = spawn_lines(Command::new(workspace_binary("weft")).args([
+        "observe",
+        "--server",
+        &socket,
+        "-o",
+        "json",
+        "-f",
+        "--from-pod",
+        "default/nobody",
+    ]));
     std::thread::sleep(Duration::from_millis(500));
     // A burst of UDP datagrams from n1-p1 to n2-p1, as fast as the socket takes them.
     let client = env.lab.pod("n1-p1");
