@@ -229,6 +229,13 @@ impl Datapath {
     /// against the live maps: for benchmarks and diagnostics. The packet is an
     /// Ethernet frame.
     pub fn test_run(&self, program: &str, packet: &[u8]) -> Result<TestRunOutput> {
+        self.test_run_repeat(program, packet, 1)
+    }
+
+    /// Like [`Datapath::test_run`], running the program `repeat` times in
+    /// one call (each run writes its verdict records): for load generation.
+    /// The duration is the average per run.
+    pub fn test_run_repeat(&self, program: &str, packet: &[u8], repeat: u32) -> Result<TestRunOutput> {
         use aya::programs::{TestRun, TestRunOptions};
         let prog: &SchedClassifier = self
             .objects
@@ -239,7 +246,12 @@ impl Datapath {
             .map_err(|e| DatapathError::program(program, e))?;
         let mut out = vec![0u8; packet.len() + 256];
         let res = prog
-            .test_run(TestRunOptions { data_in: Some(packet), data_out: Some(&mut out), ..Default::default() })
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat: repeat.max(1),
+                ..Default::default()
+            })
             .map_err(|e| DatapathError::program(program, e))?;
         out.truncate(res.data_size_out as usize);
         Ok(TestRunOutput { verdict: res.return_value, packet: out, duration: res.duration })

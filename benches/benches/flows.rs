@@ -1,0 +1,345 @@
+//! Flow pipeline benchmarks (root; builds its own lab). Records come from
+//! the real datapath: a hot-path program run through BPF_PROG_TEST_RUN on
+//! the live maps, each run writing its verdict record to the real ring buffer.
+//!
+//! 1. Throughput, one core: draining the ring buffer (baseline) against
+//!    draining plus decode, enrich, connection join, filter and metrics.
+//! 2. Kernel record -> gRPC client latency p50/p99 at fixed rates, with every
+//!    loss counted by source; the highest rate with no loss at default sizes.
+//! 3. CPU of the pipeline (reader, flows thread, flow API serving one
+//!    follower) at 10,000 flows/s.
+//!
+//! `cargo bench -p weft-benches --bench flows`
+
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use weft_agent::datapath::{Datapath, EmitLevel};
+use weft_benches::machine;
+use weft_observe::{
+    client::{self, Address},
+    enrich::{EndpointInfo, Names, ServiceInfo},
+    filter::{Env, FilterSet},
+    join::ConnTable,
+    metrics::{Context, FlowMetrics},
+    pipeline::{Pipeline, PipelineConfig, Sink, spawn_reader},
+    proto::{
+        flow::{FlowFilter, Verdict},
+        observer::{GetFlowsRequest, get_flows_response::ResponseTypes},
+    },
+    record::{Entry, LostSource},
+    ringbuf::EventReader,
+    server::{self, Listen},
+};
+use weft_tests::{
+    lab::{Lab, skip_reason},
+    node::{LabNode, pod_identities},
+    packet::{ACK, PSH, SYN, tcp_frame},
+    scenario::{VIP, cluster_ip, service},
+};
+
+/// Records per ring-buffer fill (the 8 MiB ring holds about 100,000).
+const FILL: u32 = 80_000;
+
+fn names(lab: &Lab) -> Names {
+    let ids = pod_identities(lab);
+    let mut n = Names::new(lab.node(0).name.clone());
+    for p in &lab.pods {
+        n.add_endpoint(
+            p.ip,
+            EndpointInfo {
+                namespace: p.namespace.clone(),
+                pod: p.name.clone(),
+                labels: p.labels.iter().map(|(k, v)| format!("k8s:{k}={v}")).collect(),
+                workloads: vec![("Deployment".into(), format!("app-{}", p.name))],
+                identity: ids(p),
+                node: lab.node(p.node).name.clone(),
+                local: p.node == 0,
+            },
+        );
+    }
+    n.add_service(VIP, 80, 6, Arc::new(ServiceInfo { namespace: "default".into(), name: "web".into() }));
+    n
+}
+
+/// The frame every run sends: an established pod -> ClusterIP connection
+/// (DNAT), so each record carries a translation and a Service.
+fn frame(lab: &Lab, dp: &Datapath) -> Vec<u8> {
+    let src = SocketAddrV4::new(lab.pod("n1-p1").ip, 40001);
+    let dst = SocketAddrV4::new(VIP, 80);
+    let _ = dp.test_run("from_container", &tcp_frame(src, dst, SYN));
+    tcp_frame(src, dst, ACK | PSH)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn throughput(lab: &Lab, dp: &Datapath, reader: &mut EventReader) {
+    let pkt = frame(lab, dp);
+    let names = names(lab);
+    let filter = FlowFilter {
+        source_pod: vec!["default/n1-".into()],
+        verdict: vec![Verdict::Forwarded as i32, Verdict::Dropped as i32],
+        ..Default::default()
+    };
+    let filters = FilterSet::compile(&[filter], &[]).unwrap();
+    let env = Env { boot_id: 1, node_name: "node1", node_labels: &[], cluster: "default" };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut metrics = FlowMetrics::register(&mut registry, Context::default());
+    let mut conns = ConnTable::new(65536);
+    let (mut drain, mut full) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        dp.test_run_repeat("from_container", &pkt, FILL).unwrap();
+        let t = Instant::now();
+        let (n, _) = reader.drain(|ev| {
+            std::hint::black_box(ev);
+        });
+        drain.push(n as f64 / t.elapsed().as_secs_f64());
+
+        dp.test_run_repeat("from_container", &pkt, FILL).unwrap();
+        let mut batch: Vec<Entry> = Vec::with_capacity(512);
+        let mut matched = 0u64;
+        let mut seq = 0u64;
+        let t = Instant::now();
+        let (n, _) = reader.drain(|ev| {
+            let f = names.enrich(ev, ev.ts_ns);
+            conns.observe(&f);
+            if filters.matches(&env, seq, &f) {
+                matched += 1;
+            }
+            seq += 1;
+            batch.push(Entry::Flow(f));
+            if batch.len() == 512 {
+                metrics.batch(seq, &batch, &names);
+                batch.clear();
+            }
+        });
+        metrics.batch(seq, &batch, &names);
+        full.push(n as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(matched, n, "every record matches the filter");
+    }
+    let (d, f) = (median(drain), median(full));
+    println!("\n## Flow pipeline throughput, one core ({FILL} records per run, median of 5)\n");
+    println!("| stage | records/s | / drain only |");
+    println!("|---|---:|---:|");
+    println!("| drain the ring buffer only (baseline) | {:.0} | 1.00 |", d);
+    println!("| drain + decode + enrich + join + filter + metrics | {:.0} | {:.2} |", f, f / d);
+}
+
+/// CPU seconds (user + system) of this process's threads, by name.
+fn thread_cpu() -> HashMap<String, f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut out = HashMap::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let name = head.split_once('(').map(|(_, n)| n.to_owned()).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz;
+        *out.entry(name).or_default() += cpu;
+    }
+    out
+}
+
+struct RateResult {
+    emitted: u64,
+    received: u64,
+    lost: HashMap<LostSource, u64>,
+    p50: Duration,
+    p99: Duration,
+    pipeline_cpu: f64,
+    /// (thread, CPU seconds) of the pipeline's threads.
+    by_thread: Vec<(&'static str, f64)>,
+    secs: f64,
+}
+
+fn rate_run(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address, rate: u64, secs: u64) -> RateResult {
+    let pkt = frame(lab, dp);
+    let lost_before: HashMap<LostSource, u64> =
+        LostSource::ALL.iter().map(|s| (*s, pipeline.counters.lost(*s))).collect();
+    let kernel_before = dp.event_stats().unwrap();
+    // The follower: a separate runtime, threads named "client".
+    let received = Arc::new(AtomicU64::new(0));
+    let stream_lost = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let client = {
+        let (received, stream_lost, done, latencies, addr) =
+            (received.clone(), stream_lost.clone(), done.clone(), latencies.clone(), addr.clone());
+        std::thread::Builder::new()
+            .name("client".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    let mut c = client::observer(&addr).await.unwrap();
+                    let mut s =
+                        c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+                    let mut lat = Vec::new();
+                    loop {
+                        let m = tokio::time::timeout(Duration::from_millis(500), s.message()).await;
+                        let Ok(Ok(Some(r))) = m else {
+                            if done.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            continue;
+                        };
+                        let now = weft_observe::pipeline::now_ns();
+                        match r.response_types {
+                            Some(ResponseTypes::Flow(f)) => {
+                                let t = f.time.unwrap();
+                                let ts = t.seconds as u64 * 1_000_000_000 + t.nanos as u64;
+                                lat.push(now.saturating_sub(ts));
+                                received.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(ResponseTypes::LostEvents(l)) => {
+                                stream_lost.fetch_add(l.num_events_lost, Ordering::Relaxed);
+                            }
+                            _ => {}
+                        }
+                    }
+                    *latencies.lock().unwrap() = lat;
+                });
+            })
+            .unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = thread_cpu();
+    let t0 = Instant::now();
+    // Generate: every millisecond, the records due by then.
+    let per_ms = rate as f64 / 1000.0;
+    let mut sent = 0u64;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        let due = (t0.elapsed().as_secs_f64() * 1000.0 * per_ms) as u64;
+        if due > sent {
+            let n = (due - sent).min(u32::MAX as u64) as u32;
+            dp.test_run_repeat("from_container", &pkt, n).unwrap();
+            sent += n as u64;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    let secs_run = t0.elapsed().as_secs_f64();
+    // Let the pipeline drain, then stop the follower.
+    std::thread::sleep(Duration::from_millis(1500));
+    let cpu1 = thread_cpu();
+    done.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    let kernel_after = dp.event_stats().unwrap();
+    let emitted = (kernel_after.emitted - kernel_before.emitted) + (kernel_after.lost - kernel_before.lost);
+    let mut lost: HashMap<LostSource, u64> =
+        LostSource::ALL.iter().map(|s| (*s, pipeline.counters.lost(*s) - lost_before[s])).collect();
+    lost.insert(LostSource::KernelRing, kernel_after.lost - kernel_before.lost);
+    let by_thread: Vec<(&'static str, f64)> = ["events", "flows", "server"]
+        .iter()
+        .map(|n| (*n, cpu1.get(*n).copied().unwrap_or(0.0) - cpu0.get(*n).copied().unwrap_or(0.0)))
+        .collect();
+    let pipeline_cpu = by_thread.iter().map(|(_, c)| c).sum();
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+    lat.sort_unstable();
+    let pct = |p: f64| Duration::from_nanos(lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0));
+    let _ = stream_lost;
+    RateResult {
+        emitted,
+        received: received.load(Ordering::Relaxed),
+        lost,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        pipeline_cpu,
+        by_thread,
+        secs: secs_run,
+    }
+}
+
+fn main() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    println!("# weft flow pipeline benchmarks\n\nMachine: {}", machine());
+    let lab = Lab::new().unwrap();
+    let mut node = LabNode::open(&lab, 0, |c| c.emit_level = EmitLevel::Packet).unwrap();
+    node.install_lab(&lab).unwrap();
+    node.dp.upsert_service(&service(cluster_ip(80), &[lab.pod("n1-p2").ip], 8080)).unwrap();
+    let LabNode { dp, events, .. } = node;
+    let mut reader = EventReader::new(events);
+    throughput(&lab, &dp, &mut reader);
+
+    // The whole pipeline at default sizes, serving one follower.
+    let (pipeline, feed) = Pipeline::start(PipelineConfig::default(), names(&lab));
+    let mut registry = prometheus_client::registry::Registry::default();
+    pipeline.add_sink(Box::new(FlowMetrics::register(&mut registry, Context::default())));
+    let _reader = spawn_reader(reader, feed);
+    let dir = std::env::temp_dir().join(format!("weft-bench-flows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("observer.sock");
+    {
+        let (p, sock) = (pipeline.clone(), sock.clone());
+        std::thread::Builder::new()
+            .name("server".into())
+            .spawn(move || {
+                let rt =
+                    tokio::runtime::Builder::new_current_thread().enable_all().thread_name("server").build().unwrap();
+                rt.block_on(server::serve(p, Listen { tcp: None, unix: Some(sock) })).unwrap();
+            })
+            .unwrap();
+    }
+    while !sock.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let addr = Address::Unix(sock);
+    println!(
+        "\n## Kernel record -> gRPC client (one follower), default sizes (ring 8 MiB, queue 16,384, store 4,095)\n"
+    );
+    println!(
+        "| rate (records/s) | seconds | emitted | received | lost (kernel / queue / store) | p50 latency | p99 latency | pipeline CPU |"
+    );
+    println!("|---:|---:|---:|---:|---|---:|---:|---:|");
+    let mut highest_clean = 0;
+    for rate in [10_000u64, 100_000, 200_000, 400_000, 800_000] {
+        let r = rate_run(&lab, &dp, &pipeline, &addr, rate, 3);
+        let (k, q, s) =
+            (r.lost[&LostSource::KernelRing], r.lost[&LostSource::AgentQueue], r.lost[&LostSource::FlowStore]);
+        println!(
+            "| {rate} | {:.1} | {} | {} | {k} / {q} / {s} | {:.2} ms | {:.2} ms | {:.0} % of a core |",
+            r.secs,
+            r.emitted,
+            r.received,
+            r.p50.as_secs_f64() * 1e3,
+            r.p99.as_secs_f64() * 1e3,
+            r.pipeline_cpu / r.secs * 100.0
+        );
+        if k + q + s == 0 && r.received == r.emitted {
+            highest_clean = rate;
+        }
+    }
+    println!("\nHighest rate tried with zero loss: {highest_clean} records/s.");
+    let r = rate_run(&lab, &dp, &pipeline, &addr, 10_000, 10);
+    println!(
+        "\n## CPU at 10,000 flows/s for {:.0} s: pipeline (reader + flows + flow API serving one follower) used {:.1} % of one core ({} received of {} emitted)\n",
+        r.secs,
+        r.pipeline_cpu / r.secs * 100.0,
+        r.received,
+        r.emitted
+    );
+    println!("| thread | role | % of one core |");
+    println!("|---|---|---:|");
+    for (t, c) in &r.by_thread {
+        let role = match *t {
+            "events" => "ring-buffer reader",
+            "flows" => "decode, enrich, join, metrics, store",
+            _ => "flow API: filter, convert, send to the follower",
+        };
+        println!("| {t} | {role} | {:.1} |", c / r.secs * 100.0);
+    }
+    pipeline.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
