@@ -57,6 +57,19 @@ pub struct AgentConfig {
     pub envoy: EnvoyOptions,
     /// Address of the agent's HTTP API (/status, /healthz, /readyz, /metrics). Default: 0.0.0.0:9962.
     pub api_address: String,
+    /// Read objects from the Kubernetes API instead of objects-dir.
+    pub kubernetes: KubernetesOptions,
+}
+
+/// Where the agent finds the Kubernetes API.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KubernetesOptions {
+    /// Watch the API server (objects-dir is then not read). Default: false.
+    pub enabled: bool,
+    /// A kubeconfig file. Default: the in-cluster service account, else
+    /// $KUBECONFIG or ~/.kube/config.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// How the agent runs Envoy.
@@ -102,6 +115,7 @@ impl Default for AgentConfig {
             print_events: false,
             envoy: EnvoyOptions::default(),
             api_address: "0.0.0.0:9962".into(),
+            kubernetes: KubernetesOptions::default(),
         }
     }
 }

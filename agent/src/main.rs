@@ -36,6 +36,8 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Print weft's CustomResourceDefinitions (YAML), generated from its types.
+    Crds,
     /// Remove every pin of the datapath (maps and links) and the proxy route:
     /// weft's programs stop on this node.
     DatapathReset {
@@ -94,6 +96,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if !report.problems.is_empty() {
                 std::process::exit(1);
             }
+            Ok(())
+        }
+        Command::Crds => {
+            print!("{}", weft_agent::k8s::crd::crds_yaml());
             Ok(())
         }
         Command::DatapathReset { bpffs_dir } => {
