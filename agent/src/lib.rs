@@ -8,6 +8,7 @@ pub mod envoy;
 pub mod identity;
 pub mod k8s;
 pub mod netns;
+pub mod operator;
 pub mod reconcile;
 pub mod run;
 pub mod state;

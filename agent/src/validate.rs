@@ -30,6 +30,8 @@ pub struct Verdict {
     /// The config; None when the document did not get as far as naming one.
     pub key: Option<ConfigKey>,
     pub origin: Origin,
+    /// apiVersion of the document (weft's or Cilium's group).
+    pub api_version: String,
     /// metadata.generation of the document.
     pub generation: i64,
     /// "<object>: <what is wrong>", one per problem; empty if valid.
@@ -47,13 +49,18 @@ pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
     let mut configs = Vec::new();
     let mut errors = Vec::new();
     let mut out = Vec::new();
+    let mut api_versions = std::collections::BTreeMap::new();
     for (origin, doc) in &loaded.raw {
         match envoyconfig::parse(origin.clone(), doc) {
-            Ok(c) => configs.push(c),
+            Ok(c) => {
+                api_versions.insert(c.key.clone(), doc["apiVersion"].as_str().unwrap_or_default().to_owned());
+                configs.push(c)
+            }
             Err(e) => {
                 out.push(Verdict {
                     key: e.key.clone(),
                     origin: origin.clone(),
+                    api_version: doc["apiVersion"].as_str().unwrap_or_default().to_owned(),
                     generation: doc["metadata"]["generation"].as_i64().unwrap_or(0),
                     problems: vec![e.to_string()],
                     serving: Serving::Nothing,
@@ -68,6 +75,7 @@ pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
         out.push(Verdict {
             key: Some(c.key.clone()),
             origin: c.origin.clone(),
+            api_version: api_versions[&c.key].clone(),
             generation: c.generation,
             problems: st.problems.iter().map(|p| format!("{}: {p}", st.object)).collect(),
             serving: st.serving.clone(),

@@ -796,12 +796,20 @@ fn patch(
             }
             s.update(&t.kind, &ns, name, obj, part).map(|v| (StatusCode::OK, v))
         }
-        // Server-side apply, simplified: create, or merge into what is there.
+        // Server-side apply, simplified for a single manager: create, or replace what it sends.
         "application/apply-patch+yaml" => match existing {
             None if !t.status => s.create(&t.kind, &ns, patch).map(|v| (StatusCode::CREATED, v)),
             None => Err(ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", s.kinds[&t.kind].plural))),
+            // One manager owning every field it sends: each top-level
+            // section it sends replaces the stored one.
             Some(mut obj) => {
-                merge_patch(&mut obj, &patch);
+                for (k, v) in patch.as_object().into_iter().flatten() {
+                    if k == "metadata" {
+                        merge_patch(&mut obj["metadata"], v);
+                    } else {
+                        obj[k] = v.clone();
+                    }
+                }
                 if let Some(m) = obj["metadata"].as_object_mut() {
                     m.remove("resourceVersion");
                 }
