@@ -494,6 +494,7 @@ impl Store {
         obj["kind"] = json!(info.kind);
         self.objects.get_mut(kind).expect("kind").insert(key.clone(), obj.clone());
         self.record(kind, key, Change::Added, None, obj.clone());
+        self.collect_if_orphaned(kind, ns, &name, &obj);
         Ok(obj)
     }
 
@@ -554,6 +555,7 @@ impl Store {
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.objects.get_mut(kind).expect("kind").insert(key.clone(), obj.clone());
         self.record(kind, key, Change::Modified, Some(old), obj.clone());
+        self.collect_if_orphaned(kind, ns, name, &obj);
         Ok(obj)
     }
 
@@ -582,6 +584,15 @@ impl Store {
             let _ = self.delete(&k, &ns, &n);
         }
         Ok(old)
+    }
+
+    /// The garbage collector: an object whose owner does not exist goes.
+    fn collect_if_orphaned(&mut self, kind: &str, ns: &str, name: &str, obj: &Value) {
+        let refs = obj["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
+        let exists = |uid: &Value| self.objects.values().flat_map(|m| m.values()).any(|o| o["metadata"]["uid"] == *uid);
+        if !refs.is_empty() && refs.iter().all(|r| !exists(&r["uid"])) {
+            let _ = self.delete(kind, ns, name);
+        }
     }
 
     /// The objects of a kind as they were at `rv` (undoing later writes).

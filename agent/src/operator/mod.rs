@@ -7,6 +7,8 @@
 pub mod ingress;
 pub mod lease;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::{collections::BTreeMap, time::Duration};
 
