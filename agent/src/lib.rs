@@ -10,6 +10,7 @@ pub mod k8s;
 pub mod netns;
 pub mod operator;
 pub mod reconcile;
+pub mod requirements;
 pub mod run;
 pub mod state;
 pub mod validate;
