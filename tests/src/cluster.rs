@@ -45,13 +45,15 @@ impl ApiLab {
 
     /// Runs weft's operator in this process (identity `identity`).
     pub fn start_operator(&mut self, identity: &str) {
-        let client = self.server.client();
+        let client = {
+            let _enter = self.rt.enter();
+            self.server.client()
+        };
         let opts = weft_agent::operator::OperatorOptions {
             identity: identity.into(),
             lease_duration: std::time::Duration::from_secs(2),
             ..Default::default()
         };
-        let _enter = self.rt.enter();
         self.tasks.push(self.rt.spawn(async move {
             if let Err(e) = weft_agent::operator::run(client, opts).await {
                 eprintln!("operator stopped: {e:#}");
