@@ -910,3 +910,59 @@ spec: {}
         assert_eq!(cfg.key.to_string(), "EnvoyConfig default/c");
     }
 }
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+    use crate::{
+        controller::{ControlStatus, EnvoyAck, ObjectState},
+        k8s::apiserver::ApiServer,
+        xds::model::{ConfigStatus, Serving},
+    };
+
+    fn nacked(object: &str, message: &str) -> ControlStatus {
+        ControlStatus {
+            objects: vec![ObjectState {
+                config: ConfigStatus {
+                    object: object.into(),
+                    origin: "API server".into(),
+                    generation: 1,
+                    for_this_node: true,
+                    problems: vec![message.into()],
+                    serving: Serving::Nothing,
+                    listeners: vec![],
+                },
+                envoy: EnvoyAck::Nacked { message: message.into() },
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn envoy_refusals_become_one_event_on_the_object() {
+        let server = ApiServer::start().await.unwrap();
+        let cfg = server.put_yaml("apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {name: lb, namespace: shop}\nspec: {}\n");
+        let kinds = Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() };
+        let mut src = KubeSource::start(server.client(), kinds, "node1").await;
+        src.wait_synced(Duration::from_secs(5)).await;
+        let status = nacked("EnvoyConfig shop/lb", "Listener \"shop/lb/l\": invalid address");
+        src.report(&status);
+        src.report(&status); // the same refusal again: no second Event
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while server.list("events.k8s.io/v1", "Event").is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no Event");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let events = server.list("events.k8s.io/v1", "Event");
+        assert_eq!(events.len(), 1, "{events:#?}");
+        let ev = &events[0];
+        assert_eq!(ev["metadata"]["namespace"], "shop");
+        assert_eq!(ev["type"], "Warning");
+        assert_eq!(ev["reason"], "RejectedByEnvoy");
+        assert_eq!(ev["regarding"]["kind"], "EnvoyConfig");
+        assert_eq!(ev["regarding"]["uid"], cfg[0]["metadata"]["uid"]);
+        assert_eq!(ev["reportingInstance"], "node1");
+        assert!(ev["note"].as_str().unwrap().starts_with("node node1: Envoy refused it: Listener"), "{ev:#}");
+    }
+}
