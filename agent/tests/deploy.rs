@@ -43,10 +43,17 @@ fn every_manifest_passes_kubernetes_validate_strict() {
     let tool = std::env::var_os("WEFT_KUBERNETES_VALIDATE")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join(".venv/bin/kubernetes-validate"));
-    assert!(tool.exists(), "{} is missing: run tests/setup.sh (it installs kubernetes-validate into .venv)", tool.display());
+    assert!(
+        tool.exists(),
+        "{} is missing: run tests/setup.sh (it installs kubernetes-validate into .venv)",
+        tool.display()
+    );
     let files = manifests();
     let expected: usize = files.iter().map(|f| documents(f).len()).sum();
-    assert!(expected >= 15, "deploy/ holds the CRDs, agent, operator, namespace and IngressClass ({expected} documents)");
+    assert!(
+        expected >= 15,
+        "deploy/ holds the CRDs, agent, operator, namespace and IngressClass ({expected} documents)"
+    );
     let out = Command::new(&tool).args(["--strict", "--kubernetes-version", KUBERNETES]).args(&files).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "kubernetes-validate --strict failed:\n{text}");
@@ -106,7 +113,8 @@ fn daemonset_grants_exactly_what_the_agent_needs() {
     let mut used = BTreeSet::from([cfg_mount.name.clone()]);
     for need in host_paths(&cfg) {
         let m = mount_of(&need.path);
-        let host = volume(&m.name).host_path.as_ref().unwrap_or_else(|| panic!("{} ({}) is not a hostPath", need.key, m.name));
+        let host =
+            volume(&m.name).host_path.as_ref().unwrap_or_else(|| panic!("{} ({}) is not a hostPath", need.key, m.name));
         let (path, propagation, writable) = match need.kind {
             // The node's bpffs (pins outlive the pod); mounts the node makes show through.
             PathKind::Bpffs => ("/sys/fs/bpf", Some("HostToContainer"), true),

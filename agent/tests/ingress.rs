@@ -3,7 +3,9 @@
 //! Endpoints each produces, and that the EnvoyConfig passes weft's own
 //! validation.
 
-use std::path::PathBuf;
+mod support;
+
+use support::examples;
 
 use k8s_openapi::api::networking::v1::Ingress;
 use serde_json::{Value, json};
@@ -16,19 +18,6 @@ use weft_agent::{
     validate,
     xds::{model::Model, ports::ProxyPorts},
 };
-
-fn examples() -> PathBuf {
-    if let Some(p) = std::env::var_os("WEFT_CONFORMANCE") {
-        return p.into();
-    }
-    [
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cilium-examples"),
-        PathBuf::from("/work/shared/conformance/cilium-examples"),
-    ]
-    .into_iter()
-    .find(|p| p.is_dir())
-    .expect("Cilium's examples (shared/conformance/cilium-examples) not found: set WEFT_CONFORMANCE")
-}
 
 /// The Services the examples' backends are (bookinfo, the microservices
 /// demo, the path-types echo servers), a TLS Secret, and the weft class.

@@ -16,7 +16,9 @@ use weft_tests::{
     cluster::{ApiLab, start_agent_with_daemonset_caps},
     http::{Client, HttpServer, ServerOpts, get_once},
     lab::Lab,
-    objects::{AgentFiles, LabService, agent_files, conformance_dir, envoy_state, lab_objects, wait_ready, wait_status},
+    objects::{
+        AgentFiles, LabService, agent_files, conformance_dir, envoy_state, lab_objects, wait_ready, wait_status,
+    },
     require_root,
     scenario::{T, sa},
 };
@@ -50,8 +52,12 @@ impl KubeLab {
             .iter()
             .map(|p| {
                 let pod = lab.pod(p);
-                HttpServer::start(&pod.netns, sa(pod.ip, 8080), ServerOpts { name: p.to_string(), ..Default::default() })
-                    .unwrap()
+                HttpServer::start(
+                    &pod.netns,
+                    sa(pod.ip, 8080),
+                    ServerOpts { name: p.to_string(), ..Default::default() },
+                )
+                .unwrap()
             })
             .collect();
         let extra = format!("{}envoy:\n  enabled: {envoy}\n", api.agent_config());
@@ -170,7 +176,8 @@ spec:
 fn ingress_routes_from_the_load_balancer_address_by_host_and_path() {
     require_root!();
     let mut env = KubeLab::new(true);
-    let svc = |name: &str, last: u8, backend: &str| LabService::new(name, Ipv4Addr::new(10, 96, 1, last), 80, &[backend]);
+    let svc =
+        |name: &str, last: u8, backend: &str| LabService::new(name, Ipv4Addr::new(10, 96, 1, last), 80, &[backend]);
     let services = [
         svc("exactpath", 1, "n2-p1"),
         svc("prefixpath", 2, "n1-p2"),
@@ -182,7 +189,9 @@ fn ingress_routes_from_the_load_balancer_address_by_host_and_path() {
     ];
     let server = env.api.server.clone();
     server.put_yaml(&lab_objects(&env.lab, &services));
-    server.put_yaml(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ingressclass.yaml")).unwrap());
+    server.put_yaml(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/ingressclass.yaml")).unwrap(),
+    );
     server.put_yaml(&tls_secret(&env.lab.run_dir, "b-cert", "b.example.com"));
     // Cilium's example, with weft's class instead of Cilium's.
     let example = std::fs::read_to_string(conformance_dir().join("ingress-path-types-ingress.yaml")).unwrap();
@@ -197,7 +206,13 @@ fn ingress_routes_from_the_load_balancer_address_by_host_and_path() {
     for (ing, ip) in addrs {
         let name = format!("weft-ingress-{ing}");
         until(&format!("Service {name}"), || server.get("v1", "Service", "default", &name));
-        server.put_status("v1", "Service", "default", &name, json!({"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}));
+        server.put_status(
+            "v1",
+            "Service",
+            "default",
+            &name,
+            json!({"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}),
+        );
         until(&format!("Ingress {ing}'s address"), || {
             let i = server.get("networking.k8s.io/v1", "Ingress", "default", ing)?;
             (i["status"]["loadBalancer"]["ingress"][0]["ip"] == ip.to_string()).then_some(())
@@ -225,12 +240,12 @@ fn ingress_routes_from_the_load_balancer_address_by_host_and_path() {
     let lb = addrs[0].1;
     let host = "pathtypes.example.com";
     for (path, pod) in [
-        ("/exact", "n2-p1"),       // Exact /exact -> exactpath
-        ("/exact/more", "n1-p2"),  // not Exact: Prefix / -> prefixpath
-        ("/prefix", "n2-p2"),      // Prefix /prefix -> prefixpath2
+        ("/exact", "n2-p1"),      // Exact /exact -> exactpath
+        ("/exact/more", "n1-p2"), // not Exact: Prefix / -> prefixpath
+        ("/prefix", "n2-p2"),     // Prefix /prefix -> prefixpath2
         ("/prefix/deeper", "n2-p2"),
-        ("/prefixes", "n1-p2"),    // not the segment /prefix: Prefix /
-        ("/impl", "n2-p1"),        // ImplementationSpecific /impl -> implpath
+        ("/prefixes", "n1-p2"),       // not the segment /prefix: Prefix /
+        ("/impl", "n2-p1"),           // ImplementationSpecific /impl -> implpath
         ("/implementation", "n2-p2"), // ImplementationSpecific /impl.+ -> implpath2
         ("/", "n1-p2"),
     ] {
@@ -249,12 +264,18 @@ fn ingress_routes_from_the_load_balancer_address_by_host_and_path() {
         .run(
             &ext,
             None,
-            Command::new("curl").args(["-sk", "--max-time", "3", "--resolve", &format!("b.example.com:443:{lb}")]).arg("https://b.example.com/y"),
+            Command::new("curl")
+                .args(["-sk", "--max-time", "3", "--resolve", &format!("b.example.com:443:{lb}")])
+                .arg("https://b.example.com/y"),
             Duration::from_secs(10),
         )
         .unwrap();
     let body = String::from_utf8_lossy(&out.stdout);
-    assert!(body.split_whitespace().any(|f| f == "name=n2-p2"), "HTTPS to b.example.com: {body:?} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        body.split_whitespace().any(|f| f == "name=n2-p2"),
+        "HTTPS to b.example.com: {body:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Deleting an Ingress takes its objects, and its address stops answering.
     assert!(server.remove("networking.k8s.io/v1", "Ingress", "default", "hosts"));

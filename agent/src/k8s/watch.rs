@@ -143,6 +143,10 @@ impl Drop for KubeSource {
 trait Kind: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + PartialEq + Send + Sync + 'static {
     const NAME: &'static str;
     fn collection(o: &mut Objects) -> &mut Collection<Self>;
+    /// Which objects of the kind to watch.
+    fn watch_config() -> watcher::Config {
+        watcher::Config::default()
+    }
     /// Drops what the agent never reads (memory, and changes that matter to no one).
     fn prune(&mut self) {
         self.meta_mut().managed_fields = None;
@@ -162,10 +166,20 @@ macro_rules! kind {
 kind!(Service, "Service", services);
 kind!(EndpointSlice, "EndpointSlice", endpoint_slices);
 kind!(Node, "Node", nodes);
-kind!(Secret, "Secret", secrets);
 kind!(NetworkPolicy, "NetworkPolicy", network_policies);
 kind!(Ingress, "Ingress", ingresses);
 kind!(IngressClass, "IngressClass", ingress_classes);
+
+impl Kind for Secret {
+    const NAME: &'static str = "Secret";
+    fn collection(o: &mut Objects) -> &mut Collection<Self> {
+        &mut o.secrets
+    }
+    /// Only TLS Secrets: the certificates SDS serves.
+    fn watch_config() -> watcher::Config {
+        watcher::Config::default().fields("type=kubernetes.io/tls")
+    }
+}
 
 impl Kind for Pod {
     const NAME: &'static str = "Pod";
@@ -311,16 +325,11 @@ async fn reflect<K>(
     }
 }
 
-fn typed<K: Kind>(
-    client: &Client,
-    wc: watcher::Config,
-    shared: &Arc<Mutex<Shared>>,
-    tx: &Arc<tokio_watch::Sender<u64>>,
-) -> JoinHandle<()> {
+fn typed<K: Kind>(client: &Client, shared: &Arc<Mutex<Shared>>, tx: &Arc<tokio_watch::Sender<u64>>) -> JoinHandle<()> {
     shared.lock().unwrap().stats.insert(K::NAME, KindStats::default());
     tokio::spawn(reflect(
         Api::<K>::all(client.clone()),
-        wc,
+        K::watch_config(),
         (),
         K::NAME,
         shared.clone(),
@@ -430,32 +439,20 @@ impl KubeSource {
         }));
         let (tx, changed) = tokio_watch::channel(0u64);
         let tx = Arc::new(tx);
-        let wc = || watcher::Config::default();
         let mut tasks = Vec::new();
-        if kinds.services {
-            tasks.push(typed::<Service>(&client, wc(), &shared, &tx));
+        macro_rules! watch {
+            ($($flag:ident => $t:ty),*) => { $( if kinds.$flag { tasks.push(typed::<$t>(&client, &shared, &tx)); } )* };
         }
-        if kinds.endpoint_slices {
-            tasks.push(typed::<EndpointSlice>(&client, wc(), &shared, &tx));
-        }
-        if kinds.pods {
-            tasks.push(typed::<Pod>(&client, wc(), &shared, &tx));
-        }
-        if kinds.nodes {
-            tasks.push(typed::<Node>(&client, wc(), &shared, &tx));
-        }
-        if kinds.secrets {
-            tasks.push(typed::<Secret>(&client, wc().fields("type=kubernetes.io/tls"), &shared, &tx));
-        }
-        if kinds.network_policies {
-            tasks.push(typed::<NetworkPolicy>(&client, wc(), &shared, &tx));
-        }
-        if kinds.ingresses {
-            tasks.push(typed::<Ingress>(&client, wc(), &shared, &tx));
-        }
-        if kinds.ingress_classes {
-            tasks.push(typed::<IngressClass>(&client, wc(), &shared, &tx));
-        }
+        watch!(
+            services => Service,
+            endpoint_slices => EndpointSlice,
+            pods => Pod,
+            nodes => Node,
+            secrets => Secret,
+            network_policies => NetworkPolicy,
+            ingresses => Ingress,
+            ingress_classes => IngressClass
+        );
         if kinds.envoy_configs {
             for (group, version, kind, plural, optional) in CONFIG_KINDS {
                 let ar = ApiResource {
@@ -474,7 +471,7 @@ impl KubeSource {
                 let ar2 = ar.clone();
                 tasks.push(tokio::spawn(reflect(
                     Api::<DynamicObject>::all_with(client.clone(), &ar),
-                    wc(),
+                    watcher::Config::default(),
                     ar.clone(),
                     name,
                     shared.clone(),
@@ -941,8 +938,11 @@ mod event_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn envoy_refusals_become_one_event_on_the_object() {
         let server = ApiServer::start().await.unwrap();
-        let cfg = server.put_yaml("apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {name: lb, namespace: shop}\nspec: {}\n");
-        let kinds = Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() };
+        let cfg = server.put_yaml(
+            "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {name: lb, namespace: shop}\nspec: {}\n",
+        );
+        let kinds =
+            Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() };
         let mut src = KubeSource::start(server.client(), kinds, "node1").await;
         src.wait_synced(Duration::from_secs(5)).await;
         let status = nacked("EnvoyConfig shop/lb", "Listener \"shop/lb/l\": invalid address");

@@ -449,18 +449,21 @@ fn placeholder_endpoints(meta: ObjectMeta) -> Endpoints {
     }
 }
 
-/// What a dedicated Ingress becomes.
-pub fn dedicated(ing: &Ingress, objects: &Objects) -> Generated {
-    let key = key_of(ing);
-    let name = generated_name(&key.name);
+/// The objects for `ings`, served by the Service `service` (whose metadata
+/// `m` the generated objects share); the config is clusterwide when shared.
+fn generate(ings: &[&Ingress], objects: &Objects, m: ObjectMeta, clusterwide: bool) -> Generated {
     let mut problems = Vec::new();
-    let spec = spec_for(&[ing], objects, &ObjKey::new(&key.namespace, &name), &mut problems);
-    let m = meta(&name, &key.namespace, Some(ing));
+    let service = ObjKey::new(m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default());
+    let spec = spec_for(ings, objects, &service, &mut problems);
+    let mut config_meta = m.clone();
+    if clusterwide {
+        config_meta.namespace = None;
+    }
     Generated {
         envoy_config: json!({
             "apiVersion": crate::xds::envoyconfig::API_VERSION,
-            "kind": "EnvoyConfig",
-            "metadata": serde_json::to_value(&m).expect("metadata serializes"),
+            "kind": if clusterwide { "ClusterwideEnvoyConfig" } else { "EnvoyConfig" },
+            "metadata": serde_json::to_value(&config_meta).expect("metadata serializes"),
             "spec": spec,
         }),
         service: lb_service(m.clone()),
@@ -469,24 +472,15 @@ pub fn dedicated(ing: &Ingress, objects: &Objects) -> Generated {
     }
 }
 
+/// What a dedicated Ingress becomes.
+pub fn dedicated(ing: &Ingress, objects: &Objects) -> Generated {
+    let key = key_of(ing);
+    generate(&[ing], objects, meta(&generated_name(&key.name), &key.namespace, Some(ing)), false)
+}
+
 /// What the shared Ingresses become together (in `namespace`).
 pub fn shared(ings: &[&Ingress], objects: &Objects, namespace: &str) -> Generated {
-    let mut problems = Vec::new();
-    let spec = spec_for(ings, objects, &ObjKey::new(namespace, PREFIX), &mut problems);
-    let mut m = meta(PREFIX, namespace, None);
-    let mut cm = m.clone();
-    cm.namespace = None;
-    Generated {
-        envoy_config: json!({
-            "apiVersion": crate::xds::envoyconfig::API_VERSION,
-            "kind": "ClusterwideEnvoyConfig",
-            "metadata": serde_json::to_value(&cm).expect("metadata serializes"),
-            "spec": spec,
-        }),
-        service: lb_service(m.clone()),
-        endpoints: placeholder_endpoints(std::mem::take(&mut m)),
-        problems,
-    }
+    generate(ings, objects, meta(PREFIX, namespace, None), true)
 }
 
 /// The Ingress status for a Service's load-balancer status.
