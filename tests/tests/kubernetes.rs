@@ -14,13 +14,13 @@ use std::{
 use serde_json::json;
 use weft_tests::{
     cluster::{ApiLab, start_agent_with_daemonset_caps},
-    http::{Client, HttpServer, ServerOpts, get_once},
+    http::{Client, HttpServer, get_once},
     lab::Lab,
     objects::{
         AgentFiles, LabService, agent_files, conformance_dir, envoy_state, lab_objects, wait_ready, wait_status,
     },
     require_root,
-    scenario::{T, sa},
+    scenario::{T, sa, servers},
 };
 
 /// Waits (generously; no timing is asserted) until `f` returns Some.
@@ -48,18 +48,7 @@ impl KubeLab {
     fn new(envoy: bool) -> Self {
         let lab = Lab::new().unwrap();
         let api = ApiLab::new(&lab).unwrap();
-        let servers = ["n1-p2", "n2-p1", "n2-p2"]
-            .iter()
-            .map(|p| {
-                let pod = lab.pod(p);
-                HttpServer::start(
-                    &pod.netns,
-                    sa(pod.ip, 8080),
-                    ServerOpts { name: p.to_string(), ..Default::default() },
-                )
-                .unwrap()
-            })
-            .collect();
+        let servers = servers(&lab, &["n1-p2", "n2-p1", "n2-p2"]);
         let extra = format!("{}envoy:\n  enabled: {envoy}\n", api.agent_config());
         let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, &extra).unwrap()).collect();
         Self { lab, api, files, pids: Vec::new(), _servers: servers }
