@@ -496,3 +496,51 @@ pub fn ingress_status(svc: &Service) -> IngressLoadBalancerStatus {
         .collect();
     IngressLoadBalancerStatus { ingress: (!ingress.is_empty()).then_some(ingress) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::yaml::{Loaded, load_text};
+
+    fn load(yaml: &str) -> Objects {
+        let mut l = Loaded::default();
+        load_text(std::path::Path::new("t.yaml"), yaml, &mut l);
+        assert!(l.problems.is_empty(), "{:?}", l.problems);
+        l.objects
+    }
+
+    fn ing(spec: &str, annotations: &str) -> Ingress {
+        let o = load(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: i, namespace: d, annotations: {{{annotations}}}}}\nspec: {spec}\n"
+        ));
+        o.ingresses.values().next().unwrap().object.clone()
+    }
+
+    #[test]
+    fn which_ingresses_are_weft_s() {
+        let none = Objects::default();
+        let custom = load(
+            "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: edge}\nspec: {controller: weft.io/ingress-controller}\n",
+        );
+        let default = load(
+            "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: edge, annotations: {ingressclass.kubernetes.io/is-default-class: \"true\"}}\nspec: {controller: weft.io/ingress-controller}\n",
+        );
+        assert!(is_ours(&ing("{ingressClassName: weft}", ""), &none), "the class name alone");
+        assert!(!is_ours(&ing("{ingressClassName: cilium}", ""), &none));
+        assert!(!is_ours(&ing("{ingressClassName: edge}", ""), &none), "an unknown class");
+        assert!(is_ours(&ing("{ingressClassName: edge}", ""), &custom), "a class with weft's controller");
+        assert!(!is_ours(&ing("{}", ""), &custom), "no class, and weft's is not the default");
+        assert!(is_ours(&ing("{}", ""), &default), "no class: the default class is weft's");
+        assert!(is_ours(&ing("{}", "kubernetes.io/ingress.class: weft"), &none), "the legacy annotation");
+        assert!(!is_ours(&ing("{}", "kubernetes.io/ingress.class: nginx"), &default), "the legacy annotation wins");
+    }
+
+    #[test]
+    fn long_names_are_shortened_to_fit_a_service_name() {
+        assert_eq!(generated_name("web"), "weft-ingress-web");
+        let long = "a".repeat(60);
+        let n = generated_name(&long);
+        assert!(n.len() <= 63 && n.starts_with("weft-ingress-aaa"), "{n}");
+        assert_ne!(n, generated_name(&"a".repeat(61)), "different Ingresses, different names");
+    }
+}

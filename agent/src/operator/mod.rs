@@ -252,8 +252,12 @@ impl IngressReconciler {
         let shared_name = "weft-ingress";
         let config_ar = ApiResource::erase::<crate::k8s::crd::ClusterwideEnvoyConfigResource>(&());
         if shared.is_empty() {
+            // The last shared Ingress went: so do the shared objects.
             if self.applied.contains_key(&(config_ar.kind.clone(), String::new(), shared_name.into())) {
+                let ns = self.namespace.clone();
                 self.remove(&config_ar, None, shared_name).await?;
+                self.remove(&ApiResource::erase::<Endpoints>(&()), Some(&ns), shared_name).await?;
+                self.remove(&ApiResource::erase::<Service>(&()), Some(&ns), shared_name).await?;
             }
         } else {
             let g = ingress::shared(&shared, objects, &self.namespace);

@@ -211,3 +211,53 @@ async fn ingresses_get_their_objects_an_address_and_lose_them_with_the_ingress()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_ingresses_share_one_config_and_address() {
+    let server = ApiServer::start().await.unwrap();
+    let shared = INGRESS.replace(
+        "metadata: {name: basic-ingress, namespace: default}",
+        "metadata: {name: basic-ingress, namespace: default, annotations: {ingress.weft.io/loadbalancer-mode: shared}}",
+    );
+    let second = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: second, namespace: default}\nspec:\n  ingressClassName: weft\n  rules:\n  - host: second.example.com\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: details, port: {number: 9080}}}}]}\n";
+    // The class makes shared mode the default for the second one.
+    let class = "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: weft, annotations: {ingress.weft.io/loadbalancer-mode: shared}}\nspec: {controller: weft.io/ingress-controller}\n";
+    server.put_yaml(&shared);
+    server.put_yaml(second);
+    server.put_yaml(class);
+    let _op = operator(&server, "a");
+    let cfg = until("the shared config", || {
+        server
+            .get("weft.io/v1alpha1", "ClusterwideEnvoyConfig", "", "weft-ingress")
+            .filter(|c| c.to_string().contains("second.example.com") && c.to_string().contains("/details"))
+    })
+    .await;
+    assert!(cfg["metadata"]["ownerReferences"].is_null());
+    assert!(server.get("v1", "Service", "weft-system", "weft-ingress").is_some());
+    assert!(server.get("v1", "Service", "default", "weft-ingress-basic-ingress").is_none(), "no dedicated objects");
+    server.put_status(
+        "v1",
+        "Service",
+        "weft-system",
+        "weft-ingress",
+        json!({"loadBalancer": {"ingress": [{"ip": "172.20.0.20"}]}}),
+    );
+    for name in ["basic-ingress", "second"] {
+        until(&format!("{name}'s address"), || {
+            server
+                .get("networking.k8s.io/v1", "Ingress", "default", name)
+                .filter(|i| i["status"]["loadBalancer"]["ingress"][0]["ip"] == "172.20.0.20")
+        })
+        .await;
+    }
+    // With no shared Ingress left, the shared config goes.
+    server.remove("networking.k8s.io/v1", "Ingress", "default", "basic-ingress");
+    server.remove("networking.k8s.io/v1", "Ingress", "default", "second");
+    until("the shared objects to go", || {
+        (server.get("weft.io/v1alpha1", "ClusterwideEnvoyConfig", "", "weft-ingress").is_none()
+            && server.get("v1", "Service", "weft-system", "weft-ingress").is_none()
+            && server.get("v1", "Endpoints", "weft-system", "weft-ingress").is_none())
+        .then_some(())
+    })
+    .await;
+}
