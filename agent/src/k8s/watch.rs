@@ -824,8 +824,8 @@ spec: {}
             server.put(svc("s0", round));
             server.put(svc("s1", round));
             expected += 2;
-            server.drop_watches();
             let watches_before = server.requests().iter().filter(|r| r.is_watch()).count();
+            server.drop_watches();
             until("the watch to be resumed", || {
                 server.requests().iter().filter(|r| r.is_watch()).count() > watches_before
             })

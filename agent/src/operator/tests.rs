@@ -175,7 +175,7 @@ async fn ingresses_get_their_objects_an_address_and_lose_them_with_the_ingress()
     let name = "weft-ingress-basic-ingress";
     let svc = until("the Service", || server.get("v1", "Service", "default", name)).await;
     assert_eq!(svc["spec"]["type"], "LoadBalancer");
-    assert!(server.get("v1", "Endpoints", "default", name).is_some());
+    until("the Endpoints", || server.get("v1", "Endpoints", "default", name)).await;
     let cfg = until("the EnvoyConfig", || server.get("weft.io/v1alpha1", "EnvoyConfig", "default", name)).await;
     let ingress = server.get("networking.k8s.io/v1", "Ingress", "default", "basic-ingress").unwrap();
     for obj in [&svc, &cfg] {
