@@ -504,17 +504,17 @@ impl Store {
         let Some(old) = self.objects[kind].get(&key).cloned() else {
             return Err(ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", info.plural)));
         };
-        if let Some(want) = obj["metadata"]["resourceVersion"].as_str() {
-            if want != old["metadata"]["resourceVersion"].as_str().unwrap_or_default() {
-                return Err(ApiError::new(
-                    409,
-                    "Conflict",
-                    format!(
-                        "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                        info.plural
-                    ),
-                ));
-            }
+        if let Some(want) = obj["metadata"]["resourceVersion"].as_str()
+            && want != old["metadata"]["resourceVersion"].as_str().unwrap_or_default()
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                    info.plural
+                ),
+            ));
         }
         match part {
             Part::Spec => set_status(&mut obj, old.get("status").cloned()),
@@ -672,7 +672,7 @@ fn error(e: ApiError) -> Response {
 }
 
 fn query_map(q: Option<&str>) -> BTreeMap<String, String> {
-    q.map(|q| url_decode_pairs(q)).unwrap_or_default()
+    q.map(url_decode_pairs).unwrap_or_default()
 }
 
 fn url_decode_pairs(q: &str) -> BTreeMap<String, String> {
@@ -800,10 +800,10 @@ fn patch(
                 ));
             };
             merge_patch(&mut obj, &patch);
-            if patch["metadata"].get("resourceVersion").is_none() {
-                if let Some(m) = obj["metadata"].as_object_mut() {
-                    m.remove("resourceVersion");
-                }
+            if patch["metadata"].get("resourceVersion").is_none()
+                && let Some(m) = obj["metadata"].as_object_mut()
+            {
+                m.remove("resourceVersion");
             }
             s.update(&t.kind, &ns, name, obj, part).map(|v| (StatusCode::OK, v))
         }
@@ -913,10 +913,10 @@ impl Filter {
     }
 
     fn matches(&self, obj: &Value) -> bool {
-        if let Some(ns) = &self.namespace {
-            if obj["metadata"]["namespace"].as_str() != Some(ns) {
-                return false;
-            }
+        if let Some(ns) = &self.namespace
+            && obj["metadata"]["namespace"].as_str() != Some(ns)
+        {
+            return false;
         }
         let label = |k: &str| obj["metadata"]["labels"].get(k).and_then(Value::as_str);
         let labels_ok = self.labels.iter().all(|r| match r {

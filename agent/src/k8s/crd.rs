@@ -33,6 +33,8 @@ pub struct EnvoyConfigStatus {
 
 /// Services redirected to this config's listeners (in its own namespace),
 /// Services whose endpoints Envoy gets, the Envoy resources, and the nodes it is for.
+// Three printer columns are three `printcolumn` attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "weft.io",
@@ -53,6 +55,7 @@ pub struct NamespacedSpec(pub EnvoyConfigSpec);
 
 /// Services redirected to this config's listeners (in any namespace),
 /// Services whose endpoints Envoy gets, the Envoy resources, and the nodes it is for.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "weft.io",

@@ -256,10 +256,10 @@ fn apply_typed<K: Kind>(coll: &mut Collection<K>, up: Update<K>) -> (u64, u64, u
         Update::Upsert(o) => {
             let k = obj_key(&o);
             let held = coll.get(&k);
-            if let (Some(h), Some(new)) = (held, rv_of(o.meta())) {
-                if rv_of(h.object.meta()).is_some_and(|old| new <= old) {
-                    return (0, 0, 1);
-                }
+            if let (Some(h), Some(new)) = (held, rv_of(o.meta()))
+                && rv_of(h.object.meta()).is_some_and(|old| new <= old)
+            {
+                return (0, 0, 1);
             }
             let same = held.is_some_and(|h| same_content(&h.object, &o));
             coll.insert(k, sourced(o));
@@ -275,8 +275,7 @@ fn apply_typed<K: Kind>(coll: &mut Collection<K>, up: Update<K>) -> (u64, u64, u
 /// Runs one kind's watcher into its store until the task is aborted;
 /// `put` takes each update into the shared state and says what it did.
 async fn reflect<K>(
-    api: Api<K>,
-    wc: watcher::Config,
+    events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send,
     dyntype: K::DynamicType,
     name: &'static str,
     shared: Arc<Mutex<Shared>>,
@@ -289,7 +288,7 @@ async fn reflect<K>(
 {
     let mut writer: Writer<K> = Writer::new(dyntype);
     let reader = writer.as_reader();
-    let mut stream = watcher(api, wc).default_backoff().boxed();
+    let mut stream = events.default_backoff().boxed();
     while let Some(ev) = stream.next().await {
         let ev = match ev {
             Ok(ev) => ev.modify(prune),
@@ -328,8 +327,7 @@ async fn reflect<K>(
 fn typed<K: Kind>(client: &Client, shared: &Arc<Mutex<Shared>>, tx: &Arc<tokio_watch::Sender<u64>>) -> JoinHandle<()> {
     shared.lock().unwrap().stats.insert(K::NAME, KindStats::default());
     tokio::spawn(reflect(
-        Api::<K>::all(client.clone()),
-        K::watch_config(),
+        watcher(Api::<K>::all(client.clone()), K::watch_config()),
         (),
         K::NAME,
         shared.clone(),
@@ -401,10 +399,10 @@ fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObje
         Update::Upsert(o) => {
             let (k, doc) = (config_key(&ar.kind, &o), config_doc(&o, ar));
             let held = configs.get(&k);
-            if let (Some(h), Some(new)) = (held, doc_rv(&doc)) {
-                if doc_rv(h).is_some_and(|old| new <= old) {
-                    return (0, 0, 1);
-                }
+            if let (Some(h), Some(new)) = (held, doc_rv(&doc))
+                && doc_rv(h).is_some_and(|old| new <= old)
+            {
+                return (0, 0, 1);
             }
             let same = held.is_some_and(|h| same_doc(h, &doc));
             configs.insert(k, doc);
@@ -470,8 +468,7 @@ impl KubeSource {
                 shared.lock().unwrap().stats.insert(name, KindStats::default());
                 let ar2 = ar.clone();
                 tasks.push(tokio::spawn(reflect(
-                    Api::<DynamicObject>::all_with(client.clone(), &ar),
-                    watcher::Config::default(),
+                    watcher(Api::<DynamicObject>::all_with(client.clone(), &ar), watcher::Config::default()),
                     ar.clone(),
                     name,
                     shared.clone(),

@@ -247,14 +247,14 @@ fn collect(
             }
         }
     }
-    if let Some(b) = &spec.default_backend {
-        if let Some(cluster) = cluster_of("spec.defaultBackend".into(), b, &mut bad) {
-            // Last in every host of this Ingress, and in the catch-all host.
-            let mut all: BTreeSet<String> = routes.iter().map(|r| r.0.clone()).collect();
-            all.insert("*".into());
-            for h in all {
-                routes.push((h, 3, String::new(), json!({ "prefix": "/" }), cluster.clone()));
-            }
+    if let Some(b) = &spec.default_backend
+        && let Some(cluster) = cluster_of("spec.defaultBackend".into(), b, &mut bad)
+    {
+        // Last in every host of this Ingress, and in the catch-all host.
+        let mut all: BTreeSet<String> = routes.iter().map(|r| r.0.clone()).collect();
+        all.insert("*".into());
+        for h in all {
+            routes.push((h, 3, String::new(), json!({ "prefix": "/" }), cluster.clone()));
         }
     }
     for (host, rank, path, matcher, cluster) in routes {
@@ -294,7 +294,7 @@ fn route_config(name: &str, hosts: &BTreeMap<String, Host>, secure: bool) -> Val
         .filter(|(_, h)| !secure || h.tls)
         .map(|(host, h)| {
             let mut routes: Vec<&Route> = h.routes.iter().collect();
-            routes.sort_by(|a, b| (a.rank, std::cmp::Reverse(a.path.len())).cmp(&(b.rank, std::cmp::Reverse(b.path.len()))));
+            routes.sort_by_key(|a| (a.rank, std::cmp::Reverse(a.path.len())));
             let mut vh = json!({
                 "name": host,
                 "domains": [host],

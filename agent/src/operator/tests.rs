@@ -80,7 +80,7 @@ async fn the_leader_alone_writes_status_with_the_messages_of_validate() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("objects.yaml");
     std::fs::write(&file, format!("{SERVICE}---\n{good}---\n{bad}")).unwrap();
-    let report = crate::validate::validate(&[dir.clone()]);
+    let report = crate::validate::validate(std::slice::from_ref(&dir));
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!((report.configs, report.valid), (2, 1), "{:#?}", report.problems);
     let expected: Vec<String> = report
