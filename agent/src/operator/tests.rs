@@ -261,3 +261,21 @@ async fn shared_ingresses_share_one_config_and_address() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_path_is_an_event_on_the_ingress_and_the_rest_is_served() {
+    let server = ApiServer::start().await.unwrap();
+    server.put_yaml(&INGRESS.replace("path: /details, pathType: Prefix", "path: details, pathType: Exact"));
+    let _op = operator(&server, "a");
+    let name = "weft-ingress-basic-ingress";
+    let cfg = until("the EnvoyConfig", || server.get("weft.io/v1alpha1", "EnvoyConfig", "default", name)).await;
+    assert!(cfg.to_string().contains("default/productpage:9080"), "the good path is served");
+    assert!(!cfg.to_string().contains("default/details:9080"), "the bad one is not");
+    let ev = until("the Event", || server.list("events.k8s.io/v1", "Event").into_iter().next()).await;
+    assert_eq!(ev["reason"], "InvalidIngress");
+    assert_eq!(ev["regarding"]["name"], "basic-ingress");
+    assert_eq!(
+        ev["note"],
+        "Ingress default/basic-ingress: spec.rules[0].http.paths[0].path: path \"details\" must start with '/'"
+    );
+}
