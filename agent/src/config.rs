@@ -59,6 +59,8 @@ pub struct AgentConfig {
     pub api_address: String,
     /// Flows: the store, the flow API, metrics and export.
     pub flows: FlowOptions,
+    /// Read objects from the Kubernetes API instead of objects-dir.
+    pub kubernetes: KubernetesOptions,
 }
 
 /// The flow pipeline and its outputs.
@@ -170,6 +172,16 @@ impl OtlpOptions {
             deny: filters("flows.otlp.deny", &self.deny)?,
         })
     }
+
+/// Where the agent finds the Kubernetes API.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct KubernetesOptions {
+    /// Watch the API server (objects-dir is then not read). Default: false.
+    pub enabled: bool,
+    /// A kubeconfig file. Default: the in-cluster service account, else
+    /// $KUBECONFIG or ~/.kube/config.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// How the agent runs Envoy.
@@ -216,6 +228,7 @@ impl Default for AgentConfig {
             envoy: EnvoyOptions::default(),
             api_address: "0.0.0.0:9962".into(),
             flows: FlowOptions::default(),
+            kubernetes: KubernetesOptions::default(),
         }
     }
 }

@@ -36,6 +36,21 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Run the operator: EnvoyConfig status for the cluster and Ingress
+    /// translation, one leader at a time (a Lease).
+    Operator {
+        /// A kubeconfig file; default: in-cluster, else $KUBECONFIG or ~/.kube/config.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Namespace of the Lease and of shared-mode Ingress objects.
+        #[arg(long, default_value = "weft-system")]
+        namespace: String,
+        /// This replica's identity; default: $POD_NAME.
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Print weft's CustomResourceDefinitions (YAML), generated from its types.
+    Crds,
     /// Remove every pin of the datapath (maps and links) and the proxy route:
     /// weft's programs stop on this node.
     DatapathReset {
@@ -94,6 +109,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if !report.problems.is_empty() {
                 std::process::exit(1);
             }
+            Ok(())
+        }
+        Command::Operator { kubeconfig, namespace, identity } => {
+            let mut opts = weft_agent::operator::OperatorOptions { namespace, ..Default::default() };
+            if let Some(id) = identity {
+                opts.identity = id;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(async {
+                let client = weft_agent::k8s::source::client(kubeconfig.as_deref()).await?;
+                weft_agent::operator::run(client, opts).await
+            })
+        }
+        Command::Crds => {
+            print!("{}", weft_agent::k8s::crd::crds_yaml());
             Ok(())
         }
         Command::DatapathReset { bpffs_dir } => {

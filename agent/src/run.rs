@@ -125,7 +125,7 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.node_ip,
         ProxyPorts::load(Some(cfg.state_dir.join("proxy-ports.json"))),
     );
-    let mut source = yaml::DirSource::new(cfg.objects_dir.clone());
+    let mut source = crate::k8s::source::Source::start(&cfg).await?;
     controller.load(log_problems(source.poll().unwrap_or_default()));
     let (first, published) = controller.build();
     let node_ip = first.node_ip.with_context(|| {
@@ -265,6 +265,7 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
             let mut st = status.lock().unwrap();
             if touched {
                 st.control = controller.status(&st.datapath.problems);
+                source.observe(&st.control);
                 touched = false;
             }
             st.envoy = envoy_rx.borrow().clone();

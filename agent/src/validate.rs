@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use crate::{
-    k8s::yaml,
+    k8s::{Origin, yaml},
     xds::{
-        envoyconfig,
-        model::{Model, NodeInfo},
+        envoyconfig::{self, ConfigKey},
+        model::{Model, NodeInfo, Serving},
         ports::ProxyPorts,
     },
 };
@@ -22,6 +22,72 @@ pub struct Report {
     pub configs: usize,
     /// Valid EnvoyConfigs.
     pub valid: usize,
+}
+
+/// The verdict on one EnvoyConfig document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The config; None when the document did not get as far as naming one.
+    pub key: Option<ConfigKey>,
+    pub origin: Origin,
+    /// apiVersion of the document (weft's or Cilium's group).
+    pub api_version: String,
+    /// metadata.generation of the document.
+    pub generation: i64,
+    /// "<object>: <what is wrong>", one per problem; empty if valid.
+    pub problems: Vec<String>,
+    /// The generation that stands in for it (an earlier valid one), if any,
+    /// when `model` carried one.
+    pub serving: Serving,
+}
+
+/// Validates every EnvoyConfig in `loaded` against the other objects there
+/// (Services, Secrets...), as one cluster-wide set: node selectors are not
+/// applied. `model` carries earlier accepted versions from call to call (the
+/// operator); a fresh one judges each document alone.
+pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
+    let mut configs = Vec::new();
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    let mut api_versions = std::collections::BTreeMap::new();
+    for (origin, doc) in &loaded.raw {
+        match envoyconfig::parse(origin.clone(), doc) {
+            Ok(c) => {
+                api_versions.insert(c.key.clone(), doc["apiVersion"].as_str().unwrap_or_default().to_owned());
+                configs.push(c)
+            }
+            Err(e) => {
+                out.push(Verdict {
+                    key: e.key.clone(),
+                    origin: origin.clone(),
+                    api_version: doc["apiVersion"].as_str().unwrap_or_default().to_owned(),
+                    generation: doc["metadata"]["generation"].as_i64().unwrap_or(0),
+                    problems: vec![e.to_string()],
+                    serving: Serving::Nothing,
+                });
+                errors.push(e);
+            }
+        }
+    }
+    let built = model.build(&configs, &errors, &loaded.objects, &NodeInfo { any: true, ..Default::default() });
+    for c in &configs {
+        let st = &built.statuses[&c.key];
+        out.push(Verdict {
+            key: Some(c.key.clone()),
+            origin: c.origin.clone(),
+            api_version: api_versions[&c.key].clone(),
+            generation: c.generation,
+            problems: st.problems.iter().map(|p| format!("{}: {p}", st.object)).collect(),
+            serving: st.serving.clone(),
+        });
+    }
+    for v in out.iter_mut().filter(|v| v.key.is_some() && v.serving == Serving::Nothing && !v.problems.is_empty()) {
+        // A document that no longer parses: the model may still serve its last good version.
+        if let Some(st) = built.statuses.get(v.key.as_ref().expect("checked")) {
+            v.serving = st.serving.clone();
+        }
+    }
+    out
 }
 
 /// Validates every EnvoyConfig under `paths` against the other objects there
@@ -43,32 +109,12 @@ pub fn validate(paths: &[PathBuf]) -> Report {
         }
     }
     report.problems.extend(loaded.problems.iter().map(|p| p.to_string()));
-    let mut configs = Vec::new();
-    let mut errors = Vec::new();
-    for (origin, doc) in &loaded.raw {
-        match envoyconfig::parse(origin.clone(), doc) {
-            Ok(c) => configs.push(c),
-            Err(e) => {
-                report.problems.push(format!("{origin}: {e}"));
-                errors.push(e);
-            }
-        }
-    }
-    report.configs = configs.len() + errors.len();
-    let built = Model::new(ProxyPorts::ephemeral()).build(
-        &configs,
-        &[],
-        &loaded.objects,
-        &NodeInfo { any: true, ..Default::default() },
-    );
-    for c in &configs {
-        let st = &built.statuses[&c.key];
-        if st.problems.is_empty() {
+    for v in verdicts(&loaded, &mut Model::new(ProxyPorts::ephemeral())) {
+        report.configs += 1;
+        if v.problems.is_empty() {
             report.valid += 1;
         }
-        for p in &st.problems {
-            report.problems.push(format!("{}: {}: {p}", c.origin, st.object));
-        }
+        report.problems.extend(v.problems.iter().map(|p| format!("{}: {p}", v.origin)));
     }
     report
 }

@@ -2,22 +2,12 @@
 //! as `weft-agent validate` does: which EnvoyConfigs weft accepts unchanged,
 //! and the precise reason for each it refuses.
 
+mod support;
+
 use std::path::PathBuf;
+use support::examples;
 
 use weft_agent::validate::validate;
-
-fn examples() -> PathBuf {
-    if let Some(p) = std::env::var_os("WEFT_CONFORMANCE") {
-        return p.into();
-    }
-    [
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/cilium-examples"),
-        PathBuf::from("/work/shared/conformance/cilium-examples"),
-    ]
-    .into_iter()
-    .find(|p| p.is_dir())
-    .expect("Cilium's examples (shared/conformance/cilium-examples) not found: set WEFT_CONFORMANCE")
-}
 
 /// Every example file with an EnvoyConfig, and what weft makes of it: None =
 /// valid; Some(text) = refused, with a problem containing the text.

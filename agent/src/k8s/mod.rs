@@ -2,6 +2,11 @@
 //! from (a YAML directory or the API server): typed k8s-openapi objects keyed
 //! by namespace and name, each with where it came from.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod apiserver;
+pub mod crd;
+pub mod source;
+pub mod watch;
 pub mod yaml;
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, sync::Arc};
@@ -9,7 +14,7 @@ use std::{collections::BTreeMap, fmt, path::PathBuf, sync::Arc};
 use k8s_openapi::api::{
     core::v1::{Endpoints, Node, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
-    networking::v1::{Ingress, NetworkPolicy},
+    networking::v1::{Ingress, IngressClass, NetworkPolicy},
 };
 
 /// Namespace (empty for cluster-scoped objects) and name.
@@ -71,6 +76,7 @@ pub struct Objects {
     pub secrets: Collection<Secret>,
     pub network_policies: Collection<NetworkPolicy>,
     pub ingresses: Collection<Ingress>,
+    pub ingress_classes: Collection<IngressClass>,
 }
 
 /// One typed object from a source.
@@ -84,6 +90,7 @@ pub enum Object {
     Secret(Secret),
     NetworkPolicy(NetworkPolicy),
     Ingress(Ingress),
+    IngressClass(IngressClass),
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, default_ns: &str) -> ObjKey {
@@ -102,6 +109,7 @@ impl Object {
             Object::Secret(o) => key_of(&o.metadata, "default"),
             Object::NetworkPolicy(o) => key_of(&o.metadata, "default"),
             Object::Ingress(o) => key_of(&o.metadata, "default"),
+            Object::IngressClass(o) => key_of(&o.metadata, ""),
         }
     }
 
@@ -116,6 +124,7 @@ impl Object {
             Object::Secret(_) => "Secret",
             Object::NetworkPolicy(_) => "NetworkPolicy",
             Object::Ingress(_) => "Ingress",
+            Object::IngressClass(_) => "IngressClass",
         }
     }
 }
@@ -126,7 +135,7 @@ impl Objects {
         macro_rules! each {
             ($($c:ident),*) => { $( for (k, v) in &other.$c { self.$c.insert(k.clone(), v.clone()); } )* };
         }
-        each!(services, endpoint_slices, endpoints, pods, nodes, secrets, network_policies, ingresses);
+        each!(services, endpoint_slices, endpoints, pods, nodes, secrets, network_policies, ingresses, ingress_classes);
     }
 
     /// Copies the object `Kind namespace/name` (as [`Object::describe`] writes
@@ -157,6 +166,7 @@ impl Objects {
             "Secret" => copy!(secrets),
             "NetworkPolicy" => copy!(network_policies),
             "Ingress" => copy!(ingresses),
+            "IngressClass" => copy!(ingress_classes),
             _ => false,
         }
     }
@@ -178,6 +188,7 @@ impl Objects {
             Object::Secret(o) => put!(secrets, o),
             Object::NetworkPolicy(o) => put!(network_policies, o),
             Object::Ingress(o) => put!(ingresses, o),
+            Object::IngressClass(o) => put!(ingress_classes, o),
         };
     }
 }

@@ -64,6 +64,7 @@ pub fn object_from_value(v: Value) -> Result<Option<Object>, String> {
         ("v1", "Secret") => Object::Secret(typed(v)?),
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(v)?),
         ("networking.k8s.io/v1", "Ingress") => Object::Ingress(typed(v)?),
+        ("networking.k8s.io/v1", "IngressClass") => Object::IngressClass(typed(v)?),
         _ => return Ok(None),
     }))
 }

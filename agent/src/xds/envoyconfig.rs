@@ -14,7 +14,7 @@ use crate::k8s::{ObjKey, Origin};
 pub const API_VERSION: &str = "weft.io/v1alpha1";
 
 /// The spec of an EnvoyConfig (and of Cilium's CiliumEnvoyConfig).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnvoyConfigSpec {
     /// Services whose traffic is redirected to a listener of this config.
@@ -26,6 +26,7 @@ pub struct EnvoyConfigSpec {
     /// Envoy resources (Listener, RouteConfiguration, Cluster,
     /// ClusterLoadAssignment, Secret) in JSON form with `@type`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::k8s::crd::any_objects")]
     pub resources: Vec<Value>,
     /// Nodes this config applies to; absent: all nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,7 +34,7 @@ pub struct EnvoyConfigSpec {
 }
 
 /// A Service redirected to a listener.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceListener {
     pub name: String,
@@ -49,7 +50,7 @@ pub struct ServiceListener {
 }
 
 /// A Service whose endpoints Envoy gets.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendService {
     pub name: String,
@@ -57,6 +58,7 @@ pub struct BackendService {
     pub namespace: Option<String>,
     /// Service ports (numbers or names) to send; empty: all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "ports_as_strings")]
+    #[schemars(schema_with = "crate::k8s::crd::ports")]
     pub number: Vec<String>,
 }
 

@@ -1,0 +1,312 @@
+//! `weft-agent operator`: the cluster-wide half of weft, one leader at a time
+//! (a Lease): it writes each EnvoyConfig's status once for the cluster (the
+//! checks `weft-agent validate` makes) and turns Ingresses into
+//! EnvoyConfigs and LoadBalancer Services. Node agents write no status; they
+//! report their own Envoy's refusals as Events.
+
+pub mod ingress;
+pub mod lease;
+pub mod status;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, ObjectReference, Service},
+    networking::v1::Ingress,
+};
+use kube::{
+    Api, Client, Resource,
+    api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    k8s::{
+        ObjKey, Objects,
+        watch::{Kinds, KubeSource},
+    },
+    validate,
+    xds::{model::Model, ports::ProxyPorts},
+};
+
+/// How the operator runs.
+#[derive(Clone, Debug)]
+pub struct OperatorOptions {
+    /// Namespace of the Lease and of shared-mode Ingress objects.
+    pub namespace: String,
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// This replica's identity (its pod name).
+    pub identity: String,
+    /// How long a leader holds the Lease without renewing it.
+    pub lease_duration: Duration,
+}
+
+impl Default for OperatorOptions {
+    fn default() -> Self {
+        Self {
+            namespace: "weft-system".into(),
+            lease_name: "weft-operator".into(),
+            identity: std::env::var("POD_NAME").unwrap_or_else(|_| format!("weft-operator-{}", std::process::id())),
+            lease_duration: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Runs the operator until an unrecoverable error (or the task is dropped).
+pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
+    let field_manager = format!("weft-operator/{}", opts.identity);
+    let mut source = KubeSource::start(client.clone(), Kinds::operator(), &opts.identity).await;
+    source.wait_synced(Duration::from_secs(10)).await;
+    let mut elector =
+        lease::Elector::new(client.clone(), &opts.namespace, &opts.lease_name, &opts.identity, opts.lease_duration);
+    let mut statuses = status::StatusWriter::new(client.clone(), &field_manager);
+    let mut ingresses = IngressReconciler::new(client.clone(), &opts.namespace, &field_manager, &opts.identity);
+    // Earlier accepted versions, so a broken edit reports which generation stays in effect.
+    let mut model = Model::new(ProxyPorts::ephemeral());
+    let mut tick = tokio::time::interval(elector.retry_every());
+    let mut dirty = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let was = elector.is_leader();
+                match elector.round().await {
+                    Ok(true) if !was => {
+                        tracing::info!(identity = %opts.identity, "leading: writing status and Ingress objects");
+                        dirty = true;
+                    }
+                    Ok(false) if was => tracing::info!("no longer leading"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("leader election: {e}"),
+                }
+            }
+            _ = source.changed() => dirty = true,
+        }
+        let Some(loaded) = source.poll().or_else(|| dirty.then(|| source.snapshot())) else { continue };
+        let verdicts = validate::verdicts(&loaded, &mut model);
+        if !elector.is_leader() {
+            continue;
+        }
+        dirty = false;
+        if let Err(e) = ingresses.reconcile(&loaded.objects).await {
+            tracing::warn!("Ingress objects: {e} (retrying)");
+            dirty = true;
+        }
+        match statuses.write(&verdicts).await {
+            Ok(n) if n > 0 => tracing::info!(written = n, "EnvoyConfig status"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("EnvoyConfig status: {e} (retrying)");
+                dirty = true;
+            }
+        }
+    }
+}
+
+fn api_for(client: &Client, ar: &ApiResource, ns: Option<&str>) -> Api<DynamicObject> {
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    }
+}
+
+/// Keeps the objects generated for Ingresses as they should be.
+pub struct IngressReconciler {
+    client: Client,
+    namespace: String,
+    field_manager: String,
+    /// What this process last applied, by (kind, namespace, name).
+    applied: BTreeMap<(String, String, String), Value>,
+    recorder: Recorder,
+    /// Problems already reported as Events, by Ingress.
+    reported: BTreeMap<ObjKey, Vec<String>>,
+}
+
+impl IngressReconciler {
+    pub fn new(client: Client, namespace: &str, field_manager: &str, identity: &str) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter { controller: "weft-operator".into(), instance: Some(identity.into()) },
+        );
+        Self {
+            client,
+            namespace: namespace.to_owned(),
+            field_manager: field_manager.to_owned(),
+            applied: BTreeMap::new(),
+            recorder,
+            reported: BTreeMap::new(),
+        }
+    }
+
+    /// Server-side applies `obj` (unless it is what this process last applied).
+    async fn apply(&mut self, ar: &ApiResource, obj: Value) -> Result<(), kube::Error> {
+        let ns = obj["metadata"]["namespace"].as_str().map(str::to_owned);
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let key = (ar.kind.clone(), ns.clone().unwrap_or_default(), name.clone());
+        if self.applied.get(&key) == Some(&obj) {
+            return Ok(());
+        }
+        let pp = PatchParams::apply(&self.field_manager).force();
+        api_for(&self.client, ar, ns.as_deref()).patch(&name, &pp, &Patch::Apply(&obj)).await?;
+        self.applied.insert(key, obj);
+        Ok(())
+    }
+
+    async fn remove(&mut self, ar: &ApiResource, ns: Option<&str>, name: &str) -> Result<(), kube::Error> {
+        self.applied.remove(&(ar.kind.clone(), ns.unwrap_or_default().to_owned(), name.to_owned()));
+        match api_for(&self.client, ar, ns).delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn apply_generated(&mut self, g: &ingress::Generated) -> Result<(), kube::Error> {
+        let config_ar = if g.envoy_config["kind"] == "ClusterwideEnvoyConfig" {
+            ApiResource::erase::<crate::k8s::crd::ClusterwideEnvoyConfigResource>(&())
+        } else {
+            ApiResource::erase::<crate::k8s::crd::EnvoyConfigResource>(&())
+        };
+        self.apply(&ApiResource::erase::<Service>(&()), serde_json::to_value(&g.service).expect("serializes")).await?;
+        self.apply(&ApiResource::erase::<Endpoints>(&()), serde_json::to_value(&g.endpoints).expect("serializes"))
+            .await?;
+        self.apply(&config_ar, g.envoy_config.clone()).await
+    }
+
+    /// Copies the Service's load-balancer status to the Ingress, if it differs.
+    async fn copy_status(&self, ing: &Ingress, svc: Option<&Service>) -> Result<(), kube::Error> {
+        let want = svc.map(ingress::ingress_status).unwrap_or_default();
+        let have = ing.status.as_ref().and_then(|s| s.load_balancer.clone()).unwrap_or_default();
+        if want == have {
+            return Ok(());
+        }
+        let api: Api<Ingress> =
+            Api::namespaced(self.client.clone(), ing.meta().namespace.as_deref().unwrap_or("default"));
+        let pp = PatchParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
+        api.patch_status(
+            ing.meta().name.as_deref().unwrap_or_default(),
+            &pp,
+            &Patch::Merge(json!({ "status": { "loadBalancer": want } })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Reports an Ingress's problems as a Warning Event, once per distinct set.
+    fn report(&mut self, ing: &Ingress, problems: Vec<String>) {
+        let key =
+            ObjKey::new(ing.meta().namespace.clone().unwrap_or_default(), ing.meta().name.clone().unwrap_or_default());
+        if self.reported.get(&key) == Some(&problems) {
+            return;
+        }
+        self.reported.insert(key, problems.clone());
+        if problems.is_empty() {
+            return;
+        }
+        let reference = ObjectReference {
+            api_version: Some("networking.k8s.io/v1".into()),
+            kind: Some("Ingress".into()),
+            name: ing.meta().name.clone(),
+            namespace: ing.meta().namespace.clone(),
+            uid: ing.meta().uid.clone(),
+            ..Default::default()
+        };
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "InvalidIngress".into(),
+                note: Some(problems.join("\n").chars().take(1000).collect()),
+                action: "Translate".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::warn!("publishing an Event: {e}");
+            }
+        });
+    }
+
+    /// Brings every generated object in line with the Ingresses in `objects`.
+    pub async fn reconcile(&mut self, objects: &Objects) -> Result<(), kube::Error> {
+        let ours: Vec<&Ingress> =
+            objects.ingresses.values().map(|s| &s.object).filter(|i| ingress::is_ours(i, objects)).collect();
+        let (shared, dedicated): (Vec<&Ingress>, Vec<&Ingress>) =
+            ours.iter().partition(|i| ingress::mode_of(i, objects) == ingress::Mode::Shared);
+        let svc_of = |ns: &str, name: &str| objects.services.get(&ObjKey::new(ns, name)).map(|s| &s.object);
+        let mut problems: BTreeMap<ObjKey, Vec<String>> = BTreeMap::new();
+        for ing in &dedicated {
+            let g = ingress::dedicated(ing, objects);
+            for p in &g.problems {
+                problems.entry(p.ingress.clone()).or_default().push(p.to_string());
+            }
+            self.apply_generated(&g).await?;
+            let (ns, name) = (
+                g.service.metadata.namespace.clone().unwrap_or_default(),
+                g.service.metadata.name.clone().unwrap_or_default(),
+            );
+            self.copy_status(ing, svc_of(&ns, &name)).await?;
+        }
+        let shared_name = "weft-ingress";
+        let config_ar = ApiResource::erase::<crate::k8s::crd::ClusterwideEnvoyConfigResource>(&());
+        if shared.is_empty() {
+            // The last shared Ingress went: so do the shared objects.
+            if self.applied.contains_key(&(config_ar.kind.clone(), String::new(), shared_name.into())) {
+                let ns = self.namespace.clone();
+                self.remove(&config_ar, None, shared_name).await?;
+                self.remove(&ApiResource::erase::<Endpoints>(&()), Some(&ns), shared_name).await?;
+                self.remove(&ApiResource::erase::<Service>(&()), Some(&ns), shared_name).await?;
+            }
+        } else {
+            let g = ingress::shared(&shared, objects, &self.namespace);
+            for p in &g.problems {
+                problems.entry(p.ingress.clone()).or_default().push(p.to_string());
+            }
+            self.apply_generated(&g).await?;
+            for ing in &shared {
+                self.copy_status(ing, svc_of(&self.namespace, shared_name)).await?;
+            }
+        }
+        for ing in &ours {
+            let key = ObjKey::new(
+                ing.meta().namespace.clone().unwrap_or_default(),
+                ing.meta().name.clone().unwrap_or_default(),
+            );
+            self.report(ing, problems.remove(&key).unwrap_or_default());
+        }
+        // Dedicated objects of Ingresses that are no longer ours (class or mode changed).
+        let wanted: Vec<(String, String)> = dedicated
+            .iter()
+            .map(|i| {
+                (
+                    i.meta().namespace.clone().unwrap_or_default(),
+                    ingress::generated_name(i.meta().name.as_deref().unwrap_or_default()),
+                )
+            })
+            .collect();
+        let stale: Vec<(String, String)> = objects
+            .services
+            .values()
+            .filter(|s| s.object.metadata.labels.as_ref().is_some_and(|l| l.contains_key(ingress::INGRESS_LABEL)))
+            .filter(|s| {
+                s.object.metadata.owner_references.as_ref().is_some_and(|o| o.iter().any(|o| o.kind == "Ingress"))
+            })
+            .map(|s| {
+                (
+                    s.object.metadata.namespace.clone().unwrap_or_default(),
+                    s.object.metadata.name.clone().unwrap_or_default(),
+                )
+            })
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for (ns, name) in stale {
+            tracing::info!("removing {ns}/{name}: its Ingress is no longer served by weft in dedicated mode");
+            self.remove(&ApiResource::erase::<crate::k8s::crd::EnvoyConfigResource>(&()), Some(&ns), &name).await?;
+            self.remove(&ApiResource::erase::<Endpoints>(&()), Some(&ns), &name).await?;
+            self.remove(&ApiResource::erase::<Service>(&()), Some(&ns), &name).await?;
+        }
+        Ok(())
+    }
+}
