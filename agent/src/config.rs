@@ -172,6 +172,7 @@ impl OtlpOptions {
             deny: filters("flows.otlp.deny", &self.deny)?,
         })
     }
+}
 
 /// Where the agent finds the Kubernetes API.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

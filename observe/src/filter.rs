@@ -634,6 +634,27 @@ mod tests {
     }
 
     #[test]
+    fn event_type_filters_tell_drops_from_policy_verdicts() {
+        let mut f = rec("10.1.1.5", "10.1.2.6", 40000, 8080);
+        let e = env();
+        let drop_only = || {
+            set(
+                vec![FlowFilter {
+                    event_type: vec![flow::EventTypeFilter { r#type: 1, ..Default::default() }],
+                    ..Default::default()
+                }],
+                vec![],
+            )
+        };
+        f.ev.r#type = abi::EV_POLICY as u8;
+        f.ev.subtype = abi::POLICY_DENY as u8;
+        assert!(!drop_only().matches(&e, 1, &f), "a policy verdict is not a drop");
+        f.ev.r#type = abi::EV_DROP as u8;
+        f.ev.subtype = abi::DROP_POLICY_DENIED as u8;
+        assert!(drop_only().matches(&e, 1, &f));
+    }
+
+    #[test]
     fn http_filters_read_the_l7_record() {
         let mut f = rec("10.1.1.5", "10.96.0.10", 40000, 80);
         f.ev.r#type = EV_L7;

@@ -276,3 +276,32 @@ fn ingress_routes_from_the_load_balancer_address_by_host_and_path() {
             .then_some(())
     });
 }
+
+#[test]
+fn a_network_policy_from_the_api_is_enforced_and_its_drops_say_policy_denied() {
+    require_root!();
+    let mut env = KubeLab::new(false);
+    env.api.server.put_yaml(&lab_objects(&env.lab, &[]));
+    env.start_agents();
+    let client = env.lab.pod("n1-p1").netns.clone();
+    let reaches = |pod: &str| get_once(&client, sa(env.lab.pod(pod).ip, 8080), "/", Duration::from_millis(300)).is_ok();
+    until("n1-p1 to reach n1-p2 before any policy", || reaches("n1-p2").then_some(()));
+
+    // The app2 pods accept only the node network: n1-p1 is denied, n2-p1
+    // (no policy selects it) is not.
+    env.api.server.put_yaml(weft_tests::flows::DENY_APP2);
+    until("the policy to deny n1-p1", || (!reaches("n1-p2")).then_some(()));
+    assert!(reaches("n2-p1"), "a pod no policy selects stays open");
+    let drops = weft_tests::flows::observe_json(&env.files[0], &["--all", "-t", "drop", "--to-pod", "default/n1-p2"])
+        .unwrap_or_else(|e| env.fail(e));
+    let drops = weft_tests::flows::flows_of(&drops);
+    assert!(!drops.is_empty(), "the drops are flows");
+    assert!(
+        drops.iter().all(|f| f["drop_reason_desc"] == "POLICY_DENIED" && f["source"]["pod_name"] == "n1-p1"),
+        "{drops:?}"
+    );
+
+    // Deleted through the API: open again.
+    assert!(env.api.server.remove("networking.k8s.io/v1", "NetworkPolicy", "default", "app2-from-nodes-only"));
+    until("the policy to be gone", || reaches("n1-p2").then_some(()));
+}
