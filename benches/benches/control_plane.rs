@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weft_benches::{Samples, machine};
+use weft_benches::{Samples, machine, save};
 use weft_tests::{
     http::{Client, HttpServer, ServerOpts},
     lab::{Lab, skip_reason},
@@ -155,9 +155,11 @@ fn main() {
     println!("| configs | time to ACK | per config | / 1 config | agent peak RSS | Envoy RSS |");
     println!("|---:|---:|---:|---:|---:|---:|");
     let mut base = None;
+    let mut rows = Vec::new();
     for n in counts {
         let (took, agent_kib, envoy_kib) = scale(n);
         let base_t = *base.get_or_insert(took);
+        rows.push(serde_json::json!({"configs": n, "ack_s": took.as_secs_f64(), "agent_rss_kib": agent_kib, "envoy_rss_kib": envoy_kib}));
         println!(
             "| {n} | {:.2} s | {:.2} ms | {:.1} | {} MiB | {} MiB |",
             took.as_secs_f64(),
@@ -172,6 +174,18 @@ fn main() {
     println!("|---|---:|---:|---:|");
     let sotw = endpoint_change(false);
     let delta = endpoint_change(true);
+    save(
+        "control_plane",
+        serde_json::json!({
+            "configs": rows,
+            "endpoint_change_ms": {
+                "sotw_p50": sotw.pct(50.0).as_secs_f64() * 1e3,
+                "sotw_max": sotw.pct(100.0).as_secs_f64() * 1e3,
+                "delta_p50": delta.pct(50.0).as_secs_f64() * 1e3,
+                "delta_max": delta.pct(100.0).as_secs_f64() * 1e3,
+            },
+        }),
+    );
     for (name, s) in [("state of the world", &sotw), ("delta", &delta)] {
         println!(
             "| {name} | {:.1} | {:.1} | {:.2} |",

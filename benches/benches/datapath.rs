@@ -18,7 +18,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use weft_agent::datapath::{EndpointEntry, PolicyAction, PolicyEntry, Proto};
-use weft_benches::{Samples, machine, ratio, us};
+use weft_benches::{Samples, machine, pct_json, ratio, save, us};
 use weft_tests::{
     http::{HttpServer, ServerOpts},
     lab::{Lab, skip_reason},
@@ -47,7 +47,7 @@ fn noop_samples() -> Samples {
     )
 }
 
-fn program_bench(lab: &Lab) {
+fn program_bench(lab: &Lab) -> serde_json::Value {
     let mut node = LabNode::open(lab, 0, |_| {}).unwrap();
     node.install_lab(lab).unwrap();
     let (client, local) = (lab.pod("n1-p1").ip, lab.pod("n1-p2").ip);
@@ -85,6 +85,8 @@ fn program_bench(lab: &Lab) {
     println!("| program, path | p50 ns | p99 ns | p50 / no-op |");
     println!("|---|---:|---:|---:|");
     println!("| no-op (baseline) | {} | {} | 1.00 |", baseline.pct(50.0).as_nanos(), baseline.pct(99.0).as_nanos());
+    let mut rows =
+        vec![serde_json::json!({"program": "no-op (baseline)", "p50_ns": baseline.pct(50.0).as_nanos() as u64})];
     for (name, prog, src, dst) in cases {
         // Open the connection first (a SYN), so the timed runs take the established path.
         let _ = node.dp.test_run(prog, &tcp_frame(src, dst, SYN));
@@ -96,7 +98,9 @@ fn program_bench(lab: &Lab) {
             s.pct(99.0).as_nanos(),
             ratio(s.pct(50.0), baseline.pct(50.0))
         );
+        rows.push(serde_json::json!({"program": name, "p50_ns": s.pct(50.0).as_nanos() as u64}));
     }
+    rows.into()
 }
 
 /// Runs `weft-lab latency` as a process of pod n1-p1 inside node1's cgroup;
@@ -110,7 +114,8 @@ fn pod_process(lab: &Lab, to: std::net::SocketAddr, n: usize, mode: &str) -> Vec
     String::from_utf8_lossy(&out.stdout).lines().map(|l| Duration::from_nanos(l.parse().unwrap())).collect()
 }
 
-fn latency_bench(lab: &Lab, n: usize) {
+fn latency_bench(lab: &Lab, n: usize) -> serde_json::Value {
+    let mut figures = serde_json::Map::new();
     let mut node = LabNode::open(lab, 0, |c| c.emit_level = weft_agent::datapath::EmitLevel::Connection).unwrap();
     node.install_lab(lab).unwrap();
     let backend = lab.pod("n1-p2");
@@ -123,7 +128,6 @@ fn latency_bench(lab: &Lab, n: usize) {
     let mut l7 = service(cluster_ip(81), &[backend.ip], 8080);
     l7.proxy_port = Some(15001);
     node.dp.upsert_service(&l7).unwrap();
-    let ns = lab.pod("n1-p1").netns.clone();
 
     // (name, target, socket LB for pods on): the client is always a process of
     // pod n1-p1 under node1's cgroup, as pods sit under a node's root cgroup.
@@ -151,6 +155,16 @@ fn latency_bench(lab: &Lab, n: usize) {
             }
         }
         let samples: Vec<Samples> = all.into_iter().map(Samples::new).collect();
+        let rows: Vec<serde_json::Value> = paths
+            .iter()
+            .zip(&samples)
+            .map(|((name, _, _), s)| {
+                let mut r = pct_json(s);
+                r["path"] = (*name).into();
+                r
+            })
+            .collect();
+        figures.insert(mode.into(), rows.into());
         for (i, (name, _, _)) in paths.iter().enumerate() {
             let s = &samples[i];
             println!(
@@ -162,6 +176,7 @@ fn latency_bench(lab: &Lab, n: usize) {
             );
         }
     }
+    figures.into()
 }
 
 fn main() {
@@ -172,8 +187,9 @@ fn main() {
     let n: usize = std::env::var("WEFT_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     println!("# weft datapath benchmarks\n\nMachine: {}", machine());
     let lab = Lab::new().expect("lab");
-    program_bench(&lab);
+    let programs = program_bench(&lab);
     drop(lab);
     let lab = Lab::new().expect("lab");
-    latency_bench(&lab, n);
+    let latency = latency_bench(&lab, n);
+    save("datapath", serde_json::json!({"programs": programs, "latency": latency}));
 }

@@ -7,7 +7,9 @@
 //! 2. Kernel record -> gRPC client latency p50/p99 at fixed rates, with every
 //!    loss counted by source; the highest rate with no loss at default sizes.
 //! 3. CPU of the pipeline (reader, flows thread, flow API serving one
-//!    follower) at 10,000 flows/s.
+//!    follower) at 10,000 flows/s; and a real agent's CPU and memory at
+//!    about 10,000 flows/s of real packets (one `weft observe -f` following),
+//!    against the same agent idle.
 //!
 //! `cargo bench -p weft-benches --bench flows`
 
@@ -22,7 +24,7 @@ use std::{
 };
 
 use weft_agent::datapath::{Datapath, EmitLevel};
-use weft_benches::machine;
+use weft_benches::{machine, save};
 use weft_observe::{
     client::{self, Address},
     enrich::{EndpointInfo, Names, ServiceInfo},
@@ -39,8 +41,10 @@ use weft_observe::{
     server::{self, Listen},
 };
 use weft_tests::{
+    flows::{agent_get, flow_socket, metric_sum},
     lab::{Lab, skip_reason},
     node::{LabNode, pod_identities},
+    objects::{agent_files, lab_objects, start_agent, wait_ready, workspace_binary, write_atomic},
     packet::{ACK, PSH, SYN, tcp_frame},
     scenario::{VIP, cluster_ip, service},
 };
@@ -83,7 +87,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn throughput(lab: &Lab, dp: &Datapath, reader: &mut EventReader) {
+fn throughput(lab: &Lab, dp: &Datapath, reader: &mut EventReader) -> serde_json::Value {
     let pkt = frame(lab, dp);
     let names = names(lab);
     let filter = FlowFilter {
@@ -133,6 +137,7 @@ fn throughput(lab: &Lab, dp: &Datapath, reader: &mut EventReader) {
     println!("|---|---:|---:|");
     println!("| drain the ring buffer only (baseline) | {:.0} | 1.00 |", d);
     println!("| drain + decode + enrich + join + filter + metrics | {:.0} | {:.2} |", f, f / d);
+    serde_json::json!({"drain_per_s": d, "pipeline_per_s": f})
 }
 
 /// CPU seconds (user + system) of this process's threads, by name.
@@ -271,7 +276,7 @@ fn main() {
     node.dp.upsert_service(&service(cluster_ip(80), &[lab.pod("n1-p2").ip], 8080)).unwrap();
     let LabNode { dp, events, .. } = node;
     let mut reader = EventReader::new(events);
-    throughput(&lab, &dp, &mut reader);
+    let tp = throughput(&lab, &dp, &mut reader);
 
     // The whole pipeline at default sizes, serving one follower.
     let (pipeline, feed) = Pipeline::start(PipelineConfig::default(), names(&lab));
@@ -304,8 +309,16 @@ fn main() {
     );
     println!("|---:|---:|---:|---:|---|---:|---:|---:|");
     let mut highest_clean = 0;
+    let mut rates = Vec::new();
     for rate in [10_000u64, 100_000, 200_000, 400_000, 800_000] {
         let r = rate_run(&lab, &dp, &pipeline, &addr, rate, 3);
+        rates.push(serde_json::json!({
+            "rate": rate, "emitted": r.emitted, "received": r.received,
+            "lost_kernel": r.lost[&LostSource::KernelRing], "lost_queue": r.lost[&LostSource::AgentQueue],
+            "lost_store": r.lost[&LostSource::FlowStore],
+            "p50_ms": r.p50.as_secs_f64() * 1e3, "p99_ms": r.p99.as_secs_f64() * 1e3,
+            "pipeline_cpu_pct": r.pipeline_cpu / r.secs * 100.0,
+        }));
         let (k, q, s) =
             (r.lost[&LostSource::KernelRing], r.lost[&LostSource::AgentQueue], r.lost[&LostSource::FlowStore]);
         println!(
@@ -340,6 +353,80 @@ fn main() {
         };
         println!("| {t} | {role} | {:.1} |", c / r.secs * 100.0);
     }
+    let cpu10k = r.pipeline_cpu / r.secs * 100.0;
     pipeline.stop();
     let _ = std::fs::remove_dir_all(&dir);
+    drop(dp);
+    drop(lab);
+    let agent = agent_load();
+    save(
+        "flows",
+        serde_json::json!({
+            "throughput": tp, "rates": rates, "zero_loss_max": highest_clean,
+            "pipeline_cpu_10k_pct": cpu10k, "agent": agent,
+        }),
+    );
+}
+
+/// A real agent (no Envoy) on node1, records for every packet, one
+/// `weft observe -f` following: CPU and memory idle, then under about
+/// 10,000 flows/s (5,000 UDP datagrams/s from n1-p1 to n2-p1; each gives a
+/// from-endpoint and a to-network record).
+fn agent_load() -> serde_json::Value {
+    let lab = Lab::new().unwrap();
+    let files = agent_files(&lab, 0, "emit-level: packet\nenvoy: {enabled: false}\n").unwrap();
+    write_atomic(&files.objects_dir.join("lab.yaml"), &lab_objects(&lab, &[])).unwrap();
+    let pid = start_agent(&lab, 0, &files, &lab.run_dir.join("agent.log")).unwrap();
+    wait_ready(&files, Duration::from_secs(30), || lab.running(pid)).unwrap();
+    let mut follower = std::process::Command::new(workspace_binary("weft"))
+        .args(["observe", "-f", "-o", "json", "--server", &flow_socket(&files)])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sample = || {
+        let m = agent_get(&lab, 0, "/metrics").unwrap();
+        (
+            metric_sum(&m, "weft_agent_cpu_seconds_total", &[]),
+            metric_sum(&m, "weft_agent_resident_memory_bytes", &[]),
+            metric_sum(&m, "weft_flows_stored_total", &[]),
+            metric_sum(&m, "weft_lost_events_total", &[]),
+        )
+    };
+    let secs = 10.0;
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, _, _, _) = sample();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (c1, idle_rss, _, _) = sample();
+    let (c2, _, f2, l2) = sample();
+    let target: std::net::SocketAddr = (lab.pod("n2-p1").ip, 9999).into();
+    let t0 = Instant::now();
+    lab.in_ns(&lab.pod("n1-p1").netns, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut sent = 0u64;
+        while t0.elapsed().as_secs_f64() < secs {
+            let due = (t0.elapsed().as_secs_f64() * 5000.0) as u64;
+            while sent < due {
+                let _ = s.send_to(&[0u8; 32], target);
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let took = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let (c3, load_rss, f3, l3) = sample();
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let idle = (c1 - c0) / secs * 100.0;
+    let load = (c3 - c2) / took * 100.0;
+    let rate = (f3 - f2) / took;
+    println!("\n## A real agent at about 10,000 flows/s (records for every packet, one `weft observe -f` following)\n");
+    println!("| state | flows/s | agent CPU, % of one core | agent RSS | lost |");
+    println!("|---|---:|---:|---:|---:|");
+    println!("| idle (baseline) | 0 | {idle:.1} | {:.0} MiB | 0 |", idle_rss / 1048576.0);
+    println!("| loaded | {rate:.0} | {load:.1} | {:.0} MiB | {} |", load_rss / 1048576.0, l3 - l2);
+    serde_json::json!({
+        "idle_cpu_pct": idle, "load_cpu_pct": load, "flows_per_s": rate,
+        "idle_rss_mib": idle_rss / 1048576.0, "load_rss_mib": load_rss / 1048576.0, "lost": l3 - l2,
+    })
 }

@@ -2,6 +2,7 @@
 //! own lab, agent and Envoys):
 //!
 //! - direct pod -> pod (the baseline);
+//! - pod -> ClusterIP, translated per packet by the eBPF datapath (DNAT);
 //! - sidecarless: pod -> L7 Service, handed to the node's Envoy by the
 //!   datapath (sk_lookup), the agent's Envoy forwards to the backend;
 //! - iptables TPROXY to the same Envoy (a pinned listener), as a
@@ -10,11 +11,13 @@
 //!   addressed directly (no iptables redirects, so this is a generous
 //!   baseline for sidecars).
 //!
-//! `cargo bench -p weft-benches --bench l7_paths` (WEFT_BENCH_N: requests per path).
+//! Keep-alive requests and new connections (a fifth as many), each path in
+//! interleaved rounds. `cargo bench -p weft-benches --bench l7_paths`
+//! (WEFT_BENCH_N: keep-alive requests per path).
 
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
-use weft_benches::{Samples, machine, ratio, us};
+use weft_benches::{Samples, machine, pct_json, ratio, save, us};
 use weft_tests::{
     http::{HttpServer, ServerOpts},
     lab::{Lab, sh, skip_reason},
@@ -72,10 +75,10 @@ fn start_sidecar(lab: &Lab, ns: &str, name: &str, bootstrap: &str) -> u32 {
     lab.spawn(ns, None, &mut cmd).unwrap()
 }
 
-fn samples(lab: &Lab, to: std::net::SocketAddr, n: usize) -> Vec<Duration> {
+fn samples(lab: &Lab, to: std::net::SocketAddr, n: usize, mode: &str) -> Vec<Duration> {
     let pod = lab.pod("n1-p1");
     let mut cmd = Command::new(lab_helper());
-    cmd.args(["latency", &to.to_string(), &n.to_string(), "keepalive"]);
+    cmd.args(["latency", &to.to_string(), &n.to_string(), mode]);
     let out = lab.run(&pod.netns, Some(&lab.node(0).cgroup), &mut cmd, Duration::from_secs(600)).unwrap();
     assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
     String::from_utf8_lossy(&out.stdout).lines().map(|l| Duration::from_nanos(l.parse().unwrap())).collect()
@@ -125,7 +128,8 @@ fn main() {
         http_envoy_config("l7", "l7", None),
         tproxy_cfg
     );
-    let files = agent_files(&lab, 0, "").unwrap();
+    // Per-packet DNAT for pods (not connect-time translation), to measure it.
+    let files = agent_files(&lab, 0, "socket-lb-pods: false\n").unwrap();
     write_atomic(&files.objects_dir.join("lab.yaml"), &objects).unwrap();
     let log = lab.run_dir.join("agent.log");
     let pid = start_agent(&lab, 0, &files, &log).unwrap();
@@ -187,30 +191,43 @@ fn main() {
 
     let paths = [
         ("direct pod -> pod", sa(backend.ip, 8080)),
+        ("eBPF DNAT: pod -> ClusterIP", sa(Ipv4Addr::new(10, 96, 0, 21), 80)),
         ("sidecarless: datapath -> node Envoy", sa(L7_VIP, 80)),
         ("iptables TPROXY -> node Envoy", sa(TPROXY_VIP, 80)),
         ("sidecar chain: client Envoy -> server Envoy", sa(Ipv4Addr::LOCALHOST, 15001)),
     ];
+    let (tproxy, chain) = (3, 4);
     let rounds = 10;
-    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
-    for _ in 0..rounds {
-        for (i, (_, to)) in paths.iter().enumerate() {
-            all[i].extend(samples(&lab, *to, n / rounds));
+    println!("# L7 paths: request latency, {rounds} interleaved rounds per mode\n");
+    println!("Machine: {}", machine());
+    let mut figures = serde_json::Map::new();
+    for (mode, count) in [("keepalive", n), ("new", n / 5)] {
+        let mut all: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
+        for _ in 0..rounds {
+            for (i, (_, to)) in paths.iter().enumerate() {
+                all[i].extend(samples(&lab, *to, count / rounds, mode));
+            }
         }
+        let s: Vec<Samples> = all.into_iter().map(Samples::new).collect();
+        let what = if mode == "keepalive" { "keep-alive requests" } else { "requests, each on a new connection" };
+        println!("\n## {count} {what} per path\n");
+        println!("| path | p50 µs | p99 µs | p50 / direct | p50 / TPROXY | p50 / sidecar chain |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        let mut rows = Vec::new();
+        for (i, (name, _)) in paths.iter().enumerate() {
+            println!(
+                "| {name} | {} | {} | {} | {} | {} |",
+                us(s[i].pct(50.0)),
+                us(s[i].pct(99.0)),
+                ratio(s[i].pct(50.0), s[0].pct(50.0)),
+                ratio(s[i].pct(50.0), s[tproxy].pct(50.0)),
+                ratio(s[i].pct(50.0), s[chain].pct(50.0)),
+            );
+            let mut row = pct_json(&s[i]);
+            row["path"] = (*name).into();
+            rows.push(row);
+        }
+        figures.insert(mode.into(), rows.into());
     }
-    let s: Vec<Samples> = all.into_iter().map(Samples::new).collect();
-    println!("# L7 paths: request latency, keep-alive, {n} requests per path in {rounds} interleaved rounds\n");
-    println!("Machine: {}\n", machine());
-    println!("| path | p50 µs | p99 µs | p50 / direct | p50 / TPROXY | p50 / sidecar chain |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (i, (name, _)) in paths.iter().enumerate() {
-        println!(
-            "| {name} | {} | {} | {} | {} | {} |",
-            us(s[i].pct(50.0)),
-            us(s[i].pct(99.0)),
-            ratio(s[i].pct(50.0), s[0].pct(50.0)),
-            ratio(s[i].pct(50.0), s[2].pct(50.0)),
-            ratio(s[i].pct(50.0), s[3].pct(50.0)),
-        );
-    }
+    save("l7_paths", figures.into());
 }

@@ -51,3 +51,21 @@ pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
+
+/// Saves a benchmark's figures as JSON in `$WEFT_BENCH_OUT/<name>.json`
+/// (for `benches/report.sh`); does nothing when the variable is unset.
+pub fn save(name: &str, figures: serde_json::Value) {
+    let Some(dir) = std::env::var_os("WEFT_BENCH_OUT") else { return };
+    let dir = std::path::PathBuf::from(dir);
+    let mut figures = figures;
+    figures["machine"] = machine().into();
+    std::fs::create_dir_all(&dir).expect("creating WEFT_BENCH_OUT");
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&figures).unwrap()).expect("writing figures");
+    eprintln!("figures saved to {}", path.display());
+}
+
+/// A percentile row as JSON: p50 and p99 in microseconds.
+pub fn pct_json(s: &Samples) -> serde_json::Value {
+    serde_json::json!({"p50_us": s.pct(50.0).as_secs_f64() * 1e6, "p99_us": s.pct(99.0).as_secs_f64() * 1e6, "n": s.len()})
+}
