@@ -81,6 +81,45 @@ pub struct FlowOptions {
     pub metrics_context: Vec<String>,
     /// Export flows to an OpenTelemetry collector. Default: none.
     pub otlp: Option<OtlpOptions>,
+    /// TLS on the flow API's TCP address. Default: none (plaintext, as Hubble's default).
+    pub tls: Option<FlowTls>,
+}
+
+/// TLS of the flow API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FlowTls {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Require client certificates from this CA (PEM). Default: none.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl FlowTls {
+    /// Reads the files; errors name the key and the file.
+    pub fn load(&self) -> Result<weft_observe::server::Tls, ConfigError> {
+        let read = |key: &'static str, p: &Path| {
+            std::fs::read(p).map_err(|e| ConfigError::Invalid {
+                key,
+                value: p.display().to_string(),
+                reason: e.to_string(),
+            })
+        };
+        let tls = weft_observe::server::Tls {
+            cert_pem: read("flows.tls.cert", &self.cert)?,
+            key_pem: read("flows.tls.key", &self.key)?,
+            client_ca_pem: self.client_ca.as_deref().map(|p| read("flows.tls.client-ca", p)).transpose()?,
+        };
+        tls.check().map_err(|reason| ConfigError::Invalid {
+            key: "flows.tls",
+            value: self.cert.display().to_string(),
+            reason,
+        })?;
+        Ok(tls)
+    }
 }
 
 impl Default for FlowOptions {
@@ -97,6 +136,7 @@ impl Default for FlowOptions {
                 "destination_workload".into(),
             ],
             otlp: None,
+            tls: None,
         }
     }
 }
@@ -310,6 +350,9 @@ impl AgentConfig {
         if let Some(o) = &self.flows.otlp {
             o.exporter()?;
         }
+        if let Some(t) = &self.flows.tls {
+            t.load()?;
+        }
         self.map_sizes.validate().map_err(|reason| ConfigError::Invalid {
             key: "map-sizes",
             value: format!("{:?}", self.map_sizes),
@@ -365,6 +408,25 @@ mod tests {
         assert!(err.contains("verdikt"), "{err}");
         let bad: AgentConfig = serde_saphyr::from_str("node-name: n\nflows: {metrics-context: [pod]}\n").unwrap();
         assert!(bad.validate().unwrap_err().to_string().starts_with("flows.metrics-context"));
+        let missing: AgentConfig =
+            serde_saphyr::from_str("node-name: n\nflows: {tls: {cert: /nonexistent/c.pem, key: /nonexistent/k.pem}}\n")
+                .unwrap();
+        let err = missing.validate().unwrap_err().to_string();
+        assert!(err.starts_with("flows.tls.cert = /nonexistent/c.pem: "), "{err}");
+        // Files that are there but are not PEM certificates are refused at start, not at first connection.
+        let dir = std::env::temp_dir().join(format!("weft-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("c.pem"), "not a certificate\n").unwrap();
+        let junk = AgentConfig {
+            flows: FlowOptions {
+                tls: Some(FlowTls { cert: dir.join("c.pem"), key: dir.join("c.pem"), client_ca: None }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = junk.validate().unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.starts_with("flows.tls = "), "{err}");
     }
 
     #[test]

@@ -167,6 +167,7 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
         let listen = weft_observe::server::Listen {
             tcp: (!cfg.flows.address.is_empty()).then(|| cfg.flows.address.parse().expect("validated")),
             unix: Some(cfg.flows.socket.clone().unwrap_or_else(|| cfg.state_dir.join("observer.sock"))),
+            tls: cfg.flows.tls.as_ref().map(|t| t.load()).transpose()?,
         };
         let p = pipeline.clone();
         tokio::spawn(async move {

@@ -57,9 +57,37 @@ pub enum Color {
 /// Flags shared by the commands that talk to a flow API.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// The flow API: host:port or unix:///path.
+    /// The flow API: host:port, tls://host:port or unix:///path.
     #[arg(long, env = "WEFT_SERVER", default_value = "localhost:4244")]
     pub server: String,
+    /// CA certificate (PEM) the server's certificate must chain to (tls://).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Name to check the server's certificate against (default: the host).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// Client certificate and key (PEM) for servers that require one.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl ServerArgs {
+    /// The address and TLS settings; errors name the flag and the file.
+    pub fn target(&self) -> Result<(Address, client::TlsClient), String> {
+        let read =
+            |flag: &str, p: &std::path::Path| std::fs::read(p).map_err(|e| format!("--{flag} {}: {e}", p.display()));
+        let tls = client::TlsClient {
+            ca_pem: self.tls_ca.as_deref().map(|p| read("tls-ca", p)).transpose()?,
+            server_name: self.tls_server_name.clone(),
+            identity: match (&self.tls_cert, &self.tls_key) {
+                (Some(c), Some(k)) => Some((read("tls-cert", c)?, read("tls-key", k)?)),
+                _ => None,
+            },
+        };
+        Ok((Address::parse(&self.server)?, tls))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -602,8 +630,8 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
         }
         return Ok(());
     }
-    let addr = Address::parse(&args.server.server)?;
-    let mut client = client::observer(&addr).await?;
+    let (addr, tls) = args.server.target()?;
+    let mut client = client::observer_tls(&addr, &tls).await?;
     let mut stream = match client.get_flows(req).await {
         Ok(r) => r.into_inner(),
         Err(s) => return Err(format!("{addr}: {}", s.message())),
@@ -682,8 +710,8 @@ fn thousands(n: u64) -> String {
 
 /// `weft status`.
 pub async fn status(args: StatusArgs) -> Result<(), String> {
-    let addr = Address::parse(&args.server.server)?;
-    let channel = client::channel(&addr).await?;
+    let (addr, tls) = args.server.target()?;
+    let channel = client::channel_tls(&addr, &tls).await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let healthy = health
         .check(tonic_health::pb::HealthCheckRequest { service: crate::server::HEALTH_SERVICE.into() })

@@ -52,11 +52,13 @@ pub struct ObserverService {
     started: Instant,
     /// The address clients use, for GetNodes.
     address: String,
+    /// Whether the TCP listener speaks TLS, for GetNodes.
+    tls: bool,
 }
 
 impl ObserverService {
     pub fn new(pipeline: Arc<Pipeline>, address: String) -> Self {
-        Self { pipeline, started: Instant::now(), address }
+        Self { pipeline, started: Instant::now(), address, tls: false }
     }
 }
 
@@ -226,7 +228,7 @@ impl Observer for ObserverService {
             version: VERSION.into(),
             address: self.address.clone(),
             state: proto::relay::NodeState::NodeConnected as i32,
-            tls: Some(obs::Tls { enabled: false, server_name: String::new() }),
+            tls: Some(obs::Tls { enabled: self.tls, server_name: String::new() }),
             uptime_ns: self.started.elapsed().as_nanos() as u64,
             num_flows: st.num_flows,
             max_flows: st.max_flows,
@@ -277,12 +279,45 @@ impl Observer for ObserverService {
 pub struct Listen {
     pub tcp: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
+    /// TLS on the TCP listener (the unix socket stays plaintext: its file
+    /// permissions guard it).
+    pub tls: Option<Tls>,
+}
+
+/// The flow API's TLS: its certificate and key (PEM), and when set, the CA
+/// client certificates must chain to (mutual TLS).
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl Tls {
+    /// Parses the certificate, key and CA as the server will; the error says
+    /// what is wrong with them.
+    pub fn check(&self) -> Result<(), String> {
+        tonic::transport::Server::builder()
+            .tls_config(self.server_config())
+            .map(|_| ())
+            .map_err(|e| crate::client::error_chain(&e))
+    }
+
+    fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        let mut c = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem));
+        if let Some(ca) = &self.client_ca_pem {
+            c = c.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        c
+    }
 }
 
 /// Serves the flow API (with health and reflection) until the process ends.
 pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()> {
     let address = listen.tcp.map(|a| a.to_string()).unwrap_or_default();
-    let svc = ObserverService::new(pipeline, address);
+    let mut svc = ObserverService::new(pipeline, address);
+    svc.tls = listen.tls.is_some();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ObserverServer<ObserverService>>().await;
     reporter.set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::Serving).await;
@@ -290,9 +325,8 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
         .register_encoded_file_descriptor_set(proto::DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let router = || {
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    let router = |b: tonic::transport::Server| {
+        b.http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(ObserverServer::new(svc.clone()).max_decoding_message_size(16 << 20))
             .add_service(health.clone())
             .add_service(reflection.clone())
@@ -300,7 +334,11 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = listen.tcp {
         let incoming = tokio::net::TcpListener::bind(addr).await?;
-        let r = router();
+        let builder = match &listen.tls {
+            Some(tls) => tonic::transport::Server::builder().tls_config(tls.server_config())?,
+            None => tonic::transport::Server::builder(),
+        };
+        let r = router(builder);
         tasks.spawn(
             async move { r.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(incoming)).await },
         );
@@ -311,7 +349,7 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
             std::fs::create_dir_all(dir)?;
         }
         let incoming = tokio::net::UnixListener::bind(&path)?;
-        let r = router();
+        let r = router(tonic::transport::Server::builder());
         tasks.spawn(
             async move { r.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(incoming)).await },
         );

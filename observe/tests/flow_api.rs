@@ -220,7 +220,7 @@ async fn start(cfg: PipelineConfig) -> Api {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("observer.sock");
     let (pipeline, feed) = Pipeline::start(cfg, names());
-    let listen = Listen { tcp: None, unix: Some(sock.clone()) };
+    let listen = Listen { tcp: None, unix: Some(sock.clone()), tls: None };
     tokio::spawn(server::serve(pipeline.clone(), listen));
     for _ in 0..100 {
         if sock.exists() {
@@ -521,4 +521,98 @@ async fn a_slow_reader_is_told_what_the_store_overwrote() {
     assert_eq!(got + lost, total);
     assert!(lost > 0, "the store holds 16 flows");
     assert_eq!(api.pipeline.counters.lost(weft_observe::record::LostSource::FlowStore), lost);
+}
+
+// ------------------------------------------------------------------- TLS
+
+/// A CA and a server certificate for 127.0.0.1 and flows.weft.test, and a
+/// client certificate, made with the openssl command.
+fn certificates(dir: &std::path::Path) {
+    let sh = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    sh(&[
+        &["req", "-x509"][..],
+        &ec,
+        &["-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=weft test CA"],
+    ]
+    .concat());
+    // Extensions make both leaf certificates X.509 v3, which rustls requires.
+    std::fs::write(dir.join("server.ext"), "subjectAltName=DNS:flows.weft.test,IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        sh(&[
+            &["req"][..],
+            &ec,
+            &["-keyout", &format!("{who}.key"), "-out", &format!("{who}.csr"), "-subj", &format!("/CN={who}")],
+        ]
+        .concat());
+        let mut args =
+            vec!["x509", "-req", "-in", &*format!("{who}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>();
+        args.extend(["-out".into(), format!("{who}.crt"), "-days".into(), "2".into()]);
+        args.extend(["-extfile".into(), format!("{who}.ext")]);
+        sh(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flow_api_speaks_tls_and_can_require_client_certificates() {
+    let dir = std::env::temp_dir().join(format!("weft-flow-tls-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    certificates(&dir);
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let (pipeline, mut feed) = Pipeline::start(PipelineConfig::default(), names());
+    feed.push(&trace(abi::OBS_TO_ENDPOINT, 40000, 0x02));
+    feed.flush();
+    stored(&pipeline, 1).await;
+    // A free port, for the server to bind.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tls =
+        server::Tls { cert_pem: read("server.crt"), key_pem: read("server.key"), client_ca_pem: Some(read("ca.crt")) };
+    let listen = Listen { tcp: Some(([127, 0, 0, 1], port).into()), unix: None, tls: Some(tls) };
+    let served = tokio::spawn(server::serve(pipeline.clone(), listen));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if served.is_finished() {
+        panic!("the server stopped: {:?}", served.await);
+    }
+    let addr = Address::parse(&format!("tls://127.0.0.1:{port}")).unwrap();
+    let with = |identity: bool| client::TlsClient {
+        ca_pem: Some(read("ca.crt")),
+        server_name: Some("flows.weft.test".into()),
+        identity: identity.then(|| (read("client.crt"), read("client.key"))),
+    };
+    // With the CA and a client certificate: flows.
+    let mut last = Err(String::new());
+    for _ in 0..50 {
+        last = client::observer_tls(&addr, &with(true)).await;
+        if last.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = last.expect("a TLS client with a certificate connects");
+    let st = c.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(st.num_flows, 1);
+    let nodes = c.get_nodes(proto::observer::GetNodesRequest {}).await.unwrap().into_inner();
+    assert_eq!(nodes.nodes[0].tls.as_ref().map(|t| t.enabled), Some(true));
+    // Without a client certificate: refused.
+    let refused = match client::observer_tls(&addr, &with(false)).await {
+        Err(_) => true,
+        Ok(mut c) => c.server_status(ServerStatusRequest {}).await.is_err(),
+    };
+    assert!(refused, "mutual TLS requires the client's certificate");
+    // Plaintext against the TLS port: refused.
+    let plain = Address::parse(&format!("127.0.0.1:{port}")).unwrap();
+    let refused = match client::observer(&plain).await {
+        Err(_) => true,
+        Ok(mut c) => c.server_status(ServerStatusRequest {}).await.is_err(),
+    };
+    assert!(refused, "a plaintext client gets nothing");
+    pipeline.stop();
 }
