@@ -297,7 +297,11 @@ impl Sink for FlowMetrics {
                 let method = if h.method.is_empty() { "UNKNOWN".to_string() } else { h.method.clone() };
                 let rep = reporter(f);
                 let mut ctx = Labels::new();
-                self.ctx.labels(f.src.as_deref(), f.dst.as_deref(), dir, &mut ctx);
+                // A response flows from server to client; its labels name the
+                // request's ends (as Hubble's do), so one `destination_workload`
+                // selects a service's requests, responses and latencies alike.
+                let (client, server) = if ev.subtype == L7_RESPONSE { (&f.dst, &f.src) } else { (&f.src, &f.dst) };
+                self.ctx.labels(client.as_deref(), server.as_deref(), dir, &mut ctx);
                 if ev.subtype == L7_REQUEST {
                     let mut l: Labels =
                         vec![("method", method), ("protocol", h.protocol.into()), ("reporter", rep.into())];

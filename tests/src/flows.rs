@@ -4,15 +4,18 @@
 
 use std::{
     io::{BufRead, BufReader},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::{
-    http::Client,
+    envoylab::EnvoyLab,
+    http::{Client, get_once},
     lab::Lab,
-    objects::{AgentFiles, workspace_binary},
+    objects::{AgentFiles, LabService, http_envoy_config, lab_objects, workspace_binary},
+    scenario::{T, VIP, sa},
 };
 
 /// Starts a command with its stdout piped; its lines arrive on the channel.
@@ -63,6 +66,56 @@ spec:
   - from: [{ipBlock: {cidr: 192.168.50.0/24}}]
 ---
 ";
+
+/// The L7 Service's ClusterIP in the flow lab.
+pub const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// The W3C trace context the flow lab's HTTP requests carry.
+pub const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// The flow lab's objects: web (plain, DNAT to n2-p1), hello (L7 through
+/// Envoy, to n2-p1), and a policy that denies every peer of the app2 pods
+/// (n1-p2, n2-p2).
+pub fn flow_objects(lab: &Lab) -> String {
+    let services = [LabService::new("web", VIP, 80, &["n2-p1"]), LabService::new("hello", HELLO, 80, &["n2-p1"])];
+    format!("{}{}---\n{DENY_APP2}", lab_objects(lab, &services), http_envoy_config("hello-l7", "hello", None))
+}
+
+/// An EnvoyLab with the flow lab's objects, once node1's Envoy acknowledged
+/// the L7 config.
+pub fn flow_lab(agent_config: &str) -> EnvoyLab {
+    let env = EnvoyLab::with_config(flow_objects, agent_config);
+    env.acked("EnvoyConfig default/hello-l7");
+    env
+}
+
+/// Traffic from n1-p1: `n` requests to web, `n` HTTP requests to hello on
+/// one connection (with trace context), and one connection attempt to n1-p2
+/// that the policy drops.
+pub fn traffic(env: &EnvoyLab, n: usize) {
+    let client = env.lab.pod("n1-p1");
+    for _ in 0..n {
+        let (r, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T).unwrap_or_else(|e| env.fail(e));
+        assert_eq!(r.status, 200);
+    }
+    let mut c = Client::connect(&client.netns, sa(HELLO, 80), None, T).unwrap_or_else(|e| env.fail(e));
+    for i in 0..n {
+        let r = c.get("hello.default", &format!("/api/items/{i}"), &[("traceparent", TRACEPARENT)]).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    drop(c);
+    let denied = sa(env.lab.pod("n1-p2").ip, 8080);
+    assert!(get_once(&client.netns, denied, "/", Duration::from_millis(300)).is_err(), "the policy lets n1-p1 in");
+}
+
+/// Waits until node1's flow API holds `n` HTTP flows (the access log is
+/// flushed every 200 ms).
+pub fn wait_http_flows(env: &EnvoyLab, n: usize) -> Vec<serde_json::Value> {
+    wait_for(Duration::from_secs(10), "HTTP flows", || {
+        let r = observe_json(&env.files[0], &["--all", "--protocol", "http"]).ok()?;
+        (flows_of(&r).len() >= n).then_some(r)
+    })
+    .unwrap_or_else(|e| env.fail(e))
+}
 
 /// GETs a path of node `idx`'s agent API from inside the node.
 pub fn agent_get(lab: &Lab, idx: usize, path: &str) -> anyhow::Result<String> {
@@ -136,19 +189,24 @@ impl Prometheus {
         Ok((r.status, r.body))
     }
 
+    /// GETs an HTTP API path; its JSON answer, which must say success.
+    fn api(&self, path: &str, what: &str) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.get(path)?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        anyhow::ensure!(status == 200 && v["status"] == "success", "{what}: {body}");
+        Ok(v)
+    }
+
     /// Runs an instant query; the raw API answer.
     pub fn query(&self, q: &str) -> anyhow::Result<serde_json::Value> {
-        let enc: String = q
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        let (status, body) = self.get(&format!("/api/v1/query?query={enc}"))?;
-        let v: serde_json::Value = serde_json::from_str(&body)?;
-        anyhow::ensure!(status == 200 && v["status"] == "success", "query {q}: {body}");
-        Ok(v)
+        self.api(&format!("/api/v1/query?query={}", url_encode(q)), &format!("query {q}"))
+    }
+
+    /// The values `label` takes in the series that match `selector`.
+    pub fn label_values(&self, label: &str, selector: &str) -> anyhow::Result<Vec<String>> {
+        let path = format!("/api/v1/label/{}/values?match%5B%5D={}", url_encode(label), url_encode(selector));
+        let v = self.api(&path, &format!("values of {label} in {selector}"))?;
+        Ok(v["data"].as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect())
     }
 
     /// The single value of a scalar-like query (sum of a vector), None when empty.
@@ -157,6 +215,16 @@ impl Prometheus {
         let result = &v["data"]["result"];
         Ok(result.as_array().and_then(|r| r.first()).and_then(|s| s["value"][1].as_str()?.parse().ok()))
     }
+}
+
+/// Percent-encodes a query parameter.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The project's Python (the venv setup.sh creates).

@@ -2,6 +2,7 @@
 //! helpers, and the glue the integration tests and the demo share.
 
 pub mod cluster;
+pub mod dashboards;
 pub mod demo;
 pub mod envoylab;
 pub mod flows;

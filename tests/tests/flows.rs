@@ -5,7 +5,7 @@
 //! overloaded ring buffer reports its losses, which add up.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     process::Command,
     time::{Duration, Instant},
 };
@@ -14,63 +14,16 @@ use serde_json::Value;
 use weft_tests::{
     envoylab::EnvoyLab,
     flows::{
-        DENY_APP2, OtlpReceiver, Prometheus, agent_get, flow_socket, flows_of, metric_sum, observe_json, spawn_lines,
-        wait_for,
+        OtlpReceiver, Prometheus, agent_get, flow_lab, flow_objects, flow_socket, flows_of, metric_sum, observe_json,
+        spawn_lines, traffic, wait_for, wait_http_flows,
     },
-    http::{Client, get_once},
-    lab::Lab,
-    objects::{LabService, http_envoy_config, lab_objects, workspace_binary},
+    objects::workspace_binary,
     require_root,
-    scenario::{T, VIP, sa},
+    scenario::sa,
 };
-
-const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
-const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
-/// web (plain, DNAT to n2-p1), hello (L7 through Envoy, to n2-p1), and a
-/// policy that denies every peer of the app2 pods (n1-p2, n2-p2).
-fn objects(lab: &Lab) -> String {
-    let services = [LabService::new("web", VIP, 80, &["n2-p1"]), LabService::new("hello", HELLO, 80, &["n2-p1"])];
-    format!("{}{}---\n{DENY_APP2}", lab_objects(lab, &services), http_envoy_config("hello-l7", "hello", None))
-}
-
-/// Traffic from n1-p1: `n` requests to web, `n` HTTP requests to hello on
-/// one connection (with trace context), and one connection attempt to n1-p2
-/// that the policy drops.
-fn traffic(env: &EnvoyLab, n: usize) {
-    let client = env.lab.pod("n1-p1");
-    for _ in 0..n {
-        let (r, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T).unwrap_or_else(|e| env.fail(e));
-        assert_eq!(r.status, 200);
-    }
-    let mut c = Client::connect(&client.netns, sa(HELLO, 80), None, T).unwrap_or_else(|e| env.fail(e));
-    for i in 0..n {
-        let r = c.get("hello.default", &format!("/api/items/{i}"), &[("traceparent", TRACEPARENT)]).unwrap();
-        assert_eq!(r.status, 200, "{r:?}");
-    }
-    drop(c);
-    let denied = sa(env.lab.pod("n1-p2").ip, 8080);
-    assert!(get_once(&client.netns, denied, "/", Duration::from_millis(300)).is_err(), "the policy lets n1-p1 in");
-}
-
-fn flow_lab(agent_config: &str) -> EnvoyLab {
-    let env = EnvoyLab::with_config(objects, agent_config);
-    env.acked("EnvoyConfig default/hello-l7");
-    env
-}
 
 fn pod<'a>(f: &'a Value, side: &str) -> &'a str {
     f[side]["pod_name"].as_str().unwrap_or("")
-}
-
-/// Waits until node1's flow API holds `n` HTTP flows (the access log is
-/// flushed every 200 ms).
-fn wait_http_flows(env: &EnvoyLab, n: usize) -> Vec<Value> {
-    wait_for(Duration::from_secs(10), "HTTP flows", || {
-        let r = observe_json(&env.files[0], &["--all", "--protocol", "http"]).ok()?;
-        (flows_of(&r).len() >= n).then_some(r)
-    })
-    .unwrap_or_else(|e| env.fail(e))
 }
 
 #[test]
@@ -296,7 +249,7 @@ fn otlp_receiver_gets_flows_and_the_agent_rides_out_an_outage() {
     require_root!();
     // Node1 exports over gRPC, node2 over HTTP; small queues so an outage fills them.
     let env = EnvoyLab::with_config(
-        objects,
+        flow_objects,
         "flows:\n  otlp: {endpoint: 'http://127.0.0.1:14317', interval-ms: 200, queue-size: 256, batch-size: 64, retry-ms: 1000, timeout-ms: 1000}\n",
     );
     env.acked("EnvoyConfig default/hello-l7");
@@ -379,7 +332,7 @@ fn otlp_receiver_gets_flows_and_the_agent_rides_out_an_outage() {
 fn otlp_over_http_too() {
     require_root!();
     let env = EnvoyLab::with_config(
-        objects,
+        flow_objects,
         "flows:\n  otlp: {endpoint: 'http://127.0.0.1:14318', protocol: http/protobuf, interval-ms: 200, allow: [{verdict: [DROPPED]}, {protocol: [http]}]}\n",
     );
     env.acked("EnvoyConfig default/hello-l7");
