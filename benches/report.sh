@@ -1,9 +1,9 @@
-#!/bin/sh
+#!/bin/bash
 # The performance report: runs weft's benchmarks side by side on this machine
 # (datapath, L7 paths against TPROXY and sidecars, the flow pipeline, the
 # control plane) and writes benches/results/REPORT.md with PNG charts.
 # Takes a while (about half an hour on 2 cores). Usage: sudo ./benches/report.sh
-set -eu
+set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tests/setup.sh
 . ./tests/env.sh
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 cargo build -q --release --workspace --bins
 OUT=benches/results
 mkdir -p "$OUT/raw"
-export WEFT_BENCH_OUT="$OUT/raw"
+export WEFT_BENCH_OUT="$PWD/$OUT/raw"
 export WEFT_LAB_BIN="${CARGO_TARGET_DIR:-target}/release/weft-lab"
 for bench in ${WEFT_BENCHES:-datapath l7_paths flows control_plane}; do
     echo "weft report: running $bench"

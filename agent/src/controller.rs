@@ -13,7 +13,7 @@ use crate::{
     state::Snapshot,
     xds::{
         envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
-        model::{Built, ConfigStatus, Model, NodeInfo},
+        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo},
         ports::ProxyPorts,
         server::{AdsEvent, Published},
     },
@@ -97,6 +97,11 @@ impl Controller {
             acked_version: BTreeMap::new(),
             owners: Default::default(),
         }
+    }
+
+    /// Refuses configs whose listeners would not fit in Envoy's open files.
+    pub fn set_listener_budget(&mut self, budget: ListenerBudget) {
+        self.model.set_listener_budget(budget);
     }
 
     /// Takes what a source now holds.

@@ -31,7 +31,7 @@ use crate::{
     netns::NetnsGuard,
     reconcile::Reconciler,
     state::Snapshot,
-    xds::{ports::ProxyPorts, server::Ads},
+    xds::{model::ListenerBudget, ports::ProxyPorts, server::Ads},
 };
 
 /// How often the objects directory is checked for changes.
@@ -105,15 +105,16 @@ pub struct AgentStatus {
 
 /// Runs the agent until the process is stopped.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    raise_fd_limit();
+    let open_files = raise_fd_limit();
+    tracing::info!(open_files, "open-file limit (Envoy inherits it)");
     // In a namespace of its own (the lab), the whole agent runs there: every
     // thread, and Envoy, starts from this one.
     let _netns = cfg.netns.as_deref().map(NetnsGuard::enter).transpose().context("entering netns")?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(agent(cfg))
+    rt.block_on(agent(cfg, open_files))
 }
 
-async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
+async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "starting weft-agent");
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state-dir {}", cfg.state_dir.display()))?;
@@ -125,6 +126,14 @@ async fn agent(cfg: AgentConfig) -> anyhow::Result<()> {
         cfg.node_ip,
         ProxyPorts::load(Some(cfg.state_dir.join("proxy-ports.json"))),
     );
+    if cfg.envoy.enabled {
+        // Envoy's --concurrency 0 means a worker per CPU.
+        let workers = match cfg.envoy.concurrency {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            n => n,
+        };
+        controller.set_listener_budget(ListenerBudget { open_files, workers });
+    }
     let mut source = crate::k8s::source::Source::start(&cfg).await?;
     controller.load(log_problems(source.poll().unwrap_or_default()));
     let (first, published) = controller.build();
@@ -441,16 +450,36 @@ async fn serve_api(addr: SocketAddr, api: Api) -> anyhow::Result<()> {
 }
 
 /// Envoy holds a socket per listener and worker, the agent a few per
-/// connection: take the hard limit on open files (Envoy inherits it).
-fn raise_fd_limit() {
+/// connection: raise the open-file limit (Envoy inherits it) to the kernel's
+/// ceiling (fs.nr_open, at most 2^20) where the agent may (CAP_SYS_RESOURCE),
+/// else to the hard limit. Returns the limit in effect.
+fn raise_fd_limit() -> u64 {
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid out-pointer; setrlimit with values the kernel gave us.
+    // SAFETY: valid pointers; setrlimit with values the kernel gave us or
+    // below its ceiling; a refusal leaves the limit as it was.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_max < ceiling {
+            let up = libc::rlimit { rlim_cur: ceiling, rlim_max: ceiling };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
+                return ceiling;
+            }
+        }
+        if lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            }
         }
     }
+    lim.rlim_cur
 }
 
 fn log_problems(l: yaml::Loaded) -> yaml::Loaded {

@@ -20,27 +20,36 @@ use weft_benches::{Samples, machine, save};
 use weft_tests::{
     http::{Client, HttpServer, ServerOpts},
     lab::{Lab, skip_reason},
-    objects::{agent_files, agent_status, lab_objects, start_agent, wait_ready, wait_status, write_atomic},
+    objects::{agent_files, lab_objects, start_agent, wait_ready, wait_status, write_atomic},
     scenario::sa,
 };
 
-/// Service `s<i>` at 10.97.<i/250>.<i%250+1>, with one backend.
-fn services(n: usize, backend: Ipv4Addr, extra_backend: Option<(usize, Ipv4Addr)>) -> String {
+/// Services `s<i>` at 10.97.<i/250>.<i%250+1>, each with an EndpointSlice
+/// holding `backend`, except those in `without_slice`.
+fn services(n: usize, backend: Ipv4Addr, without_slice: &[usize]) -> String {
     let mut y = String::new();
     for i in 0..n {
         let ip = Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8);
-        let mut eps = format!("- addresses: [{backend}]\n");
-        if let Some((j, extra)) = extra_backend {
-            if j == i {
-                let _ = writeln!(eps, "- addresses: [{extra}]");
-            }
-        }
         let _ = write!(
             y,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}---\n"
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n"
         );
+        if !without_slice.contains(&i) {
+            y.push_str(&slice(i, &[backend]));
+        }
     }
     y
+}
+
+/// The EndpointSlice of Service `s<i>`.
+fn slice(i: usize, backends: &[Ipv4Addr]) -> String {
+    let mut eps = String::new();
+    for b in backends {
+        let _ = writeln!(eps, "- addresses: [{b}]");
+    }
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{eps}---\n"
+    )
 }
 
 fn configs(n: usize) -> String {
@@ -57,6 +66,38 @@ fn acked_count(s: &serde_json::Value) -> usize {
         .as_array()
         .map(|o| o.iter().filter(|x| x["envoy"]["state"] == "acknowledged").count())
         .unwrap_or(0)
+}
+
+/// Objects the agent refused, and the first one's problems.
+fn refused(s: &serde_json::Value) -> (usize, Option<String>) {
+    let bad: Vec<&serde_json::Value> = s["control"]["objects"]
+        .as_array()
+        .map(|o| o.iter().filter(|x| x["problems"].as_array().is_some_and(|p| !p.is_empty())).collect())
+        .unwrap_or_default();
+    (bad.len(), bad.first().map(|o| format!("{}: {}", o["object"], o["problems"])))
+}
+
+/// 10,000 listeners take 30,000 sockets in Envoy (one per worker and one in
+/// the main thread): try to raise the open-file limit the agent and Envoy
+/// inherit to the kernel's ceiling, as a container runtime does (containerd:
+/// 2^20). Returns the limit in effect; where it cannot be raised, the agent
+/// refuses the configs that do not fit, and the table says how many.
+fn raise_open_files() -> u64 {
+    let ceiling: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    let up = libc::rlimit { rlim_cur: ceiling, rlim_max: ceiling };
+    let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers; a refusal leaves the limit as it was.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
+            return ceiling;
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
+    }
+    now.rlim_max
 }
 
 fn kib(pid: u32, field: &str) -> u64 {
@@ -88,17 +129,39 @@ fn start(agent_config: &str) -> Run {
     Run { lab, objects, agent, _server: server }
 }
 
-fn scale(n: usize) -> (Duration, u64, u64) {
+struct Scaled {
+    took: Duration,
+    acked: usize,
+    refused: usize,
+    why: Option<String>,
+    agent_kib: u64,
+    envoy_kib: u64,
+    envoy_restarts: u64,
+}
+
+fn scale(n: usize) -> Scaled {
     let run = start("");
     let backend = run.lab.pod("n1-p2").ip;
-    let body = format!("{}{}{}", lab_objects(&run.lab, &[]), services(n, backend, None), configs(n));
+    let body = format!("{}{}{}", lab_objects(&run.lab, &[]), services(n, backend, &[]), configs(n));
     let t0 = Instant::now();
     write_atomic(&run.objects, &body).unwrap();
-    wait_status(&run.lab, 0, Duration::from_secs(1800), &format!("{n} configs acknowledged"), |s| acked_count(s) == n)
+    let st =
+        wait_status(&run.lab, 0, Duration::from_secs(1800), &format!("{n} configs acknowledged or refused"), |s| {
+            acked_count(s) + refused(s).0 == n
+        })
         .unwrap_or_else(|e| panic!("{e:.2000}"));
     let took = t0.elapsed();
-    let envoy_pid = agent_status(&run.lab, 0).ok().and_then(|s| s["envoy"]["pid"].as_u64()).unwrap_or(0) as u32;
-    (took, kib(run.agent, "VmHWM:"), kib(envoy_pid, "VmRSS:"))
+    let (refused, why) = refused(&st);
+    let envoy_pid = st["envoy"]["pid"].as_u64().unwrap_or(0) as u32;
+    Scaled {
+        took,
+        acked: acked_count(&st),
+        refused,
+        why,
+        agent_kib: kib(run.agent, "VmHWM:"),
+        envoy_kib: kib(envoy_pid, "VmRSS:"),
+        envoy_restarts: st["envoy"]["restarts"].as_u64().unwrap_or(0),
+    }
 }
 
 /// Milliseconds until Envoy's /clusters shows `hosts` endpoints for cluster default/s0.
@@ -107,7 +170,11 @@ fn endpoint_change(delta: bool) -> Samples {
     let n = 1000;
     let (b1, b2) = (run.lab.pod("n1-p2").ip, run.lab.pod("n2-p1").ip);
     let base = lab_objects(&run.lab, &[]);
-    write_atomic(&run.objects, &format!("{base}{}{}", services(n, b1, None), configs(n))).unwrap();
+    // s0's EndpointSlice lives in a file of its own, as one object changes
+    // alone in a cluster: the change does not re-read the 1000 configs.
+    let s0 = run.objects.with_file_name("s0.yaml");
+    write_atomic(&s0, &slice(0, &[b1])).unwrap();
+    write_atomic(&run.objects, &format!("{base}{}{}", services(n, b1, &[0]), configs(n))).unwrap();
     wait_status(&run.lab, 0, Duration::from_secs(600), "configs acknowledged", |s| acked_count(s) == n).unwrap();
     let hosts = |lab: &Lab| -> usize {
         let Ok(mut c) =
@@ -129,8 +196,8 @@ fn endpoint_change(delta: bool) -> Samples {
         let add = round % 2 == 0;
         let want = if add { 2 } else { 1 };
         let t0 = Instant::now();
-        write_atomic(&run.objects, &format!("{base}{}{}", services(n, b1, add.then_some((0, b2))), configs(n)))
-            .unwrap();
+        let backends = if add { vec![b1, b2] } else { vec![b1] };
+        write_atomic(&s0, &slice(0, &backends)).unwrap();
         while hosts(&run.lab) != want {
             assert!(t0.elapsed() < Duration::from_secs(60), "endpoint change not applied");
             std::thread::sleep(Duration::from_millis(5));
@@ -150,24 +217,40 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
+    let open_files = raise_open_files();
     println!("# Control plane\n\nMachine: {}\n", machine());
-    println!("## EnvoyConfigs written at once, until Envoy acknowledged all\n");
-    println!("| configs | time to ACK | per config | / 1 config | agent peak RSS | Envoy RSS |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("## EnvoyConfigs written at once, until Envoy acknowledged each (or the agent refused it)\n");
+    println!("Open-file limit the agent and Envoy run with: {open_files}.\n");
+    println!(
+        "| configs | acknowledged | refused | time | per acknowledged config | / 1 config | agent peak RSS | Envoy RSS | Envoy restarts |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut base = None;
     let mut rows = Vec::new();
+    let mut reasons = Vec::new();
     for n in counts {
-        let (took, agent_kib, envoy_kib) = scale(n);
-        let base_t = *base.get_or_insert(took);
-        rows.push(serde_json::json!({"configs": n, "ack_s": took.as_secs_f64(), "agent_rss_kib": agent_kib, "envoy_rss_kib": envoy_kib}));
+        let r = scale(n);
+        let base_t = *base.get_or_insert(r.took);
+        rows.push(serde_json::json!({
+            "configs": n, "acked": r.acked, "refused": r.refused, "ack_s": r.took.as_secs_f64(),
+            "agent_rss_kib": r.agent_kib, "envoy_rss_kib": r.envoy_kib, "envoy_restarts": r.envoy_restarts,
+            "refused_because": r.why,
+        }));
         println!(
-            "| {n} | {:.2} s | {:.2} ms | {:.1} | {} MiB | {} MiB |",
-            took.as_secs_f64(),
-            took.as_secs_f64() * 1e3 / n as f64,
-            took.as_secs_f64() / base_t.as_secs_f64(),
-            agent_kib / 1024,
-            envoy_kib / 1024
+            "| {n} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {} MiB | {} MiB | {} |",
+            r.acked,
+            r.refused,
+            r.took.as_secs_f64(),
+            r.took.as_secs_f64() * 1e3 / r.acked.max(1) as f64,
+            r.took.as_secs_f64() / base_t.as_secs_f64(),
+            r.agent_kib / 1024,
+            r.envoy_kib / 1024,
+            r.envoy_restarts
         );
+        reasons.extend(r.why.map(|w| format!("{n} configs, first refused: {w}")));
+    }
+    for r in &reasons {
+        println!("\n{r}");
     }
     println!("\n## One endpoint change with 1000 configs loaded, until Envoy's /clusters shows it (10 changes)\n");
     println!("| xDS | p50 ms | max ms | p50 / state of the world |");
@@ -177,6 +260,7 @@ fn main() {
     save(
         "control_plane",
         serde_json::json!({
+            "open_files": open_files,
             "configs": rows,
             "endpoint_change_ms": {
                 "sotw_p50": sotw.pct(50.0).as_secs_f64() * 1e3,

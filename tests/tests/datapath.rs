@@ -78,13 +78,23 @@ fn pod_to_l7_cluster_ip_lands_on_the_proxy_with_the_vip_as_local_address() {
         }
     }
     assert!(failures.is_empty(), "{} of 2000 connections failed, first: {:?}", failures.len(), failures.first());
-    let in_time_wait = lab.in_ns(&lab.node(0).netns, || {
-        std::fs::read_to_string("/proc/thread-self/net/tcp")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains("0A00600A:0050") && l.split_whitespace().nth(3) == Some("06"))
-            .count()
-    });
+    // The last connections' closes may still be in flight (FIN_WAIT): give
+    // them a moment to reach TIME_WAIT before counting.
+    let count_time_wait = || {
+        lab.in_ns(&lab.node(0).netns, || {
+            std::fs::read_to_string("/proc/thread-self/net/tcp")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("0A00600A:0050") && l.split_whitespace().nth(3) == Some("06"))
+                .count()
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut in_time_wait = count_time_wait();
+    while in_time_wait < ports.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        in_time_wait = count_time_wait();
+    }
     assert!(in_time_wait >= ports.len(), "the proxy's side went through TIME_WAIT ({in_time_wait} sockets)");
     assert!(proxy.served.load(std::sync::atomic::Ordering::Relaxed) >= 2001);
 }

@@ -5,11 +5,14 @@
 pub mod policy;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use weft_ebpf::abi;
 
 use crate::{
@@ -176,10 +179,11 @@ impl Snapshot {
             .collect();
         let policy = policy::derive(&policies, &pods, &node_ids, &named_ports, &mut problems);
 
+        let slices = SliceIndex::of(objects);
         let services = objects
             .services
             .iter()
-            .filter_map(|(key, s)| service_state(key, &s.object, objects, node_ip, redirects, &mut problems))
+            .filter_map(|(key, s)| service_state(key, &s.object, objects, &slices, node_ip, redirects, &mut problems))
             .collect();
 
         Snapshot {
@@ -201,20 +205,34 @@ impl Snapshot {
     }
 }
 
+/// IPv4 EndpointSlices by the Service they belong to (namespace and the
+/// `kubernetes.io/service-name` label): built once per derivation, so finding
+/// a Service's backends does not scan every slice.
+pub struct SliceIndex<'a>(HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>);
+
+impl<'a> SliceIndex<'a> {
+    pub fn of(objects: &'a Objects) -> Self {
+        let mut m: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for s in objects.endpoint_slices.values() {
+            let s = &s.object;
+            let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) else {
+                continue;
+            };
+            if s.address_type == "IPv4" {
+                m.entry((s.metadata.namespace.as_deref().unwrap_or("default"), svc.as_str())).or_default().push(s);
+            }
+        }
+        Self(m)
+    }
+}
+
 /// The backends of one Service port: from its EndpointSlices, else from its
 /// Endpoints object. Only ready IPv4 addresses count.
-pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects) -> Vec<BackendAddr> {
+pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects, slices: &SliceIndex) -> Vec<BackendAddr> {
     let mut out = BTreeSet::new();
-    let mut slices = objects.endpoint_slices.values().filter(|s| {
-        let s = &s.object;
-        s.metadata.namespace.as_deref().unwrap_or("default") == key.namespace
-            && s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) == Some(&key.name)
-            && s.address_type == "IPv4"
-    });
-    let mut any_slice = false;
-    for slice in slices.by_ref() {
-        any_slice = true;
-        let slice = &slice.object;
+    let found = slices.0.get(&(key.namespace.as_str(), key.name.as_str())).map(Vec::as_slice).unwrap_or_default();
+    let any_slice = !found.is_empty();
+    for slice in found {
         let Some(port) = slice
             .ports
             .iter()
@@ -258,6 +276,7 @@ fn service_state(
     key: &ObjKey,
     svc: &Service,
     objects: &Objects,
+    slices: &SliceIndex,
     node_ip: Option<Ipv4Addr>,
     redirects: &Redirects,
     problems: &mut Vec<String>,
@@ -302,7 +321,7 @@ fn service_state(
             ));
             continue;
         };
-        let backends = backends(key, port.name.as_deref(), objects);
+        let backends = backends(key, port.name.as_deref(), objects, slices);
         let proxy_port = redirects
             .get(&(key.clone(), Some(port.port as u16)))
             .or_else(|| redirects.get(&(key.clone(), None)))

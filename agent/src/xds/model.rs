@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     k8s::{ObjKey, Objects},
-    state::{Redirects, backends},
+    state::{Redirects, SliceIndex, backends},
 };
 
 /// Ports other parts of the node use; a listener may not take them.
@@ -83,6 +83,11 @@ impl XdsSnapshot {
             h = (h ^ fnv(r.version.as_bytes())).wrapping_mul(0x100_0000_01b3);
         }
         format!("{h:016x}")
+    }
+
+    /// Whether a resource of that type and name is in.
+    pub fn contains(&self, type_url: &str, name: &str) -> bool {
+        self.types.get(type_url).is_some_and(|m| m.contains_key(name))
     }
 
     /// The resources of a type (empty if none).
@@ -155,6 +160,29 @@ pub struct Model {
     confirmed: BTreeMap<ConfigKey, Good>,
     /// Versions Envoy refused: (spec, Envoy's message).
     nacked: BTreeMap<ConfigKey, (EnvoyConfigSpec, String)>,
+    /// How many listeners this node's Envoy can hold, and why.
+    budget: ListenerBudget,
+}
+
+/// The listeners Envoy can open within its open-file limit: each listener
+/// holds a socket per worker thread (and one in the main thread), and a
+/// quarter of the limit is kept for connections. Past it, Envoy aborts
+/// ("Too many open files") and takes every L7 Service down with it, so
+/// configs beyond it are refused instead, newest last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerBudget {
+    pub open_files: u64,
+    pub workers: u32,
+}
+
+impl ListenerBudget {
+    /// No limit (offline validation, the operator).
+    pub const UNLIMITED: Self = Self { open_files: u64::MAX, workers: 0 };
+
+    pub fn listeners(&self) -> usize {
+        let usable = self.open_files - self.open_files / 4;
+        usize::try_from(usable / (u64::from(self.workers) + 1)).unwrap_or(usize::MAX)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -176,7 +204,18 @@ struct Candidate {
 
 impl Model {
     pub fn new(ports: ProxyPorts) -> Self {
-        Self { ports, good: BTreeMap::new(), confirmed: BTreeMap::new(), nacked: BTreeMap::new() }
+        Self {
+            ports,
+            good: BTreeMap::new(),
+            confirmed: BTreeMap::new(),
+            nacked: BTreeMap::new(),
+            budget: ListenerBudget::UNLIMITED,
+        }
+    }
+
+    /// Refuses configs whose listeners would not fit in Envoy's open files.
+    pub fn set_listener_budget(&mut self, budget: ListenerBudget) {
+        self.budget = budget;
     }
 
     /// Records that Envoy acknowledged the accepted version of `key`.
@@ -291,7 +330,7 @@ impl Model {
 
         // Accept in priority order; a candidate that clashes with what is
         // already accepted is rejected (falling back to its last good version).
-        let mut accepted = Accepted::default();
+        let mut accepted = Accepted { budget: self.budget, ..Default::default() };
         for c in candidates {
             match accepted.clash(&c) {
                 None => accepted.push(c),
@@ -363,6 +402,7 @@ impl Model {
     ) {
         let mut listeners_in_use = BTreeSet::new();
         let mut eds: BTreeMap<String, ClusterLoadAssignment> = BTreeMap::new();
+        let slices = SliceIndex::of(objects);
         let pinned: BTreeSet<u16> = accepted
             .iter()
             .flat_map(|c| &c.translated.listeners)
@@ -426,13 +466,13 @@ impl Model {
                 }
             }
             for e in &t.eds_services {
-                for cla in endpoints_of(&e.service, &e.ports, objects) {
+                for cla in endpoints_of(&e.service, &e.ports, objects, &slices) {
                     eds.entry(cla.cluster_name.clone()).or_insert(cla);
                 }
             }
             // Secrets the config references that Kubernetes holds.
             for (_, name) in &t.references.secrets {
-                if built.xds.of(translate::SECRET).any(|s| s.name == *name) {
+                if built.xds.contains(translate::SECRET, name) {
                     continue;
                 }
                 if let Some(s) = k8s_secret(name, objects) {
@@ -458,7 +498,7 @@ impl Model {
         }
         for cla in eds.into_values() {
             // A config's own ClusterLoadAssignment wins over a generated one.
-            if !built.xds.of(translate::ENDPOINT).any(|r| r.name == cla.cluster_name) {
+            if !built.xds.contains(translate::ENDPOINT, &cla.cluster_name) {
                 built.xds.put(Resource::new(cla.cluster_name.clone(), &cla, None));
             }
         }
@@ -478,9 +518,11 @@ impl Model {
 }
 
 /// The accepted candidates, indexed by what may clash between objects.
-#[derive(Default)]
 struct Accepted {
     list: Vec<Candidate>,
+    /// Listeners in `list`, against the budget.
+    listeners: usize,
+    budget: ListenerBudget,
     /// (resource kind, name) -> owner.
     names: HashMap<(&'static str, String), ConfigKey>,
     /// Service -> (redirected ports, owner); empty ports: all.
@@ -499,10 +541,32 @@ fn named(t: &Translated) -> Vec<(&'static str, &String)> {
     v
 }
 
+impl Default for Accepted {
+    fn default() -> Self {
+        Self {
+            list: Vec::new(),
+            listeners: 0,
+            budget: ListenerBudget::UNLIMITED,
+            names: HashMap::new(),
+            redirects: HashMap::new(),
+            pinned: Vec::new(),
+        }
+    }
+}
+
 impl Accepted {
     /// Why a candidate cannot go in beside the accepted ones, if it cannot.
     fn clash(&self, c: &Candidate) -> Option<String> {
         let t = &c.translated;
+        let max = self.budget.listeners();
+        if self.listeners + t.listeners.len() > max {
+            let ListenerBudget { open_files, workers } = self.budget;
+            return Some(format!(
+                "Envoy on this node can hold {max} listeners (open-file limit {open_files}, {workers} workers, a socket per \
+                 worker and listener) and {} are taken: raise the agent's open-file limit or lower envoy.concurrency",
+                self.listeners
+            ));
+        }
         for (kind, name) in named(t) {
             if let Some(owner) = self.names.get(&(kind, name.clone())).filter(|o| **o != c.key) {
                 return Some(format!("{kind} {name:?} is already defined by {owner}"));
@@ -551,6 +615,7 @@ impl Accepted {
                 self.pinned.push((addr, port, l.name.clone(), c.key.clone()));
             }
         }
+        self.listeners += t.listeners.len();
         self.list.push(c);
     }
 
@@ -565,6 +630,7 @@ impl Accepted {
             }
         }
         self.pinned.retain(|(_, _, _, o)| *o != c.key);
+        self.listeners -= c.translated.listeners.len();
         c
     }
 }
@@ -647,7 +713,12 @@ fn dangling(c: &Candidate, known: &Known) -> Vec<String> {
 /// ClusterLoadAssignments for a Service: `<ns>/<svc>` (the selected ports
 /// together) and `<ns>/<svc>:<port>` for each selected port, from its ready
 /// endpoints. A Service that does not exist (yet) gets an empty `<ns>/<svc>`.
-pub fn endpoints_of(service: &ObjKey, filter: &[String], objects: &Objects) -> Vec<ClusterLoadAssignment> {
+pub fn endpoints_of(
+    service: &ObjKey,
+    filter: &[String],
+    objects: &Objects,
+    slices: &SliceIndex,
+) -> Vec<ClusterLoadAssignment> {
     let base = service.to_string();
     let Some(svc) = objects.services.get(service) else {
         return vec![cla(&base, &[])];
@@ -666,7 +737,7 @@ pub fn endpoints_of(service: &ObjKey, filter: &[String], objects: &Objects) -> V
     let mut out = Vec::new();
     for p in ports {
         let addrs: Vec<(Ipv4Addr, u16)> =
-            backends(service, p.name.as_deref(), objects).iter().map(|b| (b.addr, b.port)).collect();
+            backends(service, p.name.as_deref(), objects, slices).iter().map(|b| (b.addr, b.port)).collect();
         out.push(cla(&format!("{base}:{}", p.port), &addrs));
         all.extend(addrs);
     }
@@ -850,6 +921,43 @@ spec:
         let st = &built.statuses[&b.key];
         assert_eq!(st.serving, Serving::Nothing);
         assert_eq!(st.problems, vec!["Cluster \"default/web\" is already defined by EnvoyConfig default/a"]);
+    }
+
+    #[test]
+    fn configs_beyond_envoys_open_files_are_refused_and_serving_ones_keep_their_place() {
+        // 8 open files, 1 worker: 6 usable, 3 listeners.
+        let budget = ListenerBudget { open_files: 8, workers: 1 };
+        assert_eq!(budget.listeners(), 3);
+        let mut m = Model::new(ProxyPorts::ephemeral());
+        m.set_listener_budget(budget);
+        let own = |name: &str| {
+            let mut c = config_with(name, &format!("{name}-local"), &format!("name: {name}-local\n    type: STATIC"));
+            c.spec.services.clear();
+            c
+        };
+        let (b, c, d, e) = (own("b"), own("c"), own("d"), own("e"));
+        let first = m.build(&[b.clone(), c.clone(), d.clone()], &[], &objects(), &node());
+        assert!(first.statuses.values().all(|s| s.serving == Serving::Current), "{:?}", first.statuses);
+        // "a" sorts first but is new: the three serving ones keep their listeners.
+        let a = own("a");
+        let second = m.build(&[a.clone(), b.clone(), c.clone(), d.clone(), e.clone()], &[], &objects(), &node());
+        for k in [&b.key, &c.key, &d.key] {
+            assert_eq!(second.statuses[k].serving, Serving::Current);
+        }
+        for k in [&a.key, &e.key] {
+            let st = &second.statuses[k];
+            assert_eq!(st.serving, Serving::Nothing);
+            assert!(
+                st.problems[0].starts_with("Envoy on this node can hold 3 listeners (open-file limit 8, 1 workers"),
+                "{:?}",
+                st.problems
+            );
+        }
+        assert_eq!(second.xds.of(translate::LISTENER).count(), 3);
+        // One removed: a newcomer fits again.
+        let third = m.build(&[a.clone(), c, d, e.clone()], &[], &objects(), &node());
+        assert_eq!(third.statuses[&a.key].serving, Serving::Current);
+        assert_eq!(third.statuses[&e.key].serving, Serving::Nothing);
     }
 
     #[test]

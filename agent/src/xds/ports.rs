@@ -25,9 +25,14 @@ struct Saved {
     released: BTreeMap<u16, u64>,
 }
 
-/// The allocator; persisted to `path` after every change (if set).
+/// The allocator; persisted to `path` (if set) by [`ProxyPorts::flush`],
+/// which every model build calls through [`ProxyPorts::release_others`].
 pub struct ProxyPorts {
     saved: Saved,
+    /// The ports in `saved.allocated`.
+    used: std::collections::BTreeSet<u16>,
+    /// Changed since the last save.
+    dirty: bool,
     path: Option<PathBuf>,
     /// Checks whether a port is free on the node (tests replace it).
     free: Box<dyn Fn(u16) -> bool + Send>,
@@ -54,12 +59,17 @@ impl ProxyPorts {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1;
-        Self { saved, path, free: Box::new(port_free), seed }
+        Self::new(saved, path, Box::new(port_free), seed)
     }
 
     /// An allocator that treats every port as free and saves nothing (offline validation).
     pub fn ephemeral() -> Self {
-        Self { saved: Saved::default(), path: None, free: Box::new(|_| true), seed: 0x9e37_79b9_7f4a_7c15 }
+        Self::new(Saved::default(), None, Box::new(|_| true), 0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn new(saved: Saved, path: Option<PathBuf>, free: Box<dyn Fn(u16) -> bool + Send>, seed: u64) -> Self {
+        let used = saved.allocated.values().copied().collect();
+        Self { saved, used, dirty: false, path, free, seed }
     }
 
     #[cfg(test)]
@@ -84,16 +94,18 @@ impl ProxyPorts {
             if !avoid.contains(p) {
                 return Some(*p);
             }
-            self.saved.allocated.remove(listener);
+            if let Some(p) = self.saved.allocated.remove(listener) {
+                self.used.remove(&p);
+            }
+            self.dirty = true;
         }
         let t = now();
         self.saved.released.retain(|_, at| t.saturating_sub(*at) < REUSE_DELAY.as_secs());
         let span = (*RANGE.end() - *RANGE.start()) as u64 + 1;
-        let in_use: std::collections::BTreeSet<u16> = self.saved.allocated.values().copied().collect();
         let start = self.next_random() % span;
         for i in 0..span {
             let port = *RANGE.start() + ((start + i) % span) as u16;
-            if in_use.contains(&port)
+            if self.used.contains(&port)
                 || avoid.contains(&port)
                 || self.saved.released.contains_key(&port)
                 || !(self.free)(port)
@@ -101,25 +113,32 @@ impl ProxyPorts {
                 continue;
             }
             self.saved.allocated.insert(listener.to_owned(), port);
-            self.save();
+            self.used.insert(port);
+            self.dirty = true;
             return Some(port);
         }
         None
     }
 
-    /// Gives back the ports of listeners not in `keep`.
+    /// Gives back the ports of listeners not in `keep`, and saves.
     pub fn release_others(&mut self, keep: &std::collections::BTreeSet<String>) {
         let gone: Vec<String> = self.saved.allocated.keys().filter(|k| !keep.contains(*k)).cloned().collect();
-        if gone.is_empty() {
-            return;
-        }
         let t = now();
         for name in gone {
             if let Some(p) = self.saved.allocated.remove(&name) {
+                self.used.remove(&p);
                 self.saved.released.insert(p, t);
+                self.dirty = true;
             }
         }
-        self.save();
+        self.flush();
+    }
+
+    /// Saves the allocations if they changed.
+    pub fn flush(&mut self) {
+        if std::mem::take(&mut self.dirty) {
+            self.save();
+        }
     }
 
     /// Current allocations: listener -> port.
@@ -156,6 +175,7 @@ mod tests {
         assert_eq!(a.allocate("ns/c/l1", &none), Some(p1), "same listener, same port");
         let p2 = a.allocate("ns/c/l2", &none).unwrap();
         assert_ne!(p1, p2);
+        a.flush();
 
         // A restarted agent finds the same ports.
         let mut b = ProxyPorts::load(Some(path.clone()));
