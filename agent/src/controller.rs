@@ -235,8 +235,7 @@ impl Controller {
             .statuses
             .iter()
             .map(|(k, st)| {
-                let in_snapshot =
-                    self.built.xds.types.values().flat_map(|m| m.values()).any(|r| r.owner.as_ref() == Some(k));
+                let in_snapshot = self.owners.contains(k);
                 let envoy = if let (Some(m), true) = (self.nacked.get(k), !st.problems.is_empty()) {
                     EnvoyAck::Nacked { message: m.clone() }
                 } else if !in_snapshot {
