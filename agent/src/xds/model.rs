@@ -53,7 +53,7 @@ pub struct Resource {
 }
 
 impl Resource {
-    fn new<T: Message + Name>(name: String, m: &T, owner: Option<ConfigKey>) -> Self {
+    pub(crate) fn new<T: Message + Name>(name: String, m: &T, owner: Option<ConfigKey>) -> Self {
         let value = m.encode_to_vec();
         let version = format!("{:016x}", fnv(&value));
         Self { name, any: Any { type_url: T::type_url(), value }, owner, version }
@@ -71,7 +71,7 @@ pub struct XdsSnapshot {
 }
 
 impl XdsSnapshot {
-    fn put(&mut self, r: Resource) {
+    pub(crate) fn put(&mut self, r: Resource) {
         self.types.entry(r.any.type_url.clone()).or_default().insert(r.name.clone(), Arc::new(r));
     }
 

@@ -328,3 +328,77 @@ fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u
         ..Default::default()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::{
+        core::v3::{Address, SocketAddress, address, socket_address::PortSpecifier},
+        endpoint::v3::{ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint},
+    };
+
+    use super::*;
+    use crate::xds::model::Resource;
+
+    fn cla(name: &str, ports: &[u32]) -> Resource {
+        let lb_endpoints = ports
+            .iter()
+            .map(|p| LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: "10.1.1.1".into(),
+                            port_specifier: Some(PortSpecifier::PortValue(*p)),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .collect();
+        let m = ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![LocalityLbEndpoints { lb_endpoints, ..Default::default() }],
+            ..Default::default()
+        };
+        Resource::new(name.into(), &m, None)
+    }
+
+    fn published(version: u64, resources: Vec<Resource>) -> Published {
+        let mut xds = XdsSnapshot::default();
+        for r in resources {
+            xds.put(r);
+        }
+        Published { version, xds }
+    }
+
+    fn names(r: &DeltaDiscoveryResponse) -> (Vec<&str>, Vec<&str>) {
+        (
+            r.resources.iter().map(|x| x.name.as_str()).collect(),
+            r.removed_resources.iter().map(String::as_str).collect(),
+        )
+    }
+
+    #[test]
+    fn delta_sends_only_what_changed_and_what_went_away() {
+        let mut sub = DeltaSub { wildcard: true, ..Default::default() };
+        let v1 = published(1, vec![cla("a", &[80]), cla("b", &[80])]);
+        let first = delta_response(&v1, ENDPOINT, &mut sub, 1).expect("everything at first");
+        assert_eq!(names(&first), (vec!["a", "b"], vec![]));
+        assert!(delta_response(&v1, ENDPOINT, &mut sub, 2).is_none(), "nothing changed, nothing sent");
+
+        // One endpoint added to a, c new, b untouched: a and c only.
+        let v2 = published(2, vec![cla("a", &[80, 81]), cla("b", &[80]), cla("c", &[80])]);
+        let second = delta_response(&v2, ENDPOINT, &mut sub, 3).unwrap();
+        assert_eq!(names(&second), (vec!["a", "c"], vec![]));
+
+        // b gone: only its name, as removed.
+        let v3 = published(3, vec![cla("a", &[80, 81]), cla("c", &[80])]);
+        let third = delta_response(&v3, ENDPOINT, &mut sub, 4).unwrap();
+        assert_eq!(names(&third), (vec![], vec!["b"]));
+
+        // A subscriber to some names hears of those only.
+        let mut named = DeltaSub { names: ["c".to_string()].into_iter().collect(), ..Default::default() };
+        assert_eq!(names(&delta_response(&v3, ENDPOINT, &mut named, 5).unwrap()), (vec!["c"], vec![]));
+    }
+}
