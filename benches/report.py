@@ -7,6 +7,7 @@ benchmarks first. Every figure is put next to a baseline measured in the same
 run; absolute times are labelled with the machine they came from.
 """
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -61,8 +62,6 @@ def main():
         "Every row is put next to a baseline measured in the same run; absolute times are this machine's.",
         "",
     ]
-    import datetime
-
     runs = [
         f"{n} {datetime.datetime.fromtimestamp((raw / f'{n}.json').stat().st_mtime, datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
         for n in ("datapath", "l7_paths", "flows", "control_plane")

@@ -453,7 +453,7 @@ async fn serve_api(addr: SocketAddr, api: Api) -> anyhow::Result<()> {
 /// connection: raise the open-file limit (Envoy inherits it) to the kernel's
 /// ceiling (fs.nr_open, at most 2^20) where the agent may (CAP_SYS_RESOURCE),
 /// else to the hard limit. Returns the limit in effect.
-fn raise_fd_limit() -> u64 {
+pub fn raise_fd_limit() -> u64 {
     let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())

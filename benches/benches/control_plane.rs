@@ -77,29 +77,6 @@ fn refused(s: &serde_json::Value) -> (usize, Option<String>) {
     (bad.len(), bad.first().map(|o| format!("{}: {}", o["object"], o["problems"])))
 }
 
-/// 10,000 listeners take 30,000 sockets in Envoy (one per worker and one in
-/// the main thread): try to raise the open-file limit the agent and Envoy
-/// inherit to the kernel's ceiling, as a container runtime does (containerd:
-/// 2^20). Returns the limit in effect; where it cannot be raised, the agent
-/// refuses the configs that do not fit, and the table says how many.
-fn raise_open_files() -> u64 {
-    let ceiling: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1 << 20)
-        .min(1 << 20);
-    let up = libc::rlimit { rlim_cur: ceiling, rlim_max: ceiling };
-    let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: valid pointers; a refusal leaves the limit as it was.
-    unsafe {
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
-            return ceiling;
-        }
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
-    }
-    now.rlim_max
-}
-
 fn kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -217,7 +194,11 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let open_files = raise_open_files();
+    // 10,000 listeners take 30,000 sockets in Envoy (one per worker and one
+    // in the main thread): raise the open-file limit the agent and Envoy
+    // inherit as far as this machine lets us, as a container runtime does
+    // (containerd: 2^20); what does not fit is refused, and the table says so.
+    let open_files = weft_agent::run::raise_fd_limit();
     println!("# Control plane\n\nMachine: {}\n", machine());
     println!("## EnvoyConfigs written at once, until Envoy acknowledged each (or the agent refused it)\n");
     println!("Open-file limit the agent and Envoy run with: {open_files}.\n");

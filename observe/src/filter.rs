@@ -150,13 +150,19 @@ impl Selector {
     }
 
     pub fn matches(&self, labels: &[String]) -> bool {
+        self.matches_by(|k| Self::value(labels, k))
+    }
+
+    /// Whether labels, given as a lookup of a key's value, satisfy it
+    /// (a Kubernetes object's `metadata.labels`, say).
+    pub fn matches_by<'a>(&self, value: impl Fn(&str) -> Option<&'a str>) -> bool {
         self.0.iter().all(|r| match r {
-            Req::Eq(k, v) => Self::value(labels, k) == Some(v.as_str()),
-            Req::NotEq(k, v) => Self::value(labels, k) != Some(v.as_str()),
-            Req::In(k, vs) => Self::value(labels, k).is_some_and(|x| vs.iter().any(|v| v == x)),
-            Req::NotIn(k, vs) => !Self::value(labels, k).is_some_and(|x| vs.iter().any(|v| v == x)),
-            Req::Exists(k) => Self::value(labels, k).is_some(),
-            Req::NotExists(k) => Self::value(labels, k).is_none(),
+            Req::Eq(k, v) => value(k) == Some(v.as_str()),
+            Req::NotEq(k, v) => value(k) != Some(v.as_str()),
+            Req::In(k, vs) => value(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            Req::NotIn(k, vs) => !value(k).is_some_and(|x| vs.iter().any(|v| v == x)),
+            Req::Exists(k) => value(k).is_some(),
+            Req::NotExists(k) => value(k).is_none(),
         })
     }
 }

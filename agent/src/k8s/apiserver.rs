@@ -35,6 +35,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use weft_observe::filter::Selector;
 
 /// A kind the server stores.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -831,71 +832,22 @@ fn patch(
     }
 }
 
-/// A parsed label selector requirement.
-enum LabelReq {
-    Eq(String, String),
-    Ne(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    Absent(String),
-}
-
-fn split_top(s: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let (mut depth, mut start) = (0, 0);
-    for (i, c) in s.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                out.push(&s[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    out.push(&s[start..]);
-    out.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
-}
-
-fn parse_labels(sel: &str) -> Vec<LabelReq> {
-    let set = |v: &str| v.trim_matches(|c| c == '(' || c == ')').split(',').map(|x| x.trim().to_owned()).collect();
-    split_top(sel)
-        .into_iter()
-        .map(|p| {
-            if let Some((k, v)) = p.split_once(" notin ") {
-                LabelReq::NotIn(k.trim().into(), set(v))
-            } else if let Some((k, v)) = p.split_once(" in ") {
-                LabelReq::In(k.trim().into(), set(v))
-            } else if let Some((k, v)) = p.split_once("!=") {
-                LabelReq::Ne(k.trim().into(), v.trim().into())
-            } else if let Some((k, v)) = p.split_once("==").or_else(|| p.split_once('=')) {
-                LabelReq::Eq(k.trim().into(), v.trim().into())
-            } else if let Some(k) = p.strip_prefix('!') {
-                LabelReq::Absent(k.trim().into())
-            } else {
-                LabelReq::Exists(p.into())
-            }
-        })
-        .collect()
-}
-
 /// A list or watch filter.
 struct Filter {
     namespace: Option<String>,
-    labels: Vec<LabelReq>,
+    labels: Option<Selector>,
     /// (dotted path, value, equal?).
     fields: Vec<(String, String, bool)>,
 }
 
 impl Filter {
-    fn new(t: &Target, q: &BTreeMap<String, String>) -> Self {
+    fn new(t: &Target, q: &BTreeMap<String, String>) -> Result<Self, ApiError> {
         let fields = q
             .get("fieldSelector")
             .map(|f| {
-                split_top(f)
-                    .into_iter()
+                f.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
                     .filter_map(|p| match p.split_once("!=") {
                         Some((k, v)) => Some((k.into(), v.into(), false)),
                         None => {
@@ -905,11 +857,12 @@ impl Filter {
                     .collect()
             })
             .unwrap_or_default();
-        Self {
-            namespace: t.namespace.clone(),
-            labels: q.get("labelSelector").map(|s| parse_labels(s)).unwrap_or_default(),
-            fields,
-        }
+        let labels = q
+            .get("labelSelector")
+            .map(|s| Selector::parse(s))
+            .transpose()
+            .map_err(|e| ApiError::new(400, "BadRequest", e))?;
+        Ok(Self { namespace: t.namespace.clone(), labels, fields })
     }
 
     fn matches(&self, obj: &Value) -> bool {
@@ -918,15 +871,10 @@ impl Filter {
         {
             return false;
         }
-        let label = |k: &str| obj["metadata"]["labels"].get(k).and_then(Value::as_str);
-        let labels_ok = self.labels.iter().all(|r| match r {
-            LabelReq::Eq(k, v) => label(k) == Some(v),
-            LabelReq::Ne(k, v) => label(k) != Some(v),
-            LabelReq::In(k, vs) => label(k).is_some_and(|x| vs.iter().any(|v| v == x)),
-            LabelReq::NotIn(k, vs) => label(k).is_none_or(|x| vs.iter().all(|v| v != x)),
-            LabelReq::Exists(k) => label(k).is_some(),
-            LabelReq::Absent(k) => label(k).is_none(),
-        });
+        let labels_ok = self
+            .labels
+            .as_ref()
+            .is_none_or(|sel| sel.matches_by(|k| obj["metadata"]["labels"].get(k).and_then(Value::as_str)));
         let fields_ok = self.fields.iter().all(|(path, want, eq)| {
             let got = path.split('.').try_fold(obj, |v, seg| v.get(seg)).map(|v| match v {
                 Value::String(s) => s.clone(),
@@ -941,7 +889,7 @@ impl Filter {
 fn list(shared: &Shared, t: &Target, q: &BTreeMap<String, String>) -> Result<(StatusCode, Value), ApiError> {
     let s = shared.store.lock().unwrap();
     let info = &s.kinds[&t.kind];
-    let filter = Filter::new(t, q);
+    let filter = Filter::new(t, q)?;
     // A continue token is "<snapshot rv>:<namespace>/<name>" of the last item sent.
     let (snapshot_rv, after) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
@@ -987,7 +935,10 @@ fn watch_event(kind: &str, obj: &Value) -> Bytes {
 }
 
 fn watch_stream(shared: Arc<Shared>, t: Target, q: &BTreeMap<String, String>) -> Response {
-    let filter = Filter::new(&t, q);
+    let filter = match Filter::new(&t, q) {
+        Ok(f) => f,
+        Err(e) => return error(e),
+    };
     let bookmarks = matches!(q.get("allowWatchBookmarks").map(String::as_str), Some("true" | "1"));
     let timeout = q.get("timeoutSeconds").and_then(|s| s.parse::<u64>().ok()).map(Duration::from_secs);
     let from: Option<u64> = q.get("resourceVersion").and_then(|s| s.parse().ok()).filter(|rv| *rv > 0);
