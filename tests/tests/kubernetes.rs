@@ -104,9 +104,15 @@ fn api_objects_reach_the_datapath_across_dropped_watches_and_410s() {
     env.api.server.put_yaml(&lab_objects(&env.lab, &[web("n2-p2")]));
     env.settles_on(vip, "n2-p2");
     // Updated after every watch was cut: the agents resume and get it.
+    let service_watches =
+        || env.api.server.requests().iter().filter(|r| r.is_watch() && r.path.ends_with("/services")).count();
+    let before_drop = service_watches();
     env.api.server.drop_watches();
     env.api.server.put_yaml(&lab_objects(&env.lab, &[web("n1-p2")]));
     env.settles_on(vip, "n1-p2");
+    // Both agents watch again before the 410 (an agent still reconnecting
+    // would resume from a version that is still current, and not relist).
+    until("both agents to watch Services again", || (service_watches() >= before_drop + 2).then_some(()));
     // Updated after a 410: the agents relist and get it.
     env.api.server.expire_watches();
     env.api.server.put_yaml(&lab_objects(&env.lab, &[web("n2-p1")]));
