@@ -3,6 +3,7 @@
 //! by namespace and name, each with where it came from.
 
 pub mod crd;
+pub mod report;
 pub mod source;
 pub mod watch;
 pub mod yaml;
@@ -10,7 +11,7 @@ pub mod yaml;
 use std::{collections::BTreeMap, fmt, path::PathBuf, sync::Arc};
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Pod, Secret, Service},
+    core::v1::{Endpoints, Namespace, Node, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
     networking::v1::{Ingress, IngressClass, NetworkPolicy},
 };
@@ -63,130 +64,108 @@ pub struct Sourced<T> {
 /// One collection of objects of a kind.
 pub type Collection<T> = BTreeMap<ObjKey, Arc<Sourced<T>>>;
 
-/// Everything the agent knows from Kubernetes. Cheap to clone (shared objects).
-#[derive(Clone, Debug, Default)]
-pub struct Objects {
-    pub services: Collection<Service>,
-    pub endpoint_slices: Collection<EndpointSlice>,
-    pub endpoints: Collection<Endpoints>,
-    pub pods: Collection<Pod>,
-    pub nodes: Collection<Node>,
-    pub secrets: Collection<Secret>,
-    pub network_policies: Collection<NetworkPolicy>,
-    pub ingresses: Collection<Ingress>,
-    pub ingress_classes: Collection<IngressClass>,
+/// The kinds of typed objects, in one table: (variant and type, field of
+/// [`Objects`], apiVersion, namespaced). Adding a kind is a line here (and,
+/// for the API source, a line in `watch.rs`).
+macro_rules! object_kinds {
+    ($mac:ident) => {
+        $mac! {
+            Service => services, "v1", true;
+            EndpointSlice => endpoint_slices, "discovery.k8s.io/v1", true;
+            Endpoints => endpoints, "v1", true;
+            Pod => pods, "v1", true;
+            Node => nodes, "v1", false;
+            Namespace => namespaces, "v1", false;
+            Secret => secrets, "v1", true;
+            NetworkPolicy => network_policies, "networking.k8s.io/v1", true;
+            Ingress => ingresses, "networking.k8s.io/v1", true;
+            IngressClass => ingress_classes, "networking.k8s.io/v1", false;
+            WeftNode => weft_nodes, "weft.io/v1alpha1", false;
+        }
+    };
 }
 
-/// One typed object from a source.
-#[derive(Debug)]
-pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Endpoints(Endpoints),
-    Pod(Pod),
-    Node(Node),
-    Secret(Secret),
-    NetworkPolicy(NetworkPolicy),
-    Ingress(Ingress),
-    IngressClass(IngressClass),
+/// Every node's report of what its agent serves (written by that agent).
+pub type WeftNode = crd::WeftNodeResource;
+
+macro_rules! define_objects {
+    ($($kind:ident => $field:ident, $api:literal, $namespaced:literal;)*) => {
+        /// Everything the agent knows from Kubernetes. Cheap to clone (shared objects).
+        #[derive(Clone, Debug, Default)]
+        pub struct Objects {
+            $(pub $field: Collection<$kind>,)*
+        }
+
+        /// One typed object from a source.
+        #[derive(Debug)]
+        pub enum Object {
+            $($kind($kind),)*
+        }
+
+        impl Object {
+            /// The object's key; namespaced kinds without a namespace get "default".
+            pub fn key(&self) -> ObjKey {
+                match self {
+                    $(Object::$kind(o) => key_of(&o.metadata, if $namespaced { "default" } else { "" }),)*
+                }
+            }
+
+            /// Kind name as in the object.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Object::$kind(_) => stringify!($kind),)*
+                }
+            }
+
+            /// Parses a document of a kind in the table (None: another kind).
+            pub fn from_value(v: serde_json::Value) -> Result<Option<Object>, serde_json::Error> {
+                let api = v.get("apiVersion").and_then(serde_json::Value::as_str).unwrap_or_default();
+                let kind = v.get("kind").and_then(serde_json::Value::as_str).unwrap_or_default();
+                Ok(Some(match (api, kind) {
+                    $(($api, stringify!($kind)) => Object::$kind(serde_json::from_value(v)?),)*
+                    _ => return Ok(None),
+                }))
+            }
+        }
+
+        impl Objects {
+            /// Adds every object of `other` (replacing same keys).
+            pub fn merge(&mut self, other: &Objects) {
+                $(for (k, v) in &other.$field { self.$field.insert(k.clone(), v.clone()); })*
+            }
+
+            /// Copies the object `Kind namespace/name` (as problems name it)
+            /// from `other`, if it has one; true if it did.
+            pub fn carry_over(&mut self, other: &Objects, described: &str) -> bool {
+                let Some((kind, rest)) = described.split_once(' ') else { return false };
+                let key = match rest.split_once('/') {
+                    Some((ns, name)) => ObjKey::new(ns, name),
+                    None => ObjKey::new("", rest),
+                };
+                match kind {
+                    $(stringify!($kind) => match other.$field.get(&key) {
+                        Some(v) => {
+                            self.$field.insert(key, v.clone());
+                            true
+                        }
+                        None => false,
+                    },)*
+                    _ => false,
+                }
+            }
+
+            /// Adds or replaces an object.
+            pub fn insert(&mut self, origin: Origin, object: Object) {
+                let key = object.key();
+                match object {
+                    $(Object::$kind(o) => drop(self.$field.insert(key, Arc::new(Sourced { origin, object: o }))),)*
+                }
+            }
+        }
+    };
 }
+object_kinds!(define_objects);
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, default_ns: &str) -> ObjKey {
     ObjKey::new(meta.namespace.clone().unwrap_or_else(|| default_ns.to_owned()), meta.name.clone().unwrap_or_default())
-}
-
-impl Object {
-    /// The object's key; namespaced kinds without a namespace get "default".
-    pub fn key(&self) -> ObjKey {
-        match self {
-            Object::Service(o) => key_of(&o.metadata, "default"),
-            Object::EndpointSlice(o) => key_of(&o.metadata, "default"),
-            Object::Endpoints(o) => key_of(&o.metadata, "default"),
-            Object::Pod(o) => key_of(&o.metadata, "default"),
-            Object::Node(o) => key_of(&o.metadata, ""),
-            Object::Secret(o) => key_of(&o.metadata, "default"),
-            Object::NetworkPolicy(o) => key_of(&o.metadata, "default"),
-            Object::Ingress(o) => key_of(&o.metadata, "default"),
-            Object::IngressClass(o) => key_of(&o.metadata, ""),
-        }
-    }
-
-    /// Kind name as in the object.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Object::Service(_) => "Service",
-            Object::EndpointSlice(_) => "EndpointSlice",
-            Object::Endpoints(_) => "Endpoints",
-            Object::Pod(_) => "Pod",
-            Object::Node(_) => "Node",
-            Object::Secret(_) => "Secret",
-            Object::NetworkPolicy(_) => "NetworkPolicy",
-            Object::Ingress(_) => "Ingress",
-            Object::IngressClass(_) => "IngressClass",
-        }
-    }
-}
-
-impl Objects {
-    /// Adds every object of `other` (replacing same keys).
-    pub fn merge(&mut self, other: &Objects) {
-        macro_rules! each {
-            ($($c:ident),*) => { $( for (k, v) in &other.$c { self.$c.insert(k.clone(), v.clone()); } )* };
-        }
-        each!(services, endpoint_slices, endpoints, pods, nodes, secrets, network_policies, ingresses, ingress_classes);
-    }
-
-    /// Copies the object `Kind namespace/name` (as [`Object::describe`] writes
-    /// it) from `other`, if it has one; true if it did.
-    pub fn carry_over(&mut self, other: &Objects, described: &str) -> bool {
-        let Some((kind, rest)) = described.split_once(' ') else { return false };
-        let key = match rest.split_once('/') {
-            Some((ns, name)) => ObjKey::new(ns, name),
-            None => ObjKey::new("", rest),
-        };
-        macro_rules! copy {
-            ($c:ident) => {
-                match other.$c.get(&key) {
-                    Some(v) => {
-                        self.$c.insert(key.clone(), v.clone());
-                        true
-                    }
-                    None => false,
-                }
-            };
-        }
-        match kind {
-            "Service" => copy!(services),
-            "EndpointSlice" => copy!(endpoint_slices),
-            "Endpoints" => copy!(endpoints),
-            "Pod" => copy!(pods),
-            "Node" => copy!(nodes),
-            "Secret" => copy!(secrets),
-            "NetworkPolicy" => copy!(network_policies),
-            "Ingress" => copy!(ingresses),
-            "IngressClass" => copy!(ingress_classes),
-            _ => false,
-        }
-    }
-
-    /// Adds or replaces an object.
-    pub fn insert(&mut self, origin: Origin, object: Object) {
-        let key = object.key();
-        macro_rules! put {
-            ($coll:ident, $o:expr) => {
-                drop(self.$coll.insert(key, Arc::new(Sourced { origin, object: $o })))
-            };
-        }
-        match object {
-            Object::Service(o) => put!(services, o),
-            Object::EndpointSlice(o) => put!(endpoint_slices, o),
-            Object::Endpoints(o) => put!(endpoints, o),
-            Object::Pod(o) => put!(pods, o),
-            Object::Node(o) => put!(nodes, o),
-            Object::Secret(o) => put!(secrets, o),
-            Object::NetworkPolicy(o) => put!(network_policies, o),
-            Object::Ingress(o) => put!(ingresses, o),
-            Object::IngressClass(o) => put!(ingress_classes, o),
-        };
-    }
 }

@@ -177,7 +177,12 @@ impl Snapshot {
             .map(|n| (n.ip, if n.name == node_name { abi::ID_HOST } else { abi::ID_REMOTE_NODE }))
             .chain(node_ip.map(|ip| (ip, abi::ID_HOST)))
             .collect();
-        let policy = policy::derive(&policies, &pods, &node_ids, &named_ports, &mut problems);
+        let namespaces = objects
+            .namespaces
+            .iter()
+            .map(|(k, n)| (k.name.clone(), n.object.metadata.labels.clone().unwrap_or_default()))
+            .collect();
+        let policy = policy::derive(&policies, &pods, &namespaces, &node_ids, &named_ports, &mut problems);
 
         let slices = SliceIndex::of(objects);
         let services = objects
