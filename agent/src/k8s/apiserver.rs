@@ -35,7 +35,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use weft_observe::filter::Selector;
+use weft_observe::api::filter::Selector;
 
 /// A kind the server stores.
 #[derive(Clone, Debug, PartialEq, Eq)]
