@@ -229,7 +229,7 @@ impl ApiServer {
     /// Binds `127.0.0.1:port` inside the network namespace at `netns` and serves there.
     pub fn serve_in_netns(&self, netns: &Path, port: u16) -> std::io::Result<()> {
         let std_listener = {
-            let _guard = crate::netns::NetnsGuard::enter(netns).map_err(std::io::Error::other)?;
+            let _guard = weft_agent::netns::NetnsGuard::enter(netns).map_err(std::io::Error::other)?;
             std::net::TcpListener::bind(("127.0.0.1", port))?
         };
         std_listener.set_nonblocking(true)?;
