@@ -20,20 +20,13 @@ use envoy_types::pb::envoy::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{pipeline::Pipeline, record::Http};
+use super::{
+    Pipeline,
+    record::{Http, L7Entry},
+};
 
 /// Request headers Envoy is asked to log with each entry.
 pub const LOGGED_REQUEST_HEADERS: &[&str] = &["traceparent", "tracestate"];
-
-/// One HTTP exchange and the addresses of its two connections.
-#[derive(Clone, Debug, Default)]
-pub struct L7Entry {
-    pub http: Http,
-    /// The client's connection: its address, and the address it connected to
-    /// (the Service address, as the datapath redirected it).
-    pub client: Option<SocketAddrV4>,
-    pub server: Option<SocketAddrV4>,
-}
 
 fn socket_addr(a: Option<&Address>) -> Option<SocketAddrV4> {
     let Some(address::Address::SocketAddress(s)) = a?.address.as_ref() else { return None };

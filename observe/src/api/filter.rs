@@ -8,11 +8,10 @@ use std::net::Ipv4Addr;
 
 use regex::Regex;
 
-use crate::{
-    convert,
-    proto::flow::{self, FlowFilter, TrafficDirection, Verdict},
-    record::{EV_L7, FlowRecord, L7_RESPONSE},
-};
+use weft_flow::proto::flow::{self, FlowFilter, Verdict};
+
+use super::convert;
+use crate::pipeline::record::{EV_L7, FlowRecord, L7_RESPONSE};
 
 /// Facts about the server a filter may ask about.
 pub struct Env<'a> {
@@ -520,20 +519,6 @@ impl FilterSet {
     }
 }
 
-/// A FlowFilter written as JSON with Hubble's field names (what `hubble
-/// observe --allowlist` takes): `{"verdict": ["DROPPED"], "source_pod": ["shop/"]}`.
-pub fn from_json(v: &serde_json::Value) -> Result<FlowFilter, String> {
-    let desc = crate::print::pool().get_message_by_name("flow.FlowFilter").expect("flow.FlowFilter is in the API");
-    let m =
-        prost_reflect::DynamicMessage::deserialize(desc, v.clone()).map_err(|e| format!("not a FlowFilter: {e}"))?;
-    m.transcode_to::<FlowFilter>().map_err(|e| format!("not a FlowFilter: {e}"))
-}
-
-/// `TrafficDirection` by name, case-insensitive.
-pub fn direction_by_name(s: &str) -> Option<TrafficDirection> {
-    TrafficDirection::from_str_name(&s.to_ascii_uppercase())
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -541,7 +526,7 @@ mod tests {
     use weft_ebpf::abi;
 
     use super::*;
-    use crate::enrich::{EndpointInfo, ServiceInfo};
+    use crate::pipeline::record::{EndpointInfo, ServiceInfo};
 
     fn env() -> Env<'static> {
         Env { boot_id: 7, node_name: "node-a", node_labels: &[], cluster: "default" }
@@ -665,7 +650,7 @@ mod tests {
         let mut f = rec("10.1.1.5", "10.96.0.10", 40000, 80);
         f.ev.r#type = EV_L7;
         f.ev.subtype = L7_RESPONSE;
-        f.http = Some(Arc::new(crate::record::Http {
+        f.http = Some(Arc::new(crate::pipeline::record::Http {
             method: "GET".into(),
             path: "/api/v1/items?x=1".into(),
             authority: "shop".into(),
@@ -682,18 +667,6 @@ mod tests {
         assert!(m(FlowFilter { http_path: vec!["^/api/v[0-9]+/items$".into()], ..Default::default() }));
         assert!(m(FlowFilter { protocol: vec!["http".into()], ..Default::default() }));
         assert!(!m(FlowFilter { protocol: vec!["tcp".into()], ..Default::default() }));
-    }
-
-    #[test]
-    fn filters_read_from_hubble_json() {
-        let f = from_json(
-            &serde_json::json!({"verdict": ["DROPPED"], "source_pod": ["shop/"], "event_type": [{"type": 129}]}),
-        )
-        .unwrap();
-        assert_eq!(f.verdict, [Verdict::Dropped as i32]);
-        assert_eq!(f.source_pod, ["shop/"]);
-        assert_eq!(f.event_type[0].r#type, 129);
-        assert!(from_json(&serde_json::json!({"verdikt": ["DROPPED"]})).unwrap_err().contains("verdikt"));
     }
 
     #[test]

@@ -11,9 +11,10 @@ use std::{
 
 use weft_ebpf::abi;
 
-use crate::{
+use weft_flow::proto::flow::Verdict;
+
+use super::{
     enrich::IntHasher,
-    proto::flow::Verdict,
     record::{ConnLink, FlowRecord},
 };
 
@@ -139,7 +140,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::enrich::ServiceInfo;
+    use crate::pipeline::record::ServiceInfo;
 
     fn ev(t: u32, sub: u32, src: &str, dst: &str) -> FlowRecord {
         let a: SocketAddrV4 = src.parse().unwrap();

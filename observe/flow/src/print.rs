@@ -1,20 +1,14 @@
-//! Flow API responses as text: Hubble's `compact` line, one JSON object per
-//! line (Hubble's field names), and a table. `weft observe` prints with these;
-//! the OTLP exporter uses the compact line as the log body.
-
-use std::sync::OnceLock;
-
-use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+//! Flow API responses as text: Hubble's `compact` line and a table (JSON is
+//! in [`crate::json`]). `weft observe` prints with these; the OTLP exporter
+//! uses the compact line as the log body.
 
 use crate::{
     names,
     proto::{
-        self,
         flow::{self, Flow, Verdict, layer4, layer7},
         observer::{GetFlowsResponse, get_flows_response::ResponseTypes},
     },
-    timefmt,
+    time,
 };
 
 /// How to print.
@@ -155,7 +149,7 @@ pub fn verdict_text(f: &Flow, color: bool) -> String {
 /// Hubble's compact line of a flow.
 #[allow(deprecated)]
 pub fn compact_flow(f: &Flow, o: &Options) -> String {
-    let time = f.time.as_ref().map(|t| timefmt::stamp_milli(t.seconds as u64 * 1_000_000_000 + t.nanos as u64));
+    let time = f.time.as_ref().map(|t| time::stamp_milli(time::ns_of(t)));
     let mut line = time.unwrap_or_else(|| "N/A".into());
     if o.node_name {
         line.push_str(&format!(" [{}]", f.node_name));
@@ -184,7 +178,7 @@ pub fn compact(r: &GetFlowsResponse, o: &Options) -> Option<String> {
     match r.response_types.as_ref()? {
         ResponseTypes::Flow(f) => Some(compact_flow(f, o)),
         ResponseTypes::LostEvents(l) => {
-            let t = r.time.as_ref().map(|t| timefmt::stamp_milli(t.seconds as u64 * 1_000_000_000 + t.nanos as u64));
+            let t = r.time.as_ref().map(|t| time::stamp_milli(time::ns_of(t)));
             let source = flow::LostEventSource::try_from(l.source)
                 .map(|s| s.as_str_name().to_owned())
                 .unwrap_or_else(|_| l.source.to_string());
@@ -203,39 +197,12 @@ pub fn compact(r: &GetFlowsResponse, o: &Options) -> Option<String> {
     }
 }
 
-/// The descriptors of the flow API, for JSON.
-pub fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(proto::DESCRIPTOR_SET).expect("the compiled descriptors decode"))
-}
-
-/// Any protobuf message of the flow API as one line of JSON with Hubble's
-/// field names (`IP`, `pod_name`, `is_reply`...).
-pub fn json<M: Message>(full_name: &str, m: &M) -> String {
-    let desc = pool().get_message_by_name(full_name).expect("a message of the flow API");
-    let dynamic = DynamicMessage::decode(desc, m.encode_to_vec().as_slice()).expect("re-decoding our own message");
-    let opts = SerializeOptions::new().use_proto_field_name(true).skip_default_fields(true);
-    let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::new(&mut out);
-    dynamic.serialize_with_options(&mut ser, &opts).expect("JSON of a message");
-    String::from_utf8(out).expect("JSON is UTF-8")
-}
-
-/// A response as one line of JSON.
-pub fn json_response(r: &GetFlowsResponse) -> String {
-    json("observer.GetFlowsResponse", r)
-}
-
 /// The header of table output.
 pub const TABLE_HEADER: &str = "TIMESTAMP            SOURCE                                 DESTINATION                            TYPE                 VERDICT      SUMMARY";
 
 /// A table row of a flow.
 pub fn table_row(f: &Flow, o: &Options) -> String {
-    let time = f
-        .time
-        .as_ref()
-        .map(|t| timefmt::stamp_milli(t.seconds as u64 * 1_000_000_000 + t.nanos as u64))
-        .unwrap_or_else(|| "N/A".into());
+    let time = f.time.as_ref().map(|t| time::stamp_milli(time::ns_of(t))).unwrap_or_else(|| "N/A".into());
     let plain = Options { color: false, ..*o };
     let verdict = verdict_text(f, false);
     #[allow(deprecated)]
@@ -334,7 +301,7 @@ mod tests {
             node_name: "n1".into(),
             time: example().time,
         };
-        let v: serde_json::Value = serde_json::from_str(&json_response(&r)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&crate::json::response(&r)).unwrap();
         assert_eq!(v["flow"]["IP"]["source"], "10.0.1.23");
         assert_eq!(v["flow"]["source"]["pod_name"], "frontend-7d9f8");
         assert_eq!(v["flow"]["verdict"], "FORWARDED");

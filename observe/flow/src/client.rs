@@ -1,5 +1,5 @@
 //! Connecting to a flow API (weft's, or any Hubble-compatible server) over
-//! TCP or a unix socket, and reading the agent's HTTP API.
+//! TCP, TLS or a unix socket, and reading the agent's HTTP API.
 
 use std::time::Duration;
 
@@ -66,7 +66,7 @@ pub async fn channel(addr: &Address) -> Result<Channel, String> {
 }
 
 /// An error with its causes, outermost first.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -133,6 +133,12 @@ pub async fn observer_tls(addr: &Address, tls: &TlsClient) -> Result<ObserverCli
     Ok(ObserverClient::new(channel_tls(addr, tls).await?).max_decoding_message_size(64 << 20))
 }
 
+/// The request target as HTTP/1.1 servers expect it (`/v1/logs`), not the
+/// absolute form a proxy takes.
+pub fn origin_form(uri: &hyper::Uri) -> String {
+    uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into())
+}
+
 /// GETs `http://host:port/path`; the status and body.
 pub async fn http_get(url: &str) -> Result<(u16, String), String> {
     use http_body_util::{BodyExt, Empty};
@@ -145,7 +151,7 @@ pub async fn http_get(url: &str) -> Result<(u16, String), String> {
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let req = hyper::Request::get(crate::otlp::origin_form(&uri))
+        let req = hyper::Request::get(origin_form(&uri))
             .header("host", format!("{host}:{port}"))
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;

@@ -13,7 +13,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::record::Entry;
+use super::record::Entry;
 
 /// Counting the flow rate over this many seconds.
 const RATE_WINDOW_SECS: u64 = 60;
@@ -177,7 +177,7 @@ impl FlowStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Lost, LostSource};
+    use crate::pipeline::record::{Lost, LostSource};
 
     fn lost(n: u64) -> Entry {
         Entry::Lost(Lost { source: LostSource::KernelRing, count: n, cpu: None, time_ns: n })

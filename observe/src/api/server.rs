@@ -20,25 +20,30 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
-use crate::{
-    convert::{self, Context},
-    filter::{Env, FilterSet},
-    pipeline::{Pipeline, now_ns},
+use weft_flow::{
+    client::error_chain,
     proto::{
-        self,
+        self, HEALTH_SERVICE,
         observer::{
             self as obs, GetFlowsRequest, GetFlowsResponse,
             get_flows_response::ResponseTypes,
             observer_server::{Observer, ObserverServer},
         },
     },
+    time::{now_ns, timestamp},
+};
+
+use super::{
+    convert::{self, Context},
+    filter::{Env, FilterSet},
+};
+use crate::pipeline::{
+    Pipeline,
     record::{Entry, Lost, LostSource},
 };
 
 /// The version string the flow API reports.
 pub const VERSION: &str = concat!("weft ", env!("CARGO_PKG_VERSION"));
-/// Service name `hubble status` health-checks.
-pub const HEALTH_SERVICE: &str = "hubble.server.Observer";
 
 /// Entries copied out of the store per lock.
 const READ_CHUNK: usize = 256;
@@ -118,7 +123,7 @@ impl Query {
 }
 
 fn response(node: &str, time_ns: u64, r: ResponseTypes) -> GetFlowsResponse {
-    GetFlowsResponse { response_types: Some(r), node_name: node.to_owned(), time: Some(convert::timestamp(time_ns)) }
+    GetFlowsResponse { response_types: Some(r), node_name: node.to_owned(), time: Some(timestamp(time_ns)) }
 }
 
 /// Runs one GetFlows query, sending responses until it is complete or the
@@ -297,10 +302,7 @@ impl Tls {
     /// Parses the certificate, key and CA as the server will; the error says
     /// what is wrong with them.
     pub fn check(&self) -> Result<(), String> {
-        tonic::transport::Server::builder()
-            .tls_config(self.server_config())
-            .map(|_| ())
-            .map_err(|e| crate::client::error_chain(&e))
+        tonic::transport::Server::builder().tls_config(self.server_config()).map(|_| ()).map_err(|e| error_chain(&e))
     }
 
     fn server_config(&self) -> tonic::transport::ServerTlsConfig {

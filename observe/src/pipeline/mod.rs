@@ -3,6 +3,19 @@
 //! Envoy's access-log entries to their connections, hands each batch to the
 //! sinks (metrics, exporters) and stores it. Every place a record can be lost
 //! is counted by source, and shows up in the flow stream as a loss notice.
+//!
+//! The parts, in the order a record meets them: [`ringbuf`] drains the
+//! kernel's ring buffer, [`als`] receives Envoy's access log, [`enrich`]
+//! names addresses, [`join`] links HTTP exchanges to the datapath's view of
+//! their connections, [`store`] keeps the recent flows for readers. [`record`]
+//! holds the types they pass along.
+
+pub mod als;
+pub mod enrich;
+pub mod join;
+pub mod record;
+pub mod ringbuf;
+pub mod store;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -12,7 +25,7 @@ use std::{
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
     thread::{self, JoinHandle, Thread},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use ::ringbuf::{
@@ -21,11 +34,12 @@ use ::ringbuf::{
 };
 use weft_ebpf::abi::Event;
 
-use crate::{
-    als::L7Entry,
+use weft_flow::time::now_ns;
+
+use self::{
     enrich::Names,
     join::ConnTable,
-    record::{EV_L7, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, Lost, LostSource},
+    record::{EV_L7, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, L7Entry, Lost, LostSource},
     ringbuf::EventReader,
     store::FlowStore,
 };
@@ -130,11 +144,6 @@ impl EventFeed {
     pub fn stopped(&self) -> bool {
         self.pipeline.stop.load(Ordering::Relaxed)
     }
-}
-
-/// Wall-clock now, unix ns.
-pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {

@@ -7,14 +7,18 @@ use std::{cell::RefCell, collections::HashMap, sync::Arc};
 use prost::Message;
 use weft_ebpf::abi;
 
-use crate::{
-    enrich::{EndpointInfo, Names, ServiceInfo},
+use weft_flow::{
     names,
     proto::{
         flow::{self, Verdict, layer4, layer7},
         weft as wproto,
     },
-    record::{ConnLink, FlowRecord, Http, L7_RESPONSE, Lost, LostSource},
+    time::timestamp,
+};
+
+use crate::pipeline::{
+    enrich::Names,
+    record::{ConnLink, EndpointInfo, FlowRecord, Http, L7_RESPONSE, Lost, LostSource, ServiceInfo},
 };
 
 /// What conversion needs besides the record.
@@ -77,10 +81,6 @@ pub fn seq_of_uuid(boot_id: u64, text: &str) -> Option<u64> {
     }
     let high = u64::from_str_radix(text.get(20..23)?, 16).ok()?;
     Some(high << 48 | u64::from_str_radix(tail, 16).ok()?)
-}
-
-pub fn timestamp(ns: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: (ns / 1_000_000_000) as i64, nanos: (ns % 1_000_000_000) as i32 }
 }
 
 fn endpoint(e: Option<&Arc<EndpointInfo>>, id: u16, identity: u32, cluster: &str) -> flow::Endpoint {

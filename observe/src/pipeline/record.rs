@@ -7,10 +7,7 @@ use std::{net::SocketAddrV4, sync::Arc};
 
 use weft_ebpf::abi::{self, Event};
 
-use crate::{
-    enrich::{EndpointInfo, ServiceInfo},
-    proto::flow::{TrafficDirection, Verdict},
-};
+use weft_flow::proto::flow::{TrafficDirection, Verdict};
 
 /// Event type of flows made from Envoy's access log (Hubble's `l7`).
 pub const EV_L7: u8 = 129;
@@ -125,6 +122,47 @@ impl Http {
         let id = self.traceparent.split('-').nth(2)?;
         (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
     }
+}
+
+/// One HTTP exchange and the addresses of its two connections.
+#[derive(Clone, Debug, Default)]
+pub struct L7Entry {
+    pub http: Http,
+    /// The client's connection: its address, and the address it connected to
+    /// (the Service address, as the datapath redirected it).
+    pub client: Option<SocketAddrV4>,
+    pub server: Option<SocketAddrV4>,
+}
+
+/// A pod or a node, as flows name it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub namespace: String,
+    /// Empty for nodes.
+    pub pod: String,
+    /// `k8s:key=value` (and `reserved:host` and the like for nodes).
+    pub labels: Vec<String>,
+    /// (kind, name), e.g. (Deployment, web).
+    pub workloads: Vec<(String, String)>,
+    pub identity: u32,
+    /// The node the pod runs on, or the node itself.
+    pub node: String,
+    /// A pod on this node.
+    pub local: bool,
+}
+
+impl EndpointInfo {
+    /// The first workload's name (for metric labels), else the pod's name.
+    pub fn workload_name(&self) -> &str {
+        self.workloads.first().map(|(_, n)| n.as_str()).unwrap_or(&self.pod)
+    }
+}
+
+/// A Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// A flow: a datapath record, or an HTTP request or response (then `ev`

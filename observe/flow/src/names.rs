@@ -1,24 +1,27 @@
 //! Names for the datapath's and Hubble's numbers: observation points, drop
 //! reasons, trace reasons, policy match types, reserved identities, as
-//! Hubble spells them.
+//! Hubble spells them. The numbers are Hubble's; the datapath's ABI
+//! (`ebpf/bpf/include/weft/abi.h`) uses the same ones, which a test of the
+//! pipeline checks (`weft-observe`, `pipeline::ringbuf`), so that the CLI
+//! can name them without linking the datapath.
 
-use weft_ebpf::abi;
+use crate::proto::flow::TrafficDirection;
 
 /// Hubble's name of an observation point (TraceObservationPoint numbering).
 pub fn observation_point(obs: u32) -> &'static str {
     match obs {
-        0 | abi::OBS_TO_ENDPOINT => "to-endpoint",
-        abi::OBS_TO_PROXY => "to-proxy",
-        abi::OBS_TO_HOST => "to-host",
-        abi::OBS_TO_STACK => "to-stack",
+        0 | 101 => "to-endpoint",
+        1 => "to-proxy",
+        2 => "to-host",
+        3 => "to-stack",
         4 => "to-overlay",
-        abi::OBS_FROM_ENDPOINT => "from-endpoint",
-        abi::OBS_FROM_PROXY => "from-proxy",
-        abi::OBS_FROM_HOST => "from-host",
-        abi::OBS_FROM_STACK => "from-stack",
+        5 => "from-endpoint",
+        6 => "from-proxy",
+        7 => "from-host",
+        8 => "from-stack",
         9 => "from-overlay",
-        abi::OBS_FROM_NETWORK => "from-network",
-        abi::OBS_TO_NETWORK => "to-network",
+        10 => "from-network",
+        11 => "to-network",
         12 => "from-crypto",
         13 => "to-crypto",
         _ => "unknown",
@@ -131,10 +134,10 @@ pub fn drop_reason_code(name: &str) -> Option<u32> {
 /// Hubble's name of a trace reason.
 pub fn trace_reason(r: u32) -> &'static str {
     match r {
-        abi::REASON_NEW => "new",
-        abi::REASON_ESTABLISHED => "established",
-        abi::REASON_REPLY => "reply",
-        abi::REASON_RELATED => "related",
+        1 => "new",
+        2 => "established",
+        3 => "reply",
+        4 => "related",
         _ => "unknown",
     }
 }
@@ -212,28 +215,9 @@ pub fn protocol(p: u8) -> &'static str {
     }
 }
 
-/// One line per record, for `--print-events` and debugging.
-pub fn event_line(ev: &abi::Event) -> String {
-    let flags = if ev.proto == 6 { format!(" Flags: {}", tcp_flags(ev.tcp_flags)) } else { String::new() };
-    let ids = format!("(ID:{}) -> (ID:{})", ev.src_identity, ev.dst_identity);
-    let xlate = if ev.flags as u32 & abi::EVF_XLATED_DST != 0 {
-        format!(" [orig dst {}]", ev.orig())
-    } else if ev.flags as u32 & abi::EVF_REVNAT != 0 {
-        format!(" [orig src {}]", ev.orig())
-    } else {
-        String::new()
-    };
-    let what = match ev.r#type as u32 {
-        abi::EV_DROP => format!("DROPPED ({})", drop_reason(ev.subtype as u32)),
-        abi::EV_POLICY => format!(
-            "policy-verdict:{} {}",
-            if ev.subtype as u32 == abi::POLICY_ALLOW { "ALLOWED" } else { "DENIED" },
-            if ev.direction as u32 == abi::DIR_INGRESS { "INGRESS" } else { "EGRESS" }
-        ),
-        abi::EV_SOCK => format!("sock {} ({})", observation_point(ev.subtype as u32), trace_reason(ev.reason as u32)),
-        _ => format!("{} FORWARDED ({})", observation_point(ev.subtype as u32), trace_reason(ev.reason as u32)),
-    };
-    format!("{} -> {} {ids} {what} {}{flags}{xlate}", ev.src(), ev.dst(), protocol(ev.proto))
+/// `TrafficDirection` by name, case-insensitive.
+pub fn direction_by_name(s: &str) -> Option<TrafficDirection> {
+    TrafficDirection::from_str_name(&s.to_ascii_uppercase())
 }
 
 #[cfg(test)]

@@ -12,38 +12,7 @@ use std::{
 
 use weft_ebpf::abi::Event;
 
-use crate::record::FlowRecord;
-
-/// A pod or a node, as flows name it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EndpointInfo {
-    pub namespace: String,
-    /// Empty for nodes.
-    pub pod: String,
-    /// `k8s:key=value` (and `reserved:host` and the like for nodes).
-    pub labels: Vec<String>,
-    /// (kind, name), e.g. (Deployment, web).
-    pub workloads: Vec<(String, String)>,
-    pub identity: u32,
-    /// The node the pod runs on, or the node itself.
-    pub node: String,
-    /// A pod on this node.
-    pub local: bool,
-}
-
-impl EndpointInfo {
-    /// The first workload's name (for metric labels), else the pod's name.
-    pub fn workload_name(&self) -> &str {
-        self.workloads.first().map(|(_, n)| n.as_str()).unwrap_or(&self.pod)
-    }
-}
-
-/// A Service.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServiceInfo {
-    pub namespace: String,
-    pub name: String,
-}
+use super::record::{EndpointInfo, FlowRecord, ServiceInfo};
 
 /// A fast hasher for small integer keys (FNV-1a over the written bytes); the
 /// keys come from the agent's own state, not from attackers.

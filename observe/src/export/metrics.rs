@@ -15,12 +15,16 @@ use prometheus_client::{
 };
 use weft_ebpf::abi;
 
-use crate::{
-    enrich::{EndpointInfo, IntHasher, Names},
+use weft_flow::{
     names,
-    pipeline::{Pipeline, Sink},
     proto::flow::{TrafficDirection, Verdict},
-    record::{EV_L7, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, LostSource},
+    time::now_ns,
+};
+
+use crate::pipeline::{
+    Pipeline, Sink,
+    enrich::{IntHasher, Names},
+    record::{EV_L7, EndpointInfo, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, LostSource},
 };
 
 /// Label pairs of one series.
@@ -383,7 +387,7 @@ impl Collector for PipelineCollector {
             c.l7_received.load(Relaxed),
         )?;
         counter(&mut enc, "flows_stored", "Flows added to the flow store", c.flows.load(Relaxed))?;
-        let st = p.store.stats(crate::pipeline::now_ns() / 1_000_000_000);
+        let st = p.store.stats(now_ns() / 1_000_000_000);
         gauge(&mut enc, "flow_store_flows", "Flows held in the flow store", st.num_flows as i64)?;
         gauge(&mut enc, "flow_store_capacity", "Flows the flow store can hold", st.max_flows as i64)?;
         Ok(())

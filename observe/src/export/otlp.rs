@@ -32,15 +32,25 @@ use opentelemetry_proto::tonic::{
 use prost::Message;
 use tokio::sync::mpsc;
 
+use weft_flow::{
+    names, print,
+    proto::{
+        flow::{self, Flow, FlowFilter, Verdict, layer4, layer7},
+        weft::FlowLink,
+    },
+    time::now_ns,
+};
+
 use crate::{
-    convert::{self, Context},
-    enrich::Names,
-    filter::{Env, FilterSet},
-    names,
-    pipeline::{Pipeline, Sink, now_ns},
-    print,
-    proto::flow::{self, Flow, FlowFilter, Verdict, layer4, layer7},
-    record::{Entry, FlowRecord, L7_RESPONSE},
+    api::{
+        convert::{self, Context},
+        filter::{Env, FilterSet},
+    },
+    pipeline::{
+        Pipeline, Sink,
+        enrich::Names,
+        record::{Entry, FlowRecord, L7_RESPONSE},
+    },
 };
 
 /// OTLP over gRPC or over HTTP with protobuf bodies.
@@ -209,12 +219,6 @@ fn grpc_err(s: tonic::Status) -> (bool, String) {
     (retry, format!("{}: {}", s.code(), s.message()))
 }
 
-/// The request target as HTTP/1.1 servers expect it (`/v1/logs`), not the
-/// absolute form a proxy takes.
-pub fn origin_form(uri: &hyper::Uri) -> String {
-    uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into())
-}
-
 async fn http_post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(), (bool, String)> {
     let uri: hyper::Uri = url.parse().map_err(|e| (false, format!("{url}: {e}")))?;
     let host = uri.host().unwrap_or("localhost").to_owned();
@@ -227,7 +231,7 @@ async fn http_post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(), (b
             .await
             .map_err(|e| (true, format!("HTTP handshake: {e}")))?;
         tokio::spawn(conn);
-        let req = hyper::Request::post(origin_form(&uri))
+        let req = hyper::Request::post(weft_flow::client::origin_form(&uri))
             .header("host", format!("{host}:{port}"))
             .header("content-type", "application/x-protobuf")
             .body(Full::new(Bytes::from(body)))
@@ -432,7 +436,7 @@ pub fn attributes(f: &Flow) -> Vec<KeyValue> {
         a.push(s("weft.l7.type", if l7.r#type == flow::L7FlowType::Response as i32 { "response" } else { "request" }));
     }
     if let Some(ext) = &f.extensions {
-        if let Ok(link) = crate::proto::weft::FlowLink::decode(ext.value.as_slice()) {
+        if let Ok(link) = FlowLink::decode(ext.value.as_slice()) {
             if let Some(d) = link.downstream {
                 a.push(s("weft.link.verdict", Verdict::try_from(d.verdict).unwrap_or(Verdict::Unknown).as_str_name()));
                 let path: Vec<&str> = d.path.iter().map(|p| names::observation_point(*p as u32)).collect();

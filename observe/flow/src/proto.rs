@@ -1,4 +1,5 @@
-//! The flow API's protobuf types and gRPC stubs, generated from observe/proto.
+//! The flow API's protobuf types and gRPC stubs, generated from `proto/` by
+//! build.rs.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -17,3 +18,6 @@ pub mod weft {
 
 /// The compiled descriptors of every message of the API.
 pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hubble_descriptor.bin"));
+
+/// The service name `hubble status` (and `weft status`) health-checks.
+pub const HEALTH_SERVICE: &str = "hubble.server.Observer";

@@ -1,7 +1,30 @@
-//! Times as flows print them (Hubble's `Jan _2 15:04:05.000`, UTC) and as
-//! users give them (`--since 5m`, `--until 2026-11-27T10:00:00Z`).
+//! Times as flows print them (Hubble's `Jan _2 15:04:05.000`, UTC), as
+//! users give them (`--since 5m`, `--until 2026-11-27T10:00:00Z`), and as the
+//! wire carries them (`google.protobuf.Timestamp`). Times are unix ns in a
+//! `u64` everywhere else.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+/// Wall-clock now, unix ns.
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// A unix time in ns as a protobuf timestamp.
+pub fn timestamp(ns: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: (ns / 1_000_000_000) as i64, nanos: (ns % 1_000_000_000) as i32 }
+}
+
+/// A protobuf timestamp as unix ns (times before 1970 are 0, past 2554 the
+/// largest).
+pub fn ns_of(t: &prost_types::Timestamp) -> u64 {
+    u64::try_from(t.seconds)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.nanos).unwrap_or(0))
+}
 
 /// (year, month 1-12, day 1-31) of a day count since 1970-01-01.
 fn civil(days: i64) -> (i64, u32, u32) {
