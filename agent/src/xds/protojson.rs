@@ -4,8 +4,7 @@
 //! serde_path_to_error tracks where a problem is, so every error names the
 //! field path a user can find: `filter_chains[0].filters[0].typed_config.stat_prefx:
 //! unknown field`. Messages are then walked (see [`walk`]) to bound their
-//! nesting, and to apply the field rules Envoy declares (`super::rules`) and
-//! the tenancy rules (`super::tenancy`).
+//! nesting, and to apply the field rules Envoy declares and the tenancy rules.
 
 use std::{fmt, sync::OnceLock};
 

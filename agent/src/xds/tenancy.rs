@@ -24,18 +24,20 @@
 //! - upstreams: clusters are STATIC or EDS (no DNS, ORIGINAL_DST or custom
 //!   cluster types, which can reach any address); the endpoint addresses a
 //!   config writes must belong to Pods or Services of its namespace (checked
-//!   against the objects, in the cross-object pass: [`References::addresses`]);
+//!   against the objects in the model's cross-object pass);
 //!   no Google gRPC services (they connect anywhere);
 //! - code: no Lua, Wasm, Go or dynamic-module filters, no dynamic forward
 //!   proxy (they can reach any cluster or address by name at run time).
-//!
-//! [`References::addresses`]: super::translate::References
 
 use std::net::IpAddr;
 
 use prost_reflect::{DynamicMessage, ReflectMessage, Value as PValue};
 
-use super::{protojson, translate::BOOTSTRAP_CLUSTERS};
+use super::protojson;
+
+/// Clusters the agent's bootstrap defines, which configs may reference by
+/// name; only ClusterwideEnvoyConfigs may (see the module doc).
+pub const BOOTSTRAP_CLUSTERS: &[&str] = &["envoy-admin"];
 
 /// A refusal: where (field path in the resource) and which rule.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,13 +64,18 @@ const FORBIDDEN_TYPES: &[(&str, &str)] = &[
     ("envoy.config.tap.v3.FilePerTapSink", "tap files are written on the node"),
 ];
 
-/// Checks one translated resource of a config in namespace `ns`.
-/// `endpoint`: every socket address of an upstream endpoint found, for the
-/// cross-object check that it belongs to the namespace.
-pub fn check(ns: &str, resource: &DynamicMessage, endpoint: &mut dyn FnMut(&str, IpAddr)) -> Vec<Refusal> {
+/// Checks one translated resource of a config in namespace `ns`. `ours`:
+/// the access log the agent adds to every HTTP connection manager (allowed
+/// where it appears). `endpoint`: every socket address of an upstream
+/// endpoint found, for the cross-object check that it belongs to the namespace.
+pub fn check(
+    ns: &str,
+    resource: &DynamicMessage,
+    ours: Option<&DynamicMessage>,
+    endpoint: &mut dyn FnMut(&str, IpAddr),
+) -> Vec<Refusal> {
     let mut out = Vec::new();
     let prefix = format!("{ns}/");
-    let ours = weft_access_log();
     let mut skip_under: Option<String> = None;
     let walked = protojson::walk(resource, &mut |path, m| {
         if let Some(s) = &skip_under {
@@ -79,7 +86,7 @@ pub fn check(ns: &str, resource: &DynamicMessage, endpoint: &mut dyn FnMut(&str,
         }
         let name = m.descriptor().full_name().to_owned();
         // The access log the agent adds to every HTTP connection manager.
-        if name == "envoy.config.accesslog.v3.AccessLog" && Some(m) == ours.as_ref() {
+        if name == "envoy.config.accesslog.v3.AccessLog" && Some(m) == ours {
             skip_under = Some(path.to_owned());
             return;
         }
@@ -298,10 +305,4 @@ fn outside(prefix: &str, name: &str) -> Option<String> {
             "is not a name of this namespace: a namespaced EnvoyConfig may reference only names of its own namespace ({ns}/...)"
         ),
     })
-}
-
-fn weft_access_log() -> Option<DynamicMessage> {
-    use prost::Message;
-    let desc = protojson::pool().get_message_by_name("envoy.config.accesslog.v3.AccessLog")?;
-    DynamicMessage::decode(desc, super::translate::weft_access_log().encode_to_vec().as_slice()).ok()
 }

@@ -63,15 +63,14 @@ use crate::{
     limits::{MAX_NAME_BYTES, MAX_RESOURCES},
 };
 
-/// Clusters the agent's bootstrap defines, which configs may reference by name.
-pub const BOOTSTRAP_CLUSTERS: &[&str] = &["envoy-admin"];
+pub use super::tenancy::BOOTSTRAP_CLUSTERS;
 
 /// The access log the agent adds to every HTTP connection manager: Envoy
 /// streams each request to the agent (cluster `weft-als` of the bootstrap),
 /// which turns it into L7 flows.
 pub const ACCESS_LOG_NAME: &str = "weft-flows";
 
-pub(crate) fn weft_access_log() -> AccessLog {
+fn weft_access_log() -> AccessLog {
     let cfg = HttpGrpcAccessLogConfig {
         common_config: Some(CommonGrpcAccessLogConfig {
             log_name: ACCESS_LOG_NAME.into(),
@@ -413,6 +412,8 @@ fn check_translated(cfg: &EnvoyConfig, ctx: &mut Ctx<'_>, out: &Translated, prob
         problems: &mut Vec<Problem>,
     ) {
         let Some(desc) = protojson::message_for_type_url(&T::type_url()) else { return };
+        let ours = protojson::message_for_type_url(&AccessLog::type_url())
+            .and_then(|d| DynamicMessage::decode(d, weft_access_log().encode_to_vec().as_slice()).ok());
         for it in items {
             let at = place(it.index, kind, &it.written);
             let msg = match DynamicMessage::decode(desc.clone(), it.resource.encode_to_vec().as_slice()) {
@@ -427,7 +428,7 @@ fn check_translated(cfg: &EnvoyConfig, ctx: &mut Ctx<'_>, out: &Translated, prob
             }
             if !cfg.key.clusterwide {
                 let mut addresses = Vec::new();
-                let refusals = tenancy::check(cfg.key.namespace(), &msg, &mut |path, ip| {
+                let refusals = tenancy::check(cfg.key.namespace(), &msg, ours.as_ref(), &mut |path, ip| {
                     addresses.push((format!("{at}: {path}"), ip));
                 });
                 ctx.refs.addresses.extend(addresses);
@@ -799,5 +800,109 @@ spec:
         );
         let p = translate(&empty).unwrap_err();
         assert!(p[0].message.contains("at least one filter chain"), "{}", p[0]);
+    }
+}
+
+/// The tenancy rules (`super::tenancy`), through translation and the model.
+#[cfg(test)]
+mod tenancy_tests {
+    use crate::{
+        k8s::{Origin, yaml},
+        xds::{
+            envoyconfig,
+            model::{Model, NodeInfo},
+            ports::ProxyPorts,
+            translate::translate,
+        },
+    };
+
+    /// A config of `kind` in `ns` with one resource (YAML, indented as a list item).
+    fn cfg(kind: &str, ns: &str, resource: &str) -> envoyconfig::EnvoyConfig {
+        let doc = format!(
+            "apiVersion: weft.io/v1alpha1\nkind: {kind}\nmetadata: {{name: c, namespace: {ns}}}\nspec:\n  resources:\n  - {}\n",
+            resource.trim().replace('\n', "\n    ")
+        );
+        envoyconfig::parse(Origin::Api, &serde_saphyr::from_str(&doc).unwrap()).unwrap()
+    }
+
+    fn refusals(resource: &str) -> Vec<String> {
+        let namespaced = match translate(&cfg("EnvoyConfig", "team", resource)) {
+            Ok(_) => Vec::new(),
+            Err(ps) => ps.iter().map(|p| p.to_string()).collect(),
+        };
+        // A cluster admin may write the same.
+        let cw = translate(&cfg("ClusterwideEnvoyConfig", "", resource));
+        assert!(cw.is_ok(), "clusterwide: {:?}", cw.err());
+        namespaced
+    }
+
+    const LISTENER: &str = "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener";
+    const CLUSTER: &str = "\"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    fn hcm(extra: &str) -> String {
+        format!(
+            "{LISTENER}\nname: l\nfilter_chains:\n- filters:\n  - name: hcm\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n      stat_prefix: l\n      rds: {{route_config_name: r}}\n      http_filters: [{{name: envoy.filters.http.router}}]\n{extra}"
+        )
+    }
+
+    #[test]
+    fn namespaced_configs_stay_in_their_namespace_and_off_the_node() {
+        let cases: &[(String, &str)] = &[
+            (hcm("address: {socket_address: {address: 0.0.0.0, port_value: 8080}}"), "address: a namespaced EnvoyConfig's listeners get their port from the agent"),
+            (hcm("use_original_dst: true"), "use_original_dst: it hands connections to other listeners"),
+            (format!("{CLUSTER}\nname: c\ntype: STRICT_DNS"), "type: a namespaced EnvoyConfig's clusters are STATIC or EDS"),
+            (format!("{CLUSTER}\nname: c\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED"), "are STATIC or EDS"),
+            (format!("{CLUSTER}\nname: c\ntype: EDS\neds_cluster_config: {{service_name: other/web}}"), "EDS resource \"other/web\" is in namespace \"other\""),
+            (format!("{CLUSTER}\nname: c\nload_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: \"::ffff:127.0.0.1\", port_value: 9901}}}}}}}}]}}]}}"), "is the node itself"),
+            (format!("{CLUSTER}\nname: c\ntype: EDS\ntransport_socket: {{name: tls, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, common_tls_context: {{tls_certificates: [{{certificate_chain: {{filename: /var/run/weft/key.pem}}}}]}}}}}}"), "certificate_chain.filename: a namespaced EnvoyConfig may not read the node's files"),
+            (
+                "\"@type\": type.googleapis.com/envoy.config.route.v3.RouteConfiguration\nname: r\nvirtual_hosts: [{name: v, domains: [\"*\"], routes: [{match: {prefix: /}, route: {cluster_header: x-cluster}}]}]".to_string(),
+                "cluster_header: a cluster chosen from a request header",
+            ),
+            (
+                hcm("").replace(
+                    "http_filters: [{name: envoy.filters.http.router}]",
+                    "http_filters: [{name: lua, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua, default_source_code: {inline_string: x}}}, {name: envoy.filters.http.router}]",
+                ),
+                "envoy.extensions.filters.http.lua.v3.Lua is for ClusterwideEnvoyConfigs only",
+            ),
+            (
+                hcm("").replace(
+                    "stat_prefix: l\n",
+                    "stat_prefix: l\n      tracing: {provider: {name: z, typed_config: {\"@type\": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: envoy-admin, collector_endpoint: /quitquitquit, collector_endpoint_version: HTTP_JSON}}}\n",
+                ),
+                "collector_cluster: cluster \"envoy-admin\" is the node Envoy's admin interface",
+            ),
+        ];
+        for (resource, expected) in cases {
+            let r = refusals(resource);
+            assert!(r.iter().any(|p| p.contains(expected)), "{resource}\nexpected {expected:?} in {r:#?}");
+        }
+    }
+
+    #[test]
+    fn upstream_addresses_must_be_the_namespaces_own() {
+        const OBJECTS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: team}\nspec: {containers: [{name: x, image: x}]}\nstatus: {phase: Running, podIP: 10.1.1.11}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: other}\nspec: {containers: [{name: x, image: x}]}\nstatus: {phase: Running, podIP: 10.1.1.12}\n";
+        let mut l = yaml::Loaded::default();
+        yaml::load_text(std::path::Path::new("o.yaml"), OBJECTS, &mut l);
+        let to = |ip: &str| {
+            cfg(
+                "EnvoyConfig",
+                "team",
+                &format!(
+                    "{CLUSTER}\nname: c\nload_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: 80}}}}}}}}]}}]}}"
+                ),
+            )
+        };
+        let (own, theirs) = (to("10.1.1.11"), to("10.1.1.12"));
+        let node = NodeInfo { any: true, ..Default::default() };
+        let b = Model::new(ProxyPorts::ephemeral()).build(&[own.clone()], &[], &l.objects, &node);
+        assert!(b.statuses[&own.key].problems.is_empty(), "{:?}", b.statuses[&own.key]);
+        let b = Model::new(ProxyPorts::ephemeral()).build(&[theirs.clone()], &[], &l.objects, &node);
+        let p = &b.statuses[&theirs.key].problems;
+        assert!(
+            p.iter().any(|p| p.contains("10.1.1.12 is not the address of a Pod or Service of namespace team")),
+            "{p:?}"
+        );
     }
 }
