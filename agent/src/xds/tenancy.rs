@@ -213,7 +213,10 @@ pub fn check(
                     refuse("envoy_internal_address", "internal listeners may be another tenant's".into());
                 }
             }
-            "envoy.config.core.v3.SocketAddress" => {
+            // A listener's own address is refused above, whatever it is.
+            "envoy.config.core.v3.SocketAddress"
+                if !(path.starts_with("address.") || path.starts_with("additional_addresses")) =>
+            {
                 if let Some(a) = string("address") {
                     match a.parse::<IpAddr>().map(canonical) {
                         Ok(ip) if ip.is_loopback() || ip.is_unspecified() || link_local(ip) => refuse(
