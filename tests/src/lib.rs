@@ -9,6 +9,7 @@ pub mod flows;
 pub mod fuzz;
 pub mod hostile;
 pub mod http;
+pub mod k8s;
 pub mod lab;
 pub mod node;
 pub mod objects;
