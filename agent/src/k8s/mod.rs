@@ -154,6 +154,16 @@ macro_rules! define_objects {
                 }
             }
 
+            /// Copies every object of `other` that came from `origin`; true if any.
+            pub fn carry_over_origin(&mut self, other: &Objects, origin: &Origin) -> bool {
+                let mut found = false;
+                $(for (k, v) in other.$field.iter().filter(|(_, v)| v.origin == *origin) {
+                    self.$field.insert(k.clone(), v.clone());
+                    found = true;
+                })*
+                found
+            }
+
             /// Adds or replaces an object.
             pub fn insert(&mut self, origin: Origin, object: Object) {
                 let key = object.key();
