@@ -68,7 +68,8 @@ impl Worker {
         // The first snapshot is there before the worker starts.
         snapshots.mark_changed();
         loop {
-            match runtime.block_on(tokio::time::timeout(WAIT, snapshots.changed())) {
+            // The timer is made inside block_on: it needs the runtime's context.
+            match runtime.block_on(async { tokio::time::timeout(WAIT, snapshots.changed()).await }) {
                 Ok(Ok(())) => {
                     let snap = snapshots.borrow_and_update().clone();
                     apply(&mut dp, &mut rec, &snap, &status)?;
