@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod envoy;
 pub mod identity;
 pub mod k8s;
+pub mod limits;
 pub mod netns;
 pub mod operator;
 pub mod reconcile;
