@@ -334,10 +334,10 @@ impl AgentConfig {
         if self.kubernetes.enabled && self.kubernetes.namespace.is_empty() {
             return Err(invalid("kubernetes.namespace", &self.kubernetes.namespace, "set it to weft's namespace"));
         }
-        if let Some(c) = &self.native_routing_cidr {
-            if parse_cidr(c).is_none() {
-                return Err(invalid("native-routing-cidr", c, "expected an IPv4 CIDR like 10.0.0.0/8"));
-            }
+        if let Some(c) = &self.native_routing_cidr
+            && parse_cidr(c).is_none()
+        {
+            return Err(invalid("native-routing-cidr", c, "expected an IPv4 CIDR like 10.0.0.0/8"));
         }
         if self.nat_ports[0] == 0 || self.nat_ports[0] > self.nat_ports[1] {
             return Err(invalid("nat-ports", &self.nat_ports, "expected [low, high] with 0 < low <= high"));

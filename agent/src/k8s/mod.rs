@@ -96,8 +96,10 @@ macro_rules! define_objects {
             $(pub $field: Collection<$kind>,)*
         }
 
-        /// One typed object from a source.
+        /// One typed object from a source. Each is moved once, into its
+        /// collection's `Arc`: the variants' sizes do not matter.
         #[derive(Debug)]
+        #[allow(clippy::large_enum_variant)]
         pub enum Object {
             $($kind($kind),)*
         }
