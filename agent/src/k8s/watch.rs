@@ -18,7 +18,7 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Pod, Secret, Service},
+    core::v1::{Namespace, Node, ObjectReference, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
     networking::v1::{Ingress, IngressClass, NetworkPolicy},
 };
@@ -35,6 +35,10 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use tokio::{sync::watch as tokio_watch, task::JoinHandle};
+use weft_gateway_api::{
+    gatewayclasses::GatewayClass, gateways::Gateway, grpcroutes::GrpcRoute, httproutes::HttpRoute,
+    referencegrants::ReferenceGrant,
+};
 
 use super::{Collection, ObjKey, Objects, Origin, Sourced, yaml::Loaded};
 use crate::{
@@ -56,6 +60,11 @@ pub struct Kinds {
     pub ingress_classes: bool,
     /// weft's EnvoyConfig kinds, and Cilium's when their CRDs are installed.
     pub envoy_configs: bool,
+    /// Namespaces (their labels: Gateway listeners select routes' namespaces by them).
+    pub namespaces: bool,
+    /// GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes and ReferenceGrants,
+    /// when the Gateway API's CRDs are installed.
+    pub gateway_api: bool,
 }
 
 impl Kinds {
@@ -71,11 +80,13 @@ impl Kinds {
             ingresses: false,
             ingress_classes: false,
             envoy_configs: true,
+            namespaces: false,
+            gateway_api: false,
         }
     }
 
     /// What the operator needs: configs and what validating them reads
-    /// (Services, Secrets), Ingresses and their classes.
+    /// (Services, Secrets), Ingresses and their classes, the Gateway API.
     pub fn operator() -> Self {
         Self {
             services: true,
@@ -87,6 +98,8 @@ impl Kinds {
             ingresses: true,
             ingress_classes: true,
             envoy_configs: true,
+            namespaces: true,
+            gateway_api: true,
         }
     }
 }
@@ -169,6 +182,12 @@ kind!(Node, "Node", nodes);
 kind!(NetworkPolicy, "NetworkPolicy", network_policies);
 kind!(Ingress, "Ingress", ingresses);
 kind!(IngressClass, "IngressClass", ingress_classes);
+kind!(Namespace, "Namespace", namespaces);
+kind!(GatewayClass, "GatewayClass", gateway_classes);
+kind!(Gateway, "Gateway", gateways);
+kind!(HttpRoute, "HTTPRoute", http_routes);
+kind!(GrpcRoute, "GRPCRoute", grpc_routes);
+kind!(ReferenceGrant, "ReferenceGrant", reference_grants);
 
 impl Kind for Secret {
     const NAME: &'static str = "Secret";
@@ -449,8 +468,22 @@ impl KubeSource {
             secrets => Secret,
             network_policies => NetworkPolicy,
             ingresses => Ingress,
-            ingress_classes => IngressClass
+            ingress_classes => IngressClass,
+            namespaces => Namespace
         );
+        if kinds.gateway_api {
+            // Each kind only when its CRD is installed (a cluster may have some of the channel's kinds only).
+            macro_rules! gateway_kinds {
+                ($($t:ty),*) => { $(
+                    if served(&client, &ApiResource::erase::<$t>(&())).await {
+                        tasks.push(typed::<$t>(&client, &shared, &tx));
+                    } else {
+                        tracing::info!("{} (gateway.networking.k8s.io) is not served by this cluster: not watching it", <$t as Kind>::NAME);
+                    }
+                )* };
+            }
+            gateway_kinds!(GatewayClass, Gateway, HttpRoute, GrpcRoute, ReferenceGrant);
+        }
         if kinds.envoy_configs {
             for (group, version, kind, plural, optional) in CONFIG_KINDS {
                 let ar = ApiResource {
@@ -808,7 +841,14 @@ spec: {}
             server.put(svc(&format!("s{i}"), 0));
         }
         let kinds = Kinds { services: true, ..Kinds { envoy_configs: false, ..Kinds::operator() } };
-        let kinds = Kinds { secrets: false, ingresses: false, ingress_classes: false, ..kinds };
+        let kinds = Kinds {
+            secrets: false,
+            ingresses: false,
+            ingress_classes: false,
+            namespaces: false,
+            gateway_api: false,
+            ..kinds
+        };
         let mut src = KubeSource::start(server.client(), kinds, "node1").await;
         src.wait_synced(Duration::from_secs(5)).await;
         assert_eq!(versions(&src.poll().unwrap()).len(), 3);

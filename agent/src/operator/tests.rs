@@ -279,3 +279,133 @@ async fn a_bad_path_is_an_event_on_the_ingress_and_the_rest_is_served() {
         "Ingress default/basic-ingress: spec.rules[0].http.paths[0].path: path \"details\" must start with '/'"
     );
 }
+
+const GATEWAY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: edge, labels: {team: edge}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: weft}
+spec: {controllerName: weft.io/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web, namespace: edge}
+spec:
+  gatewayClassName: weft
+  listeners:
+  - {name: http, port: 80, protocol: HTTP}
+  - {name: tcp, port: 9000, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: edge}
+spec: {ports: [{name: http, port: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: edge}
+spec:
+  parentRefs: [{name: web}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /shop}}]
+    backendRefs: [{name: shop, port: 8080}]
+  - filters: [{type: CORS, cors: {allowOrigins: ["*"]}}]
+    backendRefs: [{name: shop, port: 8080}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_get_their_objects_and_every_gateway_api_object_its_status() {
+    let server = ApiServer::start().await.unwrap();
+    for k in crate::k8s::apiserver::gateway_api_kinds() {
+        server.register(k);
+    }
+    server.put_yaml(GATEWAY);
+    let _op = operator(&server, "a");
+    let g = "gateway.networking.k8s.io/v1";
+
+    let class = until("the class accepted", || {
+        server.get(g, "GatewayClass", "", "weft").filter(|c| condition(c, "Accepted").is_some())
+    })
+    .await;
+    assert_eq!(condition(&class, "Accepted").unwrap().1, "Accepted");
+    assert!(class["status"]["supportedFeatures"].as_array().unwrap().iter().any(|f| f["name"] == "HTTPRoute"));
+
+    let svc = until("the Service", || server.get("v1", "Service", "edge", "weft-gateway-web")).await;
+    assert_eq!(
+        svc["spec"]["ports"],
+        json!([{"name": "port-80", "port": 80, "protocol": "TCP"}]),
+        "the TCP listener is not served"
+    );
+    assert_eq!(svc["metadata"]["ownerReferences"][0]["kind"], "Gateway");
+    until("the Endpoints", || server.get("v1", "Endpoints", "edge", "weft-gateway-web")).await;
+    let config_name = "weft-gateway.edge.web";
+    until("the config", || server.get("weft.io/v1alpha1", "ClusterwideEnvoyConfig", "", config_name)).await;
+
+    // The route: accepted, its CORS rule dropped and reported, the other served.
+    let route = until("the route's status", || {
+        server
+            .get(g, "HTTPRoute", "edge", "shop")
+            .filter(|r| r["status"]["parents"].as_array().is_some_and(|p| !p.is_empty()))
+    })
+    .await;
+    let parent = &route["status"]["parents"][0];
+    assert_eq!(parent["controllerName"], "weft.io/gateway-controller");
+    assert_eq!(parent["parentRef"], json!({"name": "web"}));
+    let conds = json!({"status": {"conditions": parent["conditions"]}});
+    assert_eq!(condition(&conds, "Accepted").unwrap().0, "True");
+    let partial = condition(&conds, "PartiallyInvalid").unwrap();
+    assert!(partial.2.starts_with("Dropped Rule"), "{}", partial.2);
+
+    // The Gateway: a listener refused, not Programmed until the Service has an address.
+    let gw = until("the Gateway's status", || {
+        server.get(g, "Gateway", "edge", "web").filter(|g| condition(g, "Programmed").is_some())
+    })
+    .await;
+    assert_eq!(condition(&gw, "Accepted").unwrap().1, "ListenersNotValid");
+    assert_eq!(condition(&gw, "Programmed").unwrap().1, "AddressNotAssigned");
+    let tcp = &gw["status"]["listeners"][1];
+    let tcp_conds = json!({"status": {"conditions": tcp["conditions"]}});
+    assert_eq!(condition(&tcp_conds, "Accepted").unwrap().1, "UnsupportedProtocol");
+    assert_eq!(gw["status"]["listeners"][0]["attachedRoutes"], 1);
+    server.put_status(
+        "v1",
+        "Service",
+        "edge",
+        "weft-gateway-web",
+        json!({"loadBalancer": {"ingress": [{"ip": "172.20.0.11"}]}}),
+    );
+    let gw = until("Programmed", || {
+        server.get(g, "Gateway", "edge", "web").filter(|g| condition(g, "Programmed").is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+    assert_eq!(gw["status"]["addresses"], json!([{"type": "IPAddress", "value": "172.20.0.11"}]));
+
+    // Another controller's parent entry survives weft's writes.
+    let mut r = server.get(g, "HTTPRoute", "edge", "shop").unwrap();
+    let mut parents = r["status"]["parents"].as_array().unwrap().clone();
+    parents.push(json!({"parentRef": {"name": "other"}, "controllerName": "example.com/other", "conditions": []}));
+    r["status"]["parents"] = json!(parents);
+    r["spec"]["rules"][0]["matches"][0]["path"]["value"] = json!("/store");
+    server.put(r);
+    until("the new generation's status, the foreign entry kept", || {
+        let r = server.get(g, "HTTPRoute", "edge", "shop")?;
+        let p = r["status"]["parents"].as_array()?;
+        let ours = p.iter().find(|p| p["controllerName"] == "weft.io/gateway-controller")?;
+        (p.iter().any(|p| p["controllerName"] == "example.com/other")
+            && ours["conditions"][0]["observedGeneration"] == r["metadata"]["generation"])
+            .then_some(())
+    })
+    .await;
+
+    // The Gateway goes: so do its objects.
+    server.remove(g, "Gateway", "edge", "web");
+    until("the generated objects removed", || {
+        (server.get("weft.io/v1alpha1", "ClusterwideEnvoyConfig", "", config_name).is_none()
+            && server.get("v1", "Service", "edge", "weft-gateway-web").is_none())
+        .then_some(())
+    })
+    .await;
+}
