@@ -10,8 +10,6 @@ pub mod gateway;
 pub mod ingress;
 pub mod lease;
 pub mod status;
-#[cfg(test)]
-mod tests;
 
 use std::{collections::BTreeMap, time::Duration};
 
