@@ -171,43 +171,29 @@ impl GatewayReconciler {
             }
         }
         for r in &t.routes {
-            let (held, rv): (Vec<HeldParent>, Option<String>) = match r.kind {
-                RouteKind::Http => match objects.http_routes.get(&r.key) {
-                    Some(h) => (
-                        h.object
-                            .status
-                            .iter()
-                            .flat_map(|s| s.parents.iter())
-                            .map(|p| {
-                                (
-                                    serde_json::to_value(&p.parent_ref).unwrap_or(Value::Null),
-                                    p.controller_name.clone(),
-                                    p.conditions.clone(),
-                                )
-                            })
-                            .collect(),
-                        h.object.meta().resource_version.clone(),
-                    ),
-                    None => continue,
-                },
-                RouteKind::Grpc => match objects.grpc_routes.get(&r.key) {
-                    Some(h) => (
-                        h.object
-                            .status
-                            .iter()
-                            .flat_map(|s| s.parents.iter())
-                            .map(|p| {
-                                (
-                                    serde_json::to_value(&p.parent_ref).unwrap_or(Value::Null),
-                                    p.controller_name.clone(),
-                                    p.conditions.clone(),
-                                )
-                            })
-                            .collect(),
-                        h.object.meta().resource_version.clone(),
-                    ),
-                    None => continue,
-                },
+            // The parents as held, and the version they were read at (either route type: same field names).
+            macro_rules! held {
+                ($coll:expr) => {
+                    match $coll.get(&r.key) {
+                        Some(h) => (
+                            h.object
+                                .status
+                                .iter()
+                                .flat_map(|s| s.parents.iter())
+                                .map(|p| {
+                                    let parent = serde_json::to_value(&p.parent_ref).unwrap_or(Value::Null);
+                                    (parent, p.controller_name.clone(), p.conditions.clone())
+                                })
+                                .collect::<Vec<HeldParent>>(),
+                            h.object.meta().resource_version.clone(),
+                        ),
+                        None => continue,
+                    }
+                };
+            }
+            let (held, rv) = match r.kind {
+                RouteKind::Http => held!(objects.http_routes),
+                RouteKind::Grpc => held!(objects.grpc_routes),
             };
             let ours_held: Vec<&HeldParent> = held.iter().filter(|h| h.1 == CONTROLLER).collect();
             let ours: Vec<(Value, Vec<Condition>)> = r

@@ -176,6 +176,86 @@ fn entries_of(out: &RuleOut, matches: Vec<(Value, Precedence)>, name: &str, into
     }
 }
 
+/// A [`BackendRef`] from any route type's reference (they share field names, not a type).
+macro_rules! backend_ref {
+    ($b:expr) => {{
+        let b = $b;
+        BackendRef {
+            group: b.group.as_deref(),
+            kind: b.kind.as_deref(),
+            name: &b.name,
+            namespace: b.namespace.as_deref(),
+            port: b.port,
+        }
+    }};
+}
+
+/// What translating one rule reads and adds to.
+struct RuleCtx<'a> {
+    id: &'a RouteId,
+    objects: &'a Objects,
+    used: &'a mut Used,
+    t: &'a mut Translated,
+}
+
+/// Adds a mirror of the rule's requests to `r` (a share: `percent` or a
+/// (numerator, denominator) fraction); an unresolved mirror is reported, not served.
+fn add_mirror(
+    ctx: &mut RuleCtx,
+    out: &mut RuleOut,
+    r: &BackendRef,
+    share: (Option<i32>, Option<(i32, Option<i32>)>),
+    at: &str,
+) -> Result<(), String> {
+    match backends::resolve(r, ctx.id.kind, &ctx.id.namespace, ctx.objects, ctx.used) {
+        Ok(cluster) => {
+            let policy = mirror(cluster, share.0, share.1).map_err(|e| format!("{at}: {e}"))?;
+            let mut all =
+                out.action_extra.get("request_mirror_policies").and_then(Value::as_array).cloned().unwrap_or_default();
+            all.push(policy);
+            out.action_extra.insert("request_mirror_policies".into(), Value::Array(all));
+        }
+        Err(u) => ctx.t.unresolved.push(u),
+    }
+    Ok(())
+}
+
+/// The rule's backends, each with its per-backend header modifiers (the
+/// only per-backend filters served); `$bf` is the route type's backend filter type enum.
+macro_rules! add_backends {
+    ($rule:expr, $bf:path, $ctx:expr, $out:expr) => {{
+        use $bf as BF;
+        for (bi, b) in $rule.backend_refs.iter().flatten().enumerate() {
+            let cluster =
+                backends::resolve(&backend_ref!(b), $ctx.id.kind, &$ctx.id.namespace, $ctx.objects, $ctx.used);
+            if let Err(u) = &cluster {
+                $ctx.t.unresolved.push(u.clone());
+            }
+            let mut headers = Map::new();
+            for (fi, f) in b.filters.iter().flatten().enumerate() {
+                match f.r#type {
+                    BF::RequestHeaderModifier => {
+                        if let Some(m) = &f.request_header_modifier {
+                            header_fields("request", header_changes!(m), &mut headers);
+                        }
+                    }
+                    BF::ResponseHeaderModifier => {
+                        if let Some(m) = &f.response_header_modifier {
+                            header_fields("response", header_changes!(m), &mut headers);
+                        }
+                    }
+                    _ => {
+                        return Err(format!(
+                            "backendRefs[{bi}].filters[{fi}]: only header modifiers are supported on a backend"
+                        ));
+                    }
+                }
+            }
+            $out.backends.push(Weighted { cluster, weight: weight(b.weight), headers });
+        }
+    }};
+}
+
 fn weight(w: Option<i32>) -> u32 {
     u32::try_from(w.unwrap_or(1)).unwrap_or(0)
 }
@@ -221,6 +301,20 @@ impl RouteId {
             created: meta.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
         }
     }
+}
+
+/// (match type, name, value) of a match's headers, any route type (`$h`: its header match type enum).
+macro_rules! header_kinds {
+    ($m:expr, $h:ident) => {
+        $m.headers.iter().flatten().map(|h| {
+            let kind = match h.r#type {
+                None | Some($h::Exact) => "Exact",
+                Some($h::RegularExpression) => "RegularExpression",
+                Some(_) => "unsupported",
+            };
+            (kind, h.name.as_str(), h.value.as_str())
+        })
+    };
 }
 
 /// Deduplicated header matches (the first of equal names counts, as the spec says).
@@ -290,20 +384,7 @@ fn http_rule(
         };
         let (rank, mut json) = matching::path(kind, &value).map_err(|e| format!("matches[{mi}].path: {e}"))?;
         prefixes.push((kind == "PathPrefix").then(|| value.clone()));
-        let headers = m
-            .headers
-            .iter()
-            .flatten()
-            .map(|h| {
-                let k = match h.r#type {
-                    None | Some(H::Exact) => "Exact",
-                    Some(H::RegularExpression) => "RegularExpression",
-                    Some(_) => "unsupported",
-                };
-                (k, h.name.as_str(), h.value.as_str())
-            })
-            .collect::<Vec<_>>();
-        let mut header_json = header_matches(headers.into_iter()).map_err(|e| format!("matches[{mi}].headers: {e}"))?;
+        let mut header_json = header_matches(header_kinds!(m, H)).map_err(|e| format!("matches[{mi}].headers: {e}"))?;
         let header_count = header_json.len();
         let method = m
             .method
@@ -427,30 +508,9 @@ fn http_rule(
             }
             F::RequestMirror => {
                 let m = f.request_mirror.as_ref().ok_or(format!("{at}: requestMirror is missing"))?;
-                let b = &m.backend_ref;
-                let r = BackendRef {
-                    group: b.group.as_deref(),
-                    kind: b.kind.as_deref(),
-                    name: &b.name,
-                    namespace: b.namespace.as_deref(),
-                    port: b.port,
-                };
-                match backends::resolve(&r, id.kind, &id.namespace, objects, used) {
-                    Ok(cluster) => {
-                        let policy =
-                            mirror(cluster, m.percent, m.fraction.as_ref().map(|f| (f.numerator, f.denominator)))
-                                .map_err(|e| format!("{at}: {e}"))?;
-                        let mut all = out
-                            .action_extra
-                            .get("request_mirror_policies")
-                            .and_then(Value::as_array)
-                            .cloned()
-                            .unwrap_or_default();
-                        all.push(policy);
-                        out.action_extra.insert("request_mirror_policies".into(), Value::Array(all));
-                    }
-                    Err(u) => t.unresolved.push(u),
-                }
+                let share = (m.percent, m.fraction.as_ref().map(|f| (f.numerator, f.denominator)));
+                let mut ctx = RuleCtx { id, objects, used: &mut *used, t: &mut *t };
+                add_mirror(&mut ctx, &mut out, &backend_ref!(&m.backend_ref), share, &at)?;
             }
             _ => {
                 return Err(format!(
@@ -477,41 +537,8 @@ fn http_rule(
                 .insert("retry_policy".into(), json!({ "num_retries": 0, "per_try_timeout": envoy_duration(b) }));
         }
     }
-    for (bi, b) in rule.backend_refs.iter().flatten().enumerate() {
-        let r = BackendRef {
-            group: b.group.as_deref(),
-            kind: b.kind.as_deref(),
-            name: &b.name,
-            namespace: b.namespace.as_deref(),
-            port: b.port,
-        };
-        let cluster = backends::resolve(&r, id.kind, &id.namespace, objects, used);
-        if let Err(u) = &cluster {
-            t.unresolved.push(u.clone());
-        }
-        let mut headers = Map::new();
-        for (fi, f) in b.filters.iter().flatten().enumerate() {
-            use weft_gateway_api::httproutes::HttpRouteRulesBackendRefsFiltersType as BF;
-            match f.r#type {
-                BF::RequestHeaderModifier => {
-                    if let Some(m) = &f.request_header_modifier {
-                        header_fields("request", header_changes!(m), &mut headers);
-                    }
-                }
-                BF::ResponseHeaderModifier => {
-                    if let Some(m) = &f.response_header_modifier {
-                        header_fields("response", header_changes!(m), &mut headers);
-                    }
-                }
-                _ => {
-                    return Err(format!(
-                        "backendRefs[{bi}].filters[{fi}]: only header modifiers are supported on a backend"
-                    ));
-                }
-            }
-        }
-        out.backends.push(Weighted { cluster, weight: weight(b.weight), headers });
-    }
+    let ctx = RuleCtx { id, objects, used, t: &mut *t };
+    add_backends!(rule, weft_gateway_api::httproutes::HttpRouteRulesBackendRefsFiltersType, ctx, out);
     entries_of(&out, matches, name, &mut t.entries);
     Ok(())
 }
@@ -566,21 +593,8 @@ pub fn grpc(route: &GrpcRoute, objects: &Objects, used: &mut Used) -> Translated
                         }
                     }
                 };
-                let headers = m
-                    .headers
-                    .iter()
-                    .flatten()
-                    .map(|h| {
-                        let k = match h.r#type {
-                            None | Some(H::Exact) => "Exact",
-                            Some(H::RegularExpression) => "RegularExpression",
-                            Some(_) => "unsupported",
-                        };
-                        (k, h.name.as_str(), h.value.as_str())
-                    })
-                    .collect::<Vec<_>>();
                 let header_json =
-                    header_matches(headers.into_iter()).map_err(|e| format!("matches[{mi}].headers: {e}"))?;
+                    header_matches(header_kinds!(m, H)).map_err(|e| format!("matches[{mi}].headers: {e}"))?;
                 let count = header_json.len();
                 if !header_json.is_empty() {
                     json["headers"] = Value::Array(header_json);
@@ -610,26 +624,9 @@ pub fn grpc(route: &GrpcRoute, objects: &Objects, used: &mut Used) -> Translated
                     }
                     F::RequestMirror => {
                         let m = f.request_mirror.as_ref().ok_or(format!("{at}: requestMirror is missing"))?;
-                        let b = &m.backend_ref;
-                        let r = BackendRef {
-                            group: b.group.as_deref(),
-                            kind: b.kind.as_deref(),
-                            name: &b.name,
-                            namespace: b.namespace.as_deref(),
-                            port: b.port,
-                        };
-                        match backends::resolve(&r, id.kind, &id.namespace, objects, used) {
-                            Ok(cluster) => {
-                                let policy = mirror(
-                                    cluster,
-                                    m.percent,
-                                    m.fraction.as_ref().map(|f| (f.numerator, f.denominator)),
-                                )
-                                .map_err(|e| format!("{at}: {e}"))?;
-                                out.action_extra.insert("request_mirror_policies".into(), json!([policy]));
-                            }
-                            Err(u) => t.unresolved.push(u),
-                        }
+                        let share = (m.percent, m.fraction.as_ref().map(|f| (f.numerator, f.denominator)));
+                        let mut ctx = RuleCtx { id: &id, objects, used: &mut *used, t: &mut t };
+                        add_mirror(&mut ctx, &mut out, &backend_ref!(&m.backend_ref), share, &at)?;
                     }
                     _ => {
                         return Err(format!(
@@ -639,41 +636,8 @@ pub fn grpc(route: &GrpcRoute, objects: &Objects, used: &mut Used) -> Translated
                     }
                 }
             }
-            for (bi, b) in rule.backend_refs.iter().flatten().enumerate() {
-                let r = BackendRef {
-                    group: b.group.as_deref(),
-                    kind: b.kind.as_deref(),
-                    name: &b.name,
-                    namespace: b.namespace.as_deref(),
-                    port: b.port,
-                };
-                let cluster = backends::resolve(&r, id.kind, &id.namespace, objects, used);
-                if let Err(u) = &cluster {
-                    t.unresolved.push(u.clone());
-                }
-                let mut headers = Map::new();
-                for (fi, f) in b.filters.iter().flatten().enumerate() {
-                    use weft_gateway_api::grpcroutes::GrpcRouteRulesBackendRefsFiltersType as BF;
-                    match f.r#type {
-                        BF::RequestHeaderModifier => {
-                            if let Some(m) = &f.request_header_modifier {
-                                header_fields("request", header_changes!(m), &mut headers);
-                            }
-                        }
-                        BF::ResponseHeaderModifier => {
-                            if let Some(m) = &f.response_header_modifier {
-                                header_fields("response", header_changes!(m), &mut headers);
-                            }
-                        }
-                        _ => {
-                            return Err(format!(
-                                "backendRefs[{bi}].filters[{fi}]: only header modifiers are supported on a backend"
-                            ));
-                        }
-                    }
-                }
-                out.backends.push(Weighted { cluster, weight: weight(b.weight), headers });
-            }
+            let ctx = RuleCtx { id: &id, objects, used: &mut *used, t: &mut t };
+            add_backends!(rule, weft_gateway_api::grpcroutes::GrpcRouteRulesBackendRefsFiltersType, ctx, out);
             entries_of(&out, matches, &name, &mut t.entries);
             Ok(())
         })();
