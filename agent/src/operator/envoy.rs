@@ -77,12 +77,21 @@ pub fn tls_transport_socket(secrets: &[String]) -> Value {
     })
 }
 
-/// The listener filter that reads SNI, for filter chains chosen by server name.
-pub fn tls_inspector() -> Value {
-    json!({
-        "name": "envoy.filters.listener.tls_inspector",
-        "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" }
-    })
+/// The one listener of a generated config, with these filter chains; `tls`
+/// adds the listener filter that reads SNI, for chains chosen by server name.
+pub fn listener(chains: Vec<Value>, tls: bool) -> Value {
+    let mut listener = json!({
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "name": "listener",
+        "filter_chains": chains,
+    });
+    if tls {
+        listener["listener_filters"] = json!([{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" }
+        }]);
+    }
+    listener
 }
 
 /// How a cluster talks to its backends.

@@ -319,14 +319,7 @@ fn spec_for(ings: &[&Ingress], objects: &Objects, service: &ObjKey, problems: &m
             "transport_socket": envoy::tls_transport_socket(std::slice::from_ref(secret)),
         }));
     }
-    let mut listener = json!({
-        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-        "name": "listener",
-        "filter_chains": chains,
-    });
-    if tls {
-        listener["listener_filters"] = json!([envoy::tls_inspector()]);
-    }
+    let listener = envoy::listener(chains, tls);
     let mut resources = vec![listener, route_config("insecure", &hosts, false)];
     if tls {
         resources.push(route_config("secure", &hosts, true));

@@ -142,14 +142,7 @@ pub fn spec(
             resources.push(route_config(&name, virtual_hosts(served, &[i], attached)));
         }
     }
-    let mut listener = json!({
-        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-        "name": "listener",
-        "filter_chains": chains,
-    });
-    if tls {
-        listener["listener_filters"] = json!([envoy::tls_inspector()]);
-    }
+    let listener = envoy::listener(chains, tls);
     resources.insert(0, listener);
     resources.extend(clusters.iter().map(|(name, (service, up))| envoy::eds_cluster(name, Some(service), *up)));
     Some(json!({
