@@ -15,6 +15,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::{Ingress, IngressClass, NetworkPolicy},
 };
+use weft_gateway_api::{
+    gatewayclasses::GatewayClass, gateways::Gateway, grpcroutes::GrpcRoute, httproutes::HttpRoute,
+    referencegrants::ReferenceGrant,
+};
 
 /// Namespace (empty for cluster-scoped objects) and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -64,23 +68,29 @@ pub struct Sourced<T> {
 /// One collection of objects of a kind.
 pub type Collection<T> = BTreeMap<ObjKey, Arc<Sourced<T>>>;
 
-/// The kinds of typed objects, in one table: (variant and type, field of
-/// [`Objects`], apiVersion, namespaced). Adding a kind is a line here (and,
+/// The kinds of typed objects, in one table: (variant and type, kind name,
+/// field of [`Objects`], apiVersions, namespaced). Adding a kind is a line here (and,
 /// for the API source, a line in `watch.rs`).
 macro_rules! object_kinds {
     ($mac:ident) => {
         $mac! {
-            Service => services, "v1", true;
-            EndpointSlice => endpoint_slices, "discovery.k8s.io/v1", true;
-            Endpoints => endpoints, "v1", true;
-            Pod => pods, "v1", true;
-            Node => nodes, "v1", false;
-            Namespace => namespaces, "v1", false;
-            Secret => secrets, "v1", true;
-            NetworkPolicy => network_policies, "networking.k8s.io/v1", true;
-            Ingress => ingresses, "networking.k8s.io/v1", true;
-            IngressClass => ingress_classes, "networking.k8s.io/v1", false;
-            WeftNode => weft_nodes, "weft.io/v1alpha1", false;
+            Service "Service" => services, "v1", true;
+            EndpointSlice "EndpointSlice" => endpoint_slices, "discovery.k8s.io/v1", true;
+            Endpoints "Endpoints" => endpoints, "v1", true;
+            Pod "Pod" => pods, "v1", true;
+            Node "Node" => nodes, "v1", false;
+            Namespace "Namespace" => namespaces, "v1", false;
+            Secret "Secret" => secrets, "v1", true;
+            NetworkPolicy "NetworkPolicy" => network_policies, "networking.k8s.io/v1", true;
+            Ingress "Ingress" => ingresses, "networking.k8s.io/v1", true;
+            IngressClass "IngressClass" => ingress_classes, "networking.k8s.io/v1", false;
+            WeftNode "WeftNode" => weft_nodes, "weft.io/v1alpha1", false;
+            GatewayClass "GatewayClass" => gateway_classes, "gateway.networking.k8s.io/v1", false;
+            Gateway "Gateway" => gateways, "gateway.networking.k8s.io/v1", true;
+            HttpRoute "HTTPRoute" => http_routes, "gateway.networking.k8s.io/v1", true;
+            GrpcRoute "GRPCRoute" => grpc_routes, "gateway.networking.k8s.io/v1", true;
+            ReferenceGrant "ReferenceGrant" => reference_grants,
+                "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", true;
         }
     };
 }
@@ -89,7 +99,7 @@ macro_rules! object_kinds {
 pub type WeftNode = crd::WeftNodeResource;
 
 macro_rules! define_objects {
-    ($($kind:ident => $field:ident, $api:literal, $namespaced:literal;)*) => {
+    ($($kind:ident $name:literal => $field:ident, $($api:literal)|+, $namespaced:literal;)*) => {
         /// Everything the agent knows from Kubernetes. Cheap to clone (shared objects).
         #[derive(Clone, Debug, Default)]
         pub struct Objects {
@@ -115,7 +125,7 @@ macro_rules! define_objects {
             /// Kind name as in the object.
             pub fn kind(&self) -> &'static str {
                 match self {
-                    $(Object::$kind(_) => stringify!($kind),)*
+                    $(Object::$kind(_) => $name,)*
                 }
             }
 
@@ -124,7 +134,7 @@ macro_rules! define_objects {
                 let api = v.get("apiVersion").and_then(serde_json::Value::as_str).unwrap_or_default();
                 let kind = v.get("kind").and_then(serde_json::Value::as_str).unwrap_or_default();
                 Ok(Some(match (api, kind) {
-                    $(($api, stringify!($kind)) => Object::$kind(serde_json::from_value(v)?),)*
+                    $((($($api)|+), $name) => Object::$kind(serde_json::from_value(v)?),)*
                     _ => return Ok(None),
                 }))
             }
@@ -145,7 +155,7 @@ macro_rules! define_objects {
                     None => ObjKey::new("", rest),
                 };
                 match kind {
-                    $(stringify!($kind) => match other.$field.get(&key) {
+                    $($name => match other.$field.get(&key) {
                         Some(v) => {
                             self.$field.insert(key, v.clone());
                             true
