@@ -134,7 +134,7 @@ macro_rules! define_objects {
                 let api = v.get("apiVersion").and_then(serde_json::Value::as_str).unwrap_or_default();
                 let kind = v.get("kind").and_then(serde_json::Value::as_str).unwrap_or_default();
                 Ok(Some(match (api, kind) {
-                    $((($($api)|+), $name) => Object::$kind(serde_json::from_value(v)?),)*
+                    $(($($api)|+, $name) => Object::$kind(serde_json::from_value(v)?),)*
                     _ => return Ok(None),
                 }))
             }
