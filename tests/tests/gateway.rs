@@ -266,6 +266,8 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
 /// answer, the path and headers that backend saw, the redirect's target.
 #[derive(Clone, Debug)]
 struct Expect {
+    /// None: the Gateway's address.
+    host: Option<&'static str>,
     method: &'static str,
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
@@ -274,6 +276,11 @@ struct Expect {
     seen_path: Option<&'static str>,
     seen_headers: Vec<(&'static str, &'static str)>,
     absent: Vec<&'static str>,
+    /// Response headers the echo backend is asked for.
+    backend_answers: Vec<(&'static str, &'static str)>,
+    /// Response headers (joined values) the client must see, and must not.
+    response_headers: Vec<(&'static str, &'static str)>,
+    response_absent: Vec<&'static str>,
     /// (host, path) of the Location; host None: the request's.
     redirect: Option<(Option<&'static str>, &'static str)>,
 }
@@ -282,6 +289,7 @@ const INFRA: &str = "gateway-conformance-infra";
 
 fn req(path: &'static str) -> Expect {
     Expect {
+        host: None,
         method: "GET",
         path,
         headers: Vec::new(),
@@ -290,11 +298,31 @@ fn req(path: &'static str) -> Expect {
         seen_path: None,
         seen_headers: Vec::new(),
         absent: Vec::new(),
+        backend_answers: Vec::new(),
+        response_headers: Vec::new(),
+        response_absent: Vec::new(),
         redirect: None,
     }
 }
 
 impl Expect {
+    fn host(mut self, h: &'static str) -> Self {
+        self.host = Some(h);
+        self
+    }
+    /// A header the echo backend answers with (the suite asks it with `X-Echo-Set-Header`).
+    fn backend_answers(mut self, k: &'static str, v: &'static str) -> Self {
+        self.backend_answers.push((k, v));
+        self
+    }
+    fn responds_with(mut self, k: &'static str, v: &'static str) -> Self {
+        self.response_headers.push((k, v));
+        self
+    }
+    fn responds_without(mut self, k: &'static str) -> Self {
+        self.response_absent.push(k);
+        self
+    }
     fn method(mut self, m: &'static str) -> Self {
         self.method = m;
         self
@@ -361,6 +389,16 @@ impl Expect {
         for k in &self.absent {
             if let Some(v) = seen(k) {
                 return Err(format!("the backend saw {k}: {v:?}, expected none"));
+            }
+        }
+        for (k, v) in &self.response_headers {
+            if r.header_values(k).as_deref() != Some(v) {
+                return Err(format!("the response had {k}: {:?}, expected {v:?}", r.header_values(k)));
+            }
+        }
+        for k in &self.response_absent {
+            if let Some(v) = r.header_values(k) {
+                return Err(format!("the response had {k}: {v:?}, expected none"));
             }
         }
         if let Some((want_host, want_path)) = self.redirect {
@@ -496,6 +534,139 @@ fn cases() -> Vec<Case> {
                     .seen_header("X-Header-Add", "original-val-add,header-add")
                     .seen_header("Another-Header", "another-header-val")
                     .absent("X-Header-Remove"),
+            ],
+        ),
+        (
+            "HTTPRouteHeaderMatching",
+            "httproute-header-matching",
+            "same-namespace",
+            (INFRA, "header-matching"),
+            vec![
+                req("/").header("Version", "one").by("infra-backend-v1"),
+                req("/").header("Version", "two").by("infra-backend-v2"),
+                req("/").header("Version", "two").header("Color", "orange").by("infra-backend-v1"),
+                req("/").header("Version", "two").header("Color", "blue").by("infra-backend-v2"),
+                req("/").header("Color", "orange").status(404),
+                req("/").header("Some-Other-Header", "one").status(404),
+                req("/").header("Color", "blue").by("infra-backend-v1"),
+                req("/").header("Color", "green").by("infra-backend-v1"),
+                req("/").header("Color", "red").by("infra-backend-v2"),
+                req("/").header("Color", "yellow").by("infra-backend-v2"),
+                req("/").header("Color", "purple").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteQueryParamMatching",
+            "httproute-query-param-matching",
+            "same-namespace",
+            (INFRA, "query-param-matching"),
+            vec![
+                req("/?animal=whale").by("infra-backend-v1"),
+                req("/?animal=dolphin").by("infra-backend-v2"),
+                req("/?animal=dolphin&color=blue").by("infra-backend-v3"),
+                req("/?ANIMAL=Whale").by("infra-backend-v3"),
+                req("/?animal=whale&otherparam=irrelevant").by("infra-backend-v1"),
+                req("/?animal=dolphin&color=yellow").by("infra-backend-v2"),
+                req("/?color=blue").status(404),
+                req("/?animal=dog").status(404),
+                req("/?animal=whaledolphin").status(404),
+                req("/").status(404),
+                req("/path1?animal=whale").by("infra-backend-v1"),
+                req("/?animal=whale").header("version", "one").by("infra-backend-v2"),
+                req("/path2?animal=whale").header("version", "two").by("infra-backend-v3"),
+                req("/path3?animal=shark").by("infra-backend-v1"),
+                req("/path4?animal=kraken").header("version", "three").by("infra-backend-v1"),
+                req("/?animal=shark").status(404),
+                req("/path4?animal=kraken").status(404),
+                req("/path5?animal=hydra").by("infra-backend-v1"),
+                req("/?animal=hydra").header("version", "four").by("infra-backend-v3"),
+            ],
+        ),
+        (
+            "HTTPRouteMatchingAcrossRoutes",
+            "httproute-matching-across-routes",
+            "same-namespace",
+            (INFRA, "matching-part2"),
+            vec![
+                req("/").host("example.com").by("infra-backend-v1"),
+                req("/example").host("example.com").by("infra-backend-v1"),
+                req("/example").host("example.net").by("infra-backend-v1"),
+                req("/example").host("example.com").header("Version", "one").by("infra-backend-v1"),
+                req("/v2").host("example.com").by("infra-backend-v2"),
+                req("/v2").host("example.net").by("infra-backend-v1"),
+                req("/v2/example").host("example.com").by("infra-backend-v2"),
+                req("/").host("example.com").header("Version", "two").by("infra-backend-v2"),
+            ],
+        ),
+        (
+            "HTTPRouteReferenceGrant",
+            "httproute-reference-grant",
+            "same-namespace",
+            (INFRA, "reference-grant"),
+            vec![req("/").by_in(web, "web-backend")],
+        ),
+        (
+            "HTTPRouteResponseHeaderModifier",
+            "httproute-response-header-modifier",
+            "same-namespace",
+            (INFRA, "response-header-modifier"),
+            vec![
+                req("/set")
+                    .backend_answers("Some-Other-Header", "val")
+                    .by("infra-backend-v1")
+                    .responds_with("Some-Other-Header", "val")
+                    .responds_with("X-Header-Set", "set-overwrites-values"),
+                req("/set")
+                    .backend_answers("Some-Other-Header", "val")
+                    .backend_answers("X-Header-Set", "some-other-value")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set", "set-overwrites-values"),
+                req("/add")
+                    .backend_answers("Some-Other-Header", "val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Add", "add-appends-values"),
+                req("/add")
+                    .backend_answers("X-Header-Add", "some-other-value")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Add", "some-other-value,add-appends-values"),
+                req("/remove")
+                    .backend_answers("X-Header-Remove", "val")
+                    .by("infra-backend-v1")
+                    .responds_without("X-Header-Remove"),
+                req("/multiple")
+                    .backend_answers("X-Header-Set-2", "set-val-2")
+                    .backend_answers("X-Header-Add-2", "add-val-2")
+                    .backend_answers("X-Header-Remove-2", "remove-val-2")
+                    .backend_answers("Another-Header", "another-header-val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set-1", "header-set-1")
+                    .responds_with("X-Header-Set-2", "header-set-2")
+                    .responds_with("X-Header-Add-1", "header-add-1")
+                    .responds_with("X-Header-Add-2", "add-val-2,header-add-2")
+                    .responds_with("X-Header-Add-3", "header-add-3")
+                    .responds_with("Another-Header", "another-header-val")
+                    .responds_without("X-Header-Remove-1")
+                    .responds_without("X-Header-Remove-2"),
+                req("/case-insensitivity")
+                    .backend_answers("x-header-set", "original-val-set")
+                    .backend_answers("x-header-add", "original-val-add")
+                    .backend_answers("x-header-remove", "original-val-remove")
+                    .backend_answers("Another-Header", "another-header-val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set", "header-set")
+                    .responds_with("X-Header-Add", "original-val-add,header-add")
+                    .responds_with("Another-Header", "another-header-val")
+                    .responds_without("X-Header-Remove"),
+            ],
+        ),
+        (
+            "HTTPRouteRedirectHostAndStatus",
+            "httproute-redirect-host-and-status",
+            "same-namespace",
+            (INFRA, "redirect-host-and-status"),
+            vec![
+                req("/hostname-redirect").redirect(302, Some("example.org"), "/hostname-redirect"),
+                req("/host-and-status").redirect(301, Some("example.org"), "/host-and-status"),
             ],
         ),
         (
@@ -707,16 +878,22 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
         cp.apply(&yaml);
         wait_for(&format!("{test}: the route accepted"), 60, || route_ready(&cp, route, gateway));
         let ip = Ipv4Addr::from(GATEWAY_ADDRESSES.iter().find(|(g, _)| *g == gateway).expect("an address").1);
-        let host = ip.to_string();
+        let address = ip.to_string();
         for e in &expects {
+            let host = e.host.unwrap_or(&address);
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let mut headers = e.headers.clone();
+                let set: Vec<String> = e.backend_answers.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                let set = set.join(",");
+                let mut headers: Vec<(&str, &str)> = e.headers.to_vec();
+                if !set.is_empty() {
+                    headers.push(("X-Echo-Set-Header", &set));
+                }
                 headers.push(("connection", "close"));
                 let answer = Client::connect(&ext, sa_of(ip, 80), None, T)
-                    .and_then(|mut c| c.request(e.method, &host, e.path, &headers))
+                    .and_then(|mut c| c.request(e.method, host, e.path, &headers))
                     .map_err(|err| err.to_string())
-                    .and_then(|r| e.check(&host, &r).map_err(|why| format!("{why}; {r:?}")));
+                    .and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
                 match answer {
                     Ok(()) => break,
                     Err(why) if Instant::now() > deadline => {
