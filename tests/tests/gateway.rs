@@ -235,10 +235,35 @@ const BACKENDS: [(&str, &str, &str); 4] = [
     ("n2-p2", "gateway-conformance-web-backend", "web-backend"),
 ];
 
-/// The addresses this test, as the lab's load balancer, gives each Gateway's
-/// Service (the lab's client routes 172.20.0.0/16 to node1).
-const GATEWAY_ADDRESSES: [(&str, [u8; 4]); 2] =
-    [("same-namespace", [172, 20, 0, 20]), ("backend-namespaces", [172, 20, 0, 21])];
+/// The Gateways of gateway-conformance-infra the cases use: the address
+/// this test, as the lab's load balancer, gives each one's Service (the
+/// lab's client routes 172.20.0.0/16 to node1), once the Gateway exists.
+const GATEWAYS: [&str; 5] = [
+    "same-namespace",
+    "backend-namespaces",
+    "httproute-listener-hostname-matching",
+    "httproute-hostname-intersection",
+    "httproute-hostname-intersection-all",
+];
+
+/// The address of a Gateway of [`GATEWAYS`].
+fn gateway_address(gateway: &str) -> Ipv4Addr {
+    let i = GATEWAYS.iter().position(|g| *g == gateway).expect("a Gateway of GATEWAYS");
+    Ipv4Addr::new(172, 20, 0, 20 + i as u8)
+}
+
+/// Gives the Gateway's Service its address and waits until the Gateway is Programmed.
+fn assign_address(cp: &ControlPlane, gateway: &str) {
+    let service = format!("weft-gateway-{gateway}");
+    wait_for(&format!("Service {service}"), 60, || get(cp, "service", Some(INFRA), &service));
+    let patch = json!({"status": {"loadBalancer": {"ingress": [{"ip": gateway_address(gateway).to_string()}]}}});
+    let patch = patch.to_string();
+    cp.kubectl_ok(&["patch", "service", &service, "-n", INFRA, "--subresource=status", "--type=merge", "-p", &patch]);
+    wait_for(&format!("Gateway {gateway} Programmed"), 60, || {
+        get(cp, "gateway", Some(INFRA), gateway)
+            .filter(|g| condition(&g["status"]["conditions"], "Programmed").is_some_and(|c| c.0 == "True"))
+    });
+}
 
 /// A conformance file with the suite's placeholders filled in as for weft.
 fn conformance_text(relative: &str) -> String {
@@ -281,6 +306,8 @@ struct Expect {
     /// Response headers (joined values) the client must see, and must not.
     response_headers: Vec<(&'static str, &'static str)>,
     response_absent: Vec<&'static str>,
+    /// The echo backend (lab pod) that must also get the request, a copy.
+    mirrored_to: Option<&'static str>,
     /// (host, path) of the Location; host None: the request's.
     redirect: Option<(Option<&'static str>, &'static str)>,
 }
@@ -301,6 +328,7 @@ fn req(path: &'static str) -> Expect {
         backend_answers: Vec::new(),
         response_headers: Vec::new(),
         response_absent: Vec::new(),
+        mirrored_to: None,
         redirect: None,
     }
 }
@@ -321,6 +349,10 @@ impl Expect {
     }
     fn responds_without(mut self, k: &'static str) -> Self {
         self.response_absent.push(k);
+        self
+    }
+    fn mirrored_to(mut self, lab_pod: &'static str) -> Self {
+        self.mirrored_to = Some(lab_pod);
         self
     }
     fn method(mut self, m: &'static str) -> Self {
@@ -670,6 +702,88 @@ fn cases() -> Vec<Case> {
             ],
         ),
         (
+            "HTTPRouteRequestMirror",
+            "httproute-request-mirror",
+            "same-namespace",
+            (INFRA, "request-mirror"),
+            vec![
+                req("/mirror").by("infra-backend-v1").mirrored_to("n1-p2"),
+                req("/mirror-and-modify-headers")
+                    .header("X-Header-Remove", "remove-val")
+                    .header("X-Header-Add-Append", "append-val-1")
+                    .by("infra-backend-v1")
+                    .seen_header("X-Header-Set", "set-overwrites-values")
+                    .seen_header("X-Header-Add", "header-val-1")
+                    .seen_header("X-Header-Add-Append", "append-val-1,header-val-2")
+                    .absent("X-Header-Remove")
+                    .mirrored_to("n1-p2"),
+            ],
+        ),
+        (
+            "HTTPRouteListenerHostnameMatching",
+            "httproute-listener-hostname-matching",
+            "httproute-listener-hostname-matching",
+            (INFRA, "backend-v3"),
+            vec![
+                req("/").host("bar.com").by("infra-backend-v1"),
+                req("/").host("foo.bar.com").by("infra-backend-v2"),
+                req("/").host("baz.bar.com").by("infra-backend-v3"),
+                req("/").host("boo.bar.com").by("infra-backend-v3"),
+                req("/").host("multiple.prefixes.bar.com").by("infra-backend-v3"),
+                req("/").host("multiple.prefixes.foo.com").by("infra-backend-v3"),
+                req("/").host("foo.com").status(404),
+                req("/").host("no.matching.host").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteHostnameIntersection",
+            "httproute-hostname-intersection",
+            "httproute-hostname-intersection",
+            (INFRA, "wildcard-host-matches-listener-wildcard-host"),
+            vec![
+                req("/s1").host("very.specific.com").by("infra-backend-v1"),
+                req("/s1").host("very.specific.com:1234").by("infra-backend-v1"),
+                req("/s1").host("non.matching.com").status(404),
+                req("/s1").host("foo.nonmatchingwildcard.io").status(404),
+                req("/s1").host("foo.wildcard.io").status(404),
+                req("/non-matching-prefix").host("very.specific.com").status(404),
+                req("/s2").host("foo.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("bar.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("foo.bar.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("non.matching.com").status(404),
+                req("/s2").host("wildcard.io").status(404),
+                req("/s2").host("very.specific.com").status(404),
+                req("/non-matching-prefix").host("foo.wildcard.io").status(404),
+                req("/s3").host("very.specific.com").by("infra-backend-v3"),
+                req("/s3").host("non.matching.com").status(404),
+                req("/s3").host("foo.specific.com").status(404),
+                req("/s3").host("foo.wildcard.io").status(404),
+                req("/s4").host("foo.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("bar.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("foo.bar.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("anotherwildcard.io").status(404),
+                req("/s4").host("foo.wildcard.io").status(404),
+                req("/s4").host("very.specific.com").status(404),
+                req("/non-matching-prefix").host("foo.anotherwildcard.io").status(404),
+                req("/s5").host("specific.but.wrong.com").status(404),
+                req("/s5").host("wildcard.io").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteHostnameIntersection (a listener without hostname)",
+            "httproute-hostname-intersection",
+            "httproute-hostname-intersection-all",
+            (INFRA, "httproute-hostname-intersection-all"),
+            vec![
+                req("/").host("first.com").by("infra-backend-v2"),
+                req("/").host("sub.first.com").by("infra-backend-v2"),
+                req("/").host("second.com").by("infra-backend-v2"),
+                req("/").host("sub.second.com").by("infra-backend-v2"),
+                req("/").host("third.com").status(404),
+                req("/").host("sub.third.com").status(404),
+            ],
+        ),
+        (
             "HTTPRouteRedirectPath",
             "httproute-redirect-path",
             "same-namespace",
@@ -850,37 +964,24 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     }
 
     // The lab's load balancer: an address for each Gateway's Service.
-    for (gateway, ip) in GATEWAY_ADDRESSES {
-        let service = format!("weft-gateway-{gateway}");
-        wait_for(&format!("Service {service}"), 60, || get(&cp, "service", Some(INFRA), &service));
-        let patch =
-            json!({"status": {"loadBalancer": {"ingress": [{"ip": Ipv4Addr::from(ip).to_string()}]}}}).to_string();
-        cp.kubectl_ok(&[
-            "patch",
-            "service",
-            &service,
-            "-n",
-            INFRA,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &patch,
-        ]);
-        wait_for(&format!("Gateway {gateway} Programmed"), 60, || {
-            get(&cp, "gateway", Some(INFRA), gateway)
-                .filter(|g| condition(&g["status"]["conditions"], "Programmed").is_some_and(|c| c.0 == "True"))
-        });
-    }
+    assign_address(&cp, "same-namespace");
+    assign_address(&cp, "backend-namespaces");
 
     let ext = lab.ext_netns.clone();
     for (test, file, gateway, route, expects) in cases() {
         let yaml = conformance_text(&format!("tests/{file}.yaml"));
         cp.apply(&yaml);
+        if !["same-namespace", "backend-namespaces"].contains(&gateway) {
+            assign_address(&cp, gateway);
+        }
         wait_for(&format!("{test}: the route accepted"), 60, || route_ready(&cp, route, gateway));
-        let ip = Ipv4Addr::from(GATEWAY_ADDRESSES.iter().find(|(g, _)| *g == gateway).expect("an address").1);
+        let ip = gateway_address(gateway);
         let address = ip.to_string();
         for e in &expects {
             let host = e.host.unwrap_or(&address);
+            let mirror =
+                e.mirrored_to.map(|p| &servers[BACKENDS.iter().position(|b| b.0 == p).expect("a backend pod")]);
+            let mirrored_before = mirror.map(|m| m.served.load(std::sync::atomic::Ordering::SeqCst));
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let set: Vec<String> = e.backend_answers.iter().map(|(k, v)| format!("{k}:{v}")).collect();
@@ -895,7 +996,14 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
                     .map_err(|err| err.to_string())
                     .and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
                 match answer {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if let (Some(m), Some(before)) = (mirror, mirrored_before) {
+                            wait_for(&format!("{test}: {} mirrored", e.path), 10, || {
+                                (m.served.load(std::sync::atomic::Ordering::SeqCst) > before).then_some(())
+                            });
+                        }
+                        break;
+                    }
                     Err(why) if Instant::now() > deadline => {
                         panic!("{test}: {} {} {:?}: {why}\n{}", e.method, e.path, e.headers, logs())
                     }
