@@ -61,6 +61,10 @@ pub struct AgentConfig {
     pub flows: FlowOptions,
     /// Read objects from the Kubernetes API instead of objects-dir.
     pub kubernetes: KubernetesOptions,
+    /// Unix socket weft-cni registers pods' veths on. When set, local pods
+    /// get the datapath on the device weft-cni named (and only then);
+    /// unset, on the device that routes to their address. Default: none.
+    pub cni_socket: Option<PathBuf>,
 }
 
 /// The flow pipeline and its outputs.
@@ -283,6 +287,7 @@ impl Default for AgentConfig {
             api_address: "0.0.0.0:9962".into(),
             flows: FlowOptions::default(),
             kubernetes: KubernetesOptions::default(),
+            cni_socket: None,
         }
     }
 }

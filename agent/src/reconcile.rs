@@ -48,6 +48,12 @@ pub fn route_device(ip: Ipv4Addr) -> Result<Option<String>> {
 }
 
 impl Reconciler {
+    /// Local pods' addresses and the index of the device each is attached
+    /// to, as last written.
+    pub fn attached(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.endpoints.iter().map(|(ip, e)| (*ip, e.ifindex)).collect()
+    }
+
     /// A reconciler for a node whose external devices are `devices`.
     pub fn new(devices: Vec<String>) -> Self {
         Self { devices, ..Default::default() }
@@ -157,12 +163,26 @@ impl Reconciler {
     ) -> Result<()> {
         let mut want = BTreeMap::new();
         for p in snap.pods.iter().filter(|p| p.local) {
-            let dev = match route_device(p.ip)? {
-                Some(d) if !self.devices.contains(&d) && d != "lo" => d,
-                _ => {
-                    out.problems.push(format!("pod {}: no device routes to {} yet", p.key, p.ip));
+            let dev = match (&p.device, snap.cni) {
+                // The device weft-cni named, if it is still the same one.
+                (Some((name, index)), _) => match crate::datapath::ifindex(name) {
+                    Ok(i) if i == *index => name.clone(),
+                    _ => {
+                        out.problems.push(format!("pod {}: device {name} (index {index}) is gone", p.key));
+                        continue;
+                    }
+                },
+                (None, true) => {
+                    out.problems.push(format!("pod {}: not registered by weft-cni yet", p.key));
                     continue;
                 }
+                (None, false) => match route_device(p.ip)? {
+                    Some(d) if !self.devices.contains(&d) && d != "lo" => d,
+                    _ => {
+                        out.problems.push(format!("pod {}: no device routes to {} yet", p.key, p.ip));
+                        continue;
+                    }
+                },
             };
             let ifindex = match dp.attach_pod_device(&dev) {
                 Ok(i) => i,

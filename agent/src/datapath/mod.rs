@@ -18,6 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use attach::ifindex;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, RingBuf},

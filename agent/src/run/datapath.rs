@@ -141,6 +141,7 @@ fn apply(
         st.services = snap.services.len();
         st.endpoints = snap.pods.iter().filter(|p| p.local).count();
         st.problems = snap.problems.iter().chain(&applied.problems).cloned().collect();
+        st.attached = rec.attached();
     });
     Ok(())
 }

@@ -34,6 +34,9 @@ pub struct DatapathStatus {
     pub endpoints: usize,
     pub problems: Vec<String>,
     pub proxy_ports_without_listener: Vec<u16>,
+    /// Local pods' addresses and the index of the device their datapath is
+    /// attached to (what weft-cni's ADD and DEL wait for).
+    pub attached: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
     pub events_emitted: u64,
     pub events_lost: u64,
     pub maps: Vec<MapUsage>,
@@ -125,6 +128,8 @@ pub enum Component {
     AccessLog,
     /// The Hubble-compatible flow API.
     FlowApi,
+    /// weft-cni's socket: which device is which pod's.
+    Cni,
 }
 
 impl fmt::Display for Component {
@@ -140,6 +145,7 @@ impl fmt::Display for Component {
             Component::FlowSync => "flow names and counters",
             Component::AccessLog => "access-log server",
             Component::FlowApi => "flow API",
+            Component::Cni => "CNI endpoint",
         })
     }
 }

@@ -400,7 +400,7 @@ metadata: {name: ops, labels: {team: platform}}
         let mut l = Loaded::default();
         load_text(std::path::Path::new("p.yaml"), &format!("{OBJECTS}{extra}"), &mut l);
         assert!(l.problems.is_empty(), "{:?}", l.problems);
-        Snapshot::derive(&l.objects, "n1", None, &Redirects::new())
+        Snapshot::derive(&l.objects, "n1", None, &Redirects::new(), None)
     }
 
     fn id_of(s: &Snapshot, name: &str) -> u32 {
