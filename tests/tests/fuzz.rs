@@ -137,6 +137,18 @@ fn flows_signature(names: Names, records: &[FlowRecord]) -> u64 {
     h.finish()
 }
 
+/// A message `name` of `pool` from proto-JSON (for the structure-aware
+/// mutations), else from protobuf bytes (what gRPC carries).
+fn decode<T: Message + Default>(pool: &prost_reflect::DescriptorPool, name: &str, input: &[u8]) -> Option<T> {
+    match serde_json::from_slice::<serde_json::Value>(input) {
+        Ok(v) => {
+            let Some(desc) = pool.get_message_by_name(name) else { panic!("{name} is not in the descriptors") };
+            prost_reflect::DynamicMessage::deserialize(desc, v).ok().and_then(|m| m.transcode_to::<T>().ok())
+        }
+        Err(_) => T::decode(input).ok(),
+    }
+}
+
 /// Ring-buffer records (the datapath's `weft_event`, any bytes): decoded,
 /// enriched, joined into connections, converted to flows and printed, as the
 /// pipeline's threads and the flow API do.
@@ -160,19 +172,9 @@ fn ringbuf(input: &[u8]) -> u64 {
 /// carries): each HTTP entry becomes request and response flows joined with
 /// the datapath's connections, as the pipeline does.
 fn accesslog(input: &[u8]) -> u64 {
-    let message = match serde_json::from_slice::<serde_json::Value>(input) {
-        Ok(v) => {
-            let Some(desc) = weft_agent::xds::protojson::pool()
-                .get_message_by_name("envoy.service.accesslog.v3.StreamAccessLogsMessage")
-            else {
-                panic!("the access-log message is in envoy-types' descriptors")
-            };
-            prost_reflect::DynamicMessage::deserialize(desc, v)
-                .ok()
-                .and_then(|m| m.transcode_to::<StreamAccessLogsMessage>().ok())
-        }
-        Err(_) => StreamAccessLogsMessage::decode(input).ok(),
-    };
+    let pool = weft_agent::xds::protojson::pool();
+    let message: Option<StreamAccessLogsMessage> =
+        decode(pool, "envoy.service.accesslog.v3.StreamAccessLogsMessage", input);
     let Some(message) = message else { return 0 };
     let entries: Vec<HttpAccessLogEntry> = match message.log_entries {
         Some(LogEntries::HttpLogs(logs)) => logs.log_entry,
@@ -210,17 +212,7 @@ fn accesslog(input: &[u8]) -> u64 {
 /// checked as the server checks it (filters compiled, regexes, CIDRs, label
 /// selectors, times), then its filters run over flows of every kind.
 fn flowrequest(input: &[u8]) -> u64 {
-    let request = match serde_json::from_slice::<serde_json::Value>(input) {
-        Ok(v) => {
-            let Some(desc) = weft_flow::json::pool().get_message_by_name("observer.GetFlowsRequest") else {
-                panic!("GetFlowsRequest is in the flow API's descriptors")
-            };
-            prost_reflect::DynamicMessage::deserialize(desc, v)
-                .ok()
-                .and_then(|m| m.transcode_to::<GetFlowsRequest>().ok())
-        }
-        Err(_) => GetFlowsRequest::decode(input).ok(),
-    };
+    let request: Option<GetFlowsRequest> = decode(weft_flow::json::pool(), "observer.GetFlowsRequest", input);
     let Some(request) = request else { return 0 };
     let mut h = std::collections::hash_map::DefaultHasher::new();
     match Query::new(&request) {
