@@ -124,7 +124,7 @@ pub fn generated_name(ingress: &str) -> String {
     if full.len() <= 63 {
         return full;
     }
-    let h = ingress.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let h = crate::hash::fnv1a(ingress.as_bytes());
     format!("{}-{:08x}", full[..54].trim_end_matches('-'), h as u32)
 }
 

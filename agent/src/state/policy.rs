@@ -26,7 +26,7 @@ use weft_ebpf::abi;
 use super::PodState;
 use crate::{
     datapath::{PolicyAction, PolicyEntry, Proto},
-    k8s::ObjKey,
+    k8s::{ObjKey, selector},
 };
 
 /// The widest port range (`port`..`endPort`) expanded into entries.
@@ -55,40 +55,7 @@ pub struct PolicyState {
 
 /// The rule id of a policy: stable on every node (a hash of its key), never 0.
 pub fn rule_id(key: &ObjKey) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.to_string().bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h.max(1)
-}
-
-/// Does `labels` satisfy the selector? An empty selector selects everything.
-pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, String> {
-    for (k, v) in sel.match_labels.iter().flatten() {
-        if labels.get(k) != Some(v) {
-            return Ok(false);
-        }
-    }
-    for e in sel.match_expressions.iter().flatten() {
-        let values = e.values.as_deref().unwrap_or_default();
-        let have = labels.get(&e.key);
-        let ok = match e.operator.as_str() {
-            "In" => have.is_some_and(|h| values.contains(h)),
-            "NotIn" => !have.is_some_and(|h| values.contains(h)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            other => {
-                return Err(format!(
-                    "matchExpressions operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"
-                ));
-            }
-        };
-        if !ok {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    crate::hash::fnv1a_32(key.to_string().as_bytes()).max(1)
 }
 
 fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
@@ -134,7 +101,7 @@ pub fn derive(
         let selected: Vec<&PodState> = match pods
             .iter()
             .filter(|p| p.local && p.key.namespace == key.namespace)
-            .filter_map(|p| match spec.pod_selector.as_ref().map_or(Ok(true), |sel| selects(sel, &p.labels)) {
+            .filter_map(|p| match spec.pod_selector.as_ref().map_or(Ok(true), |sel| selector::matches(sel, &p.labels)) {
                 Ok(true) => Some(Ok(p)),
                 Ok(false) => None,
                 Err(e) => Some(Err(e)),
@@ -145,7 +112,7 @@ pub fn derive(
             Err(e) => {
                 // A selector we cannot read must not open pods up: skip the
                 // whole policy only after reporting it.
-                problem("spec.podSelector", e);
+                problem(&format!("spec.podSelector.{}", e.field()), e.to_string());
                 continue;
             }
         };
@@ -274,7 +241,7 @@ fn peer_identities(
                     }
                 }
                 let labels = BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), p.key.namespace.clone())]);
-                selects(sel, &labels).map_err(|e| format!("namespaceSelector: {e}"))?
+                selector::matches(sel, &labels).map_err(|e| format!("namespaceSelector.{}: {e}", e.field()))?
             }
         };
         if !ns_ok {
@@ -282,7 +249,7 @@ fn peer_identities(
         }
         let pod_ok = match &peer.pod_selector {
             None => true,
-            Some(sel) => selects(sel, &p.labels).map_err(|e| format!("podSelector: {e}"))?,
+            Some(sel) => selector::matches(sel, &p.labels).map_err(|e| format!("podSelector.{}: {e}", e.field()))?,
         };
         if pod_ok {
             ids.insert(p.identity);
