@@ -217,7 +217,9 @@ fn readiness(state: watch::Sender<EnvoyState>, port: u16) -> tokio::task::JoinHa
 
 /// Envoy was not found where the agent looks.
 #[derive(Debug, thiserror::Error)]
-#[error("no Envoy binary: set envoy.binary in the agent's config (or $WEFT_ENVOY), or put `envoy` on PATH or next to weft-agent ({next_to})")]
+#[error(
+    "no Envoy binary: set envoy.binary in the agent's config (or $WEFT_ENVOY), or put `envoy` on PATH or next to weft-agent ({next_to})"
+)]
 pub struct EnvoyNotFound {
     /// The agent's own directory, as looked in.
     pub next_to: String,
@@ -257,6 +259,7 @@ mod tests {
         let err = EnvoyNotFound { next_to: "/usr/local/bin".into() }.to_string();
         assert!(err.contains("envoy.binary") && err.contains("/usr/local/bin"), "{err}");
         assert!(is_executable(Path::new("/bin/sh")));
-        assert!(!is_executable(Path::new("/etc/hostname")));
+        assert!(!is_executable(&Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")));
+        assert!(!is_executable(Path::new("/bin")), "a directory is not a binary");
     }
 }

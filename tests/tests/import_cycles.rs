@@ -61,8 +61,7 @@ fn paths_after(code: &str, prefix: &str) -> Vec<Vec<String>> {
         }
         let rest = &code[at + prefix.len()..];
         let end = rest.find(|c: char| !(is_ident(c) || c == ':')).unwrap_or(rest.len());
-        let path: Vec<String> =
-            rest[..end].split("::").filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        let path: Vec<String> = rest[..end].split("::").filter(|s| !s.is_empty()).map(str::to_owned).collect();
         out.push(path);
     }
     out
@@ -94,7 +93,8 @@ fn use_groups(code: &str) -> Vec<Vec<String>> {
             }
             match item.find('{') {
                 Some(open) if item.ends_with('}') => {
-                    let head: Vec<String> = item[..open].split("::").filter(|s| !s.is_empty()).map(str::to_owned).collect();
+                    let head: Vec<String> =
+                        item[..open].split("::").filter(|s| !s.is_empty()).map(str::to_owned).collect();
                     let mut p = prefix.to_vec();
                     p.extend(head);
                     expand(&p, &item[open + 1..item.len() - 1], out);
@@ -154,8 +154,7 @@ fn edges(src: &Path) -> BTreeMap<Module, BTreeSet<Module>> {
             base.extend(rest.iter().cloned());
             paths.push(base);
         }
-        let deps: BTreeSet<Module> =
-            paths.iter().filter_map(|p| target(p, &modules)).filter(|m| *m != me).collect();
+        let deps: BTreeSet<Module> = paths.iter().filter_map(|p| target(p, &modules)).filter(|m| *m != me).collect();
         out.insert(me, deps);
     }
     out
@@ -164,7 +163,12 @@ fn edges(src: &Path) -> BTreeMap<Module, BTreeSet<Module>> {
 /// Every cycle's members (strongly connected components of more than one file).
 fn cycles(edges: &BTreeMap<Module, BTreeSet<Module>>) -> Vec<Vec<Module>> {
     // Kosaraju: finish order on the graph, then components on its reverse.
-    fn finish(v: &Module, g: &BTreeMap<Module, BTreeSet<Module>>, seen: &mut BTreeSet<Module>, order: &mut Vec<Module>) {
+    fn finish(
+        v: &Module,
+        g: &BTreeMap<Module, BTreeSet<Module>>,
+        seen: &mut BTreeSet<Module>,
+        order: &mut Vec<Module>,
+    ) {
         if !seen.insert(v.clone()) {
             return;
         }

@@ -58,6 +58,12 @@ pub fn rule_id(key: &ObjKey) -> u32 {
     crate::hash::fnv1a_32(key.to_string().as_bytes()).max(1)
 }
 
+/// Does `labels` satisfy the selector? An empty selector selects everything.
+/// (The matcher is `k8s::selector`'s; the error names the field at fault.)
+pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, String> {
+    selector::matches(sel, labels).map_err(|e| format!("{}: {e}", e.field()))
+}
+
 fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (a, l) = s.split_once('/')?;
     let addr: Ipv4Addr = a.parse().ok()?;
@@ -101,7 +107,7 @@ pub fn derive(
         let selected: Vec<&PodState> = match pods
             .iter()
             .filter(|p| p.local && p.key.namespace == key.namespace)
-            .filter_map(|p| match spec.pod_selector.as_ref().map_or(Ok(true), |sel| selector::matches(sel, &p.labels)) {
+            .filter_map(|p| match spec.pod_selector.as_ref().map_or(Ok(true), |sel| selects(sel, &p.labels)) {
                 Ok(true) => Some(Ok(p)),
                 Ok(false) => None,
                 Err(e) => Some(Err(e)),
@@ -112,7 +118,7 @@ pub fn derive(
             Err(e) => {
                 // A selector we cannot read must not open pods up: skip the
                 // whole policy only after reporting it.
-                problem(&format!("spec.podSelector.{}", e.field()), e.to_string());
+                problem("spec.podSelector", e);
                 continue;
             }
         };
@@ -241,7 +247,7 @@ fn peer_identities(
                     }
                 }
                 let labels = BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), p.key.namespace.clone())]);
-                selector::matches(sel, &labels).map_err(|e| format!("namespaceSelector.{}: {e}", e.field()))?
+                selects(sel, &labels).map_err(|e| format!("namespaceSelector: {e}"))?
             }
         };
         if !ns_ok {
@@ -249,7 +255,7 @@ fn peer_identities(
         }
         let pod_ok = match &peer.pod_selector {
             None => true,
-            Some(sel) => selector::matches(sel, &p.labels).map_err(|e| format!("podSelector.{}: {e}", e.field()))?,
+            Some(sel) => selects(sel, &p.labels).map_err(|e| format!("podSelector: {e}"))?,
         };
         if pod_ok {
             ids.insert(p.identity);

@@ -4,11 +4,10 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde_json::Value;
 
 use crate::{
-    k8s::{ObjKey, Origin, crd::EnvoyConfigSpec},
+    k8s::{ObjKey, Origin, crd::EnvoyConfigSpec, selector},
     limits,
 };
 
@@ -212,6 +211,8 @@ pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
     use super::*;
 
     fn doc(s: &str) -> Value {

@@ -11,7 +11,6 @@ use weft_ebpf::abi::Event;
 
 use super::record::{EndpointInfo, FlowRecord, ServiceInfo};
 
-
 /// Address -> name tables of one moment.
 #[derive(Clone, Debug, Default)]
 pub struct Names {
