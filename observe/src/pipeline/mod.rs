@@ -353,7 +353,7 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
         p.counters.flows.fetch_add(flows, Ordering::Relaxed);
         p.store.push_batch(&mut batch, now_ns() / 1_000_000_000);
         batches = batches.wrapping_add(1);
-        if batches % 1024 == 0 {
+        if batches.is_multiple_of(1024) {
             // The wall clock may have been stepped.
             offset = monotonic_offset();
         }
@@ -407,7 +407,7 @@ pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entr
         ..Default::default()
     };
     let answered = http.code != 0;
-    let end = start + http.duration_ns;
+    let end = start.saturating_add(http.duration_ns);
     let http = Arc::new(http);
     out.push(Entry::Flow(FlowRecord {
         time_ns: start,
