@@ -1019,14 +1019,13 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     // `weft observe` on node1 shows those requests as HTTP flows naming the
     // route that served them, qualified by the Gateway's config.
     let route = format!("; route /weft-gateway.{INFRA}.same-namespace/httproute/{INFRA}/matching/rule/");
-    let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let line = loop {
         let out = std::process::Command::new(workspace_binary("weft"))
             .args(["observe", "--server", &flow_socket(&files[0]), "--all", "--protocol", "http", "--color", "never"])
             .output()
             .unwrap();
-        seen = String::from_utf8_lossy(&out.stdout).into_owned();
+        let seen = String::from_utf8_lossy(&out.stdout).into_owned();
         if let Some(l) = seen.lines().find(|l| l.contains(&route) && l.contains("; conn ")) {
             break l.to_owned();
         }
