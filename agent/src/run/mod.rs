@@ -144,8 +144,8 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
         }),
     );
     if cfg.envoy.enabled {
-        let settings = EnvoySettings {
-            binary: envoy::find_binary(cfg.envoy.binary.as_deref()),
+        let settings = envoy::find_binary(cfg.envoy.binary.as_deref()).map(|binary| EnvoySettings {
+            binary,
             state_dir: cfg.state_dir.clone(),
             xds_socket,
             als_socket: cfg.state_dir.join("als.sock"),
@@ -153,8 +153,8 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
             node_id: cfg.node_name.clone(),
             delta: cfg.envoy.delta,
             concurrency: cfg.envoy.concurrency,
-        };
-        sup.task(Component::Envoy, envoy::supervise(settings, envoy_tx));
+        });
+        sup.task(Component::Envoy, async move { envoy::supervise(settings?, envoy_tx).await });
     }
     sup.task(Component::Api, api::serve(api_addr, readers, registry));
 

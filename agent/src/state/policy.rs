@@ -26,7 +26,7 @@ use weft_ebpf::abi;
 use super::PodState;
 use crate::{
     datapath::{PolicyAction, PolicyEntry, Proto},
-    k8s::ObjKey,
+    k8s::{ObjKey, selector},
 };
 
 /// The widest port range (`port`..`endPort`) expanded into entries.
@@ -64,40 +64,13 @@ pub struct PolicyState {
 
 /// The rule id of a policy: stable on every node (a hash of its key), never 0.
 pub fn rule_id(key: &ObjKey) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.to_string().bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h.max(1)
+    crate::hash::fnv1a_32(key.to_string().as_bytes()).max(1)
 }
 
 /// Does `labels` satisfy the selector? An empty selector selects everything.
+/// (The matcher is `k8s::selector`'s; the error names the field at fault.)
 pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, String> {
-    for (k, v) in sel.match_labels.iter().flatten() {
-        if labels.get(k) != Some(v) {
-            return Ok(false);
-        }
-    }
-    for e in sel.match_expressions.iter().flatten() {
-        let values = e.values.as_deref().unwrap_or_default();
-        let have = labels.get(&e.key);
-        let ok = match e.operator.as_str() {
-            "In" => have.is_some_and(|h| values.contains(h)),
-            "NotIn" => !have.is_some_and(|h| values.contains(h)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            other => {
-                return Err(format!(
-                    "matchExpressions operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"
-                ));
-            }
-        };
-        if !ok {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    selector::matches(sel, labels).map_err(|e| format!("{}: {e}", e.field()))
 }
 
 fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
