@@ -15,7 +15,7 @@ use prometheus_client::{
 };
 use weft_ebpf::abi;
 use weft_observe::{
-    enrich::{EndpointInfo, Names, ServiceInfo, workload},
+    enrich::{EndpointInfo, Names, PolicyName, ServiceInfo, workload},
     metrics::{self as fm, FlowMetrics, PipelineCollector},
     pipeline::{Pipeline, Sink},
     record::Entry,
@@ -69,8 +69,11 @@ pub fn names(snap: &Snapshot) -> Names {
             n.add_service(e.frontend.addr, e.frontend.port, e.frontend.proto.number(), info.clone());
         }
     }
-    for (id, key) in &snap.policy.rules {
-        n.add_policy(*id, key.namespace.clone(), key.name.clone());
+    for (id, p) in &snap.policy.rules {
+        n.add_policy(
+            *id,
+            PolicyName { kind: p.kind.clone(), namespace: p.key.namespace.clone(), name: p.key.name.clone() },
+        );
     }
     n
 }

@@ -331,7 +331,7 @@ fn spawn_datapath(
                 next = Some(s);
             }
             if let Some(snap) = next {
-                let applied = rec.apply(&mut dp, &snap, &snap.policy.ingress).context("applying desired state")?;
+                let applied = rec.apply(&mut dp, &snap, &snap.policy.endpoints).context("applying desired state")?;
                 for p in snap.problems.iter().chain(&applied.problems) {
                     tracing::warn!(version = snap.version, "{p}");
                 }
