@@ -6,3 +6,11 @@ if [ -z "${CARGO_TARGET_DIR:-}" ] && mkdir -p /var/cache/weft/target 2>/dev/null
     CARGO_TARGET_DIR=/var/cache/weft/target
 fi
 export PATH CARGO_TARGET_DIR
+# The Kubernetes control plane the tests run against (envtest's convention:
+# KUBEBUILDER_ASSETS names a folder with etcd, kube-apiserver, kubectl and
+# kube-controller-manager): ../shared/k8s beside the repository when it is
+# there and the variable is unset. Without either, those tests skip.
+if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -d ../shared/k8s/bin ]; then
+    KUBEBUILDER_ASSETS=$(../shared/tools/unpack.sh ../shared/k8s/bin)
+    export KUBEBUILDER_ASSETS
+fi

@@ -100,7 +100,7 @@ pub struct FlowTls {
 
 impl FlowTls {
     /// Reads the files; errors name the key and the file.
-    pub fn load(&self) -> Result<weft_observe::server::Tls, ConfigError> {
+    pub fn load(&self) -> Result<weft_observe::api::server::Tls, ConfigError> {
         let read = |key: &'static str, p: &Path| {
             std::fs::read(p).map_err(|e| ConfigError::Invalid {
                 key,
@@ -108,7 +108,7 @@ impl FlowTls {
                 reason: e.to_string(),
             })
         };
-        let tls = weft_observe::server::Tls {
+        let tls = weft_observe::api::server::Tls {
             cert_pem: read("flows.tls.cert", &self.cert)?,
             key_pem: read("flows.tls.key", &self.key)?,
             client_ca_pem: self.client_ca.as_deref().map(|p| read("flows.tls.client-ca", p)).transpose()?,
@@ -184,13 +184,13 @@ impl Default for OtlpOptions {
 
 impl OtlpOptions {
     /// The exporter's settings; errors name the key.
-    pub fn exporter(&self) -> Result<weft_observe::otlp::OtlpConfig, ConfigError> {
+    pub fn exporter(&self) -> Result<weft_observe::export::otlp::OtlpConfig, ConfigError> {
         let invalid = |key: &'static str, value: String, reason: String| ConfigError::Invalid { key, value, reason };
-        let protocol = weft_observe::otlp::Protocol::parse(&self.protocol)
+        let protocol = weft_observe::export::otlp::Protocol::parse(&self.protocol)
             .map_err(|r| invalid("flows.otlp.protocol", self.protocol.clone(), r))?;
         let filters = |key: &'static str, l: &[serde_json::Value]| {
             l.iter()
-                .map(|v| weft_observe::filter::from_json(v).map_err(|r| invalid(key, v.to_string(), r)))
+                .map(|v| weft_flow::json::flow_filter(v).map_err(|r| invalid(key, v.to_string(), r)))
                 .collect::<Result<Vec<_>, _>>()
         };
         if self.queue_size == 0 || self.batch_size == 0 {
@@ -200,7 +200,7 @@ impl OtlpOptions {
                 "must be above 0".into(),
             ));
         }
-        Ok(weft_observe::otlp::OtlpConfig {
+        Ok(weft_observe::export::otlp::OtlpConfig {
             endpoint: self.endpoint.clone(),
             protocol,
             queue: self.queue_size,
@@ -342,10 +342,12 @@ impl AgentConfig {
                 "must be above 0",
             ));
         }
-        weft_observe::metrics::Context::parse(&self.flows.metrics_context).map_err(|r| ConfigError::Invalid {
-            key: "flows.metrics-context",
-            value: format!("{:?}", self.flows.metrics_context),
-            reason: r,
+        weft_observe::export::metrics::Context::parse(&self.flows.metrics_context).map_err(|r| {
+            ConfigError::Invalid {
+                key: "flows.metrics-context",
+                value: format!("{:?}", self.flows.metrics_context),
+                reason: r,
+            }
         })?;
         if let Some(o) = &self.flows.otlp {
             o.exporter()?;

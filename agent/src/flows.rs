@@ -15,10 +15,12 @@ use prometheus_client::{
 };
 use weft_ebpf::abi;
 use weft_observe::{
-    enrich::{EndpointInfo, Names, PolicyName, ServiceInfo, workload},
-    metrics::{self as fm, FlowMetrics, PipelineCollector},
-    pipeline::{Pipeline, Sink},
-    record::Entry,
+    export::metrics::{self as fm, FlowMetrics, PipelineCollector},
+    pipeline::{
+        Pipeline, Sink,
+        enrich::{Names, PolicyName, workload},
+        record::{EndpointInfo, Entry, ServiceInfo},
+    },
 };
 
 use crate::{run::AgentStatus, state::Snapshot};
@@ -90,7 +92,7 @@ impl Sink for PrintSink {
         for e in entries {
             if let Entry::Flow(f) = e {
                 if !f.is_l7() {
-                    let _ = writeln!(out, "{}: {}", self.node, weft_observe::names::event_line(&f.ev));
+                    let _ = writeln!(out, "{}: {}", self.node, weft_observe::pipeline::ringbuf::event_line(&f.ev));
                 }
             }
         }

@@ -50,7 +50,12 @@ enum Command {
         identity: Option<String>,
     },
     /// Print weft's CustomResourceDefinitions (YAML), generated from its types.
-    Crds,
+    Crds {
+        /// Print Cilium's CiliumEnvoyConfig and CiliumClusterwideEnvoyConfig
+        /// CRDs instead (for clusters without Cilium).
+        #[arg(long)]
+        cilium: bool,
+    },
     /// Remove every pin of the datapath (maps and links) and the proxy route:
     /// weft's programs stop on this node.
     DatapathReset {
@@ -122,8 +127,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 weft_agent::operator::run(client, opts).await
             })
         }
-        Command::Crds => {
-            print!("{}", weft_agent::k8s::crd::crds_yaml());
+        Command::Crds { cilium } => {
+            use weft_agent::k8s::crd::{cilium_crds_yaml, crds_yaml};
+            print!("{}", if cilium { cilium_crds_yaml() } else { crds_yaml() });
             Ok(())
         }
         Command::DatapathReset { bpffs_dir } => {

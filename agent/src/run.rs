@@ -16,10 +16,7 @@ use std::{
 use anyhow::Context;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use weft_observe::{
-    pipeline::{EventFeed, Pipeline, PipelineConfig},
-    ringbuf::EventReader,
-};
+use weft_observe::pipeline::{EventFeed, Pipeline, PipelineConfig, ringbuf::EventReader};
 
 use crate::{
     config::AgentConfig,
@@ -76,7 +73,7 @@ pub struct FlowStatus {
 impl FlowStatus {
     fn of(p: &Pipeline) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
-        let st = p.store.stats(weft_observe::pipeline::now_ns() / 1_000_000_000);
+        let st = p.store.stats(weft_flow::time::now_ns() / 1_000_000_000);
         let c = &p.counters;
         FlowStatus {
             flows_stored: st.num_flows,
@@ -85,7 +82,7 @@ impl FlowStatus {
             rate: st.rate,
             events_read: c.events_read.load(Relaxed),
             access_log_entries: c.l7_received.load(Relaxed),
-            lost: weft_observe::record::LostSource::ALL.iter().map(|s| (s.label(), c.lost(*s))).collect(),
+            lost: weft_observe::pipeline::record::LostSource::ALL.iter().map(|s| (s.label(), c.lost(*s))).collect(),
         }
     }
 }
@@ -154,33 +151,33 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
         },
         flows::names(&first),
     );
-    let metrics_context = weft_observe::metrics::Context::parse(&cfg.flows.metrics_context).expect("validated");
+    let metrics_context = weft_observe::export::metrics::Context::parse(&cfg.flows.metrics_context).expect("validated");
     let (registry, flow_metrics) = flows::registry(&pipeline, status.clone(), metrics_context);
     pipeline.add_sink(Box::new(flow_metrics));
     if cfg.print_events {
         pipeline.add_sink(Box::new(flows::PrintSink { node: cfg.node_name.clone() }));
     }
     if let Some(o) = &cfg.flows.otlp {
-        weft_observe::otlp::start(o.exporter()?, pipeline.clone()).map_err(anyhow::Error::msg)?;
+        weft_observe::export::otlp::start(o.exporter()?, pipeline.clone()).map_err(anyhow::Error::msg)?;
     }
     {
         let p = pipeline.clone();
         let path = cfg.state_dir.join("als.sock");
         tokio::spawn(async move {
-            if let Err(e) = weft_observe::als::serve_unix(p, &path).await {
+            if let Err(e) = weft_observe::pipeline::als::serve_unix(p, &path).await {
                 tracing::error!("access-log server stopped: {e:#}");
             }
         });
     }
     {
-        let listen = weft_observe::server::Listen {
+        let listen = weft_observe::api::server::Listen {
             tcp: (!cfg.flows.address.is_empty()).then(|| cfg.flows.address.parse().expect("validated")),
             unix: Some(cfg.flows.socket.clone().unwrap_or_else(|| cfg.state_dir.join("observer.sock"))),
             tls: cfg.flows.tls.as_ref().map(|t| t.load()).transpose()?,
         };
         let p = pipeline.clone();
         tokio::spawn(async move {
-            if let Err(e) = weft_observe::server::serve(p, listen).await {
+            if let Err(e) = weft_observe::api::server::serve(p, listen).await {
                 tracing::error!("flow API stopped: {e:#}");
             }
         });

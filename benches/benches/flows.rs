@@ -25,20 +25,27 @@ use std::{
 
 use weft_agent::datapath::{Datapath, EmitLevel};
 use weft_benches::{machine, save};
-use weft_observe::{
+use weft_flow::{
     client::{self, Address},
-    enrich::{EndpointInfo, Names, ServiceInfo},
-    filter::{Env, FilterSet},
-    join::ConnTable,
-    metrics::{Context, FlowMetrics},
-    pipeline::{Pipeline, PipelineConfig, Sink, spawn_reader},
     proto::{
         flow::{FlowFilter, Verdict},
         observer::{GetFlowsRequest, get_flows_response::ResponseTypes},
     },
-    record::{Entry, LostSource},
-    ringbuf::EventReader,
-    server::{self, Listen},
+};
+use weft_observe::{
+    api::{
+        filter::{Env, FilterSet},
+        server::{self, Listen},
+    },
+    export::metrics::{Context, FlowMetrics},
+    pipeline::{
+        Pipeline, PipelineConfig, Sink,
+        enrich::Names,
+        join::ConnTable,
+        record::{EndpointInfo, Entry, LostSource, ServiceInfo},
+        ringbuf::EventReader,
+        spawn_reader,
+    },
 };
 use weft_tests::{
     flows::{agent_get, flow_socket, metric_sum},
@@ -198,7 +205,7 @@ fn rate_run(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address, 
                             }
                             continue;
                         };
-                        let now = weft_observe::pipeline::now_ns();
+                        let now = weft_flow::time::now_ns();
                         match r.response_types {
                             Some(ResponseTypes::Flow(f)) => {
                                 let t = f.time.unwrap();

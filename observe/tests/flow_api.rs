@@ -1,134 +1,33 @@
 //! The flow API end to end in one process: a pipeline fed with datapath
 //! records and access-log entries, the gRPC server on a unix socket, and a
-//! client built from the project's .proto files. Also checks the compiled
-//! descriptors against the wire-contract sheet (tests/data), number by number.
+//! client built from the project's .proto files (the descriptors themselves are
+//! checked against the wire contract in observe/flow/tests).
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use prost_reflect::{Cardinality, DescriptorPool, Kind};
 use weft_ebpf::abi::{self, Event};
-use weft_observe::{
-    als::L7Entry,
+use weft_flow::{
     client::{self, Address},
-    enrich::{EndpointInfo, Names, ServiceInfo},
-    pipeline::{EventFeed, Pipeline, PipelineConfig},
     proto::{
         self,
         flow::{self, FlowFilter, LostEventSource, Verdict},
         observer::{GetFlowsRequest, GetFlowsResponse, ServerStatusRequest, get_flows_response::ResponseTypes},
         weft::FlowLink,
     },
-    record::Http,
-    server::{self, Listen},
 };
-
-// ---------------------------------------------------------------- descriptors
-
-fn kind_name(k: &Kind) -> String {
-    match k {
-        Kind::Message(m) => format!("message {}", m.full_name()),
-        Kind::Enum(e) => format!("enum {}", e.full_name()),
-        Kind::Double => "double".into(),
-        Kind::Float => "float".into(),
-        Kind::Int32 => "int32".into(),
-        Kind::Int64 => "int64".into(),
-        Kind::Uint32 => "uint32".into(),
-        Kind::Uint64 => "uint64".into(),
-        Kind::Sint32 => "sint32".into(),
-        Kind::Sint64 => "sint64".into(),
-        Kind::Fixed32 => "fixed32".into(),
-        Kind::Fixed64 => "fixed64".into(),
-        Kind::Sfixed32 => "sfixed32".into(),
-        Kind::Sfixed64 => "sfixed64".into(),
-        Kind::Bool => "bool".into(),
-        Kind::String => "string".into(),
-        Kind::Bytes => "bytes".into(),
-    }
-}
-
-#[test]
-fn compiled_descriptors_match_the_wire_contract() {
-    let pool = DescriptorPool::decode(proto::DESCRIPTOR_SET).unwrap();
-    let sheet = include_str!("data/hubble-wire-contract.tsv");
-    let mut checked = 0;
-    let mut problems = Vec::new();
-    for line in sheet.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let c: Vec<&str> = line.split('\t').collect();
-        let (kind, owner, name, number) = (c[0], c[1], c[2], c[3].parse::<u32>().unwrap());
-        if kind == "enum" {
-            match pool.get_enum_by_name(owner).and_then(|e| e.get_value_by_name(name)) {
-                Some(v) if v.number() as u32 == number => checked += 1,
-                Some(v) => problems.push(format!("{owner}.{name} = {} (sheet: {number})", v.number())),
-                None => problems.push(format!("{owner}.{name} is missing")),
-            }
-            continue;
-        }
-        let Some(m) = pool.get_message_by_name(owner) else {
-            problems.push(format!("message {owner} is missing"));
-            continue;
-        };
-        let Some(f) = m.get_field_by_name(name) else {
-            problems.push(format!("{owner}.{name} is missing"));
-            continue;
-        };
-        if f.number() != number {
-            problems.push(format!("{owner}.{name} is #{} (sheet: #{number})", f.number()));
-        }
-        if kind_name(&f.kind()) != c[4] {
-            problems.push(format!("{owner}.{name} is {} (sheet: {})", kind_name(&f.kind()), c[4]));
-        }
-        let card = match (f.cardinality(), f.containing_oneof()) {
-            (Cardinality::Repeated, _) => "repeated".to_string(),
-            (_, Some(o)) => format!("oneof `{}`", o.name()),
-            _ => "single".into(),
-        };
-        if card != c[5] {
-            problems.push(format!("{owner}.{name} is {card} (sheet: {})", c[5]));
-        }
-        checked += 1;
-    }
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
-    assert!(checked > 500, "only {checked} rows checked");
-
-    // The RPCs: paths, types, streaming.
-    let svc = pool.get_service_by_name("observer.Observer").unwrap();
-    let methods: BTreeMap<String, (String, String, bool)> = svc
-        .methods()
-        .map(|m| {
-            (
-                format!("/{}/{}", svc.full_name(), m.name()),
-                (m.input().full_name().to_owned(), m.output().full_name().to_owned(), m.is_server_streaming()),
-            )
-        })
-        .collect();
-    for (path, input, output, streaming) in [
-        ("/observer.Observer/GetFlows", "observer.GetFlowsRequest", "observer.GetFlowsResponse", true),
-        (
-            "/observer.Observer/GetAgentEvents",
-            "observer.GetAgentEventsRequest",
-            "observer.GetAgentEventsResponse",
-            true,
-        ),
-        (
-            "/observer.Observer/GetDebugEvents",
-            "observer.GetDebugEventsRequest",
-            "observer.GetDebugEventsResponse",
-            true,
-        ),
-        ("/observer.Observer/GetNodes", "observer.GetNodesRequest", "observer.GetNodesResponse", false),
-        ("/observer.Observer/GetNamespaces", "observer.GetNamespacesRequest", "observer.GetNamespacesResponse", false),
-        ("/observer.Observer/ServerStatus", "observer.ServerStatusRequest", "observer.ServerStatusResponse", false),
-    ] {
-        assert_eq!(methods.get(path), Some(&(input.into(), output.into(), streaming)), "{path}");
-    }
-    assert!(svc.methods().all(|m| !m.is_client_streaming()));
-}
+use weft_observe::{
+    api::server::{self, Listen},
+    pipeline::{
+        EventFeed, Pipeline, PipelineConfig,
+        enrich::Names,
+        record::{EndpointInfo, Http, L7Entry, LostSource, ServiceInfo},
+    },
+};
 
 // ------------------------------------------------------------------ the lab
 
@@ -338,7 +237,7 @@ async fn get_flows_number_first_filters_and_status() {
     // Health for `hubble status`.
     let ch = client::channel(&api.addr).await.unwrap();
     let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
-    let resp = h.check(tonic_health::pb::HealthCheckRequest { service: server::HEALTH_SERVICE.into() }).await.unwrap();
+    let resp = h.check(tonic_health::pb::HealthCheckRequest { service: proto::HEALTH_SERVICE.into() }).await.unwrap();
     assert_eq!(resp.into_inner().status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }
 
@@ -448,7 +347,7 @@ async fn follow_streams_new_matching_flows_and_reports_every_loss() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let flows = counters.flows.load(std::sync::atomic::Ordering::Relaxed);
-        let lost = counters.lost(weft_observe::record::LostSource::AgentQueue);
+        let lost = counters.lost(LostSource::AgentQueue);
         if kernel_lost == 7 && queue_lost == lost && flows + lost == 200 {
             break;
         }
@@ -520,7 +419,7 @@ async fn a_slow_reader_is_told_what_the_store_overwrote() {
     }
     assert_eq!(got + lost, total);
     assert!(lost > 0, "the store holds 16 flows");
-    assert_eq!(api.pipeline.counters.lost(weft_observe::record::LostSource::FlowStore), lost);
+    assert_eq!(api.pipeline.counters.lost(LostSource::FlowStore), lost);
 }
 
 // ------------------------------------------------------------------- TLS

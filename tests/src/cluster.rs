@@ -8,12 +8,13 @@ use std::{
     process::Command,
 };
 
-use weft_agent::{
-    k8s::apiserver::{ApiServer, write_kubeconfig},
-    requirements::CAPABILITIES,
-};
+use weft_agent::requirements::CAPABILITIES;
 
-use crate::{lab::Lab, objects::AgentFiles};
+use crate::{
+    k8s::fake::{ApiServer, write_kubeconfig},
+    lab::Lab,
+    objects::AgentFiles,
+};
 
 /// Port of the API server inside each node.
 pub const API_PORT: u16 = 6443;

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod envoylab;
 pub mod flows;
 pub mod http;
+pub mod k8s;
 pub mod lab;
 pub mod node;
 pub mod objects;

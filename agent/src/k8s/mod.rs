@@ -2,8 +2,6 @@
 //! from (a YAML directory or the API server): typed k8s-openapi objects keyed
 //! by namespace and name, each with where it came from.
 
-#[cfg(any(test, feature = "testing"))]
-pub mod apiserver;
 pub mod crd;
 pub mod source;
 pub mod watch;

@@ -17,10 +17,13 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Pod, Secret, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::{Ingress, IngressClass, NetworkPolicy},
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, ObjectReference, Pod, Secret, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::{Ingress, IngressClass, NetworkPolicy},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -187,15 +190,36 @@ impl Kind for Pod {
         &mut o.pods
     }
     /// Every pod of the cluster is watched (identities need all pods' labels
-    /// and addresses): keep only what state reads.
+    /// and addresses): keep only what state reads, and of the containers
+    /// only their named ports (NetworkPolicies may name them).
     fn prune(&mut self) {
+        use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec};
         let m = self.meta_mut();
         m.managed_fields = None;
         m.annotations = None;
         if let Some(spec) = self.spec.as_mut() {
-            *spec = k8s_openapi::api::core::v1::PodSpec {
+            let containers = std::mem::take(&mut spec.containers)
+                .into_iter()
+                .filter_map(|c| {
+                    let ports: Vec<ContainerPort> = c
+                        .ports
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p.name.is_some())
+                        .map(|p| ContainerPort {
+                            name: p.name,
+                            container_port: p.container_port,
+                            protocol: p.protocol,
+                            ..Default::default()
+                        })
+                        .collect();
+                    (!ports.is_empty()).then(|| Container { name: c.name, ports: Some(ports), ..Default::default() })
+                })
+                .collect();
+            *spec = PodSpec {
                 node_name: spec.node_name.take(),
                 host_network: spec.host_network,
+                containers,
                 ..Default::default()
             };
         }
@@ -427,6 +451,46 @@ async fn served(client: &Client, ar: &ApiResource) -> bool {
     }
 }
 
+/// Watches one EnvoyConfig kind into the shared state (its stats entry must exist).
+async fn config_watch(
+    client: Client,
+    name: &'static str,
+    ar: ApiResource,
+    shared: Arc<Mutex<Shared>>,
+    tx: Arc<tokio_watch::Sender<u64>>,
+) {
+    let ar2 = ar.clone();
+    reflect(
+        watcher(Api::<DynamicObject>::all_with(client, &ar), watcher::Config::default()),
+        ar.clone(),
+        name,
+        shared,
+        tx,
+        |o: &mut DynamicObject| o.metadata.managed_fields = None,
+        move |s: &mut Shared, up| apply_configs(&mut s.configs, &ar2, up),
+    )
+    .await
+}
+
+/// Returns once the CustomResourceDefinition `name` exists and is established.
+async fn crd_established(client: &Client, name: &str) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut crds = watcher(api, cfg).default_backoff().applied_objects().boxed();
+    while let Some(ev) = crds.next().await {
+        match ev {
+            Ok(crd) => {
+                let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+                if conditions.iter().any(|c| c.type_ == "Established" && c.status == "True") {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("watching for CRD {name}: {e} (retrying)"),
+        }
+    }
+    std::future::pending::<()>().await
+}
+
 impl KubeSource {
     /// Starts the watchers for `kinds`. `node` names this agent in the Events it writes.
     pub async fn start(client: Client, kinds: Kinds, node: &str) -> Self {
@@ -460,22 +524,22 @@ impl KubeSource {
                     kind: kind.to_string(),
                     plural: plural.to_string(),
                 };
+                let watch = config_watch(client.clone(), kind, ar.clone(), shared.clone(), tx.clone());
                 if *optional && !served(&client, &ar).await {
-                    tracing::info!("{kind} ({group}) is not served by this cluster: not watching it");
+                    // Watched from when its CRD is installed (Cilium's, say, after weft).
+                    tracing::info!("{kind} ({group}) is not served by this cluster (yet): watching for its CRD");
+                    let crd = format!("{plural}.{group}");
+                    let (client, shared) = (client.clone(), shared.clone());
+                    tasks.push(tokio::spawn(async move {
+                        crd_established(&client, &crd).await;
+                        tracing::info!("{crd} is installed: watching {kind}");
+                        shared.lock().unwrap().stats.insert(kind, KindStats::default());
+                        watch.await
+                    }));
                     continue;
                 }
-                let name: &'static str = kind;
-                shared.lock().unwrap().stats.insert(name, KindStats::default());
-                let ar2 = ar.clone();
-                tasks.push(tokio::spawn(reflect(
-                    watcher(Api::<DynamicObject>::all_with(client.clone(), &ar), watcher::Config::default()),
-                    ar.clone(),
-                    name,
-                    shared.clone(),
-                    tx.clone(),
-                    |o: &mut DynamicObject| o.metadata.managed_fields = None,
-                    move |s: &mut Shared, up| apply_configs(&mut s.configs, &ar2, up),
-                )));
+                shared.lock().unwrap().stats.insert(kind, KindStats::default());
+                tasks.push(tokio::spawn(watch));
             }
         }
         let recorder = Recorder::new(
@@ -605,361 +669,5 @@ impl KubeSource {
                 ..Default::default()
             })
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Instant;
-
-    use serde_json::json;
-
-    use super::*;
-    use crate::k8s::apiserver::ApiServer;
-
-    /// Waits (up to a generous deadline, not a timing assertion) until `f` holds.
-    async fn until(what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !f() {
-            assert!(Instant::now() < deadline, "gave up waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn every_kind() -> Kinds {
-        Kinds { ingresses: true, ingress_classes: true, ..Kinds::agent() }
-    }
-
-    const OBJECTS: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.1.1.11]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, namespace: shop, labels: {app: web}, annotations: {noise: "1"}}
-spec: {nodeName: node1, containers: [{name: app, image: x}]}
-status: {phase: Running, podIP: 10.1.1.11, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Node
-metadata: {name: node1, labels: {role: infra}}
-status: {addresses: [{type: InternalIP, address: 192.168.50.1}]}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: cert, namespace: shop}
-type: kubernetes.io/tls
-data: {tls.crt: Y2VydA==, tls.key: a2V5}
----
-apiVersion: v1
-kind: Secret
-metadata: {name: password, namespace: shop}
-type: Opaque
-data: {password: cGFzcw==}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny, namespace: shop}
-spec: {podSelector: {}, policyTypes: [Ingress]}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {name: web, namespace: shop}
-spec: {ingressClassName: weft, defaultBackend: {service: {name: web, port: {number: 80}}}}
----
-apiVersion: networking.k8s.io/v1
-kind: IngressClass
-metadata: {name: weft}
-spec: {controller: weft.io/ingress-controller}
----
-apiVersion: weft.io/v1alpha1
-kind: EnvoyConfig
-metadata: {name: lb, namespace: shop}
-spec: {services: [{name: web}]}
----
-apiVersion: weft.io/v1alpha1
-kind: ClusterwideEnvoyConfig
-metadata: {name: cw}
-spec: {}
-"#;
-
-    /// (kind, count) of everything a Loaded holds.
-    fn counts(l: &Loaded) -> Vec<(&'static str, usize)> {
-        let o = &l.objects;
-        vec![
-            ("Service", o.services.len()),
-            ("EndpointSlice", o.endpoint_slices.len()),
-            ("Pod", o.pods.len()),
-            ("Node", o.nodes.len()),
-            ("Secret", o.secrets.len()),
-            ("NetworkPolicy", o.network_policies.len()),
-            ("Ingress", o.ingresses.len()),
-            ("IngressClass", o.ingress_classes.len()),
-            ("configs", l.raw.len()),
-        ]
-    }
-
-    async fn next_loaded(src: &mut KubeSource) -> Loaded {
-        tokio::time::timeout(Duration::from_secs(30), src.changed()).await.expect("a change arrives");
-        src.poll().expect("changed")
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
-        let server = ApiServer::start().await.unwrap();
-        server.put_yaml(OBJECTS);
-        let mut src = KubeSource::start(server.client(), every_kind(), "node1").await;
-        src.wait_synced(Duration::from_secs(5)).await;
-        let l = src.poll().expect("the first lists are a change");
-        assert!(counts(&l).iter().all(|(_, n)| *n == 1 || *n == 2), "{:?}", counts(&l));
-        assert_eq!(l.raw.len(), 2, "both EnvoyConfig kinds");
-        assert_eq!(l.objects.secrets.len(), 1, "only TLS secrets are watched");
-        let pod = &l.objects.pods[&ObjKey::new("shop", "web-1")].object;
-        assert!(pod.metadata.annotations.is_none() && pod.status.as_ref().unwrap().conditions.is_none(), "pruned");
-        assert_eq!(pod.status.as_ref().unwrap().pod_ip.as_deref(), Some("10.1.1.11"));
-        // The snapshot the agent derives from it.
-        let snap = crate::state::Snapshot::derive(&l.objects, "node1", None, &Default::default());
-        assert_eq!(snap.services[0].entries[0].backends.len(), 1);
-        assert!(snap.pods[0].local);
-
-        // Updates of every kind.
-        for doc in serde_saphyr::from_multiple::<Value>(OBJECTS).unwrap() {
-            let mut doc = doc;
-            doc["metadata"]["labels"]["touched"] = json!("yes");
-            server.put(doc);
-        }
-        let mut l = next_loaded(&mut src).await;
-        let touched = |l: &Loaded| {
-            let o = &l.objects;
-            let lbl = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-                m.labels.as_ref().and_then(|l| l.get("touched")).is_some()
-            };
-            o.services.values().all(|x| lbl(&x.object.metadata))
-                && o.endpoint_slices.values().all(|x| lbl(&x.object.metadata))
-                && o.pods.values().all(|x| lbl(&x.object.metadata))
-                && o.nodes.values().all(|x| lbl(&x.object.metadata))
-                && o.secrets.values().all(|x| lbl(&x.object.metadata))
-                && o.network_policies.values().all(|x| lbl(&x.object.metadata))
-                && o.ingresses.values().all(|x| lbl(&x.object.metadata))
-                && o.ingress_classes.values().all(|x| lbl(&x.object.metadata))
-                && l.raw.iter().all(|(_, d)| d["metadata"]["labels"]["touched"] == "yes")
-        };
-        while !touched(&l) {
-            l = next_loaded(&mut src).await;
-        }
-
-        // Deletes of every kind.
-        for doc in serde_saphyr::from_multiple::<Value>(OBJECTS).unwrap() {
-            let ns = doc["metadata"]["namespace"].as_str().unwrap_or("");
-            assert!(server.remove(
-                doc["apiVersion"].as_str().unwrap(),
-                doc["kind"].as_str().unwrap(),
-                ns,
-                doc["metadata"]["name"].as_str().unwrap()
-            ));
-        }
-        let mut l = next_loaded(&mut src).await;
-        while counts(&l).iter().any(|(_, n)| *n > 0) {
-            l = next_loaded(&mut src).await;
-        }
-        assert!(src.stats().values().all(|s| s.replays == 0 && s.lists == 1), "{:?}", src.stats());
-    }
-
-    fn svc(name: &str, version: u32) -> Value {
-        json!({"apiVersion": "v1", "kind": "Service",
-               "metadata": {"name": name, "namespace": "default", "annotations": {"v": version.to_string()}},
-               "spec": {"ports": [{"port": 80}]}})
-    }
-
-    fn versions(l: &Loaded) -> BTreeMap<String, String> {
-        l.objects
-            .services
-            .iter()
-            .map(|(k, s)| (k.name.clone(), s.object.metadata.annotations.as_ref().unwrap()["v"].clone()))
-            .collect()
-    }
-
-    fn server_versions(server: &ApiServer) -> BTreeMap<String, String> {
-        server
-            .list("v1", "Service")
-            .iter()
-            .map(|s| {
-                (
-                    s["metadata"]["name"].as_str().unwrap().to_owned(),
-                    s["metadata"]["annotations"]["v"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect()
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn dropped_watches_resume_and_410_relists_without_losing_or_repeating() {
-        let server = ApiServer::start_with(Duration::from_millis(20)).await.unwrap();
-        for i in 0..3 {
-            server.put(svc(&format!("s{i}"), 0));
-        }
-        let kinds = Kinds { services: true, ..Kinds { envoy_configs: false, ..Kinds::operator() } };
-        let kinds = Kinds { secrets: false, ingresses: false, ingress_classes: false, ..kinds };
-        let mut src = KubeSource::start(server.client(), kinds, "node1").await;
-        src.wait_synced(Duration::from_secs(5)).await;
-        assert_eq!(versions(&src.poll().unwrap()).len(), 3);
-        let changes = |src: &KubeSource| src.stats()["Service"].changes;
-        let base = changes(&src);
-
-        // Updates across dropped watches: each is seen once, none lost.
-        let mut expected = 0;
-        for round in 1..=5u32 {
-            server.put(svc("s0", round));
-            server.put(svc("s1", round));
-            expected += 2;
-            let watches_before = server.requests().iter().filter(|r| r.is_watch()).count();
-            server.drop_watches();
-            until("the watch to be resumed", || {
-                server.requests().iter().filter(|r| r.is_watch()).count() > watches_before
-            })
-            .await;
-        }
-        until("every update", || changes(&src) == base + expected).await;
-        assert_eq!(versions(&src.poll().unwrap()), server_versions(&server));
-        let stats = src.stats()["Service"].clone();
-        assert_eq!((stats.lists, stats.replays), (1, 0), "resumed, never relisted nor replayed: {stats:?}");
-        let relists = server.requests().iter().filter(|r| r.is_list_of("services")).count();
-        assert_eq!(relists, 1, "only the first list");
-        // Every resumed watch started from a version the client had seen.
-        for r in server.requests().iter().filter(|r| r.is_watch()) {
-            assert!(r.query.get("resourceVersion").is_some_and(|v| v != "0" && !v.is_empty()), "{r:?}");
-        }
-
-        // A drop with nothing new: no change is reported.
-        let watches_before = server.requests().iter().filter(|r| r.is_watch()).count();
-        server.drop_watches();
-        until("the watch to be resumed", || server.requests().iter().filter(|r| r.is_watch()).count() > watches_before)
-            .await;
-        assert!(src.poll().is_none(), "a resumed watch with nothing new changes nothing");
-
-        // Bookmarks move the resume point past writes of other kinds.
-        let last_service_rv = server.resource_version();
-        server.put(
-            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "other", "namespace": "default"}}),
-        );
-        let bookmarks = server.bookmarks_sent();
-        until("a bookmark", || server.bookmarks_sent() > bookmarks + 1).await;
-        server.clear_requests();
-        server.drop_watches();
-        until("the watch to be resumed", || server.requests().iter().any(|r| r.is_watch())).await;
-        let resumed: u64 =
-            server.requests().iter().find(|r| r.is_watch()).unwrap().query["resourceVersion"].parse().unwrap();
-        assert!(
-            resumed > last_service_rv,
-            "resumed from the bookmark ({resumed}), not the last Service event ({last_service_rv})"
-        );
-
-        // 410: the watch expires; what changed meanwhile comes with the relist.
-        server.expire_watches();
-        server.put(svc("s0", 100)); // modified
-        server.remove("v1", "Service", "default", "s2"); // deleted
-        server.put(svc("s9", 100)); // added
-        until("the relist", || src.stats()["Service"].lists == 2).await;
-        until("the three changes", || changes(&src) == base + expected + 3).await;
-        assert_eq!(versions(&src.poll().unwrap()), server_versions(&server));
-        let stats = src.stats()["Service"].clone();
-        assert_eq!(stats.replays, 0, "{stats:?}");
-        assert!(stats.errors >= 1, "the 410 was seen: {stats:?}");
-        // And it goes on watching after the relist.
-        server.put(svc("s1", 200));
-        until("a change after the relist", || changes(&src) == base + expected + 4).await;
-        assert_eq!(versions(&src.poll().unwrap()), server_versions(&server));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn cilium_kinds_are_watched_only_when_served() {
-        let server = ApiServer::start().await.unwrap();
-        let kinds = Kinds {
-            envoy_configs: true,
-            ..Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() }
-        };
-        let src = KubeSource::start(server.client(), kinds, "n").await;
-        assert!(!src.stats().contains_key("CiliumEnvoyConfig"));
-        drop(src);
-        for k in crate::k8s::apiserver::cilium_kinds() {
-            server.register(k);
-        }
-        server.put_yaml(
-            "apiVersion: cilium.io/v2\nkind: CiliumEnvoyConfig\nmetadata: {name: c, namespace: default}\nspec: {}\n",
-        );
-        let mut src = KubeSource::start(server.client(), kinds, "n").await;
-        src.wait_synced(Duration::from_secs(5)).await;
-        let l = src.poll().unwrap();
-        assert_eq!(l.raw.len(), 1);
-        let cfg = envoyconfig::parse(Origin::Api, &l.raw[0].1).unwrap();
-        assert_eq!(cfg.key.to_string(), "EnvoyConfig default/c");
-    }
-}
-
-#[cfg(test)]
-mod event_tests {
-    use super::*;
-    use crate::{
-        controller::{ControlStatus, EnvoyAck, ObjectState},
-        k8s::apiserver::ApiServer,
-        xds::model::{ConfigStatus, Serving},
-    };
-
-    fn nacked(object: &str, message: &str) -> ControlStatus {
-        ControlStatus {
-            objects: vec![ObjectState {
-                config: ConfigStatus {
-                    object: object.into(),
-                    origin: "API server".into(),
-                    generation: 1,
-                    for_this_node: true,
-                    problems: vec![message.into()],
-                    serving: Serving::Nothing,
-                    listeners: vec![],
-                },
-                envoy: EnvoyAck::Nacked { message: message.into() },
-            }],
-            ..Default::default()
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn envoy_refusals_become_one_event_on_the_object() {
-        let server = ApiServer::start().await.unwrap();
-        let cfg = server.put_yaml(
-            "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {name: lb, namespace: shop}\nspec: {}\n",
-        );
-        let kinds =
-            Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() };
-        let mut src = KubeSource::start(server.client(), kinds, "node1").await;
-        src.wait_synced(Duration::from_secs(5)).await;
-        let status = nacked("EnvoyConfig shop/lb", "Listener \"shop/lb/l\": invalid address");
-        src.report(&status);
-        src.report(&status); // the same refusal again: no second Event
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while server.list("events.k8s.io/v1", "Event").is_empty() {
-            assert!(std::time::Instant::now() < deadline, "no Event");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let events = server.list("events.k8s.io/v1", "Event");
-        assert_eq!(events.len(), 1, "{events:#?}");
-        let ev = &events[0];
-        assert_eq!(ev["metadata"]["namespace"], "shop");
-        assert_eq!(ev["type"], "Warning");
-        assert_eq!(ev["reason"], "RejectedByEnvoy");
-        assert_eq!(ev["regarding"]["kind"], "EnvoyConfig");
-        assert_eq!(ev["regarding"]["uid"], cfg[0]["metadata"]["uid"]);
-        assert_eq!(ev["reportingInstance"], "node1");
-        assert!(ev["note"].as_str().unwrap().starts_with("node node1: Envoy refused it: Listener"), "{ev:#}");
     }
 }

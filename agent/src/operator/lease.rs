@@ -130,35 +130,3 @@ impl Elector {
         self.api.namespace().unwrap_or_default().to_owned()
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::k8s::apiserver::ApiServer;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_leader_and_a_takeover_when_it_stops_renewing() {
-        let server = ApiServer::start().await.unwrap();
-        let d = Duration::from_millis(600);
-        let mut a = Elector::new(server.client(), "weft-system", "weft-operator", "a", d);
-        let mut b = Elector::new(server.client(), "weft-system", "weft-operator", "b", d);
-        assert!(a.round().await.unwrap());
-        for _ in 0..3 {
-            assert!(!b.round().await.unwrap(), "held by a");
-            assert!(a.round().await.unwrap(), "a renews");
-        }
-        let lease = server.get("coordination.k8s.io/v1", "Lease", "weft-system", "weft-operator").unwrap();
-        assert_eq!(lease["spec"]["holderIdentity"], "a");
-        assert_eq!(lease["spec"]["leaseTransitions"], 0);
-        // a stops renewing: b takes over once b has seen the record unchanged for the lease duration.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !b.round().await.unwrap() {
-            assert!(Instant::now() < deadline, "b never took over");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(!a.round().await.unwrap(), "a sees b holding it");
-        let lease = server.get("coordination.k8s.io/v1", "Lease", "weft-system", "weft-operator").unwrap();
-        assert_eq!(lease["spec"]["holderIdentity"], "b");
-        assert_eq!(lease["spec"]["leaseTransitions"], 1);
-    }
-}

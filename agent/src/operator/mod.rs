@@ -7,8 +7,6 @@
 pub mod ingress;
 pub mod lease;
 pub mod status;
-#[cfg(test)]
-mod tests;
 
 use std::{collections::BTreeMap, time::Duration};
 

@@ -46,6 +46,7 @@ pub struct ServiceListener {
     pub listener: Option<String>,
     /// Service ports to redirect; empty: all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::k8s::crd::port_numbers")]
     pub ports: Vec<u16>,
 }
 

@@ -81,7 +81,7 @@ fn weft_access_log() -> AccessLog {
             buffer_flush_interval: Some(PbDuration { seconds: 0, nanos: 200_000_000 }),
             ..Default::default()
         }),
-        additional_request_headers_to_log: weft_observe::als::LOGGED_REQUEST_HEADERS
+        additional_request_headers_to_log: weft_observe::pipeline::als::LOGGED_REQUEST_HEADERS
             .iter()
             .map(|h| h.to_string())
             .collect(),

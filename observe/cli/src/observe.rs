@@ -1,0 +1,297 @@
+//! `weft observe`: the GetFlowsRequest a command line asks for (as Hubble's
+//! CLI fills it), and the stream of flows printed as compact lines, JSON or
+//! a table until it ends, `--duration` passes or Ctrl-C.
+
+use std::{io::Write, time::Duration};
+
+use clap::Args;
+use tonic::Code;
+use weft_flow::{
+    client, json,
+    print::{self, Options},
+    proto::observer::{GetFlowsRequest, get_flows_response::ResponseTypes},
+    time::{self, now_ns, timestamp},
+};
+
+use crate::{
+    args::{Color, Output, ServerArgs},
+    filters::build_filters,
+};
+
+#[derive(Debug, Args)]
+pub struct ObserveArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Keep streaming new flows.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// The last N flows (default 20, unless --follow or --since).
+    #[arg(long, value_name = "N", conflicts_with_all = ["first", "all"])]
+    pub last: Option<u64>,
+    /// The first N flows still buffered.
+    #[arg(long, value_name = "N", conflicts_with_all = ["follow", "all"])]
+    pub first: Option<u64>,
+    /// Every flow still buffered.
+    #[arg(long)]
+    pub all: bool,
+    /// Flows since this time: a duration ago (5m) or RFC 3339.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Flows until this time: a duration ago (1m) or RFC 3339.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Stop after this long (e.g. 30s); Ctrl-C stops too.
+    #[arg(long, value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "compact")]
+    pub output: Output,
+    /// Colours: auto (on a terminal), always, never.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub color: Color,
+    /// Print the node that saw each flow.
+    #[arg(long)]
+    pub print_node_name: bool,
+    /// Addresses instead of pod and service names.
+    #[arg(long)]
+    pub numeric: bool,
+    /// Print the filters this command sends, and exit.
+    #[arg(long)]
+    pub print_raw_filters: bool,
+
+    /// Negate the filter flag that follows.
+    #[arg(long, action = clap::ArgAction::Count)]
+    pub not: u8,
+    #[arg(long, value_name = "VERDICT", help = "FORWARDED, DROPPED, REDIRECTED, TRANSLATED, ...")]
+    pub verdict: Vec<String>,
+    #[arg(long, value_name = "[NS/]POD", help = "Either end is this pod (prefix)")]
+    pub pod: Vec<String>,
+    #[arg(long, value_name = "[NS/]POD")]
+    pub from_pod: Vec<String>,
+    #[arg(long, value_name = "[NS/]POD")]
+    pub to_pod: Vec<String>,
+    #[arg(short = 'n', long, value_name = "NS", help = "Either end is in this namespace")]
+    pub namespace: Vec<String>,
+    #[arg(long, value_name = "NS")]
+    pub from_namespace: Vec<String>,
+    #[arg(long, value_name = "NS")]
+    pub to_namespace: Vec<String>,
+    #[arg(long, value_name = "IP/CIDR")]
+    pub ip: Vec<String>,
+    #[arg(long, value_name = "IP/CIDR")]
+    pub from_ip: Vec<String>,
+    #[arg(long, value_name = "IP/CIDR")]
+    pub to_ip: Vec<String>,
+    #[arg(long, value_name = "PORT")]
+    pub port: Vec<String>,
+    #[arg(long, value_name = "PORT")]
+    pub from_port: Vec<String>,
+    #[arg(long, value_name = "PORT")]
+    pub to_port: Vec<String>,
+    #[arg(short = 'l', long, value_name = "SELECTOR")]
+    pub label: Vec<String>,
+    #[arg(long, value_name = "SELECTOR")]
+    pub from_label: Vec<String>,
+    #[arg(long, value_name = "SELECTOR")]
+    pub to_label: Vec<String>,
+    #[arg(long, value_name = "[NS/]SVC")]
+    pub service: Vec<String>,
+    #[arg(long, value_name = "[NS/]SVC")]
+    pub from_service: Vec<String>,
+    #[arg(long, value_name = "[NS/]SVC")]
+    pub to_service: Vec<String>,
+    #[arg(long, value_name = "ID")]
+    pub identity: Vec<String>,
+    #[arg(long, value_name = "ID")]
+    pub from_identity: Vec<String>,
+    #[arg(long, value_name = "ID")]
+    pub to_identity: Vec<String>,
+    #[arg(long, value_name = "[KIND/]NAME")]
+    pub workload: Vec<String>,
+    #[arg(long, value_name = "[KIND/]NAME")]
+    pub from_workload: Vec<String>,
+    #[arg(long, value_name = "[KIND/]NAME")]
+    pub to_workload: Vec<String>,
+    #[arg(long, value_name = "PROTO", help = "tcp, udp, icmp, http")]
+    pub protocol: Vec<String>,
+    #[arg(
+        short = 't',
+        long = "type",
+        value_name = "TYPE[:SUBTYPE]",
+        help = "trace, drop, policy-verdict, trace-sock, l7; trace:to-endpoint"
+    )]
+    pub type_: Vec<String>,
+    #[arg(long, value_name = "CODE", help = "404, or 4+ / 40+ for a class")]
+    pub http_status: Vec<String>,
+    #[arg(long, value_name = "METHOD")]
+    pub http_method: Vec<String>,
+    #[arg(long, value_name = "REGEX")]
+    pub http_path: Vec<String>,
+    #[arg(long, value_name = "REGEX")]
+    pub http_url: Vec<String>,
+    #[arg(long, value_name = "PATTERN")]
+    pub node_name: Vec<String>,
+    #[arg(long, value_name = "REASON", help = "POLICY_DENIED, ...")]
+    pub drop_reason_desc: Vec<String>,
+    #[arg(long, value_name = "DIR", help = "ingress or egress")]
+    pub traffic_direction: Vec<String>,
+    #[arg(long, value_name = "FLAGS", help = "syn,ack")]
+    pub tcp_flags: Vec<String>,
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Vec<String>,
+    #[arg(long, value_name = "ID")]
+    pub trace_id: Vec<String>,
+    /// Raw FlowFilter JSON for the allow-list (Hubble's field names).
+    #[arg(long, value_name = "JSON")]
+    pub allowlist: Vec<String>,
+    /// Raw FlowFilter JSON for the deny-list.
+    #[arg(long, value_name = "JSON")]
+    pub denylist: Vec<String>,
+}
+
+/// The GetFlowsRequest of `weft observe`, as Hubble's CLI fills it.
+pub fn request(args: &ObserveArgs, argv: &[String], now: u64) -> Result<GetFlowsRequest, String> {
+    let (whitelist, blacklist) = build_filters(argv, &args.allowlist, &args.denylist)?;
+    let since =
+        args.since.as_deref().map(|s| time::parse_time(s, now)).transpose().map_err(|e| format!("--since {e}"))?;
+    let until =
+        args.until.as_deref().map(|s| time::parse_time(s, now)).transpose().map_err(|e| format!("--until {e}"))?;
+    let number = if args.all {
+        u64::MAX
+    } else if let Some(n) = args.last.or(args.first) {
+        n
+    } else if args.follow || since.is_some() || until.is_some() {
+        0
+    } else {
+        20
+    };
+    Ok(GetFlowsRequest {
+        number,
+        follow: args.follow,
+        first: args.first.is_some(),
+        whitelist,
+        blacklist,
+        since: since.map(timestamp),
+        until: if args.follow { None } else { until.map(timestamp) },
+        extensions: Some(prost_types::Any {
+            type_url: "type.googleapis.com/weft.WeftClient".into(),
+            value: Vec::new(),
+        }),
+        ..Default::default()
+    })
+}
+
+fn is_terminal() -> bool {
+    // SAFETY: isatty on a file descriptor number has no preconditions.
+    unsafe { libc::isatty(1) == 1 }
+}
+
+/// `weft observe`; `argv` is the whole command line (for `--not` order).
+pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
+    let req = request(&args, argv, now_ns())?;
+    if args.print_raw_filters {
+        for (name, list) in [("allowlist", &req.whitelist), ("denylist", &req.blacklist)] {
+            println!("{name}:");
+            for f in list {
+                println!("  {}", json::message("flow.FlowFilter", f));
+            }
+        }
+        return Ok(());
+    }
+    let (addr, tls) = args.server.target()?;
+    let mut client = client::observer_tls(&addr, &tls).await?;
+    let mut stream = match client.get_flows(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Err(format!("{addr}: {}", s.message())),
+    };
+    let opts = Options {
+        color: match args.color {
+            Color::Always => true,
+            Color::Never => false,
+            Color::Auto => is_terminal(),
+        },
+        node_name: args.print_node_name,
+        numeric: args.numeric,
+    };
+    let deadline = match &args.duration {
+        Some(d) => Some(
+            time::parse_duration(d)
+                .or_else(|| d.parse::<u64>().ok().map(|s| s * 1_000_000_000))
+                .ok_or_else(|| format!("--duration {d:?}: expected a duration like 30s"))?,
+        ),
+        None => None,
+    };
+    let stop = async move {
+        match deadline {
+            Some(ns) => tokio::time::sleep(Duration::from_nanos(ns)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut out = std::io::stdout().lock();
+    if args.output == Output::Table {
+        let _ = writeln!(out, "{}", print::TABLE_HEADER);
+    }
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m,
+            _ = &mut stop => break,
+            _ = &mut ctrl_c => break,
+        };
+        let r = match msg {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(s) if s.code() == Code::Cancelled => break,
+            Err(s) => return Err(format!("{addr}: {}", s.message())),
+        };
+        let line = match args.output {
+            Output::Json | Output::Jsonpb => Some(json::response(&r)),
+            Output::Compact => print::compact(&r, &opts),
+            Output::Table => match &r.response_types {
+                Some(ResponseTypes::Flow(f)) => Some(print::table_row(f, &opts)),
+                _ => print::compact(&r, &opts),
+            },
+        };
+        if let Some(l) = line {
+            if writeln!(out, "{l}").is_err() {
+                break; // the reader went away (a closed pipe)
+            }
+            let _ = out.flush();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::{Cli, Command};
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn requests_follow_hubbles_table() {
+        let parse = |s: &str| {
+            let a = argv(&format!("weft observe {s}"));
+            let cli = Cli::try_parse_from(&a).unwrap();
+            let Command::Observe(o) = cli.command else { panic!() };
+            request(&o, &a, 1_000_000_000_000).unwrap()
+        };
+        assert_eq!((parse("").number, parse("").follow), (20, false));
+        assert_eq!((parse("--last 5").number, parse("--last 5").first), (5, false));
+        assert_eq!((parse("--first 5").number, parse("--first 5").first), (5, true));
+        assert_eq!(parse("--all").number, u64::MAX);
+        assert_eq!((parse("-f").number, parse("-f").follow), (0, true));
+        let r = parse("--since 10s --until 5s");
+        assert_eq!((r.number, r.since.unwrap().seconds, r.until.unwrap().seconds), (0, 990, 995));
+        assert!(parse("-f --since 10s --until 5s").until.is_none());
+        assert!(Cli::try_parse_from(argv("weft observe --first 3 --follow")).is_err());
+        assert!(Cli::try_parse_from(argv("weft observe --bogus")).is_err());
+    }
+}

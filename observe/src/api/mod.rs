@@ -1,0 +1,8 @@
+//! The flow API: Hubble's `observer.Observer` served over gRPC ([`server`]),
+//! stored flows turned into `flow.Flow` only for a reader that asks
+//! ([`convert`]), and Hubble's flow filters evaluated on stored flows without
+//! building the wire format ([`filter`]).
+
+pub mod convert;
+pub mod filter;
+pub mod server;

@@ -1,0 +1,396 @@
+//! Flow metrics for Prometheus, in the spirit of Hubble's (`weft_` instead of
+//! `hubble_`), and the pipeline's own health. Flow metrics are counted per
+//! batch: the sink first folds a batch into a few keys, then touches each
+//! metric once per key. Optional context labels (namespace, workload,
+//! direction) say where traffic came from and went, at a cardinality the
+//! user chooses.
+
+use std::{collections::HashMap, fmt, hash::BuildHasherDefault, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge, histogram::Histogram},
+    registry::Registry,
+};
+use weft_ebpf::abi;
+
+use weft_flow::{
+    names,
+    proto::flow::{TrafficDirection, Verdict},
+    time::now_ns,
+};
+
+use crate::pipeline::{
+    Pipeline, Sink,
+    enrich::{IntHasher, Names},
+    record::{EV_L7, EndpointInfo, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, LostSource},
+};
+
+/// Label pairs of one series.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Which context labels flow metrics carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context {
+    pub source_namespace: bool,
+    pub source_workload: bool,
+    pub destination_namespace: bool,
+    pub destination_workload: bool,
+    pub traffic_direction: bool,
+}
+
+impl Default for Context {
+    /// Namespaces and workloads of both ends: what the dashboards group by.
+    fn default() -> Self {
+        Context {
+            source_namespace: true,
+            source_workload: true,
+            destination_namespace: true,
+            destination_workload: true,
+            traffic_direction: false,
+        }
+    }
+}
+
+impl Context {
+    /// Every context label name, as the config spells them.
+    pub const NAMES: [&'static str; 5] =
+        ["source_namespace", "source_workload", "destination_namespace", "destination_workload", "traffic_direction"];
+
+    /// Parses a list of label names (`none` for no context labels).
+    pub fn parse(list: &[String]) -> Result<Context, String> {
+        let mut c = Context {
+            source_namespace: false,
+            source_workload: false,
+            destination_namespace: false,
+            destination_workload: false,
+            traffic_direction: false,
+        };
+        for name in list {
+            match name.as_str() {
+                "source_namespace" => c.source_namespace = true,
+                "source_workload" => c.source_workload = true,
+                "destination_namespace" => c.destination_namespace = true,
+                "destination_workload" => c.destination_workload = true,
+                "traffic_direction" => c.traffic_direction = true,
+                "none" => {}
+                other => {
+                    return Err(format!(
+                        "unknown context label {other:?} (known: {}, or none)",
+                        Self::NAMES.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    fn labels(&self, src: Option<&EndpointInfo>, dst: Option<&EndpointInfo>, dir: TrafficDirection, out: &mut Labels) {
+        let ns = |e: Option<&EndpointInfo>| e.map(|e| e.namespace.clone()).unwrap_or_default();
+        let wl = |e: Option<&EndpointInfo>| e.map(|e| e.workload_name().to_owned()).unwrap_or_default();
+        if self.source_namespace {
+            out.push(("source_namespace", ns(src)));
+        }
+        if self.source_workload {
+            out.push(("source_workload", wl(src)));
+        }
+        if self.destination_namespace {
+            out.push(("destination_namespace", ns(dst)));
+        }
+        if self.destination_workload {
+            out.push(("destination_workload", wl(dst)));
+        }
+        if self.traffic_direction {
+            out.push(("traffic_direction", dir.as_str_name().to_ascii_lowercase()));
+        }
+    }
+}
+
+/// Bucket bounds (seconds) of the HTTP duration histogram, as Hubble's.
+pub const HTTP_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+fn http_histogram() -> Histogram {
+    Histogram::new(HTTP_BUCKETS)
+}
+
+/// The flow metric families.
+#[derive(Clone)]
+pub struct FlowMetrics {
+    ctx: Context,
+    flows: Family<Labels, Counter>,
+    drops: Family<Labels, Counter>,
+    policy: Family<Labels, Counter>,
+    tcp_flags: Family<Labels, Counter>,
+    http_requests: Family<Labels, Counter>,
+    http_responses: Family<Labels, Counter>,
+    http_duration: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl FlowMetrics {
+    /// Creates the families and registers them (names without the `weft_`
+    /// prefix, which the registry adds).
+    pub fn register(registry: &mut Registry, ctx: Context) -> FlowMetrics {
+        let m = FlowMetrics {
+            ctx,
+            flows: Family::default(),
+            drops: Family::default(),
+            policy: Family::default(),
+            tcp_flags: Family::default(),
+            http_requests: Family::default(),
+            http_responses: Family::default(),
+            http_duration: Family::new_with_constructor(http_histogram),
+        };
+        registry.register(
+            "flows_processed",
+            "Flows processed, by type, subtype, verdict and protocol",
+            m.flows.clone(),
+        );
+        registry.register("drop", "Dropped packets, by drop reason and protocol", m.drops.clone());
+        registry.register("policy_verdicts", "Policy verdicts, by direction, match type and action", m.policy.clone());
+        registry.register("tcp_flags", "TCP packets by flag combination (SYN, SYN-ACK, FIN, RST)", m.tcp_flags.clone());
+        registry.register("http_requests", "HTTP requests through the node's proxy", m.http_requests.clone());
+        registry.register(
+            "http_responses",
+            "HTTP responses through the node's proxy, by status",
+            m.http_responses.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from the start of an HTTP request to the last byte of its response",
+            m.http_duration.clone(),
+        );
+        m
+    }
+}
+
+/// What one flow counts towards, without its labels: flows of a batch
+/// that share a key are counted together, and labels are built per key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    /// 0: flows_processed, 1: drop, 2: policy_verdicts.
+    metric: u8,
+    a: u16,
+    b: u16,
+    c: u16,
+    /// Context endpoints by identity of their shared record (0 when the
+    /// context labels do not need them).
+    src: usize,
+    dst: usize,
+    dir: i32,
+}
+
+type Ctx = (Option<Arc<EndpointInfo>>, Option<Arc<EndpointInfo>>);
+
+fn flow_type(t: u8, sub: u8) -> (&'static str, String) {
+    match t as u32 {
+        abi::EV_DROP => ("Drop", String::new()),
+        abi::EV_TRACE => ("Trace", names::observation_point(sub as u32).to_owned()),
+        abi::EV_POLICY => ("PolicyVerdict", String::new()),
+        abi::EV_SOCK => ("Sock", names::observation_point(sub as u32).to_owned()),
+        _ if t == EV_L7 => ("L7", "HTTP".into()),
+        _ => ("Unknown", String::new()),
+    }
+}
+
+fn proto_name(p: u16) -> &'static str {
+    if p == EV_L7 as u16 { "HTTP" } else { names::protocol(p as u8) }
+}
+
+fn reporter(f: &FlowRecord) -> &'static str {
+    match f.direction() {
+        TrafficDirection::Egress => "client",
+        TrafficDirection::Ingress => "server",
+        _ => "unknown",
+    }
+}
+
+/// The flag combinations Hubble counts.
+fn flag_names(flags: u8) -> &'static [&'static str] {
+    let (syn, ack, fin, rst) = (flags & 0x02 != 0, flags & 0x10 != 0, flags & 0x01 != 0, flags & 0x04 != 0);
+    match (syn, ack, fin, rst) {
+        (true, true, _, _) => &["SYN-ACK"],
+        (true, false, _, _) => &["SYN"],
+        (_, _, true, true) => &["FIN", "RST"],
+        (_, _, true, false) => &["FIN"],
+        (_, _, false, true) => &["RST"],
+        _ => &[],
+    }
+}
+
+fn ptr(e: &Option<Arc<EndpointInfo>>) -> usize {
+    e.as_ref().map(|a| Arc::as_ptr(a) as usize).unwrap_or(0)
+}
+
+impl FlowMetrics {
+    fn key(&self, metric: u8, a: u16, b: u16, c: u16, f: &FlowRecord, dir: TrafficDirection) -> Key {
+        let x = &self.ctx;
+        Key {
+            metric,
+            a,
+            b,
+            c,
+            src: if x.source_namespace || x.source_workload { ptr(&f.src) } else { 0 },
+            dst: if x.destination_namespace || x.destination_workload { ptr(&f.dst) } else { 0 },
+            dir: if x.traffic_direction { dir as i32 } else { 0 },
+        }
+    }
+
+    fn labels(&self, k: &Key, ctx: &Ctx) -> (Family<Labels, Counter>, Labels) {
+        let (fam, mut l): (_, Labels) = match k.metric {
+            0 => {
+                let (ty, sub) = flow_type((k.a >> 8) as u8, k.a as u8);
+                let v = Verdict::try_from(k.b as i32).unwrap_or(Verdict::Unknown);
+                let l = vec![
+                    ("type", ty.into()),
+                    ("subtype", sub),
+                    ("verdict", v.as_str_name().into()),
+                    ("protocol", proto_name(k.c).into()),
+                ];
+                (self.flows.clone(), l)
+            }
+            1 => (
+                self.drops.clone(),
+                vec![("reason", names::drop_reason(k.a as u32).into()), ("protocol", proto_name(k.c).into())],
+            ),
+            _ => {
+                let dir = TrafficDirection::try_from(k.c as i32).unwrap_or(TrafficDirection::Unknown);
+                let l = vec![
+                    ("direction", dir.as_str_name().to_ascii_lowercase()),
+                    ("match", names::policy_match(k.a as u32).to_ascii_lowercase()),
+                    // Hubble's action: the verdict's name in lower case.
+                    (
+                        "action",
+                        Verdict::try_from(k.b as i32).unwrap_or(Verdict::Unknown).as_str_name().to_ascii_lowercase(),
+                    ),
+                ];
+                (self.policy.clone(), l)
+            }
+        };
+        let dir = TrafficDirection::try_from(k.dir).unwrap_or(TrafficDirection::Unknown);
+        self.ctx.labels(ctx.0.as_deref(), ctx.1.as_deref(), dir, &mut l);
+        (fam, l)
+    }
+}
+
+impl Sink for FlowMetrics {
+    fn batch(&mut self, _first_seq: u64, entries: &[Entry], _names: &Names) {
+        let mut fold: HashMap<Key, (u64, Ctx), BuildHasherDefault<IntHasher>> = HashMap::default();
+        let mut tcp = [0u64; 4];
+        let mut add =
+            |k: Key, f: &FlowRecord| fold.entry(k).or_insert_with(|| (0, (f.src.clone(), f.dst.clone()))).0 += 1;
+        for e in entries {
+            let Entry::Flow(f) = e else { continue };
+            let verdict = f.verdict();
+            let dir = f.direction();
+            let ev = &f.ev;
+            let proto = if f.is_l7() { EV_L7 as u16 } else { ev.proto as u16 };
+            add(self.key(0, (ev.r#type as u16) << 8 | ev.subtype as u16, verdict as u16, proto, f, dir), f);
+            match ev.r#type as u32 {
+                abi::EV_DROP => add(self.key(1, ev.subtype as u16, 0, proto, f, dir), f),
+                abi::EV_POLICY => add(self.key(2, ev.policy_match as u16, verdict as u16, dir as u16, f, dir), f),
+                abi::EV_TRACE if ev.proto == 6 => {
+                    for flag in flag_names(ev.tcp_flags) {
+                        let i = ["SYN", "SYN-ACK", "FIN", "RST"].iter().position(|n| n == flag).unwrap_or(0);
+                        tcp[i] += 1;
+                    }
+                }
+                _ => {}
+            }
+            if let Some(h) = &f.http {
+                // L7 flows are far fewer than packets: labels per flow.
+                let method = if h.method.is_empty() { "UNKNOWN".to_string() } else { h.method.clone() };
+                let rep = reporter(f);
+                let mut ctx = Labels::new();
+                // A response flows from server to client; its labels name the
+                // request's ends (as Hubble's do), so one `destination_workload`
+                // selects a service's requests, responses and latencies alike.
+                let (client, server) = if ev.subtype == L7_RESPONSE { (&f.dst, &f.src) } else { (&f.src, &f.dst) };
+                self.ctx.labels(client.as_deref(), server.as_deref(), dir, &mut ctx);
+                if ev.subtype == L7_REQUEST {
+                    let mut l: Labels =
+                        vec![("method", method), ("protocol", h.protocol.into()), ("reporter", rep.into())];
+                    l.extend(ctx);
+                    self.http_requests.get_or_create(&l).inc();
+                } else if ev.subtype == L7_RESPONSE {
+                    let mut l: Labels =
+                        vec![("method", method.clone()), ("status", h.code.to_string()), ("reporter", rep.into())];
+                    l.extend(ctx.iter().cloned());
+                    self.http_responses.get_or_create(&l).inc();
+                    let mut l: Labels = vec![("method", method), ("reporter", rep.into())];
+                    l.extend(ctx);
+                    self.http_duration.get_or_create(&l).observe(h.duration_ns as f64 / 1e9);
+                }
+            }
+        }
+        for (k, (n, ctx)) in &fold {
+            let (fam, l) = self.labels(k, ctx);
+            fam.get_or_create(&l).inc_by(*n);
+        }
+        for (i, n) in tcp.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let flag = ["SYN", "SYN-ACK", "FIN", "RST"][i];
+            self.tcp_flags.get_or_create(&vec![("flag", flag.into()), ("family", "IPv4".into())]).inc_by(*n);
+        }
+    }
+}
+
+/// The pipeline's own numbers, read at scrape time.
+pub struct PipelineCollector(pub Arc<Pipeline>);
+
+impl fmt::Debug for PipelineCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PipelineCollector")
+    }
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for PipelineCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = &self.0;
+        let c = &p.counters;
+        counter(&mut enc, "events_read", "Records read from the datapath's ring buffer", c.events_read.load(Relaxed))?;
+        {
+            let mut m = enc.encode_descriptor(
+                "datapath_events",
+                "Records the datapath wrote to the ring buffer, or failed to write because it was full",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (outcome, v) in [("written", c.kernel_written.load(Relaxed)), ("lost", c.kernel_lost.load(Relaxed))] {
+                ConstCounter::new(v).encode(m.encode_family(&[("outcome", outcome)])?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "lost_events",
+                "Events lost on their way to readers, by where they were lost",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for s in LostSource::ALL {
+                ConstCounter::new(c.lost(s)).encode(m.encode_family(&[("source", s.label())])?)?;
+            }
+        }
+        counter(
+            &mut enc,
+            "access_log_entries",
+            "HTTP access-log entries received from Envoy",
+            c.l7_received.load(Relaxed),
+        )?;
+        counter(&mut enc, "flows_stored", "Flows added to the flow store", c.flows.load(Relaxed))?;
+        let st = p.store.stats(now_ns() / 1_000_000_000);
+        gauge(&mut enc, "flow_store_flows", "Flows held in the flow store", st.num_flows as i64)?;
+        gauge(&mut enc, "flow_store_capacity", "Flows the flow store can hold", st.max_flows as i64)?;
+        Ok(())
+    }
+}

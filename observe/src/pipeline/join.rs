@@ -1,0 +1,209 @@
+//! What the datapath saw of recent TCP connections, by their addresses, so
+//! an HTTP exchange from Envoy's access log can carry the L3/L4 verdict and
+//! path of the connections it travelled on (Hubble shows the two as
+//! unrelated flows). Bounded: the oldest connections are forgotten first.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::BuildHasherDefault,
+    net::SocketAddrV4,
+};
+
+use weft_ebpf::abi;
+
+use weft_flow::proto::flow::Verdict;
+
+use super::{
+    enrich::IntHasher,
+    record::{ConnLink, FlowRecord},
+};
+
+/// Observation points kept per connection.
+const MAX_PATH: usize = 8;
+
+type Key = (u32, u16, u32, u16);
+
+fn key(client: SocketAddrV4, server: SocketAddrV4) -> Key {
+    (u32::from(*client.ip()), client.port(), u32::from(*server.ip()), server.port())
+}
+
+/// How decisive a verdict is: a connection shows its strongest.
+fn rank(v: Verdict) -> u8 {
+    match v {
+        Verdict::Dropped => 4,
+        Verdict::Redirected => 3,
+        Verdict::Forwarded => 2,
+        Verdict::Translated => 1,
+        _ => 0,
+    }
+}
+
+/// See the module doc.
+pub struct ConnTable {
+    conns: HashMap<Key, ConnLink, BuildHasherDefault<IntHasher>>,
+    /// Connections handed to the proxy, by (client, proxy port): the proxy
+    /// listens on loopback, so its access log names that as the local address.
+    proxied: HashMap<(u32, u16, u16), Key, BuildHasherDefault<IntHasher>>,
+    order: VecDeque<Key>,
+    capacity: usize,
+}
+
+impl ConnTable {
+    pub fn new(capacity: usize) -> Self {
+        ConnTable {
+            conns: HashMap::default(),
+            proxied: HashMap::default(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Takes note of a datapath flow (TCP, client to server direction only).
+    pub fn observe(&mut self, f: &FlowRecord) {
+        let ev = &f.ev;
+        if ev.proto != 6 || f.is_l7() || ev.flags as u32 & abi::EVF_REPLY != 0 || ev.r#type as u32 == abi::EV_SOCK {
+            return;
+        }
+        let client = ev.src();
+        let server = f.original_destination().unwrap_or_else(|| ev.dst());
+        let k = key(client, server);
+        if !self.conns.contains_key(&k) {
+            if self.conns.len() >= self.capacity {
+                while let Some(old) = self.order.pop_front() {
+                    if let Some(l) = self.conns.remove(&old) {
+                        if l.proxy_port != 0 {
+                            self.proxied.remove(&(old.0, old.1, l.proxy_port));
+                        }
+                        break;
+                    }
+                }
+            }
+            self.order.push_back(k);
+            self.conns.insert(k, ConnLink { client: Some(client), server: Some(server), ..Default::default() });
+        }
+        let link = self.conns.get_mut(&k).expect("just inserted");
+        let verdict = f.verdict();
+        match ev.r#type as u32 {
+            abi::EV_POLICY => link.policy = Some((verdict != Verdict::Dropped, ev.policy_match)),
+            _ => {
+                if rank(verdict) > rank(link.verdict) {
+                    link.verdict = verdict;
+                }
+                if let Some(obs) = f.observation_point() {
+                    if link.path.len() < MAX_PATH && !link.path.contains(&(obs as u8)) {
+                        link.path.push(obs as u8);
+                    }
+                }
+            }
+        }
+        if verdict == Verdict::Dropped && ev.r#type as u32 == abi::EV_DROP {
+            link.drop_reason = ev.subtype;
+        }
+        if ev.src_identity != 0 {
+            link.src_identity = ev.src_identity;
+        }
+        if ev.dst_identity != 0 {
+            link.dst_identity = ev.dst_identity;
+        }
+        if ev.proxy_port != 0 && link.proxy_port == 0 {
+            link.proxy_port = ev.proxy_port;
+            self.proxied.insert((k.0, k.1, ev.proxy_port), k);
+        }
+        if f.dst_svc.is_some() {
+            link.frontend = Some(server);
+        }
+    }
+
+    /// The datapath's view of the connection from `client` to `server`.
+    pub fn link(&self, client: SocketAddrV4, server: SocketAddrV4) -> Option<&ConnLink> {
+        self.conns.get(&key(client, server))
+    }
+
+    /// The connection from `client` the datapath handed to the proxy
+    /// listening on `proxy_port`.
+    pub fn proxied(&self, client: SocketAddrV4, proxy_port: u16) -> Option<&ConnLink> {
+        let k = self.proxied.get(&(u32::from(*client.ip()), client.port(), proxy_port))?;
+        self.conns.get(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::pipeline::record::ServiceInfo;
+
+    fn ev(t: u32, sub: u32, src: &str, dst: &str) -> FlowRecord {
+        let a: SocketAddrV4 = src.parse().unwrap();
+        let b: SocketAddrV4 = dst.parse().unwrap();
+        FlowRecord {
+            ev: abi::Event {
+                r#type: t as u8,
+                subtype: sub as u8,
+                saddr: u32::from_ne_bytes(a.ip().octets()),
+                daddr: u32::from_ne_bytes(b.ip().octets()),
+                sport: a.port().to_be(),
+                dport: b.port().to_be(),
+                proto: 6,
+                src_identity: 70001,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_redirected_connection_keeps_its_path_and_verdict() {
+        let mut t = ConnTable::new(16);
+        let mut from = ev(abi::EV_TRACE, abi::OBS_FROM_ENDPOINT, "10.1.1.5:40000", "10.96.0.10:80");
+        from.dst_svc = Some(Arc::new(ServiceInfo::default()));
+        let mut to_proxy = ev(abi::EV_TRACE, abi::OBS_TO_PROXY, "10.1.1.5:40000", "10.96.0.10:80");
+        to_proxy.ev.proxy_port = 15001;
+        t.observe(&from);
+        t.observe(&to_proxy);
+        t.observe(&from);
+        let l = t.link("10.1.1.5:40000".parse().unwrap(), "10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(l.verdict, Verdict::Redirected);
+        assert_eq!(l.path, [abi::OBS_FROM_ENDPOINT as u8, abi::OBS_TO_PROXY as u8]);
+        assert_eq!(l.proxy_port, 15001);
+        assert_eq!(l.frontend, Some("10.96.0.10:80".parse().unwrap()));
+        assert_eq!(l.src_identity, 70001);
+        // Envoy names its loopback listener as the local address.
+        let p = t.proxied("10.1.1.5:40000".parse().unwrap(), 15001).unwrap();
+        assert_eq!(p.server, Some("10.96.0.10:80".parse().unwrap()));
+        assert!(t.proxied("10.1.1.5:40000".parse().unwrap(), 15002).is_none());
+    }
+
+    #[test]
+    fn translated_connections_are_keyed_by_the_service_address_and_the_oldest_go_first() {
+        let mut t = ConnTable::new(2);
+        let mut dnat = ev(abi::EV_TRACE, abi::OBS_TO_ENDPOINT, "10.1.1.5:40001", "10.1.2.6:8080");
+        dnat.ev.flags = abi::EVF_XLATED_DST as u8;
+        dnat.ev.orig_addr = u32::from_ne_bytes([10, 96, 0, 10]);
+        dnat.ev.orig_port = 80u16.to_be();
+        t.observe(&dnat);
+        assert!(t.link("10.1.1.5:40001".parse().unwrap(), "10.96.0.10:80".parse().unwrap()).is_some());
+        t.observe(&ev(abi::EV_TRACE, abi::OBS_TO_ENDPOINT, "10.1.1.5:40002", "10.1.2.6:8080"));
+        t.observe(&ev(abi::EV_TRACE, abi::OBS_TO_ENDPOINT, "10.1.1.5:40003", "10.1.2.6:8080"));
+        assert_eq!(t.len(), 2);
+        assert!(t.link("10.1.1.5:40001".parse().unwrap(), "10.96.0.10:80".parse().unwrap()).is_none());
+        let mut denied = ev(abi::EV_POLICY, abi::POLICY_DENY, "10.1.1.5:40003", "10.1.2.6:8080");
+        denied.ev.policy_match = 0;
+        t.observe(&denied);
+        t.observe(&ev(abi::EV_DROP, abi::DROP_POLICY_DENIED, "10.1.1.5:40003", "10.1.2.6:8080"));
+        let l = t.link("10.1.1.5:40003".parse().unwrap(), "10.1.2.6:8080".parse().unwrap()).unwrap();
+        assert_eq!(
+            (l.verdict, l.policy, l.drop_reason as u32),
+            (Verdict::Dropped, Some((false, 0)), abi::DROP_POLICY_DENIED)
+        );
+    }
+}

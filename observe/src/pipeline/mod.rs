@@ -1,0 +1,420 @@
+//! The flow pipeline: the ring-buffer reader thread copies datapath records
+//! into a lock-free queue; the flows thread decodes and enriches them, joins
+//! Envoy's access-log entries to their connections, hands each batch to the
+//! sinks (metrics, exporters) and stores it. Every place a record can be lost
+//! is counted by source, and shows up in the flow stream as a loss notice.
+//!
+//! The parts, in the order a record meets them: [`ringbuf`] drains the
+//! kernel's ring buffer, [`als`] receives Envoy's access log, [`enrich`]
+//! names addresses, [`join`] links HTTP exchanges to the datapath's view of
+//! their connections, [`store`] keeps the recent flows for readers. [`record`]
+//! holds the types they pass along.
+
+pub mod als;
+pub mod enrich;
+pub mod join;
+pub mod record;
+pub mod ringbuf;
+pub mod store;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc, Mutex, OnceLock, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    thread::{self, JoinHandle, Thread},
+    time::Duration,
+};
+
+use ::ringbuf::{
+    HeapCons, HeapProd, HeapRb,
+    traits::{Consumer, Producer, Split},
+};
+use weft_ebpf::abi::Event;
+
+use weft_flow::time::now_ns;
+
+use self::{
+    enrich::Names,
+    join::ConnTable,
+    record::{EV_L7, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, L7Entry, Lost, LostSource},
+    ringbuf::EventReader,
+    store::FlowStore,
+};
+
+/// Sizes of the pipeline's buffers.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Flows the store keeps for readers (Hubble's default: 4095).
+    pub store_capacity: usize,
+    /// Records between the ring-buffer reader and the flows thread.
+    pub queue_capacity: usize,
+    /// Access-log entries waiting to be joined.
+    pub l7_queue_capacity: usize,
+    /// Connections remembered for joining access-log entries.
+    pub connections: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { store_capacity: 4095, queue_capacity: 16384, l7_queue_capacity: 4096, connections: 65536 }
+    }
+}
+
+/// Something that sees every batch before it is stored (metrics, exporters).
+pub trait Sink: Send {
+    fn batch(&mut self, first_seq: u64, entries: &[Entry], names: &Names);
+}
+
+/// The pipeline's own counts.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Records read from the kernel ring buffer.
+    pub events_read: AtomicU64,
+    /// Access-log entries received from Envoy.
+    pub l7_received: AtomicU64,
+    /// Flows (datapath and L7) stored.
+    pub flows: AtomicU64,
+    /// Records the datapath wrote / failed to write (since this agent started).
+    pub kernel_written: AtomicU64,
+    pub kernel_lost: AtomicU64,
+    lost: [AtomicU64; 4],
+}
+
+impl Counters {
+    pub fn lost(&self, s: LostSource) -> u64 {
+        self.lost[s as usize].load(Ordering::Relaxed)
+    }
+    pub fn add_lost(&self, s: LostSource, n: u64) {
+        self.lost[s as usize].fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The shared handle: the store, the counters, the current names.
+pub struct Pipeline {
+    pub store: FlowStore,
+    pub counters: Counters,
+    /// Random per start: flow UUIDs derive from it.
+    pub boot_id: u64,
+    names: RwLock<Arc<Names>>,
+    l7_tx: SyncSender<L7Entry>,
+    pending: Mutex<Vec<Lost>>,
+    kernel_seen: Mutex<Option<(u64, Vec<u64>)>>,
+    worker: OnceLock<Thread>,
+    stop: AtomicBool,
+    sinks: Mutex<Vec<Box<dyn Sink>>>,
+}
+
+/// The producer side of the record queue, for the ring-buffer reader.
+pub struct EventFeed {
+    prod: HeapProd<Event>,
+    pipeline: Arc<Pipeline>,
+    read: u64,
+    lost: u64,
+}
+
+impl EventFeed {
+    /// Queues one record; a full queue loses it (counted).
+    pub fn push(&mut self, ev: &Event) {
+        self.read += 1;
+        if self.prod.try_push(*ev).is_err() {
+            self.lost += 1;
+        }
+    }
+
+    /// Publishes the counts and wakes the flows thread.
+    pub fn flush(&mut self) {
+        let c = &self.pipeline.counters;
+        c.events_read.fetch_add(std::mem::take(&mut self.read), Ordering::Relaxed);
+        let lost = std::mem::take(&mut self.lost);
+        if lost > 0 {
+            c.add_lost(LostSource::AgentQueue, lost);
+            self.pipeline.pending.lock().unwrap().push(Lost {
+                source: LostSource::AgentQueue,
+                count: lost,
+                cpu: None,
+                time_ns: now_ns(),
+            });
+        }
+        self.pipeline.wake();
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.pipeline.stop.load(Ordering::Relaxed)
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What to add to the datapath's timestamps (CLOCK_MONOTONIC) to get unix time.
+fn monotonic_offset() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME).wrapping_sub(clock_ns(libc::CLOCK_MONOTONIC))
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: valid buffer of that length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 8 { u64::from_ne_bytes(b) } else { now_ns() ^ std::process::id() as u64 }
+}
+
+impl Pipeline {
+    /// Starts the flows thread. The returned feed is for the ring-buffer reader.
+    pub fn start(cfg: PipelineConfig, names: Names) -> (Arc<Pipeline>, EventFeed) {
+        let (prod, cons) = HeapRb::<Event>::new(cfg.queue_capacity.max(1)).split();
+        let (l7_tx, l7_rx) = sync_channel(cfg.l7_queue_capacity.max(1));
+        let p = Arc::new(Pipeline {
+            store: FlowStore::new(cfg.store_capacity),
+            counters: Counters::default(),
+            boot_id: random_u64(),
+            names: RwLock::new(Arc::new(names)),
+            l7_tx,
+            pending: Mutex::new(Vec::new()),
+            kernel_seen: Mutex::new(None),
+            worker: OnceLock::new(),
+            stop: AtomicBool::new(false),
+            sinks: Mutex::new(Vec::new()),
+        });
+        let worker = {
+            let p = p.clone();
+            let conns = ConnTable::new(cfg.connections);
+            thread::Builder::new()
+                .name("flows".into())
+                .spawn(move || flows_thread(p, cons, l7_rx, conns))
+                .expect("spawning the flows thread")
+        };
+        let _ = p.worker.set(worker.thread().clone());
+        let feed = EventFeed { prod, pipeline: p.clone(), read: 0, lost: 0 };
+        (p, feed)
+    }
+
+    /// Adds a sink; it sees every batch from the next one on.
+    pub fn add_sink(&self, sink: Box<dyn Sink>) {
+        self.sinks.lock().unwrap().push(sink);
+    }
+
+    fn wake(&self) {
+        if let Some(t) = self.worker.get() {
+            t.unpark();
+        }
+    }
+
+    /// Stops the pipeline's threads (they finish their current batch).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake();
+    }
+
+    /// Replaces the names flows are enriched with.
+    pub fn set_names(&self, names: Names) {
+        *self.names.write().unwrap() = Arc::new(names);
+    }
+
+    pub fn names(&self) -> Arc<Names> {
+        self.names.read().unwrap().clone()
+    }
+
+    /// Queues an access-log entry; a full queue loses it (counted).
+    pub fn submit_l7(&self, e: L7Entry) {
+        self.counters.l7_received.fetch_add(1, Ordering::Relaxed);
+        match self.l7_tx.try_send(e) {
+            Ok(()) => self.wake(),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.counters.add_lost(LostSource::AgentQueue, 1);
+                self.pending.lock().unwrap().push(Lost {
+                    source: LostSource::AgentQueue,
+                    count: 1,
+                    cpu: None,
+                    time_ns: now_ns(),
+                });
+            }
+        }
+    }
+
+    /// The datapath's counters (records written in total, records lost per
+    /// CPU), read periodically by the agent. The first reading is the
+    /// baseline; later losses become loss notices, one per CPU.
+    pub fn kernel_counters(&self, written: u64, lost_per_cpu: &[u64]) {
+        let mut seen = self.kernel_seen.lock().unwrap();
+        let Some((w0, l0)) = seen.as_mut() else {
+            *seen = Some((written, lost_per_cpu.to_vec()));
+            return;
+        };
+        let c = &self.counters;
+        c.kernel_written.fetch_add(written.saturating_sub(*w0), Ordering::Relaxed);
+        *w0 = written;
+        l0.resize(lost_per_cpu.len(), 0);
+        let mut notices = Vec::new();
+        for (cpu, (now, before)) in lost_per_cpu.iter().zip(l0.iter_mut()).enumerate() {
+            let d = now.saturating_sub(*before);
+            *before = *now;
+            if d > 0 {
+                c.kernel_lost.fetch_add(d, Ordering::Relaxed);
+                c.add_lost(LostSource::KernelRing, d);
+                notices.push(Lost {
+                    source: LostSource::KernelRing,
+                    count: d,
+                    cpu: Some(cpu as i32),
+                    time_ns: now_ns(),
+                });
+            }
+        }
+        drop(seen);
+        if !notices.is_empty() {
+            self.pending.lock().unwrap().extend(notices);
+            self.wake();
+        }
+    }
+
+    /// Losses the exporter reports (they do not enter the stream: the flows
+    /// themselves were stored).
+    pub fn exporter_lost(&self, n: u64) {
+        self.counters.add_lost(LostSource::Exporter, n);
+    }
+}
+
+/// Reads the kernel ring buffer into the feed until the pipeline stops.
+pub fn spawn_reader(mut reader: EventReader, mut feed: EventFeed) -> JoinHandle<()> {
+    thread::Builder::new()
+        .name("events".into())
+        .spawn(move || {
+            while !feed.stopped() {
+                if !reader.wait(Duration::from_millis(200)) {
+                    continue;
+                }
+                reader.drain(|ev| feed.push(ev));
+                feed.flush();
+            }
+        })
+        .expect("spawning the ring-buffer reader")
+}
+
+/// Records per queue read; bounds the batch and the time the store is locked.
+const CHUNK: usize = 512;
+
+fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entry>, mut conns: ConnTable) {
+    let mut buf = vec![Event::default(); CHUNK];
+    let mut batch: Vec<Entry> = Vec::with_capacity(CHUNK * 2);
+    let mut offset = monotonic_offset();
+    let mut batches = 0u32;
+    while !p.stop.load(Ordering::Relaxed) {
+        let names = p.names();
+        batch.extend(p.pending.lock().unwrap().drain(..).map(Entry::Lost));
+        let n = cons.pop_slice(&mut buf);
+        for ev in &buf[..n] {
+            let f = names.enrich(ev, ev.ts_ns.wrapping_add(offset));
+            conns.observe(&f);
+            batch.push(Entry::Flow(f));
+        }
+        for _ in 0..CHUNK {
+            match l7.try_recv() {
+                Ok(e) => l7_flows(e, &names, &conns, &mut batch),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            thread::park_timeout(Duration::from_millis(100));
+            continue;
+        }
+        let first = p.store.end();
+        for s in p.sinks.lock().unwrap().iter_mut() {
+            s.batch(first, &batch, &names);
+        }
+        let flows = batch.iter().filter(|e| matches!(e, Entry::Flow(_))).count() as u64;
+        p.counters.flows.fetch_add(flows, Ordering::Relaxed);
+        p.store.push_batch(&mut batch, now_ns() / 1_000_000_000);
+        batches = batches.wrapping_add(1);
+        if batches % 1024 == 0 {
+            // The wall clock may have been stepped.
+            offset = monotonic_offset();
+        }
+    }
+}
+
+fn raw(a: SocketAddrV4) -> (u32, u16) {
+    (u32::from_ne_bytes(a.ip().octets()), a.port().to_be())
+}
+
+/// An access-log entry as a request flow and (when Envoy answered) a
+/// response flow, with the datapath's view of both connections.
+pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entry>) {
+    let mut http = e.http;
+    if let (Some(c), Some(s)) = (e.client, e.server) {
+        // A loopback local address is the proxy's own listener: find the
+        // connection by the port the datapath handed it to.
+        let link = if s.ip().is_loopback() { conns.proxied(c, s.port()) } else { conns.link(c, s) };
+        http.downstream_link = link.cloned();
+    }
+    // The address the client asked for (the Service), as the datapath saw it.
+    let server = http.downstream_link.as_ref().and_then(|l| l.server).or(e.server);
+    if let (Some(c), Some(s)) = (http.upstream_local, http.upstream) {
+        http.upstream_link = conns.link(c, s).cloned();
+    }
+    let unknown = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    let client = e.client.unwrap_or(unknown);
+    // The destination is the backend that served the request when Envoy
+    // reached one, else the address the client asked for.
+    let backend = http.upstream.or(server).unwrap_or(unknown);
+    let service = server.and_then(|s| names.service(*s.ip(), s.port(), 6)).cloned();
+    let client_ep = names.endpoint(*client.ip()).cloned();
+    let backend_ep = names.endpoint(*backend.ip()).cloned();
+    let link = http.downstream_link.as_ref();
+    let client_id = link.map(|l| l.src_identity).filter(|i| *i != 0).or(client_ep.as_ref().map(|e| e.identity));
+    let backend_id = backend_ep.as_ref().map(|e| e.identity).or(link.map(|l| l.dst_identity));
+    let (cs, cp) = raw(client);
+    let (bs, bp) = raw(backend);
+    let start = if http.start_ns == 0 { now_ns() } else { http.start_ns };
+    let request = Event {
+        r#type: EV_L7,
+        subtype: L7_REQUEST,
+        saddr: cs,
+        sport: cp,
+        daddr: bs,
+        dport: bp,
+        proto: 6,
+        src_identity: client_id.unwrap_or(0),
+        dst_identity: backend_id.unwrap_or(0),
+        proxy_port: link.map(|l| l.proxy_port).unwrap_or(0),
+        ..Default::default()
+    };
+    let answered = http.code != 0;
+    let end = start + http.duration_ns;
+    let http = Arc::new(http);
+    out.push(Entry::Flow(FlowRecord {
+        time_ns: start,
+        ev: request,
+        src: client_ep.clone(),
+        dst: backend_ep.clone(),
+        src_svc: None,
+        dst_svc: service.clone(),
+        http: Some(http.clone()),
+    }));
+    if answered {
+        let response = Event {
+            subtype: L7_RESPONSE,
+            saddr: bs,
+            sport: bp,
+            daddr: cs,
+            dport: cp,
+            src_identity: request.dst_identity,
+            dst_identity: request.src_identity,
+            ..request
+        };
+        out.push(Entry::Flow(FlowRecord {
+            time_ns: end,
+            ev: response,
+            src: backend_ep,
+            dst: client_ep,
+            src_svc: service,
+            dst_svc: None,
+            http: Some(http),
+        }));
+    }
+}

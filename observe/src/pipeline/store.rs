@@ -1,0 +1,222 @@
+//! The flow store: a bounded ring of recent flows, numbered in order. One
+//! writer (the pipeline) appends whole batches; readers copy out what they
+//! need under a short lock and never hold the writer up. A reader that falls
+//! so far behind that its next flow was overwritten learns how many it missed.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::Notify;
+
+use super::record::Entry;
+
+/// Counting the flow rate over this many seconds.
+const RATE_WINDOW_SECS: u64 = 60;
+
+struct Ring {
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]`.
+    first_seq: u64,
+    /// Flows stored per second, for the rate: (unix second, count).
+    per_second: VecDeque<(u64, u64)>,
+}
+
+/// See the module doc.
+pub struct FlowStore {
+    ring: Mutex<Ring>,
+    capacity: usize,
+    /// Wakes followers when a batch lands.
+    pub notify: Notify,
+    seen: AtomicU64,
+}
+
+/// What a read returned.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// Entries overwritten between the requested position and the oldest
+    /// one still held.
+    pub missed: u64,
+    /// The position after the last entry returned.
+    pub next: u64,
+}
+
+/// Numbers for ServerStatus.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StoreStats {
+    pub num_flows: u64,
+    pub max_flows: u64,
+    pub seen_flows: u64,
+    /// Flows per second over the last minute.
+    pub rate: f64,
+}
+
+impl FlowStore {
+    /// A store holding at most `capacity` entries (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        FlowStore {
+            ring: Mutex::new(Ring {
+                entries: VecDeque::with_capacity(capacity.min(1 << 16)),
+                first_seq: 0,
+                per_second: VecDeque::new(),
+            }),
+            capacity,
+            notify: Notify::new(),
+            seen: AtomicU64::new(0),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Appends a batch (oldest first), overwriting the oldest entries when full.
+    /// `now_secs` is the wall-clock second, for the rate.
+    pub fn push_batch(&self, batch: &mut Vec<Entry>, now_secs: u64) {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        {
+            let mut ring = self.ring.lock().unwrap();
+            for e in batch.drain(..) {
+                if ring.entries.len() == self.capacity {
+                    ring.entries.pop_front();
+                    ring.first_seq += 1;
+                }
+                ring.entries.push_back(e);
+            }
+            match ring.per_second.back_mut() {
+                Some((s, c)) if *s == now_secs => *c += n,
+                _ => ring.per_second.push_back((now_secs, n)),
+            }
+            while ring.per_second.front().is_some_and(|(s, _)| s + RATE_WINDOW_SECS < now_secs) {
+                ring.per_second.pop_front();
+            }
+        }
+        self.seen.fetch_add(n, Ordering::Relaxed);
+        self.notify.notify_waiters();
+    }
+
+    /// The position the next entry will get (one past the newest).
+    pub fn end(&self) -> u64 {
+        let ring = self.ring.lock().unwrap();
+        ring.first_seq + ring.entries.len() as u64
+    }
+
+    /// The oldest position still held.
+    pub fn start(&self) -> u64 {
+        self.ring.lock().unwrap().first_seq
+    }
+
+    /// Copies up to `max` entries from position `from` into `out` (with their
+    /// positions).
+    pub fn read(&self, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Read {
+        let ring = self.ring.lock().unwrap();
+        let start = from.max(ring.first_seq);
+        let end = ring.first_seq + ring.entries.len() as u64;
+        let missed = start - from;
+        let take = ((end.saturating_sub(start)) as usize).min(max);
+        let offset = (start - ring.first_seq) as usize;
+        out.extend(ring.entries.range(offset..offset + take).enumerate().map(|(i, e)| (start + i as u64, e.clone())));
+        Read { missed, next: start + take as u64 }
+    }
+
+    /// Walks back from the newest entry and returns the position of the
+    /// oldest of the last `count` entries `pick` accepts (`None` for `count`:
+    /// as far back as `pick` keeps accepting). `pick` returns None to stop
+    /// the walk (an entry older than the window).
+    pub fn find_back(&self, count: Option<u64>, mut pick: impl FnMut(u64, &Entry) -> Option<bool>) -> u64 {
+        let ring = self.ring.lock().unwrap();
+        let mut found = 0u64;
+        let mut pos = ring.first_seq + ring.entries.len() as u64;
+        if count == Some(0) {
+            return pos;
+        }
+        for (i, e) in ring.entries.iter().enumerate().rev() {
+            match pick(ring.first_seq + i as u64, e) {
+                None => break,
+                Some(true) => {
+                    found += 1;
+                    pos = ring.first_seq + i as u64;
+                    if count.is_some_and(|c| found >= c) {
+                        break;
+                    }
+                }
+                Some(false) => pos = ring.first_seq + i as u64,
+            }
+        }
+        pos
+    }
+
+    /// Visits every held entry (for listing namespaces).
+    pub fn for_each(&self, mut f: impl FnMut(&Entry)) {
+        for e in self.ring.lock().unwrap().entries.iter() {
+            f(e);
+        }
+    }
+
+    pub fn stats(&self, now_secs: u64) -> StoreStats {
+        let ring = self.ring.lock().unwrap();
+        let recent: u64 =
+            ring.per_second.iter().filter(|(s, _)| s + RATE_WINDOW_SECS >= now_secs).map(|(_, c)| c).sum();
+        StoreStats {
+            num_flows: ring.entries.len() as u64,
+            max_flows: self.capacity as u64,
+            seen_flows: self.seen.load(Ordering::Relaxed),
+            rate: recent as f64 / RATE_WINDOW_SECS as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::record::{Lost, LostSource};
+
+    fn lost(n: u64) -> Entry {
+        Entry::Lost(Lost { source: LostSource::KernelRing, count: n, cpu: None, time_ns: n })
+    }
+
+    fn count(e: &Entry) -> u64 {
+        match e {
+            Entry::Lost(l) => l.count,
+            Entry::Flow(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn overwrites_oldest_and_tells_slow_readers_what_they_missed() {
+        let s = FlowStore::new(4);
+        s.push_batch(&mut (0..3).map(lost).collect(), 100);
+        let mut out = Vec::new();
+        let r = s.read(0, 10, &mut out);
+        assert_eq!((r.missed, r.next, out.len()), (0, 3, 3));
+        s.push_batch(&mut (3..10).map(lost).collect(), 100);
+        assert_eq!((s.start(), s.end()), (6, 10));
+        out.clear();
+        let r = s.read(3, 2, &mut out);
+        assert_eq!((r.missed, r.next), (3, 8), "3, 4, 5 were overwritten");
+        assert_eq!(out.iter().map(|(p, e)| (*p, count(e))).collect::<Vec<_>>(), [(6, 6), (7, 7)]);
+        let st = s.stats(100);
+        assert_eq!((st.num_flows, st.max_flows, st.seen_flows), (4, 4, 10));
+        assert!((st.rate - 10.0 / 60.0).abs() < 1e-9);
+        assert_eq!(s.stats(100 + 61).rate, 0.0, "the window moves on");
+    }
+
+    #[test]
+    fn find_back_counts_only_accepted_entries_and_stops_at_the_window() {
+        let s = FlowStore::new(100);
+        s.push_batch(&mut (0..20).map(lost).collect(), 1);
+        // The last 3 even ones: 14, 16, 18.
+        assert_eq!(s.find_back(Some(3), |_, e| Some(count(e) % 2 == 0)), 14);
+        // Everything newer than 12 (entries at or before 12 stop the walk).
+        assert_eq!(s.find_back(None, |_, e| (count(e) > 12).then_some(true)), 13);
+        assert_eq!(s.find_back(Some(0), |_, _| Some(true)), 20, "zero flows: start at the end");
+    }
+}

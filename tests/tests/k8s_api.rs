@@ -1,0 +1,841 @@
+//! weft against a real Kubernetes API server (etcd, kube-apiserver and
+//! kube-controller-manager from KUBEBUILDER_ASSETS, started once for this
+//! test binary; see weft_tests::k8s): the CRDs, schema refusals and round
+//! trips, the watch source, Events, leader election and the operator.
+//! Nothing here needs root; each test works in a namespace of its own.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use weft_agent::{
+    controller::{ControlStatus, EnvoyAck, ObjectState},
+    k8s::{
+        ObjKey,
+        watch::{Kinds, KubeSource},
+        yaml::Loaded,
+    },
+    operator::lease::Elector,
+    xds::{
+        envoyconfig,
+        model::{ConfigStatus, Serving},
+    },
+};
+use weft_tests::{
+    k8s::{ControlPlane, deploy},
+    objects::conformance_dir,
+    require_control_plane,
+};
+
+/// Waits (generously: no timing is asserted) until `f` returns Some.
+async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An object as JSON, if it exists.
+fn get(cp: &ControlPlane, kind: &str, ns: Option<&str>, name: &str) -> Option<Value> {
+    let mut args = vec!["get", kind, name, "-o", "json"];
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    let out = cp.kubectl(&args);
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("kubectl prints JSON"))
+}
+
+fn apply_all(cp: &ControlPlane, docs: &[Value]) -> String {
+    cp.apply(&docs.iter().map(|d| serde_json::to_string(d).unwrap()).collect::<Vec<_>>().join("\n---\n"))
+}
+
+#[test]
+fn crds_are_accepted_without_warnings_and_kubectl_shows_their_columns() {
+    let cp = require_control_plane!();
+    let out = deploy::crds(&cp);
+    assert!(!out.to_lowercase().contains("warning"), "the API server warned about deploy/crds.yaml:\n{out}");
+
+    let ns = cp.namespace("crd-columns");
+    let out = cp.apply(&format!(
+        "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {{name: lb, namespace: {}}}\nspec: {{services: [{{name: web, ports: [80]}}]}}\n",
+        ns.name
+    ));
+    assert!(!out.to_lowercase().contains("warning"), "{out}");
+    let table = cp.kubectl_ok(&["get", "ec", "-n", &ns.name]);
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "VALID", "APPLIED", "AGE"], "{table}");
+}
+
+/// Every EnvoyConfig in Cilium's examples, as weft's kind, named for this test.
+fn example_configs(ns: &str, prefix: &str) -> Vec<Value> {
+    let dir = conformance_dir();
+    let mut files: Vec<_> = ["envoy", "other"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(dir.join(d)).unwrap().map(|e| e.unwrap().path()))
+        .collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let text = std::fs::read_to_string(f).unwrap();
+        if text.contains("{{") {
+            continue; // an unrendered template
+        }
+        for mut d in deploy::documents(&text) {
+            let kind = match d["kind"].as_str() {
+                Some("CiliumEnvoyConfig") => "EnvoyConfig",
+                Some("CiliumClusterwideEnvoyConfig") => "ClusterwideEnvoyConfig",
+                _ => continue,
+            };
+            d["apiVersion"] = json!("weft.io/v1alpha1");
+            d["kind"] = json!(kind);
+            // Examples reuse names: one per file.
+            let name = format!("{prefix}-{i}-{}", d["metadata"]["name"].as_str().unwrap());
+            d["metadata"]["name"] = json!(name);
+            if kind == "EnvoyConfig" {
+                d["metadata"]["namespace"] = json!(ns);
+            }
+            docs.push(d);
+        }
+    }
+    docs
+}
+
+#[test]
+fn envoy_configs_round_trip_unchanged() {
+    let cp = require_control_plane!();
+    deploy::crds(&cp);
+    let ns = cp.namespace("round-trip");
+    let prefix = ns.name.clone();
+    let mut docs = example_configs(&ns.name, &prefix);
+    assert!(docs.len() >= 10, "Cilium's examples hold a dozen EnvoyConfigs ({})", docs.len());
+    // And weft's own test configs, with every field of the spec.
+    for d in deploy::documents(&weft_tests::objects::http_envoy_config("http", "web", None)) {
+        let mut d = d;
+        d["metadata"]["namespace"] = json!(ns.name);
+        d["spec"]["services"][0]["ports"] = json!([80, 8080]);
+        d["spec"]["services"][0]["listener"] = json!("http-listener");
+        d["spec"]["backendServices"] = json!([{"name": "web", "namespace": ns.name, "number": [80, "http"]}]);
+        d["spec"]["nodeSelector"] = json!({"matchLabels": {"role": "edge"},
+            "matchExpressions": [{"key": "zone", "operator": "In", "values": ["a", "b"]}]});
+        docs.push(d);
+    }
+    let out = apply_all(&cp, &docs);
+    assert!(!out.to_lowercase().contains("warning"), "{out}");
+    for d in &docs {
+        let (kind, name) = (d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap());
+        let ns = d["metadata"]["namespace"].as_str();
+        let back = get(&cp, &format!("{}.weft.io", kind.to_lowercase()), ns, name).expect("stored");
+        assert_eq!(back["spec"], d["spec"], "{kind} {name} came back changed");
+    }
+    for d in docs.iter().filter(|d| d["kind"] == "ClusterwideEnvoyConfig") {
+        cp.kubectl_ok(&["delete", "clusterwideenvoyconfig", d["metadata"]["name"].as_str().unwrap()]);
+    }
+}
+
+#[test]
+fn configs_the_schema_refuses_are_refused_by_kubectl_apply_with_the_servers_message() {
+    let cp = require_control_plane!();
+    deploy::crds(&cp);
+    let ns = cp.namespace("refusals");
+    // (spec, what the server's message names)
+    let cases = [
+        ("{services: [{ports: [80]}]}", &["spec.services[0].name", "Required value"][..]),
+        ("{services: [{name: web, ports: [0]}]}", &["spec.services[0].ports[0]", "greater than or equal to 1"]),
+        ("{services: [{name: web, ports: [70000]}]}", &["spec.services[0].ports[0]", "less than or equal to 65535"]),
+        ("{services: [{name: web, ports: [http]}]}", &["spec.services[0].ports[0]", "integer"]),
+        ("{resources: {listener: x}}", &["spec.resources"]),
+        ("{resources: [1]}", &["spec.resources[0]", "object"]),
+        ("{servics: [{name: web}]}", &["unknown field", "spec.servics"]),
+        ("{nodeSelector: {matchLabels: {role: [a]}}}", &["spec.nodeSelector.matchLabels.role", "string"]),
+        ("{backendServices: [{name: web, number: [true]}]}", &["spec.backendServices[0].number[0]"]),
+    ];
+    for (i, (spec, says)) in cases.iter().enumerate() {
+        let name = format!("bad-{i}");
+        let yaml = format!(
+            "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {{name: {name}, namespace: {}}}\nspec: {spec}\n",
+            ns.name
+        );
+        let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["apply", "-f", "-"], Some(&yaml));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "spec {spec} was accepted");
+        for s in *says {
+            assert!(stderr.contains(s), "spec {spec}: the refusal should name {s:?}: {stderr}");
+        }
+        assert!(get(&cp, "ec", Some(&ns.name), &name).is_none(), "{name} was not stored");
+    }
+}
+
+/// Everything a KubeSource holds that belongs to this test: namespaced
+/// objects of `ns`, and cluster-scoped ones named with `ns` as a prefix.
+fn mine(l: &Loaded, ns: &str) -> Vec<(&'static str, usize)> {
+    let o = &l.objects;
+    let ours = |k: &ObjKey| k.namespace == ns || (k.namespace.is_empty() && k.name.starts_with(ns));
+    let n = |keys: Vec<&ObjKey>| keys.into_iter().filter(|k| ours(k)).count();
+    vec![
+        ("Service", n(o.services.keys().collect())),
+        ("EndpointSlice", n(o.endpoint_slices.keys().collect())),
+        ("Pod", n(o.pods.keys().collect())),
+        ("Node", n(o.nodes.keys().collect())),
+        ("Secret", n(o.secrets.keys().collect())),
+        ("NetworkPolicy", n(o.network_policies.keys().collect())),
+        ("Ingress", n(o.ingresses.keys().collect())),
+        ("IngressClass", n(o.ingress_classes.keys().collect())),
+        (
+            "configs",
+            l.raw
+                .iter()
+                .filter(|(_, d)| {
+                    let (dns, name) = (d["metadata"]["namespace"].as_str(), d["metadata"]["name"].as_str());
+                    dns == Some(ns) || (dns.is_none() && name.is_some_and(|n| n.starts_with(ns)))
+                })
+                .count(),
+        ),
+    ]
+}
+
+fn every_kind_objects(ns: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: {ns}}}
+spec: {{ports: [{{name: http, port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: {ns}, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.1.1.11]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-1, namespace: {ns}, labels: {{app: web}}, annotations: {{noise: "1"}}}}
+spec: {{containers: [{{name: app, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: {ns}-node, labels: {{role: infra}}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: cert, namespace: {ns}}}
+type: kubernetes.io/tls
+data: {{tls.crt: Y2VydA==, tls.key: a2V5}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: password, namespace: {ns}}}
+type: Opaque
+data: {{password: cGFzcw==}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: deny, namespace: {ns}}}
+spec: {{podSelector: {{}}, policyTypes: [Ingress]}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: web, namespace: {ns}}}
+spec: {{ingressClassName: {ns}-class, defaultBackend: {{service: {{name: web, port: {{number: 80}}}}}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {{name: {ns}-class}}
+spec: {{controller: example.com/none}}
+---
+apiVersion: weft.io/v1alpha1
+kind: EnvoyConfig
+metadata: {{name: lb, namespace: {ns}}}
+spec: {{services: [{{name: web}}]}}
+---
+apiVersion: weft.io/v1alpha1
+kind: ClusterwideEnvoyConfig
+metadata: {{name: {ns}-cw}}
+spec: {{}}
+"#
+    )
+}
+
+/// Waits until the source's state, as `of` sees it, satisfies `ok`.
+async fn settles<T: std::fmt::Debug>(
+    src: &mut KubeSource,
+    what: &str,
+    of: impl Fn(&Loaded) -> T,
+    ok: impl Fn(&T) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut l = src.snapshot();
+    while !ok(&of(&l)) {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}: {:?}", of(&l));
+        if let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(1), async {
+            src.changed().await;
+            src.poll()
+        })
+        .await
+        {
+            l = next;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
+    let cp = require_control_plane!();
+    deploy::crds(&cp);
+    let ns = cp.namespace("every-kind");
+    let n = ns.name.clone();
+    let objects = every_kind_objects(&n);
+    cp.apply(&objects);
+    let kinds = Kinds { ingresses: true, ingress_classes: true, ..Kinds::agent() };
+    let mut src = KubeSource::start(cp.client().await, kinds, "node1").await;
+    src.wait_synced(Duration::from_secs(5)).await;
+    let l = src.poll().expect("the first lists are a change");
+    let counts = mine(&l, &n);
+    assert!(counts.iter().all(|(_, c)| *c >= 1), "{counts:?}");
+    assert_eq!(counts.iter().find(|(k, _)| *k == "Secret").unwrap().1, 1, "only TLS Secrets are watched");
+    assert_eq!(counts.last().unwrap().1, 2, "both EnvoyConfig kinds");
+    let pod = &l.objects.pods[&ObjKey::new(&n, "web-1")].object;
+    assert!(pod.metadata.annotations.is_none(), "pruned: {:?}", pod.metadata);
+    let ports = &pod.spec.as_ref().unwrap().containers[0].ports;
+    assert_eq!(ports.as_ref().unwrap()[0].name.as_deref(), Some("http"), "named ports are kept");
+
+    // Updates of every kind.
+    for mut doc in deploy::documents(&objects) {
+        doc["metadata"]["labels"]["touched"] = json!("yes");
+        cp.apply(&serde_json::to_string(&doc).unwrap());
+    }
+    let touched = |l: &Loaded| -> usize {
+        let o = &l.objects;
+        let t = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            let ours =
+                m.namespace.as_deref() == Some(n.as_str()) || m.name.as_deref().is_some_and(|x| x.starts_with(&n));
+            ours && m.labels.as_ref().and_then(|l| l.get("touched")).is_some()
+        };
+        o.services.values().filter(|x| t(&x.object.metadata)).count()
+            + o.endpoint_slices.values().filter(|x| t(&x.object.metadata)).count()
+            + o.pods.values().filter(|x| t(&x.object.metadata)).count()
+            + o.nodes.values().filter(|x| t(&x.object.metadata)).count()
+            + o.secrets.values().filter(|x| t(&x.object.metadata)).count()
+            + o.network_policies.values().filter(|x| t(&x.object.metadata)).count()
+            + o.ingresses.values().filter(|x| t(&x.object.metadata)).count()
+            + o.ingress_classes.values().filter(|x| t(&x.object.metadata)).count()
+            + l.raw.iter().filter(|(_, d)| d["metadata"]["labels"]["touched"] == "yes").count()
+    };
+    // Every object but the Opaque Secret.
+    settles(&mut src, "every update", touched, |t| *t == 10).await;
+
+    // Deletes of every kind (the Pod as its kubelet would finish it: at once).
+    cp.kubectl_ok(&["delete", "pod", "web-1", "-n", &n, "--grace-period=0", "--force"]);
+    for doc in deploy::documents(&objects).iter().filter(|d| d["kind"] != "Pod") {
+        let kind = format!(
+            "{}.{}",
+            doc["kind"].as_str().unwrap(),
+            doc["apiVersion"].as_str().unwrap().split('/').next().unwrap()
+        );
+        let kind = kind.trim_end_matches(".v1").to_owned();
+        let mut args = vec!["delete", kind.as_str(), doc["metadata"]["name"].as_str().unwrap()];
+        if let Some(dns) = doc["metadata"]["namespace"].as_str() {
+            args.extend(["-n", dns]);
+        }
+        cp.kubectl_ok(&args);
+    }
+    settles(&mut src, "every delete", |l| mine(l, &n), |c| c.iter().all(|(_, c)| *c == 0)).await;
+    assert!(src.stats().values().all(|s| s.replays == 0 && s.lists == 1), "{:?}", src.stats());
+}
+
+fn nacked(object: &str, message: &str) -> ControlStatus {
+    ControlStatus {
+        objects: vec![ObjectState {
+            config: ConfigStatus {
+                object: object.into(),
+                origin: "API server".into(),
+                generation: 1,
+                for_this_node: true,
+                problems: vec![message.into()],
+                serving: Serving::Nothing,
+                listeners: vec![],
+            },
+            envoy: EnvoyAck::Nacked { message: message.into() },
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_refusals_become_one_event_on_the_object_that_kubectl_describe_shows() {
+    let cp = require_control_plane!();
+    deploy::crds(&cp);
+    let ns = cp.namespace("events");
+    cp.apply(&format!(
+        "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {{name: lb, namespace: {}}}\nspec: {{}}\n",
+        ns.name
+    ));
+    let uid = cp.kubectl_ok(&["get", "ec", "lb", "-n", &ns.name, "-o", "jsonpath={.metadata.uid}"]);
+    let kinds =
+        Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() };
+    let mut src = KubeSource::start(cp.client().await, kinds, "node1").await;
+    src.wait_synced(Duration::from_secs(5)).await;
+    let status = nacked(&format!("EnvoyConfig {}/lb", ns.name), "Listener \"lb/l\": invalid address");
+    src.report(&status);
+    src.report(&status); // the same refusal again: no second Event
+    let events = |cp: &ControlPlane| -> Vec<Value> {
+        let out = cp.kubectl_ok(&["get", "events.events.k8s.io", "-n", &ns.name, "-o", "json"]);
+        serde_json::from_str::<Value>(&out).unwrap()["items"].as_array().cloned().unwrap_or_default()
+    };
+    until("the Event", || Some(()).filter(|_| !events(&cp).is_empty())).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let evs = events(&cp);
+    assert_eq!(evs.len(), 1, "{evs:#?}");
+    let ev = &evs[0];
+    assert_eq!(ev["type"], "Warning");
+    assert_eq!(ev["reason"], "RejectedByEnvoy");
+    assert_eq!(ev["regarding"]["kind"], "EnvoyConfig");
+    assert_eq!(ev["regarding"]["uid"], uid.as_str());
+    assert_eq!(ev["reportingInstance"], "node1");
+    assert!(ev["note"].as_str().unwrap().starts_with("node node1: Envoy refused it: Listener"), "{ev:#}");
+    let described = cp.kubectl_ok(&["describe", "ec", "lb", "-n", &ns.name]);
+    assert!(
+        described
+            .lines()
+            .any(|l| l.contains("Warning") && l.contains("RejectedByEnvoy") && l.contains("Envoy refused it")),
+        "{described}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_and_a_takeover_when_it_stops_renewing() {
+    let cp = require_control_plane!();
+    let ns = cp.namespace("lease");
+    let d = Duration::from_secs(1);
+    let client = cp.client().await;
+    let mut a = Elector::new(client.clone(), &ns.name, "weft-operator", "a", d);
+    let mut b = Elector::new(client.clone(), &ns.name, "weft-operator", "b", d);
+    assert!(a.round().await.unwrap());
+    for _ in 0..3 {
+        assert!(!b.round().await.unwrap(), "held by a");
+        assert!(a.round().await.unwrap(), "a renews");
+    }
+    let lease = |cp: &ControlPlane| get(cp, "lease", Some(&ns.name), "weft-operator").unwrap();
+    assert_eq!(lease(&cp)["spec"]["holderIdentity"], "a");
+    assert_eq!(lease(&cp)["spec"]["leaseTransitions"], 0);
+    // a stops renewing: b takes over once b has seen the record unchanged for the lease duration.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.round().await.unwrap() {
+        assert!(Instant::now() < deadline, "b never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!a.round().await.unwrap(), "a sees b holding it");
+    assert_eq!(lease(&cp)["spec"]["holderIdentity"], "b");
+    assert_eq!(lease(&cp)["spec"]["leaseTransitions"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cilium_kinds_are_watched_once_their_crds_are_applied_and_cilium_yaml_applies_unchanged() {
+    let cp = require_control_plane!();
+    deploy::crds(&cp);
+    let ns = cp.namespace("cilium");
+    let kinds =
+        Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() };
+    let mut src = KubeSource::start(cp.client().await, kinds, "n").await;
+    src.wait_synced(Duration::from_secs(5)).await;
+    // This test alone installs Cilium's CRDs in this binary: not served yet.
+    let before = src.stats();
+    assert!(!before.contains_key("CiliumEnvoyConfig"), "{before:?}");
+    // deploy/cilium-crds.yaml: a running source starts watching Cilium's kinds.
+    let out = deploy::cilium_crds(&cp);
+    assert!(!out.to_lowercase().contains("warning"), "the API server warned about deploy/cilium-crds.yaml:\n{out}");
+    // Short names do not clash with weft's kinds.
+    for short in ["ec", "cwec", "cec", "ccec"] {
+        cp.kubectl_ok(&["get", short, "-A"]);
+    }
+    let dir = conformance_dir();
+    let mut docs = Vec::new();
+    for (f, name) in [
+        ("envoy/envoy-helloworld-v1-90-v2-10.yaml", "helloworld"),
+        ("other/pkg__ciliumenvoyconfig__testdata__experimental__ciliumenvoyconfig.yaml", "experimental"),
+    ] {
+        for mut d in deploy::documents(&std::fs::read_to_string(dir.join(f)).unwrap()) {
+            d["metadata"]["namespace"] = json!(ns.name);
+            d["metadata"]["name"] = json!(name);
+            docs.push(d);
+        }
+    }
+    let mut cw = deploy::documents(&std::fs::read_to_string(dir.join("envoy/envoy-circuit-breaker.yaml")).unwrap());
+    let cw_name = format!("{}-circuit-breaker", ns.name);
+    cw[0]["metadata"]["name"] = json!(cw_name);
+    docs.extend(cw);
+    // Cilium's YAML, unchanged but for where it goes: accepted, and stored as written.
+    let out = apply_all(&cp, &docs);
+    assert!(!out.to_lowercase().contains("warning"), "{out}");
+    for d in &docs {
+        let kind = format!("{}.cilium.io", d["kind"].as_str().unwrap().to_lowercase());
+        let back =
+            get(&cp, &kind, d["metadata"]["namespace"].as_str(), d["metadata"]["name"].as_str().unwrap()).unwrap();
+        assert_eq!(back["spec"], d["spec"]);
+    }
+    let ours = |l: &Loaded| {
+        l.raw
+            .iter()
+            .filter(|(_, d)| {
+                d["metadata"]["namespace"] == ns.name.as_str() || d["metadata"]["name"] == cw_name.as_str()
+            })
+            .filter_map(|(o, d)| envoyconfig::parse(o.clone(), d).ok().map(|c| c.key.to_string()))
+            .collect::<Vec<_>>()
+    };
+    settles(&mut src, "Cilium's configs", ours, |v| v.len() == 3).await;
+    let l = src.snapshot();
+    let keys = ours(&l);
+    assert!(keys.contains(&format!("EnvoyConfig {}/helloworld", ns.name)), "{keys:?}");
+    assert!(keys.contains(&format!("ClusterwideEnvoyConfig {cw_name}")), "{keys:?}");
+    let stats = src.stats();
+    for k in ["CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig"] {
+        assert!(stats[k].synced, "{k} is watched: {stats:?}");
+    }
+    cp.kubectl_ok(&["delete", "ciliumclusterwideenvoyconfig", &cw_name]);
+}
+
+/// Operators act on every object of the cluster: one test with operators at a time.
+static OPERATORS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs weft's operator in this process (admin credentials), its Lease and
+/// shared objects in `ns`.
+async fn operator(cp: &ControlPlane, ns: &str, identity: &str) -> tokio::task::JoinHandle<()> {
+    let opts = weft_agent::operator::OperatorOptions {
+        namespace: ns.into(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let client = cp.client().await;
+    tokio::spawn(async move {
+        weft_agent::operator::run(client, opts).await.unwrap();
+    })
+}
+
+/// The condition `type_` of an object's status: (status, reason, message, observedGeneration).
+fn condition(obj: &Value, type_: &str) -> Option<(String, String, String, i64)> {
+    let c = obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?;
+    Some((
+        c["status"].as_str()?.to_owned(),
+        c["reason"].as_str()?.to_owned(),
+        c["message"].as_str()?.to_owned(),
+        c["observedGeneration"].as_i64()?,
+    ))
+}
+
+fn services(ns: &str) -> String {
+    ["web", "good", "bad"]
+        .iter()
+        .map(|s| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {s}, namespace: {ns}}}\nspec: {{ports: [{{name: http, port: 80}}]}}\n"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn config(ns: &str, name: &str, cluster: &str) -> String {
+    format!(
+        r#"apiVersion: weft.io/v1alpha1
+kind: EnvoyConfig
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  services: [{{name: {name}}}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: {name}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: web
+    type: EDS
+    eds_cluster_config: {{service_name: {ns}/web}}
+  backendServices: [{{name: web}}]
+"#
+    )
+}
+
+/// The fieldManagers of the status writes to EnvoyConfigs of `ns` so far.
+fn status_writers(cp: &ControlPlane, ns: &str) -> std::collections::BTreeSet<String> {
+    cp.audit()
+        .iter()
+        .filter(|e| {
+            e.verb == "patch"
+                && e.path().contains(&format!("/namespaces/{ns}/envoyconfigs/"))
+                && e.path().ends_with("/status")
+        })
+        .map(|e| e.param("fieldManager").unwrap_or_default().replace("%2F", "/"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_alone_writes_status_with_the_messages_of_validate() {
+    let cp = require_control_plane!();
+    let _one = OPERATORS.lock().await;
+    deploy::crds(&cp);
+    let ns = cp.namespace("status");
+    let n = ns.name.clone();
+    let (good, bad) = (config(&n, "good", "web"), config(&n, "bad", &format!("{n}/nowhere")));
+    let all = format!("{}---\n{good}---\n{bad}", services(&n));
+
+    // What `weft-agent validate` says of the same objects in files.
+    let dir = std::env::temp_dir().join(format!("weft-status-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("objects.yaml");
+    std::fs::write(&file, &all).unwrap();
+    let report = weft_agent::validate::validate(std::slice::from_ref(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!((report.configs, report.valid), (2, 1), "{:#?}", report.problems);
+    let expected: Vec<String> = report
+        .problems
+        .iter()
+        .map(|p| {
+            p.strip_prefix(&format!("{} (document 5): ", file.display())).expect("the bad config's line").to_owned()
+        })
+        .collect();
+    assert!(!expected.is_empty() && expected[0].contains("/nowhere"), "{expected:?}");
+
+    cp.apply(&all);
+    let (ida, idb) = (format!("{n}-a"), format!("{n}-b"));
+    let a = operator(&cp, &n, &ida).await;
+    let b = operator(&cp, &n, &idb).await;
+    let get = |name: &str| get(&cp, "ec", Some(&n), name).unwrap();
+    let (st, reason, msg, gen_) = until("the good config's status", || condition(&get("good"), "Valid")).await;
+    assert_eq!((st.as_str(), reason.as_str(), gen_), ("True", "Valid", 1), "{msg}");
+    let (st, reason, msg, _) = until("the bad config's status", || condition(&get("bad"), "Valid")).await;
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "Invalid"));
+    assert_eq!(msg.lines().collect::<Vec<_>>(), expected, "the same message as weft-agent validate");
+    assert_eq!(get("bad")["status"]["observedGeneration"], 1);
+    let applied = until("Applied", || condition(&get("bad"), "Applied")).await;
+    assert_eq!((applied.0.as_str(), applied.1.as_str()), ("False", "NotServed"));
+    // kubectl shows it.
+    let table = cp.kubectl_ok(&["get", "ec", "-n", &n]);
+    assert!(table.lines().any(|l| l.starts_with("bad ") && l.split_whitespace().nth(1) == Some("False")), "{table}");
+    let described = cp.kubectl_ok(&["describe", "ec", "bad", "-n", &n]);
+    assert!(described.contains("Invalid") && described.contains("/nowhere"), "{described}");
+
+    // Fix the bad one; break the good one: its generation 1 stays in effect.
+    cp.apply(&config(&n, "bad", "web"));
+    cp.apply(&config(&n, "good", &format!("{n}/elsewhere")));
+    until("the fix", || condition(&get("bad"), "Valid").filter(|c| c.0 == "True" && c.3 == 2)).await;
+    let (st, _, msg, _) = until("the breakage", || condition(&get("good"), "Valid").filter(|c| c.3 == 2)).await;
+    assert_eq!(st, "False");
+    assert!(msg.contains("/elsewhere"), "{msg}");
+    let applied = until("the fallback", || condition(&get("good"), "Applied").filter(|c| c.3 == 2)).await;
+    assert_eq!(applied.1, "LastGoodVersion");
+    assert!(applied.2.contains("generation 1 stays in effect"), "{}", applied.2);
+
+    // One writer: every status write came from the one leader.
+    let w = status_writers(&cp, &n);
+    assert_eq!(w.len(), 1, "{w:?}");
+    let leader = w.into_iter().next().unwrap();
+    let lease = get_lease(&cp, &n);
+    assert_eq!(format!("weft-operator/{}", lease["spec"]["holderIdentity"].as_str().unwrap()), leader);
+
+    // The leader goes away: the other one takes over and writes.
+    let (gone, other) = if leader.ends_with(&ida) { (a, idb) } else { (b, ida) };
+    gone.abort();
+    cp.apply(&config(&n, "good", "web"));
+    until("the new leader's write", || condition(&get("good"), "Valid").filter(|c| c.0 == "True" && c.3 == 3)).await;
+    let w = status_writers(&cp, &n);
+    assert!(w.contains(&format!("weft-operator/{other}")) && w.len() == 2, "{w:?}");
+    assert_eq!(get_lease(&cp, &n)["spec"]["holderIdentity"], other.as_str());
+}
+
+fn get_lease(cp: &ControlPlane, ns: &str) -> Value {
+    get(cp, "lease", Some(ns), "weft-operator").expect("the operators' Lease")
+}
+
+fn ingress_objects(ns: &str, class: &str, annotations: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: details, namespace: {ns}}}
+spec: {{ports: [{{name: http, port: 9080}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: productpage, namespace: {ns}}}
+spec: {{ports: [{{name: http, port: 9080}}]}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: basic-ingress, namespace: {ns}, annotations: {{{annotations}}}}}
+spec:
+  ingressClassName: {class}
+  rules:
+  - http:
+      paths:
+      - {{path: /details, pathType: Prefix, backend: {{service: {{name: details, port: {{number: 9080}}}}}}}}
+      - {{path: /, pathType: Prefix, backend: {{service: {{name: productpage, port: {{number: 9080}}}}}}}}
+"#
+    )
+}
+
+/// Sets a LoadBalancer Service's address, as a cloud's load balancer would.
+fn give_address(cp: &ControlPlane, ns: &str, svc: &str, ip: &str) {
+    let patch = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}}).to_string();
+    cp.kubectl_ok(&["patch", "service", svc, "-n", ns, "--subresource=status", "--type=merge", "-p", &patch]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingresses_get_their_objects_an_address_and_lose_them_to_the_garbage_collector() {
+    let cp = require_control_plane!();
+    let _one = OPERATORS.lock().await;
+    deploy::crds(&cp);
+    cp.apply(&deploy::file("ingressclass.yaml"));
+    let ns = cp.namespace("ingress");
+    let n = ns.name.clone();
+    cp.apply(&ingress_objects(&n, "weft", ""));
+    let _op = operator(&cp, &n, &format!("{n}-a")).await;
+    let name = "weft-ingress-basic-ingress";
+    let svc = until("the Service", || get(&cp, "service", Some(&n), name)).await;
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    // The real allocators gave it a ClusterIP and NodePorts.
+    assert!(svc["spec"]["clusterIP"].as_str().is_some_and(|ip| ip.starts_with("10.96.")), "{svc:#}");
+    for p in svc["spec"]["ports"].as_array().unwrap() {
+        assert!(p["nodePort"].as_u64().is_some_and(|np| (30000..32768).contains(&np)), "{p}");
+    }
+    until("the Endpoints", || get(&cp, "endpoints", Some(&n), name)).await;
+    // kube-controller-manager mirrors the placeholder Endpoints into an EndpointSlice.
+    let slice = until("the mirrored EndpointSlice", || {
+        let out = cp.kubectl_ok(&[
+            "get",
+            "endpointslices",
+            "-n",
+            &n,
+            "-l",
+            &format!("kubernetes.io/service-name={name}"),
+            "-o",
+            "json",
+        ]);
+        serde_json::from_str::<Value>(&out).unwrap()["items"].as_array().and_then(|i| i.first().cloned())
+    })
+    .await;
+    assert_eq!(
+        slice["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"],
+        "endpointslicemirroring-controller.k8s.io"
+    );
+    assert_eq!(slice["endpoints"][0]["addresses"][0], weft_agent::operator::ingress::PLACEHOLDER.0);
+    let cfg = until("the EnvoyConfig", || get(&cp, "ec", Some(&n), name)).await;
+    let ingress = get(&cp, "ingress", Some(&n), "basic-ingress").unwrap();
+    for obj in [&svc, &cfg] {
+        assert_eq!(obj["metadata"]["ownerReferences"][0]["uid"], ingress["metadata"]["uid"]);
+    }
+    let valid = until("its status", || condition(&get(&cp, "ec", Some(&n), name).unwrap(), "Valid")).await;
+    assert_eq!(valid.0, "True", "{}", valid.2);
+
+    // The load balancer (the test, here) gives the Service an address: the Ingress shows it.
+    give_address(&cp, &n, name, "172.20.0.10");
+    until("the Ingress address", || {
+        get(&cp, "ingress", Some(&n), "basic-ingress")
+            .filter(|i| i["status"]["loadBalancer"]["ingress"][0]["ip"] == "172.20.0.10")
+    })
+    .await;
+    let table = cp.kubectl_ok(&["get", "ingress", "basic-ingress", "-n", &n]);
+    assert!(table.contains("172.20.0.10"), "{table}");
+
+    // Edits reach the EnvoyConfig.
+    cp.apply(&ingress_objects(&n, "weft", "").replace("path: /details,", "path: /reviews,"));
+    until("the edit", || get(&cp, "ec", Some(&n), name).filter(|c| c.to_string().contains("/reviews"))).await;
+
+    // Deleting the Ingress: the garbage collector deletes what it owns.
+    cp.kubectl_ok(&["delete", "ingress", "basic-ingress", "-n", &n]);
+    until("the owned objects to go", || {
+        (get(&cp, "service", Some(&n), name).is_none()
+            && get(&cp, "endpoints", Some(&n), name).is_none()
+            && get(&cp, "ec", Some(&n), name).is_none())
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_ingresses_share_one_config_and_address() {
+    let cp = require_control_plane!();
+    let _one = OPERATORS.lock().await;
+    deploy::crds(&cp);
+    let ns = cp.namespace("shared");
+    let n = ns.name.clone();
+    // A class of this test's own, shared mode by default.
+    let class = format!("{n}-shared");
+    cp.apply(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {{name: {class}, annotations: {{ingress.weft.io/loadbalancer-mode: shared}}}}\nspec: {{controller: weft.io/ingress-controller}}\n"
+    ));
+    cp.apply(&ingress_objects(&n, &class, ""));
+    cp.apply(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: second, namespace: {n}}}\nspec:\n  ingressClassName: {class}\n  rules:\n  - host: second.example.com\n    http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: details, port: {{number: 9080}}}}}}}}]}}\n"
+    ));
+    let _op = operator(&cp, &n, &format!("{n}-a")).await;
+    let cfg = until("the shared config", || {
+        get(&cp, "cwec", None, "weft-ingress")
+            .filter(|c| c.to_string().contains("second.example.com") && c.to_string().contains("/details"))
+    })
+    .await;
+    assert!(cfg["metadata"]["ownerReferences"].is_null());
+    assert!(get(&cp, "service", Some(&n), "weft-ingress").is_some(), "in the operator's namespace");
+    assert!(get(&cp, "service", Some(&n), "weft-ingress-basic-ingress").is_none(), "no dedicated objects");
+    give_address(&cp, &n, "weft-ingress", "172.20.0.20");
+    for name in ["basic-ingress", "second"] {
+        until(&format!("{name}'s address"), || {
+            get(&cp, "ingress", Some(&n), name)
+                .filter(|i| i["status"]["loadBalancer"]["ingress"][0]["ip"] == "172.20.0.20")
+        })
+        .await;
+    }
+    // With no shared Ingress left, the shared objects go.
+    cp.kubectl_ok(&["delete", "ingress", "basic-ingress", "second", "-n", &n]);
+    until("the shared objects to go", || {
+        (get(&cp, "cwec", None, "weft-ingress").is_none()
+            && get(&cp, "service", Some(&n), "weft-ingress").is_none()
+            && get(&cp, "endpoints", Some(&n), "weft-ingress").is_none())
+        .then_some(())
+    })
+    .await;
+    cp.kubectl_ok(&["delete", "ingressclass", &class]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_ingress_backend_is_an_event_on_the_ingress_and_the_rest_is_served() {
+    let cp = require_control_plane!();
+    let _one = OPERATORS.lock().await;
+    deploy::crds(&cp);
+    cp.apply(&deploy::file("ingressclass.yaml"));
+    let ns = cp.namespace("bad-path");
+    let n = ns.name.clone();
+    // Kubernetes itself refuses malformed paths (a path without its leading
+    // '/', say); a port name the Service does not have is for the controller to find.
+    let objects = ingress_objects(&n, "weft", "").replace(
+        "backend: {service: {name: details, port: {number: 9080}}}",
+        "backend: {service: {name: details, port: {name: nope}}}",
+    );
+    cp.apply(&objects);
+    let _op = operator(&cp, &n, &format!("{n}-a")).await;
+    let name = "weft-ingress-basic-ingress";
+    let cfg = until("the EnvoyConfig", || get(&cp, "ec", Some(&n), name)).await;
+    assert!(cfg.to_string().contains(&format!("{n}/productpage:9080")), "the good path is served");
+    assert!(!cfg.to_string().contains(&format!("{n}/details:9080")), "the bad one is not");
+    let ev = until("the Event", || {
+        let out = cp.kubectl_ok(&["get", "events.events.k8s.io", "-n", &n, "-o", "json"]);
+        serde_json::from_str::<Value>(&out).unwrap()["items"]
+            .as_array()
+            .and_then(|i| i.iter().find(|e| e["reason"] == "InvalidIngress").cloned())
+    })
+    .await;
+    assert_eq!(ev["regarding"]["name"], "basic-ingress");
+    assert_eq!(
+        ev["note"].as_str().unwrap(),
+        format!(
+            "Ingress {n}/basic-ingress: spec.rules[0].http.paths[0].backend: Service {n}/details has no port named \"nope\""
+        ),
+    );
+    let described = cp.kubectl_ok(&["describe", "ingress", "basic-ingress", "-n", &n]);
+    assert!(described.contains("InvalidIngress"), "{described}");
+}
