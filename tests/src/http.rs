@@ -5,7 +5,7 @@
 //! Server paths: `/status/<code>` answers with that status; anything else 200.
 
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
@@ -287,6 +287,14 @@ impl Client {
         req.push_str("\r\n");
         self.stream.write_all(req.as_bytes())?;
         read_response(&mut self.reader)
+    }
+
+    /// Waits until the server closes its side (within the read timeout), so
+    /// the server is the first to close whatever the scheduling.
+    pub fn wait_closed(&mut self) -> io::Result<()> {
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest)?;
+        Ok(())
     }
 }
 
