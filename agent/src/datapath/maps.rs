@@ -470,10 +470,10 @@ impl Datapath {
         let now: std::collections::BTreeSet<(u32, abi::PolicyMatch)> = slots.iter().map(|(l, k, _)| (*l, *k)).collect();
         let old = self.state.policy.remove(&ep_id).unwrap_or_default();
         for (len, key) in old {
-            if !now.contains(&(len, key)) {
-                if let Err(e) = self.maps.policy.remove(&Key::new(len, key)) {
-                    remove_err("weft_policy", e)?;
-                }
+            if !now.contains(&(len, key))
+                && let Err(e) = self.maps.policy.remove(&Key::new(len, key))
+            {
+                remove_err("weft_policy", e)?;
             }
         }
         if !slots.is_empty() {

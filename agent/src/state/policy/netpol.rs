@@ -132,20 +132,20 @@ fn peer(p: &NetworkPolicyPeer, ns: &str, cluster: &Cluster) -> Result<Peer, Stri
         }
         return Ok(Peer::Cidr { net, except });
     }
-    if let Some(sel) = &p.namespace_selector {
-        if cluster.namespace_labels.is_empty() {
-            for k in sel
-                .match_labels
-                .iter()
-                .flatten()
-                .map(|(k, _)| k)
-                .chain(sel.match_expressions.iter().flatten().map(|e| &e.key))
-            {
-                if k != NAMESPACE_NAME_LABEL {
-                    return Err(format!(
-                        "namespaceSelector key {k:?}: weft knows namespaces by their {NAMESPACE_NAME_LABEL} label only here (no Namespace objects); select namespaces by name"
-                    ));
-                }
+    if let Some(sel) = &p.namespace_selector
+        && cluster.namespace_labels.is_empty()
+    {
+        for k in sel
+            .match_labels
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .chain(sel.match_expressions.iter().flatten().map(|e| &e.key))
+        {
+            if k != NAMESPACE_NAME_LABEL {
+                return Err(format!(
+                    "namespaceSelector key {k:?}: weft knows namespaces by their {NAMESPACE_NAME_LABEL} label only here (no Namespace objects); select namespaces by name"
+                ));
             }
         }
     }

@@ -198,10 +198,10 @@ impl PodSelector {
         if self.namespace.as_ref().is_some_and(|ns| *ns != pod.key.namespace) {
             return Ok(false);
         }
-        if let Some(sel) = &self.namespace_labels {
-            if !selects(sel, &cluster.namespace_labels(&pod.key.namespace))? {
-                return Ok(false);
-            }
+        if let Some(sel) = &self.namespace_labels
+            && !selects(sel, &cluster.namespace_labels(&pod.key.namespace))?
+        {
+            return Ok(false);
         }
         match &self.labels {
             None => Ok(true),
