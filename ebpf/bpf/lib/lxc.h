@@ -14,6 +14,18 @@
 #include "policy.h"
 #include "trace.h"
 
+/* A reply of a connection DNATed to a backend gets the frontend back as its
+ * source; the trace keeps the backend's address. Returns 0 or a negative
+ * drop reason. */
+static __always_inline int revnat_to_frontend(struct __sk_buff *skb, struct pkt4 *p,
+					      const struct weft_ct_entry *ct, struct trace_extra *x)
+{
+	x->flags |= WEFT_EVF_REVNAT;
+	x->orig_addr = p->saddr;
+	x->orig_port = p->sport;
+	return nat_rewrite(skb, p, 1, ct->rev_addr, ct->rev_port);
+}
+
 /* Ingress policy of a local destination that sends this peer's new
  * connection through the node's proxy (L7 rules): returns the proxy port,
  * after reporting the verdict, or 0 when the destination is not local, has
@@ -285,13 +297,9 @@ static __always_inline int lxc_from_container(struct __sk_buff *skb, const struc
 		/* A local backend answering a north-south client: restore the
 		 * frontend as the source and send it out ourselves (the stack
 		 * would refuse a forwarded packet from the node's own address). */
-		struct trace_extra x = {
-			.flags = WEFT_EVF_REVNAT,
-			.orig_addr = p->saddr,
-			.orig_port = p->sport,
-		};
+		struct trace_extra x = {};
 
-		rc = nat_rewrite(skb, p, 1, ct->rev_addr, ct->rev_port);
+		rc = revnat_to_frontend(skb, p, ct, &x);
 		if (rc < 0)
 			return DROP(cfg, p, skb->ifindex, -rc);
 		trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_ENDPOINT, dir, seen, &x);
@@ -322,10 +330,7 @@ static __always_inline int lxc_to_container(struct __sk_buff *skb, const struct 
 
 		seen = ct_account(ct, dir, p);
 		if (ct->flags & WEFT_CT_DNAT) {
-			x.flags = WEFT_EVF_REVNAT;
-			x.orig_addr = p->saddr;
-			x.orig_port = p->sport;
-			rc = nat_rewrite(skb, p, 1, ct->rev_addr, ct->rev_port);
+			rc = revnat_to_frontend(skb, p, ct, &x);
 			if (rc < 0)
 				return DROP(cfg, p, skb->ifindex, -rc);
 		}

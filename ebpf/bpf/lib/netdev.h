@@ -279,10 +279,7 @@ static __always_inline int netdev_to_network(struct __sk_buff *skb, const struct
 			/* The proxy answers a north-south client for a local
 			 * backend it stood in for: the reply leaves from the
 			 * frontend, as the backend's own would have. */
-			x.flags |= WEFT_EVF_REVNAT;
-			x.orig_addr = p->saddr;
-			x.orig_port = p->sport;
-			rc = nat_rewrite(skb, p, 1, ct->rev_addr, ct->rev_port);
+			rc = revnat_to_frontend(skb, p, ct, &x);
 			if (rc < 0)
 				return DROP(cfg, p, skb->ifindex, -rc);
 		}

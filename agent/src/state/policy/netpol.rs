@@ -56,35 +56,15 @@ pub fn translate(
     if ingress {
         for (ri, r) in spec.ingress.iter().flatten().enumerate() {
             let at = format!("spec.ingress[{ri}]");
-            let peers = peers(r.from.as_deref(), &key.namespace, cluster, &format!("{at}.from"), &mut problem);
-            let (peers, ports) = match ports(r.ports.as_deref(), &at, &mut problem) {
-                Some(ports) => (peers, ports),
-                None => (Vec::new(), Vec::new()),
-            };
-            rules.push(Rule {
-                direction: Direction::Ingress,
-                action: PolicyAction::Allow,
-                peers,
-                ports,
-                proxy_port: None,
-            });
+            let from = (format!("{at}.from"), r.from.as_deref());
+            rules.push(rule(Direction::Ingress, &at, from, r.ports.as_deref(), &key.namespace, cluster, &mut problem));
         }
     }
     if egress {
         for (ri, r) in spec.egress.iter().flatten().enumerate() {
             let at = format!("spec.egress[{ri}]");
-            let peers = peers(r.to.as_deref(), &key.namespace, cluster, &format!("{at}.to"), &mut problem);
-            let (peers, ports) = match ports(r.ports.as_deref(), &at, &mut problem) {
-                Some(ports) => (peers, ports),
-                None => (Vec::new(), Vec::new()),
-            };
-            rules.push(Rule {
-                direction: Direction::Egress,
-                action: PolicyAction::Allow,
-                peers,
-                ports,
-                proxy_port: None,
-            });
+            let to = (format!("{at}.to"), r.to.as_deref());
+            rules.push(rule(Direction::Egress, &at, to, r.ports.as_deref(), &key.namespace, cluster, &mut problem));
         }
     }
     out.policies.push(Policy {
@@ -98,6 +78,24 @@ pub fn translate(
         egress,
         rules,
     });
+}
+
+/// One ingress or egress rule: its peers (field path, list) and ports.
+fn rule(
+    direction: Direction,
+    at: &str,
+    (peers_at, list): (String, Option<&[NetworkPolicyPeer]>),
+    port_list: Option<&[NetworkPolicyPort]>,
+    ns: &str,
+    cluster: &Cluster,
+    problem: &mut impl FnMut(&str, String),
+) -> Rule {
+    let peers = peers(list, ns, cluster, &peers_at, problem);
+    let (peers, ports) = match ports(port_list, at, problem) {
+        Some(ports) => (peers, ports),
+        None => (Vec::new(), Vec::new()),
+    };
+    Rule { direction, action: PolicyAction::Allow, peers, ports, proxy_port: None }
 }
 
 fn peers(
