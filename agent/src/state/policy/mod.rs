@@ -10,7 +10,7 @@ pub mod rule;
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
-pub use rule::{EndpointPolicy, Net};
+pub use rule::{EndpointPolicy, Net, selects};
 
 use crate::k8s::ObjKey;
 
