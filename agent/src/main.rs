@@ -72,7 +72,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match real_main(Cli::parse()) {
+    let cli = Cli::parse();
+    // Not on the main thread, whose stack is whatever `ulimit -s` says: every
+    // thread that reads input has the stack the depth limits were made for.
+    let result = weft_agent::limits::thread("main")
+        .spawn(move || real_main(cli))
+        .map_err(anyhow::Error::from)
+        .and_then(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weft-agent: {e:#}");
@@ -121,7 +128,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if let Some(id) = identity {
                 opts.identity = id;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = weft_agent::limits::runtime(2)?;
             rt.block_on(async {
                 let client = weft_agent::k8s::source::client(kubeconfig.as_deref()).await?;
                 weft_agent::operator::run(client, opts).await

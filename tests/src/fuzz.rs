@@ -15,8 +15,14 @@
 //! - `tests/fuzz/T/corpus/`: seeds (committed);
 //! - `tests/fuzz/T/regressions/`: inputs that once failed (committed; run
 //!   first, every time);
-//! - crashes found go to `$WEFT_FUZZ_OUT/T/` (default: the cargo target dir),
-//!   and the failure message says which files to add to `regressions/`.
+//! - crashes found go to `$WEFT_FUZZ_OUT/T/` (default: `/tmp/weft-fuzz/T/`),
+//!   and the failure message says which files to add to `regressions/`; the
+//!   input being run is in `current` there, so one that aborts the process
+//!   (a stack overflow) is left behind.
+//!
+//! Targets run on a thread with the stack every thread of the agent gets
+//! (`weft_agent::limits::THREAD_STACK_BYTES`), not the test harness's: an
+//! input that overflows it here would overflow the agent too.
 
 use std::{
     collections::HashSet,
@@ -29,7 +35,7 @@ use std::{
 use serde_json::Value;
 
 /// A fuzz target: input bytes in, a signature of the outcome out.
-pub type Target = dyn Fn(&[u8]) -> u64;
+pub type Target = dyn Fn(&[u8]) -> u64 + Sync;
 
 /// How long a run goes on: `WEFT_FUZZ_SECONDS`, else `default`.
 pub fn budget(default: Duration) -> Duration {
@@ -103,6 +109,17 @@ impl Rng {
 /// `budget`. Panics (failing the test) with the saved inputs if any input
 /// panicked the target or took longer than `slow`.
 pub fn run(name: &str, target: &Target, budget: Duration, slow: Duration) -> Report {
+    std::thread::scope(|scope| {
+        let fuzzing = std::thread::Builder::new()
+            .name(format!("fuzz-{name}"))
+            .stack_size(weft_agent::limits::THREAD_STACK_BYTES)
+            .spawn_scoped(scope, || run_here(name, target, budget, slow))
+            .expect("spawning the fuzzing thread");
+        fuzzing.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn run_here(name: &str, target: &Target, budget: Duration, slow: Duration) -> Report {
     let seed = std::env::var("WEFT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });

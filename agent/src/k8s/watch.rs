@@ -418,7 +418,7 @@ const CONFIG_KINDS: &[(&str, &str, &str, &str, bool)] = &[
 
 /// A config document as the parser wants it: without what the server adds
 /// that no one reads (status, managed fields).
-fn config_doc(o: &DynamicObject, ar: &ApiResource) -> Value {
+pub(crate) fn config_doc(o: &DynamicObject, ar: &ApiResource) -> Value {
     let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
     if let Some(m) = v.as_object_mut() {
         m.insert("apiVersion".into(), Value::from(ar.api_version.clone()));

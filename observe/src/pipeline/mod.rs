@@ -55,11 +55,20 @@ pub struct PipelineConfig {
     pub l7_queue_capacity: usize,
     /// Connections remembered for joining access-log entries.
     pub connections: usize,
+    /// Stack of the pipeline's threads (the agent gives every thread the
+    /// same, `weft_agent::limits::THREAD_STACK_BYTES`).
+    pub thread_stack_bytes: usize,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        PipelineConfig { store_capacity: 4095, queue_capacity: 16384, l7_queue_capacity: 4096, connections: 65536 }
+        PipelineConfig {
+            store_capacity: 4095,
+            queue_capacity: 16384,
+            l7_queue_capacity: 4096,
+            connections: 65536,
+            thread_stack_bytes: 8 << 20,
+        }
     }
 }
 
@@ -106,6 +115,7 @@ pub struct Pipeline {
     /// The flows thread, until someone takes it to watch it.
     worker_handle: Mutex<Option<JoinHandle<()>>>,
     stop: AtomicBool,
+    thread_stack_bytes: usize,
     sinks: Mutex<Vec<Box<dyn Sink>>>,
 }
 
@@ -183,6 +193,7 @@ impl Pipeline {
             worker: OnceLock::new(),
             worker_handle: Mutex::new(None),
             stop: AtomicBool::new(false),
+            thread_stack_bytes: cfg.thread_stack_bytes,
             sinks: Mutex::new(Vec::new()),
         });
         let worker = {
@@ -190,6 +201,7 @@ impl Pipeline {
             let conns = ConnTable::new(cfg.connections);
             thread::Builder::new()
                 .name("flows".into())
+                .stack_size(cfg.thread_stack_bytes)
                 .spawn(move || flows_thread(p, cons, l7_rx, conns))
                 .expect("spawning the flows thread")
         };
@@ -293,6 +305,7 @@ impl Pipeline {
 pub fn spawn_reader(mut reader: EventReader, mut feed: EventFeed) -> JoinHandle<()> {
     thread::Builder::new()
         .name("events".into())
+        .stack_size(feed.pipeline.thread_stack_bytes)
         .spawn(move || {
             while !feed.stopped() {
                 if !reader.wait(Duration::from_millis(200)) {
