@@ -48,6 +48,10 @@ enum Command {
         /// This replica's identity; default: $POD_NAME.
         #[arg(long)]
         identity: Option<String>,
+        /// How long the leader holds the Lease without renewing it, in
+        /// seconds (a takeover waits this long).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600), default_value = "15")]
+        lease_duration: u64,
     },
     /// Print weft's CustomResourceDefinitions (YAML), generated from its types.
     Crds {
@@ -123,8 +127,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Operator { kubeconfig, namespace, identity } => {
-            let mut opts = weft_agent::operator::OperatorOptions { namespace, ..Default::default() };
+        Command::Operator { kubeconfig, namespace, identity, lease_duration } => {
+            let mut opts = weft_agent::operator::OperatorOptions {
+                namespace,
+                lease_duration: std::time::Duration::from_secs(lease_duration),
+                ..Default::default()
+            };
             if let Some(id) = identity {
                 opts.identity = id;
             }

@@ -5,7 +5,8 @@
 //! Server paths: `/status/<code>` answers with that status; anything else 200.
 //! With [`ServerOpts::echo`] the server plays the Gateway API conformance
 //! suite's echo backend instead: a JSON description of the request it got
-//! (path, host, method, headers) and of itself (namespace, pod).
+//! (path, host, method, headers) and of itself (namespace, pod), and the
+//! response headers the request's `X-Echo-Set-Header` asks for.
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -156,8 +157,14 @@ fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, counters: &Coun
         } else {
             req.path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()).unwrap_or(200)
         };
+        let mut extra = String::new();
         let (body, content_type) = match &opts.echo {
-            Some(pod) => (echo_body(&req, pod), "application/json"),
+            Some(pod) => {
+                for (k, v) in echo_set_headers(&req) {
+                    extra.push_str(&format!("{k}: {v}\r\n"));
+                }
+                (echo_body(&req, pod), "application/json")
+            }
             None => (
                 format!(
                     "name={} local={local} peer={peer} path={} version={}\n",
@@ -168,7 +175,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, counters: &Coun
         };
         let close = opts.close_after_response || req.close;
         let head = format!(
-            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nx-served-by: {}\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nx-served-by: {}\r\n{extra}{}\r\n",
             reason(status),
             body.len(),
             opts.name,
@@ -182,6 +189,18 @@ fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, counters: &Coun
             return Ok(());
         }
     }
+}
+
+/// The headers an echo backend is asked to answer with: the request's
+/// `X-Echo-Set-Header`, comma-separated `Name:value` items.
+fn echo_set_headers(req: &Request) -> Vec<(String, String)> {
+    req.headers
+        .iter()
+        .filter(|(k, _)| k == "x-echo-set-header")
+        .flat_map(|(_, v)| v.split(','))
+        .filter_map(|item| item.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
 }
 
 /// The echo backend's answer: the request as received, and the pod.
@@ -277,6 +296,13 @@ impl Response {
     /// A header by (lower-case) name.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a header (any case), joined by commas; None if absent.
+    pub fn header_values(&self, name: &str) -> Option<String> {
+        let name = name.to_ascii_lowercase();
+        let values: Vec<&str> = self.headers.iter().filter(|(k, _)| *k == name).map(|(_, v)| v.as_str()).collect();
+        (!values.is_empty()).then(|| values.join(","))
     }
 
     /// The body as JSON (an echo server's answer), or Null.

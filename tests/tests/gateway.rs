@@ -235,10 +235,35 @@ const BACKENDS: [(&str, &str, &str); 4] = [
     ("n2-p2", "gateway-conformance-web-backend", "web-backend"),
 ];
 
-/// The addresses this test, as the lab's load balancer, gives each Gateway's
-/// Service (the lab's client routes 172.20.0.0/16 to node1).
-const GATEWAY_ADDRESSES: [(&str, [u8; 4]); 2] =
-    [("same-namespace", [172, 20, 0, 20]), ("backend-namespaces", [172, 20, 0, 21])];
+/// The Gateways of gateway-conformance-infra the cases use: the address
+/// this test, as the lab's load balancer, gives each one's Service (the
+/// lab's client routes 172.20.0.0/16 to node1), once the Gateway exists.
+const GATEWAYS: [&str; 5] = [
+    "same-namespace",
+    "backend-namespaces",
+    "httproute-listener-hostname-matching",
+    "httproute-hostname-intersection",
+    "httproute-hostname-intersection-all",
+];
+
+/// The address of a Gateway of [`GATEWAYS`].
+fn gateway_address(gateway: &str) -> Ipv4Addr {
+    let i = GATEWAYS.iter().position(|g| *g == gateway).expect("a Gateway of GATEWAYS");
+    Ipv4Addr::new(172, 20, 0, 20 + i as u8)
+}
+
+/// Gives the Gateway's Service its address and waits until the Gateway is Programmed.
+fn assign_address(cp: &ControlPlane, gateway: &str) {
+    let service = format!("weft-gateway-{gateway}");
+    wait_for(&format!("Service {service}"), 60, || get(cp, "service", Some(INFRA), &service));
+    let patch = json!({"status": {"loadBalancer": {"ingress": [{"ip": gateway_address(gateway).to_string()}]}}});
+    let patch = patch.to_string();
+    cp.kubectl_ok(&["patch", "service", &service, "-n", INFRA, "--subresource=status", "--type=merge", "-p", &patch]);
+    wait_for(&format!("Gateway {gateway} Programmed"), 60, || {
+        get(cp, "gateway", Some(INFRA), gateway)
+            .filter(|g| condition(&g["status"]["conditions"], "Programmed").is_some_and(|c| c.0 == "True"))
+    });
+}
 
 /// A conformance file with the suite's placeholders filled in as for weft.
 fn conformance_text(relative: &str) -> String {
@@ -266,6 +291,8 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
 /// answer, the path and headers that backend saw, the redirect's target.
 #[derive(Clone, Debug)]
 struct Expect {
+    /// None: the Gateway's address.
+    host: Option<&'static str>,
     method: &'static str,
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
@@ -274,6 +301,13 @@ struct Expect {
     seen_path: Option<&'static str>,
     seen_headers: Vec<(&'static str, &'static str)>,
     absent: Vec<&'static str>,
+    /// Response headers the echo backend is asked for.
+    backend_answers: Vec<(&'static str, &'static str)>,
+    /// Response headers (joined values) the client must see, and must not.
+    response_headers: Vec<(&'static str, &'static str)>,
+    response_absent: Vec<&'static str>,
+    /// The echo backend (lab pod) that must also get the request, a copy.
+    mirrored_to: Option<&'static str>,
     /// (host, path) of the Location; host None: the request's.
     redirect: Option<(Option<&'static str>, &'static str)>,
 }
@@ -282,6 +316,7 @@ const INFRA: &str = "gateway-conformance-infra";
 
 fn req(path: &'static str) -> Expect {
     Expect {
+        host: None,
         method: "GET",
         path,
         headers: Vec::new(),
@@ -290,11 +325,36 @@ fn req(path: &'static str) -> Expect {
         seen_path: None,
         seen_headers: Vec::new(),
         absent: Vec::new(),
+        backend_answers: Vec::new(),
+        response_headers: Vec::new(),
+        response_absent: Vec::new(),
+        mirrored_to: None,
         redirect: None,
     }
 }
 
 impl Expect {
+    fn host(mut self, h: &'static str) -> Self {
+        self.host = Some(h);
+        self
+    }
+    /// A header the echo backend answers with (the suite asks it with `X-Echo-Set-Header`).
+    fn backend_answers(mut self, k: &'static str, v: &'static str) -> Self {
+        self.backend_answers.push((k, v));
+        self
+    }
+    fn responds_with(mut self, k: &'static str, v: &'static str) -> Self {
+        self.response_headers.push((k, v));
+        self
+    }
+    fn responds_without(mut self, k: &'static str) -> Self {
+        self.response_absent.push(k);
+        self
+    }
+    fn mirrored_to(mut self, lab_pod: &'static str) -> Self {
+        self.mirrored_to = Some(lab_pod);
+        self
+    }
     fn method(mut self, m: &'static str) -> Self {
         self.method = m;
         self
@@ -361,6 +421,16 @@ impl Expect {
         for k in &self.absent {
             if let Some(v) = seen(k) {
                 return Err(format!("the backend saw {k}: {v:?}, expected none"));
+            }
+        }
+        for (k, v) in &self.response_headers {
+            if r.header_values(k).as_deref() != Some(v) {
+                return Err(format!("the response had {k}: {:?}, expected {v:?}", r.header_values(k)));
+            }
+        }
+        for k in &self.response_absent {
+            if let Some(v) = r.header_values(k) {
+                return Err(format!("the response had {k}: {v:?}, expected none"));
             }
         }
         if let Some((want_host, want_path)) = self.redirect {
@@ -496,6 +566,221 @@ fn cases() -> Vec<Case> {
                     .seen_header("X-Header-Add", "original-val-add,header-add")
                     .seen_header("Another-Header", "another-header-val")
                     .absent("X-Header-Remove"),
+            ],
+        ),
+        (
+            "HTTPRouteHeaderMatching",
+            "httproute-header-matching",
+            "same-namespace",
+            (INFRA, "header-matching"),
+            vec![
+                req("/").header("Version", "one").by("infra-backend-v1"),
+                req("/").header("Version", "two").by("infra-backend-v2"),
+                req("/").header("Version", "two").header("Color", "orange").by("infra-backend-v1"),
+                req("/").header("Version", "two").header("Color", "blue").by("infra-backend-v2"),
+                req("/").header("Color", "orange").status(404),
+                req("/").header("Some-Other-Header", "one").status(404),
+                req("/").header("Color", "blue").by("infra-backend-v1"),
+                req("/").header("Color", "green").by("infra-backend-v1"),
+                req("/").header("Color", "red").by("infra-backend-v2"),
+                req("/").header("Color", "yellow").by("infra-backend-v2"),
+                req("/").header("Color", "purple").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteQueryParamMatching",
+            "httproute-query-param-matching",
+            "same-namespace",
+            (INFRA, "query-param-matching"),
+            vec![
+                req("/?animal=whale").by("infra-backend-v1"),
+                req("/?animal=dolphin").by("infra-backend-v2"),
+                req("/?animal=dolphin&color=blue").by("infra-backend-v3"),
+                req("/?ANIMAL=Whale").by("infra-backend-v3"),
+                req("/?animal=whale&otherparam=irrelevant").by("infra-backend-v1"),
+                req("/?animal=dolphin&color=yellow").by("infra-backend-v2"),
+                req("/?color=blue").status(404),
+                req("/?animal=dog").status(404),
+                req("/?animal=whaledolphin").status(404),
+                req("/").status(404),
+                req("/path1?animal=whale").by("infra-backend-v1"),
+                req("/?animal=whale").header("version", "one").by("infra-backend-v2"),
+                req("/path2?animal=whale").header("version", "two").by("infra-backend-v3"),
+                req("/path3?animal=shark").by("infra-backend-v1"),
+                req("/path4?animal=kraken").header("version", "three").by("infra-backend-v1"),
+                req("/?animal=shark").status(404),
+                req("/path4?animal=kraken").status(404),
+                req("/path5?animal=hydra").by("infra-backend-v1"),
+                req("/?animal=hydra").header("version", "four").by("infra-backend-v3"),
+            ],
+        ),
+        (
+            "HTTPRouteMatchingAcrossRoutes",
+            "httproute-matching-across-routes",
+            "same-namespace",
+            (INFRA, "matching-part2"),
+            vec![
+                req("/").host("example.com").by("infra-backend-v1"),
+                req("/example").host("example.com").by("infra-backend-v1"),
+                req("/example").host("example.net").by("infra-backend-v1"),
+                req("/example").host("example.com").header("Version", "one").by("infra-backend-v1"),
+                req("/v2").host("example.com").by("infra-backend-v2"),
+                req("/v2").host("example.net").by("infra-backend-v1"),
+                req("/v2/example").host("example.com").by("infra-backend-v2"),
+                req("/").host("example.com").header("Version", "two").by("infra-backend-v2"),
+            ],
+        ),
+        (
+            "HTTPRouteReferenceGrant",
+            "httproute-reference-grant",
+            "same-namespace",
+            (INFRA, "reference-grant"),
+            vec![req("/").by_in(web, "web-backend")],
+        ),
+        (
+            "HTTPRouteResponseHeaderModifier",
+            "httproute-response-header-modifier",
+            "same-namespace",
+            (INFRA, "response-header-modifier"),
+            vec![
+                req("/set")
+                    .backend_answers("Some-Other-Header", "val")
+                    .by("infra-backend-v1")
+                    .responds_with("Some-Other-Header", "val")
+                    .responds_with("X-Header-Set", "set-overwrites-values"),
+                req("/set")
+                    .backend_answers("Some-Other-Header", "val")
+                    .backend_answers("X-Header-Set", "some-other-value")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set", "set-overwrites-values"),
+                req("/add")
+                    .backend_answers("Some-Other-Header", "val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Add", "add-appends-values"),
+                req("/add")
+                    .backend_answers("X-Header-Add", "some-other-value")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Add", "some-other-value,add-appends-values"),
+                req("/remove")
+                    .backend_answers("X-Header-Remove", "val")
+                    .by("infra-backend-v1")
+                    .responds_without("X-Header-Remove"),
+                req("/multiple")
+                    .backend_answers("X-Header-Set-2", "set-val-2")
+                    .backend_answers("X-Header-Add-2", "add-val-2")
+                    .backend_answers("X-Header-Remove-2", "remove-val-2")
+                    .backend_answers("Another-Header", "another-header-val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set-1", "header-set-1")
+                    .responds_with("X-Header-Set-2", "header-set-2")
+                    .responds_with("X-Header-Add-1", "header-add-1")
+                    .responds_with("X-Header-Add-2", "add-val-2,header-add-2")
+                    .responds_with("X-Header-Add-3", "header-add-3")
+                    .responds_with("Another-Header", "another-header-val")
+                    .responds_without("X-Header-Remove-1")
+                    .responds_without("X-Header-Remove-2"),
+                req("/case-insensitivity")
+                    .backend_answers("x-header-set", "original-val-set")
+                    .backend_answers("x-header-add", "original-val-add")
+                    .backend_answers("x-header-remove", "original-val-remove")
+                    .backend_answers("Another-Header", "another-header-val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set", "header-set")
+                    .responds_with("X-Header-Add", "original-val-add,header-add")
+                    .responds_with("Another-Header", "another-header-val")
+                    .responds_without("X-Header-Remove"),
+            ],
+        ),
+        (
+            "HTTPRouteRedirectHostAndStatus",
+            "httproute-redirect-host-and-status",
+            "same-namespace",
+            (INFRA, "redirect-host-and-status"),
+            vec![
+                req("/hostname-redirect").redirect(302, Some("example.org"), "/hostname-redirect"),
+                req("/host-and-status").redirect(301, Some("example.org"), "/host-and-status"),
+            ],
+        ),
+        (
+            "HTTPRouteRequestMirror",
+            "httproute-request-mirror",
+            "same-namespace",
+            (INFRA, "request-mirror"),
+            vec![
+                req("/mirror").by("infra-backend-v1").mirrored_to("n1-p2"),
+                req("/mirror-and-modify-headers")
+                    .header("X-Header-Remove", "remove-val")
+                    .header("X-Header-Add-Append", "append-val-1")
+                    .by("infra-backend-v1")
+                    .seen_header("X-Header-Set", "set-overwrites-values")
+                    .seen_header("X-Header-Add", "header-val-1")
+                    .seen_header("X-Header-Add-Append", "append-val-1,header-val-2")
+                    .absent("X-Header-Remove")
+                    .mirrored_to("n1-p2"),
+            ],
+        ),
+        (
+            "HTTPRouteListenerHostnameMatching",
+            "httproute-listener-hostname-matching",
+            "httproute-listener-hostname-matching",
+            (INFRA, "backend-v3"),
+            vec![
+                req("/").host("bar.com").by("infra-backend-v1"),
+                req("/").host("foo.bar.com").by("infra-backend-v2"),
+                req("/").host("baz.bar.com").by("infra-backend-v3"),
+                req("/").host("boo.bar.com").by("infra-backend-v3"),
+                req("/").host("multiple.prefixes.bar.com").by("infra-backend-v3"),
+                req("/").host("multiple.prefixes.foo.com").by("infra-backend-v3"),
+                req("/").host("foo.com").status(404),
+                req("/").host("no.matching.host").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteHostnameIntersection",
+            "httproute-hostname-intersection",
+            "httproute-hostname-intersection",
+            (INFRA, "wildcard-host-matches-listener-wildcard-host"),
+            vec![
+                req("/s1").host("very.specific.com").by("infra-backend-v1"),
+                req("/s1").host("very.specific.com:1234").by("infra-backend-v1"),
+                req("/s1").host("non.matching.com").status(404),
+                req("/s1").host("foo.nonmatchingwildcard.io").status(404),
+                req("/s1").host("foo.wildcard.io").status(404),
+                req("/non-matching-prefix").host("very.specific.com").status(404),
+                req("/s2").host("foo.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("bar.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("foo.bar.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("non.matching.com").status(404),
+                req("/s2").host("wildcard.io").status(404),
+                req("/s2").host("very.specific.com").status(404),
+                req("/non-matching-prefix").host("foo.wildcard.io").status(404),
+                req("/s3").host("very.specific.com").by("infra-backend-v3"),
+                req("/s3").host("non.matching.com").status(404),
+                req("/s3").host("foo.specific.com").status(404),
+                req("/s3").host("foo.wildcard.io").status(404),
+                req("/s4").host("foo.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("bar.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("foo.bar.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("anotherwildcard.io").status(404),
+                req("/s4").host("foo.wildcard.io").status(404),
+                req("/s4").host("very.specific.com").status(404),
+                req("/non-matching-prefix").host("foo.anotherwildcard.io").status(404),
+                req("/s5").host("specific.but.wrong.com").status(404),
+                req("/s5").host("wildcard.io").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteHostnameIntersection (a listener without hostname)",
+            "httproute-hostname-intersection",
+            "httproute-hostname-intersection-all",
+            (INFRA, "httproute-hostname-intersection-all"),
+            vec![
+                req("/").host("first.com").by("infra-backend-v2"),
+                req("/").host("sub.first.com").by("infra-backend-v2"),
+                req("/").host("second.com").by("infra-backend-v2"),
+                req("/").host("sub.second.com").by("infra-backend-v2"),
+                req("/").host("third.com").status(404),
+                req("/").host("sub.third.com").status(404),
             ],
         ),
         (
@@ -679,46 +964,46 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     }
 
     // The lab's load balancer: an address for each Gateway's Service.
-    for (gateway, ip) in GATEWAY_ADDRESSES {
-        let service = format!("weft-gateway-{gateway}");
-        wait_for(&format!("Service {service}"), 60, || get(&cp, "service", Some(INFRA), &service));
-        let patch =
-            json!({"status": {"loadBalancer": {"ingress": [{"ip": Ipv4Addr::from(ip).to_string()}]}}}).to_string();
-        cp.kubectl_ok(&[
-            "patch",
-            "service",
-            &service,
-            "-n",
-            INFRA,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &patch,
-        ]);
-        wait_for(&format!("Gateway {gateway} Programmed"), 60, || {
-            get(&cp, "gateway", Some(INFRA), gateway)
-                .filter(|g| condition(&g["status"]["conditions"], "Programmed").is_some_and(|c| c.0 == "True"))
-        });
-    }
+    assign_address(&cp, "same-namespace");
+    assign_address(&cp, "backend-namespaces");
 
     let ext = lab.ext_netns.clone();
     for (test, file, gateway, route, expects) in cases() {
         let yaml = conformance_text(&format!("tests/{file}.yaml"));
         cp.apply(&yaml);
+        if !["same-namespace", "backend-namespaces"].contains(&gateway) {
+            assign_address(&cp, gateway);
+        }
         wait_for(&format!("{test}: the route accepted"), 60, || route_ready(&cp, route, gateway));
-        let ip = Ipv4Addr::from(GATEWAY_ADDRESSES.iter().find(|(g, _)| *g == gateway).expect("an address").1);
-        let host = ip.to_string();
+        let ip = gateway_address(gateway);
+        let address = ip.to_string();
         for e in &expects {
+            let host = e.host.unwrap_or(&address);
+            let mirror =
+                e.mirrored_to.map(|p| &servers[BACKENDS.iter().position(|b| b.0 == p).expect("a backend pod")]);
+            let mirrored_before = mirror.map(|m| m.served.load(std::sync::atomic::Ordering::SeqCst));
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let mut headers = e.headers.clone();
+                let set: Vec<String> = e.backend_answers.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                let set = set.join(",");
+                let mut headers: Vec<(&str, &str)> = e.headers.to_vec();
+                if !set.is_empty() {
+                    headers.push(("X-Echo-Set-Header", &set));
+                }
                 headers.push(("connection", "close"));
                 let answer = Client::connect(&ext, sa_of(ip, 80), None, T)
-                    .and_then(|mut c| c.request(e.method, &host, e.path, &headers))
+                    .and_then(|mut c| c.request(e.method, host, e.path, &headers))
                     .map_err(|err| err.to_string())
-                    .and_then(|r| e.check(&host, &r).map_err(|why| format!("{why}; {r:?}")));
+                    .and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
                 match answer {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if let (Some(m), Some(before)) = (mirror, mirrored_before) {
+                            wait_for(&format!("{test}: {} mirrored", e.path), 10, || {
+                                (m.served.load(std::sync::atomic::Ordering::SeqCst) > before).then_some(())
+                            });
+                        }
+                        break;
+                    }
                     Err(why) if Instant::now() > deadline => {
                         panic!("{test}: {} {} {:?}: {why}\n{}", e.method, e.path, e.headers, logs())
                     }

@@ -86,10 +86,10 @@ pub(crate) fn host_port(raw: u16) -> u16 {
 
 /// Maps an insert failure to MapFull when the kernel says the map has no room.
 fn insert_err(map: &'static str, key: &'static str, max_entries: u32, e: MapError) -> DatapathError {
-    if let MapError::SyscallError(sys) = &e {
-        if matches!(sys.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) {
-            return DatapathError::MapFull { map, key, max_entries };
-        }
+    if let MapError::SyscallError(sys) = &e
+        && matches!(sys.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC))
+    {
+        return DatapathError::MapFull { map, key, max_entries };
     }
     DatapathError::Map { map, source: Box::new(e) }
 }

@@ -25,10 +25,10 @@ fn listener_inodes(ports: &BTreeSet<u16>) -> Result<HashMap<u64, u16>> {
         let Some(port) = f[1].split_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) else {
             continue;
         };
-        if ports.contains(&port) {
-            if let Ok(inode) = f[9].parse() {
-                out.insert(inode, port);
-            }
+        if ports.contains(&port)
+            && let Ok(inode) = f[9].parse()
+        {
+            out.insert(inode, port);
         }
     }
     Ok(out)

@@ -176,7 +176,11 @@ impl Snapshot {
             .map(|n| (n.ip, if n.name == node_name { abi::ID_HOST } else { abi::ID_REMOTE_NODE }))
             .chain(node_ip.map(|ip| (ip, abi::ID_HOST)))
             .collect();
-        let namespace_labels = BTreeMap::new();
+        let namespace_labels = objects
+            .namespaces
+            .iter()
+            .map(|(k, n)| (k.name.clone(), n.object.metadata.labels.clone().unwrap_or_default()))
+            .collect();
         let cluster = policy::rule::Cluster {
             pods: &pods,
             nodes: &node_ids,
@@ -185,7 +189,7 @@ impl Snapshot {
         };
         let mut translated = policy::Translated::default();
         for (key, np) in &objects.network_policies {
-            policy::netpol::translate(key, &np.object, &cluster, &mut translated, &mut problems);
+            policy::netpol::translate(key, &np.object, &mut translated, &mut problems);
         }
         let policy = policy::derive(translated, &cluster, &mut problems);
 
@@ -265,22 +269,20 @@ pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects, slices
             }
         }
     }
-    if !any_slice {
-        if let Some(eps) = objects.endpoints.get(key) {
-            for subset in eps.object.subsets.iter().flatten() {
-                let Some(port) = subset
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
-                    .and_then(|p| u16::try_from(p.port).ok())
-                else {
-                    continue;
-                };
-                for a in subset.addresses.iter().flatten() {
-                    if let Some(addr) = ipv4(&a.ip) {
-                        out.insert(BackendAddr { addr, port });
-                    }
+    if !any_slice && let Some(eps) = objects.endpoints.get(key) {
+        for subset in eps.object.subsets.iter().flatten() {
+            let Some(port) = subset
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+                .and_then(|p| u16::try_from(p.port).ok())
+            else {
+                continue;
+            };
+            for a in subset.addresses.iter().flatten() {
+                if let Some(addr) = ipv4(&a.ip) {
+                    out.insert(BackendAddr { addr, port });
                 }
             }
         }
@@ -369,10 +371,10 @@ fn service_state(
         for ip in &cluster_ips {
             add(*ip, number, FrontendKind::ClusterIp);
         }
-        if matches!(kind, "NodePort" | "LoadBalancer") {
-            if let (Some(np), Some(ip)) = (node_port, node_ip) {
-                add(ip, np, FrontendKind::NodePort);
-            }
+        if matches!(kind, "NodePort" | "LoadBalancer")
+            && let (Some(np), Some(ip)) = (node_port, node_ip)
+        {
+            add(ip, np, FrontendKind::NodePort);
         }
         for ip in &external {
             add(*ip, number, FrontendKind::External);

@@ -353,7 +353,7 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
         p.counters.flows.fetch_add(flows, Ordering::Relaxed);
         p.store.push_batch(&mut batch, now_ns() / 1_000_000_000);
         batches = batches.wrapping_add(1);
-        if batches % 1024 == 0 {
+        if batches.is_multiple_of(1024) {
             // The wall clock may have been stepped.
             offset = monotonic_offset();
         }

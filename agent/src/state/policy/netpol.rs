@@ -15,7 +15,7 @@ use k8s_openapi::{
 
 use super::{
     Translated,
-    rule::{Cluster, NAMESPACE_NAME_LABEL, Net, Peer, PodSelector, Policy, PortSel, PortSpec, Rule},
+    rule::{Net, Peer, PodSelector, Policy, PortSel, PortSpec, Rule},
 };
 use crate::{
     datapath::{Direction, PolicyAction, Proto},
@@ -27,13 +27,7 @@ pub const KIND: &str = "NetworkPolicy";
 
 /// Adds one NetworkPolicy. Problems name the policy and the field; what
 /// cannot be read allows nothing (the pods it selects stay selected).
-pub fn translate(
-    key: &ObjKey,
-    np: &NetworkPolicy,
-    cluster: &Cluster,
-    out: &mut Translated,
-    problems: &mut Vec<String>,
-) {
+pub fn translate(key: &ObjKey, np: &NetworkPolicy, out: &mut Translated, problems: &mut Vec<String>) {
     let Some(spec) = np.spec.as_ref() else { return };
     let rule_id = out.object(KIND, key);
     let mut problem = |field: &str, msg: String| problems.push(format!("{KIND} {key}: {field}: {msg}"));
@@ -57,14 +51,14 @@ pub fn translate(
         for (ri, r) in spec.ingress.iter().flatten().enumerate() {
             let at = format!("spec.ingress[{ri}]");
             let from = (format!("{at}.from"), r.from.as_deref());
-            rules.push(rule(Direction::Ingress, &at, from, r.ports.as_deref(), &key.namespace, cluster, &mut problem));
+            rules.push(rule(Direction::Ingress, &at, from, r.ports.as_deref(), &key.namespace, &mut problem));
         }
     }
     if egress {
         for (ri, r) in spec.egress.iter().flatten().enumerate() {
             let at = format!("spec.egress[{ri}]");
             let to = (format!("{at}.to"), r.to.as_deref());
-            rules.push(rule(Direction::Egress, &at, to, r.ports.as_deref(), &key.namespace, cluster, &mut problem));
+            rules.push(rule(Direction::Egress, &at, to, r.ports.as_deref(), &key.namespace, &mut problem));
         }
     }
     out.policies.push(Policy {
@@ -87,10 +81,9 @@ fn rule(
     (peers_at, list): (String, Option<&[NetworkPolicyPeer]>),
     port_list: Option<&[NetworkPolicyPort]>,
     ns: &str,
-    cluster: &Cluster,
     problem: &mut impl FnMut(&str, String),
 ) -> Rule {
-    let peers = peers(list, ns, cluster, &peers_at, problem);
+    let peers = peers(list, ns, &peers_at, problem);
     let (peers, ports) = match ports(port_list, at, problem) {
         Some(ports) => (peers, ports),
         None => (Vec::new(), Vec::new()),
@@ -98,17 +91,11 @@ fn rule(
     Rule { direction, action: PolicyAction::Allow, peers, ports, proxy_port: None }
 }
 
-fn peers(
-    list: Option<&[NetworkPolicyPeer]>,
-    ns: &str,
-    cluster: &Cluster,
-    at: &str,
-    problem: &mut impl FnMut(&str, String),
-) -> Vec<Peer> {
+fn peers(list: Option<&[NetworkPolicyPeer]>, ns: &str, at: &str, problem: &mut impl FnMut(&str, String)) -> Vec<Peer> {
     let Some(list) = list.filter(|l| !l.is_empty()) else { return vec![Peer::Any] };
     let mut out = Vec::new();
     for (i, p) in list.iter().enumerate() {
-        match peer(p, ns, cluster) {
+        match peer(p, ns) {
             Ok(peer) => out.push(peer),
             Err(e) => problem(&format!("{at}[{i}]"), e),
         }
@@ -116,7 +103,7 @@ fn peers(
     out
 }
 
-fn peer(p: &NetworkPolicyPeer, ns: &str, cluster: &Cluster) -> Result<Peer, String> {
+fn peer(p: &NetworkPolicyPeer, ns: &str) -> Result<Peer, String> {
     if let Some(block) = &p.ip_block {
         let net =
             Net::parse(&block.cidr).ok_or_else(|| format!("ipBlock.cidr {:?} is not an IPv4 CIDR", block.cidr))?;
@@ -129,23 +116,6 @@ fn peer(p: &NetworkPolicyPeer, ns: &str, cluster: &Cluster) -> Result<Peer, Stri
             except.push(e);
         }
         return Ok(Peer::Cidr { net, except });
-    }
-    if let Some(sel) = &p.namespace_selector
-        && cluster.namespace_labels.is_empty()
-    {
-        for k in sel
-            .match_labels
-            .iter()
-            .flatten()
-            .map(|(k, _)| k)
-            .chain(sel.match_expressions.iter().flatten().map(|e| &e.key))
-        {
-            if k != NAMESPACE_NAME_LABEL {
-                return Err(format!(
-                    "namespaceSelector key {k:?}: weft knows namespaces by their {NAMESPACE_NAME_LABEL} label only here (no Namespace objects); select namespaces by name"
-                ));
-            }
-        }
     }
     Ok(Peer::Pods(PodSelector {
         namespace: p.namespace_selector.is_none().then(|| ns.to_owned()),
@@ -268,6 +238,10 @@ metadata: {name: deny-web, namespace: shop}
 spec:
   podSelector: {matchExpressions: [{key: app, operator: In, values: [web]}]}
   policyTypes: [Ingress]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops, labels: {team: platform}}
 "#;
 
     fn snapshot(extra: &str) -> Snapshot {
@@ -318,6 +292,27 @@ spec:
         // The excepted address has an identity of its own that no entry allows.
         let except = cidr_id(&s, "192.168.50.100/32");
         assert!(!allowed.iter().any(|(id, _, _)| *id == except));
+    }
+
+    #[test]
+    fn namespace_selectors_match_any_label_of_the_namespace() {
+        let policy = |sel: &str| {
+            format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: other-from-ns, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: other}}}}\n  ingress: [{{from: [{{namespaceSelector: {sel}}}]}}]\n"
+            )
+        };
+        let allowed = |s: &Snapshot| {
+            s.policy.endpoints[&ip("10.1.1.13")].entries.iter().map(|e| e.identity).collect::<BTreeSet<u32>>()
+        };
+        // ops is labelled team=platform; shop has no Namespace object (its name label alone).
+        let s = snapshot(&policy("{matchLabels: {team: platform}}"));
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(allowed(&s), BTreeSet::from([id_of(&s, "probe")]));
+        let s = snapshot(&policy("{matchExpressions: [{key: team, operator: DoesNotExist}]}"));
+        let shop: BTreeSet<u32> = ["db", "web", "other"].iter().map(|p| id_of(&s, p)).collect();
+        assert_eq!(allowed(&s), shop, "namespaces without the label");
+        let s = snapshot(&policy("{matchLabels: {kubernetes.io/metadata.name: ops, team: platform}}"));
+        assert_eq!(allowed(&s), BTreeSet::from([id_of(&s, "probe")]), "the name label is always there");
     }
 
     #[test]
@@ -384,14 +379,14 @@ spec:
   podSelector: {matchLabels: {app: other}}
   policyTypes: [Ingress, Egress]
   ingress:
-  - from: [{namespaceSelector: {matchLabels: {team: a}}}, {ipBlock: {cidr: 10.0.0.0/40}}]
+  - from: [{namespaceSelector: {matchExpressions: [{key: team, operator: Near}]}}, {ipBlock: {cidr: 10.0.0.0/40}}]
     ports: [{port: 80, protocol: SCTP}]
   egress:
   - to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]
 "#,
         );
         let p = s.problems.join("\n");
-        assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].from[0]: namespaceSelector key \"team\""), "{p}");
+        assert!(p.contains("NetworkPolicy shop/bad: peer selector: matchExpressions operator \"Near\""), "{p}");
         assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].from[1]: ipBlock.cidr \"10.0.0.0/40\""), "{p}");
         assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].ports[0]: protocol \"SCTP\""), "{p}");
         assert!(

@@ -146,8 +146,8 @@ pub struct Cluster<'a> {
     pub nodes: &'a [(Ipv4Addr, u32)],
     /// Named container ports of each pod, by address.
     pub named_ports: &'a BTreeMap<Ipv4Addr, BTreeMap<String, (u16, Proto)>>,
-    /// Labels of each namespace (when the source knows the Namespace objects;
-    /// otherwise a namespace has only `kubernetes.io/metadata.name`).
+    /// Labels of each namespace with a Namespace object (a namespace without
+    /// one has only `kubernetes.io/metadata.name`, which every namespace has).
     pub namespace_labels: &'a BTreeMap<String, BTreeMap<String, String>>,
 }
 
@@ -159,7 +159,7 @@ pub const POD_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 impl Cluster<'_> {
     fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
         let mut l = self.namespace_labels.get(ns).cloned().unwrap_or_default();
-        l.entry(NAMESPACE_NAME_LABEL.to_owned()).or_insert_with(|| ns.to_owned());
+        l.insert(NAMESPACE_NAME_LABEL.to_owned(), ns.to_owned());
         l
     }
 }
