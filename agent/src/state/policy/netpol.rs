@@ -15,7 +15,7 @@ use k8s_openapi::{
 
 use super::{
     Translated,
-    rule::{Net, Peer, PodSelector, Policy, PortSel, PortSpec, Rule},
+    rule::{Net, Peer, PodSelector, Policy, PortSel, PortSpec, Rule, check_selector},
 };
 use crate::{
     datapath::{Direction, PolicyAction, Proto},
@@ -116,6 +116,11 @@ fn peer(p: &NetworkPolicyPeer, ns: &str) -> Result<Peer, String> {
             except.push(e);
         }
         return Ok(Peer::Cidr { net, except });
+    }
+    for (what, sel) in [("namespaceSelector", &p.namespace_selector), ("podSelector", &p.pod_selector)] {
+        if let Some(sel) = sel {
+            check_selector(sel).map_err(|e| format!("{what}: {e}"))?;
+        }
     }
     Ok(Peer::Pods(PodSelector {
         namespace: p.namespace_selector.is_none().then(|| ns.to_owned()),
@@ -386,7 +391,12 @@ spec:
 "#,
         );
         let p = s.problems.join("\n");
-        assert!(p.contains("NetworkPolicy shop/bad: peer selector: matchExpressions operator \"Near\""), "{p}");
+        assert!(
+            p.contains(
+                "NetworkPolicy shop/bad: spec.ingress[0].from[0]: namespaceSelector: matchExpressions operator \"Near\""
+            ),
+            "{p}"
+        );
         assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].from[1]: ipBlock.cidr \"10.0.0.0/40\""), "{p}");
         assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].ports[0]: protocol \"SCTP\""), "{p}");
         assert!(

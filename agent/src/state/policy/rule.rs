@@ -18,7 +18,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use weft_ebpf::abi;
 
 use crate::{
@@ -172,24 +172,36 @@ pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result
         }
     }
     for e in sel.match_expressions.iter().flatten() {
-        let values = e.values.as_deref().unwrap_or_default();
-        let have = labels.get(&e.key);
-        let ok = match e.operator.as_str() {
-            "In" => have.is_some_and(|h| values.contains(h)),
-            "NotIn" => !have.is_some_and(|h| values.contains(h)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            other => {
-                return Err(format!(
-                    "matchExpressions operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"
-                ));
-            }
-        };
-        if !ok {
+        if !holds(e, labels)? {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Whether one expression holds for the labels; an error for an operator
+/// that is not one of Kubernetes'.
+fn holds(e: &LabelSelectorRequirement, labels: &BTreeMap<String, String>) -> Result<bool, String> {
+    let values = e.values.as_deref().unwrap_or_default();
+    let have = labels.get(&e.key);
+    Ok(match e.operator.as_str() {
+        "In" => have.is_some_and(|h| values.contains(h)),
+        "NotIn" => !have.is_some_and(|h| values.contains(h)),
+        "Exists" => have.is_some(),
+        "DoesNotExist" => have.is_none(),
+        other => {
+            return Err(format!("matchExpressions operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"));
+        }
+    })
+}
+
+/// Checks a selector can be evaluated (every operator is known), so that a
+/// bad one is reported where it is written, whatever pods exist.
+pub fn check_selector(sel: &LabelSelector) -> Result<(), String> {
+    for e in sel.match_expressions.iter().flatten() {
+        holds(e, &BTreeMap::new())?;
+    }
+    Ok(())
 }
 
 impl PodSelector {
