@@ -244,7 +244,8 @@ impl Default for KubernetesOptions {
 pub struct EnvoyOptions {
     /// Run Envoy at all (off: L7 Services need a proxy listener of their own). Default: true.
     pub enabled: bool,
-    /// The Envoy binary. Default: $WEFT_ENVOY, else the project's .venv/bin/envoy, else `envoy` on PATH.
+    /// The Envoy binary. Default: $WEFT_ENVOY, else `envoy` on PATH, else `envoy`
+    /// next to weft-agent (looked up when the agent starts).
     pub binary: Option<PathBuf>,
     /// Admin port on 127.0.0.1. Default: 9901.
     pub admin_port: u16,

@@ -184,13 +184,30 @@ pub fn agent_binary() -> PathBuf {
     workspace_binary("weft-agent")
 }
 
+/// The Envoy the tests run: $WEFT_ENVOY, else the one tests/setup.sh pins in
+/// the project's venv.
+pub fn envoy_binary() -> PathBuf {
+    match std::env::var_os("WEFT_ENVOY").filter(|p| !p.is_empty()) {
+        Some(p) => p.into(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy"),
+    }
+}
+
+/// A command that runs the agent binary with the tests' Envoy (the agent
+/// finds Envoy at run time; the lab's is not on PATH).
+pub fn agent_command() -> Command {
+    let mut cmd = Command::new(agent_binary());
+    cmd.env("WEFT_ENVOY", envoy_binary());
+    cmd
+}
+
 /// Starts node `idx`'s agent inside the node's namespace and cgroup (as a
 /// node process; the lab's teardown then also stops the Envoy it starts);
 /// returns its pid.
 pub fn start_agent(lab: &Lab, idx: usize, files: &AgentFiles, log: &Path) -> anyhow::Result<u32> {
     let _ = std::fs::remove_file(files.state_dir.join("ready"));
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let mut cmd = Command::new(agent_binary());
+    let mut cmd = agent_command();
     cmd.args(["run", "--config"]).arg(&files.config).stdout(log.try_clone()?).stderr(log);
     lab.spawn(&lab.node(idx).netns, Some(&lab.node(idx).cgroup), &mut cmd)
 }

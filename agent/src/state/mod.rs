@@ -1,6 +1,7 @@
 //! Desired state: one immutable snapshot derived from everything the sources
-//! hold. The datapath, the xDS server and flow enrichment all read snapshots;
-//! only the state task builds them.
+//! hold. The datapath worker and the flow pipeline's names read snapshots;
+//! only the control loop builds them (through the controller, which builds
+//! the xDS resources alongside).
 
 pub mod policy;
 

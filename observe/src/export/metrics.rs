@@ -5,7 +5,9 @@
 //! direction) say where traffic came from and went, at a cardinality the
 //! user chooses.
 
-use std::{collections::HashMap, fmt, hash::BuildHasherDefault, sync::Arc};
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use fnv::FnvBuildHasher;
 
 use prometheus_client::{
     collector::Collector,
@@ -23,7 +25,7 @@ use weft_flow::{
 
 use crate::pipeline::{
     Pipeline, Sink,
-    enrich::{IntHasher, Names},
+    enrich::Names,
     record::{EV_L7, EndpointInfo, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, LostSource},
 };
 
@@ -275,7 +277,7 @@ impl FlowMetrics {
 
 impl Sink for FlowMetrics {
     fn batch(&mut self, _first_seq: u64, entries: &[Entry], _names: &Names) {
-        let mut fold: HashMap<Key, (u64, Ctx), BuildHasherDefault<IntHasher>> = HashMap::default();
+        let mut fold: HashMap<Key, (u64, Ctx), FnvBuildHasher> = HashMap::default();
         let mut tcp = [0u64; 4];
         let mut add =
             |k: Key, f: &FlowRecord| fold.entry(k).or_insert_with(|| (0, (f.src.clone(), f.dst.clone()))).0 += 1;

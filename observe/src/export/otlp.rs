@@ -221,6 +221,12 @@ fn grpc_err(s: tonic::Status) -> (bool, String) {
     (retry, format!("{}: {}", s.code(), s.message()))
 }
 
+/// The request target as HTTP/1.1 servers expect it (`/v1/logs`), not the
+/// absolute form a proxy takes.
+fn origin_form(uri: &hyper::Uri) -> String {
+    uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into())
+}
+
 async fn http_post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(), (bool, String)> {
     let uri: hyper::Uri = url.parse().map_err(|e| (false, format!("{url}: {e}")))?;
     let host = uri.host().unwrap_or("localhost").to_owned();
@@ -233,7 +239,7 @@ async fn http_post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(), (b
             .await
             .map_err(|e| (true, format!("HTTP handshake: {e}")))?;
         tokio::spawn(conn);
-        let req = hyper::Request::post(weft_flow::client::origin_form(&uri))
+        let req = hyper::Request::post(origin_form(&uri))
             .header("host", format!("{host}:{port}"))
             .header("content-type", "application/x-protobuf")
             .body(Full::new(Bytes::from(body)))

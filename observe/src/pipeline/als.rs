@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::{
     },
 };
 use tonic::{Request, Response, Status, Streaming};
+use weft_flow::time::ns_of_parts;
 
 use super::{
     Pipeline,
@@ -39,7 +40,7 @@ fn socket_addr(a: Option<&Address>) -> Option<SocketAddrV4> {
 }
 
 fn ns_of(d: Option<&envoy_types::pb::google::protobuf::Duration>) -> u64 {
-    d.map(|d| (d.seconds.max(0) as u64) * 1_000_000_000 + d.nanos.max(0) as u64).unwrap_or(0)
+    d.map(|d| ns_of_parts(d.seconds, d.nanos)).unwrap_or(0)
 }
 
 /// Envoy's short names for the response flags that are set (`UF,URX`).
@@ -75,8 +76,7 @@ pub fn entry(e: &HttpAccessLogEntry) -> L7Entry {
     let c = e.common_properties.clone().unwrap_or_default();
     let req = e.request.clone().unwrap_or_default();
     let resp = e.response.clone().unwrap_or_default();
-    let start_ns =
-        c.start_time.as_ref().map(|t| (t.seconds.max(0) as u64) * 1_000_000_000 + t.nanos.max(0) as u64).unwrap_or(0);
+    let start_ns = c.start_time.as_ref().map(|t| ns_of_parts(t.seconds, t.nanos)).unwrap_or(0);
     let duration_ns = match ns_of(c.duration.as_ref()) {
         0 => ns_of(c.time_to_last_downstream_tx_byte.as_ref()),
         d => d,

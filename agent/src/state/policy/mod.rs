@@ -50,12 +50,7 @@ pub struct PolicyState {
 /// The rule id of a policy: stable on every node (a hash of its kind and
 /// key), never 0.
 pub fn rule_id(kind: &str, key: &ObjKey) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in kind.bytes().chain([b' ']).chain(key.to_string().bytes()) {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h.max(1)
+    crate::hash::fnv1a_32(format!("{kind} {key}").as_bytes()).max(1)
 }
 
 /// Policies of every kind, translated, with what could not be.

@@ -15,11 +15,11 @@ use k8s_openapi::{
 
 use super::{
     Translated,
-    rule::{Net, Peer, PodSelector, Policy, PortSel, PortSpec, Rule, check_selector},
+    rule::{Net, Peer, PodSelector, Policy, PortSel, PortSpec, Rule},
 };
 use crate::{
     datapath::{Direction, PolicyAction, Proto},
-    k8s::ObjKey,
+    k8s::{ObjKey, selector},
 };
 
 /// The kind name rule ids and verdicts carry.
@@ -119,7 +119,7 @@ fn peer(p: &NetworkPolicyPeer, ns: &str) -> Result<Peer, String> {
     }
     for (what, sel) in [("namespaceSelector", &p.namespace_selector), ("podSelector", &p.pod_selector)] {
         if let Some(sel) = sel {
-            check_selector(sel).map_err(|e| format!("{what}: {e}"))?;
+            selector::check(sel).map_err(|e| format!("{what}: {}: {e}", e.field()))?;
         }
     }
     Ok(Peer::Pods(PodSelector {
@@ -393,7 +393,7 @@ spec:
         let p = s.problems.join("\n");
         assert!(
             p.contains(
-                "NetworkPolicy shop/bad: spec.ingress[0].from[0]: namespaceSelector: matchExpressions operator \"Near\""
+                "NetworkPolicy shop/bad: spec.ingress[0].from[0]: namespaceSelector: matchExpressions[0].operator: unknown operator \"Near\""
             ),
             "{p}"
         );

@@ -18,11 +18,12 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use weft_ebpf::abi;
 
 use crate::{
     datapath::{Direction, PolicyAction, PolicyEntry, Proto},
+    k8s::selector,
     state::PodState,
 };
 
@@ -165,43 +166,9 @@ impl Cluster<'_> {
 }
 
 /// Does `labels` satisfy the selector? An empty selector selects everything.
+/// (The matcher is `k8s::selector`'s; the error names the field at fault.)
 pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, String> {
-    for (k, v) in sel.match_labels.iter().flatten() {
-        if labels.get(k) != Some(v) {
-            return Ok(false);
-        }
-    }
-    for e in sel.match_expressions.iter().flatten() {
-        if !holds(e, labels)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// Whether one expression holds for the labels; an error for an operator
-/// that is not one of Kubernetes'.
-fn holds(e: &LabelSelectorRequirement, labels: &BTreeMap<String, String>) -> Result<bool, String> {
-    let values = e.values.as_deref().unwrap_or_default();
-    let have = labels.get(&e.key);
-    Ok(match e.operator.as_str() {
-        "In" => have.is_some_and(|h| values.contains(h)),
-        "NotIn" => !have.is_some_and(|h| values.contains(h)),
-        "Exists" => have.is_some(),
-        "DoesNotExist" => have.is_none(),
-        other => {
-            return Err(format!("matchExpressions operator {other:?} (expected In, NotIn, Exists or DoesNotExist)"));
-        }
-    })
-}
-
-/// Checks a selector can be evaluated (every operator is known), so that a
-/// bad one is reported where it is written, whatever pods exist.
-pub fn check_selector(sel: &LabelSelector) -> Result<(), String> {
-    for e in sel.match_expressions.iter().flatten() {
-        holds(e, &BTreeMap::new())?;
-    }
-    Ok(())
+    selector::matches(sel, labels).map_err(|e| format!("{}: {e}", e.field()))
 }
 
 impl PodSelector {
