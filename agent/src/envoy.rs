@@ -196,7 +196,7 @@ fn readiness(state: watch::Sender<EnvoyState>, port: u16) -> tokio::task::JoinHa
     tokio::spawn(async move {
         let url = format!("http://127.0.0.1:{port}/ready");
         // Without a client there is no readiness to report: Envoy stays not ready.
-        let client = match reqwest::Client::builder().timeout(Duration::from_secs(2)).no_proxy().build() {
+        let client = match weft_flow::client::http_client().timeout(Duration::from_secs(2)).build() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("an HTTP client for Envoy's admin interface: {e}");
@@ -205,7 +205,7 @@ fn readiness(state: watch::Sender<EnvoyState>, port: u16) -> tokio::task::JoinHa
         };
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let ready = client.get(&url).send().await.is_ok_and(|r| r.status() == reqwest::StatusCode::OK);
+            let ready = client.get(&url).send().await.is_ok_and(|r| r.status().as_u16() == 200);
             state.send_if_modified(|st| {
                 let changed = st.ready != ready;
                 st.ready = ready;

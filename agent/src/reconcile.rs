@@ -9,7 +9,7 @@ use weft_ebpf::abi;
 
 use crate::{
     datapath::{Datapath, DatapathError, EndpointEntry, Frontend, IpcacheEntry, PolicyEntry, Result, ServiceEntry},
-    state::Snapshot,
+    state::{Snapshot, policy::EndpointPolicy},
 };
 
 /// What one pass did, for logs and metrics.
@@ -53,14 +53,14 @@ impl Reconciler {
         Self { devices, ..Default::default() }
     }
 
-    /// Applies `snap`; `policies` holds each local pod's ingress entries by
-    /// address (pods absent from it have no policy). Runs in the node's
-    /// network namespace.
+    /// Applies `snap`; `policies` holds the policy of each local pod some
+    /// policy selects, by address (pods absent from it have none). Runs in
+    /// the node's network namespace.
     pub fn apply(
         &mut self,
         dp: &mut Datapath,
         snap: &Snapshot,
-        policies: &BTreeMap<Ipv4Addr, Vec<PolicyEntry>>,
+        policies: &BTreeMap<Ipv4Addr, EndpointPolicy>,
     ) -> Result<Applied> {
         let mut out = Applied::default();
         if !self.devices_attached {
@@ -152,7 +152,7 @@ impl Reconciler {
         &mut self,
         dp: &mut Datapath,
         snap: &Snapshot,
-        policies: &BTreeMap<Ipv4Addr, Vec<PolicyEntry>>,
+        policies: &BTreeMap<Ipv4Addr, EndpointPolicy>,
         out: &mut Applied,
     ) -> Result<()> {
         let mut want = BTreeMap::new();
@@ -171,16 +171,17 @@ impl Reconciler {
                     continue;
                 }
             };
-            let entries = policies.get(&p.ip);
+            let policy = policies.get(&p.ip);
             let ep = EndpointEntry {
                 addr: p.ip,
                 ifindex,
                 identity: p.identity,
                 ep_id: dp.endpoint_id_for(p.ip),
-                policy_ingress: entries.is_some(),
+                policy_ingress: policy.is_some_and(|p| p.ingress),
+                policy_egress: policy.is_some_and(|p| p.egress),
             };
             // Policy entries go in before the endpoint starts enforcing them.
-            let entries = entries.cloned().unwrap_or_default();
+            let entries = policy.map(|p| p.entries.clone()).unwrap_or_default();
             if self.policies.get(&ep.ep_id) != Some(&entries) {
                 dp.set_policy(ep.ep_id, &entries)?;
                 self.policies.insert(ep.ep_id, entries);

@@ -43,8 +43,27 @@ impl LabService {
     }
 }
 
+/// How a test wants a lab pod to look to Kubernetes: its namespace, labels
+/// and named container ports, in place of the lab's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct PodLook {
+    pub namespace: String,
+    pub labels: Vec<(String, String)>,
+    /// (name, port) of TCP container ports.
+    pub ports: Vec<(String, u16)>,
+}
+
 /// The lab's nodes and pods, and the given Services with their EndpointSlices, as YAML.
 pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
+    lab_objects_with(lab, services, &std::collections::BTreeMap::new())
+}
+
+/// Like [`lab_objects`], with some pods (by name) looking as `looks` says.
+pub fn lab_objects_with(
+    lab: &Lab,
+    services: &[LabService],
+    looks: &std::collections::BTreeMap<&str, PodLook>,
+) -> String {
     let mut y = String::new();
     for n in &lab.nodes {
         let _ = write!(
@@ -54,14 +73,20 @@ pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
         );
     }
     for p in &lab.pods {
-        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let look = looks.get(p.name.as_str());
+        let labels: Vec<String> =
+            look.map_or(&p.labels, |l| &l.labels).iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let ports: Vec<String> = look
+            .map(|l| l.ports.iter().map(|(n, port)| format!("{{name: {n}, containerPort: {port}}}")).collect())
+            .unwrap_or_default();
         let _ = write!(
             y,
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: app, image: lab}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: app, image: lab, ports: [{}]}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
             p.name,
-            p.namespace,
+            look.map_or(&p.namespace, |l| &l.namespace),
             labels.join(", "),
             lab.node(p.node).name,
+            ports.join(", "),
             p.ip
         );
     }

@@ -89,7 +89,7 @@ use weft_observe::{
         server::Query,
     },
     pipeline::{
-        enrich::Names,
+        enrich::{Names, PolicyName},
         join::ConnTable,
         l7_flows,
         record::{EndpointInfo, Entry, FlowRecord, ServiceInfo},
@@ -121,7 +121,7 @@ fn names() -> Names {
         6,
         Arc::new(ServiceInfo { namespace: "default".into(), name: "web".into() }),
     );
-    n.add_policy(7, "default".into(), "allow-web".into());
+    n.add_policy(7, PolicyName { kind: "NetworkPolicy".into(), namespace: "default".into(), name: "allow-web".into() });
     n
 }
 

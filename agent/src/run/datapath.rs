@@ -124,7 +124,7 @@ fn apply(
     snap: &Snapshot,
     status: &watch::Sender<DatapathStatus>,
 ) -> anyhow::Result<()> {
-    let applied = rec.apply(dp, snap, &snap.policy.ingress).context("applying desired state")?;
+    let applied = rec.apply(dp, snap, &snap.policy.endpoints).context("applying desired state")?;
     for p in snap.problems.iter().chain(&applied.problems) {
         tracing::warn!(version = snap.version, "{p}");
     }

@@ -73,7 +73,7 @@ pub struct Snapshot {
     pub nodes: Vec<NodeState>,
     /// Identity -> its label set.
     pub identities: BTreeMap<u32, LabelSet>,
-    /// What the NetworkPolicies mean for this node.
+    /// What the network policies mean for this node.
     pub policy: policy::PolicyState,
     /// Things in the objects that could not be represented, one line each.
     pub problems: Vec<String>,
@@ -172,18 +172,27 @@ impl Snapshot {
                 (!ports.is_empty()).then_some((*ip, ports))
             })
             .collect();
-        let policies = objects.network_policies.iter().map(|(k, v)| (k.clone(), &v.object)).collect();
         let node_ids: Vec<(Ipv4Addr, u32)> = nodes
             .iter()
             .map(|n| (n.ip, if n.name == node_name { abi::ID_HOST } else { abi::ID_REMOTE_NODE }))
             .chain(node_ip.map(|ip| (ip, abi::ID_HOST)))
             .collect();
-        let namespaces = objects
+        let namespace_labels = objects
             .namespaces
             .iter()
             .map(|(k, n)| (k.name.clone(), n.object.metadata.labels.clone().unwrap_or_default()))
             .collect();
-        let policy = policy::derive(&policies, &pods, &namespaces, &node_ids, &named_ports, &mut problems);
+        let cluster = policy::rule::Cluster {
+            pods: &pods,
+            nodes: &node_ids,
+            named_ports: &named_ports,
+            namespace_labels: &namespace_labels,
+        };
+        let mut translated = policy::Translated::default();
+        for (key, np) in &objects.network_policies {
+            policy::netpol::translate(key, &np.object, &mut translated, &mut problems);
+        }
+        let policy = policy::derive(translated, &cluster, &mut problems);
 
         let slices = SliceIndex::of(objects);
         let services = objects

@@ -133,13 +133,22 @@ pub async fn observer_tls(addr: &Address, tls: &TlsClient) -> Result<ObserverCli
     Ok(ObserverClient::new(channel_tls(addr, tls).await?).max_decoding_message_size(64 << 20))
 }
 
+/// The start of every HTTP client in the workspace (reqwest over hyper,
+/// rustls on ring): the agent's polls of Envoy's admin interface, `weft
+/// status`, OTLP/HTTP export. No proxy from the environment (every peer is on
+/// the node or named in config). reqwest is built without a TLS crypto
+/// provider of its own (its default, aws-lc-rs, needs cmake): ring, which
+/// kube and tonic use already, is installed as the process default.
+pub fn http_client() -> reqwest::ClientBuilder {
+    // Err only when a provider is installed already; then that one is used.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy()
+}
+
 /// GETs `url` (the agent's HTTP API); the status and body.
 pub async fn http_get(url: &str) -> Result<(u16, String), String> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .no_proxy()
-        .build()
-        .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+    let client =
+        http_client().timeout(Duration::from_secs(5)).build().map_err(|e| format!("{url}: {}", error_chain(&e)))?;
     let resp = client.get(url).send().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;
     let code = resp.status().as_u16();
     let body = resp.text().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;

@@ -246,10 +246,10 @@ fn http_layer7(f: &FlowRecord, h: &Http) -> flow::Layer7 {
 fn policies(names: &Names, f: &FlowRecord) -> Vec<flow::Policy> {
     names
         .policy(f.ev.rule_id)
-        .map(|(ns, name)| flow::Policy {
-            name: name.clone(),
-            namespace: ns.clone(),
-            kind: "NetworkPolicy".into(),
+        .map(|p| flow::Policy {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            kind: p.kind.clone(),
             ..Default::default()
         })
         .into_iter()

@@ -260,7 +260,11 @@ impl FlowMetrics {
                 let l = vec![
                     ("direction", dir.as_str_name().to_ascii_lowercase()),
                     ("match", names::policy_match(k.a as u32).to_ascii_lowercase()),
-                    ("action", if k.b == 1 { "dropped" } else { "forwarded" }.into()),
+                    // Hubble's action: the verdict's name in lower case.
+                    (
+                        "action",
+                        Verdict::try_from(k.b as i32).unwrap_or(Verdict::Unknown).as_str_name().to_ascii_lowercase(),
+                    ),
                 ];
                 (self.policy.clone(), l)
             }
@@ -286,10 +290,7 @@ impl Sink for FlowMetrics {
             add(self.key(0, (ev.r#type as u16) << 8 | ev.subtype as u16, verdict as u16, proto, f, dir), f);
             match ev.r#type as u32 {
                 abi::EV_DROP => add(self.key(1, ev.subtype as u16, 0, proto, f, dir), f),
-                abi::EV_POLICY => add(
-                    self.key(2, ev.policy_match as u16, (verdict == Verdict::Dropped) as u16, dir as u16, f, dir),
-                    f,
-                ),
+                abi::EV_POLICY => add(self.key(2, ev.policy_match as u16, verdict as u16, dir as u16, f, dir), f),
                 abi::EV_TRACE if ev.proto == 6 => {
                     for flag in flag_names(ev.tcp_flags) {
                         let i = ["SYN", "SYN-ACK", "FIN", "RST"].iter().position(|n| n == flag).unwrap_or(0);

@@ -22,8 +22,18 @@ pub struct Names {
     endpoints: HashMap<u32, Arc<EndpointInfo>, FnvBuildHasher>,
     /// By (address in network order, port, protocol number).
     services: HashMap<u64, Arc<ServiceInfo>, FnvBuildHasher>,
-    /// Policy rule id -> (namespace, name).
-    policies: HashMap<u32, (String, String), FnvBuildHasher>,
+    /// Policy rule id -> the policy.
+    policies: HashMap<u32, PolicyName, FnvBuildHasher>,
+}
+
+/// The policy object a verdict's rule id stands for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyName {
+    /// As users wrote it: `NetworkPolicy`, `CiliumNetworkPolicy`, ...
+    pub kind: String,
+    /// Empty for cluster-wide kinds.
+    pub namespace: String,
+    pub name: String,
 }
 
 fn raw(ip: Ipv4Addr) -> u32 {
@@ -48,8 +58,8 @@ impl Names {
         self.services.insert(svc_key(raw(ip), port, proto), info);
     }
 
-    pub fn add_policy(&mut self, rule_id: u32, namespace: String, name: String) {
-        self.policies.insert(rule_id, (namespace, name));
+    pub fn add_policy(&mut self, rule_id: u32, policy: PolicyName) {
+        self.policies.insert(rule_id, policy);
     }
 
     /// The pod or node with this address.
@@ -68,7 +78,7 @@ impl Names {
     }
 
     /// The policy a rule id names.
-    pub fn policy(&self, rule_id: u32) -> Option<&(String, String)> {
+    pub fn policy(&self, rule_id: u32) -> Option<&PolicyName> {
         self.policies.get(&rule_id)
     }
 
