@@ -10,6 +10,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use weft_flow::socket::Access;
+use weft_observe::api::server::StreamLimits;
+
 use crate::datapath::{DatapathConfig, EmitLevel, MapSizes};
 
 /// Configuration of `weft-agent run`.
@@ -66,6 +69,11 @@ pub struct AgentConfig {
     /// get the datapath on the device weft-cni named (and only then);
     /// unset, on the device that routes to their address. Default: none.
     pub cni_socket: Option<PathBuf>,
+    /// A group (a name in /etc/group, or a number) whose members may, besides
+    /// root, enter state-dir and connect to the agent's xDS, access-log and
+    /// flow API sockets (the agent must be a member: the pod's
+    /// `supplementalGroups`). Default: none (root only).
+    pub socket_group: Option<String>,
 }
 
 /// The flow pipeline and its outputs.
@@ -88,6 +96,11 @@ pub struct FlowOptions {
     pub otlp: Option<OtlpOptions>,
     /// TLS on the flow API's TCP address. Default: none (plaintext, as Hubble's default).
     pub tls: Option<FlowTls>,
+    /// GetFlows streams one client (a TCP peer address, a unix peer uid) may
+    /// keep open at once. Default: 16.
+    pub max_streams_per_client: usize,
+    /// GetFlows streams open at once from all clients. Default: 128.
+    pub max_streams: usize,
 }
 
 /// TLS of the flow API.
@@ -142,7 +155,16 @@ impl Default for FlowOptions {
             ],
             otlp: None,
             tls: None,
+            max_streams_per_client: StreamLimits::default().per_client,
+            max_streams: StreamLimits::default().total,
         }
+    }
+}
+
+impl FlowOptions {
+    /// The flow API's stream limits.
+    pub fn stream_limits(&self) -> StreamLimits {
+        StreamLimits { per_client: self.max_streams_per_client, total: self.max_streams }
     }
 }
 
@@ -240,6 +262,10 @@ impl OtlpOptions {
 /// mistyped size must not ask for all the node's memory.
 pub const MAX_QUEUE: usize = 1 << 24;
 
+/// The most flow API streams `flows.max-streams*` may allow (each holds a
+/// buffer of responses and its compiled filters).
+pub const MAX_STREAMS: usize = 4096;
+
 /// Where the agent finds the Kubernetes API.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -307,6 +333,7 @@ impl Default for AgentConfig {
             flows: FlowOptions::default(),
             kubernetes: KubernetesOptions::default(),
             cni_socket: None,
+            socket_group: None,
         }
     }
 }
@@ -345,6 +372,25 @@ impl AgentConfig {
         Ok(cfg)
     }
 
+    /// Who may use the agent's sockets: root, and `socket-group` if set.
+    pub fn socket_access(&self) -> Result<Access, ConfigError> {
+        let Some(group) = &self.socket_group else {
+            return Ok(Access::default());
+        };
+        let invalid = |reason: String| ConfigError::Invalid { key: "socket-group", value: group.clone(), reason };
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(Access { gid: Some(gid) });
+        }
+        let groups = std::fs::read_to_string("/etc/group").map_err(|e| invalid(format!("reading /etc/group: {e}")))?;
+        let gid = groups
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&group.as_str()))
+            .and_then(|f| f.get(2)?.parse::<u32>().ok())
+            .ok_or_else(|| invalid("no such group in /etc/group (give its number instead)".into()))?;
+        Ok(Access { gid: Some(gid) })
+    }
+
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, value: &dyn std::fmt::Debug, reason: &str| ConfigError::Invalid {
@@ -380,6 +426,15 @@ impl AgentConfig {
                 "flows.store-size/queue-size",
                 &(self.flows.store_size, self.flows.queue_size),
                 &format!("must be from 1 to {MAX_QUEUE}"),
+            ));
+        }
+        self.socket_access()?;
+        let streams = (self.flows.max_streams_per_client, self.flows.max_streams);
+        if !(1..=MAX_STREAMS).contains(&streams.0) || !(1..=MAX_STREAMS).contains(&streams.1) {
+            return Err(invalid(
+                "flows.max-streams-per-client/max-streams",
+                &streams,
+                &format!("must be from 1 to {MAX_STREAMS}"),
             ));
         }
         if self.envoy.concurrency > 1024 {

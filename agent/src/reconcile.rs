@@ -2,6 +2,14 @@
 //! address in the ipcache, local pods as endpoints on their devices, every
 //! Service frontend written; what the snapshot no longer has is removed.
 //! Applying the same snapshot twice changes nothing.
+//!
+//! A full map does not stop a pass: what fits is written, what does not is
+//! reported in [`Applied::full`] (by map and `map-sizes` key) and left out of
+//! what the reconciler remembers as written, so the next pass (the worker
+//! retries while something is left out) writes it once there is room.
+//! Frontends and addresses a snapshot drops are removed before additions,
+//! so they make room in the same pass; room freed later (a pod removed at
+//! the end of its pass) is used by the retry.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
@@ -21,6 +29,50 @@ pub struct Applied {
     pub endpoints_removed: usize,
     /// Problems that did not stop the pass (a pod whose device is not there yet, ...).
     pub problems: Vec<String>,
+    /// Maps that had no room for everything, with what was left out.
+    pub full: Vec<FullMap>,
+}
+
+/// A map that had no room for some entries of the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FullMap {
+    /// The BPF map (`weft_services`, ...).
+    pub map: &'static str,
+    /// Its key under the agent config's `map-sizes`.
+    pub key: &'static str,
+    /// Its `max_entries`.
+    pub capacity: u32,
+    /// How many objects (frontends, pods, addresses) were not written.
+    pub not_written: usize,
+    /// The first few of them, for people.
+    pub examples: Vec<String>,
+}
+
+/// How many left-out objects a [`FullMap`] names.
+const EXAMPLES: usize = 8;
+
+impl Applied {
+    /// Records that `what` was not written when `err` says its map is
+    /// full; any other error is the caller's.
+    fn left_out(&mut self, err: DatapathError, what: impl FnOnce() -> String) -> Result<()> {
+        let DatapathError::MapFull { map, key, max_entries } = err else {
+            return Err(err);
+        };
+        let i = match self.full.iter().position(|f| f.map == map) {
+            Some(i) => i,
+            None => {
+                self.full.push(FullMap { map, key, capacity: max_entries, not_written: 0, examples: Vec::new() });
+                self.full.len() - 1
+            }
+        };
+        let f = &mut self.full[i];
+        f.not_written += 1;
+        if f.examples.len() < EXAMPLES {
+            f.examples.push(what());
+        }
+        Ok(())
+    }
 }
 
 /// Keeps what was last written, to write only differences.
@@ -76,13 +128,13 @@ impl Reconciler {
             }
             self.devices_attached = true;
         }
-        self.apply_ipcache(dp, snap)?;
+        self.apply_ipcache(dp, snap, &mut out)?;
         self.apply_endpoints(dp, snap, policies, &mut out)?;
         self.apply_services(dp, snap, &mut out)?;
         Ok(out)
     }
 
-    fn apply_ipcache(&mut self, dp: &mut Datapath, snap: &Snapshot) -> Result<()> {
+    fn apply_ipcache(&mut self, dp: &mut Datapath, snap: &Snapshot, out: &mut Applied) -> Result<()> {
         let mut want = BTreeMap::new();
         let node_of: BTreeMap<&str, Ipv4Addr> = snap.nodes.iter().map(|n| (n.name.as_str(), n.ip)).collect();
         for p in &snap.pods {
@@ -140,17 +192,22 @@ impl Reconciler {
                 }
             }
         }
-        for (k, e) in &want {
-            if self.ipcache.get(k) != Some(e) {
-                dp.upsert_ipcache(e)?;
-            }
-        }
         for k in self.ipcache.keys() {
             if !want.contains_key(k) {
                 dp.delete_ipcache(k.0, k.1)?;
             }
         }
-        self.ipcache = want;
+        let mut written = BTreeMap::new();
+        for (k, e) in want {
+            if self.ipcache.get(&k) != Some(&e)
+                && let Err(err) = dp.upsert_ipcache(&e)
+            {
+                out.left_out(err, || format!("address {}/{}", e.addr, e.prefix_len))?;
+                continue;
+            }
+            written.insert(k, e);
+        }
+        self.ipcache = written;
         Ok(())
     }
 
@@ -201,13 +258,28 @@ impl Reconciler {
                 policy_egress: policy.is_some_and(|p| p.egress),
             };
             // Policy entries go in before the endpoint starts enforcing them.
+            // Those that do not fit are left out (denies go first, see
+            // `Datapath::set_policy`) and written on a later pass.
             let entries = policy.map(|p| p.entries.clone()).unwrap_or_default();
             if self.policies.get(&ep.ep_id) != Some(&entries) {
-                dp.set_policy(ep.ep_id, &entries)?;
-                self.policies.insert(ep.ep_id, entries);
+                match dp.set_policy(ep.ep_id, &entries) {
+                    Ok(()) => {
+                        self.policies.insert(ep.ep_id, entries);
+                    }
+                    Err(err) => {
+                        self.policies.remove(&ep.ep_id);
+                        out.left_out(err, || format!("policy of pod {}", p.key))?;
+                    }
+                }
             }
             if self.endpoints.get(&p.ip) != Some(&ep) {
-                dp.upsert_endpoint(&ep)?;
+                if let Err(err) = dp.upsert_endpoint(&ep) {
+                    // No room for the pod: its policy entries are not needed either.
+                    out.left_out(err, || format!("pod {}", p.key))?;
+                    self.policies.remove(&ep.ep_id);
+                    dp.set_policy(ep.ep_id, &[])?;
+                    continue;
+                }
                 out.endpoints_written += 1;
             }
             want.insert(p.ip, ep);
@@ -234,23 +306,33 @@ impl Reconciler {
     fn apply_services(&mut self, dp: &mut Datapath, snap: &Snapshot, out: &mut Applied) -> Result<()> {
         let want: BTreeMap<Frontend, ServiceEntry> =
             snap.services.iter().flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone()))).collect();
-        for (f, e) in &want {
-            if self.services.get(f) != Some(e) {
-                match dp.upsert_service(e) {
-                    Ok(()) => out.services_written += 1,
-                    Err(err @ DatapathError::MapFull { .. }) => return Err(err),
-                    Err(err) => out.problems.push(format!("frontend {f}: {err}")),
-                }
-            }
-        }
         // Everything written but not wanted: also what an earlier run left.
         for f in dp.frontends()? {
             if !want.keys().any(|w| w.addr == f.addr && w.port == f.port && w.proto == f.proto) {
                 dp.delete_service(&f)?;
+                self.services.remove(&f);
                 out.services_removed += 1;
             }
         }
-        self.services = want;
+        let mut written = BTreeMap::new();
+        for (f, e) in want {
+            if self.services.get(&f) != Some(&e) {
+                match dp.upsert_service(&e) {
+                    Ok(()) => out.services_written += 1,
+                    Err(err @ DatapathError::MapFull { .. }) => {
+                        // The frontend keeps what it had, if anything.
+                        out.left_out(err, || format!("frontend {f}"))?;
+                        if let Some(old) = self.services.remove(&f) {
+                            written.insert(f, old);
+                        }
+                        continue;
+                    }
+                    Err(err) => out.problems.push(format!("frontend {f}: {err}")),
+                }
+            }
+            written.insert(f, e);
+        }
+        self.services = written;
         Ok(())
     }
 }

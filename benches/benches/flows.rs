@@ -300,7 +300,17 @@ fn main() {
             .spawn(move || {
                 let rt =
                     tokio::runtime::Builder::new_current_thread().enable_all().thread_name("server").build().unwrap();
-                rt.block_on(server::serve(p, Listen { tcp: None, unix: Some(sock), tls: None })).unwrap();
+                rt.block_on(server::serve(
+                    p,
+                    Listen {
+                        tcp: None,
+                        unix: Some(sock),
+                        tls: None,
+                        limits: Default::default(),
+                        access: Default::default(),
+                    },
+                ))
+                .unwrap();
             })
             .unwrap();
     }

@@ -21,7 +21,7 @@ use weft_flow::{
     },
 };
 use weft_observe::{
-    api::server::{self, Listen},
+    api::server::{self, Listen, StreamLimits},
     pipeline::{
         EventFeed, Pipeline, PipelineConfig,
         enrich::Names,
@@ -115,11 +115,15 @@ impl Drop for TempDir {
 }
 
 async fn start(cfg: PipelineConfig) -> Api {
+    start_with(cfg, StreamLimits::default()).await
+}
+
+async fn start_with(cfg: PipelineConfig, limits: StreamLimits) -> Api {
     let dir = std::env::temp_dir().join(format!("weft-flow-api-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("observer.sock");
     let (pipeline, feed) = Pipeline::start(cfg, names());
-    let listen = Listen { tcp: None, unix: Some(sock.clone()), tls: None };
+    let listen = Listen { tcp: None, unix: Some(sock.clone()), tls: None, limits, access: Default::default() };
     tokio::spawn(server::serve(pipeline.clone(), listen));
     for _ in 0..100 {
         if sock.exists() {
@@ -474,7 +478,13 @@ async fn the_flow_api_speaks_tls_and_can_require_client_certificates() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let tls =
         server::Tls { cert_pem: read("server.crt"), key_pem: read("server.key"), client_ca_pem: Some(read("ca.crt")) };
-    let listen = Listen { tcp: Some(([127, 0, 0, 1], port).into()), unix: None, tls: Some(tls) };
+    let listen = Listen {
+        tcp: Some(([127, 0, 0, 1], port).into()),
+        unix: None,
+        tls: Some(server::TlsSource::fixed(tls)),
+        limits: Default::default(),
+        access: Default::default(),
+    };
     let served = tokio::spawn(server::serve(pipeline.clone(), listen));
     tokio::time::sleep(Duration::from_millis(200)).await;
     if served.is_finished() {
@@ -514,4 +524,258 @@ async fn the_flow_api_speaks_tls_and_can_require_client_certificates() {
     };
     assert!(refused, "a plaintext client gets nothing");
     pipeline.stop();
+}
+
+/// Renewed certificates are served without a restart: the server reads its
+/// files again (here every 100 ms), new connections get the new server
+/// certificate and must show a client certificate of the new CA; files that
+/// do not go together (a certificate without its key, mid-renewal) leave the
+/// old ones in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_are_served_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("weft-flow-renew-{}-{}", std::process::id(), rand_suffix()));
+    let _cleanup = TempDir(dir.clone());
+    let (old, new, live) = (dir.join("old"), dir.join("new"), dir.join("live"));
+    for d in [&old, &new, &live] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    certificates(&old);
+    certificates(&new);
+    let install = |from: &std::path::Path, files: &[&str]| {
+        for f in files {
+            std::fs::copy(from.join(f), live.join(format!("{f}.tmp"))).unwrap();
+            std::fs::rename(live.join(format!("{f}.tmp")), live.join(f)).unwrap();
+        }
+    };
+    install(&old, &["server.crt", "server.key", "ca.crt"]);
+    let source = {
+        let live = live.clone();
+        server::TlsSource {
+            load: Arc::new(move || {
+                let read = |f: &str| std::fs::read(live.join(f)).map_err(|e| format!("{f}: {e}"));
+                Ok(server::Tls {
+                    cert_pem: read("server.crt")?,
+                    key_pem: read("server.key")?,
+                    client_ca_pem: Some(read("ca.crt")?),
+                })
+            }),
+            every: Duration::from_millis(100),
+        }
+    };
+    let (pipeline, _feed) = Pipeline::start(PipelineConfig::default(), names());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = Listen {
+        tcp: Some(([127, 0, 0, 1], port).into()),
+        unix: None,
+        tls: Some(source),
+        limits: Default::default(),
+        access: Default::default(),
+    };
+    let served = tokio::spawn(server::serve(pipeline.clone(), listen));
+    let addr = Address::parse(&format!("tls://127.0.0.1:{port}")).unwrap();
+    let client = |set: &std::path::Path| {
+        let read = |f: &str| std::fs::read(set.join(f)).unwrap();
+        client::TlsClient {
+            ca_pem: Some(read("ca.crt")),
+            server_name: Some("flows.weft.test".into()),
+            identity: Some((read("client.crt"), read("client.key"))),
+        }
+    };
+    let works = |set: std::path::PathBuf| {
+        let addr = addr.clone();
+        async move {
+            match client::observer_tls(&addr, &client(&set)).await {
+                Ok(mut c) => c.server_status(ServerStatusRequest {}).await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    };
+    let eventually = |set: std::path::PathBuf, want: bool| async move {
+        for _ in 0..100 {
+            if works(set.clone()).await == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(eventually(old.clone(), true).await, "the first certificates are served");
+    assert!(!works(new.clone()).await, "a client of the next CA is not trusted yet");
+    // Half a renewal: the new certificate with the old key does not load.
+    install(&new, &["server.crt"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(works(old.clone()).await, "the old certificates stay in use");
+    install(&new, &["server.key", "ca.crt"]);
+    assert!(eventually(new.clone(), true).await, "the renewed certificates are served");
+    assert!(!works(old.clone()).await, "the old CA's clients and certificate are gone");
+    assert!(!served.is_finished(), "the same server, not restarted");
+    pipeline.stop();
+}
+
+// ---------------------------------------------------- queries and the writer
+
+/// Waits (without the store's lock) until the store has seen `n` flows;
+/// false after `timeout`.
+async fn seen_within(p: &Pipeline, n: u64, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while p.store.seen() < n {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+/// Queries never stall the writer. A scan whose filter is as slow as it
+/// gets (it does not return until the writer has stored 1,600 more flows)
+/// walks a store of four scan chunks while the pipeline takes events through
+/// a 64-record queue: with the scan holding the writer's lock, the writer
+/// would wait and the queue would overflow; here every flow is stored and
+/// nothing is lost. Then real GetFlows queries with many regular
+/// expressions run over the store while events keep coming: still no loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_with_slow_filters_never_stall_the_writer() {
+    use weft_observe::pipeline::store::SCAN_CHUNK;
+    let cfg = PipelineConfig { store_capacity: 100_000, queue_capacity: 64, ..Default::default() };
+    let mut api = start(cfg).await;
+    let filled = 4 * SCAN_CHUNK as u64;
+    for i in 0..filled {
+        api.feed.push(&trace(abi::OBS_TO_ENDPOINT, 1000 + i as u16, 0x10));
+        if i % 32 == 31 {
+            api.feed.flush();
+            assert!(seen_within(&api.pipeline, i + 1, Duration::from_secs(30)).await);
+        }
+    }
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let scan = {
+        let p = api.pipeline.clone();
+        std::thread::spawn(move || {
+            let mut visited = 0u64;
+            let pos = p.store.find_back(None, |_, _| {
+                if visited == 0 {
+                    started_tx.send(()).unwrap();
+                    // The slow filter: until the writer is done (or gave up).
+                    let _ = done_rx.recv_timeout(Duration::from_secs(60));
+                }
+                visited += 1;
+                Some(true)
+            });
+            (pos, visited)
+        })
+    };
+    started_rx.recv_timeout(Duration::from_secs(10)).expect("the scan started");
+    let rounds = 50u64;
+    for round in 0..rounds {
+        for i in 0..32u16 {
+            api.feed.push(&trace(abi::OBS_TO_ENDPOINT, 20000 + round as u16 * 32 + i, 0x10));
+        }
+        api.feed.flush();
+        let want = filled + (round + 1) * 32;
+        assert!(
+            seen_within(&api.pipeline, want, Duration::from_secs(30)).await,
+            "the writer was held up by a scan: {} of {want} flows stored",
+            api.pipeline.store.seen()
+        );
+    }
+    done_tx.send(()).unwrap();
+    let (pos, visited) = scan.join().unwrap();
+    // The scan saw the store as it was when it started (newer flows are
+    // for the reader that follows), every entry of it.
+    assert_eq!((pos, visited), (0, filled));
+    assert_eq!(api.pipeline.counters.lost(LostSource::AgentQueue), 0);
+
+    // Real queries, each with as many regular expressions as a request may
+    // hold, against a steady stream of events.
+    let heavy = |i: usize| FlowFilter {
+        source_pod: vec![format!("shop/frontend-{i}")],
+        http_path: (0..4).map(|j| format!("^/(api|v[0-9]+)/(items|carts)/[a-z0-9-]{{1,64}}/{i}{j}$")).collect(),
+        ..Default::default()
+    };
+    let req = GetFlowsRequest {
+        blacklist: (0..16).map(heavy).collect(),
+        whitelist: vec![FlowFilter { source_pod: vec!["shop/".into()], ..Default::default() }],
+        number: 100_000,
+        ..Default::default()
+    };
+    let queries: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, req) = (api.addr.clone(), req.clone());
+            tokio::spawn(async move { flows(&get(&addr, req).await).len() })
+        })
+        .collect();
+    let before = api.pipeline.store.seen();
+    for round in 0..rounds {
+        for i in 0..32u16 {
+            api.feed.push(&trace(abi::OBS_TO_ENDPOINT, 40000 + round as u16 * 32 + i, 0x10));
+        }
+        api.feed.flush();
+        assert!(seen_within(&api.pipeline, before + (round + 1) * 32, Duration::from_secs(30)).await);
+    }
+    for q in queries {
+        assert!(q.await.unwrap() as u64 >= filled, "each query returned the flows it matched");
+    }
+    assert_eq!(api.pipeline.counters.lost(LostSource::AgentQueue), 0);
+}
+
+// ------------------------------------------------------------------ bounds
+
+/// Opens a follow stream (it stays open until dropped).
+async fn follow(addr: &Address) -> Result<tonic::Streaming<GetFlowsResponse>, tonic::Status> {
+    let mut c = client::observer(addr).await.unwrap();
+    c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.map(|r| r.into_inner())
+}
+
+/// Opens a follow stream, retrying while the server has not yet noticed a
+/// stream the test closed.
+async fn follow_eventually(addr: &Address) -> tonic::Streaming<GetFlowsResponse> {
+    for _ in 0..100 {
+        if let Ok(s) = follow(addr).await {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no stream slot came back");
+}
+
+/// One client may keep `per_client` GetFlows streams open, all clients
+/// `total`; more is ResourceExhausted, and closing a stream gives its place
+/// back. A request larger than the limit is refused before it is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_and_requests_are_bounded() {
+    let api = start_with(PipelineConfig::default(), StreamLimits { per_client: 2, total: 10 }).await;
+    let a = follow(&api.addr).await.unwrap();
+    let _b = follow(&api.addr).await.unwrap();
+    let err = follow(&api.addr).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("this client has 2 flow streams open"), "{err}");
+    drop(a);
+    let _c = follow_eventually(&api.addr).await;
+    assert_eq!(follow(&api.addr).await.unwrap_err().code(), tonic::Code::ResourceExhausted);
+
+    let api = start_with(PipelineConfig::default(), StreamLimits { per_client: 10, total: 2 }).await;
+    let a = follow(&api.addr).await.unwrap();
+    let _b = follow(&api.addr).await.unwrap();
+    let err = follow(&api.addr).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("the flow API serves 2 streams"), "{err}");
+    drop(a);
+    let _c = follow_eventually(&api.addr).await;
+
+    // Refused streams held nothing; a query that is not a follow ends and
+    // gives its place back by itself.
+    let api = start_with(PipelineConfig::default(), StreamLimits { per_client: 1, total: 1 }).await;
+    for _ in 0..3 {
+        let mut c = client::observer(&api.addr).await.unwrap();
+        let mut s = c.get_flows(GetFlowsRequest::default()).await.unwrap().into_inner();
+        while s.message().await.unwrap().is_some() {}
+        drop(s);
+        let _ = follow_eventually(&api.addr).await;
+    }
+
+    let huge = FlowFilter { source_pod: vec!["x".repeat(server::MAX_REQUEST_BYTES + 1)], ..Default::default() };
+    let mut c = client::observer(&api.addr).await.unwrap();
+    let err = c.get_flows(GetFlowsRequest { whitelist: vec![huge], ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
 }

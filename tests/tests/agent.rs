@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use weft_tests::{
+    flows::{agent_get, metric_sum},
     http::{Client, HttpServer, ServerOpts, get_once},
     lab::Lab,
-    objects::{LabService, agent_files, lab_objects, start_agent, wait_ready, write_atomic},
+    objects::{LabService, agent_files, lab_objects, start_agent, wait_ready, wait_status, write_atomic},
     require_root,
     scenario::{T, VIP, sa},
 };
@@ -116,4 +117,143 @@ fn a_component_that_panics_ends_the_agent_with_an_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("weft-agent: the flow names and counters panicked: WEFT_TEST_PANIC=flow-sync"), "{stderr}");
+}
+
+/// A full BPF map does not end the agent: with room for two Services'
+/// entries (`map-sizes.services: 4`, a frontend and one backend slot each),
+/// the agent serves the two that fit, reports the third (`/status`
+/// `full-maps`, the `weft_datapath_map_not_written` metric and a log line
+/// naming the map and the `map-sizes` key), and writes it as soon as a
+/// Service it holds is deleted.
+#[test]
+fn a_full_map_serves_what_fits_and_the_rest_once_there_is_room() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let backend = lab.pod("n1-p2");
+    let _server = HttpServer::start(
+        &backend.netns,
+        sa(backend.ip, 8080),
+        ServerOpts { name: "n1-p2".into(), ..Default::default() },
+    )
+    .unwrap();
+    let files = agent_files(&lab, 0, "map-sizes: {services: 4}\n").unwrap();
+    let vip = |last: u8| std::net::Ipv4Addr::new(10, 96, 0, last);
+    let svc = |name: &str, last: u8| LabService::new(name, vip(last), 80, &["n1-p2"]);
+    let objects = files.objects_dir.join("lab.yaml");
+    write_atomic(&objects, &lab_objects(&lab, &[svc("web1", 10), svc("web2", 11), svc("web3", 12)])).unwrap();
+    let log = lab.run_dir.join("agent.log");
+    let pid = start_agent(&lab, 0, &files, &log).unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_ready(&files, Duration::from_secs(20), || lab.running(pid)).unwrap_or_else(|e| panic!("{e}: {}", log_text()));
+
+    let full_services = |s: &serde_json::Value| -> Option<serde_json::Value> {
+        let maps = s["datapath"]["full-maps"].as_array()?;
+        maps.iter().find(|m| m["map"] == "weft_services").cloned()
+    };
+    let status =
+        wait_status(&lab, 0, Duration::from_secs(10), "weft_services reported full", |s| full_services(s).is_some())
+            .unwrap_or_else(|e| panic!("{e}: {}", log_text()));
+    let full = full_services(&status).unwrap();
+    assert_eq!(full["key"], "services", "{full}");
+    assert_eq!(full["capacity"], 4, "{full}");
+    assert_eq!(full["not-written"], 1, "{full}");
+    assert!(full["examples"][0].as_str().unwrap_or_default().contains("10.96.0.12:80"), "{full}");
+    let metrics = agent_get(&lab, 0, "/metrics").unwrap();
+    let not_written =
+        metric_sum(&metrics, "weft_datapath_map_not_written", &[("map", "weft_services"), ("key", "services")]);
+    assert_eq!(not_written, 1.0, "{metrics}");
+    assert!(
+        log_text().contains(
+            "map weft_services is full (4 entries): 1 objects not written until there is room; raise map-sizes.services"
+        ),
+        "{}",
+        log_text()
+    );
+
+    let client = lab.pod("n1-p1");
+    let reachable = |last: u8| get_once(&client.netns, sa(vip(last), 80), "/", Duration::from_millis(500)).is_ok();
+    assert!(reachable(10) && reachable(11), "the Services that fit are served");
+    assert!(!reachable(12), "the Service that did not fit is not");
+    assert!(lab.running(pid), "the agent keeps running");
+
+    // Deleting web2 makes room: web3 is written in the same pass.
+    write_atomic(&objects, &lab_objects(&lab, &[svc("web1", 10), svc("web3", 12)])).unwrap();
+    wait_status(&lab, 0, Duration::from_secs(10), "no full map", |s| full_services(s).is_none())
+        .unwrap_or_else(|e| panic!("{e}: {}", log_text()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !reachable(12) {
+        assert!(std::time::Instant::now() < deadline, "web3 reachable once there is room");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(reachable(10) && !reachable(11));
+    let metrics = agent_get(&lab, 0, "/metrics").unwrap();
+    assert_eq!(metric_sum(&metrics, "weft_datapath_map_not_written", &[]), 0.0, "{metrics}");
+    assert!(log_text().contains("map weft_services had room for everything left out before"), "{}", log_text());
+    assert!(lab.running(pid), "the agent keeps running");
+}
+
+/// Only root can connect to the agent's xDS (it carries TLS keys),
+/// access-log (it accepts flows) and flow API sockets: they are 0600 in a
+/// state directory only root may enter (0700). An unprivileged user
+/// (`nobody`) is refused by each, and can connect to a socket next to the
+/// state directory that is open to all (so the refusal is the agent's
+/// modes, nothing else on the path).
+#[test]
+fn an_unprivileged_user_cannot_connect_to_the_agents_sockets() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    require_root!();
+    let lab = Lab::new().unwrap();
+    // A base every user may enter, holding the state directory.
+    struct Base(std::path::PathBuf);
+    impl Drop for Base {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let base = Base(std::env::temp_dir().join(format!("weft-sockets-{}", std::process::id())));
+    std::fs::create_dir_all(&base.0).unwrap();
+    std::fs::set_permissions(&base.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut files = agent_files(&lab, 0, "").unwrap();
+    let state_dir = base.0.join("state");
+    let config = std::fs::read_to_string(&files.config)
+        .unwrap()
+        .replace(&format!("state-dir: {}", files.state_dir.display()), &format!("state-dir: {}", state_dir.display()));
+    std::fs::write(&files.config, config).unwrap();
+    files.state_dir = state_dir.clone();
+    write_atomic(&files.objects_dir.join("lab.yaml"), &lab_objects(&lab, &[])).unwrap();
+    let log = lab.run_dir.join("agent.log");
+    let pid = start_agent(&lab, 0, &files, &log).unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_ready(&files, Duration::from_secs(20), || lab.running(pid)).unwrap_or_else(|e| panic!("{e}: {}", log_text()));
+    let sockets: Vec<_> = ["xds.sock", "als.sock", "observer.sock"].iter().map(|s| state_dir.join(s)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sockets.iter().all(|s| s.exists()) {
+        assert!(std::time::Instant::now() < deadline, "the agent's sockets exist: {}", log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&state_dir), 0o700);
+    for s in &sockets {
+        assert_eq!(mode(s), 0o600, "{}", s.display());
+    }
+    let open = base.0.join("open.sock");
+    let _open = std::os::unix::net::UnixListener::bind(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The helper, where nobody may run it.
+    let helper = base.0.join("weft-lab");
+    std::fs::copy(weft_tests::objects::workspace_binary("weft-lab"), &helper).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let connect = |uid: Option<u32>| -> Vec<String> {
+        let mut cmd = std::process::Command::new(&helper);
+        cmd.arg("connect-unix").arg(&open).args(&sockets);
+        if let Some(id) = uid {
+            cmd.uid(id).gid(id);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| l.rsplit(' ').next().unwrap_or("").to_owned()).collect()
+    };
+    assert_eq!(connect(None), ["ok", "ok", "ok", "ok"], "root connects to every socket");
+    assert_eq!(connect(Some(65534)), ["ok", "denied", "denied", "denied"], "nobody to none of the agent's");
+    assert!(lab.running(pid));
 }

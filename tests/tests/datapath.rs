@@ -218,4 +218,62 @@ fn a_full_map_is_an_error_that_names_it() {
     assert_eq!(err, "map weft_services is full (4 entries): raise map-sizes.services");
     // What was written before still works.
     assert_eq!(node.dp.frontends().unwrap().len(), 2);
+    // A frontend is written whole or not at all: one that would grow past
+    // the map keeps what it had, and no backend is taken for it.
+    let two = [lab.pod("n1-p2").ip, lab.pod("n2-p1").ip];
+    let err = node.dp.upsert_service(&service(cluster_ip(81), &two, 8080)).unwrap_err().to_string();
+    assert_eq!(err, "map weft_services is full (4 entries): raise map-sizes.services");
+    assert_eq!(node.dp.map_usage().iter().find(|u| u.0 == "backends").map(|u| u.1), Some(1));
+    // Room freed is room used.
+    node.dp.delete_service(&cluster_ip(80)).unwrap();
+    node.dp.upsert_service(&service(cluster_ip(81), &two, 8080)).unwrap();
+    assert_eq!(node.dp.frontends().unwrap().len(), 1);
+    assert_eq!(node.dp.map_usage().iter().find(|u| u.0 == "services").map(|u| u.1), Some(3));
+}
+
+/// A full `weft_policy` keeps denies before allows: the entries that fit are
+/// written denies first (an enforcing pod then refuses more than its policy
+/// says, not less), the call says the map is full, and the stale entries of
+/// the endpoint make room for the next policy.
+#[test]
+fn a_full_policy_map_keeps_the_denies() {
+    use weft_agent::datapath::{Direction, PolicyAction, PolicyEntry};
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut node = weft_tests::node::LabNode::open(&lab, 0, |c| c.map_sizes.policy = 2).unwrap();
+    let entry = |identity, port, action| PolicyEntry {
+        direction: Direction::Ingress,
+        identity,
+        proto: Some(Proto::Tcp),
+        ports: Some((port, port)),
+        action,
+        rule_id: identity,
+        proxy_port: None,
+    };
+    let held = || -> Vec<(u32, u8)> {
+        let pin = lab.node(0).bpffs_dir.join("maps/weft_policy");
+        let data = aya::maps::MapData::from_pin(&pin).unwrap();
+        let trie: aya::maps::LpmTrie<_, weft_ebpf::abi::PolicyMatch, weft_ebpf::abi::PolicyVal> =
+            aya::maps::LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).unwrap();
+        let mut out: Vec<(u32, u8)> =
+            trie.iter().map(|e| e.unwrap()).map(|(k, v)| (k.data().identity, v.action)).collect();
+        out.sort();
+        out
+    };
+    let (allow, deny) = (weft_ebpf::abi::POLICY_ALLOW as u8, weft_ebpf::abi::POLICY_DENY as u8);
+    let err = node
+        .dp
+        .set_policy(
+            1,
+            &[entry(7, 80, PolicyAction::Allow), entry(8, 80, PolicyAction::Allow), entry(9, 80, PolicyAction::Deny)],
+        )
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "map weft_policy is full (2 entries): raise map-sizes.policy");
+    assert_eq!(held(), vec![(7, allow), (9, deny)], "the deny and the first allow");
+    // A policy that fits once the stale entries are out replaces it whole.
+    node.dp.set_policy(1, &[entry(10, 80, PolicyAction::Allow), entry(11, 80, PolicyAction::Allow)]).unwrap();
+    assert_eq!(held(), vec![(10, allow), (11, allow)]);
+    node.dp.set_policy(1, &[]).unwrap();
+    assert_eq!(held(), vec![]);
 }

@@ -2,7 +2,7 @@
 //! wrote (recovered from the maps on start, so ids stay stable across restarts).
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     net::Ipv4Addr,
     os::fd::AsRawFd,
 };
@@ -124,6 +124,9 @@ struct WrittenService {
 pub(crate) struct Shadow {
     /// Keyed by the frontend: (addr, port, proto) as in the map.
     services: BTreeMap<FeKey, WrittenService>,
+    /// Entries of `weft_services` the frontends above hold (one master and
+    /// one per slot each), to know before writing whether a frontend fits.
+    service_entries: usize,
     next_service_id: u32,
     /// (addr, port, proto) -> (id, references from service slots)
     backends: StdHashMap<(u32, u16, u8), (u32, u32)>,
@@ -165,6 +168,7 @@ impl Shadow {
                     s.backends.entry(*b).or_insert((*id, 0)).1 += 1;
                 }
             }
+            s.service_entries += 1 + ids.len();
             s.services.insert(key, WrittenService { id: master.backend_id, slots: ids });
         }
         for item in maps.endpoints.iter() {
@@ -241,6 +245,7 @@ impl Datapath {
         let key0 = svc_key(f, 0);
         let fe = fe_key(&key0);
         let old = self.state.services.get(&fe).cloned();
+        self.check_service_room(entry, old.as_ref())?;
         let id = match &old {
             Some(w) => w.id,
             None => {
@@ -252,7 +257,16 @@ impl Datapath {
 
         let mut ids = Vec::with_capacity(entry.backends.len());
         for b in &entry.backends {
-            ids.push(self.acquire_backend(b, f.proto)?);
+            match self.acquire_backend(b, f.proto) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    // Nothing refers to what was acquired so far: give it back.
+                    for id in ids {
+                        self.release_backend(id)?;
+                    }
+                    return Err(e);
+                }
+            }
         }
         for (i, bid) in ids.iter().enumerate() {
             let k = svc_key(f, i as u16 + 1);
@@ -279,6 +293,7 @@ impl Datapath {
         self.maps.services.insert(key0, master, 0).map_err(|e| insert_err("weft_services", "services", max, e))?;
 
         if let Some(old) = old {
+            self.state.service_entries -= 1 + old.slots.len();
             for slot in ids.len() + 1..=old.slots.len() {
                 if let Err(e) = self.maps.services.remove(&svc_key(f, slot as u16)) {
                     remove_err("weft_services", e)?;
@@ -288,7 +303,32 @@ impl Datapath {
                 self.release_backend(bid)?;
             }
         }
+        self.state.service_entries += 1 + ids.len();
         self.state.services.insert(fe, WrittenService { id, slots: ids });
+        Ok(())
+    }
+
+    /// Whether a frontend fits in `weft_services` and its new backends in
+    /// `weft_backends`, checked before anything is written: a frontend is
+    /// written whole or not at all (the maps hold only what the agent
+    /// wrote, so the shadow's counts are theirs).
+    fn check_service_room(&self, entry: &ServiceEntry, old: Option<&WrittenService>) -> Result<()> {
+        let full = |map, key| DatapathError::MapFull { map, key, max_entries: self.size(key) };
+        let old_entries = old.map_or(0, |w| 1 + w.slots.len());
+        let after = self.state.service_entries - old_entries + 1 + entry.backends.len();
+        if after > self.size("services") as usize && after > self.state.service_entries {
+            return Err(full("weft_services", "services"));
+        }
+        let proto = entry.frontend.proto.number();
+        let new_backends: BTreeSet<_> = entry
+            .backends
+            .iter()
+            .map(|b| (be_addr(b.addr), be_port(b.port), proto))
+            .filter(|k| !self.state.backends.contains_key(k))
+            .collect();
+        if self.state.backends.len() + new_backends.len() > self.size("backends") as usize {
+            return Err(full("weft_backends", "backends"));
+        }
         Ok(())
     }
 
@@ -298,6 +338,7 @@ impl Datapath {
         let Some(old) = self.state.services.remove(&fe_key(&key0)) else {
             return Ok(());
         };
+        self.state.service_entries -= 1 + old.slots.len();
         if let Err(e) = self.maps.services.remove(&key0) {
             remove_err("weft_services", e)?;
         }
@@ -364,7 +405,7 @@ impl Datapath {
         if let Some(ep) = self.state.endpoints.get(&be_addr(addr)) {
             return ep.ep_id;
         }
-        let used: std::collections::BTreeSet<u16> = self.state.endpoints.values().map(|e| e.ep_id).collect();
+        let used: BTreeSet<u16> = self.state.endpoints.values().map(|e| e.ep_id).collect();
         (1..=u16::MAX).find(|i| !used.contains(i)).unwrap_or(u16::MAX)
     }
 
@@ -457,29 +498,65 @@ impl Datapath {
 
     /// Replaces the policy entries (both directions) of a local endpoint.
     /// New entries are written before stale ones are removed, so no
-    /// connection sees a gap.
+    /// connection sees a gap. If `weft_policy` fills up, the stale entries
+    /// are removed to make room and what still does not fit is left out
+    /// (the error says the map is full; what was written stays, and is
+    /// known). Denies are written first, so what is left out is allows
+    /// before denies: an enforcing endpoint then refuses more than its
+    /// policy says rather than less, until room frees up.
     pub fn set_policy(&mut self, ep_id: u16, entries: &[PolicyEntry]) -> Result<()> {
-        let slots = super::policy::slots(ep_id, entries);
-        let max = self.size("policy");
-        for (len, key, val) in &slots {
-            self.maps
-                .policy
-                .insert(&Key::new(*len, *key), *val, 0)
-                .map_err(|e| insert_err("weft_policy", "policy", max, e))?;
+        let mut slots = super::policy::slots(ep_id, entries);
+        slots.sort_by_key(|(_, _, v)| v.action != abi::POLICY_DENY as u8);
+        let now: BTreeSet<(u32, abi::PolicyMatch)> = slots.iter().map(|(l, k, _)| (*l, *k)).collect();
+        // What the map holds for this endpoint, kept true as we go.
+        let mut held: BTreeSet<(u32, abi::PolicyMatch)> =
+            self.state.policy.remove(&ep_id).unwrap_or_default().into_iter().collect();
+        let result = self.write_policy(&slots, &now, &mut held);
+        if !held.is_empty() {
+            self.state.policy.insert(ep_id, held.into_iter().collect());
         }
-        let now: std::collections::BTreeSet<(u32, abi::PolicyMatch)> = slots.iter().map(|(l, k, _)| (*l, *k)).collect();
-        let old = self.state.policy.remove(&ep_id).unwrap_or_default();
-        for (len, key) in old {
-            if !now.contains(&(len, key))
-                && let Err(e) = self.maps.policy.remove(&Key::new(len, key))
-            {
-                remove_err("weft_policy", e)?;
+        result
+    }
+
+    fn write_policy(
+        &mut self,
+        slots: &[super::policy::PolicySlot],
+        now: &BTreeSet<(u32, abi::PolicyMatch)>,
+        held: &mut BTreeSet<(u32, abi::PolicyMatch)>,
+    ) -> Result<()> {
+        let mut pending = Vec::new();
+        for slot in slots {
+            match self.insert_policy(slot) {
+                Ok(()) => {
+                    held.insert((slot.0, slot.1));
+                }
+                Err(DatapathError::MapFull { .. }) => pending.push(slot),
+                Err(e) => return Err(e),
             }
         }
-        if !slots.is_empty() {
-            self.state.policy.insert(ep_id, now.into_iter().collect());
+        let stale: Vec<_> = held.iter().filter(|k| !now.contains(k)).copied().collect();
+        for (len, key) in stale {
+            if let Err(e) = self.maps.policy.remove(&Key::new(len, key)) {
+                remove_err("weft_policy", e)?;
+            }
+            held.remove(&(len, key));
         }
-        Ok(())
+        // The stale entries are out: try again what did not fit.
+        let mut result = Ok(());
+        for slot in pending {
+            match self.insert_policy(slot) {
+                Ok(()) => {
+                    held.insert((slot.0, slot.1));
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        result
+    }
+
+    fn insert_policy(&mut self, (len, key, val): &super::policy::PolicySlot) -> Result<()> {
+        let max = self.size("policy");
+        self.maps.policy.insert(&Key::new(*len, *key), *val, 0).map_err(|e| insert_err("weft_policy", "policy", max, e))
     }
 
     /// Hands the proxy's listening socket for `port` to the sk_lookup program.

@@ -8,7 +8,6 @@
 
 use std::{
     io,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -16,7 +15,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{UnixListener, UnixStream},
+    net::UnixStream,
     sync::watch,
 };
 use weft_cni::proto::{self, Answer, Attachment, Request};
@@ -95,13 +94,8 @@ impl CniServer {
 
     /// Listens until the agent stops.
     pub async fn run(self) -> anyhow::Result<()> {
-        if let Some(dir) = self.socket.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let _ = std::fs::remove_file(&self.socket);
-        let listener = UnixListener::bind(&self.socket)?;
         // Only root (the runtime running the plugin) may register devices.
-        std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o600))?;
+        let listener = weft_flow::socket::Access::default().bind(&self.socket)?;
         tracing::info!(socket = %self.socket.display(), "CNI endpoint listening");
         let me = Arc::new(self);
         loop {

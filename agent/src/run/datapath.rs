@@ -5,6 +5,11 @@
 //! reads the ring buffer's counters and the maps' occupancy, and publishes
 //! all of it as its [`DatapathStatus`]. A thread, not a task: map updates
 //! are blocking system calls.
+//!
+//! A full map does not end the worker: the snapshot is applied as far as it
+//! fits, the maps that were full are published (`/status` `full-maps`, the
+//! `weft_datapath_map_not_written` metric) and logged once per change, and
+//! the snapshot is applied again every [`RETRY_FULL`] until everything is in.
 
 use std::{
     net::Ipv4Addr,
@@ -18,7 +23,13 @@ use aya::maps::{MapData, RingBuf};
 use tokio::sync::{oneshot, watch};
 
 use super::status::{DatapathStatus, MapUsage};
-use crate::{config::AgentConfig, datapath::Datapath, envoy::EnvoyState, reconcile::Reconciler, state::Snapshot};
+use crate::{
+    config::AgentConfig,
+    datapath::Datapath,
+    envoy::EnvoyState,
+    reconcile::{FullMap, Reconciler},
+    state::Snapshot,
+};
 
 /// How often expired connections are collected.
 const GC_EVERY: Duration = Duration::from_secs(30);
@@ -29,6 +40,8 @@ const PROXY_SYNC_EVERY: Duration = Duration::from_millis(500);
 const MAP_USAGE_EVERY: Duration = Duration::from_secs(10);
 /// How long the worker waits for a snapshot before its periodic work.
 const WAIT: Duration = Duration::from_millis(100);
+/// How often a snapshot that did not fit is applied again.
+const RETRY_FULL: Duration = Duration::from_secs(2);
 
 /// What the worker reads and where it reports.
 pub struct Worker {
@@ -65,6 +78,7 @@ impl Worker {
         let mut last_gc = Instant::now();
         let mut last_proxy = due_now(PROXY_SYNC_EVERY);
         let mut last_pid = None;
+        let mut last_apply = Instant::now();
         // The first snapshot is there before the worker starts.
         snapshots.mark_changed();
         loop {
@@ -73,11 +87,20 @@ impl Worker {
                 Ok(Ok(())) => {
                     let snap = snapshots.borrow_and_update().clone();
                     apply(&mut dp, &mut rec, &snap, &status)?;
+                    last_apply = Instant::now();
                     current = Some(snap);
                     last_proxy = due_now(PROXY_SYNC_EVERY);
                 }
                 Ok(Err(_)) => return Ok(()), // the control loop is gone
                 Err(_) => {}                 // no new snapshot: periodic work
+            }
+            let left_out = !status.borrow().full_maps.is_empty();
+            if left_out
+                && last_apply.elapsed() >= RETRY_FULL
+                && let Some(snap) = &current
+            {
+                apply(&mut dp, &mut rec, snap, &status)?;
+                last_apply = Instant::now();
             }
             let pid = envoy.borrow().pid;
             if pid != last_pid {
@@ -125,9 +148,14 @@ fn apply(
     status: &watch::Sender<DatapathStatus>,
 ) -> anyhow::Result<()> {
     let applied = rec.apply(dp, snap, &snap.policy.endpoints).context("applying desired state")?;
-    for p in snap.problems.iter().chain(&applied.problems) {
-        tracing::warn!(version = snap.version, "{p}");
+    let retry = status.borrow().applied_version == snap.version;
+    if !retry {
+        for p in snap.problems.iter().chain(&applied.problems) {
+            tracing::warn!(version = snap.version, "{p}");
+        }
     }
+    let before = status.borrow().full_maps.clone();
+    log_full_maps(&before, &applied.full);
     tracing::info!(
         version = snap.version,
         services_written = applied.services_written,
@@ -142,8 +170,34 @@ fn apply(
         st.endpoints = snap.pods.iter().filter(|p| p.local).count();
         st.problems = snap.problems.iter().chain(&applied.problems).cloned().collect();
         st.attached = rec.attached();
+        st.full_maps = applied.full;
     });
     Ok(())
+}
+
+/// Says which maps filled up or have room again, when that changes.
+fn log_full_maps(before: &[FullMap], now: &[FullMap]) {
+    for f in now {
+        let was = before.iter().find(|b| b.map == f.map);
+        if was.map(|b| (b.not_written, &b.examples)) != Some((f.not_written, &f.examples)) {
+            tracing::warn!(
+                map = f.map,
+                capacity = f.capacity,
+                not_written = f.not_written,
+                examples = ?f.examples,
+                "map {} is full ({} entries): {} objects not written until there is room; raise map-sizes.{}",
+                f.map,
+                f.capacity,
+                f.not_written,
+                f.key
+            );
+        }
+    }
+    for b in before {
+        if !now.iter().any(|f| f.map == b.map) {
+            tracing::info!(map = b.map, "map {} had room for everything left out before", b.map);
+        }
+    }
 }
 
 /// Registers the listeners of the snapshot's proxy ports (those of Envoy's

@@ -4,7 +4,9 @@
 //! in and go out by (Envoy's access log, the Hubble-compatible flow API), and
 //! [`sync`] keeps the pipeline's inputs in step with the other components:
 //! names for flows from each snapshot of the control loop, and the
-//! datapath's ring-buffer counters for loss accounting.
+//! datapath's ring-buffer counters for loss accounting. The flow API's TLS
+//! files are read again every [`TLS_RELOAD`], so renewed certificates are
+//! served without a restart.
 
 use std::{future::Future, sync::Arc};
 
@@ -13,7 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use weft_ebpf::abi;
 use weft_observe::{
-    api::server::{self, Listen},
+    api::server::{self, Listen, TlsSource},
     export::{
         metrics::{self as fm, FlowMetrics, PipelineCollector},
         otlp,
@@ -27,6 +29,10 @@ use weft_observe::{
 
 use super::status::DatapathStatus;
 use crate::{config::AgentConfig, state::Snapshot};
+
+/// How often the flow API's TLS files are read again (a renewed Secret
+/// reaches the pod's files within about a minute).
+const TLS_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Starts the pipeline's thread with names from the first snapshot, adds its
 /// sinks (metrics, OTLP, `print-events`) and registers its metrics. The feed
@@ -67,14 +73,25 @@ pub fn serve(
 {
     let als_path = cfg.state_dir.join("als.sock");
     let p = pipeline.clone();
-    let access_log = async move { als::serve_unix(p, &als_path).await };
+    let access = cfg.socket_access()?;
+    let access_log = async move { als::serve_unix(p, &als_path, access).await };
     let listen = Listen {
         tcp: match cfg.flows.address.as_str() {
             "" => None,
             a => Some(a.parse().with_context(|| format!("flows.address {a:?}"))?),
         },
         unix: Some(cfg.flows.socket.clone().unwrap_or_else(|| cfg.state_dir.join("observer.sock"))),
-        tls: cfg.flows.tls.as_ref().map(|t| t.load()).transpose()?,
+        tls: match &cfg.flows.tls {
+            Some(files) => {
+                // Checked now (a bad file stops the start), read again as renewed.
+                files.load()?;
+                let files = files.clone();
+                Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.to_string())), every: TLS_RELOAD })
+            }
+            None => None,
+        },
+        limits: cfg.flows.stream_limits(),
+        access,
     };
     let p = pipeline.clone();
     let flow_api = async move { server::serve(p, listen).await };

@@ -73,8 +73,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     tracing::info!(config = ?cfg, "starting weft-agent");
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating state-dir {}", cfg.state_dir.display()))?;
+    // The sockets live here: only root (and socket-group) may enter.
+    let access = cfg.socket_access()?;
+    access.private_dir(&cfg.state_dir).with_context(|| format!("creating state-dir {}", cfg.state_dir.display()))?;
     let ready_file = cfg.state_dir.join("ready");
     let _ = std::fs::remove_file(&ready_file);
 
@@ -135,7 +136,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     let xds_socket = cfg.state_dir.join("xds.sock");
     {
         let (ads, path) = (Ads::new(xds_rx, ads_tx), xds_socket.clone());
-        sup.task(Component::Xds, async move { ads.serve_unix(&path).await });
+        sup.task(Component::Xds, async move { ads.serve_unix(&path, access).await });
     }
     let attachments_rx = match (&cfg.cni_socket, attachments) {
         (Some(socket), Some(initial)) => {

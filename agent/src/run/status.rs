@@ -40,6 +40,9 @@ pub struct DatapathStatus {
     pub events_emitted: u64,
     pub events_lost: u64,
     pub maps: Vec<MapUsage>,
+    /// Maps that had no room for everything the last snapshot holds, with
+    /// what was left out (written once there is room).
+    pub full_maps: Vec<crate::reconcile::FullMap>,
     /// The ring buffer's counters as last read (None until the first
     /// reading), for the flow pipeline's loss accounting.
     #[serde(skip)]
@@ -304,6 +307,18 @@ impl Collector for AgentCollector {
                 enc.encode_descriptor("datapath_map_capacity", "Capacity of a datapath map", None, MetricType::Gauge)?;
             for m in &st.datapath.maps {
                 ConstGauge::new(m.capacity as i64).encode(e.encode_family(&[("map", m.map)])?)?;
+            }
+        }
+        {
+            let mut e = enc.encode_descriptor(
+                "datapath_map_not_written",
+                "Objects (frontends, pods, addresses, policies) of the desired state left out because a map \
+                 (and its map-sizes key) is full",
+                None,
+                MetricType::Gauge,
+            )?;
+            for f in &st.datapath.full_maps {
+                ConstGauge::new(f.not_written as i64).encode(e.encode_family(&[("map", f.map), ("key", f.key)])?)?;
             }
         }
         one(&mut enc, "xds_pushes", "Configuration snapshots published to Envoy", MetricType::Counter, st.xds.pushes)?;

@@ -72,13 +72,10 @@ impl Ads {
         Self { snapshots, events }
     }
 
-    /// Serves on a unix socket until the task is dropped.
-    pub async fn serve_unix(self, path: &Path) -> anyhow::Result<()> {
-        let _ = std::fs::remove_file(path);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let listener = tokio::net::UnixListener::bind(path)?;
+    /// Serves on a unix socket (only `access` may connect: what it serves
+    /// holds TLS keys) until the task is dropped.
+    pub async fn serve_unix(self, path: &Path, access: weft_flow::socket::Access) -> anyhow::Result<()> {
+        let listener = access.bind(path)?;
         tonic::transport::Server::builder()
             .add_service(AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(64 << 20))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))

@@ -11,10 +11,13 @@
 //!   Hubble's field names, and FlowFilters read from that JSON.
 //! - [`time`]: times as flows print them and as users give them.
 //! - [`client`]: connecting to a flow API (TCP, TLS, unix socket).
+//! - [`socket`]: the unix sockets the agent serves on, closed to all but
+//!   root (or one group).
 
 pub mod client;
 pub mod json;
 pub mod names;
 pub mod print;
 pub mod proto;
+pub mod socket;
 pub mod time;

@@ -3,15 +3,49 @@
 //! wire format. Inside one filter every populated field must match; inside
 //! one field any value may; a request keeps a flow that matches some
 //! allow-list filter (or there are none) and no deny-list filter.
+//!
+//! A request is bounded before anything is compiled ([`MAX_FILTERS`],
+//! [`MAX_REGEXES`], [`MAX_REGEX_BYTES`]) and each regular expression is
+//! compiled within [`REGEX_SIZE_LIMIT`] (its program) and
+//! [`REGEX_DFA_SIZE_LIMIT`] (its lazy DFA's cache): what a client may ask
+//! costs the agent a known amount of memory per stream, and matching stays
+//! linear in the text (the `regex` crate has no backtracking).
 
 use std::net::Ipv4Addr;
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 
 use weft_flow::proto::flow::{self, FlowFilter, Verdict};
 
 use super::convert;
 use crate::pipeline::record::{EV_L7, FlowRecord, L7_RESPONSE};
+
+/// Filters per list (allow list, deny list) of one request.
+pub const MAX_FILTERS: usize = 64;
+/// Regular expressions (`http_path`, `http_url`) in one request, all filters together.
+pub const MAX_REGEXES: usize = 64;
+/// Length of one regular expression's source.
+pub const MAX_REGEX_BYTES: usize = 1024;
+/// Size of one compiled regular expression.
+pub const REGEX_SIZE_LIMIT: usize = 256 << 10;
+/// Size of one regular expression's lazy DFA cache.
+pub const REGEX_DFA_SIZE_LIMIT: usize = 256 << 10;
+
+/// Compiles a client's regular expression within the limits above; the
+/// error names the field and the value.
+fn regex(field: &str, s: &str) -> Result<Regex, String> {
+    if s.len() > MAX_REGEX_BYTES {
+        return Err(format!("{field}: a regular expression of {} bytes is longer than {MAX_REGEX_BYTES}", s.len()));
+    }
+    RegexBuilder::new(s).size_limit(REGEX_SIZE_LIMIT).dfa_size_limit(REGEX_DFA_SIZE_LIMIT).build().map_err(
+        |e| match e {
+            regex::Error::CompiledTooBig(limit) => {
+                format!("{field}: {s:?} compiles to more than the {limit} bytes a regular expression may take")
+            }
+            e => format!("{field}: {s:?} is not a regular expression: {e}"),
+        },
+    )
+}
 
 /// Facts about the server a filter may ask about.
 pub struct Env<'a> {
@@ -250,11 +284,7 @@ impl Filter {
             v.iter().map(|s| Selector::parse(s).map_err(|e| format!("{field}: {e}"))).collect::<Result<Vec<_>, _>>()
         };
         let ports = |field: &str, v: &[String]| each(field, v, |s| s.parse::<u16>().ok(), "a port number");
-        let regexes = |field: &str, v: &[String]| {
-            v.iter()
-                .map(|s| Regex::new(s).map_err(|e| format!("{field}: {s:?} is not a regular expression: {e}")))
-                .collect::<Result<Vec<_>, _>>()
-        };
+        let regexes = |field: &str, v: &[String]| v.iter().map(|s| regex(field, s)).collect::<Result<Vec<_>, _>>();
         let workloads = |v: &[flow::Workload]| v.iter().map(|w| (w.kind.clone(), w.name.clone())).collect::<Vec<_>>();
 
         push(Check::Ip(Side::Src, ips("source_ip", &f.source_ip)?), !f.source_ip.is_empty());
@@ -500,6 +530,17 @@ pub struct FilterSet {
 impl FilterSet {
     /// Compiles both lists; the error names the list, the entry and the field.
     pub fn compile(allow: &[FlowFilter], deny: &[FlowFilter]) -> Result<FilterSet, String> {
+        for (name, l) in [("whitelist", allow), ("blacklist", deny)] {
+            if l.len() > MAX_FILTERS {
+                return Err(format!("{name}: {} filters, at most {MAX_FILTERS} are allowed", l.len()));
+            }
+        }
+        let regexes: usize = allow.iter().chain(deny).map(|f| f.http_path.len() + f.http_url.len()).sum();
+        if regexes > MAX_REGEXES {
+            return Err(format!(
+                "{regexes} regular expressions (http_path, http_url) in one request, at most {MAX_REGEXES} are allowed"
+            ));
+        }
         let list = |name: &str, l: &[FlowFilter]| {
             l.iter()
                 .enumerate()
@@ -689,5 +730,33 @@ mod tests {
             err(FlowFilter { http_method: vec!["GET".into()], event_type: vec![l4_only], ..Default::default() })
                 .contains("need event type l7")
         );
+    }
+
+    /// What one request may ask is bounded: filters per list, regular
+    /// expressions per request, their length and compiled size.
+    #[test]
+    fn requests_are_bounded() {
+        let many = vec![FlowFilter::default(); MAX_FILTERS + 1];
+        assert_eq!(
+            FilterSet::compile(&[], &many).unwrap_err(),
+            format!("blacklist: {} filters, at most {MAX_FILTERS} are allowed", MAX_FILTERS + 1)
+        );
+        assert!(FilterSet::compile(&many[..MAX_FILTERS], &[]).is_ok());
+        let paths = |n: usize| FlowFilter { http_path: vec!["^/a$".into(); n], ..Default::default() };
+        assert!(FilterSet::compile(&[paths(MAX_REGEXES / 2)], &[paths(MAX_REGEXES / 2)]).is_ok());
+        assert!(
+            FilterSet::compile(&[paths(MAX_REGEXES / 2)], &[paths(MAX_REGEXES / 2 + 1)])
+                .unwrap_err()
+                .contains("at most 64 are allowed")
+        );
+        let one = |re: String| FilterSet::compile(&[FlowFilter { http_url: vec![re], ..Default::default() }], &[]);
+        assert_eq!(
+            one("a".repeat(MAX_REGEX_BYTES + 1)).unwrap_err(),
+            format!("whitelist[0].http_url: a regular expression of {} bytes is longer than 1024", MAX_REGEX_BYTES + 1)
+        );
+        // Short to write, huge compiled: refused, not built.
+        let err = one(r"\w{1000}\w{1000}".into()).unwrap_err();
+        assert!(err.starts_with(r#"whitelist[0].http_url: "\\w{1000}\\w{1000}" compiles to more than the"#), "{err}");
+        assert!(one(r"^/api/v[0-9]+/items/[a-z0-9-]{1,64}$".into()).is_ok());
     }
 }

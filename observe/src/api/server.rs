@@ -7,12 +7,19 @@
 //! "now" for a plain follow), then flows are sent oldest first; loss notices
 //! ignore filters and the time window. A slow client only falls behind in the
 //! ring (and is told what it missed); it never holds the pipeline up.
+//!
+//! What clients can make the agent hold is bounded: a request's size
+//! ([`MAX_REQUEST_BYTES`]) and filters (see `filter`), each stream's buffer
+//! ([`CLIENT_BUFFER`] responses), the streams one client may keep open
+//! (a TCP peer's address, a unix peer's uid) and all clients together
+//! ([`StreamLimits`]), and the HTTP/2 streams per connection.
 
 use std::{
-    net::SocketAddr,
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -21,7 +28,6 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use weft_flow::{
-    client::error_chain,
     proto::{
         self, HEALTH_SERVICE,
         observer::{
@@ -33,6 +39,7 @@ use weft_flow::{
     time::{now_ns, timestamp},
 };
 
+pub use super::tls::{Tls, TlsSource};
 use super::{
     convert::{self, Context},
     filter::{Env, FilterSet},
@@ -48,7 +55,95 @@ pub const VERSION: &str = concat!("weft ", env!("CARGO_PKG_VERSION"));
 /// Entries copied out of the store per lock.
 const READ_CHUNK: usize = 256;
 /// Responses buffered per client before the reader waits for it.
-const CLIENT_BUFFER: usize = 256;
+pub const CLIENT_BUFFER: usize = 256;
+/// The largest request the flow API decodes.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// HTTP/2 streams (calls at once) per connection.
+const STREAMS_PER_CONNECTION: u32 = 128;
+
+/// How many GetFlows streams may be open at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// From one client (a TCP peer address, a unix peer uid).
+    pub per_client: usize,
+    /// From all clients together.
+    pub total: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits { per_client: 16, total: 128 }
+    }
+}
+
+/// Who a request comes from, for [`StreamLimits`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ClientKey {
+    Ip(IpAddr),
+    Uid(u32),
+    Unknown,
+}
+
+impl ClientKey {
+    fn of<T>(req: &Request<T>) -> ClientKey {
+        if let Some(addr) = req.remote_addr() {
+            return ClientKey::Ip(addr.ip());
+        }
+        let uds = req.extensions().get::<tonic::transport::server::UdsConnectInfo>();
+        match uds.and_then(|u| u.peer_cred) {
+            Some(cred) => ClientKey::Uid(cred.uid()),
+            None => ClientKey::Unknown,
+        }
+    }
+}
+
+/// The GetFlows streams open now, by client.
+#[derive(Default)]
+struct OpenStreams {
+    limits: StreamLimits,
+    open: Mutex<(usize, HashMap<ClientKey, usize>)>,
+}
+
+/// One open stream; closing it (dropping) gives its place back.
+struct StreamSlot {
+    streams: Arc<OpenStreams>,
+    client: ClientKey,
+}
+
+impl OpenStreams {
+    fn open(self: &Arc<Self>, client: ClientKey) -> Result<StreamSlot, Status> {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, by_client) = &mut *g;
+        let mine = by_client.get(&client).copied().unwrap_or(0);
+        if mine >= self.limits.per_client {
+            return Err(Status::resource_exhausted(format!(
+                "this client has {mine} flow streams open, the most one client may (close one first)"
+            )));
+        }
+        if *total >= self.limits.total {
+            return Err(Status::resource_exhausted(format!(
+                "the flow API serves {total} streams, the most it serves at once (try again later)"
+            )));
+        }
+        *total += 1;
+        by_client.insert(client.clone(), mine + 1);
+        Ok(StreamSlot { streams: self.clone(), client })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut g = self.streams.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, by_client) = &mut *g;
+        *total = total.saturating_sub(1);
+        if let Some(n) = by_client.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by_client.remove(&self.client);
+            }
+        }
+    }
+}
 
 /// See the module doc.
 #[derive(Clone)]
@@ -59,11 +154,17 @@ pub struct ObserverService {
     address: String,
     /// Whether the TCP listener speaks TLS, for GetNodes.
     tls: bool,
+    streams: Arc<OpenStreams>,
 }
 
 impl ObserverService {
     pub fn new(pipeline: Arc<Pipeline>, address: String) -> Self {
-        Self { pipeline, started: Instant::now(), address, tls: false }
+        Self::with_limits(pipeline, address, StreamLimits::default())
+    }
+
+    pub fn with_limits(pipeline: Arc<Pipeline>, address: String, limits: StreamLimits) -> Self {
+        let streams = Arc::new(OpenStreams { limits, ..Default::default() });
+        Self { pipeline, started: Instant::now(), address, tls: false, streams }
     }
 }
 
@@ -128,8 +229,8 @@ fn response(node: &str, time_ns: u64, r: ResponseTypes) -> GetFlowsResponse {
 }
 
 /// Runs one GetFlows query, sending responses until it is complete or the
-/// client goes away.
-async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsResponse, Status>>) {
+/// client goes away; its stream slot is given back then.
+async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsResponse, Status>>, _slot: StreamSlot) {
     let names = p.names();
     let (boot_id, node) = (p.boot_id, names.node_name.clone());
     let labels = names.node_labels.clone();
@@ -208,8 +309,9 @@ impl Observer for ObserverService {
 
     async fn get_flows(&self, request: Request<GetFlowsRequest>) -> Result<Response<FlowStream>, Status> {
         let q = Query::new(request.get_ref())?;
+        let slot = self.streams.open(ClientKey::of(&request))?;
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-        tokio::spawn(run_query(self.pipeline.clone(), q, tx));
+        tokio::spawn(run_query(self.pipeline.clone(), q, tx, slot));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -285,41 +387,19 @@ impl Observer for ObserverService {
 pub struct Listen {
     pub tcp: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
-    /// TLS on the TCP listener (the unix socket stays plaintext: its file
-    /// permissions guard it).
-    pub tls: Option<Tls>,
-}
-
-/// The flow API's TLS: its certificate and key (PEM), and when set, the CA
-/// client certificates must chain to (mutual TLS).
-#[derive(Clone, Debug)]
-pub struct Tls {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
-impl Tls {
-    /// Parses the certificate, key and CA as the server will; the error says
-    /// what is wrong with them.
-    pub fn check(&self) -> Result<(), String> {
-        tonic::transport::Server::builder().tls_config(self.server_config()).map(|_| ()).map_err(|e| error_chain(&e))
-    }
-
-    fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        let mut c = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem));
-        if let Some(ca) = &self.client_ca_pem {
-            c = c.client_ca_root(tonic::transport::Certificate::from_pem(ca));
-        }
-        c
-    }
+    /// TLS on the TCP listener, read again as it is renewed (the unix
+    /// socket stays plaintext: its file permissions guard it).
+    pub tls: Option<TlsSource>,
+    /// GetFlows streams open at once.
+    pub limits: StreamLimits,
+    /// Who may connect to the unix socket.
+    pub access: weft_flow::socket::Access,
 }
 
 /// Serves the flow API (with health and reflection) until the process ends.
 pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()> {
     let address = listen.tcp.map(|a| a.to_string()).unwrap_or_default();
-    let mut svc = ObserverService::new(pipeline, address);
+    let mut svc = ObserverService::with_limits(pipeline, address, listen.limits);
     svc.tls = listen.tls.is_some();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ObserverServer<ObserverService>>().await;
@@ -330,28 +410,29 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
         .build_v1()?;
     let router = |b: tonic::transport::Server| {
         b.http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(ObserverServer::new(svc.clone()).max_decoding_message_size(16 << 20))
+            .max_concurrent_streams(STREAMS_PER_CONNECTION)
+            .add_service(ObserverServer::new(svc.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(health.clone())
             .add_service(reflection.clone())
     };
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = listen.tcp {
         let incoming = tokio::net::TcpListener::bind(addr).await?;
-        let builder = match &listen.tls {
-            Some(tls) => tonic::transport::Server::builder().tls_config(tls.server_config())?,
-            None => tonic::transport::Server::builder(),
-        };
-        let r = router(builder);
-        tasks.spawn(
-            async move { r.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(incoming)).await },
-        );
+        let r = router(tonic::transport::Server::builder());
+        match listen.tls {
+            Some(source) => {
+                let incoming = super::tls::incoming(incoming, source)?;
+                tasks.spawn(async move { r.serve_with_incoming(incoming).await });
+            }
+            None => {
+                tasks.spawn(async move {
+                    r.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(incoming)).await
+                });
+            }
+        }
     }
     if let Some(path) = listen.unix {
-        let _ = std::fs::remove_file(&path);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let incoming = tokio::net::UnixListener::bind(&path)?;
+        let incoming = listen.access.bind(&path)?;
         let r = router(tonic::transport::Server::builder());
         tasks.spawn(
             async move { r.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(incoming)).await },

@@ -147,13 +147,10 @@ impl AccessLogService for Als {
     }
 }
 
-/// Serves the access-log service on a unix socket until the process ends.
-pub async fn serve_unix(pipeline: Arc<Pipeline>, path: &Path) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(path);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let listener = tokio::net::UnixListener::bind(path)?;
+/// Serves the access-log service on a unix socket (only `access` may
+/// connect: what arrives becomes flows) until the process ends.
+pub async fn serve_unix(pipeline: Arc<Pipeline>, path: &Path, access: weft_flow::socket::Access) -> anyhow::Result<()> {
+    let listener = access.bind(path)?;
     tonic::transport::Server::builder()
         .add_service(AccessLogServiceServer::new(Als { pipeline }))
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))

@@ -2,6 +2,12 @@
 //! writer (the pipeline) appends whole batches; readers copy out what they
 //! need under a short lock and never hold the writer up. A reader that falls
 //! so far behind that its next flow was overwritten learns how many it missed.
+//!
+//! Nothing a client controls runs under the lock: scans ([`FlowStore::find_back`],
+//! [`FlowStore::for_each`]) copy [`SCAN_CHUNK`] entries at a time (cheap:
+//! entries share their parts) and run the client's filters on the copy, so a
+//! query with costly regular expressions over a full store delays the writer
+//! by one copy at most.
 
 use std::{
     collections::VecDeque,
@@ -17,6 +23,8 @@ use super::record::Entry;
 
 /// Counting the flow rate over this many seconds.
 const RATE_WINDOW_SECS: u64 = 60;
+/// Entries a scan copies out per lock.
+pub const SCAN_CHUNK: usize = 256;
 
 struct Ring {
     entries: VecDeque<Entry>,
@@ -130,35 +138,68 @@ impl FlowStore {
     /// Walks back from the newest entry and returns the position of the
     /// oldest of the last `count` entries `pick` accepts (`None` for `count`:
     /// as far back as `pick` keeps accepting). `pick` returns None to stop
-    /// the walk (an entry older than the window).
+    /// the walk (an entry older than the window). `pick` runs without the
+    /// lock, on copies; entries overwritten meanwhile end the walk (the
+    /// reader is then told it missed them).
     pub fn find_back(&self, count: Option<u64>, mut pick: impl FnMut(u64, &Entry) -> Option<bool>) -> u64 {
-        let ring = self.ring.lock().unwrap();
-        let mut found = 0u64;
-        let mut pos = ring.first_seq + ring.entries.len() as u64;
+        let mut pos = self.end();
         if count == Some(0) {
             return pos;
         }
-        for (i, e) in ring.entries.iter().enumerate().rev() {
-            match pick(ring.first_seq + i as u64, e) {
-                None => break,
-                Some(true) => {
-                    found += 1;
-                    pos = ring.first_seq + i as u64;
-                    if count.is_some_and(|c| found >= c) {
-                        break;
-                    }
+        let mut found = 0u64;
+        let mut next = pos;
+        let mut chunk = Vec::with_capacity(SCAN_CHUNK);
+        loop {
+            chunk.clear();
+            let lo = {
+                let ring = self.ring.lock().unwrap();
+                let first = ring.first_seq;
+                if next <= first {
+                    return pos;
                 }
-                Some(false) => pos = ring.first_seq + i as u64,
+                let lo = next.saturating_sub(SCAN_CHUNK as u64).max(first);
+                chunk.extend(ring.entries.range((lo - first) as usize..(next - first) as usize).cloned());
+                lo
+            };
+            for (i, e) in chunk.iter().enumerate().rev() {
+                let seq = lo + i as u64;
+                match pick(seq, e) {
+                    None => return pos,
+                    Some(true) => {
+                        found += 1;
+                        pos = seq;
+                        if count.is_some_and(|c| found >= c) {
+                            return pos;
+                        }
+                    }
+                    Some(false) => pos = seq,
+                }
             }
+            next = lo;
         }
-        pos
     }
 
-    /// Visits every held entry (for listing namespaces).
+    /// Visits every held entry, oldest first (for listing namespaces), on
+    /// copies taken [`SCAN_CHUNK`] at a time.
     pub fn for_each(&self, mut f: impl FnMut(&Entry)) {
-        for e in self.ring.lock().unwrap().entries.iter() {
-            f(e);
+        let (mut pos, end) = (self.start(), self.end());
+        let mut chunk = Vec::with_capacity(SCAN_CHUNK);
+        while pos < end {
+            chunk.clear();
+            let read = self.read(pos, SCAN_CHUNK.min((end - pos) as usize), &mut chunk);
+            if chunk.is_empty() {
+                return;
+            }
+            for (_, e) in &chunk {
+                f(e);
+            }
+            pos = read.next;
         }
+    }
+
+    /// Entries stored since the start, read without the lock.
+    pub fn seen(&self) -> u64 {
+        self.seen.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self, now_secs: u64) -> StoreStats {
@@ -218,5 +259,40 @@ mod tests {
         // Everything newer than 12 (entries at or before 12 stop the walk).
         assert_eq!(s.find_back(None, |_, e| (count(e) > 12).then_some(true)), 13);
         assert_eq!(s.find_back(Some(0), |_, _| Some(true)), 20, "zero flows: start at the end");
+    }
+
+    /// Scans run the caller's `pick` (a client's filters) without the lock
+    /// the writer needs, across chunks, and still find the right start.
+    #[test]
+    fn scans_run_their_filters_without_the_lock() {
+        let n = 3 * SCAN_CHUNK as u64 + 7;
+        let s = FlowStore::new(10_000);
+        s.push_batch(&mut (0..n).map(lost).collect(), 1);
+        let mut visited = 0u64;
+        let pos = s.find_back(None, |_, e| {
+            assert!(s.ring.try_lock().is_ok(), "the lock is free while a filter runs");
+            visited += 1;
+            (count(e) >= 5).then_some(true)
+        });
+        assert_eq!((pos, visited), (5, n - 4), "walked back across every chunk to the window's start");
+        assert_eq!(s.find_back(Some(SCAN_CHUNK as u64 + 2), |_, _| Some(true)), n - SCAN_CHUNK as u64 - 2);
+        let mut all = Vec::new();
+        s.for_each(|e| {
+            assert!(s.ring.try_lock().is_ok());
+            all.push(count(e));
+        });
+        assert_eq!(all, (0..n).collect::<Vec<_>>());
+        // Entries overwritten while a scan walks end the walk at the oldest held.
+        let small = FlowStore::new(2 * SCAN_CHUNK);
+        small.push_batch(&mut (0..2 * SCAN_CHUNK as u64).map(lost).collect(), 1);
+        let mut pushed = false;
+        let pos = small.find_back(None, |_, _| {
+            if !pushed {
+                pushed = true;
+                small.push_batch(&mut (0..2 * SCAN_CHUNK as u64).map(lost).collect(), 1);
+            }
+            Some(false)
+        });
+        assert_eq!(pos, SCAN_CHUNK as u64, "the first chunk's entries, then nothing older is held");
     }
 }

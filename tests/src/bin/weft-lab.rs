@@ -6,6 +6,9 @@
 //! connection; one line per request: `status=.. local=.. peer=.. <server body>`.
 //! `weft-lab latency ADDR COUNT keepalive|new`: COUNT timed requests; one
 //! line per request with its latency in nanoseconds.
+//! `weft-lab connect-unix PATH...`: connects to each unix socket; one line
+//! per socket: `PATH ok`, `PATH denied` (permission) or `PATH error=..`
+//! (run as another user, it shows who may connect).
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -16,6 +19,16 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("get") => get(&args[1..]),
         Some("latency") => latency(&args[1..]),
+        Some("connect-unix") => {
+            for path in &args[1..] {
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => println!("{path} ok"),
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => println!("{path} denied"),
+                    Err(e) => println!("{path} error={e}"),
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Some("demo") => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(30);
             match weft_tests::demo::run(Duration::from_secs(secs)) {
