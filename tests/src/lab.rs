@@ -220,7 +220,10 @@ impl Lab {
     /// add it before the agents start. Torn down with the lab.
     pub fn add_extra_pod(&mut self, node: usize) -> anyhow::Result<Pod> {
         let n = self.nodes.get(node).cloned().ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
-        let p = u8::try_from(self.pods_of(node).count()).ok().filter(|p| *p < 50).ok_or_else(|| anyhow::anyhow!("too many pods"))?;
+        let p = u8::try_from(self.pods_of(node).count())
+            .ok()
+            .filter(|p| *p < 50)
+            .ok_or_else(|| anyhow::anyhow!("too many pods"))?;
         let (id, node_no) = (self.id.clone(), node + 1);
         let pod = Pod {
             name: format!("n{node_no}-p{}", p + 1),

@@ -408,12 +408,12 @@ impl Expect {
         self
     }
     /// The redirect's Location has this scheme (after [`Expect::redirect`]).
-    fn to_scheme(mut self, scheme: &'static str) -> Self {
+    fn redirect_scheme(mut self, scheme: &'static str) -> Self {
         self.redirect.as_mut().expect("a redirect").scheme = scheme;
         self
     }
     /// The redirect's Location has this port (after [`Expect::redirect`]).
-    fn to_port(mut self, port: &'static str) -> Self {
+    fn redirect_port(mut self, port: &'static str) -> Self {
         self.redirect.as_mut().expect("a redirect").port = Some(port);
         self
     }
@@ -466,7 +466,11 @@ impl Expect {
                 Some((h, p)) => (h, Some(p)),
                 None => (authority, None),
             };
-            if scheme != want.scheme || got_host != want.host.unwrap_or(host) || got_port != want.port || path != want.path {
+            if scheme != want.scheme
+                || got_host != want.host.unwrap_or(host)
+                || got_port != want.port
+                || path != want.path
+            {
                 return Err(format!("location {location:?}, expected {want:?}"));
             }
         }
@@ -969,12 +973,12 @@ fn cases() -> Vec<Case> {
             "same-namespace",
             (INFRA, "redirect-scheme"),
             vec![
-                req("/scheme").redirect(302, None, "/scheme").to_scheme("https"),
-                req("/scheme-and-host").redirect(302, Some("example.org"), "/scheme-and-host").to_scheme("https"),
-                req("/scheme-and-status").redirect(301, None, "/scheme-and-status").to_scheme("https"),
+                req("/scheme").redirect(302, None, "/scheme").redirect_scheme("https"),
+                req("/scheme-and-host").redirect(302, Some("example.org"), "/scheme-and-host").redirect_scheme("https"),
+                req("/scheme-and-status").redirect(301, None, "/scheme-and-status").redirect_scheme("https"),
                 req("/scheme-and-host-and-status")
                     .redirect(302, Some("example.org"), "/scheme-and-host-and-status")
-                    .to_scheme("https"),
+                    .redirect_scheme("https"),
             ],
         ),
         case(
@@ -983,12 +987,12 @@ fn cases() -> Vec<Case> {
             "same-namespace",
             (INFRA, "redirect-port"),
             vec![
-                req("/port").redirect(302, None, "/port").to_port("8083"),
-                req("/port-and-host").redirect(302, Some("example.org"), "/port-and-host").to_port("8083"),
-                req("/port-and-status").redirect(301, None, "/port-and-status").to_port("8083"),
+                req("/port").redirect(302, None, "/port").redirect_port("8083"),
+                req("/port-and-host").redirect(302, Some("example.org"), "/port-and-host").redirect_port("8083"),
+                req("/port-and-status").redirect(301, None, "/port-and-status").redirect_port("8083"),
                 req("/port-and-host-and-status")
                     .redirect(302, Some("example.org"), "/port-and-host-and-status")
-                    .to_port("8083"),
+                    .redirect_port("8083"),
             ],
         ),
         case(
@@ -1038,9 +1042,8 @@ fn route_ready(cp: &ControlPlane, (ns, name): (&str, &str), gateway: &str, unres
         p["controllerName"] == weft_agent::operator::gateway::CONTROLLER && p["parentRef"]["name"] == gateway
     })?;
     let is = |t, status: &str, reason: Option<&str>| {
-        condition(&p["conditions"], t).is_some_and(|c| {
-            c.0 == status && reason.is_none_or(|r| c.1 == r) && c.3 == r["metadata"]["generation"]
-        })
+        condition(&p["conditions"], t)
+            .is_some_and(|c| c.0 == status && reason.is_none_or(|r| c.1 == r) && c.3 == r["metadata"]["generation"])
     };
     let refs = match unresolved {
         None => is("ResolvedRefs", "True", None),
@@ -1201,7 +1204,8 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
             let mirrored_before = mirror.map(|m| m.served.load(std::sync::atomic::Ordering::SeqCst));
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let answer = send(&ext, ip, host, e).and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
+                let answer =
+                    send(&ext, ip, host, e).and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
                 match answer {
                     Ok(()) => {
                         if let (Some(m), Some(before)) = (mirror, mirrored_before) {
@@ -1231,7 +1235,8 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
                         Client::connect(&ext, sa_of(ip, 80), None, T).unwrap_or_else(|err| panic!("{test}: {err}")),
                     ),
                 };
-                let r = c.request(e.method, host, e.path, &[]).unwrap_or_else(|err| panic!("{test}: request {i}: {err}"));
+                let r =
+                    c.request(e.method, host, e.path, &[]).unwrap_or_else(|err| panic!("{test}: request {i}: {err}"));
                 assert_eq!(r.status, 200, "{test}: request {i}: {r:?}");
                 let pod = r.json()["pod"].as_str().unwrap_or_default().to_owned();
                 let backend = distribution
