@@ -10,6 +10,7 @@ pub mod identity;
 pub mod k8s;
 pub mod netns;
 pub mod operator;
+pub mod pidfd;
 pub mod reconcile;
 pub mod requirements;
 pub mod run;

@@ -34,7 +34,6 @@ use envoy_types::pb::{
             route::v3::{RouteConfiguration, route, route_action},
         },
         extensions::{
-            access_loggers::grpc::v3::{CommonGrpcAccessLogConfig, HttpGrpcAccessLogConfig},
             filters::{
                 http::router::v3::Router,
                 network::{
@@ -61,43 +60,49 @@ use crate::k8s::ObjKey;
 pub const BOOTSTRAP_CLUSTERS: &[&str] = &["envoy-admin"];
 
 /// The access log the agent adds to every HTTP connection manager: Envoy
-/// streams each request to the agent (cluster `weft-als` of the bootstrap),
-/// which turns it into L7 flows.
+/// appends a JSON line per request to the agent's spool, which turns them
+/// into L7 flows (`weft_observe::pipeline::spool`).
 pub const ACCESS_LOG_NAME: &str = "weft-flows";
 
+/// Where Envoy writes the access log: relative to its working directory,
+/// which the agent sets to its state directory (so two agents on one
+/// machine, as in the lab, do not share it).
+pub const ACCESS_LOG_PATH: &str = "access-log/current.log";
+
 fn weft_access_log() -> AccessLog {
-    let cfg = HttpGrpcAccessLogConfig {
-        common_config: Some(CommonGrpcAccessLogConfig {
-            log_name: ACCESS_LOG_NAME.into(),
-            grpc_service: Some(GrpcService {
-                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
-                    cluster_name: "weft-als".into(),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }),
-            transport_api_version: ApiVersion::V3 as i32,
-            // Flows should show up promptly; the default is a second.
-            buffer_flush_interval: Some(PbDuration { seconds: 0, nanos: 200_000_000 }),
+    use envoy_types::pb::{
+        envoy::{
+            config::core::v3::{SubstitutionFormatString, substitution_format_string},
+            extensions::access_loggers::file::v3::{FileAccessLog, file_access_log},
+        },
+        google::protobuf::{Struct, Value, value},
+    };
+    let fields = weft_observe::pipeline::accesslog::FORMAT
+        .iter()
+        .map(|(k, op)| (k.to_string(), Value { kind: Some(value::Kind::StringValue(op.to_string())) }))
+        .collect();
+    let cfg = FileAccessLog {
+        path: ACCESS_LOG_PATH.into(),
+        access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(SubstitutionFormatString {
+            format: Some(substitution_format_string::Format::JsonFormat(Struct { fields })),
             ..Default::default()
-        }),
-        additional_request_headers_to_log: weft_observe::pipeline::als::LOGGED_REQUEST_HEADERS
-            .iter()
-            .map(|h| h.to_string())
-            .collect(),
-        ..Default::default()
+        })),
     };
     AccessLog {
-        name: "envoy.access_loggers.http_grpc".into(),
+        name: ACCESS_LOG_NAME.into(),
         config_type: Some(access_log::ConfigType::TypedConfig(pack(&cfg))),
         ..Default::default()
     }
 }
 
+/// Whether the connection manager already has the agent's access log (a
+/// config translated again, or one that spells it out exactly).
 fn has_weft_access_log(hcm: &HttpConnectionManager) -> bool {
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
     hcm.access_log.iter().any(|a| match &a.config_type {
-        Some(access_log::ConfigType::TypedConfig(any)) => unpack::<HttpGrpcAccessLogConfig>(any)
-            .is_some_and(|c| c.common_config.is_some_and(|c| c.log_name == ACCESS_LOG_NAME)),
+        Some(access_log::ConfigType::TypedConfig(any)) => {
+            a.name == ACCESS_LOG_NAME && unpack::<FileAccessLog>(any).is_some_and(|f| f.path == ACCESS_LOG_PATH)
+        }
         _ => false,
     })
 }
@@ -581,10 +586,30 @@ pub fn bind_proxy_port(l: &mut Listener, port: u16) {
             ..Default::default()
         })),
     });
-    l.transparent = Some(BoolValue { value: true });
     // One socket per listener (not one per worker): the datapath hands
     // connections to it, and 10,000 listeners stay within the fd limit.
     l.enable_reuse_port = Some(BoolValue { value: false });
+    handed_connections(l);
+}
+
+/// Makes a listener fit for connections the datapath hands to it:
+/// transparent (the Service address is its local address), and with
+/// SO_REUSEPORT, so a restarted Envoy's socket joins the group of the one
+/// the agent kept (`datapath::proxy`) and takes over its waiting connections.
+pub fn handed_connections(l: &mut Listener) {
+    use envoy_types::pb::envoy::config::core::v3::{SocketOption, socket_option};
+    l.transparent = Some(BoolValue { value: true });
+    let (level, name) = (libc::SOL_SOCKET as i64, libc::SO_REUSEPORT as i64);
+    if !l.socket_options.iter().any(|o| o.level == level && o.name == name) {
+        l.socket_options.push(SocketOption {
+            description: "weft: a restarted Envoy takes over this port's waiting connections".into(),
+            level,
+            name,
+            value: Some(socket_option::Value::IntValue(1)),
+            state: socket_option::SocketState::StatePrebind as i32,
+            ..Default::default()
+        });
+    }
 }
 
 /// The port a listener with an explicit address binds (a pinned port).

@@ -5,16 +5,17 @@
 //! is counted by source, and shows up in the flow stream as a loss notice.
 //!
 //! The parts, in the order a record meets them: [`ringbuf`] drains the
-//! kernel's ring buffer, [`als`] receives Envoy's access log, [`enrich`]
-//! names addresses, [`join`] links HTTP exchanges to the datapath's view of
-//! their connections, [`store`] keeps the recent flows for readers. [`record`]
-//! holds the types they pass along.
+//! kernel's ring buffer, [`spool`] reads Envoy's access log ([`accesslog`]
+//! is its format), [`enrich`] names addresses, [`join`] links HTTP
+//! exchanges to the datapath's view of their connections, [`store`] keeps
+//! the recent flows for readers. [`record`] holds the types they pass along.
 
-pub mod als;
+pub mod accesslog;
 pub mod enrich;
 pub mod join;
 pub mod record;
 pub mod ringbuf;
+pub mod spool;
 pub mod store;
 
 use std::{
@@ -75,12 +76,14 @@ pub struct Counters {
     pub events_read: AtomicU64,
     /// Access-log entries received from Envoy.
     pub l7_received: AtomicU64,
+    /// Access-log entries the flows thread has stored as flows.
+    pub l7_stored: AtomicU64,
     /// Flows (datapath and L7) stored.
     pub flows: AtomicU64,
     /// Records the datapath wrote / failed to write (since this agent started).
     pub kernel_written: AtomicU64,
     pub kernel_lost: AtomicU64,
-    lost: [AtomicU64; 4],
+    lost: [AtomicU64; LostSource::ALL.len()],
 }
 
 impl Counters {
@@ -104,6 +107,9 @@ pub struct Pipeline {
     kernel_seen: Mutex<Option<(u64, Vec<u64>)>>,
     worker: OnceLock<Thread>,
     stop: AtomicBool,
+    /// The ring-buffer reader has handed over what the ring held when it
+    /// started: access-log entries can be joined to those records now.
+    ring_drained: AtomicBool,
     sinks: Mutex<Vec<Box<dyn Sink>>>,
 }
 
@@ -128,21 +134,13 @@ impl EventFeed {
     pub fn flush(&mut self) {
         let c = &self.pipeline.counters;
         c.events_read.fetch_add(std::mem::take(&mut self.read), Ordering::Relaxed);
-        let lost = std::mem::take(&mut self.lost);
-        if lost > 0 {
-            c.add_lost(LostSource::AgentQueue, lost);
-            self.pipeline.pending.lock().unwrap().push(Lost {
-                source: LostSource::AgentQueue,
-                count: lost,
-                cpu: None,
-                time_ns: now_ns(),
-            });
-        }
+        self.pipeline.lose(LostSource::AgentQueue, std::mem::take(&mut self.lost));
+        self.pipeline.ring_drained.store(true, Ordering::Release);
         self.pipeline.wake();
     }
 
     pub fn stopped(&self) -> bool {
-        self.pipeline.stop.load(Ordering::Relaxed)
+        self.pipeline.stopped()
     }
 }
 
@@ -180,6 +178,7 @@ impl Pipeline {
             kernel_seen: Mutex::new(None),
             worker: OnceLock::new(),
             stop: AtomicBool::new(false),
+            ring_drained: AtomicBool::new(false),
             sinks: Mutex::new(Vec::new()),
         });
         let worker = {
@@ -206,6 +205,17 @@ impl Pipeline {
         }
     }
 
+    /// Whether [`Pipeline::stop`] was called.
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Whether the ring-buffer reader has handed over what the ring held
+    /// when it started.
+    pub fn ring_drained(&self) -> bool {
+        self.ring_drained.load(Ordering::Acquire)
+    }
+
     /// Stops the pipeline's threads (they finish their current batch).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -221,21 +231,35 @@ impl Pipeline {
         self.names.read().unwrap().clone()
     }
 
-    /// Queues an access-log entry; a full queue loses it (counted).
-    pub fn submit_l7(&self, e: L7Entry) {
+    /// Queues an access-log entry; a full queue loses it (counted, and
+    /// false).
+    pub fn submit_l7(&self, e: L7Entry) -> bool {
         self.counters.l7_received.fetch_add(1, Ordering::Relaxed);
         match self.l7_tx.try_send(e) {
-            Ok(()) => self.wake(),
+            Ok(()) => {
+                self.wake();
+                true
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.counters.add_lost(LostSource::AgentQueue, 1);
-                self.pending.lock().unwrap().push(Lost {
-                    source: LostSource::AgentQueue,
-                    count: 1,
-                    cpu: None,
-                    time_ns: now_ns(),
-                });
+                self.lose(LostSource::AgentQueue, 1);
+                false
             }
         }
+    }
+
+    /// Counts `n` events lost at `source` and puts a notice in the stream.
+    pub fn lose(&self, source: LostSource, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.counters.add_lost(source, n);
+        self.pending.lock().unwrap().push(Lost { source, count: n, cpu: None, time_ns: now_ns() });
+        self.wake();
+    }
+
+    /// How many access-log entries queued so far the flows thread has stored.
+    pub fn l7_stored(&self) -> u64 {
+        self.counters.l7_stored.load(Ordering::Acquire)
     }
 
     /// The datapath's counters (records written in total, records lost per
@@ -285,12 +309,16 @@ pub fn spawn_reader(mut reader: EventReader, mut feed: EventFeed) -> JoinHandle<
     thread::Builder::new()
         .name("events".into())
         .spawn(move || {
+            let mut first = true;
             while !feed.stopped() {
-                if !reader.wait(Duration::from_millis(200)) {
-                    continue;
+                let ready = reader.wait(Duration::from_millis(200));
+                if ready {
+                    reader.drain(|ev| feed.push(ev));
                 }
-                reader.drain(|ev| feed.push(ev));
-                feed.flush();
+                if ready || first {
+                    feed.flush();
+                    first = false;
+                }
             }
         })
         .expect("spawning the ring-buffer reader")
@@ -313,9 +341,13 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
             conns.observe(&f);
             batch.push(Entry::Flow(f));
         }
+        let mut l7_entries = 0;
         for _ in 0..CHUNK {
             match l7.try_recv() {
-                Ok(e) => l7_flows(e, &names, &conns, &mut batch),
+                Ok(e) => {
+                    l7_flows(e, &names, &conns, &mut batch);
+                    l7_entries += 1;
+                }
                 Err(_) => break,
             }
         }
@@ -330,6 +362,7 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
         let flows = batch.iter().filter(|e| matches!(e, Entry::Flow(_))).count() as u64;
         p.counters.flows.fetch_add(flows, Ordering::Relaxed);
         p.store.push_batch(&mut batch, now_ns() / 1_000_000_000);
+        p.counters.l7_stored.fetch_add(l7_entries, Ordering::Release);
         batches = batches.wrapping_add(1);
         if batches % 1024 == 0 {
             // The wall clock may have been stepped.
