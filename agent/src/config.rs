@@ -193,11 +193,11 @@ impl OtlpOptions {
                 .map(|v| weft_flow::json::flow_filter(v).map_err(|r| invalid(key, v.to_string(), r)))
                 .collect::<Result<Vec<_>, _>>()
         };
-        if self.queue_size == 0 || self.batch_size == 0 {
+        if !(1..=MAX_QUEUE).contains(&self.queue_size) || !(1..=MAX_QUEUE).contains(&self.batch_size) {
             return Err(invalid(
                 "flows.otlp.queue-size/batch-size",
                 format!("{}/{}", self.queue_size, self.batch_size),
-                "must be above 0".into(),
+                format!("must be from 1 to {MAX_QUEUE}"),
             ));
         }
         Ok(weft_observe::export::otlp::OtlpConfig {
@@ -213,6 +213,10 @@ impl OtlpOptions {
         })
     }
 }
+
+/// Largest flow store, queue or batch: each is allocated up front, so a
+/// mistyped size must not ask for all the node's memory.
+pub const MAX_QUEUE: usize = 1 << 24;
 
 /// Where the agent finds the Kubernetes API.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -300,8 +304,8 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = crate::limits::read_text(path, crate::limits::MAX_CONFIG_FILE_BYTES)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let cfg: AgentConfig = serde_saphyr::from_str(&text)
             .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         cfg.validate()?;
@@ -335,11 +339,18 @@ impl AgentConfig {
         if !self.flows.address.is_empty() && self.flows.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("flows.address", &self.flows.address, "expected ip:port, like 0.0.0.0:4244, or empty"));
         }
-        if self.flows.store_size == 0 || self.flows.queue_size == 0 {
+        if !(1..=MAX_QUEUE).contains(&self.flows.store_size) || !(1..=MAX_QUEUE).contains(&self.flows.queue_size) {
             return Err(invalid(
                 "flows.store-size/queue-size",
                 &(self.flows.store_size, self.flows.queue_size),
-                "must be above 0",
+                &format!("must be from 1 to {MAX_QUEUE}"),
+            ));
+        }
+        if self.envoy.concurrency > 1024 {
+            return Err(invalid(
+                "envoy.concurrency",
+                &self.envoy.concurrency,
+                "must be from 0 (a worker per CPU) to 1024",
             ));
         }
         weft_observe::export::metrics::Context::parse(&self.flows.metrics_context).map_err(|r| {

@@ -253,7 +253,14 @@ impl Controller {
             envoy_connected: self.envoy_connected,
             xds_mode: self.xds_mode,
             objects,
-            source_problems: self.loaded.problems.iter().map(ParseProblem::to_string).collect(),
+            // Configs too broken to name (no valid name or namespace) are reported with the files' problems.
+            source_problems: self
+                .loaded
+                .problems
+                .iter()
+                .map(ParseProblem::to_string)
+                .chain(self.parse_errors.iter().filter(|e| e.key.is_none()).map(ConfigError::to_string))
+                .collect(),
             state_problems: state_problems.to_vec(),
         }
     }

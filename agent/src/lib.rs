@@ -8,6 +8,7 @@ pub mod envoy;
 pub mod flows;
 pub mod identity;
 pub mod k8s;
+pub mod limits;
 pub mod netns;
 pub mod operator;
 pub mod pidfd;

@@ -71,11 +71,11 @@ pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
     }
     let built = model.build(&configs, &errors, &loaded.objects, &NodeInfo { any: true, ..Default::default() });
     for c in &configs {
-        let st = &built.statuses[&c.key];
+        let Some(st) = built.statuses.get(&c.key) else { continue };
         out.push(Verdict {
             key: Some(c.key.clone()),
             origin: c.origin.clone(),
-            api_version: api_versions[&c.key].clone(),
+            api_version: api_versions.get(&c.key).cloned().unwrap_or_default(),
             generation: c.generation,
             problems: st.problems.iter().map(|p| format!("{}: {p}", st.object)).collect(),
             serving: st.serving.clone(),
@@ -83,7 +83,7 @@ pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
     }
     for v in out.iter_mut().filter(|v| v.key.is_some() && v.serving == Serving::Nothing && !v.problems.is_empty()) {
         // A document that no longer parses: the model may still serve its last good version.
-        if let Some(st) = built.statuses.get(v.key.as_ref().expect("checked")) {
+        if let Some(st) = v.key.as_ref().and_then(|k| built.statuses.get(k)) {
             v.serving = st.serving.clone();
         }
     }
@@ -99,10 +99,7 @@ pub fn validate(paths: &[PathBuf]) -> Report {
         match yaml::files(p) {
             Ok(files) => {
                 for f in files {
-                    match std::fs::read_to_string(&f) {
-                        Ok(text) => yaml::load_text(&f, &text, &mut loaded),
-                        Err(e) => report.problems.push(format!("{}: unreadable: {e}", f.display())),
-                    }
+                    yaml::load_file(&f, &mut loaded);
                 }
             }
             Err(e) => report.problems.push(format!("{}: {e}", p.display())),

@@ -6,6 +6,8 @@ pub mod dashboards;
 pub mod demo;
 pub mod envoylab;
 pub mod flows;
+pub mod fuzz;
+pub mod hostile;
 pub mod http;
 pub mod k8s;
 pub mod lab;

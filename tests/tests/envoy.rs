@@ -350,18 +350,20 @@ fn envoy_is_restarted_and_resynced_while_plain_services_keep_working() {
 fn proxy_ports_survive_an_agent_restart_and_pinned_ports_are_honoured() {
     require_root!();
     let services = [svc("web", [10, 96, 0, 10], 80, &["n1-p2"]), svc("api", [10, 96, 0, 11], 80, &["n2-p1"])];
-    let pinned = http_envoy_config("api-l7", "api", None).replace(
-        "    name: api-l7-listener\n",
-        "    name: api-l7-listener\n    address: {socket_address: {address: 127.0.0.1, port_value: 15999}}\n",
-    );
+    // Binding an address of the node is for cluster admins (README: Security model).
+    let pinned =
+        http_envoy_config("api-l7", "api", None).replace("kind: EnvoyConfig", "kind: ClusterwideEnvoyConfig").replace(
+            "    name: api-l7-listener\n",
+            "    name: api-l7-listener\n    address: {socket_address: {address: 127.0.0.1, port_value: 15999}}\n",
+        );
     let env = EnvoyLab::new(|lab| {
         format!("{}{}---\n{}", lab_objects(lab, &services), http_envoy_config("web-l7", "web", None), pinned)
     });
     env.acked("EnvoyConfig default/web-l7");
-    let status = env.acked("EnvoyConfig default/api-l7");
+    let status = env.acked("ClusterwideEnvoyConfig api-l7");
     let port_of = |s: &serde_json::Value, o: &str| object(s, o)["listeners"][0][1].as_u64().unwrap();
     let web_port = port_of(&status, "EnvoyConfig default/web-l7");
-    assert_eq!(port_of(&status, "EnvoyConfig default/api-l7"), 15999, "the pinned port");
+    assert_eq!(port_of(&status, "ClusterwideEnvoyConfig api-l7"), 15999, "the pinned port");
     let client = env.lab.pod("n1-p1");
     let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 11), 80), "/", T).unwrap();
     assert!(r.header("x-envoy-upstream-service-time").is_some(), "the pinned listener gets the Service");

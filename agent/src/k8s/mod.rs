@@ -169,6 +169,21 @@ impl Objects {
         }
     }
 
+    /// Copies every object of `other` that came from `origin`; true if any.
+    pub fn carry_over_origin(&mut self, other: &Objects, origin: &Origin) -> bool {
+        let mut found = false;
+        macro_rules! each {
+            ($($c:ident),*) => { $(
+                for (k, v) in other.$c.iter().filter(|(_, v)| v.origin == *origin) {
+                    self.$c.insert(k.clone(), v.clone());
+                    found = true;
+                }
+            )* };
+        }
+        each!(services, endpoint_slices, endpoints, pods, nodes, secrets, network_policies, ingresses, ingress_classes);
+        found
+    }
+
     /// Adds or replaces an object.
     pub fn insert(&mut self, origin: Origin, object: Object) {
         let key = object.key();

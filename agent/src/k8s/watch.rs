@@ -373,9 +373,9 @@ const CONFIG_KINDS: &[(&str, &str, &str, &str, bool)] = &[
 /// that no one reads (status, managed fields).
 fn config_doc(o: &DynamicObject, ar: &ApiResource) -> Value {
     let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
-    v["apiVersion"] = Value::from(ar.api_version.clone());
-    v["kind"] = Value::from(ar.kind.clone());
     if let Some(m) = v.as_object_mut() {
+        m.insert("apiVersion".into(), Value::from(ar.api_version.clone()));
+        m.insert("kind".into(), Value::from(ar.kind.clone()));
         m.remove("status");
     }
     if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -415,7 +415,7 @@ fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObje
             let unchanged =
                 next.iter().filter(|(k, v)| configs.get(*k).is_some_and(|held| same_doc(held, v))).count() as u64;
             let gone = configs.keys().filter(|k| mine(k) && !next.contains_key(*k)).count() as u64;
-            let changes = next.len() as u64 - unchanged + gone;
+            let changes = (next.len() as u64).saturating_sub(unchanged).saturating_add(gone);
             configs.retain(|k, _| !mine(k));
             configs.extend(next);
             (changes, unchanged, 0)

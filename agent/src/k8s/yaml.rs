@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{Object, Objects, Origin};
+use crate::limits;
 
 /// A document that could not be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,35 +80,35 @@ fn describe(v: &Value) -> Option<String> {
     })
 }
 
-/// YAML parser limits for object files: generous (a `kubectl get -o yaml`
-/// dump or thousands of EnvoyConfigs in one file are normal), but bounded.
-fn options() -> serde_saphyr::Options {
-    let mut budget = serde_saphyr::Budget::default();
-    budget.max_documents = 1_000_000;
-    budget.max_nodes = 100_000_000;
-    budget.max_events = 200_000_000;
-    budget.max_total_scalar_bytes = 1 << 30;
-    budget.max_depth = 128;
-    let mut o = serde_saphyr::Options::default();
-    o.budget = Some(budget);
-    o
-}
-
-/// Parses the documents of one file into `into`.
+/// Parses the documents of one file into `into`. Each document is parsed on
+/// its own: one that is not valid YAML (a duplicate key, say) is reported
+/// with its index and the others are kept. A syntax error or a breached
+/// parser budget (an alias bomb, too deep) ends the file there: it is
+/// reported as the file's problem, with `object: None` and the document's
+/// index, and what followed is not read.
 pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
-    let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, options()) {
-        Ok(d) => d,
-        Err(e) => {
-            into.problems.push(ParseProblem {
-                origin: Origin::File { path: path.to_owned(), doc: 0 },
-                object: None,
-                message: format!("not valid YAML: {e}"),
-            });
-            return;
-        }
-    };
-    for (doc, v) in docs.into_iter().enumerate() {
+    let mut reader = std::io::Cursor::new(text.as_bytes());
+    let mut options = limits::yaml_options();
+    if let Some(b) = options.budget.as_mut() {
+        b.max_reader_input_bytes = None; // the file's size was checked when it was read
+    }
+    let mut docs = serde_saphyr::read_with_options::<_, Value>(&mut reader, options).enumerate().peekable();
+    while let Some((doc, v)) = docs.next() {
         let origin = Origin::File { path: path.to_owned(), doc };
+        let v = match v {
+            Ok(v) => v,
+            Err(e) => {
+                // The parser stops at a syntax error or a breached budget;
+                // then nothing follows and the file counts as broken.
+                let message = if docs.peek().is_none() {
+                    format!("{NOT_YAML}: {e}")
+                } else {
+                    format!("{NOT_YAML} (document skipped): {e}")
+                };
+                into.problems.push(ParseProblem { origin, object: None, message });
+                continue;
+            }
+        };
         if v.is_null() {
             continue;
         }
@@ -126,6 +127,20 @@ pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
             continue;
         }
         load_value(origin, v, into);
+    }
+}
+
+const NOT_YAML: &str = "not valid YAML";
+
+/// Reads one file of the objects directory (bounded in size, UTF-8) into `into`.
+pub fn load_file(path: &Path, into: &mut Loaded) {
+    match limits::read_text(path, limits::MAX_FILE_BYTES) {
+        Ok(text) => load_text(path, &text, into),
+        Err(e) => into.problems.push(ParseProblem {
+            origin: Origin::File { path: path.to_owned(), doc: 0 },
+            object: None,
+            message: e.to_string(),
+        }),
     }
 }
 
@@ -176,19 +191,20 @@ pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub fn load_path(path: &Path) -> std::io::Result<Loaded> {
     let mut loaded = Loaded::default();
     for file in files(path)? {
-        match fs::read_to_string(&file) {
-            Ok(text) => load_text(&file, &text, &mut loaded),
-            Err(e) => loaded.problems.push(ParseProblem {
-                origin: Origin::File { path: file, doc: 0 },
-                object: None,
-                message: format!("unreadable: {e}"),
-            }),
-        }
+        load_file(&file, &mut loaded);
     }
     Ok(loaded)
 }
 
 impl Loaded {
+    /// Copies what `other` held from one document (`origin`); true if anything.
+    pub fn carry_over_origin(&mut self, other: &Loaded, origin: &Origin) -> bool {
+        let raw: Vec<_> = other.raw.iter().filter(|(o, _)| o == origin).cloned().collect();
+        let found = !raw.is_empty();
+        self.raw.extend(raw);
+        self.objects.carry_over_origin(&other.objects, origin) || found
+    }
+
     /// Adds everything `other` holds.
     pub fn merge(&mut self, other: &Loaded) {
         self.objects.merge(&other.objects);
@@ -233,19 +249,13 @@ impl DirSource {
             changed = true;
             let previous = self.files.get(&path).map(|c| &c.loaded);
             let mut fresh = Loaded::default();
-            match fs::read_to_string(&path) {
-                Ok(text) => load_text(&path, &text, &mut fresh),
-                Err(e) => fresh.problems.push(ParseProblem {
-                    origin: Origin::File { path: path.clone(), doc: 0 },
-                    object: None,
-                    message: format!("unreadable: {e}"),
-                }),
-            }
+            load_file(&path, &mut fresh);
             let mut kept = fresh;
             if let Some(prev) = previous {
                 let whole_file_broken = kept.problems.iter().any(|p| {
                     p.object.is_none()
-                        && (p.message.starts_with("not valid YAML") || p.message.starts_with("unreadable"))
+                        && ((p.message.starts_with(NOT_YAML) && !p.message.contains("(document skipped)"))
+                            || p.message.starts_with("unreadable"))
                 });
                 if whole_file_broken {
                     let mut restored = Loaded { problems: kept.problems.clone(), ..Default::default() };
@@ -257,13 +267,18 @@ impl DirSource {
                     }
                     kept = restored;
                 } else {
-                    for p in kept.problems.iter_mut() {
-                        if let Some(what) = &p.object {
-                            if kept.objects.carry_over(&prev.objects, what) {
-                                p.message.push_str(" (its previous version stays in effect)");
-                            }
+                    let mut problems = std::mem::take(&mut kept.problems);
+                    for p in problems.iter_mut() {
+                        let carried = match &p.object {
+                            Some(what) => kept.objects.carry_over(&prev.objects, what),
+                            // A document too broken to name: what that document held before.
+                            None => kept.carry_over_origin(prev, &p.origin),
+                        };
+                        if carried {
+                            p.message.push_str(" (its previous version stays in effect)");
                         }
                     }
+                    kept.problems = problems;
                 }
             }
             next.insert(path, CachedFile { stamp, loaded: kept });

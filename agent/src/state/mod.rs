@@ -142,7 +142,7 @@ impl Snapshot {
                     local: node == node_name,
                     node,
                     labels: p.metadata.labels.clone().unwrap_or_default(),
-                    identity: ids[&label_set(&k.namespace, p)],
+                    identity: ids.get(&label_set(&k.namespace, p)).copied().unwrap_or_default(),
                     owner: p
                         .metadata
                         .owner_references
@@ -233,12 +233,14 @@ pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects, slices
     let found = slices.0.get(&(key.namespace.as_str(), key.name.as_str())).map(Vec::as_slice).unwrap_or_default();
     let any_slice = !found.is_empty();
     for slice in found {
+        // A port outside 1-65535 is no backend (the Service is reported by service_state).
         let Some(port) = slice
             .ports
             .iter()
             .flatten()
             .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
             .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
         else {
             continue;
         };
@@ -248,7 +250,7 @@ pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects, slices
             }
             for a in &ep.addresses {
                 if let Some(addr) = ipv4(a) {
-                    out.insert(BackendAddr { addr, port: port as u16 });
+                    out.insert(BackendAddr { addr, port });
                 }
             }
         }
@@ -256,14 +258,18 @@ pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects, slices
     if !any_slice {
         if let Some(eps) = objects.endpoints.get(key) {
             for subset in eps.object.subsets.iter().flatten() {
-                let Some(port) =
-                    subset.ports.iter().flatten().find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+                let Some(port) = subset
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+                    .and_then(|p| u16::try_from(p.port).ok())
                 else {
                     continue;
                 };
                 for a in subset.addresses.iter().flatten() {
                     if let Some(addr) = ipv4(&a.ip) {
-                        out.insert(BackendAddr { addr, port: port.port as u16 });
+                        out.insert(BackendAddr { addr, port });
                     }
                 }
             }
@@ -321,9 +327,24 @@ fn service_state(
             ));
             continue;
         };
+        let Ok(number) = u16::try_from(port.port) else {
+            problems.push(format!("Service {key}: port {} is not a port number (1-65535)", port.port));
+            continue;
+        };
+        let node_port = match port.node_port.map(u16::try_from) {
+            Some(Err(_)) => {
+                problems.push(format!(
+                    "Service {key} port {number}: nodePort {} is not a port number (1-65535)",
+                    port.node_port.unwrap_or_default()
+                ));
+                continue;
+            }
+            Some(Ok(p)) => Some(p),
+            None => None,
+        };
         let backends = backends(key, port.name.as_deref(), objects, slices);
         let proxy_port = redirects
-            .get(&(key.clone(), Some(port.port as u16)))
+            .get(&(key.clone(), Some(number)))
             .or_else(|| redirects.get(&(key.clone(), None)))
             .copied()
             .or(annotation_port)
@@ -336,15 +357,15 @@ fn service_state(
             })
         };
         for ip in &cluster_ips {
-            add(*ip, port.port as u16, FrontendKind::ClusterIp);
+            add(*ip, number, FrontendKind::ClusterIp);
         }
         if matches!(kind, "NodePort" | "LoadBalancer") {
-            if let (Some(np), Some(ip)) = (port.node_port, node_ip) {
-                add(ip, np as u16, FrontendKind::NodePort);
+            if let (Some(np), Some(ip)) = (node_port, node_ip) {
+                add(ip, np, FrontendKind::NodePort);
             }
         }
         for ip in &external {
-            add(*ip, port.port as u16, FrontendKind::External);
+            add(*ip, number, FrontendKind::External);
         }
     }
     Some(ServiceState { key: key.clone(), entries })

@@ -8,7 +8,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::k8s::{ObjKey, Origin};
+use crate::{
+    k8s::{ObjKey, Origin},
+    limits,
+};
 
 /// Our API group and version.
 pub const API_VERSION: &str = "weft.io/v1alpha1";
@@ -126,13 +129,30 @@ pub fn kind_of(api_version: &str, kind: &str) -> Option<bool> {
 /// A DNS-1123 subdomain, as Kubernetes requires of object names.
 pub fn valid_object_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 253
+        && name.len() <= limits::MAX_NAME_BYTES
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
+}
+
+/// A DNS-1123 label, as Kubernetes requires of namespaces.
+pub fn valid_namespace(ns: &str) -> bool {
+    !ns.is_empty()
+        && ns.len() <= limits::MAX_NAMESPACE_BYTES
+        && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !ns.starts_with('-')
+        && !ns.ends_with('-')
+}
+
+/// At most 64 characters of a (hostile) string, for messages.
+pub fn truncated(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 /// Why a document is not a usable EnvoyConfig.
@@ -169,25 +189,44 @@ pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
             message: format!("{api}/{kind} is not an EnvoyConfig kind"),
         });
     };
-    let meta = doc.get("metadata").cloned().unwrap_or(Value::Null);
+    let null = Value::Null;
+    let meta = doc.get("metadata").unwrap_or(&null);
     let name = meta.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
     let namespace = if clusterwide {
         String::new()
     } else {
         meta.get("namespace").and_then(Value::as_str).unwrap_or("default").to_owned()
     };
+    if !clusterwide && !valid_namespace(&namespace) {
+        return Err(ConfigError {
+            key: None,
+            object: format!("{kind} {}", if name.len() <= limits::MAX_NAME_BYTES { name.as_str() } else { "" }),
+            path: "metadata.namespace".into(),
+            message: format!(
+                "{:?} is not a valid namespace (at most {} lower-case letters, digits and '-')",
+                truncated(&namespace),
+                limits::MAX_NAMESPACE_BYTES
+            ),
+        });
+    }
     let key = ConfigKey { clusterwide, key: ObjKey::new(namespace, name.clone()) };
-    let object = key.to_string();
+    let object = if name.len() <= limits::MAX_NAME_BYTES { key.to_string() } else { kind.to_owned() };
     if !valid_object_name(&name) {
         return Err(ConfigError {
             key: None,
             object,
             path: "metadata.name".into(),
             message: format!(
-                "{name:?} is not a valid object name (lower-case letters, digits, '-' and '.'){}",
+                "{:?} is not a valid object name (at most {} lower-case letters, digits, '-' and '.'){}",
+                truncated(&name),
+                limits::MAX_NAME_BYTES,
                 if name.contains("{{") { "; it looks like an unrendered template" } else { "" }
             ),
         });
+    }
+    // Before anything reads the document further: it may be huge or deep.
+    if let Err(e) = limits::check_document(doc, limits::MAX_DOCUMENT_DEPTH, limits::MAX_DOCUMENT_BYTES) {
+        return Err(ConfigError { key: Some(key), object, path: String::new(), message: e.to_string() });
     }
     for field in doc.as_object().into_iter().flat_map(|o| o.keys()) {
         if !matches!(field.as_str(), "apiVersion" | "kind" | "metadata" | "spec" | "status") {
@@ -201,6 +240,16 @@ pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
         path: format!("spec.{}", e.path()).trim_end_matches('.').to_owned(),
         message: e.inner().to_string(),
     })?;
+    for (field, n) in [("spec.services", spec.services.len()), ("spec.backendServices", spec.backend_services.len())] {
+        if n > limits::MAX_SERVICES {
+            return Err(ConfigError {
+                key: Some(key),
+                object,
+                path: field.into(),
+                message: format!("{n} entries; at most {} are accepted in one object", limits::MAX_SERVICES),
+            });
+        }
+    }
     let annotations = meta
         .get("annotations")
         .and_then(Value::as_object)

@@ -5,5 +5,7 @@ pub mod envoyconfig;
 pub mod model;
 pub mod ports;
 pub mod protojson;
+pub mod rules;
 pub mod server;
+pub mod tenancy;
 pub mod translate;

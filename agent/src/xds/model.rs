@@ -650,6 +650,32 @@ struct Known {
     clusters: BTreeSet<String>,
     endpoints: BTreeSet<String>,
     secrets: BTreeSet<String>,
+    /// Namespaces of the Pods and Services that have each address.
+    addresses: HashMap<std::net::IpAddr, BTreeSet<String>>,
+}
+
+/// Which namespaces' Pods and Services hold each address.
+fn addresses_of(objects: &Objects) -> HashMap<std::net::IpAddr, BTreeSet<String>> {
+    let mut out: HashMap<std::net::IpAddr, BTreeSet<String>> = HashMap::new();
+    for (k, p) in &objects.pods {
+        let st = p.object.status.as_ref();
+        let ips = st.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().map(|i| i.ip.as_str());
+        for ip in ips.chain(st.and_then(|s| s.pod_ip.as_deref())) {
+            if let Ok(ip) = ip.parse() {
+                out.entry(ip).or_default().insert(k.namespace.clone());
+            }
+        }
+    }
+    for (k, s) in &objects.services {
+        let spec = s.object.spec.as_ref();
+        let ips = spec.and_then(|s| s.cluster_ips.as_ref()).into_iter().flatten();
+        for ip in ips.chain(spec.and_then(|s| s.cluster_ip.as_ref())) {
+            if let Ok(ip) = ip.parse() {
+                out.entry(ip).or_default().insert(k.namespace.clone());
+            }
+        }
+    }
+    out
 }
 
 impl Known {
@@ -659,6 +685,7 @@ impl Known {
             clusters: BOOTSTRAP_CLUSTERS.iter().map(|s| s.to_string()).collect(),
             endpoints: BTreeSet::new(),
             secrets: objects.secrets.keys().map(|k| k.to_string()).collect(),
+            addresses: addresses_of(objects),
         };
         for c in accepted {
             let t = &c.translated;
@@ -705,6 +732,14 @@ fn dangling(c: &Candidate, known: &Known) -> Vec<String> {
     for (at, name) in &r.secrets {
         if !known.secrets.contains(name) {
             out.push(format!("{at}: secret {name:?} is neither a Secret resource nor a Kubernetes Secret"));
+        }
+    }
+    let ns = c.key.namespace();
+    for (at, ip) in &r.addresses {
+        if !known.addresses.get(ip).is_some_and(|n| n.contains(ns)) {
+            out.push(format!(
+                "{at}: {ip} is not the address of a Pod or Service of namespace {ns}: a namespaced EnvoyConfig may send traffic only to its own namespace"
+            ));
         }
     }
     out

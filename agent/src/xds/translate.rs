@@ -49,15 +49,20 @@ use envoy_types::pb::{
     google::protobuf::{Any, BoolValue, Duration as PbDuration},
 };
 use prost::{Message, Name};
+use prost_reflect::DynamicMessage;
+use serde_json::Value;
 
 use super::{
     envoyconfig::EnvoyConfig,
     protojson::{self, DecodeError},
+    rules, tenancy,
 };
-use crate::k8s::ObjKey;
+use crate::{
+    k8s::ObjKey,
+    limits::{MAX_NAME_BYTES, MAX_RESOURCES},
+};
 
-/// Clusters the agent's bootstrap defines, which configs may reference by name.
-pub const BOOTSTRAP_CLUSTERS: &[&str] = &["envoy-admin"];
+pub use super::tenancy::BOOTSTRAP_CLUSTERS;
 
 /// The access log the agent adds to every HTTP connection manager: Envoy
 /// appends a JSON line per request to the agent's spool, which turns them
@@ -174,6 +179,9 @@ pub struct References {
     pub endpoints: Vec<(String, String)>,
     /// (place, secret name) from SDS.
     pub secrets: Vec<(String, String)>,
+    /// (place, address) of upstream endpoints a namespaced config writes:
+    /// each must be a Pod's or Service's of its namespace (see `super::tenancy`).
+    pub addresses: Vec<(String, std::net::IpAddr)>,
 }
 
 /// A config translated into Envoy resources.
@@ -249,73 +257,35 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
     let mut broken_listeners = BTreeSet::new();
     let mut ctx = Ctx { ns: cfg.key.namespace(), cfg: cfg.key.name(), refs: References::default() };
 
+    if cfg.spec.resources.len() > MAX_RESOURCES {
+        return Err(vec![Problem {
+            place: "spec.resources".into(),
+            path: String::new(),
+            message: format!(
+                "{} resources; at most {MAX_RESOURCES} are accepted in one object: split it into several",
+                cfg.spec.resources.len()
+            ),
+        }]);
+    }
     for (index, raw) in cfg.spec.resources.iter().enumerate() {
         let base = format!("spec.resources[{index}]");
-        let (url, bytes) = match protojson::decode_any_json(raw, "") {
-            Ok(x) => x,
-            Err(DecodeError { path, message }) => {
-                let name = raw.get("name").and_then(|n| n.as_str()).unwrap_or("");
-                let type_name =
-                    raw.get("@type").and_then(|t| t.as_str()).unwrap_or("").rsplit('.').next().unwrap_or("");
-                let place = if name.is_empty() { base.clone() } else { format!("{base} ({type_name} {name:?})") };
-                if raw.get("@type").and_then(|t| t.as_str()) == Some(LISTENER) && !name.is_empty() {
-                    broken_listeners.insert(ctx.qf(name));
-                }
-                problems.push(Problem { place, path, message });
-                continue;
-            }
+        let written_name = raw.get("name").and_then(|n| n.as_str()).unwrap_or("");
+        let type_name = raw.get("@type").and_then(|t| t.as_str()).unwrap_or("").rsplit('.').next().unwrap_or("");
+        let place = if written_name.is_empty() || written_name.len() > MAX_NAME_BYTES {
+            base.clone()
+        } else {
+            format!("{base} ({type_name} {written_name:?})")
         };
-        let r = match url.as_str() {
-            LISTENER => listener(&mut ctx, index, Listener::decode(bytes.as_slice()).expect("decoded above"), &mut out),
-            ROUTE => route_configuration(
-                &mut ctx,
-                index,
-                RouteConfiguration::decode(bytes.as_slice()).expect("decoded"),
-                &mut out,
-            ),
-            CLUSTER => cluster(&mut ctx, index, Cluster::decode(bytes.as_slice()).expect("decoded"), &mut out),
-            ENDPOINT => {
-                let mut cla = ClusterLoadAssignment::decode(bytes.as_slice()).expect("decoded");
-                if cla.cluster_name.is_empty() {
-                    Err(Problem {
-                        place: base.clone(),
-                        path: "cluster_name".into(),
-                        message: "a ClusterLoadAssignment needs a cluster_name".into(),
-                    })
-                } else {
-                    let written = cla.cluster_name.clone();
-                    cla.cluster_name = ctx.q(&cla.cluster_name);
-                    out.endpoints.push(Item { name: cla.cluster_name.clone(), written, index, resource: cla });
-                    Ok(())
-                }
-            }
-            SECRET => {
-                let mut s = Secret::decode(bytes.as_slice()).expect("decoded");
-                if s.name.is_empty() {
-                    Err(Problem { place: base.clone(), path: "name".into(), message: "a Secret needs a name".into() })
-                } else {
-                    let written = s.name.clone();
-                    s.name = ctx.q(&s.name);
-                    out.secrets.push(Item { name: s.name.clone(), written, index, resource: s });
-                    Ok(())
-                }
-            }
-            other => Err(Problem {
-                place: base.clone(),
-                path: "@type".into(),
-                message: format!(
-                    "{other} is not accepted here: resources are Listener, RouteConfiguration, Cluster, ClusterLoadAssignment or Secret"
-                ),
-            }),
-        };
+        let r = resource(&mut ctx, index, raw, &place, &mut out);
         if let Err(p) = r {
-            if url == LISTENER {
-                broken_listeners.extend(raw.get("name").and_then(|n| n.as_str()).map(|n| ctx.qf(n)));
+            if raw.get("@type").and_then(|t| t.as_str()) == Some(LISTENER) && !written_name.is_empty() {
+                broken_listeners.insert(ctx.qf(written_name));
             }
             problems.push(p);
         }
     }
     duplicates(&out, &mut problems);
+    check_translated(cfg, &mut ctx, &out, &mut problems);
 
     // services[]: redirected to a listener of this config.
     for (i, s) in cfg.spec.services.iter().enumerate() {
@@ -323,7 +293,9 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
         let namespace = if cfg.key.clusterwide {
             s.namespace.clone().unwrap_or_else(|| "default".into())
         } else {
-            cfg.key.namespace().to_owned() // a namespaced config redirects only its own Services
+            // A namespaced config redirects only its own Services: its
+            // namespace replaces the one written, as in Cilium.
+            cfg.key.namespace().to_owned()
         };
         let listener = match &s.listener {
             Some(l) => {
@@ -369,6 +341,113 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
     }
     out.references = ctx.refs;
     if problems.is_empty() { Ok(out) } else { Err(problems) }
+}
+
+/// Decodes one resource of `spec.resources` and translates it into `out`.
+fn resource(ctx: &mut Ctx<'_>, index: usize, raw: &Value, place: &str, out: &mut Translated) -> Result<(), Problem> {
+    let at = |path: &str, message: String| Problem { place: place.to_owned(), path: path.to_owned(), message };
+    let (url, msg) = protojson::decode_resource(raw).map_err(|DecodeError { path, message }| at(&path, message))?;
+    if let Some((path, len)) = long_name(&msg) {
+        return Err(at(&path, format!("a name of {len} bytes; at most {MAX_NAME_BYTES} are accepted")));
+    }
+    let decoded = |e: prost::DecodeError| at("", format!("does not decode as {url}: {e}"));
+    match url.as_str() {
+        LISTENER => listener(ctx, index, msg.transcode_to().map_err(decoded)?, out),
+        ROUTE => route_configuration(ctx, index, msg.transcode_to().map_err(decoded)?, out),
+        CLUSTER => cluster(ctx, index, msg.transcode_to().map_err(decoded)?, out),
+        ENDPOINT => {
+            let mut cla: ClusterLoadAssignment = msg.transcode_to().map_err(decoded)?;
+            if cla.cluster_name.is_empty() {
+                return Err(at("cluster_name", "a ClusterLoadAssignment needs a cluster_name".into()));
+            }
+            let written = cla.cluster_name.clone();
+            cla.cluster_name = ctx.q(&cla.cluster_name);
+            out.endpoints.push(Item { name: cla.cluster_name.clone(), written, index, resource: cla });
+            Ok(())
+        }
+        SECRET => {
+            let mut s: Secret = msg.transcode_to().map_err(decoded)?;
+            if s.name.is_empty() {
+                return Err(at("name", "a Secret needs a name".into()));
+            }
+            let written = s.name.clone();
+            s.name = ctx.q(&s.name);
+            out.secrets.push(Item { name: s.name.clone(), written, index, resource: s });
+            Ok(())
+        }
+        other => Err(Problem {
+            place: format!("spec.resources[{index}]"),
+            path: "@type".into(),
+            message: format!(
+                "{other} is not accepted here: resources are Listener, RouteConfiguration, Cluster, ClusterLoadAssignment or Secret"
+            ),
+        }),
+    }
+}
+
+/// The first name field (`name`, `cluster_name`, `route_config_name`...) of a
+/// resource longer than [`MAX_NAME_BYTES`]: its path and length.
+fn long_name(msg: &DynamicMessage) -> Option<(String, usize)> {
+    let mut found = None;
+    let _ = protojson::walk(msg, &mut |path, m| {
+        if found.is_some() {
+            return;
+        }
+        for (f, v) in m.fields() {
+            if let prost_reflect::Value::String(s) = v {
+                let name = f.name();
+                if (name == "name" || name.ends_with("_name") || name == "cluster") && s.len() > MAX_NAME_BYTES {
+                    found = Some((protojson::join(path, name), s.len()));
+                    return;
+                }
+            }
+        }
+    });
+    found
+}
+
+/// Checks every translated resource (as it will reach Envoy) against the
+/// field rules Envoy declares and, for a namespaced config, the tenancy rules.
+fn check_translated(cfg: &EnvoyConfig, ctx: &mut Ctx<'_>, out: &Translated, problems: &mut Vec<Problem>) {
+    fn each<T: Message + Name>(
+        cfg: &EnvoyConfig,
+        ctx: &mut Ctx<'_>,
+        kind: &str,
+        items: &[Item<T>],
+        problems: &mut Vec<Problem>,
+    ) {
+        let Some(desc) = protojson::message_for_type_url(&T::type_url()) else { return };
+        let ours = protojson::message_for_type_url(&AccessLog::type_url())
+            .and_then(|d| DynamicMessage::decode(d, weft_access_log().encode_to_vec().as_slice()).ok());
+        for it in items {
+            let at = place(it.index, kind, &it.written);
+            let msg = match DynamicMessage::decode(desc.clone(), it.resource.encode_to_vec().as_slice()) {
+                Ok(m) => m,
+                Err(e) => {
+                    problems.push(Problem { place: at, path: String::new(), message: format!("does not decode: {e}") });
+                    continue;
+                }
+            };
+            for e in rules::check_resource(&msg) {
+                problems.push(Problem { place: at.clone(), path: e.path, message: e.message });
+            }
+            if !cfg.key.clusterwide {
+                let mut addresses = Vec::new();
+                let refusals = tenancy::check(cfg.key.namespace(), &msg, ours.as_ref(), &mut |path, ip| {
+                    addresses.push((format!("{at}: {path}"), ip));
+                });
+                ctx.refs.addresses.extend(addresses);
+                for r in refusals {
+                    problems.push(Problem { place: at.clone(), path: r.path, message: r.message });
+                }
+            }
+        }
+    }
+    each(cfg, ctx, "Listener", &out.listeners, problems);
+    each(cfg, ctx, "RouteConfiguration", &out.routes, problems);
+    each(cfg, ctx, "Cluster", &out.clusters, problems);
+    each(cfg, ctx, "ClusterLoadAssignment", &out.endpoints, problems);
+    each(cfg, ctx, "Secret", &out.secrets, problems);
 }
 
 fn duplicates(out: &Translated, problems: &mut Vec<Problem>) {
@@ -617,7 +696,8 @@ pub fn pinned_port(l: &Listener) -> Option<(String, u16)> {
     use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
     let Some(address::Address::SocketAddress(sa)) = l.address.as_ref()?.address.as_ref() else { return None };
     match sa.port_specifier {
-        Some(socket_address::PortSpecifier::PortValue(p)) => Some((sa.address.clone(), p as u16)),
+        // Ports above 65535 are refused by the field rules before this is asked.
+        Some(socket_address::PortSpecifier::PortValue(p)) => Some((sa.address.clone(), u16::try_from(p).ok()?)),
         _ => None,
     }
 }
@@ -745,5 +825,109 @@ spec:
         );
         let p = translate(&empty).unwrap_err();
         assert!(p[0].message.contains("at least one filter chain"), "{}", p[0]);
+    }
+}
+
+/// The tenancy rules (`super::tenancy`), through translation and the model.
+#[cfg(test)]
+mod tenancy_tests {
+    use crate::{
+        k8s::{Origin, yaml},
+        xds::{
+            envoyconfig,
+            model::{Model, NodeInfo},
+            ports::ProxyPorts,
+            translate::translate,
+        },
+    };
+
+    /// A config of `kind` in `ns` with one resource (YAML, indented as a list item).
+    fn cfg(kind: &str, ns: &str, resource: &str) -> envoyconfig::EnvoyConfig {
+        let doc = format!(
+            "apiVersion: weft.io/v1alpha1\nkind: {kind}\nmetadata: {{name: c, namespace: {ns}}}\nspec:\n  resources:\n  - {}\n",
+            resource.trim().replace('\n', "\n    ")
+        );
+        envoyconfig::parse(Origin::Api, &serde_saphyr::from_str(&doc).unwrap()).unwrap()
+    }
+
+    fn refusals(resource: &str) -> Vec<String> {
+        let namespaced = match translate(&cfg("EnvoyConfig", "team", resource)) {
+            Ok(_) => Vec::new(),
+            Err(ps) => ps.iter().map(|p| p.to_string()).collect(),
+        };
+        // A cluster admin may write the same.
+        let cw = translate(&cfg("ClusterwideEnvoyConfig", "", resource));
+        assert!(cw.is_ok(), "clusterwide: {:?}", cw.err());
+        namespaced
+    }
+
+    const LISTENER: &str = "\"@type\": type.googleapis.com/envoy.config.listener.v3.Listener";
+    const CLUSTER: &str = "\"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    fn hcm(extra: &str) -> String {
+        format!(
+            "{LISTENER}\nname: l\nfilter_chains:\n- filters:\n  - name: hcm\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n      stat_prefix: l\n      rds: {{route_config_name: r}}\n      http_filters: [{{name: envoy.filters.http.router}}]\n{extra}"
+        )
+    }
+
+    #[test]
+    fn namespaced_configs_stay_in_their_namespace_and_off_the_node() {
+        let cases: &[(String, &str)] = &[
+            (hcm("address: {socket_address: {address: 0.0.0.0, port_value: 8080}}"), "address: a namespaced EnvoyConfig's listeners get their port from the agent"),
+            (hcm("use_original_dst: true"), "use_original_dst: it hands connections to other listeners"),
+            (format!("{CLUSTER}\nname: c\ntype: STRICT_DNS"), "type: a namespaced EnvoyConfig's clusters are STATIC or EDS"),
+            (format!("{CLUSTER}\nname: c\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED"), "are STATIC or EDS"),
+            (format!("{CLUSTER}\nname: c\ntype: EDS\neds_cluster_config: {{service_name: other/web}}"), "EDS resource \"other/web\" is in namespace \"other\""),
+            (format!("{CLUSTER}\nname: c\nload_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: \"::ffff:127.0.0.1\", port_value: 9901}}}}}}}}]}}]}}"), "is the node itself"),
+            (format!("{CLUSTER}\nname: c\ntype: EDS\ntransport_socket: {{name: tls, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext, common_tls_context: {{tls_certificates: [{{certificate_chain: {{filename: /var/run/weft/key.pem}}}}]}}}}}}"), "certificate_chain.filename: a namespaced EnvoyConfig may not read the node's files"),
+            (
+                "\"@type\": type.googleapis.com/envoy.config.route.v3.RouteConfiguration\nname: r\nvirtual_hosts: [{name: v, domains: [\"*\"], routes: [{match: {prefix: /}, route: {cluster_header: x-cluster}}]}]".to_string(),
+                "cluster_header: a cluster chosen from a request header",
+            ),
+            (
+                hcm("").replace(
+                    "http_filters: [{name: envoy.filters.http.router}]",
+                    "http_filters: [{name: lua, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua, default_source_code: {inline_string: x}}}, {name: envoy.filters.http.router}]",
+                ),
+                "envoy.extensions.filters.http.lua.v3.Lua is for ClusterwideEnvoyConfigs only",
+            ),
+            (
+                hcm("").replace(
+                    "stat_prefix: l\n",
+                    "stat_prefix: l\n      tracing: {provider: {name: z, typed_config: {\"@type\": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: envoy-admin, collector_endpoint: /quitquitquit, collector_endpoint_version: HTTP_JSON}}}\n",
+                ),
+                "collector_cluster: cluster \"envoy-admin\" is the node Envoy's admin interface",
+            ),
+        ];
+        for (resource, expected) in cases {
+            let r = refusals(resource);
+            assert!(r.iter().any(|p| p.contains(expected)), "{resource}\nexpected {expected:?} in {r:#?}");
+        }
+    }
+
+    #[test]
+    fn upstream_addresses_must_be_the_namespaces_own() {
+        const OBJECTS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: team}\nspec: {containers: [{name: x, image: x}]}\nstatus: {phase: Running, podIP: 10.1.1.11}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: other}\nspec: {containers: [{name: x, image: x}]}\nstatus: {phase: Running, podIP: 10.1.1.12}\n";
+        let mut l = yaml::Loaded::default();
+        yaml::load_text(std::path::Path::new("o.yaml"), OBJECTS, &mut l);
+        let to = |ip: &str| {
+            cfg(
+                "EnvoyConfig",
+                "team",
+                &format!(
+                    "{CLUSTER}\nname: c\nload_assignment: {{cluster_name: c, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: 80}}}}}}}}]}}]}}"
+                ),
+            )
+        };
+        let (own, theirs) = (to("10.1.1.11"), to("10.1.1.12"));
+        let node = NodeInfo { any: true, ..Default::default() };
+        let b = Model::new(ProxyPorts::ephemeral()).build(&[own.clone()], &[], &l.objects, &node);
+        assert!(b.statuses[&own.key].problems.is_empty(), "{:?}", b.statuses[&own.key]);
+        let b = Model::new(ProxyPorts::ephemeral()).build(&[theirs.clone()], &[], &l.objects, &node);
+        let p = &b.statuses[&theirs.key].problems;
+        assert!(
+            p.iter().any(|p| p.contains("10.1.1.12 is not the address of a Pod or Service of namespace team")),
+            "{p:?}"
+        );
     }
 }
