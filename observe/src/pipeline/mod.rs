@@ -78,6 +78,9 @@ pub struct Counters {
     pub l7_received: AtomicU64,
     /// Access-log entries the flows thread has stored as flows.
     pub l7_stored: AtomicU64,
+    /// Lines of Envoy's access-log spool committed (stored as flows, or
+    /// counted lost) by this agent and the ones before it on this node.
+    pub spool_committed: AtomicU64,
     /// Flows (datapath and L7) stored.
     pub flows: AtomicU64,
     /// Records the datapath wrote / failed to write (since this agent started).

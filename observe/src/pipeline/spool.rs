@@ -25,7 +25,7 @@ use std::{
     io::{self, Read as _, Seek, SeekFrom},
     os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -153,27 +153,30 @@ impl SpoolDir {
     }
 }
 
-/// The reader's persisted place: a file (by inode) and an offset in it.
+/// The reader's persisted place: a file (by inode) and an offset in it,
+/// and how many lines readers of this spool have committed in all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Position {
     inode: u64,
     offset: u64,
+    lines: u64,
 }
 
-const POSITION_LEN: usize = 42;
+const POSITION_LEN: usize = 63;
 
 impl Position {
     fn encode(self) -> [u8; POSITION_LEN] {
         let mut b = [0u8; POSITION_LEN];
-        let s = format!("{:020} {:020}\n", self.inode, self.offset);
+        let s = format!("{:020} {:020} {:020}\n", self.inode, self.offset, self.lines);
         b.copy_from_slice(s.as_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<Position> {
         let s = std::str::from_utf8(b).ok()?;
-        let (inode, offset) = s.trim().split_once(' ')?;
-        Some(Position { inode: inode.parse().ok()?, offset: offset.parse().ok()? })
+        let mut f = s.split_whitespace().map(|n| n.parse::<u64>());
+        let (inode, offset, lines) = (f.next()?.ok()?, f.next()?.ok()?, f.next()?.ok()?);
+        Some(Position { inode, offset, lines })
     }
 }
 
@@ -182,6 +185,8 @@ struct Open {
     inode: u64,
     /// Offset of the first byte not handed out yet.
     consumed: u64,
+    /// Lines handed out in all (the committed count plus those since).
+    lines: u64,
 }
 
 /// What one [`SpoolReader::read`] found.
@@ -246,6 +251,7 @@ impl SpoolReader {
             if open.consumed != self.committed.offset || open.inode != self.committed.inode {
                 break;
             }
+            let open_lines = open.lines;
             if !self.buf.is_empty() || self.skipping {
                 // A line cut short (Envoy stopped mid-write): lost.
                 let cut = self.buf.len() as u64;
@@ -256,6 +262,7 @@ impl SpoolReader {
                 f(Err(LineError::Json("a line cut short at the end of a segment".into())));
                 if let Some(o) = self.open.as_mut() {
                     o.consumed += cut;
+                    o.lines = open_lines + 1;
                 }
                 break;
             }
@@ -269,12 +276,18 @@ impl SpoolReader {
     /// Persists the position after the last line handed out.
     pub fn commit(&mut self) -> io::Result<()> {
         let Some(o) = &self.open else { return Ok(()) };
-        let p = Position { inode: o.inode, offset: o.consumed };
+        let p = Position { inode: o.inode, offset: o.consumed, lines: o.lines };
         if p != self.committed {
             self.position_file.write_all_at(&p.encode(), 0)?;
             self.committed = p;
         }
         Ok(())
+    }
+
+    /// Lines committed by every reader of this spool so far (it counts
+    /// across agent restarts).
+    pub fn committed_lines(&self) -> u64 {
+        self.committed.lines
     }
 
     /// Bytes in the spool the reader has not handed out yet.
@@ -296,6 +309,7 @@ impl SpoolReader {
             let line = &self.buf[start..start + nl];
             start += nl + 1;
             out.lines += 1;
+            open.lines += 1;
             if self.skipping {
                 self.skipping = false;
                 out.bad += 1;
@@ -348,7 +362,7 @@ impl SpoolReader {
         let Some(target) = files.get(idx) else { return Ok(false) };
         let mut file = File::open(&target.path)?;
         file.seek(SeekFrom::Start(offset))?;
-        self.open = Some(Open { file, inode: target.inode, consumed: offset });
+        self.open = Some(Open { file, inode: target.inode, consumed: offset, lines: self.committed.lines });
         self.buf.clear();
         self.skipping = false;
         if at.is_none() || offset != self.committed.offset {
@@ -364,7 +378,7 @@ impl SpoolReader {
         let files = self.dir.files()?;
         let Some(i) = files.iter().position(|f| f.inode == o.inode) else { return Ok(false) };
         let Some(next) = files.get(i + 1) else { return Ok(false) };
-        let p = Position { inode: next.inode, offset: 0 };
+        let p = Position { inode: next.inode, offset: 0, lines: self.committed.lines };
         self.position_file.write_all_at(&p.encode(), 0)?;
         self.committed = p;
         fs::remove_file(&files[i].path)?;
@@ -394,6 +408,7 @@ pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Res
             thread::sleep(Duration::from_millis(10));
         }
         let mut stored_target = pipeline.l7_stored();
+        pipeline.counters.spool_committed.store(reader.committed_lines(), Ordering::Relaxed);
         let mut last_error: Option<Instant> = None;
         while !pipeline.stopped() {
             let mut bad_shown = 0;
@@ -429,8 +444,9 @@ pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Res
             while pipeline.l7_stored() < stored_target && !pipeline.stopped() {
                 thread::sleep(Duration::from_millis(1));
             }
-            if let Err(e) = reader.commit() {
-                tracing::error!("saving the access-log spool position: {e}");
+            match reader.commit() {
+                Ok(()) => pipeline.counters.spool_committed.store(reader.committed_lines(), Ordering::Relaxed),
+                Err(e) => tracing::error!("saving the access-log spool position: {e}"),
             }
         }
     })
