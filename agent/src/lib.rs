@@ -1,11 +1,11 @@
 //! The weft node agent: desired state, the eBPF datapath manager, the xDS
-//! control plane and Envoy supervision.
+//! control plane and Envoy supervision. [`run`] puts them together as the
+//! named components of the agent process.
 
 pub mod config;
 pub mod controller;
 pub mod datapath;
 pub mod envoy;
-pub mod flows;
 pub mod identity;
 pub mod k8s;
 pub mod limits;

@@ -1,6 +1,7 @@
 //! weft's custom resources, generated from the Rust types: `EnvoyConfig`
 //! (namespaced) and `ClusterwideEnvoyConfig` in `weft.io/v1alpha1`, both with
-//! the spec of [`EnvoyConfigSpec`], a status written by the operator, and
+//! the spec of [`EnvoyConfigSpec`] (defined here, as the API's type; the
+//! control plane reads it in `xds::envoyconfig`), a status written by the operator, and
 //! printer columns for `kubectl get`; and, for clusters without Cilium,
 //! Cilium's `CiliumEnvoyConfig` and `CiliumClusterwideEnvoyConfig`
 //! (`cilium.io/v2`, the same spec, no status) so that Cilium users' YAML
@@ -13,13 +14,73 @@
 
 use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    apimachinery::pkg::apis::meta::v1::Condition,
+    apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector},
 };
 use kube::{CustomResource, CustomResourceExt};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::xds::envoyconfig::EnvoyConfigSpec;
+/// The spec of an EnvoyConfig (and of Cilium's CiliumEnvoyConfig).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyConfigSpec {
+    /// Services whose traffic is redirected to a listener of this config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceListener>,
+    /// Services whose endpoints are sent to Envoy (EDS), without redirecting them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_services: Vec<BackendService>,
+    /// Envoy resources (Listener, RouteConfiguration, Cluster,
+    /// ClusterLoadAssignment, Secret) in JSON form with `@type`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "any_objects")]
+    pub resources: Vec<Value>,
+    /// Nodes this config applies to; absent: all nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+}
+
+/// A Service redirected to a listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceListener {
+    pub name: String,
+    /// Ignored for namespaced configs (their own namespace applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Listener (its name in `resources`); absent: the first listener of the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
+    /// Service ports to redirect; empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "port_numbers")]
+    pub ports: Vec<u16>,
+}
+
+/// A Service whose endpoints Envoy gets.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendService {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Service ports (numbers or names) to send; empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "ports_as_strings")]
+    #[schemars(schema_with = "ports")]
+    pub number: Vec<String>,
+}
+
+fn ports_as_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v: Vec<Value> = Deserialize::deserialize(d)?;
+    v.into_iter()
+        .map(|x| match x {
+            Value::String(s) => Ok(s),
+            Value::Number(n) => Ok(n.to_string()),
+            other => Err(serde::de::Error::custom(format!("expected a port number or name, got {other}"))),
+        })
+        .collect()
+}
 
 /// Condition type: the object passed validation (the same checks as `weft-agent validate`).
 pub const VALID: &str = "Valid";

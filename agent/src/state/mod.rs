@@ -62,7 +62,7 @@ pub type Redirects = BTreeMap<(ObjKey, Option<u16>), u16>;
 /// Everything derived from the sources at one moment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Increases with every snapshot the state task publishes.
+    /// Increases with every snapshot the control loop publishes.
     pub version: u64,
     pub node_name: String,
     /// This node's address (configured, or from its Node object).

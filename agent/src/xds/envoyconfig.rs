@@ -5,77 +5,15 @@
 use std::{collections::BTreeMap, fmt};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
-    k8s::{ObjKey, Origin},
+    k8s::{ObjKey, Origin, crd::EnvoyConfigSpec},
     limits,
 };
 
 /// Our API group and version.
 pub const API_VERSION: &str = "weft.io/v1alpha1";
-
-/// The spec of an EnvoyConfig (and of Cilium's CiliumEnvoyConfig).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EnvoyConfigSpec {
-    /// Services whose traffic is redirected to a listener of this config.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub services: Vec<ServiceListener>,
-    /// Services whose endpoints are sent to Envoy (EDS), without redirecting them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub backend_services: Vec<BackendService>,
-    /// Envoy resources (Listener, RouteConfiguration, Cluster,
-    /// ClusterLoadAssignment, Secret) in JSON form with `@type`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(schema_with = "crate::k8s::crd::any_objects")]
-    pub resources: Vec<Value>,
-    /// Nodes this config applies to; absent: all nodes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<LabelSelector>,
-}
-
-/// A Service redirected to a listener.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServiceListener {
-    pub name: String,
-    /// Ignored for namespaced configs (their own namespace applies).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    /// Listener (its name in `resources`); absent: the first listener of the config.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub listener: Option<String>,
-    /// Service ports to redirect; empty: all of them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(schema_with = "crate::k8s::crd::port_numbers")]
-    pub ports: Vec<u16>,
-}
-
-/// A Service whose endpoints Envoy gets.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BackendService {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    /// Service ports (numbers or names) to send; empty: all of them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "ports_as_strings")]
-    #[schemars(schema_with = "crate::k8s::crd::ports")]
-    pub number: Vec<String>,
-}
-
-fn ports_as_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let v: Vec<Value> = Deserialize::deserialize(d)?;
-    v.into_iter()
-        .map(|x| match x {
-            Value::String(s) => Ok(s),
-            Value::Number(n) => Ok(n.to_string()),
-            other => Err(serde::de::Error::custom(format!("expected a port number or name, got {other}"))),
-        })
-        .collect()
-}
 
 /// Identifies a config: clusterwide ones have no namespace.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

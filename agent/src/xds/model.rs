@@ -28,12 +28,12 @@ use prost::{Message, Name};
 use serde::Serialize;
 
 use super::{
-    envoyconfig::{ConfigError, ConfigKey, EnvoyConfig, EnvoyConfigSpec, selector_matches},
+    envoyconfig::{ConfigError, ConfigKey, EnvoyConfig, selector_matches},
     ports::ProxyPorts,
     translate::{self, BOOTSTRAP_CLUSTERS, Translated},
 };
 use crate::{
-    k8s::{ObjKey, Objects},
+    k8s::{ObjKey, Objects, crd::EnvoyConfigSpec},
     state::{Redirects, SliceIndex, backends},
 };
 

@@ -109,6 +109,8 @@ pub struct Pipeline {
     pending: Mutex<Vec<Lost>>,
     kernel_seen: Mutex<Option<(u64, Vec<u64>)>>,
     worker: OnceLock<Thread>,
+    /// The flows thread, until someone takes it to watch it.
+    worker_handle: Mutex<Option<JoinHandle<()>>>,
     stop: AtomicBool,
     /// The ring-buffer reader has handed over what the ring held when it
     /// started: access-log entries can be joined to those records now.
@@ -180,6 +182,7 @@ impl Pipeline {
             pending: Mutex::new(Vec::new()),
             kernel_seen: Mutex::new(None),
             worker: OnceLock::new(),
+            worker_handle: Mutex::new(None),
             stop: AtomicBool::new(false),
             ring_drained: AtomicBool::new(false),
             sinks: Mutex::new(Vec::new()),
@@ -193,8 +196,14 @@ impl Pipeline {
                 .expect("spawning the flows thread")
         };
         let _ = p.worker.set(worker.thread().clone());
+        *p.worker_handle.lock().unwrap() = Some(worker);
         let feed = EventFeed { prod, pipeline: p.clone(), read: 0, lost: 0 };
         (p, feed)
+    }
+
+    /// The flows thread's handle (once), for a supervisor to notice it ending.
+    pub fn take_worker(&self) -> Option<JoinHandle<()>> {
+        self.worker_handle.lock().unwrap().take()
     }
 
     /// Adds a sink; it sees every batch from the next one on.

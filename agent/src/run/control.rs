@@ -1,0 +1,141 @@
+//! The control loop: the one writer of desired state. It polls the source
+//! (the objects directory or the Kubernetes API) and follows Envoy's answers
+//! over ADS; on every change the [`Controller`] builds new snapshots, which
+//! it publishes: the xDS resources to the ADS server, the node's desired
+//! state to the datapath worker and the flow pipeline. It reads the datapath
+//! worker's status back only for the problems the datapath found, which its
+//! report and the source's Events carry.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{mpsc, watch};
+
+use super::status::{ControlReport, DatapathStatus, XdsCounts};
+use crate::{
+    config::AgentConfig,
+    controller::Controller,
+    k8s::{source::Source, yaml},
+    state::Snapshot,
+    xds::{
+        model::ListenerBudget,
+        ports::ProxyPorts,
+        server::{AdsEvent, Published},
+    },
+};
+
+/// How often the objects directory is checked for changes.
+const SOURCE_POLL: Duration = Duration::from_millis(200);
+
+/// The loop and what it owns.
+pub struct ControlLoop {
+    controller: Controller,
+    source: Source,
+    xds_counts: XdsCounts,
+}
+
+/// What the first build produced, for the components that start from it.
+pub struct First {
+    pub snapshot: Snapshot,
+    pub published: Arc<Published>,
+}
+
+/// Where the loop publishes, and what it reads.
+pub struct Channels {
+    pub snapshots: watch::Sender<Arc<Snapshot>>,
+    pub xds: watch::Sender<Arc<Published>>,
+    pub report: watch::Sender<ControlReport>,
+    pub ads_events: mpsc::UnboundedReceiver<AdsEvent>,
+    pub datapath: watch::Receiver<DatapathStatus>,
+}
+
+impl ControlLoop {
+    /// Reads the source and builds the first snapshots. With the Kubernetes
+    /// API, returns once every watched kind has been listed, so the first
+    /// state is complete.
+    pub async fn start(cfg: &AgentConfig, open_files: u64) -> anyhow::Result<(ControlLoop, First)> {
+        let mut controller = Controller::new(
+            cfg.node_name.clone(),
+            cfg.node_ip,
+            ProxyPorts::load(Some(cfg.state_dir.join("proxy-ports.json"))),
+        );
+        if cfg.envoy.enabled {
+            // Envoy's --concurrency 0 means a worker per CPU.
+            let workers = match cfg.envoy.concurrency {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                n => n,
+            };
+            controller.set_listener_budget(ListenerBudget { open_files, workers });
+        }
+        let mut source = Source::start(cfg).await?;
+        controller.load(log_problems(source.poll().unwrap_or_default()));
+        let (snapshot, published) = controller.build();
+        let control = ControlLoop { controller, source, xds_counts: XdsCounts { pushes: 1, ..Default::default() } };
+        Ok((control, First { snapshot, published }))
+    }
+
+    /// The report as of now.
+    pub fn report(&self, datapath_problems: &[String]) -> ControlReport {
+        ControlReport { control: self.controller.status(datapath_problems), xds: self.xds_counts.clone() }
+    }
+
+    /// Runs until the agent stops (the supervisor watches the readers).
+    pub async fn run(mut self, ch: Channels) -> anyhow::Result<()> {
+        let Channels { snapshots, xds, report, mut ads_events, mut datapath } = ch;
+        let mut tick = tokio::time::interval(SOURCE_POLL);
+        let mut datapath_problems = datapath.borrow_and_update().problems.clone();
+        let mut touched = true;
+        let mut datapath_alive = true;
+        loop {
+            let rebuild = tokio::select! {
+                _ = tick.tick() => match self.source.poll() {
+                    Some(loaded) => {
+                        self.controller.load(log_problems(loaded));
+                        true
+                    }
+                    None => false,
+                },
+                Some(ev) = ads_events.recv() => {
+                    touched = true;
+                    match &ev {
+                        AdsEvent::Ack { .. } => self.xds_counts.acks += 1,
+                        AdsEvent::Nack { .. } => self.xds_counts.nacks += 1,
+                        _ => {}
+                    }
+                    self.controller.on_event(ev)
+                }
+                changed = datapath.changed(), if datapath_alive => {
+                    // A worker that stopped is the supervisor's to handle.
+                    datapath_alive = changed.is_ok();
+                    let st = datapath.borrow_and_update();
+                    if st.problems != datapath_problems {
+                        datapath_problems = st.problems.clone();
+                        touched = true;
+                    }
+                    false
+                }
+            };
+            if rebuild {
+                let (snap, published) = self.controller.build();
+                if !Arc::ptr_eq(&published, &xds.borrow()) {
+                    self.xds_counts.pushes += 1;
+                }
+                // send_replace: a reader that is gone is the supervisor's to handle.
+                xds.send_replace(published);
+                snapshots.send_replace(Arc::new(snap));
+            }
+            if touched || rebuild {
+                let r = self.report(&datapath_problems);
+                self.source.observe(&r.control);
+                report.send_replace(r);
+                touched = false;
+            }
+        }
+    }
+}
+
+fn log_problems(l: yaml::Loaded) -> yaml::Loaded {
+    for p in &l.problems {
+        tracing::warn!("{p}");
+    }
+    l
+}

@@ -1,0 +1,166 @@
+//! The datapath worker: a thread that owns the loaded eBPF datapath. It
+//! applies the newest snapshot the control loop published (older ones queued
+//! behind it are moot), collects expired connections, keeps the proxy's
+//! listeners registered for the sk_lookup program (following Envoy's pid),
+//! reads the ring buffer's counters and the maps' occupancy, and publishes
+//! all of it as its [`DatapathStatus`]. A thread, not a task: map updates
+//! are blocking system calls.
+
+use std::{
+    net::Ipv4Addr,
+    sync::Arc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use aya::maps::{MapData, RingBuf};
+use tokio::sync::{oneshot, watch};
+
+use super::status::{DatapathStatus, MapUsage};
+use crate::{config::AgentConfig, datapath::Datapath, envoy::EnvoyState, reconcile::Reconciler, state::Snapshot};
+
+/// How often expired connections are collected.
+const GC_EVERY: Duration = Duration::from_secs(30);
+/// How often missing proxy listeners are looked for (and the ring buffer's
+/// counters read).
+const PROXY_SYNC_EVERY: Duration = Duration::from_millis(500);
+/// How often map occupancy is counted.
+const MAP_USAGE_EVERY: Duration = Duration::from_secs(10);
+/// How long the worker waits for a snapshot before its periodic work.
+const WAIT: Duration = Duration::from_millis(100);
+
+/// What the worker reads and where it reports.
+pub struct Worker {
+    pub cfg: AgentConfig,
+    pub node_ip: Ipv4Addr,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub envoy: watch::Receiver<EnvoyState>,
+    pub status: watch::Sender<DatapathStatus>,
+    /// The ring buffer goes to the flow pipeline's reader once loaded.
+    pub events: oneshot::Sender<RingBuf<MapData>>,
+    /// The runtime the control loop publishes on (the worker waits for
+    /// snapshots through it).
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl Worker {
+    /// Loads the datapath and runs the worker on a thread of its own, until
+    /// the control loop stops publishing.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<anyhow::Result<()>>> {
+        std::thread::Builder::new().name("datapath".into()).spawn(move || self.run())
+    }
+
+    fn run(self) -> anyhow::Result<()> {
+        let Worker { cfg, node_ip, mut snapshots, envoy, status, events, runtime } = self;
+        let mut dp = Datapath::open(cfg.datapath(node_ip)).context("loading the datapath")?;
+        if let Some(ring) = dp.take_events() {
+            // The pipeline may be gone (the agent is stopping): nothing to read into then.
+            let _ = events.send(ring);
+        }
+        let mut rec = Reconciler::new(cfg.devices.clone());
+        let mut current: Option<Arc<Snapshot>> = None;
+        let due_now = |every: Duration| Instant::now().checked_sub(every).unwrap_or_else(Instant::now);
+        let mut last_maps = due_now(MAP_USAGE_EVERY);
+        let mut last_gc = Instant::now();
+        let mut last_proxy = due_now(PROXY_SYNC_EVERY);
+        let mut last_pid = None;
+        // The first snapshot is there before the worker starts.
+        snapshots.mark_changed();
+        loop {
+            // The timer is made inside block_on: it needs the runtime's context.
+            match runtime.block_on(async { tokio::time::timeout(WAIT, snapshots.changed()).await }) {
+                Ok(Ok(())) => {
+                    let snap = snapshots.borrow_and_update().clone();
+                    apply(&mut dp, &mut rec, &snap, &status)?;
+                    current = Some(snap);
+                    last_proxy = due_now(PROXY_SYNC_EVERY);
+                }
+                Ok(Err(_)) => return Ok(()), // the control loop is gone
+                Err(_) => {}                 // no new snapshot: periodic work
+            }
+            let pid = envoy.borrow().pid;
+            if pid != last_pid {
+                last_pid = pid;
+                last_proxy = due_now(PROXY_SYNC_EVERY);
+            }
+            if last_proxy.elapsed() >= PROXY_SYNC_EVERY {
+                last_proxy = Instant::now();
+                if let Some(snap) = &current {
+                    let pid = if cfg.envoy.enabled { pid } else { None };
+                    sync_proxy(&mut dp, snap, pid, &status);
+                }
+                if let Ok(stats) = dp.event_stats() {
+                    status.send_if_modified(|st| {
+                        let changed = st.event_stats.as_ref() != Some(&stats);
+                        st.events_emitted = stats.emitted;
+                        st.events_lost = stats.lost;
+                        st.event_stats = Some(stats);
+                        changed
+                    });
+                }
+            }
+            if last_maps.elapsed() >= MAP_USAGE_EVERY {
+                last_maps = Instant::now();
+                let usage =
+                    dp.map_usage().into_iter().map(|(map, entries, capacity)| MapUsage { map, entries, capacity });
+                let usage = usage.collect();
+                status.send_modify(|st| st.maps = usage);
+            }
+            if last_gc.elapsed() >= GC_EVERY {
+                last_gc = Instant::now();
+                match dp.gc() {
+                    Ok(s) => tracing::debug!(?s, "conntrack gc"),
+                    Err(e) => tracing::warn!("conntrack gc: {e}"),
+                }
+            }
+        }
+    }
+}
+
+fn apply(
+    dp: &mut Datapath,
+    rec: &mut Reconciler,
+    snap: &Snapshot,
+    status: &watch::Sender<DatapathStatus>,
+) -> anyhow::Result<()> {
+    let applied = rec.apply(dp, snap, &snap.policy.ingress).context("applying desired state")?;
+    for p in snap.problems.iter().chain(&applied.problems) {
+        tracing::warn!(version = snap.version, "{p}");
+    }
+    tracing::info!(
+        version = snap.version,
+        services_written = applied.services_written,
+        services_removed = applied.services_removed,
+        endpoints_written = applied.endpoints_written,
+        endpoints_removed = applied.endpoints_removed,
+        "desired state applied"
+    );
+    status.send_modify(|st| {
+        st.applied_version = snap.version;
+        st.services = snap.services.len();
+        st.endpoints = snap.pods.iter().filter(|p| p.local).count();
+        st.problems = snap.problems.iter().chain(&applied.problems).cloned().collect();
+    });
+    Ok(())
+}
+
+/// Registers the listeners of the snapshot's proxy ports (those of Envoy's
+/// `pid`, when the agent runs it) and reports the ports that have none yet.
+fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &watch::Sender<DatapathStatus>) {
+    let mut ports: Vec<u16> =
+        snap.services.iter().flat_map(|s| s.entries.iter().filter_map(|e| e.proxy_port)).collect();
+    ports.sort();
+    ports.dedup();
+    let pids = pid.map(|p| vec![p as i32]);
+    match dp.sync_proxy_listeners(&ports, pids.as_deref()) {
+        Ok(missing) => {
+            status.send_if_modified(|st| {
+                let changed = st.proxy_ports_without_listener != missing;
+                st.proxy_ports_without_listener = missing;
+                changed
+            });
+        }
+        Err(e) => tracing::warn!("registering proxy listeners: {e}"),
+    }
+}

@@ -1,0 +1,181 @@
+//! The flow pipeline as a component of the agent: started from the agent's
+//! config (store and queue sizes, metrics labels, OTLP, `print-events`), with
+//! its metrics in the agent's registry; [`serve`] runs the servers flows come
+//! in and go out by (Envoy's access log, the Hubble-compatible flow API), and
+//! [`sync`] keeps the pipeline's inputs in step with the other components:
+//! names for flows from each snapshot of the control loop, and the
+//! datapath's ring-buffer counters for loss accounting.
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use weft_ebpf::abi;
+use weft_observe::{
+    api::server::{self, Listen},
+    export::{
+        metrics::{self as fm, FlowMetrics, PipelineCollector},
+        otlp,
+    },
+    pipeline::{
+        EventFeed, Pipeline, PipelineConfig, Sink, als,
+        enrich::{Names, workload},
+        record::{EndpointInfo, Entry, ServiceInfo},
+    },
+};
+
+use super::status::DatapathStatus;
+use crate::{config::AgentConfig, state::Snapshot};
+
+/// Starts the pipeline's thread with names from the first snapshot, adds its
+/// sinks (metrics, OTLP, `print-events`) and registers its metrics. The feed
+/// is for the ring-buffer reader.
+pub fn start(
+    cfg: &AgentConfig,
+    first: &Snapshot,
+    registry: &mut Registry,
+) -> anyhow::Result<(Arc<Pipeline>, EventFeed)> {
+    let (pipeline, feed) = Pipeline::start(
+        PipelineConfig {
+            store_capacity: cfg.flows.store_size,
+            queue_capacity: cfg.flows.queue_size,
+            ..Default::default()
+        },
+        names(first),
+    );
+    let context =
+        fm::Context::parse(&cfg.flows.metrics_context).map_err(anyhow::Error::msg).context("flows.metrics-context")?;
+    let flow_metrics = FlowMetrics::register(registry, context);
+    registry.register_collector(Box::new(PipelineCollector(pipeline.clone())));
+    pipeline.add_sink(Box::new(flow_metrics));
+    if cfg.print_events {
+        pipeline.add_sink(Box::new(PrintSink { node: cfg.node_name.clone() }));
+    }
+    if let Some(o) = &cfg.flows.otlp {
+        otlp::start(o.exporter()?, pipeline.clone()).map_err(anyhow::Error::msg)?;
+    }
+    Ok((pipeline, feed))
+}
+
+/// The access-log server and the flow API, to run as components.
+pub fn serve(
+    cfg: &AgentConfig,
+    pipeline: &Arc<Pipeline>,
+) -> anyhow::Result<(impl Future<Output = anyhow::Result<()>> + use<>, impl Future<Output = anyhow::Result<()>> + use<>)>
+{
+    let als_path = cfg.state_dir.join("als.sock");
+    let p = pipeline.clone();
+    let access_log = async move { als::serve_unix(p, &als_path).await };
+    let listen = Listen {
+        tcp: match cfg.flows.address.as_str() {
+            "" => None,
+            a => Some(a.parse().with_context(|| format!("flows.address {a:?}"))?),
+        },
+        unix: Some(cfg.flows.socket.clone().unwrap_or_else(|| cfg.state_dir.join("observer.sock"))),
+        tls: cfg.flows.tls.as_ref().map(|t| t.load()).transpose()?,
+    };
+    let p = pipeline.clone();
+    let flow_api = async move { server::serve(p, listen).await };
+    Ok((access_log, flow_api))
+}
+
+/// Follows the control loop's snapshots (names for flows) and the datapath's
+/// ring-buffer counters (loss notices) until either publisher is gone.
+pub async fn sync(
+    pipeline: Arc<Pipeline>,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut datapath: watch::Receiver<DatapathStatus>,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let snap = snapshots.borrow_and_update().clone();
+                pipeline.set_names(names(&snap));
+            }
+            changed = datapath.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let stats = datapath.borrow_and_update().event_stats.clone();
+                if let Some(s) = stats {
+                    pipeline.kernel_counters(s.emitted, &s.lost_per_cpu);
+                }
+            }
+        }
+    }
+}
+
+/// Names for flows from a snapshot: pods, nodes, Service frontends, policies.
+pub fn names(snap: &Snapshot) -> Names {
+    let mut n = Names::new(snap.node_name.clone());
+    if let Some(me) = snap.nodes.iter().find(|x| x.name == snap.node_name) {
+        n.node_labels = me.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    }
+    for p in &snap.pods {
+        let labels =
+            snap.identities.get(&p.identity).map(|s| s.labels().map(str::to_owned).collect()).unwrap_or_default();
+        let owner = p.owner.as_ref().map(|(k, n)| (k.as_str(), n.as_str()));
+        let hash = p.labels.get("pod-template-hash").map(String::as_str);
+        n.add_endpoint(
+            p.ip,
+            EndpointInfo {
+                namespace: p.key.namespace.clone(),
+                pod: p.key.name.clone(),
+                labels,
+                workloads: workload(owner, hash).into_iter().collect(),
+                identity: p.identity,
+                node: p.node.clone(),
+                local: p.local,
+            },
+        );
+    }
+    let mut node_ips: Vec<_> = snap.nodes.iter().map(|x| (x.ip, x.name.clone())).collect();
+    if let Some(ip) = snap.node_ip {
+        node_ips.push((ip, snap.node_name.clone()));
+    }
+    for (ip, name) in node_ips {
+        let own = name == snap.node_name;
+        n.add_endpoint(
+            ip,
+            EndpointInfo {
+                labels: vec![if own { "reserved:host" } else { "reserved:remote-node" }.into()],
+                identity: if own { abi::ID_HOST } else { abi::ID_REMOTE_NODE },
+                node: name,
+                ..Default::default()
+            },
+        );
+    }
+    for s in &snap.services {
+        let info = Arc::new(ServiceInfo { namespace: s.key.namespace.clone(), name: s.key.name.clone() });
+        for e in &s.entries {
+            n.add_service(e.frontend.addr, e.frontend.port, e.frontend.proto.number(), info.clone());
+        }
+    }
+    for (id, key) in &snap.policy.rules {
+        n.add_policy(*id, key.namespace.clone(), key.name.clone());
+    }
+    n
+}
+
+/// Prints every datapath record (`print-events`), for the demo and debugging.
+pub struct PrintSink {
+    pub node: String,
+}
+
+impl Sink for PrintSink {
+    fn batch(&mut self, _first: u64, entries: &[Entry], _names: &Names) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for e in entries {
+            if let Entry::Flow(f) = e
+                && !f.is_l7()
+            {
+                let _ = writeln!(out, "{}: {}", self.node, weft_observe::pipeline::ringbuf::event_line(&f.ev));
+            }
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! `weft-agent run`: the agent process as named components, started and
+//! watched by a supervisor.
+//!
+//! | component | owns | publishes (watch) | reads |
+//! |---|---|---|---|
+//! | [`control`] loop | the source, the [`Controller`](crate::controller::Controller) | snapshots, xDS resources, its report | ADS events, the datapath's problems |
+//! | [`datapath`] worker (thread) | the eBPF datapath | [`DatapathStatus`](status::DatapathStatus) | snapshots, Envoy's pid |
+//! | Envoy supervisor ([`crate::envoy`]) | the Envoy process | [`EnvoyState`] | |
+//! | ADS server ([`crate::xds::server`]) | Envoy's xDS streams | ADS events | xDS resources |
+//! | [`flows`]: pipeline, ring-buffer reader, access log, flow API, sync | the flow pipeline | its counters | snapshots (names), the datapath's ring-buffer counters |
+//! | HTTP [`api`] | | | every status, through [`status::Readers`] |
+//!
+//! Status flows one way, from the component that owns it to its readers; no
+//! component writes into another's state. The supervisor notices every
+//! component that ends (returns, fails or panics) and publishes each one's
+//! state ([`status::Health`], in `/status`). The control loop and the
+//! datapath worker are the agent: when either ends, the agent ends with its
+//! error. The others are logged and recorded, and the rest keeps running.
+
+pub mod api;
+pub mod control;
+pub mod datapath;
+pub mod flows;
+pub mod status;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinSet,
+};
+use weft_observe::pipeline::{ringbuf::EventReader, spawn_reader};
+
+use self::{
+    control::{Channels, ControlLoop, First},
+    status::{AgentCollector, Component, ComponentState, ControlReport, DatapathStatus, Health, Readers},
+};
+use crate::{
+    config::AgentConfig,
+    envoy::{self, EnvoySettings, EnvoyState},
+    netns::NetnsGuard,
+    xds::server::Ads,
+};
+
+/// Runs the agent until the process is stopped or a vital component ends.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let open_files = raise_fd_limit();
+    tracing::info!(open_files, "open-file limit (Envoy inherits it)");
+    // In a namespace of its own (the lab), the whole agent runs there: every
+    // thread, and Envoy, starts from this one.
+    let _netns = cfg.netns.as_deref().map(NetnsGuard::enter).transpose().context("entering netns")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(agent(cfg, open_files))
+}
+
+async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
+    tracing::info!(config = ?cfg, "starting weft-agent");
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state-dir {}", cfg.state_dir.display()))?;
+    let ready_file = cfg.state_dir.join("ready");
+    let _ = std::fs::remove_file(&ready_file);
+
+    let (control, First { snapshot, published }) = ControlLoop::start(&cfg, open_files).await?;
+    let node_ip = snapshot.node_ip.with_context(|| {
+        format!(
+            "no address for node {}: set node-ip, or add its Node object (status.addresses InternalIP) to {}",
+            cfg.node_name,
+            cfg.objects_dir.display()
+        )
+    })?;
+    let api_addr: SocketAddr = cfg.api_address.parse().with_context(|| format!("api-address {:?}", cfg.api_address))?;
+
+    let mut registry = Registry::with_prefix("weft");
+    let (pipeline, feed) = flows::start(&cfg, &snapshot, &mut registry)?;
+    let (access_log, flow_api) = flows::serve(&cfg, &pipeline)?;
+
+    let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(snapshot));
+    let (xds_tx, xds_rx) = watch::channel(published);
+    let (report_tx, report_rx) = watch::channel(ControlReport::default());
+    let (datapath_tx, datapath_rx) = watch::channel(DatapathStatus::default());
+    let (envoy_tx, envoy_rx) = watch::channel(EnvoyState::default());
+    let (health_tx, health_rx) = watch::channel(Health::new());
+    let (ads_tx, ads_rx) = mpsc::unbounded_channel();
+    let (ring_tx, ring_rx) = oneshot::channel();
+    report_tx.send_replace(control.report(&[]));
+
+    let readers = Readers {
+        node: cfg.node_name.clone(),
+        envoy_needed: cfg.envoy.enabled,
+        datapath: datapath_rx.clone(),
+        control: report_rx,
+        envoy: envoy_rx.clone(),
+        health: health_rx,
+        pipeline: pipeline.clone(),
+    };
+    registry.register_collector(Box::new(AgentCollector(readers.clone())));
+
+    let mut sup = Supervisor { set: JoinSet::new(), health: health_tx };
+    let worker = datapath::Worker {
+        cfg: cfg.clone(),
+        node_ip,
+        snapshots: snapshots_rx.clone(),
+        envoy: envoy_rx,
+        status: datapath_tx,
+        events: ring_tx,
+        runtime: tokio::runtime::Handle::current(),
+    };
+    sup.thread(Component::Datapath, worker.spawn().context("starting the datapath thread")?);
+    if let Some(t) = pipeline.take_worker() {
+        sup.thread(Component::FlowPipeline, t);
+    }
+    sup.task(Component::FlowSync, flows::sync(pipeline.clone(), snapshots_rx, datapath_rx.clone()));
+    sup.task(Component::AccessLog, access_log);
+    sup.task(Component::FlowApi, flow_api);
+    let xds_socket = cfg.state_dir.join("xds.sock");
+    {
+        let (ads, path) = (Ads::new(xds_rx, ads_tx), xds_socket.clone());
+        sup.task(Component::Xds, async move { ads.serve_unix(&path).await });
+    }
+    sup.task(
+        Component::Control,
+        control.run(Channels {
+            snapshots: snapshots_tx,
+            xds: xds_tx,
+            report: report_tx,
+            ads_events: ads_rx,
+            datapath: datapath_rx.clone(),
+        }),
+    );
+    if cfg.envoy.enabled {
+        let settings = EnvoySettings {
+            binary: envoy::find_binary(cfg.envoy.binary.as_deref()),
+            state_dir: cfg.state_dir.clone(),
+            xds_socket,
+            als_socket: cfg.state_dir.join("als.sock"),
+            admin_port: cfg.envoy.admin_port,
+            node_id: cfg.node_name.clone(),
+            delta: cfg.envoy.delta,
+            concurrency: cfg.envoy.concurrency,
+        };
+        sup.task(Component::Envoy, envoy::supervise(settings, envoy_tx));
+    }
+    sup.task(Component::Api, api::serve(api_addr, readers, registry));
+
+    // Until a vital component ends: start the ring-buffer reader once the
+    // datapath hands over the ring, and write the ready file once the first
+    // snapshot is applied.
+    let mut ring_rx = Some(ring_rx);
+    let mut feed = Some(feed);
+    let mut datapath = datapath_rx;
+    let mut ready_written = false;
+    loop {
+        tokio::select! {
+            Some((component, state)) = sup.next() => {
+                if matches!(component, Component::Control | Component::Datapath) {
+                    return match state {
+                        ComponentState::Running | ComponentState::Stopped => Ok(()),
+                        ComponentState::Failed { error } => Err(anyhow::anyhow!(error)),
+                        ComponentState::Panicked { message } => anyhow::bail!("the {component} panicked: {message}"),
+                    };
+                }
+            }
+            ring = async {
+                match ring_rx.as_mut() {
+                    Some(rx) => rx.await,
+                    None => std::future::pending().await,
+                }
+            }, if ring_rx.is_some() => {
+                ring_rx = None;
+                if let (Ok(ring), Some(feed)) = (ring, feed.take()) {
+                    sup.thread(Component::FlowEvents, spawn_reader(EventReader::new(ring), feed));
+                }
+            }
+            changed = datapath.changed(), if !ready_written => {
+                let applied = datapath.borrow_and_update().applied_version;
+                if changed.is_ok() && applied > 0 {
+                    std::fs::write(&ready_file, applied.to_string()).context("writing the ready file")?;
+                    ready_written = true;
+                }
+                if changed.is_err() {
+                    // The worker ended: its exit reaches the supervisor.
+                    ready_written = true;
+                }
+            }
+        }
+    }
+}
+
+/// Runs components and notices when one ends: each is a task or a thread
+/// whose end (return, error or panic) becomes its [`ComponentState`] in the
+/// published [`Health`].
+struct Supervisor {
+    set: JoinSet<(Component, ComponentState)>,
+    health: watch::Sender<Health>,
+}
+
+/// What a component's thread returns, as a state.
+trait Outcome: Send + 'static {
+    fn state(self) -> ComponentState;
+}
+
+impl Outcome for () {
+    fn state(self) -> ComponentState {
+        ComponentState::Stopped
+    }
+}
+
+impl Outcome for anyhow::Result<()> {
+    fn state(self) -> ComponentState {
+        match self {
+            Ok(()) => ComponentState::Stopped,
+            Err(e) => ComponentState::Failed { error: format!("{e:#}") },
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+impl Supervisor {
+    fn running(&self, c: Component) {
+        self.health.send_modify(|h| {
+            h.insert(c, ComponentState::Running);
+        });
+    }
+
+    /// Runs a component as a task.
+    fn task(&mut self, c: Component, fut: impl Future<Output = anyhow::Result<()>> + Send + 'static) {
+        self.running(c);
+        let handle = tokio::spawn(fut);
+        self.set.spawn(async move {
+            let state = match handle.await {
+                Ok(r) => r.state(),
+                Err(e) if e.is_panic() => ComponentState::Panicked { message: panic_message(&*e.into_panic()) },
+                Err(e) => ComponentState::Failed { error: e.to_string() },
+            };
+            (c, state)
+        });
+    }
+
+    /// Watches a component running on a thread of its own.
+    fn thread<T: Outcome>(&mut self, c: Component, handle: std::thread::JoinHandle<T>) {
+        self.running(c);
+        self.set.spawn(async move {
+            let state = match tokio::task::spawn_blocking(move || handle.join()).await {
+                Ok(Ok(r)) => r.state(),
+                Ok(Err(payload)) => ComponentState::Panicked { message: panic_message(&*payload) },
+                Err(e) => ComponentState::Failed { error: format!("watching the thread: {e}") },
+            };
+            (c, state)
+        });
+    }
+
+    /// The next component to end, once its state is published and logged.
+    async fn next(&mut self) -> Option<(Component, ComponentState)> {
+        let (c, state) = match self.set.join_next().await? {
+            Ok(r) => r,
+            // The watcher tasks neither panic nor get cancelled while the set lives.
+            Err(e) => {
+                tracing::error!("a component watcher failed: {e}");
+                return None;
+            }
+        };
+        match &state {
+            ComponentState::Running => {}
+            ComponentState::Stopped => tracing::warn!("the {c} stopped"),
+            ComponentState::Failed { error } => tracing::error!("the {c} stopped: {error}"),
+            ComponentState::Panicked { message } => tracing::error!("the {c} panicked: {message}"),
+        }
+        self.health.send_modify(|h| {
+            h.insert(c, state.clone());
+        });
+        Some((c, state))
+    }
+}
+
+/// Envoy holds a socket per listener and worker, the agent a few per
+/// connection: raise the open-file limit (Envoy inherits it) to the kernel's
+/// ceiling (fs.nr_open, at most 2^20) where the agent may (CAP_SYS_RESOURCE),
+/// else to the hard limit. Returns the limit in effect.
+pub fn raise_fd_limit() -> u64 {
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers; setrlimit with values the kernel gave us or
+    // below its ceiling; a refusal leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_max < ceiling {
+            let up = libc::rlimit { rlim_cur: ceiling, rlim_max: ceiling };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
+                return ceiling;
+            }
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            }
+        }
+    }
+    lim.rlim_cur
+}

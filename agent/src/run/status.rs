@@ -1,0 +1,333 @@
+//! What the agent's components publish about themselves, and the one place
+//! that reads it all back. Each status has one writer, the component it
+//! describes, which publishes it on a `tokio::sync::watch` channel; readers
+//! (the HTTP API, the agent's metrics, the control loop, the flow pipeline's
+//! inputs) hold receivers. No component writes into another's state.
+//!
+//! [`Readers`] assembles `/status`, `/readyz` and the agent's own metrics
+//! from the receivers.
+
+use std::{collections::BTreeMap, fmt, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+use serde::Serialize;
+use tokio::sync::watch;
+use weft_observe::pipeline::{Pipeline, record::LostSource};
+
+use crate::{
+    controller::{ControlStatus, EnvoyAck},
+    datapath::EventStats,
+    envoy::EnvoyState,
+};
+
+/// The datapath worker's report.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DatapathStatus {
+    /// The version of the last snapshot applied (0: none yet).
+    pub applied_version: u64,
+    pub services: usize,
+    pub endpoints: usize,
+    pub problems: Vec<String>,
+    pub proxy_ports_without_listener: Vec<u16>,
+    pub events_emitted: u64,
+    pub events_lost: u64,
+    pub maps: Vec<MapUsage>,
+    /// The ring buffer's counters as last read (None until the first
+    /// reading), for the flow pipeline's loss accounting.
+    #[serde(skip)]
+    pub event_stats: Option<EventStats>,
+}
+
+/// Occupancy of one datapath map.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MapUsage {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// Counts the control loop keeps of its exchange with Envoy.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct XdsCounts {
+    /// Snapshots published to the xDS server.
+    pub pushes: u64,
+    pub acks: u64,
+    pub nacks: u64,
+}
+
+/// The control loop's report.
+#[derive(Clone, Debug, Default)]
+pub struct ControlReport {
+    pub control: ControlStatus,
+    pub xds: XdsCounts,
+}
+
+/// The flow pipeline, read from its counters.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FlowStatus {
+    pub flows_stored: u64,
+    pub flows_seen: u64,
+    pub store_capacity: u64,
+    /// Flows per second over the last minute.
+    pub rate: f64,
+    pub events_read: u64,
+    pub access_log_entries: u64,
+    /// Lost events by where they were lost.
+    pub lost: BTreeMap<&'static str, u64>,
+}
+
+impl FlowStatus {
+    fn of(p: &Pipeline) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = p.store.stats(weft_flow::time::now_ns() / 1_000_000_000);
+        let c = &p.counters;
+        FlowStatus {
+            flows_stored: st.num_flows,
+            flows_seen: st.seen_flows,
+            store_capacity: st.max_flows,
+            rate: st.rate,
+            events_read: c.events_read.load(Relaxed),
+            access_log_entries: c.l7_received.load(Relaxed),
+            lost: LostSource::ALL.iter().map(|s| (s.label(), c.lost(*s))).collect(),
+        }
+    }
+}
+
+/// The parts of the agent process the supervisor runs and watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Component {
+    /// Sources -> desired state -> snapshots for the datapath and Envoy.
+    Control,
+    /// Applies snapshots to the eBPF maps; GC; proxy listeners; counters.
+    Datapath,
+    /// Runs the node's Envoy.
+    Envoy,
+    /// Serves Envoy over ADS.
+    Xds,
+    /// The agent's HTTP API (/status, /healthz, /readyz, /metrics).
+    Api,
+    /// Drains the datapath's ring buffer into the flow pipeline.
+    FlowEvents,
+    /// The flow pipeline's thread: enrichment, join, store, sinks.
+    FlowPipeline,
+    /// Keeps the pipeline's names and kernel counters in step with the
+    /// control loop's snapshots and the datapath's counters.
+    FlowSync,
+    /// Receives Envoy's access log.
+    AccessLog,
+    /// The Hubble-compatible flow API.
+    FlowApi,
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Component::Control => "control loop",
+            Component::Datapath => "datapath worker",
+            Component::Envoy => "Envoy supervisor",
+            Component::Xds => "ADS server",
+            Component::Api => "HTTP API",
+            Component::FlowEvents => "ring-buffer reader",
+            Component::FlowPipeline => "flow pipeline",
+            Component::FlowSync => "flow names and counters",
+            Component::AccessLog => "access-log server",
+            Component::FlowApi => "flow API",
+        })
+    }
+}
+
+/// How a component is doing, as the supervisor saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum ComponentState {
+    Running,
+    /// It returned without an error (a server whose listener closed, say).
+    Stopped,
+    /// It returned an error.
+    Failed {
+        error: String,
+    },
+    /// It panicked.
+    Panicked {
+        message: String,
+    },
+}
+
+/// Every component's state; the supervisor is its one writer.
+pub type Health = BTreeMap<Component, ComponentState>;
+
+/// Everything `/status` reports.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentStatus {
+    pub node: String,
+    pub ready: bool,
+    pub datapath: DatapathStatus,
+    pub envoy: EnvoyState,
+    pub control: ControlStatus,
+    pub xds: XdsCounts,
+    pub flows: FlowStatus,
+    pub components: Health,
+}
+
+/// Receivers of every component's status.
+#[derive(Clone)]
+pub struct Readers {
+    pub node: String,
+    /// Whether readiness waits for Envoy (it runs one).
+    pub envoy_needed: bool,
+    pub datapath: watch::Receiver<DatapathStatus>,
+    pub control: watch::Receiver<ControlReport>,
+    pub envoy: watch::Receiver<EnvoyState>,
+    pub health: watch::Receiver<Health>,
+    pub pipeline: Arc<Pipeline>,
+}
+
+impl Readers {
+    /// Ready: the datapath applied a snapshot, and Envoy (if the agent runs
+    /// one) is ready.
+    pub fn ready(&self) -> bool {
+        self.datapath.borrow().applied_version > 0 && (!self.envoy_needed || self.envoy.borrow().ready)
+    }
+
+    /// The agent's status as of now.
+    pub fn status(&self) -> AgentStatus {
+        let report = self.control.borrow().clone();
+        AgentStatus {
+            node: self.node.clone(),
+            ready: self.ready(),
+            datapath: self.datapath.borrow().clone(),
+            envoy: self.envoy.borrow().clone(),
+            control: report.control,
+            xds: report.xds,
+            flows: FlowStatus::of(&self.pipeline),
+            components: self.health.borrow().clone(),
+        }
+    }
+}
+
+/// The agent's health as metrics, read from [`Readers`] at scrape time.
+pub struct AgentCollector(pub Readers);
+
+impl fmt::Debug for AgentCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AgentCollector")
+    }
+}
+
+fn one(enc: &mut DescriptorEncoder, name: &str, help: &str, ty: MetricType, v: u64) -> fmt::Result {
+    let e = enc.encode_descriptor(name, help, None, ty)?;
+    match ty {
+        MetricType::Counter => ConstCounter::new(v).encode(e),
+        _ => ConstGauge::new(v as i64).encode(e),
+    }
+}
+
+/// Resident memory (bytes) and CPU time (seconds) of this process.
+fn process_usage() -> (u64, f64) {
+    let page = 4096u64;
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * page;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / hz)
+        })
+        .unwrap_or(0.0);
+    (rss, cpu)
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let st = self.0.status();
+        {
+            let mut e = enc.encode_descriptor("agent_info", "The agent's node and version", None, MetricType::Gauge)?;
+            ConstGauge::new(1i64)
+                .encode(e.encode_family(&[("node", st.node.as_str()), ("version", env!("CARGO_PKG_VERSION"))])?)?;
+        }
+        one(
+            &mut enc,
+            "agent_ready",
+            "1 when the datapath is loaded and Envoy is ready",
+            MetricType::Gauge,
+            st.ready as u64,
+        )?;
+        let (rss, cpu) = process_usage();
+        one(&mut enc, "agent_resident_memory_bytes", "Resident memory of the agent process", MetricType::Gauge, rss)?;
+        {
+            let c = ConstCounter::new(cpu);
+            c.encode(enc.encode_descriptor(
+                "agent_cpu_seconds",
+                "CPU time of the agent process",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        {
+            let mut e =
+                enc.encode_descriptor("datapath_map_entries", "Entries in a datapath map", None, MetricType::Gauge)?;
+            for m in &st.datapath.maps {
+                ConstGauge::new(m.entries as i64).encode(e.encode_family(&[("map", m.map)])?)?;
+            }
+        }
+        {
+            let mut e =
+                enc.encode_descriptor("datapath_map_capacity", "Capacity of a datapath map", None, MetricType::Gauge)?;
+            for m in &st.datapath.maps {
+                ConstGauge::new(m.capacity as i64).encode(e.encode_family(&[("map", m.map)])?)?;
+            }
+        }
+        one(&mut enc, "xds_pushes", "Configuration snapshots published to Envoy", MetricType::Counter, st.xds.pushes)?;
+        one(&mut enc, "xds_acks", "xDS responses Envoy acknowledged", MetricType::Counter, st.xds.acks)?;
+        one(&mut enc, "xds_nacks", "xDS responses Envoy refused", MetricType::Counter, st.xds.nacks)?;
+        one(&mut enc, "envoy_restarts", "Times the agent restarted Envoy", MetricType::Counter, st.envoy.restarts)?;
+        one(
+            &mut enc,
+            "envoy_ready",
+            "1 when Envoy runs and took its configuration",
+            MetricType::Gauge,
+            st.envoy.ready as u64,
+        )?;
+        {
+            let mut e = enc.encode_descriptor(
+                "config_objects",
+                "EnvoyConfig objects by state (valid, rejected, acknowledged, nacked, pending, not_applied)",
+                None,
+                MetricType::Gauge,
+            )?;
+            let mut counts = std::collections::BTreeMap::<&str, i64>::new();
+            for s in ["valid", "rejected", "acknowledged", "nacked", "pending", "not_applied"] {
+                counts.insert(s, 0);
+            }
+            for o in &st.control.objects {
+                *counts.entry(if o.config.problems.is_empty() { "valid" } else { "rejected" }).or_default() += 1;
+                let envoy = match &o.envoy {
+                    EnvoyAck::Pending => "pending",
+                    EnvoyAck::Acknowledged { .. } => "acknowledged",
+                    EnvoyAck::Nacked { .. } => "nacked",
+                    EnvoyAck::NotApplied => "not_applied",
+                };
+                *counts.entry(envoy).or_default() += 1;
+            }
+            for (state, n) in counts {
+                ConstGauge::new(n).encode(e.encode_family(&[("state", state)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
