@@ -23,7 +23,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs,
-    os::fd::OwnedFd,
+    os::fd::{AsRawFd, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -224,11 +224,12 @@ impl Datapath {
                 out.missing.push(*port);
                 continue;
             };
+            let (fd, orphaned) = (h.fd.as_raw_fd(), pidfd::exited(&h.owner));
             if !registered.contains(port) && !taken.contains(port) {
                 // Its entry went (the map was recreated, say): put it back.
-                self.register_proxy_socket(*port, &h.fd)?;
+                self.register_proxy_socket(*port, &fd)?;
             }
-            if pidfd::exited(&h.owner) {
+            if orphaned {
                 out.orphaned.push(*port);
             }
         }

@@ -10,9 +10,16 @@ use std::{
     time::Instant,
 };
 
-use tokio::io::unix::AsyncFd;
+use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::pidfd;
+
+/// Registers a pidfd with the runtime (readable when the process exits).
+fn watch(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the OwnedFd is moved in: it stays open, and is the same
+    // descriptor, for as long as the AsyncFd lives.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into())
+}
 
 /// A running (or just exited) Envoy.
 pub struct Process {
@@ -38,7 +45,7 @@ impl Process {
                 return Err(e);
             }
         };
-        Ok(Process { pid, pidfd: AsyncFd::new(fd)?, child: Some(child), started: Some(Instant::now()) })
+        Ok(Process { pid, pidfd: watch(fd)?, child: Some(child), started: Some(Instant::now()) })
     }
 
     /// Watches the process `pid` if it is alive and its command line names
@@ -51,7 +58,7 @@ impl Process {
         if !ours || pidfd::exited(&fd) {
             return None;
         }
-        Some(Process { pid, pidfd: AsyncFd::new(fd).ok()?, child: None, started: None })
+        Some(Process { pid, pidfd: watch(fd).ok()?, child: None, started: None })
     }
 
     pub fn pid(&self) -> u32 {

@@ -26,8 +26,7 @@ use envoy_types::pb::{
             accesslog::v3::{AccessLog, access_log},
             cluster::v3::{Cluster, cluster},
             core::v3::{
-                AggregatedConfigSource, ApiVersion, ConfigSource, GrpcService, TransportSocket, config_source,
-                grpc_service, transport_socket,
+                AggregatedConfigSource, ApiVersion, ConfigSource, TransportSocket, config_source, transport_socket,
             },
             endpoint::v3::ClusterLoadAssignment,
             listener::v3::{Listener, filter},
@@ -46,7 +45,7 @@ use envoy_types::pb::{
             },
         },
     },
-    google::protobuf::{Any, BoolValue, Duration as PbDuration},
+    google::protobuf::{Any, BoolValue},
 };
 use prost::{Message, Name};
 use prost_reflect::DynamicMessage;
@@ -74,28 +73,70 @@ pub const ACCESS_LOG_NAME: &str = "weft-flows";
 /// machine, as in the lab, do not share it).
 pub const ACCESS_LOG_PATH: &str = "access-log/current.log";
 
+/// The agent's access log, encoded the same way every time (in every agent
+/// process): `google.protobuf.Struct` is a map, which prost encodes in the
+/// order of a `HashMap`, so the `FileAccessLog` is written with the same
+/// field numbers from these mirrors, the format's keys in their order. A
+/// listener translated again is then the same bytes, and Envoy does not
+/// replace (and drain) it after every translation or agent restart.
+mod wire {
+    use envoy_types::pb::google::protobuf::Value;
+
+    /// A `Struct.fields` map entry.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Field {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<Value>,
+    }
+
+    /// `google.protobuf.Struct`, fields in a fixed order.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Struct {
+        #[prost(message, repeated, tag = "1")]
+        pub fields: Vec<Field>,
+    }
+
+    /// `envoy.config.core.v3.SubstitutionFormatString` with `json_format`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct JsonFormat {
+        #[prost(message, optional, tag = "2")]
+        pub json_format: Option<Struct>,
+    }
+
+    /// `envoy.extensions.access_loggers.file.v3.FileAccessLog` with `log_format`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FileAccessLog {
+        #[prost(string, tag = "1")]
+        pub path: String,
+        #[prost(message, optional, tag = "5")]
+        pub log_format: Option<JsonFormat>,
+    }
+}
+
 fn weft_access_log() -> AccessLog {
     use envoy_types::pb::{
-        envoy::{
-            config::core::v3::{SubstitutionFormatString, substitution_format_string},
-            extensions::access_loggers::file::v3::{FileAccessLog, file_access_log},
-        },
-        google::protobuf::{Struct, Value, value},
+        envoy::extensions::access_loggers::file::v3::FileAccessLog,
+        google::protobuf::{Value, value},
     };
     let fields = weft_observe::pipeline::accesslog::FORMAT
         .iter()
-        .map(|(k, op)| (k.to_string(), Value { kind: Some(value::Kind::StringValue(op.to_string())) }))
+        .map(|(k, op)| wire::Field {
+            key: k.to_string(),
+            value: Some(Value { kind: Some(value::Kind::StringValue(op.to_string())) }),
+        })
         .collect();
-    let cfg = FileAccessLog {
+    let cfg = wire::FileAccessLog {
         path: ACCESS_LOG_PATH.into(),
-        access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(SubstitutionFormatString {
-            format: Some(substitution_format_string::Format::JsonFormat(Struct { fields })),
-            ..Default::default()
-        })),
+        log_format: Some(wire::JsonFormat { json_format: Some(wire::Struct { fields }) }),
     };
     AccessLog {
         name: ACCESS_LOG_NAME.into(),
-        config_type: Some(access_log::ConfigType::TypedConfig(pack(&cfg))),
+        config_type: Some(access_log::ConfigType::TypedConfig(Any {
+            type_url: FileAccessLog::type_url(),
+            value: cfg.encode_to_vec(),
+        })),
         ..Default::default()
     }
 }
@@ -699,6 +740,31 @@ pub fn pinned_port(l: &Listener) -> Option<(String, u16)> {
         // Ports above 65535 are refused by the field rules before this is asked.
         Some(socket_address::PortSpecifier::PortValue(p)) => Some((sa.address.clone(), u16::try_from(p).ok()?)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod access_log_tests {
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
+
+    use super::*;
+
+    #[test]
+    fn the_agents_access_log_is_the_same_bytes_every_time_and_decodes_as_envoys_message() {
+        let a = weft_access_log().encode_to_vec();
+        for _ in 0..20 {
+            assert_eq!(weft_access_log().encode_to_vec(), a);
+        }
+        let Some(access_log::ConfigType::TypedConfig(any)) = weft_access_log().config_type else { panic!() };
+        let f: FileAccessLog = unpack(&any).unwrap();
+        assert_eq!(f.path, ACCESS_LOG_PATH);
+        let Some(file_access_log::AccessLogFormat::LogFormat(fmt)) = f.access_log_format else { panic!("{f:?}") };
+        let Some(envoy_types::pb::envoy::config::core::v3::substitution_format_string::Format::JsonFormat(s)) =
+            fmt.format
+        else {
+            panic!()
+        };
+        assert_eq!(s.fields.len(), weft_observe::pipeline::accesslog::FORMAT.len());
     }
 }
 
