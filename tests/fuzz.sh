@@ -6,6 +6,7 @@
 # tests/fuzz/TARGET/regressions/ once fixed. FUZZ_PROFILE=release builds optimized.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ./tests/env.sh
 target=${1:?usage: tests/fuzz.sh TARGET SECONDS [SEED]}
 seconds=${2:?usage: tests/fuzz.sh TARGET SECONDS [SEED]}
 [ -d "tests/fuzz/$target" ] || { echo "no fuzz target $target (tests/fuzz/*)" >&2; exit 2; }

@@ -128,7 +128,11 @@ pub fn run(name: &str, target: &Target, budget: Duration, slow: Duration) -> Rep
     for (_, bytes) in regressions.iter().chain(&corpus) {
         dictionary.learn(bytes);
     }
+    let _ = std::fs::create_dir_all(&out_dir);
+    let current = out_dir.join("current");
     let exec = |input: &[u8], report: &mut Report| -> Option<u64> {
+        // A stack overflow aborts the process: the input that did it stays here.
+        let _ = std::fs::write(&current, input);
         let t0 = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| target(input)));
         let took = t0.elapsed();

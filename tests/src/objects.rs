@@ -297,6 +297,21 @@ pub fn envoy_requests(lab: &Lab, idx: usize) -> anyhow::Result<u64> {
         .sum())
 }
 
+/// The Gateway API's CRDs and conformance objects (shared/conformance/gateway-api):
+/// from $WEFT_GATEWAY_API, or the `shared` directory beside the repository.
+pub fn gateway_api_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("WEFT_GATEWAY_API") {
+        return p.into();
+    }
+    let candidates = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/gateway-api"),
+        PathBuf::from("/work/shared/conformance/gateway-api"),
+    ];
+    candidates.into_iter().find(|p| p.is_dir()).expect(
+        "the Gateway API's CRDs and conformance objects (shared/conformance/gateway-api) not found: set WEFT_GATEWAY_API",
+    )
+}
+
 /// Cilium's public examples (shared/conformance/cilium-examples): from
 /// $WEFT_CONFORMANCE, or the `shared` directory beside the repository.
 pub fn conformance_dir() -> PathBuf {

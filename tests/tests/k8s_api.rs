@@ -344,7 +344,11 @@ async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
         cp.kubectl_ok(&args);
     }
     settles(&mut src, "every delete", |l| mine(l, &n), |c| c.iter().all(|(_, c)| *c == 0)).await;
-    assert!(src.stats().values().all(|s| s.replays == 0 && s.lists == 1), "{:?}", src.stats());
+    // Cilium's kinds are left out: another test of this binary installs their
+    // CRDs while this one runs, and the source starts watching them then.
+    let stats = src.stats();
+    let ours = stats.iter().filter(|(kind, _)| !kind.starts_with("Cilium"));
+    assert!(ours.clone().all(|(_, s)| s.replays == 0 && s.lists == 1), "{stats:?}");
 }
 
 fn nacked(object: &str, message: &str) -> ControlStatus {

@@ -10,9 +10,13 @@ pub mod yaml;
 use std::{collections::BTreeMap, fmt, path::PathBuf, sync::Arc};
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Node, Pod, Secret, Service},
+    core::v1::{Endpoints, Namespace, Node, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
     networking::v1::{Ingress, IngressClass, NetworkPolicy},
+};
+use weft_gateway_api::{
+    gatewayclasses::GatewayClass, gateways::Gateway, grpcroutes::GrpcRoute, httproutes::HttpRoute,
+    referencegrants::ReferenceGrant,
 };
 
 /// Namespace (empty for cluster-scoped objects) and name.
@@ -75,6 +79,12 @@ pub struct Objects {
     pub network_policies: Collection<NetworkPolicy>,
     pub ingresses: Collection<Ingress>,
     pub ingress_classes: Collection<IngressClass>,
+    pub namespaces: Collection<Namespace>,
+    pub gateway_classes: Collection<GatewayClass>,
+    pub gateways: Collection<Gateway>,
+    pub http_routes: Collection<HttpRoute>,
+    pub grpc_routes: Collection<GrpcRoute>,
+    pub reference_grants: Collection<ReferenceGrant>,
 }
 
 /// One typed object from a source.
@@ -89,6 +99,12 @@ pub enum Object {
     NetworkPolicy(NetworkPolicy),
     Ingress(Ingress),
     IngressClass(IngressClass),
+    Namespace(Namespace),
+    GatewayClass(GatewayClass),
+    Gateway(Gateway),
+    HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
+    ReferenceGrant(ReferenceGrant),
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, default_ns: &str) -> ObjKey {
@@ -108,6 +124,12 @@ impl Object {
             Object::NetworkPolicy(o) => key_of(&o.metadata, "default"),
             Object::Ingress(o) => key_of(&o.metadata, "default"),
             Object::IngressClass(o) => key_of(&o.metadata, ""),
+            Object::Namespace(o) => key_of(&o.metadata, ""),
+            Object::GatewayClass(o) => key_of(&o.metadata, ""),
+            Object::Gateway(o) => key_of(&o.metadata, "default"),
+            Object::HttpRoute(o) => key_of(&o.metadata, "default"),
+            Object::GrpcRoute(o) => key_of(&o.metadata, "default"),
+            Object::ReferenceGrant(o) => key_of(&o.metadata, "default"),
         }
     }
 
@@ -123,6 +145,12 @@ impl Object {
             Object::NetworkPolicy(_) => "NetworkPolicy",
             Object::Ingress(_) => "Ingress",
             Object::IngressClass(_) => "IngressClass",
+            Object::Namespace(_) => "Namespace",
+            Object::GatewayClass(_) => "GatewayClass",
+            Object::Gateway(_) => "Gateway",
+            Object::HttpRoute(_) => "HTTPRoute",
+            Object::GrpcRoute(_) => "GRPCRoute",
+            Object::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
 }
@@ -133,7 +161,23 @@ impl Objects {
         macro_rules! each {
             ($($c:ident),*) => { $( for (k, v) in &other.$c { self.$c.insert(k.clone(), v.clone()); } )* };
         }
-        each!(services, endpoint_slices, endpoints, pods, nodes, secrets, network_policies, ingresses, ingress_classes);
+        each!(
+            services,
+            endpoint_slices,
+            endpoints,
+            pods,
+            nodes,
+            secrets,
+            network_policies,
+            ingresses,
+            ingress_classes,
+            namespaces,
+            gateway_classes,
+            gateways,
+            http_routes,
+            grpc_routes,
+            reference_grants
+        );
     }
 
     /// Copies the object `Kind namespace/name` (as [`Object::describe`] writes
@@ -165,6 +209,12 @@ impl Objects {
             "NetworkPolicy" => copy!(network_policies),
             "Ingress" => copy!(ingresses),
             "IngressClass" => copy!(ingress_classes),
+            "Namespace" => copy!(namespaces),
+            "GatewayClass" => copy!(gateway_classes),
+            "Gateway" => copy!(gateways),
+            "HTTPRoute" => copy!(http_routes),
+            "GRPCRoute" => copy!(grpc_routes),
+            "ReferenceGrant" => copy!(reference_grants),
             _ => false,
         }
     }
@@ -202,6 +252,12 @@ impl Objects {
             Object::NetworkPolicy(o) => put!(network_policies, o),
             Object::Ingress(o) => put!(ingresses, o),
             Object::IngressClass(o) => put!(ingress_classes, o),
+            Object::Namespace(o) => put!(namespaces, o),
+            Object::GatewayClass(o) => put!(gateway_classes, o),
+            Object::Gateway(o) => put!(gateways, o),
+            Object::HttpRoute(o) => put!(http_routes, o),
+            Object::GrpcRoute(o) => put!(grpc_routes, o),
+            Object::ReferenceGrant(o) => put!(reference_grants, o),
         };
     }
 }

@@ -19,7 +19,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
-        core::v1::{Node, ObjectReference, Pod, Secret, Service},
+        core::v1::{Namespace, Node, ObjectReference, Pod, Secret, Service},
         discovery::v1::EndpointSlice,
         networking::v1::{Ingress, IngressClass, NetworkPolicy},
     },
@@ -38,6 +38,10 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use tokio::{sync::watch as tokio_watch, task::JoinHandle};
+use weft_gateway_api::{
+    gatewayclasses::GatewayClass, gateways::Gateway, grpcroutes::GrpcRoute, httproutes::HttpRoute,
+    referencegrants::ReferenceGrant,
+};
 
 use super::{Collection, ObjKey, Objects, Origin, Sourced, yaml::Loaded};
 use crate::{
@@ -59,6 +63,11 @@ pub struct Kinds {
     pub ingress_classes: bool,
     /// weft's EnvoyConfig kinds, and Cilium's when their CRDs are installed.
     pub envoy_configs: bool,
+    /// Namespaces (their labels: Gateway listeners select routes' namespaces by them).
+    pub namespaces: bool,
+    /// GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes and ReferenceGrants,
+    /// when the Gateway API's CRDs are installed.
+    pub gateway_api: bool,
 }
 
 impl Kinds {
@@ -74,11 +83,13 @@ impl Kinds {
             ingresses: false,
             ingress_classes: false,
             envoy_configs: true,
+            namespaces: false,
+            gateway_api: false,
         }
     }
 
     /// What the operator needs: configs and what validating them reads
-    /// (Services, Secrets), Ingresses and their classes.
+    /// (Services, Secrets), Ingresses and their classes, the Gateway API.
     pub fn operator() -> Self {
         Self {
             services: true,
@@ -90,6 +101,8 @@ impl Kinds {
             ingresses: true,
             ingress_classes: true,
             envoy_configs: true,
+            namespaces: true,
+            gateway_api: true,
         }
     }
 }
@@ -172,6 +185,12 @@ kind!(Node, "Node", nodes);
 kind!(NetworkPolicy, "NetworkPolicy", network_policies);
 kind!(Ingress, "Ingress", ingresses);
 kind!(IngressClass, "IngressClass", ingress_classes);
+kind!(Namespace, "Namespace", namespaces);
+kind!(GatewayClass, "GatewayClass", gateway_classes);
+kind!(Gateway, "Gateway", gateways);
+kind!(HttpRoute, "HTTPRoute", http_routes);
+kind!(GrpcRoute, "GRPCRoute", grpc_routes);
+kind!(ReferenceGrant, "ReferenceGrant", reference_grants);
 
 impl Kind for Secret {
     const NAME: &'static str = "Secret";
@@ -350,15 +369,43 @@ async fn reflect<K>(
 
 fn typed<K: Kind>(client: &Client, shared: &Arc<Mutex<Shared>>, tx: &Arc<tokio_watch::Sender<u64>>) -> JoinHandle<()> {
     shared.lock().unwrap().stats.insert(K::NAME, KindStats::default());
-    tokio::spawn(reflect(
-        watcher(Api::<K>::all(client.clone()), K::watch_config()),
+    tokio::spawn(typed_watch::<K>(client.clone(), shared.clone(), tx.clone()))
+}
+
+/// Watches one typed kind into the shared state (its stats entry must exist).
+async fn typed_watch<K: Kind>(client: Client, shared: Arc<Mutex<Shared>>, tx: Arc<tokio_watch::Sender<u64>>) {
+    reflect(
+        watcher(Api::<K>::all(client), K::watch_config()),
         (),
         K::NAME,
-        shared.clone(),
-        tx.clone(),
+        shared,
+        tx,
         K::prune,
         |s: &mut Shared, up| apply_typed(K::collection(&mut s.objects), up),
-    ))
+    )
+    .await
+}
+
+/// Watches a kind whose CRD may not be installed: at once if it is served,
+/// else from when its CRD is established (the Gateway API's, installed after weft, say).
+async fn typed_when_served<K: Kind>(
+    client: &Client,
+    shared: &Arc<Mutex<Shared>>,
+    tx: &Arc<tokio_watch::Sender<u64>>,
+) -> JoinHandle<()> {
+    let ar = ApiResource::erase::<K>(&());
+    if served(client, &ar).await {
+        return typed::<K>(client, shared, tx);
+    }
+    let crd = format!("{}.{}", ar.plural, ar.group);
+    tracing::info!("{} ({}) is not served by this cluster (yet): watching for its CRD", K::NAME, ar.group);
+    let (client, shared, tx) = (client.clone(), shared.clone(), tx.clone());
+    tokio::spawn(async move {
+        crd_established(&client, &crd).await;
+        tracing::info!("{crd} is installed: watching {}", K::NAME);
+        shared.lock().unwrap().stats.insert(K::NAME, KindStats::default());
+        typed_watch::<K>(client, shared, tx).await
+    })
 }
 
 /// The EnvoyConfig kinds: (group, version, kind, plural, optional: only when the CRD exists).
@@ -513,8 +560,16 @@ impl KubeSource {
             secrets => Secret,
             network_policies => NetworkPolicy,
             ingresses => Ingress,
-            ingress_classes => IngressClass
+            ingress_classes => IngressClass,
+            namespaces => Namespace
         );
+        if kinds.gateway_api {
+            tasks.push(typed_when_served::<GatewayClass>(&client, &shared, &tx).await);
+            tasks.push(typed_when_served::<Gateway>(&client, &shared, &tx).await);
+            tasks.push(typed_when_served::<HttpRoute>(&client, &shared, &tx).await);
+            tasks.push(typed_when_served::<GrpcRoute>(&client, &shared, &tx).await);
+            tasks.push(typed_when_served::<ReferenceGrant>(&client, &shared, &tx).await);
+        }
         if kinds.envoy_configs {
             for (group, version, kind, plural, optional) in CONFIG_KINDS {
                 let ar = ApiResource {

@@ -66,6 +66,14 @@ pub fn object_from_value(v: Value) -> Result<Option<Object>, String> {
         ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(v)?),
         ("networking.k8s.io/v1", "Ingress") => Object::Ingress(typed(v)?),
         ("networking.k8s.io/v1", "IngressClass") => Object::IngressClass(typed(v)?),
+        ("v1", "Namespace") => Object::Namespace(typed(v)?),
+        ("gateway.networking.k8s.io/v1", "GatewayClass") => Object::GatewayClass(typed(v)?),
+        ("gateway.networking.k8s.io/v1", "Gateway") => Object::Gateway(typed(v)?),
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => Object::HttpRoute(typed(v)?),
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => Object::GrpcRoute(typed(v)?),
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "ReferenceGrant") => {
+            Object::ReferenceGrant(typed(v)?)
+        }
         _ => return Ok(None),
     }))
 }

@@ -26,13 +26,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::{
     api::{
-        core::v1::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service, ServicePort, ServiceSpec},
+        core::v1::{Endpoints, Service},
         networking::v1::{Ingress, IngressClass, IngressLoadBalancerIngress, IngressLoadBalancerStatus},
     },
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde_json::{Value, json};
 
+use super::envoy;
 use crate::k8s::{ObjKey, Objects};
 
 /// The controller name weft's IngressClass carries.
@@ -45,8 +46,7 @@ pub const MODE_ANNOTATION: &str = "ingress.weft.io/loadbalancer-mode";
 pub const FORCE_HTTPS_ANNOTATION: &str = "ingress.weft.io/force-https";
 /// Label on everything generated for an Ingress: its name.
 pub const INGRESS_LABEL: &str = "weft.io/ingress";
-/// The address of the placeholder endpoint (never reached: the proxy answers).
-pub const PLACEHOLDER: (&str, i32) = ("192.192.192.192", 9999);
+pub use super::envoy::PLACEHOLDER;
 /// Name of the listener and prefix of generated objects.
 const PREFIX: &str = "weft-ingress";
 
@@ -120,12 +120,7 @@ pub fn mode_of(ing: &Ingress, objects: &Objects) -> Mode {
 /// A name for a generated object: `weft-ingress-<name>`, shortened with a
 /// hash to fit a Service name (63 characters).
 pub fn generated_name(ingress: &str) -> String {
-    let full = format!("{PREFIX}-{ingress}");
-    if full.len() <= 63 {
-        return full;
-    }
-    let h = ingress.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    format!("{}-{:08x}", full[..54].trim_end_matches('-'), h as u32)
+    envoy::generated_name(PREFIX, ingress)
 }
 
 /// One route, before ordering.
@@ -271,23 +266,6 @@ fn collect(
     backends
 }
 
-fn hcm(stat_prefix: &str, route_config: &str) -> Value {
-    json!({
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": stat_prefix,
-            "rds": { "route_config_name": route_config },
-            "strip_any_host_port": true,
-            "upgrade_configs": [{ "upgrade_type": "websocket" }],
-            "http_filters": [{
-                "name": "envoy.filters.http.router",
-                "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" }
-            }]
-        }
-    })
-}
-
 fn route_config(name: &str, hosts: &BTreeMap<String, Host>, secure: bool) -> Value {
     let vhosts: Vec<Value> = hosts
         .iter()
@@ -325,7 +303,7 @@ fn spec_for(ings: &[&Ingress], objects: &Objects, service: &ObjKey, problems: &m
     }
     let mut chains = Vec::new();
     let tls = !tls_chains.is_empty();
-    let mut plain = json!({ "filters": [hcm("ingress", "insecure")] });
+    let mut plain = json!({ "filters": [envoy::hcm("ingress", "insecure")] });
     if tls {
         plain["filter_chain_match"] = json!({ "transport_protocol": "raw_buffer" });
     }
@@ -337,68 +315,25 @@ fn spec_for(ings: &[&Ingress], objects: &Objects, service: &ObjKey, problems: &m
         }
         chains.push(json!({
             "filter_chain_match": m,
-            "filters": [hcm("ingress-tls", "secure")],
-            "transport_socket": {
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                    "common_tls_context": { "tls_certificate_sds_secret_configs": [{ "name": secret }] }
-                }
-            }
+            "filters": [envoy::hcm("ingress-tls", "secure")],
+            "transport_socket": envoy::tls_transport_socket(std::slice::from_ref(secret)),
         }));
     }
-    let mut listener = json!({
-        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-        "name": "listener",
-        "filter_chains": chains,
-    });
-    if tls {
-        listener["listener_filters"] = json!([{
-            "name": "envoy.filters.listener.tls_inspector",
-            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" }
-        }]);
-    }
+    let listener = envoy::listener(chains, tls);
     let mut resources = vec![listener, route_config("insecure", &hosts, false)];
     if tls {
         resources.push(route_config("secure", &hosts, true));
     }
     for (svc, ports) in &backends {
         for port in ports {
-            resources.push(json!({
-                "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-                "name": format!("{svc}:{port}"),
-                "type": "EDS",
-                "connect_timeout": "5s",
-                // HTTP/2 (gRPC) to the backend when the client spoke it.
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "use_downstream_protocol_config": { "http2_protocol_options": {} }
-                    }
-                }
-            }));
+            resources.push(envoy::eds_cluster(&format!("{svc}:{port}"), None, envoy::Upstream::AsDownstream));
         }
     }
     json!({
         "services": [{ "name": service.name, "namespace": service.namespace, "listener": "listener" }],
-        "backendServices": backends.iter().map(|(svc, ports)| json!({
-            "name": svc.name,
-            "namespace": svc.namespace,
-            "number": ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
+        "backendServices": envoy::backend_services(&backends),
         "resources": resources,
     })
-}
-
-fn owner(ing: &Ingress) -> OwnerReference {
-    OwnerReference {
-        api_version: "networking.k8s.io/v1".into(),
-        kind: "Ingress".into(),
-        name: ing.metadata.name.clone().unwrap_or_default(),
-        uid: ing.metadata.uid.clone().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }
 }
 
 fn meta(name: &str, ns: &str, ingress: Option<&Ingress>) -> ObjectMeta {
@@ -409,43 +344,8 @@ fn meta(name: &str, ns: &str, ingress: Option<&Ingress>) -> ObjectMeta {
             INGRESS_LABEL.to_owned(),
             ingress.and_then(|i| i.metadata.name.clone()).unwrap_or_else(|| "shared".into()),
         )])),
-        owner_references: ingress.map(|i| vec![owner(i)]),
+        owner_references: ingress.map(|i| vec![envoy::owner("networking.k8s.io/v1", "Ingress", &i.metadata)]),
         ..Default::default()
-    }
-}
-
-fn lb_service(meta: ObjectMeta) -> Service {
-    let port = |name: &str, port| ServicePort {
-        name: Some(name.into()),
-        port,
-        protocol: Some("TCP".into()),
-        ..Default::default()
-    };
-    Service {
-        metadata: meta,
-        spec: Some(ServiceSpec {
-            type_: Some("LoadBalancer".into()),
-            ports: Some(vec![port("http", 80), port("https", 443)]),
-            ..Default::default()
-        }),
-        status: None,
-    }
-}
-
-fn placeholder_endpoints(meta: ObjectMeta) -> Endpoints {
-    let port = |name: &str| EndpointPort {
-        name: Some(name.into()),
-        port: PLACEHOLDER.1,
-        protocol: Some("TCP".into()),
-        ..Default::default()
-    };
-    Endpoints {
-        metadata: meta,
-        subsets: Some(vec![EndpointSubset {
-            addresses: Some(vec![EndpointAddress { ip: PLACEHOLDER.0.into(), ..Default::default() }]),
-            ports: Some(vec![port("http"), port("https")]),
-            ..Default::default()
-        }]),
     }
 }
 
@@ -466,8 +366,8 @@ fn generate(ings: &[&Ingress], objects: &Objects, m: ObjectMeta, clusterwide: bo
             "metadata": serde_json::to_value(&config_meta).expect("metadata serializes"),
             "spec": spec,
         }),
-        service: lb_service(m.clone()),
-        endpoints: placeholder_endpoints(m),
+        service: envoy::lb_service(m.clone(), &[("http".into(), 80), ("https".into(), 443)]),
+        endpoints: envoy::placeholder_endpoints(m, &["http".into(), "https".into()]),
         problems,
     }
 }
@@ -533,14 +433,5 @@ mod tests {
         assert!(is_ours(&ing("{}", ""), &default), "no class: the default class is weft's");
         assert!(is_ours(&ing("{}", "kubernetes.io/ingress.class: weft"), &none), "the legacy annotation");
         assert!(!is_ours(&ing("{}", "kubernetes.io/ingress.class: nginx"), &default), "the legacy annotation wins");
-    }
-
-    #[test]
-    fn long_names_are_shortened_to_fit_a_service_name() {
-        assert_eq!(generated_name("web"), "weft-ingress-web");
-        let long = "a".repeat(60);
-        let n = generated_name(&long);
-        assert!(n.len() <= 63 && n.starts_with("weft-ingress-aaa"), "{n}");
-        assert_ne!(n, generated_name(&"a".repeat(61)), "different Ingresses, different names");
     }
 }

@@ -1,9 +1,12 @@
 //! `weft-agent operator`: the cluster-wide half of weft, one leader at a time
 //! (a Lease): it writes each EnvoyConfig's status once for the cluster (the
-//! checks `weft-agent validate` makes) and turns Ingresses into
-//! EnvoyConfigs and LoadBalancer Services. Node agents write no status; they
-//! report their own Envoy's refusals as Events.
+//! checks `weft-agent validate` makes), turns Ingresses into EnvoyConfigs
+//! and LoadBalancer Services, and does the same for the Gateway API's
+//! Gateways and routes, writing their status. Node agents write no status;
+//! they report their own Envoy's refusals as Events.
 
+pub mod envoy;
+pub mod gateway;
 pub mod ingress;
 pub mod lease;
 pub mod status;
@@ -63,6 +66,7 @@ pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
         lease::Elector::new(client.clone(), &opts.namespace, &opts.lease_name, &opts.identity, opts.lease_duration);
     let mut statuses = status::StatusWriter::new(client.clone(), &field_manager);
     let mut ingresses = IngressReconciler::new(client.clone(), &opts.namespace, &field_manager, &opts.identity);
+    let mut gateways = gateway::reconcile::GatewayReconciler::new(client.clone(), &field_manager);
     // Earlier accepted versions, so a broken edit reports which generation stays in effect.
     let mut model = Model::new(ProxyPorts::ephemeral());
     let mut tick = tokio::time::interval(elector.retry_every());
@@ -93,6 +97,15 @@ pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
             tracing::warn!("Ingress objects: {e} (retrying)");
             dirty = true;
         }
+        let translation = gateway::translate(&loaded.objects, &gateway_config_problems(&verdicts));
+        match gateways.reconcile(&translation, &loaded).await {
+            Ok(n) if n > 0 => tracing::info!(written = n, "Gateway API status"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("Gateway API objects: {e} (retrying)");
+                dirty = true;
+            }
+        }
         match statuses.write(&verdicts).await {
             Ok(n) if n > 0 => tracing::info!(written = n, "EnvoyConfig status"),
             Ok(_) => {}
@@ -104,6 +117,16 @@ pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
     }
 }
 
+/// What validation found wrong with the ClusterwideEnvoyConfigs generated
+/// for Gateways, by name.
+fn gateway_config_problems(verdicts: &[validate::Verdict]) -> BTreeMap<String, String> {
+    verdicts
+        .iter()
+        .filter(|v| !v.problems.is_empty())
+        .filter_map(|v| v.key.as_ref().filter(|k| k.clusterwide).map(|k| (k.name().to_owned(), v.problems.join("; "))))
+        .collect()
+}
+
 fn api_for(client: &Client, ar: &ApiResource, ns: Option<&str>) -> Api<DynamicObject> {
     match ns {
         Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
@@ -111,36 +134,37 @@ fn api_for(client: &Client, ar: &ApiResource, ns: Option<&str>) -> Api<DynamicOb
     }
 }
 
-/// Keeps the objects generated for Ingresses as they should be.
-pub struct IngressReconciler {
+/// Server-side applies generated objects, remembering what this process
+/// last applied so that unchanged objects cost no request.
+pub struct Applier {
     client: Client,
-    namespace: String,
     field_manager: String,
     /// What this process last applied, by (kind, namespace, name).
     applied: BTreeMap<(String, String, String), Value>,
-    recorder: Recorder,
-    /// Problems already reported as Events, by Ingress.
-    reported: BTreeMap<ObjKey, Vec<String>>,
 }
 
-impl IngressReconciler {
-    pub fn new(client: Client, namespace: &str, field_manager: &str, identity: &str) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter { controller: "weft-operator".into(), instance: Some(identity.into()) },
-        );
-        Self {
-            client,
-            namespace: namespace.to_owned(),
-            field_manager: field_manager.to_owned(),
-            applied: BTreeMap::new(),
-            recorder,
-            reported: BTreeMap::new(),
-        }
+impl Applier {
+    pub fn new(client: Client, field_manager: &str) -> Self {
+        Self { client, field_manager: field_manager.to_owned(), applied: BTreeMap::new() }
+    }
+
+    /// The client it writes with.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The field manager it writes as.
+    pub fn field_manager(&self) -> &str {
+        &self.field_manager
+    }
+
+    /// Whether this process applied `kind namespace/name`.
+    pub fn has_applied(&self, kind: &str, ns: &str, name: &str) -> bool {
+        self.applied.contains_key(&(kind.to_owned(), ns.to_owned(), name.to_owned()))
     }
 
     /// Server-side applies `obj` (unless it is what this process last applied).
-    async fn apply(&mut self, ar: &ApiResource, obj: Value) -> Result<(), kube::Error> {
+    pub async fn apply(&mut self, ar: &ApiResource, obj: Value) -> Result<(), kube::Error> {
         let ns = obj["metadata"]["namespace"].as_str().map(str::to_owned);
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         let key = (ar.kind.clone(), ns.clone().unwrap_or_default(), name.clone());
@@ -153,13 +177,46 @@ impl IngressReconciler {
         Ok(())
     }
 
-    async fn remove(&mut self, ar: &ApiResource, ns: Option<&str>, name: &str) -> Result<(), kube::Error> {
+    /// Deletes an object (gone already is fine).
+    pub async fn remove(&mut self, ar: &ApiResource, ns: Option<&str>, name: &str) -> Result<(), kube::Error> {
         self.applied.remove(&(ar.kind.clone(), ns.unwrap_or_default().to_owned(), name.to_owned()));
         match api_for(&self.client, ar, ns).delete(name, &DeleteParams::default()).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Keeps the objects generated for Ingresses as they should be.
+pub struct IngressReconciler {
+    applier: Applier,
+    namespace: String,
+    recorder: Recorder,
+    /// Problems already reported as Events, by Ingress.
+    reported: BTreeMap<ObjKey, Vec<String>>,
+}
+
+impl IngressReconciler {
+    pub fn new(client: Client, namespace: &str, field_manager: &str, identity: &str) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter { controller: "weft-operator".into(), instance: Some(identity.into()) },
+        );
+        Self {
+            applier: Applier::new(client, field_manager),
+            namespace: namespace.to_owned(),
+            recorder,
+            reported: BTreeMap::new(),
+        }
+    }
+
+    async fn apply(&mut self, ar: &ApiResource, obj: Value) -> Result<(), kube::Error> {
+        self.applier.apply(ar, obj).await
+    }
+
+    async fn remove(&mut self, ar: &ApiResource, ns: Option<&str>, name: &str) -> Result<(), kube::Error> {
+        self.applier.remove(ar, ns, name).await
     }
 
     async fn apply_generated(&mut self, g: &ingress::Generated) -> Result<(), kube::Error> {
@@ -182,8 +239,8 @@ impl IngressReconciler {
             return Ok(());
         }
         let api: Api<Ingress> =
-            Api::namespaced(self.client.clone(), ing.meta().namespace.as_deref().unwrap_or("default"));
-        let pp = PatchParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
+            Api::namespaced(self.applier.client().clone(), ing.meta().namespace.as_deref().unwrap_or("default"));
+        let pp = PatchParams { field_manager: Some(self.applier.field_manager().to_owned()), ..Default::default() };
         api.patch_status(
             ing.meta().name.as_deref().unwrap_or_default(),
             &pp,
@@ -251,7 +308,7 @@ impl IngressReconciler {
         let config_ar = ApiResource::erase::<crate::k8s::crd::ClusterwideEnvoyConfigResource>(&());
         if shared.is_empty() {
             // The last shared Ingress went: so do the shared objects.
-            if self.applied.contains_key(&(config_ar.kind.clone(), String::new(), shared_name.into())) {
+            if self.applier.has_applied(&config_ar.kind, "", shared_name) {
                 let ns = self.namespace.clone();
                 self.remove(&config_ar, None, shared_name).await?;
                 self.remove(&ApiResource::erase::<Endpoints>(&()), Some(&ns), shared_name).await?;

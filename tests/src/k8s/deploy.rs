@@ -69,3 +69,17 @@ pub fn rbac(cp: &ControlPlane) -> String {
         [file("namespace.yaml"), without_workloads("agent.yaml"), without_workloads("operator.yaml")].join("\n---\n");
     once(cp, "rbac", &yaml)
 }
+
+/// The Gateway API's standard-channel CRDs (v1.6.1, shared/conformance/gateway-api/crds),
+/// as a user installs them before weft's GatewayClass; kubectl's output.
+pub fn gateway_api_crds(cp: &ControlPlane) -> String {
+    let dir = crate::objects::gateway_api_dir().join("crds");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml") && !p.to_string_lossy().contains("vap_"))
+        .collect();
+    files.sort();
+    let yaml = files.iter().map(|f| std::fs::read_to_string(f).expect("readable")).collect::<Vec<_>>().join("\n---\n");
+    once(cp, "gateway-api-crds", &yaml)
+}

@@ -70,6 +70,7 @@ pub fn standard_kinds() -> Vec<KindInfo> {
         KindInfo::new("", "v1", "endpoints", "Endpoints", true),
         KindInfo::new("", "v1", "pods", "Pod", true),
         KindInfo::new("", "v1", "nodes", "Node", false),
+        KindInfo::new("", "v1", "namespaces", "Namespace", false),
         KindInfo::new("", "v1", "secrets", "Secret", true),
         KindInfo::new("", "v1", "configmaps", "ConfigMap", true),
         KindInfo::new("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", true),
@@ -88,6 +89,18 @@ pub fn cilium_kinds() -> Vec<KindInfo> {
     vec![
         KindInfo::new("cilium.io", "v2", "ciliumenvoyconfigs", "CiliumEnvoyConfig", true),
         KindInfo::new("cilium.io", "v2", "ciliumclusterwideenvoyconfigs", "CiliumClusterwideEnvoyConfig", false),
+    ]
+}
+
+/// The Gateway API's kinds that weft reads, for tests where "its CRDs are installed".
+pub fn gateway_api_kinds() -> Vec<KindInfo> {
+    let g = "gateway.networking.k8s.io";
+    vec![
+        KindInfo::new(g, "v1", "gatewayclasses", "GatewayClass", false),
+        KindInfo::new(g, "v1", "gateways", "Gateway", true),
+        KindInfo::new(g, "v1", "httproutes", "HTTPRoute", true),
+        KindInfo::new(g, "v1", "grpcroutes", "GRPCRoute", true),
+        KindInfo::new(g, "v1", "referencegrants", "ReferenceGrant", true),
     ]
 }
 
