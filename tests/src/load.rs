@@ -67,7 +67,8 @@ pub fn path(n: usize) -> String {
 }
 
 fn one(ns: &str, to: SocketAddr, n: usize, timeout: Duration) -> Outcome {
-    let r = Client::connect(ns, to, None, timeout).and_then(|mut c| c.get("probe", &path(n), &[("connection", "close")]));
+    let r =
+        Client::connect(ns, to, None, timeout).and_then(|mut c| c.get("probe", &path(n), &[("connection", "close")]));
     match r {
         Ok(r) => Outcome::Status(r.status),
         Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {

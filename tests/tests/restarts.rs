@@ -131,7 +131,9 @@ fn an_adopted_envoy_killed_under_load_is_restarted_at_once_and_costs_no_new_conn
 
 /// `weft observe -f -o json --protocol http` against node1's agent: its
 /// stdout lines, and its stderr in a file.
-fn follow(env: &weft_tests::envoylab::EnvoyLab) -> (std::process::Child, std::sync::mpsc::Receiver<String>, std::path::PathBuf) {
+fn follow(
+    env: &weft_tests::envoylab::EnvoyLab,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>, std::path::PathBuf) {
     let err = env.lab.run_dir.join("follower.err");
     let mut cmd = Command::new(workspace_binary("weft"));
     cmd.args(["observe", "--server", &flow_socket(&env.files[0]), "-f", "-o", "json", "--protocol", "http"])
@@ -156,8 +158,13 @@ fn http_flows_logged_while_the_agent_is_away_reach_a_follower_that_carries_on() 
 
     // 150 new L7 connections at 50/s; the agent is killed after 40 and
     // started again after 100, so Envoy logs 60 while it is away.
-    let load =
-        Load { ns: env.lab.pod("n1-p1").netns.clone(), targets: vec![sa(HELLO, 80)], count: 150, rate: 50.0, timeout: T };
+    let load = Load {
+        ns: env.lab.pod("n1-p1").netns.clone(),
+        targets: vec![sa(HELLO, 80)],
+        count: 150,
+        rate: 50.0,
+        timeout: T,
+    };
     let at: Vec<(usize, Box<dyn FnOnce()>)> = vec![
         (40, Box::new(|| env.lab.kill(env.pids[0]))),
         (

@@ -112,9 +112,7 @@ fn find_sockets(mut wanted: HashMap<u64, u16>, pids: Option<&[i32]>) -> Result<V
             let pidfd = match &owner {
                 Some(o) => o.clone(),
                 None => {
-                    let o = Arc::new(
-                        pidfd::open(pid).map_err(|e| DatapathError::io(format!("opening pid {pid}"), e))?,
-                    );
+                    let o = Arc::new(pidfd::open(pid).map_err(|e| DatapathError::io(format!("opening pid {pid}"), e))?);
                     owner = Some(o.clone());
                     o
                 }
@@ -169,7 +167,9 @@ pub fn migrate_waiting_connections() -> bool {
     }
     match fs::write(MIGRATE_SYSCTL, "1") {
         Ok(()) => {
-            tracing::info!("net.ipv4.tcp_migrate_req=1: connections waiting for a restarting Envoy move to the new one");
+            tracing::info!(
+                "net.ipv4.tcp_migrate_req=1: connections waiting for a restarting Envoy move to the new one"
+            );
             true
         }
         Err(e) => {

@@ -298,7 +298,8 @@ fn start(s: &EnvoySettings) -> anyhow::Result<Process> {
             Ok(())
         });
     }
-    let envoy = Process::spawn(&mut cmd).map_err(|e| anyhow::anyhow!("starting Envoy ({}): {e}", s.binary.display()))?;
+    let envoy =
+        Process::spawn(&mut cmd).map_err(|e| anyhow::anyhow!("starting Envoy ({}): {e}", s.binary.display()))?;
     std::fs::write(s.state_dir.join(PID_FILE), envoy.pid().to_string())?;
     tracing::info!(pid = envoy.pid(), binary = %s.binary.display(), "Envoy started");
     Ok(envoy)

@@ -3,12 +3,7 @@
 //! the pidfd tells when it exits). The exit is seen when it happens,
 //! reaped or not.
 
-use std::{
-    io,
-    os::fd::OwnedFd,
-    path::Path,
-    time::Instant,
-};
+use std::{io, os::fd::OwnedFd, path::Path, time::Instant};
 
 use tokio::io::{Interest, unix::AsyncFd};
 

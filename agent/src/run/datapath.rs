@@ -108,7 +108,7 @@ impl Worker {
                     last_proxy = due_now(PROXY_SYNC_EVERY);
                 }
                 Some(false) => return Ok(()), // the control loop is gone
-                None => {}                     // periodic work
+                None => {}                    // periodic work
             }
             let pid = envoy.borrow_and_update().pid;
             if pid != last_pid {
@@ -198,7 +198,8 @@ fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &wat
             }
             let waiting = !sync.orphaned.is_empty();
             status.send_if_modified(|st| {
-                let changed = st.proxy_ports_without_listener != sync.missing || st.proxy_ports_waiting != sync.orphaned;
+                let changed =
+                    st.proxy_ports_without_listener != sync.missing || st.proxy_ports_waiting != sync.orphaned;
                 st.proxy_ports_without_listener = sync.missing;
                 st.proxy_ports_waiting = sync.orphaned;
                 changed

@@ -77,7 +77,10 @@ pub fn access_log(cfg: &AgentConfig, pipeline: &Arc<Pipeline>) -> anyhow::Result
 }
 
 /// The flow API, to run as a component.
-pub fn serve(cfg: &AgentConfig, pipeline: &Arc<Pipeline>) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
+pub fn serve(
+    cfg: &AgentConfig,
+    pipeline: &Arc<Pipeline>,
+) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
     let listen = Listen {
         tcp: match cfg.flows.address.as_str() {
             "" => None,

@@ -12,8 +12,7 @@ use weft_flow::{
     print::{self, Options},
     proto::{
         observer::{
-            GetFlowsRequest, ServerStatusRequest, get_flows_response::ResponseTypes,
-            observer_client::ObserverClient,
+            GetFlowsRequest, ServerStatusRequest, get_flows_response::ResponseTypes, observer_client::ObserverClient,
         },
         weft::WeftClient,
     },
@@ -240,8 +239,7 @@ impl Resume {
         let mut r = req.clone();
         if let Some(u) = &self.last_uuid {
             let ext = WeftClient { resume_after: u.clone() };
-            r.extensions =
-                Some(prost_types::Any { type_url: WEFT_CLIENT.into(), value: ext.encode_to_vec() });
+            r.extensions = Some(prost_types::Any { type_url: WEFT_CLIENT.into(), value: ext.encode_to_vec() });
         }
         r
     }
@@ -308,7 +306,8 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
         let attempt = async {
             let mut client = client::observer_tls(&addr, &tls).await?;
             let boot = if args.follow { boot_ns(&mut client).await } else { None };
-            let stream = client.get_flows(resume.request(&req)).await.map_err(|s| format!("{addr}: {}", s.message()))?;
+            let stream =
+                client.get_flows(resume.request(&req)).await.map_err(|s| format!("{addr}: {}", s.message()))?;
             Ok::<_, String>((stream.into_inner(), boot))
         };
         let connected = tokio::select! {

@@ -25,12 +25,12 @@ use weft_flow::{
     client::error_chain,
     proto::{
         self, HEALTH_SERVICE,
-        weft::WeftClient,
         observer::{
             self as obs, GetFlowsRequest, GetFlowsResponse,
             get_flows_response::ResponseTypes,
             observer_server::{Observer, ObserverServer},
         },
+        weft::WeftClient,
     },
     time::{now_ns, timestamp},
 };
@@ -179,7 +179,9 @@ async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsR
         }
         for (seq, e) in buf.drain(..) {
             let r = match &e {
-                Entry::Lost(l) => response(&node, l.time_ns, ResponseTypes::LostEvents(convert::to_lost(l, q.with_link))),
+                Entry::Lost(l) => {
+                    response(&node, l.time_ns, ResponseTypes::LostEvents(convert::to_lost(l, q.with_link)))
+                }
                 Entry::Flow(f) => {
                     if q.until.is_some_and(|u| f.time_ns > u) {
                         return;

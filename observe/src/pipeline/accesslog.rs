@@ -155,7 +155,10 @@ mod tests {
     fn envoys_lines_become_entries() {
         let e = parse(PROXIED.as_bytes()).unwrap();
         let h = &e.http;
-        assert_eq!((h.method.as_str(), h.authority.as_str(), h.path.as_str()), ("GET", "hello.default", "/api/items/1?q=\"x\""));
+        assert_eq!(
+            (h.method.as_str(), h.authority.as_str(), h.path.as_str()),
+            ("GET", "hello.default", "/api/items/1?q=\"x\"")
+        );
         assert_eq!((h.code, h.protocol, h.scheme.as_str()), (200, "HTTP/1.1", "http"));
         assert_eq!((h.start_ns, h.duration_ns), (1_796_100_408_747_686_000, 3_052_511));
         assert_eq!(h.upstream, Some("10.1.2.11:8080".parse().unwrap()));

@@ -33,8 +33,13 @@ pub enum LostSource {
 
 impl LostSource {
     /// Every source, for metrics that should exist from the start.
-    pub const ALL: [LostSource; 5] =
-        [LostSource::KernelRing, LostSource::AgentQueue, LostSource::FlowStore, LostSource::Exporter, LostSource::Proxy];
+    pub const ALL: [LostSource; 5] = [
+        LostSource::KernelRing,
+        LostSource::AgentQueue,
+        LostSource::FlowStore,
+        LostSource::Exporter,
+        LostSource::Proxy,
+    ];
 
     /// The `source` label of `weft_lost_events_total`.
     pub fn label(self) -> &'static str {

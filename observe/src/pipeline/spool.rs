@@ -219,7 +219,15 @@ impl SpoolReader {
         let mut b = [0u8; POSITION_LEN];
         let n = position_file.read_at(&mut b, 0)?;
         let committed = Position::decode(&b[..n]).unwrap_or_default();
-        Ok(SpoolReader { dir, position_file, committed, open: None, buf: Vec::new(), skipping: false, chunk: vec![0; CHUNK] })
+        Ok(SpoolReader {
+            dir,
+            position_file,
+            committed,
+            open: None,
+            buf: Vec::new(),
+            skipping: false,
+            chunk: vec![0; CHUNK],
+        })
     }
 
     /// Hands up to `max` complete lines to `f`, in order. Returns what it
@@ -293,7 +301,8 @@ impl SpoolReader {
     /// Bytes in the spool the reader has not handed out yet.
     pub fn backlog(&self) -> io::Result<u64> {
         let files = self.dir.files()?;
-        let (inode, consumed) = self.open.as_ref().map_or((self.committed.inode, self.committed.offset), |o| (o.inode, o.consumed));
+        let (inode, consumed) =
+            self.open.as_ref().map_or((self.committed.inode, self.committed.offset), |o| (o.inode, o.consumed));
         let at = files.iter().position(|f| f.inode == inode).unwrap_or(0);
         let skip = if files.get(at).is_some_and(|f| f.inode == inode) { consumed } else { 0 };
         Ok(files[at..].iter().map(|f| f.len).sum::<u64>().saturating_sub(skip))
