@@ -117,16 +117,18 @@ fn an_adopted_envoy_killed_under_load_is_restarted_at_once_and_costs_no_new_conn
 
     let plain = load::tally(&run.requests, 0);
     assert_eq!(plain.ok, plain.sent, "the plain Service never stops: {plain:?}");
-    // Requests Envoy held when it died may fail (counted); none that started
-    // after.
-    let kill = killed_at.duration_since(run.t0);
-    let (before, after): (Vec<_>, Vec<_>) = run.requests.iter().filter(|r| r.target == 1).partition(|r| r.at < kill);
+    // Requests Envoy may have held (those that started before all its
+    // threads were gone) may fail: counted. None that started after.
+    let gone = Duration::from_nanos(died_ns.saturating_sub(now_ns_at(run.t0)));
+    let (before, after): (Vec<_>, Vec<_>) = run.requests.iter().filter(|r| r.target == 1).partition(|r| r.at < gone);
     let failed_after: Vec<_> = after.iter().filter(|r| !r.ok()).collect();
     let in_flight = before.iter().filter(|r| !r.ok()).count();
     let l7 = load::tally(&run.requests, 1);
-    eprintln!("L7: {l7:?}; {in_flight} failed in flight at the kill; teardown {teardown:?}, death seen {seen:?} after");
-    assert!(failed_after.is_empty(), "new L7 connections failed after the kill: {failed_after:?}");
-    assert!(in_flight <= 2, "more in flight at the kill than this rate allows: {in_flight}");
+    eprintln!(
+        "L7: {l7:?}; {in_flight} failed in flight at the kill; teardown {teardown:?}, death seen {seen:?} after (killed at {:?})",
+        killed_at.duration_since(run.t0)
+    );
+    assert!(failed_after.is_empty(), "new L7 connections failed after Envoy was gone: {failed_after:?}");
 }
 
 /// `weft observe -f -o json --protocol http` against node1's agent: its
@@ -149,9 +151,15 @@ fn http_flows_logged_while_the_agent_is_away_reach_a_follower_that_carries_on() 
     let (mut follower, lines, follower_err) = follow(&env);
     // One request the follower must print first: then it is streaming.
     let client = env.lab.pod("n1-p1");
-    get_once(&client.netns, sa(HELLO, 80), "/warm-up", T).unwrap_or_else(|e| env.fail(e));
-    wait_for(Duration::from_secs(10), "the follower's first flow", || {
-        lines.recv_timeout(Duration::from_millis(100)).ok().filter(|l| l.contains("/warm-up"))
+    wait_for(Duration::from_secs(20), "the follower's first flow", || {
+        get_once(&client.netns, sa(HELLO, 80), "/warm-up", T).unwrap_or_else(|e| env.fail(e));
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if lines.recv_timeout(left).is_ok_and(|l| l.contains("/warm-up")) {
+                return Some(());
+            }
+        }
+        None
     })
     .unwrap_or_else(|e| env.fail(e));
     let sent_before = envoy_requests(&env.lab, 0).unwrap_or_else(|e| env.fail(e));
