@@ -219,7 +219,7 @@ impl OtlpOptions {
 pub const MAX_QUEUE: usize = 1 << 24;
 
 /// Where the agent finds the Kubernetes API.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct KubernetesOptions {
     /// Watch the API server (objects-dir is then not read). Default: false.
@@ -227,6 +227,15 @@ pub struct KubernetesOptions {
     /// A kubeconfig file. Default: the in-cluster service account, else
     /// $KUBECONFIG or ~/.kube/config.
     pub kubeconfig: Option<PathBuf>,
+    /// weft's namespace, where the agent writes its node's WeftNode report
+    /// (the operator's namespace). Default: weft-system.
+    pub namespace: String,
+}
+
+impl Default for KubernetesOptions {
+    fn default() -> Self {
+        Self { enabled: false, kubeconfig: None, namespace: "weft-system".into() }
+    }
 }
 
 /// How the agent runs Envoy.
@@ -329,10 +338,13 @@ impl AgentConfig {
         if self.node_name.is_empty() {
             return Err(invalid("node-name", &self.node_name, "set it to this node's name"));
         }
-        if let Some(c) = &self.native_routing_cidr {
-            if parse_cidr(c).is_none() {
-                return Err(invalid("native-routing-cidr", c, "expected an IPv4 CIDR like 10.0.0.0/8"));
-            }
+        if self.kubernetes.enabled && self.kubernetes.namespace.is_empty() {
+            return Err(invalid("kubernetes.namespace", &self.kubernetes.namespace, "set it to weft's namespace"));
+        }
+        if let Some(c) = &self.native_routing_cidr
+            && parse_cidr(c).is_none()
+        {
+            return Err(invalid("native-routing-cidr", c, "expected an IPv4 CIDR like 10.0.0.0/8"));
         }
         if self.nat_ports[0] == 0 || self.nat_ports[0] > self.nat_ports[1] {
             return Err(invalid("nat-ports", &self.nat_ports, "expected [low, high] with 0 < low <= high"));

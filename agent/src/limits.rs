@@ -39,8 +39,41 @@ pub const MAX_SERVICES: usize = 1000;
 pub const MAX_NAME_BYTES: usize = 253;
 pub const MAX_NAMESPACE_BYTES: usize = 63;
 
+/// Stack of every thread the agent runs: its main work (`main.rs` runs it
+/// on a thread of its own), the tokio workers and blocking threads
+/// ([`runtime`]), the datapath and flow-pipeline threads ([`thread`]).
+/// Decoders recurse once or more per nesting level of what they read (YAML
+/// takes about 20 KiB per level in a debug build, JSON from the API server,
+/// protobuf from Envoy); the depth limits of this module keep the deepest
+/// input they accept within half of it in a debug build, where frames are
+/// largest (tests `deepest_*_fit_in_half_the_thread_stack`), and the fuzz
+/// targets run on a thread with this stack. Set explicitly, so neither
+/// `ulimit -s`, `RUST_MIN_STACK` nor a library's default (tokio's and the
+/// test harness's 2 MiB, which a YAML document nested 105 deep overflowed)
+/// decides it.
+pub const THREAD_STACK_BYTES: usize = 8 << 20;
+
+/// A thread builder with the agent's stack ([`THREAD_STACK_BYTES`]): every
+/// thread of the agent is started with it (or with [`runtime`]).
+pub fn thread(name: &str) -> std::thread::Builder {
+    std::thread::Builder::new().name(name.to_owned()).stack_size(THREAD_STACK_BYTES)
+}
+
+/// A tokio runtime whose workers and blocking threads have the agent's stack.
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_stack_size(THREAD_STACK_BYTES)
+        .enable_all()
+        .build()
+}
+
 /// Parser events that YAML aliases may replay in one file.
 pub const MAX_ALIAS_EVENTS: usize = 100_000;
+
+/// Deepest nesting of a YAML document (any kind: the agent must read past
+/// documents it does not use, so this is above [`MAX_DOCUMENT_DEPTH`]).
+pub const MAX_YAML_DEPTH: usize = 128;
 
 /// YAML parser budget: generous (thousands of objects in one file are
 /// normal), but bounded, so an alias bomb (`&a [*b, *b, ...]` nested) or a
@@ -51,7 +84,7 @@ pub fn yaml_options() -> serde_saphyr::Options {
     budget.max_nodes = 100_000_000;
     budget.max_events = 200_000_000;
     budget.max_total_scalar_bytes = 1 << 30;
-    budget.max_depth = 128;
+    budget.max_depth = MAX_YAML_DEPTH;
     let mut o = serde_saphyr::Options::default();
     o.budget = Some(budget);
     // Aliases are rare in Kubernetes YAML; expanding them may not cost more
@@ -200,5 +233,221 @@ mod tests {
         assert_eq!(read_text(&f, 1000).unwrap_err().to_string(), "unreadable: larger than 1000 bytes");
         assert_eq!(read_text(&f, 4000).unwrap().len(), 2000);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Runs `f` on a thread with half the agent's stack and waits for it. A
+    /// stack overflow aborts the whole test binary, so a failure is loud.
+    fn on_half_stack(f: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new()
+            .name("half-stack".into())
+            .stack_size(THREAD_STACK_BYTES / 2)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// How a value is nested: YAML block and flow styles, JSON.
+    #[derive(Clone, Copy, Debug)]
+    enum Style {
+        BlockMap,
+        BlockSeq,
+        FlowMap,
+        FlowSeq,
+        Json,
+    }
+
+    /// `n` levels of maps or lists around a scalar, as the value of key `x`
+    /// of a top-level mapping (block styles on the lines after `x:`).
+    fn nested(style: Style, n: usize) -> String {
+        match style {
+            Style::BlockMap => {
+                let mut out = String::from("x:\n");
+                for i in 1..=n {
+                    out.push_str(&" ".repeat(2 * i));
+                    out.push_str(if i == n { "k: leaf\n" } else { "k:\n" });
+                }
+                out
+            }
+            Style::BlockSeq => format!("x:\n  {}leaf\n", "- ".repeat(n)),
+            Style::FlowMap => format!("x: {}leaf{}\n", "{k: ".repeat(n), "}".repeat(n)),
+            Style::FlowSeq => format!("x: {}leaf{}\n", "[".repeat(n), "]".repeat(n)),
+            Style::Json => format!("x: {}\n", json_nest(n, true)),
+        }
+    }
+
+    /// `n` levels of JSON objects (`{"k": ...}`) or lists around a string.
+    fn json_nest(n: usize, objects: bool) -> String {
+        let (open, close) = if objects { ("{\"k\": ", "}") } else { ("[", "]") };
+        format!("{}\"leaf\"{}", open.repeat(n), close.repeat(n))
+    }
+
+    /// A ClusterwideEnvoyConfig whose listener carries `value` as filter
+    /// metadata (a `Struct`: three protobuf levels per JSON level) and `perm`
+    /// as an RBAC permission (typed messages inside two `Any`s).
+    fn envoyconfig(metadata: &str, permission: &str) -> String {
+        format!(
+            r#"{{"apiVersion": "weft.io/v1alpha1", "kind": "ClusterwideEnvoyConfig", "metadata": {{"name": "deep"}},
+            "spec": {{"resources": [{{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": "l",
+              "metadata": {{"filter_metadata": {{"x": {metadata}}}}},
+              "filter_chains": [{{"filters": [{{"name": "hcm", "typed_config": {{
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "s", "route_config": {{"name": "r"}},
+                "http_filters": [
+                  {{"name": "rbac", "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                    "rules": {{"policies": {{"p": {{"permissions": [{permission}], "principals": [{{"any": true}}]}}}}}}}}}},
+                  {{"name": "router", "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}}}]
+              }}}}]}}]}}]}}}}"#
+        )
+    }
+
+    fn rbac_nest(n: usize) -> String {
+        format!("{}{{\"any\": true}}{}", "{\"and_rules\": {\"rules\": [".repeat(n), "]}}".repeat(n))
+    }
+
+    /// Parses `text` as a file of the objects directory and judges its
+    /// EnvoyConfigs; true if the file was read without a YAML problem.
+    fn load_and_judge(text: &str) -> bool {
+        let mut loaded = crate::k8s::yaml::Loaded::default();
+        crate::k8s::yaml::load_text(std::path::Path::new("deep.yaml"), text, &mut loaded);
+        crate::validate::verdicts(
+            &loaded,
+            &mut crate::xds::model::Model::new(crate::xds::ports::ProxyPorts::ephemeral()),
+        );
+        loaded.problems.is_empty()
+    }
+
+    /// The stack each thread of the agent gets holds the deepest input every
+    /// decoder accepts, twice over, in a debug build: YAML at the parser's
+    /// depth budget in every style (a Service, whose unknown field is skipped,
+    /// and an EnvoyConfig, refused by the document check), EnvoyConfigs at the
+    /// document and protobuf depth limits through `Struct`s and typed
+    /// messages inside `Any`s, JSON from the API server at serde_json's
+    /// recursion limit (typed objects and EnvoyConfigs), and Envoy's access
+    /// log at prost's recursion limit. Each runs past its limit too, so the
+    /// refusal is what stops it, not the end of the loop.
+    #[test]
+    fn deepest_inputs_fit_in_half_the_thread_stack() {
+        on_half_stack(|| {
+            for style in [Style::BlockMap, Style::BlockSeq, Style::FlowMap, Style::FlowSeq, Style::Json] {
+                let depths = MAX_YAML_DEPTH - 8..=MAX_YAML_DEPTH + 2;
+                let read: Vec<bool> = depths
+                    .clone()
+                    .map(|n| {
+                        let service = format!(
+                            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: default}}\n{}",
+                            nested(style, n)
+                        );
+                        load_and_judge(&service)
+                    })
+                    .collect();
+                assert!(read.first() == Some(&true) && read.last() == Some(&false), "{style:?}: {read:?}");
+                for n in depths {
+                    let value = match style {
+                        Style::FlowSeq | Style::BlockSeq => json_nest(n, false),
+                        _ => json_nest(n, true),
+                    };
+                    load_and_judge(&envoyconfig(&value, &rbac_nest(1)));
+                }
+            }
+            // Through the document check, the protobuf depth check, decoding,
+            // translation and the model.
+            for n in (1..=MAX_DOCUMENT_DEPTH).step_by(3) {
+                assert!(load_and_judge(&envoyconfig(&json_nest(n, true), &rbac_nest(1))));
+                assert!(load_and_judge(&envoyconfig(&json_nest(n, false), &rbac_nest(1))));
+                assert!(load_and_judge(&envoyconfig("1", &rbac_nest(n / 2))));
+            }
+        });
+    }
+
+    /// The same for what the API server sends (kube decodes each watch event
+    /// with serde_json, whose recursion limit is 128) and for Envoy's access
+    /// log (tonic decodes it with prost, whose recursion limit is 100).
+    #[test]
+    fn deepest_api_and_access_log_messages_fit_in_half_the_thread_stack() {
+        use envoy_types::pb::{
+            envoy::{
+                config::core::v3::Metadata,
+                data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry},
+                service::accesslog::v3::{
+                    StreamAccessLogsMessage,
+                    stream_access_logs_message::{HttpAccessLogEntries, LogEntries},
+                },
+            },
+            google::protobuf::{Struct, Value as PbValue, value::Kind},
+        };
+        use kube::{api::DynamicObject, core::WatchEvent};
+        use prost::Message;
+
+        let deep_struct = |n: usize| {
+            let mut s = Struct::default();
+            for _ in 0..n {
+                let v = PbValue { kind: Some(Kind::StructValue(s)) };
+                s = Struct { fields: [("k".to_owned(), v)].into() };
+            }
+            s
+        };
+        let access_logs: Vec<Vec<u8>> = (1..=60)
+            .map(|n| {
+                let common = AccessLogCommon {
+                    metadata: Some(Metadata {
+                        filter_metadata: [("x".to_owned(), deep_struct(n))].into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                let entry = HttpAccessLogEntry { common_properties: Some(common), ..Default::default() };
+                StreamAccessLogsMessage {
+                    log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: vec![entry] })),
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            })
+            .collect();
+        on_half_stack(move || {
+            let decoded: Vec<bool> = access_logs
+                .iter()
+                .map(|bytes| match StreamAccessLogsMessage::decode(bytes.as_slice()) {
+                    Ok(m) => {
+                        if let Some(LogEntries::HttpLogs(logs)) = &m.log_entries {
+                            logs.log_entry.iter().for_each(|e| drop(weft_observe::pipeline::als::entry(e)));
+                        }
+                        true
+                    }
+                    Err(_) => false,
+                })
+                .collect();
+            assert!(decoded.first() == Some(&true) && decoded.last() == Some(&false), "{decoded:?}");
+
+            let ar = kube::api::ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk("weft.io", "v1alpha1", "ClusterwideEnvoyConfig"),
+                "clusterwideenvoyconfigs",
+            );
+            let mut configs = Vec::new();
+            for n in 110..=130 {
+                // Typed objects skip unknown fields without recursing.
+                let pod = format!(
+                    r#"{{"type": "ADDED", "object": {{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "p", "namespace": "default"}}, "spec": {{"containers": [], "x": {}}}}}}}"#,
+                    json_nest(n, n % 2 == 0)
+                );
+                assert!(serde_json::from_str::<WatchEvent<k8s_openapi::api::core::v1::Pod>>(&pod).is_ok());
+                // EnvoyConfigs are read as JSON values, to the limit.
+                let config = format!(
+                    r#"{{"type": "ADDED", "object": {}}}"#,
+                    envoyconfig(&json_nest(n - 7, n % 2 == 0), &rbac_nest(1))
+                );
+                let event = serde_json::from_str::<WatchEvent<DynamicObject>>(&config);
+                configs.push(event.is_ok());
+                if let Ok(WatchEvent::Added(o)) = event {
+                    let mut loaded = crate::k8s::yaml::Loaded::default();
+                    loaded.raw.push((crate::k8s::Origin::Api, crate::k8s::watch::config_doc(&o, &ar)));
+                    crate::validate::verdicts(
+                        &loaded,
+                        &mut crate::xds::model::Model::new(crate::xds::ports::ProxyPorts::ephemeral()),
+                    );
+                }
+            }
+            assert!(configs.first() == Some(&true) && configs.last() == Some(&false), "{configs:?}");
+        });
     }
 }

@@ -48,6 +48,10 @@ enum Command {
         /// This replica's identity; default: $POD_NAME.
         #[arg(long)]
         identity: Option<String>,
+        /// How long the leader holds the Lease without renewing it, in
+        /// seconds (a takeover waits this long).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600), default_value = "15")]
+        lease_duration: u64,
     },
     /// Print weft's CustomResourceDefinitions (YAML), generated from its types.
     Crds {
@@ -72,7 +76,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match real_main(Cli::parse()) {
+    let cli = Cli::parse();
+    // Not on the main thread, whose stack is whatever `ulimit -s` says: every
+    // thread that reads input has the stack the depth limits were made for.
+    let result = weft_agent::limits::thread("main")
+        .spawn(move || real_main(cli))
+        .map_err(anyhow::Error::from)
+        .and_then(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weft-agent: {e:#}");
@@ -116,12 +127,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Operator { kubeconfig, namespace, identity } => {
-            let mut opts = weft_agent::operator::OperatorOptions { namespace, ..Default::default() };
+        Command::Operator { kubeconfig, namespace, identity, lease_duration } => {
+            let mut opts = weft_agent::operator::OperatorOptions {
+                namespace,
+                lease_duration: std::time::Duration::from_secs(lease_duration),
+                ..Default::default()
+            };
             if let Some(id) = identity {
                 opts.identity = id;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = weft_agent::limits::runtime(2)?;
             rt.block_on(async {
                 let client = weft_agent::k8s::source::client(kubeconfig.as_deref()).await?;
                 weft_agent::operator::run(client, opts).await

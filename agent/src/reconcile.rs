@@ -197,10 +197,10 @@ impl Reconciler {
                 self.policies.remove(&old.ep_id);
                 dp.delete_endpoint(old.addr)?;
                 // The pod is gone; its device, if still there, loses our programs too.
-                if !want.values().any(|e| e.ifindex == old.ifindex) {
-                    if let Some((dev, _)) = attached.iter().find(|(_, idx)| *idx == old.ifindex) {
-                        dp.detach_device(dev)?;
-                    }
+                if !want.values().any(|e| e.ifindex == old.ifindex)
+                    && let Some((dev, _)) = attached.iter().find(|(_, idx)| *idx == old.ifindex)
+                {
+                    dp.detach_device(dev)?;
                 }
                 out.endpoints_removed += 1;
             }

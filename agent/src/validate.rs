@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
 use crate::{
     k8s::{Origin, yaml},
     xds::{
@@ -25,7 +27,7 @@ pub struct Report {
 }
 
 /// The verdict on one EnvoyConfig document.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Verdict {
     /// The config; None when the document did not get as far as naming one.
     pub key: Option<ConfigKey>,
@@ -39,6 +41,8 @@ pub struct Verdict {
     /// The generation that stands in for it (an earlier valid one), if any,
     /// when `model` carried one.
     pub serving: Serving,
+    /// The nodes it is for (None: every node).
+    pub node_selector: Option<LabelSelector>,
 }
 
 /// Validates every EnvoyConfig in `loaded` against the other objects there
@@ -64,6 +68,7 @@ pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
                     generation: doc["metadata"]["generation"].as_i64().unwrap_or(0),
                     problems: vec![e.to_string()],
                     serving: Serving::Nothing,
+                    node_selector: None,
                 });
                 errors.push(e);
             }
@@ -79,6 +84,7 @@ pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
             generation: c.generation,
             problems: st.problems.iter().map(|p| format!("{}: {p}", st.object)).collect(),
             serving: st.serving.clone(),
+            node_selector: c.spec.node_selector.clone(),
         });
     }
     for v in out.iter_mut().filter(|v| v.key.is_some() && v.serving == Serving::Nothing && !v.problems.is_empty()) {

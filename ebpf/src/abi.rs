@@ -221,8 +221,12 @@ shared_struct! {
     }
 }
 
+/// One shared struct for the layout check: its C name, its size in Rust, and
+/// its fields as (name, offset).
+pub type SharedLayout = (&'static str, usize, Vec<(&'static str, usize)>);
+
 /// Every shared struct with its C name and field table, for the layout check.
-pub fn shared_layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
+pub fn shared_layouts() -> Vec<SharedLayout> {
     use std::mem::size_of;
     vec![
         ("weft_event", size_of::<Event>(), Event::layout()),

@@ -15,8 +15,14 @@
 //! - `tests/fuzz/T/corpus/`: seeds (committed);
 //! - `tests/fuzz/T/regressions/`: inputs that once failed (committed; run
 //!   first, every time);
-//! - crashes found go to `$WEFT_FUZZ_OUT/T/` (default: the cargo target dir),
-//!   and the failure message says which files to add to `regressions/`.
+//! - crashes found go to `$WEFT_FUZZ_OUT/T/` (default: `/tmp/weft-fuzz/T/`),
+//!   and the failure message says which files to add to `regressions/`; the
+//!   input being run is in `current` there, so one that aborts the process
+//!   (a stack overflow) is left behind.
+//!
+//! Targets run on a thread with the stack every thread of the agent gets
+//! (`weft_agent::limits::THREAD_STACK_BYTES`), not the test harness's: an
+//! input that overflows it here would overflow the agent too.
 
 use std::{
     collections::HashSet,
@@ -29,7 +35,7 @@ use std::{
 use serde_json::Value;
 
 /// A fuzz target: input bytes in, a signature of the outcome out.
-pub type Target = dyn Fn(&[u8]) -> u64;
+pub type Target = dyn Fn(&[u8]) -> u64 + Sync;
 
 /// How long a run goes on: `WEFT_FUZZ_SECONDS`, else `default`.
 pub fn budget(default: Duration) -> Duration {
@@ -77,7 +83,7 @@ impl Rng {
         Self(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -87,7 +93,7 @@ impl Rng {
 
     /// A number below `n` (0 when n is 0).
     pub fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 { 0 } else { (self.next_u64() % n as u64) as usize }
     }
 
     pub fn chance(&mut self, one_in: usize) -> bool {
@@ -103,6 +109,17 @@ impl Rng {
 /// `budget`. Panics (failing the test) with the saved inputs if any input
 /// panicked the target or took longer than `slow`.
 pub fn run(name: &str, target: &Target, budget: Duration, slow: Duration) -> Report {
+    std::thread::scope(|scope| {
+        let fuzzing = std::thread::Builder::new()
+            .name(format!("fuzz-{name}"))
+            .stack_size(weft_agent::limits::THREAD_STACK_BYTES)
+            .spawn_scoped(scope, || run_here(name, target, budget, slow))
+            .expect("spawning the fuzzing thread");
+        fuzzing.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn run_here(name: &str, target: &Target, budget: Duration, slow: Duration) -> Report {
     let seed = std::env::var("WEFT_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
@@ -177,11 +194,12 @@ pub fn run(name: &str, target: &Target, budget: Duration, slow: Duration) -> Rep
     while started.elapsed() < budget && report.failures.len() < 10 {
         let Some(base) = rng.pick(&pool).cloned() else { break };
         let input = mutate(&mut rng, &base, &pool, &dictionary);
-        if let Some(sig) = exec(&input, &mut report) {
-            if seen.insert(sig) && input.len() < 1 << 20 {
-                dictionary.learn(&input);
-                pool.push(input);
-            }
+        if let Some(sig) = exec(&input, &mut report)
+            && seen.insert(sig)
+            && input.len() < 1 << 20
+        {
+            dictionary.learn(&input);
+            pool.push(input);
         }
         if last_note.elapsed() > Duration::from_secs(10) {
             eprintln!(
@@ -241,10 +259,8 @@ impl Dictionary {
                     }
                 }
                 Value::Array(a) => stack.extend(a),
-                Value::String(s) if s.len() < 200 => {
-                    if self.known.insert(format!("s{s}")) {
-                        self.strings.push(s.clone());
-                    }
+                Value::String(s) if s.len() < 200 && self.known.insert(format!("s{s}")) => {
+                    self.strings.push(s.clone());
                 }
                 _ => {}
             }
@@ -350,10 +366,10 @@ fn structural(rng: &mut Rng, v: &mut Value, pool: &[Vec<u8>], dict: &Dictionary)
             // A subtree from another input.
             if let Some(mut d) = donor {
                 let spots = positions(&d);
-                if let Some(p) = rng.pick(&spots).cloned() {
-                    if let Some(sub) = at(&mut d, &p) {
-                        *node = sub.clone();
-                    }
+                if let Some(p) = rng.pick(&spots).cloned()
+                    && let Some(sub) = at(&mut d, &p)
+                {
+                    *node = sub.clone();
                 }
             }
         }
@@ -378,12 +394,12 @@ fn structural(rng: &mut Rng, v: &mut Value, pool: &[Vec<u8>], dict: &Dictionary)
         },
         6 => {
             // Repeat a list's item (many resources, many routes).
-            if let Value::Array(a) = node {
-                if let Some(x) = a.first().cloned() {
-                    let most = if rng.chance(8) { 1200 } else { 8 };
-                    for _ in 0..rng.below(most) {
-                        a.push(x.clone());
-                    }
+            if let Value::Array(a) = node
+                && let Some(x) = a.first().cloned()
+            {
+                let most = if rng.chance(8) { 1200 } else { 8 };
+                for _ in 0..rng.below(most) {
+                    a.push(x.clone());
                 }
             }
         }
@@ -423,7 +439,7 @@ fn bytewise(rng: &mut Rng, text: &mut Vec<u8>) {
     match rng.below(8) {
         0 => {
             if pos < text.len() {
-                text[pos] = rng.next() as u8;
+                text[pos] = rng.next_u64() as u8;
             }
         }
         1 => text.splice(pos..pos, [0xff, 0xfe, 0xc3]).for_each(drop),

@@ -3,6 +3,10 @@
 //! served a request and whether translation was transparent.
 //!
 //! Server paths: `/status/<code>` answers with that status; anything else 200.
+//! With [`ServerOpts::echo`] the server plays the Gateway API conformance
+//! suite's echo backend instead: a JSON description of the request it got
+//! (path, host, method, headers) and of itself (namespace, pod), and the
+//! response headers the request's `X-Echo-Set-Header` asks for.
 
 use std::{
     io::{self, BufRead, BufReader, Write},
@@ -29,6 +33,15 @@ pub struct ServerOpts {
     pub close_after_response: bool,
     /// IP_TRANSPARENT on the listener, like Envoy's `transparent: true`.
     pub transparent: bool,
+    /// Answer like the conformance suite's echo backend, as this pod.
+    pub echo: Option<EchoPod>,
+}
+
+/// Who an echo server says it is: the Pod it plays.
+#[derive(Clone, Debug, Default)]
+pub struct EchoPod {
+    pub namespace: String,
+    pub pod: String,
 }
 
 /// A running server; stops when dropped.
@@ -144,11 +157,25 @@ fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, counters: &Coun
         } else {
             req.path.strip_prefix("/status/").and_then(|c| c.parse::<u16>().ok()).unwrap_or(200)
         };
-        let body =
-            format!("name={} local={local} peer={peer} path={} version={}\n", opts.name, req.path, req.header_version);
+        let mut extra = String::new();
+        let (body, content_type) = match &opts.echo {
+            Some(pod) => {
+                for (k, v) in echo_set_headers(&req) {
+                    extra.push_str(&format!("{k}: {v}\r\n"));
+                }
+                (echo_body(&req, pod), "application/json")
+            }
+            None => (
+                format!(
+                    "name={} local={local} peer={peer} path={} version={}\n",
+                    opts.name, req.path, req.header_version
+                ),
+                "text/plain",
+            ),
+        };
         let close = opts.close_after_response || req.close;
         let head = format!(
-            "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-served-by: {}\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nx-served-by: {}\r\n{extra}{}\r\n",
             reason(status),
             body.len(),
             opts.name,
@@ -164,6 +191,40 @@ fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, counters: &Coun
     }
 }
 
+/// The headers an echo backend is asked to answer with: the request's
+/// `X-Echo-Set-Header`, comma-separated `Name:value` items.
+fn echo_set_headers(req: &Request) -> Vec<(String, String)> {
+    req.headers
+        .iter()
+        .filter(|(k, _)| k == "x-echo-set-header")
+        .flat_map(|(_, v)| v.split(','))
+        .filter_map(|item| item.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The echo backend's answer: the request as received, and the pod.
+/// Headers by lower-case name, each with its values in arrival order.
+fn echo_body(req: &Request, pod: &EchoPod) -> String {
+    let mut headers = serde_json::Map::new();
+    for (k, v) in &req.headers {
+        let e = headers.entry(k.clone()).or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(a) = e {
+            a.push(v.clone().into());
+        }
+    }
+    let host = req.headers.iter().find(|(k, _)| k == "host").map(|(_, v)| v.as_str()).unwrap_or_default();
+    serde_json::json!({
+        "path": req.path,
+        "host": host,
+        "method": req.method,
+        "headers": headers,
+        "namespace": pod.namespace,
+        "pod": pod.pod,
+    })
+    .to_string()
+}
+
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
@@ -175,7 +236,10 @@ fn reason(status: u16) -> &'static str {
 }
 
 struct Request {
+    method: String,
     path: String,
+    /// Every header, names in lower case, in arrival order.
+    headers: Vec<(String, String)>,
     close: bool,
     /// The `x-version` header, echoed back (header-route tests).
     header_version: String,
@@ -186,7 +250,9 @@ fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
     if r.read_line(&mut line)? == 0 {
         return Ok(None);
     }
+    let method = line.split_whitespace().next().unwrap_or_default().to_owned();
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let mut headers = Vec::new();
     let mut close = line.contains("HTTP/1.0");
     let mut length = 0usize;
     let mut header_version = String::new();
@@ -208,13 +274,14 @@ fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
             } else if k == "x-version" {
                 header_version = v.to_owned();
             }
+            headers.push((k, v.to_owned()));
         }
     }
     if length > 0 {
         let mut body = vec![0; length];
         r.read_exact(&mut body)?;
     }
-    Ok(Some(Request { path, close, header_version }))
+    Ok(Some(Request { method, path, headers, close, header_version }))
 }
 
 /// A response as the client saw it.
@@ -229,6 +296,18 @@ impl Response {
     /// A header by (lower-case) name.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a header (any case), joined by commas; None if absent.
+    pub fn header_values(&self, name: &str) -> Option<String> {
+        let name = name.to_ascii_lowercase();
+        let values: Vec<&str> = self.headers.iter().filter(|(k, _)| *k == name).map(|(_, v)| v.as_str()).collect();
+        (!values.is_empty()).then(|| values.join(","))
+    }
+
+    /// The body as JSON (an echo server's answer), or Null.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_default()
     }
 
     /// A `key=value` field of the lab server's body.
@@ -280,17 +359,22 @@ impl Client {
 
     /// Sends a GET and reads the response.
     pub fn get(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> io::Result<Response> {
-        let mut req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n");
+        self.request("GET", host, path, headers)
+    }
+
+    /// Sends a request without a body and reads the response (a HEAD's has no body).
+    pub fn request(&mut self, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> io::Result<Response> {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");
         self.stream.write_all(req.as_bytes())?;
-        read_response(&mut self.reader)
+        read_response(&mut self.reader, method == "HEAD")
     }
 }
 
-fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
+fn read_response(r: &mut impl BufRead, head: bool) -> io::Result<Response> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
@@ -321,7 +405,9 @@ fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
             headers.push((k, v));
         }
     }
-    let body = if chunked {
+    let body = if head {
+        Vec::new()
+    } else if chunked {
         let mut body = Vec::new();
         loop {
             let mut size = String::new();

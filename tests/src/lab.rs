@@ -192,7 +192,8 @@ impl Lab {
             let peer = format!("10.1.{}.0/24", 2 - n);
             let peer_gw = format!("192.168.50.{}", 2 - n);
             ip_n(&node.netns, &["route", "add", &peer, "via", &peer_gw])?;
-            for key in ["net/ipv4/ip_forward"] {
+            {
+                let key = "net/ipv4/ip_forward";
                 sysctl_in(&node.netns, key, "1")?;
             }
             for p in 0..2u8 {
@@ -291,10 +292,10 @@ impl Lab {
         unsafe {
             cmd.pre_exec(move || {
                 // "0" moves the writing process itself into the cgroup.
-                if let Some(fd) = procs_fd {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                if let Some(fd) = procs_fd
+                    && libc::write(fd, b"0".as_ptr().cast(), 1) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());

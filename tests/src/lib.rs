@@ -1,7 +1,6 @@
 //! weft's lab: network namespaces standing in for nodes and pods, traffic
 //! helpers, and the glue the integration tests and the demo share.
 
-pub mod cluster;
 pub mod dashboards;
 pub mod demo;
 pub mod envoylab;

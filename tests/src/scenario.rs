@@ -63,7 +63,12 @@ pub fn cluster_ip(port: u16) -> Frontend {
 /// A stand-in for Envoy: a transparent listener on 127.0.0.1:port in the node.
 pub fn proxy_listener(lab: &Lab, node: &mut LabNode, port: u16) -> HttpServer {
     let ns = lab.node(node.idx).netns.clone();
-    let opts = ServerOpts { name: format!("proxy-{}", node.idx + 1), close_after_response: true, transparent: true };
+    let opts = ServerOpts {
+        name: format!("proxy-{}", node.idx + 1),
+        close_after_response: true,
+        transparent: true,
+        echo: None,
+    };
     let server = HttpServer::start(&ns, sa(Ipv4Addr::LOCALHOST, port), opts).expect("proxy listener starts");
     node.dp.register_proxy_socket(port, server.listener()).expect("listener registered");
     server

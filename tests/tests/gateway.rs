@@ -3,14 +3,30 @@
 //! the v1.6.1 standard CRDs with their CEL validation installed as a user
 //! would): weft's operator gives every object the status the spec asks for
 //! and keeps the generated Service, Endpoints and ClusterwideEnvoyConfig of
-//! each Gateway, and removes them with it. Nothing here needs root.
+//! each Gateway, and removes them with it.
+//!
+//! Then real packets (root, the lab): conformance cases, their objects
+//! applied unchanged, answered through node1's Envoy, with both nodes'
+//! agents reading the same API server through a relay in their network
+//! namespace and lab pods playing the suite's echo backends.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use serde_json::{Value, json};
+use weft_agent::netns;
 use weft_tests::{
-    k8s::{ControlPlane, deploy},
-    require_control_plane,
+    http::{Client, EchoPod, HttpServer, Response, ServerOpts},
+    k8s::{
+        ControlPlane, deploy,
+        relay::{ApiRelay, NODE_API_PORT},
+    },
+    lab::Lab,
+    objects::{agent_files, start_agent, wait_ready},
+    require_control_plane, require_root,
+    scenario::{T, sa as sa_of},
 };
 
 /// Waits (generously: no timing is asserted) until `f` returns Some.
@@ -207,4 +223,796 @@ async fn gateways_get_their_objects_and_every_gateway_api_object_its_status() {
     })
     .await;
     cp.kubectl_ok(&["delete", "gatewayclass", &n]);
+}
+
+/// The lab pods that play the conformance suite's echo backends: (lab pod,
+/// namespace, Deployment). One replica of each Deployment is "scheduled" on
+/// the lab pod's node; the others stay Pending (no address, no endpoint).
+const BACKENDS: [(&str, &str, &str); 4] = [
+    ("n1-p1", "gateway-conformance-infra", "infra-backend-v1"),
+    ("n1-p2", "gateway-conformance-infra", "infra-backend-v2"),
+    ("n2-p1", "gateway-conformance-infra", "infra-backend-v3"),
+    ("n2-p2", "gateway-conformance-web-backend", "web-backend"),
+];
+
+/// The Gateways of gateway-conformance-infra the cases use: the address
+/// this test, as the lab's load balancer, gives each one's Service (the
+/// lab's client routes 172.20.0.0/16 to node1), once the Gateway exists.
+const GATEWAYS: [&str; 5] = [
+    "same-namespace",
+    "backend-namespaces",
+    "httproute-listener-hostname-matching",
+    "httproute-hostname-intersection",
+    "httproute-hostname-intersection-all",
+];
+
+/// The address of a Gateway of [`GATEWAYS`].
+fn gateway_address(gateway: &str) -> Ipv4Addr {
+    let i = GATEWAYS.iter().position(|g| *g == gateway).expect("a Gateway of GATEWAYS");
+    Ipv4Addr::new(172, 20, 0, 20 + i as u8)
+}
+
+/// Gives the Gateway's Service its address and waits until the Gateway is Programmed.
+fn assign_address(cp: &ControlPlane, gateway: &str) {
+    let service = format!("weft-gateway-{gateway}");
+    wait_for(&format!("Service {service}"), 60, || get(cp, "service", Some(INFRA), &service));
+    let patch = json!({"status": {"loadBalancer": {"ingress": [{"ip": gateway_address(gateway).to_string()}]}}});
+    let patch = patch.to_string();
+    cp.kubectl_ok(&["patch", "service", &service, "-n", INFRA, "--subresource=status", "--type=merge", "-p", &patch]);
+    wait_for(&format!("Gateway {gateway} Programmed"), 60, || {
+        get(cp, "gateway", Some(INFRA), gateway)
+            .filter(|g| condition(&g["status"]["conditions"], "Programmed").is_some_and(|c| c.0 == "True"))
+    });
+}
+
+/// A conformance file with the suite's placeholders filled in as for weft.
+fn conformance_text(relative: &str) -> String {
+    let path = weft_tests::objects::gateway_api_dir().join(relative);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .replace("{GATEWAY_CLASS_NAME}", "weft")
+        .replace("{GATEWAY_CONTROLLER_NAME}", weft_agent::operator::gateway::CONTROLLER)
+}
+
+/// Blocking [`until`], for the lab test (which runs no runtime on its own thread).
+fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What one conformance request expects (the facts of the suite's
+/// ExpectedResponse): the status, the echo backend and namespace that
+/// answer, the path and headers that backend saw, the redirect's target.
+#[derive(Clone, Debug)]
+struct Expect {
+    /// None: the Gateway's address.
+    host: Option<&'static str>,
+    method: &'static str,
+    path: &'static str,
+    headers: Vec<(&'static str, &'static str)>,
+    status: u16,
+    backend: Option<(&'static str, &'static str)>,
+    seen_path: Option<&'static str>,
+    seen_headers: Vec<(&'static str, &'static str)>,
+    absent: Vec<&'static str>,
+    /// Response headers the echo backend is asked for.
+    backend_answers: Vec<(&'static str, &'static str)>,
+    /// Response headers (joined values) the client must see, and must not.
+    response_headers: Vec<(&'static str, &'static str)>,
+    response_absent: Vec<&'static str>,
+    /// The echo backend (lab pod) that must also get the request, a copy.
+    mirrored_to: Option<&'static str>,
+    /// (host, path) of the Location; host None: the request's.
+    redirect: Option<(Option<&'static str>, &'static str)>,
+}
+
+const INFRA: &str = "gateway-conformance-infra";
+
+fn req(path: &'static str) -> Expect {
+    Expect {
+        host: None,
+        method: "GET",
+        path,
+        headers: Vec::new(),
+        status: 200,
+        backend: None,
+        seen_path: None,
+        seen_headers: Vec::new(),
+        absent: Vec::new(),
+        backend_answers: Vec::new(),
+        response_headers: Vec::new(),
+        response_absent: Vec::new(),
+        mirrored_to: None,
+        redirect: None,
+    }
+}
+
+impl Expect {
+    fn host(mut self, h: &'static str) -> Self {
+        self.host = Some(h);
+        self
+    }
+    /// A header the echo backend answers with (the suite asks it with `X-Echo-Set-Header`).
+    fn backend_answers(mut self, k: &'static str, v: &'static str) -> Self {
+        self.backend_answers.push((k, v));
+        self
+    }
+    fn responds_with(mut self, k: &'static str, v: &'static str) -> Self {
+        self.response_headers.push((k, v));
+        self
+    }
+    fn responds_without(mut self, k: &'static str) -> Self {
+        self.response_absent.push(k);
+        self
+    }
+    fn mirrored_to(mut self, lab_pod: &'static str) -> Self {
+        self.mirrored_to = Some(lab_pod);
+        self
+    }
+    fn method(mut self, m: &'static str) -> Self {
+        self.method = m;
+        self
+    }
+    fn header(mut self, k: &'static str, v: &'static str) -> Self {
+        self.headers.push((k, v));
+        self
+    }
+    /// Answered 200 by this Deployment's pod in gateway-conformance-infra.
+    fn by(self, backend: &'static str) -> Self {
+        self.by_in(INFRA, backend)
+    }
+    fn by_in(mut self, ns: &'static str, backend: &'static str) -> Self {
+        self.backend = Some((ns, backend));
+        self
+    }
+    fn status(mut self, s: u16) -> Self {
+        self.status = s;
+        self
+    }
+    fn seen(mut self, path: &'static str) -> Self {
+        self.seen_path = Some(path);
+        self
+    }
+    fn seen_header(mut self, k: &'static str, v: &'static str) -> Self {
+        self.seen_headers.push((k, v));
+        self
+    }
+    fn absent(mut self, k: &'static str) -> Self {
+        self.absent.push(k);
+        self
+    }
+    fn redirect(mut self, status: u16, host: Option<&'static str>, path: &'static str) -> Self {
+        self.status = status;
+        self.redirect = Some((host, path));
+        self
+    }
+
+    /// Whether `r` (to a request with Host `host`) is what the suite expects; why not.
+    fn check(&self, host: &str, r: &Response) -> Result<(), String> {
+        if r.status != self.status {
+            return Err(format!("status {} (expected {})", r.status, self.status));
+        }
+        let echo = r.json();
+        if let Some((ns, backend)) = self.backend {
+            let pod = echo["pod"].as_str().unwrap_or_default();
+            if !pod.starts_with(&format!("{backend}-")) || echo["namespace"] != ns {
+                return Err(format!("answered by {ns:?}/{pod:?}, expected {ns}/{backend}"));
+            }
+        }
+        let seen_path = self.seen_path.or(self.backend.map(|_| self.path));
+        if let Some(p) = seen_path.filter(|p| self.backend.is_some() && echo["path"] != *p) {
+            return Err(format!("the backend saw path {}, expected {p}", echo["path"]));
+        }
+        let seen = |k: &str| -> Option<String> {
+            let v = echo["headers"][k.to_ascii_lowercase()].as_array()?;
+            Some(v.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(","))
+        };
+        for (k, v) in &self.seen_headers {
+            if seen(k).as_deref() != Some(v) {
+                return Err(format!("the backend saw {k}: {:?}, expected {v:?}", seen(k)));
+            }
+        }
+        for k in &self.absent {
+            if let Some(v) = seen(k) {
+                return Err(format!("the backend saw {k}: {v:?}, expected none"));
+            }
+        }
+        for (k, v) in &self.response_headers {
+            if r.header_values(k).as_deref() != Some(v) {
+                return Err(format!("the response had {k}: {:?}, expected {v:?}", r.header_values(k)));
+            }
+        }
+        for k in &self.response_absent {
+            if let Some(v) = r.header_values(k) {
+                return Err(format!("the response had {k}: {v:?}, expected none"));
+            }
+        }
+        if let Some((want_host, want_path)) = self.redirect {
+            let location = r.header("location").unwrap_or_default();
+            let rest = location.strip_prefix("http://").ok_or(format!("location {location:?}"))?;
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let got_host = authority.split(':').next().unwrap_or_default();
+            if got_host != want_host.unwrap_or(host) || path != want_path {
+                return Err(format!("location {location:?}, expected host {want_host:?} path {want_path}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A conformance test sent through the node's Envoy: its name, its file
+/// (tests/<file>.yaml), the Gateway and the route (namespace, name) it
+/// waits for, the requests.
+type Case = (&'static str, &'static str, &'static str, (&'static str, &'static str), Vec<Expect>);
+
+fn cases() -> Vec<Case> {
+    let web = "gateway-conformance-web-backend";
+    vec![
+        (
+            "HTTPRouteSimpleSameNamespace",
+            "httproute-simple-same-namespace",
+            "same-namespace",
+            (INFRA, "gateway-conformance-infra-test"),
+            vec![req("/").by("infra-backend-v1")],
+        ),
+        (
+            "HTTPRouteCrossNamespace",
+            "httproute-cross-namespace",
+            "backend-namespaces",
+            (web, "cross-namespace"),
+            vec![req("/").by_in(web, "web-backend")],
+        ),
+        (
+            "HTTPRouteExactPathMatching",
+            "httproute-exact-path-matching",
+            "same-namespace",
+            (INFRA, "exact-matching"),
+            vec![
+                req("/one").by("infra-backend-v1"),
+                req("/two").by("infra-backend-v2"),
+                req("/").status(404),
+                req("/one/example").status(404),
+                req("/two/").status(404),
+                req("/Two").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteMatching",
+            "httproute-matching",
+            "same-namespace",
+            (INFRA, "matching"),
+            vec![
+                req("/").by("infra-backend-v1"),
+                req("/example").by("infra-backend-v1"),
+                req("/").header("Version", "one").by("infra-backend-v1"),
+                req("/v2").by("infra-backend-v2"),
+                req("/v2/example").by("infra-backend-v2"),
+                req("/").header("Version", "two").by("infra-backend-v2"),
+            ],
+        ),
+        (
+            "HTTPRouteMethodMatching",
+            "httproute-method-matching",
+            "same-namespace",
+            (INFRA, "method-matching"),
+            vec![
+                req("/").method("POST").by("infra-backend-v1"),
+                req("/").by("infra-backend-v2"),
+                req("/").method("HEAD").status(404),
+                req("/path1").by("infra-backend-v1"),
+                req("/").method("PUT").header("version", "one").by("infra-backend-v2"),
+                req("/path2").method("POST").header("version", "two").by("infra-backend-v3"),
+                req("/path3").method("PATCH").by("infra-backend-v1"),
+                req("/path4").method("DELETE").header("version", "three").by("infra-backend-v1"),
+                req("/").method("PUT").status(404),
+                req("/path4").method("DELETE").status(404),
+                req("/path5").method("PATCH").by("infra-backend-v1"),
+                req("/").method("PATCH").header("version", "four").by("infra-backend-v2"),
+            ],
+        ),
+        (
+            "HTTPRouteRequestHeaderModifier",
+            "httproute-request-header-modifier",
+            "same-namespace",
+            (INFRA, "request-header-modifier"),
+            vec![
+                req("/set")
+                    .header("Some-Other-Header", "val")
+                    .by("infra-backend-v1")
+                    .seen_header("Some-Other-Header", "val")
+                    .seen_header("X-Header-Set", "set-overwrites-values"),
+                req("/set")
+                    .header("Some-Other-Header", "val")
+                    .header("X-Header-Set", "some-other-value")
+                    .by("infra-backend-v1")
+                    .seen_header("X-Header-Set", "set-overwrites-values"),
+                req("/add")
+                    .header("Some-Other-Header", "val")
+                    .by("infra-backend-v1")
+                    .seen_header("X-Header-Add", "add-appends-values"),
+                req("/add")
+                    .header("Some-Other-Header", "val")
+                    .header("X-Header-Add", "some-other-value")
+                    .by("infra-backend-v1")
+                    .seen_header("X-Header-Add", "some-other-value,add-appends-values"),
+                req("/remove").header("X-Header-Remove", "val").by("infra-backend-v1").absent("X-Header-Remove"),
+                req("/multiple")
+                    .header("X-Header-Set-2", "set-val-2")
+                    .header("X-Header-Add-2", "add-val-2")
+                    .header("X-Header-Remove-2", "remove-val-2")
+                    .header("Another-Header", "another-header-val")
+                    .by("infra-backend-v1")
+                    .seen_header("X-Header-Set-1", "header-set-1")
+                    .seen_header("X-Header-Set-2", "header-set-2")
+                    .seen_header("X-Header-Add-1", "header-add-1")
+                    .seen_header("X-Header-Add-2", "add-val-2,header-add-2")
+                    .seen_header("X-Header-Add-3", "header-add-3")
+                    .seen_header("Another-Header", "another-header-val")
+                    .absent("X-Header-Remove-1")
+                    .absent("X-Header-Remove-2"),
+                req("/case-insensitivity")
+                    .header("x-header-set", "original-val-set")
+                    .header("x-header-add", "original-val-add")
+                    .header("x-header-remove", "original-val-remove")
+                    .header("Another-Header", "another-header-val")
+                    .by("infra-backend-v1")
+                    .seen_header("X-Header-Set", "header-set")
+                    .seen_header("X-Header-Add", "original-val-add,header-add")
+                    .seen_header("Another-Header", "another-header-val")
+                    .absent("X-Header-Remove"),
+            ],
+        ),
+        (
+            "HTTPRouteHeaderMatching",
+            "httproute-header-matching",
+            "same-namespace",
+            (INFRA, "header-matching"),
+            vec![
+                req("/").header("Version", "one").by("infra-backend-v1"),
+                req("/").header("Version", "two").by("infra-backend-v2"),
+                req("/").header("Version", "two").header("Color", "orange").by("infra-backend-v1"),
+                req("/").header("Version", "two").header("Color", "blue").by("infra-backend-v2"),
+                req("/").header("Color", "orange").status(404),
+                req("/").header("Some-Other-Header", "one").status(404),
+                req("/").header("Color", "blue").by("infra-backend-v1"),
+                req("/").header("Color", "green").by("infra-backend-v1"),
+                req("/").header("Color", "red").by("infra-backend-v2"),
+                req("/").header("Color", "yellow").by("infra-backend-v2"),
+                req("/").header("Color", "purple").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteQueryParamMatching",
+            "httproute-query-param-matching",
+            "same-namespace",
+            (INFRA, "query-param-matching"),
+            vec![
+                req("/?animal=whale").by("infra-backend-v1"),
+                req("/?animal=dolphin").by("infra-backend-v2"),
+                req("/?animal=dolphin&color=blue").by("infra-backend-v3"),
+                req("/?ANIMAL=Whale").by("infra-backend-v3"),
+                req("/?animal=whale&otherparam=irrelevant").by("infra-backend-v1"),
+                req("/?animal=dolphin&color=yellow").by("infra-backend-v2"),
+                req("/?color=blue").status(404),
+                req("/?animal=dog").status(404),
+                req("/?animal=whaledolphin").status(404),
+                req("/").status(404),
+                req("/path1?animal=whale").by("infra-backend-v1"),
+                req("/?animal=whale").header("version", "one").by("infra-backend-v2"),
+                req("/path2?animal=whale").header("version", "two").by("infra-backend-v3"),
+                req("/path3?animal=shark").by("infra-backend-v1"),
+                req("/path4?animal=kraken").header("version", "three").by("infra-backend-v1"),
+                req("/?animal=shark").status(404),
+                req("/path4?animal=kraken").status(404),
+                req("/path5?animal=hydra").by("infra-backend-v1"),
+                req("/?animal=hydra").header("version", "four").by("infra-backend-v3"),
+            ],
+        ),
+        (
+            "HTTPRouteMatchingAcrossRoutes",
+            "httproute-matching-across-routes",
+            "same-namespace",
+            (INFRA, "matching-part2"),
+            vec![
+                req("/").host("example.com").by("infra-backend-v1"),
+                req("/example").host("example.com").by("infra-backend-v1"),
+                req("/example").host("example.net").by("infra-backend-v1"),
+                req("/example").host("example.com").header("Version", "one").by("infra-backend-v1"),
+                req("/v2").host("example.com").by("infra-backend-v2"),
+                req("/v2").host("example.net").by("infra-backend-v1"),
+                req("/v2/example").host("example.com").by("infra-backend-v2"),
+                req("/").host("example.com").header("Version", "two").by("infra-backend-v2"),
+            ],
+        ),
+        (
+            "HTTPRouteReferenceGrant",
+            "httproute-reference-grant",
+            "same-namespace",
+            (INFRA, "reference-grant"),
+            vec![req("/").by_in(web, "web-backend")],
+        ),
+        (
+            "HTTPRouteResponseHeaderModifier",
+            "httproute-response-header-modifier",
+            "same-namespace",
+            (INFRA, "response-header-modifier"),
+            vec![
+                req("/set")
+                    .backend_answers("Some-Other-Header", "val")
+                    .by("infra-backend-v1")
+                    .responds_with("Some-Other-Header", "val")
+                    .responds_with("X-Header-Set", "set-overwrites-values"),
+                req("/set")
+                    .backend_answers("Some-Other-Header", "val")
+                    .backend_answers("X-Header-Set", "some-other-value")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set", "set-overwrites-values"),
+                req("/add")
+                    .backend_answers("Some-Other-Header", "val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Add", "add-appends-values"),
+                req("/add")
+                    .backend_answers("X-Header-Add", "some-other-value")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Add", "some-other-value,add-appends-values"),
+                req("/remove")
+                    .backend_answers("X-Header-Remove", "val")
+                    .by("infra-backend-v1")
+                    .responds_without("X-Header-Remove"),
+                req("/multiple")
+                    .backend_answers("X-Header-Set-2", "set-val-2")
+                    .backend_answers("X-Header-Add-2", "add-val-2")
+                    .backend_answers("X-Header-Remove-2", "remove-val-2")
+                    .backend_answers("Another-Header", "another-header-val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set-1", "header-set-1")
+                    .responds_with("X-Header-Set-2", "header-set-2")
+                    .responds_with("X-Header-Add-1", "header-add-1")
+                    .responds_with("X-Header-Add-2", "add-val-2,header-add-2")
+                    .responds_with("X-Header-Add-3", "header-add-3")
+                    .responds_with("Another-Header", "another-header-val")
+                    .responds_without("X-Header-Remove-1")
+                    .responds_without("X-Header-Remove-2"),
+                req("/case-insensitivity")
+                    .backend_answers("x-header-set", "original-val-set")
+                    .backend_answers("x-header-add", "original-val-add")
+                    .backend_answers("x-header-remove", "original-val-remove")
+                    .backend_answers("Another-Header", "another-header-val")
+                    .by("infra-backend-v1")
+                    .responds_with("X-Header-Set", "header-set")
+                    .responds_with("X-Header-Add", "original-val-add,header-add")
+                    .responds_with("Another-Header", "another-header-val")
+                    .responds_without("X-Header-Remove"),
+            ],
+        ),
+        (
+            "HTTPRouteRedirectHostAndStatus",
+            "httproute-redirect-host-and-status",
+            "same-namespace",
+            (INFRA, "redirect-host-and-status"),
+            vec![
+                req("/hostname-redirect").redirect(302, Some("example.org"), "/hostname-redirect"),
+                req("/host-and-status").redirect(301, Some("example.org"), "/host-and-status"),
+            ],
+        ),
+        (
+            "HTTPRouteRequestMirror",
+            "httproute-request-mirror",
+            "same-namespace",
+            (INFRA, "request-mirror"),
+            vec![
+                req("/mirror").by("infra-backend-v1").mirrored_to("n1-p2"),
+                req("/mirror-and-modify-headers")
+                    .header("X-Header-Remove", "remove-val")
+                    .header("X-Header-Add-Append", "append-val-1")
+                    .by("infra-backend-v1")
+                    .seen_header("X-Header-Set", "set-overwrites-values")
+                    .seen_header("X-Header-Add", "header-val-1")
+                    .seen_header("X-Header-Add-Append", "append-val-1,header-val-2")
+                    .absent("X-Header-Remove")
+                    .mirrored_to("n1-p2"),
+            ],
+        ),
+        (
+            "HTTPRouteListenerHostnameMatching",
+            "httproute-listener-hostname-matching",
+            "httproute-listener-hostname-matching",
+            (INFRA, "backend-v3"),
+            vec![
+                req("/").host("bar.com").by("infra-backend-v1"),
+                req("/").host("foo.bar.com").by("infra-backend-v2"),
+                req("/").host("baz.bar.com").by("infra-backend-v3"),
+                req("/").host("boo.bar.com").by("infra-backend-v3"),
+                req("/").host("multiple.prefixes.bar.com").by("infra-backend-v3"),
+                req("/").host("multiple.prefixes.foo.com").by("infra-backend-v3"),
+                req("/").host("foo.com").status(404),
+                req("/").host("no.matching.host").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteHostnameIntersection",
+            "httproute-hostname-intersection",
+            "httproute-hostname-intersection",
+            (INFRA, "wildcard-host-matches-listener-wildcard-host"),
+            vec![
+                req("/s1").host("very.specific.com").by("infra-backend-v1"),
+                req("/s1").host("very.specific.com:1234").by("infra-backend-v1"),
+                req("/s1").host("non.matching.com").status(404),
+                req("/s1").host("foo.nonmatchingwildcard.io").status(404),
+                req("/s1").host("foo.wildcard.io").status(404),
+                req("/non-matching-prefix").host("very.specific.com").status(404),
+                req("/s2").host("foo.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("bar.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("foo.bar.wildcard.io").by("infra-backend-v2"),
+                req("/s2").host("non.matching.com").status(404),
+                req("/s2").host("wildcard.io").status(404),
+                req("/s2").host("very.specific.com").status(404),
+                req("/non-matching-prefix").host("foo.wildcard.io").status(404),
+                req("/s3").host("very.specific.com").by("infra-backend-v3"),
+                req("/s3").host("non.matching.com").status(404),
+                req("/s3").host("foo.specific.com").status(404),
+                req("/s3").host("foo.wildcard.io").status(404),
+                req("/s4").host("foo.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("bar.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("foo.bar.anotherwildcard.io").by("infra-backend-v1"),
+                req("/s4").host("anotherwildcard.io").status(404),
+                req("/s4").host("foo.wildcard.io").status(404),
+                req("/s4").host("very.specific.com").status(404),
+                req("/non-matching-prefix").host("foo.anotherwildcard.io").status(404),
+                req("/s5").host("specific.but.wrong.com").status(404),
+                req("/s5").host("wildcard.io").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteHostnameIntersection (a listener without hostname)",
+            "httproute-hostname-intersection",
+            "httproute-hostname-intersection-all",
+            (INFRA, "httproute-hostname-intersection-all"),
+            vec![
+                req("/").host("first.com").by("infra-backend-v2"),
+                req("/").host("sub.first.com").by("infra-backend-v2"),
+                req("/").host("second.com").by("infra-backend-v2"),
+                req("/").host("sub.second.com").by("infra-backend-v2"),
+                req("/").host("third.com").status(404),
+                req("/").host("sub.third.com").status(404),
+            ],
+        ),
+        (
+            "HTTPRouteRedirectPath",
+            "httproute-redirect-path",
+            "same-namespace",
+            (INFRA, "redirect-path"),
+            vec![
+                req("/original-prefix/lemon").redirect(302, None, "/replacement-prefix/lemon"),
+                req("/full/path/original").redirect(302, None, "/full-path-replacement"),
+                req("/path-and-host").redirect(302, Some("example.org"), "/replacement-prefix"),
+                req("/path-and-status").redirect(301, None, "/replacement-prefix"),
+                req("/full-path-and-host").redirect(302, Some("example.org"), "/replacement-full"),
+                req("/full-path-and-status").redirect(301, None, "/replacement-full"),
+            ],
+        ),
+        (
+            "HTTPRouteRewritePath",
+            "httproute-rewrite-path",
+            "same-namespace",
+            (INFRA, "rewrite-path"),
+            vec![
+                req("/prefix/one/two").by("infra-backend-v1").seen("/one/two"),
+                req("/full/one/two").by("infra-backend-v1").seen("/one"),
+                req("/full/rewrite-path-and-modify-headers/test")
+                    .header("X-Header-Remove", "remove-val")
+                    .header("X-Header-Add-Append", "append-val-1")
+                    .header("X-Header-Set", "set-val")
+                    .by("infra-backend-v1")
+                    .seen("/test")
+                    .seen_header("X-Header-Add", "header-val-1")
+                    .seen_header("X-Header-Add-Append", "append-val-1,header-val-2")
+                    .seen_header("X-Header-Set", "set-overwrites-values")
+                    .absent("X-Header-Remove"),
+                req("/prefix/rewrite-path-and-modify-headers/one")
+                    .header("X-Header-Remove", "remove-val")
+                    .header("X-Header-Add-Append", "append-val-1")
+                    .header("X-Header-Set", "set-val")
+                    .by("infra-backend-v1")
+                    .seen("/prefix/one")
+                    .seen_header("X-Header-Add", "header-val-1")
+                    .seen_header("X-Header-Add-Append", "append-val-1,header-val-2")
+                    .seen_header("X-Header-Set", "set-overwrites-values")
+                    .absent("X-Header-Remove"),
+            ],
+        ),
+    ]
+}
+
+/// The route's parent entry from weft for `gateway`: Accepted and ResolvedRefs True.
+fn route_ready(cp: &ControlPlane, (ns, name): (&str, &str), gateway: &str) -> Option<()> {
+    let r = get(cp, "httproute", Some(ns), name)?;
+    let p = r["status"]["parents"].as_array()?.iter().find(|p| {
+        p["controllerName"] == weft_agent::operator::gateway::CONTROLLER && p["parentRef"]["name"] == gateway
+    })?;
+    let ok = |t| condition(&p["conditions"], t).is_some_and(|c| c.0 == "True" && c.3 == r["metadata"]["generation"]);
+    (ok("Accepted") && ok("ResolvedRefs")).then_some(())
+}
+
+#[test]
+fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api_server() {
+    require_root!();
+    let cp = require_control_plane!(exclusive);
+    deploy::rbac(&cp);
+    let out = deploy::gateway_api_crds(&cp);
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    let lab = Lab::new().unwrap();
+
+    // The API server at 127.0.0.1:6443 inside each node, for the agents (as
+    // their DaemonSet's ServiceAccount).
+    let upstream: std::net::SocketAddr =
+        cp.server_url().trim_start_matches("https://").parse().expect("the server URL is an address");
+    let _relays: Vec<ApiRelay> = lab
+        .nodes
+        .iter()
+        .map(|n| ApiRelay::start(Some(&netns::named(&n.netns)), NODE_API_PORT, upstream).unwrap())
+        .collect();
+    let sa = cp.service_account_kubeconfig("weft-system", "weft-agent", None).unwrap();
+    let kubeconfig = lab.run_dir.join("agent.kubeconfig");
+    let text =
+        std::fs::read_to_string(&sa).unwrap().replace(&cp.server_url(), &format!("https://127.0.0.1:{NODE_API_PORT}"));
+    std::fs::write(&kubeconfig, text).unwrap();
+
+    // The nodes; the suite's class, base objects (namespaces, Gateways,
+    // echo Deployments and Services) unchanged.
+    for n in &lab.nodes {
+        cp.apply(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {}, labels: {{kubernetes.io/hostname: {}}}}}\n",
+            n.name, n.name
+        ));
+        let patch = json!({"status": {"addresses": [{"type": "InternalIP", "address": n.ip.to_string()}]}}).to_string();
+        cp.kubectl_ok(&["patch", "node", &n.name, "--subresource=status", "--type=merge", "-p", &patch]);
+    }
+    cp.apply("apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: weft}\nspec: {controllerName: weft.io/gateway-controller}\n");
+    cp.apply(&conformance_text("base-manifests.yaml"));
+
+    // This test is the scheduler and kubelet: one replica of each echo
+    // Deployment is bound to the lab pod's node, runs there (an echo server
+    // in the lab pod) and is reported Running and Ready with its address.
+    let mut servers = Vec::new();
+    for (lab_pod, ns, deployment) in BACKENDS {
+        let pod = lab.pod(lab_pod);
+        let name = wait_for(&format!("a pod of {ns}/{deployment}"), 60, || {
+            let out = cp.kubectl(&["get", "pods", "-n", ns, "-l", &format!("app={deployment}"), "-o", "json"]);
+            let list: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let mut names: Vec<String> = list["items"]
+                .as_array()?
+                .iter()
+                .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+                .collect();
+            names.sort();
+            names.into_iter().next()
+        });
+        let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name, "namespace": ns},
+                             "target": {"apiVersion": "v1", "kind": "Node", "name": lab.node(pod.node).name}});
+        let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["create", "-f", "-"], Some(&binding.to_string()));
+        assert!(out.status.success(), "binding {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let ip = pod.ip.to_string();
+        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]}});
+        cp.kubectl_ok(&[
+            "patch",
+            "pod",
+            &name,
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ]);
+        let echo = EchoPod { namespace: ns.into(), pod: name.clone() };
+        let opts = ServerOpts { name: name.clone(), echo: Some(echo), ..Default::default() };
+        servers.push(HttpServer::start(&pod.netns, sa_of(pod.ip, 3000), opts).unwrap());
+    }
+
+    // The operator (in this process) and an agent with its Envoy on each node.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = rt.block_on(cp.client());
+    let opts = weft_agent::operator::OperatorOptions {
+        namespace: "weft-system".into(),
+        identity: "gateway-lab-operator".into(),
+        lease_duration: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let operator = rt.spawn(async move {
+        if let Err(e) = weft_agent::operator::run(client, opts).await {
+            eprintln!("operator stopped: {e:#}");
+        }
+    });
+    let extra =
+        format!("kubernetes:\n  enabled: true\n  kubeconfig: {}\nenvoy:\n  enabled: true\n", kubeconfig.display());
+    let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, &extra).unwrap()).collect();
+    let pids: Vec<u32> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| start_agent(&lab, i, f, &lab.run_dir.join(format!("agent{i}.log"))).unwrap())
+        .collect();
+    let logs = || {
+        let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let tail =
+            |s: String| s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let status = weft_tests::objects::agent_status(&lab, 0).map(|s| s["control"].clone()).unwrap_or_default();
+        let admin = |path: &str| {
+            Client::connect(&lab.node(0).netns, "127.0.0.1:9901".parse().unwrap(), None, T)
+                .and_then(|mut c| c.get("admin", path, &[("connection", "close")]))
+                .map(|r| r.body)
+                .unwrap_or_default()
+        };
+        eprintln!("--- envoy0 stats\n{}", admin("/stats?filter=(listener|http\\.gateway|cluster\\.gateway)"));
+        eprintln!("--- envoy0 config\n{}", admin("/config_dump?resource=dynamic_listeners"));
+        eprintln!("--- envoy0 routes\n{}", admin("/config_dump?resource=dynamic_route_configs"));
+        format!(
+            "--- agent0 control status\n{status:#}\n--- agent0 log\n{}\n--- envoy0 log\n{}",
+            tail(read(lab.run_dir.join("agent0.log"))),
+            tail(read(files[0].state_dir.join("envoy.log")))
+        )
+    };
+    for (i, f) in files.iter().enumerate() {
+        wait_ready(f, Duration::from_secs(60), || lab.running(pids[i])).unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    }
+
+    // The lab's load balancer: an address for each Gateway's Service.
+    assign_address(&cp, "same-namespace");
+    assign_address(&cp, "backend-namespaces");
+
+    let ext = lab.ext_netns.clone();
+    for (test, file, gateway, route, expects) in cases() {
+        let yaml = conformance_text(&format!("tests/{file}.yaml"));
+        cp.apply(&yaml);
+        if !["same-namespace", "backend-namespaces"].contains(&gateway) {
+            assign_address(&cp, gateway);
+        }
+        wait_for(&format!("{test}: the route accepted"), 60, || route_ready(&cp, route, gateway));
+        let ip = gateway_address(gateway);
+        let address = ip.to_string();
+        for e in &expects {
+            let host = e.host.unwrap_or(&address);
+            let mirror =
+                e.mirrored_to.map(|p| &servers[BACKENDS.iter().position(|b| b.0 == p).expect("a backend pod")]);
+            let mirrored_before = mirror.map(|m| m.served.load(std::sync::atomic::Ordering::SeqCst));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let set: Vec<String> = e.backend_answers.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                let set = set.join(",");
+                let mut headers: Vec<(&str, &str)> = e.headers.to_vec();
+                if !set.is_empty() {
+                    headers.push(("X-Echo-Set-Header", &set));
+                }
+                headers.push(("connection", "close"));
+                let answer = Client::connect(&ext, sa_of(ip, 80), None, T)
+                    .and_then(|mut c| c.request(e.method, host, e.path, &headers))
+                    .map_err(|err| err.to_string())
+                    .and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
+                match answer {
+                    Ok(()) => {
+                        if let (Some(m), Some(before)) = (mirror, mirrored_before) {
+                            wait_for(&format!("{test}: {} mirrored", e.path), 10, || {
+                                (m.served.load(std::sync::atomic::Ordering::SeqCst) > before).then_some(())
+                            });
+                        }
+                        break;
+                    }
+                    Err(why) if Instant::now() > deadline => {
+                        panic!("{test}: {} {} {:?}: {why}\n{}", e.method, e.path, e.headers, logs())
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        }
+        let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["delete", "-f", "-"], Some(&yaml));
+        assert!(out.status.success(), "{test}: delete: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    operator.abort();
 }

@@ -49,7 +49,7 @@ fn running_agents_report_hostile_objects_and_keep_serving() {
     require_root!();
     let web = LabService::new("web", VIP, 80, &["n1-p2", "n2-p1", "n2-p2"]);
     let env = EnvoyLab::new(|lab| {
-        format!("{}{}", lab_objects(lab, &[web.clone()]), http_envoy_config("web-l7", "web", None))
+        format!("{}{}", lab_objects(lab, std::slice::from_ref(&web)), http_envoy_config("web-l7", "web", None))
     });
     env.acked("EnvoyConfig default/web-l7");
     let client = env.lab.pod("n1-p1");
@@ -71,7 +71,7 @@ fn running_agents_report_hostile_objects_and_keep_serving() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: huge-port, namespace: default}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 70000}]}\n",
     )
     .unwrap();
-    let lab_yaml = lab_objects(&env.lab, &[web.clone()]);
+    let lab_yaml = lab_objects(&env.lab, std::slice::from_ref(&web));
     write_atomic(
         &env.objects_file(),
         &format!("{lab_yaml}{}", http_envoy_config("web-l7", "web", Some("{cluster: tenant-b/web}"))),

@@ -379,8 +379,7 @@ async fn envoy_refusals_become_one_event_on_the_object_that_kubectl_describe_sho
         ns.name
     ));
     let uid = cp.kubectl_ok(&["get", "ec", "lb", "-n", &ns.name, "-o", "jsonpath={.metadata.uid}"]);
-    let kinds =
-        Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() };
+    let kinds = Kinds { envoy_configs: true, ..Kinds::none() };
     let mut src = KubeSource::start(cp.client().await, kinds, "node1").await;
     src.wait_synced(Duration::from_secs(5)).await;
     let status = nacked(&format!("EnvoyConfig {}/lb", ns.name), "Listener \"lb/l\": invalid address");
@@ -442,8 +441,7 @@ async fn cilium_kinds_are_watched_once_their_crds_are_applied_and_cilium_yaml_ap
     let cp = require_control_plane!();
     deploy::crds(&cp);
     let ns = cp.namespace("cilium");
-    let kinds =
-        Kinds { services: false, secrets: false, ingresses: false, ingress_classes: false, ..Kinds::operator() };
+    let kinds = Kinds { envoy_configs: true, ..Kinds::none() };
     let mut src = KubeSource::start(cp.client().await, kinds, "n").await;
     src.wait_synced(Duration::from_secs(5)).await;
     // This test alone installs Cilium's CRDs in this binary: not served yet.
@@ -561,8 +559,38 @@ spec:
     type: EDS
     eds_cluster_config: {{service_name: {ns}/web}}
   backendServices: [{{name: web}}]
+  nodeSelector: {{matchLabels: {{weft.io/test: {ns}}}}}
 "#
     )
+}
+
+/// A Node of this test (labelled `weft.io/test: <ns>` and `labels`), as its kubelet registers it.
+fn node(cp: &ControlPlane, ns: &str, name: &str, labels: &str) {
+    let kubeconfig = cp.node_kubeconfig(name).expect("node credentials");
+    let yaml =
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{weft.io/test: {ns}, {labels}}}}}\n");
+    let out = cp.kubectl_as(&kubeconfig, &["create", "-f", "-"], Some(&yaml));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Writes node `node`'s WeftNode report in `ns` as its agent would:
+/// `configs` is (name, generation, served generation, state) of EnvoyConfigs of `ns`.
+fn write_report(cp: &ControlPlane, ns: &str, node: &str, configs: &[(&str, i64, Option<i64>, &str)]) {
+    cp.apply(&format!(
+        "apiVersion: weft.io/v1alpha1\nkind: WeftNode\nmetadata: {{name: {node}, namespace: {ns}}}\nspec: {{}}\n"
+    ));
+    let configs: Vec<Value> = configs
+        .iter()
+        .map(|(name, generation, served, state)| {
+            json!({"kind": "EnvoyConfig", "namespace": ns, "name": name, "generation": generation,
+                   "servedGeneration": served, "state": state, "message": (*state == "Rejected").then_some("Envoy refused it")})
+        })
+        .collect();
+    let status = json!({"apiVersion": "weft.io/v1alpha1", "kind": "WeftNode", "metadata": {"name": node, "namespace": ns},
+                        "status": {"envoy": "Connected", "summary": "", "configs": configs}});
+    let args = ["apply", "--server-side", "--force-conflicts", "--subresource=status", "-f", "-"];
+    let out = cp.kubectl_as(&cp.admin_kubeconfig(), &args, Some(&status.to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The fieldManagers of the status writes to EnvoyConfigs of `ns` so far.
@@ -618,9 +646,27 @@ async fn the_leader_alone_writes_status_with_the_messages_of_validate() {
     assert_eq!(get("bad")["status"]["observedGeneration"], 1);
     let applied = until("Applied", || condition(&get("bad"), "Applied")).await;
     assert_eq!((applied.0.as_str(), applied.1.as_str()), ("False", "NotServed"));
+    // Valid, but no node selected by the configs reports serving it.
+    let applied = until("Applied", || condition(&get("good"), "Applied")).await;
+    assert_eq!((applied.0.as_str(), applied.1.as_str()), ("False", "NoNodeSelected"), "{}", applied.2);
+    let node_name = format!("{n}-node");
+    node(&cp, &n, &node_name, "role: any");
+    let applied = until("NoAgent", || condition(&get("good"), "Applied").filter(|c| c.1 == "NoAgent")).await;
+    assert_eq!(applied.0, "Unknown");
+    assert!(applied.2.contains(&node_name), "{}", applied.2);
+    write_report(&cp, &n, &node_name, &[("good", 1, Some(1), "Serving")]);
+    let applied = until("Serving", || condition(&get("good"), "Applied").filter(|c| c.1 == "Serving")).await;
+    assert_eq!(applied.0, "True");
     // kubectl shows it.
     let table = cp.kubectl_ok(&["get", "ec", "-n", &n]);
-    assert!(table.lines().any(|l| l.starts_with("bad ") && l.split_whitespace().nth(1) == Some("False")), "{table}");
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>())
+    };
+    assert_eq!(row("bad"), Some(vec!["bad", "False", "False"]), "{table}");
+    assert_eq!(row("good"), Some(vec!["good", "True", "True"]), "{table}");
     let described = cp.kubectl_ok(&["describe", "ec", "bad", "-n", &n]);
     assert!(described.contains("Invalid") && described.contains("/nowhere"), "{described}");
 
@@ -631,8 +677,10 @@ async fn the_leader_alone_writes_status_with_the_messages_of_validate() {
     let (st, _, msg, _) = until("the breakage", || condition(&get("good"), "Valid").filter(|c| c.3 == 2)).await;
     assert_eq!(st, "False");
     assert!(msg.contains("/elsewhere"), "{msg}");
-    let applied = until("the fallback", || condition(&get("good"), "Applied").filter(|c| c.3 == 2)).await;
-    assert_eq!(applied.1, "LastGoodVersion");
+    write_report(&cp, &n, &node_name, &[("good", 2, Some(1), "Rejected")]);
+    let applied =
+        until("the fallback", || condition(&get("good"), "Applied").filter(|c| c.3 == 2 && c.1 == "LastGoodVersion"))
+            .await;
     assert!(applied.2.contains("generation 1 stays in effect"), "{}", applied.2);
 
     // One writer: every status write came from the one leader.
@@ -650,6 +698,75 @@ async fn the_leader_alone_writes_status_with_the_messages_of_validate() {
     let w = status_writers(&cp, &n);
     assert!(w.contains(&format!("weft-operator/{other}")) && w.len() == 2, "{w:?}");
     assert_eq!(get_lease(&cp, &n)["spec"]["holderIdentity"], other.as_str());
+    cp.kubectl_ok(&["delete", "node", &node_name]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_is_true_only_when_every_selected_node_reports_the_generation_served() {
+    let cp = require_control_plane!();
+    let _one = OPERATORS.lock().await;
+    deploy::crds(&cp);
+    let ns = cp.namespace("applied");
+    let n = ns.name.clone();
+    let (a, b) = (format!("{n}-a"), format!("{n}-b"));
+    node(&cp, &n, &a, "role: edge");
+    node(&cp, &n, &b, "role: core");
+    let with_selector = |name: &str, labels: &str| {
+        format!(
+            "{}---\n{}",
+            services(&n),
+            config(&n, name, "web").replace(
+                &format!("matchLabels: {{weft.io/test: {n}}}"),
+                &format!("matchLabels: {{weft.io/test: {n}, {labels}}}")
+            )
+        )
+    };
+    cp.apply(&with_selector("web", "role: none"));
+    cp.apply(&with_selector("good", "role: edge"));
+    cp.apply(&config(&n, "bad", "web")); // both nodes
+    let _op = operator(&cp, &n, &format!("{n}-a")).await;
+    let get = |name: &str| get(&cp, "ec", Some(&n), name).unwrap();
+    let applied = |name: &'static str, reason: &'static str| {
+        let get = &get;
+        async move {
+            until(&format!("{name}: {reason}"), || condition(&get(name), "Applied").filter(|c| c.1 == reason)).await
+        }
+    };
+    let (st, _, msg, _) = applied("web", "NoNodeSelected").await;
+    assert_eq!(st, "False");
+    assert!(msg.contains("selects none of the"), "{msg}");
+    let (st, _, msg, _) = applied("good", "NoAgent").await;
+    assert_eq!(st, "Unknown");
+    assert!(msg.contains(&a) && !msg.contains(&b), "only the selected node: {msg}");
+
+    // Node a's agent serves both: "good" is applied, "bad" (also for b) is not yet.
+    write_report(&cp, &n, &a, &[("good", 1, Some(1), "Serving"), ("bad", 1, Some(1), "Serving")]);
+    let (st, _, msg, _) = applied("good", "Serving").await;
+    assert_eq!((st.as_str(), msg.as_str()), ("True", format!("generation 1 is served on node {a}").as_str()));
+    let (_, _, msg, _) = applied("bad", "Pending").await;
+    assert_eq!(msg, format!("generation 1 is served on 1 of 2 selected nodes; not yet on {b} (no weft agent report)"));
+    // Node b's Envoy refuses it.
+    write_report(&cp, &n, &b, &[("bad", 1, None, "Rejected")]);
+    let (_, _, msg, _) = applied("bad", "RejectedByEnvoy").await;
+    assert!(msg.contains(&format!("Envoy refused generation 1 on {b}")), "{msg}");
+    write_report(&cp, &n, &b, &[("bad", 1, Some(1), "Serving")]);
+    let (st, _, msg, _) = applied("bad", "Serving").await;
+    assert_eq!((st.as_str(), msg.as_str()), ("True", "generation 1 is served on the 2 selected nodes"));
+    // An edit: both nodes still serve the old generation until their agents say otherwise.
+    cp.apply(&config(&n, "bad", "web").replace("stat_prefix: bad", "stat_prefix: bad2"));
+    let (_, _, msg, gen_) = applied("bad", "Pending").await;
+    assert_eq!(gen_, 2);
+    assert!(
+        msg.contains(&format!("{a} (serves generation 1)")) && msg.contains(&format!("{b} (serves generation 1)")),
+        "{msg}"
+    );
+    // kubectl shows the reports.
+    let table = cp.kubectl_ok(&["get", "weftnodes", "-n", &n]);
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "ENVOY", "SERVED", "AGE"], "{table}");
+    for node in [&a, &b] {
+        cp.kubectl_ok(&["delete", "node", node]);
+    }
 }
 
 fn get_lease(cp: &ControlPlane, ns: &str) -> Value {
@@ -842,4 +959,188 @@ async fn a_bad_ingress_backend_is_an_event_on_the_ingress_and_the_rest_is_served
     );
     let described = cp.kubectl_ok(&["describe", "ingress", "basic-ingress", "-n", &n]);
     assert!(described.contains("InvalidIngress"), "{described}");
+}
+
+/// A Pod of weft's running on `node` as ServiceAccount `sa`, as its
+/// DaemonSet or Deployment would make it (no kubelet runs it here).
+fn weft_pod(cp: &ControlPlane, name: &str, sa: &str, node: &str) {
+    cp.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: weft-system}}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  hostNetwork: true\n  containers: [{{name: main, image: weft:0.1.0}}]\n"
+    ));
+}
+
+/// Asserts kubectl with `kubeconfig` is refused, saying `says`.
+fn refused(cp: &ControlPlane, kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>, says: &str) {
+    let out = cp.kubectl_as(kubeconfig, args, stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kubectl {args:?} was allowed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr.to_lowercase().contains(&says.to_lowercase()), "kubectl {args:?}: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_and_the_operator_can_do_their_work_with_deploys_rbac_and_nothing_more() {
+    let cp = require_control_plane!();
+    let _one = OPERATORS.lock().await;
+    deploy::rbac(&cp);
+    let ns = cp.namespace("rbac");
+    let n = ns.name.clone();
+    let (n1, n2) = (format!("{n}-n1"), format!("{n}-n2"));
+    node(&cp, &n, &n1, "role: a");
+    node(&cp, &n, &n2, "role: b");
+    let (agent1, operator_pod) = (format!("{n}-agent-1"), format!("{n}-operator"));
+    weft_pod(&cp, &agent1, "weft-agent", &n1);
+    weft_pod(&cp, &operator_pod, "weft-operator", &n2);
+    // Tokens from the TokenRequest API, bound to the Pods (as a kubelet gets them).
+    let agent = cp.service_account_kubeconfig("weft-system", "weft-agent", Some(&agent1)).unwrap();
+    let operator_kc = cp.service_account_kubeconfig("weft-system", "weft-operator", Some(&operator_pod)).unwrap();
+    cp.apply(&format!("{}---\n{}", services(&n), config(&n, "lb", "web")));
+
+    // The agent lists and watches every kind it reads, and writes its node's report.
+    let mut src =
+        KubeSource::start(cp.client_for(&agent).await, Kinds::agent(), &n1).await.with_node_report("weft-system");
+    tokio::time::timeout(Duration::from_secs(60), src.wait_synced(Duration::from_secs(5)))
+        .await
+        .expect("every kind listed");
+    assert!(src.stats().values().all(|s| s.errors == 0), "{:?}", src.stats());
+    src.report(&ControlStatus { envoy_connected: true, ..Default::default() });
+    let report = until("the agent's report", || get(&cp, "weftnode", Some("weft-system"), &n1)).await;
+    let pod_uid = cp.kubectl_ok(&["get", "pod", &agent1, "-n", "weft-system", "-o", "jsonpath={.metadata.uid}"]);
+    assert_eq!(
+        report["metadata"]["ownerReferences"][0]["uid"],
+        pod_uid.as_str(),
+        "owned by the agent's Pod: {report:#}"
+    );
+    until("its status", || {
+        get(&cp, "weftnode", Some("weft-system"), &n1).filter(|r| r["status"]["envoy"] == "Connected")
+    })
+    .await;
+
+    // ...and nothing more: no config specs or status, no Secrets, no other node's objects.
+    let forbidden = "Forbidden";
+    let ec = format!(
+        "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {{name: mine, namespace: {n}}}\nspec: {{}}\n"
+    );
+    refused(&cp, &agent, &["create", "-f", "-"], Some(&ec), forbidden);
+    refused(
+        &cp,
+        &agent,
+        &["patch", "ec", "lb", "-n", &n, "--type=merge", "-p", r#"{"spec":{"services":[]}}"#],
+        None,
+        forbidden,
+    );
+    let status = r#"{"status":{"observedGeneration":9}}"#;
+    refused(
+        &cp,
+        &agent,
+        &["patch", "ec", "lb", "-n", &n, "--subresource=status", "--type=merge", "-p", status],
+        None,
+        forbidden,
+    );
+    refused(&cp, &agent, &["create", "secret", "generic", "stolen", "-n", &n, "--from-literal=a=b"], None, forbidden);
+    refused(&cp, &agent, &["get", "secret", "anything", "-n", &n], None, forbidden);
+    refused(&cp, &agent, &["label", "node", &n2, "hacked=yes"], None, forbidden);
+    refused(&cp, &agent, &["delete", "pod", &operator_pod, "-n", "weft-system"], None, forbidden);
+    let other = format!(
+        "apiVersion: weft.io/v1alpha1\nkind: WeftNode\nmetadata: {{name: {n2}, namespace: weft-system}}\nspec: {{}}\n"
+    );
+    refused(
+        &cp,
+        &agent,
+        &["apply", "--server-side", "-f", "-"],
+        Some(&other),
+        &format!("weft-agent may write only the WeftNode of its own node; its credentials name node {n1}, not {n2}"),
+    );
+    // An agent whose token names no node (not bound to its Pod) writes no report at all.
+    let unbound = cp.service_account_kubeconfig("weft-system", "weft-agent", None).unwrap();
+    let own = format!(
+        "apiVersion: weft.io/v1alpha1\nkind: WeftNode\nmetadata: {{name: {n1}, namespace: weft-system}}\nspec: {{}}\n"
+    );
+    refused(&cp, &unbound, &["apply", "--server-side", "-f", "-"], Some(&own), "its credentials name no node");
+
+    // The operator writes status with its token...
+    let opts = weft_agent::operator::OperatorOptions {
+        identity: operator_pod.clone(),
+        lease_duration: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let client = cp.client_for(&operator_kc).await;
+    let op = tokio::spawn(async move { weft_agent::operator::run(client, opts).await.unwrap() });
+    until("the operator's status write", || condition(&get(&cp, "ec", Some(&n), "lb").unwrap(), "Valid")).await;
+    assert_eq!(
+        get(&cp, "lease", Some("weft-system"), "weft-operator").unwrap()["spec"]["holderIdentity"],
+        operator_pod.as_str()
+    );
+    // ...and nothing more.
+    refused(
+        &cp,
+        &operator_kc,
+        &["create", "secret", "generic", "stolen", "-n", &n, "--from-literal=a=b"],
+        None,
+        forbidden,
+    );
+    refused(&cp, &operator_kc, &["apply", "--server-side", "-f", "-"], Some(&own), forbidden);
+    refused(&cp, &operator_kc, &["label", "node", &n2, "hacked=yes"], None, forbidden);
+    let lease = format!("apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {{name: other, namespace: {n}}}\n");
+    refused(&cp, &operator_kc, &["create", "-f", "-"], Some(&lease), forbidden);
+    op.abort();
+    drop(src);
+
+    cp.kubectl_ok(&["delete", "pod", &agent1, &operator_pod, "-n", "weft-system", "--grace-period=0", "--force"]);
+    cp.kubectl_ok(&["delete", "lease", "weft-operator", "-n", "weft-system"]);
+    for node in [&n1, &n2] {
+        cp.kubectl_ok(&["delete", "node", node]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_applies_nothing_until_every_kind_is_listed() {
+    let cp = require_control_plane!();
+    deploy::rbac(&cp);
+    let ns = cp.namespace("partial");
+    let n = ns.name.clone();
+    // A ServiceAccount with the agent's ClusterRole but for Namespaces.
+    let role = deploy::documents(&deploy::file("agent.yaml")).into_iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let mut partial = role.clone();
+    partial["metadata"] = json!({"name": format!("{n}-partial")});
+    let rules: Vec<Value> =
+        role["rules"].as_array().unwrap().iter().filter(|r| r["resources"] != json!(["namespaces"])).cloned().collect();
+    assert_eq!(rules.len() + 1, role["rules"].as_array().unwrap().len());
+    partial["rules"] = json!(rules);
+    cp.apply(&serde_json::to_string(&partial).unwrap());
+    cp.kubectl_ok(&["create", "serviceaccount", "agent", "-n", &n]);
+    let binding = format!("{n}-partial");
+    cp.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        &binding,
+        "--clusterrole",
+        &binding,
+        "--serviceaccount",
+        &format!("{n}:agent"),
+    ]);
+    let kubeconfig = cp.service_account_kubeconfig(&n, "agent", None).unwrap();
+
+    let cfg = weft_agent::config::AgentConfig {
+        node_name: format!("{n}-node"),
+        kubernetes: weft_agent::config::KubernetesOptions {
+            enabled: true,
+            kubeconfig: Some(kubeconfig),
+            namespace: n.clone(),
+        },
+        ..Default::default()
+    };
+    // What `weft-agent run` does before it applies anything: it waits for
+    // the first list of every kind, and one is forbidden.
+    let start = tokio::spawn(async move { weft_agent::k8s::source::Source::start(&cfg).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!start.is_finished(), "the agent went on with Namespaces unlisted");
+    // Once it may list them, it goes on.
+    partial["rules"] = role["rules"].clone();
+    cp.apply(&serde_json::to_string(&partial).unwrap());
+    tokio::time::timeout(Duration::from_secs(90), start)
+        .await
+        .expect("started once every kind is listed")
+        .unwrap()
+        .unwrap();
+    cp.kubectl_ok(&["delete", "clusterrolebinding,clusterrole", &binding]);
 }

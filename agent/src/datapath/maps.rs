@@ -86,10 +86,10 @@ pub(crate) fn host_port(raw: u16) -> u16 {
 
 /// Maps an insert failure to MapFull when the kernel says the map has no room.
 fn insert_err(map: &'static str, key: &'static str, max_entries: u32, e: MapError) -> DatapathError {
-    if let MapError::SyscallError(sys) = &e {
-        if matches!(sys.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) {
-            return DatapathError::MapFull { map, key, max_entries };
-        }
+    if let MapError::SyscallError(sys) = &e
+        && matches!(sys.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC))
+    {
+        return DatapathError::MapFull { map, key, max_entries };
     }
     DatapathError::Map { map, source: Box::new(e) }
 }
@@ -485,10 +485,10 @@ impl Datapath {
         }
         let old = self.state.policy.remove(&ep_id).unwrap_or_default();
         for k in old {
-            if !keys.iter().any(|(n, _)| *n == k) {
-                if let Err(e) = self.maps.policy.remove(&k) {
-                    remove_err("weft_policy", e)?;
-                }
+            if !keys.iter().any(|(n, _)| *n == k)
+                && let Err(e) = self.maps.policy.remove(&k)
+            {
+                remove_err("weft_policy", e)?;
             }
         }
         if !keys.is_empty() {

@@ -1,8 +1,10 @@
 //! weft's custom resources, generated from the Rust types: `EnvoyConfig`
 //! (namespaced) and `ClusterwideEnvoyConfig` in `weft.io/v1alpha1`, both with
 //! the spec of [`EnvoyConfigSpec`] (defined here, as the API's type; the
-//! control plane reads it in `xds::envoyconfig`), a status written by the operator, and
-//! printer columns for `kubectl get`; and, for clusters without Cilium,
+//! control plane reads it in `xds::envoyconfig`), a status written by the
+//! operator, and printer columns for `kubectl get`; `WeftNode`, each node
+//! agent's report of what it serves, from which the operator writes that
+//! status; and, for clusters without Cilium,
 //! Cilium's `CiliumEnvoyConfig` and `CiliumClusterwideEnvoyConfig`
 //! (`cilium.io/v2`, the same spec, no status) so that Cilium users' YAML
 //! applies unchanged.
@@ -142,6 +144,68 @@ pub struct NamespacedSpec(pub EnvoyConfigSpec);
 #[serde(transparent)]
 pub struct ClusterwideSpec(pub EnvoyConfigSpec);
 
+/// A node's report, named after the node, in weft's namespace, written by its
+/// agent alone (deploy/agent.yaml holds each agent to its own node's report
+/// with a ValidatingAdmissionPolicy) and owned by the agent's Pod (so it goes
+/// when the agent does): what its Envoy does with each EnvoyConfig meant for
+/// the node. The operator reads every node's report to say whether a config
+/// is applied.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "weft.io",
+    version = "v1alpha1",
+    kind = "WeftNode",
+    root = "WeftNodeResource",
+    derive = "PartialEq",
+    namespaced,
+    status = "WeftNodeStatus",
+    shortname = "wn",
+    category = "weft",
+    doc = "What the weft agent of a node serves (named after the node, written by its agent)",
+    printcolumn(name = "Envoy", type_ = "string", json_path = ".status.envoy"),
+    printcolumn(name = "Served", type_ = "string", json_path = ".status.summary"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+pub struct WeftNodeSpec {}
+
+/// See [`WeftNodeSpec`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WeftNodeStatus {
+    /// `Connected` (the node's Envoy takes its configuration from the agent) or `NotConnected`.
+    #[serde(default)]
+    pub envoy: String,
+    /// "<served> of <configs> served", for `kubectl get`.
+    #[serde(default)]
+    pub summary: String,
+    /// Each EnvoyConfig meant for this node, and what its Envoy does with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<NodeConfig>,
+}
+
+/// One EnvoyConfig on one node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeConfig {
+    /// `EnvoyConfig` or `ClusterwideEnvoyConfig` (Cilium's kinds count as these).
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    /// The generation the agent holds.
+    pub generation: i64,
+    /// The generation whose resources this node serves (its Envoy acknowledged them), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_generation: Option<i64>,
+    /// `Serving` (the generation the agent holds), `Pending`, `Rejected` (by Envoy or by
+    /// validation; `servedGeneration` says what stays in effect) or `NotServed`.
+    pub state: String,
+    /// Why it is rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// Schema of `spec.resources`: Envoy resources in proto-JSON, checked by
 /// weft's own validation (which names the field), not by the API server.
 pub fn any_objects(_: &mut SchemaGenerator) -> Schema {
@@ -196,7 +260,7 @@ pub fn ports(_: &mut SchemaGenerator) -> Schema {
 
 /// weft's CRDs.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![EnvoyConfigResource::crd(), ClusterwideEnvoyConfigResource::crd()]
+    vec![EnvoyConfigResource::crd(), ClusterwideEnvoyConfigResource::crd(), WeftNodeResource::crd()]
 }
 
 /// Cilium's two EnvoyConfig CRDs, for clusters without Cilium.
@@ -239,10 +303,11 @@ mod tests {
     fn crds_have_status_columns_and_a_structural_schema() {
         let crds = crds();
         let names: Vec<_> = crds.iter().map(|c| c.metadata.name.clone().unwrap()).collect();
-        assert_eq!(names, ["envoyconfigs.weft.io", "clusterwideenvoyconfigs.weft.io"]);
+        assert_eq!(names, ["envoyconfigs.weft.io", "clusterwideenvoyconfigs.weft.io", "weftnodes.weft.io"]);
         assert_eq!(crds[0].spec.scope, "Namespaced");
         assert_eq!(crds[1].spec.scope, "Cluster");
-        for crd in &crds {
+        assert_eq!(crds[2].spec.scope, "Namespaced");
+        for crd in &crds[..2] {
             let v = &crd.spec.versions[0];
             assert!(v.subresources.as_ref().unwrap().status.is_some(), "status subresource");
             let cols: Vec<_> = v.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();

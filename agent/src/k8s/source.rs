@@ -42,7 +42,8 @@ impl Source {
             return Ok(Source::Dir(DirSource::new(cfg.objects_dir.clone())));
         }
         let client = client(cfg.kubernetes.kubeconfig.as_deref()).await?;
-        let mut src = KubeSource::start(client, Kinds::agent(), &cfg.node_name).await;
+        let mut src =
+            KubeSource::start(client, Kinds::agent(), &cfg.node_name).await.with_node_report(&cfg.kubernetes.namespace);
         src.wait_synced(Duration::from_secs(10)).await;
         tracing::info!(kinds = ?src.stats().keys().collect::<Vec<_>>(), "objects listed from the Kubernetes API");
         Ok(Source::Kube(Box::new(src)))

@@ -43,13 +43,16 @@ use weft_gateway_api::{
     referencegrants::ReferenceGrant,
 };
 
-use super::{Collection, ObjKey, Objects, Origin, Sourced, yaml::Loaded};
+use super::{Collection, ObjKey, Objects, Origin, Sourced, WeftNode, report::NodeReporter, yaml::Loaded};
 use crate::{
     controller::{ControlStatus, EnvoyAck},
     xds::envoyconfig,
 };
 
-/// Which kinds a source watches.
+/// Which kinds a source watches. Adding a kind: a field here (and in
+/// [`Kinds::none`], [`Kinds::agent`], [`Kinds::operator`]), a `kind!` line
+/// and a line of `watch!` in [`KubeSource::start`] below, and a line of the
+/// object table in `k8s/mod.rs`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kinds {
     pub services: bool,
@@ -59,18 +62,39 @@ pub struct Kinds {
     /// TLS Secrets (type kubernetes.io/tls), for SDS.
     pub secrets: bool,
     pub network_policies: bool,
+    /// Namespaces (their labels: NetworkPolicies' namespace selectors, and
+    /// Gateway listeners select routes' namespaces by them).
+    pub namespaces: bool,
+    /// Every node agent's report (the operator's view of what is served).
+    pub weft_nodes: bool,
     pub ingresses: bool,
     pub ingress_classes: bool,
     /// weft's EnvoyConfig kinds, and Cilium's when their CRDs are installed.
     pub envoy_configs: bool,
-    /// Namespaces (their labels: Gateway listeners select routes' namespaces by them).
-    pub namespaces: bool,
     /// GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes and ReferenceGrants,
     /// when the Gateway API's CRDs are installed.
     pub gateway_api: bool,
 }
 
 impl Kinds {
+    /// No kind at all (to build a set from: `Kinds { services: true, ..Kinds::none() }`).
+    pub fn none() -> Self {
+        Self {
+            services: false,
+            endpoint_slices: false,
+            pods: false,
+            nodes: false,
+            secrets: false,
+            network_policies: false,
+            namespaces: false,
+            weft_nodes: false,
+            ingresses: false,
+            ingress_classes: false,
+            envoy_configs: false,
+            gateway_api: false,
+        }
+    }
+
     /// What a node's agent needs.
     pub fn agent() -> Self {
         Self {
@@ -80,28 +104,32 @@ impl Kinds {
             nodes: true,
             secrets: true,
             network_policies: true,
+            namespaces: true,
+            weft_nodes: false,
             ingresses: false,
             ingress_classes: false,
             envoy_configs: true,
-            namespaces: false,
             gateway_api: false,
         }
     }
 
     /// What the operator needs: configs and what validating them reads
-    /// (Services, Secrets), Ingresses and their classes, the Gateway API.
+    /// (Services, Secrets), Ingresses and their classes, the Gateway API,
+    /// and which nodes serve what (Nodes, for node selectors, and the
+    /// agents' reports).
     pub fn operator() -> Self {
         Self {
             services: true,
             endpoint_slices: false,
             pods: false,
-            nodes: false,
+            nodes: true,
             secrets: true,
             network_policies: false,
+            namespaces: true,
+            weft_nodes: true,
             ingresses: true,
             ingress_classes: true,
             envoy_configs: true,
-            namespaces: true,
             gateway_api: true,
         }
     }
@@ -145,6 +173,8 @@ pub struct KubeSource {
     node: String,
     /// NACK messages already published as Events, by object.
     reported: BTreeMap<String, String>,
+    /// Writes this node's WeftNode report, for an agent.
+    node_report: Option<NodeReporter>,
 }
 
 impl Drop for KubeSource {
@@ -183,6 +213,7 @@ kind!(Service, "Service", services);
 kind!(EndpointSlice, "EndpointSlice", endpoint_slices);
 kind!(Node, "Node", nodes);
 kind!(NetworkPolicy, "NetworkPolicy", network_policies);
+kind!(WeftNode, "WeftNode", weft_nodes);
 kind!(Ingress, "Ingress", ingresses);
 kind!(IngressClass, "IngressClass", ingress_classes);
 kind!(Namespace, "Namespace", namespaces);
@@ -418,7 +449,7 @@ const CONFIG_KINDS: &[(&str, &str, &str, &str, bool)] = &[
 
 /// A config document as the parser wants it: without what the server adds
 /// that no one reads (status, managed fields).
-fn config_doc(o: &DynamicObject, ar: &ApiResource) -> Value {
+pub(crate) fn config_doc(o: &DynamicObject, ar: &ApiResource) -> Value {
     let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
     if let Some(m) = v.as_object_mut() {
         m.insert("apiVersion".into(), Value::from(ar.api_version.clone()));
@@ -559,9 +590,10 @@ impl KubeSource {
             nodes => Node,
             secrets => Secret,
             network_policies => NetworkPolicy,
+            namespaces => Namespace,
+            weft_nodes => WeftNode,
             ingresses => Ingress,
-            ingress_classes => IngressClass,
-            namespaces => Namespace
+            ingress_classes => IngressClass
         );
         if kinds.gateway_api {
             tasks.push(typed_when_served::<GatewayClass>(&client, &shared, &tx).await);
@@ -601,7 +633,23 @@ impl KubeSource {
             client.clone(),
             Reporter { controller: "weft-agent".into(), instance: Some(node.to_owned()) },
         );
-        Self { shared, changed, seen: 0, tasks, client, recorder, node: node.to_owned(), reported: BTreeMap::new() }
+        Self {
+            shared,
+            changed,
+            seen: 0,
+            tasks,
+            client,
+            recorder,
+            node: node.to_owned(),
+            reported: BTreeMap::new(),
+            node_report: None,
+        }
+    }
+
+    /// Also writes the node's WeftNode report in `namespace` (an agent's source).
+    pub fn with_node_report(mut self, namespace: &str) -> Self {
+        self.node_report = Some(NodeReporter::start(self.client.clone(), namespace, &self.node));
+        self
     }
 
     /// The client the watchers use.
@@ -664,8 +712,12 @@ impl KubeSource {
     }
 
     /// Publishes a Warning Event on each EnvoyConfig this node's Envoy newly
-    /// refused (once per refusal message), so `kubectl describe` shows it.
+    /// refused (once per refusal message), so `kubectl describe` shows it,
+    /// and brings the node's report up to date.
     pub fn report(&mut self, status: &ControlStatus) {
+        if let Some(r) = &self.node_report {
+            r.publish(status);
+        }
         let mut now = BTreeMap::new();
         for o in &status.objects {
             if let EnvoyAck::Nacked { message } = &o.envoy {

@@ -8,7 +8,6 @@ use std::{
     time::SystemTime,
 };
 
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{Object, Objects, Origin};
@@ -48,34 +47,9 @@ pub struct Loaded {
 pub const RAW_KINDS: &[&str] =
     &["EnvoyConfig", "ClusterwideEnvoyConfig", "CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig"];
 
-fn typed<T: DeserializeOwned>(v: Value) -> Result<T, String> {
-    serde_json::from_value(v).map_err(|e| e.to_string())
-}
-
 /// Parses one document (already JSON) into an object of a kind the agent uses.
 pub fn object_from_value(v: Value) -> Result<Option<Object>, String> {
-    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
-    Ok(Some(match (api.as_str(), kind.as_str()) {
-        ("v1", "Service") => Object::Service(typed(v)?),
-        ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(typed(v)?),
-        ("v1", "Endpoints") => Object::Endpoints(typed(v)?),
-        ("v1", "Pod") => Object::Pod(typed(v)?),
-        ("v1", "Node") => Object::Node(typed(v)?),
-        ("v1", "Secret") => Object::Secret(typed(v)?),
-        ("networking.k8s.io/v1", "NetworkPolicy") => Object::NetworkPolicy(typed(v)?),
-        ("networking.k8s.io/v1", "Ingress") => Object::Ingress(typed(v)?),
-        ("networking.k8s.io/v1", "IngressClass") => Object::IngressClass(typed(v)?),
-        ("v1", "Namespace") => Object::Namespace(typed(v)?),
-        ("gateway.networking.k8s.io/v1", "GatewayClass") => Object::GatewayClass(typed(v)?),
-        ("gateway.networking.k8s.io/v1", "Gateway") => Object::Gateway(typed(v)?),
-        ("gateway.networking.k8s.io/v1", "HTTPRoute") => Object::HttpRoute(typed(v)?),
-        ("gateway.networking.k8s.io/v1", "GRPCRoute") => Object::GrpcRoute(typed(v)?),
-        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "ReferenceGrant") => {
-            Object::ReferenceGrant(typed(v)?)
-        }
-        _ => return Ok(None),
-    }))
+    Object::from_value(v).map_err(|e| e.to_string())
 }
 
 fn describe(v: &Value) -> Option<String> {

@@ -77,12 +77,12 @@ pub fn tls_transport_socket(secrets: &[String]) -> Value {
     })
 }
 
-/// The one listener of a generated config, with these filter chains; `tls`
-/// adds the listener filter that reads SNI, for chains chosen by server name.
-pub fn listener(chains: Vec<Value>, tls: bool) -> Value {
+/// A listener of a generated config, with these filter chains; `tls` adds
+/// the listener filter that reads SNI, for chains chosen by server name.
+pub fn listener(name: &str, chains: Vec<Value>, tls: bool) -> Value {
     let mut listener = json!({
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-        "name": "listener",
+        "name": name,
         "filter_chains": chains,
     });
     if tls {

@@ -319,7 +319,7 @@ fn spec_for(ings: &[&Ingress], objects: &Objects, service: &ObjKey, problems: &m
             "transport_socket": envoy::tls_transport_socket(std::slice::from_ref(secret)),
         }));
     }
-    let listener = envoy::listener(chains, tls);
+    let listener = envoy::listener("listener", chains, tls);
     let mut resources = vec![listener, route_config("insecure", &hosts, false)];
     if tls {
         resources.push(route_config("secure", &hosts, true));

@@ -1,9 +1,11 @@
 //! `weft-agent operator`: the cluster-wide half of weft, one leader at a time
 //! (a Lease): it writes each EnvoyConfig's status once for the cluster (the
-//! checks `weft-agent validate` makes), turns Ingresses into EnvoyConfigs
-//! and LoadBalancer Services, and does the same for the Gateway API's
-//! Gateways and routes, writing their status. Node agents write no status;
-//! they report their own Envoy's refusals as Events.
+//! checks `weft-agent validate` makes, and whether the selected nodes serve
+//! it, from their agents' WeftNode reports), turns Ingresses into
+//! EnvoyConfigs and LoadBalancer Services, and does the same for the Gateway
+//! API's Gateways and routes, writing their status. Node agents write no
+//! status; they write their node's report and their own Envoy's refusals as
+//! Events.
 
 pub mod envoy;
 pub mod gateway;
@@ -106,7 +108,15 @@ pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
                 dirty = true;
             }
         }
-        match statuses.write(&verdicts).await {
+        let rollouts = verdicts
+            .iter()
+            .filter_map(|v| {
+                let key = v.key.clone()?;
+                let r = status::rollout(&key, v.node_selector.as_ref(), &loaded.objects, &opts.namespace);
+                Some((key, r))
+            })
+            .collect();
+        match statuses.write(&verdicts, &rollouts).await {
             Ok(n) if n > 0 => tracing::info!(written = n, "EnvoyConfig status"),
             Ok(_) => {}
             Err(e) => {

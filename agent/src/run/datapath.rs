@@ -60,7 +60,7 @@ impl Worker {
     /// Loads the datapath and runs the worker on a thread of its own, until
     /// the control loop stops publishing.
     pub fn spawn(self) -> std::io::Result<JoinHandle<anyhow::Result<()>>> {
-        std::thread::Builder::new().name("datapath".into()).spawn(move || self.run())
+        crate::limits::thread("datapath").spawn(move || self.run())
     }
 
     fn run(self) -> anyhow::Result<()> {

@@ -41,6 +41,7 @@ pub fn start(
         PipelineConfig {
             store_capacity: cfg.flows.store_size,
             queue_capacity: cfg.flows.queue_size,
+            thread_stack_bytes: crate::limits::THREAD_STACK_BYTES,
             ..Default::default()
         },
         names(first),

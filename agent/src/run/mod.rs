@@ -51,7 +51,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // In a namespace of its own (the lab), the whole agent runs there: every
     // thread, and Envoy, starts from this one.
     let _netns = cfg.netns.as_deref().map(NetnsGuard::enter).transpose().context("entering netns")?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = crate::limits::runtime(2)?;
     rt.block_on(agent(cfg, open_files))
 }
 

@@ -177,7 +177,12 @@ impl Snapshot {
             .map(|n| (n.ip, if n.name == node_name { abi::ID_HOST } else { abi::ID_REMOTE_NODE }))
             .chain(node_ip.map(|ip| (ip, abi::ID_HOST)))
             .collect();
-        let policy = policy::derive(&policies, &pods, &node_ids, &named_ports, &mut problems);
+        let namespaces = objects
+            .namespaces
+            .iter()
+            .map(|(k, n)| (k.name.clone(), n.object.metadata.labels.clone().unwrap_or_default()))
+            .collect();
+        let policy = policy::derive(&policies, &pods, &namespaces, &node_ids, &named_ports, &mut problems);
 
         let slices = SliceIndex::of(objects);
         let services = objects
@@ -255,22 +260,20 @@ pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects, slices
             }
         }
     }
-    if !any_slice {
-        if let Some(eps) = objects.endpoints.get(key) {
-            for subset in eps.object.subsets.iter().flatten() {
-                let Some(port) = subset
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
-                    .and_then(|p| u16::try_from(p.port).ok())
-                else {
-                    continue;
-                };
-                for a in subset.addresses.iter().flatten() {
-                    if let Some(addr) = ipv4(&a.ip) {
-                        out.insert(BackendAddr { addr, port });
-                    }
+    if !any_slice && let Some(eps) = objects.endpoints.get(key) {
+        for subset in eps.object.subsets.iter().flatten() {
+            let Some(port) = subset
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref().unwrap_or("") == port_name.unwrap_or(""))
+                .and_then(|p| u16::try_from(p.port).ok())
+            else {
+                continue;
+            };
+            for a in subset.addresses.iter().flatten() {
+                if let Some(addr) = ipv4(&a.ip) {
+                    out.insert(BackendAddr { addr, port });
                 }
             }
         }
@@ -359,10 +362,10 @@ fn service_state(
         for ip in &cluster_ips {
             add(*ip, number, FrontendKind::ClusterIp);
         }
-        if matches!(kind, "NodePort" | "LoadBalancer") {
-            if let (Some(np), Some(ip)) = (node_port, node_ip) {
-                add(ip, np, FrontendKind::NodePort);
-            }
+        if matches!(kind, "NodePort" | "LoadBalancer")
+            && let (Some(np), Some(ip)) = (node_port, node_ip)
+        {
+            add(ip, np, FrontendKind::NodePort);
         }
         for ip in &external {
             add(*ip, number, FrontendKind::External);

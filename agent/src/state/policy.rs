@@ -31,8 +31,17 @@ use crate::{
 
 /// The widest port range (`port`..`endPort`) expanded into entries.
 const MAX_PORT_RANGE: u32 = 1024;
-/// The label every namespace carries with its own name.
+/// The label every namespace carries with its own name (the API server sets
+/// it; a namespace without a Namespace object has this label alone).
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// The labels of a namespace: its Namespace object's, if there is one, and
+/// always its name label.
+pub fn namespace_labels(namespaces: &BTreeMap<String, BTreeMap<String, String>>, ns: &str) -> BTreeMap<String, String> {
+    let mut labels = namespaces.get(ns).cloned().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.into(), ns.into());
+    labels
+}
 
 /// A prefix the datapath must know the identity of, because a policy names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,6 +113,7 @@ fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
 pub fn derive(
     policies: &BTreeMap<ObjKey, &NetworkPolicy>,
     pods: &[PodState],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     nodes: &[(Ipv4Addr, u32)],
     named_ports: &BTreeMap<Ipv4Addr, BTreeMap<String, (u16, Proto)>>,
     problems: &mut Vec<String>,
@@ -161,7 +171,7 @@ pub fn derive(
                 Some(from) => {
                     let mut ids = BTreeSet::new();
                     for (fi, peer) in from.iter().enumerate() {
-                        match peer_identities(peer, &key.namespace, pods, nodes, &mut cidr_ids) {
+                        match peer_identities(peer, &key.namespace, pods, namespaces, nodes, &mut cidr_ids) {
                             Ok(found) => ids.extend(found),
                             Err(e) => problem(&format!("{at}.from[{fi}]"), e),
                         }
@@ -234,6 +244,7 @@ fn peer_identities(
     peer: &NetworkPolicyPeer,
     policy_ns: &str,
     pods: &[PodState],
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     nodes: &[(Ipv4Addr, u32)],
     cidr_ids: &mut BTreeMap<(Ipv4Addr, u8), u32>,
 ) -> Result<BTreeSet<u32>, String> {
@@ -259,23 +270,8 @@ fn peer_identities(
     for p in pods {
         let ns_ok = match &peer.namespace_selector {
             None => p.key.namespace == policy_ns,
-            Some(sel) => {
-                for k in sel
-                    .match_labels
-                    .iter()
-                    .flatten()
-                    .map(|(k, _)| k)
-                    .chain(sel.match_expressions.iter().flatten().map(|e| &e.key))
-                {
-                    if k != NAMESPACE_NAME_LABEL {
-                        return Err(format!(
-                            "namespaceSelector key {k:?}: weft knows namespaces by their {NAMESPACE_NAME_LABEL} label only; select namespaces by name"
-                        ));
-                    }
-                }
-                let labels = BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), p.key.namespace.clone())]);
-                selects(sel, &labels).map_err(|e| format!("namespaceSelector: {e}"))?
-            }
+            Some(sel) => selects(sel, &namespace_labels(namespaces, &p.key.namespace))
+                .map_err(|e| format!("namespaceSelector: {e}"))?,
         };
         if !ns_ok {
             continue;
@@ -394,6 +390,10 @@ metadata: {name: deny-web, namespace: shop}
 spec:
   podSelector: {matchExpressions: [{key: app, operator: In, values: [web]}]}
   policyTypes: [Ingress]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops, labels: {team: platform}}
 "#;
 
     fn snapshot(extra: &str) -> Snapshot {
@@ -431,6 +431,26 @@ spec:
     }
 
     #[test]
+    fn namespace_selectors_match_any_label_of_the_namespace() {
+        let policy = |sel: &str| {
+            format!(
+                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: other-from-ns, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: other}}}}\n  ingress: [{{from: [{{namespaceSelector: {sel}}}]}}]\n"
+            )
+        };
+        let other: Ipv4Addr = "10.1.1.13".parse().unwrap();
+        let allowed = |s: &Snapshot| s.policy.ingress[&other].iter().map(|e| e.identity).collect::<BTreeSet<u32>>();
+        // ops is labelled team=platform; shop has no Namespace object (its name label alone).
+        let s = snapshot(&policy("{matchLabels: {team: platform}}"));
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(allowed(&s), BTreeSet::from([id_of(&s, "probe")]));
+        let s = snapshot(&policy("{matchExpressions: [{key: team, operator: DoesNotExist}]}"));
+        let shop: BTreeSet<u32> = ["db", "web", "other"].iter().map(|p| id_of(&s, p)).collect();
+        assert_eq!(allowed(&s), shop, "namespaces without the label");
+        let s = snapshot(&policy("{matchLabels: {kubernetes.io/metadata.name: ops, team: platform}}"));
+        assert_eq!(allowed(&s), BTreeSet::from([id_of(&s, "probe")]), "the name label is always there");
+    }
+
+    #[test]
     fn a_policy_without_rules_denies_all_and_unselected_pods_stay_open() {
         let s = snapshot("");
         assert_eq!(s.policy.ingress[&"10.1.1.11".parse::<Ipv4Addr>().unwrap()], vec![], "web: default deny");
@@ -449,13 +469,13 @@ metadata: {name: bad, namespace: shop}
 spec:
   podSelector: {matchLabels: {app: other}}
   ingress:
-  - from: [{namespaceSelector: {matchLabels: {team: a}}}, {ipBlock: {cidr: 10.0.0.0/40}}]
+  - from: [{namespaceSelector: {matchExpressions: [{key: team, operator: Near}]}}, {ipBlock: {cidr: 10.0.0.0/40}}]
     ports: [{port: 80, protocol: SCTP}]
   egress: [{}]
 "#,
         );
         let p = s.problems.join("\n");
-        assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].from[0]: namespaceSelector key \"team\""), "{p}");
+        assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].from[0]: namespaceSelector: "), "{p}");
         assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].from[1]: ipBlock.cidr \"10.0.0.0/40\""), "{p}");
         assert!(p.contains("NetworkPolicy shop/bad: spec.ingress[0].ports[0]: protocol \"SCTP\""), "{p}");
         assert!(p.contains("NetworkPolicy shop/bad: spec.egress: egress rules are not enforced"), "{p}");

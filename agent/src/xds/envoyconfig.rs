@@ -116,6 +116,7 @@ impl fmt::Display for ConfigError {
 }
 
 /// Parses a document whose kind is an EnvoyConfig kind.
+#[allow(clippy::result_large_err)] // one per rejected document, not a hot path
 pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
     let api = doc.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
     let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default();

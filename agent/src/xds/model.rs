@@ -367,10 +367,10 @@ impl Model {
         accepted: &mut Accepted,
         objects: &Objects,
     ) {
-        if let Some(s) = built.statuses.get_mut(&c.key) {
-            if c.priority != Priority::Fallback {
-                s.problems.extend(problems);
-            }
+        if let Some(s) = built.statuses.get_mut(&c.key)
+            && c.priority != Priority::Fallback
+        {
+            s.problems.extend(problems);
         }
         if c.priority != Priority::New {
             return;
@@ -487,13 +487,13 @@ impl Model {
             if let Some(s) = built.statuses.get_mut(&c.key) {
                 s.serving = serving;
             }
-            if c.priority != Priority::Fallback {
-                if let Some(cfg) = specs.get(&c.key) {
-                    self.good.insert(
-                        c.key.clone(),
-                        Good { spec: cfg.spec.clone(), generation: cfg.generation, translated: c.translated.clone() },
-                    );
-                }
+            if c.priority != Priority::Fallback
+                && let Some(cfg) = specs.get(&c.key)
+            {
+                self.good.insert(
+                    c.key.clone(),
+                    Good { spec: cfg.spec.clone(), generation: cfg.generation, translated: c.translated.clone() },
+                );
             }
         }
         for cla in eds.into_values() {
@@ -949,7 +949,7 @@ spec:
     fn clashes_reject_the_newcomer() {
         let mut m = Model::new(ProxyPorts::ephemeral());
         let a = config("a", "default/web");
-        m.build(&[a.clone()], &[], &objects(), &node());
+        m.build(std::slice::from_ref(&a), &[], &objects(), &node());
         let b = config("b", "default/web"); // also defines Cluster default/web and redirects web
         let built = m.build(&[a.clone(), b.clone()], &[], &objects(), &node());
         assert_eq!(built.statuses[&a.key].serving, Serving::Current);
@@ -999,7 +999,7 @@ spec:
     fn a_nacked_version_is_set_aside_until_it_changes() {
         let mut m = Model::new(ProxyPorts::ephemeral());
         let a = config("a", "default/web");
-        m.build(&[a.clone()], &[], &objects(), &node());
+        m.build(std::slice::from_ref(&a), &[], &objects(), &node());
         let mut a2 = config("a", "default/web");
         a2.generation = 2;
         a2.spec.services[0].ports = vec![80];
@@ -1012,7 +1012,7 @@ spec:
 
         // Once Envoy acknowledged a version, a refused later one falls back to it.
         let mut m = Model::new(ProxyPorts::ephemeral());
-        m.build(&[a.clone()], &[], &objects(), &node());
+        m.build(std::slice::from_ref(&a), &[], &objects(), &node());
         m.confirm(&a.key);
         m.build(&[a2.clone()], &[], &objects(), &node());
         m.nack(&a2.key, &a2.spec, "bad".into());

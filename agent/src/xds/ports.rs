@@ -171,7 +171,7 @@ mod tests {
         let mut a = ProxyPorts::load(Some(path.clone())).with_free(|p| p % 2 == 0);
         let none = Default::default();
         let p1 = a.allocate("ns/c/l1", &none).unwrap();
-        assert!(RANGE.contains(&p1) && p1 % 2 == 0, "busy (odd) ports are skipped");
+        assert!(RANGE.contains(&p1) && p1.is_multiple_of(2), "busy (odd) ports are skipped");
         assert_eq!(a.allocate("ns/c/l1", &none), Some(p1), "same listener, same port");
         let p2 = a.allocate("ns/c/l2", &none).unwrap();
         assert_ne!(p1, p2);

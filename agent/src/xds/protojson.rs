@@ -129,13 +129,12 @@ fn explain(desc: &MessageDescriptor, root: &Value, segments: &[&serde_path_to_er
             None => "unknown field".into(),
         };
     }
-    if let Some(field) = &at.field {
-        if let Kind::Enum(e) = field.kind() {
-            if raw.starts_with("unrecognized enum value") || raw.starts_with("invalid type") {
-                let names: Vec<String> = e.values().map(|v| v.name().to_owned()).collect();
-                return format!("{} is not one of {}", shown(at.value), names.join(", "));
-            }
-        }
+    if let Some(field) = &at.field
+        && let Kind::Enum(e) = field.kind()
+        && (raw.starts_with("unrecognized enum value") || raw.starts_with("invalid type"))
+    {
+        let names: Vec<String> = e.values().map(|v| v.name().to_owned()).collect();
+        return format!("{} is not one of {}", shown(at.value), names.join(", "));
     }
     if raw.starts_with("multiple fields provided for oneof") {
         return format!("{raw}: set only one of the alternatives");

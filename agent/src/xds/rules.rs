@@ -55,10 +55,10 @@ fn rules_of(desc: &MessageDescriptor) -> Arc<TypeRules> {
     if let Some(ext) = &field_ext {
         for f in desc.fields() {
             let opts = f.options();
-            if opts.has_extension(ext) {
-                if let PValue::Message(m) = &*opts.get_extension(ext) {
-                    rules.fields.push((f.clone(), m.clone()));
-                }
+            if opts.has_extension(ext)
+                && let PValue::Message(m) = &*opts.get_extension(ext)
+            {
+                rules.fields.push((f.clone(), m.clone()));
             }
         }
     }
@@ -154,15 +154,15 @@ pub fn check(path: &str, msg: &DynamicMessage, out: &mut Vec<DecodeError>) {
                 let vf = entry.map_entry_value_field();
                 for (k, v) in m {
                     let key = key_value(k);
-                    if let Some(keys) = sub(&map, "keys") {
-                        if let Some(msg) = value_rule(&keys, &kf, &key, true) {
-                            fail(format!("key {}: {msg}", shown(&key)));
-                        }
+                    if let Some(keys) = sub(&map, "keys")
+                        && let Some(msg) = value_rule(&keys, &kf, &key, true)
+                    {
+                        fail(format!("key {}: {msg}", shown(&key)));
                     }
-                    if let Some(values) = sub(&map, "values") {
-                        if let Some(msg) = value_rule(&values, &vf, v, true) {
-                            fail(format!("[{}] {msg}", shown(&key)));
-                        }
+                    if let Some(values) = sub(&map, "values")
+                        && let Some(msg) = value_rule(&values, &vf, v, true)
+                    {
+                        fail(format!("[{}] {msg}", shown(&key)));
                     }
                 }
             }
@@ -284,15 +284,11 @@ fn range(
         lt.map(|b| (b, v.cmp(b) == Some(Less), "below")).or(lte.map(|b| (b, v.cmp(b) != Some(Greater), "at most")));
     match (above, below) {
         // PGV: lower bound above the upper bound means "outside the range".
-        (Some((lo, lo_ok, lo_w)), Some((hi, hi_ok, hi_w))) if lo.cmp(hi) == Some(Greater) => {
-            if !lo_ok && !hi_ok {
-                return Some(format!("must be {hi_w} {} or {lo_w} {}, got {}", show(hi), show(lo), show(v)));
-            }
+        (Some((lo, lo_ok, lo_w)), Some((hi, hi_ok, hi_w))) if lo.cmp(hi) == Some(Greater) && !lo_ok && !hi_ok => {
+            return Some(format!("must be {hi_w} {} or {lo_w} {}, got {}", show(hi), show(lo), show(v)));
         }
-        (Some((lo, lo_ok, lo_w)), Some((hi, hi_ok, hi_w))) => {
-            if !lo_ok || !hi_ok {
-                return Some(format!("must be {lo_w} {} and {hi_w} {}, got {}", show(lo), show(hi), show(v)));
-            }
+        (Some((lo, lo_ok, lo_w)), Some((hi, hi_ok, hi_w))) if (!lo_ok || !hi_ok) => {
+            return Some(format!("must be {lo_w} {} and {hi_w} {}, got {}", show(lo), show(hi), show(v)));
         }
         (Some((b, false, w)), None) | (None, Some((b, false, w))) => {
             return Some(format!("must be {w} {}, got {}", show(b), show(v)));
@@ -300,7 +296,7 @@ fn range(
         _ => {}
     }
     let list = |name: &str| match r.get_field_by_name(name).as_deref() {
-        Some(PValue::List(l)) => l.iter().filter_map(|x| of(x)).collect::<Vec<_>>(),
+        Some(PValue::List(l)) => l.iter().filter_map(of).collect::<Vec<_>>(),
         _ => Vec::new(),
     };
     let allowed = list("in");
@@ -465,12 +461,11 @@ fn string_rule(r: &DynamicMessage, s: &str) -> Option<String> {
     if let Some(p) = text("not_contains").filter(|p| s.contains(p.as_str())) {
         return Some(format!("must not contain {p:?}"));
     }
-    if let Some(p) = text("pattern") {
-        if let Some(re) = pattern(&p) {
-            if !re.is_match(s) {
-                return Some(format!("must match the regular expression {p:?}"));
-            }
-        }
+    if let Some(p) = text("pattern")
+        && let Some(re) = pattern(&p)
+        && !re.is_match(s)
+    {
+        return Some(format!("must match the regular expression {p:?}"));
     }
     let list = |name: &str| match r.get_field_by_name(name).as_deref() {
         Some(PValue::List(l)) => l.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect::<Vec<_>>(),

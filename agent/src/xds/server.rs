@@ -216,8 +216,8 @@ impl AggregatedDiscoveryService for Ads {
                             // After a reconnect Envoy says what it already has.
                             sub.sent = req.initial_resource_versions.clone().into_iter().collect();
                         }
-                        if !req.response_nonce.is_empty() {
-                            if let Some(in_flight) = sub.in_flight.remove(&req.response_nonce) {
+                        if !req.response_nonce.is_empty()
+                            && let Some(in_flight) = sub.in_flight.remove(&req.response_nonce) {
                                 match &req.error_detail {
                                     Some(e) => {
                                         let _ = events.send(AdsEvent::Nack {
@@ -235,7 +235,6 @@ impl AggregatedDiscoveryService for Ads {
                                     }
                                 }
                             }
-                        }
                         for n in &req.resource_names_subscribe {
                             if n == "*" { sub.wildcard = true } else { sub.names.insert(n.clone()); }
                         }
@@ -243,9 +242,8 @@ impl AggregatedDiscoveryService for Ads {
                             if n == "*" { sub.wildcard = false } else { sub.names.remove(n); sub.sent.remove(n); }
                         }
                         nonce += 1;
-                        if let Some(resp) = delta_response(&snap, &req.type_url, sub, nonce) {
-                            if tx.send(Ok(resp)).await.is_err() { break; }
-                        }
+                        if let Some(resp) = delta_response(&snap, &req.type_url, sub, nonce)
+                            && tx.send(Ok(resp)).await.is_err() { break; }
                     }
                     changed = snapshots.changed() => {
                         if changed.is_err() { break; }
@@ -253,9 +251,8 @@ impl AggregatedDiscoveryService for Ads {
                         for t in PUSH_ORDER {
                             let Some(sub) = subs.get_mut(t) else { continue };
                             nonce += 1;
-                            if let Some(resp) = delta_response(&snap, t, sub, nonce) {
-                                if tx.send(Ok(resp)).await.is_err() { return; }
-                            }
+                            if let Some(resp) = delta_response(&snap, t, sub, nonce)
+                                && tx.send(Ok(resp)).await.is_err() { return; }
                         }
                     }
                 }

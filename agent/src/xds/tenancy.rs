@@ -115,10 +115,10 @@ pub fn check(
             .collect();
         for field in &cluster_fields {
             let field = field.as_str();
-            if let Some(c) = string(field).filter(|c| !c.is_empty()) {
-                if let Some(why) = outside(&prefix, &c) {
-                    refuse(field, format!("cluster {c:?} {why}"));
-                }
+            if let Some(c) = string(field).filter(|c| !c.is_empty())
+                && let Some(why) = outside(&prefix, &c)
+            {
+                refuse(field, format!("cluster {c:?} {why}"));
             }
         }
         if string("cluster_header").is_some_and(|h| !h.is_empty()) {
@@ -136,21 +136,21 @@ pub fn check(
             "envoy.config.cluster.v3.Cluster"
             | "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig"
             | "envoy.extensions.transport_sockets.tls.v3.Secret" => {
-                if let Some(n) = string("name").filter(|n| !n.is_empty()) {
-                    if let Some(why) = outside(&prefix, &n) {
-                        let what = if name.ends_with("Cluster") { "cluster" } else { "secret" };
-                        refuse("name", format!("{what} {n:?} {why}"));
-                    }
+                if let Some(n) = string("name").filter(|n| !n.is_empty())
+                    && let Some(why) = outside(&prefix, &n)
+                {
+                    let what = if name.ends_with("Cluster") { "cluster" } else { "secret" };
+                    refuse("name", format!("{what} {n:?} {why}"));
                 }
             }
             "envoy.config.listener.v3.Listener"
             | "envoy.config.route.v3.RouteConfiguration"
             | "envoy.extensions.filters.network.http_connection_manager.v3.Rds" => {
                 let field = if name.ends_with("Rds") { "route_config_name" } else { "name" };
-                if let Some(n) = string(field).filter(|n| !n.is_empty()) {
-                    if let Some(why) = outside(&prefix, &n) {
-                        refuse(field, format!("{n:?} {why}"));
-                    }
+                if let Some(n) = string(field).filter(|n| !n.is_empty())
+                    && let Some(why) = outside(&prefix, &n)
+                {
+                    refuse(field, format!("{n:?} {why}"));
                 }
             }
             _ => {}
@@ -189,10 +189,10 @@ pub fn check(
                 }
             }
             "envoy.config.cluster.v3.Cluster.EdsClusterConfig" => {
-                if let Some(n) = string("service_name").filter(|n| !n.is_empty()) {
-                    if let Some(why) = outside(&prefix, &n) {
-                        refuse("service_name", format!("EDS resource {n:?} {why}"));
-                    }
+                if let Some(n) = string("service_name").filter(|n| !n.is_empty())
+                    && let Some(why) = outside(&prefix, &n)
+                {
+                    refuse("service_name", format!("EDS resource {n:?} {why}"));
                 }
             }
             "envoy.config.core.v3.DataSource" => {
@@ -244,14 +244,11 @@ pub fn check(
                     }
                 }
             }
-            "envoy.config.core.v3.GrpcService" => {
-                if set("google_grpc") {
-                    refuse(
-                        "google_grpc",
-                        "a Google gRPC service connects anywhere: use envoy_grpc with a cluster of this namespace"
-                            .into(),
-                    );
-                }
+            "envoy.config.core.v3.GrpcService" if set("google_grpc") => {
+                refuse(
+                    "google_grpc",
+                    "a Google gRPC service connects anywhere: use envoy_grpc with a cluster of this namespace".into(),
+                );
             }
             "envoy.extensions.access_loggers.file.v3.FileAccessLog" => {
                 let p = string("path").unwrap_or_default();

@@ -685,13 +685,13 @@ fn transport_socket(ctx: &mut Ctx<'_>, at: &str, ts: &mut TransportSocket) {
             }
             *any = pack(&d);
         }
-    } else if any.type_url.ends_with(".UpstreamTlsContext") {
-        if let Some(mut u) = unpack::<UpstreamTlsContext>(any) {
-            if let Some(c) = u.common_tls_context.as_mut() {
-                tls_sds(ctx, at, c);
-            }
-            *any = pack(&u);
+    } else if any.type_url.ends_with(".UpstreamTlsContext")
+        && let Some(mut u) = unpack::<UpstreamTlsContext>(any)
+    {
+        if let Some(c) = u.common_tls_context.as_mut() {
+            tls_sds(ctx, at, c);
         }
+        *any = pack(&u);
     }
 }
 
@@ -987,9 +987,9 @@ mod tenancy_tests {
         };
         let (own, theirs) = (to("10.1.1.11"), to("10.1.1.12"));
         let node = NodeInfo { any: true, ..Default::default() };
-        let b = Model::new(ProxyPorts::ephemeral()).build(&[own.clone()], &[], &l.objects, &node);
+        let b = Model::new(ProxyPorts::ephemeral()).build(std::slice::from_ref(&own), &[], &l.objects, &node);
         assert!(b.statuses[&own.key].problems.is_empty(), "{:?}", b.statuses[&own.key]);
-        let b = Model::new(ProxyPorts::ephemeral()).build(&[theirs.clone()], &[], &l.objects, &node);
+        let b = Model::new(ProxyPorts::ephemeral()).build(std::slice::from_ref(&theirs), &[], &l.objects, &node);
         let p = &b.statuses[&theirs.key].problems;
         assert!(
             p.iter().any(|p| p.contains("10.1.1.12 is not the address of a Pod or Service of namespace team")),

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show flows: forwarded, redirected and dropped packets, and HTTP requests through Envoy.
-    Observe(observe::ObserveArgs),
+    Observe(Box<observe::ObserveArgs>),
     /// Show the flow API's and the agent's state.
     Status(status::StatusArgs),
 }
@@ -40,7 +40,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Observe(a) => observe::observe(a, &argv).await,
+            Command::Observe(a) => observe::observe(*a, &argv).await,
             Command::Status(a) => status::status(a).await,
         }
     });

@@ -161,10 +161,10 @@ pub fn summary(f: &FlowRecord) -> String {
 /// `from-endpoint > to-proxy:15001 REDIRECTED` and the like.
 pub fn link_text(l: &ConnLink) -> String {
     let mut path: Vec<String> = l.path.iter().map(|o| names::observation_point(*o as u32).to_string()).collect();
-    if l.proxy_port != 0 {
-        if let Some(last) = path.iter_mut().rev().find(|p| p.as_str() == "to-proxy") {
-            last.push_str(&format!(":{}", l.proxy_port));
-        }
+    if l.proxy_port != 0
+        && let Some(last) = path.iter_mut().rev().find(|p| p.as_str() == "to-proxy")
+    {
+        last.push_str(&format!(":{}", l.proxy_port));
     }
     let mut s = format!("{} {}", path.join(" > "), l.verdict.as_str_name());
     if let Some((allowed, m)) = l.policy {

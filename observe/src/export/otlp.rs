@@ -164,6 +164,8 @@ pub fn start(cfg: OtlpConfig, pipeline: Arc<Pipeline>) -> Result<Arc<ExportStats
     Ok(stats)
 }
 
+/// One per exporter, owned by its loop: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Client {
     Grpc { logs: LogsServiceClient<tonic::transport::Channel>, traces: TraceServiceClient<tonic::transport::Channel> },
     Http { base: String, timeout: Duration },
@@ -395,13 +397,13 @@ pub fn attributes(f: &Flow) -> Vec<KeyValue> {
     if let Some(r) = f.is_reply {
         a.push(kv("weft.is_reply", Value::BoolValue(r)));
     }
-    if let Some(layer4::Protocol::Tcp(t)) = f.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
-        if let Some(fl) = &t.flags {
-            let bits = [(fl.syn, "SYN"), (fl.ack, "ACK"), (fl.fin, "FIN"), (fl.rst, "RST"), (fl.psh, "PSH")];
-            let on: Vec<&str> = bits.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
-            if !on.is_empty() {
-                a.push(s("weft.tcp_flags", on.join(",")));
-            }
+    if let Some(layer4::Protocol::Tcp(t)) = f.l4.as_ref().and_then(|l| l.protocol.as_ref())
+        && let Some(fl) = &t.flags
+    {
+        let bits = [(fl.syn, "SYN"), (fl.ack, "ACK"), (fl.fin, "FIN"), (fl.rst, "RST"), (fl.psh, "PSH")];
+        let on: Vec<&str> = bits.iter().filter(|(b, _)| *b).map(|(_, n)| *n).collect();
+        if !on.is_empty() {
+            a.push(s("weft.tcp_flags", on.join(",")));
         }
     }
     if f.proxy_port != 0 {
@@ -435,14 +437,13 @@ pub fn attributes(f: &Flow) -> Vec<KeyValue> {
         }
         a.push(s("weft.l7.type", if l7.r#type == flow::L7FlowType::Response as i32 { "response" } else { "request" }));
     }
-    if let Some(ext) = &f.extensions {
-        if let Ok(link) = FlowLink::decode(ext.value.as_slice()) {
-            if let Some(d) = link.downstream {
-                a.push(s("weft.link.verdict", Verdict::try_from(d.verdict).unwrap_or(Verdict::Unknown).as_str_name()));
-                let path: Vec<&str> = d.path.iter().map(|p| names::observation_point(*p as u32)).collect();
-                a.push(s("weft.link.path", path.join(",")));
-            }
-        }
+    if let Some(ext) = &f.extensions
+        && let Ok(link) = FlowLink::decode(ext.value.as_slice())
+        && let Some(d) = link.downstream
+    {
+        a.push(s("weft.link.verdict", Verdict::try_from(d.verdict).unwrap_or(Verdict::Unknown).as_str_name()));
+        let path: Vec<&str> = d.path.iter().map(|p| names::observation_point(*p as u32)).collect();
+        a.push(s("weft.link.path", path.join(",")));
     }
     a
 }
@@ -496,26 +497,26 @@ pub fn requests(
             event_name: "weft.flow".into(),
             ..Default::default()
         });
-        if let (Some(h), Some((trace_id, parent))) = (&rec.http, trace) {
-            if rec.ev.subtype == L7_RESPONSE {
-                let name = if h.route.is_empty() { h.method.clone() } else { format!("{} {}", h.method, h.route) };
-                spans.push(Span {
-                    trace_id: hex_bytes(trace_id),
-                    span_id: span_id(ctx.boot_id, *seq),
-                    parent_span_id: parent.map(hex_bytes).unwrap_or_default(),
-                    trace_state: h.tracestate.clone(),
-                    name,
-                    kind: SpanKind::Server as i32,
-                    start_time_unix_nano: h.start_ns,
-                    end_time_unix_nano: h.start_ns + h.duration_ns,
-                    attributes,
-                    status: Some(SpanStatus {
-                        code: if h.code >= 500 || h.code == 0 { StatusCode::Error } else { StatusCode::Unset } as i32,
-                        message: h.response_flags.clone(),
-                    }),
-                    ..Default::default()
-                });
-            }
+        if let (Some(h), Some((trace_id, parent))) = (&rec.http, trace)
+            && rec.ev.subtype == L7_RESPONSE
+        {
+            let name = if h.route.is_empty() { h.method.clone() } else { format!("{} {}", h.method, h.route) };
+            spans.push(Span {
+                trace_id: hex_bytes(trace_id),
+                span_id: span_id(ctx.boot_id, *seq),
+                parent_span_id: parent.map(hex_bytes).unwrap_or_default(),
+                trace_state: h.tracestate.clone(),
+                name,
+                kind: SpanKind::Server as i32,
+                start_time_unix_nano: h.start_ns,
+                end_time_unix_nano: h.start_ns + h.duration_ns,
+                attributes,
+                status: Some(SpanStatus {
+                    code: if h.code >= 500 || h.code == 0 { StatusCode::Error } else { StatusCode::Unset } as i32,
+                    message: h.response_flags.clone(),
+                }),
+                ..Default::default()
+            });
         }
     }
     let logs = ExportLogsServiceRequest {

@@ -2,7 +2,8 @@
 //! HTTP exchange and line, with the keys of [`FORMAT`] (Envoy's command
 //! operators in a `json_format`), and the parser that turns a line into an
 //! [`L7Entry`]. The lines reach the agent through a spool file
-//! ([`super::spool`]), which keeps them while the agent is away.
+//! (the `spool` module beside this one), which keeps them while the agent
+//! is away.
 //!
 //! A line is input from a process tenants' traffic drives: nothing in it
 //! is trusted. A line that does not parse is an error the reader counts

@@ -136,10 +136,10 @@ impl Names {
 /// named `<deployment>-<pod-template-hash>` belongs to that Deployment.
 pub fn workload(owner: Option<(&str, &str)>, pod_template_hash: Option<&str>) -> Option<(String, String)> {
     let (kind, name) = owner?;
-    if kind == "ReplicaSet" {
-        if let Some(deploy) = pod_template_hash.and_then(|h| name.strip_suffix(h)).and_then(|n| n.strip_suffix('-')) {
-            return Some(("Deployment".into(), deploy.into()));
-        }
+    if kind == "ReplicaSet"
+        && let Some(deploy) = pod_template_hash.and_then(|h| name.strip_suffix(h)).and_then(|n| n.strip_suffix('-'))
+    {
+        return Some(("Deployment".into(), deploy.into()));
     }
     Some((kind.into(), name.into()))
 }

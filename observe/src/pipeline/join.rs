@@ -97,10 +97,11 @@ impl ConnTable {
                 if rank(verdict) > rank(link.verdict) {
                     link.verdict = verdict;
                 }
-                if let Some(obs) = f.observation_point() {
-                    if link.path.len() < MAX_PATH && !link.path.contains(&(obs as u8)) {
-                        link.path.push(obs as u8);
-                    }
+                if let Some(obs) = f.observation_point()
+                    && link.path.len() < MAX_PATH
+                    && !link.path.contains(&(obs as u8))
+                {
+                    link.path.push(obs as u8);
                 }
             }
         }

@@ -56,11 +56,20 @@ pub struct PipelineConfig {
     pub l7_queue_capacity: usize,
     /// Connections remembered for joining access-log entries.
     pub connections: usize,
+    /// Stack of the pipeline's threads (the agent gives every thread the
+    /// same, `weft_agent::limits::THREAD_STACK_BYTES`).
+    pub thread_stack_bytes: usize,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        PipelineConfig { store_capacity: 4095, queue_capacity: 16384, l7_queue_capacity: 4096, connections: 65536 }
+        PipelineConfig {
+            store_capacity: 4095,
+            queue_capacity: 16384,
+            l7_queue_capacity: 4096,
+            connections: 65536,
+            thread_stack_bytes: 8 << 20,
+        }
     }
 }
 
@@ -115,6 +124,7 @@ pub struct Pipeline {
     /// The ring-buffer reader has handed over what the ring held when it
     /// started: access-log entries can be joined to those records now.
     ring_drained: AtomicBool,
+    thread_stack_bytes: usize,
     sinks: Mutex<Vec<Box<dyn Sink>>>,
 }
 
@@ -185,6 +195,7 @@ impl Pipeline {
             worker_handle: Mutex::new(None),
             stop: AtomicBool::new(false),
             ring_drained: AtomicBool::new(false),
+            thread_stack_bytes: cfg.thread_stack_bytes,
             sinks: Mutex::new(Vec::new()),
         });
         let worker = {
@@ -192,6 +203,7 @@ impl Pipeline {
             let conns = ConnTable::new(cfg.connections);
             thread::Builder::new()
                 .name("flows".into())
+                .stack_size(cfg.thread_stack_bytes)
                 .spawn(move || flows_thread(p, cons, l7_rx, conns))
                 .expect("spawning the flows thread")
         };
@@ -320,6 +332,7 @@ impl Pipeline {
 pub fn spawn_reader(mut reader: EventReader, mut feed: EventFeed) -> JoinHandle<()> {
     thread::Builder::new()
         .name("events".into())
+        .stack_size(feed.pipeline.thread_stack_bytes)
         .spawn(move || {
             let mut first = true;
             while !feed.stopped() {
@@ -376,7 +389,7 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
         p.store.push_batch(&mut batch, now_ns() / 1_000_000_000);
         p.counters.l7_stored.fetch_add(l7_entries, Ordering::Release);
         batches = batches.wrapping_add(1);
-        if batches % 1024 == 0 {
+        if batches.is_multiple_of(1024) {
             // The wall clock may have been stepped.
             offset = monotonic_offset();
         }

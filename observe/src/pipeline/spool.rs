@@ -409,7 +409,8 @@ const RING_WAIT: Duration = Duration::from_secs(2);
 /// queued, and committed once the pipeline has stored it. Lines that are
 /// not entries are counted lost (source `proxy`).
 pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new().name("access-log".into()).spawn(move || {
+    let stack = pipeline.thread_stack_bytes;
+    thread::Builder::new().name("access-log".into()).stack_size(stack).spawn(move || {
         // Entries are joined to the connections of the ring buffer's
         // records: after a restart, let the ring's backlog go first.
         let t0 = Instant::now();

@@ -214,7 +214,7 @@ mod tests {
         let s = FlowStore::new(100);
         s.push_batch(&mut (0..20).map(lost).collect(), 1);
         // The last 3 even ones: 14, 16, 18.
-        assert_eq!(s.find_back(Some(3), |_, e| Some(count(e) % 2 == 0)), 14);
+        assert_eq!(s.find_back(Some(3), |_, e| Some(count(e).is_multiple_of(2))), 14);
         // Everything newer than 12 (entries at or before 12 stop the walk).
         assert_eq!(s.find_back(None, |_, e| (count(e) > 12).then_some(true)), 13);
         assert_eq!(s.find_back(Some(0), |_, _| Some(true)), 20, "zero flows: start at the end");

@@ -254,6 +254,11 @@ impl ControlPlane {
         format!("https://127.0.0.1:{}", self.api_port)
     }
 
+    /// The API server's address (on this machine's loopback).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.api_port))
+    }
+
     /// The folder holding kube-apiserver, kubectl, ...
     pub fn assets(&self) -> &Path {
         &self.assets
@@ -396,12 +401,17 @@ impl ControlPlane {
     /// Writes a kubeconfig for this cluster; `user` holds the user's lines
     /// (`token: ...`, or `client-certificate: ...` and `client-key: ...`).
     pub fn write_kubeconfig(&self, path: &Path, name: &str, user: &str) -> io::Result<()> {
+        self.write_kubeconfig_for(path, &self.server_url(), name, user)
+    }
+
+    /// Like [`ControlPlane::write_kubeconfig`], for a client that reaches the
+    /// API server at `server` (through an [`super::ApiRelay`], say).
+    pub fn write_kubeconfig_for(&self, path: &Path, server: &str, name: &str, user: &str) -> io::Result<()> {
         let _g = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: weft-test\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
              users:\n- name: \"{name}\"\n  user:\n    {user}\ncontexts:\n- name: test\n  context: {{cluster: weft-test, user: \"{name}\", namespace: default}}\n\
              current-context: test\n",
-            server = self.server_url(),
             ca = self.ca_file().display(),
         );
         write_private(path, &text)
@@ -668,16 +678,15 @@ impl ControlPlane {
         Ok(path)
     }
 
-    /// A kubeconfig holding a token of ServiceAccount `namespace/name` from
-    /// the TokenRequest API, bound to a Pod (name) when given, as a kubelet
-    /// gets one for the Pod's projected token: the token then names the Pod's
-    /// node, and dies with the Pod.
-    pub fn service_account_kubeconfig(
+    /// A token of ServiceAccount `namespace/name` from the TokenRequest API,
+    /// bound to a Pod (name) when given, as a kubelet gets one for the Pod's
+    /// projected token: the token then names the Pod's node, and dies with the Pod.
+    pub fn service_account_token(
         &self,
         namespace: &str,
         name: &str,
         bound_pod: Option<&str>,
-    ) -> anyhow::Result<PathBuf> {
+    ) -> anyhow::Result<String> {
         let mut args = vec!["create", "token", name, "-n", namespace, "--duration", "2h"];
         let uid;
         if let Some(pod) = bound_pod {
@@ -686,7 +695,17 @@ impl ControlPlane {
         }
         let out = self.kubectl(&args);
         anyhow::ensure!(out.status.success(), "kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-        let token = String::from_utf8(out.stdout)?.trim().to_owned();
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    /// A kubeconfig holding [`ControlPlane::service_account_token`]'s token.
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+        bound_pod: Option<&str>,
+    ) -> anyhow::Result<PathBuf> {
+        let token = self.service_account_token(namespace, name, bound_pod)?;
         let path = self.dir.join(format!("sa-{namespace}-{name}-{}.kubeconfig", bound_pod.unwrap_or("unbound")));
         self.write_kubeconfig(&path, &format!("system:serviceaccount:{namespace}:{name}"), &format!("token: {token}"))?;
         Ok(path)

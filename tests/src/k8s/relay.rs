@@ -5,7 +5,8 @@
 //!
 //! Cutting the relay's connections ([`ApiRelay::cut`]) ends every request and
 //! watch of the clients behind it at once, without restarting the server:
-//! what a network blip or a load balancer dropping idle streams does.
+//! what a network blip or a load balancer dropping idle streams does;
+//! blocking it ([`ApiRelay::set_blocked`]) keeps them out until unblocked.
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +28,8 @@ pub const NODE_API_PORT: u16 = 6443;
 
 struct State {
     stop: AtomicBool,
+    /// New connections are closed at once (the API server is unreachable).
+    blocked: AtomicBool,
     /// Both ends of every open relayed connection, by a number of its own.
     open: Mutex<BTreeMap<u64, (TcpStream, TcpStream)>>,
     accepted: AtomicU64,
@@ -49,12 +52,17 @@ impl ApiRelay {
         };
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
-        let state =
-            Arc::new(State { stop: AtomicBool::new(false), open: Mutex::new(BTreeMap::new()), accepted: 0.into() });
+        let state = Arc::new(State {
+            stop: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            open: Mutex::new(BTreeMap::new()),
+            accepted: 0.into(),
+        });
         let st = state.clone();
         let acceptor = std::thread::Builder::new().name("api-relay".into()).spawn(move || {
             while !st.stop.load(Ordering::SeqCst) {
                 match listener.accept() {
+                    Ok((client, _)) if st.blocked.load(Ordering::SeqCst) => drop(client),
                     Ok((client, _)) => {
                         st.accepted.fetch_add(1, Ordering::SeqCst);
                         let _ = relay(&st, client, upstream);
@@ -80,6 +88,15 @@ impl ApiRelay {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.state.open.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// While blocked, every open connection is cut and new ones are closed
+    /// at once: the API server is unreachable from behind the relay.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.state.blocked.store(blocked, Ordering::SeqCst);
+        if blocked {
+            self.cut();
+        }
     }
 
     /// Closes every open connection (both sides); new ones are still relayed.

@@ -98,6 +98,12 @@ fn route_config(name: &str, vhosts: Vec<Value>) -> Value {
 /// `service` is its Service, `clusters` every backend cluster its routes use
 /// (name to protocol), `backends` the Service ports they need. `None` when
 /// no listener is served (Envoy refuses a listener without filter chains).
+///
+/// One Envoy listener per port, redirected from that Service port alone: the
+/// datapath hands Envoy the connection on a loopback listener, so the port
+/// a client dialled is not something a filter chain could match on. HTTP
+/// listeners of a port share one chain (virtual hosts tell them apart);
+/// HTTPS listeners get a chain each, chosen by server name.
 pub fn spec(
     stat: &str,
     service: &crate::k8s::ObjKey,
@@ -109,28 +115,27 @@ pub fn spec(
     if served.is_empty() {
         return None;
     }
-    let mut chains = Vec::new();
-    let mut resources = Vec::new();
+    let mut listeners = Vec::new();
+    let mut routes = Vec::new();
+    let mut services = Vec::new();
     let mut by_port: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
     for (i, l) in served.iter().enumerate() {
         by_port.entry(l.port).or_default().push(i);
     }
-    let mut tls = false;
     for (port, set) in &by_port {
+        let mut chains = Vec::new();
         let plain: Vec<usize> = set.iter().copied().filter(|&i| served[i].secrets.is_empty()).collect();
         if !plain.is_empty() {
             let name = format!("http-{port}");
-            chains.push(json!({
-                "filter_chain_match": { "destination_port": port },
-                "filters": [envoy::hcm(&format!("{stat}-{port}"), &name)],
-            }));
-            resources.push(route_config(&name, virtual_hosts(served, &plain, attached)));
+            chains.push(json!({ "filters": [envoy::hcm(&format!("{stat}-{port}"), &name)] }));
+            routes.push(route_config(&name, virtual_hosts(served, &plain, attached)));
         }
+        let mut tls = false;
         for &i in set.iter().filter(|&&i| !served[i].secrets.is_empty()) {
             tls = true;
             let l = &served[i];
             let name = format!("https-{}", l.name);
-            let mut m = json!({ "destination_port": port, "transport_protocol": "tls" });
+            let mut m = json!({ "transport_protocol": "tls" });
             if let Some(h) = &l.hostname {
                 m["server_names"] = json!([h]);
             }
@@ -139,14 +144,18 @@ pub fn spec(
                 "filters": [envoy::hcm(&format!("{stat}-{}", l.name), &name)],
                 "transport_socket": envoy::tls_transport_socket(&l.secrets),
             }));
-            resources.push(route_config(&name, virtual_hosts(served, &[i], attached)));
+            routes.push(route_config(&name, virtual_hosts(served, &[i], attached)));
         }
+        let name = format!("listener-{port}");
+        services
+            .push(json!({ "name": service.name, "namespace": service.namespace, "listener": name, "ports": [port] }));
+        listeners.push(envoy::listener(&name, chains, tls));
     }
-    let listener = envoy::listener(chains, tls);
-    resources.insert(0, listener);
+    let mut resources = listeners;
+    resources.extend(routes);
     resources.extend(clusters.iter().map(|(name, (service, up))| envoy::eds_cluster(name, Some(service), *up)));
     Some(json!({
-        "services": [{ "name": service.name, "namespace": service.namespace, "listener": "listener" }],
+        "services": services,
         "backendServices": envoy::backend_services(backends),
         "resources": resources,
     }))
@@ -215,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn https_listeners_get_a_chain_by_server_name_and_http_ports_one_chain_each() {
+    fn each_port_is_a_listener_of_its_own_with_a_chain_per_https_listener() {
         let served = [
             listener("http", None),
             Served { name: "https".into(), port: 443, secrets: vec!["ns/cert".into()], hostname: Some("a.org".into()) },
@@ -231,16 +240,26 @@ mod tests {
             &BTreeMap::new(),
         )
         .unwrap();
-        let chains = &spec["resources"][0]["filter_chains"];
-        assert_eq!(chains[0]["filter_chain_match"], json!({ "destination_port": 80 }));
+        // A listener per port, each redirected from its Service port only.
+        let (http, https) = (&spec["resources"][0], &spec["resources"][1]);
+        assert_eq!((&http["name"], &https["name"]), (&json!("listener-80"), &json!("listener-443")));
+        assert_eq!(http["filter_chains"][0].get("filter_chain_match"), None);
+        assert_eq!(http.get("listener_filters"), None);
         assert_eq!(
-            chains[1]["filter_chain_match"],
-            json!({ "destination_port": 443, "transport_protocol": "tls", "server_names": ["a.org"] })
+            https["filter_chains"][0]["filter_chain_match"],
+            json!({ "transport_protocol": "tls", "server_names": ["a.org"] })
         );
-        assert_eq!(spec["resources"][0]["listener_filters"][0]["name"], "envoy.filters.listener.tls_inspector");
-        assert_eq!(spec["resources"][2]["name"], "https-https");
+        assert_eq!(https["listener_filters"][0]["name"], "envoy.filters.listener.tls_inspector");
         assert_eq!(
-            hosts(spec["resources"][2]["virtual_hosts"].as_array().unwrap()),
+            spec["services"],
+            json!([
+                { "name": "weft-gateway-gw", "namespace": "ns", "listener": "listener-80", "ports": [80] },
+                { "name": "weft-gateway-gw", "namespace": "ns", "listener": "listener-443", "ports": [443] },
+            ])
+        );
+        assert_eq!(spec["resources"][3]["name"], "https-https");
+        assert_eq!(
+            hosts(spec["resources"][3]["virtual_hosts"].as_array().unwrap()),
             [("a.org".to_owned(), vec!["r".to_owned()])]
         );
         assert!(
