@@ -109,6 +109,10 @@ impl Rng {
 /// `budget`. Panics (failing the test) with the saved inputs if any input
 /// panicked the target or took longer than `slow`.
 pub fn run(name: &str, target: &Target, budget: Duration, slow: Duration) -> Report {
+    // One target at a time: each quiets the process-wide panic hook while it
+    // runs (and restores it), and each measures its inputs' time.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     std::thread::scope(|scope| {
         let fuzzing = std::thread::Builder::new()
             .name(format!("fuzz-{name}"))

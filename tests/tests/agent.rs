@@ -97,3 +97,23 @@ fn edits_to_the_objects_directory_take_effect() {
     write_atomic(&objects, &lab_objects(&lab, &[web])).unwrap();
     eventually(true);
 }
+
+/// A component that panics is not left dead inside a running agent: the
+/// agent ends with exit status 1, naming the component and the panic, so the
+/// kubelet restarts it (the panic comes from `WEFT_TEST_PANIC`, a hook that
+/// only debug builds contain). A component that is not vital to forwarding
+/// (the flow names and counters task) is enough.
+#[test]
+fn a_component_that_panics_ends_the_agent_with_an_error() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let files = agent_files(&lab, 0, "").unwrap();
+    write_atomic(&files.objects_dir.join("lab.yaml"), &lab_objects(&lab, &[])).unwrap();
+    let node = lab.node(0);
+    let mut cmd = std::process::Command::new(weft_tests::objects::agent_binary());
+    cmd.args(["run", "--config"]).arg(&files.config).env("WEFT_TEST_PANIC", "flow-sync");
+    let out = lab.run(&node.netns, Some(&node.cgroup), &mut cmd, Duration::from_secs(60)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("weft-agent: the flow names and counters panicked: WEFT_TEST_PANIC=flow-sync"), "{stderr}");
+}

@@ -13,9 +13,19 @@
 //! Status flows one way, from the component that owns it to its readers; no
 //! component writes into another's state. The supervisor notices every
 //! component that ends (returns, fails or panics) and publishes each one's
-//! state ([`status::Health`], in `/status`). The control loop and the
-//! datapath worker are the agent: when either ends, the agent ends with its
-//! error. The others are logged and recorded, and the rest keeps running.
+//! state ([`status::Health`], in `/status`; `/readyz` fails from then on).
+//! None of them ends while the agent is healthy (servers serve, loops loop,
+//! Envoy's supervisor restarts Envoy), so any that does leaves the node
+//! without a part it needs: the agent then ends with an error naming it and
+//! exit status 1, and the kubelet restarts it. Restarting the datapath is
+//! cheap (its maps and programs are pinned and keep forwarding meanwhile) and
+//! a restart rebuilds every component from a clean state, which restarting
+//! one in place could not promise (the flow pipeline's threads share its
+//! store and queues).
+//!
+//! In debug builds only (tests; release builds do not contain the code),
+//! `WEFT_TEST_PANIC=<component>` (kebab-case, `/status` names) makes that
+//! component's task panic as it starts, to test the above.
 
 pub mod api;
 pub mod control;
@@ -52,7 +62,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // thread, and Envoy, starts from this one.
     let _netns = cfg.netns.as_deref().map(NetnsGuard::enter).transpose().context("entering netns")?;
     let rt = crate::limits::runtime(2)?;
-    rt.block_on(agent(cfg, open_files))
+    let result = rt.block_on(agent(cfg, open_files));
+    // Threads that are still running (a component's, or a watcher blocked on
+    // joining one) must not hold the exit.
+    rt.shutdown_background();
+    result
 }
 
 async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
@@ -154,13 +168,11 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             Some((component, state)) = sup.next() => {
-                if matches!(component, Component::Control | Component::Datapath) {
-                    return match state {
-                        ComponentState::Running | ComponentState::Stopped => Ok(()),
-                        ComponentState::Failed { error } => Err(anyhow::anyhow!(error)),
-                        ComponentState::Panicked { message } => anyhow::bail!("the {component} panicked: {message}"),
-                    };
-                }
+                return Err(match state {
+                    ComponentState::Running | ComponentState::Stopped => anyhow::anyhow!("the {component} stopped"),
+                    ComponentState::Failed { error } => anyhow::anyhow!("the {component} failed: {error}"),
+                    ComponentState::Panicked { message } => anyhow::anyhow!("the {component} panicked: {message}"),
+                });
             }
             ring = async {
                 match ring_rx.as_mut() {
@@ -234,7 +246,10 @@ impl Supervisor {
     /// Runs a component as a task.
     fn task(&mut self, c: Component, fut: impl Future<Output = anyhow::Result<()>> + Send + 'static) {
         self.running(c);
-        let handle = tokio::spawn(fut);
+        let handle = tokio::spawn(async move {
+            test_panic(c);
+            fut.await
+        });
         self.set.spawn(async move {
             let state = match handle.await {
                 Ok(r) => r.state(),
@@ -280,6 +295,18 @@ impl Supervisor {
         Some((c, state))
     }
 }
+
+/// Panics if `WEFT_TEST_PANIC` names `c` (debug builds only: see the module doc).
+#[cfg(debug_assertions)]
+fn test_panic(c: Component) {
+    let name = serde_json::to_value(c).ok().and_then(|v| v.as_str().map(str::to_owned));
+    if let (Some(wanted), Some(name)) = (std::env::var_os("WEFT_TEST_PANIC"), name) {
+        assert!(wanted != name.as_str(), "WEFT_TEST_PANIC={name}");
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_panic(_: Component) {}
 
 /// Envoy holds a socket per listener and worker, the agent a few per
 /// connection: raise the open-file limit (Envoy inherits it) to the kernel's

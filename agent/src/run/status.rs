@@ -174,6 +174,12 @@ pub enum ComponentState {
 /// Every component's state; the supervisor is its one writer.
 pub type Health = BTreeMap<Component, ComponentState>;
 
+/// Whether every component the supervisor started is running (the agent is
+/// not ready while one is down, even for the moment before it exits).
+pub fn all_running(h: &Health) -> bool {
+    h.values().all(|s| *s == ComponentState::Running)
+}
+
 /// Everything `/status` reports.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -202,10 +208,12 @@ pub struct Readers {
 }
 
 impl Readers {
-    /// Ready: the datapath applied a snapshot, and Envoy (if the agent runs
-    /// one) is ready.
+    /// Ready: every component runs, the datapath applied a snapshot, and
+    /// Envoy (if the agent runs one) is ready.
     pub fn ready(&self) -> bool {
-        self.datapath.borrow().applied_version > 0 && (!self.envoy_needed || self.envoy.borrow().ready)
+        all_running(&self.health.borrow())
+            && self.datapath.borrow().applied_version > 0
+            && (!self.envoy_needed || self.envoy.borrow().ready)
     }
 
     /// The agent's status as of now.
@@ -339,5 +347,50 @@ impl Collector for AgentCollector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_observe::pipeline::{PipelineConfig, enrich::Names};
+
+    use super::*;
+
+    /// `/readyz` answers from `ready()`: it fails as soon as the supervisor
+    /// records a component that is not running, whatever else is ready.
+    #[test]
+    fn not_ready_while_a_component_is_down() {
+        let (datapath, datapath_rx) = watch::channel(DatapathStatus::default());
+        let (_control, control_rx) = watch::channel(ControlReport::default());
+        let (_envoy, envoy_rx) = watch::channel(EnvoyState::default());
+        let (health, health_rx) = watch::channel(Health::new());
+        let (pipeline, _feed) = Pipeline::start(PipelineConfig::default(), Names::default());
+        let readers = Readers {
+            node: "n".into(),
+            envoy_needed: false,
+            datapath: datapath_rx,
+            control: control_rx,
+            envoy: envoy_rx,
+            health: health_rx,
+            pipeline,
+        };
+        health.send_modify(|h| {
+            h.insert(Component::Datapath, ComponentState::Running);
+            h.insert(Component::FlowApi, ComponentState::Running);
+        });
+        assert!(!readers.ready(), "no snapshot applied yet");
+        datapath.send_modify(|d| d.applied_version = 1);
+        assert!(readers.ready());
+        for down in [
+            ComponentState::Stopped,
+            ComponentState::Failed { error: "bind: address in use".into() },
+            ComponentState::Panicked { message: "boom".into() },
+        ] {
+            health.send_modify(|h| {
+                h.insert(Component::FlowApi, down.clone());
+            });
+            assert!(!readers.ready(), "{down:?}");
+            assert!(!readers.status().ready);
+        }
     }
 }

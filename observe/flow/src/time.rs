@@ -20,10 +20,14 @@ pub fn timestamp(ns: u64) -> prost_types::Timestamp {
 /// A protobuf timestamp as unix ns (times before 1970 are 0, past 2554 the
 /// largest).
 pub fn ns_of(t: &prost_types::Timestamp) -> u64 {
-    u64::try_from(t.seconds)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::try_from(t.nanos).unwrap_or(0))
+    ns_of_parts(t.seconds, t.nanos)
+}
+
+/// Seconds and nanoseconds from the wire (a `Timestamp` or a `Duration`, of
+/// any crate's generated type) as ns: negative is 0, too large the largest,
+/// so no value a peer sends can overflow.
+pub fn ns_of_parts(seconds: i64, nanos: i32) -> u64 {
+    u64::try_from(seconds).unwrap_or(0).saturating_mul(1_000_000_000).saturating_add(u64::try_from(nanos).unwrap_or(0))
 }
 
 /// (year, month 1-12, day 1-31) of a day count since 1970-01-01.
@@ -152,6 +156,17 @@ pub fn parse_time(s: &str, now_ns: u64) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Times from the wire never overflow: Envoy's and clients' timestamps
+    /// reach year 9999 and durations 10,000 years (both past u64 ns).
+    #[test]
+    fn wire_times_saturate() {
+        assert_eq!(ns_of_parts(1, 5), 1_000_000_005);
+        assert_eq!(ns_of_parts(-5, 7), 7);
+        assert_eq!(ns_of_parts(3, -1), 3_000_000_000);
+        assert_eq!(ns_of_parts(253_402_300_799, 999_999_999), u64::MAX);
+        assert_eq!(ns_of_parts(i64::MAX, i32::MAX), u64::MAX);
+    }
 
     #[test]
     fn formats_and_parses() {

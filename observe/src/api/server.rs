@@ -70,7 +70,7 @@ impl ObserverService {
 }
 
 fn ns_of(t: &Option<prost_types::Timestamp>) -> Option<u64> {
-    t.as_ref().map(|t| t.seconds.max(0) as u64 * 1_000_000_000 + t.nanos.max(0) as u64)
+    t.as_ref().map(weft_flow::time::ns_of)
 }
 
 /// What weft's own client asks for in `GetFlowsRequest.extensions`; `None`
@@ -86,7 +86,7 @@ pub fn weft_client(req: &GetFlowsRequest) -> Result<Option<WeftClient>, Status> 
 }
 
 /// A GetFlowsRequest, checked and ready to run.
-struct Query {
+pub struct Query {
     filters: FilterSet,
     since: Option<u64>,
     until: Option<u64>,
@@ -99,7 +99,8 @@ struct Query {
 }
 
 impl Query {
-    fn new(req: &GetFlowsRequest) -> Result<Query, Status> {
+    /// Checks a request: what a client may not ask is InvalidArgument.
+    pub fn new(req: &GetFlowsRequest) -> Result<Query, Status> {
         if req.first && req.follow {
             return Err(Status::invalid_argument("first cannot be combined with follow"));
         }

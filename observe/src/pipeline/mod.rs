@@ -443,7 +443,7 @@ pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entr
         ..Default::default()
     };
     let answered = http.code != 0;
-    let end = start + http.duration_ns;
+    let end = start.saturating_add(http.duration_ns);
     let http = Arc::new(http);
     out.push(Entry::Flow(FlowRecord {
         time_ns: start,
