@@ -133,22 +133,30 @@ fn an_adopted_envoy_killed_under_load_is_restarted_at_once_and_costs_no_new_conn
 
 /// `weft observe -f -o json --protocol http` against node1's agent: its
 /// stdout lines, and its stderr in a file.
-fn follow(
-    env: &weft_tests::envoylab::EnvoyLab,
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>, std::path::PathBuf) {
+fn follow(env: &weft_tests::envoylab::EnvoyLab) -> (Follower, std::sync::mpsc::Receiver<String>, std::path::PathBuf) {
     let err = env.lab.run_dir.join("follower.err");
     let mut cmd = Command::new(workspace_binary("weft"));
     cmd.args(["observe", "--server", &flow_socket(&env.files[0]), "-f", "-o", "json", "--protocol", "http"])
         .stderr(Stdio::from(std::fs::File::create(&err).unwrap()));
     let (child, lines) = spawn_lines(&mut cmd);
-    (child, lines, err)
+    (Follower(child), lines, err)
+}
+
+/// The follower process, killed when the test ends (also when it fails).
+struct Follower(std::process::Child);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
 fn http_flows_logged_while_the_agent_is_away_reach_a_follower_that_carries_on() {
     require_root!();
     let env = flow_lab("");
-    let (mut follower, lines, follower_err) = follow(&env);
+    let (follower, lines, follower_err) = follow(&env);
     // One request the follower must print first: then it is streaming.
     let client = env.lab.pod("n1-p1");
     wait_for(Duration::from_secs(20), "the follower's first flow", || {
@@ -203,8 +211,7 @@ fn http_flows_logged_while_the_agent_is_away_reach_a_follower_that_carries_on() 
         }
         (printed.len() >= 2 * l7.sent).then_some(())
     });
-    let _ = follower.kill();
-    let _ = follower.wait();
+    drop(follower);
     let err = std::fs::read_to_string(&follower_err).unwrap_or_default();
     if let Err(e) = got {
         let missing: Vec<_> =
