@@ -19,6 +19,11 @@ To exercise client behaviour:
                   and across gRPC and HTTP, with UNAVAILABLE (gRPC) or 503 (HTTP);
                   nothing from a refused call is recorded.
 
+To exercise TLS and headers (OTLP/HTTP only):
+  --tls-cert F --tls-key F   serve HTTPS with this certificate and key (PEM);
+  --record-header NAME       add the request's NAME header to each HTTP record, under
+                             "headers" (repeatable).
+
 Needs the PyPI packages opentelemetry-proto, grpcio and protobuf.
 """
 
@@ -26,6 +31,7 @@ import argparse
 import gzip
 import json
 import signal
+import ssl
 import socket
 import sys
 import threading
@@ -122,10 +128,12 @@ class Receiver:
                 return True
             return False
 
-    def record(self, protocol, records):
+    def record(self, protocol, records, headers=None):
         with self.lock:
             for rec in records:
                 rec = {"kind": rec["kind"], "protocol": protocol, **rec}
+                if headers is not None:
+                    rec["headers"] = headers
                 self.out.write(json.dumps(rec) + "\n")
             self.out.flush()
 
@@ -163,7 +171,7 @@ HTTP_ROUTES = {
 }
 
 
-def make_http_handler(rx):
+def make_http_handler(rx, record_headers):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -191,7 +199,8 @@ def make_http_handler(rx):
                 return self.reply(400, f"bad request body: {e}\n".encode())
             if rx.should_fail():
                 return self.reply(503, b"otlp_receiver: --fail-first\n")
-            rx.record("http", extract(request))
+            headers = {h: self.headers.get(h) for h in record_headers} if record_headers else None
+            rx.record("http", extract(request), headers)
             self.reply(200, response_type().SerializeToString(), "application/x-protobuf")
 
         def log_message(self, format, *args):  # keep test output quiet
@@ -208,6 +217,9 @@ def main():
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--delay-ms", type=int, default=0)
     p.add_argument("--fail-first", type=int, default=0)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--record-header", action="append", default=[])
     args = p.parse_args()
 
     rx = Receiver(args.out, args.delay_ms, args.fail_first)
@@ -232,9 +244,14 @@ def main():
                             {"address_family": socket.AF_INET6 if ipv6 else socket.AF_INET,
                              "daemon_threads": True})
         try:
-            http_server = server_class((args.bind, args.http_port), make_http_handler(rx))
+            http_server = server_class((args.bind, args.http_port),
+                                       make_http_handler(rx, [h.lower() for h in args.record_header]))
         except OSError as e:
             sys.exit(f"otlp_receiver: cannot listen on {host}:{args.http_port}: {e}")
+        if args.tls_cert:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+            http_server.socket = tls.wrap_socket(http_server.socket, server_side=True)
         http_port = http_server.server_address[1]
         threading.Thread(target=http_server.serve_forever, daemon=True).start()
     server.start()

@@ -3,6 +3,7 @@
 //! and the value.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -61,6 +62,10 @@ pub struct AgentConfig {
     pub flows: FlowOptions,
     /// Read objects from the Kubernetes API instead of objects-dir.
     pub kubernetes: KubernetesOptions,
+    /// Unix socket weft-cni registers pods' veths on. When set, local pods
+    /// get the datapath on the device weft-cni named (and only then);
+    /// unset, on the device that routes to their address. Default: none.
+    pub cni_socket: Option<PathBuf>,
 }
 
 /// The flow pipeline and its outputs.
@@ -149,6 +154,11 @@ pub struct OtlpOptions {
     pub endpoint: String,
     /// grpc or http/protobuf. Default: grpc.
     pub protocol: String,
+    /// http/protobuf: headers sent with every request (an API key, a tenant). Default: none.
+    pub headers: BTreeMap<String, String>,
+    /// http/protobuf with an https:// endpoint: a PEM file of CA certificates
+    /// trusted besides the system's. Default: the system's alone.
+    pub ca_file: Option<PathBuf>,
     /// Flows waiting to be sent; more are dropped and counted. Default: 8192.
     pub queue_size: usize,
     /// Flows per request. Default: 512.
@@ -171,6 +181,8 @@ impl Default for OtlpOptions {
         Self {
             endpoint: "http://127.0.0.1:4317".into(),
             protocol: "grpc".into(),
+            headers: BTreeMap::new(),
+            ca_file: None,
             queue_size: 8192,
             batch_size: 512,
             interval_ms: 1000,
@@ -200,9 +212,19 @@ impl OtlpOptions {
                 format!("must be from 1 to {MAX_QUEUE}"),
             ));
         }
+        let ca_pem = match &self.ca_file {
+            Some(p) => Some(
+                crate::limits::read_text(p, crate::limits::MAX_CONFIG_FILE_BYTES)
+                    .map_err(|e| invalid("flows.otlp.ca-file", p.display().to_string(), e.to_string()))?
+                    .into_bytes(),
+            ),
+            None => None,
+        };
         Ok(weft_observe::export::otlp::OtlpConfig {
             endpoint: self.endpoint.clone(),
             protocol,
+            headers: self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ca_pem,
             queue: self.queue_size,
             batch: self.batch_size,
             interval: std::time::Duration::from_millis(self.interval_ms),
@@ -244,7 +266,8 @@ impl Default for KubernetesOptions {
 pub struct EnvoyOptions {
     /// Run Envoy at all (off: L7 Services need a proxy listener of their own). Default: true.
     pub enabled: bool,
-    /// The Envoy binary. Default: $WEFT_ENVOY, else the project's .venv/bin/envoy, else `envoy` on PATH.
+    /// The Envoy binary. Default: $WEFT_ENVOY, else `envoy` on PATH, else `envoy`
+    /// next to weft-agent (looked up when the agent starts).
     pub binary: Option<PathBuf>,
     /// Admin port on 127.0.0.1. Default: 9901.
     pub admin_port: u16,
@@ -290,6 +313,7 @@ impl Default for AgentConfig {
             api_address: "0.0.0.0:9962".into(),
             flows: FlowOptions::default(),
             kubernetes: KubernetesOptions::default(),
+            cni_socket: None,
         }
     }
 }
@@ -445,6 +469,16 @@ mod tests {
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.starts_with("flows.otlp.allow = "), "{err}");
         assert!(err.contains("verdikt"), "{err}");
+        let with_headers: AgentConfig = serde_saphyr::from_str(
+            "node-name: n\nflows:\n  otlp: {endpoint: 'https://c:4318', protocol: http/protobuf, headers: {x-tenant: blue}}\n",
+        )
+        .unwrap();
+        let e = with_headers.flows.otlp.as_ref().unwrap().exporter().unwrap();
+        assert_eq!(e.headers, [("x-tenant".to_string(), "blue".to_string())]);
+        let no_ca: AgentConfig =
+            serde_saphyr::from_str("node-name: n\nflows:\n  otlp: {ca-file: /nonexistent/ca.pem}\n").unwrap();
+        let err = no_ca.validate().unwrap_err().to_string();
+        assert!(err.starts_with("flows.otlp.ca-file = /nonexistent/ca.pem: "), "{err}");
         let bad: AgentConfig = serde_saphyr::from_str("node-name: n\nflows: {metrics-context: [pod]}\n").unwrap();
         assert!(bad.validate().unwrap_err().to_string().starts_with("flows.metrics-context"));
         let missing: AgentConfig =

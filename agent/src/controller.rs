@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::{
     k8s::yaml::{Loaded, ParseProblem},
-    state::Snapshot,
+    state::{Attachments, Snapshot},
     xds::{
         envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
         model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo},
@@ -77,6 +77,8 @@ pub struct Controller {
     acked_version: BTreeMap<ConfigKey, u64>,
     /// Objects with resources in the current snapshot.
     owners: std::collections::BTreeSet<ConfigKey>,
+    /// weft-cni's attachments, when pods come through it.
+    attachments: Option<Arc<Attachments>>,
 }
 
 impl Controller {
@@ -96,6 +98,7 @@ impl Controller {
             xds_mode: None,
             acked_version: BTreeMap::new(),
             owners: Default::default(),
+            attachments: None,
         }
     }
 
@@ -129,13 +132,24 @@ impl Controller {
         NodeInfo { name: self.node_name.clone(), labels, any: false }
     }
 
+    /// Sets weft-cni's attachments (None: pods do not come through weft-cni).
+    pub fn set_attachments(&mut self, attachments: Option<Arc<Attachments>>) {
+        self.attachments = attachments;
+    }
+
     /// Builds both snapshots from the current sources.
     pub fn build(&mut self) -> (Snapshot, Arc<Published>) {
         let node = self.node_info();
         self.built = self.model.build(&self.configs, &self.parse_errors, &self.loaded.objects, &node);
         self.version += 1;
         self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
-        let mut snap = Snapshot::derive(&self.loaded.objects, &self.node_name, self.node_ip, &self.built.redirects);
+        let mut snap = Snapshot::derive(
+            &self.loaded.objects,
+            &self.node_name,
+            self.node_ip,
+            &self.built.redirects,
+            self.attachments.as_deref(),
+        );
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
         self.refresh_acks();

@@ -42,13 +42,8 @@ impl LabelSet {
 
     /// The number this set hashes to, before collision handling.
     pub fn hashed(&self) -> u32 {
-        // FNV-1a 64, folded: stable across builds and platforms.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.0.as_bytes() {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        let folded = (h ^ (h >> 32)) as u32;
+        // Stable across builds, platforms and versions.
+        let folded = crate::hash::fnv1a_32(self.0.as_bytes());
         let span = u32::MAX - abi::IDENTITY_MIN_POD + 1;
         abi::IDENTITY_MIN_POD + folded % span
     }

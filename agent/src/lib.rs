@@ -6,6 +6,7 @@ pub mod config;
 pub mod controller;
 pub mod datapath;
 pub mod envoy;
+pub mod hash;
 pub mod identity;
 pub mod k8s;
 pub mod limits;

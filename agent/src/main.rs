@@ -60,8 +60,9 @@ enum Command {
         #[arg(long)]
         cilium: bool,
     },
-    /// Remove every pin of the datapath (maps and links) and the proxy route:
-    /// weft's programs stop on this node.
+    /// Remove every pin of the datapath (maps and links): weft's programs stop
+    /// on this node. The proxy's routing rule (fwmark) and table stay; without
+    /// the programs nothing carries the mark they match.
     DatapathReset {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         bpffs_dir: PathBuf,

@@ -9,7 +9,7 @@ use weft_ebpf::abi;
 
 use crate::{
     datapath::{Datapath, DatapathError, EndpointEntry, Frontend, IpcacheEntry, PolicyEntry, Result, ServiceEntry},
-    state::Snapshot,
+    state::{Snapshot, policy::EndpointPolicy},
 };
 
 /// What one pass did, for logs and metrics.
@@ -48,19 +48,25 @@ pub fn route_device(ip: Ipv4Addr) -> Result<Option<String>> {
 }
 
 impl Reconciler {
+    /// Local pods' addresses and the index of the device each is attached
+    /// to, as last written.
+    pub fn attached(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.endpoints.iter().map(|(ip, e)| (*ip, e.ifindex)).collect()
+    }
+
     /// A reconciler for a node whose external devices are `devices`.
     pub fn new(devices: Vec<String>) -> Self {
         Self { devices, ..Default::default() }
     }
 
-    /// Applies `snap`; `policies` holds each local pod's ingress entries by
-    /// address (pods absent from it have no policy). Runs in the node's
-    /// network namespace.
+    /// Applies `snap`; `policies` holds the policy of each local pod some
+    /// policy selects, by address (pods absent from it have none). Runs in
+    /// the node's network namespace.
     pub fn apply(
         &mut self,
         dp: &mut Datapath,
         snap: &Snapshot,
-        policies: &BTreeMap<Ipv4Addr, Vec<PolicyEntry>>,
+        policies: &BTreeMap<Ipv4Addr, EndpointPolicy>,
     ) -> Result<Applied> {
         let mut out = Applied::default();
         if !self.devices_attached {
@@ -152,17 +158,31 @@ impl Reconciler {
         &mut self,
         dp: &mut Datapath,
         snap: &Snapshot,
-        policies: &BTreeMap<Ipv4Addr, Vec<PolicyEntry>>,
+        policies: &BTreeMap<Ipv4Addr, EndpointPolicy>,
         out: &mut Applied,
     ) -> Result<()> {
         let mut want = BTreeMap::new();
         for p in snap.pods.iter().filter(|p| p.local) {
-            let dev = match route_device(p.ip)? {
-                Some(d) if !self.devices.contains(&d) && d != "lo" => d,
-                _ => {
-                    out.problems.push(format!("pod {}: no device routes to {} yet", p.key, p.ip));
+            let dev = match (&p.device, snap.cni) {
+                // The device weft-cni named, if it is still the same one.
+                (Some((name, index)), _) => match crate::datapath::ifindex(name) {
+                    Ok(i) if i == *index => name.clone(),
+                    _ => {
+                        out.problems.push(format!("pod {}: device {name} (index {index}) is gone", p.key));
+                        continue;
+                    }
+                },
+                (None, true) => {
+                    out.problems.push(format!("pod {}: not registered by weft-cni yet", p.key));
                     continue;
                 }
+                (None, false) => match route_device(p.ip)? {
+                    Some(d) if !self.devices.contains(&d) && d != "lo" => d,
+                    _ => {
+                        out.problems.push(format!("pod {}: no device routes to {} yet", p.key, p.ip));
+                        continue;
+                    }
+                },
             };
             let ifindex = match dp.attach_pod_device(&dev) {
                 Ok(i) => i,
@@ -171,16 +191,17 @@ impl Reconciler {
                     continue;
                 }
             };
-            let entries = policies.get(&p.ip);
+            let policy = policies.get(&p.ip);
             let ep = EndpointEntry {
                 addr: p.ip,
                 ifindex,
                 identity: p.identity,
                 ep_id: dp.endpoint_id_for(p.ip),
-                policy_ingress: entries.is_some(),
+                policy_ingress: policy.is_some_and(|p| p.ingress),
+                policy_egress: policy.is_some_and(|p| p.egress),
             };
             // Policy entries go in before the endpoint starts enforcing them.
-            let entries = entries.cloned().unwrap_or_default();
+            let entries = policy.map(|p| p.entries.clone()).unwrap_or_default();
             if self.policies.get(&ep.ep_id) != Some(&entries) {
                 dp.set_policy(ep.ep_id, &entries)?;
                 self.policies.insert(ep.ep_id, entries);

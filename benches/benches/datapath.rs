@@ -17,7 +17,7 @@ use aya::{
     EbpfLoader,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use weft_agent::datapath::{EndpointEntry, PolicyAction, PolicyEntry, Proto};
+use weft_agent::datapath::{Direction, EndpointEntry, PolicyAction, PolicyEntry, Proto};
 use weft_benches::{Samples, machine, pct_json, ratio, save, us};
 use weft_tests::{
     http::{HttpServer, ServerOpts},
@@ -62,11 +62,13 @@ fn program_bench(lab: &Lab) -> serde_json::Value {
         .set_policy(
             ep.ep_id,
             &[PolicyEntry {
+                direction: Direction::Ingress,
                 identity: ids(lab.pod("n1-p1")),
-                port: 8080,
                 proto: Some(Proto::Tcp),
+                ports: Some((8080, 8080)),
                 action: PolicyAction::Allow,
                 rule_id: 1,
+                proxy_port: None,
             }],
         )
         .unwrap();

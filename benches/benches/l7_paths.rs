@@ -62,7 +62,7 @@ fn sidecar_bootstrap(listen: (&str, u16), upstream: (Ipv4Addr, u16), admin: u16)
 }
 
 fn envoy_binary() -> std::path::PathBuf {
-    weft_agent::envoy::find_binary(None)
+    weft_tests::objects::envoy_binary()
 }
 
 fn start_sidecar(lab: &Lab, ns: &str, name: &str, bootstrap: &str) -> u32 {

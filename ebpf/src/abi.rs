@@ -140,12 +140,14 @@ shared_struct! {
 shared_struct! {
     /// Key of `weft_policy`.
     pub struct PolicyKey {
-        pub identity: u32,
+        pub prefixlen: u32,
         pub ep_id: u16,
-        pub dport: u16,
-        pub proto: u8,
         pub direction: u8,
-        pub _pad: u16,
+        pub _pad0: u8,
+        pub identity: u32,
+        pub _pad1: u8,
+        pub proto: u8,
+        pub dport: u16,
     }
 }
 
@@ -153,11 +155,28 @@ shared_struct! {
     /// Value of `weft_policy`.
     pub struct PolicyVal {
         pub action: u8,
-        pub flags: u8,
-        pub _pad: u16,
+        pub prefixlen: u8,
+        pub proxy_port: u16,
         pub rule_id: u32,
     }
 }
+
+/// What follows `prefixlen` in a [`PolicyKey`]: the data of a `weft_policy`
+/// trie key as aya's `LpmTrie` takes it (it adds the prefix length itself).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyMatch {
+    pub ep_id: u16,
+    pub direction: u8,
+    pub _pad0: u8,
+    pub identity: u32,
+    pub _pad1: u8,
+    pub proto: u8,
+    pub dport: u16,
+}
+
+// SAFETY: repr(C), only integer fields, no implicit padding (12 bytes).
+unsafe impl aya::Pod for PolicyMatch {}
 
 shared_struct! {
     /// Key of `weft_ct` and `weft_lb`.
@@ -274,5 +293,26 @@ impl Event {
     /// The SNAT source address (see EVF_XLATED_SRC).
     pub fn nat(&self) -> std::net::SocketAddrV4 {
         std::net::SocketAddrV4::new(self.nat_addr.to_ne_bytes().into(), u16::from_be(self.nat_port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_match_is_a_policy_key_after_its_prefix_length() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(size_of::<PolicyMatch>() + 4, size_of::<PolicyKey>());
+        let pairs = [
+            (offset_of!(PolicyMatch, ep_id), offset_of!(PolicyKey, ep_id)),
+            (offset_of!(PolicyMatch, direction), offset_of!(PolicyKey, direction)),
+            (offset_of!(PolicyMatch, identity), offset_of!(PolicyKey, identity)),
+            (offset_of!(PolicyMatch, proto), offset_of!(PolicyKey, proto)),
+            (offset_of!(PolicyMatch, dport), offset_of!(PolicyKey, dport)),
+        ];
+        for (m, k) in pairs {
+            assert_eq!(m + 4, k);
+        }
     }
 }

@@ -229,6 +229,22 @@ static __always_inline void unit_identity(__u32 addr, __u32 identity)
 	bpf_map_update_elem(&weft_ipcache, &k, &v, BPF_ANY);
 }
 
+/* A policy entry of endpoint ep_id: a peer (0: any), a protocol (0: any, and
+ * then every port), and a block of ports starting at `port` with `port_bits`
+ * of it fixed (16: that port alone; 0: every port of the protocol). */
+static __always_inline void unit_policy(__u16 ep_id, __u8 dir, __u32 identity, __u8 proto, __u16 port,
+					__u8 port_bits, __u8 action, __u32 rule, __u16 proxy_port)
+{
+	struct weft_policy_key k = {
+		.ep_id = ep_id, .direction = dir, .identity = identity, .proto = proto, .dport = bpf_htons(port),
+	};
+	struct weft_policy_val v = { .action = action, .rule_id = rule, .proxy_port = proxy_port };
+
+	k.prefixlen = proto ? WEFT_POLICY_PREFIX_PROTO + port_bits : WEFT_POLICY_PREFIX_FIXED;
+	v.prefixlen = k.prefixlen;
+	bpf_map_update_elem(&weft_policy, &k, &v, BPF_ANY);
+}
+
 /* A frontend with up to two backends (ids 1 and 2 at `port`); count 0 = none. */
 static __always_inline void unit_service(__u32 addr, __u16 port, __u8 flags, __u16 proxy_port,
 					 __u32 b1, __u32 b2, __u16 backend_port, __u16 count)

@@ -15,7 +15,7 @@ use crate::{
     http::{HttpServer, Response, ServerOpts, get_once},
     lab::Lab,
     objects::{
-        LabService, agent_binary, agent_files, envoy_state, lab_objects, wait_ready, wait_status, workspace_binary,
+        LabService, agent_command, agent_files, envoy_state, lab_objects, wait_ready, wait_status, workspace_binary,
         write_atomic,
     },
     scenario::{T, VIP, sa},
@@ -127,7 +127,7 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
     say("starting weft-agent on node1 and node2 (datapath loaded, maps pinned, Envoy started, flow API up)");
     let mut pids = Vec::new();
     for (i, f) in files.iter().enumerate() {
-        let mut cmd = Command::new(agent_binary());
+        let mut cmd = agent_command();
         let log = std::fs::File::create(lab.run_dir.join(format!("agent{i}.log")))?;
         cmd.args(["run", "--config"]).arg(&f.config).stdout(log.try_clone()?).stderr(log);
         pids.push(lab.spawn(&lab.node(i).netns, Some(&lab.node(i).cgroup), &mut cmd)?);

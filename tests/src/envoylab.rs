@@ -73,6 +73,25 @@ impl EnvoyLab {
         .unwrap_or_else(|e| self.fail(e))
     }
 
+    /// Replaces the objects both agents read and waits until each applied
+    /// them (its datapath took a newer snapshot).
+    pub fn apply(&self, objects: &str) {
+        let version = |i: usize| {
+            crate::objects::agent_status(&self.lab, i)
+                .ok()
+                .and_then(|s| s["datapath"]["applied-version"].as_u64())
+                .unwrap_or(0)
+        };
+        let before: Vec<u64> = (0..2).map(version).collect();
+        write_atomic(&self.objects_file(), objects).unwrap_or_else(|e| self.fail(e));
+        for (i, b) in before.iter().enumerate() {
+            wait_status(&self.lab, i, Duration::from_secs(30), "the new objects applied", |s| {
+                s["datapath"]["applied-version"].as_u64().is_some_and(|v| v > *b)
+            })
+            .unwrap_or_else(|e| self.fail(e));
+        }
+    }
+
     pub fn objects_file(&self) -> std::path::PathBuf {
         self.files[0].objects_dir.join("lab.yaml")
     }

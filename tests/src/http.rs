@@ -9,7 +9,7 @@
 //! response headers the request's `X-Echo-Set-Header` asks for.
 
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
@@ -371,6 +371,14 @@ impl Client {
         req.push_str("\r\n");
         self.stream.write_all(req.as_bytes())?;
         read_response(&mut self.reader, method == "HEAD")
+    }
+
+    /// Waits until the server closes its side (within the read timeout), so
+    /// the server is the first to close whatever the scheduling.
+    pub fn wait_closed(&mut self) -> io::Result<()> {
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest)?;
+        Ok(())
     }
 }
 

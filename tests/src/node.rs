@@ -69,6 +69,7 @@ impl LabNode {
                     identity: ids(pod),
                     ep_id,
                     policy_ingress: false,
+                    policy_egress: false,
                 })?;
             }
         }

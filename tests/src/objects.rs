@@ -43,8 +43,27 @@ impl LabService {
     }
 }
 
+/// How a test wants a lab pod to look to Kubernetes: its namespace, labels
+/// and named container ports, in place of the lab's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct PodLook {
+    pub namespace: String,
+    pub labels: Vec<(String, String)>,
+    /// (name, port) of TCP container ports.
+    pub ports: Vec<(String, u16)>,
+}
+
 /// The lab's nodes and pods, and the given Services with their EndpointSlices, as YAML.
 pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
+    lab_objects_with(lab, services, &std::collections::BTreeMap::new())
+}
+
+/// Like [`lab_objects`], with some pods (by name) looking as `looks` says.
+pub fn lab_objects_with(
+    lab: &Lab,
+    services: &[LabService],
+    looks: &std::collections::BTreeMap<&str, PodLook>,
+) -> String {
     let mut y = String::new();
     for n in &lab.nodes {
         let _ = write!(
@@ -54,14 +73,20 @@ pub fn lab_objects(lab: &Lab, services: &[LabService]) -> String {
         );
     }
     for p in &lab.pods {
-        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let look = looks.get(p.name.as_str());
+        let labels: Vec<String> =
+            look.map_or(&p.labels, |l| &l.labels).iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let ports: Vec<String> = look
+            .map(|l| l.ports.iter().map(|(n, port)| format!("{{name: {n}, containerPort: {port}}}")).collect())
+            .unwrap_or_default();
         let _ = write!(
             y,
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: app, image: lab}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: app, image: lab, ports: [{}]}}]\nstatus:\n  phase: Running\n  podIP: {}\n---\n",
             p.name,
-            p.namespace,
+            look.map_or(&p.namespace, |l| &l.namespace),
             labels.join(", "),
             lab.node(p.node).name,
+            ports.join(", "),
             p.ip
         );
     }
@@ -164,13 +189,30 @@ pub fn agent_binary() -> PathBuf {
     workspace_binary("weft-agent")
 }
 
+/// The Envoy the tests run: $WEFT_ENVOY, else the one tests/setup.sh pins in
+/// the project's venv.
+pub fn envoy_binary() -> PathBuf {
+    match std::env::var_os("WEFT_ENVOY").filter(|p| !p.is_empty()) {
+        Some(p) => p.into(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy"),
+    }
+}
+
+/// A command that runs the agent binary with the tests' Envoy (the agent
+/// finds Envoy at run time; the lab's is not on PATH).
+pub fn agent_command() -> Command {
+    let mut cmd = Command::new(agent_binary());
+    cmd.env("WEFT_ENVOY", envoy_binary());
+    cmd
+}
+
 /// Starts node `idx`'s agent inside the node's namespace and cgroup (as a
 /// node process; the lab's teardown then also stops the Envoy it starts);
 /// returns its pid.
 pub fn start_agent(lab: &Lab, idx: usize, files: &AgentFiles, log: &Path) -> anyhow::Result<u32> {
     let _ = std::fs::remove_file(files.state_dir.join("ready"));
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let mut cmd = Command::new(agent_binary());
+    let mut cmd = agent_command();
     cmd.args(["run", "--config"]).arg(&files.config).stdout(log.try_clone()?).stderr(log);
     lab.spawn(&lab.node(idx).netns, Some(&lab.node(idx).cgroup), &mut cmd)
 }

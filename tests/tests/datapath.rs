@@ -71,7 +71,12 @@ fn pod_to_l7_cluster_ip_lands_on_the_proxy_with_the_vip_as_local_address() {
     let mut failures = Vec::new();
     for i in 0..2000 {
         let from = sa(client.ip, ports[i % ports.len()]);
-        let res = Client::connect(&client.netns, sa(VIP, 80), Some(from), T).and_then(|mut c| c.get("svc", "/", &[]));
+        // Waiting for the proxy's close keeps its side the one in TIME_WAIT.
+        let res = Client::connect(&client.netns, sa(VIP, 80), Some(from), T).and_then(|mut c| {
+            let r = c.get("svc", "/", &[])?;
+            c.wait_closed()?;
+            Ok(r)
+        });
         match res {
             Ok(r) if r.status == 200 => {}
             other => failures.push((i, format!("{other:?}"))),

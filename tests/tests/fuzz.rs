@@ -86,7 +86,7 @@ use weft_observe::{
     },
     pipeline::{
         accesslog,
-        enrich::Names,
+        enrich::{Names, PolicyName},
         join::ConnTable,
         l7_flows,
         record::{EndpointInfo, Entry, FlowRecord, L7Entry, ServiceInfo},
@@ -118,7 +118,7 @@ fn names() -> Names {
         6,
         Arc::new(ServiceInfo { namespace: "default".into(), name: "web".into() }),
     );
-    n.add_policy(7, "default".into(), "allow-web".into());
+    n.add_policy(7, PolicyName { kind: "NetworkPolicy".into(), namespace: "default".into(), name: "allow-web".into() });
     n
 }
 

@@ -18,13 +18,14 @@ use std::{
 use serde_json::{Value, json};
 use weft_agent::netns;
 use weft_tests::{
+    flows::flow_socket,
     http::{Client, EchoPod, HttpServer, Response, ServerOpts},
     k8s::{
         ControlPlane, deploy,
         relay::{ApiRelay, NODE_API_PORT},
     },
     lab::Lab,
-    objects::{agent_files, start_agent, wait_ready},
+    objects::{agent_files, start_agent, wait_ready, workspace_binary},
     require_control_plane, require_root,
     scenario::{T, sa as sa_of},
 };
@@ -1014,5 +1015,24 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
         let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["delete", "-f", "-"], Some(&yaml));
         assert!(out.status.success(), "{test}: delete: {}", String::from_utf8_lossy(&out.stderr));
     }
+
+    // `weft observe` on node1 shows those requests as HTTP flows naming the
+    // route that served them, qualified by the Gateway's config.
+    let route = format!("; route /weft-gateway.{INFRA}.same-namespace/httproute/{INFRA}/matching/rule/");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let line = loop {
+        let out = std::process::Command::new(workspace_binary("weft"))
+            .args(["observe", "--server", &flow_socket(&files[0]), "--all", "--protocol", "http", "--color", "never"])
+            .output()
+            .unwrap();
+        let seen = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(l) = seen.lines().find(|l| l.contains(&route) && l.contains("; conn ")) {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no joined flow naming {route:?} in weft observe:\n{seen}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(line.contains("infra-backend-v"), "{line}");
+    eprintln!("weft observe: {line}");
     operator.abort();
 }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddrV4;
 
-use weft_agent::datapath::{EndpointEntry, Frontend, FrontendKind, PolicyAction, PolicyEntry, Proto};
+use weft_agent::datapath::{Direction, EndpointEntry, Frontend, FrontendKind, PolicyAction, PolicyEntry, Proto};
 use weft_ebpf::abi::{self, Event};
 use weft_tests::{
     http::{Client, get_once},
@@ -45,11 +45,13 @@ fn policy_denies_with_a_drop_record_and_allows_the_selected_peer() {
         .set_policy(
             ep_id,
             &[PolicyEntry {
+                direction: Direction::Ingress,
                 identity: ids(allowed),
-                port: 8080,
                 proto: Some(Proto::Tcp),
+                ports: Some((8080, 8080)),
                 action: PolicyAction::Allow,
                 rule_id: 7,
+                proxy_port: None,
             }],
         )
         .unwrap();

@@ -21,7 +21,7 @@ pub(crate) struct Maps {
     pub backends: HashMap<MapData, u32, abi::Backend>,
     pub endpoints: HashMap<MapData, u32, abi::Endpoint>,
     pub ipcache: LpmTrie<MapData, u32, abi::IpcacheVal>,
-    pub policy: HashMap<MapData, abi::PolicyKey, abi::PolicyVal>,
+    pub policy: LpmTrie<MapData, abi::PolicyMatch, abi::PolicyVal>,
     pub ct: HashMap<MapData, abi::CtKey, abi::CtEntry>,
     pub lb: HashMap<MapData, abi::CtKey, abi::LbEntry>,
     pub proxy_socks: SockHash<MapData, u32>,
@@ -129,7 +129,8 @@ pub(crate) struct Shadow {
     backends: StdHashMap<(u32, u16, u8), (u32, u32)>,
     next_backend_id: u32,
     endpoints: BTreeMap<u32, abi::Endpoint>,
-    policy: StdHashMap<u16, Vec<abi::PolicyKey>>,
+    /// Trie keys written for each endpoint: (prefix length, data).
+    policy: StdHashMap<u16, Vec<(u32, abi::PolicyMatch)>>,
 }
 
 impl Shadow {
@@ -172,7 +173,7 @@ impl Shadow {
         }
         for item in maps.policy.keys() {
             let k = item.map_err(|e| DatapathError::Map { map: "weft_policy", source: Box::new(e) })?;
-            s.policy.entry(k.ep_id).or_default().push(k);
+            s.policy.entry(k.data().ep_id).or_default().push((k.prefix_len(), k.data()));
         }
         Ok(s)
     }
@@ -373,7 +374,8 @@ impl Datapath {
             ifindex: ep.ifindex,
             identity: ep.identity,
             ep_id: ep.ep_id,
-            flags: if ep.policy_ingress { abi::EP_POLICY_INGRESS as u8 } else { 0 },
+            flags: (if ep.policy_ingress { abi::EP_POLICY_INGRESS as u8 } else { 0 })
+                | (if ep.policy_egress { abi::EP_POLICY_EGRESS as u8 } else { 0 }),
             _pad: 0,
         };
         let key = be_addr(ep.addr);
@@ -406,6 +408,7 @@ impl Datapath {
                 identity: e.identity,
                 ep_id: e.ep_id,
                 policy_ingress: e.flags as u32 & abi::EP_POLICY_INGRESS != 0,
+                policy_egress: e.flags as u32 & abi::EP_POLICY_EGRESS != 0,
             })
             .collect()
     }
@@ -452,47 +455,29 @@ impl Datapath {
             .collect()
     }
 
-    /// Replaces the ingress policy entries of a local endpoint. New entries are
-    /// written before stale ones are removed, so no connection sees a gap.
+    /// Replaces the policy entries (both directions) of a local endpoint.
+    /// New entries are written before stale ones are removed, so no
+    /// connection sees a gap.
     pub fn set_policy(&mut self, ep_id: u16, entries: &[PolicyEntry]) -> Result<()> {
-        let keys: Vec<(abi::PolicyKey, abi::PolicyVal)> = entries
-            .iter()
-            .map(|p| {
-                (
-                    abi::PolicyKey {
-                        identity: p.identity,
-                        ep_id,
-                        dport: be_port(p.port),
-                        proto: p.proto.map(Proto::number).unwrap_or(0),
-                        direction: abi::DIR_INGRESS as u8,
-                        _pad: 0,
-                    },
-                    abi::PolicyVal {
-                        action: match p.action {
-                            PolicyAction::Allow => abi::POLICY_ALLOW,
-                            PolicyAction::Deny => abi::POLICY_DENY,
-                        } as u8,
-                        flags: 0,
-                        _pad: 0,
-                        rule_id: p.rule_id,
-                    },
-                )
-            })
-            .collect();
+        let slots = super::policy::slots(ep_id, entries);
         let max = self.size("policy");
-        for (k, v) in &keys {
-            self.maps.policy.insert(*k, *v, 0).map_err(|e| insert_err("weft_policy", "policy", max, e))?;
+        for (len, key, val) in &slots {
+            self.maps
+                .policy
+                .insert(&Key::new(*len, *key), *val, 0)
+                .map_err(|e| insert_err("weft_policy", "policy", max, e))?;
         }
+        let now: std::collections::BTreeSet<(u32, abi::PolicyMatch)> = slots.iter().map(|(l, k, _)| (*l, *k)).collect();
         let old = self.state.policy.remove(&ep_id).unwrap_or_default();
-        for k in old {
-            if !keys.iter().any(|(n, _)| *n == k)
-                && let Err(e) = self.maps.policy.remove(&k)
+        for (len, key) in old {
+            if !now.contains(&(len, key))
+                && let Err(e) = self.maps.policy.remove(&Key::new(len, key))
             {
                 remove_err("weft_policy", e)?;
             }
         }
-        if !keys.is_empty() {
-            self.state.policy.insert(ep_id, keys.into_iter().map(|(k, _)| k).collect());
+        if !slots.is_empty() {
+            self.state.policy.insert(ep_id, now.into_iter().collect());
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod config;
 mod error;
 mod gc;
 mod maps;
+mod policy;
 mod proxy;
 mod routing;
 mod sys;
@@ -18,6 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub use attach::ifindex;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, RingBuf},

@@ -40,14 +40,3 @@ pub(crate) fn install(cfg: &DatapathConfig) -> Result<()> {
     ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table])?;
     Ok(())
 }
-
-/// Removes the rule and the table route (agent uninstall).
-#[allow(dead_code)] // used by `weft-agent datapath reset` (issue: uninstall)
-pub fn uninstall(cfg: &DatapathConfig) -> Result<()> {
-    let mark = format!("{:#x}/{:#x}", abi::MARK_TO_PROXY, abi::MARK_MASK);
-    let table = cfg.proxy_route_table.to_string();
-    let pref = cfg.proxy_rule_priority.to_string();
-    let _ = ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table, "pref", &pref]);
-    let _ = ip(&["-4", "route", "flush", "table", &table]);
-    Ok(())
-}

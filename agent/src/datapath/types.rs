@@ -4,6 +4,7 @@
 use std::{fmt, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
+use weft_ebpf::abi;
 
 /// Transport protocol of a Service port or policy entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -96,8 +97,10 @@ pub struct EndpointEntry {
     pub identity: u32,
     /// Node-local endpoint id (policy entries are keyed by it).
     pub ep_id: u16,
-    /// A policy selects the pod: ingress is default-deny.
+    /// A policy selects the pod for ingress: ingress is default-deny.
     pub policy_ingress: bool,
+    /// A policy selects the pod for egress: egress is default-deny.
+    pub policy_egress: bool,
 }
 
 /// What the datapath knows about an address or prefix.
@@ -122,14 +125,48 @@ pub enum PolicyAction {
     Deny,
 }
 
-/// One ingress policy entry of a local endpoint. `identity` 0 means any peer;
-/// `port` 0 with `proto` None means any port and protocol.
+/// Which traffic of a local endpoint a policy entry is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Connections the endpoint accepts.
+    Ingress,
+    /// Connections the endpoint opens.
+    Egress,
+}
+
+impl Direction {
+    /// The value of `WEFT_DIR_*`.
+    pub fn raw(self) -> u8 {
+        match self {
+            Direction::Ingress => abi::DIR_INGRESS as u8,
+            Direction::Egress => abi::DIR_EGRESS as u8,
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        })
+    }
+}
+
+/// One policy entry of a local endpoint: a peer, a protocol and ports, and
+/// what to do. `identity` 0 means any peer; `proto` None any protocol (and
+/// then every port); `ports` None every port of the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PolicyEntry {
+    pub direction: Direction,
     pub identity: u32,
-    pub port: u16,
     pub proto: Option<Proto>,
+    /// An inclusive port range.
+    pub ports: Option<(u16, u16)>,
     pub action: PolicyAction,
     /// Opaque id naming the rule this entry came from, reported with verdicts.
     pub rule_id: u32,
+    /// Allowed only through the node's proxy, on this port (L7 rules).
+    pub proxy_port: Option<u16>,
 }

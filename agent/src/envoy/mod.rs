@@ -32,7 +32,7 @@ use std::{
 
 use serde::Serialize;
 use serde_json::json;
-use tokio::{io::AsyncReadExt, io::AsyncWriteExt, sync::watch};
+use tokio::sync::watch;
 use weft_observe::pipeline::spool::SpoolDir;
 
 use self::process::Process;
@@ -163,24 +163,6 @@ pub fn bootstrap(s: &EnvoySettings) -> serde_json::Value {
             "layers": [{"name": "static", "static_layer": {"overload": {"global_downstream_max_connections": 50000}}}]
         }
     })
-}
-
-/// GET a path of Envoy's admin interface; the status code and body.
-pub async fn admin_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(2), fetch)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "Envoy admin did not answer"))??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((code, body))
 }
 
 /// Where the supervisor keeps its files, under the state directory.
@@ -365,9 +347,18 @@ pub async fn supervise(s: EnvoySettings, state: watch::Sender<EnvoyState>) -> an
 /// Polls Envoy's /ready and keeps `state.ready` up to date.
 fn readiness(state: watch::Sender<EnvoyState>, port: u16) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let url = format!("http://127.0.0.1:{port}/ready");
+        // Without a client there is no readiness to report: Envoy stays not ready.
+        let client = match weft_flow::client::http_client().timeout(Duration::from_secs(2)).build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("an HTTP client for Envoy's admin interface: {e}");
+                return;
+            }
+        };
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let ready = matches!(admin_get(port, "/ready").await, Ok((200, _)));
+            let ready = client.get(&url).send().await.is_ok_and(|r| r.status().as_u16() == 200);
             state.send_if_modified(|st| {
                 let changed = st.ready != ready;
                 st.ready = ready;
@@ -377,20 +368,51 @@ fn readiness(state: watch::Sender<EnvoyState>, port: u16) -> tokio::task::JoinHa
     })
 }
 
-/// Shared Envoy state handle.
-pub type EnvoyStateRx = watch::Receiver<EnvoyState>;
+/// Envoy was not found where the agent looks.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no Envoy binary: set envoy.binary in the agent's config (or $WEFT_ENVOY), or put `envoy` on PATH or next to weft-agent ({next_to})"
+)]
+pub struct EnvoyNotFound {
+    /// The agent's own directory, as looked in.
+    pub next_to: String,
+}
 
-/// Finds the Envoy binary: the configured one, else the project's venv, else PATH.
-pub fn find_binary(configured: Option<&Path>) -> PathBuf {
+/// Finds the Envoy binary when the agent starts: the configured one, else
+/// `$WEFT_ENVOY`, else `envoy` on PATH, else `envoy` next to the agent's own
+/// binary (an image that ships both side by side).
+pub fn find_binary(configured: Option<&Path>) -> Result<PathBuf, EnvoyNotFound> {
     if let Some(p) = configured {
-        return p.to_owned();
+        return Ok(p.to_owned());
     }
-    if let Some(p) = std::env::var_os("WEFT_ENVOY") {
-        return p.into();
+    if let Some(p) = std::env::var_os("WEFT_ENVOY").filter(|p| !p.is_empty()) {
+        return Ok(p.into());
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/envoy");
-    if venv.exists() {
-        return venv;
+    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    let own_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_owned));
+    on_path.chain(own_dir.clone()).map(|dir| dir.join("envoy")).find(|p| is_executable(p)).ok_or_else(|| {
+        EnvoyNotFound { next_to: own_dir.map(|d| d.display().to_string()).unwrap_or_else(|| "unknown".into()) }
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_is_found_at_run_time() {
+        assert_eq!(find_binary(Some(Path::new("/opt/envoy"))).unwrap(), Path::new("/opt/envoy"));
+        // Nothing of the build machine is baked in: the lookup is PATH and
+        // the agent's own directory (here, the test binary's).
+        let err = EnvoyNotFound { next_to: "/usr/local/bin".into() }.to_string();
+        assert!(err.contains("envoy.binary") && err.contains("/usr/local/bin"), "{err}");
+        assert!(is_executable(Path::new("/bin/sh")));
+        assert!(!is_executable(&Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")));
+        assert!(!is_executable(Path::new("/bin")), "a directory is not a binary");
     }
-    PathBuf::from("envoy")
 }

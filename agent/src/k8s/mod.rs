@@ -4,6 +4,7 @@
 
 pub mod crd;
 pub mod report;
+pub mod selector;
 pub mod source;
 pub mod watch;
 pub mod yaml;

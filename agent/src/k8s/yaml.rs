@@ -13,13 +13,68 @@ use serde_json::Value;
 use super::{Object, Objects, Origin};
 use crate::limits;
 
+/// Why a file or a document of it could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DocError {
+    /// A syntax error or a breached parser budget: the file ends here.
+    #[error("not valid YAML: {0}")]
+    NotYaml(String),
+    /// This document is not valid YAML (a duplicate key, say); the others are read.
+    #[error("not valid YAML (document skipped): {0}")]
+    DocumentNotYaml(String),
+    /// The file could not be read (the message says why, from `limits::ReadError`).
+    #[error("{0}")]
+    Unreadable(String),
+    #[error("document has no kind")]
+    NoKind,
+    #[error("metadata.name is missing")]
+    NoName,
+    /// The document does not fit its kind's schema (serde's message names the field).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DocError {
+    /// Whether the whole file is lost, not one document of it.
+    pub fn whole_file(&self) -> bool {
+        matches!(self, DocError::NotYaml(_) | DocError::Unreadable(_))
+    }
+}
+
+/// What stays in effect in place of what failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kept {
+    /// The file's previous contents (it no longer parses at all).
+    PreviousContents,
+    /// The previous version of the object (or of the document) that failed.
+    PreviousVersion,
+}
+
 /// A document that could not be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseProblem {
     pub origin: Origin,
     /// `Kind namespace/name` when the document got that far.
     pub object: Option<String>,
+    pub error: DocError,
+    pub kept: Option<Kept>,
+    /// The error, and what stays in effect, as users read it.
     pub message: String,
+}
+
+impl ParseProblem {
+    fn new(origin: Origin, object: Option<String>, error: DocError) -> Self {
+        let message = error.to_string();
+        ParseProblem { origin, object, error, kept: None, message }
+    }
+
+    fn keep(&mut self, kept: Kept) {
+        self.kept = Some(kept);
+        self.message.push_str(match kept {
+            Kept::PreviousContents => " (its previous contents stay in effect)",
+            Kept::PreviousVersion => " (its previous version stays in effect)",
+        });
+    }
 }
 
 impl std::fmt::Display for ParseProblem {
@@ -48,8 +103,8 @@ pub const RAW_KINDS: &[&str] =
     &["EnvoyConfig", "ClusterwideEnvoyConfig", "CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig"];
 
 /// Parses one document (already JSON) into an object of a kind the agent uses.
-pub fn object_from_value(v: Value) -> Result<Option<Object>, String> {
-    Object::from_value(v).map_err(|e| e.to_string())
+pub fn object_from_value(v: Value) -> Result<Option<Object>, DocError> {
+    Object::from_value(v).map_err(|e| DocError::Invalid(e.to_string()))
 }
 
 fn describe(v: &Value) -> Option<String> {
@@ -82,12 +137,12 @@ pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
             Err(e) => {
                 // The parser stops at a syntax error or a breached budget;
                 // then nothing follows and the file counts as broken.
-                let message = if docs.peek().is_none() {
-                    format!("{NOT_YAML}: {e}")
+                let error = if docs.peek().is_none() {
+                    DocError::NotYaml(e.to_string())
                 } else {
-                    format!("{NOT_YAML} (document skipped): {e}")
+                    DocError::DocumentNotYaml(e.to_string())
                 };
-                into.problems.push(ParseProblem { origin, object: None, message });
+                into.problems.push(ParseProblem::new(origin, None, error));
                 continue;
             }
         };
@@ -96,7 +151,7 @@ pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
         }
         let kind = v.get("kind").and_then(Value::as_str).map(str::to_owned);
         let Some(kind) = kind else {
-            into.problems.push(ParseProblem { origin, object: None, message: "document has no kind".into() });
+            into.problems.push(ParseProblem::new(origin, None, DocError::NoKind));
             continue;
         };
         if kind == "List" {
@@ -112,17 +167,15 @@ pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
     }
 }
 
-const NOT_YAML: &str = "not valid YAML";
-
 /// Reads one file of the objects directory (bounded in size, UTF-8) into `into`.
 pub fn load_file(path: &Path, into: &mut Loaded) {
     match limits::read_text(path, limits::MAX_FILE_BYTES) {
         Ok(text) => load_text(path, &text, into),
-        Err(e) => into.problems.push(ParseProblem {
-            origin: Origin::File { path: path.to_owned(), doc: 0 },
-            object: None,
-            message: e.to_string(),
-        }),
+        Err(e) => into.problems.push(ParseProblem::new(
+            Origin::File { path: path.to_owned(), doc: 0 },
+            None,
+            DocError::Unreadable(e.to_string()),
+        )),
     }
 }
 
@@ -134,12 +187,10 @@ fn load_value(origin: Origin, v: Value, into: &mut Loaded) {
     }
     let what = describe(&v);
     match object_from_value(v) {
-        Ok(Some(o)) if o.key().name.is_empty() => {
-            into.problems.push(ParseProblem { origin, object: what, message: "metadata.name is missing".into() })
-        }
+        Ok(Some(o)) if o.key().name.is_empty() => into.problems.push(ParseProblem::new(origin, what, DocError::NoName)),
         Ok(Some(o)) => into.objects.insert(origin, o),
         Ok(None) => into.ignored.push((origin, kind)),
-        Err(message) => into.problems.push(ParseProblem { origin, object: what, message }),
+        Err(e) => into.problems.push(ParseProblem::new(origin, what, e)),
     }
 }
 
@@ -234,18 +285,14 @@ impl DirSource {
             load_file(&path, &mut fresh);
             let mut kept = fresh;
             if let Some(prev) = previous {
-                let whole_file_broken = kept.problems.iter().any(|p| {
-                    p.object.is_none()
-                        && ((p.message.starts_with(NOT_YAML) && !p.message.contains("(document skipped)"))
-                            || p.message.starts_with("unreadable"))
-                });
+                let whole_file_broken = kept.problems.iter().any(|p| p.error.whole_file());
                 if whole_file_broken {
                     let mut restored = Loaded { problems: kept.problems.clone(), ..Default::default() };
                     restored.objects = prev.objects.clone();
                     restored.raw = prev.raw.clone();
                     restored.ignored = prev.ignored.clone();
                     for p in restored.problems.iter_mut() {
-                        p.message.push_str(" (its previous contents stay in effect)");
+                        p.keep(Kept::PreviousContents);
                     }
                     kept = restored;
                 } else {
@@ -257,7 +304,7 @@ impl DirSource {
                             None => kept.carry_over_origin(prev, &p.origin),
                         };
                         if carried {
-                            p.message.push_str(" (its previous version stays in effect)");
+                            p.keep(Kept::PreviousVersion);
                         }
                     }
                     kept.problems = problems;
@@ -346,6 +393,7 @@ metadata: {name: web}
         let l = src.poll().unwrap();
         assert_eq!(l.objects.services.len(), 1);
         assert!(l.problems[0].message.ends_with("(its previous version stays in effect)"), "{}", l.problems[0]);
+        assert_eq!(l.problems[0].kept, Some(Kept::PreviousVersion));
 
         // A file that stops being YAML keeps its previous contents.
         fs::write(&f, svc("[{port: 80}]")).unwrap();
@@ -354,6 +402,7 @@ metadata: {name: web}
         let l = src.poll().unwrap();
         assert_eq!(l.objects.services.len(), 1);
         assert!(l.problems[0].message.ends_with("(its previous contents stay in effect)"), "{}", l.problems[0]);
+        assert!(l.problems[0].error.whole_file());
 
         // Removing the file removes its objects.
         fs::remove_file(&f).unwrap();

@@ -27,7 +27,7 @@ pub fn shorten(full: &str, max: usize, seed: &str) -> String {
     if full.len() <= max {
         return full.to_owned();
     }
-    let h = seed.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let h = crate::hash::fnv1a(seed.as_bytes());
     // Names are ASCII (DNS names); `get` keeps a multi-byte character from panicking all the same.
     let head = full.get(..max.saturating_sub(9)).unwrap_or(full);
     format!("{}-{:08x}", head.trim_end_matches(['-', '.']), h as u32)

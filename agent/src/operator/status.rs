@@ -22,12 +22,10 @@ use crate::{
     k8s::{
         Objects,
         crd::{APPLIED, EnvoyConfigStatus, NodeConfig, VALID},
+        selector,
     },
     validate::Verdict,
-    xds::{
-        envoyconfig::{ConfigKey, selector_matches},
-        model::Serving,
-    },
+    xds::{envoyconfig::ConfigKey, model::Serving},
 };
 
 /// What one selected node says of a config.
@@ -67,7 +65,8 @@ pub fn rollout(
         .values()
         .filter(|n| {
             let labels = n.object.metadata.labels.clone().unwrap_or_default();
-            selector.is_none_or(|s| selector_matches(s, &labels))
+            // Parsing refused selectors with operators weft does not know.
+            selector.is_none_or(|s| selector::matches(s, &labels).unwrap_or(false))
         })
         .filter_map(|n| n.object.metadata.name.clone())
         .map(|node| {

@@ -15,7 +15,7 @@ use crate::{
     config::AgentConfig,
     controller::Controller,
     k8s::{source::Source, yaml},
-    state::Snapshot,
+    state::{Attachments, Snapshot},
     xds::{
         model::ListenerBudget,
         ports::ProxyPorts,
@@ -46,13 +46,19 @@ pub struct Channels {
     pub report: watch::Sender<ControlReport>,
     pub ads_events: mpsc::UnboundedReceiver<AdsEvent>,
     pub datapath: watch::Receiver<DatapathStatus>,
+    /// weft-cni's attachments (with `cni-socket`).
+    pub attachments: Option<watch::Receiver<Arc<Attachments>>>,
 }
 
 impl ControlLoop {
     /// Reads the source and builds the first snapshots. With the Kubernetes
     /// API, returns once every watched kind has been listed, so the first
     /// state is complete.
-    pub async fn start(cfg: &AgentConfig, open_files: u64) -> anyhow::Result<(ControlLoop, First)> {
+    pub async fn start(
+        cfg: &AgentConfig,
+        open_files: u64,
+        attachments: Option<Arc<Attachments>>,
+    ) -> anyhow::Result<(ControlLoop, First)> {
         let mut controller = Controller::new(
             cfg.node_name.clone(),
             cfg.node_ip,
@@ -66,6 +72,7 @@ impl ControlLoop {
             };
             controller.set_listener_budget(ListenerBudget { open_files, workers });
         }
+        controller.set_attachments(attachments);
         let mut source = Source::start(cfg).await?;
         controller.load(log_problems(source.poll().unwrap_or_default()));
         let (snapshot, published) = controller.build();
@@ -80,7 +87,7 @@ impl ControlLoop {
 
     /// Runs until the agent stops (the supervisor watches the readers).
     pub async fn run(mut self, ch: Channels) -> anyhow::Result<()> {
-        let Channels { snapshots, xds, report, mut ads_events, mut datapath } = ch;
+        let Channels { snapshots, xds, report, mut ads_events, mut datapath, mut attachments } = ch;
         let mut tick = tokio::time::interval(SOURCE_POLL);
         let mut datapath_problems = datapath.borrow_and_update().problems.clone();
         let mut touched = true;
@@ -102,6 +109,10 @@ impl ControlLoop {
                         _ => {}
                     }
                     self.controller.on_event(ev)
+                }
+                Some(a) = next_attachments(&mut attachments) => {
+                    self.controller.set_attachments(Some(a));
+                    true
                 }
                 changed = datapath.changed(), if datapath_alive => {
                     // A worker that stopped is the supervisor's to handle.
@@ -129,6 +140,19 @@ impl ControlLoop {
                 report.send_replace(r);
                 touched = false;
             }
+        }
+    }
+}
+
+/// The attachments when they change; never, without weft-cni (or once its
+/// endpoint is gone: the supervisor handles that).
+async fn next_attachments(rx: &mut Option<watch::Receiver<Arc<Attachments>>>) -> Option<Arc<Attachments>> {
+    let Some(r) = rx.as_mut() else { return std::future::pending().await };
+    match r.changed().await {
+        Ok(()) => Some(r.borrow_and_update().clone()),
+        Err(_) => {
+            *rx = None;
+            std::future::pending().await
         }
     }
 }

@@ -160,7 +160,7 @@ fn apply(
     snap: &Snapshot,
     status: &watch::Sender<DatapathStatus>,
 ) -> anyhow::Result<()> {
-    let applied = rec.apply(dp, snap, &snap.policy.ingress).context("applying desired state")?;
+    let applied = rec.apply(dp, snap, &snap.policy.endpoints).context("applying desired state")?;
     for p in snap.problems.iter().chain(&applied.problems) {
         tracing::warn!(version = snap.version, "{p}");
     }
@@ -177,6 +177,7 @@ fn apply(
         st.services = snap.services.len();
         st.endpoints = snap.pods.iter().filter(|p| p.local).count();
         st.problems = snap.problems.iter().chain(&applied.problems).cloned().collect();
+        st.attached = rec.attached();
     });
     Ok(())
 }

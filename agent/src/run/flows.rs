@@ -20,7 +20,7 @@ use weft_observe::{
     },
     pipeline::{
         EventFeed, Pipeline, PipelineConfig, Sink,
-        enrich::{Names, workload},
+        enrich::{Names, PolicyName, workload},
         record::{EndpointInfo, Entry, ServiceInfo},
         spool::{self, SpoolDir, SpoolReader},
     },
@@ -169,8 +169,11 @@ pub fn names(snap: &Snapshot) -> Names {
             n.add_service(e.frontend.addr, e.frontend.port, e.frontend.proto.number(), info.clone());
         }
     }
-    for (id, key) in &snap.policy.rules {
-        n.add_policy(*id, key.namespace.clone(), key.name.clone());
+    for (id, p) in &snap.policy.rules {
+        n.add_policy(
+            *id,
+            PolicyName { kind: p.kind.clone(), namespace: p.key.namespace.clone(), name: p.key.name.clone() },
+        );
     }
     n
 }

@@ -9,6 +9,7 @@
 //! | ADS server ([`crate::xds::server`]) | Envoy's xDS streams | ADS events | xDS resources |
 //! | [`flows`]: pipeline, ring-buffer reader, access log, flow API, sync | the flow pipeline | its counters | snapshots (names), the datapath's ring-buffer counters |
 //! | HTTP [`api`] | | | every status, through [`status::Readers`] |
+//! | [`cni`] endpoint (with `cni-socket`) | weft-cni's attachments | the attachments | the datapath's status |
 //!
 //! Status flows one way, from the component that owns it to its readers; no
 //! component writes into another's state. The supervisor notices every
@@ -28,6 +29,7 @@
 //! component's task panic as it starts, to test the above.
 
 pub mod api;
+pub mod cni;
 pub mod control;
 pub mod datapath;
 pub mod flows;
@@ -76,7 +78,9 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     let ready_file = cfg.state_dir.join("ready");
     let _ = std::fs::remove_file(&ready_file);
 
-    let (control, First { snapshot, published }) = ControlLoop::start(&cfg, open_files).await?;
+    // weft-cni's attachments as the last run left them, when pods come through it.
+    let attachments = cfg.cni_socket.as_ref().map(|_| Arc::new(cni::load(&cni::store_path(&cfg.state_dir))));
+    let (control, First { snapshot, published }) = ControlLoop::start(&cfg, open_files, attachments.clone()).await?;
     let node_ip = snapshot.node_ip.with_context(|| {
         format!(
             "no address for node {}: set node-ip, or add its Node object (status.addresses InternalIP) to {}",
@@ -133,9 +137,19 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
         let (ads, path) = (Ads::new(xds_rx, ads_tx), xds_socket.clone());
         sup.task(Component::Xds, async move { ads.serve_unix(&path).await });
     }
+    let attachments_rx = match (&cfg.cni_socket, attachments) {
+        (Some(socket), Some(initial)) => {
+            let (tx, rx) = watch::channel(initial);
+            let server = cni::CniServer::new(socket.clone(), cni::store_path(&cfg.state_dir), tx, datapath_rx.clone());
+            sup.task(Component::Cni, server.run());
+            Some(rx)
+        }
+        _ => None,
+    };
     sup.task(
         Component::Control,
         control.run(Channels {
+            attachments: attachments_rx,
             snapshots: snapshots_tx,
             xds: xds_tx,
             report: report_tx,
@@ -144,8 +158,8 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
         }),
     );
     if cfg.envoy.enabled {
-        let settings = EnvoySettings {
-            binary: envoy::find_binary(cfg.envoy.binary.as_deref()),
+        let settings = envoy::find_binary(cfg.envoy.binary.as_deref()).map(|binary| EnvoySettings {
+            binary,
             state_dir: cfg.state_dir.clone(),
             xds_socket,
             admin_port: cfg.envoy.admin_port,
@@ -153,8 +167,8 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
             delta: cfg.envoy.delta,
             concurrency: cfg.envoy.concurrency,
             file_limit: cfg.envoy.spool_limit,
-        };
-        sup.task(Component::Envoy, envoy::supervise(settings, envoy_tx));
+        });
+        sup.task(Component::Envoy, async move { envoy::supervise(settings?, envoy_tx).await });
     }
     sup.task(Component::Api, api::serve(api_addr, readers, registry));
 

@@ -40,6 +40,9 @@ pub struct DatapathStatus {
     /// Whether connections waiting for a restarting Envoy move to the new
     /// one (`net.ipv4.tcp_migrate_req`); else they are reset.
     pub proxy_migration: bool,
+    /// Local pods' addresses and the index of the device their datapath is
+    /// attached to (what weft-cni's ADD and DEL wait for).
+    pub attached: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
     pub events_emitted: u64,
     pub events_lost: u64,
     pub maps: Vec<MapUsage>,
@@ -135,6 +138,8 @@ pub enum Component {
     AccessLog,
     /// The Hubble-compatible flow API.
     FlowApi,
+    /// weft-cni's socket: which device is which pod's.
+    Cni,
 }
 
 impl fmt::Display for Component {
@@ -150,6 +155,7 @@ impl fmt::Display for Component {
             Component::FlowSync => "flow names and counters",
             Component::AccessLog => "access-log reader",
             Component::FlowApi => "flow API",
+            Component::Cni => "CNI endpoint",
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Desired state: one immutable snapshot derived from everything the sources
-//! hold. The datapath, the xDS server and flow enrichment all read snapshots;
-//! only the state task builds them.
+//! hold. The datapath worker and the flow pipeline's names read snapshots;
+//! only the control loop builds them (through the controller, which builds
+//! the xDS resources alongside).
 
 pub mod policy;
 
@@ -45,7 +46,12 @@ pub struct PodState {
     pub local: bool,
     /// The owning workload (kind, name), e.g. (ReplicaSet, web-7d9f).
     pub owner: Option<(String, String)>,
+    /// The host-side device (name, index) weft-cni registered for a local pod.
+    pub device: Option<(String, u32)>,
 }
+
+/// What weft-cni registered, by (container id, interface in the pod).
+pub type Attachments = BTreeMap<(String, String), weft_cni::proto::Attachment>;
 
 /// A node and its address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,10 +78,12 @@ pub struct Snapshot {
     pub nodes: Vec<NodeState>,
     /// Identity -> its label set.
     pub identities: BTreeMap<u32, LabelSet>,
-    /// What the NetworkPolicies mean for this node.
+    /// What the network policies mean for this node.
     pub policy: policy::PolicyState,
     /// Things in the objects that could not be represented, one line each.
     pub problems: Vec<String>,
+    /// Local pods' devices come from weft-cni alone (not from routes).
+    pub cni: bool,
 }
 
 fn proto_of(p: Option<&str>) -> Option<Proto> {
@@ -90,10 +98,13 @@ fn ipv4(s: &str) -> Option<Ipv4Addr> {
     s.parse().ok()
 }
 
+fn host_network(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+}
+
 /// The IPv4 address of a pod that has its own (not host-network).
 fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
-    let spec = pod.spec.as_ref()?;
-    if spec.host_network == Some(true) {
+    if host_network(pod) {
         return None;
     }
     let status = pod.status.as_ref()?;
@@ -106,8 +117,31 @@ fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
 impl Snapshot {
     /// Derives the snapshot for node `node_name` from the objects.
     /// `node_ip` overrides the address of the node's Node object.
-    pub fn derive(objects: &Objects, node_name: &str, node_ip: Option<Ipv4Addr>, redirects: &Redirects) -> Snapshot {
+    /// With `attachments` (weft-cni's registrations), a local pod whose
+    /// status has no address yet (its kubelet writes it after the CNI ADD)
+    /// has the one weft-cni saw, and local pods get the devices weft-cni named.
+    pub fn derive(
+        objects: &Objects,
+        node_name: &str,
+        node_ip: Option<Ipv4Addr>,
+        redirects: &Redirects,
+        attachments: Option<&Attachments>,
+    ) -> Snapshot {
         let mut problems = Vec::new();
+        let mut by_pod = BTreeMap::new();
+        for a in attachments.iter().flat_map(|m| m.values()) {
+            let key = ObjKey::new(a.pod.namespace.clone(), a.pod.name.clone());
+            match objects.pods.get(&key).map(|p| &p.object) {
+                None => problems.push(format!(
+                    "weft-cni: pod {key} (container {}) is not known to the agent (yet)",
+                    a.container_id
+                )),
+                Some(p) if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(node_name) => problems.push(
+                    format!("weft-cni: pod {key} (container {}) is not bound to node {node_name}", a.container_id),
+                ),
+                Some(_) => drop(by_pod.insert(key, a)),
+            }
+        }
         let nodes: Vec<NodeState> = objects
             .nodes
             .values()
@@ -128,15 +162,30 @@ impl Snapshot {
         let label_set = |ns: &str, pod: &Pod| {
             LabelSet::new(ns, pod.metadata.labels.iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())))
         };
-        let with_ip: Vec<(&ObjKey, &Pod, Ipv4Addr)> =
-            objects.pods.iter().filter_map(|(k, p)| Some((k, &p.object, pod_ip(&p.object)?))).collect();
+        let with_ip: Vec<(&ObjKey, &Pod, Ipv4Addr)> = objects
+            .pods
+            .iter()
+            .filter_map(|(k, p)| {
+                let from_cni = || by_pod.get(k).filter(|_| !host_network(&p.object)).map(|a| a.ip);
+                Some((k, &p.object, pod_ip(&p.object).or_else(from_cni)?))
+            })
+            .collect();
         let sets: BTreeSet<LabelSet> = with_ip.iter().map(|(k, p, _)| label_set(&k.namespace, p)).collect();
         let ids = identity::assign(&sets);
         let pods: Vec<PodState> = with_ip
             .iter()
             .map(|(k, p, ip)| {
                 let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+                let device = match by_pod.get(*k) {
+                    Some(a) if a.ip == *ip => Some((a.host_ifname.clone(), a.host_ifindex)),
+                    Some(a) => {
+                        problems.push(format!("weft-cni: pod {k} has address {ip}, weft-cni saw {}", a.ip));
+                        None
+                    }
+                    None => None,
+                };
                 PodState {
+                    device,
                     key: (*k).clone(),
                     ip: *ip,
                     local: node == node_name,
@@ -171,18 +220,27 @@ impl Snapshot {
                 (!ports.is_empty()).then_some((*ip, ports))
             })
             .collect();
-        let policies = objects.network_policies.iter().map(|(k, v)| (k.clone(), &v.object)).collect();
         let node_ids: Vec<(Ipv4Addr, u32)> = nodes
             .iter()
             .map(|n| (n.ip, if n.name == node_name { abi::ID_HOST } else { abi::ID_REMOTE_NODE }))
             .chain(node_ip.map(|ip| (ip, abi::ID_HOST)))
             .collect();
-        let namespaces = objects
+        let namespace_labels = objects
             .namespaces
             .iter()
             .map(|(k, n)| (k.name.clone(), n.object.metadata.labels.clone().unwrap_or_default()))
             .collect();
-        let policy = policy::derive(&policies, &pods, &namespaces, &node_ids, &named_ports, &mut problems);
+        let cluster = policy::rule::Cluster {
+            pods: &pods,
+            nodes: &node_ids,
+            named_ports: &named_ports,
+            namespace_labels: &namespace_labels,
+        };
+        let mut translated = policy::Translated::default();
+        for (key, np) in &objects.network_policies {
+            policy::netpol::translate(key, &np.object, &mut translated, &mut problems);
+        }
+        let policy = policy::derive(translated, &cluster, &mut problems);
 
         let slices = SliceIndex::of(objects);
         let services = objects
@@ -201,6 +259,7 @@ impl Snapshot {
             identities: ids.into_iter().map(|(set, id)| (id, set)).collect(),
             policy,
             problems,
+            cni: attachments.is_some(),
         }
     }
 
@@ -427,7 +486,7 @@ endpoints:
     #[test]
     fn services_get_frontends_and_ready_backends() {
         let l = loaded();
-        let snap = Snapshot::derive(&l.objects, "node1", None, &Redirects::new());
+        let snap = Snapshot::derive(&l.objects, "node1", None, &Redirects::new(), None);
         assert_eq!(snap.node_ip, Some(Ipv4Addr::new(192, 168, 50, 1)));
         let svc = &snap.services[0];
         let frontends: Vec<String> = svc.entries.iter().map(|e| e.frontend.to_string()).collect();
@@ -441,7 +500,7 @@ endpoints:
     #[test]
     fn pods_share_an_identity_and_know_where_they_run() {
         let l = loaded();
-        let snap = Snapshot::derive(&l.objects, "node1", None, &Redirects::new());
+        let snap = Snapshot::derive(&l.objects, "node1", None, &Redirects::new(), None);
         assert_eq!(snap.pods.len(), 2);
         assert_eq!(snap.pods[0].identity, snap.pods[1].identity, "same namespace and labels");
         assert!(snap.pods.iter().find(|p| p.key.name == "web-1").unwrap().local);
@@ -453,7 +512,7 @@ endpoints:
         let l = loaded();
         let mut r = Redirects::new();
         r.insert((ObjKey::new("shop", "web"), Some(80)), 15001);
-        let snap = Snapshot::derive(&l.objects, "node1", None, &r);
+        let snap = Snapshot::derive(&l.objects, "node1", None, &r, None);
         assert!(snap.services[0].entries.iter().all(|e| e.proxy_port == Some(15001)));
     }
 }

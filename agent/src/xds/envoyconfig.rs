@@ -4,11 +4,10 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde_json::Value;
 
 use crate::{
-    k8s::{ObjKey, Origin, crd::EnvoyConfigSpec},
+    k8s::{ObjKey, Origin, crd::EnvoyConfigSpec, selector},
     limits,
 };
 
@@ -189,6 +188,14 @@ pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
             });
         }
     }
+    if let Some(sel) = &spec.node_selector {
+        selector::check(sel).map_err(|e| ConfigError {
+            key: Some(key.clone()),
+            object: object.clone(),
+            path: format!("spec.nodeSelector.{}", e.field()),
+            message: e.to_string(),
+        })?;
+    }
     let annotations = meta
         .get("annotations")
         .and_then(Value::as_object)
@@ -203,24 +210,10 @@ pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
     })
 }
 
-/// Whether a label selector matches a set of labels (matchLabels and matchExpressions).
-pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
-}
-
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
     use super::*;
 
     fn doc(s: &str) -> Value {
@@ -263,8 +256,15 @@ mod tests {
     fn selectors() {
         let sel: LabelSelector = serde_json::from_value(serde_json::json!({"matchLabels": {"role": "infra"}})).unwrap();
         let mut labels = BTreeMap::new();
-        assert!(!selector_matches(&sel, &labels));
+        assert!(!selector::matches(&sel, &labels).unwrap());
         labels.insert("role".to_string(), "infra".to_string());
-        assert!(selector_matches(&sel, &labels));
+        assert!(selector::matches(&sel, &labels).unwrap());
+        let e = parse(
+            Origin::Api,
+            &doc("apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {name: x}\nspec:\n  nodeSelector: {matchExpressions: [{key: zone, operator: Has}]}\n"),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "spec.nodeSelector.matchExpressions[0].operator");
+        assert!(e.message.contains("\"Has\""), "{e}");
     }
 }

@@ -10,6 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    hash::Hasher,
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -28,12 +29,13 @@ use prost::{Message, Name};
 use serde::Serialize;
 
 use super::{
-    envoyconfig::{ConfigError, ConfigKey, EnvoyConfig, selector_matches},
+    envoyconfig::{ConfigError, ConfigKey, EnvoyConfig},
     ports::ProxyPorts,
     translate::{self, BOOTSTRAP_CLUSTERS, Translated},
 };
 use crate::{
-    k8s::{ObjKey, Objects, crd::EnvoyConfigSpec},
+    hash::fnv1a,
+    k8s::{ObjKey, Objects, crd::EnvoyConfigSpec, selector},
     state::{Redirects, SliceIndex, backends},
 };
 
@@ -55,13 +57,9 @@ pub struct Resource {
 impl Resource {
     pub(crate) fn new<T: Message + Name>(name: String, m: &T, owner: Option<ConfigKey>) -> Self {
         let value = m.encode_to_vec();
-        let version = format!("{:016x}", fnv(&value));
+        let version = format!("{:016x}", fnv1a(&value));
         Self { name, any: Any { type_url: T::type_url(), value }, owner, version }
     }
-}
-
-fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ *x as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Resources by type URL, then by name.
@@ -77,12 +75,14 @@ impl XdsSnapshot {
 
     /// The version of one type's resource set: changes when any resource of it does.
     pub fn type_version(&self, type_url: &str) -> String {
-        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut h = fnv::FnvHasher::default();
         for (name, r) in self.types.get(type_url).into_iter().flatten() {
-            h = (h ^ fnv(name.as_bytes())).wrapping_mul(0x100_0000_01b3);
-            h = (h ^ fnv(r.version.as_bytes())).wrapping_mul(0x100_0000_01b3);
+            h.write(name.as_bytes());
+            h.write(&[0]);
+            h.write(r.version.as_bytes());
+            h.write(&[0]);
         }
-        format!("{h:016x}")
+        format!("{:016x}", h.finish())
     }
 
     /// Whether a resource of that type and name is in.
@@ -257,8 +257,9 @@ impl Model {
 
         for cfg in configs {
             specs.insert(cfg.key.clone(), cfg);
-            let for_node =
-                node.any || cfg.spec.node_selector.as_ref().is_none_or(|s| selector_matches(s, &node.labels));
+            // Parsing refused selectors with operators weft does not know.
+            let for_node = node.any
+                || cfg.spec.node_selector.as_ref().is_none_or(|s| selector::matches(s, &node.labels).unwrap_or(false));
             let mut status = ConfigStatus {
                 object: cfg.key.to_string(),
                 origin: cfg.origin.to_string(),

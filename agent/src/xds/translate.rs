@@ -587,6 +587,11 @@ fn qualify_route_names(ctx: &mut Ctx<'_>, at: &str, rc: &mut RouteConfiguration)
     for (vi, vh) in rc.virtual_hosts.iter_mut().enumerate() {
         vh.name = ctx.qf(&vh.name);
         for (ri, r) in vh.routes.iter_mut().enumerate() {
+            // Qualified like the route configuration: Envoy's access log
+            // names the route, and flows show it with the config it is in.
+            if !r.name.is_empty() {
+                r.name = ctx.qf(&r.name);
+            }
             let Some(route::Action::Route(action)) = r.action.as_mut() else { continue };
             let p = format!("{at}: virtual_hosts[{vi}].routes[{ri}].route");
             match action.cluster_specifier.as_mut() {

@@ -123,19 +123,29 @@ static __always_inline void event_submit(const struct weft_config *cfg, struct w
 		stat_inc(WEFT_STAT_LOST);
 }
 
-/* A drop is always worth a record unless emission is off. */
-static __always_inline void emit_drop(const struct weft_config *cfg, const struct pkt4 *p,
-				      __u32 ifindex, __u8 reason, __u32 line)
+/* A drop is always worth a record unless emission is off. `dir` says which
+ * way policy judged the packet (WEFT_DIR_*), 0 when no policy did. */
+static __always_inline void emit_drop_dir(const struct weft_config *cfg, const struct pkt4 *p,
+					  __u32 ifindex, __u8 reason, __u32 line, __u8 dir)
 {
 	struct weft_event *ev = event_init(WEFT_EV_DROP, reason, p, ifindex);
 
 	if (!ev)
 		return;
 	ev->drop_line = line;
+	ev->direction = dir;
 	event_submit(cfg, ev);
+}
+
+static __always_inline void emit_drop(const struct weft_config *cfg, const struct pkt4 *p,
+				      __u32 ifindex, __u8 reason, __u32 line)
+{
+	emit_drop_dir(cfg, p, ifindex, reason, line, 0);
 }
 
 #define DROP(cfg, p, ifindex, reason) \
 	({ emit_drop(cfg, p, ifindex, reason, __LINE__); TC_ACT_SHOT; })
+#define DROP_DIR(cfg, p, ifindex, reason, dir) \
+	({ emit_drop_dir(cfg, p, ifindex, reason, __LINE__, dir); TC_ACT_SHOT; })
 
 #endif /* WEFT_EVENTS_H */

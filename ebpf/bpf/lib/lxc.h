@@ -14,6 +14,41 @@
 #include "policy.h"
 #include "trace.h"
 
+/* A reply of a connection DNATed to a backend gets the frontend back as its
+ * source; the trace keeps the backend's address. Returns 0 or a negative
+ * drop reason. */
+static __always_inline int revnat_to_frontend(struct __sk_buff *skb, struct pkt4 *p,
+					      const struct weft_ct_entry *ct, struct trace_extra *x)
+{
+	x->flags |= WEFT_EVF_REVNAT;
+	x->orig_addr = p->saddr;
+	x->orig_port = p->sport;
+	return nat_rewrite(skb, p, 1, ct->rev_addr, ct->rev_port);
+}
+
+/* Ingress policy of a local destination that sends this peer's new
+ * connection through the node's proxy (L7 rules): returns the proxy port,
+ * after reporting the verdict, or 0 when the destination is not local, has
+ * no such rule for the peer, or is to judge the connection on delivery
+ * (allow or deny at L3/L4). Called where the packet enters the node, since
+ * only there does the proxy mark still steer routing. */
+static __always_inline __u16 ingress_proxy_port(const struct weft_config *cfg, const struct pkt4 *p,
+						__u32 ifindex, __u32 src_identity)
+{
+	struct weft_endpoint *dst = bpf_map_lookup_elem(&weft_endpoints, &p->daddr);
+	struct policy_result r;
+
+	if (!dst || !(dst->flags & WEFT_EP_POLICY_INGRESS) || p->proto != IPPROTO_TCP)
+		return 0;
+	if (src_identity == WEFT_ID_HOST && cfg && (cfg->flags & WEFT_CFG_ALLOW_HOST_INGRESS))
+		return 0;
+	policy_check(dst->ep_id, dst->flags, src_identity, p, WEFT_DIR_INGRESS, &r);
+	if (r.action != WEFT_POLICY_ALLOW || !r.proxy_port)
+		return 0;
+	emit_policy_verdict(cfg, p, ifindex, dst, src_identity, WEFT_DIR_INGRESS, &r);
+	return r.proxy_port;
+}
+
 /* The packet goes to the node's proxy: marked so the node routes it to the local
  * table, where the sk_lookup program gives it to the proxy's listener. */
 static __always_inline int redirect_to_proxy(struct __sk_buff *skb, const struct weft_config *cfg,
@@ -29,10 +64,36 @@ static __always_inline int redirect_to_proxy(struct __sk_buff *skb, const struct
 	return TC_ACT_OK;
 }
 
+/* The backend an L7 Service's connection is judged against by the client's
+ * egress policy: the proxy picks the real one later, so this takes the first
+ * backend (the datapath cannot know the proxy's choice). None: the frontend
+ * itself is the destination. */
+static __always_inline void l7_policy_target(const struct pkt4 *p, const struct weft_svc_val *svc,
+					     struct pkt4 *target)
+{
+	struct weft_svc_key key = { .addr = p->daddr, .port = p->dport, .slot = 1, .proto = p->proto };
+	struct weft_svc_val *slot;
+	struct weft_backend *be;
+
+	*target = *p;
+	if (!svc->count)
+		return;
+	slot = bpf_map_lookup_elem(&weft_services, &key);
+	if (!slot)
+		return;
+	be = backend_get(slot->backend_id);
+	if (!be)
+		return;
+	target->daddr = be->addr;
+	target->dport = be->port;
+}
+
 /* A connection to an L7 Service: no DNAT, the proxy sees the frontend as its
- * local address. */
+ * local address. `ep` is the local pod that opens it (its egress policy
+ * judges it), or NULL for a client outside. */
 static __always_inline int l7_connection(struct __sk_buff *skb, const struct weft_config *cfg,
 					 const struct pkt4 *p, __u32 src_identity,
+					 const struct weft_endpoint *ep,
 					 const struct weft_svc_val *svc, __u8 obs)
 {
 	struct weft_ct_key key;
@@ -43,9 +104,23 @@ static __always_inline int l7_connection(struct __sk_buff *skb, const struct wef
 	if (dir == CT_ESTABLISHED && !ct_is_reopen(ct, p)) {
 		seen = ct_account(ct, dir, p);
 	} else {
+		__u8 flags = WEFT_CT_PROXY;
+
+		if (ep) {
+			struct policy_result r;
+			struct pkt4 target;
+			int rc;
+
+			l7_policy_target(p, svc, &target);
+			rc = policy_enforce(cfg, &target, skb->ifindex, ep, ipcache_identity(target.daddr),
+					    WEFT_DIR_EGRESS, &r);
+			if (rc)
+				return rc;
+			flags |= WEFT_CT_EGRESS_OK;
+		}
 		dir = CT_NEW;
 		ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
-		ct_entry_init(&e, p, WEFT_CT_PROXY);
+		ct_entry_init(&e, p, flags);
 		e.proxy_port = svc->proxy_port;
 		e.src_identity = src_identity;
 		if (!ct_create(&key, &e))
@@ -92,8 +167,68 @@ static __always_inline struct weft_lb_entry *lb_backend(const struct weft_config
 	return bpf_map_lookup_elem(&weft_lb, lbkey);
 }
 
+/* A local pod opens a connection; p is its first packet after any Service
+ * translation, e the conntrack entry to create for it (flags and reverse
+ * translation set by the caller), ct the entry conntrack already had, if the
+ * connection predates its egress check. The pod's egress policy judges the
+ * connection on its real destination; an allowed one goes through the proxy
+ * when that policy, or the ingress policy of a local destination, says so. */
+static __always_inline int lxc_open(struct __sk_buff *skb, const struct weft_config *cfg,
+				    const struct pkt4 *p, const struct weft_endpoint *ep, struct weft_ct_entry *ct,
+				    struct weft_ct_entry *e, const struct trace_extra *x)
+{
+	__u32 dst_identity = ipcache_identity(p->daddr);
+	struct policy_result r;
+	struct weft_ct_key key;
+	__u16 proxy_port;
+	__u8 seen = 0;
+	int rc;
+
+	rc = policy_enforce(cfg, p, skb->ifindex, ep, dst_identity, WEFT_DIR_EGRESS, &r);
+	if (rc)
+		return rc;
+	if (ct) {
+		/* Tracked before this pod's egress was judged (an older agent):
+		 * now allowed; redirecting it mid-stream would break it. */
+		ct->flags |= WEFT_CT_EGRESS_OK;
+		seen = ct_account(ct, CT_ESTABLISHED, p);
+		trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_ENDPOINT, CT_ESTABLISHED, seen, x);
+		return TC_ACT_OK;
+	}
+	proxy_port = r.proxy_port;
+	if (!proxy_port && p->proto == IPPROTO_TCP)
+		proxy_port = ingress_proxy_port(cfg, p, skb->ifindex, ep->identity);
+	e->flags |= WEFT_CT_EGRESS_OK;
+	if (proxy_port) {
+		e->flags |= WEFT_CT_PROXY;
+		e->proxy_port = proxy_port;
+	}
+	e->src_identity = ep->identity;
+	ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
+	if (!ct_create(&key, e))
+		return DROP(cfg, p, skb->ifindex, WEFT_DROP_CT_CREATE_FAILED);
+	trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_ENDPOINT, CT_NEW, 0, x);
+	if (proxy_port)
+		return redirect_to_proxy(skb, cfg, p, CT_NEW, 0, proxy_port);
+	return TC_ACT_OK;
+}
+
+/* A packet of a connection the pod opened and that was judged already. */
+static __always_inline int lxc_established(struct __sk_buff *skb, const struct weft_config *cfg,
+					   const struct pkt4 *p, struct weft_ct_entry *ct,
+					   const struct trace_extra *x)
+{
+	__u8 seen = ct_account(ct, CT_ESTABLISHED, p);
+
+	trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_ENDPOINT, CT_ESTABLISHED, seen, x);
+	if (ct->flags & WEFT_CT_PROXY)
+		return redirect_to_proxy(skb, cfg, p, CT_ESTABLISHED, seen, ct->proxy_port);
+	return TC_ACT_OK;
+}
+
 /* Pod -> Service frontend (ClusterIP, or a NodePort/external address reached
- * from inside): DNAT to a backend chosen per connection. */
+ * from inside): DNAT to a backend chosen per connection, then the pod's
+ * egress policy on that backend. */
 static __always_inline int lxc_to_service(struct __sk_buff *skb, const struct weft_config *cfg,
 					  struct pkt4 *p, const struct weft_endpoint *ep,
 					  const struct weft_svc_val *svc)
@@ -103,10 +238,9 @@ static __always_inline int lxc_to_service(struct __sk_buff *skb, const struct we
 	struct weft_lb_entry *lb;
 	struct trace_extra x = { .flags = WEFT_EVF_XLATED_DST };
 	int dir, is_new = 0, rc;
-	__u8 seen = 0;
 
 	if (svc->flags & WEFT_SVC_L7)
-		return l7_connection(skb, cfg, p, ep->identity, svc, WEFT_OBS_FROM_ENDPOINT);
+		return l7_connection(skb, cfg, p, ep->identity, ep, svc, WEFT_OBS_FROM_ENDPOINT);
 	if (!svc->count)
 		return DROP(cfg, p, skb->ifindex, WEFT_DROP_NO_SERVICE);
 	lb = lb_backend(cfg, p, svc, &lbkey, &is_new);
@@ -120,20 +254,12 @@ static __always_inline int lxc_to_service(struct __sk_buff *skb, const struct we
 		return DROP(cfg, p, skb->ifindex, -rc);
 
 	dir = ct_lookup(p, &key, &ct);
-	if (dir == CT_ESTABLISHED && !ct_is_reopen(ct, p)) {
-		seen = ct_account(ct, dir, p);
-	} else {
-		dir = CT_NEW;
-		ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
-		ct_entry_init(&e, p, WEFT_CT_DNAT);
-		e.rev_addr = x.orig_addr;
-		e.rev_port = x.orig_port;
-		e.src_identity = ep->identity;
-		if (!ct_create(&key, &e))
-			return DROP(cfg, p, skb->ifindex, WEFT_DROP_CT_CREATE_FAILED);
-	}
-	trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_ENDPOINT, dir, seen, &x);
-	return TC_ACT_OK;
+	if (dir == CT_ESTABLISHED && !ct_is_reopen(ct, p) && (ct->flags & WEFT_CT_EGRESS_OK))
+		return lxc_established(skb, cfg, p, ct, &x);
+	ct_entry_init(&e, p, WEFT_CT_DNAT);
+	e.rev_addr = x.orig_addr;
+	e.rev_port = x.orig_port;
+	return lxc_open(skb, cfg, p, ep, dir == CT_ESTABLISHED && !ct_is_reopen(ct, p) ? ct : 0, &e, &x);
 }
 
 /* from-container: everything a pod sends. */
@@ -155,27 +281,25 @@ static __always_inline int lxc_from_container(struct __sk_buff *skb, const struc
 	if (dir == CT_ESTABLISHED && ct_is_reopen(ct, p))
 		dir = CT_NEW;
 	if (dir == CT_NEW) {
-		ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
 		ct_entry_init(&e, p, 0);
-		e.src_identity = ep->identity;
-		if (!ct_create(&key, &e))
-			return DROP(cfg, p, skb->ifindex, WEFT_DROP_CT_CREATE_FAILED);
-		trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_ENDPOINT, dir, 0, 0);
-		return TC_ACT_OK;
+		return lxc_open(skb, cfg, p, ep, 0, &e, 0);
+	}
+	if (dir == CT_ESTABLISHED) {
+		if (ct->flags & WEFT_CT_EGRESS_OK)
+			return lxc_established(skb, cfg, p, ct, 0);
+		ct_entry_init(&e, p, 0);
+		return lxc_open(skb, cfg, p, ep, ct, &e, 0);
 	}
 
+	/* A reply: the pod answers a connection someone else opened. */
 	seen = ct_account(ct, dir, p);
-	if (dir == CT_REPLY && (ct->flags & WEFT_CT_NODEPORT) && (ct->flags & WEFT_CT_DNAT)) {
+	if ((ct->flags & WEFT_CT_NODEPORT) && (ct->flags & WEFT_CT_DNAT)) {
 		/* A local backend answering a north-south client: restore the
 		 * frontend as the source and send it out ourselves (the stack
 		 * would refuse a forwarded packet from the node's own address). */
-		struct trace_extra x = {
-			.flags = WEFT_EVF_REVNAT,
-			.orig_addr = p->saddr,
-			.orig_port = p->sport,
-		};
+		struct trace_extra x = {};
 
-		rc = nat_rewrite(skb, p, 1, ct->rev_addr, ct->rev_port);
+		rc = revnat_to_frontend(skb, p, ct, &x);
 		if (rc < 0)
 			return DROP(cfg, p, skb->ifindex, -rc);
 		trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_ENDPOINT, dir, seen, &x);
@@ -206,10 +330,7 @@ static __always_inline int lxc_to_container(struct __sk_buff *skb, const struct 
 
 		seen = ct_account(ct, dir, p);
 		if (ct->flags & WEFT_CT_DNAT) {
-			x.flags = WEFT_EVF_REVNAT;
-			x.orig_addr = p->saddr;
-			x.orig_port = p->sport;
-			rc = nat_rewrite(skb, p, 1, ct->rev_addr, ct->rev_port);
+			rc = revnat_to_frontend(skb, p, ct, &x);
 			if (rc < 0)
 				return DROP(cfg, p, skb->ifindex, -rc);
 		}
@@ -225,18 +346,17 @@ static __always_inline int lxc_to_container(struct __sk_buff *skb, const struct 
 	/* First packet of the connection at this pod's door. */
 	src_identity = ipcache_identity(p->saddr);
 	if (src_identity == WEFT_ID_HOST && cfg && (cfg->flags & WEFT_CFG_ALLOW_HOST_INGRESS)) {
-		r.action = WEFT_POLICY_ALLOW;
-		r.match = WEFT_MATCH_NONE;
-		r.enforced = 0;
-		r.rule_id = 0;
+		/* The node itself, and the proxy on behalf of its clients. */
 	} else {
-		policy_check(ep, src_identity, p, WEFT_DIR_INGRESS, &r);
+		rc = policy_enforce(cfg, p, skb->ifindex, ep, src_identity, WEFT_DIR_INGRESS, &r);
+		if (rc)
+			return rc;
+		/* Rules that want the proxy were applied where the packet entered
+		 * the node; one arriving here came some way the datapath cannot
+		 * redirect (it never passed a weft hook that could). */
+		if (r.proxy_port)
+			return DROP_DIR(cfg, p, skb->ifindex, WEFT_DROP_PROXY_LOOKUP_FAILED, WEFT_DIR_INGRESS);
 	}
-	if (r.enforced)
-		emit_policy_verdict(cfg, p, skb->ifindex, ep, src_identity, WEFT_DIR_INGRESS, &r);
-	if (r.action != WEFT_POLICY_ALLOW)
-		return DROP(cfg, p, skb->ifindex,
-			    r.match == WEFT_MATCH_NONE ? WEFT_DROP_POLICY_DENIED : WEFT_DROP_POLICY_DENY);
 
 	if (dir == CT_ESTABLISHED && !ct_is_reopen(ct, p)) {
 		/* Opened on this node (a local client): now admitted here too. */

@@ -63,10 +63,11 @@ struct {
 } weft_ipcache SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
 	__type(key, struct weft_policy_key);
 	__type(value, struct weft_policy_val);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	WEFT_PINNING;
 } weft_policy SEC(".maps");
 

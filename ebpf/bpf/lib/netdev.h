@@ -43,10 +43,11 @@ static __always_inline int netdev_to_service(struct __sk_buff *skb, const struct
 	struct weft_lb_entry *lb;
 	struct trace_extra x = { .flags = WEFT_EVF_XLATED_DST };
 	int dir, is_new = 0, rc;
+	__u16 proxy_port = 0;
 	__u8 seen = 0;
 
 	if (svc->flags & WEFT_SVC_L7)
-		return l7_connection(skb, cfg, p, ipcache_identity(p->saddr), svc,
+		return l7_connection(skb, cfg, p, ipcache_identity(p->saddr), 0, svc,
 				     WEFT_OBS_FROM_NETWORK);
 	if (!svc->count)
 		return DROP(cfg, p, skb->ifindex, WEFT_DROP_NO_SERVICE);
@@ -98,6 +99,8 @@ static __always_inline int netdev_to_service(struct __sk_buff *skb, const struct
 		dir = CT_NEW;
 	} else if (dir == CT_ESTABLISHED && !ct_is_reopen(ct, p)) {
 		seen = ct_account(ct, dir, p);
+		if (ct->flags & WEFT_CT_PROXY)
+			proxy_port = ct->proxy_port;
 	} else {
 		dir = CT_NEW;
 		ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
@@ -107,10 +110,18 @@ static __always_inline int netdev_to_service(struct __sk_buff *skb, const struct
 		e.snat_addr = client_addr;
 		e.snat_port = client_port;
 		e.src_identity = ipcache_identity(client_addr);
+		if (!lb->nat_addr)
+			proxy_port = ingress_proxy_port(cfg, p, skb->ifindex, e.src_identity);
+		if (proxy_port) {
+			e.flags |= WEFT_CT_PROXY;
+			e.proxy_port = proxy_port;
+		}
 		if (!ct_create(&key, &e))
 			return DROP(cfg, p, skb->ifindex, WEFT_DROP_CT_CREATE_FAILED);
 	}
 	trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_NETWORK, dir, seen, &x);
+	if (proxy_port)
+		return redirect_to_proxy(skb, cfg, p, dir, seen, proxy_port);
 	if (lb->nat_addr) {
 		mark_set(skb, WEFT_MARK_SEEN);
 		rc = fib_redirect(skb, p);
@@ -176,13 +187,19 @@ static __always_inline int netdev_from_network(struct __sk_buff *skb, const stru
 	}
 
 	/* New inbound connection (a remote pod, or a client of the node itself):
-	 * tracked so replies are recognised; pods admit it by their own policy. */
+	 * tracked so replies are recognised; pods admit it by their own policy,
+	 * except where it sends the peer through the proxy, decided here. */
 	ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
 	ct_entry_init(&e, p, 0);
 	e.src_identity = ipcache_identity(p->saddr);
+	e.proxy_port = ingress_proxy_port(cfg, p, skb->ifindex, e.src_identity);
+	if (e.proxy_port)
+		e.flags |= WEFT_CT_PROXY;
 	if (!ct_create(&key, &e))
 		return DROP(cfg, p, skb->ifindex, WEFT_DROP_CT_CREATE_FAILED);
 	trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_NETWORK, CT_NEW, 0, 0);
+	if (e.proxy_port)
+		return redirect_to_proxy(skb, cfg, p, CT_NEW, 0, e.proxy_port);
 	return TC_ACT_OK;
 }
 
@@ -257,6 +274,15 @@ static __always_inline int netdev_to_network(struct __sk_buff *skb, const struct
 		}
 	} else {
 		seen = ct_account(ct, dir, p);
+		if (dir == CT_REPLY && (ct->flags & (WEFT_CT_PROXY | WEFT_CT_NODEPORT | WEFT_CT_DNAT | WEFT_CT_SNAT)) ==
+					       (WEFT_CT_PROXY | WEFT_CT_NODEPORT | WEFT_CT_DNAT)) {
+			/* The proxy answers a north-south client for a local
+			 * backend it stood in for: the reply leaves from the
+			 * frontend, as the backend's own would have. */
+			rc = revnat_to_frontend(skb, p, ct, &x);
+			if (rc < 0)
+				return DROP(cfg, p, skb->ifindex, -rc);
+		}
 	}
 	trace_if(cfg, p, skb->ifindex, WEFT_OBS_TO_NETWORK, dir, seen, &x);
 	return TC_ACT_OK;

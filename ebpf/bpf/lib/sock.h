@@ -175,16 +175,31 @@ static __always_inline int proxy_assign(struct bpf_sk_lookup *ctx)
 {
 	struct weft_svc_val *svc;
 	struct bpf_sock *sk;
-	__u32 port_key;
+	__u32 port_key = 0;
 	long err;
 
 	if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
 	svc = svc_lookup(ctx->local_ip4, bpf_htons((__u16)ctx->local_port), IPPROTO_TCP);
-	if (!svc || !(svc->flags & WEFT_SVC_L7))
-		return SK_PASS;
+	if (svc && (svc->flags & WEFT_SVC_L7)) {
+		port_key = svc->proxy_port;
+	} else {
+		/* A connection policy sent through the proxy: its conntrack
+		 * entry, keyed by the tuple as delivered, names the port. */
+		struct weft_ct_key key = {
+			.saddr = ctx->remote_ip4,
+			.daddr = ctx->local_ip4,
+			.sport = (__u16)ctx->remote_port,
+			.dport = bpf_htons((__u16)ctx->local_port),
+			.proto = IPPROTO_TCP,
+			.scope = WEFT_CT_SCOPE_CONN,
+		};
+		struct weft_ct_entry *ct = bpf_map_lookup_elem(&weft_ct, &key);
 
-	port_key = svc->proxy_port;
+		if (!ct || !(ct->flags & WEFT_CT_PROXY))
+			return SK_PASS;
+		port_key = ct->proxy_port;
+	}
 	sk = bpf_map_lookup_elem(&weft_proxy_socks, &port_key);
 	if (!sk) {
 		/* No listener: say so, and let the stack refuse the client. */

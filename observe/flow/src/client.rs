@@ -133,37 +133,26 @@ pub async fn observer_tls(addr: &Address, tls: &TlsClient) -> Result<ObserverCli
     Ok(ObserverClient::new(channel_tls(addr, tls).await?).max_decoding_message_size(64 << 20))
 }
 
-/// The request target as HTTP/1.1 servers expect it (`/v1/logs`), not the
-/// absolute form a proxy takes.
-pub fn origin_form(uri: &hyper::Uri) -> String {
-    uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into())
+/// The start of every HTTP client in the workspace (reqwest over hyper,
+/// rustls on ring): the agent's polls of Envoy's admin interface, `weft
+/// status`, OTLP/HTTP export. No proxy from the environment (every peer is on
+/// the node or named in config). reqwest is built without a TLS crypto
+/// provider of its own (its default, aws-lc-rs, needs cmake): ring, which
+/// kube and tonic use already, is installed as the process default.
+pub fn http_client() -> reqwest::ClientBuilder {
+    // Err only when a provider is installed already; then that one is used.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().no_proxy()
 }
 
-/// GETs `http://host:port/path`; the status and body.
+/// GETs `url` (the agent's HTTP API); the status and body.
 pub async fn http_get(url: &str) -> Result<(u16, String), String> {
-    use http_body_util::{BodyExt, Empty};
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let host = uri.host().ok_or_else(|| format!("{url}: no host"))?.to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let get = async {
-        let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get(origin_form(&uri))
-            .header("host", format!("{host}:{port}"))
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let code = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>((code, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(5), get)
-        .await
-        .map_err(|_| format!("{url}: no answer within 5 s"))?
-        .map_err(|e| format!("{url}: {e}"))
+    let client =
+        http_client().timeout(Duration::from_secs(5)).build().map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+    let resp = client.get(url).send().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+    let code = resp.status().as_u16();
+    let body = resp.text().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+    Ok((code, body))
 }
 
 #[cfg(test)]

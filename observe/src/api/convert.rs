@@ -137,7 +137,9 @@ fn layer4(f: &FlowRecord) -> Option<flow::Layer4> {
 }
 
 /// Hubble's one-line summary of a flow (the text `hubble observe` prints in
-/// parentheses), with weft's link for L7 flows.
+/// parentheses), with the Envoy route that served an L7 flow (qualified by
+/// its config, e.g. `/weft-gateway.<ns>.<gateway>/httproute/<ns>/<route>/...`)
+/// and weft's link.
 pub fn summary(f: &FlowRecord) -> String {
     if let Some(h) = &f.http {
         let mut s = if f.ev.subtype == L7_RESPONSE {
@@ -145,6 +147,9 @@ pub fn summary(f: &FlowRecord) -> String {
         } else {
             format!("{} {} {}", h.protocol, h.method, h.url())
         };
+        if !h.route.is_empty() {
+            s.push_str(&format!("; route {}", h.route));
+        }
         if let Some(l) = &h.downstream_link {
             s.push_str(&format!("; conn {}", link_text(l)));
         }
@@ -241,10 +246,10 @@ fn http_layer7(f: &FlowRecord, h: &Http) -> flow::Layer7 {
 fn policies(names: &Names, f: &FlowRecord) -> Vec<flow::Policy> {
     names
         .policy(f.ev.rule_id)
-        .map(|(ns, name)| flow::Policy {
-            name: name.clone(),
-            namespace: ns.clone(),
-            kind: "NetworkPolicy".into(),
+        .map(|p| flow::Policy {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            kind: p.kind.clone(),
             ..Default::default()
         })
         .into_iter()

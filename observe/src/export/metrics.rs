@@ -5,7 +5,9 @@
 //! direction) say where traffic came from and went, at a cardinality the
 //! user chooses.
 
-use std::{collections::HashMap, fmt, hash::BuildHasherDefault, sync::Arc};
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use fnv::FnvBuildHasher;
 
 use prometheus_client::{
     collector::Collector,
@@ -23,7 +25,7 @@ use weft_flow::{
 
 use crate::pipeline::{
     Pipeline, Sink,
-    enrich::{IntHasher, Names},
+    enrich::Names,
     record::{EV_L7, EndpointInfo, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, LostSource},
 };
 
@@ -258,7 +260,11 @@ impl FlowMetrics {
                 let l = vec![
                     ("direction", dir.as_str_name().to_ascii_lowercase()),
                     ("match", names::policy_match(k.a as u32).to_ascii_lowercase()),
-                    ("action", if k.b == 1 { "dropped" } else { "forwarded" }.into()),
+                    // Hubble's action: the verdict's name in lower case.
+                    (
+                        "action",
+                        Verdict::try_from(k.b as i32).unwrap_or(Verdict::Unknown).as_str_name().to_ascii_lowercase(),
+                    ),
                 ];
                 (self.policy.clone(), l)
             }
@@ -271,7 +277,7 @@ impl FlowMetrics {
 
 impl Sink for FlowMetrics {
     fn batch(&mut self, _first_seq: u64, entries: &[Entry], _names: &Names) {
-        let mut fold: HashMap<Key, (u64, Ctx), BuildHasherDefault<IntHasher>> = HashMap::default();
+        let mut fold: HashMap<Key, (u64, Ctx), FnvBuildHasher> = HashMap::default();
         let mut tcp = [0u64; 4];
         let mut add =
             |k: Key, f: &FlowRecord| fold.entry(k).or_insert_with(|| (0, (f.src.clone(), f.dst.clone()))).0 += 1;
@@ -284,10 +290,7 @@ impl Sink for FlowMetrics {
             add(self.key(0, (ev.r#type as u16) << 8 | ev.subtype as u16, verdict as u16, proto, f, dir), f);
             match ev.r#type as u32 {
                 abi::EV_DROP => add(self.key(1, ev.subtype as u16, 0, proto, f, dir), f),
-                abi::EV_POLICY => add(
-                    self.key(2, ev.policy_match as u16, (verdict == Verdict::Dropped) as u16, dir as u16, f, dir),
-                    f,
-                ),
+                abi::EV_POLICY => add(self.key(2, ev.policy_match as u16, verdict as u16, dir as u16, f, dir), f),
                 abi::EV_TRACE if ev.proto == 6 => {
                     for flag in flag_names(ev.tcp_flags) {
                         let i = ["SYN", "SYN-ACK", "FIN", "RST"].iter().position(|n| n == flag).unwrap_or(0);

@@ -17,8 +17,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use opentelemetry_proto::tonic::{
     collector::{
         logs::v1::{ExportLogsServiceRequest, logs_service_client::LogsServiceClient},
@@ -33,6 +31,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use weft_flow::{
+    client::{error_chain, http_client},
     names, print,
     proto::{
         flow::{self, Flow, FlowFilter, Verdict, layer4, layer7},
@@ -74,9 +73,14 @@ impl Protocol {
 #[derive(Clone, Debug)]
 pub struct OtlpConfig {
     /// `http://host:4317` (gRPC) or `http://host:4318` (HTTP; `/v1/logs` and
-    /// `/v1/traces` are appended).
+    /// `/v1/traces` are appended; `https://` for TLS).
     pub endpoint: String,
     pub protocol: Protocol,
+    /// OTLP/HTTP: headers sent with every request (an API key, a tenant).
+    pub headers: Vec<(String, String)>,
+    /// OTLP/HTTP: CA certificates (PEM) trusted for an `https://` endpoint,
+    /// besides the system's.
+    pub ca_pem: Option<Vec<u8>>,
     /// Flows waiting to be sent; what does not fit is dropped and counted.
     pub queue: usize,
     /// Flows per export request.
@@ -98,6 +102,8 @@ impl Default for OtlpConfig {
         OtlpConfig {
             endpoint: "http://127.0.0.1:4317".into(),
             protocol: Protocol::Grpc,
+            headers: Vec::new(),
+            ca_pem: None,
             queue: 8192,
             batch: 512,
             interval: Duration::from_secs(1),
@@ -168,7 +174,7 @@ pub fn start(cfg: OtlpConfig, pipeline: Arc<Pipeline>) -> Result<Arc<ExportStats
 #[allow(clippy::large_enum_variant)]
 enum Client {
     Grpc { logs: LogsServiceClient<tonic::transport::Channel>, traces: TraceServiceClient<tonic::transport::Channel> },
-    Http { base: String, timeout: Duration },
+    Http { http: reqwest::Client, base: String },
 }
 
 impl Client {
@@ -184,10 +190,13 @@ impl Client {
             }
             Protocol::HttpProtobuf => {
                 let base = cfg.endpoint.trim_end_matches('/').to_owned();
-                if !base.starts_with("http://") {
-                    return Err(format!("otlp endpoint {:?}: OTLP/HTTP needs an http:// address", cfg.endpoint));
+                if !base.starts_with("http://") && !base.starts_with("https://") {
+                    return Err(format!(
+                        "otlp endpoint {:?}: OTLP/HTTP needs an http:// or https:// address",
+                        cfg.endpoint
+                    ));
                 }
-                Ok(Client::Http { base, timeout: cfg.timeout })
+                Ok(Client::Http { http: http_exporter(cfg)?, base })
             }
         }
     }
@@ -196,18 +205,14 @@ impl Client {
     async fn send_logs(&mut self, req: ExportLogsServiceRequest) -> Result<(), (bool, String)> {
         match self {
             Client::Grpc { logs, .. } => logs.export(req).await.map(|_| ()).map_err(grpc_err),
-            Client::Http { base, timeout } => {
-                http_post(&format!("{base}/v1/logs"), req.encode_to_vec(), *timeout).await
-            }
+            Client::Http { http, base } => http_post(http, &format!("{base}/v1/logs"), req.encode_to_vec()).await,
         }
     }
 
     async fn send_spans(&mut self, req: ExportTraceServiceRequest) -> Result<(), (bool, String)> {
         match self {
             Client::Grpc { traces, .. } => traces.export(req).await.map(|_| ()).map_err(grpc_err),
-            Client::Http { base, timeout } => {
-                http_post(&format!("{base}/v1/traces"), req.encode_to_vec(), *timeout).await
-            }
+            Client::Http { http, base } => http_post(http, &format!("{base}/v1/traces"), req.encode_to_vec()).await,
         }
     }
 }
@@ -221,33 +226,44 @@ fn grpc_err(s: tonic::Status) -> (bool, String) {
     (retry, format!("{}: {}", s.code(), s.message()))
 }
 
-async fn http_post(url: &str, body: Vec<u8>, timeout: Duration) -> Result<(), (bool, String)> {
-    let uri: hyper::Uri = url.parse().map_err(|e| (false, format!("{url}: {e}")))?;
-    let host = uri.host().unwrap_or("localhost").to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let send = async {
-        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| (true, format!("connect {host}:{port}: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| (true, format!("HTTP handshake: {e}")))?;
-        tokio::spawn(conn);
-        let req = hyper::Request::post(weft_flow::client::origin_form(&uri))
-            .header("host", format!("{host}:{port}"))
-            .header("content-type", "application/x-protobuf")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| (false, e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| (true, format!("HTTP request: {e}")))?;
-        let status = resp.status();
-        let _ = resp.into_body().collect().await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err((status.as_u16() == 429 || status.is_server_error(), format!("HTTP {status}")))
-        }
-    };
-    tokio::time::timeout(timeout, send).await.unwrap_or_else(|_| Err((true, "timed out".into())))
+/// The OTLP/HTTP client: pooled keep-alive connections, TLS for `https://`
+/// (the system's roots plus `ca_pem`), the configured headers on every request.
+fn http_exporter(cfg: &OtlpConfig) -> Result<reqwest::Client, String> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (k, v) in &cfg.headers {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| format!("otlp header {k:?}: not a header name: {e}"))?;
+        let mut value = reqwest::header::HeaderValue::from_str(v)
+            .map_err(|e| format!("otlp header {k:?}: not a header value: {e}"))?;
+        // Credentials, often: kept out of debug output.
+        value.set_sensitive(true);
+        headers.append(name, value);
+    }
+    let mut b = http_client().timeout(cfg.timeout).connect_timeout(Duration::from_secs(2)).default_headers(headers);
+    if let Some(pem) = &cfg.ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("otlp CA certificates: {e}"))?;
+        b = b.tls_certs_merge(certs);
+    }
+    b.build().map_err(|e| format!("otlp HTTP client: {}", error_chain(&e)))
+}
+
+/// POSTs one protobuf request; Err(true) when retrying may help.
+async fn http_post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), (bool, String)> {
+    let resp = http
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| (!e.is_builder(), error_chain(&e)))?;
+    let status = resp.status();
+    // Read to the end, so the connection goes back to the pool.
+    let _ = resp.bytes().await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err((status.as_u16() == 429 || status.is_server_error(), format!("HTTP {status}")))
+    }
 }
 
 async fn export_loop(
@@ -538,4 +554,114 @@ pub fn requests(
         },
     };
     (logs, traces)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead, BufReader},
+        path::{Path, PathBuf},
+        process::{Command, Stdio},
+    };
+
+    use super::*;
+
+    /// The tests' OTLP receiver (tests/otlp_receiver.py), stopped on drop.
+    struct Receiver(std::process::Child, PathBuf);
+
+    impl Drop for Receiver {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+
+    fn one_log() -> ExportLogsServiceRequest {
+        let record =
+            LogRecord { body: Some(AnyValue { value: Some(Value::StringValue("hi".into())) }), ..Default::default() };
+        ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                scope_logs: vec![ScopeLogs { log_records: vec![record], ..Default::default() }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn otlp_http_goes_over_tls_with_the_configured_headers() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let python = root.join(".venv/bin/python3");
+        if !python.exists() || Command::new("openssl").arg("version").output().is_err() {
+            println!("SKIPPED: needs the project's venv (tests/setup.sh) and openssl");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("weft-otlp-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A CA, and a server certificate for localhost signed by it.
+        let (ca, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for args in [
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &["-days", "1", "-subj", "/CN=weft test CA", "-keyout", "ca.key", "-out", "ca.pem"],
+            ]
+            .concat(),
+            &[&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"]].concat(),
+            &["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"]
+                .into_iter()
+                .chain(["-days", "1", "-extfile", "ext.cnf", "-out", "cert.pem"])
+                .collect::<Vec<_>>(),
+        ] {
+            let made = Command::new("openssl").args(args).current_dir(&dir).stderr(Stdio::null()).status().unwrap();
+            assert!(made.success(), "openssl {args:?} failed");
+        }
+        let out = dir.join("out.jsonl");
+        let mut child = Command::new(&python)
+            .arg(root.join("tests/otlp_receiver.py"))
+            .args(["--grpc-port", "0", "--http-port", "0", "--tls-cert"])
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .args(["--record-header", "x-tenant", "--record-header", "authorization", "--out"])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let rx = Receiver(child, dir.clone());
+        let mut ready = String::new();
+        BufReader::new(stdout).read_line(&mut ready).unwrap();
+        let port: u16 = ready.trim().rsplit("http=").next().and_then(|p| p.parse().ok()).expect(&ready);
+
+        let cfg = OtlpConfig {
+            endpoint: format!("https://localhost:{port}/"),
+            protocol: Protocol::HttpProtobuf,
+            headers: vec![("x-tenant".into(), "blue".into()), ("authorization".into(), "Bearer t0ken".into())],
+            ca_pem: Some(std::fs::read(&ca).unwrap()),
+            ..Default::default()
+        };
+        let mut client = Client::new(&cfg).unwrap();
+        client.send_logs(one_log()).await.unwrap();
+        client.send_logs(one_log()).await.unwrap();
+        let got: Vec<serde_json::Value> =
+            std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0]["headers"], serde_json::json!({"x-tenant": "blue", "authorization": "Bearer t0ken"}));
+
+        // The server's certificate is checked: without its CA the request fails.
+        let mut untrusting = Client::new(&OtlpConfig { ca_pem: None, ..cfg.clone() }).unwrap();
+        let (retry, msg) = untrusting.send_logs(one_log()).await.unwrap_err();
+        assert!(msg.contains("certificate") || msg.contains("Certificate"), "{msg} (retry: {retry})");
+        // A header that is no header is refused when the exporter starts.
+        let bad = OtlpConfig { headers: vec![("bad header".into(), "x".into())], ..cfg };
+        assert!(Client::new(&bad).err().unwrap().contains("\"bad header\""));
+        drop(rx);
+    }
 }

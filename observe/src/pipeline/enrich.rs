@@ -3,43 +3,13 @@
 //! snapshot and hands it to the pipeline, which looks addresses up without
 //! allocating (hash lookups and `Arc` clones).
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
+
+use fnv::FnvBuildHasher;
 
 use weft_ebpf::abi::Event;
 
 use super::record::{EndpointInfo, FlowRecord, ServiceInfo};
-
-/// A fast hasher for small integer keys (FNV-1a over the written bytes); the
-/// keys come from the agent's own state, not from attackers.
-#[derive(Default)]
-pub struct IntHasher(u64);
-
-impl Hasher for IntHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for b in bytes {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = (self.0 ^ n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(23);
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(23);
-    }
-}
-
-type Fast = BuildHasherDefault<IntHasher>;
 
 /// Address -> name tables of one moment.
 #[derive(Clone, Debug, Default)]
@@ -49,11 +19,21 @@ pub struct Names {
     pub node_labels: Vec<String>,
     pub cluster: String,
     /// By address in the datapath's (network) byte order.
-    endpoints: HashMap<u32, Arc<EndpointInfo>, Fast>,
+    endpoints: HashMap<u32, Arc<EndpointInfo>, FnvBuildHasher>,
     /// By (address in network order, port, protocol number).
-    services: HashMap<u64, Arc<ServiceInfo>, Fast>,
-    /// Policy rule id -> (namespace, name).
-    policies: HashMap<u32, (String, String), Fast>,
+    services: HashMap<u64, Arc<ServiceInfo>, FnvBuildHasher>,
+    /// Policy rule id -> the policy.
+    policies: HashMap<u32, PolicyName, FnvBuildHasher>,
+}
+
+/// The policy object a verdict's rule id stands for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyName {
+    /// As users wrote it: `NetworkPolicy`, `CiliumNetworkPolicy`, ...
+    pub kind: String,
+    /// Empty for cluster-wide kinds.
+    pub namespace: String,
+    pub name: String,
 }
 
 fn raw(ip: Ipv4Addr) -> u32 {
@@ -78,8 +58,8 @@ impl Names {
         self.services.insert(svc_key(raw(ip), port, proto), info);
     }
 
-    pub fn add_policy(&mut self, rule_id: u32, namespace: String, name: String) {
-        self.policies.insert(rule_id, (namespace, name));
+    pub fn add_policy(&mut self, rule_id: u32, policy: PolicyName) {
+        self.policies.insert(rule_id, policy);
     }
 
     /// The pod or node with this address.
@@ -98,7 +78,7 @@ impl Names {
     }
 
     /// The policy a rule id names.
-    pub fn policy(&self, rule_id: u32) -> Option<&(String, String)> {
+    pub fn policy(&self, rule_id: u32) -> Option<&PolicyName> {
         self.policies.get(&rule_id)
     }
 

@@ -5,18 +5,14 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    hash::BuildHasherDefault,
     net::SocketAddrV4,
 };
 
+use fnv::FnvBuildHasher;
 use weft_ebpf::abi;
-
 use weft_flow::proto::flow::Verdict;
 
-use super::{
-    enrich::IntHasher,
-    record::{ConnLink, FlowRecord},
-};
+use super::record::{ConnLink, FlowRecord};
 
 /// Observation points kept per connection.
 const MAX_PATH: usize = 8;
@@ -40,10 +36,10 @@ fn rank(v: Verdict) -> u8 {
 
 /// See the module doc.
 pub struct ConnTable {
-    conns: HashMap<Key, ConnLink, BuildHasherDefault<IntHasher>>,
+    conns: HashMap<Key, ConnLink, FnvBuildHasher>,
     /// Connections handed to the proxy, by (client, proxy port): the proxy
     /// listens on loopback, so its access log names that as the local address.
-    proxied: HashMap<(u32, u16, u16), Key, BuildHasherDefault<IntHasher>>,
+    proxied: HashMap<(u32, u16, u16), Key, FnvBuildHasher>,
     order: VecDeque<Key>,
     capacity: usize,
 }

@@ -206,6 +206,8 @@ impl FlowRecord {
         let ev = &self.ev;
         match ev.r#type as u32 {
             abi::EV_DROP => Verdict::Dropped,
+            // Allowed through the proxy (L7 rules): Hubble says REDIRECTED.
+            abi::EV_POLICY if ev.subtype as u32 == abi::POLICY_ALLOW && ev.proxy_port != 0 => Verdict::Redirected,
             abi::EV_POLICY if ev.subtype as u32 == abi::POLICY_ALLOW => Verdict::Forwarded,
             abi::EV_POLICY if flag(ev, abi::EVF_AUDIT) => Verdict::Audit,
             abi::EV_POLICY => Verdict::Dropped,
@@ -254,8 +256,9 @@ impl FlowRecord {
     pub fn direction(&self) -> TrafficDirection {
         let ev = &self.ev;
         let local = |e: &Option<Arc<EndpointInfo>>| e.as_ref().is_some_and(|e| e.local && !e.pod.is_empty());
+        let by_policy = ev.r#type as u32 == abi::EV_POLICY || (ev.r#type as u32 == abi::EV_DROP && ev.direction != 0);
         let base = match ev.r#type as u32 {
-            abi::EV_POLICY => match ev.direction as u32 {
+            _ if by_policy => match ev.direction as u32 {
                 abi::DIR_INGRESS => return TrafficDirection::Ingress,
                 abi::DIR_EGRESS => return TrafficDirection::Egress,
                 _ => return TrafficDirection::Unknown,

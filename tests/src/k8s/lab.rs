@@ -326,6 +326,7 @@ pub fn start_agent_with_daemonset_caps(lab: &Lab, idx: usize, files: &AgentFiles
     cmd.arg(format!("--bounding-set=-all,{}", caps.join(",")))
         .arg("--")
         .arg(crate::objects::agent_binary())
+        .env("WEFT_ENVOY", crate::objects::envoy_binary())
         .args(["run", "--config"])
         .arg(&files.config)
         .stdout(log.try_clone()?)

@@ -13,7 +13,7 @@
 
 #include <linux/types.h>
 
-#define WEFT_ABI_VERSION 1
+#define WEFT_ABI_VERSION 2
 
 /* ---- Event types: Cilium's monitor numbering, so Hubble's CiliumEventType.type matches. */
 #define WEFT_EV_DROP 1
@@ -56,12 +56,15 @@
 #define WEFT_DROP_PROXY_SET_FAILED 179
 #define WEFT_DROP_POLICY_DENY 181
 
-/* ---- Policy: match types (Cilium/Hubble policy_match_type numbering). */
+/* ---- Policy: match types (Cilium/Hubble policy_match_type numbering): which
+ * parts of the entry that decided were specific (peer identity, protocol, port). */
 #define WEFT_MATCH_NONE 0
-#define WEFT_MATCH_L3_ONLY 1
-#define WEFT_MATCH_L3_L4 2
-#define WEFT_MATCH_L4_ONLY 3
-#define WEFT_MATCH_ALL 4
+#define WEFT_MATCH_L3_ONLY 1    /* this peer, any protocol and port */
+#define WEFT_MATCH_L3_L4 2      /* this peer, this port (or range) */
+#define WEFT_MATCH_L4_ONLY 3    /* any peer, this port (or range) */
+#define WEFT_MATCH_ALL 4        /* any peer, anything */
+#define WEFT_MATCH_L3_PROTO 5   /* this peer, any port of a protocol */
+#define WEFT_MATCH_PROTO_ONLY 6 /* any peer, any port of a protocol */
 
 /* Policy actions, in the policy map and in policy-verdict events (subtype). */
 #define WEFT_POLICY_ALLOW 1
@@ -112,10 +115,11 @@ struct weft_event {
 	__u8 proto;
 	__u8 tcp_flags;
 	__u8 policy_match; /* policy events: WEFT_MATCH_* */
-	__u8 direction;    /* WEFT_DIR_* */
+	__u8 direction;    /* WEFT_DIR_*: policy verdicts, and drops policy decided */
 	__u32 orig_addr;   /* see WEFT_EVF_XLATED_DST / WEFT_EVF_REVNAT */
 	__u16 orig_port;
-	__u16 proxy_port;  /* host byte order; to-proxy traces */
+	__u16 proxy_port;  /* host byte order; to-proxy traces, and policy verdicts that send the
+			    * connection through the proxy */
 	__u32 nat_addr;    /* see WEFT_EVF_XLATED_SRC */
 	__u16 nat_port;
 	__u16 drop_line;   /* source line of a drop, for debugging */
@@ -186,6 +190,7 @@ struct weft_backend {
 
 /* ---- Endpoints: pods on this node, keyed by their IPv4 address. */
 #define WEFT_EP_POLICY_INGRESS (1 << 0) /* a policy selects this pod: default-deny ingress */
+#define WEFT_EP_POLICY_EGRESS (1 << 1)  /* an egress policy selects this pod: default-deny egress */
 
 struct weft_endpoint {
 	__u32 ifindex;  /* host-side device of the pod */
@@ -211,22 +216,33 @@ struct weft_ipcache_val {
 	__u8 _pad[3];
 };
 
-/* ---- Policy: allow/deny entries per local endpoint.
- * Wildcards: identity 0 = any peer, dport 0 and proto 0 = any port/protocol. */
+/* ---- Policy: allow/deny entries per local endpoint and direction, in an LPM
+ * trie. ep_id, direction and identity are always matched (identity 0 = any
+ * peer, looked up separately); protocol and port are the prefix: an entry for
+ * any protocol ends before `proto` (WEFT_POLICY_PREFIX_FIXED), one for every
+ * port of a protocol ends before `dport` (WEFT_POLICY_PREFIX_PROTO), a port
+ * range is one entry per aligned power-of-two block (prefix up to
+ * WEFT_POLICY_PREFIX_FULL). */
+#define WEFT_POLICY_PREFIX_FIXED 72
+#define WEFT_POLICY_PREFIX_PROTO 80
+#define WEFT_POLICY_PREFIX_FULL 96
+
 struct weft_policy_key {
-	__u32 identity;
+	__u32 prefixlen; /* LPM trie: bits of what follows that must match */
 	__u16 ep_id;
-	__u16 dport;  /* network byte order */
+	__u8 direction;  /* WEFT_DIR_* */
+	__u8 _pad0;
+	__u32 identity;  /* 0 = any peer */
+	__u8 _pad1;
 	__u8 proto;
-	__u8 direction; /* WEFT_DIR_* */
-	__u16 _pad;
+	__u16 dport;     /* network byte order */
 };
 
 struct weft_policy_val {
-	__u8 action; /* WEFT_POLICY_* */
-	__u8 flags;
-	__u16 _pad;
-	__u32 rule_id; /* opaque, lets userspace name the rule that matched */
+	__u8 action;      /* WEFT_POLICY_* */
+	__u8 prefixlen;   /* the key's prefixlen: ranks this entry against the other lookup's */
+	__u16 proxy_port; /* host byte order; set: allowed through the node's proxy on this port */
+	__u32 rule_id;    /* opaque, lets userspace name the rule that matched */
 };
 
 /* ---- Connection tracking. The key is the tuple of the packet that opened the
@@ -251,6 +267,7 @@ struct weft_ct_key {
 #define WEFT_CT_NODEPORT (1 << 4)    /* north-south: replies leave through the node device */
 #define WEFT_CT_CLOSING (1 << 5)     /* FIN or RST seen */
 #define WEFT_CT_FROM_HOST (1 << 6)   /* opened by a process of the node */
+#define WEFT_CT_EGRESS_OK (1 << 7)   /* egress policy allowed the local pod that opened it */
 
 struct weft_ct_entry {
 	__u64 created_ns;

@@ -1,0 +1,93 @@
+//! Network policy for this node: every policy object, whatever its kind,
+//! becomes rules in one shape ([`rule`]); resolved against the cluster's
+//! pods they give each local pod its default-deny directions and its
+//! datapath entries, and every address prefix a policy names its identity.
+//!
+//! Kinds: Kubernetes NetworkPolicy ([`netpol`]).
+
+pub mod netpol;
+pub mod rule;
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+pub use rule::{EndpointPolicy, Net, selects};
+
+use crate::k8s::ObjKey;
+
+/// A prefix the datapath must know the identity of, because a policy names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CidrIdentity {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub identity: u32,
+}
+
+/// The object a rule id stands for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PolicyRef {
+    /// The kind as users wrote it (`NetworkPolicy`, `CiliumNetworkPolicy`, ...).
+    pub kind: String,
+    pub key: ObjKey,
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.key)
+    }
+}
+
+/// What the policies mean for this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    /// Each local pod some policy selects, by its address.
+    pub endpoints: BTreeMap<Ipv4Addr, EndpointPolicy>,
+    /// Prefixes policies name, and their identities.
+    pub cidrs: Vec<CidrIdentity>,
+    /// rule id -> the policy its entries came from.
+    pub rules: BTreeMap<u32, PolicyRef>,
+}
+
+/// The rule id of a policy: stable on every node (a hash of its kind and
+/// key), never 0.
+pub fn rule_id(kind: &str, key: &ObjKey) -> u32 {
+    crate::hash::fnv1a_32(format!("{kind} {key}").as_bytes()).max(1)
+}
+
+/// Policies of every kind, translated, with what could not be.
+#[derive(Default)]
+pub struct Translated {
+    pub policies: Vec<rule::Policy>,
+    pub rules: BTreeMap<u32, PolicyRef>,
+}
+
+impl Translated {
+    /// Registers a policy object; returns its rule id.
+    pub fn object(&mut self, kind: &str, key: &ObjKey) -> u32 {
+        let id = rule_id(kind, key);
+        self.rules.insert(id, PolicyRef { kind: kind.to_owned(), key: key.clone() });
+        id
+    }
+}
+
+/// Resolves translated policies against the cluster. Problems name the policy.
+pub fn derive(t: Translated, cluster: &rule::Cluster, problems: &mut Vec<String>) -> PolicyState {
+    let cidrs = match rule::CidrIds::of(&t.policies) {
+        Ok(c) => c,
+        Err(e) => {
+            // Without identities for the prefixes no block can be enforced:
+            // keep the policies' default-deny, allow nothing by address.
+            problems.push(format!("network policies: {e}; address-based rules allow nothing"));
+            rule::CidrIds::default()
+        }
+    };
+    let rules = &t.rules;
+    let endpoints = rule::resolve(&t.policies, cluster, &cidrs, |id, msg| {
+        let what = rules.get(&id).map(ToString::to_string).unwrap_or_else(|| format!("policy {id}"));
+        problems.push(format!("{what}: {msg}"));
+    });
+    PolicyState {
+        endpoints,
+        cidrs: cidrs.iter().map(|(n, id)| CidrIdentity { addr: n.addr, prefix_len: n.len, identity: *id }).collect(),
+        rules: t.rules,
+    }
+}

@@ -1,0 +1,159 @@
+//! Network policy on real packets (issue: policy): agents on both lab nodes
+//! read policies from their objects directory; pods connect (or fail to)
+//! over the lab's veths, and every decision is read back as a flow through
+//! `weft observe` and counted in the metrics.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use serde_json::Value;
+use weft_tests::{
+    envoylab::EnvoyLab,
+    flows::{agent_get, flows_of, metric_sum, observe_json, wait_for},
+    http::{HttpServer, ServerOpts, get_once},
+    lab::Lab,
+    objects::{LabService, PodLook, lab_objects_with},
+    require_root,
+    scenario::sa,
+};
+
+/// A short timeout for connections policy is expected to drop.
+const DENIED: Duration = Duration::from_millis(400);
+const DB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
+
+fn look(ns: &str, app: &str) -> PodLook {
+    PodLook { namespace: ns.into(), labels: vec![("app".into(), app.into())], ports: vec![("http".into(), 8080)] }
+}
+
+/// n1-p1 is the client (default/client); n1-p2 default/db, n2-p1
+/// default/web, n2-p2 shop/db, each serving HTTP on 8080 (port name
+/// `http`); Services db (-> n2-p2) and web (-> n2-p1). Then `policies`.
+fn objects(lab: &Lab, policies: &str) -> String {
+    let looks = BTreeMap::from([
+        ("n1-p1", look("default", "client")),
+        ("n1-p2", look("default", "db")),
+        ("n2-p1", look("default", "web")),
+        ("n2-p2", look("shop", "db")),
+    ]);
+    let services = [LabService::new("db", DB_VIP, 80, &["n2-p2"]), LabService::new("web", WEB_VIP, 80, &["n2-p1"])];
+    format!("{}{policies}", lab_objects_with(lab, &services, &looks))
+}
+
+/// Whether n1-p1 gets an answer from `to`.
+fn reaches(env: &EnvoyLab, to: std::net::SocketAddr) -> bool {
+    match get_once(&env.lab.pod("n1-p1").netns, to, "/", DENIED) {
+        Ok((r, _, _)) => r.status == 200,
+        Err(_) => false,
+    }
+}
+
+/// Flows of node1 matching `weft observe` filter arguments.
+fn observed(env: &EnvoyLab, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["--all"];
+    all.extend_from_slice(args);
+    let r = observe_json(&env.files[0], &all).unwrap_or_else(|e| env.fail(e));
+    flows_of(&r).into_iter().cloned().collect()
+}
+
+fn pod<'a>(f: &'a Value, side: &str) -> &'a str {
+    f[side]["pod_name"].as_str().unwrap_or("")
+}
+
+const CLIENT_EGRESS: &str = "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-out, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]
+    ports: [{port: http}]
+  - to: [{ipBlock: {cidr: 192.168.50.0/24, except: [192.168.50.100/32]}}]
+    ports: [{port: 8000, endPort: 8100}]
+";
+
+const CLIENT_EGRESS_WORLD: &str = "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-out, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 192.168.50.96/28}}]
+    ports: [{port: 8000, endPort: 8100, protocol: TCP}]
+";
+
+#[test]
+fn egress_network_policy_judges_the_real_destination_and_lets_replies_back() {
+    require_root!();
+    let env = EnvoyLab::new(|lab| objects(lab, ""));
+    let lab = &env.lab;
+    let ext = HttpServer::start(&lab.ext_netns, sa(lab.ext_ip, 8080), ServerOpts::default()).unwrap();
+    let ip = |p: &str| lab.pod(p).ip;
+    // No policy: everything is reachable.
+    for to in [sa(ip("n1-p2"), 8080), sa(ip("n2-p1"), 8080), sa(WEB_VIP, 80), sa(lab.ext_ip, 8080)] {
+        assert!(reaches(&env, to), "{to} before any policy");
+    }
+
+    env.apply(&objects(lab, CLIENT_EGRESS));
+    // Pods labelled db in any namespace, on their port named http: local and remote.
+    assert!(reaches(&env, sa(ip("n1-p2"), 8080)), "local db");
+    assert!(reaches(&env, sa(ip("n2-p2"), 8080)), "remote db in another namespace");
+    // A Service is judged on the backend it was translated to.
+    assert!(reaches(&env, sa(DB_VIP, 80)), "Service db (backend n2-p2)");
+    assert!(!reaches(&env, sa(WEB_VIP, 80)), "Service web (backend n2-p1, not a db)");
+    assert!(!reaches(&env, sa(ip("n2-p1"), 8080)), "web directly");
+    // The block's exception is not allowed.
+    assert!(!reaches(&env, sa(lab.ext_ip, 8080)), "the excepted address");
+    // Others still reach the client's neighbours: the policy is the client's egress only.
+    assert!(get_once(&lab.pod("n2-p1").netns, sa(ip("n1-p2"), 8080), "/", DENIED).is_ok());
+
+    // Every decision is a flow: allowed and denied verdicts, egress, with the
+    // backend (not the frontend) as destination, and the drops' reason.
+    wait_for(Duration::from_secs(10), "egress verdicts", || {
+        let v = observed(&env, &["--type", "policy-verdict", "--traffic-direction", "egress"]);
+        (v.iter().any(|f| f["verdict"] == "DROPPED") && v.iter().any(|f| f["verdict"] == "FORWARDED")).then_some(())
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    let denied = observed(&env, &["--type", "policy-verdict", "--verdict", "DROPPED", "--traffic-direction", "egress"]);
+    assert!(denied.iter().all(|f| pod(f, "source") == "n1-p1" && f["traffic_direction"] == "EGRESS"), "{denied:?}");
+    let to_web: Vec<&Value> = denied.iter().filter(|f| pod(f, "destination") == "n2-p1").collect();
+    assert!(!to_web.is_empty(), "the denied connections to web: {denied:?}");
+    assert!(
+        to_web
+            .iter()
+            .all(|f| f["l4"]["TCP"]["destination_port"] == 8080 && f["policy_match_type"].as_u64().unwrap_or(0) == 0),
+        "{to_web:?}"
+    );
+    assert!(denied.iter().any(|f| f["IP"]["destination"] == lab.ext_ip.to_string()), "{denied:?}");
+    let drops = observed(&env, &["--type", "drop", "--from-pod", "default/n1-p1"]);
+    assert!(!drops.is_empty());
+    for d in &drops {
+        assert_eq!(d["drop_reason_desc"], "POLICY_DENIED", "{d}");
+        assert_eq!(d["traffic_direction"], "EGRESS", "{d}");
+    }
+    let allowed =
+        observed(&env, &["--type", "policy-verdict", "--verdict", "FORWARDED", "--from-pod", "default/n1-p1"]);
+    let to_db = allowed.iter().find(|f| pod(f, "destination") == "n2-p2").expect("an allowed verdict for shop/db");
+    assert_eq!(to_db["destination"]["namespace"], "shop");
+    assert_eq!(to_db["policy_match_type"], 2, "L3-L4: the peer and its port");
+    assert_eq!(to_db["egress_allowed_by"][0]["name"], "client-out");
+    assert_eq!(to_db["egress_allowed_by"][0]["kind"], "NetworkPolicy");
+    // Ingress filters leave the egress verdicts out.
+    let ingress = observed(&env, &["--type", "policy-verdict", "--traffic-direction", "ingress"]);
+    assert!(ingress.is_empty(), "{ingress:?}");
+    // Metrics by direction, match and action.
+    let m = agent_get(lab, 0, "/metrics").unwrap();
+    let count = |labels: &[(&str, &str)]| metric_sum(&m, "weft_policy_verdicts_total", labels);
+    assert!(count(&[("direction", "egress"), ("action", "dropped"), ("match", "none")]) >= 3.0, "{m}");
+    assert!(count(&[("direction", "egress"), ("action", "forwarded"), ("match", "l3-l4")]) >= 3.0, "{m}");
+
+    // A block around the outside address, on a port range: reachable, and
+    // its replies come back though nothing allows them as connections.
+    env.apply(&objects(lab, CLIENT_EGRESS_WORLD));
+    assert!(reaches(&env, sa(lab.ext_ip, 8080)), "the outside address in the block");
+    assert!(!reaches(&env, sa(ip("n1-p2"), 8080)), "pods are not in an address block");
+    drop(ext);
+}
