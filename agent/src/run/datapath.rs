@@ -35,7 +35,9 @@ const PROXY_SYNC_EVERY: Duration = Duration::from_millis(500);
 /// arrive meanwhile wait in the sockets the agent keeps until the new
 /// Envoy's are in the map.
 const PROXY_SETTLE_EVERY: Duration = Duration::from_millis(20);
-/// How long after Envoy's pid changed the listeners are looked at that often.
+/// How long after Envoy's pid changed, or a snapshot added a proxy port, the
+/// listeners are looked at that often (a new listener is in the map within
+/// [`PROXY_SETTLE_EVERY`] of Envoy opening it).
 const PROXY_SETTLE_FOR: Duration = Duration::from_secs(10);
 /// How often map occupancy is counted.
 const MAP_USAGE_EVERY: Duration = Duration::from_secs(10);
@@ -78,7 +80,7 @@ impl Worker {
         let mut last_proxy = due_now(PROXY_SYNC_EVERY);
         let mut last_stats = due_now(PROXY_SYNC_EVERY);
         let mut last_pid = None;
-        let mut pid_changed = Instant::now();
+        let mut settle_from = Instant::now();
         let mut waiting = false;
         let mut envoy_published = true;
         let migrating = migrate_waiting_connections();
@@ -86,7 +88,7 @@ impl Worker {
         // The first snapshot is there before the worker starts.
         snapshots.mark_changed();
         loop {
-            let settling = waiting || pid_changed.elapsed() < PROXY_SETTLE_FOR;
+            let settling = waiting || settle_from.elapsed() < PROXY_SETTLE_FOR;
             let wait = if settling { PROXY_SETTLE_EVERY } else { WAIT };
             // The timer is made inside block_on: it needs the runtime's context.
             let woke = runtime.block_on(async {
@@ -104,6 +106,10 @@ impl Worker {
                 Some(true) => {
                     let snap = snapshots.borrow_and_update().clone();
                     apply(&mut dp, &mut rec, &snap, &status)?;
+                    let before = current.as_ref().map(|c| c.proxied()).unwrap_or_default();
+                    if !snap.proxied().is_subset(&before) {
+                        settle_from = Instant::now();
+                    }
                     current = Some(snap);
                     last_proxy = due_now(PROXY_SYNC_EVERY);
                 }
@@ -113,7 +119,7 @@ impl Worker {
             let pid = envoy.borrow_and_update().pid;
             if pid != last_pid {
                 last_pid = pid;
-                pid_changed = Instant::now();
+                settle_from = Instant::now();
                 last_proxy = due_now(PROXY_SYNC_EVERY);
             }
             let every = if settling { PROXY_SETTLE_EVERY } else { PROXY_SYNC_EVERY };
