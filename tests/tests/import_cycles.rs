@@ -33,7 +33,11 @@ fn workspace_crates() -> Vec<(String, BTreeSet<PathBuf>)> {
         }
         let mut dirs = BTreeSet::new();
         for t in package["targets"].as_array().expect("targets") {
-            let code = t["kind"].as_array().expect("kind").iter().any(|k| matches!(k.as_str(), Some("lib" | "bin" | "proc-macro")));
+            let code = t["kind"]
+                .as_array()
+                .expect("kind")
+                .iter()
+                .any(|k| matches!(k.as_str(), Some("lib" | "bin" | "proc-macro")));
             let Some(root) = t["src_path"].as_str().filter(|_| code).and_then(|p| Path::new(p).parent()) else {
                 continue;
             };

@@ -4,6 +4,7 @@
 
 use std::{io::Write, time::Duration};
 
+use anyhow::Context;
 use clap::Args;
 use tonic::Code;
 use weft_flow::{
@@ -150,12 +151,10 @@ pub struct ObserveArgs {
 }
 
 /// The GetFlowsRequest of `weft observe`, as Hubble's CLI fills it.
-pub fn request(args: &ObserveArgs, argv: &[String], now: u64) -> Result<GetFlowsRequest, String> {
+pub fn request(args: &ObserveArgs, argv: &[String], now: u64) -> anyhow::Result<GetFlowsRequest> {
     let (whitelist, blacklist) = build_filters(argv, &args.allowlist, &args.denylist)?;
-    let since =
-        args.since.as_deref().map(|s| time::parse_time(s, now)).transpose().map_err(|e| format!("--since {e}"))?;
-    let until =
-        args.until.as_deref().map(|s| time::parse_time(s, now)).transpose().map_err(|e| format!("--until {e}"))?;
+    let since = args.since.as_deref().map(|s| time::parse_time(s, now)).transpose().context("--since")?;
+    let until = args.until.as_deref().map(|s| time::parse_time(s, now)).transpose().context("--until")?;
     let number = if args.all {
         u64::MAX
     } else if let Some(n) = args.last.or(args.first) {
@@ -187,7 +186,7 @@ fn is_terminal() -> bool {
 }
 
 /// `weft observe`; `argv` is the whole command line (for `--not` order).
-pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
+pub async fn observe(args: ObserveArgs, argv: &[String]) -> anyhow::Result<()> {
     let req = request(&args, argv, now_ns())?;
     if args.print_raw_filters {
         for (name, list) in [("allowlist", &req.whitelist), ("denylist", &req.blacklist)] {
@@ -202,7 +201,7 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
     let mut client = client::observer_tls(&addr, &tls).await?;
     let mut stream = match client.get_flows(req).await {
         Ok(r) => r.into_inner(),
-        Err(s) => return Err(format!("{addr}: {}", s.message())),
+        Err(s) => anyhow::bail!("{addr}: {}", s.message()),
     };
     let opts = Options {
         color: match args.color {
@@ -217,7 +216,7 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
         Some(d) => Some(
             time::parse_duration(d)
                 .or_else(|| d.parse::<u64>().ok().map(|s| s * 1_000_000_000))
-                .ok_or_else(|| format!("--duration {d:?}: expected a duration like 30s"))?,
+                .with_context(|| format!("--duration {d:?}: expected a duration like 30s"))?,
         ),
         None => None,
     };
@@ -244,7 +243,7 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
             Ok(Some(r)) => r,
             Ok(None) => break,
             Err(s) if s.code() == Code::Cancelled => break,
-            Err(s) => return Err(format!("{addr}: {}", s.message())),
+            Err(s) => anyhow::bail!("{addr}: {}", s.message()),
         };
         let line = match args.output {
             Output::Json | Output::Jsonpb => Some(json::response(&r)),
