@@ -192,12 +192,13 @@ fn a_full_map_serves_what_fits_and_the_rest_once_there_is_room() {
     assert!(lab.running(pid), "the agent keeps running");
 }
 
-/// Only root can connect to the agent's xDS (it carries TLS keys),
-/// access-log (it accepts flows) and flow API sockets: they are 0600 in a
-/// state directory only root may enter (0700). An unprivileged user
-/// (`nobody`) is refused by each, and can connect to a socket next to the
-/// state directory that is open to all (so the refusal is the agent's
-/// modes, nothing else on the path).
+/// Only root can connect to the agent's xDS (it carries TLS keys) and flow
+/// API sockets: they are 0600 in a state directory only root may enter
+/// (0700), which also holds Envoy's access-log spool (whose lines become
+/// flows). An unprivileged user (`nobody`) is refused by each socket and
+/// cannot open the spool, and can connect to a socket next to the state
+/// directory that is open to all (so the refusal is the agent's modes,
+/// nothing else on the path).
 #[test]
 fn an_unprivileged_user_cannot_connect_to_the_agents_sockets() {
     use std::os::unix::{fs::PermissionsExt, process::CommandExt};
@@ -225,7 +226,7 @@ fn an_unprivileged_user_cannot_connect_to_the_agents_sockets() {
     let pid = start_agent(&lab, 0, &files, &log).unwrap();
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_ready(&files, Duration::from_secs(20), || lab.running(pid)).unwrap_or_else(|e| panic!("{e}: {}", log_text()));
-    let sockets: Vec<_> = ["xds.sock", "als.sock", "observer.sock"].iter().map(|s| state_dir.join(s)).collect();
+    let sockets: Vec<_> = ["xds.sock", "observer.sock"].iter().map(|s| state_dir.join(s)).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !sockets.iter().all(|s| s.exists()) {
         assert!(std::time::Instant::now() < deadline, "the agent's sockets exist: {}", log_text());
@@ -253,7 +254,13 @@ fn an_unprivileged_user_cannot_connect_to_the_agents_sockets() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).lines().map(|l| l.rsplit(' ').next().unwrap_or("").to_owned()).collect()
     };
-    assert_eq!(connect(None), ["ok", "ok", "ok", "ok"], "root connects to every socket");
-    assert_eq!(connect(Some(65534)), ["ok", "denied", "denied", "denied"], "nobody to none of the agent's");
+    assert_eq!(connect(None), ["ok", "ok", "ok"], "root connects to every socket");
+    assert_eq!(connect(Some(65534)), ["ok", "denied", "denied"], "nobody to none of the agent's");
+    let spool = state_dir.join("access-log");
+    assert!(spool.is_dir(), "the access-log spool is in the state directory");
+    let mut cmd = std::process::Command::new(&helper);
+    cmd.arg("append").arg(spool.join("current.log")).uid(65534).gid(65534);
+    let out = cmd.output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "denied", "nobody cannot write access-log lines");
     assert!(lab.running(pid));
 }

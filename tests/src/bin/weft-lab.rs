@@ -9,6 +9,8 @@
 //! `weft-lab connect-unix PATH...`: connects to each unix socket; one line
 //! per socket: `PATH ok`, `PATH denied` (permission) or `PATH error=..`
 //! (run as another user, it shows who may connect).
+//! `weft-lab append PATH`: opens a file to append to; prints `ok`, `denied`
+//! or `error=..`.
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -19,6 +21,15 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("get") => get(&args[1..]),
         Some("latency") => latency(&args[1..]),
+        Some("append") => {
+            let path = args.get(1).map(String::as_str).unwrap_or_default();
+            match std::fs::OpenOptions::new().append(true).open(path) {
+                Ok(_) => println!("ok"),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => println!("denied"),
+                Err(e) => println!("error={e}"),
+            }
+            ExitCode::SUCCESS
+        }
         Some("connect-unix") => {
             for path in &args[1..] {
                 match std::os::unix::net::UnixStream::connect(path) {
