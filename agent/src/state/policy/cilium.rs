@@ -563,10 +563,15 @@ spec:
             (ops_worker, tcp, 8080, 8080),
             (abi::ID_HOST, None, 0, 0),
             (abi::ID_REMOTE_NODE, None, 0, 0),
-            (block, None, 9000, 9010),
-            (one, None, 9000, 9010),
+            // ANY with ports: those ports of TCP and of UDP.
+            (block, tcp, 9000, 9010),
+            (one, tcp, 9000, 9010),
+            (block, Some(Proto::Udp), 9000, 9010),
+            (one, Some(Proto::Udp), 9000, 9010),
         ]);
         assert_eq!(entries(&echo.entries, Direction::Ingress, PolicyAction::Allow), want);
+        // The datapath reads no ports without a protocol.
+        assert!(echo.entries.iter().all(|e| e.proto.is_some() || e.ports.is_none()), "{echo:?}");
         assert!(!echo.entries.iter().any(|e| e.identity == except && e.action == PolicyAction::Allow));
         // world: the reserved identity and every prefix a policy names.
         let denied = entries(&echo.entries, Direction::Ingress, PolicyAction::Deny);

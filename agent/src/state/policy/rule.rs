@@ -313,7 +313,17 @@ fn entries_for(
     for spec in specs {
         match &spec.ports {
             PortSel::All => out.extend(peers.ids.iter().map(|id| entry(*id, spec.proto, None))),
-            PortSel::Range(a, b) => out.extend(peers.ids.iter().map(|id| entry(*id, spec.proto, Some((*a, *b))))),
+            // Ports without a protocol: those ports of TCP and of UDP (the
+            // datapath's "any protocol" is every port of every protocol).
+            PortSel::Range(a, b) => {
+                let protos = match spec.proto {
+                    Some(p) => vec![p],
+                    None => vec![Proto::Tcp, Proto::Udp],
+                };
+                for proto in protos {
+                    out.extend(peers.ids.iter().map(|id| entry(*id, Some(proto), Some((*a, *b)))));
+                }
+            }
             PortSel::Named(name) => {
                 let on = |pod: &PodState| {
                     cluster
