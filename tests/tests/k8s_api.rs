@@ -541,10 +541,7 @@ async fn cilium_kinds_are_watched_once_their_crds_are_applied_and_cilium_yaml_ap
     let mutual = ObjKey::new(ns.name.clone(), "mutual-auth");
     let held = |l: &Loaded| {
         let o = &l.objects;
-        (
-            o.cilium_network_policies.get(&mutual).is_some(),
-            o.cilium_clusterwide_network_policies.get(&lockdown).is_some(),
-        )
+        (o.cilium_network_policies.contains_key(&mutual), o.cilium_clusterwide_network_policies.contains_key(&lockdown))
     };
     let kinds = Kinds { network_policies: true, ..Kinds::none() };
     let mut policy_src = KubeSource::start(cp.client().await, kinds, "n").await;
