@@ -94,12 +94,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// The least a replaced Envoy keeps accepting while it drains: time for the
 /// datapath to take its copies of the listeners, which hold the
-/// connections that arrive once Envoy stops accepting.
+/// connections that arrive once Envoy is gone.
 const DRAIN_MIN: Duration = Duration::from_secs(1);
-/// The least a replaced Envoy gets after it is told to stop accepting: its
-/// admin answers before its workers have stopped, and a connection a
-/// worker accepts meanwhile would be cut by the SIGTERM.
-const STOP_ACCEPTING_MIN: Duration = Duration::from_millis(250);
 
 fn pipe_cluster(name: &str, path: &Path) -> serde_json::Value {
     json!({
@@ -276,14 +272,21 @@ async fn adopt(s: &EnvoySettings, bootstrap: &[u8]) -> Option<Process> {
     None
 }
 
-/// Stops a running Envoy without cutting requests: first it drains
+/// Stops a running Envoy without cutting its connections: first it drains
 /// (`/drain_listeners?graceful`: HTTP/1 responses say `connection: close`,
 /// HTTP/2 connections get a GOAWAY, and new connections are still
 /// accepted) for at least [`DRAIN_MIN`] and until its connections are gone
-/// or [`DRAIN_TIME`] has passed; then it stops accepting
-/// (`/drain_listeners`: connections that arrive from then on wait in the
-/// listening sockets the datapath keeps, for the next Envoy) and gets up to
-/// [`DRAIN_TIME`] more to finish the requests it holds; then [`stop`].
+/// or [`DRAIN_TIME`] has passed; then [`stop`]. Connections that arrive
+/// from then on wait in the listening sockets the datapath keeps, for the
+/// next Envoy (or are refused, if the datapath holds none yet); requests
+/// the old Envoy accepted just before the SIGTERM fail.
+///
+/// Not done: telling Envoy to stop accepting (`/drain_listeners`) before
+/// the SIGTERM, which would let those last requests finish: connections
+/// that arrive after that wait in Envoy's open but no longer accepting
+/// sockets, and unless the datapath has taken its copies of them by then
+/// (it may still be loading when a restarted agent replaces Envoy) they
+/// hang until Envoy exits instead of moving to the next one.
 /// An Envoy whose admin interface does not answer is stopped at once.
 async fn drain_then_stop(envoy: &mut Process, admin_port: u16) {
     let client = match weft_flow::client::http_client().timeout(Duration::from_secs(2)).build() {
@@ -314,10 +317,8 @@ async fn drain_then_stop(envoy: &mut Process, admin_port: u16) {
         }
     };
     if post("/drain_listeners?graceful").await {
+        tracing::info!(pid = envoy.pid(), "Envoy is draining");
         wait(DRAIN_MIN).await;
-        if post("/drain_listeners").await {
-            wait(STOP_ACCEPTING_MIN).await;
-        }
     } else {
         tracing::warn!(pid = envoy.pid(), "Envoy's admin interface refused the drain; stopping it at once");
     }
