@@ -9,10 +9,7 @@
 //!   again. Meanwhile its connections wait in the listening sockets the
 //!   datapath keeps (`datapath::proxy`);
 //! - across agent restarts: a running Envoy started by an earlier agent
-//!   with the same bootstrap is adopted, so L7 connections survive; one
-//!   with another bootstrap (new settings) is drained before it is stopped
-//!   ([`drain_then_stop`]), so its requests finish and new connections wait
-//!   for the next Envoy instead of failing;
+//!   with the same bootstrap is adopted, so L7 connections survive;
 //! - with its access log in a spool the agent reads
 //!   (`weft_observe::pipeline::spool`): Envoy writes `access-log/current.log`
 //!   in the state directory (its working directory), the supervisor moves
@@ -88,14 +85,6 @@ const SPOOL_EVERY: Duration = Duration::from_millis(500);
 const YOUNG: Duration = Duration::from_secs(10);
 /// How long a stopped Envoy gets to exit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// Envoy's `--drain-time-s`: how long a replaced Envoy discourages requests
-/// while it still accepts connections, and the longest each phase of
-/// [`drain_then_stop`] waits for its connections to finish.
-const DRAIN_TIME: Duration = Duration::from_secs(5);
-/// The least a replaced Envoy keeps accepting while it drains: time for the
-/// datapath to take its copies of the listeners, which hold the
-/// connections that arrive once Envoy is gone.
-const DRAIN_MIN: Duration = Duration::from_secs(1);
 
 fn pipe_cluster(name: &str, path: &Path) -> serde_json::Value {
     json!({
@@ -129,12 +118,6 @@ pub fn command_args(s: &EnvoySettings, bootstrap_path: &Path) -> Vec<String> {
             &FILE_FLUSH_MS.to_string(),
             "--concurrency",
             &s.concurrency.to_string(),
-            // A drain (a replaced Envoy, a listener LDS changed or removed)
-            // asks every connection to close at once, for DRAIN_TIME.
-            "--drain-time-s",
-            &DRAIN_TIME.as_secs().to_string(),
-            "--drain-strategy",
-            "immediate",
         ]
         .map(String::from),
     );
@@ -257,86 +240,12 @@ async fn adopt(s: &EnvoySettings, bootstrap: &[u8]) -> Option<Process> {
     let pid: u32 = std::fs::read_to_string(s.state_dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
     let bootstrap_path = s.state_dir.join(BOOTSTRAP);
     let mut envoy = Process::adopt(pid, &bootstrap_path)?;
-    let running = std::fs::read(&bootstrap_path).ok();
-    if running.as_deref() == Some(bootstrap) {
+    if std::fs::read(&bootstrap_path).ok().as_deref() == Some(bootstrap) {
         return Some(envoy);
     }
-    // Its admin port is the one its own bootstrap names.
-    let admin_port = running
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|b| b["admin"]["address"]["socket_address"]["port_value"].as_u64())
-        .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or(s.admin_port);
-    tracing::info!(pid, "replacing the Envoy of an earlier agent (its bootstrap differs): draining it first");
-    drain_then_stop(&mut envoy, admin_port).await;
+    tracing::info!(pid, "stopping the Envoy of an earlier agent: its bootstrap differs");
+    stop(&mut envoy).await;
     None
-}
-
-/// Stops a running Envoy without cutting its connections: first it drains
-/// (`/drain_listeners?graceful`: HTTP/1 responses say `connection: close`,
-/// HTTP/2 connections get a GOAWAY, and new connections are still
-/// accepted) for at least [`DRAIN_MIN`] and until its connections are gone
-/// or [`DRAIN_TIME`] has passed; then [`stop`]. Connections that arrive
-/// from then on wait in the listening sockets the datapath keeps, for the
-/// next Envoy (or are refused, if the datapath holds none yet); requests
-/// the old Envoy accepted just before the SIGTERM fail.
-///
-/// Not done: telling Envoy to stop accepting (`/drain_listeners`) before
-/// the SIGTERM, which would let those last requests finish: connections
-/// that arrive after that wait in Envoy's open but no longer accepting
-/// sockets, and unless the datapath has taken its copies of them by then
-/// (it may still be loading when a restarted agent replaces Envoy) they
-/// hang until Envoy exits instead of moving to the next one.
-/// An Envoy whose admin interface does not answer is stopped at once.
-async fn drain_then_stop(envoy: &mut Process, admin_port: u16) {
-    let client = match weft_flow::client::http_client().timeout(Duration::from_secs(2)).build() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("an HTTP client for Envoy's admin interface: {e}; stopping Envoy without a drain");
-            return stop(envoy).await;
-        }
-    };
-    let url = |path: &str| format!("http://127.0.0.1:{admin_port}{path}");
-    let post = |path: &'static str| {
-        let req = client.post(url(path));
-        async move { req.send().await.is_ok_and(|r| r.status().is_success()) }
-    };
-    let connections = || {
-        let req = client.get(url("/stats?filter=downstream_cx_active$"));
-        async move { active_connections(&req.send().await.ok()?.text().await.ok()?) }
-    };
-    let wait = |least: Duration| async move {
-        let start = Instant::now();
-        while start.elapsed() < DRAIN_TIME {
-            // An Envoy that no longer answers has nothing left to drain.
-            let active = connections().await.unwrap_or(0);
-            if active == 0 && start.elapsed() >= least {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    if post("/drain_listeners?graceful").await {
-        tracing::info!(pid = envoy.pid(), "Envoy is draining");
-        wait(DRAIN_MIN).await;
-    } else {
-        tracing::warn!(pid = envoy.pid(), "Envoy's admin interface refused the drain; stopping it at once");
-    }
-    stop(envoy).await;
-}
-
-/// Downstream connections open on Envoy's listeners (the admin listener
-/// left out), from `/stats` text lines.
-fn active_connections(stats: &str) -> Option<u64> {
-    let mut total = 0u64;
-    for line in stats.lines() {
-        let Some((name, value)) = line.split_once(": ") else { continue };
-        let listener = name.strip_prefix("listener.").filter(|n| !n.starts_with("admin.") && !n.contains(".worker_"));
-        if listener.is_some_and(|n| n.ends_with(".downstream_cx_active")) {
-            total = total.saturating_add(value.trim().parse().ok()?);
-        }
-    }
-    Some(total)
 }
 
 /// Stops Envoy: SIGTERM, then SIGKILL after [`STOP_GRACE`].
@@ -494,18 +403,6 @@ fn is_executable(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_draining_envoys_connections_are_its_listeners_not_its_admin() {
-        let stats = "listener.127.0.0.1_15001.downstream_cx_active: 2\n\
-                     listener.127.0.0.1_15001.worker_0.downstream_cx_active: 2\n\
-                     listener.admin.downstream_cx_active: 1\n\
-                     listener.0.0.0.0_8080.downstream_cx_active: 3\n\
-                     http.admin.downstream_cx_active: 1\n";
-        assert_eq!(active_connections(stats), Some(5));
-        assert_eq!(active_connections(""), Some(0));
-        assert_eq!(active_connections("listener.x.downstream_cx_active: many"), None);
-    }
 
     #[test]
     fn envoy_is_found_at_run_time() {
