@@ -275,11 +275,18 @@ pub struct EnvoyOptions {
     pub delta: bool,
     /// Envoy worker threads. Default: 2.
     pub concurrency: u32,
+    /// The most Envoy writes to one file, in bytes: its access-log spool
+    /// while the agent is away (entries past it are lost, and counted), and
+    /// its own log. Default: 256 MiB (about 500,000 requests).
+    pub spool_limit: u64,
 }
+
+/// The smallest `envoy.spool-limit`: room for the longest access-log line.
+pub const MIN_SPOOL_LIMIT: u64 = 1 << 20;
 
 impl Default for EnvoyOptions {
     fn default() -> Self {
-        Self { enabled: true, binary: None, admin_port: 9901, delta: false, concurrency: 2 }
+        Self { enabled: true, binary: None, admin_port: 9901, delta: false, concurrency: 2, spool_limit: 256 << 20 }
     }
 }
 
@@ -387,6 +394,13 @@ impl AgentConfig {
                 "envoy.concurrency",
                 &self.envoy.concurrency,
                 "must be from 0 (a worker per CPU) to 1024",
+            ));
+        }
+        if self.envoy.spool_limit < MIN_SPOOL_LIMIT {
+            return Err(invalid(
+                "envoy.spool-limit",
+                &self.envoy.spool_limit,
+                &format!("must be at least {MIN_SPOOL_LIMIT} bytes"),
             ));
         }
         weft_observe::export::metrics::Context::parse(&self.flows.metrics_context).map_err(|r| {

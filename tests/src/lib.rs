@@ -11,6 +11,7 @@ pub mod hostile;
 pub mod http;
 pub mod k8s;
 pub mod lab;
+pub mod load;
 pub mod node;
 pub mod objects;
 pub mod packet;

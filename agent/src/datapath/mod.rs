@@ -29,6 +29,7 @@ pub use config::{DatapathConfig, EmitLevel, MapSizes};
 pub use error::{DatapathError, Result};
 pub use gc::GcStats;
 use maps::Maps;
+pub use proxy::{ORPHAN_GRACE, ProxySync, migrate_waiting_connections};
 pub use types::*;
 
 use crate::netns;
@@ -40,6 +41,7 @@ pub struct Datapath {
     maps: Maps,
     netns_cookie: u64,
     state: maps::Shadow,
+    proxy: proxy::Handoff,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -76,7 +78,7 @@ impl Datapath {
         let netns_cookie =
             netns::current_cookie().map_err(|e| DatapathError::io("reading the network namespace cookie", e))?;
         let state = maps::Shadow::recover(&maps)?;
-        let mut dp = Datapath { cfg, objects, maps, netns_cookie, state };
+        let mut dp = Datapath { cfg, objects, maps, netns_cookie, state, proxy: proxy::Handoff::default() };
         dp.write_config()?;
         dp.attach_sk_lookup()?;
         dp.attach_cgroup()?;
