@@ -118,10 +118,10 @@ impl FlowTls {
             key_pem: read("flows.tls.key", &self.key)?,
             client_ca_pem: self.client_ca.as_deref().map(|p| read("flows.tls.client-ca", p)).transpose()?,
         };
-        tls.check().map_err(|reason| ConfigError::Invalid {
+        tls.check().map_err(|e| ConfigError::Invalid {
             key: "flows.tls",
             value: self.cert.display().to_string(),
-            reason,
+            reason: e.to_string(),
         })?;
         Ok(tls)
     }
@@ -199,10 +199,10 @@ impl OtlpOptions {
     pub fn exporter(&self) -> Result<weft_observe::export::otlp::OtlpConfig, ConfigError> {
         let invalid = |key: &'static str, value: String, reason: String| ConfigError::Invalid { key, value, reason };
         let protocol = weft_observe::export::otlp::Protocol::parse(&self.protocol)
-            .map_err(|r| invalid("flows.otlp.protocol", self.protocol.clone(), r))?;
+            .map_err(|e| invalid("flows.otlp.protocol", self.protocol.clone(), e.to_string()))?;
         let filters = |key: &'static str, l: &[serde_json::Value]| {
             l.iter()
-                .map(|v| weft_flow::json::flow_filter(v).map_err(|r| invalid(key, v.to_string(), r)))
+                .map(|v| weft_flow::json::flow_filter(v).map_err(|e| invalid(key, v.to_string(), e.to_string())))
                 .collect::<Result<Vec<_>, _>>()
         };
         if !(1..=MAX_QUEUE).contains(&self.queue_size) || !(1..=MAX_QUEUE).contains(&self.batch_size) {
@@ -407,7 +407,7 @@ impl AgentConfig {
             ConfigError::Invalid {
                 key: "flows.metrics-context",
                 value: format!("{:?}", self.flows.metrics_context),
-                reason: r,
+                reason: r.to_string(),
             }
         })?;
         if let Some(o) = &self.flows.otlp {
@@ -416,10 +416,10 @@ impl AgentConfig {
         if let Some(t) = &self.flows.tls {
             t.load()?;
         }
-        self.map_sizes.validate().map_err(|reason| ConfigError::Invalid {
+        self.map_sizes.validate().map_err(|e| ConfigError::Invalid {
             key: "map-sizes",
             value: format!("{:?}", self.map_sizes),
-            reason,
+            reason: e.to_string(),
         })
     }
 

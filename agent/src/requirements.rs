@@ -70,5 +70,9 @@ pub fn host_paths(cfg: &AgentConfig) -> Vec<HostPath> {
     if let Some(c) = &cfg.cgroup {
         v.push(HostPath { path: c.clone(), kind: PathKind::Cgroup2, key: "cgroup" });
     }
+    // weft-cni, run by the container runtime on the node, connects to it.
+    if let Some(dir) = cfg.cni_socket.as_deref().and_then(std::path::Path::parent) {
+        v.push(HostPath { path: dir.to_owned(), kind: PathKind::State, key: "cni-socket" });
+    }
     v
 }

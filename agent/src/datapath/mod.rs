@@ -53,7 +53,7 @@ impl Datapath {
     /// hooks, and installs the proxy routing rule. Devices are attached
     /// separately ([`Datapath::attach_pod_device`], [`Datapath::attach_node_device`]).
     pub fn open(cfg: DatapathConfig) -> Result<Self> {
-        cfg.map_sizes.validate().map_err(DatapathError::Invalid)?;
+        cfg.map_sizes.validate()?;
         let maps_dir = cfg.bpffs_dir.join("maps");
         for dir in [&maps_dir, &cfg.bpffs_dir.join("links")] {
             fs::create_dir_all(dir).map_err(|e| DatapathError::io(format!("creating {}", dir.display()), e))?;

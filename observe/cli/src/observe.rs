@@ -4,6 +4,7 @@
 
 use std::{io::Write, time::Duration};
 
+use anyhow::Context;
 use clap::Args;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -160,12 +161,10 @@ pub struct ObserveArgs {
 }
 
 /// The GetFlowsRequest of `weft observe`, as Hubble's CLI fills it.
-pub fn request(args: &ObserveArgs, argv: &[String], now: u64) -> Result<GetFlowsRequest, String> {
+pub fn request(args: &ObserveArgs, argv: &[String], now: u64) -> anyhow::Result<GetFlowsRequest> {
     let (whitelist, blacklist) = build_filters(argv, &args.allowlist, &args.denylist)?;
-    let since =
-        args.since.as_deref().map(|s| time::parse_time(s, now)).transpose().map_err(|e| format!("--since {e}"))?;
-    let until =
-        args.until.as_deref().map(|s| time::parse_time(s, now)).transpose().map_err(|e| format!("--until {e}"))?;
+    let since = args.since.as_deref().map(|s| time::parse_time(s, now)).transpose().context("--since")?;
+    let until = args.until.as_deref().map(|s| time::parse_time(s, now)).transpose().context("--until")?;
     let number = if args.all {
         u64::MAX
     } else if let Some(n) = args.last.or(args.first) {
@@ -252,7 +251,7 @@ async fn boot_ns(client: &mut ObserverClient<Channel>) -> Option<u64> {
 }
 
 /// `weft observe`; `argv` is the whole command line (for `--not` order).
-pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
+pub async fn observe(args: ObserveArgs, argv: &[String]) -> anyhow::Result<()> {
     let req = request(&args, argv, now_ns())?;
     if args.print_raw_filters {
         for (name, list) in [("allowlist", &req.whitelist), ("denylist", &req.blacklist)] {
@@ -277,7 +276,7 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
         Some(d) => Some(
             time::parse_duration(d)
                 .or_else(|| d.parse::<u64>().ok().map(|s| s * 1_000_000_000))
-                .ok_or_else(|| format!("--duration {d:?}: expected a duration like 30s"))?,
+                .with_context(|| format!("--duration {d:?}: expected a duration like 30s"))?,
         ),
         None => None,
     };
@@ -306,9 +305,11 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
         let attempt = async {
             let mut client = client::observer_tls(&addr, &tls).await?;
             let boot = if args.follow { boot_ns(&mut client).await } else { None };
-            let stream =
-                client.get_flows(resume.request(&req)).await.map_err(|s| format!("{addr}: {}", s.message()))?;
-            Ok::<_, String>((stream.into_inner(), boot))
+            let stream = match client.get_flows(resume.request(&req)).await {
+                Ok(s) => s,
+                Err(s) => anyhow::bail!("{addr}: {}", s.message()),
+            };
+            Ok::<_, anyhow::Error>((stream.into_inner(), boot))
         };
         let connected = tokio::select! {
             r = attempt => r,
@@ -380,7 +381,7 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
             }
         };
         if !args.follow {
-            return if ended == "the server ended it" { Ok(()) } else { Err(format!("{addr}: {ended}")) };
+            return if ended == "the server ended it" { Ok(()) } else { Err(anyhow::anyhow!("{addr}: {ended}")) };
         }
         // A follower comes back by itself: the agent may be restarting.
         eprintln!("weft: the stream from {addr} ended ({ended}); reconnecting");

@@ -49,7 +49,7 @@ fn thousands(n: u64) -> String {
 }
 
 /// `weft status`.
-pub async fn status(args: StatusArgs) -> Result<(), String> {
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (addr, tls) = args.server.target()?;
     let channel = client::channel_tls(&addr, &tls).await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
@@ -59,8 +59,10 @@ pub async fn status(args: StatusArgs) -> Result<(), String> {
         .map(|r| r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
         .unwrap_or(false);
     let mut obs = ObserverClient::new(channel);
-    let st =
-        obs.server_status(ServerStatusRequest {}).await.map_err(|s| format!("{addr}: {}", s.message()))?.into_inner();
+    let st = match obs.server_status(ServerStatusRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => anyhow::bail!("{addr}: {}", s.message()),
+    };
     let agent = client::http_get(&format!("{}/status", args.agent.trim_end_matches('/'))).await;
     let agent: Option<serde_json::Value> =
         agent.ok().and_then(|(code, body)| (code == 200).then(|| serde_json::from_str(&body).ok()).flatten());

@@ -104,7 +104,8 @@ impl Query {
         if req.first && req.follow {
             return Err(Status::invalid_argument("first cannot be combined with follow"));
         }
-        let filters = FilterSet::compile(&req.whitelist, &req.blacklist).map_err(Status::invalid_argument)?;
+        let filters =
+            FilterSet::compile(&req.whitelist, &req.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let weft = weft_client(req)?;
         Ok(Query {
             filters,
@@ -319,11 +320,17 @@ pub struct Tls {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+/// A certificate, key or CA the flow API's TLS cannot use (the message has
+/// the TLS library's causes).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", error_chain(.0))]
+pub struct TlsError(pub tonic::transport::Error);
+
 impl Tls {
     /// Parses the certificate, key and CA as the server will; the error says
     /// what is wrong with them.
-    pub fn check(&self) -> Result<(), String> {
-        tonic::transport::Server::builder().tls_config(self.server_config()).map(|_| ()).map_err(|e| error_chain(&e))
+    pub fn check(&self) -> Result<(), TlsError> {
+        tonic::transport::Server::builder().tls_config(self.server_config()).map(|_| ()).map_err(TlsError)
     }
 
     fn server_config(&self) -> tonic::transport::ServerTlsConfig {

@@ -43,7 +43,7 @@ use weft_flow::{
 use crate::{
     api::{
         convert::{self, Context},
-        filter::{Env, FilterSet},
+        filter::{Env, FilterListError, FilterSet},
     },
     pipeline::{
         Pipeline, Sink,
@@ -60,13 +60,34 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub fn parse(s: &str) -> Result<Protocol, String> {
+    pub fn parse(s: &str) -> Result<Protocol, OtlpError> {
         match s {
             "grpc" => Ok(Protocol::Grpc),
             "http/protobuf" | "http" => Ok(Protocol::HttpProtobuf),
-            other => Err(format!("OTLP protocol {other:?}: expected grpc or http/protobuf")),
+            other => Err(OtlpError::Protocol(other.to_owned())),
         }
     }
+}
+
+/// Exporter settings it cannot start with; each names the setting and value.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error("OTLP protocol {0:?}: expected grpc or http/protobuf")]
+    Protocol(String),
+    #[error("otlp filters: {0}")]
+    Filters(#[from] FilterListError),
+    #[error("otlp endpoint {endpoint:?}: {error}")]
+    Endpoint { endpoint: String, error: tonic::transport::Error },
+    #[error("otlp endpoint {0:?}: OTLP/HTTP needs an http:// or https:// address")]
+    NotHttp(String),
+    #[error("otlp header {name:?}: not a header name: {error}")]
+    HeaderName { name: String, error: reqwest::header::InvalidHeaderName },
+    #[error("otlp header {name:?}: not a header value: {error}")]
+    HeaderValue { name: String, error: reqwest::header::InvalidHeaderValue },
+    #[error("otlp CA certificates: {0}")]
+    CaCertificates(reqwest::Error),
+    #[error("otlp HTTP client: {}", error_chain(.0))]
+    HttpClient(reqwest::Error),
 }
 
 /// Exporter settings.
@@ -160,8 +181,8 @@ impl Sink for OtlpSink {
 
 /// Starts the exporter task on the current runtime and adds its sink to the
 /// pipeline.
-pub fn start(cfg: OtlpConfig, pipeline: Arc<Pipeline>) -> Result<Arc<ExportStats>, String> {
-    let filters = FilterSet::compile(&cfg.allow, &cfg.deny).map_err(|e| format!("otlp filters: {e}"))?;
+pub fn start(cfg: OtlpConfig, pipeline: Arc<Pipeline>) -> Result<Arc<ExportStats>, OtlpError> {
+    let filters = FilterSet::compile(&cfg.allow, &cfg.deny)?;
     let (tx, rx) = mpsc::channel(cfg.queue.max(1));
     let stats = Arc::new(ExportStats::default());
     let client = Client::new(&cfg)?;
@@ -178,11 +199,11 @@ enum Client {
 }
 
 impl Client {
-    fn new(cfg: &OtlpConfig) -> Result<Client, String> {
+    fn new(cfg: &OtlpConfig) -> Result<Client, OtlpError> {
         match cfg.protocol {
             Protocol::Grpc => {
                 let ch = tonic::transport::Endpoint::from_shared(cfg.endpoint.clone())
-                    .map_err(|e| format!("otlp endpoint {:?}: {e}", cfg.endpoint))?
+                    .map_err(|error| OtlpError::Endpoint { endpoint: cfg.endpoint.clone(), error })?
                     .connect_timeout(Duration::from_secs(2))
                     .timeout(cfg.timeout)
                     .connect_lazy();
@@ -191,10 +212,7 @@ impl Client {
             Protocol::HttpProtobuf => {
                 let base = cfg.endpoint.trim_end_matches('/').to_owned();
                 if !base.starts_with("http://") && !base.starts_with("https://") {
-                    return Err(format!(
-                        "otlp endpoint {:?}: OTLP/HTTP needs an http:// or https:// address",
-                        cfg.endpoint
-                    ));
+                    return Err(OtlpError::NotHttp(cfg.endpoint.clone()));
                 }
                 Ok(Client::Http { http: http_exporter(cfg)?, base })
             }
@@ -228,23 +246,23 @@ fn grpc_err(s: tonic::Status) -> (bool, String) {
 
 /// The OTLP/HTTP client: pooled keep-alive connections, TLS for `https://`
 /// (the system's roots plus `ca_pem`), the configured headers on every request.
-fn http_exporter(cfg: &OtlpConfig) -> Result<reqwest::Client, String> {
+fn http_exporter(cfg: &OtlpConfig) -> Result<reqwest::Client, OtlpError> {
     let mut headers = reqwest::header::HeaderMap::new();
     for (k, v) in &cfg.headers {
         let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
-            .map_err(|e| format!("otlp header {k:?}: not a header name: {e}"))?;
+            .map_err(|error| OtlpError::HeaderName { name: k.clone(), error })?;
         let mut value = reqwest::header::HeaderValue::from_str(v)
-            .map_err(|e| format!("otlp header {k:?}: not a header value: {e}"))?;
+            .map_err(|error| OtlpError::HeaderValue { name: k.clone(), error })?;
         // Credentials, often: kept out of debug output.
         value.set_sensitive(true);
         headers.append(name, value);
     }
     let mut b = http_client().timeout(cfg.timeout).connect_timeout(Duration::from_secs(2)).default_headers(headers);
     if let Some(pem) = &cfg.ca_pem {
-        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| format!("otlp CA certificates: {e}"))?;
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(OtlpError::CaCertificates)?;
         b = b.tls_certs_merge(certs);
     }
-    b.build().map_err(|e| format!("otlp HTTP client: {}", error_chain(&e)))
+    b.build().map_err(OtlpError::HttpClient)
 }
 
 /// POSTs one protobuf request; Err(true) when retrying may help.
@@ -661,7 +679,7 @@ mod tests {
         assert!(msg.contains("certificate") || msg.contains("Certificate"), "{msg} (retry: {retry})");
         // A header that is no header is refused when the exporter starts.
         let bad = OtlpConfig { headers: vec![("bad header".into(), "x".into())], ..cfg };
-        assert!(Client::new(&bad).err().unwrap().contains("\"bad header\""));
+        assert!(Client::new(&bad).err().unwrap().to_string().contains("\"bad header\""));
         drop(rx);
     }
 }
