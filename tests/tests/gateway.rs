@@ -265,7 +265,7 @@ const CERT_HOSTS: [&str; 4] = ["example.org", "second-example.org", "unknown-exa
 /// The Gateways of gateway-conformance-infra the cases use: the address
 /// this test, as the lab's load balancer, gives each one's Service (the
 /// lab's client routes 172.20.0.0/16 to node1), once the Gateway exists.
-const GATEWAYS: [&str; 7] = [
+const GATEWAYS: [&str; 8] = [
     "same-namespace",
     "backend-namespaces",
     "httproute-listener-hostname-matching",
@@ -273,6 +273,7 @@ const GATEWAYS: [&str; 7] = [
     "httproute-hostname-intersection-all",
     "same-namespace-with-https-listener",
     "listener-conflicts",
+    "gateway-secret-reference-grant-specific",
 ];
 
 /// A Gateway (not from the suite, which has no packet test of it) whose
@@ -1227,6 +1228,82 @@ fn make_cert_secret(cp: &ControlPlane, dir: &std::path::Path) -> std::path::Path
     crt
 }
 
+/// Whether every condition of `conditions` is for `obj`'s generation.
+fn latest(obj: &Value, conditions: &Value) -> bool {
+    conditions
+        .as_array()
+        .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["observedGeneration"] == obj["metadata"]["generation"]))
+}
+
+/// A Gateway whose conditions, and its listeners', are for its generation.
+fn gateway_latest(g: &Value) -> bool {
+    latest(g, &g["status"]["conditions"])
+        && g["status"]["listeners"].as_array().is_some_and(|l| l.iter().all(|l| latest(g, &l["conditions"])))
+}
+
+/// A listener's status in one line: `<name> Accepted=True ResolvedRefs=False:<reason>
+/// Programmed=... attached=<n> kinds=<kind,...>`.
+fn listener_line(l: &Value) -> String {
+    let c = |t| {
+        condition(&l["conditions"], t)
+            .map(|c| if c.0 == "True" { c.0 } else { format!("{}:{}", c.0, c.1) })
+            .unwrap_or_default()
+    };
+    let kinds: Vec<&str> = l["supportedKinds"]
+        .as_array()
+        .map(|k| k.iter().filter_map(|k| k["kind"].as_str()).collect())
+        .unwrap_or_default();
+    format!(
+        "{} Accepted={} ResolvedRefs={} Programmed={} attached={} kinds={}",
+        l["name"].as_str().unwrap_or_default(),
+        c("Accepted"),
+        c("ResolvedRefs"),
+        c("Programmed"),
+        l["attachedRoutes"],
+        kinds.join(",")
+    )
+}
+
+/// Whether a [`listener_line`] has `part`: a field of it, but `kinds=A,B`
+/// asks only that those kinds be among the supported ones (as the suite
+/// does; weft's HTTP listeners take GRPCRoutes too) and `kinds=` that there
+/// be none.
+fn has_part(line: &str, part: &str) -> bool {
+    let Some(want) = part.strip_prefix("kinds=") else {
+        return line.split(' ').any(|f| f == part);
+    };
+    let have = line.split(' ').find_map(|f| f.strip_prefix("kinds=")).unwrap_or_default();
+    if want.is_empty() {
+        return have.is_empty();
+    }
+    want.split(',').all(|k| have.split(',').any(|h| h == k))
+}
+
+/// Waits until Gateway `name`'s status is for its generation (`newer_than`:
+/// a generation after that one) and its listeners, in order, each have every
+/// part of `want` (parts of [`listener_line`]); returns the Gateway.
+fn listeners_become(cp: &ControlPlane, test: &str, name: &str, newer_than: Option<&Value>, want: &[&[&str]]) -> Value {
+    let mut seen = Vec::new();
+    let found = (0..600).find_map(|_| {
+        let g = get(cp, "gateway", Some(INFRA), name).filter(|g| {
+            gateway_latest(g)
+                && newer_than.is_none_or(|old| g["metadata"]["generation"] != old["metadata"]["generation"])
+        });
+        if let Some(g) = g {
+            seen =
+                g["status"]["listeners"].as_array().map(|l| l.iter().map(listener_line).collect()).unwrap_or_default();
+            let fits = seen.len() == want.len()
+                && seen.iter().zip(want).all(|(line, parts)| parts.iter().all(|p| has_part(line, p)));
+            if fits {
+                return Some(g);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        None
+    });
+    found.unwrap_or_else(|| panic!("{test}: Gateway {name}'s listeners {seen:#?}, expected {want:?}"))
+}
+
 /// One request of `e` to the Gateway at `ip` on a new connection from the
 /// lab's external client: HTTP/1.1 from this process; HTTPS (the
 /// certificate `cert` verified, the host as SNI) and h2c by curl.
@@ -1535,6 +1612,108 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
         }
         delete_case(&cp, test, &yaml);
     }
+
+    // The conformance tests of status alone (they send no requests): their
+    // objects applied unchanged, the status weft writes read back as the
+    // suite checks it.
+    let test = "GatewayClassObservedGenerationBump";
+    let yaml = conformance_text("tests/gatewayclass-observed-generation-bump.yaml");
+    cp.apply(&yaml);
+    let class = "gatewayclass-observed-generation-bump";
+    let accepted = |c: &Value| {
+        condition(&c["status"]["conditions"], "Accepted")
+            .is_some_and(|a| a.0 == "True" && a.3 == c["metadata"]["generation"])
+    };
+    let before = wait_for(test, 60, || get(&cp, "gatewayclass", None, class).filter(|c| accepted(c)));
+    cp.kubectl_ok(&["patch", "gatewayclass", class, "--type=merge", "-p", r#"{"spec":{"description":"new"}}"#]);
+    wait_for(&format!("{test}: the new generation accepted"), 60, || {
+        get(&cp, "gatewayclass", None, class)
+            .filter(|c| c["metadata"]["generation"] != before["metadata"]["generation"] && accepted(c))
+    });
+    delete_case(&cp, test, &yaml);
+
+    let test = "GatewayObservedGenerationBump";
+    let yaml = conformance_text("tests/gateway-observed-generation-bump.yaml");
+    cp.apply(&yaml);
+    let name = "gateway-observed-generation-bump";
+    let http = ["Accepted=True", "ResolvedRefs=True", "kinds=HTTPRoute"];
+    let before = listeners_become(&cp, test, name, None, &[&http]);
+    let add = r#"[{"op":"add","path":"/spec/listeners/-","value":{"name":"alternate","port":8080,"protocol":"HTTP"}}]"#;
+    cp.kubectl_ok(&["patch", "gateway", name, "-n", INFRA, "--type=json", "-p", add]);
+    listeners_become(&cp, test, name, Some(&before), &[&http, &http]);
+    delete_case(&cp, test, &yaml);
+
+    let test = "GatewayModifyListeners";
+    let yaml = conformance_text("tests/gateway-modify-listeners.yaml");
+    cp.apply(&yaml);
+    let routed = ["Accepted=True", "ResolvedRefs=True", "attached=1", "kinds=HTTPRoute"];
+    let before = listeners_become(&cp, test, "gateway-add-listener", None, &[&routed]);
+    let add = r#"[{"op":"add","path":"/spec/listeners/-","value":{"name":"http","port":80,"protocol":"HTTP","hostname":"data.test.com","allowedRoutes":{"namespaces":{"from":"All"}}}}]"#;
+    cp.kubectl_ok(&["patch", "gateway", "gateway-add-listener", "-n", INFRA, "--type=json", "-p", add]);
+    let https: Vec<&str> = ["https"].into_iter().chain(routed).collect();
+    let http: Vec<&str> = ["http"].into_iter().chain(routed).collect();
+    listeners_become(&cp, test, "gateway-add-listener", Some(&before), &[&https, &http]);
+    let before = listeners_become(&cp, test, "gateway-remove-listener", None, &[&routed, &routed]);
+    let remove =
+        r#"[{"op":"test","path":"/spec/listeners/0/name","value":"https"},{"op":"remove","path":"/spec/listeners/0"}]"#;
+    cp.kubectl_ok(&["patch", "gateway", "gateway-remove-listener", "-n", INFRA, "--type=json", "-p", remove]);
+    let after = listeners_become(&cp, test, "gateway-remove-listener", Some(&before), &[&routed]);
+    assert_eq!(after["status"]["listeners"][0]["name"], "http", "{test}");
+    delete_case(&cp, test, &yaml);
+
+    let test = "GatewayWithAttachedRoutes";
+    let yaml = conformance_text("tests/gateway-with-attached-routes.yaml");
+    cp.apply(&yaml);
+    listeners_become(&cp, test, "gateway-with-one-attached-route", None, &[&routed]);
+    let two = ["Accepted=True", "ResolvedRefs=True", "attached=2", "kinds=HTTPRoute"];
+    listeners_become(&cp, test, "gateway-with-two-attached-routes", None, &[&two]);
+    let unresolved = ["ResolvedRefs=False:InvalidCertificateRef", "Programmed=False:Invalid", "attached=1"];
+    listeners_become(&cp, test, "unresolved-gateway-with-one-attached-unresolved-route", None, &[&unresolved]);
+    wait_for(&format!("{test}: http-route-not-accepted"), 60, || {
+        let r = get(&cp, "httproute", Some(INFRA), "http-route-not-accepted")?;
+        let p = r["status"]["parents"].as_array()?.first()?.clone();
+        condition(&p["conditions"], "Accepted").filter(|c| c.0 == "False" && c.1 == "NoMatchingListenerHostname")
+    });
+    delete_case(&cp, test, &yaml);
+
+    let test = "GatewayInvalidRouteKind";
+    let yaml = conformance_text("tests/gateway-invalid-route-kind.yaml");
+    cp.apply(&yaml);
+    let none = ["ResolvedRefs=False:InvalidRouteKinds", "attached=0", "kinds="];
+    listeners_become(&cp, test, "gateway-only-invalid-route-kind", None, &[&none]);
+    let some = ["ResolvedRefs=False:InvalidRouteKinds", "kinds=HTTPRoute"];
+    listeners_become(&cp, test, "gateway-supported-and-invalid-route-kind", None, &[&some]);
+    delete_case(&cp, test, &yaml);
+
+    // The suite makes this Secret in code, in the Secret's namespace.
+    let test = "GatewaySecretReferenceGrantSpecific";
+    let (c, k) = (format!("--cert={}", cert.display()), format!("--key={}", cert.with_extension("key").display()));
+    cp.kubectl_ok(&["create", "secret", "tls", "certificate", "-n", "gateway-conformance-web-backend", &c, &k]);
+    let yaml = conformance_text("tests/gateway-secret-reference-grant-specific.yaml");
+    cp.apply(&yaml);
+    assign_address(&cp, "gateway-secret-reference-grant-specific");
+    let served = ["Accepted=True", "ResolvedRefs=True", "Programmed=True", "attached=0"];
+    listeners_become(&cp, test, "gateway-secret-reference-grant-specific", None, &[&served]);
+    delete_case(&cp, test, &yaml);
+
+    let test = "HTTPRouteObservedGenerationBump";
+    let yaml = apply_case(
+        &cp,
+        test,
+        "httproute-observed-generation-bump",
+        "same-namespace",
+        ("httproute", (INFRA, "observed-generation-bump")),
+        None,
+    );
+    let before = get(&cp, "httproute", Some(INFRA), "observed-generation-bump").unwrap();
+    let bump = r#"{"spec":{"rules":[{"matches":[{"path":{"type":"PathPrefix","value":"/bump"}}],"backendRefs":[{"name":"infra-backend-v1","port":8080}]}]}}"#;
+    cp.kubectl_ok(&["patch", "httproute", "observed-generation-bump", "-n", INFRA, "--type=merge", "-p", bump]);
+    wait_for(&format!("{test}: the new generation"), 60, || {
+        let r = get(&cp, "httproute", Some(INFRA), "observed-generation-bump")?;
+        (r["metadata"]["generation"] != before["metadata"]["generation"]).then_some(())?;
+        route_ready(&cp, "httproute", (INFRA, "observed-generation-bump"), "same-namespace", None)
+    });
+    delete_case(&cp, test, &yaml);
 
     // Conflicted listeners: reported, not served; the others keep serving.
     cp.apply(CONFLICTS);
