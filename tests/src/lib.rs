@@ -13,5 +13,6 @@ pub mod lab;
 pub mod node;
 pub mod objects;
 pub mod packet;
+pub mod pki;
 pub mod proxy;
 pub mod scenario;
