@@ -118,10 +118,10 @@ impl FlowTls {
             key_pem: read("flows.tls.key", &self.key)?,
             client_ca_pem: self.client_ca.as_deref().map(|p| read("flows.tls.client-ca", p)).transpose()?,
         };
-        tls.check().map_err(|reason| ConfigError::Invalid {
+        tls.check().map_err(|e| ConfigError::Invalid {
             key: "flows.tls",
             value: self.cert.display().to_string(),
-            reason,
+            reason: e.to_string(),
         })?;
         Ok(tls)
     }
@@ -202,11 +202,18 @@ pub struct EnvoyOptions {
     pub delta: bool,
     /// Envoy worker threads. Default: 2.
     pub concurrency: u32,
+    /// The most Envoy writes to one file, in bytes: its access-log spool
+    /// while the agent is away (entries past it are lost, and counted), and
+    /// its own log. Default: 256 MiB (about 500,000 requests).
+    pub spool_limit: u64,
 }
+
+/// The smallest `envoy.spool-limit`: room for the longest access-log line.
+pub const MIN_SPOOL_LIMIT: u64 = 1 << 20;
 
 impl Default for EnvoyOptions {
     fn default() -> Self {
-        Self { enabled: true, binary: None, admin_port: 9901, delta: false, concurrency: 2 }
+        Self { enabled: true, binary: None, admin_port: 9901, delta: false, concurrency: 2, spool_limit: 256 << 20 }
     }
 }
 
@@ -318,21 +325,28 @@ impl AgentConfig {
                 "must be from 0 (a worker per CPU) to 1024",
             ));
         }
+        if self.envoy.spool_limit < MIN_SPOOL_LIMIT {
+            return Err(invalid(
+                "envoy.spool-limit",
+                &self.envoy.spool_limit,
+                &format!("must be at least {MIN_SPOOL_LIMIT} bytes"),
+            ));
+        }
         weft_observe::export::metrics::Context::parse(&self.flows.metrics_context).map_err(|r| {
             ConfigError::Invalid {
                 key: "flows.metrics-context",
                 value: format!("{:?}", self.flows.metrics_context),
-                reason: r,
+                reason: r.to_string(),
             }
         })?;
         self.otlp(&otlp::ProcessEnv)?;
         if let Some(t) = &self.flows.tls {
             t.load()?;
         }
-        self.map_sizes.validate().map_err(|reason| ConfigError::Invalid {
+        self.map_sizes.validate().map_err(|e| ConfigError::Invalid {
             key: "map-sizes",
             value: format!("{:?}", self.map_sizes),
-            reason,
+            reason: e.to_string(),
         })
     }
 

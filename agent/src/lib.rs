@@ -12,6 +12,7 @@ pub mod k8s;
 pub mod limits;
 pub mod netns;
 pub mod operator;
+pub mod pidfd;
 pub mod reconcile;
 pub mod requirements;
 pub mod run;

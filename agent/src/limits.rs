@@ -362,62 +362,19 @@ mod tests {
 
     /// The same for what the API server sends (kube decodes each watch event
     /// with serde_json, whose recursion limit is 128) and for Envoy's access
-    /// log (tonic decodes it with prost, whose recursion limit is 100).
+    /// log (each spool line is read with serde_json too).
     #[test]
     fn deepest_api_and_access_log_messages_fit_in_half_the_thread_stack() {
-        use envoy_types::pb::{
-            envoy::{
-                config::core::v3::Metadata,
-                data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry},
-                service::accesslog::v3::{
-                    StreamAccessLogsMessage,
-                    stream_access_logs_message::{HttpAccessLogEntries, LogEntries},
-                },
-            },
-            google::protobuf::{Struct, Value as PbValue, value::Kind},
-        };
         use kube::{api::DynamicObject, core::WatchEvent};
-        use prost::Message;
 
-        let deep_struct = |n: usize| {
-            let mut s = Struct::default();
-            for _ in 0..n {
-                let v = PbValue { kind: Some(Kind::StructValue(s)) };
-                s = Struct { fields: [("k".to_owned(), v)].into() };
-            }
-            s
-        };
-        let access_logs: Vec<Vec<u8>> = (1..=60)
-            .map(|n| {
-                let common = AccessLogCommon {
-                    metadata: Some(Metadata {
-                        filter_metadata: [("x".to_owned(), deep_struct(n))].into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                };
-                let entry = HttpAccessLogEntry { common_properties: Some(common), ..Default::default() };
-                StreamAccessLogsMessage {
-                    log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: vec![entry] })),
-                    ..Default::default()
-                }
-                .encode_to_vec()
-            })
+        let access_log_lines: Vec<Vec<u8>> = (1..=300)
+            .step_by(7)
+            .flat_map(|n| [true, false].map(|obj| format!(r#"{{"path": {}}}"#, json_nest(n, obj)).into_bytes()))
             .collect();
         on_half_stack(move || {
-            let decoded: Vec<bool> = access_logs
-                .iter()
-                .map(|bytes| match StreamAccessLogsMessage::decode(bytes.as_slice()) {
-                    Ok(m) => {
-                        if let Some(LogEntries::HttpLogs(logs)) = &m.log_entries {
-                            logs.log_entry.iter().for_each(|e| drop(weft_observe::pipeline::als::entry(e)));
-                        }
-                        true
-                    }
-                    Err(_) => false,
-                })
-                .collect();
-            assert!(decoded.first() == Some(&true) && decoded.last() == Some(&false), "{decoded:?}");
+            for line in &access_log_lines {
+                assert!(weft_observe::pipeline::accesslog::parse(line).is_err(), "a nested path is not an entry");
+            }
 
             let ar = kube::api::ApiResource::from_gvk_with_plural(
                 &kube::api::GroupVersionKind::gvk("weft.io", "v1alpha1", "ClusterwideEnvoyConfig"),

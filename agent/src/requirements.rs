@@ -23,7 +23,10 @@ pub struct Capability {
 /// Linux 5.11, below the 6.6 TCX needs, and the agent raises no memlock
 /// limit), not NET_RAW (no raw sockets; NET_ADMIN allows IP_TRANSPARENT),
 /// not SYS_PTRACE (Envoy is the agent's own child, so taking its listening
-/// sockets with pidfd_getfd needs no more).
+/// sockets with pidfd_getfd needs no more). NET_ADMIN also lets the agent set
+/// `net.ipv4.tcp_migrate_req=1` in the node's network namespace (connections
+/// waiting for a restarting Envoy move to the new one); where /proc/sys is
+/// read-only in the agent's container, the node sets it instead.
 pub const CAPABILITIES: &[Capability] = &[
     Capability { name: "BPF", needed_by: "datapath: creating and pinning maps, loading programs (bpf())" },
     Capability {
@@ -66,6 +69,10 @@ pub fn host_paths(cfg: &AgentConfig) -> Vec<HostPath> {
     ];
     if let Some(c) = &cfg.cgroup {
         v.push(HostPath { path: c.clone(), kind: PathKind::Cgroup2, key: "cgroup" });
+    }
+    // weft-cni, run by the container runtime on the node, connects to it.
+    if let Some(dir) = cfg.cni_socket.as_deref().and_then(std::path::Path::parent) {
+        v.push(HostPath { path: dir.to_owned(), kind: PathKind::State, key: "cni-socket" });
     }
     v
 }

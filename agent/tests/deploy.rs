@@ -131,4 +131,23 @@ fn daemonset_grants_exactly_what_the_agent_needs() {
     // And nothing else of the node is mounted.
     let mounted: BTreeSet<String> = mounts.iter().map(|m| m.name.clone()).collect();
     assert_eq!(mounted, used, "every mount is one the agent needs");
+
+    // The init container chains weft-cni onto the node's CNI, pointing it
+    // at the socket the agent listens on, with no capability at all.
+    let socket = cfg.cni_socket.as_ref().expect("the agent listens for weft-cni").to_str().unwrap();
+    let init = pod.init_containers.iter().flatten().find(|c| c.name == "install-cni").expect("install-cni");
+    let cmd = init.command.clone().unwrap_or_default();
+    let opt = |k: &str| cmd.iter().position(|a| a == k).map(|i| cmd[i + 1].as_str());
+    assert_eq!(cmd[..2], ["weft-cni", "install"]);
+    assert_eq!(opt("--agent-socket"), Some(socket));
+    assert_eq!(init.image, c.image, "the plugin comes from the agent's image");
+    let sc = init.security_context.as_ref().unwrap();
+    assert_eq!(sc.capabilities.as_ref().unwrap().add, None);
+    assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+    for (flag, node_dir) in [("--bin-dir", "/opt/cni/bin"), ("--conf-dir", "/etc/cni/net.d")] {
+        let dir = opt(flag).unwrap();
+        let m = init.volume_mounts.iter().flatten().find(|m| m.mount_path == dir).unwrap_or_else(|| panic!("{dir}"));
+        assert_eq!(volume(&m.name).host_path.as_ref().unwrap().path, node_dir, "{flag}");
+        assert_ne!(m.read_only, Some(true), "{flag} is written");
+    }
 }

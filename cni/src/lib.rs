@@ -6,9 +6,11 @@
 //!
 //! The library holds what the plugin and the agent share: the request and
 //! answer types of the agent's unix socket ([`proto`]), and the CNI
-//! specification's types and error codes ([`spec`]). The binary
-//! (`src/main.rs`) speaks CNI to the container runtime.
+//! specification's types and error codes ([`spec`]), and how the plugin
+//! puts itself on a node ([`install`], the DaemonSet's init container). The
+//! binary (`src/main.rs`) speaks CNI to the container runtime.
 
+pub mod install;
 pub mod link;
 pub mod proto;
 pub mod spec;

@@ -1,6 +1,8 @@
 //! `weft-cni`: run by the container runtime after the primary plugin, as the
 //! CNI specification says (command and parameters in the environment, the
-//! network configuration on stdin, a result or an error on stdout).
+//! network configuration on stdin, a result or an error on stdout). With
+//! `install` or `uninstall` as its argument it puts itself on the node or
+//! takes itself off (the DaemonSet's init container; see `install.rs`).
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +14,7 @@ use std::{
 
 use serde_json::{Value, json};
 use weft_cni::{
-    link,
+    install, link,
     proto::{self, Answer, Attachment, PodRef, Request},
     spec::{self, CniError, Code, NetConf},
 };
@@ -27,7 +29,27 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest configuration read from stdin.
 const MAX_STDIN: u64 = 1 << 20;
 
+/// How long `install` waits for the primary CNI's configuration by default.
+const INSTALL_WAIT: Duration = Duration::from_secs(60);
+
+const USAGE: &str =
+    "usage: weft-cni install|uninstall [--bin-dir DIR] [--conf-dir DIR] [--agent-socket PATH] [--wait SECONDS]
+  (run by the container runtime otherwise, with CNI_COMMAND set)";
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.is_empty() && std::env::var_os("CNI_COMMAND").is_none() {
+        return match node_setup(&args) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weft-cni: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("CNI_")).collect();
     let mut stdin = Vec::new();
     let read = std::io::stdin().take(MAX_STDIN).read_to_end(&mut stdin);
@@ -55,6 +77,45 @@ fn main() -> ExitCode {
     }
 }
 
+/// `install` / `uninstall` with their options.
+fn node_setup(args: &[String]) -> Result<String, String> {
+    let mut target = install::Target {
+        bin_dir: "/opt/cni/bin".into(),
+        conf_dir: "/etc/cni/net.d".into(),
+        agent_socket: DEFAULT_SOCKET.into(),
+    };
+    let mut wait = INSTALL_WAIT;
+    let (command, options) = args.split_first().ok_or(USAGE)?;
+    for pair in options.chunks(2) {
+        let [key, value] = pair else { return Err(format!("{} needs a value\n{USAGE}", pair[0])) };
+        match key.as_str() {
+            "--bin-dir" => target.bin_dir = value.into(),
+            "--conf-dir" => target.conf_dir = value.into(),
+            "--agent-socket" => target.agent_socket = value.clone(),
+            "--wait" => {
+                wait = Duration::from_secs(value.parse().map_err(|_| format!("--wait {value:?}: not seconds"))?)
+            }
+            other => return Err(format!("unknown option {other}\n{USAGE}")),
+        }
+    }
+    match command.as_str() {
+        "install" => {
+            let me = std::env::current_exe().map_err(|e| format!("finding my own binary: {e}"))?;
+            let conf = install::install(&target, &me, wait).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "installed {} and chained weft-cni onto {}",
+                target.bin_dir.join(install::PLUGIN).display(),
+                conf.display()
+            ))
+        }
+        "uninstall" => {
+            install::uninstall(&target).map_err(|e| e.to_string())?;
+            Ok(format!("removed weft-cni from {} and {}", target.conf_dir.display(), target.bin_dir.display()))
+        }
+        other => Err(format!("unknown command {other}\n{USAGE}")),
+    }
+}
+
 fn var<'a>(env: &'a BTreeMap<String, String>, key: &str) -> Result<&'a str, CniError> {
     env.get(key).map(String::as_str).filter(|v| !v.is_empty()).ok_or_else(|| {
         CniError::new(Code::InvalidEnvironment, format!("{key} is not set"), "set by the container runtime")
@@ -67,6 +128,7 @@ fn run(env: &BTreeMap<String, String>, stdin: &[u8]) -> Result<Option<Value>, Cn
         return Ok(Some(version(stdin)));
     }
     let conf = NetConf::parse(stdin)?;
+    spec::check_command(command, &conf.cni_version)?;
     let socket = PathBuf::from(conf.agent_socket.as_deref().unwrap_or(DEFAULT_SOCKET));
     match command {
         "ADD" => add(env, &conf, &socket).map(Some),

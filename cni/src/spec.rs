@@ -7,8 +7,14 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-/// Versions this plugin speaks.
-pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
+/// Versions this plugin speaks: 1.0 and 1.1, and the 0.3/0.4 whose results
+/// have the same shape for what weft-cni reads (many primary plugins'
+/// configurations still say 0.3.1 or 0.4.0, and a chain has one version).
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The first version of the specification with each command that did not
+/// exist from the start.
+const COMMAND_SINCE: &[(&str, (u32, u32))] = &[("CHECK", (0, 4)), ("STATUS", (1, 1)), ("GC", (1, 1))];
 
 /// The specification's error codes (and ours, from 100).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +104,25 @@ pub fn check_version(v: &str) -> Result<(), CniError> {
             Code::IncompatibleVersion,
             "incompatible CNI version",
             format!("cniVersion {v:?}; weft-cni speaks {}", SUPPORTED_VERSIONS.join(", ")),
+        ))
+    }
+}
+
+/// Fails with code 1 for a command that `version` of the specification does
+/// not have (CHECK before 0.4.0; STATUS and GC before 1.1.0).
+pub fn check_command(command: &str, version: &str) -> Result<(), CniError> {
+    let Some((_, since)) = COMMAND_SINCE.iter().find(|(c, _)| *c == command) else {
+        return Ok(());
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if have >= *since {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!("{command} needs CNI {}.{}", since.0, since.1),
+            format!("the configuration's cniVersion is {version}"),
         ))
     }
 }
@@ -206,8 +231,14 @@ mod tests {
 
     #[test]
     fn versions_and_args_are_checked() {
-        assert_eq!(check_version("0.3.1").unwrap_err().code, Code::IncompatibleVersion);
-        assert!(check_version("1.1.0").is_ok());
+        assert_eq!(check_version("0.2.0").unwrap_err().code, Code::IncompatibleVersion);
+        assert_eq!(check_version("2.0.0").unwrap_err().code, Code::IncompatibleVersion);
+        assert!(check_version("1.1.0").is_ok() && check_version("0.4.0").is_ok() && check_version("0.3.1").is_ok());
+        assert_eq!(check_command("CHECK", "0.3.1").unwrap_err().code, Code::IncompatibleVersion);
+        assert!(check_command("CHECK", "0.4.0").is_ok());
+        assert_eq!(check_command("GC", "1.0.0").unwrap_err().code, Code::IncompatibleVersion);
+        assert_eq!(check_command("STATUS", "0.4.0").unwrap_err().code, Code::IncompatibleVersion);
+        assert!(check_command("STATUS", "1.1.0").is_ok() && check_command("ADD", "0.3.0").is_ok());
         let args = parse_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1").unwrap();
         assert_eq!(args["K8S_POD_NAME"], "web-1");
         assert_eq!(parse_args("A=1;B").unwrap_err().code, Code::InvalidEnvironment);

@@ -202,6 +202,12 @@ fn chained_after_ptp_it_finds_the_pods_veth_passes_the_result_on_and_answers_wit
         })
         .collect();
     assert_eq!(ops, ["add", "check", "status", "gc", "del", "del"]);
+    // A chain whose list says 0.4.0 (as many primary plugins' configurations
+    // do): ADD passes the result on in that version.
+    let (ok, out) = env.plugin("weft-cni", "ADD", "eth0", &conf(&env, "0.4.0", Some(&prev)));
+    assert!(ok, "ADD in 0.4.0: {out}");
+    assert_eq!((out["cniVersion"].as_str(), &out["ips"]), (Some("0.4.0"), &prev["ips"]));
+    assert!(matches!(seen.lock().unwrap().last(), Some(Request::Add(_))));
 
     // Errors, as the spec codes them.
     let code = |command: &str, ifname: &str, c: &Value| {
@@ -210,7 +216,9 @@ fn chained_after_ptp_it_finds_the_pods_veth_passes_the_result_on_and_answers_wit
         err["code"].as_u64()
     };
     assert_eq!(code("ADD", "eth0", &conf(&env, "1.1.0", None)), Some(7), "no prevResult");
-    assert_eq!(code("ADD", "eth0", &conf(&env, "0.3.1", Some(&prev))), Some(1), "old version");
+    assert_eq!(code("ADD", "eth0", &conf(&env, "0.2.0", Some(&prev))), Some(1), "old version");
+    assert_eq!(code("CHECK", "eth0", &conf(&env, "0.3.1", Some(&prev))), Some(1), "CHECK before 0.4.0");
+    assert_eq!(code("GC", "eth0", &conf(&env, "1.0.0", None)), Some(1), "GC before 1.1.0");
     assert_eq!(code("ADD", "eth0", &json!("not a config")), Some(6), "undecodable");
     assert_eq!(code("FROB", "eth0", &conf(&env, "1.1.0", None)), Some(4), "unknown command");
     let lo = json!({"interfaces": [{"name": "lo", "sandbox": env.netns()}], "ips": [{"address": "127.0.0.1/8", "interface": 0}]});
@@ -222,7 +230,7 @@ fn chained_after_ptp_it_finds_the_pods_veth_passes_the_result_on_and_answers_wit
     assert_eq!(code("ADD", "eth0", &c), Some(100), "the agent refused");
     let (ok, v) = env.plugin("weft-cni", "VERSION", "eth0", &json!({"cniVersion": "1.1.0"}));
     assert!(ok);
-    assert_eq!(v["supportedVersions"], json!(["1.0.0", "1.1.0"]));
+    assert_eq!(v["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
 
     let (ok, out) = env.plugin("ptp", "DEL", "eth0", &ptp);
     assert!(ok, "ptp DEL: {out}");

@@ -6,7 +6,8 @@
 //! With [`ServerOpts::echo`] the server plays the Gateway API conformance
 //! suite's echo backend instead: a JSON description of the request it got
 //! (path, host, method, headers) and of itself (namespace, pod), and the
-//! response headers the request's `X-Echo-Set-Header` asks for.
+//! response headers the request's `X-Echo-Set-Header` asks for, after the
+//! delay its `delay` query parameter asks for (`?delay=1s`, `500ms`).
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -160,6 +161,9 @@ fn serve(stream: TcpStream, peer: SocketAddr, opts: &ServerOpts, counters: &Coun
         let mut extra = String::new();
         let (body, content_type) = match &opts.echo {
             Some(pod) => {
+                if let Some(d) = echo_delay(&req.path) {
+                    std::thread::sleep(d);
+                }
                 for (k, v) in echo_set_headers(&req) {
                     extra.push_str(&format!("{k}: {v}\r\n"));
                 }
@@ -203,21 +207,39 @@ fn echo_set_headers(req: &Request) -> Vec<(String, String)> {
         .collect()
 }
 
+/// How long an echo backend waits before answering: the request's `delay`
+/// query parameter, a number of `ms` or `s` (at most a minute).
+fn echo_delay(path: &str) -> Option<Duration> {
+    let (_, query) = path.split_once('?')?;
+    let value = query.split('&').find_map(|kv| kv.strip_prefix("delay="))?;
+    let d = match value.strip_suffix("ms") {
+        Some(ms) => Duration::from_millis(ms.parse().ok()?),
+        None => Duration::from_secs(value.strip_suffix('s')?.parse().ok()?),
+    };
+    Some(d.min(Duration::from_secs(60)))
+}
+
 /// The echo backend's answer: the request as received, and the pod.
-/// Headers by lower-case name, each with its values in arrival order.
 fn echo_body(req: &Request, pod: &EchoPod) -> String {
+    let host = req.headers.iter().find(|(k, _)| k == "host").map(|(_, v)| v.as_str()).unwrap_or_default();
+    echo_json(&req.method, &req.path, host, &req.headers, pod)
+}
+
+/// The JSON an echo backend answers with: the request (method, path with
+/// query, host, headers by lower-case name with their values in arrival
+/// order) and the pod. Shared by the HTTP/1.1 and HTTP/2 echo servers.
+pub fn echo_json(method: &str, path: &str, host: &str, request_headers: &[(String, String)], pod: &EchoPod) -> String {
     let mut headers = serde_json::Map::new();
-    for (k, v) in &req.headers {
+    for (k, v) in request_headers {
         let e = headers.entry(k.clone()).or_insert_with(|| serde_json::Value::Array(Vec::new()));
         if let serde_json::Value::Array(a) = e {
             a.push(v.clone().into());
         }
     }
-    let host = req.headers.iter().find(|(k, _)| k == "host").map(|(_, v)| v.as_str()).unwrap_or_default();
     serde_json::json!({
-        "path": req.path,
+        "path": path,
         "host": host,
-        "method": req.method,
+        "method": method,
         "headers": headers,
         "namespace": pod.namespace,
         "pod": pod.pod,
@@ -325,17 +347,7 @@ pub struct Client {
 impl Client {
     /// Connects from inside a namespace, optionally from a fixed source address.
     pub fn connect(ns: &str, to: SocketAddr, from: Option<SocketAddr>, timeout: Duration) -> io::Result<Self> {
-        let stream = {
-            let _g = NetnsGuard::enter(&netns::named(ns))?;
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-            if let Some(from) = from {
-                s.set_reuse_address(true)?;
-                s.bind(&from.into())?;
-            }
-            s.connect_timeout(&to.into(), timeout)?;
-            TcpStream::from(s)
-        };
-        Self::from_stream(stream, timeout)
+        Self::from_stream(connect_from(ns, to, from, timeout)?, timeout)
     }
 
     /// Wraps an already connected stream.
@@ -380,6 +392,23 @@ impl Client {
         self.reader.read_to_end(&mut rest)?;
         Ok(())
     }
+}
+
+/// A TCP connection to `to` made inside namespace `ns`.
+pub fn connect_in(ns: &str, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    connect_from(ns, to, None, timeout)
+}
+
+/// A TCP connection to `to` made inside namespace `ns`, optionally from a fixed source address.
+fn connect_from(ns: &str, to: SocketAddr, from: Option<SocketAddr>, timeout: Duration) -> io::Result<TcpStream> {
+    let _g = NetnsGuard::enter(&netns::named(ns))?;
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    if let Some(from) = from {
+        s.set_reuse_address(true)?;
+        s.bind(&from.into())?;
+    }
+    s.connect_timeout(&to.into(), timeout)?;
+    Ok(TcpStream::from(s))
 }
 
 fn read_response(r: &mut impl BufRead, head: bool) -> io::Result<Response> {

@@ -214,6 +214,32 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds one more pod to node `node` (index), after the standard two:
+    /// `n<node>-p3`, then `-p4`, ... with the next address of the node's pod
+    /// network. For tests that need more backends than the standard lab has;
+    /// add it before the agents start. Torn down with the lab.
+    pub fn add_extra_pod(&mut self, node: usize) -> anyhow::Result<Pod> {
+        let n = self.nodes.get(node).cloned().ok_or_else(|| anyhow::anyhow!("no node {node}"))?;
+        let p = u8::try_from(self.pods_of(node).count())
+            .ok()
+            .filter(|p| *p < 50)
+            .ok_or_else(|| anyhow::anyhow!("too many pods"))?;
+        let (id, node_no) = (self.id.clone(), node + 1);
+        let pod = Pod {
+            name: format!("n{node_no}-p{}", p + 1),
+            namespace: "default".into(),
+            labels: vec![("app".into(), format!("app{}", p + 1))],
+            netns: format!("weft-{id}-n{node_no}-p{}", p + 1),
+            ip: Ipv4Addr::new(10, 1, n.pod_cidr.0.octets()[2], 11 + p),
+            host_if: format!("lxc-n{node_no}p{}", p + 1),
+            node,
+        };
+        // Pushed first so that Drop removes a half-built pod too.
+        self.pods.push(pod.clone());
+        self.add_pod(&n, &pod)?;
+        Ok(pod)
+    }
+
     /// Creates a namespace attached to the switch with `addr/24` on `inner`.
     fn plug(&self, ns: &str, outer: &str, inner: &str, addr: Ipv4Addr) -> anyhow::Result<()> {
         sh(&["ip", "netns", "add", ns])?;

@@ -10,6 +10,7 @@ pub mod hostile;
 pub mod http;
 pub mod k8s;
 pub mod lab;
+pub mod load;
 pub mod node;
 pub mod objects;
 pub mod packet;

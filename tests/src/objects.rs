@@ -169,8 +169,13 @@ pub fn agent_files(lab: &Lab, idx: usize, extra: &str) -> std::io::Result<AgentF
     Ok(AgentFiles { config, state_dir, objects_dir })
 }
 
-/// A binary of the workspace built alongside the tests (or the program running).
+/// A binary of the workspace built alongside the tests (or the program
+/// running); `$WEFT_BIN_DIR` names another build's directory (the restart
+/// probe measures an earlier build's agent that way).
 pub fn workspace_binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("WEFT_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
     let up = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
@@ -327,6 +332,22 @@ pub fn envoy_stat(lab: &Lab, idx: usize, name: &str) -> u64 {
     };
     let Ok(r) = c.get("admin", "/stats", &[("connection", "close")]) else { return 0 };
     r.body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// HTTP requests node `idx`'s Envoy completed, over every connection
+/// manager but the admin interface's (what Envoy logged an access-log
+/// entry for).
+pub fn envoy_requests(lab: &Lab, idx: usize) -> anyhow::Result<u64> {
+    let mut c =
+        crate::http::Client::connect(&lab.node(idx).netns, "127.0.0.1:9901".parse()?, None, Duration::from_secs(2))?;
+    let r = c.get("admin", "/stats?filter=downstream_rq_completed", &[("connection", "close")])?;
+    anyhow::ensure!(r.status == 200, "Envoy /stats: {}", r.status);
+    Ok(r.body
+        .lines()
+        .filter_map(|l| l.strip_prefix("http.")?.split_once(".downstream_rq_completed: "))
+        .filter(|(prefix, _)| *prefix != "admin")
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .sum())
 }
 
 /// The Gateway API's CRDs and conformance objects (shared/conformance/gateway-api):

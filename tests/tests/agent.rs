@@ -110,7 +110,7 @@ fn a_component_that_panics_ends_the_agent_with_an_error() {
     let files = agent_files(&lab, 0, "").unwrap();
     write_atomic(&files.objects_dir.join("lab.yaml"), &lab_objects(&lab, &[])).unwrap();
     let node = lab.node(0);
-    let mut cmd = std::process::Command::new(weft_tests::objects::agent_binary());
+    let mut cmd = weft_tests::objects::agent_command();
     cmd.args(["run", "--config"]).arg(&files.config).env("WEFT_TEST_PANIC", "flow-sync");
     let out = lab.run(&node.netns, Some(&node.cgroup), &mut cmd, Duration::from_secs(60)).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -75,10 +75,6 @@ use std::{
     sync::Arc,
 };
 
-use envoy_types::pb::envoy::{
-    data::accesslog::v3::HttpAccessLogEntry,
-    service::accesslog::v3::{StreamAccessLogsMessage, stream_access_logs_message::LogEntries},
-};
 use prost::Message;
 use weft_ebpf::abi::Event;
 use weft_flow::proto::observer::GetFlowsRequest;
@@ -89,10 +85,11 @@ use weft_observe::{
         server::Query,
     },
     pipeline::{
+        accesslog,
         enrich::{Names, PolicyName},
         join::ConnTable,
         l7_flows,
-        record::{EndpointInfo, Entry, FlowRecord, ServiceInfo},
+        record::{EndpointInfo, Entry, FlowRecord, L7Entry, ServiceInfo},
         ringbuf::event_line,
     },
 };
@@ -167,19 +164,16 @@ fn ringbuf(input: &[u8]) -> u64 {
     flows_signature(names, &records)
 }
 
-/// Envoy's access log (a `StreamAccessLogsMessage`: proto-JSON for the
-/// structure-aware mutations, else the protobuf bytes the gRPC stream
-/// carries): each HTTP entry becomes request and response flows joined with
-/// the datapath's connections, as the pipeline does.
+/// Envoy's access log as the agent reads it from the spool (JSON lines of
+/// `weft_observe::pipeline::accesslog::FORMAT`; a seed is one line, so the
+/// structure-aware mutations apply): each line that is an entry becomes
+/// request and response flows joined with the datapath's connections, as
+/// the pipeline does.
 fn accesslog(input: &[u8]) -> u64 {
-    let pool = weft_agent::xds::protojson::pool();
-    let message: Option<StreamAccessLogsMessage> =
-        decode(pool, "envoy.service.accesslog.v3.StreamAccessLogsMessage", input);
-    let Some(message) = message else { return 0 };
-    let entries: Vec<HttpAccessLogEntry> = match message.log_entries {
-        Some(LogEntries::HttpLogs(logs)) => logs.log_entry,
-        _ => Vec::new(),
-    };
+    let entries: Vec<L7Entry> = input.split(|b| *b == b'\n').filter_map(|l| accesslog::parse(l).ok()).collect();
+    if entries.is_empty() {
+        return 0;
+    }
     let names = names();
     let mut conns = ConnTable::new(64);
     // The connections the seeds' entries ride on, as the datapath saw them.
@@ -195,8 +189,8 @@ fn accesslog(input: &[u8]) -> u64 {
         conns.observe(&names.enrich(&ev, 1));
     }
     let mut out = Vec::new();
-    for e in &entries {
-        l7_flows(weft_observe::pipeline::als::entry(e), &names, &conns, &mut out);
+    for e in entries {
+        l7_flows(e, &names, &conns, &mut out);
     }
     let records: Vec<FlowRecord> = out
         .into_iter()
@@ -259,20 +253,8 @@ fn sample_records() -> Vec<FlowRecord> {
             names.enrich(&ev, ev.ts_ns)
         })
         .collect();
-    let entry = HttpAccessLogEntry {
-        request: Some(envoy_types::pb::envoy::data::accesslog::v3::HttpRequestProperties {
-            path: "/api/v1/items?x=1".into(),
-            authority: "web".into(),
-            request_method: 1,
-            ..Default::default()
-        }),
-        response: Some(envoy_types::pb::envoy::data::accesslog::v3::HttpResponseProperties {
-            response_code: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 503 }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut l7 = weft_observe::pipeline::als::entry(&entry);
+    let line = br#"{"method": "GET", "authority": "web", "path": "/api/v1/items?x=1", "code": 503}"#;
+    let mut l7 = accesslog::parse(line).expect("an access-log line");
     l7.client = Some(SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 5), 40000));
     l7.server = Some(SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80));
     let mut out = Vec::new();

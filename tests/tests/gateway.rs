@@ -11,6 +11,7 @@
 //! namespace and lab pods playing the suite's echo backends.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -229,11 +230,13 @@ async fn gateways_get_their_objects_and_every_gateway_api_object_its_status() {
 /// The lab pods that play the conformance suite's echo backends: (lab pod,
 /// namespace, Deployment). One replica of each Deployment is "scheduled" on
 /// the lab pod's node; the others stay Pending (no address, no endpoint).
-const BACKENDS: [(&str, &str, &str); 4] = [
+/// Pods after the standard lab's two per node are added to it.
+const BACKENDS: [(&str, &str, &str); 5] = [
     ("n1-p1", "gateway-conformance-infra", "infra-backend-v1"),
     ("n1-p2", "gateway-conformance-infra", "infra-backend-v2"),
     ("n2-p1", "gateway-conformance-infra", "infra-backend-v3"),
     ("n2-p2", "gateway-conformance-web-backend", "web-backend"),
+    ("n1-p3", APP, "app-backend-v1"),
 ];
 
 /// The Gateways of gateway-conformance-infra the cases use: the address
@@ -309,11 +312,22 @@ struct Expect {
     response_absent: Vec<&'static str>,
     /// The echo backend (lab pod) that must also get the request, a copy.
     mirrored_to: Option<&'static str>,
-    /// (host, path) of the Location; host None: the request's.
-    redirect: Option<(Option<&'static str>, &'static str)>,
+    /// Where the answer redirects to.
+    redirect: Option<Redirect>,
+}
+
+/// The Location a redirect must name: scheme, host (None: the request's),
+/// port (None: none, the scheme's), path.
+#[derive(Clone, Debug)]
+struct Redirect {
+    scheme: &'static str,
+    host: Option<&'static str>,
+    port: Option<&'static str>,
+    path: &'static str,
 }
 
 const INFRA: &str = "gateway-conformance-infra";
+const APP: &str = "gateway-conformance-app-backend";
 
 fn req(path: &'static str) -> Expect {
     Expect {
@@ -390,7 +404,17 @@ impl Expect {
     }
     fn redirect(mut self, status: u16, host: Option<&'static str>, path: &'static str) -> Self {
         self.status = status;
-        self.redirect = Some((host, path));
+        self.redirect = Some(Redirect { scheme: "http", host, port: None, path });
+        self
+    }
+    /// The redirect's Location has this scheme (after [`Expect::redirect`]).
+    fn redirect_scheme(mut self, scheme: &'static str) -> Self {
+        self.redirect.as_mut().expect("a redirect").scheme = scheme;
+        self
+    }
+    /// The redirect's Location has this port (after [`Expect::redirect`]).
+    fn redirect_port(mut self, port: &'static str) -> Self {
+        self.redirect.as_mut().expect("a redirect").port = Some(port);
         self
     }
 
@@ -434,13 +458,20 @@ impl Expect {
                 return Err(format!("the response had {k}: {v:?}, expected none"));
             }
         }
-        if let Some((want_host, want_path)) = self.redirect {
+        if let Some(want) = &self.redirect {
             let location = r.header("location").unwrap_or_default();
-            let rest = location.strip_prefix("http://").ok_or(format!("location {location:?}"))?;
+            let (scheme, rest) = location.split_once("://").ok_or(format!("location {location:?}"))?;
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let got_host = authority.split(':').next().unwrap_or_default();
-            if got_host != want_host.unwrap_or(host) || path != want_path {
-                return Err(format!("location {location:?}, expected host {want_host:?} path {want_path}"));
+            let (got_host, got_port) = match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            };
+            if scheme != want.scheme
+                || got_host != want.host.unwrap_or(host)
+                || got_port != want.port
+                || path != want.path
+            {
+                return Err(format!("location {location:?}, expected {want:?}"));
             }
         }
         Ok(())
@@ -449,27 +480,89 @@ impl Expect {
 
 /// A conformance test sent through the node's Envoy: its name, its file
 /// (tests/<file>.yaml), the Gateway and the route (namespace, name) it
-/// waits for, the requests.
-type Case = (&'static str, &'static str, &'static str, (&'static str, &'static str), Vec<Expect>);
+/// waits for (Accepted, and ResolvedRefs True or False with `unresolved`
+/// as the reason), the requests (each sent until answered as expected),
+/// then, if any, the share of requests each backend must serve.
+struct Case {
+    test: &'static str,
+    file: &'static str,
+    gateway: &'static str,
+    route: (&'static str, &'static str),
+    unresolved: Option<&'static str>,
+    expects: Vec<Expect>,
+    /// (Deployment of gateway-conformance-infra, weight in percent).
+    distribution: Vec<(&'static str, u32)>,
+}
+
+fn case(
+    test: &'static str,
+    file: &'static str,
+    gateway: &'static str,
+    route: (&'static str, &'static str),
+    expects: Vec<Expect>,
+) -> Case {
+    Case { test, file, gateway, route, unresolved: None, expects, distribution: Vec::new() }
+}
+
+impl Case {
+    /// The route's ResolvedRefs is False with this reason.
+    fn unresolved(mut self, reason: &'static str) -> Self {
+        self.unresolved = Some(reason);
+        self
+    }
+    /// Then [`SAMPLES`] requests of the first expectation must split
+    /// between backends as these weights say.
+    fn distribution(mut self, weights: &[(&'static str, u32)]) -> Self {
+        self.distribution = weights.to_vec();
+        self
+    }
+}
+
+/// Requests sent to measure a weighted split (the suite sends 500).
+const SAMPLES: u32 = 500;
+
+/// Whether `counts` (backend -> requests served, of [`SAMPLES`]) fits the
+/// weights (percent): a backend of weight 0 serves none, no other backend
+/// serves any, and each other count is within five standard deviations of
+/// its binomial mean (a correct split fails with probability under 1e-6;
+/// a split off by a tenth of the requests does not pass).
+fn check_distribution(counts: &BTreeMap<String, u32>, weights: &[(&str, u32)]) -> Result<(), String> {
+    let total: u32 = weights.iter().map(|w| w.1).sum();
+    for (backend, n) in counts {
+        if !weights.iter().any(|(b, _)| b == backend) {
+            return Err(format!("{backend} served {n} requests, it is not a backend of the rule"));
+        }
+    }
+    for (backend, w) in weights {
+        let got = f64::from(counts.get(*backend).copied().unwrap_or(0));
+        let p = f64::from(*w) / f64::from(total);
+        let n = f64::from(SAMPLES);
+        let (mean, bound) = (n * p, 5.0 * (n * p * (1.0 - p)).sqrt());
+        if (got - mean).abs() > bound {
+            return Err(format!("{backend} served {got} of {n} requests, expected {mean} +/- {bound:.1}"));
+        }
+    }
+    Ok(())
+}
 
 fn cases() -> Vec<Case> {
     let web = "gateway-conformance-web-backend";
     vec![
-        (
+        case(
             "HTTPRouteSimpleSameNamespace",
             "httproute-simple-same-namespace",
             "same-namespace",
             (INFRA, "gateway-conformance-infra-test"),
             vec![req("/").by("infra-backend-v1")],
         ),
-        (
+        case(
             "HTTPRouteCrossNamespace",
             "httproute-cross-namespace",
             "backend-namespaces",
             (web, "cross-namespace"),
             vec![req("/").by_in(web, "web-backend")],
         ),
-        (
+        case(
             "HTTPRouteExactPathMatching",
             "httproute-exact-path-matching",
             "same-namespace",
@@ -483,7 +576,7 @@ fn cases() -> Vec<Case> {
                 req("/Two").status(404),
             ],
         ),
-        (
+        case(
             "HTTPRouteMatching",
             "httproute-matching",
             "same-namespace",
@@ -497,7 +590,7 @@ fn cases() -> Vec<Case> {
                 req("/").header("Version", "two").by("infra-backend-v2"),
             ],
         ),
-        (
+        case(
             "HTTPRouteMethodMatching",
             "httproute-method-matching",
             "same-namespace",
@@ -517,7 +610,7 @@ fn cases() -> Vec<Case> {
                 req("/").method("PATCH").header("version", "four").by("infra-backend-v2"),
             ],
         ),
-        (
+        case(
             "HTTPRouteRequestHeaderModifier",
             "httproute-request-header-modifier",
             "same-namespace",
@@ -569,7 +662,7 @@ fn cases() -> Vec<Case> {
                     .absent("X-Header-Remove"),
             ],
         ),
-        (
+        case(
             "HTTPRouteHeaderMatching",
             "httproute-header-matching",
             "same-namespace",
@@ -588,7 +681,7 @@ fn cases() -> Vec<Case> {
                 req("/").header("Color", "purple").status(404),
             ],
         ),
-        (
+        case(
             "HTTPRouteQueryParamMatching",
             "httproute-query-param-matching",
             "same-namespace",
@@ -615,7 +708,7 @@ fn cases() -> Vec<Case> {
                 req("/?animal=hydra").header("version", "four").by("infra-backend-v3"),
             ],
         ),
-        (
+        case(
             "HTTPRouteMatchingAcrossRoutes",
             "httproute-matching-across-routes",
             "same-namespace",
@@ -631,14 +724,14 @@ fn cases() -> Vec<Case> {
                 req("/").host("example.com").header("Version", "two").by("infra-backend-v2"),
             ],
         ),
-        (
+        case(
             "HTTPRouteReferenceGrant",
             "httproute-reference-grant",
             "same-namespace",
             (INFRA, "reference-grant"),
             vec![req("/").by_in(web, "web-backend")],
         ),
-        (
+        case(
             "HTTPRouteResponseHeaderModifier",
             "httproute-response-header-modifier",
             "same-namespace",
@@ -692,7 +785,7 @@ fn cases() -> Vec<Case> {
                     .responds_without("X-Header-Remove"),
             ],
         ),
-        (
+        case(
             "HTTPRouteRedirectHostAndStatus",
             "httproute-redirect-host-and-status",
             "same-namespace",
@@ -702,7 +795,7 @@ fn cases() -> Vec<Case> {
                 req("/host-and-status").redirect(301, Some("example.org"), "/host-and-status"),
             ],
         ),
-        (
+        case(
             "HTTPRouteRequestMirror",
             "httproute-request-mirror",
             "same-namespace",
@@ -720,7 +813,7 @@ fn cases() -> Vec<Case> {
                     .mirrored_to("n1-p2"),
             ],
         ),
-        (
+        case(
             "HTTPRouteListenerHostnameMatching",
             "httproute-listener-hostname-matching",
             "httproute-listener-hostname-matching",
@@ -736,7 +829,7 @@ fn cases() -> Vec<Case> {
                 req("/").host("no.matching.host").status(404),
             ],
         ),
-        (
+        case(
             "HTTPRouteHostnameIntersection",
             "httproute-hostname-intersection",
             "httproute-hostname-intersection",
@@ -770,7 +863,7 @@ fn cases() -> Vec<Case> {
                 req("/s5").host("wildcard.io").status(404),
             ],
         ),
-        (
+        case(
             "HTTPRouteHostnameIntersection (a listener without hostname)",
             "httproute-hostname-intersection",
             "httproute-hostname-intersection-all",
@@ -784,7 +877,7 @@ fn cases() -> Vec<Case> {
                 req("/").host("sub.third.com").status(404),
             ],
         ),
-        (
+        case(
             "HTTPRouteRedirectPath",
             "httproute-redirect-path",
             "same-namespace",
@@ -798,7 +891,7 @@ fn cases() -> Vec<Case> {
                 req("/full-path-and-status").redirect(301, None, "/replacement-full"),
             ],
         ),
-        (
+        case(
             "HTTPRouteRewritePath",
             "httproute-rewrite-path",
             "same-namespace",
@@ -828,17 +921,135 @@ fn cases() -> Vec<Case> {
                     .absent("X-Header-Remove"),
             ],
         ),
+        case(
+            "HTTPRoutePathMatchOrder",
+            "httproute-path-match-order",
+            "same-namespace",
+            (INFRA, "path-matching-order"),
+            vec![
+                req("/match/exact/one").by("infra-backend-v3"),
+                req("/match/exact").by("infra-backend-v2"),
+                req("/match").by("infra-backend-v1"),
+                req("/match/prefix/one/any").by("infra-backend-v2"),
+                req("/match/prefix/any").by("infra-backend-v1"),
+                req("/match/any").by("infra-backend-v3"),
+            ],
+        ),
+        case(
+            "HTTPRouteInvalidCrossNamespaceBackendRef",
+            "httproute-invalid-cross-namespace-backend-ref",
+            "same-namespace",
+            (INFRA, "invalid-cross-namespace-backend-ref"),
+            vec![req("/").status(500)],
+        )
+        .unresolved("RefNotPermitted"),
+        case(
+            "HTTPRouteInvalidNonExistentBackendRef",
+            "httproute-invalid-nonexistent-backendref",
+            "same-namespace",
+            (INFRA, "invalid-nonexistent-backend-ref"),
+            vec![req("/").status(500)],
+        )
+        .unresolved("BackendNotFound"),
+        case(
+            "HTTPRouteInvalidBackendRefUnknownKind",
+            "httproute-invalid-backendref-unknown-kind",
+            "same-namespace",
+            (INFRA, "invalid-backend-ref-unknown-kind"),
+            vec![req("/").status(500)],
+        )
+        .unresolved("InvalidKind"),
+        case(
+            "HTTPRoutePartiallyInvalidViaInvalidReferenceGrant",
+            "httproute-partially-invalid-via-invalid-reference-grant",
+            "same-namespace",
+            (INFRA, "invalid-reference-grant"),
+            vec![req("/v2").status(500), req("/").by_in(APP, "app-backend-v1")],
+        )
+        .unresolved("RefNotPermitted"),
+        case(
+            "HTTPRouteRedirectScheme",
+            "httproute-redirect-scheme",
+            "same-namespace",
+            (INFRA, "redirect-scheme"),
+            vec![
+                req("/scheme").redirect(302, None, "/scheme").redirect_scheme("https"),
+                req("/scheme-and-host").redirect(302, Some("example.org"), "/scheme-and-host").redirect_scheme("https"),
+                req("/scheme-and-status").redirect(301, None, "/scheme-and-status").redirect_scheme("https"),
+                req("/scheme-and-host-and-status")
+                    .redirect(302, Some("example.org"), "/scheme-and-host-and-status")
+                    .redirect_scheme("https"),
+            ],
+        ),
+        case(
+            "HTTPRouteRedirectPort",
+            "httproute-redirect-port",
+            "same-namespace",
+            (INFRA, "redirect-port"),
+            vec![
+                req("/port").redirect(302, None, "/port").redirect_port("8083"),
+                req("/port-and-host").redirect(302, Some("example.org"), "/port-and-host").redirect_port("8083"),
+                req("/port-and-status").redirect(301, None, "/port-and-status").redirect_port("8083"),
+                req("/port-and-host-and-status")
+                    .redirect(302, Some("example.org"), "/port-and-host-and-status")
+                    .redirect_port("8083"),
+            ],
+        ),
+        case(
+            "HTTPRouteTimeoutRequest",
+            "httproute-timeout-request",
+            "same-namespace",
+            (INFRA, "request-timeout"),
+            vec![
+                req("/request-timeout").by("infra-backend-v1"),
+                req("/request-timeout?delay=1s").status(504),
+                req("/disable-request-timeout?delay=1s").by("infra-backend-v1"),
+            ],
+        ),
+        // Both backends answer (their endpoints have reached Envoy) before the count.
+        case(
+            "HTTPRouteWeight",
+            "httproute-weight",
+            "same-namespace",
+            (INFRA, "weighted-backends"),
+            vec![req("/").by("infra-backend-v1"), req("/").by("infra-backend-v2")],
+        )
+        .distribution(&[("infra-backend-v1", 70), ("infra-backend-v2", 30), ("infra-backend-v3", 0)]),
     ]
 }
 
-/// The route's parent entry from weft for `gateway`: Accepted and ResolvedRefs True.
-fn route_ready(cp: &ControlPlane, (ns, name): (&str, &str), gateway: &str) -> Option<()> {
+/// One request of `e` to the Gateway at `ip` on a new connection from the
+/// lab's external client.
+fn send(ext: &str, ip: Ipv4Addr, host: &str, e: &Expect) -> Result<Response, String> {
+    let set: Vec<String> = e.backend_answers.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+    let set = set.join(",");
+    let mut headers: Vec<(&str, &str)> = e.headers.to_vec();
+    if !set.is_empty() {
+        headers.push(("X-Echo-Set-Header", &set));
+    }
+    headers.push(("connection", "close"));
+    Client::connect(ext, sa_of(ip, 80), None, T)
+        .and_then(|mut c| c.request(e.method, host, e.path, &headers))
+        .map_err(|err| err.to_string())
+}
+
+/// The route's parent entry from weft for `gateway`, for the route's
+/// generation: Accepted True, and ResolvedRefs True or, with `unresolved`,
+/// False for that reason.
+fn route_ready(cp: &ControlPlane, (ns, name): (&str, &str), gateway: &str, unresolved: Option<&str>) -> Option<()> {
     let r = get(cp, "httproute", Some(ns), name)?;
     let p = r["status"]["parents"].as_array()?.iter().find(|p| {
         p["controllerName"] == weft_agent::operator::gateway::CONTROLLER && p["parentRef"]["name"] == gateway
     })?;
-    let ok = |t| condition(&p["conditions"], t).is_some_and(|c| c.0 == "True" && c.3 == r["metadata"]["generation"]);
-    (ok("Accepted") && ok("ResolvedRefs")).then_some(())
+    let is = |t, status: &str, reason: Option<&str>| {
+        condition(&p["conditions"], t)
+            .is_some_and(|c| c.0 == status && reason.is_none_or(|r| c.1 == r) && c.3 == r["metadata"]["generation"])
+    };
+    let refs = match unresolved {
+        None => is("ResolvedRefs", "True", None),
+        Some(reason) => is("ResolvedRefs", "False", Some(reason)),
+    };
+    (is("Accepted", "True", None) && refs).then_some(())
 }
 
 #[test]
@@ -848,7 +1059,15 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     deploy::rbac(&cp);
     let out = deploy::gateway_api_crds(&cp);
     assert!(!out.to_lowercase().contains("error"), "{out}");
-    let lab = Lab::new().unwrap();
+    let mut lab = Lab::new().unwrap();
+    for (pod, _, _) in BACKENDS {
+        if !lab.pods.iter().any(|p| p.name == pod) {
+            let node = if pod.starts_with("n1-") { 0 } else { 1 };
+            let added = lab.add_extra_pod(node).unwrap();
+            assert_eq!(added.name, pod, "pods are added in order");
+        }
+    }
+    let lab = lab;
 
     // The API server at 127.0.0.1:6443 inside each node, for the agents (as
     // their DaemonSet's ServiceAccount).
@@ -969,13 +1188,13 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     assign_address(&cp, "backend-namespaces");
 
     let ext = lab.ext_netns.clone();
-    for (test, file, gateway, route, expects) in cases() {
+    for Case { test, file, gateway, route, unresolved, expects, distribution } in cases() {
         let yaml = conformance_text(&format!("tests/{file}.yaml"));
         cp.apply(&yaml);
         if !["same-namespace", "backend-namespaces"].contains(&gateway) {
             assign_address(&cp, gateway);
         }
-        wait_for(&format!("{test}: the route accepted"), 60, || route_ready(&cp, route, gateway));
+        wait_for(&format!("{test}: the route accepted"), 60, || route_ready(&cp, route, gateway, unresolved));
         let ip = gateway_address(gateway);
         let address = ip.to_string();
         for e in &expects {
@@ -985,17 +1204,8 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
             let mirrored_before = mirror.map(|m| m.served.load(std::sync::atomic::Ordering::SeqCst));
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let set: Vec<String> = e.backend_answers.iter().map(|(k, v)| format!("{k}:{v}")).collect();
-                let set = set.join(",");
-                let mut headers: Vec<(&str, &str)> = e.headers.to_vec();
-                if !set.is_empty() {
-                    headers.push(("X-Echo-Set-Header", &set));
-                }
-                headers.push(("connection", "close"));
-                let answer = Client::connect(&ext, sa_of(ip, 80), None, T)
-                    .and_then(|mut c| c.request(e.method, host, e.path, &headers))
-                    .map_err(|err| err.to_string())
-                    .and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
+                let answer =
+                    send(&ext, ip, host, e).and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
                 match answer {
                     Ok(()) => {
                         if let (Some(m), Some(before)) = (mirror, mirrored_before) {
@@ -1011,6 +1221,33 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
                     Err(_) => std::thread::sleep(Duration::from_millis(200)),
                 }
             }
+        }
+        if !distribution.is_empty() {
+            let e = &expects[0];
+            let host = e.host.unwrap_or(&address);
+            let mut counts = BTreeMap::new();
+            let mut client = None;
+            for i in 0..SAMPLES {
+                // Keep-alive connections (Envoy picks a backend per request), a new one every 50 requests.
+                let c = match &mut client {
+                    Some(c) if i % 50 != 0 => c,
+                    _ => client.insert(
+                        Client::connect(&ext, sa_of(ip, 80), None, T).unwrap_or_else(|err| panic!("{test}: {err}")),
+                    ),
+                };
+                let r =
+                    c.request(e.method, host, e.path, &[]).unwrap_or_else(|err| panic!("{test}: request {i}: {err}"));
+                assert_eq!(r.status, 200, "{test}: request {i}: {r:?}");
+                let pod = r.json()["pod"].as_str().unwrap_or_default().to_owned();
+                let backend = distribution
+                    .iter()
+                    .map(|d| d.0)
+                    .find(|b| pod.starts_with(&format!("{b}-")))
+                    .map_or(pod, str::to_owned);
+                *counts.entry(backend).or_insert(0) += 1;
+            }
+            check_distribution(&counts, &distribution).unwrap_or_else(|why| panic!("{test}: {why}; {counts:?}"));
+            eprintln!("{test}: {counts:?} of {SAMPLES} requests");
         }
         let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["delete", "-f", "-"], Some(&yaml));
         assert!(out.status.success(), "{test}: delete: {}", String::from_utf8_lossy(&out.stderr));

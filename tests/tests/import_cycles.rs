@@ -2,15 +2,55 @@
 //! that imports another (through `crate::` or `super::` paths) must not be
 //! imported back, directly or around a loop. Shared types go where both
 //! sides can depend on them. Test modules at the end of a file
-//! (`#[cfg(test)] mod tests`) do not count.
+//! (`#[cfg(test)] mod tests`) do not count. The crates are the workspace's
+//! members as `cargo metadata` lists them, so a new crate is checked from the
+//! day it is added.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
-/// The `src/` of every crate that is checked.
-const CRATES: &[&str] = &["agent", "observe", "observe/flow", "observe/cli", "ebpf", "tests", "benches"];
+/// Every workspace member with the source folders of its library and
+/// binaries (`src/` usually): the folder of each target's root file. Binaries
+/// that are one file under `src/bin/` are crates of one file, not checked.
+fn workspace_crates() -> Vec<(String, BTreeSet<PathBuf>)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let out = std::process::Command::new(&cargo)
+        .args(["metadata", "--no-deps", "--offline", "--format-version", "1", "--manifest-path"])
+        .arg(&manifest)
+        .output()
+        .expect("cargo metadata runs");
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON");
+    let members: BTreeSet<&str> =
+        meta["workspace_members"].as_array().expect("workspace_members").iter().filter_map(|m| m.as_str()).collect();
+    let mut crates = Vec::new();
+    for package in meta["packages"].as_array().expect("packages") {
+        if !package["id"].as_str().is_some_and(|id| members.contains(id)) {
+            continue;
+        }
+        let mut dirs = BTreeSet::new();
+        for t in package["targets"].as_array().expect("targets") {
+            let code = t["kind"]
+                .as_array()
+                .expect("kind")
+                .iter()
+                .any(|k| matches!(k.as_str(), Some("lib" | "bin" | "proc-macro")));
+            let Some(root) = t["src_path"].as_str().filter(|_| code).and_then(|p| Path::new(p).parent()) else {
+                continue;
+            };
+            if root.file_name().is_some_and(|n| n == "bin") {
+                continue;
+            }
+            dirs.insert(root.to_path_buf());
+        }
+        crates.push((package["name"].as_str().expect("name").to_owned(), dirs));
+    }
+    assert_eq!(crates.len(), members.len(), "every workspace member is found in cargo metadata's packages");
+    crates
+}
 
 type Module = Vec<String>;
 
@@ -217,16 +257,23 @@ fn show(m: &Module) -> String {
 
 #[test]
 fn no_crate_has_a_file_level_import_cycle() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let crates = workspace_crates();
+    let names: Vec<&str> = crates.iter().map(|(name, _)| name.as_str()).collect();
+    // The members of today's workspace; more is fine, fewer means members are missed.
+    for known in ["weft-agent", "weft-observe", "weft-flow", "weft-cli", "weft-cni", "weft-gateway-api", "weft-ebpf"] {
+        assert!(names.contains(&known), "{known} is not among the workspace members read: {names:?}");
+    }
     let mut found = Vec::new();
     let mut files = 0;
-    for krate in CRATES {
-        let src = root.join(krate).join("src");
-        assert!(src.is_dir(), "{} is missing", src.display());
-        let e = edges(&src);
-        files += e.len();
-        for c in cycles(&e) {
-            found.push(format!("{krate}: {}", c.iter().map(show).collect::<Vec<_>>().join(" <-> ")));
+    for (name, dirs) in &crates {
+        assert!(!dirs.is_empty(), "{name}: no library or binary source folder");
+        for src in dirs {
+            let e = edges(src);
+            assert!(!e.is_empty(), "{name}: no Rust file under {}", src.display());
+            files += e.len();
+            for c in cycles(&e) {
+                found.push(format!("{name}: {}", c.iter().map(show).collect::<Vec<_>>().join(" <-> ")));
+            }
         }
     }
     assert!(files > 100, "only {files} files read: is the layout what this test expects?");

@@ -77,19 +77,26 @@ impl Default for MapSizes {
 /// What each pinned map must look like: (map, config key, key size, value size, max entries).
 pub(crate) type MapShape = (&'static str, &'static str, u32, u32, u32);
 
+/// A map size the kernel would refuse, with its `map-sizes` key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MapSizeError {
+    #[error("map-sizes.{key} = 0: every map needs at least one entry")]
+    Empty { key: &'static str },
+    #[error("map-sizes.events-bytes = {0}: the ring buffer size must be a power of two of at least 4096 bytes")]
+    RingBuffer(u32),
+}
+
 impl MapSizes {
     /// Rejects sizes the kernel would refuse, naming the key and value.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), MapSizeError> {
         for (_, key, _, _, n) in self.shapes() {
             if n == 0 {
-                return Err(format!("map-sizes.{key} = 0: every map needs at least one entry"));
+                return Err(MapSizeError::Empty { key });
             }
         }
         let rb = self.events_bytes;
         if !rb.is_power_of_two() || rb < 4096 {
-            return Err(format!(
-                "map-sizes.events-bytes = {rb}: the ring buffer size must be a power of two of at least 4096 bytes"
-            ));
+            return Err(MapSizeError::RingBuffer(rb));
         }
         Ok(())
     }
@@ -194,5 +201,20 @@ impl DatapathConfig {
             nat_port_max: self.nat_ports.1,
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_sizes_the_kernel_refuses_are_named_by_key() {
+        assert_eq!(MapSizes::default().validate(), Ok(()));
+        let e = MapSizes { policy: 0, ..Default::default() }.validate().unwrap_err();
+        assert_eq!(e, MapSizeError::Empty { key: "policy" });
+        assert_eq!(e.to_string(), "map-sizes.policy = 0: every map needs at least one entry");
+        let e = MapSizes { events_bytes: 6000, ..Default::default() }.validate().unwrap_err();
+        assert_eq!(e, MapSizeError::RingBuffer(6000));
     }
 }

@@ -44,6 +44,10 @@ pub enum DatapathError {
     #[error("`{cmd}` failed: {stderr}")]
     Command { cmd: String, stderr: String },
 
+    /// Map sizes the kernel would refuse.
+    #[error(transparent)]
+    MapSizes(#[from] super::config::MapSizeError),
+
     /// A request the datapath cannot represent.
     #[error("{0}")]
     Invalid(String),

@@ -29,6 +29,7 @@ pub use config::{DatapathConfig, EmitLevel, MapSizes};
 pub use error::{DatapathError, Result};
 pub use gc::GcStats;
 use maps::Maps;
+pub use proxy::{ORPHAN_GRACE, ProxySync, migrate_waiting_connections};
 pub use types::*;
 
 use crate::netns;
@@ -40,6 +41,7 @@ pub struct Datapath {
     maps: Maps,
     netns_cookie: u64,
     state: maps::Shadow,
+    proxy: proxy::Handoff,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -51,7 +53,7 @@ impl Datapath {
     /// hooks, and installs the proxy routing rule. Devices are attached
     /// separately ([`Datapath::attach_pod_device`], [`Datapath::attach_node_device`]).
     pub fn open(cfg: DatapathConfig) -> Result<Self> {
-        cfg.map_sizes.validate().map_err(DatapathError::Invalid)?;
+        cfg.map_sizes.validate()?;
         let maps_dir = cfg.bpffs_dir.join("maps");
         for dir in [&maps_dir, &cfg.bpffs_dir.join("links")] {
             fs::create_dir_all(dir).map_err(|e| DatapathError::io(format!("creating {}", dir.display()), e))?;
@@ -76,7 +78,7 @@ impl Datapath {
         let netns_cookie =
             netns::current_cookie().map_err(|e| DatapathError::io("reading the network namespace cookie", e))?;
         let state = maps::Shadow::recover(&maps)?;
-        let mut dp = Datapath { cfg, objects, maps, netns_cookie, state };
+        let mut dp = Datapath { cfg, objects, maps, netns_cookie, state, proxy: proxy::Handoff::default() };
         dp.write_config()?;
         dp.attach_sk_lookup()?;
         dp.attach_cgroup()?;

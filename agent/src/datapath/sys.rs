@@ -38,20 +38,3 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     attr[0] = (link.as_raw_fd() as u32 as u64) | ((prog.as_raw_fd() as u32 as u64) << 32);
     bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
-
-/// Duplicates another process's fd into ours (pidfd_getfd(2), Linux 5.6).
-pub fn steal_fd(pid: i32, target_fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscalls; returned fds are owned.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(fd as i32))
-    }
-}

@@ -141,10 +141,28 @@ struct Host {
     force_https: bool,
 }
 
-fn path_match(path_type: &str, path: &str) -> Result<(u8, Value), String> {
+/// Why an Ingress path or backend cannot be served (the field it is about
+/// goes with it into the Ingress's problems).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum IngressError {
+    #[error("path {0:?} must start with '/'")]
+    RelativePath(String),
+    #[error("pathType {0:?} is not Exact, Prefix or ImplementationSpecific")]
+    PathType(String),
+    #[error("only Service backends are supported (resource backends are not)")]
+    NotAService,
+    #[error("a backend Service needs a port (number or name)")]
+    NoPort,
+    #[error("port {port:?} is named, but Service {service} does not exist (yet) to say which number it is")]
+    NoService { service: ObjKey, port: String },
+    #[error("Service {service} has no port named {port:?}")]
+    NoPortNamed { service: ObjKey, port: String },
+}
+
+fn path_match(path_type: &str, path: &str) -> Result<(u8, Value), IngressError> {
     let path = if path.is_empty() { "/" } else { path };
     match path_type {
-        "Exact" | "Prefix" if !path.starts_with('/') => Err(format!("path {path:?} must start with '/'")),
+        "Exact" | "Prefix" if !path.starts_with('/') => Err(IngressError::RelativePath(path.into())),
         "Exact" => Ok((0, json!({ "path": path }))),
         "Prefix" if path.trim_end_matches('/').is_empty() => Ok((2, json!({ "prefix": "/" }))),
         // Kubernetes Prefix matches whole segments (/foo matches /foo and /foo/bar, not /foobar).
@@ -152,7 +170,7 @@ fn path_match(path_type: &str, path: &str) -> Result<(u8, Value), String> {
         // As Cilium does: a regular expression over the whole path.
         "ImplementationSpecific" if path == "/" => Ok((2, json!({ "prefix": "/" }))),
         "ImplementationSpecific" => Ok((1, json!({ "safe_regex": { "regex": path } }))),
-        other => Err(format!("pathType {other:?} is not Exact, Prefix or ImplementationSpecific")),
+        other => Err(IngressError::PathType(other.into())),
     }
 }
 
@@ -161,19 +179,20 @@ fn backend_cluster(
     ns: &str,
     backend: &k8s_openapi::api::networking::v1::IngressBackend,
     objects: &Objects,
-) -> Result<(ObjKey, i32), String> {
+) -> Result<(ObjKey, i32), IngressError> {
     let Some(svc) = &backend.service else {
-        return Err("only Service backends are supported (resource backends are not)".into());
+        return Err(IngressError::NotAService);
     };
     let key = ObjKey::new(ns, svc.name.clone());
-    let port = svc.port.as_ref().ok_or("a backend Service needs a port (number or name)")?;
+    let port = svc.port.as_ref().ok_or(IngressError::NoPort)?;
     if let Some(n) = port.number {
         return Ok((key, n));
     }
     let name = port.name.as_deref().unwrap_or_default();
-    let service = objects.services.get(&key).ok_or_else(|| {
-        format!("port {name:?} is named, but Service {key} does not exist (yet) to say which number it is")
-    })?;
+    let service = objects
+        .services
+        .get(&key)
+        .ok_or_else(|| IngressError::NoService { service: key.clone(), port: name.into() })?;
     service
         .object
         .spec
@@ -181,7 +200,7 @@ fn backend_cluster(
         .flat_map(|s| s.ports.iter().flatten())
         .find(|p| p.name.as_deref() == Some(name))
         .map(|p| (key.clone(), p.port))
-        .ok_or_else(|| format!("Service {key} has no port named {name:?}"))
+        .ok_or_else(|| IngressError::NoPortNamed { service: key.clone(), port: name.into() })
 }
 
 /// Adds one Ingress's hosts and routes to `hosts` and its TLS entries to
@@ -218,8 +237,8 @@ fn collect(
                     backends.entry(svc.clone()).or_default().insert(port);
                     Some(format!("{svc}:{port}"))
                 }
-                Err(m) => {
-                    bad.push((field, m));
+                Err(e) => {
+                    bad.push((field, e.to_string()));
                     None
                 }
             }
@@ -232,8 +251,8 @@ fn collect(
             let path = p.path.clone().unwrap_or_default();
             let matched = match path_match(&p.path_type, &path) {
                 Ok(m) => m,
-                Err(m) => {
-                    bad.push((format!("{at}.path"), m));
+                Err(e) => {
+                    bad.push((format!("{at}.path"), e.to_string()));
                     continue;
                 }
             };

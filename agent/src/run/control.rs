@@ -2,9 +2,12 @@
 //! (the objects directory or the Kubernetes API) and follows Envoy's answers
 //! over ADS; on every change the [`Controller`] builds new snapshots, which
 //! it publishes: the xDS resources to the ADS server, the node's desired
-//! state to the datapath worker and the flow pipeline. It reads the datapath
-//! worker's status back only for the problems the datapath found, which its
-//! report and the source's Events carry.
+//! state to the datapath worker and the flow pipeline. A snapshot that stops
+//! handing a Service's connections to a proxy port reaches the datapath
+//! before Envoy hears of it (the worker's applied version is awaited), so no
+//! connection is handed to a listener Envoy is closing. It reads the datapath
+//! worker's status back for that and for the problems the datapath found,
+//! which its report and the source's Events carry.
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,6 +28,9 @@ use crate::{
 
 /// How often the objects directory is checked for changes.
 const SOURCE_POLL: Duration = Duration::from_millis(200);
+/// How long Envoy's update waits for the datapath to stop handing
+/// connections to the proxy ports it removes.
+const DATAPATH_FIRST_WAIT: Duration = Duration::from_secs(2);
 
 /// The loop and what it owns.
 pub struct ControlLoop {
@@ -130,9 +136,28 @@ impl ControlLoop {
                 if !Arc::ptr_eq(&published, &xds.borrow()) {
                     self.xds_counts.pushes += 1;
                 }
+                let (version, datapath_first) = (snap.version, snapshots.borrow().stops_proxying_in(&snap));
                 // send_replace: a reader that is gone is the supervisor's to handle.
-                xds.send_replace(published);
                 snapshots.send_replace(Arc::new(snap));
+                if datapath_first && datapath_alive {
+                    // The datapath stops handing connections to a proxy port
+                    // before Envoy closes its listener: a connection handed
+                    // to a listener Envoy no longer accepts on would be reset.
+                    let applied = datapath.wait_for(|st| st.applied_version >= version);
+                    match tokio::time::timeout(DATAPATH_FIRST_WAIT, applied).await {
+                        Ok(Ok(st)) if st.problems != datapath_problems => {
+                            datapath_problems = st.problems.clone();
+                            touched = true;
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => datapath_alive = false,
+                        Err(_) => tracing::warn!(
+                            version,
+                            "the datapath did not apply a snapshot within {DATAPATH_FIRST_WAIT:?}; updating Envoy anyway"
+                        ),
+                    }
+                }
+                xds.send_replace(published);
             }
             if touched || rebuild {
                 let r = self.report(&datapath_problems);

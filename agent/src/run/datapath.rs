@@ -18,13 +18,27 @@ use aya::maps::{MapData, RingBuf};
 use tokio::sync::{oneshot, watch};
 
 use super::status::{DatapathStatus, MapUsage};
-use crate::{config::AgentConfig, datapath::Datapath, envoy::EnvoyState, reconcile::Reconciler, state::Snapshot};
+use crate::{
+    config::AgentConfig,
+    datapath::{Datapath, migrate_waiting_connections},
+    envoy::EnvoyState,
+    reconcile::Reconciler,
+    state::Snapshot,
+};
 
 /// How often expired connections are collected.
 const GC_EVERY: Duration = Duration::from_secs(30);
-/// How often missing proxy listeners are looked for (and the ring buffer's
+/// How often the proxy's listeners are looked at (and the ring buffer's
 /// counters read).
 const PROXY_SYNC_EVERY: Duration = Duration::from_millis(500);
+/// How often while an Envoy starts or ports wait for one: connections that
+/// arrive meanwhile wait in the sockets the agent keeps until the new
+/// Envoy's are in the map.
+const PROXY_SETTLE_EVERY: Duration = Duration::from_millis(20);
+/// How long after Envoy's pid changed, or a snapshot added a proxy port, the
+/// listeners are looked at that often (a new listener is in the map within
+/// [`PROXY_SETTLE_EVERY`] of Envoy opening it).
+const PROXY_SETTLE_FOR: Duration = Duration::from_secs(10);
 /// How often map occupancy is counted.
 const MAP_USAGE_EVERY: Duration = Duration::from_secs(10);
 /// How long the worker waits for a snapshot before its periodic work.
@@ -52,7 +66,7 @@ impl Worker {
     }
 
     fn run(self) -> anyhow::Result<()> {
-        let Worker { cfg, node_ip, mut snapshots, envoy, status, events, runtime } = self;
+        let Worker { cfg, node_ip, mut snapshots, mut envoy, status, events, runtime } = self;
         let mut dp = Datapath::open(cfg.datapath(node_ip)).context("loading the datapath")?;
         if let Some(ring) = dp.take_events() {
             // The pipeline may be gone (the agent is stopping): nothing to read into then.
@@ -64,32 +78,60 @@ impl Worker {
         let mut last_maps = due_now(MAP_USAGE_EVERY);
         let mut last_gc = Instant::now();
         let mut last_proxy = due_now(PROXY_SYNC_EVERY);
+        let mut last_stats = due_now(PROXY_SYNC_EVERY);
         let mut last_pid = None;
+        let mut settle_from = Instant::now();
+        let mut waiting = false;
+        let mut envoy_published = true;
+        let migrating = migrate_waiting_connections();
+        status.send_modify(|st| st.proxy_migration = migrating);
         // The first snapshot is there before the worker starts.
         snapshots.mark_changed();
         loop {
+            let settling = waiting || settle_from.elapsed() < PROXY_SETTLE_FOR;
+            let wait = if settling { PROXY_SETTLE_EVERY } else { WAIT };
             // The timer is made inside block_on: it needs the runtime's context.
-            match runtime.block_on(async { tokio::time::timeout(WAIT, snapshots.changed()).await }) {
-                Ok(Ok(())) => {
+            let woke = runtime.block_on(async {
+                tokio::select! {
+                    c = snapshots.changed() => Some(c.is_ok()),
+                    // A supervisor that stopped publishing is the supervisor's to report.
+                    c = envoy.changed(), if envoy_published => {
+                        envoy_published = c.is_ok();
+                        None
+                    }
+                    _ = tokio::time::sleep(wait) => None,
+                }
+            });
+            match woke {
+                Some(true) => {
                     let snap = snapshots.borrow_and_update().clone();
                     apply(&mut dp, &mut rec, &snap, &status)?;
+                    let before = current.as_ref().map(|c| c.proxied()).unwrap_or_default();
+                    if !snap.proxied().is_subset(&before) {
+                        settle_from = Instant::now();
+                    }
                     current = Some(snap);
                     last_proxy = due_now(PROXY_SYNC_EVERY);
                 }
-                Ok(Err(_)) => return Ok(()), // the control loop is gone
-                Err(_) => {}                 // no new snapshot: periodic work
+                Some(false) => return Ok(()), // the control loop is gone
+                None => {}                    // periodic work
             }
-            let pid = envoy.borrow().pid;
+            let pid = envoy.borrow_and_update().pid;
             if pid != last_pid {
                 last_pid = pid;
+                settle_from = Instant::now();
                 last_proxy = due_now(PROXY_SYNC_EVERY);
             }
-            if last_proxy.elapsed() >= PROXY_SYNC_EVERY {
+            let every = if settling { PROXY_SETTLE_EVERY } else { PROXY_SYNC_EVERY };
+            if last_proxy.elapsed() >= every {
                 last_proxy = Instant::now();
                 if let Some(snap) = &current {
                     let pid = if cfg.envoy.enabled { pid } else { None };
-                    sync_proxy(&mut dp, snap, pid, &status);
+                    waiting = sync_proxy(&mut dp, snap, pid, &status);
                 }
+            }
+            if last_stats.elapsed() >= PROXY_SYNC_EVERY {
+                last_stats = Instant::now();
                 if let Ok(stats) = dp.event_stats() {
                     status.send_if_modified(|st| {
                         let changed = st.event_stats.as_ref() != Some(&stats);
@@ -146,22 +188,34 @@ fn apply(
     Ok(())
 }
 
-/// Registers the listeners of the snapshot's proxy ports (those of Envoy's
-/// `pid`, when the agent runs it) and reports the ports that have none yet.
-fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &watch::Sender<DatapathStatus>) {
+/// Keeps the map in step with the proxy's listeners for the snapshot's
+/// proxy ports (those of Envoy's `pid`, when the agent runs it) and reports
+/// the ports without one, and those whose connections wait for the next
+/// Envoy. True while some wait.
+fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &watch::Sender<DatapathStatus>) -> bool {
     let mut ports: Vec<u16> =
         snap.services.iter().flat_map(|s| s.entries.iter().filter_map(|e| e.proxy_port)).collect();
     ports.sort();
     ports.dedup();
     let pids = pid.map(|p| vec![p as i32]);
     match dp.sync_proxy_listeners(&ports, pids.as_deref()) {
-        Ok(missing) => {
+        Ok(sync) => {
+            if !sync.moved.is_empty() {
+                tracing::info!(ports = ?sync.moved, "proxy ports moved to the new Envoy's sockets");
+            }
+            let waiting = !sync.orphaned.is_empty();
             status.send_if_modified(|st| {
-                let changed = st.proxy_ports_without_listener != missing;
-                st.proxy_ports_without_listener = missing;
+                let changed =
+                    st.proxy_ports_without_listener != sync.missing || st.proxy_ports_waiting != sync.orphaned;
+                st.proxy_ports_without_listener = sync.missing;
+                st.proxy_ports_waiting = sync.orphaned;
                 changed
             });
+            waiting
         }
-        Err(e) => tracing::warn!("registering proxy listeners: {e}"),
+        Err(e) => {
+            tracing::warn!("registering proxy listeners: {e}");
+            false
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The flow pipeline as a component of the agent: started from the agent's
 //! config (store and queue sizes, metrics labels, OTLP, `print-events`), with
-//! its metrics in the agent's registry; [`serve`] runs the servers flows come
-//! in and go out by (Envoy's access log, the Hubble-compatible flow API), and
+//! its metrics in the agent's registry; [`access_log`] reads Envoy's
+//! access-log spool into it, [`serve`] runs the Hubble-compatible flow API, and
 //! [`sync`] keeps the pipeline's inputs in step with the other components:
 //! names for flows from each snapshot of the control loop, and the
 //! datapath's ring-buffer counters for loss accounting.
@@ -19,9 +19,10 @@ use weft_observe::{
         otlp,
     },
     pipeline::{
-        EventFeed, Pipeline, PipelineConfig, Sink, als,
+        EventFeed, Pipeline, PipelineConfig, Sink,
         enrich::{Names, PolicyName, workload},
         record::{EndpointInfo, Entry, ServiceInfo},
+        spool::{self, SpoolDir, SpoolReader},
     },
 };
 
@@ -64,15 +65,28 @@ pub fn start(
     Ok((pipeline, feed, exporter))
 }
 
-/// The access-log server and the flow API, to run as components.
+/// The spool Envoy writes its access log to, under the state directory
+/// (Envoy's working directory).
+pub fn spool_dir(cfg: &AgentConfig) -> std::path::PathBuf {
+    let log = cfg.state_dir.join(crate::xds::translate::ACCESS_LOG_PATH);
+    log.parent().map_or_else(|| cfg.state_dir.clone(), |d| d.to_owned())
+}
+
+/// Starts the thread that reads Envoy's access-log spool into the pipeline,
+/// from where the last agent stopped.
+pub fn access_log(cfg: &AgentConfig, pipeline: &Arc<Pipeline>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let dir = spool_dir(cfg);
+    let reader = SpoolDir::create(&dir)
+        .and_then(SpoolReader::open)
+        .with_context(|| format!("opening the access-log spool {}", dir.display()))?;
+    spool::spawn_reader(pipeline.clone(), reader).context("starting the access-log reader")
+}
+
+/// The flow API, to run as a component.
 pub fn serve(
     cfg: &AgentConfig,
     pipeline: &Arc<Pipeline>,
-) -> anyhow::Result<(impl Future<Output = anyhow::Result<()>> + use<>, impl Future<Output = anyhow::Result<()>> + use<>)>
-{
-    let als_path = cfg.state_dir.join("als.sock");
-    let p = pipeline.clone();
-    let access_log = async move { als::serve_unix(p, &als_path).await };
+) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
     let listen = Listen {
         tcp: match cfg.flows.address.as_str() {
             "" => None,
@@ -82,8 +96,7 @@ pub fn serve(
         tls: cfg.flows.tls.as_ref().map(|t| t.load()).transpose()?,
     };
     let p = pipeline.clone();
-    let flow_api = async move { server::serve(p, listen).await };
-    Ok((access_log, flow_api))
+    Ok(async move { server::serve(p, listen).await })
 }
 
 /// Follows the control loop's snapshots (names for flows) and the datapath's

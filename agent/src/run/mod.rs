@@ -92,7 +92,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
 
     let mut registry = Registry::with_prefix("weft");
     let (pipeline, feed, exporter) = flows::start(&cfg, &snapshot, &mut registry)?;
-    let (access_log, flow_api) = flows::serve(&cfg, &pipeline)?;
+    let flow_api = flows::serve(&cfg, &pipeline)?;
 
     let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(snapshot));
     let (xds_tx, xds_rx) = watch::channel(published);
@@ -131,7 +131,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
         sup.thread(Component::FlowPipeline, t);
     }
     sup.task(Component::FlowSync, flows::sync(pipeline.clone(), snapshots_rx, datapath_rx.clone()));
-    sup.task(Component::AccessLog, access_log);
+    sup.thread(Component::AccessLog, flows::access_log(&cfg, &pipeline)?);
     sup.task(Component::FlowApi, flow_api);
     let xds_socket = cfg.state_dir.join("xds.sock");
     {
@@ -163,11 +163,11 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
             binary,
             state_dir: cfg.state_dir.clone(),
             xds_socket,
-            als_socket: cfg.state_dir.join("als.sock"),
             admin_port: cfg.envoy.admin_port,
             node_id: cfg.node_name.clone(),
             delta: cfg.envoy.delta,
             concurrency: cfg.envoy.concurrency,
+            file_limit: cfg.envoy.spool_limit,
         });
         sup.task(Component::Envoy, async move { envoy::supervise(settings?, envoy_tx).await });
     }

@@ -37,6 +37,12 @@ pub struct DatapathStatus {
     pub endpoints: usize,
     pub problems: Vec<String>,
     pub proxy_ports_without_listener: Vec<u16>,
+    /// Proxy ports whose Envoy is gone: their connections wait in the
+    /// sockets the agent keeps, for the next Envoy.
+    pub proxy_ports_waiting: Vec<u16>,
+    /// Whether connections waiting for a restarting Envoy move to the new
+    /// one (`net.ipv4.tcp_migrate_req`); else they are reset.
+    pub proxy_migration: bool,
     /// Local pods' addresses and the index of the device their datapath is
     /// attached to (what weft-cni's ADD and DEL wait for).
     pub attached: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
@@ -85,6 +91,9 @@ pub struct FlowStatus {
     pub rate: f64,
     pub events_read: u64,
     pub access_log_entries: u64,
+    /// Lines of Envoy's access-log spool committed on this node, by this
+    /// agent and the ones before it (entries stored as flows, or lost).
+    pub access_log_committed: u64,
     /// Lost events by where they were lost.
     pub lost: BTreeMap<&'static str, u64>,
     /// The OTLP exporter, when it runs.
@@ -104,6 +113,7 @@ impl FlowStatus {
             rate: st.rate,
             events_read: c.events_read.load(Relaxed),
             access_log_entries: c.l7_received.load(Relaxed),
+            access_log_committed: c.spool_committed.load(Relaxed),
             lost: LostSource::ALL.iter().map(|s| (s.label(), c.lost(*s))).collect(),
             otlp: exporter.map(ExportStats::status),
         }
@@ -131,7 +141,7 @@ pub enum Component {
     /// Keeps the pipeline's names and kernel counters in step with the
     /// control loop's snapshots and the datapath's counters.
     FlowSync,
-    /// Receives Envoy's access log.
+    /// Reads Envoy's access-log spool.
     AccessLog,
     /// The Hubble-compatible flow API.
     FlowApi,
@@ -150,7 +160,7 @@ impl fmt::Display for Component {
             Component::FlowEvents => "ring-buffer reader",
             Component::FlowPipeline => "flow pipeline",
             Component::FlowSync => "flow names and counters",
-            Component::AccessLog => "access-log server",
+            Component::AccessLog => "access-log reader",
             Component::FlowApi => "flow API",
             Component::Cni => "CNI endpoint",
         })

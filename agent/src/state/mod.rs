@@ -115,6 +115,17 @@ fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
 }
 
 impl Snapshot {
+    /// Frontends whose connections go to a proxy port, with that port.
+    pub fn proxied(&self) -> BTreeSet<(Frontend, u16)> {
+        self.services.iter().flat_map(|s| &s.entries).filter_map(|e| Some((e.frontend, e.proxy_port?))).collect()
+    }
+
+    /// Whether `next` stops handing some frontend's connections to the
+    /// proxy port this snapshot hands them to.
+    pub fn stops_proxying_in(&self, next: &Snapshot) -> bool {
+        !self.proxied().is_subset(&next.proxied())
+    }
+
     /// Derives the snapshot for node `node_name` from the objects.
     /// `node_ip` overrides the address of the node's Node object.
     /// With `attachments` (weft-cni's registrations), a local pod whose
@@ -514,5 +525,15 @@ endpoints:
         r.insert((ObjKey::new("shop", "web"), Some(80)), 15001);
         let snap = Snapshot::derive(&l.objects, "node1", None, &r, None);
         assert!(snap.services[0].entries.iter().all(|e| e.proxy_port == Some(15001)));
+
+        // Which changes must reach the datapath before Envoy (run/control.rs).
+        let plain = Snapshot::derive(&l.objects, "node1", None, &Redirects::new(), None);
+        assert!(snap.stops_proxying_in(&plain), "a redirect removed");
+        assert!(!plain.stops_proxying_in(&snap), "a redirect added");
+        assert!(!snap.stops_proxying_in(&snap.clone()));
+        let mut moved = Redirects::new();
+        moved.insert((ObjKey::new("shop", "web"), Some(80)), 15002);
+        let elsewhere = Snapshot::derive(&l.objects, "node1", None, &moved, None);
+        assert!(snap.stops_proxying_in(&elsewhere), "a frontend handed to another proxy port");
     }
 }

@@ -420,7 +420,7 @@ impl Model {
                 let port = match translate::pinned_port(&listener) {
                     Some((_, p)) => {
                         if t.redirects.iter().any(|r| r.listener == l.name) {
-                            listener.transparent = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+                            translate::handed_connections(&mut listener);
                         }
                         Some(p)
                     }

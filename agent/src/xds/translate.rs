@@ -26,15 +26,13 @@ use envoy_types::pb::{
             accesslog::v3::{AccessLog, access_log},
             cluster::v3::{Cluster, cluster},
             core::v3::{
-                AggregatedConfigSource, ApiVersion, ConfigSource, GrpcService, TransportSocket, config_source,
-                grpc_service, transport_socket,
+                AggregatedConfigSource, ApiVersion, ConfigSource, TransportSocket, config_source, transport_socket,
             },
             endpoint::v3::ClusterLoadAssignment,
             listener::v3::{Listener, filter},
             route::v3::{RouteConfiguration, route, route_action},
         },
         extensions::{
-            access_loggers::grpc::v3::{CommonGrpcAccessLogConfig, HttpGrpcAccessLogConfig},
             filters::{
                 http::router::v3::Router,
                 network::{
@@ -47,7 +45,7 @@ use envoy_types::pb::{
             },
         },
     },
-    google::protobuf::{Any, BoolValue, Duration as PbDuration},
+    google::protobuf::{Any, BoolValue},
 };
 use prost::{Message, Name};
 use prost_reflect::DynamicMessage;
@@ -66,43 +64,91 @@ use crate::{
 pub use super::tenancy::BOOTSTRAP_CLUSTERS;
 
 /// The access log the agent adds to every HTTP connection manager: Envoy
-/// streams each request to the agent (cluster `weft-als` of the bootstrap),
-/// which turns it into L7 flows.
+/// appends a JSON line per request to the agent's spool, which turns them
+/// into L7 flows (`weft_observe::pipeline::spool`).
 pub const ACCESS_LOG_NAME: &str = "weft-flows";
 
+/// Where Envoy writes the access log: relative to its working directory,
+/// which the agent sets to its state directory (so two agents on one
+/// machine, as in the lab, do not share it).
+pub const ACCESS_LOG_PATH: &str = "access-log/current.log";
+
+/// The agent's access log, encoded the same way every time (in every agent
+/// process): `google.protobuf.Struct` is a map, which prost encodes in the
+/// order of a `HashMap`, so the `FileAccessLog` is written with the same
+/// field numbers from these mirrors, the format's keys in their order. A
+/// listener translated again is then the same bytes, and Envoy does not
+/// replace (and drain) it after every translation or agent restart.
+mod wire {
+    use envoy_types::pb::google::protobuf::Value;
+
+    /// A `Struct.fields` map entry.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Field {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<Value>,
+    }
+
+    /// `google.protobuf.Struct`, fields in a fixed order.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Struct {
+        #[prost(message, repeated, tag = "1")]
+        pub fields: Vec<Field>,
+    }
+
+    /// `envoy.config.core.v3.SubstitutionFormatString` with `json_format`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct JsonFormat {
+        #[prost(message, optional, tag = "2")]
+        pub json_format: Option<Struct>,
+    }
+
+    /// `envoy.extensions.access_loggers.file.v3.FileAccessLog` with `log_format`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FileAccessLog {
+        #[prost(string, tag = "1")]
+        pub path: String,
+        #[prost(message, optional, tag = "5")]
+        pub log_format: Option<JsonFormat>,
+    }
+}
+
 fn weft_access_log() -> AccessLog {
-    let cfg = HttpGrpcAccessLogConfig {
-        common_config: Some(CommonGrpcAccessLogConfig {
-            log_name: ACCESS_LOG_NAME.into(),
-            grpc_service: Some(GrpcService {
-                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
-                    cluster_name: "weft-als".into(),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }),
-            transport_api_version: ApiVersion::V3 as i32,
-            // Flows should show up promptly; the default is a second.
-            buffer_flush_interval: Some(PbDuration { seconds: 0, nanos: 200_000_000 }),
-            ..Default::default()
-        }),
-        additional_request_headers_to_log: weft_observe::pipeline::als::LOGGED_REQUEST_HEADERS
-            .iter()
-            .map(|h| h.to_string())
-            .collect(),
-        ..Default::default()
+    use envoy_types::pb::{
+        envoy::extensions::access_loggers::file::v3::FileAccessLog,
+        google::protobuf::{Value, value},
+    };
+    let fields = weft_observe::pipeline::accesslog::FORMAT
+        .iter()
+        .map(|(k, op)| wire::Field {
+            key: k.to_string(),
+            value: Some(Value { kind: Some(value::Kind::StringValue(op.to_string())) }),
+        })
+        .collect();
+    let cfg = wire::FileAccessLog {
+        path: ACCESS_LOG_PATH.into(),
+        log_format: Some(wire::JsonFormat { json_format: Some(wire::Struct { fields }) }),
     };
     AccessLog {
-        name: "envoy.access_loggers.http_grpc".into(),
-        config_type: Some(access_log::ConfigType::TypedConfig(pack(&cfg))),
+        name: ACCESS_LOG_NAME.into(),
+        config_type: Some(access_log::ConfigType::TypedConfig(Any {
+            type_url: FileAccessLog::type_url(),
+            value: cfg.encode_to_vec(),
+        })),
         ..Default::default()
     }
 }
 
+/// Whether the connection manager already has the agent's access log (a
+/// config translated again, or one that spells it out exactly).
 fn has_weft_access_log(hcm: &HttpConnectionManager) -> bool {
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
     hcm.access_log.iter().any(|a| match &a.config_type {
-        Some(access_log::ConfigType::TypedConfig(any)) => unpack::<HttpGrpcAccessLogConfig>(any)
-            .is_some_and(|c| c.common_config.is_some_and(|c| c.log_name == ACCESS_LOG_NAME)),
+        Some(access_log::ConfigType::TypedConfig(any)) => {
+            a.name == ACCESS_LOG_NAME && unpack::<FileAccessLog>(any).is_some_and(|f| f.path == ACCESS_LOG_PATH)
+        }
         _ => false,
     })
 }
@@ -665,10 +711,30 @@ pub fn bind_proxy_port(l: &mut Listener, port: u16) {
             ..Default::default()
         })),
     });
-    l.transparent = Some(BoolValue { value: true });
     // One socket per listener (not one per worker): the datapath hands
     // connections to it, and 10,000 listeners stay within the fd limit.
     l.enable_reuse_port = Some(BoolValue { value: false });
+    handed_connections(l);
+}
+
+/// Makes a listener fit for connections the datapath hands to it:
+/// transparent (the Service address is its local address), and with
+/// SO_REUSEPORT, so a restarted Envoy's socket joins the group of the one
+/// the agent kept (`datapath::proxy`) and takes over its waiting connections.
+pub fn handed_connections(l: &mut Listener) {
+    use envoy_types::pb::envoy::config::core::v3::{SocketOption, socket_option};
+    l.transparent = Some(BoolValue { value: true });
+    let (level, name) = (libc::SOL_SOCKET as i64, libc::SO_REUSEPORT as i64);
+    if !l.socket_options.iter().any(|o| o.level == level && o.name == name) {
+        l.socket_options.push(SocketOption {
+            description: "weft: a restarted Envoy takes over this port's waiting connections".into(),
+            level,
+            name,
+            value: Some(socket_option::Value::IntValue(1)),
+            state: socket_option::SocketState::StatePrebind as i32,
+            ..Default::default()
+        });
+    }
 }
 
 /// The port a listener with an explicit address binds (a pinned port).
@@ -679,6 +745,31 @@ pub fn pinned_port(l: &Listener) -> Option<(String, u16)> {
         // Ports above 65535 are refused by the field rules before this is asked.
         Some(socket_address::PortSpecifier::PortValue(p)) => Some((sa.address.clone(), u16::try_from(p).ok()?)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod access_log_tests {
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
+
+    use super::*;
+
+    #[test]
+    fn the_agents_access_log_is_the_same_bytes_every_time_and_decodes_as_envoys_message() {
+        let a = weft_access_log().encode_to_vec();
+        for _ in 0..20 {
+            assert_eq!(weft_access_log().encode_to_vec(), a);
+        }
+        let Some(access_log::ConfigType::TypedConfig(any)) = weft_access_log().config_type else { panic!() };
+        let f: FileAccessLog = unpack(&any).unwrap();
+        assert_eq!(f.path, ACCESS_LOG_PATH);
+        let Some(file_access_log::AccessLogFormat::LogFormat(fmt)) = f.access_log_format else { panic!("{f:?}") };
+        let Some(envoy_types::pb::envoy::config::core::v3::substitution_format_string::Format::JsonFormat(s)) =
+            fmt.format
+        else {
+            panic!()
+        };
+        assert_eq!(s.fields.len(), weft_observe::pipeline::accesslog::FORMAT.len());
     }
 }
 

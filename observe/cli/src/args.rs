@@ -1,6 +1,7 @@
 //! Flags more than one command takes: where the flow API is and how to
 //! trust it, and the output format.
 
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use weft_flow::client::{self, Address};
 
@@ -44,9 +45,9 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     /// The address and TLS settings; errors name the flag and the file.
-    pub fn target(&self) -> Result<(Address, client::TlsClient), String> {
+    pub fn target(&self) -> anyhow::Result<(Address, client::TlsClient)> {
         let read =
-            |flag: &str, p: &std::path::Path| std::fs::read(p).map_err(|e| format!("--{flag} {}: {e}", p.display()));
+            |flag: &str, p: &std::path::Path| std::fs::read(p).with_context(|| format!("--{flag} {}", p.display()));
         let tls = client::TlsClient {
             ca_pem: self.tls_ca.as_deref().map(|p| read("tls-ca", p)).transpose()?,
             server_name: self.tls_server_name.clone(),

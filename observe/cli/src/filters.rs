@@ -125,41 +125,68 @@ pub fn ordered_filter_flags(argv: &[String]) -> Vec<(bool, String, String)> {
     out
 }
 
-fn verdict(v: &str) -> Result<i32, String> {
-    Verdict::from_str_name(&v.to_ascii_uppercase()).map(|v| v as i32).ok_or_else(|| {
-        format!("--verdict {v:?}: expected FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, TRACED or TRANSLATED")
-    })
+/// A filter flag or filter JSON of `weft observe` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterArgError {
+    /// The flag as it was given (`--from-identity`, `-t`), its value, what is wrong.
+    #[error("{flag} {value:?}: {problem}")]
+    Flag { flag: String, value: String, problem: Problem },
+    #[error("filter JSON {json:?}: {error}")]
+    NotJson { json: String, error: serde_json::Error },
+    #[error("filter JSON {json:?}: {error}")]
+    NotAFlowFilter { json: String, error: json::FlowFilterError },
 }
 
-fn event_type(v: &str) -> Result<flow::EventTypeFilter, String> {
+/// What is wrong with a filter flag's value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("expected {0}")]
+    Expected(&'static str),
+    #[error("unknown event type {0:?}")]
+    EventType(String),
+    #[error("unknown trace point {0:?}")]
+    TracePoint(String),
+    #[error("unknown drop reason {0:?}")]
+    DropReason(String),
+    #[error("subtype {0:?} is not a number")]
+    Subtype(String),
+    #[error("unknown flag {0:?}")]
+    TcpFlag(String),
+}
+
+fn verdict(v: &str) -> Result<i32, Problem> {
+    Verdict::from_str_name(&v.to_ascii_uppercase())
+        .map(|v| v as i32)
+        .ok_or(Problem::Expected("FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, TRACED or TRANSLATED"))
+}
+
+fn event_type(v: &str) -> Result<flow::EventTypeFilter, Problem> {
     let (t, sub) = match v.split_once(':') {
         Some((t, s)) => (t, Some(s)),
         None => (v, None),
     };
-    let code = names::event_type_code(t).ok_or_else(|| format!("--type {v:?}: unknown event type {t:?}"))?;
+    let code = names::event_type_code(t).ok_or_else(|| Problem::EventType(t.into()))?;
     let sub_type = match sub {
         None => None,
-        Some(s) if code == 4 => Some(
-            names::trace_subtype(s)
-                .or_else(|| s.parse().ok())
-                .ok_or_else(|| format!("--type {v:?}: unknown trace point {s:?}"))?,
-        ),
+        Some(s) if code == 4 => {
+            Some(names::trace_subtype(s).or_else(|| s.parse().ok()).ok_or_else(|| Problem::TracePoint(s.into()))?)
+        }
         Some(s) if code == 1 => Some(
             names::drop_reason_code(s)
                 .map(|c| c as i32)
                 .or_else(|| s.parse().ok())
-                .ok_or_else(|| format!("--type {v:?}: unknown drop reason {s:?}"))?,
+                .ok_or_else(|| Problem::DropReason(s.into()))?,
         ),
-        Some(s) => Some(s.parse().map_err(|_| format!("--type {v:?}: subtype {s:?} is not a number"))?),
+        Some(s) => Some(s.parse().map_err(|_| Problem::Subtype(s.into()))?),
     };
     Ok(flow::EventTypeFilter { r#type: code, match_sub_type: sub_type.is_some(), sub_type: sub_type.unwrap_or(0) })
 }
 
-fn identity(v: &str) -> Result<u32, String> {
+fn identity(v: &str) -> Result<u32, Problem> {
     (0..=10)
         .find(|n| names::reserved_identity(*n) == Some(v))
         .or_else(|| v.parse().ok())
-        .ok_or_else(|| format!("identity {v:?}: expected a number or a reserved name (host, world, remote-node, ...)"))
+        .ok_or(Problem::Expected("a number or a reserved name (host, world, remote-node, ...)"))
 }
 
 fn workload(v: &str) -> flow::Workload {
@@ -169,7 +196,7 @@ fn workload(v: &str) -> flow::Workload {
     }
 }
 
-fn tcp_flags(v: &str) -> Result<flow::TcpFlags, String> {
+fn tcp_flags(v: &str) -> Result<flow::TcpFlags, Problem> {
     let mut f = flow::TcpFlags::default();
     for part in v.split(',') {
         match part.trim().to_ascii_uppercase().as_str() {
@@ -182,7 +209,7 @@ fn tcp_flags(v: &str) -> Result<flow::TcpFlags, String> {
             "ECE" => f.ece = true,
             "CWR" => f.cwr = true,
             "NS" => f.ns = true,
-            other => return Err(format!("--tcp-flags {v:?}: unknown flag {other:?}")),
+            other => return Err(Problem::TcpFlag(other.into())),
         }
     }
     Ok(f)
@@ -199,7 +226,7 @@ struct Pair {
 }
 
 impl Pair {
-    fn set(&mut self, field: Field, side: Side, v: &str) -> Result<(), String> {
+    fn set(&mut self, field: Field, side: Side, v: &str) -> Result<(), Problem> {
         use Field::*;
         macro_rules! sided {
             ($src:ident, $dst:ident, $val:expr) => {{
@@ -244,17 +271,14 @@ impl Pair {
             HttpPath => both!(http_path, v.to_owned()),
             HttpUrl => both!(http_url, v.to_owned()),
             NodeName => both!(node_name, v.to_owned()),
-            DropReason => both!(
-                drop_reason_desc,
-                names::drop_reason_code(v).ok_or_else(|| format!("--drop-reason-desc {v:?}: unknown drop reason"))?
-                    as i32
-            ),
+            DropReason => {
+                both!(drop_reason_desc, names::drop_reason_code(v).ok_or_else(|| Problem::DropReason(v.into()))? as i32)
+            }
             Direction => both!(
                 traffic_direction,
                 names::direction_by_name(v)
                     .filter(|d| *d != TrafficDirection::Unknown)
-                    .ok_or_else(|| format!("--traffic-direction {v:?}: expected ingress or egress"))?
-                    as i32
+                    .ok_or(Problem::Expected("ingress or egress"))? as i32
             ),
             TcpFlags => both!(tcp_flags, tcp_flags(v)?),
             Uuid => both!(uuid, v.to_owned()),
@@ -336,16 +360,22 @@ pub fn build_filters(
     argv: &[String],
     allow_json: &[String],
     deny_json: &[String],
-) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), String> {
+) -> Result<(Vec<FlowFilter>, Vec<FlowFilter>), FilterArgError> {
     let (mut allow, mut deny) = (Pair::default(), Pair::default());
     for (negate, name, value) in ordered_filter_flags(argv) {
         let (field, side) = flag(&name).expect("only known flags are returned");
-        if negate { deny.set(field, side, &value)? } else { allow.set(field, side, &value)? }
+        let pair = if negate { &mut deny } else { &mut allow };
+        pair.set(field, side, &value).map_err(|problem| FilterArgError::Flag {
+            flag: if name.len() == 1 { format!("-{name}") } else { format!("--{name}") },
+            value,
+            problem,
+        })?;
     }
     let (mut allow, mut deny) = (allow.finish(), deny.finish());
-    let json = |s: &String| -> Result<FlowFilter, String> {
-        let v: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("filter JSON {s:?}: {e}"))?;
-        json::flow_filter(&v).map_err(|e| format!("filter JSON {s:?}: {e}"))
+    let json = |s: &String| {
+        let v: serde_json::Value =
+            serde_json::from_str(s).map_err(|error| FilterArgError::NotJson { json: s.clone(), error })?;
+        json::flow_filter(&v).map_err(|error| FilterArgError::NotAFlowFilter { json: s.clone(), error })
     };
     for s in allow_json {
         allow.push(json(s)?);
@@ -392,9 +422,32 @@ mod tests {
         let (allow, _) = build_filters(&argv("--namespace shop --from-pod web"), &[], &[]).unwrap();
         assert!(allow.iter().all(|f| f.source_pod == ["shop/web"]), "{allow:?}");
 
-        assert!(build_filters(&argv("--verdict SOMETIMES"), &[], &[]).unwrap_err().contains("--verdict"));
+        assert!(build_filters(&argv("--verdict SOMETIMES"), &[], &[]).unwrap_err().to_string().contains("--verdict"));
         let (allow, deny) =
             build_filters(&[], &[r#"{"http_method":["GET"]}"#.into()], &[r#"{"verdict":["DROPPED"]}"#.into()]).unwrap();
         assert_eq!((allow[0].http_method.clone(), deny[0].verdict.clone()), (vec!["GET".to_string()], vec![2]));
+    }
+
+    /// Errors name the flag as it was given, its value and what is wrong.
+    #[test]
+    fn errors_name_the_flag_as_given() {
+        let err = |s: &str| build_filters(&argv(s), &[], &[]).unwrap_err();
+        let e = err("--not --from-identity nobody");
+        assert!(
+            matches!(&e, FilterArgError::Flag { flag, value, problem: Problem::Expected(_) }
+                if flag == "--from-identity" && value == "nobody"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            r#"--from-identity "nobody": expected a number or a reserved name (host, world, remote-node, ...)"#
+        );
+        assert_eq!(err("-t trace:nowhere").to_string(), r#"-t "trace:nowhere": unknown trace point "nowhere""#);
+        assert_eq!(err("--tcp-flags SYN,BOGUS").to_string(), r#"--tcp-flags "SYN,BOGUS": unknown flag "BOGUS""#);
+        let e = build_filters(&[], &[r#"{"verdikt":[]}"#.into()], &[]).unwrap_err();
+        assert!(matches!(e, FilterArgError::NotAFlowFilter { .. }), "{e:?}");
+        assert!(e.to_string().starts_with(r#"filter JSON "{\"verdikt\":[]}": not a FlowFilter: "#), "{e}");
+        let e = build_filters(&[], &[], &["{".into()]).unwrap_err();
+        assert!(matches!(e, FilterArgError::NotJson { .. }), "{e:?}");
     }
 }

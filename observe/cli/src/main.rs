@@ -47,7 +47,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("weft: {e}");
+            // The error and its causes: `--since: "x" is neither a duration ...`.
+            eprintln!("weft: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,14 +4,25 @@
 
 use std::{io::Write, time::Duration};
 
+use anyhow::Context;
 use clap::Args;
 use tonic::Code;
+use tonic::transport::Channel;
 use weft_flow::{
     client, json,
     print::{self, Options},
-    proto::observer::{GetFlowsRequest, get_flows_response::ResponseTypes},
+    proto::{
+        observer::{
+            GetFlowsRequest, ServerStatusRequest, get_flows_response::ResponseTypes, observer_client::ObserverClient,
+        },
+        weft::WeftClient,
+    },
     time::{self, now_ns, timestamp},
 };
+
+/// The type of `GetFlowsRequest.extensions` by which weft's server knows
+/// its own client.
+const WEFT_CLIENT: &str = "type.googleapis.com/weft.WeftClient";
 
 use crate::{
     args::{Color, Output, ServerArgs},
@@ -150,12 +161,10 @@ pub struct ObserveArgs {
 }
 
 /// The GetFlowsRequest of `weft observe`, as Hubble's CLI fills it.
-pub fn request(args: &ObserveArgs, argv: &[String], now: u64) -> Result<GetFlowsRequest, String> {
+pub fn request(args: &ObserveArgs, argv: &[String], now: u64) -> anyhow::Result<GetFlowsRequest> {
     let (whitelist, blacklist) = build_filters(argv, &args.allowlist, &args.denylist)?;
-    let since =
-        args.since.as_deref().map(|s| time::parse_time(s, now)).transpose().map_err(|e| format!("--since {e}"))?;
-    let until =
-        args.until.as_deref().map(|s| time::parse_time(s, now)).transpose().map_err(|e| format!("--until {e}"))?;
+    let since = args.since.as_deref().map(|s| time::parse_time(s, now)).transpose().context("--since")?;
+    let until = args.until.as_deref().map(|s| time::parse_time(s, now)).transpose().context("--until")?;
     let number = if args.all {
         u64::MAX
     } else if let Some(n) = args.last.or(args.first) {
@@ -173,10 +182,7 @@ pub fn request(args: &ObserveArgs, argv: &[String], now: u64) -> Result<GetFlows
         blacklist,
         since: since.map(timestamp),
         until: if args.follow { None } else { until.map(timestamp) },
-        extensions: Some(prost_types::Any {
-            type_url: "type.googleapis.com/weft.WeftClient".into(),
-            value: Vec::new(),
-        }),
+        extensions: Some(prost_types::Any { type_url: WEFT_CLIENT.into(), value: Vec::new() }),
         ..Default::default()
     })
 }
@@ -186,8 +192,66 @@ fn is_terminal() -> bool {
     unsafe { libc::isatty(1) == 1 }
 }
 
+/// How long a follower waits between attempts to reconnect, at most.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Flows a follower remembers to skip ones it already printed.
+const RECENT: usize = 8192;
+
+/// What a follower keeps to resume a stream where it left off.
+#[derive(Default)]
+struct Resume {
+    /// The uuid of the last flow printed.
+    last_uuid: Option<String>,
+    /// When the agent started (unix ns, from ServerStatus), to tell a
+    /// restart from a dropped connection.
+    boot_ns: Option<u64>,
+    /// The flows printed last (without their uuid): one an agent read again
+    /// after a restart (an access-log line it had not committed) is not
+    /// printed twice.
+    recent: std::collections::VecDeque<Vec<u8>>,
+    seen: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Resume {
+    /// True if the flow is new (and remembers it).
+    fn first_time(&mut self, f: &weft_flow::proto::flow::Flow) -> bool {
+        use prost::Message;
+        let mut key = f.clone();
+        key.uuid.clear();
+        let key = key.encode_to_vec();
+        if self.seen.contains(&key) {
+            return false;
+        }
+        if self.recent.len() == RECENT
+            && let Some(old) = self.recent.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        self.seen.insert(key.clone());
+        self.recent.push_back(key);
+        true
+    }
+
+    /// The request again, asking to resume after the last flow printed.
+    fn request(&self, req: &GetFlowsRequest) -> GetFlowsRequest {
+        use prost::Message;
+        let mut r = req.clone();
+        if let Some(u) = &self.last_uuid {
+            let ext = WeftClient { resume_after: u.clone() };
+            r.extensions = Some(prost_types::Any { type_url: WEFT_CLIENT.into(), value: ext.encode_to_vec() });
+        }
+        r
+    }
+}
+
+/// When the server's agent started (unix ns), from ServerStatus.
+async fn boot_ns(client: &mut ObserverClient<Channel>) -> Option<u64> {
+    let st = client.server_status(ServerStatusRequest {}).await.ok()?.into_inner();
+    Some(now_ns().saturating_sub(st.uptime_ns))
+}
+
 /// `weft observe`; `argv` is the whole command line (for `--not` order).
-pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
+pub async fn observe(args: ObserveArgs, argv: &[String]) -> anyhow::Result<()> {
     let req = request(&args, argv, now_ns())?;
     if args.print_raw_filters {
         for (name, list) in [("allowlist", &req.whitelist), ("denylist", &req.blacklist)] {
@@ -199,11 +263,6 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
         return Ok(());
     }
     let (addr, tls) = args.server.target()?;
-    let mut client = client::observer_tls(&addr, &tls).await?;
-    let mut stream = match client.get_flows(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => return Err(format!("{addr}: {}", s.message())),
-    };
     let opts = Options {
         color: match args.color {
             Color::Always => true,
@@ -217,7 +276,7 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
         Some(d) => Some(
             time::parse_duration(d)
                 .or_else(|| d.parse::<u64>().ok().map(|s| s * 1_000_000_000))
-                .ok_or_else(|| format!("--duration {d:?}: expected a duration like 30s"))?,
+                .with_context(|| format!("--duration {d:?}: expected a duration like 30s"))?,
         ),
         None => None,
     };
@@ -227,41 +286,107 @@ pub async fn observe(args: ObserveArgs, argv: &[String]) -> Result<(), String> {
             None => std::future::pending().await,
         }
     };
+    let stop = async move {
+        tokio::select! {
+            _ = stop => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
     tokio::pin!(stop);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     let mut out = std::io::stdout().lock();
     if args.output == Output::Table {
         let _ = writeln!(out, "{}", print::TABLE_HEADER);
     }
+    let mut resume = Resume::default();
+    // A follower whose stream ended and that has not reconnected yet.
+    let mut reconnecting = false;
+    let mut wait = Duration::from_millis(100);
     loop {
-        let msg = tokio::select! {
-            m = stream.message() => m,
-            _ = &mut stop => break,
-            _ = &mut ctrl_c => break,
+        let attempt = async {
+            let mut client = client::observer_tls(&addr, &tls).await?;
+            let boot = if args.follow { boot_ns(&mut client).await } else { None };
+            let stream = match client.get_flows(resume.request(&req)).await {
+                Ok(s) => s,
+                Err(s) => anyhow::bail!("{addr}: {}", s.message()),
+            };
+            Ok::<_, anyhow::Error>((stream.into_inner(), boot))
         };
-        let r = match msg {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            Err(s) if s.code() == Code::Cancelled => break,
-            Err(s) => return Err(format!("{addr}: {}", s.message())),
+        let connected = tokio::select! {
+            r = attempt => r,
+            _ = &mut stop => return Ok(()),
         };
-        let line = match args.output {
-            Output::Json | Output::Jsonpb => Some(json::response(&r)),
-            Output::Compact => print::compact(&r, &opts),
-            Output::Table => match &r.response_types {
-                Some(ResponseTypes::Flow(f)) => Some(print::table_row(f, &opts)),
-                _ => print::compact(&r, &opts),
-            },
-        };
-        if let Some(l) = line {
-            if writeln!(out, "{l}").is_err() {
-                break; // the reader went away (a closed pipe)
+        let mut stream = match connected {
+            Ok((stream, boot)) => {
+                if std::mem::take(&mut reconnecting) {
+                    let restarted = match (resume.boot_ns, boot) {
+                        (Some(a), Some(b)) => a.abs_diff(b) > 1_000_000_000,
+                        _ => false,
+                    };
+                    if restarted {
+                        eprintln!(
+                            "weft: reconnected to {addr}: the agent restarted at {} (flows it had not sent before it stopped are lost); resuming with its first flow",
+                            boot.map(time::stamp_milli).unwrap_or_default()
+                        );
+                    } else {
+                        eprintln!("weft: reconnected to {addr}; resuming after the last flow printed");
+                    }
+                }
+                if boot.is_some() {
+                    resume.boot_ns = boot;
+                }
+                wait = Duration::from_millis(100);
+                stream
             }
-            let _ = out.flush();
+            // The agent may not be back yet: try again.
+            Err(_) if reconnecting => {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut stop => return Ok(()),
+                }
+                wait = (wait * 2).min(RECONNECT_MAX);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let ended = loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = &mut stop => return Ok(()),
+            };
+            let r = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => break "the server ended it".to_string(),
+                Err(s) if s.code() == Code::Cancelled && !args.follow => return Ok(()),
+                Err(s) => break s.message().to_string(),
+            };
+            if let Some(ResponseTypes::Flow(f)) = &r.response_types {
+                if !resume.first_time(f) {
+                    continue;
+                }
+                resume.last_uuid = Some(f.uuid.clone()).filter(|u| !u.is_empty());
+            }
+            let line = match args.output {
+                Output::Json | Output::Jsonpb => Some(json::response(&r)),
+                Output::Compact => print::compact(&r, &opts),
+                Output::Table => match &r.response_types {
+                    Some(ResponseTypes::Flow(f)) => Some(print::table_row(f, &opts)),
+                    _ => print::compact(&r, &opts),
+                },
+            };
+            if let Some(l) = line {
+                if writeln!(out, "{l}").is_err() {
+                    return Ok(()); // the reader went away (a closed pipe)
+                }
+                let _ = out.flush();
+            }
+        };
+        if !args.follow {
+            return if ended == "the server ended it" { Ok(()) } else { Err(anyhow::anyhow!("{addr}: {ended}")) };
         }
+        // A follower comes back by itself: the agent may be restarting.
+        eprintln!("weft: the stream from {addr} ended ({ended}); reconnecting");
+        reconnecting = true;
     }
-    Ok(())
 }
 
 #[cfg(test)]

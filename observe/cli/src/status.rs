@@ -10,6 +10,8 @@ use weft_flow::{
     },
 };
 
+use weft_flow::time::{now_ns, rfc3339};
+
 use crate::args::{Output, ServerArgs};
 
 #[derive(Debug, Args)]
@@ -22,6 +24,16 @@ pub struct StatusArgs {
     /// Output format: compact or json.
     #[arg(short = 'o', long, value_enum, default_value = "compact")]
     pub output: Output,
+}
+
+/// `1h2m3s`, `4m5s`, `6s`.
+fn uptime(ns: u64) -> String {
+    let s = ns / 1_000_000_000;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec}s"),
+        (h, m, sec) => format!("{h}h{m}m{sec}s"),
+    }
 }
 
 fn thousands(n: u64) -> String {
@@ -37,7 +49,7 @@ fn thousands(n: u64) -> String {
 }
 
 /// `weft status`.
-pub async fn status(args: StatusArgs) -> Result<(), String> {
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (addr, tls) = args.server.target()?;
     let channel = client::channel_tls(&addr, &tls).await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
@@ -47,15 +59,21 @@ pub async fn status(args: StatusArgs) -> Result<(), String> {
         .map(|r| r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
         .unwrap_or(false);
     let mut obs = ObserverClient::new(channel);
-    let st =
-        obs.server_status(ServerStatusRequest {}).await.map_err(|s| format!("{addr}: {}", s.message()))?.into_inner();
+    let st = match obs.server_status(ServerStatusRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => anyhow::bail!("{addr}: {}", s.message()),
+    };
     let agent = client::http_get(&format!("{}/status", args.agent.trim_end_matches('/'))).await;
     let agent: Option<serde_json::Value> =
         agent.ok().and_then(|(code, body)| (code == 200).then(|| serde_json::from_str(&body).ok()).flatten());
+    // The flow API's counters start with the agent; the datapath's (kernel)
+    // counters with the datapath, which outlives agent restarts.
+    let started_ns = now_ns().saturating_sub(st.uptime_ns);
     if matches!(args.output, Output::Json | Output::Jsonpb) {
         let v = serde_json::json!({
             "healthy": healthy,
             "server": addr.to_string(),
+            "agent_started": rfc3339(started_ns),
             "flows": {"current": st.num_flows, "max": st.max_flows, "seen": st.seen_flows, "rate": st.flows_rate, "uptime_ns": st.uptime_ns, "version": st.version},
             "agent": agent,
         });
@@ -63,6 +81,7 @@ pub async fn status(args: StatusArgs) -> Result<(), String> {
         return Ok(());
     }
     println!("Healthcheck (via {addr}): {}", if healthy { "Ok" } else { "NOT SERVING" });
+    println!("Agent started: {} (up {})   Version: {}", rfc3339(started_ns), uptime(st.uptime_ns), st.version);
     let pct = if st.max_flows > 0 {
         format!(" ({:.2}%)", st.num_flows as f64 * 100.0 / st.max_flows as f64)
     } else {
@@ -72,12 +91,7 @@ pub async fn status(args: StatusArgs) -> Result<(), String> {
     let rate =
         if st.flows_rate > 0.0 { st.flows_rate } else { st.seen_flows as f64 / (st.uptime_ns as f64 / 1e9).max(1.0) };
     println!("Flows/s: {rate:.2}");
-    println!(
-        "Seen flows: {}   Uptime: {}s   Version: {}",
-        thousands(st.seen_flows),
-        st.uptime_ns / 1_000_000_000,
-        st.version
-    );
+    println!("Seen flows: {} (since the agent started)", thousands(st.seen_flows));
     let Some(a) = agent else {
         println!("Agent: no answer from {} (use --agent)", args.agent);
         return Ok(());
@@ -88,10 +102,13 @@ pub async fn status(args: StatusArgs) -> Result<(), String> {
         if a["ready"].as_bool() == Some(true) { "ready" } else { "NOT READY" }
     );
     let f = &a["flows"];
-    println!("Events read: {}   Access-log entries: {}", f["events-read"], f["access-log-entries"]);
+    println!(
+        "Events read: {}   Access-log entries: {}   (since the agent started)",
+        f["events-read"], f["access-log-entries"]
+    );
     if let Some(lost) = f["lost"].as_object() {
         let parts: Vec<String> = lost.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("Lost events: {}", parts.join(" "));
+        println!("Lost events: {}   (since the agent started)", parts.join(" "));
     }
     let o = &f["otlp"];
     if o.is_object() {
@@ -115,7 +132,7 @@ pub async fn status(args: StatusArgs) -> Result<(), String> {
     }
     let d = &a["datapath"];
     println!(
-        "Datapath: {} services, {} endpoints, records written {} lost {}",
+        "Datapath: {} services, {} endpoints, records written {} lost {}   (kernel counters, since the datapath was loaded)",
         d["services"], d["endpoints"], d["events-emitted"], d["events-lost"]
     );
     let e = &a["envoy"];

@@ -28,26 +28,58 @@ pub struct TlsClient {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// A server address that is not one (`--server`, `WEFT_SERVER`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("server {0:?}: no socket path after unix://")]
+    NoSocketPath(String),
+    #[error("server {0:?}: expected tls://host:port")]
+    NoTlsPort(String),
+    #[error("server {0:?}: expected host:port, tls://host:port or unix:///path")]
+    NoPort(String),
+}
+
 impl Address {
-    pub fn parse(s: &str) -> Result<Address, String> {
+    pub fn parse(s: &str) -> Result<Address, AddressError> {
         if let Some(p) = s.strip_prefix("unix://") {
             if p.is_empty() {
-                return Err(format!("server {s:?}: no socket path after unix://"));
+                return Err(AddressError::NoSocketPath(s.into()));
             }
             return Ok(Address::Unix(p.into()));
         }
         if let Some(hostport) = s.strip_prefix("tls://").or_else(|| s.strip_prefix("https://")) {
             if !hostport.contains(':') {
-                return Err(format!("server {s:?}: expected tls://host:port"));
+                return Err(AddressError::NoTlsPort(s.into()));
             }
             return Ok(Address::Tls(format!("https://{hostport}")));
         }
         let hostport = s.strip_prefix("http://").unwrap_or(s);
         if !hostport.contains(':') {
-            return Err(format!("server {s:?}: expected host:port, tls://host:port or unix:///path"));
+            return Err(AddressError::NoPort(s.into()));
         }
         Ok(Address::Tcp(format!("http://{hostport}")))
     }
+}
+
+/// A flow API that could not be reached, by what failed: the address as a
+/// URL, the TLS settings, or the connection. The message carries the
+/// transport error's causes.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{address}: {}", error_chain(.error))]
+    Url { address: Address, error: tonic::transport::Error },
+    #[error("{address}: TLS settings: {}", error_chain(.error))]
+    Tls { address: Address, error: tonic::transport::Error },
+    #[error("cannot reach the flow API at {address}: {}", error_chain(.error))]
+    Unreachable { address: Address, error: tonic::transport::Error },
+}
+
+/// An HTTP request that failed (no answer, or no body), with the URL.
+#[derive(Debug, thiserror::Error)]
+#[error("{url}: {}", error_chain(.error))]
+pub struct HttpError {
+    pub url: String,
+    pub error: reqwest::Error,
 }
 
 impl std::fmt::Display for Address {
@@ -61,7 +93,7 @@ impl std::fmt::Display for Address {
 }
 
 /// A gRPC channel to the server.
-pub async fn channel(addr: &Address) -> Result<Channel, String> {
+pub async fn channel(addr: &Address) -> Result<Channel, ConnectError> {
     channel_tls(addr, &TlsClient::default()).await
 }
 
@@ -77,10 +109,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A gRPC channel to the server, with TLS settings for `tls://` addresses.
-pub async fn channel_tls(addr: &Address, tls: &TlsClient) -> Result<Channel, String> {
+pub async fn channel_tls(addr: &Address, tls: &TlsClient) -> Result<Channel, ConnectError> {
     let timeout = Duration::from_secs(5);
+    let address = || addr.clone();
+    let url = |url: &str| {
+        Endpoint::from_shared(url.to_owned()).map_err(|error| ConnectError::Url { address: address(), error })
+    };
+    let unreachable = |error| ConnectError::Unreachable { address: address(), error };
     match addr {
-        Address::Tls(url) => {
+        Address::Tls(u) => {
             let mut cfg = tonic::transport::ClientTlsConfig::new();
             if let Some(ca) = &tls.ca_pem {
                 cfg = cfg.ca_certificate(tonic::transport::Certificate::from_pem(ca));
@@ -91,21 +128,15 @@ pub async fn channel_tls(addr: &Address, tls: &TlsClient) -> Result<Channel, Str
             if let Some((cert, key)) = &tls.identity {
                 cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
             }
-            Endpoint::from_shared(url.clone())
-                .map_err(|e| format!("{addr}: {e}"))?
+            url(u)?
                 .tls_config(cfg)
-                .map_err(|e| format!("{addr}: TLS settings: {}", error_chain(&e)))?
+                .map_err(|error| ConnectError::Tls { address: address(), error })?
                 .connect_timeout(timeout)
                 .connect()
                 .await
-                .map_err(|e| format!("cannot reach the flow API at {addr}: {}", error_chain(&e)))
+                .map_err(unreachable)
         }
-        Address::Tcp(url) => Endpoint::from_shared(url.clone())
-            .map_err(|e| format!("{addr}: {e}"))?
-            .connect_timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach the flow API at {addr}: {}", error_chain(&e))),
+        Address::Tcp(u) => url(u)?.connect_timeout(timeout).connect().await.map_err(unreachable),
         Address::Unix(path) => {
             let path = path.clone();
             Endpoint::from_static("http://localhost")
@@ -118,18 +149,18 @@ pub async fn channel_tls(addr: &Address, tls: &TlsClient) -> Result<Channel, Str
                     }
                 }))
                 .await
-                .map_err(|e| format!("cannot reach the flow API at {addr}: {}", error_chain(&e)))
+                .map_err(unreachable)
         }
     }
 }
 
 /// An Observer client.
-pub async fn observer(addr: &Address) -> Result<ObserverClient<Channel>, String> {
+pub async fn observer(addr: &Address) -> Result<ObserverClient<Channel>, ConnectError> {
     observer_tls(addr, &TlsClient::default()).await
 }
 
 /// An Observer client, with TLS settings for `tls://` addresses.
-pub async fn observer_tls(addr: &Address, tls: &TlsClient) -> Result<ObserverClient<Channel>, String> {
+pub async fn observer_tls(addr: &Address, tls: &TlsClient) -> Result<ObserverClient<Channel>, ConnectError> {
     Ok(ObserverClient::new(channel_tls(addr, tls).await?).max_decoding_message_size(64 << 20))
 }
 
@@ -146,12 +177,12 @@ pub fn http_client() -> reqwest::ClientBuilder {
 }
 
 /// GETs `url` (the agent's HTTP API); the status and body.
-pub async fn http_get(url: &str) -> Result<(u16, String), String> {
-    let client =
-        http_client().timeout(Duration::from_secs(5)).build().map_err(|e| format!("{url}: {}", error_chain(&e)))?;
-    let resp = client.get(url).send().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+pub async fn http_get(url: &str) -> Result<(u16, String), HttpError> {
+    let failed = |error| HttpError { url: url.to_owned(), error };
+    let client = http_client().timeout(Duration::from_secs(5)).build().map_err(failed)?;
+    let resp = client.get(url).send().await.map_err(failed)?;
     let code = resp.status().as_u16();
-    let body = resp.text().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+    let body = resp.text().await.map_err(failed)?;
     Ok((code, body))
 }
 
@@ -167,8 +198,13 @@ mod tests {
         );
         assert_eq!(Address::parse("localhost:4244").unwrap(), Address::Tcp("http://localhost:4244".into()));
         assert_eq!(Address::parse("http://10.0.0.1:4244").unwrap().to_string(), "10.0.0.1:4244");
-        assert!(Address::parse("localhost").is_err());
-        assert!(Address::parse("unix://").is_err());
+        assert_eq!(Address::parse("localhost"), Err(AddressError::NoPort("localhost".into())));
+        assert_eq!(
+            Address::parse("localhost").unwrap_err().to_string(),
+            r#"server "localhost": expected host:port, tls://host:port or unix:///path"#
+        );
+        assert_eq!(Address::parse("unix://"), Err(AddressError::NoSocketPath("unix://".into())));
+        assert_eq!(Address::parse("tls://flows"), Err(AddressError::NoTlsPort("tls://flows".into())));
         assert_eq!(Address::parse("tls://flows:4244").unwrap(), Address::Tls("https://flows:4244".into()));
         assert_eq!(Address::parse("tls://flows:4244").unwrap().to_string(), "tls://flows:4244");
     }

@@ -35,12 +35,22 @@ pub fn response(r: &GetFlowsResponse) -> String {
     message("observer.GetFlowsResponse", r)
 }
 
+/// JSON that is not a FlowFilter: a field, value or type the message does not
+/// have (the message names it), or values that do not make one.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowFilterError {
+    #[error("not a FlowFilter: {0}")]
+    Json(serde_json::Error),
+    #[error("not a FlowFilter: {0}")]
+    Decode(prost::DecodeError),
+}
+
 /// A FlowFilter written as JSON with Hubble's field names (what `hubble
 /// observe --allowlist` takes): `{"verdict": ["DROPPED"], "source_pod": ["shop/"]}`.
-pub fn flow_filter(v: &serde_json::Value) -> Result<FlowFilter, String> {
+pub fn flow_filter(v: &serde_json::Value) -> Result<FlowFilter, FlowFilterError> {
     let desc = pool().get_message_by_name("flow.FlowFilter").expect("flow.FlowFilter is in the API");
-    let m = DynamicMessage::deserialize(desc, v.clone()).map_err(|e| format!("not a FlowFilter: {e}"))?;
-    m.transcode_to::<FlowFilter>().map_err(|e| format!("not a FlowFilter: {e}"))
+    let m = DynamicMessage::deserialize(desc, v.clone()).map_err(FlowFilterError::Json)?;
+    m.transcode_to::<FlowFilter>().map_err(FlowFilterError::Decode)
 }
 
 #[cfg(test)]
@@ -57,6 +67,6 @@ mod tests {
         assert_eq!(f.verdict, [Verdict::Dropped as i32]);
         assert_eq!(f.source_pod, ["shop/"]);
         assert_eq!(f.event_type[0].r#type, 129);
-        assert!(flow_filter(&serde_json::json!({"verdikt": ["DROPPED"]})).unwrap_err().contains("verdikt"));
+        assert!(flow_filter(&serde_json::json!({"verdikt": ["DROPPED"]})).unwrap_err().to_string().contains("verdikt"));
     }
 }

@@ -70,13 +70,17 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
 
 /// A time as `--since`/`--until` take it: relative to `now_ns` (`5m` means
 /// five minutes ago) or absolute (RFC 3339).
-pub fn parse_time(s: &str, now_ns: u64) -> Result<u64, String> {
+pub fn parse_time(s: &str, now_ns: u64) -> Result<u64, NotATime> {
     if let Some(d) = parse_duration(s) {
         return Ok(now_ns.saturating_sub(d));
     }
-    parse_rfc3339(s)
-        .ok_or_else(|| format!("{s:?} is neither a duration (5m, 1h) nor an RFC 3339 time (2026-11-27T10:00:00Z)"))
+    parse_rfc3339(s).ok_or_else(|| NotATime(s.to_owned()))
 }
+
+/// A `--since`/`--until` value that is neither a duration nor a time.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is neither a duration (5m, 1h) nor an RFC 3339 time (2026-11-27T10:00:00Z)")]
+pub struct NotATime(pub String);
 
 #[cfg(test)]
 mod tests {
@@ -105,7 +109,7 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Some(5400 * 1_000_000_000));
         assert_eq!(parse_duration("500ms"), Some(500_000_000));
         assert_eq!(parse_time("10s", 20_000_000_000), Ok(10_000_000_000));
-        assert!(parse_time("yesterday", 0).is_err());
+        assert_eq!(parse_time("yesterday", 0), Err(NotATime("yesterday".into())));
     }
 
     #[test]

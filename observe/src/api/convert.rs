@@ -336,19 +336,22 @@ pub fn to_flow(ctx: &Context, seq: u64, f: &FlowRecord) -> flow::Flow {
     out
 }
 
-/// Hubble's LostEventSource for ours.
-pub fn lost_source(s: LostSource) -> flow::LostEventSource {
+/// Hubble's LostEventSource for ours; `weft_client`: the client knows
+/// weft's addition to the enum.
+pub fn lost_source(s: LostSource, weft_client: bool) -> flow::LostEventSource {
     match s {
         LostSource::KernelRing => flow::LostEventSource::PerfEventRingBuffer,
         LostSource::AgentQueue | LostSource::Exporter => flow::LostEventSource::ObserverEventsQueue,
         LostSource::FlowStore => flow::LostEventSource::HubbleRingBuffer,
+        LostSource::Proxy if weft_client => flow::LostEventSource::ProxyAccessLog,
+        LostSource::Proxy => flow::LostEventSource::UnknownLostEventSource,
     }
 }
 
 /// A loss notice as `flow.LostEvent`.
-pub fn to_lost(l: &Lost) -> flow::LostEvent {
+pub fn to_lost(l: &Lost, weft_client: bool) -> flow::LostEvent {
     flow::LostEvent {
-        source: lost_source(l.source) as i32,
+        source: lost_source(l.source, weft_client) as i32,
         num_events_lost: l.count,
         cpu: l.cpu,
         first: Some(timestamp(l.time_ns)),

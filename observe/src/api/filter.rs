@@ -110,14 +110,25 @@ fn set_values(s: &str) -> Option<Vec<String>> {
     Some(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
 }
 
+/// A label selector (`a=b,c in (x,y)`) that cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("empty requirement in label selector {0:?}")]
+    EmptyRequirement(String),
+    #[error("bad value set in {0:?}")]
+    ValueSet(String),
+    #[error("cannot read requirement {requirement:?} of label selector {selector:?}")]
+    Requirement { requirement: String, selector: String },
+}
+
 impl Selector {
     /// Parses `a=b,c!=d,e in (x,y),f notin (z),g,!h`.
-    pub fn parse(s: &str) -> Result<Selector, String> {
+    pub fn parse(s: &str) -> Result<Selector, SelectorError> {
         let mut reqs = Vec::new();
         for part in split_top(s) {
             let p = part.trim();
             if p.is_empty() {
-                return Err(format!("empty requirement in label selector {s:?}"));
+                return Err(SelectorError::EmptyRequirement(s.into()));
             }
             let req = if let Some(k) = p.strip_prefix('!') {
                 Req::NotExists(k.trim().into())
@@ -126,13 +137,13 @@ impl Selector {
             } else if let Some((k, v)) = p.split_once("==").or_else(|| p.split_once('=')) {
                 Req::Eq(k.trim().into(), v.trim().into())
             } else if let Some((k, v)) = p.split_once(" notin ") {
-                Req::NotIn(k.trim().into(), set_values(v).ok_or_else(|| format!("bad value set in {p:?}"))?)
+                Req::NotIn(k.trim().into(), set_values(v).ok_or_else(|| SelectorError::ValueSet(p.into()))?)
             } else if let Some((k, v)) = p.split_once(" in ") {
-                Req::In(k.trim().into(), set_values(v).ok_or_else(|| format!("bad value set in {p:?}"))?)
+                Req::In(k.trim().into(), set_values(v).ok_or_else(|| SelectorError::ValueSet(p.into()))?)
             } else if p.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c)) {
                 Req::Exists(p.into())
             } else {
-                return Err(format!("cannot read requirement {p:?} of label selector {s:?}"));
+                return Err(SelectorError::Requirement { requirement: p.into(), selector: s.into() });
             };
             reqs.push(req);
         }
@@ -225,8 +236,41 @@ enum Check {
 #[derive(Debug, Clone, Default)]
 pub struct Filter(Vec<Check>);
 
-fn each<T>(field: &str, vals: &[String], parse: impl Fn(&str) -> Option<T>, what: &str) -> Result<Vec<T>, String> {
-    vals.iter().map(|v| parse(v).ok_or_else(|| format!("{field}: {v:?} is not {what}"))).collect()
+/// A FlowFilter that cannot be compiled: the field, and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum FilterError {
+    #[error("{field}: {value:?} is not {expected}")]
+    Value { field: &'static str, value: String, expected: &'static str },
+    #[error("{field}: {value:?} is not a regular expression: {error}")]
+    Regex { field: &'static str, value: String, error: regex::Error },
+    #[error("{field}: {error}")]
+    Selector { field: &'static str, error: SelectorError },
+    #[error("node_name: an empty pattern")]
+    EmptyNodeName,
+    #[error("experimental.cel_expression: CEL expressions are not supported by weft")]
+    Cel,
+    #[error("http_* filters need event type l7 (129) among event_type")]
+    HttpNeedsL7,
+}
+
+/// A FlowFilter of a request's allow- or deny-list that cannot be compiled:
+/// `whitelist[1].source_ip: ...`.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{list}[{index}].{error}")]
+pub struct FilterListError {
+    /// `whitelist` or `blacklist` (the request's field names).
+    pub list: &'static str,
+    pub index: usize,
+    pub error: FilterError,
+}
+
+fn each<T>(
+    field: &'static str,
+    vals: &[String],
+    parse: impl Fn(&str) -> Option<T>,
+    expected: &'static str,
+) -> Result<Vec<T>, FilterError> {
+    vals.iter().map(|v| parse(v).ok_or_else(|| FilterError::Value { field, value: v.clone(), expected })).collect()
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -237,22 +281,24 @@ fn ifindex(name: &str) -> u32 {
 
 impl Filter {
     /// Compiles a FlowFilter; errors name the field and the value.
-    pub fn compile(f: &FlowFilter) -> Result<Filter, String> {
+    pub fn compile(f: &FlowFilter) -> Result<Filter, FilterError> {
         let mut c = Vec::new();
         let mut push = |check: Check, present: bool| {
             if present {
                 c.push(check)
             }
         };
-        let ips = |field: &str, v: &[String]| each(field, v, Cidr::parse, "an IPv4 address or CIDR");
-        let names = |field: &str, v: &[String]| each(field, v, NamePrefix::parse, "a [namespace/]name");
-        let sels = |field: &str, v: &[String]| {
-            v.iter().map(|s| Selector::parse(s).map_err(|e| format!("{field}: {e}"))).collect::<Result<Vec<_>, _>>()
-        };
-        let ports = |field: &str, v: &[String]| each(field, v, |s| s.parse::<u16>().ok(), "a port number");
-        let regexes = |field: &str, v: &[String]| {
+        let ips = |field, v: &[String]| each(field, v, Cidr::parse, "an IPv4 address or CIDR");
+        let names = |field, v: &[String]| each(field, v, NamePrefix::parse, "a [namespace/]name");
+        let sels = |field, v: &[String]| {
             v.iter()
-                .map(|s| Regex::new(s).map_err(|e| format!("{field}: {s:?} is not a regular expression: {e}")))
+                .map(|s| Selector::parse(s).map_err(|error| FilterError::Selector { field, error }))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let ports = |field, v: &[String]| each(field, v, |s| s.parse::<u16>().ok(), "a port number");
+        let regexes = |field, v: &[String]| {
+            v.iter()
+                .map(|s| Regex::new(s).map_err(|error| FilterError::Regex { field, value: s.clone(), error }))
                 .collect::<Result<Vec<_>, _>>()
         };
         let workloads = |v: &[flow::Workload]| v.iter().map(|w| (w.kind.clone(), w.name.clone())).collect::<Vec<_>>();
@@ -287,9 +333,11 @@ impl Filter {
             if !["tcp", "udp", "sctp", "icmp", "icmpv4", "icmpv6", "vrrp", "igmp", "dns", "http", "kafka"]
                 .contains(&p.as_str())
             {
-                return Err(format!(
-                    "protocol: {p:?} is not a protocol (tcp, udp, sctp, icmp, icmpv4, icmpv6, http, dns, kafka)"
-                ));
+                return Err(FilterError::Value {
+                    field: "protocol",
+                    value: p.clone(),
+                    expected: "a protocol (tcp, udp, sctp, icmp, icmpv4, icmpv6, http, dns, kafka)",
+                });
             }
         }
         push(Check::Protocol(protocols), !f.protocol.is_empty());
@@ -341,7 +389,7 @@ impl Filter {
         );
         for n in &f.node_name {
             if n.is_empty() {
-                return Err("node_name: an empty pattern".into());
+                return Err(FilterError::EmptyNodeName);
             }
         }
         push(Check::NodeName(f.node_name.clone()), !f.node_name.is_empty());
@@ -363,7 +411,7 @@ impl Filter {
             || !f.ip_trace_id.is_empty();
         push(Check::Never, never);
         if f.experimental.as_ref().is_some_and(|e| !e.cel_expression.is_empty()) {
-            return Err("experimental.cel_expression: CEL expressions are not supported by weft".into());
+            return Err(FilterError::Cel);
         }
         let http = !f.http_status_code.is_empty()
             || !f.http_method.is_empty()
@@ -371,7 +419,7 @@ impl Filter {
             || !f.http_url.is_empty()
             || !f.http_header.is_empty();
         if http && !f.event_type.is_empty() && !f.event_type.iter().any(|t| t.r#type == EV_L7 as i32) {
-            return Err("http_* filters need event type l7 (129) among event_type".into());
+            return Err(FilterError::HttpNeedsL7);
         }
         Ok(Filter(c))
     }
@@ -499,11 +547,11 @@ pub struct FilterSet {
 
 impl FilterSet {
     /// Compiles both lists; the error names the list, the entry and the field.
-    pub fn compile(allow: &[FlowFilter], deny: &[FlowFilter]) -> Result<FilterSet, String> {
-        let list = |name: &str, l: &[FlowFilter]| {
+    pub fn compile(allow: &[FlowFilter], deny: &[FlowFilter]) -> Result<FilterSet, FilterListError> {
+        let list = |list, l: &[FlowFilter]| {
             l.iter()
                 .enumerate()
-                .map(|(i, f)| Filter::compile(f).map_err(|e| format!("{name}[{i}].{e}")))
+                .map(|(index, f)| Filter::compile(f).map_err(|error| FilterListError { list, index, error }))
                 .collect::<Result<Vec<_>, _>>()
         };
         Ok(FilterSet { allow: list("whitelist", allow)?, deny: list("blacklist", deny)? })
@@ -670,8 +718,31 @@ mod tests {
     }
 
     #[test]
+    fn filter_errors_say_the_list_entry_field_and_kind() {
+        let bad = FlowFilter { destination_port: vec!["80".into(), "http".into()], ..Default::default() };
+        let e = FilterSet::compile(&[FlowFilter::default()], &[FlowFilter::default(), bad]).unwrap_err();
+        assert_eq!(
+            e,
+            FilterListError {
+                list: "blacklist",
+                index: 1,
+                error: FilterError::Value {
+                    field: "destination_port",
+                    value: "http".into(),
+                    expected: "a port number"
+                },
+            }
+        );
+        let sel = FlowFilter { source_label: vec!["app in shop".into()], ..Default::default() };
+        assert_eq!(
+            Filter::compile(&sel).unwrap_err(),
+            FilterError::Selector { field: "source_label", error: SelectorError::ValueSet("app in shop".into()) }
+        );
+    }
+
+    #[test]
     fn malformed_filters_are_refused_with_the_field_named() {
-        let err = |ff: FlowFilter| FilterSet::compile(&[ff], &[]).unwrap_err();
+        let err = |ff: FlowFilter| FilterSet::compile(&[ff], &[]).unwrap_err().to_string();
         assert_eq!(
             err(FlowFilter { source_ip: vec!["10.0.0.0/33".into()], ..Default::default() }),
             "whitelist[0].source_ip: \"10.0.0.0/33\" is not an IPv4 address or CIDR"

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
+use prost::Message;
 use weft_flow::{
     client::error_chain,
     proto::{
@@ -29,6 +30,7 @@ use weft_flow::{
             get_flows_response::ResponseTypes,
             observer_server::{Observer, ObserverServer},
         },
+        weft::WeftClient,
     },
     time::{now_ns, timestamp},
 };
@@ -71,10 +73,16 @@ fn ns_of(t: &Option<prost_types::Timestamp>) -> Option<u64> {
     t.as_ref().map(weft_flow::time::ns_of)
 }
 
-/// Does the request come from weft's own client (which understands weft's
-/// connection link in `Flow.extensions`)?
-pub fn wants_link(req: &GetFlowsRequest) -> bool {
-    req.extensions.as_ref().is_some_and(|a| a.type_url.ends_with("/weft.WeftClient"))
+/// What weft's own client asks for in `GetFlowsRequest.extensions`; `None`
+/// for other clients (which do not understand weft's additions: the
+/// connection link in `Flow.extensions`, its loss source, resuming).
+pub fn weft_client(req: &GetFlowsRequest) -> Result<Option<WeftClient>, Status> {
+    let Some(a) = req.extensions.as_ref().filter(|a| a.type_url.ends_with("/weft.WeftClient")) else {
+        return Ok(None);
+    };
+    WeftClient::decode(a.value.as_slice())
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("extensions: not a weft.WeftClient: {e}")))
 }
 
 /// A GetFlowsRequest, checked and ready to run.
@@ -86,6 +94,8 @@ pub struct Query {
     follow: bool,
     first: bool,
     with_link: bool,
+    /// The uuid of the flow to resume after.
+    resume_after: Option<String>,
 }
 
 impl Query {
@@ -94,7 +104,9 @@ impl Query {
         if req.first && req.follow {
             return Err(Status::invalid_argument("first cannot be combined with follow"));
         }
-        let filters = FilterSet::compile(&req.whitelist, &req.blacklist).map_err(Status::invalid_argument)?;
+        let filters =
+            FilterSet::compile(&req.whitelist, &req.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let weft = weft_client(req)?;
         Ok(Query {
             filters,
             since: ns_of(&req.since),
@@ -102,12 +114,19 @@ impl Query {
             number: req.number,
             follow: req.follow,
             first: req.first,
-            with_link: wants_link(req),
+            with_link: weft.is_some(),
+            resume_after: weft.map(|w| w.resume_after).filter(|u| !u.is_empty()),
         })
     }
 
     fn start(&self, p: &Pipeline, env: &Env<'_>) -> u64 {
         let store = &p.store;
+        if let Some(u) = &self.resume_after {
+            // After the flow the client last got; a flow of an earlier agent
+            // process: from this one's first. Positions the store no longer
+            // holds become a loss notice when read.
+            return convert::seq_of_uuid(env.boot_id, u).map_or(0, |seq| seq.saturating_add(1).min(store.end()));
+        }
         if self.first && self.since.is_none() {
             return store.start();
         }
@@ -152,7 +171,7 @@ async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsR
         if read.missed > 0 {
             let lost = Lost { source: LostSource::FlowStore, count: read.missed, cpu: None, time_ns: now_ns() };
             p.counters.add_lost(LostSource::FlowStore, read.missed);
-            let r = response(&node, lost.time_ns, ResponseTypes::LostEvents(convert::to_lost(&lost)));
+            let r = response(&node, lost.time_ns, ResponseTypes::LostEvents(convert::to_lost(&lost, q.with_link)));
             if tx.send(Ok(r)).await.is_err() {
                 return;
             }
@@ -162,7 +181,9 @@ async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsR
         }
         for (seq, e) in buf.drain(..) {
             let r = match &e {
-                Entry::Lost(l) => response(&node, l.time_ns, ResponseTypes::LostEvents(convert::to_lost(l))),
+                Entry::Lost(l) => {
+                    response(&node, l.time_ns, ResponseTypes::LostEvents(convert::to_lost(l, q.with_link)))
+                }
                 Entry::Flow(f) => {
                     if q.until.is_some_and(|u| f.time_ns > u) {
                         return;
@@ -299,11 +320,17 @@ pub struct Tls {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+/// A certificate, key or CA the flow API's TLS cannot use (the message has
+/// the TLS library's causes).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", error_chain(.0))]
+pub struct TlsError(pub tonic::transport::Error);
+
 impl Tls {
     /// Parses the certificate, key and CA as the server will; the error says
     /// what is wrong with them.
-    pub fn check(&self) -> Result<(), String> {
-        tonic::transport::Server::builder().tls_config(self.server_config()).map(|_| ()).map_err(|e| error_chain(&e))
+    pub fn check(&self) -> Result<(), TlsError> {
+        tonic::transport::Server::builder().tls_config(self.server_config()).map(|_| ()).map_err(TlsError)
     }
 
     fn server_config(&self) -> tonic::transport::ServerTlsConfig {

@@ -56,13 +56,18 @@ impl Default for Context {
     }
 }
 
+/// A metrics context label weft does not have.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown context label {0:?} (known: {known}, or none)", known = Context::NAMES.join(", "))]
+pub struct UnknownContextLabel(pub String);
+
 impl Context {
     /// Every context label name, as the config spells them.
     pub const NAMES: [&'static str; 5] =
         ["source_namespace", "source_workload", "destination_namespace", "destination_workload", "traffic_direction"];
 
     /// Parses a list of label names (`none` for no context labels).
-    pub fn parse(list: &[String]) -> Result<Context, String> {
+    pub fn parse(list: &[String]) -> Result<Context, UnknownContextLabel> {
         let mut c = Context {
             source_namespace: false,
             source_workload: false,
@@ -78,12 +83,7 @@ impl Context {
                 "destination_workload" => c.destination_workload = true,
                 "traffic_direction" => c.traffic_direction = true,
                 "none" => {}
-                other => {
-                    return Err(format!(
-                        "unknown context label {other:?} (known: {}, or none)",
-                        Self::NAMES.join(", ")
-                    ));
-                }
+                other => return Err(UnknownContextLabel(other.to_owned())),
             }
         }
         Ok(c)

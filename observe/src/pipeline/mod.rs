@@ -5,16 +5,17 @@
 //! is counted by source, and shows up in the flow stream as a loss notice.
 //!
 //! The parts, in the order a record meets them: [`ringbuf`] drains the
-//! kernel's ring buffer, [`als`] receives Envoy's access log, [`enrich`]
-//! names addresses, [`join`] links HTTP exchanges to the datapath's view of
-//! their connections, [`store`] keeps the recent flows for readers. [`record`]
-//! holds the types they pass along.
+//! kernel's ring buffer, [`spool`] reads Envoy's access log ([`accesslog`]
+//! is its format), [`enrich`] names addresses, [`join`] links HTTP
+//! exchanges to the datapath's view of their connections, [`store`] keeps
+//! the recent flows for readers. [`record`] holds the types they pass along.
 
-pub mod als;
+pub mod accesslog;
 pub mod enrich;
 pub mod join;
 pub mod record;
 pub mod ringbuf;
+pub mod spool;
 pub mod store;
 
 use std::{
@@ -84,12 +85,17 @@ pub struct Counters {
     pub events_read: AtomicU64,
     /// Access-log entries received from Envoy.
     pub l7_received: AtomicU64,
+    /// Access-log entries the flows thread has stored as flows.
+    pub l7_stored: AtomicU64,
+    /// Lines of Envoy's access-log spool committed (stored as flows, or
+    /// counted lost) by this agent and the ones before it on this node.
+    pub spool_committed: AtomicU64,
     /// Flows (datapath and L7) stored.
     pub flows: AtomicU64,
     /// Records the datapath wrote / failed to write (since this agent started).
     pub kernel_written: AtomicU64,
     pub kernel_lost: AtomicU64,
-    lost: [AtomicU64; 4],
+    lost: [AtomicU64; LostSource::ALL.len()],
 }
 
 impl Counters {
@@ -115,6 +121,9 @@ pub struct Pipeline {
     /// The flows thread, until someone takes it to watch it.
     worker_handle: Mutex<Option<JoinHandle<()>>>,
     stop: AtomicBool,
+    /// The ring-buffer reader has handed over what the ring held when it
+    /// started: access-log entries can be joined to those records now.
+    ring_drained: AtomicBool,
     thread_stack_bytes: usize,
     sinks: Mutex<Vec<Box<dyn Sink>>>,
 }
@@ -140,21 +149,13 @@ impl EventFeed {
     pub fn flush(&mut self) {
         let c = &self.pipeline.counters;
         c.events_read.fetch_add(std::mem::take(&mut self.read), Ordering::Relaxed);
-        let lost = std::mem::take(&mut self.lost);
-        if lost > 0 {
-            c.add_lost(LostSource::AgentQueue, lost);
-            self.pipeline.pending.lock().unwrap().push(Lost {
-                source: LostSource::AgentQueue,
-                count: lost,
-                cpu: None,
-                time_ns: now_ns(),
-            });
-        }
+        self.pipeline.lose(LostSource::AgentQueue, std::mem::take(&mut self.lost));
+        self.pipeline.ring_drained.store(true, Ordering::Release);
         self.pipeline.wake();
     }
 
     pub fn stopped(&self) -> bool {
-        self.pipeline.stop.load(Ordering::Relaxed)
+        self.pipeline.stopped()
     }
 }
 
@@ -193,6 +194,7 @@ impl Pipeline {
             worker: OnceLock::new(),
             worker_handle: Mutex::new(None),
             stop: AtomicBool::new(false),
+            ring_drained: AtomicBool::new(false),
             thread_stack_bytes: cfg.thread_stack_bytes,
             sinks: Mutex::new(Vec::new()),
         });
@@ -227,6 +229,17 @@ impl Pipeline {
         }
     }
 
+    /// Whether [`Pipeline::stop`] was called.
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Whether the ring-buffer reader has handed over what the ring held
+    /// when it started.
+    pub fn ring_drained(&self) -> bool {
+        self.ring_drained.load(Ordering::Acquire)
+    }
+
     /// Stops the pipeline's threads (they finish their current batch).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -242,21 +255,35 @@ impl Pipeline {
         self.names.read().unwrap().clone()
     }
 
-    /// Queues an access-log entry; a full queue loses it (counted).
-    pub fn submit_l7(&self, e: L7Entry) {
+    /// Queues an access-log entry; a full queue loses it (counted, and
+    /// false).
+    pub fn submit_l7(&self, e: L7Entry) -> bool {
         self.counters.l7_received.fetch_add(1, Ordering::Relaxed);
         match self.l7_tx.try_send(e) {
-            Ok(()) => self.wake(),
+            Ok(()) => {
+                self.wake();
+                true
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.counters.add_lost(LostSource::AgentQueue, 1);
-                self.pending.lock().unwrap().push(Lost {
-                    source: LostSource::AgentQueue,
-                    count: 1,
-                    cpu: None,
-                    time_ns: now_ns(),
-                });
+                self.lose(LostSource::AgentQueue, 1);
+                false
             }
         }
+    }
+
+    /// Counts `n` events lost at `source` and puts a notice in the stream.
+    pub fn lose(&self, source: LostSource, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.counters.add_lost(source, n);
+        self.pending.lock().unwrap().push(Lost { source, count: n, cpu: None, time_ns: now_ns() });
+        self.wake();
+    }
+
+    /// How many access-log entries queued so far the flows thread has stored.
+    pub fn l7_stored(&self) -> u64 {
+        self.counters.l7_stored.load(Ordering::Acquire)
     }
 
     /// The datapath's counters (records written in total, records lost per
@@ -307,12 +334,16 @@ pub fn spawn_reader(mut reader: EventReader, mut feed: EventFeed) -> JoinHandle<
         .name("events".into())
         .stack_size(feed.pipeline.thread_stack_bytes)
         .spawn(move || {
+            let mut first = true;
             while !feed.stopped() {
-                if !reader.wait(Duration::from_millis(200)) {
-                    continue;
+                let ready = reader.wait(Duration::from_millis(200));
+                if ready {
+                    reader.drain(|ev| feed.push(ev));
                 }
-                reader.drain(|ev| feed.push(ev));
-                feed.flush();
+                if ready || first {
+                    feed.flush();
+                    first = false;
+                }
             }
         })
         .expect("spawning the ring-buffer reader")
@@ -335,9 +366,13 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
             conns.observe(&f);
             batch.push(Entry::Flow(f));
         }
+        let mut l7_entries = 0;
         for _ in 0..CHUNK {
             match l7.try_recv() {
-                Ok(e) => l7_flows(e, &names, &conns, &mut batch),
+                Ok(e) => {
+                    l7_flows(e, &names, &conns, &mut batch);
+                    l7_entries += 1;
+                }
                 Err(_) => break,
             }
         }
@@ -352,6 +387,7 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
         let flows = batch.iter().filter(|e| matches!(e, Entry::Flow(_))).count() as u64;
         p.counters.flows.fetch_add(flows, Ordering::Relaxed);
         p.store.push_batch(&mut batch, now_ns() / 1_000_000_000);
+        p.counters.l7_stored.fetch_add(l7_entries, Ordering::Release);
         batches = batches.wrapping_add(1);
         if batches.is_multiple_of(1024) {
             // The wall clock may have been stepped.

@@ -20,19 +20,26 @@ pub const L7_RESPONSE: u8 = 2;
 pub enum LostSource {
     /// The kernel ring buffer was full when the datapath wrote a record.
     KernelRing,
-    /// The queue between the ring-buffer reader and the pipeline was full
-    /// (also Envoy access-log entries arriving faster than they are joined).
+    /// The queue between the ring-buffer reader and the pipeline was full.
     AgentQueue,
     /// The flow store overwrote flows before a slow reader got them.
     FlowStore,
     /// The OTLP exporter's queue was full or the collector kept failing.
     Exporter,
+    /// Envoy's access-log entries that never became flows: lines in the
+    /// spool that were not entries, and entries Envoy could not write.
+    Proxy,
 }
 
 impl LostSource {
     /// Every source, for metrics that should exist from the start.
-    pub const ALL: [LostSource; 4] =
-        [LostSource::KernelRing, LostSource::AgentQueue, LostSource::FlowStore, LostSource::Exporter];
+    pub const ALL: [LostSource; 5] = [
+        LostSource::KernelRing,
+        LostSource::AgentQueue,
+        LostSource::FlowStore,
+        LostSource::Exporter,
+        LostSource::Proxy,
+    ];
 
     /// The `source` label of `weft_lost_events_total`.
     pub fn label(self) -> &'static str {
@@ -41,6 +48,7 @@ impl LostSource {
             LostSource::AgentQueue => "agent_queue",
             LostSource::FlowStore => "flow_store",
             LostSource::Exporter => "otlp_exporter",
+            LostSource::Proxy => "proxy",
         }
     }
 }

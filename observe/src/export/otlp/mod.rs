@@ -37,7 +37,7 @@ use weft_flow::proto::flow::FlowFilter;
 use crate::{
     api::{
         convert::Context,
-        filter::{Env, FilterSet},
+        filter::{Env, FilterListError, FilterSet},
     },
     pipeline::{
         Pipeline, Sink,
@@ -183,7 +183,7 @@ pub enum OtlpError {
     #[error("OTLP {signal} exporter: {reason}")]
     Client { signal: Signal, reason: String },
     #[error("flows.otlp.allow/deny: {0}")]
-    Filters(String),
+    Filters(#[from] FilterListError),
 }
 
 /// One signal's counts.
@@ -293,7 +293,7 @@ impl Sink for OtlpSink {
 /// Starts the exporter task on the current runtime and adds its sink to the
 /// pipeline.
 pub fn start(cfg: OtlpConfig, pipeline: Arc<Pipeline>) -> Result<Arc<ExportStats>, OtlpError> {
-    let filters = FilterSet::compile(&cfg.allow, &cfg.deny).map_err(|e| OtlpError::Filters(e.to_string()))?;
+    let filters = FilterSet::compile(&cfg.allow, &cfg.deny)?;
     let (tx, rx) = mpsc::channel(cfg.queue.max(1));
     let stats = Arc::new(ExportStats {
         logs: SignalStats::new(cfg.logs.protocol),

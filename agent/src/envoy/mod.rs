@@ -1,0 +1,418 @@
+//! The node's Envoy: its bootstrap (ADS over the agent's unix socket, admin
+//! on 127.0.0.1 inside the node), its command line, and [`supervise`],
+//! which runs it:
+//!
+//! - exactly: Envoy is watched through a pidfd ([`process`]), which says
+//!   when it exits whether or not anything reaped it, so a dead Envoy is
+//!   never taken for a live one; it is restarted at once (with backoff only
+//!   when it keeps dying young), reconnects to ADS and is sent everything
+//!   again. Meanwhile its connections wait in the listening sockets the
+//!   datapath keeps (`datapath::proxy`);
+//! - across agent restarts: a running Envoy started by an earlier agent
+//!   with the same bootstrap is adopted, so L7 connections survive;
+//! - with its access log in a spool the agent reads
+//!   (`weft_observe::pipeline::spool`): Envoy writes `access-log/current.log`
+//!   in the state directory (its working directory), the supervisor moves
+//!   the file aside when it grows and has Envoy reopen it (SIGUSR1), and
+//!   seals what no Envoy writes any more. An Envoy that is started (not
+//!   adopted) writes a fresh file, so a line the last one cut short stays
+//!   alone;
+//! - bounded: no file Envoy writes grows past `envoy.spool-limit`
+//!   (RLIMIT_FSIZE, with SIGXFSZ ignored so a full file fails the write
+//!   instead of killing Envoy): the spool while the agent is away, and
+//!   Envoy's own log.
+
+pub mod process;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::watch;
+use weft_observe::pipeline::spool::SpoolDir;
+
+use self::process::Process;
+use crate::xds::translate::ACCESS_LOG_PATH;
+
+/// How the agent runs Envoy.
+#[derive(Clone, Debug)]
+pub struct EnvoySettings {
+    /// The Envoy binary.
+    pub binary: PathBuf,
+    /// Envoy's working directory: its bootstrap, log and access-log spool.
+    pub state_dir: PathBuf,
+    /// ADS socket (the agent serves it).
+    pub xds_socket: PathBuf,
+    /// Envoy's admin port on 127.0.0.1.
+    pub admin_port: u16,
+    /// Envoy's node id (this node's name).
+    pub node_id: String,
+    /// Delta xDS instead of state of the world.
+    pub delta: bool,
+    /// Worker threads (Envoy's --concurrency).
+    pub concurrency: u32,
+    /// The most Envoy writes to one file, in bytes.
+    pub file_limit: u64,
+}
+
+/// Envoy's state, for status and the datapath (which needs its pid to find
+/// the proxy listeners).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EnvoyState {
+    pub pid: Option<u32>,
+    pub ready: bool,
+    /// Whether the running Envoy was started by an earlier agent.
+    pub adopted: bool,
+    pub restarts: u64,
+    pub last_exit: Option<String>,
+    /// When the supervisor saw the last exit (unix ns).
+    pub last_exit_at: Option<u64>,
+}
+
+/// Envoy writes its access-log buffer this often (ms): the latency of HTTP
+/// flows, and what a killed Envoy loses at most.
+const FILE_FLUSH_MS: u32 = 100;
+/// The spool's `current.log` is moved aside past this size.
+const ROTATE_AT: u64 = 8 << 20;
+/// How often the supervisor looks at the spool.
+const SPOOL_EVERY: Duration = Duration::from_millis(500);
+/// Exits after less than this count as dying young (for backoff).
+const YOUNG: Duration = Duration::from_secs(10);
+/// How long a stopped Envoy gets to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+fn pipe_cluster(name: &str, path: &Path) -> serde_json::Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}]
+        }
+    })
+}
+
+/// Envoy's command line after the binary. Its bootstrap names it (node
+/// metadata), so an Envoy runs with the same options when the agent adopts
+/// it: adoption compares bootstraps.
+pub fn command_args(s: &EnvoySettings, bootstrap_path: &Path) -> Vec<String> {
+    let mut a: Vec<String> = vec!["--config-path".into(), bootstrap_path.display().to_string()];
+    a.extend(
+        [
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "--file-flush-interval-msec",
+            &FILE_FLUSH_MS.to_string(),
+            "--concurrency",
+            &s.concurrency.to_string(),
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+/// The bootstrap: ADS for listeners and clusters (everything else follows
+/// them), the agent's ADS socket as a cluster, and `envoy-admin` for configs
+/// that expose the admin interface.
+pub fn bootstrap(s: &EnvoySettings) -> serde_json::Value {
+    let args = command_args(s, &s.state_dir.join(BOOTSTRAP));
+    json!({
+        "node": {"id": s.node_id, "cluster": "weft", "metadata": {
+            "weft-command-line": args.join(" "),
+            "weft-file-limit": s.file_limit.to_string(),
+        }},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.admin_port}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": if s.delta { "DELTA_GRPC" } else { "GRPC" },
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "weft-xds"}}]
+            },
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"}
+        },
+        "static_resources": {
+            "clusters": [
+                pipe_cluster("weft-xds", &s.xds_socket),
+                {
+                    "name": "envoy-admin",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "envoy-admin",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.admin_port}}}}]}]
+                    }
+                }
+            ]
+        },
+        "layered_runtime": {
+            "layers": [{"name": "static", "static_layer": {"overload": {"global_downstream_max_connections": 50000}}}]
+        }
+    })
+}
+
+/// Where the supervisor keeps its files, under the state directory.
+const BOOTSTRAP: &str = "envoy-bootstrap.json";
+const PID_FILE: &str = "envoy.pid";
+const LOG: &str = "envoy.log";
+
+/// The access-log spool, as Envoy's writer side sees it.
+struct Spool {
+    dir: SpoolDir,
+    /// A segment moved aside that waits for Envoy to reopen the path
+    /// (and when it was last asked to).
+    pending: Option<(u64, Instant)>,
+}
+
+impl Spool {
+    fn open(state_dir: &Path) -> anyhow::Result<Spool> {
+        let dir = state_dir.join(ACCESS_LOG_PATH);
+        let dir = dir.parent().unwrap_or(state_dir);
+        Ok(Spool { dir: SpoolDir::create(dir)?, pending: None })
+    }
+
+    /// No Envoy writes the spool (before one starts): every segment is
+    /// sealed, and the next Envoy starts a file of its own.
+    fn writer_gone(&mut self) {
+        self.pending = None;
+        let r = self.dir.seal(None).and_then(|_| self.dir.rotate(true));
+        if let Err(e) = r {
+            tracing::error!("access-log spool {}: {e}", self.dir.dir().display());
+        }
+    }
+
+    /// An adopted Envoy may have been asked to reopen by the last agent.
+    fn adopted(&mut self, envoy: &Process) {
+        let filling = self.dir.files().map(|f| f.iter().filter(|f| !f.sealed).filter_map(|f| f.segment).max());
+        if let Ok(Some(n)) = filling {
+            let _ = envoy.signal(libc::SIGUSR1);
+            self.pending = Some((n, Instant::now()));
+        }
+    }
+
+    /// Moves `current.log` aside when it is large (Envoy reopens the path on
+    /// SIGUSR1), and seals the moved file once Envoy writes the new one.
+    fn tend(&mut self, envoy: &Process) {
+        let r = (|| -> std::io::Result<()> {
+            if let Some((n, asked)) = self.pending {
+                if self.dir.current().exists() || envoy.has_exited() {
+                    self.dir.seal(Some(n))?;
+                    self.pending = None;
+                } else if asked.elapsed() > Duration::from_secs(5) {
+                    envoy.signal(libc::SIGUSR1)?;
+                    self.pending = Some((n, Instant::now()));
+                }
+                return Ok(());
+            }
+            let len = std::fs::metadata(self.dir.current()).map(|m| m.len()).unwrap_or(0);
+            if len >= ROTATE_AT
+                && let Some(n) = self.dir.rotate(false)?
+            {
+                envoy.signal(libc::SIGUSR1)?;
+                self.pending = Some((n, Instant::now()));
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            tracing::warn!("access-log spool {}: {e}", self.dir.dir().display());
+        }
+    }
+}
+
+/// The running Envoy of an earlier agent, if it runs with this bootstrap
+/// (it is adopted: L7 connections survive the agent's restart). One with
+/// another bootstrap is stopped.
+async fn adopt(s: &EnvoySettings, bootstrap: &[u8]) -> Option<Process> {
+    let pid: u32 = std::fs::read_to_string(s.state_dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
+    let bootstrap_path = s.state_dir.join(BOOTSTRAP);
+    let mut envoy = Process::adopt(pid, &bootstrap_path)?;
+    if std::fs::read(&bootstrap_path).ok().as_deref() == Some(bootstrap) {
+        return Some(envoy);
+    }
+    tracing::info!(pid, "stopping the Envoy of an earlier agent: its bootstrap differs");
+    stop(&mut envoy).await;
+    None
+}
+
+/// Stops Envoy: SIGTERM, then SIGKILL after [`STOP_GRACE`].
+async fn stop(envoy: &mut Process) {
+    let _ = envoy.signal(libc::SIGTERM);
+    if tokio::time::timeout(STOP_GRACE, envoy.exited()).await.is_err() {
+        let _ = envoy.signal(libc::SIGKILL);
+        envoy.exited().await;
+    }
+}
+
+/// Starts Envoy in the state directory with the file-size limit.
+fn start(s: &EnvoySettings) -> anyhow::Result<Process> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(s.state_dir.join(LOG))?;
+    let mut cmd = tokio::process::Command::new(&s.binary);
+    cmd.args(command_args(s, &s.state_dir.join(BOOTSTRAP)))
+        .current_dir(&s.state_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let limit = s.file_limit as libc::rlim_t;
+    // SAFETY: between fork and exec only async-signal-safe calls, on values
+    // computed before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A write past the limit fails instead of killing Envoy.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let envoy =
+        Process::spawn(&mut cmd).map_err(|e| anyhow::anyhow!("starting Envoy ({}): {e}", s.binary.display()))?;
+    std::fs::write(s.state_dir.join(PID_FILE), envoy.pid().to_string())?;
+    tracing::info!(pid = envoy.pid(), binary = %s.binary.display(), "Envoy started");
+    Ok(envoy)
+}
+
+/// Runs Envoy for as long as the returned future runs (see the module doc).
+pub async fn supervise(s: EnvoySettings, state: watch::Sender<EnvoyState>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&s.state_dir)?;
+    let bootstrap_bytes = serde_json::to_vec_pretty(&bootstrap(&s))?;
+    let mut spool = Spool::open(&s.state_dir)?;
+    let mut envoy = match adopt(&s, &bootstrap_bytes).await {
+        Some(envoy) => {
+            tracing::info!(pid = envoy.pid(), "adopting the running Envoy");
+            spool.adopted(&envoy);
+            envoy
+        }
+        None => {
+            std::fs::write(s.state_dir.join(BOOTSTRAP), &bootstrap_bytes)?;
+            spool.writer_gone();
+            start(&s)?
+        }
+    };
+    let mut young_exits = 0u32;
+    loop {
+        let adopted = envoy.started.is_none();
+        state.send_modify(|st| {
+            st.pid = Some(envoy.pid());
+            st.ready = false;
+            st.adopted = adopted;
+        });
+        let readiness = readiness(state.clone(), s.admin_port);
+        let mut tick = tokio::time::interval(SPOOL_EVERY);
+        let why = loop {
+            tokio::select! {
+                why = envoy.exited() => break why,
+                _ = tick.tick() => spool.tend(&envoy),
+            }
+        };
+        readiness.abort();
+        let now = weft_flow::time::now_ns();
+        let ran = envoy.started.map(|t| t.elapsed());
+        state.send_modify(|st| {
+            st.pid = None;
+            st.ready = false;
+            st.restarts += 1;
+            st.last_exit = Some(why.clone());
+            st.last_exit_at = Some(now);
+        });
+        spool.writer_gone();
+        // Restart at once; only an Envoy that keeps dying young waits,
+        // 250 ms doubling to 30 s.
+        young_exits = if ran.is_some_and(|r| r < YOUNG) { young_exits.saturating_add(1) } else { 0 };
+        let wait = match young_exits {
+            0 | 1 => Duration::ZERO,
+            n => Duration::from_millis(250).saturating_mul(1 << (n - 2).min(7)).min(Duration::from_secs(30)),
+        };
+        tracing::warn!(pid = envoy.pid(), %why, "Envoy exited; restarting in {wait:?}");
+        tokio::time::sleep(wait).await;
+        envoy = start(&s)?;
+    }
+}
+
+/// Polls Envoy's /ready and keeps `state.ready` up to date.
+fn readiness(state: watch::Sender<EnvoyState>, port: u16) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let url = format!("http://127.0.0.1:{port}/ready");
+        // Without a client there is no readiness to report: Envoy stays not ready.
+        let client = match weft_flow::client::http_client().timeout(Duration::from_secs(2)).build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("an HTTP client for Envoy's admin interface: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let ready = client.get(&url).send().await.is_ok_and(|r| r.status().as_u16() == 200);
+            state.send_if_modified(|st| {
+                let changed = st.ready != ready;
+                st.ready = ready;
+                changed
+            });
+        }
+    })
+}
+
+/// Envoy was not found where the agent looks.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no Envoy binary: set envoy.binary in the agent's config (or $WEFT_ENVOY), or put `envoy` on PATH or next to weft-agent ({next_to})"
+)]
+pub struct EnvoyNotFound {
+    /// The agent's own directory, as looked in.
+    pub next_to: String,
+}
+
+/// Finds the Envoy binary when the agent starts: the configured one, else
+/// `$WEFT_ENVOY`, else `envoy` on PATH, else `envoy` next to the agent's own
+/// binary (an image that ships both side by side).
+pub fn find_binary(configured: Option<&Path>) -> Result<PathBuf, EnvoyNotFound> {
+    if let Some(p) = configured {
+        return Ok(p.to_owned());
+    }
+    if let Some(p) = std::env::var_os("WEFT_ENVOY").filter(|p| !p.is_empty()) {
+        return Ok(p.into());
+    }
+    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    let own_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_owned));
+    on_path.chain(own_dir.clone()).map(|dir| dir.join("envoy")).find(|p| is_executable(p)).ok_or_else(|| {
+        EnvoyNotFound { next_to: own_dir.map(|d| d.display().to_string()).unwrap_or_else(|| "unknown".into()) }
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_is_found_at_run_time() {
+        assert_eq!(find_binary(Some(Path::new("/opt/envoy"))).unwrap(), Path::new("/opt/envoy"));
+        // Nothing of the build machine is baked in: the lookup is PATH and
+        // the agent's own directory (here, the test binary's).
+        let err = EnvoyNotFound { next_to: "/usr/local/bin".into() }.to_string();
+        assert!(err.contains("envoy.binary") && err.contains("/usr/local/bin"), "{err}");
+        assert!(is_executable(Path::new("/bin/sh")));
+        assert!(!is_executable(&Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")));
+        assert!(!is_executable(Path::new("/bin")), "a directory is not a binary");
+    }
+}
