@@ -21,9 +21,20 @@ pub struct Capability {
 /// node mounts bpffs; pins are opened by path; no namespace is entered in a
 /// DaemonSet), not SYS_RESOURCE (BPF memory is charged to the cgroup since
 /// Linux 5.11, below the 6.6 TCX needs, and the agent raises no memlock
-/// limit), not NET_RAW (no raw sockets; NET_ADMIN allows IP_TRANSPARENT),
-/// not SYS_PTRACE (Envoy is the agent's own child, so taking its listening
-/// sockets with pidfd_getfd needs no more). NET_ADMIN also lets the agent set
+/// limit), not NET_RAW (no raw sockets; NET_ADMIN allows IP_TRANSPARENT).
+/// Not SYS_PTRACE either, within a limit the node decides: taking Envoy's
+/// listening sockets with pidfd_getfd (`datapath::proxy`) is a ptrace
+/// access check on Envoy. Same user and capabilities suffice for an Envoy
+/// the agent started, its child, also under Yama's `ptrace_scope` 1. An
+/// Envoy adopted from an earlier agent is not its descendant: with Yama at
+/// 1 the agent cannot take its sockets without SYS_PTRACE (they stay in the
+/// pinned map while that Envoy runs, but if it dies its connections are
+/// refused until the next Envoy listens, instead of waiting for it; the
+/// agent logs each failed attempt). With Yama at 2 only SYS_PTRACE allows
+/// it, also for the child, and at 3 nothing does: no L7 redirect works
+/// there. Without Yama (or at 0) nothing more is needed.
+///
+/// NET_ADMIN also lets the agent set
 /// `net.ipv4.tcp_migrate_req=1` in the node's network namespace (connections
 /// waiting for a restarting Envoy move to the new one); where /proc/sys is
 /// read-only in the agent's container, the node sets it instead.

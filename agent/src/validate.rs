@@ -1,6 +1,6 @@
 //! `weft-agent validate PATH...`: everything the agent checks before it
 //! pushes anything to Envoy, offline. One line per problem; like
-//! `istioctl analyze`, but for EnvoyConfigs.
+//! `istioctl analyze`, but for EnvoyConfigs and Cilium's policy kinds.
 
 use std::path::PathBuf;
 
@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::{
     k8s::{Origin, yaml},
+    state::policy::{Translated, cilium},
     xds::{
         envoyconfig::{self, ConfigKey},
         model::{Model, NodeInfo, Serving},
@@ -24,6 +25,8 @@ pub struct Report {
     pub configs: usize,
     /// Valid EnvoyConfigs.
     pub valid: usize,
+    /// CiliumNetworkPolicies and CiliumClusterwideNetworkPolicies found.
+    pub policies: usize,
 }
 
 /// The verdict on one EnvoyConfig document.
@@ -97,7 +100,8 @@ pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
 }
 
 /// Validates every EnvoyConfig under `paths` against the other objects there
-/// (Services, Secrets...). Node selectors are not applied.
+/// (Services, Secrets...), and every Cilium policy (what it refuses, by
+/// field). Node selectors are not applied.
 pub fn validate(paths: &[PathBuf]) -> Report {
     let mut loaded = yaml::Loaded::default();
     let mut report = Report::default();
@@ -118,6 +122,14 @@ pub fn validate(paths: &[PathBuf]) -> Report {
             report.valid += 1;
         }
         report.problems.extend(v.problems.iter().map(|p| format!("{}: {p}", v.origin)));
+    }
+    let policies = loaded.objects.cilium_network_policies.iter().map(|(k, p)| (k, p, false));
+    let clusterwide = loaded.objects.cilium_clusterwide_network_policies.iter().map(|(k, p)| (k, p, true));
+    for (key, p, clusterwide) in policies.chain(clusterwide) {
+        report.policies += 1;
+        let mut problems = Vec::new();
+        cilium::translate(key, &p.object, clusterwide, &mut Translated::default(), &mut problems);
+        report.problems.extend(problems.iter().map(|m| format!("{}: {m}", p.origin)));
     }
     report
 }

@@ -1,6 +1,6 @@
 //! Cilium's public examples (shared/conformance/cilium-examples), validated
-//! as `weft-agent validate` does: which EnvoyConfigs weft accepts unchanged,
-//! and the precise reason for each it refuses.
+//! as `weft-agent validate` does: which EnvoyConfigs and Cilium policies weft
+//! accepts unchanged, and the precise reason for each it refuses.
 
 mod support;
 
@@ -40,6 +40,64 @@ const EXPECTED: &[(&str, Option<&str>)] = &[
     ),
 ];
 
+/// Every example file with a Cilium policy, and the fields weft refuses in it
+/// (each a problem naming the field; none: accepted and enforced).
+const POLICIES: &[(&str, &[&str])] = &[
+    ("policy/allow-ingress-cluster.yaml", &[]),
+    ("policy/external-lockdown.yaml", &[]),
+    (
+        "policy/allow-ingress-cidr.yaml",
+        &["spec.endpointSelector: selects Cilium's reserved identity \"ingress\"; weft enforces policies on pods only"],
+    ),
+    ("policy/default-deny.yaml", &["spec.egress[0].toPorts[0].rules.dns: DNS rules are not supported"]),
+    ("envoy/client-egress-only-dns.yaml", &["spec.egress[0].toPorts[0].rules.dns: DNS rules are not supported"]),
+    ("cnp-without-mutual-auth.yaml", &["spec.ingress[0].toPorts[0].rules.http: L7 HTTP rules are not enforced yet"]),
+    (
+        "cnp-with-mutual-auth.yaml",
+        &["spec.ingress[0].authentication: mutual authentication is not supported", "toPorts[0].rules.http"],
+    ),
+    (
+        "envoy/client-egress-l7-http.yaml",
+        &[
+            "spec.egress[0].toPorts[0].rules.http: L7 HTTP rules",
+            "spec.egress[1].toFQDNs: FQDN rules are not supported",
+        ],
+    ),
+    (
+        "other/examples__policies__l4__envoy_forward_proxy.yaml",
+        &["spec.egress[0].toPorts[0].listener: listener redirects by policy are not supported yet"],
+    ),
+    (
+        "other/examples__policies__l4__wildcard_port_listener.yaml",
+        &["spec.egress[0].toPorts[0].listener: listener redirects by policy are not supported yet"],
+    ),
+    (
+        "other/examples__policies__l4__envoy_listener_redirect.yaml",
+        &["spec.egress[0].toFQDNs: FQDN rules are not supported", "spec.egress[0].toPorts[0].listener"],
+    ),
+];
+
+#[test]
+fn cilium_policies_are_accepted_or_refused_by_field() {
+    let dir = examples();
+    let mut failures = Vec::new();
+    for (file, refused) in POLICIES {
+        let report = validate(&[dir.join(file)]);
+        if report.policies == 0 {
+            failures.push(format!("{file}: no policy found"));
+        }
+        if refused.is_empty() && !report.problems.is_empty() {
+            failures.push(format!("{file}: expected accepted, got {:?}", report.problems));
+        }
+        for text in *refused {
+            if !report.problems.iter().any(|p| p.contains(text)) {
+                failures.push(format!("{file}: expected a problem containing {text:?}, got {:?}", report.problems));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn cilium_envoy_configs_validate_or_are_refused_precisely() {
     let dir = examples();
@@ -60,8 +118,8 @@ fn cilium_envoy_configs_validate_or_are_refused_precisely() {
 
 #[test]
 fn every_example_file_is_accounted_for() {
-    // Files without EnvoyConfigs (Deployments, Services, policies, Ingresses)
-    // are read without complaint; every file with one is in EXPECTED.
+    // Files without EnvoyConfigs or Cilium policies (Deployments, Services,
+    // Ingresses) are read without complaint; every file with one is listed.
     let dir = examples();
     let mut unlisted = Vec::new();
     for sub in ["", "envoy", "other", "policy"] {
@@ -72,15 +130,15 @@ fn every_example_file_is_accounted_for() {
             }
             let rel = path.strip_prefix(&dir).unwrap().to_string_lossy().into_owned();
             let report = validate(std::slice::from_ref(&path));
-            let listed = EXPECTED.iter().any(|(f, _)| *f == rel);
-            if !listed && (report.configs > 0 || !report.problems.is_empty()) {
+            let listed = EXPECTED.iter().any(|(f, _)| *f == rel) || POLICIES.iter().any(|(f, _)| *f == rel);
+            if !listed && (report.configs > 0 || report.policies > 0 || !report.problems.is_empty()) {
                 unlisted.push(format!("{rel}: {} config(s), problems {:?}", report.configs, report.problems));
             }
         }
     }
     assert!(
         unlisted.is_empty(),
-        "example files with EnvoyConfigs or problems not in EXPECTED:\n{}",
+        "example files with EnvoyConfigs, policies or problems not listed:\n{}",
         unlisted.join("\n")
     );
 }

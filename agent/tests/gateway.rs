@@ -247,6 +247,48 @@ fn a_secret_in_another_namespace_needs_a_reference_grant() {
     assert!(g.envoy_config.is_none(), "nothing to serve");
 }
 
+/// A Gateway with two listeners of one port, protocol and hostname (the
+/// CRD's validation refuses it, so only a translation test can give one).
+const REPEATED_LISTENER: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: repeats, namespace: gateway-conformance-infra, generation: 1, uid: repeats}
+spec:
+  gatewayClassName: weft
+  listeners:
+  - {name: a, port: 80, protocol: HTTP, hostname: repeated.example}
+  - {name: b, port: 80, protocol: HTTP, hostname: repeated.example}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: on-repeats, namespace: gateway-conformance-infra, generation: 1, uid: on-repeats}
+spec:
+  parentRefs: [{name: repeats}]
+  rules: [{backendRefs: [{name: infra-backend-v1, port: 8080}]}]
+"#;
+
+#[test]
+fn a_listener_repeating_an_earlier_one_is_a_hostname_conflict_and_takes_no_routes() {
+    let Some(d) = dir() else { return };
+    let mut l = load(&d, "httproute-simple-same-namespace");
+    load_text(std::path::Path::new("repeated.yaml"), REPEATED_LISTENER, &mut l);
+    assert!(l.problems.is_empty(), "{:?}", l.problems);
+    let t = translate(&l);
+    let g = gw(&t, "repeats");
+    let seen: Vec<_> = g
+        .listeners
+        .iter()
+        .map(|x| {
+            (x.name.as_str(), cond(&x.conditions, "Conflicted"), cond(&x.conditions, "Accepted"), x.attached_routes)
+        })
+        .collect();
+    assert_eq!(seen, [("a", no("NoConflicts"), yes("Accepted"), 1), ("b", yes("HostnameConflict"), no("Pending"), 0)]);
+    assert_eq!(
+        cond(parent(route(&t, "gateway-conformance-infra", "on-repeats"), "repeats"), "Accepted"),
+        yes("Accepted")
+    );
+}
+
 #[test]
 fn gateways_get_a_service_per_listener_port_and_a_clusterwide_config() {
     let Some(d) = dir() else { return };

@@ -182,27 +182,43 @@ fn parse(b: &[u8]) -> io::Result<LinkInfo> {
     Ok(info)
 }
 
+/// Why the host side of a pod's interface was not found.
+#[derive(Debug, thiserror::Error)]
+pub enum HostSideError {
+    #[error("interface {ifname} in {}: {error}", .netns.display())]
+    PodInterface { ifname: String, netns: std::path::PathBuf, error: io::Error },
+    #[error("interface {ifname} in {} ({kind}) has no peer in another namespace: weft-cni needs a veth", .netns.display())]
+    NotVeth { ifname: String, netns: std::path::PathBuf, kind: String },
+    #[error("the peer of {ifname} (index {peer}): {error}")]
+    Peer { ifname: String, peer: u32, error: io::Error },
+    #[error(
+        "the device with index {peer} here ({host}) is not the peer of {ifname} in {}: is the runtime \
+         running the plugin in the node's namespace?",
+        .netns.display()
+    )]
+    NotItsPeer { peer: u32, host: String, ifname: String, netns: std::path::PathBuf },
+}
+
 /// The host side of the veth whose pod side is `ifname` in `netns`: the
 /// device of the current namespace whose index the pod side names as its
 /// peer, and which names the pod side back.
-pub fn host_side(netns: &Path, ifname: &str) -> Result<LinkInfo, String> {
-    let pod = link(Some(netns), Lookup::Name(ifname))
-        .map_err(|e| format!("interface {ifname} in {}: {e}", netns.display()))?;
+pub fn host_side(netns: &Path, ifname: &str) -> Result<LinkInfo, HostSideError> {
+    let pod = link(Some(netns), Lookup::Name(ifname)).map_err(|error| HostSideError::PodInterface {
+        ifname: ifname.into(),
+        netns: netns.into(),
+        error,
+    })?;
     let (Some(peer), Some(_)) = (pod.peer_index, pod.peer_netnsid) else {
-        return Err(format!(
-            "interface {ifname} in {} ({}) has no peer in another namespace: weft-cni needs a veth",
-            netns.display(),
-            pod.kind.as_deref().unwrap_or("unknown kind"),
-        ));
+        return Err(HostSideError::NotVeth {
+            ifname: ifname.into(),
+            netns: netns.into(),
+            kind: pod.kind.unwrap_or_else(|| "unknown kind".into()),
+        });
     };
-    let host = link(None, Lookup::Index(peer)).map_err(|e| format!("the peer of {ifname} (index {peer}): {e}"))?;
+    let host =
+        link(None, Lookup::Index(peer)).map_err(|error| HostSideError::Peer { ifname: ifname.into(), peer, error })?;
     if host.kind.as_deref() != Some("veth") || host.peer_index != Some(pod.index) {
-        return Err(format!(
-            "the device with index {peer} here ({}) is not the peer of {ifname} in {}: is the runtime \
-             running the plugin in the node's namespace?",
-            host.name,
-            netns.display()
-        ));
+        return Err(HostSideError::NotItsPeer { peer, host: host.name, ifname: ifname.into(), netns: netns.into() });
     }
     Ok(host)
 }

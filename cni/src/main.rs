@@ -174,8 +174,9 @@ fn attachment(env: &BTreeMap<String, String>, conf: &NetConf) -> Result<(Attachm
     })?;
     let pod_if = spec::pod_interface(&prev, netns, ifname)?;
     let host = link::host_side(Path::new(netns), ifname).map_err(|e| {
-        let code = if e.contains("needs a veth") { Code::NotVeth } else { Code::UnknownContainer };
-        CniError::new(code, "cannot find the pod's veth", e)
+        let code =
+            if matches!(e, link::HostSideError::NotVeth { .. }) { Code::NotVeth } else { Code::UnknownContainer };
+        CniError::new(code, "cannot find the pod's veth", e.to_string())
     })?;
     let a = Attachment {
         network: conf.name.clone(),

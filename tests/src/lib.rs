@@ -6,6 +6,7 @@ pub mod demo;
 pub mod envoylab;
 pub mod flows;
 pub mod fuzz;
+pub mod h2;
 pub mod hostile;
 pub mod http;
 pub mod k8s;

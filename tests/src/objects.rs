@@ -379,3 +379,23 @@ pub fn conformance_dir() -> PathBuf {
         "Cilium's examples (shared/conformance/cilium-examples) not found: set WEFT_CONFORMANCE to their directory",
     )
 }
+
+/// A self-signed certificate (EC P-256, two days) for `hosts` (the first is
+/// also the subject's CN), written as `<stem>.crt` and `<stem>.key` in
+/// `dir`: (certificate, key). For TLS Secrets in tests; needs openssl.
+pub fn self_signed_cert(dir: &Path, stem: &str, hosts: &[&str]) -> (PathBuf, PathBuf) {
+    let (crt, key) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
+    let sans: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", &format!("/CN={}", hosts.first().copied().unwrap_or("test")), "-addext"])
+        .arg(format!("subjectAltName={}", sans.join(",")))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("openssl (tests/setup.sh installs it)");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    (crt, key)
+}

@@ -117,3 +117,32 @@ fn a_component_that_panics_ends_the_agent_with_an_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("weft-agent: the flow names and counters panicked: WEFT_TEST_PANIC=flow-sync"), "{stderr}");
 }
+
+/// Envoy is found when the agent starts, not where the build machine had
+/// it: with no `envoy.binary`, no `$WEFT_ENVOY` and no `envoy` on PATH or
+/// next to weft-agent, the agent ends with exit status 1 and says where it
+/// looked and what to set.
+#[test]
+fn an_agent_that_finds_no_envoy_says_where_it_looked() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let files = agent_files(&lab, 0, "").unwrap();
+    write_atomic(&files.objects_dir.join("lab.yaml"), &lab_objects(&lab, &[])).unwrap();
+    let node = lab.node(0);
+    let agent = weft_tests::objects::agent_binary();
+    let agent_dir = agent.parent().unwrap().to_owned();
+    assert!(!agent_dir.join("envoy").exists(), "an envoy next to {}", agent.display());
+    let path = "/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin";
+    assert!(std::env::split_paths(path).all(|d| !d.join("envoy").exists()), "an envoy on {path}");
+    let mut cmd = std::process::Command::new(&agent);
+    cmd.args(["run", "--config"]).arg(&files.config).env_remove("WEFT_ENVOY").env("PATH", path);
+    let out = lab.run(&node.netns, Some(&node.cgroup), &mut cmd, Duration::from_secs(60)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let said = format!(
+        "weft-agent: the Envoy supervisor failed: no Envoy binary: set envoy.binary in the agent's config (or \
+         $WEFT_ENVOY), or put `envoy` on PATH or next to weft-agent ({})",
+        agent_dir.display()
+    );
+    assert!(stderr.contains(&said), "{stderr}");
+}

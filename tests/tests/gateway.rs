@@ -13,6 +13,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -20,6 +21,7 @@ use serde_json::{Value, json};
 use weft_agent::netns;
 use weft_tests::{
     flows::flow_socket,
+    h2::{GrpcClient, H2Echo, H2Server},
     http::{Client, EchoPod, HttpServer, Response, ServerOpts},
     k8s::{
         ControlPlane, deploy,
@@ -230,25 +232,85 @@ async fn gateways_get_their_objects_and_every_gateway_api_object_its_status() {
 /// The lab pods that play the conformance suite's echo backends: (lab pod,
 /// namespace, Deployment). One replica of each Deployment is "scheduled" on
 /// the lab pod's node; the others stay Pending (no address, no endpoint).
-/// Pods after the standard lab's two per node are added to it.
-const BACKENDS: [(&str, &str, &str); 5] = [
-    ("n1-p1", "gateway-conformance-infra", "infra-backend-v1"),
-    ("n1-p2", "gateway-conformance-infra", "infra-backend-v2"),
-    ("n2-p1", "gateway-conformance-infra", "infra-backend-v3"),
-    ("n2-p2", "gateway-conformance-web-backend", "web-backend"),
-    ("n1-p3", APP, "app-backend-v1"),
+/// Pods after the standard lab's two per node are added to it. The echo
+/// server on :3000 speaks HTTP/1.1 or, for the gRPC backends, gRPC.
+const BACKENDS: [(&str, &str, &str, Serves); 8] = [
+    ("n1-p1", "gateway-conformance-infra", "infra-backend-v1", Serves::Http),
+    ("n1-p2", "gateway-conformance-infra", "infra-backend-v2", Serves::Http),
+    ("n2-p1", "gateway-conformance-infra", "infra-backend-v3", Serves::Http),
+    ("n2-p2", "gateway-conformance-web-backend", "web-backend", Serves::Http),
+    ("n1-p3", APP, "app-backend-v1", Serves::Http),
+    ("n2-p3", "gateway-conformance-infra", "grpc-infra-backend-v1", Serves::Grpc),
+    ("n1-p4", "gateway-conformance-infra", "grpc-infra-backend-v2", Serves::Grpc),
+    ("n2-p4", "gateway-conformance-infra", "grpc-infra-backend-v3", Serves::Grpc),
 ];
+
+/// What a backend pod's echo server speaks on :3000.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Serves {
+    Http,
+    Grpc,
+}
+
+/// infra-backend-v1's `appProtocol: kubernetes.io/h2c` port (Service port
+/// 8081): its pod's echo server there speaks HTTP/2 only.
+const H2C_PORT: u16 = 3001;
+
+/// The Secret the HTTPS listeners of base-manifests.yaml name (the suite
+/// makes it in code too): a self-signed certificate for the hosts the
+/// cases ask for.
+const CERT_SECRET: &str = "tls-validity-checks-certificate";
+const CERT_HOSTS: [&str; 4] = ["example.org", "second-example.org", "unknown-example.org", "*.wildcard.org"];
 
 /// The Gateways of gateway-conformance-infra the cases use: the address
 /// this test, as the lab's load balancer, gives each one's Service (the
 /// lab's client routes 172.20.0.0/16 to node1), once the Gateway exists.
-const GATEWAYS: [&str; 5] = [
+const GATEWAYS: [&str; 8] = [
     "same-namespace",
     "backend-namespaces",
     "httproute-listener-hostname-matching",
     "httproute-hostname-intersection",
     "httproute-hostname-intersection-all",
+    "same-namespace-with-https-listener",
+    "listener-conflicts",
+    "gateway-secret-reference-grant-specific",
 ];
+
+/// A Gateway (not from the suite, which has no packet test of it) whose
+/// listeners `tls` and `plain` share port 8443 with two protocols
+/// (ProtocolConflict, both), beside two listeners on port 80 that do not
+/// conflict. A route on `first` and one on `plain`. (A HostnameConflict
+/// needs two listeners with the same port, protocol and hostname, which the
+/// CRD's validation refuses: agent/tests/gateway.rs translates one.)
+const CONFLICTS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: listener-conflicts, namespace: gateway-conformance-infra}
+spec:
+  gatewayClassName: weft
+  listeners:
+  - {name: first, port: 80, protocol: HTTP, hostname: conflicted.example}
+  - {name: other, port: 80, protocol: HTTP, hostname: other.example}
+  - name: tls
+    port: 8443
+    protocol: HTTPS
+    tls: {certificateRefs: [{name: tls-validity-checks-certificate}]}
+  - {name: plain, port: 8443, protocol: HTTP}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: on-first, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: listener-conflicts, sectionName: first}]
+  rules: [{backendRefs: [{name: infra-backend-v1, port: 8080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: on-plain, namespace: gateway-conformance-infra}
+spec:
+  parentRefs: [{name: listener-conflicts, sectionName: plain}]
+  rules: [{backendRefs: [{name: infra-backend-v2, port: 8080}]}]
+"#;
 
 /// The address of a Gateway of [`GATEWAYS`].
 fn gateway_address(gateway: &str) -> Ipv4Addr {
@@ -314,6 +376,10 @@ struct Expect {
     mirrored_to: Option<&'static str>,
     /// Where the answer redirects to.
     redirect: Option<Redirect>,
+    /// HTTPS to port 443, the host as SNI, the certificate verified against [`CERT_SECRET`]'s.
+    tls: bool,
+    /// HTTP/2 with prior knowledge (h2c) to port 80.
+    h2c: bool,
 }
 
 /// The Location a redirect must name: scheme, host (None: the request's),
@@ -345,6 +411,8 @@ fn req(path: &'static str) -> Expect {
         response_absent: Vec::new(),
         mirrored_to: None,
         redirect: None,
+        tls: false,
+        h2c: false,
     }
 }
 
@@ -368,6 +436,14 @@ impl Expect {
     }
     fn mirrored_to(mut self, lab_pod: &'static str) -> Self {
         self.mirrored_to = Some(lab_pod);
+        self
+    }
+    fn over_tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+    fn h2c(mut self) -> Self {
+        self.h2c = true;
         self
     }
     fn method(mut self, m: &'static str) -> Self {
@@ -1015,29 +1091,269 @@ fn cases() -> Vec<Case> {
             vec![req("/").by("infra-backend-v1"), req("/").by("infra-backend-v2")],
         )
         .distribution(&[("infra-backend-v1", 70), ("infra-backend-v2", 30), ("infra-backend-v3", 0)]),
+        case(
+            "HTTPRouteHTTPSListener",
+            "httproute-https-listener",
+            "same-namespace-with-https-listener",
+            (INFRA, "httproute-https-test"),
+            vec![
+                req("/").host("example.org").over_tls().by("infra-backend-v1"),
+                req("/").host("unknown-example.org").over_tls().status(404),
+                req("/").host("second-example.org").over_tls().by("infra-backend-v2"),
+            ],
+        ),
+        case(
+            "HTTPRouteBackendProtocolH2C",
+            "httproute-backend-protocol-h2c",
+            "same-namespace",
+            (INFRA, "backend-protocol-h2c"),
+            vec![req("/").h2c().by("infra-backend-v1")],
+        ),
     ]
 }
 
+/// One gRPC call of a GRPCRoute case: the method of the echo service, the
+/// metadata sent, the Deployment that must answer (None: the call must end
+/// UNIMPLEMENTED, no rule matching it).
+struct Call {
+    method: &'static str,
+    metadata: Vec<(&'static str, &'static str)>,
+    backend: Option<&'static str>,
+}
+
+fn call(method: &'static str) -> Call {
+    Call { method, metadata: Vec::new(), backend: None }
+}
+
+impl Call {
+    fn meta(mut self, k: &'static str, v: &'static str) -> Self {
+        self.metadata.push((k, v));
+        self
+    }
+    fn by(mut self, backend: &'static str) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+    /// Whether `answer` is what the suite expects; why not.
+    fn check(&self, answer: &Result<weft_tests::h2::EchoResponse, tonic::Status>) -> Result<(), String> {
+        match (self.backend, answer) {
+            (Some(b), Ok(r)) if r.pod().starts_with(&format!("{b}-")) && r.namespace() == INFRA => Ok(()),
+            (None, Err(s)) if s.code() == tonic::Code::Unimplemented => Ok(()),
+            (want, got) => Err(format!("expected {want:?} (None: UNIMPLEMENTED), got {got:?}")),
+        }
+    }
+}
+
+/// A GRPCRoute conformance test: name, file, route name (the Gateway is
+/// same-namespace), calls, the weights of a split to measure.
+type GrpcCase = (&'static str, &'static str, &'static str, Vec<Call>, Vec<(&'static str, u32)>);
+
+fn grpc_cases() -> Vec<GrpcCase> {
+    let (v1, v2) = ("grpc-infra-backend-v1", "grpc-infra-backend-v2");
+    vec![
+        (
+            "GRPCExactMethodMatching",
+            "grpcroute-exact-method-matching",
+            "exact-matching",
+            vec![call("Echo").by(v1), call("EchoTwo").by(v2), call("EchoThree")],
+            vec![],
+        ),
+        (
+            "GRPCRouteHeaderMatching",
+            "grpcroute-header-matching",
+            "grpc-header-matching",
+            vec![
+                call("Echo").meta("Version", "one").by(v1),
+                call("Echo").meta("Version", "two").by(v2),
+                call("Echo").meta("Version", "two").meta("Color", "orange").by(v1),
+                call("Echo").meta("Version", "two").meta("Color", "blue").by(v2),
+                call("Echo").meta("Color", "orange"),
+                call("Echo").meta("Some-Other-Header", "one"),
+                call("Echo").meta("Color", "blue").by(v1),
+                call("Echo").meta("Color", "green").by(v1),
+                call("Echo").meta("Color", "red").by(v2),
+                call("Echo").meta("Color", "yellow").by(v2),
+                call("Echo").meta("Color", "purple"),
+            ],
+            vec![],
+        ),
+        // Both backends answer (their endpoints have reached Envoy) before the count.
+        (
+            "GRPCRouteWeight",
+            "grpcroute-weight",
+            "weighted-backends",
+            vec![call("Echo").by(v1), call("Echo").by(v2)],
+            vec![(v1, 70), (v2, 30), ("grpc-infra-backend-v3", 0)],
+        ),
+    ]
+}
+
+/// Applies a case's file, gives its Gateway an address if it is not one
+/// of the shared ones, and waits until weft accepts the route for its
+/// generation; returns the text applied.
+fn apply_case(
+    cp: &ControlPlane,
+    test: &str,
+    file: &str,
+    gateway: &str,
+    (kind, route): (&str, (&str, &str)),
+    unresolved: Option<&str>,
+) -> String {
+    let yaml = conformance_text(&format!("tests/{file}.yaml"));
+    cp.apply(&yaml);
+    if !["same-namespace", "backend-namespaces"].contains(&gateway) {
+        assign_address(cp, gateway);
+    }
+    wait_for(&format!("{test}: the route accepted"), 60, || route_ready(cp, kind, route, gateway, unresolved));
+    yaml
+}
+
+/// Deletes what [`apply_case`] applied.
+fn delete_case(cp: &ControlPlane, test: &str, yaml: &str) {
+    let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["delete", "-f", "-"], Some(yaml));
+    assert!(out.status.success(), "{test}: delete: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The backend (of `weights`) a pod name belongs to, or the pod name.
+fn backend_of(pod: &str, weights: &[(&str, u32)]) -> String {
+    weights.iter().map(|w| w.0).find(|b| pod.starts_with(&format!("{b}-"))).unwrap_or(pod).to_owned()
+}
+
+/// A self-signed certificate (EC P-256) for [`CERT_HOSTS`] in `dir`, as
+/// [`CERT_SECRET`] in gateway-conformance-infra; returns the certificate's path.
+fn make_cert_secret(cp: &ControlPlane, dir: &std::path::Path) -> std::path::PathBuf {
+    let (crt, key) = weft_tests::objects::self_signed_cert(dir, "gateway-tls", &CERT_HOSTS);
+    let (c, k) = (format!("--cert={}", crt.display()), format!("--key={}", key.display()));
+    cp.kubectl_ok(&["create", "secret", "tls", CERT_SECRET, "-n", INFRA, &c, &k]);
+    crt
+}
+
+/// Whether every condition of `conditions` is for `obj`'s generation.
+fn latest(obj: &Value, conditions: &Value) -> bool {
+    conditions
+        .as_array()
+        .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["observedGeneration"] == obj["metadata"]["generation"]))
+}
+
+/// A Gateway whose conditions, and its listeners', are for its generation.
+fn gateway_latest(g: &Value) -> bool {
+    latest(g, &g["status"]["conditions"])
+        && g["status"]["listeners"].as_array().is_some_and(|l| l.iter().all(|l| latest(g, &l["conditions"])))
+}
+
+/// A listener's status in one line: `<name> Accepted=True ResolvedRefs=False:<reason>
+/// Programmed=... attached=<n> kinds=<kind,...>`.
+fn listener_line(l: &Value) -> String {
+    let c = |t| {
+        condition(&l["conditions"], t)
+            .map(|c| if c.0 == "True" { c.0 } else { format!("{}:{}", c.0, c.1) })
+            .unwrap_or_default()
+    };
+    let kinds: Vec<&str> = l["supportedKinds"]
+        .as_array()
+        .map(|k| k.iter().filter_map(|k| k["kind"].as_str()).collect())
+        .unwrap_or_default();
+    format!(
+        "{} Accepted={} ResolvedRefs={} Programmed={} attached={} kinds={}",
+        l["name"].as_str().unwrap_or_default(),
+        c("Accepted"),
+        c("ResolvedRefs"),
+        c("Programmed"),
+        l["attachedRoutes"],
+        kinds.join(",")
+    )
+}
+
+/// Whether a [`listener_line`] has `part`: a field of it, but `kinds=A,B`
+/// asks only that those kinds be among the supported ones (as the suite
+/// does; weft's HTTP listeners take GRPCRoutes too) and `kinds=` that there
+/// be none.
+fn has_part(line: &str, part: &str) -> bool {
+    let Some(want) = part.strip_prefix("kinds=") else {
+        return line.split(' ').any(|f| f == part);
+    };
+    let have = line.split(' ').find_map(|f| f.strip_prefix("kinds=")).unwrap_or_default();
+    if want.is_empty() {
+        return have.is_empty();
+    }
+    want.split(',').all(|k| have.split(',').any(|h| h == k))
+}
+
+/// Waits until Gateway `name`'s status is for its generation (`newer_than`:
+/// a generation after that one) and its listeners, in order, each have every
+/// part of `want` (parts of [`listener_line`]); returns the Gateway.
+fn listeners_become(cp: &ControlPlane, test: &str, name: &str, newer_than: Option<&Value>, want: &[&[&str]]) -> Value {
+    let mut seen = Vec::new();
+    let found = (0..600).find_map(|_| {
+        let g = get(cp, "gateway", Some(INFRA), name).filter(|g| {
+            gateway_latest(g)
+                && newer_than.is_none_or(|old| g["metadata"]["generation"] != old["metadata"]["generation"])
+        });
+        if let Some(g) = g {
+            seen =
+                g["status"]["listeners"].as_array().map(|l| l.iter().map(listener_line).collect()).unwrap_or_default();
+            let fits = seen.len() == want.len()
+                && seen.iter().zip(want).all(|(line, parts)| parts.iter().all(|p| has_part(line, p)));
+            if fits {
+                return Some(g);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        None
+    });
+    found.unwrap_or_else(|| panic!("{test}: Gateway {name}'s listeners {seen:#?}, expected {want:?}"))
+}
+
 /// One request of `e` to the Gateway at `ip` on a new connection from the
-/// lab's external client.
-fn send(ext: &str, ip: Ipv4Addr, host: &str, e: &Expect) -> Result<Response, String> {
+/// lab's external client: HTTP/1.1 from this process; HTTPS (the
+/// certificate `cert` verified, the host as SNI) and h2c by curl.
+fn send(lab: &Lab, ip: Ipv4Addr, host: &str, e: &Expect, cert: &std::path::Path) -> Result<Response, String> {
     let set: Vec<String> = e.backend_answers.iter().map(|(k, v)| format!("{k}:{v}")).collect();
     let set = set.join(",");
     let mut headers: Vec<(&str, &str)> = e.headers.to_vec();
     if !set.is_empty() {
         headers.push(("X-Echo-Set-Header", &set));
     }
-    headers.push(("connection", "close"));
-    Client::connect(ext, sa_of(ip, 80), None, T)
-        .and_then(|mut c| c.request(e.method, host, e.path, &headers))
-        .map_err(|err| err.to_string())
+    if !e.tls && !e.h2c {
+        headers.push(("connection", "close"));
+        return Client::connect(&lab.ext_netns, sa_of(ip, 80), None, T)
+            .and_then(|mut c| c.request(e.method, host, e.path, &headers))
+            .map_err(|err| err.to_string());
+    }
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "--max-time", "5", "-X", e.method, "-w", "\n%{http_code} %{http_version}"]);
+    for (k, v) in &headers {
+        curl.arg("-H").arg(format!("{k}: {v}"));
+    }
+    if e.tls {
+        curl.arg("--cacert").arg(cert).arg("--resolve").arg(format!("{host}:443:{ip}"));
+        curl.arg(format!("https://{host}{}", e.path));
+    } else {
+        curl.args(["--http2-prior-knowledge", "-H", &format!("host: {host}")]).arg(format!("http://{ip}{}", e.path));
+    }
+    let out = lab.run(&lab.ext_netns, None, &mut curl, Duration::from_secs(10)).map_err(|err| err.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, last) =
+        text.rsplit_once('\n').ok_or_else(|| format!("curl: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let (status, version) = last.split_once(' ').unwrap_or((last, ""));
+    if e.h2c && version != "2" {
+        return Err(format!("HTTP version {version:?}, not 2"));
+    }
+    let status = status.parse().map_err(|_| format!("curl: {last:?} {}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok(Response { status, headers: Vec::new(), body: body.to_owned() })
 }
 
 /// The route's parent entry from weft for `gateway`, for the route's
 /// generation: Accepted True, and ResolvedRefs True or, with `unresolved`,
 /// False for that reason.
-fn route_ready(cp: &ControlPlane, (ns, name): (&str, &str), gateway: &str, unresolved: Option<&str>) -> Option<()> {
-    let r = get(cp, "httproute", Some(ns), name)?;
+fn route_ready(
+    cp: &ControlPlane,
+    kind: &str,
+    (ns, name): (&str, &str),
+    gateway: &str,
+    unresolved: Option<&str>,
+) -> Option<()> {
+    let r = get(cp, kind, Some(ns), name)?;
     let p = r["status"]["parents"].as_array()?.iter().find(|p| {
         p["controllerName"] == weft_agent::operator::gateway::CONTROLLER && p["parentRef"]["name"] == gateway
     })?;
@@ -1060,7 +1376,7 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     let out = deploy::gateway_api_crds(&cp);
     assert!(!out.to_lowercase().contains("error"), "{out}");
     let mut lab = Lab::new().unwrap();
-    for (pod, _, _) in BACKENDS {
+    for (pod, _, _, _) in BACKENDS {
         if !lab.pods.iter().any(|p| p.name == pod) {
             let node = if pod.starts_with("n1-") { 0 } else { 1 };
             let added = lab.add_extra_pod(node).unwrap();
@@ -1096,12 +1412,13 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     }
     cp.apply("apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: weft}\nspec: {controllerName: weft.io/gateway-controller}\n");
     cp.apply(&conformance_text("base-manifests.yaml"));
+    let cert = make_cert_secret(&cp, &lab.run_dir);
 
     // This test is the scheduler and kubelet: one replica of each echo
     // Deployment is bound to the lab pod's node, runs there (an echo server
     // in the lab pod) and is reported Running and Ready with its address.
-    let mut servers = Vec::new();
-    for (lab_pod, ns, deployment) in BACKENDS {
+    let (mut servers, mut h2_servers) = (Vec::new(), Vec::new());
+    for (lab_pod, ns, deployment, serves) in BACKENDS {
         let pod = lab.pod(lab_pod);
         let name = wait_for(&format!("a pod of {ns}/{deployment}"), 60, || {
             let out = cp.kubectl(&["get", "pods", "-n", ns, "-l", &format!("app={deployment}"), "-o", "json"]);
@@ -1133,8 +1450,18 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
             &status.to_string(),
         ]);
         let echo = EchoPod { namespace: ns.into(), pod: name.clone() };
-        let opts = ServerOpts { name: name.clone(), echo: Some(echo), ..Default::default() };
-        servers.push(HttpServer::start(&pod.netns, sa_of(pod.ip, 3000), opts).unwrap());
+        match serves {
+            Serves::Http => {
+                let opts = ServerOpts { name: name.clone(), echo: Some(echo.clone()), ..Default::default() };
+                servers.push((lab_pod, HttpServer::start(&pod.netns, sa_of(pod.ip, 3000), opts).unwrap()));
+            }
+            Serves::Grpc => {
+                h2_servers.push(H2Server::start(&pod.netns, sa_of(pod.ip, 3000), H2Echo::Grpc(echo.clone())).unwrap());
+            }
+        }
+        if deployment == "infra-backend-v1" {
+            h2_servers.push(H2Server::start(&pod.netns, sa_of(pod.ip, H2C_PORT), H2Echo::Http(echo)).unwrap());
+        }
     }
 
     // The operator (in this process) and an agent with its Envoy on each node.
@@ -1189,23 +1516,17 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
 
     let ext = lab.ext_netns.clone();
     for Case { test, file, gateway, route, unresolved, expects, distribution } in cases() {
-        let yaml = conformance_text(&format!("tests/{file}.yaml"));
-        cp.apply(&yaml);
-        if !["same-namespace", "backend-namespaces"].contains(&gateway) {
-            assign_address(&cp, gateway);
-        }
-        wait_for(&format!("{test}: the route accepted"), 60, || route_ready(&cp, route, gateway, unresolved));
+        let yaml = apply_case(&cp, test, file, gateway, ("httproute", route), unresolved);
         let ip = gateway_address(gateway);
         let address = ip.to_string();
         for e in &expects {
             let host = e.host.unwrap_or(&address);
-            let mirror =
-                e.mirrored_to.map(|p| &servers[BACKENDS.iter().position(|b| b.0 == p).expect("a backend pod")]);
+            let mirror = e.mirrored_to.map(|p| &servers.iter().find(|s| s.0 == p).expect("an HTTP backend pod").1);
             let mirrored_before = mirror.map(|m| m.served.load(std::sync::atomic::Ordering::SeqCst));
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
-                let answer =
-                    send(&ext, ip, host, e).and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
+                let answer = send(&lab, ip, host, e, &cert)
+                    .and_then(|r| e.check(host, &r).map_err(|why| format!("{why}; {r:?}")));
                 match answer {
                     Ok(()) => {
                         if let (Some(m), Some(before)) = (mirror, mirrored_before) {
@@ -1238,24 +1559,209 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
                 let r =
                     c.request(e.method, host, e.path, &[]).unwrap_or_else(|err| panic!("{test}: request {i}: {err}"));
                 assert_eq!(r.status, 200, "{test}: request {i}: {r:?}");
-                let pod = r.json()["pod"].as_str().unwrap_or_default().to_owned();
-                let backend = distribution
-                    .iter()
-                    .map(|d| d.0)
-                    .find(|b| pod.starts_with(&format!("{b}-")))
-                    .map_or(pod, str::to_owned);
+                let backend = backend_of(r.json()["pod"].as_str().unwrap_or_default(), &distribution);
                 *counts.entry(backend).or_insert(0) += 1;
             }
             check_distribution(&counts, &distribution).unwrap_or_else(|why| panic!("{test}: {why}; {counts:?}"));
             eprintln!("{test}: {counts:?} of {SAMPLES} requests");
         }
-        let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["delete", "-f", "-"], Some(&yaml));
-        assert!(out.status.success(), "{test}: delete: {}", String::from_utf8_lossy(&out.stderr));
+        delete_case(&cp, test, &yaml);
     }
 
+    // GRPCRoutes: gRPC from the external client (tonic) through the Envoy
+    // listener on port 80, to the gRPC echo pods over h2c.
+    let gateway = sa_of(gateway_address("same-namespace"), 80);
+    for (test, file, route, calls, distribution) in grpc_cases() {
+        let yaml = apply_case(&cp, test, file, "same-namespace", ("grpcroute", (INFRA, route)), None);
+        for c in &calls {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let answer = rt.block_on(async {
+                    let mut client = GrpcClient::connect(&ext, gateway, T).await?;
+                    client.echo(c.method, &c.metadata).await
+                });
+                match c.check(&answer) {
+                    Ok(()) => break,
+                    Err(why) if Instant::now() > deadline => {
+                        panic!("{test}: {} {:?}: {why}\n{}", c.method, c.metadata, logs())
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        }
+        if !distribution.is_empty() {
+            // One HTTP/2 connection per 50 calls (Envoy picks a backend per call).
+            let counts = rt.block_on(async {
+                let mut counts = BTreeMap::new();
+                for batch in 0..SAMPLES / 50 {
+                    let mut client = GrpcClient::connect(&ext, gateway, T)
+                        .await
+                        .unwrap_or_else(|s| panic!("{test}: connection {batch}: {s:?}"));
+                    for i in 0..50 {
+                        let r = client
+                            .echo(calls[0].method, &[])
+                            .await
+                            .unwrap_or_else(|s| panic!("{test}: call {i}: {s:?}"));
+                        *counts.entry(backend_of(r.pod(), &distribution)).or_insert(0) += 1;
+                    }
+                }
+                counts
+            });
+            check_distribution(&counts, &distribution).unwrap_or_else(|why| panic!("{test}: {why}; {counts:?}"));
+            eprintln!("{test}: {counts:?} of {SAMPLES} calls");
+        }
+        delete_case(&cp, test, &yaml);
+    }
+
+    // The conformance tests of status alone (they send no requests): their
+    // objects applied unchanged, the status weft writes read back as the
+    // suite checks it.
+    let test = "GatewayClassObservedGenerationBump";
+    let yaml = conformance_text("tests/gatewayclass-observed-generation-bump.yaml");
+    cp.apply(&yaml);
+    let class = "gatewayclass-observed-generation-bump";
+    let accepted = |c: &Value| {
+        condition(&c["status"]["conditions"], "Accepted")
+            .is_some_and(|a| a.0 == "True" && a.3 == c["metadata"]["generation"])
+    };
+    let before = wait_for(test, 60, || get(&cp, "gatewayclass", None, class).filter(|c| accepted(c)));
+    cp.kubectl_ok(&["patch", "gatewayclass", class, "--type=merge", "-p", r#"{"spec":{"description":"new"}}"#]);
+    wait_for(&format!("{test}: the new generation accepted"), 60, || {
+        get(&cp, "gatewayclass", None, class)
+            .filter(|c| c["metadata"]["generation"] != before["metadata"]["generation"] && accepted(c))
+    });
+    delete_case(&cp, test, &yaml);
+
+    let test = "GatewayObservedGenerationBump";
+    let yaml = conformance_text("tests/gateway-observed-generation-bump.yaml");
+    cp.apply(&yaml);
+    let name = "gateway-observed-generation-bump";
+    let http = ["Accepted=True", "ResolvedRefs=True", "kinds=HTTPRoute"];
+    let before = listeners_become(&cp, test, name, None, &[&http]);
+    let add = r#"[{"op":"add","path":"/spec/listeners/-","value":{"name":"alternate","port":8080,"protocol":"HTTP"}}]"#;
+    cp.kubectl_ok(&["patch", "gateway", name, "-n", INFRA, "--type=json", "-p", add]);
+    listeners_become(&cp, test, name, Some(&before), &[&http, &http]);
+    delete_case(&cp, test, &yaml);
+
+    let test = "GatewayModifyListeners";
+    let yaml = conformance_text("tests/gateway-modify-listeners.yaml");
+    cp.apply(&yaml);
+    let routed = ["Accepted=True", "ResolvedRefs=True", "attached=1", "kinds=HTTPRoute"];
+    let before = listeners_become(&cp, test, "gateway-add-listener", None, &[&routed]);
+    let add = r#"[{"op":"add","path":"/spec/listeners/-","value":{"name":"http","port":80,"protocol":"HTTP","hostname":"data.test.com","allowedRoutes":{"namespaces":{"from":"All"}}}}]"#;
+    cp.kubectl_ok(&["patch", "gateway", "gateway-add-listener", "-n", INFRA, "--type=json", "-p", add]);
+    let https: Vec<&str> = ["https"].into_iter().chain(routed).collect();
+    let http: Vec<&str> = ["http"].into_iter().chain(routed).collect();
+    listeners_become(&cp, test, "gateway-add-listener", Some(&before), &[&https, &http]);
+    let before = listeners_become(&cp, test, "gateway-remove-listener", None, &[&routed, &routed]);
+    let remove =
+        r#"[{"op":"test","path":"/spec/listeners/0/name","value":"https"},{"op":"remove","path":"/spec/listeners/0"}]"#;
+    cp.kubectl_ok(&["patch", "gateway", "gateway-remove-listener", "-n", INFRA, "--type=json", "-p", remove]);
+    let after = listeners_become(&cp, test, "gateway-remove-listener", Some(&before), &[&routed]);
+    assert_eq!(after["status"]["listeners"][0]["name"], "http", "{test}");
+    delete_case(&cp, test, &yaml);
+
+    let test = "GatewayWithAttachedRoutes";
+    let yaml = conformance_text("tests/gateway-with-attached-routes.yaml");
+    cp.apply(&yaml);
+    listeners_become(&cp, test, "gateway-with-one-attached-route", None, &[&routed]);
+    let two = ["Accepted=True", "ResolvedRefs=True", "attached=2", "kinds=HTTPRoute"];
+    listeners_become(&cp, test, "gateway-with-two-attached-routes", None, &[&two]);
+    let unresolved = ["ResolvedRefs=False:InvalidCertificateRef", "Programmed=False:Invalid", "attached=1"];
+    listeners_become(&cp, test, "unresolved-gateway-with-one-attached-unresolved-route", None, &[&unresolved]);
+    wait_for(&format!("{test}: http-route-not-accepted"), 60, || {
+        let r = get(&cp, "httproute", Some(INFRA), "http-route-not-accepted")?;
+        let p = r["status"]["parents"].as_array()?.first()?.clone();
+        condition(&p["conditions"], "Accepted").filter(|c| c.0 == "False" && c.1 == "NoMatchingListenerHostname")
+    });
+    delete_case(&cp, test, &yaml);
+
+    let test = "GatewayInvalidRouteKind";
+    let yaml = conformance_text("tests/gateway-invalid-route-kind.yaml");
+    cp.apply(&yaml);
+    let none = ["ResolvedRefs=False:InvalidRouteKinds", "attached=0", "kinds="];
+    listeners_become(&cp, test, "gateway-only-invalid-route-kind", None, &[&none]);
+    let some = ["ResolvedRefs=False:InvalidRouteKinds", "kinds=HTTPRoute"];
+    listeners_become(&cp, test, "gateway-supported-and-invalid-route-kind", None, &[&some]);
+    delete_case(&cp, test, &yaml);
+
+    // The suite makes this Secret in code, in the Secret's namespace.
+    let test = "GatewaySecretReferenceGrantSpecific";
+    let (c, k) = (format!("--cert={}", cert.display()), format!("--key={}", cert.with_extension("key").display()));
+    cp.kubectl_ok(&["create", "secret", "tls", "certificate", "-n", "gateway-conformance-web-backend", &c, &k]);
+    let yaml = conformance_text("tests/gateway-secret-reference-grant-specific.yaml");
+    cp.apply(&yaml);
+    assign_address(&cp, "gateway-secret-reference-grant-specific");
+    let served = ["Accepted=True", "ResolvedRefs=True", "Programmed=True", "attached=0"];
+    listeners_become(&cp, test, "gateway-secret-reference-grant-specific", None, &[&served]);
+    delete_case(&cp, test, &yaml);
+
+    let test = "HTTPRouteObservedGenerationBump";
+    let yaml = apply_case(
+        &cp,
+        test,
+        "httproute-observed-generation-bump",
+        "same-namespace",
+        ("httproute", (INFRA, "observed-generation-bump")),
+        None,
+    );
+    let before = get(&cp, "httproute", Some(INFRA), "observed-generation-bump").unwrap();
+    let bump = r#"{"spec":{"rules":[{"matches":[{"path":{"type":"PathPrefix","value":"/bump"}}],"backendRefs":[{"name":"infra-backend-v1","port":8080}]}]}}"#;
+    cp.kubectl_ok(&["patch", "httproute", "observed-generation-bump", "-n", INFRA, "--type=merge", "-p", bump]);
+    wait_for(&format!("{test}: the new generation"), 60, || {
+        let r = get(&cp, "httproute", Some(INFRA), "observed-generation-bump")?;
+        (r["metadata"]["generation"] != before["metadata"]["generation"]).then_some(())?;
+        route_ready(&cp, "httproute", (INFRA, "observed-generation-bump"), "same-namespace", None)
+    });
+    delete_case(&cp, test, &yaml);
+
+    // Conflicted listeners: reported, not served; the others keep serving.
+    cp.apply(CONFLICTS);
+    assign_address(&cp, "listener-conflicts");
+    let gw = wait_for("listener-conflicts: its listeners' status", 60, || {
+        get(&cp, "gateway", Some(INFRA), "listener-conflicts").filter(|g| {
+            g["status"]["listeners"].as_array().is_some_and(|l| l.len() == 4)
+                && condition(&g["status"]["conditions"], "Accepted").is_some_and(|c| c.3 == g["metadata"]["generation"])
+        })
+    });
+    let listeners = gw["status"]["listeners"].as_array().unwrap();
+    let conflicted: Vec<(String, String, String)> = listeners
+        .iter()
+        .map(|l| {
+            let c = condition(&l["conditions"], "Conflicted").unwrap_or_default();
+            (l["name"].as_str().unwrap_or_default().to_owned(), c.0, c.1)
+        })
+        .collect();
+    let want = [
+        ("first", "False", "NoConflicts"),
+        ("other", "False", "NoConflicts"),
+        ("tls", "True", "ProtocolConflict"),
+        ("plain", "True", "ProtocolConflict"),
+    ];
+    let want: Vec<(String, String, String)> =
+        want.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+    assert_eq!(conflicted, want, "{gw:#}");
+    wait_for("on-first accepted", 60, || {
+        route_ready(&cp, "httproute", (INFRA, "on-first"), "listener-conflicts", None)
+    });
+    let ip = gateway_address("listener-conflicts");
+    for e in [req("/").host("conflicted.example").by("infra-backend-v1"), req("/").host("other.example").status(404)] {
+        let host = e.host.unwrap_or_default();
+        wait_for(&format!("listener-conflicts: {host}{}", e.path), 60, || {
+            send(&lab, ip, host, &e, &cert).ok().filter(|r| e.check(host, r).is_ok())
+        });
+    }
+    assert!(
+        Client::connect(&ext, sa_of(ip, 8443), None, T).is_err(),
+        "port 8443, where both listeners conflict, is not served"
+    );
+    let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["delete", "-f", "-"], Some(CONFLICTS));
+    assert!(out.status.success(), "listener-conflicts: delete: {}", String::from_utf8_lossy(&out.stderr));
+
     // `weft observe` on node1 shows those requests as HTTP flows naming the
-    // route that served them, qualified by the Gateway's config.
-    let route = format!("; route /weft-gateway.{INFRA}.same-namespace/httproute/{INFRA}/matching/rule/");
+    // route that served them, qualified by the Gateway's config: the last
+    // ones (the node keeps a bounded number of flows) are listener-conflicts'.
+    let route = format!("; route /weft-gateway.{INFRA}.listener-conflicts/httproute/{INFRA}/on-first/rule/");
     let deadline = Instant::now() + Duration::from_secs(30);
     let line = loop {
         let out = std::process::Command::new(workspace_binary("weft"))

@@ -183,6 +183,8 @@ fn mine(l: &Loaded, ns: &str) -> Vec<(&'static str, usize)> {
         ("NetworkPolicy", n(o.network_policies.keys().collect())),
         ("Ingress", n(o.ingresses.keys().collect())),
         ("IngressClass", n(o.ingress_classes.keys().collect())),
+        ("CiliumNetworkPolicy", n(o.cilium_network_policies.keys().collect())),
+        ("CiliumClusterwideNetworkPolicy", n(o.cilium_clusterwide_network_policies.keys().collect())),
         (
             "configs",
             l.raw
@@ -256,6 +258,20 @@ apiVersion: weft.io/v1alpha1
 kind: ClusterwideEnvoyConfig
 metadata: {{name: {ns}-cw}}
 spec: {{}}
+---
+apiVersion: weft.io/v1alpha1
+kind: CiliumNetworkPolicy
+metadata: {{name: db-in, namespace: {ns}}}
+spec:
+  endpointSelector: {{matchLabels: {{app: db}}}}
+  ingress: [{{fromEndpoints: [{{matchLabels: {{app: web}}}}], toPorts: [{{ports: [{{port: "5432"}}]}}]}}]
+---
+apiVersion: weft.io/v1alpha1
+kind: CiliumClusterwideNetworkPolicy
+metadata: {{name: {ns}-lockdown}}
+specs:
+- endpointSelector: {{}}
+  ingress: [{{fromEntities: [cluster]}}]
 "#
     )
 }
@@ -451,7 +467,7 @@ async fn cilium_kinds_are_watched_once_their_crds_are_applied_and_cilium_yaml_ap
     let out = deploy::cilium_crds(&cp);
     assert!(!out.to_lowercase().contains("warning"), "the API server warned about deploy/cilium-crds.yaml:\n{out}");
     // Short names do not clash with weft's kinds.
-    for short in ["ec", "cwec", "cec", "ccec"] {
+    for short in ["ec", "cwec", "cec", "ccec", "cnp", "ccnp"] {
         cp.kubectl_ok(&["get", short, "-A"]);
     }
     let dir = conformance_dir();
@@ -498,6 +514,47 @@ async fn cilium_kinds_are_watched_once_their_crds_are_applied_and_cilium_yaml_ap
         assert!(stats[k].synced, "{k} is watched: {stats:?}");
     }
     cp.kubectl_ok(&["delete", "ciliumclusterwideenvoyconfig", &cw_name]);
+
+    // Cilium's policy examples, unchanged but for where they go: stored as
+    // written (the rules are not pruned), watched, and read as policies.
+    let mut policies = Vec::new();
+    for (f, name) in [("cnp-with-mutual-auth.yaml", "mutual-auth"), ("policy/external-lockdown.yaml", "lockdown")] {
+        for mut d in deploy::documents(&std::fs::read_to_string(dir.join(f)).unwrap()) {
+            if d["kind"] == "CiliumNetworkPolicy" {
+                d["metadata"]["namespace"] = json!(ns.name);
+                d["metadata"]["name"] = json!(name);
+            } else {
+                d["metadata"]["name"] = json!(format!("{}-{name}", ns.name));
+            }
+            policies.push(d);
+        }
+    }
+    let out = apply_all(&cp, &policies);
+    assert!(!out.to_lowercase().contains("warning"), "{out}");
+    for d in &policies {
+        let kind = format!("{}.cilium.io", d["kind"].as_str().unwrap().to_lowercase());
+        let back =
+            get(&cp, &kind, d["metadata"]["namespace"].as_str(), d["metadata"]["name"].as_str().unwrap()).unwrap();
+        assert_eq!(back["spec"], d["spec"], "stored as written");
+    }
+    let lockdown = ObjKey::new("", format!("{}-lockdown", ns.name));
+    let mutual = ObjKey::new(ns.name.clone(), "mutual-auth");
+    let held = |l: &Loaded| {
+        let o = &l.objects;
+        (o.cilium_network_policies.contains_key(&mutual), o.cilium_clusterwide_network_policies.contains_key(&lockdown))
+    };
+    let kinds = Kinds { network_policies: true, ..Kinds::none() };
+    let mut policy_src = KubeSource::start(cp.client().await, kinds, "n").await;
+    policy_src.wait_synced(Duration::from_secs(5)).await;
+    settles(&mut policy_src, "Cilium's policies", held, |h| *h == (true, true)).await;
+    let stats = policy_src.stats();
+    for k in ["CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "CiliumNetworkPolicy.weft.io"] {
+        assert!(stats[k].synced, "{k} is watched: {stats:?}");
+    }
+    let l = policy_src.snapshot();
+    let spec = l.objects.cilium_network_policies[&mutual].object.spec.clone().unwrap();
+    assert_eq!(spec["ingress"][0]["authentication"]["mode"], "required", "unknown fields reach the agent: {spec}");
+    cp.kubectl_ok(&["delete", "ciliumclusterwidenetworkpolicy", &lockdown.name]);
 }
 
 /// Operators act on every object of the cluster: one test with operators at a time.

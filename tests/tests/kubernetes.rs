@@ -265,17 +265,7 @@ fn services_from_the_api_reach_the_datapath_across_cut_connections_a_restart_and
 
 /// A self-signed certificate for `host`, as a kubernetes.io/tls Secret.
 fn tls_secret(dir: &std::path::Path, name: &str, host: &str) -> String {
-    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-        .args(["-subj", &format!("/CN={host}"), "-addext", &format!("subjectAltName=DNS:{host}")])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt)
-        .output()
-        .expect("openssl (tests/setup.sh installs it)");
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    let (crt, key) = weft_tests::objects::self_signed_cert(dir, "tls", &[host]);
     let b64 = |p: &std::path::Path| {
         let o = Command::new("base64").arg("-w0").arg(p).output().unwrap();
         String::from_utf8(o.stdout).unwrap()

@@ -92,12 +92,37 @@ macro_rules! object_kinds {
             GrpcRoute "GRPCRoute" => grpc_routes, "gateway.networking.k8s.io/v1", true;
             ReferenceGrant "ReferenceGrant" => reference_grants,
                 "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", true;
+            CiliumNetworkPolicy "CiliumNetworkPolicy" => cilium_network_policies,
+                "cilium.io/v2" | "weft.io/v1alpha1", true;
+            CiliumClusterwideNetworkPolicy "CiliumClusterwideNetworkPolicy" => cilium_clusterwide_network_policies,
+                "cilium.io/v2" | "weft.io/v1alpha1", false;
         }
     };
 }
 
 /// Every node's report of what its agent serves (written by that agent).
 pub type WeftNode = crd::WeftNodeResource;
+
+/// A CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy (`cilium.io/v2`,
+/// or the same kind in `weft.io/v1alpha1`). The rule sets stay as written
+/// (JSON) so that `state::policy::cilium` can name every field it refuses,
+/// where a typed parse would drop the fields it does not know.
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
+pub struct CiliumPolicy {
+    #[serde(default)]
+    pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    /// One rule set ...
+    #[serde(default)]
+    pub spec: Option<serde_json::Value>,
+    /// ... and/or a list of them.
+    #[serde(default)]
+    pub specs: Option<serde_json::Value>,
+}
+
+/// Namespaced: its selectors stay in its namespace unless they name one.
+pub type CiliumNetworkPolicy = CiliumPolicy;
+/// Cluster-scoped: its selectors span the cluster.
+pub type CiliumClusterwideNetworkPolicy = CiliumPolicy;
 
 macro_rules! define_objects {
     ($($kind:ident $name:literal => $field:ident, $($api:literal)|+, $namespaced:literal;)*) => {

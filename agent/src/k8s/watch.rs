@@ -43,7 +43,11 @@ use weft_gateway_api::{
     referencegrants::ReferenceGrant,
 };
 
-use super::{Collection, ObjKey, Objects, Origin, Sourced, WeftNode, report::NodeReporter, yaml::Loaded};
+use super::{
+    Collection, ObjKey, Object, Objects, Origin, Sourced, WeftNode,
+    report::NodeReporter,
+    yaml::{DocError, Loaded, ParseProblem},
+};
 use crate::{
     controller::{ControlStatus, EnvoyAck},
     xds::envoyconfig,
@@ -61,6 +65,8 @@ pub struct Kinds {
     pub nodes: bool,
     /// TLS Secrets (type kubernetes.io/tls), for SDS.
     pub secrets: bool,
+    /// NetworkPolicies, and the Cilium policy kinds (weft.io's, and
+    /// cilium.io's when their CRDs are installed).
     pub network_policies: bool,
     /// Namespaces (their labels: NetworkPolicies' namespace selectors, and
     /// Gateway listeners select routes' namespaces by them).
@@ -156,8 +162,9 @@ pub struct KindStats {
 
 struct Shared {
     objects: Objects,
-    /// EnvoyConfig documents by (kind, namespace, name), as parsed later by
-    /// [`envoyconfig::parse`] (so messages are the same as from files).
+    /// Documents of the [`DOC_KINDS`] by (apiVersion/kind, namespace, name):
+    /// EnvoyConfigs as parsed later by [`envoyconfig::parse`] (so messages
+    /// are the same as from files), policies as typed in [`KubeSource::snapshot`].
     configs: Configs,
     stats: BTreeMap<&'static str, KindStats>,
 }
@@ -439,12 +446,51 @@ async fn typed_when_served<K: Kind>(
     })
 }
 
-/// The EnvoyConfig kinds: (group, version, kind, plural, optional: only when the CRD exists).
-const CONFIG_KINDS: &[(&str, &str, &str, &str, bool)] = &[
-    ("weft.io", "v1alpha1", "EnvoyConfig", "envoyconfigs", false),
-    ("weft.io", "v1alpha1", "ClusterwideEnvoyConfig", "clusterwideenvoyconfigs", false),
-    ("cilium.io", "v2", "CiliumEnvoyConfig", "ciliumenvoyconfigs", true),
-    ("cilium.io", "v2", "CiliumClusterwideEnvoyConfig", "ciliumclusterwideenvoyconfigs", true),
+/// Kinds watched as documents: (group, version, kind, plural, optional:
+/// only when the CRD exists, name in the statistics, a policy kind (typed in
+/// [`KubeSource::snapshot`]) rather than an EnvoyConfig kind). The policy
+/// kinds are served by two groups under one kind name.
+const DOC_KINDS: &[(&str, &str, &str, &str, bool, &str, bool)] = &[
+    ("weft.io", "v1alpha1", "EnvoyConfig", "envoyconfigs", false, "EnvoyConfig", false),
+    (
+        "weft.io",
+        "v1alpha1",
+        "ClusterwideEnvoyConfig",
+        "clusterwideenvoyconfigs",
+        false,
+        "ClusterwideEnvoyConfig",
+        false,
+    ),
+    ("cilium.io", "v2", "CiliumEnvoyConfig", "ciliumenvoyconfigs", true, "CiliumEnvoyConfig", false),
+    (
+        "cilium.io",
+        "v2",
+        "CiliumClusterwideEnvoyConfig",
+        "ciliumclusterwideenvoyconfigs",
+        true,
+        "CiliumClusterwideEnvoyConfig",
+        false,
+    ),
+    ("weft.io", "v1alpha1", "CiliumNetworkPolicy", "ciliumnetworkpolicies", false, "CiliumNetworkPolicy.weft.io", true),
+    (
+        "weft.io",
+        "v1alpha1",
+        "CiliumClusterwideNetworkPolicy",
+        "ciliumclusterwidenetworkpolicies",
+        false,
+        "CiliumClusterwideNetworkPolicy.weft.io",
+        true,
+    ),
+    ("cilium.io", "v2", "CiliumNetworkPolicy", "ciliumnetworkpolicies", true, "CiliumNetworkPolicy", true),
+    (
+        "cilium.io",
+        "v2",
+        "CiliumClusterwideNetworkPolicy",
+        "ciliumclusterwidenetworkpolicies",
+        true,
+        "CiliumClusterwideNetworkPolicy",
+        true,
+    ),
 ];
 
 /// A config document as the parser wants it: without what the server adds
@@ -479,8 +525,13 @@ fn same_doc(a: &Value, b: &Value) -> bool {
     strip(a) == strip(b)
 }
 
-fn config_key(kind: &str, o: &DynamicObject) -> (String, String, String) {
-    (kind.to_owned(), o.namespace().unwrap_or_default(), o.name_any())
+fn config_key(ar: &ApiResource, o: &DynamicObject) -> (String, String, String) {
+    (type_of(ar), o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// `apiVersion/kind`: the first part of a document's key.
+fn type_of(ar: &ApiResource) -> String {
+    format!("{}/{}", ar.api_version, ar.kind)
 }
 
 type Configs = BTreeMap<(String, String, String), Value>;
@@ -488,8 +539,9 @@ type Configs = BTreeMap<(String, String, String), Value>;
 fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObject>) -> (u64, u64, u64) {
     match up {
         Update::Replace(all) => {
-            let next: Configs = all.iter().map(|o| (config_key(&ar.kind, o), config_doc(o, ar))).collect();
-            let mine = |k: &(String, String, String)| k.0 == ar.kind;
+            let next: Configs = all.iter().map(|o| (config_key(ar, o), config_doc(o, ar))).collect();
+            let ty = type_of(ar);
+            let mine = |k: &(String, String, String)| k.0 == ty;
             let unchanged =
                 next.iter().filter(|(k, v)| configs.get(*k).is_some_and(|held| same_doc(held, v))).count() as u64;
             let gone = configs.keys().filter(|k| mine(k) && !next.contains_key(*k)).count() as u64;
@@ -499,7 +551,7 @@ fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObje
             (changes, unchanged, 0)
         }
         Update::Upsert(o) => {
-            let (k, doc) = (config_key(&ar.kind, &o), config_doc(&o, ar));
+            let (k, doc) = (config_key(ar, &o), config_doc(&o, ar));
             let held = configs.get(&k);
             if let (Some(h), Some(new)) = (held, doc_rv(&doc))
                 && doc_rv(h).is_some_and(|old| new <= old)
@@ -510,7 +562,7 @@ fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObje
             configs.insert(k, doc);
             if same { (0, 1, 0) } else { (1, 0, 0) }
         }
-        Update::Remove(o) => match configs.remove(&config_key(&ar.kind, &o)) {
+        Update::Remove(o) => match configs.remove(&config_key(ar, &o)) {
             Some(_) => (1, 0, 0),
             None => (0, 1, 0),
         },
@@ -602,32 +654,33 @@ impl KubeSource {
             tasks.push(typed_when_served::<GrpcRoute>(&client, &shared, &tx).await);
             tasks.push(typed_when_served::<ReferenceGrant>(&client, &shared, &tx).await);
         }
-        if kinds.envoy_configs {
-            for (group, version, kind, plural, optional) in CONFIG_KINDS {
-                let ar = ApiResource {
-                    group: group.to_string(),
-                    version: version.to_string(),
-                    api_version: format!("{group}/{version}"),
-                    kind: kind.to_string(),
-                    plural: plural.to_string(),
-                };
-                let watch = config_watch(client.clone(), kind, ar.clone(), shared.clone(), tx.clone());
-                if *optional && !served(&client, &ar).await {
-                    // Watched from when its CRD is installed (Cilium's, say, after weft).
-                    tracing::info!("{kind} ({group}) is not served by this cluster (yet): watching for its CRD");
-                    let crd = format!("{plural}.{group}");
-                    let (client, shared) = (client.clone(), shared.clone());
-                    tasks.push(tokio::spawn(async move {
-                        crd_established(&client, &crd).await;
-                        tracing::info!("{crd} is installed: watching {kind}");
-                        shared.lock().unwrap().stats.insert(kind, KindStats::default());
-                        watch.await
-                    }));
-                    continue;
-                }
-                shared.lock().unwrap().stats.insert(kind, KindStats::default());
-                tasks.push(tokio::spawn(watch));
+        for &(group, version, kind, plural, optional, stats, policy) in DOC_KINDS {
+            if !(if policy { kinds.network_policies } else { kinds.envoy_configs }) {
+                continue;
             }
+            let ar = ApiResource {
+                group: group.to_string(),
+                version: version.to_string(),
+                api_version: format!("{group}/{version}"),
+                kind: kind.to_string(),
+                plural: plural.to_string(),
+            };
+            let watch = config_watch(client.clone(), stats, ar.clone(), shared.clone(), tx.clone());
+            if optional && !served(&client, &ar).await {
+                // Watched from when its CRD is installed (Cilium's, say, after weft).
+                tracing::info!("{kind} ({group}) is not served by this cluster (yet): watching for its CRD");
+                let crd = format!("{plural}.{group}");
+                let (client, shared) = (client.clone(), shared.clone());
+                tasks.push(tokio::spawn(async move {
+                    crd_established(&client, &crd).await;
+                    tracing::info!("{crd} is installed: watching {kind}");
+                    shared.lock().unwrap().stats.insert(stats, KindStats::default());
+                    watch.await
+                }));
+                continue;
+            }
+            shared.lock().unwrap().stats.insert(stats, KindStats::default());
+            tasks.push(tokio::spawn(watch));
         }
         let recorder = Recorder::new(
             client.clone(),
@@ -696,14 +749,28 @@ impl KubeSource {
         Some(self.snapshot())
     }
 
-    /// Everything held now.
+    /// Everything held now. Policy documents become typed objects here
+    /// (the same parse as a file's); EnvoyConfigs stay documents.
     pub fn snapshot(&self) -> Loaded {
         let s = self.shared.lock().unwrap();
-        Loaded {
-            objects: s.objects.clone(),
-            raw: s.configs.values().map(|v| (Origin::Api, v.clone())).collect(),
-            ..Default::default()
+        let mut loaded = Loaded { objects: s.objects.clone(), ..Default::default() };
+        for (key, doc) in &s.configs {
+            let is_policy = DOC_KINDS.iter().any(|d| d.6 && key.0.ends_with(&format!("/{}", d.2)));
+            if !is_policy {
+                loaded.raw.push((Origin::Api, doc.clone()));
+                continue;
+            }
+            match Object::from_value(doc.clone()) {
+                Ok(Some(o)) => loaded.objects.insert(Origin::Api, o),
+                Ok(None) => {}
+                Err(e) => loaded.problems.push(ParseProblem::new(
+                    Origin::Api,
+                    Some(format!("{} {}/{}", key.0, key.1, key.2)),
+                    DocError::Invalid(e.to_string()),
+                )),
+            }
         }
+        loaded
     }
 
     /// Per-kind watcher statistics.

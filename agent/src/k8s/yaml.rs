@@ -63,7 +63,7 @@ pub struct ParseProblem {
 }
 
 impl ParseProblem {
-    fn new(origin: Origin, object: Option<String>, error: DocError) -> Self {
+    pub(crate) fn new(origin: Origin, object: Option<String>, error: DocError) -> Self {
         let message = error.to_string();
         ParseProblem { origin, object, error, kept: None, message }
     }

@@ -68,9 +68,41 @@ fn save(store: &Path, attachments: &Attachments) -> io::Result<()> {
     std::fs::rename(&tmp, store)
 }
 
+/// Why a CNI request failed. The plugin tells the runtime whether trying
+/// again may help ([`CniError::retryable`]).
+#[derive(Debug, thiserror::Error)]
+enum CniError {
+    #[error("{what} {value:?} is not valid")]
+    Invalid { what: &'static str, value: String },
+    #[error("saving {}: {error}", .store.display())]
+    Save { store: PathBuf, error: io::Error },
+    #[error("pod {pod}: the datapath worker has stopped")]
+    DatapathStopped { pod: String },
+    #[error("pod {pod}: not done after {WAIT:?}: {problems}")]
+    NotDone {
+        pod: String,
+        /// The datapath's problems that name the pod.
+        problems: String,
+    },
+    #[error("container {container_id} interface {ifname}: not registered as given")]
+    NotRegistered { container_id: String, ifname: String },
+    #[error("{ip}: datapath attached to {found:?}, not {wanted}")]
+    AttachedElsewhere { ip: std::net::Ipv4Addr, found: Option<u32>, wanted: u32 },
+    #[error("the datapath has applied no state yet")]
+    NothingApplied,
+}
+
+impl CniError {
+    /// Whether the same request may succeed later (the agent is busy or
+    /// starting), rather than being wrong as given.
+    fn retryable(&self) -> bool {
+        !matches!(self, CniError::Invalid { .. } | CniError::NotRegistered { .. } | CniError::AttachedElsewhere { .. })
+    }
+}
+
 /// A request's fields the agent relies on, checked.
-fn check_attachment(a: &Attachment) -> Result<(), String> {
-    let bad = |what: &str, v: &str| Err(format!("{what} {v:?} is not valid"));
+fn check_attachment(a: &Attachment) -> Result<(), CniError> {
+    let bad = |what, v: &str| Err(CniError::Invalid { what, value: v.to_owned() });
     if a.container_id.is_empty() || a.container_id.len() > 256 {
         return bad("container id", &a.container_id);
     }
@@ -131,32 +163,31 @@ impl CniServer {
     }
 
     /// Changes the registry, saves it and publishes it.
-    fn change(&self, f: impl FnOnce(&mut Attachments) -> bool) -> Result<(), String> {
+    fn change(&self, f: impl FnOnce(&mut Attachments) -> bool) -> Result<(), CniError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = (**self.attachments.borrow()).clone();
         if !f(&mut next) {
             return Ok(());
         }
-        save(&self.store, &next).map_err(|e| format!("saving {}: {e}", self.store.display()))?;
+        save(&self.store, &next).map_err(|error| CniError::Save { store: self.store.clone(), error })?;
         self.attachments.send_replace(Arc::new(next));
         Ok(())
     }
 
     /// Waits until the datapath's status satisfies `done`; on timeout, the
-    /// datapath's problems that name `about`.
-    async fn wait(&self, about: &str, done: impl FnMut(&DatapathStatus) -> bool) -> Result<(), String> {
+    /// datapath's problems that name `pod` (`namespace/name`).
+    async fn wait(&self, pod: &str, done: impl FnMut(&DatapathStatus) -> bool) -> Result<(), CniError> {
         let mut rx = self.datapath.clone();
         match tokio::time::timeout(WAIT, rx.wait_for(done)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err("the datapath worker has stopped".into()),
+            Ok(Err(_)) => Err(CniError::DatapathStopped { pod: pod.to_owned() }),
             Err(_) => {
                 let st = self.datapath.borrow();
-                let problems: Vec<&str> =
-                    st.problems.iter().filter(|p| p.contains(about)).map(String::as_str).collect();
-                Err(format!(
-                    "not done after {WAIT:?}: {}",
-                    if problems.is_empty() { "no problem reported".into() } else { problems.join("; ") }
-                ))
+                let problems: Vec<&str> = st.problems.iter().filter(|p| p.contains(pod)).map(String::as_str).collect();
+                Err(CniError::NotDone {
+                    pod: pod.to_owned(),
+                    problems: if problems.is_empty() { "no problem reported".into() } else { problems.join("; ") },
+                })
             }
         }
     }
@@ -167,64 +198,53 @@ impl CniServer {
             Request::Del { network: _, container_id, ifname } => self.del(container_id, ifname).await,
             Request::Check(a) => self.check(&a),
             Request::Status => match self.datapath.borrow().applied_version {
-                0 => Err(("the datapath has applied no state yet".to_owned(), true)),
+                0 => Err(CniError::NothingApplied),
                 _ => Ok(()),
             },
-            Request::Gc { network, valid } => self
-                .change(|m| {
-                    let before = m.len();
-                    m.retain(|(c, i), a| a.network != network || valid.iter().any(|(vc, vi)| vc == c && vi == i));
-                    m.len() != before
-                })
-                .map_err(|e| (e, true)),
+            Request::Gc { network, valid } => self.change(|m| {
+                let before = m.len();
+                m.retain(|(c, i), a| a.network != network || valid.iter().any(|(vc, vi)| vc == c && vi == i));
+                m.len() != before
+            }),
         };
         match result {
             Ok(()) => Answer::ok(),
-            Err((e, retry)) => Answer::failed(e, retry),
+            Err(e) => Answer::failed(e.to_string(), e.retryable()),
         }
     }
 
-    async fn add(&self, a: Attachment) -> Result<(), (String, bool)> {
-        check_attachment(&a).map_err(|e| (e, false))?;
+    async fn add(&self, a: Attachment) -> Result<(), CniError> {
+        check_attachment(&a)?;
         let about = format!("{}/{}", a.pod.namespace, a.pod.name);
         let (ip, index) = (a.ip, a.host_ifindex);
         tracing::info!(pod = %about, %ip, device = %a.host_ifname, "CNI ADD");
-        self.change(|m| m.insert((a.container_id.clone(), a.ifname.clone()), a.clone()).as_ref() != Some(&a))
-            .map_err(|e| (e, true))?;
-        self.wait(&about, |st| st.attached.get(&ip) == Some(&index))
-            .await
-            .map_err(|e| (format!("pod {about}: {e}"), true))
+        self.change(|m| m.insert((a.container_id.clone(), a.ifname.clone()), a.clone()).as_ref() != Some(&a))?;
+        self.wait(&about, |st| st.attached.get(&ip) == Some(&index)).await
     }
 
-    async fn del(&self, container_id: String, ifname: String) -> Result<(), (String, bool)> {
+    async fn del(&self, container_id: String, ifname: String) -> Result<(), CniError> {
         let mut removed = None;
         self.change(|m| {
             removed = m.remove(&(container_id.clone(), ifname.clone()));
             removed.is_some()
-        })
-        .map_err(|e| (e, true))?;
+        })?;
         let Some(a) = removed else {
             return Ok(()); // not known: nothing to detach (DEL is idempotent)
         };
         let about = format!("{}/{}", a.pod.namespace, a.pod.name);
         tracing::info!(pod = %about, ip = %a.ip, device = %a.host_ifname, "CNI DEL");
-        self.wait(&about, |st| st.attached.get(&a.ip) != Some(&a.host_ifindex))
-            .await
-            .map_err(|e| (format!("pod {about}: {e}"), true))
+        self.wait(&about, |st| st.attached.get(&a.ip) != Some(&a.host_ifindex)).await
     }
 
-    fn check(&self, a: &Attachment) -> Result<(), (String, bool)> {
+    fn check(&self, a: &Attachment) -> Result<(), CniError> {
         let key = (a.container_id.clone(), a.ifname.clone());
         let known = self.attachments.borrow().get(&key).cloned();
         if known.as_ref() != Some(a) {
-            return Err((
-                format!("container {} interface {}: not registered as given", a.container_id, a.ifname),
-                false,
-            ));
+            return Err(CniError::NotRegistered { container_id: a.container_id.clone(), ifname: a.ifname.clone() });
         }
         match self.datapath.borrow().attached.get(&a.ip) {
             Some(i) if *i == a.host_ifindex => Ok(()),
-            other => Err((format!("{}: datapath attached to {other:?}, not {}", a.ip, a.host_ifindex), false)),
+            other => Err(CniError::AttachedElsewhere { ip: a.ip, found: other.copied(), wanted: a.host_ifindex }),
         }
     }
 }

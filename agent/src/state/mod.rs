@@ -251,6 +251,12 @@ impl Snapshot {
         for (key, np) in &objects.network_policies {
             policy::netpol::translate(key, &np.object, &mut translated, &mut problems);
         }
+        for (key, p) in &objects.cilium_network_policies {
+            policy::cilium::translate(key, &p.object, false, &mut translated, &mut problems);
+        }
+        for (key, p) in &objects.cilium_clusterwide_network_policies {
+            policy::cilium::translate(key, &p.object, true, &mut translated, &mut problems);
+        }
         let policy = policy::derive(translated, &cluster, &mut problems);
 
         let slices = SliceIndex::of(objects);

@@ -82,7 +82,7 @@ impl Listener {
                 let mut labels = held.and_then(|n| n.metadata.labels.clone()).unwrap_or_default();
                 // The built-in label exists on every namespace, even before it is seen.
                 labels.entry("kubernetes.io/metadata.name".into()).or_insert_with(|| ns.to_owned());
-                crate::state::policy::selects(sel, &labels).unwrap_or(false)
+                crate::k8s::selector::matches(sel, &labels).unwrap_or(false)
             }
         }
     }

@@ -12,36 +12,52 @@ use std::cmp::Reverse;
 
 use serde_json::{Value, json};
 
+/// A match or duration a route rule gives that weft cannot serve; the rule's
+/// translation says which field it was.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MatchError {
+    #[error("path {0:?} must start with '/'")]
+    RelativePath(String),
+    #[error("path type {0:?} is not Exact, PathPrefix or RegularExpression")]
+    PathType(String),
+    #[error("header match type {0:?} is not Exact or RegularExpression")]
+    HeaderType(String),
+    #[error("query parameter match type {0:?} is not Exact or RegularExpression")]
+    QueryType(String),
+    #[error("duration {0:?} is not like 1h, 10s, 500ms or 1m30s")]
+    Duration(String),
+}
+
 /// A path match: (rank, Envoy `RouteMatch` path fields). Rank 0: exact; 1:
 /// regular expression; 2: prefix.
-pub fn path(kind: &str, value: &str) -> Result<(u8, Value), String> {
+pub fn path(kind: &str, value: &str) -> Result<(u8, Value), MatchError> {
     match kind {
-        "Exact" | "PathPrefix" if !value.starts_with('/') => Err(format!("path {value:?} must start with '/'")),
+        "Exact" | "PathPrefix" if !value.starts_with('/') => Err(MatchError::RelativePath(value.into())),
         "Exact" => Ok((0, json!({ "path": value }))),
         "PathPrefix" if value.trim_end_matches('/').is_empty() => Ok((2, json!({ "prefix": "/" }))),
         // Whole path elements: /foo matches /foo and /foo/bar, not /foobar; a trailing / is ignored.
         "PathPrefix" => Ok((2, json!({ "path_separated_prefix": value.trim_end_matches('/') }))),
         "RegularExpression" => Ok((1, json!({ "safe_regex": { "regex": value } }))),
-        other => Err(format!("path type {other:?} is not Exact, PathPrefix or RegularExpression")),
+        other => Err(MatchError::PathType(other.into())),
     }
 }
 
 /// A header (or gRPC metadata) match on `name`.
-pub fn header(kind: &str, name: &str, value: &str) -> Result<Value, String> {
+pub fn header(kind: &str, name: &str, value: &str) -> Result<Value, MatchError> {
     let string_match = match kind {
         "Exact" => json!({ "exact": value }),
         "RegularExpression" => json!({ "safe_regex": { "regex": value } }),
-        other => Err(format!("header match type {other:?} is not Exact or RegularExpression"))?,
+        other => return Err(MatchError::HeaderType(other.into())),
     };
     Ok(json!({ "name": name.to_ascii_lowercase(), "string_match": string_match }))
 }
 
 /// A query parameter match on `name`.
-pub fn query(kind: &str, name: &str, value: &str) -> Result<Value, String> {
+pub fn query(kind: &str, name: &str, value: &str) -> Result<Value, MatchError> {
     let string_match = match kind {
         "Exact" => json!({ "exact": value }),
         "RegularExpression" => json!({ "safe_regex": { "regex": value } }),
-        other => Err(format!("query parameter match type {other:?} is not Exact or RegularExpression"))?,
+        other => return Err(MatchError::QueryType(other.into())),
     };
     Ok(json!({ "name": name, "string_match": string_match }))
 }
@@ -63,8 +79,8 @@ pub struct Precedence {
 
 /// A Gateway API duration (`1h`, `500ms`, `1m30s`: up to four number-unit
 /// pairs, each number up to five digits) in milliseconds.
-pub fn duration_ms(text: &str) -> Result<u64, String> {
-    let bad = || format!("duration {text:?} is not like 1h, 10s, 500ms or 1m30s");
+pub fn duration_ms(text: &str) -> Result<u64, MatchError> {
+    let bad = || MatchError::Duration(text.into());
     let mut total: u64 = 0;
     let mut rest = text;
     let mut parts = 0;
@@ -111,7 +127,9 @@ mod tests {
         assert_eq!(path("PathPrefix", "/v2/").unwrap(), (2, json!({ "path_separated_prefix": "/v2" })));
         assert_eq!(path("Exact", "/one").unwrap(), (0, json!({ "path": "/one" })));
         assert_eq!(path("RegularExpression", "/a.*").unwrap().0, 1);
-        assert!(path("Exact", "one").unwrap_err().contains("must start with '/'"));
+        assert!(path("Exact", "one").unwrap_err().to_string().contains("must start with '/'"));
+        assert_eq!(path("Exact", "one"), Err(MatchError::RelativePath("one".into())));
+        assert_eq!(header("Prefix", "x", "y"), Err(MatchError::HeaderType("Prefix".into())));
         assert!(path("Glob", "/").is_err());
     }
 

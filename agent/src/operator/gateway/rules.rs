@@ -83,15 +83,21 @@ fn header_fields(direction: &str, changes: HeaderChanges, into: &mut Map<String,
 }
 
 /// A mirror policy for a resolved cluster: the whole traffic, `percent`, or a fraction.
-fn mirror(cluster: String, percent: Option<i32>, fraction: Option<(i32, Option<i32>)>) -> Result<Value, String> {
+/// A mirror fraction Envoy cannot take.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum MirrorError {
+    #[error("mirror fraction: denominator must be positive")]
+    Denominator,
+    #[error("mirror fraction: numerator must not be negative")]
+    Numerator,
+}
+
+fn mirror(cluster: String, percent: Option<i32>, fraction: Option<(i32, Option<i32>)>) -> Result<Value, MirrorError> {
     let millionths: Option<u64> = match (percent, fraction) {
         (Some(p), _) => Some(u64::try_from(p.clamp(0, 100)).unwrap_or(0) * 10_000),
         (None, Some((num, den))) => {
-            let den = u64::try_from(den.unwrap_or(100))
-                .ok()
-                .filter(|d| *d > 0)
-                .ok_or("mirror fraction: denominator must be positive")?;
-            let num = u64::try_from(num).map_err(|_| "mirror fraction: numerator must not be negative")?;
+            let den = u64::try_from(den.unwrap_or(100)).ok().filter(|d| *d > 0).ok_or(MirrorError::Denominator)?;
+            let num = u64::try_from(num).map_err(|_| MirrorError::Numerator)?;
             Some(num.min(den) * 1_000_000 / den)
         }
         (None, None) => None,
@@ -318,7 +324,9 @@ macro_rules! header_kinds {
 }
 
 /// Deduplicated header matches (the first of equal names counts, as the spec says).
-fn header_matches<'a>(headers: impl Iterator<Item = (&'a str, &'a str, &'a str)>) -> Result<Vec<Value>, String> {
+fn header_matches<'a>(
+    headers: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
+) -> Result<Vec<Value>, matching::MatchError> {
     let mut seen: Vec<String> = Vec::new();
     let mut out = Vec::new();
     for (kind, name, value) in headers {

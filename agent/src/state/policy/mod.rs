@@ -3,8 +3,10 @@
 //! pods they give each local pod its default-deny directions and its
 //! datapath entries, and every address prefix a policy names its identity.
 //!
-//! Kinds: Kubernetes NetworkPolicy ([`netpol`]).
+//! Kinds: Kubernetes NetworkPolicy ([`netpol`]); CiliumNetworkPolicy and
+//! CiliumClusterwideNetworkPolicy ([`cilium`]).
 
+pub mod cilium;
 pub mod netpol;
 pub mod rule;
 

@@ -19,7 +19,10 @@ use super::{
 };
 use crate::{
     datapath::{Direction, PolicyAction, Proto},
-    k8s::{ObjKey, selector},
+    k8s::{
+        ObjKey,
+        selector::{self, SelectorError},
+    },
 };
 
 /// The kind name rule ids and verdicts carry.
@@ -97,21 +100,42 @@ fn peers(list: Option<&[NetworkPolicyPeer]>, ns: &str, at: &str, problem: &mut i
     for (i, p) in list.iter().enumerate() {
         match peer(p, ns) {
             Ok(peer) => out.push(peer),
-            Err(e) => problem(&format!("{at}[{i}]"), e),
+            Err(e) => problem(&format!("{at}[{i}]"), e.to_string()),
         }
     }
     out
 }
 
-fn peer(p: &NetworkPolicyPeer, ns: &str) -> Result<Peer, String> {
+/// A peer or port entry of a NetworkPolicy rule that cannot be enforced;
+/// the message starts with the field under the entry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum EntryError {
+    #[error("ipBlock.cidr {0:?} is not an IPv4 CIDR")]
+    Cidr(String),
+    #[error("ipBlock.except {0:?} is not an IPv4 CIDR")]
+    ExceptCidr(String),
+    #[error("ipBlock.except {except:?} is not inside {cidr}")]
+    ExceptOutside { except: String, cidr: String },
+    #[error("{selector}: {}: {error}", .error.field())]
+    Selector { selector: &'static str, error: SelectorError },
+    #[error("protocol {0:?} is not supported (TCP and UDP are)")]
+    Protocol(String),
+    #[error("port {0} is not a port number")]
+    Port(i32),
+    #[error("endPort {end} is below port {port} or not a port number")]
+    EndPort { port: u16, end: i32 },
+    #[error("endPort with the named port {0:?}")]
+    EndPortOfNamed(String),
+}
+
+fn peer(p: &NetworkPolicyPeer, ns: &str) -> Result<Peer, EntryError> {
     if let Some(block) = &p.ip_block {
-        let net =
-            Net::parse(&block.cidr).ok_or_else(|| format!("ipBlock.cidr {:?} is not an IPv4 CIDR", block.cidr))?;
+        let net = Net::parse(&block.cidr).ok_or_else(|| EntryError::Cidr(block.cidr.clone()))?;
         let mut except = Vec::new();
         for ex in block.except.iter().flatten() {
-            let e = Net::parse(ex).ok_or_else(|| format!("ipBlock.except {ex:?} is not an IPv4 CIDR"))?;
+            let e = Net::parse(ex).ok_or_else(|| EntryError::ExceptCidr(ex.clone()))?;
             if !net.covers(&e) {
-                return Err(format!("ipBlock.except {ex:?} is not inside {}", block.cidr));
+                return Err(EntryError::ExceptOutside { except: ex.clone(), cidr: block.cidr.clone() });
             }
             except.push(e);
         }
@@ -119,7 +143,7 @@ fn peer(p: &NetworkPolicyPeer, ns: &str) -> Result<Peer, String> {
     }
     for (what, sel) in [("namespaceSelector", &p.namespace_selector), ("podSelector", &p.pod_selector)] {
         if let Some(sel) = sel {
-            selector::check(sel).map_err(|e| format!("{what}: {}: {e}", e.field()))?;
+            selector::check(sel).map_err(|error| EntryError::Selector { selector: what, error })?;
         }
     }
     Ok(Peer::Pods(PodSelector {
@@ -139,38 +163,37 @@ fn ports(
     for (i, p) in list.unwrap_or_default().iter().enumerate() {
         match port(p) {
             Ok(spec) => out.push(spec),
-            Err(e) => problem(&format!("{at}.ports[{i}]"), e),
+            Err(e) => problem(&format!("{at}.ports[{i}]"), e.to_string()),
         }
     }
     // Every port entry unreadable: the rule allows nothing (not every port).
     if out.is_empty() && list.is_some_and(|l| !l.is_empty()) { None } else { Some(out) }
 }
 
-fn port(p: &NetworkPolicyPort) -> Result<PortSpec, String> {
+fn port(p: &NetworkPolicyPort) -> Result<PortSpec, EntryError> {
     let proto = match p.protocol.as_deref().unwrap_or("TCP") {
         "TCP" => Proto::Tcp,
         "UDP" => Proto::Udp,
-        other => return Err(format!("protocol {other:?} is not supported (TCP and UDP are)")),
+        other => return Err(EntryError::Protocol(other.into())),
     };
     let ports = match &p.port {
         None => PortSel::All,
         Some(IntOrString::Int(n)) => {
-            let first =
-                u16::try_from(*n).ok().filter(|n| *n > 0).ok_or_else(|| format!("port {n} is not a port number"))?;
+            let first = u16::try_from(*n).ok().filter(|n| *n > 0).ok_or(EntryError::Port(*n))?;
             match p.end_port {
                 None => PortSel::Range(first, first),
                 Some(end) => {
                     let end = u16::try_from(end)
                         .ok()
                         .filter(|e| *e >= first)
-                        .ok_or_else(|| format!("endPort {end} is below port {first} or not a port number"))?;
+                        .ok_or(EntryError::EndPort { port: first, end })?;
                     PortSel::Range(first, end)
                 }
             }
         }
         Some(IntOrString::String(name)) => {
             if p.end_port.is_some() {
-                return Err(format!("endPort with the named port {name:?}"));
+                return Err(EntryError::EndPortOfNamed(name.clone()));
             }
             PortSel::Named(name.clone())
         }

@@ -23,7 +23,7 @@ use weft_ebpf::abi;
 
 use crate::{
     datapath::{Direction, PolicyAction, PolicyEntry, Proto},
-    k8s::selector,
+    k8s::selector::{self, SelectorError},
     state::PodState,
 };
 
@@ -166,14 +166,30 @@ impl Cluster<'_> {
 }
 
 /// Does `labels` satisfy the selector? An empty selector selects everything.
-/// (The matcher is `k8s::selector`'s; the error names the field at fault.)
-pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, String> {
-    selector::matches(sel, labels).map_err(|e| format!("{}: {e}", e.field()))
+/// (The matcher is `k8s::selector`'s; [`SelectorError::field`] names the
+/// field at fault.)
+pub fn selects(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool, SelectorError> {
+    selector::matches(sel, labels)
+}
+
+/// A selector that cannot be evaluated, as a policy problem says it
+/// (`matchExpressions[0].operator: unknown operator "Gt" ...`).
+fn unreadable(e: &SelectorError) -> String {
+    format!("{}: {e}", e.field())
+}
+
+/// The datapath's room for address prefixes is smaller than what the
+/// policies name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("policies name {prefixes} distinct address prefixes; the datapath has room for {room}")]
+pub struct TooManyPrefixes {
+    pub prefixes: usize,
+    pub room: usize,
 }
 
 impl PodSelector {
     /// Whether the pod is selected.
-    pub fn matches(&self, pod: &PodState, cluster: &Cluster) -> Result<bool, String> {
+    pub fn matches(&self, pod: &PodState, cluster: &Cluster) -> Result<bool, SelectorError> {
         if self.namespace.as_ref().is_some_and(|ns| *ns != pod.key.namespace) {
             return Ok(false);
         }
@@ -193,7 +209,7 @@ impl PodSelector {
     }
 
     /// The pods selected, in the cluster's order.
-    pub fn select<'c>(&self, cluster: &Cluster<'c>) -> Result<Vec<&'c PodState>, String> {
+    pub fn select<'c>(&self, cluster: &Cluster<'c>) -> Result<Vec<&'c PodState>, SelectorError> {
         let mut out = Vec::new();
         for p in cluster.pods {
             if self.matches(p, cluster)? {
@@ -211,7 +227,7 @@ pub struct CidrIds(BTreeMap<Net, u32>);
 
 impl CidrIds {
     /// Identities for every prefix the policies name (blocks and exceptions).
-    pub fn of(policies: &[Policy]) -> Result<Self, String> {
+    pub fn of(policies: &[Policy]) -> Result<Self, TooManyPrefixes> {
         let mut nets = BTreeSet::new();
         for p in policies {
             for r in &p.rules {
@@ -225,10 +241,7 @@ impl CidrIds {
         }
         let room = (abi::IDENTITY_MIN_POD - abi::IDENTITY_MIN_CIDR) as usize;
         if nets.len() > room {
-            return Err(format!(
-                "policies name {} distinct address prefixes; the datapath has room for {room}",
-                nets.len()
-            ));
+            return Err(TooManyPrefixes { prefixes: nets.len(), room });
         }
         Ok(CidrIds(nets.into_iter().zip(abi::IDENTITY_MIN_CIDR..).collect()))
     }
@@ -245,7 +258,7 @@ struct Peers<'c> {
     pods: Vec<&'c PodState>,
 }
 
-fn resolve_peers<'c>(peers: &[Peer], cluster: &Cluster<'c>, cidrs: &CidrIds) -> Result<Peers<'c>, String> {
+fn resolve_peers<'c>(peers: &[Peer], cluster: &Cluster<'c>, cidrs: &CidrIds) -> Result<Peers<'c>, SelectorError> {
     let mut out = Peers { ids: BTreeSet::new(), pods: Vec::new() };
     for peer in peers {
         match peer {
@@ -313,7 +326,17 @@ fn entries_for(
     for spec in specs {
         match &spec.ports {
             PortSel::All => out.extend(peers.ids.iter().map(|id| entry(*id, spec.proto, None))),
-            PortSel::Range(a, b) => out.extend(peers.ids.iter().map(|id| entry(*id, spec.proto, Some((*a, *b))))),
+            // Ports without a protocol: those ports of TCP and of UDP (the
+            // datapath's "any protocol" is every port of every protocol).
+            PortSel::Range(a, b) => {
+                let protos = match spec.proto {
+                    Some(p) => vec![p],
+                    None => vec![Proto::Tcp, Proto::Udp],
+                };
+                for proto in protos {
+                    out.extend(peers.ids.iter().map(|id| entry(*id, Some(proto), Some((*a, *b)))));
+                }
+            }
             PortSel::Named(name) => {
                 let on = |pod: &PodState| {
                     cluster
@@ -369,7 +392,7 @@ pub fn resolve(
         let subjects: Vec<&PodState> = match policy.subjects.select(cluster) {
             Ok(s) => s.into_iter().filter(|p| p.local).collect(),
             Err(e) => {
-                problem(policy.rule_id, format!("selector: {e}"));
+                problem(policy.rule_id, format!("selector: {}", unreadable(&e)));
                 continue;
             }
         };
@@ -385,7 +408,7 @@ pub fn resolve(
             let peers = match resolve_peers(&rule.peers, cluster, cidrs) {
                 Ok(p) => p,
                 Err(e) => {
-                    problem(policy.rule_id, format!("peer selector: {e}"));
+                    problem(policy.rule_id, format!("peer selector: {}", unreadable(&e)));
                     continue;
                 }
             };

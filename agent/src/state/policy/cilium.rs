@@ -1,0 +1,732 @@
+//! CiliumNetworkPolicy and CiliumClusterwideNetworkPolicy in the common rule
+//! shape: `endpointSelector`; `ingress`/`egress` rules with
+//! `fromEndpoints`/`toEndpoints`, `fromCIDR`/`toCIDR`, `fromCIDRSet`/
+//! `toCIDRSet`, `fromEntities`/`toEntities` and `toPorts` (ports, ranges,
+//! named ports, TCP/UDP/ANY); `ingressDeny`/`egressDeny` (deny wins in the
+//! datapath); `enableDefaultDeny`.
+//!
+//! The rules are read field by field from the document as written, so that
+//! whatever weft does not enforce (FQDN and DNS rules, L7 rules, listener
+//! redirects, mutual authentication, host policies, ...) is refused by name
+//! rather than skipped: a refused allow rule allows nothing and a refused
+//! deny rule denies everything in its direction, so a policy weft cannot
+//! read never opens a pod up.
+//!
+//! Selectors: label keys may carry Cilium's source prefix (`k8s:`, `any:`),
+//! which is dropped; a namespaced policy's `endpointSelector` and peer
+//! selectors stay in its namespace unless a peer selector names
+//! `io.kubernetes.pod.namespace`; a clusterwide policy's span the cluster.
+//! A peer selector on `reserved:<entity>` alone means that entity; an
+//! `endpointSelector` on a reserved identity (Cilium's ingress proxy, say)
+//! selects no pod of weft's and is refused by name.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use serde_json::{Map, Value};
+use weft_ebpf::abi;
+
+use super::{
+    Translated,
+    rule::{Net, POD_NAMESPACE_LABEL, Peer, PodSelector, Policy, PortSel, PortSpec, Rule},
+};
+use crate::{
+    datapath::{Direction, PolicyAction, Proto},
+    k8s::{CiliumPolicy, ObjKey, selector as labels},
+};
+
+/// The namespaced kind.
+pub const KIND: &str = "CiliumNetworkPolicy";
+/// The clusterwide kind.
+pub const CLUSTERWIDE_KIND: &str = "CiliumClusterwideNetworkPolicy";
+
+/// Fields of a rule set weft reads.
+const SPEC_FIELDS: &[&str] = &[
+    "endpointSelector",
+    "ingress",
+    "ingressDeny",
+    "egress",
+    "egressDeny",
+    "enableDefaultDeny",
+    "description",
+    "labels",
+];
+/// Fields of a port rule weft reads.
+const PORT_RULE_FIELDS: &[&str] = &["ports", "rules"];
+
+/// Why a field weft knows of is not enforced (None: a field weft does not know).
+fn refusal(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "nodeSelector" => "host policies (rules for nodes) are not supported",
+        "toFQDNs" => "FQDN rules are not supported (weft has no DNS proxy)",
+        "dns" => "DNS rules are not supported (weft has no DNS proxy)",
+        "http" => "L7 HTTP rules are not enforced yet",
+        "kafka" | "l7proto" | "l7" => "L7 rules other than HTTP are not supported",
+        "listener" => "listener redirects by policy are not supported yet",
+        "authentication" => "mutual authentication is not supported",
+        "fromRequires" | "toRequires" => "requirement selectors are not supported",
+        "toServices" => "Service selectors are not supported (select the backends' pods)",
+        "fromGroups" | "toGroups" | "cidrGroupRef" | "cidrGroupSelector" => "CIDR groups are not supported",
+        "fromNodes" | "toNodes" => "node selectors are not supported (use the remote-node or host entity)",
+        "icmps" => "ICMP rules are not supported",
+        "terminatingTLS" | "originatingTLS" | "serverNames" => "TLS interception is not supported",
+        _ => return None,
+    })
+}
+
+/// Adds one Cilium policy (`clusterwide`: the cluster-scoped kind).
+/// Problems name the policy and the field.
+pub fn translate(key: &ObjKey, p: &CiliumPolicy, clusterwide: bool, out: &mut Translated, problems: &mut Vec<String>) {
+    let kind = if clusterwide { CLUSTERWIDE_KIND } else { KIND };
+    let rule_id = out.object(kind, key);
+    let mut problem = |field: &str, msg: String| problems.push(format!("{kind} {key}: {field}: {msg}"));
+    let scope = if clusterwide { None } else { Some(key.namespace.as_str()) };
+    let mut specs: Vec<(String, &Value)> = Vec::new();
+    if let Some(spec) = p.spec.as_ref().filter(|s| !s.is_null()) {
+        specs.push(("spec".to_owned(), spec));
+    }
+    match &p.specs {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(list)) => specs.extend(list.iter().enumerate().map(|(i, s)| (format!("specs[{i}]"), s))),
+        Some(_) => problem("specs", "is not a list (the policy's other rule sets still apply)".into()),
+    }
+    if specs.is_empty() {
+        problem("spec", "the policy has neither spec nor specs".into());
+    }
+    for (at, spec) in specs {
+        if let Some(policy) = one_spec(spec, &at, scope, rule_id, &mut problem) {
+            out.policies.push(policy);
+        }
+    }
+}
+
+/// Reports each field of `obj` not in `known`; false if there was one.
+fn check_fields(obj: &Map<String, Value>, at: &str, known: &[&str], problem: &mut impl FnMut(&str, String)) -> bool {
+    let mut ok = true;
+    for k in obj.keys().filter(|k| !known.contains(&k.as_str())) {
+        ok = false;
+        match refusal(k) {
+            Some(why) => problem(&format!("{at}.{k}"), why.to_owned()),
+            None => problem(&format!("{at}.{k}"), "is not a field weft knows".to_owned()),
+        }
+    }
+    ok
+}
+
+/// A list field: absent and null are empty; anything else must be a list.
+fn list<'v>(
+    obj: &'v Map<String, Value>,
+    field: &str,
+    at: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Result<&'v [Value], ()> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(a)) => Ok(a),
+        Some(_) => {
+            problem(&format!("{at}.{field}"), "is not a list".into());
+            Err(())
+        }
+    }
+}
+
+fn one_spec(
+    spec: &Value,
+    at: &str,
+    scope: Option<&str>,
+    rule_id: u32,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Policy> {
+    let Some(spec) = spec.as_object() else {
+        problem(at, "is not an object".into());
+        return None;
+    };
+    if spec.contains_key("nodeSelector") {
+        // A rule set for nodes selects no pods: nothing of it applies here.
+        check_fields(spec, at, SPEC_FIELDS, problem);
+        return None;
+    }
+    let Some(sel) = spec.get("endpointSelector") else {
+        problem(&format!("{at}.endpointSelector"), "is missing (it selects the pods the rules are about)".into());
+        return None;
+    };
+    let labels = match selector(sel) {
+        Ok(s) => s,
+        Err(e) => {
+            problem(&format!("{at}.endpointSelector"), e);
+            return None;
+        }
+    };
+    if let Some(reserved) = keys(&labels).find_map(|k| k.strip_prefix("reserved:")) {
+        problem(
+            &format!("{at}.endpointSelector"),
+            format!("selects Cilium's reserved identity {reserved:?}; weft enforces policies on pods only"),
+        );
+        return None;
+    }
+    let subjects = PodSelector { namespace: scope.map(str::to_owned), namespace_labels: None, labels: Some(labels) };
+    // An unknown field may be a restriction weft would miss: the pods stay
+    // selected in both directions with nothing allowed.
+    if !check_fields(spec, at, SPEC_FIELDS, problem) {
+        return Some(Policy { rule_id, subjects, ingress: true, egress: true, rules: Vec::new() });
+    }
+
+    let mut rules = Vec::new();
+    let mut has = [false, false];
+    for (field, direction, action) in [
+        ("ingress", Direction::Ingress, PolicyAction::Allow),
+        ("ingressDeny", Direction::Ingress, PolicyAction::Deny),
+        ("egress", Direction::Egress, PolicyAction::Allow),
+        ("egressDeny", Direction::Egress, PolicyAction::Deny),
+    ] {
+        let i = usize::from(direction == Direction::Egress);
+        let Ok(items) = list(spec, field, at, problem) else {
+            // Unreadable: the direction is under default-deny, nothing allowed.
+            has[i] = true;
+            continue;
+        };
+        has[i] |= !items.is_empty();
+        for (ri, r) in items.iter().enumerate() {
+            rules.push(rule(r, &format!("{at}.{field}[{ri}]"), direction, action, scope, problem));
+        }
+    }
+    // Default-deny in each direction that has rules, unless the policy says
+    // otherwise (a direction without rules may still be put under it).
+    let mut default_deny = |dir: &str, has: bool| match spec.get("enableDefaultDeny").and_then(|d| d.get(dir)) {
+        None | Some(Value::Null) => has,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            problem(&format!("{at}.enableDefaultDeny.{dir}"), "is not true or false".into());
+            true
+        }
+    };
+    let ingress = default_deny("ingress", has[0]);
+    let egress = default_deny("egress", has[1]);
+    Some(Policy { rule_id, subjects, ingress, egress, rules })
+}
+
+/// One rule. What cannot be read makes an allow rule allow nothing and a
+/// deny rule deny every peer on every port.
+fn rule(
+    r: &Value,
+    at: &str,
+    direction: Direction,
+    action: PolicyAction,
+    scope: Option<&str>,
+    problem: &mut impl FnMut(&str, String),
+) -> Rule {
+    let (endpoints, cidr, cidr_set, entities) = match direction {
+        Direction::Ingress => ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities"),
+        Direction::Egress => ("toEndpoints", "toCIDR", "toCIDRSet", "toEntities"),
+    };
+    let refused = |problem: &mut dyn FnMut(&str, String)| {
+        let (peers, what) = match action {
+            PolicyAction::Allow => (Vec::new(), "the rule allows nothing"),
+            PolicyAction::Deny => (vec![Peer::Any], "the rule denies every peer on every port"),
+        };
+        problem(at, format!("{what} (see the problems above)"));
+        Rule { direction, action, peers, ports: Vec::new(), proxy_port: None }
+    };
+    let Some(obj) = r.as_object() else {
+        problem(at, "is not an object".into());
+        return refused(problem);
+    };
+    let mut ok = check_fields(obj, at, &[endpoints, cidr, cidr_set, entities, "toPorts"], problem);
+    let mut peers = Vec::new();
+    let mut l3 = false;
+    let mut each = |field: &str, read: &mut dyn FnMut(&Value) -> Result<Vec<Peer>, String>| {
+        let Ok(items) = list(obj, field, at, problem) else { return false };
+        let mut ok = true;
+        for (i, v) in items.iter().enumerate() {
+            l3 = true;
+            match read(v) {
+                Ok(p) => peers.extend(p),
+                Err(e) => {
+                    problem(&format!("{at}.{field}[{i}]"), e);
+                    ok = false;
+                }
+            }
+        }
+        ok
+    };
+    ok &= each(endpoints, &mut |v| endpoint_peer(v, scope).map(|p| vec![p]));
+    ok &= each(cidr, &mut |v| {
+        let s = v.as_str().ok_or("is not a string")?;
+        Ok(vec![Peer::Cidr { net: cidr_of(s)?, except: Vec::new() }])
+    });
+    ok &= each(cidr_set, &mut |v| cidr_set_peer(v).map(|p| vec![p]));
+    ok &= each(entities, &mut |v| entity(v.as_str().ok_or("is not a string")?));
+    // No peer field: the rule is about every peer (an L4-only rule).
+    if !l3 {
+        peers.push(Peer::Any);
+    }
+    let ports = match to_ports(obj, at, problem) {
+        Some(p) => p,
+        None => {
+            ok = false;
+            Vec::new()
+        }
+    };
+    if !ok {
+        return refused(problem);
+    }
+    Rule { direction, action, peers, ports, proxy_port: None }
+}
+
+/// `toPorts`: the ports of every port rule (empty: every port). None if a
+/// port rule could not be read or asks for what weft does not enforce.
+fn to_ports(obj: &Map<String, Value>, at: &str, problem: &mut impl FnMut(&str, String)) -> Option<Vec<PortSpec>> {
+    let items = list(obj, "toPorts", at, problem).ok()?;
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, pr) in items.iter().enumerate() {
+        let at = format!("{at}.toPorts[{i}]");
+        let Some(pr) = pr.as_object() else {
+            problem(&at, "is not an object".into());
+            ok = false;
+            continue;
+        };
+        ok &= check_fields(pr, &at, PORT_RULE_FIELDS, problem);
+        match pr.get("rules") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(rules)) => ok &= check_fields(rules, &format!("{at}.rules"), &[], problem),
+            Some(_) => {
+                problem(&format!("{at}.rules"), "is not an object".into());
+                ok = false;
+            }
+        }
+        let Ok(ports) = list(pr, "ports", &at, problem) else {
+            ok = false;
+            continue;
+        };
+        if ports.is_empty() {
+            out.push(PortSpec { proto: None, ports: PortSel::All });
+        }
+        for (j, p) in ports.iter().enumerate() {
+            match port(p) {
+                Ok(spec) => out.push(spec),
+                Err(e) => {
+                    problem(&format!("{at}.ports[{j}]"), e);
+                    ok = false;
+                }
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+/// One `{port, endPort, protocol}`: "0" or no port is every port; a name is
+/// a container port of the destination.
+fn port(p: &Value) -> Result<PortSpec, String> {
+    let obj = p.as_object().ok_or("is not an object")?;
+    if let Some(k) = obj.keys().find(|k| !["port", "endPort", "protocol"].contains(&k.as_str())) {
+        return Err(format!("field {k:?} is not a field weft knows"));
+    }
+    let proto = match obj.get("protocol").and_then(Value::as_str).unwrap_or("ANY") {
+        "ANY" | "" => None,
+        "TCP" => Some(Proto::Tcp),
+        "UDP" => Some(Proto::Udp),
+        other => return Err(format!("protocol {other:?} is not supported (TCP, UDP and ANY are)")),
+    };
+    let port = match obj.get("port") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(other) => return Err(format!("port {other} is not a port number or name")),
+    };
+    let end = match obj.get("endPort") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|e| u16::try_from(e).ok())
+                .ok_or_else(|| format!("endPort {v} is not a port number"))?,
+        ),
+    };
+    let ports = if port.is_empty() || port == "0" {
+        if end.is_some() {
+            return Err("endPort without a port".into());
+        }
+        PortSel::All
+    } else if port.bytes().all(|b| b.is_ascii_digit()) {
+        let first =
+            port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("port {port:?} is not a port number"))?;
+        match end {
+            None => PortSel::Range(first, first),
+            Some(e) if e >= first => PortSel::Range(first, e),
+            Some(e) => return Err(format!("endPort {e} is below port {first}")),
+        }
+    } else {
+        let valid = port.len() <= 15 && port.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(format!("port {port:?} is neither a port number nor a container port name"));
+        }
+        if end.is_some() {
+            return Err(format!("endPort with the named port {port:?}"));
+        }
+        PortSel::Named(port)
+    };
+    Ok(PortSpec { proto, ports })
+}
+
+/// A label selector, with Cilium's source prefixes dropped from its keys;
+/// an operator the matcher does not know is an error naming it.
+fn selector(v: &Value) -> Result<LabelSelector, String> {
+    let mut sel: LabelSelector = serde_json::from_value(v.clone()).map_err(|e| format!("not a label selector: {e}"))?;
+    let strip = |k: &str| k.strip_prefix("k8s:").or_else(|| k.strip_prefix("any:")).unwrap_or(k).to_owned();
+    if let Some(m) = sel.match_labels.take() {
+        sel.match_labels = Some(m.into_iter().map(|(k, v)| (strip(&k), v)).collect());
+    }
+    for e in sel.match_expressions.iter_mut().flatten() {
+        e.key = strip(&e.key);
+    }
+    labels::check(&sel).map_err(|e| format!("{}: {e}", e.field()))?;
+    Ok(sel)
+}
+
+fn keys(sel: &LabelSelector) -> impl Iterator<Item = &String> {
+    sel.match_labels.iter().flatten().map(|(k, _)| k).chain(sel.match_expressions.iter().flatten().map(|e| &e.key))
+}
+
+/// A peer selector: pods (in the policy's namespace unless it names one), or
+/// a reserved identity written as `reserved:<entity>`.
+fn endpoint_peer(v: &Value, scope: Option<&str>) -> Result<Peer, String> {
+    let sel = selector(v)?;
+    let reserved = keys(&sel).find_map(|k| k.strip_prefix("reserved:")).map(str::to_owned);
+    if let Some(e) = reserved.as_deref() {
+        let only = sel.match_expressions.as_ref().is_none_or(Vec::is_empty)
+            && sel.match_labels.as_ref().is_some_and(|m| m.len() == 1);
+        if !only {
+            return Err(format!("reserved:{e} with other labels selects nothing weft can enforce"));
+        }
+        let mut peers = entity(e)?;
+        return peers.pop().ok_or_else(|| format!("reserved:{e} selects nothing"));
+    }
+    let names_namespace = keys(&sel).any(|k| k == POD_NAMESPACE_LABEL);
+    Ok(Peer::Pods(PodSelector {
+        namespace: scope.filter(|_| !names_namespace).map(str::to_owned),
+        namespace_labels: None,
+        labels: Some(sel),
+    }))
+}
+
+fn cidr_of(s: &str) -> Result<Net, String> {
+    Net::parse(s).ok_or_else(|| format!("{s:?} is not an IPv4 CIDR"))
+}
+
+/// `{cidr, except}`.
+fn cidr_set_peer(v: &Value) -> Result<Peer, String> {
+    let obj = v.as_object().ok_or("is not an object")?;
+    if let Some(k) = obj.keys().find(|k| !["cidr", "except"].contains(&k.as_str())) {
+        return Err(
+            refusal(k).map_or_else(|| format!("field {k:?} is not a field weft knows"), |why| format!("{k}: {why}"))
+        );
+    }
+    let net = cidr_of(obj.get("cidr").and_then(Value::as_str).ok_or("cidr is missing")?)?;
+    let mut except = Vec::new();
+    for e in obj.get("except").and_then(Value::as_array).into_iter().flatten() {
+        let s = e.as_str().ok_or("except holds a non-string")?;
+        let n = cidr_of(s)?;
+        if !net.covers(&n) {
+            return Err(format!("except {s:?} is not inside {net}"));
+        }
+        except.push(n);
+    }
+    Ok(Peer::Cidr { net, except })
+}
+
+/// An entity as peers (`none` is no peer).
+fn entity(name: &str) -> Result<Vec<Peer>, String> {
+    Ok(match name {
+        "all" => vec![Peer::Any],
+        "world" | "world-ipv4" => vec![Peer::World],
+        "cluster" => vec![Peer::Cluster],
+        "host" => vec![Peer::Identity(abi::ID_HOST)],
+        "remote-node" => vec![Peer::Identity(abi::ID_REMOTE_NODE)],
+        "none" => Vec::new(),
+        other => {
+            return Err(format!(
+                "entity {other:?} is not supported (all, world, world-ipv4, cluster, host, remote-node and none are)"
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, net::Ipv4Addr};
+
+    use super::*;
+    use crate::{
+        datapath::PolicyEntry,
+        k8s::yaml::{Loaded, load_text},
+        state::{Redirects, Snapshot, policy::rule_id},
+    };
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 192.168.50.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+status: {addresses: [{type: InternalIP, address: 192.168.50.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, namespace: shop, labels: {app: echo}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.1.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: worker, namespace: shop, labels: {app: worker}}
+spec: {nodeName: n2, containers: []}
+status: {podIP: 10.1.2.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: worker, namespace: ops, labels: {app: worker}}
+spec: {nodeName: n2, containers: []}
+status: {podIP: 10.1.2.12}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: ops, labels: {app: client}}
+spec: {nodeName: n1, containers: []}
+status: {podIP: 10.1.1.13}
+"#;
+
+    fn snapshot(policies: &str) -> Snapshot {
+        let mut l = Loaded::default();
+        load_text(std::path::Path::new("p.yaml"), &format!("{OBJECTS}{policies}"), &mut l);
+        assert!(l.problems.is_empty(), "{:?}", l.problems);
+        Snapshot::derive(&l.objects, "n1", None, &Redirects::new(), None)
+    }
+
+    fn id_of(s: &Snapshot, ns: &str, name: &str) -> u32 {
+        s.pods.iter().find(|p| p.key.namespace == ns && p.key.name == name).unwrap().identity
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn cidr_id(s: &Snapshot, net: &str) -> u32 {
+        let n = Net::parse(net).unwrap();
+        s.policy.cidrs.iter().find(|c| c.addr == n.addr && c.prefix_len == n.len).unwrap().identity
+    }
+
+    /// (identity, proto, first port, last port) of each entry of a direction and action.
+    fn entries(e: &[PolicyEntry], dir: Direction, action: PolicyAction) -> BTreeSet<(u32, Option<Proto>, u16, u16)> {
+        e.iter()
+            .filter(|e| e.direction == dir && e.action == action)
+            .map(|e| (e.identity, e.proto, e.ports.map_or(0, |p| p.0), e.ports.map_or(0, |p| p.1)))
+            .collect()
+    }
+
+    #[test]
+    fn a_cilium_policy_allows_its_peers_and_ports_and_its_deny_rules_win() {
+        let s = snapshot(
+            r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: echo, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {"k8s:app": echo}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: worker}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: worker, k8s:io.kubernetes.pod.namespace: ops}}]
+    toPorts: [{ports: [{port: http}]}]
+  - fromEntities: [host, remote-node]
+  - fromCIDRSet: [{cidr: 172.18.0.0/16, except: [172.18.1.0/24]}]
+    fromCIDR: [10.200.0.1/32]
+    toPorts: [{ports: [{port: "9000", endPort: 9010, protocol: ANY}]}]
+  ingressDeny:
+  - fromEntities: [world]
+    toPorts: [{ports: [{port: "9005", protocol: UDP}]}]
+  egress:
+  - toEntities: [cluster]
+"#,
+        );
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        let echo = &s.policy.endpoints[&ip("10.1.1.10")];
+        assert!(echo.ingress && echo.egress);
+        let (shop_worker, ops_worker) = (id_of(&s, "shop", "worker"), id_of(&s, "ops", "worker"));
+        let (block, except, one) =
+            (cidr_id(&s, "172.18.0.0/16"), cidr_id(&s, "172.18.1.0/24"), cidr_id(&s, "10.200.0.1/32"));
+        let tcp = Some(Proto::Tcp);
+        let want = BTreeSet::from([
+            // fromEndpoints stays in the policy's namespace unless it names one.
+            (shop_worker, tcp, 8080, 8080),
+            (ops_worker, tcp, 8080, 8080),
+            (abi::ID_HOST, None, 0, 0),
+            (abi::ID_REMOTE_NODE, None, 0, 0),
+            // ANY with ports: those ports of TCP and of UDP.
+            (block, tcp, 9000, 9010),
+            (one, tcp, 9000, 9010),
+            (block, Some(Proto::Udp), 9000, 9010),
+            (one, Some(Proto::Udp), 9000, 9010),
+        ]);
+        assert_eq!(entries(&echo.entries, Direction::Ingress, PolicyAction::Allow), want);
+        // The datapath reads no ports without a protocol.
+        assert!(echo.entries.iter().all(|e| e.proto.is_some() || e.ports.is_none()), "{echo:?}");
+        assert!(!echo.entries.iter().any(|e| e.identity == except && e.action == PolicyAction::Allow));
+        // world: the reserved identity and every prefix a policy names.
+        let denied = entries(&echo.entries, Direction::Ingress, PolicyAction::Deny);
+        let udp = Some(Proto::Udp);
+        for id in [abi::ID_WORLD, block, except, one] {
+            assert!(denied.contains(&(id, udp, 9005, 9005)), "{id}: {denied:?}");
+        }
+        // cluster: every pod, this node and the others.
+        let out = entries(&echo.entries, Direction::Egress, PolicyAction::Allow);
+        for id in [shop_worker, ops_worker, id_of(&s, "ops", "client"), abi::ID_HOST, abi::ID_REMOTE_NODE] {
+            assert!(out.contains(&(id, None, 0, 0)), "{id}: {out:?}");
+        }
+        assert!(!out.iter().any(|(id, ..)| *id == abi::ID_WORLD));
+        let id = rule_id("CiliumNetworkPolicy", &ObjKey::new("shop", "echo"));
+        assert!(echo.entries.iter().all(|e| e.rule_id == id));
+        assert_eq!(s.policy.rules[&id].kind, "CiliumNetworkPolicy");
+        // Only the selected pod of the policy's namespace.
+        assert!(!s.policy.endpoints.contains_key(&ip("10.1.1.13")));
+    }
+
+    #[test]
+    fn a_clusterwide_policy_spans_namespaces_and_default_deny_follows_the_rules() {
+        let s = snapshot(
+            r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: lockdown}
+spec:
+  endpointSelector: {}
+  ingress:
+  - fromEntities: [cluster]
+---
+apiVersion: weft.io/v1alpha1
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: client-out}
+specs:
+- endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: worker}}]
+- endpointSelector: {matchLabels: {app: client}}
+  enableDefaultDeny: {ingress: false}
+  ingress:
+  - fromEndpoints: [{}]
+"#,
+        );
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        let echo = &s.policy.endpoints[&ip("10.1.1.10")];
+        assert!(echo.ingress && !echo.egress, "ingress rules only: {echo:?}");
+        let client = &s.policy.endpoints[&ip("10.1.1.13")];
+        assert!(client.ingress && client.egress);
+        // A clusterwide peer selector spans namespaces.
+        let out = entries(&client.entries, Direction::Egress, PolicyAction::Allow);
+        let workers =
+            BTreeSet::from([(id_of(&s, "shop", "worker"), None, 0, 0), (id_of(&s, "ops", "worker"), None, 0, 0)]);
+        assert_eq!(out, workers);
+        let id = rule_id("CiliumClusterwideNetworkPolicy", &ObjKey::new("", "client-out"));
+        assert!(client.entries.iter().filter(|e| e.direction == Direction::Egress).all(|e| e.rule_id == id));
+
+        // enableDefaultDeny off, and no other policy for the direction: not enforced.
+        let s = snapshot(
+            r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: soft, namespace: ops}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  enableDefaultDeny: {egress: false}
+  egress:
+  - toEntities: [world]
+"#,
+        );
+        assert!(!s.policy.endpoints.contains_key(&ip("10.1.1.13")), "{:?}", s.policy.endpoints);
+    }
+
+    #[test]
+    fn what_weft_does_not_enforce_is_refused_by_name_and_opens_nothing() {
+        let s = snapshot(
+            r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: refused, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: echo}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: worker}}]
+    authentication: {mode: required}
+  - toPorts: [{ports: [{port: "8080"}], rules: {http: [{method: GET, path: /headers}]}}]
+  - fromEntities: [kube-apiserver]
+  - fromEntities: [host]
+  egress:
+  - toFQDNs: [{matchName: example.com}]
+    toPorts: [{ports: [{port: "80"}]}]
+  - toEndpoints: [{matchLabels: {app: worker}}]
+    toPorts: [{ports: [{port: "53", protocol: ANY}], rules: {dns: [{matchPattern: "*"}]}}]
+  - toCIDR: [0.0.0.0/0]
+    toPorts: [{ports: [{port: "80"}], listener: {envoyConfig: {kind: CiliumClusterwideEnvoyConfig, name: x}, name: l}}]
+  egressDeny:
+  - toEntities: [world]
+    icmps: [{fields: [{type: 8}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: hosts}
+spec:
+  nodeSelector: {}
+  ingress: [{fromEntities: [cluster]}]
+"#,
+        );
+        let p = s.problems.join("\n");
+        for want in [
+            "CiliumNetworkPolicy shop/refused: spec.ingress[0].authentication: mutual authentication is not supported",
+            "CiliumNetworkPolicy shop/refused: spec.ingress[1].toPorts[0].rules.http: L7 HTTP rules are not enforced yet",
+            "CiliumNetworkPolicy shop/refused: spec.ingress[2].fromEntities[0]: entity \"kube-apiserver\" is not supported",
+            "CiliumNetworkPolicy shop/refused: spec.egress[0].toFQDNs: FQDN rules are not supported",
+            "CiliumNetworkPolicy shop/refused: spec.egress[1].toPorts[0].rules.dns: DNS rules are not supported",
+            "CiliumNetworkPolicy shop/refused: spec.egress[2].toPorts[0].listener: listener redirects by policy",
+            "CiliumNetworkPolicy shop/refused: spec.egressDeny[0].icmps: ICMP rules are not supported",
+            "CiliumNetworkPolicy shop/refused: spec.egressDeny[0]: the rule denies every peer on every port",
+            "CiliumNetworkPolicy shop/refused: spec.ingress[0]: the rule allows nothing",
+            "CiliumClusterwideNetworkPolicy hosts: spec.nodeSelector: host policies",
+        ] {
+            assert!(p.contains(want), "missing {want:?} in\n{p}");
+        }
+        // Only the readable rule allows anything; the refused deny rule denies all.
+        let echo = &s.policy.endpoints[&ip("10.1.1.10")];
+        assert!(echo.ingress && echo.egress);
+        assert_eq!(
+            entries(&echo.entries, Direction::Ingress, PolicyAction::Allow),
+            BTreeSet::from([(abi::ID_HOST, None, 0, 0)])
+        );
+        assert!(entries(&echo.entries, Direction::Egress, PolicyAction::Allow).is_empty());
+        assert!(entries(&echo.entries, Direction::Egress, PolicyAction::Deny).contains(&(0, None, 0, 0)));
+        // The host policy selects no pod.
+        assert!(!s.policy.endpoints.contains_key(&ip("10.1.1.13")));
+    }
+
+    #[test]
+    fn an_unknown_field_keeps_the_pods_selected_with_nothing_allowed() {
+        let s = snapshot(
+            r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: typo, namespace: ops}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egres: [{toEntities: [all]}]
+"#,
+        );
+        let p = s.problems.join("\n");
+        assert!(p.contains("CiliumNetworkPolicy ops/typo: spec.egres: is not a field weft knows"), "{p}");
+        let client = &s.policy.endpoints[&ip("10.1.1.13")];
+        assert!(client.ingress && client.egress && client.entries.is_empty(), "{client:?}");
+    }
+}
