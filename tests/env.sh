@@ -14,3 +14,10 @@ if [ -z "${KUBEBUILDER_ASSETS:-}" ] && [ -d ../shared/k8s/bin ]; then
     KUBEBUILDER_ASSETS=$(../shared/tools/unpack.sh ../shared/k8s/bin)
     export KUBEBUILDER_ASSETS
 fi
+# Other projects' tools the compatibility tests run (otelcol, hubble,
+# hubble-relay): ../shared/bin's, unpacked once, on PATH when it is there.
+# Without them, those tests skip.
+if [ -d ../shared/bin ] && WEFT_SHARED_TOOLS=$(../shared/tools/unpack.sh ../shared/bin 2>/dev/null); then
+    PATH="$WEFT_SHARED_TOOLS:$PATH"
+    export PATH
+fi

@@ -19,10 +19,13 @@ To exercise client behaviour:
                   and across gRPC and HTTP, with UNAVAILABLE (gRPC) or 503 (HTTP);
                   nothing from a refused call is recorded.
 
-To exercise TLS and headers (OTLP/HTTP only):
-  --tls-cert F --tls-key F   serve HTTPS with this certificate and key (PEM);
-  --record-header NAME       add the request's NAME header to each HTTP record, under
-                             "headers" (repeatable).
+To exercise TLS and headers:
+  --tls-cert F --tls-key F   serve HTTPS with this certificate and key (PEM; OTLP/HTTP only);
+  --record-header NAME       add the request's NAME header (HTTP) or metadata (gRPC) to
+                             each record, under "headers" (repeatable);
+  --require-header NAME=VALUE  refuse calls without exactly this header (an API key, as a
+                             vendor endpoint does): 401 (HTTP) or UNAUTHENTICATED (gRPC),
+                             counted in the file as {"kind": "refused", ...} lines.
 
 Needs the PyPI packages opentelemetry-proto, grpcio and protobuf.
 """
@@ -112,7 +115,9 @@ def span_records(req):
 class Receiver:
     """What both transports share: the output file, the delay and the failure budget."""
 
-    def __init__(self, out_path, delay_ms, fail_first):
+    def __init__(self, out_path, delay_ms, fail_first, record_headers=(), require=None):
+        self.record_headers = list(record_headers)
+        self.require = require
         self.out = open(out_path, "a", encoding="utf-8")
         self.delay = delay_ms / 1000.0
         self.fail_left = fail_first
@@ -127,6 +132,19 @@ class Receiver:
                 self.fail_left -= 1
                 return True
             return False
+
+    def headers_of(self, get):
+        """The recorded headers, given a lookup by lower-case name."""
+        return {h: get(h) for h in self.record_headers} if self.record_headers else None
+
+    def authorized(self, protocol, get):
+        """Whether the call carries the required header; a refusal is written down."""
+        if self.require is None or get(self.require[0]) == self.require[1]:
+            return True
+        with self.lock:
+            self.out.write(json.dumps({"kind": "refused", "protocol": protocol}) + "\n")
+            self.out.flush()
+        return False
 
     def record(self, protocol, records, headers=None):
         with self.lock:
@@ -147,9 +165,12 @@ class GrpcLogs(logs_grpc.LogsServiceServicer):
         self.rx = rx
 
     def Export(self, request, context):
+        md = dict(context.invocation_metadata())
+        if not self.rx.authorized("grpc", md.get):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "otlp_receiver: --require-header")
         if self.rx.should_fail():
             context.abort(grpc.StatusCode.UNAVAILABLE, "otlp_receiver: --fail-first")
-        self.rx.record("grpc", log_records(request))
+        self.rx.record("grpc", log_records(request), self.rx.headers_of(md.get))
         return logs_pb.ExportLogsServiceResponse()
 
 
@@ -158,9 +179,12 @@ class GrpcTraces(trace_grpc.TraceServiceServicer):
         self.rx = rx
 
     def Export(self, request, context):
+        md = dict(context.invocation_metadata())
+        if not self.rx.authorized("grpc", md.get):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "otlp_receiver: --require-header")
         if self.rx.should_fail():
             context.abort(grpc.StatusCode.UNAVAILABLE, "otlp_receiver: --fail-first")
-        self.rx.record("grpc", span_records(request))
+        self.rx.record("grpc", span_records(request), self.rx.headers_of(md.get))
         return trace_pb.ExportTraceServiceResponse()
 
 
@@ -171,7 +195,7 @@ HTTP_ROUTES = {
 }
 
 
-def make_http_handler(rx, record_headers):
+def make_http_handler(rx):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -197,10 +221,11 @@ def make_http_handler(rx, record_headers):
                 request = request_type.FromString(body)
             except (DecodeError, OSError) as e:
                 return self.reply(400, f"bad request body: {e}\n".encode())
+            if not rx.authorized("http", self.headers.get):
+                return self.reply(401, b"otlp_receiver: --require-header\n")
             if rx.should_fail():
                 return self.reply(503, b"otlp_receiver: --fail-first\n")
-            headers = {h: self.headers.get(h) for h in record_headers} if record_headers else None
-            rx.record("http", extract(request), headers)
+            rx.record("http", extract(request), rx.headers_of(self.headers.get))
             self.reply(200, response_type().SerializeToString(), "application/x-protobuf")
 
         def log_message(self, format, *args):  # keep test output quiet
@@ -220,9 +245,15 @@ def main():
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--record-header", action="append", default=[])
+    p.add_argument("--require-header")
     args = p.parse_args()
 
-    rx = Receiver(args.out, args.delay_ms, args.fail_first)
+    require = None
+    if args.require_header:
+        name, _, value = args.require_header.partition("=")
+        require = (name.strip().lower(), value)
+    rx = Receiver(args.out, args.delay_ms, args.fail_first,
+                  [h.lower() for h in args.record_header], require)
     ipv6 = ":" in args.bind
 
     # grpcio sets SO_REUSEPORT by default, which would let two receivers share a port.
@@ -245,7 +276,7 @@ def main():
                              "daemon_threads": True})
         try:
             http_server = server_class((args.bind, args.http_port),
-                                       make_http_handler(rx, [h.lower() for h in args.record_header]))
+                                       make_http_handler(rx))
         except OSError as e:
             sys.exit(f"otlp_receiver: cannot listen on {host}:{args.http_port}: {e}")
         if args.tls_cert:

@@ -3,15 +3,13 @@
 //! and the value.
 
 use std::{
-    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
-
 use weft_flow::socket::Access;
-use weft_observe::api::server::StreamLimits;
+use weft_observe::{api::server::StreamLimits, export::otlp};
 
 use crate::datapath::{DatapathConfig, EmitLevel, MapSizes};
 
@@ -168,99 +166,26 @@ impl FlowOptions {
     }
 }
 
-/// OTLP export of flows.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct OtlpOptions {
-    /// The collector: http://host:4317 (grpc) or http://host:4318 (http/protobuf).
-    pub endpoint: String,
-    /// grpc or http/protobuf. Default: grpc.
-    pub protocol: String,
-    /// http/protobuf: headers sent with every request (an API key, a tenant). Default: none.
-    pub headers: BTreeMap<String, String>,
-    /// http/protobuf with an https:// endpoint: a PEM file of CA certificates
-    /// trusted besides the system's. Default: the system's alone.
-    pub ca_file: Option<PathBuf>,
-    /// Flows waiting to be sent; more are dropped and counted. Default: 8192.
-    pub queue_size: usize,
-    /// Flows per request. Default: 512.
-    pub batch_size: usize,
-    /// Longest wait before a partial batch goes out, ms. Default: 1000.
-    pub interval_ms: u64,
-    /// Per request, ms. Default: 5000.
-    pub timeout_ms: u64,
-    /// How long a batch is retried before it is dropped (and counted), ms. Default: 30000.
-    pub retry_ms: u64,
-    /// Export only flows matching one of these Hubble FlowFilters (JSON or
-    /// YAML maps with Hubble's field names, e.g. {verdict: [DROPPED]}). Default: every flow.
-    pub allow: Vec<serde_json::Value>,
-    /// Never export flows matching one of these.
-    pub deny: Vec<serde_json::Value>,
-}
+/// OTLP export of flows (`flows.otlp`): its options and how they combine
+/// with the `OTEL_EXPORTER_OTLP_*` environment are the exporter's own.
+pub use weft_observe::export::otlp::OtlpOptions;
 
-impl Default for OtlpOptions {
-    fn default() -> Self {
-        Self {
-            endpoint: "http://127.0.0.1:4317".into(),
-            protocol: "grpc".into(),
-            headers: BTreeMap::new(),
-            ca_file: None,
-            queue_size: 8192,
-            batch_size: 512,
-            interval_ms: 1000,
-            timeout_ms: 5000,
-            retry_ms: 30_000,
-            allow: Vec::new(),
-            deny: Vec::new(),
-        }
+impl AgentConfig {
+    /// The OTLP exporter's settings: `flows.otlp` with the environment's
+    /// `OTEL_EXPORTER_OTLP_*` filling in what it leaves unset; without
+    /// `flows.otlp`, export is on when the environment names an endpoint.
+    pub fn otlp(&self, env: &dyn otlp::settings::Env) -> Result<Option<otlp::OtlpConfig>, ConfigError> {
+        let options = match &self.flows.otlp {
+            Some(o) => o.clone(),
+            None if otlp::enabled_by_env(env) => OtlpOptions::default(),
+            None => return Ok(None),
+        };
+        Ok(Some(options.resolve(env)?))
     }
 }
 
-impl OtlpOptions {
-    /// The exporter's settings; errors name the key.
-    pub fn exporter(&self) -> Result<weft_observe::export::otlp::OtlpConfig, ConfigError> {
-        let invalid = |key: &'static str, value: String, reason: String| ConfigError::Invalid { key, value, reason };
-        let protocol = weft_observe::export::otlp::Protocol::parse(&self.protocol)
-            .map_err(|e| invalid("flows.otlp.protocol", self.protocol.clone(), e.to_string()))?;
-        let filters = |key: &'static str, l: &[serde_json::Value]| {
-            l.iter()
-                .map(|v| weft_flow::json::flow_filter(v).map_err(|e| invalid(key, v.to_string(), e.to_string())))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        if !(1..=MAX_QUEUE).contains(&self.queue_size) || !(1..=MAX_QUEUE).contains(&self.batch_size) {
-            return Err(invalid(
-                "flows.otlp.queue-size/batch-size",
-                format!("{}/{}", self.queue_size, self.batch_size),
-                format!("must be from 1 to {MAX_QUEUE}"),
-            ));
-        }
-        let ca_pem = match &self.ca_file {
-            Some(p) => Some(
-                crate::limits::read_text(p, crate::limits::MAX_CONFIG_FILE_BYTES)
-                    .map_err(|e| invalid("flows.otlp.ca-file", p.display().to_string(), e.to_string()))?
-                    .into_bytes(),
-            ),
-            None => None,
-        };
-        Ok(weft_observe::export::otlp::OtlpConfig {
-            endpoint: self.endpoint.clone(),
-            protocol,
-            headers: self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            ca_pem,
-            queue: self.queue_size,
-            batch: self.batch_size,
-            interval: std::time::Duration::from_millis(self.interval_ms),
-            timeout: std::time::Duration::from_millis(self.timeout_ms.max(1)),
-            retry_for: std::time::Duration::from_millis(self.retry_ms),
-            allow: filters("flows.otlp.allow", &self.allow)?,
-            deny: filters("flows.otlp.deny", &self.deny)?,
-        })
-    }
-}
-
-/// Largest flow store, queue or batch: each is allocated up front, so a
-/// mistyped size must not ask for all the node's memory.
-pub const MAX_QUEUE: usize = 1 << 24;
+/// Largest flow store, queue or batch (the exporter's limit too).
+pub use weft_observe::export::otlp::settings::MAX_QUEUE;
 
 /// The most flow API streams `flows.max-streams*` may allow (each holds a
 /// buffer of responses and its compiled filters).
@@ -358,6 +283,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{key} = {value}: {reason}")]
     Invalid { key: &'static str, value: String, reason: String },
+    #[error(transparent)]
+    Otlp(#[from] otlp::OtlpError),
 }
 
 /// Parses `a.b.c.d/n`.
@@ -465,9 +392,7 @@ impl AgentConfig {
                 reason: r.to_string(),
             }
         })?;
-        if let Some(o) = &self.flows.otlp {
-            o.exporter()?;
-        }
+        self.otlp(&otlp::ProcessEnv)?;
         if let Some(t) = &self.flows.tls {
             t.load()?;
         }
@@ -516,7 +441,8 @@ mod tests {
         )
         .unwrap();
         cfg.validate().unwrap();
-        let e = cfg.flows.otlp.as_ref().unwrap().exporter().unwrap();
+        let none = std::collections::BTreeMap::new();
+        let e = cfg.otlp(&none).unwrap().unwrap();
         assert_eq!(e.allow.len(), 2);
         assert_eq!(e.allow[0].verdict, [2]);
         let bad: AgentConfig =
@@ -528,8 +454,14 @@ mod tests {
             "node-name: n\nflows:\n  otlp: {endpoint: 'https://c:4318', protocol: http/protobuf, headers: {x-tenant: blue}}\n",
         )
         .unwrap();
-        let e = with_headers.flows.otlp.as_ref().unwrap().exporter().unwrap();
-        assert_eq!(e.headers, [("x-tenant".to_string(), "blue".to_string())]);
+        let e = with_headers.otlp(&none).unwrap().unwrap();
+        assert_eq!(e.logs.headers, [("x-tenant".to_string(), "blue".to_string())]);
+        // No flows.otlp: the environment alone can turn export on.
+        let plain: AgentConfig = serde_saphyr::from_str("node-name: n\n").unwrap();
+        assert!(plain.otlp(&none).unwrap().is_none());
+        let env: std::collections::BTreeMap<String, String> =
+            [("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), "http://collector:4317".to_string())].into();
+        assert_eq!(plain.otlp(&env).unwrap().unwrap().traces.endpoint, "http://collector:4317");
         let no_ca: AgentConfig =
             serde_saphyr::from_str("node-name: n\nflows:\n  otlp: {ca-file: /nonexistent/ca.pem}\n").unwrap();
         let err = no_ca.validate().unwrap_err().to_string();

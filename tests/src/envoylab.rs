@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 use crate::{
     http::{Client, HttpServer, ServerOpts},
     lab::Lab,
-    objects::{AgentFiles, agent_files, envoy_state, start_agent, wait_ready, wait_status, write_atomic},
+    objects::{AgentFiles, agent_files, envoy_state, start_agent_with_env, wait_ready, wait_status, write_atomic},
     scenario::{T, sa},
 };
 
@@ -25,6 +25,15 @@ impl EnvoyLab {
 
     /// Like `new`, with extra agent configuration (YAML lines).
     pub fn with_config(objects: impl Fn(&Lab) -> String, agent_config: &str) -> Self {
+        Self::with_agent_env(objects, agent_config, [Vec::new(), Vec::new()])
+    }
+
+    /// Like `with_config`, each node's agent with extra environment variables.
+    pub fn with_agent_env(
+        objects: impl Fn(&Lab) -> String,
+        agent_config: &str,
+        env: [Vec<(String, String)>; 2],
+    ) -> Self {
         let lab = Lab::new().unwrap();
         let objects = objects(&lab);
         let servers = ["n1-p2", "n2-p1", "n2-p2"]
@@ -44,7 +53,7 @@ impl EnvoyLab {
         let mut pids = Vec::new();
         for (i, f) in files.iter().enumerate() {
             let log = lab.run_dir.join(format!("agent{i}.log"));
-            pids.push(start_agent(&lab, i, f, &log).unwrap());
+            pids.push(start_agent_with_env(&lab, i, f, &log, &env[i]).unwrap());
         }
         let me = Self { lab, files, pids, servers };
         for i in 0..2 {

@@ -15,5 +15,6 @@ pub mod load;
 pub mod node;
 pub mod objects;
 pub mod packet;
+pub mod pki;
 pub mod proxy;
 pub mod scenario;

@@ -210,10 +210,21 @@ pub fn agent_command() -> Command {
 /// node process; the lab's teardown then also stops the Envoy it starts);
 /// returns its pid.
 pub fn start_agent(lab: &Lab, idx: usize, files: &AgentFiles, log: &Path) -> anyhow::Result<u32> {
+    start_agent_with_env(lab, idx, files, log, &[])
+}
+
+/// [`start_agent`] with extra environment variables for the agent.
+pub fn start_agent_with_env(
+    lab: &Lab,
+    idx: usize,
+    files: &AgentFiles,
+    log: &Path,
+    env: &[(String, String)],
+) -> anyhow::Result<u32> {
     let _ = std::fs::remove_file(files.state_dir.join("ready"));
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = agent_command();
-    cmd.args(["run", "--config"]).arg(&files.config).stdout(log.try_clone()?).stderr(log);
+    cmd.args(["run", "--config"]).arg(&files.config).envs(env.iter().cloned()).stdout(log.try_clone()?).stderr(log);
     lab.spawn(&lab.node(idx).netns, Some(&lab.node(idx).cgroup), &mut cmd)
 }
 

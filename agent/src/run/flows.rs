@@ -37,12 +37,12 @@ const TLS_RELOAD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Starts the pipeline's thread with names from the first snapshot, adds its
 /// sinks (metrics, OTLP, `print-events`) and registers its metrics. The feed
-/// is for the ring-buffer reader.
+/// is for the ring-buffer reader; the OTLP exporter's counts are for status.
 pub fn start(
     cfg: &AgentConfig,
     first: &Snapshot,
     registry: &mut Registry,
-) -> anyhow::Result<(Arc<Pipeline>, EventFeed)> {
+) -> anyhow::Result<(Arc<Pipeline>, EventFeed, Option<Arc<otlp::ExportStats>>)> {
     let (pipeline, feed) = Pipeline::start(
         PipelineConfig {
             store_capacity: cfg.flows.store_size,
@@ -60,10 +60,15 @@ pub fn start(
     if cfg.print_events {
         pipeline.add_sink(Box::new(PrintSink { node: cfg.node_name.clone() }));
     }
-    if let Some(o) = &cfg.flows.otlp {
-        otlp::start(o.exporter()?, pipeline.clone()).map_err(anyhow::Error::msg)?;
-    }
-    Ok((pipeline, feed))
+    let exporter = match cfg.otlp(&otlp::ProcessEnv)? {
+        Some(o) => {
+            let stats = otlp::start(o, pipeline.clone())?;
+            registry.register_collector(Box::new(fm::OtlpCollector(stats.clone())));
+            Some(stats)
+        }
+        None => None,
+    };
+    Ok((pipeline, feed, exporter))
 }
 
 /// The spool Envoy writes its access log to, under the state directory

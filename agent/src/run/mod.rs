@@ -92,7 +92,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     let api_addr: SocketAddr = cfg.api_address.parse().with_context(|| format!("api-address {:?}", cfg.api_address))?;
 
     let mut registry = Registry::with_prefix("weft");
-    let (pipeline, feed) = flows::start(&cfg, &snapshot, &mut registry)?;
+    let (pipeline, feed, exporter) = flows::start(&cfg, &snapshot, &mut registry)?;
     let flow_api = flows::serve(&cfg, &pipeline)?;
 
     let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(snapshot));
@@ -113,6 +113,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
         envoy: envoy_rx.clone(),
         health: health_rx,
         pipeline: pipeline.clone(),
+        exporter,
     };
     registry.register_collector(Box::new(AgentCollector(readers.clone())));
 

@@ -16,7 +16,10 @@ use prometheus_client::{
 };
 use serde::Serialize;
 use tokio::sync::watch;
-use weft_observe::pipeline::{Pipeline, record::LostSource};
+use weft_observe::{
+    export::otlp::{ExportStats, ExportStatus},
+    pipeline::{Pipeline, record::LostSource},
+};
 
 use crate::{
     controller::{ControlStatus, EnvoyAck},
@@ -96,10 +99,13 @@ pub struct FlowStatus {
     pub access_log_committed: u64,
     /// Lost events by where they were lost.
     pub lost: BTreeMap<&'static str, u64>,
+    /// The OTLP exporter, when it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<ExportStatus>,
 }
 
 impl FlowStatus {
-    fn of(p: &Pipeline) -> Self {
+    fn of(p: &Pipeline, exporter: Option<&ExportStats>) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         let st = p.store.stats(weft_flow::time::now_ns() / 1_000_000_000);
         let c = &p.counters;
@@ -112,6 +118,7 @@ impl FlowStatus {
             access_log_entries: c.l7_received.load(Relaxed),
             access_log_committed: c.spool_committed.load(Relaxed),
             lost: LostSource::ALL.iter().map(|s| (s.label(), c.lost(*s))).collect(),
+            otlp: exporter.map(ExportStats::status),
         }
     }
 }
@@ -214,6 +221,8 @@ pub struct Readers {
     pub envoy: watch::Receiver<EnvoyState>,
     pub health: watch::Receiver<Health>,
     pub pipeline: Arc<Pipeline>,
+    /// The OTLP exporter's counts, when it runs.
+    pub exporter: Option<Arc<ExportStats>>,
 }
 
 impl Readers {
@@ -235,7 +244,7 @@ impl Readers {
             envoy: self.envoy.borrow().clone(),
             control: report.control,
             xds: report.xds,
-            flows: FlowStatus::of(&self.pipeline),
+            flows: FlowStatus::of(&self.pipeline, self.exporter.as_deref()),
             components: self.health.borrow().clone(),
         }
     }
@@ -394,6 +403,7 @@ mod tests {
             envoy: envoy_rx,
             health: health_rx,
             pipeline,
+            exporter: None,
         };
         health.send_modify(|h| {
             h.insert(Component::Datapath, ComponentState::Running);

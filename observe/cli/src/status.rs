@@ -110,6 +110,26 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         let parts: Vec<String> = lost.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("Lost events: {}   (since the agent started)", parts.join(" "));
     }
+    let o = &f["otlp"];
+    if o.is_object() {
+        let signal = |s: &serde_json::Value| {
+            format!(
+                "{} exported {} failed {} retried {}",
+                s["protocol"].as_str().unwrap_or("?"),
+                s["exported"],
+                s["failed"],
+                s["retried"]
+            )
+        };
+        println!(
+            "OTLP: logs {}; traces {}; queue {}/{}, dropped {}",
+            signal(&o["logs"]),
+            signal(&o["traces"]),
+            o["queued"],
+            o["queue-capacity"],
+            o["dropped"]
+        );
+    }
     let d = &a["datapath"];
     println!(
         "Datapath: {} services, {} endpoints, records written {} lost {}   (kernel counters, since the datapath was loaded)",

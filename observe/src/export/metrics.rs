@@ -23,6 +23,7 @@ use weft_flow::{
     time::now_ns,
 };
 
+use super::otlp::{ExportStats, Signal, SignalStats};
 use crate::pipeline::{
     Pipeline, Sink,
     enrich::Names,
@@ -394,5 +395,38 @@ impl Collector for PipelineCollector {
         gauge(&mut enc, "flow_store_flows", "Flows held in the flow store", st.num_flows as i64)?;
         gauge(&mut enc, "flow_store_capacity", "Flows the flow store can hold", st.max_flows as i64)?;
         Ok(())
+    }
+}
+
+/// The OTLP exporter's counts, read at scrape time.
+#[derive(Debug)]
+pub struct OtlpCollector(pub Arc<ExportStats>);
+
+impl Collector for OtlpCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &self.0;
+        type Read = fn(&SignalStats) -> u64;
+        let read: [(&str, &str, Read); 3] = [
+            ("otlp_exported", "Log records (logs) and spans (traces) the OTLP collector accepted", |s| {
+                s.exported.load(Relaxed)
+            }),
+            ("otlp_requests_failed", "OTLP export requests that failed, each try", |s| s.failed.load(Relaxed)),
+            ("otlp_requests_retried", "Failed OTLP export requests that were tried again", |s| s.retried.load(Relaxed)),
+        ];
+        for (name, help, value) in read {
+            let mut m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for (signal, s) in [(Signal::Logs, &st.logs), (Signal::Traces, &st.traces)] {
+                let labels = [("signal", signal.label()), ("protocol", s.protocol.label())];
+                ConstCounter::new(value(s)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        gauge(
+            &mut enc,
+            "otlp_queue_flows",
+            "Flows waiting in the OTLP exporter's queue",
+            st.queued.load(Relaxed) as i64,
+        )?;
+        gauge(&mut enc, "otlp_queue_capacity", "Flows the OTLP exporter's queue can hold", st.queue_capacity as i64)
     }
 }

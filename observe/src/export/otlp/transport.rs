@@ -1,0 +1,180 @@
+//! How one signal's export requests reach the collector: OTLP/gRPC on tonic
+//! (the generated clients of `opentelemetry-proto`) or OTLP/HTTP with
+//! protobuf bodies on reqwest, both with pooled keep-alive connections, TLS
+//! (the system's roots plus a configured CA; a client certificate for mutual
+//! TLS), the configured headers on every request, and gzip when asked.
+
+use std::{io::Write, time::Duration};
+
+use opentelemetry_proto::tonic::collector::{
+    logs::v1::{ExportLogsServiceRequest, logs_service_client::LogsServiceClient},
+    trace::v1::{ExportTraceServiceRequest, trace_service_client::TraceServiceClient},
+};
+use prost::Message;
+use tonic::{
+    codec::CompressionEncoding,
+    metadata::{AsciiMetadataValue, MetadataKey},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+use weft_flow::client::{error_chain, http_client};
+
+use super::{Compression, OtlpError, Protocol, Transport};
+
+/// Why a request failed, and whether trying again may help.
+#[derive(Debug)]
+pub struct Failure {
+    pub retry: bool,
+    pub message: String,
+}
+
+/// One signal's client; owned by the export loop.
+pub struct Client {
+    headers: Vec<(String, String)>,
+    kind: Kind,
+}
+
+/// Owned by the loop, one per signal: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Kind {
+    Grpc { logs: LogsServiceClient<Channel>, traces: TraceServiceClient<Channel> },
+    Http { http: reqwest::Client, url: String, gzip: bool },
+}
+
+impl Client {
+    /// Builds the client; connections are made when the first request goes.
+    pub fn new(t: &Transport) -> Result<Client, OtlpError> {
+        let fail = |reason: String| OtlpError::Client { signal: t.signal, reason };
+        let kind = match t.protocol {
+            Protocol::Grpc => {
+                let mut ep = Endpoint::from_shared(t.endpoint.clone())
+                    .map_err(|e| fail(format!("endpoint {}: {e}", t.endpoint)))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(t.timeout);
+                if t.endpoint.starts_with("https://") {
+                    let mut tls = ClientTlsConfig::new().with_native_roots();
+                    if let Some(ca) = &t.ca_pem {
+                        tls = tls.ca_certificate(Certificate::from_pem(ca));
+                    }
+                    if let Some((cert, key)) = &t.client_identity {
+                        tls = tls.identity(Identity::from_pem(cert, key));
+                    }
+                    ep = ep.tls_config(tls).map_err(|e| fail(format!("TLS: {}", error_chain(&e))))?;
+                }
+                let ch = ep.connect_lazy();
+                let (mut logs, mut traces) = (LogsServiceClient::new(ch.clone()), TraceServiceClient::new(ch));
+                if t.compression == Compression::Gzip {
+                    // Collectors answer in the request's encoding.
+                    logs = logs.send_compressed(CompressionEncoding::Gzip).accept_compressed(CompressionEncoding::Gzip);
+                    traces =
+                        traces.send_compressed(CompressionEncoding::Gzip).accept_compressed(CompressionEncoding::Gzip);
+                }
+                Kind::Grpc { logs, traces }
+            }
+            Protocol::HttpProtobuf => {
+                let mut b = http_client().timeout(t.timeout).connect_timeout(Duration::from_secs(2));
+                if let Some(pem) = &t.ca_pem {
+                    let certs = reqwest::Certificate::from_pem_bundle(pem)
+                        .map_err(|e| fail(format!("CA certificates: {}", error_chain(&e))))?;
+                    b = b.tls_certs_merge(certs);
+                }
+                if let Some((cert, key)) = &t.client_identity {
+                    let id = reqwest::Identity::from_pem(&[cert.as_slice(), b"\n", key.as_slice()].concat())
+                        .map_err(|e| fail(format!("client certificate and key: {}", error_chain(&e))))?;
+                    b = b.identity(id);
+                }
+                let http = b.build().map_err(|e| fail(format!("HTTP client: {}", error_chain(&e))))?;
+                Kind::Http { http, url: t.endpoint.clone(), gzip: t.compression == Compression::Gzip }
+            }
+        };
+        // Checked when the settings were read; checked again for the types.
+        for (k, v) in &t.headers {
+            if MetadataKey::<tonic::metadata::Ascii>::from_bytes(k.as_bytes()).is_err()
+                || AsciiMetadataValue::try_from(v.as_str()).is_err()
+            {
+                return Err(fail(format!("header {k:?} cannot be sent (its value is not shown)")));
+            }
+        }
+        Ok(Client { headers: t.headers.clone(), kind })
+    }
+
+    pub async fn send_logs(&mut self, req: ExportLogsServiceRequest) -> Result<(), Failure> {
+        match &mut self.kind {
+            Kind::Grpc { logs, .. } => {
+                logs.export(with_metadata(req, &self.headers)).await.map(drop).map_err(grpc_failure)
+            }
+            Kind::Http { http, url, gzip } => post(http, url, &self.headers, req.encode_to_vec(), *gzip).await,
+        }
+    }
+
+    pub async fn send_spans(&mut self, req: ExportTraceServiceRequest) -> Result<(), Failure> {
+        match &mut self.kind {
+            Kind::Grpc { traces, .. } => {
+                traces.export(with_metadata(req, &self.headers)).await.map(drop).map_err(grpc_failure)
+            }
+            Kind::Http { http, url, gzip } => post(http, url, &self.headers, req.encode_to_vec(), *gzip).await,
+        }
+    }
+}
+
+fn with_metadata<T>(msg: T, headers: &[(String, String)]) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    for (k, v) in headers {
+        // Both were checked in `Client::new`.
+        if let (Ok(k), Ok(mut v)) = (MetadataKey::from_bytes(k.as_bytes()), AsciiMetadataValue::try_from(v.as_str())) {
+            v.set_sensitive(true);
+            req.metadata_mut().insert(k, v);
+        }
+    }
+    req
+}
+
+/// OTLP's retryable gRPC codes (the specification's list, plus the ones a
+/// broken connection shows up as).
+fn grpc_failure(s: tonic::Status) -> Failure {
+    use tonic::Code::*;
+    let retry = matches!(
+        s.code(),
+        Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Cancelled | Unknown | Internal
+    );
+    let detail = std::error::Error::source(&s).map(|e| format!(" ({})", error_chain(e))).unwrap_or_default();
+    Failure { retry, message: format!("gRPC {:?}: {}{detail}", s.code(), s.message()) }
+}
+
+/// POSTs one protobuf body; 429 and 5xx may be retried (OTLP/HTTP's rule).
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+    gzip: bool,
+) -> Result<(), Failure> {
+    let mut req = http.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
+    for (k, v) in headers {
+        let mut v = reqwest::header::HeaderValue::from_str(v)
+            .map_err(|_| Failure { retry: false, message: format!("header {k:?}: not a header value (not shown)") })?;
+        v.set_sensitive(true);
+        req = req.header(k.as_str(), v);
+    }
+    let body = if gzip {
+        req = req.header(reqwest::header::CONTENT_ENCODING, "gzip");
+        gzipped(&body)
+    } else {
+        body
+    };
+    let resp = req.body(body).send().await.map_err(|e| Failure { retry: !e.is_builder(), message: error_chain(&e) })?;
+    let status = resp.status();
+    // Read to the end, so the connection goes back to the pool.
+    let _ = resp.bytes().await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(Failure { retry: status.as_u16() == 429 || status.is_server_error(), message: format!("HTTP {status}") })
+    }
+}
+
+fn gzipped(body: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+    // Writing into a Vec cannot fail.
+    let _ = enc.write_all(body);
+    enc.finish().unwrap_or_default()
+}
