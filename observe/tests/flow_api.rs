@@ -727,16 +727,22 @@ async fn follow(addr: &Address) -> Result<tonic::Streaming<GetFlowsResponse>, to
     c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.map(|r| r.into_inner())
 }
 
-/// Opens a follow stream, retrying while the server has not yet noticed a
-/// stream the test closed.
-async fn follow_eventually(addr: &Address) -> tonic::Streaming<GetFlowsResponse> {
+/// Opens a stream, retrying while the server has not yet noticed a stream
+/// the test closed.
+async fn open_eventually(addr: &Address, req: GetFlowsRequest) -> tonic::Streaming<GetFlowsResponse> {
     for _ in 0..100 {
-        if let Ok(s) = follow(addr).await {
-            return s;
+        let mut c = client::observer(addr).await.unwrap();
+        match c.get_flows(req.clone()).await {
+            Ok(s) => return s.into_inner(),
+            Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("no stream slot came back");
+}
+
+async fn follow_eventually(addr: &Address) -> tonic::Streaming<GetFlowsResponse> {
+    open_eventually(addr, GetFlowsRequest { follow: true, ..Default::default() }).await
 }
 
 /// One client may keep `per_client` GetFlows streams open, all clients
@@ -767,11 +773,10 @@ async fn streams_and_requests_are_bounded() {
     // gives its place back by itself.
     let api = start_with(PipelineConfig::default(), StreamLimits { per_client: 1, total: 1 }).await;
     for _ in 0..3 {
-        let mut c = client::observer(&api.addr).await.unwrap();
-        let mut s = c.get_flows(GetFlowsRequest::default()).await.unwrap().into_inner();
+        let mut s = open_eventually(&api.addr, GetFlowsRequest::default()).await;
         while s.message().await.unwrap().is_some() {}
         drop(s);
-        let _ = follow_eventually(&api.addr).await;
+        drop(follow_eventually(&api.addr).await);
     }
 
     let huge = FlowFilter { source_pod: vec!["x".repeat(server::MAX_REQUEST_BYTES + 1)], ..Default::default() };
