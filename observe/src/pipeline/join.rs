@@ -90,7 +90,15 @@ impl ConnTable {
         match ev.r#type as u32 {
             abi::EV_POLICY => link.policy = Some((verdict != Verdict::Dropped, ev.policy_match)),
             _ => {
-                if rank(verdict) > rank(link.verdict) {
+                // A drop, then the same connection handed to the proxy, is a
+                // retransmission that got through (a SYN sent before the
+                // proxy's socket was there, say): the connection shows what
+                // it became. A drop after that still wins.
+                let got_through = link.verdict == Verdict::Dropped && verdict == Verdict::Redirected;
+                if got_through {
+                    link.verdict = verdict;
+                    link.drop_reason = 0;
+                } else if rank(verdict) > rank(link.verdict) {
                     link.verdict = verdict;
                 }
                 if let Some(obs) = f.observation_point()
@@ -178,6 +186,25 @@ mod tests {
         let p = t.proxied("10.1.1.5:40000".parse().unwrap(), 15001).unwrap();
         assert_eq!(p.server, Some("10.96.0.10:80".parse().unwrap()));
         assert!(t.proxied("10.1.1.5:40000".parse().unwrap(), 15002).is_none());
+    }
+
+    #[test]
+    fn a_retransmission_that_reaches_the_proxy_after_a_drop_shows_the_connection_redirected() {
+        let mut t = ConnTable::new(16);
+        let (c, s) = ("10.1.1.5:40010", "10.96.0.10:80");
+        t.observe(&ev(abi::EV_DROP, abi::DROP_PROXY_LOOKUP_FAILED, c, s));
+        let link = |t: &ConnTable| {
+            let l = t.link(c.parse().unwrap(), s.parse().unwrap()).unwrap();
+            (l.verdict, l.drop_reason as u32)
+        };
+        assert_eq!(link(&t), (Verdict::Dropped, abi::DROP_PROXY_LOOKUP_FAILED));
+        let mut to_proxy = ev(abi::EV_TRACE, abi::OBS_TO_PROXY, c, s);
+        to_proxy.ev.proxy_port = 15001;
+        t.observe(&to_proxy);
+        assert_eq!(link(&t), (Verdict::Redirected, 0));
+        // Dropped later (a policy change, say): the drop wins again.
+        t.observe(&ev(abi::EV_DROP, abi::DROP_POLICY_DENIED, c, s));
+        assert_eq!(link(&t), (Verdict::Dropped, abi::DROP_POLICY_DENIED));
     }
 
     #[test]
