@@ -4,8 +4,13 @@
 # as another user they print SKIPPED and pass.
 # Every test binary runs even when one fails (--no-fail-fast), so a run
 # reports all failures at once.
-# Usage: sudo ./tests/run-tests.sh [cargo test filters...]
+# Usage: ./tests/run-tests.sh [cargo test filters...]
 set -eu
+# Root is needed (packages, network namespaces, BPF): without it, run again
+# through sudo when there is one.
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+    exec sudo -E "$0" "$@"
+fi
 cd "$(dirname "$0")/.."
 ./tests/setup.sh
 . ./tests/env.sh
