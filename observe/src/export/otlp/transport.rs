@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::collector::{
 use prost::Message;
 use tonic::{
     codec::CompressionEncoding,
-    metadata::{AsciiMetadataValue, MetadataKey},
+    metadata::{AsciiMetadataValue, MetadataKey, MetadataMap},
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use weft_flow::client::{error_chain, http_client};
@@ -29,15 +29,23 @@ pub struct Failure {
 
 /// One signal's client; owned by the export loop.
 pub struct Client {
-    headers: Vec<(String, String)>,
     kind: Kind,
 }
 
 /// Owned by the loop, one per signal: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 enum Kind {
-    Grpc { logs: LogsServiceClient<Channel>, traces: TraceServiceClient<Channel> },
-    Http { http: reqwest::Client, url: String, gzip: bool },
+    /// The headers as gRPC metadata, built once, copied into each request.
+    Grpc {
+        logs: LogsServiceClient<Channel>,
+        traces: TraceServiceClient<Channel>,
+        metadata: MetadataMap,
+    },
+    Http {
+        http: reqwest::Client,
+        url: String,
+        gzip: bool,
+    },
 }
 
 impl Client {
@@ -68,10 +76,33 @@ impl Client {
                     traces =
                         traces.send_compressed(CompressionEncoding::Gzip).accept_compressed(CompressionEncoding::Gzip);
                 }
-                Kind::Grpc { logs, traces }
+                let mut metadata = MetadataMap::new();
+                for (k, v) in &t.headers {
+                    let (Ok(key), Ok(mut value)) =
+                        (MetadataKey::from_bytes(k.as_bytes()), AsciiMetadataValue::try_from(v.as_str()))
+                    else {
+                        return Err(fail(format!("header {k:?} cannot be sent (its value is not shown)")));
+                    };
+                    value.set_sensitive(true);
+                    metadata.insert(key, value);
+                }
+                Kind::Grpc { logs, traces, metadata }
             }
             Protocol::HttpProtobuf => {
-                let mut b = http_client().timeout(t.timeout).connect_timeout(Duration::from_secs(2));
+                let mut headers = reqwest::header::HeaderMap::new();
+                for (k, v) in &t.headers {
+                    let (Ok(name), Ok(mut value)) = (
+                        reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+                        reqwest::header::HeaderValue::from_str(v),
+                    ) else {
+                        return Err(fail(format!("header {k:?} cannot be sent (its value is not shown)")));
+                    };
+                    // Credentials, often: kept out of debug output.
+                    value.set_sensitive(true);
+                    headers.append(name, value);
+                }
+                let mut b =
+                    http_client().timeout(t.timeout).connect_timeout(Duration::from_secs(2)).default_headers(headers);
                 if let Some(pem) = &t.ca_pem {
                     let certs = reqwest::Certificate::from_pem_bundle(pem)
                         .map_err(|e| fail(format!("CA certificates: {}", error_chain(&e))))?;
@@ -86,45 +117,31 @@ impl Client {
                 Kind::Http { http, url: t.endpoint.clone(), gzip: t.compression == Compression::Gzip }
             }
         };
-        // Checked when the settings were read; checked again for the types.
-        for (k, v) in &t.headers {
-            if MetadataKey::<tonic::metadata::Ascii>::from_bytes(k.as_bytes()).is_err()
-                || AsciiMetadataValue::try_from(v.as_str()).is_err()
-            {
-                return Err(fail(format!("header {k:?} cannot be sent (its value is not shown)")));
-            }
-        }
-        Ok(Client { headers: t.headers.clone(), kind })
+        Ok(Client { kind })
     }
 
     pub async fn send_logs(&mut self, req: ExportLogsServiceRequest) -> Result<(), Failure> {
         match &mut self.kind {
-            Kind::Grpc { logs, .. } => {
-                logs.export(with_metadata(req, &self.headers)).await.map(drop).map_err(grpc_failure)
+            Kind::Grpc { logs, metadata, .. } => {
+                logs.export(with_metadata(req, metadata)).await.map(drop).map_err(grpc_failure)
             }
-            Kind::Http { http, url, gzip } => post(http, url, &self.headers, req.encode_to_vec(), *gzip).await,
+            Kind::Http { http, url, gzip } => post(http, url, req.encode_to_vec(), *gzip).await,
         }
     }
 
     pub async fn send_spans(&mut self, req: ExportTraceServiceRequest) -> Result<(), Failure> {
         match &mut self.kind {
-            Kind::Grpc { traces, .. } => {
-                traces.export(with_metadata(req, &self.headers)).await.map(drop).map_err(grpc_failure)
+            Kind::Grpc { traces, metadata, .. } => {
+                traces.export(with_metadata(req, metadata)).await.map(drop).map_err(grpc_failure)
             }
-            Kind::Http { http, url, gzip } => post(http, url, &self.headers, req.encode_to_vec(), *gzip).await,
+            Kind::Http { http, url, gzip } => post(http, url, req.encode_to_vec(), *gzip).await,
         }
     }
 }
 
-fn with_metadata<T>(msg: T, headers: &[(String, String)]) -> tonic::Request<T> {
+fn with_metadata<T>(msg: T, metadata: &MetadataMap) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    for (k, v) in headers {
-        // Both were checked in `Client::new`.
-        if let (Ok(k), Ok(mut v)) = (MetadataKey::from_bytes(k.as_bytes()), AsciiMetadataValue::try_from(v.as_str())) {
-            v.set_sensitive(true);
-            req.metadata_mut().insert(k, v);
-        }
-    }
+    *req.metadata_mut() = metadata.clone();
     req
 }
 
@@ -141,20 +158,8 @@ fn grpc_failure(s: tonic::Status) -> Failure {
 }
 
 /// POSTs one protobuf body; 429 and 5xx may be retried (OTLP/HTTP's rule).
-async fn post(
-    http: &reqwest::Client,
-    url: &str,
-    headers: &[(String, String)],
-    body: Vec<u8>,
-    gzip: bool,
-) -> Result<(), Failure> {
+async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>, gzip: bool) -> Result<(), Failure> {
     let mut req = http.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
-    for (k, v) in headers {
-        let mut v = reqwest::header::HeaderValue::from_str(v)
-            .map_err(|_| Failure { retry: false, message: format!("header {k:?}: not a header value (not shown)") })?;
-        v.set_sensitive(true);
-        req = req.header(k.as_str(), v);
-    }
     let body = if gzip {
         req = req.header(reqwest::header::CONTENT_ENCODING, "gzip");
         gzipped(&body)
