@@ -105,7 +105,7 @@ pub fn serve(
                 // Checked now (a bad file stops the start), read again as renewed.
                 files.load()?;
                 let files = files.clone();
-                Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.to_string())), every: TLS_RELOAD })
+                Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.into())), every: TLS_RELOAD })
             }
             None => None,
         },
