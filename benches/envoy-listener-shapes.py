@@ -76,8 +76,8 @@ def rss_fds(pid):
     rss = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:"))
     return rss // 1024, len(os.listdir(f"/proc/{pid}/fd"))
 
-def get(ip):
-    s = socket.create_connection((ip, 80), timeout=5)
+def get(ip, port=80):
+    s = socket.create_connection((ip, port), timeout=5)
     s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     data = b""
     while True:
@@ -108,7 +108,7 @@ def run(shape, n, workers):
         rss, fds = rss_fds(p.pid)
         # functional: the middle config answers on its Service address
         mid = n // 2
-        body = get(vip(mid)) if shape != "bound" else get_bound(20000 + mid)
+        body = get(vip(mid)) if shape != "bound" else get("127.0.0.1", 20000 + mid)
         # one listener (or chain) changed among n
         times = []
         for r in range(3):
@@ -120,22 +120,12 @@ def run(shape, n, workers):
         ok = stats()["listener_manager.lds.update_success"]
         write(d, shape, n, changed=None, ver="9")
         t_noop, s = wait(lambda s: s["listener_manager.lds.update_success"] > ok)
-        body2 = get(vip(mid)) if shape != "bound" else get_bound(20000 + mid)
+        body2 = get(vip(mid)) if shape != "bound" else get("127.0.0.1", 20000 + mid)
         print(json.dumps({"shape": shape, "n": n, "workers": workers, "load_s": round(t_load, 2), "rss_mib": rss, "fds": fds - base_fds,
                           "update_one_s": [round(t, 3) for t in times], "noop_s": round(t_noop, 3), "answer": body, "answer_after": body2,
                           "in_place": s.get("listener_manager.listener_in_place_updated", 0), "modified": s.get("listener_manager.listener_modified", 0)}), flush=True)
     finally:
         p.terminate(); p.wait()
-
-def get_bound(port):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-    data = b""
-    while True:
-        b = s.recv(4096)
-        if not b: break
-        data += b
-    return data.split(b"\r\n\r\n", 1)[-1].decode()
 
 if __name__ == "__main__":
     if os.environ.get("WEFT_SHAPES_NETNS") is None:

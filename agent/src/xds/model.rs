@@ -965,16 +965,29 @@ endpoints: [{addresses: [10.1.1.12]}, {addresses: [10.1.2.11]}]
     }
 
     fn config_with(name: &str, route_to: &str, cluster: &str) -> EnvoyConfig {
+        config_yaml(name, 1, "[{name: web}]", "", route_to, cluster)
+    }
+
+    /// An EnvoyConfig with a listener (`address`: extra listener fields), a
+    /// route configuration sending everything to `route_to`, and a cluster.
+    fn config_yaml(
+        name: &str,
+        generation: i64,
+        services: &str,
+        address: &str,
+        route_to: &str,
+        cluster: &str,
+    ) -> EnvoyConfig {
         let yaml = format!(
             r#"
 apiVersion: weft.io/v1alpha1
 kind: EnvoyConfig
-metadata: {{name: {name}, namespace: default, generation: 1}}
+metadata: {{name: {name}, namespace: default, generation: {generation}}}
 spec:
-  services: [{{name: web}}]
+  services: {services}
   resources:
   - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-    name: l
+    name: l{address}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -1205,32 +1218,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
             0 => format!("\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}", 15000 + rng.below(3)),
             _ => String::new(),
         };
-        let yaml = format!(
-            r#"
-apiVersion: weft.io/v1alpha1
-kind: EnvoyConfig
-metadata: {{name: {name}, namespace: default, generation: {generation}}}
-spec:
-  services: {services}
-  resources:
-  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-    name: l{address}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: l
-          rds: {{route_config_name: r}}
-          http_filters: [{{name: envoy.filters.http.router}}]
-  - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
-    name: r
-    virtual_hosts: [{{name: vh, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: {route_to}}}}}]}}]
-  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-    {cluster}
-"#
-        );
-        envoyconfig::parse(Origin::Api, &serde_saphyr::from_str(&yaml).unwrap()).unwrap()
+        config_yaml(name, generation, services, &address, &route_to, &cluster)
     }
 
     /// The property the cached model rests on: after every step of random
