@@ -180,7 +180,8 @@ fn config_c0(round: usize) -> String {
 
 /// GET on node1's Envoy admin interface ("" when it does not answer).
 fn admin(lab: &Lab, path: &str) -> String {
-    let Ok(mut c) = Client::connect(&lab.node(0).netns, "127.0.0.1:9901".parse().unwrap(), None, Duration::from_secs(2))
+    let Ok(mut c) =
+        Client::connect(&lab.node(0).netns, "127.0.0.1:9901".parse().unwrap(), None, Duration::from_secs(2))
     else {
         return String::new();
     };

@@ -271,7 +271,8 @@ impl Model {
 
     /// `cfg` translated: the kept translation when its spec has not changed.
     fn translate(&mut self, cfg: &EnvoyConfig) -> Translating {
-        let fresh = || translate::translate(cfg).map(Translation::new).map_err(|ps| ps.iter().map(|p| p.to_string()).collect());
+        let fresh =
+            || translate::translate(cfg).map(Translation::new).map_err(|ps| ps.iter().map(|p| p.to_string()).collect());
         let Some(cache) = self.translations.as_mut() else { return fresh() };
         match cache.get(&cfg.key) {
             Some((spec, t)) if *spec == cfg.spec => t.clone(),
@@ -1215,7 +1216,10 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
             _ => ("nowhere".to_owned(), format!("name: {name}-local\n    type: STATIC")),
         };
         let address = match rng.below(5) {
-            0 => format!("\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}", 15000 + rng.below(3)),
+            0 => format!(
+                "\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}",
+                15000 + rng.below(3)
+            ),
             _ => String::new(),
         };
         config_yaml(name, generation, services, &address, &route_to, &cluster)

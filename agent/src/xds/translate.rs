@@ -747,9 +747,10 @@ pub fn dispatcher(port: u16) -> (Listener, RouteConfiguration) {
     };
     let hcm = HttpConnectionManager {
         stat_prefix: "weft_proxy".into(),
-        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(
-            Rds { config_source: Some(ads()), route_config_name: DISPATCH_LISTENER.into() },
-        )),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: DISPATCH_LISTENER.into(),
+        })),
         http_filters: vec![HttpFilter {
             name: "envoy.filters.http.router".into(),
             config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Router::default()))),
