@@ -108,7 +108,7 @@ pub fn serve(
                 if !files.absent() {
                     files.load()?;
                 }
-                Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.to_string())), every: TLS_RELOAD })
+                Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.into())), every: TLS_RELOAD })
             }
             None => None,
         },
