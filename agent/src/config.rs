@@ -146,10 +146,11 @@ impl FlowTls {
         FlowTls { cert: of(&self.cert), key: of(&self.key), client_ca: self.client_ca.as_deref().map(of) }
     }
 
-    /// Whether none of the files exists yet (the operator has not issued
-    /// this node's certificate, or the kubelet has not written it yet).
+    /// Whether this node's certificate and key are not there yet (the
+    /// operator has not issued them, or the kubelet has not written them:
+    /// the CA bundle may well be there already).
     pub fn absent(&self) -> bool {
-        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()].into_iter().flatten().all(|p| !p.exists())
+        !self.cert.exists() && !self.key.exists()
     }
 
     /// Reads the files; errors name the key and the file.
