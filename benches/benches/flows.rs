@@ -43,7 +43,7 @@ use weft_observe::{
         enrich::Names,
         join::ConnTable,
         record::{EndpointInfo, Entry, LostSource, ServiceInfo},
-        ringbuf::EventReader,
+        ringbuf::{EventReader, Records},
         spawn_reader,
     },
 };

@@ -95,16 +95,19 @@ pub fn serve(
 ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
     let access = cfg.socket_access()?;
     let listen = Listen {
-        tcp: match cfg.flows.address.as_str() {
-            "" => None,
-            a => Some(a.parse().with_context(|| format!("flows.address {a:?}"))?),
+        tcp: match cfg.flows.tcp_address() {
+            None => None,
+            Some(a) => Some(a.parse().with_context(|| format!("flows.address {a:?}"))?),
         },
         unix: Some(cfg.flows.socket.clone().unwrap_or_else(|| cfg.state_dir.join("observer.sock"))),
         tls: match &cfg.flows.tls {
             Some(files) => {
-                // Checked now (a bad file stops the start), read again as renewed.
-                files.load()?;
-                let files = files.clone();
+                // Checked now (a bad file stops the start; files not there
+                // yet are waited for), read again as renewed.
+                let files = files.for_node(&cfg.node_name);
+                if !files.absent() {
+                    files.load()?;
+                }
                 Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.into())), every: TLS_RELOAD })
             }
             None => None,
