@@ -10,8 +10,22 @@
 //! Frontends and addresses a snapshot drops are removed before additions,
 //! so they make room in the same pass; room freed later (a pod removed at
 //! the end of its pass) is used by the retry.
+//!
+//! A frontend is handed to a proxy port only once the datapath holds that
+//! port's listening socket (its entry in the proxy socket map). Until then
+//! it keeps the forwarding the map holds for it: its backends for a Service
+//! that was plain or is new, so the first connections after an L7 config is
+//! applied are served instead of meeting no socket (a dropped SYN, a second
+//! of retransmission). A frontend already handed to a proxy port stays
+//! there even when the socket is gone (Envoy gone for good: refused, never
+//! silently sent around the proxy). [`Applied::awaiting_proxy`] lists the
+//! frontends held back; the worker applies the snapshot again once their
+//! sockets are in the map.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use weft_ebpf::abi;
 
@@ -31,6 +45,22 @@ pub struct Applied {
     pub problems: Vec<String>,
     /// Maps that had no room for everything, with what was left out.
     pub full: Vec<FullMap>,
+    /// Frontends not yet handed to their proxy port: the datapath holds no
+    /// socket for it yet.
+    pub awaiting_proxy: Vec<AwaitingProxy>,
+}
+
+/// A frontend whose proxy port has no listening socket in the datapath yet,
+/// and what its connections get meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AwaitingProxy {
+    /// `addr:port/proto`.
+    pub frontend: String,
+    /// The proxy port the snapshot hands it to.
+    pub proxy_port: u16,
+    /// The proxy port it keeps meanwhile; None: its backends.
+    pub kept_proxy_port: Option<u16>,
 }
 
 /// A map that had no room for some entries of the snapshot.
@@ -81,22 +111,16 @@ pub struct Reconciler {
     devices: Vec<String>,
     devices_attached: bool,
     services: BTreeMap<Frontend, ServiceEntry>,
+    /// The services map was read once (leftovers of an earlier run removed).
+    frontends_read: bool,
     ipcache: BTreeMap<(Ipv4Addr, u8), IpcacheEntry>,
     endpoints: BTreeMap<Ipv4Addr, EndpointEntry>,
     policies: BTreeMap<u16, Vec<PolicyEntry>>,
 }
 
-/// The host-side device the node routes a pod address to.
+/// The host-side device the node routes a pod address to (rtnetlink).
 pub fn route_device(ip: Ipv4Addr) -> Result<Option<String>> {
-    let out = Command::new("ip")
-        .args(["-j", "-4", "route", "get", &ip.to_string()])
-        .output()
-        .map_err(|e| DatapathError::io("running `ip route get`", e))?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    Ok(v.get(0).and_then(|r| r.get("dev")).and_then(|d| d.as_str()).map(str::to_owned))
+    crate::datapath::netlink::route_device(ip).map_err(|e| DatapathError::io("asking rtnetlink for a route", e))
 }
 
 impl Reconciler {
@@ -306,16 +330,32 @@ impl Reconciler {
     fn apply_services(&mut self, dp: &mut Datapath, snap: &Snapshot, out: &mut Applied) -> Result<()> {
         let want: BTreeMap<Frontend, ServiceEntry> =
             snap.services.iter().flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone()))).collect();
-        // Everything written but not wanted: also what an earlier run left.
-        for f in dp.frontends()? {
-            if !want.keys().any(|w| w.addr == f.addr && w.port == f.port && w.proto == f.proto) {
+        let wanted: BTreeSet<_> = want.keys().map(|w| (w.addr, w.port, w.proto)).collect();
+        // Everything written but not wanted: on the first pass, what the
+        // map holds (also what an earlier run left); then what this
+        // reconciler wrote, so a pass does not read the whole map.
+        let present = if self.frontends_read { self.services.keys().copied().collect() } else { dp.frontends()? };
+        self.frontends_read = true;
+        for f in present {
+            if !wanted.contains(&(f.addr, f.port, f.proto)) {
                 dp.delete_service(&f)?;
                 self.services.remove(&f);
                 out.services_removed += 1;
             }
         }
+        let ready = dp.proxy_ports_registered();
         let mut written = BTreeMap::new();
-        for (f, e) in want {
+        for (f, mut e) in want {
+            if let Some(port) = e.proxy_port
+                && !ready.contains(&port)
+            {
+                e.proxy_port = self.services.get(&f).map_or_else(|| dp.written_proxy_port(&f), |w| w.proxy_port);
+                out.awaiting_proxy.push(AwaitingProxy {
+                    frontend: f.to_string(),
+                    proxy_port: port,
+                    kept_proxy_port: e.proxy_port,
+                });
+            }
             if self.services.get(&f) != Some(&e) {
                 match dp.upsert_service(&e) {
                     Ok(()) => out.services_written += 1,
