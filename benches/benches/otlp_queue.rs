@@ -170,7 +170,7 @@ struct SdkSink {
 }
 
 impl Sink for SdkSink {
-    fn batch(&mut self, first_seq: u64, entries: &[Entry], names: &Names) {
+    fn batch(&mut self, first_seq: u64, entries: &[Entry], names: &Arc<Names>) {
         let ctx = Context::new(self.pipeline.names(), self.pipeline.boot_id, true);
         for (i, e) in entries.iter().enumerate() {
             let Entry::Flow(f) = e else { continue };

@@ -390,7 +390,7 @@ impl FlowMetrics {
 }
 
 impl Sink for FlowMetrics {
-    fn batch(&mut self, _first_seq: u64, entries: &[Entry], names: &Names) {
+    fn batch(&mut self, _first_seq: u64, entries: &[Entry], names: &Arc<Names>) {
         let now = now_ns() / 1_000_000_000;
         let mut touched: Vec<(Fam, Labels)> = Vec::new();
         let mut fold: HashMap<Key, (u64, Ctx), FnvBuildHasher> = HashMap::default();
