@@ -105,7 +105,8 @@ pub struct PeerFeed {
 impl PeerFeed {
     /// The feed and what the flow API reads, from the first snapshot.
     pub fn new(cfg: &AgentConfig, snap: &Snapshot) -> (PeerFeed, watch::Receiver<PeerList>) {
-        let port = cfg.flows.address.parse::<std::net::SocketAddr>().map_or(4244, |a| a.port());
+        let port =
+            cfg.flows.tcp_address().and_then(|a| a.parse::<std::net::SocketAddr>().ok()).map_or(4244, |a| a.port());
         let (tx, rx) = watch::channel(PeerList::default());
         let feed = PeerFeed { port, tls: cfg.flows.tls.is_some(), tx };
         feed.update(snap);
