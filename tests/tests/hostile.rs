@@ -209,7 +209,7 @@ fn running_agents_count_hostile_access_log_lines_and_flow_requests() {
                 },
                 Code::InvalidArgument,
                 "over_limit",
-                "65 regular expressions",
+                "65 regular or CEL expressions",
             ),
             (
                 GetFlowsRequest { whitelist: vec![path(&"a".repeat(1025))], ..Default::default() },
