@@ -123,7 +123,8 @@ async fn start_with(cfg: PipelineConfig, limits: StreamLimits) -> Api {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("observer.sock");
     let (pipeline, feed) = Pipeline::start(cfg, names());
-    let listen = Listen { tcp: None, unix: Some(sock.clone()), tls: None, limits, access: Default::default() };
+    let listen =
+        Listen { tcp: None, unix: Some(sock.clone()), tls: None, limits, access: Default::default(), peers: None };
     tokio::spawn(server::serve(pipeline.clone(), listen));
     for _ in 0..100 {
         if sock.exists() {
@@ -484,6 +485,7 @@ async fn the_flow_api_speaks_tls_and_can_require_client_certificates() {
         tls: Some(server::TlsSource::fixed(tls)),
         limits: Default::default(),
         access: Default::default(),
+        peers: None,
     };
     let served = tokio::spawn(server::serve(pipeline.clone(), listen));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -547,7 +549,6 @@ async fn renewed_certificates_are_served_without_a_restart() {
             std::fs::rename(live.join(format!("{f}.tmp")), live.join(f)).unwrap();
         }
     };
-    install(&old, &["server.crt", "server.key", "ca.crt"]);
     let source = {
         let live = live.clone();
         server::TlsSource {
@@ -570,6 +571,7 @@ async fn renewed_certificates_are_served_without_a_restart() {
         tls: Some(source),
         limits: Default::default(),
         access: Default::default(),
+        peers: None,
     };
     let served = tokio::spawn(server::serve(pipeline.clone(), listen));
     let addr = Address::parse(&format!("tls://127.0.0.1:{port}")).unwrap();
@@ -599,6 +601,12 @@ async fn renewed_certificates_are_served_without_a_restart() {
         }
         false
     };
+    // Nothing issued yet (an agent that started before the operator wrote
+    // its certificate): the server runs and TLS waits for the files.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!works(old.clone()).await, "no certificate yet");
+    assert!(!served.is_finished(), "the server waits for its certificates");
+    install(&old, &["server.crt", "server.key", "ca.crt"]);
     assert!(eventually(old.clone(), true).await, "the first certificates are served");
     assert!(!works(new.clone()).await, "a client of the next CA is not trusted yet");
     // Half a renewal: the new certificate with the old key does not load.

@@ -45,9 +45,10 @@ pub use super::tls::{Tls, TlsError, TlsSource};
 use super::{
     convert::{self, Context},
     filter::{Env, FilterSet, check_bounds},
+    peer::PeerService,
 };
 use crate::pipeline::{
-    Pipeline,
+    Pipeline, Refusal,
     record::{Entry, Lost, LostSource},
 };
 
@@ -202,13 +203,22 @@ pub struct Query {
 impl Query {
     /// Checks a request: what a client may not ask is InvalidArgument.
     pub fn new(req: &GetFlowsRequest) -> Result<Query, Status> {
+        Query::check(req).map_err(|(_, s)| s)
+    }
+
+    /// [`Query::new`], saying why a refused request was refused.
+    fn check(req: &GetFlowsRequest) -> Result<Query, (Refusal, Status)> {
+        let invalid = |e: String| (Refusal::Invalid, Status::invalid_argument(e));
         if req.first && req.follow {
-            return Err(Status::invalid_argument("first cannot be combined with follow"));
+            return Err(invalid("first cannot be combined with follow".into()));
         }
-        check_bounds(&req.whitelist, &req.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let filters =
-            FilterSet::compile(&req.whitelist, &req.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let weft = weft_client(req)?;
+        check_bounds(&req.whitelist, &req.blacklist)
+            .map_err(|e| (Refusal::OverLimit, Status::invalid_argument(e.to_string())))?;
+        let filters = FilterSet::compile(&req.whitelist, &req.blacklist).map_err(|e| {
+            let why = if e.error.over_limit() { Refusal::OverLimit } else { Refusal::Invalid };
+            (why, Status::invalid_argument(e.to_string()))
+        })?;
+        let weft = weft_client(req).map_err(|s| (Refusal::Invalid, s))?;
         Ok(Query {
             filters,
             since: ns_of(&req.since),
@@ -253,9 +263,7 @@ fn response(node: &str, time_ns: u64, r: ResponseTypes) -> GetFlowsResponse {
 async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsResponse, Status>>, _slot: StreamSlot) {
     let names = p.names();
     let (boot_id, node) = (p.boot_id, names.node_name.clone());
-    let labels = names.node_labels.clone();
-    let cluster = names.cluster.clone();
-    let env = Env { boot_id, node_name: &node, node_labels: &labels, cluster: &cluster };
+    let env = Env { boot_id, names: &names };
     let mut ctx = Context::new(names.clone(), boot_id, q.with_link);
     let mut pos = q.start(&p, &env);
     // Without follow the query ends at what the store held when it arrived.
@@ -330,8 +338,13 @@ impl Observer for ObserverService {
     type GetDebugEventsStream = DebugEventStream;
 
     async fn get_flows(&self, request: Request<GetFlowsRequest>) -> Result<Response<FlowStream>, Status> {
-        let q = Query::new(request.get_ref())?;
-        let slot = self.streams.open(ClientKey::of(&request))?;
+        let counters = &self.pipeline.counters;
+        let q = Query::check(request.get_ref()).map_err(|(why, s)| {
+            counters.add_refused(why);
+            s
+        })?;
+        let slot =
+            self.streams.open(ClientKey::of(&request)).inspect_err(|_| counters.add_refused(Refusal::OverLimit))?;
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         tokio::spawn(run_query(self.pipeline.clone(), q, tx, slot));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -416,6 +429,8 @@ pub struct Listen {
     pub limits: StreamLimits,
     /// Who may connect to the unix socket.
     pub access: weft_flow::socket::Access,
+    /// The nodes the Peer service announces; None: no Peer service.
+    pub peers: Option<tokio::sync::watch::Receiver<super::peer::PeerList>>,
 }
 
 /// Serves the flow API (with health and reflection) until the process ends.
@@ -436,6 +451,7 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
             .add_service(ObserverServer::new(svc.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(health.clone())
             .add_service(reflection.clone())
+            .add_optional_service(listen.peers.clone().map(PeerService::new))
     };
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = listen.tcp {
