@@ -166,16 +166,23 @@ fn an_envoy_replaced_for_new_settings_drains_before_it_stops() {
     assert!(matches!(state, Some('R' | 'S' | 'D')), "the old Envoy drains, it is not stopped yet ({state:?})");
     let r = kept.get("hello.default", "/draining", &[]).unwrap_or_else(|e| env.fail(e));
     assert_eq!((r.status, r.header("connection")), (200, Some("close")), "{r:?}");
+    // The client closes as told, and so does Envoy: an end, not a reset.
+    kept.close_write().and_then(|()| kept.wait_closed()).unwrap_or_else(|e| {
+        env.fail(format!("the drained connection ended with {e}, not a close"))
+    });
     drop(kept);
 
     // New connections while the old Envoy drains and exits and the new one
-    // starts.
+    // starts. Those that arrive after the old one stopped accepting wait in
+    // the datapath's copies until the new one listens, which takes seconds
+    // on a loaded machine (Envoy's start, ADS, its listeners): the clients
+    // wait longer than T for that.
     let load = Load {
         ns: client.netns.clone(),
         targets: vec![sa(VIP, 80), sa(HELLO, 80)],
         count: 300,
         rate: 100.0,
-        timeout: T,
+        timeout: Duration::from_secs(15),
     };
     eprintln!("load from {:?}", std::time::SystemTime::now());
     let run = load.run(Vec::new());
@@ -187,16 +194,18 @@ fn an_envoy_replaced_for_new_settings_drains_before_it_stops() {
     for l in agent_log.lines().filter(|l| l.contains("Envoy") || l.contains("proxy")) {
         eprintln!("{l}");
     }
+    // It was drained only once the datapath held its sockets.
+    assert!(!agent_log.contains("holds no copy"), "the drain did not wait for the datapath's copies");
     for r in run.requests.iter().filter(|r| !r.ok()) {
         eprintln!("failed: {r:?}");
     }
     let (plain, l7) = (load::tally(&run.requests, 0), load::tally(&run.requests, 1));
-    eprintln!("plain {plain:?}; L7 {l7:?}");
+    let longest = run.requests.iter().filter(|r| r.target == 1).map(|r| r.took).max().unwrap_or_default();
+    eprintln!("plain {plain:?}; L7 {l7:?}; the longest L7 request took {longest:?}");
     assert_eq!(plain.ok, plain.sent, "{plain:?}");
-    // Requests the old Envoy accepted just before its SIGTERM may fail,
-    // at once; none hangs.
-    assert_eq!(l7.timed_out, 0, "no L7 connection hung across the replacement: {l7:?}");
-    assert!(l7.ok + 5 >= l7.sent, "at most a few L7 requests cut by the SIGTERM: {l7:?}");
+    // The old Envoy stops accepting before its SIGTERM and finishes what it
+    // accepted; what arrives meanwhile waits for the new one: nothing fails.
+    assert_eq!(l7.ok, l7.sent, "every L7 request across the replacement is answered: {l7:?}");
 }
 
 /// `weft observe -f -o json --protocol http` against node1's agent: its

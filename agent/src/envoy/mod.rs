@@ -288,8 +288,10 @@ async fn adopt(s: &EnvoySettings, bootstrap: &[u8], sockets_held: &SocketsHeld) 
 /// drains (`/drain_listeners?graceful`: HTTP/1 responses say `connection:
 /// close`, HTTP/2 connections get a GOAWAY, and new connections are still
 /// accepted) for at least [`DRAIN_MIN`] and until its connections are gone
-/// or [`DRAIN_TIME`] has passed; then [`stop`]. Requests the old Envoy
-/// accepted just before the SIGTERM fail.
+/// or [`DRAIN_TIME`] has passed. Then it stops accepting
+/// (`/drain_listeners`), and once its last connections are done (at most
+/// [`DRAIN_TIME`] more), [`stop`]. Only a request still unanswered after
+/// that fails.
 /// An Envoy whose admin interface does not answer is stopped at once.
 async fn drain_then_stop(envoy: &mut Process, admin_port: u16, sockets_held: &SocketsHeld) {
     let client = match weft_flow::client::http_client().timeout(Duration::from_secs(2)).build() {
@@ -333,11 +335,18 @@ async fn drain_then_stop(envoy: &mut Process, admin_port: u16, sockets_held: &So
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    if post("/drain_listeners?graceful").await {
-        tracing::info!(pid = envoy.pid(), held_after_ms = start.elapsed().as_millis() as u64, "Envoy is draining");
-        wait(DRAIN_MIN).await;
-    } else {
+    if !post("/drain_listeners?graceful").await {
         tracing::warn!(pid = envoy.pid(), "Envoy's admin interface refused the drain; stopping it at once");
+        return stop(envoy).await;
+    }
+    tracing::info!(pid = envoy.pid(), held_after_ms = start.elapsed().as_millis() as u64, "Envoy is draining");
+    wait(DRAIN_MIN).await;
+    // Then it stops accepting: what arrives from now on waits in the
+    // datapath's copies for the next Envoy, and the SIGTERM cuts no
+    // connection the old one accepted after its last look.
+    if post("/drain_listeners").await {
+        tracing::info!(pid = envoy.pid(), "Envoy stopped accepting; stopping it once its connections are done");
+        wait(Duration::ZERO).await;
     }
     stop(envoy).await;
 }
