@@ -167,9 +167,9 @@ fn an_envoy_replaced_for_new_settings_drains_before_it_stops() {
     let r = kept.get("hello.default", "/draining", &[]).unwrap_or_else(|e| env.fail(e));
     assert_eq!((r.status, r.header("connection")), (200, Some("close")), "{r:?}");
     // The client closes as told, and so does Envoy: an end, not a reset.
-    kept.close_write().and_then(|()| kept.wait_closed()).unwrap_or_else(|e| {
-        env.fail(format!("the drained connection ended with {e}, not a close"))
-    });
+    kept.close_write()
+        .and_then(|()| kept.wait_closed())
+        .unwrap_or_else(|e| env.fail(format!("the drained connection ended with {e}, not a close")));
     drop(kept);
 
     // New connections while the old Envoy drains and exits and the new one
