@@ -25,6 +25,16 @@ use weft_tests::{
     scenario::{T, VIP, sa},
 };
 
+/// The tests here measure connections across restarts under load, with
+/// clients that give up after T: one at a time, so one test's agent and
+/// Envoy starting (seconds of CPU on 2 cores) does not slow another's
+/// restarted Envoy past T.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn now_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
@@ -63,6 +73,7 @@ fn start_again(env: &weft_tests::envoylab::EnvoyLab) -> serde_json::Value {
 #[test]
 fn an_adopted_envoy_killed_under_load_is_restarted_at_once_and_costs_no_new_connection() {
     require_root!();
+    let _serial = one_at_a_time();
     // Processes orphaned below this one become its children and stay
     // unreaped until it waits for them: the adopted Envoy, once killed, is
     // a zombie, which a look at /proc/PID would take for a live process.
@@ -135,6 +146,7 @@ fn an_adopted_envoy_killed_under_load_is_restarted_at_once_and_costs_no_new_conn
 #[test]
 fn an_envoy_replaced_for_new_settings_drains_before_it_stops() {
     require_root!();
+    let _serial = one_at_a_time();
     let env = flow_lab("");
     let client = env.lab.pod("n1-p1");
     let status = weft_tests::objects::agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e));
@@ -232,6 +244,7 @@ impl Drop for Follower {
 #[test]
 fn http_flows_logged_while_the_agent_is_away_reach_a_follower_that_carries_on() {
     require_root!();
+    let _serial = one_at_a_time();
     let env = flow_lab("");
     let (follower, lines, follower_err) = follow(&env);
     // One request the follower must print first: then it is streaming.
