@@ -241,8 +241,9 @@ fn log_full_maps(before: &[FullMap], now: &[FullMap]) {
 /// the ports without one, and those whose connections wait for the next
 /// Envoy. True while some wait.
 fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &watch::Sender<DatapathStatus>) -> bool {
-    let mut ports: Vec<u16> =
-        snap.services.iter().flat_map(|s| s.entries.iter().filter_map(|e| e.proxy_port)).collect();
+    let services = snap.services.iter().flat_map(|s| s.entries.iter().filter_map(|e| e.proxy_port));
+    let policies = snap.policy.endpoints.values().flat_map(|p| p.entries.iter().filter_map(|e| e.proxy_port));
+    let mut ports: Vec<u16> = services.chain(policies).collect();
     ports.sort();
     ports.dedup();
     let pids = pid.map(|p| vec![p as i32]);

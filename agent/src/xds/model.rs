@@ -162,6 +162,8 @@ pub struct Model {
     nacked: BTreeMap<ConfigKey, (EnvoyConfigSpec, String)>,
     /// How many listeners this node's Envoy can hold, and why.
     budget: ListenerBudget,
+    /// Listeners (qualified names) network policies hand connections to.
+    policy_listeners: BTreeSet<String>,
 }
 
 /// The listeners Envoy can open within its open-file limit: each listener
@@ -210,7 +212,15 @@ impl Model {
             confirmed: BTreeMap::new(),
             nacked: BTreeMap::new(),
             budget: ListenerBudget::UNLIMITED,
+            policy_listeners: BTreeSet::new(),
         }
+    }
+
+    /// Listeners (qualified names) network policies hand connections to:
+    /// the next builds make them restore each connection's original
+    /// destination, as Cilium's listeners do.
+    pub fn set_policy_listeners(&mut self, names: BTreeSet<String>) {
+        self.policy_listeners = names;
     }
 
     /// Refuses configs whose listeners would not fit in Envoy's open files.
@@ -429,6 +439,9 @@ impl Model {
                         let port = self.ports.allocate(&l.name, &pinned);
                         if let Some(p) = port {
                             translate::bind_proxy_port(&mut listener, p);
+                            if self.policy_listeners.contains(&l.name) {
+                                translate::original_destination(&mut listener);
+                            }
                         }
                         port
                     }

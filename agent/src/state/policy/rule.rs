@@ -21,6 +21,7 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use weft_ebpf::abi;
 
+use super::l7::Proxy;
 use crate::{
     datapath::{Direction, PolicyAction, PolicyEntry, Proto},
     k8s::selector::{self, SelectorError},
@@ -122,8 +123,9 @@ pub struct Rule {
     pub action: PolicyAction,
     pub peers: Vec<Peer>,
     pub ports: Vec<PortSpec>,
-    /// Through the node's proxy on this port (L7 rules, listener redirects).
-    pub proxy_port: Option<u16>,
+    /// Allowed connections go through the node's proxy (L7 rules, listener
+    /// redirects) instead of straight on.
+    pub proxy: Option<Proxy>,
 }
 
 /// A policy in the common shape.
@@ -312,6 +314,7 @@ fn entries_for(
     cluster: &Cluster,
     out: &mut BTreeSet<PolicyEntry>,
 ) {
+    // Entries that wait for their proxy's port carry None until then.
     let entry = |identity: u32, proto: Option<Proto>, ports: Option<(u16, u16)>| PolicyEntry {
         direction: rule.direction,
         identity,
@@ -319,7 +322,7 @@ fn entries_for(
         ports,
         action: rule.action,
         rule_id,
-        proxy_port: rule.proxy_port,
+        proxy_port: None,
     };
     let all = [PortSpec { proto: None, ports: PortSel::All }];
     let specs = if rule.ports.is_empty() { &all[..] } else { &rule.ports[..] };
@@ -375,6 +378,9 @@ pub struct EndpointPolicy {
     /// A policy puts its egress under default-deny.
     pub egress: bool,
     pub entries: Vec<PolicyEntry>,
+    /// Entries allowed through a proxy, waiting for its port
+    /// ([`super::PolicyState::connect`] moves them to `entries`).
+    pub waiting: Vec<(PolicyEntry, Proxy)>,
 }
 
 /// Resolves policies for this node's pods. `problem(rule_id, message)` hears
@@ -387,7 +393,14 @@ pub fn resolve(
     cidrs: &CidrIds,
     mut problem: impl FnMut(u32, String),
 ) -> BTreeMap<Ipv4Addr, EndpointPolicy> {
-    let mut out: BTreeMap<Ipv4Addr, (bool, bool, BTreeSet<PolicyEntry>)> = BTreeMap::new();
+    #[derive(Default)]
+    struct Slot {
+        ingress: bool,
+        egress: bool,
+        entries: BTreeSet<PolicyEntry>,
+        waiting: BTreeSet<(PolicyEntry, Proxy)>,
+    }
+    let mut out: BTreeMap<Ipv4Addr, Slot> = BTreeMap::new();
     for policy in policies {
         let subjects: Vec<&PodState> = match policy.subjects.select(cluster) {
             Ok(s) => s.into_iter().filter(|p| p.local).collect(),
@@ -401,8 +414,8 @@ pub fn resolve(
         }
         for s in &subjects {
             let slot = out.entry(s.ip).or_default();
-            slot.0 |= policy.ingress;
-            slot.1 |= policy.egress;
+            slot.ingress |= policy.ingress;
+            slot.egress |= policy.egress;
         }
         for rule in &policy.rules {
             let peers = match resolve_peers(&rule.peers, cluster, cidrs) {
@@ -416,22 +429,31 @@ pub fn resolve(
                 let slot = out.entry(s.ip).or_default();
                 // A rule about a direction its policy does not enforce
                 // still applies: another policy may enforce it.
-                entries_for(rule, policy.rule_id, s, &peers, cluster, &mut slot.2);
+                match &rule.proxy {
+                    None => entries_for(rule, policy.rule_id, s, &peers, cluster, &mut slot.entries),
+                    Some(proxy) => {
+                        let mut via = BTreeSet::new();
+                        entries_for(rule, policy.rule_id, s, &peers, cluster, &mut via);
+                        slot.waiting.extend(via.into_iter().map(|e| (e, proxy.clone())));
+                    }
+                }
             }
         }
     }
+    // Entries of a direction nothing enforces would never be read.
+    let enforced = |ingress: bool, egress: bool| {
+        move |e: &PolicyEntry| match e.direction {
+            Direction::Ingress => ingress,
+            Direction::Egress => egress,
+        }
+    };
     out.into_iter()
-        .map(|(ip, (ingress, egress, entries))| {
-            // Entries of a direction nothing enforces would never be read.
-            let entries = entries
-                .into_iter()
-                .filter(|e| match e.direction {
-                    Direction::Ingress => ingress,
-                    Direction::Egress => egress,
-                })
-                .collect();
-            (ip, EndpointPolicy { ingress, egress, entries })
+        .filter(|(_, s)| s.ingress || s.egress)
+        .map(|(ip, s)| {
+            let keep = enforced(s.ingress, s.egress);
+            let entries = s.entries.into_iter().filter(|e| keep(e)).collect();
+            let waiting = s.waiting.into_iter().filter(|(e, _)| keep(e)).collect();
+            (ip, EndpointPolicy { ingress: s.ingress, egress: s.egress, entries, waiting })
         })
-        .filter(|(_, p)| p.ingress || p.egress)
         .collect()
 }
