@@ -22,7 +22,8 @@ pub struct AgentConfig {
     /// This node's address on its external device. Default: the InternalIP
     /// of this node's Node object.
     pub node_ip: Option<Ipv4Addr>,
-    /// External devices of the node (NodePort, LoadBalancer, masquerade). Default: [eth0].
+    /// External devices of the node (NodePort, LoadBalancer, masquerade).
+    /// Default (empty): the device that holds the node's address.
     pub devices: Vec<String>,
     /// Network namespace (a path like /var/run/netns/NAME) the datapath runs
     /// in. Default: the agent's own (the node's, in a DaemonSet).
@@ -32,6 +33,12 @@ pub struct AgentConfig {
     /// cgroup v2 directory whose processes get socket-level Service handling.
     /// Default: /sys/fs/cgroup (every process of the node).
     pub cgroup: Option<PathBuf>,
+    /// Where the node's sysctls are written (`net/ipv4/ip_forward` below it,
+    /// of the agent's network namespace). A container's /proc/sys is
+    /// read-only: the DaemonSet mounts the node's /proc/sys/net writable at
+    /// /host/proc/sys/net. A sysctl that already has the wanted value is not
+    /// written. Default: /proc/sys.
+    pub sysctl_dir: PathBuf,
     /// Where the agent keeps state across restarts and its sockets. Default: /var/run/weft.
     pub state_dir: PathBuf,
     /// Kubernetes objects to serve when there is no API server: a directory
@@ -187,6 +194,9 @@ impl AgentConfig {
 /// Largest flow store, queue or batch (the exporter's limit too).
 pub use weft_observe::export::otlp::settings::MAX_QUEUE;
 
+/// The kernel's sysctls, as a process sees them.
+pub const PROC_SYS: &str = "/proc/sys";
+
 /// The most flow API streams `flows.max-streams*` may allow (each holds a
 /// buffer of responses and its compiled filters).
 pub const MAX_STREAMS: usize = 4096;
@@ -246,10 +256,11 @@ impl Default for AgentConfig {
         Self {
             node_name: hostname(),
             node_ip: None,
-            devices: vec!["eth0".into()],
+            devices: Vec::new(),
             netns: None,
             bpffs_dir: PathBuf::from("/sys/fs/bpf/weft"),
             cgroup: Some(PathBuf::from("/sys/fs/cgroup")),
+            sysctl_dir: PathBuf::from(PROC_SYS),
             state_dir: PathBuf::from("/var/run/weft"),
             objects_dir: PathBuf::from("/etc/weft/objects"),
             native_routing_cidr: Some("10.0.0.0/8".into()),
@@ -349,9 +360,6 @@ impl AgentConfig {
         if self.api_address.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("api-address", &self.api_address, "expected ip:port, like 0.0.0.0:9962"));
         }
-        if self.devices.is_empty() {
-            return Err(invalid("devices", &self.devices, "name at least the node's external device"));
-        }
         if !self.flows.address.is_empty() && self.flows.address.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("flows.address", &self.flows.address, "expected ip:port, like 0.0.0.0:4244, or empty"));
         }
@@ -410,6 +418,7 @@ impl AgentConfig {
         dp.map_sizes = self.map_sizes.clone();
         dp.recreate_mismatched_maps = self.recreate_mismatched_maps;
         dp.cgroup = self.cgroup.clone();
+        dp.sysctl_dir = self.sysctl_dir.clone();
         dp.native_cidr = self.native_routing_cidr.as_deref().and_then(parse_cidr);
         dp.masquerade = self.masquerade;
         dp.nat_ports = (self.nat_ports[0], self.nat_ports[1]);

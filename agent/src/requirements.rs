@@ -61,6 +61,8 @@ pub enum PathKind {
     Cgroup2,
     /// A directory the agent writes (state, sockets) that outlives it.
     State,
+    /// The node's /proc/sys/net, writable (a container's /proc/sys is not).
+    Sysctl,
 }
 
 /// A node path the agent uses.
@@ -80,6 +82,9 @@ pub fn host_paths(cfg: &AgentConfig) -> Vec<HostPath> {
     ];
     if let Some(c) = &cfg.cgroup {
         v.push(HostPath { path: c.clone(), kind: PathKind::Cgroup2, key: "cgroup" });
+    }
+    if cfg.sysctl_dir != std::path::Path::new(crate::config::PROC_SYS) {
+        v.push(HostPath { path: cfg.sysctl_dir.join("net"), kind: PathKind::Sysctl, key: "sysctl-dir" });
     }
     // weft-cni, run by the container runtime on the node, connects to it.
     if let Some(dir) = cfg.cni_socket.as_deref().and_then(std::path::Path::parent) {

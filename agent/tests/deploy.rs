@@ -120,6 +120,7 @@ fn daemonset_grants_exactly_what_the_agent_needs() {
             PathKind::Bpffs => ("/sys/fs/bpf", Some("HostToContainer"), true),
             PathKind::Cgroup2 => ("/sys/fs/cgroup", None, false),
             PathKind::State => (need.path.to_str().unwrap(), None, true),
+            PathKind::Sysctl => ("/proc/sys/net", None, true),
         };
         assert_eq!(host.path, path, "{} = {}", need.key, need.path.display());
         assert_eq!(m.mount_propagation.as_deref(), propagation, "{}", need.key);

@@ -29,12 +29,29 @@ const MAX_CONF_BYTES: u64 = 1 << 20;
 pub enum InstallError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: not a CNI network configuration: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: not a CNI network configuration: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {problem}")]
+    Conf { path: PathBuf, problem: ConfProblem },
     #[error(
         "no CNI configuration (*.conf, *.conflist, *.json) in {dir} after {waited:?}: weft chains onto a primary CNI, install that first"
     )]
     NoPrimary { dir: PathBuf, waited: Duration },
+}
+
+/// Why a primary CNI configuration cannot have weft-cni chained onto it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfProblem {
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("`plugins` is not a list")]
+    PluginsNotAList,
+    #[error("`plugins` is empty: there is no primary plugin to chain onto")]
+    NoPrimaryPlugin,
+    #[error("no `{0}`")]
+    Missing(&'static str),
+    #[error("neither `plugins` nor `type`")]
+    NeitherPluginsNorType,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
@@ -67,17 +84,17 @@ pub fn primary_conf(dir: &Path) -> Result<Option<PathBuf>, InstallError> {
 
 /// `conf` (a list or a single plugin's configuration) as a list with
 /// weft-cni last, its `agentSocket` set; an entry already there is updated.
-pub fn chained(conf: &Value, agent_socket: &str) -> Result<Value, String> {
-    let obj = conf.as_object().ok_or("not a JSON object")?;
+pub fn chained(conf: &Value, agent_socket: &str) -> Result<Value, ConfProblem> {
+    let obj = conf.as_object().ok_or(ConfProblem::NotAnObject)?;
     let mut list = match obj.get("plugins") {
         Some(Value::Array(_)) => obj.clone(),
-        Some(_) => return Err("`plugins` is not a list".into()),
+        Some(_) => return Err(ConfProblem::PluginsNotAList),
         None => single_to_list(obj)?,
     };
-    let plugins = list.get_mut("plugins").and_then(Value::as_array_mut).ok_or("`plugins` is not a list")?;
+    let plugins = list.get_mut("plugins").and_then(Value::as_array_mut).ok_or(ConfProblem::PluginsNotAList)?;
     plugins.retain(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN));
     if plugins.is_empty() {
-        return Err("`plugins` is empty: there is no primary plugin to chain onto".into());
+        return Err(ConfProblem::NoPrimaryPlugin);
     }
     plugins.push(json!({"type": PLUGIN, "agentSocket": agent_socket}));
     Ok(Value::Object(list))
@@ -93,12 +110,12 @@ pub fn unchained(conf: &Value) -> Value {
 }
 
 /// A single plugin's configuration (`.conf`) as a list of that one plugin.
-fn single_to_list(obj: &Map<String, Value>) -> Result<Map<String, Value>, String> {
+fn single_to_list(obj: &Map<String, Value>) -> Result<Map<String, Value>, ConfProblem> {
     let mut plugin = obj.clone();
-    let version = plugin.remove("cniVersion").ok_or("no `cniVersion`")?;
-    let name = plugin.remove("name").ok_or("no `name`")?;
+    let version = plugin.remove("cniVersion").ok_or(ConfProblem::Missing("cniVersion"))?;
+    let name = plugin.remove("name").ok_or(ConfProblem::Missing("name"))?;
     if !plugin.contains_key("type") {
-        return Err("neither `plugins` nor `type`".into());
+        return Err(ConfProblem::NeitherPluginsNorType);
     }
     let mut list = Map::new();
     list.insert("cniVersion".into(), version);
@@ -110,7 +127,7 @@ fn single_to_list(obj: &Map<String, Value>) -> Result<Map<String, Value>, String
 fn read_conf(path: &Path) -> Result<Value, InstallError> {
     let mut text = Vec::new();
     fs::File::open(path).and_then(|f| f.take(MAX_CONF_BYTES).read_to_end(&mut text)).map_err(io(path))?;
-    serde_json::from_slice(&text).map_err(|e| InstallError::Invalid { path: path.to_owned(), reason: e.to_string() })
+    serde_json::from_slice(&text).map_err(|source| InstallError::Json { path: path.to_owned(), source })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder
@@ -144,7 +161,7 @@ pub fn install(target: &Target, binary: &Path, wait: Duration) -> Result<PathBuf
     };
     let conf = read_conf(&primary)?;
     let list = chained(&conf, &target.agent_socket)
-        .map_err(|reason| InstallError::Invalid { path: primary.clone(), reason })?;
+        .map_err(|problem| InstallError::Conf { path: primary.clone(), problem })?;
     let out = if primary.extension().is_some_and(|x| x == "conf") {
         primary.with_extension("conflist")
     } else {

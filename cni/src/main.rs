@@ -77,31 +77,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// Why `weft-cni install|uninstall` did nothing.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("{0}\n{USAGE}")]
+    Usage(String),
+    #[error("--wait {0:?}: not seconds")]
+    Wait(String),
+    #[error("finding my own binary: {0}")]
+    OwnBinary(std::io::Error),
+    #[error(transparent)]
+    Install(#[from] install::InstallError),
+}
+
 /// `install` / `uninstall` with their options.
-fn node_setup(args: &[String]) -> Result<String, String> {
+fn node_setup(args: &[String]) -> Result<String, SetupError> {
     let mut target = install::Target {
         bin_dir: "/opt/cni/bin".into(),
         conf_dir: "/etc/cni/net.d".into(),
         agent_socket: DEFAULT_SOCKET.into(),
     };
     let mut wait = INSTALL_WAIT;
-    let (command, options) = args.split_first().ok_or(USAGE)?;
+    let (command, options) = args.split_first().ok_or_else(|| SetupError::Usage("no command".into()))?;
     for pair in options.chunks(2) {
-        let [key, value] = pair else { return Err(format!("{} needs a value\n{USAGE}", pair[0])) };
+        let [key, value] = pair else { return Err(SetupError::Usage(format!("{} needs a value", pair[0]))) };
         match key.as_str() {
             "--bin-dir" => target.bin_dir = value.into(),
             "--conf-dir" => target.conf_dir = value.into(),
             "--agent-socket" => target.agent_socket = value.clone(),
-            "--wait" => {
-                wait = Duration::from_secs(value.parse().map_err(|_| format!("--wait {value:?}: not seconds"))?)
-            }
-            other => return Err(format!("unknown option {other}\n{USAGE}")),
+            "--wait" => wait = Duration::from_secs(value.parse().map_err(|_| SetupError::Wait(value.clone()))?),
+            other => return Err(SetupError::Usage(format!("unknown option {other}"))),
         }
     }
     match command.as_str() {
         "install" => {
-            let me = std::env::current_exe().map_err(|e| format!("finding my own binary: {e}"))?;
-            let conf = install::install(&target, &me, wait).map_err(|e| e.to_string())?;
+            let me = std::env::current_exe().map_err(SetupError::OwnBinary)?;
+            let conf = install::install(&target, &me, wait)?;
             Ok(format!(
                 "installed {} and chained weft-cni onto {}",
                 target.bin_dir.join(install::PLUGIN).display(),
@@ -109,10 +120,10 @@ fn node_setup(args: &[String]) -> Result<String, String> {
             ))
         }
         "uninstall" => {
-            install::uninstall(&target).map_err(|e| e.to_string())?;
+            install::uninstall(&target)?;
             Ok(format!("removed weft-cni from {} and {}", target.conf_dir.display(), target.bin_dir.display()))
         }
-        other => Err(format!("unknown command {other}\n{USAGE}")),
+        other => Err(SetupError::Usage(format!("unknown command {other}"))),
     }
 }
 

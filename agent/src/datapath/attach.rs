@@ -57,6 +57,43 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     Ok(idx)
 }
 
+/// The devices that hold `addr` in the current network namespace (the
+/// node's external device, found by the node's address when `devices` is not
+/// configured), in the kernel's order.
+pub fn devices_with_address(addr: std::net::Ipv4Addr) -> std::io::Result<Vec<String>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` on success; it is freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut found = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is an element of the list getifaddrs made, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null ifa_addr points to a sockaddr whose family says its type.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+        if std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == addr {
+            // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+            if !found.contains(&name) {
+                found.push(name);
+            }
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and nothing borrowed from it is kept.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(found)
+}
+
 /// Points a pinned link at `program` if the pin exists; returns false if not.
 fn update_pinned(pin: &Path, program: impl AsFd) -> Result<bool> {
     match sys::obj_get(pin) {
@@ -117,7 +154,7 @@ impl Datapath {
             })?;
             pin(link, &pin_path)?;
         }
-        sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "0")?;
+        sysctl(&self.cfg.sysctl_dir, &format!("net/ipv4/conf/{ifname}/rp_filter"), "0")?;
         tracing::debug!(ifname, ifindex = idx, ?role, "device attached");
         Ok(idx)
     }
@@ -234,8 +271,22 @@ fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
         .map_err(|e| DatapathError::io(format!("reading {}", dir.display()), e))
 }
 
-/// Writes a sysctl of the current thread's network namespace.
-pub(super) fn sysctl(key: &str, value: &str) -> Result<()> {
-    let path = Path::new("/proc/sys").join(key);
+/// Sets a sysctl of the current thread's network namespace, below `dir`
+/// (`/proc/sys` or a writable mount of it): left alone when it already has
+/// `value`, so a read-only /proc/sys is no obstacle then.
+pub(super) fn sysctl(dir: &Path, key: &str, value: &str) -> Result<()> {
+    let path = dir.join(key);
+    if fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
     fs::write(&path, value).map_err(|e| DatapathError::io(format!("setting {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_device_holding_an_address_is_found_by_it() {
+        assert_eq!(super::devices_with_address(std::net::Ipv4Addr::LOCALHOST).unwrap(), ["lo"]);
+        assert!(super::devices_with_address(std::net::Ipv4Addr::new(192, 0, 2, 77)).unwrap().is_empty());
+    }
 }

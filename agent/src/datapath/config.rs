@@ -135,6 +135,9 @@ pub struct DatapathConfig {
     /// cgroup v2 directory whose processes get socket-level Service handling
     /// (the node's processes reaching ClusterIPs). None: not attached.
     pub cgroup: Option<PathBuf>,
+    /// Where sysctls are written (`/proc/sys`, or a writable mount of the
+    /// node's `/proc/sys/net` where a container's /proc/sys is read-only).
+    pub sysctl_dir: PathBuf,
     /// The node's address on its external device: NodePort frontends and SNAT source.
     pub node_ip: Ipv4Addr,
     /// Destinations inside this CIDR are never masqueraded (pods, nodes).
@@ -165,6 +168,7 @@ impl DatapathConfig {
             map_sizes: MapSizes::default(),
             recreate_mismatched_maps: false,
             cgroup: None,
+            sysctl_dir: PathBuf::from("/proc/sys"),
             node_ip,
             native_cidr: None,
             masquerade: false,

@@ -19,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use attach::ifindex;
+pub use attach::{devices_with_address, ifindex};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, RingBuf},

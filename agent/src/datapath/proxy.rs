@@ -24,6 +24,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     os::fd::{AsRawFd, OwnedFd},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -34,7 +35,7 @@ use crate::pidfd;
 /// How long the agent keeps listening sockets no process but itself holds.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 
-const MIGRATE_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+const MIGRATE_SYSCTL: &str = "net/ipv4/tcp_migrate_req";
 
 /// The TCP listeners on `ports` in the current thread's network namespace:
 /// port -> socket inodes.
@@ -160,12 +161,13 @@ pub struct ProxySync {
 
 /// Makes the kernel move connections waiting in a closed listener's queue
 /// to another socket of its reuseport group (Linux 5.14), in the current
-/// network namespace. Returns whether it is on.
-pub fn migrate_waiting_connections() -> bool {
-    if fs::read_to_string(MIGRATE_SYSCTL).is_ok_and(|v| v.trim() == "1") {
+/// network namespace, through the sysctls below `sysctl_dir`. Returns whether it is on.
+pub fn migrate_waiting_connections(sysctl_dir: &Path) -> bool {
+    let path = sysctl_dir.join(MIGRATE_SYSCTL);
+    if fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
         return true;
     }
-    match fs::write(MIGRATE_SYSCTL, "1") {
+    match fs::write(&path, "1") {
         Ok(()) => {
             tracing::info!(
                 "net.ipv4.tcp_migrate_req=1: connections waiting for a restarting Envoy move to the new one"

@@ -25,9 +25,10 @@ pub(crate) fn ip(args: &[&str]) -> Result<String> {
 /// table whose only route delivers everything locally, where sk_lookup hands
 /// them to the proxy.
 pub(crate) fn install(cfg: &DatapathConfig) -> Result<()> {
-    sysctl("net/ipv4/ip_forward", "1")?;
-    sysctl("net/ipv4/conf/all/rp_filter", "0")?;
-    sysctl("net/ipv4/conf/default/rp_filter", "0")?;
+    let dir = &cfg.sysctl_dir;
+    sysctl(dir, "net/ipv4/ip_forward", "1")?;
+    sysctl(dir, "net/ipv4/conf/all/rp_filter", "0")?;
+    sysctl(dir, "net/ipv4/conf/default/rp_filter", "0")?;
 
     let mark = format!("{:#x}/{:#x}", abi::MARK_TO_PROXY, abi::MARK_MASK);
     let table = cfg.proxy_route_table.to_string();

@@ -22,7 +22,7 @@ use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::{oneshot, watch};
 
-use super::status::{DatapathStatus, MapUsage};
+use super::status::{Component, DatapathStatus, InputGone, MapUsage};
 use crate::{
     config::AgentConfig,
     datapath::{Datapath, migrate_waiting_connections},
@@ -79,7 +79,7 @@ impl Worker {
             // The pipeline may be gone (the agent is stopping): nothing to read into then.
             let _ = events.send(ring);
         }
-        let mut rec = Reconciler::new(cfg.devices.clone());
+        let mut rec = Reconciler::new(node_devices(&cfg, node_ip)?);
         let mut current: Option<Arc<Snapshot>> = None;
         let due_now = |every: Duration| Instant::now().checked_sub(every).unwrap_or_else(Instant::now);
         let mut last_maps = due_now(MAP_USAGE_EVERY);
@@ -91,7 +91,7 @@ impl Worker {
         let mut settle_from = Instant::now();
         let mut waiting = false;
         let mut envoy_published = true;
-        let migrating = migrate_waiting_connections();
+        let migrating = migrate_waiting_connections(&cfg.sysctl_dir);
         status.send_modify(|st| st.proxy_migration = migrating);
         // The first snapshot is there before the worker starts.
         snapshots.mark_changed();
@@ -122,8 +122,8 @@ impl Worker {
                     current = Some(snap);
                     last_proxy = due_now(PROXY_SYNC_EVERY);
                 }
-                Some(false) => return Ok(()), // the control loop is gone
-                None => {}                    // periodic work
+                Some(false) => return Err(InputGone(Component::Control).into()),
+                None => {} // periodic work
             }
             let left_out = !status.borrow().full_maps.is_empty();
             if left_out
@@ -175,6 +175,21 @@ impl Worker {
             }
         }
     }
+}
+
+/// The node's external devices: `devices` as configured, else the device
+/// that holds the node's address (a node's device name differs from node to
+/// node; its address is known from its Node object).
+fn node_devices(cfg: &AgentConfig, node_ip: Ipv4Addr) -> anyhow::Result<Vec<String>> {
+    if !cfg.devices.is_empty() {
+        return Ok(cfg.devices.clone());
+    }
+    let found = crate::datapath::devices_with_address(node_ip).context("listing the node's addresses")?;
+    if found.is_empty() {
+        anyhow::bail!("no device holds the node's address {node_ip}: set devices (the node's external device)");
+    }
+    tracing::info!(devices = ?found, %node_ip, "the node's devices, found by its address");
+    Ok(found)
 }
 
 fn apply(

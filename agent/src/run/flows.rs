@@ -28,7 +28,7 @@ use weft_observe::{
     },
 };
 
-use super::status::DatapathStatus;
+use super::status::{Component, DatapathStatus, InputGone};
 use crate::{config::AgentConfig, state::Snapshot};
 
 /// How often the flow API's TLS files are read again (a renewed Secret
@@ -105,7 +105,7 @@ pub fn serve(
                 // Checked now (a bad file stops the start), read again as renewed.
                 files.load()?;
                 let files = files.clone();
-                Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.to_string())), every: TLS_RELOAD })
+                Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.into())), every: TLS_RELOAD })
             }
             None => None,
         },
@@ -117,7 +117,8 @@ pub fn serve(
 }
 
 /// Follows the control loop's snapshots (names for flows) and the datapath's
-/// ring-buffer counters (loss notices) until either publisher is gone.
+/// ring-buffer counters (loss notices); fails with [`InputGone`] naming the
+/// publisher that is gone.
 pub async fn sync(
     pipeline: Arc<Pipeline>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -127,14 +128,14 @@ pub async fn sync(
         tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
-                    return Ok(());
+                    return Err(InputGone(Component::Control).into());
                 }
                 let snap = snapshots.borrow_and_update().clone();
                 pipeline.set_names(names(&snap));
             }
             changed = datapath.changed() => {
                 if changed.is_err() {
-                    return Ok(());
+                    return Err(InputGone(Component::Datapath).into());
                 }
                 let stats = datapath.borrow_and_update().event_stats.clone();
                 if let Some(s) = stats {

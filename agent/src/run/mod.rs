@@ -18,7 +18,10 @@
 //! None of them ends while the agent is healthy (servers serve, loops loop,
 //! Envoy's supervisor restarts Envoy), so any that does leaves the node
 //! without a part it needs: the agent then ends with an error naming it and
-//! exit status 1, and the kubelet restarts it. Restarting the datapath is
+//! exit status 1, and the kubelet restarts it. A component that ends because
+//! another stopped publishing what it reads says so ([`status::InputGone`]),
+//! and the error names the one that ended on its own, with its error: that is
+//! the cause, even when its end is noticed after its readers'. Restarting the datapath is
 //! cheap (its maps and programs are pinned and keep forwarding meanwhile) and
 //! a restart rebuilds every component from a clean state, which restarting
 //! one in place could not promise (the flow pipeline's threads share its
@@ -35,7 +38,7 @@ pub mod datapath;
 pub mod flows;
 pub mod status;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
@@ -47,7 +50,7 @@ use weft_observe::pipeline::{ringbuf::EventReader, spawn_reader};
 
 use self::{
     control::{Channels, ControlLoop, First},
-    status::{AgentCollector, Component, ComponentState, ControlReport, DatapathStatus, Health, Readers},
+    status::{AgentCollector, Component, ComponentState, ControlReport, DatapathStatus, Health, InputGone, Readers},
 };
 use crate::{
     config::AgentConfig,
@@ -183,13 +186,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     let mut ready_written = false;
     loop {
         tokio::select! {
-            Some((component, state)) = sup.next() => {
-                return Err(match state {
-                    ComponentState::Running | ComponentState::Stopped => anyhow::anyhow!("the {component} stopped"),
-                    ComponentState::Failed { error } => anyhow::anyhow!("the {component} failed: {error}"),
-                    ComponentState::Panicked { message } => anyhow::anyhow!("the {component} panicked: {message}"),
-                });
-            }
+            Some(end) = sup.next() => return Err(sup.cause(end).await),
             ring = async {
                 match ring_rx.as_mut() {
                     Some(rx) => rx.await,
@@ -216,31 +213,68 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     }
 }
 
+/// How long the supervisor waits for the end of a component whose output
+/// another one missed (see [`Supervisor::cause`]). Its task or thread
+/// returns right after dropping what it published.
+const CAUSE_WAIT: Duration = Duration::from_secs(5);
+
 /// Runs components and notices when one ends: each is a task or a thread
 /// whose end (return, error or panic) becomes its [`ComponentState`] in the
 /// published [`Health`].
 struct Supervisor {
-    set: JoinSet<(Component, ComponentState)>,
+    set: JoinSet<End>,
     health: watch::Sender<Health>,
 }
 
-/// What a component's thread returns, as a state.
+/// A component that ended, how, and whether because another one had.
+struct End {
+    component: Component,
+    state: ComponentState,
+    /// It failed with [`InputGone`]: this component's output stopped first.
+    after: Option<Component>,
+}
+
+impl End {
+    fn new(component: Component, state: ComponentState) -> Self {
+        End { component, state, after: None }
+    }
+
+    /// A failure is kept as its error, whose [`InputGone`] names the cause.
+    fn of(component: Component, result: anyhow::Result<()>) -> Self {
+        match result {
+            Ok(()) => End::new(component, ComponentState::Stopped),
+            Err(e) => End {
+                component,
+                after: e.downcast_ref::<InputGone>().map(|g| g.0),
+                state: ComponentState::Failed { error: format!("{e:#}") },
+            },
+        }
+    }
+
+    fn describe(&self) -> String {
+        let c = self.component;
+        match &self.state {
+            ComponentState::Running | ComponentState::Stopped => format!("the {c} stopped"),
+            ComponentState::Failed { error } => format!("the {c} failed: {error}"),
+            ComponentState::Panicked { message } => format!("the {c} panicked: {message}"),
+        }
+    }
+}
+
+/// What a component's thread returns, as its end.
 trait Outcome: Send + 'static {
-    fn state(self) -> ComponentState;
+    fn end(self, c: Component) -> End;
 }
 
 impl Outcome for () {
-    fn state(self) -> ComponentState {
-        ComponentState::Stopped
+    fn end(self, c: Component) -> End {
+        End::new(c, ComponentState::Stopped)
     }
 }
 
 impl Outcome for anyhow::Result<()> {
-    fn state(self) -> ComponentState {
-        match self {
-            Ok(()) => ComponentState::Stopped,
-            Err(e) => ComponentState::Failed { error: format!("{e:#}") },
-        }
+    fn end(self, c: Component) -> End {
+        End::of(c, self)
     }
 }
 
@@ -267,12 +301,13 @@ impl Supervisor {
             fut.await
         });
         self.set.spawn(async move {
-            let state = match handle.await {
-                Ok(r) => r.state(),
-                Err(e) if e.is_panic() => ComponentState::Panicked { message: panic_message(&*e.into_panic()) },
-                Err(e) => ComponentState::Failed { error: e.to_string() },
-            };
-            (c, state)
+            match handle.await {
+                Ok(r) => End::of(c, r),
+                Err(e) if e.is_panic() => {
+                    End::new(c, ComponentState::Panicked { message: panic_message(&*e.into_panic()) })
+                }
+                Err(e) => End::new(c, ComponentState::Failed { error: e.to_string() }),
+            }
         });
     }
 
@@ -280,18 +315,17 @@ impl Supervisor {
     fn thread<T: Outcome>(&mut self, c: Component, handle: std::thread::JoinHandle<T>) {
         self.running(c);
         self.set.spawn(async move {
-            let state = match tokio::task::spawn_blocking(move || handle.join()).await {
-                Ok(Ok(r)) => r.state(),
-                Ok(Err(payload)) => ComponentState::Panicked { message: panic_message(&*payload) },
-                Err(e) => ComponentState::Failed { error: format!("watching the thread: {e}") },
-            };
-            (c, state)
+            match tokio::task::spawn_blocking(move || handle.join()).await {
+                Ok(Ok(r)) => r.end(c),
+                Ok(Err(payload)) => End::new(c, ComponentState::Panicked { message: panic_message(&*payload) }),
+                Err(e) => End::new(c, ComponentState::Failed { error: format!("watching the thread: {e}") }),
+            }
         });
     }
 
     /// The next component to end, once its state is published and logged.
-    async fn next(&mut self) -> Option<(Component, ComponentState)> {
-        let (c, state) = match self.set.join_next().await? {
+    async fn next(&mut self) -> Option<End> {
+        let end = match self.set.join_next().await? {
             Ok(r) => r,
             // The watcher tasks neither panic nor get cancelled while the set lives.
             Err(e) => {
@@ -299,7 +333,8 @@ impl Supervisor {
                 return None;
             }
         };
-        match &state {
+        let (c, state) = (end.component, &end.state);
+        match state {
             ComponentState::Running => {}
             ComponentState::Stopped => tracing::warn!("the {c} stopped"),
             ComponentState::Failed { error } => tracing::error!("the {c} stopped: {error}"),
@@ -308,7 +343,31 @@ impl Supervisor {
         self.health.send_modify(|h| {
             h.insert(c, state.clone());
         });
-        Some((c, state))
+        Some(end)
+    }
+
+    /// The error the agent ends with, `first` having ended: a component that
+    /// ended because another's output stopped ([`InputGone`]) is rarely the
+    /// first to be noticed, so the ends that follow are awaited (up to
+    /// [`CAUSE_WAIT`]) until one ended on its own; the error names that one
+    /// first, then those that ended because of it.
+    async fn cause(&mut self, first: End) -> anyhow::Error {
+        let deadline = tokio::time::Instant::now() + CAUSE_WAIT;
+        let mut ends = vec![first];
+        while !ends.iter().any(|e| e.after.is_none()) {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(Some(end)) => ends.push(end),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let cause = ends.iter().position(|e| e.after.is_none()).unwrap_or(0);
+        let cause = ends.remove(cause);
+        let mut message = cause.describe();
+        if !ends.is_empty() {
+            let then: Vec<String> = ends.iter().map(|e| format!("the {}", e.component)).collect();
+            message.push_str(&format!("; after it ended: {}", then.join(", ")));
+        }
+        anyhow::anyhow!(message)
     }
 }
 
@@ -355,4 +414,56 @@ pub fn raise_fd_limit() -> u64 {
         }
     }
     lim.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supervisor() -> Supervisor {
+        Supervisor { set: JoinSet::new(), health: watch::channel(Health::new()).0 }
+    }
+
+    #[tokio::test]
+    async fn the_error_names_the_component_that_ended_on_its_own_not_its_readers() {
+        let mut sup = supervisor();
+        // The reader notices first; the publisher's thread returns its error later.
+        sup.task(Component::FlowSync, async { Err(InputGone(Component::Datapath).into()) });
+        let slow = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            Err::<(), _>(anyhow::anyhow!("loading the datapath: attaching to eth0: no such device"))
+        });
+        sup.thread(Component::Datapath, slow);
+        let first = sup.next().await.expect("an end");
+        assert_eq!(first.component, Component::FlowSync);
+        let err = sup.cause(first).await.to_string();
+        assert_eq!(
+            err,
+            "the datapath worker failed: loading the datapath: attaching to eth0: no such device; \
+             after it ended: the flow names and counters"
+        );
+        let health = sup.health.borrow().clone();
+        assert!(matches!(health.get(&Component::Datapath), Some(ComponentState::Failed { .. })), "{health:?}");
+    }
+
+    #[tokio::test]
+    async fn a_component_that_ended_on_its_own_is_reported_at_once() {
+        let mut sup = supervisor();
+        sup.task(Component::Api, async { Err(anyhow::anyhow!("binding 0.0.0.0:9962: address in use")) });
+        sup.task(Component::FlowApi, std::future::pending());
+        let first = sup.next().await.expect("an end");
+        let started = std::time::Instant::now();
+        let err = sup.cause(first).await.to_string();
+        assert_eq!(err, "the HTTP API failed: binding 0.0.0.0:9962: address in use");
+        assert!(started.elapsed() < CAUSE_WAIT, "waited for nothing");
+    }
+
+    #[tokio::test]
+    async fn a_reader_whose_publisher_never_ends_is_reported_after_the_wait() {
+        let mut sup = supervisor();
+        sup.task(Component::FlowSync, async { Err(InputGone(Component::Control).into()) });
+        let first = sup.next().await.expect("an end");
+        let err = sup.cause(first).await.to_string();
+        assert_eq!(err, "the flow names and counters failed: what it reads from the control loop stopped coming");
+    }
 }

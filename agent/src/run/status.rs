@@ -187,6 +187,13 @@ pub enum ComponentState {
     },
 }
 
+/// The error of a component that ended because another stopped publishing
+/// what it reads: the supervisor then reports that other component's end,
+/// which is the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("what it reads from the {0} stopped coming")]
+pub struct InputGone(pub Component);
+
 /// Every component's state; the supervisor is its one writer.
 pub type Health = BTreeMap<Component, ComponentState>;
 

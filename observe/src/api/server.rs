@@ -41,7 +41,7 @@ use weft_flow::{
     time::{now_ns, timestamp},
 };
 
-pub use super::tls::{Tls, TlsSource};
+pub use super::tls::{Tls, TlsError, TlsSource};
 use super::{
     convert::{self, Context},
     filter::{Env, FilterSet, check_bounds},

@@ -33,50 +33,72 @@ pub struct Tls {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+/// What is wrong with the flow API's certificate, key or client CA.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the certificate: {0}")]
+    Certificate(rustls::pki_types::pem::Error),
+    #[error("the certificate file holds no certificate")]
+    NoCertificate,
+    #[error("the key: {0}")]
+    Key(rustls::pki_types::pem::Error),
+    #[error("the TLS versions: {0}")]
+    Versions(rustls::Error),
+    #[error("the client CA: {0}")]
+    ClientCaPem(rustls::pki_types::pem::Error),
+    #[error("the client CA: {0}")]
+    ClientCa(rustls::Error),
+    #[error("the client CA: {0}")]
+    ClientVerifier(rustls::server::VerifierBuilderError),
+    #[error("the certificate and key: {0}")]
+    CertificateAndKey(rustls::Error),
+}
+
 impl Tls {
     /// Parses the certificate, key and CA as the server will; the error says
     /// what is wrong with them.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), TlsError> {
         self.server_config().map(|_| ())
     }
 
-    fn server_config(&self) -> Result<Arc<ServerConfig>, String> {
+    fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("the certificate: {e}"))?;
+            .map_err(TlsError::Certificate)?;
         if certs.is_empty() {
-            return Err("the certificate file holds no certificate".into());
+            return Err(TlsError::NoCertificate);
         }
-        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| format!("the key: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(TlsError::Key)?;
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+            .map_err(TlsError::Versions)?;
         let builder = match &self.client_ca_pem {
             Some(ca) => {
                 let mut roots = RootCertStore::empty();
                 for c in CertificateDer::pem_slice_iter(ca) {
-                    roots
-                        .add(c.map_err(|e| format!("the client CA: {e}"))?)
-                        .map_err(|e| format!("the client CA: {e}"))?;
+                    roots.add(c.map_err(TlsError::ClientCaPem)?).map_err(TlsError::ClientCa)?;
                 }
                 let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
-                    .map_err(|e| format!("the client CA: {e}"))?;
+                    .map_err(TlsError::ClientVerifier)?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
         };
-        let mut cfg = builder.with_single_cert(certs, key).map_err(|e| format!("the certificate and key: {e}"))?;
+        let mut cfg = builder.with_single_cert(certs, key).map_err(TlsError::CertificateAndKey)?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
     }
 }
 
+/// Why new certificates could not be read (the source's own error).
+pub type LoadError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Where the TLS comes from, and how often to read it again.
 #[derive(Clone)]
 pub struct TlsSource {
-    pub load: Arc<dyn Fn() -> Result<Tls, String> + Send + Sync>,
+    pub load: Arc<dyn Fn() -> Result<Tls, LoadError> + Send + Sync>,
     pub every: Duration,
 }
 
@@ -99,8 +121,8 @@ pub(crate) fn incoming(
     listener: TcpListener,
     source: TlsSource,
 ) -> anyhow::Result<ReceiverStream<io::Result<TlsStream<TcpStream>>>> {
-    let mut tls = (source.load)().map_err(anyhow::Error::msg)?;
-    let mut config = tls.server_config().map_err(anyhow::Error::msg)?;
+    let mut tls = (source.load)().map_err(anyhow::Error::from_boxed)?;
+    let mut config = tls.server_config()?;
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let handshakes = Arc::new(Semaphore::new(HANDSHAKES));

@@ -316,7 +316,7 @@ fn gateway(
                 Err(("NoMatchingParent", "the Gateway's class is not accepted".to_owned()))
             };
             let mut unresolved = Vec::new();
-            let mut dropped: Vec<(usize, String)> = Vec::new();
+            let mut dropped: Vec<(usize, rules::RuleError)> = Vec::new();
             let mut rule_count = 0;
             if let Ok(at) = &result {
                 for (li, hosts) in at {

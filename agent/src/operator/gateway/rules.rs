@@ -18,7 +18,7 @@ use weft_gateway_api::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use super::{
     backends::{self, BackendRef, Unresolved, Used, Weighted},
     config::Entry,
-    matching::{self, Precedence, duration_ms, envoy_duration},
+    matching::{self, MatchError, Precedence, duration_ms, envoy_duration},
 };
 use crate::k8s::Objects;
 
@@ -29,7 +29,38 @@ pub struct Translated {
     /// Backends that did not resolve (the route's ResolvedRefs).
     pub unresolved: Vec<Unresolved>,
     /// Rules dropped: (index, why).
-    pub dropped: Vec<(usize, String)>,
+    pub dropped: Vec<(usize, RuleError)>,
+}
+
+/// Why a route rule is dropped (shown in the route's status). `at` is the
+/// field within the rule, as `filters[1]` or `matches[0].path`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("{at} is not supported")]
+    Unsupported { at: String },
+    #[error("{at}: {what} is missing")]
+    Missing { at: String, what: &'static str },
+    #[error("{at}: filter type {kind} is not supported by weft")]
+    FilterType { at: String, kind: String },
+    #[error("{at}: only header modifiers are supported on a backend")]
+    BackendFilter { at: String },
+    #[error("{at}: ReplacePrefixMatch needs every match of the rule to be one PathPrefix")]
+    PrefixRewrite { at: String },
+    #[error("{at}: redirect status {status} is not 301, 302, 303, 307 or 308")]
+    RedirectStatus { at: String, status: i64 },
+    #[error("{at}: a service or a method is required")]
+    NoServiceOrMethod { at: String },
+    #[error("{at}: {error}")]
+    Match { at: String, error: MatchError },
+    #[error("{at}: {error}")]
+    Mirror { at: String, error: MirrorError },
+}
+
+impl RuleError {
+    fn matching(at: impl Into<String>) -> impl FnOnce(MatchError) -> RuleError {
+        let at = at.into();
+        move |error| RuleError::Match { at, error }
+    }
 }
 
 /// Where a rule is served from: the listener's port and whether it is HTTPS
@@ -85,7 +116,7 @@ fn header_fields(direction: &str, changes: HeaderChanges, into: &mut Map<String,
 /// A mirror policy for a resolved cluster: the whole traffic, `percent`, or a fraction.
 /// A mirror fraction Envoy cannot take.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-enum MirrorError {
+pub enum MirrorError {
     #[error("mirror fraction: denominator must be positive")]
     Denominator,
     #[error("mirror fraction: numerator must not be negative")]
@@ -212,10 +243,11 @@ fn add_mirror(
     r: &BackendRef,
     share: (Option<i32>, Option<(i32, Option<i32>)>),
     at: &str,
-) -> Result<(), String> {
+) -> Result<(), RuleError> {
     match backends::resolve(r, ctx.id.kind, &ctx.id.namespace, ctx.objects, ctx.used) {
         Ok(cluster) => {
-            let policy = mirror(cluster, share.0, share.1).map_err(|e| format!("{at}: {e}"))?;
+            let policy =
+                mirror(cluster, share.0, share.1).map_err(|error| RuleError::Mirror { at: at.to_owned(), error })?;
             let mut all =
                 out.action_extra.get("request_mirror_policies").and_then(Value::as_array).cloned().unwrap_or_default();
             all.push(policy);
@@ -251,9 +283,7 @@ macro_rules! add_backends {
                         }
                     }
                     _ => {
-                        return Err(format!(
-                            "backendRefs[{bi}].filters[{fi}]: only header modifiers are supported on a backend"
-                        ));
+                        return Err(RuleError::BackendFilter { at: format!("backendRefs[{bi}].filters[{fi}]") });
                     }
                 }
             }
@@ -324,9 +354,7 @@ macro_rules! header_kinds {
 }
 
 /// Deduplicated header matches (the first of equal names counts, as the spec says).
-fn header_matches<'a>(
-    headers: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
-) -> Result<Vec<Value>, matching::MatchError> {
+fn header_matches<'a>(headers: impl Iterator<Item = (&'a str, &'a str, &'a str)>) -> Result<Vec<Value>, MatchError> {
     let mut seen: Vec<String> = Vec::new();
     let mut out = Vec::new();
     for (kind, name, value) in headers {
@@ -364,7 +392,7 @@ fn http_rule(
     used: &mut Used,
     name: &str,
     t: &mut Translated,
-) -> Result<(), String> {
+) -> Result<(), RuleError> {
     use weft_gateway_api::httproutes::{
         HttpRouteRulesFiltersRequestRedirectPathType as RedirectPath,
         HttpRouteRulesFiltersRequestRedirectScheme as Scheme, HttpRouteRulesFiltersType as F,
@@ -385,14 +413,16 @@ fn http_rule(
                     None | Some(P::PathPrefix) => "PathPrefix",
                     Some(P::Exact) => "Exact",
                     Some(P::RegularExpression) => "RegularExpression",
-                    Some(_) => return Err(format!("matches[{mi}].path.type is not supported")),
+                    Some(_) => return Err(RuleError::Unsupported { at: format!("matches[{mi}].path.type") }),
                 },
                 p.value.clone().unwrap_or_else(|| "/".into()),
             ),
         };
-        let (rank, mut json) = matching::path(kind, &value).map_err(|e| format!("matches[{mi}].path: {e}"))?;
+        let (rank, mut json) =
+            matching::path(kind, &value).map_err(RuleError::matching(format!("matches[{mi}].path")))?;
         prefixes.push((kind == "PathPrefix").then(|| value.clone()));
-        let mut header_json = header_matches(header_kinds!(m, H)).map_err(|e| format!("matches[{mi}].headers: {e}"))?;
+        let mut header_json =
+            header_matches(header_kinds!(m, H)).map_err(RuleError::matching(format!("matches[{mi}].headers")))?;
         let header_count = header_json.len();
         let method = m
             .method
@@ -416,7 +446,10 @@ fn http_rule(
                 Some(Q::RegularExpression) => "RegularExpression",
                 Some(_) => "unsupported",
             };
-            queries.push(matching::query(k, &q.name, &q.value).map_err(|e| format!("matches[{mi}].queryParams: {e}"))?);
+            queries.push(
+                matching::query(k, &q.name, &q.value)
+                    .map_err(RuleError::matching(format!("matches[{mi}].queryParams")))?,
+            );
         }
         let query_count = queries.len();
         if !queries.is_empty() {
@@ -430,16 +463,24 @@ fn http_rule(
         let at = format!("filters[{fi}]");
         match f.r#type {
             F::RequestHeaderModifier => {
-                let m = f.request_header_modifier.as_ref().ok_or(format!("{at}: requestHeaderModifier is missing"))?;
+                let m = f
+                    .request_header_modifier
+                    .as_ref()
+                    .ok_or_else(|| RuleError::Missing { at: at.clone(), what: "requestHeaderModifier" })?;
                 header_fields("request", header_changes!(m), &mut out.fields);
             }
             F::ResponseHeaderModifier => {
-                let m =
-                    f.response_header_modifier.as_ref().ok_or(format!("{at}: responseHeaderModifier is missing"))?;
+                let m = f
+                    .response_header_modifier
+                    .as_ref()
+                    .ok_or_else(|| RuleError::Missing { at: at.clone(), what: "responseHeaderModifier" })?;
                 header_fields("response", header_changes!(m), &mut out.fields);
             }
             F::RequestRedirect => {
-                let r = f.request_redirect.as_ref().ok_or(format!("{at}: requestRedirect is missing"))?;
+                let r = f
+                    .request_redirect
+                    .as_ref()
+                    .ok_or_else(|| RuleError::Missing { at: at.clone(), what: "requestRedirect" })?;
                 let mut red = Map::new();
                 let scheme = r.scheme.as_ref().map(|s| match s {
                     Scheme::Https => "https",
@@ -470,15 +511,14 @@ fn http_rule(
                             );
                         }
                         RedirectPath::ReplacePrefixMatch => {
-                            let prefix = single_prefix(&prefixes).ok_or(format!(
-                                "{at}: ReplacePrefixMatch needs every match of the rule to be one PathPrefix"
-                            ))?;
+                            let prefix =
+                                single_prefix(&prefixes).ok_or_else(|| RuleError::PrefixRewrite { at: at.clone() })?;
                             red.insert(
                                 "regex_rewrite".into(),
                                 prefix_rewrite(&prefix, p.replace_prefix_match.as_deref().unwrap_or("/")),
                             );
                         }
-                        _ => return Err(format!("{at}: requestRedirect.path.type is not supported")),
+                        _ => return Err(RuleError::Unsupported { at: format!("{at}.requestRedirect.path.type") }),
                     }
                 }
                 let code = match r.status_code.unwrap_or(302) {
@@ -487,13 +527,14 @@ fn http_rule(
                     303 => "SEE_OTHER",
                     307 => "TEMPORARY_REDIRECT",
                     308 => "PERMANENT_REDIRECT",
-                    other => return Err(format!("{at}: redirect status {other} is not 301, 302, 303, 307 or 308")),
+                    other => return Err(RuleError::RedirectStatus { at, status: other }),
                 };
                 red.insert("response_code".into(), json!(code));
                 out.redirect = Some(Value::Object(red));
             }
             F::UrlRewrite => {
-                let r = f.url_rewrite.as_ref().ok_or(format!("{at}: urlRewrite is missing"))?;
+                let r =
+                    f.url_rewrite.as_ref().ok_or_else(|| RuleError::Missing { at: at.clone(), what: "urlRewrite" })?;
                 if let Some(h) = &r.hostname {
                     out.action_extra.insert("host_rewrite_literal".into(), json!(h));
                 }
@@ -504,39 +545,42 @@ fn http_rule(
                             "substitution": p.replace_full_path.clone().unwrap_or_else(|| "/".into())
                         }),
                         RewritePath::ReplacePrefixMatch => {
-                            let prefix = single_prefix(&prefixes).ok_or(format!(
-                                "{at}: ReplacePrefixMatch needs every match of the rule to be one PathPrefix"
-                            ))?;
+                            let prefix =
+                                single_prefix(&prefixes).ok_or_else(|| RuleError::PrefixRewrite { at: at.clone() })?;
                             prefix_rewrite(&prefix, p.replace_prefix_match.as_deref().unwrap_or("/"))
                         }
-                        _ => return Err(format!("{at}: urlRewrite.path.type is not supported")),
+                        _ => return Err(RuleError::Unsupported { at: format!("{at}.urlRewrite.path.type") }),
                     };
                     out.action_extra.insert("regex_rewrite".into(), rw);
                 }
             }
             F::RequestMirror => {
-                let m = f.request_mirror.as_ref().ok_or(format!("{at}: requestMirror is missing"))?;
+                let m = f
+                    .request_mirror
+                    .as_ref()
+                    .ok_or_else(|| RuleError::Missing { at: at.clone(), what: "requestMirror" })?;
                 let share = (m.percent, m.fraction.as_ref().map(|f| (f.numerator, f.denominator)));
                 let mut ctx = RuleCtx { id, objects, used: &mut *used, t: &mut *t };
                 add_mirror(&mut ctx, &mut out, &backend_ref!(&m.backend_ref), share, &at)?;
             }
             _ => {
-                return Err(format!(
-                    "{at}: filter type {} is not supported by weft",
-                    serde_json::to_string(&f.r#type).unwrap_or_default()
-                ));
+                return Err(RuleError::FilterType { at, kind: serde_json::to_string(&f.r#type).unwrap_or_default() });
             }
         }
     }
     if let Some(timeouts) = &rule.timeouts {
-        let request =
-            timeouts.request.as_deref().map(duration_ms).transpose().map_err(|e| format!("timeouts.request: {e}"))?;
+        let request = timeouts
+            .request
+            .as_deref()
+            .map(duration_ms)
+            .transpose()
+            .map_err(RuleError::matching("timeouts.request"))?;
         let backend = timeouts
             .backend_request
             .as_deref()
             .map(duration_ms)
             .transpose()
-            .map_err(|e| format!("timeouts.backendRequest: {e}"))?;
+            .map_err(RuleError::matching("timeouts.backendRequest"))?;
         if let Some(ms) = request.or(backend) {
             out.action_extra.insert("timeout".into(), json!(envoy_duration(ms)));
         }
@@ -569,7 +613,7 @@ pub fn grpc(route: &GrpcRoute, objects: &Objects, used: &mut Used) -> Translated
     let mut t = Translated::default();
     for (ri, rule) in route.spec.rules.iter().flatten().enumerate() {
         let name = format!("grpcroute/{}/rule/{}", id.key, rule.name.clone().unwrap_or_else(|| ri.to_string()));
-        let result = (|| -> Result<(), String> {
+        let result = (|| -> Result<(), RuleError> {
             let mut matches = Vec::new();
             let default_match = [Default::default()];
             let rule_matches = rule.matches.as_deref().filter(|m| !m.is_empty()).unwrap_or(&default_match);
@@ -581,7 +625,7 @@ pub fn grpc(route: &GrpcRoute, objects: &Objects, used: &mut Used) -> Translated
                         let (svc, method) = (mm.service.as_deref(), mm.method.as_deref());
                         match (&mm.r#type, svc, method) {
                             (_, None, None) => {
-                                return Err(format!("matches[{mi}].method: a service or a method is required"));
+                                return Err(RuleError::NoServiceOrMethod { at: format!("matches[{mi}].method") });
                             }
                             (None | Some(M::Exact), Some(s), Some(me)) => {
                                 (0, s.len() + me.len(), json!({ "path": format!("/{s}/{me}") }))
@@ -597,12 +641,12 @@ pub fn grpc(route: &GrpcRoute, objects: &Objects, used: &mut Used) -> Translated
                                 s.map_or(0, str::len) + me.map_or(0, str::len),
                                 json!({ "safe_regex": { "regex": format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")) } }),
                             ),
-                            _ => return Err(format!("matches[{mi}].method.type is not supported")),
+                            _ => return Err(RuleError::Unsupported { at: format!("matches[{mi}].method.type") }),
                         }
                     }
                 };
-                let header_json =
-                    header_matches(header_kinds!(m, H)).map_err(|e| format!("matches[{mi}].headers: {e}"))?;
+                let header_json = header_matches(header_kinds!(m, H))
+                    .map_err(RuleError::matching(format!("matches[{mi}].headers")))?;
                 let count = header_json.len();
                 if !header_json.is_empty() {
                     json["headers"] = Value::Array(header_json);
@@ -620,27 +664,30 @@ pub fn grpc(route: &GrpcRoute, objects: &Objects, used: &mut Used) -> Translated
                         let m = f
                             .request_header_modifier
                             .as_ref()
-                            .ok_or(format!("{at}: requestHeaderModifier is missing"))?;
+                            .ok_or_else(|| RuleError::Missing { at: at.clone(), what: "requestHeaderModifier" })?;
                         header_fields("request", header_changes!(m), &mut out.fields);
                     }
                     F::ResponseHeaderModifier => {
                         let m = f
                             .response_header_modifier
                             .as_ref()
-                            .ok_or(format!("{at}: responseHeaderModifier is missing"))?;
+                            .ok_or_else(|| RuleError::Missing { at: at.clone(), what: "responseHeaderModifier" })?;
                         header_fields("response", header_changes!(m), &mut out.fields);
                     }
                     F::RequestMirror => {
-                        let m = f.request_mirror.as_ref().ok_or(format!("{at}: requestMirror is missing"))?;
+                        let m = f
+                            .request_mirror
+                            .as_ref()
+                            .ok_or_else(|| RuleError::Missing { at: at.clone(), what: "requestMirror" })?;
                         let share = (m.percent, m.fraction.as_ref().map(|f| (f.numerator, f.denominator)));
                         let mut ctx = RuleCtx { id: &id, objects, used: &mut *used, t: &mut t };
                         add_mirror(&mut ctx, &mut out, &backend_ref!(&m.backend_ref), share, &at)?;
                     }
                     _ => {
-                        return Err(format!(
-                            "{at}: filter type {} is not supported by weft",
-                            serde_json::to_string(&f.r#type).unwrap_or_default()
-                        ));
+                        return Err(RuleError::FilterType {
+                            at,
+                            kind: serde_json::to_string(&f.r#type).unwrap_or_default(),
+                        });
                     }
                 }
             }

@@ -29,7 +29,7 @@ use std::{
 
 pub use convert::{attributes, requests};
 use serde::Serialize;
-pub use settings::{OtlpOptions, ProcessEnv, enabled_by_env};
+pub use settings::{OtlpOptions, PairError, ProcessEnv, enabled_by_env};
 use tokio::sync::mpsc;
 use transport::{Client, Failure};
 use weft_flow::proto::flow::FlowFilter;
@@ -56,12 +56,12 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub fn parse(s: &str) -> Result<Protocol, String> {
+    pub fn parse(s: &str) -> Result<Protocol, UnknownProtocol> {
         match s {
             "grpc" => Ok(Protocol::Grpc),
             "http/protobuf" | "http" => Ok(Protocol::HttpProtobuf),
-            "http/json" => Err("http/json is not supported: use grpc or http/protobuf".into()),
-            other => Err(format!("expected grpc or http/protobuf, not {other:?}")),
+            "http/json" => Err(UnknownProtocol::HttpJson),
+            other => Err(UnknownProtocol::Other(other.to_owned())),
         }
     }
 
@@ -184,6 +184,15 @@ pub enum OtlpError {
     Client { signal: Signal, reason: String },
     #[error("flows.otlp.allow/deny: {0}")]
     Filters(#[from] FilterListError),
+}
+
+/// An OTLP protocol name weft does not speak.
+#[derive(Debug, thiserror::Error)]
+pub enum UnknownProtocol {
+    #[error("http/json is not supported: use grpc or http/protobuf")]
+    HttpJson,
+    #[error("expected grpc or http/protobuf, not {0:?}")]
+    Other(String),
 }
 
 /// One signal's counts.

@@ -408,10 +408,21 @@ fn signal_var(var: &'static str, signal: Signal) -> &'static str {
     })
 }
 
+/// What is wrong with one entry of a `key=value` list (entries count from 1).
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("entry {entry}: expected key=value")]
+    NotKeyValue { entry: usize },
+    #[error("entry {entry}: an empty key")]
+    EmptyKey { entry: usize },
+    #[error("entry {entry} ({key}): a bad %-escape")]
+    BadEscape { entry: usize, key: String },
+}
+
 /// `key1=value1,key2=value2` (W3C Baggage without properties, as the
 /// OpenTelemetry specification has it for headers and resource attributes):
 /// keys and values trimmed, values percent-decoded.
-pub fn parse_pairs(list: &str) -> Result<Vec<(String, String)>, String> {
+pub fn parse_pairs(list: &str) -> Result<Vec<(String, String)>, PairError> {
     let mut out = Vec::new();
     for (i, item) in list.split(',').enumerate() {
         let item = item.trim();
@@ -419,13 +430,13 @@ pub fn parse_pairs(list: &str) -> Result<Vec<(String, String)>, String> {
             continue;
         }
         let Some((k, v)) = item.split_once('=') else {
-            return Err(format!("entry {}: expected key=value", i + 1));
+            return Err(PairError::NotKeyValue { entry: i + 1 });
         };
         let k = k.trim();
         if k.is_empty() {
-            return Err(format!("entry {}: an empty key", i + 1));
+            return Err(PairError::EmptyKey { entry: i + 1 });
         }
-        let v = percent_decode(v.trim()).ok_or_else(|| format!("entry {} ({k}): a bad %-escape", i + 1))?;
+        let v = percent_decode(v.trim()).ok_or_else(|| PairError::BadEscape { entry: i + 1, key: k.to_owned() })?;
         out.push((k.to_owned(), v));
     }
     Ok(out)
@@ -449,14 +460,23 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// A bounded read of a small text file.
-fn read_file(p: &Path) -> Result<String, String> {
-    let f = std::fs::File::open(p).map_err(|e| e.to_string())?;
+fn read_file(p: &Path) -> Result<String, FileError> {
+    let f = std::fs::File::open(p)?;
     let mut text = String::new();
-    f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text).map_err(|e| e.to_string())?;
+    f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
     if text.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!("larger than {MAX_FILE_BYTES} bytes"));
+        return Err(FileError::TooLarge);
     }
     Ok(text)
+}
+
+/// Why a small text file (headers, PEM) could not be read.
+#[derive(Debug, thiserror::Error)]
+enum FileError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("larger than {MAX_FILE_BYTES} bytes")]
+    TooLarge,
 }
 
 /// A PEM file that holds at least one block of `label` (`CERTIFICATE`, or

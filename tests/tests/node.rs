@@ -1,0 +1,449 @@
+//! weft deployed the way users deploy it: `deploy/` applied to the one-node
+//! Kubernetes of `../shared/k8s/node` (kubelet, containerd, runc and the CNI
+//! bridge plugin, all inside one network namespace), running the image
+//! `deploy/build-image.sh` makes. The agent's DaemonSet must become Ready
+//! under containerd with exactly the capabilities it declares, read the API
+//! as its ServiceAccount, chain weft-cni onto the node's bridge list and wire
+//! the pods the kubelet then makes; a Service between them works although
+//! the node has no kube-proxy (only weft's datapath translates its address);
+//! `weft observe` in the agent's container shows the flows; the operator
+//! elects a leader; and `kubectl rollout restart` of the agent under a
+//! bounded load loses no request.
+//!
+//! What differs from a user's cluster, and why (the rest of `deploy/` is
+//! applied as it is):
+//! - the node's mount namespace gets what a systemd node has and this
+//!   machine has not: a shared bpffs at /sys/fs/bpf; and, so that nothing of
+//!   the test lands on the machine, a tmpfs at /run/weft (the agent's state
+//!   hostPath) and node-private copies of the CNI folders, mounted over the
+//!   hostPaths deploy/ names (/opt/cni/bin, /etc/cni/net.d) and over
+//!   containerd's own (/usr/lib/cni here, and the node's conf folder);
+//! - the cgroup hostPath is the node's cgroup in the cgroup v2 hierarchy
+//!   (this machine is a cgroup v1 hybrid: v2 is at /sys/fs/cgroup/unified, and
+//!   its root would put every process of the machine under weft's hooks);
+//! - no kube-proxy: the agent and the operator are given the API server's
+//!   own address (KUBERNETES_SERVICE_HOST/PORT, commented out in deploy/),
+//!   and the operator runs in the node's network namespace (hostNetwork),
+//!   since the API server listens only on the node's loopback.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap()
+}
+
+fn node_dir() -> PathBuf {
+    repo().join("../shared/k8s/node")
+}
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: trivial syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (the node's namespaces, mounts and cgroups)".into());
+    }
+    if !node_dir().join("up.sh").is_file() {
+        return Some(format!("needs the kubelet node harness at {}", node_dir().display()));
+    }
+    if Command::new("umoci").arg("--version").output().is_err() {
+        return Some("needs umoci (Debian package umoci) to build the image".into());
+    }
+    None
+}
+
+/// A program on PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Runs `cmd`, returning stdout; panics with both outputs on failure.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?}: {o}{e}");
+    o.into_owned()
+}
+
+/// The node, brought down (every process, mount, cgroup and the netns) when
+/// dropped, also when the test fails.
+struct Node {
+    work: PathBuf,
+    env: BTreeMap<String, String>,
+    scratch: PathBuf,
+    /// Mount points the test made on the machine (empty folders), removed last.
+    made: Vec<PathBuf>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What a reader needs to see why: the agent's and the kubelet's view.
+            for args in [
+                &["get", "pods", "-A", "-o", "wide"][..],
+                &["-n", "weft-system", "logs", "ds/weft-agent", "-c", "agent", "--tail", "40"],
+                &["-n", "weft-system", "describe", "pods", "-l", "app.kubernetes.io/name=weft-agent"],
+            ] {
+                if let Ok(out) = self.kubectl_try(args) {
+                    eprintln!("--- kubectl {}\n{out}", args.join(" "));
+                }
+            }
+        }
+        let down = Command::new(node_dir().join("down.sh")).arg(&self.work).output();
+        match down {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("down.sh: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+            Err(e) => eprintln!("down.sh: {e}"),
+        }
+        for dir in self.made.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
+        let _ = fs::remove_dir_all(&self.scratch);
+    }
+}
+
+impl Node {
+    fn var(&self, name: &str) -> &str {
+        self.env.get(name).map(String::as_str).unwrap_or_else(|| panic!("{name} missing from the node's env"))
+    }
+
+    fn kubectl_try(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(self.var("KUBECTL")).args(args).output().map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() { Ok(text) } else { Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr))) }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.kubectl_try(args).unwrap_or_else(|e| panic!("kubectl {}: {e}", args.join(" ")))
+    }
+
+    fn apply(&self, yaml: &str) {
+        let path = self.scratch.join("apply.yaml");
+        fs::write(&path, yaml).unwrap();
+        self.kubectl(&["apply", "-f", path.to_str().unwrap()]);
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl(&a)).unwrap()
+    }
+
+    /// Runs a shell script in the node's mount namespace (containerd's).
+    fn in_mounts(&self, script: &str) {
+        let pid = fs::read_to_string(self.work.join("run/containerd.pid")).unwrap();
+        run(Command::new("nsenter").arg(format!("--mount=/proc/{}/ns/mnt", pid.trim())).args(["sh", "-ec", script]));
+    }
+
+    /// Polls `f` until it gives a value, for at most `limit`.
+    fn wait<T>(&self, what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Brings the node up with the image imported.
+fn node_up(scratch: PathBuf, image: &Path) -> Node {
+    let ns = format!("wt-node-{}", std::process::id() % 100_000);
+    let out = Command::new(node_dir().join("up.sh"))
+        .env("NODE_NS", &ns)
+        .env("NODE_NAME", &ns)
+        .env("NODE_IMAGES", image)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let work = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim());
+    assert!(out.status.success() && work.is_dir(), "up.sh failed (its log is above)");
+    let env = fs::read_to_string(work.join("env"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').trim_matches('"').to_owned()))
+        .collect();
+    Node { work, env, scratch, made: Vec::new() }
+}
+
+/// deploy/agent.yaml and deploy/operator.yaml with this node's differences
+/// (see the module doc).
+fn manifests(node: &Node) -> (String, String) {
+    let api = format!(
+        "- name: KUBERNETES_SERVICE_HOST\n{i}  value: \"{}\"\n{i}- name: KUBERNETES_SERVICE_PORT\n{i}  value: \"{}\"",
+        node.var("NODE_APISERVER_HOST"),
+        node.var("NODE_APISERVER_PORT"),
+        i = "        "
+    );
+    let uncomment = |text: &str| {
+        let commented = "# - name: KUBERNETES_SERVICE_HOST\n        #   value: \"10.0.0.10\"\n        \
+                         # - name: KUBERNETES_SERVICE_PORT\n        #   value: \"6443\"";
+        assert!(text.contains(commented), "deploy/ has the API server's address commented out");
+        text.replace(commented, &api)
+    };
+    let agent = fs::read_to_string(repo().join("deploy/agent.yaml")).unwrap();
+    let cgroup = format!("path: /sys/fs/cgroup/unified/{}", node.var("NODE_CGROUP_ROOT"));
+    assert!(agent.contains("path: /sys/fs/cgroup\n"));
+    let agent = uncomment(&agent).replace("path: /sys/fs/cgroup\n", &format!("{cgroup}\n"));
+    let operator = fs::read_to_string(repo().join("deploy/operator.yaml")).unwrap();
+    let operator = uncomment(&operator).replace(
+        "      serviceAccountName: weft-operator\n",
+        "      serviceAccountName: weft-operator\n      hostNetwork: true\n",
+    );
+    (agent, operator)
+}
+
+const WORKLOADS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: web
+    image: registry.local/busybox:1.35
+    imagePullPolicy: Never
+    command: [sh, -c, "mkdir -p /www && echo served-by-web > /www/index.html && exec httpd -f -p 8080 -h /www"]
+    ports: [{name: http, containerPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default, labels: {app: client}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: client
+    image: registry.local/busybox:1.35
+    imagePullPolicy: Never
+    command: [sleep, "3600"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+
+#[test]
+fn deploy_runs_on_a_kubelet_node_wires_its_pods_and_survives_a_rollout_restart() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let started = Instant::now();
+    let scratch = std::env::temp_dir().join(format!("weft-node-test-{}", std::process::id()));
+    fs::create_dir_all(&scratch).unwrap();
+    // The image from the binaries the tests run (debug, already built).
+    let image = scratch.join("weft.tar");
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap().parent().unwrap();
+    run(Command::new(repo().join("deploy/build-image.sh"))
+        .arg(&image)
+        .env("CARGO_TARGET_DIR", target)
+        .env("WEFT_IMAGE_PROFILE", "dev")
+        .env("WEFT_IMAGE_NO_BUILD", "1")
+        .env_remove("WEFT_ENVOY"));
+    let mut node = node_up(scratch.clone(), &image);
+    eprintln!("node {} up after {:?}", node.var("NODE_NAME"), started.elapsed());
+
+    // The node's mounts (module doc). Mount points missing on the machine are made, and removed at the end.
+    for dir in ["/run/weft", "/opt/cni/bin", "/etc/cni/net.d"] {
+        let mut missing = Vec::new();
+        let mut p = Path::new(dir);
+        while !p.exists() {
+            missing.push(p.to_owned());
+            p = p.parent().unwrap();
+        }
+        fs::create_dir_all(dir).unwrap();
+        node.made.extend(missing.into_iter().rev());
+    }
+    let (bin, conf) = (node.work.join("cni-bin"), node.work.join("cni/net.d"));
+    fs::create_dir_all(&bin).unwrap();
+    node.in_mounts(&format!(
+        "mount -t bpf bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf
+         mount -t tmpfs -o mode=0755 tmpfs /run/weft
+         cp -a /usr/lib/cni/. {bin}/
+         mount --bind {bin} /usr/lib/cni && mount --bind {bin} /opt/cni/bin
+         mount --bind {conf} /etc/cni/net.d",
+        bin = bin.display(),
+        conf = conf.display()
+    ));
+
+    let (agent, operator) = manifests(&node);
+    for f in ["namespace.yaml", "crds.yaml"] {
+        node.kubectl(&["apply", "-f", repo().join("deploy").join(f).to_str().unwrap()]);
+    }
+    node.apply(&agent);
+    node.apply(&operator);
+
+    // The DaemonSet Ready, under containerd, with exactly its capabilities.
+    node.kubectl(&["-n", "weft-system", "rollout", "status", "ds/weft-agent", "--timeout=240s"]);
+    eprintln!("agent Ready after {:?}", started.elapsed());
+    let pods = node.json(&["-n", "weft-system", "get", "pods", "-l", "app.kubernetes.io/name=weft-agent"]);
+    let pod = &pods["items"][0];
+    let agent_pod = pod["metadata"]["name"].as_str().unwrap().to_owned();
+    let id = pod["status"]["containerStatuses"][0]["containerID"].as_str().unwrap();
+    let id = id.strip_prefix("containerd://").unwrap();
+    let info: Value =
+        serde_json::from_str(&run(Command::new(node.var("CTR")).args(["containers", "info", id]))).unwrap();
+    let process = &info["Spec"]["process"];
+    for set in ["effective", "permitted", "bounding"] {
+        let caps: std::collections::BTreeSet<&str> =
+            process["capabilities"][set].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+        assert_eq!(
+            caps,
+            ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"].into(),
+            "{set} capabilities of the agent's container"
+        );
+    }
+    assert_eq!(process["user"]["uid"], 0);
+    assert!(process["noNewPrivileges"].as_bool().unwrap_or(false), "allowPrivilegeEscalation: false");
+
+    // The agent read the API as its ServiceAccount: its node's report exists.
+    let nodename = node.var("NODE_NAME").to_owned();
+    node.wait("the agent's WeftNode report", Duration::from_secs(60), || {
+        node.kubectl_try(&["-n", "weft-system", "get", "weftnodes", &nodename]).ok()
+    });
+    let log = node.kubectl(&["-n", "weft-system", "logs", &agent_pod, "-c", "agent"]);
+    assert!(log.contains("objects listed from the Kubernetes API"), "{log}");
+    assert!(log.contains("Envoy started"), "Envoy runs in the agent's container: {log}");
+    // weft-cni is chained onto the node's bridge list by the init container.
+    let list = fs::read_to_string(fs::read_dir(&conf).unwrap().next().unwrap().unwrap().path()).unwrap();
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let types: Vec<&str> = list["plugins"].as_array().unwrap().iter().filter_map(|p| p["type"].as_str()).collect();
+    assert_eq!(types, ["bridge", "weft-cni"], "{list}");
+
+    // The operator elects a leader.
+    node.kubectl(&["-n", "weft-system", "rollout", "status", "deploy/weft-operator", "--timeout=120s"]);
+    let holder = node.wait("a leader in Lease weft-operator", Duration::from_secs(60), || {
+        let lease = node.kubectl_try(&["-n", "weft-system", "get", "lease", "weft-operator", "-o", "json"]).ok()?;
+        let lease: Value = serde_json::from_str(&lease).ok()?;
+        lease["spec"]["holderIdentity"].as_str().filter(|h| !h.is_empty()).map(str::to_owned)
+    });
+    let operators =
+        node.kubectl(&["-n", "weft-system", "get", "pods", "-l", "app.kubernetes.io/name=weft-operator", "-o", "name"]);
+    assert!(operators.lines().any(|p| p.trim_start_matches("pod/") == holder), "leader {holder} is one of {operators}");
+
+    // Pods through the CNI chain; a Service that only weft's datapath can translate.
+    node.apply(WORKLOADS);
+    node.kubectl(&["wait", "--for=condition=Ready", "pod/web", "pod/client", "--timeout=120s"]);
+    let svc = node.json(&["get", "service", "web"]);
+    let vip = svc["spec"]["clusterIP"].as_str().unwrap().to_owned();
+    // busybox-static's wget crashes (static glibc); its nc speaks HTTP/1.0 well enough.
+    let get = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {vip} 80");
+    let fetch = |node: &Node| {
+        let out = node.kubectl_try(&["exec", "client", "--", "sh", "-c", &get])?;
+        out.ends_with("served-by-web\n").then_some(out).ok_or_else(|| "not served".to_owned())
+    };
+    let body = node.wait("the Service through weft's datapath", Duration::from_secs(60), || fetch(&node).ok());
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let web_ip = node.json(&["get", "pod", "web"])["status"]["podIP"].as_str().unwrap().to_owned();
+
+    // The flows, from inside the agent's container.
+    let flows = node.wait("flows to default/web in weft observe", Duration::from_secs(30), || {
+        let out = node
+            .kubectl_try(&[
+                "-n",
+                "weft-system",
+                "exec",
+                &agent_pod,
+                "-c",
+                "agent",
+                "--",
+                "weft",
+                "observe",
+                "--to-pod",
+                "default/web",
+                "--last",
+                "50",
+                "--color",
+                "never",
+            ])
+            .ok()?;
+        out.contains("default/client").then_some(out)
+    });
+    assert!(flows.contains("default/web"), "{flows}");
+    eprintln!(
+        "flows seen in the agent's container after {:?}:\n{}",
+        started.elapsed(),
+        flows.lines().take(4).collect::<Vec<_>>().join("\n")
+    );
+
+    // The real hubble CLI reads them through the agent's flow port (in the node's network namespace).
+    match on_path("hubble") {
+        Some(hubble) => {
+            let out = run(Command::new(node.var("IN_NODE")).arg(hubble).args([
+                "observe",
+                "--server",
+                "localhost:4244",
+                "--last",
+                "50",
+                "--to-pod",
+                "default/web",
+            ]));
+            assert!(out.contains("default/client") && out.contains("default/web:8080"), "hubble observe: {out}");
+        }
+        None => eprintln!("hubble is not on PATH (tests/env.sh puts ../shared/bin's there): its check is skipped"),
+    }
+
+    // A rolling restart of the agent under a bounded load.
+    let load: Child = Command::new(node.var("KUBECTL"))
+        .args(["exec", "client", "--", "sh", "-c"])
+        .arg(format!(
+            "ok=0; bad=0; i=0; while [ $i -lt 600 ]; do \
+             if {get} 2>/dev/null | grep -q served-by-web; then ok=$((ok+1)); else bad=$((bad+1)); fi; \
+             i=$((i+1)); sleep 0.1; done; echo ok=$ok failed=$bad"
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    node.kubectl(&["-n", "weft-system", "rollout", "restart", "ds/weft-agent"]);
+    node.kubectl(&["-n", "weft-system", "rollout", "status", "ds/weft-agent", "--timeout=240s"]);
+    let new_pod =
+        node.kubectl(&["-n", "weft-system", "get", "pods", "-l", "app.kubernetes.io/name=weft-agent", "-o", "name"]);
+    assert!(!new_pod.contains(&agent_pod), "the restart made a new agent pod: {new_pod}");
+    let out = load.wait_with_output().unwrap();
+    let counts = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    eprintln!("load across the rollout restart: {counts}");
+    assert!(counts.starts_with("ok=") && counts.ends_with("failed=0"), "requests failed across the restart: {counts}");
+    // The new agent serves the Service and sees the traffic.
+    fetch(&node).unwrap();
+    let new_pod = new_pod.lines().next().unwrap().trim_start_matches("pod/").to_owned();
+    node.wait("flows in the new agent", Duration::from_secs(30), || {
+        fetch(&node).ok()?;
+        let out = node
+            .kubectl_try(&[
+                "-n",
+                "weft-system",
+                "exec",
+                &new_pod,
+                "-c",
+                "agent",
+                "--",
+                "weft",
+                "observe",
+                "--to-ip",
+                &web_ip,
+                "--last",
+                "20",
+                "--color",
+                "never",
+            ])
+            .ok()?;
+        out.contains("default/client").then_some(())
+    });
+    eprintln!("done after {:?}", started.elapsed());
+    drop(node);
+}
