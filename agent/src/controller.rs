@@ -165,19 +165,21 @@ impl Controller {
     /// Builds both snapshots from the current sources.
     pub fn build(&mut self) -> (Snapshot, Arc<Published>) {
         let node = self.node_info();
-        let (model, configs, parse_errors, built) = (&mut self.model, &mut self.configs, &self.parse_errors, &mut self.built);
+        let (model, configs, parse_errors, built) =
+            (&mut self.model, &mut self.configs, &self.parse_errors, &mut self.built);
         let objects = &self.loaded.objects;
         // The policies decide what the proxy must do for them: the node's
         // policy listener joins the configs, and the ports of the listeners
         // rules hand connections to come back from the build.
-        let mut snap = Snapshot::derive_with(objects, &self.node_name, self.node_ip, self.attachments.as_deref(), |p| {
-            configs.retain(|c| c.key != policy::config_key());
-            configs.extend(policy::config(&p.http));
-            let named = p.listeners().into_iter().map(|l| qualify(&l.namespace, &l.config, &l.listener, false));
-            model.set_policy_listeners(named.collect());
-            *built = model.build(configs, parse_errors, objects, &node);
-            (built.redirects.clone(), proxy_ports(built, p))
-        });
+        let mut snap =
+            Snapshot::derive_with(objects, &self.node_name, self.node_ip, self.attachments.as_deref(), |p| {
+                configs.retain(|c| c.key != policy::config_key());
+                configs.extend(policy::config(&p.http));
+                let named = p.listeners().into_iter().map(|l| qualify(&l.namespace, &l.config, &l.listener, false));
+                model.set_policy_listeners(named.collect());
+                *built = model.build(configs, parse_errors, objects, &node);
+                (built.redirects.clone(), proxy_ports(built, p))
+            });
         self.version += 1;
         self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
         snap.version = self.version;

@@ -58,7 +58,10 @@ const POLICIES: &[(&str, &[&str])] = &[
     ("envoy/client-egress-l7-http.yaml", &["spec.egress[1].toFQDNs: FQDN rules are not supported"]),
     ("other/examples__policies__l4__envoy_forward_proxy.yaml", &[]),
     ("other/examples__policies__l4__wildcard_port_listener.yaml", &[]),
-    ("other/examples__policies__l4__envoy_listener_redirect.yaml", &["spec.egress[0].toFQDNs: FQDN rules are not supported"]),
+    (
+        "other/examples__policies__l4__envoy_listener_redirect.yaml",
+        &["spec.egress[0].toFQDNs: FQDN rules are not supported"],
+    ),
 ];
 
 #[test]

@@ -396,7 +396,8 @@ fn cilium_http_rules_are_enforced_in_the_nodes_envoy() {
     // /headers, nothing else.
     let ok = request(&env, "n2-p2", echo, "GET", "/headers");
     if ok.as_ref().map(|r| r.0) != Some(200) {
-        let flows: Vec<String> = observed(&env, &[]).iter().map(|f| format!("{} {}", f["Summary"], f["verdict"])).collect();
+        let flows: Vec<String> =
+            observed(&env, &[]).iter().map(|f| format!("{} {}", f["Summary"], f["verdict"])).collect();
         env.fail(format!("GET /headers: {ok:?}; node1's flows:\n{}", flows.join("\n")));
     }
     for (method, path) in [("GET", "/private"), ("POST", "/headers")] {
@@ -417,7 +418,9 @@ fn cilium_http_rules_are_enforced_in_the_nodes_envoy() {
     // Every request is an L7 flow: the refused ones DROPPED, naming the policy.
     let dropped = |v: &[Value], path: &str| {
         v.iter()
-            .find(|f| f["l7"]["type"] == "REQUEST" && f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with(path)))
+            .find(|f| {
+                f["l7"]["type"] == "REQUEST" && f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with(path))
+            })
             .cloned()
     };
     let (ingress, egress) = wait_for(Duration::from_secs(15), "the refused requests' flows", || {
@@ -478,8 +481,8 @@ fn a_policy_hands_a_port_to_an_envoy_config_listener() {
     let lab = &env.lab;
     let echo = sa(lab.pod("n2-p1").ip, 8081);
     let pod = EchoPod { namespace: "default".into(), pod: "n2-p1".into() };
-    let _echo = HttpServer::start(&lab.pod("n2-p1").netns, echo, ServerOpts { echo: Some(pod), ..Default::default() })
-        .unwrap();
+    let _echo =
+        HttpServer::start(&lab.pod("n2-p1").netns, echo, ServerOpts { echo: Some(pod), ..Default::default() }).unwrap();
     let source_header = |env: &EnvoyLab| {
         let mut c = Client::connect(&env.lab.pod("n1-p1").netns, echo, None, DENIED).ok()?;
         let r = c.get("echo", "/", &[("connection", "close")]).ok()?;
@@ -514,7 +517,10 @@ spec:
     env.apply(&with(lab, &objects));
     env.acked("ClusterwideEnvoyConfig add-header-config");
     let status = agent_get(lab, 0, "/status").unwrap();
-    assert!(status.contains("redirect-http-to-envoy: spec.egress[0].toFQDNs: FQDN rules are not supported"), "{status}");
+    assert!(
+        status.contains("redirect-http-to-envoy: spec.egress[0].toFQDNs: FQDN rules are not supported"),
+        "{status}"
+    );
     assert!(!status.contains("echo-via-listener"), "the policy with the listener applies: {status}");
     let through = wait_for(Duration::from_secs(10), "the request through the listener", || source_header(&env)?)
         .unwrap_or_else(|e| env.fail(e));

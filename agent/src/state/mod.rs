@@ -189,7 +189,8 @@ impl Snapshot {
             let sa = spec.and_then(|s| s.service_account_name.as_deref().or(s.service_account.as_deref()));
             identity::pod_labels(&pod.metadata.labels.clone().unwrap_or_default(), sa)
         };
-        let label_set = |ns: &str, pod: &Pod| LabelSet::new(ns, labels_of(pod).iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let label_set =
+            |ns: &str, pod: &Pod| LabelSet::new(ns, labels_of(pod).iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let with_ip: Vec<(&ObjKey, &Pod, Ipv4Addr)> = objects
             .pods
             .iter()

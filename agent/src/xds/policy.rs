@@ -78,7 +78,11 @@ fn rename(v: Value, list: &str) -> Value {
     match v {
         Value::Object(m) => Value::Object(
             m.into_iter()
-                .map(|(k, v)| if k == "ids_or_rules" { (list.to_owned(), rename(v, list)) } else { (k, rename(v, list)) })
+                .map(
+                    |(k, v)| {
+                        if k == "ids_or_rules" { (list.to_owned(), rename(v, list)) } else { (k, rename(v, list)) }
+                    },
+                )
                 .collect(),
         ),
         Value::Array(a) => Value::Array(a.into_iter().map(|v| rename(v, list)).collect()),

@@ -749,7 +749,8 @@ pub fn original_destination(l: &mut Listener) {
     const NAME: &str = "envoy.filters.listener.original_dst";
     let url = OriginalDst::type_url();
     let has = l.listener_filters.iter().any(|f| {
-        f.name == NAME || matches!(&f.config_type, Some(listener_filter::ConfigType::TypedConfig(a)) if a.type_url == url)
+        f.name == NAME
+            || matches!(&f.config_type, Some(listener_filter::ConfigType::TypedConfig(a)) if a.type_url == url)
     });
     if !has {
         l.listener_filters.insert(

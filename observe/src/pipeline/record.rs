@@ -226,7 +226,10 @@ impl FlowRecord {
             abi::EV_SOCK if ev.subtype as u32 == abi::OBS_TO_PROXY => Verdict::Redirected,
             abi::EV_SOCK => Verdict::Translated,
             // A request the proxy refused (the 403 that answers it is forwarded).
-            t if t == u32::from(EV_L7) && ev.subtype == L7_REQUEST && self.http.as_ref().is_some_and(|h| h.denied()) => {
+            t if t == u32::from(EV_L7)
+                && ev.subtype == L7_REQUEST
+                && self.http.as_ref().is_some_and(|h| h.denied()) =>
+            {
                 Verdict::Dropped
             }
             _ => Verdict::Forwarded,

@@ -82,7 +82,9 @@ pub enum FieldError {
     HeaderName { field: &'static str, value: String },
     #[error("{0}: HTTP rules and listeners apply to TCP ports only")]
     ProxyNeedsTcp(&'static str),
-    #[error("kind {0:?} is not an EnvoyConfig kind (CiliumEnvoyConfig, CiliumClusterwideEnvoyConfig, EnvoyConfig, ClusterwideEnvoyConfig)")]
+    #[error(
+        "kind {0:?} is not an EnvoyConfig kind (CiliumEnvoyConfig, CiliumClusterwideEnvoyConfig, EnvoyConfig, ClusterwideEnvoyConfig)"
+    )]
     ConfigKind(String),
     #[error("a clusterwide policy can only name a clusterwide EnvoyConfig")]
     NamespacedConfigFromClusterwide,
@@ -514,7 +516,8 @@ fn http_rule(h: &Value) -> Result<HttpRule, FieldError> {
         rule.headers.push(HeaderMatch { name: header_name(name, "headers")?, value });
     }
     for m in obj.get("headerMatches").and_then(Value::as_array).into_iter().flatten() {
-        let m = m.as_object().ok_or(FieldError::Refused { field: "headerMatches".into(), why: "holds a non-object" })?;
+        let m =
+            m.as_object().ok_or(FieldError::Refused { field: "headerMatches".into(), why: "holds a non-object" })?;
         if let Some(k) = m.keys().find(|k| !["name", "value"].contains(&k.as_str())) {
             return Err(match refusal(k) {
                 Some(why) => FieldError::Refused { field: format!("headerMatches.{k}"), why },

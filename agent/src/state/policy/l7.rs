@@ -224,7 +224,8 @@ mod tests {
             device: None,
         };
         let pods = [pod("a", [10, 1, 1, 1], 300), pod("b", [10, 1, 1, 2], 300), pod("c", [10, 1, 1, 3], 301)];
-        let nodes = [(Ipv4Addr::new(192, 168, 50, 1), abi::ID_HOST), (Ipv4Addr::new(192, 168, 50, 2), abi::ID_REMOTE_NODE)];
+        let nodes =
+            [(Ipv4Addr::new(192, 168, 50, 1), abi::ID_HOST), (Ipv4Addr::new(192, 168, 50, 2), abi::ID_REMOTE_NODE)];
         let (named, ns) = (BTreeMap::new(), BTreeMap::new());
         let cluster = Cluster { pods: &pods, nodes: &nodes, named_ports: &named, namespace_labels: &ns };
         let net = |s: &str| Net::parse(s).unwrap();
