@@ -2,12 +2,14 @@
 //! shape: `endpointSelector`; `ingress`/`egress` rules with
 //! `fromEndpoints`/`toEndpoints`, `fromCIDR`/`toCIDR`, `fromCIDRSet`/
 //! `toCIDRSet`, `fromEntities`/`toEntities` and `toPorts` (ports, ranges,
-//! named ports, TCP/UDP/ANY); `ingressDeny`/`egressDeny` (deny wins in the
-//! datapath); `enableDefaultDeny`.
+//! named ports, TCP/UDP/ANY, and per port rule HTTP rules or a listener,
+//! which send the allowed connections through the node's proxy: see
+//! [`super::l7`]); `ingressDeny`/`egressDeny` (deny wins in the datapath);
+//! `enableDefaultDeny`.
 //!
 //! The rules are read field by field from the document as written, so that
-//! whatever weft does not enforce (FQDN and DNS rules, L7 rules, listener
-//! redirects, mutual authentication, host policies, ...) is refused by name
+//! whatever weft does not enforce (FQDN and DNS rules, L7 rules other than
+//! HTTP, mutual authentication, host policies, ...) is refused by name
 //! rather than skipped: a refused allow rule allows nothing and a refused
 //! deny rule denies everything in its direction, so a policy weft cannot
 //! read never opens a pod up.
