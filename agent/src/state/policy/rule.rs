@@ -21,7 +21,6 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use weft_ebpf::abi;
 
-use super::l7::Proxy;
 use crate::{
     datapath::{Direction, PolicyAction, PolicyEntry, Proto},
     k8s::selector::{self, SelectorError},
@@ -106,6 +105,56 @@ pub enum PortSel {
     Range(u16, u16),
     /// A container port name, looked up on the destination pod.
     Named(String),
+}
+
+/// One HTTP rule: every given part must match. Method, path and host are
+/// regular expressions matched against the whole value (Cilium's meaning);
+/// headers must be present, or have exactly the value given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HttpRule {
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// A request header a rule asks for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HeaderMatch {
+    /// Lower-case, as HTTP/2 and Envoy see names.
+    pub name: String,
+    /// None: present with any value.
+    pub value: Option<String>,
+}
+
+/// A listener of an EnvoyConfig that a policy hands a port to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListenerRef {
+    pub clusterwide: bool,
+    /// The config's namespace ("" when clusterwide).
+    pub namespace: String,
+    pub config: String,
+    pub listener: String,
+}
+
+impl std::fmt::Display for ListenerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.clusterwide {
+            write!(f, "listener {} of ClusterwideEnvoyConfig {}", self.listener, self.config)
+        } else {
+            write!(f, "listener {} of EnvoyConfig {}/{}", self.listener, self.namespace, self.config)
+        }
+    }
+}
+
+/// Where a rule sends the connections it allows.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Proxy {
+    /// The node's policy listener, which allows a request if one of these
+    /// rules (of this or another policy for the same pod and port) does.
+    Http(Vec<HttpRule>),
+    /// A listener of an EnvoyConfig, which does what it is configured to.
+    Listener(ListenerRef),
 }
 
 /// A protocol (None: any) and ports.
