@@ -10,6 +10,17 @@
 //! Frontends and addresses a snapshot drops are removed before additions,
 //! so they make room in the same pass; room freed later (a pod removed at
 //! the end of its pass) is used by the retry.
+//!
+//! A frontend is handed to a proxy port only once the datapath holds that
+//! port's listening socket (its entry in the proxy socket map). Until then
+//! it keeps the forwarding the map holds for it: its backends for a Service
+//! that was plain or is new, so the first connections after an L7 config is
+//! applied are served instead of meeting no socket (a dropped SYN, a second
+//! of retransmission). A frontend already handed to a proxy port stays
+//! there even when the socket is gone (Envoy gone for good: refused, never
+//! silently sent around the proxy). [`Applied::awaiting_proxy`] lists the
+//! frontends held back; the worker applies the snapshot again once their
+//! sockets are in the map.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
@@ -31,6 +42,22 @@ pub struct Applied {
     pub problems: Vec<String>,
     /// Maps that had no room for everything, with what was left out.
     pub full: Vec<FullMap>,
+    /// Frontends not yet handed to their proxy port: the datapath holds no
+    /// socket for it yet.
+    pub awaiting_proxy: Vec<AwaitingProxy>,
+}
+
+/// A frontend whose proxy port has no listening socket in the datapath yet,
+/// and what its connections get meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AwaitingProxy {
+    /// `addr:port/proto`.
+    pub frontend: String,
+    /// The proxy port the snapshot hands it to.
+    pub proxy_port: u16,
+    /// The proxy port it keeps meanwhile; None: its backends.
+    pub kept_proxy_port: Option<u16>,
 }
 
 /// A map that had no room for some entries of the snapshot.
@@ -314,8 +341,19 @@ impl Reconciler {
                 out.services_removed += 1;
             }
         }
+        let ready = dp.proxy_ports_registered();
         let mut written = BTreeMap::new();
-        for (f, e) in want {
+        for (f, mut e) in want {
+            if let Some(port) = e.proxy_port
+                && !ready.contains(&port)
+            {
+                e.proxy_port = self.services.get(&f).map_or_else(|| dp.written_proxy_port(&f), |w| w.proxy_port);
+                out.awaiting_proxy.push(AwaitingProxy {
+                    frontend: f.to_string(),
+                    proxy_port: port,
+                    kept_proxy_port: e.proxy_port,
+                });
+            }
             if self.services.get(&f) != Some(&e) {
                 match dp.upsert_service(&e) {
                     Ok(()) => out.services_written += 1,

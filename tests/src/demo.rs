@@ -15,7 +15,7 @@ use crate::{
     http::{HttpServer, Response, ServerOpts, get_once},
     lab::Lab,
     objects::{
-        LabService, agent_command, agent_files, envoy_state, lab_objects, wait_ready, wait_status, workspace_binary,
+        LabService, agent_command, agent_files, envoy_serves, lab_objects, wait_ready, wait_status, workspace_binary,
         write_atomic,
     },
     scenario::{T, VIP, sa},
@@ -139,7 +139,7 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
         }
     }
     let status = wait_status(&lab, 0, Duration::from_secs(30), "Envoy to acknowledge hello-split", |s| {
-        s["envoy"]["ready"] == true && envoy_state(s, "EnvoyConfig default/hello-split") == Some("acknowledged")
+        envoy_serves(s, "EnvoyConfig default/hello-split")
     })?;
     let obj = status["control"]["objects"].as_array().and_then(|o| o.first()).cloned().unwrap_or_default();
     println!(

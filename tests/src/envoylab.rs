@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 use crate::{
     http::{Client, HttpServer, ServerOpts},
     lab::Lab,
-    objects::{AgentFiles, agent_files, envoy_state, start_agent_with_env, wait_ready, wait_status, write_atomic},
+    objects::{AgentFiles, agent_files, envoy_serves, start_agent_with_env, wait_ready, wait_status, write_atomic},
     scenario::{T, sa},
 };
 
@@ -74,10 +74,11 @@ impl EnvoyLab {
         );
     }
 
-    /// Waits until node1's agent says Envoy acknowledged `object`.
+    /// Waits until node1's agent says Envoy acknowledged `object` and its
+    /// datapath hands the L7 frontends to Envoy.
     pub fn acked(&self, object: &str) -> serde_json::Value {
-        wait_status(&self.lab, 0, Duration::from_secs(30), &format!("{object} acknowledged"), |s| {
-            s["envoy"]["ready"] == true && envoy_state(s, object) == Some("acknowledged")
+        wait_status(&self.lab, 0, Duration::from_secs(30), &format!("{object} acknowledged and served"), |s| {
+            envoy_serves(s, object)
         })
         .unwrap_or_else(|e| self.fail(e))
     }

@@ -320,6 +320,15 @@ pub fn envoy_state<'a>(status: &'a serde_json::Value, object: &str) -> Option<&'
     status["control"]["objects"].as_array()?.iter().find(|o| o["object"] == object)?["envoy"]["state"].as_str()
 }
 
+/// Whether a status says Envoy is ready and acknowledged `object`, and the
+/// datapath hands every L7 frontend to Envoy (none still waits for the
+/// proxy's listening socket, keeping its plain forwarding meanwhile).
+pub fn envoy_serves(status: &serde_json::Value, object: &str) -> bool {
+    status["envoy"]["ready"] == true
+        && envoy_state(status, object) == Some("acknowledged")
+        && status["datapath"]["frontends-awaiting-proxy"].as_array().is_some_and(|a| a.is_empty())
+}
+
 /// A counter from Envoy's admin /stats in node `idx` (0 if absent).
 pub fn envoy_stat(lab: &Lab, idx: usize, name: &str) -> u64 {
     let Ok(mut c) = crate::http::Client::connect(

@@ -277,3 +277,57 @@ fn a_full_policy_map_keeps_the_denies() {
     node.dp.set_policy(1, &[]).unwrap();
     assert_eq!(held(), vec![]);
 }
+
+/// Issue 18: the reconciler hands a frontend to its proxy port only once
+/// the datapath holds a listening socket for that port; until then the
+/// frontend keeps what the map holds for it (here: new, so its backends).
+/// Once handed over it stays with the proxy port even when the socket goes
+/// (refused, never sent around the proxy). The maps are checked (the
+/// reconciler, given only this Service, takes the lab's pods out); the lab
+/// test in tests/tests/envoy.rs sends the traffic.
+#[test]
+fn a_frontend_goes_to_its_proxy_port_only_once_the_datapath_holds_the_socket() {
+    use weft_agent::{
+        k8s::ObjKey,
+        netns,
+        reconcile::{AwaitingProxy, Reconciler},
+        state::{ServiceState, Snapshot},
+    };
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let mut nodes = nodes(&lab);
+    let f = cluster_ip(80);
+    let mut svc = service(f, &[lab.pod("n2-p1").ip], 8080);
+    svc.proxy_port = Some(15003);
+    let snap = Snapshot {
+        version: 1,
+        services: vec![ServiceState { key: ObjKey::new("default", "web"), entries: vec![svc] }],
+        ..Default::default()
+    };
+    let ns = netns::named(&nodes[0].netns);
+    let mut rec = Reconciler::new(Vec::new());
+    let mut apply = |node: &mut weft_tests::node::LabNode| {
+        netns::run_in(Some(&ns), || rec.apply(&mut node.dp, &snap, &BTreeMap::new())).unwrap().unwrap()
+    };
+    let awaiting = |kept| vec![AwaitingProxy { frontend: f.to_string(), proxy_port: 15003, kept_proxy_port: kept }];
+
+    let a = apply(&mut nodes[0]);
+    assert_eq!(a.awaiting_proxy, awaiting(None));
+    assert_eq!(nodes[0].dp.written_proxy_port(&f), None, "its backends until the socket is there");
+
+    let proxy = proxy_listener(&lab, &mut nodes[0], 15003);
+    let a = apply(&mut nodes[0]);
+    assert!(a.awaiting_proxy.is_empty(), "{:?}", a.awaiting_proxy);
+    assert_eq!(nodes[0].dp.written_proxy_port(&f), Some(15003));
+
+    // The proxy's socket closes: its map entry goes with it.
+    drop(proxy);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while nodes[0].dp.proxy_ports_registered().contains(&15003) {
+        assert!(std::time::Instant::now() < deadline, "the closed socket stays in the map");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let a = apply(&mut nodes[0]);
+    assert_eq!(a.awaiting_proxy, awaiting(Some(15003)));
+    assert_eq!(nodes[0].dp.written_proxy_port(&f), Some(15003), "still handed to the proxy port");
+}

@@ -2,12 +2,13 @@
 //! EnvoyConfigs from the objects directory become validated xDS, the agent's
 //! Envoy serves the redirected Services, and bad objects are rejected alone.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use weft_tests::{
     envoylab::EnvoyLab,
+    flows::{agent_get, metric_sum},
     http::{Client, get_once},
     objects::{
         LabService, conformance_dir, envoy_stat, envoy_state, http_envoy_config, lab_objects, start_agent, wait_ready,
@@ -209,6 +210,58 @@ fn an_l7_service_is_answered_through_envoy_and_falls_back_when_deleted() {
         assert!(std::time::Instant::now() < deadline, "still going through Envoy");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Issue 18: the first connections after an L7 config is applied are never
+/// dropped for want of the proxy's socket. The datapath hands the Service to
+/// its proxy port only once it holds Envoy's listener for that port; until
+/// then the Service keeps its plain forwarding. Each round writes the config
+/// and at once opens new connections, one after another, until one is
+/// answered through Envoy; then the config goes again. Every request must be
+/// answered and node1's datapath must report no SOCKET_LOOKUP_FAILED drop
+/// (before, a SYN that came between the Service's redirect and the socket's
+/// registration was dropped and answered a second later, on retransmission).
+#[test]
+fn the_first_connections_after_an_l7_config_is_applied_are_served_without_a_drop() {
+    require_root!();
+    const ROUNDS: usize = 8;
+    let env = EnvoyLab::new(|lab| lab_objects(lab, &[web()]));
+    let plain = lab_objects(&env.lab, &[web()]);
+    let with_l7 = format!("{plain}{}", http_envoy_config("web-l7", "web", None));
+    let client = env.lab.pod("n1-p1");
+    let lookup_drops = || {
+        let text = agent_get(&env.lab, 0, "/metrics").unwrap_or_else(|e| env.fail(e));
+        metric_sum(&text, "weft_drop_total", &[("reason", "SOCKET_LOOKUP_FAILED")])
+    };
+    let through_envoy = |r: &weft_tests::http::Response| r.header("x-envoy-upstream-service-time").is_some();
+    let (mut before_envoy, mut requests, mut failed) = (0, 0, Vec::new());
+    for round in 0..ROUNDS {
+        write_atomic(&env.objects_file(), &with_l7).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            requests += 1;
+            match get_once(&client.netns, sa(VIP, 80), "/", T) {
+                Ok((resp, _, _)) if resp.status == 200 && through_envoy(&resp) => break,
+                Ok((resp, _, _)) if resp.status == 200 => before_envoy += 1,
+                other => failed.push(format!("round {round}: {other:?}")),
+            }
+            assert!(Instant::now() < deadline, "round {round}: never answered through Envoy; failed: {failed:?}");
+        }
+        // The config goes: the Service is plain again before the next round.
+        env.apply(&plain);
+        let (resp, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T).unwrap_or_else(|e| env.fail(e));
+        assert!(!through_envoy(&resp), "round {round}: still through Envoy after the config went: {resp:?}");
+    }
+    // The drop counter follows the ring buffer: give the flow pipeline a moment.
+    std::thread::sleep(Duration::from_secs(1));
+    let drops = lookup_drops() as u64;
+    println!(
+        "{requests} requests in {ROUNDS} rounds, {before_envoy} answered before Envoy took over, {} failed; {drops} SYNs dropped as SOCKET_LOOKUP_FAILED",
+        failed.len()
+    );
+    assert!(before_envoy > 0, "no request came before Envoy took over: the test did not probe the window");
+    assert!(failed.is_empty(), "new connections not answered: {failed:#?}");
+    assert_eq!(drops, 0, "SYNs dropped because the datapath held no proxy socket yet");
 }
 
 /// Status of one object in node1's agent.

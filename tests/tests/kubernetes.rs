@@ -23,7 +23,7 @@ use weft_tests::{
         lab::{Hold, KubeLab, POD_LABEL, start_agent_with_daemonset_caps},
     },
     lab::Lab,
-    objects::{AgentFiles, agent_files, conformance_dir, envoy_state, http_envoy_config, wait_ready, wait_status},
+    objects::{AgentFiles, agent_files, conformance_dir, envoy_serves, http_envoy_config, wait_ready, wait_status},
     require_root,
     scenario::{T, sa, servers},
 };
@@ -356,8 +356,8 @@ fn ingresses_route_by_host_and_path_with_two_operator_replicas_electing_a_leader
             (i["status"]["loadBalancer"]["ingress"][0]["ip"] == ip.to_string()).then_some(())
         });
         let object = format!("EnvoyConfig default/{name}");
-        wait_status(&env.lab, 0, Duration::from_secs(90), &format!("{object} acknowledged"), |s| {
-            s["envoy"]["ready"] == true && envoy_state(s, &object) == Some("acknowledged")
+        wait_status(&env.lab, 0, Duration::from_secs(90), &format!("{object} acknowledged and served"), |s| {
+            envoy_serves(s, &object)
         })
         .unwrap_or_else(|e| env.fail(e));
         // Valid, and Applied: both nodes' agents report serving this generation.

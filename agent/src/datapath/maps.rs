@@ -353,6 +353,13 @@ impl Datapath {
         Ok(())
     }
 
+    /// The proxy port a frontend's connections are handed to as the map
+    /// holds it now (None: not written, or forwarded to its backends).
+    pub fn written_proxy_port(&self, f: &Frontend) -> Option<u16> {
+        let v = self.maps.services.get(&svc_key(f, 0), 0).ok()?;
+        (v.flags as u32 & abi::SVC_L7 != 0).then_some(v.proxy_port)
+    }
+
     /// The frontends currently written.
     pub fn frontends(&self) -> Result<Vec<Frontend>> {
         self.state

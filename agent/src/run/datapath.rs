@@ -6,6 +6,11 @@
 //! all of it as its [`DatapathStatus`]. A thread, not a task: map updates
 //! are blocking system calls.
 //!
+//! A frontend goes to its proxy port only once the worker holds that port's
+//! listening socket (see [`crate::reconcile`]): when a pass of the proxy's
+//! listeners puts in the socket such a frontend waits for, the snapshot is
+//! applied again.
+//!
 //! A full map does not end the worker: the snapshot is applied as far as it
 //! fits, the maps that were full are published (`/status` `full-maps`, the
 //! `weft_datapath_map_not_written` metric) and logged once per change, and
@@ -27,7 +32,7 @@ use crate::{
     config::AgentConfig,
     datapath::{Datapath, migrate_waiting_connections},
     envoy::EnvoyState,
-    reconcile::{FullMap, Reconciler},
+    reconcile::{AwaitingProxy, FullMap, Reconciler},
     state::Snapshot,
 };
 
@@ -145,6 +150,10 @@ impl Worker {
                 if let Some(snap) = &current {
                     let pid = if cfg.envoy.enabled { pid } else { None };
                     waiting = sync_proxy(&mut dp, snap, pid, &status);
+                    if proxy_sockets_arrived(&dp, &status) {
+                        apply(&mut dp, &mut rec, snap, &status)?;
+                        last_apply = Instant::now();
+                    }
                 }
             }
             if last_stats.elapsed() >= PROXY_SYNC_EVERY {
@@ -207,6 +216,7 @@ fn apply(
     }
     let before = status.borrow().full_maps.clone();
     log_full_maps(&before, &applied.full);
+    log_awaiting_proxy(&status.borrow().frontends_awaiting_proxy, &applied.awaiting_proxy);
     tracing::info!(
         version = snap.version,
         services_written = applied.services_written,
@@ -222,8 +232,45 @@ fn apply(
         st.problems = snap.problems.iter().chain(&applied.problems).cloned().collect();
         st.attached = rec.attached();
         st.full_maps = applied.full;
+        st.frontends_awaiting_proxy = applied.awaiting_proxy;
     });
     Ok(())
+}
+
+/// Whether the proxy socket map now holds a socket some frontend waits for.
+fn proxy_sockets_arrived(dp: &Datapath, status: &watch::Sender<DatapathStatus>) -> bool {
+    let st = status.borrow();
+    if st.frontends_awaiting_proxy.is_empty() {
+        return false;
+    }
+    let ready = dp.proxy_ports_registered();
+    st.frontends_awaiting_proxy.iter().any(|a| ready.contains(&a.proxy_port))
+}
+
+/// Says which frontends wait for their proxy's socket, and which no longer
+/// do, when that changes.
+fn log_awaiting_proxy(before: &[AwaitingProxy], now: &[AwaitingProxy]) {
+    for a in now.iter().filter(|a| !before.contains(a)) {
+        match a.kept_proxy_port {
+            None => tracing::info!(
+                frontend = a.frontend,
+                proxy_port = a.proxy_port,
+                "proxy port {} has no listening socket yet: {} goes to its backends until it has one",
+                a.proxy_port,
+                a.frontend
+            ),
+            Some(kept) => tracing::warn!(
+                frontend = a.frontend,
+                proxy_port = a.proxy_port,
+                "proxy port {} has no listening socket: {} stays on proxy port {kept} until it has one",
+                a.proxy_port,
+                a.frontend
+            ),
+        }
+    }
+    for a in before.iter().filter(|b| !now.iter().any(|n| n.frontend == b.frontend)) {
+        tracing::info!(frontend = a.frontend, "{} no longer waits for a proxy socket", a.frontend);
+    }
 }
 
 /// Says which maps filled up or have room again, when that changes.
@@ -256,11 +303,7 @@ fn log_full_maps(before: &[FullMap], now: &[FullMap]) {
 /// the ports without one, and those whose connections wait for the next
 /// Envoy. True while some wait.
 fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &watch::Sender<DatapathStatus>) -> bool {
-    let services = snap.services.iter().flat_map(|s| s.entries.iter().filter_map(|e| e.proxy_port));
-    let policies = snap.policy.endpoints.values().flat_map(|p| p.entries.iter().filter_map(|e| e.proxy_port));
-    let mut ports: Vec<u16> = services.chain(policies).collect();
-    ports.sort();
-    ports.dedup();
+    let ports: Vec<u16> = snap.proxy_ports().into_iter().collect();
     let pids = pid.map(|p| vec![p as i32]);
     match dp.sync_proxy_listeners(&ports, pids.as_deref()) {
         Ok(sync) => {
@@ -268,7 +311,20 @@ fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &wat
                 tracing::info!(ports = ?sync.moved, "proxy ports moved to the new Envoy's sockets");
             }
             let waiting = !sync.orphaned.is_empty();
+            let by_policy = snap.policy_proxy_ports();
+            let refused: Vec<u16> = sync.missing.iter().copied().filter(|p| by_policy.contains(p)).collect();
             status.send_if_modified(|st| {
+                if st.policy_proxy_ports_refusing != refused {
+                    if !refused.is_empty() {
+                        // Fail closed: a connection a policy sends through the
+                        // proxy has no plain way to fall back to.
+                        tracing::warn!(
+                            ports = ?refused,
+                            "policies send connections through proxy ports with no listening socket: they are refused until the proxy listens"
+                        );
+                    }
+                    st.policy_proxy_ports_refusing = refused;
+                }
                 let changed =
                     st.proxy_ports_without_listener != sync.missing || st.proxy_ports_waiting != sync.orphaned;
                 st.proxy_ports_without_listener = sync.missing;

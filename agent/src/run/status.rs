@@ -37,6 +37,12 @@ pub struct DatapathStatus {
     pub endpoints: usize,
     pub problems: Vec<String>,
     pub proxy_ports_without_listener: Vec<u16>,
+    /// Frontends not handed to their proxy port yet (no listening socket
+    /// for it in the datapath): they keep their forwarding until it is.
+    pub frontends_awaiting_proxy: Vec<crate::reconcile::AwaitingProxy>,
+    /// Proxy ports policies send connections through that have no listening
+    /// socket: those connections are refused (they have no plain way).
+    pub policy_proxy_ports_refusing: Vec<u16>,
     /// Proxy ports whose Envoy is gone: their connections wait in the
     /// sockets the agent keeps, for the next Envoy.
     pub proxy_ports_waiting: Vec<u16>,

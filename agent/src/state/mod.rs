@@ -120,6 +120,20 @@ impl Snapshot {
         self.services.iter().flat_map(|s| &s.entries).filter_map(|e| Some((e.frontend, e.proxy_port?))).collect()
     }
 
+    /// Proxy ports policies send connections through (L7 rules): such a
+    /// connection has no other way, so without the port's socket it is
+    /// refused.
+    pub fn policy_proxy_ports(&self) -> BTreeSet<u16> {
+        let entries = self.policy.endpoints.values().flat_map(|e| &e.entries);
+        entries.filter_map(|e| e.proxy_port).collect()
+    }
+
+    /// Every proxy port the datapath hands connections to: Services' and policies'.
+    pub fn proxy_ports(&self) -> BTreeSet<u16> {
+        let services = self.services.iter().flat_map(|s| &s.entries).filter_map(|e| e.proxy_port);
+        services.chain(self.policy_proxy_ports()).collect()
+    }
+
     /// Whether `next` stops handing some frontend's connections to the
     /// proxy port this snapshot hands them to.
     pub fn stops_proxying_in(&self, next: &Snapshot) -> bool {
@@ -562,5 +576,7 @@ endpoints:
         moved.insert((ObjKey::new("shop", "web"), Some(80)), 15002);
         let elsewhere = Snapshot::derive(&l.objects, "node1", None, &moved, None);
         assert!(snap.stops_proxying_in(&elsewhere), "a frontend handed to another proxy port");
+        assert_eq!(snap.proxy_ports(), BTreeSet::from([15001]));
+        assert!(snap.policy_proxy_ports().is_empty());
     }
 }

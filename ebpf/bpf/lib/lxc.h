@@ -226,6 +226,39 @@ static __always_inline int lxc_established(struct __sk_buff *skb, const struct w
 	return TC_ACT_OK;
 }
 
+/* A connection keeps the forwarding it began with when its frontend changes
+ * between its backends and the proxy (the agent hands a frontend to its
+ * proxy port only once it holds the proxy's socket, and takes it back when
+ * the L7 config goes); only new connections follow the frontend. Returns 1
+ * when this packet goes to the proxy, 0 when to the backends, and moves the
+ * connection's entry to `*ct` when the proxy has it. A SYN is new (an entry
+ * left by an earlier connection of the same tuple is dropped); a
+ * connection the proxy has is tracked by its frontend tuple; one that began
+ * plain has a backend chosen for that tuple. */
+static __always_inline int to_proxy(const struct pkt4 *p, const struct weft_svc_val *svc,
+				    struct weft_ct_entry **ct)
+{
+	int l7 = (svc->flags & WEFT_SVC_L7) != 0;
+	struct weft_ct_key key;
+
+	*ct = 0;
+	if (p->proto != IPPROTO_TCP)
+		return l7;
+	if (ct_lookup(p, &key, ct) != CT_ESTABLISHED || !((*ct)->flags & WEFT_CT_PROXY)) {
+		*ct = 0;
+		if (!l7 || (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN)
+			return l7;
+		ct_key_fwd(&key, p, WEFT_CT_SCOPE_SVC);
+		return bpf_map_lookup_elem(&weft_lb, &key) == 0;
+	}
+	if ((p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN && !l7) {
+		bpf_map_delete_elem(&weft_ct, &key);
+		*ct = 0;
+		return 0;
+	}
+	return 1;
+}
+
 /* Pod -> Service frontend (ClusterIP, or a NodePort/external address reached
  * from inside): DNAT to a backend chosen per connection, then the pod's
  * egress policy on that backend. */
@@ -239,8 +272,12 @@ static __always_inline int lxc_to_service(struct __sk_buff *skb, const struct we
 	struct trace_extra x = { .flags = WEFT_EVF_XLATED_DST };
 	int dir, is_new = 0, rc;
 
-	if (svc->flags & WEFT_SVC_L7)
+	if (to_proxy(p, svc, &ct)) {
+		/* Began with the proxy, the frontend went plain since. */
+		if (ct && !(svc->flags & WEFT_SVC_L7))
+			return lxc_established(skb, cfg, p, ct, 0);
 		return l7_connection(skb, cfg, p, ep->identity, ep, svc, WEFT_OBS_FROM_ENDPOINT);
+	}
 	if (!svc->count)
 		return DROP(cfg, p, skb->ifindex, WEFT_DROP_NO_SERVICE);
 	lb = lb_backend(cfg, p, svc, &lbkey, &is_new);
