@@ -146,15 +146,19 @@ impl Controller {
     }
 
     fn node_info(&self) -> NodeInfo {
-        let labels = self
+        let node = self
             .loaded
             .objects
             .nodes
             .values()
             .find(|n| n.object.metadata.name.as_deref() == Some(&self.node_name))
-            .and_then(|n| n.object.metadata.labels.clone())
-            .unwrap_or_default();
-        NodeInfo { name: self.node_name.clone(), labels, any: false }
+            .map(|n| &n.object);
+        NodeInfo {
+            name: self.node_name.clone(),
+            labels: node.and_then(|n| n.metadata.labels.clone()).unwrap_or_default(),
+            any: false,
+            ip: self.node_ip.or_else(|| node.and_then(crate::state::node_address)),
+        }
     }
 
     /// Sets weft-cni's attachments (None: pods do not come through weft-cni).

@@ -22,7 +22,10 @@
 //! frontends held back; the worker applies the snapshot again once their
 //! sockets are in the map.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use weft_ebpf::abi;
 
@@ -108,22 +111,16 @@ pub struct Reconciler {
     devices: Vec<String>,
     devices_attached: bool,
     services: BTreeMap<Frontend, ServiceEntry>,
+    /// The services map was read once (leftovers of an earlier run removed).
+    frontends_read: bool,
     ipcache: BTreeMap<(Ipv4Addr, u8), IpcacheEntry>,
     endpoints: BTreeMap<Ipv4Addr, EndpointEntry>,
     policies: BTreeMap<u16, Vec<PolicyEntry>>,
 }
 
-/// The host-side device the node routes a pod address to.
+/// The host-side device the node routes a pod address to (rtnetlink).
 pub fn route_device(ip: Ipv4Addr) -> Result<Option<String>> {
-    let out = Command::new("ip")
-        .args(["-j", "-4", "route", "get", &ip.to_string()])
-        .output()
-        .map_err(|e| DatapathError::io("running `ip route get`", e))?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    Ok(v.get(0).and_then(|r| r.get("dev")).and_then(|d| d.as_str()).map(str::to_owned))
+    crate::datapath::netlink::route_device(ip).map_err(|e| DatapathError::io("asking rtnetlink for a route", e))
 }
 
 impl Reconciler {
@@ -333,9 +330,14 @@ impl Reconciler {
     fn apply_services(&mut self, dp: &mut Datapath, snap: &Snapshot, out: &mut Applied) -> Result<()> {
         let want: BTreeMap<Frontend, ServiceEntry> =
             snap.services.iter().flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone()))).collect();
-        // Everything written but not wanted: also what an earlier run left.
-        for f in dp.frontends()? {
-            if !want.keys().any(|w| w.addr == f.addr && w.port == f.port && w.proto == f.proto) {
+        let wanted: BTreeSet<_> = want.keys().map(|w| (w.addr, w.port, w.proto)).collect();
+        // Everything written but not wanted: on the first pass, what the
+        // map holds (also what an earlier run left); then what this
+        // reconciler wrote, so a pass does not read the whole map.
+        let present = if self.frontends_read { self.services.keys().copied().collect() } else { dp.frontends()? };
+        self.frontends_read = true;
+        for f in present {
+            if !wanted.contains(&(f.addr, f.port, f.proto)) {
                 dp.delete_service(&f)?;
                 self.services.remove(&f);
                 out.services_removed += 1;

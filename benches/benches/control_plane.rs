@@ -4,11 +4,15 @@
 //!    cluster for its own Service with an endpoint), written at once into
 //!    the objects directory of a running agent: time until Envoy acknowledged
 //!    every one, and the agent's peak memory. N = 1 is the baseline.
-//! 2. One endpoint change with 1000 configs loaded, until Envoy has it: state
-//!    of the world against delta xDS.
+//! 2. With 100, 1000 and 10000 configs loaded (delta xDS): one EndpointSlice
+//!    change until Envoy's /clusters shows it, and one EnvoyConfig edit until
+//!    Envoy's config dump holds it; their cost should not grow with the count.
+//! 3. One endpoint change with 1000 configs loaded: state of the world
+//!    against delta xDS.
 //!
 //! `cargo bench -p weft-benches --bench control_plane` (WEFT_BENCH_CONFIGS:
-//! comma-separated config counts, default 1,1000,10000).
+//! comma-separated config counts for 1, default 1,1000,10000;
+//! WEFT_BENCH_CHANGE_CONFIGS: for 2, default 100,1000,10000).
 
 use std::{
     fmt::Write as _,
@@ -52,9 +56,10 @@ fn slice(i: usize, backends: &[Ipv4Addr]) -> String {
     )
 }
 
-fn configs(n: usize) -> String {
+/// EnvoyConfigs `c<i>` for Services `s<i>`, i in `range`.
+fn configs(range: std::ops::Range<usize>) -> String {
     let mut y = String::new();
-    for i in 0..n {
+    for i in range {
         y.push_str(&weft_tests::objects::http_envoy_config(&format!("c{i}"), &format!("s{i}"), None));
         y.push_str("---\n");
     }
@@ -113,13 +118,14 @@ struct Scaled {
     why: Option<String>,
     agent_kib: u64,
     envoy_kib: u64,
+    envoy_fds: usize,
     envoy_restarts: u64,
 }
 
 fn scale(n: usize) -> Scaled {
     let run = start("");
     let backend = run.lab.pod("n1-p2").ip;
-    let body = format!("{}{}{}", lab_objects(&run.lab, &[]), services(n, backend, &[]), configs(n));
+    let body = format!("{}{}{}", lab_objects(&run.lab, &[]), services(n, backend, &[]), configs(0..n));
     let t0 = Instant::now();
     write_atomic(&run.objects, &body).unwrap();
     let st =
@@ -137,33 +143,59 @@ fn scale(n: usize) -> Scaled {
         why,
         agent_kib: kib(run.agent, "VmHWM:"),
         envoy_kib: kib(envoy_pid, "VmRSS:"),
+        envoy_fds: std::fs::read_dir(format!("/proc/{envoy_pid}/fd")).map_or(0, |d| d.count()),
         envoy_restarts: st["envoy"]["restarts"].as_u64().unwrap_or(0),
     }
 }
 
-/// Milliseconds until Envoy's /clusters shows `hosts` endpoints for cluster default/s0.
-fn endpoint_change(delta: bool) -> Samples {
+/// Changes with `n` configs loaded: `s0`'s EndpointSlice and EnvoyConfig
+/// `c0` live in files of their own, as one object changes alone in a
+/// cluster (a change does not re-read the other configs).
+struct Loaded {
+    run: Run,
+    s0: std::path::PathBuf,
+    c0: std::path::PathBuf,
+    b1: Ipv4Addr,
+    b2: Ipv4Addr,
+}
+
+fn load(n: usize, delta: bool) -> Loaded {
     let run = start(if delta { "envoy: {delta: true}\n" } else { "" });
-    let n = 1000;
     let (b1, b2) = (run.lab.pod("n1-p2").ip, run.lab.pod("n2-p1").ip);
     let base = lab_objects(&run.lab, &[]);
-    // s0's EndpointSlice lives in a file of its own, as one object changes
-    // alone in a cluster: the change does not re-read the 1000 configs.
     let s0 = run.objects.with_file_name("s0.yaml");
+    let c0 = run.objects.with_file_name("c0.yaml");
     write_atomic(&s0, &slice(0, &[b1])).unwrap();
-    write_atomic(&run.objects, &format!("{base}{}{}", services(n, b1, &[0]), configs(n))).unwrap();
-    wait_status(&run.lab, 0, Duration::from_secs(600), "configs acknowledged", |s| acked_count(s) == n).unwrap();
+    write_atomic(&c0, &config_c0(0)).unwrap();
+    write_atomic(&run.objects, &format!("{base}{}{}", services(n, b1, &[0]), configs(1..n))).unwrap();
+    wait_status(&run.lab, 0, Duration::from_secs(1800), "configs acknowledged", |s| acked_count(s) == n).unwrap();
+    Loaded { run, s0, c0, b1, b2 }
+}
+
+/// Config c0 with its route's timeout set to `round` + 1 seconds.
+fn config_c0(round: usize) -> String {
+    let route = format!("{{cluster: default/s0, timeout: {}s}}", round + 1);
+    weft_tests::objects::http_envoy_config("c0", "s0", Some(&route))
+}
+
+/// GET on node1's Envoy admin interface ("" when it does not answer).
+fn admin(lab: &Lab, path: &str) -> String {
+    let Ok(mut c) =
+        Client::connect(&lab.node(0).netns, "127.0.0.1:9901".parse().unwrap(), None, Duration::from_secs(2))
+    else {
+        return String::new();
+    };
+    c.get("admin", path, &[("connection", "close")]).map(|r| r.body).unwrap_or_default()
+}
+
+/// Milliseconds until Envoy's /clusters shows each of 10 endpoint changes of
+/// cluster default/s0.
+fn endpoint_changes(l: &Loaded) -> Samples {
     let hosts = |lab: &Lab| -> usize {
-        let Ok(mut c) =
-            Client::connect(&lab.node(0).netns, "127.0.0.1:9901".parse().unwrap(), None, Duration::from_secs(2))
-        else {
-            return 0;
-        };
-        let Ok(r) = c.get("admin", "/clusters", &[("connection", "close")]) else { return 0 };
         // Lines are `<cluster>::<host>::<stat>::<value>`: count the distinct hosts.
-        r.body
+        admin(lab, "/clusters")
             .lines()
-            .filter_map(|l| l.strip_prefix("default/s0::")?.split("::").next())
+            .filter_map(|l| l.strip_prefix("default/s0::")?.split("::").next().map(str::to_owned))
             .filter(|h| h.contains(':'))
             .collect::<std::collections::BTreeSet<_>>()
             .len()
@@ -173,10 +205,28 @@ fn endpoint_change(delta: bool) -> Samples {
         let add = round % 2 == 0;
         let want = if add { 2 } else { 1 };
         let t0 = Instant::now();
-        let backends = if add { vec![b1, b2] } else { vec![b1] };
-        write_atomic(&s0, &slice(0, &backends)).unwrap();
-        while hosts(&run.lab) != want {
+        let backends = if add { vec![l.b1, l.b2] } else { vec![l.b1] };
+        write_atomic(&l.s0, &slice(0, &backends)).unwrap();
+        while hosts(&l.run.lab) != want {
             assert!(t0.elapsed() < Duration::from_secs(60), "endpoint change not applied");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out.push(t0.elapsed());
+    }
+    Samples::new(out)
+}
+
+/// Milliseconds until Envoy holds each of 10 edits of config c0 (its route's
+/// timeout, read back from Envoy's config dump).
+fn config_edits(l: &Loaded) -> Samples {
+    let path = "/config_dump?resource=dynamic_route_configs&name_regex=c0-route";
+    let mut out = Vec::new();
+    for round in 1..=10 {
+        let t0 = Instant::now();
+        write_atomic(&l.c0, &config_c0(round)).unwrap();
+        let want = format!("\"timeout\": \"{}s\"", round + 1);
+        while !admin(&l.run.lab, path).contains(&want) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "config edit not applied");
             std::thread::sleep(Duration::from_millis(5));
         }
         out.push(t0.elapsed());
@@ -194,18 +244,19 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    // 10,000 listeners take 30,000 sockets in Envoy (one per worker and one
-    // in the main thread): raise the open-file limit the agent and Envoy
-    // inherit as far as this machine lets us, as a container runtime does
-    // (containerd: 2^20); what does not fit is refused, and the table says so.
+    // Listeners that bind take a socket per Envoy worker and one more (the
+    // configs here have Services, so theirs bind nothing since issue 12):
+    // raise the open-file limit the agent and Envoy inherit as far as this
+    // machine lets us, as a container runtime does (containerd: 2^20); what
+    // does not fit is refused, and the table says so.
     let open_files = weft_agent::run::raise_fd_limit();
     println!("# Control plane\n\nMachine: {}\n", machine());
     println!("## EnvoyConfigs written at once, until Envoy acknowledged each (or the agent refused it)\n");
     println!("Open-file limit the agent and Envoy run with: {open_files}.\n");
     println!(
-        "| configs | acknowledged | refused | time | per acknowledged config | / 1 config | agent peak RSS | Envoy RSS | Envoy restarts |"
+        "| configs | acknowledged | refused | time | per acknowledged config | / 1 config | agent peak RSS | Envoy RSS | Envoy open files | Envoy restarts |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut base = None;
     let mut rows = Vec::new();
     let mut reasons = Vec::new();
@@ -214,11 +265,12 @@ fn main() {
         let base_t = *base.get_or_insert(r.took);
         rows.push(serde_json::json!({
             "configs": n, "acked": r.acked, "refused": r.refused, "ack_s": r.took.as_secs_f64(),
-            "agent_rss_kib": r.agent_kib, "envoy_rss_kib": r.envoy_kib, "envoy_restarts": r.envoy_restarts,
+            "agent_rss_kib": r.agent_kib, "envoy_rss_kib": r.envoy_kib, "envoy_fds": r.envoy_fds,
+            "envoy_restarts": r.envoy_restarts,
             "refused_because": r.why,
         }));
         println!(
-            "| {n} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {} MiB | {} MiB | {} |",
+            "| {n} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {} MiB | {} MiB | {} | {} |",
             r.acked,
             r.refused,
             r.took.as_secs_f64(),
@@ -226,6 +278,7 @@ fn main() {
             r.took.as_secs_f64() / base_t.as_secs_f64(),
             r.agent_kib / 1024,
             r.envoy_kib / 1024,
+            r.envoy_fds,
             r.envoy_restarts
         );
         reasons.extend(r.why.map(|w| format!("{n} configs, first refused: {w}")));
@@ -233,16 +286,47 @@ fn main() {
     for r in &reasons {
         println!("\n{r}");
     }
-    println!("\n## One endpoint change with 1000 configs loaded, until Envoy's /clusters shows it (10 changes)\n");
+    let change_counts: Vec<usize> = std::env::var("WEFT_BENCH_CHANGE_CONFIGS")
+        .unwrap_or_else(|_| "100,1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    println!("\n## One change with N configs loaded, until Envoy has it (delta xDS, 10 changes each)\n");
+    println!(
+        "| configs loaded | EndpointSlice change p50 ms | max ms | EnvoyConfig edit p50 ms | max ms | endpoint p50 / first row |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut changes = Vec::new();
+    let mut first = None;
+    for n in &change_counts {
+        let l = load(*n, true);
+        let (e, c) = (endpoint_changes(&l), config_edits(&l));
+        let p50 = e.pct(50.0).as_secs_f64() * 1e3;
+        let base = *first.get_or_insert(p50);
+        println!(
+            "| {n} | {p50:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            e.pct(100.0).as_secs_f64() * 1e3,
+            c.pct(50.0).as_secs_f64() * 1e3,
+            c.pct(100.0).as_secs_f64() * 1e3,
+            p50 / base
+        );
+        changes.push(serde_json::json!({
+            "configs": n,
+            "endpoint_p50_ms": p50, "endpoint_max_ms": e.pct(100.0).as_secs_f64() * 1e3,
+            "edit_p50_ms": c.pct(50.0).as_secs_f64() * 1e3, "edit_max_ms": c.pct(100.0).as_secs_f64() * 1e3,
+        }));
+    }
+    println!("\n## One endpoint change with 1000 configs loaded: state of the world against delta\n");
     println!("| xDS | p50 ms | max ms | p50 / state of the world |");
     println!("|---|---:|---:|---:|");
-    let sotw = endpoint_change(false);
-    let delta = endpoint_change(true);
+    let sotw = endpoint_changes(&load(1000, false));
+    let delta = endpoint_changes(&load(1000, true));
     save(
         "control_plane",
         serde_json::json!({
             "open_files": open_files,
             "configs": rows,
+            "changes": changes,
             "endpoint_change_ms": {
                 "sotw_p50": sotw.pct(50.0).as_secs_f64() * 1e3,
                 "sotw_max": sotw.pct(100.0).as_secs_f64() * 1e3,

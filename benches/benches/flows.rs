@@ -308,6 +308,7 @@ fn main() {
                         tls: None,
                         limits: Default::default(),
                         access: Default::default(),
+                        peers: None,
                     },
                 ))
                 .unwrap();

@@ -10,7 +10,7 @@ use prost::Message;
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["observer/observer.proto", "weft/link.proto"], ["proto"])
+    let fds = protox::compile(["observer/observer.proto", "peer/peer.proto", "weft/link.proto"], ["proto"])
         .expect("compiling observe/flow/proto");
     std::fs::write(out.join("hubble_descriptor.bin"), fds.encode_to_vec()).unwrap();
     tonic_prost_build::configure()

@@ -123,7 +123,8 @@ async fn start_with(cfg: PipelineConfig, limits: StreamLimits) -> Api {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("observer.sock");
     let (pipeline, feed) = Pipeline::start(cfg, names());
-    let listen = Listen { tcp: None, unix: Some(sock.clone()), tls: None, limits, access: Default::default() };
+    let listen =
+        Listen { tcp: None, unix: Some(sock.clone()), tls: None, limits, access: Default::default(), peers: None };
     tokio::spawn(server::serve(pipeline.clone(), listen));
     for _ in 0..100 {
         if sock.exists() {
@@ -484,6 +485,7 @@ async fn the_flow_api_speaks_tls_and_can_require_client_certificates() {
         tls: Some(server::TlsSource::fixed(tls)),
         limits: Default::default(),
         access: Default::default(),
+        peers: None,
     };
     let served = tokio::spawn(server::serve(pipeline.clone(), listen));
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -570,6 +572,7 @@ async fn renewed_certificates_are_served_without_a_restart() {
         tls: Some(source),
         limits: Default::default(),
         access: Default::default(),
+        peers: None,
     };
     let served = tokio::spawn(server::serve(pipeline.clone(), listen));
     let addr = Address::parse(&format!("tls://127.0.0.1:{port}")).unwrap();

@@ -217,8 +217,9 @@ fn flowrequest(input: &[u8]) -> u64 {
         Ok(_) => {
             let filters = FilterSet::compile(&request.whitelist, &request.blacklist)
                 .expect("a request the server accepts has filters that compile");
-            let labels = vec!["k8s:zone=a".to_owned()];
-            let env = Env { boot_id: 42, node_name: "node1", node_labels: &labels, cluster: "default" };
+            let mut names = Names::new("node1");
+            names.node_labels = vec!["k8s:zone=a".to_owned()];
+            let env = Env { boot_id: 42, names: &Arc::new(names) };
             let records = sample_records();
             let kept: Vec<bool> =
                 records.iter().enumerate().map(|(seq, f)| filters.matches(&env, seq as u64, f)).collect();

@@ -8,6 +8,7 @@ pub mod config;
 mod error;
 mod gc;
 mod maps;
+pub mod netlink;
 mod policy;
 mod proxy;
 mod routing;

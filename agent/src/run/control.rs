@@ -99,7 +99,7 @@ impl ControlLoop {
         let mut touched = true;
         let mut datapath_alive = true;
         loop {
-            let rebuild = tokio::select! {
+            let mut rebuild = tokio::select! {
                 _ = tick.tick() => match self.source.poll() {
                     Some(loaded) => {
                         self.controller.load(log_problems(loaded));
@@ -109,11 +109,7 @@ impl ControlLoop {
                 },
                 Some(ev) = ads_events.recv() => {
                     touched = true;
-                    match &ev {
-                        AdsEvent::Ack { .. } => self.xds_counts.acks += 1,
-                        AdsEvent::Nack { .. } => self.xds_counts.nacks += 1,
-                        _ => {}
-                    }
+                    self.xds_counts.count(&ev);
                     self.controller.on_event(ev)
                 }
                 Some(a) = next_attachments(&mut attachments) => {
@@ -131,6 +127,13 @@ impl ControlLoop {
                     false
                 }
             };
+            // Envoy's answers already waiting join this build (a burst of
+            // NACKs costs one build, and none waits behind another build).
+            while let Ok(ev) = ads_events.try_recv() {
+                touched = true;
+                self.xds_counts.count(&ev);
+                rebuild |= self.controller.on_event(ev);
+            }
             if rebuild {
                 let (snap, published) = self.controller.build();
                 if !Arc::ptr_eq(&published, &xds.borrow()) {

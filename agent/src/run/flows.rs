@@ -4,18 +4,22 @@
 //! access-log spool into it, [`serve`] runs the Hubble-compatible flow API, and
 //! [`sync`] keeps the pipeline's inputs in step with the other components:
 //! names for flows from each snapshot of the control loop, and the
-//! datapath's ring-buffer counters for loss accounting. The flow API's TLS
+//! datapath's ring-buffer counters for loss accounting, and the nodes the
+//! flow API's Peer service announces ([`PeerFeed`]). The flow API's TLS
 //! files are read again every [`TLS_RELOAD`], so renewed certificates are
 //! served without a restart.
 
-use std::{future::Future, sync::Arc};
+use std::{collections::BTreeMap, future::Future, sync::Arc};
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use weft_ebpf::abi;
 use weft_observe::{
-    api::server::{self, Listen, TlsSource},
+    api::{
+        peer::{self, PeerInfo, PeerList},
+        server::{self, Listen, TlsSource},
+    },
     export::{
         metrics::{self as fm, FlowMetrics, PipelineCollector},
         otlp,
@@ -88,10 +92,60 @@ pub fn access_log(cfg: &AgentConfig, pipeline: &Arc<Pipeline>) -> anyhow::Result
     spool::spawn_reader(pipeline.clone(), reader).context("starting the access-log reader")
 }
 
+/// The nodes the Peer service announces, kept in step with the snapshots:
+/// every node with an address (this one too, with its configured address),
+/// at the flow API's port, with the TLS server name of weft's convention
+/// when the flow API speaks TLS.
+pub struct PeerFeed {
+    port: u16,
+    tls: bool,
+    tx: watch::Sender<PeerList>,
+}
+
+impl PeerFeed {
+    /// The feed and what the flow API reads, from the first snapshot.
+    pub fn new(cfg: &AgentConfig, snap: &Snapshot) -> (PeerFeed, watch::Receiver<PeerList>) {
+        let port = cfg.flows.address.parse::<std::net::SocketAddr>().map_or(4244, |a| a.port());
+        let (tx, rx) = watch::channel(PeerList::default());
+        let feed = PeerFeed { port, tls: cfg.flows.tls.is_some(), tx };
+        feed.update(snap);
+        (feed, rx)
+    }
+
+    /// Publishes the snapshot's nodes if they changed.
+    pub fn update(&self, snap: &Snapshot) {
+        let cluster = &Names::new(snap.node_name.clone()).cluster;
+        let mut nodes: BTreeMap<&str, std::net::Ipv4Addr> =
+            snap.nodes.iter().map(|n| (n.name.as_str(), n.ip)).collect();
+        if let Some(ip) = snap.node_ip {
+            nodes.insert(&snap.node_name, ip);
+        }
+        let list: BTreeMap<String, PeerInfo> = nodes
+            .into_iter()
+            .map(|(node, ip)| {
+                let p = PeerInfo {
+                    name: peer::peer_name(node, cluster),
+                    address: std::net::SocketAddr::from((ip, self.port)).to_string(),
+                    tls_server_name: self.tls.then(|| peer::tls_server_name(node, cluster)),
+                };
+                (p.name.clone(), p)
+            })
+            .collect();
+        self.tx.send_if_modified(|now| {
+            let changed = **now != list;
+            if changed {
+                *now = Arc::new(list);
+            }
+            changed
+        });
+    }
+}
+
 /// The flow API, to run as a component.
 pub fn serve(
     cfg: &AgentConfig,
     pipeline: &Arc<Pipeline>,
+    peers: watch::Receiver<PeerList>,
 ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
     let access = cfg.socket_access()?;
     let listen = Listen {
@@ -111,18 +165,20 @@ pub fn serve(
         },
         limits: cfg.flows.stream_limits(),
         access,
+        peers: Some(peers),
     };
     let p = pipeline.clone();
     Ok(async move { server::serve(p, listen).await })
 }
 
-/// Follows the control loop's snapshots (names for flows) and the datapath's
-/// ring-buffer counters (loss notices); fails with [`InputGone`] naming the
-/// publisher that is gone.
+/// Follows the control loop's snapshots (names for flows, the Peer
+/// service's nodes) and the datapath's ring-buffer counters (loss notices);
+/// fails with [`InputGone`] naming the publisher that is gone.
 pub async fn sync(
     pipeline: Arc<Pipeline>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     mut datapath: watch::Receiver<DatapathStatus>,
+    peers: PeerFeed,
 ) -> anyhow::Result<()> {
     loop {
         tokio::select! {
@@ -132,6 +188,7 @@ pub async fn sync(
                 }
                 let snap = snapshots.borrow_and_update().clone();
                 pipeline.set_names(names(&snap));
+                peers.update(&snap);
             }
             changed = datapath.changed() => {
                 if changed.is_err() {
@@ -207,7 +264,7 @@ pub struct PrintSink {
 }
 
 impl Sink for PrintSink {
-    fn batch(&mut self, _first: u64, entries: &[Entry], _names: &Names) {
+    fn batch(&mut self, _first: u64, entries: &[Entry], _names: &Arc<Names>) {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         for e in entries {

@@ -96,7 +96,8 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
 
     let mut registry = Registry::with_prefix("weft");
     let (pipeline, feed, exporter) = flows::start(&cfg, &snapshot, &mut registry)?;
-    let flow_api = flows::serve(&cfg, &pipeline)?;
+    let (peers, peers_rx) = flows::PeerFeed::new(&cfg, &snapshot);
+    let flow_api = flows::serve(&cfg, &pipeline, peers_rx)?;
 
     let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(snapshot));
     let (xds_tx, xds_rx) = watch::channel(published);
@@ -134,7 +135,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     if let Some(t) = pipeline.take_worker() {
         sup.thread(Component::FlowPipeline, t);
     }
-    sup.task(Component::FlowSync, flows::sync(pipeline.clone(), snapshots_rx, datapath_rx.clone()));
+    sup.task(Component::FlowSync, flows::sync(pipeline.clone(), snapshots_rx, datapath_rx.clone(), peers));
     sup.thread(Component::AccessLog, flows::access_log(&cfg, &pipeline)?);
     sup.task(Component::FlowApi, flow_api);
     let xds_socket = cfg.state_dir.join("xds.sock");

@@ -82,6 +82,18 @@ pub struct XdsCounts {
     pub nacks: u64,
 }
 
+impl XdsCounts {
+    /// Counts one of Envoy's answers.
+    pub fn count(&mut self, ev: &crate::xds::server::AdsEvent) {
+        use crate::xds::server::AdsEvent;
+        match ev {
+            AdsEvent::Ack { .. } => self.acks += 1,
+            AdsEvent::Nack { .. } => self.nacks += 1,
+            _ => {}
+        }
+    }
+}
+
 /// The control loop's report.
 #[derive(Clone, Debug, Default)]
 pub struct ControlReport {

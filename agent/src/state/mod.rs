@@ -186,8 +186,7 @@ impl Snapshot {
             .values()
             .filter_map(|n| {
                 let n = &n.object;
-                let addrs = n.status.as_ref()?.addresses.as_ref()?;
-                let ip = addrs.iter().filter(|a| a.type_ == "InternalIP").find_map(|a| ipv4(&a.address))?;
+                let ip = node_address(n)?;
                 Some(NodeState {
                     name: n.metadata.name.clone()?,
                     ip,
@@ -392,6 +391,67 @@ pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects, slices
     out.into_iter().collect()
 }
 
+/// A Service's IPv4 addresses, as the datapath installs its frontends.
+struct Addresses<'a> {
+    kind: &'a str,
+    cluster_ips: Vec<Ipv4Addr>,
+    /// External IPs, and for a LoadBalancer its ingress IPs.
+    external: Vec<Ipv4Addr>,
+}
+
+fn addresses(svc: &Service) -> Option<Addresses<'_>> {
+    let spec = svc.spec.as_ref()?;
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let cluster_ips: Vec<Ipv4Addr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.as_ref())
+        .filter_map(|s| ipv4(s))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut external: Vec<Ipv4Addr> = spec.external_ips.iter().flatten().filter_map(|s| ipv4(s)).collect();
+    if kind == "LoadBalancer" {
+        let lb = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+        external.extend(
+            lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten().filter_map(|i| i.ip.as_deref().and_then(ipv4)),
+        );
+    }
+    Some(Addresses { kind, cluster_ips, external })
+}
+
+/// The TCP frontends of a Service's `ports` (every port when empty) on the
+/// node with address `node_ip`: the local addresses its connections have
+/// when the datapath hands them to the proxy (cluster IPs, the node's
+/// NodePort, external and load-balancer IPs), as [`Snapshot::derive`]
+/// installs them.
+pub fn tcp_frontends(svc: &Service, node_ip: Option<Ipv4Addr>, ports: &[u16]) -> Vec<std::net::SocketAddrV4> {
+    let Some(a) = addresses(svc).filter(|a| a.kind != "ExternalName") else { return Vec::new() };
+    let mut out = Vec::new();
+    for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+        let Ok(number) = u16::try_from(port.port) else { continue };
+        if proto_of(port.protocol.as_deref()) != Some(Proto::Tcp) || !(ports.is_empty() || ports.contains(&number)) {
+            continue;
+        }
+        out.extend(a.cluster_ips.iter().chain(&a.external).map(|ip| std::net::SocketAddrV4::new(*ip, number)));
+        if matches!(a.kind, "NodePort" | "LoadBalancer")
+            && let (Some(np), Some(ip)) = (port.node_port.and_then(|p| u16::try_from(p).ok()), node_ip)
+        {
+            out.push(std::net::SocketAddrV4::new(ip, np));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A Node's address (its first IPv4 InternalIP).
+pub fn node_address(node: &k8s_openapi::api::core::v1::Node) -> Option<Ipv4Addr> {
+    let addrs = node.status.as_ref()?.addresses.as_ref()?;
+    addrs.iter().filter(|a| a.type_ == "InternalIP").find_map(|a| ipv4(&a.address))
+}
+
 fn service_state(
     key: &ObjKey,
     svc: &Service,
@@ -414,22 +474,7 @@ fn service_state(
                 None
             }
         });
-    let cluster_ips: Vec<Ipv4Addr> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .chain(spec.cluster_ip.as_ref())
-        .filter_map(|s| ipv4(s))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut external: Vec<Ipv4Addr> = spec.external_ips.iter().flatten().filter_map(|s| ipv4(s)).collect();
-    if kind == "LoadBalancer" {
-        let lb = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref());
-        external.extend(
-            lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten().filter_map(|i| i.ip.as_deref().and_then(ipv4)),
-        );
-    }
+    let Addresses { cluster_ips, external, .. } = addresses(svc)?;
 
     let mut entries = Vec::new();
     for port in spec.ports.iter().flatten() {

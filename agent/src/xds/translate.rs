@@ -717,6 +717,110 @@ pub fn bind_proxy_port(l: &mut Listener, port: u16) {
     handed_connections(l);
 }
 
+/// The agent's one listening socket for listeners that Services are
+/// redirected to: the datapath hands it their connections, and Envoy passes
+/// each on to the listener that has the connection's local address (the
+/// Service frontend, kept by the hand-off) among its addresses. Those
+/// listeners open no socket of their own ([`virtual_listener`]), so the open
+/// files of the node do not grow with the number of L7 listeners. No
+/// config's listener has this name: theirs are qualified (contain a `/`).
+pub const DISPATCH_LISTENER: &str = "weft-proxy";
+
+/// The dispatching listener on 127.0.0.1:`port`, and the route
+/// configuration of its own connection manager. A connection whose address
+/// no listener has (a frontend redirected before Envoy has its listener) is
+/// answered 503 by that manager. The manager takes its routes over RDS so
+/// that the dispatcher warms with the listeners it hands connections to
+/// (they take theirs over RDS in the same responses): a new Envoy's
+/// dispatcher does not accept connections it could not yet hand to anyone;
+/// they wait in its socket's queue.
+pub fn dispatcher(port: u16) -> (Listener, RouteConfiguration) {
+    use envoy_types::pb::envoy::{
+        config::{
+            listener::v3::{Filter, FilterChain, ListenerFilter, listener_filter},
+            route::v3::{DirectResponseAction, Route, RouteMatch, VirtualHost, route_match},
+        },
+        extensions::filters::{
+            listener::original_dst::v3::OriginalDst,
+            network::http_connection_manager::v3::{HttpFilter, Rds},
+        },
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: "weft_proxy".into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: DISPATCH_LISTENER.into(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack(&Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut l = Listener {
+        name: DISPATCH_LISTENER.into(),
+        use_original_dst: Some(BoolValue { value: true }),
+        // Marks the local address as the destination to hand off by
+        // (getsockopt(SO_ORIGINAL_DST) answers with the address itself).
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.listener.original_dst".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack(&OriginalDst::default()))),
+            ..Default::default()
+        }],
+        default_filter_chain: Some(FilterChain {
+            name: "no-listener".into(),
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    bind_proxy_port(&mut l, port);
+    let routes = RouteConfiguration {
+        name: DISPATCH_LISTENER.into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "no-listener".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::DirectResponse(DirectResponseAction { status: 503, ..Default::default() })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (l, routes)
+}
+
+/// Makes a listener one the [`dispatcher`] hands connections to: no socket
+/// of its own, and the frontends whose connections it takes as its
+/// addresses. `placeholder` is its address when it has no frontend (its
+/// Service does not exist yet): never bound, never reached.
+pub fn virtual_listener(l: &mut Listener, frontends: &[std::net::SocketAddrV4], placeholder: Option<u16>) {
+    use envoy_types::pb::envoy::config::{
+        core::v3::{Address, SocketAddress, address, socket_address},
+        listener::v3::AdditionalAddress,
+    };
+    let at = |ip: std::net::Ipv4Addr, port: u16| Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    };
+    let mut all = frontends.iter().map(|f| at(*f.ip(), f.port()));
+    l.address = all.next().or_else(|| placeholder.map(|p| at(std::net::Ipv4Addr::LOCALHOST, p)));
+    l.additional_addresses = all.map(|a| AdditionalAddress { address: Some(a), ..Default::default() }).collect();
+    l.bind_to_port = Some(BoolValue { value: false });
+}
+
 /// Makes a listener fit for connections the datapath hands to it:
 /// transparent (the Service address is its local address), and with
 /// SO_REUSEPORT, so a restarted Envoy's socket joins the group of the one

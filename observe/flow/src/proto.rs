@@ -12,6 +12,9 @@ pub mod relay {
 pub mod observer {
     include!(concat!(env!("OUT_DIR"), "/observer.rs"));
 }
+pub mod peer {
+    include!(concat!(env!("OUT_DIR"), "/peer.rs"));
+}
 pub mod weft {
     include!(concat!(env!("OUT_DIR"), "/weft.rs"));
 }

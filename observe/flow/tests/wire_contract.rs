@@ -73,6 +73,12 @@ fn compiled_descriptors_match_the_wire_contract() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     assert!(checked > 500, "only {checked} rows checked");
 
+    // The Peer service: `/peer.Peer/Notify`, server-streaming.
+    let notify = pool.get_service_by_name("peer.Peer").unwrap().methods().find(|m| m.name() == "Notify").unwrap();
+    assert_eq!(notify.input().full_name(), "peer.NotifyRequest");
+    assert_eq!(notify.output().full_name(), "peer.ChangeNotification");
+    assert!(notify.is_server_streaming() && !notify.is_client_streaming());
+
     // The RPCs: paths, types, streaming.
     let svc = pool.get_service_by_name("observer.Observer").unwrap();
     let methods: BTreeMap<String, (String, String, bool)> = svc

@@ -11,14 +11,20 @@
 //! costs the agent a known amount of memory per stream, and matching stays
 //! linear in the text (the `regex` crate has no backtracking).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use regex::{Regex, RegexBuilder};
 
 use weft_flow::proto::flow::{self, FlowFilter, Verdict};
 
-use super::convert;
-use crate::pipeline::record::{EV_L7, FlowRecord, L7_RESPONSE};
+use super::{
+    cel::{CelError, CelFilter},
+    convert,
+};
+use crate::pipeline::{
+    enrich::Names,
+    record::{EV_L7, FlowRecord, L7_RESPONSE},
+};
 
 /// Filters per list (allow list, deny list) of one request.
 pub const MAX_FILTERS: usize = 64;
@@ -50,7 +56,9 @@ fn regex(field: &'static str, s: &str) -> Result<Regex, FilterError> {
 pub enum RequestTooLarge {
     #[error("{list}: {count} filters, at most {MAX_FILTERS} are allowed")]
     Filters { list: &'static str, count: usize },
-    #[error("{count} regular expressions (http_path, http_url) in one request, at most {MAX_REGEXES} are allowed")]
+    #[error(
+        "{count} regular or CEL expressions (http_path, http_url, experimental.cel_expression) in one request, at most {MAX_REGEXES} are allowed"
+    )]
     Regexes { count: usize },
 }
 
@@ -62,19 +70,23 @@ pub fn check_bounds(allow: &[FlowFilter], deny: &[FlowFilter]) -> Result<(), Req
             return Err(RequestTooLarge::Filters { list, count: l.len() });
         }
     }
-    let count: usize = allow.iter().chain(deny).map(|f| f.http_path.len() + f.http_url.len()).sum();
+    let count: usize =
+        allow.iter().chain(deny).map(|f| f.http_path.len() + f.http_url.len() + cel_expressions(f).len()).sum();
     if count > MAX_REGEXES {
         return Err(RequestTooLarge::Regexes { count });
     }
     Ok(())
 }
 
-/// Facts about the server a filter may ask about.
+/// Facts about the server a filter may ask about: its start, and its names
+/// (node, labels, cluster; and everything a CEL filter's `_flow` shows).
 pub struct Env<'a> {
     pub boot_id: u64,
-    pub node_name: &'a str,
-    pub node_labels: &'a [String],
-    pub cluster: &'a str,
+    pub names: &'a Arc<Names>,
+}
+
+fn cel_expressions(f: &FlowFilter) -> &[String] {
+    f.experimental.as_ref().map_or(&[], |e| e.cel_expression.as_slice())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +296,8 @@ enum Check {
     IpVersion(Vec<i32>),
     Interface(Vec<(u32, String)>),
     Encrypted(Vec<bool>),
+    /// CEL expressions over the flow as the API sends it.
+    Cel(Arc<CelFilter>),
     /// Asks about data weft never has (DNS names, IP trace ids): matches nothing.
     Never,
 }
@@ -307,8 +321,8 @@ pub enum FilterError {
     Selector { field: &'static str, error: SelectorError },
     #[error("node_name: an empty pattern")]
     EmptyNodeName,
-    #[error("experimental.cel_expression: CEL expressions are not supported by weft")]
-    Cel,
+    #[error("experimental.cel_expression: {0}")]
+    Cel(CelError),
     #[error("http_* filters need event type l7 (129) among event_type")]
     HttpNeedsL7,
 }
@@ -466,8 +480,9 @@ impl Filter {
             || !f.dns_query.is_empty()
             || !f.ip_trace_id.is_empty();
         push(Check::Never, never);
-        if f.experimental.as_ref().is_some_and(|e| !e.cel_expression.is_empty()) {
-            return Err(FilterError::Cel);
+        let cel = cel_expressions(f);
+        if !cel.is_empty() {
+            c.push(Check::Cel(Arc::new(CelFilter::compile(cel).map_err(FilterError::Cel)?)));
         }
         let http = !f.http_status_code.is_empty()
             || !f.http_method.is_empty()
@@ -532,7 +547,9 @@ fn check(c: &Check, env: &Env<'_>, seq: u64, f: &FlowRecord) -> bool {
                 ports.contains(&p)
             }
         }
-        Check::Cluster(s, names) => ep(*s).is_some_and(|e| !e.pod.is_empty() && names.iter().any(|n| n == env.cluster)),
+        Check::Cluster(s, names) => {
+            ep(*s).is_some_and(|e| !e.pod.is_empty() && names.iter().any(|n| *n == env.names.cluster))
+        }
         Check::Verdict(vs) => vs.contains(&(f.verdict() as i32)),
         Check::EventType(ts) => {
             let (t, sub) = f.event_type();
@@ -581,15 +598,19 @@ fn check(c: &Check, env: &Env<'_>, seq: u64, f: &FlowRecord) -> bool {
         Check::Uuid(us) => us.iter().any(|u| convert::seq_of_uuid(env.boot_id, u) == Some(seq)),
         Check::TcpFlags(fs) => f.ev.proto == 6 && !f.is_l7() && fs.iter().any(|want| f.ev.tcp_flags & want == *want),
         Check::NodeName(pats) => {
-            let full = format!("{}/{}", env.cluster, env.node_name);
-            pats.iter().any(|p| if p.contains('/') { glob(p, &full) } else { glob(p, env.node_name) })
+            let full = format!("{}/{}", env.names.cluster, env.names.node_name);
+            pats.iter().any(|p| if p.contains('/') { glob(p, &full) } else { glob(p, &env.names.node_name) })
         }
-        Check::NodeLabels(sels) => sels.iter().any(|s| s.matches(env.node_labels)),
+        Check::NodeLabels(sels) => sels.iter().any(|s| s.matches(&env.names.node_labels)),
         Check::IpVersion(vs) => vs.contains(&(flow::IpVersion::IPv4 as i32)),
         Check::Interface(is) => {
             f.ev.ifindex != 0 && is.iter().any(|(idx, name)| *idx == f.ev.ifindex || (*idx == 0 && name.is_empty()))
         }
         Check::Encrypted(es) => es.contains(&false),
+        Check::Cel(cel) => {
+            let ctx = convert::Context::new(env.names.clone(), env.boot_id, false);
+            cel.matches(&convert::to_flow(&ctx, seq, f))
+        }
         Check::Never => false,
     }
 }
@@ -633,7 +654,8 @@ mod tests {
     use crate::pipeline::record::{EndpointInfo, ServiceInfo};
 
     fn env() -> Env<'static> {
-        Env { boot_id: 7, node_name: "node-a", node_labels: &[], cluster: "default" }
+        static NAMES: std::sync::LazyLock<Arc<Names>> = std::sync::LazyLock::new(|| Arc::new(Names::new("node-a")));
+        Env { boot_id: 7, names: &NAMES }
     }
 
     fn rec(src: &str, dst: &str, sport: u16, dport: u16) -> FlowRecord {

@@ -45,6 +45,7 @@ pub use super::tls::{Tls, TlsError, TlsSource};
 use super::{
     convert::{self, Context},
     filter::{Env, FilterSet, check_bounds},
+    peer::PeerService,
 };
 use crate::pipeline::{
     Pipeline,
@@ -253,9 +254,7 @@ fn response(node: &str, time_ns: u64, r: ResponseTypes) -> GetFlowsResponse {
 async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsResponse, Status>>, _slot: StreamSlot) {
     let names = p.names();
     let (boot_id, node) = (p.boot_id, names.node_name.clone());
-    let labels = names.node_labels.clone();
-    let cluster = names.cluster.clone();
-    let env = Env { boot_id, node_name: &node, node_labels: &labels, cluster: &cluster };
+    let env = Env { boot_id, names: &names };
     let mut ctx = Context::new(names.clone(), boot_id, q.with_link);
     let mut pos = q.start(&p, &env);
     // Without follow the query ends at what the store held when it arrived.
@@ -416,6 +415,8 @@ pub struct Listen {
     pub limits: StreamLimits,
     /// Who may connect to the unix socket.
     pub access: weft_flow::socket::Access,
+    /// The nodes the Peer service announces; None: no Peer service.
+    pub peers: Option<tokio::sync::watch::Receiver<super::peer::PeerList>>,
 }
 
 /// Serves the flow API (with health and reflection) until the process ends.
@@ -436,6 +437,7 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
             .add_service(ObserverServer::new(svc.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(health.clone())
             .add_service(reflection.clone())
+            .add_optional_service(listen.peers.clone().map(PeerService::new))
     };
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = listen.tcp {

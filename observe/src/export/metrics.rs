@@ -277,7 +277,7 @@ impl FlowMetrics {
 }
 
 impl Sink for FlowMetrics {
-    fn batch(&mut self, _first_seq: u64, entries: &[Entry], _names: &Names) {
+    fn batch(&mut self, _first_seq: u64, entries: &[Entry], _names: &Arc<Names>) {
         let mut fold: HashMap<Key, (u64, Ctx), FnvBuildHasher> = HashMap::default();
         let mut tcp = [0u64; 4];
         let mut add =

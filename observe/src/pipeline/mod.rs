@@ -75,7 +75,7 @@ impl Default for PipelineConfig {
 
 /// Something that sees every batch before it is stored (metrics, exporters).
 pub trait Sink: Send {
-    fn batch(&mut self, first_seq: u64, entries: &[Entry], names: &Names);
+    fn batch(&mut self, first_seq: u64, entries: &[Entry], names: &Arc<Names>);
 }
 
 /// The pipeline's own counts.

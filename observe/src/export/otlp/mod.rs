@@ -273,13 +273,8 @@ pub struct OtlpSink {
 }
 
 impl Sink for OtlpSink {
-    fn batch(&mut self, first_seq: u64, entries: &[Entry], names: &Names) {
-        let env = Env {
-            boot_id: self.pipeline.boot_id,
-            node_name: &names.node_name,
-            node_labels: &names.node_labels,
-            cluster: &names.cluster,
-        };
+    fn batch(&mut self, first_seq: u64, entries: &[Entry], names: &Arc<Names>) {
+        let env = Env { boot_id: self.pipeline.boot_id, names };
         let mut dropped = 0;
         for (i, e) in entries.iter().enumerate() {
             let Entry::Flow(f) = e else { continue };

@@ -1,0 +1,336 @@
+//! The real `hubble` CLI (cilium/hubble with Cilium 1.19, from ../shared/bin:
+//! tests/env.sh unpacks it onto PATH) against lab agents, over the agent's
+//! unix socket and over TCP with mutual TLS: `status`, `observe` in every
+//! output format with the time and count flags and the filters (CEL
+//! included), `list nodes`, `list namespaces`. What hubble selects is
+//! compared with what `weft observe` selects for the same flags, flow by
+//! flow (by UUID), over a fixed time window so both read the same flows.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use serde_json::Value;
+use weft_tests::{
+    envoylab::EnvoyLab,
+    flows::{flow_lab, flow_socket, flows_of, observe_json, traffic, wait_http_flows},
+    pki::Pki,
+    require_root,
+    scenario::{T, VIP, sa},
+};
+
+/// `hubble` on PATH (tests/env.sh puts ../shared/bin's there).
+fn hubble_binary() -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("hubble")).find(|p| p.is_file())
+}
+
+const NO_HUBBLE: &str = "SKIPPED: needs hubble on PATH (tests/env.sh unpacks ../shared/bin) and openssl";
+
+/// The hubble CLI pointed at one lab agent.
+struct Hubble<'a> {
+    env: &'a EnvoyLab,
+    bin: PathBuf,
+    pki: &'a Pki,
+}
+
+/// How hubble reaches the agent.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    /// node1's flow API socket.
+    Unix,
+    /// node1's TCP port 4244 with mutual TLS, from inside node1.
+    Tls,
+    /// TLS without a client certificate (the agent must refuse).
+    TlsNoClientCert,
+}
+
+impl Hubble<'_> {
+    fn run(&self, via: Via, args: &[&str]) -> Output {
+        // Inside node1 for TCP (through `ip netns exec`, reading the output
+        // as it comes: a long answer would fill a pipe nobody reads);
+        // bounded in time either way.
+        let mut cmd = Command::new("timeout");
+        cmd.arg("60");
+        if !matches!(via, Via::Unix) {
+            cmd.args(["ip", "netns", "exec", &self.env.lab.node(0).netns]);
+        }
+        cmd.arg(&self.bin).args(args);
+        let p = |f: &str| self.pki.path(f).display().to_string();
+        match via {
+            Via::Unix => {
+                cmd.args(["--server", &flow_socket(&self.env.files[0])]);
+                cmd.output().expect("hubble runs")
+            }
+            Via::Tls | Via::TlsNoClientCert => {
+                cmd.args(["--server", "tls://127.0.0.1:4244", "--tls-server-name", "localhost"]);
+                cmd.args(["--tls-ca-cert-files", &p("flows-ca.pem")]);
+                if let Via::Tls = via {
+                    cmd.args(["--tls-client-cert-file", &p("client.pem"), "--tls-client-key-file", &p("client.key")]);
+                }
+                cmd.output().expect("hubble runs")
+            }
+        }
+    }
+
+    /// Runs hubble; fails the test with its stderr if it fails.
+    fn ok(&self, via: Via, args: &[&str]) -> String {
+        let out = self.run(via, args);
+        if !out.status.success() {
+            self.env.fail(format!("hubble {args:?} over {via:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        String::from_utf8(out.stdout).expect("UTF-8")
+    }
+
+    /// `hubble observe -o json ARGS`: one response per line.
+    fn json(&self, via: Via, args: &[&str]) -> Vec<Value> {
+        let out = self.ok(via, &[&["observe", "-o", "json"][..], args].concat());
+        out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    }
+}
+
+fn uuids(flows: &[&Value]) -> BTreeSet<String> {
+    flows.iter().map(|f| f["uuid"].as_str().unwrap_or_default().to_owned()).collect()
+}
+
+fn pod(f: &Value, side: &str) -> String {
+    format!("{}/{}", f[side]["namespace"].as_str().unwrap_or(""), f[side]["pod_name"].as_str().unwrap_or(""))
+}
+
+#[test]
+fn the_hubble_cli_reads_lab_agents_over_the_socket_and_mutual_tls_like_weft_observe() {
+    require_root!();
+    let (Some(bin), Some(pki)) = (hubble_binary(), Pki::new("hubble")) else {
+        eprintln!("{NO_HUBBLE}");
+        return;
+    };
+    pki.ca("flows").leaf("flows", "server", true).ca("clients").leaf("clients", "client", false);
+    let tls = format!(
+        "flows:\n  tls:\n    cert: {}\n    key: {}\n    client-ca: {}\n",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display(),
+        pki.path("clients-ca.pem").display()
+    );
+    let env = flow_lab(&tls);
+    traffic(&env, 3);
+    wait_http_flows(&env, 6);
+    let h = Hubble { env: &env, bin, pki: &pki };
+    // A window that closed before any query: both CLIs see the same flows.
+    std::thread::sleep(Duration::from_millis(300));
+    let until = weft_flow::time::rfc3339(weft_flow::time::now_ns());
+    let window = ["--until", until.as_str()];
+
+    // status and the node and namespace lists, both ways.
+    for via in [Via::Unix, Via::Tls] {
+        let s = h.ok(via, &["status"]);
+        assert!(s.contains("Healthcheck (via ") && s.contains("): Ok"), "{via:?}: {s}");
+        assert!(s.contains("Current/Max Flows: ") && s.contains("/4,095 ("), "{via:?}: {s}");
+        assert!(s.contains("Flows/s: "), "{via:?}: {s}");
+        let nodes = h.ok(via, &["list", "nodes"]);
+        let row = nodes.lines().find(|l| l.starts_with("node1 ")).unwrap_or_else(|| panic!("{via:?}: {nodes}"));
+        assert!(row.contains("Connected"), "{row}");
+        let ns = h.ok(via, &["list", "namespaces"]);
+        assert!(ns.lines().any(|l| l.trim() == "default"), "{via:?}: {ns}");
+    }
+    // Mutual TLS: no client certificate, no answer.
+    let refused = h.run(Via::TlsNoClientCert, &["status"]);
+    assert!(!refused.status.success(), "the agent answered a client without a certificate");
+
+    // Every filter flag hubble sends, compared with weft observe's answer.
+    let hello = env.lab.pod("n2-p1");
+    let (client_ip, backend_ip) = (env.lab.pod("n1-p1").ip.to_string(), hello.ip.to_string());
+    let client_id = {
+        let all = observe_json(&env.files[0], &["--all", "--from-pod", "default/n1-p1", "--until", &until]).unwrap();
+        flows_of(&all)[0]["source"]["identity"].as_u64().expect("an identity").to_string()
+    };
+    let from_client_id = |f: &Value| f["source"]["identity"].as_u64().map(|i| i.to_string()) == Some(client_id.clone());
+    let client_ip_either = |f: &Value| f["IP"]["source"] == client_ip || f["IP"]["destination"] == client_ip;
+    let cases: Vec<(Vec<&str>, &dyn Fn(&Value) -> bool)> = vec![
+        (vec!["--verdict", "DROPPED"], &|f| f["verdict"] == "DROPPED"),
+        (vec!["--drop-reason-desc", "POLICY_DENIED"], &|f| f["drop_reason_desc"] == "POLICY_DENIED"),
+        (vec!["--pod", "default/n1-p2"], &|f| {
+            pod(f, "source") == "default/n1-p2" || pod(f, "destination") == "default/n1-p2"
+        }),
+        (vec!["--from-pod", "default/n1-p1", "--to-namespace", "default"], &|f| pod(f, "source") == "default/n1-p1"),
+        (vec!["--namespace", "default", "--protocol", "http"], &|f| !f["l7"]["http"].is_null()),
+        (vec!["--label", "app=app2"], &|_| true),
+        (vec!["--from-identity", &client_id], &from_client_id),
+        (vec!["--ip", &client_ip], &client_ip_either),
+        (vec!["--to-ip", "10.1.0.0/16"], &|f| f["IP"]["destination"].as_str().is_some_and(|d| d.starts_with("10.1."))),
+        (vec!["--to-ip", &backend_ip, "--to-port", "8080", "--protocol", "tcp"], &|f| {
+            f["l4"]["TCP"]["destination_port"] == 8080
+        }),
+        (vec!["--type", "trace:to-proxy"], &|f| f["trace_observation_point"] == "TO_PROXY"),
+        (vec!["--type", "l7"], &|f| !f["l7"].is_null()),
+        (vec!["--http-status", "200", "--http-method", "GET"], &|f| f["l7"]["http"]["code"] == 200),
+        (vec!["--http-path", "^/api/items/[0-2]$"], &|f| {
+            f["l7"]["http"]["url"].as_str().is_some_and(|u| u.contains("/api/items/"))
+        }),
+        (vec!["--http-url", "hello\\.default"], &|f| {
+            f["l7"]["http"]["url"].as_str().is_some_and(|u| u.contains("hello.default"))
+        }),
+        (vec!["--node-name", "node1"], &|f| f["node_name"] == "node1"),
+        (vec!["--node-name", "default/node*"], &|f| f["node_name"] == "node1"),
+        (vec!["--not", "--verdict", "FORWARDED", "--not", "--verdict", "REDIRECTED"], &|f| {
+            f["verdict"] != "FORWARDED" && f["verdict"] != "REDIRECTED"
+        }),
+    ];
+    for (args, each) in &cases {
+        let args: Vec<&str> = [&["--all"][..], &window[..], args].concat();
+        let mut seen = None;
+        for via in [Via::Unix, Via::Tls] {
+            let responses = h.json(via, &args);
+            let flows = flows_of(&responses);
+            assert!(!flows.is_empty(), "hubble {args:?} over {via:?}: no flow");
+            for f in &flows {
+                assert!(each(f), "hubble {args:?} over {via:?} printed a flow the filter excludes: {f}");
+            }
+            let weft = observe_json(&env.files[0], &args).unwrap();
+            assert_eq!(uuids(&flows), uuids(&flows_of(&weft)), "hubble and weft observe {args:?} over {via:?}");
+            let ids = uuids(&flows);
+            assert!(seen.as_ref().is_none_or(|s| *s == ids), "{args:?}: the socket and TLS answers differ");
+            seen = Some(ids);
+        }
+    }
+
+    // CEL, as Hubble evaluates it: the same flows as the equivalent flags.
+    let cel =
+        |expr: &str| uuids(&flows_of(&h.json(Via::Unix, &["--all", "--until", &until, "--cel-expression", expr])));
+    let flags =
+        |args: &[&str]| uuids(&flows_of(&h.json(Via::Unix, &[&["--all", "--until", &until][..], args].concat())));
+    let http200 = cel("has(_flow.l7.http) && _flow.l7.http.code == 200 && _flow.l7.type == L7FlowType.RESPONSE");
+    assert_eq!(http200.len(), 3);
+    assert_eq!(
+        http200,
+        flags(&["--http-status", "200", "--type", "l7"])
+            .intersection(&flags(&["--to-pod", "default/n1-p1"]))
+            .cloned()
+            .collect()
+    );
+    assert_eq!(cel("_flow.verdict == Verdict.DROPPED"), flags(&["--verdict", "DROPPED"]));
+    assert_eq!(
+        cel(r#"_flow.source.pod_name == "n1-p1" || _flow.destination.pod_name == "n1-p1""#),
+        flags(&["--pod", "default/n1-p1"])
+    );
+    assert_eq!(cel("_flow.l4.TCP.destination_port == 8080u"), flags(&["--to-port", "8080"]));
+    // Two expressions: either may match.
+    let two = uuids(&flows_of(&h.json(
+        Via::Unix,
+        &["--all", "--until", &until, "--cel-expression", "_flow.verdict == 2", "--cel-expression", "has(_flow.l7)"],
+    )));
+    assert_eq!(two, &flags(&["--verdict", "DROPPED"]) | &flags(&["--type", "l7"]));
+    // A bad expression is InvalidArgument naming it.
+    let bad = h.run(Via::Unix, &["observe", "--cel-expression", "_flow.sorce.namespace == \"x\""]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("InvalidArgument") && err.contains("sorce"), "{err}");
+
+    // Counts and times.
+    let http = ["--all", "--protocol", "http", "--until", until.as_str()];
+    let all_http = flows_of(&h.json(Via::Unix, &http)).iter().map(|f| f["uuid"].clone()).collect::<Vec<_>>();
+    assert_eq!(all_http.len(), 6, "three requests and three responses");
+    let last = h.json(Via::Unix, &["--last", "2", "--protocol", "http", "--until", &until]);
+    assert_eq!(flows_of(&last).iter().map(|f| f["uuid"].clone()).collect::<Vec<_>>(), all_http[4..]);
+    let first = h.json(Via::Tls, &["--first", "2", "--protocol", "http"]);
+    assert_eq!(flows_of(&first).iter().map(|f| f["uuid"].clone()).collect::<Vec<_>>(), all_http[..2]);
+    let since = flows_of(&h.json(Via::Unix, &http))[3]["time"].as_str().unwrap().to_owned();
+    let later = h.json(Via::Unix, &["--all", "--protocol", "http", "--since", &since, "--until", &until]);
+    assert_eq!(flows_of(&later).len(), 3, "since the fourth HTTP flow");
+
+    // Output formats: each prints the HTTP flows.
+    let compact = h.ok(Via::Unix, &["observe", "--protocol", "http", "--until", &until, "--all"]);
+    assert_eq!(compact.lines().filter(|l| l.contains(" http-response FORWARDED ")).count(), 3, "{compact}");
+    assert!(compact.lines().all(|l| l.contains("default/n1-p1:")), "{compact}");
+    let weft_compact = Command::new(weft_tests::objects::workspace_binary("weft"))
+        .args(["observe", "--server", &flow_socket(&env.files[0]), "--protocol", "http", "--until", &until, "--all"])
+        .output()
+        .unwrap();
+    assert_eq!(compact, String::from_utf8_lossy(&weft_compact.stdout), "hubble's and weft's compact lines");
+    let jsonpb = h.ok(Via::Unix, &["observe", "-o", "jsonpb", "--protocol", "http", "--until", &until, "--all"]);
+    assert_eq!(jsonpb.lines().filter(|l| l.contains("\"RESPONSE\"")).count(), 3, "{jsonpb}");
+    let dict = h.ok(Via::Unix, &["observe", "-o", "dict", "--protocol", "http", "--until", &until, "--all"]);
+    assert_eq!(dict.matches("http-response").count(), 3, "{dict}");
+    let table = h.ok(Via::Unix, &["observe", "-o", "table", "--protocol", "http", "--until", &until, "--all"]);
+    assert!(table.lines().next().is_some_and(|l| l.contains("SOURCE") && l.contains("DESTINATION")), "{table}");
+    assert_eq!(table.matches("http-response").count(), 3, "{table}");
+
+    // --follow: new matching flows arrive on an open stream (over TLS).
+    let mut cmd = Command::new(&h.bin);
+    let p = |f: &str| pki.path(f).display().to_string();
+    cmd.args(["observe", "--follow", "-o", "json", "--protocol", "http", "--server", "tls://127.0.0.1:4244"])
+        .args(["--tls-server-name", "localhost", "--tls-ca-cert-files", &p("flows-ca.pem")])
+        .args(["--tls-client-cert-file", &p("client.pem"), "--tls-client-key-file", &p("client.key")])
+        .stdout(std::process::Stdio::piped());
+    let pid = env.lab.spawn(&env.lab.node(0).netns, None, &mut cmd).unwrap();
+    let stdout = env.lab.take_stdout(pid).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    traffic(&env, 1);
+    let line = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|e| env.fail(format!("hubble --follow: {e}")));
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert!(!all_http.contains(&v["flow"]["uuid"]), "a new flow: {line}");
+    assert!(!v["flow"]["l7"]["http"].is_null(), "{line}");
+    env.lab.kill(pid);
+}
+
+/// A Node object for the lab's objects file.
+fn node_object(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses: [{{type: InternalIP, address: {ip}}}]\n---\n"
+    )
+}
+
+#[test]
+fn hubble_watch_peers_follows_the_lab_nodes() {
+    require_root!();
+    let Some(bin) = hubble_binary() else {
+        eprintln!("{NO_HUBBLE}");
+        return;
+    };
+    let services = |lab: &weft_tests::lab::Lab| {
+        weft_tests::objects::lab_objects(lab, &[weft_tests::objects::LabService::new("web", VIP, 80, &["n2-p1"])])
+    };
+    let env = EnvoyLab::with_config(services, "envoy:\n  enabled: false\n");
+    let base = services(&env.lab);
+    let (ip1, ip2) = (env.lab.node(0).ip.to_string(), env.lab.node(1).ip.to_string());
+
+    // `hubble watch peers` on node1's socket: both nodes at once...
+    let mut cmd = Command::new(&bin);
+    cmd.args(["watch", "peers", "--server", &flow_socket(&env.files[0])]).stdout(std::process::Stdio::piped());
+    let pid = env.lab.spawn(&env.lab.node(0).netns, None, &mut cmd).unwrap();
+    let stdout = env.lab.take_stdout(pid).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let next = |what: &str| -> String {
+        rx.recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|e| env.fail(format!("hubble watch peers, {what}: {e}")))
+    };
+    let mut first = [next("the first node"), next("the second node")];
+    first.sort();
+    let expect = |line: &str, kind: &str, addr: &str, name: &str| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(words.len() >= 3 && words[0] == kind && words[1] == addr && words[2] == name, "{line}");
+    };
+    expect(&first[0], "PEER_ADDED", &format!("{ip1}:4244"), "node1");
+    expect(&first[1], "PEER_ADDED", &format!("{ip2}:4244"), "node2");
+    // ...then each change of the Nodes.
+    env.apply(&format!("{base}{}", node_object("node3", "192.168.50.99")));
+    expect(&next("node3 added"), "PEER_ADDED", "192.168.50.99:4244", "node3");
+    env.apply(&format!("{base}{}", node_object("node3", "192.168.50.98")));
+    expect(&next("node3 moved"), "PEER_UPDATED", "192.168.50.98:4244", "node3");
+    env.apply(&base);
+    expect(&next("node3 removed"), "PEER_DELETED", "192.168.50.98:4244", "node3");
+    env.lab.kill(pid);
+}
