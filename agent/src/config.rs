@@ -89,8 +89,10 @@ pub struct FlowOptions {
     pub store_size: usize,
     /// Datapath records queued between the ring-buffer reader and the pipeline. Default: 16384.
     pub queue_size: usize,
-    /// TCP address of the flow API (Hubble's observer.Observer); empty: none. Default: 0.0.0.0:4244.
-    pub address: String,
+    /// TCP address of the flow API (Hubble's observer.Observer); empty:
+    /// none. Default: 0.0.0.0:4244 with `tls`, none without (plaintext only
+    /// when asked for; the unix socket is always there).
+    pub address: Option<String>,
     /// Unix socket of the flow API. Default: <state-dir>/observer.sock.
     pub socket: Option<PathBuf>,
     /// Context labels of the flow metrics (source_namespace, source_workload,
@@ -99,7 +101,8 @@ pub struct FlowOptions {
     pub metrics_context: Vec<String>,
     /// Export flows to an OpenTelemetry collector. Default: none.
     pub otlp: Option<OtlpOptions>,
-    /// TLS on the flow API's TCP address. Default: none (plaintext, as Hubble's default).
+    /// TLS on the flow API's TCP address. Default: none (and then no TCP
+    /// address unless `address` asks for plaintext).
     pub tls: Option<FlowTls>,
     /// GetFlows streams one client (a TCP peer address, a unix peer uid) may
     /// keep open at once. Default: 16.
@@ -108,7 +111,22 @@ pub struct FlowOptions {
     pub max_streams: usize,
 }
 
-/// TLS of the flow API.
+/// The flow API's TCP address when `flows.tls` is set and `flows.address` is not.
+pub const DEFAULT_FLOW_ADDRESS: &str = "0.0.0.0:4244";
+
+impl FlowOptions {
+    /// The TCP address the flow API listens on, if any.
+    pub fn tcp_address(&self) -> Option<&str> {
+        match self.address.as_deref() {
+            Some("") => None,
+            Some(a) => Some(a),
+            None => self.tls.is_some().then_some(DEFAULT_FLOW_ADDRESS),
+        }
+    }
+}
+
+/// TLS of the flow API. `{node}` in a path is the node's name: deploy/
+/// mounts one Secret with every node's certificate (`<node>.crt`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FlowTls {
@@ -122,6 +140,19 @@ pub struct FlowTls {
 }
 
 impl FlowTls {
+    /// The files of node `node`.
+    pub fn for_node(&self, node: &str) -> FlowTls {
+        let of = |p: &Path| PathBuf::from(p.to_string_lossy().replace("{node}", node));
+        FlowTls { cert: of(&self.cert), key: of(&self.key), client_ca: self.client_ca.as_deref().map(of) }
+    }
+
+    /// Whether this node's certificate and key are not there yet (the
+    /// operator has not issued them, or the kubelet has not written them:
+    /// the CA bundle may well be there already).
+    pub fn absent(&self) -> bool {
+        !self.cert.exists() && !self.key.exists()
+    }
+
     /// Reads the files; errors name the key and the file.
     pub fn load(&self) -> Result<weft_observe::api::server::Tls, ConfigError> {
         let read = |key: &'static str, p: &Path| {
@@ -150,7 +181,7 @@ impl Default for FlowOptions {
         Self {
             store_size: 4095,
             queue_size: 16384,
-            address: "0.0.0.0:4244".into(),
+            address: None,
             socket: None,
             metrics_context: vec![
                 "source_namespace".into(),
@@ -360,8 +391,10 @@ impl AgentConfig {
         if self.api_address.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("api-address", &self.api_address, "expected ip:port, like 0.0.0.0:9962"));
         }
-        if !self.flows.address.is_empty() && self.flows.address.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid("flows.address", &self.flows.address, "expected ip:port, like 0.0.0.0:4244, or empty"));
+        if let Some(a) = self.flows.tcp_address()
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid("flows.address", &a, "expected ip:port, like 0.0.0.0:4244, or empty"));
         }
         if !(1..=MAX_QUEUE).contains(&self.flows.store_size) || !(1..=MAX_QUEUE).contains(&self.flows.queue_size) {
             return Err(invalid(
@@ -402,7 +435,11 @@ impl AgentConfig {
         })?;
         self.otlp(&otlp::ProcessEnv)?;
         if let Some(t) = &self.flows.tls {
-            t.load()?;
+            // Files not written yet are waited for; files that do not parse are refused.
+            let t = t.for_node(&self.node_name);
+            if !t.absent() {
+                t.load()?;
+            }
         }
         self.map_sizes.validate().map_err(|e| ConfigError::Invalid {
             key: "map-sizes",
@@ -480,12 +517,24 @@ mod tests {
         let missing: AgentConfig =
             serde_saphyr::from_str("node-name: n\nflows: {tls: {cert: /nonexistent/c.pem, key: /nonexistent/k.pem}}\n")
                 .unwrap();
-        let err = missing.validate().unwrap_err().to_string();
-        assert!(err.starts_with("flows.tls.cert = /nonexistent/c.pem: "), "{err}");
+        // Not issued yet: the agent starts, and serves TLS once they are there.
+        missing.validate().unwrap();
+        assert_eq!(missing.flows.tcp_address(), Some(DEFAULT_FLOW_ADDRESS), "TLS: TCP by default");
+        assert_eq!(AgentConfig::default().flows.tcp_address(), None, "no plaintext TCP unless asked");
         // Files that are there but are not PEM certificates are refused at start, not at first connection.
         let dir = std::env::temp_dir().join(format!("weft-config-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("c.pem"), "not a certificate\n").unwrap();
+        std::fs::write(dir.join("n.crt"), "not a certificate\n").unwrap();
+        let half = FlowTls { cert: dir.join("{node}.crt"), key: dir.join("{node}.key"), client_ca: None };
+        assert_eq!(half.for_node("n").cert, dir.join("n.crt"));
+        let half = AgentConfig {
+            node_name: "n".into(),
+            flows: FlowOptions { tls: Some(half), ..Default::default() },
+            ..Default::default()
+        };
+        let err = half.validate().unwrap_err().to_string();
+        assert!(err.starts_with(&format!("flows.tls.key = {}: ", dir.join("n.key").display())), "{err}");
+        std::fs::rename(dir.join("n.crt"), dir.join("c.pem")).unwrap();
         let junk = AgentConfig {
             flows: FlowOptions {
                 tls: Some(FlowTls { cert: dir.join("c.pem"), key: dir.join("c.pem"), client_ca: None }),

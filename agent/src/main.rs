@@ -52,6 +52,15 @@ enum Command {
         /// seconds (a takeover waits this long).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600), default_value = "15")]
         lease_duration: u64,
+        /// Keep the flow API's CA, per-node server certificates and client
+        /// certificate in Secrets of --namespace (weft-flows-ca,
+        /// weft-flows-server, weft-flows-client), renewed before they expire.
+        #[arg(long)]
+        flow_certs: bool,
+        /// The cluster's name, in the flow API's certificate names
+        /// (`<node>.<cluster>.hubble-grpc.weft.io`).
+        #[arg(long, default_value = "default")]
+        cluster_name: String,
     },
     /// Print weft's CustomResourceDefinitions (YAML), generated from its types.
     Crds {
@@ -128,10 +137,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Operator { kubeconfig, namespace, identity, lease_duration } => {
+        Command::Operator { kubeconfig, namespace, identity, lease_duration, flow_certs, cluster_name } => {
             let mut opts = weft_agent::operator::OperatorOptions {
                 namespace,
                 lease_duration: std::time::Duration::from_secs(lease_duration),
+                flow_certs: flow_certs.then(weft_agent::operator::flowcerts::Lifetimes::default),
+                cluster_name,
                 ..Default::default()
             };
             if let Some(id) = identity {

@@ -12,7 +12,8 @@ use std::{
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
 use serde_json::Value;
 use weft_agent::{
-    config::AgentConfig,
+    config::{AgentConfig, DEFAULT_FLOW_ADDRESS},
+    operator::flowcerts,
     requirements::{CAPABILITIES, PathKind, host_paths},
 };
 
@@ -129,6 +130,20 @@ fn daemonset_grants_exactly_what_the_agent_needs() {
         }
         used.insert(m.name.clone());
     }
+    // The flow API's mutual TLS: this node's certificate from the Secret
+    // the operator keeps, read-only; TCP only with TLS.
+    let tls = cfg.flows.tls.as_ref().expect("the flow API serves mutual TLS").for_node("node1");
+    assert!(tls.client_ca.is_some(), "clients must show a certificate");
+    assert_eq!(cfg.flows.tcp_address(), Some(DEFAULT_FLOW_ADDRESS));
+    for p in [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()].into_iter().flatten() {
+        let m = mount_of(p);
+        let secret = volume(&m.name).secret.as_ref().unwrap_or_else(|| panic!("{} is not a Secret", p.display()));
+        assert_eq!(secret.secret_name.as_deref(), Some(flowcerts::SERVER_SECRET), "{}", p.display());
+        assert_eq!(m.read_only, Some(true), "{}", p.display());
+        used.insert(m.name.clone());
+    }
+    assert!(tls.cert.ends_with("node1.crt"), "each agent serves its own node's: {}", tls.cert.display());
+
     // And nothing else of the node is mounted.
     let mounted: BTreeSet<String> = mounts.iter().map(|m| m.name.clone()).collect();
     assert_eq!(mounted, used, "every mount is one the agent needs");

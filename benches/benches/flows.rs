@@ -43,7 +43,7 @@ use weft_observe::{
         enrich::Names,
         join::ConnTable,
         record::{EndpointInfo, Entry, LostSource, ServiceInfo},
-        ringbuf::EventReader,
+        ringbuf::{EventReader, Records},
         spawn_reader,
     },
 };
@@ -96,14 +96,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn throughput(lab: &Lab, dp: &Datapath, reader: &mut EventReader) -> serde_json::Value {
     let pkt = frame(lab, dp);
-    let names = names(lab);
+    let names = Arc::new(names(lab));
     let filter = FlowFilter {
         source_pod: vec!["default/n1-".into()],
         verdict: vec![Verdict::Forwarded as i32, Verdict::Dropped as i32],
         ..Default::default()
     };
     let filters = FilterSet::compile(&[filter], &[]).unwrap();
-    let env = Env { boot_id: 1, node_name: "node1", node_labels: &[], cluster: "default" };
+    let env = Env { boot_id: 1, names: &names };
     let mut registry = prometheus_client::registry::Registry::default();
     let mut metrics = FlowMetrics::register(&mut registry, Context::default());
     let mut conns = ConnTable::new(65536);

@@ -549,7 +549,6 @@ async fn renewed_certificates_are_served_without_a_restart() {
             std::fs::rename(live.join(format!("{f}.tmp")), live.join(f)).unwrap();
         }
     };
-    install(&old, &["server.crt", "server.key", "ca.crt"]);
     let source = {
         let live = live.clone();
         server::TlsSource {
@@ -602,6 +601,12 @@ async fn renewed_certificates_are_served_without_a_restart() {
         }
         false
     };
+    // Nothing issued yet (an agent that started before the operator wrote
+    // its certificate): the server runs and TLS waits for the files.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!works(old.clone()).await, "no certificate yet");
+    assert!(!served.is_finished(), "the server waits for its certificates");
+    install(&old, &["server.crt", "server.key", "ca.crt"]);
     assert!(eventually(old.clone(), true).await, "the first certificates are served");
     assert!(!works(new.clone()).await, "a client of the next CA is not trusted yet");
     // Half a renewal: the new certificate with the old key does not load.

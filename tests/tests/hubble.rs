@@ -19,7 +19,7 @@ use weft_tests::{
     flows::{flow_lab, flow_socket, flows_of, observe_json, traffic, wait_http_flows},
     pki::Pki,
     require_root,
-    scenario::{T, VIP, sa},
+    scenario::VIP,
 };
 
 /// `hubble` on PATH (tests/env.sh puts ../shared/bin's there).
@@ -91,6 +91,9 @@ impl Hubble<'_> {
     }
 }
 
+/// What every flow a filter selects must satisfy.
+type FlowCheck<'a> = dyn Fn(&Value) -> bool + 'a;
+
 fn uuids(flows: &[&Value]) -> BTreeSet<String> {
     flows.iter().map(|f| f["uuid"].as_str().unwrap_or_default().to_owned()).collect()
 }
@@ -147,7 +150,7 @@ fn the_hubble_cli_reads_lab_agents_over_the_socket_and_mutual_tls_like_weft_obse
     };
     let from_client_id = |f: &Value| f["source"]["identity"].as_u64().map(|i| i.to_string()) == Some(client_id.clone());
     let client_ip_either = |f: &Value| f["IP"]["source"] == client_ip || f["IP"]["destination"] == client_ip;
-    let cases: Vec<(Vec<&str>, &dyn Fn(&Value) -> bool)> = vec![
+    let cases: Vec<(Vec<&str>, &FlowCheck)> = vec![
         (vec!["--verdict", "DROPPED"], &|f| f["verdict"] == "DROPPED"),
         (vec!["--drop-reason-desc", "POLICY_DENIED"], &|f| f["drop_reason_desc"] == "POLICY_DENIED"),
         (vec!["--pod", "default/n1-p2"], &|f| {

@@ -428,19 +428,45 @@ fn deploy_runs_on_a_kubelet_node_wires_its_pods_and_survives_a_rollout_restart()
     });
     eprintln!("HTTP flows:\n{}", l7.lines().take(2).collect::<Vec<_>>().join("\n"));
 
-    // The real hubble CLI reads them through the agent's flow port (in the node's network namespace).
+    // The real hubble CLI reads them through the agent's flow port (in the
+    // node's network namespace), over the mutual TLS deploy/ turns on: the
+    // client certificate the operator issued (Secret weft-flows-client), and
+    // the node's server name by Hubble's convention. The agent serves TLS
+    // once the kubelet has written the operator's Secret into its pod.
     match on_path("hubble") {
         Some(hubble) => {
-            let out = run(Command::new(node.var("IN_NODE")).arg(hubble).args([
-                "observe",
-                "--server",
-                "localhost:4244",
-                "--last",
-                "50",
-                "--to-pod",
-                "default/web",
-            ]));
+            let secret: k8s_openapi::api::core::v1::Secret =
+                node.wait("the flow API's client certificate", Duration::from_secs(120), || {
+                    let text =
+                        node.kubectl_try(&["-n", "weft-system", "get", "secret", "weft-flows-client", "-o", "json"]);
+                    serde_json::from_str(&text.ok()?).ok()
+                });
+            let data = secret.data.unwrap_or_default();
+            for key in ["tls.crt", "tls.key", "ca.crt"] {
+                fs::write(node.scratch.join(key), &data.get(key).unwrap_or_else(|| panic!("{key}")).0).unwrap();
+            }
+            let file = |key: &str| node.scratch.join(key).to_string_lossy().into_owned();
+            let server_name = weft_flow::names::flow_server_name(&nodename, "default");
+            let out = node.wait("hubble observe over mutual TLS", Duration::from_secs(180), || {
+                let out = Command::new(node.var("IN_NODE"))
+                    .arg(&hubble)
+                    .args(["observe", "--server", "localhost:4244", "--last", "50", "--to-pod", "default/web"])
+                    .args(["--tls", "--tls-server-name", &server_name, "--tls-ca-cert-files", &file("ca.crt")])
+                    .args(["--tls-client-cert-file", &file("tls.crt"), "--tls-client-key-file", &file("tls.key")])
+                    .output()
+                    .ok()?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                (out.status.success() && text.contains("default/client")).then_some(text)
+            });
             assert!(out.contains("default/client") && out.contains("default/web:8080"), "hubble observe: {out}");
+            // Without a client certificate the flow port answers nothing.
+            let plain = Command::new(node.var("IN_NODE"))
+                .arg(&hubble)
+                .args(["observe", "--server", "localhost:4244", "--last", "1", "--tls"])
+                .args(["--tls-server-name", &server_name, "--tls-ca-cert-files", &file("ca.crt")])
+                .output()
+                .unwrap();
+            assert!(!plain.status.success(), "a client without a certificate is refused");
         }
         None => eprintln!("hubble is not on PATH (tests/env.sh puts ../shared/bin's there): its check is skipped"),
     }

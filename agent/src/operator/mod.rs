@@ -8,6 +8,7 @@
 //! Events.
 
 pub mod envoy;
+pub mod flowcerts;
 pub mod gateway;
 pub mod ingress;
 pub mod lease;
@@ -35,6 +36,10 @@ use crate::{
     xds::{model::Model, ports::ProxyPorts},
 };
 
+/// How often the flow API's certificates are checked for renewal (and
+/// whenever the set of Nodes changes).
+const CERTS_EVERY: Duration = Duration::from_secs(600);
+
 /// How the operator runs.
 #[derive(Clone, Debug)]
 pub struct OperatorOptions {
@@ -46,6 +51,11 @@ pub struct OperatorOptions {
     pub identity: String,
     /// How long a leader holds the Lease without renewing it.
     pub lease_duration: Duration,
+    /// Keep the flow API's CA and certificates in Secrets of `namespace`
+    /// ([`flowcerts`]), with these lifetimes. Default: off.
+    pub flow_certs: Option<flowcerts::Lifetimes>,
+    /// The cluster's name, in the flow API's certificate names.
+    pub cluster_name: String,
 }
 
 impl Default for OperatorOptions {
@@ -55,6 +65,8 @@ impl Default for OperatorOptions {
             lease_name: "weft-operator".into(),
             identity: std::env::var("POD_NAME").unwrap_or_else(|_| format!("weft-operator-{}", std::process::id())),
             lease_duration: Duration::from_secs(15),
+            flow_certs: None,
+            cluster_name: "default".into(),
         }
     }
 }
@@ -71,6 +83,12 @@ pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
     let mut gateways = gateway::reconcile::GatewayReconciler::new(client.clone(), &field_manager);
     // Earlier accepted versions, so a broken edit reports which generation stays in effect.
     let mut model = Model::new(ProxyPorts::ephemeral());
+    let certs = opts
+        .flow_certs
+        .map(|l| flowcerts::FlowCerts::new(client.clone(), &opts.namespace, &opts.cluster_name, &field_manager, l));
+    // The nodes the flow certificates were last issued for, and when to look again.
+    let mut certs_for: Option<std::collections::BTreeSet<String>> = None;
+    let mut certs_next = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(elector.retry_every());
     let mut dirty = true;
     loop {
@@ -89,12 +107,38 @@ pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
             }
             _ = source.changed() => dirty = true,
         }
+        if certs.is_some() && tokio::time::Instant::now() >= certs_next {
+            dirty = true;
+            certs_for = None;
+        }
         let Some(loaded) = source.poll().or_else(|| dirty.then(|| source.snapshot())) else { continue };
         let verdicts = validate::verdicts(&loaded, &mut model);
         if !elector.is_leader() {
             continue;
         }
         dirty = false;
+        if let Some(c) = &certs {
+            let nodes: std::collections::BTreeSet<String> =
+                loaded.objects.nodes.keys().map(|k| k.name.clone()).collect();
+            if certs_for.as_ref() != Some(&nodes) {
+                match c.reconcile(&nodes, weft_flow::time::now_ns() / 1_000_000_000).await {
+                    Ok(r) => {
+                        if r.any() {
+                            tracing::info!(
+                                ca = r.ca, servers = ?r.servers, removed = ?r.removed, client = r.client,
+                                "flow API certificates issued"
+                            );
+                        }
+                        certs_for = Some(nodes);
+                        certs_next = tokio::time::Instant::now() + CERTS_EVERY;
+                    }
+                    Err(e) => {
+                        tracing::warn!("flow API certificates: {e} (retrying)");
+                        dirty = true;
+                    }
+                }
+            }
+        }
         if let Err(e) = ingresses.reconcile(&loaded.objects).await {
             tracing::warn!("Ingress objects: {e} (retrying)");
             dirty = true;

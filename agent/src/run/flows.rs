@@ -105,7 +105,8 @@ pub struct PeerFeed {
 impl PeerFeed {
     /// The feed and what the flow API reads, from the first snapshot.
     pub fn new(cfg: &AgentConfig, snap: &Snapshot) -> (PeerFeed, watch::Receiver<PeerList>) {
-        let port = cfg.flows.address.parse::<std::net::SocketAddr>().map_or(4244, |a| a.port());
+        let port =
+            cfg.flows.tcp_address().and_then(|a| a.parse::<std::net::SocketAddr>().ok()).map_or(4244, |a| a.port());
         let (tx, rx) = watch::channel(PeerList::default());
         let feed = PeerFeed { port, tls: cfg.flows.tls.is_some(), tx };
         feed.update(snap);
@@ -149,16 +150,19 @@ pub fn serve(
 ) -> anyhow::Result<impl Future<Output = anyhow::Result<()>> + use<>> {
     let access = cfg.socket_access()?;
     let listen = Listen {
-        tcp: match cfg.flows.address.as_str() {
-            "" => None,
-            a => Some(a.parse().with_context(|| format!("flows.address {a:?}"))?),
+        tcp: match cfg.flows.tcp_address() {
+            None => None,
+            Some(a) => Some(a.parse().with_context(|| format!("flows.address {a:?}"))?),
         },
         unix: Some(cfg.flows.socket.clone().unwrap_or_else(|| cfg.state_dir.join("observer.sock"))),
         tls: match &cfg.flows.tls {
             Some(files) => {
-                // Checked now (a bad file stops the start), read again as renewed.
-                files.load()?;
-                let files = files.clone();
+                // Checked now (a bad file stops the start; files not there
+                // yet are waited for), read again as renewed.
+                let files = files.for_node(&cfg.node_name);
+                if !files.absent() {
+                    files.load()?;
+                }
                 Some(TlsSource { load: Arc::new(move || files.load().map_err(|e| e.into())), every: TLS_RELOAD })
             }
             None => None,

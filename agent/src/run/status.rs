@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use weft_observe::{
     export::otlp::{ExportStats, ExportStatus},
-    pipeline::{Pipeline, record::LostSource},
+    pipeline::{Pipeline, Refusal, record::LostSource},
 };
 
 use crate::{
@@ -117,6 +117,10 @@ pub struct FlowStatus {
     pub access_log_committed: u64,
     /// Lost events by where they were lost.
     pub lost: BTreeMap<&'static str, u64>,
+    /// Ring-buffer records too short to decode (also in `lost`, at the ring).
+    pub malformed_records: u64,
+    /// Flow API requests refused, by why.
+    pub requests_refused: BTreeMap<&'static str, u64>,
     /// The OTLP exporter, when it runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp: Option<ExportStatus>,
@@ -136,6 +140,8 @@ impl FlowStatus {
             access_log_entries: c.l7_received.load(Relaxed),
             access_log_committed: c.spool_committed.load(Relaxed),
             lost: LostSource::ALL.iter().map(|s| (s.label(), c.lost(*s))).collect(),
+            malformed_records: c.malformed_records.load(Relaxed),
+            requests_refused: Refusal::ALL.iter().map(|r| (r.label(), c.refused(*r))).collect(),
             otlp: exporter.map(ExportStats::status),
         }
     }

@@ -220,6 +220,29 @@ pub fn direction_by_name(s: &str) -> Option<TrafficDirection> {
     TrafficDirection::from_str_name(&s.to_ascii_uppercase())
 }
 
+/// The domain of the names in the flow API's certificates.
+pub const FLOW_TLS_DOMAIN: &str = "weft.io";
+
+/// One DNS label of a certificate name: dots (which a node name may hold)
+/// become dashes, as Hubble does.
+fn label(s: &str) -> String {
+    s.replace('.', "-")
+}
+
+/// The name in node `node`'s flow API server certificate, and the TLS
+/// server name its clients (Hubble Relay through the Peer service, `weft
+/// observe --tls-server-name`) verify: Hubble's convention
+/// `<node>.<cluster>.hubble-grpc.<domain>` with weft's domain.
+pub fn flow_server_name(node: &str, cluster: &str) -> String {
+    format!("{}.{}.hubble-grpc.{FLOW_TLS_DOMAIN}", label(node), label(cluster))
+}
+
+/// The name in the flow API's client certificate (for `weft observe` and
+/// Hubble Relay).
+pub fn flow_client_name(cluster: &str) -> String {
+    format!("client.{}.hubble-relay.{FLOW_TLS_DOMAIN}", label(cluster))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +256,11 @@ mod tests {
         assert_eq!(trace_subtype("to-proxy"), Some(1));
         assert_eq!(event_type_code("policy-verdict"), Some(5));
         assert_eq!(tcp_flags(0x12), "SYN, ACK");
+    }
+
+    #[test]
+    fn flow_tls_names_follow_hubbles_convention() {
+        assert_eq!(flow_server_name("node-1.example.com", "prod.eu"), "node-1-example-com.prod-eu.hubble-grpc.weft.io");
+        assert_eq!(flow_client_name("default"), "client.default.hubble-relay.weft.io");
     }
 }

@@ -150,19 +150,19 @@ fn message_value(m: &DynamicMessage, depth: usize) -> Value {
         if matches!(fd.kind(), Kind::Message(_)) && !fd.is_list() && !fd.is_map() && !m.has_field(&fd) {
             continue;
         }
-        out.insert(Key::from(fd.name().to_owned()), field_value(&fd, &m.get_field(&fd), depth));
+        out.insert(Key::from(fd.name().to_owned()), field_value(&m.get_field(&fd), depth));
     }
     Value::Map(cel::objects::Map { map: Arc::new(out) })
 }
 
-fn field_value(fd: &FieldDescriptor, v: &prost_reflect::Value, depth: usize) -> Value {
+fn field_value(v: &prost_reflect::Value, depth: usize) -> Value {
     use prost_reflect::Value as V;
     match v {
-        V::List(items) => Value::List(Arc::new(items.iter().map(|i| field_value(fd, i, depth)).collect())),
+        V::List(items) => Value::List(Arc::new(items.iter().map(|i| field_value(i, depth)).collect())),
         V::Map(entries) => {
             let map: HashMap<Key, Value> = entries
                 .iter()
-                .filter_map(|(k, v)| {
+                .map(|(k, v)| {
                     let key = match k {
                         prost_reflect::MapKey::String(s) => Key::from(s.clone()),
                         prost_reflect::MapKey::Bool(b) => Key::from(*b),
@@ -171,7 +171,7 @@ fn field_value(fd: &FieldDescriptor, v: &prost_reflect::Value, depth: usize) -> 
                         prost_reflect::MapKey::U32(u) => Key::from(u64::from(*u)),
                         prost_reflect::MapKey::U64(u) => Key::from(*u),
                     };
-                    Some((key, field_value(fd, v, depth)))
+                    (key, field_value(v, depth))
                 })
                 .collect();
             Value::Map(cel::objects::Map { map: Arc::new(map) })

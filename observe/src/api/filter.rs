@@ -327,6 +327,13 @@ pub enum FilterError {
     HttpNeedsL7,
 }
 
+impl FilterError {
+    /// Whether the filter is refused for its size rather than its meaning.
+    pub fn over_limit(&self) -> bool {
+        matches!(self, FilterError::RegexTooLong { .. } | FilterError::RegexTooBig { .. })
+    }
+}
+
 /// A FlowFilter of a request's allow- or deny-list that cannot be compiled:
 /// `whitelist[1].source_ip: ...`.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]

@@ -48,7 +48,7 @@ use super::{
     peer::PeerService,
 };
 use crate::pipeline::{
-    Pipeline,
+    Pipeline, Refusal,
     record::{Entry, Lost, LostSource},
 };
 
@@ -203,13 +203,22 @@ pub struct Query {
 impl Query {
     /// Checks a request: what a client may not ask is InvalidArgument.
     pub fn new(req: &GetFlowsRequest) -> Result<Query, Status> {
+        Query::check(req).map_err(|(_, s)| s)
+    }
+
+    /// [`Query::new`], saying why a refused request was refused.
+    fn check(req: &GetFlowsRequest) -> Result<Query, (Refusal, Status)> {
+        let invalid = |e: String| (Refusal::Invalid, Status::invalid_argument(e));
         if req.first && req.follow {
-            return Err(Status::invalid_argument("first cannot be combined with follow"));
+            return Err(invalid("first cannot be combined with follow".into()));
         }
-        check_bounds(&req.whitelist, &req.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let filters =
-            FilterSet::compile(&req.whitelist, &req.blacklist).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let weft = weft_client(req)?;
+        check_bounds(&req.whitelist, &req.blacklist)
+            .map_err(|e| (Refusal::OverLimit, Status::invalid_argument(e.to_string())))?;
+        let filters = FilterSet::compile(&req.whitelist, &req.blacklist).map_err(|e| {
+            let why = if e.error.over_limit() { Refusal::OverLimit } else { Refusal::Invalid };
+            (why, Status::invalid_argument(e.to_string()))
+        })?;
+        let weft = weft_client(req).map_err(|s| (Refusal::Invalid, s))?;
         Ok(Query {
             filters,
             since: ns_of(&req.since),
@@ -329,8 +338,13 @@ impl Observer for ObserverService {
     type GetDebugEventsStream = DebugEventStream;
 
     async fn get_flows(&self, request: Request<GetFlowsRequest>) -> Result<Response<FlowStream>, Status> {
-        let q = Query::new(request.get_ref())?;
-        let slot = self.streams.open(ClientKey::of(&request))?;
+        let counters = &self.pipeline.counters;
+        let q = Query::check(request.get_ref()).map_err(|(why, s)| {
+            counters.add_refused(why);
+            s
+        })?;
+        let slot =
+            self.streams.open(ClientKey::of(&request)).inspect_err(|_| counters.add_refused(Refusal::OverLimit))?;
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         tokio::spawn(run_query(self.pipeline.clone(), q, tx, slot));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

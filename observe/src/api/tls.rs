@@ -121,8 +121,18 @@ pub(crate) fn incoming(
     listener: TcpListener,
     source: TlsSource,
 ) -> anyhow::Result<ReceiverStream<io::Result<TlsStream<TcpStream>>>> {
-    let mut tls = (source.load)().map_err(anyhow::Error::from_boxed)?;
-    let mut config = tls.server_config()?;
+    // No certificates yet (not issued, or not written to the node yet):
+    // TLS connections are closed until they can be read.
+    let mut current: Option<(Tls, Arc<ServerConfig>)> = match (source.load)() {
+        Ok(tls) => {
+            let config = tls.server_config()?;
+            Some((tls, config))
+        }
+        Err(e) => {
+            tracing::warn!("flow API: no TLS certificates yet ({e}); TLS connections wait for them");
+            None
+        }
+    };
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
@@ -131,14 +141,15 @@ pub(crate) fn incoming(
         loop {
             tokio::select! {
                 _ = reload.tick() => match (source.load)() {
-                    Ok(new) if new != tls => match new.server_config() {
+                    Ok(new) if current.as_ref().is_none_or(|(tls, _)| *tls != new) => match new.server_config() {
                         Ok(c) => {
-                            (tls, config) = (new, c);
+                            current = Some((new, c));
                             tracing::info!("flow API: serving new TLS certificates");
                         }
                         Err(e) => tracing::warn!("flow API: keeping the TLS certificates in use, the new ones: {e}"),
                     },
                     Ok(_) => {}
+                    Err(e) if current.is_none() => tracing::debug!("flow API: still no TLS certificates: {e}"),
                     Err(e) => tracing::warn!("flow API: keeping the TLS certificates in use, reading new ones: {e}"),
                 },
                 accepted = listener.accept() => {
@@ -151,6 +162,7 @@ pub(crate) fn incoming(
                             continue;
                         }
                     };
+                    let Some((_, config)) = &current else { continue };
                     let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
                     let (acceptor, tx) = (TlsAcceptor::from(config.clone()), tx.clone());
                     tokio::spawn(async move {

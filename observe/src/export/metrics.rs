@@ -5,7 +5,12 @@
 //! direction) say where traffic came from and went, at a cardinality the
 //! user chooses.
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::Arc,
+    time::Duration,
+};
 
 use fnv::FnvBuildHasher;
 
@@ -25,7 +30,7 @@ use weft_flow::{
 
 use super::otlp::{ExportStats, Signal, SignalStats};
 use crate::pipeline::{
-    Pipeline, Sink,
+    Pipeline, Refusal, Sink,
     enrich::Names,
     record::{EV_L7, EndpointInfo, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, LostSource},
 };
@@ -117,6 +122,23 @@ fn http_histogram() -> Histogram {
     Histogram::new(HTTP_BUCKETS)
 }
 
+/// How long a series naming a pod's workload or namespace that is gone
+/// stays after its last update (a few scrapes see its final value).
+pub const SERIES_GRACE: Duration = Duration::from_secs(300);
+/// How often series are checked for expiry.
+const EXPIRE_EVERY: Duration = Duration::from_secs(10);
+
+/// The families whose series carry context labels, for expiry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Fam {
+    Flows,
+    Drops,
+    Policy,
+    HttpRequests,
+    HttpResponses,
+    HttpDuration,
+}
+
 /// The flow metric families.
 #[derive(Clone)]
 pub struct FlowMetrics {
@@ -128,6 +150,13 @@ pub struct FlowMetrics {
     http_requests: Family<Labels, Counter>,
     http_responses: Family<Labels, Counter>,
     http_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Series with context labels naming a namespace or workload, and when
+    /// each was last updated (unix seconds): the ones whose pods are all
+    /// gone expire after [`FlowMetrics::grace`].
+    touched: HashMap<(Fam, Labels), u64, FnvBuildHasher>,
+    grace: Duration,
+    /// When expiry last ran (unix seconds).
+    expired_at: u64,
 }
 
 impl FlowMetrics {
@@ -143,6 +172,9 @@ impl FlowMetrics {
             http_requests: Family::default(),
             http_responses: Family::default(),
             http_duration: Family::new_with_constructor(http_histogram),
+            touched: HashMap::default(),
+            grace: SERIES_GRACE,
+            expired_at: 0,
         };
         registry.register(
             "flows_processed",
@@ -166,6 +198,86 @@ impl FlowMetrics {
         m
     }
 }
+
+impl FlowMetrics {
+    /// How long a series of a gone workload or namespace stays ([`SERIES_GRACE`]).
+    pub fn set_grace(&mut self, grace: Duration) {
+        self.grace = grace;
+    }
+
+    /// Series with context labels naming a namespace or workload.
+    pub fn context_series(&self) -> usize {
+        self.touched.len()
+    }
+
+    /// Notes that the series `(fam, labels)` was updated at `now`, when its
+    /// context labels name something that can go away.
+    fn touch(&mut self, fam: Fam, labels: &Labels, now: u64) {
+        let names_something = labels.iter().any(|(k, v)| !v.is_empty() && CONTEXT_NAMES.contains(k));
+        if names_something {
+            match self.touched.get_mut(&(fam, labels.clone())) {
+                Some(t) => *t = now,
+                None => {
+                    self.touched.insert((fam, labels.clone()), now);
+                }
+            }
+        }
+    }
+
+    fn remove(&self, fam: Fam, labels: &Labels) {
+        match fam {
+            Fam::Flows => self.flows.remove(labels),
+            Fam::Drops => self.drops.remove(labels),
+            Fam::Policy => self.policy.remove(labels),
+            Fam::HttpRequests => self.http_requests.remove(labels),
+            Fam::HttpResponses => self.http_responses.remove(labels),
+            Fam::HttpDuration => self.http_duration.remove(labels),
+        };
+    }
+
+    /// Removes the series not updated for [`FlowMetrics::grace`] whose
+    /// namespace or workload no pod of `names` has any more. Runs at most
+    /// every [`EXPIRE_EVERY`] unless the grace is shorter.
+    pub fn expire(&mut self, names: &Names, now: u64) {
+        let every = EXPIRE_EVERY.min(self.grace).as_secs();
+        if self.touched.is_empty() || now.saturating_sub(self.expired_at) < every {
+            return;
+        }
+        self.expired_at = now;
+        let mut namespaces = HashSet::new();
+        let mut workloads = HashSet::new();
+        for e in names.endpoints() {
+            namespaces.insert(e.namespace.as_str());
+            workloads.insert((e.namespace.as_str(), e.workload_name()));
+        }
+        let grace = self.grace.as_secs();
+        let live = |labels: &Labels| {
+            let get = |k: &str| labels.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty());
+            [("source_namespace", "source_workload"), ("destination_namespace", "destination_workload")]
+                .into_iter()
+                .all(|(n, w)| match (get(n), get(w)) {
+                    (Some(ns), Some(wl)) => workloads.contains(&(ns, wl)),
+                    (Some(ns), None) => namespaces.contains(ns),
+                    (None, Some(wl)) => workloads.iter().any(|(_, w)| *w == wl),
+                    (None, None) => true,
+                })
+        };
+        let gone: Vec<(Fam, Labels)> = self
+            .touched
+            .iter()
+            .filter(|(k, t)| now.saturating_sub(**t) >= grace && !live(&k.1))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.remove(k.0, &k.1);
+            self.touched.remove(&k);
+        }
+    }
+}
+
+/// Context label names whose values can go away with their pods.
+const CONTEXT_NAMES: [&str; 4] =
+    ["source_namespace", "source_workload", "destination_namespace", "destination_workload"];
 
 /// What one flow counts towards, without its labels: flows of a batch
 /// that share a key are counted together, and labels are built per key.
@@ -239,8 +351,8 @@ impl FlowMetrics {
         }
     }
 
-    fn labels(&self, k: &Key, ctx: &Ctx) -> (Family<Labels, Counter>, Labels) {
-        let (fam, mut l): (_, Labels) = match k.metric {
+    fn labels(&self, k: &Key, ctx: &Ctx) -> (Fam, Family<Labels, Counter>, Labels) {
+        let (which, fam, mut l): (_, _, Labels) = match k.metric {
             0 => {
                 let (ty, sub) = flow_type((k.a >> 8) as u8, k.a as u8);
                 let v = Verdict::try_from(k.b as i32).unwrap_or(Verdict::Unknown);
@@ -250,9 +362,10 @@ impl FlowMetrics {
                     ("verdict", v.as_str_name().into()),
                     ("protocol", proto_name(k.c).into()),
                 ];
-                (self.flows.clone(), l)
+                (Fam::Flows, self.flows.clone(), l)
             }
             1 => (
+                Fam::Drops,
                 self.drops.clone(),
                 vec![("reason", names::drop_reason(k.a as u32).into()), ("protocol", proto_name(k.c).into())],
             ),
@@ -267,17 +380,19 @@ impl FlowMetrics {
                         Verdict::try_from(k.b as i32).unwrap_or(Verdict::Unknown).as_str_name().to_ascii_lowercase(),
                     ),
                 ];
-                (self.policy.clone(), l)
+                (Fam::Policy, self.policy.clone(), l)
             }
         };
         let dir = TrafficDirection::try_from(k.dir).unwrap_or(TrafficDirection::Unknown);
         self.ctx.labels(ctx.0.as_deref(), ctx.1.as_deref(), dir, &mut l);
-        (fam, l)
+        (which, fam, l)
     }
 }
 
 impl Sink for FlowMetrics {
-    fn batch(&mut self, _first_seq: u64, entries: &[Entry], _names: &Arc<Names>) {
+    fn batch(&mut self, _first_seq: u64, entries: &[Entry], names: &Arc<Names>) {
+        let now = now_ns() / 1_000_000_000;
+        let mut touched: Vec<(Fam, Labels)> = Vec::new();
         let mut fold: HashMap<Key, (u64, Ctx), FnvBuildHasher> = HashMap::default();
         let mut tcp = [0u64; 4];
         let mut add =
@@ -315,25 +430,37 @@ impl Sink for FlowMetrics {
                         vec![("method", method), ("protocol", h.protocol.into()), ("reporter", rep.into())];
                     l.extend(ctx);
                     self.http_requests.get_or_create(&l).inc();
+                    touched.push((Fam::HttpRequests, l));
                 } else if ev.subtype == L7_RESPONSE {
                     let mut l: Labels =
                         vec![("method", method.clone()), ("status", h.code.to_string()), ("reporter", rep.into())];
                     l.extend(ctx.iter().cloned());
                     self.http_responses.get_or_create(&l).inc();
+                    touched.push((Fam::HttpResponses, l));
                     let mut l: Labels = vec![("method", method), ("reporter", rep.into())];
                     l.extend(ctx);
                     self.http_duration.get_or_create(&l).observe(h.duration_ns as f64 / 1e9);
+                    touched.push((Fam::HttpDuration, l));
                 }
             }
         }
         for (k, (n, ctx)) in &fold {
-            let (fam, l) = self.labels(k, ctx);
+            let (which, fam, l) = self.labels(k, ctx);
             fam.get_or_create(&l).inc_by(*n);
+            touched.push((which, l));
         }
         for (i, n) in tcp.iter().enumerate().filter(|(_, n)| **n > 0) {
             let flag = ["SYN", "SYN-ACK", "FIN", "RST"][i];
             self.tcp_flags.get_or_create(&vec![("flag", flag.into()), ("family", "IPv4".into())]).inc_by(*n);
         }
+        for (fam, l) in &touched {
+            self.touch(*fam, l, now);
+        }
+        self.expire(names, now);
+    }
+
+    fn idle(&mut self, names: &Names) {
+        self.expire(names, now_ns() / 1_000_000_000);
     }
 }
 
@@ -384,6 +511,17 @@ impl Collector for PipelineCollector {
                 ConstCounter::new(c.lost(s)).encode(m.encode_family(&[("source", s.label())])?)?;
             }
         }
+        {
+            let mut m = enc.encode_descriptor(
+                "flow_requests_refused",
+                "Flow API requests refused: invalid, or over a limit (filters, regular expressions, streams)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for r in Refusal::ALL {
+                ConstCounter::new(c.refused(r)).encode(m.encode_family(&[("reason", r.label())])?)?;
+            }
+        }
         counter(
             &mut enc,
             "access_log_entries",
@@ -428,5 +566,107 @@ impl Collector for OtlpCollector {
             st.queued.load(Relaxed) as i64,
         )?;
         gauge(&mut enc, "otlp_queue_capacity", "Flows the OTLP exporter's queue can hold", st.queue_capacity as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, time::Instant};
+
+    use prometheus_client::registry::Registry;
+    use weft_ebpf::abi::Event;
+
+    use super::*;
+    use crate::pipeline::{EventFeed, PipelineConfig, record::EndpointInfo};
+
+    fn pod(names: &mut Names, ip: Ipv4Addr, namespace: &str, workload: &str) {
+        let info = EndpointInfo {
+            namespace: namespace.into(),
+            pod: format!("{workload}-0"),
+            workloads: vec![("Deployment".into(), workload.into())],
+            identity: 1000,
+            ..Default::default()
+        };
+        names.add_endpoint(ip, info);
+    }
+
+    fn series(registry: &Registry) -> usize {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text.lines().filter(|l| !l.starts_with('#') && l.contains("context_test")).count()
+    }
+
+    fn churn_ip(i: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 2, 0, 0)) + i)
+    }
+
+    /// Issue 10's churn test (not timed): 1,000 pods, each its own workload
+    /// in one of 20 namespaces, send traffic and are deleted; their series
+    /// expire and the series count returns to what it was before them.
+    /// Pods that stay keep their series.
+    #[test]
+    fn series_of_pods_that_are_gone_expire() {
+        let stable = Ipv4Addr::new(10, 1, 0, 1);
+        let base_names = || {
+            let mut n = Names::new("node1");
+            pod(&mut n, stable, "context_test", "stable");
+            n
+        };
+        let (p, mut feed) = Pipeline::start(PipelineConfig::default(), base_names());
+        let mut registry = Registry::with_prefix("weft");
+        let mut metrics = FlowMetrics::register(&mut registry, Context::default());
+        metrics.set_grace(Duration::ZERO);
+        p.add_sink(Box::new(metrics));
+        let send = |feed: &mut EventFeed, from: Ipv4Addr| {
+            let ev = Event {
+                r#type: abi::EV_TRACE as u8,
+                subtype: abi::OBS_TO_ENDPOINT as u8,
+                proto: 17,
+                saddr: u32::from_ne_bytes(from.octets()),
+                daddr: u32::from_ne_bytes(stable.octets()),
+                ..Default::default()
+            };
+            feed.push(&ev);
+        };
+        let stored = |n: u64| {
+            let t0 = Instant::now();
+            while p.counters.flows.load(std::sync::atomic::Ordering::Relaxed) < n {
+                assert!(t0.elapsed() < Duration::from_secs(30), "flows not stored");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        send(&mut feed, stable);
+        feed.flush();
+        stored(1);
+        let baseline = series(&registry);
+        assert_eq!(baseline, 1, "stable -> stable");
+
+        let mut churn = base_names();
+        for i in 0..1000 {
+            pod(&mut churn, churn_ip(i), &format!("context_test-{}", i % 20), &format!("churn-{i}"));
+        }
+        p.set_names(churn);
+        for i in 0..1000 {
+            send(&mut feed, churn_ip(i));
+            if i % 200 == 199 {
+                feed.flush(); // within the queue
+                stored(u64::from(i) + 2);
+            }
+        }
+        assert_eq!(series(&registry), baseline + 1000, "a series per workload");
+
+        // Every churn pod deleted: their series go, the stable one stays,
+        // even with no traffic at all (the pipeline's idle tick).
+        p.set_names(base_names());
+        let t0 = Instant::now();
+        while series(&registry) != baseline {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{} series left", series(&registry));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        send(&mut feed, stable);
+        feed.flush();
+        stored(1002);
+        assert_eq!(series(&registry), baseline, "the stable pod's series is still there");
+        p.stop();
     }
 }

@@ -116,7 +116,10 @@ fn unix_ns(s: &str) -> Option<u64> {
         return None;
     }
     let secs: u64 = secs.parse().ok()?;
-    let nanos: u64 = if frac.is_empty() { 0 } else { frac.parse::<u64>().ok()? * 10u64.pow(9 - frac.len() as u32) };
+    let nanos: u64 = match frac.len() {
+        0 => 0,
+        n => frac.parse::<u64>().ok()?.checked_mul(10u64.checked_pow(9u32.checked_sub(u32::try_from(n).ok()?)?)?)?,
+    };
     secs.checked_mul(1_000_000_000)?.checked_add(nanos)
 }
 

@@ -41,7 +41,7 @@ use self::{
     enrich::Names,
     join::ConnTable,
     record::{EV_L7, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, L7Entry, Lost, LostSource},
-    ringbuf::EventReader,
+    ringbuf::Records,
     store::FlowStore,
 };
 
@@ -76,7 +76,14 @@ impl Default for PipelineConfig {
 /// Something that sees every batch before it is stored (metrics, exporters).
 pub trait Sink: Send {
     fn batch(&mut self, first_seq: u64, entries: &[Entry], names: &Arc<Names>);
+
+    /// Called about once a second while no batch comes (to expire state
+    /// of what is gone even when nothing flows).
+    fn idle(&mut self, _names: &Names) {}
 }
+
+/// How often sinks are told the pipeline is idle.
+const IDLE_EVERY: Duration = Duration::from_secs(1);
 
 /// The pipeline's own counts.
 #[derive(Debug, Default)]
@@ -95,7 +102,33 @@ pub struct Counters {
     /// Records the datapath wrote / failed to write (since this agent started).
     pub kernel_written: AtomicU64,
     pub kernel_lost: AtomicU64,
+    /// Ring-buffer records too short to be a record (counted lost at the
+    /// kernel ring buffer too: the datapath wrote them, no flow came of them).
+    pub malformed_records: AtomicU64,
+    /// Flow API requests refused, by why ([`Refusal`]).
+    refused: [AtomicU64; Refusal::ALL.len()],
     lost: [AtomicU64; LostSource::ALL.len()],
+}
+
+/// Why the flow API refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a request the API can run (bad filter, regex, combination).
+    Invalid,
+    /// Over a bound: too many filters or regexes, too many streams open.
+    OverLimit,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 2] = [Refusal::Invalid, Refusal::OverLimit];
+
+    /// The `reason` label of `weft_flow_requests_refused_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Invalid => "invalid",
+            Refusal::OverLimit => "over_limit",
+        }
+    }
 }
 
 impl Counters {
@@ -104,6 +137,12 @@ impl Counters {
     }
     pub fn add_lost(&self, s: LostSource, n: u64) {
         self.lost[s as usize].fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn refused(&self, r: Refusal) -> u64 {
+        self.refused[r as usize].load(Ordering::Relaxed)
+    }
+    pub fn add_refused(&self, r: Refusal) {
+        self.refused[r as usize].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -134,6 +173,7 @@ pub struct EventFeed {
     pipeline: Arc<Pipeline>,
     read: u64,
     lost: u64,
+    malformed: u64,
 }
 
 impl EventFeed {
@@ -145,11 +185,20 @@ impl EventFeed {
         }
     }
 
+    /// Counts `n` records that were too short to decode: lost at the ring
+    /// buffer (a record the datapath wrote that never became a flow).
+    pub fn malformed(&mut self, n: u64) {
+        self.malformed = self.malformed.saturating_add(n);
+    }
+
     /// Publishes the counts and wakes the flows thread.
     pub fn flush(&mut self) {
         let c = &self.pipeline.counters;
         c.events_read.fetch_add(std::mem::take(&mut self.read), Ordering::Relaxed);
         self.pipeline.lose(LostSource::AgentQueue, std::mem::take(&mut self.lost));
+        let malformed = std::mem::take(&mut self.malformed);
+        c.malformed_records.fetch_add(malformed, Ordering::Relaxed);
+        self.pipeline.lose(LostSource::KernelRing, malformed);
         self.pipeline.ring_drained.store(true, Ordering::Release);
         self.pipeline.wake();
     }
@@ -209,7 +258,7 @@ impl Pipeline {
         };
         let _ = p.worker.set(worker.thread().clone());
         *p.worker_handle.lock().unwrap() = Some(worker);
-        let feed = EventFeed { prod, pipeline: p.clone(), read: 0, lost: 0 };
+        let feed = EventFeed { prod, pipeline: p.clone(), read: 0, lost: 0, malformed: 0 };
         (p, feed)
     }
 
@@ -328,8 +377,9 @@ impl Pipeline {
     }
 }
 
-/// Reads the kernel ring buffer into the feed until the pipeline stops.
-pub fn spawn_reader(mut reader: EventReader, mut feed: EventFeed) -> JoinHandle<()> {
+/// Reads the kernel ring buffer (or any [`Records`]) into the feed until
+/// the pipeline stops; records too short to decode are counted lost.
+pub fn spawn_reader(mut reader: impl Records + Send + 'static, mut feed: EventFeed) -> JoinHandle<()> {
     thread::Builder::new()
         .name("events".into())
         .stack_size(feed.pipeline.thread_stack_bytes)
@@ -338,7 +388,8 @@ pub fn spawn_reader(mut reader: EventReader, mut feed: EventFeed) -> JoinHandle<
             while !feed.stopped() {
                 let ready = reader.wait(Duration::from_millis(200));
                 if ready {
-                    reader.drain(|ev| feed.push(ev));
+                    let (_, malformed) = reader.drain(|ev| feed.push(ev));
+                    feed.malformed(malformed);
                 }
                 if ready || first {
                     feed.flush();
@@ -357,6 +408,7 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
     let mut batch: Vec<Entry> = Vec::with_capacity(CHUNK * 2);
     let mut offset = monotonic_offset();
     let mut batches = 0u32;
+    let mut idle_at = std::time::Instant::now();
     while !p.stop.load(Ordering::Relaxed) {
         let names = p.names();
         batch.extend(p.pending.lock().unwrap().drain(..).map(Entry::Lost));
@@ -377,6 +429,12 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
             }
         }
         if batch.is_empty() {
+            if idle_at.elapsed() >= IDLE_EVERY {
+                idle_at = std::time::Instant::now();
+                for s in p.sinks.lock().unwrap().iter_mut() {
+                    s.idle(&names);
+                }
+            }
             thread::park_timeout(Duration::from_millis(100));
             continue;
         }
@@ -480,5 +538,65 @@ pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entr
             dst_svc: None,
             http: Some(http),
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, time::Instant};
+
+    use super::*;
+
+    /// Records a test hands the reader, as raw bytes.
+    struct Written(VecDeque<Vec<u8>>);
+
+    impl Records for Written {
+        fn wait(&self, timeout: Duration) -> bool {
+            if self.0.is_empty() {
+                thread::sleep(timeout.min(Duration::from_millis(10)));
+            }
+            !self.0.is_empty()
+        }
+
+        fn drain(&mut self, mut f: impl FnMut(&Event)) -> (u64, u64) {
+            let (mut ok, mut bad) = (0, 0);
+            while let Some(raw) = self.0.pop_front() {
+                if ringbuf::decode(&raw, &mut f) { ok += 1 } else { bad += 1 }
+            }
+            (ok, bad)
+        }
+    }
+
+    fn raw(ev: &Event) -> Vec<u8> {
+        // SAFETY: Event is plain old data; the slice covers exactly it.
+        unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), std::mem::size_of::<Event>()) }.to_vec()
+    }
+
+    /// A record shorter than the ABI's is not a flow, and not silently
+    /// skipped either: it is counted lost at the ring buffer, and readers
+    /// get a loss notice.
+    #[test]
+    fn short_ring_records_are_counted_lost() {
+        let (p, feed) = Pipeline::start(PipelineConfig::default(), Names::default());
+        let good = raw(&Event { proto: 6, ..Default::default() });
+        let records = Written(VecDeque::from([good.clone(), good[..good.len() - 1].to_vec(), Vec::new(), good]));
+        let reader = spawn_reader(records, feed);
+        let t0 = Instant::now();
+        while p.counters.flows.load(Ordering::Relaxed) < 2 || p.store.end() < 3 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the pipeline stored nothing");
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(p.counters.events_read.load(Ordering::Relaxed), 2);
+        assert_eq!(p.counters.malformed_records.load(Ordering::Relaxed), 2);
+        assert_eq!(p.counters.lost(LostSource::KernelRing), 2);
+        let mut lost = Vec::new();
+        p.store.for_each(|e| {
+            if let Entry::Lost(l) = e {
+                lost.push((l.source, l.count));
+            }
+        });
+        assert_eq!(lost, vec![(LostSource::KernelRing, 2)]);
+        p.stop();
+        reader.join().unwrap();
     }
 }

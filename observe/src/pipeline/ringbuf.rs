@@ -17,26 +17,47 @@ impl EventReader {
     pub fn new(ring: RingBuf<MapData>) -> Self {
         Self { ring }
     }
+}
 
+/// Where the pipeline's records come from: the kernel ring buffer, or
+/// records a test writes.
+pub trait Records {
     /// Blocks until records are available or `timeout` passes; true if readable.
-    pub fn wait(&self, timeout: Duration) -> bool {
+    fn wait(&self, timeout: Duration) -> bool;
+
+    /// Hands every available record to `f`. Returns how many were records
+    /// and how many were malformed (too short: skipped).
+    fn drain(&mut self, f: impl FnMut(&Event)) -> (u64, u64);
+}
+
+/// Decodes one raw record for `f`; false (and `f` not called) when it is
+/// too short to be one.
+pub fn decode(raw: &[u8], f: &mut impl FnMut(&Event)) -> bool {
+    match Event::from_bytes(raw) {
+        Some(ev) => {
+            f(&ev);
+            true
+        }
+        None => false,
+    }
+}
+
+impl Records for EventReader {
+    fn wait(&self, timeout: Duration) -> bool {
         let mut pfd = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         n > 0
     }
 
-    /// Hands every available record to `f`; returns how many there were.
-    /// Malformed (short) records are skipped and counted in the return's second value.
-    pub fn drain(&mut self, mut f: impl FnMut(&Event)) -> (u64, u64) {
-        let (mut ok, mut bad) = (0, 0);
+    fn drain(&mut self, mut f: impl FnMut(&Event)) -> (u64, u64) {
+        let (mut ok, mut bad) = (0u64, 0u64);
         while let Some(item) = self.ring.next() {
-            match Event::from_bytes(&item) {
-                Some(ev) => {
-                    ok += 1;
-                    f(&ev)
-                }
-                None => bad += 1,
+            if decode(&item, &mut f) {
+                ok = ok.saturating_add(1);
+            } else {
+                bad = bad.saturating_add(1);
             }
         }
         (ok, bad)

@@ -126,10 +126,11 @@ impl FlowStore {
     /// positions).
     pub fn read(&self, from: u64, max: usize, out: &mut Vec<(u64, Entry)>) -> Read {
         let ring = self.ring.lock().unwrap();
-        let start = from.max(ring.first_seq);
         let end = ring.first_seq + ring.entries.len() as u64;
-        let missed = start - from;
-        let take = ((end.saturating_sub(start)) as usize).min(max);
+        // A position past the end (a client's, say) reads nothing, from the end.
+        let start = from.max(ring.first_seq).min(end);
+        let missed = start.saturating_sub(from);
+        let take = ((end - start) as usize).min(max);
         let offset = (start - ring.first_seq) as usize;
         out.extend(ring.entries.range(offset..offset + take).enumerate().map(|(i, e)| (start + i as u64, e.clone())));
         Read { missed, next: start + take as u64 }
@@ -248,6 +249,9 @@ mod tests {
         assert_eq!((st.num_flows, st.max_flows, st.seen_flows), (4, 4, 10));
         assert!((st.rate - 10.0 / 60.0).abs() < 1e-9);
         assert_eq!(s.stats(100 + 61).rate, 0.0, "the window moves on");
+        out.clear();
+        let r = s.read(u64::MAX, 10, &mut out);
+        assert_eq!((r.missed, r.next, out.len()), (0, 10, 0), "a position past the end reads nothing");
     }
 
     #[test]

@@ -259,7 +259,8 @@ pub fn requests(
                 name,
                 kind: SpanKind::Server as i32,
                 start_time_unix_nano: h.start_ns,
-                end_time_unix_nano: h.start_ns + h.duration_ns,
+                // Both come from the access log: a huge duration saturates.
+                end_time_unix_nano: h.start_ns.saturating_add(h.duration_ns),
                 attributes,
                 status: Some(SpanStatus {
                     code: if h.code >= 500 || h.code == 0 { StatusCode::Error } else { StatusCode::Unset } as i32,
@@ -303,5 +304,37 @@ mod tests {
         assert_eq!(split_authority("user@host:81"), ("host", Some(81)));
         assert_eq!(split_authority("host:notaport"), ("host:notaport", None));
         assert_eq!(split_authority("fd00::1"), ("fd00::1", None));
+    }
+
+    /// Times and durations come from Envoy's access log: at their largest,
+    /// the span's end saturates instead of overflowing.
+    #[test]
+    fn the_largest_times_make_a_span_not_a_panic() {
+        use crate::pipeline::{
+            l7_flows,
+            record::{Entry, Http, L7Entry},
+        };
+        let http = Http {
+            code: 200,
+            start_ns: u64::MAX - 5,
+            duration_ns: u64::MAX,
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            ..Default::default()
+        };
+        let names = Names::new("node1");
+        let mut out = Vec::new();
+        let conns = crate::pipeline::join::ConnTable::new(16);
+        l7_flows(L7Entry { http, client: None, server: None }, &names, &conns, &mut out);
+        let batch: Vec<(u64, FlowRecord)> = out
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, e)| if let Entry::Flow(f) = e { Some((i as u64, f)) } else { None })
+            .collect();
+        let ctx = Context::new(std::sync::Arc::new(names.clone()), 1, false);
+        let (_, traces) = requests(&ctx, &names, &[], &batch);
+        let spans: Vec<&Span> =
+            traces.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans).collect();
+        assert_eq!(spans.len(), 1, "the response's span");
+        assert_eq!((spans[0].start_time_unix_nano, spans[0].end_time_unix_nano), (u64::MAX - 5, u64::MAX));
     }
 }

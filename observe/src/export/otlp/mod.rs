@@ -13,6 +13,13 @@
 //! the pipeline), and the pieces under the SDK do the rest: the OTLP protobuf
 //! types and tonic clients of `opentelemetry-proto`, tonic and reqwest as the
 //! transports.
+//!
+//! Measured by `benches/benches/otlp_queue.rs` (same pipeline, transport and
+//! receiver; the SDK's `BatchLogProcessor` with the same queue, batch and
+//! retries): across a collector outage both lose about as many flows, but the
+//! SDK's losses are counted nowhere the agent can read, and its per-record
+//! emit on the flows thread made that thread lose records before any exporter
+//! saw them.
 
 mod convert;
 pub mod settings;

@@ -157,6 +157,10 @@ fn grpc_failure(s: tonic::Status) -> Failure {
     Failure { retry, message: format!("gRPC {:?}: {}{detail}", s.code(), s.message()) }
 }
 
+/// The most of an OTLP/HTTP response body the exporter reads (it needs
+/// only the status: a partial success is not acted on).
+pub const MAX_RESPONSE_BYTES: usize = 64 << 10;
+
 /// POSTs one protobuf body; 429 and 5xx may be retried (OTLP/HTTP's rule).
 async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>, gzip: bool) -> Result<(), Failure> {
     let mut req = http.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
@@ -168,8 +172,17 @@ async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>, gzip: bool) -> R
     };
     let resp = req.body(body).send().await.map_err(|e| Failure { retry: !e.is_builder(), message: error_chain(&e) })?;
     let status = resp.status();
-    // Read to the end, so the connection goes back to the pool.
-    let _ = resp.bytes().await;
+    // Read to the end, so the connection goes back to the pool; a collector
+    // that answers with more than a response should hold is not read further
+    // (its connection is dropped instead).
+    let mut resp = resp;
+    let mut read = 0usize;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        read = read.saturating_add(chunk.len());
+        if read > MAX_RESPONSE_BYTES {
+            break;
+        }
+    }
     if status.is_success() {
         Ok(())
     } else {
@@ -182,4 +195,37 @@ fn gzipped(body: &[u8]) -> Vec<u8> {
     // Writing into a Vec cannot fail.
     let _ = enc.write_all(body);
     enc.finish().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A collector that answers with an endless body (a hostile or broken
+    /// one): the exporter takes the status, reads a bounded part, and drops
+    /// the connection instead of reading (and holding) the rest.
+    #[tokio::test]
+    async fn an_endless_collector_response_is_not_read_to_its_end() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let collector = tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 4096];
+            let _ = c.read(&mut request).await;
+            c.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
+            let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+            let mut sent = 0usize;
+            while sent < 1 << 30 && c.write_all(chunk.as_bytes()).await.is_ok() {
+                sent += 0x4000;
+            }
+            sent
+        });
+        let http = weft_flow::client::http_client().timeout(Duration::from_secs(20)).build().unwrap();
+        post(&http, &format!("http://{addr}/v1/logs"), vec![1, 2, 3], false).await.unwrap();
+        drop(http);
+        let sent = collector.await.unwrap();
+        assert!(sent < 64 << 20, "the exporter kept reading: {sent} bytes");
+    }
 }
