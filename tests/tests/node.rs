@@ -485,8 +485,9 @@ fn deploy_runs_on_a_kubelet_node_wires_its_pods_and_survives_a_rollout_restart()
     // A rolling restart of the agent under a bounded load, watched by a
     // flow follower outside the agent's pod (see LostFlows).
     let client_ip = node.json(&["get", "pod", "client"])["status"]["podIP"].as_str().unwrap().to_owned();
-    let follower = LostFlows::follow(&node);
-    std::thread::sleep(Duration::from_secs(2));
+    let plain = PlainLoad { client: &client_ip, web: &web_ip, vip: &vip, vip_l7: &vip_l7 };
+    let mut follower = LostFlows::follow(&node);
+    follower.connected(&node, &plain, || fetch(&node).is_ok());
     let load = |get: &str| -> Child {
         Command::new(node.var("KUBECTL"))
             .args(["exec", "client", "--", "sh", "-c"])
@@ -510,8 +511,7 @@ fn deploy_runs_on_a_kubelet_node_wires_its_pods_and_survives_a_rollout_restart()
     let counts = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let out_l7 = load_l7.wait_with_output().unwrap();
     let counts_l7 = String::from_utf8_lossy(&out_l7.stdout).trim().to_owned();
-    let lost = follower
-        .stop(&PlainLoad { client: &client_ip, web: &web_ip, vip: &vip, vip_l7: &vip_l7 }, requests_made(&counts));
+    let lost = follower.stop(&plain, requests_made(&counts));
     eprintln!("flows across the rollout restart: {lost}");
     // Envoy lives in the agent's container: what its restart costs L7 requests is reported, not asserted.
     eprintln!("load across the rollout restart: plain Service {counts}; L7 Service (Envoy restarts) {counts_l7}");
@@ -602,11 +602,14 @@ impl PlainLoad<'_> {
 /// request of the plain load is one TCP connection (the client's port tells
 /// them apart), so the flows expected are the requests made times the flows
 /// a connection usually has (the median of those seen); what the follower
-/// did not get is what was lost.
+/// did not get is what was lost. The load starts only once the follower has
+/// shown a request of the client's (those warm-up connections not counted).
 struct LostFlows {
     child: Child,
     out: PathBuf,
     err: PathBuf,
+    /// The client's ports of the warm-up requests.
+    warm_up: std::collections::BTreeSet<u64>,
     // Filled by `stop`.
     made: usize,
     per_connection: usize,
@@ -625,7 +628,37 @@ impl LostFlows {
             .stderr(fs::File::create(&err).unwrap())
             .spawn()
             .unwrap();
-        LostFlows { child, out, err, made: 0, per_connection: 0, seen: BTreeMap::new(), restart_line: None }
+        LostFlows {
+            child,
+            out,
+            err,
+            warm_up: Default::default(),
+            made: 0,
+            per_connection: 0,
+            seen: BTreeMap::new(),
+            restart_line: None,
+        }
+    }
+
+    /// The load's connections the follower has shown so far.
+    fn connections(&self, load: &PlainLoad) -> Vec<(u64, bool)> {
+        let text = fs::read_to_string(&self.out).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| load.connection(&v["flow"]))
+            .collect()
+    }
+
+    /// Makes requests (`request`) until the follower shows one, so that it
+    /// is known to be streaming before the load starts.
+    fn connected(&mut self, node: &Node, load: &PlainLoad, request: impl Fn() -> bool) {
+        node.wait("the follower to stream the client's flows", Duration::from_secs(60), || {
+            request();
+            (!self.connections(load).is_empty()).then_some(())
+        });
+        // The warm-up connections' last flows arrive within moments.
+        std::thread::sleep(Duration::from_secs(1));
+        self.warm_up = self.connections(load).into_iter().map(|(port, _)| port).collect();
     }
 
     /// Stops the follower (once the last flows had time to arrive) and counts.
@@ -634,18 +667,14 @@ impl LostFlows {
         // SAFETY: signalling our own child, as Ctrl-C would: it ends cleanly.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
-        let text = fs::read_to_string(&self.out).unwrap_or_default();
         let mut l7 = std::collections::BTreeSet::new();
-        for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-            if let Some((port, is_l7)) = load.connection(&v["flow"]) {
-                *self.seen.entry(port).or_default() += 1;
-                if is_l7 {
-                    l7.insert(port);
-                }
+        for (port, is_l7) in self.connections(load) {
+            *self.seen.entry(port).or_default() += 1;
+            if is_l7 {
+                l7.insert(port);
             }
         }
-        self.seen.retain(|port, _| !l7.contains(port));
+        self.seen.retain(|port, _| !l7.contains(port) && !self.warm_up.contains(port));
         let mut counts: Vec<usize> = self.seen.values().copied().collect();
         counts.sort_unstable();
         self.per_connection = counts.get(counts.len() / 2).copied().unwrap_or(0);
