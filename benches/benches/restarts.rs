@@ -12,8 +12,11 @@
 //! timed out, bad status), the longest time the L7 Service answered
 //! nothing, when the agent was ready again (`agent`) or noticed Envoy's
 //! death and had a ready Envoy again (`envoy`), and for the HTTP requests
-//! of the window the agent was away, how many Envoy answered and how many
-//! HTTP flows the agent delivered afterwards, and counted lost.
+//! of the window the agent was away, how many Envoy answered, how many of
+//! their HTTP flows a follower (`weft observe -f`, started before the kill)
+//! received and how many the store still holds at the end, and how many
+//! were counted lost; and for the whole run, the requests Envoy completed
+//! against the access-log entries the agent's spool reader committed.
 //!
 //! `sudo ./benches/run.sh restarts`; WEFT_PROBE_N (default 3000) and
 //! WEFT_PROBE_RATE (default 150/s) set the load; WEFT_BIN_DIR measures the
@@ -30,7 +33,7 @@ use std::{
 use weft_benches::{machine, save};
 use weft_tests::{
     envoylab::EnvoyLab,
-    flows::{HELLO, flow_lab, flows_of, observe_json},
+    flows::{HELLO, flow_lab, flows_of, follow_http, observe_json},
     lab::skip_reason,
     load::{self, Load, Request},
     objects::{agent_status, envoy_requests, start_agent, wait_ready},
@@ -86,6 +89,11 @@ fn run(scenario: &str, count: usize, rate: f64) -> serde_json::Value {
         timeout: Duration::from_secs(3),
     };
     let envoy_pid = agent_status(&env.lab, 0).ok().and_then(|s| s["envoy"]["pid"].as_u64()).unwrap_or(0);
+    // A follower started before the kill counts what the flow API streams,
+    // whatever the store keeps at the end.
+    let (follower, lines, follower_err) = follow_http(env);
+    let committed_before = agent_status(&env.lab, 0).ok().and_then(|s| s["flows"]["access-log-committed"].as_u64());
+    let envoy_before = envoy_requests(&env.lab, 0).unwrap_or(0);
     let events_cell = Mutex::new(Events::default());
     let events = &events_cell;
     let result = thread::scope(|s| {
@@ -123,29 +131,41 @@ fn run(scenario: &str, count: usize, rate: f64) -> serde_json::Value {
     let answered: BTreeSet<String> =
         result.requests.iter().filter(window).filter(|r| r.ok()).map(|r| load::path(r.n)).collect();
     thread::sleep(Duration::from_secs(3)); // the access log's flush, the spool's poll
-    let flows = observe_json(&env.files[0], &["--all", "--protocol", "http"]).unwrap_or_default();
-    let delivered = flows_of(&flows)
-        .iter()
-        .filter(|f| f["l7"]["type"] == "RESPONSE")
-        .filter_map(|f| f["l7"]["http"]["url"].as_str())
-        .filter_map(|u| u.rfind("/load/").map(|p| u[p..].to_owned()))
-        .filter(|p| answered.contains(p))
-        .count();
+    let window_responses = |flows: &[&serde_json::Value]| -> BTreeSet<String> {
+        let urls =
+            flows.iter().filter(|f| f["l7"]["type"] == "RESPONSE").filter_map(|f| f["l7"]["http"]["url"].as_str());
+        urls.filter_map(|u| u.rfind("/load/").map(|p| u[p..].to_owned())).filter(|p| answered.contains(p)).collect()
+    };
+    let stored = observe_json(&env.files[0], &["--all", "--protocol", "http"]).unwrap_or_default();
+    let in_store = window_responses(&flows_of(&stored)).len();
+    let followed: Vec<serde_json::Value> =
+        lines.try_iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok()).collect();
+    drop(follower);
+    let followed: Vec<&serde_json::Value> = followed.iter().map(|v| &v["flow"]).collect();
+    let delivered = window_responses(&followed).len();
+    let notices = std::fs::read_to_string(&follower_err).unwrap_or_default();
     let status = agent_status(&env.lab, 0).unwrap_or_default();
     let lost_proxy = status["flows"]["lost"]["proxy"].as_u64();
     let envoy_count = envoy_requests(&env.lab, 0).unwrap_or(0);
+    // What the spool committed against what Envoy completed, in the run.
+    let committed =
+        status["flows"]["access-log-committed"].as_u64().zip(committed_before).map(|(a, b)| a.saturating_sub(b));
+    let completed = envoy_count.saturating_sub(envoy_before);
 
     let (plain, l7) = (load::tally(&result.requests, 0), load::tally(&result.requests, 1));
     let failed = |t: &load::Tally| t.sent - t.ok;
     eprintln!(
-        "{scenario}: plain {plain:?}\n{scenario}: L7 {l7:?}\n{scenario}: killed at {:.0} ms, back after {:?} ms, death noticed after {:?} ms; window: Envoy answered {} L7 requests, {} flows delivered, {:?} counted lost; Envoy completed {} requests in all",
+        "{scenario}: plain {plain:?}\n{scenario}: L7 {l7:?}\n{scenario}: killed at {:.0} ms, back after {:?} ms, death noticed after {:?} ms; window: Envoy answered {} L7 requests, the follower got {} of their response flows ({} still in the store at the end), {:?} counted lost; in the run Envoy completed {} requests and the spool committed {:?} entries\n{scenario}: follower notices: {}",
         ms(killed),
         back.map(|b| ms(b.saturating_sub(killed)).round()),
         ev.noticed_ms.map(|m| m.round()),
         answered.len(),
         delivered,
+        in_store,
         lost_proxy,
-        envoy_count,
+        completed,
+        committed,
+        notices.trim(),
     );
     serde_json::json!({
         "requests": count, "rate": rate,
@@ -153,7 +173,8 @@ fn run(scenario: &str, count: usize, rate: f64) -> serde_json::Value {
         "l7": {"sent": l7.sent, "failed": failed(&l7), "refused": l7.refused, "timed_out": l7.timed_out, "bad_status": l7.bad_status, "longest_gap_ms": ms(l7.longest_gap)},
         "back_after_ms": back.map(|b| ms(b.saturating_sub(killed))),
         "death_noticed_ms": ev.noticed_ms,
-        "window": {"envoy_answered": answered.len(), "flows_delivered": delivered, "lost_proxy": lost_proxy},
+        "window": {"envoy_answered": answered.len(), "flows_delivered": delivered, "flows_in_store_at_end": in_store, "lost_proxy": lost_proxy},
+        "run": {"envoy_completed": completed, "spool_committed": committed},
     })
 }
 

@@ -31,6 +31,27 @@ pub fn spawn_lines(cmd: &mut Command) -> (std::process::Child, std::sync::mpsc::
     (child, rx)
 }
 
+/// `weft observe -f -o json --protocol http` against node1's agent: its
+/// stdout lines, and its stderr in a file of the lab's run directory.
+pub fn follow_http(env: &EnvoyLab) -> (Follower, std::sync::mpsc::Receiver<String>, PathBuf) {
+    let err = env.lab.run_dir.join("follower.err");
+    let mut cmd = Command::new(workspace_binary("weft"));
+    cmd.args(["observe", "--server", &flow_socket(&env.files[0]), "-f", "-o", "json", "--protocol", "http"])
+        .stderr(Stdio::from(std::fs::File::create(&err).expect("the follower's stderr file")));
+    let (child, lines) = spawn_lines(&mut cmd);
+    (Follower(child), lines, err)
+}
+
+/// A follower process, killed when dropped (also when a test fails).
+pub struct Follower(std::process::Child);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The flow API socket of a lab agent.
 pub fn flow_socket(files: &AgentFiles) -> String {
     format!("unix://{}", files.state_dir.join("observer.sock").display())

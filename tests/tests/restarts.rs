@@ -12,12 +12,12 @@
 
 use std::{
     collections::BTreeMap,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use weft_tests::{
-    flows::{HELLO, flow_lab, flow_socket, spawn_lines, wait_for},
+    flows::{HELLO, flow_lab, flow_socket, follow_http, wait_for},
     http::get_once,
     load::{self, Load},
     objects::{agent_status, envoy_requests, start_agent, wait_ready, wait_status, workspace_binary},
@@ -220,25 +220,68 @@ fn an_envoy_replaced_for_new_settings_drains_before_it_stops() {
     assert_eq!(l7.ok, l7.sent, "every L7 request across the replacement is answered: {l7:?}");
 }
 
-/// `weft observe -f -o json --protocol http` against node1's agent: its
-/// stdout lines, and its stderr in a file.
-fn follow(env: &weft_tests::envoylab::EnvoyLab) -> (Follower, std::sync::mpsc::Receiver<String>, std::path::PathBuf) {
-    let err = env.lab.run_dir.join("follower.err");
-    let mut cmd = Command::new(workspace_binary("weft"));
-    cmd.args(["observe", "--server", &flow_socket(&env.files[0]), "-f", "-o", "json", "--protocol", "http"])
-        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()));
-    let (child, lines) = spawn_lines(&mut cmd);
-    (Follower(child), lines, err)
-}
+#[test]
+fn an_upgraded_envoy_binary_is_replaced_not_adopted_and_the_same_one_is_adopted() {
+    require_root!();
+    let _serial = one_at_a_time();
+    let env = flow_lab("");
+    let client = env.lab.pod("n1-p1");
+    let real = weft_tests::objects::envoy_binary();
+    // The binary the agent is told to run: a script that runs the lab's
+    // Envoy, so "upgrading" it is writing a new file in its place.
+    let binary = env.lab.run_dir.join("envoy-upgraded");
+    let install = |build: u32| {
+        let next = env.lab.run_dir.join("envoy-upgraded.new");
+        std::fs::write(&next, format!("#!/bin/sh\n# build {build}\nexec '{}' \"$@\"\n", real.display())).unwrap();
+        std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::rename(&next, &binary).unwrap();
+    };
+    let log = env.lab.run_dir.join("agent0.log");
+    let replacements = || std::fs::read_to_string(&log).unwrap_or_default().matches("(its binary differs)").count();
+    let pid_of = |s: &serde_json::Value| s["envoy"]["pid"].as_u64().unwrap();
+    let served = |what: &str| {
+        let (r, _, _) = get_once(&client.netns, sa(HELLO, 80), "/after", T).unwrap_or_else(|e| env.fail(e));
+        assert_eq!(r.status, 200, "{what}: {r:?}");
+        assert!(r.header("x-envoy-upstream-service-time").is_some(), "{what}: answered through Envoy: {r:?}");
+    };
+    let first = pid_of(&agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e)));
+    let agent = std::cell::Cell::new(env.pids[0]);
+    let restart_agent = |env: &weft_tests::envoylab::EnvoyLab| {
+        env.lab.kill(agent.get());
+        let pid = start_agent(&env.lab, 0, &env.files[0], &log).unwrap_or_else(|e| env.fail(e));
+        agent.set(pid);
+        wait_ready(&env.files[0], Duration::from_secs(30), || env.lab.running(pid)).unwrap_or_else(|e| env.fail(e));
+        env.acked("EnvoyConfig default/hello-l7")
+    };
 
-/// The follower process, killed when the test ends (also when it fails).
-struct Follower(std::process::Child);
+    // Another binary (another path): the running Envoy is replaced.
+    install(1);
+    let mut cfg = std::fs::read_to_string(&env.files[0].config).unwrap();
+    cfg.push_str(&format!("envoy:\n  binary: {}\n", binary.display()));
+    std::fs::write(&env.files[0].config, cfg).unwrap();
+    let before = replacements();
+    let status = restart_agent(&env);
+    assert_eq!(replacements(), before + 1, "replaced for its binary");
+    assert_eq!(status["envoy"]["adopted"], false, "{status:#}");
+    let second = pid_of(&status);
+    assert_ne!(second, first);
+    served("the new binary's Envoy");
 
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    // The same binary again: adopted.
+    let status = restart_agent(&env);
+    assert_eq!(status["envoy"]["adopted"], true, "the same binary is adopted: {status:#}");
+    assert_eq!(pid_of(&status), second);
+    assert_eq!(replacements(), before + 1);
+
+    // An upgrade in place (a new file at the same path, the same size):
+    // replaced again, drained first.
+    install(2);
+    let status = restart_agent(&env);
+    assert_eq!(replacements(), before + 2, "replaced for its upgraded binary");
+    assert_eq!(status["envoy"]["adopted"], false, "{status:#}");
+    assert_ne!(pid_of(&status), second);
+    assert!(std::fs::read_to_string(&log).unwrap_or_default().contains("Envoy is draining"), "drained, not cut");
+    served("the upgraded Envoy");
 }
 
 #[test]
@@ -246,7 +289,7 @@ fn http_flows_logged_while_the_agent_is_away_reach_a_follower_that_carries_on() 
     require_root!();
     let _serial = one_at_a_time();
     let env = flow_lab("");
-    let (follower, lines, follower_err) = follow(&env);
+    let (follower, lines, follower_err) = follow_http(&env);
     // One request the follower must print first: then it is streaming.
     let client = env.lab.pod("n1-p1");
     wait_for(Duration::from_secs(20), "the follower's first flow", || {

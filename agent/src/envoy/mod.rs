@@ -157,6 +157,7 @@ pub fn bootstrap(s: &EnvoySettings) -> serde_json::Value {
         "node": {"id": s.node_id, "cluster": "weft", "metadata": {
             "weft-command-line": args.join(" "),
             "weft-file-limit": s.file_limit.to_string(),
+            BINARY_KEY: binary_identity(&s.binary),
         }},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": s.admin_port}}},
         "dynamic_resources": {
@@ -187,6 +188,42 @@ pub fn bootstrap(s: &EnvoySettings) -> serde_json::Value {
             "layers": [{"name": "static", "static_layer": {"overload": {"global_downstream_max_connections": 50000}}}]
         }
     })
+}
+
+/// The bootstrap's node metadata key for [`binary_identity`].
+const BINARY_KEY: &str = "weft-binary";
+
+/// What identifies the Envoy binary, in the bootstrap: an upgraded binary
+/// (a new file at the configured path, or another path) makes another
+/// bootstrap, so the running Envoy is replaced (drained), not adopted. It
+/// is the file's resolved path, size, modification time and inode: cheap
+/// to read at every agent start, and changed by any upgrade that writes a
+/// new file (hashing ~100 MB at every start was not worth it). Envoy
+/// started through a wrapper script is identified by the script; the binary
+/// it runs being replaced under it is caught by [`runs_a_replaced_binary`].
+fn binary_identity(binary: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let resolved = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.to_path_buf());
+    match std::fs::metadata(&resolved) {
+        Ok(m) => {
+            let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            let mtime = mtime.map_or(0, |d| d.as_nanos());
+            format!("{} size={} mtime-ns={mtime} inode={}", resolved.display(), m.len(), m.ino())
+        }
+        Err(e) => format!("{} ({e})", resolved.display()),
+    }
+}
+
+/// Whether the binary a running process executes was replaced or removed
+/// on disk since it started (the kernel then marks its exe link deleted).
+fn runs_a_replaced_binary(pid: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.to_string_lossy().ends_with(" (deleted)"))
+}
+
+/// A node metadata value of a bootstrap file's bytes.
+fn node_metadata(bootstrap: &[u8], key: &str) -> Option<String> {
+    let b: serde_json::Value = serde_json::from_slice(bootstrap).ok()?;
+    b["node"]["metadata"][key].as_str().map(str::to_owned)
 }
 
 /// Where the supervisor keeps its files, under the state directory.
@@ -258,23 +295,33 @@ impl Spool {
 }
 
 /// The running Envoy of an earlier agent, if it runs with this bootstrap
-/// (it is adopted: L7 connections survive the agent's restart). One with
-/// another bootstrap is stopped.
+/// (which names its binary, [`binary_identity`]) and its binary was not
+/// replaced under it: it is adopted, so L7 connections survive the agent's
+/// restart. Any other is drained and stopped ([`drain_then_stop`]).
 async fn adopt(s: &EnvoySettings, bootstrap: &[u8], sockets_held: &SocketsHeld) -> Option<Process> {
     let pid: u32 = std::fs::read_to_string(s.state_dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
     let bootstrap_path = s.state_dir.join(BOOTSTRAP);
     let mut envoy = Process::adopt(pid, &bootstrap_path)?;
     let running = std::fs::read(&bootstrap_path).ok();
-    if running.as_deref() == Some(bootstrap) {
+    let replaced = runs_a_replaced_binary(pid);
+    if running.as_deref() == Some(bootstrap) && !replaced {
         return Some(envoy);
     }
+    let binary = |b: &[u8]| node_metadata(b, BINARY_KEY);
+    let why = if replaced {
+        "the binary it runs was replaced on disk"
+    } else if running.as_deref().and_then(binary) != binary(bootstrap) {
+        "its binary differs"
+    } else {
+        "its bootstrap differs"
+    };
     // Its admin port is the one its own bootstrap names.
     let admin_port = running
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|b| b["admin"]["address"]["socket_address"]["port_value"].as_u64())
         .and_then(|p| u16::try_from(p).ok())
         .unwrap_or(s.admin_port);
-    tracing::info!(pid, "replacing the Envoy of an earlier agent (its bootstrap differs): draining it first");
+    tracing::info!(pid, "replacing the Envoy of an earlier agent ({why}): draining it first");
     drain_then_stop(&mut envoy, admin_port, sockets_held).await;
     None
 }
@@ -537,6 +584,43 @@ mod tests {
         assert_eq!(active_connections(stats), Some(5));
         assert_eq!(active_connections(""), Some(0));
         assert_eq!(active_connections("listener.x.downstream_cx_active: many"), None);
+    }
+
+    #[test]
+    fn an_upgraded_binary_makes_another_bootstrap() {
+        let dir = std::env::temp_dir().join(format!("weft-envoy-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let binary = dir.join("envoy");
+        std::fs::write(&binary, "#!/bin/sh\n# 1.40.0\n").unwrap();
+        let s = |binary: &Path| EnvoySettings {
+            binary: binary.to_path_buf(),
+            state_dir: dir.clone(),
+            xds_socket: dir.join("xds.sock"),
+            admin_port: 9901,
+            node_id: "node1".into(),
+            delta: false,
+            concurrency: 2,
+            file_limit: 1 << 20,
+        };
+        let before = bootstrap(&s(&binary));
+        assert_eq!(before, bootstrap(&s(&binary)), "the same binary: the same bootstrap");
+        // A new file of the same size at the same path (an upgrade moves it
+        // into place).
+        let new = dir.join("envoy.new");
+        std::fs::write(&new, "#!/bin/sh\n# 1.40.1\n").unwrap();
+        std::fs::rename(&new, &binary).unwrap();
+        let after = bootstrap(&s(&binary));
+        assert_ne!(before, after, "an upgraded binary: another bootstrap");
+        let key = |b: &serde_json::Value| b["node"]["metadata"][BINARY_KEY].as_str().unwrap().to_owned();
+        assert!(key(&after).starts_with(&binary.canonicalize().unwrap().display().to_string()), "{}", key(&after));
+        assert_eq!(node_metadata(&serde_json::to_vec(&after).unwrap(), BINARY_KEY), Some(key(&after)));
+        // Another path to the same file is the same binary.
+        let link = dir.join("envoy-link");
+        std::os::unix::fs::symlink(&binary, &link).unwrap();
+        assert_eq!(key(&bootstrap(&s(&link))), key(&after));
+        std::fs::remove_dir_all(&dir).unwrap();
+        // This process runs a binary that is still there.
+        assert!(!runs_a_replaced_binary(std::process::id()));
     }
 
     #[test]
