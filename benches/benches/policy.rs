@@ -75,7 +75,8 @@ fn main() {
             node.dp.set_policy(ep.ep_id, &entries(ids(client), *size)).unwrap();
             for _ in 0..per_round {
                 let src = SocketAddrV4::new(client.ip, ports.next().unwrap_or(1024));
-                for (to, out) in [(8080, &mut samples[i].0), (8081, &mut samples[i].1)] {
+                let (allowed, denied) = &mut samples[i];
+                for (to, out) in [(8080, allowed), (8081, denied)] {
                     let r = node.dp.test_run("to_container", &tcp_frame(src, SocketAddrV4::new(server.ip, to), SYN));
                     out.push(r.unwrap().duration);
                 }
