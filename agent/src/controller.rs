@@ -9,13 +9,21 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 use serde::Serialize;
 
 use crate::{
-    k8s::yaml::{Loaded, ParseProblem},
-    state::{Attachments, Snapshot},
+    k8s::{
+        ObjKey,
+        yaml::{Loaded, ParseProblem},
+    },
+    state::{
+        Attachments, Snapshot,
+        policy::{PolicyState, l7::ListenerPorts},
+    },
     xds::{
         envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
-        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo},
+        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, Serving},
+        policy,
         ports::ProxyPorts,
         server::{AdsEvent, Published},
+        translate::qualify,
     },
 };
 
@@ -55,6 +63,23 @@ pub struct ControlStatus {
     pub source_problems: Vec<String>,
     /// Things the datapath snapshot could not represent.
     pub state_problems: Vec<String>,
+}
+
+/// The proxy ports of the listeners the policies need, as the build gave them.
+fn proxy_ports(built: &Built, p: &PolicyState) -> ListenerPorts {
+    let serving = |key: &ConfigKey| {
+        built.statuses.get(key).filter(|s| s.for_this_node && s.serving != Serving::Nothing).map(|s| &s.listeners)
+    };
+    let http = serving(&policy::config_key()).and_then(|l| l.first()).map(|(_, port)| *port);
+    let mut listeners = BTreeMap::new();
+    for l in p.listeners() {
+        let key = ConfigKey { clusterwide: l.clusterwide, key: ObjKey::new(l.namespace.clone(), l.config.clone()) };
+        let name = qualify(&l.namespace, &l.config, &l.listener, false);
+        if let Some((_, port)) = serving(&key).into_iter().flatten().find(|(n, _)| *n == name) {
+            listeners.insert(l.clone(), *port);
+        }
+    }
+    ListenerPorts { http, listeners }
 }
 
 /// See the module doc.
@@ -144,16 +169,23 @@ impl Controller {
     /// Builds both snapshots from the current sources.
     pub fn build(&mut self) -> (Snapshot, Arc<Published>) {
         let node = self.node_info();
-        self.built = self.model.build(&self.configs, &self.parse_errors, &self.loaded.objects, &node);
+        let (model, configs, parse_errors, built) =
+            (&mut self.model, &mut self.configs, &self.parse_errors, &mut self.built);
+        let objects = &self.loaded.objects;
+        // The policies decide what the proxy must do for them: the node's
+        // policy listener joins the configs, and the ports of the listeners
+        // rules hand connections to come back from the build.
+        let mut snap =
+            Snapshot::derive_with(objects, &self.node_name, self.node_ip, self.attachments.as_deref(), |p| {
+                configs.retain(|c| c.key != policy::config_key());
+                configs.extend(policy::config(&p.http));
+                let named = p.listeners().into_iter().map(|l| qualify(&l.namespace, &l.config, &l.listener, false));
+                model.set_policy_listeners(named.collect());
+                *built = model.build(configs, parse_errors, objects, &node);
+                (built.redirects.clone(), proxy_ports(built, p))
+            });
         self.version += 1;
         self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
-        let mut snap = Snapshot::derive(
-            &self.loaded.objects,
-            &self.node_name,
-            self.node_ip,
-            &self.built.redirects,
-            self.attachments.as_deref(),
-        );
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
         self.refresh_acks();

@@ -207,6 +207,8 @@ pub struct Model {
     nacked: BTreeMap<ConfigKey, (EnvoyConfigSpec, String)>,
     /// How many listeners this node's Envoy can hold, and why.
     budget: ListenerBudget,
+    /// Listeners (qualified names) network policies hand connections to.
+    policy_listeners: BTreeSet<String>,
     /// The last translation of each object, with the spec it was of; None:
     /// every build translates every object (the full rebuild, the oracle
     /// the cached builds are checked against).
@@ -259,6 +261,7 @@ impl Model {
             confirmed: BTreeMap::new(),
             nacked: BTreeMap::new(),
             budget: ListenerBudget::UNLIMITED,
+            policy_listeners: BTreeSet::new(),
             translations: Some(HashMap::new()),
         }
     }
@@ -282,6 +285,13 @@ impl Model {
                 t
             }
         }
+    }
+
+    /// Listeners (qualified names) network policies hand connections to:
+    /// the next builds make them restore each connection's original
+    /// destination, as Cilium's listeners do.
+    pub fn set_policy_listeners(&mut self, names: BTreeSet<String>) {
+        self.policy_listeners = names;
     }
 
     /// Refuses configs whose listeners would not fit in Envoy's open files.
@@ -532,6 +542,9 @@ impl Model {
                         let port = self.ports.allocate(&l.name, &pinned);
                         if let Some(p) = port {
                             translate::bind_proxy_port(&mut listener, p);
+                            if self.policy_listeners.contains(&l.name) {
+                                translate::original_destination(&mut listener);
+                            }
                         }
                         port
                     }
