@@ -3,6 +3,18 @@
 //! about each push: ACKs mark objects acknowledged, a NACK is traced back to
 //! the objects whose resources Envoy refused, which are then set aside (their
 //! last good version stays) so everything else keeps working.
+//!
+//! A Service is handed to Envoy only once Envoy has the listener that serves
+//! it: a redirect joins the datapath snapshot when Envoy has ACKed every
+//! resource of the object behind it (its listener with the Service's
+//! frontends, the routes that warm it) and the dispatching listener. Before,
+//! the Service keeps its plain forwarding; handed over earlier, a connection
+//! would reach the dispatcher while no listener has its address, and get the
+//! dispatcher's 503. A redirect in effect stays while the build still wants it
+//! through the same listener (an edit of the object does not take the Service
+//! back from Envoy while Envoy takes the edit). The first build's redirects
+//! are in effect at once: they reach a new Envoy in one push with the
+//! dispatcher, which warms together with them.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
@@ -13,11 +25,24 @@ use crate::{
     state::{Attachments, Snapshot},
     xds::{
         envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
-        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo},
+        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, RedirectKey},
         ports::ProxyPorts,
         server::{AdsEvent, Published},
+        translate,
     },
 };
+
+/// The redirects a build wants: key -> (port, object, listener).
+fn wanted(built: &Built) -> BTreeMap<RedirectKey, (u16, ConfigKey, String)> {
+    built
+        .redirects
+        .iter()
+        .filter_map(|(k, port)| {
+            let (owner, listener) = built.served_by.get(k)?;
+            Some((k.clone(), (*port, owner.clone(), listener.clone())))
+        })
+        .collect()
+}
 
 /// What Envoy made of an object's resources.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -79,6 +104,11 @@ pub struct Controller {
     owners: std::collections::BTreeSet<ConfigKey>,
     /// weft-cni's attachments, when pods come through it.
     attachments: Option<Arc<Attachments>>,
+    /// The redirects in effect (see the module doc): key -> the port, object
+    /// and listener the build had for it when it took effect.
+    live: BTreeMap<RedirectKey, (u16, ConfigKey, String)>,
+    /// `live` changed since the last datapath snapshot.
+    live_changed: bool,
 }
 
 impl Controller {
@@ -99,6 +129,8 @@ impl Controller {
             acked_version: BTreeMap::new(),
             owners: Default::default(),
             attachments: None,
+            live: BTreeMap::new(),
+            live_changed: false,
         }
     }
 
@@ -145,19 +177,64 @@ impl Controller {
     pub fn build(&mut self) -> (Snapshot, Arc<Published>) {
         let node = self.node_info();
         self.built = self.model.build(&self.configs, &self.parse_errors, &self.loaded.objects, &node);
+        let first = self.version == 0;
         self.version += 1;
         self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
+        self.refresh_acks();
+        if first {
+            self.live = wanted(&self.built);
+        }
+        self.settle_redirects();
+        let snap = self.derive();
+        let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
+        (snap, published)
+    }
+
+    /// A new datapath snapshot if redirects took effect since the last one
+    /// (Envoy ACKed the listeners that serve them).
+    pub fn redirects_settled(&mut self) -> Option<Snapshot> {
+        if !self.live_changed {
+            return None;
+        }
+        self.version += 1;
+        Some(self.derive())
+    }
+
+    /// The datapath snapshot, with the redirects in effect.
+    fn derive(&mut self) -> Snapshot {
+        self.live_changed = false;
+        let redirects = self.live.iter().map(|(k, (port, _, _))| (k.clone(), *port)).collect();
         let mut snap = Snapshot::derive(
             &self.loaded.objects,
             &self.node_name,
             self.node_ip,
-            &self.built.redirects,
+            &redirects,
             self.attachments.as_deref(),
         );
         snap.version = self.version;
-        let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
-        self.refresh_acks();
-        (snap, published)
+        snap
+    }
+
+    /// Drops redirects the build no longer wants as they are; adds those
+    /// whose object and the dispatcher Envoy has ACKed as built now.
+    fn settle_redirects(&mut self) {
+        let wanted = wanted(&self.built);
+        let before = self.live.len();
+        self.live.retain(|k, v| wanted.get(k) == Some(v));
+        let mut changed = self.live.len() != before;
+        let dispatcher_in = [translate::LISTENER, translate::ROUTE].iter().all(|t| {
+            let now = self.built.xds.types.get(*t).and_then(|m| m.get(translate::DISPATCH_LISTENER));
+            now.is_none_or(|r| self.acked.get(&((*t).to_owned(), r.name.clone())) == Some(&r.version))
+        });
+        if dispatcher_in {
+            for (k, v) in wanted {
+                if !self.live.contains_key(&k) && self.acked_version.contains_key(&v.1) {
+                    self.live.insert(k, v);
+                    changed = true;
+                }
+            }
+        }
+        self.live_changed |= changed;
     }
 
     /// Follows an ADS event; true if the snapshot must be rebuilt (a NACK).
@@ -180,6 +257,7 @@ impl Controller {
                     self.acked.insert((type_url.clone(), name), version);
                 }
                 self.refresh_acks();
+                self.settle_redirects();
                 false
             }
             AdsEvent::Nack { type_url, message, resources } => {
@@ -286,5 +364,128 @@ impl Controller {
     /// The model's latest build.
     pub fn built(&self) -> &Built {
         &self.built
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::yaml;
+
+    const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
+"#;
+
+    /// An EnvoyConfig redirecting `service` to its listener, whose route goes to `route_to`.
+    fn config(name: &str, service: &str, route_to: &str) -> String {
+        format!(
+            r#"
+---
+apiVersion: weft.io/v1alpha1
+kind: EnvoyConfig
+metadata: {{name: {name}, namespace: default}}
+spec:
+  services: [{{name: {service}}}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: l
+          rds: {{route_config_name: r}}
+          http_filters: [{{name: envoy.filters.http.router}}]
+  - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+    name: r
+    virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: {route_to}}}}}]}}]
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: {route_to}
+    type: EDS
+"#
+        )
+    }
+
+    fn load(c: &mut Controller, text: &str) {
+        let mut l = yaml::Loaded::default();
+        yaml::load_text(std::path::Path::new("o.yaml"), text, &mut l);
+        assert!(l.problems.is_empty(), "{:?}", l.problems);
+        c.load(l);
+    }
+
+    /// Envoy ACKs every resource of the current build.
+    fn ack_all(c: &mut Controller) {
+        let types: Vec<_> = c.built().xds.types.keys().cloned().collect();
+        for type_url in types {
+            let resources = c.built().xds.of(&type_url).map(|r| (r.name.clone(), r.version.clone())).collect();
+            c.on_event(AdsEvent::Ack { type_url, version: String::new(), resources });
+        }
+    }
+
+    fn handed(snap: &Snapshot) -> Vec<String> {
+        snap.proxied().into_iter().map(|(f, _)| format!("{}:{}", f.addr, f.port)).collect()
+    }
+
+    #[test]
+    fn a_service_is_handed_to_envoy_once_envoy_acked_its_listener() {
+        let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+        // The first build's redirects reach Envoy with the dispatcher: in effect at once.
+        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web")));
+        let (snap, _) = c.build();
+        let web = handed(&snap);
+        assert_eq!(web.len(), 1, "{web:?}");
+        assert!(web[0].contains("10.96.0.10"), "{web:?}");
+        ack_all(&mut c);
+        assert!(c.redirects_settled().is_none(), "nothing new to hand");
+
+        // A config added while the dispatcher serves: api stays plain until
+        // Envoy ACKed its listener, routes and cluster.
+        load(
+            &mut c,
+            &format!("{SERVICES}{}{}", config("web-l7", "web", "default/web"), config("api-l7", "api", "default/api")),
+        );
+        let (snap, _) = c.build();
+        assert_eq!(handed(&snap), web, "api is not handed before Envoy has its listener");
+        let api = ConfigKey { clusterwide: false, key: crate::k8s::ObjKey::new("default", "api-l7") };
+        let types: Vec<_> = c.built().xds.types.keys().cloned().collect();
+        for type_url in types {
+            // Everything but api's listener.
+            let resources = c
+                .built()
+                .xds
+                .of(&type_url)
+                .filter(|r| !(type_url == translate::LISTENER && r.owner.as_ref() == Some(&api)))
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect();
+            c.on_event(AdsEvent::Ack { type_url, version: String::new(), resources });
+        }
+        assert!(c.redirects_settled().is_none(), "its listener is not ACKed yet");
+        ack_all(&mut c);
+        let snap = c.redirects_settled().expect("api handed once its listener is ACKed");
+        let both = handed(&snap);
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert!(snap.version > 2, "a new datapath version: {}", snap.version);
+
+        // An edit of api's config does not take api back from Envoy while Envoy takes it.
+        load(
+            &mut c,
+            &format!("{SERVICES}{}{}", config("web-l7", "web", "default/web"), config("api-l7", "api", "default/api2")),
+        );
+        let (snap, _) = c.build();
+        assert_eq!(handed(&snap), both);
+
+        // Deleted: not handed any more, at once.
+        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web")));
+        let (snap, _) = c.build();
+        assert_eq!(handed(&snap), web);
     }
 }

@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{
     hash::fnv1a,
-    k8s::{ObjKey, Objects, crd::EnvoyConfigSpec, selector},
+    k8s::{ObjKey, Objects, Sourced, crd::EnvoyConfigSpec, selector},
     state::{Redirects, SliceIndex, backends},
 };
 
@@ -149,7 +149,12 @@ pub struct Built {
     pub statuses: BTreeMap<ConfigKey, ConfigStatus>,
     /// Proxy ports the datapath hands connections to.
     pub proxy_ports: Vec<u16>,
+    /// The object and listener each redirect hands connections to.
+    pub served_by: BTreeMap<RedirectKey, (ConfigKey, String)>,
 }
+
+/// A redirected Service port (None: all its ports), as in [`Redirects`].
+pub type RedirectKey = (ObjKey, Option<u16>);
 
 #[derive(Clone)]
 struct Good {
@@ -211,6 +216,43 @@ pub struct Model {
     /// every build translates every object (the full rebuild, the oracle
     /// the cached builds are checked against).
     translations: Option<HashMap<ConfigKey, (EnvoyConfigSpec, Translating)>>,
+    /// The encoded endpoints of each (Service, selected ports), with the
+    /// objects they were computed from; None with `translations` (the oracle).
+    endpoints: Option<HashMap<(ObjKey, Vec<String>), (EndpointInputs, Arc<[Arc<Resource>]>)>>,
+}
+
+/// What a Service's endpoints are computed from: the Service, its IPv4
+/// EndpointSlices, its Endpoints object. Sources hand over an object that
+/// did not change as the same `Arc`, so comparing pointers tells which
+/// Services' endpoints must be computed (and encoded) again.
+struct EndpointInputs {
+    service: Option<Arc<Sourced<k8s_openapi::api::core::v1::Service>>>,
+    slices: Vec<Arc<Sourced<k8s_openapi::api::discovery::v1::EndpointSlice>>>,
+    endpoints: Option<Arc<Sourced<k8s_openapi::api::core::v1::Endpoints>>>,
+}
+
+impl EndpointInputs {
+    fn of(service: &ObjKey, objects: &Objects, slices: &SliceIndex) -> Self {
+        Self {
+            service: objects.services.get(service).cloned(),
+            slices: slices.of_service(service).iter().map(|s| Arc::clone(s)).collect(),
+            endpoints: objects.endpoints.get(service).cloned(),
+        }
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        fn one<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        one(&self.service, &other.service)
+            && one(&self.endpoints, &other.endpoints)
+            && self.slices.len() == other.slices.len()
+            && self.slices.iter().zip(&other.slices).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
 }
 
 /// The listeners Envoy can open within its open-file limit: each listener
@@ -260,13 +302,40 @@ impl Model {
             nacked: BTreeMap::new(),
             budget: ListenerBudget::UNLIMITED,
             translations: Some(HashMap::new()),
+            endpoints: Some(HashMap::new()),
         }
     }
 
     /// A model that translates every object on every build, keeping
     /// nothing of earlier translations: the oracle for the cached builds.
     pub fn full_rebuild(ports: ProxyPorts) -> Self {
-        Self { translations: None, ..Self::new(ports) }
+        Self { translations: None, endpoints: None, ..Self::new(ports) }
+    }
+
+    /// The encoded ClusterLoadAssignments of a Service (see [`endpoints_of`]):
+    /// the kept ones while the objects they come from are the same.
+    fn endpoints(
+        &mut self,
+        service: &ObjKey,
+        ports: &[String],
+        objects: &Objects,
+        slices: &SliceIndex,
+    ) -> Arc<[Arc<Resource>]> {
+        let fresh = || -> Arc<[Arc<Resource>]> {
+            let clas = endpoints_of(service, ports, objects, slices);
+            clas.iter().map(|c| Arc::new(Resource::new(c.cluster_name.clone(), c, None))).collect()
+        };
+        let Some(cache) = self.endpoints.as_mut() else { return fresh() };
+        let inputs = EndpointInputs::of(service, objects, slices);
+        let key = (service.clone(), ports.to_vec());
+        match cache.get(&key) {
+            Some((kept, resources)) if kept.same(&inputs) => resources.clone(),
+            _ => {
+                let resources = fresh();
+                cache.insert(key, (inputs, resources.clone()));
+                resources
+            }
+        }
     }
 
     /// `cfg` translated: the kept translation when its spec has not changed.
@@ -474,7 +543,8 @@ impl Model {
         node: &NodeInfo,
     ) {
         let mut listeners_in_use = BTreeSet::new();
-        let mut eds: BTreeMap<String, ClusterLoadAssignment> = BTreeMap::new();
+        let mut eds: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
+        let mut eds_used = std::collections::HashSet::new();
         let slices = SliceIndex::of(objects);
         let pinned: BTreeSet<u16> = accepted
             .iter()
@@ -549,21 +619,24 @@ impl Model {
             }
             for r in &t.redirects {
                 let Some(port) = ports_of.get(&r.listener) else { continue };
-                if r.ports.is_empty() {
-                    built.redirects.insert((r.service.clone(), None), *port);
+                let keys: Vec<RedirectKey> = if r.ports.is_empty() {
+                    vec![(r.service.clone(), None)]
                 } else {
-                    for p in &r.ports {
-                        built.redirects.insert((r.service.clone(), Some(*p)), *port);
-                    }
+                    r.ports.iter().map(|p| (r.service.clone(), Some(*p))).collect()
+                };
+                for k in keys {
+                    built.served_by.insert(k.clone(), (c.key.clone(), r.listener.clone()));
+                    built.redirects.insert(k, *port);
                 }
                 if !built.proxy_ports.contains(port) {
                     built.proxy_ports.push(*port);
                 }
             }
             for e in &t.eds_services {
-                for cla in endpoints_of(&e.service, &e.ports, objects, &slices) {
-                    eds.entry(cla.cluster_name.clone()).or_insert(cla);
+                for r in self.endpoints(&e.service, &e.ports, objects, &slices).iter() {
+                    eds.entry(r.name.clone()).or_insert_with(|| r.clone());
                 }
+                eds_used.insert((e.service.clone(), e.ports.clone()));
             }
             // Secrets the config references that Kubernetes holds.
             for (_, name) in &t.references.secrets {
@@ -591,10 +664,10 @@ impl Model {
                 );
             }
         }
-        for cla in eds.into_values() {
+        for r in eds.into_values() {
             // A config's own ClusterLoadAssignment wins over a generated one.
-            if !built.xds.contains(translate::ENDPOINT, &cla.cluster_name) {
-                built.xds.put(Resource::new(cla.cluster_name.clone(), &cla, None));
+            if !built.xds.contains(translate::ENDPOINT, &r.name) {
+                built.xds.put_shared(r);
             }
         }
         // Forget configs that are gone.
@@ -604,6 +677,9 @@ impl Model {
         self.nacked.retain(|k, _| present.contains(k));
         if let Some(cache) = self.translations.as_mut() {
             cache.retain(|k, _| present.contains(k));
+        }
+        if let Some(cache) = self.endpoints.as_mut() {
+            cache.retain(|k, _| eds_used.contains(k));
         }
         self.ports.release_others(&listeners_in_use);
         built.proxy_ports.sort();
@@ -1182,14 +1258,16 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         }
     }
 
-    /// Services web and api with `web` and `api` backends (EndpointSlices).
-    fn objects_with(web: &[u8], api: &[u8]) -> Objects {
+    /// Services web and api with `web` and `api` backends (EndpointSlices);
+    /// api without its port 81 unless `api_alt`.
+    fn objects_with(web: &[u8], api: &[u8], api_alt: bool) -> Objects {
         let mut y = String::new();
         for (name, ip, backends) in [("web", "10.96.0.10", web), ("api", "10.96.0.11", api)] {
             let eps: Vec<String> = backends.iter().map(|b| format!("{{addresses: [10.1.1.{b}]}}")).collect();
+            let alt = if name == "web" || api_alt { ", {name: alt, port: 81}" } else { "" };
             y.push_str(&format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
-                 spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}, {{name: alt, port: 81}}]}}\n---\n\
+                 spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}{alt}]}}\n---\n\
                  apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
                  metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
                  addressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: alt, port: 8081}}]\n\
@@ -1226,10 +1304,13 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
     }
 
     /// The property the cached model rests on: after every step of random
-    /// sequences of adds, edits, deletes, endpoint changes, Envoy's NACKs and
-    /// ACKs, a build that reuses kept translations equals a full rebuild
-    /// (statuses, xDS resources, redirects, proxy ports). The seed is
-    /// printed on failure; `WEFT_MODEL_SEED` repeats one.
+    /// sequences of adds, edits, deletes, endpoint changes, Service changes,
+    /// Envoy's NACKs and ACKs, a build that reuses kept translations and
+    /// endpoints equals a full rebuild (statuses, xDS resources, redirects,
+    /// proxy ports). Objects that did not change stay the same `Arc`s, as
+    /// the sources hand them over, and sometimes all are read again (same
+    /// content, new `Arc`s). The seed is printed on failure;
+    /// `WEFT_MODEL_SEED` repeats one.
     #[test]
     fn cached_builds_equal_full_rebuilds_after_every_random_change() {
         let first: u64 = std::env::var("WEFT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_0001);
@@ -1245,12 +1326,15 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                 full.set_listener_budget(budget);
             }
             let mut configs: BTreeMap<String, EnvoyConfig> = BTreeMap::new();
-            let (mut web, mut api) = (vec![12u8], vec![13u8]);
+            let (mut web, mut api, mut api_alt) = (vec![12u8], vec![13u8], true);
+            let mut objs = objects_with(&web, &api, api_alt);
             let mut log = Vec::new();
             for step in 0..40 {
                 let names: Vec<String> = configs.keys().cloned().collect();
                 let pick = |rng: &mut Rng| names.get(rng.below(names.len().max(1) as u64) as usize).cloned();
-                match rng.below(7) {
+                // What the step changes of the objects: (kind, name) taken anew.
+                let mut renew: Vec<(&str, &str)> = Vec::new();
+                match rng.below(9) {
                     0 | 1 => {
                         let name = format!("c{}", rng.below(8));
                         let generation = configs.get(&name).map_or(1, |c| c.generation + 1);
@@ -1272,6 +1356,16 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                             list.push(ip);
                         }
                         log.push(format!("endpoints of {b}: {list:?}"));
+                        renew.push(("slice", if b == "web" { "web-1" } else { "api-1" }));
+                    }
+                    7 => {
+                        api_alt = !api_alt;
+                        log.push(format!("api's port 81: {api_alt}"));
+                        renew.push(("service", "api"));
+                    }
+                    8 => {
+                        log.push("every object read again".into());
+                        renew.push(("all", ""));
                     }
                     4 => {
                         if let Some(n) = pick(&mut rng) {
@@ -1289,7 +1383,15 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                         }
                     }
                 }
-                let objs = objects_with(&web, &api);
+                let fresh = objects_with(&web, &api, api_alt);
+                for (kind, name) in renew {
+                    let key = ObjKey::new("default", name);
+                    match kind {
+                        "slice" => drop(objs.endpoint_slices.insert(key.clone(), fresh.endpoint_slices[&key].clone())),
+                        "service" => drop(objs.services.insert(key.clone(), fresh.services[&key].clone())),
+                        _ => objs = fresh.clone(),
+                    }
+                }
                 let list: Vec<EnvoyConfig> = configs.values().cloned().collect();
                 let a = cached.build(&list, &[], &objs, &node());
                 let b = full.build(&list, &[], &objs, &node());
