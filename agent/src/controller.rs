@@ -89,6 +89,11 @@ pub struct Controller {
     model: Model,
     loaded: Loaded,
     configs: Vec<EnvoyConfig>,
+    /// The documents `configs` were parsed from: (address of the shared
+    /// document -> (the document, its origin, index in `configs`)). A
+    /// document a source hands over again unchanged is the same `Arc`, and
+    /// is not parsed again.
+    parsed: std::collections::HashMap<usize, (Arc<serde_json::Value>, crate::k8s::Origin, usize)>,
     parse_errors: Vec<ConfigError>,
     version: u64,
     built: Built,
@@ -119,6 +124,7 @@ impl Controller {
             model: Model::new(ports),
             loaded: Loaded::default(),
             configs: Vec::new(),
+            parsed: Default::default(),
             parse_errors: Vec::new(),
             version: 0,
             built: Built::default(),
@@ -139,13 +145,20 @@ impl Controller {
         self.model.set_listener_budget(budget);
     }
 
-    /// Takes what a source now holds.
+    /// Takes what a source now holds; parses the config documents that
+    /// changed (see `parsed`).
     pub fn load(&mut self, loaded: Loaded) {
-        self.configs.clear();
+        let mut before: Vec<Option<EnvoyConfig>> = std::mem::take(&mut self.configs).into_iter().map(Some).collect();
+        let mut kept = std::mem::take(&mut self.parsed);
         self.parse_errors.clear();
         for (origin, doc) in &loaded.raw {
-            match envoyconfig::parse(origin.clone(), doc) {
-                Ok(c) => self.configs.push(c),
+            let at = Arc::as_ptr(doc) as usize;
+            let same = kept.remove(&at).filter(|(_, o, _)| o == origin).and_then(|(_, _, i)| before.get_mut(i)?.take());
+            match same.map_or_else(|| envoyconfig::parse(origin.clone(), doc), Ok) {
+                Ok(c) => {
+                    self.parsed.insert(at, (doc.clone(), origin.clone(), self.configs.len()));
+                    self.configs.push(c);
+                }
                 Err(e) => self.parse_errors.push(e),
             }
         }
@@ -180,6 +193,10 @@ impl Controller {
         let first = self.version == 0;
         self.version += 1;
         self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
+        // A resource the build no longer has is gone from Envoy (it is told
+        // so): added again, it must be ACKed again.
+        let xds = &self.built.xds;
+        self.acked.retain(|(t, n), _| xds.contains(t, n));
         self.refresh_acks();
         if first {
             self.live = wanted(&self.built);
@@ -253,8 +270,13 @@ impl Controller {
                 false
             }
             AdsEvent::Ack { type_url, resources, .. } => {
+                // Only what is still to be sent as it was (a late ACK of a
+                // resource since removed does not count for it when it comes back).
+                let current = self.built.xds.types.get(&type_url);
                 for (name, version) in resources {
-                    self.acked.insert((type_url.clone(), name), version);
+                    if current.and_then(|m| m.get(&name)).is_some_and(|r| r.version == version) {
+                        self.acked.insert((type_url.clone(), name), version);
+                    }
                 }
                 self.refresh_acks();
                 self.settle_redirects();
@@ -384,8 +406,9 @@ metadata: {name: api, namespace: default}
 spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
 "#;
 
-    /// An EnvoyConfig redirecting `service` to its listener, whose route goes to `route_to`.
-    fn config(name: &str, service: &str, route_to: &str) -> String {
+    /// An EnvoyConfig redirecting `service` to its listener, whose route goes
+    /// to `route_to` with a timeout of `timeout` seconds.
+    fn config(name: &str, service: &str, route_to: &str, timeout: u32) -> String {
         format!(
             r#"
 ---
@@ -407,7 +430,7 @@ spec:
           http_filters: [{{name: envoy.filters.http.router}}]
   - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
     name: r
-    virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: {route_to}}}}}]}}]
+    virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: {route_to}, timeout: {timeout}s}}}}]}}]
   - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
     name: {route_to}
     type: EDS
@@ -435,11 +458,56 @@ spec:
         snap.proxied().into_iter().map(|(f, _)| format!("{}:{}", f.addr, f.port)).collect()
     }
 
+    /// Loading again parses only documents that are not the same `Arc`:
+    /// what comes out equals a parse of every document.
+    #[test]
+    fn loads_reuse_parses_of_unchanged_documents_only() {
+        let text = |timeout: u32| {
+            format!(
+                "{SERVICES}{}{}",
+                config("web-l7", "web", "default/web", 1),
+                config("api-l7", "api", "default/api", timeout)
+            )
+        };
+        let parse_all = |l: &Loaded| -> Vec<EnvoyConfig> {
+            l.raw.iter().filter_map(|(o, d)| envoyconfig::parse(o.clone(), d).ok()).collect()
+        };
+        let read = |t: &str| {
+            let mut l = yaml::Loaded::default();
+            yaml::load_text(std::path::Path::new("o.yaml"), t, &mut l);
+            l
+        };
+        let mut c = Controller::new("node1".into(), None, ProxyPorts::ephemeral());
+        let first = read(&text(1));
+        let mut again = Loaded::default();
+        again.merge(&first);
+        c.load(first);
+        assert_eq!(c.configs, parse_all(&again));
+        // web's document as it was (the same Arc), api's edited, a third added, in another order.
+        let edited = read(&text(2));
+        let mut next = Loaded::default();
+        next.raw.push(edited.raw[1].clone());
+        next.raw.push(again.raw[0].clone());
+        next.raw.push(read(&config("third", "web", "default/web", 1)).raw[0].clone());
+        let expected = parse_all(&next);
+        assert_eq!(expected.len(), 3);
+        c.load(next);
+        assert_eq!(c.configs, expected);
+        assert!(c.configs[0].spec != expected_first(&again), "api's edit is in");
+        // Gone from the source: gone from the controller.
+        c.load(Loaded::default());
+        assert!(c.configs.is_empty() && c.parsed.is_empty());
+    }
+
+    fn expected_first(l: &Loaded) -> crate::k8s::crd::EnvoyConfigSpec {
+        envoyconfig::parse(l.raw[1].0.clone(), &l.raw[1].1).expect("api's config").spec
+    }
+
     #[test]
     fn a_service_is_handed_to_envoy_once_envoy_acked_its_listener() {
         let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
         // The first build's redirects reach Envoy with the dispatcher: in effect at once.
-        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web")));
+        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web", 1)));
         let (snap, _) = c.build();
         let web = handed(&snap);
         assert_eq!(web.len(), 1, "{web:?}");
@@ -451,7 +519,11 @@ spec:
         // Envoy ACKed its listener, routes and cluster.
         load(
             &mut c,
-            &format!("{SERVICES}{}{}", config("web-l7", "web", "default/web"), config("api-l7", "api", "default/api")),
+            &format!(
+                "{SERVICES}{}{}",
+                config("web-l7", "web", "default/web", 1),
+                config("api-l7", "api", "default/api", 1)
+            ),
         );
         let (snap, _) = c.build();
         assert_eq!(handed(&snap), web, "api is not handed before Envoy has its listener");
@@ -478,14 +550,34 @@ spec:
         // An edit of api's config does not take api back from Envoy while Envoy takes it.
         load(
             &mut c,
-            &format!("{SERVICES}{}{}", config("web-l7", "web", "default/web"), config("api-l7", "api", "default/api2")),
+            &format!(
+                "{SERVICES}{}{}",
+                config("web-l7", "web", "default/web", 1),
+                config("api-l7", "api", "default/api", 2)
+            ),
         );
         let (snap, _) = c.build();
+        assert_eq!(c.built().statuses[&api].serving, crate::xds::model::Serving::Current, "the edit is accepted");
         assert_eq!(handed(&snap), both);
 
         // Deleted: not handed any more, at once.
-        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web")));
+        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web", 1)));
         let (snap, _) = c.build();
         assert_eq!(handed(&snap), web);
+        ack_all(&mut c);
+
+        // Added again as it was: Envoy was told to remove its resources, so
+        // their earlier ACK does not count; handed once ACKed again.
+        let with_api = format!(
+            "{SERVICES}{}{}",
+            config("web-l7", "web", "default/web", 1),
+            config("api-l7", "api", "default/api", 2)
+        );
+        load(&mut c, &with_api);
+        let (snap, _) = c.build();
+        assert_eq!(handed(&snap), web, "not handed on the strength of the ACK before its removal");
+        assert!(c.redirects_settled().is_none());
+        ack_all(&mut c);
+        assert_eq!(handed(&c.redirects_settled().expect("handed once ACKed again")), both);
     }
 }
