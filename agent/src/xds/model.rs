@@ -219,6 +219,22 @@ pub struct Model {
     /// The encoded endpoints of each (Service, selected ports), with the
     /// objects they were computed from; None with `translations` (the oracle).
     endpoints: Option<HashMap<(ObjKey, Vec<String>), (EndpointInputs, Arc<[Arc<Resource>]>)>>,
+    /// Each listener as last encoded: the translation and shape it came
+    /// from; None with `translations` (the oracle).
+    listeners: Option<HashMap<String, (Arc<Translation>, Shape, Arc<Resource>)>>,
+}
+
+/// How a config's listener is reached on this node (what the model changes
+/// of it as written).
+#[derive(Clone, Debug, PartialEq)]
+enum Shape {
+    /// It binds its own address; `handed`: Services are redirected to it.
+    Pinned { handed: bool },
+    /// Reached through the dispatching listener at these frontends (or,
+    /// without any, at its unreached placeholder port).
+    Virtual { frontends: Vec<std::net::SocketAddrV4>, placeholder: Option<u16> },
+    /// It binds its proxy port (None: none was free).
+    Bound(Option<u16>),
 }
 
 /// What a Service's endpoints are computed from: the Service, its IPv4
@@ -303,13 +319,50 @@ impl Model {
             budget: ListenerBudget::UNLIMITED,
             translations: Some(HashMap::new()),
             endpoints: Some(HashMap::new()),
+            listeners: Some(HashMap::new()),
         }
     }
 
     /// A model that translates every object on every build, keeping
     /// nothing of earlier translations: the oracle for the cached builds.
     pub fn full_rebuild(ports: ProxyPorts) -> Self {
-        Self { translations: None, endpoints: None, ..Self::new(ports) }
+        Self { translations: None, endpoints: None, listeners: None, ..Self::new(ports) }
+    }
+
+    /// A config's listener as it goes to Envoy (`shape` applied), encoded:
+    /// the kept one while the config's translation and the shape are the same.
+    fn listener(
+        &mut self,
+        owner: &ConfigKey,
+        t: &Arc<Translation>,
+        l: &translate::Item<Listener>,
+        shape: Shape,
+    ) -> Arc<Resource> {
+        let fresh = |shape: &Shape| {
+            let mut listener = l.resource.clone();
+            match shape {
+                Shape::Pinned { handed: true } => translate::handed_connections(&mut listener),
+                Shape::Pinned { handed: false } | Shape::Bound(None) => {}
+                Shape::Virtual { frontends, placeholder } => {
+                    translate::virtual_listener(&mut listener, frontends, *placeholder)
+                }
+                Shape::Bound(Some(p)) => translate::bind_proxy_port(&mut listener, *p),
+            }
+            Arc::new(Resource::new(l.name.clone(), &listener, Some(owner.clone())))
+        };
+        let Some(cache) = self.listeners.as_mut() else { return fresh(&shape) };
+        match cache.get(&l.name) {
+            Some((kept_t, kept_shape, r))
+                if Arc::ptr_eq(kept_t, t) && *kept_shape == shape && r.owner.as_ref() == Some(owner) =>
+            {
+                r.clone()
+            }
+            _ => {
+                let r = fresh(&shape);
+                cache.insert(l.name.clone(), (t.clone(), shape, r.clone()));
+                r
+            }
+        }
     }
 
     /// The encoded ClusterLoadAssignments of a Service (see [`endpoints_of`]):
@@ -567,17 +620,12 @@ impl Model {
             built.xds.put(Resource::new(routes.name.clone(), &routes, None));
         }
         for c in &accepted {
-            let owner = Some(c.key.clone());
             let t = &c.translated;
             let mut ports_of = BTreeMap::new();
             for l in &t.listeners {
-                let mut listener = l.resource.clone();
-                let port = match (translate::pinned_port(&listener), dispatch) {
+                let (shape, port) = match (translate::pinned_port(&l.resource), dispatch) {
                     (Some((_, p)), _) => {
-                        if t.redirects.iter().any(|r| r.listener == l.name) {
-                            translate::handed_connections(&mut listener);
-                        }
-                        Some(p)
+                        (Shape::Pinned { handed: t.redirects.iter().any(|r| r.listener == l.name) }, Some(p))
                     }
                     (None, Some(d)) if is_virtual(t, l) => {
                         let frontends: Vec<_> = t
@@ -594,16 +642,12 @@ impl Model {
                         } else {
                             None
                         };
-                        translate::virtual_listener(&mut listener, &frontends, placeholder);
-                        Some(d)
+                        (Shape::Virtual { frontends, placeholder }, Some(d))
                     }
                     (None, _) => {
                         listeners_in_use.insert(l.name.clone());
                         let port = self.ports.allocate(&l.name, &pinned);
-                        if let Some(p) = port {
-                            translate::bind_proxy_port(&mut listener, p);
-                        }
-                        port
+                        (Shape::Bound(port), port)
                     }
                 };
                 if let Some(p) = port {
@@ -612,7 +656,7 @@ impl Model {
                         s.listeners.push((l.name.clone(), p));
                     }
                 }
-                built.xds.put(Resource::new(l.name.clone(), &listener, owner.clone()));
+                built.xds.put_shared(self.listener(&c.key, t, l, shape));
             }
             for r in t.encoded(&c.key) {
                 built.xds.put_shared(r.clone());
@@ -680,6 +724,10 @@ impl Model {
         }
         if let Some(cache) = self.endpoints.as_mut() {
             cache.retain(|k, _| eds_used.contains(k));
+        }
+        if let Some(cache) = self.listeners.as_mut() {
+            let sent = built.xds.types.get(translate::LISTENER);
+            cache.retain(|name, (_, _, r)| sent.and_then(|m| m.get(name)).is_some_and(|s| Arc::ptr_eq(s, r)));
         }
         self.ports.release_others(&listeners_in_use);
         built.proxy_ports.sort();
