@@ -21,16 +21,72 @@ use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 use serde::Serialize;
 
 use crate::{
-    k8s::yaml::{Loaded, ParseProblem},
-    state::{Attachments, Snapshot},
+    k8s::{
+        ObjKey,
+        yaml::{Loaded, ParseProblem},
+    },
+    state::{
+        Attachments, Snapshot,
+        policy::{PolicyState, l7::ListenerPorts},
+    },
     xds::{
         envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
-        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, RedirectKey},
+        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, RedirectKey, Serving},
+        policy,
         ports::ProxyPorts,
         server::{AdsEvent, Published},
-        translate,
+        translate::{self, qualify},
     },
 };
+
+/// (type URL, resource name) -> the version Envoy ACKed.
+type Acked = BTreeMap<(String, String), String>;
+
+/// Whether Envoy ACKed every resource of each object of a build, as built.
+fn acked_owners(built: &Built, acked: &Acked) -> BTreeMap<ConfigKey, bool> {
+    let mut per_owner: BTreeMap<ConfigKey, bool> = BTreeMap::new();
+    for (t, m) in &built.xds.types {
+        for r in m.values() {
+            let Some(o) = &r.owner else { continue };
+            let ok = acked.get(&(t.clone(), r.name.clone())) == Some(&r.version);
+            *per_owner.entry(o.clone()).or_insert(true) &= ok;
+        }
+    }
+    per_owner
+}
+
+/// Drops from `live` the redirects the build no longer wants as they are;
+/// adds those whose object is `in_envoy` (all its resources ACKed as built),
+/// once the dispatcher is too. True if `live` changed.
+fn settle(
+    live: &mut BTreeMap<RedirectKey, (u16, ConfigKey, String)>,
+    built: &Built,
+    acked: &Acked,
+    in_envoy: impl Fn(&ConfigKey) -> bool,
+) -> bool {
+    let wanted = wanted(built);
+    let before = live.len();
+    live.retain(|k, v| wanted.get(k) == Some(v));
+    let mut changed = live.len() != before;
+    let dispatcher_in = [translate::LISTENER, translate::ROUTE].iter().all(|t| {
+        let now = built.xds.types.get(*t).and_then(|m| m.get(translate::DISPATCH_LISTENER));
+        now.is_none_or(|r| acked.get(&((*t).to_owned(), r.name.clone())) == Some(&r.version))
+    });
+    if dispatcher_in {
+        for (k, v) in wanted {
+            if !live.contains_key(&k) && in_envoy(&v.1) {
+                live.insert(k, v);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// The datapath's redirects: those in effect.
+fn in_effect(live: &BTreeMap<RedirectKey, (u16, ConfigKey, String)>) -> crate::state::Redirects {
+    live.iter().map(|(k, (port, _, _))| (k.clone(), *port)).collect()
+}
 
 /// The redirects a build wants: key -> (port, object, listener).
 fn wanted(built: &Built) -> BTreeMap<RedirectKey, (u16, ConfigKey, String)> {
@@ -82,6 +138,23 @@ pub struct ControlStatus {
     pub state_problems: Vec<String>,
 }
 
+/// The proxy ports of the listeners the policies need, as the build gave them.
+fn proxy_ports(built: &Built, p: &PolicyState) -> ListenerPorts {
+    let serving = |key: &ConfigKey| {
+        built.statuses.get(key).filter(|s| s.for_this_node && s.serving != Serving::Nothing).map(|s| &s.listeners)
+    };
+    let http = serving(&policy::config_key()).and_then(|l| l.first()).map(|(_, port)| *port);
+    let mut listeners = BTreeMap::new();
+    for l in p.listeners() {
+        let key = ConfigKey { clusterwide: l.clusterwide, key: ObjKey::new(l.namespace.clone(), l.config.clone()) };
+        let name = qualify(&l.namespace, &l.config, &l.listener, false);
+        if let Some((_, port)) = serving(&key).into_iter().flatten().find(|(n, _)| *n == name) {
+            listeners.insert(l.clone(), *port);
+        }
+    }
+    ListenerPorts { http, listeners }
+}
+
 /// See the module doc.
 pub struct Controller {
     node_name: String,
@@ -90,15 +163,16 @@ pub struct Controller {
     loaded: Loaded,
     configs: Vec<EnvoyConfig>,
     /// The documents `configs` were parsed from: (address of the shared
-    /// document -> (the document, its origin, index in `configs`)). A
-    /// document a source hands over again unchanged is the same `Arc`, and
-    /// is not parsed again.
-    parsed: std::collections::HashMap<usize, (Arc<serde_json::Value>, crate::k8s::Origin, usize)>,
+    /// document -> (the document, its origin, index in `configs`, the
+    /// config's key)). A document a source hands over again unchanged is the
+    /// same `Arc`, and is not parsed again. (A build appends the generated
+    /// policy config to `configs`, after the documents' configs.)
+    parsed: std::collections::HashMap<usize, (Arc<serde_json::Value>, crate::k8s::Origin, usize, ConfigKey)>,
     parse_errors: Vec<ConfigError>,
     version: u64,
     built: Built,
     /// (type URL, name) -> version Envoy ACKed.
-    acked: BTreeMap<(String, String), String>,
+    acked: Acked,
     /// Objects Envoy refused, with its message (for the current spec).
     nacked: BTreeMap<ConfigKey, String>,
     envoy_connected: bool,
@@ -153,10 +227,12 @@ impl Controller {
         self.parse_errors.clear();
         for (origin, doc) in &loaded.raw {
             let at = Arc::as_ptr(doc) as usize;
-            let same = kept.remove(&at).filter(|(_, o, _)| o == origin).and_then(|(_, _, i)| before.get_mut(i)?.take());
+            let same = kept.remove(&at).filter(|(_, o, _, _)| o == origin).and_then(|(_, _, i, key)| {
+                before.get_mut(i).filter(|c| c.as_ref().is_some_and(|c| c.key == key))?.take()
+            });
             match same.map_or_else(|| envoyconfig::parse(origin.clone(), doc), Ok) {
                 Ok(c) => {
-                    self.parsed.insert(at, (doc.clone(), origin.clone(), self.configs.len()));
+                    self.parsed.insert(at, (doc.clone(), origin.clone(), self.configs.len(), c.key.clone()));
                     self.configs.push(c);
                 }
                 Err(e) => self.parse_errors.push(e),
@@ -189,69 +265,64 @@ impl Controller {
     /// Builds both snapshots from the current sources.
     pub fn build(&mut self) -> (Snapshot, Arc<Published>) {
         let node = self.node_info();
-        self.built = self.model.build(&self.configs, &self.parse_errors, &self.loaded.objects, &node);
         let first = self.version == 0;
+        let (model, configs, parse_errors, built) =
+            (&mut self.model, &mut self.configs, &self.parse_errors, &mut self.built);
+        let (acked, live, live_changed) = (&mut self.acked, &mut self.live, &mut self.live_changed);
+        let objects = &self.loaded.objects;
+        // The policies decide what the proxy must do for them: the node's
+        // policy listener joins the configs, and the ports of the listeners
+        // rules hand connections to come back from the build.
+        let mut snap =
+            Snapshot::derive_with(objects, &self.node_name, self.node_ip, self.attachments.as_deref(), |p| {
+                configs.retain(|c| c.key != policy::config_key());
+                configs.extend(policy::config(&p.http));
+                let named = p.listeners().into_iter().map(|l| qualify(&l.namespace, &l.config, &l.listener, false));
+                model.set_policy_listeners(named.collect());
+                *built = model.build(configs, parse_errors, objects, &node);
+                // A resource the build no longer has is gone from Envoy (it
+                // is told so): added again, it must be ACKed again.
+                let xds = &built.xds;
+                acked.retain(|(t, n), _| xds.contains(t, n));
+                if first {
+                    *live = wanted(built);
+                }
+                let owners = acked_owners(built, acked);
+                *live_changed |= settle(live, built, acked, |k| owners.get(k) == Some(&true));
+                (in_effect(live), proxy_ports(built, p))
+            });
         self.version += 1;
         self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
-        // A resource the build no longer has is gone from Envoy (it is told
-        // so): added again, it must be ACKed again.
-        let xds = &self.built.xds;
-        self.acked.retain(|(t, n), _| xds.contains(t, n));
-        self.refresh_acks();
-        if first {
-            self.live = wanted(&self.built);
-        }
-        self.settle_redirects();
-        let snap = self.derive();
+        self.live_changed = false;
+        snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
+        self.refresh_acks();
         (snap, published)
     }
 
     /// A new datapath snapshot if redirects took effect since the last one
     /// (Envoy ACKed the listeners that serve them).
     pub fn redirects_settled(&mut self) -> Option<Snapshot> {
-        if !self.live_changed {
+        if !std::mem::take(&mut self.live_changed) {
             return None;
         }
         self.version += 1;
-        Some(self.derive())
-    }
-
-    /// The datapath snapshot, with the redirects in effect.
-    fn derive(&mut self) -> Snapshot {
-        self.live_changed = false;
-        let redirects = self.live.iter().map(|(k, (port, _, _))| (k.clone(), *port)).collect();
-        let mut snap = Snapshot::derive(
+        let (built, live) = (&self.built, &self.live);
+        let mut snap = Snapshot::derive_with(
             &self.loaded.objects,
             &self.node_name,
             self.node_ip,
-            &redirects,
             self.attachments.as_deref(),
+            |p| (in_effect(live), proxy_ports(built, p)),
         );
         snap.version = self.version;
-        snap
+        Some(snap)
     }
 
-    /// Drops redirects the build no longer wants as they are; adds those
-    /// whose object and the dispatcher Envoy has ACKed as built now.
+    /// See [`settle`].
     fn settle_redirects(&mut self) {
-        let wanted = wanted(&self.built);
-        let before = self.live.len();
-        self.live.retain(|k, v| wanted.get(k) == Some(v));
-        let mut changed = self.live.len() != before;
-        let dispatcher_in = [translate::LISTENER, translate::ROUTE].iter().all(|t| {
-            let now = self.built.xds.types.get(*t).and_then(|m| m.get(translate::DISPATCH_LISTENER));
-            now.is_none_or(|r| self.acked.get(&((*t).to_owned(), r.name.clone())) == Some(&r.version))
-        });
-        if dispatcher_in {
-            for (k, v) in wanted {
-                if !self.live.contains_key(&k) && self.acked_version.contains_key(&v.1) {
-                    self.live.insert(k, v);
-                    changed = true;
-                }
-            }
-        }
-        self.live_changed |= changed;
+        let acked_version = &self.acked_version;
+        self.live_changed |= settle(&mut self.live, &self.built, &self.acked, |k| acked_version.contains_key(k));
     }
 
     /// Follows an ADS event; true if the snapshot must be rebuilt (a NACK).
@@ -328,15 +399,7 @@ impl Controller {
     }
 
     fn refresh_acks(&mut self) {
-        let mut per_owner: BTreeMap<ConfigKey, bool> = BTreeMap::new();
-        for (t, m) in &self.built.xds.types {
-            for r in m.values() {
-                let Some(o) = &r.owner else { continue };
-                let ok = self.acked.get(&(t.clone(), r.name.clone())) == Some(&r.version);
-                *per_owner.entry(o.clone()).or_insert(true) &= ok;
-            }
-        }
-        for (k, all) in per_owner {
+        for (k, all) in acked_owners(&self.built, &self.acked) {
             if all {
                 self.model.confirm(&k);
                 self.acked_version.entry(k).or_insert(self.version);

@@ -17,6 +17,20 @@ use weft_ebpf::abi;
 /// Labels that change with every rollout and would split one workload into many identities.
 const IGNORED_LABELS: &[&str] = &["pod-template-hash", "controller-revision-hash", "pod-template-generation"];
 
+/// The label Cilium gives every pod with its ServiceAccount's name, so
+/// policies can select pods by ServiceAccount.
+pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
+
+/// A pod's labels as identities and policies see them: its own, plus
+/// [`SERVICE_ACCOUNT_LABEL`] (`default` when the pod names no account, as
+/// Kubernetes would fill it in).
+pub fn pod_labels(labels: &BTreeMap<String, String>, service_account: Option<&str>) -> BTreeMap<String, String> {
+    let mut l = labels.clone();
+    let sa = service_account.filter(|s| !s.is_empty()).unwrap_or("default");
+    l.insert(SERVICE_ACCOUNT_LABEL.to_owned(), sa.to_owned());
+    l
+}
+
 /// The identity-relevant labels of a pod, in canonical form.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LabelSet(String);

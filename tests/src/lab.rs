@@ -36,7 +36,8 @@ pub struct Pod {
     /// Network namespace name.
     pub netns: String,
     pub ip: Ipv4Addr,
-    /// Host-side device name in the node's namespace.
+    /// Host-side device name in the node's namespace (empty in a lab whose
+    /// pods a CNI chain wires: the chain names the device).
     pub host_if: String,
     /// Index (0 or 1) of the node hosting the pod.
     pub node: usize,
@@ -71,7 +72,21 @@ pub struct Lab {
     pub run_dir: PathBuf,
     pub bpffs: PathBuf,
     pub cgroup_root: PathBuf,
+    pub pod_network: PodNetwork,
     children: Mutex<Vec<Child>>,
+}
+
+/// How the lab's pods get their network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// The lab makes each pod's veth and sets its address and routes.
+    Veth,
+    /// The lab makes only each pod's network namespace (IPv6 off, `lo` up);
+    /// a CNI chain run as a runtime runs it ([`crate::cni`]) makes the veth
+    /// and gives the address. [`Pod::ip`] is then the address host-local
+    /// hands out to the node's pods in order from `.11` (checked by whoever
+    /// runs the chain).
+    Cni,
 }
 
 /// Pod network: 10.1.<node>.0/24; node network 192.168.50.0/24.
@@ -140,6 +155,11 @@ impl Lab {
     /// Builds the standard lab: node1 (pods n1-p1, n1-p2) and node2 (n2-p1,
     /// n2-p2), an external client, all with addresses and routes.
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_pods(PodNetwork::Veth)
+    }
+
+    /// The standard lab with pods wired as `pod_network` says.
+    pub fn with_pods(pod_network: PodNetwork) -> anyhow::Result<Self> {
         reap_stale_labs();
         let id = format!("{:x}{:x}", std::process::id() & 0xfffff, COUNTER.fetch_add(1, Ordering::SeqCst));
         let run_dir = Path::new(RUN_DIR).join(&id);
@@ -156,6 +176,7 @@ impl Lab {
             cgroup_root,
             run_dir,
             id,
+            pod_network,
             children: Mutex::new(Vec::new()),
         };
         lab.build()?; // on error, Drop cleans up what was built
@@ -203,7 +224,7 @@ impl Lab {
                     labels: vec![("app".into(), format!("app{}", p + 1))],
                     netns: format!("weft-{id}-n{}-p{}", n + 1, p + 1),
                     ip: Ipv4Addr::new(10, 1, n + 1, 11 + p),
-                    host_if: format!("lxc-n{}p{}", n + 1, p + 1),
+                    host_if: self.host_if(&format!("lxc-n{}p{}", n + 1, p + 1)),
                     node: n as usize,
                 };
                 self.add_pod(&node, &pod)?;
@@ -231,13 +252,21 @@ impl Lab {
             labels: vec![("app".into(), format!("app{}", p + 1))],
             netns: format!("weft-{id}-n{node_no}-p{}", p + 1),
             ip: Ipv4Addr::new(10, 1, n.pod_cidr.0.octets()[2], 11 + p),
-            host_if: format!("lxc-n{node_no}p{}", p + 1),
+            host_if: self.host_if(&format!("lxc-n{node_no}p{}", p + 1)),
             node,
         };
         // Pushed first so that Drop removes a half-built pod too.
         self.pods.push(pod.clone());
         self.add_pod(&n, &pod)?;
         Ok(pod)
+    }
+
+    /// A pod's host-side device name: `name` where the lab makes it.
+    fn host_if(&self, name: &str) -> String {
+        match self.pod_network {
+            PodNetwork::Veth => name.to_owned(),
+            PodNetwork::Cni => String::new(),
+        }
     }
 
     /// Creates a namespace attached to the switch with `addr/24` on `inner`.
@@ -255,6 +284,9 @@ impl Lab {
     fn add_pod(&self, node: &Node, pod: &Pod) -> anyhow::Result<()> {
         sh(&["ip", "netns", "add", &pod.netns])?;
         disable_ipv6(&pod.netns)?;
+        if self.pod_network == PodNetwork::Cni {
+            return ip_n(&pod.netns, &["link", "set", "lo", "up"]).map(drop);
+        }
         let mac = format!("02:fe:00:00:{:02x}:{:02x}", pod.ip.octets()[2], pod.ip.octets()[3]);
         ip_n(
             &node.netns,

@@ -108,5 +108,6 @@ pub fn pod_identities(lab: &Lab) -> impl Fn(&Pod) -> u32 + '_ {
 }
 
 fn label_set(pod: &Pod) -> LabelSet {
-    LabelSet::new(&pod.namespace, pod.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    let labels = identity::pod_labels(&pod.labels.iter().cloned().collect(), None);
+    LabelSet::new(&pod.namespace, labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
 }

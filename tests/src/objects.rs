@@ -322,11 +322,15 @@ pub fn envoy_state<'a>(status: &'a serde_json::Value, object: &str) -> Option<&'
 
 /// Whether a status says Envoy is ready and acknowledged `object`, and the
 /// datapath hands every L7 frontend to Envoy (none still waits for the
-/// proxy's listening socket, keeping its plain forwarding meanwhile).
+/// proxy's listening socket, keeping its plain forwarding meanwhile) and
+/// every port L7 policies send connections through has Envoy's socket
+/// (until then those connections are refused).
 pub fn envoy_serves(status: &serde_json::Value, object: &str) -> bool {
+    let none = |field: &str| status["datapath"][field].as_array().is_some_and(|a| a.is_empty());
     status["envoy"]["ready"] == true
         && envoy_state(status, object) == Some("acknowledged")
-        && status["datapath"]["frontends-awaiting-proxy"].as_array().is_some_and(|a| a.is_empty())
+        && none("frontends-awaiting-proxy")
+        && none("policy-proxy-ports-refusing")
 }
 
 /// A counter from Envoy's admin /stats in node `idx` (0 if absent).

@@ -7,15 +7,15 @@
 //! datapath translates, and a NetworkPolicy's drop, seen as a flow.
 
 use std::{
-    io::Write,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use serde_json::{Value, json};
 use weft_tests::{
+    cni::{Sandbox, host_side, invoke as plugin, ptp_conf, weft_cni_conf},
     flows::{agent_get, flows_of, metric_sum, observe_json, wait_for},
     http::{HttpServer, ServerOpts, get_once},
     lab::{Lab, sysctl_in},
@@ -24,42 +24,10 @@ use weft_tests::{
     scenario::sa,
 };
 
-const PLUGINS: &str = "/usr/lib/cni";
 const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 /// Connections expected to fail wait this long.
 const DENIED: Duration = Duration::from_millis(500);
 const T: Duration = Duration::from_secs(3);
-
-/// A pod sandbox as the runtime knows it: its network namespace and the
-/// Kubernetes names it passes in CNI_ARGS.
-struct Sandbox {
-    name: &'static str,
-    netns: String,
-    container_id: String,
-}
-
-/// Runs a plugin as a runtime does, in `node_ns`; (exit ok, stdout JSON).
-fn plugin(node_ns: &str, bin: &Path, command: &str, pod: &Sandbox, conf: &Value) -> (bool, Value) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", node_ns])
-        .arg(bin)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", &pod.container_id)
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.netns))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={}", pod.name))
-        .env("CNI_PATH", PLUGINS)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (out.status.success(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
-}
 
 fn device_pins(links: &Path, dev: &str) -> usize {
     std::fs::read_dir(links)
@@ -70,16 +38,6 @@ fn device_pins(links: &Path, dev: &str) -> usize {
 /// Fails the test with the agent's log.
 fn die(log: &Path, what: &dyn std::fmt::Display) -> ! {
     panic!("{what}\nagent log:\n{}", std::fs::read_to_string(log).unwrap_or_default())
-}
-
-/// The host-side device and the pod's address in a ptp result.
-fn host_side(result: &Value) -> (String, Ipv4Addr) {
-    let host_if = result["interfaces"].as_array().unwrap().iter().find(|i| i.get("sandbox").is_none()).unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let ip = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().parse().unwrap();
-    (host_if, ip)
 }
 
 /// Whether a GET from `ns` to `to` is answered by the server named `by`.
@@ -124,8 +82,8 @@ spec:
 #[test]
 fn pods_made_by_ptp_then_weft_cni_are_wired_before_add_returns_carry_traffic_and_are_unwired_by_del() {
     require_root!();
-    if !Path::new(PLUGINS).join("ptp").exists() {
-        eprintln!("SKIPPED: needs Debian's containernetworking-plugins ({PLUGINS}/ptp)");
+    if let Some(reason) = weft_tests::cni::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
         return;
     }
     let lab = Lab::new().unwrap();
@@ -134,7 +92,8 @@ fn pods_made_by_ptp_then_weft_cni_are_wired_before_add_returns_carry_traffic_and
         .into_iter()
         .enumerate()
         .map(|(i, name)| Sandbox {
-            name,
+            namespace: "default".into(),
+            name: name.into(),
             netns: format!("weft-{}-n1-cni{i}", lab.id),
             container_id: format!("cafe0{i}"),
         })
@@ -159,10 +118,8 @@ fn pods_made_by_ptp_then_weft_cni_are_wired_before_add_returns_carry_traffic_and
 
     // The primary plugin: a veth per pod, the pod's address from host-local,
     // the gateway (the node's side) as the pod's default route.
-    let ptp = json!({"cniVersion": "1.0.0", "name": "lab", "type": "ptp",
-        "ipam": {"type": "host-local", "subnet": "10.1.1.128/25", "routes": [{"dst": "0.0.0.0/0"}],
-                 "dataDir": lab.run_dir.join("ipam")}});
-    let ptp_bin = Path::new(PLUGINS).join("ptp");
+    let ptp = ptp_conf("lab", "10.1.1.128/25", None, &lab.run_dir.join("ipam"));
+    let ptp_bin = weft_tests::cni::plugin("ptp");
     let prev: Vec<Value> = pods
         .iter()
         .map(|p| {
@@ -171,8 +128,8 @@ fn pods_made_by_ptp_then_weft_cni_are_wired_before_add_returns_carry_traffic_and
             prev
         })
         .collect();
-    let (client_if, _) = host_side(&prev[0]);
-    let (web_if, web_ip) = host_side(&prev[1]);
+    let (client_if, _) = host_side(&prev[0]).unwrap();
+    let (web_if, web_ip) = host_side(&prev[1]).unwrap();
     let (client, web) = (&pods[0].netns, &pods[1].netns);
     let _web = [8080, 9090].map(|port| {
         HttpServer::start(web, sa(web_ip, port), ServerOpts { name: format!("cni-web:{port}"), ..Default::default() })
@@ -187,13 +144,8 @@ fn pods_made_by_ptp_then_weft_cni_are_wired_before_add_returns_carry_traffic_and
     write_atomic(&files.objects_dir.join("lab.yaml"), &objects(&lab, Some(web_ip), "")).unwrap();
 
     let weft_cni: PathBuf = workspace_binary("weft-cni");
-    let conf = |prev: Option<&Value>| {
-        let mut c = json!({"cniVersion": "1.1.0", "name": "lab", "type": "weft-cni", "agentSocket": lab.run_dir.join("cni.sock")});
-        if let Some(p) = prev {
-            c["prevResult"] = p.clone();
-        }
-        c
-    };
+    let socket = lab.run_dir.join("cni.sock");
+    let conf = |prev: Option<&Value>| weft_cni_conf("lab", &socket, prev);
     let links = node.bpffs_dir.join("links");
     for (p, (prev, dev)) in pods.iter().zip(prev.iter().zip([&client_if, &web_if])) {
         assert_eq!(device_pins(&links, dev), 0, "nothing attached to {dev} before ADD");

@@ -8,7 +8,9 @@
 //! Then real packets (root, the lab): conformance cases, their objects
 //! applied unchanged, answered through node1's Envoy, with both nodes'
 //! agents reading the same API server through a relay in their network
-//! namespace and lab pods playing the suite's echo backends.
+//! namespace and lab pods playing the suite's echo backends (made through
+//! the CNI chain ptp + weft-cni, as a runtime runs it, under the names of
+//! the echo Deployments' Pods).
 
 use std::{
     collections::BTreeMap,
@@ -20,6 +22,7 @@ use std::{
 use serde_json::{Value, json};
 use weft_agent::netns;
 use weft_tests::{
+    cni,
     flows::flow_socket,
     h2::{GrpcClient, H2Echo, H2Server},
     http::{Client, EchoPod, HttpServer, Response, ServerOpts},
@@ -27,7 +30,7 @@ use weft_tests::{
         ControlPlane, deploy,
         relay::{ApiRelay, NODE_API_PORT},
     },
-    lab::Lab,
+    lab::{Lab, PodNetwork},
     objects::{agent_files, start_agent, wait_ready, workspace_binary},
     require_control_plane, require_root,
     scenario::{T, sa as sa_of},
@@ -1375,7 +1378,11 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     deploy::rbac(&cp);
     let out = deploy::gateway_api_crds(&cp);
     assert!(!out.to_lowercase().contains("error"), "{out}");
-    let mut lab = Lab::new().unwrap();
+    if let Some(reason) = cni::skip_reason() {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let mut lab = Lab::with_pods(PodNetwork::Cni).unwrap();
     for (pod, _, _, _) in BACKENDS {
         if !lab.pods.iter().any(|p| p.name == pod) {
             let node = if pod.starts_with("n1-") { 0 } else { 1 };
@@ -1415,10 +1422,11 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     let cert = make_cert_secret(&cp, &lab.run_dir);
 
     // This test is the scheduler and kubelet: one replica of each echo
-    // Deployment is bound to the lab pod's node, runs there (an echo server
-    // in the lab pod) and is reported Running and Ready with its address.
-    let (mut servers, mut h2_servers) = (Vec::new(), Vec::new());
-    for (lab_pod, ns, deployment, serves) in BACKENDS {
+    // Deployment is bound to the lab pod's node; once the agents run, the
+    // pod comes up there through the CNI chain (an echo server in the lab
+    // pod) and is reported Running and Ready with the chain's address.
+    let mut bound = Vec::new();
+    for (lab_pod, ns, deployment, _) in BACKENDS {
         let pod = lab.pod(lab_pod);
         let name = wait_for(&format!("a pod of {ns}/{deployment}"), 60, || {
             let out = cp.kubectl(&["get", "pods", "-n", ns, "-l", &format!("app={deployment}"), "-o", "json"]);
@@ -1435,33 +1443,7 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
                              "target": {"apiVersion": "v1", "kind": "Node", "name": lab.node(pod.node).name}});
         let out = cp.kubectl_as(&cp.admin_kubeconfig(), &["create", "-f", "-"], Some(&binding.to_string()));
         assert!(out.status.success(), "binding {name}: {}", String::from_utf8_lossy(&out.stderr));
-        let ip = pod.ip.to_string();
-        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-            "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]}});
-        cp.kubectl_ok(&[
-            "patch",
-            "pod",
-            &name,
-            "-n",
-            ns,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &status.to_string(),
-        ]);
-        let echo = EchoPod { namespace: ns.into(), pod: name.clone() };
-        match serves {
-            Serves::Http => {
-                let opts = ServerOpts { name: name.clone(), echo: Some(echo.clone()), ..Default::default() };
-                servers.push((lab_pod, HttpServer::start(&pod.netns, sa_of(pod.ip, 3000), opts).unwrap()));
-            }
-            Serves::Grpc => {
-                h2_servers.push(H2Server::start(&pod.netns, sa_of(pod.ip, 3000), H2Echo::Grpc(echo.clone())).unwrap());
-            }
-        }
-        if deployment == "infra-backend-v1" {
-            h2_servers.push(H2Server::start(&pod.netns, sa_of(pod.ip, H2C_PORT), H2Echo::Http(echo)).unwrap());
-        }
+        bound.push(name);
     }
 
     // The operator (in this process) and an agent with its Envoy on each node.
@@ -1478,9 +1460,15 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
             eprintln!("operator stopped: {e:#}");
         }
     });
-    let extra =
-        format!("kubernetes:\n  enabled: true\n  kubeconfig: {}\nenvoy:\n  enabled: true\n", kubeconfig.display());
-    let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, &extra).unwrap()).collect();
+    let socket = |i: usize| lab.run_dir.join(format!("cni{i}.sock"));
+    let extra = |i: usize| {
+        format!(
+            "kubernetes:\n  enabled: true\n  kubeconfig: {}\nenvoy:\n  enabled: true\ncni-socket: {}\n",
+            kubeconfig.display(),
+            socket(i).display()
+        )
+    };
+    let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, &extra(i)).unwrap()).collect();
     let pids: Vec<u32> = files
         .iter()
         .enumerate()
@@ -1508,6 +1496,42 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     };
     for (i, f) in files.iter().enumerate() {
         wait_ready(f, Duration::from_secs(60), || lab.running(pids[i])).unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    }
+
+    let (mut servers, mut h2_servers) = (Vec::new(), Vec::new());
+    for ((lab_pod, ns, deployment, serves), name) in BACKENDS.into_iter().zip(bound) {
+        let pod = lab.pod(lab_pod);
+        let node = lab.node(pod.node);
+        let ptp = cni::lab_ptp_conf(&lab, pod.node, &lab.run_dir);
+        let added = cni::add_lab_pod(pod, &node.netns, ns, &name, &ptp, &socket(pod.node))
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        let ip = added.ip.to_string();
+        let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]}});
+        cp.kubectl_ok(&[
+            "patch",
+            "pod",
+            &name,
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ]);
+        let echo = EchoPod { namespace: ns.into(), pod: name.clone() };
+        match serves {
+            Serves::Http => {
+                let opts = ServerOpts { name: name.clone(), echo: Some(echo.clone()), ..Default::default() };
+                servers.push((lab_pod, HttpServer::start(&pod.netns, sa_of(pod.ip, 3000), opts).unwrap()));
+            }
+            Serves::Grpc => {
+                h2_servers.push(H2Server::start(&pod.netns, sa_of(pod.ip, 3000), H2Echo::Grpc(echo.clone())).unwrap());
+            }
+        }
+        if deployment == "infra-backend-v1" {
+            h2_servers.push(H2Server::start(&pod.netns, sa_of(pod.ip, H2C_PORT), H2Echo::Http(echo)).unwrap());
+        }
     }
 
     // The lab's load balancer: an address for each Gateway's Service.

@@ -17,14 +17,19 @@ use serde_json::Value;
 use weft_tests::{
     envoylab::EnvoyLab,
     flows::{flow_lab, flow_socket, flows_of, observe_json, traffic, wait_http_flows},
+    http::get_once,
     pki::Pki,
     require_root,
-    scenario::VIP,
+    scenario::{T, VIP, sa},
 };
 
-/// `hubble` on PATH (tests/env.sh puts ../shared/bin's there).
+/// A binary on PATH (tests/env.sh puts ../shared/bin's there).
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
 fn hubble_binary() -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("hubble")).find(|p| p.is_file())
+    on_path("hubble")
 }
 
 const NO_HUBBLE: &str = "SKIPPED: needs hubble on PATH (tests/env.sh unpacks ../shared/bin) and openssl";
@@ -335,5 +340,93 @@ fn hubble_watch_peers_follows_the_lab_nodes() {
     expect(&next("node3 moved"), "PEER_UPDATED", "192.168.50.98:4244", "node3");
     env.apply(&base);
     expect(&next("node3 removed"), "PEER_DELETED", "192.168.50.98:4244", "node3");
+    env.lab.kill(pid);
+}
+
+/// Runs `hubble ARGS` inside a lab node, bounded in time.
+fn hubble_in(env: &EnvoyLab, node: usize, bin: &std::path::Path, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .args(["30", "ip", "netns", "exec", &env.lab.node(node).netns])
+        .arg(bin)
+        .args(args)
+        .output()
+        .expect("hubble runs")
+}
+
+#[test]
+fn hubble_relay_shows_the_flows_of_both_lab_nodes() {
+    require_root!();
+    let (Some(bin), Some(relay)) = (hubble_binary(), on_path("hubble-relay")) else {
+        eprintln!("SKIPPED: needs hubble and hubble-relay on PATH (tests/env.sh unpacks ../shared/bin)");
+        return;
+    };
+    let services = |lab: &weft_tests::lab::Lab| {
+        weft_tests::objects::lab_objects(lab, &[weft_tests::objects::LabService::new("web", VIP, 80, &["n2-p1"])])
+    };
+    let env = EnvoyLab::with_config(services, "envoy:\n  enabled: false\nflows:\n  address: 0.0.0.0:4244\n");
+    // n1-p1 to web, whose backend is on node2: each node sees its side.
+    let client = env.lab.pod("n1-p1");
+    for _ in 0..3 {
+        let (r, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T).unwrap_or_else(|e| env.fail(e));
+        assert_eq!(r.status, 200);
+    }
+
+    // The relay in node1 finds the nodes through node1's Peer service. This
+    // old relay dials it only over a unix socket and names the socket as the
+    // HTTP/2 authority (weft_observe::api::authority).
+    let log_path = env.files[0].state_dir.join("hubble-relay.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(&relay);
+    cmd.args(["serve", "--peer-service", &flow_socket(&env.files[0]), "--listen-address", "127.0.0.1:4245"])
+        .args(["--disable-server-tls", "--disable-client-tls", "--gops=false", "--dial-timeout", "3s"])
+        .args(["--retry-timeout", "2s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    let pid = env.lab.spawn(&env.lab.node(0).netns, None, &mut cmd).unwrap();
+    let relay_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let server = ["--server", "127.0.0.1:4245"];
+
+    let node_names = |out: &Output| -> BTreeSet<String> {
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["flow"]["node_name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let all = weft_tests::flows::wait_for(Duration::from_secs(30), "flows of both nodes through the relay", || {
+        let out = hubble_in(&env, 0, &bin, &[&["observe", "-o", "json", "--all"][..], &server].concat());
+        let names = node_names(&out);
+        (names.contains("node1") && names.contains("node2")).then_some(out)
+    })
+    .unwrap_or_else(|e| env.fail(format!("{e}; relay log:\n{}", relay_log())));
+    let flows: Vec<Value> = String::from_utf8_lossy(&all.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| !v["flow"].is_null())
+        .collect();
+    // Node2's flows are the requests arriving at the backend.
+    assert!(
+        flows.iter().any(|v| v["flow"]["node_name"] == "node2" && pod(&v["flow"], "destination") == "default/n2-p1"),
+        "no flow of node2 to n2-p1"
+    );
+    // The relay merges both nodes' streams ordered by time.
+    let times: Vec<&str> = flows.iter().filter_map(|v| v["flow"]["time"].as_str()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "not in time order: {times:?}");
+    // A filter goes through to both nodes: node2's flows only.
+    let node2 =
+        hubble_in(&env, 0, &bin, &[&["observe", "-o", "json", "--all", "--node-name", "node2"][..], &server].concat());
+    assert_eq!(node_names(&node2), BTreeSet::from(["node2".to_owned()]), "{}", relay_log());
+    // status through the relay counts both nodes.
+    let status = hubble_in(&env, 0, &bin, &[&["status"][..], &server].concat());
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("Connected Nodes: 2/2"), "{status}\nrelay log:\n{}", relay_log());
+    // This relay (Cilium 1.9) has no GetNodes; a newer one must list both nodes.
+    let nodes = hubble_in(&env, 0, &bin, &[&["list", "nodes"][..], &server].concat());
+    let (out, err) = (String::from_utf8_lossy(&nodes.stdout), String::from_utf8_lossy(&nodes.stderr));
+    if nodes.status.success() {
+        assert!(["node1", "node2"].iter().all(|n| out.lines().any(|l| l.starts_with(n))), "{out}");
+    } else {
+        assert!(err.contains("Unimplemented"), "hubble list nodes through the relay: {err}");
+    }
     env.lab.kill(pid);
 }

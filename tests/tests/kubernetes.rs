@@ -1,5 +1,7 @@
 //! weft on a real Kubernetes control plane, in the lab, on real packets
-//! (weft_tests::k8s): the lab's nodes and pods are API objects, Services get
+//! (weft_tests::k8s): the lab's nodes and pods are API objects (the pods
+//! made through the CNI chain ptp + weft-cni, run as a runtime runs it, their
+//! status written with the chain's address), Services get
 //! their addresses from the API server's allocators and their EndpointSlices
 //! from kube-controller-manager, agents and operators run as their
 //! ServiceAccounts with exactly deploy/'s RBAC (agents also with exactly the
@@ -22,7 +24,7 @@ use weft_tests::{
         AuditEvent, Component, ControlPlane,
         lab::{Hold, KubeLab, POD_LABEL, start_agent_with_daemonset_caps},
     },
-    lab::Lab,
+    lab::{Lab, PodNetwork},
     objects::{AgentFiles, agent_files, conformance_dir, envoy_serves, http_envoy_config, wait_ready, wait_status},
     require_root,
     scenario::{T, sa, servers},
@@ -50,23 +52,36 @@ struct Env {
 }
 
 impl Env {
-    /// None (after one printed line) where there is no control plane.
+    /// None (after one printed line) where there is no control plane or no
+    /// CNI plugins.
     fn new(exclusive: bool, envoy: bool) -> Option<Self> {
-        let cp =
-            if exclusive { Hold::Exclusive(ControlPlane::exclusive()?) } else { Hold::Shared(ControlPlane::shared()?) };
-        let lab = Lab::new().unwrap();
+        if let Some(reason) = weft_tests::cni::skip_reason() {
+            eprintln!("SKIPPED: {reason}");
+            return None;
+        }
+        let cp = if exclusive {
+            ControlPlane::exclusive().map(Hold::Exclusive)
+        } else {
+            ControlPlane::shared().map(Hold::Shared)
+        };
+        let Some(cp) = cp else {
+            eprintln!("{}", weft_tests::k8s::control_plane::SKIP_LINE);
+            return None;
+        };
+        let lab = Lab::with_pods(PodNetwork::Cni).unwrap();
         let kube = KubeLab::new(&lab, cp).unwrap();
-        let servers = servers(&lab, &["n1-p2", "n2-p1", "n2-p2"]);
         let files: Vec<_> = (0..2)
             .map(|i| agent_files(&lab, i, &format!("{}envoy:\n  enabled: {envoy}\n", kube.agent_config(i))).unwrap())
             .collect();
-        Some(Self { kube, files, pids: Vec::new(), _servers: servers, lab })
+        Some(Self { kube, files, pids: Vec::new(), _servers: Vec::new(), lab })
     }
 
     fn cp(&self) -> &ControlPlane {
         &self.kube.cp
     }
 
+    /// Starts the agents, then the pods (through ptp and weft-cni, which
+    /// needs the agents), then HTTP servers in three of them.
     fn start_agents(&mut self) {
         for (i, f) in self.files.iter().enumerate() {
             let log = self.lab.run_dir.join(format!("agent{i}.log"));
@@ -76,6 +91,8 @@ impl Env {
             wait_ready(&self.files[i], Duration::from_secs(90), || self.lab.running(self.pids[i]))
                 .unwrap_or_else(|e| self.fail(e));
         }
+        self.kube.start_pods(&self.lab).unwrap_or_else(|e| self.fail(e));
+        self._servers = servers(&self.lab, &["n1-p2", "n2-p1", "n2-p2"]);
     }
 
     fn fail(&self, e: impl std::fmt::Display) -> ! {
@@ -130,7 +147,6 @@ fn resource_version(v: &Value) -> u64 {
 fn services_from_the_api_reach_the_datapath_across_cut_connections_a_restart_and_compaction() {
     require_root!();
     let Some(mut env) = Env::new(true, false) else {
-        eprintln!("{}", weft_tests::k8s::control_plane::SKIP_LINE);
         return;
     };
     // A ClusterIP and a NodePort from the API server's allocators; endpoints
@@ -140,9 +156,9 @@ fn services_from_the_api_reach_the_datapath_across_cut_connections_a_restart_and
     env.kube.service("web-np", "NodePort", 80, "app: app2");
     let np = env.kube.get("service", Some("default"), "web-np").unwrap();
     let node_port = np["spec"]["ports"][0]["nodePort"].as_u64().expect("a NodePort") as u16;
+    env.start_agents();
     env.kube.wait_endpoints("web", &["n2-p1"]);
     env.kube.wait_endpoints("web-np", &["n1-p2", "n2-p2"]);
-    env.start_agents();
     let cp = env.cp();
     env.settles_on(vip, "n2-p1");
     let from_outside = |node: usize| {
@@ -307,7 +323,6 @@ fn condition(obj: &Value, type_: &str) -> Option<(String, String, String, i64)> 
 fn ingresses_route_by_host_and_path_with_two_operator_replicas_electing_a_leader() {
     require_root!();
     let Some(mut env) = Env::new(false, true) else {
-        eprintln!("{}", weft_tests::k8s::control_plane::SKIP_LINE);
         return;
     };
     let k = &env.kube;
@@ -491,7 +506,6 @@ fn ingresses_route_by_host_and_path_with_two_operator_replicas_electing_a_leader
 fn network_policies_with_named_ports_and_namespace_labels_are_enforced() {
     require_root!();
     let Some(mut env) = Env::new(false, false) else {
-        eprintln!("{}", weft_tests::k8s::control_plane::SKIP_LINE);
         return;
     };
     env.start_agents();

@@ -9,16 +9,22 @@
 //! `weft observe` in the agent's container shows the flows; the operator
 //! elects a leader; and `kubectl rollout restart` of the agent under a
 //! bounded load loses no request through the plain Service (what it costs
-//! the L7 Service, whose Envoy restarts with the container, is reported).
+//! the L7 Service, whose Envoy restarts with the container, is reported, and
+//! so are the flows lost: see [`LostFlows`]).
 //!
 //! What differs from a user's cluster, and why (the rest of `deploy/` is
 //! applied as it is):
 //! - the node's mount namespace gets what a systemd node has and this
-//!   machine has not: a shared bpffs at /sys/fs/bpf; and, so that nothing of
-//!   the test lands on the machine, a tmpfs at /run/weft (the agent's state
-//!   hostPath) and node-private copies of the CNI folders, mounted over the
-//!   hostPaths deploy/ names (/opt/cni/bin, /etc/cni/net.d) and over
-//!   containerd's own (/usr/lib/cni here, and the node's conf folder);
+//!   machine has not: a shared bpffs at /sys/fs/bpf;
+//! - the hostPaths of the agent's state (/var/run/weft) and of the CNI
+//!   folders (/opt/cni/bin, /etc/cni/net.d), and the socket path the init
+//!   container writes into the CNI configuration, are folders of this node's
+//!   own (under its NODE_WORK): the CNI configuration folder is the node's
+//!   containerd's, and its plugin folder is mounted, in the node's mount
+//!   namespace only, over containerd's (/usr/lib/cni here). So nothing of
+//!   the test lands in the machine's shared folders, and two nodes on one
+//!   machine (two test runs) cannot see each other's agent socket, plugins
+//!   or configuration;
 //! - the cgroup hostPath is the node's cgroup in the cgroup v2 hierarchy
 //!   (this machine is a cgroup v1 hybrid: v2 is at /sys/fs/cgroup/unified, and
 //!   its root would put every process of the machine under weft's hooks);
@@ -78,8 +84,6 @@ struct Node {
     work: PathBuf,
     env: BTreeMap<String, String>,
     scratch: PathBuf,
-    /// Mount points the test made on the machine (empty folders), removed last.
-    made: Vec<PathBuf>,
 }
 
 impl Drop for Node {
@@ -102,14 +106,22 @@ impl Drop for Node {
             Ok(o) => eprintln!("down.sh: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
             Err(e) => eprintln!("down.sh: {e}"),
         }
-        for dir in self.made.iter().rev() {
-            let _ = fs::remove_dir(dir);
-        }
         let _ = fs::remove_dir_all(&self.scratch);
     }
 }
 
 impl Node {
+    /// The node's folder standing for the node path `path` of deploy/.
+    fn host_path(&self, path: &str) -> PathBuf {
+        match path {
+            "/var/run/weft" => self.work.join("run-weft"),
+            "/opt/cni/bin" => self.work.join("cni-bin"),
+            // containerd's conf_dir on this node.
+            "/etc/cni/net.d" => self.work.join("cni/net.d"),
+            _ => panic!("no node folder for {path}"),
+        }
+    }
+
     fn var(&self, name: &str) -> &str {
         self.env.get(name).map(String::as_str).unwrap_or_else(|| panic!("{name} missing from the node's env"))
     }
@@ -174,7 +186,7 @@ fn node_up(scratch: PathBuf, image: &Path) -> Node {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').trim_matches('"').to_owned()))
         .collect();
-    Node { work, env, scratch, made: Vec::new() }
+    Node { work, env, scratch }
 }
 
 /// deploy/agent.yaml and deploy/operator.yaml with this node's differences
@@ -195,7 +207,18 @@ fn manifests(node: &Node) -> (String, String) {
     let agent = fs::read_to_string(repo().join("deploy/agent.yaml")).unwrap();
     let cgroup = format!("path: /sys/fs/cgroup/unified/{}", node.var("NODE_CGROUP_ROOT"));
     assert!(agent.contains("path: /sys/fs/cgroup\n"));
-    let agent = uncomment(&agent).replace("path: /sys/fs/cgroup\n", &format!("{cgroup}\n"));
+    let mut agent = uncomment(&agent).replace("path: /sys/fs/cgroup\n", &format!("{cgroup}\n"));
+    for path in ["/var/run/weft", "/opt/cni/bin", "/etc/cni/net.d"] {
+        let hostpath = format!("        hostPath:\n          path: {path}\n");
+        assert!(agent.contains(&hostpath), "deploy/agent.yaml mounts the node's {path}");
+        agent = agent
+            .replace(&hostpath, &format!("        hostPath:\n          path: {}\n", node.host_path(path).display()));
+    }
+    // The socket as weft-cni, run by containerd on the node, finds it.
+    let socket = "--agent-socket, /var/run/weft/cni.sock]";
+    assert!(agent.contains(socket), "the init container's --agent-socket");
+    let node_socket = format!("--agent-socket, {}]", node.host_path("/var/run/weft").join("cni.sock").display());
+    let agent = agent.replace(socket, &node_socket);
     let operator = fs::read_to_string(repo().join("deploy/operator.yaml")).unwrap();
     let operator = uncomment(&operator).replace(
         "      serviceAccountName: weft-operator\n",
@@ -262,30 +285,18 @@ fn deploy_runs_on_a_kubelet_node_wires_its_pods_and_survives_a_rollout_restart()
         .env("WEFT_IMAGE_PROFILE", "dev")
         .env("WEFT_IMAGE_NO_BUILD", "1")
         .env_remove("WEFT_ENVOY"));
-    let mut node = node_up(scratch.clone(), &image);
+    let node = node_up(scratch.clone(), &image);
     eprintln!("node {} up after {:?}", node.var("NODE_NAME"), started.elapsed());
 
-    // The node's mounts (module doc). Mount points missing on the machine are made, and removed at the end.
-    for dir in ["/run/weft", "/opt/cni/bin", "/etc/cni/net.d"] {
-        let mut missing = Vec::new();
-        let mut p = Path::new(dir);
-        while !p.exists() {
-            missing.push(p.to_owned());
-            p = p.parent().unwrap();
-        }
-        fs::create_dir_all(dir).unwrap();
-        node.made.extend(missing.into_iter().rev());
-    }
-    let (bin, conf) = (node.work.join("cni-bin"), node.work.join("cni/net.d"));
+    // The node's mounts and folders (module doc), all in the node's own
+    // mount namespace or NODE_WORK: nothing on the machine's shared paths.
+    let (bin, conf) = (node.host_path("/opt/cni/bin"), node.host_path("/etc/cni/net.d"));
     fs::create_dir_all(&bin).unwrap();
     node.in_mounts(&format!(
         "mount -t bpf bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf
-         mount -t tmpfs -o mode=0755 tmpfs /run/weft
          cp -a /usr/lib/cni/. {bin}/
-         mount --bind {bin} /usr/lib/cni && mount --bind {bin} /opt/cni/bin
-         mount --bind {conf} /etc/cni/net.d",
+         mount --bind {bin} /usr/lib/cni",
         bin = bin.display(),
-        conf = conf.display()
     ));
 
     let (agent, operator) = manifests(&node);
@@ -471,7 +482,12 @@ fn deploy_runs_on_a_kubelet_node_wires_its_pods_and_survives_a_rollout_restart()
         None => eprintln!("hubble is not on PATH (tests/env.sh puts ../shared/bin's there): its check is skipped"),
     }
 
-    // A rolling restart of the agent under a bounded load.
+    // A rolling restart of the agent under a bounded load, watched by a
+    // flow follower outside the agent's pod (see LostFlows).
+    let client_ip = node.json(&["get", "pod", "client"])["status"]["podIP"].as_str().unwrap().to_owned();
+    let plain = PlainLoad { client: &client_ip, web: &web_ip, vip: &vip, vip_l7: &vip_l7 };
+    let mut follower = LostFlows::follow(&node);
+    follower.connected(&node, &plain, || fetch(&node).is_ok());
     let load = |get: &str| -> Child {
         Command::new(node.var("KUBECTL"))
             .args(["exec", "client", "--", "sh", "-c"])
@@ -495,10 +511,13 @@ fn deploy_runs_on_a_kubelet_node_wires_its_pods_and_survives_a_rollout_restart()
     let counts = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let out_l7 = load_l7.wait_with_output().unwrap();
     let counts_l7 = String::from_utf8_lossy(&out_l7.stdout).trim().to_owned();
+    let lost = follower.stop(&plain, requests_made(&counts));
+    eprintln!("flows across the rollout restart: {lost}");
     // Envoy lives in the agent's container: what its restart costs L7 requests is reported, not asserted.
     eprintln!("load across the rollout restart: plain Service {counts}; L7 Service (Envoy restarts) {counts_l7}");
     assert!(counts_l7.starts_with("ok="), "the L7 load ran: {counts_l7}");
     assert!(counts.starts_with("ok=") && counts.ends_with("failed=0"), "requests failed across the restart: {counts}");
+    lost.check();
     // The new agent serves both Services and sees the traffic.
     fetch(&node).unwrap();
     node.wait("web-l7 through the new agent's Envoy", Duration::from_secs(60), || {
@@ -533,4 +552,172 @@ fn deploy_runs_on_a_kubelet_node_wires_its_pods_and_survives_a_rollout_restart()
     });
     eprintln!("done after {:?}", started.elapsed());
     drop(node);
+}
+
+/// `ok=N failed=M` of the load: N + M.
+fn requests_made(counts: &str) -> usize {
+    counts.split_whitespace().filter_map(|kv| kv.split_once('=')?.1.parse::<usize>().ok()).sum()
+}
+
+/// The plain load's connections: the client to web's Service address or,
+/// translated, to web itself. The L7 load's connections go to another
+/// Service address (`vip_l7`), handed to Envoy, whose HTTP flows name the
+/// client's connection and web too: a connection with any such flow is not
+/// the plain load's.
+struct PlainLoad<'a> {
+    client: &'a str,
+    web: &'a str,
+    vip: &'a str,
+    vip_l7: &'a str,
+}
+
+impl PlainLoad<'_> {
+    /// The client's port and whether the flow is the L7 load's, if `flow`
+    /// is one of the client's connections to web.
+    fn connection(&self, flow: &Value) -> Option<(u64, bool)> {
+        let (src, dst) = (flow["IP"]["source"].as_str()?, flow["IP"]["destination"].as_str()?);
+        let tcp = &flow["l4"]["TCP"];
+        let (sport, dport) = (tcp["source_port"].as_u64()?, tcp["destination_port"].as_u64()?);
+        let server = |ip: &str, port: u64| {
+            (ip == self.web && port == 8080) || ((ip == self.vip || ip == self.vip_l7) && port == 80)
+        };
+        let l7 =
+            src == self.vip_l7 || dst == self.vip_l7 || flow.get("l7").is_some() || flow["verdict"] == "REDIRECTED";
+        if src == self.client && server(dst, dport) {
+            Some((sport, l7))
+        } else if dst == self.client && server(src, sport) {
+            Some((dport, l7))
+        } else {
+            None
+        }
+    }
+}
+
+/// The flows lost across the rollout restart. The old agent's flow store
+/// goes with its pod, so asking each agent afterwards cannot see what the
+/// old one had; instead a `weft observe --follow` runs outside the agent's
+/// pod, on the node's copy of the agent's flow socket (the state hostPath,
+/// a folder of this node: the same path for the old and the new agent), and
+/// reconnects to the new agent by itself (it says so on stderr). Each
+/// request of the plain load is one TCP connection (the client's port tells
+/// them apart), so the flows expected are the requests made times the flows
+/// a connection usually has (the median of those seen); what the follower
+/// did not get is what was lost. The load starts only once the follower has
+/// shown a request of the client's (those warm-up connections not counted).
+struct LostFlows {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+    /// The client's ports of the warm-up requests.
+    warm_up: std::collections::BTreeSet<u64>,
+    // Filled by `stop`.
+    made: usize,
+    per_connection: usize,
+    seen: BTreeMap<u64, usize>,
+    restart_line: Option<String>,
+}
+
+impl LostFlows {
+    fn follow(node: &Node) -> Self {
+        let socket = node.host_path("/var/run/weft").join("observer.sock");
+        let (out, err) = (node.scratch.join("follower.json"), node.scratch.join("follower.err"));
+        let child = Command::new(weft_tests::objects::workspace_binary("weft"))
+            .args(["observe", "--follow", "--output", "json", "--color", "never", "--server"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        LostFlows {
+            child,
+            out,
+            err,
+            warm_up: Default::default(),
+            made: 0,
+            per_connection: 0,
+            seen: BTreeMap::new(),
+            restart_line: None,
+        }
+    }
+
+    /// The load's connections the follower has shown so far.
+    fn connections(&self, load: &PlainLoad) -> Vec<(u64, bool)> {
+        let text = fs::read_to_string(&self.out).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| load.connection(&v["flow"]))
+            .collect()
+    }
+
+    /// Makes requests (`request`) until the follower shows one, so that it
+    /// is known to be streaming before the load starts.
+    fn connected(&mut self, node: &Node, load: &PlainLoad, request: impl Fn() -> bool) {
+        node.wait("the follower to stream the client's flows", Duration::from_secs(60), || {
+            request();
+            (!self.connections(load).is_empty()).then_some(())
+        });
+        // The warm-up connections' last flows arrive within moments.
+        std::thread::sleep(Duration::from_secs(1));
+        self.warm_up = self.connections(load).into_iter().map(|(port, _)| port).collect();
+    }
+
+    /// Stops the follower (once the last flows had time to arrive) and counts.
+    fn stop(mut self, load: &PlainLoad, made: usize) -> Self {
+        std::thread::sleep(Duration::from_secs(3));
+        // SAFETY: signalling our own child, as Ctrl-C would: it ends cleanly.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let mut l7 = std::collections::BTreeSet::new();
+        for (port, is_l7) in self.connections(load) {
+            *self.seen.entry(port).or_default() += 1;
+            if is_l7 {
+                l7.insert(port);
+            }
+        }
+        self.seen.retain(|port, _| !l7.contains(port) && !self.warm_up.contains(port));
+        let mut counts: Vec<usize> = self.seen.values().copied().collect();
+        counts.sort_unstable();
+        self.per_connection = counts.get(counts.len() / 2).copied().unwrap_or(0);
+        self.made = made;
+        self.restart_line = fs::read_to_string(&self.err)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains("the agent restarted"))
+            .map(str::to_owned);
+        self
+    }
+
+    fn unseen(&self) -> usize {
+        self.made.saturating_sub(self.seen.len())
+    }
+
+    fn lost(&self) -> usize {
+        let short: usize = self.seen.values().map(|c| self.per_connection.saturating_sub(*c)).sum();
+        short + self.unseen() * self.per_connection
+    }
+
+    /// The follower saw both agents and only the load's connections.
+    fn check(&self) {
+        assert!(self.restart_line.is_some(), "the follower reconnected to the new agent: {self}");
+        assert!(self.per_connection > 0 && self.seen.len() <= self.made, "{self}");
+    }
+}
+
+impl std::fmt::Display for LostFlows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} plain requests (one connection each, usually {} flows): {} connections seen by a follower outside the \
+             agent's pod ({}), {} not seen at all; about {} of {} flows lost",
+            self.made,
+            self.per_connection,
+            self.seen.len(),
+            self.restart_line
+                .as_deref()
+                .map_or("it did not see the agent restart", |_| "it reconnected to the new agent"),
+            self.unseen(),
+            self.lost(),
+            self.made * self.per_connection,
+        )
+    }
 }

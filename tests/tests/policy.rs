@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use weft_tests::{
     envoylab::EnvoyLab,
     flows::{agent_get, flows_of, metric_sum, observe_json, wait_for},
-    http::{HttpServer, ServerOpts, get_once},
+    http::{Client, EchoPod, HttpServer, ServerOpts, get_once},
     lab::Lab,
     objects::{LabService, PodLook, lab_objects_with},
     require_root,
@@ -339,4 +339,192 @@ fn cilium_example_policies_are_enforced_verbatim() {
     let status = agent_get(lab, 0, "/status").unwrap();
     assert!(!status.contains("CiliumClusterwideNetworkPolicy"), "no problem with the examples: {status}");
     drop(ext);
+}
+
+/// One request from `from` on a fresh connection: (status, body), or None
+/// when the connection is refused or dropped.
+fn request(env: &EnvoyLab, from: &str, to: std::net::SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    // Through the proxy: its first upstream connection takes a moment.
+    let stream = weft_tests::http::connect_in(&env.lab.pod(from).netns, to, DENIED).ok()?;
+    let mut c = Client::from_stream(stream, Duration::from_secs(3)).ok()?;
+    let r = c.request(method, "echo", path, &[("connection", "close")]).ok()?;
+    Some((r.status, r.body))
+}
+
+/// Cilium's L7 examples, applied unchanged: `cnp-without-mutual-auth`
+/// (ingress: pod-worker may `GET /headers` on echo's port 3000) and
+/// `client-egress-l7-http` (egress: the client may `GET /` on echo pods'
+/// 8080; its toFQDNs rule is refused by name, the rest applies). Requests go
+/// through node1's Envoy: allowed ones reach the pod, others get 403
+/// `Access denied`, and both show as L7 flows naming the policy. A policy
+/// change applies to the next request of an open connection.
+#[test]
+fn cilium_http_rules_are_enforced_in_the_nodes_envoy() {
+    require_root!();
+    let example = |f: &str| std::fs::read_to_string(weft_tests::objects::conformance_dir().join(f)).unwrap();
+    let labels = |l: &[(&str, &str)]| PodLook {
+        namespace: "default".into(),
+        labels: l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ports: vec![("http".into(), 8080)],
+    };
+    let looks = BTreeMap::from([
+        ("n1-p1", labels(&[("other", "client")])),
+        ("n1-p2", labels(&[("app", "echo")])),
+        ("n2-p1", labels(&[("kind", "echo")])),
+        ("n2-p2", labels(&[("app", "pod-worker")])),
+    ]);
+    let with = |lab: &Lab, extra: &str| format!("{}{extra}", lab_objects_with(lab, &[], &looks));
+    let env = EnvoyLab::new(|lab| with(lab, ""));
+    let lab = &env.lab;
+    let ip = |p: &str| lab.pod(p).ip;
+    let echo = sa(ip("n1-p2"), 3000);
+    let _echo3000 =
+        HttpServer::start(&lab.pod("n1-p2").netns, echo, ServerOpts { name: "echo".into(), ..Default::default() })
+            .unwrap();
+    assert_eq!(request(&env, "n2-p2", echo, "GET", "/anything").map(|r| r.0), Some(200), "before any policy");
+
+    let policies: String = ["cnp-without-mutual-auth.yaml", "envoy/client-egress-l7-http.yaml"]
+        .iter()
+        .map(|f| format!("---\n{}\n", example(f).trim_start_matches("---").trim_start()))
+        .collect();
+    env.apply(&with(lab, &policies));
+    env.acked("ClusterwideEnvoyConfig weft:policy");
+    let status = agent_get(lab, 0, "/status").unwrap();
+    assert!(status.contains("client-egress-l7-http: spec.egress[1].toFQDNs: FQDN rules are not supported"), "{status}");
+
+    // Ingress (n1-p2, port 3000): pod-worker (on the other node) may GET
+    // /headers, nothing else.
+    let ok = request(&env, "n2-p2", echo, "GET", "/headers");
+    if ok.as_ref().map(|r| r.0) != Some(200) {
+        let flows: Vec<String> =
+            observed(&env, &[]).iter().map(|f| format!("{} {}", f["Summary"], f["verdict"])).collect();
+        env.fail(format!("GET /headers: {ok:?}; node1's flows:\n{}", flows.join("\n")));
+    }
+    for (method, path) in [("GET", "/private"), ("POST", "/headers")] {
+        let r = request(&env, "n2-p2", echo, method, path);
+        assert_eq!(r, Some((403, "Access denied".into())), "{method} {path}");
+    }
+    // Others are not let in at all (the L3 part of the rule).
+    assert_eq!(request(&env, "n2-p1", echo, "GET", "/headers"), None, "n2-p1 is not pod-worker");
+
+    // Egress (the client to kind=echo on 8080, on the other node): GET / only.
+    // The flows of node1 show both: the ingress requests came to its Envoy.
+    let web = sa(ip("n2-p1"), 8080);
+    assert_eq!(request(&env, "n1-p1", web, "GET", "/").map(|r| r.0), Some(200), "GET / to echo");
+    assert_eq!(request(&env, "n1-p1", web, "GET", "/x"), Some((403, "Access denied".into())), "GET /x to echo");
+    assert_eq!(request(&env, "n1-p1", sa(ip("n2-p2"), 8080), "GET", "/"), None, "not an echo pod");
+    assert_eq!(request(&env, "n1-p1", echo, "GET", "/headers"), None, "the client's egress allows echo pods only");
+
+    // Every request is an L7 flow: the refused ones DROPPED, naming the policy.
+    let dropped = |v: &[Value], path: &str| {
+        v.iter()
+            .find(|f| {
+                f["l7"]["type"] == "REQUEST" && f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with(path))
+            })
+            .cloned()
+    };
+    let (ingress, egress) = wait_for(Duration::from_secs(15), "the refused requests' flows", || {
+        let v = observed(&env, &["--type", "l7", "--verdict", "DROPPED"]);
+        Some((dropped(&v, "/private")?, dropped(&v, "/x")?))
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    assert_eq!(ingress["ingress_denied_by"][0]["name"], "no-mutual-auth-echo", "{ingress}");
+    assert_eq!(ingress["ingress_denied_by"][0]["kind"], "CiliumNetworkPolicy", "{ingress}");
+    assert_eq!(ingress["traffic_direction"], "INGRESS", "{ingress}");
+    assert_eq!(pod(&ingress, "destination"), "n1-p2");
+    assert_eq!(egress["egress_denied_by"][0]["name"], "client-egress-l7-http", "{egress}");
+    assert_eq!(egress["traffic_direction"], "EGRESS", "{egress}");
+    // The 403 follows as a response flow; the allowed request passed, named.
+    let all = observed(&env, &["--type", "l7"]);
+    assert!(
+        all.iter().any(|f| f["l7"]["type"] == "RESPONSE"
+            && f["l7"]["http"]["code"] == 403
+            && f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/private"))),
+        "{all:?}"
+    );
+    let allowed = all
+        .iter()
+        .find(|f| {
+            f["l7"]["type"] == "REQUEST"
+                && f["verdict"] == "FORWARDED"
+                && f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/headers"))
+        })
+        .unwrap_or_else(|| panic!("the allowed request: {all:?}"));
+    assert_eq!(allowed["ingress_allowed_by"][0]["name"], "no-mutual-auth-echo", "{allowed}");
+
+    // A policy change applies to the next request of an open connection.
+    let stream = weft_tests::http::connect_in(&lab.pod("n2-p2").netns, echo, DENIED).unwrap();
+    let mut open = Client::from_stream(stream, Duration::from_secs(3)).unwrap();
+    assert_eq!(open.get("echo", "/private", &[]).unwrap().status, 403);
+    let wider = policies.replace("path: \"/headers\"", "path: \"/(headers|private)\"");
+    assert_ne!(wider, policies);
+    env.apply(&with(lab, &wider));
+    wait_for(Duration::from_secs(10), "the wider rule on the open connection", || {
+        let r = open.get("echo", "/private", &[]).ok()?;
+        (r.status == 200).then_some(())
+    })
+    .unwrap_or_else(|e| env.fail(e));
+}
+
+/// Cilium's `envoy_listener_redirect` example: its CiliumClusterwideEnvoyConfig
+/// applied unchanged (a listener that adds `X-Request-Source: cilium` and
+/// forwards to the original destination), its policy unchanged (refused:
+/// toFQDNs) and the same listener block in a policy towards an echo pod:
+/// the client's requests to that port pass through the listener.
+#[test]
+fn a_policy_hands_a_port_to_an_envoy_config_listener() {
+    require_root!();
+    let example = |f: &str| std::fs::read_to_string(weft_tests::objects::conformance_dir().join(f)).unwrap();
+    let looks = BTreeMap::from([("n1-p1", look("default", "myService")), ("n2-p1", look("default", "echo"))]);
+    let with = |lab: &Lab, extra: &str| format!("{}{extra}", lab_objects_with(lab, &[], &looks));
+    let env = EnvoyLab::new(|lab| with(lab, ""));
+    let lab = &env.lab;
+    let echo = sa(lab.pod("n2-p1").ip, 8081);
+    let pod = EchoPod { namespace: "default".into(), pod: "n2-p1".into() };
+    let _echo =
+        HttpServer::start(&lab.pod("n2-p1").netns, echo, ServerOpts { echo: Some(pod), ..Default::default() }).unwrap();
+    let source_header = |env: &EnvoyLab| {
+        let mut c = Client::connect(&env.lab.pod("n1-p1").netns, echo, None, DENIED).ok()?;
+        let r = c.get("echo", "/", &[("connection", "close")]).ok()?;
+        let v: Value = serde_json::from_str(&r.body).ok()?;
+        let headers = v["headers"].as_object()?;
+        Some(headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("x-request-source")).map(|(_, v)| v.clone()))
+    };
+    assert_eq!(source_header(&env), Some(None), "before any policy: straight to the pod");
+
+    let redirect = example("other/examples__policies__l4__envoy_listener_redirect.yaml");
+    let listener = &redirect[redirect.find("          listener:").unwrap()..];
+    let to_echo = format!(
+        "---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: echo-via-listener, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: myService}}}}
+  egress:
+    - toEndpoints: [{{matchLabels: {{app: echo}}}}]
+      toPorts:
+        - ports:
+            - port: \"8081\"
+              protocol: TCP
+{listener}"
+    );
+    let objects = format!(
+        "---\n{}\n---\n{}\n{to_echo}",
+        example("other/examples__policies__l4__envoy_listener_redirect_cec.yaml"),
+        redirect.trim_start_matches("---")
+    );
+    env.apply(&with(lab, &objects));
+    env.acked("ClusterwideEnvoyConfig add-header-config");
+    let status = agent_get(lab, 0, "/status").unwrap();
+    assert!(
+        status.contains("redirect-http-to-envoy: spec.egress[0].toFQDNs: FQDN rules are not supported"),
+        "{status}"
+    );
+    assert!(!status.contains("echo-via-listener"), "the policy with the listener applies: {status}");
+    let through = wait_for(Duration::from_secs(10), "the request through the listener", || source_header(&env)?)
+        .unwrap_or_else(|e| env.fail(e));
+    assert_eq!(through, json!(["cilium"]));
+    // Other ports of the pod stay closed to the client (egress default-deny).
+    assert!(!reaches(&env, sa(lab.pod("n2-p1").ip, 8080)));
 }

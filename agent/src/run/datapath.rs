@@ -120,8 +120,11 @@ impl Worker {
                     let snap = snapshots.borrow_and_update().clone();
                     apply(&mut dp, &mut rec, &snap, &status)?;
                     last_apply = Instant::now();
-                    let before = current.as_ref().map(|c| c.proxied()).unwrap_or_default();
-                    if !snap.proxied().is_subset(&before) {
+                    // A new proxy port (a Service's or a policy's) is
+                    // watched for closely until Envoy listens on it.
+                    let (before, by_policy) =
+                        current.as_ref().map(|c| (c.proxied(), c.policy_proxy_ports())).unwrap_or_default();
+                    if !snap.proxied().is_subset(&before) || !snap.policy_proxy_ports().is_subset(&by_policy) {
                         settle_from = Instant::now();
                     }
                     current = Some(snap);

@@ -153,6 +153,20 @@ impl Snapshot {
         redirects: &Redirects,
         attachments: Option<&Attachments>,
     ) -> Snapshot {
+        Self::derive_with(objects, node_name, node_ip, attachments, |_| (redirects.clone(), Default::default()))
+    }
+
+    /// [`Snapshot::derive`], with the proxy side decided once the policies
+    /// are known: `proxies` gets them (the HTTP rules the node's policy
+    /// listener must enforce, the listeners rules hand connections to) and
+    /// returns the Services' redirects and the ports of those listeners.
+    pub fn derive_with(
+        objects: &Objects,
+        node_name: &str,
+        node_ip: Option<Ipv4Addr>,
+        attachments: Option<&Attachments>,
+        proxies: impl FnOnce(&policy::PolicyState) -> (Redirects, policy::l7::ListenerPorts),
+    ) -> Snapshot {
         let mut problems = Vec::new();
         let mut by_pod = BTreeMap::new();
         for a in attachments.iter().flat_map(|m| m.values()) {
@@ -184,9 +198,13 @@ impl Snapshot {
         let node_ip = node_ip.or_else(|| nodes.iter().find(|n| n.name == node_name).map(|n| n.ip));
 
         // Identities from every pod's labels, the same on every node.
-        let label_set = |ns: &str, pod: &Pod| {
-            LabelSet::new(ns, pod.metadata.labels.iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())))
+        let labels_of = |pod: &Pod| {
+            let spec = pod.spec.as_ref();
+            let sa = spec.and_then(|s| s.service_account_name.as_deref().or(s.service_account.as_deref()));
+            identity::pod_labels(&pod.metadata.labels.clone().unwrap_or_default(), sa)
         };
+        let label_set =
+            |ns: &str, pod: &Pod| LabelSet::new(ns, labels_of(pod).iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let with_ip: Vec<(&ObjKey, &Pod, Ipv4Addr)> = objects
             .pods
             .iter()
@@ -215,7 +233,7 @@ impl Snapshot {
                     ip: *ip,
                     local: node == node_name,
                     node,
-                    labels: p.metadata.labels.clone().unwrap_or_default(),
+                    labels: labels_of(p),
                     identity: ids.get(&label_set(&k.namespace, p)).copied().unwrap_or_default(),
                     owner: p
                         .metadata
@@ -271,7 +289,10 @@ impl Snapshot {
         for (key, p) in &objects.cilium_clusterwide_network_policies {
             policy::cilium::translate(key, &p.object, true, &mut translated, &mut problems);
         }
-        let policy = policy::derive(translated, &cluster, &mut problems);
+        let mut policy = policy::derive(translated, &cluster, &mut problems);
+        let (redirects, proxy_ports) = proxies(&policy);
+        policy.connect(&proxy_ports, &mut problems);
+        let redirects = &redirects;
 
         let slices = SliceIndex::of(objects);
         let services = objects

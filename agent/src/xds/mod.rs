@@ -3,6 +3,7 @@
 
 pub mod envoyconfig;
 pub mod model;
+pub mod policy;
 pub mod ports;
 pub mod protojson;
 pub mod rules;

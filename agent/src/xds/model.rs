@@ -212,6 +212,8 @@ pub struct Model {
     nacked: BTreeMap<ConfigKey, (EnvoyConfigSpec, String)>,
     /// How many listeners this node's Envoy can hold, and why.
     budget: ListenerBudget,
+    /// Listeners (qualified names) network policies hand connections to.
+    policy_listeners: BTreeSet<String>,
     /// The last translation of each object, with the spec it was of; None:
     /// every build translates every object (the full rebuild, the oracle
     /// the cached builds are checked against).
@@ -233,8 +235,9 @@ enum Shape {
     /// Reached through the dispatching listener at these frontends (or,
     /// without any, at its unreached placeholder port).
     Virtual { frontends: Vec<std::net::SocketAddrV4>, placeholder: Option<u16> },
-    /// It binds its proxy port (None: none was free).
-    Bound(Option<u16>),
+    /// It binds its proxy port (None: none was free); `policy`: policies'
+    /// rules hand connections to it (it restores their destination).
+    Bound { port: Option<u16>, policy: bool },
 }
 
 /// What a Service's endpoints are computed from: the Service, its IPv4
@@ -317,6 +320,7 @@ impl Model {
             confirmed: BTreeMap::new(),
             nacked: BTreeMap::new(),
             budget: ListenerBudget::UNLIMITED,
+            policy_listeners: BTreeSet::new(),
             translations: Some(HashMap::new()),
             endpoints: Some(HashMap::new()),
             listeners: Some(HashMap::new()),
@@ -342,11 +346,16 @@ impl Model {
             let mut listener = l.resource.clone();
             match shape {
                 Shape::Pinned { handed: true } => translate::handed_connections(&mut listener),
-                Shape::Pinned { handed: false } | Shape::Bound(None) => {}
+                Shape::Pinned { handed: false } | Shape::Bound { port: None, .. } => {}
                 Shape::Virtual { frontends, placeholder } => {
                     translate::virtual_listener(&mut listener, frontends, *placeholder)
                 }
-                Shape::Bound(Some(p)) => translate::bind_proxy_port(&mut listener, *p),
+                Shape::Bound { port: Some(p), policy } => {
+                    translate::bind_proxy_port(&mut listener, *p);
+                    if *policy {
+                        translate::original_destination(&mut listener);
+                    }
+                }
             }
             Arc::new(Resource::new(l.name.clone(), &listener, Some(owner.clone())))
         };
@@ -404,6 +413,13 @@ impl Model {
                 t
             }
         }
+    }
+
+    /// Listeners (qualified names) network policies hand connections to:
+    /// the next builds make them restore each connection's original
+    /// destination, as Cilium's listeners do.
+    pub fn set_policy_listeners(&mut self, names: BTreeSet<String>) {
+        self.policy_listeners = names;
     }
 
     /// Refuses configs whose listeners would not fit in Envoy's open files.
@@ -647,7 +663,7 @@ impl Model {
                     (None, _) => {
                         listeners_in_use.insert(l.name.clone());
                         let port = self.ports.allocate(&l.name, &pinned);
-                        (Shape::Bound(port), port)
+                        (Shape::Bound { port, policy: self.policy_listeners.contains(&l.name) }, port)
                     }
                 };
                 if let Some(p) = port {

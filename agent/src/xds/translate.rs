@@ -841,6 +841,33 @@ pub fn handed_connections(l: &mut Listener) {
     }
 }
 
+/// Makes a listener see each handed connection's original destination as
+/// its local address (Envoy's original_dst listener filter, which falls back
+/// to the transparent socket's own address): what a policy hands it keeps
+/// its destination, for ORIGINAL_DST clusters and destination matches.
+pub fn original_destination(l: &mut Listener) {
+    use envoy_types::pb::envoy::{
+        config::listener::v3::{ListenerFilter, listener_filter},
+        extensions::filters::listener::original_dst::v3::OriginalDst,
+    };
+    const NAME: &str = "envoy.filters.listener.original_dst";
+    let url = OriginalDst::type_url();
+    let has = l.listener_filters.iter().any(|f| {
+        f.name == NAME
+            || matches!(&f.config_type, Some(listener_filter::ConfigType::TypedConfig(a)) if a.type_url == url)
+    });
+    if !has {
+        l.listener_filters.insert(
+            0,
+            ListenerFilter {
+                name: NAME.into(),
+                config_type: Some(listener_filter::ConfigType::TypedConfig(pack(&OriginalDst {}))),
+                ..Default::default()
+            },
+        );
+    }
+}
+
 /// The port a listener with an explicit address binds (a pinned port).
 pub fn pinned_port(l: &Listener) -> Option<(String, u16)> {
     use envoy_types::pb::envoy::config::core::v3::{address, socket_address};

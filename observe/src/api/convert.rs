@@ -18,7 +18,7 @@ use weft_flow::{
 
 use crate::pipeline::{
     enrich::Names,
-    record::{ConnLink, EndpointInfo, FlowRecord, Http, L7_RESPONSE, Lost, LostSource, ServiceInfo},
+    record::{ConnLink, EndpointInfo, FlowRecord, Http, L7_REQUEST, L7_RESPONSE, Lost, LostSource, ServiceInfo},
 };
 
 /// What conversion needs besides the record.
@@ -256,6 +256,17 @@ fn policies(names: &Names, f: &FlowRecord) -> Vec<flow::Policy> {
         .collect()
 }
 
+/// The policy of a verdict, in the field of its verdict and direction.
+fn name_policies(out: &mut flow::Flow, names: &Names, f: &FlowRecord, verdict: Verdict) {
+    let p = policies(names, f);
+    match (verdict, f.direction()) {
+        (Verdict::Dropped, flow::TrafficDirection::Egress) => out.egress_denied_by = p,
+        (Verdict::Dropped, _) => out.ingress_denied_by = p,
+        (_, flow::TrafficDirection::Egress) => out.egress_allowed_by = p,
+        _ => out.ingress_allowed_by = p,
+    }
+}
+
 /// A flow record as `flow.Flow`; `seq` is its number in the flow store.
 /// Hubble's deprecated fields (`reply`, `drop_reason`, `Summary`) are filled
 /// too: clients still read them.
@@ -306,13 +317,7 @@ pub fn to_flow(ctx: &Context, seq: u64, f: &FlowRecord) -> flow::Flow {
         }
         abi::EV_POLICY => {
             out.policy_match_type = ev.policy_match as u32;
-            let p = policies(names, f);
-            match (verdict, f.direction()) {
-                (Verdict::Dropped, flow::TrafficDirection::Egress) => out.egress_denied_by = p,
-                (Verdict::Dropped, _) => out.ingress_denied_by = p,
-                (_, flow::TrafficDirection::Egress) => out.egress_allowed_by = p,
-                _ => out.ingress_allowed_by = p,
-            }
+            name_policies(&mut out, names, f, verdict);
         }
         abi::EV_TRACE => {
             out.trace_observation_point = ev.subtype as i32;
@@ -325,6 +330,10 @@ pub fn to_flow(ctx: &Context, seq: u64, f: &FlowRecord) -> flow::Flow {
         _ => {}
     }
     if let Some(h) = &f.http {
+        // A request the node's policy listener judged names its policy.
+        if ev.rule_id != 0 && ev.subtype == L7_REQUEST {
+            name_policies(&mut out, names, f, verdict);
+        }
         out.l7 = Some(http_layer7(f, h));
         if let Some(id) = h.trace_id() {
             out.trace_context = Some(flow::TraceContext { parent: Some(flow::TraceParent { trace_id: id.into() }) });

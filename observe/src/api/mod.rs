@@ -5,6 +5,7 @@
 //! the API sends it ([`cel`]); its TLS, renewed while it runs ([`tls`]);
 //! Hubble's Peer service, the nodes Relay reads flows from ([`peer`]).
 
+pub mod authority;
 pub mod cel;
 pub mod convert;
 pub mod filter;

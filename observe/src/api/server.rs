@@ -472,9 +472,11 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
     if let Some(path) = listen.unix {
         let incoming = listen.access.bind(&path)?;
         let r = router(tonic::transport::Server::builder());
-        tasks.spawn(
-            async move { r.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(incoming)).await },
-        );
+        // Old clients name the socket as the authority: see `authority`.
+        let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(incoming), |c| {
+            c.map(super::authority::AnyAuthority::new)
+        });
+        tasks.spawn(async move { r.serve_with_incoming(incoming).await });
     }
     while let Some(r) = tasks.join_next().await {
         r??;

@@ -39,7 +39,29 @@ pub const FORMAT: &[(&str, &str)] = &[
     ("flags", "%RESPONSE_FLAGS%"),
     ("client", "%DOWNSTREAM_REMOTE_ADDRESS%"),
     ("server", "%DOWNSTREAM_LOCAL_ADDRESS%"),
+    // The node's policy listener: the RBAC policy that allowed the request,
+    // and the one that governed it (see [`policy_id`]).
+    ("policy", "%DYNAMIC_METADATA(envoy.filters.http.rbac:enforced_effective_policy_id)%"),
+    ("governing", "%DYNAMIC_METADATA(envoy.filters.http.rbac:shadow_effective_policy_id)%"),
 ];
+
+/// The id the agent gives an RBAC policy of its policy listener: the rule id
+/// of the network policy, the direction, and a number that keeps ids apart.
+pub fn policy_id(rule_id: u32, ingress: bool, n: usize) -> String {
+    format!("{rule_id}/{}/{n}", if ingress { "ingress" } else { "egress" })
+}
+
+/// The rule id and direction (`abi::DIR_*`) a [`policy_id`] names.
+pub fn parse_policy_id(id: &str) -> Option<(u32, u8)> {
+    let mut parts = id.split('/');
+    let rule = parts.next()?.parse().ok()?;
+    let dir = match parts.next()? {
+        "ingress" => weft_ebpf::abi::DIR_INGRESS,
+        "egress" => weft_ebpf::abi::DIR_EGRESS,
+        _ => return None,
+    };
+    Some((rule, u8::try_from(dir).ok()?))
+}
 
 /// Why a line is not an entry.
 #[derive(Debug, PartialEq, Eq)]
@@ -83,6 +105,8 @@ struct Line {
     flags: Option<String>,
     client: Option<String>,
     server: Option<String>,
+    policy: Option<String>,
+    governing: Option<String>,
 }
 
 /// `<seconds>.<nanoseconds>` (nine digits at most) as unix ns.
@@ -140,6 +164,8 @@ pub fn parse(line: &[u8]) -> Result<L7Entry, LineError> {
         upstream_local: addr(l.upstream_local.as_deref()),
         // Envoy writes "-" when no flag is set.
         response_flags: l.flags.filter(|f| f != "-").unwrap_or_default(),
+        policy: text(l.policy),
+        governing_policy: text(l.governing),
         downstream_link: None,
         upstream_link: None,
     };

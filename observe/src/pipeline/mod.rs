@@ -487,6 +487,10 @@ pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entr
     let (cs, cp) = raw(client);
     let (bs, bp) = raw(backend);
     let start = if http.start_ns == 0 { now_ns() } else { http.start_ns };
+    // The node's policy listener names the policy that allowed the request,
+    // or that governed the one it refused.
+    let named = if http.denied() { &http.governing_policy } else { &http.policy };
+    let (rule_id, direction) = accesslog::parse_policy_id(named).unwrap_or((0, 0));
     let request = Event {
         r#type: EV_L7,
         subtype: L7_REQUEST,
@@ -498,6 +502,8 @@ pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entr
         src_identity: client_id.unwrap_or(0),
         dst_identity: backend_id.unwrap_or(0),
         proxy_port: link.map(|l| l.proxy_port).unwrap_or(0),
+        rule_id,
+        direction,
         ..Default::default()
     };
     let answered = http.code != 0;

@@ -106,12 +106,22 @@ pub struct Http {
     pub upstream_local: Option<SocketAddrV4>,
     /// Envoy's response flags, e.g. `UF` (upstream connection failure).
     pub response_flags: String,
+    /// The node's policy listener: the RBAC policy that allowed the request
+    /// (empty if none did), and the one that governed it.
+    pub policy: String,
+    pub governing_policy: String,
     /// The client's connection (to the proxy) and the proxy's (to the backend).
     pub downstream_link: Option<ConnLink>,
     pub upstream_link: Option<ConnLink>,
 }
 
 impl Http {
+    /// Whether the node's policy listener refused the request: a policy
+    /// governed it, none allowed it, and Envoy answered 403 itself.
+    pub fn denied(&self) -> bool {
+        self.code == 403 && self.policy.is_empty() && !self.governing_policy.is_empty()
+    }
+
     /// The URL as Hubble shows it.
     pub fn url(&self) -> String {
         let scheme = if self.scheme.is_empty() { "http" } else { &self.scheme };
@@ -215,6 +225,13 @@ impl FlowRecord {
             abi::EV_TRACE => Verdict::Forwarded,
             abi::EV_SOCK if ev.subtype as u32 == abi::OBS_TO_PROXY => Verdict::Redirected,
             abi::EV_SOCK => Verdict::Translated,
+            // A request the proxy refused (the 403 that answers it is forwarded).
+            t if t == u32::from(EV_L7)
+                && ev.subtype == L7_REQUEST
+                && self.http.as_ref().is_some_and(|h| h.denied()) =>
+            {
+                Verdict::Dropped
+            }
             _ => Verdict::Forwarded,
         }
     }
@@ -270,6 +287,8 @@ impl FlowRecord {
                 _ if local(&self.src) => TrafficDirection::Egress,
                 _ => TrafficDirection::Unknown,
             },
+            _ if ev.direction as u32 == abi::DIR_INGRESS => return TrafficDirection::Ingress,
+            _ if ev.direction as u32 == abi::DIR_EGRESS => return TrafficDirection::Egress,
             _ => {
                 // L7: the proxy acts for the client when the client is ours.
                 let (client, server) =

@@ -93,8 +93,9 @@ pub struct ControlPlane {
     files: Mutex<()>,
 }
 
-/// Where binaries are, or why there are none.
-fn find_assets() -> Option<PathBuf> {
+/// The folder holding the control plane's binaries: `$KUBEBUILDER_ASSETS`,
+/// else ../shared/k8s/bin unpacked; None when there is neither.
+pub fn find_assets() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("KUBEBUILDER_ASSETS").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(dir));
     }

@@ -9,6 +9,13 @@
 //! from the API server's allocators and their EndpointSlices from
 //! kube-controller-manager.
 //!
+//! The pods come up as on a node whose runtime chains `weft-cni` after
+//! `ptp`: the Pod objects are bound to their nodes without a status; once
+//! the agents run (with `cni-socket`), [`KubeLab::start_pods`] runs the chain
+//! [ptp with host-local, weft-cni] for each pod as a runtime does
+//! ([`crate::cni`]) and then writes the Pod's status with the address
+//! host-local gave. The lab must be built with [`PodNetwork::Cni`].
+//!
 //! One KubeLab at a time per control plane (a lock): Nodes are cluster-wide
 //! and every lab's pods have the same addresses. Everything a lab leaves in
 //! the cluster is deleted when it drops (and when the next one starts).
@@ -31,7 +38,11 @@ use serde_json::{Value, json};
 use weft_agent::{netns, requirements::CAPABILITIES};
 
 use super::{ApiRelay, ControlPlane, Exclusive, NODE_API_PORT, Shared, deploy};
-use crate::{lab::Lab, objects::AgentFiles};
+use crate::{
+    cni,
+    lab::{Lab, PodNetwork},
+    objects::AgentFiles,
+};
 
 /// weft's namespace, as deploy/ makes it.
 pub const WEFT_NAMESPACE: &str = "weft-system";
@@ -63,6 +74,8 @@ pub struct KubeLab {
     pub relays: Vec<ApiRelay>,
     /// Per node: its agent's kubeconfig (inside the node: 127.0.0.1:6443).
     pub agent_kubeconfigs: Vec<PathBuf>,
+    /// Per node: the unix socket its agent answers weft-cni on.
+    pub cni_sockets: Vec<PathBuf>,
     dir: PathBuf,
     /// Runs the nodes' API calls (as their kubelets).
     rt: tokio::runtime::Runtime,
@@ -78,6 +91,13 @@ impl KubeLab {
     /// the pods (Running and Ready), an agent Pod per node with its token,
     /// and the relays.
     pub fn new(lab: &Lab, cp: Hold) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            lab.pod_network == PodNetwork::Cni,
+            "KubeLab's pods come through a CNI chain: build the lab with PodNetwork::Cni"
+        );
+        if let Some(reason) = cni::skip_reason() {
+            anyhow::bail!("{reason}");
+        }
         let one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
         sweep(&cp);
         deploy::rbac(&cp);
@@ -88,7 +108,8 @@ impl KubeLab {
             relays.push(ApiRelay::start(Some(&netns::named(&n.netns)), NODE_API_PORT, cp.addr())?);
         }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let mut me = Self { cp, relays, agent_kubeconfigs: Vec::new(), dir: dir.clone(), rt, _one: one };
+        let cni_sockets = (0..lab.nodes.len()).map(|i| dir.join(format!("cni{i}.sock"))).collect();
+        let mut me = Self { cp, relays, agent_kubeconfigs: Vec::new(), cni_sockets, dir: dir.clone(), rt, _one: one };
         for (i, n) in lab.nodes.iter().enumerate() {
             me.register_node(&n.name, n.ip)?;
             let pod = format!("weft-agent-{}", n.name);
@@ -114,9 +135,27 @@ impl KubeLab {
                 labels.join(", "),
                 node.name,
             ));
-            me.pod_running(&node.name, &p.namespace, &p.name, p.ip, node.ip);
         }
         Ok(me)
+    }
+
+    /// Brings the lab's pods up as their nodes' runtimes would, once the
+    /// agents answer on [`Self::cni_sockets`]: for each pod, ADD of the chain
+    /// [ptp (host-local, the node's pod network from `.11`), weft-cni], then
+    /// the Pod's status (Running, Ready) with the address from the chain's
+    /// result, written with the node's credentials. Fails if host-local gave
+    /// a pod another address than the lab's, or a plugin failed.
+    pub fn start_pods(&self, lab: &Lab) -> anyhow::Result<Vec<cni::Added>> {
+        let mut added = Vec::new();
+        for p in &lab.pods {
+            let node = lab.node(p.node);
+            let ptp = cni::lab_ptp_conf(lab, p.node, &self.dir);
+            let a = cni::add_lab_pod(p, &node.netns, &p.namespace, &p.name, &ptp, &self.cni_sockets[p.node])
+                .map_err(anyhow::Error::msg)?;
+            self.pod_running(&node.name, &p.namespace, &p.name, a.ip, node.ip);
+            added.push(a);
+        }
+        Ok(added)
     }
 
     /// Runs `f` with a client holding node `node`'s credentials (a kubelet's).
@@ -176,11 +215,12 @@ impl KubeLab {
     }
 
     /// Agent configuration lines that make it read the API server with its
-    /// node's ServiceAccount token.
+    /// node's ServiceAccount token and answer weft-cni on its socket.
     pub fn agent_config(&self, node: usize) -> String {
         format!(
-            "kubernetes:\n  enabled: true\n  kubeconfig: {}\n  namespace: {WEFT_NAMESPACE}\n",
-            self.agent_kubeconfigs[node].display()
+            "kubernetes:\n  enabled: true\n  kubeconfig: {}\n  namespace: {WEFT_NAMESPACE}\ncni-socket: {}\n",
+            self.agent_kubeconfigs[node].display(),
+            self.cni_sockets[node].display()
         )
     }
 

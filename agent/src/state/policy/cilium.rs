@@ -2,18 +2,20 @@
 //! shape: `endpointSelector`; `ingress`/`egress` rules with
 //! `fromEndpoints`/`toEndpoints`, `fromCIDR`/`toCIDR`, `fromCIDRSet`/
 //! `toCIDRSet`, `fromEntities`/`toEntities` and `toPorts` (ports, ranges,
-//! named ports, TCP/UDP/ANY); `ingressDeny`/`egressDeny` (deny wins in the
-//! datapath); `enableDefaultDeny`.
+//! named ports, TCP/UDP/ANY, and per port rule HTTP rules or a listener,
+//! which send the allowed connections through the node's proxy: see
+//! [`super::l7`]); `ingressDeny`/`egressDeny` (deny wins in the datapath);
+//! `enableDefaultDeny`.
 //!
 //! The rules are read field by field from the document as written, so that
-//! whatever weft does not enforce (FQDN and DNS rules, L7 rules, listener
-//! redirects, mutual authentication, host policies, ...) is refused by name
+//! whatever weft does not enforce (FQDN and DNS rules, L7 rules other than
+//! HTTP, mutual authentication, host policies, ...) is refused by name
 //! rather than skipped: a refused allow rule allows nothing and a refused
 //! deny rule denies everything in its direction, so a policy weft cannot
 //! read never opens a pod up.
 //!
-//! Selectors: label keys may carry Cilium's source prefix (`k8s:`, `any:`),
-//! which is dropped; a namespaced policy's `endpointSelector` and peer
+//! Selectors: label keys may carry Cilium's source prefix (`k8s:`, `any:`,
+//! or the dotted `k8s.`), which is dropped; a namespaced policy's `endpointSelector` and peer
 //! selectors stay in its namespace unless a peer selector names
 //! `io.kubernetes.pod.namespace`; a clusterwide policy's span the cluster.
 //! A peer selector on `reserved:<entity>` alone means that entity; an
@@ -26,12 +28,69 @@ use weft_ebpf::abi;
 
 use super::{
     Translated,
+    l7::{HeaderMatch, HttpRule, ListenerRef, Proxy},
     rule::{Net, POD_NAMESPACE_LABEL, Peer, PodSelector, Policy, PortSel, PortSpec, Rule},
 };
 use crate::{
     datapath::{Direction, PolicyAction, Proto},
-    k8s::{CiliumPolicy, ObjKey, selector as labels},
+    k8s::{
+        CiliumPolicy, ObjKey,
+        selector::{self as labels, SelectorError},
+    },
 };
+
+/// Why a value of a Cilium policy cannot be enforced. The caller says where
+/// the value is (`spec.ingress[0].toPorts[1].ports[0]`); the error names the
+/// field inside it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("is not {0}")]
+    NotA(&'static str),
+    #[error("field {0:?} is not a field weft knows")]
+    UnknownField(String),
+    #[error("{field}: {why}")]
+    Refused { field: String, why: &'static str },
+    #[error("{0} is missing")]
+    Missing(&'static str),
+    #[error("protocol {0:?} is not supported (TCP, UDP and ANY are)")]
+    Protocol(String),
+    #[error("{field} {value} is not a port number")]
+    NotAPort { field: &'static str, value: String },
+    #[error("port {0:?} is neither a port number nor a container port name")]
+    NotAPortName(String),
+    #[error("endPort without a port")]
+    EndWithoutPort,
+    #[error("endPort {end} is below port {port}")]
+    EndBelowPort { port: u16, end: u16 },
+    #[error("endPort with the named port {0:?}")]
+    EndWithNamedPort(String),
+    #[error("not a label selector: {0}")]
+    NotASelector(String),
+    #[error("{field}: {error}", field = .0.field(), error = .0)]
+    Selector(SelectorError),
+    #[error("reserved:{0} with other labels selects nothing weft can enforce")]
+    ReservedWithOtherLabels(String),
+    #[error("reserved:{0} selects nothing")]
+    ReservedNothing(String),
+    #[error("{0:?} is not an IPv4 CIDR")]
+    NotACidr(String),
+    #[error("except {except:?} is not inside {net}")]
+    ExceptOutside { except: String, net: Net },
+    #[error("entity {0:?} is not supported (all, world, world-ipv4, cluster, host, remote-node and none are)")]
+    Entity(String),
+    #[error("{field}: {value:?} is not a regular expression weft can check: {error}")]
+    Regex { field: &'static str, value: String, error: String },
+    #[error("{field}: {value:?} is not a header name")]
+    HeaderName { field: &'static str, value: String },
+    #[error("{0}: HTTP rules and listeners apply to TCP ports only")]
+    ProxyNeedsTcp(&'static str),
+    #[error(
+        "kind {0:?} is not an EnvoyConfig kind (CiliumEnvoyConfig, CiliumClusterwideEnvoyConfig, EnvoyConfig, ClusterwideEnvoyConfig)"
+    )]
+    ConfigKind(String),
+    #[error("a clusterwide policy can only name a clusterwide EnvoyConfig")]
+    NamespacedConfigFromClusterwide,
+}
 
 /// The namespaced kind.
 pub const KIND: &str = "CiliumNetworkPolicy";
@@ -50,7 +109,9 @@ const SPEC_FIELDS: &[&str] = &[
     "labels",
 ];
 /// Fields of a port rule weft reads.
-const PORT_RULE_FIELDS: &[&str] = &["ports", "rules"];
+const PORT_RULE_FIELDS: &[&str] = &["ports", "rules", "listener"];
+/// Fields of an HTTP rule weft reads.
+const HTTP_FIELDS: &[&str] = &["method", "path", "host", "headers", "headerMatches"];
 
 /// Why a field weft knows of is not enforced (None: a field weft does not know).
 fn refusal(field: &str) -> Option<&'static str> {
@@ -58,9 +119,9 @@ fn refusal(field: &str) -> Option<&'static str> {
         "nodeSelector" => "host policies (rules for nodes) are not supported",
         "toFQDNs" => "FQDN rules are not supported (weft has no DNS proxy)",
         "dns" => "DNS rules are not supported (weft has no DNS proxy)",
-        "http" => "L7 HTTP rules are not enforced yet",
         "kafka" | "l7proto" | "l7" => "L7 rules other than HTTP are not supported",
-        "listener" => "listener redirects by policy are not supported yet",
+        "mismatch" => "header mismatch actions (LOG, ADD, DELETE, REPLACE) are not supported",
+        "secret" => "header values from Secrets are not supported",
         "authentication" => "mutual authentication is not supported",
         "fromRequires" | "toRequires" => "requirement selectors are not supported",
         "toServices" => "Service selectors are not supported (select the backends' pods)",
@@ -151,7 +212,7 @@ fn one_spec(
     let labels = match selector(sel) {
         Ok(s) => s,
         Err(e) => {
-            problem(&format!("{at}.endpointSelector"), e);
+            problem(&format!("{at}.endpointSelector"), e.to_string());
             return None;
         }
     };
@@ -185,7 +246,7 @@ fn one_spec(
         };
         has[i] |= !items.is_empty();
         for (ri, r) in items.iter().enumerate() {
-            rules.push(rule(r, &format!("{at}.{field}[{ri}]"), direction, action, scope, problem));
+            rules.extend(rule(r, &format!("{at}.{field}[{ri}]"), direction, action, scope, problem));
         }
     }
     // Default-deny in each direction that has rules, unless the policy says
@@ -203,8 +264,9 @@ fn one_spec(
     Some(Policy { rule_id, subjects, ingress, egress, rules })
 }
 
-/// One rule. What cannot be read makes an allow rule allow nothing and a
-/// deny rule deny every peer on every port.
+/// One rule, as one datapath rule per way its ports go (straight on, or
+/// through a proxy). What cannot be read makes an allow rule allow nothing
+/// and a deny rule deny every peer on every port.
 fn rule(
     r: &Value,
     at: &str,
@@ -212,7 +274,7 @@ fn rule(
     action: PolicyAction,
     scope: Option<&str>,
     problem: &mut impl FnMut(&str, String),
-) -> Rule {
+) -> Vec<Rule> {
     let (endpoints, cidr, cidr_set, entities) = match direction {
         Direction::Ingress => ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities"),
         Direction::Egress => ("toEndpoints", "toCIDR", "toCIDRSet", "toEntities"),
@@ -223,16 +285,16 @@ fn rule(
             PolicyAction::Deny => (vec![Peer::Any], "the rule denies every peer on every port"),
         };
         problem(at, format!("{what} (see the problems above)"));
-        Rule { direction, action, peers, ports: Vec::new(), proxy_port: None }
+        vec![Rule { direction, action, peers, ports: Vec::new(), proxy: None }]
     };
     let Some(obj) = r.as_object() else {
-        problem(at, "is not an object".into());
+        problem(at, FieldError::NotA("an object").to_string());
         return refused(problem);
     };
     let mut ok = check_fields(obj, at, &[endpoints, cidr, cidr_set, entities, "toPorts"], problem);
     let mut peers = Vec::new();
     let mut l3 = false;
-    let mut each = |field: &str, read: &mut dyn FnMut(&Value) -> Result<Vec<Peer>, String>| {
+    let mut each = |field: &str, read: &mut dyn FnMut(&Value) -> Result<Vec<Peer>, FieldError>| {
         let Ok(items) = list(obj, field, at, problem) else { return false };
         let mut ok = true;
         for (i, v) in items.iter().enumerate() {
@@ -240,126 +302,314 @@ fn rule(
             match read(v) {
                 Ok(p) => peers.extend(p),
                 Err(e) => {
-                    problem(&format!("{at}.{field}[{i}]"), e);
+                    problem(&format!("{at}.{field}[{i}]"), e.to_string());
                     ok = false;
                 }
             }
         }
         ok
     };
+    fn text(v: &Value) -> Result<&str, FieldError> {
+        v.as_str().ok_or(FieldError::NotA("a string"))
+    }
     ok &= each(endpoints, &mut |v| endpoint_peer(v, scope).map(|p| vec![p]));
-    ok &= each(cidr, &mut |v| {
-        let s = v.as_str().ok_or("is not a string")?;
-        Ok(vec![Peer::Cidr { net: cidr_of(s)?, except: Vec::new() }])
-    });
+    ok &= each(cidr, &mut |v| Ok(vec![Peer::Cidr { net: cidr_of(text(v)?)?, except: Vec::new() }]));
     ok &= each(cidr_set, &mut |v| cidr_set_peer(v).map(|p| vec![p]));
-    ok &= each(entities, &mut |v| entity(v.as_str().ok_or("is not a string")?));
+    ok &= each(entities, &mut |v| entity(text(v)?));
     // No peer field: the rule is about every peer (an L4-only rule).
     if !l3 {
         peers.push(Peer::Any);
     }
-    let ports = match to_ports(obj, at, problem) {
+    let port_rules = match to_ports(obj, at, scope, problem) {
         Some(p) => p,
         None => {
             ok = false;
             Vec::new()
         }
     };
+    if ok && action == PolicyAction::Deny && port_rules.iter().any(|(_, proxy)| proxy.is_some()) {
+        problem(&format!("{at}.toPorts"), "HTTP rules and listeners cannot deny (Cilium refuses them too)".into());
+        ok = false;
+    }
     if !ok {
         return refused(problem);
     }
-    Rule { direction, action, peers, ports, proxy_port: None }
+    if port_rules.is_empty() {
+        return vec![Rule { direction, action, peers, ports: Vec::new(), proxy: None }];
+    }
+    let mut straight = Vec::new();
+    let mut out = Vec::new();
+    for (ports, proxy) in port_rules {
+        match proxy {
+            None => straight.extend(ports),
+            Some(proxy) => out.push(Rule { direction, action, peers: peers.clone(), ports, proxy: Some(proxy) }),
+        }
+    }
+    if !straight.is_empty() {
+        out.push(Rule { direction, action, peers, ports: straight, proxy: None });
+    }
+    out
 }
 
-/// `toPorts`: the ports of every port rule (empty: every port). None if a
-/// port rule could not be read or asks for what weft does not enforce.
-fn to_ports(obj: &Map<String, Value>, at: &str, problem: &mut impl FnMut(&str, String)) -> Option<Vec<PortSpec>> {
+/// `toPorts`: each port rule's ports (empty: every port) and where its
+/// connections go. None if a port rule could not be read or asks for what
+/// weft does not enforce.
+fn to_ports(
+    obj: &Map<String, Value>,
+    at: &str,
+    scope: Option<&str>,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Vec<(Vec<PortSpec>, Option<Proxy>)>> {
     let items = list(obj, "toPorts", at, problem).ok()?;
     let mut out = Vec::new();
     let mut ok = true;
     for (i, pr) in items.iter().enumerate() {
         let at = format!("{at}.toPorts[{i}]");
         let Some(pr) = pr.as_object() else {
-            problem(&at, "is not an object".into());
+            problem(&at, FieldError::NotA("an object").to_string());
             ok = false;
             continue;
         };
         ok &= check_fields(pr, &at, PORT_RULE_FIELDS, problem);
+        let mut proxy = None;
         match pr.get("rules") {
             None | Some(Value::Null) => {}
-            Some(Value::Object(rules)) => ok &= check_fields(rules, &format!("{at}.rules"), &[], problem),
+            Some(Value::Object(rules)) => {
+                let rat = format!("{at}.rules");
+                ok &= check_fields(rules, &rat, &["http"], problem);
+                match http_rules(rules, &rat, problem) {
+                    Some(Some(h)) => proxy = Some(Proxy::Http(h)),
+                    Some(None) => {}
+                    None => ok = false,
+                }
+            }
             Some(_) => {
-                problem(&format!("{at}.rules"), "is not an object".into());
+                problem(&format!("{at}.rules"), FieldError::NotA("an object").to_string());
                 ok = false;
             }
+        }
+        match pr.get("listener") {
+            None | Some(Value::Null) => {}
+            Some(l) => match listener(l, scope) {
+                Ok(_) if proxy.is_some() => {
+                    problem(&format!("{at}.listener"), "a port rule has either HTTP rules or a listener".into());
+                    ok = false;
+                }
+                Ok(l) => proxy = Some(Proxy::Listener(l)),
+                Err(e) => {
+                    problem(&format!("{at}.listener"), e.to_string());
+                    ok = false;
+                }
+            },
         }
         let Ok(ports) = list(pr, "ports", &at, problem) else {
             ok = false;
             continue;
         };
+        let mut specs = Vec::new();
         if ports.is_empty() {
-            out.push(PortSpec { proto: None, ports: PortSel::All });
+            specs.push(PortSpec { proto: None, ports: PortSel::All });
         }
         for (j, p) in ports.iter().enumerate() {
             match port(p) {
-                Ok(spec) => out.push(spec),
+                Ok(spec) => specs.push(spec),
                 Err(e) => {
-                    problem(&format!("{at}.ports[{j}]"), e);
+                    problem(&format!("{at}.ports[{j}]"), e.to_string());
                     ok = false;
                 }
             }
         }
+        if proxy.is_some() {
+            // The proxy speaks TCP: ANY means TCP here.
+            for (j, s) in specs.iter_mut().enumerate() {
+                match s.proto {
+                    None | Some(Proto::Tcp) => s.proto = Some(Proto::Tcp),
+                    Some(_) => {
+                        problem(&format!("{at}.ports[{j}]"), FieldError::ProxyNeedsTcp("protocol").to_string());
+                        ok = false;
+                    }
+                }
+            }
+        }
+        out.push((specs, proxy));
     }
     ok.then_some(out)
 }
 
+/// `rules.http`: Some(None) when there is none, None when it cannot be read.
+fn http_rules(
+    rules: &Map<String, Value>,
+    at: &str,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Option<Vec<HttpRule>>> {
+    let items = list(rules, "http", at, problem).ok()?;
+    if rules.get("http").is_none_or(Value::is_null) {
+        return Some(None);
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, h) in items.iter().enumerate() {
+        let at = format!("{at}.http[{i}]");
+        match http_rule(h) {
+            Ok(r) => out.push(r),
+            Err(e) => {
+                problem(&at, e.to_string());
+                ok = false;
+            }
+        }
+    }
+    // An empty list allows every request (Cilium's meaning), through the proxy.
+    if out.is_empty() && ok {
+        out.push(HttpRule::default());
+    }
+    ok.then_some(Some(out))
+}
+
+/// The most a regular expression of a rule may compile to: Envoy compiles
+/// it again for every listener update.
+const MAX_REGEX_BYTES: usize = 64 * 1024;
+
+fn regex_field(obj: &Map<String, Value>, field: &'static str) -> Result<Option<String>, FieldError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => {
+            // Envoy's RE2 and this crate share their syntax; what this one
+            // refuses Envoy would refuse, taking every policy rule with it.
+            regex::RegexBuilder::new(s).size_limit(MAX_REGEX_BYTES).build().map_err(|e| FieldError::Regex {
+                field,
+                value: s.chars().take(64).collect(),
+                error: e.to_string().lines().last().unwrap_or_default().to_owned(),
+            })?;
+            Ok(Some(s.clone()))
+        }
+        Some(_) => Err(FieldError::Refused { field: field.into(), why: "is not a string" }),
+    }
+}
+
+fn header_name(name: &str, field: &'static str) -> Result<String, FieldError> {
+    let name = name.trim();
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || name.len() > 256 || !name.bytes().all(token) {
+        return Err(FieldError::HeaderName { field, value: name.chars().take(64).collect() });
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+/// One `{method, path, host, headers, headerMatches}`.
+fn http_rule(h: &Value) -> Result<HttpRule, FieldError> {
+    let obj = h.as_object().ok_or(FieldError::NotA("an object"))?;
+    if let Some(k) = obj.keys().find(|k| !HTTP_FIELDS.contains(&k.as_str())) {
+        return Err(FieldError::UnknownField(k.clone()));
+    }
+    let mut rule = HttpRule {
+        method: regex_field(obj, "method")?,
+        path: regex_field(obj, "path")?,
+        host: regex_field(obj, "host")?,
+        headers: Vec::new(),
+    };
+    for v in obj.get("headers").and_then(Value::as_array).into_iter().flatten() {
+        let s = v.as_str().ok_or(FieldError::Refused { field: "headers".into(), why: "holds a non-string" })?;
+        // "Name" (present) or "Name: value" (exactly that value).
+        let (name, value) = match s.split_once(':') {
+            Some((n, v)) => (n, Some(v.trim().to_owned())),
+            None => (s, None),
+        };
+        rule.headers.push(HeaderMatch { name: header_name(name, "headers")?, value });
+    }
+    for m in obj.get("headerMatches").and_then(Value::as_array).into_iter().flatten() {
+        let m =
+            m.as_object().ok_or(FieldError::Refused { field: "headerMatches".into(), why: "holds a non-object" })?;
+        if let Some(k) = m.keys().find(|k| !["name", "value"].contains(&k.as_str())) {
+            return Err(match refusal(k) {
+                Some(why) => FieldError::Refused { field: format!("headerMatches.{k}"), why },
+                None => FieldError::UnknownField(format!("headerMatches.{k}")),
+            });
+        }
+        let name = m.get("name").and_then(Value::as_str).ok_or(FieldError::Missing("headerMatches.name"))?;
+        let value = m.get("value").and_then(Value::as_str).map(str::to_owned);
+        rule.headers.push(HeaderMatch { name: header_name(name, "headerMatches.name")?, value });
+    }
+    Ok(rule)
+}
+
+/// `listener: {envoyConfig: {kind, name}, name}`: a namespaced config is in
+/// the policy's namespace.
+fn listener(l: &Value, scope: Option<&str>) -> Result<ListenerRef, FieldError> {
+    let obj = l.as_object().ok_or(FieldError::NotA("an object"))?;
+    if let Some(k) = obj.keys().find(|k| !["envoyConfig", "name"].contains(&k.as_str())) {
+        return Err(FieldError::UnknownField(k.clone()));
+    }
+    let cfg = obj.get("envoyConfig").and_then(Value::as_object).ok_or(FieldError::Missing("envoyConfig"))?;
+    if let Some(k) = cfg.keys().find(|k| !["kind", "name"].contains(&k.as_str())) {
+        return Err(FieldError::UnknownField(format!("envoyConfig.{k}")));
+    }
+    let kind = cfg.get("kind").and_then(Value::as_str).unwrap_or("CiliumEnvoyConfig");
+    let clusterwide = match kind {
+        "CiliumClusterwideEnvoyConfig" | "ClusterwideEnvoyConfig" => true,
+        "CiliumEnvoyConfig" | "EnvoyConfig" => false,
+        other => return Err(FieldError::ConfigKind(other.to_owned())),
+    };
+    let config = cfg.get("name").and_then(Value::as_str).ok_or(FieldError::Missing("envoyConfig.name"))?;
+    let name = obj.get("name").and_then(Value::as_str).ok_or(FieldError::Missing("name"))?;
+    let namespace = match (clusterwide, scope) {
+        (true, _) => String::new(),
+        (false, Some(ns)) => ns.to_owned(),
+        (false, None) => return Err(FieldError::NamespacedConfigFromClusterwide),
+    };
+    Ok(ListenerRef { clusterwide, namespace, config: config.to_owned(), listener: name.to_owned() })
+}
+
 /// One `{port, endPort, protocol}`: "0" or no port is every port; a name is
 /// a container port of the destination.
-fn port(p: &Value) -> Result<PortSpec, String> {
-    let obj = p.as_object().ok_or("is not an object")?;
+fn port(p: &Value) -> Result<PortSpec, FieldError> {
+    let obj = p.as_object().ok_or(FieldError::NotA("an object"))?;
     if let Some(k) = obj.keys().find(|k| !["port", "endPort", "protocol"].contains(&k.as_str())) {
-        return Err(format!("field {k:?} is not a field weft knows"));
+        return Err(FieldError::UnknownField(k.clone()));
     }
     let proto = match obj.get("protocol").and_then(Value::as_str).unwrap_or("ANY") {
         "ANY" | "" => None,
         "TCP" => Some(Proto::Tcp),
         "UDP" => Some(Proto::Udp),
-        other => return Err(format!("protocol {other:?} is not supported (TCP, UDP and ANY are)")),
+        other => return Err(FieldError::Protocol(other.to_owned())),
     };
     let port = match obj.get("port") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
-        Some(other) => return Err(format!("port {other} is not a port number or name")),
+        Some(other) => return Err(FieldError::NotAPort { field: "port", value: other.to_string() }),
     };
     let end = match obj.get("endPort") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
             v.as_u64()
                 .and_then(|e| u16::try_from(e).ok())
-                .ok_or_else(|| format!("endPort {v} is not a port number"))?,
+                .ok_or_else(|| FieldError::NotAPort { field: "endPort", value: v.to_string() })?,
         ),
     };
     let ports = if port.is_empty() || port == "0" {
         if end.is_some() {
-            return Err("endPort without a port".into());
+            return Err(FieldError::EndWithoutPort);
         }
         PortSel::All
     } else if port.bytes().all(|b| b.is_ascii_digit()) {
-        let first =
-            port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("port {port:?} is not a port number"))?;
+        let first = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| FieldError::NotAPort { field: "port", value: format!("{port:?}") })?;
         match end {
             None => PortSel::Range(first, first),
             Some(e) if e >= first => PortSel::Range(first, e),
-            Some(e) => return Err(format!("endPort {e} is below port {first}")),
+            Some(e) => return Err(FieldError::EndBelowPort { port: first, end: e }),
         }
     } else {
         let valid = port.len() <= 15 && port.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid {
-            return Err(format!("port {port:?} is neither a port number nor a container port name"));
+            return Err(FieldError::NotAPortName(port));
         }
         if end.is_some() {
-            return Err(format!("endPort with the named port {port:?}"));
+            return Err(FieldError::EndWithNamedPort(port));
         }
         PortSel::Named(port)
     };
@@ -368,16 +618,32 @@ fn port(p: &Value) -> Result<PortSpec, String> {
 
 /// A label selector, with Cilium's source prefixes dropped from its keys;
 /// an operator the matcher does not know is an error naming it.
-fn selector(v: &Value) -> Result<LabelSelector, String> {
-    let mut sel: LabelSelector = serde_json::from_value(v.clone()).map_err(|e| format!("not a label selector: {e}"))?;
-    let strip = |k: &str| k.strip_prefix("k8s:").or_else(|| k.strip_prefix("any:")).unwrap_or(k).to_owned();
+fn selector(v: &Value) -> Result<LabelSelector, FieldError> {
+    let mut sel: LabelSelector =
+        serde_json::from_value(v.clone()).map_err(|e| FieldError::NotASelector(e.to_string()))?;
+    let strip = |k: &str| {
+        if let Some(key) = k.strip_prefix("k8s:").or_else(|| k.strip_prefix("any:")) {
+            return key.to_owned();
+        }
+        // Cilium's dotted form (`k8s.io.kubernetes.pod.namespace`), for keys
+        // without a prefix of their own (`k8s.io/name` is a Kubernetes key).
+        if !k.contains('/') {
+            if let Some(key) = k.strip_prefix("k8s.").or_else(|| k.strip_prefix("any.")) {
+                return key.to_owned();
+            }
+            if let Some(entity) = k.strip_prefix("reserved.") {
+                return format!("reserved:{entity}");
+            }
+        }
+        k.to_owned()
+    };
     if let Some(m) = sel.match_labels.take() {
         sel.match_labels = Some(m.into_iter().map(|(k, v)| (strip(&k), v)).collect());
     }
     for e in sel.match_expressions.iter_mut().flatten() {
         e.key = strip(&e.key);
     }
-    labels::check(&sel).map_err(|e| format!("{}: {e}", e.field()))?;
+    labels::check(&sel).map_err(FieldError::Selector)?;
     Ok(sel)
 }
 
@@ -387,17 +653,17 @@ fn keys(sel: &LabelSelector) -> impl Iterator<Item = &String> {
 
 /// A peer selector: pods (in the policy's namespace unless it names one), or
 /// a reserved identity written as `reserved:<entity>`.
-fn endpoint_peer(v: &Value, scope: Option<&str>) -> Result<Peer, String> {
+fn endpoint_peer(v: &Value, scope: Option<&str>) -> Result<Peer, FieldError> {
     let sel = selector(v)?;
     let reserved = keys(&sel).find_map(|k| k.strip_prefix("reserved:")).map(str::to_owned);
-    if let Some(e) = reserved.as_deref() {
+    if let Some(e) = reserved {
         let only = sel.match_expressions.as_ref().is_none_or(Vec::is_empty)
             && sel.match_labels.as_ref().is_some_and(|m| m.len() == 1);
         if !only {
-            return Err(format!("reserved:{e} with other labels selects nothing weft can enforce"));
+            return Err(FieldError::ReservedWithOtherLabels(e));
         }
-        let mut peers = entity(e)?;
-        return peers.pop().ok_or_else(|| format!("reserved:{e} selects nothing"));
+        let mut peers = entity(&e)?;
+        return peers.pop().ok_or(FieldError::ReservedNothing(e));
     }
     let names_namespace = keys(&sel).any(|k| k == POD_NAMESPACE_LABEL);
     Ok(Peer::Pods(PodSelector {
@@ -407,25 +673,26 @@ fn endpoint_peer(v: &Value, scope: Option<&str>) -> Result<Peer, String> {
     }))
 }
 
-fn cidr_of(s: &str) -> Result<Net, String> {
-    Net::parse(s).ok_or_else(|| format!("{s:?} is not an IPv4 CIDR"))
+fn cidr_of(s: &str) -> Result<Net, FieldError> {
+    Net::parse(s).ok_or_else(|| FieldError::NotACidr(s.to_owned()))
 }
 
 /// `{cidr, except}`.
-fn cidr_set_peer(v: &Value) -> Result<Peer, String> {
-    let obj = v.as_object().ok_or("is not an object")?;
+fn cidr_set_peer(v: &Value) -> Result<Peer, FieldError> {
+    let obj = v.as_object().ok_or(FieldError::NotA("an object"))?;
     if let Some(k) = obj.keys().find(|k| !["cidr", "except"].contains(&k.as_str())) {
-        return Err(
-            refusal(k).map_or_else(|| format!("field {k:?} is not a field weft knows"), |why| format!("{k}: {why}"))
-        );
+        return Err(match refusal(k) {
+            Some(why) => FieldError::Refused { field: k.clone(), why },
+            None => FieldError::UnknownField(k.clone()),
+        });
     }
-    let net = cidr_of(obj.get("cidr").and_then(Value::as_str).ok_or("cidr is missing")?)?;
+    let net = cidr_of(obj.get("cidr").and_then(Value::as_str).ok_or(FieldError::Missing("cidr"))?)?;
     let mut except = Vec::new();
     for e in obj.get("except").and_then(Value::as_array).into_iter().flatten() {
-        let s = e.as_str().ok_or("except holds a non-string")?;
+        let s = e.as_str().ok_or(FieldError::Refused { field: "except".into(), why: "holds a non-string" })?;
         let n = cidr_of(s)?;
         if !net.covers(&n) {
-            return Err(format!("except {s:?} is not inside {net}"));
+            return Err(FieldError::ExceptOutside { except: s.to_owned(), net });
         }
         except.push(n);
     }
@@ -433,7 +700,7 @@ fn cidr_set_peer(v: &Value) -> Result<Peer, String> {
 }
 
 /// An entity as peers (`none` is no peer).
-fn entity(name: &str) -> Result<Vec<Peer>, String> {
+fn entity(name: &str) -> Result<Vec<Peer>, FieldError> {
     Ok(match name {
         "all" => vec![Peer::Any],
         "world" | "world-ipv4" => vec![Peer::World],
@@ -441,11 +708,7 @@ fn entity(name: &str) -> Result<Vec<Peer>, String> {
         "host" => vec![Peer::Identity(abi::ID_HOST)],
         "remote-node" => vec![Peer::Identity(abi::ID_REMOTE_NODE)],
         "none" => Vec::new(),
-        other => {
-            return Err(format!(
-                "entity {other:?} is not supported (all, world, world-ipv4, cluster, host, remote-node and none are)"
-            ));
-        }
+        other => return Err(FieldError::Entity(other.to_owned())),
     })
 }
 
@@ -686,11 +949,11 @@ spec:
         let p = s.problems.join("\n");
         for want in [
             "CiliumNetworkPolicy shop/refused: spec.ingress[0].authentication: mutual authentication is not supported",
-            "CiliumNetworkPolicy shop/refused: spec.ingress[1].toPorts[0].rules.http: L7 HTTP rules are not enforced yet",
+            "CiliumNetworkPolicy shop/refused: the node's policy listener for HTTP rules has no proxy port",
             "CiliumNetworkPolicy shop/refused: spec.ingress[2].fromEntities[0]: entity \"kube-apiserver\" is not supported",
             "CiliumNetworkPolicy shop/refused: spec.egress[0].toFQDNs: FQDN rules are not supported",
             "CiliumNetworkPolicy shop/refused: spec.egress[1].toPorts[0].rules.dns: DNS rules are not supported",
-            "CiliumNetworkPolicy shop/refused: spec.egress[2].toPorts[0].listener: listener redirects by policy",
+            "CiliumNetworkPolicy shop/refused: listener l of ClusterwideEnvoyConfig x is not serving on this node",
             "CiliumNetworkPolicy shop/refused: spec.egressDeny[0].icmps: ICMP rules are not supported",
             "CiliumNetworkPolicy shop/refused: spec.egressDeny[0]: the rule denies every peer on every port",
             "CiliumNetworkPolicy shop/refused: spec.ingress[0]: the rule allows nothing",
@@ -709,6 +972,141 @@ spec:
         assert!(entries(&echo.entries, Direction::Egress, PolicyAction::Deny).contains(&(0, None, 0, 0)));
         // The host policy selects no pod.
         assert!(!s.policy.endpoints.contains_key(&ip("10.1.1.13")));
+    }
+
+    #[test]
+    fn http_rules_wait_for_the_policy_listener_and_become_its_grants() {
+        let policies = r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: echo}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: worker}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: /headers}
+        - {method: "POST|PUT", host: "api\\.example", headers: ["X-Team: blue", X-Trace], headerMatches: [{name: x-env, value: prod}]}
+    - ports: [{port: "9090"}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: host-any, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: echo}}
+  ingress:
+  - fromEntities: [host]
+    toPorts: [{ports: [{port: "8000", endPort: 8100}]}]
+"#;
+        let mut l = Loaded::default();
+        load_text(std::path::Path::new("p.yaml"), &format!("{OBJECTS}{policies}"), &mut l);
+        let mut seen = None;
+        let s = Snapshot::derive_with(&l.objects, "n1", None, None, |p| {
+            seen = Some(p.clone());
+            (Redirects::new(), crate::state::policy::l7::ListenerPorts { http: Some(15001), ..Default::default() })
+        });
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        let before = seen.unwrap();
+        let echo = &s.policy.endpoints[&ip("10.1.1.10")];
+        let worker = id_of(&s, "shop", "worker");
+        let id = rule_id("CiliumNetworkPolicy", &ObjKey::new("shop", "l7"));
+        // The HTTP port goes through the proxy (TCP only); the plain port straight on.
+        let proxied: BTreeSet<_> =
+            echo.entries.iter().filter(|e| e.proxy_port.is_some()).map(|e| (e.identity, e.proto, e.ports)).collect();
+        assert_eq!(proxied, BTreeSet::from([(worker, Some(Proto::Tcp), Some((8080, 8080)))]));
+        assert!(echo.entries.iter().all(|e| e.proxy_port.is_none_or(|p| p == 15001)));
+        assert!(echo.entries.iter().any(|e| e.ports == Some((9090, 9090)) && e.proxy_port.is_none()));
+        assert!(echo.waiting.is_empty(), "connected: {echo:?}");
+        assert_eq!(before.endpoints[&ip("10.1.1.10")].waiting.len(), 1, "waited for the port");
+        // Grants: the HTTP rules for worker's address, and the host's plain
+        // allow on the same port lets every request by.
+        let grants = &s.policy.http;
+        assert_eq!(grants.len(), 2, "{grants:?}");
+        let g = grants.iter().find(|g| g.rule_id == id).unwrap();
+        assert_eq!((g.subject, g.direction, g.ports), (ip("10.1.1.10"), Direction::Ingress, (8080, 8080)));
+        assert_eq!(g.peers.len(), 1);
+        assert_eq!(g.peers[0].net, Net::parse("10.1.2.11/32").unwrap());
+        let rules = g.http.as_ref().unwrap();
+        assert_eq!(rules[0].method.as_deref(), Some("GET"));
+        assert_eq!(rules[0].path.as_deref(), Some("/headers"));
+        assert_eq!(rules[1].host.as_deref(), Some("api\\.example"));
+        let names: Vec<(&str, Option<&str>)> =
+            rules[1].headers.iter().map(|h| (h.name.as_str(), h.value.as_deref())).collect();
+        assert_eq!(names, vec![("x-team", Some("blue")), ("x-trace", None), ("x-env", Some("prod"))]);
+        let host = grants.iter().find(|g| g.rule_id != id).unwrap();
+        assert_eq!((host.ports, host.http.is_none()), ((8080, 8080), true));
+        assert_eq!(host.peers[0].net, Net::parse("192.168.50.1/32").unwrap());
+    }
+
+    #[test]
+    fn http_rules_weft_cannot_check_are_refused_by_field() {
+        let s = snapshot(
+            r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: bad-l7, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: echo}}
+  ingress:
+  - toPorts: [{ports: [{port: "80"}], rules: {http: [{path: "/(unclosed"}]}}]
+  - toPorts: [{ports: [{port: "81"}], rules: {http: [{headerMatches: [{name: x, value: y, mismatch: LOG}]}]}}]
+  - toPorts: [{ports: [{port: "82", protocol: UDP}], rules: {http: [{}]}}]
+  - toPorts: [{ports: [{port: "83"}], rules: {http: [{headers: ["bad name: 1"]}]}}]
+  ingressDeny:
+  - toPorts: [{ports: [{port: "84"}], rules: {http: [{method: GET}]}}]
+"#,
+        );
+        let p = s.problems.join("\n");
+        for want in [
+            "spec.ingress[0].toPorts[0].rules.http[0]: path: \"/(unclosed\" is not a regular expression",
+            "spec.ingress[1].toPorts[0].rules.http[0]: headerMatches.mismatch: header mismatch actions",
+            "spec.ingress[2].toPorts[0].ports[0]: protocol: HTTP rules and listeners apply to TCP ports only",
+            "spec.ingress[3].toPorts[0].rules.http[0]: headers: \"bad name\" is not a header name",
+            "spec.ingressDeny[0].toPorts: HTTP rules and listeners cannot deny",
+            "spec.ingressDeny[0]: the rule denies every peer on every port",
+        ] {
+            assert!(p.contains(want), "missing {want:?} in\n{p}");
+        }
+        assert!(s.policy.http.is_empty());
+    }
+
+    #[test]
+    fn service_accounts_and_dotted_sources_select_as_in_cilium() {
+        let s = snapshot(
+            r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: robot, namespace: shop, labels: {app: worker}}
+spec: {nodeName: n2, serviceAccountName: robot, containers: []}
+status: {podIP: 10.1.2.14}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: echo, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: echo}}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {io.cilium.k8s.policy.serviceaccount: robot}
+    - matchLabels: {k8s.io.kubernetes.pod.namespace: ops, k8s.app: worker}
+"#,
+        );
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        let (robot, shop_worker, ops_worker) =
+            (id_of(&s, "shop", "robot"), id_of(&s, "shop", "worker"), id_of(&s, "ops", "worker"));
+        // Same labels, another ServiceAccount: another identity.
+        assert_ne!(robot, shop_worker);
+        let echo = &s.policy.endpoints[&ip("10.1.1.10")];
+        let peers: BTreeSet<u32> = echo.entries.iter().map(|e| e.identity).collect();
+        assert_eq!(peers, BTreeSet::from([robot, ops_worker]));
+        let pod = s.pods.iter().find(|p| p.key.name == "echo").unwrap();
+        assert_eq!(pod.labels.get("io.cilium.k8s.policy.serviceaccount").map(String::as_str), Some("default"));
     }
 
     #[test]

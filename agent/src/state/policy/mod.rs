@@ -7,6 +7,7 @@
 //! CiliumClusterwideNetworkPolicy ([`cilium`]).
 
 pub mod cilium;
+pub mod l7;
 pub mod netpol;
 pub mod rule;
 
@@ -47,6 +48,47 @@ pub struct PolicyState {
     pub cidrs: Vec<CidrIdentity>,
     /// rule id -> the policy its entries came from.
     pub rules: BTreeMap<u32, PolicyRef>,
+    /// What the node's policy listener must allow (HTTP rules).
+    pub http: Vec<l7::HttpGrant>,
+}
+
+impl PolicyState {
+    /// The EnvoyConfig listeners some rule hands connections to.
+    pub fn listeners(&self) -> std::collections::BTreeSet<&l7::ListenerRef> {
+        self.endpoints
+            .values()
+            .flat_map(|e| &e.waiting)
+            .filter_map(|(_, p)| match p {
+                l7::Proxy::Listener(l) => Some(l),
+                l7::Proxy::Http(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl PolicyState {
+    /// Gives the entries that wait for a proxy that proxy's port; an entry whose proxy has none is left out, so what it
+    /// would allow stays denied, and a problem says why.
+    pub fn connect(&mut self, ports: &l7::ListenerPorts, problems: &mut Vec<String>) {
+        let mut said = std::collections::BTreeSet::new();
+        for ep in self.endpoints.values_mut() {
+            for (mut e, proxy) in std::mem::take(&mut ep.waiting) {
+                match ports.port_of(&proxy) {
+                    Ok(port) => {
+                        e.proxy_port = Some(port);
+                        ep.entries.push(e);
+                    }
+                    Err(why) => {
+                        if said.insert((e.rule_id, why.to_string())) {
+                            let what = self.rules.get(&e.rule_id).map(ToString::to_string).unwrap_or_default();
+                            problems.push(format!("{what}: {why}; what it allows through the proxy stays denied"));
+                        }
+                    }
+                }
+            }
+            ep.entries.sort();
+        }
+    }
 }
 
 /// The rule id of a policy: stable on every node (a hash of its kind and
@@ -87,9 +129,17 @@ pub fn derive(t: Translated, cluster: &rule::Cluster, problems: &mut Vec<String>
         let what = rules.get(&id).map(ToString::to_string).unwrap_or_else(|| format!("policy {id}"));
         problems.push(format!("{what}: {msg}"));
     });
+    let mut http = Vec::new();
+    if endpoints.values().any(|e| e.waiting.iter().any(|(_, p)| matches!(p, l7::Proxy::Http(_)))) {
+        let addrs = l7::Addresses::of(cluster, &cidrs);
+        for (ip, e) in &endpoints {
+            http.extend(l7::http_grants(*ip, e, &addrs));
+        }
+    }
     PolicyState {
         endpoints,
         cidrs: cidrs.iter().map(|(n, id)| CidrIdentity { addr: n.addr, prefix_len: n.len, identity: *id }).collect(),
         rules: t.rules,
+        http,
     }
 }

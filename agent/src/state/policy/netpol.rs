@@ -91,7 +91,7 @@ fn rule(
         Some(ports) => (peers, ports),
         None => (Vec::new(), Vec::new()),
     };
-    Rule { direction, action: PolicyAction::Allow, peers, ports, proxy_port: None }
+    Rule { direction, action: PolicyAction::Allow, peers, ports, proxy: None }
 }
 
 fn peers(list: Option<&[NetworkPolicyPeer]>, ns: &str, at: &str, problem: &mut impl FnMut(&str, String)) -> Vec<Peer> {

@@ -107,6 +107,56 @@ pub enum PortSel {
     Named(String),
 }
 
+/// One HTTP rule: every given part must match. Method, path and host are
+/// regular expressions matched against the whole value (Cilium's meaning);
+/// headers must be present, or have exactly the value given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HttpRule {
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// A request header a rule asks for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HeaderMatch {
+    /// Lower-case, as HTTP/2 and Envoy see names.
+    pub name: String,
+    /// None: present with any value.
+    pub value: Option<String>,
+}
+
+/// A listener of an EnvoyConfig that a policy hands a port to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListenerRef {
+    pub clusterwide: bool,
+    /// The config's namespace ("" when clusterwide).
+    pub namespace: String,
+    pub config: String,
+    pub listener: String,
+}
+
+impl std::fmt::Display for ListenerRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.clusterwide {
+            write!(f, "listener {} of ClusterwideEnvoyConfig {}", self.listener, self.config)
+        } else {
+            write!(f, "listener {} of EnvoyConfig {}/{}", self.listener, self.namespace, self.config)
+        }
+    }
+}
+
+/// Where a rule sends the connections it allows.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Proxy {
+    /// The node's policy listener, which allows a request if one of these
+    /// rules (of this or another policy for the same pod and port) does.
+    Http(Vec<HttpRule>),
+    /// A listener of an EnvoyConfig, which does what it is configured to.
+    Listener(ListenerRef),
+}
+
 /// A protocol (None: any) and ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSpec {
@@ -122,8 +172,9 @@ pub struct Rule {
     pub action: PolicyAction,
     pub peers: Vec<Peer>,
     pub ports: Vec<PortSpec>,
-    /// Through the node's proxy on this port (L7 rules, listener redirects).
-    pub proxy_port: Option<u16>,
+    /// Allowed connections go through the node's proxy (L7 rules, listener
+    /// redirects) instead of straight on.
+    pub proxy: Option<Proxy>,
 }
 
 /// A policy in the common shape.
@@ -312,6 +363,7 @@ fn entries_for(
     cluster: &Cluster,
     out: &mut BTreeSet<PolicyEntry>,
 ) {
+    // Entries that wait for their proxy's port carry None until then.
     let entry = |identity: u32, proto: Option<Proto>, ports: Option<(u16, u16)>| PolicyEntry {
         direction: rule.direction,
         identity,
@@ -319,7 +371,7 @@ fn entries_for(
         ports,
         action: rule.action,
         rule_id,
-        proxy_port: rule.proxy_port,
+        proxy_port: None,
     };
     let all = [PortSpec { proto: None, ports: PortSel::All }];
     let specs = if rule.ports.is_empty() { &all[..] } else { &rule.ports[..] };
@@ -375,6 +427,9 @@ pub struct EndpointPolicy {
     /// A policy puts its egress under default-deny.
     pub egress: bool,
     pub entries: Vec<PolicyEntry>,
+    /// Entries allowed through a proxy, waiting for its port
+    /// ([`super::PolicyState::connect`] moves them to `entries`).
+    pub waiting: Vec<(PolicyEntry, Proxy)>,
 }
 
 /// Resolves policies for this node's pods. `problem(rule_id, message)` hears
@@ -387,7 +442,14 @@ pub fn resolve(
     cidrs: &CidrIds,
     mut problem: impl FnMut(u32, String),
 ) -> BTreeMap<Ipv4Addr, EndpointPolicy> {
-    let mut out: BTreeMap<Ipv4Addr, (bool, bool, BTreeSet<PolicyEntry>)> = BTreeMap::new();
+    #[derive(Default)]
+    struct Slot {
+        ingress: bool,
+        egress: bool,
+        entries: BTreeSet<PolicyEntry>,
+        waiting: BTreeSet<(PolicyEntry, Proxy)>,
+    }
+    let mut out: BTreeMap<Ipv4Addr, Slot> = BTreeMap::new();
     for policy in policies {
         let subjects: Vec<&PodState> = match policy.subjects.select(cluster) {
             Ok(s) => s.into_iter().filter(|p| p.local).collect(),
@@ -401,8 +463,8 @@ pub fn resolve(
         }
         for s in &subjects {
             let slot = out.entry(s.ip).or_default();
-            slot.0 |= policy.ingress;
-            slot.1 |= policy.egress;
+            slot.ingress |= policy.ingress;
+            slot.egress |= policy.egress;
         }
         for rule in &policy.rules {
             let peers = match resolve_peers(&rule.peers, cluster, cidrs) {
@@ -416,22 +478,31 @@ pub fn resolve(
                 let slot = out.entry(s.ip).or_default();
                 // A rule about a direction its policy does not enforce
                 // still applies: another policy may enforce it.
-                entries_for(rule, policy.rule_id, s, &peers, cluster, &mut slot.2);
+                match &rule.proxy {
+                    None => entries_for(rule, policy.rule_id, s, &peers, cluster, &mut slot.entries),
+                    Some(proxy) => {
+                        let mut via = BTreeSet::new();
+                        entries_for(rule, policy.rule_id, s, &peers, cluster, &mut via);
+                        slot.waiting.extend(via.into_iter().map(|e| (e, proxy.clone())));
+                    }
+                }
             }
         }
     }
+    // Entries of a direction nothing enforces would never be read.
+    let enforced = |ingress: bool, egress: bool| {
+        move |e: &PolicyEntry| match e.direction {
+            Direction::Ingress => ingress,
+            Direction::Egress => egress,
+        }
+    };
     out.into_iter()
-        .map(|(ip, (ingress, egress, entries))| {
-            // Entries of a direction nothing enforces would never be read.
-            let entries = entries
-                .into_iter()
-                .filter(|e| match e.direction {
-                    Direction::Ingress => ingress,
-                    Direction::Egress => egress,
-                })
-                .collect();
-            (ip, EndpointPolicy { ingress, egress, entries })
+        .filter(|(_, s)| s.ingress || s.egress)
+        .map(|(ip, s)| {
+            let keep = enforced(s.ingress, s.egress);
+            let entries = s.entries.into_iter().filter(|e| keep(e)).collect();
+            let waiting = s.waiting.into_iter().filter(|(e, _)| keep(e)).collect();
+            (ip, EndpointPolicy { ingress: s.ingress, egress: s.egress, entries, waiting })
         })
-        .filter(|(_, p)| p.ingress || p.egress)
         .collect()
 }
