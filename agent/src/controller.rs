@@ -230,7 +230,11 @@ impl Controller {
             let same = kept.remove(&at).filter(|(_, o, _, _)| o == origin).and_then(|(_, _, i, key)| {
                 before.get_mut(i).filter(|c| c.as_ref().is_some_and(|c| c.key == key))?.take()
             });
-            match same.map_or_else(|| envoyconfig::parse(origin.clone(), doc), Ok) {
+            let parsed = match same {
+                Some(c) => Ok(c),
+                None => envoyconfig::parse(origin.clone(), doc),
+            };
+            match parsed {
                 Ok(c) => {
                     self.parsed.insert(at, (doc.clone(), origin.clone(), self.configs.len(), c.key.clone()));
                     self.configs.push(c);

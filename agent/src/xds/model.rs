@@ -220,11 +220,16 @@ pub struct Model {
     translations: Option<HashMap<ConfigKey, (EnvoyConfigSpec, Translating)>>,
     /// The encoded endpoints of each (Service, selected ports), with the
     /// objects they were computed from; None with `translations` (the oracle).
-    endpoints: Option<HashMap<(ObjKey, Vec<String>), (EndpointInputs, Arc<[Arc<Resource>]>)>>,
+    endpoints: Option<KeptEndpoints>,
     /// Each listener as last encoded: the translation and shape it came
     /// from; None with `translations` (the oracle).
-    listeners: Option<HashMap<String, (Arc<Translation>, Shape, Arc<Resource>)>>,
+    listeners: Option<KeptListeners>,
 }
+
+/// (Service, selected ports) -> the objects its endpoints came from, and them encoded.
+type KeptEndpoints = HashMap<(ObjKey, Vec<String>), (EndpointInputs, Arc<[Arc<Resource>]>)>;
+/// Listener name -> the translation and shape it came from, and it encoded.
+type KeptListeners = HashMap<String, (Arc<Translation>, Shape, Arc<Resource>)>;
 
 /// How a config's listener is reached on this node (what the model changes
 /// of it as written).
