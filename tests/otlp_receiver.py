@@ -17,7 +17,11 @@ To exercise client behaviour:
   --delay-ms N    sleep N ms before answering each export (a slow collector);
   --fail-first N  answer the first N export calls, counted across logs and traces
                   and across gRPC and HTTP, with UNAVAILABLE (gRPC) or 503 (HTTP);
-                  nothing from a refused call is recorded.
+                  nothing from a refused call is recorded;
+  --reject N,M,...  answer export calls with an OTLP partial success claiming N (then M,
+                  ..., cycling; any integer, also negative or more than were sent) log
+                  records or spans rejected; the first that many (as far as they exist)
+                  are not recorded.
 
 To exercise TLS and headers:
   --tls-cert F --tls-key F   serve HTTPS with this certificate and key (PEM; OTLP/HTTP only);
@@ -115,7 +119,9 @@ def span_records(req):
 class Receiver:
     """What both transports share: the output file, the delay and the failure budget."""
 
-    def __init__(self, out_path, delay_ms, fail_first, record_headers=(), require=None):
+    def __init__(self, out_path, delay_ms, fail_first, record_headers=(), require=None, reject=()):
+        self.reject = list(reject)
+        self.calls = 0
         self.record_headers = list(record_headers)
         self.require = require
         self.out = open(out_path, "a", encoding="utf-8")
@@ -146,7 +152,19 @@ class Receiver:
             self.out.flush()
         return False
 
-    def record(self, protocol, records, headers=None):
+    def rejecting(self):
+        """The rejected count this call claims (None: a full success)."""
+        if not self.reject:
+            return None
+        with self.lock:
+            n = self.reject[self.calls % len(self.reject)]
+            self.calls += 1
+            return n
+
+    def record(self, protocol, records, headers=None, rejected=None):
+        records = list(records)
+        if rejected is not None:
+            records = records[max(0, rejected):]
         with self.lock:
             for rec in records:
                 rec = {"kind": rec["kind"], "protocol": protocol, **rec}
@@ -170,8 +188,9 @@ class GrpcLogs(logs_grpc.LogsServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "otlp_receiver: --require-header")
         if self.rx.should_fail():
             context.abort(grpc.StatusCode.UNAVAILABLE, "otlp_receiver: --fail-first")
-        self.rx.record("grpc", log_records(request), self.rx.headers_of(md.get))
-        return logs_pb.ExportLogsServiceResponse()
+        rejected = self.rx.rejecting()
+        self.rx.record("grpc", log_records(request), self.rx.headers_of(md.get), rejected)
+        return logs_response(rejected)
 
 
 class GrpcTraces(trace_grpc.TraceServiceServicer):
@@ -184,14 +203,31 @@ class GrpcTraces(trace_grpc.TraceServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "otlp_receiver: --require-header")
         if self.rx.should_fail():
             context.abort(grpc.StatusCode.UNAVAILABLE, "otlp_receiver: --fail-first")
-        self.rx.record("grpc", span_records(request), self.rx.headers_of(md.get))
-        return trace_pb.ExportTraceServiceResponse()
+        rejected = self.rx.rejecting()
+        self.rx.record("grpc", span_records(request), self.rx.headers_of(md.get), rejected)
+        return trace_response(rejected)
 
 
-# path -> (request type, empty response, record extractor)
+def logs_response(rejected):
+    r = logs_pb.ExportLogsServiceResponse()
+    if rejected is not None:
+        r.partial_success.rejected_log_records = rejected
+        r.partial_success.error_message = "otlp_receiver: --reject"
+    return r
+
+
+def trace_response(rejected):
+    r = trace_pb.ExportTraceServiceResponse()
+    if rejected is not None:
+        r.partial_success.rejected_spans = rejected
+        r.partial_success.error_message = "otlp_receiver: --reject"
+    return r
+
+
+# path -> (request type, response maker, record extractor)
 HTTP_ROUTES = {
-    "/v1/logs": (logs_pb.ExportLogsServiceRequest, logs_pb.ExportLogsServiceResponse, log_records),
-    "/v1/traces": (trace_pb.ExportTraceServiceRequest, trace_pb.ExportTraceServiceResponse, span_records),
+    "/v1/logs": (logs_pb.ExportLogsServiceRequest, logs_response, log_records),
+    "/v1/traces": (trace_pb.ExportTraceServiceRequest, trace_response, span_records),
 }
 
 
@@ -214,7 +250,7 @@ def make_http_handler(rx):
             ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
             if ctype != "application/x-protobuf":
                 return self.reply(415, b"only application/x-protobuf is supported\n")
-            request_type, response_type, extract = route
+            request_type, response_of, extract = route
             try:
                 if self.headers.get("Content-Encoding", "").lower() == "gzip":
                     body = gzip.decompress(body)
@@ -225,8 +261,9 @@ def make_http_handler(rx):
                 return self.reply(401, b"otlp_receiver: --require-header\n")
             if rx.should_fail():
                 return self.reply(503, b"otlp_receiver: --fail-first\n")
-            rx.record("http", extract(request), rx.headers_of(self.headers.get))
-            self.reply(200, response_type().SerializeToString(), "application/x-protobuf")
+            rejected = rx.rejecting()
+            rx.record("http", extract(request), rx.headers_of(self.headers.get), rejected)
+            self.reply(200, response_of(rejected).SerializeToString(), "application/x-protobuf")
 
         def log_message(self, format, *args):  # keep test output quiet
             pass
@@ -246,6 +283,7 @@ def main():
     p.add_argument("--tls-key")
     p.add_argument("--record-header", action="append", default=[])
     p.add_argument("--require-header")
+    p.add_argument("--reject", default="")
     args = p.parse_args()
 
     require = None
@@ -253,7 +291,8 @@ def main():
         name, _, value = args.require_header.partition("=")
         require = (name.strip().lower(), value)
     rx = Receiver(args.out, args.delay_ms, args.fail_first,
-                  [h.lower() for h in args.record_header], require)
+                  [h.lower() for h in args.record_header], require,
+                  [int(n) for n in args.reject.split(",") if n.strip()])
     ipv6 = ":" in args.bind
 
     # grpcio sets SO_REUSEPORT by default, which would let two receivers share a port.

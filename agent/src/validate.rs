@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::{
     k8s::{Origin, yaml},
-    state::policy::{Translated, cilium},
+    state::policy::cilium,
     xds::{
         envoyconfig::{self, ConfigKey},
         model::{Model, NodeInfo, Serving},
@@ -127,9 +127,9 @@ pub fn validate(paths: &[PathBuf]) -> Report {
     let clusterwide = loaded.objects.cilium_clusterwide_network_policies.iter().map(|(k, p)| (k, p, true));
     for (key, p, clusterwide) in policies.chain(clusterwide) {
         report.policies += 1;
-        let mut problems = Vec::new();
-        cilium::translate(key, &p.object, clusterwide, &mut Translated::default(), &mut problems);
-        report.problems.extend(problems.iter().map(|m| format!("{}: {m}", p.origin)));
+        let kind = if clusterwide { cilium::CLUSTERWIDE_KIND } else { cilium::KIND };
+        let problems = cilium::problems(key, &p.object, clusterwide);
+        report.problems.extend(problems.iter().map(|m| format!("{}: {kind} {key}: {m}", p.origin)));
     }
     report
 }

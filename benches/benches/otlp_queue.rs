@@ -143,7 +143,7 @@ impl LogExporter for SdkExporter {
                 let mut backoff = Duration::from_millis(100);
                 loop {
                     match client.lock().await.send_logs(req.clone()).await {
-                        Ok(()) => return true,
+                        Ok(_) => return true,
                         Err(f) if !f.retry || start.elapsed() + backoff > RETRY_FOR => return false,
                         Err(_) => {}
                     }

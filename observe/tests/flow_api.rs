@@ -23,7 +23,7 @@ use weft_flow::{
 use weft_observe::{
     api::server::{self, Listen, StreamLimits},
     pipeline::{
-        EventFeed, Pipeline, PipelineConfig,
+        EventFeed, Pipeline, PipelineConfig, Refusal,
         enrich::Names,
         record::{EndpointInfo, Http, L7Entry, LostSource, ServiceInfo},
     },
@@ -789,6 +789,9 @@ async fn streams_and_requests_are_bounded() {
 
     let huge = FlowFilter { source_pod: vec!["x".repeat(server::MAX_REQUEST_BYTES + 1)], ..Default::default() };
     let mut c = client::observer(&api.addr).await.unwrap();
+    let before = api.pipeline.counters.refused(Refusal::OverLimit);
     let err = c.get_flows(GetFlowsRequest { whitelist: vec![huge], ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    // Refused before the handler, and still counted.
+    assert_eq!(api.pipeline.counters.refused(Refusal::OverLimit), before + 1);
 }

@@ -385,6 +385,12 @@ impl Client {
         read_response(&mut self.reader, method == "HEAD")
     }
 
+    /// Ends the client's side (a FIN), as a client does after a response
+    /// with `connection: close`.
+    pub fn close_write(&self) -> io::Result<()> {
+        self.stream.shutdown(std::net::Shutdown::Write)
+    }
+
     /// Waits until the server closes its side (within the read timeout), so
     /// the server is the first to close whatever the scheduling.
     pub fn wait_closed(&mut self) -> io::Result<()> {

@@ -193,7 +193,7 @@ fn running_agents_count_hostile_access_log_lines_and_flow_requests() {
                     ..Default::default()
                 },
                 Code::OutOfRange,
-                "",
+                "over_limit",
                 "",
             ),
             (

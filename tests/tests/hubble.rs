@@ -430,3 +430,156 @@ fn hubble_relay_shows_the_flows_of_both_lab_nodes() {
     }
     env.lab.kill(pid);
 }
+
+/// A folder removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a Secret's keys as files into `dir`, as a Secret volume mounts them.
+fn mount_secret(cp: &weft_tests::k8s::ControlPlane, name: &str, dir: &std::path::Path) {
+    let json = cp.kubectl_ok(&["-n", "weft-system", "get", "secret", name, "-o", "json"]);
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_str(&json).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    for (key, value) in secret.data.unwrap_or_default() {
+        std::fs::write(dir.join(key), value.0).unwrap();
+    }
+}
+
+/// The certificates the operator issues (its own code, writing its Secrets to
+/// the real API server as its ServiceAccount), mounted as deploy/ mounts them:
+/// each agent serves its node's pair from `weft-flows-server`, and Hubble
+/// Relay and the CLI present `weft-flows-client`. Over them: `hubble watch
+/// peers` across nodes with the server name the Peer service announces, and
+/// the relay dialling every node with mutual TLS.
+#[test]
+fn hubble_relay_and_watch_peers_use_the_operators_certificates() {
+    use weft_agent::operator::flowcerts::{CLIENT_SECRET, FlowCerts, Lifetimes, SERVER_SECRET};
+    use weft_flow::names::flow_server_name;
+    require_root!();
+    let (Some(bin), Some(relay)) = (hubble_binary(), on_path("hubble-relay")) else {
+        eprintln!("SKIPPED: needs hubble and hubble-relay on PATH (tests/env.sh unpacks ../shared/bin)");
+        return;
+    };
+    let cp = weft_tests::require_control_plane!();
+    weft_tests::k8s::deploy::rbac(&cp);
+    let kc = cp.service_account_kubeconfig("weft-system", "weft-operator", None).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let certs =
+            FlowCerts::new(cp.client_for(&kc).await, "weft-system", "default", "weft-operator", Lifetimes::default());
+        let nodes = ["node1", "node2"].map(String::from).into_iter().collect();
+        certs.reconcile(&nodes, weft_flow::time::now_ns() / 1_000_000_000).await.unwrap();
+    });
+    let scratch = Scratch(std::env::temp_dir().join(format!("weft-hubble-certs-{}", std::process::id())));
+    let (server_dir, client_dir) = (scratch.0.join("flows-tls"), scratch.0.join("relay-tls"));
+    mount_secret(&cp, SERVER_SECRET, &server_dir);
+    mount_secret(&cp, CLIENT_SECRET, &client_dir);
+    let sd = server_dir.display();
+    // deploy/agent.yaml's flows.tls, with this folder for /etc/weft-flows-tls.
+    let config = format!(
+        "envoy:\n  enabled: false\nflows:\n  tls:\n    cert: {sd}/{{node}}.crt\n    key: {sd}/{{node}}.key\n    client-ca: {sd}/ca.crt\n"
+    );
+    let services = |lab: &weft_tests::lab::Lab| {
+        weft_tests::objects::lab_objects(lab, &[weft_tests::objects::LabService::new("web", VIP, 80, &["n2-p1"])])
+    };
+    let env = EnvoyLab::with_config(services, &config);
+    let client = env.lab.pod("n1-p1");
+    for _ in 0..3 {
+        let (r, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T).unwrap_or_else(|e| env.fail(e));
+        assert_eq!(r.status, 200);
+    }
+    let file = |f: &str| client_dir.join(f).display().to_string();
+    let tls = [
+        "--tls",
+        "--tls-ca-cert-files",
+        &file("ca.crt"),
+        "--tls-client-cert-file",
+        &file("tls.crt"),
+        "--tls-client-key-file",
+        &file("tls.key"),
+    ];
+    let (ip1, ip2) = (env.lab.node(0).ip.to_string(), env.lab.node(1).ip.to_string());
+    let (name1, name2) = (flow_server_name("node1", "default"), flow_server_name("node2", "default"));
+
+    // From node1, node2's Peer service over mutual TLS, checked against the
+    // name Hubble's convention gives node2: both nodes, each with its name.
+    let mut cmd = Command::new(&bin);
+    cmd.args(["watch", "peers", "--server", &format!("{ip2}:4244"), "--tls-server-name", &name2])
+        .args(tls)
+        .stdout(std::process::Stdio::piped());
+    let pid = env.lab.spawn(&env.lab.node(0).netns, None, &mut cmd).unwrap();
+    let stdout = env.lab.take_stdout(pid).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut peers: Vec<String> = (0..2)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(15)).unwrap_or_else(|e| env.fail(format!("watch peers over TLS: {e}")))
+        })
+        .collect();
+    peers.sort();
+    for (line, (ip, node, name)) in peers.iter().zip([(&ip1, "node1", &name1), (&ip2, "node2", &name2)]) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[..3], ["PEER_ADDED", &format!("{ip}:4244"), node], "{line}");
+        assert!(line.contains(name.as_str()), "the TLS server name of {node}: {line}");
+    }
+    env.lab.kill(pid);
+    // The wrong name for node2's certificate: refused.
+    let wrong = hubble_in(
+        &env,
+        0,
+        &bin,
+        &[&["status", "--server", &format!("{ip2}:4244"), "--tls-server-name", &name1][..], &tls].concat(),
+    );
+    assert!(!wrong.status.success(), "node2 answered as {name1}");
+    // The name newer relays check on the Peer service (deploy/'s relay reaches
+    // it through the hubble-peer Service): every node's certificate has it.
+    let peer_name = weft_flow::names::peer_service_server_name("default");
+    let as_peer = hubble_in(
+        &env,
+        0,
+        &bin,
+        &[&["status", "--server", &format!("{ip2}:4244"), "--tls-server-name", &peer_name][..], &tls].concat(),
+    );
+    assert!(as_peer.status.success(), "as {peer_name}: {}", String::from_utf8_lossy(&as_peer.stderr));
+
+    // The relay in node1: the Peer service over node1's socket, each node's
+    // flow API over mutual TLS with the client certificate, verifying each
+    // node by the server name the Peer service announces.
+    let log_path = env.files[0].state_dir.join("hubble-relay.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(&relay);
+    cmd.args(["serve", "--peer-service", &flow_socket(&env.files[0]), "--listen-address", "127.0.0.1:4245"])
+        .args(["--disable-server-tls", "--tls-hubble-server-ca-files", &file("ca.crt")])
+        .args(["--tls-client-cert-file", &file("tls.crt"), "--tls-client-key-file", &file("tls.key")])
+        .args(["--gops=false", "--dial-timeout", "3s", "--retry-timeout", "2s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    let pid = env.lab.spawn(&env.lab.node(0).netns, None, &mut cmd).unwrap();
+    let relay_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let server = ["--server", "127.0.0.1:4245"];
+    weft_tests::flows::wait_for(Duration::from_secs(30), "both nodes through the relay over TLS", || {
+        let out = hubble_in(&env, 0, &bin, &[&["observe", "-o", "json", "--all"][..], &server].concat());
+        let text = String::from_utf8_lossy(&out.stdout);
+        let nodes: BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["flow"]["node_name"].as_str().map(str::to_owned))
+            .collect();
+        (nodes.contains("node1") && nodes.contains("node2")).then_some(())
+    })
+    .unwrap_or_else(|e| env.fail(format!("{e}; relay log:\n{}", relay_log())));
+    let status = hubble_in(&env, 0, &bin, &[&["status"][..], &server].concat());
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("Connected Nodes: 2/2"), "{status}\nrelay log:\n{}", relay_log());
+    env.lab.kill(pid);
+}

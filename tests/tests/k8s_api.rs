@@ -554,6 +554,35 @@ async fn cilium_kinds_are_watched_once_their_crds_are_applied_and_cilium_yaml_ap
     let l = policy_src.snapshot();
     let spec = l.objects.cilium_network_policies[&mutual].object.spec.clone().unwrap();
     assert_eq!(spec["ingress"][0]["authentication"]["mode"], "required", "unknown fields reach the agent: {spec}");
+
+    // The operator says in each policy's status what weft refuses of it, by field.
+    let _one = OPERATORS.lock().await;
+    let op = operator(&cp, &ns.name, &format!("{}-op", ns.name)).await;
+    let cnp = |name: &str| get(&cp, "ciliumnetworkpolicies.cilium.io", Some(&ns.name), name).unwrap();
+    let ccnp = |name: &str| get(&cp, "ciliumclusterwidenetworkpolicies.cilium.io", None, name).unwrap();
+    let (st, reason, msg, generation) =
+        until("the refused policy's status", || condition(&cnp("mutual-auth"), "Valid")).await;
+    assert_eq!((st.as_str(), reason.as_str(), generation), ("False", "Refused", 1), "{msg}");
+    assert_eq!(
+        msg,
+        "spec.ingress[0].authentication: mutual authentication is not supported\n\
+         spec.ingress[0]: the rule allows nothing (see the problems above)"
+    );
+    let (st, reason, msg, _) =
+        until("the accepted policy's status", || condition(&ccnp(&lockdown.name), "Valid")).await;
+    assert_eq!((st.as_str(), reason.as_str()), ("True", "Valid"), "{msg}");
+    // kubectl shows it (the CRD's Valid column).
+    let table = cp.kubectl_ok(&["get", "cnp", "mutual-auth", "-n", &ns.name]);
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "VALID", "AGE"], "{table}");
+    assert_eq!(table.lines().nth(1).unwrap_or_default().split_whitespace().nth(1), Some("False"), "{table}");
+    // The fixed policy (without its mutual authentication) is valid at its new generation.
+    let fix = r#"[{"op": "remove", "path": "/spec/ingress/0/authentication"}]"#;
+    cp.kubectl_ok(&["patch", "cnp", "mutual-auth", "-n", &ns.name, "--type=json", "-p", fix]);
+    let (st, _, msg, _) =
+        until("the fixed policy's status", || condition(&cnp("mutual-auth"), "Valid").filter(|c| c.3 == 2)).await;
+    assert_eq!(st, "True", "{msg}");
+    op.abort();
     cp.kubectl_ok(&["delete", "ciliumclusterwidenetworkpolicy", &lockdown.name]);
 }
 
@@ -1113,6 +1142,29 @@ async fn agents_and_the_operator_can_do_their_work_with_deploys_rbac_and_nothing
         "apiVersion: weft.io/v1alpha1\nkind: WeftNode\nmetadata: {{name: {n1}, namespace: weft-system}}\nspec: {{}}\n"
     );
     refused(&cp, &unbound, &["apply", "--server-side", "-f", "-"], Some(&own), "its credentials name no node");
+    // Policies: the agent reads them; their status is the operator's.
+    let cnp = format!(
+        "apiVersion: weft.io/v1alpha1\nkind: CiliumNetworkPolicy\nmetadata: {{name: dns, namespace: {n}}}\n\
+         spec: {{endpointSelector: {{}}, egress: [{{toFQDNs: [{{matchName: a.example}}]}}]}}\n"
+    );
+    cp.apply(&cnp);
+    refused(
+        &cp,
+        &agent,
+        &[
+            "patch",
+            "ciliumnetworkpolicies.weft.io",
+            "dns",
+            "-n",
+            &n,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            status,
+        ],
+        None,
+        forbidden,
+    );
 
     // The operator writes status with its token...
     let opts = weft_agent::operator::OperatorOptions {
@@ -1123,6 +1175,10 @@ async fn agents_and_the_operator_can_do_their_work_with_deploys_rbac_and_nothing
     let client = cp.client_for(&operator_kc).await;
     let op = tokio::spawn(async move { weft_agent::operator::run(client, opts).await.unwrap() });
     until("the operator's status write", || condition(&get(&cp, "ec", Some(&n), "lb").unwrap(), "Valid")).await;
+    let policy = || get(&cp, "ciliumnetworkpolicies.weft.io", Some(&n), "dns").unwrap();
+    let (st, _, msg, _) = until("the operator's policy status", || condition(&policy(), "Valid")).await;
+    assert_eq!(st, "False", "{msg}");
+    assert!(msg.starts_with("spec.egress[0].toFQDNs: FQDN rules are not supported"), "{msg}");
     assert_eq!(
         get(&cp, "lease", Some("weft-system"), "weft-operator").unwrap()["spec"]["holderIdentity"],
         operator_pod.as_str()

@@ -21,7 +21,8 @@ use opentelemetry_proto::tonic::{
 };
 use serde_json::Value as Json;
 use weft_observe::export::otlp::{
-    Compression, OtlpConfig, OtlpOptions, Protocol, Signal, Transport, transport::Client,
+    Compression, OtlpConfig, OtlpOptions, Protocol, Signal, Transport,
+    transport::{Accepted, Client},
 };
 use weft_tests::{
     envoylab::EnvoyLab,
@@ -59,6 +60,27 @@ fn one_span(name: &str) -> ExportTraceServiceRequest {
             ..Default::default()
         }],
     }
+}
+
+/// `n` log records (bodies `tag-0`, `tag-1`, ...) in one request.
+fn logs_of(n: usize, tag: &str) -> ExportLogsServiceRequest {
+    let mut req = one_log("");
+    req.resource_logs[0].scope_logs[0].log_records = (0..n)
+        .map(|i| LogRecord {
+            body: Some(AnyValue { value: Some(Value::StringValue(format!("{tag}-{i}"))) }),
+            ..Default::default()
+        })
+        .collect();
+    req
+}
+
+/// `n` spans (names `tag-0`, ...) in one request.
+fn spans_of(n: usize, tag: &str) -> ExportTraceServiceRequest {
+    let mut req = one_span("");
+    let span = req.resource_spans[0].scope_spans[0].spans[0].clone();
+    req.resource_spans[0].scope_spans[0].spans =
+        (0..n).map(|i| Span { name: format!("{tag}-{i}"), ..span.clone() }).collect();
+    req
 }
 
 fn free_port() -> u16 {
@@ -230,6 +252,55 @@ async fn an_api_key_header_is_sent_over_both_protocols_and_its_absence_is_refuse
     assert_eq!(kept.len(), 4, "{got:?}");
     assert!(kept.iter().all(|r| r["headers"]["authorization"] == "Bearer s3cret"), "{kept:?}");
     assert_eq!(got.iter().filter(|r| r["kind"] == "refused").count(), 2, "{got:?}");
+    drop(rx);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A collector's partial success is read over both protocols: the refused
+/// count is the collector's, held to what the request held (a collector
+/// claiming more, or a negative count, is not believed), with its message.
+#[tokio::test]
+async fn a_partial_success_is_read_over_both_protocols_and_held_to_what_was_sent() {
+    let dir = std::env::temp_dir().join(format!("weft-otlp-partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Every call's claim, cycling: 2 rejected, then 1000, then -5.
+    let Some((rx, grpc, http)) = receiver(&dir, &["--reject=2,1000,-5"]) else {
+        println!("SKIPPED: needs the project's venv (tests/setup.sh)");
+        return;
+    };
+    let told = |rejected| Accepted { rejected, message: Some("otlp_receiver: --reject".into()) };
+    for (protocol, endpoint) in [
+        (Protocol::Grpc, format!("http://127.0.0.1:{grpc}")),
+        (Protocol::HttpProtobuf, format!("http://127.0.0.1:{http}")),
+    ] {
+        let name = protocol.label();
+        let mut logs = Client::new(&transport(Signal::Logs, protocol, &endpoint)).unwrap();
+        let mut traces = Client::new(&transport(Signal::Traces, protocol, &endpoint)).unwrap();
+        let mut got = vec![];
+        for call in 0..3 {
+            got.push(logs.send_logs(logs_of(3, &format!("{name}-log{call}"))).await.unwrap());
+        }
+        for call in 0..3 {
+            got.push(traces.send_spans(spans_of(3, &format!("{name}-span{call}"))).await.unwrap());
+        }
+        assert_eq!(got, [told(2), told(3), told(0), told(2), told(3), told(0)], "{name}");
+    }
+    // What the receiver kept: the third of the first call, none of the
+    // second, all of the third, for each signal and protocol.
+    let got = received(&dir);
+    assert_eq!(got.len(), 16, "{got:?}");
+    for name in ["grpc", "http/protobuf"] {
+        let text = |v: &Json| v["body"].as_str().or(v["name"].as_str()).unwrap_or_default().to_string();
+        let kept: Vec<String> = got.iter().map(text).filter(|t| t.starts_with(&format!("{name}-"))).collect();
+        let want: Vec<String> = ["log", "span"]
+            .iter()
+            .flat_map(|k| {
+                [format!("{name}-{k}0-2"), format!("{name}-{k}2-0"), format!("{name}-{k}2-1"), format!("{name}-{k}2-2")]
+            })
+            .collect();
+        assert_eq!(kept, want, "{name}");
+    }
     drop(rx);
     let _ = std::fs::remove_dir_all(&dir);
 }

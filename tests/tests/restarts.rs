@@ -3,7 +3,8 @@
 //! is seen at once, even when it is an adopted Envoy nobody reaps; HTTP
 //! flows Envoy logs while the agent is away reach the flow API after it
 //! returns (every entry delivered or counted lost), and `weft observe -f`
-//! carries on across the agent's restart without printing a flow twice.
+//! carries on across the agent's restart without printing a flow twice;
+//! an Envoy replaced for new settings drains before it stops.
 //!
 //! The figures under the full load (3,000 requests at 150/s) come
 //! from the probe in benches/benches/restarts.rs; these tests assert the
@@ -23,6 +24,16 @@ use weft_tests::{
     require_root,
     scenario::{T, VIP, sa},
 };
+
+/// The tests here measure connections across restarts under load, with
+/// clients that give up after T: one at a time, so one test's agent and
+/// Envoy starting (seconds of CPU on 2 cores) does not slow another's
+/// restarted Envoy past T.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn now_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
@@ -62,6 +73,7 @@ fn start_again(env: &weft_tests::envoylab::EnvoyLab) -> serde_json::Value {
 #[test]
 fn an_adopted_envoy_killed_under_load_is_restarted_at_once_and_costs_no_new_connection() {
     require_root!();
+    let _serial = one_at_a_time();
     // Processes orphaned below this one become its children and stay
     // unreaped until it waits for them: the adopted Envoy, once killed, is
     // a zombie, which a look at /proc/PID would take for a live process.
@@ -131,6 +143,83 @@ fn an_adopted_envoy_killed_under_load_is_restarted_at_once_and_costs_no_new_conn
     assert!(failed_after.is_empty(), "new L7 connections failed after Envoy was gone: {failed_after:?}");
 }
 
+#[test]
+fn an_envoy_replaced_for_new_settings_drains_before_it_stops() {
+    require_root!();
+    let _serial = one_at_a_time();
+    let env = flow_lab("");
+    let client = env.lab.pod("n1-p1");
+    let status = weft_tests::objects::agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e));
+    let old = status["envoy"]["pid"].as_u64().unwrap();
+    // A kept-alive connection through the old Envoy.
+    let mut kept =
+        weft_tests::http::Client::connect(&client.netns, sa(HELLO, 80), None, T).unwrap_or_else(|e| env.fail(e));
+    let r = kept.get("hello.default", "/before", &[]).unwrap_or_else(|e| env.fail(e));
+    assert_eq!((r.status, r.header("connection")), (200, None), "{r:?}");
+
+    // The agent comes back with another Envoy setting: its bootstrap differs,
+    // so the running Envoy is replaced, draining first.
+    env.lab.kill(env.pids[0]);
+    let mut cfg = std::fs::read_to_string(&env.files[0].config).unwrap();
+    cfg.push_str("envoy:\n  concurrency: 1\n");
+    std::fs::write(&env.files[0].config, cfg).unwrap();
+    let log = env.lab.run_dir.join("agent0.log");
+    let pid = start_agent(&env.lab, 0, &env.files[0], &log).unwrap_or_else(|e| env.fail(e));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("Envoy is draining") {
+        assert!(Instant::now() < deadline, "the agent never drained the old Envoy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The drain goes on while the kept connection is open (up to 5 s):
+    // a request on it meanwhile is answered by the old Envoy, with the
+    // connection closed after it (not reset).
+    let state = std::fs::read_to_string(format!("/proc/{old}/stat")).unwrap_or_default();
+    let state = state.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    assert!(matches!(state, Some('R' | 'S' | 'D')), "the old Envoy drains, it is not stopped yet ({state:?})");
+    let r = kept.get("hello.default", "/draining", &[]).unwrap_or_else(|e| env.fail(e));
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")), "{r:?}");
+    // The client closes as told, and so does Envoy: an end, not a reset.
+    kept.close_write()
+        .and_then(|()| kept.wait_closed())
+        .unwrap_or_else(|e| env.fail(format!("the drained connection ended with {e}, not a close")));
+    drop(kept);
+
+    // New connections while the old Envoy drains and exits and the new one
+    // starts. Those that arrive after the old one stopped accepting wait in
+    // the datapath's copies until the new one listens, which takes seconds
+    // on a loaded machine (Envoy's start, ADS, its listeners): the clients
+    // wait longer than T for that.
+    let load = Load {
+        ns: client.netns.clone(),
+        targets: vec![sa(VIP, 80), sa(HELLO, 80)],
+        count: 300,
+        rate: 100.0,
+        timeout: Duration::from_secs(15),
+    };
+    eprintln!("load from {:?}", std::time::SystemTime::now());
+    let run = load.run(Vec::new());
+    wait_ready(&env.files[0], Duration::from_secs(30), || env.lab.running(pid)).unwrap_or_else(|e| env.fail(e));
+    let status = env.acked("EnvoyConfig default/hello-l7");
+    assert_ne!(status["envoy"]["pid"].as_u64().unwrap(), old, "a new Envoy: {status:#}");
+    assert_eq!(status["envoy"]["adopted"], false);
+    let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
+    for l in agent_log.lines().filter(|l| l.contains("Envoy") || l.contains("proxy")) {
+        eprintln!("{l}");
+    }
+    // It was drained only once the datapath held its sockets.
+    assert!(!agent_log.contains("holds no copy"), "the drain did not wait for the datapath's copies");
+    for r in run.requests.iter().filter(|r| !r.ok()) {
+        eprintln!("failed: {r:?}");
+    }
+    let (plain, l7) = (load::tally(&run.requests, 0), load::tally(&run.requests, 1));
+    let longest = run.requests.iter().filter(|r| r.target == 1).map(|r| r.took).max().unwrap_or_default();
+    eprintln!("plain {plain:?}; L7 {l7:?}; the longest L7 request took {longest:?}");
+    assert_eq!(plain.ok, plain.sent, "{plain:?}");
+    // The old Envoy stops accepting before its SIGTERM and finishes what it
+    // accepted; what arrives meanwhile waits for the new one: nothing fails.
+    assert_eq!(l7.ok, l7.sent, "every L7 request across the replacement is answered: {l7:?}");
+}
+
 /// `weft observe -f -o json --protocol http` against node1's agent: its
 /// stdout lines, and its stderr in a file.
 fn follow(env: &weft_tests::envoylab::EnvoyLab) -> (Follower, std::sync::mpsc::Receiver<String>, std::path::PathBuf) {
@@ -155,6 +244,7 @@ impl Drop for Follower {
 #[test]
 fn http_flows_logged_while_the_agent_is_away_reach_a_follower_that_carries_on() {
     require_root!();
+    let _serial = one_at_a_time();
     let env = flow_lab("");
     let (follower, lines, follower_err) = follow(&env);
     // One request the follower must print first: then it is streaming.

@@ -9,7 +9,10 @@
 //!   again. Meanwhile its connections wait in the listening sockets the
 //!   datapath keeps (`datapath::proxy`);
 //! - across agent restarts: a running Envoy started by an earlier agent
-//!   with the same bootstrap is adopted, so L7 connections survive;
+//!   with the same bootstrap is adopted, so L7 connections survive; one
+//!   with another bootstrap (new settings) is drained before it is stopped
+//!   ([`drain_then_stop`]), so its requests finish and new connections wait
+//!   for the next Envoy instead of failing;
 //! - with its access log in a spool the agent reads
 //!   (`weft_observe::pipeline::spool`): Envoy writes `access-log/current.log`
 //!   in the state directory (its working directory), the supervisor moves
@@ -85,6 +88,21 @@ const SPOOL_EVERY: Duration = Duration::from_millis(500);
 const YOUNG: Duration = Duration::from_secs(10);
 /// How long a stopped Envoy gets to exit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Envoy's `--drain-time-s`: how long a replaced Envoy discourages requests
+/// while it still accepts connections, and the longest each phase of
+/// [`drain_then_stop`] waits for its connections to finish.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// The least a replaced Envoy keeps accepting while it drains.
+const DRAIN_MIN: Duration = Duration::from_secs(1);
+/// The longest a drained Envoy is kept running for the datapath to take
+/// copies of its listening sockets (a restarted agent's datapath may still
+/// be loading).
+const HELD_WAIT: Duration = Duration::from_secs(20);
+
+/// Whether the datapath holds its own copy of the listening socket of every
+/// proxy port it hands connections to (so a connection that arrives while
+/// no Envoy accepts waits in it).
+pub type SocketsHeld = Box<dyn Fn() -> bool + Send + Sync>;
 
 fn pipe_cluster(name: &str, path: &Path) -> serde_json::Value {
     json!({
@@ -118,6 +136,12 @@ pub fn command_args(s: &EnvoySettings, bootstrap_path: &Path) -> Vec<String> {
             &FILE_FLUSH_MS.to_string(),
             "--concurrency",
             &s.concurrency.to_string(),
+            // A drain (a replaced Envoy, a listener LDS changed or removed)
+            // asks every connection to close at once, for DRAIN_TIME.
+            "--drain-time-s",
+            &DRAIN_TIME.as_secs().to_string(),
+            "--drain-strategy",
+            "immediate",
         ]
         .map(String::from),
     );
@@ -236,16 +260,109 @@ impl Spool {
 /// The running Envoy of an earlier agent, if it runs with this bootstrap
 /// (it is adopted: L7 connections survive the agent's restart). One with
 /// another bootstrap is stopped.
-async fn adopt(s: &EnvoySettings, bootstrap: &[u8]) -> Option<Process> {
+async fn adopt(s: &EnvoySettings, bootstrap: &[u8], sockets_held: &SocketsHeld) -> Option<Process> {
     let pid: u32 = std::fs::read_to_string(s.state_dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
     let bootstrap_path = s.state_dir.join(BOOTSTRAP);
     let mut envoy = Process::adopt(pid, &bootstrap_path)?;
-    if std::fs::read(&bootstrap_path).ok().as_deref() == Some(bootstrap) {
+    let running = std::fs::read(&bootstrap_path).ok();
+    if running.as_deref() == Some(bootstrap) {
         return Some(envoy);
     }
-    tracing::info!(pid, "stopping the Envoy of an earlier agent: its bootstrap differs");
-    stop(&mut envoy).await;
+    // Its admin port is the one its own bootstrap names.
+    let admin_port = running
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|b| b["admin"]["address"]["socket_address"]["port_value"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(s.admin_port);
+    tracing::info!(pid, "replacing the Envoy of an earlier agent (its bootstrap differs): draining it first");
+    drain_then_stop(&mut envoy, admin_port, sockets_held).await;
     None
+}
+
+/// Stops a running Envoy without cutting its connections. It goes on
+/// serving until the datapath holds its own copies of Envoy's listening
+/// sockets (`sockets_held`, at most [`HELD_WAIT`]; a restarted agent
+/// replaces Envoy while its datapath may still be loading): from then on a
+/// connection that arrives while no Envoy accepts waits in those sockets
+/// for the next Envoy instead of being refused or left hanging. Then it
+/// drains (`/drain_listeners?graceful`: HTTP/1 responses say `connection:
+/// close`, HTTP/2 connections get a GOAWAY, and new connections are still
+/// accepted) for at least [`DRAIN_MIN`] and until its connections are gone
+/// or [`DRAIN_TIME`] has passed. Then it stops accepting
+/// (`/drain_listeners`), and once its last connections are done (at most
+/// [`DRAIN_TIME`] more), [`stop`]. Only a request still unanswered after
+/// that fails.
+/// An Envoy whose admin interface does not answer is stopped at once.
+async fn drain_then_stop(envoy: &mut Process, admin_port: u16, sockets_held: &SocketsHeld) {
+    let client = match weft_flow::client::http_client().timeout(Duration::from_secs(2)).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("an HTTP client for Envoy's admin interface: {e}; stopping Envoy without a drain");
+            return stop(envoy).await;
+        }
+    };
+    let url = |path: &str| format!("http://127.0.0.1:{admin_port}{path}");
+    let post = |path: &'static str| {
+        let req = client.post(url(path));
+        async move { req.send().await.is_ok_and(|r| r.status().is_success()) }
+    };
+    let connections = || {
+        let req = client.get(url("/stats?filter=downstream_cx_active$"));
+        async move { active_connections(&req.send().await.ok()?.text().await.ok()?) }
+    };
+    let wait = |least: Duration| async move {
+        let start = Instant::now();
+        while start.elapsed() < DRAIN_TIME {
+            // An Envoy that no longer answers has nothing left to drain.
+            let active = connections().await.unwrap_or(0);
+            if active == 0 && start.elapsed() >= least {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // Envoy serves as before until the datapath holds its sockets: its
+    // graceful drain ends by closing its listeners (after DRAIN_TIME), and
+    // from then on only the datapath's copies hold what arrives.
+    let start = Instant::now();
+    while !sockets_held() {
+        if start.elapsed() >= HELD_WAIT {
+            tracing::warn!(
+                pid = envoy.pid(),
+                "the datapath holds no copy of Envoy's listening sockets after {HELD_WAIT:?}: replacing Envoy anyway; connections that arrive until the next Envoy listens are refused"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !post("/drain_listeners?graceful").await {
+        tracing::warn!(pid = envoy.pid(), "Envoy's admin interface refused the drain; stopping it at once");
+        return stop(envoy).await;
+    }
+    tracing::info!(pid = envoy.pid(), held_after_ms = start.elapsed().as_millis() as u64, "Envoy is draining");
+    wait(DRAIN_MIN).await;
+    // Then it stops accepting: what arrives from now on waits in the
+    // datapath's copies for the next Envoy, and the SIGTERM cuts no
+    // connection the old one accepted after its last look.
+    if post("/drain_listeners").await {
+        tracing::info!(pid = envoy.pid(), "Envoy stopped accepting; stopping it once its connections are done");
+        wait(Duration::ZERO).await;
+    }
+    stop(envoy).await;
+}
+
+/// Downstream connections open on Envoy's listeners (the admin listener
+/// left out), from `/stats` text lines.
+fn active_connections(stats: &str) -> Option<u64> {
+    let mut total = 0u64;
+    for line in stats.lines() {
+        let Some((name, value)) = line.split_once(": ") else { continue };
+        let listener = name.strip_prefix("listener.").filter(|n| !n.starts_with("admin.") && !n.contains(".worker_"));
+        if listener.is_some_and(|n| n.ends_with(".downstream_cx_active")) {
+            total = total.saturating_add(value.trim().parse().ok()?);
+        }
+    }
+    Some(total)
 }
 
 /// Stops Envoy: SIGTERM, then SIGKILL after [`STOP_GRACE`].
@@ -288,11 +405,17 @@ fn start(s: &EnvoySettings) -> anyhow::Result<Process> {
 }
 
 /// Runs Envoy for as long as the returned future runs (see the module doc).
-pub async fn supervise(s: EnvoySettings, state: watch::Sender<EnvoyState>) -> anyhow::Result<()> {
+/// `sockets_held` says when an Envoy of an earlier agent that must be
+/// replaced can stop (see [`drain_then_stop`]).
+pub async fn supervise(
+    s: EnvoySettings,
+    state: watch::Sender<EnvoyState>,
+    sockets_held: SocketsHeld,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.state_dir)?;
     let bootstrap_bytes = serde_json::to_vec_pretty(&bootstrap(&s))?;
     let mut spool = Spool::open(&s.state_dir)?;
-    let mut envoy = match adopt(&s, &bootstrap_bytes).await {
+    let mut envoy = match adopt(&s, &bootstrap_bytes, &sockets_held).await {
         Some(envoy) => {
             tracing::info!(pid = envoy.pid(), "adopting the running Envoy");
             spool.adopted(&envoy);
@@ -403,6 +526,18 @@ fn is_executable(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_draining_envoys_connections_are_its_listeners_not_its_admin() {
+        let stats = "listener.127.0.0.1_15001.downstream_cx_active: 2\n\
+                     listener.127.0.0.1_15001.worker_0.downstream_cx_active: 2\n\
+                     listener.admin.downstream_cx_active: 1\n\
+                     listener.0.0.0.0_8080.downstream_cx_active: 3\n\
+                     http.admin.downstream_cx_active: 1\n";
+        assert_eq!(active_connections(stats), Some(5));
+        assert_eq!(active_connections(""), Some(0));
+        assert_eq!(active_connections("listener.x.downstream_cx_active: many"), None);
+    }
 
     #[test]
     fn envoy_is_found_at_run_time() {

@@ -272,6 +272,20 @@ fn policy_crd(group: &str, version: &str, kind: &str, namespaced: bool, short: &
     // ...Policy -> ...policies.
     let plural = format!("{}ies", singular.strip_suffix('y').unwrap_or(&singular));
     let rules = serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    // The EnvoyConfigs' status shape (conditions and the generation they
+    // describe); only `Valid` is written for policies.
+    let mut status = EnvoyConfigResource::crd().spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .and_then(|s| s.properties.as_ref())
+        .and_then(|p| p.get("status"))
+        .map(|s| serde_json::to_value(s).expect("schemas serialize"))
+        .expect("the EnvoyConfig CRD has a status");
+    status["description"] = "Written by weft's operator: the `Valid` condition is False while weft refuses \
+                             some field of the policy, and its message names each such field and why."
+        .into();
+    status["properties"]["conditions"]["description"] = "`Valid`, with a reason and a message.".into();
     let crd = serde_json::json!({
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -297,8 +311,14 @@ fn policy_crd(group: &str, version: &str, kind: &str, namespaced: bool, short: &
                     "properties": {
                         "spec": rules,
                         "specs": {"type": "array", "items": rules},
+                        "status": status,
                     },
                 }},
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Valid", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Valid\")].status"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
             }],
         },
     });
@@ -396,6 +416,18 @@ mod tests {
             // Structural schemas have no `additionalProperties: false` and every node typed.
             let text = schema.to_string();
             assert!(!text.contains("\"additionalProperties\":false"), "{text}");
+        }
+        // The policy kinds, in both groups: a status the operator writes `Valid` in.
+        let cilium = cilium_crds();
+        for crd in crds[3..].iter().chain(&cilium[2..]) {
+            let v = &crd.spec.versions[0];
+            assert!(v.subresources.as_ref().unwrap().status.is_some(), "status subresource");
+            let cols: Vec<_> = v.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+            assert_eq!(cols, ["Valid", "Age"]);
+            let schema = serde_json::to_value(&v.schema.as_ref().unwrap().open_api_v3_schema).unwrap();
+            let status = &schema["properties"]["status"]["properties"];
+            assert!(status["conditions"]["items"]["properties"]["message"].is_object());
+            assert_eq!(schema["properties"]["spec"]["x-kubernetes-preserve-unknown-fields"], true);
         }
     }
 

@@ -112,6 +112,9 @@ pub type WeftNode = crd::WeftNodeResource;
 /// where a typed parse would drop the fields it does not know.
 #[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
 pub struct CiliumPolicy {
+    /// `cilium.io/v2` or `weft.io/v1alpha1` (the status goes to that group's object).
+    #[serde(default, rename = "apiVersion")]
+    pub api_version: String,
     #[serde(default)]
     pub metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     /// One rule set ...

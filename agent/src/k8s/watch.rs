@@ -121,8 +121,8 @@ impl Kinds {
 
     /// What the operator needs: configs and what validating them reads
     /// (Services, Secrets), Ingresses and their classes, the Gateway API,
-    /// and which nodes serve what (Nodes, for node selectors, and the
-    /// agents' reports).
+    /// which nodes serve what (Nodes, for node selectors, and the agents'
+    /// reports), and the policies whose status it writes.
     pub fn operator() -> Self {
         Self {
             services: true,
@@ -130,7 +130,7 @@ impl Kinds {
             pods: false,
             nodes: true,
             secrets: true,
-            network_policies: false,
+            network_policies: true,
             namespaces: true,
             weft_nodes: true,
             ingresses: true,

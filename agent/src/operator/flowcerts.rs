@@ -34,7 +34,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SerialNumber,
 };
-use weft_flow::names::{flow_client_name, flow_server_name};
+use weft_flow::names::{flow_client_name, flow_server_name, peer_service_server_name};
 
 /// The CA's Secret.
 pub const CA_SECRET: &str = "weft-flows-ca";
@@ -160,14 +160,14 @@ fn new_ca(cluster: &str, now: u64, lifetime: Duration) -> Result<Issued, rcgen::
 /// A leaf certificate for `name` (its common name and only DNS name).
 fn leaf(
     issuer: &Issuer<'_, KeyPair>,
-    name: &str,
+    names: &[String],
     server: bool,
     now: u64,
     lifetime: Duration,
 ) -> Result<Issued, rcgen::Error> {
     let key = KeyPair::generate()?;
-    let mut p = CertificateParams::new(vec![name.to_owned()])?;
-    p.distinguished_name = distinguished(name);
+    let mut p = CertificateParams::new(names.to_vec())?;
+    p.distinguished_name = distinguished(names.first().map_or("", String::as_str));
     p.serial_number = Some(random_serial());
     p.use_authority_key_identifier_extension = true;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -325,8 +325,11 @@ impl FlowCerts {
                 servers.not_after.insert(crt.clone(), old.not_after[&crt]);
                 continue;
             }
+            // Its node's name, and the name newer Hubble Relays check on the
+            // Peer service, which every agent serves on its flow port.
             let name = flow_server_name(node, &self.cluster);
-            let new = leaf(&issuer, &name, true, now, self.lifetimes.leaf).map_err(issue(&name))?;
+            let names = [name.clone(), peer_service_server_name(&self.cluster)];
+            let new = leaf(&issuer, &names, true, now, self.lifetimes.leaf).map_err(issue(&name))?;
             servers.data.insert(crt.clone(), new.cert);
             servers.data.insert(key, new.key);
             servers.not_after.insert(crt, new.not_after);
@@ -348,7 +351,8 @@ impl FlowCerts {
         let mut client = old.clone();
         if old.issuer != ca_id || old.due("tls.crt", now, self.lifetimes.leaf) {
             let name = flow_client_name(&self.cluster);
-            let new = leaf(&issuer, &name, false, now, self.lifetimes.leaf).map_err(issue(&name))?;
+            let new =
+                leaf(&issuer, std::slice::from_ref(&name), false, now, self.lifetimes.leaf).map_err(issue(&name))?;
             client.data = BTreeMap::from([("tls.crt".to_owned(), new.cert), ("tls.key".to_owned(), new.key)]);
             client.not_after = BTreeMap::from([("tls.crt".to_owned(), new.not_after)]);
             client.issuer = ca_id;
@@ -373,8 +377,8 @@ mod tests {
         // An operator that restarted: only the key and the parameters.
         let issuer = Issuer::new(ca_params("c1"), KeyPair::from_pem(&ca.key).unwrap());
         let name = flow_server_name("node-1.example", "c1");
-        let server = leaf(&issuer, &name, true, now, Duration::from_secs(3600)).unwrap();
-        let client = leaf(&issuer, &flow_client_name("c1"), false, now, Duration::from_secs(3600)).unwrap();
+        let server = leaf(&issuer, &[name], true, now, Duration::from_secs(3600)).unwrap();
+        let client = leaf(&issuer, &[flow_client_name("c1")], false, now, Duration::from_secs(3600)).unwrap();
         assert_eq!(server.not_after, now + 3600);
         // rustls accepts them as the flow API and its clients use them.
         let tls = weft_observe::api::server::Tls {

@@ -3,15 +3,17 @@
 //! checks `weft-agent validate` makes, and whether the selected nodes serve
 //! it, from their agents' WeftNode reports), turns Ingresses into
 //! EnvoyConfigs and LoadBalancer Services, and does the same for the Gateway
-//! API's Gateways and routes, writing their status. Node agents write no
-//! status; they write their node's report and their own Envoy's refusals as
-//! Events.
+//! API's Gateways and routes, writing their status, and says in each Cilium
+//! policy's status which of its fields weft refuses ([`policy`]). Node
+//! agents write no status; they write their node's report and their own
+//! Envoy's refusals as Events.
 
 pub mod envoy;
 pub mod flowcerts;
 pub mod gateway;
 pub mod ingress;
 pub mod lease;
+pub mod policy;
 pub mod status;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -79,6 +81,7 @@ pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
     let mut elector =
         lease::Elector::new(client.clone(), &opts.namespace, &opts.lease_name, &opts.identity, opts.lease_duration);
     let mut statuses = status::StatusWriter::new(client.clone(), &field_manager);
+    let mut policies = policy::PolicyStatusWriter::new(client.clone(), &field_manager);
     let mut ingresses = IngressReconciler::new(client.clone(), &opts.namespace, &field_manager, &opts.identity);
     let mut gateways = gateway::reconcile::GatewayReconciler::new(client.clone(), &field_manager);
     // Earlier accepted versions, so a broken edit reports which generation stays in effect.
@@ -165,6 +168,14 @@ pub async fn run(client: Client, opts: OperatorOptions) -> anyhow::Result<()> {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("EnvoyConfig status: {e} (retrying)");
+                dirty = true;
+            }
+        }
+        match policies.write(&loaded.objects).await {
+            Ok(n) if n > 0 => tracing::info!(written = n, "Cilium policy status"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("Cilium policy status: {e} (retrying)");
                 dirty = true;
             }
         }

@@ -172,19 +172,7 @@ pub fn status_for(v: &Verdict, r: &Rollout, previous: Option<&EnvoyConfigStatus>
     let valid = v.problems.is_empty();
     let (applied, reason, message) = applied(v, r);
     let cond = |type_: &str, status: &str, reason: &str, message: String| {
-        let since = previous
-            .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-            .filter(|c| c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or(Time(now));
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: Some(v.generation),
-            last_transition_time: since,
-        }
+        condition(Said { type_, status, reason, message, generation: v.generation }, previous, now)
     };
     EnvoyConfigStatus {
         observed_generation: Some(v.generation),
@@ -199,8 +187,36 @@ pub fn status_for(v: &Verdict, r: &Rollout, previous: Option<&EnvoyConfigStatus>
     }
 }
 
+/// What a condition says.
+pub struct Said<'a> {
+    pub type_: &'a str,
+    pub status: &'a str,
+    pub reason: &'a str,
+    pub message: String,
+    /// The object's generation it is about.
+    pub generation: i64,
+}
+
+/// A condition saying `said`, keeping its transition time from `previous`
+/// when its status has not changed.
+pub fn condition(said: Said, previous: Option<&EnvoyConfigStatus>, now: Timestamp) -> Condition {
+    let since = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == said.type_))
+        .filter(|c| c.status == said.status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: said.type_.into(),
+        status: said.status.into(),
+        reason: said.reason.into(),
+        message: said.message,
+        observed_generation: Some(said.generation),
+        last_transition_time: since,
+    }
+}
+
 /// Whether two statuses say the same (transition times aside).
-fn same(a: &EnvoyConfigStatus, b: &EnvoyConfigStatus) -> bool {
+pub fn same(a: &EnvoyConfigStatus, b: &EnvoyConfigStatus) -> bool {
     let strip = |s: &EnvoyConfigStatus| {
         let mut s = s.clone();
         for c in &mut s.conditions {

@@ -328,8 +328,11 @@ fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &wat
                     }
                     st.policy_proxy_ports_refusing = refused;
                 }
-                let changed =
-                    st.proxy_ports_without_listener != sync.missing || st.proxy_ports_waiting != sync.orphaned;
+                let held = sync.missing.is_empty();
+                let changed = st.proxy_ports_without_listener != sync.missing
+                    || st.proxy_ports_waiting != sync.orphaned
+                    || st.proxy_sockets_held != held;
+                st.proxy_sockets_held = held;
                 st.proxy_ports_without_listener = sync.missing;
                 st.proxy_ports_waiting = sync.orphaned;
                 changed

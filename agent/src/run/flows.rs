@@ -127,7 +127,7 @@ impl PeerFeed {
                 let p = PeerInfo {
                     name: peer::peer_name(node, cluster),
                     address: std::net::SocketAddr::from((ip, self.port)).to_string(),
-                    tls_server_name: self.tls.then(|| peer::tls_server_name(node, cluster)),
+                    tls_server_name: self.tls.then(|| weft_flow::names::flow_server_name(node, cluster)),
                 };
                 (p.name.clone(), p)
             })

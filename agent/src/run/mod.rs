@@ -174,7 +174,9 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
             concurrency: cfg.envoy.concurrency,
             file_limit: cfg.envoy.spool_limit,
         });
-        sup.task(Component::Envoy, async move { envoy::supervise(settings?, envoy_tx).await });
+        let datapath = datapath_rx.clone();
+        let held: envoy::SocketsHeld = Box::new(move || datapath.borrow().proxy_sockets_held);
+        sup.task(Component::Envoy, async move { envoy::supervise(settings?, envoy_tx, held).await });
     }
     sup.task(Component::Api, api::serve(api_addr, readers, registry));
 

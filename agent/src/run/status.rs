@@ -43,6 +43,11 @@ pub struct DatapathStatus {
     /// Proxy ports policies send connections through that have no listening
     /// socket: those connections are refused (they have no plain way).
     pub policy_proxy_ports_refusing: Vec<u16>,
+    /// Whether the datapath holds its own copy of the listening socket of
+    /// every proxy port it hands connections to (false until it looked):
+    /// a replaced Envoy is stopped only then.
+    #[serde(skip)]
+    pub proxy_sockets_held: bool,
     /// Proxy ports whose Envoy is gone: their connections wait in the
     /// sockets the agent keeps, for the next Envoy.
     pub proxy_ports_waiting: Vec<u16>,

@@ -281,17 +281,18 @@ impl Snapshot {
         };
         let mut translated = policy::Translated::default();
         for (key, np) in &objects.network_policies {
-            policy::netpol::translate(key, &np.object, &mut translated, &mut problems);
+            policy::netpol::translate(key, &np.object, &mut translated);
         }
         for (key, p) in &objects.cilium_network_policies {
-            policy::cilium::translate(key, &p.object, false, &mut translated, &mut problems);
+            policy::cilium::translate(key, &p.object, false, &mut translated);
         }
         for (key, p) in &objects.cilium_clusterwide_network_policies {
-            policy::cilium::translate(key, &p.object, true, &mut translated, &mut problems);
+            policy::cilium::translate(key, &p.object, true, &mut translated);
         }
         let mut policy = policy::derive(translated, &cluster, &mut problems);
         let (redirects, proxy_ports) = proxies(&policy);
-        policy.connect(&proxy_ports, &mut problems);
+        policy.connect(&proxy_ports);
+        problems.extend(policy.problem_lines());
         let redirects = &redirects;
 
         let slices = SliceIndex::of(objects);

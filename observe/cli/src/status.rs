@@ -114,9 +114,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     if o.is_object() {
         let signal = |s: &serde_json::Value| {
             format!(
-                "{} exported {} failed {} retried {}",
+                "{} exported {} rejected {} failed {} retried {}",
                 s["protocol"].as_str().unwrap_or("?"),
                 s["exported"],
+                s["rejected"],
                 s["failed"],
                 s["retried"]
             )

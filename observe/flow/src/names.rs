@@ -237,6 +237,15 @@ pub fn flow_server_name(node: &str, cluster: &str) -> String {
     format!("{}.{}.hubble-grpc.{FLOW_TLS_DOMAIN}", label(node), label(cluster))
 }
 
+/// The name newer Hubble Relays (the image deploy/hubble-relay.yaml runs)
+/// check when they reach the Peer service over TCP:
+/// `hubble-peer.<cluster>.hubble-grpc.cilium.io`, built into the relay with
+/// Cilium's domain and not configurable. Every agent serves the Peer service
+/// on its flow port, so every node's server certificate carries this name too.
+pub fn peer_service_server_name(cluster: &str) -> String {
+    format!("hubble-peer.{}.hubble-grpc.cilium.io", label(cluster))
+}
+
 /// The name in the flow API's client certificate (for `weft observe` and
 /// Hubble Relay).
 pub fn flow_client_name(cluster: &str) -> String {
@@ -262,5 +271,6 @@ mod tests {
     fn flow_tls_names_follow_hubbles_convention() {
         assert_eq!(flow_server_name("node-1.example.com", "prod.eu"), "node-1-example-com.prod-eu.hubble-grpc.weft.io");
         assert_eq!(flow_client_name("default"), "client.default.hubble-relay.weft.io");
+        assert_eq!(peer_service_server_name("prod.eu"), "hubble-peer.prod-eu.hubble-grpc.cilium.io");
     }
 }

@@ -45,18 +45,6 @@ pub struct PeerInfo {
 /// The nodes by peer name.
 pub type PeerList = Arc<BTreeMap<String, PeerInfo>>;
 
-/// The domain of the flow API's TLS server names.
-pub const TLS_DOMAIN: &str = "hubble-grpc.weft.io";
-
-/// The name a node's flow API certificate is issued for, by Hubble's
-/// convention with weft's domain: `<node>.<cluster>.hubble-grpc.weft.io`,
-/// dots in the node and cluster names replaced by `-` (so each is one DNS
-/// label). Relay verifies a node's certificate against it.
-pub fn tls_server_name(node: &str, cluster: &str) -> String {
-    let cluster = if cluster.is_empty() { "default" } else { cluster };
-    format!("{}.{}.{TLS_DOMAIN}", node.replace('.', "-"), cluster.replace('.', "-"))
-}
-
 /// Hubble's peer name of a node.
 pub fn peer_name(node: &str, cluster: &str) -> String {
     if cluster.is_empty() || cluster == "default" { node.to_owned() } else { format!("{cluster}/{node}") }
@@ -187,11 +175,6 @@ mod tests {
         assert_eq!(peer_name("node1", "default"), "node1");
         assert_eq!(peer_name("node1", ""), "node1");
         assert_eq!(peer_name("node1", "east"), "east/node1");
-        assert_eq!(
-            tls_server_name("ip-10-0-0-1.ec2.internal", "default"),
-            "ip-10-0-0-1-ec2-internal.default.hubble-grpc.weft.io"
-        );
-        assert_eq!(tls_server_name("node1", "us.east"), "node1.us-east.hubble-grpc.weft.io");
     }
 
     #[tokio::test]

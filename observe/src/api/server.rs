@@ -433,9 +433,54 @@ pub struct Listen {
     pub peers: Option<tokio::sync::watch::Receiver<super::peer::PeerList>>,
 }
 
+/// The Observer service with its too-large requests counted: tonic refuses a
+/// request over [`MAX_REQUEST_BYTES`] with OUT_OF_RANGE before the handler
+/// sees it (the handler itself never answers OUT_OF_RANGE), so the refusal
+/// is counted here, from the response's headers.
+#[derive(Clone)]
+struct CountTooLarge<S> {
+    inner: S,
+    pipeline: Arc<Pipeline>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CountTooLarge<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for CountTooLarge<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tonic::codegen::BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let answer = self.inner.call(req);
+        let pipeline = self.pipeline.clone();
+        Box::pin(async move {
+            let resp = answer.await?;
+            let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+            if resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == out_of_range.as_bytes()) {
+                pipeline.counters.add_refused(Refusal::OverLimit);
+            }
+            Ok(resp)
+        })
+    }
+}
+
 /// Serves the flow API (with health and reflection) until the process ends.
 pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()> {
     let address = listen.tcp.map(|a| a.to_string()).unwrap_or_default();
+    let counted = pipeline.clone();
     let mut svc = ObserverService::with_limits(pipeline, address, listen.limits);
     svc.tls = listen.tls.is_some();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -448,7 +493,10 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
     let router = |b: tonic::transport::Server| {
         b.http2_keepalive_interval(Some(Duration::from_secs(30)))
             .max_concurrent_streams(STREAMS_PER_CONNECTION)
-            .add_service(ObserverServer::new(svc.clone()).max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(CountTooLarge {
+                inner: ObserverServer::new(svc.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
+                pipeline: counted.clone(),
+            })
             .add_service(health.clone())
             .add_service(reflection.clone())
             .add_optional_service(listen.peers.clone().map(PeerService::new))

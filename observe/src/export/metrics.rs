@@ -545,10 +545,15 @@ impl Collector for OtlpCollector {
         use std::sync::atomic::Ordering::Relaxed;
         let st = &self.0;
         type Read = fn(&SignalStats) -> u64;
-        let read: [(&str, &str, Read); 3] = [
+        let read: [(&str, &str, Read); 4] = [
             ("otlp_exported", "Log records (logs) and spans (traces) the OTLP collector accepted", |s| {
                 s.exported.load(Relaxed)
             }),
+            (
+                "otlp_rejected",
+                "Log records (logs) and spans (traces) the OTLP collector refused in a partial success",
+                |s| s.rejected.load(Relaxed),
+            ),
             ("otlp_requests_failed", "OTLP export requests that failed, each try", |s| s.failed.load(Relaxed)),
             ("otlp_requests_retried", "Failed OTLP export requests that were tried again", |s| s.retried.load(Relaxed)),
         ];

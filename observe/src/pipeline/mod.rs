@@ -115,7 +115,8 @@ pub struct Counters {
 pub enum Refusal {
     /// Not a request the API can run (bad filter, regex, combination).
     Invalid,
-    /// Over a bound: too many filters or regexes, too many streams open.
+    /// Over a bound: too many filters or regexes, too many streams open, a
+    /// request too large.
     OverLimit,
 }
 

@@ -133,12 +133,13 @@ fn refusal(field: &str) -> Option<&'static str> {
     })
 }
 
-/// Adds one Cilium policy (`clusterwide`: the cluster-scoped kind).
-/// Problems name the policy and the field.
-pub fn translate(key: &ObjKey, p: &CiliumPolicy, clusterwide: bool, out: &mut Translated, problems: &mut Vec<String>) {
+/// Adds one Cilium policy (`clusterwide`: the cluster-scoped kind); its
+/// problems (each naming the field) go to `out.problems`.
+pub fn translate(key: &ObjKey, p: &CiliumPolicy, clusterwide: bool, out: &mut Translated) {
     let kind = if clusterwide { CLUSTERWIDE_KIND } else { KIND };
     let rule_id = out.object(kind, key);
-    let mut problem = |field: &str, msg: String| problems.push(format!("{kind} {key}: {field}: {msg}"));
+    let mut problems = Vec::new();
+    let mut problem = |field: &str, msg: String| problems.push(format!("{field}: {msg}"));
     let scope = if clusterwide { None } else { Some(key.namespace.as_str()) };
     let mut specs: Vec<(String, &Value)> = Vec::new();
     if let Some(spec) = p.spec.as_ref().filter(|s| !s.is_null()) {
@@ -157,6 +158,16 @@ pub fn translate(key: &ObjKey, p: &CiliumPolicy, clusterwide: bool, out: &mut Tr
             out.policies.push(policy);
         }
     }
+    out.report(kind, key, problems);
+}
+
+/// What of one Cilium policy cannot be enforced as written, whatever the
+/// node (each problem names its field): what `weft-agent validate` and the
+/// object's status say.
+pub fn problems(key: &ObjKey, p: &CiliumPolicy, clusterwide: bool) -> Vec<String> {
+    let mut t = Translated::default();
+    translate(key, p, clusterwide, &mut t);
+    t.problems.into_values().flatten().collect()
 }
 
 /// Reports each field of `obj` not in `known`; false if there was one.

@@ -39,6 +39,14 @@ impl fmt::Display for PolicyRef {
     }
 }
 
+/// What of each policy object is not enforced as written, by the object:
+/// each problem starts with the field path it concerns
+/// (`spec.egress[0].toFQDNs: FQDN rules are not supported ...`), or says what
+/// of the object stays denied. The agent's `/status` and log show them with
+/// the object's name; the operator writes the ones every node shares (those
+/// of the translation, [`cilium::problems`]) into the object's status.
+pub type Problems = BTreeMap<PolicyRef, Vec<String>>;
+
 /// What the policies mean for this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyState {
@@ -50,6 +58,8 @@ pub struct PolicyState {
     pub rules: BTreeMap<u32, PolicyRef>,
     /// What the node's policy listener must allow (HTTP rules).
     pub http: Vec<l7::HttpGrant>,
+    /// What of each policy is not enforced as written, on this node.
+    pub problems: Problems,
 }
 
 impl PolicyState {
@@ -64,12 +74,17 @@ impl PolicyState {
             })
             .collect()
     }
+
+    /// The problems, each naming its policy (as `/status` lists them).
+    pub fn problem_lines(&self) -> impl Iterator<Item = String> + '_ {
+        self.problems.iter().flat_map(|(r, ps)| ps.iter().map(move |p| format!("{r}: {p}")))
+    }
 }
 
 impl PolicyState {
     /// Gives the entries that wait for a proxy that proxy's port; an entry whose proxy has none is left out, so what it
     /// would allow stays denied, and a problem says why.
-    pub fn connect(&mut self, ports: &l7::ListenerPorts, problems: &mut Vec<String>) {
+    pub fn connect(&mut self, ports: &l7::ListenerPorts) {
         let mut said = std::collections::BTreeSet::new();
         for ep in self.endpoints.values_mut() {
             for (mut e, proxy) in std::mem::take(&mut ep.waiting) {
@@ -79,9 +94,11 @@ impl PolicyState {
                         ep.entries.push(e);
                     }
                     Err(why) => {
-                        if said.insert((e.rule_id, why.to_string())) {
-                            let what = self.rules.get(&e.rule_id).map(ToString::to_string).unwrap_or_default();
-                            problems.push(format!("{what}: {why}; what it allows through the proxy stays denied"));
+                        if said.insert((e.rule_id, why.to_string()))
+                            && let Some(r) = self.rules.get(&e.rule_id)
+                        {
+                            let p = format!("{why}; what it allows through the proxy stays denied");
+                            self.problems.entry(r.clone()).or_default().push(p);
                         }
                     }
                 }
@@ -102,6 +119,8 @@ pub fn rule_id(kind: &str, key: &ObjKey) -> u32 {
 pub struct Translated {
     pub policies: Vec<rule::Policy>,
     pub rules: BTreeMap<u32, PolicyRef>,
+    /// What of each object the translation could not take as written.
+    pub problems: Problems,
 }
 
 impl Translated {
@@ -111,9 +130,18 @@ impl Translated {
         self.rules.insert(id, PolicyRef { kind: kind.to_owned(), key: key.clone() });
         id
     }
+
+    /// Records the problems of object `kind key` (none: nothing recorded).
+    pub fn report(&mut self, kind: &str, key: &ObjKey, problems: Vec<String>) {
+        if !problems.is_empty() {
+            let r = PolicyRef { kind: kind.to_owned(), key: key.clone() };
+            self.problems.entry(r).or_default().extend(problems);
+        }
+    }
 }
 
-/// Resolves translated policies against the cluster. Problems name the policy.
+/// Resolves translated policies against the cluster. Problems of one policy
+/// go to [`PolicyState::problems`]; `problems` hears those of none in particular.
 pub fn derive(t: Translated, cluster: &rule::Cluster, problems: &mut Vec<String>) -> PolicyState {
     let cidrs = match rule::CidrIds::of(&t.policies) {
         Ok(c) => c,
@@ -124,10 +152,10 @@ pub fn derive(t: Translated, cluster: &rule::Cluster, problems: &mut Vec<String>
             rule::CidrIds::default()
         }
     };
-    let rules = &t.rules;
-    let endpoints = rule::resolve(&t.policies, cluster, &cidrs, |id, msg| {
-        let what = rules.get(&id).map(ToString::to_string).unwrap_or_else(|| format!("policy {id}"));
-        problems.push(format!("{what}: {msg}"));
+    let (rules, mut by_policy) = (&t.rules, t.problems);
+    let endpoints = rule::resolve(&t.policies, cluster, &cidrs, |id, msg| match rules.get(&id) {
+        Some(r) => by_policy.entry(r.clone()).or_default().push(msg),
+        None => problems.push(format!("policy {id}: {msg}")),
     });
     let mut http = Vec::new();
     if endpoints.values().any(|e| e.waiting.iter().any(|(_, p)| matches!(p, l7::Proxy::Http(_)))) {
@@ -141,5 +169,6 @@ pub fn derive(t: Translated, cluster: &rule::Cluster, problems: &mut Vec<String>
         cidrs: cidrs.iter().map(|(n, id)| CidrIdentity { addr: n.addr, prefix_len: n.len, identity: *id }).collect(),
         rules: t.rules,
         http,
+        problems: by_policy,
     }
 }

@@ -30,10 +30,11 @@ pub const KIND: &str = "NetworkPolicy";
 
 /// Adds one NetworkPolicy. Problems name the policy and the field; what
 /// cannot be read allows nothing (the pods it selects stay selected).
-pub fn translate(key: &ObjKey, np: &NetworkPolicy, out: &mut Translated, problems: &mut Vec<String>) {
+pub fn translate(key: &ObjKey, np: &NetworkPolicy, out: &mut Translated) {
     let Some(spec) = np.spec.as_ref() else { return };
     let rule_id = out.object(KIND, key);
-    let mut problem = |field: &str, msg: String| problems.push(format!("{KIND} {key}: {field}: {msg}"));
+    let mut problems = Vec::new();
+    let mut problem = |field: &str, msg: String| problems.push(format!("{field}: {msg}"));
 
     let types = spec.policy_types.clone().unwrap_or_else(|| {
         let mut t = vec!["Ingress".to_string()];
@@ -75,6 +76,7 @@ pub fn translate(key: &ObjKey, np: &NetworkPolicy, out: &mut Translated, problem
         egress,
         rules,
     });
+    out.report(KIND, key, problems);
 }
 
 /// One ingress or egress rule: its peers (field path, list) and ports.

@@ -38,7 +38,7 @@ pub use convert::{attributes, requests};
 use serde::Serialize;
 pub use settings::{OtlpOptions, PairError, ProcessEnv, enabled_by_env};
 use tokio::sync::mpsc;
-use transport::{Client, Failure};
+use transport::{Accepted, Client, Failure};
 use weft_flow::proto::flow::FlowFilter;
 
 use crate::{
@@ -208,6 +208,9 @@ pub struct SignalStats {
     pub protocol: Protocol,
     /// Log records or spans the collector accepted.
     pub exported: AtomicU64,
+    /// Log records or spans the collector refused in a partial success
+    /// (not retried, as OTLP asks; refused log records are lost flows).
+    pub rejected: AtomicU64,
     /// Requests that failed (each try).
     pub failed: AtomicU64,
     /// Failed requests that were tried again.
@@ -216,7 +219,13 @@ pub struct SignalStats {
 
 impl SignalStats {
     fn new(protocol: Protocol) -> Self {
-        SignalStats { protocol, exported: AtomicU64::new(0), failed: AtomicU64::new(0), retried: AtomicU64::new(0) }
+        SignalStats {
+            protocol,
+            exported: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+        }
     }
 }
 
@@ -248,6 +257,7 @@ pub struct ExportStatus {
 pub struct SignalStatus {
     pub protocol: &'static str,
     pub exported: u64,
+    pub rejected: u64,
     pub failed: u64,
     pub retried: u64,
 }
@@ -258,6 +268,7 @@ impl ExportStats {
         let sig = |s: &SignalStats| SignalStatus {
             protocol: s.protocol.label(),
             exported: s.exported.load(r),
+            rejected: s.rejected.load(r),
             failed: s.failed.load(r),
             retried: s.retried.load(r),
         };
@@ -354,27 +365,29 @@ async fn export_loop(
             let mut failure = None;
             if !logs_done {
                 match logs_client.send_logs(logs.clone()).await {
-                    Ok(()) => {
+                    Ok(accepted) => {
                         logs_done = true;
-                        stats.logs.exported.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        let rejected = took(&stats.logs, batch.len(), &accepted, &cfg.logs, &mut last_warning);
+                        if rejected > 0 {
+                            pipeline.exporter_lost(rejected);
+                        }
                     }
                     Err(e) => failure = Some((&stats.logs, &cfg.logs, e)),
                 }
             }
             if failure.is_none() && !spans_done {
                 match traces_client.send_spans(spans.clone()).await {
-                    Ok(()) => {
+                    Ok(accepted) => {
                         spans_done = true;
-                        stats.traces.exported.fetch_add(n_spans as u64, Ordering::Relaxed);
+                        took(&stats.traces, n_spans, &accepted, &cfg.traces, &mut last_warning);
                     }
                     Err(e) => failure = Some((&stats.traces, &cfg.traces, e)),
                 }
             }
             let Some((signal_stats, transport, Failure { retry, message })) = failure else { break };
             signal_stats.failed.fetch_add(1, Ordering::Relaxed);
-            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+            if now_and_then(&mut last_warning) {
                 tracing::warn!(signal = %transport.signal, endpoint = %transport.endpoint, "OTLP export failed: {message}");
-                last_warning = Some(Instant::now());
             }
             if !retry || start.elapsed() + backoff > cfg.retry_for {
                 if !logs_done {
@@ -387,5 +400,59 @@ async fn export_loop(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+}
+
+/// Counts what the collector took of `sent` items and what it refused
+/// (logged, at most every 30 s with the other export warnings); gives the
+/// refused count.
+fn took(
+    stats: &SignalStats,
+    sent: usize,
+    accepted: &Accepted,
+    transport: &Transport,
+    last_warning: &mut Option<Instant>,
+) -> u64 {
+    let rejected = accepted.rejected.min(sent as u64);
+    stats.exported.fetch_add(sent as u64 - rejected, Ordering::Relaxed);
+    if rejected > 0 {
+        stats.rejected.fetch_add(rejected, Ordering::Relaxed);
+        if now_and_then(last_warning) {
+            let why = accepted.message.as_deref().unwrap_or("no reason given");
+            tracing::warn!(signal = %transport.signal, endpoint = %transport.endpoint,
+                "the OTLP collector refused {rejected} of {sent} items: {why}");
+        }
+    }
+    rejected
+}
+
+/// Whether a warning may be logged now: at most one every 30 s.
+fn now_and_then(last: &mut Option<Instant>) -> bool {
+    if last.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+        *last = Some(Instant::now());
+        return true;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partial success counts what the collector took as exported and the
+    /// rest as rejected; a full success counts everything exported.
+    #[test]
+    fn a_partial_success_splits_exported_and_rejected() {
+        let cfg = OtlpConfig::to("http://127.0.0.1:4317", Protocol::Grpc).unwrap();
+        let stats = SignalStats::new(Protocol::Grpc);
+        let mut last = None;
+        let partial = Accepted { rejected: 3, message: Some("quota".into()) };
+        assert_eq!(took(&stats, 10, &partial, &cfg.logs, &mut last), 3);
+        assert_eq!(took(&stats, 5, &Accepted::default(), &cfg.logs, &mut last), 0);
+        // More rejected than sent (not built by the transport, but held here too).
+        assert_eq!(took(&stats, 2, &Accepted { rejected: 9, message: None }, &cfg.logs, &mut last), 2);
+        assert_eq!(stats.exported.load(Ordering::Relaxed), 7 + 5);
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 5);
+        assert!(last.is_some(), "the refusal was logged");
     }
 }

@@ -7,8 +7,8 @@
 use std::{io::Write, time::Duration};
 
 use opentelemetry_proto::tonic::collector::{
-    logs::v1::{ExportLogsServiceRequest, logs_service_client::LogsServiceClient},
-    trace::v1::{ExportTraceServiceRequest, trace_service_client::TraceServiceClient},
+    logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse, logs_service_client::LogsServiceClient},
+    trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse, trace_service_client::TraceServiceClient},
 };
 use prost::Message;
 use tonic::{
@@ -25,6 +25,51 @@ use super::{Compression, OtlpError, Protocol, Transport};
 pub struct Failure {
     pub retry: bool,
     pub message: String,
+}
+
+/// A request the collector took: all of it, or all but `rejected` items
+/// (OTLP's partial success, which must not be retried).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Log records or spans the collector refused, never more than were sent.
+    pub rejected: u64,
+    /// The collector's reason, cut to [`MAX_MESSAGE_CHARS`].
+    pub message: Option<String>,
+}
+
+/// The most of a collector's partial-success message that is kept.
+pub const MAX_MESSAGE_CHARS: usize = 256;
+
+impl Accepted {
+    /// From a response's partial-success fields: a negative or too large
+    /// count (a broken or hostile collector) is held to what was sent.
+    pub fn from_partial(rejected: i64, message: &str, sent: usize) -> Accepted {
+        let rejected = u64::try_from(rejected).unwrap_or(0).min(sent as u64);
+        let message = (!message.is_empty()).then(|| message.chars().take(MAX_MESSAGE_CHARS).collect());
+        Accepted { rejected, message }
+    }
+
+    fn of_logs(r: &ExportLogsServiceResponse, sent: usize) -> Accepted {
+        r.partial_success
+            .as_ref()
+            .map_or_else(Accepted::default, |p| Accepted::from_partial(p.rejected_log_records, &p.error_message, sent))
+    }
+
+    fn of_spans(r: &ExportTraceServiceResponse, sent: usize) -> Accepted {
+        r.partial_success
+            .as_ref()
+            .map_or_else(Accepted::default, |p| Accepted::from_partial(p.rejected_spans, &p.error_message, sent))
+    }
+}
+
+/// Log records in a request.
+pub fn log_count(req: &ExportLogsServiceRequest) -> usize {
+    req.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum()
+}
+
+/// Spans in a request.
+pub fn span_count(req: &ExportTraceServiceRequest) -> usize {
+    req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum()
 }
 
 /// One signal's client; owned by the export loop.
@@ -120,23 +165,34 @@ impl Client {
         Ok(Client { kind })
     }
 
-    pub async fn send_logs(&mut self, req: ExportLogsServiceRequest) -> Result<(), Failure> {
-        match &mut self.kind {
+    pub async fn send_logs(&mut self, req: ExportLogsServiceRequest) -> Result<Accepted, Failure> {
+        let sent = log_count(&req);
+        let response = match &mut self.kind {
             Kind::Grpc { logs, metadata, .. } => {
-                logs.export(with_metadata(req, metadata)).await.map(drop).map_err(grpc_failure)
+                logs.export(with_metadata(req, metadata)).await.map(|r| r.into_inner()).map_err(grpc_failure)?
             }
-            Kind::Http { http, url, gzip } => post(http, url, req.encode_to_vec(), *gzip).await,
-        }
+            Kind::Http { http, url, gzip } => response_of(&post(http, url, req.encode_to_vec(), *gzip).await?),
+        };
+        Ok(Accepted::of_logs(&response, sent))
     }
 
-    pub async fn send_spans(&mut self, req: ExportTraceServiceRequest) -> Result<(), Failure> {
-        match &mut self.kind {
+    pub async fn send_spans(&mut self, req: ExportTraceServiceRequest) -> Result<Accepted, Failure> {
+        let sent = span_count(&req);
+        let response = match &mut self.kind {
             Kind::Grpc { traces, metadata, .. } => {
-                traces.export(with_metadata(req, metadata)).await.map(drop).map_err(grpc_failure)
+                traces.export(with_metadata(req, metadata)).await.map(|r| r.into_inner()).map_err(grpc_failure)?
             }
-            Kind::Http { http, url, gzip } => post(http, url, req.encode_to_vec(), *gzip).await,
-        }
+            Kind::Http { http, url, gzip } => response_of(&post(http, url, req.encode_to_vec(), *gzip).await?),
+        };
+        Ok(Accepted::of_spans(&response, sent))
     }
+}
+
+/// A successful OTLP/HTTP response body as the signal's response message;
+/// one that does not decode (or was cut at [`MAX_RESPONSE_BYTES`]) counts as
+/// a full success, which is what its 2xx status says.
+fn response_of<M: Message + Default>(body: &[u8]) -> M {
+    M::decode(body).unwrap_or_default()
 }
 
 fn with_metadata<T>(msg: T, metadata: &MetadataMap) -> tonic::Request<T> {
@@ -157,12 +213,13 @@ fn grpc_failure(s: tonic::Status) -> Failure {
     Failure { retry, message: format!("gRPC {:?}: {}{detail}", s.code(), s.message()) }
 }
 
-/// The most of an OTLP/HTTP response body the exporter reads (it needs
-/// only the status: a partial success is not acted on).
+/// The most of an OTLP/HTTP response body the exporter reads (the status
+/// and a partial success fit in far less).
 pub const MAX_RESPONSE_BYTES: usize = 64 << 10;
 
-/// POSTs one protobuf body; 429 and 5xx may be retried (OTLP/HTTP's rule).
-async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>, gzip: bool) -> Result<(), Failure> {
+/// POSTs one protobuf body and gives the response body of a 2xx; 429 and
+/// 5xx may be retried (OTLP/HTTP's rule).
+async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>, gzip: bool) -> Result<Vec<u8>, Failure> {
     let mut req = http.post(url).header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
     let body = if gzip {
         req = req.header(reqwest::header::CONTENT_ENCODING, "gzip");
@@ -176,15 +233,16 @@ async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>, gzip: bool) -> R
     // that answers with more than a response should hold is not read further
     // (its connection is dropped instead).
     let mut resp = resp;
-    let mut read = 0usize;
+    let mut read = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
-        read = read.saturating_add(chunk.len());
-        if read > MAX_RESPONSE_BYTES {
+        if read.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            read.clear();
             break;
         }
+        read.extend_from_slice(&chunk);
     }
     if status.is_success() {
-        Ok(())
+        Ok(read)
     } else {
         Err(Failure { retry: status.as_u16() == 429 || status.is_server_error(), message: format!("HTTP {status}") })
     }
@@ -202,6 +260,17 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// A partial success's count is held to what was sent, whatever the
+    /// collector claims, and its message is cut.
+    #[test]
+    fn a_partial_success_counts_at_most_what_was_sent() {
+        assert_eq!(Accepted::from_partial(2, "", 5), Accepted { rejected: 2, message: None });
+        assert_eq!(Accepted::from_partial(-3, "odd", 5).rejected, 0);
+        assert_eq!(Accepted::from_partial(i64::MAX, "", 5).rejected, 5);
+        let long = Accepted::from_partial(1, &"é".repeat(10_000), 5);
+        assert_eq!(long.message.map(|m| m.chars().count()), Some(MAX_MESSAGE_CHARS));
+    }
 
     /// A collector that answers with an endless body (a hostile or broken
     /// one): the exporter takes the status, reads a bounded part, and drops
