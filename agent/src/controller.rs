@@ -3,6 +3,18 @@
 //! about each push: ACKs mark objects acknowledged, a NACK is traced back to
 //! the objects whose resources Envoy refused, which are then set aside (their
 //! last good version stays) so everything else keeps working.
+//!
+//! A Service is handed to Envoy only once Envoy has the listener that serves
+//! it: a redirect joins the datapath snapshot when Envoy has ACKed every
+//! resource of the object behind it (its listener with the Service's
+//! frontends, the routes that warm it) and the dispatching listener. Before,
+//! the Service keeps its plain forwarding; handed over earlier, a connection
+//! would reach the dispatcher while no listener has its address, and get the
+//! dispatcher's 503. A redirect in effect stays while the build still wants it
+//! through the same listener (an edit of the object does not take the Service
+//! back from Envoy while Envoy takes the edit). The first build's redirects
+//! are in effect at once: they reach a new Envoy in one push with the
+//! dispatcher, which warms together with them.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
@@ -19,13 +31,74 @@ use crate::{
     },
     xds::{
         envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
-        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, Serving},
+        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, RedirectKey, Serving},
         policy,
         ports::ProxyPorts,
         server::{AdsEvent, Published},
-        translate::qualify,
+        translate::{self, qualify},
     },
 };
+
+/// (type URL, resource name) -> the version Envoy ACKed.
+type Acked = BTreeMap<(String, String), String>;
+
+/// Whether Envoy ACKed every resource of each object of a build, as built.
+fn acked_owners(built: &Built, acked: &Acked) -> BTreeMap<ConfigKey, bool> {
+    let mut per_owner: BTreeMap<ConfigKey, bool> = BTreeMap::new();
+    for (t, m) in &built.xds.types {
+        for r in m.values() {
+            let Some(o) = &r.owner else { continue };
+            let ok = acked.get(&(t.clone(), r.name.clone())) == Some(&r.version);
+            *per_owner.entry(o.clone()).or_insert(true) &= ok;
+        }
+    }
+    per_owner
+}
+
+/// Drops from `live` the redirects the build no longer wants as they are;
+/// adds those whose object is `in_envoy` (all its resources ACKed as built),
+/// once the dispatcher is too. True if `live` changed.
+fn settle(
+    live: &mut BTreeMap<RedirectKey, (u16, ConfigKey, String)>,
+    built: &Built,
+    acked: &Acked,
+    in_envoy: impl Fn(&ConfigKey) -> bool,
+) -> bool {
+    let wanted = wanted(built);
+    let before = live.len();
+    live.retain(|k, v| wanted.get(k) == Some(v));
+    let mut changed = live.len() != before;
+    let dispatcher_in = [translate::LISTENER, translate::ROUTE].iter().all(|t| {
+        let now = built.xds.types.get(*t).and_then(|m| m.get(translate::DISPATCH_LISTENER));
+        now.is_none_or(|r| acked.get(&((*t).to_owned(), r.name.clone())) == Some(&r.version))
+    });
+    if dispatcher_in {
+        for (k, v) in wanted {
+            if !live.contains_key(&k) && in_envoy(&v.1) {
+                live.insert(k, v);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// The datapath's redirects: those in effect.
+fn in_effect(live: &BTreeMap<RedirectKey, (u16, ConfigKey, String)>) -> crate::state::Redirects {
+    live.iter().map(|(k, (port, _, _))| (k.clone(), *port)).collect()
+}
+
+/// The redirects a build wants: key -> (port, object, listener).
+fn wanted(built: &Built) -> BTreeMap<RedirectKey, (u16, ConfigKey, String)> {
+    built
+        .redirects
+        .iter()
+        .filter_map(|(k, port)| {
+            let (owner, listener) = built.served_by.get(k)?;
+            Some((k.clone(), (*port, owner.clone(), listener.clone())))
+        })
+        .collect()
+}
 
 /// What Envoy made of an object's resources.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -89,11 +162,17 @@ pub struct Controller {
     model: Model,
     loaded: Loaded,
     configs: Vec<EnvoyConfig>,
+    /// The documents `configs` were parsed from: (address of the shared
+    /// document -> (the document, its origin, index in `configs`, the
+    /// config's key)). A document a source hands over again unchanged is the
+    /// same `Arc`, and is not parsed again. (A build appends the generated
+    /// policy config to `configs`, after the documents' configs.)
+    parsed: std::collections::HashMap<usize, (Arc<serde_json::Value>, crate::k8s::Origin, usize, ConfigKey)>,
     parse_errors: Vec<ConfigError>,
     version: u64,
     built: Built,
     /// (type URL, name) -> version Envoy ACKed.
-    acked: BTreeMap<(String, String), String>,
+    acked: Acked,
     /// Objects Envoy refused, with its message (for the current spec).
     nacked: BTreeMap<ConfigKey, String>,
     envoy_connected: bool,
@@ -104,6 +183,11 @@ pub struct Controller {
     owners: std::collections::BTreeSet<ConfigKey>,
     /// weft-cni's attachments, when pods come through it.
     attachments: Option<Arc<Attachments>>,
+    /// The redirects in effect (see the module doc): key -> the port, object
+    /// and listener the build had for it when it took effect.
+    live: BTreeMap<RedirectKey, (u16, ConfigKey, String)>,
+    /// `live` changed since the last datapath snapshot.
+    live_changed: bool,
 }
 
 impl Controller {
@@ -114,6 +198,7 @@ impl Controller {
             model: Model::new(ports),
             loaded: Loaded::default(),
             configs: Vec::new(),
+            parsed: Default::default(),
             parse_errors: Vec::new(),
             version: 0,
             built: Built::default(),
@@ -124,6 +209,8 @@ impl Controller {
             acked_version: BTreeMap::new(),
             owners: Default::default(),
             attachments: None,
+            live: BTreeMap::new(),
+            live_changed: false,
         }
     }
 
@@ -132,13 +219,26 @@ impl Controller {
         self.model.set_listener_budget(budget);
     }
 
-    /// Takes what a source now holds.
+    /// Takes what a source now holds; parses the config documents that
+    /// changed (see `parsed`).
     pub fn load(&mut self, loaded: Loaded) {
-        self.configs.clear();
+        let mut before: Vec<Option<EnvoyConfig>> = std::mem::take(&mut self.configs).into_iter().map(Some).collect();
+        let mut kept = std::mem::take(&mut self.parsed);
         self.parse_errors.clear();
         for (origin, doc) in &loaded.raw {
-            match envoyconfig::parse(origin.clone(), doc) {
-                Ok(c) => self.configs.push(c),
+            let at = Arc::as_ptr(doc) as usize;
+            let same = kept.remove(&at).filter(|(_, o, _, _)| o == origin).and_then(|(_, _, i, key)| {
+                before.get_mut(i).filter(|c| c.as_ref().is_some_and(|c| c.key == key))?.take()
+            });
+            let parsed = match same {
+                Some(c) => Ok(c),
+                None => envoyconfig::parse(origin.clone(), doc),
+            };
+            match parsed {
+                Ok(c) => {
+                    self.parsed.insert(at, (doc.clone(), origin.clone(), self.configs.len(), c.key.clone()));
+                    self.configs.push(c);
+                }
                 Err(e) => self.parse_errors.push(e),
             }
         }
@@ -169,8 +269,10 @@ impl Controller {
     /// Builds both snapshots from the current sources.
     pub fn build(&mut self) -> (Snapshot, Arc<Published>) {
         let node = self.node_info();
+        let first = self.version == 0;
         let (model, configs, parse_errors, built) =
             (&mut self.model, &mut self.configs, &self.parse_errors, &mut self.built);
+        let (acked, live, live_changed) = (&mut self.acked, &mut self.live, &mut self.live_changed);
         let objects = &self.loaded.objects;
         // The policies decide what the proxy must do for them: the node's
         // policy listener joins the configs, and the ports of the listeners
@@ -182,14 +284,49 @@ impl Controller {
                 let named = p.listeners().into_iter().map(|l| qualify(&l.namespace, &l.config, &l.listener, false));
                 model.set_policy_listeners(named.collect());
                 *built = model.build(configs, parse_errors, objects, &node);
-                (built.redirects.clone(), proxy_ports(built, p))
+                // A resource the build no longer has is gone from Envoy (it
+                // is told so): added again, it must be ACKed again.
+                let xds = &built.xds;
+                acked.retain(|(t, n), _| xds.contains(t, n));
+                if first {
+                    *live = wanted(built);
+                }
+                let owners = acked_owners(built, acked);
+                *live_changed |= settle(live, built, acked, |k| owners.get(k) == Some(&true));
+                (in_effect(live), proxy_ports(built, p))
             });
         self.version += 1;
         self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
+        self.live_changed = false;
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
         self.refresh_acks();
         (snap, published)
+    }
+
+    /// A new datapath snapshot if redirects took effect since the last one
+    /// (Envoy ACKed the listeners that serve them).
+    pub fn redirects_settled(&mut self) -> Option<Snapshot> {
+        if !std::mem::take(&mut self.live_changed) {
+            return None;
+        }
+        self.version += 1;
+        let (built, live) = (&self.built, &self.live);
+        let mut snap = Snapshot::derive_with(
+            &self.loaded.objects,
+            &self.node_name,
+            self.node_ip,
+            self.attachments.as_deref(),
+            |p| (in_effect(live), proxy_ports(built, p)),
+        );
+        snap.version = self.version;
+        Some(snap)
+    }
+
+    /// See [`settle`].
+    fn settle_redirects(&mut self) {
+        let acked_version = &self.acked_version;
+        self.live_changed |= settle(&mut self.live, &self.built, &self.acked, |k| acked_version.contains_key(k));
     }
 
     /// Follows an ADS event; true if the snapshot must be rebuilt (a NACK).
@@ -208,10 +345,16 @@ impl Controller {
                 false
             }
             AdsEvent::Ack { type_url, resources, .. } => {
+                // Only what is still to be sent as it was (a late ACK of a
+                // resource since removed does not count for it when it comes back).
+                let current = self.built.xds.types.get(&type_url);
                 for (name, version) in resources {
-                    self.acked.insert((type_url.clone(), name), version);
+                    if current.and_then(|m| m.get(&name)).is_some_and(|r| r.version == version) {
+                        self.acked.insert((type_url.clone(), name), version);
+                    }
                 }
                 self.refresh_acks();
+                self.settle_redirects();
                 false
             }
             AdsEvent::Nack { type_url, message, resources } => {
@@ -260,15 +403,7 @@ impl Controller {
     }
 
     fn refresh_acks(&mut self) {
-        let mut per_owner: BTreeMap<ConfigKey, bool> = BTreeMap::new();
-        for (t, m) in &self.built.xds.types {
-            for r in m.values() {
-                let Some(o) = &r.owner else { continue };
-                let ok = self.acked.get(&(t.clone(), r.name.clone())) == Some(&r.version);
-                *per_owner.entry(o.clone()).or_insert(true) &= ok;
-            }
-        }
-        for (k, all) in per_owner {
+        for (k, all) in acked_owners(&self.built, &self.acked) {
             if all {
                 self.model.confirm(&k);
                 self.acked_version.entry(k).or_insert(self.version);
@@ -318,5 +453,198 @@ impl Controller {
     /// The model's latest build.
     pub fn built(&self) -> &Built {
         &self.built
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::yaml;
+
+    const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}
+"#;
+
+    /// An EnvoyConfig redirecting `service` to its listener, whose route goes
+    /// to `route_to` with a timeout of `timeout` seconds.
+    fn config(name: &str, service: &str, route_to: &str, timeout: u32) -> String {
+        format!(
+            r#"
+---
+apiVersion: weft.io/v1alpha1
+kind: EnvoyConfig
+metadata: {{name: {name}, namespace: default}}
+spec:
+  services: [{{name: {service}}}]
+  resources:
+  - "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+    name: l
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: l
+          rds: {{route_config_name: r}}
+          http_filters: [{{name: envoy.filters.http.router}}]
+  - "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+    name: r
+    virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: /}}, route: {{cluster: {route_to}, timeout: {timeout}s}}}}]}}]
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: {route_to}
+    type: EDS
+"#
+        )
+    }
+
+    fn load(c: &mut Controller, text: &str) {
+        let mut l = yaml::Loaded::default();
+        yaml::load_text(std::path::Path::new("o.yaml"), text, &mut l);
+        assert!(l.problems.is_empty(), "{:?}", l.problems);
+        c.load(l);
+    }
+
+    /// Envoy ACKs every resource of the current build.
+    fn ack_all(c: &mut Controller) {
+        let types: Vec<_> = c.built().xds.types.keys().cloned().collect();
+        for type_url in types {
+            let resources = c.built().xds.of(&type_url).map(|r| (r.name.clone(), r.version.clone())).collect();
+            c.on_event(AdsEvent::Ack { type_url, version: String::new(), resources });
+        }
+    }
+
+    fn handed(snap: &Snapshot) -> Vec<String> {
+        snap.proxied().into_iter().map(|(f, _)| format!("{}:{}", f.addr, f.port)).collect()
+    }
+
+    /// Loading again parses only documents that are not the same `Arc`:
+    /// what comes out equals a parse of every document.
+    #[test]
+    fn loads_reuse_parses_of_unchanged_documents_only() {
+        let text = |timeout: u32| {
+            format!(
+                "{SERVICES}{}{}",
+                config("web-l7", "web", "default/web", 1),
+                config("api-l7", "api", "default/api", timeout)
+            )
+        };
+        let parse_all = |l: &Loaded| -> Vec<EnvoyConfig> {
+            l.raw.iter().filter_map(|(o, d)| envoyconfig::parse(o.clone(), d).ok()).collect()
+        };
+        let read = |t: &str| {
+            let mut l = yaml::Loaded::default();
+            yaml::load_text(std::path::Path::new("o.yaml"), t, &mut l);
+            l
+        };
+        let mut c = Controller::new("node1".into(), None, ProxyPorts::ephemeral());
+        let first = read(&text(1));
+        let mut again = Loaded::default();
+        again.merge(&first);
+        c.load(first);
+        assert_eq!(c.configs, parse_all(&again));
+        // web's document as it was (the same Arc), api's edited, a third added, in another order.
+        let edited = read(&text(2));
+        let mut next = Loaded::default();
+        next.raw.push(edited.raw[1].clone());
+        next.raw.push(again.raw[0].clone());
+        next.raw.push(read(&config("third", "web", "default/web", 1)).raw[0].clone());
+        let expected = parse_all(&next);
+        assert_eq!(expected.len(), 3);
+        c.load(next);
+        assert_eq!(c.configs, expected);
+        assert!(c.configs[0].spec != expected_first(&again), "api's edit is in");
+        // Gone from the source: gone from the controller.
+        c.load(Loaded::default());
+        assert!(c.configs.is_empty() && c.parsed.is_empty());
+    }
+
+    fn expected_first(l: &Loaded) -> crate::k8s::crd::EnvoyConfigSpec {
+        envoyconfig::parse(l.raw[1].0.clone(), &l.raw[1].1).expect("api's config").spec
+    }
+
+    #[test]
+    fn a_service_is_handed_to_envoy_once_envoy_acked_its_listener() {
+        let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+        // The first build's redirects reach Envoy with the dispatcher: in effect at once.
+        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web", 1)));
+        let (snap, _) = c.build();
+        let web = handed(&snap);
+        assert_eq!(web.len(), 1, "{web:?}");
+        assert!(web[0].contains("10.96.0.10"), "{web:?}");
+        ack_all(&mut c);
+        assert!(c.redirects_settled().is_none(), "nothing new to hand");
+
+        // A config added while the dispatcher serves: api stays plain until
+        // Envoy ACKed its listener, routes and cluster.
+        load(
+            &mut c,
+            &format!(
+                "{SERVICES}{}{}",
+                config("web-l7", "web", "default/web", 1),
+                config("api-l7", "api", "default/api", 1)
+            ),
+        );
+        let (snap, _) = c.build();
+        assert_eq!(handed(&snap), web, "api is not handed before Envoy has its listener");
+        let api = ConfigKey { clusterwide: false, key: crate::k8s::ObjKey::new("default", "api-l7") };
+        let types: Vec<_> = c.built().xds.types.keys().cloned().collect();
+        for type_url in types {
+            // Everything but api's listener.
+            let resources = c
+                .built()
+                .xds
+                .of(&type_url)
+                .filter(|r| !(type_url == translate::LISTENER && r.owner.as_ref() == Some(&api)))
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect();
+            c.on_event(AdsEvent::Ack { type_url, version: String::new(), resources });
+        }
+        assert!(c.redirects_settled().is_none(), "its listener is not ACKed yet");
+        ack_all(&mut c);
+        let snap = c.redirects_settled().expect("api handed once its listener is ACKed");
+        let both = handed(&snap);
+        assert_eq!(both.len(), 2, "{both:?}");
+        assert!(snap.version > 2, "a new datapath version: {}", snap.version);
+
+        // An edit of api's config does not take api back from Envoy while Envoy takes it.
+        load(
+            &mut c,
+            &format!(
+                "{SERVICES}{}{}",
+                config("web-l7", "web", "default/web", 1),
+                config("api-l7", "api", "default/api", 2)
+            ),
+        );
+        let (snap, _) = c.build();
+        assert_eq!(c.built().statuses[&api].serving, crate::xds::model::Serving::Current, "the edit is accepted");
+        assert_eq!(handed(&snap), both);
+
+        // Deleted: not handed any more, at once.
+        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web", 1)));
+        let (snap, _) = c.build();
+        assert_eq!(handed(&snap), web);
+        ack_all(&mut c);
+
+        // Added again as it was: Envoy was told to remove its resources, so
+        // their earlier ACK does not count; handed once ACKed again.
+        let with_api = format!(
+            "{SERVICES}{}{}",
+            config("web-l7", "web", "default/web", 1),
+            config("api-l7", "api", "default/api", 2)
+        );
+        load(&mut c, &with_api);
+        let (snap, _) = c.build();
+        assert_eq!(handed(&snap), web, "not handed on the strength of the ACK before its removal");
+        assert!(c.redirects_settled().is_none());
+        ack_all(&mut c);
+        assert_eq!(handed(&c.redirects_settled().expect("handed once ACKed again")), both);
     }
 }

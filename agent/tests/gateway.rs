@@ -122,7 +122,7 @@ fn validated(l: &Loaded, t: &Translation) {
             l.objects.services.insert(key, Arc::new(Sourced { origin: Origin::Api, object: svc.clone() }));
         }
         if let Some(c) = &g.envoy_config {
-            l.raw.push((Origin::Api, c.clone()));
+            l.raw.push((Origin::Api, std::sync::Arc::new(c.clone())));
         }
     }
     for v in validate::verdicts(&l, &mut Model::new(ProxyPorts::ephemeral())) {

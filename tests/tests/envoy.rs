@@ -264,6 +264,56 @@ fn the_first_connections_after_an_l7_config_is_applied_are_served_without_a_drop
     assert_eq!(drops, 0, "SYNs dropped because the datapath held no proxy socket yet");
 }
 
+/// Issue 12: a Service whose config is added while the dispatching listener
+/// already serves another is handed to Envoy only once Envoy has the
+/// listener for it. Handed earlier, its connections reach the dispatcher
+/// while no listener has the Service's address, and get the dispatcher's
+/// 503. Each round writes api's config beside web's (which keeps the
+/// dispatcher up) and at once opens new connections to api, one after
+/// another, until one is answered through Envoy; then api's config goes.
+/// Every request must be answered 200, before Envoy (plainly) or by it.
+#[test]
+fn a_config_added_beside_a_serving_one_is_never_answered_by_the_dispatcher() {
+    require_root!();
+    const ROUNDS: usize = 8;
+    let api_vip = Ipv4Addr::new(10, 96, 0, 11);
+    let services = [web(), svc("api", [10, 96, 0, 11], 80, &["n2-p1"])];
+    let with_web = |lab: &weft_tests::lab::Lab| {
+        format!("{}{}", lab_objects(lab, &services), http_envoy_config("web-l7", "web", None))
+    };
+    let env = EnvoyLab::new(with_web);
+    env.acked("EnvoyConfig default/web-l7");
+    let web_only = with_web(&env.lab);
+    let with_api = format!("{web_only}---\n{}", http_envoy_config("api-l7", "api", None));
+    let client = env.lab.pod("n1-p1");
+    let through_envoy = |r: &weft_tests::http::Response| r.header("x-envoy-upstream-service-time").is_some();
+    let (mut before_envoy, mut requests, mut failed) = (0, 0, Vec::new());
+    for round in 0..ROUNDS {
+        write_atomic(&env.objects_file(), &with_api).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            requests += 1;
+            match get_once(&client.netns, sa(api_vip, 80), "/", T) {
+                Ok((resp, _, _)) if resp.status == 200 && through_envoy(&resp) => break,
+                Ok((resp, _, _)) if resp.status == 200 => before_envoy += 1,
+                other => failed.push(format!("round {round}: {other:?}")),
+            }
+            assert!(Instant::now() < deadline, "round {round}: never answered through Envoy; failed: {failed:?}");
+        }
+        env.apply(&web_only);
+        let (resp, _, _) = get_once(&client.netns, sa(api_vip, 80), "/", T).unwrap_or_else(|e| env.fail(e));
+        assert!(!through_envoy(&resp), "round {round}: still through Envoy after the config went: {resp:?}");
+        let (resp, _, _) = get_once(&client.netns, sa(VIP, 80), "/", T).unwrap_or_else(|e| env.fail(e));
+        assert!(through_envoy(&resp), "round {round}: web, beside, is still through Envoy: {resp:?}");
+    }
+    println!(
+        "{requests} requests to api in {ROUNDS} rounds, {before_envoy} answered before Envoy took over, {} failed",
+        failed.len()
+    );
+    assert!(before_envoy > 0, "no request came before Envoy took over: the test did not probe the window");
+    assert!(failed.is_empty(), "requests not answered 200 (503: the dispatcher had no listener for api): {failed:#?}");
+}
+
 /// Status of one object in node1's agent.
 fn object<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["control"]["objects"]

@@ -534,12 +534,21 @@ fn type_of(ar: &ApiResource) -> String {
     format!("{}/{}", ar.api_version, ar.kind)
 }
 
-type Configs = BTreeMap<(String, String, String), Value>;
+/// Config documents, shared (see `Loaded::raw`).
+type Configs = BTreeMap<(String, String, String), Arc<Value>>;
 
 fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObject>) -> (u64, u64, u64) {
     match up {
         Update::Replace(all) => {
-            let next: Configs = all.iter().map(|o| (config_key(ar, o), config_doc(o, ar))).collect();
+            let next: Configs = all
+                .iter()
+                .map(|o| {
+                    let (k, doc) = (config_key(ar, o), config_doc(o, ar));
+                    // A document listed again as it was stays the one held.
+                    let doc = configs.get(&k).filter(|h| ***h == doc).cloned().unwrap_or_else(|| Arc::new(doc));
+                    (k, doc)
+                })
+                .collect();
             let ty = type_of(ar);
             let mine = |k: &(String, String, String)| k.0 == ty;
             let unchanged =
@@ -559,7 +568,7 @@ fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObje
                 return (0, 0, 1);
             }
             let same = held.is_some_and(|h| same_doc(h, &doc));
-            configs.insert(k, doc);
+            configs.insert(k, Arc::new(doc));
             if same { (0, 1, 0) } else { (1, 0, 0) }
         }
         Update::Remove(o) => match configs.remove(&config_key(ar, &o)) {
@@ -760,7 +769,7 @@ impl KubeSource {
                 loaded.raw.push((Origin::Api, doc.clone()));
                 continue;
             }
-            match Object::from_value(doc.clone()) {
+            match Object::from_value(Value::clone(doc)) {
                 Ok(Some(o)) => loaded.objects.insert(Origin::Api, o),
                 Ok(None) => {}
                 Err(e) => loaded.problems.push(ParseProblem::new(

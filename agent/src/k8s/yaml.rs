@@ -5,6 +5,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -94,8 +95,10 @@ pub struct Loaded {
     /// Documents of kinds the agent does not use (Deployments, ...): (origin, kind).
     pub ignored: Vec<(Origin, String)>,
     /// Documents that are not typed objects but raw JSON for other parsers
-    /// (EnvoyConfig and friends): (origin, document).
-    pub raw: Vec<(Origin, Value)>,
+    /// (EnvoyConfig and friends): (origin, document). Shared like the typed
+    /// objects: a document that did not change stays the same `Arc`, so the
+    /// controller parses only documents that did.
+    pub raw: Vec<(Origin, Arc<Value>)>,
 }
 
 /// Kinds another module parses from the raw document (see [`Loaded::raw`]).
@@ -182,7 +185,7 @@ pub fn load_file(path: &Path, into: &mut Loaded) {
 fn load_value(origin: Origin, v: Value, into: &mut Loaded) {
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
     if RAW_KINDS.contains(&kind.as_str()) {
-        into.raw.push((origin, v));
+        into.raw.push((origin, Arc::new(v)));
         return;
     }
     let what = describe(&v);

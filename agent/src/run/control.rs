@@ -7,7 +7,10 @@
 //! before Envoy hears of it (the worker's applied version is awaited), so no
 //! connection is handed to a listener Envoy is closing. It reads the datapath
 //! worker's status back for that and for the problems the datapath found,
-//! which its report and the source's Events carry.
+//! which its report and the source's Events carry. A Service is handed to
+//! Envoy once Envoy ACKed the listener that serves it (see
+//! [`Controller`]): that snapshot too is awaited before the report says the
+//! object is ACKed, so a client that reads the ACK finds the Service handed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -146,21 +149,36 @@ impl ControlLoop {
                     // The datapath stops handing connections to a proxy port
                     // before Envoy closes its listener: a connection handed
                     // to a listener Envoy no longer accepts on would be reset.
-                    let applied = datapath.wait_for(|st| st.applied_version >= version);
-                    match tokio::time::timeout(DATAPATH_FIRST_WAIT, applied).await {
-                        Ok(Ok(st)) if st.problems != datapath_problems => {
-                            datapath_problems = st.problems.clone();
+                    match applied(&mut datapath, version).await {
+                        Applied::Now(problems) if problems != datapath_problems => {
+                            datapath_problems = problems;
                             touched = true;
                         }
-                        Ok(Ok(_)) => {}
-                        Ok(Err(_)) => datapath_alive = false,
-                        Err(_) => tracing::warn!(
+                        Applied::Now(_) => {}
+                        Applied::Gone => datapath_alive = false,
+                        Applied::Late => tracing::warn!(
                             version,
                             "the datapath did not apply a snapshot within {DATAPATH_FIRST_WAIT:?}; updating Envoy anyway"
                         ),
                     }
                 }
                 xds.send_replace(published);
+            } else if let Some(snap) = self.controller.redirects_settled() {
+                // Envoy ACKed listeners of Services the datapath does not hand
+                // it yet: hand them, and report once the datapath did.
+                let version = snap.version;
+                snapshots.send_replace(Arc::new(snap));
+                touched = true;
+                if datapath_alive {
+                    match applied(&mut datapath, version).await {
+                        Applied::Now(problems) => datapath_problems = problems,
+                        Applied::Gone => datapath_alive = false,
+                        Applied::Late => tracing::warn!(
+                            version,
+                            "the datapath did not apply a snapshot within {DATAPATH_FIRST_WAIT:?}"
+                        ),
+                    }
+                }
             }
             if touched || rebuild {
                 let r = self.report(&datapath_problems);
@@ -169,6 +187,26 @@ impl ControlLoop {
                 touched = false;
             }
         }
+    }
+}
+
+/// What became of a snapshot sent to the datapath worker.
+enum Applied {
+    /// Applied; the problems the worker reports now.
+    Now(Vec<String>),
+    /// The worker is gone (the supervisor's to handle).
+    Gone,
+    /// Not within [`DATAPATH_FIRST_WAIT`].
+    Late,
+}
+
+/// Waits until the datapath worker applied snapshot `version` (or a later one).
+async fn applied(datapath: &mut watch::Receiver<DatapathStatus>, version: u64) -> Applied {
+    let done = datapath.wait_for(|st| st.applied_version >= version);
+    match tokio::time::timeout(DATAPATH_FIRST_WAIT, done).await {
+        Ok(Ok(st)) => Applied::Now(st.problems.clone()),
+        Ok(Err(_)) => Applied::Gone,
+        Err(_) => Applied::Late,
     }
 }
 

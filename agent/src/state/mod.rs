@@ -8,6 +8,7 @@ pub mod policy;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -19,7 +20,7 @@ use weft_ebpf::abi;
 use crate::{
     datapath::{BackendAddr, Frontend, FrontendKind, Proto, ServiceEntry},
     identity::{self, LabelSet},
-    k8s::{ObjKey, Objects},
+    k8s::{ObjKey, Objects, Sourced},
 };
 
 /// Annotation that sends a Service's connections to a proxy listener on this
@@ -324,21 +325,29 @@ impl Snapshot {
 /// IPv4 EndpointSlices by the Service they belong to (namespace and the
 /// `kubernetes.io/service-name` label): built once per derivation, so finding
 /// a Service's backends does not scan every slice.
-pub struct SliceIndex<'a>(HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>);
+pub struct SliceIndex<'a>(HashMap<(&'a str, &'a str), Vec<&'a Arc<Sourced<EndpointSlice>>>>);
 
 impl<'a> SliceIndex<'a> {
     pub fn of(objects: &'a Objects) -> Self {
-        let mut m: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        for s in objects.endpoint_slices.values() {
-            let s = &s.object;
+        let mut m: HashMap<(&str, &str), Vec<&Arc<Sourced<EndpointSlice>>>> = HashMap::new();
+        for sourced in objects.endpoint_slices.values() {
+            let s = &sourced.object;
             let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) else {
                 continue;
             };
             if s.address_type == "IPv4" {
-                m.entry((s.metadata.namespace.as_deref().unwrap_or("default"), svc.as_str())).or_default().push(s);
+                m.entry((s.metadata.namespace.as_deref().unwrap_or("default"), svc.as_str()))
+                    .or_default()
+                    .push(sourced);
             }
         }
         Self(m)
+    }
+
+    /// The Service's IPv4 EndpointSlices (as shared objects: one that did
+    /// not change is the same `Arc`).
+    pub fn of_service<'s>(&'s self, key: &'s ObjKey) -> &'s [&'s Arc<Sourced<EndpointSlice>>] {
+        self.0.get(&(key.namespace.as_str(), key.name.as_str())).map(Vec::as_slice).unwrap_or_default()
     }
 }
 
@@ -346,9 +355,9 @@ impl<'a> SliceIndex<'a> {
 /// Endpoints object. Only ready IPv4 addresses count.
 pub fn backends(key: &ObjKey, port_name: Option<&str>, objects: &Objects, slices: &SliceIndex) -> Vec<BackendAddr> {
     let mut out = BTreeSet::new();
-    let found = slices.0.get(&(key.namespace.as_str(), key.name.as_str())).map(Vec::as_slice).unwrap_or_default();
+    let found = slices.of_service(key);
     let any_slice = !found.is_empty();
-    for slice in found {
+    for slice in found.iter().map(|s| &s.object) {
         // A port outside 1-65535 is no backend (the Service is reported by service_state).
         let Some(port) = slice
             .ports

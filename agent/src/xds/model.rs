@@ -36,7 +36,7 @@ use super::{
 };
 use crate::{
     hash::fnv1a,
-    k8s::{ObjKey, Objects, crd::EnvoyConfigSpec, selector},
+    k8s::{ObjKey, Objects, Sourced, crd::EnvoyConfigSpec, selector},
     state::{Redirects, SliceIndex, backends},
 };
 
@@ -149,7 +149,12 @@ pub struct Built {
     pub statuses: BTreeMap<ConfigKey, ConfigStatus>,
     /// Proxy ports the datapath hands connections to.
     pub proxy_ports: Vec<u16>,
+    /// The object and listener each redirect hands connections to.
+    pub served_by: BTreeMap<RedirectKey, (ConfigKey, String)>,
 }
+
+/// A redirected Service port (None: all its ports), as in [`Redirects`].
+pub type RedirectKey = (ObjKey, Option<u16>);
 
 #[derive(Clone)]
 struct Good {
@@ -213,6 +218,65 @@ pub struct Model {
     /// every build translates every object (the full rebuild, the oracle
     /// the cached builds are checked against).
     translations: Option<HashMap<ConfigKey, (EnvoyConfigSpec, Translating)>>,
+    /// The encoded endpoints of each (Service, selected ports), with the
+    /// objects they were computed from; None with `translations` (the oracle).
+    endpoints: Option<KeptEndpoints>,
+    /// Each listener as last encoded: the translation and shape it came
+    /// from; None with `translations` (the oracle).
+    listeners: Option<KeptListeners>,
+}
+
+/// (Service, selected ports) -> the objects its endpoints came from, and them encoded.
+type KeptEndpoints = HashMap<(ObjKey, Vec<String>), (EndpointInputs, Arc<[Arc<Resource>]>)>;
+/// Listener name -> the translation and shape it came from, and it encoded.
+type KeptListeners = HashMap<String, (Arc<Translation>, Shape, Arc<Resource>)>;
+
+/// How a config's listener is reached on this node (what the model changes
+/// of it as written).
+#[derive(Clone, Debug, PartialEq)]
+enum Shape {
+    /// It binds its own address; `handed`: Services are redirected to it.
+    Pinned { handed: bool },
+    /// Reached through the dispatching listener at these frontends (or,
+    /// without any, at its unreached placeholder port).
+    Virtual { frontends: Vec<std::net::SocketAddrV4>, placeholder: Option<u16> },
+    /// It binds its proxy port (None: none was free); `policy`: policies'
+    /// rules hand connections to it (it restores their destination).
+    Bound { port: Option<u16>, policy: bool },
+}
+
+/// What a Service's endpoints are computed from: the Service, its IPv4
+/// EndpointSlices, its Endpoints object. Sources hand over an object that
+/// did not change as the same `Arc`, so comparing pointers tells which
+/// Services' endpoints must be computed (and encoded) again.
+struct EndpointInputs {
+    service: Option<Arc<Sourced<k8s_openapi::api::core::v1::Service>>>,
+    slices: Vec<Arc<Sourced<k8s_openapi::api::discovery::v1::EndpointSlice>>>,
+    endpoints: Option<Arc<Sourced<k8s_openapi::api::core::v1::Endpoints>>>,
+}
+
+impl EndpointInputs {
+    fn of(service: &ObjKey, objects: &Objects, slices: &SliceIndex) -> Self {
+        Self {
+            service: objects.services.get(service).cloned(),
+            slices: slices.of_service(service).iter().map(|s| Arc::clone(s)).collect(),
+            endpoints: objects.endpoints.get(service).cloned(),
+        }
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        fn one<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        one(&self.service, &other.service)
+            && one(&self.endpoints, &other.endpoints)
+            && self.slices.len() == other.slices.len()
+            && self.slices.iter().zip(&other.slices).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
 }
 
 /// The listeners Envoy can open within its open-file limit: each listener
@@ -263,13 +327,82 @@ impl Model {
             budget: ListenerBudget::UNLIMITED,
             policy_listeners: BTreeSet::new(),
             translations: Some(HashMap::new()),
+            endpoints: Some(HashMap::new()),
+            listeners: Some(HashMap::new()),
         }
     }
 
     /// A model that translates every object on every build, keeping
     /// nothing of earlier translations: the oracle for the cached builds.
     pub fn full_rebuild(ports: ProxyPorts) -> Self {
-        Self { translations: None, ..Self::new(ports) }
+        Self { translations: None, endpoints: None, listeners: None, ..Self::new(ports) }
+    }
+
+    /// A config's listener as it goes to Envoy (`shape` applied), encoded:
+    /// the kept one while the config's translation and the shape are the same.
+    fn listener(
+        &mut self,
+        owner: &ConfigKey,
+        t: &Arc<Translation>,
+        l: &translate::Item<Listener>,
+        shape: Shape,
+    ) -> Arc<Resource> {
+        let fresh = |shape: &Shape| {
+            let mut listener = l.resource.clone();
+            match shape {
+                Shape::Pinned { handed: true } => translate::handed_connections(&mut listener),
+                Shape::Pinned { handed: false } | Shape::Bound { port: None, .. } => {}
+                Shape::Virtual { frontends, placeholder } => {
+                    translate::virtual_listener(&mut listener, frontends, *placeholder)
+                }
+                Shape::Bound { port: Some(p), policy } => {
+                    translate::bind_proxy_port(&mut listener, *p);
+                    if *policy {
+                        translate::original_destination(&mut listener);
+                    }
+                }
+            }
+            Arc::new(Resource::new(l.name.clone(), &listener, Some(owner.clone())))
+        };
+        let Some(cache) = self.listeners.as_mut() else { return fresh(&shape) };
+        match cache.get(&l.name) {
+            Some((kept_t, kept_shape, r))
+                if Arc::ptr_eq(kept_t, t) && *kept_shape == shape && r.owner.as_ref() == Some(owner) =>
+            {
+                r.clone()
+            }
+            _ => {
+                let r = fresh(&shape);
+                cache.insert(l.name.clone(), (t.clone(), shape, r.clone()));
+                r
+            }
+        }
+    }
+
+    /// The encoded ClusterLoadAssignments of a Service (see [`endpoints_of`]):
+    /// the kept ones while the objects they come from are the same.
+    fn endpoints(
+        &mut self,
+        service: &ObjKey,
+        ports: &[String],
+        objects: &Objects,
+        slices: &SliceIndex,
+    ) -> Arc<[Arc<Resource>]> {
+        let fresh = || -> Arc<[Arc<Resource>]> {
+            let clas = endpoints_of(service, ports, objects, slices);
+            clas.iter().map(|c| Arc::new(Resource::new(c.cluster_name.clone(), c, None))).collect()
+        };
+        let Some(cache) = self.endpoints.as_mut() else { return fresh() };
+        let inputs = EndpointInputs::of(service, objects, slices);
+        let key = (service.clone(), ports.to_vec());
+        match cache.get(&key) {
+            Some((kept, resources)) if kept.same(&inputs) => resources.clone(),
+            _ => {
+                let resources = fresh();
+                cache.insert(key, (inputs, resources.clone()));
+                resources
+            }
+        }
     }
 
     /// `cfg` translated: the kept translation when its spec has not changed.
@@ -484,7 +617,8 @@ impl Model {
         node: &NodeInfo,
     ) {
         let mut listeners_in_use = BTreeSet::new();
-        let mut eds: BTreeMap<String, ClusterLoadAssignment> = BTreeMap::new();
+        let mut eds: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
+        let mut eds_used = std::collections::HashSet::new();
         let slices = SliceIndex::of(objects);
         let pinned: BTreeSet<u16> = accepted
             .iter()
@@ -507,17 +641,12 @@ impl Model {
             built.xds.put(Resource::new(routes.name.clone(), &routes, None));
         }
         for c in &accepted {
-            let owner = Some(c.key.clone());
             let t = &c.translated;
             let mut ports_of = BTreeMap::new();
             for l in &t.listeners {
-                let mut listener = l.resource.clone();
-                let port = match (translate::pinned_port(&listener), dispatch) {
+                let (shape, port) = match (translate::pinned_port(&l.resource), dispatch) {
                     (Some((_, p)), _) => {
-                        if t.redirects.iter().any(|r| r.listener == l.name) {
-                            translate::handed_connections(&mut listener);
-                        }
-                        Some(p)
+                        (Shape::Pinned { handed: t.redirects.iter().any(|r| r.listener == l.name) }, Some(p))
                     }
                     (None, Some(d)) if is_virtual(t, l) => {
                         let frontends: Vec<_> = t
@@ -534,19 +663,12 @@ impl Model {
                         } else {
                             None
                         };
-                        translate::virtual_listener(&mut listener, &frontends, placeholder);
-                        Some(d)
+                        (Shape::Virtual { frontends, placeholder }, Some(d))
                     }
                     (None, _) => {
                         listeners_in_use.insert(l.name.clone());
                         let port = self.ports.allocate(&l.name, &pinned);
-                        if let Some(p) = port {
-                            translate::bind_proxy_port(&mut listener, p);
-                            if self.policy_listeners.contains(&l.name) {
-                                translate::original_destination(&mut listener);
-                            }
-                        }
-                        port
+                        (Shape::Bound { port, policy: self.policy_listeners.contains(&l.name) }, port)
                     }
                 };
                 if let Some(p) = port {
@@ -555,28 +677,31 @@ impl Model {
                         s.listeners.push((l.name.clone(), p));
                     }
                 }
-                built.xds.put(Resource::new(l.name.clone(), &listener, owner.clone()));
+                built.xds.put_shared(self.listener(&c.key, t, l, shape));
             }
             for r in t.encoded(&c.key) {
                 built.xds.put_shared(r.clone());
             }
             for r in &t.redirects {
                 let Some(port) = ports_of.get(&r.listener) else { continue };
-                if r.ports.is_empty() {
-                    built.redirects.insert((r.service.clone(), None), *port);
+                let keys: Vec<RedirectKey> = if r.ports.is_empty() {
+                    vec![(r.service.clone(), None)]
                 } else {
-                    for p in &r.ports {
-                        built.redirects.insert((r.service.clone(), Some(*p)), *port);
-                    }
+                    r.ports.iter().map(|p| (r.service.clone(), Some(*p))).collect()
+                };
+                for k in keys {
+                    built.served_by.insert(k.clone(), (c.key.clone(), r.listener.clone()));
+                    built.redirects.insert(k, *port);
                 }
                 if !built.proxy_ports.contains(port) {
                     built.proxy_ports.push(*port);
                 }
             }
             for e in &t.eds_services {
-                for cla in endpoints_of(&e.service, &e.ports, objects, &slices) {
-                    eds.entry(cla.cluster_name.clone()).or_insert(cla);
+                for r in self.endpoints(&e.service, &e.ports, objects, &slices).iter() {
+                    eds.entry(r.name.clone()).or_insert_with(|| r.clone());
                 }
+                eds_used.insert((e.service.clone(), e.ports.clone()));
             }
             // Secrets the config references that Kubernetes holds.
             for (_, name) in &t.references.secrets {
@@ -604,10 +729,10 @@ impl Model {
                 );
             }
         }
-        for cla in eds.into_values() {
+        for r in eds.into_values() {
             // A config's own ClusterLoadAssignment wins over a generated one.
-            if !built.xds.contains(translate::ENDPOINT, &cla.cluster_name) {
-                built.xds.put(Resource::new(cla.cluster_name.clone(), &cla, None));
+            if !built.xds.contains(translate::ENDPOINT, &r.name) {
+                built.xds.put_shared(r);
             }
         }
         // Forget configs that are gone.
@@ -617,6 +742,13 @@ impl Model {
         self.nacked.retain(|k, _| present.contains(k));
         if let Some(cache) = self.translations.as_mut() {
             cache.retain(|k, _| present.contains(k));
+        }
+        if let Some(cache) = self.endpoints.as_mut() {
+            cache.retain(|k, _| eds_used.contains(k));
+        }
+        if let Some(cache) = self.listeners.as_mut() {
+            let sent = built.xds.types.get(translate::LISTENER);
+            cache.retain(|name, (_, _, r)| sent.and_then(|m| m.get(name)).is_some_and(|s| Arc::ptr_eq(s, r)));
         }
         self.ports.release_others(&listeners_in_use);
         built.proxy_ports.sort();
@@ -1195,14 +1327,16 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         }
     }
 
-    /// Services web and api with `web` and `api` backends (EndpointSlices).
-    fn objects_with(web: &[u8], api: &[u8]) -> Objects {
+    /// Services web and api with `web` and `api` backends (EndpointSlices);
+    /// api without its port 81 unless `api_alt`.
+    fn objects_with(web: &[u8], api: &[u8], api_alt: bool) -> Objects {
         let mut y = String::new();
         for (name, ip, backends) in [("web", "10.96.0.10", web), ("api", "10.96.0.11", api)] {
             let eps: Vec<String> = backends.iter().map(|b| format!("{{addresses: [10.1.1.{b}]}}")).collect();
+            let alt = if name == "web" || api_alt { ", {name: alt, port: 81}" } else { "" };
             y.push_str(&format!(
                 "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
-                 spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}, {{name: alt, port: 81}}]}}\n---\n\
+                 spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}{alt}]}}\n---\n\
                  apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
                  metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
                  addressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: alt, port: 8081}}]\n\
@@ -1239,10 +1373,13 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
     }
 
     /// The property the cached model rests on: after every step of random
-    /// sequences of adds, edits, deletes, endpoint changes, Envoy's NACKs and
-    /// ACKs, a build that reuses kept translations equals a full rebuild
-    /// (statuses, xDS resources, redirects, proxy ports). The seed is
-    /// printed on failure; `WEFT_MODEL_SEED` repeats one.
+    /// sequences of adds, edits, deletes, endpoint changes, Service changes,
+    /// Envoy's NACKs and ACKs, a build that reuses kept translations and
+    /// endpoints equals a full rebuild (statuses, xDS resources, redirects,
+    /// proxy ports). Objects that did not change stay the same `Arc`s, as
+    /// the sources hand them over, and sometimes all are read again (same
+    /// content, new `Arc`s). The seed is printed on failure;
+    /// `WEFT_MODEL_SEED` repeats one.
     #[test]
     fn cached_builds_equal_full_rebuilds_after_every_random_change() {
         let first: u64 = std::env::var("WEFT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_0001);
@@ -1258,12 +1395,15 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                 full.set_listener_budget(budget);
             }
             let mut configs: BTreeMap<String, EnvoyConfig> = BTreeMap::new();
-            let (mut web, mut api) = (vec![12u8], vec![13u8]);
+            let (mut web, mut api, mut api_alt) = (vec![12u8], vec![13u8], true);
+            let mut objs = objects_with(&web, &api, api_alt);
             let mut log = Vec::new();
             for step in 0..40 {
                 let names: Vec<String> = configs.keys().cloned().collect();
                 let pick = |rng: &mut Rng| names.get(rng.below(names.len().max(1) as u64) as usize).cloned();
-                match rng.below(7) {
+                // What the step changes of the objects: (kind, name) taken anew.
+                let mut renew: Vec<(&str, &str)> = Vec::new();
+                match rng.below(9) {
                     0 | 1 => {
                         let name = format!("c{}", rng.below(8));
                         let generation = configs.get(&name).map_or(1, |c| c.generation + 1);
@@ -1285,6 +1425,16 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                             list.push(ip);
                         }
                         log.push(format!("endpoints of {b}: {list:?}"));
+                        renew.push(("slice", if b == "web" { "web-1" } else { "api-1" }));
+                    }
+                    7 => {
+                        api_alt = !api_alt;
+                        log.push(format!("api's port 81: {api_alt}"));
+                        renew.push(("service", "api"));
+                    }
+                    8 => {
+                        log.push("every object read again".into());
+                        renew.push(("all", ""));
                     }
                     4 => {
                         if let Some(n) = pick(&mut rng) {
@@ -1302,7 +1452,15 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                         }
                     }
                 }
-                let objs = objects_with(&web, &api);
+                let fresh = objects_with(&web, &api, api_alt);
+                for (kind, name) in renew {
+                    let key = ObjKey::new("default", name);
+                    match kind {
+                        "slice" => drop(objs.endpoint_slices.insert(key.clone(), fresh.endpoint_slices[&key].clone())),
+                        "service" => drop(objs.services.insert(key.clone(), fresh.services[&key].clone())),
+                        _ => objs = fresh.clone(),
+                    }
+                }
                 let list: Vec<EnvoyConfig> = configs.values().cloned().collect();
                 let a = cached.build(&list, &[], &objs, &node());
                 let b = full.build(&list, &[], &objs, &node());
