@@ -219,7 +219,8 @@ fn endpoint_changes(l: &Loaded) -> Samples {
 /// Milliseconds until Envoy holds each of 10 edits of config c0 (its route's
 /// timeout, read back from Envoy's config dump).
 fn config_edits(l: &Loaded) -> Samples {
-    let path = "/config_dump?resource=dynamic_route_configs&name_regex=c0-route";
+    // Envoy matches name_regex against the whole name (`default/c0/c0-route`).
+    let path = "/config_dump?resource=dynamic_route_configs&name_regex=.*/c0-route";
     let mut out = Vec::new();
     for round in 1..=10 {
         let t0 = Instant::now();
