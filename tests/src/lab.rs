@@ -82,7 +82,7 @@ pub enum PodNetwork {
     /// The lab makes each pod's veth and sets its address and routes.
     Veth,
     /// The lab makes only each pod's network namespace (IPv6 off, `lo` up);
-    /// a CNI chain run as a runtime runs it ([`crate::cni`]) makes the veth
+    /// a CNI chain run as a runtime runs it (tests/src/cni.rs) makes the veth
     /// and gives the address. [`Pod::ip`] is then the address host-local
     /// hands out to the node's pods in order from `.11` (checked by whoever
     /// runs the chain).

@@ -468,8 +468,8 @@ where
         let pipeline = self.pipeline.clone();
         Box::pin(async move {
             let resp = answer.await?;
-            let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
-            if resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == out_of_range.as_bytes()) {
+            // gRPC's OUT_OF_RANGE, as the status header spells it.
+            if resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == b"11") {
                 pipeline.counters.add_refused(Refusal::OverLimit);
             }
             Ok(resp)
