@@ -132,7 +132,8 @@ pub fn configs(objects: &Objects, default: Visibility, user: &[EnvoyConfig]) -> 
     let mut claimed: BTreeMap<ObjKey, &ConfigKey> = BTreeMap::new();
     for cfg in user.iter().filter(|c| !is_generated(&c.key)) {
         for s in &cfg.spec.services {
-            claimed.entry(service_of(&cfg.key, s)).or_insert(&cfg.key);
+            let service = ObjKey::new(cfg.key.service_namespace(s.namespace.as_deref()), s.name.clone());
+            claimed.entry(service).or_insert(&cfg.key);
         }
     }
     let mut out = Generated { report: VisibilityReport { default, ..Default::default() }, ..Default::default() };
@@ -157,16 +158,6 @@ pub fn configs(objects: &Objects, default: Visibility, user: &[EnvoyConfig]) -> 
     }
     out.report.problems = problems.into_iter().collect();
     out
-}
-
-/// The Service a config's `services` entry names (as translation reads it).
-fn service_of(cfg: &ConfigKey, s: &ServiceListener) -> ObjKey {
-    let namespace = if cfg.clusterwide {
-        s.namespace.clone().unwrap_or_else(|| "default".into())
-    } else {
-        cfg.namespace().to_owned()
-    };
-    ObjKey::new(namespace, s.name.clone())
 }
 
 /// A Service's setting: its own annotation, else its Namespace's, else the
