@@ -16,7 +16,12 @@
 //! are in effect at once: they reach a new Envoy in one push with the
 //! dispatcher, which warms together with them.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use serde::Serialize;
 
@@ -195,7 +200,16 @@ pub struct Controller {
     l7_default: Visibility,
     /// What the last build generated for HTTP visibility.
     visibility: VisibilityReport,
+    /// Generated visibility configs whose Service no longer asks, in their
+    /// retired form, until when they stay (see [`RETIRE_AFTER`]).
+    retiring: BTreeMap<ConfigKey, (EnvoyConfig, Instant)>,
+    /// The visibility configs the last build generated.
+    generated: Vec<EnvoyConfig>,
 }
+
+/// How long a retired visibility config's routes and clusters stay: Envoy's
+/// drain time of the removed listener's connections, and a margin.
+const RETIRE_AFTER: Duration = Duration::from_secs(crate::envoy::DRAIN_TIME.as_secs() + 5);
 
 impl Controller {
     pub fn new(node_name: String, node_ip: Option<Ipv4Addr>, ports: ProxyPorts) -> Self {
@@ -220,6 +234,8 @@ impl Controller {
             live_changed: false,
             l7_default: Visibility::None,
             visibility: VisibilityReport::default(),
+            retiring: BTreeMap::new(),
+            generated: Vec::new(),
         }
     }
 
@@ -270,6 +286,13 @@ impl Controller {
         }
     }
 
+    /// Whether a retired visibility config is due to go (the next build
+    /// removes it).
+    pub fn retirement_due(&self) -> bool {
+        let now = Instant::now();
+        self.retiring.values().any(|(_, until)| *until <= now)
+    }
+
     /// Sets the HTTP visibility of Services that have no annotation.
     pub fn set_l7_visibility(&mut self, default: Visibility) {
         self.l7_default = default;
@@ -290,10 +313,22 @@ impl Controller {
         let objects = &self.loaded.objects;
         // Services that asked for HTTP visibility get their generated configs
         // (after the documents' configs, like the policy one).
+        // One that goes is retired first: its listeners go, its routes and
+        // clusters stay while Envoy drains the listeners' connections.
+        let (now, retiring) = (Instant::now(), &mut self.retiring);
         configs.retain(|c| !visibility::is_generated(&c.key));
         let generated = visibility::configs(objects, self.l7_default, configs);
+        let before = std::mem::replace(&mut self.generated, generated.configs.clone());
+        retiring.retain(|k, (_, until)| *until > now && !generated.configs.iter().any(|c| c.key == *k));
+        for old in before {
+            if !generated.configs.iter().any(|c| c.key == old.key) {
+                retiring.insert(old.key.clone(), (visibility::retired(&old), now + RETIRE_AFTER));
+            }
+        }
         configs.extend(generated.configs);
+        configs.extend(retiring.values().map(|(c, _)| c.clone()));
         self.visibility = generated.report;
+        self.visibility.retiring = retiring.keys().map(ToString::to_string).collect();
         // The policies decide what the proxy must do for them: the node's
         // policy listener joins the configs, and the ports of the listeners
         // rules hand connections to come back from the build.
@@ -628,8 +663,9 @@ spec:
         // A user's config for the Service wins; the status says so.
         load(&mut c, &format!("{annotated}{}", config("mine", "web", "default/web", 1)));
         let (_, published) = c.build();
-        assert!(!listed(&c) && !published.xds.contains(translate::LISTENER, "default/weft:l7:web/http-80"));
+        assert!(!published.xds.contains(translate::LISTENER, "default/weft:l7:web/http-80"));
         let status = c.status(&[]);
+        assert_eq!(status.l7_visibility.retiring, [generated], "its routes and clusters stay a while");
         assert_eq!(
             status.l7_visibility.services[0].state,
             visibility::VisibilityState::UserConfigWins { config: "EnvoyConfig default/mine".into() }
@@ -646,10 +682,29 @@ spec:
         load(&mut c, SERVICES);
         let (snap, published) = c.build();
         assert!(handed(&snap).is_empty(), "plain forwarding");
-        assert!(!listed(&c) && c.status(&[]).l7_visibility.services.is_empty());
+        // Retired: the listener goes; the routes, clusters and endpoints
+        // that the draining connections' requests need stay.
+        assert!(!published.xds.contains(translate::LISTENER, "default/weft:l7:web/http-80"));
+        assert!(published.xds.contains(translate::CLUSTER, "default/weft:l7:web/port-80"));
+        assert!(published.xds.contains(translate::ROUTE, "default/weft:l7:web/http-80"));
+        assert!(published.xds.contains(translate::ENDPOINT, "default/web:80"));
+        let status = c.status(&[]);
+        assert!(status.l7_visibility.services.is_empty());
+        assert_eq!(status.l7_visibility.retiring, [generated]);
+        let obj = status.objects.iter().find(|o| o.config.object == generated).expect("listed while retiring");
+        assert!(obj.config.problems.is_empty(), "{:?}", obj.config.problems);
+        assert!(!c.retirement_due());
+        // Its time is up: the next build removes the rest.
+        for (_, until) in c.retiring.values_mut() {
+            *until = Instant::now();
+        }
+        assert!(c.retirement_due());
+        let (snap, published) = c.build();
+        assert!(handed(&snap).is_empty() && !listed(&c) && c.status(&[]).l7_visibility.retiring.is_empty());
         let left: Vec<_> =
             published.xds.types.values().flat_map(|m| m.keys()).filter(|n| n.contains("weft:l7")).collect();
         assert!(left.is_empty(), "{left:?}");
+        assert!(!published.xds.contains(translate::ENDPOINT, "default/web:80"));
     }
 
     fn expected_first(l: &Loaded) -> crate::k8s::crd::EnvoyConfigSpec {

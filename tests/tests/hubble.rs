@@ -16,8 +16,9 @@ use std::{
 use serde_json::Value;
 use weft_tests::{
     envoylab::EnvoyLab,
-    flows::{flow_lab, flow_socket, flows_of, observe_json, traffic, wait_http_flows},
-    http::get_once,
+    flows::{Prometheus, flow_lab, flow_socket, flows_of, observe_json, traffic, wait_for, wait_http_flows},
+    http::{Client, get_once},
+    objects::{LabService, lab_objects, wait_status},
     pki::Pki,
     require_root,
     scenario::{T, VIP, sa},
@@ -582,4 +583,133 @@ fn hubble_relay_and_watch_peers_use_the_operators_certificates() {
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("Connected Nodes: 2/2"), "{status}\nrelay log:\n{}", relay_log());
     env.lab.kill(pid);
+}
+
+/// Issue 13, item 4: the annotation `weft.io/l7-visibility: http` on a
+/// Service, and no EnvoyConfig written: the agent generates the Service's
+/// Envoy config (listed in `/status`), requests are answered through Envoy
+/// by both backends, and they show as joined HTTP flows in `weft observe`
+/// and in the real `hubble observe` (the same flows) and in Prometheus'
+/// HTTP metrics. Then the annotation goes: a keep-alive connection opened
+/// through Envoy keeps being answered (every request 200, until Envoy
+/// closes it gracefully with `connection: close`, or to the end of the
+/// bounded loop), and new connections are plain eBPF forwarding again.
+#[test]
+fn an_annotated_service_is_observed_with_no_envoyconfig_and_goes_plain_when_the_annotation_goes() {
+    require_root!();
+    let (Some(bin), Some(pki)) = (hubble_binary(), Pki::new("hubble-l7")) else {
+        eprintln!("{NO_HUBBLE}");
+        return;
+    };
+    const SEEN: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 40);
+    const N: usize = 20;
+    let service = |annotated: bool| {
+        let mut s = LabService::new("seen", SEEN, 80, &["n2-p1", "n2-p2"]);
+        if annotated {
+            s.annotations.push(("weft.io/l7-visibility".into(), "http".into()));
+        }
+        s
+    };
+    let env = EnvoyLab::new(|lab| lab_objects(lab, &[service(true)]));
+    let generated = "EnvoyConfig default/weft:l7:seen";
+    let status = env.acked(generated);
+    let control = &status["control"];
+    let objects: Vec<&str> =
+        control["objects"].as_array().unwrap().iter().filter_map(|o| o["object"].as_str()).collect();
+    assert_eq!(objects, [generated], "no EnvoyConfig but the generated one: {control:#}");
+    assert_eq!(
+        control["l7-visibility"]["services"],
+        serde_json::json!([{"service": "default/seen", "set-by": "service-annotation", "state": "generated",
+                            "config": generated, "ports": [80]}]),
+        "{control:#}"
+    );
+    let prom = Prometheus::start(&env.lab, 0, &env.lab.run_dir.join("prometheus")).unwrap_or_else(|e| env.fail(e));
+
+    // N requests on one keep-alive connection, through Envoy, to both backends.
+    let client = env.lab.pod("n1-p1");
+    let through_envoy = |r: &weft_tests::http::Response| r.header("x-envoy-upstream-service-time").is_some();
+    let mut kept = Client::connect(&client.netns, sa(SEEN, 80), None, T).unwrap_or_else(|e| env.fail(e));
+    let mut answered_by = BTreeSet::new();
+    for i in 0..N {
+        let r = kept.get("seen.default", &format!("/seen/{i}"), &[]).unwrap_or_else(|e| env.fail(e));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(through_envoy(&r), "answered through Envoy: {r:?}");
+        answered_by.insert(r.field("name").unwrap_or("?").to_owned());
+    }
+    assert_eq!(answered_by, BTreeSet::from(["n2-p1".to_owned(), "n2-p2".to_owned()]), "both backends answer");
+
+    // Joined HTTP flows: a request and a response per request, n1-p1 to a backend pod.
+    let filter = ["--all", "--protocol", "http", "--http-path", "^/seen/"];
+    let weft = wait_for(Duration::from_secs(15), "the HTTP flows", || {
+        let r = observe_json(&env.files[0], &filter).ok()?;
+        (flows_of(&r).len() >= 2 * N).then_some(r)
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    let flows = flows_of(&weft);
+    assert_eq!(flows.len(), 2 * N, "{flows:#?}");
+    for f in &flows {
+        // Requests go from the client to a backend, responses back (as in Hubble).
+        let (client, backend) = match f["l7"]["type"].as_str() {
+            Some("REQUEST") => (pod(f, "source"), pod(f, "destination")),
+            _ => (pod(f, "destination"), pod(f, "source")),
+        };
+        assert_eq!(client, "default/n1-p1", "{f:#}");
+        assert!(["default/n2-p1", "default/n2-p2"].contains(&backend.as_str()), "{f:#}");
+        assert_eq!(f["l7"]["http"]["method"], "GET", "{f:#}");
+    }
+    let responses = flows.iter().filter(|f| f["l7"]["type"] == "RESPONSE" && f["l7"]["http"]["code"] == 200).count();
+    assert_eq!(responses, N, "{flows:#?}");
+    let h = Hubble { env: &env, bin, pki: &pki };
+    let hubble = h.json(Via::Unix, &filter);
+    let hubble: Vec<&Value> = hubble.iter().filter_map(|r| r.get("flow")).collect();
+    assert_eq!(uuids(&hubble), uuids(&flows), "hubble observe shows the same flows");
+    // Prometheus scraped the same requests.
+    for query in [
+        "sum(weft_http_requests_total{method=\"GET\",destination_namespace=\"default\"})",
+        "sum(weft_http_responses_total{status=\"200\"})",
+        "sum(weft_http_request_duration_seconds_count)",
+    ] {
+        wait_for(Duration::from_secs(15), query, || (prom.value(query).ok().flatten() == Some(N as f64)).then_some(()))
+            .unwrap_or_else(|e| env.fail(format!("{e}: {:?}", prom.value(query))));
+    }
+
+    // The annotation goes: the generated config with it.
+    env.apply(&lab_objects(&env.lab, &[service(false)]));
+    // Retired: its listener goes, its routes and clusters stay while Envoy
+    // drains the listener's connections.
+    wait_status(&env.lab, 0, Duration::from_secs(30), "the generated config retiring", |s| {
+        let v = &s["control"]["l7-visibility"];
+        v["services"].as_array().is_some_and(|v| v.is_empty()) && v["retiring"] == serde_json::json!([generated])
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    // The established connection keeps being answered.
+    let (mut on_kept, mut closed) = (0, false);
+    for i in 0..30 {
+        let r = kept.get("seen.default", &format!("/kept/{i}"), &[]).unwrap_or_else(|e| {
+            env.fail(format!("request {i} on the established connection failed after {on_kept} answers: {e}"))
+        });
+        assert_eq!(r.status, 200, "request {i} on the established connection: {r:?}");
+        on_kept += 1;
+        if r.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "after the annotation went: {on_kept} requests answered on the established connection, then closed: {closed}"
+    );
+    drop(kept);
+    // New connections are plain: the backend sees the client itself.
+    let (r, _, _) = get_once(&client.netns, sa(SEEN, 80), "/", T).unwrap_or_else(|e| env.fail(e));
+    assert_eq!(r.status, 200);
+    assert!(!through_envoy(&r), "a new connection still goes through Envoy: {r:?}");
+    assert_eq!(r.field("peer").and_then(|p| p.rsplit_once(':')).map(|p| p.0), Some(client.ip.to_string().as_str()));
+    // Then the retired config goes for good.
+    wait_status(&env.lab, 0, Duration::from_secs(30), "the generated config gone", |s| {
+        let c = &s["control"];
+        c["objects"].as_array().is_some_and(|o| o.is_empty())
+            && c["l7-visibility"]["retiring"].as_array().is_some_and(|v| v.is_empty())
+    })
+    .unwrap_or_else(|e| env.fail(e));
 }

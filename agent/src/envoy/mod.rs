@@ -91,7 +91,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Envoy's `--drain-time-s`: how long a replaced Envoy discourages requests
 /// while it still accepts connections, and the longest each phase of
 /// [`drain_then_stop`] waits for its connections to finish.
-const DRAIN_TIME: Duration = Duration::from_secs(5);
+pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// The least a replaced Envoy keeps accepting while it drains.
 const DRAIN_MIN: Duration = Duration::from_secs(1);
 /// The longest a drained Envoy is kept running for the datapath to take

@@ -109,7 +109,8 @@ impl ControlLoop {
                         self.controller.load(log_problems(loaded));
                         true
                     }
-                    None => false,
+                    // A retired visibility config's time is up.
+                    None => self.controller.retirement_due(),
                 },
                 Some(ev) = ads_events.recv() => {
                     touched = true;

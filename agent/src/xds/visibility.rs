@@ -18,9 +18,12 @@
 //!
 //! A user's EnvoyConfig that names the Service in its `services` wins: no
 //! config is generated for that Service, and the status says which config
-//! serves it instead. Removing the annotation removes the config; the
-//! control loop takes the Service back to plain forwarding before Envoy
-//! loses the listener, and connections keep the forwarding they began with.
+//! serves it instead. Removing the annotation takes the Service back to
+//! plain forwarding (the control loop has the datapath do it before Envoy
+//! hears of it); connections keep the forwarding they began with. Envoy
+//! drains the listener's connections (each next response says
+//! `connection: close`), and their requests still need the routes and
+//! clusters: the controller keeps those ([`retired`]) a while longer.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,7 +34,7 @@ use serde_json::{Value, json};
 use super::envoyconfig::{ConfigKey, EnvoyConfig};
 use crate::k8s::{
     ObjKey, Objects, Origin,
-    crd::{EnvoyConfigSpec, ServiceListener},
+    crd::{BackendService, EnvoyConfigSpec, ServiceListener},
 };
 
 /// The annotation, on a Service or a Namespace.
@@ -104,6 +107,9 @@ pub struct VisibilityReport {
     /// Annotations with values that are neither `http` nor `none` (ignored:
     /// the next level decides).
     pub problems: Vec<String>,
+    /// Generated configs whose Service no longer asks, kept without their
+    /// listeners while Envoy drains those (see [`retired`]).
+    pub retiring: Vec<String>,
 }
 
 /// The generated configs and the report.
@@ -157,6 +163,26 @@ pub fn configs(objects: &Objects, default: Visibility, user: &[EnvoyConfig]) -> 
         out.report.services.push(ServiceVisibility { service: key.to_string(), set_by, state });
     }
     out.report.problems = problems.into_iter().collect();
+    out
+}
+
+/// What stays of a generated config while Envoy drains its listeners'
+/// connections: its routes and clusters, and the endpoints they need, with
+/// no listener and no Service redirected.
+pub fn retired(cfg: &EnvoyConfig) -> EnvoyConfig {
+    let mut out = cfg.clone();
+    out.spec.resources.retain(|r| r.get("@type").and_then(Value::as_str) != Some(super::translate::LISTENER));
+    out.spec.backend_services = cfg
+        .spec
+        .services
+        .iter()
+        .map(|s| BackendService {
+            name: s.name.clone(),
+            namespace: None,
+            number: s.ports.iter().map(u16::to_string).collect(),
+        })
+        .collect();
+    out.spec.services.clear();
     out
 }
 
