@@ -170,9 +170,14 @@ pub fn configs(objects: &Objects, default: Visibility, user: &[EnvoyConfig]) -> 
 /// connections: its routes and clusters, and the endpoints they need, with
 /// no listener and no Service redirected.
 pub fn retired(cfg: &EnvoyConfig) -> EnvoyConfig {
-    let mut out = cfg.clone();
-    out.spec.resources.retain(|r| r.get("@type").and_then(Value::as_str) != Some(super::translate::LISTENER));
-    out.spec.backend_services = cfg
+    let resources = cfg
+        .spec
+        .resources
+        .iter()
+        .filter(|r| r.get("@type").and_then(Value::as_str) != Some(super::translate::LISTENER))
+        .cloned()
+        .collect();
+    let backend_services = cfg
         .spec
         .services
         .iter()
@@ -182,8 +187,8 @@ pub fn retired(cfg: &EnvoyConfig) -> EnvoyConfig {
             number: s.ports.iter().map(u16::to_string).collect(),
         })
         .collect();
-    out.spec.services.clear();
-    out
+    let spec = EnvoyConfigSpec { resources, backend_services, ..Default::default() };
+    EnvoyConfig { spec: std::sync::Arc::new(spec), ..cfg.clone() }
 }
 
 /// A Service's setting: its own annotation, else its Namespace's, else the
@@ -283,7 +288,7 @@ fn config(service: &ObjKey, ports: &[u16]) -> EnvoyConfig {
         origin: Origin::Generated { what: "the weft.io/l7-visibility annotation or default" },
         generation: 0,
         annotations: Default::default(),
-        spec: EnvoyConfigSpec { services, resources, ..Default::default() },
+        spec: std::sync::Arc::new(EnvoyConfigSpec { services, resources, ..Default::default() }),
     }
 }
 
