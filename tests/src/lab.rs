@@ -382,6 +382,15 @@ impl Lab {
         self.cni_wired.clone()
     }
 
+    /// Node `idx`'s own addresses: on its external device, and the
+    /// gateways ptp put on its pods' host veths, from which the node's
+    /// connections to its own pods leave.
+    pub fn node_addresses(&self, idx: usize) -> BTreeSet<Ipv4Addr> {
+        let gateway = |p: &Pod| p.ptp_result.as_ref()?["ips"][0]["gateway"].as_str()?.parse().ok();
+        let gateways = self.pods_of(idx).filter_map(gateway);
+        std::iter::once(self.node(idx).ip).chain(gateways).collect()
+    }
+
     /// The node with this index.
     pub fn node(&self, i: usize) -> &Node {
         &self.nodes[i]

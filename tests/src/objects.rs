@@ -189,6 +189,19 @@ pub fn agent_files(lab: &Lab, idx: usize, extra: &str) -> std::io::Result<AgentF
     Ok(AgentFiles { config, state_dir, objects_dir, cni_socket, cni_adds: Mutex::new(None) })
 }
 
+impl AgentFiles {
+    /// The agent without a `cni-socket`, as on a node whose runtime does not
+    /// run weft-cni: it finds each local pod's device by the route to the
+    /// pod's address (ptp's veth here), and [`start_agent`] runs no ADD.
+    pub fn without_cni_socket(mut self) -> std::io::Result<Self> {
+        let config = std::fs::read_to_string(&self.config)?;
+        let kept: String = config.lines().filter(|l| !l.starts_with("cni-socket:")).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&self.config, kept)?;
+        self.cni_socket = None;
+        Ok(self)
+    }
+}
+
 pub use crate::bins::workspace_binary;
 
 /// The agent binary built alongside the tests.
