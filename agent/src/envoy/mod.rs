@@ -521,19 +521,17 @@ pub async fn supervise(
                 why = envoy.exited() => break why,
                 _ = tick.tick() => spool.tend(&envoy),
                 _ = poll.tick() => {
-                    let reading = match &stats {
-                        Ok(c) => {
-                            let req = c.get(&stats_url);
-                            async move {
-                                let r = req.send().await.ok()?;
-                                if !r.status().is_success() {
-                                    return None;
-                                }
-                                Some(Reading::parse(&r.text().await.ok()?))
-                            }
-                            .await
+                    let fetch = async {
+                        let r = stats.as_ref().ok()?.get(&stats_url).send().await.ok()?;
+                        if !r.status().is_success() {
+                            return None;
                         }
-                        Err(()) => None,
+                        Some(Reading::parse(&r.text().await.ok()?))
+                    };
+                    // Envoy's death is seen at once, also during a reading.
+                    let reading = tokio::select! {
+                        why = envoy.exited() => break why,
+                        r = fetch => r,
                     };
                     ledger.tick(reading);
                     let (served, lost) = ledger.served_and_lost().map_or((None, 0), |(s, l)| (Some(s), l));
