@@ -78,21 +78,6 @@ pub fn ptp_conf(network: &str, subnet: &str, range_start: Option<Ipv4Addr>, data
         "ipam": {"type": "host-local", "ranges": [[range]], "routes": [{"dst": "0.0.0.0/0"}], "dataDir": data_dir}})
 }
 
-/// ptp's configuration for lab node `node`'s pods: its pod network, from
-/// `.11` on (so the node's pods, added in the lab's order, get the
-/// addresses [`crate::lab::Pod::ip`] says), host-local's state in `run_dir`.
-pub fn lab_ptp_conf(lab: &crate::lab::Lab, node: usize, run_dir: &Path) -> Value {
-    let n = lab.node(node);
-    let (net, bits) = n.pod_cidr;
-    let [a, b, c, _] = net.octets();
-    ptp_conf(
-        "lab",
-        &format!("{net}/{bits}"),
-        Some(Ipv4Addr::new(a, b, c, 11)),
-        &run_dir.join(format!("ipam-{}", n.name)),
-    )
-}
-
 /// weft-cni's configuration (spec 1.1) against the agent at `socket`, with
 /// the previous plugin's result when there is one.
 pub fn weft_cni_conf(network: &str, socket: &Path, prev: Option<&Value>) -> Value {
@@ -121,46 +106,40 @@ pub struct Added {
     pub ip: Ipv4Addr,
 }
 
-/// ADD of the chain [ptp, weft-cni] for `pod`, as a runtime runs a
-/// conflist: ptp, then weft-cni with ptp's result as prevResult; weft-cni
-/// returns once the agent at `socket` has wired the veth. An error names the
-/// plugin and holds its CNI error.
-pub fn add_chain(node_ns: &str, pod: &Sandbox, ptp: &Value, socket: &Path) -> Result<Added, String> {
+/// ADD of ptp alone for `pod` (the first plugin of the chain): its veth,
+/// address and routes. An error holds ptp's CNI error.
+pub fn add_ptp(node_ns: &str, pod: &Sandbox, ptp: &Value) -> Result<Added, String> {
     let (ok, prev) = invoke(node_ns, &plugin("ptp"), "ADD", pod, ptp);
     if !ok {
         return Err(format!("ptp ADD {}/{}: {prev}", pod.namespace, pod.name));
     }
     let (host_if, ip) = host_side(&prev).ok_or_else(|| format!("ptp's result for {}: {prev}", pod.name))?;
-    let network = ptp["name"].as_str().unwrap_or_default();
-    let weft_cni = crate::objects::workspace_binary("weft-cni");
-    let (ok, out) = invoke(node_ns, &weft_cni, "ADD", pod, &weft_cni_conf(network, socket, Some(&prev)));
-    if !ok {
-        return Err(format!("weft-cni ADD {}/{}: {out}", pod.namespace, pod.name));
-    }
     Ok(Added { prev, host_if, ip })
 }
 
-/// ADD of the chain for lab pod `pod` (its network namespace), under the
-/// Kubernetes names `namespace`/`name`, on its node with `ptp` and the
-/// node's agent at `socket`; fails unless host-local gave the address the
-/// lab expects.
-pub fn add_lab_pod(
-    pod: &crate::lab::Pod,
-    node_ns: &str,
-    namespace: &str,
-    name: &str,
-    ptp: &Value,
-    socket: &Path,
-) -> Result<Added, String> {
-    let sandbox = Sandbox {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        netns: pod.netns.clone(),
-        container_id: format!("{}-{}", pod.netns, name),
-    };
-    let added = add_chain(node_ns, &sandbox, ptp, socket)?;
-    if added.ip != pod.ip {
-        return Err(format!("host-local gave {namespace}/{name} the address {}, the lab expects {}", added.ip, pod.ip));
+/// ADD of weft-cni for `pod`, after ptp (whose result is `prev`) in the
+/// CNI network `network`; returns once the agent at `socket` has wired the
+/// veth. weft-cni must pass `prev` on unchanged. An error holds its CNI error.
+pub fn add_weft_cni(node_ns: &str, pod: &Sandbox, network: &str, prev: &Value, socket: &Path) -> Result<(), String> {
+    let weft_cni = crate::bins::workspace_binary("weft-cni");
+    let (ok, out) = invoke(node_ns, &weft_cni, "ADD", pod, &weft_cni_conf(network, socket, Some(prev)));
+    if !ok {
+        return Err(format!("weft-cni ADD {}/{}: {out}", pod.namespace, pod.name));
     }
+    let mut expected = prev.clone();
+    expected["cniVersion"] = json!("1.1.0");
+    if out != expected {
+        return Err(format!("weft-cni ADD {}/{} answered {out}, not ptp's result {prev}", pod.namespace, pod.name));
+    }
+    Ok(())
+}
+
+/// ADD of the chain [ptp, weft-cni] for `pod`, as a runtime runs a
+/// conflist: ptp, then weft-cni with ptp's result as prevResult; weft-cni
+/// returns once the agent at `socket` has wired the veth. An error names the
+/// plugin and holds its CNI error.
+pub fn add_chain(node_ns: &str, pod: &Sandbox, ptp: &Value, socket: &Path) -> Result<Added, String> {
+    let added = add_ptp(node_ns, pod, ptp)?;
+    add_weft_cni(node_ns, pod, ptp["name"].as_str().unwrap_or_default(), &added.prev, socket)?;
     Ok(added)
 }

@@ -22,6 +22,8 @@ use std::{
 
 use weft_agent::netns::{self, NetnsGuard};
 
+use crate::cni;
+
 const RUN_DIR: &str = "/run/weft-lab";
 
 /// A pod of the lab.
@@ -36,11 +38,15 @@ pub struct Pod {
     /// Network namespace name.
     pub netns: String,
     pub ip: Ipv4Addr,
-    /// Host-side device name in the node's namespace (empty in a lab whose
-    /// pods a CNI chain wires: the chain names the device).
+    /// Host-side device name in the node's namespace: the one ptp made
+    /// ([`PodNetwork::Chain`]) or the lab made ([`PodNetwork::Veth`]); empty
+    /// in a [`PodNetwork::Cni`] lab (whoever runs the chain learns it).
     pub host_if: String,
     /// Index (0 or 1) of the node hosting the pod.
     pub node: usize,
+    /// ptp's result for the pod ([`PodNetwork::Chain`]): what the runtime
+    /// hands weft-cni as `prevResult`.
+    pub ptp_result: Option<serde_json::Value>,
 }
 
 /// A node of the lab.
@@ -81,6 +87,16 @@ pub struct Lab {
 pub enum PodNetwork {
     /// The lab makes each pod's veth and sets its address and routes.
     Veth,
+    /// The chain a runtime runs, [ptp (host-local IPAM), weft-cni], in two
+    /// steps: ptp's ADD when the lab builds the pod (its veth, the node's
+    /// next address from `.11`, routes), weft-cni's ADD once the node's
+    /// agent answers on its CNI socket ([`cni::add_weft_cni`]):
+    /// [`crate::objects::start_agent`] runs it for the node's pods not yet
+    /// wired, [`crate::node::LabNode::install_lab`] answers it itself in
+    /// tests that drive the datapath without an agent. A runtime runs both
+    /// at once, before the pod's containers start; the lab's servers start
+    /// before the agents, so the pods have their address first.
+    Chain,
     /// The lab makes only each pod's network namespace (IPv6 off, `lo` up);
     /// a CNI chain run as a runtime runs it (tests/src/cni.rs) makes the veth
     /// and gives the address. [`Pod::ip`] is then the address host-local
@@ -93,6 +109,9 @@ pub enum PodNetwork {
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
 /// The address pods use as their gateway (answered by a static neighbour entry).
 const POD_GATEWAY: &str = "169.254.1.1";
+
+/// The CNI network's name in the lab's ptp configuration.
+pub const CNI_NETWORK: &str = "lab";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -137,7 +156,7 @@ pub fn skip_reason() -> Option<String> {
     if Command::new("ip").arg("-V").output().is_err() {
         return Some("needs iproute2 (`ip`)".into());
     }
-    None
+    cni::skip_reason()
 }
 
 /// Skips a test (returning from it) with a printed reason when labs can't be built.
@@ -160,6 +179,11 @@ impl Lab {
 
     /// The standard lab with pods wired as `pod_network` says.
     pub fn with_pods(pod_network: PodNetwork) -> anyhow::Result<Self> {
+        if pod_network == PodNetwork::Chain
+            && let Some(reason) = cni::skip_reason()
+        {
+            anyhow::bail!("{reason} (tests/setup.sh installs it)");
+        }
         reap_stale_labs();
         let id = format!("{:x}{:x}", std::process::id() & 0xfffff, COUNTER.fetch_add(1, Ordering::SeqCst));
         let run_dir = Path::new(RUN_DIR).join(&id);
@@ -226,9 +250,11 @@ impl Lab {
                     ip: Ipv4Addr::new(10, 1, n + 1, 11 + p),
                     host_if: self.host_if(&format!("lxc-n{}p{}", n + 1, p + 1)),
                     node: n as usize,
+                    ptp_result: None,
                 };
-                self.add_pod(&node, &pod)?;
+                // Pushed first so that Drop removes a half-built pod too.
                 self.pods.push(pod);
+                self.add_pod(&node, self.pods.len() - 1)?;
             }
             self.nodes.push(node);
         }
@@ -254,18 +280,19 @@ impl Lab {
             ip: Ipv4Addr::new(10, 1, n.pod_cidr.0.octets()[2], 11 + p),
             host_if: self.host_if(&format!("lxc-n{node_no}p{}", p + 1)),
             node,
+            ptp_result: None,
         };
         // Pushed first so that Drop removes a half-built pod too.
-        self.pods.push(pod.clone());
-        self.add_pod(&n, &pod)?;
-        Ok(pod)
+        self.pods.push(pod);
+        self.add_pod(&n, self.pods.len() - 1)?;
+        Ok(self.pods[self.pods.len() - 1].clone())
     }
 
     /// A pod's host-side device name: `name` where the lab makes it.
     fn host_if(&self, name: &str) -> String {
         match self.pod_network {
             PodNetwork::Veth => name.to_owned(),
-            PodNetwork::Cni => String::new(),
+            PodNetwork::Chain | PodNetwork::Cni => String::new(),
         }
     }
 
@@ -281,12 +308,36 @@ impl Lab {
         Ok(())
     }
 
-    fn add_pod(&self, node: &Node, pod: &Pod) -> anyhow::Result<()> {
+    /// Makes the network of `self.pods[i]` on `node`, as `pod_network` says.
+    fn add_pod(&mut self, node: &Node, i: usize) -> anyhow::Result<()> {
+        let pod = &self.pods[i];
         sh(&["ip", "netns", "add", &pod.netns])?;
         disable_ipv6(&pod.netns)?;
-        if self.pod_network == PodNetwork::Cni {
-            return ip_n(&pod.netns, &["link", "set", "lo", "up"]).map(drop);
+        match self.pod_network {
+            PodNetwork::Veth => self.add_veth(node, pod),
+            PodNetwork::Cni => ip_n(&pod.netns, &["link", "set", "lo", "up"]).map(drop),
+            PodNetwork::Chain => {
+                ip_n(&pod.netns, &["link", "set", "lo", "up"])?;
+                let conf = ptp_conf(node, &self.run_dir);
+                let added = cni::add_ptp(&node.netns, &sandbox(pod, &pod.namespace, &pod.name), &conf)
+                    .map_err(anyhow::Error::msg)?;
+                anyhow::ensure!(
+                    added.ip == pod.ip,
+                    "host-local gave pod {} the address {}, the lab expects {}",
+                    pod.name,
+                    added.ip,
+                    pod.ip
+                );
+                let pod = &mut self.pods[i];
+                pod.host_if = added.host_if;
+                pod.ptp_result = Some(added.prev);
+                Ok(())
+            }
         }
+    }
+
+    /// The pod's veth, address and routes, made by hand.
+    fn add_veth(&self, node: &Node, pod: &Pod) -> anyhow::Result<()> {
         let mac = format!("02:fe:00:00:{:02x}:{:02x}", pod.ip.octets()[2], pod.ip.octets()[3]);
         ip_n(
             &node.netns,
@@ -423,6 +474,54 @@ impl Lab {
         v.extend(self.pods.iter().map(|p| p.netns.clone()));
         v
     }
+}
+
+/// ptp's configuration for lab node `node`'s pods: its pod network, from
+/// `.11` on (so the node's pods, added in the lab's order, get the
+/// addresses [`Pod::ip`] says), host-local's state in `run_dir`.
+pub fn lab_ptp_conf(lab: &Lab, node: usize, run_dir: &Path) -> serde_json::Value {
+    ptp_conf(lab.node(node), run_dir)
+}
+
+fn ptp_conf(n: &Node, run_dir: &Path) -> serde_json::Value {
+    let (net, bits) = n.pod_cidr;
+    let [a, b, c, _] = net.octets();
+    cni::ptp_conf(
+        CNI_NETWORK,
+        &format!("{net}/{bits}"),
+        Some(Ipv4Addr::new(a, b, c, 11)),
+        &run_dir.join(format!("ipam-{}", n.name)),
+    )
+}
+
+/// Lab pod `pod` as the runtime's sandbox of the Kubernetes pod `namespace`/`name`.
+pub fn sandbox(pod: &Pod, namespace: &str, name: &str) -> cni::Sandbox {
+    cni::Sandbox {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        netns: pod.netns.clone(),
+        container_id: format!("{}-{}", pod.netns, name),
+    }
+}
+
+/// ADD of the whole chain [ptp, weft-cni] for lab pod `pod` (of a
+/// [`PodNetwork::Cni`] lab: its network namespace only), under the
+/// Kubernetes names `namespace`/`name`, on its node with `ptp` and the
+/// node's agent at `socket`; fails unless host-local gave the address the
+/// lab expects.
+pub fn add_lab_pod(
+    pod: &Pod,
+    node_ns: &str,
+    namespace: &str,
+    name: &str,
+    ptp: &serde_json::Value,
+    socket: &Path,
+) -> Result<cni::Added, String> {
+    let added = cni::add_chain(node_ns, &sandbox(pod, namespace, name), ptp, socket)?;
+    if added.ip != pod.ip {
+        return Err(format!("host-local gave {namespace}/{name} the address {}, the lab expects {}", added.ip, pod.ip));
+    }
+    Ok(added)
 }
 
 fn disable_ipv6(ns: &str) -> anyhow::Result<()> {

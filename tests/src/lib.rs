@@ -1,6 +1,7 @@
 //! weft's lab: network namespaces standing in for nodes and pods, traffic
 //! helpers, and the glue the integration tests and the demo share.
 
+pub mod bins;
 pub mod cni;
 pub mod dashboards;
 pub mod demo;

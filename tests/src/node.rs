@@ -1,7 +1,13 @@
 //! Driving a lab node's datapath from the test process: open it inside the
 //! node's namespace, register the lab's pods, identities and devices.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    net::Ipv4Addr,
+    os::unix::net::UnixListener,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{MapData, RingBuf};
 use weft_agent::{
@@ -9,9 +15,13 @@ use weft_agent::{
     identity::{self, LabelSet},
     netns::{self, NetnsGuard},
 };
+use weft_cni::proto::{self, Answer, PodRef, Request};
 use weft_ebpf::abi::{self, Event};
 
-use crate::lab::{Lab, Pod};
+use crate::{
+    cni,
+    lab::{CNI_NETWORK, Lab, Pod, PodNetwork},
+};
 
 /// A node's datapath, opened by the test process.
 pub struct LabNode {
@@ -50,6 +60,16 @@ impl LabNode {
     /// devices, every pod and node address in the ipcache, the node device.
     pub fn install_lab(&mut self, lab: &Lab) -> anyhow::Result<()> {
         let ids = pod_identities(lab);
+        let cni_socket = match lab.pod_network {
+            PodNetwork::Chain => {
+                let path = lab.run_dir.join(format!("{}-test-cni.sock", lab.node(self.idx).name));
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path)?;
+                listener.set_nonblocking(true)?;
+                Some((listener, path))
+            }
+            _ => None,
+        };
         for pod in &lab.pods {
             let node_ip = lab.node(pod.node).ip;
             self.dp.upsert_ipcache(&IpcacheEntry {
@@ -61,7 +81,10 @@ impl LabNode {
                 node: false,
             })?;
             if pod.node == self.idx {
-                let ifindex = self.with(|dp| dp.attach_pod_device(&pod.host_if))?;
+                let ifindex = match &cni_socket {
+                    Some((listener, path)) => self.attach_through_weft_cni(pod, listener, path)?,
+                    None => self.with(|dp| dp.attach_pod_device(&pod.host_if))?,
+                };
                 let ep_id = self.dp.endpoint_id_for(pod.ip);
                 self.dp.upsert_endpoint(&EndpointEntry {
                     addr: pod.ip,
@@ -86,6 +109,54 @@ impl LabNode {
         let dev = lab.node(self.idx).dev.clone();
         self.with(|dp| dp.attach_node_device(&dev))?;
         Ok(())
+    }
+
+    /// weft-cni's ADD for a local pod of a [`PodNetwork::Chain`] lab (ptp's
+    /// ran when the lab was built), with the test process as the agent
+    /// behind `listener` (at `path`): the datapath is attached to the device
+    /// weft-cni names, then weft-cni is answered. Returns the device's index.
+    fn attach_through_weft_cni(
+        &mut self,
+        pod: &Pod,
+        listener: &UnixListener,
+        path: &std::path::Path,
+    ) -> anyhow::Result<u32> {
+        let prev = pod.ptp_result.as_ref().ok_or_else(|| anyhow::anyhow!("pod {}: no ptp result", pod.name))?;
+        let (node_ns, sandbox) = (self.netns.clone(), crate::lab::sandbox(pod, &pod.namespace, &pod.name));
+        std::thread::scope(|s| {
+            let plugin = s.spawn(|| cni::add_weft_cni(&node_ns, &sandbox, CNI_NETWORK, prev, path));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let conn = loop {
+                match listener.accept() {
+                    Ok((conn, _)) => break conn,
+                    Err(e)
+                        if e.kind() == ErrorKind::WouldBlock && !plugin.is_finished() && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => anyhow::bail!("weft-cni ADD {}: no request ({e})", pod.name),
+                }
+            };
+            conn.set_nonblocking(false)?;
+            let a = match proto::read_message::<Request>(&conn)? {
+                Request::Add(a) => a,
+                other => anyhow::bail!("weft-cni ADD {}: the agent got {other:?}", pod.name),
+            };
+            let wanted = PodRef { namespace: pod.namespace.clone(), name: pod.name.clone() };
+            anyhow::ensure!(
+                (&a.pod, a.ip, a.host_ifname.as_str()) == (&wanted, pod.ip, pod.host_if.as_str()),
+                "weft-cni ADD {}: the agent was asked for {a:?}",
+                pod.name
+            );
+            let ifindex = self.with(|dp| dp.attach_pod_device(&a.host_ifname))?;
+            let answer = match ifindex == a.host_ifindex {
+                true => Answer::ok(),
+                false => Answer::failed(format!("{} is index {ifindex}, not {}", a.host_ifname, a.host_ifindex), false),
+            };
+            proto::write_message(&conn, &answer)?;
+            plugin.join().map_err(|_| anyhow::anyhow!("weft-cni runner panicked"))?.map_err(anyhow::Error::msg)?;
+            Ok(ifindex)
+        })
     }
 
     /// Every record currently in the ring buffer.

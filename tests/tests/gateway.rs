@@ -1502,8 +1502,8 @@ fn conformance_requests_pass_through_the_nodes_envoy_with_agents_reading_the_api
     for ((lab_pod, ns, deployment, serves), name) in BACKENDS.into_iter().zip(bound) {
         let pod = lab.pod(lab_pod);
         let node = lab.node(pod.node);
-        let ptp = cni::lab_ptp_conf(&lab, pod.node, &lab.run_dir);
-        let added = cni::add_lab_pod(pod, &node.netns, ns, &name, &ptp, &socket(pod.node))
+        let ptp = weft_tests::lab::lab_ptp_conf(&lab, pod.node, &lab.run_dir);
+        let added = weft_tests::lab::add_lab_pod(pod, &node.netns, ns, &name, &ptp, &socket(pod.node))
             .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
         let ip = added.ip.to_string();
         let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],

@@ -451,6 +451,15 @@ fn cilium_http_rules_are_enforced_in_the_nodes_envoy() {
         })
         .unwrap_or_else(|| panic!("the allowed request: {all:?}"));
     assert_eq!(allowed["ingress_allowed_by"][0]["name"], "no-mutual-auth-echo", "{allowed}");
+    // Each request the policy listener decided is a policy verdict too.
+    let m = agent_get(lab, 0, "/metrics").unwrap();
+    let l7 = |direction: &str, action: &str| {
+        let labels = [("direction", direction), ("match", "l7/http"), ("action", action)];
+        metric_sum(&m, "weft_policy_verdicts_total", &labels)
+    };
+    assert!(l7("ingress", "dropped") >= 2.0, "GET /private, POST /headers: {m}");
+    assert!(l7("egress", "dropped") >= 1.0, "GET /x: {m}");
+    assert!(l7("ingress", "forwarded") >= 1.0 && l7("egress", "forwarded") >= 1.0, "{m}");
 
     // A policy change applies to the next request of an open connection.
     let stream = weft_tests::http::connect_in(&lab.pod("n2-p2").netns, echo, DENIED).unwrap();

@@ -297,6 +297,10 @@ struct Key {
 
 type Ctx = (Option<Arc<EndpointInfo>>, Option<Arc<EndpointInfo>>);
 
+/// The `match` of a policy verdict made in the node's Envoy (`l7/http`, as
+/// Hubble names it); the datapath's match types are small numbers.
+const L7_HTTP_MATCH: u16 = u16::MAX;
+
 fn flow_type(t: u8, sub: u8) -> (&'static str, String) {
     match t as u32 {
         abi::EV_DROP => ("Drop", String::new()),
@@ -373,7 +377,14 @@ impl FlowMetrics {
                 let dir = TrafficDirection::try_from(k.c as i32).unwrap_or(TrafficDirection::Unknown);
                 let l = vec![
                     ("direction", dir.as_str_name().to_ascii_lowercase()),
-                    ("match", names::policy_match(k.a as u32).to_ascii_lowercase()),
+                    (
+                        "match",
+                        if k.a == L7_HTTP_MATCH {
+                            "l7/http".into()
+                        } else {
+                            names::policy_match(k.a as u32).to_ascii_lowercase()
+                        },
+                    ),
                     // Hubble's action: the verdict's name in lower case.
                     (
                         "action",
@@ -406,6 +417,13 @@ impl Sink for FlowMetrics {
             add(self.key(0, (ev.r#type as u16) << 8 | ev.subtype as u16, verdict as u16, proto, f, dir), f);
             match ev.r#type as u32 {
                 abi::EV_DROP => add(self.key(1, ev.subtype as u16, 0, proto, f, dir), f),
+                // The node's policy listener decided this request (allowed or
+                // refused it by a rule): one L7 verdict per request. Hubble
+                // counts each access-log flow, responses too; a response is
+                // not a decision, so weft leaves it out.
+                _ if f.is_l7() && ev.subtype == L7_REQUEST && ev.rule_id != 0 => {
+                    add(self.key(2, L7_HTTP_MATCH, verdict as u16, dir as u16, f, dir), f)
+                }
                 abi::EV_POLICY => add(self.key(2, ev.policy_match as u16, verdict as u16, dir as u16, f, dir), f),
                 abi::EV_TRACE if ev.proto == 6 => {
                     for flag in flag_names(ev.tcp_flags) {
@@ -582,7 +600,10 @@ mod tests {
     use weft_ebpf::abi::Event;
 
     use super::*;
-    use crate::pipeline::{EventFeed, PipelineConfig, record::EndpointInfo};
+    use crate::pipeline::{
+        EventFeed, PipelineConfig,
+        record::{EndpointInfo, Http},
+    };
 
     fn pod(names: &mut Names, ip: Ipv4Addr, namespace: &str, workload: &str) {
         let info = EndpointInfo {
@@ -599,6 +620,59 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
         text.lines().filter(|l| !l.starts_with('#') && l.contains("context_test")).count()
+    }
+
+    /// Requests the node's policy listener decided count as L7 policy
+    /// verdicts (`match="l7/http"`), by direction and action; responses and
+    /// requests no policy governed do not.
+    #[test]
+    fn l7_requests_decided_by_a_policy_are_policy_verdicts() {
+        let mut registry = Registry::with_prefix("weft");
+        let mut metrics = FlowMetrics::register(&mut registry, Context::default());
+        let l7 = |subtype: u8, rule_id: u32, direction: u32, http: Http| {
+            Entry::Flow(FlowRecord {
+                ev: Event {
+                    r#type: EV_L7,
+                    subtype,
+                    proto: 6,
+                    rule_id,
+                    direction: direction as u8,
+                    ..Default::default()
+                },
+                http: Some(Arc::new(http)),
+                ..Default::default()
+            })
+        };
+        let allowed = || Http { code: 200, policy: "7/ingress/0".into(), ..Default::default() };
+        let denied = || Http { code: 403, governing_policy: "9/egress/1".into(), ..Default::default() };
+        let entries = [
+            l7(L7_REQUEST, 7, abi::DIR_INGRESS, allowed()),
+            l7(L7_RESPONSE, 7, abi::DIR_INGRESS, allowed()),
+            l7(L7_REQUEST, 9, abi::DIR_EGRESS, denied()),
+            l7(L7_REQUEST, 9, abi::DIR_EGRESS, denied()),
+            l7(L7_RESPONSE, 9, abi::DIR_EGRESS, denied()),
+            // An EnvoyConfig's listener: no policy named, no verdict.
+            l7(L7_REQUEST, 0, 0, Http { code: 200, ..Default::default() }),
+        ];
+        metrics.batch(0, &entries, &Arc::new(Names::new("node1")));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        // The default context labels are empty here (no endpoints named).
+        let empty = r#",source_namespace="",source_workload="",destination_namespace="",destination_workload="""#;
+        let mut verdicts: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("weft_policy_verdicts_total{"))
+            .map(|l| l.replace(empty, ""))
+            .collect();
+        verdicts.sort();
+        assert_eq!(
+            verdicts,
+            [
+                r#"weft_policy_verdicts_total{direction="egress",match="l7/http",action="dropped"} 2"#,
+                r#"weft_policy_verdicts_total{direction="ingress",match="l7/http",action="forwarded"} 1"#,
+            ],
+            "{text}"
+        );
     }
 
     fn churn_ip(i: u32) -> Ipv4Addr {

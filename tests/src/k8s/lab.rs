@@ -149,8 +149,8 @@ impl KubeLab {
         let mut added = Vec::new();
         for p in &lab.pods {
             let node = lab.node(p.node);
-            let ptp = cni::lab_ptp_conf(lab, p.node, &self.dir);
-            let a = cni::add_lab_pod(p, &node.netns, &p.namespace, &p.name, &ptp, &self.cni_sockets[p.node])
+            let ptp = crate::lab::lab_ptp_conf(lab, p.node, &self.dir);
+            let a = crate::lab::add_lab_pod(p, &node.netns, &p.namespace, &p.name, &ptp, &self.cni_sockets[p.node])
                 .map_err(anyhow::Error::msg)?;
             self.pod_running(&node.name, &p.namespace, &p.name, a.ip, node.ip);
             added.push(a);
