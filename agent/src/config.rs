@@ -79,6 +79,12 @@ pub struct AgentConfig {
     /// flow API sockets (the agent must be a member: the pod's
     /// `supplementalGroups`). Default: none (root only).
     pub socket_group: Option<String>,
+    /// HTTP visibility of Services whose own annotation and Namespace's
+    /// annotation (`weft.io/l7-visibility`) say nothing: `http` generates an
+    /// Envoy listener for every such Service (so each TCP port of every
+    /// Service, but those whose appProtocol is not HTTP, must carry HTTP:
+    /// annotate the others `none`), `none` leaves them plain. Default: none.
+    pub l7_visibility: crate::xds::visibility::Visibility,
 }
 
 /// The flow pipeline and its outputs.
@@ -308,6 +314,7 @@ impl Default for AgentConfig {
             kubernetes: KubernetesOptions::default(),
             cni_socket: None,
             socket_group: None,
+            l7_visibility: Default::default(),
         }
     }
 }

@@ -36,6 +36,7 @@ use crate::{
         ports::ProxyPorts,
         server::{AdsEvent, Published},
         translate::{self, qualify},
+        visibility::{self, Visibility, VisibilityReport},
     },
 };
 
@@ -136,6 +137,8 @@ pub struct ControlStatus {
     pub source_problems: Vec<String>,
     /// Things the datapath snapshot could not represent.
     pub state_problems: Vec<String>,
+    /// The Services that asked for HTTP visibility, and what became of it.
+    pub l7_visibility: VisibilityReport,
 }
 
 /// The proxy ports of the listeners the policies need, as the build gave them.
@@ -166,7 +169,7 @@ pub struct Controller {
     /// document -> (the document, its origin, index in `configs`, the
     /// config's key)). A document a source hands over again unchanged is the
     /// same `Arc`, and is not parsed again. (A build appends the generated
-    /// policy config to `configs`, after the documents' configs.)
+    /// visibility and policy configs to `configs`, after the documents' configs.)
     parsed: std::collections::HashMap<usize, (Arc<serde_json::Value>, crate::k8s::Origin, usize, ConfigKey)>,
     parse_errors: Vec<ConfigError>,
     version: u64,
@@ -188,6 +191,10 @@ pub struct Controller {
     live: BTreeMap<RedirectKey, (u16, ConfigKey, String)>,
     /// `live` changed since the last datapath snapshot.
     live_changed: bool,
+    /// The agent config's `l7-visibility`.
+    l7_default: Visibility,
+    /// What the last build generated for HTTP visibility.
+    visibility: VisibilityReport,
 }
 
 impl Controller {
@@ -211,6 +218,8 @@ impl Controller {
             attachments: None,
             live: BTreeMap::new(),
             live_changed: false,
+            l7_default: Visibility::None,
+            visibility: VisibilityReport::default(),
         }
     }
 
@@ -261,6 +270,11 @@ impl Controller {
         }
     }
 
+    /// Sets the HTTP visibility of Services that have no annotation.
+    pub fn set_l7_visibility(&mut self, default: Visibility) {
+        self.l7_default = default;
+    }
+
     /// Sets weft-cni's attachments (None: pods do not come through weft-cni).
     pub fn set_attachments(&mut self, attachments: Option<Arc<Attachments>>) {
         self.attachments = attachments;
@@ -274,6 +288,12 @@ impl Controller {
             (&mut self.model, &mut self.configs, &self.parse_errors, &mut self.built);
         let (acked, live, live_changed) = (&mut self.acked, &mut self.live, &mut self.live_changed);
         let objects = &self.loaded.objects;
+        // Services that asked for HTTP visibility get their generated configs
+        // (after the documents' configs, like the policy one).
+        configs.retain(|c| !visibility::is_generated(&c.key));
+        let generated = visibility::configs(objects, self.l7_default, configs);
+        configs.extend(generated.configs);
+        self.visibility = generated.report;
         // The policies decide what the proxy must do for them: the node's
         // policy listener joins the configs, and the ports of the listeners
         // rules hand connections to come back from the build.
@@ -447,6 +467,7 @@ impl Controller {
                 .chain(self.parse_errors.iter().filter(|e| e.key.is_none()).map(ConfigError::to_string))
                 .collect(),
             state_problems: state_problems.to_vec(),
+            l7_visibility: self.visibility.clone(),
         }
     }
 
@@ -564,6 +585,71 @@ spec:
         // Gone from the source: gone from the controller.
         c.load(Loaded::default());
         assert!(c.configs.is_empty() && c.parsed.is_empty());
+    }
+
+    /// A Service annotated for HTTP visibility gets a generated config: it is
+    /// handed to Envoy once Envoy ACKed it, shows in the status like a user's
+    /// config, yields to a user's config, and goes back to plain forwarding
+    /// (with nothing of it left in the xDS snapshot) when the annotation goes.
+    #[test]
+    fn an_annotated_service_is_served_by_a_generated_config_until_a_user_config_or_removal() {
+        let annotated = SERVICES.replacen(
+            "metadata: {name: web, namespace: default}",
+            "metadata: {name: web, namespace: default, annotations: {weft.io/l7-visibility: http}}",
+            1,
+        );
+        assert_ne!(annotated, SERVICES);
+        let generated = "EnvoyConfig default/weft:l7:web";
+        let listed = |c: &Controller| c.status(&[]).objects.iter().any(|o| o.config.object == generated);
+        let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+        load(&mut c, SERVICES);
+        let (snap, _) = c.build();
+        assert!(handed(&snap).is_empty() && !listed(&c));
+        ack_all(&mut c);
+
+        load(&mut c, &annotated);
+        let (snap, published) = c.build();
+        assert!(handed(&snap).is_empty(), "not handed before Envoy ACKed the listener");
+        assert!(published.xds.contains(translate::LISTENER, "default/weft:l7:web/http-80"));
+        ack_all(&mut c);
+        let snap = c.redirects_settled().expect("handed once Envoy has it");
+        assert_eq!(handed(&snap), ["10.96.0.10:80"]);
+        let status = c.status(&[]);
+        let obj = status.objects.iter().find(|o| o.config.object == generated).expect("listed");
+        assert!(matches!(obj.envoy, EnvoyAck::Acknowledged { .. }), "{:?}", obj.envoy);
+        assert!(obj.config.origin.contains("weft.io/l7-visibility"), "{}", obj.config.origin);
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            json["l7-visibility"]["services"],
+            serde_json::json!([{"service": "default/web", "set-by": "service-annotation", "state": "generated",
+                                "config": generated, "ports": [80]}])
+        );
+
+        // A user's config for the Service wins; the status says so.
+        load(&mut c, &format!("{annotated}{}", config("mine", "web", "default/web", 1)));
+        let (_, published) = c.build();
+        assert!(!listed(&c) && !published.xds.contains(translate::LISTENER, "default/weft:l7:web/http-80"));
+        let status = c.status(&[]);
+        assert_eq!(
+            status.l7_visibility.services[0].state,
+            visibility::VisibilityState::UserConfigWins { config: "EnvoyConfig default/mine".into() }
+        );
+        ack_all(&mut c);
+        let snap = c.redirects_settled().expect("the user's listener serves it");
+        assert_eq!(handed(&snap), ["10.96.0.10:80"]);
+
+        // Back to the generated one, then the annotation goes: plain at once.
+        load(&mut c, &annotated);
+        c.build();
+        ack_all(&mut c);
+        assert_eq!(handed(&c.redirects_settled().expect("generated again")), ["10.96.0.10:80"]);
+        load(&mut c, SERVICES);
+        let (snap, published) = c.build();
+        assert!(handed(&snap).is_empty(), "plain forwarding");
+        assert!(!listed(&c) && c.status(&[]).l7_visibility.services.is_empty());
+        let left: Vec<_> =
+            published.xds.types.values().flat_map(|m| m.keys()).filter(|n| n.contains("weft:l7")).collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     fn expected_first(l: &Loaded) -> crate::k8s::crd::EnvoyConfigSpec {

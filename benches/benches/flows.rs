@@ -166,6 +166,7 @@ fn thread_cpu() -> HashMap<String, f64> {
 struct RateResult {
     emitted: u64,
     received: u64,
+    received_each: Vec<u64>,
     lost: HashMap<LostSource, u64>,
     p50: Duration,
     p99: Duration,
@@ -175,27 +176,55 @@ struct RateResult {
     secs: f64,
 }
 
+/// The follow request of one follower in the multi-follower run: different
+/// filters, each matching every record the bench sends (so each follower
+/// receives every flow, the most work a follower can ask for).
+fn follower_request(i: usize) -> GetFlowsRequest {
+    let filter = match i % 4 {
+        0 => FlowFilter::default(),
+        1 => FlowFilter { source_pod: vec!["default/n1-p1".into()], ..Default::default() },
+        2 => FlowFilter { verdict: vec![Verdict::Forwarded as i32], ..Default::default() },
+        _ => FlowFilter { protocol: vec!["tcp".into()], ..Default::default() },
+    };
+    GetFlowsRequest { follow: true, whitelist: vec![filter], ..Default::default() }
+}
+
+/// Records at `rate` for `secs` with one follower (its latencies measured).
 fn rate_run(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address, rate: u64, secs: u64) -> RateResult {
+    rate_run_followers(lab, dp, pipeline, addr, rate, secs, &[GetFlowsRequest { follow: true, ..Default::default() }])
+}
+
+/// Records at `rate` for `secs` while `followers` follow (latencies and
+/// `received` are the first follower's; `received_each` all of them).
+fn rate_run_followers(
+    lab: &Lab,
+    dp: &Datapath,
+    pipeline: &Arc<Pipeline>,
+    addr: &Address,
+    rate: u64,
+    secs: u64,
+    followers: &[GetFlowsRequest],
+) -> RateResult {
     let pkt = frame(lab, dp);
     let lost_before: HashMap<LostSource, u64> =
         LostSource::ALL.iter().map(|s| (*s, pipeline.counters.lost(*s))).collect();
     let kernel_before = dp.event_stats().unwrap();
-    // The follower: a separate runtime, threads named "client".
-    let received = Arc::new(AtomicU64::new(0));
-    let stream_lost = Arc::new(AtomicU64::new(0));
+    // The followers: each its own thread and runtime, threads named "client".
     let done = Arc::new(AtomicBool::new(false));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
-    let client = {
-        let (received, stream_lost, done, latencies, addr) =
-            (received.clone(), stream_lost.clone(), done.clone(), latencies.clone(), addr.clone());
-        std::thread::Builder::new()
+    let counts: Vec<Arc<AtomicU64>> = followers.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let stream_lost = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for (i, req) in followers.iter().enumerate() {
+        let (received, stream_lost, done, latencies, addr, req) =
+            (counts[i].clone(), stream_lost.clone(), done.clone(), latencies.clone(), addr.clone(), req.clone());
+        let client = std::thread::Builder::new()
             .name("client".into())
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 rt.block_on(async move {
                     let mut c = client::observer(&addr).await.unwrap();
-                    let mut s =
-                        c.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+                    let mut s = c.get_flows(req).await.unwrap().into_inner();
                     let mut lat = Vec::new();
                     loop {
                         let m = tokio::time::timeout(Duration::from_millis(500), s.message()).await;
@@ -208,9 +237,11 @@ fn rate_run(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address, 
                         let now = weft_flow::time::now_ns();
                         match r.response_types {
                             Some(ResponseTypes::Flow(f)) => {
-                                let t = f.time.unwrap();
-                                let ts = t.seconds as u64 * 1_000_000_000 + t.nanos as u64;
-                                lat.push(now.saturating_sub(ts));
+                                if i == 0 {
+                                    let t = f.time.unwrap();
+                                    let ts = t.seconds as u64 * 1_000_000_000 + t.nanos as u64;
+                                    lat.push(now.saturating_sub(ts));
+                                }
                                 received.fetch_add(1, Ordering::Relaxed);
                             }
                             Some(ResponseTypes::LostEvents(l)) => {
@@ -219,11 +250,14 @@ fn rate_run(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address, 
                             _ => {}
                         }
                     }
-                    *latencies.lock().unwrap() = lat;
+                    if i == 0 {
+                        *latencies.lock().unwrap() = lat;
+                    }
                 });
             })
-            .unwrap()
-    };
+            .unwrap();
+        clients.push(client);
+    }
     std::thread::sleep(Duration::from_millis(300));
     let cpu0 = thread_cpu();
     let t0 = Instant::now();
@@ -244,7 +278,9 @@ fn rate_run(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address, 
     std::thread::sleep(Duration::from_millis(1500));
     let cpu1 = thread_cpu();
     done.store(true, Ordering::Relaxed);
-    client.join().unwrap();
+    for c in clients {
+        c.join().unwrap();
+    }
     let kernel_after = dp.event_stats().unwrap();
     let emitted = (kernel_after.emitted - kernel_before.emitted) + (kernel_after.lost - kernel_before.lost);
     let mut lost: HashMap<LostSource, u64> =
@@ -261,7 +297,8 @@ fn rate_run(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address, 
     let _ = stream_lost;
     RateResult {
         emitted,
-        received: received.load(Ordering::Relaxed),
+        received: counts.first().map_or(0, |c| c.load(Ordering::Relaxed)),
+        received_each: counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
         lost,
         p50: pct(0.5),
         p99: pct(0.99),
@@ -372,6 +409,7 @@ fn main() {
         println!("| {t} | {role} | {:.1} |", c / r.secs * 100.0);
     }
     let cpu10k = r.pipeline_cpu / r.secs * 100.0;
+    let followers = followers_cost(&lab, &dp, &pipeline, &addr);
     pipeline.stop();
     let _ = std::fs::remove_dir_all(&dir);
     drop(dp);
@@ -381,9 +419,39 @@ fn main() {
         "flows",
         serde_json::json!({
             "throughput": tp, "rates": rates, "zero_loss_max": highest_clean,
-            "pipeline_cpu_10k_pct": cpu10k, "agent": agent,
+            "pipeline_cpu_10k_pct": cpu10k, "followers": followers, "agent": agent,
         }),
     );
+}
+
+/// The pipeline's CPU at 10,000 records/s with 0, 1 and 4 followers (the
+/// four with different filters, each matching every record): what each
+/// follower adds.
+fn followers_cost(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address) -> serde_json::Value {
+    println!("\n## Followers at 10,000 records/s: pipeline CPU (reader + flows + flow API) by number of followers\n");
+    println!(
+        "| followers | % of one core | flow API thread, % | added per follower, % | received by each (of emitted) |"
+    );
+    println!("|---:|---:|---:|---:|---|");
+    let mut rows = Vec::new();
+    let mut none = 0.0;
+    for n in [0usize, 1, 4] {
+        let reqs: Vec<GetFlowsRequest> = (0..n).map(follower_request).collect();
+        let r = rate_run_followers(lab, dp, pipeline, addr, 10_000, 10, &reqs);
+        let pct = r.pipeline_cpu / r.secs * 100.0;
+        let server = r.by_thread.iter().find(|(t, _)| *t == "server").map_or(0.0, |(_, c)| c / r.secs * 100.0);
+        if n == 0 {
+            none = pct;
+        }
+        let each = if n == 0 { 0.0 } else { (pct - none) / n as f64 };
+        let got: Vec<String> = r.received_each.iter().map(|c| c.to_string()).collect();
+        println!("| {n} | {pct:.1} | {server:.1} | {each:.1} | {} (of {}) |", got.join(", "), r.emitted);
+        rows.push(serde_json::json!({
+            "followers": n, "cpu_pct": pct, "server_pct": server, "per_follower_pct": each,
+            "received_each": r.received_each, "emitted": r.emitted,
+        }));
+    }
+    serde_json::Value::Array(rows)
 }
 
 /// A real agent (no Envoy) on node1, records for every packet, one

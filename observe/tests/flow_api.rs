@@ -795,3 +795,127 @@ async fn streams_and_requests_are_bounded() {
     // Refused before the handler, and still counted.
     assert_eq!(api.pipeline.counters.refused(Refusal::OverLimit), before + 1);
 }
+
+// ------------------------------------------------------------------ output
+
+/// One line of JSON per response, with what differs per run (the agent's
+/// random boot id in the uuids, wall-clock times) replaced by placeholders.
+fn stable_json(rs: &[GetFlowsResponse]) -> String {
+    fn scrub(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m.iter_mut() {
+                    match (k.as_str(), &*v) {
+                        ("time" | "first" | "last", serde_json::Value::String(_)) => *v = "<time>".into(),
+                        ("uuid", serde_json::Value::String(u)) => *v = format!("<boot>{}", &u[24..]).into(),
+                        _ => scrub(v),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(scrub),
+            _ => {}
+        }
+    }
+    let mut out = String::new();
+    for r in rs {
+        let mut v: serde_json::Value = serde_json::from_str(&weft_flow::json::response(r)).unwrap();
+        scrub(&mut v);
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// Feeds the flows of every kind the API converts: new, reply, drop and
+/// redirected connections, and an HTTP request/response pair with its
+/// connections' link. Returns how many entries the store holds then.
+async fn feed_every_kind(api: &mut Api) -> u64 {
+    api.feed.push(&Event { subtype: abi::OBS_FROM_ENDPOINT as u8, proxy_port: 0, ..redirect(45000) });
+    api.feed.push(&redirect(45000));
+    api.feed.push(&Event {
+        saddr: raw([192, 168, 50, 1]),
+        sport: 50000u16.to_be(),
+        src_identity: 1,
+        ..trace(abi::OBS_TO_ENDPOINT, 0, 0x02)
+    });
+    api.feed.push(&trace(abi::OBS_FROM_ENDPOINT, 41000, 0x02));
+    api.feed.push(&Event {
+        saddr: raw(SERVER),
+        daddr: raw(CLIENT),
+        sport: 8080u16.to_be(),
+        dport: 41000u16.to_be(),
+        flags: abi::EVF_REPLY as u8,
+        ..trace(abi::OBS_TO_ENDPOINT, 0, 0x12)
+    });
+    api.feed.push(&drop_ev(42000));
+    api.feed.flush();
+    stored(&api.pipeline, 6).await;
+    api.pipeline.submit_l7(L7Entry {
+        http: Http {
+            method: "POST".into(),
+            authority: "cart.shop".into(),
+            path: "/items".into(),
+            protocol: "HTTP/1.1",
+            code: 201,
+            start_ns: 1_700_000_000_000_000_000,
+            duration_ns: 3_000_000,
+            request_id: "6c1b5b0e-51a3-4f4e-9f7b-1f0c0e6b2a11".into(),
+            user_agent: "curl/8.5.0".into(),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            upstream: Some(SocketAddrV4::new(SERVER.into(), 8080)),
+            upstream_local: Some(SocketAddrV4::new(Ipv4Addr::new(192, 168, 50, 1), 50000)),
+            ..Default::default()
+        },
+        client: Some(SocketAddrV4::new(CLIENT.into(), 45000)),
+        server: Some(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001)),
+    });
+    stored(&api.pipeline, 8).await;
+    8
+}
+
+/// Reads `n` responses from a follow stream.
+async fn take(s: &mut tonic::Streaming<GetFlowsResponse>, n: usize) -> Vec<GetFlowsResponse> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let r = tokio::time::timeout(Duration::from_secs(5), s.message()).await.expect("stream stalled").unwrap();
+        out.push(r.expect("the stream stays open"));
+    }
+    out
+}
+
+/// What the flow API sends is pinned: the same flows give the same JSON as
+/// recorded in `tests/golden/flow_api_stream.jsonl` (from the flow API as it
+/// was before encoding was shared across followers), for Hubble's clients and
+/// weft's (with the link), whether read back from the store or followed live
+/// by several followers at once. `WEFT_BLESS=1` writes the file anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flows_sent_are_the_recorded_json_for_every_reader() {
+    let mut api = start(PipelineConfig::default()).await;
+    let weft = || Some(prost_types::Any { type_url: "type.googleapis.com/weft.WeftClient".into(), value: vec![] });
+    let plain_follow = GetFlowsRequest { follow: true, ..Default::default() };
+    let weft_follow = GetFlowsRequest { follow: true, extensions: weft(), ..Default::default() };
+    let mut followers = Vec::new();
+    for req in [&plain_follow, &weft_follow, &plain_follow, &weft_follow] {
+        followers.push(open_eventually(&api.addr, req.clone()).await);
+    }
+    // A follow starts at the store's end when the server handles it; the
+    // first flow waits until every follower is surely there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n = feed_every_kind(&mut api).await;
+    let plain = get(&api.addr, GetFlowsRequest { first: true, ..Default::default() }).await;
+    let with_link = get(&api.addr, GetFlowsRequest { first: true, extensions: weft(), ..Default::default() }).await;
+    assert_eq!((plain.len() as u64, with_link.len() as u64), (n, n));
+    let got = format!("# Hubble's clients\n{}# weft's clients\n{}", stable_json(&plain), stable_json(&with_link));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/flow_api_stream.jsonl");
+    if std::env::var_os("WEFT_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).expect("the recorded JSON (WEFT_BLESS=1 records it)");
+    assert_eq!(got, want, "the flows sent changed");
+    for (i, s) in followers.iter_mut().enumerate() {
+        let live = take(s, n as usize).await;
+        let expect = if i % 2 == 0 { &plain } else { &with_link };
+        assert_eq!(stable_json(&live), stable_json(expect), "follower {i} got what a read of the store gets");
+    }
+}

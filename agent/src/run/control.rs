@@ -82,6 +82,7 @@ impl ControlLoop {
             controller.set_listener_budget(ListenerBudget { open_files, workers });
         }
         controller.set_attachments(attachments);
+        controller.set_l7_visibility(cfg.l7_visibility);
         let mut source = Source::start(cfg).await?;
         controller.load(log_problems(source.poll().unwrap_or_default()));
         let (snapshot, published) = controller.build();

@@ -32,6 +32,15 @@ impl ConfigKey {
     }
 }
 
+impl ConfigKey {
+    /// The namespace of a Service named in `services` or `backendServices`
+    /// (`written`: its `namespace` field). A namespaced config names only its
+    /// own Services: its namespace replaces the one written, as in Cilium.
+    pub fn service_namespace(&self, written: Option<&str>) -> String {
+        if self.clusterwide { written.unwrap_or("default").to_owned() } else { self.namespace().to_owned() }
+    }
+}
+
 impl fmt::Display for ConfigKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.clusterwide {

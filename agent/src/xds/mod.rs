@@ -10,3 +10,4 @@ pub mod rules;
 pub mod server;
 pub mod tenancy;
 pub mod translate;
+pub mod visibility;

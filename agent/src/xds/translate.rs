@@ -331,13 +331,7 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
     // services[]: redirected to a listener of this config.
     for (i, s) in cfg.spec.services.iter().enumerate() {
         let place = format!("spec.services[{i}]");
-        let namespace = if cfg.key.clusterwide {
-            s.namespace.clone().unwrap_or_else(|| "default".into())
-        } else {
-            // A namespaced config redirects only its own Services: its
-            // namespace replaces the one written, as in Cilium.
-            cfg.key.namespace().to_owned()
-        };
+        let namespace = cfg.key.service_namespace(s.namespace.as_deref());
         let listener = match &s.listener {
             Some(l) => {
                 let q = ctx.qf(l);
@@ -373,11 +367,7 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
         out.eds_services.push(EdsService { service, ports: s.ports.iter().map(u16::to_string).collect() });
     }
     for s in &cfg.spec.backend_services {
-        let namespace = if cfg.key.clusterwide {
-            s.namespace.clone().unwrap_or_else(|| "default".into())
-        } else {
-            cfg.key.namespace().to_owned()
-        };
+        let namespace = cfg.key.service_namespace(s.namespace.as_deref());
         out.eds_services.push(EdsService { service: ObjKey::new(namespace, s.name.clone()), ports: s.number.clone() });
     }
     out.references = ctx.refs;

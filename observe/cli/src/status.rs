@@ -158,5 +158,23 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let v = &c["l7-visibility"];
+    let services = v["services"].as_array().filter(|s| !s.is_empty());
+    let problems = v["problems"].as_array().filter(|p| !p.is_empty());
+    if services.is_some() || problems.is_some() {
+        println!("L7 visibility (default {}):", v["default"].as_str().unwrap_or("?"));
+        for s in services.into_iter().flatten() {
+            let text = |k: &str| s[k].as_str().unwrap_or("").to_owned();
+            let how = match text("state").as_str() {
+                "generated" => format!("generated {} (ports {})", text("config"), s["ports"]),
+                "user-config-wins" => format!("not generated: {} serves it", text("config")),
+                other => other.to_owned(),
+            };
+            println!("  {:<40} {:<20} {how}", text("service"), text("set-by"));
+        }
+        for p in problems.into_iter().flatten() {
+            println!("  problem: {}", p.as_str().unwrap_or(""));
+        }
+    }
     Ok(())
 }

@@ -8,6 +8,12 @@
 //! ignore filters and the time window. A slow client only falls behind in the
 //! ring (and is told what it missed); it never holds the pipeline up.
 //!
+//! Sending is cheap (see `encoded`): filters run on stored records before
+//! anything is converted, a flow is converted and encoded once for every
+//! stream that sends it, and a stream hands the server a chunk of responses
+//! at a time, which go out in one HTTP/2 frame. GetFlows therefore has its
+//! own route ([`FlowApi`]) that sends those bytes as they are.
+//!
 //! What clients can make the agent hold is bounded: a request's size
 //! ([`MAX_REQUEST_BYTES`]) and filters (see `filter`), each stream's buffer
 //! ([`CLIENT_BUFFER`] responses), the streams one client may keep open
@@ -24,7 +30,7 @@ use std::{
 };
 
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use prost::Message;
@@ -44,6 +50,7 @@ use weft_flow::{
 pub use super::tls::{Tls, TlsError, TlsSource};
 use super::{
     convert::{self, Context},
+    encoded::{Batches, Encoded, FlowCodec, SharedEncodings},
     filter::{Env, FilterSet, check_bounds},
     peer::PeerService,
 };
@@ -57,8 +64,9 @@ pub const VERSION: &str = concat!("weft ", env!("CARGO_PKG_VERSION"));
 
 /// Entries copied out of the store per lock.
 const READ_CHUNK: usize = 256;
-/// Responses buffered per client before the reader waits for it.
-pub const CLIENT_BUFFER: usize = 256;
+/// Responses buffered per client before the reader waits for it (in
+/// chunks of at most [`READ_CHUNK`]).
+pub const CLIENT_BUFFER: usize = 2 * READ_CHUNK;
 /// The largest request the flow API decodes.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// HTTP/2 streams (calls at once) per connection.
@@ -158,6 +166,7 @@ pub struct ObserverService {
     /// Whether the TCP listener speaks TLS, for GetNodes.
     tls: bool,
     streams: Arc<OpenStreams>,
+    encodings: Arc<SharedEncodings>,
 }
 
 impl ObserverService {
@@ -167,7 +176,22 @@ impl ObserverService {
 
     pub fn with_limits(pipeline: Arc<Pipeline>, address: String, limits: StreamLimits) -> Self {
         let streams = Arc::new(OpenStreams { limits, ..Default::default() });
-        Self { pipeline, started: Instant::now(), address, tls: false, streams }
+        Self { pipeline, started: Instant::now(), address, tls: false, streams, encodings: Arc::default() }
+    }
+
+    /// Checks a GetFlows request and starts its query: the encoded
+    /// responses, a chunk at a time.
+    fn open_flows(&self, request: Request<GetFlowsRequest>) -> Result<Batches, Status> {
+        let counters = &self.pipeline.counters;
+        let q = Query::check(request.get_ref()).map_err(|(why, s)| {
+            counters.add_refused(why);
+            s
+        })?;
+        let slot =
+            self.streams.open(ClientKey::of(&request)).inspect_err(|_| counters.add_refused(Refusal::OverLimit))?;
+        let (tx, rx) = mpsc::channel(CLIENT_BUFFER / READ_CHUNK);
+        tokio::spawn(run_query(self.pipeline.clone(), self.encodings.clone(), q, tx, slot));
+        Ok(Batches::new(rx))
     }
 }
 
@@ -258,11 +282,24 @@ fn response(node: &str, time_ns: u64, r: ResponseTypes) -> GetFlowsResponse {
     GetFlowsResponse { response_types: Some(r), node_name: node.to_owned(), time: Some(timestamp(time_ns)) }
 }
 
+/// What a chunk of store entries sends, in order.
+enum Out {
+    Lost(Encoded),
+    /// The flow at this index of the chunk's matching flows.
+    Flow(usize),
+}
+
 /// Runs one GetFlows query, sending responses until it is complete or the
 /// client goes away; its stream slot is given back then.
-async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsResponse, Status>>, _slot: StreamSlot) {
+async fn run_query(
+    p: Arc<Pipeline>,
+    encodings: Arc<SharedEncodings>,
+    q: Query,
+    tx: mpsc::Sender<Vec<Result<Encoded, Status>>>,
+    _slot: StreamSlot,
+) {
     let names = p.names();
-    let (boot_id, node) = (p.boot_id, names.node_name.clone());
+    let boot_id = p.boot_id;
     let env = Env { boot_id, names: &names };
     let mut ctx = Context::new(names.clone(), boot_id, q.with_link);
     let mut pos = q.start(&p, &env);
@@ -278,41 +315,59 @@ async fn run_query(p: Arc<Pipeline>, q: Query, tx: mpsc::Sender<Result<GetFlowsR
         let limit = end.map_or(READ_CHUNK, |e| (e.saturating_sub(pos) as usize).min(READ_CHUNK));
         let read = p.store.read(pos, limit, &mut buf);
         pos = read.next;
-        if read.missed > 0 {
-            let lost = Lost { source: LostSource::FlowStore, count: read.missed, cpu: None, time_ns: now_ns() };
-            p.counters.add_lost(LostSource::FlowStore, read.missed);
-            let r = response(&node, lost.time_ns, ResponseTypes::LostEvents(convert::to_lost(&lost, q.with_link)));
-            if tx.send(Ok(r)).await.is_err() {
-                return;
-            }
-        }
         if !Arc::ptr_eq(&ctx.names, &p.names()) {
             ctx = Context::new(p.names(), boot_id, q.with_link);
         }
-        for (seq, e) in buf.drain(..) {
-            let r = match &e {
-                Entry::Lost(l) => {
-                    response(&node, l.time_ns, ResponseTypes::LostEvents(convert::to_lost(l, q.with_link)))
-                }
+        let node = &ctx.names.node_name;
+        let lost = |l: &Lost| {
+            Encoded::of(&response(node, l.time_ns, ResponseTypes::LostEvents(convert::to_lost(l, q.with_link))))
+        };
+        let mut outs = Vec::with_capacity(buf.len() + 1);
+        if read.missed > 0 {
+            let l = Lost { source: LostSource::FlowStore, count: read.missed, cpu: None, time_ns: now_ns() };
+            p.counters.add_lost(LostSource::FlowStore, read.missed);
+            outs.push(Out::Lost(lost(&l)));
+        }
+        // Filters first: only what this query sends is converted.
+        let (mut seqs, mut flows) = (Vec::with_capacity(buf.len()), Vec::with_capacity(buf.len()));
+        let mut done = false;
+        for (seq, e) in &buf {
+            match e {
+                Entry::Lost(l) => outs.push(Out::Lost(lost(l))),
                 Entry::Flow(f) => {
                     if q.until.is_some_and(|u| f.time_ns > u) {
-                        return;
+                        done = true;
+                        break;
                     }
-                    if q.since.is_some_and(|s| f.time_ns < s) || !q.filters.matches(&env, seq, f) {
+                    if q.since.is_some_and(|s| f.time_ns < s) || !q.filters.matches(&env, *seq, f) {
                         continue;
                     }
                     sent += 1;
-                    response(&node, f.time_ns, ResponseTypes::Flow(convert::to_flow(&ctx, seq, f)))
+                    outs.push(Out::Flow(flows.len()));
+                    seqs.push(*seq);
+                    flows.push(f);
+                    if !q.follow && q.number != 0 && sent >= q.number {
+                        done = true;
+                        break;
+                    }
                 }
-            };
-            if tx.send(Ok(r)).await.is_err() {
-                return;
-            }
-            if !q.follow && q.number != 0 && sent >= q.number {
-                return;
             }
         }
-        if end.is_some_and(|e| pos >= e) {
+        let encoded = encodings.get_or_encode(&ctx.names, q.with_link, &seqs, |i| {
+            let f = flows[i];
+            Encoded::of(&response(node, f.time_ns, ResponseTypes::Flow(convert::to_flow(&ctx, seqs[i], f))))
+        });
+        let batch: Vec<Result<Encoded, Status>> = outs
+            .into_iter()
+            .map(|o| match o {
+                Out::Lost(e) => Ok(e),
+                Out::Flow(i) => Ok(encoded[i].clone()),
+            })
+            .collect();
+        if !batch.is_empty() && tx.send(batch).await.is_err() {
+            return;
+        }
+        if done || end.is_some_and(|e| pos >= e) {
             return;
         }
         if read.next == p.store.end() {
@@ -337,17 +392,16 @@ impl Observer for ObserverService {
     type GetAgentEventsStream = AgentEventStream;
     type GetDebugEventsStream = DebugEventStream;
 
+    /// The typed form, for callers of the trait; the server itself sends
+    /// the encoded bytes ([`FlowApi`]).
     async fn get_flows(&self, request: Request<GetFlowsRequest>) -> Result<Response<FlowStream>, Status> {
-        let counters = &self.pipeline.counters;
-        let q = Query::check(request.get_ref()).map_err(|(why, s)| {
-            counters.add_refused(why);
-            s
-        })?;
-        let slot =
-            self.streams.open(ClientKey::of(&request)).inspect_err(|_| counters.add_refused(Refusal::OverLimit))?;
-        let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-        tokio::spawn(run_query(self.pipeline.clone(), q, tx, slot));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let decode = |r: Result<Encoded, Status>| {
+            r.and_then(|e| {
+                GetFlowsResponse::decode(e.bytes())
+                    .map_err(|e| Status::internal(format!("re-decoding a response: {e}")))
+            })
+        };
+        Ok(Response::new(Box::pin(self.open_flows(request)?.map(decode))))
     }
 
     async fn get_agent_events(
@@ -433,27 +487,56 @@ pub struct Listen {
     pub peers: Option<tokio::sync::watch::Receiver<super::peer::PeerList>>,
 }
 
-/// The Observer service with its too-large requests counted: tonic refuses a
-/// request over [`MAX_REQUEST_BYTES`] with OUT_OF_RANGE before the handler
-/// sees it (the handler itself never answers OUT_OF_RANGE), so the refusal
-/// is counted here, from the response's headers.
+/// The gRPC path of GetFlows, which [`FlowApi`] serves itself.
+const GET_FLOWS_PATH: &str = "/observer.Observer/GetFlows";
+
+/// The Observer service as the server runs it: GetFlows sends responses
+/// encoded once ([`FlowCodec`]; the generated service would encode each
+/// flow again for every stream), the other methods go to the generated
+/// service. Too-large requests are counted: tonic refuses a request over
+/// [`MAX_REQUEST_BYTES`] with OUT_OF_RANGE before the handler sees it (the
+/// handler itself never answers OUT_OF_RANGE), so the refusal is counted
+/// here, from the response's headers.
 #[derive(Clone)]
-struct CountTooLarge<S> {
+struct FlowApi<S> {
     inner: S,
-    pipeline: Arc<Pipeline>,
+    service: ObserverService,
 }
 
-impl<S: tonic::server::NamedService> tonic::server::NamedService for CountTooLarge<S> {
+impl<S: tonic::server::NamedService> tonic::server::NamedService for FlowApi<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for CountTooLarge<S>
+/// GetFlows as a streaming service of encoded responses.
+struct SendEncoded(ObserverService);
+
+impl tonic::server::ServerStreamingService<GetFlowsRequest> for SendEncoded {
+    type Response = Encoded;
+    type ResponseStream = Batches;
+    type Future = tonic::codegen::BoxFuture<Response<Batches>, Status>;
+
+    fn call(&mut self, request: Request<GetFlowsRequest>) -> Self::Future {
+        let opened = self.0.open_flows(request).map(Response::new);
+        Box::pin(std::future::ready(opened))
+    }
+}
+
+fn count_too_large(pipeline: &Pipeline, resp: &tonic::codegen::http::Response<tonic::body::Body>) {
+    // gRPC's OUT_OF_RANGE, as the status header spells it.
+    if resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == b"11") {
+        pipeline.counters.add_refused(Refusal::OverLimit);
+    }
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for FlowApi<S>
 where
     S: tonic::codegen::Service<
             tonic::codegen::http::Request<B>,
             Response = tonic::codegen::http::Response<tonic::body::Body>,
         >,
     S::Future: Send + 'static,
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -464,14 +547,21 @@ where
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let service = self.service.clone();
+        if req.uri().path() == GET_FLOWS_PATH {
+            return Box::pin(async move {
+                let mut grpc =
+                    tonic::server::Grpc::new(FlowCodec).apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
+                let pipeline = service.pipeline.clone();
+                let resp = grpc.server_streaming(SendEncoded(service), req).await;
+                count_too_large(&pipeline, &resp);
+                Ok(resp)
+            });
+        }
         let answer = self.inner.call(req);
-        let pipeline = self.pipeline.clone();
         Box::pin(async move {
             let resp = answer.await?;
-            // gRPC's OUT_OF_RANGE, as the status header spells it.
-            if resp.headers().get("grpc-status").is_some_and(|v| v.as_bytes() == b"11") {
-                pipeline.counters.add_refused(Refusal::OverLimit);
-            }
+            count_too_large(&service.pipeline, &resp);
             Ok(resp)
         })
     }
@@ -480,7 +570,6 @@ where
 /// Serves the flow API (with health and reflection) until the process ends.
 pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()> {
     let address = listen.tcp.map(|a| a.to_string()).unwrap_or_default();
-    let counted = pipeline.clone();
     let mut svc = ObserverService::with_limits(pipeline, address, listen.limits);
     svc.tls = listen.tls.is_some();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -493,9 +582,9 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
     let router = |b: tonic::transport::Server| {
         b.http2_keepalive_interval(Some(Duration::from_secs(30)))
             .max_concurrent_streams(STREAMS_PER_CONNECTION)
-            .add_service(CountTooLarge {
+            .add_service(FlowApi {
                 inner: ObserverServer::new(svc.clone()).max_decoding_message_size(MAX_REQUEST_BYTES),
-                pipeline: counted.clone(),
+                service: svc.clone(),
             })
             .add_service(health.clone())
             .add_service(reflection.clone())
@@ -530,4 +619,16 @@ pub async fn serve(pipeline: Arc<Pipeline>, listen: Listen) -> anyhow::Result<()
         r??;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::server::NamedService;
+
+    use super::*;
+
+    #[test]
+    fn get_flows_is_routed_by_its_generated_path() {
+        assert_eq!(GET_FLOWS_PATH, format!("/{}/GetFlows", ObserverServer::<ObserverService>::NAME));
+    }
 }
