@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./tests/setup.sh
+./benches/setup.sh
 . ./tests/env.sh
 # Charts: matplotlib, pinned, in the project's venv.
 .venv/bin/python3 -c "import matplotlib" 2>/dev/null \

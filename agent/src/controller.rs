@@ -16,7 +16,11 @@
 //! are in effect at once: they reach a new Envoy in one push with the
 //! dispatcher, which warms together with them.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
 use serde::Serialize;
 
@@ -31,7 +35,7 @@ use crate::{
     },
     xds::{
         envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
-        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, RedirectKey, Serving},
+        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, RedirectKey, Resource, Serving},
         policy,
         ports::ProxyPorts,
         server::{AdsEvent, Published},
@@ -40,8 +44,20 @@ use crate::{
     },
 };
 
-/// (type URL, resource name) -> the version Envoy ACKed.
-type Acked = BTreeMap<(String, String), String>;
+/// type URL -> resource name -> the version Envoy ACKed.
+#[derive(Default)]
+struct Acked(HashMap<String, HashMap<String, String>>);
+
+impl Acked {
+    /// Whether Envoy ACKed this resource as it is.
+    fn has(&self, type_url: &str, r: &Resource) -> bool {
+        self.0.get(type_url).and_then(|m| m.get(&r.name)) == Some(&r.version)
+    }
+
+    fn get(&self, type_url: &str, name: &str) -> Option<&String> {
+        self.0.get(type_url)?.get(name)
+    }
+}
 
 /// Whether Envoy ACKed every resource of each object of a build, as built.
 fn acked_owners(built: &Built, acked: &Acked) -> BTreeMap<ConfigKey, bool> {
@@ -49,7 +65,7 @@ fn acked_owners(built: &Built, acked: &Acked) -> BTreeMap<ConfigKey, bool> {
     for (t, m) in &built.xds.types {
         for r in m.values() {
             let Some(o) = &r.owner else { continue };
-            let ok = acked.get(&(t.clone(), r.name.clone())) == Some(&r.version);
+            let ok = acked.has(t, r);
             *per_owner.entry(o.clone()).or_insert(true) &= ok;
         }
     }
@@ -71,7 +87,7 @@ fn settle(
     let mut changed = live.len() != before;
     let dispatcher_in = [translate::LISTENER, translate::ROUTE].iter().all(|t| {
         let now = built.xds.types.get(*t).and_then(|m| m.get(translate::DISPATCH_LISTENER));
-        now.is_none_or(|r| acked.get(&((*t).to_owned(), r.name.clone())) == Some(&r.version))
+        now.is_none_or(|r| acked.has(t, r))
     });
     if dispatcher_in {
         for (k, v) in wanted {
@@ -209,7 +225,7 @@ impl Controller {
             parse_errors: Vec::new(),
             version: 0,
             built: Built::default(),
-            acked: BTreeMap::new(),
+            acked: Acked::default(),
             nacked: BTreeMap::new(),
             envoy_connected: false,
             xds_mode: None,
@@ -307,7 +323,9 @@ impl Controller {
                 // A resource the build no longer has is gone from Envoy (it
                 // is told so): added again, it must be ACKed again.
                 let xds = &built.xds;
-                acked.retain(|(t, n), _| xds.contains(t, n));
+                for (t, m) in acked.0.iter_mut() {
+                    m.retain(|n, _| xds.contains(t, n));
+                }
                 if first {
                     *live = wanted(built);
                 }
@@ -360,7 +378,7 @@ impl Controller {
             AdsEvent::Disconnected => {
                 self.envoy_connected = false;
                 // A new Envoy starts empty: it has to ACK everything again.
-                self.acked.clear();
+                self.acked.0.clear();
                 self.refresh_acks();
                 false
             }
@@ -370,7 +388,7 @@ impl Controller {
                 let current = self.built.xds.types.get(&type_url);
                 for (name, version) in resources {
                     if current.and_then(|m| m.get(&name)).is_some_and(|r| r.version == version) {
-                        self.acked.insert((type_url.clone(), name), version);
+                        self.acked.0.entry(type_url.clone()).or_default().insert(name, version);
                     }
                 }
                 self.refresh_acks();
@@ -415,7 +433,7 @@ impl Controller {
                 .iter()
                 .filter(|n| {
                     let now = res.and_then(|m| m.get(*n)).map(|r| r.version.clone());
-                    self.acked.get(&(type_url.to_owned(), (*n).clone())) != now.as_ref()
+                    self.acked.get(type_url, n) != now.as_ref()
                 })
                 .filter_map(owned)
                 .collect(),
@@ -652,7 +670,7 @@ spec:
         assert!(left.is_empty(), "{left:?}");
     }
 
-    fn expected_first(l: &Loaded) -> crate::k8s::crd::EnvoyConfigSpec {
+    fn expected_first(l: &Loaded) -> Arc<crate::k8s::crd::EnvoyConfigSpec> {
         envoyconfig::parse(l.raw[1].0.clone(), &l.raw[1].1).expect("api's config").spec
     }
 

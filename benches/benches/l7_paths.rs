@@ -9,13 +9,35 @@
 //!   netfilter-based mesh would;
 //! - the sidecar model: the client's own Envoy, then the server's Envoy,
 //!   addressed directly (no iptables redirects, so this is a generous
-//!   baseline for sidecars).
+//!   baseline for sidecars);
+//! - the same chain with an access log in each sidecar (the fair baseline: a
+//!   sidecar mesh with telemetry logs every request in both proxies).
 //!
 //! Keep-alive requests and new connections (a fifth as many), each path in
-//! interleaved rounds. `cargo bench -p weft-benches --bench l7_paths`
-//! (WEFT_BENCH_N: keep-alive requests per path).
+//! interleaved rounds, from the project's own client (one request at a time).
+//!
+//! Hop attribution: standalone Envoys in the server's pod, each one bare
+//! Envoy plus ONE of what weft adds to the node's Envoy (its access log and
+//! flush interval, the transparent handed-connection listener, EDS instead
+//! of static endpoints, one worker instead of two), and all of them at once;
+//! each hop is its p50 minus the direct path's, against the bare hop.
+//!
+//! Open loop (issue 15): `oha` (installed by `benches/setup.sh`) at fixed
+//! request rates with 64 connections and latency correction, so p90/p99 are
+//! free of coordinated omission; with the CPU time per request of the
+//! Envoys and the agent on each path.
+//!
+//! `cargo bench -p weft-benches --bench l7_paths` (WEFT_BENCH_N: keep-alive
+//! requests per path; WEFT_BENCH_OPEN_SECS: seconds per open-loop rate).
 
-use std::{net::Ipv4Addr, process::Command, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use serde_json::json;
 
 use weft_benches::{Samples, machine, pct_json, ratio, save, us};
 use weft_tests::{
@@ -33,44 +55,95 @@ const L7_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const TPROXY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const TPROXY_PORT: u16 = 15050;
 
-/// A static Envoy bootstrap: one HTTP listener forwarding to one address.
-fn sidecar_bootstrap(listen: (&str, u16), upstream: (Ipv4Addr, u16), admin: u16) -> String {
-    format!(
-        r#"{{
-  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {admin}}}}}}},
-  "static_resources": {{
-    "listeners": [{{
-      "name": "l", "address": {{"socket_address": {{"address": "{}", "port_value": {}}}}},
-      "filter_chains": [{{"filters": [{{
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {{
-          "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-          "stat_prefix": "s",
-          "route_config": {{"virtual_hosts": [{{"name": "all", "domains": ["*"], "routes": [{{"match": {{"prefix": "/"}}, "route": {{"cluster": "up"}}}}]}}]}},
-          "http_filters": [{{"name": "envoy.filters.http.router", "typed_config": {{"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}}}]
-        }}
-      }}]}}]
-    }}],
-    "clusters": [{{
-      "name": "up", "type": "STATIC", "connect_timeout": "1s",
-      "load_assignment": {{"cluster_name": "up", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address": {{"socket_address": {{"address": "{}", "port_value": {}}}}}}}}}]}}]}}
-    }}]
-  }}
-}}"#,
-        listen.0, listen.1, upstream.0, upstream.1
-    )
+/// What a standalone Envoy adds to the bare one (one listener, one route,
+/// one static upstream).
+#[derive(Clone, Copy, Default)]
+struct Shape<'a> {
+    /// weft's access log (its JSON format) into this file.
+    access_log: Option<&'a Path>,
+    /// weft's handed-connection listener: transparent, SO_REUSEPORT as a
+    /// socket option, one socket (not one per worker).
+    transparent: bool,
+    /// The upstream's endpoints over EDS (from this file) rather than static.
+    eds: Option<&'a Path>,
+}
+
+/// weft's access logger (the node Envoy's: `xds::translate`'s format).
+fn weft_access_log(path: &Path) -> serde_json::Value {
+    let format: serde_json::Map<String, serde_json::Value> =
+        weft_observe::pipeline::accesslog::FORMAT.iter().map(|(k, op)| (k.to_string(), json!(op))).collect();
+    json!([{
+        "name": "weft-flows",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path, "log_format": {"json_format": format}
+        }
+    }])
+}
+
+/// A static Envoy bootstrap: one HTTP listener forwarding to one address,
+/// with what `shape` adds.
+fn sidecar_bootstrap(listen: (&str, u16), upstream: (Ipv4Addr, u16), admin: u16, shape: Shape) -> String {
+    let socket = |a: &str, p: u16| json!({"socket_address": {"address": a, "port_value": p}});
+    let endpoints = json!([{"lb_endpoints": [{"endpoint": {"address": socket(&upstream.0.to_string(), upstream.1)}}]}]);
+    let mut hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "s",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    });
+    if let Some(p) = shape.access_log {
+        hcm["access_log"] = weft_access_log(p);
+    }
+    let mut listener = json!({
+        "name": "l", "address": socket(listen.0, listen.1),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]
+    });
+    if shape.transparent {
+        listener["transparent"] = json!(true);
+        listener["enable_reuse_port"] = json!(false);
+        listener["socket_options"] = json!([{
+            "level": libc::SOL_SOCKET, "name": libc::SO_REUSEPORT, "int_value": 1, "state": "STATE_PREBIND"
+        }]);
+    }
+    let mut cluster = json!({"name": "up", "connect_timeout": "1s"});
+    match shape.eds {
+        Some(file) => {
+            let assignment = json!({"version_info": "1", "resources": [{
+                "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                "cluster_name": "up", "endpoints": endpoints
+            }]});
+            std::fs::write(file, assignment.to_string()).unwrap();
+            cluster["type"] = json!("EDS");
+            cluster["eds_cluster_config"] =
+                json!({"eds_config": {"path_config_source": {"path": file}, "resource_api_version": "V3"}});
+        }
+        None => {
+            cluster["type"] = json!("STATIC");
+            cluster["load_assignment"] = json!({"cluster_name": "up", "endpoints": endpoints});
+        }
+    }
+    json!({
+        "admin": {"address": socket("127.0.0.1", admin)},
+        "static_resources": {"listeners": [listener], "clusters": [cluster]}
+    })
+    .to_string()
 }
 
 fn envoy_binary() -> std::path::PathBuf {
     weft_tests::objects::envoy_binary()
 }
 
-fn start_sidecar(lab: &Lab, ns: &str, name: &str, bootstrap: &str) -> u32 {
+/// Starts a standalone Envoy with `workers` worker threads and the node
+/// Envoy's access-log flush interval.
+fn start_sidecar(lab: &Lab, ns: &str, name: &str, bootstrap: &str, workers: u32) -> u32 {
     let path = lab.run_dir.join(format!("{name}.json"));
     std::fs::write(&path, bootstrap).unwrap();
     let log = std::fs::File::create(lab.run_dir.join(format!("{name}.log"))).unwrap();
     let mut cmd = Command::new(envoy_binary());
-    cmd.arg("--config-path").arg(&path).args(["--disable-hot-restart", "--concurrency", "2", "--log-level", "warn"]);
+    cmd.arg("--config-path").arg(&path).args(["--disable-hot-restart", "--log-level", "warn"]);
+    let flush = weft_agent::envoy::FILE_FLUSH_MS.to_string();
+    cmd.args(["--concurrency", &workers.to_string(), "--file-flush-interval-msec", &flush]);
     cmd.stdout(log.try_clone().unwrap()).stderr(log);
     lab.spawn(ns, None, &mut cmd).unwrap()
 }
@@ -174,20 +247,54 @@ fn main() {
     // Sidecars: the client's Envoy (in n1-p1) and the server's (in n1-p2).
     let client_ns = lab.pod("n1-p1").netns.clone();
     let server_ns = backend.netns.clone();
-    start_sidecar(
+    let bare = Shape::default();
+    let server_sc = start_sidecar(
         &lab,
         &server_ns,
         "server-sidecar",
-        &sidecar_bootstrap(("0.0.0.0", 15006), (backend.ip, 8080), 15900),
+        &sidecar_bootstrap(("0.0.0.0", 15006), (backend.ip, 8080), 15900, bare),
+        2,
     );
-    start_sidecar(
+    let client_sc = start_sidecar(
         &lab,
         &client_ns,
         "client-sidecar",
-        &sidecar_bootstrap(("127.0.0.1", 15001), (backend.ip, 15006), 15901),
+        &sidecar_bootstrap(("127.0.0.1", 15001), (backend.ip, 15006), 15901, bare),
+        2,
     );
+    // The fair chain: the same two sidecars, each logging every request.
+    let (server_log, client_log) = (lab.run_dir.join("server-fair.access"), lab.run_dir.join("client-fair.access"));
+    let logged = |p| Shape { access_log: Some(p), ..Default::default() };
+    let server_fair = start_sidecar(
+        &lab,
+        &server_ns,
+        "server-fair",
+        &sidecar_bootstrap(("0.0.0.0", 15007), (backend.ip, 8080), 15902, logged(&server_log)),
+        2,
+    );
+    let client_fair = start_sidecar(
+        &lab,
+        &client_ns,
+        "client-fair",
+        &sidecar_bootstrap(("127.0.0.1", 15002), (backend.ip, 15007), 15903, logged(&client_log)),
+        2,
+    );
+    // Hop attribution: one Envoy per addition, in the server's pod.
+    let variants = variants(&lab.run_dir);
+    let mut variant_pids = Vec::new();
+    for (i, v) in variants.iter().enumerate() {
+        let port = VARIANT_PORT + i as u16;
+        let boot = sidecar_bootstrap(("0.0.0.0", port), (backend.ip, 8080), 15910 + i as u16, v.shape());
+        variant_pids.push(start_sidecar(&lab, &server_ns, &format!("variant-{i}"), &boot, v.workers));
+    }
     wait_port(&lab, &server_ns, 15006);
     wait_port(&lab, &client_ns, 15001);
+    wait_port(&lab, &server_ns, 15007);
+    wait_port(&lab, &client_ns, 15002);
+    for i in 0..variants.len() {
+        wait_port(&lab, &server_ns, VARIANT_PORT + i as u16);
+    }
+    let envoy = node_envoy(pid).expect("the agent's Envoy runs");
 
     let paths = [
         ("direct pod -> pod", sa(backend.ip, 8080)),
@@ -195,8 +302,18 @@ fn main() {
         ("sidecarless: datapath -> node Envoy", sa(L7_VIP, 80)),
         ("iptables TPROXY -> node Envoy", sa(TPROXY_VIP, 80)),
         ("sidecar chain: client Envoy -> server Envoy", sa(Ipv4Addr::LOCALHOST, 15001)),
+        ("fair sidecar chain: both Envoys log each request", sa(Ipv4Addr::LOCALHOST, 15002)),
     ];
     let (tproxy, chain) = (3, 4);
+    // Whose CPU each path costs (besides the client and the backend).
+    let costs: [Vec<(&str, u32)>; 6] = [
+        vec![],
+        vec![],
+        vec![("node Envoy", envoy), ("agent", pid)],
+        vec![("node Envoy", envoy), ("agent", pid)],
+        vec![("client Envoy", client_sc), ("server Envoy", server_sc)],
+        vec![("client Envoy", client_fair), ("server Envoy", server_fair)],
+    ];
     let rounds = 10;
     println!("# L7 paths: request latency, {rounds} interleaved rounds per mode\n");
     println!("Machine: {}", machine());
@@ -229,5 +346,199 @@ fn main() {
         }
         figures.insert(mode.into(), rows.into());
     }
+    figures.insert("attribution".into(), attribution(&lab, &variants, backend.ip, n, rounds));
+    figures.insert("open_loop".into(), open_loop(&lab, &paths, &costs));
     save("l7_paths", figures.into());
+}
+
+/// The first port of the attribution Envoys (one per variant).
+const VARIANT_PORT: u16 = 15100;
+
+/// One standalone Envoy of the attribution.
+struct Variant {
+    name: &'static str,
+    access_log: Option<PathBuf>,
+    transparent: bool,
+    eds: Option<PathBuf>,
+    workers: u32,
+}
+
+impl Variant {
+    fn shape(&self) -> Shape<'_> {
+        Shape { access_log: self.access_log.as_deref(), transparent: self.transparent, eds: self.eds.as_deref() }
+    }
+}
+
+/// The bare Envoy, each of weft's additions alone, and all of them.
+fn variants(dir: &Path) -> Vec<Variant> {
+    let bare = || Variant { name: "", access_log: None, transparent: false, eds: None, workers: 2 };
+    vec![
+        Variant { name: "bare Envoy (static endpoints, 2 workers)", ..bare() },
+        Variant {
+            name: "+ weft's access log (JSON to a file, 100 ms flush)",
+            access_log: Some(dir.join("variant-log.access")),
+            ..bare()
+        },
+        Variant { name: "+ transparent handed-connection listener", transparent: true, ..bare() },
+        Variant { name: "+ EDS endpoints", eds: Some(dir.join("variant-eds.json")), ..bare() },
+        Variant { name: "1 worker instead of 2", workers: 1, ..bare() },
+        Variant {
+            name: "all of weft's additions (log, transparent, EDS)",
+            access_log: Some(dir.join("variant-all.access")),
+            transparent: true,
+            eds: Some(dir.join("variant-all-eds.json")),
+            workers: 2,
+        },
+    ]
+}
+
+/// Keep-alive p50 through each attribution Envoy, interleaved with the
+/// direct path: each hop against the bare Envoy's.
+fn attribution(lab: &Lab, variants: &[Variant], backend: Ipv4Addr, n: usize, rounds: usize) -> serde_json::Value {
+    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); variants.len() + 1];
+    for _ in 0..rounds {
+        all[0].extend(samples(lab, sa(backend, 8080), n / rounds, "keepalive"));
+        for i in 0..variants.len() {
+            all[i + 1].extend(samples(lab, sa(backend, VARIANT_PORT + i as u16), n / rounds, "keepalive"));
+        }
+    }
+    let s: Vec<Samples> = all.into_iter().map(Samples::new).collect();
+    let direct = s[0].pct(50.0);
+    let hop = |i: usize| s[i].pct(50.0).saturating_sub(direct);
+    println!("\n## Hop attribution: one Envoy in the server's pod, {n} keep-alive requests each\n");
+    println!("Hop = p50 through the Envoy minus the direct path's p50 ({} µs).\n", us(direct));
+    println!("| Envoy | p50 µs | p99 µs | hop µs | hop / bare hop |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for (i, v) in variants.iter().enumerate() {
+        let (p50, p99) = (s[i + 1].pct(50.0), s[i + 1].pct(99.0));
+        println!("| {} | {} | {} | {} | {} |", v.name, us(p50), us(p99), us(hop(i + 1)), ratio(hop(i + 1), hop(1)));
+        let mut row = pct_json(&s[i + 1]);
+        row["variant"] = v.name.into();
+        row["hop_us"] = (hop(i + 1).as_secs_f64() * 1e6).into();
+        rows.push(row);
+    }
+    json!({"direct": pct_json(&s[0]), "variants": rows})
+}
+
+/// The Envoy the agent started (its child).
+fn node_envoy(agent: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{agent}/task")).ok()?;
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            let exe = std::fs::read_link(format!("/proc/{c}/exe")).unwrap_or_default();
+            if exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("envoy")) {
+                return Some(c);
+            }
+        }
+    }
+    None
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / hz
+}
+
+/// The `oha` binary: `$WEFT_OHA`, or on PATH, or where `cargo install` puts it.
+fn oha() -> Option<PathBuf> {
+    let cargo_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/oha"));
+    std::env::var_os("WEFT_OHA")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("PATH")
+                .and_then(|p| std::env::split_paths(&p).map(|d| d.join("oha")).find(|b| b.is_file()))
+        })
+        .or(cargo_bin)
+        .filter(|b| b.is_file())
+}
+
+/// One open-loop run's figures.
+struct OpenRun {
+    rate: f64,
+    ok: u64,
+    failed: u64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+/// `oha` against `to` from the client pod: `rate` requests/s (0: as fast as
+/// 64 connections go) for `secs`, keep-alive, latency corrected.
+fn oha_run(lab: &Lab, bin: &Path, to: std::net::SocketAddr, rate: u64, secs: u64) -> OpenRun {
+    let pod = lab.pod("n1-p1");
+    let mut cmd = Command::new(bin);
+    cmd.args(["--no-tui", "--output-format", "json", "-c", "64", "-z", &format!("{secs}s")]);
+    if rate > 0 {
+        cmd.args(["-q", &rate.to_string(), "--latency-correction"]);
+    }
+    cmd.arg(format!("http://{to}/"));
+    let out = lab.run(&pod.netns, Some(&lab.node(0).cgroup), &mut cmd, Duration::from_secs(secs + 60)).unwrap();
+    assert!(out.status.success(), "oha: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha's JSON");
+    let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1e6;
+    let codes = v["statusCodeDistribution"].as_object().cloned().unwrap_or_default();
+    let ok = codes.get("200").and_then(|c| c.as_u64()).unwrap_or(0);
+    let all: u64 = codes.values().filter_map(|c| c.as_u64()).sum();
+    let errors: u64 = v["errorDistribution"].as_object().map_or(0, |e| e.values().filter_map(|c| c.as_u64()).sum());
+    OpenRun {
+        rate: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        ok,
+        failed: all - ok + errors,
+        p50: pct("p50"),
+        p90: pct("p90"),
+        p99: pct("p99"),
+    }
+}
+
+/// The open-loop runs: for each path, 100 and 1,000 requests/s and the
+/// highest rate it sustains (three quarters of what 64 connections reach
+/// unthrottled on it), with the CPU per request of the processes it costs.
+fn open_loop(lab: &Lab, paths: &[(&str, std::net::SocketAddr)], costs: &[Vec<(&str, u32)>]) -> serde_json::Value {
+    let Some(bin) = oha() else {
+        println!("\n## Open loop: SKIPPED (no `oha`: run benches/setup.sh, or set WEFT_OHA)");
+        return serde_json::Value::Null;
+    };
+    let secs: u64 = std::env::var("WEFT_BENCH_OPEN_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    println!("\n## Open loop: oha, 64 connections, keep-alive, latency-corrected, {secs} s per rate\n");
+    println!("| path | rate asked /s | rate got /s | ok | failed | p50 µs | p90 µs | p99 µs | CPU µs per request |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let mut rows = Vec::new();
+    for (i, (name, to)) in paths.iter().enumerate() {
+        let top = oha_run(lab, &bin, *to, 0, 3.min(secs)).rate;
+        for rate in [100, 1000, (top * 0.75) as u64] {
+            let before: Vec<f64> = costs[i].iter().map(|(_, p)| cpu_secs(*p)).collect();
+            let r = oha_run(lab, &bin, *to, rate, secs);
+            let done = (r.ok + r.failed).max(1) as f64;
+            let cpu: Vec<(String, f64)> = costs[i]
+                .iter()
+                .zip(&before)
+                .map(|((who, p), b)| (who.to_string(), (cpu_secs(*p) - b) / done * 1e6))
+                .collect();
+            let cpu_text: Vec<String> = cpu.iter().map(|(w, c)| format!("{w} {c:.1}")).collect();
+            println!(
+                "| {name} | {rate} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
+                r.rate,
+                r.ok,
+                r.failed,
+                r.p50,
+                r.p90,
+                r.p99,
+                if cpu_text.is_empty() { "-".into() } else { cpu_text.join(", ") }
+            );
+            rows.push(json!({
+                "path": name, "rate": rate, "got": r.rate, "ok": r.ok, "failed": r.failed,
+                "p50_us": r.p50, "p90_us": r.p90, "p99_us": r.p99, "top": top,
+                "cpu_us_per_request": cpu.into_iter().map(|(w, c)| (w, json!(c))).collect::<serde_json::Map<_, _>>(),
+            }));
+        }
+    }
+    serde_json::Value::Array(rows)
 }

@@ -79,7 +79,7 @@ pub struct EnvoyState {
 
 /// Envoy writes its access-log buffer this often (ms): the latency of HTTP
 /// flows, and what a killed Envoy loses at most.
-const FILE_FLUSH_MS: u32 = 100;
+pub const FILE_FLUSH_MS: u32 = 100;
 /// The spool's `current.log` is moved aside past this size.
 const ROTATE_AT: u64 = 8 << 20;
 /// How often the supervisor looks at the spool.

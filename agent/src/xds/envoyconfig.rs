@@ -2,7 +2,7 @@
 //! kinds `EnvoyConfig` (namespaced) and `ClusterwideEnvoyConfig` in
 //! `weft.io/v1alpha1`, with Cilium's `cilium.io/v2` kinds accepted unchanged.
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use serde_json::Value;
 
@@ -60,7 +60,15 @@ pub struct EnvoyConfig {
     pub generation: i64,
     /// metadata.labels and annotations, for reports.
     pub annotations: BTreeMap<String, String>,
-    pub spec: EnvoyConfigSpec,
+    /// Shared: the model keeps the spec each translation was of, and an
+    /// unchanged document's config keeps its `Arc` (see [`same_spec`]).
+    pub spec: Arc<EnvoyConfigSpec>,
+}
+
+/// Whether two specs are equal; the same `Arc` answers without comparing
+/// them (what every build asks of every unchanged object).
+pub fn same_spec(a: &Arc<EnvoyConfigSpec>, b: &Arc<EnvoyConfigSpec>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 /// Whether a kind/apiVersion pair is an EnvoyConfig: Some(clusterwide).
@@ -215,7 +223,7 @@ pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
         origin,
         generation: meta.get("generation").and_then(Value::as_i64).unwrap_or(0),
         annotations,
-        spec,
+        spec: Arc::new(spec),
     })
 }
 

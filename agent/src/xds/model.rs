@@ -30,7 +30,7 @@ use prost::{Message, Name};
 use serde::Serialize;
 
 use super::{
-    envoyconfig::{ConfigError, ConfigKey, EnvoyConfig},
+    envoyconfig::{ConfigError, ConfigKey, EnvoyConfig, same_spec},
     ports::ProxyPorts,
     translate::{self, BOOTSTRAP_CLUSTERS, Translated},
 };
@@ -158,7 +158,7 @@ pub type RedirectKey = (ObjKey, Option<u16>);
 
 #[derive(Clone)]
 struct Good {
-    spec: EnvoyConfigSpec,
+    spec: Arc<EnvoyConfigSpec>,
     generation: i64,
     translated: Arc<Translation>,
 }
@@ -209,7 +209,7 @@ pub struct Model {
     /// The last version of each object Envoy acknowledged.
     confirmed: BTreeMap<ConfigKey, Good>,
     /// Versions Envoy refused: (spec, Envoy's message).
-    nacked: BTreeMap<ConfigKey, (EnvoyConfigSpec, String)>,
+    nacked: BTreeMap<ConfigKey, (Arc<EnvoyConfigSpec>, String)>,
     /// How many listeners this node's Envoy can hold, and why.
     budget: ListenerBudget,
     /// Listeners (qualified names) network policies hand connections to.
@@ -217,7 +217,7 @@ pub struct Model {
     /// The last translation of each object, with the spec it was of; None:
     /// every build translates every object (the full rebuild, the oracle
     /// the cached builds are checked against).
-    translations: Option<HashMap<ConfigKey, (EnvoyConfigSpec, Translating)>>,
+    translations: Option<HashMap<ConfigKey, (Arc<EnvoyConfigSpec>, Translating)>>,
     /// The encoded endpoints of each (Service, selected ports), with the
     /// objects they were computed from; None with `translations` (the oracle).
     endpoints: Option<KeptEndpoints>,
@@ -411,7 +411,7 @@ impl Model {
             || translate::translate(cfg).map(Translation::new).map_err(|ps| ps.iter().map(|p| p.to_string()).collect());
         let Some(cache) = self.translations.as_mut() else { return fresh() };
         match cache.get(&cfg.key) {
-            Some((spec, t)) if *spec == cfg.spec => t.clone(),
+            Some((spec, t)) if same_spec(spec, &cfg.spec) => t.clone(),
             _ => {
                 let t = fresh();
                 cache.insert(cfg.key.clone(), (cfg.spec.clone(), t.clone()));
@@ -442,9 +442,9 @@ impl Model {
     /// Records that Envoy refused the current version of `key`: the next
     /// build rejects that version (with Envoy's message) until it changes, and
     /// the version Envoy last acknowledged, if any, stands in for it.
-    pub fn nack(&mut self, key: &ConfigKey, spec: &EnvoyConfigSpec, message: String) {
-        if self.good.get(key).is_some_and(|g| g.spec == *spec) {
-            match self.confirmed.get(key).filter(|c| c.spec != *spec) {
+    pub fn nack(&mut self, key: &ConfigKey, spec: &Arc<EnvoyConfigSpec>, message: String) {
+        if self.good.get(key).is_some_and(|g| same_spec(&g.spec, spec)) {
+            match self.confirmed.get(key).filter(|c| !same_spec(&c.spec, spec)) {
                 Some(c) => {
                     self.good.insert(key.clone(), c.clone());
                 }
@@ -483,8 +483,8 @@ impl Model {
                 serving: Serving::Nothing,
                 listeners: Vec::new(),
             };
-            let nacked = self.nacked.get(&cfg.key).filter(|(s, _)| *s == cfg.spec).map(|(_, m)| m.clone());
-            if self.nacked.get(&cfg.key).is_some_and(|(s, _)| *s != cfg.spec) {
+            let nacked = self.nacked.get(&cfg.key).filter(|(s, _)| same_spec(s, &cfg.spec)).map(|(_, m)| m.clone());
+            if self.nacked.get(&cfg.key).is_some_and(|(s, _)| !same_spec(s, &cfg.spec)) {
                 self.nacked.remove(&cfg.key);
             }
             let result = match nacked {
@@ -493,7 +493,7 @@ impl Model {
             };
             match result {
                 Ok(t) if for_node => {
-                    let priority = if self.good.get(&cfg.key).is_some_and(|g| g.spec == cfg.spec) {
+                    let priority = if self.good.get(&cfg.key).is_some_and(|g| same_spec(&g.spec, &cfg.spec)) {
                         Priority::Serving
                     } else {
                         Priority::New
@@ -762,7 +762,7 @@ impl Model {
     }
 
     /// The spec version currently accepted for an object (for NACK attribution).
-    pub fn accepted_spec(&self, key: &ConfigKey) -> Option<&EnvoyConfigSpec> {
+    pub fn accepted_spec(&self, key: &ConfigKey) -> Option<&Arc<EnvoyConfigSpec>> {
         self.good.get(key).map(|g| &g.spec)
     }
 }
@@ -1269,7 +1269,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         let a = config("a", "default/web");
         // Another config with its own names, redirecting nothing.
         let mut other = config_with("b", "local", "name: local\n    type: STATIC");
-        other.spec.services.clear();
+        Arc::make_mut(&mut other.spec).services.clear();
         let b1 = m.build(&[a.clone(), other.clone()], &[], &objects(), &node());
         let port = b1.statuses[&a.key].listeners[0].1;
 
@@ -1292,7 +1292,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
 
         // A brand-new broken object has nothing to fall back to.
         let mut c = config_with("c", "nowhere", "name: local\n    type: STATIC");
-        c.spec.services.clear();
+        Arc::make_mut(&mut c.spec).services.clear();
         let b3 = m.build(&[a2, other, c.clone()], &[], &objects(), &node());
         assert_eq!(b3.statuses[&c.key].serving, Serving::Nothing);
     }
@@ -1319,7 +1319,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         m.set_listener_budget(budget);
         let own = |name: &str| {
             let mut c = config_with(name, &format!("{name}-local"), &format!("name: {name}-local\n    type: STATIC"));
-            c.spec.services.clear();
+            Arc::make_mut(&mut c.spec).services.clear();
             c
         };
         let (b, c, d, e) = (own("b"), own("c"), own("d"), own("e"));
@@ -1515,7 +1515,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         m.build(std::slice::from_ref(&a), &[], &objects(), &node());
         let mut a2 = config("a", "default/web");
         a2.generation = 2;
-        a2.spec.services[0].ports = vec![80];
+        Arc::make_mut(&mut a2.spec).services[0].ports = vec![80];
         m.build(&[a2.clone()], &[], &objects(), &node());
         m.nack(&a2.key, &a2.spec, "listener default/a/l: bad".into());
         let b = m.build(&[a2.clone()], &[], &objects(), &node());
@@ -1537,7 +1537,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
     fn secrets_must_exist_and_kubernetes_tls_secrets_are_sent() {
         let tls = |secret: &str| {
             let mut c = config("tls", "default/web");
-            let listener = &mut c.spec.resources[0];
+            let listener = &mut Arc::make_mut(&mut c.spec).resources[0];
             listener["filter_chains"][0]["transport_socket"] = serde_json::json!({
                 "name": "envoy.transport_sockets.tls",
                 "typed_config": {

@@ -987,7 +987,7 @@ spec:
             .replace("stat_prefix: l", "stat_prefx: l")
             .replace("name: local\n    type: EDS", "name: local\n    type: EDS\n  - \"@type\": type.googleapis.com/envoy.config.core.v3.Address\n    pipe: {path: /x}");
         let mut c = cfg(&bad);
-        c.spec.services[0].listener = Some("nope".into());
+        std::sync::Arc::make_mut(&mut c.spec).services[0].listener = Some("nope".into());
         let problems: Vec<String> = translate(&c).unwrap_err().iter().map(|p| p.to_string()).collect();
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert_eq!(

@@ -257,7 +257,7 @@ fn config(service: &ObjKey, ports: &[u16]) -> EnvoyConfig {
         origin: Origin::Generated { what: "the weft.io/l7-visibility annotation or default" },
         generation: 0,
         annotations: Default::default(),
-        spec: EnvoyConfigSpec { services, resources, ..Default::default() },
+        spec: std::sync::Arc::new(EnvoyConfigSpec { services, resources, ..Default::default() }),
     }
 }
 
