@@ -198,7 +198,15 @@ impl Reconciler {
                 node: false,
             });
         }
-        if let Some(ip) = snap.node_ip {
+        // The node's other addresses are the node too: a primary CNI may give
+        // the host side of pods' devices an address (ptp: the pods' gateway
+        // on each host veth; bridge: the bridge's), and the node's own
+        // connections to its pods (its proxy's upstream ones, probes) then
+        // leave from it. Read again with each snapshot: a pod's ADD, which
+        // makes one, changes the snapshot.
+        let local =
+            crate::datapath::local_addresses().map_err(|e| DatapathError::io("listing the node's addresses", e))?;
+        for ip in snap.node_ip.into_iter().chain(local) {
             want.entry((ip, 32)).or_insert(IpcacheEntry {
                 addr: ip,
                 prefix_len: 32,

@@ -26,7 +26,7 @@ use crate::{
     },
     lab::{Lab, PodNetwork},
     objects::{
-        LabService, agent_command, agent_files, envoy_serves, lab_objects, wait_ready, wait_status, workspace_binary,
+        LabService, agent_files, envoy_serves, lab_objects, start_agent, wait_ready, wait_status, workspace_binary,
         write_atomic,
     },
     scenario::{T, VIP, sa},
@@ -128,7 +128,7 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
     }
     let on_api = std::env::var_os("KUBEBUILDER_ASSETS").is_some_and(|v| !v.is_empty());
     say("building the lab: node1 (pods n1-p1, n1-p2), node2 (n2-p1, n2-p2), an external client");
-    let mut lab = Lab::with_pods(if on_api { PodNetwork::Cni } else { PodNetwork::Veth })?;
+    let mut lab = Lab::with_pods(if on_api { PodNetwork::Cni } else { PodNetwork::Chain })?;
     let mut web = LabService::new("web", VIP, 80, &["n2-p1"]);
     web.node_port = Some(30080);
     let services = [
@@ -185,10 +185,7 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
     say("starting weft-agent on node1 and node2 (datapath loaded, maps pinned, Envoy started, flow API up)");
     let mut pids = Vec::new();
     for (i, f) in files.iter().enumerate() {
-        let mut cmd = agent_command();
-        let log = std::fs::File::create(lab.run_dir.join(format!("agent{i}.log")))?;
-        cmd.args(["run", "--config"]).arg(&f.config).stdout(log.try_clone()?).stderr(log);
-        pids.push(lab.spawn(&lab.node(i).netns, Some(&lab.node(i).cgroup), &mut cmd)?);
+        pids.push(start_agent(&lab, i, f, &lab.run_dir.join(format!("agent{i}.log")))?);
     }
     for (i, f) in files.iter().enumerate() {
         if let Err(e) = wait_ready(f, Duration::from_secs(30), || lab.running(pids[i])) {
@@ -208,8 +205,11 @@ pub fn run(duration: Duration) -> anyhow::Result<()> {
         );
         kube.start_operator(&lab, 0, "weft-operator-0")?;
     } else {
+        say(
+            "the pods, made as a runtime makes them: ptp (host-local) then weft-cni (ptp's ADD when the lab was built, weft-cni's once the node's agent answered)",
+        );
         for p in &lab.pods {
-            println!("    pod {:<6} {:<12} on {}", p.name, p.ip, lab.node(p.node).name);
+            println!("    pod {:<6} {:<12} on {} (host side {})", p.name, p.ip, lab.node(p.node).name, p.host_if);
         }
     }
     let mut servers = Vec::new();

@@ -9,13 +9,14 @@
 //! network namespace.
 
 use std::{
+    collections::BTreeSet,
     fs,
     net::Ipv4Addr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU32, Ordering},
     },
 };
@@ -80,6 +81,8 @@ pub struct Lab {
     pub cgroup_root: PathBuf,
     pub pod_network: PodNetwork,
     children: Mutex<Vec<Child>>,
+    /// Pods whose weft-cni ADD returned ([`PodNetwork::Chain`]).
+    cni_wired: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// How the lab's pods get their network.
@@ -172,9 +175,10 @@ macro_rules! require_root {
 
 impl Lab {
     /// Builds the standard lab: node1 (pods n1-p1, n1-p2) and node2 (n2-p1,
-    /// n2-p2), an external client, all with addresses and routes.
+    /// n2-p2), an external client, all with addresses and routes; the pods
+    /// through the CNI chain ([`PodNetwork::Chain`]).
     pub fn new() -> anyhow::Result<Self> {
-        Self::with_pods(PodNetwork::Veth)
+        Self::with_pods(PodNetwork::Chain)
     }
 
     /// The standard lab with pods wired as `pod_network` says.
@@ -202,6 +206,7 @@ impl Lab {
             id,
             pod_network,
             children: Mutex::new(Vec::new()),
+            cni_wired: Arc::default(),
         };
         lab.build()?; // on error, Drop cleans up what was built
         Ok(lab)
@@ -365,6 +370,25 @@ impl Lab {
         ip_n(&pod.netns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
         ip_n(&pod.netns, &["neigh", "add", POD_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
         Ok(())
+    }
+
+    /// Whether weft-cni's ADD returned for pod `name` ([`PodNetwork::Chain`]).
+    pub fn cni_wired(&self, name: &str) -> bool {
+        self.cni_wired.lock().unwrap_or_else(|e| e.into_inner()).contains(name)
+    }
+
+    /// The set of pods wired by weft-cni, for whoever runs its ADDs.
+    pub fn cni_wired_set(&self) -> Arc<Mutex<BTreeSet<String>>> {
+        self.cni_wired.clone()
+    }
+
+    /// Node `idx`'s own addresses: on its external device, and the
+    /// gateways ptp put on its pods' host veths, from which the node's
+    /// connections to its own pods leave.
+    pub fn node_addresses(&self, idx: usize) -> BTreeSet<Ipv4Addr> {
+        let gateway = |p: &Pod| p.ptp_result.as_ref()?["ips"][0]["gateway"].as_str()?.parse().ok();
+        let gateways = self.pods_of(idx).filter_map(gateway);
+        std::iter::once(self.node(idx).ip).chain(gateways).collect()
     }
 
     /// The node with this index.

@@ -6,10 +6,15 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
+    sync::Mutex,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use crate::lab::Lab;
+use crate::{
+    cni,
+    lab::{CNI_NETWORK, Lab, PodNetwork},
+};
 
 /// A Service to publish: name, ClusterIP, port, backend pods and their port.
 #[derive(Clone, Debug)]
@@ -143,9 +148,17 @@ pub struct AgentFiles {
     pub config: PathBuf,
     pub state_dir: PathBuf,
     pub objects_dir: PathBuf,
+    /// The agent's `cni-socket`, if it has one (every agent of a
+    /// [`PodNetwork::Chain`] lab has).
+    pub cni_socket: Option<PathBuf>,
+    /// weft-cni's ADDs [`start_agent`] started for the node's pods, which
+    /// [`wait_ready`] waits for.
+    cni_adds: Mutex<Option<JoinHandle<Result<(), String>>>>,
 }
 
-/// Writes the config of node `idx`'s agent: the lab's bpffs, cgroup and objects directory.
+/// Writes the config of node `idx`'s agent: the lab's bpffs, cgroup and
+/// objects directory, and in a [`PodNetwork::Chain`] lab a `cni-socket`
+/// (unless `extra` sets one).
 pub fn agent_files(lab: &Lab, idx: usize, extra: &str) -> std::io::Result<AgentFiles> {
     let node = lab.node(idx);
     let dir = lab.run_dir.join(&node.name);
@@ -154,10 +167,17 @@ pub fn agent_files(lab: &Lab, idx: usize, extra: &str) -> std::io::Result<AgentF
     std::fs::create_dir_all(&objects_dir)?;
     let state_dir = dir.join("state");
     let config = dir.join("agent.yaml");
+    let mut cni_socket = extra.lines().find_map(|l| l.strip_prefix("cni-socket:")).map(|p| PathBuf::from(p.trim()));
+    let mut cni_line = String::new();
+    if cni_socket.is_none() && lab.pod_network == PodNetwork::Chain {
+        let path = dir.join("cni.sock");
+        cni_line = format!("cni-socket: {}\n", path.display());
+        cni_socket = Some(path);
+    }
     std::fs::write(
         &config,
         format!(
-            "node-name: {}\ndevices: [{}]\nbpffs-dir: {}\ncgroup: {}\nstate-dir: {}\nobjects-dir: {}\n{extra}",
+            "node-name: {}\ndevices: [{}]\nbpffs-dir: {}\ncgroup: {}\nstate-dir: {}\nobjects-dir: {}\n{cni_line}{extra}",
             node.name,
             node.dev,
             node.bpffs_dir.display(),
@@ -166,7 +186,20 @@ pub fn agent_files(lab: &Lab, idx: usize, extra: &str) -> std::io::Result<AgentF
             objects_dir.display(),
         ),
     )?;
-    Ok(AgentFiles { config, state_dir, objects_dir })
+    Ok(AgentFiles { config, state_dir, objects_dir, cni_socket, cni_adds: Mutex::new(None) })
+}
+
+impl AgentFiles {
+    /// The agent without a `cni-socket`, as on a node whose runtime does not
+    /// run weft-cni: it finds each local pod's device by the route to the
+    /// pod's address (ptp's veth here), and [`start_agent`] runs no ADD.
+    pub fn without_cni_socket(mut self) -> std::io::Result<Self> {
+        let config = std::fs::read_to_string(&self.config)?;
+        let kept: String = config.lines().filter(|l| !l.starts_with("cni-socket:")).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&self.config, kept)?;
+        self.cni_socket = None;
+        Ok(self)
+    }
 }
 
 pub use crate::bins::workspace_binary;
@@ -212,10 +245,58 @@ pub fn start_agent_with_env(
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = agent_command();
     cmd.args(["run", "--config"]).arg(&files.config).envs(env.iter().cloned()).stdout(log.try_clone()?).stderr(log);
-    lab.spawn(&lab.node(idx).netns, Some(&lab.node(idx).cgroup), &mut cmd)
+    let pid = lab.spawn(&lab.node(idx).netns, Some(&lab.node(idx).cgroup), &mut cmd)?;
+    if let Some(socket) = &files.cni_socket
+        && lab.pod_network == PodNetwork::Chain
+    {
+        let adds = weft_cni_adds(lab, idx, socket, &files.objects_dir, pid);
+        *files.cni_adds.lock().unwrap_or_else(|e| e.into_inner()) = Some(adds);
+    }
+    Ok(pid)
 }
 
-/// Waits until the agent has applied its first snapshot, or `alive` says it died.
+/// How long weft-cni's ADDs may wait for an agent's CNI socket to appear.
+const CNI_SOCKET_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs weft-cni's ADD, as the runtime's chain does after ptp's, for each
+/// of node `idx`'s pods not yet wired, once the agent (`pid`) listens on
+/// `socket`; a pod counts as wired once its ADD returned. The Kubernetes
+/// namespace is the one the pod's object in `objects_dir` says (tests may
+/// move lab pods to other namespaces), as the kubelet passes it.
+fn weft_cni_adds(lab: &Lab, idx: usize, socket: &Path, objects_dir: &Path, pid: u32) -> JoinHandle<Result<(), String>> {
+    let node = lab.node(idx).clone();
+    let pods: Vec<_> = lab.pods_of(idx).filter(|p| !lab.cni_wired(&p.name)).cloned().collect();
+    let wired = lab.cni_wired_set();
+    let (socket, objects_dir) = (socket.to_owned(), objects_dir.to_owned());
+    std::thread::spawn(move || {
+        if pods.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + CNI_SOCKET_WAIT;
+        while !socket.exists() {
+            if !Path::new(&format!("/proc/{pid}")).exists() || Instant::now() > deadline {
+                return Err(format!("no CNI socket {} from node {}'s agent", socket.display(), node.name));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pod_objects = weft_agent::k8s::yaml::load_path(&objects_dir).map(|l| l.objects.pods).unwrap_or_default();
+        for pod in pods {
+            let namespace = pod_objects
+                .keys()
+                .find(|k| k.name == pod.name)
+                .map_or_else(|| pod.namespace.clone(), |k| k.namespace.clone());
+            let prev = pod.ptp_result.as_ref().ok_or_else(|| format!("pod {}: no ptp result", pod.name))?;
+            let sandbox = crate::lab::sandbox(&pod, &namespace, &pod.name);
+            cni::add_weft_cni(&node.netns, &sandbox, CNI_NETWORK, prev, &socket)?;
+            wired.lock().unwrap_or_else(|e| e.into_inner()).insert(pod.name.clone());
+        }
+        Ok(())
+    })
+}
+
+/// Waits until the agent has applied its first snapshot, or `alive` says it
+/// died; then, in a [`PodNetwork::Chain`] lab, until weft-cni's ADDs of the
+/// node's pods returned (the agent wired them).
 pub fn wait_ready(files: &AgentFiles, timeout: Duration, alive: impl Fn() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !files.state_dir.join("ready").exists() {
@@ -226,6 +307,10 @@ pub fn wait_ready(files: &AgentFiles, timeout: Duration, alive: impl Fn() -> boo
             anyhow::bail!("agent exited before it was ready ({})", files.state_dir.display());
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    let adds = files.cni_adds.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(adds) = adds {
+        adds.join().map_err(|_| anyhow::anyhow!("weft-cni's ADDs panicked"))?.map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }

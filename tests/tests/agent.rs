@@ -13,6 +13,8 @@ use weft_tests::{
     scenario::{T, VIP, sa},
 };
 
+/// Also the agent without weft-cni (no `cni-socket`): it finds the pods'
+/// veths (ptp's) by the routes to their addresses.
 #[test]
 fn connections_survive_an_agent_restart() {
     require_root!();
@@ -24,7 +26,7 @@ fn connections_survive_an_agent_restart() {
         ServerOpts { name: "n2-p1".into(), ..Default::default() },
     )
     .unwrap();
-    let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, "").unwrap()).collect();
+    let files: Vec<_> = (0..2).map(|i| agent_files(&lab, i, "").unwrap().without_cni_socket().unwrap()).collect();
     write_atomic(
         &files[0].objects_dir.join("lab.yaml"),
         &lab_objects(&lab, &[LabService::new("web", VIP, 80, &["n2-p1"])]),

@@ -9,7 +9,7 @@ use std::{
 use weft_agent::datapath::{Frontend, FrontendKind, Proto};
 use weft_tests::{
     http::{Client, get_once},
-    lab::{Lab, PodNetwork},
+    lab::Lab,
     require_root,
     scenario::*,
 };
@@ -17,7 +17,7 @@ use weft_tests::{
 #[test]
 fn pod_to_cluster_ip_reaches_local_and_remote_backends() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let backends = ["n1-p2", "n2-p1", "n2-p2"];
     let _servers = servers(&lab, &backends);
@@ -51,7 +51,7 @@ fn pod_to_cluster_ip_reaches_local_and_remote_backends() {
 #[test]
 fn pod_to_l7_cluster_ip_lands_on_the_proxy_with_the_vip_as_local_address() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let proxy = proxy_listener(&lab, &mut nodes[0], 15001);
     let mut svc = service(cluster_ip(80), &[lab.pod("n2-p1").ip], 8080);
@@ -107,7 +107,7 @@ fn pod_to_l7_cluster_ip_lands_on_the_proxy_with_the_vip_as_local_address() {
 #[test]
 fn external_client_reaches_node_port_and_load_balancer_frontends() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let _servers = servers(&lab, &["n1-p2", "n2-p1"]);
     let node1 = lab.node(0).ip;
@@ -149,7 +149,7 @@ fn external_client_reaches_node_port_and_load_balancer_frontends() {
 #[test]
 fn node_process_reaches_plain_and_l7_cluster_ips() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let backends = ["n1-p2", "n2-p1"];
     let _servers = servers(&lab, &backends);
@@ -179,7 +179,7 @@ fn node_process_reaches_plain_and_l7_cluster_ips() {
 #[test]
 fn pod_process_uses_socket_load_balancing_without_packet_nat() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let _servers = servers(&lab, &["n2-p1"]);
     nodes[0].dp.upsert_service(&service(cluster_ip(80), &[lab.pod("n2-p1").ip], 8080)).unwrap();
@@ -209,7 +209,7 @@ fn pod_process_uses_socket_load_balancing_without_packet_nat() {
 #[test]
 fn a_full_map_is_an_error_that_names_it() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut node = weft_tests::node::LabNode::open(&lab, 0, |c| c.map_sizes.services = 4).unwrap();
     let b = [lab.pod("n1-p2").ip];
     node.dp.upsert_service(&service(cluster_ip(80), &b, 8080)).unwrap();
@@ -239,7 +239,7 @@ fn a_full_map_is_an_error_that_names_it() {
 fn a_full_policy_map_keeps_the_denies() {
     use weft_agent::datapath::{Direction, PolicyAction, PolicyEntry};
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut node = weft_tests::node::LabNode::open(&lab, 0, |c| c.map_sizes.policy = 2).unwrap();
     let entry = |identity, port, action| PolicyEntry {
         direction: Direction::Ingress,
@@ -294,7 +294,7 @@ fn a_frontend_goes_to_its_proxy_port_only_once_the_datapath_holds_the_socket() {
         state::{ServiceState, Snapshot},
     };
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let f = cluster_ip(80);
     let mut svc = service(f, &[lab.pod("n2-p1").ip], 8080);

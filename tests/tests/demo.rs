@@ -95,12 +95,34 @@ fn wait(child: &mut std::process::Child, timeout: Duration) -> std::process::Exi
     }
 }
 
+/// Each pod's address came from host-local through the chain, on a veth ptp made.
+fn made_through_the_chain(lines: &[String]) {
+    let text = lines.join("\n");
+    let i = lines.iter().position(|l| l.contains("ptp (host-local) then weft-cni")).unwrap_or_else(|| panic!("{text}"));
+    for (pod, ip, node) in [
+        ("n1-p1", "10.1.1.11", "node1"),
+        ("n1-p2", "10.1.1.12", "node1"),
+        ("n2-p1", "10.1.2.11", "node2"),
+        ("n2-p2", "10.1.2.12", "node2"),
+    ] {
+        let line = lines[i + 1..]
+            .iter()
+            .take(4)
+            .find(|l| l.split_whitespace().nth(1) == Some(pod))
+            .unwrap_or_else(|| panic!("{pod}:\n{text}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!((f[2], f[4]), (ip, node), "{line}");
+        assert!(f[7].starts_with("veth"), "ptp's host side: {line}");
+    }
+}
+
 #[test]
 fn the_demo_ends_in_a_live_stream_and_stops_after_its_duration() {
     require_root!();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lines = run_briefly(None);
     assert!(lines.iter().any(|l| l.contains("Kubernetes objects for the agents: ")), "{}", lines.join("\n"));
+    made_through_the_chain(&lines);
 }
 
 #[test]
@@ -132,23 +154,7 @@ fn on_a_real_control_plane_the_demo_applies_with_kubectl_and_makes_its_pods_thro
     ] {
         assert!(applied.iter().take(8).any(|l| l.trim() == created), "{created}:\n{text}");
     }
-    // Each pod's address came from host-local through the chain, on a veth ptp made.
-    let pods = after("ptp (host-local) then weft-cni");
-    for (pod, ip, node) in [
-        ("n1-p1", "10.1.1.11", "node1"),
-        ("n1-p2", "10.1.1.12", "node1"),
-        ("n2-p1", "10.1.2.11", "node2"),
-        ("n2-p2", "10.1.2.12", "node2"),
-    ] {
-        let line = pods
-            .iter()
-            .take(4)
-            .find(|l| l.split_whitespace().nth(1) == Some(pod))
-            .unwrap_or_else(|| panic!("{pod}:\n{text}"));
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!((f[2], f[4]), (ip, node), "{line}");
-        assert!(f[7].starts_with("veth"), "ptp's host side: {line}");
-    }
+    made_through_the_chain(&lines);
     // kubectl's view: the EnvoyConfig Valid and Applied (by the operator,
     // from both agents' reports), the Pods Running at the chain's addresses.
     let got = after("==> kubectl get envoyconfigs,services,pods -n default -o wide");

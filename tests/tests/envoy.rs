@@ -194,7 +194,8 @@ fn an_l7_service_is_answered_through_envoy_and_falls_back_when_deleted() {
     assert_eq!(peer, sa(VIP, 80));
     assert!(resp.header("x-envoy-upstream-service-time").is_some(), "answered through Envoy: {resp:?}");
     let backend_saw: std::net::SocketAddr = resp.field("peer").unwrap().parse().unwrap();
-    assert_eq!(backend_saw.ip().to_string(), "192.168.50.1", "the backend sees Envoy on node1");
+    let std::net::IpAddr::V4(from) = backend_saw.ip() else { panic!("{backend_saw}") };
+    assert!(env.lab.node_addresses(0).contains(&from), "the backend sees Envoy on node1: {from}");
     assert!(envoy_stat(&env.lab, 0, "cluster.default/web.upstream_rq_total") >= 1, "Envoy's stats show the request");
 
     // Deleting the config returns the Service to plain eBPF load-balancing.

@@ -536,4 +536,27 @@ spec:
     assert_eq!(through, json!(["cilium"]));
     // Other ports of the pod stay closed to the client (egress default-deny).
     assert!(!reaches(&env, sa(lab.pod("n2-p1").ip, 8080)));
+
+    // The same listener also serving a Service (`services`): it binds a
+    // port of its own, so the policy's connections, made to the pod and not
+    // to a Service address, still reach it (the Services' dispatcher finds
+    // listeners by Service address only).
+    let service =
+        LabService { target_port: 8081, ..LabService::new("echo-svc", Ipv4Addr::new(10, 96, 0, 81), 80, &["n2-p1"]) };
+    let cec = example("other/examples__policies__l4__envoy_listener_redirect_cec.yaml")
+        .replace("spec:\n  resources:", "spec:\n  services: [{name: echo-svc, namespace: default}]\n  resources:");
+    assert!(cec.contains("echo-svc"));
+    let objects = format!(
+        "{}---\n{cec}\n---\n{}\n{to_echo}",
+        lab_objects_with(lab, &[service], &looks),
+        redirect.trim_start_matches("---")
+    );
+    env.apply(&objects);
+    env.acked("ClusterwideEnvoyConfig add-header-config");
+    let status = agent_get(lab, 0, "/status").unwrap();
+    assert!(!status.contains("echo-via-listener"), "the policy with the listener applies: {status}");
+    let through =
+        wait_for(Duration::from_secs(10), "the request through the listener with services", || source_header(&env)?)
+            .unwrap_or_else(|e| env.fail(e));
+    assert_eq!(through, json!(["cilium"]));
 }

@@ -8,7 +8,7 @@ use weft_agent::datapath::{Direction, EndpointEntry, Frontend, FrontendKind, Pol
 use weft_ebpf::abi::{self, Event};
 use weft_tests::{
     http::{Client, get_once},
-    lab::{Lab, PodNetwork},
+    lab::Lab,
     node::{LabNode, pod_identities},
     require_root,
     scenario::*,
@@ -29,7 +29,7 @@ const TRACE: u32 = abi::EV_TRACE;
 #[test]
 fn policy_denies_with_a_drop_record_and_allows_the_selected_peer() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let _servers = servers(&lab, &["n2-p1"]);
     let ids = pod_identities(&lab);
@@ -92,7 +92,7 @@ fn policy_denies_with_a_drop_record_and_allows_the_selected_peer() {
 #[test]
 fn a_service_without_backends_drops_with_no_service() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     nodes[0].dp.upsert_service(&service(cluster_ip(80), &[], 8080)).unwrap();
     let client = lab.pod("n1-p1");
@@ -108,7 +108,7 @@ fn a_service_without_backends_drops_with_no_service() {
 #[test]
 fn each_path_reports_its_observation_points_in_order() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let _servers = servers(&lab, &["n1-p2", "n2-p1"]);
     let client = lab.pod("n1-p1");
@@ -190,7 +190,7 @@ fn each_path_reports_its_observation_points_in_order() {
 #[test]
 fn emission_level_is_changed_at_run_time() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut nodes = nodes(&lab);
     let _servers = servers(&lab, &["n1-p2"]);
     let client = lab.pod("n1-p1");
@@ -219,7 +219,7 @@ fn emission_level_is_changed_at_run_time() {
 #[test]
 fn a_full_ring_buffer_counts_lost_records_and_blocks_nothing() {
     require_root!();
-    let lab = Lab::with_pods(PodNetwork::Chain).unwrap();
+    let lab = Lab::new().unwrap();
     let mut node = LabNode::open(&lab, 0, |c| {
         c.map_sizes.events_bytes = 4096;
         c.emit_level = weft_agent::datapath::EmitLevel::Packet;

@@ -61,6 +61,23 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
 /// node's external device, found by the node's address when `devices` is not
 /// configured), in the kernel's order.
 pub fn devices_with_address(addr: std::net::Ipv4Addr) -> std::io::Result<Vec<String>> {
+    let mut found = Vec::new();
+    for (name, a) in ipv4_addresses()? {
+        if a == addr && !found.contains(&name) {
+            found.push(name);
+        }
+    }
+    Ok(found)
+}
+
+/// The IPv4 addresses of the current network namespace but loopback ones:
+/// the node's own, as the node's connections may leave from any of them.
+pub fn local_addresses() -> std::io::Result<std::collections::BTreeSet<std::net::Ipv4Addr>> {
+    Ok(ipv4_addresses()?.into_iter().map(|(_, a)| a).filter(|a| !a.is_loopback()).collect())
+}
+
+/// Every (device, IPv4 address) of the current network namespace, in the kernel's order.
+fn ipv4_addresses() -> std::io::Result<Vec<(String, std::net::Ipv4Addr)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` on success; it is freed below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
@@ -81,13 +98,9 @@ pub fn devices_with_address(addr: std::net::Ipv4Addr) -> std::io::Result<Vec<Str
         }
         // SAFETY: an AF_INET address is a sockaddr_in.
         let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-        if std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == addr {
-            // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-            if !found.contains(&name) {
-                found.push(name);
-            }
-        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        found.push((name, std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
     }
     // SAFETY: `list` came from getifaddrs and nothing borrowed from it is kept.
     unsafe { libc::freeifaddrs(list) };

@@ -20,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use attach::{devices_with_address, ifindex};
+pub use attach::{devices_with_address, ifindex, local_addresses};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapInfo, RingBuf},

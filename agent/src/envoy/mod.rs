@@ -19,26 +19,34 @@
 //!   the file aside when it grows and has Envoy reopen it (SIGUSR1), and
 //!   seals what no Envoy writes any more. An Envoy that is started (not
 //!   adopted) writes a fresh file, so a line the last one cut short stays
-//!   alone;
+//!   alone. Each Envoy is started with an id ([`accesslog::WRITER_ENV`])
+//!   its lines carry, and entries it served but could not write (a full
+//!   spool, a killed Envoy's unflushed buffer) are counted lost
+//!   ([`ledger`]);
 //! - bounded: no file Envoy writes grows past `envoy.spool-limit`
 //!   (RLIMIT_FSIZE, with SIGXFSZ ignored so a full file fails the write
 //!   instead of killing Envoy): the spool while the agent is away, and
 //!   Envoy's own log.
 
+pub mod ledger;
 pub mod process;
 
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
-use weft_observe::pipeline::spool::SpoolDir;
+use weft_observe::pipeline::{Pipeline, accesslog, spool::SpoolDir};
 
-use self::process::Process;
+use self::{
+    ledger::{Ledger, Reading},
+    process::Process,
+};
 use crate::xds::translate::ACCESS_LOG_PATH;
 
 /// How the agent runs Envoy.
@@ -75,12 +83,20 @@ pub struct EnvoyState {
     pub last_exit: Option<String>,
     /// When the supervisor saw the last exit (unix ns).
     pub last_exit_at: Option<u64>,
+    /// HTTP requests the running Envoy served (its connection managers'
+    /// `downstream_rq_completed`, kept rising across removed listeners), as
+    /// last read; each is an access-log line.
+    pub requests_served: Option<u64>,
+    /// Of those, entries it could not write to the spool, counted lost.
+    pub entries_unwritten: u64,
 }
 
 /// Envoy writes its access-log buffer this often (ms): the latency of HTTP
 /// flows, and what a killed Envoy loses at most.
 pub const FILE_FLUSH_MS: u32 = 100;
-/// The spool's `current.log` is moved aside past this size.
+/// The spool's `current.log` is moved aside past this size, or half the
+/// file-size limit if that is less (so it never reaches the limit while
+/// the agent runs).
 const ROTATE_AT: u64 = 8 << 20;
 /// How often the supervisor looks at the spool.
 const SPOOL_EVERY: Duration = Duration::from_millis(500);
@@ -234,16 +250,17 @@ const LOG: &str = "envoy.log";
 /// The access-log spool, as Envoy's writer side sees it.
 struct Spool {
     dir: SpoolDir,
+    rotate_at: u64,
     /// A segment moved aside that waits for Envoy to reopen the path
     /// (and when it was last asked to).
     pending: Option<(u64, Instant)>,
 }
 
 impl Spool {
-    fn open(state_dir: &Path) -> anyhow::Result<Spool> {
+    fn open(state_dir: &Path, file_limit: u64) -> anyhow::Result<Spool> {
         let dir = state_dir.join(ACCESS_LOG_PATH);
         let dir = dir.parent().unwrap_or(state_dir);
-        Ok(Spool { dir: SpoolDir::create(dir)?, pending: None })
+        Ok(Spool { dir: SpoolDir::create(dir)?, rotate_at: ROTATE_AT.min(file_limit / 2), pending: None })
     }
 
     /// No Envoy writes the spool (before one starts): every segment is
@@ -280,7 +297,7 @@ impl Spool {
                 return Ok(());
             }
             let len = std::fs::metadata(self.dir.current()).map(|m| m.len()).unwrap_or(0);
-            if len >= ROTATE_AT
+            if len >= self.rotate_at
                 && let Some(n) = self.dir.rotate(false)?
             {
                 envoy.signal(libc::SIGUSR1)?;
@@ -421,13 +438,17 @@ async fn stop(envoy: &mut Process) {
     }
 }
 
-/// Starts Envoy in the state directory with the file-size limit.
-fn start(s: &EnvoySettings) -> anyhow::Result<Process> {
+/// Starts Envoy in the state directory with the file-size limit, and an id
+/// its access-log lines carry (returned).
+fn start(s: &EnvoySettings) -> anyhow::Result<(Process, u64)> {
+    // Larger for each later Envoy on the node.
+    let id = weft_flow::time::now_ns();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(s.state_dir.join(LOG))?;
     let mut cmd = tokio::process::Command::new(&s.binary);
     cmd.args(command_args(s, &s.state_dir.join(BOOTSTRAP)))
         .current_dir(&s.state_dir)
         .stdin(Stdio::null())
+        .env(accesslog::WRITER_ENV, id.to_string())
         .stdout(log.try_clone()?)
         .stderr(log);
     let limit = s.file_limit as libc::rlim_t;
@@ -448,30 +469,40 @@ fn start(s: &EnvoySettings) -> anyhow::Result<Process> {
         Process::spawn(&mut cmd).map_err(|e| anyhow::anyhow!("starting Envoy ({}): {e}", s.binary.display()))?;
     std::fs::write(s.state_dir.join(PID_FILE), envoy.pid().to_string())?;
     tracing::info!(pid = envoy.pid(), binary = %s.binary.display(), "Envoy started");
-    Ok(envoy)
+    Ok((envoy, id))
 }
 
 /// Runs Envoy for as long as the returned future runs (see the module doc).
 /// `sockets_held` says when an Envoy of an earlier agent that must be
-/// replaced can stop (see [`drain_then_stop`]).
+/// replaced can stop (see [`drain_then_stop`]); entries Envoy could not
+/// write are counted lost in `pipeline` ([`ledger`]).
 pub async fn supervise(
     s: EnvoySettings,
     state: watch::Sender<EnvoyState>,
     sockets_held: SocketsHeld,
+    pipeline: Arc<Pipeline>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&s.state_dir)?;
     let bootstrap_bytes = serde_json::to_vec_pretty(&bootstrap(&s))?;
-    let mut spool = Spool::open(&s.state_dir)?;
+    let mut spool = Spool::open(&s.state_dir, s.file_limit)?;
+    let mut ledger = Ledger::new(pipeline, &s.state_dir);
+    let stats = weft_flow::client::http_client().timeout(ledger::POLL * 5).build().map_err(|e| {
+        tracing::warn!("an HTTP client for Envoy's admin interface: {e}; entries Envoy cannot write are not counted")
+    });
+    let stats_url = format!("http://127.0.0.1:{}{}", s.admin_port, ledger::STATS_PATH);
     let mut envoy = match adopt(&s, &bootstrap_bytes, &sockets_held).await {
         Some(envoy) => {
             tracing::info!(pid = envoy.pid(), "adopting the running Envoy");
             spool.adopted(&envoy);
+            ledger.envoy(ledger::writer_of(envoy.pid()));
             envoy
         }
         None => {
             std::fs::write(s.state_dir.join(BOOTSTRAP), &bootstrap_bytes)?;
             spool.writer_gone();
-            start(&s)?
+            let (envoy, id) = start(&s)?;
+            ledger.envoy(Some(id));
+            envoy
         }
     };
     let mut young_exits = 0u32;
@@ -484,10 +515,32 @@ pub async fn supervise(
         });
         let readiness = readiness(state.clone(), s.admin_port);
         let mut tick = tokio::time::interval(SPOOL_EVERY);
+        let mut poll = tokio::time::interval(ledger::POLL);
         let why = loop {
             tokio::select! {
                 why = envoy.exited() => break why,
                 _ = tick.tick() => spool.tend(&envoy),
+                _ = poll.tick() => {
+                    let fetch = async {
+                        let r = stats.as_ref().ok()?.get(&stats_url).send().await.ok()?;
+                        if !r.status().is_success() {
+                            return None;
+                        }
+                        Some(Reading::parse(&r.text().await.ok()?))
+                    };
+                    // Envoy's death is seen at once, also during a reading.
+                    let reading = tokio::select! {
+                        why = envoy.exited() => break why,
+                        r = fetch => r,
+                    };
+                    ledger.tick(reading);
+                    let (served, lost) = ledger.served_and_lost().map_or((None, 0), |(s, l)| (Some(s), l));
+                    state.send_if_modified(|st| {
+                        let changed = (st.requests_served, st.entries_unwritten) != (served, lost);
+                        (st.requests_served, st.entries_unwritten) = (served, lost);
+                        changed
+                    });
+                }
             }
         };
         readiness.abort();
@@ -501,6 +554,7 @@ pub async fn supervise(
             st.last_exit_at = Some(now);
         });
         spool.writer_gone();
+        ledger.exited();
         // Restart at once; only an Envoy that keeps dying young waits,
         // 250 ms doubling to 30 s.
         young_exits = if ran.is_some_and(|r| r < YOUNG) { young_exits.saturating_add(1) } else { 0 };
@@ -510,7 +564,9 @@ pub async fn supervise(
         };
         tracing::warn!(pid = envoy.pid(), %why, "Envoy exited; restarting in {wait:?}");
         tokio::time::sleep(wait).await;
-        envoy = start(&s)?;
+        let (next, id) = start(&s)?;
+        envoy = next;
+        ledger.envoy(Some(id));
     }
 }
 

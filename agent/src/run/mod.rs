@@ -176,7 +176,8 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
         });
         let datapath = datapath_rx.clone();
         let held: envoy::SocketsHeld = Box::new(move || datapath.borrow().proxy_sockets_held);
-        sup.task(Component::Envoy, async move { envoy::supervise(settings?, envoy_tx, held).await });
+        let pipeline = pipeline.clone();
+        sup.task(Component::Envoy, async move { envoy::supervise(settings?, envoy_tx, held, pipeline).await });
     }
     sup.task(Component::Api, api::serve(api_addr, readers, registry));
 

@@ -629,9 +629,16 @@ impl Model {
 
         // Listeners Services are redirected to get their connections from
         // the one dispatching listener (see `translate::DISPATCH_LISTENER`).
+        // A listener a policy also hands connections to binds a port of its
+        // own: the dispatcher finds listeners by the Service address a
+        // connection was made to, and a policy's connections are made to a
+        // pod's (the open-file budget does not count those few sockets).
+        let policy_listeners = self.policy_listeners.clone();
+        let dispatched =
+            |t: &Translated, l: &translate::Item<Listener>| is_virtual(t, l) && !policy_listeners.contains(&l.name);
         let dispatch = accepted
             .iter()
-            .any(|c| c.translated.listeners.iter().any(|l| is_virtual(&c.translated, l)))
+            .any(|c| c.translated.listeners.iter().any(|l| dispatched(&c.translated, l)))
             .then(|| self.ports.allocate(translate::DISPATCH_LISTENER, &pinned))
             .flatten();
         if let Some(d) = dispatch {
@@ -648,7 +655,7 @@ impl Model {
                     (Some((_, p)), _) => {
                         (Shape::Pinned { handed: t.redirects.iter().any(|r| r.listener == l.name) }, Some(p))
                     }
-                    (None, Some(d)) if is_virtual(t, l) => {
+                    (None, Some(d)) if dispatched(t, l) => {
                         let frontends: Vec<_> = t
                             .redirects
                             .iter()
@@ -1194,6 +1201,38 @@ spec:
         assert_eq!(d.use_original_dst.map(|b| b.value), Some(true));
         assert!(b.xds.contains(translate::ROUTE, translate::DISPATCH_LISTENER), "the dispatcher's own routes");
         assert_eq!(d.transparent.map(|b| b.value), Some(true));
+    }
+
+    /// A listener of a config with `services` that a policy also hands
+    /// connections to (`toPorts[].listener`) binds a proxy port of its own,
+    /// which the Services' redirects and the policy both use: the
+    /// dispatcher would find it only by a Service address.
+    #[test]
+    fn a_listener_a_policy_names_binds_its_own_port_beside_its_services() {
+        let mut m = Model::new(ProxyPorts::ephemeral());
+        m.set_policy_listeners(BTreeSet::from(["default/a/l".to_string()]));
+        let b = m.build(&[config("a", "default/web")], &[], &objects(), &node());
+        let st = &b.statuses[&config("a", "x").key];
+        assert!(st.problems.is_empty(), "{st:?}");
+        let port = st.listeners[0].1;
+        let r = b.xds.of(translate::LISTENER).find(|r| r.name == "default/a/l").expect("the listener");
+        let l = Listener::decode(r.any.value.as_slice()).unwrap();
+        assert_ne!(l.bind_to_port.map(|b| b.value), Some(false), "{l:?}");
+        assert_eq!(translate::pinned_port(&l).map(|p| p.1), Some(port), "it binds its proxy port");
+        assert!(
+            l.listener_filters.iter().any(|f| f.name == "envoy.filters.listener.original_dst"),
+            "policy connections keep their destination"
+        );
+        assert_eq!(b.redirects.get(&(ObjKey::new("default", "web"), None)), Some(&port), "the Service too");
+        assert!(!b.xds.contains(translate::LISTENER, translate::DISPATCH_LISTENER), "no listener is dispatched to");
+
+        // Without the policy it goes back behind the dispatcher.
+        m.set_policy_listeners(BTreeSet::new());
+        let b = m.build(&[config("a", "default/web")], &[], &objects(), &node());
+        assert!(b.xds.contains(translate::LISTENER, translate::DISPATCH_LISTENER));
+        let r = b.xds.of(translate::LISTENER).find(|r| r.name == "default/a/l").unwrap();
+        let l = Listener::decode(r.any.value.as_slice()).unwrap();
+        assert_eq!(l.bind_to_port.map(|b| b.value), Some(false));
     }
 
     #[test]

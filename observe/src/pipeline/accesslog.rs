@@ -43,7 +43,16 @@ pub const FORMAT: &[(&str, &str)] = &[
     // and the one that governed it (see [`policy_id`]).
     ("policy", "%DYNAMIC_METADATA(envoy.filters.http.rbac:enforced_effective_policy_id)%"),
     ("governing", "%DYNAMIC_METADATA(envoy.filters.http.rbac:shadow_effective_policy_id)%"),
+    // Which Envoy process wrote the line: the id the agent gave it in its
+    // environment ([`WRITER_ENV`]), so lines are counted per Envoy against
+    // the requests it served (entries it could not write are counted lost).
+    ("envoy", "%ENVIRONMENT(WEFT_ENVOY_ID)%"),
 ];
+
+/// The environment variable the agent starts Envoy with: a number unique to
+/// that Envoy process on the node, larger for a later one (the start time
+/// in unix ns). Each line carries it (the `envoy` key of [`FORMAT`]).
+pub const WRITER_ENV: &str = "WEFT_ENVOY_ID";
 
 /// The id the agent gives an RBAC policy of its policy listener: the rule id
 /// of the network policy, the direction, and a number that keeps ids apart.
@@ -107,6 +116,7 @@ struct Line {
     server: Option<String>,
     policy: Option<String>,
     governing: Option<String>,
+    envoy: Option<String>,
 }
 
 /// `<seconds>.<nanoseconds>` (nine digits at most) as unix ns.
@@ -139,6 +149,13 @@ fn protocol(p: Option<&str>) -> &'static str {
 
 /// One line (without its newline) as an entry.
 pub fn parse(line: &[u8]) -> Result<L7Entry, LineError> {
+    parse_entry(line).map(|(e, _)| e)
+}
+
+/// One line as an entry, and the id of the Envoy that wrote it
+/// ([`WRITER_ENV`]; `None` when the line has none, e.g. an Envoy started
+/// without it).
+pub fn parse_entry(line: &[u8]) -> Result<(L7Entry, Option<u64>), LineError> {
     let l: Line = serde_json::from_slice(line).map_err(|e| LineError::Json(e.to_string()))?;
     let start_ns = match l.start.as_deref() {
         None => 0,
@@ -169,7 +186,8 @@ pub fn parse(line: &[u8]) -> Result<L7Entry, LineError> {
         downstream_link: None,
         upstream_link: None,
     };
-    Ok(L7Entry { http, client: addr(l.client.as_deref()), server: addr(l.server.as_deref()) })
+    let writer = l.envoy.and_then(|w| w.parse().ok());
+    Ok((L7Entry { http, client: addr(l.client.as_deref()), server: addr(l.server.as_deref()) }, writer))
 }
 
 #[cfg(test)]
@@ -202,6 +220,11 @@ mod tests {
         let r = parse(REFUSED.as_bytes()).unwrap();
         assert_eq!((r.http.code, r.http.response_flags.as_str(), r.http.method.as_str()), (426, "DPE", ""));
         assert_eq!((r.http.upstream, r.http.upstream_cluster.as_str()), (None, ""));
+        assert_eq!(parse_entry(REFUSED.as_bytes()).unwrap().1, None, "a line of an Envoy without the id");
+        let with_id = PROXIED.replace("}", r#","envoy":"1796100408000000001"}"#);
+        assert_eq!(parse_entry(with_id.as_bytes()).unwrap().1, Some(1_796_100_408_000_000_001));
+        let key = FORMAT.iter().find(|(k, _)| *k == "envoy").unwrap().1;
+        assert_eq!(key, format!("%ENVIRONMENT({WRITER_ENV})%"));
     }
 
     #[test]

@@ -166,6 +166,9 @@ pub struct Pipeline {
     ring_drained: AtomicBool,
     thread_stack_bytes: usize,
     sinks: Mutex<Vec<Box<dyn Sink>>>,
+    /// What the access-log reader had committed when it last had read
+    /// everything in the spool (`None` until then).
+    pub spool_progress: Mutex<Option<spool::Progress>>,
 }
 
 /// The producer side of the record queue, for the ring-buffer reader.
@@ -247,6 +250,7 @@ impl Pipeline {
             ring_drained: AtomicBool::new(false),
             thread_stack_bytes: cfg.thread_stack_bytes,
             sinks: Mutex::new(Vec::new()),
+            spool_progress: Mutex::new(None),
         });
         let worker = {
             let p = p.clone();

@@ -19,6 +19,13 @@
 //! an offset) lives in `position`, written in one `pwrite`; it only moves
 //! past lines the caller has committed (once the pipeline has stored them),
 //! so an agent killed in between reads them again rather than losing them.
+//!
+//! The reader also counts the lines of each Envoy process (each line names
+//! its writer, [`accesslog::WRITER_ENV`]) and publishes, whenever it has
+//! read everything there is, what it committed ([`Progress`]): the Envoy
+//! supervisor compares that with the requests each Envoy served, and counts
+//! the difference as lost entries Envoy could not write (a spool at its
+//! size limit, the unflushed buffer of a killed Envoy).
 
 use std::{
     fs::{self, File},
@@ -153,30 +160,87 @@ impl SpoolDir {
     }
 }
 
+/// Lines committed of one Envoy process (its id, [`accesslog::WRITER_ENV`];
+/// 0 for lines that name none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterLines {
+    pub writer: u64,
+    pub lines: u64,
+}
+
+/// The lines of the last two Envoys the reader met. Envoys write the spool
+/// one after another (one is stopped before the next starts), so lines of
+/// one Envoy follow each other: a line that names another Envoy starts its
+/// count. A line that names none (not an entry, or cut short) is counted
+/// for the Envoy whose lines come before it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Writers {
+    pub current: WriterLines,
+    pub previous: WriterLines,
+}
+
+impl Writers {
+    fn line(&mut self, writer: Option<u64>) {
+        match writer {
+            Some(w) if w != self.current.writer => {
+                self.previous = self.current;
+                self.current = WriterLines { writer: w, lines: 1 };
+            }
+            _ => self.current.lines = self.current.lines.saturating_add(1),
+        }
+    }
+}
+
+/// What the reader had committed at a moment it had read every complete
+/// line in the spool.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// When it looked: every byte written to the spool before this was read.
+    pub at: Instant,
+    pub writers: Writers,
+    /// A line not finished yet waits at the end (it will be one more line).
+    pub partial: bool,
+}
+
 /// The reader's persisted place: a file (by inode) and an offset in it,
-/// and how many lines readers of this spool have committed in all.
+/// how many lines readers of this spool have committed in all, and those
+/// of the last two Envoys.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Position {
     inode: u64,
     offset: u64,
     lines: u64,
+    writers: Writers,
 }
 
-const POSITION_LEN: usize = 63;
+const POSITION_LEN: usize = 7 * 21;
 
 impl Position {
     fn encode(self) -> [u8; POSITION_LEN] {
         let mut b = [0u8; POSITION_LEN];
-        let s = format!("{:020} {:020} {:020}\n", self.inode, self.offset, self.lines);
+        let w = self.writers;
+        let s = format!(
+            "{:020} {:020} {:020} {:020} {:020} {:020} {:020}\n",
+            self.inode, self.offset, self.lines, w.current.writer, w.current.lines, w.previous.writer, w.previous.lines
+        );
         b.copy_from_slice(s.as_bytes());
         b
     }
 
+    /// Seven numbers, or the first three (a position written before lines
+    /// were counted per Envoy).
     fn decode(b: &[u8]) -> Option<Position> {
         let s = std::str::from_utf8(b).ok()?;
-        let mut f = s.split_whitespace().map(|n| n.parse::<u64>());
-        let (inode, offset, lines) = (f.next()?.ok()?, f.next()?.ok()?, f.next()?.ok()?);
-        Some(Position { inode, offset, lines })
+        let f: Vec<u64> = s.split_whitespace().map(|n| n.parse::<u64>()).collect::<Result<_, _>>().ok()?;
+        let writers = match f[..] {
+            [_, _, _] => Writers::default(),
+            [_, _, _, cw, cl, pw, pl] => Writers {
+                current: WriterLines { writer: cw, lines: cl },
+                previous: WriterLines { writer: pw, lines: pl },
+            },
+            _ => return None,
+        };
+        Some(Position { inode: f[0], offset: f[1], lines: f[2], writers })
     }
 }
 
@@ -187,6 +251,8 @@ struct Open {
     consumed: u64,
     /// Lines handed out in all (the committed count plus those since).
     lines: u64,
+    /// Lines handed out per Envoy.
+    writers: Writers,
 }
 
 /// What one [`SpoolReader::read`] found.
@@ -271,6 +337,7 @@ impl SpoolReader {
                 if let Some(o) = self.open.as_mut() {
                     o.consumed += cut;
                     o.lines = open_lines + 1;
+                    o.writers.line(None);
                 }
                 break;
             }
@@ -284,7 +351,7 @@ impl SpoolReader {
     /// Persists the position after the last line handed out.
     pub fn commit(&mut self) -> io::Result<()> {
         let Some(o) = &self.open else { return Ok(()) };
-        let p = Position { inode: o.inode, offset: o.consumed, lines: o.lines };
+        let p = Position { inode: o.inode, offset: o.consumed, lines: o.lines, writers: o.writers };
         if p != self.committed {
             self.position_file.write_all_at(&p.encode(), 0)?;
             self.committed = p;
@@ -296,6 +363,22 @@ impl SpoolReader {
     /// across agent restarts).
     pub fn committed_lines(&self) -> u64 {
         self.committed.lines
+    }
+
+    /// Lines committed per Envoy (across agent restarts too).
+    pub fn writers(&self) -> Writers {
+        self.committed.writers
+    }
+
+    /// Whether a line not finished yet waits after the last one handed out.
+    pub fn partial(&self) -> bool {
+        !self.buf.is_empty() || self.skipping
+    }
+
+    /// Whether every complete line in the spool has been handed out (what
+    /// is left is at most a partial line).
+    pub fn caught_up(&self) -> io::Result<bool> {
+        Ok(self.backlog()? <= self.buf.len() as u64)
     }
 
     /// Bytes in the spool the reader has not handed out yet.
@@ -322,14 +405,21 @@ impl SpoolReader {
             if self.skipping {
                 self.skipping = false;
                 out.bad += 1;
+                open.writers.line(None);
                 f(Err(LineError::TooLong(MAX_LINE)));
                 continue;
             }
-            let r = accesslog::parse(line);
-            if r.is_err() {
-                out.bad += 1;
+            match accesslog::parse_entry(line) {
+                Ok((entry, writer)) => {
+                    open.writers.line(writer);
+                    f(Ok(entry));
+                }
+                Err(e) => {
+                    out.bad += 1;
+                    open.writers.line(None);
+                    f(Err(e));
+                }
             }
-            f(r);
         }
         open.consumed += start as u64;
         self.buf.drain(..start);
@@ -371,7 +461,13 @@ impl SpoolReader {
         let Some(target) = files.get(idx) else { return Ok(false) };
         let mut file = File::open(&target.path)?;
         file.seek(SeekFrom::Start(offset))?;
-        self.open = Some(Open { file, inode: target.inode, consumed: offset, lines: self.committed.lines });
+        self.open = Some(Open {
+            file,
+            inode: target.inode,
+            consumed: offset,
+            lines: self.committed.lines,
+            writers: self.committed.writers,
+        });
         self.buf.clear();
         self.skipping = false;
         if at.is_none() || offset != self.committed.offset {
@@ -387,7 +483,7 @@ impl SpoolReader {
         let files = self.dir.files()?;
         let Some(i) = files.iter().position(|f| f.inode == o.inode) else { return Ok(false) };
         let Some(next) = files.get(i + 1) else { return Ok(false) };
-        let p = Position { inode: next.inode, offset: 0, lines: self.committed.lines };
+        let p = Position { inode: next.inode, offset: 0, ..self.committed };
         self.position_file.write_all_at(&p.encode(), 0)?;
         self.committed = p;
         fs::remove_file(&files[i].path)?;
@@ -448,6 +544,13 @@ pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Res
             };
             pipeline.lose(LostSource::Proxy, read.bad as u64);
             if read.lines == 0 {
+                // Everything handed out is committed: if nothing else is
+                // there, say how far the reader got.
+                let at = Instant::now();
+                if reader.caught_up().unwrap_or(false) {
+                    let p = Progress { at, writers: reader.writers(), partial: reader.partial() };
+                    *pipeline.spool_progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                }
                 thread::sleep(POLL);
                 continue;
             }
@@ -532,6 +635,39 @@ mod tests {
         assert_eq!((got, bad), (vec![0, 0, 8], 2));
         assert_eq!(codes(&mut r), (vec![9], 0));
         assert_eq!(r.backlog().unwrap(), 0);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn lines_are_counted_per_envoy_across_readers() {
+        let d = tmp("writers");
+        let spool = SpoolDir::create(&d).unwrap();
+        let by = |w: u64| format!("{{\"code\":200,\"envoy\":\"{w}\"}}\n");
+        let cur = spool.current();
+        append(&cur, &line(1)); // an Envoy without an id
+        append(&cur, &by(7));
+        append(&cur, &by(7));
+        append(&cur, "garbage\n"); // counted for the Envoy before it
+        let mut r = SpoolReader::open(spool.clone()).unwrap();
+        codes(&mut r);
+        let w = |writer, lines| WriterLines { writer, lines };
+        assert_eq!(r.writers(), Writers { current: w(7, 3), previous: w(0, 1) });
+        append(&cur, &by(9));
+        append(&cur, &by(9)[..6]);
+        let mut r = SpoolReader::open(spool.clone()).unwrap(); // the next agent goes on
+        codes(&mut r);
+        assert_eq!(r.writers(), Writers { current: w(9, 1), previous: w(7, 3) });
+        assert!(r.partial() && r.caught_up().unwrap(), "only a partial line is left");
+        append(&cur, &by(9)[6..]);
+        assert!(!r.caught_up().unwrap());
+        codes(&mut r);
+        assert_eq!(r.writers().current, w(9, 2));
+        assert!(!r.partial() && r.caught_up().unwrap());
+        // A position written before the per-Envoy counts.
+        let old = Position::decode(b"00000000000000000012 00000000000000000034 00000000000000000056\n").unwrap();
+        assert_eq!((old.inode, old.offset, old.lines, old.writers), (12, 34, 56, Writers::default()));
+        let p = Position { inode: 1, offset: 2, lines: 3, writers: r.writers() };
+        assert_eq!(Position::decode(&p.encode()), Some(p));
         fs::remove_dir_all(&d).unwrap();
     }
 

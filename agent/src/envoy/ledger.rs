@@ -1,0 +1,300 @@
+//! Counting the access-log entries Envoy served but could not write: every
+//! request an Envoy completes on an HTTP connection manager is a line in
+//! the spool (the agent adds its logger to each one), unless Envoy could not
+//! write it: the spool's file was at `envoy.spool-limit` (the write failed
+//! and Envoy dropped its buffer), or Envoy was killed before it flushed its
+//! buffer (every 100 ms). Envoy's own access-log stats count write calls,
+//! not lines, and die with it; so the supervisor reads how many requests
+//! each Envoy served (`http.*.downstream_rq_completed`) and compares that
+//! with the lines of that Envoy the reader committed (each line names its
+//! Envoy, `accesslog::WRITER_ENV`).
+//!
+//! The count only ever rises to what is certainly lost: a reading of the
+//! requests served (A) is compared only once Envoy's buffers were empty
+//! after it (B: `access_logs.file.write_total_buffered` 0, so every entry
+//! of a request served before A was written or dropped) and the reader had
+//! read everything after that (C). Lines written after A only make the
+//! difference smaller, so it never counts a line that arrives later. When
+//! an Envoy exits, its last reading is compared once the reader has read
+//! all it wrote: a request it served after that last reading (at most
+//! [`POLL`] before its death) whose entry it did not flush is not counted.
+//! The count per Envoy is kept in the state directory, so an agent that
+//! adopts a running Envoy does not count its losses again.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use weft_observe::pipeline::{
+    Pipeline,
+    accesslog::WRITER_ENV,
+    record::LostSource,
+    spool::{Progress, Writers},
+};
+
+/// How often the supervisor reads Envoy's counts.
+pub const POLL: Duration = Duration::from_millis(100);
+/// From a reading of the requests served to a reading of empty buffers:
+/// more than the time from a request's completion to its entry being
+/// logged (the same pass of Envoy's event loop).
+const SETTLE: Duration = Duration::from_millis(100);
+/// An exited Envoy's count is given up if the reader has not read all it
+/// wrote by then.
+const CLOSE_WITHIN: Duration = Duration::from_secs(60);
+/// The file, in the state directory, with the count of each Envoy.
+const FILE: &str = "access-log-unwritten";
+/// What Envoy's `/stats` is asked for.
+pub const STATS_PATH: &str = "/stats?filter=(downstream_rq_completed|access_logs.file.write_total_buffered)$";
+
+/// One reading of Envoy's counts (`/stats` text lines).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// Requests completed per HTTP connection manager (`http.<prefix>.`),
+    /// the admin interface's left out.
+    pub completed: BTreeMap<String, u64>,
+    /// Bytes in Envoy's file access-log buffers, not yet written.
+    pub buffered: u64,
+}
+
+impl Reading {
+    pub fn parse(stats: &str) -> Reading {
+        let mut r = Reading::default();
+        for line in stats.lines() {
+            let Some((name, value)) = line.split_once(": ") else { continue };
+            let Ok(value) = value.trim().parse::<u64>() else { continue };
+            if name == "access_logs.file.write_total_buffered" {
+                r.buffered = value;
+            } else if let Some(prefix) =
+                name.strip_prefix("http.").and_then(|n| n.strip_suffix(".downstream_rq_completed"))
+                && prefix != "admin"
+            {
+                r.completed.insert(prefix.to_owned(), value);
+            }
+        }
+        r
+    }
+}
+
+/// Requests an Envoy served, kept rising when a connection manager's
+/// counter goes away (its listener removed) or starts again from 0.
+#[derive(Debug, Default)]
+struct Served {
+    last: BTreeMap<String, u64>,
+    retired: u64,
+}
+
+impl Served {
+    fn update(&mut self, completed: &BTreeMap<String, u64>) -> u64 {
+        for (name, old) in &self.last {
+            match completed.get(name) {
+                Some(new) if new >= old => {}
+                _ => self.retired = self.retired.saturating_add(*old),
+            }
+        }
+        self.last = completed.clone();
+        self.total()
+    }
+
+    fn total(&self) -> u64 {
+        self.last.values().fold(self.retired, |a, b| a.saturating_add(*b))
+    }
+}
+
+/// Where one comparison stands.
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// Requests served as read at this instant.
+    Served(u64, Instant),
+    /// ... and Envoy's buffers were empty at this later instant.
+    Flushed(u64, Instant),
+}
+
+/// One Envoy process's count.
+#[derive(Debug)]
+struct Account {
+    writer: u64,
+    served: Served,
+    stage: Option<Stage>,
+    /// Entries counted lost so far.
+    counted: u64,
+}
+
+impl Account {
+    /// The Envoy's lines the reader committed, if the progress can tell.
+    fn lines(&self, p: &Progress) -> Option<u64> {
+        let Writers { current, previous } = p.writers;
+        if self.writer == current.writer {
+            Some(current.lines.saturating_add(u64::from(p.partial)))
+        } else if self.writer == previous.writer {
+            Some(previous.lines)
+        } else if self.writer > current.writer {
+            // The reader has met no line of this Envoy yet; a partial line
+            // at the end may be its first.
+            Some(u64::from(p.partial))
+        } else {
+            None
+        }
+    }
+
+    /// Counts what is certainly lost by `served` (read before `since`) if
+    /// the reader has read everything since; true once compared.
+    fn compare(&mut self, served: u64, since: Instant, progress: Option<Progress>, pipeline: &Pipeline) -> bool {
+        let Some(p) = progress.filter(|p| p.at > since) else { return false };
+        let Some(lines) = self.lines(&p) else { return true };
+        let lost = served.saturating_sub(lines);
+        if lost > self.counted {
+            pipeline.lose(LostSource::Proxy, lost - self.counted);
+            tracing::warn!(
+                envoy = self.writer,
+                served,
+                lines,
+                "{} access-log entries Envoy served but could not write (spool at its limit, or a killed Envoy's buffer): counted lost",
+                lost - self.counted
+            );
+            self.counted = lost;
+        }
+        true
+    }
+}
+
+/// The counts of the running Envoy and of one that exited and whose last
+/// lines the reader may still be reading.
+pub struct Ledger {
+    pipeline: Arc<Pipeline>,
+    file: PathBuf,
+    live: Option<Account>,
+    closing: Option<(Account, Instant)>,
+}
+
+impl Ledger {
+    pub fn new(pipeline: Arc<Pipeline>, state_dir: &Path) -> Ledger {
+        Ledger { pipeline, file: state_dir.join(FILE), live: None, closing: None }
+    }
+
+    /// Counts for an Envoy from now on: `writer` is its id (`None`: an Envoy
+    /// started without one, by an older agent, whose lines cannot be told
+    /// apart: not counted). An adopted Envoy goes on from the count kept.
+    pub fn envoy(&mut self, writer: Option<u64>) {
+        self.live = writer.map(|writer| {
+            let counted = self.kept().get(&writer).copied().unwrap_or(0);
+            Account { writer, served: Served::default(), stage: None, counted }
+        });
+        if writer.is_none() {
+            tracing::info!("the running Envoy has no {}: entries it cannot write are not counted", WRITER_ENV);
+        }
+    }
+
+    /// The Envoy exited: what it wrote is all there is (its files sealed).
+    /// Its last reading of requests served is compared once the reader has
+    /// read it all.
+    pub fn exited(&mut self) {
+        if let Some(mut a) = self.live.take() {
+            let now = Instant::now();
+            a.stage = Some(Stage::Flushed(a.served.total(), now));
+            self.closing = Some((a, now));
+        }
+    }
+
+    /// Takes a reading of the running Envoy (`None`: it did not answer) and
+    /// compares what can be compared.
+    pub fn tick(&mut self, reading: Option<Reading>) {
+        let progress = *self.pipeline.spool_progress.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.counts();
+        if let Some((a, since)) = &mut self.closing
+            && let Some(Stage::Flushed(served, at)) = a.stage
+            && (a.compare(served, at, progress, &self.pipeline) || since.elapsed() > CLOSE_WITHIN)
+        {
+            self.closing = None;
+        }
+        if let (Some(a), Some(r)) = (&mut self.live, reading) {
+            let now = Instant::now();
+            let served = a.served.update(&r.completed);
+            a.stage = match a.stage {
+                None => Some(Stage::Served(served, now)),
+                Some(Stage::Served(s, at)) if r.buffered == 0 && at.elapsed() >= SETTLE => Some(Stage::Flushed(s, now)),
+                Some(Stage::Flushed(s, at)) => {
+                    if a.compare(s, at, progress, &self.pipeline) {
+                        Some(Stage::Served(served, now))
+                    } else {
+                        Some(Stage::Flushed(s, at))
+                    }
+                }
+                stage => stage,
+            };
+        }
+        if self.counts() != before {
+            self.keep();
+        }
+    }
+
+    /// Requests the running Envoy served, as last read, and the entries of
+    /// it counted lost.
+    pub fn served_and_lost(&self) -> Option<(u64, u64)> {
+        self.live.as_ref().map(|a| (a.served.total(), a.counted))
+    }
+
+    fn counts(&self) -> Vec<(u64, u64)> {
+        self.live.iter().chain(self.closing.iter().map(|(a, _)| a)).map(|a| (a.writer, a.counted)).collect()
+    }
+
+    fn kept(&self) -> BTreeMap<u64, u64> {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let (w, n) = l.split_once(' ')?;
+                Some((w.parse().ok()?, n.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn keep(&self) {
+        let text: String = self.counts().iter().map(|(w, n)| format!("{w} {n}\n")).collect();
+        let tmp = self.file.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.file)) {
+            tracing::warn!("keeping the count of unwritten access-log entries in {}: {e}", self.file.display());
+        }
+    }
+}
+
+/// The id a running Envoy was started with ([`WRITER_ENV`] in its
+/// environment).
+pub fn writer_of(pid: u32) -> Option<u64> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0).find_map(|kv| {
+        let v = kv.strip_prefix(WRITER_ENV.as_bytes())?.strip_prefix(b"=")?;
+        std::str::from_utf8(v).ok()?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reading_is_the_connection_managers_requests_and_the_buffered_bytes() {
+        let r = Reading::parse(
+            "access_logs.file.write_total_buffered: 120\n\
+             http.admin.downstream_rq_completed: 9\n\
+             http.default/hello.downstream_rq_completed: 4\n\
+             http.ingress.http.downstream_rq_completed: 2\n\
+             listener.127.0.0.1_15001.http.default/hello.downstream_rq_completed: 4\n\
+             http.bad.downstream_rq_completed: many\n",
+        );
+        assert_eq!(r.buffered, 120);
+        let want: BTreeMap<String, u64> = [("default/hello".into(), 4), ("ingress.http".into(), 2)].into();
+        assert_eq!(r.completed, want);
+    }
+
+    #[test]
+    fn requests_served_keep_rising_when_a_counter_goes_away_or_restarts() {
+        let mut s = Served::default();
+        let m = |v: &[(&str, u64)]| v.iter().map(|(k, n)| (k.to_string(), *n)).collect::<BTreeMap<_, _>>();
+        assert_eq!(s.update(&m(&[("a", 3), ("b", 2)])), 5);
+        assert_eq!(s.update(&m(&[("a", 4)])), 6, "b's listener removed: its 2 stay");
+        assert_eq!(s.update(&m(&[("a", 4), ("b", 1)])), 7, "b again, from 0");
+        assert_eq!(s.update(&m(&[("a", 1), ("b", 1)])), 8, "a restarted from 0");
+    }
+}
