@@ -124,6 +124,7 @@ fn sidecar_bootstrap(listen: (&str, u16), upstream: (Ipv4Addr, u16), admin: u16,
         }
     }
     json!({
+        "node": {"id": "bench", "cluster": "bench"},
         "admin": {"address": socket("127.0.0.1", admin)},
         "static_resources": {"listeners": [listener], "clusters": [cluster]}
     })
@@ -182,7 +183,8 @@ fn main() {
 
     // The agent's Envoy serves the L7 Service, and a pinned listener for TPROXY.
     let tproxy_cfg = http_envoy_config("tproxy", "backend", None)
-        .replace("  services: [{name: backend}]\n", "  backendServices: [{name: backend}]\n")
+        .replace("kind: EnvoyConfig\nmetadata: {name: tproxy, namespace: default}", "kind: ClusterwideEnvoyConfig\nmetadata: {name: tproxy}")
+        .replace("  services: [{name: backend}]\n", "  backendServices: [{name: backend, namespace: default}]\n")
         .replace(
             "    name: tproxy-listener\n",
             &format!("    name: tproxy-listener\n    transparent: true\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {TPROXY_PORT}}}}}\n"),
@@ -209,7 +211,7 @@ fn main() {
     wait_ready(&files, Duration::from_secs(30), || lab.running(pid)).unwrap();
     wait_status(&lab, 0, Duration::from_secs(30), "both configs acknowledged", |s| {
         envoy_state(s, "EnvoyConfig default/l7") == Some("acknowledged")
-            && envoy_state(s, "EnvoyConfig default/tproxy") == Some("acknowledged")
+            && envoy_state(s, "ClusterwideEnvoyConfig tproxy") == Some("acknowledged")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
 
