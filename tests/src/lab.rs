@@ -94,8 +94,8 @@ pub enum PodNetwork {
     /// steps: ptp's ADD when the lab builds the pod (its veth, the node's
     /// next address from `.11`, routes), weft-cni's ADD once the node's
     /// agent answers on its CNI socket ([`cni::add_weft_cni`]):
-    /// [`crate::objects::start_agent`] runs it for the node's pods not yet
-    /// wired, [`crate::node::LabNode::install_lab`] answers it itself in
+    /// `objects::start_agent` (tests/src/objects.rs) runs it for the node's pods not yet
+    /// wired, `node::LabNode::install_lab` (tests/src/node.rs) answers it itself in
     /// tests that drive the datapath without an agent. A runtime runs both
     /// at once, before the pod's containers start; the lab's servers start
     /// before the agents, so the pods have their address first.
