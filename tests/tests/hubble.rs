@@ -421,9 +421,11 @@ fn hubble_relay_shows_the_flows_of_both_lab_nodes() {
     let status = hubble_in(&env, 0, &bin, &[&["status"][..], &server].concat());
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("Connected Nodes: 2/2"), "{status}\nrelay log:\n{}", relay_log());
-    // This relay (Cilium 1.9) has no GetNodes; a newer one must list both nodes.
+    // This relay (Cilium 1.9) has no GetNodes (its Observer service knows
+    // GetFlows and ServerStatus only); a newer one must list both nodes.
     let nodes = hubble_in(&env, 0, &bin, &[&["list", "nodes"][..], &server].concat());
     let (out, err) = (String::from_utf8_lossy(&nodes.stdout), String::from_utf8_lossy(&nodes.stderr));
+    println!("hubble list nodes through the relay: {}{}", out.trim(), err.trim());
     if nodes.status.success() {
         assert!(["node1", "node2"].iter().all(|n| out.lines().any(|l| l.starts_with(n))), "{out}");
     } else {
