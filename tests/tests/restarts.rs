@@ -228,25 +228,35 @@ fn an_upgraded_envoy_binary_is_replaced_not_adopted_and_the_same_one_is_adopted(
     let _serial = one_at_a_time();
     let env = flow_lab("");
     let client = env.lab.pod("n1-p1");
-    let real = weft_tests::objects::envoy_binary();
     // The binary the agent is told to run: a script that runs the lab's
-    // Envoy, so "upgrading" it is writing a new file in its place.
+    // Envoy binary through a link of it in the run directory, so
+    // "upgrading" it is writing a new script in its place, and replacing
+    // the binary it runs is making that link again.
+    let pid_of = |s: &serde_json::Value| s["envoy"]["pid"].as_u64().unwrap();
+    let first = pid_of(&agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e)));
+    let real = std::fs::read_link(format!("/proc/{first}/exe")).unwrap();
+    let inner = env.lab.run_dir.join("envoy-inner");
+    let link_inner = || {
+        let _ = std::fs::remove_file(&inner);
+        if std::fs::hard_link(&real, &inner).is_err() {
+            std::fs::copy(&real, &inner).unwrap();
+        }
+    };
+    link_inner();
     let binary = env.lab.run_dir.join("envoy-upgraded");
     let install = |build: u32| {
         let next = env.lab.run_dir.join("envoy-upgraded.new");
-        std::fs::write(&next, format!("#!/bin/sh\n# build {build}\nexec '{}' \"$@\"\n", real.display())).unwrap();
+        std::fs::write(&next, format!("#!/bin/sh\n# build {build}\nexec '{}' \"$@\"\n", inner.display())).unwrap();
         std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::rename(&next, &binary).unwrap();
     };
     let log = env.lab.run_dir.join("agent0.log");
     let replacements = || std::fs::read_to_string(&log).unwrap_or_default().matches("(its binary differs)").count();
-    let pid_of = |s: &serde_json::Value| s["envoy"]["pid"].as_u64().unwrap();
     let served = |what: &str| {
         let (r, _, _) = get_once(&client.netns, sa(HELLO, 80), "/after", T).unwrap_or_else(|e| env.fail(e));
         assert_eq!(r.status, 200, "{what}: {r:?}");
         assert!(r.header("x-envoy-upstream-service-time").is_some(), "{what}: answered through Envoy: {r:?}");
     };
-    let first = pid_of(&agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e)));
     let agent = std::cell::Cell::new(env.pids[0]);
     let restart_agent = |env: &weft_tests::envoylab::EnvoyLab| {
         env.lab.kill(agent.get());
@@ -284,6 +294,19 @@ fn an_upgraded_envoy_binary_is_replaced_not_adopted_and_the_same_one_is_adopted(
     assert_ne!(pid_of(&status), second);
     assert!(std::fs::read_to_string(&log).unwrap_or_default().contains("Envoy is draining"), "drained, not cut");
     served("the upgraded Envoy");
+
+    // The binary the script runs replaced under the running Envoy (the
+    // script, which the bootstrap names, unchanged): its exe is "(deleted)",
+    // so it is replaced too.
+    let third = pid_of(&status);
+    link_inner();
+    let status = restart_agent(&env);
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log_text.contains("(the binary it runs was replaced on disk)"), "replaced for its replaced binary");
+    assert_eq!(replacements(), before + 2, "not for the script");
+    assert_eq!(status["envoy"]["adopted"], false, "{status:#}");
+    assert_ne!(pid_of(&status), third);
+    served("the Envoy of the replaced binary");
 }
 
 #[test]
