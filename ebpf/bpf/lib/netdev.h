@@ -192,7 +192,7 @@ static __always_inline int netdev_from_network(struct __sk_buff *skb, const stru
 	ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
 	ct_entry_init(&e, p, 0);
 	e.src_identity = ipcache_identity(p->saddr);
-	if (ipcache_identity(p->daddr) == WEFT_ID_HOST) {
+	if (cfg && cfg->host_policy && ipcache_identity(p->daddr) == WEFT_ID_HOST) {
 		/* To the node itself: its host policy's ingress. */
 		rc = host_policy_enforce(cfg, p, skb->ifindex, e.src_identity, WEFT_DIR_INGRESS);
 		if (rc)
