@@ -434,8 +434,10 @@ impl Model {
 
     /// Records that Envoy acknowledged the accepted version of `key`.
     pub fn confirm(&mut self, key: &ConfigKey) {
-        if let Some(g) = self.good.get(key) {
-            self.confirmed.insert(key.clone(), g.clone());
+        let Some(g) = self.good.get(key) else { return };
+        match self.confirmed.get_mut(key) {
+            Some(c) => c.clone_from(g),
+            None => drop(self.confirmed.insert(key.clone(), g.clone())),
         }
     }
 
