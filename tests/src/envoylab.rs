@@ -1,7 +1,19 @@
 //! A lab with HTTP servers in three pods (n1-p2, n2-p1, n2-p2, port 8080)
 //! and agents, each running its node's Envoy, on both nodes.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    time::Duration,
+};
+
+use weft_agent::{
+    k8s::{
+        Origin,
+        yaml::{self, Loaded},
+    },
+    xds::envoyconfig,
+};
 
 use crate::{
     http::{Client, HttpServer, ServerOpts},
@@ -84,7 +96,11 @@ impl EnvoyLab {
     }
 
     /// Replaces the objects both agents read and waits until each applied
-    /// them (its datapath took a newer snapshot).
+    /// them: its datapath took a newer snapshot, and its report lists the
+    /// EnvoyConfigs `objects` holds (a newer snapshot alone may come from an
+    /// ADS event that arrived before the agent read the file; a report that
+    /// no longer lists a removed config comes after the datapath stopped
+    /// handing its Services to Envoy).
     pub fn apply(&self, objects: &str) {
         let version = |i: usize| {
             crate::objects::agent_status(&self.lab, i)
@@ -93,10 +109,12 @@ impl EnvoyLab {
                 .unwrap_or(0)
         };
         let before: Vec<u64> = (0..2).map(version).collect();
+        let wanted = configs_in(objects);
         write_atomic(&self.objects_file(), objects).unwrap_or_else(|e| self.fail(e));
         for (i, b) in before.iter().enumerate() {
             wait_status(&self.lab, i, Duration::from_secs(30), "the new objects applied", |s| {
                 s["datapath"]["applied-version"].as_u64().is_some_and(|v| v > *b)
+                    && wanted.as_ref().is_none_or(|w| *w == user_configs(s))
             })
             .unwrap_or_else(|e| self.fail(e));
         }
@@ -130,4 +148,34 @@ impl EnvoyLab {
         }
         out
     }
+}
+
+/// The EnvoyConfigs (of any spelling) in `objects`, as the agent's report
+/// names them; None when the text is broken as a whole (the agent then keeps
+/// what it had).
+fn configs_in(objects: &str) -> Option<BTreeSet<String>> {
+    let mut loaded = Loaded::default();
+    yaml::load_text(Path::new("lab.yaml"), objects, &mut loaded);
+    if loaded.problems.iter().any(|p| p.error.whole_file()) {
+        return None;
+    }
+    let key =
+        |(origin, doc): &(Origin, std::sync::Arc<serde_json::Value>)| match envoyconfig::parse(origin.clone(), doc) {
+            Ok(c) => Some(c.key),
+            Err(e) => e.key,
+        };
+    Some(loaded.raw.iter().filter_map(key).map(|k| k.to_string()).collect())
+}
+
+/// The EnvoyConfigs a report lists, without the ones the agent generates.
+fn user_configs(status: &serde_json::Value) -> BTreeSet<String> {
+    status["control"]["objects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["object"].as_str())
+        .filter(|name| name.starts_with("EnvoyConfig ") || name.starts_with("ClusterwideEnvoyConfig "))
+        .filter(|name| !name.contains("weft:"))
+        .map(str::to_owned)
+        .collect()
 }

@@ -97,7 +97,14 @@ pub const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba90
 /// Envoy, to n2-p1), and a policy that denies every peer of the app2 pods
 /// (n1-p2, n2-p2).
 pub fn flow_objects(lab: &Lab) -> String {
-    let services = [LabService::new("web", VIP, 80, &["n2-p1"]), LabService::new("hello", HELLO, 80, &["n2-p1"])];
+    flow_objects_with(lab, &[])
+}
+
+/// The flow lab's objects with more Services.
+pub fn flow_objects_with(lab: &Lab, more: &[LabService]) -> String {
+    let mut services =
+        vec![LabService::new("web", VIP, 80, &["n2-p1"]), LabService::new("hello", HELLO, 80, &["n2-p1"])];
+    services.extend_from_slice(more);
     format!("{}{}---\n{DENY_APP2}", lab_objects(lab, &services), http_envoy_config("hello-l7", "hello", None))
 }
 

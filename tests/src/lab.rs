@@ -40,8 +40,8 @@ pub struct Pod {
     pub netns: String,
     pub ip: Ipv4Addr,
     /// Host-side device name in the node's namespace: the one ptp made
-    /// ([`PodNetwork::Chain`]) or the lab made ([`PodNetwork::Veth`]); empty
-    /// in a [`PodNetwork::Cni`] lab (whoever runs the chain learns it).
+    /// ([`PodNetwork::Chain`]); empty in a [`PodNetwork::Cni`] lab (whoever
+    /// runs the chain learns it).
     pub host_if: String,
     /// Index (0 or 1) of the node hosting the pod.
     pub node: usize,
@@ -88,8 +88,6 @@ pub struct Lab {
 /// How the lab's pods get their network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodNetwork {
-    /// The lab makes each pod's veth and sets its address and routes.
-    Veth,
     /// The chain a runtime runs, [ptp (host-local IPAM), weft-cni], in two
     /// steps: ptp's ADD when the lab builds the pod (its veth, the node's
     /// next address from `.11`, routes), weft-cni's ADD once the node's
@@ -110,9 +108,6 @@ pub enum PodNetwork {
 
 /// Pod network: 10.1.<node>.0/24; node network 192.168.50.0/24.
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
-/// The address pods use as their gateway (answered by a static neighbour entry).
-const POD_GATEWAY: &str = "169.254.1.1";
-
 /// The CNI network's name in the lab's ptp configuration.
 pub const CNI_NETWORK: &str = "lab";
 
@@ -253,7 +248,7 @@ impl Lab {
                     labels: vec![("app".into(), format!("app{}", p + 1))],
                     netns: format!("weft-{id}-n{}-p{}", n + 1, p + 1),
                     ip: Ipv4Addr::new(10, 1, n + 1, 11 + p),
-                    host_if: self.host_if(&format!("lxc-n{}p{}", n + 1, p + 1)),
+                    host_if: String::new(),
                     node: n as usize,
                     ptp_result: None,
                 };
@@ -283,7 +278,7 @@ impl Lab {
             labels: vec![("app".into(), format!("app{}", p + 1))],
             netns: format!("weft-{id}-n{node_no}-p{}", p + 1),
             ip: Ipv4Addr::new(10, 1, n.pod_cidr.0.octets()[2], 11 + p),
-            host_if: self.host_if(&format!("lxc-n{node_no}p{}", p + 1)),
+            host_if: String::new(),
             node,
             ptp_result: None,
         };
@@ -291,14 +286,6 @@ impl Lab {
         self.pods.push(pod);
         self.add_pod(&n, self.pods.len() - 1)?;
         Ok(self.pods[self.pods.len() - 1].clone())
-    }
-
-    /// A pod's host-side device name: `name` where the lab makes it.
-    fn host_if(&self, name: &str) -> String {
-        match self.pod_network {
-            PodNetwork::Veth => name.to_owned(),
-            PodNetwork::Chain | PodNetwork::Cni => String::new(),
-        }
     }
 
     /// Creates a namespace attached to the switch with `addr/24` on `inner`.
@@ -319,7 +306,6 @@ impl Lab {
         sh(&["ip", "netns", "add", &pod.netns])?;
         disable_ipv6(&pod.netns)?;
         match self.pod_network {
-            PodNetwork::Veth => self.add_veth(node, pod),
             PodNetwork::Cni => ip_n(&pod.netns, &["link", "set", "lo", "up"]).map(drop),
             PodNetwork::Chain => {
                 ip_n(&pod.netns, &["link", "set", "lo", "up"])?;
@@ -339,37 +325,6 @@ impl Lab {
                 Ok(())
             }
         }
-    }
-
-    /// The pod's veth, address and routes, made by hand.
-    fn add_veth(&self, node: &Node, pod: &Pod) -> anyhow::Result<()> {
-        let mac = format!("02:fe:00:00:{:02x}:{:02x}", pod.ip.octets()[2], pod.ip.octets()[3]);
-        ip_n(
-            &node.netns,
-            &[
-                "link",
-                "add",
-                &pod.host_if,
-                "address",
-                &mac,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &pod.netns,
-            ],
-        )?;
-        ip_n(&node.netns, &["link", "set", &pod.host_if, "up"])?;
-        ip_n(&node.netns, &["route", "add", &format!("{}/32", pod.ip), "dev", &pod.host_if, "scope", "link"])?;
-        ip_n(&pod.netns, &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
-        ip_n(&pod.netns, &["link", "set", "eth0", "up"])?;
-        ip_n(&pod.netns, &["link", "set", "lo", "up"])?;
-        ip_n(&pod.netns, &["route", "add", POD_GATEWAY, "dev", "eth0", "scope", "link"])?;
-        ip_n(&pod.netns, &["route", "add", "default", "via", POD_GATEWAY, "dev", "eth0"])?;
-        ip_n(&pod.netns, &["neigh", "add", POD_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
-        Ok(())
     }
 
     /// Whether weft-cni's ADD returned for pod `name` ([`PodNetwork::Chain`]).

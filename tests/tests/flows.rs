@@ -261,10 +261,12 @@ fn otlp_receiver_gets_flows_and_the_agent_rides_out_an_outage() {
     let netns = env.lab.node(0).netns.clone();
     let rx = OtlpReceiver::start(&env.lab, &netns, &dir.join("grpc.jsonl"), 14317, 14318).unwrap();
     traffic(&env, 3);
-    let got = wait_for(Duration::from_secs(15), "HTTP flows at the receiver", || {
+    // Logs and spans travel in separate exports (and batches): wait for both.
+    let got = wait_for(Duration::from_secs(15), "HTTP flows and their spans at the receiver", || {
         let r = rx.received();
-        (r.iter().filter(|x| x["kind"] == "log" && x["attributes"]["http.request.method"] == "GET").count() >= 6)
-            .then_some(r)
+        let gets = r.iter().filter(|x| x["kind"] == "log" && x["attributes"]["http.request.method"] == "GET").count();
+        let spans = r.iter().filter(|x| x["kind"] == "span").count();
+        (gets >= 6 && spans >= 3).then_some(r)
     })
     .unwrap_or_else(|e| env.fail(e));
     let logs: Vec<&Value> = got.iter().filter(|x| x["kind"] == "log").collect();

@@ -18,7 +18,7 @@ use weft_tests::{
     envoylab::EnvoyLab,
     flows::{Prometheus, flow_lab, flow_socket, flows_of, observe_json, traffic, wait_for, wait_http_flows},
     http::{Client, get_once},
-    objects::{LabService, lab_objects, wait_status},
+    objects::{LabService, http_envoy_config, lab_objects, wait_status},
     pki::Pki,
     require_root,
     scenario::{T, VIP, sa},
@@ -421,9 +421,11 @@ fn hubble_relay_shows_the_flows_of_both_lab_nodes() {
     let status = hubble_in(&env, 0, &bin, &[&["status"][..], &server].concat());
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("Connected Nodes: 2/2"), "{status}\nrelay log:\n{}", relay_log());
-    // This relay (Cilium 1.9) has no GetNodes; a newer one must list both nodes.
+    // This relay (Cilium 1.9) has no GetNodes (its Observer service knows
+    // GetFlows and ServerStatus only); a newer one must list both nodes.
     let nodes = hubble_in(&env, 0, &bin, &[&["list", "nodes"][..], &server].concat());
     let (out, err) = (String::from_utf8_lossy(&nodes.stdout), String::from_utf8_lossy(&nodes.stderr));
+    println!("hubble list nodes through the relay: {}{}", out.trim(), err.trim());
     if nodes.status.success() {
         assert!(["node1", "node2"].iter().all(|n| out.lines().any(|l| l.starts_with(n))), "{out}");
     } else {
@@ -590,7 +592,10 @@ fn hubble_relay_and_watch_peers_use_the_operators_certificates() {
 /// Envoy config (listed in `/status`), requests are answered through Envoy
 /// by both backends, and they show as joined HTTP flows in `weft observe`
 /// and in the real `hubble observe` (the same flows) and in Prometheus'
-/// HTTP metrics. Then the annotation goes: a keep-alive connection opened
+/// HTTP metrics. A user's EnvoyConfig naming the Service then wins (its
+/// listener answers; `/status` says `user-config-wins` with the config), and
+/// deleting it brings the generated config back. Then the annotation goes: a
+/// keep-alive connection opened
 /// through Envoy keeps being answered (every request 200, until Envoy
 /// closes it gracefully with `connection: close`, or to the end of the
 /// bounded loop), and new connections are plain eBPF forwarding again.
@@ -672,6 +677,43 @@ fn an_annotated_service_is_observed_with_no_envoyconfig_and_goes_plain_when_the_
         wait_for(Duration::from_secs(15), query, || (prom.value(query).ok().flatten() == Some(N as f64)).then_some(()))
             .unwrap_or_else(|e| env.fail(format!("{e}: {:?}", prom.value(query))));
     }
+
+    drop(kept);
+
+    // A user's EnvoyConfig naming the Service wins: its listener answers
+    // (a direct response, no backend), the status says which config serves
+    // the Service, and the generated config retires.
+    let mine = http_envoy_config("mine", "seen", None)
+        .replace("route: {cluster: default/seen}", "direct_response: {status: 200, body: {inline_string: mine}}");
+    assert!(mine.contains("direct_response"), "{mine}");
+    env.apply(&format!("{}{mine}", lab_objects(&env.lab, &[service(true)])));
+    env.acked("EnvoyConfig default/mine");
+    let status = wait_status(&env.lab, 0, Duration::from_secs(30), "the user's config winning", |s| {
+        s["control"]["l7-visibility"]["services"][0]["state"] == "user-config-wins"
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    assert_eq!(
+        status["control"]["l7-visibility"]["services"],
+        serde_json::json!([{"service": "default/seen", "set-by": "service-annotation", "state": "user-config-wins",
+                            "config": "EnvoyConfig default/mine"}]),
+        "{status:#}"
+    );
+    let (r, _, _) = get_once(&client.netns, sa(SEEN, 80), "/mine", T).unwrap_or_else(|e| env.fail(e));
+    assert_eq!((r.status, r.body.as_str()), (200, "mine"), "the user's listener answers: {r:?}");
+    // The user's config goes: the generated one is back, and answers from
+    // the backends again.
+    env.apply(&lab_objects(&env.lab, &[service(true)]));
+    env.acked(generated);
+    let status = wait_status(&env.lab, 0, Duration::from_secs(30), "the generated config back", |s| {
+        s["control"]["l7-visibility"]["services"][0]["state"] == "generated"
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    assert_eq!(status["control"]["l7-visibility"]["services"][0]["config"], generated, "{status:#}");
+    let mut kept = Client::connect(&client.netns, sa(SEEN, 80), None, T).unwrap_or_else(|e| env.fail(e));
+    let r = kept.get("seen.default", "/back", &[]).unwrap_or_else(|e| env.fail(e));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(through_envoy(&r), "answered through Envoy: {r:?}");
+    assert!(["n2-p1", "n2-p2"].contains(&r.field("name").unwrap_or("?")), "a backend answers: {r:?}");
 
     // The annotation goes: the generated config with it.
     env.apply(&lab_objects(&env.lab, &[service(false)]));

@@ -1265,15 +1265,17 @@ async fn an_agent_applies_nothing_until_every_kind_is_listed() {
 /// mutual-TLS handshake with them works, and only for the node's name.
 /// Nothing is rewritten while nothing is due; leaves are renewed in the last
 /// third of their life, a node that is gone loses its certificate, and a new
-/// CA is trusted alongside the old one until the old one expires. (Later
-/// times are passed in: a renewal is not waited for.)
+/// CA is trusted alongside the old one until the old one expires.
+/// Certificates whose names are not the names wanted (unrecorded, another
+/// cluster name, a renamed node) are issued again at once. (Later times are
+/// passed in: a renewal is not waited for.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_api_certificates_are_issued_renewed_and_trusted() {
     use std::collections::{BTreeMap, BTreeSet};
 
     use k8s_openapi::api::core::v1::Secret;
     use weft_agent::operator::flowcerts::{CA_SECRET, CLIENT_SECRET, FlowCerts, Lifetimes, Renewed, SERVER_SECRET};
-    use weft_flow::names::flow_server_name;
+    use weft_flow::names::{flow_server_name, peer_service_server_name};
 
     let cp = require_control_plane!();
     deploy::rbac(&cp);
@@ -1357,6 +1359,51 @@ async fn flow_api_certificates_are_issued_renewed_and_trusted() {
     let (_, ca3) = read(CA_SECRET).await;
     assert_eq!(ca3["ca.crt"], ca2["tls.crt"]);
     assert_eq!(read(SERVER_SECRET).await.1["ca.crt"], ca2["tls.crt"]);
+
+    // Each certificate's names are recorded. Certificates whose names were
+    // not (issued before they were, or for names an upgrade changed) are
+    // issued again at once, in the same Secrets; the CA stays.
+    let names = |s: Secret| -> BTreeMap<String, Vec<String>> {
+        serde_json::from_str(&s.metadata.annotations.unwrap_or_default()["weft.io/names"]).unwrap()
+    };
+    let want = vec![flow_server_name("n1", "lab"), peer_service_server_name("lab")];
+    assert_eq!(names(admin.get(SERVER_SECRET).await.unwrap()), BTreeMap::from([("n1.crt".to_owned(), want)]));
+    let forget = serde_json::json!({"metadata": {"annotations": {"weft.io/names": null}}});
+    for name in [SERVER_SECRET, CLIENT_SECRET] {
+        admin.patch(name, &Default::default(), &kube::api::Patch::Merge(&forget)).await.unwrap();
+    }
+    let (_, server3) = read(SERVER_SECRET).await;
+    let r = certs.reconcile(&nodes(&["n1"]), t3).await.unwrap();
+    assert_eq!(r, Renewed { ca: false, servers: vec!["n1".into()], removed: vec![], client: true });
+    assert_ne!(read(SERVER_SECRET).await.1["n1.crt"], server3["n1.crt"]);
+    assert_eq!(certs.reconcile(&nodes(&["n1"]), t3).await.unwrap(), Renewed::default(), "recorded again");
+
+    // Another cluster name: the CA (named after the cluster) is replaced,
+    // the old one trusted beside it until it expires, and
+    // every leaf is issued again for the new names, in the same Secrets.
+    // (At today's time again: the handshakes below need certificates valid now.)
+    let now = weft_flow::time::now_ns() / 1_000_000_000;
+    let renamed = FlowCerts::new(cp.client_for(&kc).await, "weft-system", "lab-b", "weft-operator/test", life);
+    let r = renamed.reconcile(&nodes(&["n1"]), now).await.unwrap();
+    assert_eq!(r, Renewed { ca: true, servers: vec!["n1".into()], removed: vec![], client: true });
+    let (_, ca4) = read(CA_SECRET).await;
+    assert_ne!(ca4["tls.crt"], ca2["tls.crt"]);
+    assert_eq!(ca4["ca.crt"], format!("{}{}", ca4["tls.crt"], ca2["tls.crt"]), "new and old CA trusted");
+    let (_, server4) = read(SERVER_SECRET).await;
+    let (_, client4) = read(CLIENT_SECRET).await;
+    assert_eq!((&server4["ca.crt"], &client4["ca.crt"]), (&ca4["ca.crt"], &ca4["ca.crt"]));
+    let serves4 =
+        |name: String| mutual_tls_works(&server4["n1.crt"], &server4["n1.key"], &ca4["ca.crt"], &client4, name);
+    assert!(serves4(flow_server_name("n1", "lab-b")).await, "n1's certificate for the new cluster name");
+    assert!(serves4(peer_service_server_name("lab-b")).await);
+    assert!(!serves4(flow_server_name("n1", "lab")).await, "not for the old one");
+    assert_eq!(renamed.reconcile(&nodes(&["n1"]), now).await.unwrap(), Renewed::default());
+    // A renamed node is a new node: its certificate is issued, the old
+    // name's goes.
+    let r = renamed.reconcile(&nodes(&["n1-b"]), now).await.unwrap();
+    assert_eq!(r, Renewed { ca: false, servers: vec!["n1-b".into()], removed: vec!["n1".into()], client: false });
+    let (_, server5) = read(SERVER_SECRET).await;
+    assert_eq!(server5.keys().map(String::as_str).collect::<Vec<_>>(), ["ca.crt", "n1-b.crt", "n1-b.key"]);
     for name in [CA_SECRET, SERVER_SECRET, CLIENT_SECRET] {
         admin.delete(name, &Default::default()).await.unwrap();
     }

@@ -26,9 +26,12 @@ use weft_observe::export::otlp::{
 };
 use weft_tests::{
     envoylab::EnvoyLab,
-    flows::{agent_get, flow_objects, metric_sum, traffic, venv_python, wait_for},
+    flows::{TRACEPARENT, agent_get, flow_objects_with, metric_sum, traffic, venv_python, wait_for},
+    http,
+    objects::LabService,
     pki::{self, Pki},
     require_root,
+    scenario::{T, sa},
 };
 
 /// A child process, killed and reaped on drop (also when a test fails).
@@ -340,12 +343,17 @@ fn lab_agents_configured_by_otel_variables_export_over_mutual_tls_and_count_refu
         .collect()
     };
     // No flows.otlp in the config: the variables alone turn export on.
+    // Beside the flow lab's Services, one annotated for L7 visibility (issue
+    // 13): no EnvoyConfig names it, the agent generates one.
+    let mut seen = LabService::new("seen", SEEN, 80, &["n2-p1"]);
+    seen.annotations.push(("weft.io/l7-visibility".into(), "http".into()));
     let lab = EnvoyLab::with_agent_env(
-        flow_objects,
+        |l| flow_objects_with(l, std::slice::from_ref(&seen)),
         "",
         [env("https://127.0.0.1:14317", "grpc", "client"), env("https://127.0.0.1:14318", "http/protobuf", "stranger")],
     );
     lab.acked("EnvoyConfig default/hello-l7");
+    lab.acked("EnvoyConfig default/weft:l7:seen");
     let mut collectors = Vec::new();
     for i in 0..2 {
         let out = lab.lab.run_dir.join(format!("otelcol-{i}"));
@@ -364,6 +372,7 @@ fn lab_agents_configured_by_otel_variables_export_over_mutual_tls_and_count_refu
     .unwrap_or_else(|e| lab.fail(e));
     assert!(text.contains("deployment.environment") && text.contains("\"lab\""), "resource from the environment");
     assert!(text.contains("\"server.port\""), "server.port apart from server.address");
+    annotated_service_requests_are_spans(&lab, &out);
     let metrics = agent_get(&lab.lab, 0, "/metrics").unwrap();
     let exported = |m: &str, signal: &str, protocol: &str| {
         metric_sum(m, "weft_otlp_exported_total", &[("signal", signal), ("protocol", protocol)])
@@ -392,4 +401,65 @@ fn lab_agents_configured_by_otel_variables_export_over_mutual_tls_and_count_refu
     for (pid, _) in collectors {
         lab.lab.kill(pid);
     }
+}
+
+/// The annotated Service's ClusterIP in the lab above.
+const SEEN: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 40);
+
+/// A span attribute's value as text (OTLP JSON writes integers as strings).
+fn span_attr<'a>(span: &'a Json, key: &str) -> Option<&'a str> {
+    let a = span["attributes"].as_array()?.iter().find(|a| a["key"] == key)?;
+    a["value"]["stringValue"].as_str().or(a["value"]["intValue"].as_str())
+}
+
+/// Requests through the annotated Service's generated config (issue 13:
+/// L7 visibility without writing Envoy config) reach node1's Collector as
+/// server spans named after the generated route, in the client's trace,
+/// with the HTTP and Kubernetes attributes of any L7 flow.
+fn annotated_service_requests_are_spans(lab: &EnvoyLab, out: &Path) {
+    const N: usize = 3;
+    let client = lab.lab.pod("n1-p1");
+    let mut c = http::Client::connect(&client.netns, sa(SEEN, 80), None, T).unwrap_or_else(|e| lab.fail(e));
+    for i in 0..N {
+        let r = c.get("seen.default", &format!("/seen/{i}"), &[("traceparent", TRACEPARENT)]).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.header("x-envoy-upstream-service-time").is_some(), "answered through Envoy: {r:?}");
+    }
+    drop(c);
+    let name = "GET default/weft:l7:seen/http-80";
+    let spans = wait_for(Duration::from_secs(30), "the annotated Service's spans at node1's Collector", || {
+        let text = std::fs::read_to_string(out).ok()?;
+        let spans: Vec<Json> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+            .flat_map(|r| r["resourceSpans"].as_array().cloned().unwrap_or_default())
+            .flat_map(|r| r["scopeSpans"].as_array().cloned().unwrap_or_default())
+            .flat_map(|s| s["spans"].as_array().cloned().unwrap_or_default())
+            .filter(|s| s["name"] == name)
+            .collect();
+        (spans.len() >= N).then_some(spans)
+    })
+    .unwrap_or_else(|e| lab.fail(e));
+    assert_eq!(spans.len(), N, "one span per response: {spans:#?}");
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut paths = BTreeMap::new();
+    for s in &spans {
+        assert_eq!((s["traceId"].as_str(), s["parentSpanId"].as_str()), (Some(trace), Some(parent)), "{s:#}");
+        assert_eq!(s["kind"], 2, "a server span: {s:#}");
+        for (key, want) in [
+            ("http.request.method", "GET"),
+            ("http.response.status_code", "200"),
+            ("server.address", "seen.default"),
+            ("weft.event_type", "http-response"),
+            // The response goes from the backend to the client.
+            ("source.k8s.pod.name", "n2-p1"),
+            ("destination.k8s.pod.name", "n1-p1"),
+        ] {
+            assert_eq!(span_attr(s, key), Some(want), "{key}: {s:#}");
+        }
+        assert!(span_attr(s, "k8s.node.name").is_some_and(|n| n.ends_with("node1")), "{s:#}");
+        *paths.entry(span_attr(s, "url.path").unwrap_or_default().to_owned()).or_insert(0) += 1;
+    }
+    let want: BTreeMap<String, i32> = (0..N).map(|i| (format!("/seen/{i}"), 1)).collect();
+    assert_eq!(paths, want, "{spans:#?}");
 }

@@ -3,8 +3,10 @@
 //! is seen at once, even when it is an adopted Envoy nobody reaps; HTTP
 //! flows Envoy logs while the agent is away reach the flow API after it
 //! returns (every entry delivered or counted lost), and `weft observe -f`
-//! carries on across the agent's restart without printing a flow twice;
-//! an Envoy replaced for new settings drains before it stops.
+//! carries on across the agent's restart without printing a flow twice,
+//! also one the next agent reads again; entries a killed Envoy had not
+//! written, or could not write at the spool's limit, are counted lost; an
+//! Envoy replaced for new settings drains before it stops.
 //!
 //! The figures under the full load (3,000 requests at 150/s) come
 //! from the probe in benches/benches/restarts.rs; these tests assert the
@@ -226,25 +228,35 @@ fn an_upgraded_envoy_binary_is_replaced_not_adopted_and_the_same_one_is_adopted(
     let _serial = one_at_a_time();
     let env = flow_lab("");
     let client = env.lab.pod("n1-p1");
-    let real = weft_tests::objects::envoy_binary();
     // The binary the agent is told to run: a script that runs the lab's
-    // Envoy, so "upgrading" it is writing a new file in its place.
+    // Envoy binary through a link of it in the run directory, so
+    // "upgrading" it is writing a new script in its place, and replacing
+    // the binary it runs is making that link again.
+    let pid_of = |s: &serde_json::Value| s["envoy"]["pid"].as_u64().unwrap();
+    let first = pid_of(&agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e)));
+    let real = std::fs::read_link(format!("/proc/{first}/exe")).unwrap();
+    let inner = env.lab.run_dir.join("envoy-inner");
+    let link_inner = || {
+        let _ = std::fs::remove_file(&inner);
+        if std::fs::hard_link(&real, &inner).is_err() {
+            std::fs::copy(&real, &inner).unwrap();
+        }
+    };
+    link_inner();
     let binary = env.lab.run_dir.join("envoy-upgraded");
     let install = |build: u32| {
         let next = env.lab.run_dir.join("envoy-upgraded.new");
-        std::fs::write(&next, format!("#!/bin/sh\n# build {build}\nexec '{}' \"$@\"\n", real.display())).unwrap();
+        std::fs::write(&next, format!("#!/bin/sh\n# build {build}\nexec '{}' \"$@\"\n", inner.display())).unwrap();
         std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::rename(&next, &binary).unwrap();
     };
     let log = env.lab.run_dir.join("agent0.log");
     let replacements = || std::fs::read_to_string(&log).unwrap_or_default().matches("(its binary differs)").count();
-    let pid_of = |s: &serde_json::Value| s["envoy"]["pid"].as_u64().unwrap();
     let served = |what: &str| {
         let (r, _, _) = get_once(&client.netns, sa(HELLO, 80), "/after", T).unwrap_or_else(|e| env.fail(e));
         assert_eq!(r.status, 200, "{what}: {r:?}");
         assert!(r.header("x-envoy-upstream-service-time").is_some(), "{what}: answered through Envoy: {r:?}");
     };
-    let first = pid_of(&agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e)));
     let agent = std::cell::Cell::new(env.pids[0]);
     let restart_agent = |env: &weft_tests::envoylab::EnvoyLab| {
         env.lab.kill(agent.get());
@@ -282,6 +294,19 @@ fn an_upgraded_envoy_binary_is_replaced_not_adopted_and_the_same_one_is_adopted(
     assert_ne!(pid_of(&status), second);
     assert!(std::fs::read_to_string(&log).unwrap_or_default().contains("Envoy is draining"), "drained, not cut");
     served("the upgraded Envoy");
+
+    // The binary the script runs replaced under the running Envoy (the
+    // script, which the bootstrap names, unchanged): its exe is "(deleted)",
+    // so it is replaced too.
+    let third = pid_of(&status);
+    link_inner();
+    let status = restart_agent(&env);
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log_text.contains("(the binary it runs was replaced on disk)"), "replaced for its replaced binary");
+    assert_eq!(replacements(), before + 2, "not for the script");
+    assert_eq!(status["envoy"]["adopted"], false, "{status:#}");
+    assert_ne!(pid_of(&status), third);
+    served("the Envoy of the replaced binary");
 }
 
 #[test]
@@ -376,9 +401,20 @@ fn take_printed(lines: &std::sync::mpsc::Receiver<String>, printed: &mut BTreeMa
 
 /// Waits until `weft observe -f` prints its first flow: then it streams.
 fn follower_streams(env: &weft_tests::envoylab::EnvoyLab, lines: &std::sync::mpsc::Receiver<String>) {
+    follower_streams_flushing(env, lines, || {});
+}
+
+/// [`follower_streams`], calling `flush` after each request (for an Envoy
+/// that does not write its access log by itself soon).
+fn follower_streams_flushing(
+    env: &weft_tests::envoylab::EnvoyLab,
+    lines: &std::sync::mpsc::Receiver<String>,
+    flush: impl Fn(),
+) {
     let client = env.lab.pod("n1-p1");
     wait_for(Duration::from_secs(20), "the follower's first flow", || {
         get_once(&client.netns, sa(HELLO, 80), "/warm-up", T).unwrap_or_else(|e| env.fail(e));
+        flush();
         let deadline = Instant::now() + Duration::from_millis(500);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             if lines.recv_timeout(left).is_ok_and(|l| l.contains("/warm-up")) {
@@ -483,4 +519,217 @@ fn entries_envoy_cannot_write_at_the_spool_limit_are_counted_lost_and_the_spool_
 /// Entries node1's agent counted lost with source `proxy` since it started.
 fn lost_now(env: &weft_tests::envoylab::EnvoyLab) -> u64 {
     agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e))["flows"]["lost"]["proxy"].as_u64().unwrap()
+}
+
+/// The running Envoy of node1, as its agent reports it: pid and restarts.
+fn running_envoy(env: &weft_tests::envoylab::EnvoyLab) -> (i32, u64) {
+    let status = agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e));
+    let pid = status["envoy"]["pid"].as_u64().and_then(|p| i32::try_from(p).ok());
+    let pid = pid.unwrap_or_else(|| env.fail(format!("no Envoy pid: {:#}", status["envoy"])));
+    (pid, status["envoy"]["restarts"].as_u64().unwrap_or(0))
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    let pidfd = weft_agent::pidfd::open(pid).unwrap();
+    weft_agent::pidfd::signal(&pidfd, sig).unwrap();
+}
+
+/// The complete lines in node1's access-log spool (every segment) whose
+/// path is one of `paths`.
+fn spooled(env: &weft_tests::envoylab::EnvoyLab, paths: &[String]) -> usize {
+    let dir = env.files[0].state_dir.join("access-log");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().filter_map(Result::ok) {
+        let text = String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default()).into_owned();
+        // The last piece is a line not finished yet (or nothing).
+        let complete = text.rsplit_once('\n').map_or("", |(done, _)| done);
+        n += complete
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["path"].as_str().is_some_and(|p| paths.iter().any(|q| q == p)))
+            .count();
+    }
+    n
+}
+
+#[test]
+fn entries_a_killed_envoy_had_not_written_are_counted_lost() {
+    require_root!();
+    let _serial = one_at_a_time();
+    // Envoy writes its access-log buffer every ten minutes here, or once
+    // 64 KiB wait, or when told to reopen its log (SIGUSR1): the entries of
+    // the few small requests below wait in its memory until the test has it
+    // write them, or kills it.
+    let env = flow_lab(&format!("envoy:\n  access-log-flush-ms: {}\n", weft_agent::config::MAX_ACCESS_LOG_FLUSH_MS));
+    let (follower, lines, follower_err) = follow_http(&env);
+    follower_streams_flushing(&env, &lines, || signal(running_envoy(&env).0, libc::SIGUSR1));
+    let client = env.lab.pod("n1-p1");
+    let lost_before = lost_now(&env);
+    let mut printed = BTreeMap::new();
+    let received =
+        |printed: &BTreeMap<(String, String), usize>| printed.keys().filter(|(_, kind)| kind == "RESPONSE").count();
+    // HTTP traffic through the node's Envoy: 10 requests on a kept-alive
+    // connection (left open: the kill cuts it) and 10 new connections.
+    let traffic = |from: usize| -> (Vec<String>, weft_tests::http::Client) {
+        let mut kept =
+            weft_tests::http::Client::connect(&client.netns, sa(HELLO, 80), None, T).unwrap_or_else(|e| env.fail(e));
+        let paths: Vec<String> = (from..from + 20).map(load::path).collect();
+        for p in &paths[..10] {
+            let r = kept.get("hello.default", p, &[]).unwrap_or_else(|e| env.fail(e));
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        for p in &paths[10..] {
+            let (r, _, _) = get_once(&client.netns, sa(HELLO, 80), p, T).unwrap_or_else(|e| env.fail(e));
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+        (paths, kept)
+    };
+
+    // A kill counts what the agent last read Envoy had served minus what
+    // it wrote. Here the agent has read every request before the kill
+    // (nothing is served after that reading), so the count is exact. A round
+    // where Envoy's ten-minute timer wrote everything before the kill
+    // counts nothing and proves nothing: another round then (at most 3).
+    let mut sent = 0;
+    let mut unwritten_total = 0;
+    for round in 1..=3u64 {
+        let (envoy, restarts) = running_envoy(&env);
+        let served_before = envoy_requests(&env.lab, 0).unwrap_or_else(|e| env.fail(e));
+        let (paths, kept) = traffic(round as usize * 100);
+        sent += paths.len();
+        let served = envoy_requests(&env.lab, 0).unwrap_or_else(|e| env.fail(e));
+        assert_eq!(served - served_before, paths.len() as u64, "Envoy served each request");
+        wait_status(&env.lab, 0, Duration::from_secs(20), "the agent's reading of Envoy's count", |s| {
+            s["envoy"]["requests-served"].as_u64() == Some(served)
+        })
+        .unwrap_or_else(|e| env.fail(e));
+        // Stopped, Envoy writes nothing more: what the spool holds of this
+        // round is all it will ever hold.
+        signal(envoy, libc::SIGSTOP);
+        let written = spooled(&env, &paths);
+        signal(envoy, libc::SIGKILL);
+        drop(kept);
+        let unwritten = paths.len() - written;
+        unwritten_total += unwritten;
+        wait_status(&env.lab, 0, Duration::from_secs(30), "the restarted Envoy", |s| {
+            s["envoy"]["restarts"].as_u64() > Some(restarts) && s["envoy"]["ready"] == true
+        })
+        .unwrap_or_else(|e| env.fail(e));
+        env.acked("EnvoyConfig default/hello-l7");
+
+        let settled = wait_for(Duration::from_secs(30), "received + lost = what Envoy served", || {
+            take_printed(&lines, &mut printed);
+            let lost = (lost_now(&env) - lost_before) as usize;
+            (received(&printed) + lost == sent && lost == unwritten_total).then_some(())
+        });
+        let (got, lost) = (received(&printed), lost_now(&env) - lost_before);
+        eprintln!(
+            "round {round}: Envoy served {sent} in all, {unwritten} of this round's {} unwritten at the kill: {got} received, {lost} counted lost",
+            paths.len()
+        );
+        if let Err(e) = settled {
+            let err = std::fs::read_to_string(&follower_err).unwrap_or_default();
+            env.fail(format!(
+                "{e}: {got} received + {lost} lost, want {sent} with {unwritten_total} lost; follower stderr:\n{err}"
+            ));
+        }
+        if unwritten > 0 {
+            break;
+        }
+    }
+    assert!(unwritten_total > 0, "Envoy wrote every entry before each kill: nothing was tested");
+
+    // The next Envoy's entries arrive, and nothing more is counted lost.
+    let (paths, kept) = traffic(1000);
+    drop(kept);
+    sent += paths.len();
+    signal(running_envoy(&env).0, libc::SIGUSR1);
+    wait_for(Duration::from_secs(20), "the next Envoy's entries", || {
+        take_printed(&lines, &mut printed);
+        (received(&printed) + unwritten_total == sent).then_some(())
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    assert_eq!((lost_now(&env) - lost_before) as usize, unwritten_total, "nothing more lost");
+    drop(follower);
+    let twice: Vec<_> = printed.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "printed more than once: {twice:?}");
+}
+
+/// Moves node1's spool position back over the last `n` lines of
+/// `current.log`, as an agent killed after it stored and sent their flows
+/// but before it saved its place leaves it (the reader commits a batch once
+/// the pipeline has stored it: a short window, which this makes certain).
+fn rewind_spool(env: &weft_tests::envoylab::EnvoyLab, n: u64) {
+    let dir = env.files[0].state_dir.join("access-log");
+    let text = std::fs::read(dir.join("current.log")).unwrap();
+    let position = std::fs::read_to_string(dir.join("position")).unwrap();
+    let mut p: Vec<u64> = position.split_whitespace().map(|f| f.parse().unwrap()).collect();
+    assert_eq!((p.len(), p[1]), (7, text.len() as u64), "the agent had read all of current.log: {position}");
+    // The start of the n-th line from the end.
+    let ends: Vec<usize> = text.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i + 1).collect();
+    let n_usize = n as usize;
+    assert!(ends.len() > n_usize, "current.log has more than {n} lines");
+    p[1] = ends[ends.len() - n_usize - 1] as u64;
+    // In all, and the current Envoy's.
+    p[2] -= n;
+    p[4] -= n;
+    let s: Vec<String> = p.iter().map(|v| format!("{v:020}")).collect();
+    std::fs::write(dir.join("position"), format!("{}\n", s.join(" "))).unwrap();
+}
+
+#[test]
+fn http_flows_a_restarted_agent_reads_again_are_printed_once() {
+    require_root!();
+    let _serial = one_at_a_time();
+    let env = flow_lab("");
+    let (follower, lines, follower_err) = follow_http(&env);
+    follower_streams(&env, &lines);
+    let client = env.lab.pod("n1-p1");
+    let send = |range: std::ops::Range<usize>| {
+        for i in range {
+            let (r, _, _) = get_once(&client.netns, sa(HELLO, 80), &load::path(i), T).unwrap_or_else(|e| env.fail(e));
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+    };
+    let mut printed = BTreeMap::new();
+    let all_printed = |printed: &mut BTreeMap<(String, String), usize>, n: usize, what: &str| {
+        wait_for(Duration::from_secs(20), what, || {
+            take_printed(&lines, printed);
+            (printed.len() >= 2 * n).then_some(())
+        })
+        .unwrap_or_else(|e| env.fail(e));
+    };
+    send(0..10);
+    all_printed(&mut printed, 10, "the first 10 requests' flows at the follower");
+    let committed =
+        agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e))["flows"]["access-log-committed"].as_u64().unwrap();
+
+    // The agent is killed after it sent the last 5 requests' flows but
+    // before it saved its place past them: the next agent reads them again,
+    // and the kernel's records of their connections went to the first.
+    env.lab.kill(env.pids[0]);
+    rewind_spool(&env, 5);
+    start_again(&env);
+    send(10..20);
+    all_printed(&mut printed, 20, "every request's flows at the follower");
+    let status = wait_status(&env.lab, 0, Duration::from_secs(20), "the spool read again and on", |s| {
+        s["flows"]["access-log-committed"].as_u64() == Some(committed + 10)
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    assert_eq!(status["flows"]["lost"]["proxy"].as_u64(), Some(0), "{:#}", status["flows"]);
+    // The new agent holds the 5 it read again (so the follower was sent them
+    // again), among the flows it sent the follower after its restart.
+    let again: Vec<String> = weft_tests::flows::observe_json(&env.files[0], &["--all", "--protocol", "http"])
+        .unwrap_or_else(|e| env.fail(e))
+        .iter()
+        .filter_map(|r| r["flow"]["l7"]["http"]["url"].as_str().map(str::to_owned))
+        .filter(|u| (5..10).any(|i| u.ends_with(&load::path(i))))
+        .collect();
+    assert_eq!(again.len(), 10, "the restarted agent read the last 5 entries again: {again:?}");
+    take_printed(&lines, &mut printed);
+    drop(follower);
+    let err = std::fs::read_to_string(&follower_err).unwrap_or_default();
+    assert!(err.contains("the agent restarted"), "the follower reconnected to the new agent: {err}");
+    let twice: Vec<_> = printed.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "printed more than once: {twice:?}; follower stderr:\n{err}");
 }

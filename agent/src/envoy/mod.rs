@@ -68,6 +68,8 @@ pub struct EnvoySettings {
     pub concurrency: u32,
     /// The most Envoy writes to one file, in bytes.
     pub file_limit: u64,
+    /// How often Envoy writes its access-log buffer (ms).
+    pub file_flush_ms: u32,
 }
 
 /// Envoy's state, for status and the datapath (which needs its pid to find
@@ -91,8 +93,9 @@ pub struct EnvoyState {
     pub entries_unwritten: u64,
 }
 
-/// Envoy writes its access-log buffer this often (ms): the latency of HTTP
-/// flows, and what a killed Envoy loses at most.
+/// Envoy writes its access-log buffer this often (ms) by default
+/// (`envoy.access-log-flush-ms`): the latency of HTTP flows, and what a
+/// killed Envoy loses at most.
 pub const FILE_FLUSH_MS: u32 = 100;
 /// The spool's `current.log` is moved aside past this size, or half the
 /// file-size limit if that is less (so it never reaches the limit while
@@ -149,7 +152,7 @@ pub fn command_args(s: &EnvoySettings, bootstrap_path: &Path) -> Vec<String> {
             "--log-level",
             "warn",
             "--file-flush-interval-msec",
-            &FILE_FLUSH_MS.to_string(),
+            &s.file_flush_ms.to_string(),
             "--concurrency",
             &s.concurrency.to_string(),
             // A drain (a replaced Envoy, a listener LDS changed or removed)
@@ -659,6 +662,7 @@ mod tests {
             delta: false,
             concurrency: 2,
             file_limit: 1 << 20,
+            file_flush_ms: FILE_FLUSH_MS,
         };
         let before = bootstrap(&s(&binary));
         assert_eq!(before, bootstrap(&s(&binary)), "the same binary: the same bootstrap");

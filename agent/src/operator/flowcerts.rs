@@ -15,10 +15,22 @@
 //!   `ca.crt`, for `weft observe --tls-cert` and Hubble Relay.
 //!
 //! A server certificate names its node as Hubble names its agents:
-//! [`weft_flow::names::flow_server_name`]. What was issued when, and by
-//! which CA, is kept in the Secrets' annotations, so a restarted or new
-//! leader renews what is due and nothing else (no certificate parser
-//! needed).
+//! [`weft_flow::names::flow_server_name`]. What was issued when, by which
+//! CA and for which names, is kept in the Secrets' annotations, so a
+//! restarted or new leader renews what is due and nothing else (no
+//! certificate parser needed).
+//!
+//! When the names wanted change (another cluster name, or an upgrade that
+//! names certificates differently; a renamed node is a new node), what
+//! carries the old names is issued again at once, in the same Secrets: the
+//! old certificate and key are overwritten. The CA's name holds the cluster
+//! name, so another cluster name replaces the CA as its expiry would: the
+//! old CA stays in `ca.crt` until it expires (its key is gone: it signs
+//! nothing more), and every leaf is issued again by the new one.
+//! Certificates issued before the names were recorded are taken to carry
+//! other names (so leaves are issued again once, after the upgrade), except
+//! the CA: its name held the cluster name it was issued with, which is taken
+//! to be today's.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -48,6 +60,8 @@ pub const CA_BUNDLE: &str = "ca.crt";
 const NOT_AFTER: &str = "weft.io/not-after";
 /// The CA that signed a Secret's certificates (a hash of its certificate).
 const ISSUER: &str = "weft.io/issuer";
+/// The names each certificate of a Secret was issued for: JSON, key -> names.
+const NAMES: &str = "weft.io/names";
 
 /// How long certificates are valid; each is renewed once less than a third
 /// of its lifetime is left.
@@ -79,6 +93,7 @@ pub enum CertError {
 struct Stored {
     data: BTreeMap<String, String>,
     not_after: BTreeMap<String, u64>,
+    names: BTreeMap<String, Vec<String>>,
     issuer: String,
 }
 
@@ -92,7 +107,14 @@ impl Stored {
             .collect();
         let ann = s.metadata.annotations.unwrap_or_default();
         let not_after = ann.get(NOT_AFTER).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
-        Stored { data, not_after, issuer: ann.get(ISSUER).cloned().unwrap_or_default() }
+        let names = ann.get(NAMES).and_then(|j| serde_json::from_str(j).ok()).unwrap_or_default();
+        Stored { data, not_after, names, issuer: ann.get(ISSUER).cloned().unwrap_or_default() }
+    }
+
+    /// Whether `key`'s certificate was issued for exactly `names` (one
+    /// whose names were not recorded was not).
+    fn names_are(&self, key: &str, names: &[String]) -> bool {
+        self.names.get(key).is_some_and(|n| n == names)
     }
 
     /// Whether `key`'s certificate needs a new one at `now`.
@@ -142,10 +164,16 @@ fn window(params: &mut CertificateParams, now: u64, lifetime: Duration) -> u64 {
 /// key identifier come from them).
 fn ca_params(cluster: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
-    p.distinguished_name = distinguished(&format!("weft flows CA ({cluster})"));
+    p.distinguished_name = distinguished(&ca_name(cluster));
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     p
+}
+
+/// The CA's common name: leaves name their issuer by it, so a CA of another
+/// cluster name cannot sign for this one.
+fn ca_name(cluster: &str) -> String {
+    format!("weft flows CA ({cluster})")
 }
 
 fn new_ca(cluster: &str, now: u64, lifetime: Duration) -> Result<Issued, rcgen::Error> {
@@ -235,6 +263,7 @@ impl FlowCerts {
         let annotations = BTreeMap::from([
             (NOT_AFTER.to_owned(), serde_json::to_string(&s.not_after).unwrap_or_default()),
             (ISSUER.to_owned(), s.issuer.clone()),
+            (NAMES.to_owned(), serde_json::to_string(&s.names).unwrap_or_default()),
         ]);
         let secret = Secret {
             metadata: ObjectMeta {
@@ -253,9 +282,9 @@ impl FlowCerts {
         Ok(())
     }
 
-    /// Issues what is missing or due at `now` (unix seconds) for `nodes`,
-    /// drops certificates of nodes that are gone, and writes the Secrets
-    /// that changed.
+    /// Issues what is missing, due at `now` (unix seconds) or issued for
+    /// other names, for `nodes`, drops certificates of nodes that are gone,
+    /// and writes the Secrets that changed.
     pub async fn reconcile(&self, nodes: &BTreeSet<String>, now: u64) -> Result<Renewed, CertError> {
         let issue = |subject: &str| {
             let subject = subject.to_owned();
@@ -265,7 +294,11 @@ impl FlowCerts {
 
         // The CA.
         let mut ca = self.read(CA_SECRET).await?;
-        if ca.due("tls.crt", now, self.lifetimes.ca) || !ca.data.contains_key("tls.key") {
+        let ca_names = vec![ca_name(&self.cluster)];
+        // A CA whose name was not recorded was issued before names were:
+        // for the cluster name of then, taken to be today's.
+        let renamed = ca.names.get("tls.crt").is_some_and(|n| *n != ca_names);
+        if ca.due("tls.crt", now, self.lifetimes.ca) || !ca.data.contains_key("tls.key") || renamed {
             let new = new_ca(&self.cluster, now, self.lifetimes.ca).map_err(issue("the CA"))?;
             // The old CA stays trusted while what it signed may be in use.
             let mut trusted = vec![new.cert.clone()];
@@ -281,6 +314,7 @@ impl FlowCerts {
                 (CA_BUNDLE.to_owned(), trusted.concat()),
             ]);
             ca.not_after.insert("tls.crt".into(), new.not_after);
+            ca.names = BTreeMap::from([("tls.crt".to_owned(), ca_names)]);
             ca.issuer = fingerprint(&new.cert);
             self.write(CA_SECRET, "kubernetes.io/tls", &ca).await?;
             done.ca = true;
@@ -315,24 +349,27 @@ impl FlowCerts {
         servers.data.insert(CA_BUNDLE.into(), bundle.clone());
         for node in nodes {
             let (crt, key) = (format!("{node}.crt"), format!("{node}.key"));
+            // Its node's name, and the name newer Hubble Relays check on the
+            // Peer service, which every agent serves on its flow port.
+            let name = flow_server_name(node, &self.cluster);
+            let names = vec![name.clone(), peer_service_server_name(&self.cluster)];
             let keep = old.issuer == ca_id
                 && !old.due(&crt, now, self.lifetimes.leaf)
+                && old.names_are(&crt, &names)
                 && old.data.contains_key(&crt)
                 && old.data.contains_key(&key);
             if keep {
                 servers.data.insert(crt.clone(), old.data[&crt].clone());
                 servers.data.insert(key.clone(), old.data[&key].clone());
                 servers.not_after.insert(crt.clone(), old.not_after[&crt]);
+                servers.names.insert(crt, names);
                 continue;
             }
-            // Its node's name, and the name newer Hubble Relays check on the
-            // Peer service, which every agent serves on its flow port.
-            let name = flow_server_name(node, &self.cluster);
-            let names = [name.clone(), peer_service_server_name(&self.cluster)];
             let new = leaf(&issuer, &names, true, now, self.lifetimes.leaf).map_err(issue(&name))?;
             servers.data.insert(crt.clone(), new.cert);
             servers.data.insert(key, new.key);
-            servers.not_after.insert(crt, new.not_after);
+            servers.not_after.insert(crt.clone(), new.not_after);
+            servers.names.insert(crt, names);
             done.servers.push(node.clone());
         }
         done.removed = old
@@ -349,12 +386,13 @@ impl FlowCerts {
         // The client certificate.
         let old = self.read(CLIENT_SECRET).await?;
         let mut client = old.clone();
-        if old.issuer != ca_id || old.due("tls.crt", now, self.lifetimes.leaf) {
-            let name = flow_client_name(&self.cluster);
-            let new =
-                leaf(&issuer, std::slice::from_ref(&name), false, now, self.lifetimes.leaf).map_err(issue(&name))?;
+        let name = flow_client_name(&self.cluster);
+        let names = vec![name.clone()];
+        if old.issuer != ca_id || old.due("tls.crt", now, self.lifetimes.leaf) || !old.names_are("tls.crt", &names) {
+            let new = leaf(&issuer, &names, false, now, self.lifetimes.leaf).map_err(issue(&name))?;
             client.data = BTreeMap::from([("tls.crt".to_owned(), new.cert), ("tls.key".to_owned(), new.key)]);
             client.not_after = BTreeMap::from([("tls.crt".to_owned(), new.not_after)]);
+            client.names = BTreeMap::from([("tls.crt".to_owned(), names)]);
             client.issuer = ca_id;
             done.client = true;
         }

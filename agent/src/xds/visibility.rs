@@ -8,7 +8,10 @@
 //! of the Service (reached through the dispatcher like any listener Services
 //! are redirected to), whose only route sends every request to a cluster of
 //! that port's own endpoints (EDS, the addresses the datapath forwards to)
-//! picked at random, as the datapath picks a backend. There is no policy and
+//! picked at random, as the datapath picks a backend. That route is named
+//! like its listener (`<ns>/weft:l7:<service>/http-<port>` once qualified),
+//! so flows and OTLP span names say which generated config served a
+//! request. There is no policy and
 //! no route change; Envoy passes the backend's `server` header through and
 //! never times a request out. Each config is an ordinary namespaced
 //! EnvoyConfig with a name no object can have (`weft:l7:<service>`), so it is
@@ -271,7 +274,9 @@ fn config(service: &ObjKey, ports: &[u16]) -> EnvoyConfig {
             "virtual_hosts": [{
                 "name": "any",
                 "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}]
+                // Named like the listener, so flows and spans say which
+                // generated config and port served a request.
+                "routes": [{"name": listener, "match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}]
             }]
         }));
         resources.push(json!({
@@ -374,6 +379,14 @@ mod tests {
             names(t.clusters.iter().map(|c| &c.name).collect()),
             ["shop/weft:l7:web/port-80", "shop/weft:l7:web/port-8443"]
         );
+        // Each route is named (qualified) like its listener: flows and spans
+        // say which generated config and port served a request.
+        let routes: Vec<&str> = t
+            .routes
+            .iter()
+            .flat_map(|r| r.resource.virtual_hosts.iter().flat_map(|v| v.routes.iter().map(|r| r.name.as_str())))
+            .collect();
+        assert_eq!(routes, ["shop/weft:l7:web/http-80", "shop/weft:l7:web/http-8443"]);
         // Each port to its own listener; the port's endpoints go to Envoy.
         let redirects: Vec<_> = t.redirects.iter().map(|r| (r.service.to_string(), r.ports.clone())).collect();
         assert_eq!(redirects, [("shop/web".to_owned(), vec![80]), ("shop/web".to_owned(), vec![8443])]);

@@ -205,20 +205,43 @@ struct Resume {
     /// When the agent started (unix ns, from ServerStatus), to tell a
     /// restart from a dropped connection.
     boot_ns: Option<u64>,
-    /// The flows printed last (without their uuid): one an agent read again
+    /// The flows printed last ([`resume_key`]): one an agent read again
     /// after a restart (an access-log line it had not committed) is not
     /// printed twice.
     recent: std::collections::VecDeque<Vec<u8>>,
     seen: std::collections::HashSet<Vec<u8>>,
 }
 
+/// What tells a flow printed before from a new one across agents. An HTTP
+/// flow comes from an access-log line, which an agent killed after sending
+/// its flow but before saving its place in the spool leaves for the next
+/// agent to read again; the next one joins it to less (the kernel's records
+/// of its connections went to the agent before: no link, proxy port or
+/// connection summary), so it is known by what Envoy wrote: its time and
+/// its Layer7 (request, response, latency, headers with Envoy's
+/// x-request-id). Any other flow by everything in it but its uuid.
+fn resume_key(f: &weft_flow::proto::flow::Flow) -> Vec<u8> {
+    use prost::Message;
+    match &f.l7 {
+        Some(l7) => weft_flow::proto::flow::Flow {
+            time: f.time,
+            node_name: f.node_name.clone(),
+            l7: Some(l7.clone()),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        None => {
+            let mut key = f.clone();
+            key.uuid.clear();
+            key.encode_to_vec()
+        }
+    }
+}
+
 impl Resume {
     /// True if the flow is new (and remembers it).
     fn first_time(&mut self, f: &weft_flow::proto::flow::Flow) -> bool {
-        use prost::Message;
-        let mut key = f.clone();
-        key.uuid.clear();
-        let key = key.encode_to_vec();
+        let key = resume_key(f);
         if self.seen.contains(&key) {
             return false;
         }
@@ -418,5 +441,44 @@ mod tests {
         assert!(parse("-f --since 10s --until 5s").until.is_none());
         assert!(Cli::try_parse_from(argv("weft observe --first 3 --follow")).is_err());
         assert!(Cli::try_parse_from(argv("weft observe --bogus")).is_err());
+    }
+
+    #[test]
+    #[allow(deprecated)] // Flow.summary: weft still fills it
+    fn an_http_flow_read_again_by_a_restarted_agent_is_not_new() {
+        use weft_flow::proto::flow::{Flow, Http, HttpHeader, L7FlowType, Layer7, layer7};
+        let http = |id: &str| Layer7 {
+            r#type: L7FlowType::Response as i32,
+            latency_ns: 7,
+            record: Some(layer7::Record::Http(Http {
+                code: 200,
+                method: "GET".into(),
+                url: "http://hello/load/5".into(),
+                headers: vec![HttpHeader { key: "x-request-id".into(), value: id.into() }],
+                ..Default::default()
+            })),
+        };
+        let time = Some(prost_types::Timestamp { seconds: 5, nanos: 6 });
+        let printed = Flow {
+            time,
+            uuid: "a".into(),
+            proxy_port: 13862,
+            summary: "HTTP/1.1 200; conn from-endpoint > to-proxy:13862".into(),
+            l7: Some(http("r1")),
+            ..Default::default()
+        };
+        // The next agent's flow of the same line: another uuid, and none of
+        // what the kernel's records of the connection gave the first.
+        let again = Flow { time, uuid: "b".into(), l7: Some(http("r1")), ..Default::default() };
+        let other = Flow { l7: Some(http("r2")), ..again.clone() };
+        let mut r = Resume::default();
+        assert!(r.first_time(&printed));
+        assert!(!r.first_time(&again));
+        assert!(r.first_time(&other), "another request (another x-request-id)");
+        // Other flows: everything but the uuid counts.
+        let tcp = Flow { time, uuid: "c".into(), proxy_port: 1, ..Default::default() };
+        assert!(r.first_time(&tcp));
+        assert!(!r.first_time(&Flow { uuid: "d".into(), ..tcp.clone() }));
+        assert!(r.first_time(&Flow { proxy_port: 2, ..tcp }));
     }
 }

@@ -493,7 +493,8 @@ impl SpoolReader {
 }
 
 /// How often the reader looks for new lines (Envoy writes its buffer
-/// every 100 ms: `--file-flush-interval-msec` in the agent's command line).
+/// every 100 ms by default: `--file-flush-interval-msec` in the agent's
+/// command line, `envoy.access-log-flush-ms`).
 const POLL: Duration = Duration::from_millis(50);
 /// Lines handed to the pipeline before they are committed: well under its
 /// access-log queue, which the reader is the only producer for.
