@@ -154,8 +154,41 @@ impl Reconciler {
         }
         self.apply_ipcache(dp, snap, &mut out)?;
         self.apply_endpoints(dp, snap, policies, &mut out)?;
+        self.apply_host_policy(dp, snap, &mut out)?;
         self.apply_services(dp, snap, &mut out)?;
         Ok(out)
+    }
+
+    /// The node's own endpoint (host policies): its entries under
+    /// `abi::HOST_EP_ID`, and whether each direction is under default-deny
+    /// (`weft_config`). A direction is turned off before its entries go and
+    /// turned on after they are in, so no connection sees a half policy.
+    fn apply_host_policy(&mut self, dp: &mut Datapath, snap: &Snapshot, out: &mut Applied) -> Result<()> {
+        let host = snap.policy.host.as_ref();
+        let want = host.map_or((false, false), |h| (h.ingress, h.egress));
+        let now = dp.config().host_policy;
+        let kept = (now.0 && want.0, now.1 && want.1);
+        if kept != now {
+            dp.reconfigure(|c| c.host_policy = kept)?;
+        }
+        let ep_id = abi::HOST_EP_ID as u16;
+        let entries = host.map(|h| h.entries.clone()).unwrap_or_default();
+        if self.policies.get(&ep_id) != Some(&entries) {
+            match dp.set_policy(ep_id, &entries) {
+                Ok(()) => {
+                    self.policies.insert(ep_id, entries);
+                }
+                Err(err) => {
+                    // What did not fit stays denied once enforcement is on.
+                    self.policies.remove(&ep_id);
+                    out.left_out(err, || "the node's host policy".to_owned())?;
+                }
+            }
+        }
+        if want != kept {
+            dp.reconfigure(|c| c.host_policy = want)?;
+        }
+        Ok(())
     }
 
     fn apply_ipcache(&mut self, dp: &mut Datapath, snap: &Snapshot, out: &mut Applied) -> Result<()> {

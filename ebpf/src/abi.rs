@@ -68,7 +68,8 @@ shared_struct! {
         pub _reserved: u32,
         pub native_cidr: u32,
         pub native_cidr_len: u8,
-        pub _pad1: u8,
+        /// `EP_POLICY_*`: a host policy selects this node in that direction.
+        pub host_policy: u8,
         pub _pad2: u16,
         pub nat_port_min: u16,
         pub nat_port_max: u16,

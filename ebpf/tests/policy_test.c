@@ -225,6 +225,114 @@ CHECK(policy_established)
 	return 0;
 }
 
+/* ---- Host policies: the node is endpoint WEFT_HOST_EP_ID. */
+
+#define HOST WEFT_HOST_EP_ID
+
+/* A pod reaches the node on the port its host policy allows the pod on; the
+ * verdict is the node's ingress. */
+PKTGEN(host_ingress_allowed) { return unit_tcp(skb, PEER_A, NODE, 42000, 9100, TCPF_SYN); }
+SETUP(host_ingress_allowed)
+{
+	client_fixture(0);
+	unit_identity(NODE, WEFT_ID_HOST);
+	unit_host_policy(WEFT_EP_POLICY_INGRESS);
+	unit_policy(HOST, IN, ID_A, TCP, 9100, 16, ALLOW, 31, 0);
+	return handle_from_container(skb);
+}
+CHECK(host_ingress_allowed)
+{
+	struct weft_event *verdict = unit_event(0);
+
+	ASSERT(unit_setup_verdict() == TC_ACT_OK);
+	ASSERT(unit_ct(PEER_A, NODE, 42000, 9100));
+	ASSERT(verdict && verdict->type == WEFT_EV_POLICY && verdict->subtype == WEFT_POLICY_ALLOW);
+	ASSERT(verdict->direction == WEFT_DIR_INGRESS && verdict->policy_match == WEFT_MATCH_L3_L4);
+	ASSERT(verdict->src_identity == ID_A && verdict->dst_identity == WEFT_ID_HOST && verdict->rule_id == 31);
+	return 0;
+}
+
+/* Another port of the node: default-deny, dropped before it is tracked. */
+PKTGEN(host_ingress_denied) { return unit_tcp(skb, PEER_A, NODE, 42001, 9200, TCPF_SYN); }
+SETUP(host_ingress_denied)
+{
+	client_fixture(0);
+	unit_identity(NODE, WEFT_ID_HOST);
+	unit_host_policy(WEFT_EP_POLICY_INGRESS);
+	unit_policy(HOST, IN, ID_A, TCP, 9100, 16, ALLOW, 31, 0);
+	return handle_from_container(skb);
+}
+CHECK(host_ingress_denied)
+{
+	struct weft_event *verdict = unit_event(0), *drop = unit_event(1);
+
+	ASSERT(unit_setup_verdict() == TC_ACT_SHOT);
+	ASSERT(!unit_ct(PEER_A, NODE, 42001, 9200));
+	ASSERT(verdict && verdict->subtype == WEFT_POLICY_DENY && verdict->direction == WEFT_DIR_INGRESS);
+	ASSERT(verdict->dst_identity == WEFT_ID_HOST && verdict->policy_match == WEFT_MATCH_NONE);
+	ASSERT(drop && drop->type == WEFT_EV_DROP && drop->subtype == WEFT_DROP_POLICY_DENIED);
+	ASSERT(drop->direction == WEFT_DIR_INGRESS);
+	return 0;
+}
+
+/* Without a host policy the node takes anything, and nothing is reported. */
+PKTGEN(host_no_policy) { return unit_tcp(skb, PEER_A, NODE, 42002, 9200, TCPF_SYN); }
+SETUP(host_no_policy)
+{
+	client_fixture(0);
+	unit_identity(NODE, WEFT_ID_HOST);
+	unit_policy(HOST, IN, ID_A, TCP, 9100, 16, ALLOW, 31, 0);
+	return handle_from_container(skb);
+}
+CHECK(host_no_policy)
+{
+	struct weft_event *ev = unit_event(0);
+
+	ASSERT(unit_setup_verdict() == TC_ACT_OK);
+	ASSERT(ev && ev->type == WEFT_EV_TRACE && unit_event_total() == 1);
+	return 0;
+}
+
+/* The node opening a connection to a pod is its egress: denied here, before
+ * the pod's own ingress (which lets the node in). */
+PKTGEN(host_egress_denied) { return unit_tcp(skb, NODE, SERVER, 42003, 8080, TCPF_SYN); }
+SETUP(host_egress_denied)
+{
+	fixture(0);
+	unit_host_policy(WEFT_EP_POLICY_EGRESS);
+	unit_policy(HOST, OUT, ID_A, TCP, 8080, 16, ALLOW, 32, 0);
+	return handle_to_container(skb);
+}
+CHECK(host_egress_denied)
+{
+	struct weft_event *verdict = unit_event(0), *drop = unit_event(1);
+
+	ASSERT(unit_setup_verdict() == TC_ACT_SHOT);
+	ASSERT(verdict && verdict->subtype == WEFT_POLICY_DENY && verdict->direction == WEFT_DIR_EGRESS);
+	ASSERT(verdict->src_identity == WEFT_ID_HOST && verdict->dst_identity == ID_SERVER);
+	ASSERT(drop && drop->subtype == WEFT_DROP_POLICY_DENIED && drop->direction == WEFT_DIR_EGRESS);
+	return 0;
+}
+
+/* The node's reply to a connection a pod opened is not judged again. */
+PKTGEN(host_reply_passes) { return unit_tcp(skb, NODE, PEER_A, 9100, 42000, TCPF_SYN | TCPF_ACK); }
+SETUP(host_reply_passes)
+{
+	struct weft_ct_entry e = { .flags = WEFT_CT_EGRESS_OK, .seen_orig = TCPF_SYN };
+
+	client_fixture(0);
+	unit_identity(NODE, WEFT_ID_HOST);
+	unit_host_policy(WEFT_EP_POLICY_INGRESS | WEFT_EP_POLICY_EGRESS);
+	unit_ct_put(PEER_A, NODE, 42000, 9100, &e);
+	return handle_to_container(skb);
+}
+CHECK(host_reply_passes)
+{
+	ASSERT(unit_setup_verdict() == TC_ACT_OK);
+	ASSERT(unit_event_total() == 1); /* the trace, no verdict */
+	return 0;
+}
+
 /* ---- Egress. */
 
 /* A pod an egress policy selects opens nothing that is not allowed. */

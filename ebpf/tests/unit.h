@@ -211,6 +211,17 @@ static __always_inline void unit_config(__u32 emit_level, __u32 flags, __u32 nod
 	bpf_map_update_elem(&weft_config, &zero, &c, BPF_ANY);
 }
 
+/* Puts the node under a host policy in the directions `host_policy` says
+ * (WEFT_EP_POLICY_*), keeping the rest of the config. */
+static __always_inline void unit_host_policy(__u8 host_policy)
+{
+	__u32 zero = 0;
+	struct weft_config *c = bpf_map_lookup_elem(&weft_config, &zero);
+
+	if (c)
+		c->host_policy = host_policy;
+}
+
 static __always_inline void unit_endpoint(__u32 addr, __u16 ep_id, __u32 identity, __u8 flags)
 {
 	struct weft_endpoint ep = { .ifindex = 1, .identity = identity, .ep_id = ep_id, .flags = flags };

@@ -560,3 +560,154 @@ spec:
             .unwrap_or_else(|e| env.fail(e));
     assert_eq!(through, json!(["cilium"]));
 }
+
+/// node1's host policy: pods labelled client may reach the node on 18080,
+/// the other nodes on 18081; nothing else reaches it (default-deny).
+const NODE1_IN: &str = "---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: node1-in}
+spec:
+  nodeSelector: {matchLabels: {kubernetes.io/hostname: node1}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: \"18080\", protocol: TCP}]}]
+  - fromEntities: [remote-node]
+    toPorts: [{ports: [{port: \"18081\"}]}]
+";
+
+/// node1's host policy for what it opens: pods labelled db on 8080 (one is
+/// local, one on node2), and the outside on 8080.
+const NODE1_OUT: &str = "---
+apiVersion: weft.io/v1alpha1
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: node1-out}
+spec:
+  nodeSelector: {matchLabels: {kubernetes.io/hostname: node1}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: db}}]
+    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]
+  - toCIDR: [192.168.50.100/32]
+    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]
+";
+
+/// Host policies (a clusterwide policy with a nodeSelector) judge the
+/// node's own connections on real packets: a pod reaching its node (its
+/// veth), another node's pod and the other node itself (the uplink), and,
+/// for egress, the node opening connections to a local pod, a remote pod
+/// and the outside. Replies pass; every decision is a verdict naming the
+/// policy and the direction, the host as the node's side.
+#[test]
+fn host_policies_judge_the_nodes_own_connections() {
+    require_root!();
+    let env = EnvoyLab::new(|lab| objects(lab, ""));
+    let lab = &env.lab;
+    let ext = HttpServer::start(&lab.ext_netns, sa(lab.ext_ip, 8080), ServerOpts::default()).unwrap();
+    let node1 = lab.nodes[0].ip;
+    let servers: Vec<HttpServer> = [(0, 18080), (0, 18081), (1, 18080)]
+        .iter()
+        .map(|(n, port)| HttpServer::start(&lab.nodes[*n].netns, sa(lab.nodes[*n].ip, *port), ServerOpts::default()))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let ip = |p: &str| lab.pod(p).ip;
+    let ok = |r: std::io::Result<(weft_tests::http::Response, _, _)>| r.is_ok_and(|(r, _, _)| r.status == 200);
+    // Allowed connections get a longer time than DENIED (a loaded machine
+    // can be slow to answer the first one); denied ones are waited for DENIED.
+    let allowed_time = Duration::from_secs(3);
+    let from = |pod: &str, to| ok(get_once(&lab.pod(pod).netns, to, "/", allowed_time));
+    let from_node = |n: usize, to| ok(get_once(&lab.nodes[n].netns, to, "/", allowed_time));
+    let quick = |pod: &str, to| ok(get_once(&lab.pod(pod).netns, to, "/", DENIED));
+    let quick_node = |n: usize, to| ok(get_once(&lab.nodes[n].netns, to, "/", DENIED));
+    for (who, to) in [("n1-p1", 18080), ("n1-p1", 18081), ("n2-p1", 18080)] {
+        assert!(from(who, sa(node1, to)), "{who} -> node1:{to} before any host policy");
+    }
+    assert!(from_node(0, sa(ip("n2-p1"), 8080)), "node1 -> web on node2 before any host policy");
+
+    env.apply(&objects(lab, NODE1_IN));
+    // A local pod, through its veth: the allowed port only.
+    assert!(from("n1-p1", sa(node1, 18080)), "client -> node1:18080 (allowed)");
+    assert!(!quick("n1-p1", sa(node1, 18081)), "client -> node1:18081 (not allowed for pods)");
+    assert!(!quick("n1-p2", sa(node1, 18080)), "db -> node1:18080 (not a client)");
+    // Through the uplink: the other node on its port, not a pod of it.
+    assert!(from_node(1, sa(node1, 18081)), "node2 -> node1:18081 (remote-node)");
+    assert!(!quick_node(1, sa(node1, 18080)), "node2 -> node1:18080");
+    assert!(!quick("n2-p1", sa(node1, 18080)), "web on node2 -> node1:18080");
+    // node2 is not selected; node1's egress and its pods are not under it.
+    assert!(from("n1-p2", sa(lab.nodes[1].ip, 18080)), "db -> node2:18080");
+    assert!(from_node(0, sa(ip("n1-p2"), 8080)), "node1 -> its pod db");
+    if !from_node(0, sa(ip("n2-p1"), 8080)) {
+        let all = observed(&env, &["--ip", &ip("n2-p1").to_string()]);
+        let n2 = observe_json(&env.files[1], &["--all", "--ip", &ip("n2-p1").to_string()]);
+        env.fail(format!("node1 -> web on node2\nnode1: {all:#?}\nnode2: {n2:#?}"));
+    }
+
+    let host_in = ["--type", "policy-verdict", "--traffic-direction", "ingress"];
+    let host_side = |f: &Value, side: &str| f[side]["identity"] == 1;
+    wait_for(Duration::from_secs(10), "host ingress verdicts", || {
+        let v = observed(&env, &host_in);
+        let host = |verdict: &str| v.iter().any(|f| host_side(f, "destination") && f["verdict"] == verdict);
+        (host("DROPPED") && host("FORWARDED")).then_some(())
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    let verdicts: Vec<Value> = observed(&env, &host_in).into_iter().filter(|f| host_side(f, "destination")).collect();
+    let allowed = verdicts.iter().find(|f| f["verdict"] == "FORWARDED" && pod(f, "source") == "n1-p1");
+    let allowed = allowed.unwrap_or_else(|| env.fail(format!("no allowed host verdict for the client: {verdicts:?}")));
+    assert_eq!(allowed["ingress_allowed_by"][0]["kind"], "CiliumClusterwideNetworkPolicy", "{allowed}");
+    assert_eq!(allowed["ingress_allowed_by"][0]["name"], "node1-in", "{allowed}");
+    assert_eq!(allowed["policy_match_type"], 2, "L3-L4: {allowed}");
+    assert_eq!(allowed["l4"]["TCP"]["destination_port"], 18080, "{allowed}");
+    let denied: Vec<&Value> = verdicts.iter().filter(|f| f["verdict"] == "DROPPED").collect();
+    for (who, port) in [("n1-p1", 18081), ("n1-p2", 18080), ("n2-p1", 18080)] {
+        assert!(
+            denied.iter().any(|f| pod(f, "source") == who && f["l4"]["TCP"]["destination_port"] == port),
+            "a denied host verdict for {who} -> node1:{port}: {denied:?}"
+        );
+    }
+    assert!(
+        denied.iter().any(|f| f["IP"]["source"] == lab.nodes[1].ip.to_string() && f["source"]["identity"] == 6),
+        "node2 (remote-node) -> node1:18080 denied: {denied:?}"
+    );
+    let drops = observed(&env, &["--type", "drop", "--from-pod", "default/n1-p2"]);
+    let to_node = drops.iter().find(|d| d["IP"]["destination"] == node1.to_string());
+    let to_node = to_node.unwrap_or_else(|| env.fail(format!("no drop for db -> node1: {drops:?}")));
+    assert_eq!(
+        (&to_node["drop_reason_desc"], &to_node["traffic_direction"]),
+        (&json!("POLICY_DENIED"), &json!("INGRESS"))
+    );
+    let status: Value = serde_json::from_str(&agent_get(lab, 0, "/status").unwrap()).unwrap();
+    let host = &status["datapath"]["host-policy"];
+    assert_eq!(host["selected-by"], json!(["CiliumClusterwideNetworkPolicy node1-in"]), "{host}");
+    assert_eq!((&host["ingress"], &host["egress"]), (&json!(true), &json!(false)), "{host}");
+    assert!(host["not-enforced"].as_array().is_some_and(|a| !a.is_empty()), "{host}");
+    let node2: Value = serde_json::from_str(&agent_get(lab, 1, "/status").unwrap()).unwrap();
+    assert_eq!(node2["datapath"]["host-policy"]["selected-by"], json!([]), "node2 is not selected");
+
+    // Egress: what node1 opens, to a local pod (its veth), a remote one and
+    // the outside (the uplink); replies of allowed connections come back.
+    env.apply(&objects(lab, &format!("{NODE1_IN}{NODE1_OUT}")));
+    assert!(from_node(0, sa(ip("n1-p2"), 8080)), "node1 -> local db");
+    assert!(from_node(0, sa(ip("n2-p2"), 8080)), "node1 -> shop/db on node2");
+    assert!(from_node(0, sa(lab.ext_ip, 8080)), "node1 -> the outside address");
+    assert!(!quick_node(0, sa(ip("n2-p1"), 8080)), "node1 -> web on node2");
+    assert!(!quick_node(0, sa(ip("n1-p1"), 8080)), "node1 -> the local client");
+    assert!(!quick_node(0, sa(lab.nodes[1].ip, 18080)), "node1 -> node2");
+    assert!(from("n1-p1", sa(node1, 18080)), "ingress still as before");
+    let host_out = ["--type", "policy-verdict", "--traffic-direction", "egress"];
+    wait_for(Duration::from_secs(10), "host egress verdicts", || {
+        let v = observed(&env, &host_out);
+        let host = |verdict: &str| v.iter().any(|f| host_side(f, "source") && f["verdict"] == verdict);
+        (host("DROPPED") && host("FORWARDED")).then_some(())
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    let out: Vec<Value> = observed(&env, &host_out).into_iter().filter(|f| host_side(f, "source")).collect();
+    let to_db = out.iter().find(|f| f["verdict"] == "FORWARDED" && pod(f, "destination") == "n2-p2");
+    let to_db = to_db.unwrap_or_else(|| env.fail(format!("no allowed host verdict to shop/db: {out:?}")));
+    assert_eq!(to_db["egress_allowed_by"][0]["name"], "node1-out", "{to_db}");
+    for who in ["n2-p1", "n1-p1"] {
+        assert!(
+            out.iter().any(|f| f["verdict"] == "DROPPED" && pod(f, "destination") == who),
+            "a denied host egress verdict to {who}: {out:?}"
+        );
+    }
+    drop((ext, servers));
+}

@@ -150,6 +150,9 @@ pub struct DatapathConfig {
     pub emit_level: EmitLevel,
     /// Let the node itself reach local pods whatever their policy (Cilium's default).
     pub allow_host_ingress: bool,
+    /// A host policy selects the node: (ingress, egress) under default-deny,
+    /// judged by the entries of endpoint `abi::HOST_EP_ID`. Changeable at run time.
+    pub host_policy: (bool, bool),
     /// Translate Service addresses at connect() for pods' sockets too (the
     /// cgroup hooks see every process under `cgroup`), so their packets need no
     /// per-packet NAT; per-packet DNAT still handles what the hooks do not see.
@@ -175,6 +178,7 @@ impl DatapathConfig {
             nat_ports: (61000, 65535),
             emit_level: EmitLevel::default(),
             allow_host_ingress: true,
+            host_policy: (false, false),
             socket_lb_pods: true,
             proxy_route_table: 2004,
             proxy_rule_priority: 9,
@@ -201,6 +205,8 @@ impl DatapathConfig {
             node_ip: u32::from_ne_bytes(self.node_ip.octets()),
             native_cidr,
             native_cidr_len,
+            host_policy: (if self.host_policy.0 { abi::EP_POLICY_INGRESS as u8 } else { 0 })
+                | (if self.host_policy.1 { abi::EP_POLICY_EGRESS as u8 } else { 0 }),
             nat_port_min: self.nat_ports.0,
             nat_port_max: self.nat_ports.1,
             ..Default::default()

@@ -232,6 +232,14 @@ fn apply(
         st.applied_version = snap.version;
         st.services = snap.services.len();
         st.endpoints = snap.pods.iter().filter(|p| p.local).count();
+        let host = snap.policy.host.as_ref();
+        st.host_policy = super::status::HostPolicyStatus {
+            selected_by: snap.policy.host_policies.iter().map(ToString::to_string).collect(),
+            ingress: host.is_some_and(|h| h.ingress),
+            egress: host.is_some_and(|h| h.egress),
+            entries: host.map_or(0, |h| h.entries.len()),
+            ..Default::default()
+        };
         st.problems = snap.problems.iter().chain(&applied.problems).cloned().collect();
         st.attached = rec.attached();
         st.full_maps = applied.full;

@@ -35,6 +35,8 @@ pub struct DatapathStatus {
     pub applied_version: u64,
     pub services: usize,
     pub endpoints: usize,
+    /// The node's own endpoint: the host policies that select it.
+    pub host_policy: HostPolicyStatus,
     pub problems: Vec<String>,
     pub proxy_ports_without_listener: Vec<u16>,
     /// Frontends not handed to their proxy port yet (no listening socket
@@ -67,6 +69,42 @@ pub struct DatapathStatus {
     /// reading), for the flow pipeline's loss accounting.
     #[serde(skip)]
     pub event_stats: Option<EventStats>,
+}
+
+/// What host policies do on this node, and what of the node's traffic they
+/// never judge (said whether or not one selects the node).
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HostPolicyStatus {
+    /// `Kind name` of each host policy whose nodeSelector matches this node's labels.
+    pub selected_by: Vec<String>,
+    /// Default-deny in each direction for the node's own connections.
+    pub ingress: bool,
+    pub egress: bool,
+    /// Datapath entries of the node's endpoint.
+    pub entries: usize,
+    pub not_enforced: &'static [&'static str],
+}
+
+/// The node's traffic host policies do not judge.
+pub const HOST_POLICY_NOT_ENFORCED: &[&str] = &[
+    "IPv6 (the datapath is IPv4-only; the node's device passes IPv6)",
+    "the node talking to itself over lo",
+    "connections to Service frontends on the node (NodePort, LoadBalancer, external IPs): their backends' policies judge them",
+    "connections established before the policy",
+    "HTTP rules and listeners (refused by name)",
+];
+
+impl Default for HostPolicyStatus {
+    fn default() -> Self {
+        Self {
+            selected_by: Vec::new(),
+            ingress: false,
+            egress: false,
+            entries: 0,
+            not_enforced: HOST_POLICY_NOT_ENFORCED,
+        }
+    }
 }
 
 /// Occupancy of one datapath map.

@@ -289,7 +289,8 @@ impl Snapshot {
         for (key, p) in &objects.cilium_clusterwide_network_policies {
             policy::cilium::translate(key, &p.object, true, &mut translated);
         }
-        let mut policy = policy::derive(translated, &cluster, &mut problems);
+        let node_labels = nodes.iter().find(|n| n.name == node_name).map(|n| n.labels.clone()).unwrap_or_default();
+        let mut policy = policy::derive(translated, &cluster, &node_labels, &mut problems);
         let (redirects, proxy_ports) = proxies(&policy);
         policy.connect(&proxy_ports);
         problems.extend(policy.problem_lines());

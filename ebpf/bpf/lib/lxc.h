@@ -195,6 +195,12 @@ static __always_inline int lxc_open(struct __sk_buff *skb, const struct weft_con
 		trace_if(cfg, p, skb->ifindex, WEFT_OBS_FROM_ENDPOINT, CT_ESTABLISHED, seen, x);
 		return TC_ACT_OK;
 	}
+	/* To the node itself: its host policy's ingress too. */
+	if (dst_identity == WEFT_ID_HOST) {
+		rc = host_policy_enforce(cfg, p, skb->ifindex, ep->identity, WEFT_DIR_INGRESS);
+		if (rc)
+			return rc;
+	}
 	proxy_port = r.proxy_port;
 	if (!proxy_port && p->proto == IPPROTO_TCP)
 		proxy_port = ingress_proxy_port(cfg, p, skb->ifindex, ep->identity);
@@ -382,6 +388,12 @@ static __always_inline int lxc_to_container(struct __sk_buff *skb, const struct 
 
 	/* First packet of the connection at this pod's door. */
 	src_identity = ipcache_identity(p->saddr);
+	if (src_identity == WEFT_ID_HOST) {
+		/* The node opens it: its host policy's egress first. */
+		rc = host_policy_enforce(cfg, p, skb->ifindex, ep->identity, WEFT_DIR_EGRESS);
+		if (rc)
+			return rc;
+	}
 	if (src_identity == WEFT_ID_HOST && cfg && (cfg->flags & WEFT_CFG_ALLOW_HOST_INGRESS)) {
 		/* The node itself, and the proxy on behalf of its clients. */
 	} else {

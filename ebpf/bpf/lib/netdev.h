@@ -192,6 +192,12 @@ static __always_inline int netdev_from_network(struct __sk_buff *skb, const stru
 	ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
 	ct_entry_init(&e, p, 0);
 	e.src_identity = ipcache_identity(p->saddr);
+	if (ipcache_identity(p->daddr) == WEFT_ID_HOST) {
+		/* To the node itself: its host policy's ingress. */
+		rc = host_policy_enforce(cfg, p, skb->ifindex, e.src_identity, WEFT_DIR_INGRESS);
+		if (rc)
+			return rc;
+	}
 	e.proxy_port = ingress_proxy_port(cfg, p, skb->ifindex, e.src_identity);
 	if (e.proxy_port)
 		e.flags |= WEFT_CT_PROXY;
@@ -265,7 +271,14 @@ static __always_inline int netdev_to_network(struct __sk_buff *skb, const struct
 		dir = CT_NEW;
 		if (!handled) {
 			/* The node's own connection (a node process, or the proxy
-			 * talking to a backend): tracked so its replies are known. */
+			 * talking to a backend): judged by its host policy's
+			 * egress, tracked so its replies are known. */
+			if (cfg && cfg->host_policy && ipcache_identity(p->saddr) == WEFT_ID_HOST) {
+				rc = host_policy_enforce(cfg, p, skb->ifindex, ipcache_identity(p->daddr),
+							 WEFT_DIR_EGRESS);
+				if (rc)
+					return rc;
+			}
 			ct_key_fwd(&key, p, WEFT_CT_SCOPE_CONN);
 			ct_entry_init(&e, p, WEFT_CT_FROM_HOST);
 			e.src_identity = WEFT_ID_HOST;

@@ -157,4 +157,25 @@ static __always_inline int policy_enforce(const struct weft_config *cfg, const s
 			r->match == WEFT_MATCH_NONE ? WEFT_DROP_POLICY_DENIED : WEFT_DROP_POLICY_DENY, dir);
 }
 
+/* Judges a new connection of the node itself (host policies): `dir` is
+ * the node's direction (ingress: the peer opened it to a node address;
+ * egress: the node opened it). The node is the endpoint WEFT_HOST_EP_ID,
+ * under default-deny in the directions weft_config.host_policy says; with
+ * no host policy it allows everything and reports nothing. Returns 0 if
+ * allowed, else TC_ACT_SHOT after reporting the verdict and the drop. */
+static __always_inline int host_policy_enforce(const struct weft_config *cfg, const struct pkt4 *p, __u32 ifindex,
+					       __u32 peer, __u8 dir)
+{
+	struct weft_endpoint host = {
+		.identity = WEFT_ID_HOST,
+		.ep_id = WEFT_HOST_EP_ID,
+	};
+	struct policy_result r;
+
+	if (!cfg || !cfg->host_policy)
+		return 0;
+	host.flags = cfg->host_policy;
+	return policy_enforce(cfg, p, ifindex, &host, peer, dir, &r);
+}
+
 #endif /* WEFT_POLICY_H */

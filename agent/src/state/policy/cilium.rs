@@ -5,11 +5,13 @@
 //! named ports, TCP/UDP/ANY, and per port rule HTTP rules or a listener,
 //! which send the allowed connections through the node's proxy: see
 //! [`super::l7`]); `ingressDeny`/`egressDeny` (deny wins in the datapath);
-//! `enableDefaultDeny`.
+//! `enableDefaultDeny`. A clusterwide rule set with a `nodeSelector` is a
+//! host policy: the same rules, about the nodes whose labels match
+//! ([`super::Translated::host`]).
 //!
 //! The rules are read field by field from the document as written, so that
 //! whatever weft does not enforce (FQDN and DNS rules, L7 rules other than
-//! HTTP, mutual authentication, host policies, ...) is refused by name
+//! HTTP, mutual authentication, L7 rules in host policies, ...) is refused by name
 //! rather than skipped: a refused allow rule allows nothing and a refused
 //! deny rule denies everything in its direction, so a policy weft cannot
 //! read never opens a pod up.
@@ -100,6 +102,7 @@ pub const CLUSTERWIDE_KIND: &str = "CiliumClusterwideNetworkPolicy";
 /// Fields of a rule set weft reads.
 const SPEC_FIELDS: &[&str] = &[
     "endpointSelector",
+    "nodeSelector",
     "ingress",
     "ingressDeny",
     "egress",
@@ -116,7 +119,6 @@ const HTTP_FIELDS: &[&str] = &["method", "path", "host", "headers", "headerMatch
 /// Why a field weft knows of is not enforced (None: a field weft does not know).
 fn refusal(field: &str) -> Option<&'static str> {
     Some(match field {
-        "nodeSelector" => "host policies (rules for nodes) are not supported",
         "toFQDNs" => "FQDN rules are not supported (weft has no DNS proxy)",
         "dns" => "DNS rules are not supported (weft has no DNS proxy)",
         "kafka" | "l7proto" | "l7" => "L7 rules other than HTTP are not supported",
@@ -154,8 +156,10 @@ pub fn translate(key: &ObjKey, p: &CiliumPolicy, clusterwide: bool, out: &mut Tr
         problem("spec", "the policy has neither spec nor specs".into());
     }
     for (at, spec) in specs {
-        if let Some(policy) = one_spec(spec, &at, scope, rule_id, &mut problem) {
-            out.policies.push(policy);
+        match one_spec(spec, &at, scope, rule_id, &mut problem) {
+            Some((policy, Subject::Pods)) => out.policies.push(policy),
+            Some((policy, Subject::Node)) => out.host.push(policy),
+            None => {}
         }
     }
     out.report(kind, key, problems);
@@ -200,21 +204,27 @@ fn list<'v>(
     }
 }
 
+/// What a rule set is about: pods (`endpointSelector`) or nodes
+/// (`nodeSelector`: a host policy, whose subjects' labels select nodes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Subject {
+    Pods,
+    Node,
+}
+
 fn one_spec(
     spec: &Value,
     at: &str,
     scope: Option<&str>,
     rule_id: u32,
     problem: &mut impl FnMut(&str, String),
-) -> Option<Policy> {
+) -> Option<(Policy, Subject)> {
     let Some(spec) = spec.as_object() else {
         problem(at, "is not an object".into());
         return None;
     };
-    if spec.contains_key("nodeSelector") {
-        // A rule set for nodes selects no pods: nothing of it applies here.
-        check_fields(spec, at, SPEC_FIELDS, problem);
-        return None;
+    if let Some(sel) = spec.get("nodeSelector") {
+        return host_spec(spec, sel, at, scope, rule_id, problem).map(|p| (p, Subject::Node));
     }
     let Some(sel) = spec.get("endpointSelector") else {
         problem(&format!("{at}.endpointSelector"), "is missing (it selects the pods the rules are about)".into());
@@ -235,8 +245,53 @@ fn one_spec(
         return None;
     }
     let subjects = PodSelector { namespace: scope.map(str::to_owned), namespace_labels: None, labels: Some(labels) };
-    // An unknown field may be a restriction weft would miss: the pods stay
-    // selected in both directions with nothing allowed.
+    rule_set(spec, at, scope, rule_id, subjects, Subject::Pods, problem).map(|p| (p, Subject::Pods))
+}
+
+/// A rule set with a `nodeSelector`: a host policy, about the nodes whose
+/// Node labels match (the selector is kept as the subjects' labels). Only
+/// a clusterwide policy may have one, and not beside an `endpointSelector`
+/// (Cilium refuses both as well).
+fn host_spec(
+    spec: &Map<String, Value>,
+    sel: &Value,
+    at: &str,
+    scope: Option<&str>,
+    rule_id: u32,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Policy> {
+    let field = format!("{at}.nodeSelector");
+    if scope.is_some() {
+        problem(&field, "host policies must be CiliumClusterwideNetworkPolicy (a namespaced policy selects no node; Cilium refuses it too)".into());
+        return None;
+    }
+    if spec.contains_key("endpointSelector") {
+        problem(&field, "nodeSelector and endpointSelector together: a rule set is about pods or about nodes".into());
+        return None;
+    }
+    let labels = match selector(sel) {
+        Ok(s) => s,
+        Err(e) => {
+            problem(&field, e.to_string());
+            return None;
+        }
+    };
+    let subjects = PodSelector { namespace: None, namespace_labels: None, labels: Some(labels) };
+    rule_set(spec, at, None, rule_id, subjects, Subject::Node, problem)
+}
+
+/// The rules of a rule set about `subjects`.
+fn rule_set(
+    spec: &Map<String, Value>,
+    at: &str,
+    scope: Option<&str>,
+    rule_id: u32,
+    subjects: PodSelector,
+    about: Subject,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<Policy> {
+    // An unknown field may be a restriction weft would miss: the subjects
+    // stay selected in both directions with nothing allowed.
     if !check_fields(spec, at, SPEC_FIELDS, problem) {
         return Some(Policy { rule_id, subjects, ingress: true, egress: true, rules: Vec::new() });
     }
@@ -257,7 +312,7 @@ fn one_spec(
         };
         has[i] |= !items.is_empty();
         for (ri, r) in items.iter().enumerate() {
-            rules.extend(rule(r, &format!("{at}.{field}[{ri}]"), direction, action, scope, problem));
+            rules.extend(rule(r, &format!("{at}.{field}[{ri}]"), direction, action, scope, about, problem));
         }
     }
     // Default-deny in each direction that has rules, unless the policy says
@@ -284,6 +339,7 @@ fn rule(
     direction: Direction,
     action: PolicyAction,
     scope: Option<&str>,
+    about: Subject,
     problem: &mut impl FnMut(&str, String),
 ) -> Vec<Rule> {
     let (endpoints, cidr, cidr_set, entities) = match direction {
@@ -341,6 +397,25 @@ fn rule(
     if ok && action == PolicyAction::Deny && port_rules.iter().any(|(_, proxy)| proxy.is_some()) {
         problem(&format!("{at}.toPorts"), "HTTP rules and listeners cannot deny (Cilium refuses them too)".into());
         ok = false;
+    }
+    if ok && about == Subject::Node {
+        // The node's own traffic never passes its proxy, and the node has
+        // no container ports to name.
+        if port_rules.iter().any(|(_, proxy)| proxy.is_some()) {
+            problem(
+                &format!("{at}.toPorts"),
+                "HTTP rules and listeners are not enforced in host policies (nor by Cilium)".into(),
+            );
+            ok = false;
+        }
+        let named = |specs: &[PortSpec]| specs.iter().any(|s| matches!(s.ports, PortSel::Named(_)));
+        if direction == Direction::Ingress && port_rules.iter().any(|(specs, _)| named(specs)) {
+            problem(
+                &format!("{at}.toPorts"),
+                "a named port in a host policy's ingress names nothing (the node has no container ports)".into(),
+            );
+            ok = false;
+        }
     }
     if !ok {
         return refused(problem);
@@ -737,7 +812,7 @@ mod tests {
     const OBJECTS: &str = r#"
 apiVersion: v1
 kind: Node
-metadata: {name: n1}
+metadata: {name: n1, labels: {role: edge}}
 status: {addresses: [{type: InternalIP, address: 192.168.50.1}]}
 ---
 apiVersion: v1
@@ -867,6 +942,62 @@ spec:
     }
 
     #[test]
+    fn host_policies_select_nodes_by_their_labels_and_give_the_node_its_entries() {
+        let policies = r#"
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: edge}
+spec:
+  nodeSelector: {matchLabels: {role: edge}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: worker}}]
+    toPorts: [{ports: [{port: "9100", protocol: TCP}]}]
+  - fromEntities: [remote-node]
+  ingressDeny:
+  - fromCIDR: [10.200.0.1/32]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: elsewhere}
+specs:
+- nodeSelector: {matchLabels: {role: core}}
+  egress: [{toEntities: [world]}]
+- endpointSelector: {matchLabels: {app: client}}
+  egress: [{toEntities: [cluster]}]
+"#;
+        let s = snapshot(policies);
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        // Only n1 carries role=edge: it is selected, in the ingress direction only.
+        let host = s.policy.host.as_ref().expect("n1 is selected by a host policy");
+        assert!(host.ingress && !host.egress, "{host:?}");
+        let edge = rule_id("CiliumClusterwideNetworkPolicy", &ObjKey::new("", "edge"));
+        assert_eq!(
+            s.policy.host_policies.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["CiliumClusterwideNetworkPolicy edge"]
+        );
+        let tcp = Some(Proto::Tcp);
+        let want = BTreeSet::from([
+            (id_of(&s, "shop", "worker"), tcp, 9100, 9100),
+            (id_of(&s, "ops", "worker"), tcp, 9100, 9100),
+            (abi::ID_REMOTE_NODE, None, 0, 0),
+        ]);
+        assert_eq!(entries(&host.entries, Direction::Ingress, PolicyAction::Allow), want);
+        let denied = entries(&host.entries, Direction::Ingress, PolicyAction::Deny);
+        assert_eq!(denied, BTreeSet::from([(cidr_id(&s, "10.200.0.1/32"), None, 0, 0)]));
+        assert!(host.entries.iter().all(|e| e.rule_id == edge));
+        // The rule set for pods of the same object still selects its pod; the
+        // host rule set for role=core selects nothing here.
+        assert!(s.policy.endpoints[&ip("10.1.1.13")].egress);
+        assert!(!s.policy.endpoints.contains_key(&ip("10.1.1.10")), "pods are not the node");
+        // n2 has no role label: no host policy there.
+        let mut l = Loaded::default();
+        load_text(std::path::Path::new("p.yaml"), &format!("{OBJECTS}{policies}"), &mut l);
+        let n2 = Snapshot::derive(&l.objects, "n2", None, &Redirects::new(), None);
+        assert!(n2.policy.host.is_none() && n2.policy.host_policies.is_empty());
+    }
+
+    #[test]
     fn a_clusterwide_policy_spans_namespaces_and_default_deny_follows_the_rules() {
         let s = snapshot(
             r#"
@@ -950,11 +1081,20 @@ spec:
     icmps: [{fields: [{type: 8}]}]
 ---
 apiVersion: cilium.io/v2
-kind: CiliumClusterwideNetworkPolicy
-metadata: {name: hosts}
+kind: CiliumNetworkPolicy
+metadata: {name: hosts, namespace: shop}
 spec:
   nodeSelector: {}
   ingress: [{fromEntities: [cluster]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: host-l7}
+spec:
+  nodeSelector: {}
+  ingress:
+  - toPorts: [{ports: [{port: "80"}], rules: {http: [{method: GET}]}}]
+  - toPorts: [{ports: [{port: http}]}]
 "#,
         );
         let p = s.problems.join("\n");
@@ -968,7 +1108,9 @@ spec:
             "CiliumNetworkPolicy shop/refused: spec.egressDeny[0].icmps: ICMP rules are not supported",
             "CiliumNetworkPolicy shop/refused: spec.egressDeny[0]: the rule denies every peer on every port",
             "CiliumNetworkPolicy shop/refused: spec.ingress[0]: the rule allows nothing",
-            "CiliumClusterwideNetworkPolicy hosts: spec.nodeSelector: host policies",
+            "CiliumNetworkPolicy shop/hosts: spec.nodeSelector: host policies must be CiliumClusterwideNetworkPolicy",
+            "CiliumClusterwideNetworkPolicy host-l7: spec.ingress[0].toPorts: HTTP rules and listeners are not enforced in host policies",
+            "CiliumClusterwideNetworkPolicy host-l7: spec.ingress[1].toPorts: a named port in a host policy's ingress names nothing",
         ] {
             assert!(p.contains(want), "missing {want:?} in\n{p}");
         }

@@ -5,6 +5,11 @@
 //!
 //! Kinds: Kubernetes NetworkPolicy ([`netpol`]); CiliumNetworkPolicy and
 //! CiliumClusterwideNetworkPolicy ([`cilium`]).
+//!
+//! Host policies (a clusterwide rule set with a `nodeSelector`) are about
+//! the node itself: selected by this node's Node labels, they give the node
+//! one more endpoint ([`PolicyState::host`]), whose entries the datapath
+//! reads under endpoint id `abi::HOST_EP_ID` for the node's own traffic.
 
 pub mod cilium;
 pub mod l7;
@@ -52,6 +57,10 @@ pub type Problems = BTreeMap<PolicyRef, Vec<String>>;
 pub struct PolicyState {
     /// Each local pod some policy selects, by its address.
     pub endpoints: BTreeMap<Ipv4Addr, EndpointPolicy>,
+    /// The node itself, when a host policy selects it.
+    pub host: Option<EndpointPolicy>,
+    /// The host policies that select this node.
+    pub host_policies: Vec<PolicyRef>,
     /// Prefixes policies name, and their identities.
     pub cidrs: Vec<CidrIdentity>,
     /// rule id -> the policy its entries came from.
@@ -118,6 +127,8 @@ pub fn rule_id(kind: &str, key: &ObjKey) -> u32 {
 #[derive(Default)]
 pub struct Translated {
     pub policies: Vec<rule::Policy>,
+    /// Host policies: their subjects' labels select nodes.
+    pub host: Vec<rule::Policy>,
     pub rules: BTreeMap<u32, PolicyRef>,
     /// What of each object the translation could not take as written.
     pub problems: Problems,
@@ -140,10 +151,17 @@ impl Translated {
     }
 }
 
-/// Resolves translated policies against the cluster. Problems of one policy
-/// go to [`PolicyState::problems`]; `problems` hears those of none in particular.
-pub fn derive(t: Translated, cluster: &rule::Cluster, problems: &mut Vec<String>) -> PolicyState {
-    let cidrs = match rule::CidrIds::of(&t.policies) {
+/// Resolves translated policies against the cluster, host policies against
+/// this node's labels. Problems of one policy go to
+/// [`PolicyState::problems`]; `problems` hears those of none in particular.
+pub fn derive(
+    t: Translated,
+    cluster: &rule::Cluster,
+    node_labels: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) -> PolicyState {
+    let all: Vec<&rule::Policy> = t.policies.iter().chain(&t.host).collect();
+    let cidrs = match rule::CidrIds::of(all) {
         Ok(c) => c,
         Err(e) => {
             // Without identities for the prefixes no block can be enforced:
@@ -153,10 +171,13 @@ pub fn derive(t: Translated, cluster: &rule::Cluster, problems: &mut Vec<String>
         }
     };
     let (rules, mut by_policy) = (&t.rules, t.problems);
-    let endpoints = rule::resolve(&t.policies, cluster, &cidrs, |id, msg| match rules.get(&id) {
+    let mut problem = |id, msg| match rules.get(&id) {
         Some(r) => by_policy.entry(r.clone()).or_default().push(msg),
         None => problems.push(format!("policy {id}: {msg}")),
-    });
+    };
+    let endpoints = rule::resolve(&t.policies, cluster, &cidrs, &mut problem);
+    let (host, host_ids) = rule::resolve_host(&t.host, node_labels, cluster, &cidrs, &mut problem);
+    let host_policies = host_ids.iter().filter_map(|id| rules.get(id).cloned()).collect();
     let mut http = Vec::new();
     if endpoints.values().any(|e| e.waiting.iter().any(|(_, p)| matches!(p, l7::Proxy::Http(_)))) {
         let addrs = l7::Addresses::of(cluster, &cidrs);
@@ -166,6 +187,8 @@ pub fn derive(t: Translated, cluster: &rule::Cluster, problems: &mut Vec<String>
     }
     PolicyState {
         endpoints,
+        host,
+        host_policies,
         cidrs: cidrs.iter().map(|(n, id)| CidrIdentity { addr: n.addr, prefix_len: n.len, identity: *id }).collect(),
         rules: t.rules,
         http,

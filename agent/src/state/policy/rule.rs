@@ -278,7 +278,7 @@ pub struct CidrIds(BTreeMap<Net, u32>);
 
 impl CidrIds {
     /// Identities for every prefix the policies name (blocks and exceptions).
-    pub fn of(policies: &[Policy]) -> Result<Self, TooManyPrefixes> {
+    pub fn of<'p>(policies: impl IntoIterator<Item = &'p Policy>) -> Result<Self, TooManyPrefixes> {
         let mut nets = BTreeSet::new();
         for p in policies {
             for r in &p.rules {
@@ -354,11 +354,11 @@ fn resolve_peers<'c>(peers: &[Peer], cluster: &Cluster<'c>, cidrs: &CidrIds) -> 
     Ok(out)
 }
 
-/// The entries one rule gives one subject pod.
+/// The entries one rule gives one subject: a pod, or the node (None).
 fn entries_for(
     rule: &Rule,
     rule_id: u32,
-    subject: &PodState,
+    subject: Option<&PodState>,
     peers: &Peers,
     cluster: &Cluster,
     out: &mut BTreeSet<PolicyEntry>,
@@ -400,8 +400,9 @@ fn entries_for(
                 };
                 match rule.direction {
                     // The subject's own port of that name, from every peer.
+                    // The node has no named ports.
                     Direction::Ingress => {
-                        if let Some((port, proto)) = on(subject) {
+                        if let Some((port, proto)) = subject.and_then(on) {
                             out.extend(peers.ids.iter().map(|id| entry(*id, Some(proto), Some((port, port)))));
                         }
                     }
@@ -432,6 +433,82 @@ pub struct EndpointPolicy {
     pub waiting: Vec<(PolicyEntry, Proxy)>,
 }
 
+/// What the policies give one endpoint, as they are added up.
+#[derive(Default)]
+struct Slot {
+    ingress: bool,
+    egress: bool,
+    entries: BTreeSet<PolicyEntry>,
+    waiting: BTreeSet<(PolicyEntry, Proxy)>,
+}
+
+impl Slot {
+    /// Adds what one rule of policy `rule_id` gives this endpoint. A rule
+    /// about a direction its policy does not enforce still applies: another
+    /// policy may enforce it.
+    fn add(&mut self, rule: &Rule, rule_id: u32, subject: Option<&PodState>, peers: &Peers, cluster: &Cluster) {
+        match &rule.proxy {
+            None => entries_for(rule, rule_id, subject, peers, cluster, &mut self.entries),
+            Some(proxy) => {
+                let mut via = BTreeSet::new();
+                entries_for(rule, rule_id, subject, peers, cluster, &mut via);
+                self.waiting.extend(via.into_iter().map(|e| (e, proxy.clone())));
+            }
+        }
+    }
+
+    /// The endpoint's policy; None when no policy enforces a direction.
+    /// Entries of a direction nothing enforces would never be read.
+    fn finish(self) -> Option<EndpointPolicy> {
+        if !self.ingress && !self.egress {
+            return None;
+        }
+        let keep = |e: &PolicyEntry| match e.direction {
+            Direction::Ingress => self.ingress,
+            Direction::Egress => self.egress,
+        };
+        let entries = self.entries.iter().filter(|e| keep(e)).cloned().collect();
+        let waiting = self.waiting.iter().filter(|(e, _)| keep(e)).cloned().collect();
+        Some(EndpointPolicy { ingress: self.ingress, egress: self.egress, entries, waiting })
+    }
+}
+
+/// Resolves host policies for this node, whose Node labels are
+/// `node_labels`: the node's own endpoint policy (None when no host policy
+/// selects it), and the rule ids of those that do. Problems as in [`resolve`].
+pub fn resolve_host(
+    policies: &[Policy],
+    node_labels: &BTreeMap<String, String>,
+    cluster: &Cluster,
+    cidrs: &CidrIds,
+    mut problem: impl FnMut(u32, String),
+) -> (Option<EndpointPolicy>, Vec<u32>) {
+    let mut slot = Slot::default();
+    let mut by = Vec::new();
+    for policy in policies {
+        let sel = policy.subjects.labels.clone().unwrap_or_default();
+        match selects(&sel, node_labels) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                problem(policy.rule_id, format!("nodeSelector: {}", unreadable(&e)));
+                continue;
+            }
+        }
+        by.push(policy.rule_id);
+        slot.ingress |= policy.ingress;
+        slot.egress |= policy.egress;
+        for rule in &policy.rules {
+            match resolve_peers(&rule.peers, cluster, cidrs) {
+                Ok(peers) => slot.add(rule, policy.rule_id, None, &peers, cluster),
+                Err(e) => problem(policy.rule_id, format!("peer selector: {}", unreadable(&e))),
+            }
+        }
+    }
+    by.dedup();
+    (slot.finish(), by)
+}
+
 /// Resolves policies for this node's pods. `problem(rule_id, message)` hears
 /// of selectors that cannot be evaluated; such a policy still selects its
 /// pods when it can (a policy that cannot be read must not open them up)
@@ -442,13 +519,6 @@ pub fn resolve(
     cidrs: &CidrIds,
     mut problem: impl FnMut(u32, String),
 ) -> BTreeMap<Ipv4Addr, EndpointPolicy> {
-    #[derive(Default)]
-    struct Slot {
-        ingress: bool,
-        egress: bool,
-        entries: BTreeSet<PolicyEntry>,
-        waiting: BTreeSet<(PolicyEntry, Proxy)>,
-    }
     let mut out: BTreeMap<Ipv4Addr, Slot> = BTreeMap::new();
     for policy in policies {
         let subjects: Vec<&PodState> = match policy.subjects.select(cluster) {
@@ -475,34 +545,9 @@ pub fn resolve(
                 }
             };
             for s in &subjects {
-                let slot = out.entry(s.ip).or_default();
-                // A rule about a direction its policy does not enforce
-                // still applies: another policy may enforce it.
-                match &rule.proxy {
-                    None => entries_for(rule, policy.rule_id, s, &peers, cluster, &mut slot.entries),
-                    Some(proxy) => {
-                        let mut via = BTreeSet::new();
-                        entries_for(rule, policy.rule_id, s, &peers, cluster, &mut via);
-                        slot.waiting.extend(via.into_iter().map(|e| (e, proxy.clone())));
-                    }
-                }
+                out.entry(s.ip).or_default().add(rule, policy.rule_id, Some(s), &peers, cluster);
             }
         }
     }
-    // Entries of a direction nothing enforces would never be read.
-    let enforced = |ingress: bool, egress: bool| {
-        move |e: &PolicyEntry| match e.direction {
-            Direction::Ingress => ingress,
-            Direction::Egress => egress,
-        }
-    };
-    out.into_iter()
-        .filter(|(_, s)| s.ingress || s.egress)
-        .map(|(ip, s)| {
-            let keep = enforced(s.ingress, s.egress);
-            let entries = s.entries.into_iter().filter(|e| keep(e)).collect();
-            let waiting = s.waiting.into_iter().filter(|(e, _)| keep(e)).collect();
-            (ip, EndpointPolicy { ingress: s.ingress, egress: s.egress, entries, waiting })
-        })
-        .collect()
+    out.into_iter().filter_map(|(ip, s)| Some((ip, s.finish()?))).collect()
 }

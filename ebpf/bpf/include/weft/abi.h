@@ -153,7 +153,7 @@ struct weft_config {
 	__u32 _reserved;
 	__u32 native_cidr;  /* destinations inside it are never masqueraded */
 	__u8 native_cidr_len;
-	__u8 _pad1;
+	__u8 host_policy;   /* WEFT_EP_POLICY_*: a host policy selects this node (default-deny) */
 	__u16 _pad2;
 	__u16 nat_port_min; /* host byte order: SNAT port range */
 	__u16 nat_port_max;
@@ -191,6 +191,11 @@ struct weft_backend {
 /* ---- Endpoints: pods on this node, keyed by their IPv4 address. */
 #define WEFT_EP_POLICY_INGRESS (1 << 0) /* a policy selects this pod: default-deny ingress */
 #define WEFT_EP_POLICY_EGRESS (1 << 1)  /* an egress policy selects this pod: default-deny egress */
+
+/* The node itself as a policy endpoint (host policies): its entries in
+ * weft_policy have this endpoint id (pods get 1 and up); whether a direction
+ * is under default-deny is weft_config.host_policy. */
+#define WEFT_HOST_EP_ID 0
 
 struct weft_endpoint {
 	__u32 ifindex;  /* host-side device of the pod */
