@@ -35,8 +35,9 @@ use crate::{
         policy::{PolicyState, l7::ListenerPorts},
     },
     xds::{
+        acks::Acks,
         envoyconfig::{self, ConfigError, ConfigKey, EnvoyConfig},
-        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, RedirectKey, Resource, Serving},
+        model::{Built, ConfigStatus, ListenerBudget, Model, NodeInfo, RedirectKey, Serving},
         policy,
         ports::ProxyPorts,
         server::{AdsEvent, Published},
@@ -45,56 +46,64 @@ use crate::{
     },
 };
 
-/// type URL -> resource name -> the version Envoy ACKed.
+/// A redirect: the port, object and listener it hands connections to.
+type Handing = (u16, ConfigKey, String);
+
+/// The redirects a build wants, and which of them each object serves.
 #[derive(Default)]
-struct Acked(HashMap<String, HashMap<String, String>>);
-
-impl Acked {
-    /// Whether Envoy ACKed this resource as it is.
-    fn has(&self, type_url: &str, r: &Resource) -> bool {
-        self.0.get(type_url).and_then(|m| m.get(&r.name)) == Some(&r.version)
-    }
-
-    fn get(&self, type_url: &str, name: &str) -> Option<&String> {
-        self.0.get(type_url)?.get(name)
-    }
+struct Wanted {
+    all: BTreeMap<RedirectKey, Handing>,
+    by_owner: HashMap<ConfigKey, Vec<RedirectKey>>,
 }
 
-/// Whether Envoy ACKed every resource of each object of a build, as built.
-fn acked_owners(built: &Built, acked: &Acked) -> BTreeMap<ConfigKey, bool> {
-    let mut per_owner: BTreeMap<ConfigKey, bool> = BTreeMap::new();
-    for (t, m) in &built.xds.types {
-        for r in m.values() {
-            let Some(o) = &r.owner else { continue };
-            let ok = acked.has(t, r);
-            *per_owner.entry(o.clone()).or_insert(true) &= ok;
+impl Wanted {
+    fn of(built: &Built) -> Self {
+        let mut w = Wanted::default();
+        for (k, port) in &built.redirects {
+            let Some((owner, listener)) = built.served_by.get(k) else { continue };
+            w.by_owner.entry(owner.clone()).or_default().push(k.clone());
+            w.all.insert(k.clone(), (*port, owner.clone(), listener.clone()));
         }
+        w
     }
-    per_owner
 }
 
-/// Drops from `live` the redirects the build no longer wants as they are;
-/// adds those whose object is `in_envoy` (all its resources ACKed as built),
-/// once the dispatcher is too. True if `live` changed.
-fn settle(
-    live: &mut BTreeMap<RedirectKey, (u16, ConfigKey, String)>,
-    built: &Built,
-    acked: &Acked,
-    in_envoy: impl Fn(&ConfigKey) -> bool,
-) -> bool {
-    let wanted = wanted(built);
-    let before = live.len();
-    live.retain(|k, v| wanted.get(k) == Some(v));
-    let mut changed = live.len() != before;
-    let dispatcher_in = [translate::LISTENER, translate::ROUTE].iter().all(|t| {
+/// Whether Envoy has the dispatching listener and its routes as built (or
+/// the build has none).
+fn dispatcher_in(built: &Built, acks: &Acks) -> bool {
+    [translate::LISTENER, translate::ROUTE].iter().all(|t| {
         let now = built.xds.types.get(*t).and_then(|m| m.get(translate::DISPATCH_LISTENER));
-        now.is_none_or(|r| acked.has(t, r))
-    });
-    if dispatcher_in {
-        for (k, v) in wanted {
-            if !live.contains_key(&k) && in_envoy(&v.1) {
-                live.insert(k, v);
-                changed = true;
+        now.is_none_or(|r| acks.has(t, r))
+    })
+}
+
+/// Puts in effect the wanted redirects of `owners` (None: of every object)
+/// whose object Envoy has (all its resources ACKed as built), once Envoy has
+/// the dispatcher too. True if `live` changed.
+fn hand_over(
+    live: &mut BTreeMap<RedirectKey, Handing>,
+    wanted: &Wanted,
+    owners: Option<&[ConfigKey]>,
+    built: &Built,
+    acks: &Acks,
+) -> bool {
+    if !dispatcher_in(built, acks) {
+        return false;
+    }
+    let mut changed = false;
+    let mut add = |k: &RedirectKey, v: &Handing| {
+        if !live.contains_key(k) && acks.complete(&v.1) {
+            live.insert(k.clone(), v.clone());
+            changed = true;
+        }
+    };
+    match owners {
+        None => wanted.all.iter().for_each(|(k, v)| add(k, v)),
+        Some(owners) => {
+            for k in owners.iter().filter_map(|o| wanted.by_owner.get(o)).flatten() {
+                if let Some(v) = wanted.all.get(k) {
+                    add(k, v);
+                }
             }
         }
     }
@@ -102,20 +111,8 @@ fn settle(
 }
 
 /// The datapath's redirects: those in effect.
-fn in_effect(live: &BTreeMap<RedirectKey, (u16, ConfigKey, String)>) -> crate::state::Redirects {
+fn in_effect(live: &BTreeMap<RedirectKey, Handing>) -> crate::state::Redirects {
     live.iter().map(|(k, (port, _, _))| (k.clone(), *port)).collect()
-}
-
-/// The redirects a build wants: key -> (port, object, listener).
-fn wanted(built: &Built) -> BTreeMap<RedirectKey, (u16, ConfigKey, String)> {
-    built
-        .redirects
-        .iter()
-        .filter_map(|(k, port)| {
-            let (owner, listener) = built.served_by.get(k)?;
-            Some((k.clone(), (*port, owner.clone(), listener.clone())))
-        })
-        .collect()
 }
 
 /// What Envoy made of an object's resources.
@@ -191,21 +188,21 @@ pub struct Controller {
     parse_errors: Vec<ConfigError>,
     version: u64,
     built: Built,
-    /// (type URL, name) -> version Envoy ACKed.
-    acked: Acked,
+    /// What Envoy ACKed of the build, per resource and per object.
+    acks: Acks,
+    /// The redirects the build wants.
+    wanted: Wanted,
     /// Objects Envoy refused, with its message (for the current spec).
     nacked: BTreeMap<ConfigKey, String>,
     envoy_connected: bool,
     xds_mode: Option<&'static str>,
     /// ACKed snapshot version per object, when all its resources are in.
-    acked_version: BTreeMap<ConfigKey, u64>,
-    /// Objects with resources in the current snapshot.
-    owners: std::collections::BTreeSet<ConfigKey>,
+    acked_version: HashMap<ConfigKey, u64>,
     /// weft-cni's attachments, when pods come through it.
     attachments: Option<Arc<Attachments>>,
     /// The redirects in effect (see the module doc): key -> the port, object
     /// and listener the build had for it when it took effect.
-    live: BTreeMap<RedirectKey, (u16, ConfigKey, String)>,
+    live: BTreeMap<RedirectKey, Handing>,
     /// `live` changed since the last datapath snapshot.
     live_changed: bool,
     /// The agent config's `l7-visibility`.
@@ -235,12 +232,12 @@ impl Controller {
             parse_errors: Vec::new(),
             version: 0,
             built: Built::default(),
-            acked: Acked::default(),
+            acks: Acks::default(),
+            wanted: Wanted::default(),
             nacked: BTreeMap::new(),
             envoy_connected: false,
             xds_mode: None,
-            acked_version: BTreeMap::new(),
-            owners: Default::default(),
+            acked_version: HashMap::new(),
             attachments: None,
             live: BTreeMap::new(),
             live_changed: false,
@@ -321,7 +318,8 @@ impl Controller {
         let first = self.version == 0;
         let (model, configs, parse_errors, built) =
             (&mut self.model, &mut self.configs, &self.parse_errors, &mut self.built);
-        let (acked, live, live_changed) = (&mut self.acked, &mut self.live, &mut self.live_changed);
+        let (acks, wanted, live, live_changed) =
+            (&mut self.acks, &mut self.wanted, &mut self.live, &mut self.live_changed);
         let objects = &self.loaded.objects;
         // Services that asked for HTTP visibility get their generated configs
         // (after the documents' configs, like the policy one).
@@ -350,26 +348,33 @@ impl Controller {
                 configs.extend(policy::config(&p.http));
                 let named = p.listeners().into_iter().map(|l| qualify(&l.namespace, &l.config, &l.listener, false));
                 model.set_policy_listeners(named.collect());
-                *built = model.build(configs, parse_errors, objects, &node);
-                // A resource the build no longer has is gone from Envoy (it
-                // is told so): added again, it must be ACKed again.
-                let xds = &built.xds;
-                for (t, m) in acked.0.iter_mut() {
-                    m.retain(|n, _| xds.contains(t, n));
-                }
+                let before = std::mem::replace(built, model.build(configs, parse_errors, objects, &node));
+                acks.rebuilt(&before.xds, &built.xds);
+                *wanted = Wanted::of(built);
                 if first {
-                    *live = wanted(built);
+                    live.clone_from(&wanted.all);
                 }
-                let owners = acked_owners(built, acked);
-                *live_changed |= settle(live, built, acked, |k| owners.get(k) == Some(&true));
+                // A redirect in effect stays while the build wants it as it is.
+                let kept = live.len();
+                live.retain(|k, v| wanted.all.get(k) == Some(v));
+                *live_changed |= live.len() != kept;
+                *live_changed |= hand_over(live, wanted, None, built, acks);
                 (in_effect(live), proxy_ports(built, p))
             });
         self.version += 1;
-        self.owners = self.built.xds.types.values().flat_map(|m| m.values()).filter_map(|r| r.owner.clone()).collect();
         self.live_changed = false;
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
-        self.refresh_acks();
+        // The objects Envoy has as built: a changed one is not (until its
+        // ACK), and the accepted version of one it has is confirmed.
+        let acks = &self.acks;
+        self.acked_version.retain(|k, _| acks.complete(k));
+        for (k, _) in acks.owners().filter(|(_, complete)| *complete) {
+            self.model.confirm(k);
+            if !self.acked_version.contains_key(k) {
+                self.acked_version.insert(k.clone(), self.version);
+            }
+        }
         (snap, published)
     }
 
@@ -392,12 +397,6 @@ impl Controller {
         Some(snap)
     }
 
-    /// See [`settle`].
-    fn settle_redirects(&mut self) {
-        let acked_version = &self.acked_version;
-        self.live_changed |= settle(&mut self.live, &self.built, &self.acked, |k| acked_version.contains_key(k));
-    }
-
     /// Follows an ADS event; true if the snapshot must be rebuilt (a NACK).
     pub fn on_event(&mut self, ev: AdsEvent) -> bool {
         match ev {
@@ -409,21 +408,24 @@ impl Controller {
             AdsEvent::Disconnected => {
                 self.envoy_connected = false;
                 // A new Envoy starts empty: it has to ACK everything again.
-                self.acked.0.clear();
-                self.refresh_acks();
+                self.acks.clear();
+                self.acked_version.clear();
                 false
             }
             AdsEvent::Ack { type_url, resources, .. } => {
-                // Only what is still to be sent as it was (a late ACK of a
-                // resource since removed does not count for it when it comes back).
-                let current = self.built.xds.types.get(&type_url);
-                for (name, version) in resources {
-                    if current.and_then(|m| m.get(&name)).is_some_and(|r| r.version == version) {
-                        self.acked.0.entry(type_url.clone()).or_default().insert(name, version);
+                // Costs what the ACK carries: the objects it completed are
+                // in Envoy, and their Services can be handed to it (all
+                // waiting ones, if it completed the dispatcher).
+                let dispatcher_was_in = dispatcher_in(&self.built, &self.acks);
+                let completed = self.acks.ack(&type_url, resources, &self.built.xds);
+                for k in &completed {
+                    self.model.confirm(k);
+                    if !self.acked_version.contains_key(k) {
+                        self.acked_version.insert(k.clone(), self.version);
                     }
                 }
-                self.refresh_acks();
-                self.settle_redirects();
+                let owners = dispatcher_was_in.then_some(&completed[..]);
+                self.live_changed |= hand_over(&mut self.live, &self.wanted, owners, &self.built, &self.acks);
                 false
             }
             AdsEvent::Nack { type_url, message, resources } => {
@@ -464,22 +466,11 @@ impl Controller {
                 .iter()
                 .filter(|n| {
                     let now = res.and_then(|m| m.get(*n)).map(|r| r.version.clone());
-                    self.acked.get(type_url, n) != now.as_ref()
+                    self.acks.get(type_url, n) != now.as_ref()
                 })
                 .filter_map(owned)
                 .collect(),
         )
-    }
-
-    fn refresh_acks(&mut self) {
-        for (k, all) in acked_owners(&self.built, &self.acked) {
-            if all {
-                self.model.confirm(&k);
-                self.acked_version.entry(k).or_insert(self.version);
-            } else {
-                self.acked_version.remove(&k);
-            }
-        }
     }
 
     /// The status of every object.
@@ -489,7 +480,7 @@ impl Controller {
             .statuses
             .iter()
             .map(|(k, st)| {
-                let in_snapshot = self.owners.contains(k);
+                let in_snapshot = self.acks.owns(k);
                 let envoy = if let (Some(m), true) = (self.nacked.get(k), !st.problems.is_empty()) {
                     EnvoyAck::Nacked { message: m.clone() }
                 } else if !in_snapshot {
@@ -593,6 +584,143 @@ spec:
 
     fn handed(snap: &Snapshot) -> Vec<String> {
         snap.proxied().into_iter().map(|(f, _)| format!("{}:{}", f.addr, f.port)).collect()
+    }
+
+    /// Whether each object of the build has every resource ACKed as built,
+    /// from a walk over every resource (what every ACK event cost before the
+    /// counts): the oracle of [`Acks`].
+    fn complete_by_walking(c: &Controller) -> BTreeMap<ConfigKey, bool> {
+        let mut out: BTreeMap<ConfigKey, bool> = BTreeMap::new();
+        for (t, m) in &c.built.xds.types {
+            for r in m.values() {
+                let Some(o) = &r.owner else { continue };
+                *out.entry(o.clone()).or_insert(true) &= c.acks.has(t, r);
+            }
+        }
+        out
+    }
+
+    /// The redirects in effect recomputed from every wanted one (what every
+    /// ACK event cost before): those the build no longer wants as they were
+    /// go; those whose object Envoy has join, once it has the dispatcher.
+    fn settle_by_walking(live: &mut BTreeMap<RedirectKey, Handing>, c: &Controller) {
+        let complete = complete_by_walking(c);
+        let wanted = Wanted::of(&c.built).all;
+        live.retain(|k, v| wanted.get(k) == Some(v));
+        if dispatcher_in(&c.built, &c.acks) {
+            for (k, v) in wanted {
+                if !live.contains_key(&k) && complete.get(&v.1) == Some(&true) {
+                    live.insert(k, v);
+                }
+            }
+        }
+    }
+
+    /// The ACK bookkeeping that costs what an ACK carries gives what a walk
+    /// over every resource and redirect gives, after every step of random
+    /// sequences of config changes (edits, deletes, clashes), partial and
+    /// stale ACKs, NACKs and Envoy reconnecting: the same objects in Envoy
+    /// (and acknowledged in the status), the same redirects in effect.
+    #[test]
+    fn ack_counts_equal_a_walk_over_every_resource_after_every_random_step() {
+        let mut rng = crate::xds::acks::tests::Rng(0x5eed_0012);
+        for run in 0..10 {
+            let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+            let mut live: BTreeMap<RedirectKey, Handing> = BTreeMap::new();
+            let mut log = Vec::new();
+            let mut built_once = false;
+            for step in 0..100 {
+                let build = match rng.below(20) {
+                    0 | 1 => {
+                        // web-l7 and api-l7 serve their Services; web-too
+                        // clashes with web-l7 (web redirected twice) and
+                        // api-as-web defines api-l7's cluster again.
+                        // Sometimes none (the dispatcher goes, and comes back unACKed).
+                        let mut text = SERVICES.to_owned();
+                        let mask = rng.below(16);
+                        for (i, (name, service, route_to)) in [
+                            ("web-l7", "web", "default/web"),
+                            ("api-l7", "api", "default/api"),
+                            ("web-too", "web", "default/web2"),
+                            ("api-as-web", "web", "default/api"),
+                        ]
+                        .into_iter()
+                        .enumerate()
+                        {
+                            if mask & (1 << i) != 0 {
+                                text.push_str(&config(name, service, route_to, 1 + rng.below(3) as u32));
+                            }
+                        }
+                        log.push(format!("load {}", text.matches("kind: EnvoyConfig").count()));
+                        load(&mut c, &text);
+                        true
+                    }
+                    2..=17 => {
+                        let types: Vec<_> = c.built().xds.types.keys().cloned().collect();
+                        let Some(type_url) = types.get(rng.below(types.len().max(1) as u64) as usize).cloned() else {
+                            continue;
+                        };
+                        // A random part (some stale), all but the dispatcher's, or all.
+                        let part = rng.below(3);
+                        let resources = c
+                            .built()
+                            .xds
+                            .of(&type_url)
+                            .filter_map(|r| match (part, rng.below(4)) {
+                                (1, _) if r.name == translate::DISPATCH_LISTENER => None,
+                                (0, 0) => None,
+                                (0, 1) => Some((r.name.clone(), "stale".to_owned())),
+                                _ => Some((r.name.clone(), r.version.clone())),
+                            })
+                            .collect();
+                        log.push(format!("ack {type_url}"));
+                        c.on_event(AdsEvent::Ack { type_url, version: String::new(), resources })
+                    }
+                    18 => {
+                        let types: Vec<_> = c.built().xds.types.keys().cloned().collect();
+                        let Some(type_url) = types.iter().find(|t| t.ends_with("Cluster")).cloned() else { continue };
+                        let resources: Vec<String> = c.built().xds.of(&type_url).map(|r| r.name.clone()).collect();
+                        let Some(name) = resources.get(rng.below(resources.len().max(1) as u64) as usize).cloned()
+                        else {
+                            continue;
+                        };
+                        log.push(format!("nack {name}"));
+                        let message = format!("cluster {name}: refused");
+                        c.on_event(AdsEvent::Nack { type_url, message, resources: vec![name] })
+                    }
+                    _ => {
+                        log.push("reconnect".into());
+                        c.on_event(AdsEvent::Disconnected)
+                    }
+                };
+                if build {
+                    c.build();
+                    if !built_once {
+                        live = Wanted::of(&c.built).all;
+                        built_once = true;
+                    }
+                }
+                if built_once {
+                    settle_by_walking(&mut live, &c);
+                }
+                let at = format!("run {run} step {step} after {log:?}");
+                let complete = complete_by_walking(&c);
+                let counted: BTreeMap<ConfigKey, bool> = c.acks.owners().map(|(k, d)| (k.clone(), d)).collect();
+                assert_eq!(counted, complete, "{at}");
+                let in_envoy: Vec<&ConfigKey> = complete.iter().filter(|(_, d)| **d).map(|(k, _)| k).collect();
+                let mut acknowledged: Vec<&ConfigKey> = c.acked_version.keys().collect();
+                acknowledged.sort();
+                assert_eq!(acknowledged, in_envoy, "{at}");
+                assert_eq!(c.live, live, "{at}");
+                for o in c.status(&[]).objects {
+                    let key = c.built.statuses.iter().find(|(_, s)| s.object == o.config.object).map(|(k, _)| k);
+                    let complete = key.and_then(|k| complete.get(k)) == Some(&true);
+                    if !matches!(o.envoy, EnvoyAck::Nacked { .. } | EnvoyAck::NotApplied) {
+                        assert_eq!(matches!(o.envoy, EnvoyAck::Acknowledged { .. }), complete, "{at}: {o:?}");
+                    }
+                }
+            }
+        }
     }
 
     /// Loading again parses only documents that are not the same `Arc`:
@@ -723,6 +851,45 @@ spec:
 
     fn expected_first(l: &Loaded) -> Arc<crate::k8s::crd::EnvoyConfigSpec> {
         envoyconfig::parse(l.raw[1].0.clone(), &l.raw[1].1).expect("api's config").spec
+    }
+
+    /// Envoy ACKs every resource of a config added beside none but the
+    /// dispatcher's (new: it went with the last config): its Service is
+    /// handed over once the dispatcher is ACKed too, by that ACK alone.
+    #[test]
+    fn a_service_waits_for_the_dispatcher_too() {
+        let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+        load(&mut c, SERVICES);
+        c.build();
+        ack_all(&mut c);
+        load(&mut c, &format!("{SERVICES}{}", config("web-l7", "web", "default/web", 1)));
+        let (snap, _) = c.build();
+        assert!(handed(&snap).is_empty());
+        let types: Vec<_> = c.built().xds.types.keys().cloned().collect();
+        for type_url in &types {
+            let resources = c
+                .built()
+                .xds
+                .of(type_url)
+                .filter(|r| r.name != translate::DISPATCH_LISTENER)
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect();
+            c.on_event(AdsEvent::Ack { type_url: type_url.clone(), version: String::new(), resources });
+        }
+        let web = ConfigKey { clusterwide: false, key: crate::k8s::ObjKey::new("default", "web-l7") };
+        assert!(c.acks.complete(&web), "every resource of web-l7 is ACKed");
+        assert!(c.redirects_settled().is_none(), "not handed before Envoy has the dispatcher");
+        for type_url in types {
+            let resources = c
+                .built()
+                .xds
+                .of(&type_url)
+                .filter(|r| r.name == translate::DISPATCH_LISTENER)
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect();
+            c.on_event(AdsEvent::Ack { type_url, version: String::new(), resources });
+        }
+        assert_eq!(handed(&c.redirects_settled().expect("handed with the dispatcher")), ["10.96.0.10:80"]);
     }
 
     #[test]

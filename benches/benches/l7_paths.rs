@@ -11,7 +11,12 @@
 //!   addressed directly (no iptables redirects, so this is a generous
 //!   baseline for sidecars);
 //! - the same chain with an access log in each sidecar (the fair baseline: a
-//!   sidecar mesh with telemetry logs every request in both proxies).
+//!   sidecar mesh with telemetry logs every request in both proxies);
+//! - an annotated Service (`weft.io/l7-visibility: http`, no EnvoyConfig:
+//!   the agent's generated config), against the eBPF DNAT row (issue 13);
+//! - an L7 policy: a CiliumNetworkPolicy with an HTTP rule on the backend
+//!   pod's second port, so the pod's own traffic goes through the node's
+//!   policy listener, against the direct row (issue 14).
 //!
 //! Keep-alive requests and new connections (a fifth as many), each path in
 //! interleaved rounds, from the project's own client (one request at a time).
@@ -20,7 +25,11 @@
 //! Envoy plus ONE of what weft adds to the node's Envoy (its access log and
 //! flush interval, the transparent handed-connection listener, EDS instead
 //! of static endpoints, one worker instead of two), and all of them at once;
-//! each hop is its p50 minus the direct path's, against the bare hop.
+//! each hop is its p50 minus the direct path's, against the bare hop. The
+//! node Envoy's own hop is measured in the same rounds, also with the agent
+//! stopped (SIGSTOP) during its samples, which separates the agent's side
+//! from Envoy's; and the CPU each of those Envoys spends per request at a
+//! fixed open-loop rate (less sensitive to a loaded machine than latency).
 //!
 //! Open loop (issue 15): `oha` (installed by `benches/setup.sh`) at fixed
 //! request rates with 64 connections and latency correction, so p90/p99 are
@@ -41,11 +50,11 @@ use serde_json::json;
 
 use weft_benches::{Samples, machine, pct_json, ratio, save, us};
 use weft_tests::{
-    http::{HttpServer, ServerOpts},
+    http::{HttpServer, ServerOpts, get_once},
     lab::{Lab, sh, skip_reason},
     objects::{
-        LabService, agent_files, envoy_state, http_envoy_config, lab_objects, start_agent, wait_ready, wait_status,
-        write_atomic,
+        LabService, agent_files, envoy_serves, envoy_state, http_envoy_config, lab_objects, start_agent, wait_ready,
+        wait_status, write_atomic,
     },
     scenario::{lab_helper, sa},
 };
@@ -54,6 +63,32 @@ const L7_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 /// Not a Service: only the TPROXY rule catches it.
 const TPROXY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const TPROXY_PORT: u16 = 15050;
+/// The annotated Service (issue 13's row).
+const SEEN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 22);
+/// The backend pod's second server: the L7 policy's port (issue 14's row).
+const POLICY_PORT: u16 = 8081;
+
+/// The L7 policy of issue 14's row: GET on the backend pod's POLICY_PORT
+/// goes through the node's Envoy (`toPorts.rules.http`), from any peer. A
+/// policy that selects the pod denies its other ingress, so the ports the
+/// other rows use are allowed plainly (8080, the Envoys of the pod).
+fn l7_policy() -> String {
+    format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: bench-l7, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: app2}}}}
+  ingress:
+  - toPorts:
+    - ports: [{{port: "{POLICY_PORT}", protocol: TCP}}]
+      rules:
+        http: [{{method: GET, path: "/.*"}}]
+  - toPorts:
+    - ports: [{{port: "8080", protocol: TCP}}, {{port: "15000", endPort: 15999, protocol: TCP}}]
+"#
+    )
+}
 
 /// What a standalone Envoy adds to the bare one (one listener, one route,
 /// one static upstream).
@@ -180,6 +215,12 @@ fn main() {
     let _server =
         HttpServer::start(&backend.netns, sa(backend.ip, 8080), ServerOpts { name: "b".into(), ..Default::default() })
             .unwrap();
+    let _policed = HttpServer::start(
+        &backend.netns,
+        sa(backend.ip, POLICY_PORT),
+        ServerOpts { name: "b".into(), ..Default::default() },
+    )
+    .unwrap();
 
     // The agent's Envoy serves the L7 Service, and a pinned listener for TPROXY.
     let tproxy_cfg = http_envoy_config("tproxy", "backend", None)
@@ -191,17 +232,21 @@ fn main() {
         )
         .replace("name: default/backend\n", "name: default/backend-tproxy\n    eds_cluster_config: {service_name: default/backend}\n")
         .replace("{cluster: default/backend}", "{cluster: default/backend-tproxy}");
+    let mut seen = LabService::new("seen", SEEN_VIP, 80, &["n1-p2"]);
+    seen.annotations.push(("weft.io/l7-visibility".into(), "http".into()));
     let objects = format!(
-        "{}{}---\n{}",
+        "{}{}---\n{}---\n{}",
         lab_objects(
             &lab,
             &[
                 LabService::new("l7", L7_VIP, 80, &["n1-p2"]),
-                LabService::new("backend", Ipv4Addr::new(10, 96, 0, 21), 80, &["n1-p2"])
+                LabService::new("backend", Ipv4Addr::new(10, 96, 0, 21), 80, &["n1-p2"]),
+                seen,
             ]
         ),
         http_envoy_config("l7", "l7", None),
-        tproxy_cfg
+        tproxy_cfg,
+        l7_policy()
     );
     // Per-packet DNAT for pods (not connect-time translation), to measure it.
     let files = agent_files(&lab, 0, "socket-lb-pods: false\n").unwrap();
@@ -209,9 +254,11 @@ fn main() {
     let log = lab.run_dir.join("agent.log");
     let pid = start_agent(&lab, 0, &files, &log).unwrap();
     wait_ready(&files, Duration::from_secs(30), || lab.running(pid)).unwrap();
-    wait_status(&lab, 0, Duration::from_secs(30), "both configs acknowledged", |s| {
-        envoy_state(s, "EnvoyConfig default/l7") == Some("acknowledged")
+    wait_status(&lab, 0, Duration::from_secs(30), "every config acknowledged and served", |s| {
+        envoy_serves(s, "EnvoyConfig default/l7")
             && envoy_state(s, "ClusterwideEnvoyConfig tproxy") == Some("acknowledged")
+            && envoy_state(s, "EnvoyConfig default/weft:l7:seen") == Some("acknowledged")
+            && envoy_state(s, "ClusterwideEnvoyConfig weft:policy") == Some("acknowledged")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
 
@@ -282,12 +329,11 @@ fn main() {
         2,
     );
     // Hop attribution: one Envoy per addition, in the server's pod.
-    let variants = variants(&lab.run_dir);
-    let mut variant_pids = Vec::new();
-    for (i, v) in variants.iter().enumerate() {
+    let mut variants = variants(&lab.run_dir);
+    for (i, v) in variants.iter_mut().enumerate() {
         let port = VARIANT_PORT + i as u16;
         let boot = sidecar_bootstrap(("0.0.0.0", port), (backend.ip, 8080), 15910 + i as u16, v.shape());
-        variant_pids.push(start_sidecar(&lab, &server_ns, &format!("variant-{i}"), &boot, v.workers));
+        v.pid = start_sidecar(&lab, &server_ns, &format!("variant-{i}"), &boot, v.workers);
     }
     wait_port(&lab, &server_ns, 15006);
     wait_port(&lab, &client_ns, 15001);
@@ -305,16 +351,31 @@ fn main() {
         ("iptables TPROXY -> node Envoy", sa(TPROXY_VIP, 80)),
         ("sidecar chain: client Envoy -> server Envoy", sa(Ipv4Addr::LOCALHOST, 15001)),
         ("fair sidecar chain: both Envoys log each request", sa(Ipv4Addr::LOCALHOST, 15002)),
+        ("annotated Service (generated config): datapath -> node Envoy", sa(SEEN_VIP, 80)),
+        ("L7 policy (CNP http rule): pod -> node Envoy -> pod", sa(backend.ip, POLICY_PORT)),
     ];
-    let (tproxy, chain) = (3, 4);
+    let (direct, dnat, sidecarless, tproxy, chain, annotated, policed) = (0, 1, 2, 3, 4, 6, 7);
+    // The two new rows really go through the node's Envoy.
+    for (name, to) in [&paths[annotated], &paths[policed]] {
+        let (r, _, _) = get_once(&lab.pod("n1-p1").netns, *to, "/", Duration::from_secs(5)).unwrap();
+        assert!(
+            r.status == 200 && r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("x-envoy-upstream-service-time")),
+            "{name}: {} {:?}",
+            r.status,
+            r.headers
+        );
+    }
     // Whose CPU each path costs (besides the client and the backend).
-    let costs: [Vec<(&str, u32)>; 6] = [
+    let node = || vec![("node Envoy", envoy), ("agent", pid)];
+    let costs: Vec<Vec<(&str, u32)>> = vec![
         vec![],
         vec![],
-        vec![("node Envoy", envoy), ("agent", pid)],
-        vec![("node Envoy", envoy), ("agent", pid)],
+        node(),
+        node(),
         vec![("client Envoy", client_sc), ("server Envoy", server_sc)],
         vec![("client Envoy", client_fair), ("server Envoy", server_fair)],
+        node(),
+        node(),
     ];
     let rounds = 10;
     println!("# L7 paths: request latency, {rounds} interleaved rounds per mode\n");
@@ -347,9 +408,27 @@ fn main() {
             rows.push(row);
         }
         figures.insert(mode.into(), rows.into());
+        // Issue 13's and 14's rows against their baselines.
+        let p50 = |i: usize| s[i].pct(50.0);
+        println!("\n| row | p50 / its baseline | added p50 µs | added / sidecarless's added |");
+        println!("|---|---:|---:|---:|");
+        let added = |i: usize, base: usize| p50(i).saturating_sub(p50(base));
+        for (i, base, what) in [(annotated, dnat, "eBPF DNAT"), (policed, direct, "direct")] {
+            println!(
+                "| {} vs {what} | {} | {} | {} |",
+                paths[i].0,
+                ratio(p50(i), p50(base)),
+                us(added(i, base)),
+                ratio(added(i, base), added(sidecarless, direct))
+            );
+        }
     }
-    figures.insert("attribution".into(), attribution(&lab, &variants, backend.ip, n, rounds));
+    figures.insert(
+        "attribution".into(),
+        attribution(&lab, &variants, backend.ip, (paths[sidecarless].1, paths[tproxy].1), (envoy, pid), n, rounds),
+    );
     figures.insert("open_loop".into(), open_loop(&lab, &paths, &costs));
+    figures.insert("node_envoy_workers".into(), worker_connections(&lab).into());
     save("l7_paths", figures.into());
 }
 
@@ -359,6 +438,8 @@ const VARIANT_PORT: u16 = 15100;
 /// One standalone Envoy of the attribution.
 struct Variant {
     name: &'static str,
+    /// The Envoy's process (set once started).
+    pid: u32,
     access_log: Option<PathBuf>,
     transparent: bool,
     eds: Option<PathBuf>,
@@ -373,7 +454,7 @@ impl Variant {
 
 /// The bare Envoy, each of weft's additions alone, and all of them.
 fn variants(dir: &Path) -> Vec<Variant> {
-    let bare = || Variant { name: "", access_log: None, transparent: false, eds: None, workers: 2 };
+    let bare = || Variant { name: "", pid: 0, access_log: None, transparent: false, eds: None, workers: 2 };
     vec![
         Variant { name: "bare Envoy (static endpoints, 2 workers)", ..bare() },
         Variant {
@@ -390,37 +471,166 @@ fn variants(dir: &Path) -> Vec<Variant> {
             transparent: true,
             eds: Some(dir.join("variant-all-eds.json")),
             workers: 2,
+            pid: 0,
         },
     ]
 }
 
-/// Keep-alive p50 through each attribution Envoy, interleaved with the
-/// direct path: each hop against the bare Envoy's.
-fn attribution(lab: &Lab, variants: &[Variant], backend: Ipv4Addr, n: usize, rounds: usize) -> serde_json::Value {
-    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); variants.len() + 1];
+/// Stops a process (SIGSTOP) until dropped (SIGCONT), even on a panic.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        // SAFETY: kill has no memory preconditions; the pid is our child.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+/// One row of the attribution after the direct path.
+struct Timed {
+    name: String,
+    to: std::net::SocketAddr,
+    /// The Envoy that serves it.
+    envoy: u32,
+    /// The node's Envoy (the agent's CPU counts too).
+    node: bool,
+    /// The agent is stopped while the row is measured.
+    agent_stopped: bool,
+}
+
+/// CPU µs per request of a row's Envoy and of the agent.
+#[derive(Clone, Copy)]
+struct CpuPerRequest {
+    envoy: f64,
+    agent: f64,
+}
+
+/// Keep-alive p50 through each attribution Envoy and the node's Envoy
+/// (sidecarless, also with the agent stopped; TPROXY), interleaved with the
+/// direct path: each hop against the bare Envoy's. Then the CPU each of
+/// those Envoys (and the agent) spends per request at a fixed open-loop
+/// rate, interleaved the same way.
+fn attribution(
+    lab: &Lab,
+    variants: &[Variant],
+    backend: Ipv4Addr,
+    node_paths: (std::net::SocketAddr, std::net::SocketAddr),
+    (envoy, agent): (u32, u32),
+    n: usize,
+    rounds: usize,
+) -> serde_json::Value {
+    let mut rows: Vec<Timed> = variants
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Timed {
+            name: v.name.to_string(),
+            to: sa(backend, VARIANT_PORT + i as u16),
+            envoy: v.pid,
+            node: false,
+            agent_stopped: false,
+        })
+        .collect();
+    let node = |name: &str, to, agent_stopped| Timed { name: name.into(), to, envoy, node: true, agent_stopped };
+    rows.push(node("node Envoy, sidecarless (weft as it runs)", node_paths.0, false));
+    rows.push(node("node Envoy, sidecarless, the agent stopped (SIGSTOP)", node_paths.0, true));
+    rows.push(node("node Envoy, iptables TPROXY", node_paths.1, false));
+    let measure = |row: &Timed, count: usize| {
+        let _stopped = row.agent_stopped.then(|| Stopped::new(agent));
+        samples(lab, row.to, count, "keepalive")
+    };
+    let mut all: Vec<Vec<Duration>> = vec![Vec::new(); rows.len() + 1];
     for _ in 0..rounds {
         all[0].extend(samples(lab, sa(backend, 8080), n / rounds, "keepalive"));
-        for i in 0..variants.len() {
-            all[i + 1].extend(samples(lab, sa(backend, VARIANT_PORT + i as u16), n / rounds, "keepalive"));
+        for (i, row) in rows.iter().enumerate() {
+            all[i + 1].extend(measure(row, n / rounds));
         }
     }
     let s: Vec<Samples> = all.into_iter().map(Samples::new).collect();
     let direct = s[0].pct(50.0);
     let hop = |i: usize| s[i].pct(50.0).saturating_sub(direct);
+
+    // CPU per request at a fixed rate: the Envoy of the row (variants are
+    // each their own process) and, for the node's Envoy, the agent.
+    let (rate, secs) = (1000, open_secs().min(5));
+    let cpu = cpu_per_request(lab, &rows, agent, rate, secs);
+
     println!("\n## Hop attribution: one Envoy in the server's pod, {n} keep-alive requests each\n");
-    println!("Hop = p50 through the Envoy minus the direct path's p50 ({} µs).\n", us(direct));
-    println!("| Envoy | p50 µs | p99 µs | hop µs | hop / bare hop |");
-    println!("|---|---:|---:|---:|---:|");
-    let mut rows = Vec::new();
-    for (i, v) in variants.iter().enumerate() {
-        let (p50, p99) = (s[i + 1].pct(50.0), s[i + 1].pct(99.0));
-        println!("| {} | {} | {} | {} | {} |", v.name, us(p50), us(p99), us(hop(i + 1)), ratio(hop(i + 1), hop(1)));
-        let mut row = pct_json(&s[i + 1]);
-        row["variant"] = v.name.into();
-        row["hop_us"] = (hop(i + 1).as_secs_f64() * 1e6).into();
-        rows.push(row);
+    println!("Hop = p50 through the Envoy minus the direct path's p50 ({} µs), interleaved rounds.", us(direct));
+    if cpu.is_some() {
+        println!("CPU: µs per request at {rate} requests/s (oha, 64 connections, {secs} s per row and round).");
     }
-    json!({"direct": pct_json(&s[0]), "variants": rows})
+    println!(
+        "\n| Envoy | p50 µs | p99 µs | hop µs | hop / bare hop | Envoy CPU µs/request | / bare | agent CPU µs/request |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let nan = CpuPerRequest { envoy: f64::NAN, agent: f64::NAN };
+    let mut out = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let (p50, p99) = (s[i + 1].pct(50.0), s[i + 1].pct(99.0));
+        let c = cpu.as_ref().map_or(nan, |c| c[i]);
+        let bare = cpu.as_ref().map_or(nan, |c| c[0]);
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1} | {:.2} | {} |",
+            row.name,
+            us(p50),
+            us(p99),
+            us(hop(i + 1)),
+            ratio(hop(i + 1), hop(1)),
+            c.envoy,
+            c.envoy / bare.envoy,
+            if row.node { format!("{:.1}", c.agent) } else { "-".into() },
+        );
+        let mut r = pct_json(&s[i + 1]);
+        r["variant"] = row.name.clone().into();
+        r["hop_us"] = (hop(i + 1).as_secs_f64() * 1e6).into();
+        r["envoy_cpu_us_per_request"] = c.envoy.into();
+        if row.node {
+            r["agent_cpu_us_per_request"] = c.agent.into();
+        }
+        out.push(r);
+    }
+    json!({"direct": pct_json(&s[0]), "variants": out, "cpu_rate": cpu.is_some().then_some(rate)})
+}
+
+/// Seconds per open-loop run (WEFT_BENCH_OPEN_SECS, 10 by default).
+fn open_secs() -> u64 {
+    std::env::var("WEFT_BENCH_OPEN_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
+}
+
+/// The CPU µs per request of each attribution row's Envoy and of the agent
+/// at `rate` with `oha` for `secs`, rows interleaved over 3 rounds; None
+/// without oha.
+fn cpu_per_request(lab: &Lab, rows: &[Timed], agent: u32, rate: u64, secs: u64) -> Option<Vec<CpuPerRequest>> {
+    let bin = oha()?;
+    // (Envoy CPU s, agent CPU s, requests) per row.
+    let mut spent = vec![(0.0, 0.0, 0u64); rows.len()];
+    for _ in 0..3 {
+        for (i, row) in rows.iter().enumerate() {
+            let stopped = row.agent_stopped.then(|| Stopped::new(agent));
+            let before = (cpu_secs(row.envoy), cpu_secs(agent));
+            let r = oha_run(lab, &bin, row.to, rate, secs);
+            let after = (cpu_secs(row.envoy), cpu_secs(agent));
+            drop(stopped);
+            spent[i].0 += after.0 - before.0;
+            spent[i].1 += after.1 - before.1;
+            spent[i].2 += r.ok + r.failed;
+        }
+    }
+    let per_request = |secs: f64, n: u64| secs / n.max(1) as f64 * 1e6;
+    Some(
+        spent
+            .iter()
+            .map(|(e, a, n)| CpuPerRequest { envoy: per_request(*e, *n), agent: per_request(*a, *n) })
+            .collect(),
+    )
 }
 
 /// The Envoy the agent started (its child).
@@ -447,6 +657,54 @@ fn cpu_secs(pid: u32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (field(11) + field(12)) / hz
+}
+
+/// CPU seconds of each of an Envoy's worker threads (`wrk:worker_N`), in
+/// worker order.
+fn worker_cpu_secs(pid: u32) -> Vec<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut workers: Vec<(String, f64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let name = comm.trim().strip_prefix("wrk:")?.to_string();
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            Some((name, (field(11) + field(12)) / hz))
+        })
+        .collect();
+    workers.sort_by(|a, b| a.0.cmp(&b.0));
+    workers.into_iter().map(|w| w.1).collect()
+}
+
+/// Each worker's share of what the workers spent between two readings, in
+/// percent ("71/29").
+fn worker_shares(before: &[f64], after: &[f64]) -> String {
+    let spent: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let total: f64 = spent.iter().sum::<f64>().max(1e-9);
+    spent.iter().map(|s| format!("{:.0}", s / total * 100.0)).collect::<Vec<_>>().join("/")
+}
+
+/// The connections each worker of the node's Envoy accepted per listener
+/// over the whole run (Envoy's `listener.<address>.worker_<n>.downstream_cx_total`):
+/// how evenly the listeners' connections were spread.
+fn worker_connections(lab: &Lab) -> Vec<String> {
+    const STATS: &str = "/stats?filter=downstream_cx_total$";
+    let admin = "127.0.0.1:9901".parse().unwrap();
+    let lines: Vec<String> = weft_tests::http::Client::connect(&lab.node(0).netns, admin, None, Duration::from_secs(5))
+        .and_then(|mut c| c.get("envoy", STATS, &[]))
+        .map(|r| {
+            r.body.lines().filter(|l| l.starts_with("listener.") && l.contains(".worker_")).map(str::to_owned).collect()
+        })
+        .unwrap_or_else(|e| vec![format!("(the node Envoy's stats: {e})")]);
+    println!("\n## The node Envoy's connections per worker and listener, whole run\n");
+    println!("```\n{}\n```", lines.join("\n"));
+    lines
 }
 
 /// The `oha` binary: `$WEFT_OHA`, or on PATH, or where `cargo install` puts it.
@@ -508,16 +766,27 @@ fn open_loop(lab: &Lab, paths: &[(&str, std::net::SocketAddr)], costs: &[Vec<(&s
         println!("\n## Open loop: SKIPPED (no `oha`: run benches/setup.sh, or set WEFT_OHA)");
         return serde_json::Value::Null;
     };
-    let secs: u64 = std::env::var("WEFT_BENCH_OPEN_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let secs = open_secs();
     println!("\n## Open loop: oha, 64 connections, keep-alive, latency-corrected, {secs} s per rate\n");
-    println!("| path | rate asked /s | rate got /s | ok | failed | p50 µs | p90 µs | p99 µs | CPU µs per request |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!(
+        "| path | rate asked /s | rate got /s | ok | failed | p50 µs | p90 µs | p99 µs | CPU µs per request | Envoy workers' CPU shares % |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
     let mut rows = Vec::new();
     for (i, (name, to)) in paths.iter().enumerate() {
         let top = oha_run(lab, &bin, *to, 0, 3.min(secs)).rate;
         for rate in [100, 1000, (top * 0.75) as u64] {
             let before: Vec<f64> = costs[i].iter().map(|(_, p)| cpu_secs(*p)).collect();
+            let workers_before: Vec<Vec<f64>> = costs[i].iter().map(|(_, p)| worker_cpu_secs(*p)).collect();
             let r = oha_run(lab, &bin, *to, rate, secs);
+            // How evenly each Envoy's workers shared the work (the agent
+            // has none: an empty share).
+            let shares: Vec<String> = costs[i]
+                .iter()
+                .zip(&workers_before)
+                .filter(|(_, b)| !b.is_empty())
+                .map(|((who, p), b)| format!("{who} {}", worker_shares(b, &worker_cpu_secs(*p))))
+                .collect();
             let done = (r.ok + r.failed).max(1) as f64;
             let cpu: Vec<(String, f64)> = costs[i]
                 .iter()
@@ -526,18 +795,19 @@ fn open_loop(lab: &Lab, paths: &[(&str, std::net::SocketAddr)], costs: &[Vec<(&s
                 .collect();
             let cpu_text: Vec<String> = cpu.iter().map(|(w, c)| format!("{w} {c:.1}")).collect();
             println!(
-                "| {name} | {rate} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
+                "| {name} | {rate} | {:.0} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} |",
                 r.rate,
                 r.ok,
                 r.failed,
                 r.p50,
                 r.p90,
                 r.p99,
-                if cpu_text.is_empty() { "-".into() } else { cpu_text.join(", ") }
+                if cpu_text.is_empty() { "-".into() } else { cpu_text.join(", ") },
+                if shares.is_empty() { "-".into() } else { shares.join(", ") }
             );
             rows.push(json!({
                 "path": name, "rate": rate, "got": r.rate, "ok": r.ok, "failed": r.failed,
-                "p50_us": r.p50, "p90_us": r.p90, "p99_us": r.p99, "top": top,
+                "p50_us": r.p50, "p90_us": r.p90, "p99_us": r.p99, "top": top, "worker_shares": shares,
                 "cpu_us_per_request": cpu.into_iter().map(|(w, c)| (w, json!(c))).collect::<serde_json::Map<_, _>>(),
             }));
         }

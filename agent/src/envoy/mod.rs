@@ -489,7 +489,7 @@ pub async fn supervise(
     let bootstrap_bytes = serde_json::to_vec_pretty(&bootstrap(&s))?;
     let mut spool = Spool::open(&s.state_dir, s.file_limit)?;
     let mut ledger = Ledger::new(pipeline, &s.state_dir);
-    let stats = weft_flow::client::http_client().timeout(ledger::POLL * 5).build().map_err(|e| {
+    let stats = weft_flow::client::http_client().timeout(ledger::POLL_MAX).build().map_err(|e| {
         tracing::warn!("an HTTP client for Envoy's admin interface: {e}; entries Envoy cannot write are not counted")
     });
     let stats_url = format!("http://127.0.0.1:{}{}", s.admin_port, ledger::STATS_PATH);
@@ -518,12 +518,13 @@ pub async fn supervise(
         });
         let readiness = readiness(state.clone(), s.admin_port);
         let mut tick = tokio::time::interval(SPOOL_EVERY);
-        let mut poll = tokio::time::interval(ledger::POLL);
+        let mut next_reading = tokio::time::Instant::now();
         let why = loop {
             tokio::select! {
                 why = envoy.exited() => break why,
                 _ = tick.tick() => spool.tend(&envoy),
-                _ = poll.tick() => {
+                _ = tokio::time::sleep_until(next_reading) => {
+                    let began = tokio::time::Instant::now();
                     let fetch = async {
                         let r = stats.as_ref().ok()?.get(&stats_url).send().await.ok()?;
                         if !r.status().is_success() {
@@ -536,6 +537,7 @@ pub async fn supervise(
                         why = envoy.exited() => break why,
                         r = fetch => r,
                     };
+                    next_reading = tokio::time::Instant::now() + ledger::next_poll(began.elapsed());
                     ledger.tick(reading);
                     let (served, lost) = ledger.served_and_lost().map_or((None, 0), |(s, l)| (Some(s), l));
                     state.send_if_modified(|st| {

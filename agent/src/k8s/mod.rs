@@ -3,6 +3,7 @@
 //! by namespace and name, each with where it came from.
 
 pub mod crd;
+pub mod dirwatch;
 pub mod report;
 pub mod selector;
 pub mod source;

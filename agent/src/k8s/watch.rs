@@ -743,9 +743,10 @@ impl KubeSource {
         }
     }
 
-    /// Waits until something changed since the last [`KubeSource::poll`].
-    pub async fn changed(&mut self) {
-        let _ = self.changed.wait_for(|v| *v != self.seen).await;
+    /// Waits until something changed since the last [`KubeSource::poll`];
+    /// false (at once) once every watch has ended.
+    pub async fn changed(&mut self) -> bool {
+        self.changed.wait_for(|v| *v != self.seen).await.is_ok()
     }
 
     /// Everything held, if anything changed since the last call.

@@ -1,5 +1,6 @@
-//! The control loop: the one writer of desired state. It polls the source
-//! (the objects directory or the Kubernetes API) and follows Envoy's answers
+//! The control loop: the one writer of desired state. It reads the source
+//! (the objects directory or the Kubernetes API) when the source says it
+//! changed (and on a slow tick, the fallback), and follows Envoy's answers
 //! over ADS; on every change the [`Controller`] builds new snapshots, which
 //! it publishes: the xDS resources to the ADS server, the node's desired
 //! state to the datapath worker and the flow pipeline. A snapshot that stops
@@ -29,7 +30,9 @@ use crate::{
     },
 };
 
-/// How often the objects directory is checked for changes.
+/// How often the source is checked for changes besides its own signal
+/// (the directory without inotify, a directory created later) and
+/// retired visibility configs for their time.
 const SOURCE_POLL: Duration = Duration::from_millis(200);
 /// How long Envoy's update waits for the datapath to stop handing
 /// connections to the proxy ports it removes.
@@ -95,6 +98,18 @@ impl ControlLoop {
         ControlReport { control: self.controller.status(datapath_problems), xds: self.xds_counts.clone() }
     }
 
+    /// Loads what changed in the source; true if a build is due (a change,
+    /// or a retired visibility config's time is up).
+    fn read_source(&mut self) -> bool {
+        match self.source.poll() {
+            Some(loaded) => {
+                self.controller.load(log_problems(loaded));
+                true
+            }
+            None => self.controller.retirement_due(),
+        }
+    }
+
     /// Runs until the agent stops (the supervisor watches the readers).
     pub async fn run(mut self, ch: Channels) -> anyhow::Result<()> {
         let Channels { snapshots, xds, report, mut ads_events, mut datapath, mut attachments } = ch;
@@ -104,14 +119,8 @@ impl ControlLoop {
         let mut datapath_alive = true;
         loop {
             let mut rebuild = tokio::select! {
-                _ = tick.tick() => match self.source.poll() {
-                    Some(loaded) => {
-                        self.controller.load(log_problems(loaded));
-                        true
-                    }
-                    // A retired visibility config's time is up.
-                    None => self.controller.retirement_due(),
-                },
+                () = self.source.changed() => self.read_source(),
+                _ = tick.tick() => self.read_source(),
                 Some(ev) = ads_events.recv() => {
                     touched = true;
                     self.xds_counts.count(&ev);

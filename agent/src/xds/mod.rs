@@ -1,6 +1,7 @@
 //! The xDS control plane: EnvoyConfig objects translated into validated Envoy
 //! resources, served to the node's Envoy over ADS.
 
+pub mod acks;
 pub mod envoyconfig;
 pub mod model;
 pub mod policy;

@@ -357,6 +357,7 @@ impl Model {
                 }
                 Shape::Bound { port: Some(p), policy } => {
                     translate::bind_proxy_port(&mut listener, *p);
+                    translate::balance_connections(&mut listener);
                     if *policy {
                         translate::original_destination(&mut listener);
                     }
@@ -434,8 +435,10 @@ impl Model {
 
     /// Records that Envoy acknowledged the accepted version of `key`.
     pub fn confirm(&mut self, key: &ConfigKey) {
-        if let Some(g) = self.good.get(key) {
-            self.confirmed.insert(key.clone(), g.clone());
+        let Some(g) = self.good.get(key) else { return };
+        match self.confirmed.get_mut(key) {
+            Some(c) => c.clone_from(g),
+            None => drop(self.confirmed.insert(key.clone(), g.clone())),
         }
     }
 
@@ -1225,6 +1228,7 @@ spec:
         );
         assert_eq!(b.redirects.get(&(ObjKey::new("default", "web"), None)), Some(&port), "the Service too");
         assert!(!b.xds.contains(translate::LISTENER, translate::DISPATCH_LISTENER), "no listener is dispatched to");
+        assert!(exact_balance(&l), "its one socket's connections are spread over the workers: {l:?}");
 
         // Without the policy it goes back behind the dispatcher.
         m.set_policy_listeners(BTreeSet::new());
@@ -1233,6 +1237,19 @@ spec:
         let r = b.xds.of(translate::LISTENER).find(|r| r.name == "default/a/l").unwrap();
         let l = Listener::decode(r.any.value.as_slice()).unwrap();
         assert_eq!(l.bind_to_port.map(|b| b.value), Some(false));
+        // Balanced where the dispatcher hands connections to, not twice.
+        assert!(exact_balance(&l), "{l:?}");
+        let r = b.xds.of(translate::LISTENER).find(|r| r.name == translate::DISPATCH_LISTENER).unwrap();
+        let d = Listener::decode(r.any.value.as_slice()).unwrap();
+        assert_eq!(d.connection_balance_config, None, "{d:?}");
+    }
+
+    fn exact_balance(l: &Listener) -> bool {
+        use envoy_types::pb::envoy::config::listener::v3::listener::connection_balance_config::BalanceType;
+        matches!(
+            l.connection_balance_config.as_ref().and_then(|c| c.balance_type.as_ref()),
+            Some(BalanceType::ExactBalance(_))
+        )
     }
 
     #[test]

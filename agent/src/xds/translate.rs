@@ -809,6 +809,28 @@ pub fn virtual_listener(l: &mut Listener, frontends: &[std::net::SocketAddrV4], 
     l.address = all.next().or_else(|| placeholder.map(|p| at(std::net::Ipv4Addr::LOCALHOST, p)));
     l.additional_addresses = all.map(|a| AdditionalAddress { address: Some(a), ..Default::default() }).collect();
     l.bind_to_port = Some(BoolValue { value: false });
+    balance_connections(l);
+}
+
+/// Makes Envoy spread a listener's connections evenly over its workers
+/// (exact balance), unless its config chose a balancer. The listeners the
+/// agent gives no socket of their own, or one socket for all workers, need
+/// it: without, whichever worker wakes first accepts the connections that
+/// are waiting, so long-lived connections can pile up on one worker while
+/// the other idles, and their requests queue there (the kernel spreads
+/// those of a pinned listener with a socket per worker instead). Envoy's
+/// own advice for a dispatching listener (`use_original_dst`) is to balance
+/// in the listeners it hands to, not in the dispatcher, so that a
+/// connection is balanced once.
+pub fn balance_connections(l: &mut Listener) {
+    use envoy_types::pb::envoy::config::listener::v3::listener::{
+        ConnectionBalanceConfig,
+        connection_balance_config::{BalanceType, ExactBalance},
+    };
+    if l.connection_balance_config.is_none() {
+        l.connection_balance_config =
+            Some(ConnectionBalanceConfig { balance_type: Some(BalanceType::ExactBalance(ExactBalance {})) });
+    }
 }
 
 /// Makes a listener fit for connections the datapath hands to it:
