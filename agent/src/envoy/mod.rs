@@ -47,7 +47,7 @@ use self::{
     ledger::{Ledger, Reading},
     process::Process,
 };
-use crate::xds::translate::ACCESS_LOG_PATH;
+use crate::xds::translate::{ACCESS_LOG_PATH, UPSTREAM_MARK, UPSTREAM_MARK_DESCRIPTION};
 
 /// How the agent runs Envoy.
 #[derive(Clone, Debug)]
@@ -203,6 +203,17 @@ pub fn bootstrap(s: &EnvoySettings) -> serde_json::Value {
                 }
             ]
         },
+        // Every upstream socket carries weft's mark: host policies do not
+        // judge the proxy's upstream connections (the pods they reach do).
+        // A cluster listing socket options of its own gets the mark added
+        // there (`xds::translate`): Envoy would take its list instead.
+        "cluster_manager": {"upstream_bind_config": {"socket_options": [{
+            "description": UPSTREAM_MARK_DESCRIPTION,
+            "level": libc::SOL_SOCKET,
+            "name": libc::SO_MARK,
+            "int_value": UPSTREAM_MARK,
+            "state": "STATE_PREBIND"
+        }]}},
         "layered_runtime": {
             "layers": [{"name": "static", "static_layer": {"overload": {"global_downstream_max_connections": 50000}}}]
         }
@@ -645,6 +656,29 @@ mod tests {
         assert_eq!(active_connections(stats), Some(5));
         assert_eq!(active_connections(""), Some(0));
         assert_eq!(active_connections("listener.x.downstream_cx_active: many"), None);
+    }
+
+    /// Every upstream socket of the node's Envoy carries the mark the
+    /// datapath exempts from host egress policy (`WEFT_MARK_FROM_PROXY`).
+    #[test]
+    fn the_bootstrap_marks_every_upstream_socket() {
+        let dir = std::env::temp_dir();
+        let b = bootstrap(&EnvoySettings {
+            binary: dir.join("envoy"),
+            state_dir: dir.clone(),
+            xds_socket: dir.join("xds.sock"),
+            admin_port: 9901,
+            node_id: "node1".into(),
+            delta: false,
+            concurrency: 2,
+            file_limit: 1 << 20,
+            file_flush_ms: FILE_FLUSH_MS,
+        });
+        let opts = &b["cluster_manager"]["upstream_bind_config"]["socket_options"];
+        assert_eq!(opts[0]["level"], libc::SOL_SOCKET, "{b}");
+        assert_eq!(opts[0]["name"], libc::SO_MARK, "{b}");
+        assert_eq!(opts[0]["int_value"], weft_ebpf::abi::MARK_FROM_PROXY, "{b}");
+        assert_eq!(opts[0]["state"], "STATE_PREBIND", "{b}");
     }
 
     #[test]
