@@ -658,14 +658,11 @@ mod tests {
         assert_eq!(active_connections("listener.x.downstream_cx_active: many"), None);
     }
 
-    /// Every upstream socket of the node's Envoy carries the mark the
-    /// datapath exempts from host egress policy (`WEFT_MARK_FROM_PROXY`).
-    #[test]
-    fn the_bootstrap_marks_every_upstream_socket() {
-        let dir = std::env::temp_dir();
-        let b = bootstrap(&EnvoySettings {
-            binary: dir.join("envoy"),
-            state_dir: dir.clone(),
+    /// Settings of a test Envoy whose files are in `dir`.
+    fn settings(dir: &Path, binary: &Path) -> EnvoySettings {
+        EnvoySettings {
+            binary: binary.to_path_buf(),
+            state_dir: dir.to_path_buf(),
             xds_socket: dir.join("xds.sock"),
             admin_port: 9901,
             node_id: "node1".into(),
@@ -673,7 +670,15 @@ mod tests {
             concurrency: 2,
             file_limit: 1 << 20,
             file_flush_ms: FILE_FLUSH_MS,
-        });
+        }
+    }
+
+    /// Every upstream socket of the node's Envoy carries the mark the
+    /// datapath exempts from host egress policy (`WEFT_MARK_FROM_PROXY`).
+    #[test]
+    fn the_bootstrap_marks_every_upstream_socket() {
+        let dir = std::env::temp_dir();
+        let b = bootstrap(&settings(&dir, &dir.join("envoy")));
         let opts = &b["cluster_manager"]["upstream_bind_config"]["socket_options"];
         assert_eq!(opts[0]["level"], libc::SOL_SOCKET, "{b}");
         assert_eq!(opts[0]["name"], libc::SO_MARK, "{b}");
@@ -687,17 +692,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let binary = dir.join("envoy");
         std::fs::write(&binary, "#!/bin/sh\n# 1.40.0\n").unwrap();
-        let s = |binary: &Path| EnvoySettings {
-            binary: binary.to_path_buf(),
-            state_dir: dir.clone(),
-            xds_socket: dir.join("xds.sock"),
-            admin_port: 9901,
-            node_id: "node1".into(),
-            delta: false,
-            concurrency: 2,
-            file_limit: 1 << 20,
-            file_flush_ms: FILE_FLUSH_MS,
-        };
+        let s = |binary: &Path| settings(&dir, binary);
         let before = bootstrap(&s(&binary));
         assert_eq!(before, bootstrap(&s(&binary)), "the same binary: the same bootstrap");
         // A new file of the same size at the same path (an upgrade moves it
