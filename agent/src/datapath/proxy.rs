@@ -40,6 +40,10 @@ const MIGRATE_SYSCTL: &str = "net/ipv4/tcp_migrate_req";
 /// The TCP listeners on `ports` in the current thread's network namespace:
 /// port -> socket inodes.
 fn listeners(ports: &BTreeSet<u16>) -> Result<BTreeMap<u16, BTreeSet<u64>>> {
+    if ports.is_empty() {
+        // Reading the table walks every connection hash bucket of the machine.
+        return Ok(BTreeMap::new());
+    }
     let tcp = fs::read_to_string("/proc/thread-self/net/tcp")
         .map_err(|e| DatapathError::io("reading /proc/thread-self/net/tcp", e))?;
     let mut out: BTreeMap<u16, BTreeSet<u64>> = BTreeMap::new();
@@ -247,6 +251,12 @@ impl Datapath {
         }
         out.missing.sort();
         Ok(out)
+    }
+
+    /// Whether the agent holds some proxy's listening socket (a port it
+    /// must let go once no snapshot hands connections to it).
+    pub fn holds_proxy_sockets(&self) -> bool {
+        !self.proxy.held.is_empty()
     }
 
     /// Closes the agent's copy of a port's socket and forgets the port.

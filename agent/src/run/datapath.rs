@@ -95,14 +95,17 @@ impl Worker {
         let mut last_apply = Instant::now();
         let mut settle_from = Instant::now();
         let mut waiting = false;
+        // Whether the snapshot hands some port to a proxy (or the worker
+        // still holds a proxy's socket): only then are listeners looked at.
+        let mut proxy_ports = false;
         let mut envoy_published = true;
         let migrating = migrate_waiting_connections(&cfg.sysctl_dir);
         status.send_modify(|st| st.proxy_migration = migrating);
         // The first snapshot is there before the worker starts.
         snapshots.mark_changed();
         loop {
-            let settling = waiting || settle_from.elapsed() < PROXY_SETTLE_FOR;
-            let wait = if settling { PROXY_SETTLE_EVERY } else { WAIT };
+            let look = proxy_look_every(proxy_ports, waiting, settle_from.elapsed());
+            let wait = look.map_or(WAIT, |every| every.min(WAIT));
             // The timer is made inside block_on: it needs the runtime's context.
             let woke = runtime.block_on(async {
                 tokio::select! {
@@ -127,6 +130,7 @@ impl Worker {
                     if !snap.proxied().is_subset(&before) || !snap.policy_proxy_ports().is_subset(&by_policy) {
                         settle_from = Instant::now();
                     }
+                    proxy_ports = !snap.proxy_ports().is_empty() || dp.holds_proxy_sockets();
                     current = Some(snap);
                     last_proxy = due_now(PROXY_SYNC_EVERY);
                 }
@@ -147,8 +151,9 @@ impl Worker {
                 settle_from = Instant::now();
                 last_proxy = due_now(PROXY_SYNC_EVERY);
             }
-            let every = if settling { PROXY_SETTLE_EVERY } else { PROXY_SYNC_EVERY };
-            if last_proxy.elapsed() >= every {
+            if let Some(every) = look
+                && last_proxy.elapsed() >= every
+            {
                 last_proxy = Instant::now();
                 if let Some(snap) = &current {
                     let pid = if cfg.envoy.enabled { pid } else { None };
@@ -157,6 +162,8 @@ impl Worker {
                         apply(&mut dp, &mut rec, snap, &status)?;
                         last_apply = Instant::now();
                     }
+                    // A port no longer handed to a proxy has been let go now.
+                    proxy_ports = !snap.proxy_ports().is_empty() || dp.holds_proxy_sockets();
                 }
             }
             if last_stats.elapsed() >= PROXY_SYNC_EVERY {
@@ -309,6 +316,25 @@ fn log_full_maps(before: &[FullMap], now: &[FullMap]) {
     }
 }
 
+/// How often the worker looks at the proxy's listeners, if at all. A look
+/// reads the kernel's TCP table (`/proc/net/tcp`), which walks the whole
+/// established-connection hash, shared by every network namespace of the
+/// machine: about 4 ms of CPU on the bench machine, whatever this node has.
+/// So never while no port is handed to a proxy and no proxy socket is held
+/// (`proxy_ports` false: nothing to register or let go, whatever Envoy
+/// does); every [`PROXY_SETTLE_EVERY`] while connections wait for a new
+/// Envoy (`waiting`) or within [`PROXY_SETTLE_FOR`] of Envoy's pid or the
+/// proxy ports changing (`since_change`); else every [`PROXY_SYNC_EVERY`].
+fn proxy_look_every(proxy_ports: bool, waiting: bool, since_change: Duration) -> Option<Duration> {
+    if !proxy_ports {
+        None
+    } else if waiting || since_change < PROXY_SETTLE_FOR {
+        Some(PROXY_SETTLE_EVERY)
+    } else {
+        Some(PROXY_SYNC_EVERY)
+    }
+}
+
 /// Keeps the map in step with the proxy's listeners for the snapshot's
 /// proxy ports (those of Envoy's `pid`, when the agent runs it) and reports
 /// the ports without one, and those whose connections wait for the next
@@ -351,5 +377,53 @@ fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &wat
             tracing::warn!("registering proxy listeners: {e}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The worker's wake-ups and listener looks over its first
+    /// `PROXY_SETTLE_FOR` plus a minute, with nothing published: the loop's
+    /// schedule, counted without a clock.
+    fn first_minute(proxy_ports: bool) -> (u32, u32) {
+        let (mut wakes, mut looks) = (0, 0);
+        let (mut now, mut last_look) = (Duration::ZERO, None::<Duration>);
+        while now < PROXY_SETTLE_FOR + Duration::from_secs(60) {
+            let look = proxy_look_every(proxy_ports, false, now);
+            now += look.map_or(WAIT, |every| every.min(WAIT));
+            wakes += 1;
+            if let Some(every) = look
+                && last_look.is_none_or(|l| now - l >= every)
+            {
+                last_look = Some(now);
+                looks += 1;
+            }
+        }
+        (wakes, looks)
+    }
+
+    #[test]
+    fn a_node_that_hands_no_port_to_a_proxy_never_reads_its_listeners() {
+        // Not even in the first seconds after the agent (and Envoy) started.
+        for since in [Duration::ZERO, PROXY_SETTLE_FOR / 2, PROXY_SETTLE_FOR * 2] {
+            assert_eq!(proxy_look_every(false, false, since), None);
+            assert_eq!(proxy_look_every(false, true, since), None);
+        }
+        let (wakes, looks) = first_minute(false);
+        assert_eq!(looks, 0);
+        // Ten wake-ups a second for the snapshot's periodic work, not fifty.
+        assert_eq!(wakes, 700);
+    }
+
+    #[test]
+    fn proxy_listeners_are_read_closely_only_while_a_proxy_settles() {
+        assert_eq!(proxy_look_every(true, false, Duration::ZERO), Some(PROXY_SETTLE_EVERY));
+        assert_eq!(proxy_look_every(true, false, PROXY_SETTLE_FOR), Some(PROXY_SYNC_EVERY));
+        assert_eq!(proxy_look_every(true, true, PROXY_SETTLE_FOR * 2), Some(PROXY_SETTLE_EVERY));
+        // 50 a second for the settling 10 s, then 2 a second.
+        let (_, looks) = first_minute(true);
+        assert_eq!(looks, 500 + 120);
     }
 }
