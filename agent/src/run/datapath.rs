@@ -235,7 +235,14 @@ fn apply(
         endpoints_removed = applied.endpoints_removed,
         "desired state applied"
     );
+    // Said with the version: a policy that starts handing connections to a
+    // proxy port does so from this snapshot on, and until the port's socket
+    // is registered they are refused (sk_lookup finds no socket). Before,
+    // the list was only filled by the next look at the listeners, so the
+    // first moments of a new L7 policy read as served.
+    let refusing = policy_ports_without_socket(dp, snap);
     status.send_modify(|st| {
+        set_refusing(st, refusing);
         st.applied_version = snap.version;
         st.services = snap.services.len();
         st.endpoints = snap.pods.iter().filter(|p| p.local).count();
@@ -253,6 +260,30 @@ fn apply(
         st.frontends_awaiting_proxy = applied.awaiting_proxy;
     });
     Ok(())
+}
+
+/// Records the proxy ports policies send connections through that have no
+/// socket in the map (and says so when that changes).
+fn set_refusing(st: &mut DatapathStatus, refused: Vec<u16>) {
+    if st.policy_proxy_ports_refusing != refused {
+        if !refused.is_empty() {
+            // Fail closed: a connection a policy sends through the
+            // proxy has no plain way to fall back to.
+            tracing::warn!(
+                ports = ?refused,
+                "policies send connections through proxy ports with no listening socket: they are refused until the proxy listens"
+            );
+        }
+        st.policy_proxy_ports_refusing = refused;
+    }
+}
+
+/// The ports a snapshot's policies hand connections to whose socket the
+/// datapath does not hold yet (an Envoy that just opened the listener: the
+/// next look at its listeners registers it).
+fn policy_ports_without_socket(dp: &Datapath, snap: &Snapshot) -> Vec<u16> {
+    let held = dp.proxy_ports_registered();
+    snap.policy_proxy_ports().into_iter().filter(|p| !held.contains(p)).collect()
 }
 
 /// Whether the proxy socket map now holds a socket some frontend waits for.
@@ -351,17 +382,7 @@ fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &wat
             let by_policy = snap.policy_proxy_ports();
             let refused: Vec<u16> = sync.missing.iter().copied().filter(|p| by_policy.contains(p)).collect();
             status.send_if_modified(|st| {
-                if st.policy_proxy_ports_refusing != refused {
-                    if !refused.is_empty() {
-                        // Fail closed: a connection a policy sends through the
-                        // proxy has no plain way to fall back to.
-                        tracing::warn!(
-                            ports = ?refused,
-                            "policies send connections through proxy ports with no listening socket: they are refused until the proxy listens"
-                        );
-                    }
-                    st.policy_proxy_ports_refusing = refused;
-                }
+                set_refusing(st, refused);
                 let held = sync.missing.is_empty();
                 let changed = st.proxy_ports_without_listener != sync.missing
                     || st.proxy_ports_waiting != sync.orphaned
