@@ -17,5 +17,7 @@ pub mod reconcile;
 pub mod requirements;
 pub mod run;
 pub mod state;
+#[cfg(test)]
+mod test_alloc;
 pub mod validate;
 pub mod xds;

@@ -1,0 +1,61 @@
+//! Test builds only: the global allocator counts the bytes each thread has
+//! allocated and not yet freed, so a test can say how much memory a
+//! structure holds (what the agent keeps per object at scale) without
+//! reading the process's RSS, which the allocator's free lists blur.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    cell::Cell,
+};
+
+struct Counting;
+
+thread_local! {
+    /// Bytes this thread allocated minus the bytes it freed.
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+fn count(delta: isize) {
+    // try_with: the allocator also runs while the thread's locals are torn down.
+    let _ = LIVE.try_with(|l| l.set(l.get().wrapping_add(delta)));
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the
+// counting touches only a thread-local integer (no allocation).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count(-(layout.size() as isize));
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count(new_size as isize - layout.size() as isize);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// Runs `f` and returns its result with the bytes this thread allocated
+/// during it and still holds afterwards (what the result, and whatever
+/// `f` stored elsewhere, keep).
+pub fn held_after<R>(f: impl FnOnce() -> R) -> (R, isize) {
+    let before = LIVE.with(Cell::get);
+    let r = f();
+    (r, LIVE.with(Cell::get) - before)
+}
