@@ -143,6 +143,13 @@ pub struct ObjectState {
 #[serde(rename_all = "kebab-case")]
 pub struct ControlStatus {
     pub version: u64,
+    /// How many times the source handed over changed objects. A report
+    /// with a higher count than before a change was made after the build
+    /// that took the change in (its `version` or an earlier one): once the
+    /// datapath's applied version reaches that `version`, the change is
+    /// in the datapath (a newer version alone may come from Envoy's
+    /// answers, built from the objects as they were).
+    pub source_generation: u64,
     pub envoy_connected: bool,
     /// "delta" or "state-of-the-world", as Envoy's stream is.
     pub xds_mode: Option<&'static str>,
@@ -187,6 +194,8 @@ pub struct Controller {
     parsed: std::collections::HashMap<usize, (Arc<serde_json::Value>, crate::k8s::Origin, usize, ConfigKey)>,
     parse_errors: Vec<ConfigError>,
     version: u64,
+    /// See [`ControlStatus::source_generation`].
+    source_generation: u64,
     built: Built,
     /// What Envoy ACKed of the build, per resource and per object.
     acks: Acks,
@@ -231,6 +240,7 @@ impl Controller {
             parsed: Default::default(),
             parse_errors: Vec::new(),
             version: 0,
+            source_generation: 0,
             built: Built::default(),
             acks: Acks::default(),
             wanted: Wanted::default(),
@@ -256,6 +266,7 @@ impl Controller {
     /// Takes what a source now holds; parses the config documents that
     /// changed (see `parsed`).
     pub fn load(&mut self, loaded: Loaded) {
+        self.source_generation += 1;
         let mut before: Vec<Option<EnvoyConfig>> = std::mem::take(&mut self.configs).into_iter().map(Some).collect();
         let mut kept = std::mem::take(&mut self.parsed);
         self.parse_errors.clear();
@@ -495,6 +506,7 @@ impl Controller {
             .collect();
         ControlStatus {
             version: self.version,
+            source_generation: self.source_generation,
             envoy_connected: self.envoy_connected,
             xds_mode: self.xds_mode,
             objects,

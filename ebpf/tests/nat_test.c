@@ -114,3 +114,45 @@ CHECK(no_masquerade_inside)
 	ASSERT(v.ip.saddr == POD && v.sport == bpf_htons(45000));
 	return 0;
 }
+
+/* Host egress on the node's device: a node process's new connection is
+ * judged (here denied: egress default-deny, no entry), the node's proxy's
+ * upstream (its sockets' mark) is not, and is tracked so its replies pass. */
+PKTGEN(host_egress_on_the_device) { return unit_tcp(skb, NODE, WORLD, 46000, 443, TCPF_SYN); }
+SETUP(host_egress_on_the_device)
+{
+	unit_config(WEFT_EMIT_CONN, 0, NODE);
+	unit_identity(NODE, WEFT_ID_HOST);
+	unit_host_policy(WEFT_EP_POLICY_EGRESS);
+	return handle_to_netdev(skb);
+}
+CHECK(host_egress_on_the_device)
+{
+	struct weft_event *verdict = unit_event(0), *drop = unit_event(1);
+
+	ASSERT(unit_setup_verdict() == TC_ACT_SHOT);
+	ASSERT(verdict && verdict->type == WEFT_EV_POLICY && verdict->direction == WEFT_DIR_EGRESS);
+	ASSERT(verdict->src_identity == WEFT_ID_HOST && verdict->src_ep == WEFT_HOST_EP_ID);
+	ASSERT(drop && drop->subtype == WEFT_DROP_POLICY_DENIED);
+	ASSERT(!unit_ct(NODE, WORLD, 46000, 443));
+	return 0;
+}
+
+PKTGEN(proxy_upstream_on_the_device) { return unit_tcp(skb, NODE, WORLD, 46001, 443, TCPF_SYN); }
+SETUP(proxy_upstream_on_the_device)
+{
+	unit_config(WEFT_EMIT_CONN, 0, NODE);
+	unit_identity(NODE, WEFT_ID_HOST);
+	unit_host_policy(WEFT_EP_POLICY_EGRESS);
+	skb->mark = WEFT_MARK_FROM_PROXY;
+	return handle_to_netdev(skb);
+}
+CHECK(proxy_upstream_on_the_device)
+{
+	struct weft_ct_entry *ct = unit_ct(NODE, WORLD, 46001, 443);
+
+	ASSERT(unit_setup_verdict() == TC_ACT_OK);
+	ASSERT(unit_event_total() == 1); /* the trace, no verdict */
+	ASSERT(ct && (ct->flags & WEFT_CT_FROM_HOST));
+	return 0;
+}

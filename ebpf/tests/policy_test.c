@@ -314,6 +314,51 @@ CHECK(host_egress_denied)
 	return 0;
 }
 
+/* The node's proxy's upstream connection (its sockets' mark) is not the
+ * host's egress to judge; the pod's ingress still is (here the node may
+ * reach pods: allow-host-ingress), and the connection is tracked. */
+PKTGEN(host_egress_exempts_the_proxy) { return unit_tcp(skb, NODE, SERVER, 42004, 8080, TCPF_SYN); }
+SETUP(host_egress_exempts_the_proxy)
+{
+	fixture(0);
+	unit_host_policy(WEFT_EP_POLICY_EGRESS);
+	skb->mark = WEFT_MARK_FROM_PROXY;
+	return handle_to_container(skb);
+}
+CHECK(host_egress_exempts_the_proxy)
+{
+	struct weft_event *trace = unit_event(0);
+
+	ASSERT(unit_setup_verdict() == TC_ACT_OK);
+	ASSERT(unit_event_total() == 1);
+	ASSERT(trace && trace->type == WEFT_EV_TRACE);
+	ASSERT(unit_ct(NODE, SERVER, 42004, 8080));
+	return 0;
+}
+
+/* The proxy's mark exempts it from the host's egress only: a pod's own
+ * ingress policy still judges its upstream connection. */
+PKTGEN(proxy_upstream_meets_pod_ingress) { return unit_tcp(skb, NODE, SERVER, 42005, 8080, TCPF_SYN); }
+SETUP(proxy_upstream_meets_pod_ingress)
+{
+	fixture(WEFT_EP_POLICY_INGRESS);
+	unit_config(WEFT_EMIT_CONN, 0, NODE); /* no allow-host-ingress */
+	unit_host_policy(WEFT_EP_POLICY_EGRESS);
+	skb->mark = WEFT_MARK_FROM_PROXY;
+	return handle_to_container(skb);
+}
+CHECK(proxy_upstream_meets_pod_ingress)
+{
+	struct weft_event *verdict = unit_event(0), *drop = unit_event(1);
+
+	ASSERT(unit_setup_verdict() == TC_ACT_SHOT);
+	ASSERT(verdict && verdict->type == WEFT_EV_POLICY && verdict->direction == WEFT_DIR_INGRESS);
+	ASSERT(verdict->src_identity == WEFT_ID_HOST && verdict->dst_identity == ID_SERVER);
+	ASSERT(verdict->dst_ep == EP_SERVER);
+	ASSERT(drop && drop->subtype == WEFT_DROP_POLICY_DENIED && drop->direction == WEFT_DIR_INGRESS);
+	return 0;
+}
+
 /* The node's reply to a connection a pod opened is not judged again. */
 PKTGEN(host_reply_passes) { return unit_tcp(skb, NODE, PEER_A, 9100, 42000, TCPF_SYN | TCPF_ACK); }
 SETUP(host_reply_passes)

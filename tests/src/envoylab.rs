@@ -96,24 +96,29 @@ impl EnvoyLab {
     }
 
     /// Replaces the objects both agents read and waits until each applied
-    /// them: its datapath took a newer snapshot, and its report lists the
-    /// EnvoyConfigs `objects` holds (a newer snapshot alone may come from an
-    /// ADS event that arrived before the agent read the file; a report that
+    /// them: its report says the source handed over a change since (its
+    /// `source-generation` grew), its datapath applied the version that
+    /// report was built at, and the report lists the EnvoyConfigs `objects`
+    /// holds. A newer datapath version alone may come from an ADS event or
+    /// a CNI ADD that arrived before the agent read the file (policies
+    /// changed then reached the datapath only a build later); a report that
     /// no longer lists a removed config comes after the datapath stopped
-    /// handing its Services to Envoy).
+    /// handing its Services to Envoy.
     pub fn apply(&self, objects: &str) {
-        let version = |i: usize| {
-            crate::objects::agent_status(&self.lab, i)
-                .ok()
-                .and_then(|s| s["datapath"]["applied-version"].as_u64())
-                .unwrap_or(0)
+        let generation = |i: usize| {
+            let s = crate::objects::agent_status(&self.lab, i).unwrap_or_else(|e| self.fail(e));
+            s["control"]["source-generation"]
+                .as_u64()
+                .unwrap_or_else(|| self.fail(format!("no source-generation: {s}")))
         };
-        let before: Vec<u64> = (0..2).map(version).collect();
+        let before: Vec<u64> = (0..2).map(generation).collect();
         let wanted = configs_in(objects);
         write_atomic(&self.objects_file(), objects).unwrap_or_else(|e| self.fail(e));
         for (i, b) in before.iter().enumerate() {
             wait_status(&self.lab, i, Duration::from_secs(30), "the new objects applied", |s| {
-                s["datapath"]["applied-version"].as_u64().is_some_and(|v| v > *b)
+                let read = s["control"]["source-generation"].as_u64().is_some_and(|g| g > *b);
+                let built = s["control"]["version"].as_u64().unwrap_or(u64::MAX);
+                read && s["datapath"]["applied-version"].as_u64().is_some_and(|v| v >= built)
                     && wanted.as_ref().is_none_or(|w| *w == user_configs(s))
             })
             .unwrap_or_else(|e| self.fail(e));

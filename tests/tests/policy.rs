@@ -11,7 +11,7 @@ use weft_tests::{
     flows::{agent_get, flows_of, metric_sum, observe_json, wait_for},
     http::{Client, EchoPod, HttpServer, ServerOpts, get_once},
     lab::Lab,
-    objects::{LabService, PodLook, lab_objects_with},
+    objects::{LabService, PodLook, agent_status, http_envoy_config, lab_objects_with},
     require_root,
     scenario::sa,
 };
@@ -396,8 +396,10 @@ fn cilium_http_rules_are_enforced_in_the_nodes_envoy() {
     // /headers, nothing else.
     let ok = request(&env, "n2-p2", echo, "GET", "/headers");
     if ok.as_ref().map(|r| r.0) != Some(200) {
-        let flows: Vec<String> =
-            observed(&env, &[]).iter().map(|f| format!("{} {}", f["Summary"], f["verdict"])).collect();
+        let flows: Vec<String> = observed(&env, &[])
+            .iter()
+            .map(|f| format!("{} {} {}", f["Summary"], f["verdict"], f["drop_reason_desc"]))
+            .collect();
         env.fail(format!("GET /headers: {ok:?}; node1's flows:\n{}", flows.join("\n")));
     }
     for (method, path) in [("GET", "/private"), ("POST", "/headers")] {
@@ -624,6 +626,13 @@ fn host_policies_judge_the_nodes_own_connections() {
     assert!(from_node(0, sa(ip("n2-p1"), 8080)), "node1 -> web on node2 before any host policy");
 
     env.apply(&objects(lab, NODE1_IN));
+    // apply() returns once node1's datapath holds the policy (entries and
+    // the config byte are written before the status says so).
+    let host = &agent_status(lab, 0).unwrap()["datapath"]["host-policy"];
+    assert_eq!(
+        (&host["selected-by"], &host["ingress"]),
+        (&json!(["CiliumClusterwideNetworkPolicy node1-in"]), &json!(true))
+    );
     // A local pod, through its veth: the allowed port only.
     assert!(from("n1-p1", sa(node1, 18080)), "client -> node1:18080 (allowed)");
     assert!(!quick("n1-p1", sa(node1, 18081)), "client -> node1:18081 (not allowed for pods)");
@@ -710,4 +719,86 @@ fn host_policies_judge_the_nodes_own_connections() {
         );
     }
     drop((ext, servers));
+}
+
+/// node1's host policy that lets the node open nothing (egress
+/// default-deny, no rule).
+const NODE1_NO_EGRESS: &str = "---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: node1-no-egress}
+spec:
+  nodeSelector: {matchLabels: {kubernetes.io/hostname: node1}}
+  enableDefaultDeny: {egress: true}
+";
+
+/// A host policy that denies all of the node's egress leaves the node
+/// Envoy's upstream connections alone (its sockets carry weft's mark, as
+/// Cilium exempts its proxy's upstreams): L7 Services through node1's Envoy
+/// still answer, from a backend on node1 (Envoy -> the pod's veth) and on
+/// node2 (Envoy -> the uplink), while node1's plain connections to the same
+/// pods are dropped with their verdicts. No request goes through Envoy
+/// before the policy, so every upstream connection is opened under it.
+#[test]
+fn host_policies_leave_the_nodes_envoy_upstreams_to_the_pods() {
+    require_root!();
+    const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+    const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
+    let with = |lab: &Lab, policies: &str| {
+        let looks = BTreeMap::from([
+            ("n1-p1", look("default", "client")),
+            ("n1-p2", look("default", "near")),
+            ("n2-p1", look("default", "far")),
+            ("n2-p2", look("default", "other")),
+        ]);
+        let services =
+            [LabService::new("near", LOCAL_VIP, 80, &["n1-p2"]), LabService::new("far", REMOTE_VIP, 80, &["n2-p1"])];
+        let configs = [http_envoy_config("l7-near", "near", None), http_envoy_config("l7-far", "far", None)];
+        format!("{}---\n{}---\n{}{policies}", lab_objects_with(lab, &services, &looks), configs[0], configs[1])
+    };
+    let env = EnvoyLab::new(|lab| with(lab, ""));
+    let lab = &env.lab;
+    env.acked("EnvoyConfig default/l7-near");
+    env.acked("EnvoyConfig default/l7-far");
+    let ip = |p: &str| lab.pod(p).ip;
+    let status = agent_status(lab, 0).unwrap();
+    let exempt = &status["datapath"]["host-policy"]["exempt"];
+    assert!(exempt.to_string().contains("Envoy's upstream connections"), "/status says what is exempt: {exempt}");
+
+    env.apply(&with(lab, NODE1_NO_EGRESS));
+    let host = &agent_status(lab, 0).unwrap()["datapath"]["host-policy"];
+    assert_eq!(
+        (&host["egress"], &host["selected-by"]),
+        (&json!(true), &json!(["CiliumClusterwideNetworkPolicy node1-no-egress"]))
+    );
+    // Through node1's Envoy (each request a fresh connection, and Envoy had
+    // none to the backends before): answered by the pods.
+    for (vip, pod) in [(LOCAL_VIP, "n1-p2"), (REMOTE_VIP, "n2-p1")] {
+        let r = get_once(&lab.pod("n1-p1").netns, sa(vip, 80), "/", Duration::from_secs(5));
+        let (r, _, _) = r.unwrap_or_else(|e| env.fail(format!("client -> {vip} through Envoy: {e}")));
+        assert_eq!(r.status, 200, "client -> {vip}: {r:?}");
+        assert!(r.headers.iter().any(|(k, _)| k == "x-envoy-upstream-service-time"), "through Envoy: {r:?}");
+        assert!(r.body.contains(pod), "answered by {pod}: {r:?}");
+    }
+    // node1's own connections to the same pods: dropped, as verdicts.
+    for pod in ["n1-p2", "n2-p1"] {
+        let r = get_once(&lab.nodes[0].netns, sa(ip(pod), 8080), "/", DENIED);
+        assert!(r.is_err(), "node1 -> {pod} under the host policy: {r:?}");
+    }
+    let out = ["--type", "policy-verdict", "--traffic-direction", "egress", "--verdict", "DROPPED"];
+    wait_for(Duration::from_secs(10), "node1's dropped egress verdicts", || {
+        let v = observed(&env, &out);
+        let to = |p: &str| v.iter().any(|f| f["source"]["identity"] == 1 && pod(f, "destination") == p);
+        (to("n1-p2") && to("n2-p1")).then_some(())
+    })
+    .unwrap_or_else(|e| env.fail(e));
+    let drops = observed(&env, &["--type", "drop", "--to-pod", "default/n1-p2"]);
+    assert!(
+        drops.iter().any(|d| d["drop_reason_desc"] == "POLICY_DENIED" && d["traffic_direction"] == "EGRESS"),
+        "node1 -> near dropped: {drops:?}"
+    );
+    // Envoy's upstream connections made no host verdict at all.
+    let all = observed(&env, &["--type", "policy-verdict", "--traffic-direction", "egress"]);
+    let host_verdicts = all.iter().filter(|f| f["source"]["identity"] == 1).count();
+    assert_eq!(host_verdicts, 2, "only node1's two plain connections were judged: {all:?}");
 }

@@ -47,7 +47,7 @@ use self::{
     ledger::{Ledger, Reading},
     process::Process,
 };
-use crate::xds::translate::ACCESS_LOG_PATH;
+use crate::xds::translate::{ACCESS_LOG_PATH, UPSTREAM_MARK, UPSTREAM_MARK_DESCRIPTION};
 
 /// How the agent runs Envoy.
 #[derive(Clone, Debug)]
@@ -203,6 +203,17 @@ pub fn bootstrap(s: &EnvoySettings) -> serde_json::Value {
                 }
             ]
         },
+        // Every upstream socket carries weft's mark: host policies do not
+        // judge the proxy's upstream connections (the pods they reach do).
+        // A cluster listing socket options of its own gets the mark added
+        // there (`xds::translate`): Envoy would take its list instead.
+        "cluster_manager": {"upstream_bind_config": {"socket_options": [{
+            "description": UPSTREAM_MARK_DESCRIPTION,
+            "level": libc::SOL_SOCKET,
+            "name": libc::SO_MARK,
+            "int_value": UPSTREAM_MARK,
+            "state": "STATE_PREBIND"
+        }]}},
         "layered_runtime": {
             "layers": [{"name": "static", "static_layer": {"overload": {"global_downstream_max_connections": 50000}}}]
         }
@@ -647,15 +658,11 @@ mod tests {
         assert_eq!(active_connections("listener.x.downstream_cx_active: many"), None);
     }
 
-    #[test]
-    fn an_upgraded_binary_makes_another_bootstrap() {
-        let dir = std::env::temp_dir().join(format!("weft-envoy-identity-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let binary = dir.join("envoy");
-        std::fs::write(&binary, "#!/bin/sh\n# 1.40.0\n").unwrap();
-        let s = |binary: &Path| EnvoySettings {
+    /// Settings of a test Envoy whose files are in `dir`.
+    fn settings(dir: &Path, binary: &Path) -> EnvoySettings {
+        EnvoySettings {
             binary: binary.to_path_buf(),
-            state_dir: dir.clone(),
+            state_dir: dir.to_path_buf(),
             xds_socket: dir.join("xds.sock"),
             admin_port: 9901,
             node_id: "node1".into(),
@@ -663,7 +670,29 @@ mod tests {
             concurrency: 2,
             file_limit: 1 << 20,
             file_flush_ms: FILE_FLUSH_MS,
-        };
+        }
+    }
+
+    /// Every upstream socket of the node's Envoy carries the mark the
+    /// datapath exempts from host egress policy (`WEFT_MARK_FROM_PROXY`).
+    #[test]
+    fn the_bootstrap_marks_every_upstream_socket() {
+        let dir = std::env::temp_dir();
+        let b = bootstrap(&settings(&dir, &dir.join("envoy")));
+        let opts = &b["cluster_manager"]["upstream_bind_config"]["socket_options"];
+        assert_eq!(opts[0]["level"], libc::SOL_SOCKET, "{b}");
+        assert_eq!(opts[0]["name"], libc::SO_MARK, "{b}");
+        assert_eq!(opts[0]["int_value"], weft_ebpf::abi::MARK_FROM_PROXY, "{b}");
+        assert_eq!(opts[0]["state"], "STATE_PREBIND", "{b}");
+    }
+
+    #[test]
+    fn an_upgraded_binary_makes_another_bootstrap() {
+        let dir = std::env::temp_dir().join(format!("weft-envoy-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let binary = dir.join("envoy");
+        std::fs::write(&binary, "#!/bin/sh\n# 1.40.0\n").unwrap();
+        let s = |binary: &Path| settings(&dir, binary);
         let before = bootstrap(&s(&binary));
         assert_eq!(before, bootstrap(&s(&binary)), "the same binary: the same bootstrap");
         // A new file of the same size at the same path (an upgrade moves it

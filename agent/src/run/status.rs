@@ -84,6 +84,8 @@ pub struct HostPolicyStatus {
     /// Datapath entries of the node's endpoint.
     pub entries: usize,
     pub not_enforced: &'static [&'static str],
+    /// The node's connections host policies leave to others to judge.
+    pub exempt: &'static [&'static str],
 }
 
 /// The node's traffic host policies do not judge.
@@ -95,6 +97,12 @@ pub const HOST_POLICY_NOT_ENFORCED: &[&str] = &[
     "HTTP rules and listeners (refused by name)",
 ];
 
+/// The node's connections a host policy's egress does not judge, and who does.
+pub const HOST_POLICY_EXEMPT: &[&str] =
+    &["the node's Envoy's upstream connections (its sockets carry mark 0xc00): the client's egress policy judged \
+     them where they entered Envoy, a policy's HTTP rules in Envoy, and the destination pod's ingress policy \
+     still judges them"];
+
 impl Default for HostPolicyStatus {
     fn default() -> Self {
         Self {
@@ -103,6 +111,7 @@ impl Default for HostPolicyStatus {
             egress: false,
             entries: 0,
             not_enforced: HOST_POLICY_NOT_ENFORCED,
+            exempt: HOST_POLICY_EXEMPT,
         }
     }
 }
@@ -459,6 +468,14 @@ mod tests {
     use weft_observe::pipeline::{PipelineConfig, enrich::Names};
 
     use super::*;
+
+    /// What `/status` says is exempt names the mark Envoy's upstream
+    /// sockets really carry.
+    #[test]
+    fn the_exempt_connections_name_the_proxy_mark() {
+        let mark = format!("{:#x}", crate::xds::translate::UPSTREAM_MARK);
+        assert!(HOST_POLICY_EXEMPT[0].contains(&format!("mark {mark})")), "{mark}: {HOST_POLICY_EXEMPT:?}");
+    }
 
     /// `/readyz` answers from `ready()`: it fails as soon as the supervisor
     /// records a component that is not running, whatever else is ready.

@@ -648,6 +648,7 @@ fn cluster(ctx: &mut Ctx<'_>, index: usize, mut c: Cluster, out: &mut Translated
     if let Some(la) = c.load_assignment.as_mut() {
         la.cluster_name = ctx.q(&la.cluster_name);
     }
+    keep_upstream_mark(&mut c);
     out.clusters.push(Item { name: c.name.clone(), written, index, resource: c });
     Ok(())
 }
@@ -833,6 +834,36 @@ pub fn balance_connections(l: &mut Listener) {
     }
 }
 
+/// What Envoy's upstream sockets carry so host policies leave them to the
+/// pods they reach (`WEFT_MARK_FROM_PROXY` in the datapath): the
+/// bootstrap's `cluster_manager.upstream_bind_config` sets it for every
+/// cluster ([`crate::envoy::bootstrap`]).
+pub const UPSTREAM_MARK: u32 = weft_ebpf::abi::MARK_FROM_PROXY;
+pub const UPSTREAM_MARK_DESCRIPTION: &str = "weft: the node proxy's upstream connections (host policies exempt them)";
+
+/// Envoy takes a cluster's own `upstream_bind_config.socket_options`, when
+/// it lists any, INSTEAD of the bootstrap's (socket options are not merged;
+/// a bind config with only a source address keeps the bootstrap's). Such a
+/// cluster gets weft's mark added to its own options, so its upstream
+/// connections stay exempt from host egress policy; one that sets SO_MARK
+/// itself keeps its mark (and is judged as the node's own traffic).
+fn keep_upstream_mark(c: &mut Cluster) {
+    use envoy_types::pb::envoy::config::core::v3::{SocketOption, socket_option};
+    let Some(bind) = c.upstream_bind_config.as_mut() else { return };
+    let (level, name) = (libc::SOL_SOCKET as i64, libc::SO_MARK as i64);
+    if bind.socket_options.is_empty() || bind.socket_options.iter().any(|o| o.level == level && o.name == name) {
+        return;
+    }
+    bind.socket_options.push(SocketOption {
+        description: UPSTREAM_MARK_DESCRIPTION.into(),
+        level,
+        name,
+        value: Some(socket_option::Value::IntValue(i64::from(UPSTREAM_MARK))),
+        state: socket_option::SocketState::StatePrebind as i32,
+        ..Default::default()
+    });
+}
+
 /// Makes a listener fit for connections the datapath hands to it:
 /// transparent (the Service address is its local address), and with
 /// SO_REUSEPORT, so a restarted Envoy's socket joins the group of the one
@@ -968,6 +999,38 @@ spec:
     name: local
     type: EDS
 "#;
+
+    /// Envoy uses a cluster's own socket options instead of the
+    /// bootstrap's: those of a user's cluster get weft's upstream mark too,
+    /// unless the cluster sets SO_MARK itself; a bind config with only a
+    /// source address (the bootstrap's options apply) and no bind config are
+    /// left alone.
+    #[test]
+    fn clusters_with_socket_options_of_their_own_keep_the_upstream_mark() {
+        let with = |bind: &str| {
+            let doc = format!(
+                "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {{name: m, namespace: default}}\nspec:\n  resources:\n  - \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n    name: c\n    type: STATIC\n{bind}"
+            );
+            let t = translate(&cfg(&doc)).unwrap();
+            t.clusters[0].resource.upstream_bind_config.clone()
+        };
+        let marks = |b: &Option<envoy_types::pb::envoy::config::core::v3::BindConfig>| -> Vec<(i64, Option<i64>)> {
+            let opts = b.iter().flat_map(|b| &b.socket_options);
+            let value = |o: &envoy_types::pb::envoy::config::core::v3::SocketOption| match o.value {
+                Some(envoy_types::pb::envoy::config::core::v3::socket_option::Value::IntValue(v)) => Some(v),
+                _ => None,
+            };
+            opts.map(|o| (o.name, value(o))).collect()
+        };
+        let (mark, keepalive) = (libc::SO_MARK as i64, libc::SO_KEEPALIVE as i64);
+        assert_eq!(with(""), None);
+        let source_only = with("    upstream_bind_config: {source_address: {address: 10.0.0.1, port_value: 0}}\n");
+        assert_eq!(marks(&source_only), []);
+        let own = with("    upstream_bind_config: {socket_options: [{level: 1, name: 9, int_value: 1}]}\n");
+        assert_eq!(marks(&own), [(keepalive, Some(1)), (mark, Some(i64::from(UPSTREAM_MARK)))]);
+        let own_mark = with("    upstream_bind_config: {socket_options: [{level: 1, name: 36, int_value: 7}]}\n");
+        assert_eq!(marks(&own_mark), [(mark, Some(7))]);
+    }
 
     #[test]
     fn names_references_and_sources_are_filled_in() {

@@ -389,8 +389,9 @@ static __always_inline int lxc_to_container(struct __sk_buff *skb, const struct 
 	/* First packet of the connection at this pod's door. */
 	src_identity = ipcache_identity(p->saddr);
 	if (src_identity == WEFT_ID_HOST) {
-		/* The node opens it: its host policy's egress first. */
-		rc = host_policy_enforce(cfg, p, skb->ifindex, ep->identity, WEFT_DIR_EGRESS);
+		/* The node opens it: its host policy's egress first (not for
+		 * the proxy's upstreams). */
+		rc = host_egress_enforce(cfg, skb, p, ep->identity);
 		if (rc)
 			return rc;
 	}

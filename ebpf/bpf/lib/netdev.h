@@ -272,10 +272,10 @@ static __always_inline int netdev_to_network(struct __sk_buff *skb, const struct
 		if (!handled) {
 			/* The node's own connection (a node process, or the proxy
 			 * talking to a backend): judged by its host policy's
-			 * egress, tracked so its replies are known. */
+			 * egress (not the proxy's upstreams), tracked so its
+			 * replies are known. */
 			if (cfg && cfg->host_policy && ipcache_identity(p->saddr) == WEFT_ID_HOST) {
-				rc = host_policy_enforce(cfg, p, skb->ifindex, ipcache_identity(p->daddr),
-							 WEFT_DIR_EGRESS);
+				rc = host_egress_enforce(cfg, skb, p, ipcache_identity(p->daddr));
 				if (rc)
 					return rc;
 			}

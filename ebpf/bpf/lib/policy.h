@@ -178,4 +178,18 @@ static __always_inline int host_policy_enforce(const struct weft_config *cfg, co
 	return policy_enforce(cfg, p, ifindex, &host, peer, dir, &r);
 }
 
+/* Judges a new connection the node opens (host egress; `peer` is the
+ * destination's identity), except one of the node's proxy's upstream
+ * connections (WEFT_MARK_FROM_PROXY): what it carries was judged where it
+ * entered the proxy (the client's egress, L7 rules in the proxy), and the
+ * pod it reaches judges it by its own ingress, as Cilium exempts its
+ * proxy's upstreams from the host firewall. Returns 0 if it may go on. */
+static __always_inline int host_egress_enforce(const struct weft_config *cfg, const struct __sk_buff *skb,
+					       const struct pkt4 *p, __u32 peer)
+{
+	if ((skb->mark & WEFT_MARK_MASK) == WEFT_MARK_FROM_PROXY)
+		return 0;
+	return host_policy_enforce(cfg, p, skb->ifindex, peer, WEFT_DIR_EGRESS);
+}
+
 #endif /* WEFT_POLICY_H */

@@ -139,6 +139,11 @@ struct weft_event {
 #define WEFT_MARK_MASK 0x0F00
 #define WEFT_MARK_TO_PROXY 0x0A00
 #define WEFT_MARK_SEEN 0x0B00 /* already handled by a weft program on this node */
+/* The node's proxy's upstream connections: Envoy sets it on every upstream
+ * socket (SO_MARK, the bootstrap's cluster_manager.upstream_bind_config).
+ * The host policy's egress does not judge them (the pods they reach still
+ * do); setting SO_MARK takes CAP_NET_ADMIN, as changing weft's tc programs does. */
+#define WEFT_MARK_FROM_PROXY 0x0C00
 
 /* ---- weft_config: one entry, written by the agent, read by every program. */
 #define WEFT_CFG_ALLOW_HOST_INGRESS (1 << 0) /* the node itself may always reach local pods */
