@@ -837,7 +837,7 @@ pub fn balance_connections(l: &mut Listener) {
 /// What Envoy's upstream sockets carry so host policies leave them to the
 /// pods they reach (`WEFT_MARK_FROM_PROXY` in the datapath): the
 /// bootstrap's `cluster_manager.upstream_bind_config` sets it for every
-/// cluster ([`crate::envoy::bootstrap`]).
+/// cluster (the bootstrap is written in the `envoy` module).
 pub const UPSTREAM_MARK: u32 = weft_ebpf::abi::MARK_FROM_PROXY;
 pub const UPSTREAM_MARK_DESCRIPTION: &str = "weft: the node proxy's upstream connections (host policies exempt them)";
 
