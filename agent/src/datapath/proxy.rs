@@ -14,7 +14,7 @@
 //! they are reset (refused, not left hanging).
 //!
 //! A new socket on a port is noticed by its inode appearing among the
-//! port's listeners (`/proc/net/tcp`); only then are Envoy's descriptors
+//! port's listeners (a sock_diag dump of LISTEN sockets); only then are Envoy's descriptors
 //! searched, once for all such ports, so the cost does not grow with the
 //! number of listeners while nothing changes. If no Envoy takes over a
 //! port within [`ORPHAN_GRACE`], the agent lets its copy go, so clients are
@@ -41,23 +41,12 @@ const MIGRATE_SYSCTL: &str = "net/ipv4/tcp_migrate_req";
 /// port -> socket inodes.
 fn listeners(ports: &BTreeSet<u16>) -> Result<BTreeMap<u16, BTreeSet<u64>>> {
     if ports.is_empty() {
-        // Reading the table walks every connection hash bucket of the machine.
         return Ok(BTreeMap::new());
     }
-    let tcp = fs::read_to_string("/proc/thread-self/net/tcp")
-        .map_err(|e| DatapathError::io("reading /proc/thread-self/net/tcp", e))?;
+    let all = super::netlink::tcp_listeners().map_err(|e| DatapathError::io("listing TCP listeners (sock_diag)", e))?;
     let mut out: BTreeMap<u16, BTreeSet<u64>> = BTreeMap::new();
-    for line in tcp.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 10 || f[3] != "0A" {
-            continue; // 0A = LISTEN
-        }
-        let Some(port) = f[1].split_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) else {
-            continue;
-        };
-        if ports.contains(&port)
-            && let Ok(inode) = f[9].parse()
-        {
+    for (port, inode) in all {
+        if ports.contains(&port) {
             out.entry(port).or_default().insert(inode);
         }
     }

@@ -348,10 +348,10 @@ fn log_full_maps(before: &[FullMap], now: &[FullMap]) {
 }
 
 /// How often the worker looks at the proxy's listeners, if at all. A look
-/// reads the kernel's TCP table (`/proc/net/tcp`), which walks the whole
-/// established-connection hash, shared by every network namespace of the
-/// machine: about 4 ms of CPU on the bench machine, whatever this node has.
-/// So never while no port is handed to a proxy and no proxy socket is held
+/// is a sock_diag dump of the namespace's listening TCP sockets (the
+/// kernel walks its listening hash only; `/proc/net/tcp`, read before,
+/// walked every established connection of the machine: about 4 ms of CPU
+/// on the bench machine). Still, never while no port is handed to a proxy and no proxy socket is held
 /// (`proxy_ports` false: nothing to register or let go, whatever Envoy
 /// does); every [`PROXY_SETTLE_EVERY`] while connections wait for a new
 /// Envoy (`waiting`) or within [`PROXY_SETTLE_FOR`] of Envoy's pid or the
