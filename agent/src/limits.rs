@@ -397,9 +397,9 @@ mod tests {
                 configs.push(event.is_ok());
                 if let Ok(WatchEvent::Added(o)) = event {
                     let mut loaded = crate::k8s::yaml::Loaded::default();
-                    loaded
-                        .raw
-                        .push((crate::k8s::Origin::Api, std::sync::Arc::new(crate::k8s::watch::config_doc(&o, &ar))));
+                    let doc = crate::k8s::watch::config_doc(&o, &ar);
+                    let doc = crate::xds::envoyconfig::ConfigDoc::read(crate::k8s::Origin::Api, &doc);
+                    loaded.configs.push(std::sync::Arc::new(doc));
                     crate::validate::verdicts(
                         &loaded,
                         &mut crate::xds::model::Model::new(crate::xds::ports::ProxyPorts::ephemeral()),

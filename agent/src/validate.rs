@@ -10,7 +10,7 @@ use crate::{
     k8s::{Origin, yaml},
     state::policy::cilium,
     xds::{
-        envoyconfig::{self, ConfigKey},
+        envoyconfig::ConfigKey,
         model::{Model, NodeInfo, Serving},
         ports::ProxyPorts,
     },
@@ -57,23 +57,23 @@ pub fn verdicts(loaded: &yaml::Loaded, model: &mut Model) -> Vec<Verdict> {
     let mut errors = Vec::new();
     let mut out = Vec::new();
     let mut api_versions = std::collections::BTreeMap::new();
-    for (origin, doc) in &loaded.raw {
-        match envoyconfig::parse(origin.clone(), doc) {
+    for doc in &loaded.configs {
+        match &doc.parsed {
             Ok(c) => {
-                api_versions.insert(c.key.clone(), doc["apiVersion"].as_str().unwrap_or_default().to_owned());
-                configs.push(c)
+                api_versions.insert(c.key.clone(), doc.api_version.clone());
+                configs.push(c.clone())
             }
             Err(e) => {
                 out.push(Verdict {
                     key: e.key.clone(),
-                    origin: origin.clone(),
-                    api_version: doc["apiVersion"].as_str().unwrap_or_default().to_owned(),
-                    generation: doc["metadata"]["generation"].as_i64().unwrap_or(0),
+                    origin: doc.origin.clone(),
+                    api_version: doc.api_version.clone(),
+                    generation: doc.generation,
                     problems: vec![e.to_string()],
                     serving: Serving::Nothing,
                     node_selector: None,
                 });
-                errors.push(e);
+                errors.push(e.clone());
             }
         }
     }

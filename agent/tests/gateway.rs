@@ -18,7 +18,7 @@ use weft_agent::{
     },
     operator::gateway::{self, GatewayOut, RouteOut, Translation},
     validate,
-    xds::{model::Model, ports::ProxyPorts},
+    xds::{envoyconfig::ConfigDoc, model::Model, ports::ProxyPorts},
 };
 
 /// The Secrets and GatewayClass the suite creates in code, not in its YAML.
@@ -122,7 +122,7 @@ fn validated(l: &Loaded, t: &Translation) {
             l.objects.services.insert(key, Arc::new(Sourced { origin: Origin::Api, object: svc.clone() }));
         }
         if let Some(c) = &g.envoy_config {
-            l.raw.push((Origin::Api, std::sync::Arc::new(c.clone())));
+            l.configs.push(std::sync::Arc::new(ConfigDoc::read(Origin::Api, c)));
         }
     }
     for v in validate::verdicts(&l, &mut Model::new(ProxyPorts::ephemeral())) {

@@ -16,7 +16,7 @@ use weft_agent::{
     },
     operator::ingress::{self, Mode},
     validate,
-    xds::{model::Model, ports::ProxyPorts},
+    xds::{envoyconfig::ConfigDoc, model::Model, ports::ProxyPorts},
 };
 
 /// The Services the examples' backends are (bookinfo, the microservices
@@ -145,7 +145,7 @@ fn translate(ing: &Ingress) -> Value {
         weft_agent::k8s::ObjKey::new("default", &name),
         std::sync::Arc::new(weft_agent::k8s::Sourced { origin: Origin::Api, object: g.service.clone() }),
     );
-    l.raw.push((Origin::Api, std::sync::Arc::new(cfg.clone())));
+    l.configs.push(std::sync::Arc::new(ConfigDoc::read(Origin::Api, cfg)));
     let verdicts = validate::verdicts(&l, &mut Model::new(ProxyPorts::ephemeral()));
     assert_eq!(verdicts.len(), 1);
     assert!(verdicts[0].problems.is_empty(), "weft's validation: {:#?}", verdicts[0].problems);
@@ -316,8 +316,11 @@ fn shared_mode_puts_every_shared_ingress_behind_one_service() {
         weft_agent::k8s::ObjKey::new("weft-system", "weft-ingress"),
         std::sync::Arc::new(weft_agent::k8s::Sourced { origin: Origin::Api, object: g.service.clone() }),
     );
-    let l =
-        Loaded { objects, raw: vec![(Origin::Api, std::sync::Arc::new(g.envoy_config.clone()))], ..Default::default() };
+    let l = Loaded {
+        objects,
+        configs: vec![std::sync::Arc::new(ConfigDoc::read(Origin::Api, &g.envoy_config))],
+        ..Default::default()
+    };
     let v = validate::verdicts(&l, &mut Model::new(ProxyPorts::ephemeral()));
     assert!(v[0].problems.is_empty(), "{:#?}", v[0].problems);
 }

@@ -8,10 +8,7 @@ use std::{
 };
 
 use weft_agent::{
-    k8s::{
-        Origin,
-        yaml::{self, Loaded},
-    },
+    k8s::yaml::{self, Loaded},
     xds::envoyconfig,
 };
 
@@ -164,12 +161,11 @@ fn configs_in(objects: &str) -> Option<BTreeSet<String>> {
     if loaded.problems.iter().any(|p| p.error.whole_file()) {
         return None;
     }
-    let key =
-        |(origin, doc): &(Origin, std::sync::Arc<serde_json::Value>)| match envoyconfig::parse(origin.clone(), doc) {
-            Ok(c) => Some(c.key),
-            Err(e) => e.key,
-        };
-    Some(loaded.raw.iter().filter_map(key).map(|k| k.to_string()).collect())
+    let key = |doc: &std::sync::Arc<envoyconfig::ConfigDoc>| match &doc.parsed {
+        Ok(c) => Some(c.key.clone()),
+        Err(e) => e.key.clone(),
+    };
+    Some(loaded.configs.iter().filter_map(key).map(|k| k.to_string()).collect())
 }
 
 /// The EnvoyConfigs a report lists, without the ones the agent generates.

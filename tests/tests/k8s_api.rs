@@ -15,10 +15,7 @@ use weft_agent::{
         yaml::Loaded,
     },
     operator::lease::Elector,
-    xds::{
-        envoyconfig,
-        model::{ConfigStatus, Serving},
-    },
+    xds::model::{ConfigStatus, Serving},
 };
 use weft_tests::{
     k8s::{ControlPlane, deploy},
@@ -187,10 +184,10 @@ fn mine(l: &Loaded, ns: &str) -> Vec<(&'static str, usize)> {
         ("CiliumClusterwideNetworkPolicy", n(o.cilium_clusterwide_network_policies.keys().collect())),
         (
             "configs",
-            l.raw
+            l.configs
                 .iter()
-                .filter(|(_, d)| {
-                    let (dns, name) = (d["metadata"]["namespace"].as_str(), d["metadata"]["name"].as_str());
+                .filter(|d| {
+                    let (dns, name) = (d.namespace.as_deref(), d.name.as_deref());
                     dns == Some(ns) || (dns.is_none() && name.is_some_and(|n| n.starts_with(ns)))
                 })
                 .count(),
@@ -339,7 +336,7 @@ async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
             + o.network_policies.values().filter(|x| t(&x.object.metadata)).count()
             + o.ingresses.values().filter(|x| t(&x.object.metadata)).count()
             + o.ingress_classes.values().filter(|x| t(&x.object.metadata)).count()
-            + l.raw.iter().filter(|(_, d)| d["metadata"]["labels"]["touched"] == "yes").count()
+            + l.configs.iter().filter(|d| d.labels.get("touched").is_some_and(|v| v == "yes")).count()
     };
     // Every object but the Opaque Secret.
     settles(&mut src, "every update", touched, |t| *t == 10).await;
@@ -496,12 +493,10 @@ async fn cilium_kinds_are_watched_once_their_crds_are_applied_and_cilium_yaml_ap
         assert_eq!(back["spec"], d["spec"]);
     }
     let ours = |l: &Loaded| {
-        l.raw
+        l.configs
             .iter()
-            .filter(|(_, d)| {
-                d["metadata"]["namespace"] == ns.name.as_str() || d["metadata"]["name"] == cw_name.as_str()
-            })
-            .filter_map(|(o, d)| envoyconfig::parse(o.clone(), d).ok().map(|c| c.key.to_string()))
+            .filter(|d| d.namespace.as_deref() == Some(ns.name.as_str()) || d.name.as_deref() == Some(cw_name.as_str()))
+            .filter_map(|d| d.parsed.as_ref().ok().map(|c| c.key.to_string()))
             .collect::<Vec<_>>()
     };
     settles(&mut src, "Cilium's configs", ours, |v| v.len() == 3).await;

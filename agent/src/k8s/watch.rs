@@ -46,11 +46,11 @@ use weft_gateway_api::{
 use super::{
     Collection, ObjKey, Object, Objects, Origin, Sourced, WeftNode,
     report::NodeReporter,
-    yaml::{DocError, Loaded, ParseProblem},
+    yaml::{CONFIG_KINDS, DocError, Loaded, ParseProblem},
 };
 use crate::{
     controller::{ControlStatus, EnvoyAck},
-    xds::envoyconfig,
+    xds::envoyconfig::{self, ConfigDoc},
 };
 
 /// Which kinds a source watches. Adding a kind: a field here (and in
@@ -163,8 +163,8 @@ pub struct KindStats {
 struct Shared {
     objects: Objects,
     /// Documents of the [`DOC_KINDS`] by (apiVersion/kind, namespace, name):
-    /// EnvoyConfigs as parsed later by [`envoyconfig::parse`] (so messages
-    /// are the same as from files), policies as typed in [`KubeSource::snapshot`].
+    /// EnvoyConfigs parsed as they come (as a file's are, so messages are
+    /// the same), policies as values typed in [`KubeSource::snapshot`].
     configs: Configs,
     stats: BTreeMap<&'static str, KindStats>,
 }
@@ -512,17 +512,52 @@ fn doc_rv(doc: &Value) -> Option<u64> {
     doc["metadata"]["resourceVersion"].as_str()?.parse().ok()
 }
 
-/// Whether two config documents differ in more than their resourceVersion
-/// (a status write moves it without changing the config).
-fn same_doc(a: &Value, b: &Value) -> bool {
-    let strip = |v: &Value| {
-        let mut v = v.clone();
-        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.remove("resourceVersion");
+/// A hash of a config document without its resourceVersion (a status write
+/// moves it without changing the config): two documents with the same
+/// digest are taken as the same, so the document itself need not be kept
+/// to compare the next version with.
+fn digest(doc: &Value) -> u64 {
+    let mut v = doc.clone();
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+    crate::hash::fnv1a(v.to_string().as_bytes())
+}
+
+/// A config document as the source holds it.
+#[derive(Clone, Debug)]
+struct HeldDoc {
+    rv: Option<u64>,
+    digest: u64,
+    /// `metadata.uid`, for the Events about the object.
+    uid: Option<String>,
+    doc: Held,
+}
+
+/// An EnvoyConfig parsed when it came (its value is not kept), or a policy's value.
+#[derive(Clone, Debug)]
+enum Held {
+    Config(Arc<ConfigDoc>),
+    Policy(Arc<Value>),
+}
+
+impl HeldDoc {
+    /// The object `o` as held; `prev`: what was held for it, kept (the same
+    /// parse) when `o` says the same.
+    fn of(ar: &ApiResource, o: &DynamicObject, prev: Option<&HeldDoc>) -> HeldDoc {
+        let doc = config_doc(o, ar);
+        let (rv, digest) = (doc_rv(&doc), digest(&doc));
+        if let Some(p) = prev.filter(|p| p.digest == digest) {
+            return HeldDoc { rv, ..p.clone() };
         }
-        v
-    };
-    strip(a) == strip(b)
+        let uid = doc["metadata"]["uid"].as_str().map(str::to_owned);
+        let doc = if CONFIG_KINDS.contains(&ar.kind.as_str()) {
+            Held::Config(Arc::new(ConfigDoc::read(Origin::Api, &doc)))
+        } else {
+            Held::Policy(Arc::new(doc))
+        };
+        HeldDoc { rv, digest, uid, doc }
+    }
 }
 
 fn config_key(ar: &ApiResource, o: &DynamicObject) -> (String, String, String) {
@@ -534,8 +569,8 @@ fn type_of(ar: &ApiResource) -> String {
     format!("{}/{}", ar.api_version, ar.kind)
 }
 
-/// Config documents, shared (see `Loaded::raw`).
-type Configs = BTreeMap<(String, String, String), Arc<Value>>;
+/// Config documents, shared (see `Loaded::configs`).
+type Configs = BTreeMap<(String, String, String), HeldDoc>;
 
 fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObject>) -> (u64, u64, u64) {
     match up {
@@ -543,16 +578,16 @@ fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObje
             let next: Configs = all
                 .iter()
                 .map(|o| {
-                    let (k, doc) = (config_key(ar, o), config_doc(o, ar));
                     // A document listed again as it was stays the one held.
-                    let doc = configs.get(&k).filter(|h| ***h == doc).cloned().unwrap_or_else(|| Arc::new(doc));
+                    let k = config_key(ar, o);
+                    let doc = HeldDoc::of(ar, o, configs.get(&k));
                     (k, doc)
                 })
                 .collect();
             let ty = type_of(ar);
             let mine = |k: &(String, String, String)| k.0 == ty;
             let unchanged =
-                next.iter().filter(|(k, v)| configs.get(*k).is_some_and(|held| same_doc(held, v))).count() as u64;
+                next.iter().filter(|(k, v)| configs.get(*k).is_some_and(|held| held.digest == v.digest)).count() as u64;
             let gone = configs.keys().filter(|k| mine(k) && !next.contains_key(*k)).count() as u64;
             let changes = (next.len() as u64).saturating_sub(unchanged).saturating_add(gone);
             configs.retain(|k, _| !mine(k));
@@ -560,15 +595,16 @@ fn apply_configs(configs: &mut Configs, ar: &ApiResource, up: Update<DynamicObje
             (changes, unchanged, 0)
         }
         Update::Upsert(o) => {
-            let (k, doc) = (config_key(ar, &o), config_doc(&o, ar));
+            let k = config_key(ar, &o);
             let held = configs.get(&k);
-            if let (Some(h), Some(new)) = (held, doc_rv(&doc))
-                && doc_rv(h).is_some_and(|old| new <= old)
+            let doc = HeldDoc::of(ar, &o, held);
+            if let (Some(h), Some(new)) = (held, doc.rv)
+                && h.rv.is_some_and(|old| new <= old)
             {
                 return (0, 0, 1);
             }
-            let same = held.is_some_and(|h| same_doc(h, &doc));
-            configs.insert(k, Arc::new(doc));
+            let same = held.is_some_and(|h| h.digest == doc.digest);
+            configs.insert(k, doc);
             if same { (0, 1, 0) } else { (1, 0, 0) }
         }
         Update::Remove(o) => match configs.remove(&config_key(ar, &o)) {
@@ -760,16 +796,18 @@ impl KubeSource {
     }
 
     /// Everything held now. Policy documents become typed objects here
-    /// (the same parse as a file's); EnvoyConfigs stay documents.
+    /// (the same parse as a file's); EnvoyConfigs were parsed as they came.
     pub fn snapshot(&self) -> Loaded {
         let s = self.shared.lock().unwrap();
         let mut loaded = Loaded { objects: s.objects.clone(), ..Default::default() };
-        for (key, doc) in &s.configs {
-            let is_policy = DOC_KINDS.iter().any(|d| d.6 && key.0.ends_with(&format!("/{}", d.2)));
-            if !is_policy {
-                loaded.raw.push((Origin::Api, doc.clone()));
-                continue;
-            }
+        for (key, held) in &s.configs {
+            let doc = match &held.doc {
+                Held::Config(c) => {
+                    loaded.configs.push(c.clone());
+                    continue;
+                }
+                Held::Policy(doc) => doc,
+            };
             match Object::from_value(Value::clone(doc)) {
                 Ok(Some(o)) => loaded.objects.insert(Origin::Api, o),
                 Ok(None) => {}
@@ -835,21 +873,19 @@ impl KubeSource {
     /// The API object behind "EnvoyConfig ns/name" / "ClusterwideEnvoyConfig name".
     fn reference(&self, object: &str) -> Option<ObjectReference> {
         let s = self.shared.lock().unwrap();
-        s.configs.values().find_map(|doc| {
-            let api = doc["apiVersion"].as_str()?;
-            let kind = doc["kind"].as_str()?;
-            let clusterwide = envoyconfig::kind_of(api, kind)?;
-            let meta = &doc["metadata"];
-            let name = meta["name"].as_str()?;
-            let ns = meta["namespace"].as_str().unwrap_or("default");
+        s.configs.values().find_map(|held| {
+            let Held::Config(doc) = &held.doc else { return None };
+            let clusterwide = envoyconfig::kind_of(&doc.api_version, &doc.kind)?;
+            let name = doc.name.as_deref()?;
+            let ns = doc.namespace.as_deref().unwrap_or("default");
             let described =
                 if clusterwide { format!("ClusterwideEnvoyConfig {name}") } else { format!("EnvoyConfig {ns}/{name}") };
             (described == object).then(|| ObjectReference {
-                api_version: Some(api.to_owned()),
-                kind: Some(kind.to_owned()),
+                api_version: Some(doc.api_version.clone()),
+                kind: Some(doc.kind.clone()),
                 name: Some(name.to_owned()),
                 namespace: (!clusterwide).then(|| ns.to_owned()),
-                uid: meta["uid"].as_str().map(str::to_owned),
+                uid: held.uid.clone(),
                 ..Default::default()
             })
         })

@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 
 use super::{Object, Objects, Origin};
-use crate::limits;
+use crate::{limits, xds::envoyconfig::ConfigDoc};
 
 /// Why a file or a document of it could not be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -94,15 +94,15 @@ pub struct Loaded {
     pub problems: Vec<ParseProblem>,
     /// Documents of kinds the agent does not use (Deployments, ...): (origin, kind).
     pub ignored: Vec<(Origin, String)>,
-    /// Documents that are not typed objects but raw JSON for other parsers
-    /// (EnvoyConfig and friends): (origin, document). Shared like the typed
-    /// objects: a document that did not change stays the same `Arc`, so the
-    /// controller parses only documents that did.
-    pub raw: Vec<(Origin, Arc<Value>)>,
+    /// EnvoyConfig documents (and Cilium's kinds), each parsed as it was
+    /// read (its JSON value is not kept). Shared like the typed objects: a
+    /// document that did not change stays the same `Arc`, so the controller
+    /// takes in only documents that did.
+    pub configs: Vec<Arc<ConfigDoc>>,
 }
 
-/// Kinds another module parses from the raw document (see [`Loaded::raw`]).
-pub const RAW_KINDS: &[&str] =
+/// Kinds read into [`Loaded::configs`].
+pub const CONFIG_KINDS: &[&str] =
     &["EnvoyConfig", "ClusterwideEnvoyConfig", "CiliumEnvoyConfig", "CiliumClusterwideEnvoyConfig"];
 
 /// Parses one document (already JSON) into an object of a kind the agent uses.
@@ -184,8 +184,8 @@ pub fn load_file(path: &Path, into: &mut Loaded) {
 
 fn load_value(origin: Origin, v: Value, into: &mut Loaded) {
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
-    if RAW_KINDS.contains(&kind.as_str()) {
-        into.raw.push((origin, Arc::new(v)));
+    if CONFIG_KINDS.contains(&kind.as_str()) {
+        into.configs.push(Arc::new(ConfigDoc::read(origin, &v)));
         return;
     }
     let what = describe(&v);
@@ -235,9 +235,9 @@ pub fn load_path(path: &Path) -> std::io::Result<Loaded> {
 impl Loaded {
     /// Copies what `other` held from one document (`origin`); true if anything.
     pub fn carry_over_origin(&mut self, other: &Loaded, origin: &Origin) -> bool {
-        let raw: Vec<_> = other.raw.iter().filter(|(o, _)| o == origin).cloned().collect();
-        let found = !raw.is_empty();
-        self.raw.extend(raw);
+        let configs: Vec<_> = other.configs.iter().filter(|d| d.origin == *origin).cloned().collect();
+        let found = !configs.is_empty();
+        self.configs.extend(configs);
         self.objects.carry_over_origin(&other.objects, origin) || found
     }
 
@@ -246,7 +246,7 @@ impl Loaded {
         self.objects.merge(&other.objects);
         self.problems.extend(other.problems.iter().cloned());
         self.ignored.extend(other.ignored.iter().cloned());
-        self.raw.extend(other.raw.iter().cloned());
+        self.configs.extend(other.configs.iter().cloned());
     }
 }
 
@@ -292,7 +292,7 @@ impl DirSource {
                 if whole_file_broken {
                     let mut restored = Loaded { problems: kept.problems.clone(), ..Default::default() };
                     restored.objects = prev.objects.clone();
-                    restored.raw = prev.raw.clone();
+                    restored.configs = prev.configs.clone();
                     restored.ignored = prev.ignored.clone();
                     for p in restored.problems.iter_mut() {
                         p.keep(Kept::PreviousContents);

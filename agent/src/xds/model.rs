@@ -1609,7 +1609,8 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
     fn secrets_must_exist_and_kubernetes_tls_secrets_are_sent() {
         let tls = |secret: &str| {
             let mut c = config("tls", "default/web");
-            let listener = &mut Arc::make_mut(&mut c.spec).resources[0];
+            let written = &mut Arc::make_mut(&mut c.spec).resources[0];
+            let mut listener = written.value().unwrap();
             listener["filter_chains"][0]["transport_socket"] = serde_json::json!({
                 "name": "envoy.transport_sockets.tls",
                 "typed_config": {
@@ -1617,6 +1618,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                     "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": secret}]}
                 }
             });
+            *written = listener.into();
             c
         };
         let mut m = Model::new(ProxyPorts::ephemeral());

@@ -219,7 +219,10 @@ pub fn config(grants: &[HttpGrant]) -> Option<EnvoyConfig> {
         origin: Origin::Generated { what: "network policies' HTTP rules" },
         generation: 0,
         annotations: Default::default(),
-        spec: std::sync::Arc::new(EnvoyConfigSpec { resources: vec![listener, routes, cluster], ..Default::default() }),
+        spec: std::sync::Arc::new(EnvoyConfigSpec {
+            resources: vec![listener.into(), routes.into(), cluster.into()],
+            ..Default::default()
+        }),
     })
 }
 

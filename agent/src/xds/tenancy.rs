@@ -64,30 +64,42 @@ const FORBIDDEN_TYPES: &[(&str, &str)] = &[
     ("envoy.config.tap.v3.FilePerTapSink", "tap files are written on the node"),
 ];
 
-/// Checks one translated resource of a config in namespace `ns`. `ours`:
-/// the access log the agent adds to every HTTP connection manager (allowed
-/// where it appears). `endpoint`: every socket address of an upstream
-/// endpoint found, for the cross-object check that it belongs to the namespace.
-pub fn check(
-    ns: &str,
-    resource: &DynamicMessage,
-    ours: Option<&DynamicMessage>,
-    endpoint: &mut dyn FnMut(&str, IpAddr),
-) -> Vec<Refusal> {
-    let mut out = Vec::new();
-    let prefix = format!("{ns}/");
-    let mut skip_under: Option<String> = None;
-    let walked = protojson::walk(resource, &mut |path, m| {
-        if let Some(s) = &skip_under {
-            if path.starts_with(s.as_str()) {
+/// Checks the translated resources of a config in namespace `ns`, one
+/// message at a time, for a walk of each resource ([`protojson::walk`])
+/// that applies other rules too (each walk decodes every `Any` payload
+/// again): call [`Checker::visit`] for every message, in the walk's order.
+pub struct Checker<'a> {
+    prefix: String,
+    ours: Option<&'a DynamicMessage>,
+    /// The path of our access log while the walk is under it.
+    skip_under: Option<String>,
+    /// What was refused so far.
+    pub refusals: Vec<Refusal>,
+}
+
+impl<'a> Checker<'a> {
+    /// For a config in namespace `ns`. `ours`: the access log the agent
+    /// adds to every HTTP connection manager (allowed where it appears).
+    pub fn new(ns: &str, ours: Option<&'a DynamicMessage>) -> Self {
+        Self { prefix: format!("{ns}/"), ours, skip_under: None, refusals: Vec::new() }
+    }
+
+    /// Checks message `m` at `path` of a resource. `endpoint`: every socket
+    /// address of an upstream endpoint found, for the cross-object check
+    /// that it belongs to the namespace.
+    pub fn visit(&mut self, path: &str, m: &DynamicMessage, endpoint: &mut dyn FnMut(&str, IpAddr)) {
+        let Checker { prefix, ours, skip_under, refusals: out } = self;
+        let prefix = prefix.as_str();
+        if let Some(s) = skip_under.as_deref() {
+            if path.starts_with(s) {
                 return;
             }
-            skip_under = None;
+            *skip_under = None;
         }
         let name = m.descriptor().full_name().to_owned();
         // The access log the agent adds to every HTTP connection manager.
-        if name == "envoy.config.accesslog.v3.AccessLog" && Some(m) == ours {
-            skip_under = Some(path.to_owned());
+        if name == "envoy.config.accesslog.v3.AccessLog" && Some(m) == *ours {
+            *skip_under = Some(path.to_owned());
             return;
         }
         let mut refuse = |field: &str, message: String| {
@@ -116,7 +128,7 @@ pub fn check(
         for field in &cluster_fields {
             let field = field.as_str();
             if let Some(c) = string(field).filter(|c| !c.is_empty())
-                && let Some(why) = outside(&prefix, &c)
+                && let Some(why) = outside(prefix, &c)
             {
                 refuse(field, format!("cluster {c:?} {why}"));
             }
@@ -137,7 +149,7 @@ pub fn check(
             | "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig"
             | "envoy.extensions.transport_sockets.tls.v3.Secret" => {
                 if let Some(n) = string("name").filter(|n| !n.is_empty())
-                    && let Some(why) = outside(&prefix, &n)
+                    && let Some(why) = outside(prefix, &n)
                 {
                     let what = if name.ends_with("Cluster") { "cluster" } else { "secret" };
                     refuse("name", format!("{what} {n:?} {why}"));
@@ -148,7 +160,7 @@ pub fn check(
             | "envoy.extensions.filters.network.http_connection_manager.v3.Rds" => {
                 let field = if name.ends_with("Rds") { "route_config_name" } else { "name" };
                 if let Some(n) = string(field).filter(|n| !n.is_empty())
-                    && let Some(why) = outside(&prefix, &n)
+                    && let Some(why) = outside(prefix, &n)
                 {
                     refuse(field, format!("{n:?} {why}"));
                 }
@@ -190,7 +202,7 @@ pub fn check(
             }
             "envoy.config.cluster.v3.Cluster.EdsClusterConfig" => {
                 if let Some(n) = string("service_name").filter(|n| !n.is_empty())
-                    && let Some(why) = outside(&prefix, &n)
+                    && let Some(why) = outside(prefix, &n)
                 {
                     refuse("service_name", format!("EDS resource {n:?} {why}"));
                 }
@@ -263,11 +275,7 @@ pub fn check(
             }
             _ => {}
         }
-    });
-    if let Err(e) = walked {
-        out.push(Refusal { path: e.path, message: e.message });
     }
-    out
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:127.0.0.1`) as the IPv4 address they are.

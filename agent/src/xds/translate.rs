@@ -141,6 +141,17 @@ fn weft_access_log() -> AccessLog {
     }
 }
 
+/// The agent's access log as a dynamic message (what the tenancy rules
+/// allow where they find it), decoded once.
+fn ours() -> Option<&'static DynamicMessage> {
+    static OURS: std::sync::OnceLock<Option<DynamicMessage>> = std::sync::OnceLock::new();
+    OURS.get_or_init(|| {
+        protojson::message_for_type_url(&AccessLog::type_url())
+            .and_then(|d| DynamicMessage::decode(d, weft_access_log().encode_to_vec().as_slice()).ok())
+    })
+    .as_ref()
+}
+
 /// Whether the connection manager already has the agent's access log (a
 /// config translated again, or one that spells it out exactly).
 fn has_weft_access_log(hcm: &HttpConnectionManager) -> bool {
@@ -308,8 +319,15 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
             ),
         }]);
     }
-    for (index, raw) in cfg.spec.resources.iter().enumerate() {
+    for (index, written) in cfg.spec.resources.iter().enumerate() {
         let base = format!("spec.resources[{index}]");
+        let raw = match written.value() {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(Problem { place: base, path: String::new(), message: format!("cannot be read: {e}") });
+                continue;
+            }
+        };
         let written_name = raw.get("name").and_then(|n| n.as_str()).unwrap_or("");
         let type_name = raw.get("@type").and_then(|t| t.as_str()).unwrap_or("").rsplit('.').next().unwrap_or("");
         let place = if written_name.is_empty() || written_name.len() > MAX_NAME_BYTES {
@@ -317,7 +335,7 @@ pub fn translate(cfg: &EnvoyConfig) -> Result<Translated, Vec<Problem>> {
         } else {
             format!("{base} ({type_name} {written_name:?})")
         };
-        let r = resource(&mut ctx, index, raw, &place, &mut out);
+        let r = resource(&mut ctx, index, &raw, &place, &mut out);
         if let Err(p) = r {
             if raw.get("@type").and_then(|t| t.as_str()) == Some(LISTENER) && !written_name.is_empty() {
                 broken_listeners.insert(ctx.qf(written_name));
@@ -448,8 +466,6 @@ fn check_translated(cfg: &EnvoyConfig, ctx: &mut Ctx<'_>, out: &Translated, prob
         problems: &mut Vec<Problem>,
     ) {
         let Some(desc) = protojson::message_for_type_url(&T::type_url()) else { return };
-        let ours = protojson::message_for_type_url(&AccessLog::type_url())
-            .and_then(|d| DynamicMessage::decode(d, weft_access_log().encode_to_vec().as_slice()).ok());
         for it in items {
             let at = place(it.index, kind, &it.written);
             let msg = match DynamicMessage::decode(desc.clone(), it.resource.encode_to_vec().as_slice()) {
@@ -459,18 +475,21 @@ fn check_translated(cfg: &EnvoyConfig, ctx: &mut Ctx<'_>, out: &Translated, prob
                     continue;
                 }
             };
-            for e in rules::check_resource(&msg) {
-                problems.push(Problem { place: at.clone(), path: e.path, message: e.message });
-            }
-            if !cfg.key.clusterwide {
-                let mut addresses = Vec::new();
-                let refusals = tenancy::check(cfg.key.namespace(), &msg, ours.as_ref(), &mut |path, ip| {
-                    addresses.push((format!("{at}: {path}"), ip));
-                });
-                ctx.refs.addresses.extend(addresses);
-                for r in refusals {
-                    problems.push(Problem { place: at.clone(), path: r.path, message: r.message });
+            // One walk for both sets of rules: each walk decodes every `Any` payload again.
+            let mut broken = Vec::new();
+            let mut tenancy = (!cfg.key.clusterwide).then(|| tenancy::Checker::new(cfg.key.namespace(), ours()));
+            let mut addresses = Vec::new();
+            let walked = protojson::walk(&msg, &mut |path, m| {
+                rules::check(path, m, &mut broken);
+                if let Some(t) = tenancy.as_mut() {
+                    t.visit(path, m, &mut |path, ip| addresses.push((format!("{at}: {path}"), ip)));
                 }
+            });
+            broken.extend(walked.err());
+            ctx.refs.addresses.extend(addresses);
+            let refused = tenancy.into_iter().flat_map(|t| t.refusals).map(|r| (r.path, r.message));
+            for (path, message) in broken.into_iter().map(|e| (e.path, e.message)).chain(refused) {
+                problems.push(Problem { place: at.clone(), path, message });
             }
         }
     }

@@ -37,7 +37,7 @@ use serde_json::{Value, json};
 use super::envoyconfig::{ConfigKey, EnvoyConfig};
 use crate::k8s::{
     ObjKey, Objects, Origin,
-    crd::{BackendService, EnvoyConfigSpec, ServiceListener},
+    crd::{BackendService, EnvoyConfigSpec, RawResource, ServiceListener},
 };
 
 /// The annotation, on a Service or a Namespace.
@@ -177,7 +177,9 @@ pub fn retired(cfg: &EnvoyConfig) -> EnvoyConfig {
         .spec
         .resources
         .iter()
-        .filter(|r| r.get("@type").and_then(Value::as_str) != Some(super::translate::LISTENER))
+        .filter(|r| {
+            !r.value().is_ok_and(|v| v.get("@type").and_then(Value::as_str) == Some(super::translate::LISTENER))
+        })
         .cloned()
         .collect();
     let backend_services = cfg
@@ -260,15 +262,15 @@ fn config(service: &ObjKey, ports: &[u16]) -> EnvoyConfig {
             listener: Some(listener.clone()),
             ports: vec![*port],
         });
-        resources.push(json!({
+        resources.push(RawResource::from(json!({
             "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
             "name": listener,
             "filter_chains": [{"filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": hcm(&listener)
             }]}]
-        }));
-        resources.push(json!({
+        })));
+        resources.push(RawResource::from(json!({
             "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
             "name": listener,
             "virtual_hosts": [{
@@ -278,15 +280,15 @@ fn config(service: &ObjKey, ports: &[u16]) -> EnvoyConfig {
                 // generated config and port served a request.
                 "routes": [{"name": listener, "match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}}]
             }]
-        }));
-        resources.push(json!({
+        })));
+        resources.push(RawResource::from(json!({
             "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
             "name": cluster,
             "type": "EDS",
             "eds_cluster_config": {"service_name": format!("{service}:{port}")},
             "lb_policy": "RANDOM",
             "connect_timeout": "5s"
-        }));
+        })));
     }
     EnvoyConfig {
         key: config_key(service),
@@ -325,7 +327,7 @@ mod tests {
         let mut l = yaml::Loaded::default();
         yaml::load_text(std::path::Path::new("o.yaml"), text, &mut l);
         assert!(l.problems.is_empty(), "{:?}", l.problems);
-        let user = l.raw.iter().map(|(o, d)| crate::xds::envoyconfig::parse(o.clone(), d).unwrap()).collect::<Vec<_>>();
+        let user = l.configs.iter().map(|d| d.parsed.clone().unwrap()).collect::<Vec<_>>();
         (l.objects, user)
     }
 

@@ -91,11 +91,10 @@ impl GatewayReconciler {
             self.applier.remove(&svc_ar, Some(&ns), &name).await?;
         }
         let stale_configs: Vec<String> = loaded
-            .raw
+            .configs
             .iter()
-            .map(|(_, doc)| doc)
-            .filter(|d| d["kind"] == "ClusterwideEnvoyConfig" && d["metadata"]["labels"][GATEWAY_LABEL].is_string())
-            .filter_map(|d| d["metadata"]["name"].as_str().map(str::to_owned))
+            .filter(|d| d.kind == "ClusterwideEnvoyConfig" && d.labels.contains_key(GATEWAY_LABEL))
+            .filter_map(|d| d.name.clone())
             .filter(|n| !wanted_configs.contains(n))
             .collect();
         for name in stale_configs {
