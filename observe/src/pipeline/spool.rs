@@ -554,7 +554,7 @@ pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Res
         let mut stored: std::collections::VecDeque<(Instant, Mark)> = Default::default();
         while !pipeline.stopped() {
             let due = stored.iter().take_while(|(at, _)| at.elapsed() >= COMMIT_LAG).count();
-            if let Some((_, m)) = stored.drain(..due).last() {
+            if let Some((_, m)) = stored.drain(..due).next_back() {
                 match reader.commit_to(m) {
                     Ok(()) => pipeline.counters.spool_committed.store(reader.committed_lines(), Ordering::Relaxed),
                     Err(e) => tracing::error!("saving the access-log spool position: {e}"),
