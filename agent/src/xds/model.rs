@@ -279,8 +279,10 @@ pub struct Model {
     generated_endpoints: HashMap<ObjKey, BTreeMap<Vec<String>, Vec<String>>>,
 }
 
+/// A Service and the ports of it selected (names or numbers; none: all).
+type EndpointsKey = (ObjKey, Vec<String>);
 /// (Service, selected ports) -> the objects its endpoints came from, and them encoded.
-type KeptEndpoints = HashMap<(ObjKey, Vec<String>), (EndpointInputs, Arc<[Arc<Resource>]>)>;
+type KeptEndpoints = HashMap<EndpointsKey, (EndpointInputs, Arc<[Arc<Resource>]>)>;
 /// Listener name -> the translation and shape it came from, and it encoded.
 type KeptListeners = HashMap<String, (Arc<Translation>, Shape, Arc<Resource>)>;
 
@@ -678,7 +680,7 @@ impl Model {
     ) {
         let mut listeners_in_use = BTreeSet::new();
         // Generated ClusterLoadAssignments, with the (Service, selected ports) each is of.
-        let mut eds: BTreeMap<String, (Arc<Resource>, (ObjKey, Vec<String>))> = BTreeMap::new();
+        let mut eds: BTreeMap<String, (Arc<Resource>, EndpointsKey)> = BTreeMap::new();
         let mut eds_used = std::collections::HashSet::new();
         let slices = SliceIndex::of(objects);
         let pinned: BTreeSet<u16> = accepted
