@@ -363,16 +363,16 @@ fn http_flows_logged_while_the_agent_is_away_reach_a_follower_that_carries_on() 
     // Every entry Envoy logged was delivered or counted lost; here none is lost.
     let sent = envoy_requests(&env.lab, 0).unwrap_or_else(|e| env.fail(e)) - sent_before;
     assert_eq!(sent, l7.sent as u64, "Envoy logged an entry per request");
-    let status = agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e));
+    // The spool's count, across both agents (the reader commits a second
+    // after the flows are stored).
+    let status = wait_status(&env.lab, 0, Duration::from_secs(20), "every entry committed", |s| {
+        s["flows"]["access-log-committed"].as_u64() == Some(sent_before + sent)
+    })
+    .unwrap_or_else(|e| env.fail(e));
     let lost = status["flows"]["lost"]["proxy"].as_u64().unwrap();
     let received = printed.keys().filter(|(_, kind)| kind == "RESPONSE").count() as u64;
     assert_eq!(received + lost, sent, "received + lost = what Envoy sent: {:#}", status["flows"]);
     assert_eq!(lost, 0);
-    assert_eq!(
-        status["flows"]["access-log-committed"].as_u64().unwrap(),
-        sent_before + sent,
-        "the spool's count, across both agents"
-    );
     // The kernel's counters are the datapath's (older than this agent);
     // `weft status` says which count since when.
     let mut cmd = Command::new(workspace_binary("weft"));
@@ -701,8 +701,14 @@ fn http_flows_a_restarted_agent_reads_again_are_printed_once() {
     };
     send(0..10);
     all_printed(&mut printed, 10, "the first 10 requests' flows at the follower");
-    let committed =
-        agent_status(&env.lab, 0).unwrap_or_else(|e| env.fail(e))["flows"]["access-log-committed"].as_u64().unwrap();
+    // The reader commits a second after the flows are stored: wait for it.
+    let served = envoy_requests(&env.lab, 0).unwrap_or_else(|e| env.fail(e));
+    let committed = wait_status(&env.lab, 0, Duration::from_secs(20), "every entry committed", |s| {
+        s["flows"]["access-log-committed"].as_u64() == Some(served)
+    })
+    .unwrap_or_else(|e| env.fail(e))["flows"]["access-log-committed"]
+        .as_u64()
+        .unwrap();
 
     // The agent is killed after it sent the last 5 requests' flows but
     // before it saved its place past them: the next agent reads them again,

@@ -191,17 +191,33 @@ pub fn event_type_code(name: &str) -> Option<i32> {
 
 /// TCP flags as Hubble prints them (`SYN, ACK`).
 pub fn tcp_flags(f: u8) -> String {
-    const NAMES: [(u8, &str); 8] = [
-        (0x02, "SYN"),
-        (0x10, "ACK"),
-        (0x01, "FIN"),
-        (0x04, "RST"),
-        (0x08, "PSH"),
-        (0x20, "URG"),
-        (0x40, "ECE"),
-        (0x80, "CWR"),
-    ];
-    NAMES.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect::<Vec<_>>().join(", ")
+    TcpFlagNames(f).to_string()
+}
+
+/// [`tcp_flags`] written where it is needed (the flow API writes it into
+/// every TCP flow's summary, so it does not allocate).
+pub struct TcpFlagNames(pub u8);
+
+impl std::fmt::Display for TcpFlagNames {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const NAMES: [(u8, &str); 8] = [
+            (0x02, "SYN"),
+            (0x10, "ACK"),
+            (0x01, "FIN"),
+            (0x04, "RST"),
+            (0x08, "PSH"),
+            (0x20, "URG"),
+            (0x40, "ECE"),
+            (0x80, "CWR"),
+        ];
+        let mut sep = "";
+        for (_, name) in NAMES.iter().filter(|(b, _)| self.0 & b != 0) {
+            out.write_str(sep)?;
+            out.write_str(name)?;
+            sep = ", ";
+        }
+        Ok(())
+    }
 }
 
 /// Protocol name of an IP protocol number.
@@ -265,6 +281,8 @@ mod tests {
         assert_eq!(trace_subtype("to-proxy"), Some(1));
         assert_eq!(event_type_code("policy-verdict"), Some(5));
         assert_eq!(tcp_flags(0x12), "SYN, ACK");
+        assert_eq!(tcp_flags(0), "");
+        assert_eq!(tcp_flags(0xff), "SYN, ACK, FIN, RST, PSH, URG, ECE, CWR");
     }
 
     #[test]

@@ -2,7 +2,12 @@
 //! per reader: the store keeps compact records, and only what a client asks
 //! for is converted.
 
-use std::{cell::RefCell, collections::HashMap, sync::Arc};
+use std::{
+    cell::{Ref, RefCell},
+    collections::HashMap,
+    fmt::{self, Display},
+    sync::Arc,
+};
 
 use prost::Message;
 use weft_ebpf::abi;
@@ -17,8 +22,8 @@ use weft_flow::{
 };
 
 use crate::pipeline::{
-    enrich::Names,
-    record::{ConnLink, EndpointInfo, FlowRecord, Http, L7_REQUEST, L7_RESPONSE, Lost, LostSource, ServiceInfo},
+    enrich::{Names, PolicyName},
+    record::{ConnLink, EndpointInfo, FlowRecord, Http, L7_REQUEST, L7_RESPONSE, Lost, LostSource, ServiceInfo, Url},
 };
 
 /// What conversion needs besides the record.
@@ -37,14 +42,13 @@ impl Context {
         Self { names, boot_id, with_link, ifnames: RefCell::default() }
     }
 
-    fn ifname(&self, index: u32) -> String {
-        if index == 0 {
-            return String::new();
-        }
-        self.ifnames
-            .borrow_mut()
-            .entry(index)
-            .or_insert_with(|| {
+    /// The name of interface `index` (empty for 0 or an interface that is
+    /// gone), looked up once per reader.
+    pub(super) fn ifname(&self, index: u32) -> Ref<'_, str> {
+        if !self.ifnames.borrow().contains_key(&index) {
+            let name = if index == 0 {
+                String::new()
+            } else {
                 let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
                 // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
                 let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
@@ -54,27 +58,52 @@ impl Context {
                     // SAFETY: on success buf holds a NUL-terminated name.
                     unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
                 }
-            })
-            .clone()
+            };
+            self.ifnames.borrow_mut().insert(index, name);
+        }
+        Ref::map(self.ifnames.borrow(), |names| names.get(&index).map_or("", String::as_str))
     }
 }
 
 /// The UUID of flow `seq` of the agent started with `boot_id`.
 pub fn uuid(boot_id: u64, seq: u64) -> String {
-    let hi = boot_id;
-    format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        (hi >> 32) as u32,
-        (hi >> 16) as u16,
-        (hi & 0xfff) as u16,
-        (seq >> 48) & 0xfff,
-        seq & 0xffff_ffff_ffff
-    )
+    Uuid::new(boot_id, seq).as_str().to_owned()
+}
+
+/// A flow's UUID as text, made without allocating: the boot id's top 48
+/// bits, a version 4 and variant digit each followed by 12 bits (the boot
+/// id's lowest, the sequence number's bits 48-59), then the sequence
+/// number's low 48 bits.
+pub struct Uuid([u8; 36]);
+
+impl Uuid {
+    pub fn new(boot_id: u64, seq: u64) -> Uuid {
+        fn hex(out: &mut [u8], v: u64) {
+            for (i, b) in out.iter_mut().rev().enumerate() {
+                *b = b"0123456789abcdef"[(v >> (4 * i)) as usize & 0xf];
+            }
+        }
+        let mut out = [b'-'; 36];
+        hex(&mut out[0..8], boot_id >> 32);
+        hex(&mut out[9..13], boot_id >> 16);
+        out[14] = b'4';
+        hex(&mut out[15..18], boot_id);
+        out[19] = b'8';
+        hex(&mut out[20..23], seq >> 48);
+        hex(&mut out[24..36], seq);
+        Uuid(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits and dashes are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// The sequence number in a UUID [`uuid`] made, if it was made with `boot_id`.
 pub fn seq_of_uuid(boot_id: u64, text: &str) -> Option<u64> {
-    let prefix = uuid(boot_id, 0);
+    let prefix = Uuid::new(boot_id, 0);
+    let prefix = prefix.as_str();
     let (head, tail) = (text.get(..20)?, text.get(24..)?);
     if head != &prefix[..20] || text.get(23..24)? != "-" || tail.len() != 12 {
         return None;
@@ -83,20 +112,24 @@ pub fn seq_of_uuid(boot_id: u64, text: &str) -> Option<u64> {
     Some(high << 48 | u64::from_str_radix(tail, 16).ok()?)
 }
 
+/// An endpoint's identity and cluster name in `flow.Endpoint`: the
+/// datapath's identity, else the endpoint's; the cluster for pods only.
+pub(super) fn endpoint_ids<'a>(e: Option<&EndpointInfo>, identity: u32, cluster: &'a str) -> (u32, &'a str) {
+    match e {
+        Some(e) => (if identity == 0 { e.identity } else { identity }, if e.pod.is_empty() { "" } else { cluster }),
+        None => (identity, ""),
+    }
+}
+
 fn endpoint(e: Option<&Arc<EndpointInfo>>, id: u16, identity: u32, cluster: &str) -> flow::Endpoint {
-    let mut out = flow::Endpoint { id: id as u32, identity, ..Default::default() };
+    let (identity, cluster) = endpoint_ids(e.map(|e| &**e), identity, cluster);
+    let mut out = flow::Endpoint { id: id as u32, identity, cluster_name: cluster.to_owned(), ..Default::default() };
     if let Some(e) = e {
         out.namespace = e.namespace.clone();
         out.pod_name = e.pod.clone();
         out.labels = e.labels.clone();
         out.workloads =
             e.workloads.iter().map(|(kind, name)| flow::Workload { name: name.clone(), kind: kind.clone() }).collect();
-        if identity == 0 {
-            out.identity = e.identity;
-        }
-        if !e.pod.is_empty() {
-            out.cluster_name = cluster.to_owned();
-        }
     }
     out
 }
@@ -119,7 +152,8 @@ fn tcp_flags(f: u8) -> flow::TcpFlags {
     }
 }
 
-fn layer4(f: &FlowRecord) -> Option<flow::Layer4> {
+/// `flow.Layer4` (it holds no text, so building it allocates nothing).
+pub(super) fn layer4(f: &FlowRecord) -> Option<flow::Layer4> {
     let ev = &f.ev;
     let (sp, dp) = (u16::from_be(ev.sport) as u32, u16::from_be(ev.dport) as u32);
     let p = match ev.proto {
@@ -141,48 +175,72 @@ fn layer4(f: &FlowRecord) -> Option<flow::Layer4> {
 /// its config, e.g. `/weft-gateway.<ns>.<gateway>/httproute/<ns>/<route>/...`)
 /// and weft's link.
 pub fn summary(f: &FlowRecord) -> String {
-    if let Some(h) = &f.http {
-        let mut s = if f.ev.subtype == L7_RESPONSE {
-            format!("{} {} {}ms ({} {})", h.protocol, h.code, h.duration_ns / 1_000_000, h.method, h.url())
-        } else {
-            format!("{} {} {}", h.protocol, h.method, h.url())
-        };
-        if !h.route.is_empty() {
-            s.push_str(&format!("; route {}", h.route));
+    Summary(f).to_string()
+}
+
+/// [`summary`] written where it is needed (the flow API writes it straight
+/// into every flow it sends).
+pub struct Summary<'a>(pub &'a FlowRecord);
+
+impl Display for Summary<'_> {
+    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let f = self.0;
+        if let Some(h) = &f.http {
+            if f.ev.subtype == L7_RESPONSE {
+                write!(out, "{} {} {}ms ({} {})", h.protocol, h.code, h.duration_ns / 1_000_000, h.method, Url(h))?;
+            } else {
+                write!(out, "{} {} {}", h.protocol, h.method, Url(h))?;
+            }
+            if !h.route.is_empty() {
+                write!(out, "; route {}", h.route)?;
+            }
+            if let Some(l) = &h.downstream_link {
+                write!(out, "; conn {}", LinkText(l))?;
+            }
+            return Ok(());
         }
-        if let Some(l) = &h.downstream_link {
-            s.push_str(&format!("; conn {}", link_text(l)));
+        match f.ev.proto {
+            6 => write!(out, "TCP Flags: {}", names::TcpFlagNames(f.ev.tcp_flags)),
+            17 => out.write_str("UDP"),
+            1 => out.write_str("ICMPv4"),
+            p => write!(out, "IP protocol {p}"),
         }
-        return s;
-    }
-    match f.ev.proto {
-        6 => format!("TCP Flags: {}", names::tcp_flags(f.ev.tcp_flags)),
-        17 => "UDP".into(),
-        1 => "ICMPv4".into(),
-        p => format!("IP protocol {p}"),
     }
 }
 
 /// `from-endpoint > to-proxy:15001 REDIRECTED` and the like.
 pub fn link_text(l: &ConnLink) -> String {
-    let mut path: Vec<String> = l.path.iter().map(|o| names::observation_point(*o as u32).to_string()).collect();
-    if l.proxy_port != 0
-        && let Some(last) = path.iter_mut().rev().find(|p| p.as_str() == "to-proxy")
-    {
-        last.push_str(&format!(":{}", l.proxy_port));
+    LinkText(l).to_string()
+}
+
+/// [`link_text`] written where it is needed.
+pub struct LinkText<'a>(pub &'a ConnLink);
+
+impl Display for LinkText<'_> {
+    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = self.0;
+        let point = |o: &u8| names::observation_point(*o as u32);
+        // The proxy's port follows the last point that handed to it.
+        let port_after = if l.proxy_port != 0 { l.path.iter().rposition(|o| point(o) == "to-proxy") } else { None };
+        for (i, o) in l.path.iter().enumerate() {
+            if i > 0 {
+                out.write_str(" > ")?;
+            }
+            out.write_str(point(o))?;
+            if port_after == Some(i) {
+                write!(out, ":{}", l.proxy_port)?;
+            }
+        }
+        write!(out, " {}", l.verdict.as_str_name())?;
+        if let Some((allowed, m)) = l.policy {
+            let verdict = if allowed { "allowed" } else { "denied" };
+            write!(out, ", policy {verdict} {}", names::policy_match(m as u32))?;
+        }
+        if l.verdict == Verdict::Dropped {
+            write!(out, " ({})", names::drop_reason(l.drop_reason as u32))?;
+        }
+        Ok(())
     }
-    let mut s = format!("{} {}", path.join(" > "), l.verdict.as_str_name());
-    if let Some((allowed, m)) = l.policy {
-        s.push_str(&format!(
-            ", policy {} {}",
-            if allowed { "allowed" } else { "denied" },
-            names::policy_match(m as u32)
-        ));
-    }
-    if l.verdict == Verdict::Dropped {
-        s.push_str(&format!(" ({})", names::drop_reason(l.drop_reason as u32)));
-    }
-    s
 }
 
 fn conn_link(l: &ConnLink) -> wproto::ConnectionLink {
@@ -208,33 +266,45 @@ fn conn_link(l: &ConnLink) -> wproto::ConnectionLink {
 /// Type URL of weft's link in `Flow.extensions`.
 pub const LINK_TYPE_URL: &str = "type.googleapis.com/weft.FlowLink";
 
-/// The link of an L7 flow as the `extensions` Any.
-pub fn link_any(h: &Http) -> prost_types::Any {
-    let link = wproto::FlowLink {
+/// The links of an L7 flow, for `extensions` (to weft's own clients), if
+/// it has any.
+pub(super) fn flow_link(h: &Http) -> Option<wproto::FlowLink> {
+    (h.downstream_link.is_some() || h.upstream_link.is_some()).then(|| wproto::FlowLink {
         downstream: h.downstream_link.as_ref().map(conn_link),
         upstream: h.upstream_link.as_ref().map(conn_link),
-    };
-    prost_types::Any { type_url: LINK_TYPE_URL.into(), value: link.encode_to_vec() }
+    })
+}
+
+/// What `flow.Layer7` says of an HTTP flow besides its text:
+/// (type, latency, status code); a request has neither of the last two.
+pub(super) fn l7_numbers(f: &FlowRecord, h: &Http) -> (flow::L7FlowType, u64, u32) {
+    if f.ev.subtype == L7_RESPONSE {
+        (flow::L7FlowType::Response, h.duration_ns, h.code)
+    } else {
+        (flow::L7FlowType::Request, 0, 0)
+    }
+}
+
+/// The headers an HTTP flow shows, by name, those Envoy logged.
+pub(super) fn http_headers(h: &Http) -> impl Iterator<Item = (&'static str, &str)> {
+    [
+        ("x-request-id", h.request_id.as_str()),
+        ("traceparent", h.traceparent.as_str()),
+        ("tracestate", h.tracestate.as_str()),
+        ("user-agent", h.user_agent.as_str()),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.is_empty())
 }
 
 fn http_layer7(f: &FlowRecord, h: &Http) -> flow::Layer7 {
-    let response = f.ev.subtype == L7_RESPONSE;
-    let mut headers = Vec::new();
-    for (k, v) in [
-        ("x-request-id", &h.request_id),
-        ("traceparent", &h.traceparent),
-        ("tracestate", &h.tracestate),
-        ("user-agent", &h.user_agent),
-    ] {
-        if !v.is_empty() {
-            headers.push(flow::HttpHeader { key: k.into(), value: v.clone() });
-        }
-    }
+    let (r#type, latency_ns, code) = l7_numbers(f, h);
+    let headers = http_headers(h).map(|(k, v)| flow::HttpHeader { key: k.into(), value: v.into() }).collect();
     flow::Layer7 {
-        r#type: if response { flow::L7FlowType::Response } else { flow::L7FlowType::Request } as i32,
-        latency_ns: if response { h.duration_ns } else { 0 },
+        r#type: r#type as i32,
+        latency_ns,
         record: Some(layer7::Record::Http(flow::Http {
-            code: if response { h.code } else { 0 },
+            code,
             method: h.method.clone(),
             url: h.url(),
             protocol: h.protocol.into(),
@@ -243,39 +313,92 @@ fn http_layer7(f: &FlowRecord, h: &Http) -> flow::Layer7 {
     }
 }
 
-fn policies(names: &Names, f: &FlowRecord) -> Vec<flow::Policy> {
-    names
-        .policy(f.ev.rule_id)
-        .map(|p| flow::Policy {
-            name: p.name.clone(),
-            namespace: p.namespace.clone(),
-            kind: p.kind.clone(),
-            ..Default::default()
-        })
-        .into_iter()
-        .collect()
+/// Which of `flow.Flow`'s policy lists a flow's policy goes in (the field
+/// numbers), by its verdict and direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PolicyField {
+    EgressAllowed = 21001,
+    IngressAllowed = 21002,
+    EgressDenied = 21004,
+    IngressDenied = 21005,
 }
 
-/// The policy of a verdict, in the field of its verdict and direction.
-fn name_policies(out: &mut flow::Flow, names: &Names, f: &FlowRecord, verdict: Verdict) {
-    let p = policies(names, f);
-    match (verdict, f.direction()) {
-        (Verdict::Dropped, flow::TrafficDirection::Egress) => out.egress_denied_by = p,
-        (Verdict::Dropped, _) => out.ingress_denied_by = p,
-        (_, flow::TrafficDirection::Egress) => out.egress_allowed_by = p,
-        _ => out.ingress_allowed_by = p,
+/// The policy a flow names and the list it goes in: a policy verdict's,
+/// and that of a request the node's policy listener judged.
+pub(super) fn named_policy<'a>(
+    names: &'a Names,
+    f: &FlowRecord,
+    verdict: Verdict,
+) -> Option<(PolicyField, &'a PolicyName)> {
+    let ev = &f.ev;
+    let judged =
+        ev.r#type as u32 == abi::EV_POLICY || (f.http.is_some() && ev.rule_id != 0 && ev.subtype == L7_REQUEST);
+    let policy = names.policy(ev.rule_id).filter(|_| judged)?;
+    let field = match (verdict, f.direction()) {
+        (Verdict::Dropped, flow::TrafficDirection::Egress) => PolicyField::EgressDenied,
+        (Verdict::Dropped, _) => PolicyField::IngressDenied,
+        (_, flow::TrafficDirection::Egress) => PolicyField::EgressAllowed,
+        _ => PolicyField::IngressAllowed,
+    };
+    Some((field, policy))
+}
+
+/// `flow.Flow`'s fields that depend on the record's event type.
+#[derive(Debug, Default)]
+pub(super) struct TypeFields {
+    pub drop_reason: u32,
+    pub drop_reason_desc: i32,
+    pub policy_match_type: u32,
+    pub trace_observation_point: i32,
+    pub trace_reason: i32,
+    pub sock_xlate_point: i32,
+}
+
+pub(super) fn type_fields(f: &FlowRecord) -> TypeFields {
+    let ev = &f.ev;
+    match ev.r#type as u32 {
+        abi::EV_DROP => {
+            TypeFields { drop_reason: ev.subtype as u32, drop_reason_desc: ev.subtype as i32, ..Default::default() }
+        }
+        abi::EV_POLICY => TypeFields { policy_match_type: ev.policy_match as u32, ..Default::default() },
+        abi::EV_TRACE => TypeFields {
+            trace_observation_point: ev.subtype as i32,
+            trace_reason: ev.reason as i32,
+            ..Default::default()
+        },
+        abi::EV_SOCK => TypeFields {
+            trace_observation_point: ev.subtype as i32,
+            sock_xlate_point: flow::SocketTranslationPoint::SockXlatePointPostDirectionFwd as i32,
+            ..Default::default()
+        },
+        _ => TypeFields::default(),
     }
 }
 
+/// `flow.FlowType`.
+pub(super) fn flow_type(f: &FlowRecord) -> flow::FlowType {
+    match f.ev.r#type as u32 {
+        abi::EV_SOCK => flow::FlowType::Sock,
+        _ if f.is_l7() => flow::FlowType::L7,
+        _ => flow::FlowType::L3L4,
+    }
+}
+
+/// The emitter every flow names.
+pub(super) const EMITTER: (&str, &str) = ("weft", env!("CARGO_PKG_VERSION"));
+
 /// A flow record as `flow.Flow`; `seq` is its number in the flow store.
 /// Hubble's deprecated fields (`reply`, `drop_reason`, `Summary`) are filled
-/// too: clients still read them.
+/// too: clients still read them. The flow API does not build this: it
+/// writes the same message's bytes straight from the record (`wire`, which
+/// shares the helpers above and is tested against this).
 #[allow(deprecated)]
 pub fn to_flow(ctx: &Context, seq: u64, f: &FlowRecord) -> flow::Flow {
     let ev = &f.ev;
     let names = &ctx.names;
     let verdict = f.verdict();
     let (etype, esub) = f.event_type();
+    let t = type_fields(f);
     let mut out = flow::Flow {
         time: Some(timestamp(f.time_ns)),
         verdict: verdict as i32,
@@ -289,11 +412,7 @@ pub fn to_flow(ctx: &Context, seq: u64, f: &FlowRecord) -> flow::Flow {
         l4: layer4(f),
         source: Some(endpoint(f.src.as_ref(), ev.src_ep, ev.src_identity, &names.cluster)),
         destination: Some(endpoint(f.dst.as_ref(), ev.dst_ep, ev.dst_identity, &names.cluster)),
-        r#type: match ev.r#type as u32 {
-            abi::EV_SOCK => flow::FlowType::Sock,
-            _ if f.is_l7() => flow::FlowType::L7,
-            _ => flow::FlowType::L3L4,
-        } as i32,
+        r#type: flow_type(f) as i32,
         node_name: names.node_name.clone(),
         node_labels: names.node_labels.clone(),
         event_type: Some(flow::CiliumEventType { r#type: etype, sub_type: esub }),
@@ -303,43 +422,41 @@ pub fn to_flow(ctx: &Context, seq: u64, f: &FlowRecord) -> flow::Flow {
         is_reply: f.is_reply(),
         reply: f.is_reply().unwrap_or(false),
         interface: (ev.ifindex != 0)
-            .then(|| flow::NetworkInterface { index: ev.ifindex, name: ctx.ifname(ev.ifindex) }),
+            .then(|| flow::NetworkInterface { index: ev.ifindex, name: ctx.ifname(ev.ifindex).to_string() }),
         proxy_port: ev.proxy_port as u32,
         uuid: uuid(ctx.boot_id, seq),
-        emitter: Some(flow::Emitter { name: "weft".into(), version: env!("CARGO_PKG_VERSION").into() }),
+        emitter: Some(flow::Emitter { name: EMITTER.0.into(), version: EMITTER.1.into() }),
         summary: summary(f),
+        drop_reason: t.drop_reason,
+        drop_reason_desc: t.drop_reason_desc,
+        policy_match_type: t.policy_match_type,
+        trace_observation_point: t.trace_observation_point,
+        trace_reason: t.trace_reason,
+        sock_xlate_point: t.sock_xlate_point,
         ..Default::default()
     };
-    match ev.r#type as u32 {
-        abi::EV_DROP => {
-            out.drop_reason = ev.subtype as u32;
-            out.drop_reason_desc = ev.subtype as i32;
+    if let Some((field, p)) = named_policy(names, f, verdict) {
+        let p = vec![flow::Policy {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            kind: p.kind.clone(),
+            ..Default::default()
+        }];
+        match field {
+            PolicyField::EgressAllowed => out.egress_allowed_by = p,
+            PolicyField::IngressAllowed => out.ingress_allowed_by = p,
+            PolicyField::EgressDenied => out.egress_denied_by = p,
+            PolicyField::IngressDenied => out.ingress_denied_by = p,
         }
-        abi::EV_POLICY => {
-            out.policy_match_type = ev.policy_match as u32;
-            name_policies(&mut out, names, f, verdict);
-        }
-        abi::EV_TRACE => {
-            out.trace_observation_point = ev.subtype as i32;
-            out.trace_reason = ev.reason as i32;
-        }
-        abi::EV_SOCK => {
-            out.trace_observation_point = ev.subtype as i32;
-            out.sock_xlate_point = flow::SocketTranslationPoint::SockXlatePointPostDirectionFwd as i32;
-        }
-        _ => {}
     }
     if let Some(h) = &f.http {
-        // A request the node's policy listener judged names its policy.
-        if ev.rule_id != 0 && ev.subtype == L7_REQUEST {
-            name_policies(&mut out, names, f, verdict);
-        }
         out.l7 = Some(http_layer7(f, h));
         if let Some(id) = h.trace_id() {
             out.trace_context = Some(flow::TraceContext { parent: Some(flow::TraceParent { trace_id: id.into() }) });
         }
-        if ctx.with_link && (h.downstream_link.is_some() || h.upstream_link.is_some()) {
-            out.extensions = Some(link_any(h));
+        if ctx.with_link {
+            out.extensions = flow_link(h)
+                .map(|link| prost_types::Any { type_url: LINK_TYPE_URL.into(), value: link.encode_to_vec() });
         }
     }
     out

@@ -2,9 +2,10 @@
 //!
 //! A `GetFlowsResponse` carrying a flow depends only on the flow, the
 //! agent's names and whether the reader is one of weft's own clients (the
-//! connection link). So the first stream to send a flow converts and encodes
-//! it ([`SharedEncodings`]); every other stream sending the same flow copies
-//! a pointer. The gRPC encoder then only copies those bytes into its frame
+//! connection link). So the first stream to send a flow writes it
+//! (`wire`), into one buffer with the other flows of its chunk
+//! ([`SharedEncodings`]); every other stream sending the same flow copies a
+//! pointer. The gRPC encoder then only copies those bytes into its frame
 //! ([`FlowCodec`]), and a stream hands the server whole chunks of responses
 //! ([`Batches`]), which tonic encodes into one HTTP/2 data frame while they
 //! last, instead of one wake-up and one frame per flow.
@@ -15,7 +16,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use prost::Message;
+use prost::{Message, bytes::Bytes};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{
@@ -26,9 +27,10 @@ use weft_flow::proto::observer::{GetFlowsRequest, GetFlowsResponse};
 
 use crate::pipeline::enrich::Names;
 
-/// One `GetFlowsResponse`, already encoded.
+/// One `GetFlowsResponse`, already encoded (a flow's share the buffer of
+/// the chunk it was written with).
 #[derive(Clone, Debug)]
-pub struct Encoded(Arc<[u8]>);
+pub struct Encoded(Bytes);
 
 impl Encoded {
     /// Encodes a response (for what only one stream sends: loss notices).
@@ -40,6 +42,10 @@ impl Encoded {
         &self.0
     }
 }
+
+/// About what one flow's response takes (datapath flows with named pods:
+/// 400-600 bytes), to size a chunk's buffer.
+const BYTES_PER_FLOW: usize = 512;
 
 /// How many recent flows keep their encodings: followers this close to each
 /// other in the store share them (a follower further behind encodes its own).
@@ -70,13 +76,14 @@ impl SharedEncodings {
     /// The encoded responses of the flows at `seqs` (store positions, in
     /// order), for readers with (`with_link`) or without the link, made with
     /// `names`: those another stream encoded already are copied, the others
-    /// are made by `encode(index into seqs)` (outside the lock) and kept.
+    /// are written by `encode(index into seqs, buffer)` (outside the lock),
+    /// all into one buffer, and kept.
     pub fn get_or_encode(
         &self,
         names: &Arc<Names>,
         with_link: bool,
         seqs: &[u64],
-        mut encode: impl FnMut(usize) -> Encoded,
+        mut encode: impl FnMut(usize, &mut Vec<u8>),
     ) -> Vec<Encoded> {
         let kind = with_link as usize;
         let mut found: Vec<Option<Encoded>> = {
@@ -89,12 +96,24 @@ impl SharedEncodings {
                 })
                 .collect()
         };
-        let mut made = Vec::new();
-        for (i, f) in found.iter_mut().enumerate() {
-            if f.is_none() {
-                let e = encode(i);
+        let missing = found.iter().filter(|f| f.is_none()).count();
+        let mut made = Vec::with_capacity(missing);
+        if missing > 0 {
+            let mut buf = Vec::with_capacity(missing * BYTES_PER_FLOW);
+            let mut ends = Vec::with_capacity(missing);
+            for (i, f) in found.iter().enumerate() {
+                if f.is_none() {
+                    encode(i, &mut buf);
+                    ends.push((i, buf.len()));
+                }
+            }
+            let buf = Bytes::from(buf);
+            let mut start = 0;
+            for (i, end) in ends {
+                let e = Encoded(buf.slice(start..end));
+                start = end;
                 made.push((seqs[i], e.clone()));
-                *f = Some(e);
+                found[i] = Some(e);
             }
         }
         if !made.is_empty() {

@@ -9,8 +9,8 @@
 //! ring (and is told what it missed); it never holds the pipeline up.
 //!
 //! Sending is cheap (see `encoded`): filters run on stored records before
-//! anything is converted, a flow is converted and encoded once for every
-//! stream that sends it, and a stream hands the server a chunk of responses
+//! anything is converted, a flow is written as protobuf straight from its
+//! record (`wire`), once for every stream that sends it, and a stream hands the server a chunk of responses
 //! at a time, which go out in one HTTP/2 frame. GetFlows therefore has its
 //! own route ([`FlowApi`]) that sends those bytes as they are.
 //!
@@ -53,6 +53,7 @@ use super::{
     encoded::{Batches, Encoded, FlowCodec, SharedEncodings},
     filter::{Env, FilterSet, check_bounds},
     peer::PeerService,
+    wire,
 };
 use crate::pipeline::{
     Pipeline, Refusal,
@@ -359,9 +360,8 @@ async fn run_query(
                 }
             }
         }
-        let encoded = encodings.get_or_encode(&ctx.names, q.with_link, &seqs, |i| {
-            let f = flows[i];
-            Encoded::of(&response(node, f.time_ns, ResponseTypes::Flow(convert::to_flow(&ctx, seqs[i], f))))
+        let encoded = encodings.get_or_encode(&ctx.names, q.with_link, &seqs, |i, out| {
+            wire::write_flow_response(&ctx, seqs[i], flows[i], out)
         });
         let batch: Vec<Result<Encoded, Status>> = outs
             .into_iter()

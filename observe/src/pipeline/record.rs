@@ -124,21 +124,32 @@ impl Http {
 
     /// The URL as Hubble shows it.
     pub fn url(&self) -> String {
-        let scheme = if self.scheme.is_empty() { "http" } else { &self.scheme };
-        format!("{scheme}://{}{}", self.authority, self.path)
+        Url(self).to_string()
     }
 
     /// The trace id of the W3C traceparent header, if there is a valid one.
     pub fn trace_id(&self) -> Option<&str> {
         let mut parts = self.traceparent.split('-');
         let (_version, id) = (parts.next()?, parts.next()?);
-        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32)).then_some(id)
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && !id.bytes().all(|b| b == b'0')).then_some(id)
     }
 
     /// The parent span id of the traceparent header.
     pub fn parent_span_id(&self) -> Option<&str> {
         let id = self.traceparent.split('-').nth(2)?;
         (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    }
+}
+
+/// [`Http::url`] written where it is needed, without a string of its own
+/// (the flow API writes it into every HTTP flow it sends).
+pub struct Url<'a>(pub &'a Http);
+
+impl std::fmt::Display for Url<'_> {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.0;
+        let scheme = if h.scheme.is_empty() { "http" } else { &h.scheme };
+        write!(out, "{scheme}://{}{}", h.authority, h.path)
     }
 }
 

@@ -264,6 +264,10 @@ pub struct Read {
     pub bad: usize,
 }
 
+/// A place in the spool: the end of the lines handed out at some moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark(Position);
+
 /// Reads the spool's lines in order from the persisted position.
 pub struct SpoolReader {
     dir: SpoolDir,
@@ -350,13 +354,35 @@ impl SpoolReader {
 
     /// Persists the position after the last line handed out.
     pub fn commit(&mut self) -> io::Result<()> {
-        let Some(o) = &self.open else { return Ok(()) };
-        let p = Position { inode: o.inode, offset: o.consumed, lines: o.lines, writers: o.writers };
-        if p != self.committed {
-            self.position_file.write_all_at(&p.encode(), 0)?;
-            self.committed = p;
+        match self.handed_out() {
+            Some(m) => self.commit_to(m),
+            None => Ok(()),
+        }
+    }
+
+    /// Where the lines handed out so far end, to commit later
+    /// ([`SpoolReader::commit_to`]); `None` before a file is open.
+    pub fn handed_out(&self) -> Option<Mark> {
+        let o = self.open.as_ref()?;
+        Some(Mark(Position { inode: o.inode, offset: o.consumed, lines: o.lines, writers: o.writers }))
+    }
+
+    /// Persists a position taken earlier by [`SpoolReader::handed_out`]
+    /// (lines after it are read again by the next reader). Marks are
+    /// committed in the order they were taken; the reader does not leave
+    /// a segment until its end is committed, so a mark's file is still
+    /// the one open.
+    pub fn commit_to(&mut self, m: Mark) -> io::Result<()> {
+        if m.0 != self.committed {
+            self.position_file.write_all_at(&m.0.encode(), 0)?;
+            self.committed = m.0;
         }
         Ok(())
+    }
+
+    /// Whether everything handed out is committed.
+    pub fn all_committed(&self) -> bool {
+        self.handed_out().is_none_or(|m| m.0 == self.committed)
     }
 
     /// Lines committed by every reader of this spool so far (it counts
@@ -501,10 +527,17 @@ const POLL: Duration = Duration::from_millis(50);
 const BATCH: usize = 1024;
 /// How long the reader waits for the ring-buffer reader's first hand-over.
 const RING_WAIT: Duration = Duration::from_secs(2);
+/// How long lines stay uncommitted after the pipeline stored their flows:
+/// long enough for followers that keep up to have been sent them (they
+/// gather for 10 ms, then write). An agent killed in that time leaves the
+/// lines to the next one, which reads them again; `weft observe` prints a
+/// flow it had printed once. Committed at once, a line whose flow was in
+/// the store but not yet on a follower's connection would be lost to it.
+pub const COMMIT_LAG: Duration = Duration::from_secs(1);
 
 /// Reads the spool into the pipeline until it stops: a batch of lines is
-/// queued, and committed once the pipeline has stored it. Lines that are
-/// not entries are counted lost (source `proxy`).
+/// queued, and committed [`COMMIT_LAG`] after the pipeline has stored it.
+/// Lines that are not entries are counted lost (source `proxy`).
 pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Result<JoinHandle<()>> {
     let stack = pipeline.thread_stack_bytes;
     thread::Builder::new().name("access-log".into()).stack_size(stack).spawn(move || {
@@ -517,7 +550,16 @@ pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Res
         let mut stored_target = pipeline.l7_stored();
         pipeline.counters.spool_committed.store(reader.committed_lines(), Ordering::Relaxed);
         let mut last_error: Option<Instant> = None;
+        // Stored batches not committed yet, oldest first.
+        let mut stored: std::collections::VecDeque<(Instant, Mark)> = Default::default();
         while !pipeline.stopped() {
+            let due = stored.iter().take_while(|(at, _)| at.elapsed() >= COMMIT_LAG).count();
+            if let Some((_, m)) = stored.drain(..due).next_back() {
+                match reader.commit_to(m) {
+                    Ok(()) => pipeline.counters.spool_committed.store(reader.committed_lines(), Ordering::Relaxed),
+                    Err(e) => tracing::error!("saving the access-log spool position: {e}"),
+                }
+            }
             let mut bad_shown = 0;
             let r = reader.read(BATCH, |e| match e {
                 Ok(entry) => {
@@ -545,10 +587,10 @@ pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Res
             };
             pipeline.lose(LostSource::Proxy, read.bad as u64);
             if read.lines == 0 {
-                // Everything handed out is committed: if nothing else is
-                // there, say how far the reader got.
+                // Once everything handed out is committed and nothing else
+                // is there, say how far the reader got.
                 let at = Instant::now();
-                if reader.caught_up().unwrap_or(false) {
+                if reader.all_committed() && reader.caught_up().unwrap_or(false) {
                     let p = Progress { at, writers: reader.writers(), partial: reader.partial() };
                     *pipeline.spool_progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
                 }
@@ -558,9 +600,8 @@ pub fn spawn_reader(pipeline: Arc<Pipeline>, mut reader: SpoolReader) -> io::Res
             while pipeline.l7_stored() < stored_target && !pipeline.stopped() {
                 thread::sleep(Duration::from_millis(1));
             }
-            match reader.commit() {
-                Ok(()) => pipeline.counters.spool_committed.store(reader.committed_lines(), Ordering::Relaxed),
-                Err(e) => tracing::error!("saving the access-log spool position: {e}"),
+            if let Some(m) = reader.handed_out() {
+                stored.push_back((Instant::now(), m));
             }
         }
     })
@@ -686,6 +727,37 @@ mod tests {
         assert_eq!(n, 2);
         let mut r = SpoolReader::open(spool).unwrap();
         assert_eq!(codes(&mut r), (vec![2], 0));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_reader_commits_marks_taken_earlier_and_stays_in_a_segment_until_its_end_is_committed() {
+        let d = tmp("marks");
+        let spool = SpoolDir::create(&d).unwrap();
+        append(&spool.current(), &line(1));
+        append(&spool.current(), &line(2));
+        let mut r = SpoolReader::open(spool.clone()).unwrap();
+        let mut got = Vec::new();
+        r.read(1, |e| got.push(e.unwrap().http.code)).unwrap();
+        let first = r.handed_out().unwrap();
+        r.read(1, |e| got.push(e.unwrap().http.code)).unwrap();
+        let second = r.handed_out().unwrap();
+        assert_eq!(got, [1, 2]);
+        // The segment is sealed and a new file follows it; the reader has
+        // handed out all of it, but only the first line is committed.
+        spool.rotate(true).unwrap();
+        append(&spool.current(), &line(3));
+        r.commit_to(first).unwrap();
+        assert!(!r.all_committed());
+        assert_eq!(r.read(10, |e| got.push(e.unwrap().http.code)).unwrap().lines, 0, "waits for the commit");
+        // A reader started now reads the second line again.
+        let mut again = SpoolReader::open(spool.clone()).unwrap();
+        assert_eq!(again.read(1, |e| assert_eq!(e.unwrap().http.code, 2)).unwrap().lines, 1);
+        drop(again);
+        r.commit_to(second).unwrap();
+        assert!(r.all_committed());
+        r.read(10, |e| got.push(e.unwrap().http.code)).unwrap();
+        assert_eq!(got, [1, 2, 3]);
         fs::remove_dir_all(&d).unwrap();
     }
 }
