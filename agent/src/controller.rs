@@ -608,9 +608,9 @@ fn endpoint_changes(old: &Loaded, new: &Loaded) -> Option<BTreeSet<ObjKey>> {
         let came = b.iter().filter(|(k, y)| !a.get(*k).is_some_and(|x| Arc::ptr_eq(x, y)));
         gone.chain(came).map(|(k, x)| (k, &x.object)).collect()
     }
-    let same_raw = old.raw.len() == new.raw.len()
-        && old.raw.iter().zip(&new.raw).all(|((oa, a), (ob, b))| oa == ob && Arc::ptr_eq(a, b));
-    if !same_raw {
+    let same_configs =
+        old.configs.len() == new.configs.len() && old.configs.iter().zip(&new.configs).all(|(a, b)| Arc::ptr_eq(a, b));
+    if !same_configs {
         return None;
     }
     // Every kind is named: one added to `Objects` must be said here too.
@@ -939,7 +939,7 @@ spec:
 
     /// What a source hands over: the same objects and documents (`Arc`s).
     fn handed_over(world: &yaml::Loaded) -> yaml::Loaded {
-        yaml::Loaded { objects: world.objects.clone(), raw: world.raw.clone(), ..Default::default() }
+        yaml::Loaded { objects: world.objects.clone(), configs: world.configs.clone(), ..Default::default() }
     }
 
     /// A build after changes of endpoints alone patches the last build
@@ -984,8 +984,8 @@ spec:
                         let timeout = 1 + rng.below(3) as u32;
                         log.push(format!("web-l7 timeout {timeout}"));
                         let edited = parsed(&config("web-l7", "web", "default/web", timeout));
-                        let i = world.raw.iter().position(|(_, d)| d["metadata"]["name"] == "web-l7").unwrap();
-                        world.raw[i] = edited.raw[0].clone();
+                        let i = world.configs.iter().position(|d| d.name.as_deref() == Some("web-l7")).unwrap();
+                        world.configs[i] = edited.configs[0].clone();
                     }
                     5 => {
                         log.push("api's Service again".into());
@@ -1349,8 +1349,11 @@ mod profile {
         }
         let world = parse(&text);
         let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
-        let again =
-            |w: &yaml::Loaded| yaml::Loaded { objects: w.objects.clone(), raw: w.raw.clone(), ..Default::default() };
+        let again = |w: &yaml::Loaded| yaml::Loaded {
+            objects: w.objects.clone(),
+            configs: w.configs.clone(),
+            ..Default::default()
+        };
         c.load(again(&world));
         c.build();
         ack_all(&mut c);
@@ -1365,8 +1368,8 @@ mod profile {
                 world.objects.endpoint_slices.extend(s.objects.endpoint_slices);
             } else {
                 let edited = parse(&config(0, round));
-                let i = world.raw.iter().position(|(_, d)| d["metadata"]["name"] == "c0").unwrap();
-                world.raw[i] = edited.raw[0].clone();
+                let i = world.configs.iter().position(|d| d.name.as_deref() == Some("c0")).unwrap();
+                world.configs[i] = edited.configs[0].clone();
             }
             let handed = again(&world);
             let t_load = Instant::now();
