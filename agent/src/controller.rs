@@ -17,7 +17,7 @@
 //! dispatcher, which warms together with them.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant},
@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::{
     k8s::{
-        ObjKey,
+        Collection, ObjKey, Objects,
         yaml::{Loaded, ParseProblem},
     },
     state::{
@@ -223,6 +223,15 @@ pub struct Controller {
     retiring: BTreeMap<ConfigKey, (EnvoyConfig, Instant)>,
     /// The visibility configs the last build generated.
     generated: Vec<EnvoyConfig>,
+    /// Some(Services) while every change since the last build was of these
+    /// Services' endpoints alone (EndpointSlices, Endpoints objects): the
+    /// next build is taken by [`Controller::endpoints_changed`]. None: a
+    /// full build is due.
+    endpoints_only: Option<BTreeSet<ObjKey>>,
+    /// The datapath snapshot last made, what an endpoint change patches.
+    last_snapshot: Option<Arc<Snapshot>>,
+    /// False: every build is a full build (the oracle in tests).
+    incremental: bool,
 }
 
 /// How long a retired visibility config's routes and clusters stay: Envoy's
@@ -255,18 +264,26 @@ impl Controller {
             visibility: VisibilityReport::default(),
             retiring: BTreeMap::new(),
             generated: Vec::new(),
+            endpoints_only: None,
+            last_snapshot: None,
+            incremental: true,
         }
     }
 
     /// Refuses configs whose listeners would not fit in Envoy's open files.
     pub fn set_listener_budget(&mut self, budget: ListenerBudget) {
         self.model.set_listener_budget(budget);
+        self.endpoints_only = None;
     }
 
     /// Takes what a source now holds; parses the config documents that
     /// changed (see `parsed`).
     pub fn load(&mut self, loaded: Loaded) {
         self.source_generation += 1;
+        match (self.endpoints_only.as_mut(), endpoint_changes(&self.loaded, &loaded)) {
+            (Some(services), Some(changed)) => services.extend(changed),
+            _ => self.endpoints_only = None,
+        }
         let mut before: Vec<Option<EnvoyConfig>> = std::mem::take(&mut self.configs).into_iter().map(Some).collect();
         let mut kept = std::mem::take(&mut self.parsed);
         self.parse_errors.clear();
@@ -316,15 +333,58 @@ impl Controller {
     /// Sets the HTTP visibility of Services that have no annotation.
     pub fn set_l7_visibility(&mut self, default: Visibility) {
         self.l7_default = default;
+        self.endpoints_only = None;
     }
 
     /// Sets weft-cni's attachments (None: pods do not come through weft-cni).
     pub fn set_attachments(&mut self, attachments: Option<Arc<Attachments>>) {
         self.attachments = attachments;
+        self.endpoints_only = None;
     }
 
-    /// Builds both snapshots from the current sources.
-    pub fn build(&mut self) -> (Snapshot, Arc<Published>) {
+    /// Builds both snapshots from the current sources: after changes of
+    /// endpoints alone, by [`Controller::endpoints_changed`], else whole.
+    pub fn build(&mut self) -> (Arc<Snapshot>, Arc<Published>) {
+        let services = std::mem::take(&mut self.endpoints_only);
+        let built = match (services, self.last_snapshot.clone()) {
+            (Some(services), Some(last)) if self.incremental && !self.retirement_due() => {
+                self.endpoints_changed(&services, &last)
+            }
+            _ => None,
+        };
+        let built = built.unwrap_or_else(|| self.build_whole());
+        self.endpoints_only = Some(BTreeSet::new());
+        self.last_snapshot = Some(built.0.clone());
+        built
+    }
+
+    /// The build after changes of the endpoints of `services` alone: their
+    /// ClusterLoadAssignments and datapath entries are made again, the rest
+    /// of the last build is kept (the objects' statuses, the other
+    /// resources, the redirects, what Envoy has of them). None for a model
+    /// that keeps nothing between builds.
+    fn endpoints_changed(
+        &mut self,
+        services: &BTreeSet<ObjKey>,
+        last: &Snapshot,
+    ) -> Option<(Arc<Snapshot>, Arc<Published>)> {
+        let objects = &self.loaded.objects;
+        let replaced = self.model.endpoints_changed(&mut self.built, services, objects)?;
+        // Generated endpoints belong to no object: no object's ACK count
+        // changes, and an ACK of the old version is not one of the new.
+        for (old, new) in &replaced {
+            self.acks.replaced(translate::ENDPOINT, old, new);
+        }
+        self.version += 1;
+        self.live_changed = false;
+        let mut snap = last.with_endpoints_of(services, objects, &in_effect(&self.live));
+        snap.version = self.version;
+        let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
+        Some((Arc::new(snap), published))
+    }
+
+    /// Builds both snapshots from the current sources, whole.
+    fn build_whole(&mut self) -> (Arc<Snapshot>, Arc<Published>) {
         let node = self.node_info();
         let first = self.version == 0;
         let (model, configs, parse_errors, built) =
@@ -386,12 +446,12 @@ impl Controller {
                 self.acked_version.insert(k.clone(), self.version);
             }
         }
-        (snap, published)
+        (Arc::new(snap), published)
     }
 
     /// A new datapath snapshot if redirects took effect since the last one
     /// (Envoy ACKed the listeners that serve them).
-    pub fn redirects_settled(&mut self) -> Option<Snapshot> {
+    pub fn redirects_settled(&mut self) -> Option<Arc<Snapshot>> {
         if !std::mem::take(&mut self.live_changed) {
             return None;
         }
@@ -405,6 +465,8 @@ impl Controller {
             |p| (in_effect(live), proxy_ports(built, p)),
         );
         snap.version = self.version;
+        let snap = Arc::new(snap);
+        self.last_snapshot = Some(snap.clone());
         Some(snap)
     }
 
@@ -449,6 +511,9 @@ impl Controller {
                     let why = format!("{what}: {message}");
                     self.model.nack(key, &cfg.spec, why.clone());
                     self.nacked.insert(key.clone(), why);
+                }
+                if !owners.is_empty() {
+                    self.endpoints_only = None;
                 }
                 !owners.is_empty()
             }
@@ -527,6 +592,78 @@ impl Controller {
     pub fn built(&self) -> &Built {
         &self.built
     }
+}
+
+/// The Services whose endpoints alone changed from `old` to `new`: those
+/// of the EndpointSlices and Endpoints objects that were added, removed or
+/// replaced. None if anything else changed (a config document, any object of
+/// another kind). Sources hand over an unchanged object or document as the
+/// same `Arc`, so this compares pointers.
+fn endpoint_changes(old: &Loaded, new: &Loaded) -> Option<BTreeSet<ObjKey>> {
+    fn same<T>(a: &Collection<T>, b: &Collection<T>) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|((ka, a), (kb, b))| ka == kb && Arc::ptr_eq(a, b))
+    }
+    /// The objects added, removed or replaced (the old and the new one).
+    fn changed<'a, T>(a: &'a Collection<T>, b: &'a Collection<T>) -> Vec<(&'a ObjKey, &'a T)> {
+        let gone = a.iter().filter(|(k, x)| !b.get(*k).is_some_and(|y| Arc::ptr_eq(x, y)));
+        let came = b.iter().filter(|(k, y)| !a.get(*k).is_some_and(|x| Arc::ptr_eq(x, y)));
+        gone.chain(came).map(|(k, x)| (k, &x.object)).collect()
+    }
+    let same_raw = old.raw.len() == new.raw.len()
+        && old.raw.iter().zip(&new.raw).all(|((oa, a), (ob, b))| oa == ob && Arc::ptr_eq(a, b));
+    if !same_raw {
+        return None;
+    }
+    // Every kind is named: one added to `Objects` must be said here too.
+    let Objects {
+        services,
+        endpoint_slices,
+        endpoints,
+        pods,
+        nodes,
+        namespaces,
+        secrets,
+        network_policies,
+        ingresses,
+        ingress_classes,
+        weft_nodes,
+        gateway_classes,
+        gateways,
+        http_routes,
+        grpc_routes,
+        reference_grants,
+        cilium_network_policies,
+        cilium_clusterwide_network_policies,
+    } = &old.objects;
+    let n = &new.objects;
+    let others = same(services, &n.services)
+        && same(pods, &n.pods)
+        && same(nodes, &n.nodes)
+        && same(namespaces, &n.namespaces)
+        && same(secrets, &n.secrets)
+        && same(network_policies, &n.network_policies)
+        && same(ingresses, &n.ingresses)
+        && same(ingress_classes, &n.ingress_classes)
+        && same(weft_nodes, &n.weft_nodes)
+        && same(gateway_classes, &n.gateway_classes)
+        && same(gateways, &n.gateways)
+        && same(http_routes, &n.http_routes)
+        && same(grpc_routes, &n.grpc_routes)
+        && same(reference_grants, &n.reference_grants)
+        && same(cilium_network_policies, &n.cilium_network_policies)
+        && same(cilium_clusterwide_network_policies, &n.cilium_clusterwide_network_policies);
+    if !others {
+        return None;
+    }
+    let mut out = BTreeSet::new();
+    for (k, slice) in changed(endpoint_slices, &n.endpoint_slices) {
+        let service = slice.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name"));
+        if let Some(name) = service {
+            out.insert(ObjKey::new(k.namespace.clone(), name.clone()));
+        }
+    }
+    out.extend(changed(endpoints, &n.endpoints).into_iter().map(|(k, _)| k.clone()));
+    Some(out)
 }
 
 #[cfg(test)]
@@ -733,6 +870,134 @@ spec:
                 }
             }
         }
+    }
+
+    /// Endpoints `10.1.1.<b>` for Service `service`, one EndpointSlice.
+    fn slice_of(service: &str, backends: &[u64]) -> String {
+        let eps: Vec<String> = backends.iter().map(|b| format!("{{addresses: [10.1.1.{b}]}}")).collect();
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+            eps.join(", ")
+        )
+    }
+
+    fn parsed(text: &str) -> yaml::Loaded {
+        let mut l = yaml::Loaded::default();
+        yaml::load_text(std::path::Path::new("o.yaml"), text, &mut l);
+        assert!(l.problems.is_empty(), "{:?}", l.problems);
+        l
+    }
+
+    /// What a source hands over: the same objects and documents (`Arc`s).
+    fn handed_over(world: &yaml::Loaded) -> yaml::Loaded {
+        yaml::Loaded { objects: world.objects.clone(), raw: world.raw.clone(), ..Default::default() }
+    }
+
+    /// A build after changes of endpoints alone patches the last build
+    /// (see [`Controller::endpoints_changed`]): after every step of random
+    /// sequences of endpoint changes, config edits, Service changes, ACKs
+    /// and NACKs, it equals a controller that builds whole every time (the
+    /// xDS resources, statuses, redirects, datapath snapshot, report).
+    #[test]
+    fn builds_after_endpoint_changes_equal_whole_builds_after_every_random_step() {
+        let mut rng = crate::xds::acks::tests::Rng(0x5eed_e4d5);
+        let mut patched_some = 0;
+        for run in 0..8 {
+            let mut fast = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+            let mut whole = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+            whole.incremental = false;
+            let mut text = format!("{SERVICES}{}{}", slice_of("web", &[12]), slice_of("api", &[13]));
+            text.push_str(&config("web-l7", "web", "default/web", 1));
+            if run % 2 == 0 {
+                // A second config taking its endpoints from web too.
+                text.push_str(&config("api-l7", "api", "default/web2", 1));
+                text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: web2, namespace: default}\nspec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}\n");
+            }
+            let mut world = parsed(&text);
+            for c in [&mut fast, &mut whole] {
+                c.load(handed_over(&world));
+                c.build();
+            }
+            let mut log = Vec::new();
+            for step in 0..60 {
+                let mut changed = true;
+                match rng.below(10) {
+                    0..=3 => {
+                        let service = ["web", "api", "web2"][rng.below(3) as usize];
+                        let backends: Vec<u64> = (10..14).filter(|_| rng.below(2) == 0).collect();
+                        log.push(format!("endpoints of {service}: {backends:?}"));
+                        world
+                            .objects
+                            .endpoint_slices
+                            .extend(parsed(&slice_of(service, &backends)).objects.endpoint_slices);
+                    }
+                    4 => {
+                        let timeout = 1 + rng.below(3) as u32;
+                        log.push(format!("web-l7 timeout {timeout}"));
+                        let edited = parsed(&config("web-l7", "web", "default/web", timeout));
+                        let i = world.raw.iter().position(|(_, d)| d["metadata"]["name"] == "web-l7").unwrap();
+                        world.raw[i] = edited.raw[0].clone();
+                    }
+                    5 => {
+                        log.push("api's Service again".into());
+                        world
+                            .objects
+                            .services
+                            .extend(parsed(SERVICES).objects.services.into_iter().filter(|(k, _)| k.name == "api"));
+                    }
+                    6 | 7 => {
+                        changed = false;
+                        let types: Vec<_> = fast.built().xds.types.keys().cloned().collect();
+                        let Some(type_url) = types.get(rng.below(types.len().max(1) as u64) as usize).cloned() else {
+                            continue;
+                        };
+                        let resources: BTreeMap<String, String> =
+                            fast.built().xds.of(&type_url).map(|r| (r.name.clone(), r.version.clone())).collect();
+                        log.push(format!("ack {type_url}"));
+                        let ev = AdsEvent::Ack { type_url, version: String::new(), resources };
+                        changed |= fast.on_event(ev.clone());
+                        assert_eq!(changed, whole.on_event(ev));
+                        let (a, b) = (fast.redirects_settled(), whole.redirects_settled());
+                        assert_eq!(a, b, "run {run}, step {step}: {log:#?}");
+                    }
+                    8 => {
+                        let type_url = translate::CLUSTER.to_owned();
+                        let names: Vec<String> = fast.built().xds.of(&type_url).map(|r| r.name.clone()).collect();
+                        let Some(name) = names.get(rng.below(names.len().max(1) as u64) as usize).cloned() else {
+                            continue;
+                        };
+                        log.push(format!("nack {name}"));
+                        let ev = AdsEvent::Nack {
+                            type_url,
+                            message: format!("cluster {name}: refused"),
+                            resources: vec![name],
+                        };
+                        changed = fast.on_event(ev.clone());
+                        assert_eq!(changed, whole.on_event(ev));
+                    }
+                    _ => log.push("read again, nothing changed".into()),
+                }
+                if !changed {
+                    continue;
+                }
+                fast.load(handed_over(&world));
+                whole.load(handed_over(&world));
+                if fast.endpoints_only.as_ref().is_some_and(|s| !s.is_empty()) {
+                    patched_some += 1;
+                }
+                let (snap_a, pub_a) = fast.build();
+                let (snap_b, pub_b) = whole.build();
+                let at = format!("run {run}, step {step}, after {log:#?}");
+                assert!(fast.built == whole.built, "{at}\nfast: {:#?}\nwhole: {:#?}", fast.built, whole.built);
+                assert_eq!(snap_a, snap_b, "{at}");
+                assert_eq!(pub_a.xds, pub_b.xds, "{at}");
+                let report = |c: &Controller| serde_json::to_value(c.status(&[])).unwrap();
+                assert_eq!(report(&fast), report(&whole), "{at}");
+            }
+        }
+        assert!(patched_some > 20, "endpoint changes were patched {patched_some} times");
     }
 
     /// Loading again parses only documents that are not the same `Arc`:
@@ -980,5 +1245,103 @@ spec:
         assert!(c.redirects_settled().is_none());
         ack_all(&mut c);
         assert_eq!(handed(&c.redirects_settled().expect("handed once ACKed again")), both);
+    }
+}
+
+#[cfg(test)]
+mod profile {
+    //! Where one change's time goes with many configs loaded (not a test:
+    //! `WEFT_PROFILE_CONFIGS=10000 cargo test --release -p weft-agent --lib
+    //! controller::profile -- --ignored --nocapture`, under `perf record`).
+    use std::{fmt::Write as _, time::Instant};
+
+    use super::*;
+    use crate::k8s::yaml;
+
+    fn slice(i: usize, backends: &[&str]) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n---\n",
+            backends.iter().map(|b| format!("{{addresses: [{b}]}}")).collect::<Vec<_>>().join(", ")
+        )
+    }
+
+    fn config(i: usize, timeout: u32) -> String {
+        format!(
+            "apiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {{name: c{i}, namespace: default}}\nspec:\n  services: [{{name: s{i}}}]\n  resources:\n  - \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n    name: c{i}-listener\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: c{i}\n          rds: {{route_config_name: c{i}-route}}\n          http_filters: [{{name: envoy.filters.http.router}}]\n  - \"@type\": type.googleapis.com/envoy.config.route.v3.RouteConfiguration\n    name: c{i}-route\n    virtual_hosts: [{{name: all, domains: [\"*\"], routes: [{{match: {{prefix: /}}, route: {{cluster: default/s{i}, timeout: {timeout}s}}}}]}}]\n  - \"@type\": type.googleapis.com/envoy.config.cluster.v3.Cluster\n    name: default/s{i}\n    type: EDS\n---\n"
+        )
+    }
+
+    fn parse(text: &str) -> yaml::Loaded {
+        let mut l = yaml::Loaded::default();
+        yaml::load_text(std::path::Path::new("o.yaml"), text, &mut l);
+        assert!(l.problems.is_empty(), "{:?}", l.problems);
+        l
+    }
+
+    fn ack_all(c: &mut Controller) {
+        let types: Vec<_> = c.built().xds.types.keys().cloned().collect();
+        for type_url in types {
+            let resources = c.built().xds.of(&type_url).map(|r| (r.name.clone(), r.version.clone())).collect();
+            c.on_event(AdsEvent::Ack { type_url, version: String::new(), resources });
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn one_change_with_many_configs_loaded() {
+        let n: usize = std::env::var("WEFT_PROFILE_CONFIGS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+        let mut text = String::new();
+        for i in 0..n {
+            let _ = write!(
+                text,
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.97.{}.{}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n",
+                i / 250,
+                i % 250 + 1
+            );
+            text.push_str(&slice(i, &["10.1.1.12"]));
+            text.push_str(&config(i, 1));
+        }
+        let world = parse(&text);
+        let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+        let again =
+            |w: &yaml::Loaded| yaml::Loaded { objects: w.objects.clone(), raw: w.raw.clone(), ..Default::default() };
+        c.load(again(&world));
+        c.build();
+        ack_all(&mut c);
+        c.build();
+        let mut world = world;
+        for round in 0..10 {
+            // One EndpointSlice (even rounds) or one config (odd) changes.
+            let t0 = Instant::now();
+            if round % 2 == 0 {
+                let backends: &[&str] = if round % 4 == 0 { &["10.1.1.12", "10.1.2.11"] } else { &["10.1.1.12"] };
+                let s = parse(&slice(0, backends));
+                world.objects.endpoint_slices.extend(s.objects.endpoint_slices);
+            } else {
+                let edited = parse(&config(0, round));
+                let i = world.raw.iter().position(|(_, d)| d["metadata"]["name"] == "c0").unwrap();
+                world.raw[i] = edited.raw[0].clone();
+            }
+            let handed = again(&world);
+            let t_load = Instant::now();
+            c.load(handed);
+            let t_build = Instant::now();
+            let (snap, published) = c.build();
+            let t_status = Instant::now();
+            let status = c.status(&[]);
+            let t_end = Instant::now();
+            println!(
+                "{} round {round}: hand-over {:?}, load {:?}, build {:?}, status {:?} ({} objects, {} resources, {} services)",
+                if round % 2 == 0 { "slice" } else { "edit" },
+                t_load - t0,
+                t_build - t_load,
+                t_status - t_build,
+                t_end - t_status,
+                status.objects.len(),
+                published.xds.types.values().map(|m| m.len()).sum::<usize>(),
+                snap.services.len(),
+            );
+            ack_all(&mut c);
+        }
     }
 }

@@ -47,7 +47,7 @@ pub struct ControlLoop {
 
 /// What the first build produced, for the components that start from it.
 pub struct First {
-    pub snapshot: Snapshot,
+    pub snapshot: Arc<Snapshot>,
     pub published: Arc<Published>,
 }
 
@@ -155,7 +155,7 @@ impl ControlLoop {
                 }
                 let (version, datapath_first) = (snap.version, snapshots.borrow().stops_proxying_in(&snap));
                 // send_replace: a reader that is gone is the supervisor's to handle.
-                snapshots.send_replace(Arc::new(snap));
+                snapshots.send_replace(snap);
                 if datapath_first && datapath_alive {
                     // The datapath stops handing connections to a proxy port
                     // before Envoy closes its listener: a connection handed
@@ -178,7 +178,7 @@ impl ControlLoop {
                 // Envoy ACKed listeners of Services the datapath does not hand
                 // it yet: hand them, and report once the datapath did.
                 let version = snap.version;
-                snapshots.send_replace(Arc::new(snap));
+                snapshots.send_replace(snap);
                 touched = true;
                 if datapath_alive {
                     match applied(&mut datapath, version).await {

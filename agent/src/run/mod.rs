@@ -99,7 +99,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
     let (peers, peers_rx) = flows::PeerFeed::new(&cfg, &snapshot);
     let flow_api = flows::serve(&cfg, &pipeline, peers_rx)?;
 
-    let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(snapshot));
+    let (snapshots_tx, snapshots_rx) = watch::channel(snapshot);
     let (xds_tx, xds_rx) = watch::channel(published);
     let (report_tx, report_rx) = watch::channel(ControlReport::default());
     let (datapath_tx, datapath_rx) = watch::channel(DatapathStatus::default());

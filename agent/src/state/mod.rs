@@ -317,6 +317,29 @@ impl Snapshot {
         }
     }
 
+    /// This snapshot after a change of the endpoints (EndpointSlices,
+    /// Endpoints objects) of `services` alone, nothing else having changed
+    /// since it was derived from `objects` as they were: those Services'
+    /// entries are derived again, with the `redirects` in effect, the rest
+    /// is kept. Equals what [`Snapshot::derive_with`] gives from `objects`.
+    pub fn with_endpoints_of(&self, services: &BTreeSet<ObjKey>, objects: &Objects, redirects: &Redirects) -> Snapshot {
+        let mut next = self.clone();
+        let slices = SliceIndex::of(objects);
+        for key in services {
+            let Ok(i) = next.services.binary_search_by(|s| s.key.cmp(key)) else { continue };
+            let Some(svc) = objects.services.get(key) else { continue };
+            // What a Service's entries report depends on the Service alone,
+            // which did not change: it was reported when it was derived.
+            let mut unchanged_problems = Vec::new();
+            if let Some(state) =
+                service_state(key, &svc.object, objects, &slices, next.node_ip, redirects, &mut unchanged_problems)
+            {
+                next.services[i] = state;
+            }
+        }
+        next
+    }
+
     /// The pod with this address, if known.
     pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&PodState> {
         self.pods.iter().find(|p| p.ip == ip)

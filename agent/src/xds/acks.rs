@@ -84,8 +84,7 @@ impl Acks {
                     (None, None) => break,
                     (Some((bn, br)), Some((an, ar))) if bn == an => {
                         if !Arc::ptr_eq(br, ar) {
-                            self.leaves(t, br);
-                            self.joins(t, ar);
+                            self.replaced(t, br, ar);
                         }
                         (b, a) = (before.next(), after.next());
                     }
@@ -105,6 +104,13 @@ impl Acks {
             }
         }
         self.acked.retain(|_, m| !m.is_empty());
+    }
+
+    /// Follows a build that replaced one resource by another of the same
+    /// name and type (what [`Acks::rebuilt`] does for each such pair).
+    pub fn replaced(&mut self, type_url: &str, old: &Resource, new: &Resource) {
+        self.leaves(type_url, old);
+        self.joins(type_url, new);
     }
 
     /// Follows Envoy's ACK of these resources (name -> version) of a type;

@@ -273,10 +273,16 @@ pub struct Model {
     /// Each listener as last encoded: the translation and shape it came
     /// from; None with `translations` (the oracle).
     listeners: Option<KeptListeners>,
+    /// The generated ClusterLoadAssignments the last build sent, by the
+    /// Service they are of: (selected ports -> the names they won). What
+    /// [`Model::endpoints_changed`] replaces.
+    generated_endpoints: HashMap<ObjKey, BTreeMap<Vec<String>, Vec<String>>>,
 }
 
+/// A Service and the ports of it selected (names or numbers; none: all).
+type EndpointsKey = (ObjKey, Vec<String>);
 /// (Service, selected ports) -> the objects its endpoints came from, and them encoded.
-type KeptEndpoints = HashMap<(ObjKey, Vec<String>), (EndpointInputs, Arc<[Arc<Resource>]>)>;
+type KeptEndpoints = HashMap<EndpointsKey, (EndpointInputs, Arc<[Arc<Resource>]>)>;
 /// Listener name -> the translation and shape it came from, and it encoded.
 type KeptListeners = HashMap<String, (Arc<Translation>, Shape, Arc<Resource>)>;
 
@@ -378,6 +384,7 @@ impl Model {
             translations: Some(HashMap::new()),
             endpoints: Some(HashMap::new()),
             listeners: Some(HashMap::new()),
+            generated_endpoints: HashMap::new(),
         }
     }
 
@@ -672,7 +679,8 @@ impl Model {
         node: &NodeInfo,
     ) {
         let mut listeners_in_use = BTreeSet::new();
-        let mut eds: BTreeMap<String, Arc<Resource>> = BTreeMap::new();
+        // Generated ClusterLoadAssignments, with the (Service, selected ports) each is of.
+        let mut eds: BTreeMap<String, (Arc<Resource>, EndpointsKey)> = BTreeMap::new();
         let mut eds_used = std::collections::HashSet::new();
         let slices = SliceIndex::of(objects);
         let pinned: BTreeSet<u16> = accepted
@@ -761,7 +769,7 @@ impl Model {
             }
             for e in &t.eds_services {
                 for r in self.endpoints(&e.service, &e.ports, objects, &slices).iter() {
-                    eds.entry(r.name.clone()).or_insert_with(|| r.clone());
+                    eds.entry(r.name.clone()).or_insert_with(|| (r.clone(), (e.service.clone(), e.ports.clone())));
                 }
                 eds_used.insert((e.service.clone(), e.ports.clone()));
             }
@@ -791,9 +799,12 @@ impl Model {
                 );
             }
         }
-        for r in eds.into_values() {
+        self.generated_endpoints.clear();
+        for (r, (service, ports)) in eds.into_values() {
             // A config's own ClusterLoadAssignment wins over a generated one.
             if !built.xds.contains(translate::ENDPOINT, &r.name) {
+                let won = self.generated_endpoints.entry(service).or_default().entry(ports).or_default();
+                won.push(r.name.clone());
                 built.xds.put_shared(r);
             }
         }
@@ -819,6 +830,41 @@ impl Model {
     /// The spec version currently accepted for an object (for NACK attribution).
     pub fn accepted_spec(&self, key: &ConfigKey) -> Option<&Arc<EnvoyConfigSpec>> {
         self.good.get(key).map(|g| &g.spec)
+    }
+
+    /// Follows a change of the endpoints (EndpointSlices, Endpoints
+    /// objects) of `services` alone, when nothing else changed since the
+    /// build that gave `built`: the ClusterLoadAssignments generated for
+    /// those Services are computed again and replace theirs in `built`,
+    /// which is then what a full build would give. Costs what the Services'
+    /// endpoints cost, not what the configs do. Returns the resources it
+    /// replaced (the old one and the new one), or None for a model that
+    /// keeps nothing between builds (the full rebuild: build it whole).
+    pub fn endpoints_changed(
+        &mut self,
+        built: &mut Built,
+        services: &BTreeSet<ObjKey>,
+        objects: &Objects,
+    ) -> Option<Vec<(Arc<Resource>, Arc<Resource>)>> {
+        self.endpoints.as_ref()?;
+        let slices = SliceIndex::of(objects);
+        let mut replaced = Vec::new();
+        for service in services {
+            let Some(generated) = self.generated_endpoints.get(service).cloned() else { continue };
+            for (ports, names) in generated {
+                let fresh = self.endpoints(service, &ports, objects, &slices);
+                let Some(sent) = built.xds.types.get_mut(translate::ENDPOINT) else { continue };
+                // The same Service object gives the same names: only what they hold changes.
+                for r in fresh.iter().filter(|r| names.contains(&r.name)) {
+                    if let Some(old) = sent.insert(r.name.clone(), r.clone())
+                        && !Arc::ptr_eq(&old, r)
+                    {
+                        replaced.push((old, r.clone()));
+                    }
+                }
+            }
+        }
+        Some(replaced)
     }
 }
 
@@ -1489,7 +1535,9 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
     /// endpoints equals a full rebuild (statuses, xDS resources, redirects,
     /// proxy ports). Objects that did not change stay the same `Arc`s, as
     /// the sources hand them over, and sometimes all are read again (same
-    /// content, new `Arc`s). The seed is printed on failure;
+    /// content, new `Arc`s). An endpoint change is taken, half the time, by
+    /// [`Model::endpoints_changed`] on the last build instead of a build:
+    /// that too must equal the full rebuild. The seed is printed on failure;
     /// `WEFT_MODEL_SEED` repeats one.
     #[test]
     fn cached_builds_equal_full_rebuilds_after_every_random_change() {
@@ -1509,11 +1557,14 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
             let (mut web, mut api, mut api_alt) = (vec![12u8], vec![13u8], true);
             let mut objs = objects_with(&web, &api, api_alt);
             let mut log = Vec::new();
+            let mut last: Option<Built> = None;
             for step in 0..40 {
                 let names: Vec<String> = configs.keys().cloned().collect();
                 let pick = |rng: &mut Rng| names.get(rng.below(names.len().max(1) as u64) as usize).cloned();
                 // What the step changes of the objects: (kind, name) taken anew.
                 let mut renew: Vec<(&str, &str)> = Vec::new();
+                // The Service whose endpoints alone the step changed, if it did.
+                let mut endpoints_of: Option<ObjKey> = None;
                 match rng.below(9) {
                     0 | 1 => {
                         let name = format!("c{}", rng.below(8));
@@ -1537,6 +1588,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                         }
                         log.push(format!("endpoints of {b}: {list:?}"));
                         renew.push(("slice", if b == "web" { "web-1" } else { "api-1" }));
+                        endpoints_of = Some(ObjKey::new("default", b));
                     }
                     7 => {
                         api_alt = !api_alt;
@@ -1573,9 +1625,19 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                     }
                 }
                 let list: Vec<EnvoyConfig> = configs.values().cloned().collect();
-                let a = cached.build(&list, &[], &objs, &node());
+                let a = match (last.take(), endpoints_of) {
+                    (Some(mut a), Some(service)) if rng.below(2) == 0 => {
+                        log.push("(taken as an endpoint change)".into());
+                        let replaced = cached.endpoints_changed(&mut a, &BTreeSet::from([service]), &objs);
+                        assert!(replaced.is_some(), "the cached model takes endpoint changes");
+                        a
+                    }
+                    _ => cached.build(&list, &[], &objs, &node()),
+                };
                 let b = full.build(&list, &[], &objs, &node());
                 assert!(a == b, "seed {seed}, step {step}, after: {log:#?}\ncached: {a:#?}\nfull: {b:#?}");
+                assert!(full.endpoints_changed(&mut b.clone(), &BTreeSet::new(), &objs).is_none());
+                last = Some(a);
             }
         }
     }
