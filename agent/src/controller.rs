@@ -1349,15 +1349,20 @@ mod profile {
         }
         let world = parse(&text);
         let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+        // The same changes built whole every time, for comparison.
+        let mut whole = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+        whole.incremental = false;
         let again = |w: &yaml::Loaded| yaml::Loaded {
             objects: w.objects.clone(),
             configs: w.configs.clone(),
             ..Default::default()
         };
-        c.load(again(&world));
-        c.build();
-        ack_all(&mut c);
-        c.build();
+        for c in [&mut c, &mut whole] {
+            c.load(again(&world));
+            c.build();
+            ack_all(c);
+            c.build();
+        }
         let mut world = world;
         for round in 0..10 {
             // One EndpointSlice (even rounds) or one config (odd) changes.
@@ -1391,6 +1396,11 @@ mod profile {
                 snap.services.len(),
             );
             ack_all(&mut c);
+            whole.load(again(&world));
+            let t_whole = Instant::now();
+            whole.build();
+            println!("  the same built whole: {:?}", t_whole.elapsed());
+            ack_all(&mut whole);
         }
     }
 }

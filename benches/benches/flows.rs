@@ -10,6 +10,10 @@
 //!    follower) at 10,000 flows/s; and a real agent's CPU and memory at
 //!    about 10,000 flows/s of real packets (one `weft observe -f` following),
 //!    against the same agent idle.
+//! 4. What sending a flow costs the flow API: building `flow.Flow` and
+//!    encoding it with prost (baseline, the way it was sent until
+//!    2026-12-02) against writing its bytes straight from the record (the
+//!    way it is sent), on the same records.
 //!
 //! `cargo bench -p weft-benches --bench flows`
 
@@ -29,13 +33,15 @@ use weft_flow::{
     client::{self, Address},
     proto::{
         flow::{FlowFilter, Verdict},
-        observer::{GetFlowsRequest, get_flows_response::ResponseTypes},
+        observer::{GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes},
     },
 };
 use weft_observe::{
     api::{
+        convert,
         filter::{Env, FilterSet},
         server::{self, Listen},
+        wire,
     },
     export::metrics::{Context, FlowMetrics},
     pipeline::{
@@ -145,6 +151,66 @@ fn throughput(lab: &Lab, dp: &Datapath, reader: &mut EventReader) -> serde_json:
     println!("| drain the ring buffer only (baseline) | {:.0} | 1.00 |", d);
     println!("| drain + decode + enrich + join + filter + metrics | {:.0} | {:.2} |", f, f / d);
     serde_json::json!({"drain_per_s": d, "pipeline_per_s": f})
+}
+
+/// Nanoseconds per flow to turn real records into `GetFlowsResponse` bytes:
+/// the typed message encoded by prost, each response copied into a buffer
+/// of its own (the flow API until 2026-12-02), against the bytes written
+/// from the record into one buffer per chunk of 256 (the flow API now).
+/// Both give the same bytes (checked here too).
+fn conversion(lab: &Lab, dp: &Datapath, reader: &mut EventReader) -> serde_json::Value {
+    let pkt = frame(lab, dp);
+    let names = Arc::new(names(lab));
+    dp.test_run_repeat("from_container", &pkt, FILL).unwrap();
+    let mut flows = Vec::new();
+    reader.drain(|ev| flows.push(names.enrich(ev, ev.ts_ns)));
+    let ctx = convert::Context::new(names.clone(), 0x5eed, false);
+    let typed = |seq: usize, f| -> Arc<[u8]> {
+        let flow = convert::to_flow(&ctx, seq as u64, f);
+        let r = GetFlowsResponse {
+            response_types: Some(ResponseTypes::Flow(flow)),
+            node_name: names.node_name.clone(),
+            time: Some(weft_flow::time::timestamp(f.time_ns)),
+        };
+        prost::Message::encode_to_vec(&r).into()
+    };
+    let mut out = Vec::new();
+    for (seq, f) in flows.iter().enumerate().take(1000) {
+        out.clear();
+        wire::write_flow_response(&ctx, seq as u64, f, &mut out);
+        assert_eq!(out[..], typed(seq, f)[..], "flow {seq} is written as prost encodes it");
+    }
+    let (mut before, mut now) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (seq, f) in flows.iter().enumerate() {
+            std::hint::black_box(typed(seq, f));
+        }
+        before.push(t.elapsed().as_nanos() as f64 / flows.len() as f64);
+        let t = Instant::now();
+        for (c, chunk) in flows.chunks(256).enumerate() {
+            let mut buf = Vec::with_capacity(chunk.len() * 512);
+            let mut ends = Vec::with_capacity(chunk.len());
+            for (i, f) in chunk.iter().enumerate() {
+                wire::write_flow_response(&ctx, (c * 256 + i) as u64, f, &mut buf);
+                ends.push(buf.len());
+            }
+            let buf = prost::bytes::Bytes::from(buf);
+            let mut start = 0;
+            for end in ends {
+                std::hint::black_box(buf.slice(start..end));
+                start = end;
+            }
+        }
+        now.push(t.elapsed().as_nanos() as f64 / flows.len() as f64);
+    }
+    let (b, n) = (median(before), median(now));
+    println!("\n## Sending a flow: its GetFlowsResponse bytes ({} real records, median of 5)\n", flows.len());
+    println!("| how | ns per flow | / typed message |");
+    println!("|---|---:|---:|");
+    println!("| flow.Flow built, encoded by prost, own buffer (baseline) | {b:.0} | 1.00 |");
+    println!("| written from the record, one buffer per 256 flows | {n:.0} | {:.2} |", n / b);
+    serde_json::json!({"typed_ns_per_flow": b, "written_ns_per_flow": n})
 }
 
 /// CPU seconds (user + system) of this process's threads, by name.
@@ -321,6 +387,7 @@ fn main() {
     let LabNode { dp, events, .. } = node;
     let mut reader = EventReader::new(events);
     let tp = throughput(&lab, &dp, &mut reader);
+    let sending = conversion(&lab, &dp, &mut reader);
 
     // The whole pipeline at default sizes, serving one follower.
     let (pipeline, feed) = Pipeline::start(PipelineConfig::default(), names(&lab));
@@ -418,7 +485,7 @@ fn main() {
     save(
         "flows",
         serde_json::json!({
-            "throughput": tp, "rates": rates, "zero_loss_max": highest_clean,
+            "throughput": tp, "conversion": sending, "rates": rates, "zero_loss_max": highest_clean,
             "pipeline_cpu_10k_pct": cpu10k, "followers": followers, "agent": agent,
         }),
     );
