@@ -713,13 +713,19 @@ mod tests {
         fs::remove_dir_all(&d).unwrap();
     }
 
+    /// A spool in `d` holding lines with codes 1 and 2, and a reader of it.
+    fn two_lines(d: &Path) -> (SpoolDir, SpoolReader) {
+        let spool = SpoolDir::create(d).unwrap();
+        append(&spool.current(), &line(1));
+        append(&spool.current(), &line(2));
+        let r = SpoolReader::open(spool.clone()).unwrap();
+        (spool, r)
+    }
+
     #[test]
     fn uncommitted_lines_are_read_again_by_the_next_reader() {
         let d = tmp("commit");
-        let spool = SpoolDir::create(&d).unwrap();
-        append(&spool.current(), &line(1));
-        append(&spool.current(), &line(2));
-        let mut r = SpoolReader::open(spool.clone()).unwrap();
+        let (spool, mut r) = two_lines(&d);
         let mut n = 0;
         r.read(1, |_| n += 1).unwrap();
         r.commit().unwrap();
@@ -733,10 +739,7 @@ mod tests {
     #[test]
     fn a_reader_commits_marks_taken_earlier_and_stays_in_a_segment_until_its_end_is_committed() {
         let d = tmp("marks");
-        let spool = SpoolDir::create(&d).unwrap();
-        append(&spool.current(), &line(1));
-        append(&spool.current(), &line(2));
-        let mut r = SpoolReader::open(spool.clone()).unwrap();
+        let (spool, mut r) = two_lines(&d);
         let mut got = Vec::new();
         r.read(1, |e| got.push(e.unwrap().http.code)).unwrap();
         let first = r.handed_out().unwrap();
