@@ -418,7 +418,11 @@ impl Controller {
                 configs.extend(policy::config(&p.http));
                 let named = p.listeners().into_iter().map(|l| qualify(&l.namespace, &l.config, &l.listener, false));
                 model.set_policy_listeners(named.collect());
-                let before = std::mem::replace(built, model.build(configs, parse_errors, objects, &node));
+                let mut fresh = model.build(configs, parse_errors, objects, &node);
+                // Shares what did not change with the last build: publishing
+                // it, Envoy's stream and the ACK counts cost what changed.
+                fresh.xds = fresh.xds.rebased_on(&built.xds);
+                let before = std::mem::replace(built, fresh);
                 acks.rebuilt(&before.xds, &built.xds);
                 *wanted = Wanted::of(built);
                 if first {
