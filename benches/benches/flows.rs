@@ -59,7 +59,7 @@ use weft_observe::{
 };
 use weft_tests::{
     flows::{agent_get, flow_socket, metric_sum},
-    follower::{self, Decode, Tally},
+    follower::{self, Decode, Tally, thread_cpu},
     lab::{Lab, skip_reason},
     node::{LabNode, pod_identities},
     objects::{agent_files, lab_objects, start_agent, wait_ready, workspace_binary, write_atomic},
@@ -218,22 +218,6 @@ fn conversion(lab: &Lab, dp: &Datapath, reader: &mut EventReader) -> serde_json:
     serde_json::json!({"typed_ns_per_flow": b, "written_ns_per_flow": n})
 }
 
-/// CPU seconds (user + system) of this process's threads, by name.
-fn thread_cpu() -> HashMap<String, f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let mut out = HashMap::new();
-    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        let name = head.split_once('(').map(|(_, n)| n.to_owned()).unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz;
-        *out.entry(name).or_default() += cpu;
-    }
-    out
-}
-
 struct RateResult {
     emitted: u64,
     received: u64,
@@ -262,19 +246,9 @@ fn follower_request(i: usize) -> GetFlowsRequest {
     GetFlowsRequest { follow: true, whitelist: vec![filter], ..Default::default() }
 }
 
-/// Records at `rate` for `secs` with one follower (its latencies measured),
-/// decoding as `decode` says.
-fn rate_run(
-    lab: &Lab,
-    dp: &Datapath,
-    pipeline: &Arc<Pipeline>,
-    addr: &Address,
-    rate: u64,
-    secs: u64,
-    decode: Decode,
-) -> RateResult {
-    let one = [(GetFlowsRequest { follow: true, ..Default::default() }, decode)];
-    rate_run_followers(lab, dp, pipeline, addr, rate, secs, &one)
+/// One follower of every flow, decoding as `decode` says.
+fn one_follower(decode: Decode) -> [(GetFlowsRequest, Decode); 1] {
+    [(GetFlowsRequest { follow: true, ..Default::default() }, decode)]
 }
 
 /// Records at `rate` for `secs` while `followers` follow, each with its
@@ -433,7 +407,7 @@ fn main() {
     // bench thread on the same two cores.
     let runs = [10_000u64, 100_000, 200_000, 400_000, 800_000].map(|r| (r, Decode::Count));
     for (rate, decode) in runs.into_iter().chain([(400_000, Decode::Typed)]) {
-        let r = rate_run(&lab, &dp, &pipeline, &addr, rate, 3, decode);
+        let r = rate_run_followers(&lab, &dp, &pipeline, &addr, rate, 3, &one_follower(decode));
         let how = match decode {
             Decode::Count => "kind and time",
             Decode::Typed => "every field",
@@ -462,7 +436,7 @@ fn main() {
         }
     }
     println!("\nHighest rate tried with zero loss (a counting follower): {highest_clean} records/s.");
-    let r = rate_run(&lab, &dp, &pipeline, &addr, 10_000, 10, Decode::Count);
+    let r = rate_run_followers(&lab, &dp, &pipeline, &addr, 10_000, 10, &one_follower(Decode::Count));
     println!(
         "\n## CPU at 10,000 flows/s for {:.0} s: pipeline (reader + flows + flow API serving one follower) used {:.1} % of one core ({} received of {} emitted)\n",
         r.secs,

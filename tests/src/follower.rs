@@ -9,6 +9,7 @@
 //! measured its own client. Counting measures what the agent sends.
 
 use std::{
+    collections::HashMap,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
@@ -120,9 +121,25 @@ pub async fn follow(
     }
 }
 
+/// CPU seconds (user + system) of this process's threads, by name.
+pub fn thread_cpu() -> HashMap<String, f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut out = HashMap::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let name = head.split_once('(').map(|(_, n)| n.to_owned()).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz;
+        *out.entry(name).or_default() += cpu;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, sync::Arc, time::Instant};
+    use std::{sync::Arc, time::Instant};
 
     use prost::Message;
     use weft_ebpf::abi::{self, Event};
@@ -159,22 +176,6 @@ mod tests {
         let c = Counted::decode(lost.encode_to_vec().as_slice()).unwrap();
         assert!(c.flow.is_none());
         assert_eq!(c.lost_events.map(|l| l.num_events_lost), Some(42));
-    }
-
-    /// CPU seconds (user + system) of this process's threads, by name.
-    fn thread_cpu() -> HashMap<String, f64> {
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let mut out = HashMap::new();
-        for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
-            let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-            let name = head.split_once('(').map(|(_, n)| n.to_owned()).unwrap_or_default();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz;
-            *out.entry(name).or_default() += cpu;
-        }
-        out
     }
 
     /// One follower against records fed to a pipeline at a fixed rate, laid
