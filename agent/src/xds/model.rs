@@ -897,7 +897,7 @@ impl Model {
         objects: &Objects,
     ) -> Option<Vec<(Arc<Resource>, Arc<Resource>)>> {
         self.endpoints.as_ref()?;
-        let slices = SliceIndex::of(objects);
+        let slices = SliceIndex::of_services(objects, services);
         let mut replaced = Vec::new();
         for service in services {
             let Some(generated) = self.generated_endpoints.get(service).cloned() else { continue };
