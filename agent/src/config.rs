@@ -269,7 +269,9 @@ pub struct EnvoyOptions {
     pub binary: Option<PathBuf>,
     /// Admin port on 127.0.0.1. Default: 9901.
     pub admin_port: u16,
-    /// Delta xDS instead of state of the world. Default: false.
+    /// Delta xDS (a change costs what changed) instead of state of the
+    /// world (every response of a type carries all of its resources).
+    /// Default: true.
     pub delta: bool,
     /// Envoy worker threads. Default: 2.
     pub concurrency: u32,
@@ -295,7 +297,7 @@ impl Default for EnvoyOptions {
             enabled: true,
             binary: None,
             admin_port: 9901,
-            delta: false,
+            delta: true,
             concurrency: 2,
             spool_limit: 256 << 20,
             access_log_flush_ms: crate::envoy::FILE_FLUSH_MS,

@@ -160,7 +160,7 @@ struct Loaded {
 }
 
 fn load(n: usize, delta: bool) -> Loaded {
-    let run = start(if delta { "envoy: {delta: true}\n" } else { "" });
+    let run = start(if delta { "envoy: {delta: true}\n" } else { "envoy: {delta: false}\n" });
     let (b1, b2) = (run.lab.pod("n1-p2").ip, run.lab.pod("n2-p1").ip);
     let base = lab_objects(&run.lab, &[]);
     let s0 = run.objects.with_file_name("s0.yaml");

@@ -137,9 +137,9 @@ fn header_routes_and_route_edits_take_effect_without_a_restart() {
 }
 
 #[test]
-fn delta_xds_serves_and_updates_too() {
+fn state_of_the_world_xds_serves_and_updates_too() {
     require_root!();
-    header_routes_and_edits("envoy: {delta: true}\n");
+    header_routes_and_edits("envoy: {delta: false}\n");
 }
 
 fn header_routes_and_edits(agent_config: &str) {
@@ -153,7 +153,7 @@ fn header_routes_and_edits(agent_config: &str) {
         agent_config,
     );
     let status = env.acked("EnvoyConfig default/hello");
-    let mode = if agent_config.contains("delta: true") { "delta" } else { "state-of-the-world" };
+    let mode = if agent_config.contains("delta: false") { "state-of-the-world" } else { "delta" };
     assert_eq!(status["control"]["xds-mode"], mode);
     let to = sa(Ipv4Addr::new(10, 96, 0, 20), 5000);
     assert_eq!(env.spread(to, "/", &[("x-version", "v2")], 20).keys().collect::<Vec<_>>(), ["n2-p2"]);

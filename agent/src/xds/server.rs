@@ -214,6 +214,16 @@ impl AggregatedDiscoveryService for Ads {
                             sub.wildcard = wildcard_type(&req.type_url) && req.resource_names_subscribe.is_empty();
                             // After a reconnect Envoy says what it already has.
                             sub.sent = req.initial_resource_versions.clone().into_iter().collect();
+                            // What it has as built needs no response, so no ACK
+                            // would come for it: count it as ACKed (a restarted
+                            // agent adopting a running Envoy learns it this way).
+                            if !sub.sent.is_empty() {
+                                let _ = events.send(AdsEvent::Ack {
+                                    type_url: req.type_url.clone(),
+                                    version: snap.version.to_string(),
+                                    resources: sub.sent.clone(),
+                                });
+                            }
                         }
                         if !req.response_nonce.is_empty()
                             && let Some(in_flight) = sub.in_flight.remove(&req.response_nonce) {
