@@ -56,9 +56,12 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// The fields of one message: (field number, its whole encoding, the
-/// payload of a length-delimited field). None if it is not protobuf.
-fn fields(b: &[u8]) -> Option<Vec<(u64, &[u8], &[u8])>> {
+/// One field of a message: its number, its whole encoding, and the payload
+/// of a length-delimited field.
+type Field<'a> = (u64, &'a [u8], &'a [u8]);
+
+/// The fields of one message; None if it is not protobuf.
+fn fields(b: &[u8]) -> Option<Vec<Field<'_>>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
