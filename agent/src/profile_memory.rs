@@ -10,7 +10,7 @@
 //! (the test allocator's counts, every thread), and the process's RSS and
 //! peak RSS (VmHWM), which also count the allocator's free lists.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use prost::Message;
@@ -50,29 +50,6 @@ fn phase(name: &str, n: usize) {
     );
 }
 
-/// The control-plane bench's objects: Services `s<i>` with an EndpointSlice
-/// each, and EnvoyConfigs `c<i>` for them.
-pub(crate) fn bench_objects(n: usize) -> String {
-    let mut text = String::new();
-    for i in 0..n {
-        let _ = write!(
-            text,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.97.{}.{}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n",
-            i / 250,
-            i % 250 + 1
-        );
-        let _ = write!(
-            text,
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [10.1.1.12]\n---\n"
-        );
-    }
-    for i in 0..n {
-        text.push_str(&envoyconfig::bench_config(i));
-        text.push_str("---\n");
-    }
-    text
-}
-
 #[test]
 #[ignore]
 fn memory_with_many_configs_written_at_once() {
@@ -80,7 +57,7 @@ fn memory_with_many_configs_written_at_once() {
     let dir = std::env::temp_dir().join(format!("weft-profile-memory-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("objects.yaml"), bench_objects(n)).unwrap();
+    std::fs::write(dir.join("objects.yaml"), envoyconfig::bench_objects(0..n)).unwrap();
     println!("{n} configs (with a Service and an EndpointSlice each)\n");
     println!("| phase | heap MiB | heap peak MiB | heap bytes / config | RSS MiB | peak RSS MiB |");
     println!("|---|---:|---:|---:|---:|---:|");
