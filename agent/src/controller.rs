@@ -284,6 +284,12 @@ impl Controller {
             (Some(services), Some(changed)) => services.extend(changed),
             _ => self.endpoints_only = None,
         }
+        if same_documents(&self.loaded, &loaded) {
+            // No config document changed (an endpoint change, say): the
+            // configs and their parse stay as they are.
+            self.loaded = loaded;
+            return;
+        }
         let mut before: Vec<Option<EnvoyConfig>> = std::mem::take(&mut self.configs).into_iter().map(Some).collect();
         let mut kept = std::mem::take(&mut self.parsed);
         self.parse_errors.clear();
@@ -418,7 +424,11 @@ impl Controller {
                 configs.extend(policy::config(&p.http));
                 let named = p.listeners().into_iter().map(|l| qualify(&l.namespace, &l.config, &l.listener, false));
                 model.set_policy_listeners(named.collect());
-                let before = std::mem::replace(built, model.build(configs, parse_errors, objects, &node));
+                let mut fresh = model.build(configs, parse_errors, objects, &node);
+                // Shares what did not change with the last build: publishing
+                // it, Envoy's stream and the ACK counts cost what changed.
+                fresh.xds = fresh.xds.rebased_on(&built.xds);
+                let before = std::mem::replace(built, fresh);
                 acks.rebuilt(&before.xds, &built.xds);
                 *wanted = Wanted::of(built);
                 if first {
@@ -593,6 +603,12 @@ impl Controller {
     }
 }
 
+/// Whether `new` holds the very config documents `old` does (sources hand
+/// over an unchanged document as the same `Arc`).
+fn same_documents(old: &Loaded, new: &Loaded) -> bool {
+    old.configs.len() == new.configs.len() && old.configs.iter().zip(&new.configs).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
 /// The Services whose endpoints alone changed from `old` to `new`: those
 /// of the EndpointSlices and Endpoints objects that were added, removed or
 /// replaced. None if anything else changed (a config document, any object of
@@ -608,9 +624,7 @@ fn endpoint_changes(old: &Loaded, new: &Loaded) -> Option<BTreeSet<ObjKey>> {
         let came = b.iter().filter(|(k, y)| !a.get(*k).is_some_and(|x| Arc::ptr_eq(x, y)));
         gone.chain(came).map(|(k, x)| (k, &x.object)).collect()
     }
-    let same_configs =
-        old.configs.len() == new.configs.len() && old.configs.iter().zip(&new.configs).all(|(a, b)| Arc::ptr_eq(a, b));
-    if !same_configs {
+    if !same_documents(old, new) {
         return None;
     }
     // Every kind is named: one added to `Objects` must be said here too.
