@@ -393,7 +393,7 @@ mod tests {
     fn a_parsed_config_keeps_its_resources_compact() {
         const N: usize = 200;
         let docs: Vec<Value> = (0..N).map(|i| doc(&bench_config(i))).collect();
-        let origin = Origin::File { path: "objects/configs.yaml".into(), doc: 0 };
+        let origin = Origin::File { path: std::path::Path::new("objects/configs.yaml").into(), doc: 0 };
         let (configs, held) = crate::test_alloc::held_after(|| {
             docs.iter().map(|d| parse(origin.clone(), d).unwrap()).collect::<Vec<_>>()
         });
