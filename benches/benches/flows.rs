@@ -6,6 +6,10 @@
 //!    draining plus decode, enrich, connection join, filter and metrics.
 //! 2. Kernel record -> gRPC client latency p50/p99 at fixed rates, with every
 //!    loss counted by source; the highest rate with no loss at default sizes.
+//!    The follower (a thread of this process, on the same cores) counts what
+//!    it gets without parsing each flow (`weft_tests::follower`), so the
+//!    agent's sending is measured; one more row at 400,000/s decodes every
+//!    flow, as a Hubble client does, with the follower's own CPU beside it.
 //! 3. CPU of the pipeline (reader, flows thread, flow API serving one
 //!    follower) at 10,000 flows/s; and a real agent's CPU and memory at
 //!    about 10,000 flows/s of real packets (one `weft observe -f` following),
@@ -22,7 +26,7 @@ use std::{
     net::SocketAddrV4,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -30,7 +34,7 @@ use std::{
 use weft_agent::datapath::{Datapath, EmitLevel};
 use weft_benches::{machine, save};
 use weft_flow::{
-    client::{self, Address},
+    client::Address,
     proto::{
         flow::{FlowFilter, Verdict},
         observer::{GetFlowsRequest, GetFlowsResponse, get_flows_response::ResponseTypes},
@@ -55,6 +59,7 @@ use weft_observe::{
 };
 use weft_tests::{
     flows::{agent_get, flow_socket, metric_sum},
+    follower::{self, Decode, Tally, thread_cpu},
     lab::{Lab, skip_reason},
     node::{LabNode, pod_identities},
     objects::{agent_files, lab_objects, start_agent, wait_ready, workspace_binary, write_atomic},
@@ -213,22 +218,6 @@ fn conversion(lab: &Lab, dp: &Datapath, reader: &mut EventReader) -> serde_json:
     serde_json::json!({"typed_ns_per_flow": b, "written_ns_per_flow": n})
 }
 
-/// CPU seconds (user + system) of this process's threads, by name.
-fn thread_cpu() -> HashMap<String, f64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let mut out = HashMap::new();
-    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        let name = head.split_once('(').map(|(_, n)| n.to_owned()).unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / hz;
-        *out.entry(name).or_default() += cpu;
-    }
-    out
-}
-
 struct RateResult {
     emitted: u64,
     received: u64,
@@ -239,6 +228,8 @@ struct RateResult {
     pipeline_cpu: f64,
     /// (thread, CPU seconds) of the pipeline's threads.
     by_thread: Vec<(&'static str, f64)>,
+    /// CPU seconds of the followers' threads (the bench's, not the agent's).
+    client_cpu: f64,
     secs: f64,
 }
 
@@ -255,13 +246,14 @@ fn follower_request(i: usize) -> GetFlowsRequest {
     GetFlowsRequest { follow: true, whitelist: vec![filter], ..Default::default() }
 }
 
-/// Records at `rate` for `secs` with one follower (its latencies measured).
-fn rate_run(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Address, rate: u64, secs: u64) -> RateResult {
-    rate_run_followers(lab, dp, pipeline, addr, rate, secs, &[GetFlowsRequest { follow: true, ..Default::default() }])
+/// One follower of every flow, decoding as `decode` says.
+fn one_follower(decode: Decode) -> [(GetFlowsRequest, Decode); 1] {
+    [(GetFlowsRequest { follow: true, ..Default::default() }, decode)]
 }
 
-/// Records at `rate` for `secs` while `followers` follow (latencies and
-/// `received` are the first follower's; `received_each` all of them).
+/// Records at `rate` for `secs` while `followers` follow, each with its
+/// request and way of decoding (latencies and `received` are the first
+/// follower's; `received_each` all of them).
 fn rate_run_followers(
     lab: &Lab,
     dp: &Datapath,
@@ -269,7 +261,7 @@ fn rate_run_followers(
     addr: &Address,
     rate: u64,
     secs: u64,
-    followers: &[GetFlowsRequest],
+    followers: &[(GetFlowsRequest, Decode)],
 ) -> RateResult {
     let pkt = frame(lab, dp);
     let lost_before: HashMap<LostSource, u64> =
@@ -278,48 +270,25 @@ fn rate_run_followers(
     // The followers: each its own thread and runtime, threads named "client".
     let done = Arc::new(AtomicBool::new(false));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
-    let counts: Vec<Arc<AtomicU64>> = followers.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let stream_lost = Arc::new(AtomicU64::new(0));
+    let tallies: Vec<Arc<Tally>> = followers.iter().map(|_| Arc::default()).collect();
     let mut clients = Vec::new();
-    for (i, req) in followers.iter().enumerate() {
-        let (received, stream_lost, done, latencies, addr, req) =
-            (counts[i].clone(), stream_lost.clone(), done.clone(), latencies.clone(), addr.clone(), req.clone());
+    for (i, (req, decode)) in followers.iter().enumerate() {
+        let (tally, done, latencies, addr, req, decode) =
+            (tallies[i].clone(), done.clone(), latencies.clone(), addr.clone(), req.clone(), *decode);
         let client = std::thread::Builder::new()
             .name("client".into())
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                rt.block_on(async move {
-                    let mut c = client::observer(&addr).await.unwrap();
-                    let mut s = c.get_flows(req).await.unwrap().into_inner();
-                    let mut lat = Vec::new();
-                    loop {
-                        let m = tokio::time::timeout(Duration::from_millis(500), s.message()).await;
-                        let Ok(Ok(Some(r))) = m else {
-                            if done.load(Ordering::Relaxed) {
-                                break;
-                            }
-                            continue;
-                        };
-                        let now = weft_flow::time::now_ns();
-                        match r.response_types {
-                            Some(ResponseTypes::Flow(f)) => {
-                                if i == 0 {
-                                    let t = f.time.unwrap();
-                                    let ts = t.seconds as u64 * 1_000_000_000 + t.nanos as u64;
-                                    lat.push(now.saturating_sub(ts));
-                                }
-                                received.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Some(ResponseTypes::LostEvents(l)) => {
-                                stream_lost.fetch_add(l.num_events_lost, Ordering::Relaxed);
-                            }
-                            _ => {}
-                        }
-                    }
+                let mut lat = Vec::new();
+                rt.block_on(follower::follow(&addr, req, decode, &tally, &done, |ts| {
                     if i == 0 {
-                        *latencies.lock().unwrap() = lat;
+                        lat.push(weft_flow::time::now_ns().saturating_sub(ts));
                     }
-                });
+                }))
+                .unwrap();
+                if i == 0 {
+                    *latencies.lock().unwrap() = lat;
+                }
             })
             .unwrap();
         clients.push(client);
@@ -357,19 +326,20 @@ fn rate_run_followers(
         .map(|n| (*n, cpu1.get(*n).copied().unwrap_or(0.0) - cpu0.get(*n).copied().unwrap_or(0.0)))
         .collect();
     let pipeline_cpu = by_thread.iter().map(|(_, c)| c).sum();
+    let client_cpu = cpu1.get("client").copied().unwrap_or(0.0) - cpu0.get("client").copied().unwrap_or(0.0);
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort_unstable();
     let pct = |p: f64| Duration::from_nanos(lat.get(((lat.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0));
-    let _ = stream_lost;
     RateResult {
         emitted,
-        received: counts.first().map_or(0, |c| c.load(Ordering::Relaxed)),
-        received_each: counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+        received: tallies.first().map_or(0, |t| t.flows.load(Ordering::Relaxed)),
+        received_each: tallies.iter().map(|t| t.flows.load(Ordering::Relaxed)).collect(),
         lost,
         p50: pct(0.5),
         p99: pct(0.99),
         pipeline_cpu,
         by_thread,
+        client_cpu,
         secs: secs_run,
     }
 }
@@ -427,37 +397,46 @@ fn main() {
         "\n## Kernel record -> gRPC client (one follower), default sizes (ring 8 MiB, queue 16,384, store 4,095)\n"
     );
     println!(
-        "| rate (records/s) | seconds | emitted | received | lost (kernel / queue / store) | p50 latency | p99 latency | pipeline CPU |"
+        "| rate (records/s) | follower decodes | seconds | emitted | received | lost (kernel / queue / store) | p50 latency | p99 latency | pipeline CPU | follower CPU |"
     );
-    println!("|---:|---:|---:|---:|---|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---|---:|---:|---:|---:|");
     let mut highest_clean = 0;
     let mut rates = Vec::new();
-    for rate in [10_000u64, 100_000, 200_000, 400_000, 800_000] {
-        let r = rate_run(&lab, &dp, &pipeline, &addr, rate, 3);
+    // The follower counts (what the agent sends is measured); the last row
+    // decodes every flow into `flow.Flow`, as a Hubble client does, in one
+    // bench thread on the same two cores.
+    let runs = [10_000u64, 100_000, 200_000, 400_000, 800_000].map(|r| (r, Decode::Count));
+    for (rate, decode) in runs.into_iter().chain([(400_000, Decode::Typed)]) {
+        let r = rate_run_followers(&lab, &dp, &pipeline, &addr, rate, 3, &one_follower(decode));
+        let how = match decode {
+            Decode::Count => "kind and time",
+            Decode::Typed => "every field",
+        };
         rates.push(serde_json::json!({
-            "rate": rate, "emitted": r.emitted, "received": r.received,
+            "rate": rate, "decode": how, "emitted": r.emitted, "received": r.received,
             "lost_kernel": r.lost[&LostSource::KernelRing], "lost_queue": r.lost[&LostSource::AgentQueue],
             "lost_store": r.lost[&LostSource::FlowStore],
             "p50_ms": r.p50.as_secs_f64() * 1e3, "p99_ms": r.p99.as_secs_f64() * 1e3,
-            "pipeline_cpu_pct": r.pipeline_cpu / r.secs * 100.0,
+            "pipeline_cpu_pct": r.pipeline_cpu / r.secs * 100.0, "follower_cpu_pct": r.client_cpu / r.secs * 100.0,
         }));
         let (k, q, s) =
             (r.lost[&LostSource::KernelRing], r.lost[&LostSource::AgentQueue], r.lost[&LostSource::FlowStore]);
         println!(
-            "| {rate} | {:.1} | {} | {} | {k} / {q} / {s} | {:.2} ms | {:.2} ms | {:.0} % of a core |",
+            "| {rate} | {how} | {:.1} | {} | {} | {k} / {q} / {s} | {:.2} ms | {:.2} ms | {:.0} % of a core | {:.0} % of a core |",
             r.secs,
             r.emitted,
             r.received,
             r.p50.as_secs_f64() * 1e3,
             r.p99.as_secs_f64() * 1e3,
-            r.pipeline_cpu / r.secs * 100.0
+            r.pipeline_cpu / r.secs * 100.0,
+            r.client_cpu / r.secs * 100.0
         );
-        if k + q + s == 0 && r.received == r.emitted {
+        if decode == Decode::Count && k + q + s == 0 && r.received == r.emitted {
             highest_clean = rate;
         }
     }
-    println!("\nHighest rate tried with zero loss: {highest_clean} records/s.");
-    let r = rate_run(&lab, &dp, &pipeline, &addr, 10_000, 10);
+    println!("\nHighest rate tried with zero loss (a counting follower): {highest_clean} records/s.");
+    let r = rate_run_followers(&lab, &dp, &pipeline, &addr, 10_000, 10, &one_follower(Decode::Count));
     println!(
         "\n## CPU at 10,000 flows/s for {:.0} s: pipeline (reader + flows + flow API serving one follower) used {:.1} % of one core ({} received of {} emitted)\n",
         r.secs,
@@ -503,7 +482,7 @@ fn followers_cost(lab: &Lab, dp: &Datapath, pipeline: &Arc<Pipeline>, addr: &Add
     let mut rows = Vec::new();
     let mut none = 0.0;
     for n in [0usize, 1, 4] {
-        let reqs: Vec<GetFlowsRequest> = (0..n).map(follower_request).collect();
+        let reqs: Vec<(GetFlowsRequest, Decode)> = (0..n).map(|i| (follower_request(i), Decode::Count)).collect();
         let r = rate_run_followers(lab, dp, pipeline, addr, 10_000, 10, &reqs);
         let pct = r.pipeline_cpu / r.secs * 100.0;
         let server = r.by_thread.iter().find(|(t, _)| *t == "server").map_or(0.0, |(_, c)| c / r.secs * 100.0);

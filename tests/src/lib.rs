@@ -7,6 +7,7 @@ pub mod dashboards;
 pub mod demo;
 pub mod envoylab;
 pub mod flows;
+pub mod follower;
 pub mod fuzz;
 pub mod h2;
 pub mod hostile;
