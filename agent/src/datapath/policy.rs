@@ -407,8 +407,18 @@ mod tests {
         ]
     }
 
-    fn subset(pool: &[PolicyEntry], mask: usize) -> Vec<PolicyEntry> {
-        pool.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, e)| *e).collect()
+    /// Changes between two policies made of the pool's entries: every old
+    /// policy, each against the new ones whose number `b` has
+    /// `b * step + a` a multiple of `spread` (all 65,536 pairs take a minute in debug).
+    fn changes(step: usize, spread: usize) -> Vec<(Vec<PolicyEntry>, Vec<PolicyEntry>)> {
+        let pool = pool();
+        let subset =
+            |mask: usize| pool.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, e)| *e).collect();
+        let n = 1 << pool.len();
+        (0..n)
+            .flat_map(|a| (0..n).filter(move |b| (b * step + a).is_multiple_of(spread)).map(move |b| (a, b)))
+            .map(|(a, b)| (subset(a), subset(b)))
+            .collect()
     }
 
     /// Goes from policy `old` to `new` in a map with room for `room`
@@ -442,16 +452,10 @@ mod tests {
     /// datapath could read is checked.
     #[test]
     fn no_state_between_two_policies_allows_what_both_refuse() {
-        let pool = pool();
-        let n = 1 << pool.len();
-        for a in 0..n {
-            // Every old policy against a spread of new ones (all 65,536 pairs take a minute in debug).
-            for b in (0..n).filter(|b| (b * 7 + a) % 29 == 0) {
-                let (old, new) = (subset(&pool, a), subset(&pool, b));
-                let (result, last) = replace_checked(&old, &new, None);
-                result.unwrap();
-                assert_eq!(last, Model::holding(&slots(EP, &new), 0).entries, "{old:?} -> {new:?}");
-            }
+        for (old, new) in changes(7, 29) {
+            let (result, last) = replace_checked(&old, &new, None);
+            result.unwrap();
+            assert_eq!(last, Model::holding(&slots(EP, &new), 0).entries, "{old:?} -> {new:?}");
         }
     }
 
@@ -461,26 +465,21 @@ mod tests {
     /// ends holding it (the stale entries make the room).
     #[test]
     fn a_full_map_refuses_more_in_between_never_less() {
-        let pool = pool();
-        let n = 1 << pool.len();
-        for a in 0..n {
-            for b in (0..n).filter(|b| (b * 3 + a) % 37 == 0) {
-                let (old, new) = (subset(&pool, a), subset(&pool, b));
-                let wanted = Model::holding(&slots(EP, &new), 0).entries;
-                let (result, last) = replace_checked(&old, &new, Some(wanted.len()));
-                result.unwrap_or_else(|e| panic!("{old:?} -> {new:?}: {e}"));
-                assert_eq!(last, wanted, "{old:?} -> {new:?}");
-                if wanted.len() > 1 {
-                    // One entry short (enough when the map holds the new
-                    // entries already): all in, or refusing more than the new policy.
-                    let (result, last) = replace_checked(&old, &new, Some(wanted.len() - 1));
-                    match result {
-                        Ok(()) => assert_eq!(last, wanted, "{old:?} -> {new:?}"),
-                        Err(DatapathError::MapFull { .. }) => {
-                            assert!(allowed(&last).is_subset(&allowed(&wanted)), "{old:?} -> {new:?} left {last:?}")
-                        }
-                        Err(e) => panic!("{old:?} -> {new:?}: {e}"),
+        for (old, new) in changes(3, 37) {
+            let wanted = Model::holding(&slots(EP, &new), 0).entries;
+            let (result, last) = replace_checked(&old, &new, Some(wanted.len()));
+            result.unwrap_or_else(|e| panic!("{old:?} -> {new:?}: {e}"));
+            assert_eq!(last, wanted, "{old:?} -> {new:?}");
+            if wanted.len() > 1 {
+                // One entry short (enough when the map holds the new
+                // entries already): all in, or refusing more than the new policy.
+                let (result, last) = replace_checked(&old, &new, Some(wanted.len() - 1));
+                match result {
+                    Ok(()) => assert_eq!(last, wanted, "{old:?} -> {new:?}"),
+                    Err(DatapathError::MapFull { .. }) => {
+                        assert!(allowed(&last).is_subset(&allowed(&wanted)), "{old:?} -> {new:?} left {last:?}")
                     }
+                    Err(e) => panic!("{old:?} -> {new:?}: {e}"),
                 }
             }
         }
