@@ -74,7 +74,9 @@ pub struct Snapshot {
     pub node_name: String,
     /// This node's address (configured, or from its Node object).
     pub node_ip: Option<Ipv4Addr>,
-    pub services: Vec<ServiceState>,
+    /// Shared: a snapshot patched after an endpoint change shares every
+    /// other Service's entries with the one it was made from.
+    pub services: Vec<Arc<ServiceState>>,
     pub pods: Vec<PodState>,
     pub nodes: Vec<NodeState>,
     /// Identity -> its label set.
@@ -301,6 +303,7 @@ impl Snapshot {
             .services
             .iter()
             .filter_map(|(key, s)| service_state(key, &s.object, objects, &slices, node_ip, redirects, &mut problems))
+            .map(Arc::new)
             .collect();
 
         Snapshot {
@@ -324,7 +327,7 @@ impl Snapshot {
     /// is kept. Equals what [`Snapshot::derive_with`] gives from `objects`.
     pub fn with_endpoints_of(&self, services: &BTreeSet<ObjKey>, objects: &Objects, redirects: &Redirects) -> Snapshot {
         let mut next = self.clone();
-        let slices = SliceIndex::of(objects);
+        let slices = SliceIndex::of_services(objects, services);
         for key in services {
             let Ok(i) = next.services.binary_search_by(|s| s.key.cmp(key)) else { continue };
             let Some(svc) = objects.services.get(key) else { continue };
@@ -334,7 +337,7 @@ impl Snapshot {
             if let Some(state) =
                 service_state(key, &svc.object, objects, &slices, next.node_ip, redirects, &mut unchanged_problems)
             {
-                next.services[i] = state;
+                next.services[i] = Arc::new(state);
             }
         }
         next
@@ -353,16 +356,25 @@ pub struct SliceIndex<'a>(HashMap<(&'a str, &'a str), Vec<&'a Arc<Sourced<Endpoi
 
 impl<'a> SliceIndex<'a> {
     pub fn of(objects: &'a Objects) -> Self {
+        Self::filtered(objects, |_| true)
+    }
+
+    /// The index of these Services' slices alone (what a change of their
+    /// endpoints reads): one pass over the slices, nothing kept of others.
+    pub fn of_services(objects: &'a Objects, services: &BTreeSet<ObjKey>) -> Self {
+        Self::filtered(objects, |(ns, name)| services.iter().any(|k| k.namespace == ns && k.name == name))
+    }
+
+    fn filtered(objects: &'a Objects, keep: impl Fn((&str, &str)) -> bool) -> Self {
         let mut m: HashMap<(&str, &str), Vec<&Arc<Sourced<EndpointSlice>>>> = HashMap::new();
         for sourced in objects.endpoint_slices.values() {
             let s = &sourced.object;
             let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) else {
                 continue;
             };
-            if s.address_type == "IPv4" {
-                m.entry((s.metadata.namespace.as_deref().unwrap_or("default"), svc.as_str()))
-                    .or_default()
-                    .push(sourced);
+            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+            if s.address_type == "IPv4" && keep((ns, svc.as_str())) {
+                m.entry((ns, svc.as_str())).or_default().push(sourced);
             }
         }
         Self(m)

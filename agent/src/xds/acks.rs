@@ -15,9 +15,11 @@ use std::{
     sync::Arc,
 };
 
+use imbl::ordmap::DiffItem;
+
 use super::{
     envoyconfig::ConfigKey,
-    model::{Resource, XdsSnapshot},
+    model::{Resource, Resources, XdsSnapshot},
 };
 
 /// See the module doc.
@@ -68,7 +70,7 @@ impl Acks {
     /// longer has is gone from Envoy (it is told so): added again, it must be
     /// ACKed again, so its ACK is forgotten.
     pub fn rebuilt(&mut self, old: &XdsSnapshot, new: &XdsSnapshot) {
-        let empty = BTreeMap::new();
+        let empty = Resources::new();
         let types: Vec<&String> = {
             let mut t: Vec<&String> = old.types.keys().chain(new.types.keys()).collect();
             t.sort();
@@ -76,30 +78,17 @@ impl Acks {
             t
         };
         for t in types {
-            let (mut before, mut after) =
-                (old.types.get(t).unwrap_or(&empty).iter(), new.types.get(t).unwrap_or(&empty).iter());
-            let (mut b, mut a) = (before.next(), after.next());
-            loop {
-                match (b, a) {
-                    (None, None) => break,
-                    (Some((bn, br)), Some((an, ar))) if bn == an => {
+            let (before, after) = (old.types.get(t).unwrap_or(&empty), new.types.get(t).unwrap_or(&empty));
+            // Skips what the two builds share (see `Resources`).
+            for d in before.diff(after) {
+                match d {
+                    DiffItem::Update { old: (_, br), new: (_, ar) } => {
                         if !Arc::ptr_eq(br, ar) {
                             self.replaced(t, br, ar);
                         }
-                        (b, a) = (before.next(), after.next());
                     }
-                    (Some((bn, br)), Some((an, _))) if bn < an => {
-                        self.gone(t, br);
-                        b = before.next();
-                    }
-                    (Some((_, br)), None) => {
-                        self.gone(t, br);
-                        b = before.next();
-                    }
-                    (_, Some((_, ar))) => {
-                        self.joins(t, ar);
-                        a = after.next();
-                    }
+                    DiffItem::Remove(_, br) => self.gone(t, br),
+                    DiffItem::Add(_, ar) => self.joins(t, ar),
                 }
             }
         }
