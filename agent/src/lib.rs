@@ -13,6 +13,8 @@ pub mod limits;
 pub mod netns;
 pub mod operator;
 pub mod pidfd;
+#[cfg(test)]
+mod profile_memory;
 pub mod reconcile;
 pub mod requirements;
 pub mod run;

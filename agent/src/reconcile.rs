@@ -310,6 +310,12 @@ impl Reconciler {
                 Ok(i) => i,
                 Err(e) => {
                     out.problems.push(format!("pod {}: attaching {dev}: {e}", p.key));
+                    // A pod attached before keeps its endpoint and programs
+                    // (this pass did not change them): taking them out
+                    // would let its traffic through unjudged.
+                    if let Some(old) = self.endpoints.get(&p.ip) {
+                        want.insert(p.ip, *old);
+                    }
                     continue;
                 }
             };

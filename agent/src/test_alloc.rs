@@ -6,6 +6,7 @@
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     cell::Cell,
+    sync::atomic::{AtomicIsize, Ordering},
 };
 
 struct Counting;
@@ -15,9 +16,17 @@ thread_local! {
     static LIVE: Cell<isize> = const { Cell::new(0) };
 }
 
+/// Bytes the whole process holds, and the most it held since [`reset_peak`].
+static PROCESS_LIVE: AtomicIsize = AtomicIsize::new(0);
+static PROCESS_PEAK: AtomicIsize = AtomicIsize::new(0);
+
 fn count(delta: isize) {
     // try_with: the allocator also runs while the thread's locals are torn down.
     let _ = LIVE.try_with(|l| l.set(l.get().wrapping_add(delta)));
+    let now = PROCESS_LIVE.fetch_add(delta, Ordering::Relaxed).wrapping_add(delta);
+    if delta > 0 {
+        PROCESS_PEAK.fetch_max(now, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: every call is passed on to the system allocator unchanged; the
@@ -58,4 +67,15 @@ pub fn held_after<R>(f: impl FnOnce() -> R) -> (R, isize) {
     let before = LIVE.with(Cell::get);
     let r = f();
     (r, LIVE.with(Cell::get) - before)
+}
+
+/// The bytes every thread of the process holds now.
+pub fn process_live() -> isize {
+    PROCESS_LIVE.load(Ordering::Relaxed)
+}
+
+/// The most bytes the process held at once since the last call (or since
+/// it started), and starts counting again from what it holds now.
+pub fn take_peak() -> isize {
+    PROCESS_PEAK.swap(process_live(), Ordering::Relaxed)
 }

@@ -278,6 +278,37 @@ fn a_full_policy_map_keeps_the_denies() {
     assert_eq!(held(), vec![]);
 }
 
+/// A host policy stays in force across a restart of the agent: the entries
+/// of the node (endpoint 0) stay pinned in `weft_policy`, and a datapath
+/// opened again keeps the directions the pinned `weft_config` enforces
+/// until the reconciler says otherwise. Before, opening wrote the config
+/// afresh, and the node took anything from the restart until the first
+/// snapshot was applied (pods kept theirs: their endpoints keep their flags).
+#[test]
+fn a_reopened_datapath_keeps_the_host_policy_in_force() {
+    require_root!();
+    let lab = Lab::new().unwrap();
+    let config = || {
+        let pin = lab.node(0).bpffs_dir.join("maps/weft_config");
+        let data = aya::maps::MapData::from_pin(&pin).unwrap();
+        let array: aya::maps::Array<_, weft_ebpf::abi::Config> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        array.get(&0, 0).unwrap().host_policy
+    };
+    let mut node = weft_tests::node::LabNode::open(&lab, 0, |_| {}).unwrap();
+    assert_eq!(node.dp.config().host_policy, (false, false));
+    node.dp.reconfigure(|c| c.host_policy = (true, false)).unwrap();
+    drop(node);
+    let mut node = weft_tests::node::LabNode::open(&lab, 0, |_| {}).unwrap();
+    assert_eq!(node.dp.config().host_policy, (true, false), "kept by the new run");
+    assert_eq!(u32::from(config()), weft_ebpf::abi::EP_POLICY_INGRESS, "and in the map the programs read");
+    // The reconciler lifts it when no host policy selects the node any more.
+    node.dp.reconfigure(|c| c.host_policy = (false, false)).unwrap();
+    drop(node);
+    let node = weft_tests::node::LabNode::open(&lab, 0, |_| {}).unwrap();
+    assert_eq!((node.dp.config().host_policy, config()), ((false, false), 0));
+}
+
 /// Issue 18: the reconciler hands a frontend to its proxy port only once
 /// the datapath holds a listening socket for that port; until then the
 /// frontend keeps what the map holds for it (here: new, so its backends).

@@ -185,6 +185,14 @@ impl DatapathConfig {
         }
     }
 
+    /// Adds the host-policy directions `pinned` (what an earlier run wrote)
+    /// enforces to this config's.
+    pub(crate) fn keep_host_policy(&mut self, pinned: &abi::Config) {
+        let bits = u32::from(pinned.host_policy);
+        self.host_policy.0 |= bits & abi::EP_POLICY_INGRESS != 0;
+        self.host_policy.1 |= bits & abi::EP_POLICY_EGRESS != 0;
+    }
+
     pub(crate) fn raw(&self, netns_cookie: u64) -> abi::Config {
         let (native_cidr, native_cidr_len) =
             self.native_cidr.map(|(a, l)| (u32::from_ne_bytes(a.octets()), l)).unwrap_or((0, 0));

@@ -132,8 +132,8 @@ pub(crate) struct Shadow {
     backends: StdHashMap<(u32, u16, u8), (u32, u32)>,
     next_backend_id: u32,
     endpoints: BTreeMap<u32, abi::Endpoint>,
-    /// Trie keys written for each endpoint: (prefix length, data).
-    policy: StdHashMap<u16, Vec<(u32, abi::PolicyMatch)>>,
+    /// Trie entries written for each endpoint.
+    policy: StdHashMap<u16, super::policy::Held>,
 }
 
 impl Shadow {
@@ -175,9 +175,9 @@ impl Shadow {
             let (addr, ep) = item.map_err(|e| DatapathError::Map { map: "weft_endpoints", source: Box::new(e) })?;
             s.endpoints.insert(addr, ep);
         }
-        for item in maps.policy.keys() {
-            let k = item.map_err(|e| DatapathError::Map { map: "weft_policy", source: Box::new(e) })?;
-            s.policy.entry(k.data().ep_id).or_default().push((k.prefix_len(), k.data()));
+        for item in maps.policy.iter() {
+            let (k, v) = item.map_err(|e| DatapathError::Map { map: "weft_policy", source: Box::new(e) })?;
+            s.policy.entry(k.data().ep_id).or_default().insert((k.prefix_len(), k.data()), v);
         }
         Ok(s)
     }
@@ -503,67 +503,23 @@ impl Datapath {
             .collect()
     }
 
-    /// Replaces the policy entries (both directions) of a local endpoint.
-    /// New entries are written before stale ones are removed, so no
-    /// connection sees a gap. If `weft_policy` fills up, the stale entries
-    /// are removed to make room and what still does not fit is left out
-    /// (the error says the map is full; what was written stays, and is
-    /// known). Denies are written first, so what is left out is allows
-    /// before denies: an enforcing endpoint then refuses more than its
-    /// policy says rather than less, until room frees up.
+    /// Replaces the policy entries (both directions) of a local endpoint,
+    /// in an order that never lets through, between two writes, what both
+    /// the old and the new entries refuse (see [`super::policy::replace`]).
+    /// If `weft_policy` fills up, what does not fit is left out, allows
+    /// before denies (an enforcing endpoint then refuses more than its
+    /// policy says rather than less, until room frees up), and the error
+    /// says the map is full; what was written stays, and is known.
     pub fn set_policy(&mut self, ep_id: u16, entries: &[PolicyEntry]) -> Result<()> {
-        let mut slots = super::policy::slots(ep_id, entries);
-        slots.sort_by_key(|(_, _, v)| v.action != abi::POLICY_DENY as u8);
-        let now: BTreeSet<(u32, abi::PolicyMatch)> = slots.iter().map(|(l, k, _)| (*l, *k)).collect();
-        // What the map holds for this endpoint, kept true as we go.
-        let mut held: BTreeSet<(u32, abi::PolicyMatch)> =
-            self.state.policy.remove(&ep_id).unwrap_or_default().into_iter().collect();
-        let result = self.write_policy(&slots, &now, &mut held);
+        let slots = super::policy::slots(ep_id, entries);
+        let mut held = self.state.policy.remove(&ep_id).unwrap_or_default();
+        let max_entries = self.size("policy");
+        let result =
+            super::policy::replace(&mut PolicyMap { map: &mut self.maps.policy, max_entries }, &mut held, &slots);
         if !held.is_empty() {
-            self.state.policy.insert(ep_id, held.into_iter().collect());
+            self.state.policy.insert(ep_id, held);
         }
         result
-    }
-
-    fn write_policy(
-        &mut self,
-        slots: &[super::policy::PolicySlot],
-        now: &BTreeSet<(u32, abi::PolicyMatch)>,
-        held: &mut BTreeSet<(u32, abi::PolicyMatch)>,
-    ) -> Result<()> {
-        let mut pending = Vec::new();
-        for slot in slots {
-            match self.insert_policy(slot) {
-                Ok(()) => {
-                    held.insert((slot.0, slot.1));
-                }
-                Err(DatapathError::MapFull { .. }) => pending.push(slot),
-                Err(e) => return Err(e),
-            }
-        }
-        let stale: Vec<_> = held.iter().filter(|k| !now.contains(k)).copied().collect();
-        for (len, key) in stale {
-            if let Err(e) = self.maps.policy.remove(&Key::new(len, key)) {
-                remove_err("weft_policy", e)?;
-            }
-            held.remove(&(len, key));
-        }
-        // The stale entries are out: try again what did not fit.
-        let mut result = Ok(());
-        for slot in pending {
-            match self.insert_policy(slot) {
-                Ok(()) => {
-                    held.insert((slot.0, slot.1));
-                }
-                Err(e) => result = Err(e),
-            }
-        }
-        result
-    }
-
-    fn insert_policy(&mut self, (len, key, val): &super::policy::PolicySlot) -> Result<()> {
-        let max = self.size("policy");
-        self.maps.policy.insert(&Key::new(*len, *key), *val, 0).map_err(|e| insert_err("weft_policy", "policy", max, e))
     }
 
     /// Hands the proxy's listening socket for `port` to the sk_lookup program.
@@ -599,5 +555,26 @@ impl Datapath {
             ("weft_ct", count(self.maps.ct.keys().count()), self.size("conntrack")),
             ("weft_lb", count(self.maps.lb.keys().count()), self.size("lb")),
         ]
+    }
+}
+
+/// `weft_policy` as [`super::policy::replace`] writes it.
+struct PolicyMap<'a> {
+    map: &'a mut LpmTrie<MapData, abi::PolicyMatch, abi::PolicyVal>,
+    max_entries: u32,
+}
+
+impl super::policy::PolicyStore for PolicyMap<'_> {
+    fn write(&mut self, (len, key, val): &super::policy::PolicySlot) -> Result<()> {
+        self.map
+            .insert(&Key::new(*len, *key), *val, 0)
+            .map_err(|e| insert_err("weft_policy", "policy", self.max_entries, e))
+    }
+
+    fn remove(&mut self, len: u32, key: &abi::PolicyMatch) -> Result<()> {
+        match self.map.remove(&Key::new(len, *key)) {
+            Ok(()) => Ok(()),
+            Err(e) => remove_err("weft_policy", e),
+        }
     }
 }

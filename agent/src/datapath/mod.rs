@@ -79,6 +79,14 @@ impl Datapath {
         let netns_cookie =
             netns::current_cookie().map_err(|e| DatapathError::io("reading the network namespace cookie", e))?;
         let state = maps::Shadow::recover(&maps)?;
+        let mut cfg = cfg;
+        // A host policy an earlier run applied stays in force (its entries
+        // are still in weft_policy) until the reconciler says otherwise: a
+        // restart must not open the node to what the policy refuses, as it
+        // does not open the pods (their endpoints keep their flags).
+        let pinned =
+            maps.config.get(&0, 0).map_err(|e| DatapathError::Map { map: "weft_config", source: Box::new(e) })?;
+        cfg.keep_host_policy(&pinned);
         let mut dp = Datapath { cfg, objects, maps, netns_cookie, state, proxy: proxy::Handoff::default() };
         dp.write_config()?;
         dp.attach_sk_lookup()?;

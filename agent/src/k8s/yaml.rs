@@ -133,8 +133,9 @@ pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
         b.max_reader_input_bytes = None; // the file's size was checked when it was read
     }
     let mut docs = serde_saphyr::read_with_options::<_, Value>(&mut reader, options).enumerate().peekable();
+    let path: Arc<Path> = Arc::from(path);
     while let Some((doc, v)) = docs.next() {
-        let origin = Origin::File { path: path.to_owned(), doc };
+        let origin = Origin::File { path: path.clone(), doc };
         let v = match v {
             Ok(v) => v,
             Err(e) => {
@@ -175,7 +176,7 @@ pub fn load_file(path: &Path, into: &mut Loaded) {
     match limits::read_text(path, limits::MAX_FILE_BYTES) {
         Ok(text) => load_text(path, &text, into),
         Err(e) => into.problems.push(ParseProblem::new(
-            Origin::File { path: path.to_owned(), doc: 0 },
+            Origin::File { path: Arc::from(path), doc: 0 },
             None,
             DocError::Unreadable(e.to_string()),
         )),
@@ -368,11 +369,14 @@ metadata: {name: web}
         load_text(Path::new("objs/web.yaml"), text, &mut l);
         assert_eq!(l.objects.services.len(), 1);
         let svc = &l.objects.services[&crate::k8s::ObjKey::new("shop", "web")];
-        assert_eq!(svc.origin, Origin::File { path: "objs/web.yaml".into(), doc: 0 });
+        assert_eq!(svc.origin, Origin::File { path: Path::new("objs/web.yaml").into(), doc: 0 });
         assert_eq!(l.problems.len(), 1);
         let p = l.problems[0].to_string();
         assert!(p.starts_with("objs/web.yaml (document 2): Service broken:"), "{p}");
-        assert_eq!(l.ignored, vec![(Origin::File { path: "objs/web.yaml".into(), doc: 2 }, "Deployment".into())]);
+        assert_eq!(
+            l.ignored,
+            vec![(Origin::File { path: Path::new("objs/web.yaml").into(), doc: 2 }, "Deployment".into())]
+        );
     }
 
     #[test]

@@ -275,6 +275,34 @@ pub fn parse(origin: Origin, doc: &Value) -> Result<EnvoyConfig, ConfigError> {
     })
 }
 
+/// Service `s<i>` as the control-plane bench writes it (port 80 to 8080).
+#[cfg(test)]
+pub(crate) fn bench_service(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: 10.97.{}.{}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n",
+        i / 250,
+        i % 250 + 1
+    )
+}
+
+/// The control-plane bench's objects for `range`: each Service with an
+/// EndpointSlice holding one endpoint, then each EnvoyConfig.
+#[cfg(test)]
+pub(crate) fn bench_objects(range: std::ops::Range<usize>) -> String {
+    let mut text = String::new();
+    for i in range.clone() {
+        text.push_str(&bench_service(i));
+        text.push_str(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [10.1.1.12]\n---\n"
+        ));
+    }
+    for i in range {
+        text.push_str(&bench_config(i));
+        text.push_str("---\n");
+    }
+    text
+}
+
 /// EnvoyConfig `c<i>` as the control-plane bench writes it: a listener, a
 /// route configuration and an EDS cluster for Service `s<i>` (tests count
 /// what the agent keeps of such configs).
@@ -365,7 +393,7 @@ mod tests {
     fn a_parsed_config_keeps_its_resources_compact() {
         const N: usize = 200;
         let docs: Vec<Value> = (0..N).map(|i| doc(&bench_config(i))).collect();
-        let origin = Origin::File { path: "objects/configs.yaml".into(), doc: 0 };
+        let origin = Origin::File { path: std::path::Path::new("objects/configs.yaml").into(), doc: 0 };
         let (configs, held) = crate::test_alloc::held_after(|| {
             docs.iter().map(|d| parse(origin.clone(), d).unwrap()).collect::<Vec<_>>()
         });
