@@ -199,20 +199,52 @@ fn check_pinned_maps(cfg: &DatapathConfig, maps_dir: &Path) -> Result<()> {
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, program) in ebpf.programs_mut() {
-        let res = match program {
-            Program::SchedClassifier(p) => SchedClassifier::load(p),
-            Program::SkLookup(p) => SkLookup::load(p),
-            Program::CgroupSockAddr(p) => CgroupSockAddr::load(p),
-            other => {
-                return Err(DatapathError::Invalid(format!(
-                    "program {name} has unexpected type {:?}",
-                    other.prog_type()
-                )));
-            }
-        };
+        let res = retry_interrupted(
+            || match &mut *program {
+                Program::SchedClassifier(p) => Ok(SchedClassifier::load(p)),
+                Program::SkLookup(p) => Ok(SkLookup::load(p)),
+                Program::CgroupSockAddr(p) => Ok(CgroupSockAddr::load(p)),
+                other => {
+                    Err(DatapathError::Invalid(format!("program {name} has unexpected type {:?}", other.prog_type())))
+                }
+            },
+            load_errno,
+        )?;
         res.map_err(|e| DatapathError::program(name, e))?;
     }
     Ok(())
+}
+
+/// How many times a program load is tried when the kernel says EAGAIN.
+const LOAD_ATTEMPTS: usize = 5;
+
+/// The errno of a failed `BPF_PROG_LOAD`.
+fn load_errno(e: &aya::programs::ProgramError) -> Option<i32> {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, .. } => io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// Runs `load` again while it fails with EAGAIN (`errno` reads that off its
+/// error), at most [`LOAD_ATTEMPTS`] times in all. The verifier gives up
+/// with EAGAIN when a signal is pending for the loading thread (a child
+/// exiting, a timer): nothing is wrong with the program, and libbpf retries
+/// the same way. Any other outcome is returned as it is.
+fn retry_interrupted<E>(
+    mut load: impl FnMut() -> Result<std::result::Result<(), E>>,
+    errno: impl Fn(&E) -> Option<i32>,
+) -> Result<std::result::Result<(), E>> {
+    let mut tried = 1;
+    loop {
+        let res = load()?;
+        let interrupted = res.as_ref().err().and_then(&errno) == Some(libc::EAGAIN);
+        if !interrupted || tried >= LOAD_ATTEMPTS {
+            return Ok(res);
+        }
+        tracing::debug!(attempt = tried, "program load interrupted (EAGAIN), trying again");
+        tried += 1;
+    }
 }
 
 /// Sums of the per-CPU ring-buffer counters.
@@ -268,5 +300,60 @@ impl Datapath {
             .map_err(|e| DatapathError::program(program, e))?;
         out.truncate(res.data_size_out as usize);
         Ok(TestRunOutput { verdict: res.return_value, packet: out, duration: res.duration })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+
+    fn failed(errno: i32) -> std::result::Result<(), io::Error> {
+        Err(io::Error::from_raw_os_error(errno))
+    }
+
+    fn errno(res: &std::result::Result<(), io::Error>) -> Option<i32> {
+        res.as_ref().err().and_then(io::Error::raw_os_error)
+    }
+
+    #[test]
+    fn a_load_interrupted_by_a_signal_is_tried_again_and_nothing_else_is() {
+        // Interrupted twice, then loaded: three calls, loaded.
+        let mut calls = 0;
+        let res = retry_interrupted(
+            || {
+                calls += 1;
+                Ok(if calls < 3 { failed(libc::EAGAIN) } else { Ok(()) })
+            },
+            io::Error::raw_os_error,
+        );
+        assert!(matches!(res, Ok(Ok(()))));
+        assert_eq!(calls, 3);
+        // A refusal by the verifier is returned at once.
+        let mut calls = 0;
+        let res = retry_interrupted(
+            || {
+                calls += 1;
+                Ok(failed(libc::EACCES))
+            },
+            io::Error::raw_os_error,
+        );
+        assert_eq!(errno(&res.unwrap()), Some(libc::EACCES));
+        assert_eq!(calls, 1);
+        // Interrupted every time: given up after LOAD_ATTEMPTS, with the error.
+        let mut calls = 0;
+        let res = retry_interrupted(
+            || {
+                calls += 1;
+                Ok(failed(libc::EAGAIN))
+            },
+            io::Error::raw_os_error,
+        );
+        assert_eq!(errno(&res.unwrap()), Some(libc::EAGAIN));
+        assert_eq!(calls, LOAD_ATTEMPTS);
+        // The agent's own error (not a load) is passed on untouched.
+        let res = retry_interrupted(|| Err(DatapathError::Invalid("odd program".into())), io::Error::raw_os_error);
+        assert!(matches!(res, Err(DatapathError::Invalid(_))));
     }
 }
