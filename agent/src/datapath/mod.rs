@@ -317,41 +317,28 @@ mod tests {
         res.as_ref().err().and_then(io::Error::raw_os_error)
     }
 
+    /// Runs `retry_interrupted` on loads whose n-th call (from 1) gives
+    /// `outcome(n)`: the errno it ended with (None: loaded) and the calls.
+    fn tried(outcome: impl Fn(usize) -> std::result::Result<(), io::Error>) -> (Option<i32>, usize) {
+        let mut calls = 0;
+        let res = retry_interrupted(
+            || {
+                calls += 1;
+                Ok(outcome(calls))
+            },
+            io::Error::raw_os_error,
+        );
+        (errno(&res.unwrap()), calls)
+    }
+
     #[test]
     fn a_load_interrupted_by_a_signal_is_tried_again_and_nothing_else_is() {
         // Interrupted twice, then loaded: three calls, loaded.
-        let mut calls = 0;
-        let res = retry_interrupted(
-            || {
-                calls += 1;
-                Ok(if calls < 3 { failed(libc::EAGAIN) } else { Ok(()) })
-            },
-            io::Error::raw_os_error,
-        );
-        assert!(matches!(res, Ok(Ok(()))));
-        assert_eq!(calls, 3);
+        assert_eq!(tried(|n| if n < 3 { failed(libc::EAGAIN) } else { Ok(()) }), (None, 3));
         // A refusal by the verifier is returned at once.
-        let mut calls = 0;
-        let res = retry_interrupted(
-            || {
-                calls += 1;
-                Ok(failed(libc::EACCES))
-            },
-            io::Error::raw_os_error,
-        );
-        assert_eq!(errno(&res.unwrap()), Some(libc::EACCES));
-        assert_eq!(calls, 1);
+        assert_eq!(tried(|_| failed(libc::EACCES)), (Some(libc::EACCES), 1));
         // Interrupted every time: given up after LOAD_ATTEMPTS, with the error.
-        let mut calls = 0;
-        let res = retry_interrupted(
-            || {
-                calls += 1;
-                Ok(failed(libc::EAGAIN))
-            },
-            io::Error::raw_os_error,
-        );
-        assert_eq!(errno(&res.unwrap()), Some(libc::EAGAIN));
-        assert_eq!(calls, LOAD_ATTEMPTS);
+        assert_eq!(tried(|_| failed(libc::EAGAIN)), (Some(libc::EAGAIN), LOAD_ATTEMPTS));
         // The agent's own error (not a load) is passed on untouched.
         let res = retry_interrupted(|| Err(DatapathError::Invalid("odd program".into())), io::Error::raw_os_error);
         assert!(matches!(res, Err(DatapathError::Invalid(_))));
