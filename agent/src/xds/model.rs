@@ -26,6 +26,7 @@ use envoy_types::pb::{
     },
     google::protobuf::Any,
 };
+use imbl::ordmap::DiffItem;
 use prost::{Message, Name};
 use serde::Serialize;
 
@@ -109,28 +110,15 @@ impl XdsSnapshot {
             .map(|(t, fresh)| {
                 let Some(old) = base.types.get(&t) else { return (t, fresh) };
                 let mut out = old.clone();
-                let (mut before, mut after) = (old.iter().peekable(), fresh.iter().peekable());
-                loop {
-                    match (before.peek(), after.peek()) {
-                        (None, None) => break,
-                        (Some((bn, br)), Some((an, ar))) if bn == an => {
-                            if !Arc::ptr_eq(br, ar) && ***br != ***ar {
-                                out.insert((*an).clone(), (*ar).clone());
-                            }
-                            before.next();
-                            after.next();
+                // `diff` reports a name whose resource is equal in both as
+                // no change: `out` keeps the old `Arc`, shared with `base`.
+                for d in old.diff(&fresh) {
+                    match d {
+                        DiffItem::Add(n, r) | DiffItem::Update { new: (n, r), .. } => {
+                            out.insert(n.clone(), r.clone());
                         }
-                        (Some((bn, _)), Some((an, _))) if bn < an => {
-                            out.remove(*bn);
-                            before.next();
-                        }
-                        (Some((bn, _)), None) => {
-                            out.remove(*bn);
-                            before.next();
-                        }
-                        (_, Some((an, ar))) => {
-                            out.insert((*an).clone(), (*ar).clone());
-                            after.next();
+                        DiffItem::Remove(n, _) => {
+                            out.remove(n);
                         }
                     }
                 }

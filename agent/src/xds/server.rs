@@ -463,6 +463,27 @@ mod tests {
         assert_eq!(names(&delta_response(&v3, ENDPOINT, &mut named, 5).unwrap()), (vec!["c"], vec![]));
     }
 
+    /// A build rebased on the last one equals the build, and keeps the last
+    /// one's entry for every resource that is equal in both (so the ACK
+    /// counts and the delta stream skip it).
+    #[test]
+    fn a_rebased_build_equals_the_build_and_shares_what_did_not_change() {
+        let mut base = XdsSnapshot::default();
+        for (n, port) in [("same", 80), ("changed", 80), ("gone", 80)] {
+            base.put(cla(n, &[port]));
+        }
+        let mut fresh = XdsSnapshot::default();
+        for (n, port) in [("same", 80), ("changed", 81), ("new", 80)] {
+            fresh.put(cla(n, &[port]));
+        }
+        let rebased = fresh.clone().rebased_on(&base);
+        assert_eq!(rebased.types, fresh.types);
+        let entry = |s: &XdsSnapshot, n: &str| s.types[ENDPOINT].get(n).cloned();
+        assert!(Arc::ptr_eq(&entry(&rebased, "same").unwrap(), &entry(&base, "same").unwrap()));
+        assert!(Arc::ptr_eq(&entry(&rebased, "changed").unwrap(), &entry(&fresh, "changed").unwrap()));
+        assert!(entry(&rebased, "gone").is_none());
+    }
+
     /// A delta stream that compares only what changed since its last
     /// response (and names newly subscribed to) sends what one comparing
     /// every resource sends, after every step of random sequences of
