@@ -275,6 +275,13 @@ pub struct EnvoyOptions {
     pub delta: bool,
     /// Envoy worker threads. Default: 2.
     pub concurrency: u32,
+    /// How many configs' listeners Envoy gets as one listener at most: the
+    /// listeners Services are redirected to are grouped per namespace,
+    /// each config keeping its own filter chain (matched by its Service
+    /// frontends), because Envoy's cost of updating listeners grows with
+    /// the square of their number. 0 or 1: every listener on its own.
+    /// Default: 100.
+    pub listener_group_size: usize,
     /// The most Envoy writes to one file, in bytes: its access-log spool
     /// while the agent is away (entries past it are lost, and counted), and
     /// its own log. Default: 256 MiB (about 500,000 requests).
@@ -299,6 +306,7 @@ impl Default for EnvoyOptions {
             admin_port: 9901,
             delta: true,
             concurrency: 2,
+            listener_group_size: crate::xds::groups::DEFAULT_GROUP_SIZE,
             spool_limit: 256 << 20,
             access_log_flush_ms: crate::envoy::FILE_FLUSH_MS,
         }

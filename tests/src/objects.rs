@@ -405,18 +405,30 @@ pub fn envoy_serves(status: &serde_json::Value, object: &str) -> bool {
         && none("policy-proxy-ports-refusing")
 }
 
-/// A counter from Envoy's admin /stats in node `idx` (0 if absent).
-pub fn envoy_stat(lab: &Lab, idx: usize, name: &str) -> u64 {
-    let Ok(mut c) = crate::http::Client::connect(
+/// The body of a page of Envoy's admin interface in node `idx` (None if
+/// Envoy does not answer).
+fn envoy_admin(lab: &Lab, idx: usize, path: &str) -> Option<String> {
+    let mut c = crate::http::Client::connect(
         &lab.node(idx).netns,
         "127.0.0.1:9901".parse().unwrap(),
         None,
         Duration::from_secs(2),
-    ) else {
-        return 0;
-    };
-    let Ok(r) = c.get("admin", "/stats", &[("connection", "close")]) else { return 0 };
-    r.body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    )
+    .ok()?;
+    Some(c.get("admin", path, &[("connection", "close")]).ok()?.body)
+}
+
+/// A counter from Envoy's admin /stats in node `idx` (0 if absent).
+pub fn envoy_stat(lab: &Lab, idx: usize, name: &str) -> u64 {
+    let Some(body) = envoy_admin(lab, idx, "/stats") else { return 0 };
+    body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The names of the listeners Envoy in node `idx` has (admin /listeners,
+/// which has a line per address of each).
+pub fn envoy_listeners(lab: &Lab, idx: usize) -> std::collections::BTreeSet<String> {
+    let body = envoy_admin(lab, idx, "/listeners").unwrap_or_default();
+    body.lines().filter_map(|l| Some(l.split_once("::")?.0.to_owned())).collect()
 }
 
 /// HTTP requests node `idx`'s Envoy completed, over every connection

@@ -11,8 +11,8 @@ use weft_tests::{
     flows::{agent_get, metric_sum},
     http::{Client, get_once},
     objects::{
-        LabService, conformance_dir, envoy_stat, envoy_state, http_envoy_config, lab_objects, start_agent, wait_ready,
-        wait_status, write_atomic,
+        LabService, conformance_dir, envoy_listeners, envoy_stat, envoy_state, http_envoy_config, lab_objects,
+        start_agent, wait_ready, wait_status, write_atomic,
     },
     require_root,
     scenario::{T, VIP, sa},
@@ -302,6 +302,14 @@ fn a_config_added_beside_a_serving_one_is_never_answered_by_the_dispatcher() {
                 other => failed.push(format!("round {round}: {other:?}")),
             }
             assert!(Instant::now() < deadline, "round {round}: never answered through Envoy; failed: {failed:?}");
+        }
+        if round == 0 {
+            // Both configs' listeners are one listener of Envoy (issue 12:
+            // listener groups), each Service answered by its own chain.
+            let listeners = envoy_listeners(&env.lab, 0);
+            let groups: Vec<&String> = listeners.iter().filter(|n| n.starts_with("weft-group:default:")).collect();
+            assert_eq!(groups.len(), 1, "{listeners:?}");
+            assert!(!listeners.iter().any(|n| n.starts_with("default/")), "{listeners:?}");
         }
         env.apply(&web_only);
         let (resp, _, _) = get_once(&client.netns, sa(api_vip, 80), "/", T).unwrap_or_else(|e| env.fail(e));

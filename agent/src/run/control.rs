@@ -84,6 +84,7 @@ impl ControlLoop {
             };
             controller.set_listener_budget(ListenerBudget { open_files, workers });
         }
+        controller.set_listener_groups(cfg.envoy.listener_group_size);
         controller.set_attachments(attachments);
         controller.set_l7_visibility(cfg.l7_visibility);
         let mut source = Source::start(cfg).await?;

@@ -3,6 +3,7 @@
 
 pub mod acks;
 pub mod envoyconfig;
+pub mod groups;
 pub mod model;
 pub mod policy;
 pub mod ports;

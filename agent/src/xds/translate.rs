@@ -814,22 +814,26 @@ pub fn dispatcher(port: u16) -> (Listener, RouteConfiguration) {
 /// addresses. `placeholder` is its address when it has no frontend (its
 /// Service does not exist yet): never bound, never reached.
 pub fn virtual_listener(l: &mut Listener, frontends: &[std::net::SocketAddrV4], placeholder: Option<u16>) {
-    use envoy_types::pb::envoy::config::{
-        core::v3::{Address, SocketAddress, address, socket_address},
-        listener::v3::AdditionalAddress,
-    };
-    let at = |ip: std::net::Ipv4Addr, port: u16| Address {
-        address: Some(address::Address::SocketAddress(SocketAddress {
-            address: ip.to_string(),
-            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
-            ..Default::default()
-        })),
-    };
-    let mut all = frontends.iter().map(|f| at(*f.ip(), f.port()));
-    l.address = all.next().or_else(|| placeholder.map(|p| at(std::net::Ipv4Addr::LOCALHOST, p)));
+    use envoy_types::pb::envoy::config::listener::v3::AdditionalAddress;
+    let mut all = frontends.iter().map(|f| frontend_address(*f));
+    l.address = all.next().or_else(|| {
+        placeholder.map(|p| frontend_address(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, p)))
+    });
     l.additional_addresses = all.map(|a| AdditionalAddress { address: Some(a), ..Default::default() }).collect();
     l.bind_to_port = Some(BoolValue { value: false });
     balance_connections(l);
+}
+
+/// A frontend as the address of a listener reached through the [`dispatcher`].
+pub fn frontend_address(f: std::net::SocketAddrV4) -> envoy_types::pb::envoy::config::core::v3::Address {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: f.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(f.port()))),
+            ..Default::default()
+        })),
+    }
 }
 
 /// Makes Envoy spread a listener's connections evenly over its workers

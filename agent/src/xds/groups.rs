@@ -1,0 +1,829 @@
+//! Listener groups: the listeners Services are redirected to, many configs'
+//! to one listener of Envoy.
+//!
+//! Why: Envoy's main thread spends time quadratic in the number of its
+//! listeners (its listener manager walks its lists for every listener it
+//! adds or updates), whatever the listeners hold: 61 s of CPU at 10,000
+//! listeners on the bench machine, and a state-of-the-world LDS update
+//! costs 8-13 s at 8,000 (benches/results/REPORT.md, "Envoy's own cost of
+//! three listener shapes"). A hundred configs per listener took that term
+//! away there. The model keeps building one listener per config (what the
+//! ACK counts, statuses and NACK blame are of); this pass, between the
+//! build and what is published to Envoy, replaces the listeners that can
+//! share one by grouped listeners:
+//!
+//! - A member is a config's listener the model made virtual (no socket of
+//!   its own, `bind_to_port: false`, the dispatcher hands it connections by
+//!   their Service address), with exactly one filter chain that matches
+//!   everything and no default chain or chain matcher. A group's listener
+//!   has the union of its members' frontends as its addresses, and each
+//!   member's chain once per frontend port, matched by that port and the
+//!   member's frontend addresses there: a connection reaches exactly the
+//!   chain of the config that serves its Service frontend. Connection
+//!   managers keep their stat prefixes, routes and clusters stay each
+//!   config's own. Every other listener (bound, pinned to an address of its
+//!   own, with chains that match on something, a placeholder without
+//!   frontends) stays a listener of its own, as built.
+//! - Members share listener-level fields: only listeners whose fields other
+//!   than name, addresses and filter chains are the same bytes share a
+//!   group (the group's name carries a hash of those fields).
+//! - Tenancy: a group holds the listeners of one namespace (cluster-wide
+//!   configs have a group space of their own), so one tenant's objects
+//!   never share a listener with another's.
+//! - Stable membership: a member's group is a hash of its name into a
+//!   power-of-two number of buckets per namespace, as many as make groups
+//!   of `size` members or fewer on average. Adding or removing configs moves no other
+//!   member, except when the namespace's count crosses a power of two
+//!   (halving waits until a quarter, so a count going up and down across
+//!   one does not reshuffle each time). An edit of a member's chain
+//!   changes its group's filter chains alone, which Envoy updates in place
+//!   (draining that chain's connections only); a member that comes, goes,
+//!   or changes its frontends changes the group's addresses, which Envoy
+//!   applies as a new listener (the group's connections drain gracefully).
+//! - ACKs and NACKs stay per config: an ACK of a group's version is an ACK
+//!   of each member's listener as built ([`Groups::acked`]). A NACK of a
+//!   group blames its one member that changed since the group's last ACK;
+//!   if several changed, none is blamed yet: they are pulled out into
+//!   listeners of their own on the next push, so that Envoy's next NACK
+//!   names the one at fault, as without groups ([`Groups::nacked`]). A
+//!   pulled member Envoy still has in the group's last ACKed version waits
+//!   (unserved) until Envoy ACKs the group without it, since Envoy refuses
+//!   a listener with an address another listener has; a pulled member
+//!   rejoins when its listener changes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
+
+use envoy_types::pb::{
+    envoy::config::{
+        core::v3::{Address, CidrRange, address, socket_address},
+        listener::v3::{FilterChain, FilterChainMatch, Listener},
+    },
+    google::protobuf::UInt32Value,
+};
+use imbl::ordmap::DiffItem;
+use prost::Message;
+
+use super::{
+    envoyconfig::ConfigKey,
+    model::{Resource, Resources, XdsSnapshot},
+    translate::{self, LISTENER},
+};
+use crate::hash::fnv1a_32;
+
+/// How many members a group holds on average at most, unless the agent
+/// config says otherwise (`envoy.listener-group-size`): about the group size measured
+/// in benches/results/REPORT.md.
+pub const DEFAULT_GROUP_SIZE: usize = 100;
+
+/// The start of every group listener's name. A config's listener names
+/// are qualified by a namespace (`ns/config/listener`), and a namespace
+/// name has no `:`.
+pub const GROUP_PREFIX: &str = "weft-group:";
+
+/// A namespace's share of listeners: (cluster-wide, namespace).
+type Tenant = (bool, String);
+
+/// A listener's name, shared by the maps that hold it.
+type Name = Arc<str>;
+
+/// A member's listener, as far as grouping reads it.
+struct Member {
+    resource: Arc<Resource>,
+    /// A hash of its listener-level fields.
+    class: u32,
+    /// Its group (None until placed).
+    group: Option<Name>,
+}
+
+struct Group {
+    name: Name,
+    /// Member name -> its listener as built.
+    members: BTreeMap<Name, Arc<Resource>>,
+    /// The group's listener as published (None while it has no members).
+    resource: Option<Arc<Resource>>,
+    /// Its members in the version of it Envoy last ACKed (empty if none).
+    acked: BTreeMap<Name, Arc<Resource>>,
+}
+
+#[derive(Default)]
+struct TenantGroups {
+    buckets: u32,
+    members: BTreeSet<Name>,
+}
+
+/// A listener pulled out of its group after a NACK: the version pulled,
+/// and the group whose ACK it waits for (Envoy still has it there).
+struct Pulled {
+    version: String,
+    behind: Option<Name>,
+}
+
+/// What a NACK of listeners comes to once groups are resolved.
+#[derive(Debug, Default, PartialEq)]
+pub struct Nacked {
+    /// The names in the refused response that are not groups.
+    pub names: Vec<String>,
+    /// Members blamed: each the one member of a refused group that changed
+    /// since the group's last ACK.
+    pub blamed: Vec<String>,
+    /// Members pulled out of refused groups: the next push must be built.
+    pub pulled: bool,
+}
+
+/// See the module doc.
+pub struct Groups {
+    /// Members per group on average at most; 0: no groups (every listener
+    /// as built).
+    size: usize,
+    /// The built listeners last published.
+    last: Resources,
+    /// The listeners as published: groups and the listeners of their own.
+    published: Resources,
+    members: HashMap<Name, Member>,
+    groups: BTreeMap<Name, Group>,
+    tenants: BTreeMap<Tenant, TenantGroups>,
+    pulled: HashMap<Name, Pulled>,
+    /// Pulled members to publish on their own at the next publish.
+    released: BTreeSet<Name>,
+}
+
+impl Groups {
+    /// Groups of `size` members or fewer on average (0 or 1: none).
+    pub fn new(size: usize) -> Self {
+        Self {
+            size: if size > 1 { size } else { 0 },
+            last: Resources::new(),
+            published: Resources::new(),
+            members: HashMap::new(),
+            groups: BTreeMap::new(),
+            tenants: BTreeMap::new(),
+            pulled: HashMap::new(),
+            released: BTreeSet::new(),
+        }
+    }
+
+    /// Whether a listener name is a group's.
+    pub fn is_group(name: &str) -> bool {
+        name.starts_with(GROUP_PREFIX)
+    }
+
+    /// The listeners as last published (tests answer for Envoy with them).
+    #[cfg(test)]
+    pub fn published(&self) -> Option<&Resources> {
+        (self.size > 0).then_some(&self.published)
+    }
+
+    /// `built` as Envoy gets it: its listeners grouped. Costs what changed
+    /// in the built listeners since the last call, and the groups that
+    /// changed (their members are decoded and the group encoded again).
+    pub fn publish(&mut self, built: &XdsSnapshot) -> XdsSnapshot {
+        if self.size == 0 {
+            return built.clone();
+        }
+        let fresh = built.types.get(LISTENER).cloned().unwrap_or_default();
+        let mut dirty: BTreeSet<Name> = BTreeSet::new();
+        let mut touched: BTreeSet<Tenant> = BTreeSet::new();
+        let mut consider: Vec<(String, Arc<Resource>)> = Vec::new();
+        let last = std::mem::replace(&mut self.last, fresh.clone());
+        for d in last.diff(&fresh) {
+            let (name, now) = match d {
+                DiffItem::Add(n, r) | DiffItem::Update { new: (n, r), .. } => (n, Some(r)),
+                DiffItem::Remove(n, _) => (n, None),
+            };
+            self.leave(name, &mut dirty, &mut touched);
+            if self.pulled.get(name.as_str()).is_some_and(|p| now.is_none_or(|r| r.version != p.version)) {
+                self.pulled.remove(name.as_str());
+            }
+            match now {
+                Some(r) => consider.push((name.clone(), r.clone())),
+                None => drop(self.published.remove(name)),
+            }
+        }
+        for name in std::mem::take(&mut self.released) {
+            if let Some(r) = fresh.get(&*name).filter(|_| self.pulled.contains_key(&name)) {
+                self.published.insert(name.to_string(), r.clone());
+            }
+        }
+        for (name, r) in consider {
+            let joins = joinable(&r).filter(|_| !self.pulled.contains_key(name.as_str()) && !Self::is_group(&name));
+            match joins {
+                Some((tenant, class)) => {
+                    self.published.remove(&name);
+                    let name: Name = Arc::from(name);
+                    self.tenants.entry(tenant.clone()).or_default().members.insert(name.clone());
+                    touched.insert(tenant);
+                    self.members.insert(name, Member { resource: r, class, group: None });
+                }
+                None if self.pulled.get(name.as_str()).is_some_and(|p| p.behind.is_some()) => {}
+                None => drop(self.published.insert(name, r)),
+            }
+        }
+        for tenant in touched {
+            self.place(&tenant, &mut dirty);
+        }
+        for g in dirty {
+            self.assemble(&g);
+        }
+        let mut out = built.clone();
+        out.types.insert(LISTENER.to_owned(), self.published.clone());
+        out
+    }
+
+    /// Takes a listener out of its group, if it is a member.
+    fn leave(&mut self, name: &str, dirty: &mut BTreeSet<Name>, touched: &mut BTreeSet<Tenant>) {
+        let Some(m) = self.members.remove(name) else { return };
+        if let Some(g) = m.group.as_ref().and_then(|g| self.groups.get_mut(g)) {
+            g.members.remove(name);
+            dirty.insert(g.name.clone());
+        }
+        let Some(tenant) = tenant_of(&m.resource) else { return };
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.members.remove(name);
+        }
+        touched.insert(tenant);
+    }
+
+    /// Places the members of a tenant that have no group yet; all of them
+    /// again if the tenant's bucket count changes.
+    fn place(&mut self, tenant: &Tenant, dirty: &mut BTreeSet<Name>) {
+        let Some(t) = self.tenants.get_mut(tenant) else { return };
+        if t.members.is_empty() {
+            self.tenants.remove(tenant);
+            return;
+        }
+        let n = t.members.len();
+        let buckets = buckets_for(n, t.buckets, self.size);
+        let all = buckets != t.buckets;
+        t.buckets = buckets;
+        for name in &t.members {
+            let Some(m) = self.members.get_mut(name) else { continue };
+            if !all && m.group.is_some() {
+                continue;
+            }
+            let g = group_name(tenant, m.class, bucket(name, buckets));
+            if m.group.as_deref() == Some(g.as_str()) {
+                continue;
+            }
+            if let Some(old) = m.group.as_ref().and_then(|g| self.groups.get_mut(g)) {
+                old.members.remove(name);
+                dirty.insert(old.name.clone());
+            }
+            let group = self.groups.entry(Arc::from(g)).or_insert_with_key(|k| Group {
+                name: k.clone(),
+                members: BTreeMap::new(),
+                resource: None,
+                acked: BTreeMap::new(),
+            });
+            group.members.insert(name.clone(), m.resource.clone());
+            dirty.insert(group.name.clone());
+            m.group = Some(group.name.clone());
+        }
+    }
+
+    /// Encodes a group's listener again (or removes it, without members).
+    fn assemble(&mut self, name: &str) {
+        let Some(g) = self.groups.get_mut(name) else { return };
+        if g.members.is_empty() {
+            self.groups.remove(name);
+            self.published.remove(name);
+            return;
+        }
+        let decoded: Vec<(&str, Listener)> = g
+            .members
+            .iter()
+            .filter_map(|(n, r)| Some((&**n, Listener::decode(r.any.value.as_slice()).ok()?)))
+            .collect();
+        let listener = group_listener(name, &decoded);
+        let r = Arc::new(Resource::new(name.to_owned(), &listener, None));
+        if g.resource.as_ref().is_none_or(|old| old.version != r.version) {
+            g.resource = Some(r.clone());
+        }
+        if let Some(r) = &g.resource {
+            self.published.insert(name.to_owned(), r.clone());
+        }
+    }
+
+    /// Envoy's ACK of these listeners (name -> version), with each group
+    /// ACKed at its current version replaced by its members' listeners as
+    /// built; an ACK of an earlier version of a group is left out. Also
+    /// returns whether a pulled member waiting for that ACK can now be
+    /// published (a build is due).
+    pub fn acked(&mut self, resources: BTreeMap<String, String>) -> (BTreeMap<String, String>, bool) {
+        if self.size == 0 {
+            return (resources, false);
+        }
+        let mut out = BTreeMap::new();
+        let mut acked_groups: Vec<Name> = Vec::new();
+        for (name, version) in resources {
+            if !Self::is_group(&name) {
+                out.insert(name, version);
+                continue;
+            }
+            let Some(g) = self.groups.get_mut(name.as_str()) else { continue };
+            if g.resource.as_ref().is_none_or(|r| r.version != version) {
+                continue;
+            }
+            g.acked.clone_from(&g.members);
+            out.extend(g.acked.iter().map(|(n, r)| (n.to_string(), r.version.clone())));
+            acked_groups.push(g.name.clone());
+        }
+        let mut release = false;
+        for (name, p) in &mut self.pulled {
+            if p.behind.as_ref().is_some_and(|b| acked_groups.contains(b)) {
+                p.behind = None;
+                self.released.insert(name.clone());
+                release = true;
+            }
+        }
+        (out, release)
+    }
+
+    /// Envoy's NACK of a response with these listeners (see [`Nacked`]).
+    /// The groups refused are those the message names; if it names no
+    /// listener of the response, every group in it.
+    pub fn nacked(&mut self, names: &[String], message: &str) -> Nacked {
+        let mut out = Nacked::default();
+        if self.size == 0 {
+            out.names = names.to_vec();
+            return out;
+        }
+        let (groups, others): (Vec<&String>, Vec<&String>) = names.iter().partition(|n| Self::is_group(n));
+        out.names = others.into_iter().cloned().collect();
+        // Envoy names the listeners it refused; a response it refused
+        // without naming any is taken as refused whole.
+        let refused: Vec<&String> = if names.iter().any(|n| message.contains(n.as_str())) {
+            groups.into_iter().filter(|g| message.contains(g.as_str())).collect()
+        } else {
+            groups
+        };
+        let mut pulled: Vec<Name> = Vec::new();
+        for name in refused {
+            let Some(g) = self.groups.get(name.as_str()) else { continue };
+            let suspects: Vec<(&Name, &Arc<Resource>)> =
+                g.members.iter().filter(|(n, r)| g.acked.get(*n).is_none_or(|a| a.version != r.version)).collect();
+            match suspects.as_slice() {
+                [] => {}
+                [(one, _)] => out.blamed.push(one.to_string()),
+                many => {
+                    for (n, r) in many {
+                        let behind = g.acked.contains_key(*n).then(|| g.name.clone());
+                        self.pulled.insert((*n).clone(), Pulled { version: r.version.clone(), behind });
+                        pulled.push((*n).clone());
+                    }
+                }
+            }
+        }
+        out.pulled = !pulled.is_empty();
+        // The next publish has the pulled members out of their groups, and
+        // those Envoy has in no group on their own.
+        let (mut dirty, mut touched) = (BTreeSet::new(), BTreeSet::new());
+        for n in pulled {
+            self.leave(&n, &mut dirty, &mut touched);
+            if self.pulled.get(&n).is_some_and(|p| p.behind.is_none()) {
+                self.released.insert(n);
+            }
+        }
+        for t in touched {
+            self.place(&t, &mut dirty);
+        }
+        for g in dirty {
+            self.assemble(&g);
+        }
+        out
+    }
+
+    /// A new Envoy has nothing: no group is ACKed, and no pulled member
+    /// waits for one. True if one waited (a build is due).
+    pub fn reset(&mut self) -> bool {
+        for g in self.groups.values_mut() {
+            g.acked.clear();
+        }
+        let mut released = false;
+        for (n, p) in &mut self.pulled {
+            if p.behind.take().is_some() {
+                self.released.insert(n.clone());
+                released = true;
+            }
+        }
+        released
+    }
+}
+
+/// The tenant of a config's listener.
+fn tenant_of(r: &Resource) -> Option<Tenant> {
+    let owner: &ConfigKey = r.owner.as_ref()?;
+    Some((owner.clusterwide, owner.namespace().to_owned()))
+}
+
+/// The buckets of a tenant with `n` members, keeping `current` while it
+/// fits: at most `size` members per bucket, and more than a quarter of that.
+fn buckets_for(n: usize, current: u32, size: usize) -> u32 {
+    let size = size.max(1);
+    let fits = |b: u32| {
+        let room = (b as usize).saturating_mul(size);
+        n <= room && (b == 1 || n > room / 4)
+    };
+    if current >= 1 && fits(current) {
+        return current;
+    }
+    let needed = n.div_ceil(size).max(1);
+    u32::try_from(needed.next_power_of_two()).unwrap_or(1 << 31)
+}
+
+/// A member's bucket among `buckets` (a power of two).
+fn bucket(name: &str, buckets: u32) -> u32 {
+    fnv1a_32(name.as_bytes()) & (buckets.max(1) - 1)
+}
+
+fn group_name((clusterwide, namespace): &Tenant, class: u32, bucket: u32) -> String {
+    let space = if *clusterwide { "*" } else { namespace.as_str() };
+    format!("{GROUP_PREFIX}{space}:{class:08x}:{bucket}")
+}
+
+/// The tenant and listener-level class of a built listener that can join a
+/// group, or None (see the module doc).
+fn joinable(r: &Resource) -> Option<(Tenant, u32)> {
+    let tenant = tenant_of(r)?;
+    let l = Listener::decode(r.any.value.as_slice()).ok()?;
+    frontends(&l)?;
+    let [chain] = l.filter_chains.as_slice() else { return None };
+    let plain = chain.filter_chain_match.as_ref().is_none_or(|m| *m == FilterChainMatch::default());
+    if l.bind_to_port.map(|b| b.value) != Some(false)
+        || l.use_original_dst.is_some_and(|b| b.value)
+        || !plain
+        || l.default_filter_chain.is_some()
+        || l.filter_chain_matcher.is_some()
+    {
+        return None;
+    }
+    Some((tenant, fnv1a_32(&listener_level(&l).encode_to_vec())))
+}
+
+/// A listener without its name, addresses and filter chains: what members
+/// of one group share.
+fn listener_level(l: &Listener) -> Listener {
+    Listener {
+        name: String::new(),
+        address: None,
+        additional_addresses: Vec::new(),
+        filter_chains: Vec::new(),
+        ..l.clone()
+    }
+}
+
+/// The frontends a virtual listener has as its addresses; None if any of
+/// them is not a plain IPv4 TCP address and port, or it has only its
+/// unreached placeholder (a loopback address).
+fn frontends(l: &Listener) -> Option<Vec<SocketAddrV4>> {
+    let one = |a: &Address| -> Option<SocketAddrV4> {
+        let Some(address::Address::SocketAddress(s)) = &a.address else { return None };
+        let Some(socket_address::PortSpecifier::PortValue(port)) = s.port_specifier else { return None };
+        let f = SocketAddrV4::new(s.address.parse::<Ipv4Addr>().ok()?, u16::try_from(port).ok()?);
+        // Anything else set on the address (a resolver, a protocol) keeps
+        // the listener on its own.
+        (*a == translate::frontend_address(f)).then_some(f)
+    };
+    let mut all = vec![one(l.address.as_ref()?)?];
+    for a in &l.additional_addresses {
+        if a.socket_options.is_some() {
+            return None;
+        }
+        all.push(one(a.address.as_ref()?)?);
+    }
+    if all.iter().any(|f| f.ip().is_loopback()) {
+        return None;
+    }
+    Some(all)
+}
+
+/// The listener of a group of members (name and listener, by name): their
+/// frontends as its addresses, each member's chain once per frontend port,
+/// matched by that port and its frontend addresses at that port.
+fn group_listener(name: &str, members: &[(&str, Listener)]) -> Listener {
+    let mut out = members.first().map(|(_, l)| listener_level(l)).unwrap_or_default();
+    out.name = name.to_owned();
+    let mut addresses: BTreeSet<SocketAddrV4> = BTreeSet::new();
+    for (member, l) in members {
+        let (Some(fronts), Some(chain)) = (frontends(l), l.filter_chains.first()) else { continue };
+        let mut by_port: BTreeMap<u16, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        for f in &fronts {
+            by_port.entry(f.port()).or_default().insert(*f.ip());
+            addresses.insert(*f);
+        }
+        let several = by_port.len() > 1;
+        for (port, ips) in by_port {
+            let mut c: FilterChain = chain.clone();
+            c.name = if several { format!("{member}:{port}") } else { (*member).to_owned() };
+            c.filter_chain_match = Some(FilterChainMatch {
+                destination_port: Some(UInt32Value { value: u32::from(port) }),
+                prefix_ranges: ips
+                    .iter()
+                    .map(|ip| CidrRange { address_prefix: ip.to_string(), prefix_len: Some(UInt32Value { value: 32 }) })
+                    .collect(),
+                ..Default::default()
+            });
+            out.filter_chains.push(c);
+        }
+    }
+    let mut all = addresses.into_iter().map(translate::frontend_address);
+    out.address = all.next();
+    out.additional_addresses = all
+        .map(|a| envoy_types::pb::envoy::config::listener::v3::AdditionalAddress {
+            address: Some(a),
+            ..Default::default()
+        })
+        .collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::listener::v3::Filter;
+
+    use super::*;
+    use crate::{k8s::ObjKey, xds::acks::tests::Rng};
+
+    const NAMESPACES: [&str; 3] = ["a", "b", ""];
+
+    fn owner(ns: &str) -> ConfigKey {
+        ConfigKey { clusterwide: ns.is_empty(), key: ObjKey::new(ns, "c") }
+    }
+
+    /// A config's listener as the model makes it: virtual at `fronts`
+    /// (or bound, pinned, ... for `kind` > 0), one chain told apart by `rev`.
+    fn listener(name: &str, ns: &str, fronts: &[SocketAddrV4], kind: u64, rev: u64) -> Arc<Resource> {
+        let mut l = Listener {
+            name: name.to_owned(),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter { name: format!("{name}@{rev}"), config_type: None }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        translate::virtual_listener(&mut l, fronts, Some(15000));
+        match kind {
+            // bound to a port of its own
+            1 => l.bind_to_port = None,
+            // its chain matches on something already
+            2 => {
+                l.filter_chains[0].filter_chain_match =
+                    Some(FilterChainMatch { server_names: vec!["x".into()], ..Default::default() })
+            }
+            // two chains
+            3 => l.filter_chains.push(FilterChain::default()),
+            // a default chain
+            4 => l.default_filter_chain = Some(FilterChain::default()),
+            // another listener-level field: a class of its own
+            5 => l.per_connection_buffer_limit_bytes = Some(UInt32Value { value: 4096 }),
+            _ => {}
+        }
+        Arc::new(Resource::new(name.to_owned(), &l, Some(owner(ns))))
+    }
+
+    fn decoded(r: &Resource) -> Listener {
+        Listener::decode(r.any.value.as_slice()).unwrap()
+    }
+
+    fn addresses(l: &Listener) -> Vec<Address> {
+        l.address.iter().cloned().chain(l.additional_addresses.iter().filter_map(|a| a.address.clone())).collect()
+    }
+
+    /// What Envoy hands a connection to `f` to: the listener with that
+    /// address, and in it the chain whose match takes it (None if no
+    /// listener, several listeners or several chains would).
+    fn reached(published: &Resources, f: SocketAddrV4) -> Option<(String, FilterChain)> {
+        let at = translate::frontend_address(f);
+        let mut with: Vec<(String, Listener)> = published
+            .iter()
+            .map(|(n, r)| (n.clone(), decoded(r)))
+            .filter(|(_, l)| addresses(l).contains(&at))
+            .collect();
+        let (name, l) = (with.len() == 1).then(|| with.remove(0))?;
+        let takes = |c: &&FilterChain| match &c.filter_chain_match {
+            None => true,
+            Some(m) => {
+                m.destination_port.as_ref().is_none_or(|p| p.value == u32::from(f.port()))
+                    && (m.prefix_ranges.is_empty()
+                        || m.prefix_ranges.iter().any(|r| {
+                            r.address_prefix == f.ip().to_string() && r.prefix_len.as_ref().map(|p| p.value) == Some(32)
+                        }))
+            }
+        };
+        let chains: Vec<&FilterChain> = l.filter_chains.iter().filter(takes).collect();
+        let [c] = chains.as_slice() else { return None };
+        Some((name, (*c).clone()))
+    }
+
+    /// A random world: listeners of three tenants, most virtual at one to
+    /// three frontends of their own (some on two ports), some that may not
+    /// join.
+    struct World {
+        built: BTreeMap<String, (String, Vec<SocketAddrV4>, u64, u64)>,
+        next_ip: u32,
+    }
+
+    impl World {
+        fn step(&mut self, rng: &mut Rng) {
+            let i = rng.below(40);
+            let name = format!("{}/c{i}/l", NAMESPACES[(i % 3) as usize]);
+            match rng.below(4) {
+                0 => drop(self.built.remove(&name)),
+                1 if self.built.contains_key(&name) => {
+                    // an edit of its chain alone
+                    if let Some(e) = self.built.get_mut(&name) {
+                        e.3 += 1;
+                    }
+                }
+                _ => {
+                    let ns = NAMESPACES[(i % 3) as usize].to_owned();
+                    let mut fronts = Vec::new();
+                    for _ in 0..=rng.below(3) {
+                        self.next_ip += 1;
+                        let ip = Ipv4Addr::from(0x0a60_0000 + self.next_ip);
+                        fronts.push(SocketAddrV4::new(ip, 80));
+                        if rng.below(3) == 0 {
+                            fronts.push(SocketAddrV4::new(ip, 8080));
+                        }
+                    }
+                    if rng.below(10) == 0 {
+                        fronts.clear(); // a placeholder
+                    }
+                    let kind = if rng.below(4) == 0 { 1 + rng.below(5) } else { 0 };
+                    self.built.insert(name, (ns, fronts, kind, 0));
+                }
+            }
+        }
+
+        fn xds(&self) -> XdsSnapshot {
+            let mut x = XdsSnapshot::default();
+            for (name, (ns, fronts, kind, rev)) in &self.built {
+                x.put_shared(listener(name, ns, fronts, *kind, *rev));
+            }
+            x
+        }
+    }
+
+    /// After random adds, removals and edits of listeners, published as
+    /// groups: every member's connections — to each of its frontends —
+    /// reach exactly its own chain, in a group of its tenant; every
+    /// listener that may not join is published as built; a group's
+    /// members share their listener-level fields; the incremental
+    /// publish equals one from scratch (with the same bucket counts); an
+    /// edit of a member's chain changes its group alone.
+    #[test]
+    fn every_members_frontends_reach_exactly_its_own_chain_after_every_random_step() {
+        for seed in 1..=6u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut world = World { built: BTreeMap::new(), next_ip: 0 };
+            let mut groups = Groups::new(4);
+            let mut last = Resources::new();
+            for step in 0..150 {
+                let before = world.built.clone();
+                world.step(&mut rng);
+                let built = world.xds();
+                let published = groups.publish(&built).types.get(LISTENER).cloned().unwrap_or_default();
+                let at = format!("seed {seed} step {step}");
+                for (name, r) in built.types.get(LISTENER).into_iter().flatten() {
+                    let (ns, fronts, kind, _) = &world.built[name];
+                    // Another listener-level field joins a group of its own.
+                    let joins = (*kind == 0 || *kind == 5) && !fronts.is_empty();
+                    assert_eq!(published.get(name).is_none(), joins, "{at}: {name}");
+                    if !joins {
+                        assert_eq!(published.get(name), Some(r), "{at}: {name} is published as built");
+                        continue;
+                    }
+                    let own = decoded(r).filter_chains.remove(0);
+                    for f in fronts {
+                        let (group, chain) = reached(&published, *f).unwrap_or_else(|| panic!("{at}: {name} {f}"));
+                        let space = if ns.is_empty() { "*" } else { ns.as_str() };
+                        assert!(group.starts_with(&format!("{GROUP_PREFIX}{space}:")), "{at}: {name} in {group}");
+                        assert_eq!(chain.filters, own.filters, "{at}: {name} {f}");
+                        let shared = listener_level(&decoded(&published[&group]));
+                        assert_eq!(shared, listener_level(&decoded(r)), "{at}: {name} {f}");
+                    }
+                }
+                // From scratch, with the bucket counts the incremental one has.
+                let mut fresh = Groups::new(4);
+                for (t, g) in &groups.tenants {
+                    fresh.tenants.insert(t.clone(), TenantGroups { buckets: g.buckets, members: BTreeSet::new() });
+                }
+                let scratch = fresh.publish(&built).types.get(LISTENER).cloned().unwrap_or_default();
+                assert_eq!(scratch, published, "{at}");
+                // A chain edited alone changes its group alone.
+                let edited: Vec<&String> = world
+                    .built
+                    .iter()
+                    .filter(|(n, e)| {
+                        before.get(*n).is_some_and(|b| b.0 == e.0 && b.1 == e.1 && b.2 == e.2 && b.3 != e.3)
+                    })
+                    .map(|(n, _)| n)
+                    .collect();
+                if !edited.is_empty() {
+                    let changed = last.diff(&published).count();
+                    assert!(changed <= 1, "{at}: an edit changed {changed} listeners");
+                }
+                last = published;
+            }
+        }
+    }
+
+    #[test]
+    fn bucket_counts_keep_until_a_tenant_doubles_or_falls_to_a_quarter() {
+        assert_eq!(buckets_for(1, 0, 100), 1);
+        assert_eq!(buckets_for(100, 1, 100), 1);
+        assert_eq!(buckets_for(101, 1, 100), 2);
+        assert_eq!(buckets_for(10_000, 0, 100), 128);
+        assert_eq!(buckets_for(9_000, 128, 100), 128);
+        assert_eq!(buckets_for(3_201, 128, 100), 128);
+        assert_eq!(buckets_for(3_200, 128, 100), 32);
+        assert_eq!(buckets_for(0, 4, 100), 1);
+    }
+
+    fn one_group(members: usize) -> (Groups, XdsSnapshot, String) {
+        let mut x = XdsSnapshot::default();
+        for i in 0..members {
+            let f = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, i as u8 + 1), 80);
+            x.put_shared(listener(&format!("a/c{i}/l"), "a", &[f], 0, 0));
+        }
+        let mut groups = Groups::new(100);
+        let published = groups.publish(&x);
+        let names: Vec<&String> = published.types[LISTENER].keys().collect();
+        let [g] = names.as_slice() else { panic!("{names:?}") };
+        let g = (*g).clone();
+        (groups, x, g)
+    }
+
+    fn version(x: &XdsSnapshot, name: &str) -> String {
+        x.types[LISTENER][name].version.clone()
+    }
+
+    #[test]
+    fn an_ack_of_a_groups_version_is_one_of_its_members_listeners_as_built() {
+        let (mut groups, built, g) = one_group(3);
+        let published = groups.publish(&built);
+        let v = version(&published, &g);
+        let (acked, released) = groups.acked(BTreeMap::from([(g.clone(), v), ("weft-proxy".into(), "1".into())]));
+        assert!(!released);
+        let want: BTreeMap<String, String> = (0..3)
+            .map(|i| format!("a/c{i}/l"))
+            .map(|n| (n.clone(), version(&built, &n)))
+            .chain([("weft-proxy".to_owned(), "1".to_owned())])
+            .collect();
+        assert_eq!(acked, want);
+        // An earlier version of the group is no ACK of its members as built.
+        let (acked, _) = groups.acked(BTreeMap::from([(g, "0000".to_owned())]));
+        assert!(acked.is_empty(), "{acked:?}");
+    }
+
+    #[test]
+    fn a_nack_of_a_group_blames_its_one_changed_member_or_pulls_out_the_changed_ones() {
+        let (mut groups, mut built, g) = one_group(4);
+        let published = groups.publish(&built);
+        groups.acked(BTreeMap::from([(g.clone(), version(&published, &g))]));
+        // One member changed since the ACK: it is the one blamed.
+        let f = |i: u8| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, i + 1), 80);
+        built.put_shared(listener("a/c1/l", "a", &[f(1)], 0, 1));
+        groups.publish(&built);
+        let message = format!("Error adding/updating listener(s) {g}: bad");
+        let nacked = groups.nacked(&[g.clone(), "weft-proxy".into()], &message);
+        assert_eq!(nacked, Nacked { names: vec!["weft-proxy".into()], blamed: vec!["a/c1/l".into()], pulled: false });
+        // Two changed (one new): neither is blamed; the new one is served
+        // on its own at once, the edited one once Envoy ACKs the group
+        // without it (Envoy still has its address in the group).
+        built.put_shared(listener("a/c9/l", "a", &[f(9)], 0, 0));
+        groups.publish(&built);
+        let nacked = groups.nacked(std::slice::from_ref(&g), &message);
+        assert_eq!(nacked, Nacked { names: vec![], blamed: vec![], pulled: true });
+        let published = groups.publish(&built);
+        let names: Vec<&String> = published.types[LISTENER].keys().collect();
+        assert_eq!(names, [&"a/c9/l".to_owned(), &g], "the edited member waits");
+        assert!(reached(&published.types[LISTENER], f(1)).is_none(), "{published:?}");
+        assert_eq!(reached(&published.types[LISTENER], f(2)).map(|(n, _)| n), Some(g.clone()));
+        let (_, released) = groups.acked(BTreeMap::from([(g.clone(), version(&published, &g))]));
+        assert!(released);
+        let published = groups.publish(&built);
+        assert_eq!(reached(&published.types[LISTENER], f(1)).map(|(n, _)| n), Some("a/c1/l".to_owned()));
+        // Its solo listener refused by name is blamed as without groups;
+        // edited again, it joins its group again.
+        let nacked = groups.nacked(&["a/c1/l".into(), g.clone()], "Error adding/updating listener(s) a/c1/l: bad");
+        assert_eq!(nacked, Nacked { names: vec!["a/c1/l".into()], blamed: vec![], pulled: false });
+        built.put_shared(listener("a/c1/l", "a", &[f(1)], 0, 2));
+        let published = groups.publish(&built);
+        assert_eq!(reached(&published.types[LISTENER], f(1)).map(|(n, _)| n), Some(g));
+    }
+
+    #[test]
+    fn without_groups_everything_is_published_as_built() {
+        let (_, built, _) = one_group(3);
+        for size in [0, 1] {
+            let mut groups = Groups::new(size);
+            assert_eq!(groups.publish(&built), built);
+            let names = vec!["a/c1/l".to_owned()];
+            assert_eq!(groups.nacked(&names, "x").names, names);
+        }
+    }
+}
