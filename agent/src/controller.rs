@@ -1254,6 +1254,15 @@ spec:
         assert_eq!(handed(&c.redirects_settled().expect("handed with the dispatcher")), ["10.96.0.10:80"]);
     }
 
+    /// web's config and api's (with a timeout of `api_timeout` seconds).
+    fn web_and_api(api_timeout: u32) -> String {
+        format!(
+            "{SERVICES}{}{}",
+            config("web-l7", "web", "default/web", 1),
+            config("api-l7", "api", "default/api", api_timeout)
+        )
+    }
+
     /// Envoy's answer to a published snapshot: a NACK of the listeners
     /// `refused` names (those whose name contains it), an ACK of the rest.
     fn answer(c: &mut Controller, published: &Published, refused: &str) -> bool {
@@ -1284,14 +1293,7 @@ spec:
     #[test]
     fn a_nack_of_a_group_blames_the_config_at_fault_alone() {
         let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
-        load(
-            &mut c,
-            &format!(
-                "{SERVICES}{}{}",
-                config("web-l7", "web", "default/web", 1),
-                config("api-l7", "api", "default/api", 1)
-            ),
-        );
+        load(&mut c, &web_and_api(1));
         let (_, published) = c.build();
         let listeners: Vec<&String> = published.xds.types[translate::LISTENER].keys().collect();
         assert_eq!(listeners.len(), 2, "the dispatcher and one group: {listeners:?}");
@@ -1324,14 +1326,7 @@ spec:
 
         // A config added while the dispatcher serves: api stays plain until
         // Envoy ACKed its listener, routes and cluster.
-        load(
-            &mut c,
-            &format!(
-                "{SERVICES}{}{}",
-                config("web-l7", "web", "default/web", 1),
-                config("api-l7", "api", "default/api", 1)
-            ),
-        );
+        load(&mut c, &web_and_api(1));
         let (snap, _) = c.build();
         assert_eq!(handed(&snap), web, "api is not handed before Envoy has its listener");
         let api = ConfigKey { clusterwide: false, key: crate::k8s::ObjKey::new("default", "api-l7") };
@@ -1355,14 +1350,7 @@ spec:
         assert!(snap.version > 2, "a new datapath version: {}", snap.version);
 
         // An edit of api's config does not take api back from Envoy while Envoy takes it.
-        load(
-            &mut c,
-            &format!(
-                "{SERVICES}{}{}",
-                config("web-l7", "web", "default/web", 1),
-                config("api-l7", "api", "default/api", 2)
-            ),
-        );
+        load(&mut c, &web_and_api(2));
         let (snap, _) = c.build();
         assert_eq!(c.built().statuses[&api].serving, crate::xds::model::Serving::Current, "the edit is accepted");
         assert_eq!(handed(&snap), both);
