@@ -217,7 +217,10 @@ fn conversion(lab: &Lab, dp: &Datapath, reader: &mut EventReader) -> serde_json:
     println!("| how | ns per flow | / typed message |");
     println!("|---|---:|---:|");
     println!("| flow.Flow built, encoded by prost, own buffer (baseline) | {b:.0} | 1.00 |");
-    println!("| written from the record by one writer (repeated parts kept), one buffer per 256 flows | {n:.0} | {:.2} |", n / b);
+    println!(
+        "| written from the record by one writer (repeated parts kept), one buffer per 256 flows | {n:.0} | {:.2} |",
+        n / b
+    );
     serde_json::json!({"typed_ns_per_flow": b, "written_ns_per_flow": n})
 }
 

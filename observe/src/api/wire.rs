@@ -67,6 +67,8 @@ pub struct FlowWriter {
 /// `Arc<EndpointInfo>`: the same allocation, the same names), its
 /// datapath id and identity, and the cluster (the context's).
 type EndpointKey = (usize, u16, u32);
+/// The endpoint (held) and its `flow.Endpoint` contents.
+type KeptEndpoint = (Arc<EndpointInfo>, Box<[u8]>);
 
 /// What a [`FlowWriter`] keeps; a default one (`on` false) keeps nothing.
 #[derive(Default)]
@@ -74,7 +76,7 @@ struct Kept {
     on: bool,
     /// Contents of `flow.Endpoint` by [`EndpointKey`]; the `Arc` held keeps
     /// the key's address from being reused by another endpoint.
-    endpoints: HashMap<EndpointKey, (Arc<EndpointInfo>, Box<[u8]>), FnvBuildHasher>,
+    endpoints: HashMap<EndpointKey, KeptEndpoint, FnvBuildHasher>,
     /// `flow.Flow`'s fields 37 (node labels) and 41 (emitter), whole.
     node: Option<Box<[u8]>>,
     /// The summary field of a TCP flow without HTTP, by its TCP flags (all
