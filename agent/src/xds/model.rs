@@ -706,32 +706,22 @@ impl Model {
             }
         }
 
-        let (dispatch, providers) = self.emit(&mut built, &accepted.list, objects, &specs, node);
+        let dispatch = self.emit(&mut built, &accepted.list, objects, &specs, node);
         self.last = None;
         if self.translations.is_some() && !for_others {
-            self.last = Some(self.keep(&built, accepted, dispatch, providers, node));
+            self.last = Some(self.keep(&built, accepted, dispatch, node));
         }
         built
     }
 
     /// What a build keeps for [`Model::configs_changed`].
-    fn keep(
-        &self,
-        built: &Built,
-        mut accepted: Accepted,
-        dispatch: Option<u16>,
-        providers: HashMap<String, BTreeMap<ConfigKey, EndpointsKey>>,
-        node: &NodeInfo,
-    ) -> Last {
+    fn keep(&self, built: &Built, mut accepted: Accepted, dispatch: Option<u16>, node: &NodeInfo) -> Last {
         let list = std::mem::take(&mut accepted.list);
         let mut last = Last {
             accepted,
             by_key: HashMap::new(),
-            new: list.iter().filter(|c| c.priority == Priority::New).map(|c| c.key.clone()).collect(),
             users: HashMap::new(),
-            eds_known: HashMap::new(),
-            providers,
-            eds_used: HashMap::new(),
+            eds: HashMap::new(),
             proxy_ports: BTreeMap::new(),
             dispatch,
             dispatched: list.iter().map(|c| self.dispatched_of(&c.translated)).sum(),
@@ -740,10 +730,35 @@ impl Model {
         };
         for c in list {
             let ports = proxy_ports_of(built, &c);
-            last.count(&c, &[], &ports, true);
+            last.count(&c, &ports, true);
             last.by_key.insert(c.key.clone(), c);
         }
         last
+    }
+
+    /// The generated endpoints of a Service's names that no config defines,
+    /// each with the config that wins it and the (Service, selected ports)
+    /// it is of (see [`Model::emit`]).
+    fn generated_for(
+        &mut self,
+        last: &Last,
+        service: &ObjKey,
+        objects: &Objects,
+        slices: &SliceIndex,
+    ) -> BTreeMap<String, (ConfigKey, Vec<String>)> {
+        let mut users: Vec<&Candidate> =
+            last.eds.get(service).into_iter().flatten().filter_map(|k| last.by_key.get(k)).collect();
+        users.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut out = BTreeMap::new();
+        for c in users {
+            for e in c.translated.eds_services.iter().filter(|e| e.service == *service) {
+                for r in self.endpoints(service, &e.ports, objects, slices).iter() {
+                    out.entry(r.name.clone()).or_insert_with(|| (c.key.clone(), e.ports.clone()));
+                }
+            }
+        }
+        out.retain(|name, _| !last.accepted.defines("ClusterLoadAssignment", name));
+        out
     }
 
     /// How many builds [`Model::configs_changed`] made (tests assert it is
@@ -812,29 +827,20 @@ impl Model {
         if (now_dispatched > 0) != (last.dispatched > 0) {
             return None;
         }
-        // The generated endpoints of the configs whose part in them changes:
-        // the changed ones, and those that were new in the last build (now serving).
-        let services: BTreeSet<ObjKey> = old
+        // Services whose generated endpoints may change: those the changed
+        // configs list (or listed), and those a ClusterLoadAssignment of the
+        // changed configs is named after (a config's own wins).
+        let mut services: BTreeSet<ObjKey> = old
             .iter()
             .chain(&fresh)
-            .chain(last.new.iter().filter_map(|k| last.by_key.get(k)))
             .flat_map(|c| c.translated.eds_services.iter().map(|e| e.service.clone()))
             .collect();
-        let slices = SliceIndex::of_services(objects, &services);
-        let generated = |m: &mut Self, c: &Candidate| -> Vec<(String, EndpointsKey)> {
-            m.generated_of(&c.translated, objects, &slices).into_iter().map(|(r, k)| (r.name.clone(), k)).collect()
-        };
-        let old_generated: Vec<_> = old.iter().map(|c| generated(self, c)).collect();
-        let fresh_generated: Vec<_> = fresh.iter().map(|c| generated(self, c)).collect();
-        let renewed: Vec<ConfigKey> = last.new.iter().filter(|k| !changed.contains_key(*k)).cloned().collect();
-        let mut touched: BTreeSet<String> =
-            old_generated.iter().chain(&fresh_generated).flatten().map(|(n, _)| n.clone()).collect();
-        for k in &renewed {
-            if let Some(c) = last.by_key.get(k).cloned() {
-                touched.extend(generated(self, &c).into_iter().map(|(n, _)| n));
-            }
+        for c in old.iter().chain(&fresh) {
+            let own = c.translated.encoded().iter().filter(|r| r.any.type_url == translate::ENDPOINT);
+            services.extend(own.map(|r| service_of_endpoints(&r.name)));
         }
-        let won_before: Vec<Option<(ConfigKey, EndpointsKey)>> = touched.iter().map(|n| last.generated(n)).collect();
+        let slices = SliceIndex::of_services(objects, &services);
+        let won_before: Vec<_> = services.iter().map(|s| self.generated_for(&last, s, objects, &slices)).collect();
 
         // Out with the old versions, in with the new, each checked against the rest.
         for c in &old {
@@ -846,19 +852,13 @@ impl Model {
             }
             last.accepted.index(c);
         }
-        let old_ports: Vec<BTreeSet<u16>> = old.iter().map(|c| proxy_ports_of(built, c)).collect();
-        for ((c, g), ports) in old.iter().zip(&old_generated).zip(&old_ports) {
-            last.count(c, g, ports, false);
+        for c in &old {
+            last.count(c, &proxy_ports_of(built, c), false);
             last.by_key.remove(&c.key);
         }
-        for k in &renewed {
-            if let Some(c) = last.by_key.get_mut(k) {
-                c.priority = Priority::Serving;
-            }
-        }
-        for (c, g) in fresh.iter().zip(&fresh_generated) {
+        for c in &fresh {
             // Ports come with the emit, below.
-            last.count(c, g, &BTreeSet::new(), true);
+            last.count(c, &BTreeSet::new(), true);
             last.by_key.insert(c.key.clone(), c.clone());
         }
         // Names the old versions provided and nothing provides now: who used them is checked again.
@@ -869,9 +869,10 @@ impl Model {
                     lost.push((kind, name.clone()));
                 }
             }
-            for name in eds_names(&c.translated) {
-                if !last.eds_known.contains_key(&name) {
-                    lost.push(("ClusterLoadAssignment", name));
+            for e in &c.translated.eds_services {
+                if !last.eds.contains_key(&e.service) {
+                    lost.push(("ClusterLoadAssignment", e.service.to_string()));
+                    lost.push(("ClusterLoadAssignment", format!("{}:*", e.service)));
                 }
             }
         }
@@ -931,7 +932,7 @@ impl Model {
             let cfg = changed.get(&c.key).copied().flatten();
             self.emit_config(built, c, &cx, cfg, &mut in_use);
             let ports = proxy_ports_of(built, c);
-            last.count(c, &[], &ports, true);
+            last.count(c, &ports, true);
         }
         built.proxy_ports = last.proxy_ports.keys().copied().collect();
         // Ports of listeners that took none now, or are gone.
@@ -950,50 +951,59 @@ impl Model {
             }
         }
         // Generated endpoints whose winner, or whose being generated, changed.
-        for (name, before) in touched.iter().zip(won_before) {
-            let after = last.generated(name);
-            if before != after {
-                if let Some((_, (service, ports))) = &before
-                    && let Some(lists) = self.generated_endpoints.get_mut(service)
-                {
-                    if let Some(names) = lists.get_mut(ports) {
-                        names.retain(|n| n != name);
-                        if names.is_empty() {
-                            lists.remove(ports);
+        for (service, before) in services.iter().zip(won_before) {
+            let after = self.generated_for(&last, service, objects, &slices);
+            let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+            for name in names {
+                let (was, is) = (before.get(name), after.get(name));
+                if was != is {
+                    if let Some((_, ports)) = was
+                        && let Some(lists) = self.generated_endpoints.get_mut(service)
+                    {
+                        if let Some(names) = lists.get_mut(ports) {
+                            names.retain(|n| n != name);
+                            if names.is_empty() {
+                                lists.remove(ports);
+                            }
+                        }
+                        if lists.is_empty() {
+                            self.generated_endpoints.remove(service);
                         }
                     }
-                    if lists.is_empty() {
-                        self.generated_endpoints.remove(service);
+                    if let Some((_, ports)) = is {
+                        let names = self
+                            .generated_endpoints
+                            .entry(service.clone())
+                            .or_default()
+                            .entry(ports.clone())
+                            .or_default();
+                        if let Err(at) = names.binary_search(name) {
+                            names.insert(at, name.clone());
+                        }
                     }
                 }
-                if let Some((_, (service, ports))) = &after {
-                    let names =
-                        self.generated_endpoints.entry(service.clone()).or_default().entry(ports.clone()).or_default();
-                    if let Err(at) = names.binary_search(name) {
-                        names.insert(at, name.clone());
+                match is {
+                    Some((_, ports)) => {
+                        let resources = self.endpoints(service, ports, objects, &slices);
+                        if let Some(r) = resources.iter().find(|r| r.name == **name) {
+                            built.xds.put_shared(r.clone());
+                        }
+                    }
+                    None => {
+                        if let Some(m) = built.xds.types.get_mut(translate::ENDPOINT)
+                            && m.get(name.as_str()).is_some_and(|r| r.owner.is_none())
+                        {
+                            m.remove(name.as_str());
+                        }
                     }
                 }
-            }
-            match after {
-                Some((_, (service, ports))) => {
-                    let resources = self.endpoints(&service, &ports, objects, &slices);
-                    if let Some(r) = resources.iter().find(|r| r.name == *name) {
-                        built.xds.put_shared(r.clone());
-                    }
-                }
-                None if !last.accepted.defines("ClusterLoadAssignment", name) => {
-                    if let Some(m) = built.xds.types.get_mut(translate::ENDPOINT) {
-                        m.remove(name);
-                    }
-                }
-                None => {}
             }
         }
         if let Some(cache) = self.endpoints.as_mut() {
             for e in old.iter().flat_map(|c| &c.translated.eds_services) {
-                let key = (e.service.clone(), e.ports.clone());
-                if !last.eds_used.contains_key(&key) {
-                    cache.remove(&key);
+                let users = last.eds.get(&e.service).into_iter().flatten().filter_map(|k| last.by_key.get(k));
+                if !users.flat_map(|c| &c.translated.eds_services).any(|u| u == e) {
+                    cache.remove(&(e.service.clone(), e.ports.clone()));
                 }
             }
         }
@@ -1030,7 +1040,6 @@ impl Model {
         }
         built.xds.types.retain(|_, m| !m.is_empty());
         last.dispatched = now_dispatched;
-        last.new = fresh.iter().filter(|c| c.priority == Priority::New).map(|c| c.key.clone()).collect();
         self.ports.flush();
         self.last = Some(last);
         self.changes_followed += 1;
@@ -1095,9 +1104,8 @@ impl Model {
         objects: &Objects,
         specs: &BTreeMap<ConfigKey, &EnvoyConfig>,
         node: &NodeInfo,
-    ) -> (Option<u16>, HashMap<String, BTreeMap<ConfigKey, EndpointsKey>>) {
+    ) -> Option<u16> {
         let mut listeners_in_use = BTreeSet::new();
-        let mut providers: HashMap<String, BTreeMap<ConfigKey, EndpointsKey>> = HashMap::new();
         // Generated ClusterLoadAssignments, with the (Service, selected ports) each is of.
         let mut eds: BTreeMap<String, (Arc<Resource>, EndpointsKey)> = BTreeMap::new();
         let mut eds_used = std::collections::HashSet::new();
@@ -1120,11 +1128,6 @@ impl Model {
         let cx = EmitCx { objects, node, pinned: &pinned, dispatch };
         for c in accepted {
             self.emit_config(built, c, &cx, specs.get(&c.key).copied(), &mut listeners_in_use);
-            for (r, key) in self.generated_of(&c.translated, objects, &slices) {
-                providers.entry(r.name.clone()).or_default().insert(c.key.clone(), key.clone());
-                eds.entry(r.name.clone()).or_insert((r, key));
-            }
-            eds_used.extend(c.translated.eds_services.iter().map(|e| (e.service.clone(), e.ports.clone())));
             // Secrets the config references that Kubernetes holds.
             for (_, name) in &c.translated.references.secrets {
                 if built.xds.contains(translate::SECRET, name) {
@@ -1134,6 +1137,17 @@ impl Model {
                     built.xds.put(Resource::new(name.clone(), &s, None));
                 }
             }
+        }
+        // A generated ClusterLoadAssignment several configs list goes as the
+        // first of them (by name) lists it: the same from one build to the
+        // next, whichever of them changed.
+        let mut by_key: Vec<&Candidate> = accepted.iter().collect();
+        by_key.sort_by(|a, b| a.key.cmp(&b.key));
+        for c in by_key {
+            for (r, key) in self.generated_of(&c.translated, objects, &slices) {
+                eds.entry(r.name.clone()).or_insert((r, key));
+            }
+            eds_used.extend(c.translated.eds_services.iter().map(|e| (e.service.clone(), e.ports.clone())));
         }
         self.generated_endpoints.clear();
         for (r, (service, ports)) in eds.into_values() {
@@ -1161,7 +1175,7 @@ impl Model {
         }
         self.ports.release_others(&listeners_in_use);
         built.proxy_ports.sort();
-        (dispatch, providers)
+        dispatch
     }
 
     /// One accepted config's part of the build: its listeners (shaped for
@@ -1349,20 +1363,12 @@ struct Last {
     /// The accepted candidates' index (its list empty: see `by_key`).
     accepted: Accepted,
     by_key: HashMap<ConfigKey, Candidate>,
-    /// Configs that were new or changed in that build: the next one has
-    /// them serving (which decides what generated endpoints they win).
-    new: Vec<ConfigKey>,
-    /// (kind, name) -> the accepted configs that reference it. A
-    /// reference to endpoints `<svc>:<port>` is also under `<svc>:*`.
-    users: HashMap<(&'static str, String), HashSet<ConfigKey>>,
-    /// Endpoints names EDS Services provide (`<ns>/<svc>`, `<ns>/<svc>:*`):
-    /// how many accepted configs do.
-    eds_known: HashMap<String, usize>,
-    /// Generated ClusterLoadAssignment name -> the accepted configs that
-    /// generate it, with the (Service, selected ports) each has it of.
-    providers: HashMap<String, BTreeMap<ConfigKey, EndpointsKey>>,
-    /// (Service, selected ports) -> how many accepted configs list it.
-    eds_used: HashMap<EndpointsKey, usize>,
+    /// (kind, name) -> the accepted configs that reference it and do not
+    /// define it themselves (see [`foreign_references`]).
+    users: HashMap<(&'static str, String), Vec<ConfigKey>>,
+    /// Service -> the accepted configs that list it among their EDS
+    /// Services (`services`, `backendServices`).
+    eds: HashMap<ObjKey, Vec<ConfigKey>>,
     /// Proxy port -> how many accepted configs' redirects hand to it.
     proxy_ports: BTreeMap<u16, usize>,
     dispatch: Option<u16>,
@@ -1375,78 +1381,73 @@ struct Last {
 /// Kinds of referenced names, as [`named`] calls them.
 const REFERENCED: [&str; 4] = ["RouteConfiguration", "Cluster", "ClusterLoadAssignment", "Secret"];
 
-/// A config's references by kind, as [`Last::users`] keys them.
-fn referenced(t: &Translated) -> impl Iterator<Item = (&'static str, String)> + '_ {
+/// A config's references to names it does not provide itself, by kind, as
+/// [`Last::users`] keys them; a reference to endpoints `<svc>:<port>` is
+/// also under `<svc>:*`. (A name a config provides itself cannot go while
+/// the config stays: no other config may define it.)
+fn foreign_references(t: &Translation) -> Vec<(&'static str, String)> {
+    let own: HashSet<(&str, &str)> = named(t).into_iter().map(|(k, n)| (k, n.as_str())).collect();
+    let eds: HashSet<String> =
+        t.eds_services.iter().flat_map(|e| [e.service.to_string(), format!("{}:*", e.service)]).collect();
     let r = &t.references;
     let lists = [&r.routes, &r.clusters, &r.endpoints, &r.secrets];
-    REFERENCED.into_iter().zip(lists).flat_map(|(kind, list)| {
-        list.iter().flat_map(move |(_, name)| {
-            let any_port = (kind == "ClusterLoadAssignment")
-                .then(|| name.rsplit_once(':').map(|(svc, _)| format!("{svc}:*")))
-                .flatten();
-            std::iter::once((kind, name.clone())).chain(any_port.map(|n| (kind, n)))
-        })
-    })
+    let mut out = Vec::new();
+    for (kind, list) in REFERENCED.into_iter().zip(lists) {
+        for (_, name) in list {
+            let endpoints = kind == "ClusterLoadAssignment";
+            let any_port = name.rsplit_once(':').filter(|_| endpoints).map(|(svc, _)| format!("{svc}:*"));
+            let by_eds = endpoints && (eds.contains(name) || any_port.as_ref().is_some_and(|a| eds.contains(a)));
+            if own.contains(&(kind, name.as_str())) || by_eds {
+                continue;
+            }
+            out.push((kind, name.clone()));
+            out.extend(any_port.map(|n| (kind, n)));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
-/// The endpoints names a config's EDS Services provide.
-fn eds_names(t: &Translated) -> impl Iterator<Item = String> + '_ {
-    t.eds_services.iter().flat_map(|e| [e.service.to_string(), format!("{}:*", e.service)])
+/// The Service an endpoints name (`<ns>/<svc>`, `<ns>/<svc>:<port>`,
+/// `<ns>/<svc>:*`) is of.
+fn service_of_endpoints(name: &str) -> ObjKey {
+    let base = match name.rsplit_once(':') {
+        Some((base, port)) if port == "*" || port.parse::<u16>().is_ok() => base,
+        _ => name,
+    };
+    let (ns, n) = base.split_once('/').unwrap_or(("", base));
+    ObjKey::new(ns, n)
 }
 
 impl Last {
-    /// The generated endpoints name's winner: the first of its configs in
-    /// the order a build accepts them.
-    fn winner(&self, name: &str) -> Option<(ConfigKey, EndpointsKey)> {
-        let of = self.providers.get(name)?;
-        let rank = |k: &ConfigKey| self.by_key.get(k).map_or(Priority::New, |c| c.priority);
-        of.iter().min_by(|a, b| (rank(a.0), a.0).cmp(&(rank(b.0), b.0))).map(|(k, e)| (k.clone(), e.clone()))
-    }
-
-    /// The winner of a generated endpoints name that no config defines.
-    fn generated(&self, name: &str) -> Option<(ConfigKey, EndpointsKey)> {
-        if self.accepted.defines("ClusterLoadAssignment", name) { None } else { self.winner(name) }
-    }
-
-    /// Adds (+1) or takes out (-1) an accepted config's references, EDS
-    /// names, generated endpoints and proxy ports.
-    fn count(&mut self, c: &Candidate, generated: &[(String, EndpointsKey)], ports: &BTreeSet<u16>, add: bool) {
-        fn bump<K: std::hash::Hash + Eq>(m: &mut HashMap<K, usize>, k: K, add: bool) {
+    /// Adds or takes out an accepted config's references, EDS Services
+    /// and proxy ports.
+    fn count(&mut self, c: &Candidate, ports: &BTreeSet<u16>, add: bool) {
+        let t = &c.translated;
+        for name in foreign_references(t) {
             if add {
-                *m.entry(k).or_default() += 1;
-            } else if let std::collections::hash_map::Entry::Occupied(mut e) = m.entry(k) {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
+                let users = self.users.entry(name).or_default();
+                if !users.contains(&c.key) {
+                    users.push(c.key.clone());
+                }
+            } else if let std::collections::hash_map::Entry::Occupied(mut e) = self.users.entry(name) {
+                e.get_mut().retain(|o| *o != c.key);
+                if e.get().is_empty() {
                     e.remove();
                 }
             }
         }
-        let t = &c.translated;
-        for name in referenced(t) {
-            let users = self.users.entry(name.clone()).or_default();
-            if add {
-                users.insert(c.key.clone());
-            } else {
-                users.remove(&c.key);
-                if users.is_empty() {
-                    self.users.remove(&name);
-                }
-            }
-        }
-        for name in eds_names(t) {
-            bump(&mut self.eds_known, name, add);
-        }
         for e in &t.eds_services {
-            bump(&mut self.eds_used, (e.service.clone(), e.ports.clone()), add);
-        }
-        for (name, key) in generated {
-            let of = self.providers.entry(name.clone()).or_default();
             if add {
-                of.entry(c.key.clone()).or_insert_with(|| key.clone());
-            } else {
-                of.remove(&c.key);
-                if of.is_empty() {
-                    self.providers.remove(name);
+                let users = self.eds.entry(e.service.clone()).or_default();
+                if !users.contains(&c.key) {
+                    users.push(c.key.clone());
+                }
+            } else if let Some(users) = self.eds.get_mut(&e.service) {
+                users.retain(|o| *o != c.key);
+                if users.is_empty() {
+                    self.eds.remove(&e.service);
                 }
             }
         }
@@ -1481,7 +1482,10 @@ impl Provides for LastKnown<'_> {
         BOOTSTRAP_CLUSTERS.contains(&name) || self.last.accepted.defines("Cluster", name)
     }
     fn endpoints(&self, name: &str) -> bool {
-        self.last.eds_known.contains_key(name) || self.last.accepted.defines("ClusterLoadAssignment", name)
+        // An EDS Service provides `<ns>/<svc>` and `<ns>/<svc>:*`.
+        let base = name.strip_suffix(":*").unwrap_or(name);
+        let (ns, n) = base.split_once('/').unwrap_or(("", base));
+        self.last.eds.contains_key(&ObjKey::new(ns, n)) || self.last.accepted.defines("ClusterLoadAssignment", name)
     }
     fn secret(&self, name: &str) -> bool {
         let (ns, n) = name.split_once('/').unwrap_or(("", name));
