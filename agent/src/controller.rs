@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use imbl::ordmap::DiffItem;
 use serde::Serialize;
 
 use crate::{
@@ -153,13 +154,21 @@ pub struct ControlStatus {
     pub envoy_connected: bool,
     /// "delta" or "state-of-the-world", as Envoy's stream is.
     pub xds_mode: Option<&'static str>,
-    pub objects: Vec<ObjectState>,
+    /// Shared from report to report while no object's state changes (an
+    /// endpoint change, or Envoy's ACKs of it, copy none of 10,000).
+    #[serde(serialize_with = "listed")]
+    pub objects: Arc<[ObjectState]>,
     /// Documents of the objects directory that could not be read.
     pub source_problems: Vec<String>,
     /// Things the datapath snapshot could not represent.
     pub state_problems: Vec<String>,
     /// The Services that asked for HTTP visibility, and what became of it.
     pub l7_visibility: VisibilityReport,
+}
+
+/// Serializes the shared list as a list.
+fn listed<S: serde::Serializer>(objects: &Arc<[ObjectState]>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(objects.iter())
 }
 
 /// The proxy ports of the listeners the policies need, as the build gave them.
@@ -230,6 +239,9 @@ pub struct Controller {
     endpoints_only: Option<BTreeSet<ObjKey>>,
     /// The datapath snapshot last made, what an endpoint change patches.
     last_snapshot: Option<Arc<Snapshot>>,
+    /// The objects' states as [`Controller::status`] last listed them; None
+    /// once a build or Envoy's answers may have changed one.
+    listed: Option<Arc<[ObjectState]>>,
     /// False: every build is a full build (the oracle in tests).
     incremental: bool,
 }
@@ -266,6 +278,7 @@ impl Controller {
             generated: Vec::new(),
             endpoints_only: None,
             last_snapshot: None,
+            listed: None,
             incremental: true,
         }
     }
@@ -357,7 +370,11 @@ impl Controller {
             }
             _ => None,
         };
-        let built = built.unwrap_or_else(|| self.build_whole());
+        let built = built.unwrap_or_else(|| {
+            // Any build but an endpoint change's may change any object's state.
+            self.listed = None;
+            self.build_whole()
+        });
         self.endpoints_only = Some(BTreeSet::new());
         self.last_snapshot = Some(built.0.clone());
         built
@@ -379,6 +396,9 @@ impl Controller {
         // changes, and an ACK of the old version is not one of the new.
         for (old, new) in &replaced {
             self.acks.replaced(translate::ENDPOINT, old, new);
+            if old.owner.is_some() || new.owner.is_some() {
+                self.listed = None;
+            }
         }
         self.version += 1;
         self.live_changed = false;
@@ -492,6 +512,7 @@ impl Controller {
                 // A new Envoy starts empty: it has to ACK everything again.
                 self.acks.clear();
                 self.acked_version.clear();
+                self.listed = None;
                 false
             }
             AdsEvent::Ack { type_url, resources, .. } => {
@@ -500,6 +521,9 @@ impl Controller {
                 // waiting ones, if it completed the dispatcher).
                 let dispatcher_was_in = dispatcher_in(&self.built, &self.acks);
                 let completed = self.acks.ack(&type_url, resources, &self.built.xds);
+                if !completed.is_empty() {
+                    self.listed = None;
+                }
                 for k in &completed {
                     self.model.confirm(k);
                     if !self.acked_version.contains_key(k) {
@@ -520,6 +544,7 @@ impl Controller {
                     let why = format!("{what}: {message}");
                     self.model.nack(key, &cfg.spec, why.clone());
                     self.nacked.insert(key.clone(), why);
+                    self.listed = None;
                 }
                 if !owners.is_empty() {
                     self.endpoints_only = None;
@@ -558,26 +583,17 @@ impl Controller {
         )
     }
 
-    /// The status of every object.
-    pub fn status(&self, state_problems: &[String]) -> ControlStatus {
-        let objects = self
-            .built
-            .statuses
-            .iter()
-            .map(|(k, st)| {
-                let in_snapshot = self.acks.owns(k);
-                let envoy = if let (Some(m), true) = (self.nacked.get(k), !st.problems.is_empty()) {
-                    EnvoyAck::Nacked { message: m.clone() }
-                } else if !in_snapshot {
-                    EnvoyAck::NotApplied
-                } else if let Some(v) = self.acked_version.get(k) {
-                    EnvoyAck::Acknowledged { version: *v }
-                } else {
-                    EnvoyAck::Pending
-                };
-                ObjectState { config: st.clone(), envoy }
-            })
-            .collect();
+    /// The status of every object: listed again only if a state changed
+    /// since the last call.
+    pub fn status(&mut self, state_problems: &[String]) -> ControlStatus {
+        let objects = match &self.listed {
+            Some(listed) => listed.clone(),
+            None => {
+                let listed: Arc<[ObjectState]> = self.list_objects().into();
+                self.listed = Some(listed.clone());
+                listed
+            }
+        };
         ControlStatus {
             version: self.version,
             source_generation: self.source_generation,
@@ -597,6 +613,27 @@ impl Controller {
         }
     }
 
+    /// Every object's state, from the build and what Envoy said of it.
+    fn list_objects(&self) -> Vec<ObjectState> {
+        self.built
+            .statuses
+            .iter()
+            .map(|(k, st)| {
+                let in_snapshot = self.acks.owns(k);
+                let envoy = if let (Some(m), true) = (self.nacked.get(k), !st.problems.is_empty()) {
+                    EnvoyAck::Nacked { message: m.clone() }
+                } else if !in_snapshot {
+                    EnvoyAck::NotApplied
+                } else if let Some(v) = self.acked_version.get(k) {
+                    EnvoyAck::Acknowledged { version: *v }
+                } else {
+                    EnvoyAck::Pending
+                };
+                ObjectState { config: st.clone(), envoy }
+            })
+            .collect()
+    }
+
     /// The model's latest build.
     pub fn built(&self) -> &Built {
         &self.built
@@ -604,25 +641,34 @@ impl Controller {
 }
 
 /// Whether `new` holds the very config documents `old` does (sources hand
-/// over an unchanged document as the same `Arc`).
+/// over an unchanged document as the same `Arc`, and unchanged documents as
+/// a clone of the same vector).
 fn same_documents(old: &Loaded, new: &Loaded) -> bool {
-    old.configs.len() == new.configs.len() && old.configs.iter().zip(&new.configs).all(|(a, b)| Arc::ptr_eq(a, b))
+    old.configs.ptr_eq(&new.configs)
+        || old.configs.len() == new.configs.len()
+            && old.configs.iter().zip(&new.configs).all(|(a, b)| Arc::ptr_eq(a, b))
 }
 
 /// The Services whose endpoints alone changed from `old` to `new`: those
 /// of the EndpointSlices and Endpoints objects that were added, removed or
 /// replaced. None if anything else changed (a config document, any object of
 /// another kind). Sources hand over an unchanged object or document as the
-/// same `Arc`, so this compares pointers.
+/// same `Arc`, and their collections sharing what did not change: this costs
+/// what changed (`diff` skips what the two share and compares pointers).
 fn endpoint_changes(old: &Loaded, new: &Loaded) -> Option<BTreeSet<ObjKey>> {
     fn same<T>(a: &Collection<T>, b: &Collection<T>) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|((ka, a), (kb, b))| ka == kb && Arc::ptr_eq(a, b))
+        a.diff(b).next().is_none()
     }
     /// The objects added, removed or replaced (the old and the new one).
     fn changed<'a, T>(a: &'a Collection<T>, b: &'a Collection<T>) -> Vec<(&'a ObjKey, &'a T)> {
-        let gone = a.iter().filter(|(k, x)| !b.get(*k).is_some_and(|y| Arc::ptr_eq(x, y)));
-        let came = b.iter().filter(|(k, y)| !a.get(*k).is_some_and(|x| Arc::ptr_eq(x, y)));
-        gone.chain(came).map(|(k, x)| (k, &x.object)).collect()
+        let mut out = Vec::new();
+        for d in a.diff(b) {
+            match d {
+                DiffItem::Add(k, x) | DiffItem::Remove(k, x) => out.push((k, &x.object)),
+                DiffItem::Update { old: (k, x), new: (_, y) } => out.extend([(k, &x.object), (k, &y.object)]),
+            }
+        }
+        out
     }
     if !same_documents(old, new) {
         return None;
@@ -908,7 +954,7 @@ spec:
                 acknowledged.sort();
                 assert_eq!(acknowledged, in_envoy, "{at}");
                 assert_eq!(c.live, live, "{at}");
-                for o in c.status(&[]).objects {
+                for o in c.status(&[]).objects.iter() {
                     let key = c.built.statuses.iter().find(|(_, s)| s.object == o.config.object).map(|(k, _)| k);
                     let complete = key.and_then(|k| complete.get(k)) == Some(&true);
                     if !matches!(o.envoy, EnvoyAck::Nacked { .. } | EnvoyAck::NotApplied) {
@@ -1040,8 +1086,8 @@ spec:
                 assert!(fast.built == whole.built, "{at}\nfast: {:#?}\nwhole: {:#?}", fast.built, whole.built);
                 assert_eq!(snap_a, snap_b, "{at}");
                 assert_eq!(pub_a.xds, pub_b.xds, "{at}");
-                let report = |c: &Controller| serde_json::to_value(c.status(&[])).unwrap();
-                assert_eq!(report(&fast), report(&whole), "{at}");
+                let report = |c: &mut Controller| serde_json::to_value(c.status(&[])).unwrap();
+                assert_eq!(report(&mut fast), report(&mut whole), "{at}");
             }
         }
         assert!(patched_some > 20, "endpoint changes were patched {patched_some} times");
@@ -1074,9 +1120,9 @@ spec:
         // web's document as it was (the same Arc), api's edited, a third added, in another order.
         let edited = read(&text(2));
         let mut next = Loaded::default();
-        next.configs.push(edited.configs[1].clone());
-        next.configs.push(again.configs[0].clone());
-        next.configs.push(read(&config("third", "web", "default/web", 1)).configs[0].clone());
+        next.configs.push_back(edited.configs[1].clone());
+        next.configs.push_back(again.configs[0].clone());
+        next.configs.push_back(read(&config("third", "web", "default/web", 1)).configs[0].clone());
         let expected = parse_all(&next);
         assert_eq!(expected.len(), 3);
         c.load(next);
@@ -1100,11 +1146,11 @@ spec:
         );
         assert_ne!(annotated, SERVICES);
         let generated = "EnvoyConfig default/weft:l7:web";
-        let listed = |c: &Controller| c.status(&[]).objects.iter().any(|o| o.config.object == generated);
+        let listed = |c: &mut Controller| c.status(&[]).objects.iter().any(|o| o.config.object == generated);
         let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
         load(&mut c, SERVICES);
         let (snap, _) = c.build();
-        assert!(handed(&snap).is_empty() && !listed(&c));
+        assert!(handed(&snap).is_empty() && !listed(&mut c));
         ack_all(&mut c);
 
         load(&mut c, &annotated);
@@ -1165,7 +1211,7 @@ spec:
         }
         assert!(c.retirement_due());
         let (snap, published) = c.build();
-        assert!(handed(&snap).is_empty() && !listed(&c) && c.status(&[]).l7_visibility.retiring.is_empty());
+        assert!(handed(&snap).is_empty() && !listed(&mut c) && c.status(&[]).l7_visibility.retiring.is_empty());
         let left: Vec<_> =
             published.xds.types.values().flat_map(|m| m.keys()).filter(|n| n.contains("weft:l7")).collect();
         assert!(left.is_empty(), "{left:?}");
@@ -1332,10 +1378,31 @@ mod profile {
         }
     }
 
+    /// Takes in what a source handed over and builds: how long the load,
+    /// the build and the status took, and what they made.
+    fn take_in(c: &mut Controller, handed: yaml::Loaded) -> String {
+        let t_load = Instant::now();
+        c.load(handed);
+        let t_build = Instant::now();
+        let (snap, published) = c.build();
+        let t_status = Instant::now();
+        let status = c.status(&[]);
+        let t_end = Instant::now();
+        format!(
+            "load {:?}, build {:?}, status {:?} ({} objects, {} resources, {} services)",
+            t_build - t_load,
+            t_status - t_build,
+            t_end - t_status,
+            status.objects.len(),
+            published.xds.types.values().map(|m| m.len()).sum::<usize>(),
+            snap.services.len(),
+        )
+    }
+
     #[test]
     #[ignore]
     fn one_change_with_many_configs_loaded() {
-        let n: usize = std::env::var("WEFT_PROFILE_CONFIGS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+        let n = crate::profile_memory::configs_wanted();
         let mut text = String::new();
         for i in 0..n {
             text.push_str(&crate::xds::envoyconfig::bench_service(i));
@@ -1372,24 +1439,9 @@ mod profile {
                 world.configs[i] = edited.configs[0].clone();
             }
             let handed = again(&world);
-            let t_load = Instant::now();
-            c.load(handed);
-            let t_build = Instant::now();
-            let (snap, published) = c.build();
-            let t_status = Instant::now();
-            let status = c.status(&[]);
-            let t_end = Instant::now();
-            println!(
-                "{} round {round}: hand-over {:?}, load {:?}, build {:?}, status {:?} ({} objects, {} resources, {} services)",
-                if round % 2 == 0 { "slice" } else { "edit" },
-                t_load - t0,
-                t_build - t_load,
-                t_status - t_build,
-                t_end - t_status,
-                status.objects.len(),
-                published.xds.types.values().map(|m| m.len()).sum::<usize>(),
-                snap.services.len(),
-            );
+            let t_handed = t0.elapsed();
+            let took = take_in(&mut c, handed);
+            println!("{} round {round}: hand-over {t_handed:?}, {took}", if round % 2 == 0 { "slice" } else { "edit" });
             ack_all(&mut c);
             whole.load(again(&world));
             let t_whole = Instant::now();
@@ -1397,5 +1449,45 @@ mod profile {
             println!("  the same built whole: {:?}", t_whole.elapsed());
             ack_all(&mut whole);
         }
+    }
+
+    /// One EndpointSlice change as the agent takes it from an objects
+    /// directory, the bench's layout: every object in one file, Service
+    /// `s0`'s EndpointSlice in a file of its own, rewritten each round. The
+    /// source's poll (it reads the changed file and hands over its world),
+    /// the controller's load (and the drop of the world it held), the build
+    /// and the status are timed apart.
+    #[test]
+    #[ignore]
+    fn an_endpoint_change_through_the_directory_source() {
+        let n = crate::profile_memory::configs_wanted();
+        let dir = crate::profile_memory::empty_dir("dirsource");
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&crate::xds::envoyconfig::bench_service(i));
+            if i > 0 {
+                text.push_str(&slice(i, &["10.1.1.12"]));
+            }
+            text.push_str(&config(i, 1));
+        }
+        std::fs::write(dir.join("lab.yaml"), text).unwrap();
+        std::fs::write(dir.join("s0.yaml"), slice(0, &["10.1.1.12"])).unwrap();
+        let mut source = yaml::DirSource::new(dir.clone());
+        let mut c = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
+        c.load(source.poll().expect("the files"));
+        c.build();
+        ack_all(&mut c);
+        c.build();
+        for round in 0..6 {
+            let backends: &[&str] = if round % 2 == 0 { &["10.1.1.12", "10.1.2.11"] } else { &["10.1.1.12"] };
+            std::fs::write(dir.join("s0.yaml"), slice(0, backends)).unwrap();
+            let t0 = Instant::now();
+            let handed = source.poll().expect("s0.yaml changed");
+            let t_poll = t0.elapsed();
+            let took = take_in(&mut c, handed);
+            println!("slice via the directory, round {round}: poll {t_poll:?}, {took}");
+            ack_all(&mut c);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

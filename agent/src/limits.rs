@@ -399,7 +399,7 @@ mod tests {
                     let mut loaded = crate::k8s::yaml::Loaded::default();
                     let doc = crate::k8s::watch::config_doc(&o, &ar);
                     let doc = crate::xds::envoyconfig::ConfigDoc::read(crate::k8s::Origin::Api, &doc);
-                    loaded.configs.push(std::sync::Arc::new(doc));
+                    loaded.configs.push_back(std::sync::Arc::new(doc));
                     crate::validate::verdicts(
                         &loaded,
                         &mut crate::xds::model::Model::new(crate::xds::ports::ProxyPorts::ephemeral()),

@@ -50,13 +50,24 @@ fn phase(name: &str, n: usize) {
     );
 }
 
+/// How many configs a profile loads: `WEFT_PROFILE_CONFIGS`, else 1,000.
+pub(crate) fn configs_wanted() -> usize {
+    std::env::var("WEFT_PROFILE_CONFIGS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000)
+}
+
+/// An empty directory of this process for a profile's files.
+pub(crate) fn empty_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-profile-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[test]
 #[ignore]
 fn memory_with_many_configs_written_at_once() {
-    let n: usize = std::env::var("WEFT_PROFILE_CONFIGS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
-    let dir = std::env::temp_dir().join(format!("weft-profile-memory-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let n = configs_wanted();
+    let dir = empty_dir("memory");
     std::fs::write(dir.join("objects.yaml"), envoyconfig::bench_objects(0..n)).unwrap();
     println!("{n} configs (with a Service and an EndpointSlice each)\n");
     println!("| phase | heap MiB | heap peak MiB | heap bytes / config | RSS MiB | peak RSS MiB |");

@@ -67,12 +67,15 @@ fn load(dir: &std::path::Path, test: &str) -> Loaded {
     assert!(l.problems.is_empty(), "{:?}", l.problems);
     macro_rules! generation {
         ($($c:ident),*) => { $(
-            for v in l.objects.$c.values_mut() {
-                let mut o = (**v).object.clone();
-                o.metadata.generation.get_or_insert(1);
-                o.metadata.uid.get_or_insert("uid".into());
-                *v = Arc::new(Sourced { origin: v.origin.clone(), object: o });
-            }
+            l.objects.$c = std::mem::take(&mut l.objects.$c)
+                .into_iter()
+                .map(|(k, v)| {
+                    let mut o = v.object.clone();
+                    o.metadata.generation.get_or_insert(1);
+                    o.metadata.uid.get_or_insert("uid".into());
+                    (k, Arc::new(Sourced { origin: v.origin.clone(), object: o }))
+                })
+                .collect();
         )* };
     }
     generation!(gateways, http_routes, grpc_routes);
@@ -122,7 +125,7 @@ fn validated(l: &Loaded, t: &Translation) {
             l.objects.services.insert(key, Arc::new(Sourced { origin: Origin::Api, object: svc.clone() }));
         }
         if let Some(c) = &g.envoy_config {
-            l.configs.push(std::sync::Arc::new(ConfigDoc::read(Origin::Api, c)));
+            l.configs.push_back(std::sync::Arc::new(ConfigDoc::read(Origin::Api, c)));
         }
     }
     for v in validate::verdicts(&l, &mut Model::new(ProxyPorts::ephemeral())) {

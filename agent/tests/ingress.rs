@@ -145,7 +145,7 @@ fn translate(ing: &Ingress) -> Value {
         weft_agent::k8s::ObjKey::new("default", &name),
         std::sync::Arc::new(weft_agent::k8s::Sourced { origin: Origin::Api, object: g.service.clone() }),
     );
-    l.configs.push(std::sync::Arc::new(ConfigDoc::read(Origin::Api, cfg)));
+    l.configs.push_back(std::sync::Arc::new(ConfigDoc::read(Origin::Api, cfg)));
     let verdicts = validate::verdicts(&l, &mut Model::new(ProxyPorts::ephemeral()));
     assert_eq!(verdicts.len(), 1);
     assert!(verdicts[0].problems.is_empty(), "weft's validation: {:#?}", verdicts[0].problems);
@@ -318,7 +318,7 @@ fn shared_mode_puts_every_shared_ingress_behind_one_service() {
     );
     let l = Loaded {
         objects,
-        configs: vec![std::sync::Arc::new(ConfigDoc::read(Origin::Api, &g.envoy_config))],
+        configs: vec![std::sync::Arc::new(ConfigDoc::read(Origin::Api, &g.envoy_config))].into(),
         ..Default::default()
     };
     let v = validate::verdicts(&l, &mut Model::new(ProxyPorts::ephemeral()));

@@ -377,7 +377,8 @@ fn nacked(object: &str, message: &str) -> ControlStatus {
                 listeners: vec![],
             },
             envoy: EnvoyAck::Nacked { message: message.into() },
-        }],
+        }]
+        .into(),
         ..Default::default()
     }
 }

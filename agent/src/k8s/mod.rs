@@ -10,7 +10,7 @@ pub mod source;
 pub mod watch;
 pub mod yaml;
 
-use std::{collections::BTreeMap, fmt, path::Path, sync::Arc};
+use std::{fmt, path::Path, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Endpoints, Namespace, Node, Pod, Secret, Service},
@@ -72,8 +72,35 @@ pub struct Sourced<T> {
     pub object: T,
 }
 
-/// One collection of objects of a kind.
-pub type Collection<T> = BTreeMap<ObjKey, Arc<Sourced<T>>>;
+/// Two are equal when they are the same one. Sources hand over an object
+/// that did not change as the same `Arc`, so this tells what changed (it is
+/// what [`imbl::OrdMap::diff`] compares); comparing contents would cost
+/// what each object holds.
+impl<T> PartialEq for Sourced<T> {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl<T> Eq for Sourced<T> {}
+
+/// One collection of objects of a kind: a persistent map. A source hands
+/// over its whole world as a clone that costs nothing, a change of one
+/// object copies one path of the tree and shares the rest with the last
+/// version, and what changed between two versions is their `diff`, which
+/// skips what they share.
+pub type Collection<T> = imbl::OrdMap<ObjKey, Arc<Sourced<T>>>;
+
+/// Something done to every kind's collection alike: [`Objects::each_kind`]
+/// calls `kind` with each kind's name and the accessors of its collection.
+pub trait EachKind {
+    fn kind<T>(
+        &mut self,
+        name: &'static str,
+        get: fn(&Objects) -> &Collection<T>,
+        get_mut: fn(&mut Objects) -> &mut Collection<T>,
+    );
+}
 
 /// The kinds of typed objects, in one table: (variant and type, kind name,
 /// field of [`Objects`], apiVersions, namespaced). Adding a kind is a line here (and,
@@ -176,6 +203,11 @@ macro_rules! define_objects {
         }
 
         impl Objects {
+            /// Calls `v` with every kind's collection (see [`EachKind`]).
+            pub fn each_kind(v: &mut impl EachKind) {
+                $(v.kind::<$kind>($name, |o| &o.$field, |o| &mut o.$field);)*
+            }
+
             /// Adds every object of `other` (replacing same keys).
             pub fn merge(&mut self, other: &Objects) {
                 $(for (k, v) in &other.$field { self.$field.insert(k.clone(), v.clone()); })*

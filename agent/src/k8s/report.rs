@@ -224,7 +224,8 @@ mod tests {
                 ),
                 object("EnvoyConfig shop/never", 1, Serving::Nothing, &["bad"], EnvoyAck::NotApplied),
                 not_here,
-            ],
+            ]
+            .into(),
             ..Default::default()
         };
         let r = node_status(&status);

@@ -19,7 +19,7 @@ use crate::{config::AgentConfig, controller::ControlStatus};
 pub enum Source {
     /// The objects directory, and its inotify watch (None: inotify refused
     /// it; the control loop's tick polls it).
-    Dir(DirSource, Option<DirWatch>),
+    Dir(Box<DirSource>, Option<DirWatch>),
     Kube(Box<KubeSource>),
 }
 
@@ -72,7 +72,7 @@ impl Source {
     /// must not apply a partial state over the pinned datapath).
     pub async fn start(cfg: &AgentConfig) -> anyhow::Result<Self> {
         if !cfg.kubernetes.enabled {
-            return Ok(Source::Dir(DirSource::new(cfg.objects_dir.clone()), watch_dir(&cfg.objects_dir)));
+            return Ok(Source::Dir(Box::new(DirSource::new(cfg.objects_dir.clone())), watch_dir(&cfg.objects_dir)));
         }
         let client = client(cfg.kubernetes.kubeconfig.as_deref()).await?;
         let mut src =

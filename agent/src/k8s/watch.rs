@@ -166,7 +166,43 @@ struct Shared {
     /// EnvoyConfigs parsed as they come (as a file's are, so messages are
     /// the same), policies as values typed in [`KubeSource::snapshot`].
     configs: Configs,
+    /// What [`KubeSource::snapshot`] made of `configs`, until they change.
+    documents: Option<Documents>,
     stats: BTreeMap<&'static str, KindStats>,
+}
+
+/// The config documents as a [`Loaded`] holds them: the EnvoyConfigs, and
+/// the policies typed (the same objects from snapshot to snapshot, so the
+/// controller sees that they did not change), or the problems they had.
+struct Documents {
+    configs: imbl::Vector<Arc<ConfigDoc>>,
+    policies: Objects,
+    problems: Vec<ParseProblem>,
+}
+
+impl Documents {
+    fn of(configs: &Configs) -> Self {
+        let mut out = Documents { configs: imbl::Vector::new(), policies: Objects::default(), problems: Vec::new() };
+        for (key, held) in configs {
+            let doc = match &held.doc {
+                Held::Config(c) => {
+                    out.configs.push_back(c.clone());
+                    continue;
+                }
+                Held::Policy(doc) => doc,
+            };
+            match Object::from_value(Value::clone(doc)) {
+                Ok(Some(o)) => out.policies.insert(Origin::Api, o),
+                Ok(None) => {}
+                Err(e) => out.problems.push(ParseProblem::new(
+                    Origin::Api,
+                    Some(format!("{} {}/{}", key.0, key.1, key.2)),
+                    DocError::Invalid(e.to_string()),
+                )),
+            }
+        }
+        out
+    }
 }
 
 /// See the module doc.
@@ -320,7 +356,7 @@ fn apply_typed<K: Kind>(coll: &mut Collection<K>, up: Update<K>) -> (u64, u64, u
     let sourced = |o: K| Arc::new(Sourced { origin: Origin::Api, object: o });
     match up {
         Update::Replace(all) => {
-            let mut next: Collection<K> = BTreeMap::new();
+            let mut next: Collection<K> = Collection::new();
             let (mut changes, mut unchanged) = (0, 0);
             for o in all {
                 let k = obj_key(o.as_ref());
@@ -642,7 +678,13 @@ async fn config_watch(
         shared,
         tx,
         |o: &mut DynamicObject| o.metadata.managed_fields = None,
-        move |s: &mut Shared, up| apply_configs(&mut s.configs, &ar2, up),
+        move |s: &mut Shared, up| {
+            let counts = apply_configs(&mut s.configs, &ar2, up);
+            if counts.0 > 0 {
+                s.documents = None;
+            }
+            counts
+        },
     )
     .await
 }
@@ -672,6 +714,7 @@ impl KubeSource {
         let shared = Arc::new(Mutex::new(Shared {
             objects: Objects::default(),
             configs: BTreeMap::new(),
+            documents: None,
             stats: BTreeMap::new(),
         }));
         let (tx, changed) = tokio_watch::channel(0u64);
@@ -795,30 +838,17 @@ impl KubeSource {
         Some(self.snapshot())
     }
 
-    /// Everything held now. Policy documents become typed objects here
-    /// (the same parse as a file's); EnvoyConfigs were parsed as they came.
+    /// Everything held now, as clones of persistent collections: it costs
+    /// what changed since the last one. Policy documents become typed
+    /// objects here (the same parse as a file's), once per change of the
+    /// documents; EnvoyConfigs were parsed as they came.
     pub fn snapshot(&self) -> Loaded {
-        let s = self.shared.lock().unwrap();
-        let mut loaded = Loaded { objects: s.objects.clone(), ..Default::default() };
-        for (key, held) in &s.configs {
-            let doc = match &held.doc {
-                Held::Config(c) => {
-                    loaded.configs.push(c.clone());
-                    continue;
-                }
-                Held::Policy(doc) => doc,
-            };
-            match Object::from_value(Value::clone(doc)) {
-                Ok(Some(o)) => loaded.objects.insert(Origin::Api, o),
-                Ok(None) => {}
-                Err(e) => loaded.problems.push(ParseProblem::new(
-                    Origin::Api,
-                    Some(format!("{} {}/{}", key.0, key.1, key.2)),
-                    DocError::Invalid(e.to_string()),
-                )),
-            }
-        }
-        loaded
+        let mut guard = self.shared.lock().unwrap();
+        let s = &mut *guard;
+        let docs = s.documents.get_or_insert_with(|| Documents::of(&s.configs));
+        let mut objects = s.objects.clone();
+        objects.merge(&docs.policies);
+        Loaded { objects, problems: docs.problems.clone(), ignored: Vec::new(), configs: docs.configs.clone() }
     }
 
     /// Per-kind watcher statistics.
@@ -834,7 +864,7 @@ impl KubeSource {
             r.publish(status);
         }
         let mut now = BTreeMap::new();
-        for o in &status.objects {
+        for o in status.objects.iter() {
             if let EnvoyAck::Nacked { message } = &o.envoy {
                 now.insert(o.config.object.clone(), message.clone());
             }

@@ -3,15 +3,17 @@
 //! skipped; the others are kept.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     sync::Arc,
     time::SystemTime,
 };
 
+use imbl::ordmap::DiffItem;
 use serde_json::Value;
 
-use super::{Object, Objects, Origin};
+use super::{Collection, EachKind, ObjKey, Object, Objects, Origin};
 use crate::{limits, xds::envoyconfig::ConfigDoc};
 
 /// Why a file or a document of it could not be used.
@@ -97,8 +99,9 @@ pub struct Loaded {
     /// EnvoyConfig documents (and Cilium's kinds), each parsed as it was
     /// read (its JSON value is not kept). Shared like the typed objects: a
     /// document that did not change stays the same `Arc`, so the controller
-    /// takes in only documents that did.
-    pub configs: Vec<Arc<ConfigDoc>>,
+    /// takes in only documents that did. A persistent vector, like the
+    /// objects' maps: handed over as a clone that costs nothing.
+    pub configs: imbl::Vector<Arc<ConfigDoc>>,
 }
 
 /// Kinds read into [`Loaded::configs`].
@@ -186,7 +189,7 @@ pub fn load_file(path: &Path, into: &mut Loaded) {
 fn load_value(origin: Origin, v: Value, into: &mut Loaded) {
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
     if CONFIG_KINDS.contains(&kind.as_str()) {
-        into.configs.push(Arc::new(ConfigDoc::read(origin, &v)));
+        into.configs.push_back(Arc::new(ConfigDoc::read(origin, &v)));
         return;
     }
     let what = describe(&v);
@@ -257,25 +260,124 @@ struct CachedFile {
     loaded: Loaded,
 }
 
+type Files = BTreeMap<PathBuf, CachedFile>;
+
 /// A directory of object files, watched by polling. Only files that changed
 /// are read again. A file that no longer parses as YAML keeps its previous
 /// contents, and a document that no longer parses keeps its object's previous
 /// version: bad input is reported and loses nothing that was good.
+///
+/// What the files hold together (an object in a later file, in path order,
+/// wins over one of the same kind and key in an earlier file) is kept from
+/// poll to poll and changed by what the changed files changed: a poll after
+/// one small file changed costs what that file holds, not what the
+/// directory holds, and hands over a world that shares every unchanged part
+/// with the last one.
 pub struct DirSource {
     root: PathBuf,
-    files: std::collections::BTreeMap<PathBuf, CachedFile>,
+    files: Files,
+    world: Loaded,
+    /// Per kind, the keys more than one file holds (usually none): only
+    /// for these does a change look through every file for the winner.
+    shadowed: BTreeMap<&'static str, BTreeSet<ObjKey>>,
+}
+
+/// A file that changed in a poll: its objects before and after (None: no
+/// such file then).
+struct ChangedFile<'a> {
+    path: &'a Path,
+    before: Option<&'a Objects>,
+    after: Option<&'a Objects>,
+}
+
+/// Brings the world's objects of each kind up to date with the changed
+/// files (see [`DirSource`]).
+struct Patch<'a> {
+    world: &'a mut Objects,
+    changed: &'a [ChangedFile<'a>],
+    files: &'a Files,
+    shadowed: &'a mut BTreeMap<&'static str, BTreeSet<ObjKey>>,
+}
+
+/// The files that hold an object of a key, with their version of it.
+type Holders<'a, T> = Vec<(&'a Path, &'a Arc<super::Sourced<T>>)>;
+
+/// The file an object was read from.
+fn file_of(origin: &Origin) -> Option<&Path> {
+    match origin {
+        Origin::File { path, .. } => Some(path),
+        _ => None,
+    }
+}
+
+impl EachKind for Patch<'_> {
+    fn kind<T>(
+        &mut self,
+        name: &'static str,
+        get: fn(&Objects) -> &Collection<T>,
+        get_mut: fn(&mut Objects) -> &mut Collection<T>,
+    ) {
+        // The keys the changed files changed, each with the changed files
+        // that hold it now.
+        let none = Collection::new();
+        let mut touched: BTreeMap<&ObjKey, Holders<T>> = BTreeMap::new();
+        for f in self.changed {
+            let (before, after) = (f.before.map_or(&none, get), f.after.map_or(&none, get));
+            for d in before.diff(after) {
+                match d {
+                    DiffItem::Remove(k, _) => {
+                        touched.entry(k).or_default();
+                    }
+                    DiffItem::Add(k, v) | DiffItem::Update { new: (k, v), .. } => {
+                        touched.entry(k).or_default().push((f.path, v));
+                    }
+                }
+            }
+        }
+        if touched.is_empty() {
+            return;
+        }
+        let shadowed = self.shadowed.entry(name).or_default();
+        let world = get_mut(self.world);
+        for (key, mut holders) in touched {
+            if shadowed.contains(key) {
+                holders = self
+                    .files
+                    .iter()
+                    .filter_map(|(p, c)| Some((p.as_path(), get(&c.loaded.objects).get(key)?)))
+                    .collect();
+            } else if let Some(held) = world.get(key).and_then(|held| file_of(&held.origin))
+                && let Some((path, file)) = self.files.get_key_value(held)
+                && let Some(v) = get(&file.loaded.objects).get(key)
+                && !holders.iter().any(|(p, _)| *p == path.as_path())
+            {
+                // The one file that held it holds it still.
+                holders.push((path.as_path(), v));
+            }
+            match holders.iter().max_by_key(|(p, _)| *p) {
+                Some((_, v)) => drop(world.insert(key.clone(), Arc::clone(v))),
+                None => drop(world.remove(key)),
+            }
+            if holders.len() > 1 {
+                shadowed.insert(key.clone());
+            } else {
+                shadowed.remove(key);
+            }
+        }
+    }
 }
 
 impl DirSource {
     pub fn new(root: PathBuf) -> Self {
-        Self { root, files: Default::default() }
+        Self { root, files: Default::default(), world: Loaded::default(), shadowed: BTreeMap::new() }
     }
 
     /// Reads what changed since the last call; Some(everything) if anything did.
     pub fn poll(&mut self) -> Option<Loaded> {
         let now = fingerprint(&self.root);
         let mut changed = now.len() != self.files.len();
-        let mut next = std::collections::BTreeMap::new();
+        let mut next = BTreeMap::new();
+        let mut read = BTreeSet::new();
         for (path, len, mtime) in now {
             let stamp = (len, mtime);
             if self.files.get(&path).is_some_and(|c| c.stamp == stamp) {
@@ -314,17 +416,81 @@ impl DirSource {
                     kept.problems = problems;
                 }
             }
+            read.insert(path.clone());
             next.insert(path, CachedFile { stamp, loaded: kept });
         }
-        self.files = next;
+        // What is left of the files as they were: the ones read again, and
+        // the ones removed.
+        let before = std::mem::replace(&mut self.files, next);
         if !changed {
             return None;
         }
-        let mut all = Loaded::default();
-        for c in self.files.values() {
-            all.merge(&c.loaded);
+        self.take_in(&before, &read);
+        Some(Loaded {
+            objects: self.world.objects.clone(),
+            problems: self.files.values().flat_map(|c| c.loaded.problems.iter().cloned()).collect(),
+            ignored: self.files.values().flat_map(|c| c.loaded.ignored.iter().cloned()).collect(),
+            configs: self.world.configs.clone(),
+        })
+    }
+
+    /// Brings the world up to date with the files read again (`read`) and
+    /// the ones removed; `before` holds what those held.
+    fn take_in(&mut self, before: &Files, read: &BTreeSet<PathBuf>) {
+        fn held<'a>(files: &'a Files, p: &Path) -> Option<&'a Loaded> {
+            files.get(p).map(|c| &c.loaded)
         }
-        Some(all)
+        let paths: BTreeSet<&Path> = read.iter().chain(before.keys()).map(PathBuf::as_path).collect();
+        let changed: Vec<ChangedFile> = paths
+            .iter()
+            .map(|p| ChangedFile {
+                path: p,
+                before: held(before, p).map(|l| &l.objects),
+                after: held(&self.files, p).map(|l| &l.objects),
+            })
+            .collect();
+        Objects::each_kind(&mut Patch {
+            world: &mut self.world.objects,
+            changed: &changed,
+            files: &self.files,
+            shadowed: &mut self.shadowed,
+        });
+        // The documents, in path order: each changed file's are replaced
+        // where they stand, the last file first so that the places of
+        // the earlier ones stay as they were.
+        let unchanged = self.files.iter().filter(|(p, _)| !read.contains(*p));
+        let was: BTreeMap<&Path, usize> =
+            unchanged.chain(before).map(|(p, c)| (p.as_path(), c.loaded.configs.len())).collect();
+        let mut at = 0;
+        let mut starts = BTreeMap::new();
+        for (p, n) in was {
+            starts.insert(p, at);
+            at += n;
+        }
+        for p in paths.iter().rev() {
+            let empty = imbl::Vector::new();
+            let old = held(before, p).map_or(&empty, |l| &l.configs);
+            let new = held(&self.files, p).map_or(&empty, |l| &l.configs);
+            if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| Arc::ptr_eq(a, b)) {
+                continue;
+            }
+            // A new file's documents go before those of the first file after it.
+            let start = starts
+                .get(p)
+                .copied()
+                .or_else(|| {
+                    starts
+                        .range::<Path, _>((std::ops::Bound::Excluded(*p), std::ops::Bound::Unbounded))
+                        .next()
+                        .map(|(_, at)| *at)
+                })
+                .unwrap_or(at);
+            let configs = &mut self.world.configs;
+            let mut rest = configs.split_off(start);
+            let rest = rest.split_off(old.len());
+            configs.extend(new.iter().cloned());
+            configs.append(rest);
+        }
     }
 }
 
@@ -414,6 +580,80 @@ metadata: {name: web}
         // Removing the file removes its objects.
         fs::remove_file(&f).unwrap();
         assert_eq!(src.poll().unwrap().objects.services.len(), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What the directory's files hold merged anew, as a poll made it before
+    /// the world was kept: Services (key, origin, address) and documents
+    /// (origin, name), in order.
+    fn merged_anew(dir: &Path) -> Seen {
+        let l = load_path(dir).unwrap();
+        seen(&l)
+    }
+
+    /// Services (key, origin, address) and documents (origin, name), in order.
+    type Seen = (Vec<(ObjKey, Origin, Option<String>)>, Vec<(Origin, Option<String>)>);
+
+    fn seen(l: &Loaded) -> Seen {
+        let services = l
+            .objects
+            .services
+            .iter()
+            .map(|(k, v)| (k.clone(), v.origin.clone(), v.object.spec.as_ref().and_then(|s| s.cluster_ip.clone())))
+            .collect();
+        (services, l.configs.iter().map(|d| (d.origin.clone(), d.name.clone())).collect())
+    }
+
+    /// The world a poll hands over, kept and changed by what changed, is
+    /// what merging every file anew gives (a later file's object wins over
+    /// an earlier one's), after every step of random writes and removals of
+    /// files holding the same keys; and what a step did not change stays
+    /// the same `Arc`.
+    #[test]
+    fn the_kept_world_equals_every_file_merged_anew_after_every_random_step() {
+        let dir = std::env::temp_dir().join(format!("weft-dirsource-world-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("sub")).unwrap();
+        let files = ["a.yaml", "b.yaml", "sub/c.yaml", "z.yaml"];
+        let mut rng = crate::xds::acks::tests::Rng(0x5eed_f11e);
+        let mut src = DirSource::new(dir.clone());
+        let mut last: Option<Loaded> = None;
+        for step in 0..300u64 {
+            let file = dir.join(files[rng.below(files.len() as u64) as usize]);
+            if rng.below(5) == 0 {
+                let _ = fs::remove_file(&file);
+            } else {
+                let mut text = String::new();
+                for s in 0..4 {
+                    if rng.below(2) == 0 {
+                        text.push_str(&format!(
+                            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: default}}\nspec: {{clusterIP: 10.96.{step}.{s}}}\n"
+                        ));
+                    }
+                    if rng.below(3) == 0 {
+                        text.push_str(&format!(
+                            "---\napiVersion: weft.io/v1alpha1\nkind: EnvoyConfig\nmetadata: {{name: c{s}, namespace: default}}\nspec: {{resources: []}}\n"
+                        ));
+                    }
+                }
+                fs::write(&file, text).unwrap();
+                // A stamp of its own, however fast the steps come.
+                let when = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + step);
+                fs::File::options().write(true).open(&file).unwrap().set_modified(when).unwrap();
+            }
+            let Some(l) = src.poll() else { continue };
+            assert_eq!(seen(&l), merged_anew(&dir), "step {step}");
+            if let Some(prev) = &last {
+                let changed = |o: &Origin| matches!(o, Origin::File { path, .. } if **path == *file);
+                for (k, v) in &l.objects.services {
+                    if let Some(p) = prev.objects.services.get(k).filter(|p| !changed(&p.origin) && !changed(&v.origin))
+                    {
+                        assert!(Arc::ptr_eq(p, v), "step {step}: {k} changed though its file did not");
+                    }
+                }
+            }
+            last = Some(l);
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -94,7 +94,7 @@ impl ControlLoop {
     }
 
     /// The report as of now.
-    pub fn report(&self, datapath_problems: &[String]) -> ControlReport {
+    pub fn report(&mut self, datapath_problems: &[String]) -> ControlReport {
         ControlReport { control: self.controller.status(datapath_problems), xds: self.xds_counts.clone() }
     }
 

@@ -84,7 +84,8 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
 
     // weft-cni's attachments as the last run left them, when pods come through it.
     let attachments = cfg.cni_socket.as_ref().map(|_| Arc::new(cni::load(&cni::store_path(&cfg.state_dir))));
-    let (control, First { snapshot, published }) = ControlLoop::start(&cfg, open_files, attachments.clone()).await?;
+    let (mut control, First { snapshot, published }) =
+        ControlLoop::start(&cfg, open_files, attachments.clone()).await?;
     let node_ip = snapshot.node_ip.with_context(|| {
         format!(
             "no address for node {}: set node-ip, or add its Node object (status.addresses InternalIP) to {}",

@@ -445,7 +445,7 @@ impl Collector for AgentCollector {
             for s in ["valid", "rejected", "acknowledged", "nacked", "pending", "not_applied"] {
                 counts.insert(s, 0);
             }
-            for o in &st.control.objects {
+            for o in st.control.objects.iter() {
                 *counts.entry(if o.config.problems.is_empty() { "valid" } else { "rejected" }).or_default() += 1;
                 let envoy = match &o.envoy {
                     EnvoyAck::Pending => "pending",
