@@ -744,7 +744,7 @@ mod tests {
                     // Now and then one too large to keep.
                     labels: (0..k % 4)
                         .map(|j| format!("k8s:l{j}=v{k}"))
-                        .chain((k % 97 == 0).then(|| "k".repeat(KEPT_BYTES / 7)))
+                        .chain(k.is_multiple_of(97).then(|| "k".repeat(KEPT_BYTES / 7)))
                         .collect(),
                     identity: (k % 3) as u32 * 1000,
                     ..Default::default()
