@@ -29,7 +29,7 @@ use std::{
 
 use fnv::FnvBuildHasher;
 
-use prost::encoding::{self, WireType, encode_key, encode_varint};
+use prost::encoding::{self, WireType};
 use weft_flow::{
     proto::flow::{self, IpVersion},
     time::timestamp,
@@ -79,6 +79,8 @@ struct Kept {
     endpoints: HashMap<EndpointKey, KeptEndpoint, FnvBuildHasher>,
     /// `flow.Flow`'s fields 37 (node labels) and 41 (emitter), whole.
     node: Option<Box<[u8]>>,
+    /// `flow.Flow`'s field 28 (the interface: index and name) by index.
+    interfaces: HashMap<u32, Box<[u8]>, FnvBuildHasher>,
     /// The summary field of a TCP flow without HTTP, by its TCP flags (all
     /// such a summary says); empty until the first.
     tcp_summaries: Vec<Option<Box<[u8]>>>,
@@ -96,7 +98,9 @@ impl FlowWriter {
 }
 
 fn write_response(ctx: &Context, kept: &mut Kept, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
-    message(out, 1, |out| write_flow(ctx, kept, seq, f, out));
+    // A flow takes 128 bytes or more (its UUID and time alone take 50), and
+    // less than 16 KiB unless its HTTP text is long: two bytes of length.
+    message_in(out, 1, 2, |out| write_flow(ctx, kept, seq, f, out));
     string(out, 1000, &ctx.names.node_name);
     encoding::message::encode(1001, &timestamp(f.time_ns), out);
 }
@@ -148,10 +152,7 @@ fn write_flow(ctx: &Context, kept: &mut Kept, seq: u64, f: &FlowRecord, out: &mu
         encoding::message::encode(26, &reply, out);
     }
     if ev.ifindex != 0 {
-        message(out, 28, |out| {
-            uint(out, 1, ev.ifindex.into());
-            string(out, 2, &ctx.ifname(ev.ifindex));
-        });
+        interface(out, ctx, kept, ev.ifindex);
     }
     uint(out, 29, ev.proxy_port.into());
     if let Some(id) = http.and_then(Http::trace_id) {
@@ -192,6 +193,26 @@ fn write_flow(ctx: &Context, kept: &mut Kept, seq: u64, f: &FlowRecord, out: &mu
     }
 }
 
+/// The interface field (28), kept per index (the context looks a name up
+/// once anyway).
+fn interface(out: &mut Vec<u8>, ctx: &Context, kept: &mut Kept, index: u32) {
+    if let Some(b) = kept.interfaces.get(&index) {
+        out.extend_from_slice(b);
+        return;
+    }
+    let start = out.len();
+    message(out, 28, |out| {
+        uint(out, 1, index.into());
+        string(out, 2, &ctx.ifname(index));
+    });
+    if kept.on {
+        if kept.interfaces.len() >= KEPT_ENDPOINTS {
+            kept.interfaces.clear();
+        }
+        kept.interfaces.insert(index, out[start..].into());
+    }
+}
+
 /// The summary field (100,000): kept per TCP flags for TCP flows without
 /// HTTP, the most common kind; written for the others.
 fn summary(out: &mut Vec<u8>, kept: &mut Kept, f: &FlowRecord) {
@@ -228,10 +249,10 @@ fn endpoint_field(
         message(out, tag, |out| endpoint(out, e.map(|e| &**e), id, identity, cluster));
         return;
     };
-    let key = (Arc::as_ptr(e) as usize, id, identity);
-    if let Some((_, body)) = kept.endpoints.get(&key) {
-        encode_key(tag, WireType::LengthDelimited, out);
-        encode_varint(body.len() as u64, out);
+    let which = (Arc::as_ptr(e) as usize, id, identity);
+    if let Some((_, body)) = kept.endpoints.get(&which) {
+        key(out, tag, WireType::LengthDelimited);
+        varint(out, body.len() as u64);
         out.extend_from_slice(body);
         return;
     }
@@ -239,7 +260,7 @@ fn endpoint_field(
     if kept.endpoints.len() >= KEPT_ENDPOINTS {
         kept.endpoints.clear();
     }
-    kept.endpoints.insert(key, (e.clone(), out[out.len() - len..].into()));
+    kept.endpoints.insert(which, (e.clone(), out[out.len() - len..].into()));
 }
 
 fn endpoint(out: &mut Vec<u8>, e: Option<&EndpointInfo>, id: u16, identity: u32, cluster: &str) {
@@ -294,8 +315,8 @@ fn policy(out: &mut Vec<u8>, p: &PolicyName) {
 /// An unsigned varint field (uint32, uint64), left out when 0.
 fn uint(out: &mut Vec<u8>, tag: u32, v: u64) {
     if v != 0 {
-        encode_key(tag, WireType::Varint, out);
-        encode_varint(v, out);
+        key(out, tag, WireType::Varint);
+        varint(out, v);
     }
 }
 
@@ -318,8 +339,8 @@ fn string(out: &mut Vec<u8>, tag: u32, s: &str) {
 
 /// One string of a repeated field (written even when empty).
 fn text(out: &mut Vec<u8>, tag: u32, s: &str) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(s.len() as u64, out);
+    key(out, tag, WireType::LengthDelimited);
+    varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }
 
@@ -356,27 +377,62 @@ fn ipv4(out: &mut Vec<u8>, tag: u32, a: Ipv4Addr) {
         text[n] = b'0' + octet % 10;
         n += 1;
     }
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(n as u64, out);
+    key(out, tag, WireType::LengthDelimited);
+    varint(out, n as u64);
     out.extend_from_slice(&text[..n]);
 }
 
+/// A varint as prost writes it (`encoding::encode_varint`), inline: most
+/// take one byte.
+#[inline]
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A field's key as prost writes it (`encoding::encode_key`).
+#[inline]
+fn key(out: &mut Vec<u8>, tag: u32, wire_type: WireType) {
+    varint(out, u64::from(tag << 3 | wire_type as u32));
+}
+
 /// A length-delimited field whose contents `body` appends; returns their
-/// length. One byte is kept for the length (most are shorter than 128), and
-/// the contents move up when it needs more.
+/// length. One byte is kept for the length (most are shorter than 128).
 fn message(out: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) -> usize {
-    encode_key(tag, WireType::LengthDelimited, out);
+    message_in(out, tag, 1, body)
+}
+
+/// [`message`] keeping `room` bytes (1 or 2) for the length: the contents
+/// move down when it needs fewer, up when it needs more.
+fn message_in(out: &mut Vec<u8>, tag: u32, room: usize, body: impl FnOnce(&mut Vec<u8>)) -> usize {
+    key(out, tag, WireType::LengthDelimited);
     let at = out.len();
-    out.push(0);
+    out.extend_from_slice(&[0, 0][..room]);
     body(out);
-    let len = out.len() - at - 1;
-    if len < 0x80 {
+    let len = out.len() - at - room;
+    if room == 1 && len < 0x80 {
         out[at] = len as u8;
-    } else {
-        let mut bytes = [0u8; 10];
-        encode_varint(len as u64, &mut &mut bytes[..]);
-        let n = encoding::encoded_len_varint(len as u64);
-        out.splice(at..at + 1, bytes[..n].iter().copied());
+        return len;
+    }
+    let mut length = [0u8; 10];
+    let n = {
+        let mut rest = &mut length[..];
+        encoding::encode_varint(len as u64, &mut rest);
+        10 - rest.len()
+    };
+    match n.cmp(&room) {
+        std::cmp::Ordering::Equal => out[at..at + n].copy_from_slice(&length[..n]),
+        std::cmp::Ordering::Less => {
+            out.copy_within(at + room.., at + n);
+            out.truncate(out.len() - (room - n));
+            out[at..at + n].copy_from_slice(&length[..n]);
+        }
+        std::cmp::Ordering::Greater => {
+            out.splice(at..at + room, length[..n].iter().copied());
+        }
     }
     len
 }
@@ -736,16 +792,31 @@ mod tests {
     }
 
     /// A field's length takes as many bytes as it needs, and the field's
-    /// contents move up past it.
+    /// contents move up past it (or down, when fewer than kept will do).
     #[test]
     fn lengths_take_the_bytes_they_need() {
-        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 100_000] {
-            let mut out = vec![0xaa];
-            let s = "z".repeat(len);
-            let written = message(&mut out, 3, |out| out.extend_from_slice(s.as_bytes()));
-            let mut want = vec![0xaa];
-            encoding::string::encode(3, &s, &mut want);
-            assert_eq!((written, out), (len, want), "{len}");
+        for room in [1, 2] {
+            for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 100_000, 2_097_152] {
+                let mut out = vec![0xaa];
+                let s = "z".repeat(len);
+                let written = message_in(&mut out, 3, room, |out| out.extend_from_slice(s.as_bytes()));
+                let mut want = vec![0xaa];
+                encoding::string::encode(3, &s, &mut want);
+                assert_eq!((written, out), (len, want), "{len} in {room}");
+            }
+        }
+        // Varints and keys as prost writes them.
+        for v in [0u64, 1, 127, 128, 300, 16_383, 16_384, u32::MAX.into(), u64::MAX, i64::from(-1i32) as u64] {
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            varint(&mut got, v);
+            encoding::encode_varint(v, &mut want);
+            assert_eq!(got, want, "{v}");
+        }
+        for tag in [1u32, 15, 16, 2047, 2048, 100_000, 150_000, (1 << 29) - 1] {
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            key(&mut got, tag, WireType::LengthDelimited);
+            encoding::encode_key(tag, WireType::LengthDelimited, &mut want);
+            assert_eq!(got, want, "{tag}");
         }
         let mut out = Vec::new();
         display(&mut out, 2, "");
