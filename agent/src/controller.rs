@@ -534,7 +534,7 @@ impl Controller {
             last.with_endpoints_of(&services, &self.loaded.objects, &redirects)
         };
         snap.version = self.version;
-        let published = Arc::new(Published { version: self.version, xds: self.built.xds.clone() });
+        let published = Arc::new(Published { version: self.version, xds: self.groups.publish(&self.built.xds) });
         // The changed objects Envoy has as built (the others' resources did not change).
         for k in &owners {
             if self.acks.complete(k) {

@@ -229,7 +229,10 @@ impl Groups {
             self.assemble(&g);
         }
         let mut out = built.clone();
-        out.types.insert(LISTENER.to_owned(), self.published.clone());
+        // No listener type in the build: nothing is published of it either.
+        if out.types.contains_key(LISTENER) {
+            out.types.insert(LISTENER.to_owned(), self.published.clone());
+        }
         out
     }
 
