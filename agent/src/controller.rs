@@ -816,8 +816,10 @@ spec:
         println!("the agent keeps {per_config} bytes per config, with its Service and EndpointSlice ({held} for {N})");
         // 38,171 bytes while sources kept each document as JSON values and
         // its config kept its resources as JSON values again; 17,000 since;
-        // 16,500 once a translation's lists kept no room to grow.
-        assert!(per_config < 18_000, "{per_config} bytes per config");
+        // 16,500 once a translation's lists kept no room to grow; 18,200
+        // with what the model keeps for edits (`Model::configs_changed`:
+        // the index of accepted names, redirects and EDS Services, 1,700).
+        assert!(per_config < 19_000, "{per_config} bytes per config");
     }
 
     /// Envoy ACKs every resource of the current build.

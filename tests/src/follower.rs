@@ -149,7 +149,11 @@ mod tests {
     };
     use weft_observe::{
         api::server::{self, Listen},
-        pipeline::{Pipeline, PipelineConfig, enrich::Names, record::LostSource},
+        pipeline::{
+            Pipeline, PipelineConfig,
+            enrich::Names,
+            record::{EndpointInfo, LostSource, ServiceInfo},
+        },
     };
 
     use super::*;
@@ -178,6 +182,33 @@ mod tests {
         assert_eq!(c.lost_events.map(|l| l.num_events_lost), Some(42));
     }
 
+    const POD_A: [u8; 4] = [10, 1, 1, 10];
+    const POD_B: [u8; 4] = [10, 1, 2, 20];
+    const VIP: [u8; 4] = [10, 96, 0, 10];
+
+    /// Names as the flows bench has them: two named pods (a label, a
+    /// Deployment) and a Service in front of the second, so each record
+    /// carries both endpoints and a translation, as the bench's do.
+    fn bench_names() -> Names {
+        let mut n = Names::new("node-a");
+        for (ip, pod, node) in [(POD_A, "n1-p1", "node-a"), (POD_B, "n1-p2", "node-a")] {
+            n.add_endpoint(
+                ip.into(),
+                EndpointInfo {
+                    namespace: "default".into(),
+                    pod: pod.into(),
+                    labels: vec![format!("k8s:app=app-{pod}")],
+                    workloads: vec![("Deployment".into(), format!("app-{pod}"))],
+                    identity: 70_000 + u32::from(ip[3]),
+                    node: node.into(),
+                    local: true,
+                },
+            );
+        }
+        n.add_service(VIP.into(), 80, 6, Arc::new(ServiceInfo { namespace: "default".into(), name: "web".into() }));
+        n
+    }
+
     /// One follower against records fed to a pipeline at a fixed rate, laid
     /// out as the flows bench lays it out (a producer thread, the flows
     /// thread, the flow API on a thread of its own, the follower on
@@ -196,7 +227,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("weft-follower-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("observer.sock");
-        let (pipeline, mut feed) = Pipeline::start(PipelineConfig::default(), Names::new("node-a"));
+        let (pipeline, mut feed) = Pipeline::start(PipelineConfig::default(), bench_names());
         {
             let (p, sock) = (pipeline.clone(), sock.clone());
             let listen = Listen { tcp: None, unix: Some(sock), ..Default::default() };
@@ -235,10 +266,14 @@ mod tests {
                     r#type: abi::EV_TRACE as u8,
                     subtype: abi::OBS_TO_ENDPOINT as u8,
                     proto: 6,
-                    saddr: u32::from_ne_bytes([10, 1, 1, 10]),
-                    daddr: u32::from_ne_bytes([10, 1, 2, 20]),
+                    flags: abi::EVF_XLATED_DST as u8,
+                    tcp_flags: 0x18,
+                    saddr: u32::from_ne_bytes(POD_A),
+                    daddr: u32::from_ne_bytes(POD_B),
                     sport: (sent as u16).to_be(),
-                    dport: 80u16.to_be(),
+                    dport: 8080u16.to_be(),
+                    orig_addr: u32::from_ne_bytes(VIP),
+                    orig_port: 80u16.to_be(),
                     ..Default::default()
                 });
                 sent += 1;

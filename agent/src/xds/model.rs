@@ -9,7 +9,7 @@
 //! object.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     hash::Hasher,
     net::Ipv4Addr,
     sync::Arc,
@@ -169,7 +169,7 @@ pub struct ConfigStatus {
 }
 
 /// The node the model is built for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -327,6 +327,11 @@ pub struct Model {
     /// Service they are of: (selected ports -> the names they won). What
     /// [`Model::endpoints_changed`] replaces.
     generated_endpoints: HashMap<ObjKey, BTreeMap<Vec<String>, Vec<String>>>,
+    /// What the last build keeps for [`Model::configs_changed`]; None when
+    /// that cannot follow it (see there).
+    last: Option<Last>,
+    /// How many builds [`Model::configs_changed`] made.
+    changes_followed: u64,
 }
 
 /// A Service and the ports of it selected (names or numbers; none: all).
@@ -405,7 +410,7 @@ impl ListenerBudget {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Priority {
     /// The current version, already accepted before.
     Serving = 0,
@@ -415,6 +420,7 @@ enum Priority {
     New = 2,
 }
 
+#[derive(Clone)]
 struct Candidate {
     key: ConfigKey,
     priority: Priority,
@@ -435,6 +441,8 @@ impl Model {
             endpoints: Some(HashMap::new()),
             listeners: Some(HashMap::new()),
             generated_endpoints: HashMap::new(),
+            last: None,
+            changes_followed: 0,
         }
     }
 
@@ -534,11 +542,17 @@ impl Model {
     /// the next builds make them restore each connection's original
     /// destination, as Cilium's listeners do.
     pub fn set_policy_listeners(&mut self, names: BTreeSet<String>) {
+        if names != self.policy_listeners {
+            self.last = None;
+        }
         self.policy_listeners = names;
     }
 
     /// Refuses configs whose listeners would not fit in Envoy's open files.
     pub fn set_listener_budget(&mut self, budget: ListenerBudget) {
+        if budget != self.budget {
+            self.last = None;
+        }
         self.budget = budget;
     }
 
@@ -555,6 +569,7 @@ impl Model {
     /// build rejects that version (with Envoy's message) until it changes, and
     /// the version Envoy last acknowledged, if any, stands in for it.
     pub fn nack(&mut self, key: &ConfigKey, spec: &Arc<EnvoyConfigSpec>, message: String) {
+        self.last = None;
         if self.good.get(key).is_some_and(|g| same_spec(&g.spec, spec)) {
             match self.confirmed.get(key).filter(|c| !same_spec(&c.spec, spec)) {
                 Some(c) => {
@@ -566,6 +581,53 @@ impl Model {
             }
         }
         self.nacked.insert(key.clone(), (spec.clone(), message));
+    }
+
+    /// An object's status (before emitting) and what it puts up for
+    /// acceptance: its current version, or the last good one standing in
+    /// for a rejected current one, or nothing.
+    fn candidate(&mut self, cfg: &EnvoyConfig, node: &NodeInfo) -> (ConfigStatus, Option<Candidate>) {
+        // Parsing refused selectors with operators weft does not know.
+        let for_node = node.any
+            || cfg.spec.node_selector.as_ref().is_none_or(|s| selector::matches(s, &node.labels).unwrap_or(false));
+        let mut status = ConfigStatus {
+            object: cfg.key.to_string(),
+            origin: cfg.origin.to_string(),
+            generation: cfg.generation,
+            for_this_node: for_node,
+            problems: Vec::new(),
+            serving: Serving::Nothing,
+            listeners: Vec::new(),
+        };
+        let nacked = self.nacked.get(&cfg.key).filter(|(s, _)| same_spec(s, &cfg.spec)).map(|(_, m)| m.clone());
+        if self.nacked.get(&cfg.key).is_some_and(|(s, _)| !same_spec(s, &cfg.spec)) {
+            self.nacked.remove(&cfg.key);
+        }
+        let result = match nacked {
+            Some(m) => Err(vec![format!("Envoy refused it: {m}")]),
+            None => self.translate(cfg),
+        };
+        let candidate = match result {
+            Ok(t) if for_node => {
+                let priority = if self.good.get(&cfg.key).is_some_and(|g| same_spec(&g.spec, &cfg.spec)) {
+                    Priority::Serving
+                } else {
+                    Priority::New
+                };
+                Some(Candidate { key: cfg.key.clone(), priority, generation: cfg.generation, translated: t })
+            }
+            Ok(_) => None,
+            Err(problems) => {
+                status.problems = problems;
+                self.good.get(&cfg.key).filter(|_| for_node).map(|g| Candidate {
+                    key: cfg.key.clone(),
+                    priority: Priority::Fallback,
+                    generation: g.generation,
+                    translated: g.translated.clone(),
+                })
+            }
+        };
+        (status, candidate)
     }
 
     /// Builds the snapshot for `node` from every config (and every config
@@ -583,57 +645,17 @@ impl Model {
 
         for cfg in configs {
             specs.insert(cfg.key.clone(), cfg);
-            // Parsing refused selectors with operators weft does not know.
-            let for_node = node.any
-                || cfg.spec.node_selector.as_ref().is_none_or(|s| selector::matches(s, &node.labels).unwrap_or(false));
-            let mut status = ConfigStatus {
-                object: cfg.key.to_string(),
-                origin: cfg.origin.to_string(),
-                generation: cfg.generation,
-                for_this_node: for_node,
-                problems: Vec::new(),
-                serving: Serving::Nothing,
-                listeners: Vec::new(),
-            };
-            let nacked = self.nacked.get(&cfg.key).filter(|(s, _)| same_spec(s, &cfg.spec)).map(|(_, m)| m.clone());
-            if self.nacked.get(&cfg.key).is_some_and(|(s, _)| !same_spec(s, &cfg.spec)) {
-                self.nacked.remove(&cfg.key);
-            }
-            let result = match nacked {
-                Some(m) => Err(vec![format!("Envoy refused it: {m}")]),
-                None => self.translate(cfg),
-            };
-            match result {
-                Ok(t) if for_node => {
-                    let priority = if self.good.get(&cfg.key).is_some_and(|g| same_spec(&g.spec, &cfg.spec)) {
-                        Priority::Serving
-                    } else {
-                        Priority::New
-                    };
-                    candidates.push(Candidate {
-                        key: cfg.key.clone(),
-                        priority,
-                        generation: cfg.generation,
-                        translated: t,
-                    });
-                }
-                Ok(_) => {}
-                Err(problems) => {
-                    status.problems = problems;
-                    if let Some(g) = self.good.get(&cfg.key).filter(|_| for_node) {
-                        candidates.push(Candidate {
-                            key: cfg.key.clone(),
-                            priority: Priority::Fallback,
-                            generation: g.generation,
-                            translated: g.translated.clone(),
-                        });
-                    }
-                }
-            }
+            let (status, candidate) = self.candidate(cfg, node);
+            candidates.extend(candidate);
             built.statuses.insert(cfg.key.clone(), status);
         }
+        // Whether a config was rejected for another's sake, or stands in
+        // for one that failed to parse: [`Model::configs_changed`] cannot
+        // follow such a build.
+        let mut for_others = false;
         for e in parse_errors {
             let Some(key) = &e.key else { continue };
+            for_others = true;
             let status = ConfigStatus {
                 object: key.to_string(),
                 origin: String::new(),
@@ -661,7 +683,10 @@ impl Model {
         for c in candidates {
             match accepted.clash(&c) {
                 None => accepted.push(c),
-                Some(why) => self.reject(&mut built, c, vec![why], &mut accepted, objects),
+                Some(why) => {
+                    for_others = true;
+                    self.reject(&mut built, c, vec![why], &mut accepted, objects);
+                }
             }
         }
         // Drop (to their last good version) candidates whose references lead
@@ -673,6 +698,7 @@ impl Model {
             if bad.is_empty() {
                 break;
             }
+            for_others = true;
             for i in bad.into_iter().rev() {
                 let c = accepted.take(i);
                 let problems = dangling(&c, &known);
@@ -680,8 +706,344 @@ impl Model {
             }
         }
 
-        self.emit(&mut built, accepted.list, objects, &specs, node);
+        let dispatch = self.emit(&mut built, &accepted.list, objects, &specs, node);
+        self.last = None;
+        if self.translations.is_some() && !for_others {
+            self.last = Some(self.keep(&built, accepted, dispatch, node));
+        }
         built
+    }
+
+    /// What a build keeps for [`Model::configs_changed`].
+    fn keep(&self, built: &Built, mut accepted: Accepted, dispatch: Option<u16>, node: &NodeInfo) -> Last {
+        let list = std::mem::take(&mut accepted.list);
+        let mut last = Last {
+            accepted,
+            by_key: HashMap::new(),
+            users: HashMap::new(),
+            eds: HashMap::new(),
+            proxy_ports: BTreeMap::new(),
+            dispatch,
+            dispatched: list.iter().map(|c| self.dispatched_of(&c.translated)).sum(),
+            pinned: pinned_ports(&list),
+            node: node.clone(),
+        };
+        for c in list {
+            let ports = proxy_ports_of(built, &c);
+            last.count(&c, &ports, true);
+            last.by_key.insert(c.key.clone(), c);
+        }
+        last
+    }
+
+    /// The generated endpoints of a Service's names that no config defines,
+    /// each with the config that wins it and the (Service, selected ports)
+    /// it is of (see [`Model::emit`]).
+    fn generated_for(
+        &mut self,
+        last: &Last,
+        service: &ObjKey,
+        objects: &Objects,
+        slices: &SliceIndex,
+    ) -> BTreeMap<String, (ConfigKey, Vec<String>)> {
+        let mut users: Vec<&Candidate> =
+            last.eds.get(service).into_iter().flatten().filter_map(|k| last.by_key.get(k)).collect();
+        users.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut out = BTreeMap::new();
+        for c in users {
+            for e in c.translated.eds_services.iter().filter(|e| e.service == *service) {
+                for r in self.endpoints(service, &e.ports, objects, slices).iter() {
+                    out.entry(r.name.clone()).or_insert_with(|| (c.key.clone(), e.ports.clone()));
+                }
+            }
+        }
+        out.retain(|name, _| !last.accepted.defines("ClusterLoadAssignment", name));
+        out
+    }
+
+    /// How many builds [`Model::configs_changed`] made (tests assert it is
+    /// taken).
+    pub fn changes_followed(&self) -> u64 {
+        self.changes_followed
+    }
+
+    /// Follows a change of some configs alone: `changed` holds each config
+    /// added or edited (Some) or removed (None) since the build that gave
+    /// `built`, nothing else having changed since (the objects but for what
+    /// [`Model::endpoints_changed`] took, the node, the policy listeners,
+    /// the budget, no NACK). Patches `built` into what [`Model::build`] of
+    /// every config would give: translates and checks the changed configs
+    /// alone (their clashes against the index of the others, their
+    /// references against what the others and Kubernetes provide), checks
+    /// again the configs that referenced names the changed ones no longer
+    /// provide, and replaces the changed configs' resources, redirects,
+    /// statuses and the generated endpoints and secrets they touch. Costs
+    /// what the changed configs (and those that use their names) cost.
+    ///
+    /// Returns None, having changed nothing of `built`, where it does not
+    /// apply; the caller builds whole. It does not apply:
+    /// - to a model that keeps nothing between builds (the oracle);
+    /// - after a build that rejected a config for another's sake (a clash, a
+    ///   reference leading nowhere) or had configs that failed to parse, or
+    ///   after a NACK, a new budget or new policy listeners, or with another
+    ///   node or configs that fail to parse: which configs the whole build
+    ///   rejects then depends on all of them and their order;
+    /// - when a changed config clashes, or a reference (of a changed config,
+    ///   or to a name a changed one no longer provides) leads nowhere: the
+    ///   same;
+    /// - when a changed config (its old or new version) has a listener that
+    ///   binds an address of its own: every other listener's port avoids those;
+    /// - when the dispatching listener comes or goes: every virtual
+    ///   listener's shape changes with it.
+    pub fn configs_changed(
+        &mut self,
+        built: &mut Built,
+        changed: &BTreeMap<ConfigKey, Option<&EnvoyConfig>>,
+        parse_errors: &[ConfigError],
+        objects: &Objects,
+        node: &NodeInfo,
+    ) -> Option<()> {
+        // Taken: any return before the end leaves None, and the next build is whole.
+        let mut last = self.last.take()?;
+        if last.node != *node || parse_errors.iter().any(|e| e.key.is_some()) {
+            return None;
+        }
+        // The changed configs now: statuses and candidates, in the order a build accepts them.
+        let mut statuses = Vec::new();
+        let mut fresh = Vec::new();
+        for cfg in changed.values().flatten() {
+            let (status, candidate) = self.candidate(cfg, node);
+            statuses.push((cfg.key.clone(), status));
+            fresh.extend(candidate);
+        }
+        fresh.sort_by(|a, b| (a.priority, &a.key).cmp(&(b.priority, &b.key)));
+        let old: Vec<Candidate> = changed.keys().filter_map(|k| last.by_key.get(k).cloned()).collect();
+        let pins = |c: &Candidate| c.translated.listeners.iter().any(|l| translate::pinned_port(&l.resource).is_some());
+        if old.iter().chain(&fresh).any(pins) {
+            return None;
+        }
+        let dispatched = |cs: &[Candidate]| cs.iter().map(|c| self.dispatched_of(&c.translated)).sum::<usize>();
+        let now_dispatched = last.dispatched + dispatched(&fresh) - dispatched(&old);
+        if (now_dispatched > 0) != (last.dispatched > 0) {
+            return None;
+        }
+        // Services whose generated endpoints may change: those the changed
+        // configs list (or listed), and those a ClusterLoadAssignment of the
+        // changed configs is named after (a config's own wins).
+        let mut services: BTreeSet<ObjKey> = old
+            .iter()
+            .chain(&fresh)
+            .flat_map(|c| c.translated.eds_services.iter().map(|e| e.service.clone()))
+            .collect();
+        for c in old.iter().chain(&fresh) {
+            let own = c.translated.encoded().iter().filter(|r| r.any.type_url == translate::ENDPOINT);
+            services.extend(own.map(|r| service_of_endpoints(&r.name)));
+        }
+        let slices = SliceIndex::of_services(objects, &services);
+        let won_before: Vec<_> = services.iter().map(|s| self.generated_for(&last, s, objects, &slices)).collect();
+
+        // Out with the old versions, in with the new, each checked against the rest.
+        for c in &old {
+            last.accepted.unindex(c);
+        }
+        for c in &fresh {
+            if last.accepted.clash(c).is_some() {
+                return None;
+            }
+            last.accepted.index(c);
+        }
+        for c in &old {
+            last.count(c, &proxy_ports_of(built, c), false);
+            last.by_key.remove(&c.key);
+        }
+        for c in &fresh {
+            // Ports come with the emit, below.
+            last.count(c, &BTreeSet::new(), true);
+            last.by_key.insert(c.key.clone(), c.clone());
+        }
+        // Names the old versions provided and nothing provides now: who used them is checked again.
+        let mut lost: Vec<(&'static str, String)> = Vec::new();
+        for c in &old {
+            for (kind, name) in named(&c.translated) {
+                if kind != "Listener" && !last.accepted.defines(kind, name) {
+                    lost.push((kind, name.clone()));
+                }
+            }
+            for e in &c.translated.eds_services {
+                if !last.eds.contains_key(&e.service) {
+                    lost.push(("ClusterLoadAssignment", e.service.to_string()));
+                    lost.push(("ClusterLoadAssignment", format!("{}:*", e.service)));
+                }
+            }
+        }
+        {
+            let known = LastKnown { last: &last, objects, addresses: Default::default() };
+            if fresh.iter().any(|c| !dangling(c, &known).is_empty()) {
+                return None;
+            }
+            let users = lost.iter().filter_map(|n| last.users.get(n)).flatten();
+            let mut others = users.filter(|u| !changed.contains_key(*u)).filter_map(|u| last.by_key.get(u));
+            if others.any(|c| !dangling(c, &known).is_empty()) {
+                return None;
+            }
+        }
+
+        // Nothing refuses the change: patch the build.
+        for c in &old {
+            let t = &c.translated;
+            let own = |r: &Option<&Arc<Resource>>| r.is_some_and(|r| r.owner.as_ref() == Some(&c.key));
+            for l in &t.listeners {
+                if let Some(m) = built.xds.types.get_mut(translate::LISTENER)
+                    && own(&m.get(&l.name))
+                {
+                    m.remove(&l.name);
+                }
+            }
+            for r in t.encoded() {
+                if let Some(m) = built.xds.types.get_mut(&r.any.type_url)
+                    && own(&m.get(&r.name))
+                {
+                    m.remove(&r.name);
+                }
+            }
+            for k in t.redirects.iter().flat_map(redirect_keys) {
+                if built.served_by.get(&k).is_some_and(|(o, _)| *o == c.key) {
+                    built.served_by.remove(&k);
+                    built.redirects.remove(&k);
+                }
+            }
+        }
+        for (k, cfg) in changed {
+            built.statuses.remove(k);
+            if cfg.is_none() {
+                self.good.remove(k);
+                self.confirmed.remove(k);
+                self.nacked.remove(k);
+                if let Some(cache) = self.translations.as_mut() {
+                    cache.remove(k);
+                }
+            }
+        }
+        built.statuses.extend(statuses);
+        let pinned = last.pinned.clone();
+        let cx = EmitCx { objects, node, pinned: &pinned, dispatch: last.dispatch };
+        let mut in_use = BTreeSet::new();
+        for c in &fresh {
+            let cfg = changed.get(&c.key).copied().flatten();
+            self.emit_config(built, c, &cx, cfg, &mut in_use);
+            let ports = proxy_ports_of(built, c);
+            last.count(c, &ports, true);
+        }
+        built.proxy_ports = last.proxy_ports.keys().copied().collect();
+        // Ports of listeners that took none now, or are gone.
+        let listeners = old.iter().chain(&fresh).flat_map(|c| &c.translated.listeners);
+        let released: BTreeSet<String> = listeners.map(|l| l.name.clone()).filter(|n| !in_use.contains(n)).collect();
+        self.ports.release(&released);
+        if let Some(cache) = self.listeners.as_mut() {
+            let sent = built.xds.types.get(translate::LISTENER);
+            for name in &released {
+                if cache
+                    .get(name)
+                    .is_some_and(|(_, _, r)| !sent.and_then(|m| m.get(name)).is_some_and(|s| Arc::ptr_eq(s, r)))
+                {
+                    cache.remove(name);
+                }
+            }
+        }
+        // Generated endpoints whose winner, or whose being generated, changed.
+        for (service, before) in services.iter().zip(won_before) {
+            let after = self.generated_for(&last, service, objects, &slices);
+            let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+            for name in names {
+                let (was, is) = (before.get(name), after.get(name));
+                if was != is {
+                    if let Some((_, ports)) = was
+                        && let Some(lists) = self.generated_endpoints.get_mut(service)
+                    {
+                        if let Some(names) = lists.get_mut(ports) {
+                            names.retain(|n| n != name);
+                            if names.is_empty() {
+                                lists.remove(ports);
+                            }
+                        }
+                        if lists.is_empty() {
+                            self.generated_endpoints.remove(service);
+                        }
+                    }
+                    if let Some((_, ports)) = is {
+                        let names = self
+                            .generated_endpoints
+                            .entry(service.clone())
+                            .or_default()
+                            .entry(ports.clone())
+                            .or_default();
+                        if let Err(at) = names.binary_search(name) {
+                            names.insert(at, name.clone());
+                        }
+                    }
+                }
+                match is {
+                    Some((_, ports)) => {
+                        let resources = self.endpoints(service, ports, objects, &slices);
+                        if let Some(r) = resources.iter().find(|r| r.name == **name) {
+                            built.xds.put_shared(r.clone());
+                        }
+                    }
+                    None => {
+                        if let Some(m) = built.xds.types.get_mut(translate::ENDPOINT)
+                            && m.get(name.as_str()).is_some_and(|r| r.owner.is_none())
+                        {
+                            m.remove(name.as_str());
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(cache) = self.endpoints.as_mut() {
+            for e in old.iter().flat_map(|c| &c.translated.eds_services) {
+                let users = last.eds.get(&e.service).into_iter().flatten().filter_map(|k| last.by_key.get(k));
+                if !users.flat_map(|c| &c.translated.eds_services).any(|u| u == e) {
+                    cache.remove(&(e.service.clone(), e.ports.clone()));
+                }
+            }
+        }
+        // Kubernetes Secrets the changed configs referenced or reference,
+        // or whose name their own Secret resources took or left.
+        let secrets: BTreeSet<String> = old
+            .iter()
+            .chain(&fresh)
+            .flat_map(|c| {
+                let t = &c.translated;
+                let own = t.encoded().iter().filter(|r| r.any.type_url == translate::SECRET).map(|r| r.name.clone());
+                t.references.secrets.iter().map(|(_, n)| n.clone()).chain(own)
+            })
+            .collect();
+        for name in secrets {
+            if last.accepted.defines("Secret", &name) {
+                continue;
+            }
+            let used = last.users.contains_key(&("Secret", name.clone()));
+            let sent = built.xds.types.get(translate::SECRET).and_then(|m| m.get(&name)).is_some();
+            match (used, sent) {
+                (true, false) => {
+                    if let Some(s) = k8s_secret(&name, objects) {
+                        built.xds.put(Resource::new(name.clone(), &s, None));
+                    }
+                }
+                (false, true) => {
+                    if let Some(m) = built.xds.types.get_mut(translate::SECRET) {
+                        m.remove(&name);
+                    }
+                }
+                _ => {}
+            }
+        }
+        built.xds.types.retain(|_, m| !m.is_empty());
+        last.dispatched = now_dispatched;
+        self.ports.flush();
+        self.last = Some(last);
+        self.changes_followed += 1;
+        Some(())
     }
 
     /// Rejects a candidate; its last good version takes its place if that is
@@ -720,38 +1082,41 @@ impl Model {
         }
     }
 
+    /// Whether a listener of a config is reached through the dispatching
+    /// listener. A listener a policy also hands connections to binds a
+    /// port of its own: the dispatcher finds listeners by the Service
+    /// address a connection was made to, and a policy's connections are
+    /// made to a pod's (the open-file budget does not count those few
+    /// sockets).
+    fn dispatched(&self, t: &Translated, l: &translate::Item<Listener>) -> bool {
+        is_virtual(t, l) && !self.policy_listeners.contains(&l.name)
+    }
+
+    /// How many of a config's listeners the dispatcher reaches.
+    fn dispatched_of(&self, t: &Translated) -> usize {
+        t.listeners.iter().filter(|l| self.dispatched(t, l)).count()
+    }
+
     fn emit(
         &mut self,
         built: &mut Built,
-        accepted: Vec<Candidate>,
+        accepted: &[Candidate],
         objects: &Objects,
         specs: &BTreeMap<ConfigKey, &EnvoyConfig>,
         node: &NodeInfo,
-    ) {
+    ) -> Option<u16> {
         let mut listeners_in_use = BTreeSet::new();
         // Generated ClusterLoadAssignments, with the (Service, selected ports) each is of.
         let mut eds: BTreeMap<String, (Arc<Resource>, EndpointsKey)> = BTreeMap::new();
         let mut eds_used = std::collections::HashSet::new();
         let slices = SliceIndex::of(objects);
-        let pinned: BTreeSet<u16> = accepted
-            .iter()
-            .flat_map(|c| &c.translated.listeners)
-            .filter_map(|l| translate::pinned_port(&l.resource))
-            .map(|p| p.1)
-            .collect();
+        let pinned = pinned_ports(accepted);
 
         // Listeners Services are redirected to get their connections from
         // the one dispatching listener (see `translate::DISPATCH_LISTENER`).
-        // A listener a policy also hands connections to binds a port of its
-        // own: the dispatcher finds listeners by the Service address a
-        // connection was made to, and a policy's connections are made to a
-        // pod's (the open-file budget does not count those few sockets).
-        let policy_listeners = self.policy_listeners.clone();
-        let dispatched =
-            |t: &Translated, l: &translate::Item<Listener>| is_virtual(t, l) && !policy_listeners.contains(&l.name);
         let dispatch = accepted
             .iter()
-            .any(|c| c.translated.listeners.iter().any(|l| dispatched(&c.translated, l)))
+            .any(|c| self.dispatched_of(&c.translated) > 0)
             .then(|| self.ports.allocate(translate::DISPATCH_LISTENER, &pinned))
             .flatten();
         if let Some(d) = dispatch {
@@ -760,71 +1125,11 @@ impl Model {
             built.xds.put(Resource::new(l.name.clone(), &l, None));
             built.xds.put(Resource::new(routes.name.clone(), &routes, None));
         }
-        for c in &accepted {
-            let t = &c.translated;
-            let mut ports_of = BTreeMap::new();
-            for (i, l) in t.listeners.iter().enumerate() {
-                let (shape, port) = match (translate::pinned_port(&l.resource), dispatch) {
-                    (Some((_, p)), _) => {
-                        (Shape::Pinned { handed: t.redirects.iter().any(|r| r.listener == l.name) }, Some(p))
-                    }
-                    (None, Some(d)) if dispatched(t, l) => {
-                        let frontends: Vec<_> = t
-                            .redirects
-                            .iter()
-                            .filter(|r| r.listener == l.name)
-                            .filter_map(|r| Some((&objects.services.get(&r.service)?.object, &r.ports)))
-                            .flat_map(|(svc, ports)| crate::state::tcp_frontends(svc, node.ip, ports))
-                            .collect();
-                        // Only a listener without frontends takes a port, as its unreached address.
-                        let placeholder = if frontends.is_empty() {
-                            listeners_in_use.insert(l.name.clone());
-                            self.ports.allocate(&l.name, &pinned)
-                        } else {
-                            None
-                        };
-                        (Shape::Virtual { frontends, placeholder }, Some(d))
-                    }
-                    (None, _) => {
-                        listeners_in_use.insert(l.name.clone());
-                        let port = self.ports.allocate(&l.name, &pinned);
-                        (Shape::Bound { port, policy: self.policy_listeners.contains(&l.name) }, port)
-                    }
-                };
-                if let Some(p) = port {
-                    ports_of.insert(l.name.clone(), p);
-                    if let Some(s) = built.statuses.get_mut(&c.key) {
-                        s.listeners.push((l.name.clone(), p));
-                    }
-                }
-                built.xds.put_shared(self.listener(&c.key, t, (i, l), shape));
-            }
-            for r in t.encoded() {
-                built.xds.put_shared(r.clone());
-            }
-            for r in &t.redirects {
-                let Some(port) = ports_of.get(&r.listener) else { continue };
-                let keys: Vec<RedirectKey> = if r.ports.is_empty() {
-                    vec![(r.service.clone(), None)]
-                } else {
-                    r.ports.iter().map(|p| (r.service.clone(), Some(*p))).collect()
-                };
-                for k in keys {
-                    built.served_by.insert(k.clone(), (c.key.clone(), r.listener.clone()));
-                    built.redirects.insert(k, *port);
-                }
-                if !built.proxy_ports.contains(port) {
-                    built.proxy_ports.push(*port);
-                }
-            }
-            for e in &t.eds_services {
-                for r in self.endpoints(&e.service, &e.ports, objects, &slices).iter() {
-                    eds.entry(r.name.clone()).or_insert_with(|| (r.clone(), (e.service.clone(), e.ports.clone())));
-                }
-                eds_used.insert((e.service.clone(), e.ports.clone()));
-            }
+        let cx = EmitCx { objects, node, pinned: &pinned, dispatch };
+        for c in accepted {
+            self.emit_config(built, c, &cx, specs.get(&c.key).copied(), &mut listeners_in_use);
             // Secrets the config references that Kubernetes holds.
-            for (_, name) in &t.references.secrets {
+            for (_, name) in &c.translated.references.secrets {
                 if built.xds.contains(translate::SECRET, name) {
                     continue;
                 }
@@ -832,22 +1137,17 @@ impl Model {
                     built.xds.put(Resource::new(name.clone(), &s, None));
                 }
             }
-            let serving = if c.priority == Priority::Fallback {
-                Serving::LastGood { generation: c.generation }
-            } else {
-                Serving::Current
-            };
-            if let Some(s) = built.statuses.get_mut(&c.key) {
-                s.serving = serving;
+        }
+        // A generated ClusterLoadAssignment several configs list goes as the
+        // first of them (by name) lists it: the same from one build to the
+        // next, whichever of them changed.
+        let mut by_key: Vec<&Candidate> = accepted.iter().collect();
+        by_key.sort_by(|a, b| a.key.cmp(&b.key));
+        for c in by_key {
+            for (r, key) in self.generated_of(&c.translated, objects, &slices) {
+                eds.entry(r.name.clone()).or_insert((r, key));
             }
-            if c.priority != Priority::Fallback
-                && let Some(cfg) = specs.get(&c.key)
-            {
-                self.good.insert(
-                    c.key.clone(),
-                    Good { spec: cfg.spec.clone(), generation: cfg.generation, translated: c.translated.clone() },
-                );
-            }
+            eds_used.extend(c.translated.eds_services.iter().map(|e| (e.service.clone(), e.ports.clone())));
         }
         self.generated_endpoints.clear();
         for (r, (service, ports)) in eds.into_values() {
@@ -875,6 +1175,108 @@ impl Model {
         }
         self.ports.release_others(&listeners_in_use);
         built.proxy_ports.sort();
+        dispatch
+    }
+
+    /// One accepted config's part of the build: its listeners (shaped for
+    /// the node, each with its port), its other resources, its redirects,
+    /// its status; and, for its current version, that version is the good
+    /// one. Listeners that take a port of their own join `in_use`.
+    fn emit_config(
+        &mut self,
+        built: &mut Built,
+        c: &Candidate,
+        cx: &EmitCx,
+        cfg: Option<&EnvoyConfig>,
+        in_use: &mut BTreeSet<String>,
+    ) {
+        let t = &c.translated;
+        let mut ports_of = BTreeMap::new();
+        for (i, l) in t.listeners.iter().enumerate() {
+            let (shape, port) = match (translate::pinned_port(&l.resource), cx.dispatch) {
+                (Some((_, p)), _) => {
+                    (Shape::Pinned { handed: t.redirects.iter().any(|r| r.listener == l.name) }, Some(p))
+                }
+                (None, Some(d)) if self.dispatched(t, l) => {
+                    let frontends: Vec<_> = t
+                        .redirects
+                        .iter()
+                        .filter(|r| r.listener == l.name)
+                        .filter_map(|r| Some((&cx.objects.services.get(&r.service)?.object, &r.ports)))
+                        .flat_map(|(svc, ports)| crate::state::tcp_frontends(svc, cx.node.ip, ports))
+                        .collect();
+                    // Only a listener without frontends takes a port, as its unreached address.
+                    let placeholder = if frontends.is_empty() {
+                        in_use.insert(l.name.clone());
+                        self.ports.allocate(&l.name, cx.pinned)
+                    } else {
+                        None
+                    };
+                    (Shape::Virtual { frontends, placeholder }, Some(d))
+                }
+                (None, _) => {
+                    in_use.insert(l.name.clone());
+                    let port = self.ports.allocate(&l.name, cx.pinned);
+                    (Shape::Bound { port, policy: self.policy_listeners.contains(&l.name) }, port)
+                }
+            };
+            if let Some(p) = port {
+                ports_of.insert(l.name.clone(), p);
+                if let Some(s) = built.statuses.get_mut(&c.key) {
+                    s.listeners.push((l.name.clone(), p));
+                }
+            }
+            built.xds.put_shared(self.listener(&c.key, t, (i, l), shape));
+        }
+        for r in t.encoded() {
+            built.xds.put_shared(r.clone());
+        }
+        for r in &t.redirects {
+            let Some(port) = ports_of.get(&r.listener) else { continue };
+            for k in redirect_keys(r) {
+                built.served_by.insert(k.clone(), (c.key.clone(), r.listener.clone()));
+                built.redirects.insert(k, *port);
+            }
+            if !built.proxy_ports.contains(port) {
+                built.proxy_ports.push(*port);
+            }
+        }
+        let serving = if c.priority == Priority::Fallback {
+            Serving::LastGood { generation: c.generation }
+        } else {
+            Serving::Current
+        };
+        if let Some(s) = built.statuses.get_mut(&c.key) {
+            s.serving = serving;
+        }
+        if c.priority != Priority::Fallback
+            && let Some(cfg) = cfg
+        {
+            self.good.insert(
+                c.key.clone(),
+                Good { spec: cfg.spec.clone(), generation: cfg.generation, translated: c.translated.clone() },
+            );
+        }
+    }
+
+    /// The ClusterLoadAssignments generated for a config's EDS Services,
+    /// each with the (Service, selected ports) it is of; the first of a
+    /// name wins (as across configs).
+    fn generated_of(
+        &mut self,
+        t: &Translated,
+        objects: &Objects,
+        slices: &SliceIndex,
+    ) -> Vec<(Arc<Resource>, EndpointsKey)> {
+        let mut out: Vec<(Arc<Resource>, EndpointsKey)> = Vec::new();
+        for e in &t.eds_services {
+            for r in self.endpoints(&e.service, &e.ports, objects, slices).iter() {
+                if !out.iter().any(|(o, _)| o.name == r.name) {
+                    out.push((r.clone(), (e.service.clone(), e.ports.clone())));
+                }
+            }
+        }
+        out
     }
 
     /// The spec version currently accepted for an object (for NACK attribution).
@@ -915,6 +1317,182 @@ impl Model {
             }
         }
         Some(replaced)
+    }
+}
+
+/// What shapes the listeners of the configs a build emits.
+struct EmitCx<'a> {
+    objects: &'a Objects,
+    node: &'a NodeInfo,
+    /// Ports listeners of accepted configs bind as their own address.
+    pinned: &'a BTreeSet<u16>,
+    /// The dispatching listener's port, if it is in.
+    dispatch: Option<u16>,
+}
+
+/// The ports the listeners of these candidates bind as their own address.
+fn pinned_ports(accepted: &[Candidate]) -> BTreeSet<u16> {
+    accepted
+        .iter()
+        .flat_map(|c| &c.translated.listeners)
+        .filter_map(|l| translate::pinned_port(&l.resource))
+        .map(|p| p.1)
+        .collect()
+}
+
+/// The proxy ports an accepted config's redirects hand to (its listeners'
+/// ports as its status has them).
+fn proxy_ports_of(built: &Built, c: &Candidate) -> BTreeSet<u16> {
+    let Some(status) = built.statuses.get(&c.key) else { return BTreeSet::new() };
+    let port = |l: &String| status.listeners.iter().find(|(n, _)| n == l).map(|(_, p)| *p);
+    c.translated.redirects.iter().filter_map(|r| port(&r.listener)).collect()
+}
+
+/// The redirect keys a redirect of a config stands for.
+fn redirect_keys(r: &translate::Redirect) -> Vec<RedirectKey> {
+    if r.ports.is_empty() {
+        vec![(r.service.clone(), None)]
+    } else {
+        r.ports.iter().map(|p| (r.service.clone(), Some(*p))).collect()
+    }
+}
+
+/// What a build keeps for [`Model::configs_changed`]: the accepted
+/// configs, what they provide and what they reference.
+struct Last {
+    /// The accepted candidates' index (its list empty: see `by_key`).
+    accepted: Accepted,
+    by_key: HashMap<ConfigKey, Candidate>,
+    /// (kind, name) -> the accepted configs that reference it and do not
+    /// define it themselves (see [`foreign_references`]).
+    users: HashMap<(&'static str, String), Vec<ConfigKey>>,
+    /// Service -> the accepted configs that list it among their EDS
+    /// Services (`services`, `backendServices`).
+    eds: HashMap<ObjKey, Vec<ConfigKey>>,
+    /// Proxy port -> how many accepted configs' redirects hand to it.
+    proxy_ports: BTreeMap<u16, usize>,
+    dispatch: Option<u16>,
+    /// How many accepted listeners the dispatcher reaches.
+    dispatched: usize,
+    pinned: BTreeSet<u16>,
+    node: NodeInfo,
+}
+
+/// Kinds of referenced names, as [`named`] calls them.
+const REFERENCED: [&str; 4] = ["RouteConfiguration", "Cluster", "ClusterLoadAssignment", "Secret"];
+
+/// A config's references to names it does not provide itself, by kind, as
+/// [`Last::users`] keys them; a reference to endpoints `<svc>:<port>` is
+/// also under `<svc>:*`. (A name a config provides itself cannot go while
+/// the config stays: no other config may define it.)
+fn foreign_references(t: &Translation) -> Vec<(&'static str, String)> {
+    let own: HashSet<(&str, &str)> = named(t).into_iter().map(|(k, n)| (k, n.as_str())).collect();
+    let eds: HashSet<String> =
+        t.eds_services.iter().flat_map(|e| [e.service.to_string(), format!("{}:*", e.service)]).collect();
+    let r = &t.references;
+    let lists = [&r.routes, &r.clusters, &r.endpoints, &r.secrets];
+    let mut out = Vec::new();
+    for (kind, list) in REFERENCED.into_iter().zip(lists) {
+        for (_, name) in list {
+            let endpoints = kind == "ClusterLoadAssignment";
+            let any_port = name.rsplit_once(':').filter(|_| endpoints).map(|(svc, _)| format!("{svc}:*"));
+            let by_eds = endpoints && (eds.contains(name) || any_port.as_ref().is_some_and(|a| eds.contains(a)));
+            if own.contains(&(kind, name.as_str())) || by_eds {
+                continue;
+            }
+            out.push((kind, name.clone()));
+            out.extend(any_port.map(|n| (kind, n)));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The Service an endpoints name (`<ns>/<svc>`, `<ns>/<svc>:<port>`,
+/// `<ns>/<svc>:*`) is of.
+fn service_of_endpoints(name: &str) -> ObjKey {
+    let base = match name.rsplit_once(':') {
+        Some((base, port)) if port == "*" || port.parse::<u16>().is_ok() => base,
+        _ => name,
+    };
+    let (ns, n) = base.split_once('/').unwrap_or(("", base));
+    ObjKey::new(ns, n)
+}
+
+impl Last {
+    /// Adds or takes out an accepted config's references, EDS Services
+    /// and proxy ports.
+    fn count(&mut self, c: &Candidate, ports: &BTreeSet<u16>, add: bool) {
+        let t = &c.translated;
+        for name in foreign_references(t) {
+            if add {
+                let users = self.users.entry(name).or_default();
+                if !users.contains(&c.key) {
+                    users.push(c.key.clone());
+                }
+            } else if let std::collections::hash_map::Entry::Occupied(mut e) = self.users.entry(name) {
+                e.get_mut().retain(|o| *o != c.key);
+                if e.get().is_empty() {
+                    e.remove();
+                }
+            }
+        }
+        for e in &t.eds_services {
+            if add {
+                let users = self.eds.entry(e.service.clone()).or_default();
+                if !users.contains(&c.key) {
+                    users.push(c.key.clone());
+                }
+            } else if let Some(users) = self.eds.get_mut(&e.service) {
+                users.retain(|o| *o != c.key);
+                if users.is_empty() {
+                    self.eds.remove(&e.service);
+                }
+            }
+        }
+        for p in ports {
+            let n = self.proxy_ports.entry(*p).or_default();
+            if add {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.proxy_ports.remove(p);
+                }
+            }
+        }
+    }
+}
+
+/// What references may lead to after a change of some configs: the names
+/// the accepted configs define (as indexed in [`Last`]) and Kubernetes'.
+struct LastKnown<'a> {
+    last: &'a Last,
+    objects: &'a Objects,
+    /// Made on first use (few configs write addresses).
+    addresses: std::cell::OnceCell<HashMap<std::net::IpAddr, BTreeSet<String>>>,
+}
+
+impl Provides for LastKnown<'_> {
+    fn route(&self, name: &str) -> bool {
+        self.last.accepted.defines("RouteConfiguration", name)
+    }
+    fn cluster(&self, name: &str) -> bool {
+        BOOTSTRAP_CLUSTERS.contains(&name) || self.last.accepted.defines("Cluster", name)
+    }
+    fn endpoints(&self, name: &str) -> bool {
+        // An EDS Service provides `<ns>/<svc>` and `<ns>/<svc>:*`.
+        let base = name.strip_suffix(":*").unwrap_or(name);
+        let (ns, n) = base.split_once('/').unwrap_or(("", base));
+        self.last.eds.contains_key(&ObjKey::new(ns, n)) || self.last.accepted.defines("ClusterLoadAssignment", name)
+    }
+    fn secret(&self, name: &str) -> bool {
+        let (ns, n) = name.split_once('/').unwrap_or(("", name));
+        self.objects.secrets.contains_key(&ObjKey::new(ns, n)) || self.last.accepted.defines("Secret", name)
+    }
+    fn address(&self, ip: &std::net::IpAddr, ns: &str) -> bool {
+        self.addresses.get_or_init(|| addresses_of(self.objects)).get(ip).is_some_and(|n| n.contains(ns))
     }
 }
 
@@ -1013,6 +1591,12 @@ impl Accepted {
     }
 
     fn push(&mut self, c: Candidate) {
+        self.index(&c);
+        self.list.push(c);
+    }
+
+    /// Indexes a candidate (without listing it).
+    fn index(&mut self, c: &Candidate) {
         let t = &c.translated;
         for (kind, name) in named(t) {
             self.names.insert((kind, name.clone()), c.key.clone());
@@ -1026,11 +1610,16 @@ impl Accepted {
             }
         }
         self.listeners += binding_listeners(t);
-        self.list.push(c);
     }
 
     fn take(&mut self, i: usize) -> Candidate {
         let c = self.list.remove(i);
+        self.unindex(&c);
+        c
+    }
+
+    /// Takes a candidate out of the indexes (not out of the list).
+    fn unindex(&mut self, c: &Candidate) {
         for (kind, name) in named(&c.translated) {
             self.names.remove(&(kind, name.clone()));
         }
@@ -1041,7 +1630,11 @@ impl Accepted {
         }
         self.pinned.retain(|(_, _, _, o)| *o != c.key);
         self.listeners -= binding_listeners(&c.translated);
-        c
+    }
+
+    /// Whether an accepted config defines a resource of that kind and name.
+    fn defines(&self, kind: &'static str, name: &str) -> bool {
+        self.names.contains_key(&(kind, name.to_owned()))
     }
 }
 
@@ -1117,24 +1710,53 @@ impl Known {
         }
         k
     }
+}
+
+/// What references may lead to: the names accepted configs and
+/// Kubernetes provide (see [`dangling`]).
+trait Provides {
+    fn route(&self, name: &str) -> bool;
+    fn cluster(&self, name: &str) -> bool;
+    /// A ClusterLoadAssignment of exactly that name.
+    fn endpoints(&self, name: &str) -> bool;
+    fn secret(&self, name: &str) -> bool;
+    /// Whether a Pod or Service of namespace `ns` has the address.
+    fn address(&self, ip: &std::net::IpAddr, ns: &str) -> bool;
 
     fn has_endpoints(&self, name: &str) -> bool {
+        self.endpoints(name) || name.rsplit_once(':').is_some_and(|(svc, _)| self.endpoints(&format!("{svc}:*")))
+    }
+}
+
+impl Provides for Known {
+    fn route(&self, name: &str) -> bool {
+        self.routes.contains(name)
+    }
+    fn cluster(&self, name: &str) -> bool {
+        self.clusters.contains(name)
+    }
+    fn endpoints(&self, name: &str) -> bool {
         self.endpoints.contains(name)
-            || name.rsplit_once(':').is_some_and(|(svc, _)| self.endpoints.contains(&format!("{svc}:*")))
+    }
+    fn secret(&self, name: &str) -> bool {
+        self.secrets.contains(name)
+    }
+    fn address(&self, ip: &std::net::IpAddr, ns: &str) -> bool {
+        self.addresses.get(ip).is_some_and(|n| n.contains(ns))
     }
 }
 
 /// References of a candidate that nothing provides.
-fn dangling(c: &Candidate, known: &Known) -> Vec<String> {
+fn dangling(c: &Candidate, known: &impl Provides) -> Vec<String> {
     let r = &c.translated.references;
     let mut out = Vec::new();
     for (at, name) in &r.routes {
-        if !known.routes.contains(name) {
+        if !known.route(name) {
             out.push(format!("{at}: route configuration {name:?} is not defined by any EnvoyConfig"));
         }
     }
     for (at, name) in &r.clusters {
-        if !known.clusters.contains(name) {
+        if !known.cluster(name) {
             out.push(format!("{at}: cluster {name:?} is not defined by any EnvoyConfig"));
         }
     }
@@ -1146,13 +1768,13 @@ fn dangling(c: &Candidate, known: &Known) -> Vec<String> {
         }
     }
     for (at, name) in &r.secrets {
-        if !known.secrets.contains(name) {
+        if !known.secret(name) {
             out.push(format!("{at}: secret {name:?} is neither a Secret resource nor a Kubernetes Secret"));
         }
     }
     let ns = c.key.namespace();
     for (at, ip) in &r.addresses {
-        if !known.addresses.get(ip).is_some_and(|n| n.contains(ns)) {
+        if !known.address(ip, ns) {
             out.push(format!(
                 "{at}: {ip} is not the address of a Pod or Service of namespace {ns}: a namespaced EnvoyConfig may send traffic only to its own namespace"
             ));
@@ -1579,6 +2201,42 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         config_yaml(name, generation, services, &address, &route_to, &cluster)
     }
 
+    /// A random version of config `c<i>` among configs that mostly do not
+    /// clash: each redirects its own Service (which does not exist: its
+    /// listener gets a placeholder port) or none, sometimes web's port 81;
+    /// some take endpoints of web or api (all ports or port 81: generated
+    /// endpoints of one name from several configs); c0 mostly defines the
+    /// cluster default/web that others sometimes route to (deleting or
+    /// changing c0 leaves them dangling); rarely a route that leads nowhere
+    /// or a listener that binds an address of its own.
+    fn config_among_few_clashes(rng: &mut Rng, i: u64, generation: i64) -> EnvoyConfig {
+        let name = format!("c{i}");
+        let services = match rng.below(8) {
+            0..=3 => "[]".to_owned(),
+            4..=6 => format!("[{{name: s{i}}}]"),
+            _ => "[{name: web, ports: [81]}]".to_owned(),
+        };
+        let local = format!("name: {name}-local\n    type: STATIC");
+        let (route_to, cluster, mut backends) = match rng.below(12) {
+            _ if i == 0 && rng.below(4) != 0 => {
+                ("default/web".to_owned(), "name: default/web\n    type: EDS".to_owned(), "[{name: web}]")
+            }
+            0 | 1 => ("default/web".to_owned(), local, "[]"),
+            2 => ("nowhere".to_owned(), local, "[]"),
+            _ => (format!("{name}-local"), local, "[]"),
+        };
+        if backends == "[]" {
+            backends =
+                ["[]", "[]", "[{name: web}]", "[{name: web, number: ['81']}]", "[{name: api}]"][rng.below(5) as usize];
+        }
+        let address = match rng.below(12) {
+            0 => format!("\n    address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}", 15000 + i),
+            _ => String::new(),
+        };
+        let spec = format!("{services}\n  backendServices: {backends}");
+        config_yaml(&name, generation, &spec, &address, &route_to, &cluster)
+    }
+
     /// The property the cached model rests on: after every step of random
     /// sequences of adds, edits, deletes, endpoint changes, Service changes,
     /// Envoy's NACKs and ACKs, a build that reuses kept translations and
@@ -1587,14 +2245,22 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
     /// the sources hand them over, and sometimes all are read again (same
     /// content, new `Arc`s). An endpoint change is taken, half the time, by
     /// [`Model::endpoints_changed`] on the last build instead of a build:
-    /// that too must equal the full rebuild. The seed is printed on failure;
-    /// `WEFT_MODEL_SEED` repeats one.
+    /// that too must equal the full rebuild. A step that changed configs
+    /// alone (or nothing) is taken, three times in four, by
+    /// [`Model::configs_changed`] on the last build (which may decline:
+    /// then a build). Odd seeds make configs that mostly do not clash
+    /// ([`config_among_few_clashes`]), where most such steps must be
+    /// taken so; even seeds, configs that often clash. The seed is printed
+    /// on failure; `WEFT_MODEL_SEED` repeats one.
     #[test]
     fn cached_builds_equal_full_rebuilds_after_every_random_change() {
         let first: u64 = std::env::var("WEFT_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_0001);
-        let runs = if std::env::var("WEFT_MODEL_SEED").is_ok() { 1 } else { 6 };
+        let runs = if std::env::var("WEFT_MODEL_SEED").is_ok() { 1 } else { 12 };
+        // (steps offered to `configs_changed`, steps it took) with few clashes.
+        let (mut offered, mut taken) = (0, 0);
         for run in 0..runs {
             let seed = first.wrapping_add(run);
+            let few_clashes = seed % 2 == 1;
             let mut rng = Rng(seed | 1);
             let mut cached = Model::new(ProxyPorts::ephemeral());
             let mut full = Model::full_rebuild(ProxyPorts::ephemeral());
@@ -1615,17 +2281,28 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                 let mut renew: Vec<(&str, &str)> = Vec::new();
                 // The Service whose endpoints alone the step changed, if it did.
                 let mut endpoints_of: Option<ObjKey> = None;
+                // The configs the step put (Some) or deleted (None).
+                let mut changed: BTreeMap<ConfigKey, Option<EnvoyConfig>> = BTreeMap::new();
                 match rng.below(9) {
                     0 | 1 => {
-                        let name = format!("c{}", rng.below(8));
+                        let i = rng.below(8);
+                        let name = format!("c{i}");
                         let generation = configs.get(&name).map_or(1, |c| c.generation + 1);
                         log.push(format!("put {name} generation {generation}"));
-                        configs.insert(name.clone(), random_config(&mut rng, &name, generation));
+                        let c = if few_clashes {
+                            config_among_few_clashes(&mut rng, i, generation)
+                        } else {
+                            random_config(&mut rng, &name, generation)
+                        };
+                        changed.insert(c.key.clone(), Some(c.clone()));
+                        configs.insert(name.clone(), c);
                     }
                     2 => {
                         if let Some(n) = pick(&mut rng) {
                             log.push(format!("delete {n}"));
-                            configs.remove(&n);
+                            if let Some(c) = configs.remove(&n) {
+                                changed.insert(c.key, None);
+                            }
                         }
                     }
                     3 => {
@@ -1666,6 +2343,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                     }
                 }
                 let fresh = objects_with(&web, &api, api_alt);
+                let objects_changed = !renew.is_empty();
                 for (kind, name) in renew {
                     let key = ObjKey::new("default", name);
                     match kind {
@@ -1682,13 +2360,32 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                         assert!(replaced.is_some(), "the cached model takes endpoint changes");
                         a
                     }
-                    _ => cached.build(&list, &[], &objs, &node()),
+                    (Some(mut a), None) if !objects_changed && rng.below(4) != 0 => {
+                        let changes = changed.iter().map(|(k, c)| (k.clone(), c.as_ref())).collect();
+                        offered += usize::from(few_clashes);
+                        let before = cached.changes_followed();
+                        match cached.configs_changed(&mut a, &changes, &[], &objs, &node()) {
+                            Some(()) => {
+                                assert_eq!(cached.changes_followed(), before + 1);
+                                taken += usize::from(few_clashes);
+                                log.push("(taken as a change of configs)".into());
+                                a
+                            }
+                            None => cached.build(&list, &[], &objs, &node()),
+                        }
+                    }
+                    (_, _) => cached.build(&list, &[], &objs, &node()),
                 };
                 let b = full.build(&list, &[], &objs, &node());
                 assert!(a == b, "seed {seed}, step {step}, after: {log:#?}\ncached: {a:#?}\nfull: {b:#?}");
                 assert!(full.endpoints_changed(&mut b.clone(), &BTreeSet::new(), &objs).is_none());
+                assert!(full.configs_changed(&mut b.clone(), &BTreeMap::new(), &[], &objs, &node()).is_none());
                 last = Some(a);
             }
+        }
+        println!("configs_changed took {taken} of {offered} steps offered (few clashes)");
+        if runs > 1 {
+            assert!(taken * 2 > offered, "configs_changed took {taken} of {offered} steps offered");
         }
     }
 

@@ -122,16 +122,22 @@ impl ProxyPorts {
 
     /// Gives back the ports of listeners not in `keep`, and saves.
     pub fn release_others(&mut self, keep: &std::collections::BTreeSet<String>) {
-        let gone: Vec<String> = self.saved.allocated.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+        let gone = self.saved.allocated.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+        self.release(&gone);
+        self.flush();
+    }
+
+    /// Gives back the ports of these listeners (those that have one); saved
+    /// by the next [`ProxyPorts::flush`].
+    pub fn release(&mut self, listeners: &std::collections::BTreeSet<String>) {
         let t = now();
-        for name in gone {
-            if let Some(p) = self.saved.allocated.remove(&name) {
+        for name in listeners {
+            if let Some(p) = self.saved.allocated.remove(name) {
                 self.used.remove(&p);
                 self.saved.released.insert(p, t);
                 self.dirty = true;
             }
         }
-        self.flush();
     }
 
     /// Saves the allocations if they changed.

@@ -10,8 +10,10 @@
 //!
 //! Sending is cheap (see `encoded`): filters run on stored records before
 //! anything is converted, a flow is written as protobuf straight from its
-//! record (`wire`), once for every stream that sends it, and a stream hands the server a chunk of responses
-//! at a time, which go out in one HTTP/2 frame. GetFlows therefore has its
+//! record (`wire`, whose writer keeps the bytes of what repeats: endpoints,
+//! the node's fields), once for every stream that sends it, and a stream
+//! hands the server a chunk of responses at a time, which go out in one
+//! HTTP/2 frame. GetFlows therefore has its
 //! own route ([`FlowApi`]) that sends those bytes as they are.
 //!
 //! What clients can make the agent hold is bounded: a request's size
@@ -53,7 +55,7 @@ use super::{
     encoded::{Batches, Encoded, FlowCodec, SharedEncodings},
     filter::{Env, FilterSet, check_bounds},
     peer::PeerService,
-    wire,
+    wire::FlowWriter,
 };
 use crate::pipeline::{
     Pipeline, Refusal,
@@ -324,7 +326,7 @@ async fn run_query(
     let names = p.names();
     let boot_id = p.boot_id;
     let env = Env { boot_id, names: &names };
-    let mut ctx = Context::new(names.clone(), boot_id, q.with_link);
+    let mut writer = FlowWriter::new(Context::new(names.clone(), boot_id, q.with_link));
     let mut pos = q.start(&p, &env);
     // Without follow the query ends at what the store held when it arrived.
     let end = (!q.follow).then(|| p.store.end());
@@ -341,10 +343,11 @@ async fn run_query(
         let read = p.store.read(pos, limit, &mut buf);
         pos = read.next;
         entries += buf.len() as u64 + read.missed;
-        if !Arc::ptr_eq(&ctx.names, &p.names()) {
-            ctx = Context::new(p.names(), boot_id, q.with_link);
+        if !Arc::ptr_eq(&writer.ctx.names, &p.names()) {
+            writer = FlowWriter::new(Context::new(p.names(), boot_id, q.with_link));
         }
-        let node = &ctx.names.node_name;
+        let names = writer.ctx.names.clone();
+        let node = &names.node_name;
         let lost = |l: &Lost| {
             Encoded::of(&response(node, l.time_ns, ResponseTypes::LostEvents(convert::to_lost(l, q.with_link))))
         };
@@ -379,9 +382,8 @@ async fn run_query(
                 }
             }
         }
-        let encoded = encodings.get_or_encode(&ctx.names, q.with_link, &seqs, |i, out| {
-            wire::write_flow_response(&ctx, seqs[i], flows[i], out)
-        });
+        let encoded = encodings
+            .get_or_encode(&names, q.with_link, &seqs, |i, out| writer.write_flow_response(seqs[i], flows[i], out));
         let batch: Vec<Result<Encoded, Status>> = outs
             .into_iter()
             .map(|o| match o {

@@ -12,10 +12,24 @@
 //! and the tests compare the two for flows of every kind. Parts that hold
 //! no text (`Layer4`, timestamps, `CiliumEventType`) are built as prost
 //! messages, which costs nothing, and encoded by prost.
+//!
+//! A stream writes through a [`FlowWriter`], which keeps what repeats from
+//! flow to flow as bytes: each endpoint's `flow.Endpoint` (namespace,
+//! labels, pod, workloads: about half of a flow's bytes with named pods on
+//! both sides), the node's labels and the emitter, and a TCP flow's summary
+//! (it says only the TCP flags). The bytes are the same as without it
+//! ([`write_flow_response`]; tested on random flows).
 
-use std::fmt::{self, Display, Write as _};
+use std::{
+    collections::HashMap,
+    fmt::{self, Display, Write as _},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
-use prost::encoding::{self, WireType, encode_key, encode_varint};
+use fnv::FnvBuildHasher;
+
+use prost::encoding::{self, WireType};
 use weft_flow::{
     proto::flow::{self, IpVersion},
     time::timestamp,
@@ -32,15 +46,67 @@ use crate::pipeline::{
 
 /// Appends the `GetFlowsResponse` carrying flow `seq` (its store position)
 /// to `out`: the bytes of `response(node, time, Flow(to_flow(..)))` encoded
-/// by prost, with the node name of `ctx`'s names.
+/// by prost, with the node name of `ctx`'s names. Keeps nothing: a writer
+/// of many flows uses a [`FlowWriter`].
 pub fn write_flow_response(ctx: &Context, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
-    message(out, 1, |out| write_flow(ctx, seq, f, out));
+    write_response(ctx, &mut Kept::default(), seq, f, out);
+}
+
+/// Endpoints a [`FlowWriter`] keeps the bytes of; when more are met it
+/// starts over (a node's flows name far fewer).
+const KEPT_ENDPOINTS: usize = 4096;
+
+/// Writes flows as [`write_flow_response`] does, with one context, keeping
+/// the bytes of what repeats (see the module doc).
+pub struct FlowWriter {
+    pub ctx: Context,
+    kept: Kept,
+}
+
+/// A `flow.Endpoint`'s contents depend on the endpoint's names (an
+/// `Arc<EndpointInfo>`: the same allocation, the same names), its
+/// datapath id and identity, and the cluster (the context's).
+type EndpointKey = (usize, u16, u32);
+/// The endpoint (held) and its `flow.Endpoint` contents.
+type KeptEndpoint = (Arc<EndpointInfo>, Box<[u8]>);
+
+/// What a [`FlowWriter`] keeps; a default one (`on` false) keeps nothing.
+#[derive(Default)]
+struct Kept {
+    on: bool,
+    /// Contents of `flow.Endpoint` by [`EndpointKey`]; the `Arc` held keeps
+    /// the key's address from being reused by another endpoint.
+    endpoints: HashMap<EndpointKey, KeptEndpoint, FnvBuildHasher>,
+    /// `flow.Flow`'s fields 37 (node labels) and 41 (emitter), whole.
+    node: Option<Box<[u8]>>,
+    /// `flow.Flow`'s field 28 (the interface: index and name) by index.
+    interfaces: HashMap<u32, Box<[u8]>, FnvBuildHasher>,
+    /// The summary field of a TCP flow without HTTP, by its TCP flags (all
+    /// such a summary says); empty until the first.
+    tcp_summaries: Vec<Option<Box<[u8]>>>,
+}
+
+impl FlowWriter {
+    pub fn new(ctx: Context) -> Self {
+        FlowWriter { ctx, kept: Kept { on: true, ..Default::default() } }
+    }
+
+    /// [`write_flow_response`] with this writer's context.
+    pub fn write_flow_response(&mut self, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
+        write_response(&self.ctx, &mut self.kept, seq, f, out);
+    }
+}
+
+fn write_response(ctx: &Context, kept: &mut Kept, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
+    // A flow takes 128 bytes or more (its UUID and time alone take 50), and
+    // less than 16 KiB unless its HTTP text is long: two bytes of length.
+    message_in(out, 1, 2, |out| write_flow(ctx, kept, seq, f, out));
     string(out, 1000, &ctx.names.node_name);
     encoding::message::encode(1001, &timestamp(f.time_ns), out);
 }
 
 /// `flow.Flow`'s fields, in field-number order.
-fn write_flow(ctx: &Context, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
+fn write_flow(ctx: &Context, kept: &mut Kept, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
     let ev = &f.ev;
     let names = &*ctx.names;
     let verdict = f.verdict();
@@ -52,18 +118,18 @@ fn write_flow(ctx: &Context, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
     int32(out, 2, verdict as i32);
     uint(out, 3, t.drop_reason.into());
     message(out, 5, |out| {
-        display(out, 1, ev.src().ip());
-        display(out, 2, ev.dst().ip());
+        ipv4(out, 1, *ev.src().ip());
+        ipv4(out, 2, *ev.dst().ip());
         int32(out, 3, IpVersion::IPv4 as i32);
         if let Some(a) = f.translated_source() {
-            display(out, 5, a.ip());
+            ipv4(out, 5, *a.ip());
         }
     });
     if let Some(l4) = convert::layer4(f) {
         encoding::message::encode(6, &l4, out);
     }
-    message(out, 8, |out| endpoint(out, f.src.as_deref(), ev.src_ep, ev.src_identity, &names.cluster));
-    message(out, 9, |out| endpoint(out, f.dst.as_deref(), ev.dst_ep, ev.dst_identity, &names.cluster));
+    endpoint_field(out, kept, 8, f.src.as_ref(), ev.src_ep, ev.src_identity, &names.cluster);
+    endpoint_field(out, kept, 9, f.dst.as_ref(), ev.dst_ep, ev.dst_identity, &names.cluster);
     int32(out, 10, flow_type(f) as i32);
     string(out, 11, &names.node_name);
     if let Some(h) = http {
@@ -86,10 +152,7 @@ fn write_flow(ctx: &Context, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
         encoding::message::encode(26, &reply, out);
     }
     if ev.ifindex != 0 {
-        message(out, 28, |out| {
-            uint(out, 1, ev.ifindex.into());
-            string(out, 2, &ctx.ifname(ev.ifindex));
-        });
+        interface(out, ctx, kept, ev.ifindex);
     }
     uint(out, 29, ev.proxy_port.into());
     if let Some(id) = http.and_then(Http::trace_id) {
@@ -100,17 +163,26 @@ fn write_flow(ctx: &Context, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
     int32(out, 31, t.sock_xlate_point);
     string(out, 34, Uuid::new(ctx.boot_id, seq).as_str());
     int32(out, 36, t.trace_reason);
-    for label in &names.node_labels {
-        text(out, 37, label);
+    match &kept.node {
+        Some(b) => out.extend_from_slice(b),
+        None => {
+            let start = out.len();
+            for label in &names.node_labels {
+                text(out, 37, label);
+            }
+            message(out, 41, |out| {
+                string(out, 1, EMITTER.0);
+                string(out, 2, EMITTER.1);
+            });
+            if kept.on {
+                kept.node = Some(out[start..].into());
+            }
+        }
     }
-    message(out, 41, |out| {
-        string(out, 1, EMITTER.0);
-        string(out, 2, EMITTER.1);
-    });
     if let Some((field, p)) = named_policy(names, f, verdict) {
         message(out, field as u32, |out| policy(out, p));
     }
-    display(out, 100_000, Summary(f));
+    summary(out, kept, f);
     if ctx.with_link
         && let Some(link) = http.and_then(flow_link)
     {
@@ -119,6 +191,76 @@ fn write_flow(ctx: &Context, seq: u64, f: &FlowRecord, out: &mut Vec<u8>) {
             encoding::message::encode(2, &link, out);
         });
     }
+}
+
+/// The interface field (28), kept per index (the context looks a name up
+/// once anyway).
+fn interface(out: &mut Vec<u8>, ctx: &Context, kept: &mut Kept, index: u32) {
+    if let Some(b) = kept.interfaces.get(&index) {
+        out.extend_from_slice(b);
+        return;
+    }
+    let start = out.len();
+    message(out, 28, |out| {
+        uint(out, 1, index.into());
+        string(out, 2, &ctx.ifname(index));
+    });
+    if kept.on {
+        if kept.interfaces.len() >= KEPT_ENDPOINTS {
+            kept.interfaces.clear();
+        }
+        kept.interfaces.insert(index, out[start..].into());
+    }
+}
+
+/// The summary field (100,000): kept per TCP flags for TCP flows without
+/// HTTP, the most common kind; written for the others.
+fn summary(out: &mut Vec<u8>, kept: &mut Kept, f: &FlowRecord) {
+    if !kept.on || f.http.is_some() || f.ev.proto != 6 {
+        display(out, 100_000, Summary(f));
+        return;
+    }
+    if kept.tcp_summaries.is_empty() {
+        kept.tcp_summaries.resize(256, None);
+    }
+    let flags = usize::from(f.ev.tcp_flags);
+    match &kept.tcp_summaries[flags] {
+        Some(b) => out.extend_from_slice(b),
+        None => {
+            let start = out.len();
+            display(out, 100_000, Summary(f));
+            kept.tcp_summaries[flags] = Some(out[start..].into());
+        }
+    }
+}
+
+/// `flow.Endpoint` as field `tag`: its contents kept per [`EndpointKey`]
+/// when `kept` keeps (an endpoint without names is a few bytes: written).
+fn endpoint_field(
+    out: &mut Vec<u8>,
+    kept: &mut Kept,
+    tag: u32,
+    e: Option<&Arc<EndpointInfo>>,
+    id: u16,
+    identity: u32,
+    cluster: &str,
+) {
+    let Some(e) = e.filter(|_| kept.on) else {
+        message(out, tag, |out| endpoint(out, e.map(|e| &**e), id, identity, cluster));
+        return;
+    };
+    let which = (Arc::as_ptr(e) as usize, id, identity);
+    if let Some((_, body)) = kept.endpoints.get(&which) {
+        key(out, tag, WireType::LengthDelimited);
+        varint(out, body.len() as u64);
+        out.extend_from_slice(body);
+        return;
+    }
+    let len = message(out, tag, |out| endpoint(out, Some(e), id, identity, cluster));
+    if kept.endpoints.len() >= KEPT_ENDPOINTS {
+        kept.endpoints.clear();
+    }
+    kept.endpoints.insert(which, (e.clone(), out[out.len() - len..].into()));
 }
 
 fn endpoint(out: &mut Vec<u8>, e: Option<&EndpointInfo>, id: u16, identity: u32, cluster: &str) {
@@ -173,8 +315,8 @@ fn policy(out: &mut Vec<u8>, p: &PolicyName) {
 /// An unsigned varint field (uint32, uint64), left out when 0.
 fn uint(out: &mut Vec<u8>, tag: u32, v: u64) {
     if v != 0 {
-        encode_key(tag, WireType::Varint, out);
-        encode_varint(v, out);
+        key(out, tag, WireType::Varint);
+        varint(out, v);
     }
 }
 
@@ -197,8 +339,8 @@ fn string(out: &mut Vec<u8>, tag: u32, s: &str) {
 
 /// One string of a repeated field (written even when empty).
 fn text(out: &mut Vec<u8>, tag: u32, s: &str) {
-    encode_key(tag, WireType::LengthDelimited, out);
-    encode_varint(s.len() as u64, out);
+    key(out, tag, WireType::LengthDelimited);
+    varint(out, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }
 
@@ -214,22 +356,83 @@ fn display(out: &mut Vec<u8>, tag: u32, d: impl Display) {
     }
 }
 
+/// A string field holding an IPv4 address as `Ipv4Addr` displays it
+/// (dotted decimal; never empty), written without the formatter.
+fn ipv4(out: &mut Vec<u8>, tag: u32, a: Ipv4Addr) {
+    let mut text = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in a.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            text[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            text[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        text[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    key(out, tag, WireType::LengthDelimited);
+    varint(out, n as u64);
+    out.extend_from_slice(&text[..n]);
+}
+
+/// A varint as prost writes it (`encoding::encode_varint`), inline: most
+/// take one byte.
+#[inline]
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A field's key as prost writes it (`encoding::encode_key`).
+#[inline]
+fn key(out: &mut Vec<u8>, tag: u32, wire_type: WireType) {
+    varint(out, u64::from(tag << 3 | wire_type as u32));
+}
+
 /// A length-delimited field whose contents `body` appends; returns their
-/// length. One byte is kept for the length (most are shorter than 128), and
-/// the contents move up when it needs more.
+/// length. One byte is kept for the length (most are shorter than 128).
 fn message(out: &mut Vec<u8>, tag: u32, body: impl FnOnce(&mut Vec<u8>)) -> usize {
-    encode_key(tag, WireType::LengthDelimited, out);
+    message_in(out, tag, 1, body)
+}
+
+/// [`message`] keeping `room` bytes (1 or 2) for the length: the contents
+/// move down when it needs fewer, up when it needs more.
+fn message_in(out: &mut Vec<u8>, tag: u32, room: usize, body: impl FnOnce(&mut Vec<u8>)) -> usize {
+    key(out, tag, WireType::LengthDelimited);
     let at = out.len();
-    out.push(0);
+    out.extend_from_slice(&[0, 0][..room]);
     body(out);
-    let len = out.len() - at - 1;
-    if len < 0x80 {
+    let len = out.len() - at - room;
+    if room == 1 && len < 0x80 {
         out[at] = len as u8;
-    } else {
-        let mut bytes = [0u8; 10];
-        encode_varint(len as u64, &mut &mut bytes[..]);
-        let n = encoding::encoded_len_varint(len as u64);
-        out.splice(at..at + 1, bytes[..n].iter().copied());
+        return len;
+    }
+    let mut length = [0u8; 10];
+    let n = {
+        let mut rest = &mut length[..];
+        encoding::encode_varint(len as u64, &mut rest);
+        10 - rest.len()
+    };
+    match n.cmp(&room) {
+        std::cmp::Ordering::Equal => out[at..at + n].copy_from_slice(&length[..n]),
+        std::cmp::Ordering::Less => {
+            out.copy_within(at + room.., at + n);
+            out.truncate(out.len() - (room - n));
+            out[at..at + n].copy_from_slice(&length[..n]);
+        }
+        std::cmp::Ordering::Greater => {
+            out.splice(at..at + room, length[..n].iter().copied());
+        }
     }
     len
 }
@@ -510,17 +713,110 @@ mod tests {
         assert!(long > 100, "{long} flows over 16 KiB");
     }
 
+    /// Names whose endpoints sit at the addresses of [`names`] but hold
+    /// other text (the `k`th variant), each in an allocation of its own.
+    fn other_names(k: u64) -> Names {
+        let mut n = Names::new("node-a");
+        for (i, a) in ADDRS.iter().enumerate().take(3) {
+            n.add_endpoint(
+                ip(*a),
+                EndpointInfo {
+                    namespace: format!("ns-{k}"),
+                    pod: if i == 1 { String::new() } else { format!("pod-{k}-{i}") },
+                    labels: (0..k % 4).map(|j| format!("k8s:l{j}=v{k}")).collect(),
+                    identity: (k % 3) as u32 * 1000,
+                    ..Default::default()
+                },
+            );
+        }
+        n
+    }
+
+    /// The property for [`FlowWriter`]: a writer that has kept the bytes of
+    /// what it wrote before writes every flow as one that keeps nothing,
+    /// for flows of every kind, whose endpoints come from names that are
+    /// dropped and made again (so an endpoint's allocation is reused by one
+    /// with other names), through more endpoints than it keeps.
+    #[test]
+    fn a_writer_keeping_bytes_writes_what_one_keeping_nothing_does() {
+        let names = Arc::new(names());
+        let mut writers = [
+            FlowWriter::new(Context::new(names.clone(), 99, false)),
+            FlowWriter::new(Context::new(names.clone(), 5, true)),
+        ];
+        let mut rng = Rng(0x0bad_cafe_f00d_d00d);
+        let (mut kept, mut fresh) = (Vec::new(), Vec::new());
+        let (mut hits, mut starts) = (0usize, 0usize);
+        for i in 0..12_000u64 {
+            // A record enriched by the usual names, or by names made for it
+            // alone (dropped after it: their allocations are reused).
+            let other = rng.chance(50).then(|| other_names(rng.below(1000)));
+            let f = record(&mut rng, other.as_ref().unwrap_or(&names));
+            for w in &mut writers {
+                kept.clear();
+                fresh.clear();
+                let before = w.kept.endpoints.len();
+                w.write_flow_response(i, &f, &mut kept);
+                write_flow_response(&w.ctx, i, &f, &mut fresh);
+                let after = w.kept.endpoints.len();
+                hits += usize::from(after == before && (f.src.is_some() || f.dst.is_some()));
+                starts += usize::from(after < before);
+                if kept != fresh {
+                    panic!(
+                        "flow {i} ({f:?}) differs:\nkept    {:?}\nnothing {:?}",
+                        GetFlowsResponse::decode(kept.as_slice()),
+                        GetFlowsResponse::decode(fresh.as_slice())
+                    );
+                }
+            }
+        }
+        // Bytes were kept and used, and the writers started over at least once.
+        assert!(hits > 1000, "{hits} flows wrote only kept endpoints");
+        assert!(writers.iter().all(|w| w.kept.node.is_some()));
+        assert!(starts >= 2, "the writers started over {starts} times");
+    }
+
+    /// Addresses are written as `Ipv4Addr` displays them.
+    #[test]
+    fn addresses_are_written_as_they_display() {
+        let mut rng = Rng(0x1234_5678);
+        let edges = [0u32, 1, 9, 10, 99, 100, 199, 200, 255, 0x0a00_0001, 0x6464_6464, u32::MAX];
+        let all = edges.into_iter().chain((0..10_000).map(|_| rng.next() as u32));
+        for a in all.chain((0..=255u32).map(|o| o * 0x0101_0101)) {
+            let a = Ipv4Addr::from(a);
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            ipv4(&mut got, 2, a);
+            encoding::string::encode(2, &a.to_string(), &mut want);
+            assert_eq!(got, want, "{a}");
+        }
+    }
+
     /// A field's length takes as many bytes as it needs, and the field's
-    /// contents move up past it.
+    /// contents move up past it (or down, when fewer than kept will do).
     #[test]
     fn lengths_take_the_bytes_they_need() {
-        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 100_000] {
-            let mut out = vec![0xaa];
-            let s = "z".repeat(len);
-            let written = message(&mut out, 3, |out| out.extend_from_slice(s.as_bytes()));
-            let mut want = vec![0xaa];
-            encoding::string::encode(3, &s, &mut want);
-            assert_eq!((written, out), (len, want), "{len}");
+        for room in [1, 2] {
+            for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 100_000, 2_097_152] {
+                let mut out = vec![0xaa];
+                let s = "z".repeat(len);
+                let written = message_in(&mut out, 3, room, |out| out.extend_from_slice(s.as_bytes()));
+                let mut want = vec![0xaa];
+                encoding::string::encode(3, &s, &mut want);
+                assert_eq!((written, out), (len, want), "{len} in {room}");
+            }
+        }
+        // Varints and keys as prost writes them.
+        for v in [0u64, 1, 127, 128, 300, 16_383, 16_384, u32::MAX.into(), u64::MAX, i64::from(-1i32) as u64] {
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            varint(&mut got, v);
+            encoding::encode_varint(v, &mut want);
+            assert_eq!(got, want, "{v}");
+        }
+        for tag in [1u32, 15, 16, 2047, 2048, 100_000, 150_000, (1 << 29) - 1] {
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            key(&mut got, tag, WireType::LengthDelimited);
+            encoding::encode_key(tag, WireType::LengthDelimited, &mut want);
+            assert_eq!(got, want, "{tag}");
         }
         let mut out = Vec::new();
         display(&mut out, 2, "");
