@@ -643,16 +643,16 @@ impl Model {
         let mut candidates = Vec::new();
         let mut specs: BTreeMap<ConfigKey, &EnvoyConfig> = BTreeMap::new();
 
+        // Whether a config was rejected for another's sake, or stands in
+        // for one that failed to parse, or two configs have one name:
+        // [`Model::configs_changed`] cannot follow such a build.
+        let mut for_others = false;
         for cfg in configs {
-            specs.insert(cfg.key.clone(), cfg);
+            for_others |= specs.insert(cfg.key.clone(), cfg).is_some();
             let (status, candidate) = self.candidate(cfg, node);
             candidates.extend(candidate);
             built.statuses.insert(cfg.key.clone(), status);
         }
-        // Whether a config was rejected for another's sake, or stands in
-        // for one that failed to parse: [`Model::configs_changed`] cannot
-        // follow such a build.
-        let mut for_others = false;
         for e in parse_errors {
             let Some(key) = &e.key else { continue };
             for_others = true;
@@ -780,8 +780,9 @@ impl Model {
     /// statuses and the generated endpoints and secrets they touch. Costs
     /// what the changed configs (and those that use their names) cost.
     ///
-    /// Returns None, having changed nothing of `built`, where it does not
-    /// apply; the caller builds whole. It does not apply:
+    /// Returns the redirect keys the change may have touched; None, having
+    /// changed nothing of `built`, where it does not apply (the caller
+    /// builds whole). It does not apply:
     /// - to a model that keeps nothing between builds (the oracle);
     /// - after a build that rejected a config for another's sake (a clash, a
     ///   reference leading nowhere) or had configs that failed to parse, or
@@ -802,7 +803,7 @@ impl Model {
         parse_errors: &[ConfigError],
         objects: &Objects,
         node: &NodeInfo,
-    ) -> Option<()> {
+    ) -> Option<BTreeSet<RedirectKey>> {
         // Taken: any return before the end leaves None, and the next build is whole.
         let mut last = self.last.take()?;
         if last.node != *node || parse_errors.iter().any(|e| e.key.is_some()) {
@@ -1043,7 +1044,9 @@ impl Model {
         self.ports.flush();
         self.last = Some(last);
         self.changes_followed += 1;
-        Some(())
+        // The redirects the change may have touched: the old versions' and the new ones'.
+        let redirects = old.iter().chain(&fresh).flat_map(|c| &c.translated.redirects).flat_map(redirect_keys);
+        Some(redirects.collect())
     }
 
     /// Rejects a candidate; its last good version takes its place if that is
@@ -2365,7 +2368,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                         offered += usize::from(few_clashes);
                         let before = cached.changes_followed();
                         match cached.configs_changed(&mut a, &changes, &[], &objs, &node()) {
-                            Some(()) => {
+                            Some(_) => {
                                 assert_eq!(cached.changes_followed(), before + 1);
                                 taken += usize::from(few_clashes);
                                 log.push("(taken as a change of configs)".into());

@@ -18,7 +18,8 @@
 //!
 //! What clients can make the agent hold is bounded: a request's size
 //! ([`MAX_REQUEST_BYTES`]) and filters (see `filter`), each stream's buffer
-//! ([`CLIENT_BUFFER`] responses), the streams one client may keep open
+//! ([`CLIENT_BUFFER`] responses) and what its writer keeps
+//! ([`wire::KEPT_BYTES`](super::wire::KEPT_BYTES)), the streams one client may keep open
 //! (a TCP peer's address, a unix peer's uid) and all clients together
 //! ([`StreamLimits`]), and the HTTP/2 streams per connection.
 

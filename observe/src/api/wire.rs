@@ -52,9 +52,11 @@ pub fn write_flow_response(ctx: &Context, seq: u64, f: &FlowRecord, out: &mut Ve
     write_response(ctx, &mut Kept::default(), seq, f, out);
 }
 
-/// Endpoints a [`FlowWriter`] keeps the bytes of; when more are met it
-/// starts over (a node's flows name far fewer).
-const KEPT_ENDPOINTS: usize = 4096;
+/// The most bytes of endpoints and interfaces a [`FlowWriter`] keeps (each
+/// stream has one); past that it starts over. A node's flows name a few
+/// hundred endpoints of 50-200 bytes; one larger than an eighth of this is
+/// written every time.
+pub const KEPT_BYTES: usize = 64 << 10;
 
 /// Writes flows as [`write_flow_response`] does, with one context, keeping
 /// the bytes of what repeats (see the module doc).
@@ -84,6 +86,26 @@ struct Kept {
     /// The summary field of a TCP flow without HTTP, by its TCP flags (all
     /// such a summary says); empty until the first.
     tcp_summaries: Vec<Option<Box<[u8]>>>,
+    /// Bytes in `endpoints` and `interfaces`.
+    bytes: usize,
+}
+
+impl Kept {
+    /// Whether `n` more bytes of endpoints or interfaces are kept: not when
+    /// keeping nothing or when they are too many; starting over when the
+    /// kept ones and these would be more than [`KEPT_BYTES`].
+    fn make_room(&mut self, n: usize) -> bool {
+        if !self.on || n > KEPT_BYTES / 8 {
+            return false;
+        }
+        if self.bytes + n > KEPT_BYTES {
+            self.endpoints.clear();
+            self.interfaces.clear();
+            self.bytes = 0;
+        }
+        self.bytes += n;
+        true
+    }
 }
 
 impl FlowWriter {
@@ -205,10 +227,7 @@ fn interface(out: &mut Vec<u8>, ctx: &Context, kept: &mut Kept, index: u32) {
         uint(out, 1, index.into());
         string(out, 2, &ctx.ifname(index));
     });
-    if kept.on {
-        if kept.interfaces.len() >= KEPT_ENDPOINTS {
-            kept.interfaces.clear();
-        }
+    if kept.make_room(out.len() - start) {
         kept.interfaces.insert(index, out[start..].into());
     }
 }
@@ -257,10 +276,9 @@ fn endpoint_field(
         return;
     }
     let len = message(out, tag, |out| endpoint(out, Some(e), id, identity, cluster));
-    if kept.endpoints.len() >= KEPT_ENDPOINTS {
-        kept.endpoints.clear();
+    if kept.make_room(len) {
+        kept.endpoints.insert(which, (e.clone(), out[out.len() - len..].into()));
     }
-    kept.endpoints.insert(which, (e.clone(), out[out.len() - len..].into()));
 }
 
 fn endpoint(out: &mut Vec<u8>, e: Option<&EndpointInfo>, id: u16, identity: u32, cluster: &str) {
@@ -723,7 +741,11 @@ mod tests {
                 EndpointInfo {
                     namespace: format!("ns-{k}"),
                     pod: if i == 1 { String::new() } else { format!("pod-{k}-{i}") },
-                    labels: (0..k % 4).map(|j| format!("k8s:l{j}=v{k}")).collect(),
+                    // Now and then one too large to keep.
+                    labels: (0..k % 4)
+                        .map(|j| format!("k8s:l{j}=v{k}"))
+                        .chain(k.is_multiple_of(97).then(|| "k".repeat(KEPT_BYTES / 7)))
+                        .collect(),
                     identity: (k % 3) as u32 * 1000,
                     ..Default::default()
                 },
@@ -736,7 +758,8 @@ mod tests {
     /// what it wrote before writes every flow as one that keeps nothing,
     /// for flows of every kind, whose endpoints come from names that are
     /// dropped and made again (so an endpoint's allocation is reused by one
-    /// with other names), through more endpoints than it keeps.
+    /// with other names), through more endpoints than it keeps, some too
+    /// large to keep.
     #[test]
     fn a_writer_keeping_bytes_writes_what_one_keeping_nothing_does() {
         let names = Arc::new(names());
@@ -774,6 +797,7 @@ mod tests {
         assert!(hits > 1000, "{hits} flows wrote only kept endpoints");
         assert!(writers.iter().all(|w| w.kept.node.is_some()));
         assert!(starts >= 2, "the writers started over {starts} times");
+        assert!(writers.iter().all(|w| w.kept.bytes <= KEPT_BYTES));
     }
 
     /// Addresses are written as `Ipv4Addr` displays them.
