@@ -117,6 +117,13 @@ fn in_effect(live: &BTreeMap<RedirectKey, Handing>) -> crate::state::Redirects {
     live.iter().map(|(k, (port, _, _))| (k.clone(), *port)).collect()
 }
 
+/// The redirects in effect of these Services alone: what their datapath
+/// entries read (an endpoint change copies these, not every redirect).
+fn in_effect_of(live: &BTreeMap<RedirectKey, Handing>, services: &BTreeSet<ObjKey>) -> crate::state::Redirects {
+    let of = |s: &ObjKey| live.range((s.clone(), None)..=(s.clone(), Some(u16::MAX)));
+    services.iter().flat_map(of).map(|(k, (port, _, _))| (k.clone(), *port)).collect()
+}
+
 /// What Envoy made of an object's resources.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "state")]
@@ -569,7 +576,7 @@ impl Controller {
         }
         self.version += 1;
         self.live_changed = false;
-        let mut snap = last.with_endpoints_of(services, objects, &in_effect(&self.live));
+        let mut snap = last.with_endpoints_of(services, objects, &in_effect_of(&self.live, services));
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.groups.publish(&self.built.xds) });
         Some((Arc::new(snap), published))
