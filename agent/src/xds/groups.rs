@@ -532,14 +532,7 @@ fn group_listener(name: &str, members: &[(&str, Listener)]) -> Listener {
             out.filter_chains.push(c);
         }
     }
-    let mut all = addresses.into_iter().map(translate::frontend_address);
-    out.address = all.next();
-    out.additional_addresses = all
-        .map(|a| envoy_types::pb::envoy::config::listener::v3::AdditionalAddress {
-            address: Some(a),
-            ..Default::default()
-        })
-        .collect();
+    translate::at_frontends(&mut out, addresses);
     out
 }
 

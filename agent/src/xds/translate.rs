@@ -814,14 +814,22 @@ pub fn dispatcher(port: u16) -> (Listener, RouteConfiguration) {
 /// addresses. `placeholder` is its address when it has no frontend (its
 /// Service does not exist yet): never bound, never reached.
 pub fn virtual_listener(l: &mut Listener, frontends: &[std::net::SocketAddrV4], placeholder: Option<u16>) {
-    use envoy_types::pb::envoy::config::listener::v3::AdditionalAddress;
-    let mut all = frontends.iter().map(|f| frontend_address(*f));
-    l.address = all.next().or_else(|| {
-        placeholder.map(|p| frontend_address(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, p)))
-    });
-    l.additional_addresses = all.map(|a| AdditionalAddress { address: Some(a), ..Default::default() }).collect();
+    at_frontends(l, frontends.iter().copied());
+    if l.address.is_none() {
+        l.address =
+            placeholder.map(|p| frontend_address(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, p)));
+    }
     l.bind_to_port = Some(BoolValue { value: false });
     balance_connections(l);
+}
+
+/// Gives a listener these frontends as its addresses: the first as its
+/// `address`, the rest as `additional_addresses` (none: no address).
+pub fn at_frontends(l: &mut Listener, frontends: impl IntoIterator<Item = std::net::SocketAddrV4>) {
+    use envoy_types::pb::envoy::config::listener::v3::AdditionalAddress;
+    let mut all = frontends.into_iter().map(frontend_address);
+    l.address = all.next();
+    l.additional_addresses = all.map(|a| AdditionalAddress { address: Some(a), ..Default::default() }).collect();
 }
 
 /// A frontend as the address of a listener reached through the [`dispatcher`].
