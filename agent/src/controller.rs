@@ -690,8 +690,8 @@ impl Controller {
                 self.acks.clear();
                 self.acked_version.clear();
                 self.listed = None;
-                // Listeners pulled out of groups wait for no group now.
-                self.groups.reset()
+                self.groups.reset();
+                false
             }
             AdsEvent::Ack { type_url, resources, .. } => {
                 // An ACK of a group is one of its members' listeners.
@@ -715,8 +715,8 @@ impl Controller {
                 }
                 let owners = dispatcher_was_in.then_some(&completed[..]);
                 self.live_changed |= hand_over(&mut self.live, &self.wanted, owners, &self.built, &self.acks);
-                // Listeners pulled out of a group wait for its ACK: the
-                // next push publishes them.
+                // A member Envoy took on its own is in its group again:
+                // the next push has it.
                 released
             }
             AdsEvent::Nack { type_url, message, resources } => {
@@ -745,9 +745,9 @@ impl Controller {
                     self.endpoints_only = None;
                     self.configs_only = None;
                 }
-                // Members pulled out of a refused group are not blamed yet:
-                // the next push serves them on their own, and Envoy's answer
-                // to it names the one at fault.
+                // Members of a refused group are not blamed yet when several
+                // changed: the next push tries each on its own, and Envoy's
+                // answer to it names the one at fault.
                 !owners.is_empty() || nacked.pulled
             }
         }

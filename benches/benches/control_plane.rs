@@ -12,7 +12,11 @@
 //!
 //! `cargo bench -p weft-benches --bench control_plane` (WEFT_BENCH_CONFIGS:
 //! comma-separated config counts for 1, default 1,1000,10000;
-//! WEFT_BENCH_CHANGE_CONFIGS: for 2, default 100,1000,10000).
+//! WEFT_BENCH_GROUP_SIZE: comma-separated `envoy.listener-group-size`s the
+//! agent runs 1 with, 0 for no groups, default the agent's own; each count
+//! is run with each size in turn, WEFT_BENCH_REPEAT times (default 1), so
+//! the sizes share the machine's load; WEFT_BENCH_CHANGE_CONFIGS: for 2,
+//! default 100,1000,10000, empty for neither 2 nor 3).
 
 use std::{
     fmt::Write as _,
@@ -111,21 +115,47 @@ fn start(agent_config: &str) -> Run {
     Run { lab, objects, agent, _server: server }
 }
 
+/// CPU time a process has used so far (user + system).
+fn cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start at the state, field 3.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
 struct Scaled {
     took: Duration,
     acked: usize,
     refused: usize,
     why: Option<String>,
     agent_kib: u64,
+    agent_cpu: Duration,
     envoy_kib: u64,
+    envoy_peak_kib: u64,
+    envoy_cpu: Duration,
     envoy_fds: usize,
     envoy_restarts: u64,
+    /// Envoy's listeners when all were acknowledged.
+    listeners: usize,
 }
 
-fn scale(n: usize) -> Scaled {
-    let run = start("");
+/// The agent config for a listener group size (None: the agent's default).
+fn group_config(size: Option<usize>) -> String {
+    size.map(|s| format!("envoy: {{listener-group-size: {s}}}\n")).unwrap_or_default()
+}
+
+fn scale(n: usize, group_size: Option<usize>) -> Scaled {
+    let run = start(&group_config(group_size));
     let backend = run.lab.pod("n1-p2").ip;
     let body = format!("{}{}{}", lab_objects(&run.lab, &[]), services(n, backend, &[]), configs(0..n));
+    let ready = wait_status(&run.lab, 0, Duration::from_secs(60), "Envoy's pid", |s| s["envoy"]["pid"].is_u64())
+        .unwrap_or_else(|e| panic!("{e:.2000}"));
+    let envoy_pid = ready["envoy"]["pid"].as_u64().unwrap_or(0) as u32;
+    let (agent_cpu0, envoy_cpu0) = (cpu(run.agent), cpu(envoy_pid));
     let t0 = Instant::now();
     write_atomic(&run.objects, &body).unwrap();
     let st =
@@ -134,17 +164,27 @@ fn scale(n: usize) -> Scaled {
         })
         .unwrap_or_else(|e| panic!("{e:.2000}"));
     let took = t0.elapsed();
+    let (agent_cpu, envoy_cpu) = (cpu(run.agent) - agent_cpu0, cpu(envoy_pid) - envoy_cpu0);
     let (refused, why) = refused(&st);
-    let envoy_pid = st["envoy"]["pid"].as_u64().unwrap_or(0) as u32;
+    let listeners = admin(&run.lab, "/listeners")
+        .lines()
+        .filter_map(|l| l.split_once("::"))
+        .map(|(n, _)| n)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     Scaled {
         took,
         acked: acked_count(&st),
         refused,
         why,
         agent_kib: kib(run.agent, "VmHWM:"),
+        agent_cpu,
         envoy_kib: kib(envoy_pid, "VmRSS:"),
+        envoy_peak_kib: kib(envoy_pid, "VmHWM:"),
+        envoy_cpu,
         envoy_fds: std::fs::read_dir(format!("/proc/{envoy_pid}/fd")).map_or(0, |d| d.count()),
         envoy_restarts: st["envoy"]["restarts"].as_u64().unwrap_or(0),
+        listeners,
     }
 }
 
@@ -268,35 +308,53 @@ fn main() {
     println!("# Control plane\n\nMachine: {}\n", machine());
     println!("## EnvoyConfigs written at once, until Envoy acknowledged each (or the agent refused it)\n");
     println!("Open-file limit the agent and Envoy run with: {open_files}.\n");
+    // None: the agent's default.
+    let group_sizes: Vec<Option<usize>> = match std::env::var("WEFT_BENCH_GROUP_SIZE") {
+        Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).map(Some).collect(),
+        Err(_) => vec![None],
+    };
+    let repeat: usize = std::env::var("WEFT_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     println!(
-        "| configs | acknowledged | refused | time | per acknowledged config | / 1 config | agent peak RSS | Envoy RSS | Envoy open files | Envoy restarts |"
+        "| configs | group size | acknowledged | refused | time | per acknowledged config | / first row | agent CPU | agent peak RSS | Envoy CPU | Envoy RSS | Envoy peak RSS | Envoy listeners | Envoy open files | Envoy restarts |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut base = None;
     let mut rows = Vec::new();
     let mut reasons = Vec::new();
     for n in counts {
-        let r = scale(n);
-        let base_t = *base.get_or_insert(r.took);
-        rows.push(serde_json::json!({
-            "configs": n, "acked": r.acked, "refused": r.refused, "ack_s": r.took.as_secs_f64(),
-            "agent_rss_kib": r.agent_kib, "envoy_rss_kib": r.envoy_kib, "envoy_fds": r.envoy_fds,
-            "envoy_restarts": r.envoy_restarts,
-            "refused_because": r.why,
-        }));
-        println!(
-            "| {n} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {} MiB | {} MiB | {} | {} |",
-            r.acked,
-            r.refused,
-            r.took.as_secs_f64(),
-            r.took.as_secs_f64() * 1e3 / r.acked.max(1) as f64,
-            r.took.as_secs_f64() / base_t.as_secs_f64(),
-            r.agent_kib / 1024,
-            r.envoy_kib / 1024,
-            r.envoy_fds,
-            r.envoy_restarts
-        );
-        reasons.extend(r.why.map(|w| format!("{n} configs, first refused: {w}")));
+        for _ in 0..repeat {
+            for size in &group_sizes {
+                let r = scale(n, *size);
+                let base_t = *base.get_or_insert(r.took);
+                rows.push(serde_json::json!({
+                    "configs": n, "group_size": size, "acked": r.acked, "refused": r.refused,
+                    "ack_s": r.took.as_secs_f64(), "agent_cpu_s": r.agent_cpu.as_secs_f64(),
+                    "agent_rss_kib": r.agent_kib, "envoy_cpu_s": r.envoy_cpu.as_secs_f64(),
+                    "envoy_rss_kib": r.envoy_kib, "envoy_peak_rss_kib": r.envoy_peak_kib,
+                    "envoy_listeners": r.listeners, "envoy_fds": r.envoy_fds,
+                    "envoy_restarts": r.envoy_restarts,
+                    "refused_because": r.why,
+                }));
+                let size = size.map_or_else(|| "default".to_owned(), |s| s.to_string());
+                println!(
+                    "| {n} | {size} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {:.2} s | {} MiB | {:.2} s | {} MiB | {} MiB | {} | {} | {} |",
+                    r.acked,
+                    r.refused,
+                    r.took.as_secs_f64(),
+                    r.took.as_secs_f64() * 1e3 / r.acked.max(1) as f64,
+                    r.took.as_secs_f64() / base_t.as_secs_f64(),
+                    r.agent_cpu.as_secs_f64(),
+                    r.agent_kib / 1024,
+                    r.envoy_cpu.as_secs_f64(),
+                    r.envoy_kib / 1024,
+                    r.envoy_peak_kib / 1024,
+                    r.listeners,
+                    r.envoy_fds,
+                    r.envoy_restarts
+                );
+                reasons.extend(r.why.map(|w| format!("{n} configs, group size {size}, first refused: {w}")));
+            }
+        }
     }
     for r in &reasons {
         println!("\n{r}");
@@ -330,6 +388,10 @@ fn main() {
             "endpoint_p50_ms": p50, "endpoint_max_ms": e.pct(100.0).as_secs_f64() * 1e3,
             "edit_p50_ms": c.pct(50.0).as_secs_f64() * 1e3, "edit_max_ms": c.pct(100.0).as_secs_f64() * 1e3,
         }));
+    }
+    if change_counts.is_empty() {
+        save("control_plane", serde_json::json!({ "open_files": open_files, "configs": rows }));
+        return;
     }
     println!("\n## One endpoint change with 1000 configs loaded: state of the world against delta\n");
     println!("| xDS | p50 ms | max ms | p50 / state of the world |");

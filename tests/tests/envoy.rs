@@ -498,3 +498,146 @@ fn proxy_ports_survive_an_agent_restart_and_pinned_ports_are_honoured() {
     let (r, _, _) = get_once(&client.netns, sa(Ipv4Addr::new(10, 96, 0, 10), 80), "/", T).unwrap();
     assert!(r.header("x-envoy-upstream-service-time").is_some());
 }
+
+/// A config Envoy refuses at the listener (weft passes it on): a terminal
+/// filter (a router) that is not the last of its HTTP filters.
+fn refused_by_envoy(name: &str, service: &str) -> String {
+    http_envoy_config(name, service, None).replace(
+        "          http_filters:\n",
+        "          http_filters:\n          - name: early-router\n            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}\n",
+    )
+}
+
+/// Issue 12, listener groups with the real Envoy: configs of one namespace
+/// share one listener of Envoy, and Envoy refusing that listener because
+/// of one of them blames that config alone, with Envoy's message, while
+/// the others stay served; fixed, it is served again. Two refused configs
+/// changed in one push (beside an innocent edit) are each tried on their
+/// own, at an address no connection reaches, while the group keeps
+/// serving them by their last ACKed chains: both are blamed by name, the
+/// innocent edit is served. Throughout, requests on new connections go
+/// round the four Services: every one is answered 200 by Envoy (a 503
+/// would be the dispatcher's: a frontend no listener had).
+#[test]
+fn a_group_envoy_refuses_blames_its_config_alone_and_every_member_stays_served() {
+    require_root!();
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let services: Vec<LabService> = (0..4u8)
+        .map(|i| svc(&format!("s{i}"), [10, 96, 0, 40 + i], 80, &[["n1-p2", "n2-p1", "n2-p2"][usize::from(i) % 3]]))
+        .collect();
+    let good = |i: usize| http_envoy_config(&format!("c{i}"), &format!("s{i}"), None);
+    let objects = |lab: &weft_tests::lab::Lab, configs: [String; 4]| {
+        format!("{}{}", lab_objects(lab, &services), configs.join("---\n"))
+    };
+    let env = EnvoyLab::with_config(|lab| objects(lab, [0, 1, 2, 3].map(good)), "envoy: {listener-group-size: 8}\n");
+    for i in 0..4 {
+        env.acked(&format!("EnvoyConfig default/c{i}"));
+    }
+    let listeners = envoy_listeners(&env.lab, 0);
+    let groups: Vec<&String> = listeners.iter().filter(|n| n.starts_with("weft-group:default:")).collect();
+    assert_eq!(groups.len(), 1, "the four configs share a listener: {listeners:?}");
+    assert!(!listeners.iter().any(|n| n.starts_with("default/")), "{listeners:?}");
+
+    let stop = AtomicBool::new(false);
+    let phase = AtomicUsize::new(0);
+    let client = env.lab.pod("n1-p1");
+    let to = |i: usize| sa(Ipv4Addr::new(10, 96, 0, 40 + i as u8), 80);
+    // (phase, service, what went wrong) of every request not answered by
+    // Envoy with 200; requests per phase.
+    let (failed, sent) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            let (mut failed, mut sent) = (Vec::new(), [0usize; 6]);
+            while !stop.load(Ordering::SeqCst) {
+                for i in 0..4 {
+                    let p = phase.load(Ordering::SeqCst);
+                    sent[p] += 1;
+                    match get_once(&client.netns, to(i), "/", T) {
+                        Ok((r, _, _)) if r.status == 200 && r.header("x-envoy-upstream-service-time").is_some() => {}
+                        Ok((r, _, _)) => failed.push((p, i, format!("{} {:?}", r.status, r.body))),
+                        Err(e) => failed.push((p, i, e.to_string())),
+                    }
+                }
+            }
+            (failed, sent)
+        });
+        let write = |configs: [String; 4]| write_atomic(&env.objects_file(), &objects(&env.lab, configs)).unwrap();
+        let nacked = |s: &serde_json::Value, i: usize| -> Option<String> {
+            let o = object(s, &format!("EnvoyConfig default/c{i}"));
+            (o["envoy"]["state"] == "nacked").then(|| o["problems"][0].as_str().unwrap_or_default().to_owned())
+        };
+        let acked = |s: &serde_json::Value, i: usize| {
+            envoy_state(s, &format!("EnvoyConfig default/c{i}")) == Some("acknowledged")
+        };
+        let wait = |what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+            wait_status(&env.lab, 0, Duration::from_secs(30), what, done).unwrap_or_else(|e| env.fail(e))
+        };
+        std::thread::sleep(Duration::from_millis(500));
+
+        // 1: c1 refused by Envoy in the group.
+        phase.store(1, Ordering::SeqCst);
+        write([good(0), refused_by_envoy("c1", "s1"), good(2), good(3)]);
+        let s = wait("c1 nacked", &|s| nacked(s, 1).is_some());
+        let problem = nacked(&s, 1).unwrap();
+        assert!(problem.starts_with("Envoy refused it: Listener \"default/c1/c1-listener\": "), "{problem}");
+        assert!(problem.contains("early-router"), "Envoy's message: {problem}");
+        assert_eq!(object(&s, "EnvoyConfig default/c1")["serving"]["state"], "last-good", "{s:#}");
+        for i in [0, 2, 3] {
+            assert!(acked(&s, i), "c{i}: {s:#}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+
+        // 2: fixed (another version, so that it changes again).
+        phase.store(2, Ordering::SeqCst);
+        let fixed = good(1).replace("stat_prefix: c1", "stat_prefix: c1-fixed");
+        write([good(0), fixed.clone(), good(2), good(3)]);
+        wait("c1 fixed and acknowledged", &|s| {
+            acked(s, 1) && object(s, "EnvoyConfig default/c1")["problems"] == serde_json::json!([])
+        });
+        std::thread::sleep(Duration::from_millis(500));
+
+        // 3: two refused and an innocent edit in one push.
+        phase.store(3, Ordering::SeqCst);
+        let edited = good(0).replace("stat_prefix: c0", "stat_prefix: c0-edited");
+        write([edited.clone(), fixed.clone(), refused_by_envoy("c2", "s2"), refused_by_envoy("c3", "s3")]);
+        let s = wait("c2 and c3 nacked, c0's edit acknowledged", &|s| {
+            nacked(s, 2).is_some() && nacked(s, 3).is_some() && acked(s, 0) && acked(s, 1)
+        });
+        for i in [2, 3] {
+            let problem = nacked(&s, i).unwrap();
+            let at = format!("Envoy refused it: Listener \"default/c{i}/c{i}-listener\": ");
+            assert!(problem.starts_with(&at), "{problem}");
+            assert!(problem.contains("early-router"), "Envoy's message: {problem}");
+            assert_eq!(object(&s, &format!("EnvoyConfig default/c{i}"))["serving"]["state"], "last-good", "{s:#}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+
+        // 4: both fixed.
+        phase.store(4, Ordering::SeqCst);
+        write([edited.clone(), fixed.clone(), good(2), good(3)]);
+        wait("every config acknowledged", &|s| (0..4).all(|i| acked(s, i) && nacked(s, i).is_none()));
+        phase.store(5, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::SeqCst);
+        load.join().unwrap()
+    });
+    let listeners = envoy_listeners(&env.lab, 0);
+    assert!(!listeners.iter().any(|n| n.starts_with("default/")), "no config's listener left alone: {listeners:?}");
+    // Envoy refused the group twice and the probes once; it took c0's
+    // probe and had it removed (groups are updated, never removed, here).
+    let rejected = envoy_stat(&env.lab, 0, "listener_manager.lds.update_rejected");
+    let removed = envoy_stat(&env.lab, 0, "listener_manager.listener_removed");
+    println!("Envoy: {rejected} LDS updates rejected, {removed} listeners removed");
+    assert!(rejected >= 3, "{rejected} LDS updates rejected");
+    assert!(removed >= 1, "no probe was taken and removed");
+    // The innocent edit and the fix serve: their new chains' stat prefixes count requests.
+    for prefix in ["c0-edited", "c1-fixed"] {
+        let n = envoy_stat(&env.lab, 0, &format!("http.{prefix}.downstream_rq_total"));
+        assert!(n > 0, "no request through {prefix}'s chain");
+    }
+    println!(
+        "requests per phase (steady, c1 refused, c1 fixed, two refused, fixed, after): {sent:?}; failed: {}",
+        failed.len()
+    );
+    assert!(sent.iter().all(|n| *n >= 4), "every phase had requests to each Service: {sent:?}");
+    assert!(failed.is_empty(), "requests not answered 200 by Envoy: {failed:#?}");
+}

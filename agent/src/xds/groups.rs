@@ -42,14 +42,23 @@
 //!   applies as a new listener (the group's connections drain gracefully).
 //! - ACKs and NACKs stay per config: an ACK of a group's version is an ACK
 //!   of each member's listener as built ([`Groups::acked`]). A NACK of a
-//!   group blames its one member that changed since the group's last ACK;
-//!   if several changed, none is blamed yet: they are pulled out into
-//!   listeners of their own on the next push, so that Envoy's next NACK
-//!   names the one at fault, as without groups ([`Groups::nacked`]). A
-//!   pulled member Envoy still has in the group's last ACKed version waits
-//!   (unserved) until Envoy ACKs the group without it, since Envoy refuses
-//!   a listener with an address another listener has; a pulled member
-//!   rejoins when its listener changes.
+//!   group blames its one member that changed since the group's last ACK
+//!   ([`Groups::nacked`]). If several changed, none is blamed yet: each is
+//!   tried on its own, in a probe: its listener as built, at an address no
+//!   connection reaches (so it takes no frontend from its group), named as
+//!   the member's listener, so that Envoy's answer names the one at fault
+//!   as without groups. Meanwhile the group is published with each tried
+//!   member as Envoy last ACKed it there (a new one left out): Envoy keeps
+//!   serving every frontend of the group, the tried members' at their last
+//!   ACKed chains, and nothing is ever moved from one listener to another
+//!   (Envoy refuses a listener with an address another listener has, so a
+//!   move needs the frontend unmatched for a while: the dispatcher's 503).
+//!   A probe Envoy takes (ACKed, or left unnamed by a refusal naming other
+//!   listeners) goes, and its member is in its group as built again; a
+//!   probe Envoy refuses is the config's NACK, and the config's next build
+//!   (its last good version, or none) replaces it. If a group is refused
+//!   again with only members Envoy took alone changed, they are blamed
+//!   together (Envoy refuses them side by side).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -84,6 +93,11 @@ pub const DEFAULT_GROUP_SIZE: usize = 100;
 /// name has no `:`.
 pub const GROUP_PREFIX: &str = "weft-group:";
 
+/// Where probes are (see [`Probe`]): loopback addresses no Service has and
+/// nothing connects to, one per probe.
+const PROBE_NET: Ipv4Addr = Ipv4Addr::new(127, 128, 0, 0);
+const PROBE_HOSTS: u32 = 0x007f_ffff;
+
 /// A namespace's share of listeners: (cluster-wide, namespace).
 type Tenant = (bool, String);
 
@@ -103,6 +117,9 @@ struct Group {
     name: Name,
     /// Member name -> its listener as built.
     members: BTreeMap<Name, Arc<Resource>>,
+    /// The members as in the group's listener as published: as built, or a
+    /// tried member as Envoy last ACKed it here (see [`Probe`]).
+    content: BTreeMap<Name, Arc<Resource>>,
     /// The group's listener as published (None while it has no members).
     resource: Option<Arc<Resource>>,
     /// Its members in the version of it Envoy last ACKed (empty if none).
@@ -115,11 +132,16 @@ struct TenantGroups {
     members: BTreeSet<Name>,
 }
 
-/// A listener pulled out of its group after a NACK: the version pulled,
-/// and the group whose ACK it waits for (Envoy still has it there).
-struct Pulled {
+/// A member tried on its own after its group was refused with other
+/// changed members (see the module doc).
+struct Probe {
+    /// The member's version (as built) tried.
+    built: String,
+    /// The probe's version (the member's listener at an unreached address).
     version: String,
-    behind: Option<Name>,
+    /// What its group holds of it meanwhile: the member as Envoy last ACKed
+    /// it there (None: it was not there; it is left out).
+    stand_in: Option<Arc<Resource>>,
 }
 
 /// What a NACK of listeners comes to once groups are resolved.
@@ -130,7 +152,7 @@ pub struct Nacked {
     /// Members blamed: each the one member of a refused group that changed
     /// since the group's last ACK.
     pub blamed: Vec<String>,
-    /// Members pulled out of refused groups: the next push must be built.
+    /// Members tried on their own (probes): the next push must be built.
     pub pulled: bool,
 }
 
@@ -146,9 +168,13 @@ pub struct Groups {
     members: HashMap<Name, Member>,
     groups: BTreeMap<Name, Group>,
     tenants: BTreeMap<Tenant, TenantGroups>,
-    pulled: HashMap<Name, Pulled>,
-    /// Pulled members to publish on their own at the next publish.
-    released: BTreeSet<Name>,
+    /// Members tried on their own, by name.
+    probes: HashMap<Name, Probe>,
+    /// Members Envoy took on their own, at that version as built: if their
+    /// group is refused with only such members changed, they are blamed.
+    cleared: HashMap<Name, String>,
+    /// Probes numbered, for their unreached addresses.
+    probe_seq: u32,
 }
 
 impl Groups {
@@ -161,8 +187,9 @@ impl Groups {
             members: HashMap::new(),
             groups: BTreeMap::new(),
             tenants: BTreeMap::new(),
-            pulled: HashMap::new(),
-            released: BTreeSet::new(),
+            probes: HashMap::new(),
+            cleared: HashMap::new(),
+            probe_seq: 0,
         }
     }
 
@@ -195,21 +222,17 @@ impl Groups {
                 DiffItem::Remove(n, _) => (n, None),
             };
             self.leave(name, &mut dirty, &mut touched);
-            if self.pulled.get(name.as_str()).is_some_and(|p| now.is_none_or(|r| r.version != p.version)) {
-                self.pulled.remove(name.as_str());
-            }
+            // A changed member is tried anew, if need be, as it is now (its
+            // probe, if any, goes with the version it tried).
+            self.probes.remove(name.as_str());
+            self.cleared.remove(name.as_str());
             match now {
                 Some(r) => consider.push((name.clone(), r.clone())),
                 None => drop(self.published.remove(name)),
             }
         }
-        for name in std::mem::take(&mut self.released) {
-            if let Some(r) = fresh.get(&*name).filter(|_| self.pulled.contains_key(&name)) {
-                self.published.insert(name.to_string(), r.clone());
-            }
-        }
         for (name, r) in consider {
-            let joins = joinable(&r).filter(|_| !self.pulled.contains_key(name.as_str()) && !Self::is_group(&name));
+            let joins = joinable(&r).filter(|_| !Self::is_group(&name));
             match joins {
                 Some((tenant, class)) => {
                     self.published.remove(&name);
@@ -218,7 +241,6 @@ impl Groups {
                     touched.insert(tenant);
                     self.members.insert(name, Member { resource: r, class, group: None });
                 }
-                None if self.pulled.get(name.as_str()).is_some_and(|p| p.behind.is_some()) => {}
                 None => drop(self.published.insert(name, r)),
             }
         }
@@ -278,6 +300,7 @@ impl Groups {
             let group = self.groups.entry(Arc::from(g)).or_insert_with_key(|k| Group {
                 name: k.clone(),
                 members: BTreeMap::new(),
+                content: BTreeMap::new(),
                 resource: None,
                 acked: BTreeMap::new(),
             });
@@ -287,7 +310,8 @@ impl Groups {
         }
     }
 
-    /// Encodes a group's listener again (or removes it, without members).
+    /// Encodes a group's listener again (or removes it, without members):
+    /// its members as built, a tried one as its probe's stand-in.
     fn assemble(&mut self, name: &str) {
         let Some(g) = self.groups.get_mut(name) else { return };
         if g.members.is_empty() {
@@ -295,8 +319,23 @@ impl Groups {
             self.published.remove(name);
             return;
         }
-        let decoded: Vec<(&str, Listener)> = g
+        let probes = &self.probes;
+        g.content = g
             .members
+            .iter()
+            .filter_map(|(n, r)| match probes.get(n) {
+                Some(p) => Some((n.clone(), p.stand_in.clone()?)),
+                None => Some((n.clone(), r.clone())),
+            })
+            .collect();
+        if g.content.is_empty() {
+            // Only new members, all being tried: nothing to publish yet.
+            g.resource = None;
+            self.published.remove(name);
+            return;
+        }
+        let decoded: Vec<(&str, Listener)> = g
+            .content
             .iter()
             .filter_map(|(n, r)| Some((&**n, Listener::decode(r.any.value.as_slice()).ok()?)))
             .collect();
@@ -312,16 +351,22 @@ impl Groups {
 
     /// Envoy's ACK of these listeners (name -> version), with each group
     /// ACKed at its current version replaced by its members' listeners as
-    /// built; an ACK of an earlier version of a group is left out. Also
-    /// returns whether a pulled member waiting for that ACK can now be
-    /// published (a build is due).
+    /// it holds them; an ACK of an earlier version of a group is left out,
+    /// and so is a probe's (its member is in its group as built again).
+    /// Also returns whether a probe went (a build is due).
     pub fn acked(&mut self, resources: BTreeMap<String, String>) -> (BTreeMap<String, String>, bool) {
         if self.size == 0 {
             return (resources, false);
         }
         let mut out = BTreeMap::new();
-        let mut acked_groups: Vec<Name> = Vec::new();
+        let mut taken = Vec::new();
         for (name, version) in resources {
+            if let Some(p) = self.probes.get(name.as_str()) {
+                if p.version == version {
+                    taken.push(name);
+                }
+                continue;
+            }
             if !Self::is_group(&name) {
                 out.insert(name, version);
                 continue;
@@ -330,89 +375,115 @@ impl Groups {
             if g.resource.as_ref().is_none_or(|r| r.version != version) {
                 continue;
             }
-            g.acked.clone_from(&g.members);
+            g.acked.clone_from(&g.content);
             out.extend(g.acked.iter().map(|(n, r)| (n.to_string(), r.version.clone())));
-            acked_groups.push(g.name.clone());
         }
-        let mut release = false;
-        for (name, p) in &mut self.pulled {
-            if p.behind.as_ref().is_some_and(|b| acked_groups.contains(b)) {
-                p.behind = None;
-                self.released.insert(name.clone());
-                release = true;
-            }
-        }
+        let release = !taken.is_empty();
+        self.take_probes(taken);
         (out, release)
     }
 
     /// Envoy's NACK of a response with these listeners (see [`Nacked`]).
-    /// The groups refused are those the message names; if it names no
-    /// listener of the response, every group in it.
+    /// The listeners refused are those the message names; if it names no
+    /// listener of the response, every one in it. A probe it does not
+    /// refuse was taken.
     pub fn nacked(&mut self, names: &[String], message: &str) -> Nacked {
         let mut out = Nacked::default();
         if self.size == 0 {
             out.names = names.to_vec();
             return out;
         }
-        let (groups, others): (Vec<&String>, Vec<&String>) = names.iter().partition(|n| Self::is_group(n));
-        out.names = others.into_iter().cloned().collect();
-        // Envoy names the listeners it refused; a response it refused
-        // without naming any is taken as refused whole.
-        let refused: Vec<&String> = if names.iter().any(|n| message.contains(n.as_str())) {
-            groups.into_iter().filter(|g| message.contains(g.as_str())).collect()
-        } else {
-            groups
-        };
-        let mut pulled: Vec<Name> = Vec::new();
-        for name in refused {
+        let named = names.iter().any(|n| message.contains(n.as_str()));
+        let refused = |n: &String| !named || message.contains(n.as_str());
+        let mut groups: Vec<&String> = Vec::new();
+        let mut taken: Vec<String> = Vec::new();
+        for n in names {
+            if Self::is_group(n) {
+                if refused(n) {
+                    groups.push(n);
+                }
+            } else if self.probes.contains_key(n.as_str()) && !refused(n) {
+                taken.push(n.clone());
+            } else {
+                // A refused probe is its member's listener refused by
+                // name: its config is blamed as without groups.
+                out.names.push(n.clone());
+            }
+        }
+        // Suspects: the members of a refused group that changed since its
+        // last ACK (a tried one is there as Envoy ACKed it: not one).
+        let mut tried: Vec<(Name, Arc<Resource>, Option<Arc<Resource>>)> = Vec::new();
+        for name in groups {
             let Some(g) = self.groups.get(name.as_str()) else { continue };
             let suspects: Vec<(&Name, &Arc<Resource>)> =
-                g.members.iter().filter(|(n, r)| g.acked.get(*n).is_none_or(|a| a.version != r.version)).collect();
+                g.content.iter().filter(|(n, r)| g.acked.get(*n).is_none_or(|a| a.version != r.version)).collect();
             match suspects.as_slice() {
                 [] => {}
                 [(one, _)] => out.blamed.push(one.to_string()),
                 many => {
-                    for (n, r) in many {
-                        let behind = g.acked.contains_key(*n).then(|| g.name.clone());
-                        self.pulled.insert((*n).clone(), Pulled { version: r.version.clone(), behind });
-                        pulled.push((*n).clone());
+                    let untried: Vec<&(&Name, &Arc<Resource>)> =
+                        many.iter().filter(|(n, r)| self.cleared.get(*n) != Some(&r.version)).collect();
+                    if untried.is_empty() {
+                        // Envoy took each alone and refuses them together.
+                        out.blamed.extend(many.iter().map(|(n, _)| n.to_string()));
+                    }
+                    for (n, r) in untried {
+                        tried.push(((*n).clone(), (*r).clone(), g.acked.get(*n).cloned()));
                     }
                 }
             }
         }
-        out.pulled = !pulled.is_empty();
-        // The next publish has the pulled members out of their groups, and
-        // those Envoy has in no group on their own.
-        let (mut dirty, mut touched) = (BTreeSet::new(), BTreeSet::new());
-        for n in pulled {
-            self.leave(&n, &mut dirty, &mut touched);
-            if self.pulled.get(&n).is_some_and(|p| p.behind.is_none()) {
-                self.released.insert(n);
-            }
-        }
-        for t in touched {
-            self.place(&t, &mut dirty);
+        out.pulled = !tried.is_empty() || !taken.is_empty();
+        let mut dirty = BTreeSet::new();
+        for (n, r, stand_in) in tried {
+            let Some(probe) = self.probe_of(&r) else {
+                // Not a listener Envoy could take: blamed at once.
+                out.blamed.push(n.to_string());
+                continue;
+            };
+            self.probes.insert(n.clone(), Probe { built: r.version.clone(), version: probe.version.clone(), stand_in });
+            self.published.insert(n.to_string(), probe);
+            dirty.extend(self.members.get(&n).and_then(|m| m.group.clone()));
         }
         for g in dirty {
             self.assemble(&g);
         }
+        self.take_probes(taken);
         out
     }
 
-    /// A new Envoy has nothing: no group is ACKed, and no pulled member
-    /// waits for one. True if one waited (a build is due).
-    pub fn reset(&mut self) -> bool {
+    /// A member's listener as built, at an address of its own that no
+    /// connection reaches: Envoy judges its chain without the member
+    /// leaving its group.
+    fn probe_of(&mut self, r: &Resource) -> Option<Arc<Resource>> {
+        let mut l = Listener::decode(r.any.value.as_slice()).ok()?;
+        self.probe_seq = self.probe_seq.wrapping_add(1);
+        let at = Ipv4Addr::from(u32::from(PROBE_NET) | (self.probe_seq & PROBE_HOSTS));
+        translate::at_frontends(&mut l, [SocketAddrV4::new(at, 1)]);
+        Some(Arc::new(Resource::new(r.name.clone(), &l, r.owner.clone())))
+    }
+
+    /// Probes Envoy took: they go, and their members are in their groups
+    /// as built again.
+    fn take_probes(&mut self, names: Vec<String>) {
+        let mut dirty = BTreeSet::new();
+        for n in names {
+            let Some((name, p)) = self.probes.remove_entry(n.as_str()) else { continue };
+            self.published.remove(&n);
+            dirty.extend(self.members.get(&name).and_then(|m| m.group.clone()));
+            self.cleared.insert(name, p.built);
+        }
+        for g in dirty {
+            self.assemble(&g);
+        }
+    }
+
+    /// A new Envoy has nothing: no group is ACKed (probes stay published:
+    /// the new Envoy judges them).
+    pub fn reset(&mut self) {
         for g in self.groups.values_mut() {
             g.acked.clear();
         }
-        let mut released = false;
-        for (n, p) in &mut self.pulled {
-            if p.behind.take().is_some() {
-                self.released.insert(n.clone());
-                released = true;
-            }
-        }
-        released
     }
 }
 
@@ -776,10 +847,11 @@ mod tests {
     }
 
     #[test]
-    fn a_nack_of_a_group_blames_its_one_changed_member_or_pulls_out_the_changed_ones() {
+    fn a_nack_of_a_group_blames_its_one_changed_member_or_tries_the_changed_ones_alone() {
         let (mut groups, mut built, g) = one_group(4);
         let published = groups.publish(&built);
-        groups.acked(BTreeMap::from([(g.clone(), version(&published, &g))]));
+        let acked_group = version(&published, &g);
+        groups.acked(BTreeMap::from([(g.clone(), acked_group.clone())]));
         // One member changed since the ACK: it is the one blamed.
         let f = |i: u8| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, i + 1), 80);
         built.put_shared(listener("a/c1/l", "a", &[f(1)], 0, 1));
@@ -787,29 +859,59 @@ mod tests {
         let message = format!("Error adding/updating listener(s) {g}: bad");
         let nacked = groups.nacked(&[g.clone(), "weft-proxy".into()], &message);
         assert_eq!(nacked, Nacked { names: vec!["weft-proxy".into()], blamed: vec!["a/c1/l".into()], pulled: false });
-        // Two changed (one new): neither is blamed; the new one is served
-        // on its own at once, the edited one once Envoy ACKs the group
-        // without it (Envoy still has its address in the group).
+        // Two changed (one new): neither is blamed; each is tried on its
+        // own at an address nothing reaches, and the group holds the
+        // edited one as Envoy ACKed it (the new one not yet): every
+        // frontend the group served stays served, by the same chain.
         built.put_shared(listener("a/c9/l", "a", &[f(9)], 0, 0));
         groups.publish(&built);
         let nacked = groups.nacked(std::slice::from_ref(&g), &message);
         assert_eq!(nacked, Nacked { names: vec![], blamed: vec![], pulled: true });
         let published = groups.publish(&built);
         let names: Vec<&String> = published.types[LISTENER].keys().collect();
-        assert_eq!(names, [&"a/c9/l".to_owned(), &g], "the edited member waits");
-        assert!(reached(&published.types[LISTENER], f(1)).is_none(), "{published:?}");
-        assert_eq!(reached(&published.types[LISTENER], f(2)).map(|(n, _)| n), Some(g.clone()));
-        let (_, released) = groups.acked(BTreeMap::from([(g.clone(), version(&published, &g))]));
-        assert!(released);
+        assert_eq!(names, [&"a/c1/l".to_owned(), &"a/c9/l".to_owned(), &g], "probes and the group");
+        assert_eq!(version(&published, &g), acked_group, "the group as Envoy has it");
+        let (at, chain) = reached(&published.types[LISTENER], f(1)).unwrap();
+        assert_eq!((at, chain.filters[0].name.as_str()), (g.clone(), "a/c1/l@0"), "its last ACKed chain");
+        assert!(reached(&published.types[LISTENER], f(9)).is_none());
+        for probe in ["a/c1/l", "a/c9/l"] {
+            let l = decoded(&published.types[LISTENER][probe]);
+            let [a] = &addresses(&l)[..] else { panic!("{l:?}") };
+            let Some(address::Address::SocketAddress(s)) = &a.address else { panic!("{a:?}") };
+            assert!(s.address.starts_with("127.128."), "{s:?}");
+        }
+        // Envoy refuses one probe by name and so takes the other: the
+        // refused one is a NACK of its listener (its config is blamed by
+        // the controller), the other is in its group as built.
+        let nacked =
+            groups.nacked(&["a/c1/l".into(), "a/c9/l".into()], "Error adding/updating listener(s) a/c1/l: bad");
+        assert_eq!(nacked, Nacked { names: vec!["a/c1/l".into()], blamed: vec![], pulled: true });
         let published = groups.publish(&built);
-        assert_eq!(reached(&published.types[LISTENER], f(1)).map(|(n, _)| n), Some("a/c1/l".to_owned()));
-        // Its solo listener refused by name is blamed as without groups;
-        // edited again, it joins its group again.
-        let nacked = groups.nacked(&["a/c1/l".into(), g.clone()], "Error adding/updating listener(s) a/c1/l: bad");
-        assert_eq!(nacked, Nacked { names: vec!["a/c1/l".into()], blamed: vec![], pulled: false });
-        built.put_shared(listener("a/c1/l", "a", &[f(1)], 0, 2));
+        assert_eq!(reached(&published.types[LISTENER], f(9)).map(|(n, _)| n), Some(g.clone()));
+        assert!(published.types[LISTENER].contains_key("a/c1/l"), "still tried until its config changes");
+        // Its config's next build (its last good version) ends the probe.
+        built.put_shared(listener("a/c1/l", "a", &[f(1)], 0, 0));
         let published = groups.publish(&built);
-        assert_eq!(reached(&published.types[LISTENER], f(1)).map(|(n, _)| n), Some(g));
+        let names: Vec<&String> = published.types[LISTENER].keys().collect();
+        assert_eq!(names, [&g]);
+        let (_, chain) = reached(&published.types[LISTENER], f(1)).unwrap();
+        assert_eq!(chain.filters[0].name, "a/c1/l@0");
+        groups.acked(BTreeMap::from([(g.clone(), version(&published, &g))]));
+        // Two edited; Envoy takes both alone (ACKs of the probes), then
+        // refuses the group with both: they are blamed together.
+        built.put_shared(listener("a/c2/l", "a", &[f(2)], 0, 1));
+        built.put_shared(listener("a/c3/l", "a", &[f(3)], 0, 1));
+        groups.publish(&built);
+        assert!(groups.nacked(std::slice::from_ref(&g), &message).pulled);
+        let published = groups.publish(&built);
+        let probes = BTreeMap::from(["a/c2/l", "a/c3/l"].map(|n| (n.to_owned(), version(&published, n))));
+        let (acked, released) = groups.acked(probes);
+        assert!(acked.is_empty() && released, "{acked:?}");
+        let published = groups.publish(&built);
+        let (_, chain) = reached(&published.types[LISTENER], f(2)).unwrap();
+        assert_eq!(chain.filters[0].name, "a/c2/l@1");
+        let nacked = groups.nacked(std::slice::from_ref(&g), &message);
+        assert_eq!(nacked, Nacked { names: vec![], blamed: vec!["a/c2/l".into(), "a/c3/l".into()], pulled: false });
     }
 
     #[test]
