@@ -32,7 +32,7 @@ use crate::{
         yaml::{Loaded, ParseProblem},
     },
     state::{
-        Attachments, Snapshot,
+        Attachments, SliceIndex, Snapshot,
         policy::{PolicyState, l7::ListenerPorts},
     },
     xds::{
@@ -202,6 +202,9 @@ pub struct Controller {
     node_ip: Option<Ipv4Addr>,
     model: Model,
     loaded: Loaded,
+    /// The EndpointSlices of `loaded` by Service, following each load (what
+    /// a change of endpoints reads, instead of a pass over every slice).
+    slices: SliceIndex,
     configs: Vec<EnvoyConfig>,
     /// The documents `configs` came from: (address of the shared document ->
     /// (the document, index in `configs`, the config's key)). A document a
@@ -275,6 +278,7 @@ impl Controller {
             node_ip,
             model: Model::new(ports),
             loaded: Loaded::default(),
+            slices: SliceIndex::default(),
             configs: Vec::new(),
             parsed: Default::default(),
             parse_errors: Vec::new(),
@@ -322,6 +326,7 @@ impl Controller {
     /// changed (see `parsed`; sources parse each document once, as they read it).
     pub fn load(&mut self, loaded: Loaded) {
         self.source_generation += 1;
+        self.slices.follow(&self.loaded.objects.endpoint_slices, &loaded.objects.endpoint_slices);
         let objects = endpoint_changes(&self.loaded, &loaded);
         let same_documents = same_documents(&self.loaded, &loaded);
         match (self.endpoints_only.as_mut(), objects.as_ref().filter(|_| same_documents)) {
@@ -489,7 +494,8 @@ impl Controller {
         let changed: BTreeMap<ConfigKey, Option<&EnvoyConfig>> =
             changes.iter().map(|(k, c)| (k.clone(), c.as_ref())).collect();
         let objects = &self.loaded.objects;
-        let touched = self.model.configs_changed(&mut self.built, &changed, &self.parse_errors, objects, &node)?;
+        let touched =
+            self.model.configs_changed(&mut self.built, &changed, &self.parse_errors, objects, &self.slices, &node)?;
         // The configs the last full build appended to the documents' are as they were.
         self.configs.extend(self.appended.iter().cloned());
         self.acks.rebuilt(&before, &self.built.xds);
@@ -538,7 +544,7 @@ impl Controller {
                 .flat_map(|s| self.live.range((s.clone(), None)..=(s.clone(), Some(u16::MAX))))
                 .map(|(k, (port, _, _))| (k.clone(), *port))
                 .collect();
-            last.with_endpoints_of(&services, &self.loaded.objects, &redirects)
+            last.with_endpoints_of(&services, &self.loaded.objects, &self.slices, &redirects)
         };
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.groups.publish(&self.built.xds) });
@@ -565,7 +571,7 @@ impl Controller {
         last: &Snapshot,
     ) -> Option<(Arc<Snapshot>, Arc<Published>)> {
         let objects = &self.loaded.objects;
-        let replaced = self.model.endpoints_changed(&mut self.built, services, objects)?;
+        let replaced = self.model.endpoints_changed(&mut self.built, services, objects, &self.slices)?;
         // Generated endpoints belong to no object: no object's ACK count
         // changes, and an ACK of the old version is not one of the new.
         for (old, new) in &replaced {
@@ -576,7 +582,7 @@ impl Controller {
         }
         self.version += 1;
         self.live_changed = false;
-        let mut snap = last.with_endpoints_of(services, objects, &in_effect_of(&self.live, services));
+        let mut snap = last.with_endpoints_of(services, objects, &self.slices, &in_effect_of(&self.live, services));
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.groups.publish(&self.built.xds) });
         Some((Arc::new(snap), published))
@@ -1317,6 +1323,7 @@ spec:
                     offered += u64::from(config_step);
                 }
                 let at = format!("run {run}, step {step}, after {log:#?}");
+                assert_eq!(fast.slices, SliceIndex::of(&fast.loaded.objects), "{at}");
                 assert!(fast.built == whole.built, "{at}\nfast: {:#?}\nwhole: {:#?}", fast.built, whole.built);
                 assert_eq!(snap_a, snap_b, "{at}");
                 assert_eq!(pub_a.xds, pub_b.xds, "{at}");
