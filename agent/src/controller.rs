@@ -142,8 +142,9 @@ pub enum EnvoyAck {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ObjectState {
-    #[serde(flatten)]
-    pub config: ConfigStatus,
+    /// The build's status, shared (see [`Built::statuses`]).
+    #[serde(flatten, serialize_with = "shared")]
+    pub config: Arc<ConfigStatus>,
     pub envoy: EnvoyAck,
 }
 
@@ -172,6 +173,11 @@ pub struct ControlStatus {
     pub state_problems: Vec<String>,
     /// The Services that asked for HTTP visibility, and what became of it.
     pub l7_visibility: VisibilityReport,
+}
+
+/// Serializes a shared status as the status.
+fn shared<S: serde::Serializer>(status: &Arc<ConfigStatus>, s: S) -> Result<S::Ok, S::Error> {
+    status.as_ref().serialize(s)
 }
 
 /// Serializes the shared list as a list.
@@ -240,6 +246,8 @@ pub struct Controller {
     l7_default: Visibility,
     /// What the last build generated for HTTP visibility.
     visibility: VisibilityReport,
+    /// The claims of user configs that decided it.
+    claims: visibility::Claims,
     /// Generated visibility configs whose Service no longer asks, in their
     /// retired form, until when they stay (see [`RETIRE_AFTER`]).
     retiring: BTreeMap<ConfigKey, (EnvoyConfig, Instant)>,
@@ -297,6 +305,7 @@ impl Controller {
             live_changed: false,
             l7_default: Visibility::None,
             visibility: VisibilityReport::default(),
+            claims: visibility::Claims::default(),
             retiring: BTreeMap::new(),
             generated: Vec::new(),
             endpoints_only: None,
@@ -468,15 +477,19 @@ impl Controller {
     /// changed, the redirects wanted and in effect those the change touched,
     /// and the datapath snapshot the Services whose redirects in effect
     /// changed. None where it does not apply (the caller builds whole):
-    /// where the model's does not, and when a Service asks for HTTP
-    /// visibility (a config's Services decide whether it is generated), a
-    /// generated config is retiring, or a changed config serves a policy.
+    /// where the model's does not, when a changed config's claims on
+    /// Services that ask for HTTP visibility may change what is generated
+    /// ([`visibility::Claims::unchanged_by`]), a generated config is
+    /// retiring, or a changed config serves a policy.
     fn configs_changed(
         &mut self,
         changes: &BTreeMap<ConfigKey, Option<EnvoyConfig>>,
         last: &Snapshot,
     ) -> Option<(Arc<Snapshot>, Arc<Published>)> {
-        if !self.incremental || !self.visibility.services.is_empty() || !self.retiring.is_empty() {
+        if !self.incremental || !self.retiring.is_empty() {
+            return None;
+        }
+        if !changes.iter().all(|(k, c)| self.claims.unchanged_by(k, c.as_ref())) {
             return None;
         }
         let serves_policy =
@@ -614,6 +627,7 @@ impl Controller {
         configs.extend(generated.configs);
         configs.extend(retiring.values().map(|(c, _)| c.clone()));
         self.visibility = generated.report;
+        self.claims = visibility::Claims::of(&self.visibility);
         self.visibility.retiring = retiring.keys().map(ToString::to_string).collect();
         // The policies decide what the proxy must do for them: the node's
         // policy listener joins the configs, and the ports of the listeners
@@ -1205,12 +1219,14 @@ spec:
     /// every step of random sequences of endpoint changes, config edits,
     /// adds and deletes, Service changes, ACKs and NACKs, it equals a
     /// controller that builds whole every time (the xDS resources,
-    /// statuses, redirects, datapath snapshot, report).
+    /// statuses, redirects, datapath snapshot, report). Half the runs have
+    /// a Service that asks for HTTP visibility (a generated config beside
+    /// the users'), which config changes are followed beside too.
     #[test]
     fn builds_after_endpoint_changes_equal_whole_builds_after_every_random_step() {
         let mut rng = crate::xds::acks::tests::Rng(0x5eed_e4d5);
         let mut patched_some = 0;
-        let (mut followed, mut offered) = (0, 0);
+        let (mut followed, mut offered, mut followed_seen) = (0, 0, 0);
         for run in 0..8 {
             let mut fast = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
             let mut whole = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
@@ -1222,10 +1238,18 @@ spec:
                 text.push_str(&config("api-l7", "api", "default/web2", 1));
                 text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: web2, namespace: default}\nspec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}\n");
             }
+            if run % 4 >= 2 {
+                // A Service that asks for HTTP visibility: its generated
+                // config is built with the others (no config claims it).
+                text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: seen, namespace: default, annotations: {weft.io/l7-visibility: http}}\nspec: {clusterIP: 10.96.0.13, ports: [{name: http, port: 80}]}\n");
+            }
             let mut world = parsed(&text);
             for c in [&mut fast, &mut whole] {
                 c.load(handed_over(&world));
                 c.build();
+            }
+            if run % 4 >= 2 {
+                assert_eq!(fast.visibility.services.len(), 1, "{:?}", fast.visibility);
             }
             let mut log = Vec::new();
             for step in 0..60 {
@@ -1321,6 +1345,9 @@ spec:
                 if run % 2 == 1 {
                     followed += fast.model.changes_followed() - before;
                     offered += u64::from(config_step);
+                    if run % 4 == 3 {
+                        followed_seen += fast.model.changes_followed() - before;
+                    }
                 }
                 let at = format!("run {run}, step {step}, after {log:#?}");
                 assert_eq!(fast.slices, SliceIndex::of(&fast.loaded.objects), "{at}");
@@ -1336,6 +1363,7 @@ spec:
         // nowhere): after such a build every change is built whole.
         println!("config changes: {followed} of {offered} followed (runs without a rejected config)");
         assert!(followed * 2 > offered, "config changes were followed {followed} times of {offered}");
+        assert!(followed_seen > 0, "no config change was followed beside a Service that asks for HTTP visibility");
     }
 
     /// Loading again parses only documents that are not the same `Arc`:
@@ -1709,7 +1737,8 @@ mod profile {
             configs: w.configs.clone(),
             ..Default::default()
         };
-        for c in [&mut c, &mut whole] {
+        let with_whole = !std::env::var("WEFT_PROFILE_WHOLE").is_ok_and(|v| v == "0");
+        for c in [&mut c, &mut whole].into_iter().take(if with_whole { 2 } else { 1 }) {
             c.load(again(&world));
             c.build();
             ack_all(c);
@@ -1733,6 +1762,9 @@ mod profile {
             let took = take_in(&mut c, handed);
             println!("{} round {round}: hand-over {t_handed:?}, {took}", if round % 2 == 0 { "slice" } else { "edit" });
             ack_all(&mut c);
+            if std::env::var("WEFT_PROFILE_WHOLE").is_ok_and(|v| v == "0") {
+                continue;
+            }
             whole.load(again(&world));
             let t_whole = Instant::now();
             whole.build();

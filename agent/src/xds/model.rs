@@ -184,7 +184,9 @@ pub struct NodeInfo {
 pub struct Built {
     pub xds: XdsSnapshot,
     pub redirects: Redirects,
-    pub statuses: BTreeMap<ConfigKey, ConfigStatus>,
+    /// Shared: the controller's list of objects holds the same statuses,
+    /// so listing them again copies pointers, not every status.
+    pub statuses: BTreeMap<ConfigKey, Arc<ConfigStatus>>,
     /// Proxy ports the datapath hands connections to.
     pub proxy_ports: Vec<u16>,
     /// The object and listener each redirect hands connections to.
@@ -651,7 +653,7 @@ impl Model {
             for_others |= specs.insert(cfg.key.clone(), cfg).is_some();
             let (status, candidate) = self.candidate(cfg, node);
             candidates.extend(candidate);
-            built.statuses.insert(cfg.key.clone(), status);
+            built.statuses.insert(cfg.key.clone(), Arc::new(status));
         }
         for e in parse_errors {
             let Some(key) = &e.key else { continue };
@@ -673,7 +675,7 @@ impl Model {
                     translated: g.translated.clone(),
                 });
             }
-            built.statuses.insert(key.clone(), status);
+            built.statuses.insert(key.clone(), Arc::new(status));
         }
         candidates.sort_by(|a, b| (a.priority, &a.key).cmp(&(b.priority, &b.key)));
 
@@ -815,7 +817,7 @@ impl Model {
         let mut fresh = Vec::new();
         for cfg in changed.values().flatten() {
             let (status, candidate) = self.candidate(cfg, node);
-            statuses.push((cfg.key.clone(), status));
+            statuses.push((cfg.key.clone(), Arc::new(status)));
             fresh.extend(candidate);
         }
         fresh.sort_by(|a, b| (a.priority, &a.key).cmp(&(b.priority, &b.key)));
@@ -1059,7 +1061,7 @@ impl Model {
         accepted: &mut Accepted,
         objects: &Objects,
     ) {
-        if let Some(s) = built.statuses.get_mut(&c.key)
+        if let Some(s) = built.statuses.get_mut(&c.key).map(Arc::make_mut)
             && c.priority != Priority::Fallback
         {
             s.problems.extend(problems);
@@ -1225,7 +1227,7 @@ impl Model {
             };
             if let Some(p) = port {
                 ports_of.insert(l.name.clone(), p);
-                if let Some(s) = built.statuses.get_mut(&c.key) {
+                if let Some(s) = built.statuses.get_mut(&c.key).map(Arc::make_mut) {
                     s.listeners.push((l.name.clone(), p));
                 }
             }
@@ -1249,7 +1251,7 @@ impl Model {
         } else {
             Serving::Current
         };
-        if let Some(s) = built.statuses.get_mut(&c.key) {
+        if let Some(s) = built.statuses.get_mut(&c.key).map(Arc::make_mut) {
             s.serving = serving;
         }
         if c.priority != Priority::Fallback
