@@ -32,7 +32,7 @@ use crate::{
         yaml::{Loaded, ParseProblem},
     },
     state::{
-        Attachments, Snapshot,
+        Attachments, SliceIndex, Snapshot,
         policy::{PolicyState, l7::ListenerPorts},
     },
     xds::{
@@ -142,8 +142,9 @@ pub enum EnvoyAck {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ObjectState {
-    #[serde(flatten)]
-    pub config: ConfigStatus,
+    /// The build's status, shared (see [`Built::statuses`]).
+    #[serde(flatten, serialize_with = "shared")]
+    pub config: Arc<ConfigStatus>,
     pub envoy: EnvoyAck,
 }
 
@@ -174,6 +175,11 @@ pub struct ControlStatus {
     pub l7_visibility: VisibilityReport,
 }
 
+/// Serializes a shared status as the status.
+fn shared<S: serde::Serializer>(status: &Arc<ConfigStatus>, s: S) -> Result<S::Ok, S::Error> {
+    status.as_ref().serialize(s)
+}
+
 /// Serializes the shared list as a list.
 fn listed<S: serde::Serializer>(objects: &Arc<[ObjectState]>, s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(objects.iter())
@@ -202,6 +208,9 @@ pub struct Controller {
     node_ip: Option<Ipv4Addr>,
     model: Model,
     loaded: Loaded,
+    /// The EndpointSlices of `loaded` by Service, following each load (what
+    /// a change of endpoints reads, instead of a pass over every slice).
+    slices: SliceIndex,
     configs: Vec<EnvoyConfig>,
     /// The documents `configs` came from: (address of the shared document ->
     /// (the document, index in `configs`, the config's key)). A document a
@@ -237,6 +246,8 @@ pub struct Controller {
     l7_default: Visibility,
     /// What the last build generated for HTTP visibility.
     visibility: VisibilityReport,
+    /// The claims of user configs that decided it.
+    claims: visibility::Claims,
     /// Generated visibility configs whose Service no longer asks, in their
     /// retired form, until when they stay (see [`RETIRE_AFTER`]).
     retiring: BTreeMap<ConfigKey, (EnvoyConfig, Instant)>,
@@ -275,6 +286,7 @@ impl Controller {
             node_ip,
             model: Model::new(ports),
             loaded: Loaded::default(),
+            slices: SliceIndex::default(),
             configs: Vec::new(),
             parsed: Default::default(),
             parse_errors: Vec::new(),
@@ -293,6 +305,7 @@ impl Controller {
             live_changed: false,
             l7_default: Visibility::None,
             visibility: VisibilityReport::default(),
+            claims: visibility::Claims::default(),
             retiring: BTreeMap::new(),
             generated: Vec::new(),
             endpoints_only: None,
@@ -322,6 +335,7 @@ impl Controller {
     /// changed (see `parsed`; sources parse each document once, as they read it).
     pub fn load(&mut self, loaded: Loaded) {
         self.source_generation += 1;
+        self.slices.follow(&self.loaded.objects.endpoint_slices, &loaded.objects.endpoint_slices);
         let objects = endpoint_changes(&self.loaded, &loaded);
         let same_documents = same_documents(&self.loaded, &loaded);
         match (self.endpoints_only.as_mut(), objects.as_ref().filter(|_| same_documents)) {
@@ -463,15 +477,19 @@ impl Controller {
     /// changed, the redirects wanted and in effect those the change touched,
     /// and the datapath snapshot the Services whose redirects in effect
     /// changed. None where it does not apply (the caller builds whole):
-    /// where the model's does not, and when a Service asks for HTTP
-    /// visibility (a config's Services decide whether it is generated), a
-    /// generated config is retiring, or a changed config serves a policy.
+    /// where the model's does not, when a changed config's claims on
+    /// Services that ask for HTTP visibility may change what is generated
+    /// ([`visibility::Claims::unchanged_by`]), a generated config is
+    /// retiring, or a changed config serves a policy.
     fn configs_changed(
         &mut self,
         changes: &BTreeMap<ConfigKey, Option<EnvoyConfig>>,
         last: &Snapshot,
     ) -> Option<(Arc<Snapshot>, Arc<Published>)> {
-        if !self.incremental || !self.visibility.services.is_empty() || !self.retiring.is_empty() {
+        if !self.incremental || !self.retiring.is_empty() {
+            return None;
+        }
+        if !changes.iter().all(|(k, c)| self.claims.unchanged_by(k, c.as_ref())) {
             return None;
         }
         let serves_policy =
@@ -489,7 +507,8 @@ impl Controller {
         let changed: BTreeMap<ConfigKey, Option<&EnvoyConfig>> =
             changes.iter().map(|(k, c)| (k.clone(), c.as_ref())).collect();
         let objects = &self.loaded.objects;
-        let touched = self.model.configs_changed(&mut self.built, &changed, &self.parse_errors, objects, &node)?;
+        let touched =
+            self.model.configs_changed(&mut self.built, &changed, &self.parse_errors, objects, &self.slices, &node)?;
         // The configs the last full build appended to the documents' are as they were.
         self.configs.extend(self.appended.iter().cloned());
         self.acks.rebuilt(&before, &self.built.xds);
@@ -538,7 +557,7 @@ impl Controller {
                 .flat_map(|s| self.live.range((s.clone(), None)..=(s.clone(), Some(u16::MAX))))
                 .map(|(k, (port, _, _))| (k.clone(), *port))
                 .collect();
-            last.with_endpoints_of(&services, &self.loaded.objects, &redirects)
+            last.with_endpoints_of(&services, &self.loaded.objects, &self.slices, &redirects)
         };
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.groups.publish(&self.built.xds) });
@@ -565,7 +584,7 @@ impl Controller {
         last: &Snapshot,
     ) -> Option<(Arc<Snapshot>, Arc<Published>)> {
         let objects = &self.loaded.objects;
-        let replaced = self.model.endpoints_changed(&mut self.built, services, objects)?;
+        let replaced = self.model.endpoints_changed(&mut self.built, services, objects, &self.slices)?;
         // Generated endpoints belong to no object: no object's ACK count
         // changes, and an ACK of the old version is not one of the new.
         for (old, new) in &replaced {
@@ -576,7 +595,7 @@ impl Controller {
         }
         self.version += 1;
         self.live_changed = false;
-        let mut snap = last.with_endpoints_of(services, objects, &in_effect_of(&self.live, services));
+        let mut snap = last.with_endpoints_of(services, objects, &self.slices, &in_effect_of(&self.live, services));
         snap.version = self.version;
         let published = Arc::new(Published { version: self.version, xds: self.groups.publish(&self.built.xds) });
         Some((Arc::new(snap), published))
@@ -608,6 +627,7 @@ impl Controller {
         configs.extend(generated.configs);
         configs.extend(retiring.values().map(|(c, _)| c.clone()));
         self.visibility = generated.report;
+        self.claims = visibility::Claims::of(&self.visibility);
         self.visibility.retiring = retiring.keys().map(ToString::to_string).collect();
         // The policies decide what the proxy must do for them: the node's
         // policy listener joins the configs, and the ports of the listeners
@@ -1199,12 +1219,14 @@ spec:
     /// every step of random sequences of endpoint changes, config edits,
     /// adds and deletes, Service changes, ACKs and NACKs, it equals a
     /// controller that builds whole every time (the xDS resources,
-    /// statuses, redirects, datapath snapshot, report).
+    /// statuses, redirects, datapath snapshot, report). Half the runs have
+    /// a Service that asks for HTTP visibility (a generated config beside
+    /// the users'), which config changes are followed beside too.
     #[test]
     fn builds_after_endpoint_changes_equal_whole_builds_after_every_random_step() {
         let mut rng = crate::xds::acks::tests::Rng(0x5eed_e4d5);
         let mut patched_some = 0;
-        let (mut followed, mut offered) = (0, 0);
+        let (mut followed, mut offered, mut followed_seen) = (0, 0, 0);
         for run in 0..8 {
             let mut fast = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
             let mut whole = Controller::new("node1".into(), Some(Ipv4Addr::new(10, 0, 0, 1)), ProxyPorts::ephemeral());
@@ -1216,10 +1238,18 @@ spec:
                 text.push_str(&config("api-l7", "api", "default/web2", 1));
                 text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: web2, namespace: default}\nspec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}\n");
             }
+            if run % 4 >= 2 {
+                // A Service that asks for HTTP visibility: its generated
+                // config is built with the others (no config claims it).
+                text.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: seen, namespace: default, annotations: {weft.io/l7-visibility: http}}\nspec: {clusterIP: 10.96.0.13, ports: [{name: http, port: 80}]}\n");
+            }
             let mut world = parsed(&text);
             for c in [&mut fast, &mut whole] {
                 c.load(handed_over(&world));
                 c.build();
+            }
+            if run % 4 >= 2 {
+                assert_eq!(fast.visibility.services.len(), 1, "{:?}", fast.visibility);
             }
             let mut log = Vec::new();
             for step in 0..60 {
@@ -1315,8 +1345,12 @@ spec:
                 if run % 2 == 1 {
                     followed += fast.model.changes_followed() - before;
                     offered += u64::from(config_step);
+                    if run % 4 == 3 {
+                        followed_seen += fast.model.changes_followed() - before;
+                    }
                 }
                 let at = format!("run {run}, step {step}, after {log:#?}");
+                assert_eq!(fast.slices, SliceIndex::of(&fast.loaded.objects), "{at}");
                 assert!(fast.built == whole.built, "{at}\nfast: {:#?}\nwhole: {:#?}", fast.built, whole.built);
                 assert_eq!(snap_a, snap_b, "{at}");
                 assert_eq!(pub_a.xds, pub_b.xds, "{at}");
@@ -1329,6 +1363,7 @@ spec:
         // nowhere): after such a build every change is built whole.
         println!("config changes: {followed} of {offered} followed (runs without a rejected config)");
         assert!(followed * 2 > offered, "config changes were followed {followed} times of {offered}");
+        assert!(followed_seen > 0, "no config change was followed beside a Service that asks for HTTP visibility");
     }
 
     /// Loading again parses only documents that are not the same `Arc`:
@@ -1702,7 +1737,8 @@ mod profile {
             configs: w.configs.clone(),
             ..Default::default()
         };
-        for c in [&mut c, &mut whole] {
+        let with_whole = !std::env::var("WEFT_PROFILE_WHOLE").is_ok_and(|v| v == "0");
+        for c in [&mut c, &mut whole].into_iter().take(if with_whole { 2 } else { 1 }) {
             c.load(again(&world));
             c.build();
             ack_all(c);
@@ -1726,6 +1762,9 @@ mod profile {
             let took = take_in(&mut c, handed);
             println!("{} round {round}: hand-over {t_handed:?}, {took}", if round % 2 == 0 { "slice" } else { "edit" });
             ack_all(&mut c);
+            if std::env::var("WEFT_PROFILE_WHOLE").is_ok_and(|v| v == "0") {
+                continue;
+            }
             whole.load(again(&world));
             let t_whole = Instant::now();
             whole.build();

@@ -332,7 +332,8 @@ fn a_frontend_goes_to_its_proxy_port_only_once_the_datapath_holds_the_socket() {
     svc.proxy_port = Some(15003);
     let snap = Snapshot {
         version: 1,
-        services: vec![std::sync::Arc::new(ServiceState { key: ObjKey::new("default", "web"), entries: vec![svc] })],
+        services: vec![std::sync::Arc::new(ServiceState { key: ObjKey::new("default", "web"), entries: vec![svc] })]
+            .into(),
         ..Default::default()
     };
     let ns = netns::named(&nodes[0].netns);

@@ -367,7 +367,7 @@ async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
 fn nacked(object: &str, message: &str) -> ControlStatus {
     ControlStatus {
         objects: vec![ObjectState {
-            config: ConfigStatus {
+            config: std::sync::Arc::new(ConfigStatus {
                 object: object.into(),
                 origin: "API server".into(),
                 generation: 1,
@@ -375,7 +375,7 @@ fn nacked(object: &str, message: &str) -> ControlStatus {
                 problems: vec![message.into()],
                 serving: Serving::Nothing,
                 listeners: vec![],
-            },
+            }),
             envoy: EnvoyAck::Nacked { message: message.into() },
         }]
         .into(),

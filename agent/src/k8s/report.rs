@@ -191,7 +191,7 @@ mod tests {
 
     fn object(name: &str, generation: i64, serving: Serving, problems: &[&str], envoy: EnvoyAck) -> ObjectState {
         ObjectState {
-            config: ConfigStatus {
+            config: std::sync::Arc::new(ConfigStatus {
                 object: name.into(),
                 origin: "API server".into(),
                 generation,
@@ -199,7 +199,7 @@ mod tests {
                 problems: problems.iter().map(|p| p.to_string()).collect(),
                 serving,
                 listeners: vec![],
-            },
+            }),
             envoy,
         }
     }
@@ -208,7 +208,7 @@ mod tests {
     fn the_report_says_which_generation_envoy_serves() {
         let acked = EnvoyAck::Acknowledged { version: 3 };
         let mut not_here = object("EnvoyConfig shop/elsewhere", 1, Serving::Current, &[], acked.clone());
-        not_here.config.for_this_node = false;
+        std::sync::Arc::make_mut(&mut not_here.config).for_this_node = false;
         let status = ControlStatus {
             envoy_connected: true,
             objects: vec![

@@ -20,8 +20,9 @@ use weft_ebpf::abi;
 use crate::{
     datapath::{BackendAddr, Frontend, FrontendKind, Proto, ServiceEntry},
     identity::{self, LabelSet},
-    k8s::{ObjKey, Objects, Sourced},
+    k8s::{Collection, ObjKey, Objects, Sourced},
 };
+use imbl::ordmap::DiffItem;
 
 /// Annotation that sends a Service's connections to a proxy listener on this
 /// node port instead of a backend, without an EnvoyConfig (Cilium has a
@@ -74,9 +75,11 @@ pub struct Snapshot {
     pub node_name: String,
     /// This node's address (configured, or from its Node object).
     pub node_ip: Option<Ipv4Addr>,
-    /// Shared: a snapshot patched after an endpoint change shares every
-    /// other Service's entries with the one it was made from.
-    pub services: Vec<Arc<ServiceState>>,
+    /// By key. Persistent and shared: a snapshot patched after an endpoint
+    /// change shares the list and every other Service's entries with the
+    /// one it was made from (the patch costs the changed Services, not a
+    /// copy of every one).
+    pub services: imbl::Vector<Arc<ServiceState>>,
     pub pods: Vec<PodState>,
     pub nodes: Vec<NodeState>,
     /// Identity -> its label set.
@@ -120,7 +123,7 @@ fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
 impl Snapshot {
     /// Frontends whose connections go to a proxy port, with that port.
     pub fn proxied(&self) -> BTreeSet<(Frontend, u16)> {
-        self.services.iter().flat_map(|s| &s.entries).filter_map(|e| Some((e.frontend, e.proxy_port?))).collect()
+        proxied_by(&self.services)
     }
 
     /// Proxy ports policies send connections through (L7 rules): such a
@@ -138,9 +141,19 @@ impl Snapshot {
     }
 
     /// Whether `next` stops handing some frontend's connections to the
-    /// proxy port this snapshot hands them to.
+    /// proxy port this snapshot hands them to. Costs what differs between
+    /// the two: a Service whose entries both share (the same `Arc`) hands
+    /// the same frontends in both.
     pub fn stops_proxying_in(&self, next: &Snapshot) -> bool {
-        !self.proxied().is_subset(&next.proxied())
+        let mine = proxied_by(differing(&self.services, &next.services));
+        let theirs = proxied_by(differing(&next.services, &self.services));
+        let gone: Vec<_> = mine.difference(&theirs).collect();
+        // What a changed Service stops handing may be handed by one that did
+        // not change (two Services with one frontend): only then look at all.
+        !gone.is_empty() && {
+            let all = next.proxied();
+            gone.iter().any(|p| !all.contains(p))
+        }
     }
 
     /// Derives the snapshot for node `node_name` from the objects.
@@ -325,9 +338,15 @@ impl Snapshot {
     /// since it was derived from `objects` as they were: those Services'
     /// entries are derived again, with the `redirects` in effect, the rest
     /// is kept. Equals what [`Snapshot::derive_with`] gives from `objects`.
-    pub fn with_endpoints_of(&self, services: &BTreeSet<ObjKey>, objects: &Objects, redirects: &Redirects) -> Snapshot {
+    /// `slices` indexes the objects' EndpointSlices (the controller keeps it).
+    pub fn with_endpoints_of(
+        &self,
+        services: &BTreeSet<ObjKey>,
+        objects: &Objects,
+        slices: &SliceIndex,
+        redirects: &Redirects,
+    ) -> Snapshot {
         let mut next = self.clone();
-        let slices = SliceIndex::of_services(objects, services);
         for key in services {
             let Ok(i) = next.services.binary_search_by(|s| s.key.cmp(key)) else { continue };
             let Some(svc) = objects.services.get(key) else { continue };
@@ -335,9 +354,9 @@ impl Snapshot {
             // which did not change: it was reported when it was derived.
             let mut unchanged_problems = Vec::new();
             if let Some(state) =
-                service_state(key, &svc.object, objects, &slices, next.node_ip, redirects, &mut unchanged_problems)
+                service_state(key, &svc.object, objects, slices, next.node_ip, redirects, &mut unchanged_problems)
             {
-                next.services[i] = Arc::new(state);
+                next.services.set(i, Arc::new(state));
             }
         }
         next
@@ -349,41 +368,91 @@ impl Snapshot {
     }
 }
 
+/// The frontends these Services hand to a proxy port, with that port.
+fn proxied_by<'a>(services: impl IntoIterator<Item = &'a Arc<ServiceState>>) -> BTreeSet<(Frontend, u16)> {
+    services.into_iter().flat_map(|s| &s.entries).filter_map(|e| Some((e.frontend, e.proxy_port?))).collect()
+}
+
+/// The Services of `a` that `b` does not hold as the same `Arc` (both
+/// lists by key): what changed from one snapshot to the other.
+fn differing<'a>(
+    a: &'a imbl::Vector<Arc<ServiceState>>,
+    b: &imbl::Vector<Arc<ServiceState>>,
+) -> Vec<&'a Arc<ServiceState>> {
+    let mut out = Vec::new();
+    let mut other = b.iter().peekable();
+    for s in a {
+        while other.next_if(|o| o.key < s.key).is_some() {}
+        if other.peek().is_none_or(|o| !Arc::ptr_eq(o, s)) {
+            out.push(s);
+        }
+    }
+    out
+}
+
 /// IPv4 EndpointSlices by the Service they belong to (namespace and the
-/// `kubernetes.io/service-name` label): built once per derivation, so finding
-/// a Service's backends does not scan every slice.
-pub struct SliceIndex<'a>(HashMap<(&'a str, &'a str), Vec<&'a Arc<Sourced<EndpointSlice>>>>);
+/// `kubernetes.io/service-name` label), each Service's in the order of
+/// their keys: finding a Service's backends does not scan every slice. A
+/// whole build makes one ([`SliceIndex::of`]); the controller keeps one and
+/// follows the sources' changes ([`SliceIndex::follow`]), so a change of
+/// some Services' endpoints costs what changed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SliceIndex(HashMap<ObjKey, Vec<Arc<Sourced<EndpointSlice>>>>);
 
-impl<'a> SliceIndex<'a> {
-    pub fn of(objects: &'a Objects) -> Self {
-        Self::filtered(objects, |_| true)
-    }
-
-    /// The index of these Services' slices alone (what a change of their
-    /// endpoints reads): one pass over the slices, nothing kept of others.
-    pub fn of_services(objects: &'a Objects, services: &BTreeSet<ObjKey>) -> Self {
-        Self::filtered(objects, |(ns, name)| services.iter().any(|k| k.namespace == ns && k.name == name))
-    }
-
-    fn filtered(objects: &'a Objects, keep: impl Fn((&str, &str)) -> bool) -> Self {
-        let mut m: HashMap<(&str, &str), Vec<&Arc<Sourced<EndpointSlice>>>> = HashMap::new();
-        for sourced in objects.endpoint_slices.values() {
-            let s = &sourced.object;
-            let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) else {
-                continue;
-            };
-            let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-            if s.address_type == "IPv4" && keep((ns, svc.as_str())) {
-                m.entry((ns, svc.as_str())).or_default().push(sourced);
+impl SliceIndex {
+    /// The index of every slice the objects hold: one pass over them.
+    pub fn of(objects: &Objects) -> Self {
+        let mut index = Self::default();
+        // In key order: each Service's list comes out in order.
+        for slice in objects.endpoint_slices.values() {
+            if let Some(service) = Self::service_of(&slice.object) {
+                index.0.entry(service).or_default().push(slice.clone());
             }
         }
-        Self(m)
+        index
+    }
+
+    /// Follows the slices from `old` (what the index was of) to `new`.
+    /// Sources hand over collections that share what did not change, so
+    /// this costs what changed (`diff` skips what the two share).
+    pub fn follow(&mut self, old: &Collection<EndpointSlice>, new: &Collection<EndpointSlice>) {
+        for d in old.diff(new) {
+            let (gone, came) = match d {
+                DiffItem::Add(_, x) => (None, Some(x)),
+                DiffItem::Remove(_, x) => (Some(x), None),
+                DiffItem::Update { old: (_, x), new: (_, y) } => (Some(x), Some(y)),
+            };
+            if let Some(x) = gone
+                && let Some(service) = Self::service_of(&x.object)
+                && let Some(list) = self.0.get_mut(&service)
+            {
+                list.retain(|s| !Arc::ptr_eq(s, x));
+                if list.is_empty() {
+                    self.0.remove(&service);
+                }
+            }
+            if let Some(y) = came
+                && let Some(service) = Self::service_of(&y.object)
+            {
+                // A Service's slices share its namespace: their keys are in the order of their names.
+                let list = self.0.entry(service).or_default();
+                let at = list.partition_point(|s| s.object.metadata.name <= y.object.metadata.name);
+                list.insert(at, y.clone());
+            }
+        }
+    }
+
+    /// The Service an IPv4 slice belongs to (None: no label, or not IPv4).
+    fn service_of(s: &EndpointSlice) -> Option<ObjKey> {
+        let name = s.metadata.labels.as_ref()?.get("kubernetes.io/service-name")?;
+        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+        (s.address_type == "IPv4").then(|| ObjKey::new(ns, name.as_str()))
     }
 
     /// The Service's IPv4 EndpointSlices (as shared objects: one that did
     /// not change is the same `Arc`).
-    pub fn of_service<'s>(&'s self, key: &'s ObjKey) -> &'s [&'s Arc<Sourced<EndpointSlice>>] {
-        self.0.get(&(key.namespace.as_str(), key.name.as_str())).map(Vec::as_slice).unwrap_or_default()
+    pub fn of_service(&self, key: &ObjKey) -> &[Arc<Sourced<EndpointSlice>>] {
+        self.0.get(key).map(Vec::as_slice).unwrap_or_default()
     }
 }
 

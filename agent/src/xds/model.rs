@@ -184,7 +184,9 @@ pub struct NodeInfo {
 pub struct Built {
     pub xds: XdsSnapshot,
     pub redirects: Redirects,
-    pub statuses: BTreeMap<ConfigKey, ConfigStatus>,
+    /// Shared: the controller's list of objects holds the same statuses,
+    /// so listing them again copies pointers, not every status.
+    pub statuses: BTreeMap<ConfigKey, Arc<ConfigStatus>>,
     /// Proxy ports the datapath hands connections to.
     pub proxy_ports: Vec<u16>,
     /// The object and listener each redirect hands connections to.
@@ -369,7 +371,7 @@ impl EndpointInputs {
     fn of(service: &ObjKey, objects: &Objects, slices: &SliceIndex) -> Self {
         Self {
             service: objects.services.get(service).cloned(),
-            slices: slices.of_service(service).iter().map(|s| Arc::clone(s)).collect(),
+            slices: slices.of_service(service).to_vec(),
             endpoints: objects.endpoints.get(service).cloned(),
         }
     }
@@ -651,7 +653,7 @@ impl Model {
             for_others |= specs.insert(cfg.key.clone(), cfg).is_some();
             let (status, candidate) = self.candidate(cfg, node);
             candidates.extend(candidate);
-            built.statuses.insert(cfg.key.clone(), status);
+            built.statuses.insert(cfg.key.clone(), Arc::new(status));
         }
         for e in parse_errors {
             let Some(key) = &e.key else { continue };
@@ -673,7 +675,7 @@ impl Model {
                     translated: g.translated.clone(),
                 });
             }
-            built.statuses.insert(key.clone(), status);
+            built.statuses.insert(key.clone(), Arc::new(status));
         }
         candidates.sort_by(|a, b| (a.priority, &a.key).cmp(&(b.priority, &b.key)));
 
@@ -802,6 +804,7 @@ impl Model {
         changed: &BTreeMap<ConfigKey, Option<&EnvoyConfig>>,
         parse_errors: &[ConfigError],
         objects: &Objects,
+        slices: &SliceIndex,
         node: &NodeInfo,
     ) -> Option<BTreeSet<RedirectKey>> {
         // Taken: any return before the end leaves None, and the next build is whole.
@@ -814,7 +817,7 @@ impl Model {
         let mut fresh = Vec::new();
         for cfg in changed.values().flatten() {
             let (status, candidate) = self.candidate(cfg, node);
-            statuses.push((cfg.key.clone(), status));
+            statuses.push((cfg.key.clone(), Arc::new(status)));
             fresh.extend(candidate);
         }
         fresh.sort_by(|a, b| (a.priority, &a.key).cmp(&(b.priority, &b.key)));
@@ -840,8 +843,7 @@ impl Model {
             let own = c.translated.encoded().iter().filter(|r| r.any.type_url == translate::ENDPOINT);
             services.extend(own.map(|r| service_of_endpoints(&r.name)));
         }
-        let slices = SliceIndex::of_services(objects, &services);
-        let won_before: Vec<_> = services.iter().map(|s| self.generated_for(&last, s, objects, &slices)).collect();
+        let won_before: Vec<_> = services.iter().map(|s| self.generated_for(&last, s, objects, slices)).collect();
 
         // Out with the old versions, in with the new, each checked against the rest.
         for c in &old {
@@ -953,7 +955,7 @@ impl Model {
         }
         // Generated endpoints whose winner, or whose being generated, changed.
         for (service, before) in services.iter().zip(won_before) {
-            let after = self.generated_for(&last, service, objects, &slices);
+            let after = self.generated_for(&last, service, objects, slices);
             let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
             for name in names {
                 let (was, is) = (before.get(name), after.get(name));
@@ -985,7 +987,7 @@ impl Model {
                 }
                 match is {
                     Some((_, ports)) => {
-                        let resources = self.endpoints(service, ports, objects, &slices);
+                        let resources = self.endpoints(service, ports, objects, slices);
                         if let Some(r) = resources.iter().find(|r| r.name == **name) {
                             built.xds.put_shared(r.clone());
                         }
@@ -1059,7 +1061,7 @@ impl Model {
         accepted: &mut Accepted,
         objects: &Objects,
     ) {
-        if let Some(s) = built.statuses.get_mut(&c.key)
+        if let Some(s) = built.statuses.get_mut(&c.key).map(Arc::make_mut)
             && c.priority != Priority::Fallback
         {
             s.problems.extend(problems);
@@ -1225,7 +1227,7 @@ impl Model {
             };
             if let Some(p) = port {
                 ports_of.insert(l.name.clone(), p);
-                if let Some(s) = built.statuses.get_mut(&c.key) {
+                if let Some(s) = built.statuses.get_mut(&c.key).map(Arc::make_mut) {
                     s.listeners.push((l.name.clone(), p));
                 }
             }
@@ -1249,7 +1251,7 @@ impl Model {
         } else {
             Serving::Current
         };
-        if let Some(s) = built.statuses.get_mut(&c.key) {
+        if let Some(s) = built.statuses.get_mut(&c.key).map(Arc::make_mut) {
             s.serving = serving;
         }
         if c.priority != Priority::Fallback
@@ -1300,14 +1302,14 @@ impl Model {
         built: &mut Built,
         services: &BTreeSet<ObjKey>,
         objects: &Objects,
+        slices: &SliceIndex,
     ) -> Option<Vec<(Arc<Resource>, Arc<Resource>)>> {
         self.endpoints.as_ref()?;
-        let slices = SliceIndex::of_services(objects, services);
         let mut replaced = Vec::new();
         for service in services {
             let Some(generated) = self.generated_endpoints.get(service).cloned() else { continue };
             for (ports, names) in generated {
-                let fresh = self.endpoints(service, &ports, objects, &slices);
+                let fresh = self.endpoints(service, &ports, objects, slices);
                 let Some(sent) = built.xds.types.get_mut(translate::ENDPOINT) else { continue };
                 // The same Service object gives the same names: only what they hold changes.
                 for r in fresh.iter().filter(|r| names.contains(&r.name)) {
@@ -2275,6 +2277,8 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
             let mut configs: BTreeMap<String, EnvoyConfig> = BTreeMap::new();
             let (mut web, mut api, mut api_alt) = (vec![12u8], vec![13u8], true);
             let mut objs = objects_with(&web, &api, api_alt);
+            // Kept as the controller keeps it: following each step's objects.
+            let mut slices = SliceIndex::of(&objs);
             let mut log = Vec::new();
             let mut last: Option<Built> = None;
             for step in 0..40 {
@@ -2347,6 +2351,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                 }
                 let fresh = objects_with(&web, &api, api_alt);
                 let objects_changed = !renew.is_empty();
+                let slices_before = objs.endpoint_slices.clone();
                 for (kind, name) in renew {
                     let key = ObjKey::new("default", name);
                     match kind {
@@ -2355,11 +2360,13 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                         _ => objs = fresh.clone(),
                     }
                 }
+                slices.follow(&slices_before, &objs.endpoint_slices);
+                assert_eq!(slices, SliceIndex::of(&objs), "seed {seed}, step {step}");
                 let list: Vec<EnvoyConfig> = configs.values().cloned().collect();
                 let a = match (last.take(), endpoints_of) {
                     (Some(mut a), Some(service)) if rng.below(2) == 0 => {
                         log.push("(taken as an endpoint change)".into());
-                        let replaced = cached.endpoints_changed(&mut a, &BTreeSet::from([service]), &objs);
+                        let replaced = cached.endpoints_changed(&mut a, &BTreeSet::from([service]), &objs, &slices);
                         assert!(replaced.is_some(), "the cached model takes endpoint changes");
                         a
                     }
@@ -2367,7 +2374,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                         let changes = changed.iter().map(|(k, c)| (k.clone(), c.as_ref())).collect();
                         offered += usize::from(few_clashes);
                         let before = cached.changes_followed();
-                        match cached.configs_changed(&mut a, &changes, &[], &objs, &node()) {
+                        match cached.configs_changed(&mut a, &changes, &[], &objs, &slices, &node()) {
                             Some(_) => {
                                 assert_eq!(cached.changes_followed(), before + 1);
                                 taken += usize::from(few_clashes);
@@ -2381,8 +2388,9 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                 };
                 let b = full.build(&list, &[], &objs, &node());
                 assert!(a == b, "seed {seed}, step {step}, after: {log:#?}\ncached: {a:#?}\nfull: {b:#?}");
-                assert!(full.endpoints_changed(&mut b.clone(), &BTreeSet::new(), &objs).is_none());
-                assert!(full.configs_changed(&mut b.clone(), &BTreeMap::new(), &[], &objs, &node()).is_none());
+                assert!(full.endpoints_changed(&mut b.clone(), &BTreeSet::new(), &objs, &slices).is_none());
+                let unchanged = BTreeMap::new();
+                assert!(full.configs_changed(&mut b.clone(), &unchanged, &[], &objs, &slices, &node()).is_none());
                 last = Some(a);
             }
         }

@@ -140,8 +140,7 @@ pub fn config_key(service: &ObjKey) -> ConfigKey {
 pub fn configs(objects: &Objects, default: Visibility, user: &[EnvoyConfig]) -> Generated {
     let mut claimed: BTreeMap<ObjKey, &ConfigKey> = BTreeMap::new();
     for cfg in user.iter().filter(|c| !is_generated(&c.key)) {
-        for s in &cfg.spec.services {
-            let service = ObjKey::new(cfg.key.service_namespace(s.namespace.as_deref()), s.name.clone());
+        for service in claims_of(cfg) {
             claimed.entry(service).or_insert(&cfg.key);
         }
     }
@@ -167,6 +166,56 @@ pub fn configs(objects: &Objects, default: Visibility, user: &[EnvoyConfig]) -> 
     }
     out.report.problems = problems.into_iter().collect();
     out
+}
+
+/// The Services a user's config names in its `services` (it wins them
+/// over generated configs).
+fn claims_of(cfg: &EnvoyConfig) -> impl Iterator<Item = ObjKey> + '_ {
+    cfg.spec.services.iter().map(|s| ObjKey::new(cfg.key.service_namespace(s.namespace.as_deref()), s.name.clone()))
+}
+
+/// Which user configs' claims decided what a build generated: the
+/// Services that ask for visibility, and the ones each config won. A
+/// change of configs that keeps every claim that decided something, and
+/// makes none that could, leaves the generated configs and the report as
+/// they are (see [`Claims::unchanged_by`]).
+#[derive(Debug, Default)]
+pub struct Claims {
+    asking: std::collections::HashSet<String>,
+    /// Config (as the report names it) -> the Services it won.
+    won: std::collections::HashMap<String, BTreeSet<String>>,
+}
+
+impl Claims {
+    pub fn of(report: &VisibilityReport) -> Self {
+        let mut out = Self::default();
+        for s in &report.services {
+            out.asking.insert(s.service.clone());
+            if let VisibilityState::UserConfigWins { config } = &s.state {
+                out.won.entry(config.clone()).or_default().insert(s.service.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether config `key` becoming `now` (None: removed) leaves what
+    /// visibility generates as it is: it names the same Services that ask
+    /// as it won before (an edit keeps its place among the claims: it
+    /// still comes first for those), and a removed one won none. Anything
+    /// else (a new claim on a Service that asks, a claim it won given up)
+    /// may change which config wins a Service, or whether one is generated.
+    pub fn unchanged_by(&self, key: &ConfigKey, now: Option<&EnvoyConfig>) -> bool {
+        if self.asking.is_empty() {
+            return true;
+        }
+        let won = self.won.get(&key.to_string());
+        let claims: BTreeSet<String> =
+            now.into_iter().flat_map(claims_of).map(|s| s.to_string()).filter(|s| self.asking.contains(s)).collect();
+        match won {
+            Some(won) => now.is_some() && claims == *won,
+            None => claims.is_empty(),
+        }
+    }
 }
 
 /// What stays of a generated config while Envoy drains its listeners'

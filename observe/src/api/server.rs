@@ -59,7 +59,7 @@ use super::{
     wire::FlowWriter,
 };
 use crate::pipeline::{
-    Pipeline, Refusal,
+    Pipeline, Refusal, gather_for,
     record::{Entry, Lost, LostSource},
 };
 
@@ -81,19 +81,12 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 const FOLLOW_GATHER: Duration = Duration::from_millis(10);
 
 /// How long a follower gathers before its next read: [`FOLLOW_GATHER`],
-/// or less when flows arrive fast enough (`entries` read over `elapsed`
-/// since the read before) to fill a quarter of the store (`capacity`) in
-/// that time, so that the store does not overwrite what a follower has not
-/// read yet only because it was waiting (at 400,000 flows/s, 10 ms is 4,000
-/// flows: the default store holds 4,095).
-fn gather_for(entries: u64, elapsed: Duration, capacity: usize) -> Duration {
-    let quarter = (capacity as u64 / 4).max(1);
-    if entries == 0 || elapsed.is_zero() {
-        return FOLLOW_GATHER;
-    }
-    // The time `quarter` entries take at this rate.
-    let fill = elapsed.mul_f64(quarter as f64 / entries as f64);
-    fill.min(FOLLOW_GATHER)
+/// or less when flows arrive fast enough to fill a quarter of the store
+/// (`capacity`) in that time, so that the store does not overwrite what a
+/// follower has not read yet only because it was waiting (at 400,000
+/// flows/s, 10 ms is 4,000 flows: the default store holds 4,095).
+fn follow_gather(entries: u64, elapsed: Duration, capacity: usize) -> Duration {
+    gather_for(entries, elapsed, capacity as u64 / 4, FOLLOW_GATHER)
 }
 /// HTTP/2 streams (calls at once) per connection.
 const STREAMS_PER_CONNECTION: u32 = 128;
@@ -403,7 +396,7 @@ async fn run_query(
                 return;
             }
             let now = tokio::time::Instant::now();
-            let gather = gather_for(entries, now - read_at, p.store.capacity());
+            let gather = follow_gather(entries, now - read_at, p.store.capacity());
             (read_at, entries) = (now, 0);
             tokio::select! {
                 _ = &mut notified => {}
@@ -671,15 +664,15 @@ mod tests {
     fn a_follower_gathers_less_when_flows_would_fill_a_quarter_of_the_store_meanwhile() {
         let ms = Duration::from_millis;
         // 10,000 flows/s: a quarter of 4,095 takes 102 ms, so the full 10 ms.
-        assert_eq!(gather_for(100, ms(10), 4095), FOLLOW_GATHER);
+        assert_eq!(follow_gather(100, ms(10), 4095), FOLLOW_GATHER);
         // 400,000 flows/s: 1,023 take 2.56 ms.
-        let g = gather_for(4000, ms(10), 4095);
+        let g = follow_gather(4000, ms(10), 4095);
         assert!(g.abs_diff(Duration::from_nanos(2_557_500)) < Duration::from_micros(1), "{g:?}");
         // Nothing read, or no time passed: the full gathering.
-        assert_eq!(gather_for(0, ms(10), 4095), FOLLOW_GATHER);
-        assert_eq!(gather_for(10, Duration::ZERO, 4095), FOLLOW_GATHER);
+        assert_eq!(follow_gather(0, ms(10), 4095), FOLLOW_GATHER);
+        assert_eq!(follow_gather(10, Duration::ZERO, 4095), FOLLOW_GATHER);
         // A store of one: a quarter is one entry.
-        assert_eq!(gather_for(10, ms(10), 1), ms(1));
+        assert_eq!(follow_gather(10, ms(10), 1), ms(1));
     }
 
     /// Flows stored one at a time, a (paused-clock) millisecond apart, reach

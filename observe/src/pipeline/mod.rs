@@ -390,11 +390,15 @@ pub fn spawn_reader(mut reader: impl Records + Send + 'static, mut feed: EventFe
         .stack_size(feed.pipeline.thread_stack_bytes)
         .spawn(move || {
             let mut first = true;
+            // Records read since `read_at`, for the gathering's length.
+            let (mut read_at, mut records) = (std::time::Instant::now(), 0u64);
+            let room = (feed.pipeline.store.capacity() as u64 / 16).max(1);
             while !feed.stopped() {
                 let ready = reader.wait(Duration::from_millis(200));
                 if ready {
-                    let (_, malformed) = reader.drain(|ev| feed.push(ev));
+                    let (read, malformed) = reader.drain(|ev| feed.push(ev));
                     feed.malformed(malformed);
+                    records += read + malformed;
                 }
                 if ready || first {
                     feed.flush();
@@ -402,20 +406,37 @@ pub fn spawn_reader(mut reader: impl Records + Send + 'static, mut feed: EventFe
                 }
                 if ready {
                     // Records arriving meanwhile are read together.
-                    thread::sleep(READ_GATHER);
+                    let now = std::time::Instant::now();
+                    let gather = gather_for(records, now - read_at, room, READ_GATHER);
+                    (read_at, records) = (now, 0);
+                    thread::sleep(gather);
                 }
             }
         })
         .expect("spawning the ring-buffer reader")
 }
 
-/// After reading, the ring-buffer reader waits this long before it looks
-/// again: at a steady rate each wake-up (of it, of the flows thread and of
-/// the followers) then carries every record of the interval rather than one
-/// or two (at 10,000 records/s those wake-ups were most of the pipeline's
-/// CPU). The 8 MiB ring holds about 100,000 records: 1 ms of them is a
-/// rate of 100 M/s.
-const READ_GATHER: Duration = Duration::from_millis(1);
+/// After reading, the ring-buffer reader waits up to this long before it
+/// looks again: at a steady rate each wake-up (of it, of the flows thread and
+/// of the followers) then carries every record of the interval rather than
+/// one or two (at 10,000 records/s wake-ups were most of the pipeline's CPU:
+/// 1,000 a second with 1 ms, 200 with 5 ms). It waits less when records
+/// arrive fast enough to fill a sixteenth of the flow store meanwhile, so a
+/// batch never lands in the store in one piece large enough to overwrite what
+/// a follower has not read yet. The 8 MiB ring holds about 100,000 records:
+/// 5 ms of them is a rate of 20 M/s.
+const READ_GATHER: Duration = Duration::from_millis(5);
+
+/// How long to gather before the next read: `max`, or less when entries
+/// arrive fast enough (`entries` over `elapsed`, since the read before) to
+/// make `room` of them in that time.
+pub fn gather_for(entries: u64, elapsed: Duration, room: u64, max: Duration) -> Duration {
+    if entries == 0 || elapsed.is_zero() {
+        return max;
+    }
+    // The time `room` entries take at this rate.
+    elapsed.mul_f64(room.max(1) as f64 / entries as f64).min(max)
+}
 
 /// Records per queue read; bounds the batch and the time the store is locked.
 const CHUNK: usize = 512;
@@ -592,6 +613,20 @@ mod tests {
     /// A record shorter than the ABI's is not a flow, and not silently
     /// skipped either: it is counted lost at the ring buffer, and readers
     /// get a loss notice.
+    #[test]
+    fn the_reader_gathers_less_when_records_would_fill_a_sixteenth_of_the_store_meanwhile() {
+        let ms = Duration::from_millis;
+        let room = 4095 / 16;
+        // 10,000 records/s (50 in 5 ms): 255 take 25.5 ms, so the full 5 ms.
+        assert_eq!(gather_for(50, ms(5), room, READ_GATHER), READ_GATHER);
+        // 400,000 records/s: 255 take 0.64 ms.
+        let g = gather_for(2000, ms(5), room, READ_GATHER);
+        assert!(g.abs_diff(Duration::from_micros(637)) < Duration::from_micros(1), "{g:?}");
+        // After an idle spell: the rate is low, the full gathering.
+        assert_eq!(gather_for(3, Duration::from_secs(2), room, READ_GATHER), READ_GATHER);
+        assert_eq!(gather_for(0, ms(5), room, READ_GATHER), READ_GATHER);
+    }
+
     #[test]
     fn short_ring_records_are_counted_lost() {
         let (p, feed) = Pipeline::start(PipelineConfig::default(), Names::default());
