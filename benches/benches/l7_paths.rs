@@ -36,8 +36,14 @@
 //! free of coordinated omission; with the CPU time per request of the
 //! Envoys and the agent on each path.
 //!
+//! The attribution also measures candidates for making the node Envoy's
+//! hop cheaper than a bare Envoy's (issue 15: sidecarless at 0.5x the
+//! chain), each alone against the bare Envoy: see [`variants`].
+//!
 //! `cargo bench -p weft-benches --bench l7_paths` (WEFT_BENCH_N: keep-alive
-//! requests per path; WEFT_BENCH_OPEN_SECS: seconds per open-loop rate).
+//! requests per path; WEFT_BENCH_OPEN_SECS: seconds per open-loop rate;
+//! WEFT_BENCH_VARIANTS: the attribution's variants to run, by key;
+//! WEFT_BENCH_ONLY=attribution: nothing but the attribution).
 
 use std::{
     net::Ipv4Addr,
@@ -101,6 +107,23 @@ struct Shape<'a> {
     transparent: bool,
     /// The upstream's endpoints over EDS (from this file) rather than static.
     eds: Option<&'a Path>,
+    /// One more change to the finished bootstrap (issue 15's per-request
+    /// candidates: see [`variants`]).
+    tweak: Option<Tweak>,
+}
+
+/// A change to a standalone Envoy's bootstrap.
+type Tweak = fn(&mut serde_json::Value);
+
+/// The connection manager of a [`sidecar_bootstrap`].
+fn hcm_of(boot: &mut serde_json::Value) -> &mut serde_json::Value {
+    &mut boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+}
+
+/// The router filter's config of a [`sidecar_bootstrap`] (the last filter).
+fn router_of(boot: &mut serde_json::Value) -> &mut serde_json::Value {
+    let filters = hcm_of(boot)["http_filters"].as_array_mut().expect("http_filters");
+    &mut filters.last_mut().expect("the router")["typed_config"]
 }
 
 /// weft's access logger (the node Envoy's: `xds::translate`'s format).
@@ -158,12 +181,15 @@ fn sidecar_bootstrap(listen: (&str, u16), upstream: (Ipv4Addr, u16), admin: u16,
             cluster["load_assignment"] = json!({"cluster_name": "up", "endpoints": endpoints});
         }
     }
-    json!({
+    let mut boot = json!({
         "node": {"id": "bench", "cluster": "bench"},
         "admin": {"address": socket("127.0.0.1", admin)},
         "static_resources": {"listeners": [listener], "clusters": [cluster]}
-    })
-    .to_string()
+    });
+    if let Some(tweak) = shape.tweak {
+        tweak(&mut boot);
+    }
+    boot.to_string()
 }
 
 fn envoy_binary() -> std::path::PathBuf {
@@ -381,7 +407,11 @@ fn main() {
     println!("# L7 paths: request latency, {rounds} interleaved rounds per mode\n");
     println!("Machine: {}", machine());
     let mut figures = serde_json::Map::new();
-    for (mode, count) in [("keepalive", n), ("new", n / 5)] {
+    // `WEFT_BENCH_ONLY=attribution`: the hop attribution alone (while
+    // trying variants).
+    let only_attribution = std::env::var("WEFT_BENCH_ONLY").is_ok_and(|v| v == "attribution");
+    let modes: &[(&str, usize)] = if only_attribution { &[] } else { &[("keepalive", n), ("new", n / 5)] };
+    for &(mode, count) in modes {
         let mut all: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
         for _ in 0..rounds {
             for (i, (_, to)) in paths.iter().enumerate() {
@@ -427,7 +457,9 @@ fn main() {
         "attribution".into(),
         attribution(&lab, &variants, backend.ip, (paths[sidecarless].1, paths[tproxy].1), (envoy, pid), n, rounds),
     );
-    figures.insert("open_loop".into(), open_loop(&lab, &paths, &costs));
+    if !only_attribution {
+        figures.insert("open_loop".into(), open_loop(&lab, &paths, &costs));
+    }
     figures.insert("node_envoy_workers".into(), worker_connections(&lab).into());
     save("l7_paths", figures.into());
 }
@@ -437,6 +469,8 @@ const VARIANT_PORT: u16 = 15100;
 
 /// One standalone Envoy of the attribution.
 struct Variant {
+    /// What `WEFT_BENCH_VARIANTS` names it by.
+    key: &'static str,
     name: &'static str,
     /// The Envoy's process (set once started).
     pid: u32,
@@ -444,36 +478,119 @@ struct Variant {
     transparent: bool,
     eds: Option<PathBuf>,
     workers: u32,
+    tweak: Option<Tweak>,
 }
 
 impl Variant {
     fn shape(&self) -> Shape<'_> {
-        Shape { access_log: self.access_log.as_deref(), transparent: self.transparent, eds: self.eds.as_deref() }
+        Shape {
+            access_log: self.access_log.as_deref(),
+            transparent: self.transparent,
+            eds: self.eds.as_deref(),
+            tweak: self.tweak,
+        }
     }
 }
 
-/// The bare Envoy, each of weft's additions alone, and all of them.
+/// No `x-request-id` generated for requests without one.
+fn no_request_id(boot: &mut serde_json::Value) {
+    hcm_of(boot)["generate_request_id"] = json!(false);
+}
+
+/// The router keeps no per-response-code and timing stats of the cluster.
+fn no_dynamic_stats(boot: &mut serde_json::Value) {
+    router_of(boot)["dynamic_stats"] = json!(false);
+}
+
+/// The router adds no `x-envoy-*` headers (upstream service time, ...).
+fn suppress_envoy_headers(boot: &mut serde_json::Value) {
+    router_of(boot)["suppress_envoy_headers"] = json!(true);
+}
+
+/// No timer per request: no route timeout, no stream idle timeout.
+fn no_timers(boot: &mut serde_json::Value) {
+    let hcm = hcm_of(boot);
+    hcm["stream_idle_timeout"] = json!("0s");
+    hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["timeout"] = json!("0s");
+}
+
+/// Envoy keeps no stats at all.
+fn no_stats(boot: &mut serde_json::Value) {
+    boot["stats_config"] = json!({"stats_matcher": {"reject_all": true}});
+}
+
+/// The access log's fields in a text line (tab-separated) instead of JSON.
+fn text_log(boot: &mut serde_json::Value) {
+    let ops: Vec<&str> = weft_observe::pipeline::accesslog::FORMAT.iter().map(|(_, op)| *op).collect();
+    let line = format!("{}\n", ops.join("\t"));
+    hcm_of(boot)["access_log"][0]["typed_config"]["log_format"] =
+        json!({"text_format_source": {"inline_string": line}});
+}
+
+/// The connection-manager candidates together.
+fn lean(boot: &mut serde_json::Value) {
+    no_request_id(boot);
+    no_dynamic_stats(boot);
+    suppress_envoy_headers(boot);
+    no_timers(boot);
+}
+
+/// The bare Envoy, each of weft's additions alone, all of them, and the
+/// per-request candidates for the node Envoy (issue 15), each alone and
+/// together with all of weft's additions. `WEFT_BENCH_VARIANTS` (keys,
+/// comma-separated) keeps only those named, and the bare Envoy.
 fn variants(dir: &Path) -> Vec<Variant> {
-    let bare = || Variant { name: "", pid: 0, access_log: None, transparent: false, eds: None, workers: 2 };
-    vec![
+    let bare = || Variant {
+        key: "bare",
+        name: "",
+        pid: 0,
+        access_log: None,
+        transparent: false,
+        eds: None,
+        workers: 2,
+        tweak: None,
+    };
+    let log = |key: &str| Some(dir.join(format!("variant-{key}.access")));
+    let weft = |key: &'static str, name: &'static str, tweak: Option<Tweak>| Variant {
+        key,
+        name,
+        access_log: log(key),
+        transparent: true,
+        eds: Some(dir.join(format!("variant-{key}-eds.json"))),
+        tweak,
+        ..bare()
+    };
+    let candidate =
+        |key: &'static str, name: &'static str, tweak: Tweak| Variant { key, name, tweak: Some(tweak), ..bare() };
+    let all = vec![
         Variant { name: "bare Envoy (static endpoints, 2 workers)", ..bare() },
         Variant {
+            key: "log",
             name: "+ weft's access log (JSON to a file, 100 ms flush)",
-            access_log: Some(dir.join("variant-log.access")),
+            access_log: log("log"),
             ..bare()
         },
-        Variant { name: "+ transparent handed-connection listener", transparent: true, ..bare() },
-        Variant { name: "+ EDS endpoints", eds: Some(dir.join("variant-eds.json")), ..bare() },
-        Variant { name: "1 worker instead of 2", workers: 1, ..bare() },
+        Variant { key: "transparent", name: "+ transparent handed-connection listener", transparent: true, ..bare() },
+        Variant { key: "eds", name: "+ EDS endpoints", eds: Some(dir.join("variant-eds.json")), ..bare() },
+        Variant { key: "1worker", name: "1 worker instead of 2", workers: 1, ..bare() },
+        weft("all", "all of weft's additions (log, transparent, EDS)", None),
+        candidate("noreqid", "+ no request id generated (generate_request_id: false)", no_request_id),
+        candidate("nodynstats", "+ router without dynamic stats (dynamic_stats: false)", no_dynamic_stats),
+        candidate("suppress", "+ router adds no x-envoy-* headers (suppress_envoy_headers)", suppress_envoy_headers),
+        candidate("notimers", "+ no per-request timers (route timeout, stream idle timeout 0s)", no_timers),
+        candidate("nostats", "+ no stats at all (stats_matcher: reject_all)", no_stats),
         Variant {
-            name: "all of weft's additions (log, transparent, EDS)",
-            access_log: Some(dir.join("variant-all.access")),
-            transparent: true,
-            eds: Some(dir.join("variant-all-eds.json")),
-            workers: 2,
-            pid: 0,
+            key: "textlog",
+            name: "+ weft's access log as a text line (same fields, tab-separated)",
+            access_log: log("textlog"),
+            tweak: Some(text_log),
+            ..bare()
         },
-    ]
+        weft("all+lean", "all of weft's additions + noreqid, nodynstats, suppress, notimers", Some(lean)),
+    ];
+    let keep: Option<Vec<String>> =
+        std::env::var("WEFT_BENCH_VARIANTS").ok().map(|v| v.split(',').map(|k| k.trim().to_owned()).collect());
+    all.into_iter().filter(|v| v.key == "bare" || keep.as_ref().is_none_or(|k| k.iter().any(|k| k == v.key))).collect()
 }
 
 /// Stops a process (SIGSTOP) until dropped (SIGCONT), even on a panic.
