@@ -5,8 +5,17 @@
 //!    the objects directory of a running agent: time until Envoy acknowledged
 //!    every one, and the agent's peak memory. N = 1 is the baseline.
 //! 2. With 100, 1000 and 10000 configs loaded (delta xDS): one EndpointSlice
-//!    change until Envoy's /clusters shows it, and one EnvoyConfig edit until
-//!    Envoy's config dump holds it; their cost should not grow with the count.
+//!    change until Envoy sends requests to the new backend, and one
+//!    EnvoyConfig edit until Envoy's requests follow the edited route; their
+//!    cost should not grow with the count. Envoy is asked by traffic (one
+//!    request every few milliseconds to `s0`'s Service address, which the
+//!    datapath hands to Envoy): Envoy answers it at the same cost whatever it
+//!    holds, unlike its admin interface, whose `/clusters` and config dumps
+//!    are written on the thread that applies xDS updates from every cluster
+//!    there is (at 10,000 clusters an answer takes that thread longer than
+//!    the update does: polled, the admin interface timed itself). Each change
+//!    is then checked in `/clusters` or the config dump once, untimed, and
+//!    what one `/clusters` answer takes is reported beside the rows.
 //! 3. One endpoint change with 1000 configs loaded: state of the world
 //!    against delta xDS.
 //!
@@ -26,7 +35,7 @@ use std::{
 
 use weft_benches::{Samples, machine, save};
 use weft_tests::{
-    http::{Client, HttpServer, ServerOpts},
+    http::{Client, HttpServer, ServerOpts, get_once},
     lab::{Lab, skip_reason},
     objects::{agent_files, lab_objects, start_agent, wait_ready, wait_status, write_atomic},
     scenario::sa,
@@ -97,22 +106,24 @@ struct Run {
     lab: Lab,
     objects: std::path::PathBuf,
     agent: u32,
-    _server: HttpServer,
+    _servers: [HttpServer; 2],
 }
 
 fn start(agent_config: &str) -> Run {
     let lab = Lab::new().expect("lab");
-    let backend = lab.pod("n1-p2");
-    let server =
-        HttpServer::start(&backend.netns, sa(backend.ip, 8080), ServerOpts { name: "b".into(), ..Default::default() })
-            .unwrap();
+    // The backends an endpoint change moves `s0` between, named in their answers.
+    let server = |pod: &str, name: &str| {
+        let p = lab.pod(pod);
+        HttpServer::start(&p.netns, sa(p.ip, 8080), ServerOpts { name: name.into(), ..Default::default() }).unwrap()
+    };
+    let servers = [server(B1, B1), server(B2, B2)];
     let files = agent_files(&lab, 0, agent_config).unwrap();
     let objects = files.objects_dir.join("lab.yaml");
     write_atomic(&objects, &lab_objects(&lab, &[])).unwrap();
     let agent = start_agent(&lab, 0, &files, &lab.run_dir.join("agent.log")).unwrap();
     wait_ready(&files, Duration::from_secs(60), || lab.running(agent)).unwrap();
     wait_status(&lab, 0, Duration::from_secs(60), "Envoy ready", |s| s["envoy"]["ready"] == true).unwrap();
-    Run { lab, objects, agent, _server: server }
+    Run { lab, objects, agent, _servers: servers }
 }
 
 /// CPU time a process has used so far (user + system).
@@ -150,7 +161,7 @@ fn group_config(size: Option<usize>) -> String {
 
 fn scale(n: usize, group_size: Option<usize>) -> Scaled {
     let run = start(&group_config(group_size));
-    let backend = run.lab.pod("n1-p2").ip;
+    let backend = run.lab.pod(B1).ip;
     let body = format!("{}{}{}", lab_objects(&run.lab, &[]), services(n, backend, &[]), configs(0..n));
     let ready = wait_status(&run.lab, 0, Duration::from_secs(60), "Envoy's pid", |s| s["envoy"]["pid"].is_u64())
         .unwrap_or_else(|e| panic!("{e:.2000}"));
@@ -188,6 +199,14 @@ fn scale(n: usize, group_size: Option<usize>) -> Scaled {
     }
 }
 
+/// The lab's pods `s0`'s endpoints move between (each serves HTTP on 8080
+/// and names itself in `x-served-by`), and the one that asks `s0`.
+const B1: &str = "n1-p2";
+const B2: &str = "n2-p1";
+const CLIENT: &str = "n1-p1";
+/// `s0`'s Service address (see [`services`]).
+const S0: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
+
 /// Changes with `n` configs loaded: `s0`'s EndpointSlice and EnvoyConfig
 /// `c0` live in files of their own, as one object changes alone in a
 /// cluster (a change does not re-read the other configs).
@@ -195,13 +214,11 @@ struct Loaded {
     run: Run,
     s0: std::path::PathBuf,
     c0: std::path::PathBuf,
-    b1: Ipv4Addr,
-    b2: Ipv4Addr,
 }
 
 fn load(n: usize, delta: bool) -> Loaded {
     let run = start(if delta { "envoy: {delta: true}\n" } else { "envoy: {delta: false}\n" });
-    let (b1, b2) = (run.lab.pod("n1-p2").ip, run.lab.pod("n2-p1").ip);
+    let b1 = run.lab.pod(B1).ip;
     let base = lab_objects(&run.lab, &[]);
     let s0 = run.objects.with_file_name("s0.yaml");
     let c0 = run.objects.with_file_name("c0.yaml");
@@ -209,12 +226,16 @@ fn load(n: usize, delta: bool) -> Loaded {
     write_atomic(&c0, &config_c0(0)).unwrap();
     write_atomic(&run.objects, &format!("{base}{}{}", services(n, b1, &[0]), configs(1..n))).unwrap();
     wait_status(&run.lab, 0, Duration::from_secs(1800), "configs acknowledged", |s| acked_count(s) == n).unwrap();
-    Loaded { run, s0, c0, b1, b2 }
+    let l = Loaded { run, s0, c0 };
+    // Envoy serves s0 (the datapath hands its address to Envoy once Envoy has c0).
+    wait_for(&l, "s0 served through Envoy", |r| r.header("x-served-by") == Some(B1));
+    l
 }
 
-/// Config c0 with its route's timeout set to `round` + 1 seconds.
+/// Config c0 with its route's timeout set to `round` + 1 seconds and the
+/// path rewritten to `/r<round>/`, which the backend's answer shows.
 fn config_c0(round: usize) -> String {
-    let route = format!("{{cluster: default/s0, timeout: {}s}}", round + 1);
+    let route = format!("{{cluster: default/s0, timeout: {}s, prefix_rewrite: /r{round}/}}", round + 1);
     weft_tests::objects::http_envoy_config("c0", "s0", Some(&route))
 }
 
@@ -228,50 +249,48 @@ fn admin(lab: &Lab, path: &str) -> String {
     c.get("admin", path, &[("connection", "close")]).map(|r| r.body).unwrap_or_default()
 }
 
-/// Milliseconds until Envoy's /clusters shows each of 10 endpoint changes of
-/// cluster default/s0. While waiting, the bench asks Envoy's config dump for
-/// that one cluster's endpoints (a small answer), and /clusters only once the
-/// dump shows the change: /clusters lists every host of every cluster (at
-/// 10,000 clusters a large answer that Envoy's main thread, the one that
-/// applies xDS updates, writes on each poll), so polling it every 5 ms would
-/// slow what it measures.
+/// The time until a request to `s0` (one every 2 ms, each on a connection
+/// of its own) is answered through Envoy as `done` wants. Through Envoy:
+/// c0's route rewrites the path (the datapath alone would also follow an
+/// endpoint change, to the same backends).
+fn wait_for(l: &Loaded, what: &str, done: impl Fn(&weft_tests::http::Response) -> bool) -> Duration {
+    let (client, t0) = (&l.run.lab.pod(CLIENT).netns, Instant::now());
+    loop {
+        if let Ok((r, _, _)) = get_once(client, sa(S0, 80), "/", Duration::from_secs(2))
+            && r.status == 200
+            && r.body.contains("path=/r")
+            && done(&r)
+        {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{what}: not within 60 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Milliseconds until Envoy sends `s0`'s requests to its new backend, for
+/// each of 10 endpoint changes (its one endpoint moves between two pods).
+/// Each is then found in Envoy's /clusters, untimed.
 fn endpoint_changes(l: &Loaded) -> Samples {
-    let in_clusters = |lab: &Lab| -> usize {
-        // Lines are `<cluster>::<host>::<stat>::<value>`: count the distinct hosts.
-        admin(lab, "/clusters")
-            .lines()
-            .filter_map(|l| l.strip_prefix("default/s0::")?.split("::").next().map(str::to_owned))
-            .filter(|h| h.contains(':'))
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
-    };
-    // `None` when the dump holds no assignment for default/s0 (then only
-    // /clusters decides, polled as before).
-    let in_dump = |lab: &Lab| -> Option<usize> {
-        let body = admin(lab, "/config_dump?include_eds&resource=dynamic_endpoint_configs&name_regex=default/s0");
-        let dump = serde_json::from_str::<serde_json::Value>(&body).ok()?;
-        let configs = dump["configs"].as_array()?;
-        let cla = configs.iter().map(|c| &c["endpoint_config"]).find(|cla| cla["cluster_name"] == "default/s0")?;
-        Some(cla["endpoints"].as_array()?.iter().map(|e| e["lb_endpoints"].as_array().map_or(0, Vec::len)).sum())
-    };
+    let lab = &l.run.lab;
     let mut out = Vec::new();
     for round in 0..10 {
-        let add = round % 2 == 0;
-        let want = if add { 2 } else { 1 };
+        let (to, from) = if round % 2 == 0 { (B2, B1) } else { (B1, B2) };
         let t0 = Instant::now();
-        let backends = if add { vec![l.b1, l.b2] } else { vec![l.b1] };
-        write_atomic(&l.s0, &slice(0, &backends)).unwrap();
-        while in_dump(&l.run.lab).is_some_and(|n| n != want) || in_clusters(&l.run.lab) != want {
-            assert!(t0.elapsed() < Duration::from_secs(60), "endpoint change not applied");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        write_atomic(&l.s0, &slice(0, &[lab.pod(to).ip])).unwrap();
+        wait_for(l, "endpoint change", |r| r.header("x-served-by") == Some(to));
         out.push(t0.elapsed());
+        let clusters = admin(lab, "/clusters");
+        let hosts: Vec<&str> = clusters.lines().filter_map(|l| l.strip_prefix("default/s0::")).collect();
+        let has = |pod: &str| hosts.iter().any(|h| h.starts_with(&format!("{}:8080::", lab.pod(pod).ip)));
+        assert!(has(to) && !has(from), "Envoy's /clusters after the change: {hosts:?}");
     }
     Samples::new(out)
 }
 
-/// Milliseconds until Envoy holds each of 10 edits of config c0 (its route's
-/// timeout, read back from Envoy's config dump).
+/// Milliseconds until Envoy's requests follow each of 10 edits of config
+/// c0 (its route's path rewrite, seen in the backend's answer). Each edit
+/// is then found in Envoy's config dump (its route's timeout), untimed.
 fn config_edits(l: &Loaded) -> Samples {
     // Envoy matches name_regex against the whole name (`default/c0/c0-route`).
     let path = "/config_dump?resource=dynamic_route_configs&name_regex=.*/c0-route";
@@ -279,14 +298,22 @@ fn config_edits(l: &Loaded) -> Samples {
     for round in 1..=10 {
         let t0 = Instant::now();
         write_atomic(&l.c0, &config_c0(round)).unwrap();
-        let want = format!("\"timeout\": \"{}s\"", round + 1);
-        while !admin(&l.run.lab, path).contains(&want) {
-            assert!(t0.elapsed() < Duration::from_secs(60), "config edit not applied");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let rewritten = format!("path=/r{round}/ ");
+        wait_for(l, "config edit", |r| r.body.contains(&rewritten));
         out.push(t0.elapsed());
+        let want = format!("\"timeout\": \"{}s\"", round + 1);
+        assert!(admin(&l.run.lab, path).contains(&want), "Envoy's config dump after edit {round}");
     }
     Samples::new(out)
+}
+
+/// How long one answer of Envoy's `/clusters` takes (what the rows above
+/// once waited for on every poll).
+fn clusters_answer(l: &Loaded) -> Duration {
+    let t0 = Instant::now();
+    let body = admin(&l.run.lab, "/clusters");
+    assert!(body.contains("default/s0::"), "Envoy's /clusters");
+    t0.elapsed()
 }
 
 fn main() {
@@ -371,9 +398,11 @@ fn main() {
     println!("|---:|---:|---:|---:|---:|---:|");
     let mut changes = Vec::new();
     let mut first = None;
+    let mut admin_ms = Vec::new();
     for n in &change_counts {
         let l = load(*n, true);
         let (e, c) = (endpoint_changes(&l), config_edits(&l));
+        admin_ms.push((*n, clusters_answer(&l).as_secs_f64() * 1e3));
         let p50 = e.pct(50.0).as_secs_f64() * 1e3;
         let base = *first.get_or_insert(p50);
         println!(
@@ -387,7 +416,12 @@ fn main() {
             "configs": n,
             "endpoint_p50_ms": p50, "endpoint_max_ms": e.pct(100.0).as_secs_f64() * 1e3,
             "edit_p50_ms": c.pct(50.0).as_secs_f64() * 1e3, "edit_max_ms": c.pct(100.0).as_secs_f64() * 1e3,
+            "clusters_answer_ms": admin_ms.last().map(|(_, ms)| *ms),
         }));
+    }
+    println!();
+    for (n, ms) in &admin_ms {
+        println!("One answer of Envoy's /clusters with {n} configs loaded: {ms:.1} ms (not in the rows above).");
     }
     if change_counts.is_empty() {
         save("control_plane", serde_json::json!({ "open_files": open_files, "configs": rows }));
