@@ -1762,7 +1762,7 @@ mod profile {
             let took = take_in(&mut c, handed);
             println!("{} round {round}: hand-over {t_handed:?}, {took}", if round % 2 == 0 { "slice" } else { "edit" });
             ack_all(&mut c);
-            if std::env::var("WEFT_PROFILE_WHOLE").is_ok_and(|v| v == "0") {
+            if !with_whole {
                 continue;
             }
             whole.load(again(&world));
