@@ -27,6 +27,9 @@ one choice:
   +oneprefix     one stat prefix shared by every connection manager;
   +nostats       Envoy keeps no stats at all (bootstrap stats_matcher reject_all);
   +deferred      a cluster's traffic stats made on first use (bootstrap deferred_stat_options);
+  +lean          Envoy keeps only the stats weft's default keeps (`envoy.stats: traffic`: the
+                 server's and managers' own, and a few request and connection counters per
+                 connection manager, listener and cluster; LEAN_STATS);
   +clustersonly  the clusters (and endpoints) alone, no config listeners: their cost apart;
   +batch<B>      listeners delivered B at a time (each update all listeners so far, as state
                  of the world requires), the next once Envoy ACKed the one before;
@@ -244,12 +247,26 @@ LOG_OPS = ["%START_TIME(%s.%9f)%", "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:ns)%", 
            "%DYNAMIC_METADATA(envoy.filters.http.rbac:enforced_effective_policy_id)%",
            "%DYNAMIC_METADATA(envoy.filters.http.rbac:shadow_effective_policy_id)%", "%ENVIRONMENT(HOME)%"]
 
+# What the agent's bootstrap keeps with `envoy.stats: traffic` (agent/src/envoy/mod.rs,
+# TRAFFIC_STAT_PREFIXES and _SUFFIXES), written out again here (this script's xDS cluster is `xds`): Envoy's own (prefixes) and a few counters of each
+# connection manager, listener and cluster (suffixes).
+LEAN_PREFIXES = ["server.", "cluster_manager.", "listener_manager.", "runtime.", "control_plane.", "access_logs.",
+                 "overload.", "workers.", "main_thread.", "filesystem.", "http.admin.", "listener.admin.", "cluster.xds."]
+LEAN_SUFFIXES = [".downstream_rq_total", ".downstream_rq_completed", ".downstream_rq_active", ".downstream_rq_1xx",
+                 ".downstream_rq_2xx", ".downstream_rq_3xx", ".downstream_rq_4xx", ".downstream_rq_5xx",
+                 ".downstream_rq_time", ".downstream_cx_total", ".downstream_cx_active",
+                 ".upstream_rq_total", ".upstream_rq_completed", ".upstream_rq_active", ".upstream_rq_retry",
+                 ".upstream_rq_timeout", ".upstream_rq_1xx", ".upstream_rq_2xx", ".upstream_rq_3xx",
+                 ".upstream_rq_4xx", ".upstream_rq_5xx", ".upstream_rq_time", ".upstream_cx_total",
+                 ".upstream_cx_active", ".upstream_cx_connect_fail", ".membership_healthy", ".membership_total"]
+LEAN_STATS = [{"prefix": x} for x in LEAN_PREFIXES] + [{"suffix": x} for x in LEAN_SUFFIXES]
+
 def parse_variant(v):
     parts = v.split("+")
     if parts[0] != "ads":
         return None
     o = {"balance": True, "addr2": False, "routes": "rds", "clusters": "eds", "log": True, "short": False,
-         "oneprefix": False, "nostats": False, "deferred": False, "clustersonly": False, "batch": 0, "group": 1, "files": False}
+         "oneprefix": False, "nostats": False, "lean": False, "deferred": False, "clustersonly": False, "batch": 0, "group": 1, "files": False}
     for p in parts[1:]:
         if p == "nobalance": o["balance"] = False
         elif p == "addr2": o["addr2"] = True
@@ -261,6 +278,7 @@ def parse_variant(v):
         elif p == "oneprefix": o["oneprefix"] = True
         elif p == "nostats": o["nostats"] = True
         elif p == "deferred": o["deferred"] = True
+        elif p == "lean": o["lean"] = True
         elif p == "clustersonly": o["clustersonly"] = True
         elif p.startswith("batch"): o["batch"] = int(p[5:])
         elif p.startswith("group"): o["group"] = int(p[5:])
@@ -486,6 +504,8 @@ def run_ads(variant, o, n, workers, protos):
                 "explicit_http_config": {"http2_protocol_options": {}}}}}]}
     if o["nostats"]:
         boot["stats_config"] = {"stats_matcher": {"reject_all": True}}
+    if o["lean"]:
+        boot["stats_config"] = {"stats_matcher": {"inclusion_list": {"patterns": LEAN_STATS}}}
     if o["deferred"]:
         boot["deferred_stat_options"] = {"enable_deferred_creation_stats": True}
     dispatcher = dispatch_listener([hcm(-1, "no-listener")])

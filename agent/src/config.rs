@@ -290,6 +290,12 @@ pub struct EnvoyOptions {
     /// (it also writes once 64 KiB wait): the delay of HTTP flows, and the
     /// most a killed Envoy leaves unwritten (counted lost). Default: 100.
     pub access_log_flush_ms: u32,
+    /// Which stats Envoy keeps: `traffic` (its own, and each connection
+    /// manager's, listener's and cluster's request and connection counters:
+    /// every stat the agent reads; the rest of the ~150 per config cost
+    /// Envoy's main thread most of its time taking many configs at once) or
+    /// `all` (Envoy's default). Default: traffic.
+    pub stats: crate::envoy::EnvoyStats,
 }
 
 /// The longest `envoy.access-log-flush-ms`: ten minutes.
@@ -309,6 +315,7 @@ impl Default for EnvoyOptions {
             listener_group_size: crate::xds::groups::DEFAULT_GROUP_SIZE,
             spool_limit: 256 << 20,
             access_log_flush_ms: crate::envoy::FILE_FLUSH_MS,
+            stats: crate::envoy::EnvoyStats::Traffic,
         }
     }
 }
@@ -522,6 +529,12 @@ mod tests {
             let err = AgentConfig { envoy, ..Default::default() }.validate().unwrap_err().to_string();
             assert!(err.starts_with(&format!("envoy.access-log-flush-ms = {ms}")), "{err}");
         }
+        let all: AgentConfig = serde_saphyr::from_str("node-name: a\nenvoy: {stats: all}\n").unwrap();
+        assert_eq!(all.envoy.stats, crate::envoy::EnvoyStats::All);
+        assert_eq!(AgentConfig::default().envoy.stats, crate::envoy::EnvoyStats::Traffic);
+        let err =
+            serde_saphyr::from_str::<AgentConfig>("node-name: a\nenvoy: {stats: some}\n").unwrap_err().to_string();
+        assert!(err.contains("some") && err.contains("traffic"), "{err}");
     }
 
     #[test]

@@ -175,6 +175,7 @@ async fn agent(cfg: AgentConfig, open_files: u64) -> anyhow::Result<()> {
             concurrency: cfg.envoy.concurrency,
             file_limit: cfg.envoy.spool_limit,
             file_flush_ms: cfg.envoy.access_log_flush_ms,
+            stats: cfg.envoy.stats,
         });
         let datapath = datapath_rx.clone();
         let held: envoy::SocketsHeld = Box::new(move || datapath.borrow().proxy_sockets_held);
