@@ -19,7 +19,10 @@
 //!    2026-12-02) against writing its bytes straight from the record (the
 //!    way it is sent), on the same records.
 //!
-//! `cargo bench -p weft-benches --bench flows`
+//! `cargo bench -p weft-benches --bench flows`; with
+//! `WEFT_BENCH_RATES=400000,800000` only those rate rows are run (a
+//! counting follower each), several times with `WEFT_BENCH_REPEAT=3`, and
+//! nothing after them (for A/B runs of the flow path).
 
 use std::{
     collections::HashMap,
@@ -285,7 +288,9 @@ fn rate_run_followers(
             .name("client".into())
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-                let mut lat = Vec::new();
+                // Room for every latency up front: doubling a vector of a
+                // million of them stalls the follower mid-run.
+                let mut lat = Vec::with_capacity(if i == 0 { (rate * (secs + 2)) as usize } else { 0 });
                 rt.block_on(follower::follow(&addr, req, decode, &tally, &done, |ts| {
                     if i == 0 {
                         lat.push(weft_flow::time::now_ns().saturating_sub(ts));
@@ -411,8 +416,22 @@ fn main() {
     // The follower counts (what the agent sends is measured); the last row
     // decodes every flow into `flow.Flow`, as a Hubble client does, in one
     // bench thread on the same two cores.
-    let runs = [10_000u64, 100_000, 200_000, 400_000, 800_000].map(|r| (r, Decode::Count));
-    for (rate, decode) in runs.into_iter().chain([(400_000, Decode::Typed)]) {
+    let chosen = std::env::var("WEFT_BENCH_RATES").ok().map(|v| {
+        let rates: Vec<u64> =
+            v.split(',').map(|r| r.trim().parse().expect("WEFT_BENCH_RATES: records/s, comma-separated")).collect();
+        let repeat: usize =
+            std::env::var("WEFT_BENCH_REPEAT").map_or(1, |n| n.parse().expect("WEFT_BENCH_REPEAT: a count"));
+        rates.repeat(repeat)
+    });
+    let runs: Vec<(u64, Decode)> = match &chosen {
+        Some(rates) => rates.iter().map(|r| (*r, Decode::Count)).collect(),
+        None => [10_000u64, 100_000, 200_000, 400_000, 800_000]
+            .map(|r| (r, Decode::Count))
+            .into_iter()
+            .chain([(400_000, Decode::Typed)])
+            .collect(),
+    };
+    for (rate, decode) in runs {
         let r = rate_run_followers(&lab, &dp, &pipeline, &addr, rate, 3, &one_follower(decode));
         let how = match decode {
             Decode::Count => "kind and time",
@@ -442,6 +461,11 @@ fn main() {
         }
     }
     println!("\nHighest rate tried with zero loss (a counting follower): {highest_clean} records/s.");
+    if chosen.is_some() {
+        pipeline.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let r = rate_run_followers(&lab, &dp, &pipeline, &addr, 10_000, 10, &one_follower(Decode::Count));
     println!(
         "\n## CPU at 10,000 flows/s for {:.0} s: pipeline (reader + flows + flow API serving one follower) used {:.1} % of one core ({} received of {} emitted)\n",

@@ -59,7 +59,7 @@ use super::{
     wire::FlowWriter,
 };
 use crate::pipeline::{
-    Pipeline, Refusal, gather_for,
+    Pipeline, Refusal,
     record::{Entry, Lost, LostSource},
 };
 
@@ -77,16 +77,16 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// that the flows arriving meanwhile go out together (one chunk, one HTTP/2
 /// frame, one write) rather than a wake-up, a frame and a write each: at
 /// 10,000 flows/s those wake-ups and writes were most of the flow API's
-/// CPU. A follower sees a flow at most this much later.
+/// CPU. A follower sees a flow at most this much later. It reads sooner
+/// when a quarter of the store ([`follow_room`]) has arrived meanwhile.
 const FOLLOW_GATHER: Duration = Duration::from_millis(10);
 
-/// How long a follower gathers before its next read: [`FOLLOW_GATHER`],
-/// or less when flows arrive fast enough to fill a quarter of the store
-/// (`capacity`) in that time, so that the store does not overwrite what a
-/// follower has not read yet only because it was waiting (at 400,000
-/// flows/s, 10 ms is 4,000 flows: the default store holds 4,095).
-fn follow_gather(entries: u64, elapsed: Duration, capacity: usize) -> Duration {
-    gather_for(entries, elapsed, capacity as u64 / 4, FOLLOW_GATHER)
+/// The flows a follower lets arrive before it reads, however short its
+/// gathering has been: a quarter of the store, so that the store does not
+/// overwrite what a follower has not read only because it was waiting (at
+/// 400,000 flows/s, 10 ms is 4,000 flows: the default store holds 4,095).
+fn follow_room(capacity: usize) -> u64 {
+    (capacity as u64 / 4).max(1)
 }
 /// HTTP/2 streams (calls at once) per connection.
 const STREAMS_PER_CONNECTION: u32 = 128;
@@ -326,8 +326,9 @@ async fn run_query(
     let end = (!q.follow).then(|| p.store.end());
     let mut sent = 0u64;
     let mut buf = Vec::with_capacity(READ_CHUNK);
-    // Entries read since `read_at`, for the gathering's length.
-    let (mut read_at, mut entries) = (tokio::time::Instant::now(), 0u64);
+    let gathered = Arc::new(tokio::sync::Notify::new());
+    // Withdraws the follower's wait however the query ends.
+    let _forget = Forget(&p, &gathered);
     loop {
         let notified = p.store.notify.notified();
         tokio::pin!(notified);
@@ -336,7 +337,6 @@ async fn run_query(
         let limit = end.map_or(READ_CHUNK, |e| (e.saturating_sub(pos) as usize).min(READ_CHUNK));
         let read = p.store.read(pos, limit, &mut buf);
         pos = read.next;
-        entries += buf.len() as u64 + read.missed;
         if !Arc::ptr_eq(&writer.ctx.names, &p.names()) {
             writer = FlowWriter::new(Context::new(p.names(), boot_id, q.with_link));
         }
@@ -395,18 +395,28 @@ async fn run_query(
             if !q.follow {
                 return;
             }
-            let now = tokio::time::Instant::now();
-            let gather = follow_gather(entries, now - read_at, p.store.capacity());
-            (read_at, entries) = (now, 0);
+            // Caught up: wait for the next flow, then gather.
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tx.closed() => return,
             }
+            p.store.wake_at(pos + follow_room(p.store.capacity()), &gathered);
             tokio::select! {
-                _ = tokio::time::sleep(gather) => {}
+                _ = gathered.notified() => {}
+                _ = tokio::time::sleep(FOLLOW_GATHER) => p.store.forget(&gathered),
                 _ = tx.closed() => return,
             }
         }
+    }
+}
+
+/// Withdraws a follower's [`FlowStore::wake_at`](crate::pipeline::store::FlowStore::wake_at)
+/// wait when its query ends.
+struct Forget<'a>(&'a Pipeline, &'a Arc<tokio::sync::Notify>);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.store.forget(self.1);
     }
 }
 
@@ -661,18 +671,9 @@ mod tests {
     }
 
     #[test]
-    fn a_follower_gathers_less_when_flows_would_fill_a_quarter_of_the_store_meanwhile() {
-        let ms = Duration::from_millis;
-        // 10,000 flows/s: a quarter of 4,095 takes 102 ms, so the full 10 ms.
-        assert_eq!(follow_gather(100, ms(10), 4095), FOLLOW_GATHER);
-        // 400,000 flows/s: 1,023 take 2.56 ms.
-        let g = follow_gather(4000, ms(10), 4095);
-        assert!(g.abs_diff(Duration::from_nanos(2_557_500)) < Duration::from_micros(1), "{g:?}");
-        // Nothing read, or no time passed: the full gathering.
-        assert_eq!(follow_gather(0, ms(10), 4095), FOLLOW_GATHER);
-        assert_eq!(follow_gather(10, Duration::ZERO, 4095), FOLLOW_GATHER);
-        // A store of one: a quarter is one entry.
-        assert_eq!(follow_gather(10, ms(10), 1), ms(1));
+    fn a_follower_reads_when_a_quarter_of_the_store_has_arrived() {
+        assert_eq!(follow_room(4095), 1023);
+        assert_eq!(follow_room(1), 1, "a store of one: one entry");
     }
 
     /// Flows stored one at a time, a (paused-clock) millisecond apart, reach

@@ -12,7 +12,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -41,6 +41,11 @@ pub struct FlowStore {
     /// Wakes followers when a batch lands.
     pub notify: Notify,
     seen: AtomicU64,
+    /// Followers waiting for the store to reach a position ([`FlowStore::wake_at`]).
+    waiting: Mutex<Vec<(u64, Arc<Notify>)>>,
+    /// The lowest position in `waiting` (`u64::MAX`: none), so that a push
+    /// nobody waits for costs one load.
+    next_wake: AtomicU64,
 }
 
 /// What a read returned.
@@ -76,6 +81,8 @@ impl FlowStore {
             capacity,
             notify: Notify::new(),
             seen: AtomicU64::new(0),
+            waiting: Mutex::new(Vec::new()),
+            next_wake: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -90,7 +97,7 @@ impl FlowStore {
             return;
         }
         let n = batch.len() as u64;
-        {
+        let end = {
             let mut ring = self.ring.lock().unwrap();
             for e in batch.drain(..) {
                 if ring.entries.len() == self.capacity {
@@ -106,9 +113,47 @@ impl FlowStore {
             while ring.per_second.front().is_some_and(|(s, _)| s + RATE_WINDOW_SECS < now_secs) {
                 ring.per_second.pop_front();
             }
-        }
+            ring.first_seq + ring.entries.len() as u64
+        };
         self.seen.fetch_add(n, Ordering::Relaxed);
         self.notify.notify_waiters();
+        if end >= self.next_wake.load(Ordering::SeqCst) {
+            let mut waiting = self.waiting.lock().unwrap();
+            waiting.retain(|(pos, wake)| {
+                if *pos <= end {
+                    wake.notify_one();
+                }
+                *pos > end
+            });
+            let next = waiting.iter().map(|(pos, _)| *pos).min().unwrap_or(u64::MAX);
+            self.next_wake.store(next, Ordering::SeqCst);
+        }
+    }
+
+    /// Has `wake` notified (once) when the store's end reaches `pos`: at
+    /// once if it already has. A follower gathering flows reads when enough
+    /// have arrived to matter, whatever the rate, instead of guessing the
+    /// rate from its last read (a guess that was wrong whenever flows came
+    /// in bursts, and then the store overwrote what it had not read). One
+    /// wait per `wake`: a new one replaces the previous.
+    pub fn wake_at(&self, pos: u64, wake: &Arc<Notify>) {
+        {
+            let mut waiting = self.waiting.lock().unwrap();
+            waiting.retain(|(_, w)| !Arc::ptr_eq(w, wake));
+            waiting.push((pos, wake.clone()));
+            // Stored before the end is read below: a push that the read
+            // misses sees this position (the ring's lock orders the two).
+            self.next_wake.fetch_min(pos, Ordering::SeqCst);
+        }
+        if self.end() >= pos {
+            self.waiting.lock().unwrap().retain(|(_, w)| !Arc::ptr_eq(w, wake));
+            wake.notify_one();
+        }
+    }
+
+    /// Withdraws `wake`'s wait (a follower that goes away).
+    pub fn forget(&self, wake: &Arc<Notify>) {
+        self.waiting.lock().unwrap().retain(|(_, w)| !Arc::ptr_eq(w, wake));
     }
 
     /// The position the next entry will get (one past the newest).
@@ -252,6 +297,32 @@ mod tests {
         out.clear();
         let r = s.read(u64::MAX, 10, &mut out);
         assert_eq!((r.missed, r.next, out.len()), (0, 10, 0), "a position past the end reads nothing");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_woken_once_the_store_reaches_its_position() {
+        let s = FlowStore::new(100);
+        let wake = Arc::new(Notify::new());
+        s.push_batch(&mut (0..3).map(lost).collect(), 1);
+        s.wake_at(10, &wake);
+        s.push_batch(&mut (3..9).map(lost).collect(), 1);
+        let woken =
+            || async { tokio::time::timeout(std::time::Duration::from_millis(20), wake.notified()).await.is_ok() };
+        assert!(!woken().await, "9 entries: not yet");
+        s.push_batch(&mut (9..12).map(lost).collect(), 1);
+        assert!(woken().await, "12 entries: past 10");
+        assert_eq!(s.next_wake.load(Ordering::SeqCst), u64::MAX, "nobody waits now");
+        // A position already reached wakes at once; a new wait replaces the old.
+        s.wake_at(5, &wake);
+        assert!(woken().await);
+        s.wake_at(20, &wake);
+        s.wake_at(30, &wake);
+        s.push_batch(&mut (12..25).map(lost).collect(), 1);
+        assert!(!woken().await, "the wait at 20 was replaced by the one at 30");
+        s.forget(&wake);
+        s.push_batch(&mut (25..40).map(lost).collect(), 1);
+        assert!(!woken().await, "a forgotten wait wakes nobody");
+        assert!(s.waiting.lock().unwrap().is_empty());
     }
 
     #[test]
