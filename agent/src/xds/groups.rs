@@ -213,7 +213,8 @@ impl Groups {
         }
         let fresh = built.types.get(LISTENER).cloned().unwrap_or_default();
         let mut dirty: BTreeSet<Name> = BTreeSet::new();
-        let mut touched: BTreeSet<Tenant> = BTreeSet::new();
+        // Tenants whose member count changed, with the members that joined.
+        let mut touched: BTreeMap<Tenant, Vec<Name>> = BTreeMap::new();
         let mut consider: Vec<(String, Arc<Resource>)> = Vec::new();
         let last = std::mem::replace(&mut self.last, fresh.clone());
         for d in last.diff(&fresh) {
@@ -238,14 +239,14 @@ impl Groups {
                     self.published.remove(&name);
                     let name: Name = Arc::from(name);
                     self.tenants.entry(tenant.clone()).or_default().members.insert(name.clone());
-                    touched.insert(tenant);
+                    touched.entry(tenant).or_default().push(name.clone());
                     self.members.insert(name, Member { resource: r, class, group: None });
                 }
                 None => drop(self.published.insert(name, r)),
             }
         }
-        for tenant in touched {
-            self.place(&tenant, &mut dirty);
+        for (tenant, joined) in touched {
+            self.place(&tenant, &joined, &mut dirty);
         }
         for g in dirty {
             self.assemble(&g);
@@ -259,7 +260,7 @@ impl Groups {
     }
 
     /// Takes a listener out of its group, if it is a member.
-    fn leave(&mut self, name: &str, dirty: &mut BTreeSet<Name>, touched: &mut BTreeSet<Tenant>) {
+    fn leave(&mut self, name: &str, dirty: &mut BTreeSet<Name>, touched: &mut BTreeMap<Tenant, Vec<Name>>) {
         let Some(m) = self.members.remove(name) else { return };
         if let Some(g) = m.group.as_ref().and_then(|g| self.groups.get_mut(g)) {
             g.members.remove(name);
@@ -269,12 +270,14 @@ impl Groups {
         if let Some(t) = self.tenants.get_mut(&tenant) {
             t.members.remove(name);
         }
-        touched.insert(tenant);
+        touched.entry(tenant).or_default();
     }
 
-    /// Places the members of a tenant that have no group yet; all of them
-    /// again if the tenant's bucket count changes.
-    fn place(&mut self, tenant: &Tenant, dirty: &mut BTreeSet<Name>) {
+    /// Places a tenant's members that `joined` (they have no group yet):
+    /// a change costs the members that changed, not the tenant's size. All
+    /// of the tenant's members are placed again only when its bucket count
+    /// changes (which takes the tenant doubling or falling to a quarter).
+    fn place(&mut self, tenant: &Tenant, joined: &[Name], dirty: &mut BTreeSet<Name>) {
         let Some(t) = self.tenants.get_mut(tenant) else { return };
         if t.members.is_empty() {
             self.tenants.remove(tenant);
@@ -284,7 +287,9 @@ impl Groups {
         let buckets = buckets_for(n, t.buckets, self.size);
         let all = buckets != t.buckets;
         t.buckets = buckets;
-        for name in &t.members {
+        let names: Box<dyn Iterator<Item = &Name>> =
+            if all { Box::new(t.members.iter()) } else { Box::new(joined.iter()) };
+        for name in names {
             let Some(m) = self.members.get_mut(name) else { continue };
             if !all && m.group.is_some() {
                 continue;
