@@ -219,6 +219,10 @@ pub struct Controller {
     /// policy configs to `configs`, after the documents' configs.)
     parsed: std::collections::HashMap<usize, (Arc<envoyconfig::ConfigDoc>, usize, ConfigKey)>,
     parse_errors: Vec<ConfigError>,
+    /// Some(n): the first n of `configs` are the documents' configs, in
+    /// their order, where `parsed` says (an edit replaces one in place).
+    /// None: a load takes every document in again.
+    documents: Option<usize>,
     version: u64,
     /// See [`ControlStatus::source_generation`].
     source_generation: u64,
@@ -290,6 +294,7 @@ impl Controller {
             configs: Vec::new(),
             parsed: Default::default(),
             parse_errors: Vec::new(),
+            documents: None,
             version: 0,
             source_generation: 0,
             built: Built::default(),
@@ -351,13 +356,15 @@ impl Controller {
             self.loaded = loaded;
             return;
         }
+        if self.incremental && self.documents_edited(&loaded) {
+            self.loaded = loaded;
+            return;
+        }
         let mut before: Vec<Option<EnvoyConfig>> = std::mem::take(&mut self.configs).into_iter().map(Some).collect();
         let mut kept = std::mem::take(&mut self.parsed);
         self.parse_errors.clear();
         // The configs of documents that are not the ones held before.
-        let mut added: BTreeSet<ConfigKey> = BTreeSet::new();
-        // Those of them a config held before has the name of.
-        let mut held_before: BTreeSet<ConfigKey> = BTreeSet::new();
+        let mut added: Vec<EnvoyConfig> = Vec::new();
         for doc in &loaded.configs {
             let at = Arc::as_ptr(doc) as usize;
             let same = kept
@@ -366,18 +373,8 @@ impl Controller {
             let config = match (same, &doc.parsed) {
                 (Some(c), _) => c,
                 (None, Ok(c)) => {
-                    if !added.insert(c.key.clone()) {
-                        self.configs_only = None;
-                    }
-                    if let Some(changes) = self.configs_only.as_mut() {
-                        let held = match changes.get(&c.key) {
-                            Some(was) => was.is_some(),
-                            None => self.built.statuses.contains_key(&c.key),
-                        };
-                        if held {
-                            held_before.insert(c.key.clone());
-                        }
-                        changes.insert(c.key.clone(), Some(c.clone()));
+                    if self.configs_only.is_some() {
+                        added.push(c.clone());
                     }
                     c.clone()
                 }
@@ -389,22 +386,92 @@ impl Controller {
             self.parsed.insert(at, (doc.clone(), self.configs.len(), config.key.clone()));
             self.configs.push(config);
         }
+        self.documents = Some(self.configs.len());
         // The documents held before and not now: their configs are gone,
         // unless a document read now has them.
         let removed: BTreeSet<ConfigKey> = kept.into_values().map(|(_, _, key)| key).collect();
-        if let Some(changes) = self.configs_only.as_mut() {
-            for key in &removed {
-                if !added.contains(key) {
-                    changes.insert(key.clone(), None);
-                }
+        self.note_config_changes(added, &removed);
+        self.loaded = loaded;
+    }
+
+    /// Takes in `loaded` when it holds as many config documents as held
+    /// now and those that differ were edited from one usable config into
+    /// another: each edited config replaces its old one where it stands,
+    /// the rest is not looked at (an edit costs the edit, not a pass over
+    /// every config). False, changing nothing, for any other change (a
+    /// document added, removed, or not a usable config before or after):
+    /// the caller takes every document in.
+    fn documents_edited(&mut self, loaded: &Loaded) -> bool {
+        let Some(documents) = self.documents else { return false };
+        if loaded.configs.len() != self.loaded.configs.len() || self.configs.len() < documents {
+            return false;
+        }
+        let mut edits = Vec::new();
+        for (old, new) in self.loaded.configs.iter().zip(&loaded.configs) {
+            if Arc::ptr_eq(old, new) {
+                continue;
             }
-            // A config added beside one of that name held before (two
-            // documents name it): the build decides which stands.
-            if held_before.iter().any(|k| !removed.contains(k)) {
+            let at = Arc::as_ptr(old) as usize;
+            let Some((_, i, key)) = self.parsed.get(&at) else { return false };
+            let Ok(config) = &new.parsed else { return false };
+            // A document moved from elsewhere in the list: take all in.
+            if self.parsed.contains_key(&(Arc::as_ptr(new) as usize)) {
+                return false;
+            }
+            if *i >= documents || self.configs[*i].key != *key {
+                return false;
+            }
+            edits.push((at, *i, new, config));
+        }
+        // The configs appended after the documents' are appended again by the build.
+        self.configs.truncate(documents);
+        let mut removed = BTreeSet::new();
+        for &(at, i, doc, config) in &edits {
+            if let Some((_, _, key)) = self.parsed.remove(&at) {
+                removed.insert(key);
+            }
+            self.configs[i] = config.clone();
+            self.parsed.insert(Arc::as_ptr(doc) as usize, (doc.clone(), i, config.key.clone()));
+        }
+        let added = edits.into_iter().map(|(_, _, _, c)| c.clone()).filter(|_| self.configs_only.is_some());
+        self.note_config_changes(added.collect(), &removed);
+        true
+    }
+
+    /// Notes configs taken in from documents not held before (`added`) and
+    /// those of documents no longer held (`removed`) in `configs_only`, or
+    /// ends it where the build must decide which of two configs of one
+    /// name stands.
+    fn note_config_changes(&mut self, added: Vec<EnvoyConfig>, removed: &BTreeSet<ConfigKey>) {
+        let Some(changes) = self.configs_only.as_mut() else { return };
+        let mut keys: BTreeSet<ConfigKey> = BTreeSet::new();
+        // Those of them a config held before has the name of.
+        let mut held_before: BTreeSet<ConfigKey> = BTreeSet::new();
+        for c in added {
+            if !keys.insert(c.key.clone()) {
+                // Two documents name it.
                 self.configs_only = None;
+                return;
+            }
+            let held = match changes.get(&c.key) {
+                Some(was) => was.is_some(),
+                None => self.built.statuses.contains_key(&c.key),
+            };
+            if held {
+                held_before.insert(c.key.clone());
+            }
+            changes.insert(c.key.clone(), Some(c));
+        }
+        for key in removed {
+            if !keys.contains(key) {
+                changes.insert(key.clone(), None);
             }
         }
-        self.loaded = loaded;
+        // A config added beside one of that name held before (two
+        // documents name it): the build decides which stands.
+        if held_before.iter().any(|k| !removed.contains(k)) {
+            self.configs_only = None;
+        }
     }
 
     fn node_info(&self) -> NodeInfo {
@@ -605,6 +672,15 @@ impl Controller {
     fn build_whole(&mut self) -> (Arc<Snapshot>, Arc<Published>) {
         let node = self.node_info();
         let first = self.version == 0;
+        // A document's config of a generated config's name (or the policy
+        // one's) goes below: the documents' configs no longer stand where
+        // `parsed` says.
+        let appended_key = |c: &EnvoyConfig| visibility::is_generated(&c.key) || c.key == policy::config_key();
+        if let Some(n) = self.documents
+            && self.configs.get(..n).is_none_or(|docs| docs.iter().any(appended_key))
+        {
+            self.documents = None;
+        }
         let (model, configs, parse_errors, built) =
             (&mut self.model, &mut self.configs, &self.parse_errors, &mut self.built);
         let (acks, wanted, live, live_changed) =
@@ -662,7 +738,7 @@ impl Controller {
         // The objects Envoy has as built: a changed one is not (until its
         // ACK), and the accepted version of one it has is confirmed.
         let appended =
-            self.configs.iter().filter(|c| visibility::is_generated(&c.key) || c.key == policy::config_key());
+            self.configs.iter().filter(|c| appended_key(c));
         self.appended = appended.cloned().collect();
         let acks = &self.acks;
         self.acked_version.retain(|k, _| acks.complete(k));
@@ -1336,6 +1412,11 @@ spec:
                 }
                 fast.load(handed_over(&world));
                 whole.load(handed_over(&world));
+                // An edit taken in place equals every document taken in.
+                let at = format!("run {run}, step {step}, after {log:#?}");
+                assert_eq!(fast.configs, whole.configs, "{at}");
+                assert_eq!(fast.parse_errors, whole.parse_errors, "{at}");
+                assert_eq!(fast.configs_only, whole.configs_only, "{at}");
                 if fast.endpoints_only.as_ref().is_some_and(|s| !s.is_empty()) {
                     patched_some += 1;
                 }
@@ -1349,7 +1430,6 @@ spec:
                         followed_seen += fast.model.changes_followed() - before;
                     }
                 }
-                let at = format!("run {run}, step {step}, after {log:#?}");
                 assert_eq!(fast.slices, SliceIndex::of(&fast.loaded.objects), "{at}");
                 assert!(fast.built == whole.built, "{at}\nfast: {:#?}\nwhole: {:#?}", fast.built, whole.built);
                 assert_eq!(snap_a, snap_b, "{at}");
