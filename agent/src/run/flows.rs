@@ -9,7 +9,12 @@
 //! files are read again every [`TLS_RELOAD`], so renewed certificates are
 //! served without a restart.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
@@ -33,7 +38,12 @@ use weft_observe::{
 };
 
 use super::status::{Component, DatapathStatus, InputGone};
-use crate::{config::AgentConfig, state::Snapshot};
+use crate::{
+    config::AgentConfig,
+    datapath::Frontend,
+    k8s::ObjKey,
+    state::{ServiceState, Snapshot, differing},
+};
 
 /// How often the flow API's TLS files are read again (a renewed Secret
 /// reaches the pod's files within about a minute).
@@ -184,6 +194,7 @@ pub async fn sync(
     mut datapath: watch::Receiver<DatapathStatus>,
     peers: PeerFeed,
 ) -> anyhow::Result<()> {
+    let mut feed = NameFeed::default();
     loop {
         tokio::select! {
             changed = snapshots.changed() => {
@@ -191,7 +202,7 @@ pub async fn sync(
                     return Err(InputGone(Component::Control).into());
                 }
                 let snap = snapshots.borrow_and_update().clone();
-                pipeline.set_names(names(&snap));
+                pipeline.set_names(feed.update(&snap).clone());
                 peers.update(&snap);
             }
             changed = datapath.changed() => {
@@ -208,8 +219,21 @@ pub async fn sync(
 }
 
 /// Names for flows from a snapshot: pods, nodes, Service frontends, policies.
+/// The oracle of [`NameFeed`], and the pipeline's first names.
 pub fn names(snap: &Snapshot) -> Names {
     let mut n = Names::new(snap.node_name.clone());
+    name_endpoints(snap, &mut n);
+    for s in &snap.services {
+        let info = service_info(s);
+        for (addr, port, proto) in s.entries.iter().map(|e| name_key(&e.frontend)) {
+            n.add_service(addr, port, proto, info.clone());
+        }
+    }
+    n
+}
+
+/// Names the snapshot's pods, nodes and policies (everything but Services).
+fn name_endpoints(snap: &Snapshot, n: &mut Names) {
     if let Some(me) = snap.nodes.iter().find(|x| x.name == snap.node_name) {
         n.node_labels = me.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     }
@@ -247,19 +271,93 @@ pub fn names(snap: &Snapshot) -> Names {
             },
         );
     }
-    for s in &snap.services {
-        let info = Arc::new(ServiceInfo { namespace: s.key.namespace.clone(), name: s.key.name.clone() });
-        for e in &s.entries {
-            n.add_service(e.frontend.addr, e.frontend.port, e.frontend.proto.number(), info.clone());
-        }
-    }
     for (id, p) in &snap.policy.rules {
         n.add_policy(
             *id,
             PolicyName { kind: p.kind.clone(), namespace: p.key.namespace.clone(), name: p.key.name.clone() },
         );
     }
-    n
+}
+
+/// A frontend as [`Names`] keys it: (address, port, protocol number).
+fn name_key(f: &Frontend) -> (Ipv4Addr, u16, u8) {
+    (f.addr, f.port, f.proto.number())
+}
+
+fn service_info(s: &ServiceState) -> Arc<ServiceInfo> {
+    Arc::new(ServiceInfo { namespace: s.key.namespace.clone(), name: s.key.name.clone() })
+}
+
+/// Names for flows kept in step with the snapshots: the Services' table
+/// follows the Services that changed since the last snapshot (those it
+/// does not share with it), so an endpoint change or an edit costs what
+/// changed, not every Service; pods, nodes and policies are named again
+/// only when they changed. Equals [`names`] of the same snapshot.
+pub struct NameFeed {
+    last: Option<Arc<Snapshot>>,
+    names: Names,
+    /// The Services that have each frontend, by key: two Services with one
+    /// frontend name it as [`names`] does, by the last in key order.
+    /// Keyed as [`Names`] keys them: (address, port, protocol number).
+    owners: HashMap<(Ipv4Addr, u16, u8), Vec<(ObjKey, Arc<ServiceInfo>)>>,
+}
+
+impl Default for NameFeed {
+    fn default() -> Self {
+        // Named as `names` names them (the cluster's name too).
+        Self { last: None, names: Names::new(String::new()), owners: HashMap::new() }
+    }
+}
+
+impl NameFeed {
+    /// The names of `snap`.
+    pub fn update(&mut self, snap: &Arc<Snapshot>) -> &Names {
+        let empty = Snapshot::default();
+        let last = self.last.as_deref().unwrap_or(&empty);
+        let same_endpoints = self.last.is_some()
+            && last.node_name == snap.node_name
+            && last.node_ip == snap.node_ip
+            && last.pods == snap.pods
+            && last.nodes == snap.nodes
+            && last.identities == snap.identities
+            && last.policy.rules == snap.policy.rules;
+        if !same_endpoints {
+            self.names.clear_all_but_services();
+            self.names.node_name.clone_from(&snap.node_name);
+            name_endpoints(snap, &mut self.names);
+        }
+        let mut touched = BTreeSet::new();
+        for s in differing(&last.services, &snap.services) {
+            for f in s.entries.iter().map(|e| name_key(&e.frontend)) {
+                if let Some(owners) = self.owners.get_mut(&f) {
+                    owners.retain(|(k, _)| *k != s.key);
+                }
+                touched.insert(f);
+            }
+        }
+        for s in differing(&snap.services, &last.services) {
+            let info = service_info(s);
+            for f in s.entries.iter().map(|e| name_key(&e.frontend)) {
+                let owners = self.owners.entry(f).or_default();
+                if let Err(at) = owners.binary_search_by(|(k, _)| k.cmp(&s.key)) {
+                    owners.insert(at, (s.key.clone(), info.clone()));
+                }
+                touched.insert(f);
+            }
+        }
+        for f in touched {
+            let (addr, port, proto) = f;
+            match self.owners.get(&f).and_then(|o| o.last()) {
+                Some((_, info)) => self.names.add_service(addr, port, proto, info.clone()),
+                None => {
+                    self.owners.remove(&f);
+                    self.names.remove_service(addr, port, proto);
+                }
+            }
+        }
+        self.last = Some(snap.clone());
+        &self.names
+    }
 }
 
 /// Prints every datapath record (`print-events`), for the demo and debugging.
@@ -276,6 +374,77 @@ impl Sink for PrintSink {
                 && !f.is_l7()
             {
                 let _ = writeln!(out, "{}: {}", self.node, weft_observe::pipeline::ringbuf::event_line(&f.ev));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        datapath::{FrontendKind, Proto, ServiceEntry},
+        state::PodState,
+        xds::acks::tests::Rng,
+    };
+
+    /// A Service `i` with frontends from a small pool, so that Services
+    /// share some (as two Services with one address may).
+    fn service(i: u64, rng: &mut Rng) -> Arc<ServiceState> {
+        let entries = (0..1 + rng.below(3))
+            .map(|_| ServiceEntry {
+                frontend: Frontend {
+                    addr: Ipv4Addr::new(10, 96, 0, rng.below(6) as u8),
+                    port: 80 + rng.below(2) as u16,
+                    proto: if rng.below(4) == 0 { Proto::Udp } else { Proto::Tcp },
+                    kind: if rng.below(2) == 0 { FrontendKind::ClusterIp } else { FrontendKind::External },
+                },
+                backends: Vec::new(),
+                proxy_port: None,
+            })
+            .collect();
+        Arc::new(ServiceState { key: ObjKey::new("default", format!("s{i}")), entries })
+    }
+
+    /// After random adds, edits and removals of Services (sharing the
+    /// Services that did not change, as the control loop's snapshots do)
+    /// and of pods, the names the feed keeps equal those named from
+    /// scratch.
+    #[test]
+    fn followed_names_equal_names_from_scratch_after_every_random_step() {
+        for seed in 1..=8u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut feed = NameFeed::default();
+            let mut snap = Snapshot { node_name: "node1".into(), ..Default::default() };
+            for step in 0..200 {
+                let i = rng.below(12);
+                let key = ObjKey::new("default", format!("s{i}"));
+                let at = snap.services.binary_search_by(|s| s.key.cmp(&key));
+                match (rng.below(5), at) {
+                    (0, Ok(at)) => drop(snap.services.remove(at)),
+                    (1, _) => {
+                        let ip = Ipv4Addr::new(10, 1, 0, rng.below(4) as u8);
+                        snap.pods.retain(|p| p.ip != ip);
+                        if rng.below(2) == 0 {
+                            snap.pods.push(PodState {
+                                key: ObjKey::new("default", format!("p{ip}")),
+                                ip,
+                                node: "node1".into(),
+                                labels: Default::default(),
+                                identity: 0,
+                                local: true,
+                                owner: None,
+                                device: None,
+                            });
+                        }
+                    }
+                    (2, _) => {} // a snapshot of nothing changed
+                    (_, Ok(at)) => drop(snap.services.set(at, service(i, &mut rng))),
+                    (_, Err(at)) => snap.services.insert(at, service(i, &mut rng)),
+                }
+                snap.version += 1;
+                let shared = Arc::new(snap.clone());
+                assert_eq!(feed.update(&shared), &names(&shared), "seed {seed} step {step}");
             }
         }
     }

@@ -375,7 +375,7 @@ fn proxied_by<'a>(services: impl IntoIterator<Item = &'a Arc<ServiceState>>) -> 
 
 /// The Services of `a` that `b` does not hold as the same `Arc` (both
 /// lists by key): what changed from one snapshot to the other.
-fn differing<'a>(
+pub fn differing<'a>(
     a: &'a imbl::Vector<Arc<ServiceState>>,
     b: &imbl::Vector<Arc<ServiceState>>,
 ) -> Vec<&'a Arc<ServiceState>> {

@@ -1,6 +1,7 @@
 //! Names for addresses: which pod, node or Service an address (and port) is,
-//! from the agent's state snapshot. The agent builds a [`Names`] for every
-//! snapshot and hands it to the pipeline, which looks addresses up without
+//! from the agent's state snapshot. The agent keeps a [`Names`] in step with
+//! its snapshots (the Services' table follows the Services that changed)
+//! and hands a copy of it to the pipeline, which looks addresses up without
 //! allocating (hash lookups and `Arc` clones).
 
 use std::{collections::HashMap, net::Ipv4Addr, sync::Arc};
@@ -12,7 +13,7 @@ use weft_ebpf::abi::Event;
 use super::record::{EndpointInfo, FlowRecord, ServiceInfo};
 
 /// Address -> name tables of one moment.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Names {
     pub node_name: String,
     /// This node's labels as `key=value`.
@@ -56,6 +57,19 @@ impl Names {
     /// A Service frontend (address, port, protocol number).
     pub fn add_service(&mut self, ip: Ipv4Addr, port: u16, proto: u8, info: Arc<ServiceInfo>) {
         self.services.insert(svc_key(raw(ip), port, proto), info);
+    }
+
+    /// Forgets a Service frontend (address, port, protocol number).
+    pub fn remove_service(&mut self, ip: Ipv4Addr, port: u16, proto: u8) {
+        self.services.remove(&svc_key(raw(ip), port, proto));
+    }
+
+    /// Forgets every name but the Services': what follows the Services
+    /// change by change keeps its table while the rest is named again.
+    pub fn clear_all_but_services(&mut self) {
+        self.node_labels.clear();
+        self.endpoints.clear();
+        self.policies.clear();
     }
 
     pub fn add_policy(&mut self, rule_id: u32, policy: PolicyName) {
