@@ -1,7 +1,11 @@
 //! Makes the datapath match a snapshot: node devices attached, every known
 //! address in the ipcache, local pods as endpoints on their devices, every
 //! Service frontend written; what the snapshot no longer has is removed.
-//! Applying the same snapshot twice changes nothing.
+//! Applying the same snapshot twice changes nothing. Frontends are
+//! followed by Service: a pass writes those of the Services the snapshot
+//! does not share with the last one applied (and those a pass left out or
+//! handed to a proxy port without a socket), so an endpoint change costs
+//! the Services it changed.
 //!
 //! A full map does not stop a pass: what fits is written, what does not is
 //! reported in [`Applied::full`] (by map and `map-sizes` key) and left out of
@@ -23,15 +27,20 @@
 //! sockets are in the map.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use weft_ebpf::abi;
 
 use crate::{
-    datapath::{Datapath, DatapathError, EndpointEntry, Frontend, IpcacheEntry, PolicyEntry, Result, ServiceEntry},
-    state::{Snapshot, policy::EndpointPolicy},
+    datapath::{
+        Datapath, DatapathError, EndpointEntry, Frontend, FrontendKind, IpcacheEntry, PolicyEntry, Proto, Result,
+        ServiceEntry,
+    },
+    k8s::ObjKey,
+    state::{ServiceState, Snapshot, differing, policy::EndpointPolicy},
 };
 
 /// What one pass did, for logs and metrics.
@@ -116,6 +125,16 @@ pub struct Reconciler {
     ipcache: BTreeMap<(Ipv4Addr, u8), IpcacheEntry>,
     endpoints: BTreeMap<Ipv4Addr, EndpointEntry>,
     policies: BTreeMap<u16, Vec<PolicyEntry>>,
+    /// Which frontends each pass has to look at.
+    frontends: ServiceFrontends,
+    /// Frontends a full map left out: the next pass tries them again.
+    retry: BTreeSet<Tuple>,
+    /// Frontends held back from their proxy port, until its socket is in.
+    awaiting: BTreeMap<Frontend, AwaitingProxy>,
+    /// The frontends wanted at each proxy port, and the other way round:
+    /// those of a port without a socket are looked at on every pass.
+    proxied: BTreeMap<u16, BTreeSet<Frontend>>,
+    proxy_of: BTreeMap<Frontend, u16>,
 }
 
 /// The host-side device the node routes a pod address to (rtnetlink).
@@ -374,34 +393,66 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Writes the frontends of the Services that changed since the last
+    /// pass (those the snapshot does not share with it), and again those a
+    /// pass left out and those handed to a proxy port without a socket: a change costs
+    /// the Services it changed, not every frontend. The first pass writes
+    /// every frontend and removes what the map held beyond them.
     fn apply_services(&mut self, dp: &mut Datapath, snap: &Snapshot, out: &mut Applied) -> Result<()> {
-        let want: BTreeMap<Frontend, ServiceEntry> =
-            snap.services.iter().flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone()))).collect();
-        let wanted: BTreeSet<_> = want.keys().map(|w| (w.addr, w.port, w.proto)).collect();
-        // Everything written but not wanted: on the first pass, what the
-        // map holds (also what an earlier run left); then what this
-        // reconciler wrote, so a pass does not read the whole map.
-        let present = if self.frontends_read { self.services.keys().copied().collect() } else { dp.frontends()? };
+        let mut touched = self.frontends.follow(&snap.services);
+        touched.extend(self.retry.iter().copied());
+        // Frontends handed to a port whose socket is not (or no longer) in
+        // the map: held back, or reported as kept where they are.
+        let ready = dp.proxy_ports_registered();
+        let unready = self.proxied.iter().filter(|(port, _)| !ready.contains(port));
+        touched.extend(unready.flat_map(|(_, fs)| fs.iter().map(tuple_of)));
+        // And those held back whose socket may have come.
+        touched.extend(self.awaiting.keys().map(tuple_of));
+        // What was written of them: on the first pass, everything the map
+        // holds (also what an earlier run left).
+        let present: Vec<Frontend> = if self.frontends_read {
+            touched.iter().flat_map(|t| self.written_of(*t)).collect()
+        } else {
+            dp.frontends()?
+        };
         self.frontends_read = true;
+        let want = self.frontends.want(&snap.services, &touched);
+        let wanted: BTreeSet<Tuple> = want.keys().map(tuple_of).collect();
         for f in present {
-            if !wanted.contains(&(f.addr, f.port, f.proto)) {
+            if !wanted.contains(&tuple_of(&f)) {
                 dp.delete_service(&f)?;
                 self.services.remove(&f);
                 out.services_removed += 1;
+            } else if !want.contains_key(&f) {
+                // Another kind of frontend at that address writes over it.
+                self.services.remove(&f);
             }
         }
-        let ready = dp.proxy_ports_registered();
-        let mut written = BTreeMap::new();
+        for t in &touched {
+            self.retry.remove(t);
+            for f in Self::kinds_of(*t) {
+                self.awaiting.remove(&f);
+                if let Some(port) = self.proxy_of.remove(&f)
+                    && let Some(fs) = self.proxied.get_mut(&port)
+                {
+                    fs.remove(&f);
+                    if fs.is_empty() {
+                        self.proxied.remove(&port);
+                    }
+                }
+            }
+        }
         for (f, mut e) in want {
+            if let Some(port) = e.proxy_port {
+                self.proxy_of.insert(f, port);
+                self.proxied.entry(port).or_default().insert(f);
+            }
             if let Some(port) = e.proxy_port
                 && !ready.contains(&port)
             {
                 e.proxy_port = self.services.get(&f).map_or_else(|| dp.written_proxy_port(&f), |w| w.proxy_port);
-                out.awaiting_proxy.push(AwaitingProxy {
-                    frontend: f.to_string(),
-                    proxy_port: port,
-                    kept_proxy_port: e.proxy_port,
-                });
+                let waits = AwaitingProxy { frontend: f.to_string(), proxy_port: port, kept_proxy_port: e.proxy_port };
+                self.awaiting.insert(f, waits);
             }
             if self.services.get(&f) != Some(&e) {
                 match dp.upsert_service(&e) {
@@ -409,17 +460,153 @@ impl Reconciler {
                     Err(err @ DatapathError::MapFull { .. }) => {
                         // The frontend keeps what it had, if anything.
                         out.left_out(err, || format!("frontend {f}"))?;
-                        if let Some(old) = self.services.remove(&f) {
-                            written.insert(f, old);
-                        }
+                        self.retry.insert(tuple_of(&f));
                         continue;
                     }
                     Err(err) => out.problems.push(format!("frontend {f}: {err}")),
                 }
             }
-            written.insert(f, e);
+            self.services.insert(f, e);
         }
-        self.services = written;
+        out.awaiting_proxy = self.awaiting.values().cloned().collect();
         Ok(())
+    }
+
+    /// The frontends of every kind at an address, port and protocol.
+    fn kinds_of((addr, port, proto): Tuple) -> impl Iterator<Item = Frontend> {
+        [FrontendKind::ClusterIp, FrontendKind::NodePort, FrontendKind::External]
+            .into_iter()
+            .map(move |kind| Frontend { addr, port, proto, kind })
+    }
+
+    /// The frontends written at an address, port and protocol.
+    fn written_of(&self, t: Tuple) -> impl Iterator<Item = Frontend> + '_ {
+        Self::kinds_of(t).filter(|f| self.services.contains_key(f))
+    }
+}
+
+/// A frontend's address, port and protocol: its key in the services map
+/// (frontends of two kinds there are one entry).
+type Tuple = (Ipv4Addr, u16, Proto);
+
+fn tuple_of(f: &Frontend) -> Tuple {
+    (f.addr, f.port, f.proto)
+}
+
+/// The Services last applied and which of them have each frontend: what
+/// tells a pass which frontends a snapshot changed, and what each of them
+/// is to be, without a look at the others.
+#[derive(Default)]
+struct ServiceFrontends {
+    applied: imbl::Vector<Arc<ServiceState>>,
+    /// The Services with a frontend at each address, port and protocol.
+    holders: HashMap<Tuple, BTreeSet<ObjKey>>,
+}
+
+impl ServiceFrontends {
+    /// Follows the Services to `services`; returns the addresses, ports
+    /// and protocols of the frontends of those that changed (before and after).
+    fn follow(&mut self, services: &imbl::Vector<Arc<ServiceState>>) -> BTreeSet<Tuple> {
+        let mut touched = BTreeSet::new();
+        for s in differing(&self.applied, services) {
+            for t in s.entries.iter().map(|e| tuple_of(&e.frontend)) {
+                if let Some(h) = self.holders.get_mut(&t) {
+                    h.remove(&s.key);
+                    if h.is_empty() {
+                        self.holders.remove(&t);
+                    }
+                }
+                touched.insert(t);
+            }
+        }
+        for s in differing(services, &self.applied) {
+            for t in s.entries.iter().map(|e| tuple_of(&e.frontend)) {
+                self.holders.entry(t).or_default().insert(s.key.clone());
+                touched.insert(t);
+            }
+        }
+        self.applied = services.clone();
+        touched
+    }
+
+    /// The entries `services` (those followed last) want at `tuples`: as
+    /// [`want_all`] has them there (the last Service in key order with a
+    /// frontend decides it).
+    fn want(
+        &self,
+        services: &imbl::Vector<Arc<ServiceState>>,
+        tuples: &BTreeSet<Tuple>,
+    ) -> BTreeMap<Frontend, ServiceEntry> {
+        let mut want = BTreeMap::new();
+        for t in tuples {
+            for key in self.holders.get(t).into_iter().flatten() {
+                let Ok(i) = services.binary_search_by(|s| s.key.cmp(key)) else { continue };
+                for e in services[i].entries.iter().filter(|e| tuple_of(&e.frontend) == *t) {
+                    want.insert(e.frontend, e.clone());
+                }
+            }
+        }
+        want
+    }
+}
+
+/// Every entry the Services want (the last in key order with a frontend
+/// decides it): the oracle of [`ServiceFrontends`].
+#[cfg(test)]
+fn want_all(services: &imbl::Vector<Arc<ServiceState>>) -> BTreeMap<Frontend, ServiceEntry> {
+    services.iter().flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::acks::tests::Rng;
+
+    /// A Service `i` with frontends from a small pool: Services share
+    /// some, and a frontend may be at one address as two kinds.
+    fn service(i: u64, rng: &mut Rng) -> Arc<ServiceState> {
+        let kinds = [FrontendKind::ClusterIp, FrontendKind::NodePort, FrontendKind::External];
+        let entries = (0..1 + rng.below(3))
+            .map(|_| ServiceEntry {
+                frontend: Frontend {
+                    addr: Ipv4Addr::new(10, 96, 0, rng.below(5) as u8),
+                    port: 80 + rng.below(2) as u16,
+                    proto: if rng.below(4) == 0 { Proto::Udp } else { Proto::Tcp },
+                    kind: kinds[rng.below(3) as usize],
+                },
+                backends: Vec::new(),
+                proxy_port: (rng.below(3) == 0).then_some(15000),
+            })
+            .collect();
+        Arc::new(ServiceState { key: ObjKey::new("default", format!("s{i}")), entries })
+    }
+
+    /// After random adds, edits and removals of Services (the others
+    /// shared, as the control loop's snapshots share them), writing what
+    /// the followed frontends want where they changed keeps what is
+    /// written equal to what every Service wants.
+    #[test]
+    fn frontends_followed_by_change_equal_every_frontend_after_every_random_step() {
+        for seed in 1..=8u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut followed = ServiceFrontends::default();
+            let mut written: BTreeMap<Frontend, ServiceEntry> = BTreeMap::new();
+            let mut services: imbl::Vector<Arc<ServiceState>> = imbl::Vector::new();
+            for step in 0..300 {
+                let i = rng.below(10);
+                let key = ObjKey::new("default", format!("s{i}"));
+                match (rng.below(4), services.binary_search_by(|s| s.key.cmp(&key))) {
+                    (0, Ok(at)) => drop(services.remove(at)),
+                    (1, _) => {} // the same Services again
+                    (_, Ok(at)) => drop(services.set(at, service(i, &mut rng))),
+                    (_, Err(at)) => services.insert(at, service(i, &mut rng)),
+                }
+                let touched = followed.follow(&services);
+                let want = followed.want(&services, &touched);
+                written.retain(|f, _| !touched.contains(&tuple_of(f)));
+                written.extend(want);
+                assert_eq!(written, want_all(&services), "seed {seed} step {step}");
+            }
+        }
     }
 }

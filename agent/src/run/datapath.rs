@@ -125,12 +125,17 @@ impl Worker {
                     last_apply = Instant::now();
                     // A new proxy port (a Service's or a policy's) is
                     // watched for closely until Envoy listens on it.
-                    let (before, by_policy) =
-                        current.as_ref().map(|c| (c.proxied(), c.policy_proxy_ports())).unwrap_or_default();
-                    if !snap.proxied().is_subset(&before) || !snap.policy_proxy_ports().is_subset(&by_policy) {
+                    // (What a snapshot hands that the last did not: what the
+                    // last stops handing in it, the other way round; costs
+                    // the Services that changed.)
+                    let empty = Snapshot::default();
+                    let before = current.as_deref().unwrap_or(&empty);
+                    if snap.stops_proxying_in(before)
+                        || !snap.policy_proxy_ports().is_subset(&before.policy_proxy_ports())
+                    {
                         settle_from = Instant::now();
                     }
-                    proxy_ports = !snap.proxy_ports().is_empty() || dp.holds_proxy_sockets();
+                    proxy_ports = snap.hands_to_proxy() || dp.holds_proxy_sockets();
                     current = Some(snap);
                     last_proxy = due_now(PROXY_SYNC_EVERY);
                 }
@@ -163,7 +168,7 @@ impl Worker {
                         last_apply = Instant::now();
                     }
                     // A port no longer handed to a proxy has been let go now.
-                    proxy_ports = !snap.proxy_ports().is_empty() || dp.holds_proxy_sockets();
+                    proxy_ports = snap.hands_to_proxy() || dp.holds_proxy_sockets();
                 }
             }
             if last_stats.elapsed() >= PROXY_SYNC_EVERY {

@@ -140,6 +140,14 @@ impl Snapshot {
         services.chain(self.policy_proxy_ports()).collect()
     }
 
+    /// Whether some port is handed connections to (what [`Snapshot::proxy_ports`]
+    /// has, without collecting them: it stops at the first).
+    pub fn hands_to_proxy(&self) -> bool {
+        let mut services = self.services.iter().flat_map(|s| &s.entries);
+        services.any(|e| e.proxy_port.is_some())
+            || self.policy.endpoints.values().flat_map(|e| &e.entries).any(|e| e.proxy_port.is_some())
+    }
+
     /// Whether `next` stops handing some frontend's connections to the
     /// proxy port this snapshot hands them to. Costs what differs between
     /// the two: a Service whose entries both share (the same `Arc`) hands
@@ -737,6 +745,7 @@ endpoints:
         let elsewhere = Snapshot::derive(&l.objects, "node1", None, &moved, None);
         assert!(snap.stops_proxying_in(&elsewhere), "a frontend handed to another proxy port");
         assert_eq!(snap.proxy_ports(), BTreeSet::from([15001]));
+        assert!(snap.hands_to_proxy() && !plain.hands_to_proxy());
         assert!(snap.policy_proxy_ports().is_empty());
     }
 }
