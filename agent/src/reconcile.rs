@@ -558,13 +558,14 @@ fn want_all(services: &imbl::Vector<Arc<ServiceState>>) -> BTreeMap<Frontend, Se
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::xds::acks::tests::Rng;
 
     /// A Service `i` with frontends from a small pool: Services share
-    /// some, and a frontend may be at one address as two kinds.
-    fn service(i: u64, rng: &mut Rng) -> Arc<ServiceState> {
+    /// some, and a frontend may be at one address as two kinds (also the
+    /// flow names' property test's).
+    pub(crate) fn service(i: u64, rng: &mut Rng) -> Arc<ServiceState> {
         let kinds = [FrontendKind::ClusterIp, FrontendKind::NodePort, FrontendKind::External];
         let entries = (0..1 + rng.below(3))
             .map(|_| ServiceEntry {

@@ -280,7 +280,9 @@ fn name_endpoints(snap: &Snapshot, n: &mut Names) {
 }
 
 /// A frontend as [`Names`] keys it: (address, port, protocol number).
-fn name_key(f: &Frontend) -> (Ipv4Addr, u16, u8) {
+type NameKey = (Ipv4Addr, u16, u8);
+
+fn name_key(f: &Frontend) -> NameKey {
     (f.addr, f.port, f.proto.number())
 }
 
@@ -298,8 +300,7 @@ pub struct NameFeed {
     names: Names,
     /// The Services that have each frontend, by key: two Services with one
     /// frontend name it as [`names`] does, by the last in key order.
-    /// Keyed as [`Names`] keys them: (address, port, protocol number).
-    owners: HashMap<(Ipv4Addr, u16, u8), Vec<(ObjKey, Arc<ServiceInfo>)>>,
+    owners: HashMap<NameKey, Vec<(ObjKey, Arc<ServiceInfo>)>>,
 }
 
 impl Default for NameFeed {
@@ -382,29 +383,7 @@ impl Sink for PrintSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        datapath::{FrontendKind, Proto, ServiceEntry},
-        state::PodState,
-        xds::acks::tests::Rng,
-    };
-
-    /// A Service `i` with frontends from a small pool, so that Services
-    /// share some (as two Services with one address may).
-    fn service(i: u64, rng: &mut Rng) -> Arc<ServiceState> {
-        let entries = (0..1 + rng.below(3))
-            .map(|_| ServiceEntry {
-                frontend: Frontend {
-                    addr: Ipv4Addr::new(10, 96, 0, rng.below(6) as u8),
-                    port: 80 + rng.below(2) as u16,
-                    proto: if rng.below(4) == 0 { Proto::Udp } else { Proto::Tcp },
-                    kind: if rng.below(2) == 0 { FrontendKind::ClusterIp } else { FrontendKind::External },
-                },
-                backends: Vec::new(),
-                proxy_port: None,
-            })
-            .collect();
-        Arc::new(ServiceState { key: ObjKey::new("default", format!("s{i}")), entries })
-    }
+    use crate::{reconcile::tests::service, state::PodState, xds::acks::tests::Rng};
 
     /// After random adds, edits and removals of Services (sharing the
     /// Services that did not change, as the control loop's snapshots do)
