@@ -163,10 +163,10 @@ pub struct ControlStatus {
     pub envoy_connected: bool,
     /// "delta" or "state-of-the-world", as Envoy's stream is.
     pub xds_mode: Option<&'static str>,
-    /// Shared from report to report while no object's state changes (an
-    /// endpoint change, or Envoy's ACKs of it, copy none of 10,000).
-    #[serde(serialize_with = "listed")]
-    pub objects: Arc<[ObjectState]>,
+    /// Shared from report to report: a change lists again the objects
+    /// whose state it changed (an edit of one of 10,000, or Envoy's ACK
+    /// of it, lists one).
+    pub objects: Listing,
     /// Documents of the objects directory that could not be read.
     pub source_problems: Vec<String>,
     /// Things the datapath snapshot could not represent.
@@ -180,9 +180,37 @@ fn shared<S: serde::Serializer>(status: &Arc<ConfigStatus>, s: S) -> Result<S::O
     status.as_ref().serialize(s)
 }
 
-/// Serializes the shared list as a list.
-fn listed<S: serde::Serializer>(objects: &Arc<[ObjectState]>, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(objects.iter())
+/// Every object's state, by key; persistent, so a report shares it with
+/// the one before and listing one object again costs that object.
+#[derive(Clone, Debug, Default)]
+pub struct Listing(imbl::OrdMap<ConfigKey, ObjectState>);
+
+impl Listing {
+    /// The objects' states, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &ObjectState> {
+        self.0.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(ConfigKey, ObjectState)> for Listing {
+    fn from_iter<I: IntoIterator<Item = (ConfigKey, ObjectState)>>(states: I) -> Self {
+        Listing(states.into_iter().collect())
+    }
+}
+
+/// Serialized as the list of states.
+impl Serialize for Listing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
 }
 
 /// The proxy ports of the listeners the policies need, as the build gave them.
@@ -272,9 +300,11 @@ pub struct Controller {
     appended: Vec<EnvoyConfig>,
     /// The datapath snapshot last made, what an endpoint change patches.
     last_snapshot: Option<Arc<Snapshot>>,
-    /// The objects' states as [`Controller::status`] last listed them; None
+    /// The objects' states as [`Controller::status`] last listed them.
+    listing: Listing,
+    /// The objects whose state may have changed since (None: any object's).
     /// once a build or Envoy's answers may have changed one.
-    listed: Option<Arc<[ObjectState]>>,
+    unlisted: Option<BTreeSet<ConfigKey>>,
     /// False: every build is a full build (the oracle in tests).
     incremental: bool,
 }
@@ -317,7 +347,8 @@ impl Controller {
             configs_only: None,
             appended: Vec::new(),
             last_snapshot: None,
-            listed: None,
+            listing: Listing::default(),
+            unlisted: None,
             incremental: true,
         }
     }
@@ -521,14 +552,14 @@ impl Controller {
                 self.endpoints_changed(&services, &last)
             }
             (None, Some(configs), Some(last)) if self.incremental && !self.retirement_due() => {
-                self.listed = None;
+                self.relist(configs.keys().cloned());
                 self.configs_changed(&configs, &last)
             }
             _ => None,
         };
         let built = built.unwrap_or_else(|| {
-            // Any build but an endpoint change's may change any object's state.
-            self.listed = None;
+            // A whole build may change any object's state.
+            self.unlisted = None;
             self.build_whole()
         });
         self.endpoints_only = Some(BTreeSet::new());
@@ -656,8 +687,9 @@ impl Controller {
         // changes, and an ACK of the old version is not one of the new.
         for (old, new) in &replaced {
             self.acks.replaced(translate::ENDPOINT, old, new);
-            if old.owner.is_some() || new.owner.is_some() {
-                self.listed = None;
+            // (The objects borrowed: `relist` spelled out.)
+            if let Some(unlisted) = self.unlisted.as_mut() {
+                unlisted.extend(old.owner.iter().chain(&new.owner).cloned());
             }
         }
         self.version += 1;
@@ -737,8 +769,7 @@ impl Controller {
         let published = Arc::new(Published { version: self.version, xds: self.groups.publish(&self.built.xds) });
         // The objects Envoy has as built: a changed one is not (until its
         // ACK), and the accepted version of one it has is confirmed.
-        let appended =
-            self.configs.iter().filter(|c| appended_key(c));
+        let appended = self.configs.iter().filter(|c| appended_key(c));
         self.appended = appended.cloned().collect();
         let acks = &self.acks;
         self.acked_version.retain(|k, _| acks.complete(k));
@@ -785,7 +816,7 @@ impl Controller {
                 // A new Envoy starts empty: it has to ACK everything again.
                 self.acks.clear();
                 self.acked_version.clear();
-                self.listed = None;
+                self.unlisted = None;
                 self.groups.reset();
                 false
             }
@@ -800,9 +831,7 @@ impl Controller {
                 // waiting ones, if it completed the dispatcher).
                 let dispatcher_was_in = dispatcher_in(&self.built, &self.acks);
                 let completed = self.acks.ack(&type_url, resources, &self.built.xds);
-                if !completed.is_empty() {
-                    self.listed = None;
-                }
+                self.relist(completed.iter().cloned());
                 for k in &completed {
                     self.model.confirm(k);
                     if !self.acked_version.contains_key(k) {
@@ -835,7 +864,7 @@ impl Controller {
                     let why = format!("{what}: {message}");
                     self.model.nack(key, &cfg.spec, why.clone());
                     self.nacked.insert(key.clone(), why);
-                    self.listed = None;
+                    self.unlisted.as_mut().map(|u| u.insert(key.clone()));
                 }
                 if !owners.is_empty() {
                     self.endpoints_only = None;
@@ -878,17 +907,32 @@ impl Controller {
         )
     }
 
-    /// The status of every object: listed again only if a state changed
-    /// since the last call.
+    /// Notes objects whose state may have changed: the next status lists them again.
+    fn relist(&mut self, keys: impl IntoIterator<Item = ConfigKey>) {
+        if let Some(unlisted) = self.unlisted.as_mut() {
+            unlisted.extend(keys);
+        }
+    }
+
+    /// The status of every object: those whose state may have changed since
+    /// the last call listed again (every one by the oracle).
     pub fn status(&mut self, state_problems: &[String]) -> ControlStatus {
-        let objects = match &self.listed {
-            Some(listed) => listed.clone(),
-            None => {
-                let listed: Arc<[ObjectState]> = self.list_objects().into();
-                self.listed = Some(listed.clone());
-                listed
+        match self.unlisted.take().filter(|_| self.incremental) {
+            Some(keys) => {
+                for k in keys {
+                    match self.built.statuses.get(&k) {
+                        Some(st) => drop(self.listing.0.insert(k.clone(), self.object_state(&k, st))),
+                        None => drop(self.listing.0.remove(&k)),
+                    }
+                }
             }
-        };
+            None => {
+                let all = self.built.statuses.iter().map(|(k, st)| (k.clone(), self.object_state(k, st)));
+                self.listing = Listing(all.collect());
+            }
+        }
+        self.unlisted = Some(BTreeSet::new());
+        let objects = self.listing.clone();
         ControlStatus {
             version: self.version,
             source_generation: self.source_generation,
@@ -908,25 +952,19 @@ impl Controller {
         }
     }
 
-    /// Every object's state, from the build and what Envoy said of it.
-    fn list_objects(&self) -> Vec<ObjectState> {
-        self.built
-            .statuses
-            .iter()
-            .map(|(k, st)| {
-                let in_snapshot = self.acks.owns(k);
-                let envoy = if let (Some(m), true) = (self.nacked.get(k), !st.problems.is_empty()) {
-                    EnvoyAck::Nacked { message: m.clone() }
-                } else if !in_snapshot {
-                    EnvoyAck::NotApplied
-                } else if let Some(v) = self.acked_version.get(k) {
-                    EnvoyAck::Acknowledged { version: *v }
-                } else {
-                    EnvoyAck::Pending
-                };
-                ObjectState { config: st.clone(), envoy }
-            })
-            .collect()
+    /// An object's state, from the build and what Envoy said of it.
+    fn object_state(&self, k: &ConfigKey, st: &Arc<ConfigStatus>) -> ObjectState {
+        let in_snapshot = self.acks.owns(k);
+        let envoy = if let (Some(m), true) = (self.nacked.get(k), !st.problems.is_empty()) {
+            EnvoyAck::Nacked { message: m.clone() }
+        } else if !in_snapshot {
+            EnvoyAck::NotApplied
+        } else if let Some(v) = self.acked_version.get(k) {
+            EnvoyAck::Acknowledged { version: *v }
+        } else {
+            EnvoyAck::Pending
+        };
+        ObjectState { config: st.clone(), envoy }
     }
 
     /// The model's latest build.
@@ -1327,6 +1365,7 @@ spec:
             if run % 4 >= 2 {
                 assert_eq!(fast.visibility.services.len(), 1, "{:?}", fast.visibility);
             }
+            let report = |c: &mut Controller| serde_json::to_value(c.status(&[])).unwrap();
             let mut log = Vec::new();
             for step in 0..60 {
                 let mut changed = true;
@@ -1370,6 +1409,8 @@ spec:
                         assert_eq!(changed, whole.on_event(ev));
                         let (a, b) = (fast.redirects_settled(), whole.redirects_settled());
                         assert_eq!(a, b, "run {run}, step {step}: {log:#?}");
+                        // The objects an ACK completed are listed again.
+                        assert_eq!(report(&mut fast), report(&mut whole), "run {run}, step {step}: {log:#?}");
                     }
                     8 => {
                         let type_url = translate::CLUSTER.to_owned();
@@ -1434,7 +1475,6 @@ spec:
                 assert!(fast.built == whole.built, "{at}\nfast: {:#?}\nwhole: {:#?}", fast.built, whole.built);
                 assert_eq!(snap_a, snap_b, "{at}");
                 assert_eq!(pub_a.xds, pub_b.xds, "{at}");
-                let report = |c: &mut Controller| serde_json::to_value(c.status(&[])).unwrap();
                 assert_eq!(report(&mut fast), report(&mut whole), "{at}");
             }
         }

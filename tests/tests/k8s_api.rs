@@ -365,20 +365,28 @@ async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
 }
 
 fn nacked(object: &str, message: &str) -> ControlStatus {
+    let key = weft_agent::xds::envoyconfig::ConfigKey {
+        clusterwide: false,
+        key: weft_agent::k8s::ObjKey::new("default", object),
+    };
     ControlStatus {
-        objects: vec![ObjectState {
-            config: std::sync::Arc::new(ConfigStatus {
-                object: object.into(),
-                origin: "API server".into(),
-                generation: 1,
-                for_this_node: true,
-                problems: vec![message.into()],
-                serving: Serving::Nothing,
-                listeners: vec![],
-            }),
-            envoy: EnvoyAck::Nacked { message: message.into() },
-        }]
-        .into(),
+        objects: [(
+            key,
+            ObjectState {
+                config: std::sync::Arc::new(ConfigStatus {
+                    object: object.into(),
+                    origin: "API server".into(),
+                    generation: 1,
+                    for_this_node: true,
+                    problems: vec![message.into()],
+                    serving: Serving::Nothing,
+                    listeners: vec![],
+                }),
+                envoy: EnvoyAck::Nacked { message: message.into() },
+            },
+        )]
+        .into_iter()
+        .collect(),
         ..Default::default()
     }
 }

@@ -187,7 +187,11 @@ async fn write_reports(client: Client, ns: String, node: String, mut rx: watch::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{controller::ObjectState, xds::model::ConfigStatus};
+    use crate::{
+        controller::ObjectState,
+        k8s::ObjKey,
+        xds::{envoyconfig::ConfigKey, model::ConfigStatus},
+    };
 
     fn object(name: &str, generation: i64, serving: Serving, problems: &[&str], envoy: EnvoyAck) -> ObjectState {
         ObjectState {
@@ -225,7 +229,11 @@ mod tests {
                 object("EnvoyConfig shop/never", 1, Serving::Nothing, &["bad"], EnvoyAck::NotApplied),
                 not_here,
             ]
-            .into(),
+            .into_iter()
+            .enumerate()
+            // Keyed in the order written.
+            .map(|(i, o)| (ConfigKey { clusterwide: true, key: ObjKey::new("", format!("{i}")) }, o))
+            .collect(),
             ..Default::default()
         };
         let r = node_status(&status);
