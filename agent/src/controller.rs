@@ -464,8 +464,8 @@ impl Controller {
             self.configs[i] = config.clone();
             self.parsed.insert(Arc::as_ptr(doc) as usize, (doc.clone(), i, config.key.clone()));
         }
-        let added = edits.into_iter().map(|(_, _, _, c)| c.clone()).filter(|_| self.configs_only.is_some());
-        self.note_config_changes(added.collect(), &removed);
+        let added = edits.into_iter().map(|(_, _, _, c)| c.clone()).collect();
+        self.note_config_changes(added, &removed);
         true
     }
 
@@ -864,7 +864,7 @@ impl Controller {
                     let why = format!("{what}: {message}");
                     self.model.nack(key, &cfg.spec, why.clone());
                     self.nacked.insert(key.clone(), why);
-                    self.unlisted.as_mut().map(|u| u.insert(key.clone()));
+                    self.relist([key.clone()]);
                 }
                 if !owners.is_empty() {
                     self.endpoints_only = None;

@@ -27,20 +27,17 @@
 //! sockets are in the map.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    sync::Arc,
 };
 
 use weft_ebpf::abi;
 
 use crate::{
     datapath::{
-        Datapath, DatapathError, EndpointEntry, Frontend, FrontendKind, IpcacheEntry, PolicyEntry, Proto, Result,
-        ServiceEntry,
+        Datapath, DatapathError, EndpointEntry, Frontend, FrontendKind, IpcacheEntry, PolicyEntry, Result, ServiceEntry,
     },
-    k8s::ObjKey,
-    state::{ServiceState, Snapshot, differing, policy::EndpointPolicy},
+    state::{FrontendOwners, FrontendTuple as Tuple, Snapshot, policy::EndpointPolicy, tuple_of},
 };
 
 /// What one pass did, for logs and metrics.
@@ -126,7 +123,7 @@ pub struct Reconciler {
     endpoints: BTreeMap<Ipv4Addr, EndpointEntry>,
     policies: BTreeMap<u16, Vec<PolicyEntry>>,
     /// Which frontends each pass has to look at.
-    frontends: ServiceFrontends,
+    frontends: FrontendOwners,
     /// Frontends a full map left out: the next pass tries them again.
     retry: BTreeSet<Tuple>,
     /// Frontends held back from their proxy port, until its socket is in.
@@ -416,7 +413,7 @@ impl Reconciler {
             dp.frontends()?
         };
         self.frontends_read = true;
-        let want = self.frontends.want(&snap.services, &touched);
+        let want = want(&self.frontends, &touched);
         let wanted: BTreeSet<Tuple> = want.keys().map(tuple_of).collect();
         for f in present {
             if !wanted.contains(&tuple_of(&f)) {
@@ -485,82 +482,34 @@ impl Reconciler {
     }
 }
 
-/// A frontend's address, port and protocol: its key in the services map
-/// (frontends of two kinds there are one entry).
-type Tuple = (Ipv4Addr, u16, Proto);
-
-fn tuple_of(f: &Frontend) -> Tuple {
-    (f.addr, f.port, f.proto)
-}
-
-/// The Services last applied and which of them have each frontend: what
-/// tells a pass which frontends a snapshot changed, and what each of them
-/// is to be, without a look at the others.
-#[derive(Default)]
-struct ServiceFrontends {
-    applied: imbl::Vector<Arc<ServiceState>>,
-    /// The Services with a frontend at each address, port and protocol.
-    holders: HashMap<Tuple, BTreeSet<ObjKey>>,
-}
-
-impl ServiceFrontends {
-    /// Follows the Services to `services`; returns the addresses, ports
-    /// and protocols of the frontends of those that changed (before and after).
-    fn follow(&mut self, services: &imbl::Vector<Arc<ServiceState>>) -> BTreeSet<Tuple> {
-        let mut touched = BTreeSet::new();
-        for s in differing(&self.applied, services) {
-            for t in s.entries.iter().map(|e| tuple_of(&e.frontend)) {
-                if let Some(h) = self.holders.get_mut(&t) {
-                    h.remove(&s.key);
-                    if h.is_empty() {
-                        self.holders.remove(&t);
-                    }
-                }
-                touched.insert(t);
+/// The entries the Services `owners` followed last want at `tuples`: as
+/// [`want_all`] has them there (the last Service in key order with a
+/// frontend decides it).
+fn want(owners: &FrontendOwners, tuples: &BTreeSet<Tuple>) -> BTreeMap<Frontend, ServiceEntry> {
+    let mut want = BTreeMap::new();
+    for t in tuples {
+        for s in owners.owners(t) {
+            for e in s.entries.iter().filter(|e| tuple_of(&e.frontend) == *t) {
+                want.insert(e.frontend, e.clone());
             }
         }
-        for s in differing(services, &self.applied) {
-            for t in s.entries.iter().map(|e| tuple_of(&e.frontend)) {
-                self.holders.entry(t).or_default().insert(s.key.clone());
-                touched.insert(t);
-            }
-        }
-        self.applied = services.clone();
-        touched
     }
-
-    /// The entries `services` (those followed last) want at `tuples`: as
-    /// [`want_all`] has them there (the last Service in key order with a
-    /// frontend decides it).
-    fn want(
-        &self,
-        services: &imbl::Vector<Arc<ServiceState>>,
-        tuples: &BTreeSet<Tuple>,
-    ) -> BTreeMap<Frontend, ServiceEntry> {
-        let mut want = BTreeMap::new();
-        for t in tuples {
-            for key in self.holders.get(t).into_iter().flatten() {
-                let Ok(i) = services.binary_search_by(|s| s.key.cmp(key)) else { continue };
-                for e in services[i].entries.iter().filter(|e| tuple_of(&e.frontend) == *t) {
-                    want.insert(e.frontend, e.clone());
-                }
-            }
-        }
-        want
-    }
+    want
 }
 
 /// Every entry the Services want (the last in key order with a frontend
-/// decides it): the oracle of [`ServiceFrontends`].
+/// decides it): the oracle of [`want`].
 #[cfg(test)]
-fn want_all(services: &imbl::Vector<Arc<ServiceState>>) -> BTreeMap<Frontend, ServiceEntry> {
+fn want_all(services: &imbl::Vector<std::sync::Arc<crate::state::ServiceState>>) -> BTreeMap<Frontend, ServiceEntry> {
     services.iter().flat_map(|s| s.entries.iter().map(|e| (e.frontend, e.clone()))).collect()
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::xds::acks::tests::Rng;
+    use crate::{datapath::Proto, k8s::ObjKey, state::ServiceState, xds::acks::tests::Rng};
 
     /// A Service `i` with frontends from a small pool: Services share
     /// some, and a frontend may be at one address as two kinds (also the
@@ -590,7 +539,7 @@ pub(crate) mod tests {
     fn frontends_followed_by_change_equal_every_frontend_after_every_random_step() {
         for seed in 1..=8u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-            let mut followed = ServiceFrontends::default();
+            let mut followed = FrontendOwners::default();
             let mut written: BTreeMap<Frontend, ServiceEntry> = BTreeMap::new();
             let mut services: imbl::Vector<Arc<ServiceState>> = imbl::Vector::new();
             for step in 0..300 {
@@ -603,7 +552,7 @@ pub(crate) mod tests {
                     (_, Err(at)) => services.insert(at, service(i, &mut rng)),
                 }
                 let touched = followed.follow(&services);
-                let want = followed.want(&services, &touched);
+                let want = want(&followed, &touched);
                 written.retain(|f, _| !touched.contains(&tuple_of(f)));
                 written.extend(want);
                 assert_eq!(written, want_all(&services), "seed {seed} step {step}");

@@ -9,12 +9,7 @@
 //! files are read again every [`TLS_RELOAD`], so renewed certificates are
 //! served without a restart.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    future::Future,
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, future::Future, sync::Arc};
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
@@ -40,9 +35,7 @@ use weft_observe::{
 use super::status::{Component, DatapathStatus, InputGone};
 use crate::{
     config::AgentConfig,
-    datapath::Frontend,
-    k8s::ObjKey,
-    state::{ServiceState, Snapshot, differing},
+    state::{FrontendOwners, ServiceState, Snapshot},
 };
 
 /// How often the flow API's TLS files are read again (a renewed Secret
@@ -225,8 +218,8 @@ pub fn names(snap: &Snapshot) -> Names {
     name_endpoints(snap, &mut n);
     for s in &snap.services {
         let info = service_info(s);
-        for (addr, port, proto) in s.entries.iter().map(|e| name_key(&e.frontend)) {
-            n.add_service(addr, port, proto, info.clone());
+        for f in s.entries.iter().map(|e| &e.frontend) {
+            n.add_service(f.addr, f.port, f.proto.number(), info.clone());
         }
     }
     n
@@ -279,13 +272,6 @@ fn name_endpoints(snap: &Snapshot, n: &mut Names) {
     }
 }
 
-/// A frontend as [`Names`] keys it: (address, port, protocol number).
-type NameKey = (Ipv4Addr, u16, u8);
-
-fn name_key(f: &Frontend) -> NameKey {
-    (f.addr, f.port, f.proto.number())
-}
-
 fn service_info(s: &ServiceState) -> Arc<ServiceInfo> {
     Arc::new(ServiceInfo { namespace: s.key.namespace.clone(), name: s.key.name.clone() })
 }
@@ -298,62 +284,39 @@ fn service_info(s: &ServiceState) -> Arc<ServiceInfo> {
 pub struct NameFeed {
     last: Option<Arc<Snapshot>>,
     names: Names,
-    /// The Services that have each frontend, by key: two Services with one
+    /// The Services that have each frontend: two Services with one
     /// frontend name it as [`names`] does, by the last in key order.
-    owners: HashMap<NameKey, Vec<(ObjKey, Arc<ServiceInfo>)>>,
+    owners: FrontendOwners,
 }
 
 impl Default for NameFeed {
     fn default() -> Self {
         // Named as `names` names them (the cluster's name too).
-        Self { last: None, names: Names::new(String::new()), owners: HashMap::new() }
+        Self { last: None, names: Names::new(String::new()), owners: FrontendOwners::default() }
     }
 }
 
 impl NameFeed {
     /// The names of `snap`.
     pub fn update(&mut self, snap: &Arc<Snapshot>) -> &Names {
-        let empty = Snapshot::default();
-        let last = self.last.as_deref().unwrap_or(&empty);
-        let same_endpoints = self.last.is_some()
-            && last.node_name == snap.node_name
-            && last.node_ip == snap.node_ip
-            && last.pods == snap.pods
-            && last.nodes == snap.nodes
-            && last.identities == snap.identities
-            && last.policy.rules == snap.policy.rules;
+        let same_endpoints = self.last.as_deref().is_some_and(|last| {
+            last.node_name == snap.node_name
+                && last.node_ip == snap.node_ip
+                && last.pods == snap.pods
+                && last.nodes == snap.nodes
+                && last.identities == snap.identities
+                && last.policy.rules == snap.policy.rules
+        });
         if !same_endpoints {
             self.names.clear_all_but_services();
             self.names.node_name.clone_from(&snap.node_name);
             name_endpoints(snap, &mut self.names);
         }
-        let mut touched = BTreeSet::new();
-        for s in differing(&last.services, &snap.services) {
-            for f in s.entries.iter().map(|e| name_key(&e.frontend)) {
-                if let Some(owners) = self.owners.get_mut(&f) {
-                    owners.retain(|(k, _)| *k != s.key);
-                }
-                touched.insert(f);
-            }
-        }
-        for s in differing(&snap.services, &last.services) {
-            let info = service_info(s);
-            for f in s.entries.iter().map(|e| name_key(&e.frontend)) {
-                let owners = self.owners.entry(f).or_default();
-                if let Err(at) = owners.binary_search_by(|(k, _)| k.cmp(&s.key)) {
-                    owners.insert(at, (s.key.clone(), info.clone()));
-                }
-                touched.insert(f);
-            }
-        }
-        for f in touched {
-            let (addr, port, proto) = f;
-            match self.owners.get(&f).and_then(|o| o.last()) {
-                Some((_, info)) => self.names.add_service(addr, port, proto, info.clone()),
-                None => {
-                    self.owners.remove(&f);
-                    self.names.remove_service(addr, port, proto);
-                }
+        for t in self.owners.follow(&snap.services) {
+            let (addr, port, proto) = (t.0, t.1, t.2.number());
+            match self.owners.owners(&t).next_back() {
+                Some(s) => self.names.add_service(addr, port, proto, service_info(s)),
+                None => self.names.remove_service(addr, port, proto),
             }
         }
         self.last = Some(snap.clone());
@@ -383,7 +346,9 @@ impl Sink for PrintSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{reconcile::tests::service, state::PodState, xds::acks::tests::Rng};
+    use std::net::Ipv4Addr;
+
+    use crate::{k8s::ObjKey, reconcile::tests::service, state::PodState, xds::acks::tests::Rng};
 
     /// After random adds, edits and removals of Services (sharing the
     /// Services that did not change, as the control loop's snapshots do)

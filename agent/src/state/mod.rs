@@ -398,6 +398,59 @@ pub fn differing<'a>(
     out
 }
 
+/// A frontend's address, port and protocol: frontends of two kinds there
+/// are one entry in the datapath's services map, and one name for flows.
+pub type FrontendTuple = (Ipv4Addr, u16, Proto);
+
+pub fn tuple_of(f: &Frontend) -> FrontendTuple {
+    (f.addr, f.port, f.proto)
+}
+
+/// Which Services have a frontend at each address, port and protocol,
+/// followed from snapshot to snapshot by the Services that changed (those
+/// a snapshot does not share with the last one followed): what tells the
+/// datapath's reconciler and the flow names which frontends a snapshot
+/// changed, and which Service decides each (the last in key order, as a
+/// pass over every Service has it), without a look at the others.
+#[derive(Default)]
+pub struct FrontendOwners {
+    followed: imbl::Vector<Arc<ServiceState>>,
+    owners: HashMap<FrontendTuple, BTreeSet<ObjKey>>,
+}
+
+impl FrontendOwners {
+    /// Follows the Services to `services`; returns the frontends of those
+    /// that changed (before and after).
+    pub fn follow(&mut self, services: &imbl::Vector<Arc<ServiceState>>) -> BTreeSet<FrontendTuple> {
+        let mut touched = BTreeSet::new();
+        for s in differing(&self.followed, services) {
+            for t in s.entries.iter().map(|e| tuple_of(&e.frontend)) {
+                if let Some(o) = self.owners.get_mut(&t) {
+                    o.remove(&s.key);
+                    if o.is_empty() {
+                        self.owners.remove(&t);
+                    }
+                }
+                touched.insert(t);
+            }
+        }
+        for s in differing(services, &self.followed) {
+            for t in s.entries.iter().map(|e| tuple_of(&e.frontend)) {
+                self.owners.entry(t).or_default().insert(s.key.clone());
+                touched.insert(t);
+            }
+        }
+        self.followed = services.clone();
+        touched
+    }
+
+    /// The Services followed last with a frontend at `t`, in key order.
+    pub fn owners(&self, t: &FrontendTuple) -> impl DoubleEndedIterator<Item = &Arc<ServiceState>> {
+        let keys = self.owners.get(t).into_iter().flatten();
+        keys.filter_map(|key| self.followed.binary_search_by(|s| s.key.cmp(key)).ok().map(|i| &self.followed[i]))
+    }
+}
+
 /// IPv4 EndpointSlices by the Service they belong to (namespace and the
 /// `kubernetes.io/service-name` label), each Service's in the order of
 /// their keys: finding a Service's backends does not scan every slice. A

@@ -137,16 +137,13 @@ impl FlowStore {
     /// in bursts, and then the store overwrote what it had not read). One
     /// wait per `wake`: a new one replaces the previous.
     pub fn wake_at(&self, pos: u64, wake: &Arc<Notify>) {
-        {
-            let mut waiting = self.waiting.lock().unwrap();
-            waiting.retain(|(_, w)| !Arc::ptr_eq(w, wake));
-            waiting.push((pos, wake.clone()));
-            // Stored before the end is read below: a push that the read
-            // misses sees this position (the ring's lock orders the two).
-            self.next_wake.fetch_min(pos, Ordering::SeqCst);
-        }
+        self.forget(wake);
+        self.waiting.lock().unwrap().push((pos, wake.clone()));
+        // Stored before the end is read below: a push that the read misses
+        // sees this position (the ring's lock orders the two).
+        self.next_wake.fetch_min(pos, Ordering::SeqCst);
         if self.end() >= pos {
-            self.waiting.lock().unwrap().retain(|(_, w)| !Arc::ptr_eq(w, wake));
+            self.forget(wake);
             wake.notify_one();
         }
     }
