@@ -40,11 +40,13 @@ fn phase(name: &str, n: usize) {
     }
     let mib = |b: isize| b as f64 / (1 << 20) as f64;
     let (live, peak) = (test_alloc::process_live(), test_alloc::take_peak());
+    let per = |x: isize| if n == 0 { 0 } else { x / n as isize };
     println!(
-        "| {name} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
+        "| {name} | {:.1} | {:.1} | {} | {} | {:.1} | {:.1} |",
         mib(live),
         mib(peak),
-        if n == 0 { 0 } else { live / n as isize },
+        per(live),
+        per(test_alloc::process_blocks()),
         proc_kib("VmRSS:") as f64 / 1024.0,
         proc_kib("VmHWM:") as f64 / 1024.0,
     );
@@ -70,8 +72,10 @@ fn memory_with_many_configs_written_at_once() {
     let dir = empty_dir("memory");
     std::fs::write(dir.join("objects.yaml"), envoyconfig::bench_objects(0..n)).unwrap();
     println!("{n} configs (with a Service and an EndpointSlice each)\n");
-    println!("| phase | heap MiB | heap peak MiB | heap bytes / config | RSS MiB | peak RSS MiB |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| phase | heap MiB | heap peak MiB | heap bytes / config | allocations / config | RSS MiB | peak RSS MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     phase("start", 0);
 
     let mut source = DirSource::new(dir.clone());

@@ -19,6 +19,9 @@ thread_local! {
 /// Bytes the whole process holds, and the most it held since [`reset_peak`].
 static PROCESS_LIVE: AtomicIsize = AtomicIsize::new(0);
 static PROCESS_PEAK: AtomicIsize = AtomicIsize::new(0);
+/// Allocations the whole process holds (each costs the allocator's own
+/// header and rounding besides its bytes).
+static PROCESS_BLOCKS: AtomicIsize = AtomicIsize::new(0);
 
 fn count(delta: isize) {
     // try_with: the allocator also runs while the thread's locals are torn down.
@@ -34,18 +37,21 @@ fn count(delta: isize) {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
+        PROCESS_BLOCKS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the caller's contract is passed on.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as isize);
+        PROCESS_BLOCKS.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the caller's contract is passed on.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         count(-(layout.size() as isize));
+        PROCESS_BLOCKS.fetch_sub(1, Ordering::Relaxed);
         // SAFETY: the caller's contract is passed on.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -72,6 +78,11 @@ pub fn held_after<R>(f: impl FnOnce() -> R) -> (R, isize) {
 /// The bytes every thread of the process holds now.
 pub fn process_live() -> isize {
     PROCESS_LIVE.load(Ordering::Relaxed)
+}
+
+/// The allocations every thread of the process holds now.
+pub fn process_blocks() -> isize {
+    PROCESS_BLOCKS.load(Ordering::Relaxed)
 }
 
 /// The most bytes the process held at once since the last call (or since

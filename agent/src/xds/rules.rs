@@ -28,6 +28,8 @@ use super::protojson::{self, DecodeError};
 
 /// Rules of one message type: each field with rules, and oneofs that must be set.
 struct TypeRules {
+    /// The type's full name (what the per-thread cache checks a hit by).
+    name: String,
     fields: Vec<(FieldDescriptor, DynamicMessage)>,
     /// Names of required oneofs and their fields.
     required_oneofs: Vec<(String, Vec<FieldDescriptor>)>,
@@ -38,7 +40,25 @@ fn extension(name: &str) -> Option<ExtensionDescriptor> {
     protojson::pool().get_extension_by_name(name)
 }
 
+/// The rules of a message type, read from its descriptor once per process.
+/// Asked for every message of every resource checked: each thread keeps the
+/// types it asked for by the address of their name in the descriptor pool,
+/// which lives as long as the process (no lock, no hashing of the name).
 fn rules_of(desc: &MessageDescriptor) -> Arc<TypeRules> {
+    thread_local! {
+        static SEEN: std::cell::RefCell<HashMap<usize, Arc<TypeRules>>> = Default::default();
+    }
+    let name = desc.full_name();
+    let at = name.as_ptr() as usize;
+    if let Some(r) = SEEN.with(|s| s.borrow().get(&at).filter(|r| r.name == name).cloned()) {
+        return r;
+    }
+    let r = read_rules(desc);
+    SEEN.with(|s| s.borrow_mut().insert(at, r.clone()));
+    r
+}
+
+fn read_rules(desc: &MessageDescriptor) -> Arc<TypeRules> {
     static CACHE: OnceLock<Mutex<HashMap<String, Arc<TypeRules>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(r) = cache.lock().ok().and_then(|c| c.get(desc.full_name()).cloned()) {
@@ -50,8 +70,12 @@ fn rules_of(desc: &MessageDescriptor) -> Arc<TypeRules> {
     let flag = |opts: &DynamicMessage, ext: &Option<ExtensionDescriptor>| {
         ext.as_ref().is_some_and(|e| opts.has_extension(e) && matches!(*opts.get_extension(e), PValue::Bool(true)))
     };
-    let mut rules =
-        TypeRules { fields: Vec::new(), required_oneofs: Vec::new(), disabled: flag(&desc.options(), &disabled_ext) };
+    let mut rules = TypeRules {
+        name: desc.full_name().to_owned(),
+        fields: Vec::new(),
+        required_oneofs: Vec::new(),
+        disabled: flag(&desc.options(), &disabled_ext),
+    };
     if let Some(ext) = &field_ext {
         for f in desc.fields() {
             let opts = f.options();
@@ -92,17 +116,15 @@ pub fn check(path: &str, msg: &DynamicMessage, out: &mut Vec<DecodeError>) {
         }
     }
     for (field, r) in &rules.fields {
-        let fpath = protojson::join(path, field.name());
         let set = msg.has_field(field);
         let value = msg.get_field(field);
-        let mut fail = |message: String| out.push(DecodeError { path: fpath.clone(), message });
+        // The field's path is written only for a failure (most fields pass).
+        let mut fail = |message: String| out.push(DecodeError { path: protojson::join(path, field.name()), message });
         // A member of a oneof, or a proto3 `optional` field, is checked only when set.
         if !set && field.containing_oneof().is_some() {
             continue;
         }
-        if let Some(PValue::Message(m)) =
-            r.get_field_by_name("message").as_deref().filter(|_| r.has_field_by_name("message"))
-        {
+        if let Some(m) = sub(r, "message") {
             if get_bool(m, "required") && !set {
                 fail("is required".into());
                 continue;
@@ -117,11 +139,11 @@ pub fn check(path: &str, msg: &DynamicMessage, out: &mut Vec<DecodeError>) {
                 _ => &[],
             };
             if let Some(rep) = sub(r, "repeated") {
-                if get_bool(&rep, "ignore_empty") && items.is_empty() {
+                if get_bool(rep, "ignore_empty") && items.is_empty() {
                     continue;
                 }
-                count_rules(&rep, "min_items", "max_items", items.len(), "items", &mut fail);
-                if get_bool(&rep, "unique") {
+                count_rules(rep, "min_items", "max_items", items.len(), "items", &mut fail);
+                if get_bool(rep, "unique") {
                     for (i, a) in items.iter().enumerate() {
                         if items[..i].contains(a) {
                             fail(format!("item {i} repeats an earlier one; items must be unique"));
@@ -129,9 +151,9 @@ pub fn check(path: &str, msg: &DynamicMessage, out: &mut Vec<DecodeError>) {
                         }
                     }
                 }
-                if let Some(each) = sub(&rep, "items") {
+                if let Some(each) = sub(rep, "items") {
                     for (i, item) in items.iter().enumerate() {
-                        if let Some(m) = value_rule(&each, field, item, set) {
+                        if let Some(m) = value_rule(each, field, item, set) {
                             fail(format!("[{i}] {m}"));
                         }
                     }
@@ -145,22 +167,22 @@ pub fn check(path: &str, msg: &DynamicMessage, out: &mut Vec<DecodeError>) {
                 PValue::Map(m) => m.len(),
                 _ => 0,
             };
-            if get_bool(&map, "ignore_empty") && entries == 0 {
+            if get_bool(map, "ignore_empty") && entries == 0 {
                 continue;
             }
-            count_rules(&map, "min_pairs", "max_pairs", entries, "entries", &mut fail);
+            count_rules(map, "min_pairs", "max_pairs", entries, "entries", &mut fail);
             if let (PValue::Map(m), Kind::Message(entry)) = (&*value, field.kind()) {
                 let kf = entry.map_entry_key_field();
                 let vf = entry.map_entry_value_field();
                 for (k, v) in m {
                     let key = key_value(k);
-                    if let Some(keys) = sub(&map, "keys")
-                        && let Some(msg) = value_rule(&keys, &kf, &key, true)
+                    if let Some(keys) = sub(map, "keys")
+                        && let Some(msg) = value_rule(keys, &kf, &key, true)
                     {
                         fail(format!("key {}: {msg}", shown(&key)));
                     }
-                    if let Some(values) = sub(&map, "values")
-                        && let Some(msg) = value_rule(&values, &vf, v, true)
+                    if let Some(values) = sub(map, "values")
+                        && let Some(msg) = value_rule(values, &vf, v, true)
                     {
                         fail(format!("[{}] {msg}", shown(&key)));
                     }
@@ -186,12 +208,15 @@ fn key_value(k: &prost_reflect::MapKey) -> PValue {
     }
 }
 
-fn sub(rules: &DynamicMessage, name: &str) -> Option<DynamicMessage> {
-    if !rules.has_field_by_name(name) {
+/// The rules message `name` of `rules`, when set (borrowed: the rules are
+/// read for every field of every resource checked).
+fn sub<'a>(rules: &'a DynamicMessage, name: &str) -> Option<&'a DynamicMessage> {
+    let field = rules.descriptor().get_field_by_name(name)?;
+    if !rules.has_field(&field) {
         return None;
     }
-    match rules.get_field_by_name(name).as_deref() {
-        Some(PValue::Message(m)) => Some(m.clone()),
+    match rules.get_field(&field) {
+        std::borrow::Cow::Borrowed(PValue::Message(m)) => Some(m),
         _ => None,
     }
 }
@@ -310,17 +335,40 @@ fn range(
     None
 }
 
+/// The members of FieldRules' `type` oneof [`value_rule`] reads: the numeric
+/// kinds first.
+const VALUE_KINDS: [&str; 18] = [
+    "float",
+    "double",
+    "int32",
+    "int64",
+    "uint32",
+    "uint64",
+    "sint32",
+    "sint64",
+    "fixed32",
+    "fixed64",
+    "sfixed32",
+    "sfixed64",
+    "string",
+    "bytes",
+    "enum",
+    "any",
+    "duration",
+    "timestamp",
+];
+
 /// Checks one value (a singular field, a list item, a map key or value)
 /// against its FieldRules; `set`: whether the field is present.
 fn value_rule(r: &DynamicMessage, field: &FieldDescriptor, value: &PValue, set: bool) -> Option<String> {
-    let kind = [
-        "float", "double", "int32", "int64", "uint32", "uint64", "sint32", "sint64", "fixed32", "fixed64", "sfixed32",
-        "sfixed64",
-    ]
-    .into_iter()
-    .find(|k| r.has_field_by_name(k));
-    if let Some(k) = kind {
-        let rules = sub(r, k)?;
+    // FieldRules sets one member of its `type` oneof besides `message`:
+    // found in one pass over the fields it sets.
+    let (kind, rules) = r.fields().find_map(|(f, v)| match v {
+        PValue::Message(m) if f.name() != "message" => Some((VALUE_KINDS.iter().find(|k| **k == f.name())?, m)),
+        _ => None,
+    })?;
+    let kind = *kind;
+    if VALUE_KINDS[..12].contains(&kind) {
         // The rules of a wrapper type (UInt32Value) apply to its value, when it is set.
         let v = match value {
             PValue::Message(m) => {
@@ -331,33 +379,33 @@ fn value_rule(r: &DynamicMessage, field: &FieldDescriptor, value: &PValue, set: 
             }
             v => Num::of(v)?,
         };
-        if get_bool(&rules, "ignore_empty") && v.cmp(Num::Int(0)) == Some(std::cmp::Ordering::Equal) {
+        if get_bool(rules, "ignore_empty") && v.cmp(Num::Int(0)) == Some(std::cmp::Ordering::Equal) {
             return None;
         }
-        return range(&rules, v, &Num::of, &|n| n.show());
+        return range(rules, v, &Num::of, &|n| n.show());
     }
-    if let Some(rules) = sub(r, "string") {
+    if kind == "string" {
         let s = match value {
             PValue::String(s) => s.as_str(),
             PValue::Message(m) if set => match m.get_field_by_name("value").as_deref() {
-                Some(PValue::String(s)) => return string_rule(&rules, s),
+                Some(PValue::String(s)) => return string_rule(rules, s),
                 _ => return None,
             },
             _ => return None,
         };
-        return string_rule(&rules, s);
+        return string_rule(rules, s);
     }
-    if let Some(rules) = sub(r, "bytes") {
+    if kind == "bytes" {
         let PValue::Bytes(b) = value else { return None };
-        if get_bool(&rules, "ignore_empty") && b.is_empty() {
+        if get_bool(rules, "ignore_empty") && b.is_empty() {
             return None;
         }
-        return length(&rules, b.len(), "bytes", ["min_len", "max_len", "len"]);
+        return length(rules, b.len(), "bytes", ["min_len", "max_len", "len"]);
     }
-    if let Some(rules) = sub(r, "enum") {
+    if kind == "enum" {
         let PValue::EnumNumber(n) = value else { return None };
         let Kind::Enum(e) = field.kind() else { return None };
-        if get_bool(&rules, "defined_only") && e.get_value(*n).is_none() {
+        if get_bool(rules, "defined_only") && e.get_value(*n).is_none() {
             return Some(format!("{n} is not a value of {}", e.full_name()));
         }
         let show = |x: Num| match x {
@@ -366,12 +414,12 @@ fn value_rule(r: &DynamicMessage, field: &FieldDescriptor, value: &PValue, set: 
             }
             f => f.show(),
         };
-        return range(&rules, Num::Int(i128::from(*n)), &Num::of, &show);
+        return range(rules, Num::Int(i128::from(*n)), &Num::of, &show);
     }
-    if let Some(rules) = sub(r, "any") {
+    if kind == "any" {
         let PValue::Message(m) = value else { return None };
         if !set {
-            return get_bool(&rules, "required").then(|| "is required".into());
+            return get_bool(rules, "required").then(|| "is required".into());
         }
         let url = match m.get_field_by_name("type_url").as_deref() {
             Some(PValue::String(s)) => s.clone(),
@@ -390,10 +438,10 @@ fn value_rule(r: &DynamicMessage, field: &FieldDescriptor, value: &PValue, set: 
         }
         return None;
     }
-    if let Some(rules) = sub(r, "duration") {
+    if kind == "duration" {
         let PValue::Message(m) = value else { return None };
         if !set {
-            return get_bool(&rules, "required").then(|| "is required".into());
+            return get_bool(rules, "required").then(|| "is required".into());
         }
         let nanos = |d: &PValue| -> Option<Num> {
             let PValue::Message(d) = d else { return None };
@@ -406,10 +454,10 @@ fn value_rule(r: &DynamicMessage, field: &FieldDescriptor, value: &PValue, set: 
             Num::Int(n) => format!("{}s", n as f64 / 1e9),
             f => f.show(),
         };
-        return range(&rules, v, &nanos, &show);
+        return range(rules, v, &nanos, &show);
     }
-    if let Some(rules) = sub(r, "timestamp") {
-        return (!set && get_bool(&rules, "required")).then(|| "is required".into());
+    if kind == "timestamp" {
+        return (!set && get_bool(rules, "required")).then(|| "is required".into());
     }
     None
 }

@@ -236,10 +236,12 @@ pub struct References {
     pub addresses: Vec<(String, std::net::IpAddr)>,
 }
 
-/// A config translated into Envoy resources.
+/// A config translated into Envoy resources. `L` is what of each listener
+/// is held: the whole [`Listener`] as translated, or what the model keeps
+/// of it between builds (its address: see `model::Translation`).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Translated {
-    pub listeners: Vec<Item<Listener>>,
+pub struct Translated<L = Listener> {
+    pub listeners: Vec<Item<L>>,
     pub routes: Vec<Item<RouteConfiguration>>,
     pub clusters: Vec<Item<Cluster>>,
     pub endpoints: Vec<Item<ClusterLoadAssignment>>,
@@ -942,10 +944,10 @@ pub fn original_destination(l: &mut Listener) {
     }
 }
 
-/// The port a listener with an explicit address binds (a pinned port).
-pub fn pinned_port(l: &Listener) -> Option<(String, u16)> {
+/// The port a listener with this explicit address binds (a pinned port).
+pub fn pinned_port(address: Option<&envoy_types::pb::envoy::config::core::v3::Address>) -> Option<(String, u16)> {
     use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
-    let Some(address::Address::SocketAddress(sa)) = l.address.as_ref()?.address.as_ref() else { return None };
+    let Some(address::Address::SocketAddress(sa)) = address?.address.as_ref() else { return None };
     match sa.port_specifier {
         // Ports above 65535 are refused by the field rules before this is asked.
         Some(socket_address::PortSpecifier::PortValue(p)) => Some((sa.address.clone(), u16::try_from(p).ok()?)),
