@@ -12,8 +12,12 @@ use std::{
 struct Counting;
 
 thread_local! {
-    /// Bytes this thread allocated minus the bytes it freed.
-    static LIVE: Cell<isize> = const { Cell::new(0) };
+    /// Bytes this thread allocated minus the bytes it freed (with those of
+    /// the threads it lent its count to: [`Account::lend`]).
+    static LIVE: AtomicIsize = const { AtomicIsize::new(0) };
+    /// The count this thread's allocations go to: its own (null) or that
+    /// of the thread it works for.
+    static COUNTS_FOR: Cell<*const AtomicIsize> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Bytes the whole process holds, and the most it held since [`reset_peak`].
@@ -25,7 +29,14 @@ static PROCESS_BLOCKS: AtomicIsize = AtomicIsize::new(0);
 
 fn count(delta: isize) {
     // try_with: the allocator also runs while the thread's locals are torn down.
-    let _ = LIVE.try_with(|l| l.set(l.get().wrapping_add(delta)));
+    let lent = COUNTS_FOR.try_with(Cell::get).unwrap_or(std::ptr::null());
+    if lent.is_null() {
+        let _ = LIVE.try_with(|l| l.fetch_add(delta, Ordering::Relaxed));
+    } else {
+        // SAFETY: set by `Account::lend`, whose caller keeps the thread that
+        // owns the count waiting until this thread stops counting on it.
+        unsafe { (*lent).fetch_add(delta, Ordering::Relaxed) };
+    }
     let now = PROCESS_LIVE.fetch_add(delta, Ordering::Relaxed).wrapping_add(delta);
     if delta > 0 {
         PROCESS_PEAK.fetch_max(now, Ordering::Relaxed);
@@ -70,9 +81,32 @@ static COUNTING: Counting = Counting;
 /// during it and still holds afterwards (what the result, and whatever
 /// `f` stored elsewhere, keep).
 pub fn held_after<R>(f: impl FnOnce() -> R) -> (R, isize) {
-    let before = LIVE.with(Cell::get);
+    let before = LIVE.with(|l| l.load(Ordering::Relaxed));
     let r = f();
-    (r, LIVE.with(Cell::get) - before)
+    (r, LIVE.with(|l| l.load(Ordering::Relaxed)) - before)
+}
+
+/// The count of the calling thread, for threads that work for it while it
+/// waits (scoped threads): what they allocate and keep is what it holds.
+#[derive(Clone, Copy)]
+pub struct Account(*const AtomicIsize);
+
+// SAFETY: only handed to scoped threads the owning thread waits for.
+unsafe impl Send for Account {}
+
+impl Account {
+    pub fn of_this_thread() -> Self {
+        Account(LIVE.with(|l| l as *const AtomicIsize))
+    }
+
+    /// Runs `f` on this thread with its allocations counted on the account.
+    /// The account's thread must outlive the call (it waits for this one).
+    pub fn lend<R>(self, f: impl FnOnce() -> R) -> R {
+        let before = COUNTS_FOR.with(|c| c.replace(self.0));
+        let r = f();
+        COUNTS_FOR.with(|c| c.set(before));
+        r
+    }
 }
 
 /// The bytes every thread of the process holds now.

@@ -319,6 +319,18 @@ fn kind_of_type_url(type_url: &str) -> &'static str {
 /// What translating one version of an object gave.
 type Translating = Result<Arc<Translation>, Vec<String>>;
 
+/// `cfg` translated and kept as the model keeps translations.
+fn translated(cfg: &EnvoyConfig) -> Translating {
+    translate::translate(cfg)
+        .map(|t| Translation::new(t, &cfg.key))
+        .map_err(|ps| ps.iter().map(|p| p.to_string()).collect())
+}
+
+/// Fewer configs to translate than this are translated by the build itself.
+const TRANSLATE_AHEAD_MIN: usize = 64;
+/// At most this many threads translate ahead.
+const TRANSLATE_THREADS: usize = 4;
+
 /// Carries accepted versions and port allocations from one build to the next.
 pub struct Model {
     ports: ProxyPorts,
@@ -541,18 +553,55 @@ impl Model {
 
     /// `cfg` translated: the kept translation when its spec has not changed.
     fn translate(&mut self, cfg: &EnvoyConfig) -> Translating {
-        let fresh = || {
-            translate::translate(cfg)
-                .map(|t| Translation::new(t, &cfg.key))
-                .map_err(|ps| ps.iter().map(|p| p.to_string()).collect())
-        };
-        let Some(cache) = self.translations.as_mut() else { return fresh() };
+        let Some(cache) = self.translations.as_mut() else { return translated(cfg) };
         match cache.get(&cfg.key) {
             Some((spec, t)) if same_spec(spec, &cfg.spec) => t.clone(),
             _ => {
-                let t = fresh();
+                let t = translated(cfg);
                 cache.insert(cfg.key.clone(), (cfg.spec.clone(), t.clone()));
                 t
+            }
+        }
+    }
+
+    /// Translates ahead, on several of the node's cores, the configs a
+    /// build is about to ask for whose translation is not kept, when there
+    /// are many (a burst of new objects, an agent starting): translating
+    /// is most of what a build of new objects costs, and each config's is
+    /// its own. The build then finds them kept. Envoy refusals are not
+    /// translated (the build does not ask for them).
+    fn translate_ahead<'a>(&mut self, configs: impl Iterator<Item = &'a EnvoyConfig>) {
+        let Some(cache) = self.translations.as_ref() else { return };
+        let nacked = &self.nacked;
+        let todo: Vec<&EnvoyConfig> = configs
+            .filter(|c| !matches!(cache.get(&c.key), Some((spec, _)) if same_spec(spec, &c.spec)))
+            .filter(|c| !nacked.get(&c.key).is_some_and(|(spec, _)| same_spec(spec, &c.spec)))
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(TRANSLATE_THREADS);
+        if todo.len() < TRANSLATE_AHEAD_MIN || threads < 2 {
+            return;
+        }
+        let share = todo.len().div_ceil(threads);
+        // Tests count what a build keeps on the thread that built.
+        #[cfg(test)]
+        let account = crate::test_alloc::Account::of_this_thread();
+        let done: Vec<Option<Vec<Translating>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = todo
+                .chunks(share)
+                .map(|part| {
+                    let work = move || part.iter().map(|c| translated(c)).collect::<Vec<_>>();
+                    #[cfg(test)]
+                    let work = move || account.lend(work);
+                    scope.spawn(work)
+                })
+                .collect();
+            // A worker that did not finish leaves its part to the build.
+            workers.into_iter().map(|w| w.join().ok()).collect()
+        });
+        let Some(cache) = self.translations.as_mut() else { return };
+        for (part, done) in todo.chunks(share).zip(done) {
+            for (cfg, t) in part.iter().zip(done.into_iter().flatten()) {
+                cache.insert(cfg.key.clone(), (cfg.spec.clone(), t));
             }
         }
     }
@@ -666,6 +715,7 @@ impl Model {
         // for one that failed to parse, or two configs have one name:
         // [`Model::configs_changed`] cannot follow such a build.
         let mut for_others = false;
+        self.translate_ahead(configs.iter());
         for cfg in configs {
             for_others |= specs.insert(cfg.key.clone(), cfg).is_some();
             let (status, candidate) = self.candidate(cfg, node);
@@ -832,6 +882,7 @@ impl Model {
         // The changed configs now: statuses and candidates, in the order a build accepts them.
         let mut statuses = Vec::new();
         let mut fresh = Vec::new();
+        self.translate_ahead(changed.values().flatten().copied());
         for cfg in changed.values().flatten() {
             let (status, candidate) = self.candidate(cfg, node);
             statuses.push((cfg.key.clone(), Arc::new(status)));
@@ -2412,6 +2463,46 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         if runs > 1 {
             assert!(taken * 2 > offered, "configs_changed took {taken} of {offered} steps offered");
         }
+    }
+
+    /// A burst of new configs is translated ahead on several threads
+    /// ([`Model::translate_ahead`]): the build equals the oracle's, which
+    /// translates each in turn, for valid, refused and Envoy-refused configs,
+    /// and again after an edit of many of them.
+    #[test]
+    fn configs_translated_ahead_build_as_configs_translated_in_turn() {
+        let mut rng = Rng(0x7a11);
+        let n = TRANSLATE_AHEAD_MIN * 3;
+        let mut configs: Vec<EnvoyConfig> = (0..n).map(|i| random_config(&mut rng, &format!("c{i}"), 1)).collect();
+        let objs = objects();
+        let slices = SliceIndex::of(&objs);
+        let mut cached = Model::new(ProxyPorts::ephemeral());
+        let mut full = Model::full_rebuild(ProxyPorts::ephemeral());
+        for c in configs.iter().step_by(7) {
+            cached.nack(&c.key, &c.spec, "refused".into());
+            full.nack(&c.key, &c.spec, "refused".into());
+        }
+        let a = cached.build(&configs, &[], &objs, &node());
+        let b = full.build(&configs, &[], &objs, &node());
+        assert!(a == b, "cached: {a:#?}\nfull: {b:#?}");
+        assert!(
+            a.statuses.values().any(|s| s.problems.is_empty()) && a.statuses.values().any(|s| !s.problems.is_empty())
+        );
+        let kept = cached.translations.as_ref().map_or(0, HashMap::len);
+        assert_eq!(kept, n - n.div_ceil(7), "every config Envoy did not refuse is kept translated");
+        // Many configs edited at once, followed as a change of configs.
+        let mut changes = BTreeMap::new();
+        for c in configs.iter_mut().take(TRANSLATE_AHEAD_MIN * 2) {
+            *c = random_config(&mut rng, c.key.name(), c.generation + 1);
+            changes.insert(c.key.clone(), Some(c.clone()));
+        }
+        let mut a = a;
+        let changes = changes.iter().map(|(k, c)| (k.clone(), c.as_ref())).collect();
+        if cached.configs_changed(&mut a, &changes, &[], &objs, &slices, &node()).is_none() {
+            a = cached.build(&configs, &[], &objs, &node());
+        }
+        let b = full.build(&configs, &[], &objs, &node());
+        assert!(a == b, "cached: {a:#?}\nfull: {b:#?}");
     }
 
     #[test]
