@@ -9,6 +9,7 @@ pub mod envoy;
 pub mod hash;
 pub mod identity;
 pub mod k8s;
+pub mod lean;
 pub mod limits;
 pub mod netns;
 pub mod operator;

@@ -101,7 +101,7 @@ fn memory_with_many_configs_written_at_once() {
     let mut bytes = 0;
     for t in PUSH_ORDER {
         let response = DiscoveryResponse {
-            resources: published.xds.of(t).map(|r| r.any.clone()).collect(),
+            resources: published.xds.of(t).map(|r| r.any()).collect(),
             type_url: t.to_owned(),
             ..Default::default()
         };

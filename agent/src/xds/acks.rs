@@ -69,12 +69,12 @@ struct Count {
 impl Acks {
     /// Whether Envoy ACKed this resource as it is.
     pub fn has(&self, type_url: &str, r: &Resource) -> bool {
-        self.get(type_url, &r.name) == Some(&r.version)
+        self.get(type_url, &r.name) == Some(r.version)
     }
 
     /// The version of a resource Envoy ACKed, if any.
-    pub fn get(&self, type_url: &str, name: &str) -> Option<&String> {
-        self.acked.get(type_url)?.get(name).map(|a| &a.0.version)
+    pub fn get(&self, type_url: &str, name: &str) -> Option<u64> {
+        self.acked.get(type_url)?.get(name).map(|a| a.0.version)
     }
 
     /// Whether the object has resources in the build.
@@ -132,7 +132,7 @@ impl Acks {
     /// Follows Envoy's ACK of these resources (name -> version) of a type;
     /// only what the build has as ACKed counts (a late ACK of a resource
     /// since changed or removed does not). Returns the objects it completed.
-    pub fn ack(&mut self, type_url: &str, resources: BTreeMap<String, String>, built: &XdsSnapshot) -> Vec<ConfigKey> {
+    pub fn ack(&mut self, type_url: &str, resources: BTreeMap<String, u64>, built: &XdsSnapshot) -> Vec<ConfigKey> {
         let Some(current) = built.types.get(type_url) else { return Vec::new() };
         let mut completed = Vec::new();
         let acked = self.acked.entry(type_url.to_owned()).or_default();
@@ -200,14 +200,12 @@ impl Acks {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use envoy_types::pb::google::protobuf::Any;
-
     use super::*;
     use crate::k8s::ObjKey;
 
     /// (type URL, name) -> version ACKed, kept the plain way: a build
     /// forgets what it no longer has, an ACK records what is built as it says.
-    type Reference = BTreeMap<(String, String), String>;
+    type Reference = BTreeMap<(String, String), u64>;
 
     /// The oracle: whether each object with resources in `xds` has all of
     /// them ACKed as built, from every resource.
@@ -239,13 +237,13 @@ pub(crate) mod tests {
         ConfigKey { clusterwide: false, key: ObjKey::new("default", format!("c{i}")) }
     }
 
-    fn resource(rng: &mut Rng, type_url: &str, name: String) -> Arc<Resource> {
+    fn resource(rng: &mut Rng, type_url: &'static str, name: String) -> Arc<Resource> {
         let owner = match rng.below(5) {
             4 => None,
             i => Some(key(i)),
         };
-        let version = format!("v{}", rng.below(3));
-        Arc::new(Resource { name, any: Any { type_url: type_url.to_owned(), value: Vec::new() }, owner, version })
+        let version = rng.below(3);
+        Arc::new(Resource { name, type_url, value: Vec::new(), owner, version })
     }
 
     /// The counts after random builds (resources kept as the same `Arc`,
@@ -292,16 +290,16 @@ pub(crate) mod tests {
                         let mut carried = BTreeMap::new();
                         for n in 0..7 {
                             let name = format!("r{n}");
-                            let now = xds.types.get(t).and_then(|m| m.get(&name)).map(|r| r.version.clone());
+                            let now = xds.types.get(t).and_then(|m| m.get(&name)).map(|r| r.version);
                             match (now, rng.below(3)) {
                                 (Some(v), 0 | 1) => drop(carried.insert(name, v)),
-                                (_, 2) => drop(carried.insert(name, format!("v{}", rng.below(3)))),
+                                (_, 2) => drop(carried.insert(name, rng.below(3))),
                                 _ => {}
                             }
                         }
                         for (n, v) in &carried {
                             if xds.types.get(t).and_then(|m| m.get(n)).is_some_and(|r| r.version == *v) {
-                                reference.insert((t.to_owned(), n.clone()), v.clone());
+                                reference.insert((t.to_owned(), n.clone()), *v);
                             }
                         }
                         completed = Some(acks.ack(t, carried, &xds));
@@ -315,7 +313,7 @@ pub(crate) mod tests {
                 let kept: Reference = acks
                     .acked
                     .iter()
-                    .flat_map(|(t, m)| m.iter().map(|a| ((t.clone(), a.0.name.clone()), a.0.version.clone())))
+                    .flat_map(|(t, m)| m.iter().map(|a| ((t.clone(), a.0.name.clone()), a.0.version)))
                     .collect();
                 assert_eq!(kept, reference, "seed {seed} step {step}");
                 let counted: BTreeMap<ConfigKey, bool> = acks.owners().map(|(k, c)| (k.clone(), c)).collect();

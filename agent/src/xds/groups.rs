@@ -136,9 +136,9 @@ struct TenantGroups {
 /// changed members (see the module doc).
 struct Probe {
     /// The member's version (as built) tried.
-    built: String,
+    built: u64,
     /// The probe's version (the member's listener at an unreached address).
-    version: String,
+    version: u64,
     /// What its group holds of it meanwhile: the member as Envoy last ACKed
     /// it there (None: it was not there; it is left out).
     stand_in: Option<Arc<Resource>>,
@@ -172,7 +172,7 @@ pub struct Groups {
     probes: HashMap<Name, Probe>,
     /// Members Envoy took on their own, at that version as built: if their
     /// group is refused with only such members changed, they are blamed.
-    cleared: HashMap<Name, String>,
+    cleared: HashMap<Name, u64>,
     /// Probes numbered, for their unreached addresses.
     probe_seq: u32,
 }
@@ -339,11 +339,8 @@ impl Groups {
             self.published.remove(name);
             return;
         }
-        let decoded: Vec<(&str, Listener)> = g
-            .content
-            .iter()
-            .filter_map(|(n, r)| Some((&**n, Listener::decode(r.any.value.as_slice()).ok()?)))
-            .collect();
+        let decoded: Vec<(&str, Listener)> =
+            g.content.iter().filter_map(|(n, r)| Some((&**n, Listener::decode(r.value.as_slice()).ok()?))).collect();
         let listener = group_listener(name, &decoded);
         let r = Arc::new(Resource::new(name.to_owned(), &listener, None));
         if g.resource.as_ref().is_none_or(|old| old.version != r.version) {
@@ -359,7 +356,7 @@ impl Groups {
     /// it holds them; an ACK of an earlier version of a group is left out,
     /// and so is a probe's (its member is in its group as built again).
     /// Also returns whether a probe went (a build is due).
-    pub fn acked(&mut self, resources: BTreeMap<String, String>) -> (BTreeMap<String, String>, bool) {
+    pub fn acked(&mut self, resources: BTreeMap<String, u64>) -> (BTreeMap<String, u64>, bool) {
         if self.size == 0 {
             return (resources, false);
         }
@@ -381,7 +378,7 @@ impl Groups {
                 continue;
             }
             g.acked.clone_from(&g.content);
-            out.extend(g.acked.iter().map(|(n, r)| (n.to_string(), r.version.clone())));
+            out.extend(g.acked.iter().map(|(n, r)| (n.to_string(), r.version)));
         }
         let release = !taken.is_empty();
         self.take_probes(taken);
@@ -446,7 +443,7 @@ impl Groups {
                 out.blamed.push(n.to_string());
                 continue;
             };
-            self.probes.insert(n.clone(), Probe { built: r.version.clone(), version: probe.version.clone(), stand_in });
+            self.probes.insert(n.clone(), Probe { built: r.version, version: probe.version, stand_in });
             self.published.insert(n.to_string(), probe);
             dirty.extend(self.members.get(&n).and_then(|m| m.group.clone()));
         }
@@ -461,7 +458,7 @@ impl Groups {
     /// connection reaches: Envoy judges its chain without the member
     /// leaving its group.
     fn probe_of(&mut self, r: &Resource) -> Option<Arc<Resource>> {
-        let mut l = Listener::decode(r.any.value.as_slice()).ok()?;
+        let mut l = Listener::decode(r.value.as_slice()).ok()?;
         self.probe_seq = self.probe_seq.wrapping_add(1);
         let at = Ipv4Addr::from(u32::from(PROBE_NET) | (self.probe_seq & PROBE_HOSTS));
         translate::at_frontends(&mut l, [SocketAddrV4::new(at, 1)]);
@@ -527,7 +524,7 @@ fn group_name((clusterwide, namespace): &Tenant, class: u32, bucket: u32) -> Str
 /// group, or None (see the module doc).
 fn joinable(r: &Resource) -> Option<(Tenant, u32)> {
     let tenant = tenant_of(r)?;
-    let l = Listener::decode(r.any.value.as_slice()).ok()?;
+    let l = Listener::decode(r.value.as_slice()).ok()?;
     frontends(&l)?;
     let [chain] = l.filter_chains.as_slice() else { return None };
     let plain = chain.filter_chain_match.as_ref().is_none_or(|m| *m == FilterChainMatch::default());
@@ -657,7 +654,7 @@ mod tests {
     }
 
     fn decoded(r: &Resource) -> Listener {
-        Listener::decode(r.any.value.as_slice()).unwrap()
+        Listener::decode(r.value.as_slice()).unwrap()
     }
 
     fn addresses(l: &Listener) -> Vec<Address> {
@@ -829,8 +826,8 @@ mod tests {
         (groups, x, g)
     }
 
-    fn version(x: &XdsSnapshot, name: &str) -> String {
-        x.types[LISTENER][name].version.clone()
+    fn version(x: &XdsSnapshot, name: &str) -> u64 {
+        x.types[LISTENER][name].version
     }
 
     #[test]
@@ -838,16 +835,16 @@ mod tests {
         let (mut groups, built, g) = one_group(3);
         let published = groups.publish(&built);
         let v = version(&published, &g);
-        let (acked, released) = groups.acked(BTreeMap::from([(g.clone(), v), ("weft-proxy".into(), "1".into())]));
+        let (acked, released) = groups.acked(BTreeMap::from([(g.clone(), v), ("weft-proxy".into(), 1)]));
         assert!(!released);
-        let want: BTreeMap<String, String> = (0..3)
+        let want: BTreeMap<String, u64> = (0..3)
             .map(|i| format!("a/c{i}/l"))
             .map(|n| (n.clone(), version(&built, &n)))
-            .chain([("weft-proxy".to_owned(), "1".to_owned())])
+            .chain([("weft-proxy".to_owned(), 1)])
             .collect();
         assert_eq!(acked, want);
         // An earlier version of the group is no ACK of its members as built.
-        let (acked, _) = groups.acked(BTreeMap::from([(g, "0000".to_owned())]));
+        let (acked, _) = groups.acked(BTreeMap::from([(g, !v)]));
         assert!(acked.is_empty(), "{acked:?}");
     }
 
@@ -856,7 +853,7 @@ mod tests {
         let (mut groups, mut built, g) = one_group(4);
         let published = groups.publish(&built);
         let acked_group = version(&published, &g);
-        groups.acked(BTreeMap::from([(g.clone(), acked_group.clone())]));
+        groups.acked(BTreeMap::from([(g.clone(), acked_group)]));
         // One member changed since the ACK: it is the one blamed.
         let f = |i: u8| SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, i + 1), 80);
         built.put_shared(listener("a/c1/l", "a", &[f(1)], 0, 1));

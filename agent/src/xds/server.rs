@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use imbl::ordmap::DiffItem;
 
 use super::{
-    model::{Resources, XdsSnapshot},
+    model::{Resources, XdsSnapshot, parse_version, version_text},
     translate::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET},
 };
 
@@ -52,7 +52,7 @@ pub enum AdsEvent {
     Ack {
         type_url: String,
         version: String,
-        resources: BTreeMap<String, String>,
+        resources: BTreeMap<String, u64>,
     },
     /// Envoy refused a response; `resources` were in it.
     Nack {
@@ -109,7 +109,7 @@ struct SotwSub {
     sent_version: Option<String>,
     nonce: String,
     /// Name -> version of what the last response held.
-    sent: BTreeMap<String, String>,
+    sent: BTreeMap<String, u64>,
 }
 
 #[tonic::async_trait]
@@ -213,15 +213,21 @@ impl AggregatedDiscoveryService for Ads {
                         if first {
                             sub.wildcard = wildcard_type(&req.type_url) && req.resource_names_subscribe.is_empty();
                             // After a reconnect Envoy says what it already has.
-                            sub.sent = req.initial_resource_versions.clone().into_iter().collect();
+                            sub.sent = req
+                                .initial_resource_versions
+                                .iter()
+                                .map(|(n, v)| (n.clone(), parse_version(v)))
+                                .collect();
                             // What it has as built needs no response, so no ACK
                             // would come for it: count it as ACKed (a restarted
                             // agent adopting a running Envoy learns it this way).
-                            if !sub.sent.is_empty() {
+                            let has: BTreeMap<String, u64> =
+                                sub.sent.iter().filter_map(|(n, v)| Some((n.clone(), (*v)?))).collect();
+                            if !has.is_empty() {
                                 let _ = events.send(AdsEvent::Ack {
                                     type_url: req.type_url.clone(),
                                     version: snap.version.to_string(),
-                                    resources: sub.sent.clone(),
+                                    resources: has,
                                 });
                             }
                         }
@@ -273,10 +279,10 @@ fn sotw_response(snap: &Published, type_url: &str, sub: &mut SotwSub, nonce: u64
     let version = version_for(&snap.xds, type_url, &sub.names);
     sub.sent_version = Some(version.clone());
     sub.nonce = nonce.to_string();
-    sub.sent = resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+    sub.sent = resources.iter().map(|r| (r.name.clone(), r.version)).collect();
     DiscoveryResponse {
         version_info: version,
-        resources: resources.iter().map(|r| r.any.clone()).collect(),
+        resources: resources.iter().map(|r| r.any()).collect(),
         type_url: type_url.to_owned(),
         nonce: sub.nonce.clone(),
         ..Default::default()
@@ -289,9 +295,11 @@ struct DeltaSub {
     wildcard: bool,
     names: BTreeSet<String>,
     /// Name -> version Envoy has (or was sent).
-    sent: BTreeMap<String, String>,
+    /// (None: a version Envoy named after a reconnect that is not one of
+    /// ours, which no resource has.)
+    sent: BTreeMap<String, Option<u64>>,
     /// Nonce -> the resources (name -> version) that response carried.
-    in_flight: BTreeMap<String, BTreeMap<String, String>>,
+    in_flight: BTreeMap<String, BTreeMap<String, u64>>,
     /// The type's resources as of the last response (or the last check
     /// that found nothing to send): `sent` is what of them Envoy wants.
     /// None: the next response compares every resource (a new stream, a
@@ -337,7 +345,7 @@ fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u
     let mut changed = Vec::new();
     let mut removed = Vec::new();
     let mut one = |sub: &DeltaSub, name: &String| match now.get(name).filter(|_| wants(sub, name)) {
-        Some(r) if sub.sent.get(name) != Some(&r.version) => changed.push(r.clone()),
+        Some(r) if sub.sent.get(name) != Some(&Some(r.version)) => changed.push(r.clone()),
         Some(_) => {}
         None if sub.sent.contains_key(name) => removed.push(name.clone()),
         None => {}
@@ -368,8 +376,8 @@ fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u
     for n in &removed {
         sub.sent.remove(n);
     }
-    let carried: BTreeMap<String, String> = changed.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
-    sub.sent.extend(carried.clone());
+    let carried: BTreeMap<String, u64> = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
+    sub.sent.extend(carried.iter().map(|(n, v)| (n.clone(), Some(*v))));
     let nonce = nonce.to_string();
     sub.in_flight.insert(nonce.clone(), carried);
     Some(DeltaDiscoveryResponse {
@@ -378,8 +386,8 @@ fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u
             .into_iter()
             .map(|r| DeltaResource {
                 name: r.name.clone(),
-                version: r.version.clone(),
-                resource: Some(r.any.clone()),
+                version: version_text(r.version),
+                resource: Some(r.any()),
                 ..Default::default()
             })
             .collect(),
