@@ -213,16 +213,10 @@ impl AggregatedDiscoveryService for Ads {
                         if first {
                             sub.wildcard = wildcard_type(&req.type_url) && req.resource_names_subscribe.is_empty();
                             // After a reconnect Envoy says what it already has.
-                            sub.sent = req
-                                .initial_resource_versions
-                                .iter()
-                                .map(|(n, v)| (n.clone(), parse_version(v)))
-                                .collect();
                             // What it has as built needs no response, so no ACK
                             // would come for it: count it as ACKed (a restarted
                             // agent adopting a running Envoy learns it this way).
-                            let has: BTreeMap<String, u64> =
-                                sub.sent.iter().filter_map(|(n, v)| Some((n.clone(), (*v)?))).collect();
+                            let has = sub.adopt(&req.initial_resource_versions);
                             if !has.is_empty() {
                                 let _ = events.send(AdsEvent::Ack {
                                     type_url: req.type_url.clone(),
@@ -311,6 +305,13 @@ struct DeltaSub {
 }
 
 impl DeltaSub {
+    /// Takes what Envoy says it has after a reconnect (name -> version) as
+    /// sent; returns those of our versions, what it holds of ours.
+    fn adopt(&mut self, initial: &std::collections::HashMap<String, String>) -> BTreeMap<String, u64> {
+        self.sent = initial.iter().map(|(n, v)| (n.clone(), parse_version(v))).collect();
+        self.sent.iter().filter_map(|(n, v)| Some((n.clone(), (*v)?))).collect()
+    }
+
     /// Follows a request's subscription changes.
     fn follow(&mut self, subscribe: &[String], unsubscribe: &[String]) {
         for n in subscribe {
@@ -469,6 +470,27 @@ mod tests {
         // A subscriber to some names hears of those only.
         let mut named = DeltaSub { names: ["c".to_string()].into_iter().collect(), ..Default::default() };
         assert_eq!(names(&delta_response(&v3, ENDPOINT, &mut named, 5).unwrap()), (vec!["c"], vec![]));
+    }
+
+    /// After a reconnect Envoy names what it has: what it has as built is
+    /// not sent again, a name at a version that is not one of ours is sent
+    /// (ours never equals it), and a name the build no longer has is removed.
+    #[test]
+    fn a_reconnected_envoy_gets_what_it_lacks_and_loses_what_went() {
+        let v = published(1, vec![cla("same", &[80]), cla("foreign", &[80]), cla("stale", &[80])]);
+        let stale = cla("stale", &[81]);
+        let initial = std::collections::HashMap::from([
+            ("same".to_owned(), version_text(v.xds.types[ENDPOINT]["same"].version)),
+            ("foreign".to_owned(), "not-a-weft-version".to_owned()),
+            ("stale".to_owned(), version_text(stale.version)),
+            ("gone".to_owned(), version_text(cla("gone", &[80]).version)),
+        ]);
+        let mut sub = DeltaSub { wildcard: true, ..Default::default() };
+        let has = sub.adopt(&initial);
+        assert_eq!(has.keys().collect::<Vec<_>>(), ["gone", "same", "stale"], "ours, whatever the build holds");
+        let r = delta_response(&v, ENDPOINT, &mut sub, 1).unwrap();
+        assert_eq!(names(&r), (vec!["foreign", "stale"], vec!["gone"]));
+        assert_eq!(r.resources[1].version, version_text(v.xds.types[ENDPOINT]["stale"].version));
     }
 
     /// A build rebased on the last one equals the build, and keeps the last
