@@ -148,6 +148,11 @@ struct Scaled {
     agent_cpu: Duration,
     envoy_kib: u64,
     envoy_peak_kib: u64,
+    /// The agent's resident memory when all were acknowledged: anonymous
+    /// (its heap, stacks), and mapped from files or shared (its binary's
+    /// code, the datapath's ring buffer), which its peak RSS also counts.
+    agent_anon_kib: u64,
+    agent_file_kib: u64,
     envoy_cpu: Duration,
     envoy_fds: usize,
     envoy_restarts: u64,
@@ -201,6 +206,8 @@ fn scale(n: usize, group_size: Option<usize>) -> Scaled {
         refused,
         why,
         agent_kib: kib(run.agent, "VmHWM:"),
+        agent_anon_kib: kib(run.agent, "RssAnon:"),
+        agent_file_kib: kib(run.agent, "RssFile:") + kib(run.agent, "RssShmem:"),
         agent_cpu,
         envoy_kib: kib(envoy_pid, "VmRSS:"),
         envoy_peak_kib: kib(envoy_pid, "VmHWM:"),
@@ -354,9 +361,9 @@ fn main() {
     };
     let repeat: usize = std::env::var("WEFT_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     println!(
-        "| configs | group size | acknowledged | refused | time | per acknowledged config | / first row | agent CPU | agent peak RSS | Envoy CPU | Envoy RSS | Envoy peak RSS | Envoy listeners | Envoy open files | Envoy restarts |"
+        "| configs | group size | acknowledged | refused | time | per acknowledged config | / first row | agent CPU | agent peak RSS | agent RSS settled: anonymous + files | Envoy CPU | Envoy RSS | Envoy peak RSS | Envoy listeners | Envoy open files | Envoy restarts |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut base = None;
     let mut rows = Vec::new();
     let mut reasons = Vec::new();
@@ -368,7 +375,8 @@ fn main() {
                 rows.push(serde_json::json!({
                     "configs": n, "group_size": size, "acked": r.acked, "refused": r.refused,
                     "ack_s": r.took.as_secs_f64(), "agent_cpu_s": r.agent_cpu.as_secs_f64(),
-                    "agent_rss_kib": r.agent_kib, "envoy_cpu_s": r.envoy_cpu.as_secs_f64(),
+                    "agent_rss_kib": r.agent_kib, "agent_anon_kib": r.agent_anon_kib,
+                    "agent_file_kib": r.agent_file_kib, "envoy_cpu_s": r.envoy_cpu.as_secs_f64(),
                     "envoy_rss_kib": r.envoy_kib, "envoy_peak_rss_kib": r.envoy_peak_kib,
                     "envoy_listeners": r.listeners, "envoy_fds": r.envoy_fds,
                     "envoy_restarts": r.envoy_restarts,
@@ -376,7 +384,7 @@ fn main() {
                 }));
                 let size = size.map_or_else(|| "default".to_owned(), |s| s.to_string());
                 println!(
-                    "| {n} | {size} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {:.2} s | {} MiB | {:.2} s | {} MiB | {} MiB | {} | {} | {} |",
+                    "| {n} | {size} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {:.2} s | {} MiB | {} + {} MiB | {:.2} s | {} MiB | {} MiB | {} | {} | {} |",
                     r.acked,
                     r.refused,
                     r.took.as_secs_f64(),
@@ -384,6 +392,8 @@ fn main() {
                     r.took.as_secs_f64() / base_t.as_secs_f64(),
                     r.agent_cpu.as_secs_f64(),
                     r.agent_kib / 1024,
+                    r.agent_anon_kib / 1024,
+                    r.agent_file_kib / 1024,
                     r.envoy_cpu.as_secs_f64(),
                     r.envoy_kib / 1024,
                     r.envoy_peak_kib / 1024,
