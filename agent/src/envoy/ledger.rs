@@ -11,8 +11,10 @@
 //!
 //! The count only ever rises to what is certainly lost: a reading of the
 //! requests served (A) is compared only once Envoy's buffers were empty
-//! after it (B: `access_logs.file.write_total_buffered` 0, so every entry
-//! of a request served before A was written or dropped) and the reader had
+//! after it (B: `filesystem.write_total_buffered` 0, or two of Envoy's file
+//! writes since A, written or failed, so every entry of a request served
+//! before A was written or dropped: under steady traffic a flush buffer is
+//! seldom empty, and each flush of it takes what it held) and the reader had
 //! read everything after that (C). Lines written after A only make the
 //! difference smaller, so it never counts a line that arrives later. When
 //! an Envoy exits, its last reading is compared once the reader has read
@@ -62,7 +64,8 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(60);
 /// The file, in the state directory, with the count of each Envoy.
 const FILE: &str = "access-log-unwritten";
 /// What Envoy's `/stats` is asked for.
-pub const STATS_PATH: &str = "/stats?usedonly&filter=(downstream_rq_completed|access_logs.file.write_total_buffered)$";
+pub const STATS_PATH: &str =
+    "/stats?usedonly&filter=(downstream_rq_completed|filesystem.write_(total_buffered|completed|failed))$";
 
 /// The wait before the next reading, after one that took `took`: [`POLL`],
 /// or longer when readings are slow, so that they keep to a small share of
@@ -79,6 +82,9 @@ pub struct Reading {
     pub completed: BTreeMap<String, u64>,
     /// Bytes in Envoy's file access-log buffers, not yet written.
     pub buffered: u64,
+    /// Envoy's file writes so far, written or failed (each takes what one
+    /// file's flush buffer held).
+    pub writes: u64,
 }
 
 impl Reading {
@@ -87,8 +93,10 @@ impl Reading {
         for line in stats.lines() {
             let Some((name, value)) = line.split_once(": ") else { continue };
             let Ok(value) = value.trim().parse::<u64>() else { continue };
-            if name == "access_logs.file.write_total_buffered" {
+            if name == "filesystem.write_total_buffered" {
                 r.buffered = value;
+            } else if name == "filesystem.write_completed" || name == "filesystem.write_failed" {
+                r.writes = r.writes.saturating_add(value);
             } else if let Some(prefix) =
                 name.strip_prefix("http.").and_then(|n| n.strip_suffix(".downstream_rq_completed"))
                 && prefix != "admin"
@@ -128,8 +136,8 @@ impl Served {
 /// Where one comparison stands.
 #[derive(Clone, Copy, Debug)]
 enum Stage {
-    /// Requests served as read at this instant.
-    Served(u64, Instant),
+    /// Requests served as read at this instant, and Envoy's file writes then.
+    Served(u64, Instant, u64),
     /// ... and Envoy's buffers were empty at this later instant.
     Flushed(u64, Instant),
 }
@@ -235,11 +243,16 @@ impl Ledger {
             let now = Instant::now();
             let served = a.served.update(&r.completed);
             a.stage = match a.stage {
-                None => Some(Stage::Served(served, now)),
-                Some(Stage::Served(s, at)) if r.buffered == 0 && at.elapsed() >= SETTLE => Some(Stage::Flushed(s, now)),
+                None => Some(Stage::Served(served, now, r.writes)),
+                // Two writes since: the second began after the reading.
+                Some(Stage::Served(s, at, writes))
+                    if at.elapsed() >= SETTLE && (r.buffered == 0 || r.writes >= writes.saturating_add(2)) =>
+                {
+                    Some(Stage::Flushed(s, now))
+                }
                 Some(Stage::Flushed(s, at)) => {
                     if a.compare(s, at, progress, &self.pipeline) {
-                        Some(Stage::Served(served, now))
+                        Some(Stage::Served(served, now, r.writes))
                     } else {
                         Some(Stage::Flushed(s, at))
                     }
@@ -305,16 +318,53 @@ mod tests {
     #[test]
     fn a_reading_is_the_connection_managers_requests_and_the_buffered_bytes() {
         let r = Reading::parse(
-            "access_logs.file.write_total_buffered: 120\n\
+            "filesystem.write_total_buffered: 120\n\
+             filesystem.write_completed: 30\n\
+             filesystem.write_failed: 2\n\
              http.admin.downstream_rq_completed: 9\n\
              http.default/hello.downstream_rq_completed: 4\n\
              http.ingress.http.downstream_rq_completed: 2\n\
              listener.127.0.0.1_15001.http.default/hello.downstream_rq_completed: 4\n\
              http.bad.downstream_rq_completed: many\n",
         );
-        assert_eq!(r.buffered, 120);
+        assert_eq!((r.buffered, r.writes), (120, 32));
         let want: BTreeMap<String, u64> = [("default/hello".into(), 4), ("ingress.http".into(), 2)].into();
         assert_eq!(r.completed, want);
+    }
+
+    /// Under steady traffic Envoy's flush buffer is seldom empty when read:
+    /// a reading is compared once Envoy wrote twice since it (the second
+    /// write began after it, and took every entry buffered before), not
+    /// after one write.
+    #[test]
+    fn a_reading_is_compared_after_two_writes_since_though_the_buffer_never_empties() {
+        use weft_observe::pipeline::{PipelineConfig, enrich::Names, spool::WriterLines};
+        let (pipeline, _feed) = Pipeline::start(PipelineConfig::default(), Names::default());
+        let dir = std::env::temp_dir().join(format!("weft-ledger-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ledger = Ledger::new(pipeline.clone(), &dir);
+        ledger.envoy(Some(7));
+        let reading = |served: u64, writes: u64| {
+            Some(Reading { completed: BTreeMap::from([("c".to_owned(), served)]), buffered: 512, writes })
+        };
+        let read_all = |lines: u64| {
+            let current = WriterLines { writer: 7, lines };
+            let p = Progress { at: Instant::now(), writers: Writers { current, ..Default::default() }, partial: false };
+            *pipeline.spool_progress.lock().unwrap() = Some(p);
+        };
+        let lost = || pipeline.counters.lost(LostSource::Proxy);
+        ledger.tick(reading(10, 3));
+        std::thread::sleep(SETTLE);
+        ledger.tick(reading(12, 4));
+        read_all(8);
+        ledger.tick(reading(12, 4));
+        assert_eq!(lost(), 0, "one write since the reading: not compared");
+        ledger.tick(reading(14, 5));
+        std::thread::sleep(Duration::from_millis(2));
+        read_all(8);
+        ledger.tick(reading(14, 5));
+        assert_eq!(lost(), 2, "10 served before the reading, 8 lines");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

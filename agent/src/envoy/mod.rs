@@ -786,7 +786,9 @@ mod tests {
         let b = bootstrap(&s);
         for stat in [
             "http.c0.downstream_rq_completed",
-            "access_logs.file.write_total_buffered",
+            "filesystem.write_total_buffered",
+            "filesystem.write_completed",
+            "filesystem.write_failed",
             "http.c0.downstream_cx_active",
             "listener.10.97.0.1_80.downstream_cx_active",
             "cluster.default/s0.upstream_rq_retry",
