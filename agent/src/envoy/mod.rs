@@ -593,7 +593,7 @@ pub async fn supervise(
     let stats = weft_flow::client::http_client().timeout(ledger::POLL_MAX).build().map_err(|e| {
         tracing::warn!("an HTTP client for Envoy's admin interface: {e}; entries Envoy cannot write are not counted")
     });
-    let stats_url = format!("http://127.0.0.1:{}{}", s.admin_port, ledger::STATS_PATH);
+    let stats_urls = ledger::STATS_PATHS.map(|p| format!("http://127.0.0.1:{}{p}", s.admin_port));
     let mut envoy = match adopt(&s, &bootstrap_bytes, &sockets_held).await {
         Some(envoy) => {
             tracing::info!(pid = envoy.pid(), "adopting the running Envoy");
@@ -627,11 +627,16 @@ pub async fn supervise(
                 _ = tokio::time::sleep_until(next_reading) => {
                     let began = tokio::time::Instant::now();
                     let fetch = async {
-                        let r = stats.as_ref().ok()?.get(&stats_url).send().await.ok()?;
-                        if !r.status().is_success() {
-                            return None;
+                        let mut text = String::new();
+                        for url in &stats_urls {
+                            let r = stats.as_ref().ok()?.get(url).send().await.ok()?;
+                            if !r.status().is_success() {
+                                return None;
+                            }
+                            text.push_str(&r.text().await.ok()?);
+                            text.push('\n');
                         }
-                        Some(Reading::parse(&r.text().await.ok()?))
+                        Some(Reading::parse(&text))
                     };
                     // Envoy's death is seen at once, also during a reading.
                     let reading = tokio::select! {
