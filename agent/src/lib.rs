@@ -13,6 +13,7 @@ pub mod lean;
 pub mod limits;
 pub mod netns;
 pub mod operator;
+pub mod par;
 pub mod pidfd;
 #[cfg(test)]
 mod profile_memory;

@@ -58,7 +58,7 @@ pub struct Applied {
 
 /// A frontend whose proxy port has no listening socket in the datapath yet,
 /// and what its connections get meanwhile.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct AwaitingProxy {
     /// `addr:port/proto`.

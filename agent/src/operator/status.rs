@@ -86,7 +86,7 @@ pub fn rollout(
 }
 
 /// At most five names, then how many more.
-fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
+pub(crate) fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
     let all: Vec<&str> = it.collect();
     let mut s = all.iter().take(5).copied().collect::<Vec<_>>().join(", ");
     if all.len() > 5 {

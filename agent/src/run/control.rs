@@ -102,9 +102,12 @@ impl ControlLoop {
     /// Loads what changed in the source; true if a build is due (a change,
     /// or a retired visibility config's time is up).
     fn read_source(&mut self) -> bool {
+        let t0 = std::time::Instant::now();
         match self.source.poll() {
             Some(loaded) => {
+                let read = t0.elapsed();
                 self.controller.load(log_problems(loaded));
+                tracing::debug!(?read, took = ?t0.elapsed(), "source changes read and loaded");
                 true
             }
             None => self.controller.retirement_due(),
@@ -150,7 +153,9 @@ impl ControlLoop {
                 rebuild |= self.controller.on_event(ev);
             }
             if rebuild {
+                let t0 = std::time::Instant::now();
                 let (snap, published) = self.controller.build();
+                tracing::debug!(took = ?t0.elapsed(), version = snap.version, "built");
                 if !Arc::ptr_eq(&published, &xds.borrow()) {
                     self.xds_counts.pushes += 1;
                 }

@@ -17,6 +17,7 @@
 //! the snapshot is applied again every [`RETRY_FULL`] until everything is in.
 
 use std::{
+    collections::{BTreeMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
     thread::JoinHandle,
@@ -32,6 +33,7 @@ use crate::{
     config::AgentConfig,
     datapath::{Datapath, migrate_waiting_connections},
     envoy::EnvoyState,
+    operator::status::names,
     reconcile::{AwaitingProxy, FullMap, Reconciler},
     state::Snapshot,
 };
@@ -302,29 +304,53 @@ fn proxy_sockets_arrived(dp: &Datapath, status: &watch::Sender<DatapathStatus>) 
 }
 
 /// Says which frontends wait for their proxy's socket, and which no longer
-/// do, when that changes.
+/// do, when that changes: a line per proxy port (a burst of configs makes
+/// thousands of frontends wait on one port at once), found through sets so
+/// that the comparison does not grow with the product of both lists.
 fn log_awaiting_proxy(before: &[AwaitingProxy], now: &[AwaitingProxy]) {
-    for a in now.iter().filter(|a| !before.contains(a)) {
-        match a.kept_proxy_port {
+    let (started, ended) = awaiting_changes(before, now);
+    for ((port, kept), frontends) in started {
+        let (n, list) = (frontends.len(), names(frontends.into_iter()));
+        match kept {
             None => tracing::info!(
-                frontend = a.frontend,
-                proxy_port = a.proxy_port,
-                "proxy port {} has no listening socket yet: {} goes to its backends until it has one",
-                a.proxy_port,
-                a.frontend
+                proxy_port = port,
+                frontends = n,
+                "proxy port {port} has no listening socket yet: {list} {} to {} backends until it has one",
+                if n == 1 { "goes" } else { "go" },
+                if n == 1 { "its" } else { "their" },
             ),
             Some(kept) => tracing::warn!(
-                frontend = a.frontend,
-                proxy_port = a.proxy_port,
-                "proxy port {} has no listening socket: {} stays on proxy port {kept} until it has one",
-                a.proxy_port,
-                a.frontend
+                proxy_port = port,
+                frontends = n,
+                "proxy port {port} has no listening socket: {list} {} on proxy port {kept} until it has one",
+                if n == 1 { "stays" } else { "stay" },
             ),
         }
     }
-    for a in before.iter().filter(|b| !now.iter().any(|n| n.frontend == b.frontend)) {
-        tracing::info!(frontend = a.frontend, "{} no longer waits for a proxy socket", a.frontend);
+    if !ended.is_empty() {
+        let n = ended.len();
+        tracing::info!(
+            frontends = n,
+            "{} no longer {} for a proxy socket",
+            names(ended.into_iter()),
+            if n == 1 { "waits" } else { "wait" }
+        );
     }
+}
+
+/// Frontends that began to wait, by (proxy port, port kept meanwhile), and
+/// frontends that no longer wait at all.
+type AwaitingChanges<'a> = (BTreeMap<(u16, Option<u16>), Vec<&'a str>>, Vec<&'a str>);
+
+fn awaiting_changes<'a>(before: &'a [AwaitingProxy], now: &'a [AwaitingProxy]) -> AwaitingChanges<'a> {
+    let was: HashSet<&AwaitingProxy> = before.iter().collect();
+    let mut started: BTreeMap<(u16, Option<u16>), Vec<&str>> = BTreeMap::new();
+    for a in now.iter().filter(|a| !was.contains(a)) {
+        started.entry((a.proxy_port, a.kept_proxy_port)).or_default().push(&a.frontend);
+    }
+    let still: HashSet<&str> = now.iter().map(|a| a.frontend.as_str()).collect();
+    let ended = before.iter().map(|b| b.frontend.as_str()).filter(|f| !still.contains(f)).collect();
+    (started, ended)
 }
 
 /// Says which maps filled up or have room again, when that changes.
@@ -409,6 +435,26 @@ fn sync_proxy(dp: &mut Datapath, snap: &Snapshot, pid: Option<u32>, status: &wat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waiting_frontends_are_told_by_port_and_those_that_stopped_once() {
+        let w = |f: &str, port, kept| AwaitingProxy { frontend: f.into(), proxy_port: port, kept_proxy_port: kept };
+        let before = [w("a", 1, None), w("b", 1, None), w("c", 1, None)];
+        // b moved to port 2 (it still waits), c is unchanged, a stopped.
+        let now = [w("b", 2, Some(1)), w("c", 1, None), w("d", 1, None), w("e", 2, Some(1))];
+        let (started, ended) = awaiting_changes(&before, &now);
+        let want: BTreeMap<_, Vec<&str>> = [((1, None), vec!["d"]), ((2, Some(1)), vec!["b", "e"])].into();
+        assert_eq!(started, want);
+        assert_eq!(ended, ["a"]);
+        // Ten thousand waiting on both sides, one changed: found by sets.
+        let many =
+            |n: usize| (0..n).map(|i| w(&format!("10.97.{}.{}:80/TCP", i / 250, i % 250), 7, None)).collect::<Vec<_>>();
+        let (before, mut now) = (many(10_000), many(10_000));
+        now.pop();
+        let (started, ended) = awaiting_changes(&before, &now);
+        assert!(started.is_empty());
+        assert_eq!(ended, ["10.97.39.249:80/TCP"]);
+    }
 
     /// The worker's wake-ups and listener looks over its first
     /// `PROXY_SETTLE_FOR` plus a minute, with nothing published: the loop's

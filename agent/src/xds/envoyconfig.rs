@@ -174,6 +174,17 @@ impl ConfigDoc {
             origin,
         }
     }
+
+    /// Says the document was read from `origin` (a file read in parts
+    /// learns a document's index in the file after reading it).
+    pub fn moved_to(&mut self, origin: &Origin) {
+        if self.origin != *origin {
+            self.origin = origin.clone();
+            if let Ok(c) = &mut self.parsed {
+                c.origin = origin.clone();
+            }
+        }
+    }
 }
 
 /// Parses a document whose kind is an EnvoyConfig kind.

@@ -628,22 +628,9 @@ impl Model {
             return;
         }
         let share = todo.len().div_ceil(threads);
-        // Tests count what a build keeps on the thread that built.
-        #[cfg(test)]
-        let account = crate::test_alloc::Account::of_this_thread();
-        let done: Vec<Option<Vec<Translating>>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = todo
-                .chunks(share)
-                .map(|part| {
-                    let work = move || part.iter().map(|c| translated(c)).collect::<Vec<_>>();
-                    #[cfg(test)]
-                    let work = move || account.lend(work);
-                    scope.spawn(work)
-                })
-                .collect();
-            // A worker that did not finish leaves its part to the build.
-            workers.into_iter().map(|w| w.join().ok()).collect()
-        });
+        // A worker that did not finish leaves its part to the build.
+        let parts: Vec<&[&EnvoyConfig]> = todo.chunks(share).collect();
+        let done = crate::par::each_part(&parts, |part| part.iter().map(|c| translated(c)).collect::<Vec<_>>());
         let Some(cache) = self.translations.as_mut() else { return };
         for (part, done) in todo.chunks(share).zip(done) {
             for (cfg, t) in part.iter().zip(done.into_iter().flatten()) {

@@ -236,6 +236,7 @@ impl AggregatedDiscoveryService for Ads {
                                         });
                                     }
                                     None => {
+                                        tracing::debug!(type_url = req.type_url, resources = in_flight.len(), "delta ACK");
                                         let _ = events.send(AdsEvent::Ack {
                                             type_url: req.type_url.clone(),
                                             version: snap.version.to_string(),
@@ -380,6 +381,7 @@ fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u
     let carried: BTreeMap<String, u64> = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
     sub.sent.extend(carried.iter().map(|(n, v)| (n.clone(), Some(*v))));
     let nonce = nonce.to_string();
+    tracing::debug!(type_url, changed = carried.len(), removed = removed.len(), "delta response");
     sub.in_flight.insert(nonce.clone(), carried);
     Some(DeltaDiscoveryResponse {
         system_version_info: snap.version.to_string(),
