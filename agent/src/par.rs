@@ -3,7 +3,9 @@
 //! node's cores instead of one).
 
 /// `f` of each part, in order, each on a scoped thread (the first on the
-/// calling thread); None for a part whose thread panicked. In test builds
+/// calling thread); None for a part whose thread could not start or
+/// panicked. The threads have the agent's stack (`limits::thread`): a part
+/// may parse a document nested as deep as the parser allows. In test builds
 /// what the threads allocate and keep is counted as the caller's (see
 /// `test_alloc::Account`), as if it had done the work itself.
 pub fn each_part<P: Sync, R: Send>(parts: &[P], f: impl Fn(&P) -> R + Sync) -> Vec<Option<R>> {
@@ -18,11 +20,11 @@ pub fn each_part<P: Sync, R: Send>(parts: &[P], f: impl Fn(&P) -> R + Sync) -> V
                 let work = move || f(p);
                 #[cfg(test)]
                 let work = move || account.lend(work);
-                scope.spawn(work)
+                crate::limits::thread("weft-part").spawn_scoped(scope, work).ok()
             })
             .collect();
         let first = parts.first().map(f);
-        first.into_iter().map(Some).chain(rest.into_iter().map(|h| h.join().ok())).collect()
+        first.into_iter().map(Some).chain(rest.into_iter().map(|h| h.and_then(|h| h.join().ok()))).collect()
     })
 }
 

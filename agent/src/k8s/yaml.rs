@@ -136,8 +136,11 @@ const MAX_PARTS: usize = 4;
 /// reported as the file's problem, with `object: None` and the document's
 /// index, and what followed is not read.
 pub fn load_text(path: &Path, text: &str, into: &mut Loaded) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let parts = if text.len() >= PARTS_FROM_BYTES { cores.min(MAX_PARTS) } else { 1 };
+    let parts = if text.len() >= PARTS_FROM_BYTES {
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_PARTS)
+    } else {
+        1
+    };
     load_text_in_parts(path, text, parts, into);
 }
 
@@ -839,6 +842,36 @@ metadata: {name: web}
         }
         // Most texts were really cut.
         assert!(cut * 2 > rounds, "{cut} of {rounds}");
+    }
+
+    /// A part read on a thread of its own may hold a document nested as
+    /// deep as the parser allows (its thread has the agent's stack; with a
+    /// library's default 2 MiB, 100 levels aborted the process).
+    #[test]
+    fn a_part_may_hold_the_deepest_document() {
+        let deep = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: deep}}\nextra: {}{}\n",
+            "[".repeat(limits::MAX_YAML_DEPTH - 4),
+            "]".repeat(limits::MAX_YAML_DEPTH - 4)
+        );
+        let first = format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: first}}\n# {}\n", "x".repeat(4000));
+        let text = format!("{first}---\n{deep}");
+        assert_eq!(document_parts(&text, 2).len(), 2);
+        // The caller has the agent's stack too (the control loop's runtime worker).
+        let read = limits::thread("test-caller")
+            .spawn(move || {
+                let mut out = [1, 2].map(|_| Loaded::default());
+                for (parts, l) in [1, 2].into_iter().zip(out.iter_mut()) {
+                    load_text_in_parts(Path::new("d.yaml"), &text, parts, l);
+                }
+                out.map(|l| format!("{l:?}"))
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(read[0], read[1]);
+        // Both documents were read (ConfigMaps are kinds the agent ignores), none refused.
+        assert!(read[0].contains("problems: []") && read[0].matches("ConfigMap").count() == 2, "{}", read[0]);
     }
 
     #[test]
