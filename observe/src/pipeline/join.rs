@@ -6,6 +6,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddrV4,
+    time::{Duration, Instant},
 };
 
 use fnv::FnvBuildHasher;
@@ -138,6 +139,63 @@ impl ConnTable {
         let k = self.proxied.get(&(u32::from(*client.ip()), client.port(), proxy_port))?;
         self.conns.get(k)
     }
+
+    /// The datapath's view of the connection an access-log entry came in
+    /// on: `server` is the local address Envoy saw; a loopback one is the
+    /// proxy's own listener, found by the port the datapath handed it to.
+    pub fn downstream(&self, client: SocketAddrV4, server: SocketAddrV4) -> Option<&ConnLink> {
+        if server.ip().is_loopback() { self.proxied(client, server.port()) } else { self.link(client, server) }
+    }
+}
+
+/// Access-log entries held until the datapath's records show the
+/// connection each came in on. Envoy writes an exchange to its log after
+/// the connection's first packets went through the datapath, but the
+/// records of those packets reach the flows thread through the ring
+/// buffer's reader, which reads every few milliseconds and may be kept off
+/// a busy node's cores for longer: an entry joined at once would then miss
+/// its connection (an HTTP flow without the verdict and path). An entry
+/// whose connection is known, or that names no connection, goes on at once
+/// (unless entries before it wait: the order stays Envoy's); one whose
+/// connection is not known waits up to `wait` (then goes on unjoined, as a
+/// request the datapath did not see does), and at most `max` wait.
+pub struct Held<T> {
+    waiting: VecDeque<(Instant, T)>,
+    wait: Duration,
+    max: usize,
+}
+
+impl<T> Held<T> {
+    pub fn new(wait: Duration, max: usize) -> Self {
+        Held { waiting: VecDeque::new(), wait, max: max.max(1) }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Takes an entry that arrived at `now`.
+    pub fn push(&mut self, now: Instant, entry: T) {
+        self.waiting.push_back((now, entry));
+    }
+
+    /// Hands on, in order, the entries that may go at `now`: `known` says
+    /// whether an entry's connection is known (or it names none).
+    pub fn ready(&mut self, now: Instant, known: impl Fn(&T) -> bool, mut out: impl FnMut(T)) {
+        while let Some((at, e)) = self.waiting.front() {
+            let over = self.waiting.len() > self.max;
+            if !(over || known(e) || now.saturating_duration_since(*at) >= self.wait) {
+                break;
+            }
+            let (_, e) = self.waiting.pop_front().expect("a front");
+            out(e);
+        }
+    }
+
+    /// Hands on every entry (the pipeline stops).
+    pub fn drain(&mut self, out: impl FnMut(T)) {
+        self.waiting.drain(..).map(|(_, e)| e).for_each(out);
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +204,34 @@ mod tests {
 
     use super::*;
     use crate::pipeline::record::ServiceInfo;
+
+    /// Entries go on in order: at once when their connection is known, after
+    /// the wait when not, never past one that still waits; at most `max`
+    /// wait, and all go when the pipeline stops.
+    #[test]
+    fn held_entries_go_on_in_order_once_known_or_after_the_wait() {
+        let (t0, wait) = (Instant::now(), Duration::from_millis(100));
+        let mut h = Held::new(wait, 3);
+        let known = |e: &(u32, bool)| e.1;
+        let mut out = Vec::new();
+        h.push(t0, (1, true));
+        h.ready(t0, known, |e| out.push(e.0));
+        assert_eq!(out, [1]);
+        h.push(t0, (2, false));
+        h.push(t0, (3, true));
+        h.ready(t0 + wait / 2, known, |e| out.push(e.0));
+        assert_eq!(out, [1], "3 is known but goes after 2");
+        h.ready(t0 + wait, known, |e| out.push(e.0));
+        assert_eq!(out, [1, 2, 3]);
+        for i in 4..=7 {
+            h.push(t0 + wait, (i, false));
+        }
+        h.ready(t0 + wait, known, |e| out.push(e.0));
+        assert_eq!(out, [1, 2, 3, 4], "no more than three wait");
+        h.drain(|e| out.push(e.0));
+        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7]);
+        assert!(h.is_empty());
+    }
 
     fn ev(t: u32, sub: u32, src: &str, dst: &str) -> FlowRecord {
         let a: SocketAddrV4 = src.parse().unwrap();

@@ -39,7 +39,7 @@ use weft_flow::time::now_ns;
 
 use self::{
     enrich::Names,
-    join::ConnTable,
+    join::{ConnTable, Held},
     record::{EV_L7, Entry, FlowRecord, L7_REQUEST, L7_RESPONSE, L7Entry, Lost, LostSource},
     ringbuf::Records,
     store::FlowStore,
@@ -447,6 +447,7 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
     let mut offset = monotonic_offset();
     let mut batches = 0u32;
     let mut idle_at = std::time::Instant::now();
+    let mut held = Held::new(JOIN_WAIT, CHUNK * 8);
     while !p.stop.load(Ordering::Relaxed) {
         let names = p.names();
         batch.extend(p.pending.lock().unwrap().drain(..).map(Entry::Lost));
@@ -456,16 +457,19 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
             conns.observe(&f);
             batch.push(Entry::Flow(f));
         }
-        let mut l7_entries = 0;
-        for _ in 0..CHUNK {
-            match l7.try_recv() {
-                Ok(e) => {
-                    l7_flows(e, &names, &conns, &mut batch);
-                    l7_entries += 1;
-                }
-                Err(_) => break,
-            }
+        let now = std::time::Instant::now();
+        for e in l7.try_iter().take(CHUNK) {
+            held.push(now, e);
         }
+        let mut l7_entries = 0;
+        held.ready(
+            now,
+            |e| joinable(e, &conns),
+            |e| {
+                l7_flows(e, &names, &conns, &mut batch);
+                l7_entries += 1;
+            },
+        );
         if batch.is_empty() {
             if idle_at.elapsed() >= IDLE_EVERY {
                 idle_at = std::time::Instant::now();
@@ -473,22 +477,51 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
                     s.idle(&names);
                 }
             }
-            thread::park_timeout(Duration::from_millis(100));
+            // Held entries are looked at again soon.
+            thread::park_timeout(if held.is_empty() { Duration::from_millis(100) } else { HELD_LOOK });
             continue;
         }
-        let first = p.store.end();
-        for s in p.sinks.lock().unwrap().iter_mut() {
-            s.batch(first, &batch, &names);
-        }
-        let flows = batch.iter().filter(|e| matches!(e, Entry::Flow(_))).count() as u64;
-        p.counters.flows.fetch_add(flows, Ordering::Relaxed);
-        p.store.push_batch(&mut batch, now_ns() / 1_000_000_000);
-        p.counters.l7_stored.fetch_add(l7_entries, Ordering::Release);
+        store_batch(&p, &mut batch, &names, l7_entries);
         batches = batches.wrapping_add(1);
         if batches.is_multiple_of(1024) {
             // The wall clock may have been stepped.
             offset = monotonic_offset();
         }
+    }
+    // What is held when the pipeline stops is stored unjoined, not dropped.
+    if !held.is_empty() {
+        let (names, mut n) = (p.names(), 0);
+        held.drain(|e| {
+            l7_flows(e, &names, &conns, &mut batch);
+            n += 1;
+        });
+        store_batch(&p, &mut batch, &names, n);
+    }
+}
+
+/// Hands a batch to the sinks and the store (which empties it); `l7_entries`
+/// access-log entries made it.
+fn store_batch(p: &Pipeline, batch: &mut Vec<Entry>, names: &Arc<Names>, l7_entries: u64) {
+    let first = p.store.end();
+    for s in p.sinks.lock().unwrap().iter_mut() {
+        s.batch(first, batch, names);
+    }
+    let flows = batch.iter().filter(|e| matches!(e, Entry::Flow(_))).count() as u64;
+    p.counters.flows.fetch_add(flows, Ordering::Relaxed);
+    p.store.push_batch(batch, now_ns() / 1_000_000_000);
+    p.counters.l7_stored.fetch_add(l7_entries, Ordering::Release);
+}
+
+/// How long an access-log entry waits for the datapath's records of its
+/// connection (see [`Held`]), and how often held entries are looked at.
+const JOIN_WAIT: Duration = Duration::from_millis(100);
+const HELD_LOOK: Duration = Duration::from_millis(5);
+
+/// Whether an entry's connection is known, or it names none (see [`Held`]).
+fn joinable(e: &L7Entry, conns: &ConnTable) -> bool {
+    match (e.client, e.server) {
+        (Some(c), Some(s)) => conns.downstream(c, s).is_some(),
+        _ => true,
     }
 }
 
@@ -501,10 +534,7 @@ fn raw(a: SocketAddrV4) -> (u32, u16) {
 pub fn l7_flows(e: L7Entry, names: &Names, conns: &ConnTable, out: &mut Vec<Entry>) {
     let mut http = e.http;
     if let (Some(c), Some(s)) = (e.client, e.server) {
-        // A loopback local address is the proxy's own listener: find the
-        // connection by the port the datapath handed it to.
-        let link = if s.ip().is_loopback() { conns.proxied(c, s.port()) } else { conns.link(c, s) };
-        http.downstream_link = link.cloned();
+        http.downstream_link = conns.downstream(c, s).cloned();
     }
     // The address the client asked for (the Service), as the datapath saw it.
     let server = http.downstream_link.as_ref().and_then(|l| l.server).or(e.server);
@@ -625,6 +655,46 @@ mod tests {
         // After an idle spell: the rate is low, the full gathering.
         assert_eq!(gather_for(3, Duration::from_secs(2), room, READ_GATHER), READ_GATHER);
         assert_eq!(gather_for(0, ms(5), room, READ_GATHER), READ_GATHER);
+    }
+
+    /// An access-log entry that reaches the flows thread before the
+    /// datapath's record of its connection (the ring buffer's reader was
+    /// late) is still joined to it.
+    #[test]
+    fn an_exchange_is_joined_to_its_connection_whose_record_comes_after_it() {
+        let (p, mut feed) = Pipeline::start(PipelineConfig::default(), Names::default());
+        let (client, server) = ("10.1.1.11:40000".parse().unwrap(), "10.96.0.20:80".parse().unwrap());
+        p.submit_l7(L7Entry { http: record::Http::default(), client: Some(client), server: Some(server) });
+        thread::sleep(Duration::from_millis(30));
+        let ip = |a: SocketAddrV4| u32::from_ne_bytes(a.ip().octets());
+        feed.push(&Event {
+            r#type: 4, // a trace (WEFT_EV_TRACE)
+            proto: 6,
+            saddr: ip(client),
+            daddr: ip(server),
+            sport: client.port().to_be(),
+            dport: server.port().to_be(),
+            ..Default::default()
+        });
+        feed.flush();
+        let t0 = Instant::now();
+        let joined = loop {
+            let mut l7 = Vec::new();
+            p.store.for_each(|e| {
+                if let Entry::Flow(f) = e
+                    && let Some(h) = &f.http
+                {
+                    l7.push(h.downstream_link.is_some());
+                }
+            });
+            if !l7.is_empty() {
+                break l7;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no HTTP flow stored");
+            thread::sleep(Duration::from_millis(5));
+        };
+        assert!(joined.iter().all(|j| *j), "{joined:?}");
+        p.stop();
     }
 
     #[test]
