@@ -156,12 +156,12 @@ fn load_text_in_parts(path: &Path, text: &str, parts: usize, into: &mut Loaded) 
     let path: Arc<Path> = Arc::from(path);
     let cut = document_parts(text, parts);
     if cut.len() > 1 {
-        let read: Vec<Option<PartRead>> =
+        let read: Option<Vec<PartRead>> =
             crate::par::each_part(&cut, |t| read_part(&path, t)).into_iter().map(Option::flatten).collect();
-        tracing::debug!(path = %path.display(), bytes = text.len(), parts = cut.len(), ok = read.iter().all(Option::is_some), "read in parts");
-        if read.iter().all(Option::is_some) {
+        tracing::debug!(path = %path.display(), bytes = text.len(), parts = cut.len(), ok = read.is_some(), "read in parts");
+        if let Some(read) = read {
             let mut offset = 0;
-            for part in read.into_iter().flatten() {
+            for part in read {
                 let n = part.len();
                 for (i, items) in part.into_iter().enumerate() {
                     let origin = Origin::File { path: path.clone(), doc: offset + i };
@@ -275,10 +275,10 @@ fn read_value(origin: &Origin, v: Value, out: &mut impl FnMut(Item)) {
     if v.is_null() {
         return;
     }
-    let Some(kind) = v.get("kind").and_then(Value::as_str).map(str::to_owned) else {
+    let Some(list) = v.get("kind").and_then(Value::as_str).map(|k| k == "List") else {
         return out(Item::Problem(None, DocError::NoKind));
     };
-    if kind == "List" {
+    if list {
         // `kubectl get -o yaml` output: items are documents of their own.
         if let Value::Object(mut list) = v
             && let Some(Value::Array(items)) = list.remove("items")

@@ -632,7 +632,7 @@ impl Model {
         let parts: Vec<&[&EnvoyConfig]> = todo.chunks(share).collect();
         let done = crate::par::each_part(&parts, |part| part.iter().map(|c| translated(c)).collect::<Vec<_>>());
         let Some(cache) = self.translations.as_mut() else { return };
-        for (part, done) in todo.chunks(share).zip(done) {
+        for (part, done) in parts.iter().zip(done) {
             for (cfg, t) in part.iter().zip(done.into_iter().flatten()) {
                 cache.insert(cfg.key.clone(), (cfg.spec.clone(), t));
             }

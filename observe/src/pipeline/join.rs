@@ -187,8 +187,9 @@ impl<T> Held<T> {
             if !(over || known(e) || now.saturating_duration_since(*at) >= self.wait) {
                 break;
             }
-            let (_, e) = self.waiting.pop_front().expect("a front");
-            out(e);
+            if let Some((_, e)) = self.waiting.pop_front() {
+                out(e);
+            }
         }
     }
 
