@@ -4,7 +4,7 @@
 # Safe to run again: it only installs what is missing.
 set -eu
 
-PKGS="clang llvm libbpf-dev linux-libc-dev iproute2 iptables gcc libc6-dev pkg-config curl ca-certificates python3 python3-venv prometheus openssl util-linux xz-utils containernetworking-plugins umoci"
+PKGS="clang llvm libbpf-dev linux-libc-dev iproute2 iptables gcc libc6-dev make pkg-config curl ca-certificates python3 python3-venv prometheus openssl util-linux xz-utils containernetworking-plugins umoci"
 
 missing=""
 for p in $PKGS; do

@@ -1149,7 +1149,9 @@ spec:
         // `Listener`'s room each (2,240). 15,900 once a resource's type URL
         // and version were no strings of their own (500) and the indexes'
         // lists per Service or owner took the room they hold (1,100).
-        assert!(per_config < 16_500, "{per_config} bytes per config");
+        // 14,900 once the kept translation's listener no longer held the
+        // agent's access log (983), which the model adds as it shapes.
+        assert!(per_config < 15_500, "{per_config} bytes per config");
     }
 
     /// Envoy ACKs every resource of the current build (the listeners as

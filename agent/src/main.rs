@@ -5,6 +5,13 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use weft_agent::{config::AgentConfig, datapath::Datapath};
 
+/// jemalloc, not glibc's malloc: at 10,000 EnvoyConfigs the agent holds
+/// about two million small allocations, and glibc's per-chunk header and
+/// free lists cost about 27 MiB more resident memory for the same heap
+/// (benches/results/REPORT.md, issue 12).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "weft-agent", version, about = "weft node agent: eBPF datapath, xDS control plane, flows")]
 struct Cli {

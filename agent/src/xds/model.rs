@@ -540,6 +540,7 @@ impl Model {
     ) -> Arc<Resource> {
         let fresh = |shape: &Shape| {
             let mut listener = t.whole_listener(i);
+            translate::add_weft_access_log(&mut listener);
             match shape {
                 Shape::Pinned { handed: true } => translate::handed_connections(&mut listener),
                 Shape::Pinned { handed: false } | Shape::Bound { port: None, .. } => {}
@@ -2069,6 +2070,7 @@ spec:
         };
         let l = listener("default/a/l");
         assert_eq!(l.bind_to_port.map(|b| b.value), Some(false));
+        assert!(logs_to_the_agent_once(&l), "{l:?}");
         assert_eq!(translate::pinned_port(l.address.as_ref()), Some(("10.96.0.10".into(), 80)));
         assert!(l.additional_addresses.is_empty());
         let d = listener(translate::DISPATCH_LISTENER);
@@ -2101,6 +2103,7 @@ spec:
         assert_eq!(b.redirects.get(&(ObjKey::new("default", "web"), None)), Some(&port), "the Service too");
         assert!(!b.xds.contains(translate::LISTENER, translate::DISPATCH_LISTENER), "no listener is dispatched to");
         assert!(exact_balance(&l), "its one socket's connections are spread over the workers: {l:?}");
+        assert!(logs_to_the_agent_once(&l), "{l:?}");
 
         // Without the policy it goes back behind the dispatcher.
         m.set_policy_listeners(BTreeSet::new());
@@ -2114,6 +2117,28 @@ spec:
         let r = b.xds.of(translate::LISTENER).find(|r| r.name == translate::DISPATCH_LISTENER).unwrap();
         let d = Listener::decode(r.value.as_slice()).unwrap();
         assert_eq!(d.connection_balance_config, None, "{d:?}");
+    }
+
+    /// Whether each HTTP connection manager of the listener logs each
+    /// request to the agent, once (the model adds the log as it shapes a
+    /// listener: the translation has none).
+    fn logs_to_the_agent_once(l: &Listener) -> bool {
+        use envoy_types::pb::envoy::{
+            config::listener::v3::filter,
+            extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
+        };
+        let hcms: Vec<HttpConnectionManager> = l
+            .filter_chains
+            .iter()
+            .flat_map(|fc| &fc.filters)
+            .filter_map(|f| match &f.config_type {
+                Some(filter::ConfigType::TypedConfig(any)) if any.type_url.ends_with(".HttpConnectionManager") => {
+                    HttpConnectionManager::decode(any.value.as_slice()).ok()
+                }
+                _ => None,
+            })
+            .collect();
+        !hcms.is_empty() && hcms.iter().all(|h| translate::has_weft_access_log(h) && h.access_log.len() == 1)
     }
 
     fn exact_balance(l: &Listener) -> bool {
@@ -2631,7 +2656,9 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         // listeners, 8,200 while each reduced listener still took a whole
         // `Listener`'s 2.4 KB (its list was collected into the list of whole ones);
         // 5,900 while a resource kept its type URL and version as strings of
-        // its own, and the lists per Service or owner the room for four.
-        assert!(per_config < 6_000, "{per_config} bytes per config");
+        // its own, and the lists per Service or owner the room for four;
+        // 5,621 while the kept translation's listener held the agent's
+        // access log (983 bytes; the model adds it as it shapes).
+        assert!(per_config < 5_000, "{per_config} bytes per config");
     }
 }
