@@ -12,6 +12,20 @@ use weft_agent::{config::AgentConfig, datapath::Datapath};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read before `main`: a background thread gives
+/// pages unused for a second back to the system. With jemalloc's default
+/// (kept ten seconds, purged only when the agent allocates again) an idle
+/// agent kept what its start freed: 67 MiB resident against glibc's 52.
+/// Giving them back at once (decay 0) cost the flow path 1-3 % of a core
+/// at 10,000 flows/s: its buffers are freed and taken again every batch.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+// SAFETY: a pointer to a string literal, never written.
+unsafe impl Sync for MallocConf {}
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: MallocConf =
+    MallocConf(c"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
 #[derive(Parser)]
 #[command(name = "weft-agent", version, about = "weft node agent: eBPF datapath, xDS control plane, flows")]
 struct Cli {
