@@ -165,7 +165,12 @@ fn ours() -> Option<&'static DynamicMessage> {
 /// [`translate`]: the log is the agent's own, the same bytes every time,
 /// so the checks need not walk it (983 of a bench listener's 1,329 bytes,
 /// 30 fields each decoded as a dynamic message, were most of what they
-/// walked), and the kept translation need not hold it.
+/// walked), and the kept translation need not hold it. The log's entry is
+/// appended to the connection manager's bytes as they are (a repeated
+/// field's entries are read in the order they come): decoded and encoded
+/// again, its maps (`typed_per_filter_config`, metadata) could come out in
+/// another order each time, and Envoy would take an unchanged listener as
+/// changed.
 pub(crate) fn add_weft_access_log(l: &mut Listener) {
     for fc in l.filter_chains.iter_mut().chain(l.default_filter_chain.as_mut()) {
         for f in fc.filters.iter_mut() {
@@ -173,17 +178,25 @@ pub(crate) fn add_weft_access_log(l: &mut Listener) {
             if !any.type_url.ends_with(".HttpConnectionManager") {
                 continue;
             }
-            let Some(mut hcm) = unpack::<HttpConnectionManager>(any) else { continue };
+            let Some(hcm) = unpack::<HttpConnectionManager>(any) else { continue };
             if !has_weft_access_log(&hcm) {
-                hcm.access_log.push(weft_access_log());
-                *any = pack(&hcm);
+                any.value.extend_from_slice(weft_access_log_entry());
             }
         }
     }
 }
 
-/// Whether the connection manager already has the agent's access log (a
-/// config translated again, or one that spells it out exactly).
+/// The agent's access log as one encoded `access_log` entry of a
+/// connection manager: a manager with nothing else set is that entry alone.
+fn weft_access_log_entry() -> &'static [u8] {
+    static ENTRY: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        HttpConnectionManager { access_log: vec![weft_access_log()], ..Default::default() }.encode_to_vec()
+    });
+    &ENTRY
+}
+
+/// Whether the connection manager already has the agent's access log (one
+/// added before, or a config that spells it out).
 pub(crate) fn has_weft_access_log(hcm: &HttpConnectionManager) -> bool {
     use envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog;
     hcm.access_log.iter().any(|a| match &a.config_type {
@@ -988,6 +1001,46 @@ mod access_log_tests {
 
     use super::*;
 
+    /// A manager's own bytes are kept as they are, its own logs first and
+    /// the agent's appended, so a listener shaped again is the same bytes
+    /// (its maps are not encoded again in another order).
+    #[test]
+    fn the_agents_log_is_appended_to_a_managers_bytes_as_they_are() {
+        use envoy_types::pb::envoy::config::{
+            listener::v3::{Filter, FilterChain},
+            route::v3::{RouteConfiguration, VirtualHost},
+        };
+        let per_filter: std::collections::HashMap<String, Any> =
+            (0..8).map(|i| (format!("f{i}"), pack(&Router::default()))).collect();
+        let own = AccessLog { name: "team-log".into(), ..Default::default() };
+        let hcm = HttpConnectionManager {
+            stat_prefix: "p".into(),
+            access_log: vec![own.clone()],
+            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
+                virtual_hosts: vec![VirtualHost { typed_per_filter_config: per_filter, ..Default::default() }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let before = pack(&hcm);
+        let mut l = Listener {
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "hcm".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(before.clone())),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        add_weft_access_log(&mut l);
+        add_weft_access_log(&mut l);
+        let Some(filter::ConfigType::TypedConfig(after)) = &l.filter_chains[0].filters[0].config_type else { panic!() };
+        assert_eq!(after.value, [before.value.as_slice(), weft_access_log_entry()].concat());
+        let got: HttpConnectionManager = unpack(after).unwrap();
+        assert_eq!(got.access_log, vec![own, weft_access_log()]);
+    }
+
     #[test]
     fn the_agents_access_log_is_the_same_bytes_every_time_and_decodes_as_envoys_message() {
         let a = weft_access_log().encode_to_vec();
@@ -1124,9 +1177,13 @@ spec:
         let Some(filter::ConfigType::TypedConfig(any)) = &shaped.filter_chains[0].filters[0].config_type else {
             panic!()
         };
-        let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
-        assert!(has_weft_access_log(&hcm));
-        assert_eq!(hcm.access_log.len(), 1);
+        let with_log = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        assert!(has_weft_access_log(&with_log));
+        assert_eq!(with_log.access_log.len(), 1);
+        // Appended to the bytes as they were: the same manager, the log last.
+        let mut expected = hcm.clone();
+        expected.access_log.push(weft_access_log());
+        assert_eq!(with_log, expected);
         // A namespaced config redirects its own namespace's Service, to its first listener.
         assert_eq!(
             t.redirects,
