@@ -115,14 +115,9 @@ mod wire {
     }
 }
 
-/// The agent's access log for a connection manager: made once, cloned
-/// for each (every HTTP listener of every config has one).
+/// The agent's access log for a connection manager (made once each by
+/// [`ours`] and [`weft_access_log_entry`]).
 fn weft_access_log() -> AccessLog {
-    static LOG: std::sync::LazyLock<AccessLog> = std::sync::LazyLock::new(make_weft_access_log);
-    LOG.clone()
-}
-
-fn make_weft_access_log() -> AccessLog {
     use envoy_types::pb::{
         envoy::extensions::access_loggers::file::v3::FileAccessLog,
         google::protobuf::{Value, value},
