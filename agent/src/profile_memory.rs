@@ -5,21 +5,24 @@
 //! the path the agent takes with an objects directory: the directory source
 //! reads and parses the file, the controller loads and builds, the status is
 //! made and written as `/status` writes it, and every resource is encoded
-//! into a state-of-the-world response as the ADS server sends it. Each phase
+//! into the delta responses the ADS server sends a new stream. Each phase
 //! prints the heap the process holds after it, the most it held during it
 //! (the test allocator's counts, every thread), and the process's RSS and
 //! peak RSS (VmHWM), which also count the allocator's free lists.
 
 use std::net::Ipv4Addr;
 
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use prost::Message;
 
 use crate::{
     controller::Controller,
     k8s::yaml::DirSource,
     test_alloc,
-    xds::{envoyconfig, ports::ProxyPorts, server::PUSH_ORDER},
+    xds::{
+        envoyconfig,
+        ports::ProxyPorts,
+        server::{self, PUSH_ORDER},
+    },
 };
 
 /// `field` of /proc/self/status in KiB.
@@ -98,18 +101,14 @@ fn memory_with_many_configs_written_at_once() {
     drop((status, json));
     phase("status: dropped", n);
 
-    let mut bytes = 0;
+    let (mut bytes, mut responses) = (0, 0);
     for t in PUSH_ORDER {
-        let response = DiscoveryResponse {
-            resources: published.xds.of(t).map(|r| r.any()).collect(),
-            type_url: t.to_owned(),
-            ..Default::default()
-        };
-        let encoded = response.encode_to_vec();
-        bytes += encoded.len();
-        drop((response, encoded));
+        server::first_delta_push(&published, t, |response| {
+            bytes += response.encode_to_vec().len();
+            responses += 1;
+        });
     }
-    phase(&format!("xDS: every type encoded, one at a time ({} KiB)", bytes / 1024), n);
+    phase(&format!("xDS: every type sent as to a new delta stream ({responses} responses, {} KiB)", bytes / 1024), n);
 
     drop((snap, published));
     phase("build's snapshots dropped (the controller keeps its own)", n);

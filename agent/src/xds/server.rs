@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use imbl::ordmap::DiffItem;
 
 use super::{
-    model::{Resources, XdsSnapshot, parse_version, version_text},
+    model::{Resource, Resources, XdsSnapshot, parse_version, version_text},
     translate::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET},
 };
 
@@ -196,7 +196,11 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(64);
+        // Two responses queued at most: a large update goes out in parts
+        // of about DELTA_RESPONSE_BYTES (see [`send_delta`]), each made
+        // when the one before has been taken to be written, so the bytes
+        // copied for sending stay a few parts' worth, not the whole update.
+        let (tx, rx) = mpsc::channel(2);
         let mut snapshots = self.snapshots.clone();
         let events = self.events.clone();
         let _ = events.send(AdsEvent::Connected { delta: true });
@@ -246,18 +250,14 @@ impl AggregatedDiscoveryService for Ads {
                                 }
                             }
                         sub.follow(&req.resource_names_subscribe, &req.resource_names_unsubscribe);
-                        nonce += 1;
-                        if let Some(resp) = delta_response(&snap, &req.type_url, sub, nonce)
-                            && tx.send(Ok(resp)).await.is_err() { break; }
+                        if !send_delta(&tx, &snap, &req.type_url, sub, &mut nonce).await { break; }
                     }
                     changed = snapshots.changed() => {
                         if changed.is_err() { break; }
                         let snap = snapshots.borrow_and_update().clone();
                         for t in PUSH_ORDER {
                             let Some(sub) = subs.get_mut(t) else { continue };
-                            nonce += 1;
-                            if let Some(resp) = delta_response(&snap, t, sub, nonce)
-                                && tx.send(Ok(resp)).await.is_err() { return; }
+                            if !send_delta(&tx, &snap, t, sub, &mut nonce).await { return; }
                         }
                     }
                 }
@@ -342,6 +342,67 @@ impl DeltaSub {
 /// that changed since the last response (what the snapshots do not share)
 /// and the names newly subscribed to, not every resource.
 fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u64) -> Option<DeltaDiscoveryResponse> {
+    delta_response_within(snap, type_url, sub, nonce, DELTA_RESPONSE_BYTES)
+}
+
+/// About how many bytes of resources one delta response carries: an update
+/// of 10,000 configs' listeners is some 14 MiB, and a response is copied
+/// (into the message, then into gRPC's frame) before it is written, so one
+/// response of it all held twice that at the agent's peak. Envoy applies
+/// the parts one after the other as it would the one response.
+const DELTA_RESPONSE_BYTES: usize = 1 << 20;
+
+/// Sends what changed of a type since the last response, in as many
+/// responses as its size takes (see [`delta_response_within`]); false when
+/// the stream is gone.
+async fn send_delta(
+    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    snap: &Published,
+    type_url: &str,
+    sub: &mut DeltaSub,
+    nonce: &mut u64,
+) -> bool {
+    loop {
+        *nonce += 1;
+        let Some(resp) = delta_response(snap, type_url, sub, *nonce) else { return true };
+        if tx.send(Ok(resp)).await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// What a resource costs in a delta response as the agent holds it before
+/// it is written: its bytes, its name, and the message around them (the
+/// type URL and version as strings of their own, about 200 bytes with the
+/// structs: most of a small resource's).
+fn sent_size(r: &Resource) -> usize {
+    r.value.len() + r.name.len() + 200
+}
+
+/// What a delta stream that has just subscribed to everything of a type
+/// is sent, one response at a time, as [`send_delta`] makes them (for the
+/// memory profile).
+#[cfg(test)]
+pub(crate) fn first_delta_push(snap: &Published, type_url: &str, mut each: impl FnMut(DeltaDiscoveryResponse)) {
+    let mut sub = DeltaSub { wildcard: true, ..Default::default() };
+    let mut nonce = 0;
+    while let Some(r) = delta_response(snap, type_url, &mut sub, nonce) {
+        nonce += 1;
+        each(r);
+    }
+}
+
+/// [`delta_response`] with at most `budget` bytes of resources (one
+/// resource at least): the resources past it are left to the next response
+/// (named in `touched`, so it compares them), in the same order. Removed
+/// names all go in the first.
+fn delta_response_within(
+    snap: &Published,
+    type_url: &str,
+    sub: &mut DeltaSub,
+    nonce: u64,
+    budget: usize,
+) -> Option<DeltaDiscoveryResponse> {
     let now = snap.xds.types.get(type_url).cloned().unwrap_or_default();
     let wants = |sub: &DeltaSub, n: &String| sub.wildcard || sub.names.contains(n);
     let mut changed = Vec::new();
@@ -375,6 +436,17 @@ fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u
     if changed.is_empty() && removed.is_empty() {
         return None;
     }
+    let mut bytes = 0;
+    let fit = changed
+        .iter()
+        .take_while(|r| {
+            let size = sent_size(r);
+            let fits = bytes == 0 || bytes + size <= budget;
+            bytes += size;
+            fits
+        })
+        .count();
+    sub.touched.extend(changed.split_off(fit).into_iter().map(|r| r.name.clone()));
     for n in &removed {
         sub.sent.remove(n);
     }
@@ -409,7 +481,6 @@ mod tests {
     };
 
     use super::*;
-    use crate::xds::model::Resource;
 
     fn cla(name: &str, ports: &[u32]) -> Resource {
         let lb_endpoints = ports
@@ -472,6 +543,55 @@ mod tests {
         // A subscriber to some names hears of those only.
         let mut named = DeltaSub { names: ["c".to_string()].into_iter().collect(), ..Default::default() };
         assert_eq!(names(&delta_response(&v3, ENDPOINT, &mut named, 5).unwrap()), (vec!["c"], vec![]));
+    }
+
+    /// A large update goes out in parts of the budget (one resource at
+    /// least, however large), in the order one response would have carried
+    /// them, the removed names in the first part; each part's resources are
+    /// what its ACK acknowledges; together they are the one response.
+    #[test]
+    fn a_large_update_goes_out_in_parts_that_together_are_the_one_response() {
+        let mut rng = crate::xds::acks::tests::Rng(0x0c4a_11ed);
+        for run in 0..50 {
+            let mut whole = DeltaSub { wildcard: true, ..Default::default() };
+            let mut parts = DeltaSub { wildcard: true, ..Default::default() };
+            let mut snap = Published::default();
+            for step in 0..6u64 {
+                for _ in 0..rng.below(30) {
+                    let ports: Vec<u32> = (0..1 + rng.below(40) as u32).map(|p| 8000 + p).collect();
+                    snap.xds.put(cla(&format!("r{:02}", rng.below(40)), &ports));
+                }
+                for _ in 0..rng.below(4) {
+                    if let Some(m) = snap.xds.types.get_mut(ENDPOINT) {
+                        m.remove(&format!("r{:02}", rng.below(40)));
+                    }
+                }
+                snap.version += 1;
+                let budget = 1 + rng.below(6000) as usize;
+                let at = format!("run {run} step {step} budget {budget}");
+                let one = delta_response_within(&snap, ENDPOINT, &mut whole, 0, usize::MAX);
+                let mut got = Vec::new();
+                let mut removed = Vec::new();
+                let mut nonce = 0;
+                while let Some(r) = delta_response_within(&snap, ENDPOINT, &mut parts, nonce, budget) {
+                    nonce += 1;
+                    assert!(nonce < 200, "{at}: the parts never end");
+                    let bytes: usize = r.resources.iter().map(|x| sent_size(&snap.xds.types[ENDPOINT][&x.name])).sum();
+                    assert!(r.resources.len() == 1 || bytes <= budget, "{at}: {bytes} bytes in a part");
+                    assert!(
+                        removed.is_empty() || r.removed_resources.is_empty(),
+                        "{at}: removals after the first part"
+                    );
+                    let carried: Vec<&String> = parts.in_flight[&r.nonce].keys().collect();
+                    assert_eq!(carried, r.resources.iter().map(|x| &x.name).collect::<Vec<_>>(), "{at}");
+                    removed.extend(r.removed_resources);
+                    got.extend(r.resources);
+                }
+                let one = one.map(|r| (r.resources, r.removed_resources)).unwrap_or_default();
+                assert_eq!((got, removed), one, "{at}");
+                assert_eq!(parts.sent, whole.sent, "{at}");
+            }
+        }
     }
 
     /// After a reconnect Envoy names what it has: what it has as built is
