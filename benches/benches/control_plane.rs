@@ -144,6 +144,9 @@ struct Scaled {
     acked: usize,
     refused: usize,
     why: Option<String>,
+    /// The agent's peak RSS until every config was settled, and (below)
+    /// once a full status listing was made after it.
+    agent_burst_kib: u64,
     agent_kib: u64,
     agent_cpu: Duration,
     envoy_kib: u64,
@@ -191,6 +194,7 @@ fn scale(n: usize, group_size: Option<usize>) -> Scaled {
         std::thread::sleep(Duration::from_millis(100));
     }
     let took = t0.elapsed();
+    let agent_burst_kib = kib(run.agent, "VmHWM:");
     let st = agent_status(&run.lab, 0).unwrap_or_else(|e| panic!("{e:.2000}"));
     let (agent_cpu, envoy_cpu) = (cpu(run.agent) - agent_cpu0, cpu(envoy_pid) - envoy_cpu0);
     let (refused, why) = refused(&st);
@@ -205,6 +209,7 @@ fn scale(n: usize, group_size: Option<usize>) -> Scaled {
         acked: acked_count(&st),
         refused,
         why,
+        agent_burst_kib,
         agent_kib: kib(run.agent, "VmHWM:"),
         agent_anon_kib: kib(run.agent, "RssAnon:"),
         agent_file_kib: kib(run.agent, "RssFile:") + kib(run.agent, "RssShmem:"),
@@ -379,7 +384,7 @@ fn main() {
     };
     let repeat: usize = std::env::var("WEFT_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     println!(
-        "| configs | group size | acknowledged | refused | time | per acknowledged config | / first row | agent CPU | agent peak RSS | agent RSS settled: anonymous + files | Envoy CPU | Envoy RSS | Envoy peak RSS | Envoy listeners | Envoy open files | Envoy restarts |"
+        "| configs | group size | acknowledged | refused | time | per acknowledged config | / first row | agent CPU | agent peak RSS: the burst / with a status listing | agent RSS settled: anonymous + files | Envoy CPU | Envoy RSS | Envoy peak RSS | Envoy listeners | Envoy open files | Envoy restarts |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut base = None;
@@ -393,7 +398,7 @@ fn main() {
                 rows.push(serde_json::json!({
                     "configs": n, "group_size": size, "acked": r.acked, "refused": r.refused,
                     "ack_s": r.took.as_secs_f64(), "agent_cpu_s": r.agent_cpu.as_secs_f64(),
-                    "agent_rss_kib": r.agent_kib, "agent_anon_kib": r.agent_anon_kib,
+                    "agent_burst_rss_kib": r.agent_burst_kib, "agent_rss_kib": r.agent_kib, "agent_anon_kib": r.agent_anon_kib,
                     "agent_file_kib": r.agent_file_kib, "envoy_cpu_s": r.envoy_cpu.as_secs_f64(),
                     "envoy_rss_kib": r.envoy_kib, "envoy_peak_rss_kib": r.envoy_peak_kib,
                     "envoy_listeners": r.listeners, "envoy_fds": r.envoy_fds,
@@ -402,13 +407,14 @@ fn main() {
                 }));
                 let size = size.map_or_else(|| "default".to_owned(), |s| s.to_string());
                 println!(
-                    "| {n} | {size} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {:.2} s | {} MiB | {} + {} MiB | {:.2} s | {} MiB | {} MiB | {} | {} | {} |",
+                    "| {n} | {size} | {} | {} | {:.2} s | {:.2} ms | {:.1} | {:.2} s | {} / {} MiB | {} + {} MiB | {:.2} s | {} MiB | {} MiB | {} | {} | {} |",
                     r.acked,
                     r.refused,
                     r.took.as_secs_f64(),
                     r.took.as_secs_f64() * 1e3 / r.acked.max(1) as f64,
                     r.took.as_secs_f64() / base_t.as_secs_f64(),
                     r.agent_cpu.as_secs_f64(),
+                    r.agent_burst_kib / 1024,
                     r.agent_kib / 1024,
                     r.agent_anon_kib / 1024,
                     r.agent_file_kib / 1024,

@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use super::{
     envoyconfig::{ConfigError, ConfigKey, EnvoyConfig, same_spec},
+    groups,
     ports::ProxyPorts,
     translate::{self, BOOTSTRAP_CLUSTERS, Translated},
 };
@@ -409,6 +410,10 @@ pub struct Model {
     last: Option<Last>,
     /// How many builds [`Model::configs_changed`] made.
     changes_followed: u64,
+    /// Whether the listeners are grouped for Envoy ([`super::groups`]): a
+    /// listener that joins a group is kept without the agent's access log,
+    /// which its group's listener gives it.
+    grouped: bool,
 }
 
 /// A Service and the ports of it selected (names or numbers; none: all).
@@ -520,6 +525,19 @@ impl Model {
             generated_endpoints: HashMap::new(),
             last: None,
             changes_followed: 0,
+            grouped: false,
+        }
+    }
+
+    /// Whether the listeners it builds are grouped for Envoy (see `grouped`).
+    pub fn set_grouped(&mut self, grouped: bool) {
+        if grouped != self.grouped {
+            self.grouped = grouped;
+            // Every listener is shaped again, and the next build is a full one.
+            if let Some(cache) = self.listeners.as_mut() {
+                cache.clear();
+            }
+            self.last = None;
         }
     }
 
@@ -538,9 +556,9 @@ impl Model {
         (i, l): (usize, &translate::Item<Option<Address>>),
         shape: Shape,
     ) -> Arc<Resource> {
+        let grouped = self.grouped;
         let fresh = |shape: &Shape| {
             let mut listener = t.whole_listener(i);
-            translate::add_weft_access_log(&mut listener);
             match shape {
                 Shape::Pinned { handed: true } => translate::handed_connections(&mut listener),
                 Shape::Pinned { handed: false } | Shape::Bound { port: None, .. } => {}
@@ -554,6 +572,10 @@ impl Model {
                         translate::original_destination(&mut listener);
                     }
                 }
+            }
+            // One that joins a group logs through its group's listener.
+            if !(grouped && groups::can_join(&listener)) {
+                translate::add_weft_access_log(&mut listener);
             }
             Arc::new(Resource::new(l.name.clone(), &listener, Some(owner.clone())))
         };
@@ -2121,7 +2143,7 @@ spec:
 
     /// Whether each HTTP connection manager of the listener logs each
     /// request to the agent, once (the model adds the log as it shapes a
-    /// listener: the translation has none).
+    /// listener that does not join a group: the translation has none).
     fn logs_to_the_agent_once(l: &Listener) -> bool {
         use envoy_types::pb::envoy::{
             config::listener::v3::filter,
@@ -2175,6 +2197,41 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         addrs.sort();
         let want = ["10.96.0.10:80", "10.96.0.10:81", "192.0.2.7:80", "192.0.2.7:81", "192.168.50.1:30080"];
         assert_eq!(addrs, want, "TCP ports only, on every frontend the datapath installs");
+    }
+
+    /// Grouped, a listener that joins a group is kept without the agent's
+    /// log, and its group's listener gives each chain the log: Envoy gets
+    /// the same bytes as when every member carried it, and each connection
+    /// manager it gets logs to the agent once. A listener that stays on its
+    /// own (one with no Services binds its proxy port) keeps the log.
+    #[test]
+    fn a_group_gives_its_members_the_agents_log_as_members_that_carry_it() {
+        let a = config("a", "default/web");
+        let mut other = config_with("b", "local", "name: local\n    type: STATIC");
+        Arc::make_mut(&mut other.spec).services.clear();
+        let published = |grouped: bool| {
+            let mut m = Model::new(ProxyPorts::ephemeral());
+            m.set_grouped(grouped);
+            let b = m.build(&[a.clone(), other.clone()], &[], &objects(), &node());
+            let built = |name: &str| {
+                let r = b.xds.of(translate::LISTENER).find(|r| r.name == name).expect(name);
+                Listener::decode(r.value.as_slice()).unwrap()
+            };
+            assert_eq!(logs_to_the_agent_once(&built("default/a/l")), !grouped, "the member, grouped: {grouped}");
+            assert!(logs_to_the_agent_once(&built("default/b/l")), "on its own, grouped: {grouped}");
+            let published = groups::Groups::new(100).publish(&b.xds);
+            published.of(translate::LISTENER).map(|r| (r.name.clone(), r.value.clone())).collect::<Vec<_>>()
+        };
+        let (with, without) = (published(false), published(true));
+        let names: Vec<&String> = with.iter().map(|(n, _)| n).collect();
+        assert!(with == without, "the same bytes to Envoy: {names:?}");
+        assert!(with.iter().any(|(n, _)| groups::Groups::is_group(n)), "{with:?}");
+        for (name, bytes) in &with {
+            let l = Listener::decode(bytes.as_slice()).unwrap();
+            if name != translate::DISPATCH_LISTENER {
+                assert!(logs_to_the_agent_once(&l), "{name}: {l:?}");
+            }
+        }
     }
 
     #[test]
