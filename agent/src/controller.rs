@@ -1051,7 +1051,7 @@ fn endpoint_changes(old: &Loaded, new: &Loaded) -> Option<BTreeSet<ObjKey>> {
     }
     let mut out = BTreeSet::new();
     for (k, slice) in changed(endpoint_slices, &n.endpoint_slices) {
-        let service = slice.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name"));
+        let service = slice.metadata.labels.as_ref().and_then(|l| l.get(crate::state::SERVICE_NAME_LABEL));
         if let Some(name) = service {
             out.insert(ObjKey::new(k.namespace.clone(), name.clone()));
         }

@@ -205,7 +205,7 @@ spec: {{ports: [{{name: http, port: 80}}]}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {{name: web-1, namespace: {ns}, labels: {{kubernetes.io/service-name: web}}}}
+metadata: {{name: web-1, namespace: {ns}, labels: {{kubernetes.io/service-name: web, app: web}}}}
 addressType: IPv4
 ports: [{{name: http, port: 8080}}]
 endpoints: [{{addresses: [10.1.1.11]}}]
@@ -315,6 +315,20 @@ async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
     assert!(pod.metadata.annotations.is_none(), "pruned: {:?}", pod.metadata);
     let ports = &pod.spec.as_ref().unwrap().containers[0].ports;
     assert_eq!(ports.as_ref().unwrap()[0].name.as_deref(), Some("http"), "named ports are kept");
+    // A slice keeps only its Service's label: its update is told by its version.
+    let slice_versions = |l: &Loaded| -> Vec<(String, Option<String>)> {
+        l.objects
+            .endpoint_slices
+            .values()
+            .filter(|x| x.object.metadata.namespace.as_deref() == Some(n.as_str()))
+            .map(|x| (x.object.metadata.name.clone().unwrap_or_default(), x.object.metadata.resource_version.clone()))
+            .collect()
+    };
+    let slices_before = slice_versions(&l);
+    let slice =
+        &l.objects.endpoint_slices.values().find(|x| x.object.metadata.namespace.as_deref() == Some(n.as_str()));
+    let labels = slice.map(|x| x.object.metadata.labels.clone().unwrap_or_default().into_keys().collect::<Vec<_>>());
+    assert_eq!(labels, Some(vec!["kubernetes.io/service-name".to_string()]), "pruned");
 
     // Updates of every kind.
     for mut doc in deploy::documents(&objects) {
@@ -328,8 +342,9 @@ async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
                 m.namespace.as_deref() == Some(n.as_str()) || m.name.as_deref().is_some_and(|x| x.starts_with(&n));
             ours && m.labels.as_ref().and_then(|l| l.get("touched")).is_some()
         };
+        let slices_touched = slice_versions(l).iter().filter(|v| !slices_before.contains(v)).count();
         o.services.values().filter(|x| t(&x.object.metadata)).count()
-            + o.endpoint_slices.values().filter(|x| t(&x.object.metadata)).count()
+            + slices_touched
             + o.pods.values().filter(|x| t(&x.object.metadata)).count()
             + o.nodes.values().filter(|x| t(&x.object.metadata)).count()
             + o.secrets.values().filter(|x| t(&x.object.metadata)).count()

@@ -505,7 +505,7 @@ impl SliceIndex {
 
     /// The Service an IPv4 slice belongs to (None: no label, or not IPv4).
     fn service_of(s: &EndpointSlice) -> Option<ObjKey> {
-        let name = s.metadata.labels.as_ref()?.get("kubernetes.io/service-name")?;
+        let name = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
         let ns = s.metadata.namespace.as_deref().unwrap_or("default");
         (s.address_type == "IPv4").then(|| ObjKey::new(ns, name.as_str()))
     }
@@ -516,6 +516,9 @@ impl SliceIndex {
         self.0.get(key).map(Vec::as_slice).unwrap_or_default()
     }
 }
+
+/// The label that names an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The backends of one Service port: from its EndpointSlices, else from its
 /// Endpoints object. Only ready IPv4 addresses count.
