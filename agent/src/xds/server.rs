@@ -129,7 +129,7 @@ impl AggregatedDiscoveryService for Ads {
         tokio::spawn(async move {
             let mut subs: BTreeMap<String, SotwSub> = BTreeMap::new();
             let mut nonce = 0u64;
-            loop {
+            'stream: loop {
                 tokio::select! {
                     req = inbound.next() => {
                         let Some(Ok(req)) = req else { break };
@@ -179,7 +179,7 @@ impl AggregatedDiscoveryService for Ads {
                             if sub.sent_version.as_deref() != Some(&version) {
                                 nonce += 1;
                                 if tx.send(Ok(sotw_response(&snap, t, sub, nonce))).await.is_err() {
-                                    return;
+                                    break 'stream;
                                 }
                             }
                         }
@@ -207,7 +207,7 @@ impl AggregatedDiscoveryService for Ads {
         tokio::spawn(async move {
             let mut subs: BTreeMap<String, DeltaSub> = BTreeMap::new();
             let mut nonce = 0u64;
-            loop {
+            'stream: loop {
                 tokio::select! {
                     req = inbound.next() => {
                         let Some(Ok(req)) = req else { break };
@@ -257,7 +257,7 @@ impl AggregatedDiscoveryService for Ads {
                         let snap = snapshots.borrow_and_update().clone();
                         for t in PUSH_ORDER {
                             let Some(sub) = subs.get_mut(t) else { continue };
-                            if !send_delta(&tx, &snap, t, sub, &mut nonce).await { return; }
+                            if !send_delta(&tx, &snap, t, sub, &mut nonce).await { break 'stream; }
                         }
                     }
                 }
@@ -337,14 +337,6 @@ impl DeltaSub {
     }
 }
 
-/// Only what changed since the last response: new or changed resources, and
-/// the names that went away. None when nothing did. Compares the resources
-/// that changed since the last response (what the snapshots do not share)
-/// and the names newly subscribed to, not every resource.
-fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u64) -> Option<DeltaDiscoveryResponse> {
-    delta_response_within(snap, type_url, sub, nonce, DELTA_RESPONSE_BYTES)
-}
-
 /// About how many bytes of resources one delta response carries: an update
 /// of 10,000 configs' listeners is some 14 MiB, and a response is copied
 /// (into the message, then into gRPC's frame) before it is written, so one
@@ -353,8 +345,8 @@ fn delta_response(snap: &Published, type_url: &str, sub: &mut DeltaSub, nonce: u
 const DELTA_RESPONSE_BYTES: usize = 1 << 20;
 
 /// Sends what changed of a type since the last response, in as many
-/// responses as its size takes (see [`delta_response_within`]); false when
-/// the stream is gone.
+/// responses as its size takes (see [`DeltaParts`]); false when the stream
+/// is gone.
 async fn send_delta(
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     snap: &Published,
@@ -362,9 +354,10 @@ async fn send_delta(
     sub: &mut DeltaSub,
     nonce: &mut u64,
 ) -> bool {
+    let Some(mut parts) = DeltaParts::new(snap, type_url, sub, DELTA_RESPONSE_BYTES) else { return true };
     loop {
         *nonce += 1;
-        let Some(resp) = delta_response(snap, type_url, sub, *nonce) else { return true };
+        let Some(resp) = parts.next(snap, type_url, sub, *nonce) else { return true };
         if tx.send(Ok(resp)).await.is_err() {
             return false;
         }
@@ -385,24 +378,68 @@ fn sent_size(r: &Resource) -> usize {
 #[cfg(test)]
 pub(crate) fn first_delta_push(snap: &Published, type_url: &str, mut each: impl FnMut(DeltaDiscoveryResponse)) {
     let mut sub = DeltaSub { wildcard: true, ..Default::default() };
+    let Some(mut parts) = DeltaParts::new(snap, type_url, &mut sub, DELTA_RESPONSE_BYTES) else { return };
     let mut nonce = 0;
-    while let Some(r) = delta_response(snap, type_url, &mut sub, nonce) {
+    while let Some(r) = parts.next(snap, type_url, &mut sub, nonce) {
         nonce += 1;
         each(r);
     }
 }
 
-/// [`delta_response`] with at most `budget` bytes of resources (one
-/// resource at least): the resources past it are left to the next response
-/// (named in `touched`, so it compares them), in the same order. Removed
-/// names all go in the first.
-fn delta_response_within(
-    snap: &Published,
-    type_url: &str,
-    sub: &mut DeltaSub,
-    nonce: u64,
+/// What changed of a type since the last response, cut into responses of
+/// at most `budget` bytes of resources each (one resource at least), in
+/// the order one response would carry them, the removed names in the
+/// first. Each response is made when it is asked for ([`DeltaParts::next`]),
+/// and is recorded as sent (and in flight under its nonce) then.
+struct DeltaParts {
+    changed: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+    /// How many of `changed` went out in the parts so far.
+    at: usize,
     budget: usize,
-) -> Option<DeltaDiscoveryResponse> {
+    started: bool,
+}
+
+impl DeltaParts {
+    /// None when nothing changed.
+    fn new(snap: &Published, type_url: &str, sub: &mut DeltaSub, budget: usize) -> Option<Self> {
+        let (changed, removed) = delta_changes(snap, type_url, sub)?;
+        Some(Self { changed, removed, at: 0, budget, started: false })
+    }
+
+    /// The next response, or None once every part went out.
+    fn next(
+        &mut self,
+        snap: &Published,
+        type_url: &str,
+        sub: &mut DeltaSub,
+        nonce: u64,
+    ) -> Option<DeltaDiscoveryResponse> {
+        if self.started && self.at == self.changed.len() {
+            return None;
+        }
+        self.started = true;
+        let mut bytes = 0;
+        let n = self.changed[self.at..]
+            .iter()
+            .take_while(|r| {
+                let size = sent_size(r);
+                let fits = bytes == 0 || bytes + size <= self.budget;
+                bytes += size;
+                fits
+            })
+            .count();
+        let part = &self.changed[self.at..self.at + n];
+        self.at += n;
+        Some(delta_part(snap, type_url, sub, nonce, part, std::mem::take(&mut self.removed)))
+    }
+}
+
+/// New or changed resources of a type since the last response (in name
+/// order), and the names that went away; None when nothing did. Compares
+/// the resources that changed since the last response (what the snapshots
+/// do not share) and the names newly subscribed to, not every resource.
+fn delta_changes(snap: &Published, type_url: &str, sub: &mut DeltaSub) -> Option<(Vec<Arc<Resource>>, Vec<String>)> {
     let now = snap.xds.types.get(type_url).cloned().unwrap_or_default();
     let wants = |sub: &DeltaSub, n: &String| sub.wildcard || sub.names.contains(n);
     let mut changed = Vec::new();
@@ -433,32 +470,31 @@ fn delta_response_within(
         }
     }
     sub.synced = Some(now);
-    if changed.is_empty() && removed.is_empty() {
-        return None;
-    }
-    let mut bytes = 0;
-    let fit = changed
-        .iter()
-        .take_while(|r| {
-            let size = sent_size(r);
-            let fits = bytes == 0 || bytes + size <= budget;
-            bytes += size;
-            fits
-        })
-        .count();
-    sub.touched.extend(changed.split_off(fit).into_iter().map(|r| r.name.clone()));
+    (!changed.is_empty() || !removed.is_empty()).then_some((changed, removed))
+}
+
+/// One response of `resources` and `removed`, recorded as sent and as in
+/// flight under its nonce (its ACK or NACK is of these).
+fn delta_part(
+    snap: &Published,
+    type_url: &str,
+    sub: &mut DeltaSub,
+    nonce: u64,
+    resources: &[Arc<Resource>],
+    removed: Vec<String>,
+) -> DeltaDiscoveryResponse {
     for n in &removed {
         sub.sent.remove(n);
     }
-    let carried: BTreeMap<String, u64> = changed.iter().map(|r| (r.name.clone(), r.version)).collect();
+    let carried: BTreeMap<String, u64> = resources.iter().map(|r| (r.name.clone(), r.version)).collect();
     sub.sent.extend(carried.iter().map(|(n, v)| (n.clone(), Some(*v))));
     let nonce = nonce.to_string();
     tracing::debug!(type_url, changed = carried.len(), removed = removed.len(), "delta response");
     sub.in_flight.insert(nonce.clone(), carried);
-    Some(DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
         system_version_info: snap.version.to_string(),
-        resources: changed
-            .into_iter()
+        resources: resources
+            .iter()
             .map(|r| DeltaResource {
                 name: r.name.clone(),
                 version: version_text(r.version),
@@ -470,7 +506,7 @@ fn delta_response_within(
         removed_resources: removed,
         nonce,
         ..Default::default()
-    })
+    }
 }
 
 #[cfg(test)]
@@ -481,6 +517,17 @@ mod tests {
     };
 
     use super::*;
+
+    /// Only what changed since the last response, in one response whatever
+    /// its size ([`delta_changes`]); None when nothing did.
+    fn delta_response(
+        snap: &Published,
+        type_url: &str,
+        sub: &mut DeltaSub,
+        nonce: u64,
+    ) -> Option<DeltaDiscoveryResponse> {
+        DeltaParts::new(snap, type_url, sub, usize::MAX)?.next(snap, type_url, sub, nonce)
+    }
 
     fn cla(name: &str, ports: &[u32]) -> Resource {
         let lb_endpoints = ports
@@ -569,11 +616,12 @@ mod tests {
                 snap.version += 1;
                 let budget = 1 + rng.below(6000) as usize;
                 let at = format!("run {run} step {step} budget {budget}");
-                let one = delta_response_within(&snap, ENDPOINT, &mut whole, 0, usize::MAX);
+                let one = delta_response(&snap, ENDPOINT, &mut whole, 0);
                 let mut got = Vec::new();
                 let mut removed = Vec::new();
                 let mut nonce = 0;
-                while let Some(r) = delta_response_within(&snap, ENDPOINT, &mut parts, nonce, budget) {
+                let mut cut = DeltaParts::new(&snap, ENDPOINT, &mut parts, budget);
+                while let Some(r) = cut.as_mut().and_then(|c| c.next(&snap, ENDPOINT, &mut parts, nonce)) {
                     nonce += 1;
                     assert!(nonce < 200, "{at}: the parts never end");
                     let bytes: usize = r.resources.iter().map(|x| sent_size(&snap.xds.types[ENDPOINT][&x.name])).sum();
