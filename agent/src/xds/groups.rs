@@ -467,6 +467,8 @@ impl Groups {
         self.probe_seq = self.probe_seq.wrapping_add(1);
         let at = Ipv4Addr::from(u32::from(PROBE_NET) | (self.probe_seq & PROBE_HOSTS));
         translate::at_frontends(&mut l, [SocketAddrV4::new(at, 1)]);
+        // As its chain is in its group: with the agent's access log.
+        translate::add_weft_access_log(&mut l);
         Some(Arc::new(Resource::new(r.name.clone(), &l, r.owner.clone())))
     }
 
@@ -633,7 +635,7 @@ fn group_listener(name: &str, members: &[(&str, Listener)]) -> Listener {
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::config::listener::v3::Filter;
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
 
     use super::*;
     use crate::{k8s::ObjKey, xds::acks::tests::Rng};
@@ -646,11 +648,37 @@ mod tests {
 
     /// A config's listener as the model makes it: virtual at `fronts`
     /// (or bound, pinned, ... for `kind` > 0), one chain told apart by `rev`.
+    fn http_connection_manager() -> filter::ConfigType {
+        use envoy_types::pb::{
+            envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
+            google::protobuf::Any,
+        };
+        let hcm = HttpConnectionManager { stat_prefix: "l".into(), ..Default::default() };
+        filter::ConfigType::TypedConfig(Any {
+            type_url:
+                "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+                    .into(),
+            value: hcm.encode_to_vec(),
+        })
+    }
+
+    /// Whether each connection manager of the listener logs to the agent.
+    fn logs_to_the_agent(l: &Listener) -> bool {
+        use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+        l.filter_chains.iter().flat_map(|c| &c.filters).all(|f| match &f.config_type {
+            Some(filter::ConfigType::TypedConfig(any)) => {
+                HttpConnectionManager::decode(any.value.as_slice()).is_ok_and(|h| translate::has_weft_access_log(&h))
+            }
+            _ => false,
+        })
+    }
+
     fn listener(name: &str, ns: &str, fronts: &[SocketAddrV4], kind: u64, rev: u64) -> Arc<Resource> {
         let mut l = Listener {
             name: name.to_owned(),
             filter_chains: vec![FilterChain {
-                filters: vec![Filter { name: format!("{name}@{rev}"), config_type: None }],
+                // A connection manager: its group gives it the agent's log.
+                filters: vec![Filter { name: format!("{name}@{rev}"), config_type: Some(http_connection_manager()) }],
                 ..Default::default()
             }],
             ..Default::default()
@@ -787,7 +815,10 @@ mod tests {
                         assert_eq!(published.get(name), Some(r), "{at}: {name} is published as built");
                         continue;
                     }
-                    let own = decoded(r).filter_chains.remove(0);
+                    // Its chain as in its group: with the agent's log.
+                    let mut own = decoded(r);
+                    translate::add_weft_access_log(&mut own);
+                    let own = own.filter_chains.remove(0);
                     for f in fronts {
                         let (group, chain) = reached(&published, *f).unwrap_or_else(|| panic!("{at}: {name} {f}"));
                         let space = if ns.is_empty() { "*" } else { ns.as_str() };
@@ -898,8 +929,11 @@ mod tests {
         let (at, chain) = reached(&published.types[LISTENER], f(1)).unwrap();
         assert_eq!((at, chain.filters[0].name.as_str()), (g.clone(), "a/c1/l@0"), "its last ACKed chain");
         assert!(reached(&published.types[LISTENER], f(9)).is_none());
+        assert!(logs_to_the_agent(&decoded(&published.types[LISTENER][&g])), "the group's chains log");
         for probe in ["a/c1/l", "a/c9/l"] {
             let l = decoded(&published.types[LISTENER][probe]);
+            assert!(logs_to_the_agent(&l), "a probe is its chain as its group has it: {l:?}");
+            assert!(!logs_to_the_agent(&decoded(&built.types[LISTENER][probe])), "the member as built has no log");
             let [a] = &addresses(&l)[..] else { panic!("{l:?}") };
             let Some(address::Address::SocketAddress(s)) = &a.address else { panic!("{a:?}") };
             assert!(s.address.starts_with("127.128."), "{s:?}");
