@@ -646,8 +646,7 @@ mod tests {
         ConfigKey { clusterwide: ns.is_empty(), key: ObjKey::new(ns, "c") }
     }
 
-    /// A config's listener as the model makes it: virtual at `fronts`
-    /// (or bound, pinned, ... for `kind` > 0), one chain told apart by `rev`.
+    /// An HTTP connection manager without the agent's log, as a filter's config.
     fn http_connection_manager() -> filter::ConfigType {
         use envoy_types::pb::{
             envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
@@ -662,17 +661,21 @@ mod tests {
         })
     }
 
-    /// Whether each connection manager of the listener logs to the agent.
+    /// Whether the listener has filters, each a connection manager that
+    /// logs to the agent.
     fn logs_to_the_agent(l: &Listener) -> bool {
         use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
-        l.filter_chains.iter().flat_map(|c| &c.filters).all(|f| match &f.config_type {
-            Some(filter::ConfigType::TypedConfig(any)) => {
-                HttpConnectionManager::decode(any.value.as_slice()).is_ok_and(|h| translate::has_weft_access_log(&h))
-            }
-            _ => false,
-        })
+        let mut filters = l.filter_chains.iter().flat_map(|c| &c.filters).peekable();
+        filters.peek().is_some()
+            && filters.all(|f| match &f.config_type {
+                Some(filter::ConfigType::TypedConfig(any)) => HttpConnectionManager::decode(any.value.as_slice())
+                    .is_ok_and(|h| translate::has_weft_access_log(&h)),
+                _ => false,
+            })
     }
 
+    /// A config's listener as the model makes it: virtual at `fronts`
+    /// (or bound, pinned, ... for `kind` > 0), one chain told apart by `rev`.
     fn listener(name: &str, ns: &str, fronts: &[SocketAddrV4], kind: u64, rev: u64) -> Arc<Resource> {
         let mut l = Listener {
             name: name.to_owned(),
