@@ -315,14 +315,10 @@ const RETIRE_AFTER: Duration = Duration::from_secs(crate::envoy::DRAIN_TIME.as_s
 
 impl Controller {
     pub fn new(node_name: String, node_ip: Option<Ipv4Addr>, ports: ProxyPorts) -> Self {
-        Self {
+        let mut c = Self {
             node_name,
             node_ip,
-            model: {
-                let mut m = Model::new(ports);
-                m.set_grouped(DEFAULT_GROUP_SIZE > 1);
-                m
-            },
+            model: Model::new(ports),
             loaded: Loaded::default(),
             slices: SliceIndex::default(),
             configs: Vec::new(),
@@ -354,7 +350,10 @@ impl Controller {
             listing: Listing::default(),
             unlisted: None,
             incremental: true,
-        }
+        };
+        // The model knows whether its listeners are grouped.
+        c.set_listener_groups(DEFAULT_GROUP_SIZE);
+        c
     }
 
     /// Refuses configs whose listeners would not fit in Envoy's open files.

@@ -1006,6 +1006,18 @@ mod tests {
         state::{SliceIndex, backends},
     };
 
+    /// An object as `read` makes it (each read anew: a clone would take
+    /// only the room it holds), pruned or not, and the bytes it holds.
+    fn held<K: Kind>(read: impl Fn() -> K, prune: bool) -> (Arc<K>, isize) {
+        crate::test_alloc::held_after(|| {
+            let mut o = read();
+            if prune {
+                o.prune();
+            }
+            Arc::new(o)
+        })
+    }
+
     /// An EndpointSlice as Kubernetes' controller writes it: its Service's
     /// labels copied, the controller's annotation and owner, and each
     /// endpoint's pod, node and zone.
@@ -1071,18 +1083,7 @@ mod tests {
             assert!(e.target_ref.is_none() && e.node_name.is_none() && e.zone.is_none() && e.hints.is_none(), "{e:?}");
             assert!(e.conditions.as_ref().and_then(|c| c.ready).is_some());
         }
-        // Each read anew (a clone would take only the room it holds).
-        let held = |prune: bool| {
-            crate::test_alloc::held_after(|| {
-                let mut s = written_slice();
-                if prune {
-                    s.prune();
-                }
-                Arc::new(s)
-            })
-            .1
-        };
-        let (before, after) = (held(false), held(true));
+        let ((_, before), (_, after)) = (held(written_slice, false), held(written_slice, true));
         println!("a slice of three endpoints as written: {before} bytes; pruned: {after}");
         assert!(after * 2 < before, "{after} of {before} bytes");
     }
@@ -1105,16 +1106,7 @@ mod tests {
             )
             .unwrap()
         };
-        let held = |prune: bool| {
-            crate::test_alloc::held_after(|| {
-                let mut s = read();
-                if prune {
-                    s.prune();
-                }
-                Arc::new(s)
-            })
-        };
-        let ((full, before), (pruned, after)) = (held(false), held(true));
+        let ((full, before), (pruned, after)) = (held(read, false), held(read, true));
         assert_eq!(pruned, full);
         println!("a Service as read: {before} bytes; pruned: {after}");
         assert!(after < before, "{after} of {before} bytes");

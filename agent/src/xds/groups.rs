@@ -532,31 +532,21 @@ fn group_name((clusterwide, namespace): &Tenant, class: u32, bucket: u32) -> Str
 fn joinable(r: &Resource) -> Option<(Tenant, u32)> {
     let tenant = tenant_of(r)?;
     let l = Listener::decode(r.value.as_slice()).ok()?;
-    Some((tenant, class_of_joinable(&l)?))
+    can_join(&l).then(|| (tenant, fnv1a_32(&listener_level(&l).encode_to_vec())))
 }
 
 /// Whether a config's listener (it has an owner) joins a group when groups
 /// are on: the model leaves the agent's access log out of such a listener,
 /// and its group's listener gives every chain it (see [`group_listener`]).
 pub(crate) fn can_join(l: &Listener) -> bool {
-    class_of_joinable(l).is_some()
-}
-
-/// The listener-level class of a listener that can join a group (its owner
-/// aside), or None.
-fn class_of_joinable(l: &Listener) -> Option<u32> {
-    frontends(l)?;
-    let [chain] = l.filter_chains.as_slice() else { return None };
+    let [chain] = l.filter_chains.as_slice() else { return false };
     let plain = chain.filter_chain_match.as_ref().is_none_or(|m| *m == FilterChainMatch::default());
-    if l.bind_to_port.map(|b| b.value) != Some(false)
-        || l.use_original_dst.is_some_and(|b| b.value)
-        || !plain
-        || l.default_filter_chain.is_some()
-        || l.filter_chain_matcher.is_some()
-    {
-        return None;
-    }
-    Some(fnv1a_32(&listener_level(l).encode_to_vec()))
+    frontends(l).is_some()
+        && l.bind_to_port.map(|b| b.value) == Some(false)
+        && !l.use_original_dst.is_some_and(|b| b.value)
+        && plain
+        && l.default_filter_chain.is_none()
+        && l.filter_chain_matcher.is_none()
 }
 
 /// A listener without its name, addresses and filter chains: what members
@@ -654,24 +644,9 @@ mod tests {
         };
         let hcm = HttpConnectionManager { stat_prefix: "l".into(), ..Default::default() };
         filter::ConfigType::TypedConfig(Any {
-            type_url:
-                "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-                    .into(),
+            type_url: <HttpConnectionManager as prost::Name>::type_url(),
             value: hcm.encode_to_vec(),
         })
-    }
-
-    /// Whether the listener has filters, each a connection manager that
-    /// logs to the agent.
-    fn logs_to_the_agent(l: &Listener) -> bool {
-        use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
-        let mut filters = l.filter_chains.iter().flat_map(|c| &c.filters).peekable();
-        filters.peek().is_some()
-            && filters.all(|f| match &f.config_type {
-                Some(filter::ConfigType::TypedConfig(any)) => HttpConnectionManager::decode(any.value.as_slice())
-                    .is_ok_and(|h| translate::has_weft_access_log(&h)),
-                _ => false,
-            })
     }
 
     /// A config's listener as the model makes it: virtual at `fronts`
@@ -932,11 +907,14 @@ mod tests {
         let (at, chain) = reached(&published.types[LISTENER], f(1)).unwrap();
         assert_eq!((at, chain.filters[0].name.as_str()), (g.clone(), "a/c1/l@0"), "its last ACKed chain");
         assert!(reached(&published.types[LISTENER], f(9)).is_none());
-        assert!(logs_to_the_agent(&decoded(&published.types[LISTENER][&g])), "the group's chains log");
+        assert!(translate::logs_to_the_agent_once(&decoded(&published.types[LISTENER][&g])), "the group's chains log");
         for probe in ["a/c1/l", "a/c9/l"] {
             let l = decoded(&published.types[LISTENER][probe]);
-            assert!(logs_to_the_agent(&l), "a probe is its chain as its group has it: {l:?}");
-            assert!(!logs_to_the_agent(&decoded(&built.types[LISTENER][probe])), "the member as built has no log");
+            assert!(translate::logs_to_the_agent_once(&l), "a probe is its chain as its group has it: {l:?}");
+            assert!(
+                !translate::logs_to_the_agent_once(&decoded(&built.types[LISTENER][probe])),
+                "the member as built has no log"
+            );
             let [a] = &addresses(&l)[..] else { panic!("{l:?}") };
             let Some(address::Address::SocketAddress(s)) = &a.address else { panic!("{a:?}") };
             assert!(s.address.starts_with("127.128."), "{s:?}");

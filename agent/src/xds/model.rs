@@ -2092,7 +2092,7 @@ spec:
         };
         let l = listener("default/a/l");
         assert_eq!(l.bind_to_port.map(|b| b.value), Some(false));
-        assert!(logs_to_the_agent_once(&l), "{l:?}");
+        assert!(translate::logs_to_the_agent_once(&l), "{l:?}");
         assert_eq!(translate::pinned_port(l.address.as_ref()), Some(("10.96.0.10".into(), 80)));
         assert!(l.additional_addresses.is_empty());
         let d = listener(translate::DISPATCH_LISTENER);
@@ -2125,7 +2125,7 @@ spec:
         assert_eq!(b.redirects.get(&(ObjKey::new("default", "web"), None)), Some(&port), "the Service too");
         assert!(!b.xds.contains(translate::LISTENER, translate::DISPATCH_LISTENER), "no listener is dispatched to");
         assert!(exact_balance(&l), "its one socket's connections are spread over the workers: {l:?}");
-        assert!(logs_to_the_agent_once(&l), "{l:?}");
+        assert!(translate::logs_to_the_agent_once(&l), "{l:?}");
 
         // Without the policy it goes back behind the dispatcher.
         m.set_policy_listeners(BTreeSet::new());
@@ -2139,28 +2139,6 @@ spec:
         let r = b.xds.of(translate::LISTENER).find(|r| r.name == translate::DISPATCH_LISTENER).unwrap();
         let d = Listener::decode(r.value.as_slice()).unwrap();
         assert_eq!(d.connection_balance_config, None, "{d:?}");
-    }
-
-    /// Whether each HTTP connection manager of the listener logs each
-    /// request to the agent, once (the model adds the log as it shapes a
-    /// listener that does not join a group: the translation has none).
-    fn logs_to_the_agent_once(l: &Listener) -> bool {
-        use envoy_types::pb::envoy::{
-            config::listener::v3::filter,
-            extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
-        };
-        let hcms: Vec<HttpConnectionManager> = l
-            .filter_chains
-            .iter()
-            .flat_map(|fc| &fc.filters)
-            .filter_map(|f| match &f.config_type {
-                Some(filter::ConfigType::TypedConfig(any)) if any.type_url.ends_with(".HttpConnectionManager") => {
-                    HttpConnectionManager::decode(any.value.as_slice()).ok()
-                }
-                _ => None,
-            })
-            .collect();
-        !hcms.is_empty() && hcms.iter().all(|h| translate::has_weft_access_log(h) && h.access_log.len() == 1)
     }
 
     fn exact_balance(l: &Listener) -> bool {
@@ -2217,8 +2195,12 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
                 let r = b.xds.of(translate::LISTENER).find(|r| r.name == name).expect(name);
                 Listener::decode(r.value.as_slice()).unwrap()
             };
-            assert_eq!(logs_to_the_agent_once(&built("default/a/l")), !grouped, "the member, grouped: {grouped}");
-            assert!(logs_to_the_agent_once(&built("default/b/l")), "on its own, grouped: {grouped}");
+            assert_eq!(
+                translate::logs_to_the_agent_once(&built("default/a/l")),
+                !grouped,
+                "the member, grouped: {grouped}"
+            );
+            assert!(translate::logs_to_the_agent_once(&built("default/b/l")), "on its own, grouped: {grouped}");
             let published = groups::Groups::new(100).publish(&b.xds);
             published.of(translate::LISTENER).map(|r| (r.name.clone(), r.value.clone())).collect::<Vec<_>>()
         };
@@ -2229,7 +2211,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.10, externalIPs: [192.0.2.7],
         for (name, bytes) in &with {
             let l = Listener::decode(bytes.as_slice()).unwrap();
             if name != translate::DISPATCH_LISTENER {
-                assert!(logs_to_the_agent_once(&l), "{name}: {l:?}");
+                assert!(translate::logs_to_the_agent_once(&l), "{name}: {l:?}");
             }
         }
     }

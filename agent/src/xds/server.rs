@@ -397,14 +397,13 @@ struct DeltaParts {
     /// How many of `changed` went out in the parts so far.
     at: usize,
     budget: usize,
-    started: bool,
 }
 
 impl DeltaParts {
     /// None when nothing changed.
     fn new(snap: &Published, type_url: &str, sub: &mut DeltaSub, budget: usize) -> Option<Self> {
         let (changed, removed) = delta_changes(snap, type_url, sub)?;
-        Some(Self { changed, removed, at: 0, budget, started: false })
+        Some(Self { changed, removed, at: 0, budget })
     }
 
     /// The next response, or None once every part went out.
@@ -415,10 +414,10 @@ impl DeltaParts {
         sub: &mut DeltaSub,
         nonce: u64,
     ) -> Option<DeltaDiscoveryResponse> {
-        if self.started && self.at == self.changed.len() {
+        // The first part goes out even without resources (removals alone).
+        if self.at == self.changed.len() && self.removed.is_empty() {
             return None;
         }
-        self.started = true;
         let mut bytes = 0;
         let n = self.changed[self.at..]
             .iter()

@@ -203,6 +203,24 @@ pub(crate) fn has_weft_access_log(hcm: &HttpConnectionManager) -> bool {
     })
 }
 
+/// Whether each HTTP connection manager of the listener logs each request
+/// to the agent, once (and it has one at least).
+#[cfg(test)]
+pub(crate) fn logs_to_the_agent_once(l: &Listener) -> bool {
+    let hcms: Vec<HttpConnectionManager> = l
+        .filter_chains
+        .iter()
+        .flat_map(|fc| &fc.filters)
+        .filter_map(|f| match &f.config_type {
+            Some(filter::ConfigType::TypedConfig(any)) if any.type_url.ends_with(".HttpConnectionManager") => {
+                unpack(any)
+            }
+            _ => None,
+        })
+        .collect();
+    !hcms.is_empty() && hcms.iter().all(|h| has_weft_access_log(h) && h.access_log.len() == 1)
+}
+
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
