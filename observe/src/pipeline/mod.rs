@@ -154,7 +154,9 @@ pub struct Pipeline {
     /// Random per start: flow UUIDs derive from it.
     pub boot_id: u64,
     names: RwLock<Arc<Names>>,
-    l7_tx: SyncSender<L7Entry>,
+    /// Boxed: a bounded channel makes its slots up front, and an entry is
+    /// about 600 bytes (4,096 slots took 2.5 MB of every agent, idle too).
+    l7_tx: SyncSender<Box<L7Entry>>,
     pending: Mutex<Vec<Lost>>,
     kernel_seen: Mutex<Option<(u64, Vec<u64>)>>,
     worker: OnceLock<Thread>,
@@ -313,7 +315,7 @@ impl Pipeline {
     /// false).
     pub fn submit_l7(&self, e: L7Entry) -> bool {
         self.counters.l7_received.fetch_add(1, Ordering::Relaxed);
-        match self.l7_tx.try_send(e) {
+        match self.l7_tx.try_send(Box::new(e)) {
             Ok(()) => {
                 self.wake();
                 true
@@ -441,7 +443,7 @@ pub fn gather_for(entries: u64, elapsed: Duration, room: u64, max: Duration) -> 
 /// Records per queue read; bounds the batch and the time the store is locked.
 const CHUNK: usize = 512;
 
-fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entry>, mut conns: ConnTable) {
+fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<Box<L7Entry>>, mut conns: ConnTable) {
     let mut buf = vec![Event::default(); CHUNK];
     let mut batch: Vec<Entry> = Vec::with_capacity(CHUNK * 2);
     let mut offset = monotonic_offset();
@@ -459,7 +461,7 @@ fn flows_thread(p: Arc<Pipeline>, mut cons: HeapCons<Event>, l7: Receiver<L7Entr
         }
         let now = std::time::Instant::now();
         for e in l7.try_iter().take(CHUNK) {
-            held.push(now, e);
+            held.push(now, *e);
         }
         let mut l7_entries = 0;
         held.ready(
