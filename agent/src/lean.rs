@@ -65,7 +65,7 @@ impl<K: Ord, V> SmallMap<K, V> {
     }
 
     /// The entries, in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&K, &V)> {
         self.0.iter().map(|(k, v)| (k, v))
     }
 }

@@ -21,7 +21,7 @@ use crate::{
     datapath::{BackendAddr, Frontend, FrontendKind, Proto, ServiceEntry},
     identity::{self, LabelSet},
     k8s::{Collection, ObjKey, Objects, Sourced},
-    lean,
+    lean::SmallMap,
 };
 use imbl::ordmap::DiffItem;
 
@@ -421,7 +421,7 @@ pub struct FrontendOwners {
     /// first (544 bytes, 640 in jemalloc's size class: 13 MB of nodes at
     /// 10,000 Services in the two indexes the agent keeps, the datapath's
     /// and the flow names').
-    owners: HashMap<FrontendTuple, Vec<ObjKey>>,
+    owners: HashMap<FrontendTuple, SmallMap<ObjKey, ()>>,
 }
 
 impl FrontendOwners {
@@ -432,7 +432,7 @@ impl FrontendOwners {
         for s in differing(&self.followed, services) {
             for t in s.entries.iter().map(|e| tuple_of(&e.frontend)) {
                 if let Some(o) = self.owners.get_mut(&t) {
-                    o.retain(|k| k != &s.key);
+                    o.remove(&s.key);
                     if o.is_empty() {
                         self.owners.remove(&t);
                     }
@@ -442,10 +442,7 @@ impl FrontendOwners {
         }
         for s in differing(services, &self.followed) {
             for t in s.entries.iter().map(|e| tuple_of(&e.frontend)) {
-                let o = self.owners.entry(t).or_default();
-                if let Err(at) = o.binary_search(&s.key) {
-                    lean::insert(o, at, s.key.clone());
-                }
+                self.owners.entry(t).or_default().or_default(s.key.clone());
                 touched.insert(t);
             }
         }
@@ -455,7 +452,7 @@ impl FrontendOwners {
 
     /// The Services followed last with a frontend at `t`, in key order.
     pub fn owners(&self, t: &FrontendTuple) -> impl DoubleEndedIterator<Item = &Arc<ServiceState>> {
-        let keys = self.owners.get(t).into_iter().flatten();
+        let keys = self.owners.get(t).into_iter().flat_map(|o| o.iter().map(|(k, ())| k));
         keys.filter_map(|key| self.followed.binary_search_by(|s| s.key.cmp(key)).ok().map(|i| &self.followed[i]))
     }
 }
@@ -838,8 +835,8 @@ endpoints:
             owners
         });
         let per = held / N as isize;
-        // The tuple and the Vec in the map (with its spare buckets), the
-        // key (two Strings) in a vector of one: 127 bytes (623 with a
+        // The tuple and the list in the map (with its spare buckets), the
+        // key (two Strings) in a list of one: 127 bytes (623 with a
         // `BTreeSet`).
         assert!(per < 200, "{per} bytes per Service");
         let first = tuple_of(&services[0].entries[0].frontend);
