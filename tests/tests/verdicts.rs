@@ -235,13 +235,25 @@ fn a_full_ring_buffer_counts_lost_records_and_blocks_nothing() {
     for _ in 0..300 {
         assert_eq!(c.get("s", "/", &[]).unwrap().status, 200, "traffic keeps flowing");
     }
-    let stats = node.dp.event_stats().unwrap();
-    let read = node.drain_events().len() as u64;
+    // A late packet (the client's delayed ACK) may still take the last free
+    // slot, so the count is compared once a drain saw no record written.
+    let mut stats = node.dp.event_stats().unwrap();
+    let held = node.drain_events().len() as u64;
+    let mut read = held;
+    for _ in 0..50 {
+        let after = node.dp.event_stats().unwrap();
+        if (after.emitted, after.lost) == (stats.emitted, stats.lost) {
+            break;
+        }
+        stats = after;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        read += node.drain_events().len() as u64;
+    }
     let emitted = stats.emitted - before.emitted;
     let lost = stats.lost - before.lost;
     assert!(lost > 0, "records beyond the buffer are counted as lost");
     assert_eq!(read, emitted, "every record written is read back");
-    assert!(read < 4096 / 72, "the buffer held what it could ({read} records)");
+    assert!(held < 4096 / 72, "the buffer held what it could ({held} records)");
     // Once drained, the buffer takes records again.
     let _ = c.get("s", "/", &[]).unwrap();
     assert!(!node.drain_events().is_empty());
