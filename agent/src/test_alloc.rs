@@ -81,9 +81,16 @@ static COUNTING: Counting = Counting;
 /// during it and still holds afterwards (what the result, and whatever
 /// `f` stored elsewhere, keep).
 pub fn held_after<R>(f: impl FnOnce() -> R) -> (R, isize) {
-    let before = LIVE.with(|l| l.load(Ordering::Relaxed));
+    let before = thread_live();
     let r = f();
-    (r, LIVE.with(|l| l.load(Ordering::Relaxed)) - before)
+    (r, thread_live() - before)
+}
+
+/// The bytes this thread allocated and has not freed, from when it
+/// started: two readings tell what was held at a point between them, which
+/// [`held_after`] cannot (it reads at the end of its closure alone).
+pub fn thread_live() -> isize {
+    LIVE.with(|l| l.load(Ordering::Relaxed))
 }
 
 /// The count of the calling thread, for threads that work for it while it

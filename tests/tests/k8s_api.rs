@@ -1479,6 +1479,9 @@ async fn the_operator_issues_flow_certificates_as_nodes_come_and_go() {
 
     let cp = require_control_plane!();
     let _one = OPERATORS.lock().await;
+    // The operator starts once every kind it watches is listed, weft's
+    // own among them (run alone, no other test had installed them).
+    deploy::crds(&cp);
     let ns = cp.namespace("flowcerts");
     let node = format!("{}-node", ns.name);
     let opts = weft_agent::operator::OperatorOptions {

@@ -31,7 +31,6 @@ use kube::{
     runtime::{
         WatchStreamExt,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
-        reflector::store::Writer,
         watcher,
     },
 };
@@ -402,7 +401,7 @@ impl Kind for Pod {
 /// One watcher event, as it reaches a store.
 enum Update<K> {
     /// A complete list: the kind's objects are now exactly these.
-    Replace(Vec<Arc<K>>),
+    Replace(Vec<K>),
     Upsert(K),
     Remove(K),
 }
@@ -431,12 +430,12 @@ fn apply_typed<K: Kind>(coll: &mut Collection<K>, up: Update<K>) -> (u64, u64, u
             let mut next: Collection<K> = Collection::new();
             let (mut changes, mut unchanged) = (0, 0);
             for o in all {
-                let k = obj_key(o.as_ref());
+                let k = obj_key(&o);
                 match coll.get(&k) {
                     Some(h) if same_content(&h.object, &o) => unchanged += 1,
                     _ => changes += 1,
                 }
-                next.insert(k, sourced((*o).clone()));
+                next.insert(k, sourced(o));
             }
             changes += coll.keys().filter(|k| !next.contains_key(*k)).count() as u64;
             *coll = next;
@@ -463,9 +462,12 @@ fn apply_typed<K: Kind>(coll: &mut Collection<K>, up: Update<K>) -> (u64, u64, u
 
 /// Runs one kind's watcher into its store until the task is aborted;
 /// `put` takes each update into the shared state and says what it did.
+/// A list (the first, or one after the watch broke off) is gathered until
+/// it is complete and handed over whole; nothing else is kept here: `put`'s
+/// store is the only copy (a reflector's store beside it held every object
+/// of the kind a second time, and each EnvoyConfig as a JSON tree).
 async fn reflect<K>(
     events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send,
-    dyntype: K::DynamicType,
     name: &'static str,
     shared: Arc<Mutex<Shared>>,
     tx: Arc<tokio_watch::Sender<u64>>,
@@ -473,10 +475,8 @@ async fn reflect<K>(
     put: impl Fn(&mut Shared, Update<K>) -> (u64, u64, u64) + Send,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
 {
-    let mut writer: Writer<K> = Writer::new(dyntype);
-    let reader = writer.as_reader();
+    let mut listed: Vec<K> = Vec::new();
     let mut stream = events.default_backoff().boxed();
     while let Some(ev) = stream.next().await {
         let ev = match ev {
@@ -487,10 +487,16 @@ async fn reflect<K>(
                 continue;
             }
         };
-        writer.apply_watcher_event(&ev);
         let up = match ev {
-            watcher::Event::Init | watcher::Event::InitApply(_) => continue,
-            watcher::Event::InitDone => Update::Replace(reader.state()),
+            watcher::Event::Init => {
+                listed.clear();
+                continue;
+            }
+            watcher::Event::InitApply(o) => {
+                listed.push(o);
+                continue;
+            }
+            watcher::Event::InitDone => Update::Replace(std::mem::take(&mut listed)),
             watcher::Event::Apply(o) => Update::Upsert(o),
             watcher::Event::Delete(o) => Update::Remove(o),
         };
@@ -520,15 +526,9 @@ fn typed<K: Kind>(client: &Client, shared: &Arc<Mutex<Shared>>, tx: &Arc<tokio_w
 
 /// Watches one typed kind into the shared state (its stats entry must exist).
 async fn typed_watch<K: Kind>(client: Client, shared: Arc<Mutex<Shared>>, tx: Arc<tokio_watch::Sender<u64>>) {
-    reflect(
-        watcher(Api::<K>::all(client), K::watch_config()),
-        (),
-        K::NAME,
-        shared,
-        tx,
-        K::prune,
-        |s: &mut Shared, up| apply_typed(K::collection(&mut s.objects), up),
-    )
+    reflect(watcher(Api::<K>::all(client), K::watch_config()), K::NAME, shared, tx, K::prune, |s: &mut Shared, up| {
+        apply_typed(K::collection(&mut s.objects), up)
+    })
     .await
 }
 
@@ -742,16 +742,14 @@ async fn config_watch(
     shared: Arc<Mutex<Shared>>,
     tx: Arc<tokio_watch::Sender<u64>>,
 ) {
-    let ar2 = ar.clone();
     reflect(
         watcher(Api::<DynamicObject>::all_with(client, &ar), watcher::Config::default()),
-        ar.clone(),
         name,
         shared,
         tx,
         |o: &mut DynamicObject| o.metadata.managed_fields = None,
         move |s: &mut Shared, up| {
-            let counts = apply_configs(&mut s.configs, &ar2, up);
+            let counts = apply_configs(&mut s.configs, &ar, up);
             if counts.0 > 0 {
                 s.documents = None;
             }
@@ -1110,6 +1108,113 @@ mod tests {
         assert_eq!(pruned, full);
         println!("a Service as read: {before} bytes; pruned: {after}");
         assert!(after < before, "{after} of {before} bytes");
+    }
+
+    /// A list of `n` objects made by `make`, watched into an empty store:
+    /// the bytes held just after the list was handed over (the watch still
+    /// running), and those the store alone holds once the watch ended.
+    fn held_while_watching<K>(
+        n: usize,
+        make: impl Fn(usize) -> K + Send + 'static,
+        prune: fn(&mut K),
+        put: impl Fn(&mut Shared, Update<K>) -> (u64, u64, u64) + Send + Sync,
+    ) -> (isize, isize)
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        use std::sync::atomic::{AtomicIsize, Ordering};
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (tx, _rx) = tokio_watch::channel(0u64);
+        let (tx, during) = (Arc::new(tx), AtomicIsize::new(0));
+        let start = crate::test_alloc::thread_live();
+        let shared = Arc::new(Mutex::new(Shared {
+            objects: Objects::default(),
+            configs: BTreeMap::new(),
+            documents: None,
+            stats: BTreeMap::new(),
+        }));
+        // Made as the stream is read (inside the count), as a watch reads them.
+        let events = futures::stream::iter(
+            std::iter::once(watcher::Event::Init)
+                .chain((0..n).map(move |i| watcher::Event::InitApply(make(i))))
+                .chain(std::iter::once(watcher::Event::InitDone))
+                .map(Ok),
+        );
+        rt.block_on(reflect(events, "test", shared.clone(), tx, prune, |s: &mut Shared, up| {
+            let counts = put(s, up);
+            during.store(crate::test_alloc::thread_live() - start, Ordering::Relaxed);
+            counts
+        }));
+        let after = crate::test_alloc::thread_live() - start;
+        assert_eq!(Arc::strong_count(&shared), 1, "the watch ended");
+        (during.into_inner(), after)
+    }
+
+    /// A watch keeps its kind's objects once, in the agent's store: a
+    /// reflector's store beside it held each Service a second time.
+    #[test]
+    fn a_watch_of_services_holds_each_once() {
+        let service = |i: usize| -> Service {
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": format!("s{i}"), "namespace": "shop", "resourceVersion": format!("{}", 100 + i),
+                    "uid": format!("9c8b7a6d-5e4f-4a3b-2c1d-{i:012}"), "labels": {"app": format!("s{i}")}},
+                "spec": {"type": "ClusterIP", "clusterIP": format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                    "clusterIPs": [format!("10.96.{}.{}", i / 250, i % 250 + 1)], "ipFamilies": ["IPv4"],
+                    "selector": {"app": format!("s{i}")},
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+            }))
+            .unwrap()
+        };
+        let n = 500;
+        let (during, after) = held_while_watching(n, service, Service::prune, |s: &mut Shared, up| {
+            apply_typed(&mut s.objects.services, up)
+        });
+        println!("{n} Services watched: {during} bytes held while the watch runs, {after} by the store alone");
+        assert!(after > 0);
+        assert!(during < after + after / 10, "{during} bytes held while watching, {after} in the store");
+    }
+
+    /// The same for EnvoyConfigs: the store holds each one parsed, and
+    /// nothing holds the object as read (a JSON tree of its whole spec).
+    #[test]
+    fn a_watch_of_envoy_configs_keeps_no_copy_of_the_objects_read() {
+        let ar = ApiResource {
+            group: "weft.io".into(),
+            version: "v1alpha1".into(),
+            api_version: "weft.io/v1alpha1".into(),
+            kind: "EnvoyConfig".into(),
+            plural: "envoyconfigs".into(),
+        };
+        let config = |i: usize| -> DynamicObject {
+            let hcm =
+                "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+            serde_json::from_value(json!({
+                "apiVersion": "weft.io/v1alpha1", "kind": "EnvoyConfig",
+                "metadata": {"name": format!("c{i}"), "namespace": "shop", "resourceVersion": format!("{}", 100 + i)},
+                "spec": {"services": [{"name": format!("s{i}")}], "resources": [
+                    {"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", "name": format!("c{i}-listener"),
+                     "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {"@type": hcm, "stat_prefix": format!("c{i}"),
+                            "rds": {"route_config_name": format!("c{i}-route")},
+                            "http_filters": [{"name": "envoy.filters.http.router", "typed_config":
+                                {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]},
+                    {"@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration", "name": format!("c{i}-route"),
+                     "virtual_hosts": [{"name": "all", "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": format!("shop/s{i}")}}]}]},
+                    {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": format!("shop/s{i}"),
+                     "connect_timeout": "1s", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}},
+                ]},
+            }))
+            .unwrap()
+        };
+        let n = 200;
+        let prune = |o: &mut DynamicObject| o.metadata.managed_fields = None;
+        let (during, after) =
+            held_while_watching(n, config, prune, move |s: &mut Shared, up| apply_configs(&mut s.configs, &ar, up));
+        println!("{n} EnvoyConfigs watched: {during} bytes held while the watch runs, {after} by the store alone");
+        assert!(after > 0);
+        assert!(during < after + after / 10, "{during} bytes held while watching, {after} in the store");
     }
 
     /// `kubectl apply`'s copy of the object goes; other annotations stay
