@@ -18,6 +18,11 @@
 //!    what one `/clusters` answer takes is reported beside the rows.
 //! 3. One endpoint change with 1000 configs loaded: state of the world
 //!    against delta xDS.
+//! 4. N EnvoyConfigs with their Services and EndpointSlices created in a
+//!    real API server and read by the operator (`weft-agent operator`),
+//!    which watches them as an agent's source does and checks every config:
+//!    until it is idle, its CPU and its peak and settled memory. Parts 1-3
+//!    read objects from a directory; this is what the API source costs.
 //!
 //! `cargo bench -p weft-benches --bench control_plane` (WEFT_BENCH_CONFIGS:
 //! comma-separated config counts for 1, default 1,1000,10000;
@@ -25,7 +30,10 @@
 //! agent runs 1 with, 0 for no groups, default the agent's own; each count
 //! is run with each size in turn, WEFT_BENCH_REPEAT times (default 1), so
 //! the sizes share the machine's load; WEFT_BENCH_CHANGE_CONFIGS: for 2,
-//! default 100,1000,10000, empty for neither 2 nor 3).
+//! default 100,1000,10000, empty for neither 2 nor 3;
+//! WEFT_BENCH_API_CONFIGS: config counts for 4, default 10000, empty for
+//! none; WEFT_BENCH_OPERATORS: comma-separated weft-agent binaries 4 runs in
+//! turn, default the workspace's).
 
 use std::{
     fmt::Write as _,
@@ -47,16 +55,20 @@ use weft_tests::{
 fn services(n: usize, backend: Ipv4Addr, without_slice: &[usize]) -> String {
     let mut y = String::new();
     for i in 0..n {
-        let ip = Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8);
-        let _ = write!(
-            y,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n"
-        );
+        y.push_str(&service(i, Some(Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8))));
         if !without_slice.contains(&i) {
             y.push_str(&slice(i, &[backend]));
         }
     }
     y
+}
+
+/// Service `s<i>` with one port, at `cluster_ip` (None: the API server's to give).
+fn service(i: usize, cluster_ip: Option<Ipv4Addr>) -> String {
+    let ip = cluster_ip.map(|ip| format!("clusterIP: {ip}, ")).unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{{ip}ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n"
+    )
 }
 
 /// The EndpointSlice of Service `s<i>`.
@@ -358,6 +370,135 @@ fn ledger_reading(l: &Loaded) -> Duration {
     slowest
 }
 
+/// What one operator run against the API server used (part 4).
+struct FromApi {
+    /// Until its CPU time stopped growing (it had read, checked and
+    /// written the status of every object).
+    took: Duration,
+    cpu: Duration,
+    peak_kib: u64,
+    settled_kib: u64,
+    anon_kib: u64,
+}
+
+/// Runs `bin`'s operator against the API server of `cp` (a namespace of its
+/// own for its Lease) until it is idle, sampling its memory; stops it.
+fn operator_from_api(cp: &weft_tests::k8s::ControlPlane, bin: &std::path::Path, run: usize) -> FromApi {
+    let ns = format!("weft-bench-{run}");
+    cp.kubectl_ok(&["create", "namespace", &ns]);
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("weft-bench-operator-{run}.log"))).unwrap();
+    let started = Instant::now();
+    let mut child = std::process::Command::new(bin)
+        .arg("operator")
+        .arg("--kubeconfig")
+        .arg(cp.admin_kubeconfig())
+        .args(["--namespace", &ns, "--identity", &ns])
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("the operator starts");
+    let pid = child.id();
+    // Idle: less than 50 ms of CPU in the last 5 s, after 5 s at least.
+    let mut samples: std::collections::VecDeque<(Instant, Duration)> = Default::default();
+    let took = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the operator stopped: {status} (its log: {})", std::env::temp_dir().display());
+        }
+        let now = (Instant::now(), cpu(pid));
+        samples.push_back(now);
+        while samples.front().is_some_and(|(t, _)| now.0 - *t > Duration::from_secs(5)) {
+            samples.pop_front();
+        }
+        let first = samples.front().copied().unwrap_or(now);
+        if started.elapsed() > Duration::from_secs(10) && now.1 - first.1 < Duration::from_millis(50) {
+            break first.0 - started;
+        }
+        assert!(started.elapsed() < Duration::from_secs(900), "the operator was not idle in 15 minutes");
+    };
+    let r = FromApi {
+        took,
+        cpu: cpu(pid),
+        peak_kib: kib(pid, "VmHWM"),
+        settled_kib: kib(pid, "VmRSS"),
+        anon_kib: kib(pid, "RssAnon"),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    r
+}
+
+/// Part 4: `n` Services, their EndpointSlices and `n` EnvoyConfigs created
+/// in a real API server (kube-apiserver and etcd from ../shared/k8s), then
+/// read by the operator, which watches the Services and configs as an agent
+/// does and checks every config: the memory the API source costs, which
+/// the directory source of parts 1-3 does not show. Each binary of
+/// WEFT_BENCH_OPERATORS (comma-separated; default the workspace's
+/// weft-agent) runs in turn, `repeat` times.
+fn from_api(n: usize, repeat: usize) {
+    println!(
+        "\n## {n} EnvoyConfigs with their Services and EndpointSlices read from a real API server by the operator\n"
+    );
+    let Some(assets) = weft_tests::k8s::control_plane::find_assets() else {
+        println!("Skipped: no Kubernetes control plane binaries (KUBEBUILDER_ASSETS or ../shared/k8s).");
+        return;
+    };
+    let bins: Vec<std::path::PathBuf> = match std::env::var("WEFT_BENCH_OPERATORS") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').map(|s| std::path::PathBuf::from(s.trim())).collect(),
+        _ => vec![weft_tests::objects::agent_binary()],
+    };
+    let cp = weft_tests::k8s::ControlPlane::start(&assets).expect("the control plane starts");
+    weft_tests::k8s::deploy::crds(&cp);
+    let dir = std::env::temp_dir().join(format!("weft-bench-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Four files created at once (kubectl writes one object at a time).
+    let parts = 4;
+    let created = Instant::now();
+    std::thread::scope(|s| {
+        for p in 0..parts {
+            let range = p * n / parts..(p + 1) * n / parts;
+            let mut y = String::new();
+            for i in range.clone() {
+                y.push_str(&service(i, None));
+                y.push_str(&slice(i, &[Ipv4Addr::new(10, 200, 0, 1)]));
+            }
+            y.push_str(&configs(range));
+            let path = dir.join(format!("part{p}.yaml"));
+            std::fs::write(&path, y).unwrap();
+            let cp = &cp;
+            s.spawn(move || cp.kubectl_ok(&["create", "-f", path.to_str().unwrap(), "-o", "name"]));
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("Created {} objects in {:.1} s.\n", 3 * n, created.elapsed().as_secs_f64());
+    println!("| operator binary | run | idle after | CPU | peak RSS | settled RSS | settled anonymous |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    let mut run = 0;
+    for _ in 0..repeat {
+        for bin in &bins {
+            run += 1;
+            let r = operator_from_api(&cp, bin, run);
+            println!(
+                "| {} | {run} | {:.1} s | {:.2} s | {} MiB | {} MiB | {} MiB |",
+                bin.display(),
+                r.took.as_secs_f64(),
+                r.cpu.as_secs_f64(),
+                r.peak_kib / 1024,
+                r.settled_kib / 1024,
+                r.anon_kib / 1024
+            );
+            rows.push(serde_json::json!({
+                "configs": n, "binary": bin.display().to_string(), "idle_s": r.took.as_secs_f64(),
+                "cpu_s": r.cpu.as_secs_f64(), "peak_rss_kib": r.peak_kib, "rss_kib": r.settled_kib,
+                "anon_kib": r.anon_kib,
+            }));
+        }
+    }
+    save("control_plane_api", serde_json::json!({ "operator_from_api": rows }));
+}
+
 fn main() {
     if let Some(reason) = skip_reason() {
         eprintln!("SKIPPED: {reason}");
@@ -431,6 +572,14 @@ fn main() {
     }
     for r in &reasons {
         println!("\n{r}");
+    }
+    let api_counts: Vec<usize> = std::env::var("WEFT_BENCH_API_CONFIGS")
+        .unwrap_or_else(|_| "10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    for n in api_counts {
+        from_api(n, repeat);
     }
     let change_counts: Vec<usize> = std::env::var("WEFT_BENCH_CHANGE_CONFIGS")
         .unwrap_or_else(|_| "100,1000,10000".into())
