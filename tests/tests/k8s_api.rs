@@ -315,16 +315,19 @@ async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
     assert!(pod.metadata.annotations.is_none(), "pruned: {:?}", pod.metadata);
     let ports = &pod.spec.as_ref().unwrap().containers[0].ports;
     assert_eq!(ports.as_ref().unwrap()[0].name.as_deref(), Some("http"), "named ports are kept");
-    // A slice keeps only its Service's label: its update is told by its version.
-    let slice_versions = |l: &Loaded| -> Vec<(String, Option<String>)> {
-        l.objects
-            .endpoint_slices
-            .values()
-            .filter(|x| x.object.metadata.namespace.as_deref() == Some(n.as_str()))
-            .map(|x| (x.object.metadata.name.clone().unwrap_or_default(), x.object.metadata.resource_version.clone()))
+    // The API server named the pod's service account: its identity's label.
+    assert_eq!(pod.spec.as_ref().unwrap().service_account_name.as_deref(), Some("default"), "kept");
+    // A slice keeps only its Service's label, a Service only the operator's:
+    // their updates are told by their versions.
+    let versions = |l: &Loaded| -> Vec<(String, Option<String>)> {
+        let metas = l.objects.endpoint_slices.values().map(|x| &x.object.metadata);
+        metas
+            .chain(l.objects.services.values().map(|x| &x.object.metadata))
+            .filter(|m| m.namespace.as_deref() == Some(n.as_str()))
+            .map(|m| (m.name.clone().unwrap_or_default(), m.resource_version.clone()))
             .collect()
     };
-    let slices_before = slice_versions(&l);
+    let versions_before = versions(&l);
     let slice =
         &l.objects.endpoint_slices.values().find(|x| x.object.metadata.namespace.as_deref() == Some(n.as_str()));
     let labels = slice.map(|x| x.object.metadata.labels.clone().unwrap_or_default().into_keys().collect::<Vec<_>>());
@@ -342,9 +345,8 @@ async fn adds_updates_and_deletes_of_every_kind_reach_the_state() {
                 m.namespace.as_deref() == Some(n.as_str()) || m.name.as_deref().is_some_and(|x| x.starts_with(&n));
             ours && m.labels.as_ref().and_then(|l| l.get("touched")).is_some()
         };
-        let slices_touched = slice_versions(l).iter().filter(|v| !slices_before.contains(v)).count();
-        o.services.values().filter(|x| t(&x.object.metadata)).count()
-            + slices_touched
+        let versions_touched = versions(l).iter().filter(|v| !versions_before.contains(v)).count();
+        versions_touched
             + o.pods.values().filter(|x| t(&x.object.metadata)).count()
             + o.nodes.values().filter(|x| t(&x.object.metadata)).count()
             + o.secrets.values().filter(|x| t(&x.object.metadata)).count()
