@@ -4,6 +4,7 @@
 
 pub mod crd;
 pub mod dirwatch;
+pub mod pod;
 pub mod report;
 pub mod selector;
 pub mod source;
@@ -12,8 +13,10 @@ pub mod yaml;
 
 use std::{fmt, path::Path, sync::Arc};
 
+pub use pod::Pod;
+
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Namespace, Node, Pod, Secret, Service},
+    core::v1::{Endpoints, Namespace, Node, Secret, Service},
     discovery::v1::EndpointSlice,
     networking::v1::{Ingress, IngressClass, NetworkPolicy},
 };

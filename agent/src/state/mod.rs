@@ -11,16 +11,13 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use weft_ebpf::abi;
 
 use crate::{
     datapath::{BackendAddr, Frontend, FrontendKind, Proto, ServiceEntry},
     identity::{self, LabelSet},
-    k8s::{Collection, ObjKey, Objects, Sourced},
+    k8s::{Collection, ObjKey, Objects, Pod, Sourced},
     lean::SmallMap,
 };
 use imbl::ordmap::DiffItem;
